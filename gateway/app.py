@@ -1,0 +1,216 @@
+"""The Starlette application: HTTP routes, SSE, WebSocket, static pages.
+
+Every resource is opened in the lifespan and reached through
+``request.app.state.gateway``; nothing connects at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import orjson
+from sse_starlette import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+
+from gateway import validation as v
+from gateway.auth import bearer
+from gateway.config import Settings
+from gateway.core import CONNECT, POST, PUBLISH, Gateway
+from gateway.errors import CODES, ApiError
+from gateway.hub import SSE, Subscriber
+from gateway.edge import client_address, gateway_of, identify, json_response
+from gateway.ws import websocket_endpoint
+from storage import StoreUnavailable
+
+log = logging.getLogger("gateway.http")
+
+
+# -- messages ----------------------------------------------------------------
+
+
+async def post_message(request: Request) -> Response:
+    gw = gateway_of(request)
+    room = v.room_name(request.path_params["room"])
+    identity = identify(request)
+    identity.check_room(room)
+    key = v.idempotency_key(request.headers.get("idempotency-key"))
+    body = v.json_object(await v.read_body(request, gw.settings.max_body_bytes))
+    v.only_fields(body, {"text", "author"})
+    text = v.text(body.get("text"))
+    author = identity.name if identity.user else v.author(body.get("author"))
+    decision = await gw.rate(POST, identity.name)
+    msg, created = await gw.post(room, author, text, transport="http", idempotency_key=key)
+    return json_response(msg.to_dict(), 201 if created else 200, decision.headers())
+
+
+async def list_messages(request: Request) -> Response:
+    gw = gateway_of(request)
+    room = v.room_name(request.path_params["room"])
+    identify(request).check_room(room)
+    q = request.query_params
+    v.only_fields(dict(q), {"limit", "before", "after"})
+    limit = v.limit_param(q.get("limit"))
+    before = v.seq_param(q.get("before"), "before")
+    after = v.seq_param(q.get("after"), "after")
+    assert gw.history is not None
+    page = await gw.history.history(room, limit=limit, before=before, after=after)
+    return json_response({"messages": [m.to_dict() for m in page.messages],
+                          "has_more": page.has_more})
+
+
+async def room_events(request: Request) -> Response:
+    gw = gateway_of(request)
+    room = v.room_name(request.path_params["room"])
+    identity = identify(request, query_token=True)
+    identity.check_room(room)
+    since = v.seq_param(request.headers.get("last-event-id"), "Last-Event-ID")
+    if since is None:
+        since = v.seq_param(request.query_params.get("since"), "since")
+    await gw.rate(CONNECT, identity.name)
+    hub = gw.hub
+    assert hub is not None
+    if gw.closing:
+        raise ApiError("unavailable", "the instance is shutting down; reconnect elsewhere")
+    sub = Subscriber(SSE, identity=identity.name, max_messages=gw.settings.queue_max_messages,
+                     max_bytes=gw.settings.queue_max_bytes)
+    hub.register(sub)
+    try:
+        await hub.subscribe(sub, room, since)
+    except BaseException:
+        await hub.unregister(sub)
+        raise
+    gw.metrics.connections.labels("sse").inc()
+
+    async def stream() -> AsyncIterator[bytes]:
+        try:
+            async for batch in sub.batches():
+                yield b"".join(batch)
+        finally:
+            gw.metrics.connections.labels("sse").dec()
+            await hub.unregister(sub)
+
+    return EventSourceResponse(stream(), ping=gw.settings.sse_ping, sep="\n",
+                               headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+async def publish(request: Request) -> Response:
+    gw = gateway_of(request)
+    gw.auth.check_api_key(bearer(request.headers))
+    body = v.json_object(await v.read_body(request, gw.settings.max_body_bytes))
+    v.only_fields(body, {"room", "event", "data"})
+    room = v.room_name(body.get("room"))
+    event = v.event_name(body.get("event"))
+    data = body.get("data", {})
+    if not isinstance(data, dict):
+        raise ApiError("invalid_request", "data must be a JSON object", field="data")
+    caller = bearer(request.headers) or client_address(request, gw.settings.trusted_proxies)
+    decision = await gw.rate(PUBLISH, "key:" + caller[:16])
+    await gw.publish_event(room, event, data)
+    return json_response({"status": "accepted", "room": room, "event": event}, 202,
+                         decision.headers())
+
+
+# -- operations ----------------------------------------------------------------
+
+
+async def healthz(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    ok, checks = await gateway_of(request).readiness()
+    return json_response({"status": "ok" if ok else "unavailable", "checks": checks},
+                         200 if ok else 503)
+
+
+async def metrics(request: Request) -> Response:
+    return Response(gateway_of(request).metrics.render(),
+                    media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+# -- errors ------------------------------------------------------------------
+
+
+async def api_error(conn: HTTPConnection, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return exc.response()
+
+
+async def store_unavailable(conn: HTTPConnection, exc: Exception) -> Response:
+    log.warning("store unavailable on %s: %s", conn.url.path, exc)
+    return ApiError("unavailable", "the message store is unavailable; retry later").response()
+
+
+async def http_error(conn: HTTPConnection, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+        exc.status_code, "invalid_request" if exc.status_code < 500 else "internal")
+    return ApiError(code, exc.detail or CODES[code][1], status=exc.status_code,
+                    headers=dict(exc.headers or {})).response()
+
+
+async def internal_error(conn: HTTPConnection, exc: Exception) -> Response:
+    log.exception("unhandled error on %s", conn.url.path, exc_info=exc)
+    return ApiError("internal", "an unexpected error occurred; nothing was stored").response()
+
+
+# -- the app -------------------------------------------------------------------
+
+
+def static_dir(settings: Settings) -> Path:
+    if settings.static_dir:
+        return Path(settings.static_dir)
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "static", here.parent / "static"):
+        if (candidate / "index.html").exists():
+            return candidate
+    return here.parent / "static"
+
+
+def create_app(settings: Settings | None = None, *, gateway: Gateway | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+    static = static_dir(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        gw = gateway or Gateway(settings)
+        await gw.start()
+        app.state.gateway = gw
+        try:
+            yield
+        finally:
+            await gw.close()
+
+    def page(name: str) -> Any:
+        async def endpoint(request: Request) -> Response:
+            return FileResponse(static / name, headers={"Cache-Control": "no-cache"})
+        return endpoint
+
+    routes = [
+        Route("/v1/rooms/{room}/messages", post_message, methods=["POST"]),
+        Route("/v1/rooms/{room}/messages", list_messages, methods=["GET"]),
+        Route("/v1/rooms/{room}/events", room_events, methods=["GET"]),
+        WebSocketRoute("/v1/ws", websocket_endpoint),
+        Route("/v1/publish", publish, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/", page("index.html"), methods=["GET"]),
+        Route("/dashboard", page("dashboard.html"), methods=["GET"]),
+        Mount("/static", StaticFiles(directory=static, check_dir=False), name="static"),
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={ApiError: api_error, HTTPException: http_error,
+                            StoreUnavailable: store_unavailable,
+                            Exception: internal_error},
+    )

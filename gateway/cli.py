@@ -1,0 +1,115 @@
+"""``chat-gateway serve`` and ``chat-gateway migrate``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+import uvicorn
+
+from gateway import logs
+from gateway.config import ConfigError, Settings
+
+log = logging.getLogger("gateway.cli")
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn, with the gateway's own drain first: stop accepting, close every
+    WebSocket with 1001 (uvicorn would send 1012) and end SSE streams, then let
+    uvicorn finish in-flight requests and run the lifespan shutdown."""
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        for server in self.servers:
+            server.close()
+        gw = getattr(getattr(self.config.app, "state", None), "gateway", None)
+        if gw is not None:
+            gw.closing = True
+            if gw.hub is not None:
+                for sub in list(gw.hub.subscribers.values()):
+                    from gateway.errors import CLOSE_GOING_AWAY
+
+                    sub.close(CLOSE_GOING_AWAY, "server shutdown: reconnect elsewhere")
+            # Give writers a moment to send the close frames before uvicorn's own pass.
+            for _ in range(50):
+                if not gw.hub or not gw.hub.subscribers:
+                    break
+                await asyncio.sleep(0.02)
+        await super().shutdown(sockets)
+
+
+def build_server(settings: Settings) -> GatewayServer:
+    from gateway.app import create_app
+
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ws="websockets-sansio",
+        ws_max_size=settings.ws_max_size,
+        ws_ping_interval=settings.ws_ping_interval,
+        ws_ping_timeout=settings.ws_ping_timeout,
+        # permessage-deflate costs ~300 KiB per socket at uvicorn's settings; chat
+        # frames are small, so it is off.
+        ws_per_message_deflate=False,
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout)),
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,
+        lifespan="on",
+    )
+    return GatewayServer(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="chat-gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run one gateway instance")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--log-level")
+    sub.add_parser("migrate", help="apply pending schema migrations and exit")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env(**{k: getattr(args, k, None)
+                                        for k in ("host", "port", "log_level")})
+    except ConfigError as exc:
+        print(f"chat-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(settings.log_level, settings.log_format)
+    if args.command == "migrate":
+        return asyncio.run(_migrate(settings))
+    server = build_server(settings)
+    try:
+        import uvloop  # noqa: F401
+
+        loop = "uvloop"
+    except ImportError:  # pragma: no cover
+        loop = "asyncio"
+    server.config.loop = loop
+    server.run()
+    return 0 if server.started else 1
+
+
+async def _migrate(settings: Settings) -> int:
+    from storage import StoreUnavailable, create_store
+
+    store = create_store(settings.database_url)
+    try:
+        await store.start()
+        applied = await store.migrate()
+    except StoreUnavailable as exc:
+        log.error("migrate failed: %s", exc)
+        return 1
+    finally:
+        await store.close()
+    log.info("migrations applied: %s", ", ".join(applied) if applied else "none pending")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

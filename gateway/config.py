@@ -1,0 +1,151 @@
+"""Configuration, read from the environment (12-factor); CLI flags override.
+
+Every setting has a default that works on a fresh machine with no servers:
+SQLite for messages, the in-process broker for fan-out.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A setting has a value the gateway cannot use."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """A token bucket: ``capacity`` tokens, refilled at ``capacity`` per ``period`` seconds."""
+
+    capacity: int
+    period: float
+
+    @classmethod
+    def parse(cls, text: str, name: str = "RATE_LIMIT") -> "Rate":
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*(ms|s|m|h)?\s*", text)
+        if not m or int(m.group(1)) < 1:
+            raise ConfigError(
+                f"{name}={text!r} is not CAPACITY/PERIOD, e.g. '20/60s', '5/1m' or '100/s'"
+            )
+        amount = float(m.group(2) or 1)
+        unit = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[m.group(3) or "s"]
+        period = amount * unit
+        if period <= 0:
+            raise ConfigError(f"{name}={text!r} has a period of zero")
+        return cls(int(m.group(1)), period)
+
+    def __str__(self) -> str:
+        return f"{self.capacity}/{self.period:g}s"
+
+
+def _bool(text: str) -> bool:
+    return text.strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # env var name is the upper-cased field name unless given in metadata
+    host: str = "127.0.0.1"
+    port: int = 8000
+    database_url: str = "sqlite:///./chat-gateway.db"
+    redis_url: str = "memory://"
+    auth_secret: str | None = None
+    auth_leeway: float = 5.0
+    api_keys: tuple[str, ...] = ()
+    rate_limit: Rate = field(default_factory=lambda: Rate(20, 60.0))
+    publish_rate_limit: Rate = field(default_factory=lambda: Rate(600, 60.0))
+    connect_rate_limit: Rate = field(default_factory=lambda: Rate(60, 60.0))
+    trusted_proxies: tuple[str, ...] = ()
+    key_prefix: str = "chat:"
+    # database pool
+    db_pool_min: int = 1
+    db_pool_max: int = 10
+    db_connect_timeout: float = 5.0
+    db_command_timeout: float = 10.0
+    db_idle_timeout: float = 300.0
+    # limits
+    max_body_bytes: int = 64 * 1024
+    ws_max_size: int = 64 * 1024
+    queue_max_messages: int = 1000
+    queue_max_bytes: int = 4 * 1024 * 1024
+    history_cache_ttl: int = 3600
+    # delivery
+    gap_wait: float = 0.25
+    position_interval: float = 3.0
+    sse_ping: float = 15.0
+    ws_ping_interval: float = 20.0
+    ws_ping_timeout: float = 20.0
+    broker_probe_interval: float = 5.0
+    # operations
+    shutdown_timeout: float = 10.0
+    log_level: str = "info"
+    log_format: str = "json"
+    static_dir: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _convert(f.name, f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values).validated()
+
+    def with_(self, **changes: Any) -> "Settings":
+        return replace(self, **changes).validated()
+
+    def validated(self) -> "Settings":
+        if not (self.database_url.startswith(("postgres://", "postgresql://", "sqlite://"))):
+            raise ConfigError(
+                f"DATABASE_URL={self.database_url!r}: use postgresql://… or sqlite:///PATH"
+            )
+        if not self.redis_url.startswith(("memory://", "redis://", "rediss://", "unix://",
+                                          "redis+cluster://", "rediss+cluster://")):
+            raise ConfigError(f"REDIS_URL={self.redis_url!r}: use redis://…, rediss://… or memory://")
+        if not 1 <= self.port <= 65535 and self.port != 0:
+            raise ConfigError(f"PORT={self.port} is out of range")
+        if self.db_pool_min < 0 or self.db_pool_max < max(1, self.db_pool_min):
+            raise ConfigError("DB_POOL_MAX must be at least 1 and at least DB_POOL_MIN")
+        for name in ("queue_max_messages", "queue_max_bytes", "ws_max_size", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.upper()} must be positive")
+        return self
+
+    @property
+    def open_mode(self) -> bool:
+        return not self.auth_secret
+
+
+_KNOWN_TYPES = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "str | None": str,
+}
+
+
+def _convert(name: str, type_: Any, raw: str) -> Any:
+    type_name = type_ if isinstance(type_, str) else getattr(type_, "__name__", str(type_))
+    try:
+        if type_name == "Rate":
+            return Rate.parse(raw, name.upper())
+        if type_name.startswith("tuple"):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if type_name == "bool":
+            return _bool(raw)
+        return _KNOWN_TYPES[type_name](raw)
+    except ConfigError:
+        raise
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"{name.upper()}={raw!r} is not a valid {type_name}") from exc
+
+
+def env_names() -> set[str]:
+    """The environment variables the gateway reads."""
+    return {f.name.upper() for f in fields(Settings)}

@@ -1,0 +1,147 @@
+"""The gateway's resources and its one write path.
+
+``Gateway`` owns the store, the broker, the history cache, the hub and the
+rate limiter. Constructing it does no I/O; ``start`` connects (from the app's
+lifespan) and ``close`` releases everything.
+
+A post goes one way: validate, commit in the store (seq assigned there), raise
+the cache's seq, publish on the room's channel, acknowledge. The publish is the
+fast path only: if it is lost (Redis down, this process killed right after the
+commit), every instance finds the message by its position check and fills it
+from the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from gateway.auth import Authenticator
+from gateway.config import Settings
+from gateway.errors import ApiError
+from gateway.hub import Hub, wire_event, wire_message
+from gateway.metrics import Metrics
+from gateway.ratelimit import Decision, RateLimiter
+from pubsub import Broker, BrokerUnavailable, create_broker
+from storage import HistoryCache, Message, Store, StoreUnavailable, create_store
+
+log = logging.getLogger("gateway")
+
+POST = "post"  # message posts: HTTP and WS publish frames share one bucket
+PUBLISH = "publish"  # POST /v1/publish
+CONNECT = "connect"  # WebSocket and SSE connection attempts
+
+
+class Gateway:
+    def __init__(self, settings: Settings, *, store: Store | None = None,
+                 broker: Broker | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.store = store or create_store(
+            settings.database_url, **({} if settings.database_url.startswith("sqlite") else dict(
+                pool_min=settings.db_pool_min, pool_max=settings.db_pool_max,
+                connect_timeout=settings.db_connect_timeout,
+                command_timeout=settings.db_command_timeout,
+                idle_timeout=settings.db_idle_timeout)))
+        self.broker = broker or create_broker(
+            settings.redis_url, **({} if settings.redis_url.startswith("memory") else dict(
+                probe_interval=settings.broker_probe_interval,
+                control_channel=f"{settings.key_prefix}control")))
+        self.auth = Authenticator(settings.auth_secret, leeway=settings.auth_leeway,
+                                  api_keys=settings.api_keys)
+        self.history: HistoryCache | None = None
+        self.hub: Hub | None = None
+        self.limiter: RateLimiter | None = None
+        self.started_at = time.time()
+        self.closing = False
+
+    async def start(self, *, migrate: bool = True) -> None:
+        await self.store.start()
+        if migrate:
+            applied = await self.store.migrate()
+            if applied:
+                log.info("migrations applied: %s", ", ".join(applied))
+        await self.broker.start()
+        redis = self.broker.redis
+        prefix = self.settings.key_prefix
+        self.history = HistoryCache(self.store, redis, prefix=prefix,
+                                    ttl=self.settings.history_cache_ttl, metrics=self.metrics)
+        self.hub = Hub(self.broker, self.history, prefix=prefix,
+                       gap_wait=self.settings.gap_wait,
+                       position_interval=self.settings.position_interval, metrics=self.metrics)
+        await self.hub.start()
+        self.limiter = RateLimiter(redis, prefix=prefix, metrics=self.metrics, rates={
+            POST: self.settings.rate_limit,
+            PUBLISH: self.settings.publish_rate_limit,
+            CONNECT: self.settings.connect_rate_limit,
+        })
+        self.metrics.watch_pool(self.store.stats)
+        if self.auth.open_mode:
+            log.warning("open mode: AUTH_SECRET is unset, so anyone may read and post "
+                        "in any room under any author name")
+
+    async def close(self) -> None:
+        self.closing = True
+        if self.hub is not None:
+            await self.hub.close()
+        await self.broker.close()
+        await self.store.close()
+
+    # -- the write path ----------------------------------------------------
+
+    async def rate(self, action: str, identity: str) -> Decision:
+        assert self.limiter is not None
+        decision = await self.limiter.hit(action, identity)
+        if not decision.allowed:
+            raise ApiError("rate_limited",
+                           f"too many requests; retry in {decision.retry_after:.1f} s",
+                           headers=decision.headers(),
+                           retry_after=round(decision.retry_after, 3))
+        return decision
+
+    async def post(self, room: str, author: str, text: str, *, transport: str,
+                   idempotency_key: str | None = None) -> tuple[Message, bool]:
+        if self.closing:
+            raise ApiError("unavailable", "the instance is shutting down; retry on another")
+        assert self.history is not None and self.hub is not None
+        try:
+            msg, created = await self.store.append(room, author, text, idempotency_key)
+        except StoreUnavailable as exc:
+            log.warning("post refused: %s", exc)
+            raise ApiError("unavailable", "the message store is unavailable; nothing was "
+                                          "stored, retry later") from None
+        if created:
+            self.metrics.messages_accepted.labels(transport).inc()
+            await self.history.committed(msg)
+            try:
+                await self.broker.publish(self.hub.channel(room), wire_message(msg))
+            except BrokerUnavailable as exc:
+                # Committed: subscribers get it from the store by the position check.
+                log.warning("live publish lost, delivery falls back to the store: %s", exc)
+        return msg, created
+
+    async def publish_event(self, room: str, event: str, data: Any) -> None:
+        assert self.hub is not None
+        try:
+            await self.broker.publish(self.hub.channel(room), wire_event(room, event, data))
+        except BrokerUnavailable:
+            raise ApiError("unavailable", "the broker is unavailable; the event was not "
+                                          "published") from None
+        self.metrics.events_published.inc()
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        async def check(name: str, probe: Any) -> tuple[str, dict[str, Any]]:
+            t0 = time.perf_counter()
+            try:
+                await asyncio.wait_for(probe(), 2.0)
+            except Exception as exc:  # noqa: BLE001 - reported, not raised
+                return name, {"ok": False, "error": str(exc) or type(exc).__name__,
+                              "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
+            return name, {"ok": True, "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
+
+        results = dict(await asyncio.gather(check("database", self.store.ping),
+                                            check("broker", self.broker.ping)))
+        ok = all(r["ok"] for r in results.values()) and not self.closing
+        return ok, results

@@ -1,0 +1,54 @@
+"""What every route needs from a connection: the gateway, the caller's identity and address."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import orjson
+from starlette.requests import HTTPConnection
+from starlette.responses import Response
+
+from gateway.auth import Identity, bearer
+from gateway.core import Gateway
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, headers=headers,
+                    media_type="application/json")
+
+
+def gateway_of(conn: HTTPConnection) -> Gateway:
+    return conn.app.state.gateway  # type: ignore[no-any-return]
+
+
+def client_address(conn: HTTPConnection, trusted: tuple[str, ...]) -> str:
+    """The client IP as the ASGI server reports it; ``X-Forwarded-For`` only from a trusted proxy."""
+    peer = conn.client.host if conn.client else "unknown"
+    if not trusted:
+        return peer
+    nets = [ipaddress.ip_network(t, strict=False) for t in trusted]
+
+    def is_trusted(addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        return any(ip in net for net in nets)
+
+    if not is_trusted(peer):
+        return peer
+    hops = [h.strip() for h in conn.headers.get("x-forwarded-for", "").split(",") if h.strip()]
+    # The rightmost address not itself a trusted proxy is the client.
+    for hop in reversed(hops):
+        if not is_trusted(hop):
+            return hop
+    return hops[0] if hops else peer
+
+
+def identify(conn: HTTPConnection, *, query_token: bool = False) -> Identity:
+    gw = gateway_of(conn)
+    token = bearer(conn.headers)
+    if token is None and query_token:
+        token = conn.query_params.get("token")
+    return gw.auth.user(token, client_address(conn, gw.settings.trusted_proxies))

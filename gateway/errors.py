@@ -1,0 +1,67 @@
+"""The catalogue of error codes and WebSocket close codes, each with its meaning.
+
+Every 4xx/5xx JSON body has the shape
+``{"error": {"code": "...", "message": "human sentence", ...extra}}``;
+a refused WebSocket frame gets ``{"type": "error", "ref": ..., "code": ..., "message": ...}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.responses import Response
+
+# code -> (HTTP status, meaning)
+CODES: dict[str, tuple[int, str]] = {
+    "invalid_json": (400, "the body or frame is not valid JSON"),
+    "invalid_request": (422, "a field, parameter or room name fails validation"),
+    "unauthorized": (401, "credentials are missing, invalid or expired"),
+    "forbidden": (403, "the credentials do not grant this room or action"),
+    "not_found": (404, "no such route or object"),
+    "method_not_allowed": (405, "the route exists but not with this method"),
+    "too_large": (413, "the body or frame exceeds the size limit"),
+    "rate_limited": (429, "the identity's token bucket is empty; retry after retry_after"),
+    "too_many_connections": (429, "the identity holds too many connections"),
+    "unavailable": (503, "a dependency (database, broker) is down, or the instance is full "
+                         "or shutting down; nothing was stored"),
+    "internal": (500, "an unexpected failure; nothing was stored"),
+}
+
+# WebSocket close codes the gateway uses (RFC 6455 and the IANA registry).
+CLOSE_NORMAL = 1000  # the client asked to close
+CLOSE_GOING_AWAY = 1001  # the instance is shutting down: reconnect elsewhere
+CLOSE_PROTOCOL_ERROR = 1002  # the peer broke the WebSocket protocol
+CLOSE_POLICY_VIOLATION = 1008  # credentials expired or were refused after the upgrade
+CLOSE_TOO_BIG = 1009  # a frame exceeded the maximum size
+CLOSE_INTERNAL_ERROR = 1011  # an unexpected failure on the server
+CLOSE_TRY_AGAIN_LATER = 1013  # the client could not keep up: resume with `since`
+
+
+class ApiError(Exception):
+    """A refusal with a catalogued code; rendered as the error body or an error frame."""
+
+    def __init__(self, code: str, message: str, *, status: int | None = None,
+                 headers: dict[str, str] | None = None, **extra: Any) -> None:
+        if code not in CODES:
+            raise ValueError(f"unknown error code {code!r}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status or CODES[code][0]
+        self.headers = headers or {}
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, **self.extra}}
+
+    def frame(self, ref: Any = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "error"}
+        if ref is not None:
+            out["ref"] = ref
+        out.update(code=self.code, message=self.message, **self.extra)
+        return out
+
+    def response(self) -> Response:
+        return Response(orjson.dumps(self.body()), status_code=self.status,
+                        headers=self.headers, media_type="application/json")

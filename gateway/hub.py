@@ -1,0 +1,461 @@
+"""The hub: this instance's connections, by id and by room, and in-order fan-out.
+
+Delivery rests on one rule, applied everywhere a message reaches a subscriber:
+a subscriber's cursor for a room is the last seq it was given, and a message
+is handed over only if its seq is ``cursor + 1``. Live messages, gap fills,
+resume replays and reconnect fills all pass through that rule, so none can
+reorder or repeat what another delivered.
+
+- A room's live stream is sequenced first: a seq ahead of the next expected
+  one waits in ``pending`` for ``gap_wait`` seconds, then the gap is filled
+  from the store (the truth). The same fill runs after a broker reconnect and
+  when the periodic position check finds the room's latest seq ahead.
+- A subscriber behind the room (resume with ``since``, or a message it missed
+  while joining) gets a catch-up task that reads the store from its cursor
+  until it reaches the room's position; live messages it already has are
+  skipped by the rule.
+- Each event is encoded once per transport and the same object is queued to
+  every subscriber; the fan-out never awaits a socket. A subscriber whose
+  bounded queue is full is closed as slow (1013) and resumes with ``since``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import deque
+from typing import Any, AsyncIterator
+
+import orjson
+
+from gateway.errors import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER
+from pubsub import Broker
+from storage import MAX_PAGE, HistoryCache, Message, StoreUnavailable
+
+log = logging.getLogger("gateway.hub")
+
+WS = "ws"
+SSE = "sse"
+_ids = itertools.count(1)
+
+
+class Subscriber:
+    """The outbound side of one connection: a bounded queue drained by one writer."""
+
+    def __init__(self, transport: str, *, identity: str = "", max_messages: int = 1000,
+                 max_bytes: int = 4 * 1024 * 1024) -> None:
+        self.id = next(_ids)
+        self.transport = transport
+        self.identity = identity
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.cursors: dict[str, int] = {}
+        self.catchups: dict[str, asyncio.Task[None]] = {}
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._queue: deque[Any] = deque()
+        self._bytes = 0
+        self._wakeup = asyncio.Event()
+        self._drained = asyncio.Event()
+        self.closed = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Subscriber {self.id} {self.transport}>"
+
+    def push(self, item: str | bytes) -> bool:
+        """Queue one encoded frame; closes the subscriber as slow when the queue is full."""
+        if self.close_code is not None:
+            return False
+        size = len(item)
+        if len(self._queue) >= self.max_messages or self._bytes + size > self.max_bytes:
+            self.close(CLOSE_TRY_AGAIN_LATER, "slow consumer: the send queue is full")
+            return False
+        self._queue.append(item)
+        self._bytes += size
+        self._wakeup.set()
+        return True
+
+    def push_json(self, obj: Any) -> bool:
+        data = orjson.dumps(obj)
+        return self.push(data.decode() if self.transport == WS else data)
+
+    def close(self, code: int, reason: str = "") -> None:
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+            self.closed.set()
+            self._wakeup.set()
+            self._drained.set()
+
+    async def batches(self) -> AsyncIterator[list[Any]]:
+        """Yield everything queued, as it comes, until the subscriber is closed."""
+        while self.close_code is None:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if self.close_code is not None:
+                return
+            items = list(self._queue)
+            self._queue.clear()
+            self._bytes = 0
+            self._drained.set()
+            yield items
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def wait_below(self, count: int) -> None:
+        """Wait until the queue holds fewer than ``count`` frames (flow control for replays)."""
+        while self.close_code is None and len(self._queue) >= count:
+            self._drained.clear()
+            await self._drained.wait()
+
+
+class Room:
+    __slots__ = ("name", "channel", "name_json", "subs", "seq", "pending", "gap_timer",
+                 "fill_task", "fill_again")
+
+    def __init__(self, name: str, channel: str) -> None:
+        self.name = name
+        self.channel = channel
+        self.name_json = orjson.dumps(name).decode()
+        self.subs: dict[Subscriber, None] = {}
+        self.seq: int | None = None  # last seq dispatched in order; None while joining
+        self.pending: dict[int, tuple[int, bytes]] = {}
+        self.gap_timer: asyncio.TimerHandle | None = None
+        self.fill_task: asyncio.Task[None] | None = None
+        self.fill_again = False
+
+
+def wire_message(msg: Message) -> bytes:
+    """The broker payload of a stored message: ``m:<seq>:<created_ms>:<message JSON>``."""
+    return b"m:%d:%d:" % (msg.seq, msg.created_ms) + msg.to_json()
+
+
+def wire_event(room: str, event: str, data: Any) -> bytes:
+    return b"e:" + orjson.dumps({"room": room, "event": event, "data": data})
+
+
+class Hub:
+    def __init__(self, broker: Broker, history: HistoryCache, *, prefix: str = "chat:",
+                 gap_wait: float = 0.25, position_interval: float = 3.0,
+                 metrics: Any | None = None) -> None:
+        self.broker = broker
+        self.history = history
+        self.store = history.store
+        self.prefix = prefix
+        self.gap_wait = gap_wait
+        self.position_interval = position_interval
+        self.metrics = metrics
+        self.rooms: dict[str, Room] = {}
+        self.subscribers: dict[int, Subscriber] = {}
+        self._by_channel: dict[str, Room] = {}
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._position_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        self.broker.on_message = self._on_broker_message
+        self.broker.on_reconnect = self._on_reconnect
+        self._position_task = asyncio.create_task(self._position_loop(), name="hub-position")
+
+    async def close(self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutdown") -> None:
+        for sub in list(self.subscribers.values()):
+            sub.close(code, reason)
+        tasks = [t for t in (self._position_task, *self._tasks) if t is not None]
+        for room in self.rooms.values():
+            tasks.extend(t for t in (room.fill_task,) if t is not None)
+            if room.gap_timer is not None:
+                room.gap_timer.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def channel(self, room: str) -> str:
+        return f"{self.prefix}room:{{{room}}}"
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- connections -------------------------------------------------------
+
+    def register(self, sub: Subscriber) -> None:
+        self.subscribers[sub.id] = sub
+
+    async def unregister(self, sub: Subscriber) -> None:
+        self.subscribers.pop(sub.id, None)
+        for room in list(sub.cursors):
+            await self.unsubscribe(sub, room)
+
+    @contextlib.asynccontextmanager
+    async def _room_lock(self, room: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(room, (asyncio.Lock(), 0))
+        self._locks[room] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[room]
+            if users == 1:
+                del self._locks[room]
+            else:
+                self._locks[room] = (lock, users - 1)
+
+    async def subscribe(self, sub: Subscriber, room: str, since: int | None = None) -> int:
+        """Join ``room``; queue the ``subscribed`` frame, then (with ``since``) every
+        message after it, then live ones. Returns the room's latest seq."""
+        if room in sub.cursors:
+            await self.unsubscribe(sub, room)
+        r = self.rooms.get(room)
+        if r is None or r.seq is None:
+            async with self._room_lock(room):
+                r = self.rooms.get(room)
+                if r is None:
+                    r = await self._open_room(room)
+        assert r.seq is not None
+        latest = r.seq
+        cursor = latest if since is None else since
+        sub.cursors[room] = cursor
+        r.subs[sub] = None
+        if sub.transport == WS:
+            sub.push_json({"type": "subscribed", "room": room, "seq": latest})
+        if self.metrics is not None:
+            self.metrics.subscriptions.inc()
+        if latest > cursor:
+            self._catch_up(sub, r)
+        return latest
+
+    async def _open_room(self, room: str) -> Room:
+        r = Room(room, self.channel(room))
+        self.rooms[room] = r
+        self._by_channel[r.channel] = r
+        try:
+            await self.broker.subscribe(r.channel)
+            # Subscribed first, then read the position: anything published
+            # meanwhile waits in `pending` and is sequenced after it.
+            r.seq = await self.store.latest_seq(room)
+        except BaseException:
+            self.rooms.pop(room, None)
+            self._by_channel.pop(r.channel, None)
+            with contextlib.suppress(Exception):
+                await self.broker.unsubscribe(r.channel)
+            raise
+        self._drain(r)
+        return r
+
+    async def unsubscribe(self, sub: Subscriber, room: str) -> bool:
+        if sub.cursors.pop(room, None) is None:
+            return False
+        task = sub.catchups.pop(room, None)
+        if task is not None:
+            task.cancel()
+        if self.metrics is not None:
+            self.metrics.subscriptions.dec()
+        r = self.rooms.get(room)
+        if r is None:
+            return True
+        r.subs.pop(sub, None)
+        if not r.subs:
+            async with self._room_lock(room):
+                if not r.subs and self.rooms.get(room) is r:
+                    del self.rooms[room]
+                    del self._by_channel[r.channel]
+                    if r.gap_timer is not None:
+                        r.gap_timer.cancel()
+                    if r.fill_task is not None:
+                        r.fill_task.cancel()
+                    await self.broker.unsubscribe(r.channel)
+        return True
+
+    # -- the live stream ---------------------------------------------------
+
+    def _on_broker_message(self, channel: str, data: bytes) -> None:
+        r = self._by_channel.get(channel)
+        if r is None:
+            return
+        if data[:2] == b"m:":
+            head, _, body = data[2:].partition(b":")
+            created, _, body = body.partition(b":")
+            seq = int(head)
+            if r.seq is not None and seq <= r.seq:
+                return  # already delivered (a fill got there first)
+            r.pending[seq] = (int(created), body)
+            if r.seq is not None:
+                self._drain(r)
+        elif data[:2] == b"e:":
+            self._dispatch_event(r, orjson.loads(data[2:]))
+
+    def _drain(self, r: Room) -> None:
+        assert r.seq is not None
+        while r.seq + 1 in r.pending:
+            created, body = r.pending.pop(r.seq + 1)
+            self._dispatch(r, r.seq + 1, created, body)
+        if r.pending:
+            for seq in [s for s in r.pending if s <= r.seq]:
+                del r.pending[seq]
+        if r.pending and r.gap_timer is None and r.fill_task is None:
+            # A seq ahead of the next one: wait briefly for the missing ones.
+            r.gap_timer = asyncio.get_running_loop().call_later(self.gap_wait, self._gap_due, r)
+        elif not r.pending and r.gap_timer is not None:
+            r.gap_timer.cancel()
+            r.gap_timer = None
+
+    def _gap_due(self, r: Room) -> None:
+        r.gap_timer = None
+        if r.pending and self.rooms.get(r.name) is r:
+            if self.metrics is not None:
+                self.metrics.gap_fills.labels("gap").inc()
+            self.fill(r)
+
+    def fill(self, r: Room) -> None:
+        """Read the store after the room's position and dispatch what is there."""
+        if r.fill_task is not None:
+            r.fill_again = True
+            return
+        r.fill_task = self._spawn(self._fill(r), f"fill-{r.name}")
+
+    async def _fill(self, r: Room) -> None:
+        try:
+            while r.seq is not None and self.rooms.get(r.name) is r:
+                r.fill_again = False
+                page = await self.store.history(r.name, after=r.seq, limit=MAX_PAGE)
+                for msg in page.messages:
+                    if msg.seq == r.seq + 1:
+                        r.pending.pop(msg.seq, None)
+                        self._dispatch(r, msg.seq, msg.created_ms, msg.to_json())
+                self._drain(r)
+                if not page.has_more and not r.fill_again:
+                    break
+        except StoreUnavailable as exc:
+            log.warning("gap fill for room %s failed: %s", r.name, exc)
+        finally:
+            r.fill_task = None
+            if r.pending and r.gap_timer is None and self.rooms.get(r.name) is r:
+                r.gap_timer = asyncio.get_running_loop().call_later(
+                    max(self.gap_wait, 0.5), self._gap_due, r)
+
+    def _dispatch(self, r: Room, seq: int, created_ms: int, body: bytes) -> None:
+        r.seq = seq
+        ws_frame: str | None = None
+        sse_frame: bytes | None = None
+        delivered = 0
+        for sub in r.subs:
+            cursor = sub.cursors.get(r.name)
+            if cursor is None or seq <= cursor:
+                continue
+            if seq != cursor + 1:
+                self._catch_up(sub, r)
+                continue
+            if sub.transport == WS:
+                if ws_frame is None:
+                    ws_frame = ('{"type":"message","room":' + r.name_json + ',"message":'
+                                + body.decode() + "}")
+                ok = sub.push(ws_frame)
+            else:
+                if sse_frame is None:
+                    sse_frame = b"id: %d\nevent: message\ndata: %s\n\n" % (seq, body)
+                ok = sub.push(sse_frame)
+            if ok:
+                sub.cursors[r.name] = seq
+                delivered += 1
+            elif self.metrics is not None:
+                self.metrics.slow_disconnects.labels(sub.transport).inc()
+        if self.metrics is not None and delivered:
+            self.metrics.delivered(delivered, created_ms)
+
+    def _dispatch_event(self, r: Room, event: dict[str, Any]) -> None:
+        ws_frame: str | None = None
+        sse_frame: bytes | None = None
+        for sub in r.subs:
+            if sub.transport == WS:
+                if ws_frame is None:
+                    ws_frame = orjson.dumps({"type": "event", **event}).decode()
+                sub.push(ws_frame)
+            else:
+                if sse_frame is None:
+                    sse_frame = (b"event: " + event["event"].encode() + b"\ndata: "
+                                 + orjson.dumps({"room": event["room"], "data": event["data"]})
+                                 + b"\n\n")
+                sub.push(sse_frame)
+
+    # -- per-subscriber catch-up ---------------------------------------------
+
+    def _catch_up(self, sub: Subscriber, r: Room) -> None:
+        if r.name not in sub.catchups:
+            sub.catchups[r.name] = self._spawn(self._run_catch_up(sub, r),
+                                               f"catchup-{sub.id}-{r.name}")
+
+    async def _run_catch_up(self, sub: Subscriber, r: Room) -> None:
+        room = r.name
+        try:
+            while sub.close_code is None and room in sub.cursors:
+                cursor = sub.cursors[room]
+                if r.seq is None or cursor >= r.seq:
+                    break
+                await sub.wait_below(max(1, sub.max_messages // 2))
+                page = await self.store.history(room, after=sub.cursors.get(room, cursor),
+                                                limit=MAX_PAGE)
+                for msg in page.messages:
+                    if sub.cursors.get(room) != msg.seq - 1:
+                        continue
+                    body = msg.to_json()
+                    if sub.transport == WS:
+                        frame: str | bytes = ('{"type":"message","room":' + r.name_json
+                                              + ',"message":' + body.decode() + "}")
+                    else:
+                        frame = b"id: %d\nevent: message\ndata: %s\n\n" % (msg.seq, body)
+                    if not sub.push(frame):
+                        return
+                    sub.cursors[room] = msg.seq
+                if not page.messages:
+                    break
+        except StoreUnavailable as exc:
+            log.warning("catch-up for room %s failed: %s; closing the subscriber", room, exc)
+            sub.close(CLOSE_TRY_AGAIN_LATER, "history unavailable: resume later")
+        finally:
+            if sub.catchups.get(room) is asyncio.current_task():
+                del sub.catchups[room]
+
+    # -- repair after loss -----------------------------------------------------
+
+    def _on_reconnect(self) -> None:
+        if self.metrics is not None:
+            self.metrics.broker_reconnects.inc()
+        for r in list(self.rooms.values()):
+            if r.seq is not None:
+                self.fill(r)
+
+    async def _position_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.position_interval)
+            try:
+                await self.check_positions()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                log.warning("position check failed: %r", exc)
+
+    async def check_positions(self) -> None:
+        """Fill every room whose latest committed seq is ahead of what was delivered."""
+        rooms = [r for r in self.rooms.values() if r.seq is not None]
+        if not rooms:
+            return
+        latest = await self.history.latest_seqs([r.name for r in rooms])
+        for r in rooms:
+            if r.seq is not None and latest.get(r.name, 0) > r.seq and r.fill_task is None:
+                if self.metrics is not None:
+                    self.metrics.gap_fills.labels("position").inc()
+                self.fill(r)
+
+    def stats(self) -> dict[str, Any]:
+        return {"rooms": len(self.rooms), "subscribers": len(self.subscribers),
+                "queued": sum(s.queued for s in self.subscribers.values()),
+                "time": time.time()}

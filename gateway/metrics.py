@@ -1,0 +1,81 @@
+"""Prometheus metrics, one registry per gateway (no global state across apps)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest)
+from prometheus_client.core import GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.connections = Gauge("chat_connections", "Open client connections",
+                                 ["transport"], registry=r)
+        self.subscriptions = Gauge("chat_subscriptions", "Room subscriptions held on this instance",
+                                   registry=r)
+        self.messages_accepted = Counter("chat_messages_accepted_total",
+                                         "Messages committed by this instance", ["transport"],
+                                         registry=r)
+        self.messages_delivered = Counter("chat_messages_delivered_total",
+                                          "Message frames queued to subscribers", registry=r)
+        self.messages_dropped = Counter("chat_messages_dropped_total",
+                                        "Frames not delivered, by reason", ["reason"], registry=r)
+        self.events_published = Counter("chat_events_published_total",
+                                        "Ephemeral events accepted", registry=r)
+        self.delivery_latency = Histogram("chat_delivery_latency_seconds",
+                                          "Commit to queued-for-subscriber latency",
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.cache_requests = Counter("chat_history_cache_total", "History cache lookups",
+                                      ["outcome"], registry=r)
+        self.rate_limit = Counter("chat_rate_limit_decisions_total", "Rate-limit decisions",
+                                  ["action", "decision"], registry=r)
+        self.rate_limit_fallback = Gauge("chat_rate_limit_local_fallback",
+                                         "1 while the limiter runs on per-instance buckets "
+                                         "because Redis is unreachable", registry=r)
+        self.slow_disconnects = Counter("chat_slow_consumer_disconnects_total",
+                                        "Subscribers closed because their queue was full",
+                                        ["transport"], registry=r)
+        self.broker_reconnects = Counter("chat_broker_reconnects_total",
+                                         "Broker subscriber link re-established", registry=r)
+        self.gap_fills = Counter("chat_gap_fills_total", "Fills of a room from the store",
+                                 ["reason"], registry=r)
+        self.http_requests = Counter("chat_http_requests_total", "HTTP responses",
+                                     ["route", "status"], registry=r)
+        self._pool_source: Callable[[], dict[str, Any]] | None = None
+        r.register(_PoolCollector(self))
+
+    def delivered(self, count: int, created_ms: int) -> None:
+        self.messages_delivered.inc(count)
+        self.delivery_latency.observe(max(0.0, time.time() - created_ms / 1000))
+
+    def cache(self, outcome: str) -> None:
+        self.cache_requests.labels(outcome).inc()
+
+    def watch_pool(self, source: Callable[[], dict[str, Any]]) -> None:
+        self._pool_source = source
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _PoolCollector:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        source = self.metrics._pool_source
+        stats = source() if source is not None else {}
+        for key in ("pool_size", "pool_in_use", "pool_max"):
+            if key in stats:
+                g = GaugeMetricFamily(f"chat_db_{key}", f"Database {key.replace('_', ' ')}")
+                g.add_metric([], stats[key])
+                yield g

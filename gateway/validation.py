@@ -1,0 +1,146 @@
+"""Declared shapes for everything that enters: bodies, query parameters, frames.
+
+Each check raises ``ApiError`` with the documented code before anything is
+written, so bad input changes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+
+from gateway.errors import ApiError
+
+ROOM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+EVENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+MAX_TEXT = 4000
+MAX_AUTHOR = 64
+MAX_REF = 128
+MAX_IDEMPOTENCY_KEY = 128
+RESERVED_EVENTS = {"message", "error"}
+
+
+def room_name(value: Any) -> str:
+    if not isinstance(value, str) or not ROOM_RE.fullmatch(value):
+        raise ApiError("invalid_request",
+                       "room must match ^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", field="room")
+    return value
+
+
+def _printable(value: str, name: str) -> None:
+    if "\x00" in value:
+        raise ApiError("invalid_request", f"{name} must not contain NUL characters", field=name)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError("invalid_request", f"{name} must be valid Unicode (no lone surrogates)",
+                       field=name) from None
+
+
+def text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ApiError("invalid_request", "text must be a string", field="text")
+    value = value.strip()
+    if not 1 <= len(value) <= MAX_TEXT:
+        raise ApiError("invalid_request",
+                       f"text must be 1..{MAX_TEXT} characters after trimming", field="text")
+    _printable(value, "text")
+    return value
+
+
+def author(value: Any) -> str:
+    if value is None:
+        return "anonymous"
+    if not isinstance(value, str) or not 1 <= len(value.strip()) <= MAX_AUTHOR:
+        raise ApiError("invalid_request", f"author must be a string of 1..{MAX_AUTHOR} characters",
+                       field="author")
+    _printable(value, "author")
+    return value.strip()
+
+
+def event_name(value: Any) -> str:
+    if not isinstance(value, str) or not EVENT_RE.fullmatch(value) or value in RESERVED_EVENTS:
+        raise ApiError("invalid_request", "event must match ^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$ "
+                       "and not be 'message' or 'error'", field="event")
+    return value
+
+
+def seq_param(value: Any, name: str) -> int | None:
+    """A non-negative integer from a query string, header or frame field."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ApiError("invalid_request", f"{name} must be a non-negative integer", field=name)
+    if isinstance(value, str):
+        if not value.isascii() or not value.isdigit() or len(value) > 18:
+            raise ApiError("invalid_request", f"{name} must be a non-negative integer",
+                           field=name)
+        value = int(value)
+    if not isinstance(value, int) or not 0 <= value < 2**62:
+        raise ApiError("invalid_request", f"{name} must be a non-negative integer", field=name)
+    return value
+
+
+def limit_param(value: Any) -> int:
+    if value is None:
+        return 50
+    n = seq_param(value, "limit")
+    if n is None or not 1 <= n <= 200:
+        raise ApiError("invalid_request", "limit must be an integer from 1 to 200", field="limit")
+    return n
+
+
+def idempotency_key(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not 1 <= len(value) <= MAX_IDEMPOTENCY_KEY:
+        raise ApiError("invalid_request",
+                       f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY} characters",
+                       field="Idempotency-Key")
+    return value
+
+
+def ref(value: Any) -> Any:
+    if value is None or (isinstance(value, str) and len(value) <= MAX_REF) or (
+            isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise ApiError("invalid_request", f"ref must be a string of at most {MAX_REF} characters "
+                   "or an integer", field="ref")
+
+
+def json_object(raw: bytes | str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError("invalid_json", "the body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ApiError("invalid_request", "the body must be a JSON object")
+    return value
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError("invalid_request", "Content-Length is not a number")
+        if int(declared) > limit:
+            raise ApiError("too_large", f"the body exceeds {limit} bytes", limit=limit)
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError("too_large", f"the body exceeds {limit} bytes", limit=limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def only_fields(body: dict[str, Any], allowed: set[str]) -> None:
+    unknown = set(body) - allowed
+    if unknown:
+        raise ApiError("invalid_request", f"unknown field(s): {', '.join(sorted(unknown))}",
+                       fields=sorted(unknown))

@@ -1,0 +1,149 @@
+"""The WebSocket endpoint: JSON text frames, one reader and one writer per socket.
+
+The reader handles client frames in order (so acks keep the order of the
+publishes); the writer is the only task that sends, draining the connection's
+bounded queue. When either ends, or the hub closes the subscriber (slow
+consumer 1013, shutdown 1001), the other is cancelled and the socket closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import orjson
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from gateway import validation as v
+from gateway.auth import Identity
+from gateway.core import CONNECT, POST, Gateway
+from gateway.edge import gateway_of, identify
+from gateway.errors import CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION, ApiError
+from gateway.hub import WS, Subscriber
+from storage import StoreUnavailable
+
+log = logging.getLogger("gateway.ws")
+
+FRAME_FIELDS = {
+    "subscribe": {"type", "room", "since"},
+    "unsubscribe": {"type", "room"},
+    "publish": {"type", "room", "text", "ref", "author"},
+    "ping": {"type", "ref"},
+}
+
+
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    gw = gateway_of(websocket)
+    try:
+        if gw.closing:
+            raise ApiError("unavailable", "the instance is shutting down; reconnect elsewhere")
+        identity = identify(websocket, query_token=True)
+        await gw.rate(CONNECT, identity.name)
+    except ApiError as exc:
+        await refuse(websocket, exc)
+        return
+    await websocket.accept()
+    session = Session(gw, websocket, identity)
+    await session.run()
+
+
+async def refuse(websocket: WebSocket, exc: ApiError) -> None:
+    """Refuse the upgrade with an HTTP error body, or close 1008 if the server cannot."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(exc.response())
+    else:  # pragma: no cover - servers without the denial-response extension
+        await websocket.close(CLOSE_POLICY_VIOLATION, exc.message[:120])
+
+
+class Session:
+    def __init__(self, gw: Gateway, websocket: WebSocket, identity: Identity) -> None:
+        self.gw = gw
+        self.ws = websocket
+        self.identity = identity
+        s = gw.settings
+        self.sub = Subscriber(WS, identity=identity.name, max_messages=s.queue_max_messages,
+                              max_bytes=s.queue_max_bytes)
+
+    async def run(self) -> None:
+        hub = self.gw.hub
+        assert hub is not None
+        hub.register(self.sub)
+        self.gw.metrics.connections.labels("ws").inc()
+        reader = asyncio.create_task(self.read_loop())
+        writer = asyncio.create_task(self.write_loop())
+        closed = asyncio.create_task(self.sub.closed.wait())
+        try:
+            await asyncio.wait({reader, writer, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (reader, writer, closed):
+                task.cancel()
+            await asyncio.gather(reader, writer, closed, return_exceptions=True)
+            self.gw.metrics.connections.labels("ws").dec()
+            await hub.unregister(self.sub)
+            if self.sub.close_code is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        self.ws.close(self.sub.close_code, self.sub.close_reason[:120]), 2.0)
+
+    async def write_loop(self) -> None:
+        async for batch in self.sub.batches():
+            for frame in batch:
+                await self.ws.send_text(frame)
+
+    async def read_loop(self) -> None:
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            raw = message.get("text")
+            if raw is None:
+                self.error(ApiError("invalid_request", "binary frames are not accepted; "
+                                                       "send JSON text frames"))
+                continue
+            ref = None
+            try:
+                frame = v.json_object(raw)
+                ref = frame.get("ref") if isinstance(frame.get("ref"), (str, int)) else None
+                await self.handle(frame)
+            except ApiError as exc:
+                self.error(exc, ref)
+            except StoreUnavailable:
+                self.error(ApiError("unavailable", "the message store is unavailable; "
+                                                   "retry later"), ref)
+            except WebSocketDisconnect:
+                return
+
+    def error(self, exc: ApiError, ref: Any = None) -> None:
+        self.sub.push_json(exc.frame(ref))
+
+    async def handle(self, frame: dict[str, Any]) -> None:
+        kind = frame.get("type")
+        if kind not in FRAME_FIELDS:
+            raise ApiError("invalid_request", "type must be one of: "
+                           + ", ".join(FRAME_FIELDS), field="type")
+        v.only_fields(frame, FRAME_FIELDS[kind])
+        hub = self.gw.hub
+        assert hub is not None
+        if kind == "ping":
+            self.sub.push_json({"type": "pong"})
+        elif kind == "subscribe":
+            room = v.room_name(frame.get("room"))
+            since = v.seq_param(frame.get("since"), "since")
+            self.identity.check_room(room)
+            await hub.subscribe(self.sub, room, since)
+        elif kind == "unsubscribe":
+            room = v.room_name(frame.get("room"))
+            await hub.unsubscribe(self.sub, room)
+            self.sub.push_json({"type": "unsubscribed", "room": room})
+        else:
+            ref = v.ref(frame.get("ref"))
+            room = v.room_name(frame.get("room"))
+            text = v.text(frame.get("text"))
+            author = self.identity.name if self.identity.user else v.author(frame.get("author"))
+            self.identity.check_room(room)
+            await self.gw.rate(POST, self.identity.name)
+            msg, _ = await self.gw.post(room, author, text, transport="ws")
+            ack: dict[str, Any] = {"type": "ack", "ref": ref, "message": msg.to_dict()}
+            self.sub.push(orjson.dumps(ack).decode())

@@ -1,0 +1,78 @@
+"""The broker interface: moves opaque payloads between gateway instances.
+
+Contract:
+
+- ``publish(channel, data)`` hands ``data`` to every instance subscribed to
+  ``channel`` at that moment, at most once (Redis Pub/Sub gives no more). The
+  gateway turns that into exactly-once, in-order delivery with seqs and the
+  store; the broker only has to keep the order of one publisher's messages on
+  one channel.
+- Received payloads go to ``on_message(channel, data)``, called on the event
+  loop in arrival order; it must not block (the hub only enqueues).
+- ``subscribe``/``unsubscribe`` change what this instance receives. They are
+  idempotent and raise ``BrokerUnavailable`` if the broker cannot be reached, in
+  which case nothing changed.
+- When the link drops, the broker reconnects with backoff by itself, restores
+  every subscription, then calls ``on_reconnect()``: anything published in
+  between was lost to this instance and the caller fills it from the store.
+- Constructors do no I/O; ``start`` connects, ``close`` releases everything.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable
+
+MessageHandler = Callable[[str, bytes], None]
+ReconnectHandler = Callable[[], None]
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot be reached; nothing was published or (un)subscribed."""
+
+
+class Broker(ABC):
+    on_message: MessageHandler
+    on_reconnect: ReconnectHandler
+
+    def __init__(self) -> None:
+        self.on_message = lambda channel, data: None
+        self.on_reconnect = lambda: None
+        self.reconnects = 0
+
+    @abstractmethod
+    async def start(self) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def publish(self, channel: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    async def subscribe(self, channel: str) -> None: ...
+
+    @abstractmethod
+    async def unsubscribe(self, channel: str) -> None: ...
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """One round trip; raises BrokerUnavailable."""
+
+    @property
+    def redis(self) -> Any | None:
+        """The Redis client for keys (cache, rate limits, presence); None in memory mode."""
+        return None
+
+
+def create_broker(url: str, **options: Any) -> Broker:
+    """Pick the implementation by URL; the driver is imported only in its branch."""
+    if url.startswith("memory://"):
+        from pubsub.memory import MemoryBroker
+
+        return MemoryBroker()
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from pubsub.redis import RedisBroker
+
+        return RedisBroker(url, **options)
+    raise ValueError(f"unsupported REDIS_URL {url!r}: use redis://…, rediss://… or memory://")

@@ -1,0 +1,187 @@
+"""Redis Pub/Sub broker (``redis.asyncio``).
+
+One subscriber connection per process carries every room channel this
+instance holds; publishing and keys (cache, rate limits) share one pool.
+
+The subscriber link is watched: when nothing has arrived for
+``probe_interval`` seconds a PING goes down the link, and a link that answers
+neither data nor PONG within ``probe_timeout`` is dropped as dead. A dropped
+link is re-established with exponential backoff, every channel is subscribed
+again, and ``on_reconnect`` fires so the gateway can fill from the store what
+was published while it was away. ``subscribe`` only records the channel when
+the link is down; the reconnect subscribes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from pubsub.base import Broker, BrokerUnavailable
+
+log = logging.getLogger("pubsub.redis")
+
+
+class RedisBroker(Broker):
+    def __init__(self, url: str, *, probe_interval: float = 5.0,
+                 probe_timeout: float | None = None, connect_timeout: float = 2.0,
+                 command_timeout: float = 5.0, control_channel: str = "chat:control") -> None:
+        super().__init__()
+        if probe_interval <= 0:
+            raise ValueError("probe_interval must be positive")
+        self.url = url
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout or max(1.0, probe_interval)
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.control_channel = control_channel
+        self._client: aioredis.Redis | None = None
+        self._pubsub: Any = None
+        self._channels: set[str] = set()
+        self._reader: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        if self._client is None:
+            raise BrokerUnavailable("the broker is not started")
+        return self._client
+
+    def _make_client(self) -> aioredis.Redis:
+        return aioredis.from_url(
+            self.url,
+            socket_connect_timeout=self.connect_timeout,
+            socket_timeout=self.command_timeout,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
+
+    async def start(self) -> None:
+        # No failure here when Redis is down: the reader keeps trying, and
+        # /readyz reports the broker until it answers.
+        self._client = self._make_client()
+        self._reader = asyncio.create_task(self._run(), name="broker-reader")
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                pass
+            self._reader = None
+        await self._drop_pubsub()
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    async def _drop_pubsub(self) -> None:
+        self.connected.clear()
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            try:
+                await asyncio.wait_for(pubsub.aclose(), 1.0)
+            except (asyncio.TimeoutError, RedisError, OSError):
+                pass
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = 0.05
+        first = True
+        while True:
+            try:
+                pubsub = self.redis.pubsub()
+                # The control channel keeps the link open (and probed) with no room held.
+                held = set(self._channels)
+                await pubsub.subscribe(self.control_channel, *sorted(held))
+                self._pubsub = pubsub
+                # Channels added or dropped while that subscribe was in flight.
+                if self._channels - held:
+                    await pubsub.subscribe(*sorted(self._channels - held))
+                if held - self._channels:
+                    await pubsub.unsubscribe(*sorted(held - self._channels))
+                self.connected.set()
+                if not first:
+                    self.reconnects += 1
+                    log.warning("broker link restored; resubscribed %d channels",
+                                len(self._channels))
+                if not first or self._channels:
+                    self.on_reconnect()
+                first = False
+                backoff = 0.05
+                await self._read(pubsub, loop)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure drops the link and retries
+                if self.connected.is_set():
+                    log.warning("broker link lost: %r", exc)
+                await self._drop_pubsub()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _read(self, pubsub: Any, loop: asyncio.AbstractEventLoop) -> None:
+        last_seen = loop.time()
+        probe_sent: float | None = None
+        while True:
+            msg = await pubsub.get_message(timeout=min(0.5, self.probe_interval))
+            now = loop.time()
+            if msg is not None:
+                last_seen = now
+                probe_sent = None
+                kind = msg["type"]
+                if kind in ("message", b"message"):
+                    channel = msg["channel"]
+                    if isinstance(channel, bytes):
+                        channel = channel.decode()
+                    if channel != self.control_channel:
+                        self.on_message(channel, msg["data"])
+                continue
+            if probe_sent is None and now - last_seen >= self.probe_interval:
+                await pubsub.ping()
+                probe_sent = now
+            elif probe_sent is not None and now - probe_sent > self.probe_timeout:
+                raise RedisConnectionError("subscriber link silent: no PONG to the probe")
+
+    async def publish(self, channel: str, data: bytes) -> None:
+        try:
+            await self.redis.publish(channel, data)
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"Redis publish failed: {exc!r}") from exc
+
+    async def subscribe(self, channel: str) -> None:
+        if channel in self._channels:
+            return
+        self._channels.add(channel)
+        await self._send("subscribe", channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        if channel not in self._channels:
+            return
+        self._channels.discard(channel)
+        await self._send("unsubscribe", channel)
+
+    async def _send(self, command: str, channel: str) -> None:
+        pubsub = self._pubsub
+        if pubsub is None:
+            return  # the reconnect applies the channel set
+        try:
+            await getattr(pubsub, command)(channel)
+        except (RedisError, OSError) as exc:
+            # The link is failing; the reader notices, reconnects and resubscribes the set.
+            log.warning("broker %s %s failed: %r", command, channel, exc)
+
+    async def ping(self) -> None:
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"Redis unreachable: {exc!r}") from exc
+        if not self.connected.is_set():
+            raise BrokerUnavailable("Redis answers, but the subscriber link is not up yet")

@@ -1,0 +1,138 @@
+"""The store interface: the truth about messages.
+
+Contract every implementation keeps:
+
+- ``append`` assigns the room's next ``seq`` inside the committing transaction:
+  1, 2, 3 … per room with no gap and no duplicate, whatever the number of
+  concurrent writers on however many instances. A failed append leaves nothing
+  behind (no message, no consumed seq).
+- An ``idempotency_key`` is unique per room (a database constraint, not a
+  check-then-insert): a repeat, even a concurrent one, returns the message the
+  first call stored and ``created=False``.
+- Messages are immutable once committed; reads see every committed message.
+- Failures raise ``StoreUnavailable`` (the database cannot be reached or timed
+  out); nothing else is swallowed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+MAX_PAGE = 200
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached or did not answer in time."""
+
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_id(now_ms: int | None = None) -> str:
+    """A ULID: 48 bits of milliseconds and 80 random bits, Crockford base32, sortable."""
+    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
+    out = []
+    for _ in range(26):
+        out.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(out))
+
+
+def format_ts(ms: int) -> str:
+    """Epoch milliseconds as ``2026-11-21T23:00:00.123Z``."""
+    dt = datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def parse_ts(text: str) -> int:
+    """``2026-11-21T23:00:00.123Z`` as epoch milliseconds."""
+    dt = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    return int(dt.timestamp()) * 1000 + dt.microsecond // 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    id: str
+    room: str
+    seq: int
+    author: str
+    text: str
+    created_ms: int  # commit time, epoch milliseconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "room": self.room,
+            "seq": self.seq,
+            "author": self.author,
+            "text": self.text,
+            "created_at": format_ts(self.created_ms),
+        }
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    messages: list[Message]
+    has_more: bool
+
+
+class Store(ABC):
+    """Messages and their per-room sequence. Constructors do no I/O; ``start`` connects."""
+
+    @abstractmethod
+    async def start(self) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def migrate(self) -> list[str]:
+        """Apply pending migrations; return the versions applied now."""
+
+    @abstractmethod
+    async def append(self, room: str, author: str, text: str,
+                     idempotency_key: str | None = None) -> tuple[Message, bool]:
+        """Commit one message; return it and whether it was created now."""
+
+    @abstractmethod
+    async def history(self, room: str, *, limit: int = 50, before: int | None = None,
+                      after: int | None = None) -> Page:
+        """Messages ascending by seq. With ``after``: the first ``limit`` above it
+        (``has_more``: more follow); otherwise the last ``limit`` below ``before``
+        or the latest (``has_more``: earlier ones exist)."""
+
+    @abstractmethod
+    async def latest_seq(self, room: str) -> int:
+        """The room's last committed seq, 0 for a room with no message."""
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """One round trip to the database; raises StoreUnavailable."""
+
+    def stats(self) -> dict[str, Any]:
+        """Pool figures for metrics."""
+        return {}
+
+
+def create_store(url: str, **options: Any) -> Store:
+    """Pick the implementation by URL; the driver is imported only in its branch."""
+    if url.startswith(("postgres://", "postgresql://")):
+        from storage.postgres import PostgresStore
+
+        return PostgresStore(url, **options)
+    if url.startswith("sqlite://"):
+        from storage.sqlite import SQLiteStore
+
+        return SQLiteStore(url)
+    raise ValueError(f"unsupported DATABASE_URL {url!r}: use postgresql://… or sqlite:///PATH")

@@ -1,0 +1,160 @@
+"""History cache: the latest page of each room, in Redis, never stale after an ack.
+
+Keys (the ``{room}`` hash tag keeps a room's keys in one cluster slot):
+
+- ``P{room}:seq``  the room's latest committed seq, raised (never lowered) by
+  ``committed`` after each commit and before the write is acknowledged;
+- ``P{room}:page`` a hash ``{v: seq, d: page}``: the latest ``MAX_PAGE`` messages
+  up to and including seq ``v``.
+
+A page is served only when its ``v`` equals the current ``seq``. Messages are
+immutable and seqs gapless, so the page for ``v`` has one possible content; a
+reader that loaded an older page and writes it late cannot shadow a newer
+write, because its ``v`` no longer matches. A read that starts after an ack sees
+``seq`` at least that message's seq, so it either hits a page that holds it or
+loads from the store. Loads are coalesced per instance by ``(room, seq)``.
+
+With no Redis (``memory://``) every read goes to the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import orjson
+
+from storage.base import MAX_PAGE, Message, Page, Store, parse_ts
+
+log = logging.getLogger("storage.cache")
+
+_READ = """
+local v = redis.call('GET', KEYS[1])
+if not v then return {false, false} end
+local p = redis.call('HMGET', KEYS[2], 'v', 'd')
+if p[1] == v then return {v, p[2]} end
+return {v, false}
+"""
+
+_RAISE = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local v = tonumber(ARGV[1])
+if v > cur then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  cur = v
+else
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+if ARGV[3] and v == cur then
+  redis.call('HSET', KEYS[2], 'v', ARGV[1], 'd', ARGV[3])
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
+return cur
+"""
+
+
+class HistoryCache:
+    """Read-through cache of the latest page; ``redis`` is a ``redis.asyncio`` client or None."""
+
+    def __init__(self, store: Store, redis: Any | None = None, *, prefix: str = "chat:",
+                 ttl: int = 3600, metrics: Any | None = None) -> None:
+        self.store = store
+        self.redis = redis
+        self.prefix = prefix
+        self.ttl = ttl
+        self.metrics = metrics
+        self._flights: dict[tuple[str, int | None], asyncio.Future[Page]] = {}
+        if redis is not None:
+            self._read = redis.register_script(_READ)
+            self._raise = redis.register_script(_RAISE)
+
+    def _keys(self, room: str) -> list[str]:
+        base = f"{self.prefix}{{{room}}}"
+        return [base + ":seq", base + ":page"]
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.cache(outcome)
+
+    async def committed(self, message: Message) -> None:
+        """Record a commit; called before the write is acknowledged."""
+        if self.redis is None:
+            return
+        try:
+            await self._raise(keys=self._keys(message.room), args=[message.seq, self.ttl])
+        except Exception as exc:  # noqa: BLE001 - the write is committed; say so and go on
+            log.warning("history cache not raised after commit: %r", exc,
+                        extra={"room": message.room})
+
+    async def latest_seq(self, room: str) -> int:
+        """The room's latest seq, cheaply: one Redis read, the store as fallback."""
+        if self.redis is not None:
+            try:
+                value = await self.redis.get(self._keys(room)[0])
+                if value is not None:
+                    return int(value)
+            except Exception as exc:  # noqa: BLE001
+                log.debug("cache seq read failed: %r", exc)
+        return await self.store.latest_seq(room)
+
+    async def latest_seqs(self, rooms: list[str]) -> dict[str, int]:
+        """Latest seqs of many rooms in one Redis round trip. A room with no key
+        (no write since its TTL) is left out; with Redis down, the store answers."""
+        if self.redis is not None:
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for room in rooms:
+                        pipe.get(self._keys(room)[0])
+                    values = await pipe.execute()
+                return {room: int(v) for room, v in zip(rooms, values) if v is not None}
+            except Exception as exc:  # noqa: BLE001
+                log.debug("cache seq read failed: %r", exc)
+        return {room: await self.store.latest_seq(room) for room in rooms}
+
+    async def history(self, room: str, *, limit: int = 50, before: int | None = None,
+                      after: int | None = None) -> Page:
+        if self.redis is None or before is not None or after is not None:
+            return await self.store.history(room, limit=limit, before=before, after=after)
+        keys = self._keys(room)
+        version: int | None = None
+        try:
+            raw_v, raw_page = await self._read(keys=keys)
+            if raw_v:
+                version = int(raw_v)
+            if raw_page:
+                self._count("hit")
+                return _slice(orjson.loads(raw_page), limit)
+        except Exception as exc:  # noqa: BLE001 - a cache outage falls back to the store
+            log.debug("cache read failed: %r", exc)
+            self._count("error")
+            return await self.store.history(room, limit=limit)
+        self._count("miss")
+        flight = self._flights.get((room, version))
+        if flight is None:
+            flight = asyncio.ensure_future(self._load(room, keys))
+            self._flights[(room, version)] = flight
+            flight.add_done_callback(lambda _f: self._flights.pop((room, version), None))
+        window = await asyncio.shield(flight)
+        return Page(window.messages[-limit:], window.has_more or limit < len(window.messages))
+
+    async def _load(self, room: str, keys: list[str]) -> Page:
+        window = await self.store.history(room, limit=MAX_PAGE)
+        if window.messages:
+            data = orjson.dumps({"m": [m.to_dict() for m in window.messages],
+                                 "h": window.has_more})
+            try:
+                await self._raise(keys=keys, args=[window.messages[-1].seq, self.ttl, data])
+            except Exception as exc:  # noqa: BLE001
+                log.debug("cache fill failed: %r", exc)
+        return window
+
+
+def _slice(cached: dict[str, Any], limit: int) -> Page:
+    msgs = cached["m"]
+    page = msgs[-limit:]
+    return Page([_from_dict(m) for m in page], bool(cached["h"]) or limit < len(msgs))
+
+
+def _from_dict(d: dict[str, Any]) -> Message:
+    return Message(d["id"], d["room"], d["seq"], d["author"], d["text"], parse_ts(d["created_at"]))

@@ -1,0 +1,172 @@
+"""Postgres store through an asyncpg pool.
+
+The seq of a room is the ``rooms.last_seq`` counter, incremented by an upsert in
+the same statement that inserts the message: the row lock it takes serialises
+the writers of one room (and only them), and a failed insert rolls the
+increment back, so seqs have no gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import asyncpg
+
+from storage import migrations
+from storage.base import Message, Page, Store, StoreUnavailable, new_id
+
+log = logging.getLogger("storage.postgres")
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+# pg_advisory_lock key for migrations: any fixed 64-bit number, the same on every instance.
+MIGRATION_LOCK = 0x63686174_6777  # "chatgw"
+
+_COLUMNS = ("id, room, seq, author, text, "
+            "(extract(epoch from created_at) * 1000)::bigint AS created_ms")
+
+_APPEND = """
+WITH r AS (
+    INSERT INTO rooms AS r (room, last_seq) VALUES ($1, 1)
+    ON CONFLICT (room) DO UPDATE SET last_seq = r.last_seq + 1
+    RETURNING last_seq
+)
+INSERT INTO messages (room, seq, id, author, text, created_at, idempotency_key)
+SELECT $1, last_seq, $2, $3, $4, $5, $6 FROM r
+RETURNING seq
+"""
+
+_BY_KEY = f"SELECT {_COLUMNS} FROM messages WHERE room = $1 AND idempotency_key = $2"
+
+_UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
+                asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
+                asyncpg.TooManyConnectionsError)
+
+
+def _row(r: Any) -> Message:
+    return Message(r["id"], r["room"], r["seq"], r["author"], r["text"], r["created_ms"])
+
+
+class PostgresStore(Store):
+    def __init__(self, url: str, *, pool_min: int = 1, pool_max: int = 10,
+                 connect_timeout: float = 5.0, command_timeout: float = 10.0,
+                 idle_timeout: float = 300.0) -> None:
+        if pool_max < 1 or pool_min < 0 or pool_min > pool_max:
+            raise ValueError("pool sizes must satisfy 0 <= min <= max, max >= 1")
+        self.url = url
+        self._pool_args = dict(min_size=pool_min, max_size=pool_max, timeout=connect_timeout,
+                               command_timeout=command_timeout,
+                               max_inactive_connection_lifetime=idle_timeout)
+        self._acquire_timeout = connect_timeout + command_timeout
+        self._pool: asyncpg.Pool | None = None
+
+    async def start(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(self.url, **self._pool_args)
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"cannot connect to Postgres: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), 5)
+            except (asyncio.TimeoutError, *_UNAVAILABLE):
+                pool.terminate()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StoreUnavailable("the store is not started")
+        return self._pool
+
+    async def _call(self, method: str, query: str, *args: Any) -> Any:
+        try:
+            async with self.pool.acquire(timeout=self._acquire_timeout) as conn:
+                return await getattr(conn, method)(query, *args)
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"Postgres unavailable: {exc!r}") from exc
+
+    async def migrate(self) -> list[str]:
+        applied: list[str] = []
+        try:
+            conn = await asyncpg.connect(self.url, timeout=self._pool_args["timeout"])
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"cannot connect to Postgres: {exc}") from exc
+        try:
+            # Several instances may start at once: one migrates, the others wait here.
+            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+            try:
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+                done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+                for version, sql in migrations.load("postgres"):
+                    if version in done:
+                        continue
+                    async with conn.transaction():
+                        await conn.execute(sql)
+                        await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)",
+                                           version)
+                    log.info("applied migration", extra={"version": version})
+                    applied.append(version)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+        finally:
+            await conn.close()
+        return applied
+
+    async def append(self, room: str, author: str, text: str,
+                     idempotency_key: str | None = None) -> tuple[Message, bool]:
+        if idempotency_key is not None:
+            row = await self._call("fetchrow", _BY_KEY, room, idempotency_key)
+            if row is not None:
+                return _row(row), False
+        ms = int(time.time() * 1000)
+        mid = new_id(ms)
+        created = _EPOCH + timedelta(milliseconds=ms)
+        try:
+            seq = await self._call("fetchval", _APPEND, room, mid, author, text, created,
+                                   idempotency_key)
+        except asyncpg.UniqueViolationError:
+            # A concurrent request with the same key committed first; the failed
+            # statement rolled its seq increment back.
+            row = await self._call("fetchrow", _BY_KEY, room, idempotency_key)
+            if row is None:  # pragma: no cover - the constraint named a row that vanished
+                raise
+            return _row(row), False
+        return Message(mid, room, seq, author, text, ms), True
+
+    async def history(self, room: str, *, limit: int = 50, before: int | None = None,
+                      after: int | None = None) -> Page:
+        hi = before if before is not None else 2**62
+        if after is not None:
+            rows = await self._call(
+                "fetch",
+                f"SELECT {_COLUMNS} FROM messages WHERE room = $1 AND seq > $2 AND seq < $3 "
+                "ORDER BY seq ASC LIMIT $4", room, after, hi, limit + 1)
+            msgs = [_row(r) for r in rows[:limit]]
+        else:
+            rows = await self._call(
+                "fetch",
+                f"SELECT {_COLUMNS} FROM messages WHERE room = $1 AND seq < $2 "
+                "ORDER BY seq DESC LIMIT $3", room, hi, limit + 1)
+            msgs = [_row(r) for r in reversed(rows[:limit])]
+        return Page(msgs, len(rows) > limit)
+
+    async def latest_seq(self, room: str) -> int:
+        value = await self._call("fetchval", "SELECT last_seq FROM rooms WHERE room = $1", room)
+        return int(value or 0)
+
+    async def ping(self) -> None:
+        await self._call("fetchval", "SELECT 1")
+
+    def stats(self) -> dict[str, Any]:
+        if self._pool is None:
+            return {}
+        size = self._pool.get_size()
+        return {"pool_size": size, "pool_in_use": size - self._pool.get_idle_size(),
+                "pool_max": self._pool.get_max_size()}

@@ -1,0 +1,160 @@
+"""Embedded SQLite store: one file, no server, for a single instance.
+
+All statements run on one connection in one worker thread, so the store needs
+no lock of its own; ``BEGIN IMMEDIATE`` makes each append one serialised
+transaction (seq increment and insert commit together or not at all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from storage import migrations
+from storage.base import Message, Page, Store, StoreUnavailable, new_id
+
+T = TypeVar("T")
+
+_COLUMNS = "id, room, seq, author, text, created_ms"
+
+
+def _row(r: tuple) -> Message:
+    return Message(r[0], r[1], r[2], r[3], r[4], r[5])
+
+
+class SQLiteStore(Store):
+    def __init__(self, url: str) -> None:
+        if not url.startswith("sqlite://"):
+            raise ValueError(f"not a sqlite URL: {url!r}")
+        path = url[len("sqlite://"):]
+        if path.startswith("/"):
+            path = path[1:]  # sqlite:///relative.db and sqlite:////abs/path.db
+        if not path:
+            raise ValueError("sqlite URL needs a path: sqlite:///./chat-gateway.db")
+        self.path = path if path == ":memory:" else str(Path(path))
+        self._db: sqlite3.Connection | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._db is None or self._executor is None:
+            raise StoreUnavailable("the store is not started")
+        db = self._db
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, db)
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"SQLite unavailable: {exc}") from exc
+
+    async def start(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+
+        def connect() -> sqlite3.Connection:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                 timeout=10)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=10000")
+            return db
+
+        try:
+            self._db = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open SQLite file {self.path}: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            assert self._executor is not None
+            await asyncio.get_running_loop().run_in_executor(self._executor, db.close)
+            self._executor.shutdown(wait=False)
+            self._executor = None
+
+    async def migrate(self) -> list[str]:
+        def apply(db: sqlite3.Connection) -> list[str]:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
+                       " version TEXT PRIMARY KEY, applied_ms INTEGER NOT NULL)")
+            done = {r[0] for r in db.execute("SELECT version FROM schema_migrations")}
+            applied = []
+            for version, sql in migrations.load("sqlite"):
+                if version in done:
+                    continue
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in sql.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                    db.execute("INSERT INTO schema_migrations VALUES (?, ?)",
+                               (version, int(time.time() * 1000)))
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                applied.append(version)
+            return applied
+
+        return await self._run(apply)
+
+    async def append(self, room: str, author: str, text: str,
+                     idempotency_key: str | None = None) -> tuple[Message, bool]:
+        def write(db: sqlite3.Connection) -> tuple[Message, bool]:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if idempotency_key is not None:
+                    row = db.execute(f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND "
+                                     "idempotency_key = ?", (room, idempotency_key)).fetchone()
+                    if row is not None:
+                        db.execute("ROLLBACK")
+                        return _row(row), False
+                seq = db.execute(
+                    "INSERT INTO rooms (room, last_seq) VALUES (?, 1) ON CONFLICT (room) "
+                    "DO UPDATE SET last_seq = last_seq + 1 RETURNING last_seq", (room,)
+                ).fetchone()[0]
+                ms = int(time.time() * 1000)
+                msg = Message(new_id(ms), room, seq, author, text, ms)
+                db.execute("INSERT INTO messages (id, room, seq, author, text, created_ms, "
+                           "idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (msg.id, room, seq, author, text, ms, idempotency_key))
+                db.execute("COMMIT")
+                return msg, True
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        return await self._run(write)
+
+    async def history(self, room: str, *, limit: int = 50, before: int | None = None,
+                      after: int | None = None) -> Page:
+        hi = before if before is not None else 2**62
+
+        def read(db: sqlite3.Connection) -> Page:
+            if after is not None:
+                rows = db.execute(f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq > ? "
+                                  "AND seq < ? ORDER BY seq ASC LIMIT ?",
+                                  (room, after, hi, limit + 1)).fetchall()
+                msgs = [_row(r) for r in rows[:limit]]
+            else:
+                rows = db.execute(f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq < ? "
+                                  "ORDER BY seq DESC LIMIT ?", (room, hi, limit + 1)).fetchall()
+                msgs = [_row(r) for r in reversed(rows[:limit])]
+            return Page(msgs, len(rows) > limit)
+
+        return await self._run(read)
+
+    async def latest_seq(self, room: str) -> int:
+        def read(db: sqlite3.Connection) -> int:
+            row = db.execute("SELECT last_seq FROM rooms WHERE room = ?", (room,)).fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._run(read)
+
+    async def ping(self) -> None:
+        await self._run(lambda db: db.execute("SELECT 1").fetchone())
+
+    def stats(self) -> dict[str, Any]:
+        return {"pool_size": 1, "pool_max": 1}

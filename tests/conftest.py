@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+import pytest
+
+from tests import harness
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """A throwaway Postgres database for this test."""
+    url = await harness.create_database()
+    try:
+        yield url
+    finally:
+        await harness.drop_database(url)
+
+
+@pytest.fixture
+async def redis_prefix() -> AsyncIterator[str]:
+    """A key prefix of this test's own on the machine's Redis; its keys are deleted after."""
+    await harness.check_redis()
+    prefix = harness.new_prefix()
+    try:
+        yield prefix
+    finally:
+        await harness.delete_prefix(prefix)
+
+
+@pytest.fixture
+def gateway_env(pg_url: str, redis_prefix: str) -> dict[str, str]:
+    """Environment for gateways sharing this test's database and Redis prefix."""
+    return {
+        "DATABASE_URL": pg_url,
+        "REDIS_URL": harness.REDIS_URL,
+        "KEY_PREFIX": redis_prefix,
+        "RATE_LIMIT": "100000/1s",
+        "CONNECT_RATE_LIMIT": "100000/1s",
+        "PUBLISH_RATE_LIMIT": "100000/1s",
+        "LOG_LEVEL": "warning",
+        "POSITION_INTERVAL": "1",
+    }

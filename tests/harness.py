@@ -1,0 +1,361 @@
+"""Real parts for the tests: throwaway Postgres databases, Redis key prefixes,
+gateway processes on free loopback ports, and WebSocket/SSE clients.
+
+Nothing here fakes a server. A service that cannot be reached fails the test
+with a sentence saying how to start it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import asynccontextmanager, closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import asyncpg
+import httpx
+import orjson
+import redis.asyncio as aioredis
+import websockets
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# Multiply every wait by this on a slow machine.
+SCALE = float(os.environ.get("TEST_TIMEOUT_SCALE", "1"))
+
+PG_HINT = ("PostgreSQL is not reachable at {url}: start it with "
+           "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` "
+           "(or set TEST_PG_ADMIN_URL)")
+REDIS_HINT = ("Redis is not reachable at {url}: start it with `redis-server --daemonize yes "
+              "--bind 127.0.0.1 -::1 --port 6379 --save \"\" --appendonly no` "
+              "(or set TEST_REDIS_URL)")
+
+
+def t(seconds: float) -> float:
+    """A timeout, scaled for slow machines."""
+    return seconds * SCALE
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- Postgres and Redis ----------------------------------------------------------
+
+
+async def create_database() -> str:
+    """A new empty database; returns its URL."""
+    name = f"cgtest_{uuid.uuid4().hex[:12]}"
+    try:
+        conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+        raise RuntimeError(PG_HINT.format(url=PG_ADMIN_URL) + f" [{exc!r}]") from exc
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    return f"{base}/{name}"
+
+
+async def drop_database(url: str) -> None:
+    name = url.rsplit("/", 1)[1]
+    conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def check_redis(url: str = REDIS_URL) -> None:
+    client = aioredis.from_url(url, socket_connect_timeout=3)
+    try:
+        await client.ping()
+    except Exception as exc:  # noqa: BLE001
+        raise RuntimeError(REDIS_HINT.format(url=url) + f" [{exc!r}]") from exc
+    finally:
+        await client.aclose()
+
+
+async def delete_prefix(prefix: str, url: str = REDIS_URL) -> None:
+    client = aioredis.from_url(url)
+    try:
+        async for key in client.scan_iter(match=f"{prefix}*", count=1000):
+            await client.delete(key)
+    finally:
+        await client.aclose()
+
+
+def new_prefix() -> str:
+    return f"cgtest:{uuid.uuid4().hex[:10]}:"
+
+
+# -- redis-server processes of the tests' own ---------------------------------------
+
+
+class RedisServer:
+    """A redis-server of the test's own on a free port; stop and start it at will."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="cgtest-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir, "--logfile", f"{self.dir}/redis.log"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + t(10)
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+
+# -- gateway processes -------------------------------------------------------------
+
+
+@dataclass
+class Instance:
+    """One real ``chat-gateway serve`` process on a free loopback port."""
+
+    env: dict[str, str]
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/ws"
+
+    def start(self) -> "Instance":
+        env = {**os.environ, **self.env, "PORT": str(self.port), "HOST": "127.0.0.1"}
+        fd, self.log_path = tempfile.mkstemp(prefix=f"cgtest-gw-{self.port}-", suffix=".log")
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=env,
+                                     stdout=fd, stderr=fd, cwd=ROOT)
+        os.close(fd)
+        return self
+
+    async def wait_ready(self, timeout: float = 20) -> "Instance":
+        deadline = time.monotonic() + t(timeout)
+        async with httpx.AsyncClient() as client:
+            while time.monotonic() < deadline:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"gateway on port {self.port} exited "
+                                       f"({self.proc.returncode}):\n{self.log()}")
+                try:
+                    r = await client.get(self.url + "/readyz", timeout=1)
+                    if r.status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise RuntimeError(f"gateway on port {self.port} not ready:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return Path(self.log_path).read_text()[-4000:]
+        except OSError:
+            return ""
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 15) -> int | None:
+        if self.proc is None:
+            return None
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(t(timeout))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+
+@asynccontextmanager
+async def instances(n: int, env: dict[str, str]) -> AsyncIterator[list[Instance]]:
+    """``n`` gateways sharing ``env``, started at once (migrations race under the advisory lock)."""
+    started: list[Instance] = []
+    try:
+        for _ in range(n):
+            started.append(Instance(dict(env)).start())
+        await asyncio.gather(*(i.wait_ready() for i in started))
+        yield started
+    finally:
+        for inst in started:
+            inst.stop()
+
+
+# -- clients ---------------------------------------------------------------------
+
+
+class WSClient:
+    """A raw WebSocket client speaking the v1 frames."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.frames: list[dict[str, Any]] = []
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, url: str, **kwargs: Any) -> AsyncIterator["WSClient"]:
+        async with websockets.connect(url, open_timeout=t(10), max_size=2**22,
+                                      compression=None, **kwargs) as conn:
+            yield cls(conn)
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.conn.send(orjson.dumps(frame).decode())
+
+    async def recv(self, timeout: float = 10) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.conn.recv(), t(timeout))
+        frame = orjson.loads(raw)
+        self.frames.append(frame)
+        return frame  # type: ignore[no-any-return]
+
+    async def expect(self, type_: str, timeout: float = 10) -> dict[str, Any]:
+        """The next frame of ``type_``; message frames met on the way are kept."""
+        deadline = time.monotonic() + t(timeout)
+        while True:
+            frame = await self.recv(max(0.01, deadline - time.monotonic()))
+            if frame.get("type") == type_:
+                return frame
+
+    async def subscribe(self, room: str, since: int | None = None) -> dict[str, Any]:
+        frame: dict[str, Any] = {"type": "subscribe", "room": room}
+        if since is not None:
+            frame["since"] = since
+        await self.send(frame)
+        return await self.expect("subscribed")
+
+    async def messages(self, room: str, count: int, timeout: float = 20) -> list[int]:
+        """Seqs of message frames for ``room`` until ``count`` have arrived (all kept)."""
+        deadline = time.monotonic() + t(timeout)
+        while len(self.seqs(room)) < count:
+            await self.recv(max(0.01, deadline - time.monotonic()))
+        return self.seqs(room)
+
+    def seqs(self, room: str) -> list[int]:
+        return [f["message"]["seq"] for f in self.frames
+                if f.get("type") == "message" and f.get("room") == room]
+
+
+class SSEClient:
+    """A raw Server-Sent Events reader over httpx."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.comments = 0
+        self._task: asyncio.Task[None] | None = None
+        self.status: int | None = None
+        self.ended = asyncio.Event()
+        self.opened = asyncio.Event()
+
+    async def _run(self, url: str, headers: dict[str, str]) -> None:
+        try:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(None)) as client:
+                async with client.stream("GET", url, headers=headers) as resp:
+                    self.status = resp.status_code
+                    self.opened.set()
+                    event: dict[str, Any] = {}
+                    async for line in resp.aiter_lines():
+                        if line == "":
+                            if event:
+                                if "data" in event:
+                                    event["json"] = orjson.loads(event["data"])
+                                self.events.append(event)
+                            event = {}
+                        elif line.startswith(":"):
+                            self.comments += 1
+                        else:
+                            key, _, value = line.partition(":")
+                            value = value[1:] if value.startswith(" ") else value
+                            event[key] = event.get(key, "") + value if key == "data" else value
+        except (httpx.HTTPError, asyncio.CancelledError):
+            pass
+        finally:
+            self.opened.set()
+            self.ended.set()
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, url: str, headers: dict[str, str] | None = None
+                   ) -> AsyncIterator["SSEClient"]:
+        client = cls()
+        client._task = asyncio.create_task(client._run(url, headers or {}))
+        await asyncio.wait_for(client.opened.wait(), t(10))
+        try:
+            yield client
+        finally:
+            client._task.cancel()
+            await asyncio.gather(client._task, return_exceptions=True)
+
+    def seqs(self) -> list[int]:
+        return [int(e["id"]) for e in self.events if e.get("event") == "message"]
+
+    async def wait_for(self, count: int, timeout: float = 20) -> list[int]:
+        deadline = time.monotonic() + t(timeout)
+        while len(self.seqs()) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"SSE got {len(self.seqs())} of {count}: {self.seqs()}")
+            if self.ended.is_set() and len(self.seqs()) < count:
+                raise AssertionError(f"SSE stream ended after {self.seqs()}")
+            await asyncio.sleep(0.02)
+        return self.seqs()
+
+
+async def post(client: httpx.AsyncClient, base: str, room: str, text: str,
+               author: str = "tester", **kwargs: Any) -> httpx.Response:
+    return await client.post(f"{base}/v1/rooms/{room}/messages",
+                             json={"text": text, "author": author}, **kwargs)
+
+
+async def eventually(check: Any, timeout: float = 10, interval: float = 0.05) -> Any:
+    """Poll an async or sync ``check`` until it returns a truthy value."""
+    deadline = time.monotonic() + t(timeout)
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s (last: {last!r})")
