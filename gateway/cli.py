@@ -12,6 +12,7 @@ import uvicorn
 
 from gateway import logs
 from gateway.config import ConfigError, Settings
+from gateway.transport import WebSocketProtocol
 
 log = logging.getLogger("gateway.cli")
 
@@ -48,7 +49,7 @@ def build_server(settings: Settings) -> GatewayServer:
         app,
         host=settings.host,
         port=settings.port,
-        ws="websockets-sansio",
+        ws=WebSocketProtocol,
         ws_max_size=settings.ws_max_size,
         ws_ping_interval=settings.ws_ping_interval,
         ws_ping_timeout=settings.ws_ping_timeout,
