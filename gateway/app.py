@@ -97,7 +97,9 @@ async def room_events(request: Request) -> Response:
             gw.metrics.connections.labels("sse").dec()
             await hub.unregister(sub)
 
+    # send_timeout: a reader that stopped reading ends its stream instead of pinning it.
     return EventSourceResponse(stream(), ping=gw.settings.sse_ping, sep="\n",
+                               send_timeout=gw.settings.sse_send_timeout,
                                headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 

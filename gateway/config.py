@@ -76,6 +76,7 @@ class Settings:
     gap_wait: float = 0.25
     position_interval: float = 3.0
     sse_ping: float = 15.0
+    sse_send_timeout: float = 10.0
     ws_ping_interval: float = 20.0
     ws_ping_timeout: float = 20.0
     broker_probe_interval: float = 5.0
@@ -84,6 +85,9 @@ class Settings:
     log_level: str = "info"
     log_format: str = "json"
     static_dir: str | None = None
+    # test-only fault hook: commit and acknowledge posts but never publish them,
+    # as an instance killed right after its commit would
+    fault_skip_publish: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":

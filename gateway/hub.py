@@ -27,7 +27,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import orjson
 
@@ -56,6 +56,7 @@ class Subscriber:
         self.catchups: dict[str, asyncio.Task[None]] = {}
         self.close_code: int | None = None
         self.close_reason = ""
+        self.on_slow: Callable[[Subscriber], None] | None = None
         self._queue: deque[Any] = deque()
         self._bytes = 0
         self._wakeup = asyncio.Event()
@@ -72,6 +73,8 @@ class Subscriber:
         size = len(item)
         if len(self._queue) >= self.max_messages or self._bytes + size > self.max_bytes:
             self.close(CLOSE_TRY_AGAIN_LATER, "slow consumer: the send queue is full")
+            if self.on_slow is not None:
+                self.on_slow(self)
             return False
         self._queue.append(item)
         self._bytes += size
@@ -107,9 +110,10 @@ class Subscriber:
     def queued(self) -> int:
         return len(self._queue)
 
-    async def wait_below(self, count: int) -> None:
-        """Wait until the queue holds fewer than ``count`` frames (flow control for replays)."""
-        while self.close_code is None and len(self._queue) >= count:
+    async def wait_for_room(self) -> None:
+        """Wait until the queue is at most half full (flow control for replays)."""
+        while self.close_code is None and (len(self._queue) * 2 >= self.max_messages
+                                           or self._bytes * 2 >= self.max_bytes):
             self._drained.clear()
             await self._drained.wait()
 
@@ -133,6 +137,13 @@ class Room:
 def wire_message(msg: Message) -> bytes:
     """The broker payload of a stored message: ``m:<seq>:<created_ms>:<message JSON>``."""
     return b"m:%d:%d:" % (msg.seq, msg.created_ms) + msg.to_json()
+
+
+def message_frame(transport: str, r: Room, seq: int, body: bytes) -> str | bytes:
+    """A stored message as the transport sends it, built around its JSON bytes."""
+    if transport == WS:
+        return '{"type":"message","room":' + r.name_json + ',"message":' + body.decode() + "}"
+    return b"id: %d\nevent: message\ndata: %s\n\n" % (seq, body)
 
 
 def wire_event(room: str, event: str, data: Any) -> bytes:
@@ -189,6 +200,12 @@ class Hub:
 
     def register(self, sub: Subscriber) -> None:
         self.subscribers[sub.id] = sub
+        sub.on_slow = self._slow
+
+    def _slow(self, sub: Subscriber) -> None:
+        log.info("subscriber %d (%s) closed as slow", sub.id, sub.transport)
+        if self.metrics is not None:
+            self.metrics.slow_disconnects.labels(sub.transport).inc()
 
     async def unregister(self, sub: Subscriber) -> None:
         self.subscribers.pop(sub.id, None)
@@ -356,18 +373,15 @@ class Hub:
                 continue
             if sub.transport == WS:
                 if ws_frame is None:
-                    ws_frame = ('{"type":"message","room":' + r.name_json + ',"message":'
-                                + body.decode() + "}")
+                    ws_frame = message_frame(WS, r, seq, body)
                 ok = sub.push(ws_frame)
             else:
                 if sse_frame is None:
-                    sse_frame = b"id: %d\nevent: message\ndata: %s\n\n" % (seq, body)
+                    sse_frame = message_frame(SSE, r, seq, body)
                 ok = sub.push(sse_frame)
             if ok:
                 sub.cursors[r.name] = seq
                 delivered += 1
-            elif self.metrics is not None:
-                self.metrics.slow_disconnects.labels(sub.transport).inc()
         if self.metrics is not None and delivered:
             self.metrics.delivered(delivered, created_ms)
 
@@ -400,19 +414,12 @@ class Hub:
                 cursor = sub.cursors[room]
                 if r.seq is None or cursor >= r.seq:
                     break
-                await sub.wait_below(max(1, sub.max_messages // 2))
-                page = await self.store.history(room, after=sub.cursors.get(room, cursor),
-                                                limit=MAX_PAGE)
+                page = await self.store.history(room, after=cursor, limit=MAX_PAGE)
                 for msg in page.messages:
+                    await sub.wait_for_room()
                     if sub.cursors.get(room) != msg.seq - 1:
-                        continue
-                    body = msg.to_json()
-                    if sub.transport == WS:
-                        frame: str | bytes = ('{"type":"message","room":' + r.name_json
-                                              + ',"message":' + body.decode() + "}")
-                    else:
-                        frame = b"id: %d\nevent: message\ndata: %s\n\n" % (msg.seq, body)
-                    if not sub.push(frame):
+                        continue  # delivered live meanwhile, or unsubscribed
+                    if not sub.push(message_frame(sub.transport, r, msg.seq, msg.to_json())):
                         return
                     sub.cursors[room] = msg.seq
                 if not page.messages:

@@ -65,6 +65,8 @@ class HistoryCache:
         self.ttl = ttl
         self.metrics = metrics
         self._flights: dict[tuple[str, int | None], asyncio.Future[Page]] = {}
+        self._dirty: dict[str, int] = {}
+        self._retry: asyncio.Future[None] | None = None
         if redis is not None:
             self._read = redis.register_script(_READ)
             self._raise = redis.register_script(_RAISE)
@@ -78,14 +80,41 @@ class HistoryCache:
             self.metrics.cache(outcome)
 
     async def committed(self, message: Message) -> None:
-        """Record a commit; called before the write is acknowledged."""
+        """Record a commit; called before the write is acknowledged.
+
+        If Redis cannot be reached the write is still acknowledged (it is
+        committed), and the raise is retried in the background until Redis
+        answers, so a page cached before the outage stops being served as soon
+        as this instance reaches Redis again.
+        """
         if self.redis is None:
             return
         try:
             await self._raise(keys=self._keys(message.room), args=[message.seq, self.ttl])
-        except Exception as exc:  # noqa: BLE001 - the write is committed; say so and go on
-            log.warning("history cache not raised after commit: %r", exc,
+        except Exception as exc:  # noqa: BLE001 - the write is committed; retry later
+            log.warning("history cache not raised after commit, retrying: %r", exc,
                         extra={"room": message.room})
+            self._dirty[message.room] = max(message.seq, self._dirty.get(message.room, 0))
+            if self._retry is None or self._retry.done():
+                self._retry = asyncio.ensure_future(self._retry_dirty())
+
+    async def _retry_dirty(self) -> None:
+        delay = 0.1
+        while self._dirty:
+            await asyncio.sleep(delay)
+            for room, seq in list(self._dirty.items()):
+                try:
+                    await self._raise(keys=self._keys(room), args=[seq, self.ttl])
+                except Exception:  # noqa: BLE001 - still down
+                    delay = min(delay * 2, 2.0)
+                    break
+                if self._dirty.get(room) == seq:
+                    del self._dirty[room]
+
+    async def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            await asyncio.gather(self._retry, return_exceptions=True)
 
     async def latest_seq(self, room: str) -> int:
         """The room's latest seq, cheaply: one Redis read, the store as fallback."""

@@ -151,6 +151,8 @@ class Instance:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     log_path: str = ""
+    cwd: str | None = None
+    inherit_env: bool = True
 
     @property
     def url(self) -> str:
@@ -161,10 +163,12 @@ class Instance:
         return f"ws://127.0.0.1:{self.port}/v1/ws"
 
     def start(self) -> "Instance":
-        env = {**os.environ, **self.env, "PORT": str(self.port), "HOST": "127.0.0.1"}
+        base = dict(os.environ) if self.inherit_env else {
+            k: os.environ[k] for k in ("PATH", "HOME", "LANG", "VIRTUAL_ENV") if k in os.environ}
+        env = {**base, **self.env, "PORT": str(self.port), "HOST": "127.0.0.1"}
         fd, self.log_path = tempfile.mkstemp(prefix=f"cgtest-gw-{self.port}-", suffix=".log")
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=env,
-                                     stdout=fd, stderr=fd, cwd=ROOT)
+                                     stdout=fd, stderr=fd, cwd=self.cwd or ROOT)
         os.close(fd)
         return self
 
@@ -336,7 +340,7 @@ class SSEClient:
             if time.monotonic() > deadline:
                 raise AssertionError(f"SSE got {len(self.seqs())} of {count}: {self.seqs()}")
             if self.ended.is_set() and len(self.seqs()) < count:
-                raise AssertionError(f"SSE stream ended after {self.seqs()}")
+                raise AssertionError(f"SSE stream ended (status {self.status}) after {self.seqs()}")
             await asyncio.sleep(0.02)
         return self.seqs()
 
@@ -359,3 +363,64 @@ async def eventually(check: Any, timeout: float = 10, interval: float = 0.05) ->
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s (last: {last!r})")
+
+
+class RawWebSocket:
+    """A WebSocket client on a bare socket that reads only when told to: it can
+    stall (a slow consumer) or ignore pings (a dead peer), which library clients
+    that read in the background cannot."""
+
+    def __init__(self, port: int, path: str = "/v1/ws", rcvbuf: int = 4096) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.connect(("127.0.0.1", port))
+        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                           "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                           "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                           "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(1)
+            if not chunk:
+                raise ConnectionError("closed during handshake")
+            head += chunk
+        if b" 101 " not in head.split(b"\r\n", 1)[0]:
+            raise ConnectionError(head.decode(errors="replace"))
+
+    def send_json(self, obj: Any) -> None:
+        payload = orjson.dumps(obj)
+        n = len(payload)
+        header = bytes([0x81])
+        if n < 126:
+            header += bytes([0x80 | n])
+        else:
+            header += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+        self.sock.sendall(header + b"\0\0\0\0" + payload)  # all-zero mask key
+
+    def closed_by_server(self, timeout: float = 10) -> bool:
+        """Read until the server closes the TCP connection; True if it did."""
+        self.sock.settimeout(t(timeout))
+        try:
+            while self.sock.recv(65536):
+                pass
+            return True
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def metric(base: str, name: str, labels: str = "") -> float:
+    """One sample's value from an instance's /metrics (0 if absent)."""
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(base + "/metrics")).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + (("{" + labels) if labels else "")) and not line.startswith("#"):
+            head, _, value = line.rpartition(" ")
+            if head == name or head.startswith(name + "{"):
+                total += float(value)
+    return total
