@@ -22,6 +22,12 @@ class GatewayServer(uvicorn.Server):
     WebSocket with 1001 (uvicorn would send 1012) and end SSE streams, then let
     uvicorn finish in-flight requests and run the lifespan shutdown."""
 
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises the signal after its shutdown, so the process would
+        # die of it; a completed graceful shutdown exits 0 instead.
+        self._captured_signals.clear()
+
     async def shutdown(self, sockets: Any = None) -> None:
         for server in self.servers:
             server.close()

@@ -1,0 +1,126 @@
+"""The history cache on real Redis and Postgres: warm reads, no stale page, one load."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from storage import HistoryCache, create_store
+from storage.postgres import PostgresStore
+from tests.harness import REDIS_URL, RedisServer
+
+
+class CountingStore(PostgresStore):
+    """The real Postgres store, counting history reads."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.reads = 0
+
+    async def history(self, room: str, **kwargs: Any):  # type: ignore[override]
+        self.reads += 1
+        await asyncio.sleep(0.05)  # a slow query, so readers pile up on the cold key
+        return await super().history(room, **kwargs)
+
+
+async def _setup(pg_url: str, prefix: str, redis_url: str = REDIS_URL):
+    store = CountingStore(pg_url)
+    await store.start()
+    await store.migrate()
+    client = aioredis.from_url(redis_url)
+    return store, client, HistoryCache(store, client, prefix=prefix)
+
+
+async def test_read_after_commit_is_never_stale_and_warm_reads_skip_the_store(pg_url,
+                                                                               redis_prefix):
+    store, client, cache = await _setup(pg_url, redis_prefix)
+    try:
+        for i in range(1, 31):
+            msg, _ = await store.append("room", "ana", f"t{i}")
+            await cache.committed(msg)
+            page = await cache.history("room", limit=10)
+            assert page.messages[-1].seq == i
+            assert [m.seq for m in page.messages] == list(range(max(1, i - 9), i + 1))
+            assert page.has_more == (i > 10)
+        reads = store.reads
+        for _ in range(5):
+            page = await cache.history("room", limit=50)
+            assert [m.seq for m in page.messages] == list(range(1, 31))
+        assert store.reads == reads, "warm reads must come from Redis"
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+async def test_many_readers_at_a_cold_key_cause_one_query(pg_url, redis_prefix):
+    store, client, cache = await _setup(pg_url, redis_prefix)
+    try:
+        for i in range(5):
+            msg, _ = await store.append("cold", "ana", f"t{i}")
+            await cache.committed(msg)
+        pages = await asyncio.gather(*(cache.history("cold", limit=3) for _ in range(50)))
+        assert store.reads == 1
+        assert all([m.seq for m in p.messages] == [3, 4, 5] for p in pages)
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+async def test_a_late_loader_cannot_shadow_a_newer_write(pg_url, redis_prefix):
+    store, client, cache = await _setup(pg_url, redis_prefix)
+    other = HistoryCache(store, client, prefix=redis_prefix)
+    try:
+        m1, _ = await store.append("race", "ana", "one")
+        await cache.committed(m1)
+        old_window = await store.history("race", limit=200)  # a reader loads seq 1 ...
+        m2, _ = await store.append("race", "ana", "two")  # ... a write commits ...
+        await cache.committed(m2)
+        # ... and the slow reader writes its old page late
+        import orjson
+
+        data = orjson.dumps({"m": [m.to_dict() for m in old_window.messages], "h": False})
+        await other._raise(keys=other._keys("race"), args=[1, 60, data])
+        page = await cache.history("race")
+        assert [m.seq for m in page.messages] == [1, 2]
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+async def test_redis_down_reads_fall_back_to_the_store_and_recover(pg_url):
+    rs = RedisServer()
+    rs.start()
+    store, client, cache = await _setup(pg_url, "p:", rs.url)
+    try:
+        m1, _ = await store.append("down", "ana", "one")
+        await cache.committed(m1)
+        assert [m.seq for m in (await cache.history("down")).messages] == [1]
+        rs.stop()
+        m2, _ = await store.append("down", "ana", "two")
+        await cache.committed(m2)  # acknowledged although Redis is down
+        assert [m.seq for m in (await cache.history("down")).messages] == [1, 2]
+        rs.start()  # an empty Redis comes back
+        await asyncio.sleep(0.5)
+        assert [m.seq for m in (await cache.history("down")).messages] == [1, 2]
+    finally:
+        await cache.close()
+        await client.aclose()
+        await store.close()
+        rs.stop()
+
+
+async def test_memory_mode_reads_the_store(tmp_path):
+    store = create_store(f"sqlite:///{tmp_path}/m.db")
+    await store.start()
+    await store.migrate()
+    cache = HistoryCache(store, None)
+    try:
+        msg, _ = await store.append("r", "a", "x")
+        await cache.committed(msg)
+        assert (await cache.history("r")).messages == [msg]
+        assert await cache.latest_seq("r") == 1
+        assert await cache.latest_seqs(["r", "none"]) == {"r": 1, "none": 0}
+    finally:
+        await store.close()

@@ -1,0 +1,100 @@
+"""The store contract, on Postgres and on the embedded SQLite file alike."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+import pytest
+
+from storage import Store, create_store
+from tests import harness
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+async def store(request, tmp_path) -> AsyncIterator[Store]:
+    if request.param == "postgres":
+        url = await harness.create_database()
+    else:
+        url = f"sqlite:///{tmp_path}/store.db"
+    s = create_store(url)
+    await s.start()
+    try:
+        assert await s.migrate() == ["0001_init"]
+        assert await s.migrate() == [], "migrations apply once"
+        yield s
+    finally:
+        await s.close()
+        if request.param == "postgres":
+            await harness.drop_database(url)
+
+
+async def test_seq_per_room_starts_at_one_without_gaps(store):
+    for i in range(5):
+        msg, created = await store.append("a", "ana", f"a{i}")
+        assert created and msg.seq == i + 1 and msg.room == "a"
+    msg, _ = await store.append("b", "bo", "b0")
+    assert msg.seq == 1
+    assert await store.latest_seq("a") == 5
+    assert await store.latest_seq("b") == 1
+    assert await store.latest_seq("never") == 0
+
+
+async def test_concurrent_appends_get_distinct_gapless_seqs(store):
+    results = await asyncio.gather(*(store.append("busy", "w", f"m{i}") for i in range(60)))
+    assert sorted(m.seq for m, _ in results) == list(range(1, 61))
+    assert len({m.id for m, _ in results}) == 60
+
+
+async def test_idempotency_key_returns_the_first_message(store):
+    first, created = await store.append("r", "ana", "hello", "k1")
+    again, created_again = await store.append("r", "ana", "different text", "k1")
+    assert created and not created_again
+    assert again == first
+    other_room, created_other = await store.append("s", "ana", "hello", "k1")
+    assert created_other and other_room.seq == 1
+    nxt, _ = await store.append("r", "ana", "next")
+    assert nxt.seq == 2, "a repeat must not consume a seq"
+
+
+async def test_concurrent_idempotent_appends_store_one(store):
+    results = await asyncio.gather(*(store.append("r", "ana", "x", "same") for _ in range(20)))
+    assert sum(created for _, created in results) == 1
+    assert {m.id for m, _ in results} == {results[0][0].id}
+    assert await store.latest_seq("r") == 1
+
+
+async def test_history_pages(store):
+    for i in range(1, 13):
+        await store.append("h", "ana", f"t{i}")
+    latest = await store.history("h", limit=5)
+    assert [m.seq for m in latest.messages] == [8, 9, 10, 11, 12] and latest.has_more
+    before = await store.history("h", limit=5, before=8)
+    assert [m.seq for m in before.messages] == [3, 4, 5, 6, 7] and before.has_more
+    first = await store.history("h", limit=5, before=3)
+    assert [m.seq for m in first.messages] == [1, 2] and not first.has_more
+    after = await store.history("h", limit=5, after=9)
+    assert [m.seq for m in after.messages] == [10, 11, 12] and not after.has_more
+    window = await store.history("h", limit=2, after=2, before=9)
+    assert [m.seq for m in window.messages] == [3, 4] and window.has_more
+    all_ = await store.history("h", limit=200)
+    assert [m.text for m in all_.messages] == [f"t{i}" for i in range(1, 13)]
+    assert all_.messages[0].to_dict()["created_at"].endswith("Z")
+
+
+async def test_messages_round_trip_unicode_and_timestamps(store):
+    msg, _ = await store.append("u", "zoë", "héllo 👋 — ok")
+    page = await store.history("u")
+    assert page.messages == [msg]
+
+
+async def test_postgres_migrations_race_safely(pg_url):
+    stores = [create_store(pg_url) for _ in range(4)]
+    for s in stores:
+        await s.start()
+    try:
+        applied = await asyncio.gather(*(s.migrate() for s in stores))
+        assert sorted(applied) == [[], [], [], ["0001_init"]]
+    finally:
+        for s in stores:
+            await s.close()
