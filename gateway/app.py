@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-import orjson
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException

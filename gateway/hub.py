@@ -39,6 +39,9 @@ log = logging.getLogger("gateway.hub")
 
 WS = "ws"
 SSE = "sse"
+# Live messages held while a gap is open; past this they are dropped and the
+# fill reads them from the store instead, so a long outage cannot grow memory.
+MAX_PENDING = 2000
 _ids = itertools.count(1)
 
 
@@ -144,6 +147,14 @@ def message_frame(transport: str, r: Room, seq: int, body: bytes) -> str | bytes
     if transport == WS:
         return '{"type":"message","room":' + r.name_json + ',"message":' + body.decode() + "}"
     return b"id: %d\nevent: message\ndata: %s\n\n" % (seq, body)
+
+
+def event_frame(transport: str, event: dict[str, Any]) -> str | bytes:
+    """An ephemeral event as the transport sends it."""
+    if transport == WS:
+        return orjson.dumps({"type": "event", **event}).decode()
+    return (b"event: " + event["event"].encode() + b"\ndata: "
+            + orjson.dumps({"room": event["room"], "data": event["data"]}) + b"\n\n")
 
 
 def wire_event(room: str, event: str, data: Any) -> bytes:
@@ -304,6 +315,11 @@ class Hub:
             seq = int(head)
             if r.seq is not None and seq <= r.seq:
                 return  # already delivered (a fill got there first)
+            if len(r.pending) >= MAX_PENDING:
+                r.pending.clear()
+                if r.seq is not None:
+                    self.fill(r)
+                return
             r.pending[seq] = (int(created), body)
             if r.seq is not None:
                 self._drain(r)
@@ -361,8 +377,7 @@ class Hub:
 
     def _dispatch(self, r: Room, seq: int, created_ms: int, body: bytes) -> None:
         r.seq = seq
-        ws_frame: str | None = None
-        sse_frame: bytes | None = None
+        frames: dict[str, str | bytes] = {}  # encoded once per transport
         delivered = 0
         for sub in r.subs:
             cursor = sub.cursors.get(r.name)
@@ -371,34 +386,22 @@ class Hub:
             if seq != cursor + 1:
                 self._catch_up(sub, r)
                 continue
-            if sub.transport == WS:
-                if ws_frame is None:
-                    ws_frame = message_frame(WS, r, seq, body)
-                ok = sub.push(ws_frame)
-            else:
-                if sse_frame is None:
-                    sse_frame = message_frame(SSE, r, seq, body)
-                ok = sub.push(sse_frame)
-            if ok:
+            frame = frames.get(sub.transport)
+            if frame is None:
+                frame = frames[sub.transport] = message_frame(sub.transport, r, seq, body)
+            if sub.push(frame):
                 sub.cursors[r.name] = seq
                 delivered += 1
         if self.metrics is not None and delivered:
             self.metrics.delivered(delivered, created_ms)
 
     def _dispatch_event(self, r: Room, event: dict[str, Any]) -> None:
-        ws_frame: str | None = None
-        sse_frame: bytes | None = None
+        frames: dict[str, str | bytes] = {}
         for sub in r.subs:
-            if sub.transport == WS:
-                if ws_frame is None:
-                    ws_frame = orjson.dumps({"type": "event", **event}).decode()
-                sub.push(ws_frame)
-            else:
-                if sse_frame is None:
-                    sse_frame = (b"event: " + event["event"].encode() + b"\ndata: "
-                                 + orjson.dumps({"room": event["room"], "data": event["data"]})
-                                 + b"\n\n")
-                sub.push(sse_frame)
+            frame = frames.get(sub.transport)
+            if frame is None:
+                frame = frames[sub.transport] = event_frame(sub.transport, event)
+            sub.push(frame)
 
     # -- per-subscriber catch-up ---------------------------------------------
 

@@ -105,7 +105,7 @@ class _LocalBuckets:
 
     def _evict(self, now: int) -> None:
         # Drop buckets idle long enough to be full again: they carry no state.
-        for key, (value, ts) in list(self._buckets.items()):
+        for key, (_value, ts) in list(self._buckets.items()):
             if now - ts > 3600 * 1_000_000:
                 del self._buckets[key]
 

@@ -20,7 +20,7 @@ from gateway import validation as v
 from gateway.auth import Identity
 from gateway.core import CONNECT, POST, Gateway
 from gateway.edge import gateway_of, identify
-from gateway.errors import CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION, ApiError
+from gateway.errors import CLOSE_POLICY_VIOLATION, ApiError
 from gateway.hub import WS, Subscriber
 from storage import StoreUnavailable
 

@@ -136,7 +136,7 @@ class HistoryCache:
                     for room in rooms:
                         pipe.get(self._keys(room)[0])
                     values = await pipe.execute()
-                return {room: int(v) for room, v in zip(rooms, values) if v is not None}
+                return {room: int(v) for room, v in zip(rooms, values, strict=True) if v is not None}
             except Exception as exc:  # noqa: BLE001
                 log.debug("cache seq read failed: %r", exc)
         return {room: await self.store.latest_seq(room) for room in rooms}
