@@ -243,3 +243,41 @@ async def test_dead_websocket_peer_is_dropped_and_its_subscription_released(gate
             assert await metric(gw.url, "chat_connections", 'transport="ws"') == 0
         finally:
             dead.close()
+
+
+async def test_silent_redis_link_is_detected_and_delivery_resumes(gateway_env):
+    """The link to Redis goes silent (no RST, no data): the probe notices, the
+    instance reconnects once Redis answers again, and fills what it missed."""
+    from tests.harness import TcpProxy
+
+    rs = RedisServer()
+    rs.start()
+    proxy = await TcpProxy(rs.port).start()
+    env_proxied = {**gateway_env, "REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0",
+                   "BROKER_PROBE_INTERVAL": "0.5"}
+    env_direct = {**gateway_env, "REDIS_URL": rs.url}
+    room = "silent"
+    try:
+        async with (instances(1, env_proxied) as (a,), instances(1, env_direct) as (b,),
+                    httpx.AsyncClient(timeout=60) as http, WSClient.connect(a.ws_url) as ws):
+            await ws.subscribe(room)
+            await _post_all(http, [b], room, 5)
+            assert await ws.messages(room, 5) == [1, 2, 3, 4, 5]
+            proxy.freeze()
+            await _post_all(http, [b], room, 5, start=5)  # published while A hears nothing
+            await eventually(lambda: metric_after_restore(proxy, a), timeout=20)
+            await _post_all(http, [b], room, 5, start=10)
+            assert await ws.messages(room, 15, timeout=20) == list(range(1, 16))
+            assert await metric(a.url, "chat_broker_reconnects_total") >= 1
+    finally:
+        await proxy.close()
+        rs.stop()
+
+
+async def metric_after_restore(proxy, inst: Instance) -> bool:
+    """Once the instance has noticed the silence (its readiness fails), let traffic flow."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        status = (await http.get(inst.url + "/readyz")).status_code
+    if status == 503 and proxy.mode == "frozen":
+        proxy.restore()
+    return proxy.mode == "open" and status == 200
