@@ -80,6 +80,7 @@ class Settings:
     ws_ping_interval: float = 20.0
     ws_ping_timeout: float = 20.0
     broker_probe_interval: float = 5.0
+    redis_timeout: float = 1.0
     # operations
     shutdown_timeout: float = 10.0
     log_level: str = "info"

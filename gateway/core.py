@@ -48,6 +48,7 @@ class Gateway:
         self.broker = broker or create_broker(
             settings.redis_url, **({} if settings.redis_url.startswith("memory") else dict(
                 probe_interval=settings.broker_probe_interval,
+                command_timeout=settings.redis_timeout,
                 control_channel=f"{settings.key_prefix}control")))
         self.auth = Authenticator(settings.auth_secret, leeway=settings.auth_leeway,
                                   api_keys=settings.api_keys)
@@ -66,13 +67,14 @@ class Gateway:
         await self.broker.start()
         redis = self.broker.redis
         prefix = self.settings.key_prefix
-        self.history = HistoryCache(self.store, redis, prefix=prefix,
+        guard = self.broker.guard
+        self.history = HistoryCache(self.store, redis, prefix=prefix, guard=guard,
                                     ttl=self.settings.history_cache_ttl, metrics=self.metrics)
         self.hub = Hub(self.broker, self.history, prefix=prefix,
                        gap_wait=self.settings.gap_wait,
                        position_interval=self.settings.position_interval, metrics=self.metrics)
         await self.hub.start()
-        self.limiter = RateLimiter(redis, prefix=prefix, metrics=self.metrics, rates={
+        self.limiter = RateLimiter(redis, prefix=prefix, metrics=self.metrics, guard=guard, rates={
             POST: self.settings.rate_limit,
             PUBLISH: self.settings.publish_rate_limit,
             CONNECT: self.settings.connect_rate_limit,

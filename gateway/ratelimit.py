@@ -112,8 +112,9 @@ class _LocalBuckets:
 
 class RateLimiter:
     def __init__(self, redis: Any | None, *, prefix: str = "chat:", metrics: Any | None = None,
-                 rates: dict[str, Rate]) -> None:
+                 rates: dict[str, Rate], guard: Any | None = None) -> None:
         self.redis = redis
+        self.guard = guard  # has usable() and failed(): skip Redis right after a failure
         self.prefix = prefix
         self.metrics = metrics
         self.rates = rates
@@ -126,13 +127,15 @@ class RateLimiter:
         period_us = max(1, round(rate.period * 1_000_000))
         key = f"{self.prefix}rl:{action}:{{{identity}}}"
         decision: Decision | None = None
-        if self._script is not None:
+        if self._script is not None and (self.guard is None or self.guard.usable()):
             try:
                 allowed, value, _full, need = await self._script(
                     keys=[key], args=[rate.capacity, period_us, cost])
                 decision = _decide(rate, period_us, int(value), int(need), bool(allowed))
                 self._set_fallback(False)
             except Exception as exc:  # noqa: BLE001 - Redis down: limit per instance
+                if self.guard is not None:
+                    self.guard.failed()
                 self._set_fallback(True, exc)
         if decision is None:
             decision = self._local.hit(key, rate, period_us, cost)

@@ -20,6 +20,7 @@ Contract:
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from typing import Any, Callable
 
@@ -29,6 +30,26 @@ ReconnectHandler = Callable[[], None]
 
 class BrokerUnavailable(Exception):
     """The broker cannot be reached; nothing was published or (un)subscribed."""
+
+
+class RedisGuard:
+    """Skip Redis for ``cooldown`` seconds after a command failed or timed out.
+
+    Shared by every user of one Redis client (publish, history cache, rate
+    limiter): during an outage, or while the link is silent, one caller pays
+    the timeout and the others fall back at once (store reads, per-instance
+    buckets, delivery by the position check) instead of each waiting it out.
+    """
+
+    def __init__(self, cooldown: float = 1.0) -> None:
+        self.cooldown = cooldown
+        self._until = 0.0
+
+    def usable(self) -> bool:
+        return time.monotonic() >= self._until
+
+    def failed(self) -> None:
+        self._until = time.monotonic() + self.cooldown
 
 
 class Broker(ABC):
@@ -58,6 +79,8 @@ class Broker(ABC):
     @abstractmethod
     async def ping(self) -> None:
         """One round trip; raises BrokerUnavailable."""
+
+    guard: RedisGuard | None = None
 
     @property
     def redis(self) -> Any | None:

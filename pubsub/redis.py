@@ -25,7 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from pubsub.base import Broker, BrokerUnavailable
+from pubsub.base import Broker, BrokerUnavailable, RedisGuard
 
 log = logging.getLogger("pubsub.redis")
 
@@ -33,7 +33,7 @@ log = logging.getLogger("pubsub.redis")
 class RedisBroker(Broker):
     def __init__(self, url: str, *, probe_interval: float = 5.0,
                  probe_timeout: float | None = None, connect_timeout: float = 2.0,
-                 command_timeout: float = 5.0, control_channel: str = "chat:control") -> None:
+                 command_timeout: float = 1.0, control_channel: str = "chat:control") -> None:
         super().__init__()
         if probe_interval <= 0:
             raise ValueError("probe_interval must be positive")
@@ -48,6 +48,7 @@ class RedisBroker(Broker):
         self._channels: set[str] = set()
         self._reader: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+        self.guard = RedisGuard()
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -60,7 +61,7 @@ class RedisBroker(Broker):
             self.url,
             socket_connect_timeout=self.connect_timeout,
             socket_timeout=self.command_timeout,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
 
@@ -151,9 +152,12 @@ class RedisBroker(Broker):
                 raise RedisConnectionError("subscriber link silent: no PONG to the probe")
 
     async def publish(self, channel: str, data: bytes) -> None:
+        if not self.guard.usable():
+            raise BrokerUnavailable("Redis failed moments ago; not waiting on it again yet")
         try:
             await self.redis.publish(channel, data)
         except (RedisError, OSError) as exc:
+            self.guard.failed()
             raise BrokerUnavailable(f"Redis publish failed: {exc!r}") from exc
 
     async def subscribe(self, channel: str) -> None:

@@ -58,9 +58,10 @@ class HistoryCache:
     """Read-through cache of the latest page; ``redis`` is a ``redis.asyncio`` client or None."""
 
     def __init__(self, store: Store, redis: Any | None = None, *, prefix: str = "chat:",
-                 ttl: int = 3600, metrics: Any | None = None) -> None:
+                 ttl: int = 3600, metrics: Any | None = None, guard: Any | None = None) -> None:
         self.store = store
         self.redis = redis
+        self.guard = guard  # has usable() and failed(): skip Redis right after a failure
         self.prefix = prefix
         self.ttl = ttl
         self.metrics = metrics
@@ -90,13 +91,23 @@ class HistoryCache:
         if self.redis is None:
             return
         try:
+            if not self._usable():
+                raise ConnectionError("Redis failed moments ago")
             await self._raise(keys=self._keys(message.room), args=[message.seq, self.ttl])
         except Exception as exc:  # noqa: BLE001 - the write is committed; retry later
+            self._failed()
             log.warning("history cache not raised after commit, retrying: %r", exc,
                         extra={"room": message.room})
             self._dirty[message.room] = max(message.seq, self._dirty.get(message.room, 0))
             if self._retry is None or self._retry.done():
                 self._retry = asyncio.ensure_future(self._retry_dirty())
+
+    def _usable(self) -> bool:
+        return self.guard is None or self.guard.usable()
+
+    def _failed(self) -> None:
+        if self.guard is not None:
+            self.guard.failed()
 
     async def _retry_dirty(self) -> None:
         delay = 0.1
@@ -130,7 +141,7 @@ class HistoryCache:
     async def latest_seqs(self, rooms: list[str]) -> dict[str, int]:
         """Latest seqs of many rooms in one Redis round trip. A room with no key
         (no write since its TTL) is left out; with Redis down, the store answers."""
-        if self.redis is not None:
+        if self.redis is not None and self._usable():
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for room in rooms:
@@ -138,12 +149,14 @@ class HistoryCache:
                     values = await pipe.execute()
                 return {room: int(v) for room, v in zip(rooms, values, strict=True) if v is not None}
             except Exception as exc:  # noqa: BLE001
+                self._failed()
                 log.debug("cache seq read failed: %r", exc)
         return {room: await self.store.latest_seq(room) for room in rooms}
 
     async def history(self, room: str, *, limit: int = 50, before: int | None = None,
                       after: int | None = None) -> Page:
-        if self.redis is None or before is not None or after is not None:
+        if (self.redis is None or before is not None or after is not None
+                or not self._usable()):
             return await self.store.history(room, limit=limit, before=before, after=after)
         keys = self._keys(room)
         version: int | None = None
@@ -155,6 +168,7 @@ class HistoryCache:
                 self._count("hit")
                 return _slice(orjson.loads(raw_page), limit)
         except Exception as exc:  # noqa: BLE001 - a cache outage falls back to the store
+            self._failed()
             log.debug("cache read failed: %r", exc)
             self._count("error")
             return await self.store.history(room, limit=limit)

@@ -281,3 +281,39 @@ async def metric_after_restore(proxy, inst: Instance) -> bool:
     if status == 503 and proxy.mode == "frozen":
         proxy.restore()
     return proxy.mode == "open" and status == 200
+
+
+async def test_posts_never_hang_while_redis_is_silent_and_delivery_continues(gateway_env):
+    from tests.harness import TcpProxy
+
+    rs = RedisServer()
+    rs.start()
+    proxy = await TcpProxy(rs.port).start()
+    env = {**gateway_env, "REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0",
+           "BROKER_PROBE_INTERVAL": "0.5"}
+    room = "frozen"
+    try:
+        async with (instances(2, env) as gws, httpx.AsyncClient(timeout=t(15)) as http,
+                    WSClient.connect(gws[0].ws_url) as ws0,
+                    WSClient.connect(gws[1].ws_url) as ws1):
+            for ws in (ws0, ws1):
+                await ws.subscribe(room)
+            await _post_all(http, gws, room, 4)
+            proxy.freeze()
+            # each post is committed and acknowledged (the client's timeout would fail
+            # the test if one hung), and subscribers get them from the store
+            await _post_all(http, gws, room, 6, start=4)
+            for ws in (ws0, ws1):
+                assert await ws.messages(room, 10, timeout=20) == list(range(1, 11))
+            page = (await http.get(f"{gws[1].url}/v1/rooms/{room}/messages")).json()
+            assert [m["seq"] for m in page["messages"]] == list(range(1, 11))
+            proxy.restore()
+            await eventually(lambda: all_ready(http, gws), timeout=20)
+            await _post_all(http, gws, room, 4, start=10)
+            for ws in (ws0, ws1):
+                assert await ws.messages(room, 14, timeout=20) == list(range(1, 15))
+            page = (await http.get(f"{gws[0].url}/v1/rooms/{room}/messages")).json()
+            assert [m["seq"] for m in page["messages"]] == list(range(1, 15))
+    finally:
+        await proxy.close()
+        rs.stop()
