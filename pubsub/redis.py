@@ -48,7 +48,7 @@ class RedisBroker(Broker):
         self._channels: set[str] = set()
         self._reader: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
-        self.guard = RedisGuard()
+        self.guard: RedisGuard = RedisGuard()
 
     @property
     def redis(self) -> aioredis.Redis:
