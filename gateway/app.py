@@ -25,6 +25,7 @@ from gateway.config import Settings
 from gateway.core import CONNECT, POST, PUBLISH, Gateway
 from gateway.errors import CODES, ApiError
 from gateway.hub import SSE, Subscriber
+from gateway.stats import stats_events
 from gateway.edge import client_address, gateway_of, identify, json_response
 from gateway.ws import websocket_endpoint
 from storage import StoreUnavailable
@@ -204,6 +205,7 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/stats/events", stats_events, methods=["GET"]),
         Route("/", page("index.html"), methods=["GET"]),
         Route("/dashboard", page("dashboard.html"), methods=["GET"]),
         Mount("/static", StaticFiles(directory=static, check_dir=False), name="static"),
