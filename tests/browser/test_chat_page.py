@@ -1,0 +1,155 @@
+"""The chat page in a real browser, against real gateway processes."""
+
+from __future__ import annotations
+
+import httpx
+from playwright.async_api import Page, expect
+
+from tests.browser.conftest import PHONE
+from tests.harness import Instance, instances, post, t
+
+ROOM = "browser.room"
+
+
+async def seqs(page: Page) -> list[int]:
+    return await page.eval_on_selector_all(
+        "#messages li", "els => els.map(e => Number(e.dataset.seq))")
+
+
+async def texts(page: Page) -> list[str]:
+    return await page.eval_on_selector_all(
+        "#messages li .text", "els => els.map(e => e.textContent)")
+
+
+async def connected(page: Page) -> None:
+    await expect(page.locator("#status")).to_have_attribute("data-state", "connected",
+                                                            timeout=t(30) * 1000)
+
+
+async def shown_up_to(page: Page, seq: int) -> None:
+    await expect(page.locator("#messages")).to_have_attribute("data-last-seq", str(seq),
+                                                              timeout=t(30) * 1000)
+
+
+async def say(page: Page, text: str) -> None:
+    """Type a message and press Enter, as a person would."""
+    await page.locator("#text").fill(text)
+    await page.locator("#text").press("Enter")
+    await expect(page.locator("#text")).to_have_value("")
+
+
+async def test_two_pages_on_two_instances_chat_and_one_resumes_after_its_instance_restarts(
+        gateway_env, browser):
+    async with instances(2, gateway_env) as (gw_a, gw_b), httpx.AsyncClient() as http:
+        for i in range(1, 4):
+            assert (await post(http, gw_a.url, ROOM, f"before {i}", author="cy")).status_code == 201
+
+        ana = await browser.open(f"{gw_a.url}/?room={ROOM}&name=ana", "ana")
+        bob = await browser.open(f"{gw_b.url}/?room={ROOM}&name=bob", "bob")
+        await connected(ana)
+        await connected(bob)
+        assert await seqs(ana) == [1, 2, 3], "the latest history is shown on joining"
+
+        await say(ana, "hi bob, from instance A")
+        await say(bob, "hi ana, from instance B")
+        for page in (ana, bob):
+            await shown_up_to(page, 5)
+            assert await seqs(page) == [1, 2, 3, 4, 5]
+            assert (await texts(page))[3:] == ["hi bob, from instance A",
+                                               "hi ana, from instance B"]
+
+        # Instance A goes away (graceful: its sockets close with 1001) while bob keeps talking.
+        gw_a.stop()
+        await expect(ana.locator("#status")).not_to_have_attribute("data-state", "connected")
+        for i in range(6, 11):
+            await say(bob, f"while A is down {i}")
+            await shown_up_to(bob, i)
+        gw_a.start()
+        await gw_a.wait_ready()
+
+        await connected(ana)
+        await shown_up_to(ana, 10)
+        await say(bob, "after the restart")
+        await shown_up_to(ana, 11)
+        history = (await http.get(f"{gw_b.url}/v1/rooms/{ROOM}/messages")).json()["messages"]
+        for page in (ana, bob):
+            assert await seqs(page) == list(range(1, 12)), "every message once, in order"
+            assert await texts(page) == [m["text"] for m in history]
+        assert browser.errors == []
+
+
+async def test_chat_page_keyboard_only_text_as_text_limits_and_phone_width(
+        gateway_env, browser):
+    env = {**gateway_env, "RATE_LIMIT": "3/60s"}
+    inst = Instance(env).start()
+    try:
+        await inst.wait_ready()
+        page = await browser.open(inst.url + "/", "phone", viewport=PHONE)
+
+        # Every control has a label; a bad room name is explained, not sent.
+        for label in ("Your name", "Room", "Message"):
+            await expect(page.get_by_label(label, exact=True)).to_be_visible()
+        await expect(page.locator("#name")).to_be_focused()
+        await page.keyboard.type("dee")
+        await page.keyboard.press("Tab")
+        await page.keyboard.press("Control+A")
+        await page.keyboard.type("no spaces allowed")
+        await page.keyboard.press("Enter")
+        await expect(page.locator("#join-error")).to_be_visible()
+        await expect(page.locator("#status")).to_have_attribute("data-state", "idle")
+
+        # Keyboard only: fix the room, Enter joins, focus lands in the message box.
+        await page.keyboard.press("Control+A")
+        await page.keyboard.type(ROOM)
+        await page.keyboard.press("Enter")
+        await connected(page)
+        await expect(page.locator("#text")).to_be_focused()
+
+        # A message that is too long is flagged before it is sent, and Enter sends nothing.
+        await page.keyboard.insert_text("x" * 4001)
+        await expect(page.locator("#counter")).to_have_attribute("data-over", "true")
+        await expect(page.locator("#counter")).to_contain_text("1 character too long")
+        await expect(page.locator("#send")).to_be_disabled()
+        await page.keyboard.press("Enter")
+        await expect(page.locator("#text")).to_have_value("x" * 4001)
+
+        # HTML is shown as text, never run.
+        evil = '<img src=x onerror="window.pwned=1"><b>bold?</b>'
+        await page.locator("#text").fill("")
+        await page.keyboard.type(evil)
+        await page.keyboard.press("Enter")
+        await shown_up_to(page, 1)
+        assert await texts(page) == [evil]
+        assert await page.locator("#messages img, #messages b").count() == 0
+        assert await page.evaluate("window.pwned") is None
+
+        # Bucket of 3: two more pass, the fourth is refused with a friendly wait.
+        await say(page, "two")
+        await say(page, "three")
+        await shown_up_to(page, 3)
+        await page.locator("#text").fill("four")
+        await page.locator("#text").press("Enter")
+        notice = page.locator("#notice")
+        await expect(notice).to_be_visible()
+        await expect(notice).to_have_attribute("data-kind", "rate")
+        await expect(notice).to_contain_text("You can send again in")
+        assert int(await notice.get_attribute("data-retry-after") or 0) >= 1
+        await expect(page.locator("#text")).to_have_value("four")
+        await expect(page.locator("#send")).to_be_disabled()
+        assert await seqs(page) == [1, 2, 3]
+
+        # Presence shows when the server offers it and stays out of the way when not.
+        async with httpx.AsyncClient() as http:
+            r = await http.get(f"{inst.url}/v1/rooms/{ROOM}/presence")
+        if r.status_code == 200:
+            await expect(page.locator("#presence-list")).to_contain_text("dee")
+        else:
+            await expect(page.locator("#presence")).to_be_hidden()
+
+        # Readable on a phone: nothing wider than the screen.
+        overflow = await page.evaluate(
+            "document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert overflow <= 0
+        assert browser.errors == []
+    finally:
+        inst.stop()

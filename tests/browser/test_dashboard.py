@@ -1,0 +1,75 @@
+"""The dashboard in a real browser: its figures move when traffic flows."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import httpx
+from playwright.async_api import Page, expect
+
+from tests.harness import Instance, eventually, post, t
+
+ROOM = "dash.room"
+
+
+async def figure(page: Page, name: str) -> float | None:
+    raw = await page.locator(f"#{name}").get_attribute("data-value")
+    return float(raw) if raw else None
+
+
+async def test_dashboard_figures_move_when_traffic_flows(gateway_env, browser):
+    # A bucket of 10 refilled at 5/s against ~20 posts/s: some pass, some are refused.
+    env = {**gateway_env, "RATE_LIMIT": "10/2s"}
+    inst = Instance(env).start()
+    try:
+        await inst.wait_ready()
+        dash = await browser.open(inst.url + "/dashboard", "dashboard")
+        await expect(dash.locator("#status")).to_have_attribute("data-state", "live")
+        await expect(dash.locator("#updated")).not_to_have_attribute("data-samples", "0")
+        assert await figure(dash, "clients") == 0
+        assert await figure(dash, "rate") == 0
+        assert await figure(dash, "limited-total") == 0
+        await expect(dash.locator("#rooms tr")).to_have_count(0)
+
+        chat = await browser.open(f"{inst.url}/?room={ROOM}&name=eve", "chat")
+        await expect(chat.locator("#status")).to_have_attribute("data-state", "connected")
+
+        stop = asyncio.Event()
+
+        async def traffic() -> None:
+            async with httpx.AsyncClient() as http:
+                for i in range(400):  # bounded: at most ~20 s
+                    if stop.is_set():
+                        return
+                    await post(http, inst.url, ROOM, f"load {i}")
+                    await http.get(f"{inst.url}/v1/rooms/{ROOM}/messages")
+                    await asyncio.sleep(0.05)
+
+        task = asyncio.create_task(traffic())
+        try:
+            async def moved(name: str) -> bool:
+                value = await figure(dash, name)
+                return value is not None and value > 0
+
+            for name in ("clients", "rate", "delivered", "latency-count", "limited",
+                         "limited-total", "cache-lookups"):
+                await eventually(lambda name=name: moved(name), timeout=t(20))
+            assert await figure(dash, "cache") is not None
+            row = dash.locator(f'#rooms tr[data-room="{ROOM}"]')
+            await expect(row).to_have_count(1)
+
+            async def room_moving() -> bool:
+                return float(await row.get_attribute("data-rate") or 0) > 0
+
+            await eventually(room_moving, timeout=t(20))
+        finally:
+            stop.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        samples = int(await dash.locator("#updated").get_attribute("data-samples") or 0)
+        await expect(dash.locator("#updated")).not_to_have_attribute("data-samples", str(samples))
+        assert browser.errors == []
+    finally:
+        inst.stop()
+
