@@ -12,7 +12,7 @@ import re
 from typing import Any, AsyncIterator
 
 import pytest
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Browser, Page, async_playwright, expect
 
 from tests.harness import ROOT, t
 
@@ -23,6 +23,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 ARTIFACTS = ROOT / "test-artifacts"
 DESKTOP = {"width": 1200, "height": 800}
 PHONE = {"width": 390, "height": 800}
+expect.set_options(timeout=t(20) * 1000)  # every expect() waits as long as the page timeout
 
 
 @pytest.hookimpl(wrapper=True)
