@@ -14,6 +14,7 @@ from typing import Any, AsyncIterator
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
@@ -25,8 +26,9 @@ from gateway.config import Settings
 from gateway.core import CONNECT, POST, PUBLISH, Gateway
 from gateway.errors import CODES, ApiError
 from gateway.hub import SSE, Subscriber
+from gateway.logs import RequestContext
 from gateway.stats import stats_events
-from gateway.edge import client_address, gateway_of, identify, json_response
+from gateway.edge import client_address, gateway_of, identify, json_response, presence_user
 from gateway.ws import websocket_endpoint
 from storage import StoreUnavailable
 
@@ -74,11 +76,13 @@ async def room_events(request: Request) -> Response:
     since = v.seq_param(request.headers.get("last-event-id"), "Last-Event-ID")
     if since is None:
         since = v.seq_param(request.query_params.get("since"), "since")
+    user = presence_user(request, identity)
     await gw.rate(CONNECT, identity.name)
-    hub = gw.hub
-    assert hub is not None
+    hub, presence = gw.hub, gw.presence
+    assert hub is not None and presence is not None
     if gw.closing:
         raise ApiError("unavailable", "the instance is shutting down; reconnect elsewhere")
+    gw.limits.acquire(identity.name)
     sub = Subscriber(SSE, identity=identity.name, max_messages=gw.settings.queue_max_messages,
                      max_bytes=gw.settings.queue_max_bytes)
     hub.register(sub)
@@ -86,8 +90,11 @@ async def room_events(request: Request) -> Response:
         await hub.subscribe(sub, room, since)
     except BaseException:
         await hub.unregister(sub)
+        gw.limits.release(identity.name)
         raise
     gw.metrics.connections.labels("sse").inc()
+    log.info("sse stream opened", extra={"room": room, "sub": sub.id})
+    await presence.joined(sub.id, user, room)
 
     async def stream() -> AsyncIterator[bytes]:
         try:
@@ -95,7 +102,11 @@ async def room_events(request: Request) -> Response:
                 yield b"".join(batch)
         finally:
             gw.metrics.connections.labels("sse").dec()
+            gw.limits.release(identity.name)
             await hub.unregister(sub)
+            await presence.gone(sub.id)
+            log.info("sse stream closed", extra={"room": room, "sub": sub.id,
+                                                 "close_code": sub.close_code})
 
     # send_timeout: a reader that stopped reading ends its stream instead of pinning it.
     return EventSourceResponse(stream(), ping=gw.settings.sse_ping, sep="\n",
@@ -118,6 +129,20 @@ async def publish(request: Request) -> Response:
     await gw.publish_event(room, event, data)
     return json_response({"status": "accepted", "room": room, "event": event}, 202,
                          decision.headers())
+
+
+async def room_presence(request: Request) -> Response:
+    gw = gateway_of(request)
+    room = v.room_name(request.path_params["room"])
+    identify(request).check_room(room)
+    v.only_fields(dict(request.query_params), set())
+    assert gw.presence is not None
+    try:
+        users = await gw.presence.members(room)
+    except Exception as exc:  # noqa: BLE001 - Redis errors become the catalogued 503
+        log.warning("presence read failed: %r", exc)
+        raise ApiError("unavailable", "presence is unavailable; retry later") from None
+    return json_response({"room": room, "users": users})
 
 
 # -- operations ----------------------------------------------------------------
@@ -200,6 +225,7 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         Route("/v1/rooms/{room}/messages", post_message, methods=["POST"]),
         Route("/v1/rooms/{room}/messages", list_messages, methods=["GET"]),
         Route("/v1/rooms/{room}/events", room_events, methods=["GET"]),
+        Route("/v1/rooms/{room}/presence", room_presence, methods=["GET"]),
         WebSocketRoute("/v1/ws", websocket_endpoint),
         Route("/v1/publish", publish, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
@@ -213,6 +239,7 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
     return Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=[Middleware(RequestContext)],
         exception_handlers={ApiError: api_error, HTTPException: http_error,
                             StoreUnavailable: store_unavailable,
                             Exception: internal_error},

@@ -12,15 +12,24 @@ import uvicorn
 
 from gateway import logs
 from gateway.config import ConfigError, Settings
+from gateway.errors import CLOSE_GOING_AWAY
 from gateway.transport import WebSocketProtocol
 
 log = logging.getLogger("gateway.cli")
 
 
 class GatewayServer(uvicorn.Server):
-    """uvicorn, with the gateway's own drain first: stop accepting, close every
-    WebSocket with 1001 (uvicorn would send 1012) and end SSE streams, then let
-    uvicorn finish in-flight requests and run the lifespan shutdown."""
+    """uvicorn, with the gateway's own drain first and a bound on the whole.
+
+    On SIGTERM/SIGINT: stop accepting, mark the gateway closing (new posts and
+    connections get 503), close every WebSocket with 1001 (uvicorn would send
+    1012) and end every SSE stream, then let uvicorn finish in-flight requests
+    and run the lifespan shutdown (pools closed). All of it within
+    ``SHUTDOWN_TIMEOUT`` seconds; past that, what is left is cancelled. The
+    process then exits 0.
+    """
+
+    shutdown_timeout: float = 10.0
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)
@@ -29,6 +38,9 @@ class GatewayServer(uvicorn.Server):
         self._captured_signals.clear()
 
     async def shutdown(self, sockets: Any = None) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.shutdown_timeout
+        log.info("shutting down", extra={"timeout_s": self.shutdown_timeout})
         for server in self.servers:
             server.close()
         gw = getattr(getattr(self.config.app, "state", None), "gateway", None)
@@ -36,15 +48,18 @@ class GatewayServer(uvicorn.Server):
             gw.closing = True
             if gw.hub is not None:
                 for sub in list(gw.hub.subscribers.values()):
-                    from gateway.errors import CLOSE_GOING_AWAY
-
                     sub.close(CLOSE_GOING_AWAY, "server shutdown: reconnect elsewhere")
             # Give writers a moment to send the close frames before uvicorn's own pass.
-            for _ in range(50):
-                if not gw.hub or not gw.hub.subscribers:
-                    break
+            while gw.hub and gw.hub.subscribers and loop.time() < deadline - 1:
                 await asyncio.sleep(0.02)
-        await super().shutdown(sockets)
+        # uvicorn waits for in-flight requests this long, then runs the lifespan shutdown.
+        remaining = max(0.1, deadline - loop.time())
+        self.config.timeout_graceful_shutdown = max(0.1, remaining - 1)  # type: ignore[assignment]
+        try:
+            await asyncio.wait_for(super().shutdown(sockets), remaining)
+        except asyncio.TimeoutError:
+            log.error("shutdown exceeded SHUTDOWN_TIMEOUT; exiting with work cancelled")
+        log.info("shut down")
 
 
 def build_server(settings: Settings) -> GatewayServer:
@@ -69,7 +84,9 @@ def build_server(settings: Settings) -> GatewayServer:
         proxy_headers=False,
         lifespan="on",
     )
-    return GatewayServer(config)
+    server = GatewayServer(config)
+    server.shutdown_timeout = settings.shutdown_timeout
+    return server
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,6 +81,15 @@ class Settings:
     ws_ping_timeout: float = 20.0
     broker_probe_interval: float = 5.0
     redis_timeout: float = 1.0
+    # connections: 0 means no limit
+    max_connections: int = 10000
+    max_connections_per_identity: int = 100
+    # presence: a crashed instance's members vanish within PRESENCE_TTL seconds
+    presence_ttl: float = 30.0
+    # retention: messages older than RETENTION_DAYS are deleted (unset: kept forever)
+    retention_days: float | None = None
+    retention_interval: float = 3600.0
+    retention_batch: int = 1000
     # operations
     shutdown_timeout: float = 10.0
     log_level: str = "info"
@@ -117,7 +126,15 @@ class Settings:
             raise ConfigError(f"PORT={self.port} is out of range")
         if self.db_pool_min < 0 or self.db_pool_max < max(1, self.db_pool_min):
             raise ConfigError("DB_POOL_MAX must be at least 1 and at least DB_POOL_MIN")
-        for name in ("queue_max_messages", "queue_max_bytes", "ws_max_size", "max_body_bytes"):
+        if self.max_connections < 0 or self.max_connections_per_identity < 0:
+            raise ConfigError("MAX_CONNECTIONS and MAX_CONNECTIONS_PER_IDENTITY must be >= 0")
+        if self.retention_days is not None and self.retention_days <= 0:
+            raise ConfigError("RETENTION_DAYS must be positive (unset it to keep messages)")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(f"LOG_LEVEL={self.log_level!r}: use debug, info, warning or error")
+        for name in ("queue_max_messages", "queue_max_bytes", "ws_max_size", "max_body_bytes",
+                     "presence_ttl", "retention_interval", "retention_batch",
+                     "shutdown_timeout"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.upper()} must be positive")
         return self
@@ -132,6 +149,7 @@ _KNOWN_TYPES = {
     "float": float,
     "str": str,
     "str | None": str,
+    "float | None": float,
 }
 
 

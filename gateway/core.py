@@ -22,8 +22,11 @@ from gateway.auth import Authenticator
 from gateway.config import Settings
 from gateway.errors import ApiError
 from gateway.hub import Hub, wire_event, wire_message
+from gateway.limits import ConnectionLimits
 from gateway.metrics import Metrics
+from gateway.presence import Presence
 from gateway.ratelimit import Decision, RateLimiter
+from gateway.retention import Retention
 from pubsub import Broker, BrokerUnavailable, create_broker
 from storage import HistoryCache, Message, Store, StoreUnavailable, create_store
 
@@ -55,6 +58,10 @@ class Gateway:
         self.history: HistoryCache | None = None
         self.hub: Hub | None = None
         self.limiter: RateLimiter | None = None
+        self.presence: Presence | None = None
+        self.retention: Retention | None = None
+        self.limits = ConnectionLimits(settings.max_connections,
+                                       settings.max_connections_per_identity)
         self.started_at = time.time()
         self.closing = False
 
@@ -74,6 +81,16 @@ class Gateway:
                        gap_wait=self.settings.gap_wait,
                        position_interval=self.settings.position_interval, metrics=self.metrics)
         await self.hub.start()
+        hub = self.hub
+        self.presence = Presence(self.broker, redis, prefix=prefix,
+                                 ttl=self.settings.presence_ttl, channel=hub.channel,
+                                 held_rooms=lambda: list(hub.rooms))
+        await self.presence.start()
+        if self.settings.retention_days is not None:
+            self.retention = Retention(self.store, days=self.settings.retention_days,
+                                       interval=self.settings.retention_interval,
+                                       batch=self.settings.retention_batch)
+            self.retention.start()
         self.limiter = RateLimiter(redis, prefix=prefix, metrics=self.metrics, guard=guard, rates={
             POST: self.settings.rate_limit,
             PUBLISH: self.settings.publish_rate_limit,
@@ -86,6 +103,10 @@ class Gateway:
 
     async def close(self) -> None:
         self.closing = True
+        if self.retention is not None:
+            await self.retention.close()
+        if self.presence is not None:
+            await self.presence.close()
         if self.hub is not None:
             await self.hub.close()
         if self.history is not None:

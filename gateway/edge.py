@@ -52,3 +52,16 @@ def identify(conn: HTTPConnection, *, query_token: bool = False) -> Identity:
     if token is None and query_token:
         token = conn.query_params.get("token")
     return gw.auth.user(token, client_address(conn, gw.settings.trusted_proxies))
+
+
+def presence_user(conn: HTTPConnection, identity: Identity) -> str | None:
+    """The name a connection is present under: the token's ``sub``, or in open mode
+    the optional ``?user=`` query parameter (no parameter: not shown in presence)."""
+    if identity.user:
+        return identity.name
+    raw = conn.query_params.get("user")
+    if raw is None:
+        return None
+    from gateway.validation import author
+
+    return author(raw)

@@ -157,6 +157,13 @@ def event_frame(transport: str, event: dict[str, Any]) -> str | bytes:
             + orjson.dumps({"room": event["room"], "data": event["data"]}) + b"\n\n")
 
 
+def presence_frame(transport: str, p: dict[str, Any]) -> str | bytes:
+    """A presence change (``{"room", "action", "user"}``) as the transport sends it."""
+    if transport == WS:
+        return orjson.dumps({"type": "presence", **p}).decode()
+    return b"event: presence\ndata: " + orjson.dumps(p) + b"\n\n"
+
+
 def wire_event(room: str, event: str, data: Any) -> bytes:
     return b"e:" + orjson.dumps({"room": room, "event": event, "data": data})
 
@@ -325,6 +332,8 @@ class Hub:
                 self._drain(r)
         elif data[:2] == b"e:":
             self._dispatch_event(r, orjson.loads(data[2:]))
+        elif data[:2] == b"p:":  # presence join/leave (gateway.presence)
+            self._dispatch_event(r, orjson.loads(data[2:]), presence_frame)
 
     def _drain(self, r: Room) -> None:
         assert r.seq is not None
@@ -392,15 +401,20 @@ class Hub:
             if sub.push(frame):
                 sub.cursors[r.name] = seq
                 delivered += 1
+            elif self.metrics is not None:
+                self.metrics.messages_dropped.labels("slow_consumer").inc()
         if self.metrics is not None and delivered:
             self.metrics.delivered(delivered, created_ms)
 
-    def _dispatch_event(self, r: Room, event: dict[str, Any]) -> None:
+    def _dispatch_event(self, r: Room, event: dict[str, Any],
+                        build: Callable[[str, dict[str, Any]], str | bytes] = event_frame
+                        ) -> None:
+        """Queue an unsequenced frame to every subscriber of the room, encoded once."""
         frames: dict[str, str | bytes] = {}
         for sub in r.subs:
             frame = frames.get(sub.transport)
             if frame is None:
-                frame = frames[sub.transport] = event_frame(sub.transport, event)
+                frame = frames[sub.transport] = build(sub.transport, event)
             sub.push(frame)
 
     # -- per-subscriber catch-up ---------------------------------------------

@@ -1,13 +1,28 @@
-"""Structured logs: one JSON object per line, with the fields a log shipper indexes."""
+"""Structured logs: one JSON object per line, with the fields a log shipper indexes.
+
+Every line logged while a request or connection is handled carries its id
+(``conn``): the caller's ``X-Request-ID`` when it is a plain token, else a new
+one, echoed in the response's ``X-Request-ID``. At info level the gateway logs
+one line per HTTP response (method, path without the query string, status,
+duration) and per WebSocket/SSE open and close; never a message's text, a token
+or a query string.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import re
 import sys
 import time
+import uuid
 from typing import Any
 
 import orjson
+
+conn_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("conn_id", default=None)
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+access = logging.getLogger("gateway.access")
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
     "message", "asctime", "color_message"}
@@ -22,6 +37,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        cid = conn_id.get()
+        if cid is not None:
+            out["conn"] = cid
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 out[key] = value
@@ -45,3 +63,37 @@ def setup(level: str = "info", fmt: str = "json") -> None:
         logger.propagate = True
     # Access lines carry query strings (tokens on /v1/ws and SSE): keep them out at info.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+
+
+class RequestContext:
+    """ASGI middleware: a request/connection id for every log line, and an access line."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1")
+        cid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+        token = conn_id.set(cid)
+        status = 0
+        t0 = time.perf_counter()
+
+        async def send_with_id(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()),
+                                                  (b"x-request-id", cid.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id if scope["type"] == "http" else send)
+        finally:
+            if scope["type"] == "http":
+                access.info("%s %s %d", scope["method"], scope["path"], status, extra={
+                    "method": scope["method"], "path": scope["path"], "status": status,
+                    "duration_ms": round((time.perf_counter() - t0) * 1000, 2)})
+            conn_id.reset(token)

@@ -47,6 +47,15 @@ class Metrics:
                                  ["reason"], registry=r)
         self.http_requests = Counter("chat_http_requests_total", "HTTP responses",
                                      ["route", "status"], registry=r)
+        # Series that exist from the start, so dashboards and alerts see zeros.
+        for transport in ("ws", "sse"):
+            self.connections.labels(transport)
+            self.slow_disconnects.labels(transport)
+        for transport in ("http", "ws"):
+            self.messages_accepted.labels(transport)
+        for outcome in ("hit", "miss", "error"):
+            self.cache_requests.labels(outcome)
+        self.messages_dropped.labels("slow_consumer")
         self._pool_source: Callable[[], dict[str, Any]] | None = None
         r.register(_PoolCollector(self))
 

@@ -20,7 +20,7 @@ MAX_TEXT = 4000
 MAX_AUTHOR = 64
 MAX_REF = 128
 MAX_IDEMPOTENCY_KEY = 128
-RESERVED_EVENTS = {"message", "error"}
+RESERVED_EVENTS = {"message", "error", "presence"}
 
 
 def room_name(value: Any) -> str:
@@ -64,7 +64,7 @@ def author(value: Any) -> str:
 def event_name(value: Any) -> str:
     if not isinstance(value, str) or not EVENT_RE.fullmatch(value) or value in RESERVED_EVENTS:
         raise ApiError("invalid_request", "event must match ^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$ "
-                       "and not be 'message' or 'error'", field="event")
+                       "and not be 'message', 'error' or 'presence'", field="event")
     return value
 
 

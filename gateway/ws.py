@@ -19,7 +19,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from gateway import validation as v
 from gateway.auth import Identity
 from gateway.core import CONNECT, POST, Gateway
-from gateway.edge import gateway_of, identify
+from gateway.edge import gateway_of, identify, presence_user
 from gateway.errors import CLOSE_POLICY_VIOLATION, ApiError
 from gateway.hub import WS, Subscriber
 from storage import StoreUnavailable
@@ -40,13 +40,18 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         if gw.closing:
             raise ApiError("unavailable", "the instance is shutting down; reconnect elsewhere")
         identity = identify(websocket, query_token=True)
+        user = presence_user(websocket, identity)
         await gw.rate(CONNECT, identity.name)
+        gw.limits.acquire(identity.name)
     except ApiError as exc:
         await refuse(websocket, exc)
         return
-    await websocket.accept()
-    session = Session(gw, websocket, identity)
-    await session.run()
+    try:
+        await websocket.accept()
+        session = Session(gw, websocket, identity, user)
+        await session.run()
+    finally:
+        gw.limits.release(identity.name)
 
 
 async def refuse(websocket: WebSocket, exc: ApiError) -> None:
@@ -58,10 +63,12 @@ async def refuse(websocket: WebSocket, exc: ApiError) -> None:
 
 
 class Session:
-    def __init__(self, gw: Gateway, websocket: WebSocket, identity: Identity) -> None:
+    def __init__(self, gw: Gateway, websocket: WebSocket, identity: Identity,
+                 user: str | None = None) -> None:
         self.gw = gw
         self.ws = websocket
         self.identity = identity
+        self.user = user  # the name shown in presence; None: not shown
         s = gw.settings
         self.sub = Subscriber(WS, identity=identity.name, max_messages=s.queue_max_messages,
                               max_bytes=s.queue_max_bytes)
@@ -69,8 +76,11 @@ class Session:
     async def run(self) -> None:
         hub = self.gw.hub
         assert hub is not None
+        presence = self.gw.presence
+        assert presence is not None
         hub.register(self.sub)
         self.gw.metrics.connections.labels("ws").inc()
+        log.info("websocket opened", extra={"sub": self.sub.id})
         reader = asyncio.create_task(self.read_loop())
         writer = asyncio.create_task(self.write_loop())
         closed = asyncio.create_task(self.sub.closed.wait())
@@ -82,6 +92,9 @@ class Session:
             await asyncio.gather(reader, writer, closed, return_exceptions=True)
             self.gw.metrics.connections.labels("ws").dec()
             await hub.unregister(self.sub)
+            await presence.gone(self.sub.id)
+            log.info("websocket closed", extra={"sub": self.sub.id,
+                                                "close_code": self.sub.close_code})
             if self.sub.close_code is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(
@@ -124,8 +137,8 @@ class Session:
             raise ApiError("invalid_request", "type must be one of: "
                            + ", ".join(FRAME_FIELDS), field="type")
         v.only_fields(frame, FRAME_FIELDS[kind])
-        hub = self.gw.hub
-        assert hub is not None
+        hub, presence = self.gw.hub, self.gw.presence
+        assert hub is not None and presence is not None
         if kind == "ping":
             self.sub.push_json({"type": "pong"})
         elif kind == "subscribe":
@@ -133,9 +146,11 @@ class Session:
             since = v.seq_param(frame.get("since"), "since")
             self.identity.check_room(room)
             await hub.subscribe(self.sub, room, since)
+            await presence.joined(self.sub.id, self.user, room)
         elif kind == "unsubscribe":
             room = v.room_name(frame.get("room"))
             await hub.unsubscribe(self.sub, room)
+            await presence.left(self.sub.id, room)
             self.sub.push_json({"type": "unsubscribed", "room": room})
         else:
             ref = v.ref(frame.get("ref"))

@@ -120,6 +120,12 @@ class Store(ABC):
     async def ping(self) -> None:
         """One round trip to the database; raises StoreUnavailable."""
 
+    @abstractmethod
+    async def delete_before(self, cutoff_ms: int, limit: int) -> int:
+        """Delete at most ``limit`` messages committed before ``cutoff_ms`` (epoch ms) in
+        one short transaction; return how many. Rooms keep their seq counter, so
+        new messages never reuse a deleted seq."""
+
     def stats(self) -> dict[str, Any]:
         """Pool figures for metrics."""
         return {}

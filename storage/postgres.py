@@ -161,6 +161,18 @@ class PostgresStore(Store):
         value = await self._call("fetchval", "SELECT last_seq FROM rooms WHERE room = $1", room)
         return int(value or 0)
 
+    async def delete_before(self, cutoff_ms: int, limit: int) -> int:
+        # A bounded batch found through the created_at index, deleted by ctid:
+        # row locks on those rows only, never a table lock; SKIP LOCKED lets
+        # two instances' retention runs share the work.
+        status = await self._call(
+            "execute",
+            "DELETE FROM messages WHERE ctid = ANY(ARRAY("
+            " SELECT ctid FROM messages WHERE created_at < $1"
+            " ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
+            _EPOCH + timedelta(milliseconds=cutoff_ms), limit)
+        return int(status.split()[-1])
+
     async def ping(self) -> None:
         await self._call("fetchval", "SELECT 1")
 

@@ -153,6 +153,15 @@ class SQLiteStore(Store):
 
         return await self._run(read)
 
+    async def delete_before(self, cutoff_ms: int, limit: int) -> int:
+        def delete(db: sqlite3.Connection) -> int:
+            cur = db.execute("DELETE FROM messages WHERE rowid IN (SELECT rowid FROM messages "
+                             "WHERE created_ms < ? ORDER BY created_ms LIMIT ?)",
+                             (cutoff_ms, limit))
+            return cur.rowcount
+
+        return await self._run(delete)
+
     async def ping(self) -> None:
         await self._run(lambda db: db.execute("SELECT 1").fetchone())
 

@@ -1,0 +1,226 @@
+"""Presence: who is in a room, across every instance.
+
+Each instance counts its own connections per (room, user). The first local
+connection of a user in a room adds a member ``<instance>:<user>`` to the
+room's sorted set ``<prefix>{room}:presence`` (the ``{room}`` hash tag keeps it
+in the room's cluster slot), scored with its expiry time; the last one removes
+it. Every ``ttl / 3`` seconds the instance pushes the expiry of all its members
+forward, so the members of an instance that crashed expire within ``ttl``
+seconds. Readers only count members whose expiry is ahead.
+
+A user *joins* a room when their first member appears anywhere and *leaves*
+when their last member goes, by a clean close or by expiry. Both are announced
+on the room's channel as ``p:{"room", "action", "user"}``; the hub turns that
+into a ``presence`` frame (WS) or ``event: presence`` (SSE). Expired members
+are swept, and their leaves announced, by every instance that holds
+subscribers in the room, so someone who can see the leave announces it; the
+sweep's ``ZREM`` decides which single instance announces each.
+
+With no Redis (``memory://``, one instance) the local counts are the truth.
+Presence is best effort: a Redis error is logged and the refresh repairs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any, Callable, Iterable
+
+import orjson
+
+from pubsub import Broker, BrokerUnavailable
+
+log = logging.getLogger("gateway.presence")
+
+# KEYS[1] the room's set; ARGV: member, user, expiry ms, now ms, key ttl ms.
+# Returns 1 when the user was not present before (a join to announce).
+_JOIN = """
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[4], '+inf')
+local suffix = ':' .. ARGV[2]
+local before = 0
+for _, m in ipairs(live) do
+  if m ~= ARGV[1] and string.sub(m, -#suffix) == suffix
+     and string.find(m, ':', 1, true) == #m - #suffix + 1 then before = 1 end
+end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+if before == 1 then return 0 end
+return 1
+"""
+
+# KEYS[1]; ARGV: member to remove ('' for none), now ms.
+# Removes the member and every expired one; returns the users no longer present.
+_LEAVE = """
+local gone = {}
+if ARGV[1] ~= '' and redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  table.insert(gone, ARGV[1])
+end
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[2])
+for _, m in ipairs(expired) do
+  if redis.call('ZREM', KEYS[1], m) == 1 then table.insert(gone, m) end
+end
+if #gone == 0 then return {} end
+local present = {}
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  present[string.sub(m, string.find(m, ':', 1, true) + 1)] = true
+end
+local out, seen = {}, {}
+for _, m in ipairs(gone) do
+  local user = string.sub(m, string.find(m, ':', 1, true) + 1)
+  if not present[user] and not seen[user] then
+    seen[user] = true
+    table.insert(out, user)
+  end
+end
+return out
+"""
+
+
+def wire_presence(room: str, action: str, user: str) -> bytes:
+    """The broker payload of a presence change."""
+    return b"p:" + orjson.dumps({"room": room, "action": action, "user": user})
+
+
+class Presence:
+    def __init__(self, broker: Broker, redis: Any | None, *, prefix: str = "chat:",
+                 ttl: float = 30.0, channel: Callable[[str], str],
+                 held_rooms: Callable[[], Iterable[str]] = lambda: ()) -> None:
+        self.broker = broker
+        self.redis = redis
+        self.prefix = prefix
+        self.ttl = ttl
+        self.channel = channel
+        self.held_rooms = held_rooms
+        self.instance = uuid.uuid4().hex[:12]
+        self.local: dict[str, dict[str, int]] = {}  # room -> user -> connections here
+        self._held: dict[int, tuple[str, set[str]]] = {}  # connection id -> (user, rooms)
+        self._task: asyncio.Task[None] | None = None
+        if redis is not None:
+            self._join = redis.register_script(_JOIN)
+            self._leave = redis.register_script(_LEAVE)
+
+    def key(self, room: str) -> str:
+        return f"{self.prefix}{{{room}}}:presence"
+
+    def _member(self, user: str) -> str:
+        return f"{self.instance}:{user}"
+
+    async def start(self) -> None:
+        if self.redis is not None:
+            self._task = asyncio.create_task(self._refresh_loop(), name="presence-refresh")
+
+    async def close(self) -> None:
+        """Leave every room this instance holds (announced), then stop refreshing."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for conn in list(self._held):
+            await self.gone(conn)
+
+    # -- connections -----------------------------------------------------------
+
+    async def joined(self, conn: int, user: str | None, room: str) -> None:
+        """Connection ``conn`` of ``user`` entered ``room`` (no-op for anonymous)."""
+        if not user:
+            return
+        held = self._held.setdefault(conn, (user, set()))[1]
+        if room in held:
+            return
+        held.add(room)
+        counts = self.local.setdefault(room, {})
+        counts[user] = counts.get(user, 0) + 1
+        if counts[user] > 1:
+            return
+        announce = True
+        if self.redis is not None:
+            now = _ms()
+            try:
+                announce = bool(await self._join(
+                    keys=[self.key(room)],
+                    args=[self._member(user), user, now + int(self.ttl * 1000), now,
+                          int(self.ttl * 2000)]))
+            except Exception as exc:  # noqa: BLE001 - best effort; the refresh re-adds it
+                log.warning("presence join not recorded: %r", exc, extra={"room": room})
+        if announce:
+            await self._announce(room, "join", user)
+
+    async def left(self, conn: int, room: str) -> None:
+        entry = self._held.get(conn)
+        if entry is None or room not in entry[1]:
+            return
+        user, held = entry
+        held.discard(room)
+        counts = self.local.get(room, {})
+        counts[user] = counts.get(user, 1) - 1
+        if counts[user] > 0:
+            return
+        counts.pop(user, None)
+        if not counts:
+            self.local.pop(room, None)
+        if self.redis is None:
+            await self._announce(room, "leave", user)
+        else:
+            await self._sweep(room, self._member(user))
+
+    async def gone(self, conn: int) -> None:
+        """Connection ``conn`` closed: leave every room it was in."""
+        entry = self._held.get(conn)
+        if entry is None:
+            return
+        for room in list(entry[1]):
+            await self.left(conn, room)
+        self._held.pop(conn, None)
+
+    async def members(self, room: str) -> list[str]:
+        if self.redis is None:
+            return sorted(self.local.get(room, {}))
+        live = await self.redis.zrangebyscore(self.key(room), _ms(), "+inf")
+        users = {(m.decode() if isinstance(m, bytes) else m).split(":", 1)[1] for m in live}
+        return sorted(users)
+
+    # -- upkeep ----------------------------------------------------------------
+
+    async def _sweep(self, room: str, member: str = "") -> None:
+        try:
+            gone = await self._leave(keys=[self.key(room)], args=[member, _ms()])
+        except Exception as exc:  # noqa: BLE001 - the member expires by itself
+            log.warning("presence leave not recorded: %r", exc, extra={"room": room})
+            return
+        for user in gone:
+            await self._announce(room, "leave", user.decode() if isinstance(user, bytes) else user)
+
+    async def refresh(self) -> None:
+        """Push this instance's expiries forward; sweep expired members of held rooms."""
+        assert self.redis is not None
+        expiry = _ms() + int(self.ttl * 1000)
+        if self.local:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for room, counts in self.local.items():
+                    for user in counts:
+                        pipe.zadd(self.key(room), {self._member(user): expiry})
+                    pipe.pexpire(self.key(room), int(self.ttl * 2000))
+                await pipe.execute()
+        for room in set(self.held_rooms()) | set(self.local):
+            await self._sweep(room)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                log.warning("presence refresh failed: %r", exc)
+
+    async def _announce(self, room: str, action: str, user: str) -> None:
+        try:
+            await self.broker.publish(self.channel(room), wire_presence(room, action, user))
+        except BrokerUnavailable as exc:
+            log.warning("presence %s not announced: %s", action, exc, extra={"room": room})
+
+
+def _ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,92 @@
+"""A TCP proxy a test controls: put it between a gateway and Postgres, then cut
+the link (connections reset, new ones refused), hold it (bytes wait), or
+restore it. The shared database server itself is never touched."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import AsyncIterator
+
+
+class TCPProxy:
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = 0
+        self.up = True
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self._server: asyncio.base_events.Server | None = None
+        self._links: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> "TCPProxy":
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def cut(self) -> None:
+        """Reset every connection and refuse new ones until ``restore``."""
+        self.up = False
+        self.flowing.set()
+        for writer in list(self._links):
+            writer.transport.abort()
+        self._links.clear()
+
+    def hold(self) -> None:
+        """Keep connections open but stop forwarding bytes until ``restore``."""
+        self.flowing.clear()
+
+    def restore(self) -> None:
+        self.up = True
+        self.flowing.set()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.up:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._links.update((writer, up_writer))
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer),
+                             return_exceptions=True)
+        for w in (writer, up_writer):
+            self._links.discard(w)
+            w.transport.abort()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            await self.flowing.wait()
+            if not self.up:
+                break
+            writer.write(data)
+            await writer.drain()
+        with contextlib.suppress(OSError):
+            writer.write_eof()
+
+
+@contextlib.asynccontextmanager
+async def tcp_proxy(url: str) -> AsyncIterator[tuple[TCPProxy, str]]:
+    """A proxy in front of the database ``url``; yields it and the URL through it."""
+    rest = url.split("://", 1)[1]
+    creds, _, hostpart = rest.rpartition("@")
+    hostport, _, dbname = hostpart.partition("/")
+    host, _, port = hostport.partition(":")
+    proxy = await TCPProxy(host, int(port or 5432)).start()
+    scheme = url.split("://", 1)[0]
+    proxied = f"{scheme}://{creds + '@' if creds else ''}127.0.0.1:{proxy.port}/{dbname}"
+    try:
+        yield proxy, proxied
+    finally:
+        await proxy.close()
