@@ -13,6 +13,7 @@ class TCPProxy:
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.port = 0
+        self.waiting = 0  # chunks read while held, not yet forwarded
         self.up = True
         self.flowing = asyncio.Event()
         self.flowing.set()
@@ -67,7 +68,10 @@ class TCPProxy:
             data = await reader.read(65536)
             if not data:
                 break
-            await self.flowing.wait()
+            if not self.flowing.is_set():
+                self.waiting += 1
+                await self.flowing.wait()
+                self.waiting -= 1
             if not self.up:
                 break
             writer.write(data)
