@@ -1,0 +1,100 @@
+"""Presence across real gateway processes sharing one Redis, and in memory:// mode."""
+
+from __future__ import annotations
+
+import httpx
+import redis.asyncio as aioredis
+
+from tests.harness import REDIS_URL, SSEClient, WSClient, eventually, instances
+
+
+async def users(http: httpx.AsyncClient, base: str, room: str) -> list[str]:
+    r = await http.get(f"{base}/v1/rooms/{room}/presence")
+    assert r.status_code == 200, r.text
+    assert r.json()["room"] == room
+    return r.json()["users"]  # type: ignore[no-any-return]
+
+
+def seen(room: str, action: str, user: str) -> dict:
+    return {"room": room, "action": action, "user": user}
+
+
+async def next_presence(ws: WSClient, user: str) -> dict:
+    """The next presence frame about ``user`` (frames about others are passed over)."""
+    while True:
+        frame = await ws.expect("presence")
+        if frame["user"] == user:
+            return {k: frame[k] for k in ("room", "action", "user")}
+
+
+async def test_join_leave_and_crash_across_instances(gateway_env, redis_prefix):
+    env = {**gateway_env, "PRESENCE_TTL": "1.5"}
+    room = "hall"
+    async with instances(3, env) as (a, b, c), httpx.AsyncClient(timeout=10) as http:
+        async with (WSClient.connect(b.ws_url + "?user=bob") as bob,
+                    SSEClient.open(f"{b.url}/v1/rooms/{room}/events?user=cy") as cy):
+            await bob.subscribe(room)
+            await eventually(lambda: _has(http, c.url, room, {"bob", "cy"}))
+
+            async with WSClient.connect(a.ws_url + "?user=ana") as ana:
+                await ana.subscribe(room)
+                assert await next_presence(bob, "ana") == seen(room, "join", "ana")
+                await eventually(lambda: any(e.get("event") == "presence"
+                                             and e["json"]["user"] == "ana" for e in cy.events))
+                assert await users(http, c.url, room) == ["ana", "bob", "cy"]
+                # the key is the room's, under the prefix, with the {room} hash tag
+                client = aioredis.from_url(REDIS_URL)
+                try:
+                    assert await client.zcard(f"{redis_prefix}{{{room}}}:presence") == 3
+                finally:
+                    await client.aclose()
+
+                # a second connection of ana elsewhere: leaving one does not make her leave
+                async with WSClient.connect(c.ws_url + "?user=ana") as ana2:
+                    await ana2.subscribe(room)
+                    await ana.send({"type": "unsubscribe", "room": room})
+                    await ana.expect("unsubscribed")
+                    assert "ana" in await users(http, a.url, room)
+                assert await next_presence(bob, "ana") == seen(room, "leave", "ana")
+                assert [f["action"] for f in bob.frames
+                        if f.get("type") == "presence" and f["user"] == "ana"] == ["join", "leave"]
+                assert await users(http, a.url, room) == ["bob", "cy"]
+
+            # dan on instance a, which then crashes: dan expires and bob is told
+            async with WSClient.connect(a.ws_url + "?user=dan") as dan:
+                await dan.subscribe(room)
+                assert await next_presence(bob, "dan") == seen(room, "join", "dan")
+                a.kill()
+                assert await next_presence(bob, "dan") == seen(room, "leave", "dan")
+                assert await users(http, c.url, room) == ["bob", "cy"]
+
+
+async def _has(http: httpx.AsyncClient, base: str, room: str, expected: set[str]) -> bool:
+    return set(await users(http, base, room)) == expected
+
+
+async def test_presence_in_memory_mode_and_bad_input(tmp_path):
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/p.db", "REDIS_URL": "memory://",
+           "LOG_LEVEL": "warning"}
+    async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=10) as http:
+        async with (WSClient.connect(gw.ws_url + "?user=ana") as ana,
+                    WSClient.connect(gw.ws_url + "?user=bob") as bob,
+                    WSClient.connect(gw.ws_url) as anonymous):
+            await ana.subscribe("r1")
+            await anonymous.subscribe("r1")
+            await bob.subscribe("r1")
+            assert await next_presence(ana, "bob") == seen("r1", "join", "bob")
+            assert await users(http, gw.url, "r1") == ["ana", "bob"]
+            assert await users(http, gw.url, "r2") == []
+        await eventually(lambda: _has(http, gw.url, "r1", set()))
+
+        r = await http.get(f"{gw.url}/v1/rooms/bad room!/presence")
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+        r = await http.get(f"{gw.url}/v1/rooms/r1/presence?bogus=1")
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+        r = await http.get(f"{gw.url}/v1/rooms/r1/events?user=" + "x" * 65)
+        assert r.status_code == 422 and r.json()["error"]["field"] == "author"
+        # a backend cannot forge presence through POST /v1/publish
+        r = await http.post(f"{gw.url}/v1/publish",
+                            json={"room": "r1", "event": "presence", "data": {}})
+        assert r.status_code == 422
