@@ -22,6 +22,8 @@ import orjson
 
 conn_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("conn_id", default=None)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# uvicorn logs WebSocket paths with their query string; tokens ride there.
+_SECRET_PARAM = re.compile(r"([?&](?:token|access_token|api_key)=)[^&\s\"']+")
 access = logging.getLogger("gateway.access")
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
@@ -35,7 +37,7 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": _SECRET_PARAM.sub(r"\1[redacted]", record.getMessage()),
         }
         cid = conn_id.get()
         if cid is not None:
