@@ -61,8 +61,10 @@
 
   function wsUrl() {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    // With a token the server knows who this is; in open mode `user` names us in presence.
     return scheme + "//" + location.host + "/v1/ws" +
-      (token ? "?token=" + encodeURIComponent(token) : "");
+      (token ? "?token=" + encodeURIComponent(token)
+             : (s.name ? "?user=" + encodeURIComponent(s.name) : ""));
   }
 
   async function getJSON(path) {
