@@ -27,6 +27,8 @@ import orjson
 import redis.asyncio as aioredis
 import websockets
 
+from tests.metrics_text import total
+
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -413,80 +415,8 @@ class RawWebSocket:
         self.sock.close()
 
 
-async def metric(base: str, name: str, labels: str = "") -> float:
-    """One sample's value from an instance's /metrics (0 if absent)."""
+async def metric(base: str, name: str, **labels: str) -> float:
+    """The sum of an instance's /metrics samples ``name`` whose labels include ``labels``."""
     async with httpx.AsyncClient() as client:
         text = (await client.get(base + "/metrics")).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + (("{" + labels) if labels else "")) and not line.startswith("#"):
-            head, _, value = line.rpartition(" ")
-            if head == name or head.startswith(name + "{"):
-                total += float(value)
-    return total
-
-
-class TcpProxy:
-    """A loopback TCP proxy the test controls: ``freeze`` stops forwarding without
-    closing (a silent link), ``cut`` drops every connection and refuses new ones,
-    ``restore`` forwards again."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
-        self.mode = "open"  # open | frozen | cut
-        self._server: asyncio.AbstractServer | None = None
-        self._conns: set[asyncio.StreamWriter] = set()
-        self._flowing = asyncio.Event()
-        self._flowing.set()
-
-    async def start(self) -> "TcpProxy":
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.mode == "cut":
-            writer.close()
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.close()
-            return
-        self._conns.update((writer, up_writer))
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    await self._flowing.wait()
-                    dst.write(data)
-                    await dst.drain()
-            except (OSError, asyncio.CancelledError):
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        self._conns.difference_update((writer, up_writer))
-
-    def freeze(self) -> None:
-        self.mode = "frozen"
-        self._flowing.clear()
-
-    def cut(self) -> None:
-        self.mode = "cut"
-        for w in list(self._conns):
-            w.transport.abort()
-        self._conns.clear()
-
-    def restore(self) -> None:
-        self.mode = "open"
-        self._flowing.set()
-
-    async def close(self) -> None:
-        self.cut()
-        self._flowing.set()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+    return total(text, name, **labels)

@@ -12,3 +12,13 @@ def sample(text: str, name: str, **labels: str) -> float:
             if s.name == name and s.labels == labels:
                 return float(s.value)
     return 0.0
+
+
+def total(text: str, name: str, **labels: str) -> float:
+    """The sum of series ``name`` over every label set that includes ``labels``."""
+    out = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                out += float(s.value)
+    return out
