@@ -31,6 +31,7 @@ from typing import Any, AsyncIterator, Callable
 
 import orjson
 
+from gateway.periodic import every
 from gateway.errors import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER
 from pubsub import Broker
 from storage import MAX_PAGE, HistoryCache, Message, StoreUnavailable
@@ -191,7 +192,8 @@ class Hub:
     async def start(self) -> None:
         self.broker.on_message = self._on_broker_message
         self.broker.on_reconnect = self._on_reconnect
-        self._position_task = asyncio.create_task(self._position_loop(), name="hub-position")
+        self._position_task = every(self.position_interval, self.check_positions,
+                                    "position check")
 
     async def close(self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutdown") -> None:
         for sub in list(self.subscribers.values()):
@@ -460,16 +462,6 @@ class Hub:
         for r in list(self.rooms.values()):
             if r.seq is not None:
                 self.fill(r)
-
-    async def _position_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.position_interval)
-            try:
-                await self.check_positions()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the next round tries again
-                log.warning("position check failed: %r", exc)
 
     async def check_positions(self) -> None:
         """Fill every room whose latest committed seq is ahead of what was delivered."""

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable
 
 import orjson
 
+from gateway.periodic import every
 from pubsub import Broker, BrokerUnavailable
 
 log = logging.getLogger("gateway.presence")
@@ -109,7 +110,7 @@ class Presence:
 
     async def start(self) -> None:
         if self.redis is not None:
-            self._task = asyncio.create_task(self._refresh_loop(), name="presence-refresh")
+            self._task = every(self.ttl / 3, self.refresh, "presence refresh")
 
     async def close(self) -> None:
         """Leave every room this instance holds (announced), then stop refreshing."""
@@ -204,16 +205,6 @@ class Presence:
                 await pipe.execute()
         for room in set(self.held_rooms()) | set(self.local):
             await self._sweep(room)
-
-    async def _refresh_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.ttl / 3)
-            try:
-                await self.refresh()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the next round tries again
-                log.warning("presence refresh failed: %r", exc)
 
     async def _announce(self, room: str, action: str, user: str) -> None:
         try:

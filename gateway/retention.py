@@ -12,7 +12,8 @@ import asyncio
 import logging
 import time
 
-from storage import Store, StoreUnavailable
+from gateway.periodic import every
+from storage import Store
 
 log = logging.getLogger("gateway.retention")
 
@@ -44,22 +45,10 @@ class Retention:
         return total
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="retention")
+        self._task = every(self.interval, self.run_once, "retention round", now=True)
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except StoreUnavailable as exc:
-                log.warning("retention round failed: %s", exc)
-            except Exception:  # noqa: BLE001 - the next round tries again
-                log.exception("retention round failed")
-            await asyncio.sleep(self.interval)

@@ -100,7 +100,7 @@ class Sampler:
 
         lat_n = cur["lat_count"] - prev["lat_count"]
         interval_buckets = [(b, c - p) for (b, c), (_, p) in
-                            zip(cur["lat_buckets"], prev["lat_buckets"])]
+                            zip(cur["lat_buckets"], prev["lat_buckets"], strict=False)]
         if len(interval_buckets) != len(cur["lat_buckets"]):
             interval_buckets = cur["lat_buckets"]
 
