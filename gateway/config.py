@@ -121,7 +121,15 @@ class Settings:
             )
         if not self.redis_url.startswith(("memory://", "redis://", "rediss://", "unix://",
                                           "redis+cluster://", "rediss+cluster://")):
-            raise ConfigError(f"REDIS_URL={self.redis_url!r}: use redis://…, rediss://… or memory://")
+            raise ConfigError(f"REDIS_URL={self.redis_url!r}: use redis://…, rediss://…, "
+                              "redis+cluster://host:port,… or memory://")
+        if "+cluster://" in self.redis_url:
+            from pubsub.cluster import parse_cluster_url
+
+            try:
+                parse_cluster_url(self.redis_url)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if not 1 <= self.port <= 65535 and self.port != 0:
             raise ConfigError(f"PORT={self.port} is out of range")
         if self.db_pool_min < 0 or self.db_pool_max < max(1, self.db_pool_min):

@@ -98,4 +98,9 @@ def create_broker(url: str, **options: Any) -> Broker:
         from pubsub.redis import RedisBroker
 
         return RedisBroker(url, **options)
-    raise ValueError(f"unsupported REDIS_URL {url!r}: use redis://…, rediss://… or memory://")
+    if url.startswith(("redis+cluster://", "rediss+cluster://")):
+        from pubsub.cluster import ClusterBroker
+
+        return ClusterBroker(url, **options)
+    raise ValueError(f"unsupported REDIS_URL {url!r}: use redis://…, rediss://…, "
+                     "redis+cluster://… or memory://")

@@ -8,6 +8,7 @@ with a sentence saying how to start it.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -110,9 +111,10 @@ def new_prefix() -> str:
 class RedisServer:
     """A redis-server of the test's own on a free port; stop and start it at will."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="cgtest-redis-")
+        self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -122,7 +124,8 @@ class RedisServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--logfile", f"{self.dir}/redis.log"],
+             "--appendonly", "no", "--dir", self.dir, "--logfile", f"{self.dir}/redis.log",
+             *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + t(10)
         while time.monotonic() < deadline:
@@ -140,6 +143,70 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait(10)
             self.proc = None
+
+
+class RedisClusterServers:
+    """A Redis Cluster of the test's own: ``size`` primaries, no replicas, free ports.
+
+    ``restart(i)`` kills primary ``i`` and starts it again on its port with its
+    nodes.conf, so it rejoins owning the same slots (with an empty dataset).
+    """
+
+    def __init__(self, size: int = 3, node_timeout_ms: int = 5000) -> None:
+        args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(node_timeout_ms))
+        # The bus port is named too: port + 10000 may be taken or past 65535.
+        self.nodes = [RedisServer(extra_args=(*args, "--cluster-port", str(free_port())))
+                      for _ in range(size)]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> "RedisClusterServers":
+        for node in self.nodes:
+            node.start()
+        subprocess.run(["redis-cli", "--cluster", "create",
+                        *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       stdin=subprocess.DEVNULL, timeout=t(30))
+        self.wait_ok()
+        return self
+
+    def info(self, i: int, *command: str) -> str:
+        return subprocess.run(["redis-cli", "-p", str(self.nodes[i].port), *command],
+                              capture_output=True, text=True, timeout=t(10)).stdout
+
+    def wait_ok(self, timeout: float = 30) -> None:
+        """Until every node sees the whole cluster: state ok, all slots, all nodes."""
+        want = ("cluster_state:ok", "cluster_slots_ok:16384",
+                f"cluster_known_nodes:{len(self.nodes)}")
+        deadline = time.monotonic() + t(timeout)
+        while time.monotonic() < deadline:
+            infos = [self.info(i, "cluster", "info") for i in range(len(self.nodes))]
+            if all(all(w in info for w in want) for info in infos):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"Redis Cluster not ok: {infos}")
+
+    def slot_ranges(self) -> list[tuple[int, int, int]]:
+        """(first slot, last slot, node index) as node 0 sees them (CLUSTER SLOTS)."""
+        out = subprocess.run(["redis-cli", "-p", str(self.nodes[0].port), "--json",
+                              "cluster", "slots"], capture_output=True, text=True,
+                             timeout=t(10)).stdout
+        ports = [n.port for n in self.nodes]
+        return [(first, last, ports.index(int(primary[1])))
+                for first, last, primary, *_ in json.loads(out)]
+
+    def restart(self, i: int, down_for: float = 0.5) -> None:
+        self.nodes[i].stop()
+        time.sleep(down_for)
+        self.nodes[i].start()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
 
 
 # -- gateway processes -------------------------------------------------------------
