@@ -16,9 +16,11 @@ import httpx
 import pytest
 from redis.crc import key_slot
 
-from gateway.config import ConfigError, Settings
+from gateway.config import ConfigError, Rate, Settings
+from gateway.ratelimit import RateLimiter
 from pubsub import create_broker
 from pubsub.cluster import ClusterBroker, parse_cluster_url
+from storage import HistoryCache, create_store
 from tests.harness import RedisClusterServers, WSClient, eventually, instances, post, t
 
 
@@ -164,6 +166,36 @@ async def test_restart_and_slot_move_regroup_channels_and_report_a_reconnect(clu
         await broker.publish(channel(moved), b"after move")
         await eventually(lambda: (channel(moved), b"after move") in got)
     finally:
+        await broker.close()
+
+
+async def test_cache_and_rate_limit_keys_work_across_shards(cluster, tmp_path):
+    rooms = [r for group in rooms_by_node(cluster, 1) for r in group]
+    broker = ClusterBroker(cluster.url)
+    store = create_store(f"sqlite:///{tmp_path}/m.db")
+    await broker.start()
+    await store.start()
+    await store.migrate()
+    try:
+        cache = HistoryCache(store, broker.redis, prefix="t:")
+        for n, room in enumerate(rooms, 1):
+            for k in range(n):
+                await cache.committed((await store.append(room, "a", f"m{k}"))[0])
+        # one pipeline of GETs over three shards; the store is not asked
+        await store.append(rooms[0], "a", "not cached")
+        assert await cache.latest_seqs(rooms) == {room: n for n, room in enumerate(rooms, 1)}
+        # the history script touches a room's two keys, in one slot
+        page = await cache.history(rooms[2])
+        assert [m.text for m in page.messages] == ["m0", "m1", "m2"]
+        assert (await cache.history(rooms[2])).messages == page.messages  # from the cache
+
+        limiter = RateLimiter(broker.redis, prefix="t:", rates={"post": Rate(2, 60)})
+        decisions = [await limiter.hit("post", f"user-{i % 3}") for i in range(9)]
+        assert [d.allowed for d in decisions] == [True] * 6 + [False] * 3
+        assert not limiter._fallback  # decided by the shared buckets on the cluster
+        assert await broker.redis.exists(*(f"t:rl:post:{{user-{i}}}" for i in range(3))) == 3
+    finally:
+        await store.close()
         await broker.close()
 
 
