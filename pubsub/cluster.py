@@ -196,8 +196,11 @@ class ClusterBroker(Broker):
         self._client = RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in self.startup_nodes],
             socket_connect_timeout=self.connect_timeout, socket_timeout=self.command_timeout,
-            # Bounded: a post must not hang on a shard that is down (the store fills).
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+            # One quick retry (a stale pooled connection), no more: a call to a shard
+            # that is down fails in well under a second instead of stalling the
+            # post (the store is the truth and fills the live copy); a failover
+            # takes longer than any retry would wait.
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=1),
             **self.conn_options)
         self._supervisor = asyncio.create_task(self._supervise(), name="broker-supervisor")
 

@@ -240,7 +240,7 @@ async def test_gateways_deliver_in_order_once_across_shards_while_a_primary_rest
             # position check to notice): only the refill after the links are
             # restored can deliver the last ones.
             cluster.nodes[1].stop()
-            await round_("during", 2)
+            await round_("during", 1)
             cluster.nodes[1].start()
             await all_delivered()
             await round_("after", 2)
