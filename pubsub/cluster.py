@@ -317,11 +317,22 @@ class ClusterBroker(Broker):
             raise BrokerUnavailable(f"Redis Cluster publish failed: {exc!r}") from exc
 
     async def ping(self) -> None:
+        """Any primary answering is enough: one shard down does not make the
+        instance unready, since the other shards' rooms are served and its own
+        rooms are filled from the store."""
+        error: BaseException | None = None
         try:
-            await self.redis.ping(target_nodes=RedisCluster.RANDOM)
+            await self.redis.initialize()
+            primaries = self.redis.get_primaries()
         except (RedisError, OSError) as exc:
-            raise BrokerUnavailable(f"Redis Cluster unreachable: {exc!r}") from exc
-        # One shard down does not make the instance unready: rooms on the other
-        # shards are served, and its own rooms are filled from the store.
+            primaries, error = [], exc
+        for node in primaries:
+            try:
+                await self.redis.ping(target_nodes=node)
+                break
+            except (RedisError, OSError) as exc:
+                error = exc
+        else:
+            raise BrokerUnavailable(f"Redis Cluster unreachable: {error!r}")
         if not self.placed.is_set():
             raise BrokerUnavailable("Redis Cluster answers, but the subscriber links are not up")
