@@ -305,8 +305,7 @@ class ClusterBroker(Broker):
             return  # the supervisor places the channel set when the cluster is back
         try:
             await self._place()
-        except (RedisError, OSError) as exc:
-            # Recorded; the supervisor re-reads the slot map, places it and fills.
+        except Exception as exc:  # noqa: BLE001 - the supervisor re-reads the map and retries
             log.warning("broker placement failed: %r", exc)
             self._trouble.set()
 
