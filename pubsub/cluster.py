@@ -278,14 +278,15 @@ class ClusterBroker(Broker):
                 del self._links[name]
                 await link.close()
         for name, group in groups.items():
-            link = self._links.get(name)
-            if link is None:
-                link = self._links[name] = _Link(self, name, nodes[name].host, nodes[name].port)
+            held = self._links.get(name)
+            if held is None:
+                held = self._links[name] = _Link(self, name, nodes[name].host,
+                                                 int(nodes[name].port))
             try:
-                await link.sync(group)
+                await held.sync(group)
             except BaseException:
                 del self._links[name]
-                await link.close()
+                await held.close()
                 raise
 
     async def subscribe(self, channel: str) -> None:
