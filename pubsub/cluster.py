@@ -319,20 +319,15 @@ class ClusterBroker(Broker):
     async def ping(self) -> None:
         """Any primary answering is enough: one shard down does not make the
         instance unready, since the other shards' rooms are served and its own
-        rooms are filled from the store."""
-        error: BaseException | None = None
+        rooms are filled from the store. The primaries are asked at once."""
         try:
             await self.redis.initialize()
-            primaries = self.redis.get_primaries()
+            answers = await asyncio.gather(
+                *(self.redis.ping(target_nodes=node) for node in self.redis.get_primaries()),
+                return_exceptions=True)
         except (RedisError, OSError) as exc:
-            primaries, error = [], exc
-        for node in primaries:
-            try:
-                await self.redis.ping(target_nodes=node)
-                break
-            except (RedisError, OSError) as exc:
-                error = exc
-        else:
-            raise BrokerUnavailable(f"Redis Cluster unreachable: {error!r}")
+            answers = [exc]
+        if not any(answer is True for answer in answers):
+            raise BrokerUnavailable(f"Redis Cluster unreachable: {answers!r}")
         if not self.placed.is_set():
             raise BrokerUnavailable("Redis Cluster answers, but the subscriber links are not up")
