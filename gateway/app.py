@@ -7,6 +7,7 @@ Every resource is opened in the lifespan and reached through
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -124,8 +125,12 @@ async def publish(request: Request) -> Response:
     data = body.get("data", {})
     if not isinstance(data, dict):
         raise ApiError("invalid_request", "data must be a JSON object", field="data")
-    caller = bearer(request.headers) or client_address(request, gw.settings.trusted_proxies)
-    decision = await gw.rate(PUBLISH, "key:" + caller[:16])
+    # One bucket per API key (named by a digest: no secret in Redis), else per address.
+    key = bearer(request.headers)
+    caller = ("key:" + hashlib.sha256(key.encode()).hexdigest()[:24]
+              if gw.auth.keys_required and key else
+              client_address(request, gw.settings.trusted_proxies))
+    decision = await gw.rate(PUBLISH, caller)
     await gw.publish_event(room, event, data)
     return json_response({"status": "accepted", "room": room, "event": event}, 202,
                          decision.headers())

@@ -46,6 +46,10 @@ class Authenticator:
     def open_mode(self) -> bool:
         return not self.secret
 
+    @property
+    def keys_required(self) -> bool:
+        return bool(self._api_keys)
+
     def user(self, token: str | None, fallback: str) -> Identity:
         """The identity for a request: the token's ``sub`` with auth on, else ``fallback``."""
         if self.open_mode:

@@ -6,6 +6,7 @@ SQLite for messages, the in-process broker for fan-out.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field, fields, replace
@@ -134,6 +135,16 @@ class Settings:
             raise ConfigError(f"PORT={self.port} is out of range")
         if self.db_pool_min < 0 or self.db_pool_max < max(1, self.db_pool_min):
             raise ConfigError("DB_POOL_MAX must be at least 1 and at least DB_POOL_MIN")
+        for name in ("rate_limit", "publish_rate_limit", "connect_rate_limit"):
+            rate = getattr(self, name)
+            # The bucket's arithmetic is in integers inside a double's exact range.
+            if rate.capacity * (rate.period * 1e6 + 2e6) >= 2**53:
+                raise ConfigError(f"{name.upper()}={rate}: capacity x period is too large")
+        for name in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(name, strict=False)
+            except ValueError:
+                raise ConfigError(f"TRUSTED_PROXIES: {name!r} is not an address or CIDR") from None
         if self.max_connections < 0 or self.max_connections_per_identity < 0:
             raise ConfigError("MAX_CONNECTIONS and MAX_CONNECTIONS_PER_IDENTITY must be >= 0")
         if self.retention_days is not None and self.retention_days <= 0:

@@ -18,13 +18,13 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from gateway.config import Rate
 
 log = logging.getLogger("gateway.ratelimit")
 
-_SCRIPT = """
+SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local cap = tonumber(ARGV[1])
@@ -73,6 +73,25 @@ class Decision:
         return out
 
 
+def take(value: int, ts: int, now: int, capacity: int, period_us: int,
+         cost: int) -> tuple[bool, int, int, int]:
+    """One bucket decision in integer arithmetic, the same as the Lua script's.
+
+    ``value`` is the bucket's content in token-microseconds-per-period units
+    (one token = ``period_us``), ``ts`` the time of its last update and ``now``
+    the current time, both in microseconds. Returns ``(allowed, value, ts,
+    need)`` after the decision.
+    """
+    if now > ts:
+        value = min(capacity * period_us, value + (now - ts) * capacity)
+        ts = now
+    need = cost * period_us
+    allowed = value >= need
+    if allowed:
+        value -= need
+    return allowed, value, ts, need
+
+
 def _decide(rate: Rate, period_us: int, value: int, need: int, allowed: bool) -> Decision:
     full = rate.capacity * period_us
     remaining = value // period_us
@@ -81,27 +100,28 @@ def _decide(rate: Rate, period_us: int, value: int, need: int, allowed: bool) ->
     return Decision(allowed, rate.capacity, remaining, reset, retry)
 
 
-class _LocalBuckets:
-    """The same bucket arithmetic in process, on the monotonic clock."""
+def period_us(rate: Rate) -> int:
+    return max(1, round(rate.period * 1_000_000))
 
-    def __init__(self) -> None:
+
+class LocalBuckets:
+    """The same bucket arithmetic in process, on a monotonic microsecond clock."""
+
+    MAX_BUCKETS = 100_000
+
+    def __init__(self, clock: Callable[[], int] | None = None) -> None:
+        self._clock = clock or (lambda: time.monotonic_ns() // 1000)
         self._buckets: dict[str, tuple[int, int]] = {}
 
-    def hit(self, key: str, rate: Rate, period_us: int, cost: int) -> Decision:
-        now = int(time.monotonic() * 1e6)
-        full = rate.capacity * period_us
-        value, ts = self._buckets.get(key, (full, now))
-        if now > ts:
-            value = min(full, value + (now - ts) * rate.capacity)
-            ts = now
-        need = cost * period_us
-        allowed = value >= need
-        if allowed:
-            value -= need
+    def hit(self, key: str, rate: Rate, cost: int = 1) -> Decision:
+        now = self._clock()
+        pus = period_us(rate)
+        value, ts = self._buckets.get(key, (rate.capacity * pus, now))
+        allowed, value, ts, need = take(value, ts, now, rate.capacity, pus, cost)
         self._buckets[key] = (value, ts)
-        if len(self._buckets) > 100_000:
+        if len(self._buckets) > self.MAX_BUCKETS:
             self._evict(now)
-        return _decide(rate, period_us, value, need, allowed)
+        return _decide(rate, pus, value, need, allowed)
 
     def _evict(self, now: int) -> None:
         # Drop buckets idle long enough to be full again: they carry no state.
@@ -111,6 +131,15 @@ class _LocalBuckets:
 
 
 class RateLimiter:
+    """Token buckets per (action, identity): in Redis when there is one, else in process.
+
+    While Redis is unreachable (an error, or no answer within the client's
+    command timeout) the decision is made on this instance's own buckets. The
+    ``guard`` shared with the other Redis users (``pubsub.RedisGuard``) skips
+    Redis for a moment after a failure, so an outage costs one caller one
+    timeout rather than every request its own.
+    """
+
     def __init__(self, redis: Any | None, *, prefix: str = "chat:", metrics: Any | None = None,
                  rates: dict[str, Rate], guard: Any | None = None) -> None:
         self.redis = redis
@@ -118,38 +147,44 @@ class RateLimiter:
         self.prefix = prefix
         self.metrics = metrics
         self.rates = rates
-        self._local = _LocalBuckets()
-        self._fallback = False
-        self._script = redis.register_script(_SCRIPT) if redis is not None else None
+        self.local = LocalBuckets()
+        self.fallback = False
+        # redis-py's Script sends EVALSHA and, on NOSCRIPT, loads the script and retries.
+        self._script = redis.register_script(SCRIPT) if redis is not None else None
+
+    def key(self, action: str, identity: str) -> str:
+        return f"{self.prefix}rl:{action}:{{{identity}}}"
 
     async def hit(self, action: str, identity: str, cost: int = 1) -> Decision:
         rate = self.rates[action]
-        period_us = max(1, round(rate.period * 1_000_000))
-        key = f"{self.prefix}rl:{action}:{{{identity}}}"
+        key = self.key(action, identity)
         decision: Decision | None = None
         if self._script is not None and (self.guard is None or self.guard.usable()):
+            pus = period_us(rate)
             try:
                 allowed, value, _full, need = await self._script(
-                    keys=[key], args=[rate.capacity, period_us, cost])
-                decision = _decide(rate, period_us, int(value), int(need), bool(allowed))
+                    keys=[key], args=[rate.capacity, pus, cost])
+                decision = _decide(rate, pus, int(value), int(need), bool(allowed))
                 self._set_fallback(False)
             except Exception as exc:  # noqa: BLE001 - Redis down: limit per instance
                 if self.guard is not None:
                     self.guard.failed()
                 self._set_fallback(True, exc)
+        elif self._script is not None:
+            self._set_fallback(True, "skipped: Redis failed moments ago")
         if decision is None:
-            decision = self._local.hit(key, rate, period_us, cost)
+            decision = self.local.hit(key, rate, cost)
         if self.metrics is not None:
             self.metrics.rate_limit.labels(action, "allowed" if decision.allowed
                                            else "limited").inc()
         return decision
 
-    def _set_fallback(self, on: bool, exc: Exception | None = None) -> None:
-        if on != self._fallback:
-            self._fallback = on
+    def _set_fallback(self, on: bool, why: object = None) -> None:
+        if on != self.fallback:
+            self.fallback = on
             if on:
                 log.warning("rate limiter: Redis unreachable (%r); using per-instance buckets",
-                            exc)
+                            why)
             else:
                 log.warning("rate limiter: Redis reachable again; shared buckets restored")
             if self.metrics is not None:
