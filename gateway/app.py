@@ -78,7 +78,7 @@ async def room_events(request: Request) -> Response:
     if since is None:
         since = v.seq_param(request.query_params.get("since"), "since")
     user = presence_user(request, identity)
-    await gw.rate(CONNECT, identity.name)
+    decision = await gw.rate(CONNECT, identity.name)
     hub, presence = gw.hub, gw.presence
     assert hub is not None and presence is not None
     if gw.closing:
@@ -112,7 +112,8 @@ async def room_events(request: Request) -> Response:
     # send_timeout: a reader that stopped reading ends its stream instead of pinning it.
     return EventSourceResponse(stream(), ping=gw.settings.sse_ping, sep="\n",
                                send_timeout=gw.settings.sse_send_timeout,
-                               headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+                               headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no",
+                                        **decision.headers()})
 
 
 async def publish(request: Request) -> Response:

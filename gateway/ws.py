@@ -41,13 +41,14 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             raise ApiError("unavailable", "the instance is shutting down; reconnect elsewhere")
         identity = identify(websocket, query_token=True)
         user = presence_user(websocket, identity)
-        await gw.rate(CONNECT, identity.name)
+        decision = await gw.rate(CONNECT, identity.name)
         gw.limits.acquire(identity.name)
     except ApiError as exc:
         await refuse(websocket, exc)
         return
     try:
-        await websocket.accept()
+        await websocket.accept(headers=[(k.lower().encode(), v.encode())
+                                        for k, v in decision.headers().items()])
         session = Session(gw, websocket, identity, user)
         await session.run()
     finally:

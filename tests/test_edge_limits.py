@@ -1,0 +1,115 @@
+"""Rate limits on real gateway processes sharing one Redis: exact admission across
+instances, one bucket for HTTP posts and WS publishes, separate buckets for
+/v1/publish and connection attempts, the RateLimit headers, and which address
+counts as the client."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+import websockets
+
+from tests.harness import Instance, SSEClient, WSClient, instances, post
+
+
+def assert_limited(r: httpx.Response, limit: int) -> None:
+    assert r.status_code == 429, r.text
+    body = r.json()
+    assert body["error"]["code"] == "rate_limited"
+    assert isinstance(body["error"]["retry_after"], float) and body["error"]["retry_after"] > 0
+    assert int(r.headers["Retry-After"]) >= 1
+    assert int(r.headers["Retry-After"]) >= body["error"]["retry_after"]
+    assert r.headers["RateLimit-Limit"] == str(limit)
+    assert r.headers["RateLimit-Remaining"] == "0"
+    assert int(r.headers["RateLimit-Reset"]) >= 1
+
+
+async def test_buckets_are_exact_across_instances_and_shared_by_http_and_ws(gateway_env):
+    env = {**gateway_env, "RATE_LIMIT": "10/1h", "PUBLISH_RATE_LIMIT": "3/1h",
+           "CONNECT_RATE_LIMIT": "4/1h"}
+    room = "burst"
+    async with instances(3, env) as gws, httpx.AsyncClient(timeout=30) as http:
+        async with WSClient.connect(gws[0].ws_url) as ws:
+            assert ws.conn.response.headers["RateLimit-Limit"] == "4"
+            assert ws.conn.response.headers["RateLimit-Remaining"] == "3"
+            for ref in ("a", "b"):
+                await ws.send({"type": "publish", "room": room, "text": ref, "ref": ref})
+                assert (await ws.expect("ack"))["ref"] == ref
+
+            # 40 posts at once, spread over three instances: exactly the 8 tokens left
+            rs = await asyncio.gather(*(post(http, gws[i % 3].url, room, f"m{i}")
+                                        for i in range(40)))
+            ok = [r for r in rs if r.status_code == 201]
+            limited = [r for r in rs if r.status_code != 201]
+            assert len(ok) == 8, [r.status_code for r in rs]
+            assert sorted(int(r.headers["RateLimit-Remaining"]) for r in ok) == list(range(8))
+            for r in ok:
+                assert r.headers["RateLimit-Limit"] == "10"
+                assert int(r.headers["RateLimit-Reset"]) >= 1
+                assert "Retry-After" not in r.headers
+            for r in limited:
+                assert_limited(r, 10)
+
+            # the WS publish draws on the same, now empty, bucket; the socket stays
+            await ws.send({"type": "publish", "room": room, "text": "more", "ref": "c"})
+            err = await ws.expect("error")
+            assert err["code"] == "rate_limited" and err["ref"] == "c"
+            assert isinstance(err["retry_after"], float) and err["retry_after"] > 0
+            await ws.send({"type": "ping"})
+            assert (await ws.expect("pong")) == {"type": "pong"}
+            assert (await ws.subscribe(room))["seq"] == 10
+
+        page = (await http.get(f"{gws[2].url}/v1/rooms/{room}/messages")).json()
+        assert len(page["messages"]) == 10, "a refused post must store nothing"
+
+        # /v1/publish has its own bucket, untouched by the posts above
+        rs = [await http.post(f"{gws[i % 3].url}/v1/publish",
+                              json={"room": room, "event": "tick", "data": {}})
+              for i in range(5)]
+        assert [r.status_code for r in rs] == [202, 202, 202, 429, 429]
+        assert [r.headers["RateLimit-Remaining"] for r in rs[:3]] == ["2", "1", "0"]
+        assert_limited(rs[3], 3)
+
+        # connection attempts: one used by the WS above, three left, on any instance
+        async with SSEClient.open(f"{gws[1].url}/v1/rooms/{room}/events") as sse:
+            assert sse.status == 200
+        async with WSClient.connect(gws[2].ws_url) as ws2:
+            assert ws2.conn.response.headers["RateLimit-Remaining"] == "1"
+        async with WSClient.connect(gws[0].ws_url) as ws3:
+            assert ws3.conn.response.headers["RateLimit-Remaining"] == "0"
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with WSClient.connect(gws[1].ws_url):
+                pass
+        assert refused.value.response.status_code == 429
+        assert b'"rate_limited"' in refused.value.response.body
+        r = await http.get(f"{gws[2].url}/v1/rooms/{room}/events")
+        assert_limited(r, 4)
+        # ... while reading history is not a connection attempt
+        assert (await http.get(f"{gws[0].url}/v1/rooms/{room}/messages")).status_code == 200
+
+
+async def test_forwarded_for_counts_only_from_a_trusted_proxy(gateway_env):
+    base = {**gateway_env, "RATE_LIMIT": "2/1h"}
+    direct = Instance(dict(base)).start()
+    proxied = Instance({**base, "TRUSTED_PROXIES": "127.0.0.1/32, ::1"}).start()
+    try:
+        await asyncio.gather(direct.wait_ready(), proxied.wait_ready())
+        async with httpx.AsyncClient(timeout=10) as http:
+            async def send(inst: Instance, room: str, xff: str) -> int:
+                r = await post(http, inst.url, room, "x", headers={"X-Forwarded-For": xff})
+                return r.status_code
+
+            # by default the header is ignored: every "client" is 127.0.0.1
+            assert [await send(direct, "d", xff) for xff in ("1.1.1.1", "2.2.2.2", "3.3.3.3")
+                    ] == [201, 201, 429]
+            # from a trusted proxy, the rightmost untrusted hop is the client
+            assert [await send(proxied, "p", xff) for xff in ("1.1.1.1", "2.2.2.2", "3.3.3.3")
+                    ] == [201, 201, 201]
+            assert [await send(proxied, "p", xff) for xff in
+                    ("6.6.6.6, 1.1.1.1", "7.7.7.7, 1.1.1.1, 127.0.0.1")] == [201, 429]
+        assert "open mode" in direct.log(), "open mode must be announced at start"
+    finally:
+        direct.stop()
+        proxied.stop()
