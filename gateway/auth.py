@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hmac
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from jwt.warnings import InsecureKeyLengthWarning
 
 from gateway.errors import ApiError
 
@@ -46,6 +48,16 @@ class Authenticator:
     def open_mode(self) -> bool:
         return not self.secret
 
+    def warnings(self) -> list[str]:
+        """What an operator should hear about at start."""
+        if self.open_mode:
+            return ["open mode: AUTH_SECRET is unset, so anyone may read and post "
+                    "in any room under any author name"]
+        if len(self.secret.encode()) < 32:  # type: ignore[union-attr]
+            return ["AUTH_SECRET is shorter than 32 bytes, below what HS256 needs "
+                    "(RFC 7518, section 3.2)"]
+        return []
+
     @property
     def keys_required(self) -> bool:
         return bool(self._api_keys)
@@ -57,9 +69,12 @@ class Authenticator:
         if not token:
             raise ApiError("unauthorized", "a bearer token is required")
         try:
-            claims: dict[str, Any] = jwt.decode(
-                token, self.secret, algorithms=["HS256"], leeway=self.leeway,
-                options={"require": ["sub", "exp"]})
+            with warnings.catch_warnings():
+                # A short secret is reported once at start, not on every request.
+                warnings.simplefilter("ignore", InsecureKeyLengthWarning)
+                claims: dict[str, Any] = jwt.decode(
+                    token, self.secret, algorithms=["HS256"], leeway=self.leeway,
+                    options={"require": ["sub", "exp"]})
         except jwt.ExpiredSignatureError:
             raise ApiError("unauthorized", "the token has expired") from None
         except jwt.InvalidTokenError as exc:

@@ -97,9 +97,8 @@ class Gateway:
             CONNECT: self.settings.connect_rate_limit,
         })
         self.metrics.watch_pool(self.store.stats)
-        if self.auth.open_mode:
-            log.warning("open mode: AUTH_SECRET is unset, so anyone may read and post "
-                        "in any room under any author name")
+        for warning in self.auth.warnings():
+            log.warning(warning)
 
     async def close(self) -> None:
         self.closing = True
