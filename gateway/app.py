@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+import orjson
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -21,6 +22,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
+from gateway import openapi
 from gateway import validation as v
 from gateway.auth import bearer
 from gateway.config import Settings
@@ -46,7 +48,7 @@ async def post_message(request: Request) -> Response:
     identity.check_room(room)
     key = v.idempotency_key(request.headers.get("idempotency-key"))
     body = v.json_object(await v.read_body(request, gw.settings.max_body_bytes))
-    v.only_fields(body, {"text", "author"})
+    v.only_fields(body, v.fields(v.POST_MESSAGE))
     text = v.text(body.get("text"))
     author = identity.name if identity.user else v.author(body.get("author"))
     decision = await gw.rate(POST, identity.name)
@@ -59,7 +61,7 @@ async def list_messages(request: Request) -> Response:
     room = v.room_name(request.path_params["room"])
     identify(request).check_room(room)
     q = request.query_params
-    v.only_fields(dict(q), {"limit", "before", "after"})
+    v.only_fields(dict(q), v.fields(v.HISTORY_QUERY))
     limit = v.limit_param(q.get("limit"))
     before = v.seq_param(q.get("before"), "before")
     after = v.seq_param(q.get("after"), "after")
@@ -74,6 +76,7 @@ async def room_events(request: Request) -> Response:
     room = v.room_name(request.path_params["room"])
     identity = identify(request, query_token=True)
     identity.check_room(room)
+    v.only_fields(dict(request.query_params), v.fields(v.EVENTS_QUERY))
     since = v.seq_param(request.headers.get("last-event-id"), "Last-Event-ID")
     if since is None:
         since = v.seq_param(request.query_params.get("since"), "since")
@@ -120,7 +123,7 @@ async def publish(request: Request) -> Response:
     gw = gateway_of(request)
     gw.auth.check_api_key(bearer(request.headers))
     body = v.json_object(await v.read_body(request, gw.settings.max_body_bytes))
-    v.only_fields(body, {"room", "event", "data"})
+    v.only_fields(body, v.fields(v.PUBLISH))
     room = v.room_name(body.get("room"))
     event = v.event_name(body.get("event"))
     data = body.get("data", {})
@@ -162,6 +165,10 @@ async def readyz(request: Request) -> Response:
     ok, checks = await gateway_of(request).readiness()
     return json_response({"status": "ok" if ok else "unavailable", "checks": checks},
                          200 if ok else 503)
+
+
+async def openapi_json(request: Request) -> Response:
+    return Response(request.app.state.openapi, media_type="application/json")
 
 
 async def metrics(request: Request) -> Response:
@@ -238,11 +245,12 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/stats/events", stats_events, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/", page("index.html"), methods=["GET"]),
         Route("/dashboard", page("dashboard.html"), methods=["GET"]),
         Mount("/static", StaticFiles(directory=static, check_dir=False), name="static"),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
         middleware=[Middleware(RequestContext)],
@@ -250,3 +258,5 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
                             StoreUnavailable: store_unavailable,
                             Exception: internal_error},
     )
+    app.state.openapi = orjson.dumps(openapi.document())
+    return app

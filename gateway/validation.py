@@ -21,6 +21,54 @@ MAX_AUTHOR = 64
 MAX_REF = 128
 MAX_IDEMPOTENCY_KEY = 128
 RESERVED_EVENTS = {"message", "error", "presence"}
+MAX_SEQ = 2**62 - 1
+MAX_LIMIT = 200
+
+# -- declared shapes (JSON Schema): the checks below enforce them, the OpenAPI
+# document (gateway/openapi.py) publishes them, the fuzz test generates from them.
+
+_PRINTABLE = r"^[^\x00]*\S[^\x00]*$"  # something besides whitespace, no NUL
+ROOM: dict[str, Any] = {"type": "string", "pattern": f"^{ROOM_RE.pattern}$", "maxLength": 128}
+EVENT: dict[str, Any] = {"type": "string", "pattern": f"^{EVENT_RE.pattern}$", "maxLength": 64,
+                         "not": {"enum": sorted(RESERVED_EVENTS)}}
+TEXT: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT,
+                        "pattern": _PRINTABLE,
+                        "description": f"1..{MAX_TEXT} characters after trimming; no NUL"}
+AUTHOR: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": MAX_AUTHOR,
+                          "pattern": _PRINTABLE,
+                          "description": "open mode only; with auth the token's sub is used"}
+SEQ: dict[str, Any] = {"type": "integer", "minimum": 0, "maximum": MAX_SEQ}
+LIMIT: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 50}
+REF: dict[str, Any] = {"oneOf": [{"type": "string", "maxLength": MAX_REF}, {"type": "integer"}],
+                       "description": "echoed in the ack or error frame"}
+TOKEN: dict[str, Any] = {"type": "string", "description": "a user token (JWT), where a "
+                         "browser cannot send an Authorization header"}
+
+
+def _object(required: list[str], **properties: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": required,
+            "additionalProperties": False}
+
+
+def _frame(kind: str, required: list[str], **properties: dict[str, Any]) -> dict[str, Any]:
+    return _object(["type", *required], type={"const": kind}, **properties)
+
+
+POST_MESSAGE = _object(["text"], text=TEXT, author=AUTHOR)
+PUBLISH = _object(["room", "event"], room=ROOM, event=EVENT, data={"type": "object"})
+HISTORY_QUERY = _object([], limit=LIMIT, before=SEQ, after=SEQ)
+EVENTS_QUERY = _object([], since=SEQ, token=TOKEN)
+WS_QUERY = _object([], token=TOKEN)
+FRAMES: dict[str, dict[str, Any]] = {
+    "subscribe": _frame("subscribe", ["room"], room=ROOM, since=SEQ),
+    "unsubscribe": _frame("unsubscribe", ["room"], room=ROOM),
+    "publish": _frame("publish", ["room", "text"], room=ROOM, text=TEXT, author=AUTHOR, ref=REF),
+    "ping": _frame("ping", [], ref=REF),
+}
+
+
+def fields(schema: dict[str, Any]) -> set[str]:
+    return set(schema["properties"])
 
 
 def room_name(value: Any) -> str:
@@ -79,7 +127,7 @@ def seq_param(value: Any, name: str) -> int | None:
             raise ApiError("invalid_request", f"{name} must be a non-negative integer",
                            field=name)
         value = int(value)
-    if not isinstance(value, int) or not 0 <= value < 2**62:
+    if not isinstance(value, int) or not 0 <= value <= MAX_SEQ:
         raise ApiError("invalid_request", f"{name} must be a non-negative integer", field=name)
     return value
 
@@ -88,8 +136,9 @@ def limit_param(value: Any) -> int:
     if value is None:
         return 50
     n = seq_param(value, "limit")
-    if n is None or not 1 <= n <= 200:
-        raise ApiError("invalid_request", "limit must be an integer from 1 to 200", field="limit")
+    if n is None or not 1 <= n <= MAX_LIMIT:
+        raise ApiError("invalid_request", f"limit must be an integer from 1 to {MAX_LIMIT}",
+                       field="limit")
     return n
 
 

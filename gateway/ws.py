@@ -26,12 +26,7 @@ from storage import StoreUnavailable
 
 log = logging.getLogger("gateway.ws")
 
-FRAME_FIELDS = {
-    "subscribe": {"type", "room", "since"},
-    "unsubscribe": {"type", "room"},
-    "publish": {"type", "room", "text", "ref", "author"},
-    "ping": {"type", "ref"},
-}
+FRAME_FIELDS = {kind: v.fields(schema) for kind, schema in v.FRAMES.items()}
 
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
@@ -39,6 +34,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     try:
         if gw.closing:
             raise ApiError("unavailable", "the instance is shutting down; reconnect elsewhere")
+        v.only_fields(dict(websocket.query_params), v.fields(v.WS_QUERY))
         identity = identify(websocket, query_token=True)
         user = presence_user(websocket, identity)
         decision = await gw.rate(CONNECT, identity.name)
