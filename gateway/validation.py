@@ -23,11 +23,12 @@ MAX_IDEMPOTENCY_KEY = 128
 RESERVED_EVENTS = {"message", "error", "presence"}
 MAX_SEQ = 2**62 - 1
 MAX_LIMIT = 200
+MAX_SAFE_INT = 2**53 - 1  # integers every JSON client reads exactly
 
 # -- declared shapes (JSON Schema): the checks below enforce them, the OpenAPI
 # document (gateway/openapi.py) publishes them, the fuzz test generates from them.
 
-_PRINTABLE = r"^[^\x00]*\S[^\x00]*$"  # something besides whitespace, no NUL
+_PRINTABLE = r"^[^\x00]*[^\s\x00][^\x00]*$"  # something besides whitespace, no NUL
 ROOM: dict[str, Any] = {"type": "string", "pattern": f"^{ROOM_RE.pattern}$", "maxLength": 128}
 EVENT: dict[str, Any] = {"type": "string", "pattern": f"^{EVENT_RE.pattern}$", "maxLength": 64,
                          "not": {"enum": sorted(RESERVED_EVENTS)}}
@@ -39,7 +40,9 @@ AUTHOR: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": MAX_AUT
                           "description": "open mode only; with auth the token's sub is used"}
 SEQ: dict[str, Any] = {"type": "integer", "minimum": 0, "maximum": MAX_SEQ}
 LIMIT: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 50}
-REF: dict[str, Any] = {"oneOf": [{"type": "string", "maxLength": MAX_REF}, {"type": "integer"}],
+REF: dict[str, Any] = {"oneOf": [{"type": "string", "maxLength": MAX_REF},
+                                 {"type": "integer", "minimum": -MAX_SAFE_INT,
+                                  "maximum": MAX_SAFE_INT}],
                        "description": "echoed in the ack or error frame"}
 TOKEN: dict[str, Any] = {"type": "string", "description": "a user token (JWT), where a "
                          "browser cannot send an Authorization header"}
@@ -123,7 +126,7 @@ def seq_param(value: Any, name: str) -> int | None:
     if isinstance(value, bool):
         raise ApiError("invalid_request", f"{name} must be a non-negative integer", field=name)
     if isinstance(value, str):
-        if not value.isascii() or not value.isdigit() or len(value) > 18:
+        if not value.isascii() or not value.isdigit() or len(value) > len(str(MAX_SEQ)):
             raise ApiError("invalid_request", f"{name} must be a non-negative integer",
                            field=name)
         value = int(value)
@@ -154,19 +157,20 @@ def idempotency_key(value: str | None) -> str | None:
 
 def ref(value: Any) -> Any:
     if value is None or (isinstance(value, str) and len(value) <= MAX_REF) or (
-            isinstance(value, int) and not isinstance(value, bool)):
+            isinstance(value, int) and not isinstance(value, bool)
+            and abs(value) <= MAX_SAFE_INT):
         return value
     raise ApiError("invalid_request", f"ref must be a string of at most {MAX_REF} characters "
-                   "or an integer", field="ref")
+                   f"or an integer of at most {MAX_SAFE_INT} in magnitude", field="ref")
 
 
-def json_object(raw: bytes | str) -> dict[str, Any]:
+def json_object(raw: bytes | str, what: str = "the body") -> dict[str, Any]:
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        raise ApiError("invalid_json", "the body is not valid JSON") from None
+        raise ApiError("invalid_json", f"{what} is not valid JSON") from None
     if not isinstance(value, dict):
-        raise ApiError("invalid_request", "the body must be a JSON object")
+        raise ApiError("invalid_request", f"{what} must be a JSON object")
     return value
 
 

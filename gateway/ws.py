@@ -114,8 +114,9 @@ class Session:
                 continue
             ref = None
             try:
-                frame = v.json_object(raw)
-                ref = frame.get("ref") if isinstance(frame.get("ref"), (str, int)) else None
+                frame = v.json_object(raw, "a frame")
+                with contextlib.suppress(ApiError):  # an invalid ref is not echoed
+                    ref = v.ref(frame.get("ref"))
                 await self.handle(frame)
             except ApiError as exc:
                 self.error(exc, ref)
@@ -124,20 +125,25 @@ class Session:
                                                    "retry later"), ref)
             except WebSocketDisconnect:
                 return
+            except Exception:  # noqa: BLE001 - one bad frame must not drop the socket
+                log.exception("unhandled error on a WebSocket frame")
+                self.error(ApiError("internal", "an unexpected error occurred; nothing was "
+                                                "stored"), ref)
 
     def error(self, exc: ApiError, ref: Any = None) -> None:
         self.sub.push_json(exc.frame(ref))
 
     async def handle(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
-        if kind not in FRAME_FIELDS:
+        if not isinstance(kind, str) or kind not in FRAME_FIELDS:
             raise ApiError("invalid_request", "type must be one of: "
                            + ", ".join(FRAME_FIELDS), field="type")
         v.only_fields(frame, FRAME_FIELDS[kind])
         hub, presence = self.gw.hub, self.gw.presence
         assert hub is not None and presence is not None
         if kind == "ping":
-            self.sub.push_json({"type": "pong"})
+            ref = v.ref(frame.get("ref"))
+            self.sub.push_json({"type": "pong"} if ref is None else {"type": "pong", "ref": ref})
         elif kind == "subscribe":
             room = v.room_name(frame.get("room"))
             since = v.seq_param(frame.get("since"), "since")

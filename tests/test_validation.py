@@ -146,6 +146,8 @@ WS_CASES: list[tuple[Any, str]] = [
     ("{}", "invalid_request"),
     ({"type": "nope"}, "invalid_request"),
     ({"type": 5}, "invalid_request"),
+    ({"type": {"a": 1}}, "invalid_request"),
+    ({"type": ["ping"]}, "invalid_request"),
     ({"type": "subscribe"}, "invalid_request"),
     ({"type": "subscribe", "room": "-x"}, "invalid_request"),
     ({"type": "subscribe", "room": "r", "since": -1}, "invalid_request"),

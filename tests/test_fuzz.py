@@ -1,0 +1,237 @@
+"""Schema-driven fuzzing of a running gateway (Postgres and Redis), bounded in time.
+
+Requests and frames are generated from the OpenAPI document the instance
+serves: what the schemas call valid must succeed, and anything at all (valid,
+nearly valid or garbage) must get a documented answer, never a 5xx or a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from urllib.parse import quote
+from typing import Any, Iterator
+
+import httpx
+import jsonschema
+import orjson
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from openapi_spec_validator import validate as validate_openapi
+from websockets.sync.client import connect as ws_connect
+
+from gateway.errors import CODES
+from tests import harness
+from tests.harness import Instance
+
+# Bounded: a fixed number of examples and no shrinking phase (a failure is
+# reported as found), so the run takes seconds, not minutes.
+FUZZ = settings(max_examples=50, deadline=None, database=None,
+                phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.function_scoped_fixture])
+
+
+class Target:
+    def __init__(self, inst: Instance) -> None:
+        self.inst = inst
+        self.http = httpx.Client(base_url=inst.url, timeout=harness.t(10))
+        self.spec: dict[str, Any] = self.http.get("/openapi.json").json()
+        self.schemas = self.spec["components"]["schemas"]
+
+    def schema(self, name: str) -> dict[str, Any]:
+        return self.schemas[name]  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def target() -> Iterator[Target]:
+    db = asyncio.run(harness.create_database())
+    prefix = harness.new_prefix()
+    inst = Instance({"DATABASE_URL": db, "REDIS_URL": harness.REDIS_URL, "KEY_PREFIX": prefix,
+                     "RATE_LIMIT": "1000000/1s", "CONNECT_RATE_LIMIT": "1000000/1s",
+                     "PUBLISH_RATE_LIMIT": "1000000/1s", "LOG_LEVEL": "warning"}).start()
+    try:
+        asyncio.run(inst.wait_ready())
+        tgt = Target(inst)
+        yield tgt
+        tgt.http.close()
+        assert inst.proc is not None and inst.proc.poll() is None, inst.log()
+        assert "Traceback" not in inst.log(), inst.log()
+    finally:
+        inst.stop()
+        asyncio.run(harness.drop_database(db))
+        asyncio.run(harness.delete_prefix(prefix))
+
+
+# -- strategies from the declared schemas ------------------------------------------------
+
+
+def from_schema(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
+    if "const" in schema:
+        return st.just(schema["const"])
+    if "oneOf" in schema:
+        return st.one_of(*(from_schema(s) for s in schema["oneOf"]))
+    kind = schema.get("type")
+    if kind == "string":
+        lo, hi = schema.get("minLength", 0), schema.get("maxLength", 200)
+        if "pattern" in schema:
+            strat = st.from_regex(re.compile(schema["pattern"].strip("^$")), fullmatch=True)
+            strat = strat.filter(lambda s: lo <= len(s) <= hi)
+        else:
+            strat = st.text(min_size=lo, max_size=min(hi, 200))
+        if "not" in schema:
+            strat = strat.filter(lambda s: s not in schema["not"]["enum"])
+        return strat
+    if kind == "integer":
+        return st.integers(schema.get("minimum"), schema.get("maximum"))
+    if kind == "object" and "properties" in schema:
+        props = schema["properties"]
+        required = schema.get("required", [])
+        return st.fixed_dictionaries(
+            {k: from_schema(props[k]) for k in required},
+            optional={k: from_schema(v) for k, v in props.items() if k not in required})
+    if kind == "object":
+        return st.dictionaries(st.text(max_size=10), JSON, max_size=4)
+    raise AssertionError(f"no strategy for {schema}")
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=12)
+
+
+def mutated(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
+    """Objects close to ``schema``: valid ones with a field dropped, retyped or added."""
+    def mutate(obj: dict[str, Any], data: st.DataObject) -> Any:
+        obj = dict(obj)
+        how = data.draw(st.sampled_from(["drop", "retype", "add", "keep"]))
+        keys = sorted(obj)
+        if how == "drop" and keys:
+            obj.pop(data.draw(st.sampled_from(keys)))
+        elif how == "retype" and keys:
+            obj[data.draw(st.sampled_from(keys))] = data.draw(JSON)
+        elif how == "add":
+            obj[data.draw(st.text(max_size=8))] = data.draw(JSON)
+        return obj
+
+    return st.builds(mutate, from_schema(schema), st.data())
+
+
+def assert_documented(r: httpx.Response) -> None:
+    assert r.status_code < 500, (r.request.method, r.request.url, r.text)
+    if r.status_code >= 400:
+        body = r.json()
+        assert body["error"]["code"] in CODES and body["error"]["message"], body
+
+
+ROOM = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", "maxLength": 128}
+# A room name, or any text at all, percent-encoded so that it reaches the server as is.
+PATH_SEGMENT = st.one_of(from_schema(ROOM), st.text(min_size=1, max_size=20)).map(
+    lambda s: quote(s, safe="") if s not in {".", ".."} else "%2E" * len(s))
+
+
+# -- the fuzz runs ---------------------------------------------------------------------
+
+
+def test_the_served_openapi_document_is_valid_and_matches_the_checks(target):
+    validate_openapi(target.spec)
+    assert set(target.spec["paths"]) >= {"/v1/rooms/{room}/messages", "/v1/publish", "/v1/ws",
+                                         "/v1/rooms/{room}/events"}
+    room = target.spec["paths"]["/v1/rooms/{room}/messages"]["post"]["parameters"][0]
+    assert room["schema"] == ROOM
+    r = target.http.post("/v1/rooms/x/messages", json={"text": "hi", "nope": 1})
+    assert r.status_code == 422
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"text": "hi", "nope": 1}, target.schema("PostMessage"))
+
+
+@FUZZ
+@given(data=st.data())
+def test_schema_valid_posts_are_stored_as_sent(target, data):
+    room = data.draw(from_schema(ROOM), "room")
+    body = data.draw(from_schema(target.schema("PostMessage")), "body")
+    r = target.http.post(f"/v1/rooms/{room}/messages", json=body)
+    assert r.status_code == 201, (room, body, r.text)
+    msg = r.json()
+    jsonschema.validate(msg, target.schema("Message"))
+    assert msg["room"] == room and msg["text"] == body["text"].strip()
+    assert msg["author"] == body.get("author", "anonymous").strip()
+    params = target.spec["paths"]["/v1/rooms/{room}/messages"]["get"]["parameters"]
+    query = data.draw(from_schema({"type": "object", "properties": {
+        p["name"]: p["schema"] for p in params if p["in"] == "query"}}), "query")
+    page = target.http.get(f"/v1/rooms/{room}/messages", params=query)
+    assert page.status_code == 200, page.text
+    for m in page.json()["messages"]:
+        jsonschema.validate(m, target.schema("Message"))
+
+
+@FUZZ
+@given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE"]),
+       path=st.one_of(
+           st.builds("/v1/rooms/{}/messages".format, PATH_SEGMENT),
+           st.builds("/v1/rooms/{}/events".format, PATH_SEGMENT),
+           st.just("/v1/publish"), st.just("/healthz"), st.just("/openapi.json"),
+           st.builds("/v1/{}".format, PATH_SEGMENT)),
+       query=st.dictionaries(st.sampled_from(["limit", "before", "after", "since", "x"]),
+                             st.text(max_size=25), max_size=3),
+       body=st.one_of(mutated({"type": "object", "properties": {
+           "text": {"type": "string"}, "author": {"type": "string"}}, "required": ["text"]}),
+                      mutated({"type": "object", "properties": {
+                          "room": ROOM, "event": {"type": "string"},
+                          "data": {"type": "object"}}, "required": ["room", "event"]}),
+                      JSON, st.binary(max_size=64)),
+       key=st.none() | st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=140))
+def test_any_request_gets_a_documented_answer(target, method, path, query, body, key):
+    headers = {"Idempotency-Key": key} if key is not None else {}
+    if "/events" in path and method == "GET":
+        headers["Last-Event-ID"] = str(query.pop("since", "x"))
+    content = body if isinstance(body, bytes) else orjson.dumps(body)
+    with target.http.stream(method, path, params=query, content=content,
+                            headers=headers) as r:
+        if r.headers.get("content-type", "").startswith("text/event-stream"):
+            assert r.status_code == 200
+            return
+        r.read()
+    assert_documented(r)
+
+
+@FUZZ
+@given(frames=st.lists(st.data(), min_size=1, max_size=5))
+def test_any_ws_frame_gets_a_documented_answer_and_the_socket_stays(target, frames):
+    kinds = sorted(k for k in target.schemas if k.startswith("Frame."))
+    with ws_connect(target.inst.ws_url, open_timeout=harness.t(10), max_size=2**22) as ws:
+        for n, data in enumerate(frames):
+            which = data.draw(st.sampled_from(["valid", "mutated", "json", "text", "binary"]))
+            if which in ("valid", "mutated"):
+                schema = target.schema(data.draw(st.sampled_from(kinds)))
+                frame = data.draw(from_schema(schema) if which == "valid" else mutated(schema))
+                ws.send(orjson.dumps(frame).decode())
+            elif which == "json":
+                frame = data.draw(JSON)
+                ws.send(orjson.dumps(frame).decode())
+            elif which == "text":
+                frame = data.draw(st.text(max_size=50))
+                ws.send(frame)
+            else:
+                frame = data.draw(st.binary(max_size=50))
+                ws.send(frame)
+            ws.send(orjson.dumps({"type": "ping", "ref": f"sync{n}"}).decode())
+            answers = []
+            while True:
+                got = orjson.loads(ws.recv(timeout=harness.t(10)))
+                if got == {"type": "pong", "ref": f"sync{n}"}:
+                    break
+                answers.append(got)
+            for got in answers:
+                assert got["type"] in {"subscribed", "unsubscribed", "ack", "message", "event",
+                                       "error", "pong"}, got
+                if got["type"] == "error":
+                    assert got["code"] in CODES and got["code"] != "internal", (frame, got)
+            if which == "valid":
+                errors = [a for a in answers if a["type"] == "error"]
+                assert not errors, (frame, errors)
