@@ -11,7 +11,8 @@ import httpx
 import pytest
 import websockets
 
-from tests.harness import Instance, SSEClient, WSClient, instances, post
+from tests.harness import (Instance, RedisServer, SSEClient, WSClient, eventually,
+                           instances, post)
 
 
 def assert_limited(r: httpx.Response, limit: int) -> None:
@@ -113,3 +114,56 @@ async def test_forwarded_for_counts_only_from_a_trusted_proxy(gateway_env):
     finally:
         direct.stop()
         proxied.stop()
+
+
+async def test_a_redis_outage_limits_per_instance_and_says_so(pg_url):
+    server = RedisServer()
+    server.start()
+    inst = Instance({"DATABASE_URL": pg_url, "REDIS_URL": server.url, "KEY_PREFIX": "t:",
+                     "RATE_LIMIT": "3/1h", "LOG_LEVEL": "warning"}).start()
+    try:
+        await inst.wait_ready()
+        async with httpx.AsyncClient(timeout=30) as http:
+            async def fallback_gauge() -> str:
+                text = (await http.get(inst.url + "/metrics")).text
+                return next(line for line in text.splitlines()
+                            if line.startswith("chat_rate_limit_local_fallback "))
+
+            r = await post(http, inst.url, "down", "before")
+            assert r.status_code == 201 and r.headers["RateLimit-Remaining"] == "2"
+            assert await fallback_gauge() == "chat_rate_limit_local_fallback 0.0"
+            server.stop()
+            # the instance's own bucket: neither a flood nor a wall
+            statuses = [(await post(http, inst.url, "down", f"m{i}")).status_code
+                        for i in range(5)]
+            assert statuses == [201, 201, 201, 429, 429]
+            assert await fallback_gauge() == "chat_rate_limit_local_fallback 1.0"
+            assert "per-instance buckets" in inst.log()
+
+            server.start()  # empty again: the shared bucket starts full
+            async def shared_again() -> bool:
+                r = await post(http, inst.url, "down", "after")
+                return (r.status_code == 201
+                        and await fallback_gauge() == "chat_rate_limit_local_fallback 0.0")
+
+            await eventually(shared_again, timeout=15, interval=0.3)
+            assert "shared buckets restored" in inst.log()
+    finally:
+        inst.stop()
+        server.stop()
+
+
+async def test_memory_mode_runs_the_same_bucket_in_process(tmp_path):
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/chat.db", "REDIS_URL": "memory://",
+           "RATE_LIMIT": "2/1h", "LOG_LEVEL": "warning"}
+    async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=10) as http:
+        rs = [await post(http, gw.url, "mem", f"m{i}") for i in range(3)]
+        assert [r.status_code for r in rs] == [201, 201, 429]
+        assert [r.headers["RateLimit-Remaining"] for r in rs] == ["1", "0", "0"]
+        assert_limited(rs[2], 2)
+        assert 1790 <= rs[2].json()["error"]["retry_after"] <= 1800  # half an hour per token
+        async with WSClient.connect(gw.ws_url) as ws:
+            await ws.send({"type": "publish", "room": "mem", "text": "x", "ref": "w"})
+            err = await ws.expect("error")
+            assert err["code"] == "rate_limited" and err["ref"] == "w"
+            assert 1790 <= err["retry_after"] <= 1800
