@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway import stats
 from gateway import validation as v
 from gateway.errors import CODES
 
@@ -146,6 +147,16 @@ def document() -> dict[str, Any]:
                 "202": _json({"type": "object"}, "accepted", RATE_HEADERS),
                 **_errors("invalid_json", "invalid_request", "unauthorized", "too_large",
                           "rate_limited", "unavailable"),
+            },
+        }},
+        "/v1/stats/events": {"get": {
+            "summary": "this instance's live figures as SSE, one `stats` event per interval",
+            "parameters": [{"name": "interval", "in": "query", "required": False,
+                            "schema": stats.INTERVAL}],
+            "responses": {
+                "200": {"description": "the event stream", "content": {
+                    "text/event-stream": {"schema": {"type": "string"}}}},
+                **_errors("invalid_request", "unavailable"),
             },
         }},
         "/healthz": {"get": {"summary": "liveness", "responses": {"200": _json(

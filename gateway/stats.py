@@ -144,16 +144,19 @@ class Sampler:
         }
 
 
+INTERVAL: dict[str, Any] = {"type": "number", "minimum": 0.2, "maximum": 60, "default": 1.0}
+
+
 def _interval(raw: str | None) -> float:
     if raw is None:
-        return 1.0
+        return float(INTERVAL["default"])
     try:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not 0.2 <= value <= 60:
-        raise ApiError("invalid_request", "interval must be a number of seconds from 0.2 to 60",
-                       field="interval")
+    if not INTERVAL["minimum"] <= value <= INTERVAL["maximum"]:
+        raise ApiError("invalid_request", "interval must be a number of seconds from "
+                       f"{INTERVAL['minimum']} to {INTERVAL['maximum']}", field="interval")
     return value
 
 
