@@ -20,6 +20,7 @@ class Identity:
     name: str
     user: bool = False
     rooms: tuple[str, ...] | None = None  # None: every room
+    expires_at: float | None = None  # epoch seconds (exp plus the leeway); None: never
 
     def may_access(self, room: str) -> bool:
         if self.rooms is None:
@@ -87,7 +88,9 @@ class Authenticator:
             if not isinstance(rooms, list) or not all(isinstance(x, str) for x in rooms):
                 raise ApiError("unauthorized", "the token's rooms claim must be a list of strings")
             rooms = tuple(rooms)
-        return Identity(sub, user=True, rooms=rooms)
+        exp = claims["exp"]
+        expires_at = float(exp) + self.leeway if isinstance(exp, (int, float)) else None
+        return Identity(sub, user=True, rooms=rooms, expires_at=expires_at)
 
     def check_api_key(self, key: str | None) -> None:
         if not self._api_keys:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 import orjson
@@ -81,12 +82,13 @@ class Session:
         reader = asyncio.create_task(self.read_loop())
         writer = asyncio.create_task(self.write_loop())
         closed = asyncio.create_task(self.sub.closed.wait())
+        expiry = asyncio.create_task(self.expire())
         try:
             await asyncio.wait({reader, writer, closed}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (reader, writer, closed):
+            for task in (reader, writer, closed, expiry):
                 task.cancel()
-            await asyncio.gather(reader, writer, closed, return_exceptions=True)
+            await asyncio.gather(reader, writer, closed, expiry, return_exceptions=True)
             self.gw.metrics.connections.labels("ws").dec()
             await hub.unregister(self.sub)
             await presence.gone(self.sub.id)
@@ -96,6 +98,13 @@ class Session:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(
                         self.ws.close(self.sub.close_code, self.sub.close_reason[:120]), 2.0)
+
+    async def expire(self) -> None:
+        """Close the socket with 1008 when the token it was opened with expires."""
+        if self.identity.expires_at is None:
+            return
+        await asyncio.sleep(max(0.0, self.identity.expires_at - time.time()))
+        self.sub.close(CLOSE_POLICY_VIOLATION, "the token has expired; reconnect with a new one")
 
     async def write_loop(self) -> None:
         async for batch in self.sub.batches():

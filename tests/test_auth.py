@@ -153,3 +153,20 @@ async def test_api_keys_guard_publish(auth_env):
             await ws.send({"type": "ping"})
             assert (await ws.expect("pong"))["type"] == "pong", "no refused event leaked"
             assert [f for f in ws.frames if f["type"] == "event"] == frames
+
+
+async def test_a_websocket_is_closed_1008_when_its_token_expires(auth_env):
+    env = {**auth_env, "AUTH_LEEWAY": "0"}
+    async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=10) as http:
+        short = token("dee", exp=2)
+        async with WSClient.connect(f"{gw.ws_url}?token={short}") as ws:
+            await ws.subscribe("lobby")
+            await ws.send({"type": "publish", "room": "lobby", "text": "while valid", "ref": 1})
+            assert (await ws.expect("ack"))["message"]["seq"] == 1
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await ws.expect("never", timeout=10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+            assert "expired" in closed.value.rcvd.reason
+        page = (await http.get(f"{gw.url}/v1/rooms/lobby/messages",
+                               headers=bearer(token()))).json()
+        assert [m["text"] for m in page["messages"]] == ["while valid"]
