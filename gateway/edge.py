@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Any
 
@@ -22,12 +23,17 @@ def gateway_of(conn: HTTPConnection) -> Gateway:
     return conn.app.state.gateway  # type: ignore[no-any-return]
 
 
+@functools.lru_cache(maxsize=8)
+def _networks(trusted: tuple[str, ...]) -> tuple[Any, ...]:
+    return tuple(ipaddress.ip_network(t, strict=False) for t in trusted)
+
+
 def client_address(conn: HTTPConnection, trusted: tuple[str, ...]) -> str:
     """The client IP as the ASGI server reports it; ``X-Forwarded-For`` only from a trusted proxy."""
     peer = conn.client.host if conn.client else "unknown"
     if not trusted:
         return peer
-    nets = [ipaddress.ip_network(t, strict=False) for t in trusted]
+    nets = _networks(trusted)
 
     def is_trusted(addr: str) -> bool:
         try:
