@@ -9,8 +9,10 @@ import asyncio
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 import websockets
 
+from tests import harness
 from tests.harness import (Instance, RedisServer, SSEClient, WSClient, eventually,
                            instances, post)
 
@@ -167,3 +169,30 @@ async def test_memory_mode_runs_the_same_bucket_in_process(tmp_path):
             err = await ws.expect("error")
             assert err["code"] == "rate_limited" and err["ref"] == "w"
             assert 1790 <= err["retry_after"] <= 1800
+
+
+async def test_publish_buckets_are_per_api_key_and_name_no_secret(gateway_env, redis_prefix):
+    base = {**gateway_env, "PUBLISH_RATE_LIMIT": "2/1h"}
+    async with instances(1, base) as (open_gw,), httpx.AsyncClient(timeout=10) as http:
+        # open mode: a made-up bearer per request does not buy a fresh bucket
+        event = {"room": "r", "event": "e"}
+        rs = [await http.post(f"{open_gw.url}/v1/publish", json=event,
+                              headers={"Authorization": f"Bearer made-up-{i}"})
+              for i in range(3)]
+        assert [r.status_code for r in rs] == [202, 202, 429]
+    keyed_env = {**base, "API_KEYS": "secret-key-one,secret-key-two"}
+    async with instances(1, keyed_env) as (gw,), httpx.AsyncClient(timeout=10) as http:
+        async def send(key: str) -> int:
+            r = await http.post(f"{gw.url}/v1/publish", json=event,
+                                headers={"Authorization": f"Bearer {key}"})
+            return r.status_code
+
+        assert [await send("secret-key-one") for _ in range(3)] == [202, 202, 429]
+        assert [await send("secret-key-two") for _ in range(3)] == [202, 202, 429]
+    client = aioredis.from_url(harness.REDIS_URL)
+    try:
+        keys = [k.decode() async for k in client.scan_iter(match=f"{redis_prefix}rl:*")]
+    finally:
+        await client.aclose()
+    assert len([k for k in keys if ":publish:" in k]) == 3, keys
+    assert not any("secret" in k for k in keys), keys
