@@ -46,6 +46,7 @@ async def post_message(request: Request) -> Response:
     room = v.room_name(request.path_params["room"])
     identity = identify(request)
     identity.check_room(room)
+    v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
     key = v.idempotency_key(request.headers.get("idempotency-key"))
     body = v.json_object(await v.read_body(request, gw.settings.max_body_bytes))
     v.only_fields(body, v.fields(v.POST_MESSAGE))
@@ -122,6 +123,7 @@ async def room_events(request: Request) -> Response:
 async def publish(request: Request) -> Response:
     gw = gateway_of(request)
     gw.auth.check_api_key(bearer(request.headers))
+    v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
     body = v.json_object(await v.read_body(request, gw.settings.max_body_bytes))
     v.only_fields(body, v.fields(v.PUBLISH))
     room = v.room_name(body.get("room"))

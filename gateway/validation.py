@@ -62,6 +62,7 @@ PUBLISH = _object(["room", "event"], room=ROOM, event=EVENT, data={"type": "obje
 HISTORY_QUERY = _object([], limit=LIMIT, before=SEQ, after=SEQ)
 EVENTS_QUERY = _object([], since=SEQ, token=TOKEN)
 WS_QUERY = _object([], token=TOKEN)
+NO_QUERY = _object([])  # POST routes take no query parameters
 FRAMES: dict[str, dict[str, Any]] = {
     "subscribe": _frame("subscribe", ["room"], room=ROOM, since=SEQ),
     "unsubscribe": _frame("unsubscribe", ["room"], room=ROOM),

@@ -68,6 +68,7 @@ HTTP_CASES: list[tuple[str, str, dict[str, Any], int, str]] = [
     ("GET", MSG, {"params": {"before": "x"}}, 422, "invalid_request"),
     ("GET", MSG, {"params": {"after": "9" * 20}}, 422, "invalid_request"),
     ("GET", MSG, {"params": {"foo": "1"}}, 422, "invalid_request"),
+    ("POST", MSG, {"json": {"text": "hi"}, "params": {"token": "x"}}, 422, "invalid_request"),
     ("GET", "/v1/rooms/r/events", {"params": {"since": "-1"}}, 422, "invalid_request"),
     ("GET", "/v1/rooms/r/events", {"params": {"foo": "1"}}, 422, "invalid_request"),
     ("GET", "/v1/rooms/r/events", {"headers": {"Last-Event-ID": "abc"}}, 422,
@@ -84,6 +85,8 @@ HTTP_CASES: list[tuple[str, str, dict[str, Any], int, str]] = [
      "invalid_request"),
     ("POST", "/v1/publish", {"json": {"room": "r r", "event": "e"}}, 422, "invalid_request"),
     ("POST", "/v1/publish", {"content": b"x" * 9000}, 413, "too_large"),
+    ("POST", "/v1/publish", {"json": {"room": "r", "event": "e"}, "params": {"a": "1"}}, 422,
+     "invalid_request"),
     ("GET", "/nowhere", {}, 404, "not_found"),
 ]
 
