@@ -146,7 +146,7 @@ async def room_presence(request: Request) -> Response:
     gw = gateway_of(request)
     room = v.room_name(request.path_params["room"])
     identify(request).check_room(room)
-    v.only_fields(dict(request.query_params), set())
+    v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
     assert gw.presence is not None
     try:
         users = await gw.presence.members(room)

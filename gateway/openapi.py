@@ -125,7 +125,18 @@ def document() -> dict[str, Any]:
                 "200": {"description": "the event stream", "headers": RATE_HEADERS,
                         "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                 **_errors("invalid_request", "unauthorized", "forbidden", "rate_limited",
-                          "unavailable"),
+                          "too_many_connections", "unavailable"),
+            },
+        }},
+        "/v1/rooms/{room}/presence": {"get": {
+            "summary": "who is in the room, on any instance",
+            "security": USER,
+            "parameters": [ROOM_PARAM],
+            "responses": {
+                "200": _json({"type": "object", "required": ["room", "users"], "properties": {
+                    "room": v.ROOM, "users": {"type": "array", "items": {"type": "string"}}}},
+                    "the users, sorted"),
+                **_errors("invalid_request", "unauthorized", "forbidden", "unavailable"),
             },
         }},
         "/v1/ws": {"get": {
@@ -134,7 +145,8 @@ def document() -> dict[str, Any]:
             "parameters": _query(v.WS_QUERY),
             "responses": {
                 "101": {"description": "switching protocols", "headers": RATE_HEADERS},
-                **_errors("invalid_request", "unauthorized", "rate_limited", "unavailable"),
+                **_errors("invalid_request", "unauthorized", "rate_limited",
+                          "too_many_connections", "unavailable"),
             },
             "x-frames": {kind: {"$ref": _REF + f"Frame.{kind}"} for kind in v.FRAMES},
         }},

@@ -60,9 +60,11 @@ def _frame(kind: str, required: list[str], **properties: dict[str, Any]) -> dict
 POST_MESSAGE = _object(["text"], text=TEXT, author=AUTHOR)
 PUBLISH = _object(["room", "event"], room=ROOM, event=EVENT, data={"type": "object"})
 HISTORY_QUERY = _object([], limit=LIMIT, before=SEQ, after=SEQ)
-EVENTS_QUERY = _object([], since=SEQ, token=TOKEN)
-WS_QUERY = _object([], token=TOKEN)
-NO_QUERY = _object([])  # POST routes take no query parameters
+PRESENCE_USER: dict[str, Any] = {**AUTHOR, "description": "open mode only: the name this "
+                                 "connection is shown under in presence"}
+EVENTS_QUERY = _object([], since=SEQ, token=TOKEN, user=PRESENCE_USER)
+WS_QUERY = _object([], token=TOKEN, user=PRESENCE_USER)
+NO_QUERY = _object([])  # for routes that take no query parameters
 FRAMES: dict[str, dict[str, Any]] = {
     "subscribe": _frame("subscribe", ["room"], room=ROOM, since=SEQ),
     "unsubscribe": _frame("unsubscribe", ["room"], room=ROOM),

@@ -71,6 +71,8 @@ HTTP_CASES: list[tuple[str, str, dict[str, Any], int, str]] = [
     ("POST", MSG, {"json": {"text": "hi"}, "params": {"token": "x"}}, 422, "invalid_request"),
     ("GET", "/v1/rooms/r/events", {"params": {"since": "-1"}}, 422, "invalid_request"),
     ("GET", "/v1/rooms/r/events", {"params": {"foo": "1"}}, 422, "invalid_request"),
+    ("GET", "/v1/rooms/r/events", {"params": {"user": "u" * 65}}, 422, "invalid_request"),
+    ("GET", "/v1/rooms/r/presence", {"params": {"foo": "1"}}, 422, "invalid_request"),
     ("GET", "/v1/rooms/r/events", {"headers": {"Last-Event-ID": "abc"}}, 422,
      "invalid_request"),
     ("GET", "/v1/rooms/-r/events", {}, 422, "invalid_request"),
@@ -96,10 +98,13 @@ async def test_bad_http_input_gets_the_error_body_and_changes_nothing(env):
         for method, path, kwargs, status, code in HTTP_CASES:
             r = await http.request(method, gw.url + path, **kwargs)
             assert_error(r, status, code, (method, path, kwargs))
-        with pytest.raises(websockets.InvalidStatus) as exc:
-            async with WSClient.connect(gw.ws_url + "?foo=1"):
-                pass
-        assert exc.value.response.status_code == 422
+        for query in ("?foo=1", "?user=" + "u" * 65):
+            with pytest.raises(websockets.InvalidStatus) as exc:
+                async with WSClient.connect(gw.ws_url + query):
+                    pass
+            assert exc.value.response.status_code == 422
+        async with WSClient.connect(gw.ws_url + "?user=ana") as ws:
+            assert (await ws.subscribe("r"))["seq"] == 0
 
         page = (await http.get(gw.url + MSG)).json()
         assert page == {"messages": [], "has_more": False}
