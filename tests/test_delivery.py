@@ -182,8 +182,10 @@ async def test_slow_consumer_is_closed_1013_and_others_get_everything(gateway_en
                 events = [f["data"]["i"] for f in fast.frames if f.get("type") == "event"]
                 assert events == list(range(200))
             assert stalled.closed_by_server(timeout=10)
-            assert await metric(gw.url, "chat_slow_consumer_disconnects_total") >= 1
+            assert await metric(gw.url, "chat_slow_consumer_disconnects_total",
+                                transport="ws") == 1
             await eventually(lambda: _subs_zero(gw), timeout=10)
+            assert await metric(gw.url, "chat_connections", transport="ws") == 0
         finally:
             stalled.close()
 
