@@ -1,0 +1,128 @@
+"""``python -m bench SCENARIO [options]``: run, print a table, write JSON.
+
+Scenarios: ``fanout`` (gateway beside the peers), ``idle``, ``posts``,
+``history``, or ``all``. Every run stops by itself; servers listen on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench import fanout, history, idle, posts
+from bench.procs import raise_open_files
+from bench.targets import TARGETS
+
+SCENARIOS = ("fanout", "idle", "posts", "history")
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
+            "platform": platform.platform(), "load_avg": os.getloadavg()}
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(out)
+
+
+COLUMNS = {
+    "fanout": ["target", "persists", "instances", "subscribers", "messages", "delivery_ratio",
+               "out_of_order", "p50_ms", "p99_ms", "max_ms", "server_cpu_s",
+               "deliveries_per_cpu_s"],
+    "idle": ["target", "connections", "rss_per_conn_kib", "idle_cpu_pct", "open_files_limit"],
+    "posts": ["target", "instances", "connections", "rooms", "posts", "errors",
+              "posts_per_s", "posts_per_s_per_instance", "p50_ms", "p99_ms", "server_cpu_s"],
+    "history": ["path", "reads", "p50_ms", "p99_ms", "max_ms", "speedup_p50"],
+}
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    nofile = raise_open_files()
+    report: dict[str, Any] = {"machine": machine(), "open_files_limit": nofile,
+                              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                              "results": {}}
+    scenarios = SCENARIOS if args.scenario == "all" else (args.scenario,)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    for name in targets:
+        if name not in TARGETS:
+            sys.exit(f"bench: unknown target {name!r}; choose from {', '.join(TARGETS)}")
+    for scenario in scenarios:
+        rows: list[dict[str, Any]] = []
+        if scenario == "fanout":
+            for name in targets:
+                rows.append(await fanout.run(TARGETS[name](), instances=args.instances,
+                                             subscribers=args.subscribers,
+                                             messages=args.messages, rate=args.rate))
+        elif scenario == "idle":
+            for name in targets if args.idle_peers else ["gateway"]:
+                rows.append(await idle.run(TARGETS[name](), connections=args.connections,
+                                           settle=args.idle_seconds))
+        elif scenario == "posts":
+            rows.append(await posts.run(instances=args.instances, connections=args.post_conns,
+                                        rooms=args.rooms, seconds=args.post_seconds))
+        elif scenario == "history":
+            rows.extend(await history.run(reads=args.reads))
+        report["results"][scenario] = rows
+        print(f"\n== {scenario}", flush=True)
+        print(table(rows, COLUMNS[scenario]), flush=True)
+    return report
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scenario", choices=(*SCENARIOS, "all"))
+    p.add_argument("--targets", default="gateway,socketio,broadcaster",
+                   help="fan-out targets, comma-separated (default: all three)")
+    p.add_argument("--json", type=Path, default=Path("bench-results.json"),
+                   help="where to write the JSON report")
+    p.add_argument("--instances", type=int, default=2)
+    p.add_argument("--subscribers", type=int, default=400)
+    p.add_argument("--messages", type=int, default=1000)
+    p.add_argument("--rate", type=float, default=100.0, help="messages per second")
+    p.add_argument("--connections", type=int, default=10000, help="idle WebSocket connections")
+    p.add_argument("--idle-seconds", type=float, default=10.0,
+                   help="idle window over which CPU is measured")
+    p.add_argument("--idle-peers", action="store_true", help="measure the peers idle too")
+    p.add_argument("--post-conns", type=int, default=32, help="HTTP connections per instance")
+    p.add_argument("--rooms", type=int, default=200)
+    p.add_argument("--post-seconds", type=float, default=10.0)
+    p.add_argument("--reads", type=int, default=2000, help="history reads per path")
+    return p.parse_args(argv)
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        report = asyncio.run(main(args))
+    else:
+        report = uvloop.run(main(args))
+    args.json.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,73 @@
+"""Posts: HTTP POST throughput and latency with Postgres persistence.
+
+C keep-alive connections per instance, each posting in a loop to a random one
+of R rooms. The first second is warm-up and not counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+from bench.http import HTTPConn
+from bench.stats import summary_ms
+from bench.targets import Gateway
+
+WARMUP = 1.0
+
+
+async def run(*, instances: int = 2, connections: int = 32, rooms: int = 200,
+              seconds: float = 10.0) -> dict[str, Any]:
+    target = Gateway()
+    servers = await target.start(instances)
+    try:
+        latencies: list[float] = []
+        counts = [0] * instances
+        errors = 0
+        start = time.perf_counter()
+        measure_from = start + WARMUP
+        deadline = measure_from + seconds
+        cpu0: list[float] = []
+
+        async def worker(k: int, w: int) -> None:
+            nonlocal errors
+            conn = HTTPConn("127.0.0.1", servers[k].port)
+            rng = random.Random(k * 100003 + w)
+            try:
+                while True:
+                    now = time.perf_counter()
+                    if now >= deadline:
+                        return
+                    room = f"posts-{rng.randrange(rooms)}"
+                    status, _ = await conn.request("POST", f"/v1/rooms/{room}/messages",
+                                                   {"text": "hello from the bench",
+                                                    "author": "bench"})
+                    done = time.perf_counter()
+                    if now >= measure_from:
+                        if status == 201:
+                            counts[k] += 1
+                            latencies.append(done - now)
+                        else:
+                            errors += 1
+            finally:
+                await conn.close()
+
+        async def mark_cpu() -> None:
+            await asyncio.sleep(measure_from - time.perf_counter())
+            cpu0.append(target.cpu())
+
+        await asyncio.gather(mark_cpu(), *(worker(k, w) for k in range(instances)
+                                           for w in range(connections)))
+        cpu = target.cpu() - cpu0[0]
+        total = sum(counts)
+        return {
+            "target": target.name, "instances": instances, "connections": connections * instances,
+            "rooms": rooms, "seconds": seconds, "posts": total, "errors": errors,
+            "posts_per_s": round(total / seconds), "per_instance": counts,
+            "posts_per_s_per_instance": round(total / seconds / instances),
+            **summary_ms(latencies), "server_cpu_s": round(cpu, 2),
+        }
+    finally:
+        await target.stop()

@@ -1,0 +1,176 @@
+"""Server processes under measurement, and the throwaway resources they use.
+
+CPU time and resident memory come from /proc, so a figure counts the work of
+the server processes only, whatever else the machine is doing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import closing
+from pathlib import Path
+
+import asyncpg
+import redis.asyncio as aioredis
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = Path(__file__).resolve().parent / "peers"
+PG_ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def raise_open_files() -> int:
+    """Raise this process's open-files limit to its hard limit (servers inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def open_files_limit(pid: int) -> int:
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    return 0
+
+
+class Server:
+    """One server process on a free loopback port."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        self.name = name
+        self.port = free_port()
+        self.argv = [a.replace("{port}", str(self.port)) for a in argv]
+        self.env = {**os.environ, **env, "PORT": str(self.port), "HOST": "127.0.0.1"}
+        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log",
+                                               delete=False)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> "Server":
+        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        return self
+
+    async def wait_ready(self, path: str = "/", timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited at start:\n{self.tail()}")
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                line = await asyncio.wait_for(reader.readline(), 5)
+                writer.close()
+                if line and b" 5" not in line[8:11]:
+                    return
+            except OSError:
+                pass
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"{self.name} not ready after {timeout} s:\n{self.tail()}")
+
+    def tail(self, n: int = 3000) -> str:
+        with open(self.log.name, "rb") as f:
+            return f.read()[-n:].decode(errors="replace")
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def rss(self) -> int:
+        return rss_kib(self.pid)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+        os.unlink(self.log.name)
+
+
+async def create_database() -> str:
+    name = f"bench_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+
+
+async def drop_database(url: str) -> None:
+    conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def new_prefix() -> str:
+    return f"bench:{uuid.uuid4().hex[:10]}:"
+
+
+async def delete_prefix(prefix: str) -> None:
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        async for key in client.scan_iter(match=f"{prefix}*", count=1000):
+            await client.delete(key)
+    finally:
+        await client.aclose()
+
+
+def peers_python(venv: Path | None = None) -> str:
+    """The interpreter of the peers' own virtual environment, built from
+    bench/peers/requirements.txt when missing or when the file changed."""
+    venv = venv or Path(os.environ.get("BENCH_PEERS_VENV", PEERS / ".venv"))
+    python = venv / "bin" / "python"
+    req = PEERS / "requirements.txt"
+    digest = hashlib.sha256(req.read_bytes()).hexdigest()
+    stamp = venv / ".requirements.sha256"
+    if python.exists() and stamp.exists() and stamp.read_text() == digest:
+        return str(python)
+    print(f"bench: building the peers' environment in {venv} ...", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(req)], check=True)
+    stamp.write_text(digest)
+    return str(python)

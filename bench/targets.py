@@ -1,0 +1,167 @@
+"""The servers under comparison, each driven in its own protocol by the same client.
+
+A target knows how to start N instances sharing one Redis, the WebSocket path
+of a room, the handshake that subscribes a socket, and the frame that
+publishes a text to a room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+import orjson
+
+from bench.procs import PEERS, REDIS_URL, Server, create_database, delete_prefix, \
+    drop_database, new_prefix, peers_python
+from bench.wsclient import WSClient
+
+GATEWAY_ENV = {
+    "REDIS_URL": REDIS_URL,
+    "RATE_LIMIT": "1000000/1s",
+    "CONNECT_RATE_LIMIT": "1000000/1s",
+    "PUBLISH_RATE_LIMIT": "1000000/1s",
+    "LOG_LEVEL": "warning",
+}
+
+
+class Target:
+    name = ""
+    persists = False
+    ready_path = "/"
+
+    def __init__(self) -> None:
+        self.servers: list[Server] = []
+        self.prefix = new_prefix()
+
+    async def start(self, n: int, extra_env: dict[str, str] | None = None) -> list[Server]:
+        self.servers = [self.make_server(i, extra_env or {}).start() for i in range(n)]
+        try:
+            await asyncio.gather(*(s.wait_ready(self.ready_path) for s in self.servers))
+        except BaseException:
+            await self.stop()
+            raise
+        return self.servers
+
+    def make_server(self, i: int, extra_env: dict[str, str]) -> Server:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        for s in self.servers:
+            s.stop()
+        self.servers = []
+        await delete_prefix(self.prefix)
+
+    def cpu(self) -> float:
+        return sum(s.cpu() for s in self.servers)
+
+    # -- protocol ----------------------------------------------------------
+
+    def ws_path(self, room: str) -> str:
+        raise NotImplementedError
+
+    async def subscribe(self, client: WSClient, control: "asyncio.Queue[bytes]", room: str) -> None:
+        raise NotImplementedError
+
+    def publish_frame(self, room: str, text: str, i: int) -> bytes:
+        raise NotImplementedError
+
+    def control(self, client: WSClient, payload: bytes) -> bool:
+        """Answer protocol chatter (pings); True when the frame was consumed."""
+        return False
+
+
+async def expect(control: "asyncio.Queue[bytes]", prefix: bytes, timeout: float = 30) -> bytes:
+    """The next control frame that starts with (or, for JSON, contains) ``prefix``."""
+    while True:
+        frame = await asyncio.wait_for(control.get(), timeout)
+        if frame.startswith(prefix) or (frame[:1] == b"{" and prefix in frame):
+            return frame
+
+
+class Gateway(Target):
+    name = "gateway"
+    persists = True
+    ready_path = "/readyz"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.database_url: str | None = None
+
+    async def start(self, n: int, extra_env: dict[str, str] | None = None) -> list[Server]:
+        self.database_url = await create_database()
+        return await super().start(n, extra_env)
+
+    def make_server(self, i: int, extra_env: dict[str, str]) -> Server:
+        assert self.database_url is not None
+        env = {**GATEWAY_ENV, "DATABASE_URL": self.database_url, "KEY_PREFIX": self.prefix,
+               **extra_env}
+        return Server(f"gateway{i}", [sys.executable, "-m", "gateway", "serve"], env)
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self.database_url is not None:
+            await drop_database(self.database_url)
+            self.database_url = None
+
+    def ws_path(self, room: str) -> str:
+        return "/v1/ws"
+
+    async def subscribe(self, client: WSClient, control: "asyncio.Queue[bytes]", room: str) -> None:
+        client.send_text(orjson.dumps({"type": "subscribe", "room": room}))
+        await expect(control, b'"subscribed"')
+
+    def publish_frame(self, room: str, text: str, i: int) -> bytes:
+        return orjson.dumps({"type": "publish", "room": room, "text": text, "author": "bench",
+                             "ref": i})
+
+
+class SocketIO(Target):
+    name = "python-socketio"
+    ready_path = "/socket.io/?EIO=4&transport=polling"
+
+    def make_server(self, i: int, extra_env: dict[str, str]) -> Server:
+        env = {"REDIS_URL": REDIS_URL, "CHANNEL": self.prefix + "socketio", **extra_env}
+        return Server(f"socketio{i}", [peers_python(), str(PEERS / "socketio_server.py"),
+                                       "{port}"], env)
+
+    def ws_path(self, room: str) -> str:
+        return "/socket.io/?EIO=4&transport=websocket"
+
+    async def subscribe(self, client: WSClient, control: "asyncio.Queue[bytes]", room: str) -> None:
+        await expect(control, b"0{")          # Engine.IO open
+        client.send_text(b"40")               # Socket.IO connect to "/"
+        await expect(control, b"40")
+        client.send_text(b'421["join",' + orjson.dumps(room) + b"]")
+        await expect(control, b"431")         # the join's acknowledgement
+
+    def publish_frame(self, room: str, text: str, i: int) -> bytes:
+        return b'42["publish",' + orjson.dumps({"room": room, "text": text}) + b"]"
+
+    def control(self, client: WSClient, payload: bytes) -> bool:
+        if payload == b"2":                   # Engine.IO ping: answer pong
+            client.send_text(b"3")
+            return True
+        return False
+
+
+class Broadcaster(Target):
+    name = "broadcaster"
+
+    def make_server(self, i: int, extra_env: dict[str, str]) -> Server:
+        env = {"REDIS_URL": REDIS_URL, "CHANNEL": self.prefix + "broadcaster", **extra_env}
+        return Server(f"broadcaster{i}", [peers_python(), str(PEERS / "broadcaster_server.py"),
+                                          "{port}"], env)
+
+    def ws_path(self, room: str) -> str:
+        return f"/ws?room={room}"
+
+    async def subscribe(self, client: WSClient, control: "asyncio.Queue[bytes]", room: str) -> None:
+        await expect(control, b"ready")
+
+    def publish_frame(self, room: str, text: str, i: int) -> bytes:
+        return text.encode()
+
+
+TARGETS: dict[str, Any] = {"gateway": Gateway, "socketio": SocketIO, "broadcaster": Broadcaster}
