@@ -48,7 +48,7 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 COLUMNS = {
     "fanout": ["target", "persists", "instances", "subscribers", "messages", "delivery_ratio",
                "out_of_order", "p50_ms", "p99_ms", "max_ms", "server_cpu_s",
-               "deliveries_per_cpu_s"],
+               "client_cpu_s", "deliveries_per_cpu_s"],
     "idle": ["target", "connections", "rss_per_conn_kib", "idle_cpu_pct", "open_files_limit"],
     "posts": ["target", "instances", "connections", "rooms", "posts", "errors",
               "posts_per_s", "posts_per_s_per_instance", "p50_ms", "p99_ms", "server_cpu_s"],
@@ -72,14 +72,16 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             for name in targets:
                 rows.append(await fanout.run(TARGETS[name](), instances=args.instances,
                                              subscribers=args.subscribers,
-                                             messages=args.messages, rate=args.rate))
+                                             messages=args.messages, rate=args.rate,
+                                             profile=args.profile))
         elif scenario == "idle":
             for name in targets if args.idle_peers else ["gateway"]:
                 rows.append(await idle.run(TARGETS[name](), connections=args.connections,
                                            settle=args.idle_seconds))
         elif scenario == "posts":
             rows.append(await posts.run(instances=args.instances, connections=args.post_conns,
-                                        rooms=args.rooms, seconds=args.post_seconds))
+                                        rooms=args.rooms, seconds=args.post_seconds,
+                                        profile=args.profile))
         elif scenario == "history":
             rows.extend(await history.run(reads=args.reads))
         report["results"][scenario] = rows
@@ -96,6 +98,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fan-out targets, comma-separated (default: all three)")
     p.add_argument("--json", type=Path, default=Path("bench-results.json"),
                    help="where to write the JSON report")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="record py-spy profiles of the servers into this directory")
     p.add_argument("--instances", type=int, default=2)
     p.add_argument("--subscribers", type=int, default=400)
     p.add_argument("--messages", type=int, default=1000)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
+from bench.profile import Profiler
 from bench.stats import summary_ms
 from bench.targets import Target
 from bench.wsclient import WSClient
@@ -57,7 +59,8 @@ async def connect(target: Target, host: str, port: int, room: str,
 
 
 async def run(target: Target, *, instances: int = 2, subscribers: int = 400,
-              messages: int = 1000, rate: float = 100.0, drain: float = 15.0) -> dict[str, Any]:
+              messages: int = 1000, rate: float = 100.0, drain: float = 60.0, idle: float = 3.0,
+              profile: Path | None = None) -> dict[str, Any]:
     room = "fanout"
     servers = await target.start(instances)
     clients: list[WSClient] = []
@@ -88,7 +91,10 @@ async def run(target: Target, *, instances: int = 2, subscribers: int = 400,
         latencies.clear()
 
         expected = subscribers * messages
+        profiler = Profiler(profile / target.name if profile else None)
+        profiler.start(servers, messages / rate)
         cpu0 = target.cpu()
+        client0 = time.process_time()
         t0 = time.perf_counter()
         for i in range(messages):
             delay = t0 + i / rate - time.perf_counter()
@@ -96,14 +102,24 @@ async def run(target: Target, *, instances: int = 2, subscribers: int = 400,
                 await asyncio.sleep(delay)
             text = "bench:%d:%d;" % (i, time.perf_counter_ns())
             pub.send_text(target.publish_frame(room, text, i))
-        sent_at = time.perf_counter()
+        # Drain: wait while deliveries still arrive (a loaded client lags, it does not
+        # lose), give up after `idle` seconds without progress or `drain` in all.
+        sent_at = last_progress = time.perf_counter()
+        seen = -1
         while time.perf_counter() - sent_at < drain:
-            if sum(r.count for r in receivers) >= expected:
+            got = sum(r.count for r in receivers)
+            if got >= expected:
+                break
+            if got != seen:
+                seen, last_progress = got, time.perf_counter()
+            elif time.perf_counter() - last_progress > idle:
                 break
             await asyncio.sleep(0.05)
         wall = time.perf_counter() - t0
         cpu = target.cpu() - cpu0
+        client_cpu = time.process_time() - client0
         delivered = sum(r.count for r in receivers)
+        profiler.finish()
         return {
             "target": target.name, "persists": target.persists, "instances": instances,
             "subscribers": subscribers, "messages": messages, "rate": rate,
@@ -112,7 +128,8 @@ async def run(target: Target, *, instances: int = 2, subscribers: int = 400,
             "complete_subscribers": sum(1 for r in receivers if r.count == messages),
             "out_of_order": sum(r.out_of_order for r in receivers),
             **summary_ms(latencies),
-            "server_cpu_s": round(cpu, 3), "wall_s": round(wall, 3),
+            "server_cpu_s": round(cpu, 3), "client_cpu_s": round(client_cpu, 3),
+            "wall_s": round(wall, 3),
             "deliveries_per_cpu_s": round(delivered / cpu) if cpu > 0 else None,
         }
     finally:

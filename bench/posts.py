@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 from bench.http import HTTPConn
+from bench.profile import Profiler
 from bench.stats import summary_ms
 from bench.targets import Gateway
 
@@ -19,7 +21,7 @@ WARMUP = 1.0
 
 
 async def run(*, instances: int = 2, connections: int = 32, rooms: int = 200,
-              seconds: float = 10.0) -> dict[str, Any]:
+              seconds: float = 10.0, profile: Path | None = None) -> dict[str, Any]:
     target = Gateway()
     servers = await target.start(instances)
     try:
@@ -30,6 +32,7 @@ async def run(*, instances: int = 2, connections: int = 32, rooms: int = 200,
         measure_from = start + WARMUP
         deadline = measure_from + seconds
         cpu0: list[float] = []
+        profiler = Profiler(profile / "posts" if profile else None)
 
         async def worker(k: int, w: int) -> None:
             nonlocal errors
@@ -57,10 +60,12 @@ async def run(*, instances: int = 2, connections: int = 32, rooms: int = 200,
         async def mark_cpu() -> None:
             await asyncio.sleep(measure_from - time.perf_counter())
             cpu0.append(target.cpu())
+            profiler.start(servers, seconds)
 
         await asyncio.gather(mark_cpu(), *(worker(k, w) for k in range(instances)
                                            for w in range(connections)))
         cpu = target.cpu() - cpu0[0]
+        profiler.finish()
         total = sum(counts)
         return {
             "target": target.name, "instances": instances, "connections": connections * instances,

@@ -56,6 +56,10 @@ class WSClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf
+        if self._open and not buf and len(data) >= 2 and data[1] < 126 \
+                and len(data) == 2 + data[1]:
+            self._frame(data[0], data[2:])  # the common case: exactly one small frame
+            return
         buf += data
         if not self._open:
             end = buf.find(b"\r\n\r\n")
