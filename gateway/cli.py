@@ -64,13 +64,15 @@ class GatewayServer(uvicorn.Server):
 
 def build_server(settings: Settings) -> GatewayServer:
     from gateway.app import create_app
+    from gateway.wsout import DirectProtocol
 
     app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
-        ws=WebSocketProtocol,
+        # websockets-sansio (gateway.transport), plus direct fan-out writes (gateway.wsout).
+        ws=DirectProtocol,
         ws_max_size=settings.ws_max_size,
         ws_ping_interval=settings.ws_ping_interval,
         ws_ping_timeout=settings.ws_ping_timeout,

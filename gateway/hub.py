@@ -17,6 +17,9 @@ reorder or repeat what another delivered.
 - Each event is encoded once per transport and the same object is queued to
   every subscriber; the fan-out never awaits a socket. A subscriber whose
   bounded queue is full is closed as slow (1013) and resumes with ``since``.
+  A transport that can write without awaiting gives its subscriber a ``sink``:
+  frames then go straight to the socket's buffer (no queue, no writer task),
+  and the bound is that buffer's size in bytes.
 """
 
 from __future__ import annotations
@@ -26,13 +29,13 @@ import contextlib
 import itertools
 import logging
 import time
-from collections import deque
 from typing import Any, AsyncIterator, Callable
 
 import orjson
 
 from gateway.periodic import every
 from gateway.errors import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER
+from gateway.lite import Flag
 from pubsub import Broker
 from storage import MAX_PAGE, HistoryCache, Message, StoreUnavailable
 
@@ -50,7 +53,7 @@ class Subscriber:
     """The outbound side of one connection: a bounded queue drained by one writer."""
 
     def __init__(self, transport: str, *, identity: str = "", max_messages: int = 1000,
-                 max_bytes: int = 4 * 1024 * 1024) -> None:
+                 max_bytes: int = 4 * 1024 * 1024, sink: Any = None) -> None:
         self.id = next(_ids)
         self.transport = transport
         self.identity = identity
@@ -61,19 +64,34 @@ class Subscriber:
         self.close_code: int | None = None
         self.close_reason = ""
         self.on_slow: Callable[[Subscriber], None] | None = None
-        self._queue: deque[Any] = deque()
+        self._queue: list[Any] = []
         self._bytes = 0
-        self._wakeup = asyncio.Event()
-        self._drained = asyncio.Event()
-        self.closed = asyncio.Event()
+        self.closed = Flag()  # an asyncio.Event, lighter (gateway.lite)
+        # Optional direct output (see gateway.wsout.FrameSink): ``write(frame)`` returns
+        # the bytes the socket still buffers, or -1 once it takes nothing more. With
+        # it the queue and its events are never used, so they are not made (memory
+        # per idle connection).
+        self.sink = sink
+        self._wakeup = asyncio.Event() if sink is None else None
+        self._drained = asyncio.Event() if sink is None else None
 
     def __repr__(self) -> str:
         return f"<Subscriber {self.id} {self.transport}>"
 
-    def push(self, item: str | bytes) -> bool:
+    def push(self, item: bytes) -> bool:
         """Queue one encoded frame; closes the subscriber as slow when the queue is full."""
         if self.close_code is not None:
             return False
+        if self.sink is not None:
+            buffered = self.sink.write(item)
+            if buffered < 0:
+                return False  # the socket is closing; its session is ending
+            if buffered > self.max_bytes:
+                self.close(CLOSE_TRY_AGAIN_LATER, "slow consumer: the send buffer is full")
+                if self.on_slow is not None:
+                    self.on_slow(self)
+                return False
+            return True
         size = len(item)
         if len(self._queue) >= self.max_messages or self._bytes + size > self.max_bytes:
             self.close(CLOSE_TRY_AGAIN_LATER, "slow consumer: the send queue is full")
@@ -82,30 +100,34 @@ class Subscriber:
             return False
         self._queue.append(item)
         self._bytes += size
+        assert self._wakeup is not None
         self._wakeup.set()
         return True
 
     def push_json(self, obj: Any) -> bool:
-        data = orjson.dumps(obj)
-        return self.push(data.decode() if self.transport == WS else data)
+        return self.push(orjson.dumps(obj))
 
     def close(self, code: int, reason: str = "") -> None:
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
             self.closed.set()
-            self._wakeup.set()
-            self._drained.set()
+            if self.sink is not None:
+                self.sink.close()
+            if self._wakeup is not None and self._drained is not None:
+                self._wakeup.set()
+                self._drained.set()
 
     async def batches(self) -> AsyncIterator[list[Any]]:
         """Yield everything queued, as it comes, until the subscriber is closed."""
+        if self._wakeup is None or self._drained is None:
+            return  # direct output: nothing is ever queued
         while self.close_code is None:
             await self._wakeup.wait()
             self._wakeup.clear()
             if self.close_code is not None:
                 return
-            items = list(self._queue)
-            self._queue.clear()
+            items, self._queue = self._queue, []
             self._bytes = 0
             self._drained.set()
             yield items
@@ -116,6 +138,10 @@ class Subscriber:
 
     async def wait_for_room(self) -> None:
         """Wait until the queue is at most half full (flow control for replays)."""
+        if self.sink is not None:
+            await self.sink.drained()
+            return
+        assert self._drained is not None
         while self.close_code is None and (len(self._queue) * 2 >= self.max_messages
                                            or self._bytes * 2 >= self.max_bytes):
             self._drained.clear()
@@ -129,7 +155,7 @@ class Room:
     def __init__(self, name: str, channel: str) -> None:
         self.name = name
         self.channel = channel
-        self.name_json = orjson.dumps(name).decode()
+        self.name_json = orjson.dumps(name)
         self.subs: dict[Subscriber, None] = {}
         self.seq: int | None = None  # last seq dispatched in order; None while joining
         self.pending: dict[int, tuple[int, bytes]] = {}
@@ -143,25 +169,25 @@ def wire_message(msg: Message) -> bytes:
     return b"m:%d:%d:" % (msg.seq, msg.created_ms) + msg.to_json()
 
 
-def message_frame(transport: str, r: Room, seq: int, body: bytes) -> str | bytes:
+def message_frame(transport: str, r: Room, seq: int, body: bytes) -> bytes:
     """A stored message as the transport sends it, built around its JSON bytes."""
     if transport == WS:
-        return '{"type":"message","room":' + r.name_json + ',"message":' + body.decode() + "}"
+        return b'{"type":"message","room":' + r.name_json + b',"message":' + body + b"}"
     return b"id: %d\nevent: message\ndata: %s\n\n" % (seq, body)
 
 
-def event_frame(transport: str, event: dict[str, Any]) -> str | bytes:
+def event_frame(transport: str, event: dict[str, Any]) -> bytes:
     """An ephemeral event as the transport sends it."""
     if transport == WS:
-        return orjson.dumps({"type": "event", **event}).decode()
+        return orjson.dumps({"type": "event", **event})
     return (b"event: " + event["event"].encode() + b"\ndata: "
             + orjson.dumps({"room": event["room"], "data": event["data"]}) + b"\n\n")
 
 
-def presence_frame(transport: str, p: dict[str, Any]) -> str | bytes:
+def presence_frame(transport: str, p: dict[str, Any]) -> bytes:
     """A presence change (``{"room", "action", "user"}``) as the transport sends it."""
     if transport == WS:
-        return orjson.dumps({"type": "presence", **p}).decode()
+        return orjson.dumps({"type": "presence", **p})
     return b"event: presence\ndata: " + orjson.dumps(p) + b"\n\n"
 
 
@@ -388,7 +414,7 @@ class Hub:
 
     def _dispatch(self, r: Room, seq: int, created_ms: int, body: bytes) -> None:
         r.seq = seq
-        frames: dict[str, str | bytes] = {}  # encoded once per transport
+        frames: dict[str, bytes] = {}  # encoded once per transport
         delivered = 0
         for sub in r.subs:
             cursor = sub.cursors.get(r.name)
@@ -409,10 +435,10 @@ class Hub:
             self.metrics.delivered(delivered, created_ms)
 
     def _dispatch_event(self, r: Room, event: dict[str, Any],
-                        build: Callable[[str, dict[str, Any]], str | bytes] = event_frame
+                        build: Callable[[str, dict[str, Any]], bytes] = event_frame
                         ) -> None:
         """Queue an unsequenced frame to every subscriber of the room, encoded once."""
-        frames: dict[str, str | bytes] = {}
+        frames: dict[str, bytes] = {}
         for sub in r.subs:
             frame = frames.get(sub.transport)
             if frame is None:

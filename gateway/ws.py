@@ -23,6 +23,7 @@ from gateway.core import CONNECT, POST, Gateway
 from gateway.edge import gateway_of, identify, presence_user
 from gateway.errors import CLOSE_POLICY_VIOLATION, ApiError
 from gateway.hub import WS, Subscriber
+from gateway.wsout import FrameSink
 from storage import StoreUnavailable
 
 log = logging.getLogger("gateway.ws")
@@ -52,6 +53,17 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         gw.limits.release(identity.name)
 
 
+class WebSocketApp:
+    """An endpoint as a bare ASGI app: Starlette then wraps each connection once (in
+    the app's exception middleware) instead of three times (memory per idle socket)."""
+
+    def __init__(self, endpoint: Any) -> None:
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.endpoint(WebSocket(scope, receive=receive, send=send))
+
+
 async def refuse(websocket: WebSocket, exc: ApiError) -> None:
     """Refuse the upgrade with an HTTP error body, or close 1008 if the server cannot."""
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
@@ -68,8 +80,9 @@ class Session:
         self.identity = identity
         self.user = user  # the name shown in presence; None: not shown
         s = gw.settings
+        # Under the gateway's own server, frames go straight to the socket (no writer task).
         self.sub = Subscriber(WS, identity=identity.name, max_messages=s.queue_max_messages,
-                              max_bytes=s.queue_max_bytes)
+                              max_bytes=s.queue_max_bytes, sink=FrameSink.of(websocket.scope))
 
     async def run(self) -> None:
         hub = self.gw.hub
@@ -79,21 +92,35 @@ class Session:
         hub.register(self.sub)
         self.gw.metrics.connections.labels("ws").inc()
         log.info("websocket opened", extra={"sub": self.sub.id})
-        reader = asyncio.create_task(self.read_loop())
-        writer = asyncio.create_task(self.write_loop())
-        closed = asyncio.create_task(self.sub.closed.wait())
-        expiry = asyncio.create_task(self.expire())
+        # The token's expiry closes the socket; a task only when there is one.
+        expiry = (asyncio.create_task(self.expire())
+                  if self.identity.expires_at is not None else None)
         try:
-            await asyncio.wait({reader, writer, closed}, return_when=asyncio.FIRST_COMPLETED)
+            if self.sub.sink is not None:
+                await self.read_until_closed()
+            else:
+                tasks = [asyncio.create_task(self.read_loop()),
+                         asyncio.create_task(self.sub.closed.wait()),
+                         asyncio.create_task(self.write_loop())]
+                try:
+                    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
         finally:
-            for task in (reader, writer, closed, expiry):
-                task.cancel()
-            await asyncio.gather(reader, writer, closed, expiry, return_exceptions=True)
+            if self.sub.sink is not None:
+                self.sub.sink.on_close = None
+            if expiry is not None:
+                expiry.cancel()
+                await asyncio.gather(expiry, return_exceptions=True)
             self.gw.metrics.connections.labels("ws").dec()
             await hub.unregister(self.sub)
             await presence.gone(self.sub.id)
             log.info("websocket closed", extra={"sub": self.sub.id,
                                                 "close_code": self.sub.close_code})
+            if self.sub.sink is not None:
+                self.sub.sink.flush()
             if self.sub.close_code is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(
@@ -106,10 +133,25 @@ class Session:
         await asyncio.sleep(max(0.0, self.identity.expires_at - time.time()))
         self.sub.close(CLOSE_POLICY_VIOLATION, "the token has expired; reconnect with a new one")
 
+    async def read_until_closed(self) -> None:
+        """With direct output the handler's own task is the reader (no task per socket
+        is spent on writing or on waiting): the hub closing the subscriber cancels it."""
+        task = asyncio.current_task()
+        assert task is not None and self.sub.sink is not None
+        self.sub.sink.on_close = task.cancel
+        if self.sub.close_code is not None:
+            return
+        try:
+            await self.read_loop()
+        except asyncio.CancelledError:
+            self.sub.sink.on_close = None
+            if self.sub.close_code is None or task.uncancel() > 0:
+                raise  # not (only) the hub's doing
+
     async def write_loop(self) -> None:
         async for batch in self.sub.batches():
             for frame in batch:
-                await self.ws.send_text(frame)
+                await self.ws.send_text(frame.decode())
 
     async def read_loop(self) -> None:
         while True:
@@ -173,4 +215,4 @@ class Session:
             await self.gw.rate(POST, self.identity.name)
             msg, _ = await self.gw.post(room, author, text, transport="ws")
             ack: dict[str, Any] = {"type": "ack", "ref": ref, "message": msg.to_dict()}
-            self.sub.push(orjson.dumps(ack).decode())
+            self.sub.push(orjson.dumps(ack))

@@ -1,0 +1,138 @@
+"""Direct WebSocket output: a frame encoded once, written to each socket without a task.
+
+uvicorn's ASGI ``send`` costs a task wake-up, an await, a frame object and a
+write per socket per message. For the fan-out the server's frames are all
+the same bytes (server frames are not masked), so :func:`text_frame` builds
+a message's frame once and every subscriber's :class:`FrameSink` writes those
+bytes into its socket's buffer synchronously. Frames queued for one socket in
+one turn of the event loop leave in one write.
+
+:class:`DirectProtocol` is the gateway's uvicorn protocol (gateway.transport) offering
+this writer to the app as the ASGI extension ``gateway.direct``; under any
+other server the session falls back to a writer task and ASGI sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import Any, Callable
+
+from gateway.lite import Flag, Inbox
+from gateway.transport import WebSocketProtocol
+
+EXTENSION = "gateway.direct"
+
+_last: tuple[bytes, bytes] = (b"", b"")
+# Sinks with frames waiting for this loop turn's flush (one event loop per server process).
+_dirty: list["FrameSink"] = []
+
+
+def text_frame(payload: bytes) -> bytes:
+    """The unmasked, final text frame carrying ``payload`` (one-entry memo: the
+    fan-out hands the same payload object to every subscriber in turn)."""
+    global _last
+    if _last[0] is payload:
+        return _last[1]
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", 0x81, n)
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x81, 127, n)
+    frame = head + payload
+    _last = (payload, frame)
+    return frame
+
+
+class DirectProtocol(WebSocketProtocol):
+    """The gateway's websockets-sansio protocol plus a synchronous writer of whole frames."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue = Inbox()  # type: ignore[assignment]
+        self.writable = Flag()  # type: ignore[assignment]
+        self.writable.set()
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.accept":
+            # The handshake is done: its request and response are not read again.
+            self.request = self.response = None  # type: ignore[assignment]
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            scope["extensions"][EXTENSION] = {"write": self.write_frames,
+                                              "drained": self.writable.wait}
+
+    def write_frames(self, data: bytes) -> int:
+        """Write encoded frames now; the bytes still buffered, or -1 if the socket is
+        not open for data (before the accept, after a close frame, once lost)."""
+        if (not self.handshake_complete or self.close_sent or self.disconnected
+                or self.transport.is_closing()):
+            return -1
+        self.transport.write(data)
+        return int(self.transport.get_write_buffer_size())
+
+
+class FrameSink:
+    """A subscriber's direct output: JSON payloads in, frames out once per loop turn."""
+
+    __slots__ = ("_write", "_drained", "_frames", "_size", "_buffered", "on_close")
+
+    def __init__(self, write: Callable[[bytes], int], drained: Callable[[], Any]) -> None:
+        self._write = write
+        self._drained = drained
+        self._frames: list[bytes] = []
+        self._size = 0
+        self._buffered = 0
+        # Called once when the subscriber is closed (the session stops reading).
+        self.on_close: Callable[[], Any] | None = None
+
+    @classmethod
+    def of(cls, scope: Any) -> "FrameSink | None":
+        direct = scope.get("extensions", {}).get(EXTENSION)
+        return None if direct is None else cls(direct["write"], direct["drained"])
+
+    def write(self, payload: bytes) -> int:
+        """Queue ``payload`` as a text frame; the bytes pending for this socket, or -1."""
+        if self._buffered < 0:
+            return -1
+        frame = text_frame(payload)
+        if not self._frames:
+            if not _dirty:
+                asyncio.get_running_loop().call_soon(_flush_all)
+            _dirty.append(self)
+        self._frames.append(frame)
+        self._size += len(frame)
+        return self._buffered + self._size
+
+    def flush(self) -> None:
+        frames = self._frames
+        if not frames or self._buffered < 0:
+            return
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        self._frames = []
+        self._size = 0
+        self._buffered = self._write(data)
+
+    def close(self) -> None:
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
+
+    async def drained(self) -> None:
+        """Wait until the socket's buffer is below its high-water mark."""
+        self.flush()
+        await self._drained()
+
+
+def _flush_all() -> None:
+    """Write every dirty sink's frames: one call per loop turn, one write per socket."""
+    sinks = _dirty[:]
+    _dirty.clear()
+    for sink in sinks:
+        sink.flush()
