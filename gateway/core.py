@@ -138,15 +138,39 @@ class Gateway:
                                           "stored, retry later") from None
         if created:
             self.metrics.messages_accepted.labels(transport).inc()
+            await self._announce(msg)
+        return msg, created
+
+    async def _announce(self, msg: Message) -> None:
+        """Raise the cache's seq, then publish. When the cache and the broker share a
+        Redis client both go in one pipeline: one round trip, each command's failure
+        keeping its meaning (an unraised seq is logged, a lost publish is filled from
+        the store by every instance's position check)."""
+        assert self.history is not None and self.hub is not None
+        channel, data = self.hub.channel(msg.room), wire_message(msg)
+        redis = self.history.redis
+        queue_publish = getattr(self.broker, "queue_publish", None)
+        if redis is None or queue_publish is None or redis is not self.broker.redis:
             await self.history.committed(msg)
             if self.settings.fault_skip_publish:
                 return msg, created  # test-only: as if killed right after the commit
             try:
-                await self.broker.publish(self.hub.channel(room), wire_message(msg))
+                await self.broker.publish(channel, data)
             except BrokerUnavailable as exc:
-                # Committed: subscribers get it from the store by the position check.
                 log.warning("live publish lost, delivery falls back to the store: %s", exc)
-        return msg, created
+            return
+        try:
+            async with redis.pipeline(transaction=False) as pipe:
+                await self.history.queue_committed(pipe, msg)
+                queue_publish(pipe, channel, data)
+                raised, published = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # noqa: BLE001 - committed: say so and go on
+            raised = published = exc
+        if isinstance(raised, Exception):
+            log.warning("history cache not raised after commit: %r", raised,
+                        extra={"room": msg.room})
+        if isinstance(published, Exception):
+            log.warning("live publish lost, delivery falls back to the store: %r", published)
 
     async def publish_event(self, room: str, event: str, data: Any) -> None:
         assert self.hub is not None

@@ -160,6 +160,11 @@ class RedisBroker(Broker):
             self.guard.failed()
             raise BrokerUnavailable(f"Redis publish failed: {exc!r}") from exc
 
+    def queue_publish(self, pipe: Any, channel: str, data: bytes) -> None:
+        """``publish`` as a command on the caller's pipeline of this broker's client,
+        so a post's cache update and publish share one round trip."""
+        pipe.publish(channel, data)
+
     async def subscribe(self, channel: str) -> None:
         if channel in self._channels:
             return

@@ -127,6 +127,11 @@ class HistoryCache:
             self._retry.cancel()
             await asyncio.gather(self._retry, return_exceptions=True)
 
+    async def queue_committed(self, pipe: Any, message: Message) -> None:
+        """``committed`` as a command queued on the caller's pipeline (same client)."""
+        await self._raise(keys=self._keys(message.room), args=[message.seq, self.ttl],
+                          client=pipe)
+
     async def latest_seq(self, room: str) -> int:
         """The room's latest seq, cheaply: one Redis read, the store as fallback."""
         if self.redis is not None:
