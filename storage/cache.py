@@ -14,6 +14,12 @@ write, because its ``v`` no longer matches. A read that starts after an ack sees
 ``seq`` at least that message's seq, so it either hits a page that holds it or
 loads from the store. Loads are coalesced per instance by ``(room, seq)``.
 
+Each instance also keeps the decoded windows of recently read rooms, by
+version. A warm read is then one ``GET`` of the seq key: when it names a
+version held here, the page is sliced from memory with no page transfer and
+no decoding. A window for ``v`` never changes, so this is exactly as fresh as
+the page in Redis.
+
 With no Redis (``memory://``) every read goes to the store.
 """
 
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from typing import Any
 
 import orjson
@@ -28,6 +35,9 @@ import orjson
 from storage.base import MAX_PAGE, Message, Page, Store, parse_ts
 
 log = logging.getLogger("storage.cache")
+
+# Rooms whose decoded latest window each instance keeps (least recently read go first).
+LOCAL_ROOMS = 256
 
 _READ = """
 local v = redis.call('GET', KEYS[1])
@@ -68,6 +78,7 @@ class HistoryCache:
         self._flights: dict[tuple[str, int | None], asyncio.Future[Page]] = {}
         self._dirty: dict[str, int] = {}
         self._retry: asyncio.Future[None] | None = None
+        self._local: OrderedDict[str, tuple[int, Page]] = OrderedDict()
         if redis is not None:
             self._read = redis.register_script(_READ)
             self._raise = redis.register_script(_RAISE)
@@ -166,12 +177,22 @@ class HistoryCache:
         keys = self._keys(room)
         version: int | None = None
         try:
+            held = self._local.get(room)
+            if held is not None:
+                raw_v = await self.redis.get(keys[0])
+                if raw_v is not None and int(raw_v) == held[0]:
+                    self._local.move_to_end(room)
+                    self._count("hit")
+                    return _window_page(held[1], limit)
             raw_v, raw_page = await self._read(keys=keys)
             if raw_v:
                 version = int(raw_v)
             if raw_page:
                 self._count("hit")
-                return _slice(orjson.loads(raw_page), limit)
+                window = _unpack(orjson.loads(raw_page))
+                if version is not None:
+                    self._keep(room, version, window)
+                return _window_page(window, limit)
         except Exception as exc:  # noqa: BLE001 - a cache outage falls back to the store
             self._failed()
             log.debug("cache read failed: %r", exc)
@@ -184,7 +205,15 @@ class HistoryCache:
             self._flights[(room, version)] = flight
             flight.add_done_callback(lambda _f: self._flights.pop((room, version), None))
         window = await asyncio.shield(flight)
-        return Page(window.messages[-limit:], window.has_more or limit < len(window.messages))
+        if window.messages:
+            self._keep(room, window.messages[-1].seq, window)
+        return _window_page(window, limit)
+
+    def _keep(self, room: str, version: int, window: Page) -> None:
+        self._local[room] = (version, window)
+        self._local.move_to_end(room)
+        while len(self._local) > LOCAL_ROOMS:
+            self._local.popitem(last=False)
 
     async def _load(self, room: str, keys: list[str]) -> Page:
         window = await self.store.history(room, limit=MAX_PAGE)
@@ -198,10 +227,14 @@ class HistoryCache:
         return window
 
 
-def _slice(cached: dict[str, Any], limit: int) -> Page:
-    msgs = cached["m"]
-    page = msgs[-limit:]
-    return Page([_from_dict(m) for m in page], bool(cached["h"]) or limit < len(msgs))
+def _unpack(cached: dict[str, Any]) -> Page:
+    return Page([_from_dict(m) for m in cached["m"]], bool(cached["h"]))
+
+
+def _window_page(window: Page, limit: int) -> Page:
+    """The latest ``limit`` messages of a cached window."""
+    msgs = window.messages
+    return Page(msgs[-limit:], window.has_more or limit < len(msgs))
 
 
 def _from_dict(d: dict[str, Any]) -> Message:
