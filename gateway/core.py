@@ -138,39 +138,65 @@ class Gateway:
                                           "stored, retry later") from None
         if created:
             self.metrics.messages_accepted.labels(transport).inc()
-            await self._announce(msg)
+            await self._announce([msg])
         return msg, created
 
-    async def _announce(self, msg: Message) -> None:
-        """Raise the cache's seq, then publish. When the cache and the broker share a
-        Redis client both go in one pipeline: one round trip, each command's failure
-        keeping its meaning (an unraised seq is logged, a lost publish is filled from
-        the store by every instance's position check)."""
+    async def post_many(self, posts: list[tuple[str, str, str]], *,
+                        transport: str) -> list[Message]:
+        """Commit ``(room, author, text)`` posts in this order, together where the
+        store can (one connection's publishes that arrived during a commit)."""
+        if self.closing:
+            raise ApiError("unavailable", "the instance is shutting down; retry on another")
+        try:
+            msgs = await self.store.append_many(posts)
+        except StoreUnavailable as exc:
+            log.warning("post refused: %s", exc)
+            raise ApiError("unavailable", "the message store is unavailable; nothing was "
+                                          "stored, retry later") from None
+        self.metrics.messages_accepted.labels(transport).inc(len(msgs))
+        await self._announce(msgs)
+        return msgs
+
+    async def _announce(self, msgs: list[Message]) -> None:
+        """Raise the cache's seq, then publish, per message in order. When the cache and
+        the broker share a healthy Redis client all go in one pipeline: one round trip,
+        each command's failure keeping its meaning (an unraised seq is retried by the
+        cache, a lost publish is filled from the store by every position check)."""
         assert self.history is not None and self.hub is not None
-        channel, data = self.hub.channel(msg.room), wire_message(msg)
+        skip_publish = self.settings.fault_skip_publish  # test-only: killed after commit
         redis = self.history.redis
         queue_publish = getattr(self.broker, "queue_publish", None)
-        if redis is None or queue_publish is None or redis is not self.broker.redis:
-            await self.history.committed(msg)
-            if self.settings.fault_skip_publish:
-                return msg, created  # test-only: as if killed right after the commit
-            try:
-                await self.broker.publish(channel, data)
-            except BrokerUnavailable as exc:
-                log.warning("live publish lost, delivery falls back to the store: %s", exc)
+        guard = getattr(self.broker, "guard", None)
+        if (redis is None or queue_publish is None or redis is not self.broker.redis
+                or (guard is not None and not guard.usable())):
+            for msg in msgs:
+                await self.history.committed(msg)
+                if skip_publish:
+                    continue
+                try:
+                    await self.broker.publish(self.hub.channel(msg.room), wire_message(msg))
+                except BrokerUnavailable as exc:
+                    log.warning("live publish lost, delivery falls back to the store: %s", exc)
             return
         try:
             async with redis.pipeline(transaction=False) as pipe:
-                await self.history.queue_committed(pipe, msg)
-                queue_publish(pipe, channel, data)
-                raised, published = await pipe.execute(raise_on_error=False)
+                for msg in msgs:
+                    await self.history.queue_committed(pipe, msg)
+                    if not skip_publish:
+                        queue_publish(pipe, self.hub.channel(msg.room), wire_message(msg))
+                results = await pipe.execute(raise_on_error=False)
         except Exception as exc:  # noqa: BLE001 - committed: say so and go on
-            raised = published = exc
-        if isinstance(raised, Exception):
-            log.warning("history cache not raised after commit: %r", raised,
-                        extra={"room": msg.room})
-        if isinstance(published, Exception):
-            log.warning("live publish lost, delivery falls back to the store: %r", published)
+            if guard is not None:
+                guard.failed()
+            results = [exc] * ((1 if skip_publish else 2) * len(msgs))
+        step = 1 if skip_publish else 2
+        for i, msg in enumerate(msgs):
+            raised = results[step * i]
+            if isinstance(raised, Exception):
+                self.history.not_raised(msg, raised)
+            if not skip_publish and isinstance(results[step * i + 1], Exception):
+                log.warning("live publish lost, delivery falls back to the store: %r",
+                            results[step * i + 1])
 
     async def publish_event(self, room: str, event: str, data: Any) -> None:
         assert self.hub is not None

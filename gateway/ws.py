@@ -1,7 +1,10 @@
 """The WebSocket endpoint: JSON text frames, one reader and one writer per socket.
 
-The reader handles client frames in order (so acks keep the order of the
-publishes); the writer is the only task that sends, draining the connection's
+The reader handles client frames in order. Consecutive publish frames are
+handed to a per-connection publisher that commits, in order, all those that
+arrived while the previous commit ran, in one statement; any other frame
+first waits for the publishes before it, so every answer (ack, error, pong,
+subscribed) keeps the order of the frames that caused it; the writer is the only task that sends, draining the connection's
 bounded queue. When either ends, or the hub closes the subscriber (slow
 consumer 1013, shutdown 1001), the other is cancelled and the socket closed.
 """
@@ -83,6 +86,8 @@ class Session:
         # Under the gateway's own server, frames go straight to the socket (no writer task).
         self.sub = Subscriber(WS, identity=identity.name, max_messages=s.queue_max_messages,
                               max_bytes=s.queue_max_bytes, sink=FrameSink.of(websocket.scope))
+        self.publishes: list[tuple[dict[str, Any], Any]] = []
+        self.publisher: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         hub = self.gw.hub
@@ -111,9 +116,10 @@ class Session:
         finally:
             if self.sub.sink is not None:
                 self.sub.sink.on_close = None
-            if expiry is not None:
-                expiry.cancel()
-                await asyncio.gather(expiry, return_exceptions=True)
+            for task in (expiry, self.publisher):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             self.gw.metrics.connections.labels("ws").dec()
             await hub.unregister(self.sub)
             await presence.gone(self.sub.id)
@@ -168,6 +174,13 @@ class Session:
                 frame = v.json_object(raw, "a frame")
                 with contextlib.suppress(ApiError):  # an invalid ref is not echoed
                     ref = v.ref(frame.get("ref"))
+                if frame.get("type") == "publish":
+                    self.publishes.append((frame, ref))
+                    if self.publisher is None:
+                        self.publisher = asyncio.create_task(self.publish_loop())
+                    continue
+                if self.publisher is not None:
+                    await asyncio.wait([self.publisher])
                 await self.handle(frame)
             except ApiError as exc:
                 self.error(exc, ref)
@@ -180,6 +193,49 @@ class Session:
                 log.exception("unhandled error on a WebSocket frame")
                 self.error(ApiError("internal", "an unexpected error occurred; nothing was "
                                                 "stored"), ref)
+
+    async def publish_loop(self) -> None:
+        """Commit queued publishes in order, each run of valid ones in one go."""
+        try:
+            while self.publishes:
+                batch, self.publishes = self.publishes, []
+                ready: list[tuple[Any, str, str, str]] = []
+                for frame, ref in batch:
+                    try:
+                        ready.append(await self.prepare_publish(frame))
+                    except Exception as exc:  # noqa: BLE001 - answered on the frame's ref
+                        if not isinstance(exc, ApiError):
+                            log.exception("unhandled error on a WebSocket frame")
+                            exc = ApiError("internal", "an unexpected error occurred; nothing "
+                                                       "was stored")
+                        await self.commit(ready)
+                        ready = []
+                        self.error(exc, ref)
+                await self.commit(ready)
+        finally:
+            self.publisher = None
+
+    async def prepare_publish(self, frame: dict[str, Any]) -> tuple[Any, str, str, str]:
+        v.only_fields(frame, FRAME_FIELDS["publish"])
+        ref = v.ref(frame.get("ref"))
+        room = v.room_name(frame.get("room"))
+        text = v.text(frame.get("text"))
+        author = self.identity.name if self.identity.user else v.author(frame.get("author"))
+        self.identity.check_room(room)
+        await self.gw.rate(POST, self.identity.name)
+        return ref, room, author, text
+
+    async def commit(self, ready: list[tuple[Any, str, str, str]]) -> None:
+        if not ready:
+            return
+        try:
+            msgs = await self.gw.post_many([p[1:] for p in ready], transport="ws")
+        except ApiError as exc:
+            for p in ready:
+                self.error(exc, p[0])
+            return
+        for (ref, *_), msg in zip(ready, msgs):
+            self.sub.push(orjson.dumps({"type": "ack", "ref": ref, "message": msg.to_dict()}))
 
     def error(self, exc: ApiError, ref: Any = None) -> None:
         self.sub.push_json(exc.frame(ref))
@@ -207,12 +263,4 @@ class Session:
             await presence.left(self.sub.id, room)
             self.sub.push_json({"type": "unsubscribed", "room": room})
         else:
-            ref = v.ref(frame.get("ref"))
-            room = v.room_name(frame.get("room"))
-            text = v.text(frame.get("text"))
-            author = self.identity.name if self.identity.user else v.author(frame.get("author"))
-            self.identity.check_room(room)
-            await self.gw.rate(POST, self.identity.name)
-            msg, _ = await self.gw.post(room, author, text, transport="ws")
-            ack: dict[str, Any] = {"type": "ack", "ref": ref, "message": msg.to_dict()}
-            self.sub.push(orjson.dumps(ack))
+            await self.commit([await self.prepare_publish(frame)])

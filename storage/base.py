@@ -105,6 +105,12 @@ class Store(ABC):
                      idempotency_key: str | None = None) -> tuple[Message, bool]:
         """Commit one message; return it and whether it was created now."""
 
+    async def append_many(self, posts: list[tuple[str, str, str]]) -> list[Message]:
+        """Commit new messages ``(room, author, text)`` in this order: within a room
+        their seqs follow it. This default commits one by one; a store that can
+        commits them together, all or none."""
+        return [(await self.append(room, author, text))[0] for room, author, text in posts]
+
     @abstractmethod
     async def history(self, room: str, *, limit: int = 50, before: int | None = None,
                       after: int | None = None) -> Page:

@@ -106,12 +106,16 @@ class HistoryCache:
                 raise ConnectionError("Redis failed moments ago")
             await self._raise(keys=self._keys(message.room), args=[message.seq, self.ttl])
         except Exception as exc:  # noqa: BLE001 - the write is committed; retry later
-            self._failed()
-            log.warning("history cache not raised after commit, retrying: %r", exc,
-                        extra={"room": message.room})
-            self._dirty[message.room] = max(message.seq, self._dirty.get(message.room, 0))
-            if self._retry is None or self._retry.done():
-                self._retry = asyncio.ensure_future(self._retry_dirty())
+            self.not_raised(message, exc)
+
+    def not_raised(self, message: Message, exc: BaseException) -> None:
+        """A commit whose seq could not be raised: retried in the background."""
+        self._failed()
+        log.warning("history cache not raised after commit, retrying: %r", exc,
+                    extra={"room": message.room})
+        self._dirty[message.room] = max(message.seq, self._dirty.get(message.room, 0))
+        if self._retry is None or self._retry.done():
+            self._retry = asyncio.ensure_future(self._retry_dirty())
 
     def _usable(self) -> bool:
         return self.guard is None or self.guard.usable()

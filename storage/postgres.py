@@ -176,6 +176,20 @@ class PostgresStore(Store):
             return _row(row), False
         return Message(mid, room, seq, author, text, ms), True
 
+    async def append_many(self, posts: list[tuple[str, str, str]]) -> list[Message]:
+        """One statement for all of them (all or none), numbered in this order."""
+        if not posts:
+            return []
+        ms = int(time.time() * 1000)
+        created = _EPOCH + timedelta(milliseconds=ms)
+        ids = [new_id(ms) for _ in posts]
+        rows = await self._call("fetch", _APPEND_GROUP, [p[0] for p in posts], ids,
+                                [p[1] for p in posts], [p[2] for p in posts],
+                                [created] * len(posts))
+        seqs = {r["id"]: r["seq"] for r in rows}
+        return [Message(mid, room, seqs[mid], author, text, ms)
+                for mid, (room, author, text) in zip(ids, posts)]
+
     async def _grouped(self, room: str, mid: str, author: str, text: str,
                        created: datetime) -> int:
         """Commit one post with whatever others wait; its seq."""

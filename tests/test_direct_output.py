@@ -36,3 +36,27 @@ async def test_shutdown_closes_direct_sockets_with_1001(gateway_env):
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.conn.recv(), t(10))
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+
+
+async def test_back_to_back_publishes_are_answered_in_frame_order(gateway_env):
+    # Publishes that arrive while a commit runs are committed together; every
+    # answer still follows the order of the frames, and seqs the order of publishes.
+    room = "direct.pipeline"
+    async with instances(1, gateway_env) as (gw,):
+        async with WSClient.connect(gw.ws_url) as ws:
+            for i in range(30):
+                text = "" if i == 7 else f"p{i}"  # frame 7 is invalid (empty text)
+                await ws.send({"type": "publish", "room": room, "text": text, "ref": i,
+                               "author": "ana"})
+            await ws.send({"type": "ping"})
+            answers = [await ws.recv() for _ in range(31)]
+            assert [a.get("ref") for a in answers[:30]] == list(range(30))
+            assert answers[7]["type"] == "error" and answers[7]["code"] == "invalid_request"
+            acks = [a for a in answers[:30] if a["type"] == "ack"]
+            assert [a["message"]["seq"] for a in acks] == list(range(1, 30))
+            assert [a["message"]["text"] for a in acks] == [f"p{i}" for i in range(30) if i != 7]
+            assert answers[30] == {"type": "pong"}
+            await ws.subscribe(room)
+            async with httpx.AsyncClient() as http:
+                page = (await http.get(f"{gw.url}/v1/rooms/{room}/messages?limit=200")).json()
+            assert [m["seq"] for m in page["messages"]] == list(range(1, 30))
