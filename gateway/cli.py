@@ -13,7 +13,6 @@ import uvicorn
 from gateway import logs
 from gateway.config import ConfigError, Settings
 from gateway.errors import CLOSE_GOING_AWAY
-from gateway.transport import WebSocketProtocol
 
 log = logging.getLogger("gateway.cli")
 

@@ -178,6 +178,7 @@ class Gateway:
                 except BrokerUnavailable as exc:
                     log.warning("live publish lost, delivery falls back to the store: %s", exc)
             return
+        assert redis is not None
         try:
             async with redis.pipeline(transaction=False) as pipe:
                 for msg in msgs:

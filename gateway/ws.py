@@ -116,10 +116,10 @@ class Session:
         finally:
             if self.sub.sink is not None:
                 self.sub.sink.on_close = None
-            for task in (expiry, self.publisher):
-                if task is not None:
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
+            for pending in (expiry, self.publisher):
+                if pending is not None:
+                    pending.cancel()
+                    await asyncio.gather(pending, return_exceptions=True)
             self.gw.metrics.connections.labels("ws").dec()
             await hub.unregister(self.sub)
             await presence.gone(self.sub.id)
@@ -234,7 +234,7 @@ class Session:
             for p in ready:
                 self.error(exc, p[0])
             return
-        for (ref, *_), msg in zip(ready, msgs):
+        for (ref, *_), msg in zip(ready, msgs, strict=True):
             self.sub.push(orjson.dumps({"type": "ack", "ref": ref, "message": msg.to_dict()}))
 
     def error(self, exc: ApiError, ref: Any = None) -> None:

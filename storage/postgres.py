@@ -188,7 +188,7 @@ class PostgresStore(Store):
                                 [created] * len(posts))
         seqs = {r["id"]: r["seq"] for r in rows}
         return [Message(mid, room, seqs[mid], author, text, ms)
-                for mid, (room, author, text) in zip(ids, posts)]
+                for mid, (room, author, text) in zip(ids, posts, strict=True)]
 
     async def _grouped(self, room: str, mid: str, author: str, text: str,
                        created: datetime) -> int:
@@ -205,7 +205,7 @@ class PostgresStore(Store):
         while self._waiting:
             group = self._waiting[:GROUP_MAX]
             del self._waiting[:GROUP_MAX]
-            cols = list(zip(*(item[:5] for item in group)))
+            cols = list(zip(*(item[:5] for item in group), strict=True))
             try:
                 for attempt in range(3):
                     try:
