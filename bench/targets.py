@@ -23,6 +23,9 @@ GATEWAY_ENV = {
     "CONNECT_RATE_LIMIT": "1000000/1s",
     "PUBLISH_RATE_LIMIT": "1000000/1s",
     "LOG_LEVEL": "warning",
+    # Every bench socket comes from one address; the per-instance caps would refuse them.
+    "MAX_CONNECTIONS": "0",
+    "MAX_CONNECTIONS_PER_IDENTITY": "0",
 }
 
 
