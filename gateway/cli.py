@@ -63,7 +63,10 @@ class GatewayServer(uvicorn.Server):
 
 def build_server(settings: Settings) -> GatewayServer:
     from gateway.app import create_app
+    from gateway import wsout
     from gateway.wsout import DirectProtocol
+
+    wsout.write_delay = settings.ws_write_delay
 
     app = create_app(settings)
     config = uvicorn.Config(

@@ -24,8 +24,10 @@ from gateway.transport import WebSocketProtocol
 EXTENSION = "gateway.direct"
 
 _last: tuple[bytes, bytes] = (b"", b"")
-# Sinks with frames waiting for this loop turn's flush (one event loop per server process).
+# Sinks with frames waiting for the next flush (one event loop per server process).
 _dirty: list["FrameSink"] = []
+# WS_WRITE_DELAY: how long frames may wait for others to leave in the same write.
+write_delay = 0.0
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -104,7 +106,11 @@ class FrameSink:
         frame = text_frame(payload)
         if not self._frames:
             if not _dirty:
-                asyncio.get_running_loop().call_soon(_flush_all)
+                loop = asyncio.get_running_loop()
+                if write_delay > 0:
+                    loop.call_later(write_delay, _flush_all)
+                else:
+                    loop.call_soon(_flush_all)
             _dirty.append(self)
         self._frames.append(frame)
         self._size += len(frame)

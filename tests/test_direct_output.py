@@ -12,11 +12,12 @@ import websockets
 from tests.harness import WSClient, instances, post, t
 
 
-async def test_many_messages_arrive_as_separate_frames_in_order(gateway_env):
-    # Several messages dispatched in one loop turn leave in one write; the client
-    # must still read one JSON object per frame, in seq order.
+@pytest.mark.parametrize("write_delay", ["0", "0.02"])
+async def test_many_messages_arrive_as_separate_frames_in_order(gateway_env, write_delay):
+    # Several messages dispatched in one loop turn (or within WS_WRITE_DELAY) leave
+    # in one write; the client must still read one JSON object per frame, in order.
     room = "direct.burst"
-    async with instances(1, gateway_env) as (gw,):
+    async with instances(1, {**gateway_env, "WS_WRITE_DELAY": write_delay}) as (gw,):
         async with WSClient.connect(gw.ws_url) as ws, httpx.AsyncClient() as http:
             await ws.subscribe(room)
             results = await asyncio.gather(*(post(http, gw.url, room, f"m{i}")
