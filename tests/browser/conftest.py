@@ -62,6 +62,9 @@ class Pages:
 
 @pytest.fixture
 async def browser(request: pytest.FixtureRequest) -> AsyncIterator[Pages]:
+    if not os.access(CHROMIUM, os.X_OK):
+        raise RuntimeError(f"no Chromium at {CHROMIUM}: install Debian's with "
+                           "`apt-get install -y chromium` (.ci/run does), or set CHROMIUM")
     async with async_playwright() as pw:
         chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         pages = Pages(chromium)
