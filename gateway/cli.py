@@ -87,6 +87,7 @@ def build_server(settings: Settings) -> GatewayServer:
         server_header=False,
         proxy_headers=False,
         lifespan="on",
+        interface="asgi3",  # GatewayApp.__call__ returns the coroutine (gateway.app)
     )
     server = GatewayServer(config)
     server.shutdown_timeout = settings.shutdown_timeout

@@ -67,6 +67,12 @@ def setup(level: str = "info", fmt: str = "json") -> None:
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
 
 
+def request_id(scope: Any) -> str:
+    """The caller's ``X-Request-ID`` when it is a plain token, else a new id."""
+    given = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1")
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+
+
 class RequestContext:
     """ASGI middleware: a request/connection id for every log line, and an access line."""
 
@@ -77,8 +83,7 @@ class RequestContext:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        given = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1")
-        cid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+        cid = request_id(scope)
         token = conn_id.set(cid)
         status = 0
         t0 = time.perf_counter()
