@@ -51,7 +51,8 @@ COLUMNS = {
                "client_cpu_s", "deliveries_per_cpu_s"],
     "idle": ["target", "connections", "rss_per_conn_kib", "idle_cpu_pct", "open_files_limit"],
     "posts": ["target", "instances", "connections", "rooms", "posts", "errors",
-              "posts_per_s", "posts_per_s_per_instance", "p50_ms", "p99_ms", "server_cpu_s"],
+              "posts_per_s", "posts_per_s_per_instance", "p50_ms", "p99_ms", "server_cpu_s",
+              "client_cpu_s"],
     "history": ["path", "reads", "p50_ms", "p99_ms", "max_ms", "speedup_p50"],
 }
 

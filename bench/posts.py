@@ -60,11 +60,13 @@ async def run(*, instances: int = 2, connections: int = 32, rooms: int = 200,
         async def mark_cpu() -> None:
             await asyncio.sleep(measure_from - time.perf_counter())
             cpu0.append(target.cpu())
+            cpu0.append(time.process_time())
             profiler.start(servers, seconds)
 
         await asyncio.gather(mark_cpu(), *(worker(k, w) for k in range(instances)
                                            for w in range(connections)))
         cpu = target.cpu() - cpu0[0]
+        client_cpu = time.process_time() - cpu0[1]
         profiler.finish()
         total = sum(counts)
         return {
@@ -73,6 +75,8 @@ async def run(*, instances: int = 2, connections: int = 32, rooms: int = 200,
             "posts_per_s": round(total / seconds), "per_instance": counts,
             "posts_per_s_per_instance": round(total / seconds / instances),
             **summary_ms(latencies), "server_cpu_s": round(cpu, 2),
+            # The load generator shares the machine's cores with the servers.
+            "client_cpu_s": round(client_cpu, 2),
         }
     finally:
         await target.stop()

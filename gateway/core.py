@@ -182,7 +182,7 @@ class Gateway:
         try:
             async with redis.pipeline(transaction=False) as pipe:
                 for msg in msgs:
-                    await self.history.queue_committed(pipe, msg)
+                    self.history.queue_committed(pipe, msg)
                     if not skip_publish:
                         queue_publish(pipe, self.hub.channel(msg.room), wire_message(msg))
                 results = await pipe.execute(raise_on_error=False)
@@ -192,9 +192,7 @@ class Gateway:
             results = [exc] * ((1 if skip_publish else 2) * len(msgs))
         step = 1 if skip_publish else 2
         for i, msg in enumerate(msgs):
-            raised = results[step * i]
-            if isinstance(raised, Exception):
-                self.history.not_raised(msg, raised)
+            await self.history.queued_result(msg, results[step * i])
             if not skip_publish and isinstance(results[step * i + 1], Exception):
                 log.warning("live publish lost, delivery falls back to the store: %r",
                             results[step * i + 1])

@@ -31,6 +31,7 @@ from collections import OrderedDict
 from typing import Any
 
 import orjson
+from redis.exceptions import NoScriptError
 
 from storage.base import MAX_PAGE, Message, Page, Store, parse_ts
 
@@ -142,10 +143,21 @@ class HistoryCache:
             self._retry.cancel()
             await asyncio.gather(self._retry, return_exceptions=True)
 
-    async def queue_committed(self, pipe: Any, message: Message) -> None:
-        """``committed`` as a command queued on the caller's pipeline (same client)."""
-        await self._raise(keys=self._keys(message.room), args=[message.seq, self.ttl],
-                          client=pipe)
+    def queue_committed(self, pipe: Any, message: Message) -> None:
+        """``committed`` as a command queued on the caller's pipeline (same client).
+
+        A bare EVALSHA: a script object on a pipeline would make redis-py ask
+        ``SCRIPT EXISTS`` first, a second round trip for every post. Hand the
+        command's reply to :meth:`queued_result`."""
+        pipe.evalsha(self._raise.sha, 2, *self._keys(message.room), message.seq, self.ttl)
+
+    async def queued_result(self, message: Message, result: Any) -> None:
+        """The reply of a queued raise. A script Redis does not know (restarted,
+        flushed) is loaded by raising again now; any other error is retried."""
+        if isinstance(result, NoScriptError):
+            await self.committed(message)
+        elif isinstance(result, BaseException):
+            self.not_raised(message, result)
 
     async def latest_seq(self, room: str) -> int:
         """The room's latest seq, cheaply: one Redis read, the store as fallback."""

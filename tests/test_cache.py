@@ -124,3 +124,32 @@ async def test_memory_mode_reads_the_store(tmp_path):
         assert await cache.latest_seqs(["r", "none"]) == {"r": 1, "none": 0}
     finally:
         await store.close()
+
+
+async def test_a_queued_raise_is_one_command_and_survives_a_script_flush(pg_url):
+    """After a commit the seq raise rides the caller's pipeline as a bare EVALSHA (no
+    SCRIPT EXISTS round trip); if Redis lost the script, the raise is redone before
+    the ack, so a read after it is still fresh."""
+    server = RedisServer()
+    server.start()
+    store, client, cache = await _setup(pg_url, "t:", server.url)
+    try:
+        for i in range(1, 4):
+            if i == 3:
+                await client.script_flush()
+            msg, _ = await store.append("room", "ana", f"t{i}")
+            async with client.pipeline(transaction=False) as pipe:
+                cache.queue_committed(pipe, msg)
+                (result,) = await pipe.execute(raise_on_error=False)
+            await cache.queued_result(msg, result)
+            assert int(await client.get("t:{room}:seq")) == i
+            page = await cache.history("room", limit=10)
+            assert [m.seq for m in page.messages] == list(range(1, i + 1))
+        stats = await client.info("commandstats")
+        assert "cmdstat_script|exists" not in stats
+        assert stats["cmdstat_evalsha"]["failed_calls"] >= 1, "the flush was noticed"
+        assert not cache._dirty, "nothing left for the background retry"
+    finally:
+        await client.aclose()
+        await store.close()
+        server.stop()
