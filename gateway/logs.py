@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import re
 import sys
 import time
-import uuid
 from typing import Any
 
 import orjson
@@ -70,7 +70,7 @@ def setup(level: str = "info", fmt: str = "json") -> None:
 def request_id(scope: Any) -> str:
     """The caller's ``X-Request-ID`` when it is a plain token, else a new id."""
     given = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1")
-    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+    return given if _REQUEST_ID.fullmatch(given) else os.urandom(8).hex()
 
 
 class RequestContext:
