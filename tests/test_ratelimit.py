@@ -143,6 +143,32 @@ async def test_noscript_reloads_and_keeps_the_bucket():
         server.stop()
 
 
+async def test_concurrent_decisions_share_pipelines_and_stay_exact():
+    """Hits asked for at once go out together; each is still its own atomic decision,
+    in order, including right after Redis lost the script."""
+    server = RedisServer()
+    server.start()
+    client = aioredis.from_url(server.url)
+    try:
+        limiter = RateLimiter(client, prefix="t:", rates={"post": Rate(10, 3600.0)})
+        first = await asyncio.gather(*(limiter.hit("post", "ana") for _ in range(6)))
+        assert [d.remaining for d in first] == [9, 8, 7, 6, 5, 4]
+        await client.script_flush()
+        rest = await asyncio.gather(*(limiter.hit("post", "ana") for _ in range(10)))
+        assert [d.allowed for d in rest] == [True] * 4 + [False] * 6
+        assert [d.remaining for d in rest[:4]] == [3, 2, 1, 0]
+        assert not limiter.fallback
+        stats = await client.info("commandstats")
+        # a fresh Redis knows no script: both batches were refused once, whole, and
+        # sent again after one SCRIPT LOAD each
+        assert stats["cmdstat_evalsha"]["calls"] == 2 * 6 + 2 * 10
+        assert stats["cmdstat_evalsha"]["failed_calls"] == 6 + 10
+        assert stats["cmdstat_script|load"]["calls"] == 2, "one load per batch"
+    finally:
+        await client.aclose()
+        server.stop()
+
+
 # -- Redis outage: per-instance buckets, a metric and a log line -----------------------
 
 
