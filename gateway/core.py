@@ -95,7 +95,7 @@ class Gateway:
             POST: self.settings.rate_limit,
             PUBLISH: self.settings.publish_rate_limit,
             CONNECT: self.settings.connect_rate_limit,
-        })
+        }, batch=getattr(self.broker, "batch", None))
         self.metrics.watch_pool(self.store.stats)
         for warning in self.auth.warnings():
             log.warning(warning)
@@ -159,15 +159,16 @@ class Gateway:
 
     async def _announce(self, msgs: list[Message]) -> None:
         """Raise the cache's seq, then publish, per message in order. When the cache and
-        the broker share a healthy Redis client all go in one pipeline: one round trip,
-        each command's failure keeping its meaning (an unraised seq is retried by the
+        the broker share a healthy Redis client all go in one pipeline, with whatever
+        other callers send at the same moment (pubsub.batch): one round trip, each
+        command's failure keeping its meaning (an unraised seq is retried by the
         cache, a lost publish is filled from the store by every position check)."""
         assert self.history is not None and self.hub is not None
         skip_publish = self.settings.fault_skip_publish  # test-only: killed after commit
         redis = self.history.redis
-        queue_publish = getattr(self.broker, "queue_publish", None)
+        batch = getattr(self.broker, "batch", None)
         guard = getattr(self.broker, "guard", None)
-        if (redis is None or queue_publish is None or redis is not self.broker.redis
+        if (redis is None or batch is None or redis is not self.broker.redis
                 or (guard is not None and not guard.usable())):
             for msg in msgs:
                 await self.history.committed(msg)
@@ -178,14 +179,14 @@ class Gateway:
                 except BrokerUnavailable as exc:
                     log.warning("live publish lost, delivery falls back to the store: %s", exc)
             return
-        assert redis is not None
+        commands = []
+        for msg in msgs:
+            commands.append(self.history.raise_command(msg))
+            if not skip_publish:
+                commands.append(self.broker.publish_command(self.hub.channel(msg.room),
+                                                            wire_message(msg)))
         try:
-            async with redis.pipeline(transaction=False) as pipe:
-                for msg in msgs:
-                    self.history.queue_committed(pipe, msg)
-                    if not skip_publish:
-                        queue_publish(pipe, self.hub.channel(msg.room), wire_message(msg))
-                results = await pipe.execute(raise_on_error=False)
+            results = await batch.run(commands)
         except Exception as exc:  # noqa: BLE001 - committed: say so and go on
             if guard is not None:
                 guard.failed()

@@ -14,14 +14,12 @@ metric and a log line say it is active.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from gateway.config import Rate
@@ -145,7 +143,8 @@ class RateLimiter:
     """
 
     def __init__(self, redis: Any | None, *, prefix: str = "chat:", metrics: Any | None = None,
-                 rates: dict[str, Rate], guard: Any | None = None) -> None:
+                 rates: dict[str, Rate], guard: Any | None = None,
+                 batch: Any | None = None) -> None:
         self.redis = redis
         self.guard = guard  # has usable() and failed(): skip Redis right after a failure
         self.prefix = prefix
@@ -155,10 +154,9 @@ class RateLimiter:
         self.fallback = False
         # redis-py's Script sends EVALSHA and, on NOSCRIPT, loads the script and retries.
         self._script = redis.register_script(SCRIPT) if redis is not None else None
-        # Decisions asked for at the same moment share one pipeline (not on a cluster,
-        # where keys live on different nodes).
-        self._batch = (Batch(self._script) if redis is not None
-                       and not isinstance(redis, aioredis.RedisCluster) else None)
+        # Decisions asked for at the same moment share one pipeline (pubsub.batch);
+        # none on a cluster, where keys live on different nodes.
+        self.batch = batch
 
     def key(self, action: str, identity: str) -> str:
         return f"{self.prefix}rl:{action}:{{{identity}}}"
@@ -170,10 +168,7 @@ class RateLimiter:
         if self._script is not None and (self.guard is None or self.guard.usable()):
             pus = period_us(rate)
             try:
-                args = [rate.capacity, pus, cost]
-                allowed, value, _full, need = await (
-                    self._batch.call(key, args) if self._batch is not None
-                    else self._script(keys=[key], args=args))
+                allowed, value, _full, need = await self._decide(key, [rate.capacity, pus, cost])
                 decision = _decide(rate, pus, int(value), int(need), bool(allowed))
                 self._set_fallback(False)
             except Exception as exc:  # noqa: BLE001 - Redis down: limit per instance
@@ -189,6 +184,18 @@ class RateLimiter:
                                            else "limited").inc()
         return decision
 
+    async def _decide(self, key: str, args: list[int]) -> Any:
+        assert self._script is not None
+        if self.batch is not None:
+            (reply,) = await self.batch.run([("EVALSHA", self._script.sha, 1, key, *args)])
+            if not isinstance(reply, BaseException):
+                return reply
+            if not isinstance(reply, NoScriptError):
+                raise reply
+            # Redis lost the script (restarted, flushed): the refused call ran nothing;
+            # the script object loads it and sends the call again.
+        return await self._script(keys=[key], args=args)
+
     def _set_fallback(self, on: bool, why: object = None) -> None:
         if on != self.fallback:
             self.fallback = on
@@ -200,66 +207,3 @@ class RateLimiter:
             if self.metrics is not None:
                 self.metrics.rate_limit_fallback.set(1 if on else 0)
 
-
-class Batch:
-    """Calls of one script made while others are on their way, sent in one pipeline.
-
-    Each call is its own EVALSHA, run by Redis atomically and in the order
-    queued, so batching changes no decision; it saves each call the client's
-    own round trip and per-command overhead. Up to ``FLIGHTS`` pipelines are
-    in flight at once. A NOSCRIPT reply (Redis restarted or flushed) loads the
-    script and sends those calls again (a refused EVALSHA ran nothing); any
-    other error is raised to that call's caller.
-    """
-
-    FLIGHTS = 2
-    MAX = 256
-
-    def __init__(self, script: Any) -> None:
-        self.script = script
-        self.redis = script.registered_client
-        self._waiting: list[tuple[str, list[Any], asyncio.Future[Any]]] = []
-        self._flights = 0
-
-    async def call(self, key: str, args: list[Any]) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting.append((key, args, future))
-        if self._flights < self.FLIGHTS:
-            self._flights += 1
-            asyncio.ensure_future(self._send())
-        return await future
-
-    async def _send(self) -> None:
-        try:
-            while self._waiting:
-                group = self._waiting[:self.MAX]
-                del self._waiting[:self.MAX]
-                try:
-                    results = await self._execute(group)
-                    missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-                    if missing:
-                        await self.redis.script_load(self.script.script)
-                        again = await self._execute([group[i] for i in missing])
-                        for i, result in zip(missing, again, strict=True):
-                            results[i] = result
-                except Exception as exc:  # noqa: BLE001 - each caller decides what to do
-                    results = [exc] * len(group)
-                for (_key, _args, future), result in zip(group, results, strict=True):
-                    _settle(future, result)
-        finally:
-            self._flights -= 1
-
-    async def _execute(self, group: list[tuple[str, list[Any], Any]]) -> list[Any]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key, args, _future in group:
-                pipe.evalsha(self.script.sha, 1, key, *args)
-            return list(await pipe.execute(raise_on_error=False))
-
-
-def _settle(future: "asyncio.Future[Any]", result: Any) -> None:
-    if future.done():
-        return
-    if isinstance(result, BaseException):
-        future.set_exception(result)
-    else:
-        future.set_result(result)

@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pubsub.base import Broker, BrokerUnavailable, RedisGuard
+from pubsub.batch import CommandBatch
 
 log = logging.getLogger("pubsub.redis")
 
@@ -49,6 +50,7 @@ class RedisBroker(Broker):
         self._reader: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         self.guard: RedisGuard = RedisGuard()
+        self.batch: CommandBatch | None = None  # commands of many callers, one pipeline
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -69,6 +71,7 @@ class RedisBroker(Broker):
         # No failure here when Redis is down: the reader keeps trying, and
         # /readyz reports the broker until it answers.
         self._client = self._make_client()
+        self.batch = CommandBatch(self._client)
         self._reader = asyncio.create_task(self._run(), name="broker-reader")
 
     async def close(self) -> None:
@@ -160,10 +163,10 @@ class RedisBroker(Broker):
             self.guard.failed()
             raise BrokerUnavailable(f"Redis publish failed: {exc!r}") from exc
 
-    def queue_publish(self, pipe: Any, channel: str, data: bytes) -> None:
-        """``publish`` as a command on the caller's pipeline of this broker's client,
-        so a post's cache update and publish share one round trip."""
-        pipe.publish(channel, data)
+    def publish_command(self, channel: str, data: bytes) -> tuple[Any, ...]:
+        """``publish`` as one command for :attr:`batch` (this broker's client), so a
+        post's cache update and publish share one round trip."""
+        return ("PUBLISH", channel, data)
 
     async def subscribe(self, channel: str) -> None:
         if channel in self._channels:

@@ -143,13 +143,11 @@ class HistoryCache:
             self._retry.cancel()
             await asyncio.gather(self._retry, return_exceptions=True)
 
-    def queue_committed(self, pipe: Any, message: Message) -> None:
-        """``committed`` as a command queued on the caller's pipeline (same client).
-
-        A bare EVALSHA: a script object on a pipeline would make redis-py ask
-        ``SCRIPT EXISTS`` first, a second round trip for every post. Hand the
-        command's reply to :meth:`queued_result`."""
-        pipe.evalsha(self._raise.sha, 2, *self._keys(message.room), message.seq, self.ttl)
+    def raise_command(self, message: Message) -> tuple[Any, ...]:
+        """``committed`` as one Redis command, to send with others (pubsub.batch): a
+        bare EVALSHA, its reply for :meth:`queued_result`."""
+        return ("EVALSHA", self._raise.sha, 2, *self._keys(message.room), message.seq,
+                self.ttl)
 
     async def queued_result(self, message: Message, result: Any) -> None:
         """The reply of a queued raise. A script Redis does not know (restarted,

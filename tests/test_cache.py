@@ -139,7 +139,7 @@ async def test_a_queued_raise_is_one_command_and_survives_a_script_flush(pg_url)
                 await client.script_flush()
             msg, _ = await store.append("room", "ana", f"t{i}")
             async with client.pipeline(transaction=False) as pipe:
-                cache.queue_committed(pipe, msg)
+                pipe.execute_command(*cache.raise_command(msg))
                 (result,) = await pipe.execute(raise_on_error=False)
             await cache.queued_result(msg, result)
             assert int(await client.get("t:{room}:seq")) == i
