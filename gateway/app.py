@@ -11,7 +11,7 @@ import hashlib
 import logging
 import re
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable
+from typing import Any, AsyncIterator, Coroutine
 
 import orjson
 from sse_starlette import EventSourceResponse
@@ -230,7 +230,7 @@ class GatewayApp(Starlette):
         super().__init__(*args, **kwargs)
         self._post = RequestContext(self._http(post_message))
 
-    def __call__(self, scope: Any, receive: Any, send: Any) -> Awaitable[None]:
+    def __call__(self, scope: Any, receive: Any, send: Any) -> Coroutine[Any, Any, None]:
         if scope["type"] == "websocket" and scope["path"] == self.WS_PATH:
             scope["app"] = self
             return self._websocket(scope, receive, send)

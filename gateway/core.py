@@ -167,8 +167,10 @@ class Gateway:
         skip_publish = self.settings.fault_skip_publish  # test-only: killed after commit
         redis = self.history.redis
         batch = getattr(self.broker, "batch", None)
+        publish_command = getattr(self.broker, "publish_command", None)
         guard = getattr(self.broker, "guard", None)
-        if (redis is None or batch is None or redis is not self.broker.redis
+        if (redis is None or batch is None or publish_command is None
+                or redis is not self.broker.redis
                 or (guard is not None and not guard.usable())):
             for msg in msgs:
                 await self.history.committed(msg)
@@ -183,8 +185,7 @@ class Gateway:
         for msg in msgs:
             commands.append(self.history.raise_command(msg))
             if not skip_publish:
-                commands.append(self.broker.publish_command(self.hub.channel(msg.room),
-                                                            wire_message(msg)))
+                commands.append(publish_command(self.hub.channel(msg.room), wire_message(msg)))
         try:
             results = await batch.run(commands)
         except Exception as exc:  # noqa: BLE001 - committed: say so and go on

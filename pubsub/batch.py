@@ -37,7 +37,8 @@ class CommandBatch:
     async def _send(self) -> None:
         try:
             while self._waiting:
-                group, n = [], 0
+                group: list[tuple[list[Command], asyncio.Future[list[Any]]]] = []
+                n = 0
                 while self._waiting and (not group or n + len(self._waiting[0][0]) <= self.MAX):
                     group.append(self._waiting.pop(0))
                     n += len(group[-1][0])
