@@ -34,7 +34,7 @@ from gateway.hub import SSE, Subscriber
 from gateway.logs import RequestContext, conn_id, request_id
 from gateway.stats import stats_events
 from gateway.edge import client_address, gateway_of, identify, json_response, presence_user
-from gateway.ws import WebSocketApp, websocket_endpoint
+from gateway.ws import websocket_endpoint
 from storage import StoreUnavailable
 
 log = logging.getLogger("gateway.http")
@@ -315,7 +315,8 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         Route("/v1/rooms/{room}/messages", list_messages, methods=["GET"]),
         Route("/v1/rooms/{room}/events", room_events, methods=["GET"]),
         Route("/v1/rooms/{room}/presence", room_presence, methods=["GET"]),
-        WebSocketRoute("/v1/ws", WebSocketApp(websocket_endpoint)),
+        # Served by GatewayApp before routing; listed so the routing table is whole.
+        WebSocketRoute(GatewayApp.WS_PATH, websocket_endpoint),
         Route("/v1/publish", publish, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),

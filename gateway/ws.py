@@ -56,17 +56,6 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         gw.limits.release(identity.name)
 
 
-class WebSocketApp:
-    """An endpoint as a bare ASGI app: Starlette then wraps each connection once (in
-    the app's exception middleware) instead of three times (memory per idle socket)."""
-
-    def __init__(self, endpoint: Any) -> None:
-        self.endpoint = endpoint
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await self.endpoint(WebSocket(scope, receive=receive, send=send))
-
-
 async def refuse(websocket: WebSocket, exc: ApiError) -> None:
     """Refuse the upgrade with an HTTP error body, or close 1008 if the server cannot."""
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
