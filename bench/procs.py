@@ -11,17 +11,15 @@ import hashlib
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from contextlib import closing
 from pathlib import Path
 
-import asyncpg
-import redis.asyncio as aioredis
+
+from tests import harness
+from tests.harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = Path(__file__).resolve().parent / "peers"
@@ -36,12 +34,6 @@ def raise_open_files() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -129,34 +121,19 @@ class Server:
 
 
 async def create_database() -> str:
-    name = f"bench_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    return await harness.create_database(PG_ADMIN_URL, tag="bench")
 
 
 async def drop_database(url: str) -> None:
-    conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    await harness.drop_database(url, PG_ADMIN_URL)
 
 
 def new_prefix() -> str:
-    return f"bench:{uuid.uuid4().hex[:10]}:"
+    return harness.new_prefix("bench")
 
 
 async def delete_prefix(prefix: str) -> None:
-    client = aioredis.from_url(REDIS_URL)
-    try:
-        async for key in client.scan_iter(match=f"{prefix}*", count=1000):
-            await client.delete(key)
-    finally:
-        await client.aclose()
+    await harness.delete_prefix(prefix, REDIS_URL)
 
 
 def peers_python(venv: Path | None = None) -> str:

@@ -58,24 +58,24 @@ def free_port() -> int:
 # -- Postgres and Redis ----------------------------------------------------------
 
 
-async def create_database() -> str:
+async def create_database(admin_url: str = PG_ADMIN_URL, tag: str = "cgtest") -> str:
     """A new empty database; returns its URL."""
-    name = f"cgtest_{uuid.uuid4().hex[:12]}"
+    name = f"{tag}_{uuid.uuid4().hex[:12]}"
     try:
-        conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+        conn = await asyncpg.connect(admin_url, timeout=5)
     except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
-        raise RuntimeError(PG_HINT.format(url=PG_ADMIN_URL) + f" [{exc!r}]") from exc
+        raise RuntimeError(PG_HINT.format(url=admin_url) + f" [{exc!r}]") from exc
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    base = admin_url.rsplit("/", 1)[0]
     return f"{base}/{name}"
 
 
-async def drop_database(url: str) -> None:
+async def drop_database(url: str, admin_url: str = PG_ADMIN_URL) -> None:
     name = url.rsplit("/", 1)[1]
-    conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+    conn = await asyncpg.connect(admin_url, timeout=5)
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
@@ -101,8 +101,8 @@ async def delete_prefix(prefix: str, url: str = REDIS_URL) -> None:
         await client.aclose()
 
 
-def new_prefix() -> str:
-    return f"cgtest:{uuid.uuid4().hex[:10]}:"
+def new_prefix(tag: str = "cgtest") -> str:
+    return f"{tag}:{uuid.uuid4().hex[:10]}:"
 
 
 # -- redis-server processes of the tests' own ---------------------------------------
