@@ -34,7 +34,7 @@ from gateway.hub import SSE, Subscriber
 from gateway.logs import RequestContext, conn_id, request_id
 from gateway.stats import stats_events
 from gateway.edge import client_address, gateway_of, identify, json_response, presence_user
-from gateway.ws import websocket_endpoint
+from gateway.ws import expire_with_token, websocket_endpoint
 from storage import StoreUnavailable
 
 log = logging.getLogger("gateway.http")
@@ -92,6 +92,7 @@ async def room_events(request: Request) -> Response:
     gw.limits.acquire(identity.name)
     sub = Subscriber(SSE, identity=identity.name, max_messages=gw.settings.queue_max_messages,
                      max_bytes=gw.settings.queue_max_bytes)
+    expire_with_token(sub, identity)
     hub.register(sub)
     try:
         await hub.subscribe(sub, room, since)

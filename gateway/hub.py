@@ -64,6 +64,7 @@ class Subscriber:
         self.close_code: int | None = None
         self.close_reason = ""
         self.on_slow: Callable[[Subscriber], None] | None = None
+        self._deadline: asyncio.TimerHandle | None = None
         self._queue: list[Any] = []
         self._bytes = 0
         self.closed = Flag()  # an asyncio.Event, lighter (gateway.lite)
@@ -107,7 +108,15 @@ class Subscriber:
     def push_json(self, obj: Any) -> bool:
         return self.push(orjson.dumps(obj))
 
+    def close_at(self, deadline: float, code: int, reason: str) -> None:
+        """Close with ``code`` at ``deadline`` (epoch seconds), e.g. when a token expires."""
+        self._deadline = asyncio.get_running_loop().call_later(
+            max(0.0, deadline - time.time()), self.close, code, reason)
+
     def close(self, code: int, reason: str = "") -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import Any
 
 import orjson
@@ -64,6 +63,13 @@ async def refuse(websocket: WebSocket, exc: ApiError) -> None:
         await websocket.close(CLOSE_POLICY_VIOLATION, exc.message[:120])
 
 
+def expire_with_token(sub: Subscriber, identity: Identity) -> None:
+    """Close the connection (1008 on WS, end of stream on SSE) when its token expires."""
+    if identity.expires_at is not None:
+        sub.close_at(identity.expires_at, CLOSE_POLICY_VIOLATION,
+                     "the token has expired; reconnect with a new one")
+
+
 class Session:
     def __init__(self, gw: Gateway, websocket: WebSocket, identity: Identity,
                  user: str | None = None) -> None:
@@ -86,9 +92,7 @@ class Session:
         hub.register(self.sub)
         self.gw.metrics.connections.labels("ws").inc()
         log.info("websocket opened", extra={"sub": self.sub.id})
-        # The token's expiry closes the socket; a task only when there is one.
-        expiry = (asyncio.create_task(self.expire())
-                  if self.identity.expires_at is not None else None)
+        expire_with_token(self.sub, self.identity)
         try:
             if self.sub.sink is not None:
                 await self.read_until_closed()
@@ -105,10 +109,9 @@ class Session:
         finally:
             if self.sub.sink is not None:
                 self.sub.sink.on_close = None
-            for pending in (expiry, self.publisher):
-                if pending is not None:
-                    pending.cancel()
-                    await asyncio.gather(pending, return_exceptions=True)
+            if self.publisher is not None:
+                self.publisher.cancel()
+                await asyncio.gather(self.publisher, return_exceptions=True)
             self.gw.metrics.connections.labels("ws").dec()
             await hub.unregister(self.sub)
             await presence.gone(self.sub.id)
@@ -120,13 +123,6 @@ class Session:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(
                         self.ws.close(self.sub.close_code, self.sub.close_reason[:120]), 2.0)
-
-    async def expire(self) -> None:
-        """Close the socket with 1008 when the token it was opened with expires."""
-        if self.identity.expires_at is None:
-            return
-        await asyncio.sleep(max(0.0, self.identity.expires_at - time.time()))
-        self.sub.close(CLOSE_POLICY_VIOLATION, "the token has expired; reconnect with a new one")
 
     async def read_until_closed(self) -> None:
         """With direct output the handler's own task is the reader (no task per socket

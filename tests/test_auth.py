@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from typing import Any
@@ -170,3 +171,17 @@ async def test_a_websocket_is_closed_1008_when_its_token_expires(auth_env):
         page = (await http.get(f"{gw.url}/v1/rooms/lobby/messages",
                                headers=bearer(token()))).json()
         assert [m["text"] for m in page["messages"]] == ["while valid"]
+
+
+async def test_an_sse_stream_ends_when_its_token_expires(auth_env):
+    env = {**auth_env, "AUTH_LEEWAY": "0"}
+    async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=10) as http:
+        short = token("eve", exp=2)
+        async with SSEClient.open(f"{gw.url}/v1/rooms/lobby/events?token={short}") as sse:
+            assert sse.status == 200
+            r = await http.post(f"{gw.url}/v1/rooms/lobby/messages", json={"text": "hi"},
+                                headers=bearer(token()))
+            assert r.status_code == 201
+            assert await sse.wait_for(1) == [1]
+            await asyncio.wait_for(sse.ended.wait(), 10)
+            assert sse.seqs() == [1]
