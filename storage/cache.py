@@ -39,6 +39,19 @@ log = logging.getLogger("storage.cache")
 
 # Rooms whose decoded latest window each instance keeps (least recently read go first).
 LOCAL_ROOMS = 256
+# How long one instance may hold a cold key's load before others stop waiting.
+LOAD_LOCK_MS = 1000
+LOAD_POLL = 0.005
+
+# A loader that lost the race for a cold key polls for the winner's page; the
+# third value says whether the winner is still loading.
+_POLL = """
+local v = redis.call('GET', KEYS[1])
+local p = redis.call('HMGET', KEYS[2], 'v', 'd')
+local loading = redis.call('EXISTS', KEYS[3])
+if v and p[1] == v then return {v, p[2], loading} end
+return {false, false, loading}
+"""
 
 _READ = """
 local v = redis.call('GET', KEYS[1])
@@ -83,6 +96,7 @@ class HistoryCache:
         if redis is not None:
             self._read = redis.register_script(_READ)
             self._raise = redis.register_script(_RAISE)
+            self._poll = redis.register_script(_POLL)
 
     def _keys(self, room: str) -> list[str]:
         base = f"{self.prefix}{{{room}}}"
@@ -230,15 +244,52 @@ class HistoryCache:
             self._local.popitem(last=False)
 
     async def _load(self, room: str, keys: list[str]) -> Page:
-        window = await self.store.history(room, limit=MAX_PAGE)
-        if window.messages:
-            data = orjson.dumps({"m": [m.to_dict() for m in window.messages],
-                                 "h": window.has_more})
+        """Load the room's window from the store and cache it. Across instances one
+        loads and the others wait for its page (a lock key per room), so readers
+        arriving at a cold key cause one query, not one per instance."""
+        redis = self.redis
+        assert redis is not None
+        lock = keys[0][: -len(":seq")] + ":load"
+        try:
+            leader = bool(await redis.set(lock, b"1", nx=True, px=LOAD_LOCK_MS))
+        except Exception:  # noqa: BLE001 - no coordination without Redis: load here
+            leader = True
+        if not leader:
+            window = await self._await_leader(keys + [lock])
+            if window is not None:
+                return window
+        try:
+            window = await self.store.history(room, limit=MAX_PAGE)
+            if window.messages:
+                data = orjson.dumps({"m": [m.to_dict() for m in window.messages],
+                                     "h": window.has_more})
+                try:
+                    await self._raise(keys=keys, args=[window.messages[-1].seq, self.ttl, data])
+                except Exception as exc:  # noqa: BLE001
+                    log.debug("cache fill failed: %r", exc)
+            return window
+        finally:
+            if leader:
+                try:
+                    await redis.delete(lock)
+                except Exception:  # noqa: BLE001 - it expires by itself
+                    pass
+
+    async def _await_leader(self, keys: list[str]) -> Page | None:
+        """The page another instance is loading, or None if it gave up or found none."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LOAD_LOCK_MS / 1000
+        while loop.time() < deadline:
+            await asyncio.sleep(LOAD_POLL)
             try:
-                await self._raise(keys=keys, args=[window.messages[-1].seq, self.ttl, data])
-            except Exception as exc:  # noqa: BLE001
-                log.debug("cache fill failed: %r", exc)
-        return window
+                _v, raw_page, loading = await self._poll(keys=keys)
+            except Exception:  # noqa: BLE001
+                return None
+            if raw_page:
+                return _unpack(orjson.loads(raw_page))
+            if not loading:
+                return None
+        return None
 
 
 def _unpack(cached: dict[str, Any]) -> Page:

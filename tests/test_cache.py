@@ -153,3 +153,22 @@ async def test_a_queued_raise_is_one_command_and_survives_a_script_flush(pg_url)
         await client.aclose()
         await store.close()
         server.stop()
+
+
+async def test_readers_on_several_instances_at_a_cold_key_cause_one_query(pg_url, redis_prefix):
+    store, client, first = await _setup(pg_url, redis_prefix)
+    caches = [first] + [HistoryCache(store, client, prefix=redis_prefix) for _ in range(2)]
+    try:
+        for i in range(5):
+            msg, _ = await store.append("shared", "ana", f"t{i}")
+            await first.committed(msg)
+        pages = await asyncio.gather(*(c.history("shared", limit=3)
+                                       for c in caches for _ in range(20)))
+        assert store.reads == 1, "one instance loads; the others wait for its page"
+        assert all([m.seq for m in p.messages] == [3, 4, 5] for p in pages)
+        # an empty room leaves no page to wait for: nobody hangs, everyone answers
+        empty = await asyncio.gather(*(c.history("nobody") for c in caches for _ in range(5)))
+        assert all(p.messages == [] and not p.has_more for p in empty)
+    finally:
+        await client.aclose()
+        await store.close()
