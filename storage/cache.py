@@ -171,17 +171,6 @@ class HistoryCache:
         elif isinstance(result, BaseException):
             self.not_raised(message, result)
 
-    async def latest_seq(self, room: str) -> int:
-        """The room's latest seq, cheaply: one Redis read, the store as fallback."""
-        if self.redis is not None:
-            try:
-                value = await self.redis.get(self._keys(room)[0])
-                if value is not None:
-                    return int(value)
-            except Exception as exc:  # noqa: BLE001
-                log.debug("cache seq read failed: %r", exc)
-        return await self.store.latest_seq(room)
-
     async def latest_seqs(self, rooms: list[str]) -> dict[str, int]:
         """Latest seqs of many rooms in one Redis round trip. A room with no key
         (no write since its TTL) is left out; with Redis down, the store answers."""

@@ -120,7 +120,7 @@ async def test_memory_mode_reads_the_store(tmp_path):
         msg, _ = await store.append("r", "a", "x")
         await cache.committed(msg)
         assert (await cache.history("r")).messages == [msg]
-        assert await cache.latest_seq("r") == 1
+        assert await cache.latest_seqs(["r"]) == {"r": 1}
         assert await cache.latest_seqs(["r", "none"]) == {"r": 1, "none": 0}
     finally:
         await store.close()
