@@ -168,7 +168,7 @@ class Gateway:
         redis = self.history.redis
         batch = getattr(self.broker, "batch", None)
         publish_command = getattr(self.broker, "publish_command", None)
-        guard = getattr(self.broker, "guard", None)
+        guard = self.broker.guard
         if (redis is None or batch is None or publish_command is None
                 or redis is not self.broker.redis
                 or (guard is not None and not guard.usable())):
@@ -181,6 +181,7 @@ class Gateway:
                 except BrokerUnavailable as exc:
                     log.warning("live publish lost, delivery falls back to the store: %s", exc)
             return
+        step = 1 if skip_publish else 2  # commands per message
         commands = []
         for msg in msgs:
             commands.append(self.history.raise_command(msg))
@@ -191,8 +192,7 @@ class Gateway:
         except Exception as exc:  # noqa: BLE001 - committed: say so and go on
             if guard is not None:
                 guard.failed()
-            results = [exc] * ((1 if skip_publish else 2) * len(msgs))
-        step = 1 if skip_publish else 2
+            results = [exc] * (step * len(msgs))
         for i, msg in enumerate(msgs):
             await self.history.queued_result(msg, results[step * i])
             if not skip_publish and isinstance(results[step * i + 1], Exception):
