@@ -29,7 +29,7 @@ from gateway import validation as v
 from gateway.auth import bearer
 from gateway.config import Settings
 from gateway.core import CONNECT, POST, PUBLISH, Gateway
-from gateway.errors import CODES, ApiError
+from gateway.errors import CODES, ApiError, internal
 from gateway.hub import SSE, Subscriber
 from gateway.logs import RequestContext, conn_id, request_id
 from gateway.stats import stats_events
@@ -204,7 +204,7 @@ async def http_error(conn: HTTPConnection, exc: Exception) -> Response:
 
 async def internal_error(conn: HTTPConnection, exc: Exception) -> Response:
     log.exception("unhandled error on %s", conn.url.path, exc_info=exc)
-    return ApiError("internal", "an unexpected error occurred; nothing was stored").response()
+    return internal().response()
 
 
 # -- the app -------------------------------------------------------------------

@@ -65,3 +65,8 @@ class ApiError(Exception):
     def response(self) -> Response:
         return Response(orjson.dumps(self.body()), status_code=self.status,
                         headers=self.headers, media_type="application/json")
+
+
+def internal() -> ApiError:
+    """The refusal for an unexpected failure: a 500 body or an ``internal`` error frame."""
+    return ApiError("internal", "an unexpected error occurred; nothing was stored")

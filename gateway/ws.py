@@ -4,9 +4,11 @@ The reader handles client frames in order. Consecutive publish frames are
 handed to a per-connection publisher that commits, in order, all those that
 arrived while the previous commit ran, in one statement; any other frame
 first waits for the publishes before it, so every answer (ack, error, pong,
-subscribed) keeps the order of the frames that caused it; the writer is the only task that sends, draining the connection's
-bounded queue. When either ends, or the hub closes the subscriber (slow
-consumer 1013, shutdown 1001), the other is cancelled and the socket closed.
+subscribed) keeps the order of the frames that caused it. Frames go out
+through the subscriber: straight to the socket under the gateway's own server,
+else through its bounded queue drained by one writer task. When the reader
+ends, or the hub closes the subscriber (slow consumer 1013, token expiry 1008,
+shutdown 1001), the socket is closed.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from gateway import validation as v
 from gateway.auth import Identity
 from gateway.core import CONNECT, POST, Gateway
 from gateway.edge import gateway_of, identify, presence_user
-from gateway.errors import CLOSE_POLICY_VIOLATION, ApiError
+from gateway.errors import CLOSE_POLICY_VIOLATION, ApiError, internal
 from gateway.hub import WS, Subscriber
 from gateway.wsout import FrameSink
 from storage import StoreUnavailable
@@ -176,8 +178,7 @@ class Session:
                 return
             except Exception:  # noqa: BLE001 - one bad frame must not drop the socket
                 log.exception("unhandled error on a WebSocket frame")
-                self.error(ApiError("internal", "an unexpected error occurred; nothing was "
-                                                "stored"), ref)
+                self.error(internal(), ref)
 
     async def publish_loop(self) -> None:
         """Commit queued publishes in order, each run of valid ones in one go."""
@@ -191,8 +192,7 @@ class Session:
                     except Exception as exc:  # noqa: BLE001 - answered on the frame's ref
                         if not isinstance(exc, ApiError):
                             log.exception("unhandled error on a WebSocket frame")
-                            exc = ApiError("internal", "an unexpected error occurred; nothing "
-                                                       "was stored")
+                            exc = internal()
                         await self.commit(ready)
                         ready = []
                         self.error(exc, ref)
