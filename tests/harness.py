@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import uuid
-from contextlib import asynccontextmanager, closing
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -50,9 +50,20 @@ def t(seconds: float) -> float:
 
 
 def free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (all held at once while they are picked, so
+    the kernel cannot hand the same one out twice)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 # -- Postgres and Redis ----------------------------------------------------------
@@ -155,9 +166,12 @@ class RedisClusterServers:
     def __init__(self, size: int = 3, node_timeout_ms: int = 5000) -> None:
         args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", str(node_timeout_ms))
-        # The bus port is named too: port + 10000 may be taken or past 65535.
-        self.nodes = [RedisServer(extra_args=(*args, "--cluster-port", str(free_port())))
-                      for _ in range(size)]
+        # The bus port is named too: port + 10000 may be taken or past 65535. All
+        # 2 * size ports are picked together so no two nodes can share one.
+        ports = free_ports(2 * size)
+        self.nodes = [RedisServer(ports[2 * i], extra_args=(*args, "--cluster-port",
+                                                            str(ports[2 * i + 1])))
+                      for i in range(size)]
 
     @property
     def url(self) -> str:
@@ -288,8 +302,8 @@ async def instances(n: int, env: dict[str, str]) -> AsyncIterator[list[Instance]
     """``n`` gateways sharing ``env``, started at once (migrations race under the advisory lock)."""
     started: list[Instance] = []
     try:
-        for _ in range(n):
-            started.append(Instance(dict(env)).start())
+        for port in free_ports(n):
+            started.append(Instance(dict(env), port=port).start())
         await asyncio.gather(*(i.wait_ready() for i in started))
         yield started
     finally:
