@@ -19,6 +19,7 @@ from bench.http import HTTPConn
 from bench.procs import REDIS_URL
 from bench.stats import summary_ms
 from bench.targets import Gateway
+from pubsub.batch import CommandBatch
 from storage import HistoryCache
 from storage.postgres import PostgresStore
 
@@ -64,12 +65,15 @@ async def run(*, reads: int = 2000) -> list[dict[str, Any]]:
         redis = aioredis.from_url(REDIS_URL)
         await store.start()
         try:
-            cache = HistoryCache(store, redis, prefix=target.prefix)
+            # Built as the gateway builds it: the seq check goes through the batch.
+            batch = CommandBatch(redis)
+            cache = HistoryCache(store, redis, prefix=target.prefix, batch=batch)
             rows.append(await timed("layer: warm cache", reads,
                                     lambda: cache.history(ROOM, limit=LIMIT)))
             rows.append(await timed("layer: postgres", reads,
                                     lambda: store.history(ROOM, limit=LIMIT)))
         finally:
+            await batch.close()
             await store.close()
             await redis.aclose()
         for a, b in ((0, 1), (2, 3)):

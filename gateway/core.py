@@ -75,8 +75,10 @@ class Gateway:
         redis = self.broker.redis
         prefix = self.settings.key_prefix
         guard = self.broker.guard
+        batch = getattr(self.broker, "batch", None)
         self.history = HistoryCache(self.store, redis, prefix=prefix, guard=guard,
-                                    ttl=self.settings.history_cache_ttl, metrics=self.metrics)
+                                    ttl=self.settings.history_cache_ttl, metrics=self.metrics,
+                                    batch=batch)
         self.hub = Hub(self.broker, self.history, prefix=prefix,
                        gap_wait=self.settings.gap_wait,
                        position_interval=self.settings.position_interval, metrics=self.metrics)
@@ -95,7 +97,7 @@ class Gateway:
             POST: self.settings.rate_limit,
             PUBLISH: self.settings.publish_rate_limit,
             CONNECT: self.settings.connect_rate_limit,
-        }, batch=getattr(self.broker, "batch", None))
+        }, batch=batch)
         self.metrics.watch_pool(self.store.stats)
         for warning in self.auth.warnings():
             log.warning(warning)

@@ -1,62 +1,196 @@
-"""Redis commands that callers issue at the same moment, sent in one pipeline.
+"""Redis commands of many callers, pipelined on one connection.
 
 Each caller hands over its commands and gets their replies back, an error
 reply as an exception instance in its place (as ``execute(raise_on_error=False)``
-gives them); a failure of the whole pipeline (connection lost, timeout) is
-raised to every caller in it. Commands leave in the order queued and Redis
-runs each one atomically, so sharing a pipeline changes no command's effect;
-it saves each caller its own round trip and the client's per-command work.
-Up to ``FLIGHTS`` pipelines are in flight at once.
+gives them); a failure of the connection (lost, or no reply within
+``timeout``) is raised to every caller still waiting. Commands leave in the
+order queued and Redis runs each one atomically, so sharing the connection
+changes no command's effect.
+
+Commands issued in one turn of the event loop leave in one write, and replies
+are matched to callers in order as they arrive (``hiredis`` packs and parses).
+No task, lock or pool checkout stands between a caller and the socket: on
+loopback those cost more than the round trip itself. A caller that is
+cancelled leaves its replies to be read and dropped, so nobody else's are
+disturbed. The connection is opened on first use and again after a loss.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import Any
+
+import hiredis
+from redis._parsers.base import BaseParser
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Command = tuple[Any, ...]
 
 
-class CommandBatch:
-    FLIGHTS = 2
-    MAX = 512  # commands per pipeline (one caller's are never split)
+class _Waiter:
+    __slots__ = ("future", "left", "replies", "deadline")
 
-    def __init__(self, redis: Any) -> None:
-        self.redis = redis
-        self._waiting: list[tuple[list[Command], asyncio.Future[list[Any]]]] = []
-        self._flights = 0
+    def __init__(self, future: asyncio.Future[list[Any]], left: int, deadline: float) -> None:
+        self.future = future
+        self.left = left
+        self.replies: list[Any] = []
+        self.deadline = deadline
+
+
+class _Link(asyncio.Protocol):
+    """One connection: writes go out at the end of the loop turn, replies resolve
+    waiters first in, first out."""
+
+    def __init__(self, batch: CommandBatch) -> None:
+        self.batch = batch
+        self.transport: asyncio.Transport | None = None
+        self.reader = hiredis.Reader(protocolError=InvalidResponse,
+                                     replyError=BaseParser.parse_error)
+        self.waiters: deque[_Waiter] = deque()
+        self.out: list[bytes] = []
+        self.lost: BaseException | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        waiters = self.waiters
+        while True:
+            reply = self.reader.gets()
+            if reply is False:
+                return
+            if not waiters:
+                self.fail(InvalidResponse("Redis sent a reply nobody asked for"))
+                return
+            waiter = waiters[0]
+            waiter.replies.append(reply)
+            waiter.left -= 1
+            if not waiter.left:
+                waiters.popleft()
+                if not waiter.future.done():
+                    waiter.future.set_result(waiter.replies)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(RedisConnectionError(f"Redis connection lost: {exc or 'closed by the server'}"))
+
+    def send(self, packed: bytes, waiter: _Waiter) -> None:
+        if not self.out:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.out.append(packed)
+        self.waiters.append(waiter)
+
+    def flush(self) -> None:
+        out, self.out = self.out, []
+        if self.transport is not None and self.lost is None:
+            self.transport.write(b"".join(out))
+
+    def fail(self, exc: BaseException) -> None:
+        """Every waiter gets ``exc``; the link is done and the next call opens another."""
+        if self.lost is None:
+            self.lost = exc
+        if self.batch.link is self:
+            self.batch.link = None
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.future.done():
+                waiter.future.set_exception(exc)
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class CommandBatch:
+    def __init__(self, redis: Any, *, timeout: float | None = None) -> None:
+        pool = redis.connection_pool
+        # The client's own connection settings, read from a connection it would make.
+        self._settings = pool.connection_class(**pool.connection_kwargs)
+        self.timeout = timeout or self._settings.socket_timeout or 1.0
+        self.link: _Link | None = None
+        self._opening: asyncio.Future[_Link] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
 
     async def run(self, commands: list[Command]) -> list[Any]:
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._waiting.append((commands, future))
-        if self._flights < self.FLIGHTS:
-            self._flights += 1
-            asyncio.ensure_future(self._send())
+        link = self.link
+        if link is None:
+            link = await self._open()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        packed = b"".join([hiredis.pack_command(command) for command in commands])
+        link.send(packed, _Waiter(future, len(commands), loop.time() + self.timeout))
+        if self._timer is None:
+            self._timer = loop.call_later(self.timeout, self._check)
         return await future
 
-    async def _send(self) -> None:
+    async def close(self) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.link is not None:
+            self.link.fail(RedisConnectionError("the command batch is closed"))
+
+    def _check(self) -> None:
+        """A link whose oldest waiter is past its deadline is dropped."""
+        self._timer = None
+        link = self.link
+        if link is None or not link.waiters:
+            return
+        loop = asyncio.get_running_loop()
+        oldest = link.waiters[0].deadline
+        if oldest <= loop.time():
+            link.fail(RedisTimeoutError(f"Redis did not answer within {self.timeout} s"))
+        else:
+            self._timer = loop.call_at(oldest, self._check)
+
+    async def _open(self) -> _Link:
+        if self._closed:
+            raise RedisConnectionError("the command batch is closed")
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._connect())
+            self._opening.add_done_callback(self._opened)
+        return await asyncio.shield(self._opening)
+
+    def _opened(self, opening: asyncio.Future[_Link]) -> None:
+        self._opening = None
+        if not opening.cancelled() and opening.exception() is None:
+            self.link = opening.result()
+
+    async def _connect(self) -> _Link:
+        """Connect and set the connection up as the client would (AUTH, SELECT)."""
+        s = self._settings
+        loop = asyncio.get_running_loop()
+        link = _Link(self)
         try:
-            while self._waiting:
-                group: list[tuple[list[Command], asyncio.Future[list[Any]]]] = []
-                n = 0
-                while self._waiting and (not group or n + len(self._waiting[0][0]) <= self.MAX):
-                    group.append(self._waiting.pop(0))
-                    n += len(group[-1][0])
-                try:
-                    async with self.redis.pipeline(transaction=False) as pipe:
-                        for commands, _future in group:
-                            for command in commands:
-                                pipe.execute_command(*command)
-                        replies = await pipe.execute(raise_on_error=False)
-                except Exception as exc:  # noqa: BLE001 - each caller decides what to do
-                    for _commands, future in group:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                i = 0
-                for commands, future in group:
-                    if not future.done():
-                        future.set_result(list(replies[i:i + len(commands)]))
-                    i += len(commands)
-        finally:
-            self._flights -= 1
+            async with asyncio.timeout(s.socket_connect_timeout or self.timeout):
+                if getattr(s, "path", None):
+                    await loop.create_unix_connection(lambda: link, s.path)
+                else:
+                    context = s.ssl_context.get() if hasattr(s, "ssl_context") else None
+                    await loop.create_connection(lambda: link, s.host, s.port, ssl=context)
+                setup: list[Command] = []
+                if s.password is not None:
+                    setup.append(("AUTH", s.username, s.password) if s.username
+                                 else ("AUTH", s.password))
+                if s.db:
+                    setup.append(("SELECT", s.db))
+                if setup:
+                    future: asyncio.Future[list[Any]] = loop.create_future()
+                    link.send(b"".join(hiredis.pack_command(c) for c in setup),
+                              _Waiter(future, len(setup), loop.time() + self.timeout))
+                    for reply in await future:
+                        if isinstance(reply, Exception):
+                            raise reply
+        except TimeoutError:
+            link.fail(RedisTimeoutError("Redis connect timed out"))
+            raise RedisTimeoutError("Redis connect timed out") from None
+        except OSError as exc:
+            link.fail(RedisConnectionError(str(exc)))
+            raise RedisConnectionError(f"Redis connect failed: {exc}") from exc
+        except BaseException:
+            link.fail(RedisConnectionError("Redis connect failed"))
+            raise
+        return link

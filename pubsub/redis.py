@@ -83,6 +83,8 @@ class RedisBroker(Broker):
                 pass
             self._reader = None
         await self._drop_pubsub()
+        if self.batch is not None:
+            await self.batch.close()
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()

@@ -82,9 +82,11 @@ class HistoryCache:
     """Read-through cache of the latest page; ``redis`` is a ``redis.asyncio`` client or None."""
 
     def __init__(self, store: Store, redis: Any | None = None, *, prefix: str = "chat:",
-                 ttl: int = 3600, metrics: Any | None = None, guard: Any | None = None) -> None:
+                 ttl: int = 3600, metrics: Any | None = None, guard: Any | None = None,
+                 batch: Any | None = None) -> None:
         self.store = store
         self.redis = redis
+        self.batch = batch  # pubsub.batch.CommandBatch over the same Redis, for the reads
         self.guard = guard  # has usable() and failed(): skip Redis right after a failure
         self.prefix = prefix
         self.ttl = ttl
@@ -176,10 +178,7 @@ class HistoryCache:
         (no write since its TTL) is left out; with Redis down, the store answers."""
         if self.redis is not None and self._usable():
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for room in rooms:
-                        pipe.get(self._keys(room)[0])
-                    values = await pipe.execute()
+                values = await self._get([self._keys(room)[0] for room in rooms])
                 return {room: int(v) for room, v in zip(rooms, values, strict=True) if v is not None}
             except Exception as exc:  # noqa: BLE001
                 self._failed()
@@ -196,7 +195,7 @@ class HistoryCache:
         try:
             held = self._local.get(room)
             if held is not None:
-                raw_v = await self.redis.get(keys[0])
+                (raw_v,) = await self._get(keys[:1])
                 if raw_v is not None and int(raw_v) == held[0]:
                     self._local.move_to_end(room)
                     self._count("hit")
@@ -225,6 +224,21 @@ class HistoryCache:
         if window.messages:
             self._keep(room, window.messages[-1].seq, window)
         return _window_page(window, limit)
+
+    async def _get(self, keys: list[str]) -> list[Any]:
+        """GET of each key in one round trip (shared with other callers' commands
+        when there is a batch)."""
+        assert self.redis is not None
+        if self.batch is None:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.get(key)
+                return list(await pipe.execute())
+        values = await self.batch.run([("GET", key) for key in keys])
+        for value in values:
+            if isinstance(value, BaseException):
+                raise value
+        return values
 
     def _keep(self, room: str, version: int, window: Page) -> None:
         self._local[room] = (version, window)

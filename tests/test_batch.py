@@ -1,0 +1,146 @@
+"""The pipelined command connection (pubsub.batch) against real redis-servers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from pubsub.batch import CommandBatch
+from tests import harness
+from tests.proxy import tcp_proxy
+
+
+async def test_concurrent_callers_get_their_own_replies_in_order(redis_prefix: str) -> None:
+    client = aioredis.from_url(harness.REDIS_URL)
+    batch = CommandBatch(client)
+    key = f"{redis_prefix}counter"
+    try:
+        async def caller(i: int) -> list[object]:
+            return await batch.run([("INCR", key), ("ECHO", f"caller {i}"),
+                                    ("GET", f"{redis_prefix}missing")])
+
+        results = await asyncio.gather(*(caller(i) for i in range(200)))
+        for i, (_count, echo, missing) in enumerate(results):
+            assert echo == f"caller {i}".encode()
+            assert missing is None
+        # Each INCR ran once, in the order the callers queued them.
+        assert [r[0] for r in results] == list(range(1, 201))
+        assert int(await client.get(key)) == 200
+    finally:
+        await batch.close()
+        await client.aclose()
+
+
+async def test_an_error_reply_takes_its_place_and_spoils_nothing_else(redis_prefix: str) -> None:
+    client = aioredis.from_url(harness.REDIS_URL)
+    batch = CommandBatch(client)
+    key = f"{redis_prefix}k"
+    try:
+        replies = await batch.run([("SET", key, "v"), ("EVALSHA", "0" * 40, 0),
+                                   ("INCR", key), ("GET", key)])
+        assert replies[0] == b"OK"
+        assert isinstance(replies[1], NoScriptError)
+        assert isinstance(replies[2], ResponseError)  # not an integer
+        assert replies[3] == b"v"
+    finally:
+        await batch.close()
+        await client.aclose()
+
+
+async def test_a_cancelled_caller_disturbs_no_other(redis_prefix: str) -> None:
+    client = aioredis.from_url(harness.REDIS_URL)
+    batch = CommandBatch(client)
+    try:
+        slow = asyncio.ensure_future(batch.run([("BLPOP", f"{redis_prefix}none", 0.3)]))
+        await asyncio.sleep(0.05)
+        slow.cancel()
+        # Queued behind the cancelled call on the same connection: answered in turn.
+        assert await batch.run([("ECHO", "after")]) == [b"after"]
+        assert slow.cancelled()
+        assert await batch.run([("ECHO", "next")]) == [b"next"]
+    finally:
+        await batch.close()
+        await client.aclose()
+
+
+async def test_silent_redis_times_out_every_waiter_then_recovers() -> None:
+    await harness.check_redis()
+    async with tcp_proxy(harness.REDIS_URL) as (proxy, url):
+        client = aioredis.from_url(url)
+        batch = CommandBatch(client, timeout=0.3)
+        try:
+            assert await batch.run([("PING",)]) == [b"PONG"]
+            proxy.hold()
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            results = await asyncio.gather(*(batch.run([("ECHO", str(i))]) for i in range(5)),
+                                           return_exceptions=True)
+            assert all(isinstance(r, RedisTimeoutError) for r in results), results
+            assert 0.25 < loop.time() - t0 < 2.0
+            proxy.restore()
+            assert await batch.run([("ECHO", "back")]) == [b"back"]
+        finally:
+            await batch.close()
+            await client.aclose()
+
+
+async def test_restarted_redis_fails_the_waiters_then_a_new_connection_serves() -> None:
+    server = harness.RedisServer()
+    server.start()
+    client = aioredis.from_url(server.url)
+    batch = CommandBatch(client, timeout=1.0)
+    try:
+        assert await batch.run([("SET", "k", "1")]) == [b"OK"]
+        waiting = asyncio.ensure_future(batch.run([("BLPOP", "none", 5)]))
+        await asyncio.sleep(0.05)
+        server.stop()
+        with pytest.raises(RedisConnectionError):
+            await waiting
+        with pytest.raises(RedisConnectionError):
+            await batch.run([("PING",)])  # down: refused, said at once
+        server.start()
+        assert await batch.run([("SET", "k", "2"), ("GET", "k")]) == [b"OK", b"2"]
+    finally:
+        await batch.close()
+        await client.aclose()
+        server.stop()
+
+
+async def test_password_and_database_from_the_url() -> None:
+    server = harness.RedisServer(extra_args=("--requirepass", "s3cret"))
+    server.start()
+    url = f"redis://:s3cret@127.0.0.1:{server.port}/3"
+    client = aioredis.from_url(url)
+    batch = CommandBatch(client)
+    try:
+        assert await batch.run([("SET", "k", "in db 3")]) == [b"OK"]
+        assert await client.get("k") == b"in db 3"  # the client's database, too
+        other = aioredis.from_url(f"redis://:s3cret@127.0.0.1:{server.port}/0")
+        assert await other.get("k") is None
+        await other.aclose()
+        wrong = aioredis.from_url(f"redis://:wrong@127.0.0.1:{server.port}/0")
+        bad = CommandBatch(wrong)
+        with pytest.raises(AuthenticationError):
+            await bad.run([("PING",)])
+        await bad.close()
+        await wrong.aclose()
+    finally:
+        await batch.close()
+        await client.aclose()
+        server.stop()
+
+
+async def test_closed_batch_refuses(redis_prefix: str) -> None:
+    client = aioredis.from_url(harness.REDIS_URL)
+    batch = CommandBatch(client)
+    assert await batch.run([("ECHO", "x")]) == [b"x"]
+    await batch.close()
+    with pytest.raises(RedisConnectionError):
+        await batch.run([("ECHO", "y")])
+    await client.aclose()
