@@ -211,36 +211,38 @@ async def internal_error(conn: HTTPConnection, exc: Exception) -> Response:
 
 
 class GatewayApp(Starlette):
-    """Starlette, with its two hot routes dispatched straight to their endpoints.
+    """Starlette, with its hot routes dispatched straight to their endpoints.
 
     An idle WebSocket keeps every frame of the call chain that leads to its
     handler alive for as long as it is open: the error and exception
     middleware, the request-id middleware, the router and the route cost about
-    3 KiB per socket. A post pays for the same chain in CPU on every request
-    (about a sixth of a post's time, with the four wrappers its response
-    passes through). ``/v1/ws`` and ``POST /v1/rooms/{room}/messages`` skip it:
-    one frame does what it does for them (the request id and access line of
-    :class:`RequestContext`, the app's exception handlers); every other
-    request goes through Starlette as before.
+    3 KiB per socket. A post or a history read pays for the same chain in CPU
+    on every request (about a sixth of a post's time, with the four wrappers
+    its response passes through). ``/v1/ws`` and ``POST``/``GET
+    /v1/rooms/{room}/messages`` skip it: one frame does what it does for them
+    (the request id and access line of :class:`RequestContext`, the app's
+    exception handlers); every other request goes through Starlette as before.
     """
 
     WS_PATH = "/v1/ws"
-    POST_PATH = re.compile(r"/v1/rooms/([^/]+)/messages")
+    MESSAGES_PATH = re.compile(r"/v1/rooms/([^/]+)/messages")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._post = RequestContext(self._http(post_message))
+        self._messages = {"POST": RequestContext(self._http(post_message)),
+                          "GET": RequestContext(self._http(list_messages))}
 
     def __call__(self, scope: Any, receive: Any, send: Any) -> Coroutine[Any, Any, None]:
         if scope["type"] == "websocket" and scope["path"] == self.WS_PATH:
             scope["app"] = self
             return self._websocket(scope, receive, send)
-        if scope["type"] == "http" and scope["method"] == "POST":
-            match = self.POST_PATH.fullmatch(scope["path"])
-            if match is not None:
+        if scope["type"] == "http":
+            route = self._messages.get(scope["method"])
+            match = None if route is None else self.MESSAGES_PATH.fullmatch(scope["path"])
+            if route is not None and match is not None:
                 scope["app"] = self
                 scope["path_params"] = {"room": match.group(1)}
-                return self._post(scope, receive, send)  # type: ignore[no-any-return]
+                return route(scope, receive, send)  # type: ignore[no-any-return]
         return super().__call__(scope, receive, send)
 
     def _handler(self, exc: Exception, *, unexpected: bool) -> Any:
