@@ -7,8 +7,10 @@ gives them); a failure of the connection (lost, or no reply within
 order queued and Redis runs each one atomically, so sharing the connection
 changes no command's effect.
 
-Commands issued in one turn of the event loop leave in one write, and replies
-are matched to callers in order as they arrive (``hiredis`` packs and parses).
+A command for an idle connection is written at once; commands issued while
+others are in flight are gathered for the rest of the loop turn into one
+write. Replies are matched to callers in order as they arrive (``hiredis``
+packs and parses).
 No task, lock or pool checkout stands between a caller and the socket: on
 loopback those cost more than the round trip itself. A caller that is
 cancelled leaves its replies to be read and dropped, so nobody else's are
@@ -78,7 +80,13 @@ class _Link(asyncio.Protocol):
         self.fail(RedisConnectionError(f"Redis connection lost: {exc or 'closed by the server'}"))
 
     def send(self, packed: bytes, waiter: _Waiter) -> None:
+        """An idle link writes at once; behind commands in flight, the writes of this
+        loop turn are gathered into one."""
         if not self.out:
+            if not self.waiters and self.transport is not None:
+                self.waiters.append(waiter)
+                self.transport.write(packed)
+                return
             asyncio.get_running_loop().call_soon(self.flush)
         self.out.append(packed)
         self.waiters.append(waiter)
