@@ -33,7 +33,8 @@ from gateway.errors import CODES, ApiError, internal
 from gateway.hub import SSE, Subscriber
 from gateway.logs import RequestContext, conn_id, request_id
 from gateway.stats import stats_events
-from gateway.edge import client_address, gateway_of, identify, json_response, presence_user
+from gateway.edge import (client_address, encoded_json_response, gateway_of, identify,
+                          json_response, presence_user)
 from gateway.ws import expire_with_token, websocket_endpoint
 from storage import StoreUnavailable
 
@@ -56,7 +57,7 @@ async def post_message(request: Request) -> Response:
     author = identity.name if identity.user else v.author(body.get("author"))
     decision = await gw.rate(POST, identity.name)
     msg, created = await gw.post(room, author, text, transport="http", idempotency_key=key)
-    return json_response(msg.to_dict(), 201 if created else 200, decision.headers())
+    return encoded_json_response(msg.to_json(), 201 if created else 200, decision.headers())
 
 
 async def list_messages(request: Request) -> Response:
@@ -70,8 +71,10 @@ async def list_messages(request: Request) -> Response:
     after = v.seq_param(q.get("after"), "after")
     assert gw.history is not None
     page = await gw.history.history(room, limit=limit, before=before, after=after)
-    return json_response({"messages": [m.to_dict() for m in page.messages],
-                          "has_more": page.has_more})
+    # Built around each message's own JSON (encoded once per message, see Message).
+    body = b'{"messages":[%s],"has_more":%s}' % (
+        b",".join([m.to_json() for m in page.messages]), b"true" if page.has_more else b"false")
+    return encoded_json_response(body)
 
 
 async def room_events(request: Request) -> Response:

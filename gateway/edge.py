@@ -15,8 +15,13 @@ from gateway.core import Gateway
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status_code=status, headers=headers,
-                    media_type="application/json")
+    return encoded_json_response(orjson.dumps(body), status, headers)
+
+
+def encoded_json_response(data: bytes, status: int = 200,
+                          headers: dict[str, str] | None = None) -> Response:
+    """A response whose JSON body is already encoded."""
+    return Response(data, status_code=status, headers=headers, media_type="application/json")
 
 
 def gateway_of(conn: HTTPConnection) -> Gateway:

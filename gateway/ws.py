@@ -220,7 +220,8 @@ class Session:
                 self.error(exc, p[0])
             return
         for (ref, *_), msg in zip(ready, msgs, strict=True):
-            self.sub.push(orjson.dumps({"type": "ack", "ref": ref, "message": msg.to_dict()}))
+            self.sub.push(b'{"type":"ack","ref":%s,"message":%s}' % (orjson.dumps(ref),
+                                                                    msg.to_json()))
 
     def error(self, exc: ApiError, ref: Any = None) -> None:
         self.sub.push_json(exc.frame(ref))

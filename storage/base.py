@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -66,6 +66,9 @@ class Message:
     author: str
     text: str
     created_ms: int  # commit time, epoch milliseconds
+    # The JSON of to_dict, made on first use: a message is encoded once for every
+    # history read, ack and publish that carries it.
+    _json: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -78,7 +81,11 @@ class Message:
         }
 
     def to_json(self) -> bytes:
-        return orjson.dumps(self.to_dict())
+        encoded = self._json
+        if encoded is None:
+            encoded = orjson.dumps(self.to_dict())
+            object.__setattr__(self, "_json", encoded)
+        return encoded
 
 
 @dataclass(frozen=True, slots=True)
