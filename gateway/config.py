@@ -79,9 +79,10 @@ class Settings:
     sse_ping: float = 15.0
     sse_send_timeout: float = 10.0
     ws_ping_interval: float = 20.0
-    # Seconds a socket's outgoing frames may wait to leave together in one write
-    # (0: at the end of the current loop turn). Trades latency for CPU under load.
-    ws_write_delay: float = 0.0
+    # A socket written less than this many seconds ago holds its next live frames
+    # up to that long, so that they leave together in one write (0: every frame at
+    # the end of the current loop turn). Replies (acks, errors, pongs) never wait.
+    ws_write_delay: float = 0.02
     ws_ping_timeout: float = 20.0
     broker_probe_interval: float = 5.0
     redis_timeout: float = 1.0

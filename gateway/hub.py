@@ -79,12 +79,14 @@ class Subscriber:
     def __repr__(self) -> str:
         return f"<Subscriber {self.id} {self.transport}>"
 
-    def push(self, item: bytes) -> bool:
-        """Queue one encoded frame; closes the subscriber as slow when the queue is full."""
+    def push(self, item: bytes, *, reply: bool = False) -> bool:
+        """Queue one encoded frame; closes the subscriber as slow when the queue is full.
+        A ``reply`` (ack, error, pong) answers the client's own frame and is never
+        held back to share a write (gateway.wsout)."""
         if self.close_code is not None:
             return False
         if self.sink is not None:
-            buffered = self.sink.write(item)
+            buffered = self.sink.write(item, hold=not reply)
             if buffered < 0:
                 return False  # the socket is closing; its session is ending
             if buffered > self.max_bytes:
@@ -105,8 +107,8 @@ class Subscriber:
         self._wakeup.set()
         return True
 
-    def push_json(self, obj: Any) -> bool:
-        return self.push(orjson.dumps(obj))
+    def reply(self, obj: Any) -> bool:
+        return self.push(orjson.dumps(obj), reply=True)
 
     def close_at(self, deadline: float, code: int, reason: str) -> None:
         """Close with ``code`` at ``deadline`` (epoch seconds), e.g. when a token expires."""
@@ -298,7 +300,7 @@ class Hub:
         sub.cursors[room] = cursor
         r.subs[sub] = None
         if sub.transport == WS:
-            sub.push_json({"type": "subscribed", "room": room, "seq": latest})
+            sub.reply({"type": "subscribed", "room": room, "seq": latest})
         if self.metrics is not None:
             self.metrics.subscriptions.inc()
         if latest > cursor:

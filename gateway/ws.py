@@ -221,10 +221,10 @@ class Session:
             return
         for (ref, *_), msg in zip(ready, msgs, strict=True):
             self.sub.push(b'{"type":"ack","ref":%s,"message":%s}' % (orjson.dumps(ref),
-                                                                    msg.to_json()))
+                                                                    msg.to_json()), reply=True)
 
     def error(self, exc: ApiError, ref: Any = None) -> None:
-        self.sub.push_json(exc.frame(ref))
+        self.sub.reply(exc.frame(ref))
 
     async def handle(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
@@ -236,7 +236,7 @@ class Session:
         assert hub is not None and presence is not None
         if kind == "ping":
             ref = v.ref(frame.get("ref"))
-            self.sub.push_json({"type": "pong"} if ref is None else {"type": "pong", "ref": ref})
+            self.sub.reply({"type": "pong"} if ref is None else {"type": "pong", "ref": ref})
         elif kind == "subscribe":
             room = v.room_name(frame.get("room"))
             since = v.seq_param(frame.get("since"), "since")
@@ -247,6 +247,6 @@ class Session:
             room = v.room_name(frame.get("room"))
             await hub.unsubscribe(self.sub, room)
             await presence.left(self.sub.id, room)
-            self.sub.push_json({"type": "unsubscribed", "room": room})
+            self.sub.reply({"type": "unsubscribed", "room": room})
         else:
             await self.commit([await self.prepare_publish(frame)])

@@ -24,9 +24,13 @@ from gateway.transport import WebSocketProtocol
 EXTENSION = "gateway.direct"
 
 _last: tuple[bytes, bytes] = (b"", b"")
-# Sinks with frames waiting for the next flush (one event loop per server process).
+# Sinks with frames for the end of this loop turn, and sinks holding theirs until
+# the hold timer (one event loop per server process).
 _dirty: list["FrameSink"] = []
-# WS_WRITE_DELAY: how long frames may wait for others to leave in the same write.
+_held: list["FrameSink"] = []
+_IDLE, _NOW, _HELD = 0, 1, 2  # FrameSink._due: nothing waiting, end of turn, hold timer
+# WS_WRITE_DELAY: a socket written less than this long ago holds its next frames
+# until the hold timer (at most this long), so that they leave in one write.
 write_delay = 0.0
 
 
@@ -83,7 +87,8 @@ class DirectProtocol(WebSocketProtocol):
 class FrameSink:
     """A subscriber's direct output: JSON payloads in, frames out once per loop turn."""
 
-    __slots__ = ("_write", "_drained", "_frames", "_size", "_buffered", "on_close")
+    __slots__ = ("_write", "_drained", "_frames", "_size", "_buffered", "_written", "_due",
+                 "on_close")
 
     def __init__(self, write: Callable[[bytes], int], drained: Callable[[], Any]) -> None:
         self._write = write
@@ -91,6 +96,8 @@ class FrameSink:
         self._frames: list[bytes] = []
         self._size = 0
         self._buffered = 0
+        self._written = -1e9  # loop time of the last write
+        self._due = _IDLE  # when the frames waiting here leave
         # Called once when the subscriber is closed (the session stops reading).
         self.on_close: Callable[[], Any] | None = None
 
@@ -99,31 +106,46 @@ class FrameSink:
         direct = scope.get("extensions", {}).get(EXTENSION)
         return None if direct is None else cls(direct["write"], direct["drained"])
 
-    def write(self, payload: bytes) -> int:
-        """Queue ``payload`` as a text frame; the bytes pending for this socket, or -1."""
+    def write(self, payload: bytes, *, hold: bool = True) -> int:
+        """Queue ``payload`` as a text frame; the bytes pending for this socket, or -1.
+
+        Frames leave at the end of this loop turn, except that a socket written
+        less than ``write_delay`` ago holds ``hold`` frames until the hold timer
+        (Nagle's rule): a busy socket gets several messages per write, a quiet one
+        gets each at once. A frame that may not wait takes the held ones with it.
+        """
         if self._buffered < 0:
             return -1
         frame = text_frame(payload)
-        if not self._frames:
-            if not _dirty:
-                loop = asyncio.get_running_loop()
-                if write_delay > 0:
-                    loop.call_later(write_delay, _flush_all)
-                else:
-                    loop.call_soon(_flush_all)
-            _dirty.append(self)
+        if self._due != _NOW:
+            loop = asyncio.get_running_loop()
+            if hold and write_delay > 0 and (
+                    self._due == _HELD or loop.time() - self._written < write_delay):
+                if self._due != _HELD:
+                    if not _held:
+                        loop.call_later(write_delay, _flush_held)
+                    _held.append(self)
+                    self._due = _HELD
+            else:
+                if not _dirty:
+                    loop.call_soon(_flush_dirty)
+                _dirty.append(self)
+                self._due = _NOW
         self._frames.append(frame)
         self._size += len(frame)
         return self._buffered + self._size
 
     def flush(self) -> None:
         frames = self._frames
+        self._due = _IDLE
         if not frames or self._buffered < 0:
             return
         data = frames[0] if len(frames) == 1 else b"".join(frames)
         self._frames = []
         self._size = 0
         self._buffered = self._write(data)
+        if write_delay > 0:
+            self._written = asyncio.get_running_loop().time()
 
     def close(self) -> None:
         on_close, self.on_close = self.on_close, None
@@ -136,9 +158,17 @@ class FrameSink:
         await self._drained()
 
 
-def _flush_all() -> None:
-    """Write every dirty sink's frames: one call per loop turn, one write per socket."""
-    sinks = _dirty[:]
-    _dirty.clear()
-    for sink in sinks:
+def _flush(sinks: list[FrameSink]) -> None:
+    """Write each sink's frames, one write per socket."""
+    taken = sinks[:]
+    sinks.clear()
+    for sink in taken:
         sink.flush()
+
+
+def _flush_dirty() -> None:
+    _flush(_dirty)
+
+
+def _flush_held() -> None:
+    _flush(_held)

@@ -29,6 +29,23 @@ async def test_many_messages_arrive_as_separate_frames_in_order(gateway_env, wri
             assert (await ws.expect("pong")) == {"type": "pong"}
 
 
+async def test_a_reply_is_never_held_and_takes_held_frames_with_it(gateway_env):
+    # With a long WS_WRITE_DELAY, live messages to a socket that was just written
+    # are held; a ping's pong answers at once and carries them along, in order.
+    room = "direct.hold"
+    async with instances(1, {**gateway_env, "WS_WRITE_DELAY": "30"}) as (gw,):
+        async with WSClient.connect(gw.ws_url) as ws, httpx.AsyncClient() as http:
+            await ws.subscribe(room)  # the "subscribed" reply: the socket was just written
+            for i in range(3):
+                assert (await post(http, gw.url, room, f"m{i}")).status_code == 201
+            with pytest.raises(asyncio.TimeoutError):
+                await ws.recv(timeout=1.0)  # held, for up to 30 s
+            await ws.send({"type": "ping", "ref": 1})
+            frames = [await ws.recv(timeout=5) for _ in range(4)]
+            assert [f.get("message", {}).get("seq") for f in frames[:3]] == [1, 2, 3]
+            assert frames[3] == {"type": "pong", "ref": 1}
+
+
 async def test_shutdown_closes_direct_sockets_with_1001(gateway_env):
     async with instances(1, gateway_env) as (gw,):
         async with WSClient.connect(gw.ws_url) as ws:
