@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -16,57 +17,55 @@ from tests import harness
 from tests.proxy import tcp_proxy
 
 
-async def test_concurrent_callers_get_their_own_replies_in_order(redis_prefix: str) -> None:
+@pytest.fixture
+async def shared(redis_prefix: str) -> AsyncIterator[tuple[aioredis.Redis, CommandBatch]]:
+    """A client of the machine's Redis and a batch over it (this test's keys only)."""
     client = aioredis.from_url(harness.REDIS_URL)
     batch = CommandBatch(client)
+    try:
+        yield client, batch
+    finally:
+        await batch.close()
+        await client.aclose()
+
+
+async def test_concurrent_callers_get_their_own_replies_in_order(shared, redis_prefix) -> None:
+    client, batch = shared
     key = f"{redis_prefix}counter"
-    try:
-        async def caller(i: int) -> list[object]:
-            return await batch.run([("INCR", key), ("ECHO", f"caller {i}"),
-                                    ("GET", f"{redis_prefix}missing")])
 
-        results = await asyncio.gather(*(caller(i) for i in range(200)))
-        for i, (_count, echo, missing) in enumerate(results):
-            assert echo == f"caller {i}".encode()
-            assert missing is None
-        # Each INCR ran once, in the order the callers queued them.
-        assert [r[0] for r in results] == list(range(1, 201))
-        assert int(await client.get(key)) == 200
-    finally:
-        await batch.close()
-        await client.aclose()
+    async def caller(i: int) -> list[object]:
+        return await batch.run([("INCR", key), ("ECHO", f"caller {i}"),
+                                ("GET", f"{redis_prefix}missing")])
+
+    results = await asyncio.gather(*(caller(i) for i in range(200)))
+    for i, (_count, echo, missing) in enumerate(results):
+        assert echo == f"caller {i}".encode()
+        assert missing is None
+    # Each INCR ran once, in the order the callers queued them.
+    assert [r[0] for r in results] == list(range(1, 201))
+    assert int(await client.get(key)) == 200
 
 
-async def test_an_error_reply_takes_its_place_and_spoils_nothing_else(redis_prefix: str) -> None:
-    client = aioredis.from_url(harness.REDIS_URL)
-    batch = CommandBatch(client)
+async def test_an_error_reply_takes_its_place_and_spoils_nothing_else(shared, redis_prefix) -> None:
+    _client, batch = shared
     key = f"{redis_prefix}k"
-    try:
-        replies = await batch.run([("SET", key, "v"), ("EVALSHA", "0" * 40, 0),
-                                   ("INCR", key), ("GET", key)])
-        assert replies[0] == b"OK"
-        assert isinstance(replies[1], NoScriptError)
-        assert isinstance(replies[2], ResponseError)  # not an integer
-        assert replies[3] == b"v"
-    finally:
-        await batch.close()
-        await client.aclose()
+    replies = await batch.run([("SET", key, "v"), ("EVALSHA", "0" * 40, 0),
+                               ("INCR", key), ("GET", key)])
+    assert replies[0] == b"OK"
+    assert isinstance(replies[1], NoScriptError)
+    assert isinstance(replies[2], ResponseError)  # not an integer
+    assert replies[3] == b"v"
 
 
-async def test_a_cancelled_caller_disturbs_no_other(redis_prefix: str) -> None:
-    client = aioredis.from_url(harness.REDIS_URL)
-    batch = CommandBatch(client)
-    try:
-        slow = asyncio.ensure_future(batch.run([("BLPOP", f"{redis_prefix}none", 0.3)]))
-        await asyncio.sleep(0.05)
-        slow.cancel()
-        # Queued behind the cancelled call on the same connection: answered in turn.
-        assert await batch.run([("ECHO", "after")]) == [b"after"]
-        assert slow.cancelled()
-        assert await batch.run([("ECHO", "next")]) == [b"next"]
-    finally:
-        await batch.close()
-        await client.aclose()
+async def test_a_cancelled_caller_disturbs_no_other(shared, redis_prefix) -> None:
+    _client, batch = shared
+    slow = asyncio.ensure_future(batch.run([("BLPOP", f"{redis_prefix}none", 0.3)]))
+    await asyncio.sleep(0.05)
+    slow.cancel()
+    # Queued behind the cancelled call on the same connection: answered in turn.
+    assert await batch.run([("ECHO", "after")]) == [b"after"]
+    assert slow.cancelled()
+    assert await batch.run([("ECHO", "next")]) == [b"next"]
 
 
 async def test_silent_redis_times_out_every_waiter_then_recovers() -> None:
@@ -136,11 +135,9 @@ async def test_password_and_database_from_the_url() -> None:
         server.stop()
 
 
-async def test_closed_batch_refuses(redis_prefix: str) -> None:
-    client = aioredis.from_url(harness.REDIS_URL)
-    batch = CommandBatch(client)
+async def test_closed_batch_refuses(shared) -> None:
+    _client, batch = shared
     assert await batch.run([("ECHO", "x")]) == [b"x"]
     await batch.close()
     with pytest.raises(RedisConnectionError):
         await batch.run([("ECHO", "y")])
-    await client.aclose()
