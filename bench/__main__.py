@@ -52,7 +52,7 @@ COLUMNS = {
     "idle": ["target", "connections", "rss_per_conn_kib", "idle_cpu_pct", "open_files_limit"],
     "posts": ["target", "instances", "connections", "rooms", "posts", "errors",
               "posts_per_s", "posts_per_s_per_instance", "p50_ms", "p99_ms", "server_cpu_s",
-              "client_cpu_s"],
+              "server_cpu_ms_per_post", "client_cpu_s"],
     "history": ["path", "reads", "p50_ms", "p99_ms", "max_ms", "speedup_p50"],
 }
 

@@ -75,6 +75,9 @@ async def run(*, instances: int = 2, connections: int = 32, rooms: int = 200,
             "posts_per_s": round(total / seconds), "per_instance": counts,
             "posts_per_s_per_instance": round(total / seconds / instances),
             **summary_ms(latencies), "server_cpu_s": round(cpu, 2),
+            # What a post costs the gateway, whatever else the machine is doing:
+            # the figure to compare between runs; posts/s moves with the load.
+            "server_cpu_ms_per_post": round(cpu / total * 1000, 3) if total else None,
             # The load generator shares the machine's cores with the servers.
             "client_cpu_s": round(client_cpu, 2),
         }

@@ -43,6 +43,7 @@ def test_bench_all_scenarios_on_tiny_sizes(tmp_path) -> None:
 
     (posts,) = results["posts"]
     assert posts["posts"] > 0 and posts["errors"] == 0
+    assert posts["server_cpu_ms_per_post"] > 0
     assert len(posts["per_instance"]) == 2 and all(n > 0 for n in posts["per_instance"])
 
     paths = [row["path"] for row in results["history"]]
