@@ -135,7 +135,7 @@ class Presence:
         if counts[user] > 1:
             return
         announce = True
-        if self.redis is not None and self._redis_usable():
+        if self.redis is not None and self._redis_usable(self.key(room)):
             now = _ms()
             try:
                 announce = bool(await self._join(
@@ -143,7 +143,7 @@ class Presence:
                     args=[self._member(user), user, now + int(self.ttl * 1000), now,
                           int(self.ttl * 2000)]))
             except Exception as exc:  # noqa: BLE001 - best effort; the refresh re-adds it
-                self._redis_failed()
+                self._redis_failed(self.key(room))
                 log.warning("presence join not recorded: %r", exc, extra={"room": room})
         if announce:
             await self._announce(room, "join", user)
@@ -178,33 +178,34 @@ class Presence:
     async def members(self, room: str) -> list[str]:
         if self.redis is None:
             return sorted(self.local.get(room, {}))
-        if not self._redis_usable():
+        if not self._redis_usable(self.key(room)):
             raise ConnectionError("Redis failed moments ago")
         try:
             live = await self.redis.zrangebyscore(self.key(room), _ms(), "+inf")
         except Exception:
-            self._redis_failed()
+            self._redis_failed(self.key(room))
             raise
         users = {(m.decode() if isinstance(m, bytes) else m).split(":", 1)[1] for m in live}
         return sorted(users)
 
     # -- upkeep ----------------------------------------------------------------
 
-    def _redis_usable(self) -> bool:
+    def _redis_usable(self, key: str) -> bool:
         guard = self.broker.guard
-        return guard is None or guard.usable()
+        return guard is None or guard.usable(key)
 
-    def _redis_failed(self) -> None:
+    def _redis_failed(self, key: str) -> None:
         if self.broker.guard is not None:
-            self.broker.guard.failed()
+            self.broker.guard.failed(key)
 
     async def _sweep(self, room: str, member: str = "") -> None:
-        if not self._redis_usable():
+        key = self.key(room)
+        if not self._redis_usable(key):
             return  # the member expires by itself; a later sweep announces the leave
         try:
-            gone = await self._leave(keys=[self.key(room)], args=[member, _ms()])
+            gone = await self._leave(keys=[key], args=[member, _ms()])
         except Exception as exc:  # noqa: BLE001 - the member expires by itself
-            self._redis_failed()
+            self._redis_failed(key)
             log.warning("presence leave not recorded: %r", exc, extra={"room": room})
             return
         for user in gone:

@@ -139,7 +139,8 @@ class RateLimiter:
     command timeout) the decision is made on this instance's own buckets. The
     ``guard`` shared with the other Redis users (``pubsub.RedisGuard``) skips
     Redis for a moment after a failure, so an outage costs one caller one
-    timeout rather than every request its own.
+    timeout rather than every request its own. Over a cluster that is per
+    shard: identities whose buckets live on a healthy shard keep sharing them.
     """
 
     def __init__(self, redis: Any | None, *, prefix: str = "chat:", metrics: Any | None = None,
@@ -151,7 +152,7 @@ class RateLimiter:
         self.metrics = metrics
         self.rates = rates
         self.local = LocalBuckets()
-        self.fallback = False
+        self._failing: set[str] = set()  # shards (guard.shard) whose buckets are local now
         # redis-py's Script sends EVALSHA and, on NOSCRIPT, loads the script and retries.
         self._script = redis.register_script(SCRIPT) if redis is not None else None
         # Decisions asked for at the same moment share one pipeline (pubsub.batch);
@@ -165,18 +166,19 @@ class RateLimiter:
         rate = self.rates[action]
         key = self.key(action, identity)
         decision: Decision | None = None
-        if self._script is not None and (self.guard is None or self.guard.usable()):
+        shard = "" if self.guard is None else self.guard.shard(key)
+        if self._script is not None and (self.guard is None or self.guard.usable(key)):
             pus = period_us(rate)
             try:
                 allowed, value, _full, need = await self._decide(key, [rate.capacity, pus, cost])
                 decision = _decide(rate, pus, int(value), int(need), bool(allowed))
-                self._set_fallback(False)
+                self._set_fallback(shard, False)
             except Exception as exc:  # noqa: BLE001 - Redis down: limit per instance
                 if self.guard is not None:
-                    self.guard.failed()
-                self._set_fallback(True, exc)
+                    self.guard.failed(key)
+                self._set_fallback(shard, True, exc)
         elif self._script is not None:
-            self._set_fallback(True, "skipped: Redis failed moments ago")
+            self._set_fallback(shard, True, "skipped: Redis failed moments ago")
         if decision is None:
             decision = self.local.hit(key, rate, cost)
         if self.metrics is not None:
@@ -196,9 +198,18 @@ class RateLimiter:
             # the script object loads it and sends the call again.
         return await self._script(keys=[key], args=args)
 
-    def _set_fallback(self, on: bool, why: object = None) -> None:
-        if on != self.fallback:
-            self.fallback = on
+    @property
+    def fallback(self) -> bool:
+        """Whether some decisions are made on this instance's buckets now."""
+        return bool(self._failing)
+
+    def _set_fallback(self, shard: str, on: bool, why: object = None) -> None:
+        was = self.fallback
+        if on:
+            self._failing.add(shard)
+        else:
+            self._failing.discard(shard)
+        if self.fallback != was:
             if on:
                 log.warning("rate limiter: Redis unreachable (%r); using per-instance buckets",
                             why)

@@ -39,17 +39,31 @@ class RedisGuard:
     limiter): during an outage, or while the link is silent, one caller pays
     the timeout and the others fall back at once (store reads, per-instance
     buckets, delivery by the position check) instead of each waiting it out.
+
+    ``key`` names the Redis key (or sharded channel) a call is about. One Redis
+    server fails as a whole, so this guard ignores it; over a cluster
+    (``pubsub.cluster.ShardGuard``) it picks the shard, and only the shard that
+    failed is skipped. A call about no one key passes None.
     """
 
     def __init__(self, cooldown: float = 1.0) -> None:
         self.cooldown = cooldown
-        self._until = 0.0
+        self._until: dict[str, float] = {}
 
-    def usable(self) -> bool:
-        return time.monotonic() >= self._until
+    def shard(self, key: str | None) -> str:
+        """Which cooldown ``key`` falls under: the one server's."""
+        return ""
 
-    def failed(self) -> None:
-        self._until = time.monotonic() + self.cooldown
+    def usable(self, key: str | None = None) -> bool:
+        return time.monotonic() >= self._until.get(self.shard(key), 0.0)
+
+    def failed(self, key: str | None = None) -> None:
+        self._until[self.shard(key)] = time.monotonic() + self.cooldown
+
+    def reset(self) -> None:
+        """End every cooldown: a subscriber link was just restored, so Redis answers.
+        (What was skipped before is filled from the store by the reconnect.)"""
+        self._until.clear()
 
 
 class Broker(ABC):

@@ -114,6 +114,7 @@ class RedisBroker(Broker):
                     await pubsub.subscribe(*sorted(self._channels - held))
                 if held - self._channels:
                     await pubsub.unsubscribe(*sorted(held - self._channels))
+                self.guard.reset()
                 self.connected.set()
                 if not first:
                     self.reconnects += 1

@@ -42,6 +42,8 @@ LOCAL_ROOMS = 256
 # How long one instance may hold a cold key's load before others stop waiting.
 LOAD_LOCK_MS = 1000
 LOAD_POLL = 0.005
+# Keys read at once over a cluster (each its own command; see HistoryCache._get).
+CLUSTER_READS = 32
 
 # A loader that lost the race for a cold key polls for the winner's page; the
 # third value says whether the winner is still loading.
@@ -118,28 +120,29 @@ class HistoryCache:
         """
         if self.redis is None:
             return
+        keys = self._keys(message.room)
         try:
-            if not self._usable():
+            if not self._usable(keys[0]):
                 raise ConnectionError("Redis failed moments ago")
-            await self._raise(keys=self._keys(message.room), args=[message.seq, self.ttl])
+            await self._raise(keys=keys, args=[message.seq, self.ttl])
         except Exception as exc:  # noqa: BLE001 - the write is committed; retry later
             self.not_raised(message, exc)
 
     def not_raised(self, message: Message, exc: BaseException) -> None:
         """A commit whose seq could not be raised: retried in the background."""
-        self._failed()
+        self._failed(self._keys(message.room)[0])
         log.warning("history cache not raised after commit, retrying: %r", exc,
                     extra={"room": message.room})
         self._dirty[message.room] = max(message.seq, self._dirty.get(message.room, 0))
         if self._retry is None or self._retry.done():
             self._retry = asyncio.ensure_future(self._retry_dirty())
 
-    def _usable(self) -> bool:
-        return self.guard is None or self.guard.usable()
+    def _usable(self, key: str | None = None) -> bool:
+        return self.guard is None or self.guard.usable(key)
 
-    def _failed(self) -> None:
+    def _failed(self, key: str | None = None) -> None:
         if self.guard is not None:
-            self.guard.failed()
+            self.guard.failed(key)
 
     async def _retry_dirty(self) -> None:
         delay = 0.1
@@ -174,28 +177,38 @@ class HistoryCache:
             self.not_raised(message, result)
 
     async def latest_seqs(self, rooms: list[str]) -> dict[str, int]:
-        """Latest seqs of many rooms in one Redis round trip. A room with no key
-        (no write since its TTL) is left out; with Redis down, the store answers."""
-        if self.redis is not None and self._usable():
-            try:
-                values = await self._get([self._keys(room)[0] for room in rooms])
-                return {room: int(v) for room, v in zip(rooms, values, strict=True) if v is not None}
-            except Exception as exc:  # noqa: BLE001
-                self._failed()
-                log.debug("cache seq read failed: %r", exc)
-        return {room: await self.store.latest_seq(room) for room in rooms}
+        """Latest seqs of many rooms, from Redis in one round trip where it can. A
+        room with no key (no write since its TTL) is left out; a room whose key
+        cannot be read (Redis, or its shard, down) is answered by the store."""
+        seqs: dict[str, int] = {}
+        unread = rooms
+        if self.redis is not None:
+            values = await self._get([self._keys(room)[0] for room in rooms])
+            unread = []
+            for room, value in zip(rooms, values, strict=True):
+                if isinstance(value, BaseException):
+                    log.debug("cache seq read failed: %r", value)
+                    unread.append(room)
+                elif value is not None:
+                    seqs[room] = int(value)
+        for room in unread:
+            seqs[room] = await self.store.latest_seq(room)
+        return seqs
 
     async def history(self, room: str, *, limit: int = 50, before: int | None = None,
                       after: int | None = None) -> Page:
-        if (self.redis is None or before is not None or after is not None
-                or not self._usable()):
+        if self.redis is None or before is not None or after is not None:
             return await self.store.history(room, limit=limit, before=before, after=after)
         keys = self._keys(room)
+        if not self._usable(keys[0]):
+            return await self.store.history(room, limit=limit)
         version: int | None = None
         try:
             held = self._local.get(room)
             if held is not None:
                 (raw_v,) = await self._get(keys[:1])
+                if isinstance(raw_v, BaseException):
+                    raise raw_v
                 if raw_v is not None and int(raw_v) == held[0]:
                     self._local.move_to_end(room)
                     self._count("hit")
@@ -210,7 +223,7 @@ class HistoryCache:
                     self._keep(room, version, window)
                 return _window_page(window, limit)
         except Exception as exc:  # noqa: BLE001 - a cache outage falls back to the store
-            self._failed()
+            self._failed(keys[0])
             log.debug("cache read failed: %r", exc)
             self._count("error")
             return await self.store.history(room, limit=limit)
@@ -226,19 +239,36 @@ class HistoryCache:
         return _window_page(window, limit)
 
     async def _get(self, keys: list[str]) -> list[Any]:
-        """GET of each key in one round trip (shared with other callers' commands
-        when there is a batch)."""
+        """GET of each key; an exception in the place of a key that could not be
+        read, and the guard told. Over the batch (one Redis) they share one round
+        trip with other callers' commands. Without one (a cluster) each key is its
+        own command, ``CLUSTER_READS`` at once: a cluster pipeline that meets a
+        dead primary resets the whole client, and one shard's failure must cost
+        only its own keys."""
         assert self.redis is not None
-        if self.batch is None:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.get(key)
-                return list(await pipe.execute())
-        values = await self.batch.run([("GET", key) for key in keys])
-        for value in values:
+        if self.batch is not None:
+            if not self._usable():
+                return [ConnectionError("Redis failed moments ago")] * len(keys)
+            try:
+                values = await self.batch.run([("GET", key) for key in keys])
+            except Exception as exc:  # noqa: BLE001 - in each key's place
+                values = [exc] * len(keys)
+        else:
+            values = []
+            for i in range(0, len(keys), CLUSTER_READS):
+                values += await asyncio.gather(*(self._get_one(key) for key in
+                                                 keys[i:i + CLUSTER_READS]),
+                                               return_exceptions=True)
+        for key, value in zip(keys, values, strict=True):
             if isinstance(value, BaseException):
-                raise value
+                self._failed(key)
         return values
+
+    async def _get_one(self, key: str) -> Any:
+        assert self.redis is not None
+        if not self._usable(key):
+            raise ConnectionError("this key's Redis shard failed moments ago")
+        return await self.redis.get(key)
 
     def _keep(self, room: str, version: int, window: Page) -> None:
         self._local[room] = (version, window)

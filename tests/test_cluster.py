@@ -18,7 +18,7 @@ from redis.crc import key_slot
 
 from gateway.config import ConfigError, Rate, Settings
 from gateway.ratelimit import RateLimiter
-from pubsub import create_broker
+from pubsub import BrokerUnavailable, create_broker
 from pubsub.cluster import ClusterBroker, parse_cluster_url
 from storage import HistoryCache, create_store
 from tests.harness import RedisClusterServers, WSClient, eventually, instances, post, t
@@ -198,6 +198,63 @@ async def test_cache_and_rate_limit_keys_work_across_shards(cluster, tmp_path):
         assert [d.allowed for d in decisions] == [True] * 6 + [False] * 3
         assert not limiter.fallback  # decided by the shared buckets on the cluster
         assert await broker.redis.exists(*(f"t:rl:post:{{user-{i}}}" for i in range(3))) == 3
+    finally:
+        await store.close()
+        await broker.close()
+
+
+async def test_a_down_primary_is_skipped_alone(cluster, tmp_path):
+    """After a call to a dead primary fails, the cache and rate limiter fall back at
+    once for its keys (store reads, local buckets) while the other shards' keys
+    keep using the cluster."""
+    (down,), (up,), _ = rooms_by_node(cluster, 1)
+    broker = ClusterBroker(cluster.url)
+    store = create_store(f"sqlite:///{tmp_path}/m.db")
+    await broker.start()
+    await store.start()
+    await store.migrate()
+    outcomes: list[tuple[str, str]] = []
+
+    class Outcomes:
+        room = ""
+
+        def cache(self, outcome: str) -> None:
+            outcomes.append((self.room, outcome))
+
+    seen = Outcomes()
+    try:
+        await asyncio.wait_for(broker.placed.wait(), t(10))
+        guard = broker.guard
+        assert guard is not None
+        cache = HistoryCache(store, broker.redis, prefix="t:", guard=guard, metrics=seen)
+        limiter = RateLimiter(broker.redis, prefix="t:", rates={"post": Rate(2, 60)},
+                              guard=guard)
+        for room in (down, up):
+            await cache.committed((await store.append(room, "a", f"in {room}"))[0])
+            await cache.history(room)  # warm
+        await limiter.hit("post", "someone")  # the script is loaded on every primary
+        outcomes.clear()
+
+        cluster.nodes[0].stop()
+        for room in (down, up, down, up, down):
+            seen.room = room
+            page = await cache.history(room)
+            assert [m.text for m in page.messages] == [f"in {room}"]
+        # one failure on the dead shard, then no more calls to it; the live one hits
+        assert outcomes == [(down, "error"), (up, "hit"), (up, "hit")]
+        assert not guard.usable(cache._keys(down)[0]) and guard.usable(cache._keys(up)[0])
+
+        # buckets: the dead shard's identity is limited locally, the live one's shared
+        for who in (down, up):
+            assert [(await limiter.hit("post", who)).allowed for _ in range(3)] == \
+                [True, True, False]
+        assert limiter.fallback
+        assert await broker.redis.exists(limiter.key("post", up)) == 1
+
+        # publishing is still tried on the dead shard (see ClusterBroker.publish)
+        with pytest.raises(BrokerUnavailable, match="publish failed"):
+            await broker.publish(channel(down), b"x")
+        await broker.publish(channel(up), b"y")
     finally:
         await store.close()
         await broker.close()
