@@ -32,6 +32,7 @@ import orjson
 
 from gateway.periodic import every
 from pubsub import Broker, BrokerUnavailable
+from pubsub.batch import per_key
 
 log = logging.getLogger("gateway.presence")
 
@@ -216,12 +217,17 @@ class Presence:
         assert self.redis is not None
         expiry = _ms() + int(self.ttl * 1000)
         if self.local:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for room, counts in self.local.items():
-                    for user in counts:
-                        pipe.zadd(self.key(room), {self._member(user): expiry})
-                    pipe.pexpire(self.key(room), int(self.ttl * 2000))
-                await pipe.execute()
+            groups = [(self.key(room), [
+                ("ZADD", self.key(room), *(x for user in counts
+                                           for x in (expiry, self._member(user)))),
+                ("PEXPIRE", self.key(room), int(self.ttl * 2000))])
+                for room, counts in self.local.items()]
+            results = await per_key(self.redis, getattr(self.broker, "batch", None),
+                                    self.broker.guard, groups)
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:
+                log.warning("presence refresh failed for %d of %d rooms: %r", len(failed),
+                            len(groups), failed[0])
         for room in set(self.held_rooms()) | set(self.local):
             await self._sweep(room)
 

@@ -202,3 +202,55 @@ class CommandBatch:
             link.fail(RedisConnectionError("Redis connect failed"))
             raise
         return link
+
+
+# Keys worked on at once over a cluster (each key's commands on their own).
+CLUSTER_CONCURRENCY = 32
+
+
+async def per_key(redis: Any, batch: CommandBatch | None, guard: Any | None,
+                  groups: list[tuple[str, list[Command]]]) -> list[Any]:
+    """Run each key's commands; per group, its replies or the exception that
+    stopped it. A key the guard says to skip is not sent; a failure is told to
+    the guard.
+
+    Over one Redis (``batch``) all groups share one round trip. Over a cluster
+    each group is sent on its own, ``CLUSTER_CONCURRENCY`` at once: a cluster
+    pipeline that meets a dead primary closes the whole client, whose
+    re-initialisation may then pick the dead primary as its default node and
+    fail every command on every shard until it returns, where one shard's
+    failure must cost only its own keys.
+    """
+    skipped = RedisConnectionError("Redis (this key's shard) failed moments ago")
+    send = [guard is None or guard.usable(key) for key, _commands in groups]
+    sent = [group for group, ok in zip(groups, send, strict=True) if ok]
+    if batch is not None:
+        try:
+            replies = await batch.run([c for _key, commands in sent for c in commands])
+        except Exception as exc:  # noqa: BLE001 - in each group's place
+            replies = [exc] * sum(len(commands) for _key, commands in sent)
+        it = iter(replies)
+        done: list[Any] = []
+        for _key, commands in sent:
+            got = [next(it) for _ in commands]
+            done.append(next((r for r in got if isinstance(r, BaseException)), got))
+    else:
+        async def one(commands: list[Command]) -> list[Any]:
+            return [await redis.execute_command(*command) for command in commands]
+
+        done = []
+        for i in range(0, len(sent), CLUSTER_CONCURRENCY):
+            done += await asyncio.gather(*(one(commands) for _key, commands in
+                                           sent[i:i + CLUSTER_CONCURRENCY]),
+                                         return_exceptions=True)
+    results: list[Any] = []
+    it_done = iter(done)
+    for (key, _commands), ok in zip(groups, send, strict=True):
+        if not ok:
+            results.append(skipped)
+            continue
+        result = next(it_done)
+        if isinstance(result, BaseException) and guard is not None:
+            guard.failed(key)
+        results.append(result)
+    return results

@@ -33,6 +33,8 @@ from typing import Any
 import orjson
 from redis.exceptions import NoScriptError
 
+from pubsub.batch import per_key
+
 from storage.base import MAX_PAGE, Message, Page, Store, parse_ts
 
 log = logging.getLogger("storage.cache")
@@ -42,8 +44,6 @@ LOCAL_ROOMS = 256
 # How long one instance may hold a cold key's load before others stop waiting.
 LOAD_LOCK_MS = 1000
 LOAD_POLL = 0.005
-# Keys read at once over a cluster (each its own command; see HistoryCache._get).
-CLUSTER_READS = 32
 
 # A loader that lost the race for a cold key polls for the winner's page; the
 # third value says whether the winner is still loading.
@@ -239,36 +239,11 @@ class HistoryCache:
         return _window_page(window, limit)
 
     async def _get(self, keys: list[str]) -> list[Any]:
-        """GET of each key; an exception in the place of a key that could not be
-        read, and the guard told. Over the batch (one Redis) they share one round
-        trip with other callers' commands. Without one (a cluster) each key is its
-        own command, ``CLUSTER_READS`` at once: a cluster pipeline that meets a
-        dead primary resets the whole client, and one shard's failure must cost
-        only its own keys."""
-        assert self.redis is not None
-        if self.batch is not None:
-            if not self._usable():
-                return [ConnectionError("Redis failed moments ago")] * len(keys)
-            try:
-                values = await self.batch.run([("GET", key) for key in keys])
-            except Exception as exc:  # noqa: BLE001 - in each key's place
-                values = [exc] * len(keys)
-        else:
-            values = []
-            for i in range(0, len(keys), CLUSTER_READS):
-                values += await asyncio.gather(*(self._get_one(key) for key in
-                                                 keys[i:i + CLUSTER_READS]),
-                                               return_exceptions=True)
-        for key, value in zip(keys, values, strict=True):
-            if isinstance(value, BaseException):
-                self._failed(key)
-        return values
-
-    async def _get_one(self, key: str) -> Any:
-        assert self.redis is not None
-        if not self._usable(key):
-            raise ConnectionError("this key's Redis shard failed moments ago")
-        return await self.redis.get(key)
+        """GET of each key, in one round trip over the batch; an exception in the
+        place of a key that could not be read (see pubsub.batch.per_key)."""
+        results = await per_key(self.redis, self.batch, self.guard,
+                                [(key, [("GET", key)]) for key in keys])
+        return [r if isinstance(r, BaseException) else r[0] for r in results]
 
     def _keep(self, room: str, version: int, window: Page) -> None:
         self._local[room] = (version, window)

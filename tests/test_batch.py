@@ -12,7 +12,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from pubsub.batch import CommandBatch
+from pubsub.base import RedisGuard
+from pubsub.batch import CommandBatch, per_key
 from tests import harness
 from tests.proxy import tcp_proxy
 
@@ -133,6 +134,26 @@ async def test_password_and_database_from_the_url() -> None:
         await batch.close()
         await client.aclose()
         server.stop()
+
+
+async def test_per_key_groups_share_a_round_trip_and_fail_alone(shared, redis_prefix) -> None:
+    client, batch = shared
+    guard = RedisGuard(cooldown=60)
+    a, b = f"{redis_prefix}a", f"{redis_prefix}b"
+    await client.set(b, "text")
+    results = await per_key(client, batch, guard, [
+        (a, [("SET", a, "1"), ("INCR", a)]),
+        (b, [("INCR", b), ("GET", b)])])  # INCR of a string: the group's error
+    assert results[0] == [b"OK", 2]
+    assert isinstance(results[1], ResponseError)
+    assert not guard.usable(b)  # told of the failure
+    # while the guard says so, nothing is sent
+    skipped = await per_key(client, batch, guard, [(a, [("INCR", a)])])
+    assert isinstance(skipped[0], RedisConnectionError)
+    assert await client.get(a) == b"2"
+    # without a batch (as over a cluster), each key's commands go on their own
+    alone = await per_key(client, None, None, [(a, [("INCR", a)]), (b, [("GET", b)])])
+    assert alone == [[3], [b"text"]]
 
 
 async def test_closed_batch_refuses(shared) -> None:

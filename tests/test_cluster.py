@@ -243,6 +243,9 @@ async def test_a_down_primary_is_skipped_alone(cluster, tmp_path):
         # one failure on the dead shard, then no more calls to it; the live one hits
         assert outcomes == [(down, "error"), (up, "hit"), (up, "hit")]
         assert not guard.usable(cache._keys(down)[0]) and guard.usable(cache._keys(up)[0])
+        # the position check's read: the dead shard's room from the store, alone
+        await store.append(up, "a", "not raised")  # the cache still says 1 for it
+        assert await cache.latest_seqs([down, up]) == {down: 1, up: 1}
 
         # buckets: the dead shard's identity is limited locally, the live one's shared
         for who in (down, up):
