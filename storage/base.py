@@ -33,23 +33,28 @@ class StoreUnavailable(Exception):
 
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+# Two digits per 10 bits: a ULID's 130 bits (two leading zeros) in 13 lookups.
+_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]
+_SHIFTS = range(120, -1, -10)
 
 
 def new_id(now_ms: int | None = None) -> str:
     """A ULID: 48 bits of milliseconds and 80 random bits, Crockford base32, sortable."""
     ms = int(time.time() * 1000) if now_ms is None else now_ms
     value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
-    out = []
-    for _ in range(26):
-        out.append(_CROCKFORD[value & 31])
-        value >>= 5
-    return "".join(reversed(out))
+    return "".join([_PAIRS[(value >> shift) & 1023] for shift in _SHIFTS])
+
+
+_second: tuple[int, str] = (-1, "")  # the last second formatted, and its text
 
 
 def format_ts(ms: int) -> str:
     """Epoch milliseconds as ``2026-11-21T23:00:00.123Z``."""
-    dt = datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    global _second
+    sec, frac = divmod(ms, 1000)
+    if _second[0] != sec:
+        _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec)))
+    return f"{_second[1]}{frac:03d}Z"
 
 
 def parse_ts(text: str) -> int:
