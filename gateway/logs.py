@@ -99,7 +99,7 @@ class RequestContext:
         try:
             await self.app(scope, receive, send_with_id if scope["type"] == "http" else send)
         finally:
-            if scope["type"] == "http":
+            if scope["type"] == "http" and access.isEnabledFor(logging.INFO):
                 access.info("%s %s %d", scope["method"], scope["path"], status, extra={
                     "method": scope["method"], "path": scope["path"], "status": status,
                     "duration_ms": round((time.perf_counter() - t0) * 1000, 2)})
