@@ -20,6 +20,7 @@ import orjson
 from bench import fanout, history, idle, posts
 from bench.procs import raise_open_files
 from bench.targets import TARGETS
+from bench.verdict import verdicts
 
 SCENARIOS = ("fanout", "idle", "posts", "history")
 
@@ -88,6 +89,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         report["results"][scenario] = rows
         print(f"\n== {scenario}", flush=True)
         print(table(rows, COLUMNS[scenario]), flush=True)
+    report["targets"] = verdicts(report["results"])
+    print("\n== targets", flush=True)
+    print(table(report["targets"], ["target", "measured", "bound", "met"]), flush=True)
     return report
 
 

@@ -12,6 +12,7 @@ import sys
 
 import orjson
 
+from bench.verdict import verdicts
 from tests import harness
 
 
@@ -52,3 +53,36 @@ def test_bench_all_scenarios_on_tiny_sizes(tmp_path) -> None:
     assert all(row["reads"] == 20 and row["p50_ms"] > 0 for row in results["history"])
     for scenario in results:
         assert f"== {scenario}" in proc.stdout
+    # tiny sizes: the targets are printed but none is judged on them, except
+    # posts and history, whose targets do not name a size
+    met = {row["target"]: row["met"] for row in report["targets"]}
+    assert met["fan-out: deliveries per server CPU-second vs best peer"] == "not measured"
+    assert met["idle: KiB per connection at 10,000"] == "not measured"
+    assert "== targets" in proc.stdout
+
+
+def _fan(target: str, per_cpu: int, p99: float, **size: object) -> dict[str, object]:
+    return {"target": target, "persists": target == "gateway", "instances": 2,
+            "subscribers": 400, "rate": 100.0, "deliveries_per_cpu_s": per_cpu,
+            "p99_ms": p99, "delivery_ratio": 1.0, **size}
+
+
+def test_targets_are_judged_against_the_best_peer_and_the_named_sizes() -> None:
+    results = {
+        "fanout": [_fan("gateway", 70_000, 90.0), _fan("broadcaster", 32_000, 100.0),
+                   _fan("python-socketio", 13_000, 50.0)],
+        "idle": [{"target": "gateway", "connections": 10_000, "rss_per_conn_kib": 21.0}],
+        "posts": [{"instances": 2, "posts_per_s_per_instance": 2100, "p99_ms": 24.0}],
+        "history": [{"path": "layer: warm cache", "speedup_p50": 9.9}],
+    }
+    met = {row["target"]: (row["met"], row["measured"]) for row in verdicts(results)}
+    # the best peer is the one with the most deliveries per CPU-second
+    assert met["fan-out: deliveries per server CPU-second vs best peer"] == (
+        "yes", "2.19x (broadcaster)")
+    assert met["fan-out: p99 vs best peer"][0] == "yes"  # 90 <= broadcaster's 100
+    assert met["idle: KiB per connection at 10,000"][0] == "no"
+    assert met["posts: per instance, p99 (2 instances)"][0] == "yes"
+    assert met["history: warm cache vs Postgres, p50 (storage layer)"][0] == "no"
+    results["fanout"][0]["subscribers"] = 40
+    met = {row["target"]: row["met"] for row in verdicts(results)}
+    assert met["fan-out: deliveries per server CPU-second vs best peer"] == "not measured"
