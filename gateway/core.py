@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from typing import Any
 
 from gateway.auth import Authenticator
@@ -27,6 +28,7 @@ from gateway.metrics import Metrics
 from gateway.presence import Presence
 from gateway.ratelimit import Decision, RateLimiter
 from gateway.retention import Retention
+from gateway.stats import Beacon
 from pubsub import Broker, BrokerUnavailable, create_broker
 from storage import HistoryCache, Message, Store, StoreUnavailable, create_store
 
@@ -64,6 +66,9 @@ class Gateway:
                                        settings.max_connections_per_identity)
         self.started_at = time.time()
         self.closing = False
+        # One id per running instance: its presence members and its stats entry.
+        self.instance_id = uuid.uuid4().hex[:12]
+        self.beacon: Beacon | None = None
 
     async def start(self, *, migrate: bool = True) -> None:
         await self.store.start()
@@ -86,8 +91,12 @@ class Gateway:
         hub = self.hub
         self.presence = Presence(self.broker, redis, prefix=prefix,
                                  ttl=self.settings.presence_ttl, channel=hub.channel,
-                                 held_rooms=lambda: list(hub.rooms))
+                                 held_rooms=lambda: list(hub.rooms),
+                                 instance=self.instance_id)
         await self.presence.start()
+        if redis is not None:
+            self.beacon = Beacon(self, redis, prefix, guard=guard)
+            self.beacon.start()
         if self.settings.retention_days is not None:
             self.retention = Retention(self.store, days=self.settings.retention_days,
                                        interval=self.settings.retention_interval,
@@ -104,6 +113,8 @@ class Gateway:
 
     async def close(self) -> None:
         self.closing = True
+        if self.beacon is not None:
+            await self.beacon.close()
         if self.retention is not None:
             await self.retention.close()
         if self.presence is not None:

@@ -162,9 +162,12 @@ def document() -> dict[str, Any]:
             },
         }},
         "/v1/stats/events": {"get": {
-            "summary": "this instance's live figures as SSE, one `stats` event per interval",
+            "summary": "live figures as SSE, one `stats` event per interval: this "
+                       "instance's, or with scope=cluster the sum over every instance",
             "parameters": [{"name": "interval", "in": "query", "required": False,
-                            "schema": stats.INTERVAL}],
+                            "schema": stats.INTERVAL},
+                           {"name": "scope", "in": "query", "required": False,
+                            "schema": stats.SCOPE}],
             "responses": {
                 "200": {"description": "the event stream", "content": {
                     "text/event-stream": {"schema": {"type": "string"}}}},

@@ -88,14 +88,15 @@ def wire_presence(room: str, action: str, user: str) -> bytes:
 class Presence:
     def __init__(self, broker: Broker, redis: Any | None, *, prefix: str = "chat:",
                  ttl: float = 30.0, channel: Callable[[str], str],
-                 held_rooms: Callable[[], Iterable[str]] = lambda: ()) -> None:
+                 held_rooms: Callable[[], Iterable[str]] = lambda: (),
+                 instance: str | None = None) -> None:
         self.broker = broker
         self.redis = redis
         self.prefix = prefix
         self.ttl = ttl
         self.channel = channel
         self.held_rooms = held_rooms
-        self.instance = uuid.uuid4().hex[:12]
+        self.instance = instance or uuid.uuid4().hex[:12]
         self.local: dict[str, dict[str, int]] = {}  # room -> user -> connections here
         self._held: dict[int, tuple[str, set[str]]] = {}  # connection id -> (user, rooms)
         self._task: asyncio.Task[None] | None = None

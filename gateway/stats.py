@@ -1,4 +1,4 @@
-"""``GET /v1/stats/events``: this instance's live figures as Server-Sent Events.
+"""``GET /v1/stats/events``: live figures as Server-Sent Events.
 
 Every ``interval`` seconds (default 1) the stream sends one ``event: stats``
 whose data is a JSON snapshot read from the gateway's Prometheus registry and
@@ -8,6 +8,11 @@ delivery latency over the last interval, history-cache hit rate and
 rate-limit refusals. Rates are differences between two consecutive samples of
 the same stream, so each dashboard sees its own smooth series and the server
 keeps no state for it. The stream ends when the instance shuts down.
+
+With ``scope=cluster`` the figures are the sum over every instance sharing
+the Redis: each instance writes its own counters to one Redis hash every
+second (:class:`Beacon`), and the stream adds up the entries written in the
+last few seconds. Without Redis (``memory://``) the cluster is this instance.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.edge import gateway_of
 from gateway.errors import ApiError
+from gateway.periodic import every
 
 MAX_ROOMS = 20  # rooms listed per snapshot, busiest first
 Labels = dict[str, str]
@@ -53,13 +58,55 @@ def _quantile(buckets: list[tuple[float, float]], count: float, q: float) -> flo
     return buckets[-1][0] if buckets else None
 
 
-class Sampler:
-    """Turns successive registry readings into a snapshot with per-second rates."""
+def stats_key(prefix: str) -> str:
+    return f"{prefix}stats"
 
-    def __init__(self, gw: Any) -> None:
+
+def add_readings(readings: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sum of several instances' readings: counters add, latency buckets add
+    bound by bound, a room's seq is the highest seen and its subscribers add."""
+    out: dict[str, Any] = {k: 0.0 for k in _COUNTERS}
+    buckets: dict[float, float] = {}
+    rooms: dict[str, tuple[int, int]] = {}
+    for r in readings:
+        for k in _COUNTERS:
+            out[k] += r[k]
+        for bound, value in r["lat_buckets"]:
+            buckets[float(bound)] = buckets.get(float(bound), 0.0) + value
+        for name, (seq, subs) in r["rooms"].items():
+            held = rooms.get(name, (0, 0))
+            rooms[name] = (max(held[0], seq), held[1] + subs)
+    out["lat_buckets"] = sorted(buckets.items())
+    out["rooms"] = rooms
+    return out
+
+
+class Sampler:
+    """Turns successive readings into a snapshot with per-second rates."""
+
+    def __init__(self, gw: Any, *, cluster: bool = False) -> None:
         self.gw = gw
+        self.cluster = cluster
         self.last: dict[str, Any] | None = None
         self.last_t = 0.0
+        self.instances: list[dict[str, Any]] = []
+
+    async def reading(self) -> dict[str, Any]:
+        """This instance's reading, or with ``cluster`` the sum over the instances
+        whose beacon is fresh (this one's own reading if Redis cannot say)."""
+        own = self.read()
+        me = self.gw.beacon
+        if not self.cluster or me is None:
+            self.instances = [self.identity(own)]
+            return own
+        others = await me.others()
+        self.instances = [self.identity(own)] + [
+            {**o["who"], "clients": int(o["c"]["ws"] + o["c"]["sse"])} for o in others]
+        return add_readings([own] + [o["c"] for o in others])
+
+    def identity(self, own: dict[str, Any]) -> dict[str, Any]:
+        gw = self.gw
+        return {**_who(gw), "clients": int(own["ws"] + own["sse"])}
 
     def read(self) -> dict[str, Any]:
         data = samples(self.gw.metrics.registry)
@@ -88,9 +135,8 @@ class Sampler:
             "rooms": rooms,
         }
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, cur: dict[str, Any]) -> dict[str, Any]:
         now = time.time()
-        cur = self.read()
         prev = self.last or cur
         dt = max(1e-3, now - self.last_t) if self.last is not None else 1.0
         self.last, self.last_t = cur, now
@@ -118,8 +164,10 @@ class Sampler:
         gw = self.gw
         return {
             "time": round(now, 3),
+            "scope": "cluster" if self.cluster else "instance",
             "instance": {"pid": os.getpid(), "uptime_s": round(now - gw.started_at, 1),
                          "closing": bool(gw.closing)},
+            "instances": self.instances,
             "clients": {"ws": int(cur["ws"]), "sse": int(cur["sse"]),
                         "total": int(cur["ws"] + cur["sse"])},
             "subscriptions": int(cur["subscriptions"]),
@@ -160,17 +208,101 @@ def _interval(raw: str | None) -> float:
     return value
 
 
+SCOPE: dict[str, Any] = {"type": "string", "enum": ["instance", "cluster"],
+                         "default": "instance"}
+
+
 async def stats_events(request: Request) -> Response:
-    gw = gateway_of(request)
+    gw = request.app.state.gateway  # as gateway.edge.gateway_of, which imports the core
     interval = _interval(request.query_params.get("interval"))
+    scope = request.query_params.get("scope", SCOPE["default"])
+    if scope not in SCOPE["enum"]:
+        raise ApiError("invalid_request", "scope must be instance or cluster", field="scope")
     if gw.closing:
         raise ApiError("unavailable", "the instance is shutting down; reconnect elsewhere")
-    sampler = Sampler(gw)
+    sampler = Sampler(gw, cluster=scope == "cluster")
 
     async def stream() -> AsyncIterator[dict[str, str]]:
         while not gw.closing:
-            yield {"event": "stats", "data": orjson.dumps(sampler.snapshot()).decode()}
+            snapshot = sampler.snapshot(await sampler.reading())
+            yield {"event": "stats", "data": orjson.dumps(snapshot).decode()}
             await asyncio.sleep(interval)
 
     return EventSourceResponse(stream(), ping=15, sep="\n",
                                headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+_COUNTERS = ("ws", "sse", "subscriptions", "accepted", "delivered", "lat_count", "lat_sum",
+             "hits", "lookups", "limited")
+# A beacon older than this is an instance gone (or cut off from Redis).
+FRESH = 3.0
+
+
+def _who(gw: Any) -> dict[str, Any]:
+    return {"id": gw.instance_id, "pid": os.getpid(),
+            "uptime_s": round(time.time() - gw.started_at, 1), "closing": bool(gw.closing)}
+
+
+class Beacon:
+    """This instance's counters in the shared hash ``stats_key(prefix)``, every
+    ``interval`` seconds, for the cluster-wide stream; its entry is removed on
+    close (or left to age past ``FRESH`` if the instance dies)."""
+
+    def __init__(self, gw: Any, redis: Any, prefix: str, guard: Any | None = None,
+                 interval: float = 1.0) -> None:
+        self.gw = gw
+        self.redis = redis
+        self.key = stats_key(prefix)
+        self.guard = guard
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = every(self.interval, self.write, "stats beacon", now=True)
+
+    async def write(self) -> None:
+        if self.guard is not None and not self.guard.usable(self.key):
+            return  # Redis failed moments ago: the other users report it
+        reading = Sampler(self.gw).read()
+        # JSON has no infinity: the last bucket's bound goes as text ("inf").
+        reading["lat_buckets"] = [[str(b), v] for b, v in reading["lat_buckets"]]
+        entry = {"who": _who(self.gw), "t": time.time(), "c": reading}
+        try:
+            await self.redis.hset(self.key, self.gw.instance_id, orjson.dumps(entry))
+            await self.redis.pexpire(self.key, int(FRESH * 10_000))
+        except Exception:  # noqa: BLE001 - the cluster view misses this instance a while
+            if self.guard is not None:
+                self.guard.failed(self.key)
+
+    async def others(self) -> list[dict[str, Any]]:
+        """The fresh entries of the other instances (none if Redis cannot say)."""
+        if self.guard is not None and not self.guard.usable(self.key):
+            return []
+        try:
+            raw = await self.redis.hgetall(self.key)
+        except Exception:  # noqa: BLE001
+            if self.guard is not None:
+                self.guard.failed(self.key)
+            return []
+        now = time.time()
+        out = []
+        for field_, value in raw.items():
+            name = field_.decode() if isinstance(field_, bytes) else field_
+            if name == self.gw.instance_id:
+                continue
+            try:
+                entry = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                continue
+            if now - float(entry.get("t", 0)) <= FRESH:
+                out.append(entry)
+        return out
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            await self.redis.hdel(self.key, self.gw.instance_id)
+        except Exception:  # noqa: BLE001 - it ages out
+            pass

@@ -1,5 +1,6 @@
-// The live dashboard: one EventSource on /v1/stats/events, one snapshot a
-// second, drawn as figures and small line charts of the last two minutes.
+// The live dashboard: one EventSource on /v1/stats/events (every instance
+// added up, or the serving instance alone: #scope), one snapshot a second,
+// drawn as figures and small line charts of the last two minutes.
 // Every figure is an <output> whose data-value holds the raw number, and
 // #status carries data-state (connecting, live, stale, reconnecting).
 "use strict";
@@ -139,7 +140,11 @@
     t.dateTime = new Date(snap.time * 1000).toISOString();
     t.textContent = new Date(snap.time * 1000).toLocaleTimeString();
     t.dataset.samples = String(samples);
-    $("instance").textContent = `pid ${snap.instance.pid}, up ${Math.round(snap.instance.uptime_s)} s`;
+    const n = (snap.instances || []).length;
+    $("instance").dataset.instances = String(n);
+    $("instance").textContent = snap.scope === "cluster"
+      ? `${n} instance${n === 1 ? "" : "s"}, served by pid ${snap.instance.pid}`
+      : `pid ${snap.instance.pid}, up ${Math.round(snap.instance.uptime_s)} s`;
 
     put("rate", snap.messages.accepted_per_s, 1);
     put("delivered", snap.messages.delivered_per_s, 1);
@@ -171,7 +176,7 @@
 
   let source = null;
   function open() {
-    source = new EventSource("/v1/stats/events");
+    source = new EventSource("/v1/stats/events?scope=" + encodeURIComponent($("scope").value));
     source.addEventListener("stats", (ev) => update(JSON.parse(ev.data)));
     source.onopen = () => setStatus("live", "Live");
     source.onerror = () => {
@@ -188,6 +193,16 @@
       setStatus("stale", "No sample for " + Math.round((Date.now() - lastAt) / 1000) + " s");
     }
   }, 1000);
+
+  $("scope").addEventListener("change", () => {
+    // Another set of figures: start the charts afresh.
+    if (source) source.close();
+    Object.keys(series).forEach((k) => delete series[k]);
+    roomSeries.clear();
+    samples = 0;
+    setStatus("connecting", "Connecting…");
+    open();
+  });
 
   window.addEventListener("resize", () => CHARTS.forEach((c) => chart(...c)));
   open();

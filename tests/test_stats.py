@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from tests.harness import Instance, SSEClient, WSClient, eventually, post
+from tests.harness import Instance, SSEClient, WSClient, eventually, instances, post
 
 
 async def test_stats_stream_reports_clients_rooms_rates_latency_and_cache(gateway_env):
@@ -58,5 +58,52 @@ async def test_stats_stream_refuses_a_bad_interval(gateway_env):
                 r = await http.get(f"{inst.url}/v1/stats/events", params={"interval": bad})
                 assert r.status_code == 422, bad
                 assert r.json()["error"]["code"] == "invalid_request"
+            r = await http.get(f"{inst.url}/v1/stats/events", params={"scope": "world"})
+            assert r.status_code == 422 and r.json()["error"]["field"] == "scope"
     finally:
         inst.stop()
+
+
+async def test_cluster_scope_adds_up_every_instance_and_drops_one_that_stops(gateway_env):
+    room = "stats.cluster"
+    async with instances(3, gateway_env) as (a, b, c):
+        async with (SSEClient.open(f"{a.url}/v1/stats/events?interval=0.2&scope=cluster")
+                    as whole,
+                    SSEClient.open(f"{a.url}/v1/stats/events?interval=0.2") as own,
+                    WSClient.connect(b.ws_url) as on_b, WSClient.connect(c.ws_url) as on_c,
+                    httpx.AsyncClient() as http):
+            await on_b.subscribe(room)
+            await on_c.subscribe(room)
+            for i, inst in enumerate((a, b, c, a)):
+                assert (await post(http, inst.url, room, f"m{i}")).status_code == 201
+            await on_b.messages(room, 4)
+            await on_c.messages(room, 4)
+
+            def last(stream: SSEClient) -> dict:
+                snaps = [e["json"] for e in stream.events if e.get("event") == "stats"]
+                return snaps[-1] if snaps else {}
+
+            def summed() -> dict | None:
+                snap = last(whole)
+                return snap if snap and len(snap["instances"]) == 3 \
+                    and snap["messages"]["delivered_total"] >= 8 else None
+
+            snap = await eventually(summed)
+            assert snap["scope"] == "cluster"
+            assert snap["clients"] == {"ws": 2, "sse": 0, "total": 2}
+            assert snap["messages"]["accepted_total"] == 4  # two on a, one each on b, c
+            assert snap["messages"]["delivered_total"] == 8  # 4 to each subscriber
+            assert snap["rooms"] == [{"room": room, "seq": 4, "subscribers": 2,
+                                      "per_s": snap["rooms"][0]["per_s"]}]
+            by_pid = {i["pid"] for i in snap["instances"]}
+            assert by_pid == {a.proc.pid, b.proc.pid, c.proc.pid}
+            # the instance's own stream still counts it alone
+            mine = last(own)
+            assert mine["scope"] == "instance" and mine["clients"]["total"] == 0
+            assert [i["pid"] for i in mine["instances"]] == [a.proc.pid]
+
+            c.stop()  # a graceful stop removes its entry at once
+            gone = await eventually(lambda: (last(whole) if len(last(whole)["instances"]) == 2
+                                             else None))
+            assert {i["pid"] for i in gone["instances"]} == {a.proc.pid, b.proc.pid}
+            assert gone["clients"]["total"] == 1

@@ -70,6 +70,13 @@ async def test_dashboard_figures_move_when_traffic_flows(gateway_env, browser):
                 await task
         samples = int(await dash.locator("#updated").get_attribute("data-samples") or 0)
         await expect(dash.locator("#updated")).not_to_have_attribute("data-samples", str(samples))
+        # all instances by default (one here); switching to this instance starts afresh
+        await expect(dash.locator("#instance")).to_have_attribute("data-instances", "1")
+        await expect(dash.locator("#instance")).to_contain_text("1 instance")
+        await dash.locator("#scope").select_option("instance")
+        await expect(dash.locator("#instance")).to_contain_text(f"pid {inst.proc.pid}, up")
+        await expect(dash.locator("#status")).to_have_attribute("data-state", "live")
+        assert await figure(dash, "clients") == 1  # the chat page, still connected
         assert browser.errors == []
     finally:
         inst.stop()
