@@ -1,19 +1,24 @@
-"""Schema-driven fuzzing of a running gateway (Postgres and Redis), bounded in time.
+"""Schema-driven fuzzing of a running gateway, bounded in time.
 
 Requests and frames are generated from the OpenAPI document the instance
 serves: what the schemas call valid must succeed, and anything at all (valid,
 nearly valid or garbage) must get a documented answer, never a 5xx or a crash.
+Every run is made three times: in open mode, with user tokens and API keys
+required (valid, expired, forged and garbage credentials drawn), and on the
+embedded defaults (SQLite, in-process broker).
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import time
 from urllib.parse import quote
 from typing import Any, Iterator
 
 import httpx
 import jsonschema
+import jwt
 import orjson
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
@@ -33,9 +38,19 @@ FUZZ = settings(max_examples=50, deadline=None, database=None,
                                        HealthCheck.function_scoped_fixture])
 
 
+SECRET = "fuzz-secret-" + "0123456789abcdef" * 4
+API_KEY = "fuzz-api-key-0123456789"
+USER = "fuzzer"
+
+
+def token(exp: float = 600, secret: str = SECRET) -> str:
+    return jwt.encode({"sub": USER, "exp": int(time.time() + exp)}, secret, algorithm="HS256")
+
+
 class Target:
-    def __init__(self, inst: Instance) -> None:
+    def __init__(self, inst: Instance, auth: bool) -> None:
         self.inst = inst
+        self.auth = auth
         self.http = httpx.Client(base_url=inst.url, timeout=harness.t(10))
         self.spec: dict[str, Any] = self.http.get("/openapi.json").json()
         self.schemas = self.spec["components"]["schemas"]
@@ -43,25 +58,52 @@ class Target:
     def schema(self, name: str) -> dict[str, Any]:
         return self.schemas[name]  # type: ignore[no-any-return]
 
+    def user(self) -> dict[str, str]:
+        """The headers of a request from a signed-in user (none needed in open mode)."""
+        return {"Authorization": f"Bearer {token()}"} if self.auth else {}
 
-@pytest.fixture(scope="module")
-def target() -> Iterator[Target]:
-    db = asyncio.run(harness.create_database())
+
+# Credentials of every kind, good and bad, for requests that may carry any.
+CREDENTIALS = st.sampled_from(["none", "user", "expired", "forged", "api key", "garbage",
+                               "no token", "basic"])
+
+
+def credential(kind: str) -> dict[str, str]:
+    value = {"none": None, "user": f"Bearer {token()}", "expired": f"Bearer {token(-600)}",
+             "forged": f"Bearer {token(secret='not-' + SECRET)}",
+             "api key": f"Bearer {API_KEY}", "garbage": "Bearer a.b.c",
+             "no token": "Bearer", "basic": "Basic ZnV6ejpmdXp6"}[kind]
+    return {} if value is None else {"Authorization": value}
+
+
+@pytest.fixture(scope="module", params=["open", "auth", "embedded"])
+def target(request: pytest.FixtureRequest,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    """Open mode and auth mode on Postgres and Redis; open mode on the embedded
+    defaults (SQLite, in-process broker)."""
+    auth = request.param == "auth"
+    embedded = request.param == "embedded"
+    db = (f"sqlite:///{tmp_path_factory.mktemp('fuzz')}/chat.db" if embedded
+          else asyncio.run(harness.create_database()))
     prefix = harness.new_prefix()
-    inst = Instance({"DATABASE_URL": db, "REDIS_URL": harness.REDIS_URL, "KEY_PREFIX": prefix,
-                     "RATE_LIMIT": "1000000/1s", "CONNECT_RATE_LIMIT": "1000000/1s",
-                     "PUBLISH_RATE_LIMIT": "1000000/1s", "LOG_LEVEL": "warning"}).start()
+    env = {"DATABASE_URL": db, "REDIS_URL": "memory://" if embedded else harness.REDIS_URL,
+           "KEY_PREFIX": prefix, "RATE_LIMIT": "1000000/1s", "CONNECT_RATE_LIMIT": "1000000/1s",
+           "PUBLISH_RATE_LIMIT": "1000000/1s", "LOG_LEVEL": "warning"}
+    if auth:
+        env.update({"AUTH_SECRET": SECRET, "API_KEYS": API_KEY})
+    inst = Instance(env).start()
     try:
         asyncio.run(inst.wait_ready())
-        tgt = Target(inst)
+        tgt = Target(inst, auth)
         yield tgt
         tgt.http.close()
         assert inst.proc is not None and inst.proc.poll() is None, inst.log()
         assert "Traceback" not in inst.log(), inst.log()
     finally:
         inst.stop()
-        asyncio.run(harness.drop_database(db))
-        asyncio.run(harness.delete_prefix(prefix))
+        if not embedded:
+            asyncio.run(harness.drop_database(db))
+            asyncio.run(harness.delete_prefix(prefix))
 
 
 # -- strategies from the declared schemas ------------------------------------------------
@@ -144,7 +186,8 @@ def test_the_served_openapi_document_is_valid_and_matches_the_checks(target):
                                          "/v1/rooms/{room}/events"}
     room = target.spec["paths"]["/v1/rooms/{room}/messages"]["post"]["parameters"][0]
     assert room["schema"] == ROOM
-    r = target.http.post("/v1/rooms/x/messages", json={"text": "hi", "nope": 1})
+    r = target.http.post("/v1/rooms/x/messages", json={"text": "hi", "nope": 1},
+                         headers=target.user())
     assert r.status_code == 422
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"text": "hi", "nope": 1}, target.schema("PostMessage"))
@@ -155,16 +198,17 @@ def test_the_served_openapi_document_is_valid_and_matches_the_checks(target):
 def test_schema_valid_posts_are_stored_as_sent(target, data):
     room = data.draw(from_schema(ROOM), "room")
     body = data.draw(from_schema(target.schema("PostMessage")), "body")
-    r = target.http.post(f"/v1/rooms/{room}/messages", json=body)
+    r = target.http.post(f"/v1/rooms/{room}/messages", json=body, headers=target.user())
     assert r.status_code == 201, (room, body, r.text)
     msg = r.json()
     jsonschema.validate(msg, target.schema("Message"))
     assert msg["room"] == room and msg["text"] == body["text"].strip()
-    assert msg["author"] == body.get("author", "anonymous").strip()
+    # signed in, the author is the token's subject whatever the body says
+    assert msg["author"] == (USER if target.auth else body.get("author", "anonymous").strip())
     params = target.spec["paths"]["/v1/rooms/{room}/messages"]["get"]["parameters"]
     query = data.draw(from_schema({"type": "object", "properties": {
         p["name"]: p["schema"] for p in params if p["in"] == "query"}}), "query")
-    page = target.http.get(f"/v1/rooms/{room}/messages", params=query)
+    page = target.http.get(f"/v1/rooms/{room}/messages", params=query, headers=target.user())
     assert page.status_code == 200, page.text
     for m in page.json()["messages"]:
         jsonschema.validate(m, target.schema("Message"))
@@ -185,9 +229,11 @@ def test_schema_valid_posts_are_stored_as_sent(target, data):
                           "room": ROOM, "event": {"type": "string"},
                           "data": {"type": "object"}}, "required": ["room", "event"]}),
                       JSON, st.binary(max_size=64)),
-       key=st.none() | st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=140))
-def test_any_request_gets_a_documented_answer(target, method, path, query, body, key):
+       key=st.none() | st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=140),
+       creds=CREDENTIALS)
+def test_any_request_gets_a_documented_answer(target, method, path, query, body, key, creds):
     headers = {"Idempotency-Key": key} if key is not None else {}
+    headers.update(credential(creds))
     if "/events" in path and method == "GET":
         since = query.pop("since", "x")
         headers["Last-Event-ID"] = since if since.isascii() and since.isprintable() else "x"
@@ -205,7 +251,8 @@ def test_any_request_gets_a_documented_answer(target, method, path, query, body,
 @given(frames=st.lists(st.data(), min_size=1, max_size=5))
 def test_any_ws_frame_gets_a_documented_answer_and_the_socket_stays(target, frames):
     kinds = sorted(k for k in target.schemas if k.startswith("Frame."))
-    with ws_connect(target.inst.ws_url, open_timeout=harness.t(10), max_size=2**22) as ws:
+    url = target.inst.ws_url + (f"?token={token()}" if target.auth else "")
+    with ws_connect(url, open_timeout=harness.t(10), max_size=2**22) as ws:
         for n, data in enumerate(frames):
             which = data.draw(st.sampled_from(["valid", "mutated", "json", "text", "binary"]))
             if which in ("valid", "mutated"):
@@ -230,7 +277,7 @@ def test_any_ws_frame_gets_a_documented_answer_and_the_socket_stays(target, fram
                 answers.append(got)
             for got in answers:
                 assert got["type"] in {"subscribed", "unsubscribed", "ack", "message", "event",
-                                       "error", "pong"}, got
+                                       "presence", "error", "pong"}, got
                 if got["type"] == "error":
                     assert got["code"] in CODES and got["code"] != "internal", (frame, got)
             if which == "valid":
