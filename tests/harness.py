@@ -158,21 +158,25 @@ class RedisServer:
 
 
 class RedisClusterServers:
-    """A Redis Cluster of the test's own: ``size`` primaries, no replicas, free ports.
+    """A Redis Cluster of the test's own: ``size`` primaries, each with ``replicas``
+    replicas, on free ports. Nodes 0 .. size-1 start as the primaries.
 
     ``restart(i)`` kills primary ``i`` and starts it again on its port with its
     nodes.conf, so it rejoins owning the same slots (with an empty dataset).
     """
 
-    def __init__(self, size: int = 3, node_timeout_ms: int = 5000) -> None:
+    def __init__(self, size: int = 3, node_timeout_ms: int = 5000, replicas: int = 0) -> None:
+        self.size = size
+        self.replicas = replicas
         args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", str(node_timeout_ms))
         # The bus port is named too: port + 10000 may be taken or past 65535. All
-        # 2 * size ports are picked together so no two nodes can share one.
-        ports = free_ports(2 * size)
+        # 2 * nodes ports are picked together so no two nodes can share one.
+        count = size * (1 + replicas)
+        ports = free_ports(2 * count)
         self.nodes = [RedisServer(ports[2 * i], extra_args=(*args, "--cluster-port",
                                                             str(ports[2 * i + 1])))
-                      for i in range(size)]
+                      for i in range(count)]
 
     @property
     def url(self) -> str:
@@ -183,11 +187,29 @@ class RedisClusterServers:
             node.start()
         subprocess.run(["redis-cli", "--cluster", "create",
                         *(f"127.0.0.1:{n.port}" for n in self.nodes),
-                        "--cluster-replicas", "0", "--cluster-yes"],
+                        "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                        stdin=subprocess.DEVNULL, timeout=t(30))
         self.wait_ok()
+        if self.replicas:
+            self.wait_replicas()
         return self
+
+    def role(self, i: int) -> str:
+        """``master`` or ``slave``, as node ``i`` says."""
+        return self.info(i, "role").split("\n", 1)[0].strip()
+
+    def wait_replicas(self, timeout: float = 30) -> None:
+        """Until every replica is in sync with its primary."""
+        deadline = time.monotonic() + t(timeout)
+        while time.monotonic() < deadline:
+            replicas = [i for i in range(len(self.nodes)) if self.role(i) == "slave"]
+            if len(replicas) == self.size * self.replicas and all(
+                    "master_link_status:up" in self.info(i, "info", "replication")
+                    for i in replicas):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("Redis Cluster replicas did not come in sync")
 
     def info(self, i: int, *command: str) -> str:
         return subprocess.run(["redis-cli", "-p", str(self.nodes[i].port), *command],

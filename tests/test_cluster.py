@@ -9,8 +9,9 @@ the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 import httpx
 import pytest
@@ -21,7 +22,8 @@ from gateway.ratelimit import RateLimiter
 from pubsub import BrokerUnavailable, create_broker
 from pubsub.cluster import ClusterBroker, parse_cluster_url
 from storage import HistoryCache, create_store
-from tests.harness import RedisClusterServers, WSClient, eventually, instances, post, t
+from tests.harness import (Instance, RedisClusterServers, WSClient, eventually, instances,
+                           post, t)
 
 
 @pytest.fixture
@@ -37,15 +39,15 @@ def rooms_by_node(cluster: RedisClusterServers, per_node: int, stem: str = "room
                   ) -> list[list[str]]:
     """``per_node`` room names for each primary, by where the room's hash tag falls."""
     ranges = cluster.slot_ranges()
-    found: list[list[str]] = [[] for _ in cluster.nodes]
+    found: dict[int, list[str]] = {n: [] for _first, _last, n in ranges}  # primaries only
     for i in itertools.count():
         name = f"{stem}{i}"
         slot = key_slot(name.encode())
         node = next(n for first, last, n in ranges if first <= slot <= last)
         if len(found[node]) < per_node:
             found[node].append(name)
-        if all(len(f) == per_node for f in found):
-            return found
+        if all(len(f) == per_node for f in found.values()):
+            return [found[n] for n in sorted(found)]
     raise AssertionError("unreachable")
 
 
@@ -266,62 +268,105 @@ async def test_a_down_primary_is_skipped_alone(cluster, tmp_path):
 # -- gateways on the cluster -------------------------------------------------------------
 
 
+class Traffic:
+    """Gateways on a cluster, a WS subscriber per gateway on every room, and the
+    posts made so far: rounds post to every room, spread over the gateways."""
+
+    def __init__(self, gws: list[Instance], http: httpx.AsyncClient, rooms: list[str]) -> None:
+        self.gws, self.http, self.rooms = gws, http, rooms
+        self.sent = {room: 0 for room in rooms}
+        self.wss: list[WSClient] = []
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def on(cls, cluster: RedisClusterServers, pg_url: str, rooms: list[str], n: int,
+                 **env: str) -> AsyncIterator["Traffic"]:
+        env = {"DATABASE_URL": pg_url, "REDIS_URL": cluster.url, "KEY_PREFIX": "cg:",
+               "RATE_LIMIT": "100000/1s", "CONNECT_RATE_LIMIT": "100000/1s",
+               "PUBLISH_RATE_LIMIT": "100000/1s", "LOG_LEVEL": "warning",
+               "BROKER_PROBE_INTERVAL": "0.5", **env}
+        async with (instances(n, env) as gws, httpx.AsyncClient(timeout=30) as http,
+                    contextlib.AsyncExitStack() as stack):
+            traffic = cls(gws, http, rooms)
+            for g in gws:
+                ws = await stack.enter_async_context(WSClient.connect(g.ws_url))
+                for room in rooms:
+                    assert (await ws.subscribe(room))["seq"] == 0
+                traffic.wss.append(ws)
+            yield traffic
+
+    async def round(self, tag: str, k: int = 0) -> None:
+        for i, room in enumerate(self.rooms):
+            r = await post(self.http, self.gws[(i + k) % len(self.gws)].url, room, tag)
+            assert r.status_code == 201, r.text  # the store is the truth
+            self.sent[room] += 1
+            assert r.json()["seq"] == self.sent[room]
+
+    async def all_delivered(self) -> None:
+        for ws in self.wss:
+            for room in self.rooms:
+                assert await ws.messages(room, self.sent[room], timeout=30) == list(
+                    range(1, self.sent[room] + 1)), f"room {room}"
+
+    async def delivered_once_and_history_agrees(self) -> None:
+        await self.all_delivered()
+        await asyncio.sleep(t(1))  # and nothing arrives twice later
+        for ws in self.wss:
+            for room in self.rooms:
+                assert ws.seqs(room) == list(range(1, self.sent[room] + 1))
+        # history (through the cluster cache) agrees on every instance
+        for g, room in zip(itertools.cycle(self.gws), self.rooms):
+            page = (await self.http.get(f"{g.url}/v1/rooms/{room}/messages")).json()
+            assert [m["seq"] for m in page["messages"]] == list(range(1, self.sent[room] + 1))
+        for g in self.gws:
+            ready = await self.http.get(f"{g.url}/readyz")
+            assert ready.status_code == 200 and ready.json()["checks"]["broker"]["ok"]
+
+
 async def test_gateways_deliver_in_order_once_across_shards_while_a_primary_restarts(
         cluster, pg_url):
     rooms = list(itertools.chain.from_iterable(rooms_by_node(cluster, 2)))
-    env = {"DATABASE_URL": pg_url, "REDIS_URL": cluster.url, "KEY_PREFIX": "cg:",
-           "RATE_LIMIT": "100000/1s", "CONNECT_RATE_LIMIT": "100000/1s",
-           "PUBLISH_RATE_LIMIT": "100000/1s", "LOG_LEVEL": "warning",
-           # No periodic position check: the refill after a restored link must do it.
-           "POSITION_INTERVAL": "600", "BROKER_PROBE_INTERVAL": "0.5"}
-    async with instances(3, env) as gws, httpx.AsyncClient(timeout=30) as http:
-        clients = [WSClient.connect(g.ws_url) for g in gws]
-        wss = [await c.__aenter__() for c in clients]
-        try:
-            for ws in wss:
-                for room in rooms:
-                    assert (await ws.subscribe(room))["seq"] == 0
-            sent = {room: 0 for room in rooms}
+    # No periodic position check: the refill after a restored link must do it.
+    async with Traffic.on(cluster, pg_url, rooms, 3, POSITION_INTERVAL="600") as traffic:
+        for k in range(2):
+            await traffic.round("before", k)
+        await traffic.all_delivered()
+        # Primary 1 goes down: posts are still committed, their live copies
+        # to its rooms are lost, and it comes back empty (no seq keys for the
+        # position check to notice): only the refill after the links are
+        # restored can deliver the last ones.
+        cluster.nodes[1].stop()
+        await traffic.round("during")
+        for g in traffic.gws:  # the other shards serve: every instance stays ready
+            assert (await traffic.http.get(f"{g.url}/readyz")).status_code == 200
+        cluster.nodes[1].start()
+        await traffic.all_delivered()
+        for k in range(2):
+            await traffic.round("after", k)
+        await traffic.delivered_once_and_history_agrees()
 
-            async def round_(tag: str, n: int) -> None:
-                for k in range(n):
-                    for i, room in enumerate(rooms):
-                        r = await post(http, gws[(i + k) % 3].url, room, f"{tag} {k}")
-                        assert r.status_code == 201, r.text
-                        sent[room] += 1
-                        assert r.json()["seq"] == sent[room]
 
-            async def all_delivered() -> None:
-                for ws in wss:
-                    for room in rooms:
-                        assert await ws.messages(room, sent[room], timeout=30) == list(
-                            range(1, sent[room] + 1)), f"room {room}"
-
-            await round_("before", 2)
-            await all_delivered()
-            # Primary 1 goes down: posts are still committed, their live copies
-            # to its rooms are lost, and it comes back empty (no seq keys for the
-            # position check to notice): only the refill after the links are
-            # restored can deliver the last ones.
-            cluster.nodes[1].stop()
-            await round_("during", 1)
-            for g in gws:  # the other shards serve: every instance stays ready
-                assert (await http.get(f"{g.url}/readyz")).status_code == 200
-            cluster.nodes[1].start()
-            await all_delivered()
-            await round_("after", 2)
-            await all_delivered()
-            await asyncio.sleep(t(1))  # and nothing arrives twice later
-            for ws in wss:
-                for room in rooms:
-                    assert ws.seqs(room) == list(range(1, sent[room] + 1))
-            # history (through the cluster cache) agrees on every instance
-            for g, room in zip(itertools.cycle(gws), rooms):
-                page = (await http.get(f"{g.url}/v1/rooms/{room}/messages")).json()
-                assert [m["seq"] for m in page["messages"]] == list(range(1, sent[room] + 1))
-            for g in gws:
-                ready = await http.get(f"{g.url}/readyz")
-                assert ready.status_code == 200 and ready.json()["checks"]["broker"]["ok"]
-        finally:
-            for c in clients:
-                await c.__aexit__(None, None, None)
+async def test_gateways_deliver_in_order_once_while_a_replica_takes_over(pg_url):
+    """Production's layout: each primary has a replica. A primary is killed for
+    good; its replica is promoted, and every subscriber still gets every room's
+    messages in order, once, with history agreeing afterwards."""
+    cluster = RedisClusterServers(3, node_timeout_ms=1000, replicas=1).start()
+    try:
+        primaries = sorted({n for *_, n in cluster.slot_ranges()})
+        rooms = list(itertools.chain.from_iterable(rooms_by_node(cluster, 1)))
+        async with Traffic.on(cluster, pg_url, rooms, 2, POSITION_INTERVAL="1") as traffic:
+            await traffic.round("before")
+            cluster.nodes[primaries[0]].stop()  # for good; it owns rooms[0]
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + t(30)
+            # posts keep being committed while the replica is promoted
+            while not any(cluster.role(i) == "master" for i in range(len(cluster.nodes))
+                          if i not in primaries):
+                assert loop.time() < deadline, "no replica was promoted"
+                await traffic.round("during")
+                await asyncio.sleep(0.2)
+            for k in range(2):
+                await traffic.round("after", k)
+            await traffic.delivered_once_and_history_agrees()
+    finally:
+        cluster.stop()
