@@ -221,36 +221,42 @@ async def per_key(redis: Any, batch: CommandBatch | None, guard: Any | None,
     fail every command on every shard until it returns, where one shard's
     failure must cost only its own keys.
     """
-    skipped = RedisConnectionError("Redis (this key's shard) failed moments ago")
     send = [guard is None or guard.usable(key) for key, _commands in groups]
-    sent = [group for group, ok in zip(groups, send, strict=True) if ok]
+    done: list[Any]
     if batch is not None:
+        commands = [c for (_key, cs), ok in zip(groups, send, strict=True) if ok for c in cs]
         try:
-            replies = await batch.run([c for _key, commands in sent for c in commands])
+            replies = await batch.run(commands)
         except Exception as exc:  # noqa: BLE001 - in each group's place
-            replies = [exc] * sum(len(commands) for _key, commands in sent)
-        it = iter(replies)
-        done: list[Any] = []
-        for _key, commands in sent:
-            got = [next(it) for _ in commands]
-            done.append(next((r for r in got if isinstance(r, BaseException)), got))
+            replies = [exc] * len(commands)
+        done = []
+        i = 0
+        for (_key, cs), ok in zip(groups, send, strict=True):
+            if ok:
+                got = replies[i:i + len(cs)]
+                i += len(cs)
+                for reply in got:
+                    if isinstance(reply, BaseException):
+                        got = reply  # type: ignore[assignment]
+                        break
+                done.append(got)
     else:
         async def one(commands: list[Command]) -> list[Any]:
             return [await redis.execute_command(*command) for command in commands]
 
+        sent = [cs for (_key, cs), ok in zip(groups, send, strict=True) if ok]
         done = []
         for i in range(0, len(sent), CLUSTER_CONCURRENCY):
-            done += await asyncio.gather(*(one(commands) for _key, commands in
-                                           sent[i:i + CLUSTER_CONCURRENCY]),
+            done += await asyncio.gather(*(one(cs) for cs in sent[i:i + CLUSTER_CONCURRENCY]),
                                          return_exceptions=True)
     results: list[Any] = []
-    it_done = iter(done)
+    it = iter(done)
     for (key, _commands), ok in zip(groups, send, strict=True):
         if not ok:
-            results.append(skipped)
+            results.append(RedisConnectionError("Redis (this key's shard) failed moments ago"))
             continue
-        result = next(it_done)
-        if isinstance(result, BaseException) and guard is not None:
+        result = next(it)
+        if guard is not None and isinstance(result, BaseException):
             guard.failed(key)
         results.append(result)
     return results
