@@ -166,6 +166,8 @@ class CommandBatch:
         self._opening = None
         if not opening.cancelled() and opening.exception() is None:
             self.link = opening.result()
+            if self._closed:  # closed while connecting
+                self.link.fail(RedisConnectionError("the command batch is closed"))
 
     async def _connect(self) -> _Link:
         """Connect and set the connection up as the client would (AUTH, SELECT)."""
