@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -69,30 +70,58 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         if name not in TARGETS:
             sys.exit(f"bench: unknown target {name!r}; choose from {', '.join(TARGETS)}")
     for scenario in scenarios:
-        rows: list[dict[str, Any]] = []
-        if scenario == "fanout":
-            for name in targets:
-                rows.append(await fanout.run(TARGETS[name](), instances=args.instances,
-                                             subscribers=args.subscribers,
-                                             messages=args.messages, rate=args.rate,
-                                             profile=args.profile))
-        elif scenario == "idle":
-            for name in targets if args.idle_peers else ["gateway"]:
-                rows.append(await idle.run(TARGETS[name](), connections=args.connections,
-                                           settle=args.idle_seconds))
-        elif scenario == "posts":
-            rows.append(await posts.run(instances=args.instances, connections=args.post_conns,
-                                        rooms=args.rooms, seconds=args.post_seconds,
-                                        profile=args.profile))
-        elif scenario == "history":
-            rows.extend(await history.run(reads=args.reads))
+        runs = [await run_scenario(scenario, args, targets) for _ in range(args.repeat)]
+        rows = median_rows(runs)
+        if args.repeat > 1:
+            report.setdefault("runs", {})[scenario] = runs
         report["results"][scenario] = rows
-        print(f"\n== {scenario}", flush=True)
+        title = f" (median of {args.repeat} runs)" if args.repeat > 1 else ""
+        print(f"\n== {scenario}{title}", flush=True)
         print(table(rows, COLUMNS[scenario]), flush=True)
     report["targets"] = verdicts(report["results"])
     print("\n== targets", flush=True)
     print(table(report["targets"], ["target", "measured", "bound", "met"]), flush=True)
     return report
+
+
+def median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The rows of the first run with each number replaced by its median over
+    the runs (row by row: the same scenario gives the same rows in the same
+    order). Each figure is its own median, so a row's figures may come from
+    different runs."""
+    rows = []
+    for i, first in enumerate(runs[0]):
+        row = dict(first)
+        for key, value in first.items():
+            values = [run[i].get(key) for run in runs]
+            if (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and all(isinstance(v, (int, float)) for v in values)):
+                mid = statistics.median(values)
+                row[key] = round(mid, 3) if isinstance(mid, float) else mid
+        rows.append(row)
+    return rows
+
+
+async def run_scenario(scenario: str, args: argparse.Namespace,
+                       targets: list[str]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    if scenario == "fanout":
+        for name in targets:
+            rows.append(await fanout.run(TARGETS[name](), instances=args.instances,
+                                         subscribers=args.subscribers,
+                                         messages=args.messages, rate=args.rate,
+                                         profile=args.profile))
+    elif scenario == "idle":
+        for name in targets if args.idle_peers else ["gateway"]:
+            rows.append(await idle.run(TARGETS[name](), connections=args.connections,
+                                       settle=args.idle_seconds))
+    elif scenario == "posts":
+        rows.append(await posts.run(instances=args.instances, connections=args.post_conns,
+                                    rooms=args.rooms, seconds=args.post_seconds,
+                                    profile=args.profile))
+    elif scenario == "history":
+        rows.extend(await history.run(reads=args.reads))
+    return rows
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -117,6 +146,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rooms", type=int, default=200)
     p.add_argument("--post-seconds", type=float, default=10.0)
     p.add_argument("--reads", type=int, default=2000, help="history reads per path")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run each scenario this many times and report each figure's median "
+                        "(the runs themselves go to the JSON): a shared machine's figures "
+                        "move from run to run")
     return p.parse_args(argv)
 
 

@@ -12,6 +12,7 @@ import sys
 
 import orjson
 
+from bench.__main__ import median_rows
 from bench.verdict import verdicts
 from tests import harness
 
@@ -86,3 +87,16 @@ def test_targets_are_judged_against_the_best_peer_and_the_named_sizes() -> None:
     results["fanout"][0]["subscribers"] = 40
     met = {row["target"]: row["met"] for row in verdicts(results)}
     assert met["fan-out: deliveries per server CPU-second vs best peer"] == "not measured"
+
+
+def test_repeated_runs_report_each_figures_median() -> None:
+    runs = [[{"path": "warm", "p50_ms": 0.05, "reads": 10, "speedup_p50": 9.1},
+             {"path": "pg", "p50_ms": 0.6, "reads": 10, "speedup_p50": None}],
+            [{"path": "warm", "p50_ms": 0.07, "reads": 10, "speedup_p50": 10.6},
+             {"path": "pg", "p50_ms": 0.5, "reads": 10, "speedup_p50": None}],
+            [{"path": "warm", "p50_ms": 0.06, "reads": 10, "speedup_p50": 10.2},
+             {"path": "pg", "p50_ms": 0.55, "reads": 10, "speedup_p50": None}]]
+    assert median_rows(runs) == [
+        {"path": "warm", "p50_ms": 0.06, "reads": 10, "speedup_p50": 10.2},
+        {"path": "pg", "p50_ms": 0.55, "reads": 10, "speedup_p50": None}]
+    assert median_rows(runs[:1]) == runs[0]
