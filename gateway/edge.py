@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
 from gateway.auth import Identity, bearer
-from gateway.core import Gateway
+
+if TYPE_CHECKING:  # the core imports the stats route, which uses this module
+    from gateway.core import Gateway
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -27,6 +27,7 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.edge import gateway_of
 from gateway.errors import ApiError
 from gateway.periodic import every
 
@@ -213,7 +214,7 @@ SCOPE: dict[str, Any] = {"type": "string", "enum": ["instance", "cluster"],
 
 
 async def stats_events(request: Request) -> Response:
-    gw = request.app.state.gateway  # as gateway.edge.gateway_of, which imports the core
+    gw = gateway_of(request)
     interval = _interval(request.query_params.get("interval"))
     scope = request.query_params.get("scope", SCOPE["default"])
     if scope not in SCOPE["enum"]:
