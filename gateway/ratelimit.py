@@ -166,8 +166,8 @@ class RateLimiter:
         rate = self.rates[action]
         key = self.key(action, identity)
         decision: Decision | None = None
-        shard = "" if self.guard is None else self.guard.shard(key)
-        if self._script is not None and (self.guard is None or self.guard.usable(key)):
+        shard = "" if self.guard is None else self.guard.shard(key)  # looked up once
+        if self._script is not None and (self.guard is None or self.guard.shard_usable(shard)):
             pus = period_us(rate)
             try:
                 allowed, value, _full, need = await self._decide(key, [rate.capacity, pus, cost])
@@ -175,7 +175,7 @@ class RateLimiter:
                 self._set_fallback(shard, False)
             except Exception as exc:  # noqa: BLE001 - Redis down: limit per instance
                 if self.guard is not None:
-                    self.guard.failed(key)
+                    self.guard.shard_failed(shard)
                 self._set_fallback(shard, True, exc)
         elif self._script is not None:
             self._set_fallback(shard, True, "skipped: Redis failed moments ago")

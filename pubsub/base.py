@@ -55,10 +55,18 @@ class RedisGuard:
         return ""
 
     def usable(self, key: str | None = None) -> bool:
-        return time.monotonic() >= self._until.get(self.shard(key), 0.0)
+        return self.shard_usable(self.shard(key))
 
     def failed(self, key: str | None = None) -> None:
-        self._until[self.shard(key)] = time.monotonic() + self.cooldown
+        self.shard_failed(self.shard(key))
+
+    # A caller that needs the shard itself (the rate limiter's fallback state)
+    # looks it up once with shard() and passes it to these.
+    def shard_usable(self, shard: str) -> bool:
+        return time.monotonic() >= self._until.get(shard, 0.0)
+
+    def shard_failed(self, shard: str) -> None:
+        self._until[shard] = time.monotonic() + self.cooldown
 
     def reset(self) -> None:
         """End every cooldown: a subscriber link was just restored, so Redis answers.
