@@ -43,20 +43,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
+def _proc_number(pid: int, name: str, label: str, column: int) -> int:
+    """The number in ``column`` of the line starting with ``label`` in /proc/PID/NAME."""
+    with open(f"/proc/{pid}/{name}") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
+            if line.startswith(label):
+                return int(line.split()[column])
     return 0
+
+
+def rss_kib(pid: int) -> int:
+    return _proc_number(pid, "status", "VmRSS:", 1)
 
 
 def open_files_limit(pid: int) -> int:
-    with open(f"/proc/{pid}/limits") as f:
-        for line in f:
-            if line.startswith("Max open files"):
-                return int(line.split()[3])
-    return 0
+    return _proc_number(pid, "limits", "Max open files", 3)
 
 
 class Server:

@@ -120,14 +120,21 @@ class Gateway(Target):
                              "ref": i})
 
 
-class SocketIO(Target):
-    name = "python-socketio"
-    ready_path = "/socket.io/?EIO=4&transport=polling"
+class Peer(Target):
+    """A peer server: ``bench/peers/<short>_server.py`` in the peers' own environment."""
+
+    short = ""
 
     def make_server(self, i: int, extra_env: dict[str, str]) -> Server:
-        env = {"REDIS_URL": REDIS_URL, "CHANNEL": self.prefix + "socketio", **extra_env}
-        return Server(f"socketio{i}", [peers_python(), str(PEERS / "socketio_server.py"),
-                                       "{port}"], env)
+        env = {"REDIS_URL": REDIS_URL, "CHANNEL": self.prefix + self.short, **extra_env}
+        return Server(f"{self.short}{i}", [peers_python(),
+                                           str(PEERS / f"{self.short}_server.py"), "{port}"], env)
+
+
+class SocketIO(Peer):
+    name = "python-socketio"
+    short = "socketio"
+    ready_path = "/socket.io/?EIO=4&transport=polling"
 
     def ws_path(self, room: str) -> str:
         return "/socket.io/?EIO=4&transport=websocket"
@@ -149,13 +156,9 @@ class SocketIO(Target):
         return False
 
 
-class Broadcaster(Target):
+class Broadcaster(Peer):
     name = "broadcaster"
-
-    def make_server(self, i: int, extra_env: dict[str, str]) -> Server:
-        env = {"REDIS_URL": REDIS_URL, "CHANNEL": self.prefix + "broadcaster", **extra_env}
-        return Server(f"broadcaster{i}", [peers_python(), str(PEERS / "broadcaster_server.py"),
-                                          "{port}"], env)
+    short = "broadcaster"
 
     def ws_path(self, room: str) -> str:
         return f"/ws?room={room}"
