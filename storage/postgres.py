@@ -6,13 +6,21 @@ the writers of one room (and only them), and a failed insert rolls the
 increment back, so seqs have no gap.
 
 Posts without an idempotency key are committed in groups: whatever arrives
-while earlier groups are in flight goes in one statement (one transaction,
+while a group is being committed goes in the next statement (one transaction,
 one WAL flush). The statement upserts each room of the group once, in room
 order (so two groups never wait on each other in a cycle), raising its
 counter by the room's number of messages, and numbers them in arrival order.
 All of a group commits or none of it; every caller gets its own seq or the
 error. Posts with a key keep the single statement above, so a duplicate key
 can only ever fail its own post.
+
+One flight (a task committing groups back to back on one pooled connection)
+does the committing while it keeps up, which makes the groups as large as the
+load: fewer statements, fewer commits, less CPU in the gateway and in
+Postgres. Another flight takes off only when every flight in the air has been
+on one statement longer than ``GROUP_STALL`` (a lock wait on a room another
+instance is writing, a slow flush), so one stalled statement does not hold
+the posts of every other room.
 """
 
 from __future__ import annotations
@@ -66,8 +74,10 @@ SELECT i.room, r.last_seq - c.n + row_number() OVER (PARTITION BY i.room ORDER B
 FROM input i JOIN r USING (room) JOIN counts c USING (room)
 RETURNING id, seq
 """
-# Groups in flight at once, and the most posts in one group.
+# The most flights at once, how long a statement runs before another flight may
+# take off (seconds), and the most posts in one group.
 GROUP_FLIGHTS = 4
+GROUP_STALL = 0.02
 GROUP_MAX = 256
 
 _BY_KEY = f"SELECT {_COLUMNS} FROM messages WHERE room = $1 AND idempotency_key = $2"
@@ -102,7 +112,8 @@ class PostgresStore(Store):
         self._acquire_timeout = connect_timeout + command_timeout
         self._pool: asyncpg.Pool | None = None
         self._waiting: list[tuple[str, str, str, str, datetime, asyncio.Future[int]]] = []
-        self._flights: set[asyncio.Task[None]] = set()
+        # Each flight, and when its statement in progress started (loop time).
+        self._flights: dict[asyncio.Task[None], float] = {}
 
     async def start(self) -> None:
         try:
@@ -202,39 +213,80 @@ class PostgresStore(Store):
     async def _grouped(self, room: str, mid: str, author: str, text: str,
                        created: datetime) -> int:
         """Commit one post with whatever others wait; its seq."""
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
         self._waiting.append((room, mid, author, text, created, future))
-        if len(self._flights) < GROUP_FLIGHTS:
-            task = asyncio.create_task(self._commit_groups())
-            self._flights.add(task)
-            task.add_done_callback(self._flights.discard)
+        flights = self._flights
+        if not flights or (len(flights) < GROUP_FLIGHTS and
+                           all(loop.time() - since > GROUP_STALL for since in flights.values())):
+            task = loop.create_task(self._fly())
+            flights[task] = loop.time()
+            task.add_done_callback(self._landed)
+        # A caller that gives up leaves its post to its group, which may still commit it.
         return await asyncio.shield(future)
 
-    async def _commit_groups(self) -> None:
-        while self._waiting:
-            group = self._waiting[:GROUP_MAX]
-            del self._waiting[:GROUP_MAX]
-            cols = list(zip(*(item[:5] for item in group), strict=True))
-            try:
-                for attempt in range(3):
-                    try:
-                        rows = await self._call("fetch", _APPEND_GROUP, *cols)
-                        break
-                    except asyncpg.DeadlockDetectedError:
-                        # Rolled back whole (no seq used); another group holds a room.
-                        if attempt == 2:
-                            raise
-            except BaseException as exc:
+    def _landed(self, task: asyncio.Task[None]) -> None:
+        self._flights.pop(task, None)
+
+    async def _fly(self) -> None:
+        """Commit groups back to back on one connection until nothing waits. A group
+        that fails gets its error (``StoreUnavailable`` for a lost or unreachable
+        database) and the connection goes back; the next group takes another."""
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        conn: Any = None
+        try:
+            while True:
+                if not self._waiting:
+                    # Landed as of now: a post that comes while the connection goes
+                    # back sends off a flight of its own.
+                    self._flights.pop(task, None)
+                    break
+                group = self._waiting[:GROUP_MAX]
+                del self._waiting[:GROUP_MAX]
+                self._flights[task] = loop.time()
+                try:
+                    if conn is None:
+                        conn = await self.pool.acquire(timeout=self._acquire_timeout)
+                    rows = await self._commit_group(conn, group)
+                except BaseException as exc:
+                    err = (StoreUnavailable(f"Postgres unavailable: {exc!r}")
+                           if isinstance(exc, _UNAVAILABLE) else exc)
+                    for item in group:
+                        if not item[5].done():
+                            item[5].set_exception(err)
+                    if conn is not None:
+                        conn, held = None, conn
+                        await self._release(held)
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    continue
+                seqs = {r["id"]: r["seq"] for r in rows}
                 for item in group:
                     if not item[5].done():
-                        item[5].set_exception(exc)
-                if isinstance(exc, asyncio.CancelledError):
+                        item[5].set_result(seqs[item[1]])
+        finally:
+            if conn is not None:
+                await self._release(conn)
+
+    async def _release(self, conn: Any) -> None:
+        try:
+            await self.pool.release(conn)
+        except Exception as exc:  # noqa: BLE001 - asyncpg terminates what it cannot release
+            log.debug("releasing a group commit connection: %r", exc)
+
+    @staticmethod
+    async def _commit_group(conn: Any, group: list[Any]) -> Any:
+        cols = list(zip(*(item[:5] for item in group), strict=True))
+        for attempt in range(3):
+            try:
+                return await conn.fetch(_APPEND_GROUP, *cols)
+            except asyncpg.DeadlockDetectedError:
+                # Rolled back whole (no seq used); another group holds a room.
+                if attempt == 2:
                     raise
-                continue
-            seqs = {r["id"]: r["seq"] for r in rows}
-            for item in group:
-                if not item[5].done():
-                    item[5].set_result(seqs[item[1]])
+        raise AssertionError("unreachable")
 
     async def history(self, room: str, *, limit: int = 50, before: int | None = None,
                       after: int | None = None) -> Page:

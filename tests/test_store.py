@@ -101,6 +101,39 @@ async def test_postgres_migrations_race_safely(pg_url):
             await s.close()
 
 
+async def test_postgres_stalled_group_holds_only_its_own_room(pg_url):
+    """A group waiting on a room's lock (another instance writing it) does not hold
+    the posts of other rooms: a second flight takes them; the stalled one commits
+    once the lock goes, with seqs unbroken."""
+    import asyncpg
+
+    from storage.postgres import GROUP_STALL
+
+    store = create_store(pg_url)
+    await store.start()
+    await store.migrate()
+    locker = await asyncpg.connect(pg_url)
+    try:
+        first, _ = await store.append("hot", "ana", "before the lock")
+        tx = locker.transaction()
+        await tx.start()
+        await locker.execute("SELECT * FROM rooms WHERE room = 'hot' FOR UPDATE")
+        stalled = asyncio.create_task(store.append("hot", "ana", "behind the lock"))
+        await asyncio.sleep(GROUP_STALL * 3)
+        assert not stalled.done(), "the room's row lock must hold its post"
+        other, created = await asyncio.wait_for(store.append("cold", "bo", "elsewhere"), 5)
+        assert created and other.seq == 1
+        assert not stalled.done()
+        await tx.rollback()
+        behind, _ = await asyncio.wait_for(stalled, 5)
+        assert (first.seq, behind.seq) == (1, 2)
+        after, _ = await store.append("hot", "ana", "after")
+        assert after.seq == 3
+    finally:
+        await locker.close()
+        await store.close()
+
+
 def test_ids_are_ulids_ordered_by_time_and_timestamps_round_trip():
     # A ULID's first 10 digits are the milliseconds; the rest are random.
     assert new_id(0)[:10] == "0000000000"
