@@ -57,6 +57,12 @@ COLUMNS = {
               "server_cpu_ms_per_post", "client_cpu_s"],
     "history": ["path", "reads", "p50_ms", "p99_ms", "max_ms", "speedup_p50"],
 }
+# A second table for a scenario: what each post cost every process on the machine.
+MORE_COLUMNS = {
+    "posts": ["target", "server_cpu_ms_per_post", "postgres_cpu_ms_per_post",
+              "redis_cpu_ms_per_post", "client_cpu_ms_per_post", "machine_cpu_ms_per_post",
+              "cores_for_target", "steal_pct"],
+}
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -78,6 +84,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         title = f" (median of {args.repeat} runs)" if args.repeat > 1 else ""
         print(f"\n== {scenario}{title}", flush=True)
         print(table(rows, COLUMNS[scenario]), flush=True)
+        if scenario in MORE_COLUMNS:
+            print(table(rows, MORE_COLUMNS[scenario]), flush=True)
     report["targets"] = verdicts(report["results"])
     print("\n== targets", flush=True)
     print(table(report["targets"], ["target", "measured", "bound", "met"]), flush=True)

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.http import HTTPConn
+from bench.procs import MachineMeter
 from bench.profile import Profiler
 from bench.stats import summary_ms
 from bench.targets import Gateway
+from bench.verdict import POSTS_PER_INSTANCE
 
 WARMUP = 1.0
 
@@ -33,6 +35,8 @@ async def run(*, instances: int = 2, connections: int = 32, rooms: int = 200,
         deadline = measure_from + seconds
         cpu0: list[float] = []
         profiler = Profiler(profile / "posts" if profile else None)
+        meter = MachineMeter()
+        await meter.find()
 
         async def worker(k: int, w: int) -> None:
             nonlocal errors
@@ -61,14 +65,22 @@ async def run(*, instances: int = 2, connections: int = 32, rooms: int = 200,
             await asyncio.sleep(measure_from - time.perf_counter())
             cpu0.append(target.cpu())
             cpu0.append(time.process_time())
+            meter.mark()
             profiler.start(servers, seconds)
 
         await asyncio.gather(mark_cpu(), *(worker(k, w) for k in range(instances)
                                            for w in range(connections)))
         cpu = target.cpu() - cpu0[0]
         client_cpu = time.process_time() - cpu0[1]
+        machine = meter.since_mark()
         profiler.finish()
         total = sum(counts)
+
+        def per_post(cpu_s: float | None) -> float | None:
+            return round(cpu_s / total * 1000, 3) if total and cpu_s is not None else None
+
+        parts = [cpu, machine["postgres_cpu_s"], machine["redis_cpu_s"], client_cpu]
+        all_ms = per_post(sum(p for p in parts if p is not None)) if None not in parts else None
         return {
             "target": target.name, "instances": instances, "connections": connections * instances,
             "rooms": rooms, "seconds": seconds, "posts": total, "errors": errors,
@@ -77,9 +89,18 @@ async def run(*, instances: int = 2, connections: int = 32, rooms: int = 200,
             **summary_ms(latencies), "server_cpu_s": round(cpu, 2),
             # What a post costs the gateway, whatever else the machine is doing:
             # the figure to compare between runs; posts/s moves with the load.
-            "server_cpu_ms_per_post": round(cpu / total * 1000, 3) if total else None,
+            "server_cpu_ms_per_post": per_post(cpu),
             # The load generator shares the machine's cores with the servers.
             "client_cpu_s": round(client_cpu, 2),
+            # What a post costs every process it runs through; the cores that
+            # the target's rate would take at these costs; the hypervisor's share.
+            "postgres_cpu_ms_per_post": per_post(machine["postgres_cpu_s"]),
+            "redis_cpu_ms_per_post": per_post(machine["redis_cpu_s"]),
+            "client_cpu_ms_per_post": per_post(client_cpu),
+            "machine_cpu_ms_per_post": all_ms,
+            "cores_for_target": (round(all_ms * POSTS_PER_INSTANCE * instances / 1000, 2)
+                                 if all_ms is not None else None),
+            "steal_pct": machine["steal_pct"],
         }
     finally:
         await target.stop()

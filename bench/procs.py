@@ -36,11 +36,78 @@ def raise_open_files() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far."""
+def cpu_seconds(pid: int, *, children: bool = False) -> float:
+    """User + system CPU seconds of a process so far; with ``children``, plus those
+    of its children that have exited (a Postgres server's ended backends)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / _TICK
+
+
+def _pids(comm: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().strip() == comm:
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+class MachineMeter:
+    """The CPU a run cost the rest of the machine: the local Postgres server (every
+    process named ``postgres``, ended backends included), the Redis server the
+    bench uses, and the share of the machine's time the hypervisor took (steal).
+
+    With these beside the gateway's and the load generator's own CPU, a run says
+    how many cores its work takes per post, whatever the load it reached."""
+
+    def __init__(self) -> None:
+        self.redis_pid: int | None = None
+        self._start: dict[str, float] = {}
+
+    async def find(self) -> None:
+        """Find the Redis server's process (None when it is not on this machine)."""
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(REDIS_URL)
+        try:
+            pid = int((await client.info("server"))["process_id"])
+            self.redis_pid = pid if os.path.exists(f"/proc/{pid}") else None  # not local
+        finally:
+            await client.aclose()
+
+    def mark(self) -> None:
+        self._start = self.read()
+
+    def read(self) -> dict[str, float]:
+        figures: dict[str, float] = {}
+        postgres = 0.0
+        for pid in _pids("postgres"):
+            try:
+                postgres += cpu_seconds(pid, children=True)
+            except OSError:  # a backend that ended between the listing and the read
+                continue
+        figures["postgres"] = postgres
+        if self.redis_pid is not None:
+            figures["redis"] = cpu_seconds(self.redis_pid)
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]
+        figures["steal"], figures["all"] = ticks[7] / _TICK, sum(ticks) / _TICK
+        return figures
+
+    def since_mark(self) -> dict[str, float | None]:
+        now = self.read()
+        d = {k: now[k] - self._start[k] for k in now if k in self._start}
+        return {"postgres_cpu_s": d["postgres"] if _pids("postgres") else None,
+                "redis_cpu_s": d.get("redis"),
+                "steal_pct": round(d["steal"] / d["all"] * 100, 1) if d["all"] else None}
 
 
 def _proc_number(pid: int, name: str, label: str, column: int) -> int:

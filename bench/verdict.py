@@ -24,6 +24,12 @@ def _row(target: str, measured: str, bound: str, met: bool | None) -> dict[str, 
             "met": "not measured" if met is None else ("yes" if met else "no")}
 
 
+def _cores(post: dict[str, Any]) -> str:
+    """The cores the target's rate would take at the run's CPU per post, all processes."""
+    need = post.get("cores_for_target")
+    return "" if need is None else f" (the target's rate takes {need} cores)"
+
+
 def verdicts(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     fan = results.get("fanout") or []
@@ -56,7 +62,7 @@ def verdicts(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
             "posts: per instance, p99" + ("" if post is None else
                                           f" ({post['instances']} instances)"),
             "-" if post is None else f"{post['posts_per_s_per_instance']}/s, "
-                                     f"{post['p99_ms']} ms",
+                                     f"{post['p99_ms']} ms" + _cores(post),
             f">= {POSTS_PER_INSTANCE}/s, < {POSTS_P99_MS} ms",
             None if post is None else (post["posts_per_s_per_instance"] >= POSTS_PER_INSTANCE
                                        and post["p99_ms"] is not None
