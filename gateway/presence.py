@@ -33,6 +33,7 @@ import orjson
 from gateway.periodic import every
 from pubsub import Broker, BrokerUnavailable
 from pubsub.batch import per_key
+from pubsub.script import Script
 
 log = logging.getLogger("gateway.presence")
 
@@ -101,8 +102,8 @@ class Presence:
         self._held: dict[int, tuple[str, set[str]]] = {}  # connection id -> (user, rooms)
         self._task: asyncio.Task[None] | None = None
         if redis is not None:
-            self._join = redis.register_script(_JOIN)
-            self._leave = redis.register_script(_LEAVE)
+            self._join = Script(redis, _JOIN)
+            self._leave = Script(redis, _LEAVE)
 
     def key(self, room: str) -> str:
         return f"{self.prefix}{{{room}}}:presence"

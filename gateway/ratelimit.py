@@ -23,6 +23,7 @@ from typing import Any, Callable
 from redis.exceptions import NoScriptError
 
 from gateway.config import Rate
+from pubsub.script import Script
 
 log = logging.getLogger("gateway.ratelimit")
 
@@ -153,8 +154,8 @@ class RateLimiter:
         self.rates = rates
         self.local = LocalBuckets()
         self._failing: set[str] = set()  # shards (guard.shard) whose buckets are local now
-        # redis-py's Script sends EVALSHA and, on NOSCRIPT, loads the script and retries.
-        self._script = redis.register_script(SCRIPT) if redis is not None else None
+        # EVALSHA, and the script's body again after a NOSCRIPT (pubsub.script).
+        self._script = Script(redis, SCRIPT) if redis is not None else None
         # Decisions asked for at the same moment share one pipeline (pubsub.batch);
         # none on a cluster, where keys live on different nodes.
         self.batch = batch
@@ -189,14 +190,14 @@ class RateLimiter:
     async def _decide(self, key: str, args: list[int]) -> Any:
         assert self._script is not None
         if self.batch is not None:
-            (reply,) = await self.batch.run([("EVALSHA", self._script.sha, 1, key, *args)])
+            (reply,) = await self.batch.run([self._script.command([key], args)])
             if not isinstance(reply, BaseException):
                 return reply
             if not isinstance(reply, NoScriptError):
                 raise reply
-            # Redis lost the script (restarted, flushed): the refused call ran nothing;
-            # the script object loads it and sends the call again.
-        return await self._script(keys=[key], args=args)
+            # Redis lost the script (restarted, flushed): the refused call ran nothing.
+            return await self._script.again([key], args)
+        return await self._script([key], args)
 
     @property
     def fallback(self) -> bool:

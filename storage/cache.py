@@ -34,6 +34,7 @@ import orjson
 from redis.exceptions import NoScriptError
 
 from pubsub.batch import per_key
+from pubsub.script import Script
 
 from storage.base import MAX_PAGE, Message, Page, Store, parse_ts
 
@@ -98,9 +99,9 @@ class HistoryCache:
         self._retry: asyncio.Future[None] | None = None
         self._local: OrderedDict[str, tuple[int, Page]] = OrderedDict()
         if redis is not None:
-            self._read = redis.register_script(_READ)
-            self._raise = redis.register_script(_RAISE)
-            self._poll = redis.register_script(_POLL)
+            self._read = Script(redis, _READ)
+            self._raise = Script(redis, _RAISE)
+            self._poll = Script(redis, _POLL)
 
     def _keys(self, room: str) -> list[str]:
         base = f"{self.prefix}{{{room}}}"
@@ -165,8 +166,7 @@ class HistoryCache:
     def raise_command(self, message: Message) -> tuple[Any, ...]:
         """``committed`` as one Redis command, to send with others (pubsub.batch): a
         bare EVALSHA, its reply for :meth:`queued_result`."""
-        return ("EVALSHA", self._raise.sha, 2, *self._keys(message.room), message.seq,
-                self.ttl)
+        return self._raise.command(self._keys(message.room), [message.seq, self.ttl])
 
     async def queued_result(self, message: Message, result: Any) -> None:
         """The reply of a queued raise. A script Redis does not know (restarted,
