@@ -21,7 +21,7 @@ import orjson
 from bench import fanout, history, idle, posts
 from bench.procs import raise_open_files
 from bench.targets import TARGETS
-from bench.verdict import verdicts
+from bench.verdict import POSTS_PER_INSTANCE, verdicts
 
 SCENARIOS = ("fanout", "idle", "posts", "history")
 
@@ -52,7 +52,8 @@ COLUMNS = {
                "out_of_order", "p50_ms", "p99_ms", "max_ms", "server_cpu_s",
                "client_cpu_s", "deliveries_per_cpu_s"],
     "idle": ["target", "connections", "rss_per_conn_kib", "idle_cpu_pct", "open_files_limit"],
-    "posts": ["target", "instances", "connections", "rooms", "posts", "errors",
+    "posts": ["target", "instances", "connections", "rooms", "offered_per_s_per_instance",
+              "posts", "errors",
               "posts_per_s", "posts_per_s_per_instance", "p50_ms", "p99_ms", "server_cpu_s",
               "server_cpu_ms_per_post", "client_cpu_s"],
     "history": ["path", "reads", "p50_ms", "p99_ms", "max_ms", "speedup_p50"],
@@ -124,9 +125,11 @@ async def run_scenario(scenario: str, args: argparse.Namespace,
             rows.append(await idle.run(TARGETS[name](), connections=args.connections,
                                        settle=args.idle_seconds))
     elif scenario == "posts":
-        rows.append(await posts.run(instances=args.instances, connections=args.post_conns,
-                                    rooms=args.rooms, seconds=args.post_seconds,
-                                    profile=args.profile))
+        # back to back first (the most the machine gives), then at the target's rate
+        for rate in [None, *([args.post_rate] if args.post_rate else [])]:
+            rows.append(await posts.run(instances=args.instances, connections=args.post_conns,
+                                        rooms=args.rooms, seconds=args.post_seconds,
+                                        rate=rate, profile=args.profile))
     elif scenario == "history":
         rows.extend(await history.run(reads=args.reads))
     return rows
@@ -153,6 +156,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--post-conns", type=int, default=32, help="HTTP connections per instance")
     p.add_argument("--rooms", type=int, default=200)
     p.add_argument("--post-seconds", type=float, default=10.0)
+    p.add_argument("--post-rate", type=float, default=float(POSTS_PER_INSTANCE),
+                   help="posts/s due per instance in a second, open-loop run (0: none); "
+                        "the first run always posts back to back")
     p.add_argument("--reads", type=int, default=2000, help="history reads per path")
     p.add_argument("--repeat", type=int, default=1,
                    help="run each scenario this many times and report each figure's median "

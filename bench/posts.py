@@ -1,7 +1,16 @@
 """Posts: HTTP POST throughput and latency with Postgres persistence.
 
-C keep-alive connections per instance, each posting in a loop to a random one
-of R rooms. The first second is warm-up and not counted.
+C keep-alive connections per instance, each posting to a random one of R
+rooms. The first second is warm-up and not counted.
+
+Without a rate the connections post back to back (a closed loop): the run
+finds the most posts/s the machine gives, and its latency is that of a
+saturated machine. With a rate, posts are due at that rate per instance
+whether or not earlier ones were answered (an open loop): the run asks
+whether the instances keep up with that load and how long a post takes at it.
+Latency is then counted from when a post was due, not from when a free
+connection sent it, so a server that falls behind is not flattered by its
+clients waiting for it.
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ WARMUP = 1.0
 
 
 async def run(*, instances: int = 2, connections: int = 32, rooms: int = 200,
-              seconds: float = 10.0, profile: Path | None = None) -> dict[str, Any]:
+              seconds: float = 10.0, rate: float | None = None,
+              profile: Path | None = None) -> dict[str, Any]:
     target = Gateway()
     servers = await target.start(instances)
     try:
@@ -37,6 +47,7 @@ async def run(*, instances: int = 2, connections: int = 32, rooms: int = 200,
         profiler = Profiler(profile / "posts" if profile else None)
         meter = MachineMeter()
         await meter.find()
+        tickets = [0] * instances  # open loop: the next post due on each instance
 
         async def worker(k: int, w: int) -> None:
             nonlocal errors
@@ -44,7 +55,13 @@ async def run(*, instances: int = 2, connections: int = 32, rooms: int = 200,
             rng = random.Random(k * 100003 + w)
             try:
                 while True:
-                    now = time.perf_counter()
+                    if rate is None:
+                        now = time.perf_counter()
+                    else:
+                        now = start + tickets[k] / rate
+                        tickets[k] += 1
+                        if now - time.perf_counter() > 0:
+                            await asyncio.sleep(now - time.perf_counter())
                     if now >= deadline:
                         return
                     room = f"posts-{rng.randrange(rooms)}"
@@ -83,6 +100,7 @@ async def run(*, instances: int = 2, connections: int = 32, rooms: int = 200,
         all_ms = per_post(sum(p for p in parts if p is not None)) if None not in parts else None
         return {
             "target": target.name, "instances": instances, "connections": connections * instances,
+            "offered_per_s_per_instance": rate,
             "rooms": rooms, "seconds": seconds, "posts": total, "errors": errors,
             "posts_per_s": round(total / seconds), "per_instance": counts,
             "posts_per_s_per_instance": round(total / seconds / instances),

@@ -16,6 +16,7 @@ IDLE_KIB = 20.0  # resident KiB per idle WebSocket connection
 IDLE_CONNECTIONS = 10_000
 POSTS_PER_INSTANCE = 2000
 POSTS_P99_MS = 25.0
+KEPT_UP = 0.99  # of the posts due at a rate, answered within the run
 HISTORY_SPEEDUP = 10.0  # warm cache vs Postgres, p50, storage layer
 
 
@@ -28,6 +29,25 @@ def _cores(post: dict[str, Any]) -> str:
     """The cores the target's rate would take at the run's CPU per post, all processes."""
     need = post.get("cores_for_target")
     return "" if need is None else f" (the target's rate takes {need} cores)"
+
+
+def _posts_row(post: dict[str, Any] | None) -> dict[str, Any]:
+    """Back to back (no rate): the most posts/s per instance, with the p99 of a
+    saturated machine. At a rate: whether the instances kept up with posts due at
+    the target's rate (KEPT_UP of them answered within the run), and the p99."""
+    bound = f">= {POSTS_PER_INSTANCE}/s, < {POSTS_P99_MS} ms"
+    if post is None:
+        return _row("posts: per instance, p99", "-", bound, None)
+    offered = post.get("offered_per_s_per_instance")
+    where = f" ({post['instances']} instances)"
+    fast = post["p99_ms"] is not None and post["p99_ms"] < POSTS_P99_MS
+    measured = f"{post['posts_per_s_per_instance']}/s, {post['p99_ms']} ms" + _cores(post)
+    if offered is None:
+        return _row("posts: per instance back to back, p99" + where, measured, bound,
+                    post["posts_per_s_per_instance"] >= POSTS_PER_INSTANCE and fast)
+    return _row(f"posts: {offered:g}/s due per instance, p99" + where, measured, bound,
+                offered >= POSTS_PER_INSTANCE and fast
+                and post["posts_per_s_per_instance"] >= KEPT_UP * offered)
 
 
 def verdicts(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -58,15 +78,7 @@ def verdicts(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
                      None if idle is None or idle["connections"] < IDLE_CONNECTIONS
                      else idle["rss_per_conn_kib"] < IDLE_KIB))
     for post in results.get("posts") or [None]:
-        rows.append(_row(
-            "posts: per instance, p99" + ("" if post is None else
-                                          f" ({post['instances']} instances)"),
-            "-" if post is None else f"{post['posts_per_s_per_instance']}/s, "
-                                     f"{post['p99_ms']} ms" + _cores(post),
-            f">= {POSTS_PER_INSTANCE}/s, < {POSTS_P99_MS} ms",
-            None if post is None else (post["posts_per_s_per_instance"] >= POSTS_PER_INSTANCE
-                                       and post["p99_ms"] is not None
-                                       and post["p99_ms"] < POSTS_P99_MS)))
+        rows.append(_posts_row(post))
     layer = next((r for r in results.get("history") or []
                   if r["path"] == "layer: warm cache"), None)
     rows.append(_row("history: warm cache vs Postgres, p50 (storage layer)",

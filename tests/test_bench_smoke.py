@@ -23,7 +23,7 @@ def test_bench_all_scenarios_on_tiny_sizes(tmp_path) -> None:
         [sys.executable, "-m", "bench", "all", "--targets", "gateway", "--json", str(out),
          "--instances", "2", "--subscribers", "6", "--messages", "30", "--rate", "60",
          "--connections", "40", "--idle-seconds", "1", "--post-conns", "2", "--rooms", "5",
-         "--post-seconds", "1", "--reads", "20"],
+         "--post-seconds", "1", "--post-rate", "50", "--reads", "20"],
         cwd=harness.ROOT, capture_output=True, text=True, timeout=harness.t(240))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = orjson.loads(out.read_bytes())
@@ -43,10 +43,19 @@ def test_bench_all_scenarios_on_tiny_sizes(tmp_path) -> None:
     assert idle["connections"] == 40 and idle["failed"] == 0
     assert idle["rss_after_kib"] > 0 and idle["open_files_limit"] > 0
 
-    (posts,) = results["posts"]
-    assert posts["posts"] > 0 and posts["errors"] == 0
-    assert posts["server_cpu_ms_per_post"] > 0
-    assert len(posts["per_instance"]) == 2 and all(n > 0 for n in posts["per_instance"])
+    back_to_back, paced = results["posts"]
+    for posts in (back_to_back, paced):
+        assert posts["posts"] > 0 and posts["errors"] == 0
+        assert posts["server_cpu_ms_per_post"] > 0
+        assert len(posts["per_instance"]) == 2 and all(n > 0 for n in posts["per_instance"])
+        # what the posts cost the machine's other processes, and the cores at the target
+        assert posts["postgres_cpu_ms_per_post"] > 0 and posts["redis_cpu_ms_per_post"] > 0
+        assert posts["machine_cpu_ms_per_post"] > posts["server_cpu_ms_per_post"]
+        assert posts["cores_for_target"] > 0 and 0 <= posts["steal_pct"] <= 100
+    assert back_to_back["offered_per_s_per_instance"] is None
+    # paced: the posts due at 50/s in the measured second, each answered
+    assert paced["offered_per_s_per_instance"] == 50.0
+    assert paced["per_instance"] == [50, 50]
 
     paths = [row["path"] for row in results["history"]]
     assert paths == ["http: warm cache", "http: postgres", "layer: warm cache",
@@ -82,11 +91,26 @@ def test_targets_are_judged_against_the_best_peer_and_the_named_sizes() -> None:
         "yes", "2.19x (broadcaster)")
     assert met["fan-out: p99 vs best peer"][0] == "yes"  # 90 <= broadcaster's 100
     assert met["idle: KiB per connection at 10,000"][0] == "no"
-    assert met["posts: per instance, p99 (2 instances)"][0] == "yes"
+    assert met["posts: per instance back to back, p99 (2 instances)"][0] == "yes"
     assert met["history: warm cache vs Postgres, p50 (storage layer)"][0] == "no"
     results["fanout"][0]["subscribers"] = 40
     met = {row["target"]: row["met"] for row in verdicts(results)}
     assert met["fan-out: deliveries per server CPU-second vs best peer"] == "not measured"
+
+
+def test_paced_posts_are_judged_on_keeping_up_at_the_targets_rate() -> None:
+    def met(**post: object) -> str:
+        row = {"instances": 1, "offered_per_s_per_instance": 2000.0,
+               "posts_per_s_per_instance": 2000, "p99_ms": 20.0, **post}
+        (verdict,) = [r for r in verdicts({"posts": [row]}) if r["target"].startswith("posts")]
+        assert verdict["target"] == (f"posts: {row['offered_per_s_per_instance']:g}/s due per "
+                                     "instance, p99 (1 instances)")
+        return str(verdict["met"])
+
+    assert met() == "yes"
+    assert met(p99_ms=30.0) == "no"
+    assert met(posts_per_s_per_instance=1900) == "no", "fell behind the posts due"
+    assert met(offered_per_s_per_instance=1500.0, posts_per_s_per_instance=1500) == "no"
 
 
 def test_repeated_runs_report_each_figures_median() -> None:
