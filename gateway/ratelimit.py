@@ -20,8 +20,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from redis.exceptions import NoScriptError
-
 from gateway.config import Rate
 from pubsub.script import Script
 
@@ -189,15 +187,7 @@ class RateLimiter:
 
     async def _decide(self, key: str, args: list[int]) -> Any:
         assert self._script is not None
-        if self.batch is not None:
-            (reply,) = await self.batch.run([self._script.command([key], args)])
-            if not isinstance(reply, BaseException):
-                return reply
-            if not isinstance(reply, NoScriptError):
-                raise reply
-            # Redis lost the script (restarted, flushed): the refused call ran nothing.
-            return await self._script.again([key], args)
-        return await self._script([key], args)
+        return await self._script([key], args, batch=self.batch)
 
     @property
     def fallback(self) -> bool:

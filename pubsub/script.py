@@ -30,11 +30,21 @@ class Script:
         """The call as one ``EVALSHA`` command, to send with others (pubsub.batch)."""
         return ("EVALSHA", self.sha, len(keys), *keys, *args)
 
-    async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
-        try:
-            return await self.redis.execute_command(*self.command(keys, args))
-        except NoScriptError:
-            return await self.again(keys, args)
+    async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = (), *,
+                       batch: Any = None) -> Any:
+        """The script's reply; over ``batch`` (pubsub.batch) when given, else the client."""
+        if batch is not None:
+            (reply,) = await batch.run([self.command(keys, args)])
+            if not isinstance(reply, BaseException):
+                return reply
+            if not isinstance(reply, NoScriptError):
+                raise reply
+        else:
+            try:
+                return await self.redis.execute_command(*self.command(keys, args))
+            except NoScriptError:
+                pass
+        return await self.again(keys, args)
 
     async def again(self, keys: Sequence[Any], args: Sequence[Any] = ()) -> Any:
         """The call with the script's body, after a ``NOSCRIPT`` (which ran nothing)."""

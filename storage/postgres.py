@@ -95,6 +95,10 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     connection), and an open transaction is still rolled back by asyncpg first."""
 
 
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(f"Postgres unavailable: {exc!r}")
+
+
 def _row(r: Any) -> Message:
     return Message(r["id"], r["room"], r["seq"], r["author"], r["text"], r["created_ms"])
 
@@ -141,7 +145,7 @@ class PostgresStore(Store):
             async with self.pool.acquire(timeout=self._acquire_timeout) as conn:
                 return await getattr(conn, method)(query, *args)
         except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"Postgres unavailable: {exc!r}") from exc
+            raise _unavailable(exc) from exc
 
     async def migrate(self) -> list[str]:
         applied: list[str] = []
@@ -251,8 +255,7 @@ class PostgresStore(Store):
                         conn = await self.pool.acquire(timeout=self._acquire_timeout)
                     rows = await self._commit_group(conn, group)
                 except BaseException as exc:
-                    err = (StoreUnavailable(f"Postgres unavailable: {exc!r}")
-                           if isinstance(exc, _UNAVAILABLE) else exc)
+                    err = _unavailable(exc) if isinstance(exc, _UNAVAILABLE) else exc
                     for item in group:
                         if not item[5].done():
                             item[5].set_exception(err)
@@ -279,14 +282,12 @@ class PostgresStore(Store):
     @staticmethod
     async def _commit_group(conn: Any, group: list[Any]) -> Any:
         cols = list(zip(*(item[:5] for item in group), strict=True))
-        for attempt in range(3):
+        for _ in range(2):
             try:
                 return await conn.fetch(_APPEND_GROUP, *cols)
             except asyncpg.DeadlockDetectedError:
-                # Rolled back whole (no seq used); another group holds a room.
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+                pass  # rolled back whole (no seq used); another group holds a room
+        return await conn.fetch(_APPEND_GROUP, *cols)
 
     async def history(self, room: str, *, limit: int = 50, before: int | None = None,
                       after: int | None = None) -> Page:
