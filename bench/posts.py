@@ -60,8 +60,9 @@ async def run(*, instances: int = 2, connections: int = 32, rooms: int = 200,
                     else:
                         now = start + tickets[k] / rate
                         tickets[k] += 1
-                        if now - time.perf_counter() > 0:
-                            await asyncio.sleep(now - time.perf_counter())
+                        delay = now - time.perf_counter()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
                     # A post still unsent when the run ends is one the servers did not
                     # keep up with: it is not counted.
                     if now >= deadline or time.perf_counter() >= deadline:
