@@ -15,6 +15,11 @@ Contract:
 - When the link drops, the broker reconnects with backoff by itself, restores
   every subscription, then calls ``on_reconnect()``: anything published in
   between was lost to this instance and the caller fills it from the store.
+- ``publish_control(data)`` hands ``data`` to ``on_control(data)`` on every
+  instance sharing the broker, this one included, at most once, in publish
+  order per publisher: commands that act on every instance (the server API).
+  It raises ``BrokerUnavailable`` when nothing could be sent. The control
+  channel is held from ``start`` to ``close`` and restored with the others.
 - Constructors do no I/O; ``start`` connects, ``close`` releases everything.
 """
 
@@ -26,6 +31,7 @@ from typing import Any, Callable
 
 MessageHandler = Callable[[str, bytes], None]
 ReconnectHandler = Callable[[], None]
+ControlHandler = Callable[[bytes], None]
 
 
 class BrokerUnavailable(Exception):
@@ -77,10 +83,12 @@ class RedisGuard:
 class Broker(ABC):
     on_message: MessageHandler
     on_reconnect: ReconnectHandler
+    on_control: ControlHandler
 
     def __init__(self) -> None:
         self.on_message = lambda channel, data: None
         self.on_reconnect = lambda: None
+        self.on_control = lambda data: None
         self.reconnects = 0
 
     @abstractmethod
@@ -97,6 +105,10 @@ class Broker(ABC):
 
     @abstractmethod
     async def unsubscribe(self, channel: str) -> None: ...
+
+    @abstractmethod
+    async def publish_control(self, data: bytes) -> None:
+        """Send ``data`` to ``on_control`` of every instance, this one included."""
 
     @abstractmethod
     async def ping(self) -> None:

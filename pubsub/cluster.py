@@ -136,7 +136,10 @@ class _Link:
                 if isinstance(channel, bytes):
                     channel = channel.decode()
                 if kind == "smessage":
-                    self.broker.on_message(channel, msg["data"])
+                    if channel in self.broker._control:
+                        self.broker.on_control(msg["data"])
+                    else:
+                        self.broker.on_message(channel, msg["data"])
                 elif kind == "sunsubscribe" and channel in self.channels:
                     raise _ChannelMoved(f"server ended {channel}: its slot moved")
                 continue
@@ -190,6 +193,9 @@ class ClusterBroker(Broker):
         self.probe_timeout = probe_timeout or max(1.0, probe_interval)
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
+        self.control_channel = control_channel
+        # Held on a link like a room's channel, from start to close (server API commands).
+        self._control = {control_channel} if control_channel else set()
         self._client: RedisCluster | None = None
         self._channels: set[str] = set()
         self._links: dict[str, _Link] = {}
@@ -286,7 +292,7 @@ class ClusterBroker(Broker):
             placed: set[str] | None = None
             while placed != self._channels:  # again if (un)subscribed meanwhile
                 placed = set(self._channels)
-                await self._place_once(placed)
+                await self._place_once(placed | self._control)
 
     async def _place_once(self, channels: set[str]) -> None:
         groups: dict[str, set[str]] = defaultdict(set)
@@ -341,6 +347,11 @@ class ClusterBroker(Broker):
             await self.redis.spublish(channel, data)
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(f"Redis Cluster publish failed: {exc!r}") from exc
+
+    async def publish_control(self, data: bytes) -> None:
+        if not self.control_channel:
+            raise BrokerUnavailable("no control channel is configured")
+        await self.publish(self.control_channel, data)
 
     async def ping(self) -> None:
         """Any primary answering is enough: one shard down does not make the

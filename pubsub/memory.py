@@ -27,6 +27,15 @@ class MemoryBroker(Broker):
             # Delivered on a later loop turn, in publish order, as a real broker would.
             self._loop.call_soon(self._deliver, channel, data)
 
+    async def publish_control(self, data: bytes) -> None:
+        if self._loop is None:
+            raise BrokerUnavailable("the broker is not started")
+        self._loop.call_soon(self._control, data)
+
+    def _control(self, data: bytes) -> None:
+        if self._loop is not None:
+            self.on_control(data)
+
     def _deliver(self, channel: str, data: bytes) -> None:
         if channel in self._channels:
             self.on_message(channel, data)

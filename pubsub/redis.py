@@ -148,7 +148,9 @@ class RedisBroker(Broker):
                     channel = msg["channel"]
                     if isinstance(channel, bytes):
                         channel = channel.decode()
-                    if channel != self.control_channel:
+                    if channel == self.control_channel:
+                        self.on_control(msg["data"])
+                    else:
                         self.on_message(channel, msg["data"])
                 continue
             if probe_sent is None and now - last_seen >= self.probe_interval:
@@ -165,6 +167,11 @@ class RedisBroker(Broker):
         except (RedisError, OSError) as exc:
             self.guard.failed()
             raise BrokerUnavailable(f"Redis publish failed: {exc!r}") from exc
+
+    async def publish_control(self, data: bytes) -> None:
+        """Published on the control channel, which every instance's link holds (this
+        one's too, so the sender acts through the same path as the others)."""
+        await self.publish(self.control_channel, data)
 
     def publish_command(self, channel: str, data: bytes) -> tuple[Any, ...]:
         """``publish`` as one command for :attr:`batch` (this broker's client), so a

@@ -144,6 +144,12 @@ class Store(ABC):
         one short transaction; return how many. Rooms keep their seq counter, so
         new messages never reuse a deleted seq."""
 
+    @abstractmethod
+    async def purge_room(self, room: str) -> int:
+        """Delete every message of ``room`` committed so far, in one transaction; return
+        how many. As with ``delete_before`` the room keeps its seq counter: the next
+        message gets the next seq, never a purged one."""
+
     def stats(self) -> dict[str, Any]:
         """Pool figures for metrics."""
         return {}

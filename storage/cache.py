@@ -20,6 +20,16 @@ version held here, the page is sliced from memory with no page transfer and
 no decoding. A window for ``v`` never changes, so this is exactly as fresh as
 the page in Redis.
 
+A purge (moderation) breaks "one content per version": the page for ``v``
+loses its messages. ``purged`` therefore deletes the room's seq and page keys
+and counts the purge in ``P{room}:purged``. With no seq key no instance serves
+a window it holds (a warm read needs the key to name its version), so a read
+anywhere right after the purge goes to the store; every instance then also
+drops its window when the purge is announced (``forget``). A load that read
+the store before the purge cannot cache what it read afterwards: it notes the
+purge count before its store read and its page is written only if the count
+is unchanged.
+
 With no Redis (``memory://``) every read goes to the store.
 """
 
@@ -81,6 +91,21 @@ return cur
 """
 
 
+# A cold load's page write: the raise above, only if no purge happened since the
+# load noted the purge count (KEYS[3], ARGV[4]) before it read the store.
+_FILL = """
+if (redis.call('GET', KEYS[3]) or '0') ~= ARGV[4] then return -1 end
+""" + _RAISE
+
+# KEYS: seq, page, purge count; ARGV: ttl. Counts the purge, drops the room's keys.
+_PURGE = """
+redis.call('INCR', KEYS[3])
+redis.call('EXPIRE', KEYS[3], ARGV[1])
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+"""
+
+
 class HistoryCache:
     """Read-through cache of the latest page; ``redis`` is a ``redis.asyncio`` client or None."""
 
@@ -102,10 +127,33 @@ class HistoryCache:
             self._read = Script(redis, _READ)
             self._raise = Script(redis, _RAISE)
             self._poll = Script(redis, _POLL)
+            self._fill = Script(redis, _FILL)
+            self._purge = Script(redis, _PURGE)
 
     def _keys(self, room: str) -> list[str]:
         base = f"{self.prefix}{{{room}}}"
         return [base + ":seq", base + ":page"]
+
+    def _purge_key(self, room: str) -> str:
+        return f"{self.prefix}{{{room}}}:purged"
+
+    async def purged(self, room: str) -> None:
+        """The room's history was purged in the store: no instance may serve a page
+        read before that. Raises when Redis cannot be told (the caller says so; a
+        retry of the purge repeats this)."""
+        self.forget(room)
+        if self.redis is None:
+            return
+        keys = self._keys(room) + [self._purge_key(room)]
+        try:
+            await self._purge(keys=keys, args=[self.ttl])
+        except Exception:
+            self._failed(keys[0])
+            raise
+
+    def forget(self, room: str) -> None:
+        """Drop this instance's decoded window of ``room`` (a purge was announced)."""
+        self._local.pop(room, None)
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:
@@ -277,12 +325,19 @@ class HistoryCache:
             if window is not None:
                 return window
         try:
+            purge_key = self._purge_key(room)
+            try:
+                purges = await redis.get(purge_key)
+            except Exception:  # noqa: BLE001 - the write below then fails the same way
+                purges = None
             window = await self.store.history(room, limit=MAX_PAGE)
             if window.messages:
                 data = orjson.dumps({"m": [m.to_dict() for m in window.messages],
                                      "h": window.has_more})
                 try:
-                    await self._raise(keys=keys, args=[window.messages[-1].seq, self.ttl, data])
+                    await self._fill(keys=keys + [purge_key], args=[
+                        window.messages[-1].seq, self.ttl, data,
+                        purges.decode() if isinstance(purges, bytes) else (purges or "0")])
                 except Exception as exc:  # noqa: BLE001
                     log.debug("cache fill failed: %r", exc)
             return window

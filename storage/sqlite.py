@@ -162,6 +162,11 @@ class SQLiteStore(Store):
 
         return await self._run(delete)
 
+    async def purge_room(self, room: str) -> int:
+        # The rooms row (its last_seq) stays: seqs are never handed out twice.
+        return await self._run(
+            lambda db: db.execute("DELETE FROM messages WHERE room = ?", (room,)).rowcount)
+
     async def ping(self) -> None:
         await self._run(lambda db: db.execute("SELECT 1").fetchone())
 
