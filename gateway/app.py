@@ -25,6 +25,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from gateway import openapi
+from gateway import server_api
 from gateway import validation as v
 from gateway.auth import bearer
 from gateway.config import Settings
@@ -94,7 +95,7 @@ async def room_events(request: Request) -> Response:
         raise ApiError("unavailable", "the instance is shutting down; reconnect elsewhere")
     gw.limits.acquire(identity.name)
     sub = Subscriber(SSE, identity=identity.name, max_messages=gw.settings.queue_max_messages,
-                     max_bytes=gw.settings.queue_max_bytes)
+                     max_bytes=gw.settings.queue_max_bytes, user=user)
     expire_with_token(sub, identity)
     hub.register(sub)
     try:
@@ -111,6 +112,8 @@ async def room_events(request: Request) -> Response:
         try:
             async for batch in sub.batches():
                 yield b"".join(batch)
+            if sub.farewell is not None:  # ended by the server API: say why
+                yield sub.farewell
         finally:
             gw.metrics.connections.labels("sse").dec()
             gw.limits.release(identity.name)
@@ -324,6 +327,13 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         # Served by GatewayApp before routing; listed so the routing table is whole.
         WebSocketRoute(GatewayApp.WS_PATH, websocket_endpoint),
         Route("/v1/publish", publish, methods=["POST"]),
+        Route("/v1/server/disconnect", server_api.disconnect, methods=["POST"]),
+        Route("/v1/server/unsubscribe", server_api.unsubscribe, methods=["POST"]),
+        Route("/v1/server/rooms", server_api.list_rooms, methods=["GET"]),
+        Route("/v1/server/rooms/{room}", server_api.room_info, methods=["GET"]),
+        Route("/v1/server/rooms/{room}/messages", server_api.purge_messages,
+              methods=["DELETE"]),
+        Route("/v1/server/broadcast", server_api.broadcast, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

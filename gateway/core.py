@@ -21,6 +21,7 @@ from typing import Any
 
 from gateway.auth import Authenticator
 from gateway.config import Settings
+from gateway.control import Control
 from gateway.errors import ApiError
 from gateway.hub import Hub, wire_event, wire_message
 from gateway.limits import ConnectionLimits
@@ -69,6 +70,7 @@ class Gateway:
         # One id per running instance: its presence members and its stats entry.
         self.instance_id = uuid.uuid4().hex[:12]
         self.beacon: Beacon | None = None
+        self.control: Control | None = None  # server API commands (gateway.control)
 
     async def start(self, *, migrate: bool = True) -> None:
         await self.store.start()
@@ -94,6 +96,8 @@ class Gateway:
                                  held_rooms=lambda: list(hub.rooms),
                                  instance=self.instance_id)
         await self.presence.start()
+        self.control = Control(self.broker, hub, self.presence, self.history)
+        await self.control.start()
         if redis is not None:
             self.beacon = Beacon(self, redis, prefix, guard=guard)
             self.beacon.start()
@@ -117,6 +121,8 @@ class Gateway:
             await self.beacon.close()
         if self.retention is not None:
             await self.retention.close()
+        if self.control is not None:
+            await self.control.close()
         if self.presence is not None:
             await self.presence.close()
         if self.hub is not None:

@@ -53,10 +53,15 @@ class Subscriber:
     """The outbound side of one connection: a bounded queue drained by one writer."""
 
     def __init__(self, transport: str, *, identity: str = "", max_messages: int = 1000,
-                 max_bytes: int = 4 * 1024 * 1024, sink: Any = None) -> None:
+                 max_bytes: int = 4 * 1024 * 1024, sink: Any = None,
+                 user: str | None = None) -> None:
         self.id = next(_ids)
         self.transport = transport
         self.identity = identity
+        # The user the server API addresses: the token's sub, or ?user= in open mode.
+        self.user = user
+        # SSE: the last event of a stream the server API ends (sent after the queue).
+        self.farewell: bytes | None = None
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.cursors: dict[str, int] = {}
@@ -511,6 +516,20 @@ class Hub:
                 if self.metrics is not None:
                     self.metrics.gap_fills.labels("position").inc()
                 self.fill(r)
+
+    # -- the server API (gateway.control) ------------------------------------
+
+    def of_user(self, user: str) -> list[Subscriber]:
+        """This instance's connections of ``user``."""
+        return [sub for sub in self.subscribers.values() if sub.user == user]
+
+    def notify(self, room: str, build: Callable[[str, dict[str, Any]], bytes],
+               event: dict[str, Any]) -> None:
+        """Queue one unsequenced frame, ``build(transport, event)``, to every local
+        subscriber of ``room``."""
+        r = self.rooms.get(room)
+        if r is not None:
+            self._dispatch_event(r, event, build)
 
     def stats(self) -> dict[str, Any]:
         return {"rooms": len(self.rooms), "subscribers": len(self.subscribers),

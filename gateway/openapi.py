@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway import server_api as sa
 from gateway import stats
 from gateway import validation as v
 from gateway.errors import CODES
@@ -79,6 +80,70 @@ def _query(schema: dict[str, Any]) -> list[dict[str, Any]]:
 
 ROOM_PARAM = {"name": "room", "in": "path", "required": True, "schema": v.ROOM}
 USER: list[dict[str, list[str]]] = [{"userToken": []}, {}]
+
+
+KEY_ONLY: list[dict[str, list[str]]] = [{"apiKey": []}]
+
+
+def _body(name: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {
+        "schema": {"$ref": _REF + name}}}}
+
+
+def server_paths() -> dict[str, Any]:
+    """The server API (gateway.server_api): an API key always, every instance acts."""
+    accepted = _json({"type": "object"}, "sent to every instance")
+    rooms_item = {"type": "object", "required": ["room", "subscribers", "latest_seq"],
+                  "properties": {"room": v.ROOM, "subscribers": {"type": "integer"},
+                                 "latest_seq": {"type": "integer"}}}
+    return {
+        "/v1/server/disconnect": {"post": {
+            "summary": "close every connection of a user on every instance (WS 4001)",
+            "security": KEY_ONLY, "requestBody": _body("ServerDisconnect"),
+            "responses": {"202": accepted, **_errors(
+                "invalid_json", "invalid_request", "unauthorized", "too_large",
+                "unavailable")}}},
+        "/v1/server/unsubscribe": {"post": {
+            "summary": "end a user's subscriptions to a room on every instance",
+            "security": KEY_ONLY, "requestBody": _body("ServerUnsubscribe"),
+            "responses": {"202": accepted, **_errors(
+                "invalid_json", "invalid_request", "unauthorized", "too_large",
+                "unavailable")}}},
+        "/v1/server/rooms": {"get": {
+            "summary": "rooms with subscribers on any instance, by name, paged",
+            "security": KEY_ONLY, "parameters": _query(sa.ROOMS_QUERY),
+            "responses": {"200": _json({
+                "type": "object", "required": ["rooms", "next"], "properties": {
+                    "rooms": {"type": "array", "items": rooms_item},
+                    "next": {"type": ["string", "null"],
+                             "description": "the cursor of the next page; null: last"}}},
+                "a page of rooms"),
+                **_errors("invalid_request", "unauthorized", "unavailable")}}},
+        "/v1/server/rooms/{room}": {"get": {
+            "summary": "a room across instances: subscribers, present users, latest seq",
+            "security": KEY_ONLY, "parameters": [ROOM_PARAM],
+            "responses": {"200": _json({
+                "type": "object", "required": ["room", "subscribers", "presence",
+                                               "latest_seq"],
+                "properties": {"room": v.ROOM, "subscribers": {"type": "integer"},
+                               "presence": {"type": "integer"},
+                               "latest_seq": {"type": "integer"}}}, "the room"),
+                **_errors("invalid_request", "unauthorized", "unavailable")}}},
+        "/v1/server/rooms/{room}/messages": {"delete": {
+            "summary": "purge the room's history; seqs are never reused",
+            "security": KEY_ONLY, "parameters": [ROOM_PARAM],
+            "responses": {"200": _json({
+                "type": "object", "required": ["room", "removed"],
+                "properties": {"room": v.ROOM, "removed": {"type": "integer"}}},
+                "purged; every instance told"),
+                **_errors("invalid_request", "unauthorized", "unavailable")}}},
+        "/v1/server/broadcast": {"post": {
+            "summary": f"one ephemeral event to 1..{sa.MAX_BROADCAST_ROOMS} rooms",
+            "security": KEY_ONLY, "requestBody": _body("ServerBroadcast"),
+            "responses": {"202": _json({"type": "object"}, "published", RATE_HEADERS),
+                          **_errors("invalid_json", "invalid_request", "unauthorized",
+                                    "too_large", "rate_limited", "unavailable")}}},
+    }
 
 
 def document() -> dict[str, Any]:
@@ -174,6 +239,7 @@ def document() -> dict[str, Any]:
                 **_errors("invalid_request", "unavailable"),
             },
         }},
+        **server_paths(),
         "/healthz": {"get": {"summary": "liveness", "responses": {"200": _json(
             {"type": "object"}, "alive")}}},
         "/readyz": {"get": {"summary": "readiness per dependency", "responses": {
@@ -187,6 +253,8 @@ def document() -> dict[str, Any]:
     }
     schemas: dict[str, Any] = {"Message": MESSAGE, "Error": ERROR,
                                "PostMessage": v.POST_MESSAGE, "Publish": v.PUBLISH}
+    schemas.update({"ServerDisconnect": sa.DISCONNECT, "ServerUnsubscribe": sa.UNSUBSCRIBE,
+                    "ServerBroadcast": sa.BROADCAST})
     schemas.update({f"Frame.{kind}": schema for kind, schema in v.FRAMES.items()})
     return {
         "openapi": "3.1.0",

@@ -20,7 +20,9 @@ MAX_TEXT = 4000
 MAX_AUTHOR = 64
 MAX_REF = 128
 MAX_IDEMPOTENCY_KEY = 128
-RESERVED_EVENTS = {"message", "error", "presence"}
+# SSE event names the gateway itself sends; a backend's event may not take them.
+RESERVED_EVENTS = {"message", "error", "presence", "disconnected", "unsubscribed",
+                   "history_purged"}
 MAX_SEQ = 2**62 - 1
 MAX_LIMIT = 200
 MAX_SAFE_INT = 2**53 - 1  # integers every JSON client reads exactly
@@ -118,7 +120,8 @@ def author(value: Any) -> str:
 def event_name(value: Any) -> str:
     if not isinstance(value, str) or not EVENT_RE.fullmatch(value) or value in RESERVED_EVENTS:
         raise ApiError("invalid_request", "event must match ^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$ "
-                       "and not be 'message', 'error' or 'presence'", field="event")
+                       "and not be one the gateway sends: " + ", ".join(sorted(RESERVED_EVENTS)),
+                       field="event")
     return value
 
 

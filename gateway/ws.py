@@ -82,7 +82,8 @@ class Session:
         s = gw.settings
         # Under the gateway's own server, frames go straight to the socket (no writer task).
         self.sub = Subscriber(WS, identity=identity.name, max_messages=s.queue_max_messages,
-                              max_bytes=s.queue_max_bytes, sink=FrameSink.of(websocket.scope))
+                              max_bytes=s.queue_max_bytes, sink=FrameSink.of(websocket.scope),
+                              user=user)
         self.publishes: list[tuple[dict[str, Any], Any]] = []
         self.publisher: asyncio.Task[None] | None = None
 
