@@ -149,8 +149,9 @@ async def list_rooms(request: Request) -> Response:
                            f"{MAX_ROOMS_PAGE}", field="limit")
         limit = n
     cursor = q.get("cursor")
-    if cursor is not None:
-        cursor = v.room_name(cursor)
+    if cursor is not None and not v.ROOM_RE.fullmatch(cursor):
+        raise ApiError("invalid_request", "cursor must be the next of a previous page",
+                       field="cursor")
     counts = await subscriber_counts(gw)
     names = sorted(name for name in counts if cursor is None or name > cursor)
     page, more = names[:limit], len(names) > limit
