@@ -15,7 +15,8 @@ import websockets
 
 from storage import HistoryCache, Page
 from storage.postgres import PostgresStore
-from tests.harness import REDIS_URL, SSEClient, WSClient, eventually, instances, t
+from tests.harness import (REDIS_URL, RedisClusterServers, SSEClient, WSClient, eventually,
+                           instances, t)
 
 SECRET = "server-api-test-secret-0123456789abcdef"
 KEY = "backend-key-1"
@@ -504,3 +505,31 @@ async def test_a_purge_stops_other_instances_serving_their_windows_before_they_h
     finally:
         await client.aclose()
         await store.close()
+
+
+async def test_commands_reach_every_instance_over_a_redis_cluster(env):
+    servers = RedisClusterServers(3).start()
+    try:
+        cluster_env = {**env, "REDIS_URL": servers.url}
+        async with (instances(2, cluster_env) as (a, b),
+                    httpx.AsyncClient(timeout=t(10)) as http):
+            async with (WSClient.connect(f"{a.ws_url}?token={token('ana')}") as ana_a,
+                        WSClient.connect(f"{b.ws_url}?token={token('ana')}") as ana_b,
+                        WSClient.connect(f"{b.ws_url}?token={token('bob')}") as bob):
+                await bob.subscribe("c.room")
+                await post(http, a.url, "c.room", "x")
+                await bob.messages("c.room", 1)
+                r = await http.delete(f"{a.url}/v1/server/rooms/c.room/messages", headers=API)
+                assert r.json() == {"room": "c.room", "removed": 1}
+                assert await bob.expect("history_purged") == {"type": "history_purged",
+                                                              "room": "c.room"}
+                assert await history(http, b.url, "c.room") == []
+                r = await http.post(f"{b.url}/v1/server/disconnect", headers=API,
+                                    json={"user": "ana", "reason": "r"})
+                assert r.status_code == 202
+                for ws in (ana_a, ana_b):
+                    assert (await closed_with(ws)).code == 4001
+                await bob.send({"type": "ping"})
+                await bob.expect("pong")
+    finally:
+        servers.stop()
