@@ -15,8 +15,8 @@ import websockets
 
 from storage import HistoryCache, Page
 from storage.postgres import PostgresStore
-from tests.harness import (REDIS_URL, RedisClusterServers, SSEClient, WSClient, eventually,
-                           instances, t)
+from tests.harness import (REDIS_URL, RedisClusterServers, RedisServer, SSEClient, WSClient,
+                           eventually, instances, t)
 
 SECRET = "server-api-test-secret-0123456789abcdef"
 KEY = "backend-key-1"
@@ -533,3 +533,38 @@ async def test_commands_reach_every_instance_over_a_redis_cluster(env):
                 await bob.expect("pong")
     finally:
         servers.stop()
+
+
+async def test_with_redis_down_commands_are_refused_and_a_repeat_completes(env):
+    redis = RedisServer()
+    redis.start()
+    try:
+        async with (instances(1, {**env, "REDIS_URL": redis.url}) as (gw,),
+                    httpx.AsyncClient(timeout=t(20)) as http):
+            await post(http, gw.url, "d", "x")
+            assert await history(http, gw.url, "d") == [1]
+            redis.stop()
+            r = await http.post(f"{gw.url}/v1/server/disconnect", headers=API,
+                                json={"user": "ana"})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+            r = await http.post(f"{gw.url}/v1/server/broadcast", headers=API,
+                                json={"rooms": ["d"], "event": "e"})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+            # the store purged, but Redis could not be told: said so, with the count
+            r = await http.delete(f"{gw.url}/v1/server/rooms/d/messages", headers=API)
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["code"] == "unavailable"
+            assert r.json()["error"]["removed"] == 1
+
+            redis.start()
+            await eventually(lambda: _ready(http, gw.url), timeout=20)
+            r = await http.delete(f"{gw.url}/v1/server/rooms/d/messages", headers=API)
+            assert r.status_code == 200 and r.json() == {"room": "d", "removed": 0}
+            assert await history(http, gw.url, "d") == []
+            assert "Traceback" not in gw.log()
+    finally:
+        redis.stop()
+
+
+async def _ready(http: httpx.AsyncClient, base: str) -> bool:
+    return (await http.get(base + "/readyz")).status_code == 200
