@@ -52,6 +52,10 @@ _ids = itertools.count(1)
 class Subscriber:
     """The outbound side of one connection: a bounded queue drained by one writer."""
 
+    # SSE: the last event of a stream the server API ends, sent after the queue. A
+    # class default, so the connections it is never set on carry nothing for it.
+    farewell: bytes | None = None
+
     def __init__(self, transport: str, *, identity: str = "", max_messages: int = 1000,
                  max_bytes: int = 4 * 1024 * 1024, sink: Any = None,
                  user: str | None = None) -> None:
@@ -60,8 +64,6 @@ class Subscriber:
         self.identity = identity
         # The user the server API addresses: the token's sub, or ?user= in open mode.
         self.user = user
-        # SSE: the last event of a stream the server API ends (sent after the queue).
-        self.farewell: bytes | None = None
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.cursors: dict[str, int] = {}
