@@ -227,6 +227,35 @@ class Gateway:
                                           "published") from None
         self.metrics.events_published.inc()
 
+    async def publish_events(self, rooms: list[str], event: str, data: Any) -> None:
+        """One ephemeral event to each of ``rooms`` (the server API's broadcast): in one
+        round trip over the command batch where the broker has one, else one publish
+        after another (never all at once: that would take a pooled connection each)."""
+        assert self.hub is not None
+        batch = getattr(self.broker, "batch", None)
+        publish_command = getattr(self.broker, "publish_command", None)
+        guard = self.broker.guard
+        if batch is None or publish_command is None:
+            for room in rooms:
+                await self.publish_event(room, event, data)
+            return
+        unavailable = ApiError("unavailable", "the broker is unavailable; the event was not "
+                                              "published to every room")
+        if guard is not None and not guard.usable():
+            raise unavailable
+        try:
+            results = await batch.run([publish_command(self.hub.channel(room),
+                                                       wire_event(room, event, data))
+                                       for room in rooms])
+        except Exception as exc:  # noqa: BLE001 - the link failed: nothing is known sent
+            log.warning("broadcast not published: %r", exc)
+            results = [exc]
+        if any(isinstance(r, BaseException) for r in results):
+            if guard is not None:
+                guard.failed()
+            raise unavailable
+        self.metrics.events_published.inc(len(rooms))
+
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         async def check(name: str, probe: Any) -> tuple[str, dict[str, Any]]:
             t0 = time.perf_counter()

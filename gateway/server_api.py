@@ -215,6 +215,6 @@ async def broadcast(request: Request) -> Response:
     # One bucket per API key (by digest), shared with POST /v1/publish: one call, one token.
     key = bearer(request.headers) or ""
     decision = await gw.rate(PUBLISH, "key:" + hashlib.sha256(key.encode()).hexdigest()[:24])
-    await asyncio.gather(*(gw.publish_event(room, event, data) for room in rooms))
+    await gw.publish_events(rooms, event, data)
     return json_response({"status": "accepted", "rooms": len(rooms), "event": event}, 202,
                          decision.headers())
