@@ -8,7 +8,9 @@ Contract every implementation keeps:
   behind (no message, no consumed seq).
 - An ``idempotency_key`` is unique per room (a database constraint, not a
   check-then-insert): a repeat, even a concurrent one, returns the message the
-  first call stored and ``created=False``.
+  first call stored and ``created=False``. The store compares nothing else: the
+  caller scopes keys (the gateway qualifies each by the poster's identity) and
+  judges whether a repeat's text and author match the stored message.
 - Messages are immutable once committed; reads see every committed message.
 - Failures raise ``StoreUnavailable`` (the database cannot be reached or timed
   out); nothing else is swallowed.
