@@ -34,6 +34,24 @@ class StoreUnavailable(Exception):
     """The database cannot be reached or did not answer in time."""
 
 
+def display_url(url: str) -> str:
+    """``url`` fit to print: any password (in the user info or a ``password=``
+    parameter) replaced by ``***``, e.g. ``postgresql://chat:***@db:5432/chat``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, tail = rest.partition("/")
+    if "@" in netloc:
+        userinfo, _, hosts = netloc.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}{':***' if colon else ''}@{hosts}"
+    path, q, query = tail.partition("?")
+    if q:
+        query = "&".join("password=***" if part.lower().startswith("password=") else part
+                         for part in query.split("&"))
+    return f"{scheme}://{netloc}{slash}{path}{q}{query}"
+
+
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # Two digits per 10 bits: a ULID's 130 bits (two leading zeros) in 13 lookups.
 _PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]
