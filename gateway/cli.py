@@ -167,13 +167,24 @@ def build_server(settings: Settings) -> GatewayServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="chat-gateway", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run one gateway instance")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--log-level")
-    sub.add_parser("migrate", help="apply pending schema migrations and exit")
+    from gateway import usage
+
+    parser = argparse.ArgumentParser(
+        prog="chat-gateway", description=usage.summary(), epilog=usage.environment_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {usage.version()}")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands",
+                                metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run one gateway instance",
+                           description="Run one gateway instance. Configuration is by "
+                                       "environment: chat-gateway --help lists it.")
+    serve.add_argument("--host", help="address to listen on (overrides HOST)")
+    serve.add_argument("--port", type=int, help="port to listen on (overrides PORT)")
+    serve.add_argument("--log-level", help="debug, info, warning or error "
+                                           "(overrides LOG_LEVEL)")
+    sub.add_parser("migrate", help="apply pending schema migrations and exit",
+                   description="Apply pending schema migrations to DATABASE_URL and exit.")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env(**{k: getattr(args, k, None)
