@@ -48,7 +48,7 @@ class SQLiteStore(Store):
         try:
             return await loop.run_in_executor(self._executor, fn, db)
         except sqlite3.OperationalError as exc:
-            raise StoreUnavailable(f"SQLite unavailable: {exc}") from exc
+            raise StoreUnavailable(f"SQLite file {self.path} unavailable: {exc}") from exc
 
     async def start(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")

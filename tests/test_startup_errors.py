@@ -58,10 +58,11 @@ def test_unwritable_sqlite_path(command, tmp_path):
         assert_one_line(proc, f"cannot open SQLite file {path}", "writ")
 
 
-def test_unreachable_redis_is_a_warning_naming_it(tmp_path):
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
+def test_unreachable_redis_is_a_warning_naming_it(scheme, tmp_path):
     port = harness.free_port()
     env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db",
-           "REDIS_URL": f"redis://127.0.0.1:{port}/0", "PORT": str(harness.free_port())}
+           "REDIS_URL": f"{scheme}://127.0.0.1:{port}", "PORT": str(harness.free_port())}
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([COMMAND, "serve"], env=env, cwd=tmp_path, stdout=out,
