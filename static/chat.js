@@ -21,7 +21,8 @@
   const PAGE = 50;
   const PING_EVERY = 20000; // ms of silence before we ping
   const DEAD_AFTER = 45000; // ms of silence before the socket is given up
-  const FATAL = new Set(["unauthorized", "forbidden", "invalid_request", "not_found"]);
+  // A refused subscribe that no retry can fix (unauthorized and forbidden: see refuse()).
+  const FATAL = new Set(["invalid_request", "not_found"]);
 
   const $ = (id) => document.getElementById(id);
   const el = {
