@@ -1,6 +1,8 @@
 # chat-gateway image: built in one stage, run in a slim one as an unprivileged user.
 #   docker build -t chat-gateway .
+#   docker run -p 8000:8000 chat-gateway          # embedded SQLite in the /data volume
 #   docker run -p 8000:8000 -e DATABASE_URL=... -e REDIS_URL=... chat-gateway
+#   docker run -p 8000:8000 -v chat-data:/data chat-gateway   # a named volume keeps messages
 
 FROM python:3.12-slim AS build
 WORKDIR /src
@@ -14,13 +16,20 @@ COPY static ./static
 RUN pip install .
 
 FROM python:3.12-slim AS run
+# /app (the code's working directory) stays root's; the one place the chat user
+# writes is /data, where the default SQLite file lives.
 RUN groupadd --system --gid 10001 chat \
-    && useradd --system --uid 10001 --gid chat --home-dir /app --shell /usr/sbin/nologin chat
+    && useradd --system --uid 10001 --gid chat --home-dir /app --shell /usr/sbin/nologin chat \
+    && mkdir -p /data && chown chat:chat /data
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOST=0.0.0.0 \
-    PORT=8000
+    PORT=8000 \
+    DATABASE_URL=sqlite:////data/chat-gateway.db
+# A volume, so the messages outlive the container; a new volume starts as /data
+# is here (owned by chat). A bind mount must be writable by uid 10001.
+VOLUME ["/data"]
 WORKDIR /app
 USER chat:chat
 EXPOSE 8000

@@ -57,7 +57,8 @@ async def post_message(request: Request) -> Response:
     text = v.text(body.get("text"))
     author = identity.name if identity.user else v.author(body.get("author"))
     decision = await gw.rate(POST, identity.name)
-    msg, created = await gw.post(room, author, text, transport="http", idempotency_key=key)
+    msg, created = await gw.post(room, author, text, identity=identity, transport="http",
+                                 idempotency_key=key)
     return encoded_json_response(msg.to_json(), 201 if created else 200, decision.headers())
 
 

@@ -14,6 +14,7 @@ import uvicorn
 from gateway import logs
 from gateway.config import ConfigError, Settings
 from gateway.errors import CLOSE_GOING_AWAY
+from storage import StoreUnavailable
 
 log = logging.getLogger("gateway.cli")
 
@@ -32,9 +33,17 @@ class GatewayServer(uvicorn.Server):
     """
 
     shutdown_timeout: float = 10.0
+    database_url: str = ""  # named in the one line a store that cannot be opened gets
 
     async def startup(self, sockets: Any = None) -> None:
-        await super().startup(sockets)
+        # The lifespan (which opens the store) runs inside super().startup(); only
+        # it sees the wrapper, which is harmless to anything else meanwhile.
+        app = self.config.loaded_app
+        self.config.loaded_app = StartupReport(app, self.database_url)
+        try:
+            await super().startup(sockets)
+        finally:
+            self.config.loaded_app = app
         # What the process holds once it serves (modules, the app, the pools) lives
         # as long as it does: out of the collector's sight, every pass is shorter.
         gc.freeze()
@@ -68,6 +77,60 @@ class GatewayServer(uvicorn.Server):
         except asyncio.TimeoutError:
             log.error("shutdown exceeded SHUTDOWN_TIMEOUT; exiting with work cancelled")
         log.info("shut down")
+
+
+def cannot_start(database_url: str, exc: BaseException) -> str:
+    """One line for an operator whose database cannot be opened: what and where
+    (``StoreUnavailable`` names the target, without its password), then a hint."""
+    if database_url.startswith("sqlite"):
+        hint = ("DATABASE_URL must name a file in a directory this user may write, "
+                "e.g. sqlite:////data/chat-gateway.db (four slashes for an absolute path)")
+    else:
+        hint = ("check that Postgres runs and accepts connections there, that the database "
+                "exists (createdb NAME) and the user and password are right; or unset "
+                "DATABASE_URL for the embedded SQLite file")
+    return f"chat-gateway: {exc}. Hint: {hint}"
+
+
+class StartupReport:
+    """The app, with a store that cannot be opened at start told in one line.
+
+    Starlette reports a failed startup with the whole traceback as the message,
+    which uvicorn logs at error level. For ``StoreUnavailable`` (nothing the code
+    can fix, the operator can) that message is replaced by :func:`cannot_start`
+    on stderr; any other failure keeps its traceback.
+    """
+
+    def __init__(self, app: Any, database_url: str) -> None:
+        self.app = app
+        self.database_url = database_url
+
+    def __call__(self, scope: Any, receive: Any, send: Any) -> Any:
+        if scope["type"] != "lifespan":
+            return self.app(scope, receive, send)
+        return self._lifespan(scope, receive, send)
+
+    async def _lifespan(self, scope: Any, receive: Any, send: Any) -> None:
+        held: list[dict[str, Any]] = []
+
+        async def hold(message: dict[str, Any]) -> None:
+            # Starlette sends the failure, then raises: sent below, once the
+            # exception says what it was.
+            if message["type"] == "lifespan.startup.failed":
+                held.append(message)
+                return
+            await send(message)
+
+        try:
+            await self.app(scope, receive, hold)
+        except StoreUnavailable as exc:
+            if held:
+                print(cannot_start(self.database_url, exc), file=sys.stderr, flush=True)
+                held = [{"type": "lifespan.startup.failed", "message": ""}]
+            raise
+        finally:
+            for message in held:
+                await send(message)
 
 
 def build_server(settings: Settings) -> GatewayServer:
@@ -104,13 +167,24 @@ def build_server(settings: Settings) -> GatewayServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="chat-gateway", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run one gateway instance")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--log-level")
-    sub.add_parser("migrate", help="apply pending schema migrations and exit")
+    from gateway import usage
+
+    parser = argparse.ArgumentParser(
+        prog="chat-gateway", description=usage.summary(), epilog=usage.environment_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {usage.version()}")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands",
+                                metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run one gateway instance",
+                           description="Run one gateway instance. Configuration is by "
+                                       "environment: chat-gateway --help lists it.")
+    serve.add_argument("--host", help="address to listen on (overrides HOST)")
+    serve.add_argument("--port", type=int, help="port to listen on (overrides PORT)")
+    serve.add_argument("--log-level", help="debug, info, warning or error "
+                                           "(overrides LOG_LEVEL)")
+    sub.add_parser("migrate", help="apply pending schema migrations and exit",
+                   description="Apply pending schema migrations to DATABASE_URL and exit.")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env(**{k: getattr(args, k, None)
@@ -122,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "migrate":
         return asyncio.run(_migrate(settings))
     server = build_server(settings)
+    server.database_url = settings.database_url
     try:
         import uvloop  # noqa: F401
 
@@ -139,14 +214,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _migrate(settings: Settings) -> int:
-    from storage import StoreUnavailable, create_store
+    from storage import create_store
 
     store = create_store(settings.database_url)
     try:
         await store.start()
         applied = await store.migrate()
     except StoreUnavailable as exc:
-        log.error("migrate failed: %s", exc)
+        print(cannot_start(settings.database_url, exc), file=sys.stderr, flush=True)
         return 1
     finally:
         await store.close()

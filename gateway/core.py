@@ -19,7 +19,7 @@ import time
 import uuid
 from typing import Any
 
-from gateway.auth import Authenticator
+from gateway.auth import Authenticator, Identity
 from gateway.config import Settings
 from gateway.control import Control
 from gateway.errors import ApiError
@@ -38,6 +38,15 @@ log = logging.getLogger("gateway")
 POST = "post"  # message posts: HTTP and WS publish frames share one bucket
 PUBLISH = "publish"  # POST /v1/publish
 CONNECT = "connect"  # WebSocket and SSE connection attempts
+
+
+def scoped_key(identity: Identity, key: str) -> str:
+    """An ``Idempotency-Key`` as stored: qualified by the poster's identity, so keys
+    are unique per (room, identity). The kind (a token's ``sub`` or a client
+    address) and the name's length come first, so no two (identity, key) pairs
+    give the same text whatever characters they hold."""
+    kind = "sub" if identity.user else "addr"
+    return f"{kind}:{len(identity.name)}:{identity.name}:{key}"
 
 
 class Gateway:
@@ -144,13 +153,21 @@ class Gateway:
                            retry_after=round(decision.retry_after, 3))
         return decision
 
-    async def post(self, room: str, author: str, text: str, *, transport: str,
-                   idempotency_key: str | None = None) -> tuple[Message, bool]:
+    async def post(self, room: str, author: str, text: str, *, identity: Identity,
+                   transport: str, idempotency_key: str | None = None) -> tuple[Message, bool]:
+        """Commit one post by ``identity``; return the message and whether it is new.
+
+        An ``idempotency_key`` is the poster's own: it is stored qualified by the
+        identity (:func:`scoped_key`), so another identity's equal key is another
+        key. A repeat whose message differs (text or author) from the one the key
+        first stored is refused with ``idempotency_conflict``.
+        """
         if self.closing:
             raise ApiError("unavailable", "the instance is shutting down; retry on another")
         assert self.history is not None and self.hub is not None
+        key = None if idempotency_key is None else scoped_key(identity, idempotency_key)
         try:
-            msg, created = await self.store.append(room, author, text, idempotency_key)
+            msg, created = await self.store.append(room, author, text, key)
         except StoreUnavailable as exc:
             log.warning("post refused: %s", exc)
             raise ApiError("unavailable", "the message store is unavailable; nothing was "
@@ -158,6 +175,10 @@ class Gateway:
         if created:
             self.metrics.messages_accepted.labels(transport).inc()
             await self._announce([msg])
+        elif msg.text != text or msg.author != author:
+            raise ApiError("idempotency_conflict",
+                           "this Idempotency-Key was already used in this room for a different "
+                           "message; use a new key for a new message")
         return msg, created
 
     async def post_many(self, posts: list[tuple[str, str, str]], *,

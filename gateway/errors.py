@@ -20,6 +20,8 @@ CODES: dict[str, tuple[int, str]] = {
     "forbidden": (403, "the credentials do not grant this room or action"),
     "not_found": (404, "no such route or object"),
     "method_not_allowed": (405, "the route exists but not with this method"),
+    "idempotency_conflict": (409, "the same identity reused an Idempotency-Key in the room "
+                                  "with a different message (text or author)"),
     "too_large": (413, "the body or frame exceeds the size limit"),
     "rate_limited": (429, "the identity's token bucket is empty; retry after retry_after"),
     "too_many_connections": (429, "the identity holds too many connections"),

@@ -161,10 +161,12 @@ def document() -> dict[str, Any]:
                     "schema": {"$ref": _REF + "PostMessage"}}}},
                 "responses": {
                     "201": {**ok_message, "description": "stored"},
-                    "200": {**ok_message, "description": "a repeat of an Idempotency-Key: "
-                                                         "the first message"},
+                    "200": {**ok_message, "description": "a repeat of an Idempotency-Key "
+                                                         "by the same identity with the same "
+                                                         "body: the first message"},
                     **_errors("invalid_json", "invalid_request", "unauthorized", "forbidden",
-                              "too_large", "rate_limited", "unavailable"),
+                              "idempotency_conflict", "too_large", "rate_limited",
+                              "unavailable"),
                 },
             },
             "get": {

@@ -249,6 +249,7 @@ class ClusterBroker(Broker):
     async def _supervise(self) -> None:
         backoff = 0.05
         first = True
+        warned = False
         while True:
             try:
                 await self.redis.initialize()
@@ -275,6 +276,11 @@ class ClusterBroker(Broker):
             except Exception as exc:  # noqa: BLE001 - retried with backoff
                 if self.connected.is_set():
                     log.warning("broker cluster unreachable: %r", exc)
+                elif first and not warned:  # once, until the cluster first answers
+                    warned = True
+                    log.warning("Redis Cluster at %s is unreachable at start (%s); running "
+                                "degraded until it answers (/readyz reports the broker)",
+                                ",".join(f"{h}:{p}" for h, p in self.startup_nodes), exc)
                 self.connected.clear()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -29,6 +30,14 @@ from pubsub.base import Broker, BrokerUnavailable, RedisGuard
 from pubsub.batch import CommandBatch
 
 log = logging.getLogger("pubsub.redis")
+
+
+def redis_address(url: str) -> str:
+    """Where a Redis URL points, for a log line: ``host:port`` or a socket's path."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return parts.path
+    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
 
 
 class RedisBroker(Broker):
@@ -102,6 +111,7 @@ class RedisBroker(Broker):
         loop = asyncio.get_running_loop()
         backoff = 0.05
         first = True
+        warned = False
         while True:
             try:
                 pubsub = self.redis.pubsub()
@@ -130,6 +140,11 @@ class RedisBroker(Broker):
             except Exception as exc:  # noqa: BLE001 - any failure drops the link and retries
                 if self.connected.is_set():
                     log.warning("broker link lost: %r", exc)
+                elif first and not warned:  # once, until the first link is made
+                    warned = True
+                    log.warning("Redis at %s is unreachable at start (%s); running degraded "
+                                "until it answers (/readyz reports the broker)",
+                                redis_address(self.url), exc)
                 await self._drop_pubsub()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)

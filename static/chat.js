@@ -8,6 +8,11 @@
 // State is exposed in the DOM for people and tests alike: #status carries
 // data-state (idle, connecting, connected, reconnecting, refused), every
 // rendered message carries data-seq, and #messages carries data-last-seq.
+//
+// With sign-in (auth mode) the page needs a token: `?token=` or one pasted in
+// the join form; the name is then the token's `sub`. A 401 or 403 (the token
+// missing, expired or not granting the room) is final: the page stops
+// retrying, says why and asks for a token, instead of knocking forever.
 "use strict";
 
 (function () {
@@ -16,23 +21,24 @@
   const PAGE = 50;
   const PING_EVERY = 20000; // ms of silence before we ping
   const DEAD_AFTER = 45000; // ms of silence before the socket is given up
-  const FATAL = new Set(["unauthorized", "forbidden", "invalid_request", "not_found"]);
+  // A refused subscribe that no retry can fix (unauthorized and forbidden: see refuse()).
+  const FATAL = new Set(["invalid_request", "not_found"]);
 
   const $ = (id) => document.getElementById(id);
   const el = {
     status: $("status"), join: $("join"), name: $("name"), room: $("room"),
-    joinError: $("join-error"), title: $("room-title"), older: $("older"),
+    token: $("token"), joinError: $("join-error"), title: $("room-title"), older: $("older"),
     list: $("messages"), presence: $("presence"), presenceList: $("presence-list"),
     presenceCount: $("presence-count"), notice: $("notice"), compose: $("compose"),
     text: $("text"), send: $("send"), counter: $("counter"),
   };
   const params = new URLSearchParams(location.search);
-  const token = params.get("token") || "";
 
   const s = {
-    gen: 0, room: "", name: "", ws: null, subscribed: false, resyncing: false,
+    gen: 0, room: "", name: "", token: "", ws: null, subscribed: false, resyncing: false,
     lastSeq: 0, firstSeq: 0, loaded: false, attempt: 0, timer: null,
     lastFrameAt: 0, refs: new Map(), nextRef: 1, blockedUntil: 0, presence: new Map(),
+    tokenName: "",
   };
 
   // -- small helpers -----------------------------------------------------------
@@ -52,7 +58,30 @@
   }
 
   function headers() {
-    return token ? { Authorization: "Bearer " + token } : {};
+    return s.token ? { Authorization: "Bearer " + s.token } : {};
+  }
+
+  // The token's `sub`, for showing who we are (the server verifies the token;
+  // this only reads it).
+  function tokenSub(tok) {
+    try {
+      const b64 = tok.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+      const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+      const sub = JSON.parse(new TextDecoder().decode(bytes)).sub;
+      return typeof sub === "string" ? sub : "";
+    } catch (e) {
+      return "";
+    }
+  }
+
+  // A 401 or 403: retrying with the same credentials cannot help.
+  class Refused extends Error {
+    constructor(status, message) { super(message); this.status = status; }
+  }
+
+  function errorOf(r) {
+    const message = (r.body && r.body.error && r.body.error.message) || "HTTP " + r.status;
+    return r.status === 401 || r.status === 403 ? new Refused(r.status, message) : new Error(message);
   }
 
   function chars(text) {
@@ -63,7 +92,7 @@
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     // With a token the server knows who this is; in open mode `user` names us in presence.
     return scheme + "//" + location.host + "/v1/ws" +
-      (token ? "?token=" + encodeURIComponent(token)
+      (s.token ? "?token=" + encodeURIComponent(s.token)
              : (s.name ? "?user=" + encodeURIComponent(s.name) : ""));
   }
 
@@ -126,7 +155,7 @@
   async function loadHistory(gen) {
     const r = await getJSON(`/v1/rooms/${encodeURIComponent(s.room)}/messages?limit=${PAGE}`);
     if (gen !== s.gen) return;
-    if (!r.ok) throw new Error((r.body && r.body.error && r.body.error.message) || "HTTP " + r.status);
+    if (!r.ok) throw errorOf(r);
     const msgs = r.body.messages || [];
     if (msgs.length) {
       s.lastSeq = msgs[0].seq - 1; // start the chain at the page's first message
@@ -194,7 +223,9 @@
     if (gen !== s.gen) return;
     s.timer = null;
     setStatus("connecting", s.attempt ? `Reconnecting to ${s.room}…` : `Connecting to ${s.room}…`);
-    const ready = s.loaded ? Promise.resolve() : loadHistory(gen);
+    // A reconnect first asks over HTTP whether the credentials still hold: a
+    // refused WebSocket upgrade shows the page no status, this does.
+    const ready = s.loaded ? probe() : loadHistory(gen);
     ready.then(() => {
       if (gen !== s.gen) return;
       const ws = new WebSocket(wsUrl());
@@ -209,8 +240,41 @@
       ws.onclose = (ev) => { if (gen === s.gen && s.ws === ws) dropped(gen, ev.code); };
     }, (err) => {
       if (gen !== s.gen) return;
-      retry(gen, 0, "history unavailable: " + err.message);
+      if (err instanceof Refused) refuse(err.status, err.message);
+      else retry(gen, 0, err instanceof TypeError ? "the server cannot be reached"
+                                                  : "history unavailable: " + err.message);
     });
+  }
+
+  async function probe() {
+    const r = await getJSON(`/v1/rooms/${encodeURIComponent(s.room)}/messages?after=${s.lastSeq}&limit=1`);
+    if (r.status === 401 || r.status === 403) throw errorOf(r);
+  }
+
+  // Stop for good (until the next join) and say what would let us in.
+  function refuse(status, message) {
+    s.gen += 1;
+    clearTimeout(s.timer);
+    s.timer = null;
+    const ws = s.ws;
+    s.ws = null;
+    if (ws) ws.close(1000);
+    s.subscribed = false;
+    s.refs.clear();
+    updateCompose();
+    let text;
+    if (status === 403) {
+      text = `Your token does not let you into ${s.room} (${message}). ` +
+        "Paste a token that grants it, or pick another room.";
+    } else if (s.token) {
+      text = `Your token was not accepted (${message}). Paste a new token and join again.`;
+    } else {
+      text = `This server asks you to sign in (${message}). Paste a token and join again.`;
+    }
+    setStatus("refused", `Cannot join ${s.room}`);
+    notice(text, "error");
+    el.token.setAttribute("aria-invalid", "true");
+    el.token.focus();
   }
 
   function dropped(gen, code) {
@@ -278,7 +342,9 @@
       notice(`Your message was not sent: ${f.message}`, "error");
     } else if (!s.subscribed) {
       // The subscription itself was refused.
-      if (FATAL.has(f.code)) {
+      if (f.code === "unauthorized" || f.code === "forbidden") {
+        refuse(f.code === "forbidden" ? 403 : 401, f.message);
+      } else if (FATAL.has(f.code)) {
         s.gen += 1; // stop retrying
         if (s.ws) s.ws.close(1000);
         setStatus("refused", `Cannot join ${s.room}: ${f.message}`);
@@ -349,7 +415,7 @@
     if (Date.now() < s.blockedUntil) return;
     const ref = "c" + s.nextRef++;
     const f = { type: "publish", room: s.room, text, ref };
-    if (!token) f.author = s.name;
+    if (!s.token) f.author = s.name;
     s.refs.set(ref, text);
     s.ws.send(JSON.stringify(f));
     el.text.value = "";
@@ -366,13 +432,13 @@
 
   // -- joining -----------------------------------------------------------------------
 
-  function join(room, name) {
+  function join(room, name, tok) {
     s.gen += 1;
     const old = s.ws;
     s.ws = null;
     if (old) old.close(1000);
     clearTimeout(s.timer);
-    Object.assign(s, { room, name, subscribed: false, resyncing: false, lastSeq: 0,
+    Object.assign(s, { room, name, token: tok, subscribed: false, resyncing: false, lastSeq: 0,
                        firstSeq: 0, loaded: false, attempt: 0, presence: new Map() });
     s.refs.clear();
     el.list.replaceChildren();
@@ -381,11 +447,22 @@
     el.presence.hidden = true;
     el.title.textContent = `# ${room}`;
     notice("");
-    try { localStorage.setItem("chat.name", name); localStorage.setItem("chat.room", room); }
-    catch (e) { /* storage may be off */ }
+    el.token.setAttribute("aria-invalid", "false");
+    try {
+      if (!tok) localStorage.setItem("chat.name", name);
+      localStorage.setItem("chat.room", room);
+    } catch (e) { /* storage may be off */ }
     const q = new URLSearchParams(location.search);
     q.set("room", room);
-    q.set("name", name);
+    if (tok) {
+      // The name comes from the token. A pasted token is not written into the
+      // address (it would stay in the history); a stale one there is dropped.
+      q.delete("name");
+      if (q.get("token") !== tok) q.delete("token");
+    } else {
+      q.set("name", name);
+      q.delete("token");
+    }
     history.replaceState(null, "", "?" + q.toString());
     updateCompose();
     connect(s.gen);
@@ -393,10 +470,11 @@
 
   el.join.addEventListener("submit", (ev) => {
     ev.preventDefault();
-    const name = el.name.value.trim();
+    const tok = el.token.value.trim();
+    const name = tok ? tokenSub(tok) : el.name.value.trim();
     const room = el.room.value.trim();
     let problem = "";
-    if (!name && !token) problem = "Pick a name first.";
+    if (!name && !tok) problem = "Pick a name first (or paste a token if the server asks you to sign in).";
     else if (!ROOM_RE.test(room)) {
       problem = "Room names start with a letter or digit and use only letters, digits and . _ : - (up to 128).";
     }
@@ -405,9 +483,19 @@
     (problem.startsWith("Pick") ? el.name : el.room).setAttribute("aria-invalid", problem ? "true" : "false");
     if (problem) return;
     el.name.setAttribute("aria-invalid", "false");
-    join(room, name);
+    join(room, name, tok);
     el.text.focus();
   });
+
+  // With a token the name is the token's: shown, not typed.
+  function tokenChanged() {
+    const tok = el.token.value.trim();
+    el.name.disabled = Boolean(tok);
+    if (tok) el.name.value = tokenSub(tok);
+    else if (el.name.value === s.tokenName) el.name.value = "";
+    s.tokenName = tok ? el.name.value : "";
+  }
+  el.token.addEventListener("input", tokenChanged);
 
   // -- start ---------------------------------------------------------------------------
 
@@ -416,7 +504,9 @@
   catch (e) { /* storage may be off */ }
   el.name.value = params.get("name") || saved.name || "";
   el.room.value = params.get("room") || saved.room || "lobby";
+  el.token.value = params.get("token") || "";
+  tokenChanged();
   updateCompose();
-  if (params.get("name") && params.get("room")) el.join.requestSubmit();
+  if (params.get("room") && (params.get("name") || el.token.value)) el.join.requestSubmit();
   else (el.name.value ? el.room : el.name).focus();
 })();

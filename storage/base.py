@@ -8,7 +8,9 @@ Contract every implementation keeps:
   behind (no message, no consumed seq).
 - An ``idempotency_key`` is unique per room (a database constraint, not a
   check-then-insert): a repeat, even a concurrent one, returns the message the
-  first call stored and ``created=False``.
+  first call stored and ``created=False``. The store compares nothing else: the
+  caller scopes keys (the gateway qualifies each by the poster's identity) and
+  judges whether a repeat's text and author match the stored message.
 - Messages are immutable once committed; reads see every committed message.
 - Failures raise ``StoreUnavailable`` (the database cannot be reached or timed
   out); nothing else is swallowed.
@@ -30,6 +32,24 @@ MAX_PAGE = 200
 
 class StoreUnavailable(Exception):
     """The database cannot be reached or did not answer in time."""
+
+
+def display_url(url: str) -> str:
+    """``url`` fit to print: any password (in the user info or a ``password=``
+    parameter) replaced by ``***``, e.g. ``postgresql://chat:***@db:5432/chat``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, tail = rest.partition("/")
+    if "@" in netloc:
+        userinfo, _, hosts = netloc.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}{':***' if colon else ''}@{hosts}"
+    path, q, query = tail.partition("?")
+    if q:
+        query = "&".join("password=***" if part.lower().startswith("password=") else part
+                         for part in query.split("&"))
+    return f"{scheme}://{netloc}{slash}{path}{q}{query}"
 
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"

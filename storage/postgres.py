@@ -34,7 +34,7 @@ from typing import Any
 import asyncpg
 
 from storage import migrations
-from storage.base import Message, Page, Store, StoreUnavailable, new_id
+from storage.base import Message, Page, Store, StoreUnavailable, display_url, new_id
 
 log = logging.getLogger("storage.postgres")
 
@@ -123,8 +123,10 @@ class PostgresStore(Store):
         try:
             self._pool = await asyncpg.create_pool(self.url, reset=_keep_session,
                                                    **self._pool_args)
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"cannot connect to Postgres: {exc}") from exc
+        except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
+            # Refused, unknown host, no such database, bad credentials: the server's
+            # or the socket's sentence, with the target it was about.
+            raise self._cannot_connect(exc) from exc
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -133,6 +135,10 @@ class PostgresStore(Store):
                 await asyncio.wait_for(pool.close(), 5)
             except (asyncio.TimeoutError, *_UNAVAILABLE):
                 pool.terminate()
+
+    def _cannot_connect(self, exc: BaseException) -> StoreUnavailable:
+        reason = str(exc) or type(exc).__name__
+        return StoreUnavailable(f"cannot connect to Postgres at {display_url(self.url)}: {reason}")
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -151,8 +157,8 @@ class PostgresStore(Store):
         applied: list[str] = []
         try:
             conn = await asyncpg.connect(self.url, timeout=self._pool_args["timeout"])
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"cannot connect to Postgres: {exc}") from exc
+        except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
+            raise self._cannot_connect(exc) from exc
         try:
             # Several instances may start at once: one migrates, the others wait here.
             await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)

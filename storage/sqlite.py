@@ -8,6 +8,7 @@ transaction (seq increment and insert commit together or not at all).
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +48,7 @@ class SQLiteStore(Store):
         try:
             return await loop.run_in_executor(self._executor, fn, db)
         except sqlite3.OperationalError as exc:
-            raise StoreUnavailable(f"SQLite unavailable: {exc}") from exc
+            raise StoreUnavailable(f"SQLite file {self.path} unavailable: {exc}") from exc
 
     async def start(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
@@ -64,8 +65,9 @@ class SQLiteStore(Store):
 
         try:
             self._db = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"cannot open SQLite file {self.path}: {exc}") from exc
+        except (sqlite3.Error, OSError) as exc:  # OSError: its directory cannot be made
+            where = self.path if self.path == ":memory:" else os.path.abspath(self.path)
+            raise StoreUnavailable(f"cannot open SQLite file {where}: {exc}") from exc
 
     async def close(self) -> None:
         if self._db is not None:

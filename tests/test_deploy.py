@@ -62,6 +62,43 @@ def test_dockerfile_is_multi_stage_and_runs_unprivileged():
     assert re.search(r'^ENTRYPOINT \["chat-gateway"\]', text, re.M)
 
 
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the run stage, continuation lines joined."""
+    text = (ROOT / "Dockerfile").read_text()
+    text = re.sub(r"\\\n", " ", "\n".join(line for line in text.splitlines()
+                                        if not line.lstrip().startswith("#")))
+    stage = re.split(r"^FROM\s", text, flags=re.M)[-1]
+    out = []
+    for line in stage.splitlines():
+        word, _, rest = line.strip().partition(" ")
+        if word:
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_image_with_no_variables_writes_its_sqlite_file_to_a_volume_the_user_owns():
+    # The image is not built here: the run stage is read as Docker would run it.
+    steps = dockerfile_instructions()
+    env: dict[str, str] = {}
+    for word, rest in steps:
+        if word == "ENV":
+            env.update(re.findall(r"(\w+)=(\S+)", rest))
+    url = env["DATABASE_URL"]
+    settings = Settings.from_env(env)
+    assert settings.database_url == url and url.startswith("sqlite:////"), url
+    data_dir = url[len("sqlite:///"):].rsplit("/", 1)[0]
+    volumes = [v for word, rest in steps if word == "VOLUME" for v in re.findall(r'"([^"]+)"', rest)]
+    assert data_dir in volumes, f"{data_dir} is not a VOLUME: the messages would die with the container"
+    user = [rest for word, rest in steps if word == "USER"][-1].split(":")[0]
+    # Made and handed to the user before USER: a new volume copies that ownership.
+    runs = " ".join(rest for word, rest in steps if word == "RUN")
+    assert re.search(rf"mkdir -p \S*{re.escape(data_dir)}\b", runs)
+    assert re.search(rf"chown (-R )?{user}(:\w+)? {re.escape(data_dir)}\b", runs), \
+        f"{data_dir} is not owned by {user}"
+    workdir = [rest for word, rest in steps if word == "WORKDIR"][-1]
+    assert not data_dir.startswith(workdir), "the database must not live in the code's directory"
+
+
 def test_readme_documents_every_variable_and_backup_restore():
     readme = (ROOT / "README.md").read_text()
     missing = {n for n in env_names() if f"`{n}`" not in readme and n not in ("STATIC_DIR", "FAULT_SKIP_PUBLISH")}

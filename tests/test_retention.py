@@ -7,6 +7,7 @@ import sqlite3
 import asyncpg
 import orjson
 
+from gateway.auth import Identity
 from gateway.config import Settings
 from gateway.core import Gateway
 from gateway.hub import WS, Subscriber
@@ -71,7 +72,7 @@ async def test_the_gateway_runs_retention_when_configured(tmp_path):
     gw = Gateway(settings)
     await gw.start()
     for i in range(4):
-        await gw.post("r", "ana", f"m{i}", transport="http")
+        await gw.post("r", "ana", f"m{i}", identity=Identity("ana"), transport="http")
     await gw.close()
     await age(url, "r", range(1, 3), days=3)
 
@@ -86,7 +87,7 @@ async def test_the_gateway_runs_retention_when_configured(tmp_path):
         gw.hub.register(sub)
         await gw.hub.subscribe(sub, "r", since=0)
         await eventually(lambda: sub.cursors["r"] == 4)
-        await gw.post("r", "ana", "live", transport="http")
+        await gw.post("r", "ana", "live", identity=Identity("ana"), transport="http")
         await eventually(lambda: sub.cursors["r"] == 5)
         frames = [orjson.loads(f) for f in sub._queue]
         assert [f["message"]["seq"] for f in frames if f["type"] == "message"] == [3, 4, 5]

@@ -153,3 +153,84 @@ async def test_chat_page_keyboard_only_text_as_text_limits_and_phone_width(
         assert browser.errors == []
     finally:
         inst.stop()
+
+
+# -- auth mode: tokens in the address or pasted, and refusals that stop ------------
+
+async def requests_while(page: Page, seconds: float) -> list[str]:
+    """The requests the page makes in the next ``seconds``."""
+    seen: list[str] = []
+    page.on("request", lambda req: seen.append(req.url))
+    await page.wait_for_timeout(seconds * 1000)
+    return seen
+
+
+async def refused(page: Page, *words: str) -> None:
+    await expect(page.locator("#status")).to_have_attribute("data-state", "refused",
+                                                            timeout=t(30) * 1000)
+    for word in words:
+        await expect(page.locator("#notice")).to_contain_text(word)
+    await expect(page.locator("#token")).to_be_focused()
+    # Stopped: no more attempts (the first retry would come within a second).
+    assert await requests_while(page, t(3)) == []
+    await expect(page.locator("#status")).to_have_attribute("data-state", "refused")
+
+
+async def test_auth_mode_joins_with_a_token_and_no_name(gateway_env, browser):
+    from tests.test_auth import SECRET, token
+
+    async with instances(1, {**gateway_env, "AUTH_SECRET": SECRET}) as (gw,):
+        page = await browser.open(f"{gw.url}/?room={ROOM}&token={token('ana')}", "ana")
+        await connected(page)
+        # The name is the token's, shown and not editable; the address gains no name.
+        await expect(page.locator("#name")).to_have_value("ana")
+        await expect(page.locator("#name")).to_be_disabled()
+        assert "name=" not in page.url
+        await say(page, "signed in")
+        await shown_up_to(page, 1)
+        await expect(page.locator("#messages li.mine .author")).to_have_text("ana")
+        assert browser.errors == []
+
+
+async def test_auth_mode_refusals_stop_retrying_and_a_pasted_token_joins(gateway_env, browser):
+    from tests.test_auth import SECRET, token
+
+    env = {**gateway_env, "AUTH_SECRET": SECRET}
+    async with instances(1, env) as (gw,):
+        # No token on a server that asks for one: 401, stop, ask for a token.
+        page = await browser.open(f"{gw.url}/?room={ROOM}&name=ana", "no-token")
+        await refused(page, "asks you to sign in", "Paste a token")
+        await page.locator("#token").fill(token("ana"))
+        await page.locator("#token").press("Enter")
+        await connected(page)
+        await expect(page.locator("#notice")).to_be_hidden()
+        assert "token=" not in page.url, "a pasted token is not written into the address"
+
+        # An expired token in the address: 401, stop.
+        page = await browser.open(f"{gw.url}/?room={ROOM}&token={token('bo', exp=-60)}",
+                                  "expired")
+        await refused(page, "not accepted", "expired")
+
+        # A token that does not grant the room: 403, stop; one that does, joins.
+        page = await browser.open(
+            f"{gw.url}/?room={ROOM}&token={token('cy', rooms=['other'])}", "forbidden")
+        await refused(page, "does not let you into", ROOM)
+        await page.locator("#token").fill(token("cy", rooms=[ROOM]))
+        await page.get_by_role("button", name="Join").click()
+        await connected(page)
+        await expect(page.locator("#name")).to_have_value("cy")
+        assert browser.errors == []
+
+
+async def test_auth_mode_a_token_expiring_while_connected_stops_the_page(gateway_env, browser):
+    from tests.test_auth import SECRET, token
+
+    env = {**gateway_env, "AUTH_SECRET": SECRET, "AUTH_LEEWAY": "0"}
+    async with instances(1, env) as (gw,):
+        page = await browser.open(f"{gw.url}/?room={ROOM}&token={token('ana', exp=t(4))}",
+                                  "expiring")
+        await connected(page)
+        # The server closes the socket at expiry (1008); the page's reconnect learns
+        # over HTTP that the token is refused and stops there.
+        await refused(page, "not accepted")
+        assert browser.errors == []
