@@ -183,13 +183,17 @@ class JwksKeys:
             log.warning("no signing keys from AUTH_JWKS_URL %s yet: tokens are refused until "
                         "a fetch succeeds (retried on the next token, at most every %g s)",
                         self.url, self.min_interval)
-        self._periodic = every(self.refresh_interval, self.fetch, "JWKS refresh")
+        self._periodic = every(self.refresh_interval, self._refresh, "JWKS refresh")
 
     async def close(self) -> None:
         for task in (self._periodic, self._fetch):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+
+    async def _refresh(self) -> None:
+        if time.monotonic() - self._last_fetch >= self.min_interval:
+            await self.fetch()
 
     def get(self, kid: Any) -> PublicKey | None:
         return self.keys.get(kid) if isinstance(kid, str) else None
@@ -226,8 +230,8 @@ class JwksKeys:
             raise
         except Exception as exc:  # noqa: BLE001 - the known keys stay in use
             if not self._failing:
-                log.warning("fetching the signing keys from %s failed; the %d keys already "
-                            "known stay in use: %s", self.url, len(self.keys), exc)
+                log.warning("fetching the signing keys from %s failed, keeping the keys "
+                            "fetched before (%d): %s", self.url, len(self.keys), exc)
             self._failing = True
             return
         if self._failing:
