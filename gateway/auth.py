@@ -388,11 +388,15 @@ class Authenticator:
         return tuple(value)
 
     def _verify(self, token: str) -> dict[str, Any]:
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError as exc:
-            raise ApiError("unauthorized", f"the token is not a valid JWT: {exc}") from None
-        alg = header.get("alg")
+        if self.jwks is None and self.public_key is None:
+            # Secrets only: HS256 is the one algorithm, and decoding checks it (the
+            # header is read again only to explain a refusal).
+            alg: Any = HMAC_ALGORITHM
+        else:
+            try:
+                alg = jwt.get_unverified_header(token).get("alg")
+            except jwt.PyJWTError as exc:
+                raise ApiError("unauthorized", f"the token is not a valid JWT: {exc}") from None
         if alg == HMAC_ALGORITHM:
             if not self.secrets:
                 raise ApiError("unauthorized", "HS256 tokens are not accepted: this gateway "
@@ -400,13 +404,10 @@ class Authenticator:
             candidates: list[tuple[Any, tuple[str, ...]]] = [
                 (secret, (HMAC_ALGORITHM,)) for secret in self.secrets]
         elif alg in ASYMMETRIC_ALGORITHMS:
-            public = self._public_key(header.get("kid"), alg)
+            public = self._public_key(jwt.get_unverified_header(token).get("kid"), alg)
             candidates = [(public.key, public.algorithms)]
         else:
-            accepted = ([HMAC_ALGORITHM] if self.secrets else []) + (
-                sorted(ASYMMETRIC_ALGORITHMS) if self.jwks or self.public_key else [])
-            raise ApiError("unauthorized", f"the token's algorithm {alg!r} is not accepted "
-                           f"(accepted: {', '.join(accepted)})")
+            raise ApiError("unauthorized", self._refused_algorithm(alg))
         for i, (key, algorithms) in enumerate(candidates):
             try:
                 with warnings.catch_warnings():
@@ -419,9 +420,17 @@ class Authenticator:
                 if i + 1 < len(candidates):
                     continue  # the next secret of a rotation
                 raise ApiError("unauthorized", "the token's signature does not verify") from None
+            except jwt.InvalidAlgorithmError:
+                raise ApiError("unauthorized", self._refused_algorithm(
+                    jwt.get_unverified_header(token).get("alg"))) from None
             except jwt.InvalidTokenError as exc:
                 raise ApiError("unauthorized", self._explain(exc)) from None
         raise AssertionError("unreachable: candidates is never empty")
+
+    def _refused_algorithm(self, alg: Any) -> str:
+        accepted = ([HMAC_ALGORITHM] if self.secrets else []) + (
+            sorted(ASYMMETRIC_ALGORITHMS) if self.jwks or self.public_key else [])
+        return f"the token's algorithm {alg!r} is not accepted (accepted: {', '.join(accepted)})"
 
     def _public_key(self, kid: Any, alg: str) -> PublicKey:
         key = self.jwks.get(kid) if self.jwks is not None else None
