@@ -482,3 +482,55 @@ async def test_refresh_moves_the_expiry_earlier_too_and_is_refused_in_open_mode(
             await ws.send({"type": "refresh", "token": hs_token("fay")})
             err = await ws.expect("error")
             assert err["code"] == "invalid_request" and "open mode" in err["message"]
+
+
+async def test_a_provider_down_at_start_is_picked_up_when_it_comes_back(gateway_env):
+    key = Key("ed25519")
+    server = JwksServer(key)  # not started yet
+    try:
+        async with instances(1, jwks_env(gateway_env, server)) as (gw,), \
+                httpx.AsyncClient(timeout=t(10)) as http:
+            assert "no signing keys from AUTH_JWKS_URL" in full_log(gw)
+            r = await post_as(http, gw.url, key.token())
+            assert r.status_code == 401 and "not among" in r.json()["error"]["message"]
+            server.start()
+            r = await post_as(http, gw.url, key.token())
+            assert r.status_code == 201, r.text
+    finally:
+        server.stop()
+
+
+# -- configuration ---------------------------------------------------------------------
+
+
+def test_auth_settings_are_checked_at_start():
+    from gateway.auth import load_public_key
+    from gateway.config import ConfigError, Settings
+
+    rsa_key, ed = Key("rsa"), Key("ed25519")
+    pem = rsa_key.public_pem.decode()
+    body = "".join(pem.splitlines()[1:-1])  # Keycloak shows the bare base64
+    for text in (pem, pem.replace("\n", "\\n"), body):
+        assert load_public_key(text).algorithms == ("RS256", "RS384", "RS512")
+    assert load_public_key(ed.public_pem.decode()).algorithms == ("EdDSA",)
+    p521 = ec.generate_private_key(ec.SECP521R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+    bad = {
+        "AUTH_PUBLIC_KEY": ({"AUTH_PUBLIC_KEY": "not a key"}, "AUTH_PUBLIC_KEY"),
+        "a private key": ({"AUTH_PUBLIC_KEY": rsa_key.private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()).decode()}, "AUTH_PUBLIC_KEY"),
+        "P-521": ({"AUTH_PUBLIC_KEY": p521}, "cannot verify"),
+        "file URL": ({"AUTH_JWKS_URL": "file:///etc/passwd"}, "AUTH_JWKS_URL"),
+        "interval": ({"AUTH_JWKS_URL": "https://id.example/jwks", "AUTH_JWKS_REFRESH": "1",
+                      "AUTH_JWKS_MIN_INTERVAL": "5"}, "AUTH_JWKS_MIN_INTERVAL"),
+    }
+    for case, (env, words) in bad.items():
+        with pytest.raises(ConfigError) as exc:
+            Settings.from_env(env)
+        assert words in str(exc.value), case
+    assert Settings.from_env({}).open_mode
+    for env in ({"AUTH_SECRET": "a b"}, {"AUTH_JWKS_URL": "https://id.example/jwks"},
+                {"AUTH_PUBLIC_KEY": pem}):
+        assert not Settings.from_env(env).open_mode, env
