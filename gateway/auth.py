@@ -169,7 +169,6 @@ class JwksKeys:
         self.min_interval = min_interval
         self.timeout = timeout
         self.keys: dict[str, PublicKey] = {}
-        self.fetches = 0
         self._client = jwt.PyJWKClient(url, cache_jwk_set=False, timeout=timeout,
                                        headers={"User-Agent": "chat-gateway"})
         self._last_fetch = -math.inf  # monotonic time the last fetch started
@@ -221,7 +220,6 @@ class JwksKeys:
 
     async def _fetch_once(self) -> None:
         self._last_fetch = time.monotonic()
-        self.fetches += 1
         try:
             data = await asyncio.wait_for(asyncio.to_thread(self._client.fetch_data),
                                           self.timeout + 1)
