@@ -202,9 +202,12 @@ async def test_jwks_keys_rotate_with_no_restart_and_no_refused_token(gateway_env
             refreshed = await ws.expect("refreshed")
             assert refreshed["exp"] > time.time() + 100
 
-            # The old key is withdrawn, a third appears: the new one is accepted, the
+            # The old key is withdrawn, a third appears: the new one is accepted (a
+            # refresh frame naming it waits for the fetch like a request does), the
             # withdrawn one refused as soon as the gateway has seen the new set.
             provider.publish(ec_key, ed_key)
+            await ws.send({"type": "refresh", "token": ed_key.token("ana", exp=120)})
+            assert (await ws.expect("refreshed"))["exp"] > time.time() + 100
             r = await post_as(http, gw.url, ed_key.token("eve"))
             assert r.status_code == 201, r.text
             r = await post_as(http, gw.url, first.token("ana"))
