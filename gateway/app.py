@@ -27,7 +27,7 @@ from starlette.websockets import WebSocket
 from gateway import openapi
 from gateway import server_api
 from gateway import validation as v
-from gateway.auth import bearer
+from gateway.auth import Authenticator, bearer
 from gateway.config import Settings
 from gateway.core import CONNECT, POST, PUBLISH, Gateway
 from gateway.errors import CODES, ApiError, internal
@@ -35,7 +35,7 @@ from gateway.hub import SSE, Subscriber
 from gateway.logs import RequestContext, conn_id, request_id
 from gateway.stats import stats_events
 from gateway.edge import (client_address, encoded_json_response, gateway_of, identify,
-                          json_response, presence_user)
+                          json_response, presence_user, token_of)
 from gateway.ws import expire_with_token, websocket_endpoint
 from storage import StoreUnavailable
 
@@ -49,7 +49,7 @@ async def post_message(request: Request) -> Response:
     gw = gateway_of(request)
     room = v.room_name(request.path_params["room"])
     identity = identify(request)
-    identity.check_room(room)
+    identity.check_post(room)
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
     key = v.idempotency_key(request.headers.get("idempotency-key"))
     body = v.json_object(await v.read_body(request, gw.settings.max_body_bytes))
@@ -229,6 +229,10 @@ class GatewayApp(Starlette):
     /v1/rooms/{room}/messages`` skip it: one frame does what it does for them
     (the request id and access line of :class:`RequestContext`, the app's
     exception handlers); every other request goes through Starlette as before.
+
+    With a JWKS, a request whose token names a key the cache lacks first waits
+    for the key set's next fetch (``Authenticator.await_key``, bounded and
+    shared), so that every route verifies tokens synchronously from the cache.
     """
 
     WS_PATH = "/v1/ws"
@@ -238,8 +242,22 @@ class GatewayApp(Starlette):
         super().__init__(*args, **kwargs)
         self._messages = {"POST": RequestContext(self._http(post_message)),
                           "GET": RequestContext(self._http(list_messages))}
+        self.jwks_auth: Authenticator | None = None  # set by the lifespan when AUTH_JWKS_URL is
 
     def __call__(self, scope: Any, receive: Any, send: Any) -> Coroutine[Any, Any, None]:
+        auth = self.jwks_auth
+        if auth is not None and scope["type"] != "lifespan":
+            token = token_of(HTTPConnection(scope), query_token=True)
+            if auth.unknown_kid(token) is not None:
+                return self._with_key(auth, token, scope, receive, send)
+        return self._route(scope, receive, send)
+
+    async def _with_key(self, auth: Authenticator, token: str | None, scope: Any,
+                        receive: Any, send: Any) -> None:
+        await auth.await_key(token)
+        await self._route(scope, receive, send)
+
+    def _route(self, scope: Any, receive: Any, send: Any) -> Coroutine[Any, Any, None]:
         if scope["type"] == "websocket" and scope["path"] == self.WS_PATH:
             scope["app"] = self
             return self._websocket(scope, receive, send)
@@ -310,6 +328,8 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         gw = gateway or Gateway(settings)
         await gw.start()
         app.state.gateway = gw
+        if isinstance(app, GatewayApp) and gw.auth.jwks is not None:
+            app.jwks_auth = gw.auth
         try:
             yield
         finally:

@@ -53,8 +53,16 @@ class Settings:
     port: int = 8000
     database_url: str = "sqlite:///./chat-gateway.db"
     redis_url: str = "memory://"
-    auth_secret: str | None = None
+    # auth: on when any of AUTH_SECRET, AUTH_JWKS_URL, AUTH_PUBLIC_KEY is set
+    auth_secret: str | None = None  # HS256 secret(s), separated by spaces (rotation)
+    auth_jwks_url: str | None = None
+    auth_public_key: str | None = None  # one PEM public key
+    auth_issuer: str | None = None
+    auth_audience: str | None = None
     auth_leeway: float = 5.0
+    auth_jwks_refresh: float = 300.0  # seconds between periodic fetches of the JWKS
+    auth_jwks_min_interval: float = 5.0  # fewest seconds between two fetches
+    auth_jwks_timeout: float = 5.0
     api_keys: tuple[str, ...] = ()
     rate_limit: Rate = field(default_factory=lambda: Rate(20, 60.0))
     publish_rate_limit: Rate = field(default_factory=lambda: Rate(600, 60.0))
@@ -149,6 +157,7 @@ class Settings:
                 ipaddress.ip_network(name, strict=False)
             except ValueError:
                 raise ConfigError(f"TRUSTED_PROXIES: {name!r} is not an address or CIDR") from None
+        self._validate_auth()
         if self.max_connections < 0 or self.max_connections_per_identity < 0:
             raise ConfigError("MAX_CONNECTIONS and MAX_CONNECTIONS_PER_IDENTITY must be >= 0")
         if self.retention_days is not None and self.retention_days <= 0:
@@ -162,9 +171,33 @@ class Settings:
                 raise ConfigError(f"{name.upper()} must be positive")
         return self
 
+    def _validate_auth(self) -> None:
+        if self.auth_jwks_url is not None:
+            from urllib.parse import urlsplit
+
+            url = urlsplit(self.auth_jwks_url)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ConfigError(f"AUTH_JWKS_URL={self.auth_jwks_url!r}: use the https:// "
+                                  "address of the identity provider's JWKS")
+        if self.auth_public_key is not None:
+            from gateway.auth import load_public_key
+
+            try:
+                load_public_key(self.auth_public_key)
+            except ValueError as exc:
+                raise ConfigError(f"AUTH_PUBLIC_KEY: {exc}") from None
+        if self.auth_leeway < 0:
+            raise ConfigError("AUTH_LEEWAY must be zero or positive")
+        if not 0 < self.auth_jwks_min_interval <= self.auth_jwks_refresh:
+            raise ConfigError("AUTH_JWKS_MIN_INTERVAL must be positive and at most "
+                              "AUTH_JWKS_REFRESH")
+        if self.auth_jwks_timeout <= 0:
+            raise ConfigError("AUTH_JWKS_TIMEOUT must be positive")
+
     @property
     def open_mode(self) -> bool:
-        return not self.auth_secret
+        return not ((self.auth_secret or "").strip() or self.auth_jwks_url
+                    or self.auth_public_key)
 
 
 _KNOWN_TYPES = {

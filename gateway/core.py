@@ -65,8 +65,7 @@ class Gateway:
                 probe_interval=settings.broker_probe_interval,
                 command_timeout=settings.redis_timeout,
                 control_channel=f"{settings.key_prefix}control")))
-        self.auth = Authenticator(settings.auth_secret, leeway=settings.auth_leeway,
-                                  api_keys=settings.api_keys)
+        self.auth = Authenticator.from_settings(settings)
         self.history: HistoryCache | None = None
         self.hub: Hub | None = None
         self.limiter: RateLimiter | None = None
@@ -82,6 +81,7 @@ class Gateway:
         self.control: Control | None = None  # server API commands (gateway.control)
 
     async def start(self, *, migrate: bool = True) -> None:
+        await self.auth.start()
         await self.store.start()
         if migrate:
             applied = await self.store.migrate()
@@ -140,6 +140,7 @@ class Gateway:
             await self.history.close()
         await self.broker.close()
         await self.store.close()
+        await self.auth.close()
 
     # -- the write path ----------------------------------------------------
 

@@ -59,12 +59,18 @@ def client_address(conn: HTTPConnection, trusted: tuple[str, ...]) -> str:
     return hops[0] if hops else peer
 
 
-def identify(conn: HTTPConnection, *, query_token: bool = False) -> Identity:
-    gw = gateway_of(conn)
+def token_of(conn: HTTPConnection, *, query_token: bool = False) -> str | None:
+    """The user token: the bearer header, else (where browsers cannot set headers) ``?token=``."""
     token = bearer(conn.headers)
     if token is None and query_token:
         token = conn.query_params.get("token")
-    return gw.auth.user(token, client_address(conn, gw.settings.trusted_proxies))
+    return token
+
+
+def identify(conn: HTTPConnection, *, query_token: bool = False) -> Identity:
+    gw = gateway_of(conn)
+    return gw.auth.user(token_of(conn, query_token=query_token),
+                        client_address(conn, gw.settings.trusted_proxies))
 
 
 def presence_user(conn: HTTPConnection, identity: Identity) -> str | None:

@@ -118,7 +118,10 @@ class Subscriber:
         return self.push(orjson.dumps(obj), reply=True)
 
     def close_at(self, deadline: float, code: int, reason: str) -> None:
-        """Close with ``code`` at ``deadline`` (epoch seconds), e.g. when a token expires."""
+        """Close with ``code`` at ``deadline`` (epoch seconds), e.g. when a token expires;
+        replaces the deadline set before (a refreshed token moves it)."""
+        if self._deadline is not None:
+            self._deadline.cancel()
         self._deadline = asyncio.get_running_loop().call_later(
             max(0.0, deadline - time.time()), self.close, code, reason)
 

@@ -268,10 +268,15 @@ def document() -> dict[str, Any]:
             "schemas": schemas,
             "securitySchemes": {
                 "userToken": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
-                              "description": "HS256, claims sub, exp and optional rooms; "
-                                             "on /v1/ws and SSE also ?token="},
+                              "description": "HS256 (AUTH_SECRET) or RS256/384/512, ES256/384, "
+                                             "EdDSA (AUTH_JWKS_URL, AUTH_PUBLIC_KEY); claims "
+                                             "sub, exp (numeric), optional rooms and "
+                                             "read_rooms, iss/aud when configured; on /v1/ws "
+                                             "and SSE also ?token=; renewed on a WebSocket "
+                                             "by the refresh frame"},
                 "apiKey": {"type": "http", "scheme": "bearer",
-                           "description": "one of API_KEYS"},
+                           "description": "one of API_KEYS; with auth on and API_KEYS unset, "
+                                          "every request is refused"},
             },
         },
     }

@@ -72,6 +72,8 @@ FRAMES: dict[str, dict[str, Any]] = {
     "unsubscribe": _frame("unsubscribe", ["room"], room=ROOM),
     "publish": _frame("publish", ["room", "text"], room=ROOM, text=TEXT, author=AUTHOR, ref=REF),
     "ping": _frame("ping", [], ref=REF),
+    "refresh": _frame("refresh", ["token"], token={**TOKEN, "description": "a new token for "
+                      "the same sub; it replaces the connection's token"}, ref=REF),
 }
 
 

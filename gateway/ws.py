@@ -207,7 +207,7 @@ class Session:
         room = v.room_name(frame.get("room"))
         text = v.text(frame.get("text"))
         author = self.identity.name if self.identity.user else v.author(frame.get("author"))
-        self.identity.check_room(room)
+        self.identity.check_post(room)
         await self.gw.rate(POST, self.identity.name)
         return ref, room, author, text
 
@@ -249,5 +249,37 @@ class Session:
             await hub.unsubscribe(self.sub, room)
             await presence.left(self.sub.id, room)
             self.sub.reply({"type": "unsubscribed", "room": room})
+        elif kind == "refresh":
+            await self.refresh(frame)
         else:
             await self.commit([await self.prepare_publish(frame)])
+
+    async def refresh(self, frame: dict[str, Any]) -> None:
+        """Replace the connection's token in band: same ``sub`` (another one closes the
+        socket 1008), its expiry moves, and rooms it no longer grants are left."""
+        ref = v.ref(frame.get("ref"))
+        token = frame.get("token")
+        if not isinstance(token, str) or not token:
+            raise ApiError("invalid_request", "token must be a non-empty string", field="token")
+        auth = self.gw.auth
+        if auth.open_mode:
+            raise ApiError("invalid_request", "there are no tokens to refresh in open mode")
+        await auth.await_key(token)
+        identity = auth.user(token, self.identity.name)  # refused: an error frame, token kept
+        if identity.name != self.identity.name:
+            log.info("websocket refresh with another sub", extra={"sub": self.sub.id})
+            self.sub.close(CLOSE_POLICY_VIOLATION, "the new token is for another user")
+            return
+        self.identity = identity
+        expire_with_token(self.sub, identity)
+        hub, presence = self.gw.hub, self.gw.presence
+        assert hub is not None and presence is not None
+        for room in [r for r in self.sub.cursors if not identity.may_access(r)]:
+            await hub.unsubscribe(self.sub, room)
+            await presence.left(self.sub.id, room)
+            self.sub.reply({"type": "unsubscribed", "room": room,
+                            "reason": "the new token does not grant this room"})
+        answer: dict[str, Any] = {"type": "refreshed", "exp": identity.exp}
+        if ref is not None:
+            answer["ref"] = ref
+        self.sub.reply(answer)
