@@ -485,8 +485,9 @@ export class Client extends Emitter {
 
   #onMessage(name, msg) {
     const room = this.rooms.get(name);
-    if (!room || !msg || typeof msg.seq !== "number") return;
-    if (room.cursor === undefined) room.cursor = msg.seq - 1; // cannot happen after `subscribed`
+    // before this connection's `subscribed` (which the server sends first), a frame is
+    // left over from an earlier subscription: the replay after `subscribed` brings it
+    if (!room || !room.subscribed || !msg || typeof msg.seq !== "number") return;
     if (msg.seq <= room.cursor) return; // a replay: shown already
     if (msg.seq > room.cursor + 1) {
       // a gap: reopen; the new subscription replays from the cursor

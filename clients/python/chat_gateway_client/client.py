@@ -78,13 +78,26 @@ def token_expiry(token: str) -> float | None:
     return float(exp) if isinstance(exp, (int, float)) else None
 
 
+_END: Any = object()  # in a room's queue: the subscription ended
+
+
 @dataclass
 class _Room:
     name: str
     cursor: int | None  # seq of the last message handed on; None until `subscribed`
     subscribed: bool = False
     waiters: list[asyncio.Future[int]] = field(default_factory=list)
-    queues: list[asyncio.Queue[Message]] = field(default_factory=list)
+    queues: list[asyncio.Queue[Any]] = field(default_factory=list)
+    ended: GatewayError | None = None
+    quiet: bool = False  # ended by the application: readers' loops just stop
+
+    def end(self, exc: GatewayError, *, quiet: bool = False) -> None:
+        """The subscription is over: settle the waiters, end the readers' loops (raising
+        ``exc`` in them unless ``quiet``)."""
+        self.ended, self.quiet = exc, quiet
+        self.settle(exc)
+        for queue in self.queues:
+            queue.put_nowait(_END)
 
     def settle(self, exc: BaseException | None, seq: int | None = None) -> None:
         for fut in self.waiters:
@@ -229,7 +242,7 @@ class Client:
                 p.future.set_exception(self._close_error)
         self._pending.clear()
         for room in self._rooms.values():
-            room.settle(self._close_error)
+            room.end(self._close_error, quiet=code == CloseCode.NORMAL)
 
     # -- connection ---------------------------------------------------------------
 
@@ -297,9 +310,11 @@ class Client:
             name = "unauthorized" if status == 401 else "forbidden"
             self._set_closed(code, reason, GatewayError(name, reason, status=status), status)
         elif code == CloseCode.SERVER_DISCONNECT:
-            self._set_closed(code, reason or "disconnected by the server")
+            reason = reason or "disconnected by the server"
+            self._set_closed(code, reason, GatewayError("disconnected", reason))
         elif code == CloseCode.POLICY_VIOLATION and (self.token_provider is None or not opened):
-            self._set_closed(code, reason or "policy violation")
+            reason = reason or "policy violation"
+            self._set_closed(code, reason, GatewayError("policy_violation", reason))
         else:
             if code == CloseCode.POLICY_VIOLATION:
                 self._force_new_token = True  # the token expired: the provider gives another
@@ -308,7 +323,8 @@ class Client:
     async def _session(self, ws: Any) -> None:
         self._ws = ws
         self._attempt = 0
-        for room in self._rooms.values():
+        # snapshots: a room or publish added meanwhile is sent by its own call
+        for room in list(self._rooms.values()):
             await self._send_subscribe(room)
         for p in list(self._pending.values()):
             await ws.send(json.dumps(p.frame))  # same keys: stored once
@@ -392,6 +408,7 @@ class Client:
                 return
             room = self._rooms.pop(f.get("room", ""), None)  # the server API ended it
             if room is not None:
+                room.end(GatewayError("unsubscribed", f.get("reason") or "ended by the server"))
                 self._emit(Unsubscribed(room.name, f.get("reason")))
         elif kind == "refreshed":
             self._answered("refresh")
@@ -409,11 +426,12 @@ class Client:
 
     def _on_message(self, name: Any, raw: Any) -> None:
         room = self._rooms.get(name) if isinstance(name, str) else None
-        if room is None or not isinstance(raw, dict) or not isinstance(raw.get("seq"), int):
+        # before this connection's `subscribed` (which the server sends first), a frame
+        # is left over from an earlier subscription: the replay after `subscribed` brings it
+        if (room is None or not room.subscribed or room.cursor is None
+                or not isinstance(raw, dict) or not isinstance(raw.get("seq"), int)):
             return
         seq = raw["seq"]
-        if room.cursor is None:
-            room.cursor = seq - 1
         if seq <= room.cursor:
             return  # a replay: handed on already
         if seq > room.cursor + 1:
@@ -437,7 +455,7 @@ class Client:
             room = self._rooms.get(head[1] or "")
             if room is not None and not room.subscribed:
                 del self._rooms[room.name]
-                room.settle(err)
+                room.end(err)
             err.room = head[1]
         elif head is not None and head[0] == "refresh":
             err.frame = "refresh"  # no in-band refresh: the expiry reconnects instead
@@ -462,7 +480,7 @@ class Client:
         r = self._rooms.pop(room, None)
         if r is None:
             return
-        r.settle(GatewayError("unsubscribed", f"unsubscribed from {room}"))
+        r.end(GatewayError("unsubscribed", f"unsubscribed from {room}"), quiet=True)
         await self._send({"type": "unsubscribe", "room": room}, ("unsubscribe", room))
 
     def cursor(self, room: str) -> int | None:
@@ -474,7 +492,8 @@ class Client:
         """The room's messages in seq order, each once, across reconnections: from
         ``since + 1`` when given, else new ones. Leaving the loop unsubscribes when no
         other loop reads the room."""
-        queue: asyncio.Queue[Message] = asyncio.Queue()
+        self._check_open()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
         r = self._rooms.get(room)
         if r is None:
             r = self._rooms[room] = _Room(room, since)
@@ -484,7 +503,13 @@ class Client:
             r.queues.append(queue)
         try:
             while True:
-                yield await queue.get()
+                item = await queue.get()
+                if item is _END:
+                    assert r.ended is not None
+                    if r.quiet:
+                        return
+                    raise r.ended
+                yield item
         finally:
             current = self._rooms.get(room)
             if current is not None and queue in current.queues:

@@ -198,3 +198,31 @@ async def test_refused_upgrade_closes_for_good_and_a_provider_outlives_expiry(ga
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+
+
+async def test_message_loops_end_with_the_client(gateway_env):
+    secret = "sdk-test-secret-0123456789abcdef"
+    env = {**gateway_env, "AUTH_SECRET": secret}
+    async with instances(1, env) as (gw,):
+        # closed by the application: the loop just stops
+        c = Client(gw.url, token=jwt.encode({"sub": "ana", "exp": int(time.time() + 60)},
+                                            secret, algorithm="HS256"))
+        await c.start()
+        seqs: list[int] = []
+        reader = asyncio.create_task(collect(c, "end", 0, seqs))
+        await eventually(lambda: c.cursor("end") == 0, t(10))
+        await c.close()
+        await asyncio.wait_for(reader, t(5))
+        # a token that expires with no provider to renew it: closed for good (1008),
+        # and the loop raises
+        c = Client(gw.url, token=jwt.encode({"sub": "ana", "exp": int(time.time() + 1)},
+                                            secret, algorithm="HS256"), **FAST)
+        await c.start()
+        reader = asyncio.create_task(collect(c, "end", 0, seqs))
+        with pytest.raises(GatewayError) as ended:
+            await asyncio.wait_for(reader, t(20))
+        assert ended.value.code == "policy_violation"
+        assert c.state is State.CLOSED
+        with pytest.raises(GatewayError):
+            await c.publish("end", "too late")
+        await c.close()
