@@ -140,3 +140,24 @@ test("history pages backwards from the latest and forwards from a seq", async ()
   assert.equal(one.has_more, false);
   c.close();
 });
+
+test("a typing frame's answer, or its refusal, never shifts the answers of later frames",
+  async () => {
+    const c = new Client(gw.url, { user: "tia" });
+    const errors = [];
+    c.on("error", (e) => errors.push(e));
+    try {
+      await c.connect();
+      c.typing("typing-room");
+      c.typing("typing-room");
+      // a refused subscribe right after is still matched to its own frame
+      await assert.rejects(c.subscribe("-bad"), (e) => e.code === "invalid_request");
+      assert.equal((await c.subscribe("typing-room")).room, "typing-room");
+      // a server without typing refuses each (invalid_request); one with it answers nothing
+      assert.ok(errors.every((e) => e.frame === "typing" || e.room === "-bad"),
+                JSON.stringify(errors.map((e) => [e.code, e.frame, e.room])));
+      assert.equal(errors.filter((e) => e.room === "-bad").length, 1);
+    } finally {
+      c.close();
+    }
+  });
