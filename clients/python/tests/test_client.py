@@ -57,6 +57,10 @@ async def test_publish_post_messages_and_history(gateway_env):
             with pytest.raises(GatewayError) as bad_sub:
                 await c.subscribe("-x")
             assert bad_sub.value.code == "invalid_request" and bad_sub.value.room == "-x"
+            # unsubscribing ends the room's loop quietly
+            await c.unsubscribe("py")
+            await asyncio.wait_for(reader, t(5))
+            assert c.cursor("py") is None
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
