@@ -70,3 +70,16 @@ test("a token provider carries the connection across token expiry, with no gap",
     publisher.close();
   }
 });
+
+test("without a token provider, the expiry's 1008 closes the client for good", async () => {
+  const c = new Client(gw.url, { token: jwt(SECRET, { sub: "ana", exp: now() + 1 }),
+                                 minDelay: 50 });
+  const closed = new Promise((resolve) => c.on("closed", resolve));
+  await c.connect();
+  await c.subscribe("auth-expiry");
+  assert.equal((await c.publish("auth-expiry", "x")).seq, 1);
+  const ev = await closed; // exp + the server's 5 s leeway
+  assert.equal(ev.code, 1008);
+  assert.equal(c.state, State.CLOSED);
+  await assert.rejects(c.publish("auth-expiry", "late"), (e) => e.code === "closed");
+});
