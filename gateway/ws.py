@@ -2,7 +2,8 @@
 
 The reader handles client frames in order. Consecutive publish frames are
 handed to a per-connection publisher that commits, in order, all those that
-arrived while the previous commit ran, in one statement; any other frame
+arrived while the previous commit ran, in one statement (a publish with an
+idempotency key goes on its own, through the idempotent post); any other frame
 first waits for the publishes before it, so every answer (ack, error, pong,
 subscribed) keeps the order of the frames that caused it. Frames go out
 through the subscriber: straight to the socket under the gateway's own server,
