@@ -46,6 +46,10 @@ REF: dict[str, Any] = {"oneOf": [{"type": "string", "maxLength": MAX_REF},
                                  {"type": "integer", "minimum": -MAX_SAFE_INT,
                                   "maximum": MAX_SAFE_INT}],
                        "description": "echoed in the ack or error frame"}
+IDEMPOTENCY_KEY: dict[str, Any] = {"type": "string", "minLength": 1,
+                                   "maxLength": MAX_IDEMPOTENCY_KEY,
+                                   "description": "as the Idempotency-Key header: a repeat "
+                                   "in the same room is acked with the first message"}
 TOKEN: dict[str, Any] = {"type": "string", "description": "a user token (JWT), where a "
                          "browser cannot send an Authorization header"}
 
@@ -70,7 +74,8 @@ NO_QUERY = _object([])  # for routes that take no query parameters
 FRAMES: dict[str, dict[str, Any]] = {
     "subscribe": _frame("subscribe", ["room"], room=ROOM, since=SEQ),
     "unsubscribe": _frame("unsubscribe", ["room"], room=ROOM),
-    "publish": _frame("publish", ["room", "text"], room=ROOM, text=TEXT, author=AUTHOR, ref=REF),
+    "publish": _frame("publish", ["room", "text"], room=ROOM, text=TEXT, author=AUTHOR, ref=REF,
+                      key=IDEMPOTENCY_KEY),
     "ping": _frame("ping", [], ref=REF),
     "refresh": _frame("refresh", ["token"], token={**TOKEN, "description": "a new token for "
                       "the same sub; it replaces the connection's token"}, ref=REF),
@@ -153,13 +158,15 @@ def limit_param(value: Any) -> int:
     return n
 
 
-def idempotency_key(value: str | None) -> str | None:
+def idempotency_key(value: Any, name: str = "Idempotency-Key") -> str | None:
+    """The header's value, or a publish frame's ``key`` (``name="key"``)."""
     if value is None:
         return None
-    if not 1 <= len(value) <= MAX_IDEMPOTENCY_KEY:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_IDEMPOTENCY_KEY:
         raise ApiError("invalid_request",
-                       f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY} characters",
-                       field="Idempotency-Key")
+                       f"{name} must be a string of 1..{MAX_IDEMPOTENCY_KEY} characters",
+                       field=name)
+    _printable(value, name)
     return value
 
 

@@ -2,7 +2,8 @@
 
 The reader handles client frames in order. Consecutive publish frames are
 handed to a per-connection publisher that commits, in order, all those that
-arrived while the previous commit ran, in one statement; any other frame
+arrived while the previous commit ran, in one statement (a publish with an
+idempotency key goes on its own, through the idempotent post); any other frame
 first waits for the publishes before it, so every answer (ack, error, pong,
 subscribed) keeps the order of the frames that caused it. Frames go out
 through the subscriber: straight to the socket under the gateway's own server,
@@ -16,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -28,7 +29,7 @@ from gateway.edge import gateway_of, identify, presence_user
 from gateway.errors import CLOSE_POLICY_VIOLATION, ApiError, internal
 from gateway.hub import WS, Subscriber
 from gateway.wsout import FrameSink
-from storage import StoreUnavailable
+from storage import Message, StoreUnavailable
 
 log = logging.getLogger("gateway.ws")
 
@@ -70,6 +71,16 @@ def expire_with_token(sub: Subscriber, identity: Identity) -> None:
     if identity.expires_at is not None:
         sub.close_at(identity.expires_at, CLOSE_POLICY_VIOLATION,
                      "the token has expired; reconnect with a new one")
+
+
+class Publish(NamedTuple):
+    """A checked publish frame, waiting for its commit."""
+
+    ref: Any
+    room: str
+    author: str
+    text: str
+    key: str | None  # idempotency key
 
 
 class Session:
@@ -186,7 +197,7 @@ class Session:
         try:
             while self.publishes:
                 batch, self.publishes = self.publishes, []
-                ready: list[tuple[Any, str, str, str]] = []
+                ready: list[Publish] = []
                 for frame, ref in batch:
                     try:
                         ready.append(await self.prepare_publish(frame))
@@ -201,28 +212,52 @@ class Session:
         finally:
             self.publisher = None
 
-    async def prepare_publish(self, frame: dict[str, Any]) -> tuple[Any, str, str, str]:
+    async def prepare_publish(self, frame: dict[str, Any]) -> Publish:
         v.only_fields(frame, FRAME_FIELDS["publish"])
         ref = v.ref(frame.get("ref"))
         room = v.room_name(frame.get("room"))
         text = v.text(frame.get("text"))
+        key = v.idempotency_key(frame.get("key"), "key")
         author = self.identity.name if self.identity.user else v.author(frame.get("author"))
         self.identity.check_post(room)
         await self.gw.rate(POST, self.identity.name)
-        return ref, room, author, text
+        return Publish(ref, room, author, text, key)
 
-    async def commit(self, ready: list[tuple[Any, str, str, str]]) -> None:
-        if not ready:
+    async def commit(self, ready: list[Publish]) -> None:
+        """Commit in order: runs of keyless publishes together, a keyed one on its own
+        through the idempotent post (a repeat is acked with the first message)."""
+        run: list[Publish] = []
+        for p in ready:
+            if p.key is None:
+                run.append(p)
+                continue
+            await self.commit_run(run)
+            run = []
+            try:
+                msg, _ = await self.gw.post(p.room, p.author, p.text, transport="ws",
+                                            idempotency_key=p.key)
+            except ApiError as exc:
+                self.error(exc, p.ref)
+                continue
+            self.ack(p.ref, msg)
+        await self.commit_run(run)
+
+    async def commit_run(self, run: list[Publish]) -> None:
+        if not run:
             return
         try:
-            msgs = await self.gw.post_many([p[1:] for p in ready], transport="ws")
+            msgs = await self.gw.post_many([(p.room, p.author, p.text) for p in run],
+                                           transport="ws")
         except ApiError as exc:
-            for p in ready:
-                self.error(exc, p[0])
+            for p in run:
+                self.error(exc, p.ref)
             return
-        for (ref, *_), msg in zip(ready, msgs, strict=True):
-            self.sub.push(b'{"type":"ack","ref":%s,"message":%s}' % (orjson.dumps(ref),
-                                                                    msg.to_json()), reply=True)
+        for p, msg in zip(run, msgs, strict=True):
+            self.ack(p.ref, msg)
+
+    def ack(self, ref: Any, msg: Message) -> None:
+        self.sub.push(b'{"type":"ack","ref":%s,"message":%s}' % (orjson.dumps(ref),
+                                                                msg.to_json()), reply=True)
 
     def error(self, exc: ApiError, ref: Any = None) -> None:
         self.sub.reply(exc.frame(ref))

@@ -173,6 +173,12 @@ WS_CASES: list[tuple[Any, str]] = [
     ({"type": "publish", "room": "r", "text": "hi", "ref": {"x": 1}}, "invalid_request"),
     ({"type": "publish", "room": "r", "text": "hi", "ref": "e7", "x": 1}, "invalid_request"),
     ({"type": "publish", "text": "hi", "ref": "e8"}, "invalid_request"),
+    ({"type": "publish", "room": "r", "text": "hi", "ref": "e9", "key": ""}, "invalid_request"),
+    ({"type": "publish", "room": "r", "text": "hi", "ref": "e10", "key": 5}, "invalid_request"),
+    ({"type": "publish", "room": "r", "text": "hi", "ref": "e11", "key": "k" * 129},
+     "invalid_request"),
+    ({"type": "publish", "room": "r", "text": "hi", "ref": "e12", "key": "a\x00"},
+     "invalid_request"),
 ]
 
 

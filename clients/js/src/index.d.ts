@@ -1,0 +1,160 @@
+// Type declarations for @chat-gateway/client.
+
+export declare const VERSION: string;
+
+export declare const State: {
+  readonly DISCONNECTED: "disconnected";
+  readonly CONNECTING: "connecting";
+  readonly CONNECTED: "connected";
+  readonly CLOSED: "closed";
+};
+export type State = (typeof State)[keyof typeof State];
+
+export declare const CloseCode: {
+  readonly NORMAL: 1000;
+  readonly GOING_AWAY: 1001;
+  readonly ABNORMAL: 1006;
+  readonly POLICY_VIOLATION: 1008;
+  readonly TRY_AGAIN_LATER: 1013;
+  readonly NO_PONG: 4000;
+  readonly SERVER_DISCONNECT: 4001;
+  readonly GAP: 4002;
+};
+
+/** A stored message. Edited and deleted messages carry the extra fields. */
+export interface Message {
+  id: string;
+  room: string;
+  seq: number;
+  author: string;
+  text: string;
+  created_at: string;
+  edited_at?: string;
+  version?: number;
+  deleted_at?: string;
+}
+
+export type ErrorCode =
+  | "invalid_json" | "invalid_request" | "unauthorized" | "forbidden" | "not_found"
+  | "too_large" | "rate_limited" | "unavailable" | "too_many_subscriptions"
+  | "idempotency_conflict" | "internal"
+  // raised by the client itself
+  | "closed" | "unsubscribed" | "no_websocket" | "connect_failed" | "invalid_frame"
+  | "token_refresh_failed"
+  | (string & {});
+
+export declare class GatewayError extends Error {
+  constructor(code: ErrorCode, message: string, extra?: Record<string, unknown>);
+  code: ErrorCode;
+  /** HTTP status of a failed request or refused upgrade. */
+  status?: number;
+  /** Seconds to wait before trying again, when the gateway said so. */
+  retryAfter?: number;
+  /** The error object as the gateway sent it. */
+  detail: Record<string, unknown>;
+  /** For a refused subscribe or typing frame: the room. */
+  room?: string;
+  /** For an error answering a frame without a ref: "refresh" or "typing". */
+  frame?: "refresh" | "typing";
+}
+
+export interface StateEvent {
+  state: State;
+  /** connecting: how many attempts failed before this one. */
+  attempt?: number;
+  /** connected: the gateway's base URL. */
+  url?: string;
+  /** disconnected / closed: WebSocket close code (1006 for a failed upgrade). */
+  code?: number;
+  reason?: string;
+  /** HTTP status of a refused upgrade (seen in Node with `ws`; browsers hide it). */
+  status?: number;
+  error?: GatewayError;
+}
+
+export interface ChangeEvent {
+  kind: "updated" | "deleted";
+  room: string;
+  message: Message;
+}
+
+export interface Events {
+  state: StateEvent;
+  connecting: StateEvent;
+  connected: StateEvent;
+  disconnected: StateEvent;
+  closed: StateEvent;
+  message: Message;
+  change: ChangeEvent;
+  event: { room: string; event: string; data: Record<string, unknown> };
+  presence: { room: string; action: "join" | "leave"; user: string };
+  typing: { room: string; user: string };
+  read: { type: "read"; room: string; [field: string]: unknown };
+  subscribed: { room: string; seq: number };
+  unsubscribed: { room: string; reason?: string };
+  refreshed: { exp: number };
+  error: GatewayError;
+  /** A frame of a type this client does not know. */
+  frame: { type: string; [field: string]: unknown };
+}
+
+export interface WebSocketLike {
+  readonly readyState: number;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+  addEventListener(type: string, listener: (ev: any) => void): void;
+}
+
+export interface ClientOptions {
+  /** A user token (JWT). */
+  token?: string;
+  /** Called for a token when there is none, it expires within `refreshMargin`, or the
+   * server closed the socket for its expiry; the new one is sent in band (`refresh`). */
+  getToken?: () => Promise<string> | string;
+  /** Open mode only: the name shown in presence and used as the author of publishes. */
+  user?: string;
+  /** A WebSocket class; default: the global one, else the `ws` package. */
+  WebSocket?: new (url: string) => WebSocketLike;
+  /** fetch for the HTTP calls; default: the global one. */
+  fetch?: typeof fetch;
+  /** Backoff bounds in ms (full jitter between them). Defaults 500 and 20000. */
+  minDelay?: number;
+  maxDelay?: number;
+  /** Ping every `pingInterval` ms; no frame within `pongTimeout` ms after: reconnect. */
+  pingInterval?: number;
+  pongTimeout?: number;
+  /** Seconds before a token's expiry at which a new one is fetched. Default 30. */
+  refreshMargin?: number;
+}
+
+export interface Page {
+  messages: Message[];
+  has_more: boolean;
+}
+
+export declare function backoff(attempt: number, base: number, max: number): number;
+export declare function tokenExpiry(token: string): number | undefined;
+
+export declare class Client {
+  constructor(url: string | string[], options?: ClientOptions);
+  readonly state: State;
+  on<K extends keyof Events>(type: K, listener: (ev: Events[K]) => void): () => void;
+  once<K extends keyof Events>(type: K, listener: (ev: Events[K]) => void): () => void;
+  off<K extends keyof Events>(type: K, listener: (ev: Events[K]) => void): void;
+  /** Resolves once connected; rejects if the client is closed for good first. */
+  connect(): Promise<void>;
+  close(reason?: string): void;
+  subscribe(room: string, options?: { since?: number }): Promise<{ room: string; seq: number }>;
+  unsubscribe(room: string): void;
+  /** The seq of the last message of the room delivered to the application. */
+  cursor(room: string): number | undefined;
+  /** Resolves with the stored message; stored once even when resent after a drop. */
+  publish(room: string, text: string, options?: { key?: string }): Promise<Message>;
+  typing(room: string): void;
+  history(room: string, options?: { limit?: number; before?: number; after?: number }):
+    Promise<Page>;
+  pages(room: string, options?: { limit?: number; before?: number; after?: number }):
+    AsyncGenerator<Message[], void, void>;
+  markRead(room: string, seq: number): Promise<unknown>;
+  readState(room: string): Promise<{ seq: number; unread: number }>;
+}

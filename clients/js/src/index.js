@@ -1,0 +1,647 @@
+// Client for chat-gateway (https://… /v1/ws and the HTTP API), for browsers and Node 20+.
+//
+// One WebSocket per client, driven by a small state machine:
+//
+//   disconnected ──connect()──▶ connecting ──open──▶ connected
+//        ▲                          │                    │
+//        └──── backoff (full jitter) ◀── socket closed ──┘
+//   closed: for good, after close(), a refused upgrade (HTTP 401/403), a close
+//   with 1008 (policy: the token was refused or expired, and no token provider can
+//   give a new one) or 4001 (disconnected by the server API).
+//
+// Every subscribed room keeps a cursor: the seq of the last message delivered to
+// the application. A message is delivered only when its seq is cursor + 1; a seq
+// at or below the cursor is a replay and is dropped; a seq past cursor + 1 is a
+// gap, and the socket is reopened so the server replays from the cursor. Every
+// (re)connection subscribes again with `since: cursor`, so nothing is missed and
+// nothing shows twice across drops, instance kills and restarts.
+//
+// Every publish carries an idempotency key, made once and kept until the ack
+// arrives: a publish whose ack was lost with the socket is sent again, with the
+// same key, on the next connection, and the server acks it with the message it
+// stored the first time.
+
+export const VERSION = "0.1.0";
+
+/** Connection states. */
+export const State = Object.freeze({
+  DISCONNECTED: "disconnected",
+  CONNECTING: "connecting",
+  CONNECTED: "connected",
+  CLOSED: "closed",
+});
+
+/** Close codes this client gives meaning to (the server's and its own). */
+export const CloseCode = Object.freeze({
+  NORMAL: 1000,
+  GOING_AWAY: 1001, // the instance shuts down: reconnect elsewhere
+  ABNORMAL: 1006, // no close frame: network loss, killed instance, refused upgrade
+  POLICY_VIOLATION: 1008, // token refused or expired
+  TRY_AGAIN_LATER: 1013, // the client could not keep up: resume with since
+  NO_PONG: 4000, // client side: no answer to a ping in time
+  SERVER_DISCONNECT: 4001, // the server API disconnected this user
+  GAP: 4002, // client side: a seq past cursor + 1 arrived; reopen and replay
+});
+
+/** An error of the gateway (error body or error frame) or of this client. */
+export class GatewayError extends Error {
+  constructor(code, message, extra = {}) {
+    super(message);
+    this.name = "GatewayError";
+    /** The error code: an API code (`rate_limited`, `forbidden`, …) or `closed`, `timeout`. */
+    this.code = code;
+    /** HTTP status, for errors of HTTP requests and refused upgrades. */
+    this.status = extra.status;
+    /** Seconds to wait before trying again, when the gateway said so. */
+    this.retryAfter = extra.retry_after ?? extra.retryAfter;
+    /** The whole error object as the gateway sent it. */
+    this.detail = extra;
+  }
+}
+
+const TERMINAL_HTTP = new Set([401, 403]);
+
+function reportListenerError(err) {
+  if (typeof globalThis.reportError === "function") globalThis.reportError(err);
+  else queueMicrotask(() => { throw err; });
+}
+
+/** Exponential backoff with full jitter: a random delay in [0, min(max, base·2^attempt)],
+ * at least `base`. */
+export function backoff(attempt, base, max) {
+  const ceiling = Math.min(max, base * 2 ** Math.min(attempt, 30));
+  return Math.min(max, base + Math.random() * ceiling);
+}
+
+function newKey() {
+  const c = globalThis.crypto;
+  if (typeof c?.randomUUID === "function") return c.randomUUID();
+  const bytes = new Uint8Array(16);
+  c.getRandomValues(bytes);
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** Seconds since the epoch at which a JWT expires, or undefined (not verified: the
+ * server does that; the client only plans its refresh). */
+export function tokenExpiry(token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const claims = JSON.parse(atob(part + "=".repeat((4 - (part.length % 4)) % 4)));
+    return typeof claims.exp === "number" ? claims.exp : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+class Emitter {
+  #listeners = new Map();
+
+  /** Listen to an event; returns a function that stops listening. */
+  on(type, fn) {
+    if (!this.#listeners.has(type)) this.#listeners.set(type, new Set());
+    this.#listeners.get(type).add(fn);
+    return () => this.off(type, fn);
+  }
+
+  off(type, fn) {
+    this.#listeners.get(type)?.delete(fn);
+  }
+
+  once(type, fn) {
+    const off = this.on(type, (ev) => { off(); fn(ev); });
+    return off;
+  }
+
+  emit(type, ev) {
+    for (const fn of [...(this.#listeners.get(type) ?? [])]) {
+      try {
+        fn(ev);
+      } catch (err) {
+        reportListenerError(err);
+      }
+    }
+  }
+}
+
+/** What a subscribed room needs across connections. */
+class Room {
+  constructor(name, since) {
+    this.name = name;
+    /** seq of the last message delivered; undefined until the first `subscribed`. */
+    this.cursor = since;
+    this.subscribed = false;
+    this.waiters = [];
+  }
+
+  settle(err, value) {
+    for (const [resolve, reject] of this.waiters.splice(0)) err ? reject(err) : resolve(value);
+  }
+}
+
+const DEFAULTS = {
+  minDelay: 500,
+  maxDelay: 20000,
+  pingInterval: 20000,
+  pongTimeout: 10000,
+  refreshMargin: 30,
+};
+
+export class Client extends Emitter {
+  /**
+   * @param {string | string[]} url base URL(s) of the gateway (http or https); with
+   *   several, each reconnection tries the next one.
+   * @param {object} [options] see index.d.ts
+   */
+  constructor(url, options = {}) {
+    super();
+    this.urls = (Array.isArray(url) ? url : [url]).map((u) => u.replace(/\/+$/, ""));
+    if (this.urls.length === 0) throw new TypeError("at least one gateway URL is needed");
+    this.options = { ...DEFAULTS, ...options };
+    this.token = options.token;
+    this.state = State.DISCONNECTED;
+    this.rooms = new Map(); // name -> Room
+    this.pending = new Map(); // ref -> {frame, resolve, reject}, in send order
+    this.answers = []; // non-publish frames sent on this socket, awaiting their answer
+    this.sock = null;
+    this.urlIndex = 0;
+    this.attempt = 0;
+    this.nextRef = 1;
+    this.timers = new Set();
+    this.pingTimer = null;
+    this.lastSeen = 0;
+    this.forceNewToken = false;
+  }
+
+  // -- connection --------------------------------------------------------------
+
+  /** Start connecting (if not yet); resolves when connected, rejects when closed for good. */
+  connect() {
+    if (this.state === State.CLOSED) {
+      return Promise.reject(new GatewayError("closed", "the client is closed"));
+    }
+    const ready = new Promise((resolve, reject) => {
+      if (this.state === State.CONNECTED) return resolve();
+      const offs = [
+        this.on("connected", () => { offs.forEach((f) => f()); resolve(); }),
+        this.on("closed", (ev) => {
+          offs.forEach((f) => f());
+          reject(new GatewayError(ev.error?.code ?? "closed", ev.reason || "closed",
+                                  { status: ev.status }));
+        }),
+      ];
+    });
+    if (this.state === State.DISCONNECTED && this.timers.size === 0) this.#open();
+    return ready;
+  }
+
+  /** Close for good: no reconnection; pending publishes and subscriptions are rejected. */
+  close(reason = "closed by the client") {
+    if (this.state === State.CLOSED) return;
+    this.#detach(CloseCode.NORMAL, reason);
+    this.#closed(CloseCode.NORMAL, reason);
+  }
+
+  #setState(state, ev = {}) {
+    this.state = state;
+    const event = { state, ...ev };
+    this.emit(state, event);
+    this.emit("state", event);
+  }
+
+  #later(ms, fn) {
+    const id = setTimeout(() => { this.timers.delete(id); fn(); }, ms);
+    this.timers.add(id);
+    return id;
+  }
+
+  #clearTimers() {
+    for (const id of this.timers) clearTimeout(id);
+    this.timers.clear();
+    clearInterval(this.pingTimer);
+    this.pingTimer = null;
+  }
+
+  async #webSocketClass() {
+    if (this.options.WebSocket) return this.options.WebSocket;
+    if (typeof globalThis.WebSocket === "function") return globalThis.WebSocket;
+    try {
+      const mod = await import("ws");
+      return mod.WebSocket ?? mod.default;
+    } catch {
+      throw new GatewayError("no_websocket", "no WebSocket here: install the `ws` package "
+                             + "or pass options.WebSocket");
+    }
+  }
+
+  /** The token to use now: the given one, or a fresh one from the provider when there is
+   * none, it expires within the refresh margin, or the server refused the last one. */
+  async #currentToken() {
+    const provider = this.options.getToken;
+    if (!provider) return this.token;
+    const exp = this.token ? tokenExpiry(this.token) : undefined;
+    const soon = exp !== undefined && exp - Date.now() / 1000 < this.options.refreshMargin;
+    if (!this.token || soon || this.forceNewToken) {
+      this.token = await provider();
+      this.forceNewToken = false;
+    }
+    return this.token;
+  }
+
+  async #open() {
+    this.#setState(State.CONNECTING, { attempt: this.attempt });
+    let sock;
+    try {
+      const WS = await this.#webSocketClass();
+      const token = await this.#currentToken();
+      if (this.state !== State.CONNECTING) return; // closed meanwhile
+      const base = this.urls[this.urlIndex % this.urls.length];
+      const query = new URLSearchParams();
+      if (token) query.set("token", token);
+      else if (this.options.user) query.set("user", this.options.user);
+      const qs = query.toString();
+      sock = new WS(base.replace(/^http/, "ws") + "/v1/ws" + (qs ? "?" + qs : ""));
+    } catch (err) {
+      if (this.state !== State.CONNECTING) return;
+      this.emit("error", err instanceof GatewayError ? err
+        : new GatewayError("connect_failed", String(err?.message ?? err)));
+      if (err?.code === "no_websocket") return this.#closed(CloseCode.ABNORMAL, err.message, err);
+      return this.#disconnected(CloseCode.ABNORMAL, String(err?.message ?? err));
+    }
+    this.sock = sock;
+    let httpStatus;
+    let opened = false;
+    sock.addEventListener("open", () => {
+      if (this.sock !== sock) return;
+      opened = true;
+      this.#onOpen();
+    });
+    sock.addEventListener("message", (ev) => {
+      if (this.sock !== sock) return;
+      this.lastSeen = Date.now();
+      let frame;
+      try {
+        frame = JSON.parse(typeof ev.data === "string" ? ev.data : String(ev.data));
+      } catch {
+        return this.emit("error", new GatewayError("invalid_frame", "a frame was not JSON"));
+      }
+      this.#onFrame(frame);
+    });
+    sock.addEventListener("error", (ev) => {
+      // `ws` reports a refused upgrade as "Unexpected server response: 401"; browsers
+      // hide the status, so there a refused upgrade looks like a network failure.
+      const text = String(ev?.message ?? ev?.error?.message ?? "");
+      const m = /Unexpected server response: (\d{3})/.exec(text);
+      if (m) httpStatus = Number(m[1]);
+    });
+    sock.addEventListener("close", (ev) => {
+      if (this.sock !== sock) return;
+      this.sock = null;
+      this.#onClose(ev.code, ev.reason ?? "", httpStatus, opened);
+    });
+  }
+
+  #onOpen() {
+    this.attempt = 0;
+    this.answers = [];
+    this.lastSeen = Date.now();
+    for (const room of this.rooms.values()) this.#sendSubscribe(room);
+    for (const p of this.pending.values()) this.#send(p.frame); // same keys: stored once
+    this.pingTimer = setInterval(() => this.#ping(), this.options.pingInterval);
+    this.#planRefresh();
+    this.#setState(State.CONNECTED, { url: this.urls[this.urlIndex % this.urls.length] });
+  }
+
+  #ping() {
+    const sent = Date.now();
+    this.#send({ type: "ping", ref: "ping-" + this.nextRef++ }, { kind: "ping" });
+    this.#later(this.options.pongTimeout, () => {
+      if (this.state === State.CONNECTED && this.lastSeen < sent) {
+        this.#drop(CloseCode.NO_PONG, "no answer to a ping");
+      }
+    });
+  }
+
+  #planRefresh() {
+    const exp = this.token && this.options.getToken ? tokenExpiry(this.token) : undefined;
+    if (exp === undefined) return;
+    const inMs = Math.max(0, (exp - this.options.refreshMargin) * 1000 - Date.now());
+    const sock = this.sock;
+    this.#later(Math.min(inMs, 2 ** 31 - 1), async () => {
+      if (this.sock !== sock || this.state !== State.CONNECTED) return;
+      try {
+        this.token = await this.options.getToken();
+      } catch (err) {
+        return this.emit("error", new GatewayError("token_refresh_failed",
+                                                   String(err?.message ?? err)));
+      }
+      if (this.sock === sock) this.#send({ type: "refresh", token: this.token }, { kind: "refresh" });
+    });
+  }
+
+  /** Drop the current socket at once (no closing handshake to wait for) and reconnect. */
+  #drop(code, reason) {
+    this.#detach(code, reason);
+    this.#onClose(code, reason, undefined, true);
+  }
+
+  #detach(code, reason) {
+    const sock = this.sock;
+    this.sock = null;
+    if (!sock) return;
+    try {
+      if (typeof sock.terminate === "function") sock.terminate();
+      else sock.close(code >= 4000 || code === 1000 ? code : 1000, reason.slice(0, 120));
+    } catch {
+      // already closing
+    }
+  }
+
+  #onClose(code, reason, httpStatus, opened) {
+    if (this.state === State.CLOSED) return;
+    clearInterval(this.pingTimer);
+    this.pingTimer = null;
+    for (const id of this.timers) clearTimeout(id);
+    this.timers.clear();
+    for (const room of this.rooms.values()) room.subscribed = false;
+    this.answers = [];
+    if (httpStatus !== undefined && TERMINAL_HTTP.has(httpStatus)) {
+      const codeName = httpStatus === 401 ? "unauthorized" : "forbidden";
+      return this.#closed(code, `the upgrade was refused with HTTP ${httpStatus}`,
+                          new GatewayError(codeName, `HTTP ${httpStatus}`, { status: httpStatus }),
+                          httpStatus);
+    }
+    if (code === CloseCode.SERVER_DISCONNECT) {
+      return this.#closed(code, reason || "disconnected by the server");
+    }
+    if (code === CloseCode.POLICY_VIOLATION) {
+      // An expired token: with a provider, reconnect with a new one (once per
+      // connection that opened; a second refusal in a row is final).
+      if (!this.options.getToken || !opened) {
+        return this.#closed(code, reason || "policy violation");
+      }
+      this.forceNewToken = true;
+    }
+    this.#disconnected(code, reason, httpStatus);
+  }
+
+  #disconnected(code, reason, httpStatus) {
+    this.#setState(State.DISCONNECTED, { code, reason, status: httpStatus });
+    this.urlIndex += 1;
+    const delay = backoff(this.attempt++, this.options.minDelay, this.options.maxDelay);
+    this.#later(delay, () => { if (this.state === State.DISCONNECTED) this.#open(); });
+  }
+
+  #closed(code, reason, error, httpStatus) {
+    this.#clearTimers();
+    this.#setState(State.CLOSED, { code, reason, error, status: httpStatus });
+    const err = error ?? new GatewayError("closed", reason || "the client is closed");
+    for (const p of this.pending.values()) p.reject(err);
+    this.pending.clear();
+    for (const room of this.rooms.values()) room.settle(err);
+  }
+
+  #send(frame, answer) {
+    if (!this.sock || this.sock.readyState !== 1) return false; // 1: OPEN
+    if (answer) this.answers.push(answer);
+    this.sock.send(JSON.stringify(frame));
+    return true;
+  }
+
+  // -- frames ------------------------------------------------------------------
+
+  #onFrame(f) {
+    switch (f.type) {
+      case "message":
+        return this.#onMessage(f.room, f.message);
+      case "ack": {
+        const p = this.pending.get(f.ref);
+        if (p) {
+          this.pending.delete(f.ref);
+          p.resolve(f.message);
+        }
+        return;
+      }
+      case "error":
+        return this.#onError(f);
+      case "subscribed": {
+        this.#answered("subscribe", f.room);
+        const room = this.rooms.get(f.room);
+        if (!room) return;
+        if (room.cursor === undefined) room.cursor = f.seq;
+        room.subscribed = true;
+        room.settle(null, { room: f.room, seq: f.seq });
+        return this.emit("subscribed", { room: f.room, seq: f.seq });
+      }
+      case "unsubscribed": {
+        if (f.reason === undefined && this.#answered("unsubscribe", f.room)) return;
+        // the server API ended this subscription
+        if (this.rooms.delete(f.room)) {
+          this.emit("unsubscribed", { room: f.room, reason: f.reason });
+        }
+        return;
+      }
+      case "pong":
+        this.#answered("ping");
+        return;
+      case "refreshed":
+        this.#answered("refresh");
+        this.#planRefresh();
+        return this.emit("refreshed", { exp: f.exp });
+      case "message_updated":
+      case "message_deleted":
+        return this.emit("change", {
+          kind: f.type === "message_updated" ? "updated" : "deleted",
+          room: f.room,
+          message: f.message,
+        });
+      case "event":
+        return this.emit("event", { room: f.room, event: f.event, data: f.data });
+      case "presence":
+        return this.emit("presence", { room: f.room, action: f.action, user: f.user });
+      case "typing":
+        return this.emit("typing", { room: f.room, user: f.user });
+      case "read":
+        return this.emit("read", f);
+      default:
+        return this.emit("frame", f); // a frame type newer than this client
+    }
+  }
+
+  /** Pop the oldest frame awaiting an answer if it is of this kind (and room). */
+  #answered(kind, room) {
+    const head = this.answers[0];
+    if (!head || head.kind !== kind || (room !== undefined && head.room !== room)) {
+      // a typing frame has no answer when it succeeds: the ping after it (its fence)
+      // answering means it went through
+      if (head?.kind === "typing" && kind === "ping") {
+        this.answers.shift();
+        return this.#answered(kind, room);
+      }
+      return false;
+    }
+    this.answers.shift();
+    return true;
+  }
+
+  #onMessage(name, msg) {
+    const room = this.rooms.get(name);
+    // before this connection's `subscribed` (which the server sends first), a frame is
+    // left over from an earlier subscription: the replay after `subscribed` brings it
+    if (!room || !room.subscribed || !msg || typeof msg.seq !== "number") return;
+    if (msg.seq <= room.cursor) return; // a replay: shown already
+    if (msg.seq > room.cursor + 1) {
+      // a gap: reopen; the new subscription replays from the cursor
+      return this.#drop(CloseCode.GAP, `seq ${msg.seq} after ${room.cursor} in ${name}`);
+    }
+    room.cursor = msg.seq;
+    this.emit("message", msg);
+  }
+
+  #onError(f) {
+    const err = new GatewayError(f.code, f.message, f);
+    if (f.ref !== undefined && this.pending.has(f.ref)) {
+      const p = this.pending.get(f.ref);
+      this.pending.delete(f.ref);
+      return p.reject(err);
+    }
+    const head = this.answers.shift();
+    if (head?.kind === "subscribe") {
+      const room = this.rooms.get(head.room);
+      if (room && !room.subscribed) {
+        this.rooms.delete(head.room);
+        room.settle(err);
+      }
+      err.room = head.room;
+    } else if (head?.kind === "refresh") {
+      err.frame = "refresh"; // a server without in-band refresh: reconnect at expiry instead
+    } else if (head?.kind === "typing") {
+      err.frame = "typing";
+      err.room = head.room;
+    }
+    this.emit("error", err);
+  }
+
+  // -- rooms and messages ----------------------------------------------------------
+
+  /**
+   * Subscribe to a room. Resolves with `{room, seq}` (the room's latest seq) once
+   * subscribed; from then every message with seq > `since` (or, without `since`, every
+   * new message) is emitted as `message`, in order, once, across reconnections.
+   */
+  subscribe(name, { since } = {}) {
+    if (this.state === State.CLOSED) {
+      return Promise.reject(new GatewayError("closed", "the client is closed"));
+    }
+    let room = this.rooms.get(name);
+    if (!room) {
+      room = new Room(name, since);
+      this.rooms.set(name, room);
+      if (this.state === State.CONNECTED) this.#sendSubscribe(room);
+    } else if (room.subscribed) {
+      return Promise.resolve({ room: name, seq: room.cursor });
+    }
+    return new Promise((resolve, reject) => room.waiters.push([resolve, reject]));
+  }
+
+  #sendSubscribe(room) {
+    const frame = { type: "subscribe", room: room.name };
+    if (room.cursor !== undefined) frame.since = room.cursor;
+    this.#send(frame, { kind: "subscribe", room: room.name });
+  }
+
+  /** Stop receiving a room's messages. */
+  unsubscribe(name) {
+    const room = this.rooms.get(name);
+    if (!room) return;
+    this.rooms.delete(name);
+    room.settle(new GatewayError("unsubscribed", `unsubscribed from ${name}`));
+    this.#send({ type: "unsubscribe", room: name }, { kind: "unsubscribe", room: name });
+  }
+
+  /** The seq of the last message of the room delivered to the application. */
+  cursor(name) {
+    return this.rooms.get(name)?.cursor;
+  }
+
+  /**
+   * Publish a message; resolves with the stored message. The publish waits for a
+   * connection if there is none, and is sent again with the same idempotency key after
+   * a reconnection until acked, so it is stored once.
+   */
+  publish(room, text, { key } = {}) {
+    if (this.state === State.CLOSED) {
+      return Promise.reject(new GatewayError("closed", "the client is closed"));
+    }
+    const ref = "pub-" + this.nextRef++;
+    const frame = { type: "publish", room, text, ref, key: key ?? newKey() };
+    if (!this.token && this.options.user) frame.author = this.options.user;
+    return new Promise((resolve, reject) => {
+      this.pending.set(ref, { frame, resolve, reject });
+      if (this.state === State.CONNECTED) this.#send(frame);
+    });
+  }
+
+  /** Tell the room's other subscribers that this user is typing. */
+  typing(room) {
+    if (this.#send({ type: "typing", room }, { kind: "typing", room })) {
+      // a fence: typing has no answer when it succeeds, the ping after it does
+      this.#send({ type: "ping", ref: "fence-" + this.nextRef++ }, { kind: "ping" });
+    }
+  }
+
+  // -- HTTP --------------------------------------------------------------------
+
+  async #http(method, path, body) {
+    const token = await this.#currentToken();
+    const headers = { accept: "application/json" };
+    if (token) headers.authorization = "Bearer " + token;
+    if (body !== undefined) headers["content-type"] = "application/json";
+    const doFetch = this.options.fetch ?? globalThis.fetch;
+    const r = await doFetch(this.urls[this.urlIndex % this.urls.length] + path, {
+      method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    const data = await r.json().catch(() => ({}));
+    if (!r.ok) {
+      const e = data.error ?? {};
+      throw new GatewayError(e.code ?? "http_" + r.status, e.message ?? `HTTP ${r.status}`,
+                             { ...e, status: r.status });
+    }
+    return data;
+  }
+
+  /** One page of a room's history: `{messages, has_more}`, ascending by seq. */
+  history(room, { limit, before, after } = {}) {
+    const q = new URLSearchParams();
+    if (limit !== undefined) q.set("limit", String(limit));
+    if (before !== undefined) q.set("before", String(before));
+    if (after !== undefined) q.set("after", String(after));
+    const qs = q.toString();
+    return this.#http("GET", `/v1/rooms/${encodeURIComponent(room)}/messages${qs ? "?" + qs : ""}`);
+  }
+
+  /**
+   * Page through a room's history. Without `after`: backwards from the latest (or from
+   * `before`), newest page first; with `after`: forwards from that seq. Each page is
+   * an array of messages ascending by seq.
+   */
+  async *pages(room, { limit, before, after } = {}) {
+    for (;;) {
+      const page = await this.history(room, { limit, before, after });
+      if (page.messages.length === 0) return;
+      yield page.messages;
+      if (!page.has_more) return;
+      if (after !== undefined) after = page.messages[page.messages.length - 1].seq;
+      else before = page.messages[0].seq;
+    }
+  }
+
+  /** Mark the room read up to `seq` (`POST /v1/rooms/{room}/read`). */
+  markRead(room, seq) {
+    return this.#http("POST", `/v1/rooms/${encodeURIComponent(room)}/read`, { seq });
+  }
+
+  /** `{seq, unread}` of the room for this user (`GET /v1/rooms/{room}/read`). */
+  readState(room) {
+    return this.#http("GET", `/v1/rooms/${encodeURIComponent(room)}/read`);
+  }
+}

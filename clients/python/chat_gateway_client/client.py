@@ -1,0 +1,645 @@
+"""The client: one WebSocket driven by a small state machine, plus the HTTP API.
+
+States: ``CONNECTING`` → ``CONNECTED`` → ``DISCONNECTED`` (with a close code and
+reason) → ``CONNECTING`` …, and ``CLOSED`` for good after :meth:`Client.close`, a
+refused upgrade (HTTP 401/403), a close with 1008 when no token provider can give
+a new token, or 4001 (disconnected by the server API). Reconnection waits an
+exponential backoff with full jitter and tries the next URL.
+
+Every subscribed room keeps a cursor, the seq of the last message handed to the
+application: a message is handed on only when its seq is cursor + 1, a replay is
+dropped, a gap reopens the socket so the server replays from the cursor. Every
+connection subscribes again with ``since=cursor``.
+
+Every publish carries an idempotency key kept until its ack: after a reconnection
+an unacknowledged publish is sent again with the same key and the server acks it
+with the message it stored the first time, so it is stored once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import websockets
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from chat_gateway_client.errors import CloseCode, GatewayError
+from chat_gateway_client.events import (
+    Change,
+    Event,
+    Message,
+    Page,
+    Presence,
+    Read,
+    StateChange,
+    Typing,
+    Unsubscribed,
+)
+
+log = logging.getLogger("chat_gateway_client")
+
+TokenProvider = Callable[[], Awaitable[str]]
+
+
+class State(enum.StrEnum):
+    DISCONNECTED = "disconnected"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    CLOSED = "closed"
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base·2^attempt)],
+    at least ``base``."""
+    return min(cap, base + random.uniform(0, min(cap, base * 2 ** min(attempt, 30))))
+
+
+def token_expiry(token: str) -> float | None:
+    """The ``exp`` claim of a JWT, unverified (the server verifies; this only plans)."""
+    import base64
+
+    try:
+        part = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+    except (IndexError, ValueError):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    return float(exp) if isinstance(exp, (int, float)) else None
+
+
+_END: Any = object()  # in a room's queue: the subscription ended
+
+
+@dataclass
+class _Room:
+    name: str
+    cursor: int | None  # seq of the last message handed on; None until `subscribed`
+    subscribed: bool = False
+    waiters: list[asyncio.Future[int]] = field(default_factory=list)
+    queues: list[asyncio.Queue[Any]] = field(default_factory=list)
+    ended: GatewayError | None = None
+    quiet: bool = False  # ended by the application: readers' loops just stop
+
+    def end(self, exc: GatewayError, *, quiet: bool = False) -> None:
+        """The subscription is over: settle the waiters, end the readers' loops (raising
+        ``exc`` in them unless ``quiet``)."""
+        self.ended, self.quiet = exc, quiet
+        self.settle(exc)
+        for queue in self.queues:
+            queue.put_nowait(_END)
+
+    def settle(self, exc: BaseException | None, seq: int | None = None) -> None:
+        for fut in self.waiters:
+            if not fut.done():
+                fut.set_exception(exc) if exc else fut.set_result(seq or 0)
+        self.waiters.clear()
+
+
+@dataclass
+class _Publish:
+    frame: dict[str, Any]
+    future: asyncio.Future[Message]
+
+
+class _Gap(Exception):
+    pass
+
+
+class Client:
+    """``async with Client(url, token=...) as client:`` …
+
+    ``url`` is the gateway's base URL (``http://…``), or several: each reconnection
+    tries the next. ``token`` or ``token_provider`` (an async function returning a
+    token; called when there is none, before expiry, and after the server closed the
+    socket for expiry) authenticate as a user; ``api_key`` authenticates the server
+    API and ephemeral publishes; ``user`` is the name in open mode.
+    """
+
+    def __init__(self, url: str | Sequence[str], *, token: str | None = None,
+                 token_provider: TokenProvider | None = None, api_key: str | None = None,
+                 user: str | None = None, min_delay: float = 0.5, max_delay: float = 20.0,
+                 ping_interval: float = 20.0, ping_timeout: float = 20.0,
+                 refresh_margin: float = 30.0, http_timeout: float = 10.0) -> None:
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise ValueError("at least one gateway URL is needed")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.token = token
+        self.token_provider = token_provider
+        self.api_key = api_key
+        self.user = user
+        self.min_delay, self.max_delay = min_delay, max_delay
+        self.ping_interval, self.ping_timeout = ping_interval, ping_timeout
+        self.refresh_margin = refresh_margin
+        self.http_timeout = http_timeout
+        self.state = State.DISCONNECTED
+        self._rooms: dict[str, _Room] = {}
+        self._pending: dict[str, _Publish] = {}  # ref -> publish, in send order
+        self._answers: list[tuple[str, str | None]] = []  # (kind, room) awaiting an answer
+        self._listeners: list[asyncio.Queue[Any]] = []
+        self._ws: Any = None
+        self._http: httpx.AsyncClient | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._closed_event = asyncio.Event()
+        self._close_error: GatewayError | None = None
+        self._url_index = 0
+        self._attempt = 0
+        self._next_ref = 1
+        self._force_new_token = False
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def __aenter__(self) -> Client:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Open the HTTP client and start connecting; returns once connected (raises
+        ``GatewayError`` if the client is closed for good first)."""
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=self.http_timeout)
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="chat-gateway-client")
+        await self.wait_connected()
+
+    async def wait_connected(self) -> None:
+        waits = [asyncio.ensure_future(self._connected.wait()),
+                 asyncio.ensure_future(self._closed_event.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if self.state is State.CLOSED:
+            raise self._close_error or GatewayError("closed", "the client is closed")
+
+    async def close(self) -> None:
+        """Close for good: pending publishes and subscriptions fail with code ``closed``."""
+        if self.state is not State.CLOSED:
+            self._set_closed(CloseCode.NORMAL, "closed by the client")
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    # -- events -------------------------------------------------------------------
+
+    async def events(self) -> AsyncIterator[Any]:
+        """Every typed event: ``Message``, ``Change``, ``Event``, ``Presence``, ``Typing``,
+        ``Read``, ``Unsubscribed``, ``StateChange``, ``GatewayError`` (errors of frames
+        without a ref)."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._listeners.append(queue)
+        try:
+            while True:
+                item = await queue.get()
+                yield item
+                if isinstance(item, StateChange) and item.state is State.CLOSED:
+                    return
+        finally:
+            self._listeners.remove(queue)
+
+    def _emit(self, item: Any) -> None:
+        for queue in self._listeners:
+            queue.put_nowait(item)
+
+    def _set_state(self, state: State, code: int | None = None, reason: str = "",
+                   status: int | None = None) -> None:
+        self.state = state
+        if state is State.CONNECTED:
+            self._connected.set()
+        else:
+            self._connected.clear()
+        self._emit(StateChange(state, code, reason, status))
+
+    def _set_closed(self, code: int, reason: str, error: GatewayError | None = None,
+                    status: int | None = None) -> None:
+        self._close_error = error or GatewayError("closed", reason or "the client is closed",
+                                                  status=status)
+        self._set_state(State.CLOSED, code, reason, status)
+        self._closed_event.set()
+        for p in self._pending.values():
+            if not p.future.done():
+                p.future.set_exception(self._close_error)
+        self._pending.clear()
+        for room in self._rooms.values():
+            room.end(self._close_error, quiet=code == CloseCode.NORMAL)
+
+    # -- connection ---------------------------------------------------------------
+
+    async def _current_token(self) -> str | None:
+        if self.token_provider is None:
+            return self.token
+        exp = token_expiry(self.token) if self.token else None
+        if (self.token is None or self._force_new_token
+                or (exp is not None and exp - time.time() < self.refresh_margin)):
+            self.token = await self.token_provider()
+            self._force_new_token = False
+        return self.token
+
+    def _ws_url(self, token: str | None) -> str:
+        base = self.urls[self._url_index % len(self.urls)]
+        url = "ws" + base[len("http"):] + "/v1/ws" if base.startswith("http") else base + "/v1/ws"
+        if token:
+            return url + "?" + httpx.QueryParams({"token": token}).__str__()
+        if self.user:
+            return url + "?" + httpx.QueryParams({"user": self.user}).__str__()
+        return url
+
+    async def _run(self) -> None:
+        while self.state is not State.CLOSED:
+            self._set_state(State.CONNECTING)
+            code, reason, status, opened = CloseCode.ABNORMAL, "", None, False
+            try:
+                token = await self._current_token()
+                async with websockets.connect(self._ws_url(token), ping_interval=self.ping_interval,
+                                              ping_timeout=self.ping_timeout,
+                                              max_size=2**22, open_timeout=10) as ws:
+                    opened = True
+                    await self._session(ws)
+                code = ws.close_code or CloseCode.ABNORMAL
+                reason = ws.close_reason or ""
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                reason = f"the upgrade was refused with HTTP {status}"
+            except ConnectionClosed as exc:
+                if exc.rcvd is not None:
+                    code, reason = exc.rcvd.code, exc.rcvd.reason
+                elif exc.sent is not None and exc.sent.code == CloseCode.GAP:
+                    code, reason = exc.sent.code, exc.sent.reason
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - network errors, provider errors: retry
+                reason = f"{type(exc).__name__}: {exc}"
+            finally:
+                self._ws = None
+            if self.state is State.CLOSED:
+                return
+            self._after_close(code, reason, status, opened)
+            if self.state is State.CLOSED:
+                return
+            delay = backoff(self._attempt, self.min_delay, self.max_delay)
+            self._attempt += 1
+            self._url_index += 1
+            await asyncio.sleep(delay)
+
+    def _after_close(self, code: int, reason: str, status: int | None, opened: bool) -> None:
+        for room in self._rooms.values():
+            room.subscribed = False
+        self._answers.clear()
+        if status in (401, 403):
+            name = "unauthorized" if status == 401 else "forbidden"
+            self._set_closed(code, reason, GatewayError(name, reason, status=status), status)
+        elif code == CloseCode.SERVER_DISCONNECT:
+            reason = reason or "disconnected by the server"
+            self._set_closed(code, reason, GatewayError("disconnected", reason))
+        elif code == CloseCode.POLICY_VIOLATION and (self.token_provider is None or not opened):
+            reason = reason or "policy violation"
+            self._set_closed(code, reason, GatewayError("policy_violation", reason))
+        else:
+            if code == CloseCode.POLICY_VIOLATION:
+                self._force_new_token = True  # the token expired: the provider gives another
+            self._set_state(State.DISCONNECTED, code, reason, status)
+
+    async def _session(self, ws: Any) -> None:
+        self._ws = ws
+        self._attempt = 0
+        # snapshots: a room or publish added meanwhile is sent by its own call
+        for room in list(self._rooms.values()):
+            await self._send_subscribe(room)
+        for p in list(self._pending.values()):
+            await ws.send(json.dumps(p.frame))  # same keys: stored once
+        self._set_state(State.CONNECTED)
+        refresher = asyncio.create_task(self._refresh_loop(ws))
+        try:
+            async for raw in ws:
+                try:
+                    frame = json.loads(raw)
+                except ValueError:
+                    self._emit(GatewayError("invalid_frame", "a frame was not JSON"))
+                    continue
+                try:
+                    self._on_frame(frame)
+                except _Gap as gap:
+                    await ws.close(CloseCode.GAP, str(gap)[:120])
+        finally:
+            refresher.cancel()
+
+    async def _refresh_loop(self, ws: Any) -> None:
+        """Before the token expires, fetch a new one and send it in band."""
+        while self.token_provider is not None and self.token is not None:
+            exp = token_expiry(self.token)
+            if exp is None:
+                return
+            await asyncio.sleep(max(0.0, exp - self.refresh_margin - time.time()))
+            try:
+                self.token = await self.token_provider()
+            except Exception as exc:  # noqa: BLE001 - reported; expiry then reconnects
+                self._emit(GatewayError("token_refresh_failed", str(exc)))
+                return
+            self._answers.append(("refresh", None))
+            await ws.send(json.dumps({"type": "refresh", "token": self.token}))
+            if token_expiry(self.token) == exp:
+                return
+
+    async def _send(self, frame: dict[str, Any], answer: tuple[str, str | None] | None) -> None:
+        ws = self._ws
+        if ws is None or self.state is State.CLOSED:
+            return
+        if answer is not None:
+            self._answers.append(answer)
+        with contextlib.suppress(ConnectionClosed):  # the reconnection sends it again
+            await ws.send(json.dumps(frame))
+
+    async def _send_subscribe(self, room: _Room) -> None:
+        frame: dict[str, Any] = {"type": "subscribe", "room": room.name}
+        if room.cursor is not None:
+            frame["since"] = room.cursor
+        await self._send(frame, ("subscribe", room.name))
+
+    # -- frames -------------------------------------------------------------------
+
+    def _answered(self, kind: str, room: str | None = None) -> bool:
+        if self._answers and self._answers[0][0] == kind and (
+                room is None or self._answers[0][1] == room):
+            self._answers.pop(0)
+            return True
+        return False
+
+    def _on_frame(self, f: dict[str, Any]) -> None:
+        kind = f.get("type")
+        if kind == "message":
+            self._on_message(f.get("room"), f.get("message"))
+        elif kind == "ack":
+            p = self._pending.pop(f.get("ref"), None)  # type: ignore[arg-type]
+            if p is not None and not p.future.done():
+                p.future.set_result(Message.of(f["message"]))
+        elif kind == "error":
+            self._on_error(f)
+        elif kind == "subscribed":
+            self._answered("subscribe", f.get("room"))
+            room = self._rooms.get(f.get("room", ""))
+            if room is not None:
+                if room.cursor is None:
+                    room.cursor = f["seq"]
+                room.subscribed = True
+                room.settle(None, f["seq"])
+        elif kind == "unsubscribed":
+            if "reason" not in f and self._answered("unsubscribe", f.get("room")):
+                return
+            room = self._rooms.pop(f.get("room", ""), None)  # the server API ended it
+            if room is not None:
+                room.end(GatewayError("unsubscribed", f.get("reason") or "ended by the server"))
+                self._emit(Unsubscribed(room.name, f.get("reason")))
+        elif kind == "refreshed":
+            self._answered("refresh")
+        elif kind in ("message_updated", "message_deleted"):
+            self._emit(Change("updated" if kind == "message_updated" else "deleted",
+                              f["room"], Message.of(f["message"])))
+        elif kind == "event":
+            self._emit(Event(f["room"], f["event"], f.get("data") or {}))
+        elif kind == "presence":
+            self._emit(Presence(f["room"], f["action"], f["user"]))
+        elif kind == "typing":
+            self._emit(Typing(f["room"], f["user"]))
+        elif kind == "read":
+            self._emit(Read(f["room"], f))
+
+    def _on_message(self, name: Any, raw: Any) -> None:
+        room = self._rooms.get(name) if isinstance(name, str) else None
+        # before this connection's `subscribed` (which the server sends first), a frame
+        # is left over from an earlier subscription: the replay after `subscribed` brings it
+        if (room is None or not room.subscribed or room.cursor is None
+                or not isinstance(raw, dict) or not isinstance(raw.get("seq"), int)):
+            return
+        seq = raw["seq"]
+        if seq <= room.cursor:
+            return  # a replay: handed on already
+        if seq > room.cursor + 1:
+            raise _Gap(f"seq {seq} after {room.cursor} in {name}")
+        room.cursor = seq
+        msg = Message.of(raw)
+        for queue in room.queues:
+            queue.put_nowait(msg)
+        self._emit(msg)
+
+    def _on_error(self, f: dict[str, Any]) -> None:
+        err = GatewayError.of_frame(f)
+        ref = f.get("ref")
+        if isinstance(ref, str) and ref in self._pending:
+            p = self._pending.pop(ref)
+            if not p.future.done():
+                p.future.set_exception(err)
+            return
+        head = self._answers.pop(0) if self._answers else None
+        if head is not None and head[0] == "subscribe":
+            room = self._rooms.get(head[1] or "")
+            if room is not None and not room.subscribed:
+                del self._rooms[room.name]
+                room.end(err)
+            err.room = head[1]
+        elif head is not None and head[0] == "refresh":
+            err.frame = "refresh"  # no in-band refresh: the expiry reconnects instead
+        self._emit(err)
+
+    # -- rooms and publishing ----------------------------------------------------------
+
+    async def subscribe(self, room: str, since: int | None = None) -> int:
+        """Subscribe (kept across reconnections); returns the room's latest seq."""
+        self._check_open()
+        r = self._rooms.get(room)
+        if r is None:
+            r = self._rooms[room] = _Room(room, since)
+            await self._send_subscribe(r)
+        elif r.subscribed:
+            return r.cursor or 0
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        r.waiters.append(fut)
+        return await fut
+
+    async def unsubscribe(self, room: str) -> None:
+        r = self._rooms.pop(room, None)
+        if r is None:
+            return
+        r.end(GatewayError("unsubscribed", f"unsubscribed from {room}"), quiet=True)
+        await self._send({"type": "unsubscribe", "room": room}, ("unsubscribe", room))
+
+    def cursor(self, room: str) -> int | None:
+        """The seq of the last message of the room handed to the application."""
+        r = self._rooms.get(room)
+        return r.cursor if r else None
+
+    async def messages(self, room: str, since: int | None = None) -> AsyncIterator[Message]:
+        """The room's messages in seq order, each once, across reconnections: from
+        ``since + 1`` when given, else new ones. Leaving the loop unsubscribes when no
+        other loop reads the room."""
+        self._check_open()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        r = self._rooms.get(room)
+        if r is None:
+            r = self._rooms[room] = _Room(room, since)
+            r.queues.append(queue)
+            await self._send_subscribe(r)
+        else:
+            r.queues.append(queue)
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    assert r.ended is not None
+                    if r.quiet:
+                        return
+                    raise r.ended
+                yield item
+        finally:
+            current = self._rooms.get(room)
+            if current is not None and queue in current.queues:
+                current.queues.remove(queue)
+                if not current.queues:
+                    await self.unsubscribe(room)
+
+    async def publish(self, room: str, text: str, *, key: str | None = None) -> Message:
+        """Publish over the WebSocket; returns the stored message. Sent again with the
+        same idempotency key after a reconnection until acked: stored once."""
+        self._check_open()
+        ref = f"pub-{self._next_ref}"
+        self._next_ref += 1
+        frame: dict[str, Any] = {"type": "publish", "room": room, "text": text, "ref": ref,
+                                 "key": key or uuid.uuid4().hex}
+        if self.token is None and self.token_provider is None and self.user:
+            frame["author"] = self.user
+        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._pending[ref] = _Publish(frame, fut)
+        await self._send(frame, None)
+        return await fut
+
+    def _check_open(self) -> None:
+        if self.state is State.CLOSED:
+            raise self._close_error or GatewayError("closed", "the client is closed")
+
+    # -- HTTP ---------------------------------------------------------------------
+
+    async def _request(self, method: str, path: str, *, auth: str = "user",
+                       json_body: Any = None, params: dict[str, Any] | None = None,
+                       headers: dict[str, str] | None = None) -> httpx.Response:
+        if self._http is None:
+            raise GatewayError("closed", "the client is not started (use `async with`)")
+        hdrs = dict(headers or {})
+        secret = self.api_key if auth == "api" else await self._current_token()
+        if secret:
+            hdrs["authorization"] = f"Bearer {secret}"
+        url = self.urls[self._url_index % len(self.urls)] + path
+        r = await self._http.request(method, url, json=json_body, params=params, headers=hdrs)
+        if r.status_code >= 400:
+            raise GatewayError.of_response(r)
+        return r
+
+    async def post(self, room: str, text: str, *, idempotency_key: str | None = None,
+                   retries: int = 3) -> Message:
+        """POST a message over HTTP with an ``Idempotency-Key`` (made here unless given);
+        a request that fails in transit or with 503 is retried with the same key, so
+        the message is stored once."""
+        key = idempotency_key or uuid.uuid4().hex
+        body: dict[str, Any] = {"text": text}
+        if self.token is None and self.token_provider is None and self.user:
+            body["author"] = self.user
+        for attempt in range(retries + 1):
+            try:
+                r = await self._request("POST", f"/v1/rooms/{room}/messages", json_body=body,
+                                        headers={"idempotency-key": key})
+                return Message.of(r.json())
+            except (httpx.TransportError, GatewayError) as exc:
+                retryable = isinstance(exc, httpx.TransportError) or exc.code == "unavailable"
+                if not retryable or attempt == retries:
+                    raise
+                await asyncio.sleep(backoff(attempt, self.min_delay, self.max_delay))
+        raise AssertionError("unreachable")
+
+    async def history(self, room: str, *, limit: int | None = None, before: int | None = None,
+                      after: int | None = None) -> Page:
+        params = {k: v for k, v in (("limit", limit), ("before", before), ("after", after))
+                  if v is not None}
+        r = await self._request("GET", f"/v1/rooms/{room}/messages", params=params)
+        data = r.json()
+        return Page([Message.of(m) for m in data["messages"]], data["has_more"])
+
+    async def pages(self, room: str, *, limit: int | None = None, before: int | None = None,
+                    after: int | None = None) -> AsyncIterator[list[Message]]:
+        """History pages: backwards from the latest (or ``before``), or forwards from
+        ``after``; each page ascending by seq."""
+        while True:
+            page = await self.history(room, limit=limit, before=before, after=after)
+            if not page.messages:
+                return
+            yield page.messages
+            if not page.has_more:
+                return
+            if after is not None:
+                after = page.messages[-1].seq
+            else:
+                before = page.messages[0].seq
+
+    # -- ephemeral events and the server API (api_key) --------------------------------
+
+    async def publish_event(self, room: str, event: str, data: dict[str, Any] | None = None
+                            ) -> None:
+        """``POST /v1/publish``: an ephemeral event to the room's subscribers (not stored)."""
+        await self._request("POST", "/v1/publish", auth="api",
+                            json_body={"room": room, "event": event, "data": data or {}})
+
+    async def broadcast(self, rooms: Sequence[str], event: str,
+                        data: dict[str, Any] | None = None) -> None:
+        """``POST /v1/server/broadcast``: one ephemeral event to many rooms."""
+        await self._request("POST", "/v1/server/broadcast", auth="api",
+                            json_body={"rooms": list(rooms), "event": event, "data": data or {}})
+
+    async def disconnect_user(self, user: str, reason: str = "") -> None:
+        """``POST /v1/server/disconnect``: close every connection of the user (4001)."""
+        await self._request("POST", "/v1/server/disconnect", auth="api",
+                            json_body={"user": user, "reason": reason})
+
+    async def unsubscribe_user(self, user: str, room: str, reason: str = "") -> None:
+        """``POST /v1/server/unsubscribe``: end the user's subscriptions to the room."""
+        await self._request("POST", "/v1/server/unsubscribe", auth="api",
+                            json_body={"user": user, "room": room, "reason": reason})
+
+    async def rooms(self) -> AsyncIterator[dict[str, Any]]:
+        """``GET /v1/server/rooms``, every page: active rooms across instances."""
+        cursor: Any = None
+        while True:
+            params = {"cursor": cursor} if cursor is not None else None
+            data = (await self._request("GET", "/v1/server/rooms", auth="api",
+                                        params=params)).json()
+            for room in data["rooms"]:
+                yield room
+            cursor = data.get("next")
+            if cursor is None:
+                return
+
+    async def room_info(self, room: str) -> dict[str, Any]:
+        """``GET /v1/server/rooms/{room}``: subscribers, presence, latest seq."""
+        return (await self._request("GET", f"/v1/server/rooms/{room}", auth="api")).json()
+
+    async def purge(self, room: str) -> int:
+        """``DELETE /v1/server/rooms/{room}/messages``; returns how many were removed."""
+        r = await self._request("DELETE", f"/v1/server/rooms/{room}/messages", auth="api")
+        return int(r.json()["removed"])
