@@ -234,8 +234,8 @@ class Session:
             await self.commit_run(run)
             run = []
             try:
-                msg, _ = await self.gw.post(p.room, p.author, p.text, transport="ws",
-                                            idempotency_key=p.key)
+                msg, _ = await self.gw.post(p.room, p.author, p.text, identity=self.identity,
+                                            transport="ws", idempotency_key=p.key)
             except ApiError as exc:
                 self.error(exc, p.ref)
                 continue
