@@ -122,9 +122,13 @@ class HistoryCache:
         if self.redis is None:
             return
         keys = self._keys(message.room)
+        if not self._usable(keys[0]):
+            # Skipped, not failed: telling the guard would move its cooldown
+            # forward on every post, and a busy instance would never try Redis
+            # again. The first call after the cooldown does.
+            self._retry_later(message)
+            return
         try:
-            if not self._usable(keys[0]):
-                raise ConnectionError("Redis failed moments ago")
             await self._raise(keys=keys, args=[message.seq, self.ttl])
         except Exception as exc:  # noqa: BLE001 - the write is committed; retry later
             self.not_raised(message, exc)
@@ -134,6 +138,9 @@ class HistoryCache:
         self._failed(self._keys(message.room)[0])
         log.warning("history cache not raised after commit, retrying: %r", exc,
                     extra={"room": message.room})
+        self._retry_later(message)
+
+    def _retry_later(self, message: Message) -> None:
         self._dirty[message.room] = max(message.seq, self._dirty.get(message.room, 0))
         if self._retry is None or self._retry.done():
             self._retry = asyncio.ensure_future(self._retry_dirty())
@@ -155,6 +162,7 @@ class HistoryCache:
                 except Exception:  # noqa: BLE001 - still down
                     delay = min(delay * 2, 2.0)
                     break
+                delay = 0.1  # Redis answers: what comes next goes out soon
                 if self._dirty.get(room) == seq:
                     del self._dirty[room]
 
