@@ -177,6 +177,8 @@ class Gateway:
         command's failure keeping its meaning (an unraised seq is retried by the
         cache, a lost publish is filled from the store by every position check)."""
         assert self.history is not None and self.hub is not None
+        if self.settings.fault_cut_from_redis:  # test-only: Redis unreachable from here
+            return
         skip_publish = self.settings.fault_skip_publish  # test-only: killed after commit
         redis = self.history.redis
         batch = getattr(self.broker, "batch", None)

@@ -199,8 +199,8 @@ class HistoryCache:
                     unread.append(room)
                 elif value is not None:
                     seqs[room] = int(value)
-        for room in unread:
-            seqs[room] = await self.store.latest_seq(room)
+        if unread:
+            seqs.update(await self.store.latest_seqs(unread))
         return seqs
 
     async def history(self, room: str, *, limit: int = 50, before: int | None = None,

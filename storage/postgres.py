@@ -310,6 +310,13 @@ class PostgresStore(Store):
         value = await self._call("fetchval", "SELECT last_seq FROM rooms WHERE room = $1", room)
         return int(value or 0)
 
+    async def latest_seqs(self, rooms: list[str]) -> dict[str, int]:
+        rows = await self._call("fetch", "SELECT room, last_seq FROM rooms "
+                                         "WHERE room = ANY($1::text[])", rooms)
+        seqs = dict.fromkeys(rooms, 0)
+        seqs.update((r["room"], int(r["last_seq"])) for r in rows)
+        return seqs
+
     async def delete_before(self, cutoff_ms: int, limit: int) -> int:
         # A bounded batch found through the created_at index, deleted by ctid:
         # row locks on those rows only, never a table lock; SKIP LOCKED lets

@@ -20,6 +20,8 @@ from storage.base import Message, Page, Store, StoreUnavailable, new_id
 T = TypeVar("T")
 
 _COLUMNS = "id, room, seq, author, text, created_ms"
+# Rooms per ``IN (...)`` list: under SQLite's oldest bound on bound parameters (999).
+_IN_CHUNK = 500
 
 
 def _row(r: tuple) -> Message:
@@ -150,6 +152,18 @@ class SQLiteStore(Store):
         def read(db: sqlite3.Connection) -> int:
             row = db.execute("SELECT last_seq FROM rooms WHERE room = ?", (room,)).fetchone()
             return int(row[0]) if row else 0
+
+        return await self._run(read)
+
+    async def latest_seqs(self, rooms: list[str]) -> dict[str, int]:
+        def read(db: sqlite3.Connection) -> dict[str, int]:
+            seqs = dict.fromkeys(rooms, 0)
+            for i in range(0, len(rooms), _IN_CHUNK):
+                chunk = rooms[i:i + _IN_CHUNK]
+                seqs.update(db.execute(
+                    "SELECT room, last_seq FROM rooms WHERE room IN "
+                    f"({', '.join('?' * len(chunk))})", chunk).fetchall())
+            return seqs
 
         return await self._run(read)
 

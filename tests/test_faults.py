@@ -10,8 +10,10 @@ import signal
 import time
 
 import httpx
+import redis.asyncio as aioredis
 
-from tests.harness import RedisServer, eventually, instances, metric, post
+from tests.harness import (REDIS_URL, RedisServer, SSEClient, WSClient, eventually, instances,
+                           metric, post)
 
 
 async def _fallbacks(gws: list) -> list[float]:
@@ -81,3 +83,33 @@ async def _all_off(gws: list) -> bool:
 
 async def _all_on(gws: list) -> bool:
     return all(v == 0 for v in await _fallbacks(gws))
+
+
+async def test_a_commit_whose_seq_raise_and_publish_were_lost_reaches_every_subscriber(
+        gateway_env):
+    """Instance A is cut from Redis but not from Postgres: it commits and answers 201,
+    but neither raises the room's seq key nor publishes. The other instances'
+    position checks read the store every few rounds, so the message reaches their
+    subscribers with no further post, even after A is gone."""
+    room = "cut"
+    cut = {**gateway_env, "FAULT_CUT_FROM_REDIS": "1"}
+    async with instances(1, cut) as (a,), instances(2, gateway_env) as (b, c):
+        async with (WSClient.connect(b.ws_url) as ws, httpx.AsyncClient() as http,
+                    SSEClient.open(f"{c.url}/v1/rooms/{room}/events") as sse):
+            await ws.subscribe(room)
+            r = await post(http, a.url, room, "only in the store")
+            assert r.status_code == 201 and r.json()["seq"] == 1
+            assert await ws.messages(room, 1, timeout=10) == [1]
+            assert await sse.wait_for(1, timeout=10) == [1]
+            # The same once the cut instance is gone for good.
+            r = await post(http, a.url, room, "and its last words")
+            assert r.status_code == 201 and r.json()["seq"] == 2
+            a.kill()
+            assert await ws.messages(room, 2, timeout=10) == [1, 2]
+            assert await sse.wait_for(2, timeout=10) == [1, 2]
+            redis = aioredis.from_url(REDIS_URL)
+            try:
+                assert await redis.get(f"{gateway_env['KEY_PREFIX']}{{{room}}}:seq") is None
+            finally:
+                await redis.aclose()
+            assert await metric(b.url, "chat_gap_fills_total", reason="position") >= 1
