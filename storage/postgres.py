@@ -21,6 +21,14 @@ Postgres. Another flight takes off only when every flight in the air has been
 on one statement longer than ``GROUP_STALL`` (a lock wait on a room another
 instance is writing, a slow flush), so one stalled statement does not hold
 the posts of every other room.
+
+Every operation is answered within ``command_timeout`` as a whole (waiting for
+a connection, every statement it sends), whatever the network does. A link that
+stops answering without a reset (a frozen server or network) would otherwise
+hold the caller twice more: asyncpg's cancel request and the connection's
+release go down the same silent path. A connection whose statement failed or
+was given up on is therefore released in the background, within its own
+bound (then terminated), never by the caller.
 """
 
 from __future__ import annotations
@@ -99,6 +107,12 @@ def _unavailable(exc: BaseException) -> StoreUnavailable:
     return StoreUnavailable(f"Postgres unavailable: {exc!r}")
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a given-up future's outcome as seen (no "never retrieved" report)."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _row(r: Any) -> Message:
     return Message(r["id"], r["room"], r["seq"], r["author"], r["text"], r["created_ms"])
 
@@ -114,7 +128,9 @@ class PostgresStore(Store):
                                command_timeout=command_timeout,
                                max_inactive_connection_lifetime=idle_timeout)
         self._acquire_timeout = connect_timeout + command_timeout
+        self._command_timeout = command_timeout
         self._pool: asyncpg.Pool | None = None
+        self._releases: set[asyncio.Task[None]] = set()  # given-up connections going back
         self._waiting: list[tuple[str, str, str, str, datetime, asyncio.Future[int]]] = []
         # Each flight, and when its statement in progress started (loop time).
         self._flights: dict[asyncio.Task[None], float] = {}
@@ -127,6 +143,8 @@ class PostgresStore(Store):
             raise StoreUnavailable(f"cannot connect to Postgres: {exc}") from exc
 
     async def close(self) -> None:
+        if self._releases:
+            await asyncio.wait(self._releases, timeout=self._command_timeout)
         if self._pool is not None:
             pool, self._pool = self._pool, None
             try:
@@ -141,11 +159,27 @@ class PostgresStore(Store):
         return self._pool
 
     async def _call(self, method: str, query: str, *args: Any) -> Any:
+        """One statement on a pooled connection, answered within the command timeout."""
+        pool = self.pool
         try:
-            async with self.pool.acquire(timeout=self._acquire_timeout) as conn:
-                return await getattr(conn, method)(query, *args)
+            async with asyncio.timeout(self._command_timeout):
+                conn = await pool.acquire(timeout=self._acquire_timeout)
+                try:
+                    result = await getattr(conn, method)(query, *args)
+                except BaseException:
+                    self._release_later(conn)
+                    raise
         except _UNAVAILABLE as exc:
             raise _unavailable(exc) from exc
+        await pool.release(conn)  # nothing to send: the session is kept (_keep_session)
+        return result
+
+    def _release_later(self, conn: Any) -> None:
+        """Give a connection back without waiting for it: its statement failed or was
+        given up on, and asyncpg first waits for the cancel request to go through."""
+        task = asyncio.get_running_loop().create_task(self._release(conn))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
 
     async def migrate(self) -> list[str]:
         applied: list[str] = []
@@ -178,6 +212,15 @@ class PostgresStore(Store):
 
     async def append(self, room: str, author: str, text: str,
                      idempotency_key: str | None = None) -> tuple[Message, bool]:
+        # One deadline for all of it: the key lookup, the insert, the lookup after a race.
+        try:
+            async with asyncio.timeout(self._command_timeout):
+                return await self._append(room, author, text, idempotency_key)
+        except TimeoutError as exc:
+            raise _unavailable(exc) from exc
+
+    async def _append(self, room: str, author: str, text: str,
+                      idempotency_key: str | None) -> tuple[Message, bool]:
         if idempotency_key is not None:
             row = await self._call("fetchrow", _BY_KEY, room, idempotency_key)
             if row is not None:
@@ -219,7 +262,8 @@ class PostgresStore(Store):
         """Commit one post with whatever others wait; its seq."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
-        self._waiting.append((room, mid, author, text, created, future))
+        item = (room, mid, author, text, created, future)
+        self._waiting.append(item)
         flights = self._flights
         if not flights or (len(flights) < GROUP_FLIGHTS and
                            all(loop.time() - since > GROUP_STALL for since in flights.values())):
@@ -227,7 +271,23 @@ class PostgresStore(Store):
             flights[task] = loop.time()
             task.add_done_callback(self._landed)
         # A caller that gives up leaves its post to its group, which may still commit it.
-        return await asyncio.shield(future)
+        try:
+            async with asyncio.timeout(self._command_timeout):
+                return await asyncio.shield(future)
+        except TimeoutError as exc:
+            # Not taken by a flight yet: withdrawn, so it is not stored later.
+            if item in self._waiting:
+                self._waiting.remove(item)
+                future.cancel()
+            raise _unavailable(exc) from exc
+        except asyncio.CancelledError:
+            if item in self._waiting:
+                self._waiting.remove(item)
+                future.cancel()
+            raise
+        finally:
+            if not future.done():  # in flight: its outcome is nobody's now
+                future.add_done_callback(_retrieve)
 
     def _landed(self, task: asyncio.Task[None]) -> None:
         self._flights.pop(task, None)
@@ -261,7 +321,7 @@ class PostgresStore(Store):
                             item[5].set_exception(err)
                     if conn is not None:
                         conn, held = None, conn
-                        await self._release(held)
+                        self._release_later(held)
                     if isinstance(exc, asyncio.CancelledError):
                         raise
                     continue
@@ -275,9 +335,9 @@ class PostgresStore(Store):
 
     async def _release(self, conn: Any) -> None:
         try:
-            await self.pool.release(conn)
+            await self.pool.release(conn, timeout=self._command_timeout)
         except Exception as exc:  # noqa: BLE001 - asyncpg terminates what it cannot release
-            log.debug("releasing a group commit connection: %r", exc)
+            log.debug("releasing a connection: %r", exc)
 
     @staticmethod
     async def _commit_group(conn: Any, group: list[Any]) -> Any:

@@ -12,8 +12,9 @@ import time
 import httpx
 import redis.asyncio as aioredis
 
-from tests.harness import (REDIS_URL, RedisServer, SSEClient, WSClient, eventually, instances,
-                           metric, post)
+from tests.harness import (REDIS_URL, Instance, RedisServer, SSEClient, WSClient, eventually,
+                           instances, metric, post, t)
+from tests.proxy import tcp_proxy
 
 
 async def _fallbacks(gws: list) -> list[float]:
@@ -113,3 +114,59 @@ async def test_a_commit_whose_seq_raise_and_publish_were_lost_reaches_every_subs
             finally:
                 await redis.aclose()
             assert await metric(b.url, "chat_gap_fills_total", reason="position") >= 1
+
+
+async def test_a_frozen_database_link_answers_posts_and_readyz_within_their_bounds(
+        pg_url, redis_prefix):
+    """The link to Postgres is held (bytes wait, nothing is reset: a frozen server or
+    network). Every post, with an Idempotency-Key or without, is answered 503
+    ``unavailable`` within DB_COMMAND_TIMEOUT plus a margin, and /readyz within its
+    own bound, however long the link stays frozen; afterwards posts work again.
+    (Before, asyncpg's cancel and release went down the frozen link too, and a post
+    with a key waited for several timeouts in a row.)"""
+    timeout = 2.0
+    bound = timeout + t(2)
+    async with tcp_proxy(pg_url) as (proxy, db_url):
+        inst = Instance({"DATABASE_URL": db_url, "REDIS_URL": REDIS_URL,
+                         "KEY_PREFIX": redis_prefix, "LOG_LEVEL": "warning",
+                         "DB_COMMAND_TIMEOUT": str(timeout), "DB_CONNECT_TIMEOUT": "10",
+                         "RATE_LIMIT": "100000/1s"}).start()
+        try:
+            await inst.wait_ready()
+            async with httpx.AsyncClient(base_url=inst.url, timeout=60) as http:
+                for i in range(3):
+                    r = await post(http, inst.url, "frozen", f"warm{i}",
+                                   headers={"Idempotency-Key": f"warm{i}"})
+                    assert r.status_code == 201, r.text
+                    assert (await post(http, inst.url, "frozen", f"w{i}")).status_code == 201
+
+                async def timed(request) -> tuple[float, httpx.Response]:
+                    t0 = time.monotonic()
+                    r = await request
+                    return time.monotonic() - t0, r
+
+                proxy.hold()
+                answers = await asyncio.gather(
+                    *(timed(post(http, inst.url, "frozen", f"k{i}",
+                                 headers={"Idempotency-Key": f"key-{i}"})) for i in range(4)),
+                    *(timed(post(http, inst.url, "frozen", f"p{i}")) for i in range(4)),
+                    timed(http.get("/v1/rooms/frozen/messages", params={"before": 3})))
+                for took, r in answers:
+                    assert r.status_code == 503, r.text
+                    assert r.json()["error"]["code"] == "unavailable"
+                    assert took < bound, (took, r.text)
+                t0 = time.monotonic()
+                r = await http.get("/readyz")
+                took = time.monotonic() - t0
+                assert r.status_code == 503 and r.json()["checks"]["database"]["ok"] is False
+                assert took < t(3), took
+                proxy.restore()
+                r = await eventually(lambda: _posted(http, inst.url), timeout=20)
+                assert r.json()["seq"] >= 7
+        finally:
+            inst.stop()
+
+
+async def _posted(http: httpx.AsyncClient, base: str) -> httpx.Response | None:
+    r = await post(http, base, "frozen", "after the thaw")
+    return r if r.status_code == 201 else None
