@@ -95,6 +95,19 @@ _UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
                 asyncpg.TooManyConnectionsError)
 
 
+# The array types the statements bind (the group commit's columns, latest_seqs'
+# rooms). asyncpg looks a connection's codecs for them up with a catalog query the
+# first time a statement binds them: tens of milliseconds (more on a busy server)
+# that the first post through each pooled connection would wait for.
+_ARRAY_TYPES = "SELECT $1::text[], $2::timestamptz[]"
+
+
+async def _prime(conn: asyncpg.Connection) -> None:
+    """A new pooled connection looks its array types up now, before any post needs it
+    (the floor connections are made at start-up and kept; see the pool's min_size)."""
+    await conn.prepare(_ARRAY_TYPES)
+
+
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """The pool's reset on release. asyncpg's default sends a reset query (unlock
     advisory locks, close cursors, UNLISTEN, RESET ALL): one more round trip for
@@ -137,7 +150,7 @@ class PostgresStore(Store):
 
     async def start(self) -> None:
         try:
-            self._pool = await asyncpg.create_pool(self.url, reset=_keep_session,
+            self._pool = await asyncpg.create_pool(self.url, reset=_keep_session, init=_prime,
                                                    **self._pool_args)
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"cannot connect to Postgres: {exc}") from exc

@@ -170,3 +170,24 @@ async def test_a_frozen_database_link_answers_posts_and_readyz_within_their_boun
 async def _posted(http: httpx.AsyncClient, base: str) -> httpx.Response | None:
     r = await post(http, base, "frozen", "after the thaw")
     return r if r.status_code == 201 else None
+
+
+async def test_a_ready_instance_posts_without_waiting_for_type_lookups(pg_url, redis_prefix):
+    """asyncpg looks a connection's array types up with a catalog query the first time
+    a statement binds them; the group commit binds text[] and timestamptz[]. That
+    lookup happens when a pooled connection is made, not in the first post through
+    it (which waited for it: the cold start of an instance's first messages)."""
+    async with tcp_proxy(pg_url) as (proxy, db_url):
+        inst = Instance({"DATABASE_URL": db_url, "REDIS_URL": REDIS_URL,
+                         "KEY_PREFIX": redis_prefix, "LOG_LEVEL": "warning"}).start()
+        try:
+            await inst.wait_ready()
+            proxy.record()
+            async with httpx.AsyncClient(base_url=inst.url, timeout=30) as http:
+                for room in ("first", "second"):
+                    r = await post(http, inst.url, room, "hello")
+                    assert r.status_code == 201, r.text
+            assert proxy.sent is not None and b"INSERT INTO messages" in proxy.sent
+            assert b"pg_type" not in proxy.sent, "a post waited for a catalog lookup"
+        finally:
+            inst.stop()
