@@ -46,7 +46,8 @@ class Gateway:
         self.settings = settings
         self.metrics = Metrics()
         self.store = store or create_store(
-            settings.database_url, **({} if settings.database_url.startswith("sqlite") else dict(
+            settings.database_url, **(dict(command_timeout=settings.db_command_timeout)
+                                      if settings.database_url.startswith("sqlite") else dict(
                 pool_min=settings.db_pool_min, pool_max=settings.db_pool_max,
                 connect_timeout=settings.db_connect_timeout,
                 command_timeout=settings.db_command_timeout,

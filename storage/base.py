@@ -163,5 +163,5 @@ def create_store(url: str, **options: Any) -> Store:
     if url.startswith("sqlite://"):
         from storage.sqlite import SQLiteStore
 
-        return SQLiteStore(url)
+        return SQLiteStore(url, **options)
     raise ValueError(f"unsupported DATABASE_URL {url!r}: use postgresql://… or sqlite:///PATH")

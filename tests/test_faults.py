@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 import time
 
 import httpx
@@ -191,3 +192,31 @@ async def test_a_ready_instance_posts_without_waiting_for_type_lookups(pg_url, r
             assert b"pg_type" not in proxy.sent, "a post waited for a catalog lookup"
         finally:
             inst.stop()
+
+
+async def test_a_locked_sqlite_file_answers_posts_within_the_command_timeout(tmp_path):
+    """Another process holds the embedded database's write lock: a post is answered 503
+    ``unavailable`` within DB_COMMAND_TIMEOUT plus a margin (SQLite's own wait was
+    fixed at 10 s), and goes through once the lock is gone."""
+    path = tmp_path / "chat.db"
+    inst = Instance({"DATABASE_URL": f"sqlite:///{path}", "REDIS_URL": "memory://",
+                     "LOG_LEVEL": "warning", "DB_COMMAND_TIMEOUT": "1"}).start()
+    try:
+        await inst.wait_ready()
+        async with httpx.AsyncClient(base_url=inst.url, timeout=60) as http:
+            assert (await post(http, inst.url, "locked", "before")).status_code == 201
+            lock = sqlite3.connect(path, isolation_level=None)
+            try:
+                lock.execute("BEGIN IMMEDIATE")
+                t0 = time.monotonic()
+                r = await post(http, inst.url, "locked", "while locked")
+                took = time.monotonic() - t0
+                assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+                assert took < 1 + t(2), took
+                lock.execute("ROLLBACK")
+            finally:
+                lock.close()
+            r = await post(http, inst.url, "locked", "after")
+            assert r.status_code == 201 and r.json()["seq"] == 2, r.text
+    finally:
+        inst.stop()
