@@ -120,6 +120,15 @@ def _unavailable(exc: BaseException) -> StoreUnavailable:
     return StoreUnavailable(f"Postgres unavailable: {exc!r}")
 
 
+def _fail(group: list[Any], exc: BaseException) -> None:
+    """Every post of a group that failed gets the error (``StoreUnavailable`` for a lost
+    or unreachable database)."""
+    err = _unavailable(exc) if isinstance(exc, _UNAVAILABLE) else exc
+    for item in group:
+        if not item[5].done():
+            item[5].set_exception(err)
+
+
 def _retrieve(future: asyncio.Future[Any]) -> None:
     """Mark a given-up future's outcome as seen (no "never retrieved" report)."""
     if not future.cancelled():
@@ -308,7 +317,11 @@ class PostgresStore(Store):
     async def _fly(self) -> None:
         """Commit groups back to back on one connection until nothing waits. A group
         that fails gets its error (``StoreUnavailable`` for a lost or unreachable
-        database) and the connection goes back; the next group takes another."""
+        database) and the connection goes back; the next group takes another.
+
+        A group is taken only once a connection is in hand: a post whose caller
+        gave up while the flight waited for one is still in ``_waiting``, so it is
+        withdrawn there and never stored behind its 503."""
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
@@ -320,21 +333,25 @@ class PostgresStore(Store):
                     # back sends off a flight of its own.
                     self._flights.pop(task, None)
                     break
-                group = self._waiting[:GROUP_MAX]
-                del self._waiting[:GROUP_MAX]
                 self._flights[task] = loop.time()
-                try:
-                    if conn is None:
+                if conn is None:
+                    try:
                         conn = await self.pool.acquire(timeout=self._acquire_timeout)
+                    except BaseException as exc:
+                        # Nothing was sent: the posts waiting now are told so.
+                        _fail(self._take(), exc)
+                        if isinstance(exc, asyncio.CancelledError):
+                            raise
+                        continue
+                group = self._take()
+                if not group:
+                    continue  # all withdrawn meanwhile
+                try:
                     rows = await self._commit_group(conn, group)
                 except BaseException as exc:
-                    err = _unavailable(exc) if isinstance(exc, _UNAVAILABLE) else exc
-                    for item in group:
-                        if not item[5].done():
-                            item[5].set_exception(err)
-                    if conn is not None:
-                        conn, held = None, conn
-                        self._release_later(held)
+                    _fail(group, exc)
+                    conn, held = None, conn
+                    self._release_later(held)
                     if isinstance(exc, asyncio.CancelledError):
                         raise
                     continue
@@ -345,6 +362,11 @@ class PostgresStore(Store):
         finally:
             if conn is not None:
                 await self._release(conn)
+
+    def _take(self) -> list[tuple[str, str, str, str, datetime, asyncio.Future[int]]]:
+        group = self._waiting[:GROUP_MAX]
+        del self._waiting[:GROUP_MAX]
+        return group
 
     async def _release(self, conn: Any) -> None:
         try:
