@@ -292,12 +292,13 @@ class PostgresStore(Store):
             task = loop.create_task(self._fly())
             flights[task] = loop.time()
             task.add_done_callback(self._landed)
-        # A caller that gives up leaves its post to its group, which may still commit it.
+        # A caller that gives up (its deadline, or cancelled) withdraws its post if no
+        # flight has taken it yet; one already taken is left to its group, which may
+        # still commit it.
         try:
             async with asyncio.timeout(self._command_timeout):
                 return await asyncio.shield(future)
         except TimeoutError as exc:
-            # Not taken by a flight yet: withdrawn, so it is not stored later.
             if item in self._waiting:
                 self._waiting.remove(item)
                 future.cancel()
