@@ -185,7 +185,9 @@ class PostgresStore(Store):
         pool = self.pool
         try:
             async with asyncio.timeout(self._command_timeout):
-                conn = await pool.acquire(timeout=self._acquire_timeout)
+                # No timeout of the pool's own: the deadline above bounds the wait
+                # (and asyncpg's would cost a task per call).
+                conn = await pool.acquire()
                 try:
                     result = await getattr(conn, method)(query, *args)
                 except BaseException:
