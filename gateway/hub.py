@@ -518,6 +518,9 @@ class Hub:
         self._checks += 1
         if self._checks % STORE_CHECK_EVERY == 0:
             latest = await self.store.latest_seqs(names)
+            # The same commits left the cache's seq keys behind: raised here, so no
+            # instance goes on serving a cached page without them.
+            await self.history.raise_behind(latest)
         else:
             latest = await self.history.latest_seqs(names)
         for r in rooms:

@@ -203,6 +203,24 @@ class HistoryCache:
             seqs.update(await self.store.latest_seqs(unread))
         return seqs
 
+    async def raise_behind(self, seqs: dict[str, int]) -> None:
+        """Raise each room's seq key that is behind ``seqs`` (the store's): a commit
+        whose raise was lost for good (its instance cut from Redis, or dead before
+        the retry) would otherwise leave a page without it served as current. One
+        read for all; a raise only where a key is behind. A room with no key has
+        no page to serve; one whose key cannot be read waits for the next call."""
+        if self.redis is None or not seqs:
+            return
+        rooms = list(seqs)
+        values = await self._get([self._keys(room)[0] for room in rooms])
+        for room, value in zip(rooms, values, strict=True):
+            if value is None or isinstance(value, BaseException) or int(value) >= seqs[room]:
+                continue
+            try:
+                await self._raise(keys=self._keys(room), args=[seqs[room], self.ttl])
+            except Exception as exc:  # noqa: BLE001 - the next call tries again
+                log.debug("cache seq repair failed: %r", exc)
+
     async def history(self, room: str, *, limit: int = 50, before: int | None = None,
                       after: int | None = None) -> Page:
         if self.redis is None or before is not None or after is not None:
