@@ -1,7 +1,8 @@
 """Faults an operator meets, against real processes: a frozen Redis, an instance cut
-from Redis but not from Postgres, a frozen Postgres link. Each test asserts the
-promise that must hold through the fault, with generous bounds (correctness, not
-speed: speed is the bench's)."""
+from Redis but not from Postgres, a frozen Postgres link, a locked SQLite file, and
+what a freshly started instance makes its first posts wait for. Each test asserts
+the promise that must hold, with generous bounds where there is time in it
+(correctness, not speed: speed is the bench's)."""
 
 from __future__ import annotations
 
