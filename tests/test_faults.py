@@ -249,7 +249,8 @@ async def test_a_post_answered_503_while_waiting_for_a_connection_is_not_stored_
                 assert (await post(http, inst.url, "held", "before")).status_code == 201
                 proxy.hold()
                 sent = asyncio.create_task(post(http, inst.url, "held", "in flight"))
-                await asyncio.sleep(0.3)  # its statement holds the only connection
+                # Its statement is held on the way: it holds the only connection.
+                await eventually(lambda: proxy.waiting > 0, timeout=10)
                 waiting = await post(http, inst.url, "held", "waiting")
                 assert waiting.status_code == 503, waiting.text
                 assert (await sent).status_code == 503
