@@ -111,6 +111,9 @@ class Settings:
     # test-only fault hook: commit and acknowledge posts but never publish them,
     # as an instance killed right after its commit would
     fault_skip_publish: bool = False
+    # test-only fault hook: commit and acknowledge posts but neither raise the
+    # cache's seq nor publish, as an instance cut from Redis (not Postgres) would
+    fault_cut_from_redis: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":

@@ -46,6 +46,10 @@ SSE = "sse"
 # Live messages held while a gap is open; past this they are dropped and the
 # fill reads them from the store instead, so a long outage cannot grow memory.
 MAX_PENDING = 2000
+# Every this many position checks, the rooms' positions are read from the store
+# (one query for all) instead of Redis' seq keys: a commit whose seq raise and
+# publish were both lost is in the store only.
+STORE_CHECK_EVERY = 3
 _ids = itertools.count(1)
 
 
@@ -233,6 +237,7 @@ class Hub:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._position_task: asyncio.Task[None] | None = None
+        self._checks = 0
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -511,11 +516,23 @@ class Hub:
                 self.fill(r)
 
     async def check_positions(self) -> None:
-        """Fill every room whose latest committed seq is ahead of what was delivered."""
+        """Fill every room whose latest committed seq is ahead of what was delivered.
+
+        Positions come from Redis' seq keys (one pipelined read), which an instance
+        cut from Redis after its commit never raised; so every ``STORE_CHECK_EVERY``
+        rounds they come from the store, the truth, in one query for all rooms."""
         rooms = [r for r in self.rooms.values() if r.seq is not None]
         if not rooms:
             return
-        latest = await self.history.latest_seqs([r.name for r in rooms])
+        names = [r.name for r in rooms]
+        self._checks += 1
+        if self._checks % STORE_CHECK_EVERY == 0:
+            latest = await self.store.latest_seqs(names)
+            # The same commits left the cache's seq keys behind: raised here, so no
+            # instance goes on serving a cached page without them.
+            await self.history.raise_behind(latest)
+        else:
+            latest = await self.history.latest_seqs(names)
         for r in rooms:
             if r.seq is not None and latest.get(r.name, 0) > r.seq and r.fill_task is None:
                 if self.metrics is not None:

@@ -86,6 +86,10 @@ def wire_presence(room: str, action: str, user: str) -> bytes:
     return b"p:" + orjson.dumps({"room": room, "action": action, "user": user})
 
 
+# Rooms whose presence sets one pipeline of the refresh works on.
+REFRESH_BATCH = 500
+
+
 class Presence:
     def __init__(self, broker: Broker, redis: Any | None, *, prefix: str = "chat:",
                  ttl: float = 30.0, channel: Callable[[str], str],
@@ -215,23 +219,40 @@ class Presence:
             await self._announce(room, "leave", user.decode() if isinstance(user, bytes) else user)
 
     async def refresh(self) -> None:
-        """Push this instance's expiries forward; sweep expired members of held rooms."""
+        """Push this instance's expiries forward; sweep expired members of held rooms.
+
+        Both go in pipelined batches of ``REFRESH_BATCH`` rooms. Expiries are pushed
+        only where this instance has members; a held room is swept (the leave
+        script, which also announces) only when a read of the batch found an
+        expired member in it: most rooms have none, or no presence set at all."""
         assert self.redis is not None
-        expiry = _ms() + int(self.ttl * 1000)
-        if self.local:
-            groups = [(self.key(room), [
-                ("ZADD", self.key(room), *(x for user in counts
-                                           for x in (expiry, self._member(user)))),
-                ("PEXPIRE", self.key(room), int(self.ttl * 2000))])
-                for room, counts in self.local.items()]
-            results = await per_key(self.redis, getattr(self.broker, "batch", None),
-                                    self.broker.guard, groups)
-            failed = [r for r in results if isinstance(r, BaseException)]
-            if failed:
-                log.warning("presence refresh failed for %d of %d rooms: %r", len(failed),
-                            len(groups), failed[0])
-        for room in set(self.held_rooms()) | set(self.local):
-            await self._sweep(room)
+        now = _ms()
+        expiry = now + int(self.ttl * 1000)
+        groups = [(self.key(room), [
+            ("ZADD", self.key(room), *(x for user in counts
+                                       for x in (expiry, self._member(user)))),
+            ("PEXPIRE", self.key(room), int(self.ttl * 2000))])
+            for room, counts in self.local.items()]
+        failed = [r for r in await self._each_batch(groups) if isinstance(r, BaseException)]
+        if failed:
+            log.warning("presence refresh failed for %d of %d rooms: %r", len(failed),
+                        len(groups), failed[0])
+        rooms = list(set(self.held_rooms()) | set(self.local))
+        found = await self._each_batch([(self.key(room), [
+            ("ZRANGEBYSCORE", self.key(room), "-inf", f"({now}", "LIMIT", 0, 1)])
+            for room in rooms])
+        for room, result in zip(rooms, found, strict=True):
+            if not isinstance(result, BaseException) and result[0]:
+                await self._sweep(room)
+
+    async def _each_batch(self, groups: list[tuple[str, list[Any]]]) -> list[Any]:
+        """per_key over ``REFRESH_BATCH`` keys at a time: each key's replies, or the
+        exception that stopped it."""
+        results: list[Any] = []
+        for i in range(0, len(groups), REFRESH_BATCH):
+            results += await per_key(self.redis, getattr(self.broker, "batch", None),
+                                     self.broker.guard, groups[i:i + REFRESH_BATCH])
+        return results
 
     async def _announce(self, room: str, action: str, user: str) -> None:
         try:

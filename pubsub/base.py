@@ -50,6 +50,11 @@ class RedisGuard:
     server fails as a whole, so this guard ignores it; over a cluster
     (``pubsub.cluster.ShardGuard``) it picks the shard, and only the shard that
     failed is skipped. A call about no one key passes None.
+
+    ``failed`` is for a call that was made and failed, never for one skipped
+    because of the cooldown: each report starts the cooldown anew, so a busy
+    caller reporting its skips would keep the instance off Redis for as long as
+    it is busy. After the cooldown the next call tries Redis.
     """
 
     def __init__(self, cooldown: float = 1.0) -> None:

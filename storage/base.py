@@ -154,6 +154,11 @@ class Store(ABC):
     async def latest_seq(self, room: str) -> int:
         """The room's last committed seq, 0 for a room with no message."""
 
+    async def latest_seqs(self, rooms: list[str]) -> dict[str, int]:
+        """``latest_seq`` of each room (0 for a room with no message). This default
+        asks room by room; a store that can answers all of them in one query."""
+        return {room: await self.latest_seq(room) for room in rooms}
+
     @abstractmethod
     async def ping(self) -> None:
         """One round trip to the database; raises StoreUnavailable."""
@@ -184,5 +189,5 @@ def create_store(url: str, **options: Any) -> Store:
     if url.startswith("sqlite://"):
         from storage.sqlite import SQLiteStore
 
-        return SQLiteStore(url)
+        return SQLiteStore(url, **options)
     raise ValueError(f"unsupported DATABASE_URL {url!r}: use postgresql://… or sqlite:///PATH")

@@ -170,9 +170,13 @@ class HistoryCache:
         if self.redis is None:
             return
         keys = self._keys(message.room)
+        if not self._usable(keys[0]):
+            # Skipped, not failed: telling the guard would move its cooldown
+            # forward on every post, and a busy instance would never try Redis
+            # again. The first call after the cooldown does.
+            self._retry_later(message)
+            return
         try:
-            if not self._usable(keys[0]):
-                raise ConnectionError("Redis failed moments ago")
             await self._raise(keys=keys, args=[message.seq, self.ttl])
         except Exception as exc:  # noqa: BLE001 - the write is committed; retry later
             self.not_raised(message, exc)
@@ -182,6 +186,9 @@ class HistoryCache:
         self._failed(self._keys(message.room)[0])
         log.warning("history cache not raised after commit, retrying: %r", exc,
                     extra={"room": message.room})
+        self._retry_later(message)
+
+    def _retry_later(self, message: Message) -> None:
         self._dirty[message.room] = max(message.seq, self._dirty.get(message.room, 0))
         if self._retry is None or self._retry.done():
             self._retry = asyncio.ensure_future(self._retry_dirty())
@@ -203,6 +210,7 @@ class HistoryCache:
                 except Exception:  # noqa: BLE001 - still down
                     delay = min(delay * 2, 2.0)
                     break
+                delay = 0.1  # Redis answers: what comes next goes out soon
                 if self._dirty.get(room) == seq:
                     del self._dirty[room]
 
@@ -239,9 +247,27 @@ class HistoryCache:
                     unread.append(room)
                 elif value is not None:
                     seqs[room] = int(value)
-        for room in unread:
-            seqs[room] = await self.store.latest_seq(room)
+        if unread:
+            seqs.update(await self.store.latest_seqs(unread))
         return seqs
+
+    async def raise_behind(self, seqs: dict[str, int]) -> None:
+        """Raise each room's seq key that is behind ``seqs`` (the store's): a commit
+        whose raise was lost for good (its instance cut from Redis, or dead before
+        the retry) would otherwise leave a page without it served as current. One
+        read for all; a raise only where a key is behind. A room with no key has
+        no page to serve; one whose key cannot be read waits for the next call."""
+        if self.redis is None or not seqs:
+            return
+        rooms = list(seqs)
+        values = await self._get([self._keys(room)[0] for room in rooms])
+        for room, value in zip(rooms, values, strict=True):
+            if value is None or isinstance(value, BaseException) or int(value) >= seqs[room]:
+                continue
+            try:
+                await self._raise(keys=self._keys(room), args=[seqs[room], self.ttl])
+            except Exception as exc:  # noqa: BLE001 - the next call tries again
+                log.debug("cache seq repair failed: %r", exc)
 
     async def history(self, room: str, *, limit: int = 50, before: int | None = None,
                       after: int | None = None) -> Page:

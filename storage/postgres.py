@@ -21,6 +21,14 @@ Postgres. Another flight takes off only when every flight in the air has been
 on one statement longer than ``GROUP_STALL`` (a lock wait on a room another
 instance is writing, a slow flush), so one stalled statement does not hold
 the posts of every other room.
+
+Every operation is answered within ``command_timeout`` as a whole (waiting for
+a connection, every statement it sends), whatever the network does. A link that
+stops answering without a reset (a frozen server or network) would otherwise
+hold the caller twice more: asyncpg's cancel request and the connection's
+release go down the same silent path. A connection whose statement failed or
+was given up on is therefore released in the background, within its own
+bound (then terminated), never by the caller.
 """
 
 from __future__ import annotations
@@ -87,6 +95,19 @@ _UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
                 asyncpg.TooManyConnectionsError)
 
 
+# The array types the statements bind (the group commit's columns, latest_seqs'
+# rooms). asyncpg looks a connection's codecs for them up with a catalog query the
+# first time a statement binds them: tens of milliseconds (more on a busy server)
+# that the first post through each pooled connection would wait for.
+_ARRAY_TYPES = "SELECT $1::text[], $2::timestamptz[]"
+
+
+async def _prime(conn: asyncpg.Connection) -> None:
+    """A new pooled connection looks its array types up now, before any post needs it
+    (the floor connections are made at start-up and kept; see the pool's min_size)."""
+    await conn.prepare(_ARRAY_TYPES)
+
+
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """The pool's reset on release. asyncpg's default sends a reset query (unlock
     advisory locks, close cursors, UNLISTEN, RESET ALL): one more round trip for
@@ -97,6 +118,21 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 def _unavailable(exc: BaseException) -> StoreUnavailable:
     return StoreUnavailable(f"Postgres unavailable: {exc!r}")
+
+
+def _fail(group: list[Any], exc: BaseException) -> None:
+    """Every post of a group that failed gets the error (``StoreUnavailable`` for a lost
+    or unreachable database)."""
+    err = _unavailable(exc) if isinstance(exc, _UNAVAILABLE) else exc
+    for item in group:
+        if not item[5].done():
+            item[5].set_exception(err)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a given-up future's outcome as seen (no "never retrieved" report)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _row(r: Any) -> Message:
@@ -114,14 +150,16 @@ class PostgresStore(Store):
                                command_timeout=command_timeout,
                                max_inactive_connection_lifetime=idle_timeout)
         self._acquire_timeout = connect_timeout + command_timeout
+        self._command_timeout = command_timeout
         self._pool: asyncpg.Pool | None = None
+        self._releases: set[asyncio.Task[None]] = set()  # given-up connections going back
         self._waiting: list[tuple[str, str, str, str, datetime, asyncio.Future[int]]] = []
         # Each flight, and when its statement in progress started (loop time).
         self._flights: dict[asyncio.Task[None], float] = {}
 
     async def start(self) -> None:
         try:
-            self._pool = await asyncpg.create_pool(self.url, reset=_keep_session,
+            self._pool = await asyncpg.create_pool(self.url, reset=_keep_session, init=_prime,
                                                    **self._pool_args)
         except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
             # Refused, unknown host, no such database, bad credentials: the server's
@@ -129,6 +167,8 @@ class PostgresStore(Store):
             raise self._cannot_connect(exc) from exc
 
     async def close(self) -> None:
+        if self._releases:
+            await asyncio.wait(self._releases, timeout=self._command_timeout)
         if self._pool is not None:
             pool, self._pool = self._pool, None
             try:
@@ -147,11 +187,29 @@ class PostgresStore(Store):
         return self._pool
 
     async def _call(self, method: str, query: str, *args: Any) -> Any:
+        """One statement on a pooled connection, answered within the command timeout."""
+        pool = self.pool
         try:
-            async with self.pool.acquire(timeout=self._acquire_timeout) as conn:
-                return await getattr(conn, method)(query, *args)
+            async with asyncio.timeout(self._command_timeout):
+                # No timeout of the pool's own: the deadline above bounds the wait
+                # (and asyncpg's would cost a task per call).
+                conn = await pool.acquire()
+                try:
+                    result = await getattr(conn, method)(query, *args)
+                except BaseException:
+                    self._release_later(conn)
+                    raise
         except _UNAVAILABLE as exc:
             raise _unavailable(exc) from exc
+        await pool.release(conn)  # nothing to send: the session is kept (_keep_session)
+        return result
+
+    def _release_later(self, conn: Any) -> None:
+        """Give a connection back without waiting for it: its statement failed or was
+        given up on, and asyncpg first waits for the cancel request to go through."""
+        task = asyncio.get_running_loop().create_task(self._release(conn))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
 
     async def migrate(self) -> list[str]:
         applied: list[str] = []
@@ -184,6 +242,15 @@ class PostgresStore(Store):
 
     async def append(self, room: str, author: str, text: str,
                      idempotency_key: str | None = None) -> tuple[Message, bool]:
+        # One deadline for all of it: the key lookup, the insert, the lookup after a race.
+        try:
+            async with asyncio.timeout(self._command_timeout):
+                return await self._append(room, author, text, idempotency_key)
+        except TimeoutError as exc:
+            raise _unavailable(exc) from exc
+
+    async def _append(self, room: str, author: str, text: str,
+                      idempotency_key: str | None) -> tuple[Message, bool]:
         if idempotency_key is not None:
             row = await self._call("fetchrow", _BY_KEY, room, idempotency_key)
             if row is not None:
@@ -225,15 +292,33 @@ class PostgresStore(Store):
         """Commit one post with whatever others wait; its seq."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
-        self._waiting.append((room, mid, author, text, created, future))
+        item = (room, mid, author, text, created, future)
+        self._waiting.append(item)
         flights = self._flights
         if not flights or (len(flights) < GROUP_FLIGHTS and
                            all(loop.time() - since > GROUP_STALL for since in flights.values())):
             task = loop.create_task(self._fly())
             flights[task] = loop.time()
             task.add_done_callback(self._landed)
-        # A caller that gives up leaves its post to its group, which may still commit it.
-        return await asyncio.shield(future)
+        # A caller that gives up (its deadline, or cancelled) withdraws its post if no
+        # flight has taken it yet; one already taken is left to its group, which may
+        # still commit it.
+        try:
+            async with asyncio.timeout(self._command_timeout):
+                return await asyncio.shield(future)
+        except TimeoutError as exc:
+            if item in self._waiting:
+                self._waiting.remove(item)
+                future.cancel()
+            raise _unavailable(exc) from exc
+        except asyncio.CancelledError:
+            if item in self._waiting:
+                self._waiting.remove(item)
+                future.cancel()
+            raise
+        finally:
+            if not future.done():  # in flight: its outcome is nobody's now
+                future.add_done_callback(_retrieve)
 
     def _landed(self, task: asyncio.Task[None]) -> None:
         self._flights.pop(task, None)
@@ -241,7 +326,11 @@ class PostgresStore(Store):
     async def _fly(self) -> None:
         """Commit groups back to back on one connection until nothing waits. A group
         that fails gets its error (``StoreUnavailable`` for a lost or unreachable
-        database) and the connection goes back; the next group takes another."""
+        database) and the connection goes back; the next group takes another.
+
+        A group is taken only once a connection is in hand: a post whose caller
+        gave up while the flight waited for one is still in ``_waiting``, so it is
+        withdrawn there and never stored behind its 503."""
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
@@ -253,21 +342,25 @@ class PostgresStore(Store):
                     # back sends off a flight of its own.
                     self._flights.pop(task, None)
                     break
-                group = self._waiting[:GROUP_MAX]
-                del self._waiting[:GROUP_MAX]
                 self._flights[task] = loop.time()
-                try:
-                    if conn is None:
+                if conn is None:
+                    try:
                         conn = await self.pool.acquire(timeout=self._acquire_timeout)
+                    except BaseException as exc:
+                        # Nothing was sent: the posts waiting now are told so.
+                        _fail(self._take(), exc)
+                        if isinstance(exc, asyncio.CancelledError):
+                            raise
+                        continue
+                group = self._take()
+                if not group:
+                    continue  # all withdrawn meanwhile
+                try:
                     rows = await self._commit_group(conn, group)
                 except BaseException as exc:
-                    err = _unavailable(exc) if isinstance(exc, _UNAVAILABLE) else exc
-                    for item in group:
-                        if not item[5].done():
-                            item[5].set_exception(err)
-                    if conn is not None:
-                        conn, held = None, conn
-                        await self._release(held)
+                    _fail(group, exc)
+                    conn, held = None, conn
+                    self._release_later(held)
                     if isinstance(exc, asyncio.CancelledError):
                         raise
                     continue
@@ -279,11 +372,16 @@ class PostgresStore(Store):
             if conn is not None:
                 await self._release(conn)
 
+    def _take(self) -> list[tuple[str, str, str, str, datetime, asyncio.Future[int]]]:
+        group = self._waiting[:GROUP_MAX]
+        del self._waiting[:GROUP_MAX]
+        return group
+
     async def _release(self, conn: Any) -> None:
         try:
-            await self.pool.release(conn)
+            await self.pool.release(conn, timeout=self._command_timeout)
         except Exception as exc:  # noqa: BLE001 - asyncpg terminates what it cannot release
-            log.debug("releasing a group commit connection: %r", exc)
+            log.debug("releasing a connection: %r", exc)
 
     @staticmethod
     async def _commit_group(conn: Any, group: list[Any]) -> Any:
@@ -315,6 +413,13 @@ class PostgresStore(Store):
     async def latest_seq(self, room: str) -> int:
         value = await self._call("fetchval", "SELECT last_seq FROM rooms WHERE room = $1", room)
         return int(value or 0)
+
+    async def latest_seqs(self, rooms: list[str]) -> dict[str, int]:
+        rows = await self._call("fetch", "SELECT room, last_seq FROM rooms "
+                                         "WHERE room = ANY($1::text[])", rooms)
+        seqs = dict.fromkeys(rooms, 0)
+        seqs.update((r["room"], int(r["last_seq"])) for r in rows)
+        return seqs
 
     async def delete_before(self, cutoff_ms: int, limit: int) -> int:
         # A bounded batch found through the created_at index, deleted by ctid:

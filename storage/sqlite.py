@@ -3,6 +3,11 @@
 All statements run on one connection in one worker thread, so the store needs
 no lock of its own; ``BEGIN IMMEDIATE`` makes each append one serialised
 transaction (seq increment and insert commit together or not at all).
+
+Every operation but a migration is answered within ``command_timeout``: it waits
+for another process' lock on the file only for what is left of that time (the
+busy timeout, set per operation), so it fails cleanly, nothing written, by then;
+one still queued behind a slow statement at its deadline is not run at all.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from storage.base import Message, Page, Store, StoreUnavailable, new_id
 T = TypeVar("T")
 
 _COLUMNS = "id, room, seq, author, text, created_ms"
+# Rooms per ``IN (...)`` list: under SQLite's oldest bound on bound parameters (999).
+_IN_CHUNK = 500
 
 
 def _row(r: tuple) -> Message:
@@ -28,7 +35,7 @@ def _row(r: tuple) -> Message:
 
 
 class SQLiteStore(Store):
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, command_timeout: float = 10.0) -> None:
         if not url.startswith("sqlite://"):
             raise ValueError(f"not a sqlite URL: {url!r}")
         path = url[len("sqlite://"):]
@@ -37,18 +44,33 @@ class SQLiteStore(Store):
         if not path:
             raise ValueError("sqlite URL needs a path: sqlite:///./chat-gateway.db")
         self.path = path if path == ":memory:" else str(Path(path))
+        self.command_timeout = command_timeout
         self._db: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, bounded: bool = True) -> T:
         if self._db is None or self._executor is None:
             raise StoreUnavailable("the store is not started")
         db = self._db
         loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.command_timeout
+
+        def within(db: sqlite3.Connection) -> T:
+            left = deadline - time.monotonic() if bounded else self.command_timeout
+            if left <= 0:
+                raise sqlite3.OperationalError("queued past its deadline; not run")
+            db.execute(f"PRAGMA busy_timeout={max(1, int(left * 1000))}")
+            return fn(db)
+
         try:
-            return await loop.run_in_executor(self._executor, fn, db)
+            # A backstop only: the busy timeout ends a wait for a lock before this.
+            async with asyncio.timeout(self.command_timeout + 1.0 if bounded else None):
+                return await loop.run_in_executor(self._executor, within, db)
         except sqlite3.OperationalError as exc:
             raise StoreUnavailable(f"SQLite file {self.path} unavailable: {exc}") from exc
+        except TimeoutError as exc:
+            raise StoreUnavailable(f"SQLite file {self.path} did not answer within "
+                                   f"{self.command_timeout:g} s") from exc
 
     async def start(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
@@ -57,10 +79,10 @@ class SQLiteStore(Store):
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                 timeout=10)
+                                 timeout=self.command_timeout)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA busy_timeout=10000")
+            db.execute(f"PRAGMA busy_timeout={int(self.command_timeout * 1000)}")
             return db
 
         try:
@@ -100,7 +122,7 @@ class SQLiteStore(Store):
                 applied.append(version)
             return applied
 
-        return await self._run(apply)
+        return await self._run(apply, bounded=False)  # a migration takes what it takes
 
     async def append(self, room: str, author: str, text: str,
                      idempotency_key: str | None = None) -> tuple[Message, bool]:
@@ -152,6 +174,18 @@ class SQLiteStore(Store):
         def read(db: sqlite3.Connection) -> int:
             row = db.execute("SELECT last_seq FROM rooms WHERE room = ?", (room,)).fetchone()
             return int(row[0]) if row else 0
+
+        return await self._run(read)
+
+    async def latest_seqs(self, rooms: list[str]) -> dict[str, int]:
+        def read(db: sqlite3.Connection) -> dict[str, int]:
+            seqs = dict.fromkeys(rooms, 0)
+            for i in range(0, len(rooms), _IN_CHUNK):
+                chunk = rooms[i:i + _IN_CHUNK]
+                seqs.update(db.execute(
+                    "SELECT room, last_seq FROM rooms WHERE room IN "
+                    f"({', '.join('?' * len(chunk))})", chunk).fetchall())
+            return seqs
 
         return await self._run(read)
 

@@ -1,6 +1,7 @@
 """A TCP proxy a test controls: put it between a gateway and Postgres, then cut
 the link (connections reset, new ones refused), hold it (bytes wait), or
-restore it. The shared database server itself is never touched."""
+restore it; ``sent`` keeps what the clients sent, from ``record()`` on. The
+shared database server itself is never touched."""
 
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ class TCPProxy:
         self.flowing.set()
         self._server: asyncio.base_events.Server | None = None
         self._links: set[asyncio.StreamWriter] = set()
+        self.sent: bytearray | None = None  # client bytes since record(), None: not kept
+
+    def record(self) -> None:
+        """Keep every byte the clients send from now on, in ``sent``."""
+        self.sent = bytearray()
 
     async def start(self) -> "TCPProxy":
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -57,17 +63,20 @@ class TCPProxy:
             writer.transport.abort()
             return
         self._links.update((writer, up_writer))
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer),
-                             return_exceptions=True)
+        await asyncio.gather(self._pipe(reader, up_writer, upstream=True),
+                             self._pipe(up_reader, writer), return_exceptions=True)
         for w in (writer, up_writer):
             self._links.discard(w)
             w.transport.abort()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                    upstream: bool = False) -> None:
         while True:
             data = await reader.read(65536)
             if not data:
                 break
+            if upstream and self.sent is not None:
+                self.sent += data
             if not self.flowing.is_set():
                 self.waiting += 1
                 await self.flowing.wait()
