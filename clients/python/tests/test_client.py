@@ -39,10 +39,14 @@ async def test_publish_post_messages_and_history(gateway_env):
             first = await c.publish("py", "one")
             assert isinstance(first, Message) and first.seq == 1 and first.author == "svc"
             a = await c.post("py", "two", idempotency_key="k-2")
-            again = await c.post("py", "two, again", idempotency_key="k-2")
+            again = await c.post("py", "two", idempotency_key="k-2")
             assert again == a and a.seq == 2
+            # the same key for another text is refused, not stored
+            with pytest.raises(GatewayError) as conflict:
+                await c.post("py", "two, again", idempotency_key="k-2")
+            assert conflict.value.code == "idempotency_conflict"
             # a keyed WS publish shares the HTTP keys
-            assert await c.publish("py", "two, by ws", key="k-2") == a
+            assert await c.publish("py", "two", key="k-2") == a
             for i in range(3, 8):
                 await c.publish("py", f"m{i}")
             await eventually(lambda: len(seqs) == 7, t(10))
