@@ -13,6 +13,7 @@ COPY gateway ./gateway
 COPY pubsub ./pubsub
 COPY storage ./storage
 COPY static ./static
+COPY clients/js/src ./clients/js/src
 RUN pip install .
 
 FROM python:3.12-slim AS run

@@ -309,6 +309,9 @@ class GatewayApp(Starlette):
         return app
 
 
+SDK_PATH = "/sdk/chat-gateway.js"
+
+
 def static_dir(settings: Settings) -> Path:
     if settings.static_dir:
         return Path(settings.static_dir)
@@ -319,9 +322,23 @@ def static_dir(settings: Settings) -> Path:
     return here.parent / "static"
 
 
+def sdk_file() -> Path:
+    """The JavaScript client (clients/js/src/index.js), which the chat page imports.
+
+    An installed package carries it as ``gateway/sdk/index.js`` (pyproject maps
+    clients/js/src there); a source checkout serves the file itself.
+    """
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "sdk", here.parent / "clients" / "js" / "src"):
+        if (candidate / "index.js").exists():
+            return candidate / "index.js"
+    return here.parent / "clients" / "js" / "src" / "index.js"
+
+
 def create_app(settings: Settings | None = None, *, gateway: Gateway | None = None) -> Starlette:
     settings = settings or Settings.from_env()
     static = static_dir(settings)
+    sdk = sdk_file()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -339,6 +356,11 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         async def endpoint(request: Request) -> Response:
             return FileResponse(static / name, headers={"Cache-Control": "no-cache"})
         return endpoint
+
+    async def sdk_module(request: Request) -> Response:
+        # an ES module: served as JavaScript (pages send nosniff), revalidated like the pages
+        return FileResponse(sdk, media_type="text/javascript; charset=utf-8",
+                            headers={"Cache-Control": "no-cache"})
 
     routes = [
         Route("/v1/rooms/{room}/messages", post_message, methods=["POST"]),
@@ -362,6 +384,7 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/", page("index.html"), methods=["GET"]),
         Route("/dashboard", page("dashboard.html"), methods=["GET"]),
+        Route(SDK_PATH, sdk_module, methods=["GET"]),
         Mount("/static", StaticFiles(directory=static, check_dir=False), name="static"),
     ]
     app = GatewayApp(
