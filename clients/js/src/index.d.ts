@@ -67,8 +67,11 @@ export interface StateEvent {
   /** disconnected / closed: WebSocket close code (1006 for a failed upgrade). */
   code?: number;
   reason?: string;
-  /** HTTP status of a refused upgrade (seen in Node with `ws`; browsers hide it). */
+  /** HTTP status of a refused upgrade (seen in Node with `ws`; in a browser, which
+   * hides it, a 401 is learnt from the HTTP API). */
   status?: number;
+  /** disconnected: ms until the next attempt. */
+  delay?: number;
   error?: GatewayError;
 }
 
@@ -151,10 +154,13 @@ export declare class Client {
   /** Resolves with the stored message; stored once even when resent after a drop. */
   publish(room: string, text: string, options?: { key?: string }): Promise<Message>;
   typing(room: string): void;
+  /** While disconnected, try to connect at once instead of after the backoff delay. */
+  reconnectNow(): void;
   history(room: string, options?: { limit?: number; before?: number; after?: number }):
     Promise<Page>;
   pages(room: string, options?: { limit?: number; before?: number; after?: number }):
     AsyncGenerator<Message[], void, void>;
+  presence(room: string): Promise<{ room: string; users: string[] }>;
   markRead(room: string, seq: number): Promise<unknown>;
   readState(room: string): Promise<{ seq: number; unread: number }>;
 }

@@ -5,7 +5,8 @@
 //   disconnected ──connect()──▶ connecting ──open──▶ connected
 //        ▲                          │                    │
 //        └──── backoff (full jitter) ◀── socket closed ──┘
-//   closed: for good, after close(), a refused upgrade (HTTP 401/403), a close
+//   closed: for good, after close(), a refused upgrade (HTTP 401/403; in a browser,
+//   which hides the status, a 401 learnt from the HTTP API), a close
 //   with 1008 (policy: the token was refused or expired, and no token provider can
 //   give a new one) or 4001 (disconnected by the server API).
 //
@@ -382,13 +383,45 @@ export class Client extends Emitter {
       this.forceNewToken = true;
     }
     this.#disconnected(code, reason, httpStatus);
+    if (httpStatus === undefined && !opened) this.#probe();
   }
 
   #disconnected(code, reason, httpStatus) {
-    this.#setState(State.DISCONNECTED, { code, reason, status: httpStatus });
-    this.urlIndex += 1;
     const delay = backoff(this.attempt++, this.options.minDelay, this.options.maxDelay);
+    this.#setState(State.DISCONNECTED, { code, reason, status: httpStatus, delay });
+    this.urlIndex += 1;
     this.#later(delay, () => { if (this.state === State.DISCONNECTED) this.#open(); });
+  }
+
+  /**
+   * An upgrade failed and its HTTP status is unknown (a browser hides it; a network
+   * failure has none). The HTTP API answers with the status the upgrade got: a 401
+   * there means these credentials are refused, and retrying cannot help.
+   */
+  async #probe() {
+    const room = this.rooms.keys().next().value;
+    if (room === undefined) return;
+    let status;
+    try {
+      await this.history(room, { limit: 1 });
+      return;
+    } catch (err) {
+      status = err?.status;
+    }
+    // meanwhile another attempt may have got through, or the client was closed
+    if (status !== 401 || this.state === State.CLOSED || this.state === State.CONNECTED) return;
+    this.#detach(CloseCode.NORMAL, "unauthorized");
+    this.#closed(CloseCode.ABNORMAL, "the upgrade was refused with HTTP 401",
+                 new GatewayError("unauthorized", "HTTP 401", { status: 401 }), 401);
+  }
+
+  /** While waiting to reconnect (state `disconnected`), try at once (e.g. when the
+   * browser is back online). */
+  reconnectNow() {
+    if (this.state !== State.DISCONNECTED) return;
+    for (const id of this.timers) clearTimeout(id);
+    this.timers.clear();
+    this.#open();
   }
 
   #closed(code, reason, error, httpStatus) {
@@ -633,6 +666,11 @@ export class Client extends Emitter {
       if (after !== undefined) after = page.messages[page.messages.length - 1].seq;
       else before = page.messages[0].seq;
     }
+  }
+
+  /** The users here now: `{room, users}` (`GET /v1/rooms/{room}/presence`). */
+  presence(room) {
+    return this.#http("GET", `/v1/rooms/${encodeURIComponent(room)}/presence`);
   }
 
   /** Mark the room read up to `seq` (`POST /v1/rooms/{room}/read`). */

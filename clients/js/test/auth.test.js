@@ -4,6 +4,8 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 
+import { WebSocket as NodeWebSocket } from "ws";
+
 import { Client, State } from "../src/index.js";
 import { Gateway, environment, eventually, jwt, sleep } from "./gateway.js";
 
@@ -33,6 +35,42 @@ test("a refused upgrade (HTTP 401) closes the client for good", async () => {
   assert.equal(states.at(-1).status, 401);
   assert.equal(states.filter((s) => s.state === State.CONNECTING).length, 1, "no retry");
 });
+
+// A WebSocket as a browser has it: a refused upgrade's error says nothing of its status.
+class BrowserWebSocket extends NodeWebSocket {
+  addEventListener(type, listener, options) {
+    if (type !== "error") return super.addEventListener(type, listener, options);
+    return super.addEventListener(type, () => listener({ type: "error" }), options);
+  }
+}
+
+test("where the upgrade's status is hidden, the HTTP API's 401 closes the client", async () => {
+  const c = new Client(gw.url, { token: jwt("wrong-secret", { sub: "ana", exp: now() + 60 }),
+                                 WebSocket: BrowserWebSocket, minDelay: 50, maxDelay: 100 });
+  const states = [];
+  c.on("state", (ev) => states.push(ev));
+  const subscribed = c.subscribe("probe");
+  await assert.rejects(c.connect(), (e) => e.code === "unauthorized" && e.status === 401);
+  await assert.rejects(subscribed, (e) => e.code === "unauthorized" && e.status === 401);
+  assert.equal(c.state, State.CLOSED);
+  assert.equal(states.at(-1).status, 401);
+  const attempts = states.filter((s) => s.state === State.CONNECTING).length;
+  await sleep(500);
+  assert.equal(states.filter((s) => s.state === State.CONNECTING).length, attempts, "no retry");
+});
+
+test("where the upgrade's status is hidden, a valid token is not taken for a refused one",
+  async () => {
+    const c = new Client(gw.url, { token: jwt(SECRET, { sub: "ana", exp: now() + 60 }),
+                                   WebSocket: BrowserWebSocket });
+    try {
+      await c.connect();
+      await c.subscribe("probe-ok");
+      assert.equal((await c.publish("probe-ok", "hi")).author, "ana");
+    } finally {
+      c.close();
+    }
+  });
 
 test("a token provider carries the connection across token expiry, with no gap", async () => {
   let issued = 0;

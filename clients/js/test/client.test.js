@@ -5,7 +5,7 @@ import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 
 import { Client, GatewayError, State, backoff } from "../src/index.js";
-import { Gateway, environment, eventually, post } from "./gateway.js";
+import { Gateway, environment, eventually, freePort, post } from "./gateway.js";
 
 let envr;
 let gw;
@@ -118,6 +118,10 @@ test("ephemeral events and presence are typed events", async () => {
     await other.subscribe("ev");
     await eventually(() => presence.some((p) => p.user === "cleo" && p.action === "join"),
                      10000, "cleo's join");
+    // and who is here now, over HTTP
+    const here = await watcher.presence("ev");
+    assert.equal(here.room, "ev");
+    assert.deepEqual(here.users, ["cleo", "watcher"]);
   } finally {
     watcher.close();
     other.close();
@@ -161,3 +165,23 @@ test("a typing frame's answer, or its refusal, never shifts the answers of later
       c.close();
     }
   });
+
+test("disconnected says when the next attempt is; reconnectNow makes it at once", async () => {
+  // the first URL has no server: that attempt fails, the next one goes to the gateway
+  const dead = `http://127.0.0.1:${await freePort()}`;
+  const c = new Client([dead, gw.url], { user: "ana", minDelay: 600000, maxDelay: 600000 });
+  const waits = [];
+  c.on("disconnected", (ev) => waits.push(ev.delay));
+  try {
+    const connected = c.connect();
+    await eventually(() => c.state === State.DISCONNECTED, 10000, "the failed attempt");
+    assert.ok(waits[0] >= 600000, `the backoff delay is reported (${waits[0]})`);
+    c.reconnectNow();
+    await connected; // not after ten minutes: at once, on the next URL
+    assert.equal(c.state, State.CONNECTED);
+    c.reconnectNow(); // connected: nothing to do
+    assert.equal(c.state, State.CONNECTED);
+  } finally {
+    c.close();
+  }
+});
