@@ -401,18 +401,20 @@ export class Client extends Emitter {
   async #probe() {
     const room = this.rooms.keys().next().value;
     if (room === undefined) return;
-    let status;
+    let error;
     try {
       await this.history(room, { limit: 1 });
       return;
     } catch (err) {
-      status = err?.status;
+      error = err;
     }
     // meanwhile another attempt may have got through, or the client was closed
-    if (status !== 401 || this.state === State.CLOSED || this.state === State.CONNECTED) return;
+    if (error?.status !== 401 || this.state === State.CLOSED || this.state === State.CONNECTED) {
+      return;
+    }
     this.#detach(CloseCode.NORMAL, "unauthorized");
-    this.#closed(CloseCode.ABNORMAL, "the upgrade was refused with HTTP 401",
-                 new GatewayError("unauthorized", "HTTP 401", { status: 401 }), 401);
+    // the error is the gateway's own (code `unauthorized`, its message says why)
+    this.#closed(CloseCode.ABNORMAL, error.message, error, 401);
   }
 
   /** While waiting to reconnect (state `disconnected`), try at once (e.g. when the
