@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import httpx
 from playwright.async_api import Page, expect
 
 from tests.browser.conftest import PHONE
-from tests.harness import Instance, instances, post, t
+from tests.harness import ROOT, Instance, instances, post, t
 
 ROOM = "browser.room"
 
@@ -234,3 +237,76 @@ async def test_auth_mode_a_token_expiring_while_connected_stops_the_page(gateway
         # over HTTP that the token is refused and stops there.
         await refused(page, "not accepted")
         assert browser.errors == []
+
+
+# -- the page is the JavaScript client's first user ------------------------------
+
+# The policy the pages are served with (PAGE_HEADERS in gateway/app.py), less
+# frame-ancestors, which a <meta> policy cannot carry: a module from the page's own
+# origin is a script of 'self', its WebSocket a connection to 'self'.
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; base-uri 'none'; form-action 'self'")
+
+
+def strict_pages(tmp_path: Path) -> Path:
+    """The pages, with the policy in the document itself (served by the gateway: a
+    document fulfilled by the test would lose its loopback address, and its sockets)."""
+    static = tmp_path / "static"
+    shutil.copytree(ROOT / "static", static)
+    index = static / "index.html"
+    html = index.read_text()
+    assert '<meta charset="utf-8">' in html
+    index.write_text(html.replace(
+        '<meta charset="utf-8">',
+        f'<meta charset="utf-8">\n<meta http-equiv="Content-Security-Policy" content="{CSP}">'))
+    return static
+
+
+async def test_the_page_runs_on_the_served_js_client_and_resumes_across_an_instance_kill(
+        gateway_env, browser, tmp_path):
+    sdk_source = (ROOT / "clients" / "js" / "src" / "index.js").read_bytes()
+    env = {**gateway_env, "STATIC_DIR": str(strict_pages(tmp_path))}
+    async with instances(2, env) as (gw_a, gw_b), httpx.AsyncClient() as http:
+        for i in range(1, 4):
+            assert (await post(http, gw_b.url, ROOM, f"m{i}", author="cy")).status_code == 201
+        page = await browser.open("about:blank", "ana")
+        scripts: list[str] = []
+        blocked: list[str] = []
+        page.on("request", lambda req: scripts.append(req.url)
+                if req.resource_type == "script" else None)
+        page.on("console", lambda msg: blocked.append(msg.text)
+                if "Content Security Policy" in msg.text else None)
+        async with page.expect_response(f"{gw_a.url}/sdk/chat-gateway.js") as module:
+            await page.goto(f"{gw_a.url}/?room={ROOM}&name=ana")
+        response = await module.value
+        assert response.ok
+        assert response.headers["content-type"].startswith("text/javascript")
+        assert await response.body() == sdk_source, "the module is clients/js/src/index.js"
+        assert scripts == [f"{gw_a.url}/static/chat.js", f"{gw_a.url}/sdk/chat-gateway.js"]
+        assert CSP in await page.content(), "the page runs under the policy"
+
+        await connected(page)
+        assert await seqs(page) == [1, 2, 3]
+        await say(page, "from the page")
+        for i in range(5, 21):
+            assert (await post(http, gw_b.url, ROOM, f"m{i}", author="cy")).status_code == 201
+        await shown_up_to(page, 20)
+
+        # The page's instance is killed (no close frame) while the room goes on elsewhere.
+        gw_a.kill()
+        await expect(page.locator("#status")).not_to_have_attribute("data-state", "connected")
+        for i in range(21, 41):
+            assert (await post(http, gw_b.url, ROOM, f"m{i}", author="cy")).status_code == 201
+        gw_a.start()
+        await gw_a.wait_ready()
+        await connected(page)
+        await shown_up_to(page, 40)
+        await say(page, "back again")
+        await shown_up_to(page, 41)
+
+        history = (await http.get(f"{gw_b.url}/v1/rooms/{ROOM}/messages")).json()["messages"]
+        assert await seqs(page) == list(range(1, 42)), "every message once, in order"
+        assert await texts(page) == [m["text"] for m in history]
+        assert [m["text"] for m in history if m["author"] == "ana"] == ["from the page",
+                                                                       "back again"]
+        assert blocked == [] and browser.errors == []
