@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -276,6 +277,9 @@ async def test_the_page_runs_on_the_served_js_client_and_resumes_across_an_insta
                 if req.resource_type == "script" else None)
         page.on("console", lambda msg: blocked.append(msg.text)
                 if "Content Security Policy" in msg.text else None)
+        frames: list[str] = []
+        page.on("websocket", lambda ws: ws.on(
+            "framesent", lambda payload: frames.append(str(payload))))
         async with page.expect_response(f"{gw_a.url}/sdk/chat-gateway.js") as module:
             await page.goto(f"{gw_a.url}/?room={ROOM}&name=ana")
         response = await module.value
@@ -287,7 +291,17 @@ async def test_the_page_runs_on_the_served_js_client_and_resumes_across_an_insta
 
         await connected(page)
         assert await seqs(page) == [1, 2, 3]
-        await say(page, "from the page")
+
+        # Typing sends one typing frame per 2 s at most; a server that refuses the
+        # frame (as this one does until typing is added) leaves the page as it was.
+        await page.locator("#text").press_sequentially("from the page", delay=20)
+        await page.wait_for_timeout(1000)
+        typing = [f for f in frames if '"typing"' in f]
+        assert [json.loads(f) for f in typing] == [{"type": "typing", "room": ROOM}]
+        await expect(page.locator("#notice")).to_be_hidden()
+        await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+        await page.locator("#text").press("Enter")
+        await expect(page.locator("#text")).to_have_value("")
         for i in range(5, 21):
             assert (await post(http, gw_b.url, ROOM, f"m{i}", author="cy")).status_code == 201
         await shown_up_to(page, 20)
