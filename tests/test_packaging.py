@@ -1,0 +1,34 @@
+"""The installed package (``pip install .``, as the image does) carries what the pages
+need: the JavaScript client the chat page imports comes from clients/js/src itself,
+mapped into the package, not from a copy kept by hand."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+
+from gateway.app import SDK_PATH, sdk_file
+from tests.harness import ROOT
+
+
+def test_the_package_and_the_image_carry_the_js_client_the_page_imports():
+    conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "gateway.sdk" in conf["packages"]
+    source = conf["package-dir"]["gateway.sdk"]
+    assert source == "clients/js/src"
+    assert "index.js" in conf["package-data"]["gateway.sdk"]
+    # a checkout serves the client's own file; an installed package, its mapped copy
+    assert sdk_file() == ROOT / source / "index.js"
+    assert not (ROOT / "static" / "chat-gateway.js").exists(), "no second copy in static/"
+
+    # the image's build stage has the source to map
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    build = dockerfile.split("\nFROM ")[1]  # the build stage
+    copied = re.findall(r"^COPY\s+(\S+)\s+\S+\s*$", build, re.M)
+    assert any(source == c.rstrip("/") or source.startswith(c.rstrip("/") + "/")
+               for c in copied), copied
+
+    # and the page imports it from where it is served
+    assert SDK_PATH == "/sdk/chat-gateway.js"
+    assert f'from "{SDK_PATH}"' in (ROOT / "static" / "chat.js").read_text()
+    assert 'type="module" src="/static/chat.js"' in (ROOT / "static" / "index.html").read_text()
