@@ -162,9 +162,10 @@ async def test_chat_page_keyboard_only_text_as_text_limits_and_phone_width(
 # -- auth mode: tokens in the address or pasted, and refusals that stop ------------
 
 async def requests_while(page: Page, seconds: float) -> list[str]:
-    """The requests the page makes in the next ``seconds``."""
+    """The requests and WebSockets the page opens in the next ``seconds``."""
     seen: list[str] = []
     page.on("request", lambda req: seen.append(req.url))
+    page.on("websocket", lambda ws: seen.append(ws.url))
     await page.wait_for_timeout(seconds * 1000)
     return seen
 
@@ -239,6 +240,28 @@ async def test_auth_mode_a_token_expiring_while_connected_stops_the_page(gateway
         await refused(page, "not accepted")
         assert browser.errors == []
 
+
+
+async def test_a_page_disconnected_by_the_server_api_stops_and_says_why(gateway_env, browser):
+    from tests.test_auth import SECRET, token
+
+    key = "backend-key-1"
+    env = {**gateway_env, "AUTH_SECRET": SECRET, "API_KEYS": key}
+    async with instances(1, env) as (gw,), httpx.AsyncClient() as http:
+        page = await browser.open(f"{gw.url}/?room={ROOM}&token={token('ana')}", "ana")
+        await connected(page)
+        r = await http.post(f"{gw.url}/v1/server/disconnect",
+                            headers={"Authorization": f"Bearer {key}"},
+                            json={"user": "ana", "reason": "banned for spam"})
+        assert r.status_code == 202, r.text
+        status = page.locator("#status")
+        await expect(status).to_have_attribute("data-state", "refused", timeout=t(30) * 1000)
+        await expect(status).to_contain_text("banned for spam")
+        await expect(page.locator("#send")).to_be_disabled()
+        # final: the page does not knock again
+        assert await requests_while(page, t(3)) == []
+        await expect(status).to_have_attribute("data-state", "refused")
+        assert browser.errors == []
 
 # -- the page is the JavaScript client's first user ------------------------------
 
