@@ -246,6 +246,92 @@ class RedisClusterServers:
             node.stop()
 
 
+class RedisSentinelServers:
+    """A primary, ``replicas`` replicas and ``sentinels`` sentinels (``redis-server
+    --sentinel``) of the test's own, on free ports, monitoring the primary as
+    ``service``. Short timeouts, so a killed primary is replaced in seconds."""
+
+    def __init__(self, replicas: int = 1, sentinels: int = 3, service: str = "chat",
+                 down_after_ms: int = 1000, failover_timeout_ms: int = 3000) -> None:
+        self.service = service
+        ports = free_ports(1 + replicas + sentinels)
+        self.servers = [RedisServer(ports[0])]
+        self.servers += [RedisServer(port, extra_args=("--replicaof", "127.0.0.1", str(ports[0])))
+                         for port in ports[1:1 + replicas]]
+        self.sentinel_ports = ports[1 + replicas:]
+        self.quorum = sentinels // 2 + 1
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.dir = tempfile.mkdtemp(prefix="cgtest-sentinel-")
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.service}"
+
+    def start(self) -> "RedisSentinelServers":
+        for server in self.servers:
+            server.start()
+        primary = self.servers[0].port
+        for port in self.sentinel_ports:
+            conf = Path(self.dir) / f"sentinel-{port}.conf"  # sentinels rewrite their file
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                f"logfile {self.dir}/sentinel-{port}.log\n"
+                f"sentinel monitor {self.service} 127.0.0.1 {primary} {self.quorum}\n"
+                f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {self.service} 1\n")
+            self.sentinels.append(subprocess.Popen(
+                ["redis-server", str(conf), "--sentinel"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.wait_settled()
+        return self
+
+    def ask(self, port: int, *command: str) -> str:
+        return subprocess.run(["redis-cli", "-p", str(port), *command],
+                              capture_output=True, text=True, timeout=t(10)).stdout
+
+    def primary_port(self) -> int | None:
+        """The primary's port as the first sentinel that answers names it."""
+        for port in self.sentinel_ports:
+            out = self.ask(port, "sentinel", "get-master-addr-by-name", self.service).split()
+            if len(out) == 2:
+                return int(out[1])
+        return None
+
+    def wait_settled(self, timeout: float = 30) -> None:
+        """Until every sentinel knows the others and sees every live replica in sync."""
+        live = sum(1 for s in self.servers if s.proc is not None) - 1
+        deadline = time.monotonic() + t(timeout)
+        while time.monotonic() < deadline:
+            ok = True
+            for port in self.sentinel_ports:
+                master = self.ask(port, "sentinel", "master", self.service).split("\n")
+                fields = dict(zip(master[::2], master[1::2], strict=False))
+                if (fields.get("num-other-sentinels") != str(len(self.sentinel_ports) - 1)
+                        or fields.get("num-slaves") != str(live)
+                        or fields.get("flags") != "master"):
+                    ok = False
+            if ok and live:
+                primary = self.primary_port()
+                ok = primary is not None and (
+                    f"connected_slaves:{live}" in self.ask(primary, "info", "replication"))
+            if ok:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("Redis sentinels did not settle on the primary and its replicas")
+
+    def stop(self) -> None:
+        for proc in self.sentinels:
+            proc.kill()
+            proc.wait(10)
+        self.sentinels = []
+        for server in self.servers:
+            server.stop()
+
+
 # -- gateway processes -------------------------------------------------------------
 
 

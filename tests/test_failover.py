@@ -1,0 +1,237 @@
+"""Failover of both engines, on servers of the test's own.
+
+Redis: a primary, a replica and three sentinels; the primary is killed and the
+sentinels promote the replica. Postgres: a primary with a synchronous
+streaming replica; the primary is stopped hard and the replica promoted. In
+both, two gateways carry posts and WS/SSE subscribers throughout, and every
+acknowledged message reaches every subscriber in order, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import AsyncIterator
+
+import httpx
+import pytest
+
+from gateway.config import ConfigError, Settings
+from pubsub import create_broker
+from pubsub.redis import RedisBroker
+from pubsub.sentinel import parse_sentinel_url
+from tests.harness import (Instance, RedisSentinelServers, SSEClient, WSClient, eventually,
+                           instances, metric, post, t)
+
+# -- the Sentinel URL ----------------------------------------------------------------
+
+
+def test_sentinel_urls_name_the_sentinels_service_db_and_credentials():
+    assert parse_sentinel_url("redis+sentinel://s1:26380,s2,[::1]:26381/chat") == (
+        [("s1", 26380), ("s2", 26379), ("::1", 26381)], "chat", {"ssl": False, "db": 0})
+    assert parse_sentinel_url("rediss+sentinel://ana:p%40ss@s1:1/my%20svc/3") == (
+        [("s1", 1)], "my svc", {"ssl": True, "db": 3, "username": "ana", "password": "p@ss"})
+    assert parse_sentinel_url("redis+sentinel://:secret@s1:1/chat")[2]["password"] == "secret"
+    assert isinstance(create_broker("redis+sentinel://s1:1/chat"), RedisBroker)
+    for bad, why in (("redis+sentinel://s1:1", "service name"),
+                     ("redis+sentinel://s1:1/", "service name"),
+                     ("redis+sentinel:///chat", "at least one sentinel"),
+                     ("redis+sentinel://s1:1/chat/x", "must be a number"),
+                     ("redis+sentinel://s1:1/chat?db=1", "query options")):
+        with pytest.raises(ConfigError, match=why):
+            Settings(redis_url=bad).validated()
+    assert Settings(redis_url="rediss+sentinel://s1:1,s2:2/chat/1").validated()
+
+
+# -- Redis Sentinel --------------------------------------------------------------------
+
+
+class Writer:
+    """Posts to the rooms round robin over the gateways until stopped; keeps what was
+    acknowledged (seq and when) and every other answer."""
+
+    def __init__(self, gws: list[Instance], http: httpx.AsyncClient, rooms: list[str],
+                 keyed: bool = False) -> None:
+        self.gws, self.http, self.rooms, self.keyed = gws, http, rooms, keyed
+        self.acked: dict[str, list[int]] = {room: [] for room in rooms}
+        self.acked_at: list[float] = []
+        self.failed: list[tuple[int, str]] = []
+        self.retried_same = 0
+        self.stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def count(self) -> int:
+        return sum(len(v) for v in self.acked.values())
+
+    async def _one(self, i: int) -> None:
+        room = self.rooms[i % len(self.rooms)]
+        headers = {"Idempotency-Key": f"k-{i}"} if self.keyed else {}
+        first: int | None = None
+        for attempt in range(200):  # a keyed post is retried until it is answered
+            g = self.gws[(i + attempt) % len(self.gws)]
+            try:
+                r = await post(self.http, g.url, room, f"m{i}", headers=headers)
+            except httpx.HTTPError as exc:
+                self.failed.append((0, repr(exc)))
+                r = None
+            if r is not None and r.status_code in (200, 201):
+                seq = r.json()["seq"]
+                if first is None:
+                    first = seq
+                self.acked[room].append(seq)
+                self.acked_at.append(time.monotonic())
+                return
+            if r is not None:
+                self.failed.append((r.status_code, r.text))
+                assert r.status_code == 503, r.text  # never a 500
+            if not self.keyed:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"post {i} never answered: {self.failed[-3:]}")
+
+    async def _run(self) -> None:
+        i = 0
+        while not self.stop.is_set():
+            await self._one(i)
+            i += 1
+            await asyncio.sleep(0.01)
+
+    def start(self) -> "Writer":
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def finish(self) -> None:
+        self.stop.set()
+        assert self._task is not None
+        await self._task
+
+    async def until(self, count: int, timeout: float = 30) -> None:
+        await eventually(lambda: self.count() >= count or (self._task is not None
+                                                            and self._task.done()), timeout)
+        if self._task is not None and self._task.done():
+            await self._task  # its assertion
+
+
+@contextlib.asynccontextmanager
+async def subscribers(gws: list[Instance], rooms: list[str]
+                      ) -> AsyncIterator[tuple[list[WSClient], dict[str, list[SSEClient]]]]:
+    """A WS subscriber on every gateway for every room, and an SSE stream per room
+    on every gateway."""
+    async with contextlib.AsyncExitStack() as stack:
+        wss = []
+        for n, g in enumerate(gws):
+            ws = await stack.enter_async_context(WSClient.connect(f"{g.ws_url}?user=ws{n}"))
+            for room in rooms:
+                await ws.subscribe(room)
+            wss.append(ws)
+        sses = {room: [await stack.enter_async_context(
+                    SSEClient.open(f"{g.url}/v1/rooms/{room}/events?user=sse{n}"))
+                    for n, g in enumerate(gws)] for room in rooms}
+        yield wss, sses
+
+
+async def delivered_in_order_once(writer: Writer, wss: list[WSClient],
+                                  sses: dict[str, list[SSEClient]]) -> None:
+    for room, seqs in writer.acked.items():
+        n = len(seqs)
+        assert sorted(seqs) == list(range(1, n + 1)), f"room {room}: acked seqs {seqs}"
+        for ws in wss:
+            assert await ws.messages(room, n, timeout=30) == list(range(1, n + 1))
+        for sse in sses[room]:
+            assert await sse.wait_for(n, timeout=30) == list(range(1, n + 1))
+    await asyncio.sleep(t(1))  # and nothing arrives twice later
+    for room, seqs in writer.acked.items():
+        want = list(range(1, len(seqs) + 1))
+        assert all(ws.seqs(room) == want for ws in wss)
+        assert all(sse.seqs() == want for sse in sses[room])
+
+
+async def ready(http: httpx.AsyncClient, g: Instance) -> int:
+    try:
+        return (await http.get(f"{g.url}/readyz", timeout=t(3))).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+async def test_gateways_follow_a_sentinel_failover(pg_url):
+    """The primary is killed; the sentinels promote the replica; both gateways move
+    their Pub/Sub link, command batch and pool to it. Every acknowledged post
+    reaches every WS and SSE subscriber in order, once; /readyz goes 503 and back;
+    rate limits, the history cache and presence work on the new primary."""
+    servers = RedisSentinelServers().start()
+    rooms = ["north", "south"]
+    prefix = "cgfo:"
+    env = {"DATABASE_URL": pg_url, "REDIS_URL": servers.url, "KEY_PREFIX": prefix,
+           # one shared bucket for all posts (the identity is the address): it must
+           # not run out, and must refill slowly enough to tell shared from local
+           "RATE_LIMIT": "5000/1000000s", "CONNECT_RATE_LIMIT": "100000/1s",
+           "PUBLISH_RATE_LIMIT": "100000/1s", "LOG_LEVEL": "warning",
+           "BROKER_PROBE_INTERVAL": "0.5", "POSITION_INTERVAL": "1"}
+    try:
+        old = servers.servers[0].port
+        async with (instances(2, env) as gws, httpx.AsyncClient(timeout=30) as http,
+                    subscribers(gws, rooms) as (wss, sses)):
+            writer = Writer(gws, http, rooms).start()
+            await writer.until(20)
+
+            servers.servers[0].stop()  # SIGKILL, for good
+            killed = time.monotonic()
+            await eventually(lambda: all_status(http, gws, 503), timeout=20)
+            await eventually(lambda: all_status(http, gws, 200), timeout=40)
+            back = time.monotonic() - killed
+            new = servers.primary_port()
+            assert new is not None and new != old
+            at = writer.count()
+            await writer.until(at + 20)
+            await writer.finish()
+            first_post = min((a for a in writer.acked_at if a > killed), default=None)
+            assert first_post is not None
+            gaps = [b - a for a, b in zip(writer.acked_at, writer.acked_at[1:], strict=False)]
+            print(f"\nredis sentinel failover: /readyz back {back:.2f} s after the kill; "
+                  f"first post acknowledged {first_post - killed:.2f} s after it; longest "
+                  f"wait between two acknowledged posts {max(gaps):.2f} s; "
+                  f"{writer.count()} posts, {len(writer.failed)} not acknowledged")
+            assert not writer.failed  # the store is the truth: Redis down fails no post
+
+            await delivered_in_order_once(writer, wss, sses)
+
+            client = servers.servers[1]
+            assert client.port == new
+            # the history cache is on the new primary and agrees with the store
+            for room, seqs in writer.acked.items():
+                for g in gws:
+                    page = (await http.get(f"{g.url}/v1/rooms/{room}/messages",
+                                           params={"limit": 200})).json()
+                    assert [m["seq"] for m in page["messages"]] == list(range(1, len(seqs) + 1))
+                assert int(servers.ask(new, "get", f"{prefix}{{{room}}}:seq").strip()) == len(seqs)
+            # rate limits: one shared bucket on the new primary, no local fallback
+            remaining = []
+            for g in gws:
+                r = await post(http, g.url, rooms[0], "counted")
+                assert r.status_code == 201
+                remaining.append(int(r.headers["RateLimit-Remaining"]))
+            assert remaining[1] < remaining[0]  # a local bucket would be fuller
+            for g in gws:
+                assert await metric(g.url, "chat_rate_limit_local_fallback") == 0
+            assert servers.ask(new, "exists", f"{prefix}rl:post:{{127.0.0.1}}").strip() == "1"
+            # presence: a join on one gateway is seen on the other, kept on the new primary
+            async with WSClient.connect(f"{gws[0].ws_url}?user=eve") as eve:
+                await eve.subscribe(rooms[1])
+                await eventually(lambda: has_user(http, gws[1], rooms[1], "eve"), timeout=10)
+                members = servers.ask(new, "zrange", f"{prefix}{{{rooms[1]}}}:presence",
+                                      "0", "-1").split()
+                assert any(m.endswith(":eve") for m in members), members
+            for g in gws:
+                assert "Traceback" not in g.log()
+    finally:
+        servers.stop()
+
+
+async def all_status(http: httpx.AsyncClient, gws: list[Instance], status: int) -> bool:
+    return all([await ready(http, g) == status for g in gws])
+
+
+async def has_user(http: httpx.AsyncClient, g: Instance, room: str, user: str) -> bool:
+    r = await http.get(f"{g.url}/v1/rooms/{room}/presence")
+    return user in r.json()["users"]
