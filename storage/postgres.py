@@ -82,9 +82,28 @@ GROUP_MAX = 256
 
 _BY_KEY = f"SELECT {_COLUMNS} FROM messages WHERE room = $1 AND idempotency_key = $2"
 
+# Where a new connection landed: the server's cluster (a promoted standby keeps its
+# primary's) and the timeline it writes on (one more with every promotion).
+_TIMELINE = ("SELECT system_identifier, "
+             "('x' || left(pg_walfile_name(pg_current_wal_lsn()), 8))::bit(32)::int AS timeline "
+             "FROM pg_control_system()")
+
+
+class StalePrimary(Exception):
+    """A server that writes on an older timeline than one this store has written on:
+    a primary whose standby was promoted, back up as a primary (a split brain)."""
+
+
+# A database that cannot take the statement now: unreachable, starting, shutting
+# down or crashed (a failover in progress), out of connections, or a standby (a
+# demoted primary, or no host of a multi-host URL is the primary yet). The caller
+# answers 503 and may retry; nothing was committed by this statement unless its
+# commit's reply was lost, which an Idempotency-Key retry finds.
 _UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
                 asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
-                asyncpg.TooManyConnectionsError)
+                asyncpg.TooManyConnectionsError, asyncpg.AdminShutdownError,
+                asyncpg.CrashShutdownError, asyncpg.ReadOnlySQLTransactionError,
+                asyncpg.TargetServerAttributeNotMatched, StalePrimary)
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -118,10 +137,13 @@ class PostgresStore(Store):
         self._waiting: list[tuple[str, str, str, str, datetime, asyncio.Future[int]]] = []
         # Each flight, and when its statement in progress started (loop time).
         self._flights: dict[asyncio.Task[None], float] = {}
+        # Per database cluster (system identifier), the latest timeline connected to.
+        self._timelines: dict[int, int] = {}
 
     async def start(self) -> None:
         try:
             self._pool = await asyncpg.create_pool(self.url, reset=_keep_session,
+                                                   init=self._check_timeline,
                                                    **self._pool_args)
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"cannot connect to Postgres: {exc}") from exc
@@ -145,7 +167,30 @@ class PostgresStore(Store):
             async with self.pool.acquire(timeout=self._acquire_timeout) as conn:
                 return await getattr(conn, method)(query, *args)
         except _UNAVAILABLE as exc:
+            await self._failed(exc)
             raise _unavailable(exc) from exc
+
+    async def _check_timeline(self, conn: asyncpg.Connection) -> None:
+        """Each new pooled connection: a server on an older timeline of the cluster
+        than one this store has written on is an old primary that came back as a
+        primary after its standby was promoted. It is refused (503 until the
+        orchestrator fences it), so it never takes a write."""
+        row = await conn.fetchrow(_TIMELINE)
+        cluster, timeline = int(row["system_identifier"]), int(row["timeline"])
+        latest = self._timelines.get(cluster, 0)
+        if timeline < latest:
+            log.warning("refusing a stale Postgres primary: it writes on timeline %d, "
+                        "the cluster is on timeline %d", timeline, latest)
+            raise StalePrimary(f"the server is a stale primary (timeline {timeline} < {latest})")
+        self._timelines[cluster] = timeline
+
+    async def _failed(self, exc: BaseException) -> None:
+        """A read-only answer means the pool holds connections to a server that is a
+        standby now (a failover demoted it): every pooled connection is replaced on
+        its next use, by one the URL's ``target_session_attrs`` sends to the primary."""
+        if isinstance(exc, asyncpg.ReadOnlySQLTransactionError) and self._pool is not None:
+            log.warning("Postgres answered read-only: reconnecting the pool to the primary")
+            await self._pool.expire_connections()
 
     async def migrate(self) -> list[str]:
         applied: list[str] = []
@@ -259,6 +304,7 @@ class PostgresStore(Store):
                     for item in group:
                         if not item[5].done():
                             item[5].set_exception(err)
+                    await self._failed(exc)
                     if conn is not None:
                         conn, held = None, conn
                         await self._release(held)

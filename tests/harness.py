@@ -8,6 +8,7 @@ with a sentence saying how to start it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -330,6 +331,129 @@ class RedisSentinelServers:
         self.sentinels = []
         for server in self.servers:
             server.stop()
+
+
+# -- Postgres clusters of the tests' own -------------------------------------------------
+
+PG_VERSION = os.environ.get("TEST_PG_VERSION") or (
+    sorted(os.listdir("/etc/postgresql"))[-1] if os.path.isdir("/etc/postgresql") else "15")
+PG_TOOLS_HINT = ("Debian's PostgreSQL cluster tools (pg_createcluster, pg_ctlcluster, run as "
+                 "root) are needed: `apt-get install -y postgresql-common postgresql`")
+
+
+class PostgresPair:
+    """A primary and a streaming replica of the test's own (Debian clusters on free
+    loopback ports, trust auth), the replica synchronous: a commit returns once the
+    replica has flushed it. ``remove()`` drops both clusters whatever state they
+    are in. The machine's own ``main`` cluster is never touched."""
+
+    def __init__(self, database: str = "chat") -> None:
+        tag = uuid.uuid4().hex[:8]
+        self.names = [f"cgtest_{tag}_a", f"cgtest_{tag}_b"]
+        self.ports = free_ports(2)
+        self.database = database
+        self.created: list[str] = []
+
+    def url(self, *hosts: int, attrs: str = "read-write") -> str:
+        """A URL naming both servers (or the indexes given), for the primary."""
+        ports = [self.ports[i] for i in (hosts or (0, 1))]
+        hostlist = ",".join(f"127.0.0.1:{p}" for p in ports)
+        return (f"postgresql://postgres@{hostlist}/{self.database}"
+                f"?target_session_attrs={attrs}")
+
+    def _run(self, *cmd: str, timeout: float = 60) -> str:
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=t(timeout))
+        except FileNotFoundError:
+            raise RuntimeError(PG_TOOLS_HINT) from None
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stdout}{done.stderr}")
+        return done.stdout
+
+    def _create(self, i: int, *settings: str) -> None:
+        name, port = self.names[i], self.ports[i]
+        self.created.append(name)
+        self._run("pg_createcluster", PG_VERSION, name, "-p", str(port), "--", "--auth=trust")
+        conf = Path(f"/etc/postgresql/{PG_VERSION}/{name}")
+        # fsync off: a stop -m immediate kills processes, not the machine, so the
+        # page cache keeps what they wrote; this saves the shared disk the flushes.
+        (conf / "conf.d" / "cgtest.conf").write_text("\n".join((
+            "listen_addresses = '127.0.0.1'", "unix_socket_directories = '/tmp'",
+            "shared_buffers = 16MB", "max_connections = 60", "fsync = off",
+            "wal_keep_size = 64MB", *settings)) + "\n")
+        (conf / "pg_hba.conf").write_text(
+            "local all all trust\n"
+            "host all all 127.0.0.1/32 trust\n"
+            "host replication all 127.0.0.1/32 trust\n")
+
+    def set_synchronous(self, i: int, on: bool) -> None:
+        """Whether server ``i`` waits for a synchronous standby (read at its next
+        start or reload)."""
+        conf = Path(f"/etc/postgresql/{PG_VERSION}/{self.names[i]}/conf.d/cgtest.conf")
+        lines = [line for line in conf.read_text().splitlines()
+                 if not line.startswith("synchronous_standby_names")]
+        if on:
+            lines.append("synchronous_standby_names = '*'")
+        conf.write_text("\n".join(lines) + "\n")
+
+    def ctl(self, i: int, *action: str) -> None:
+        self._run("pg_ctlcluster", "--skip-systemctl-redirect", PG_VERSION, self.names[i],
+                  *action)
+
+    def sql(self, i: int, query: str, database: str | None = None) -> str:
+        return self._run("psql", "-h", "127.0.0.1", "-p", str(self.ports[i]), "-U", "postgres",
+                         "-d", database or self.database, "-XAtc", query, timeout=20).strip()
+
+    def start(self) -> "PostgresPair":
+        try:
+            self._create(0)
+            self.ctl(0, "start")
+            self._run("createdb", "-h", "127.0.0.1", "-p", str(self.ports[0]), "-U", "postgres",
+                      self.database)
+            self.make_standby(1, of=0)
+            # Synchronous from here on, on the primary only (in its own config file,
+            # not in the data directory a base backup copies): a promoted standby
+            # with no standby of its own must not wait for one.
+            self.set_synchronous(0, True)
+            self.ctl(0, "reload")
+            self.wait_sync()
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def make_standby(self, i: int, of: int) -> None:
+        """Cluster ``i`` (created here if new, else stopped and emptied) becomes a
+        streaming standby of ``of``, from a base backup."""
+        if self.names[i] not in self.created:
+            self._create(i)
+        else:
+            with contextlib.suppress(RuntimeError):
+                self.ctl(i, "stop", "-m", "immediate")
+        data = f"/var/lib/postgresql/{PG_VERSION}/{self.names[i]}"
+        self._run("find", data, "-mindepth", "1", "-delete")  # the directory stays postgres's
+        self._run("runuser", "-u", "postgres", "--", "pg_basebackup", "-h", "127.0.0.1",
+                  "-p", str(self.ports[of]), "-U", "postgres", "-D", data, "-R",
+                  "-X", "stream", "-c", "fast")
+        self.ctl(i, "start")
+
+    def in_recovery(self, i: int) -> bool:
+        return self.sql(i, "SELECT pg_is_in_recovery()") == "t"
+
+    def wait_sync(self, timeout: float = 30) -> None:
+        """Until the primary (0) has its standby streaming as the synchronous one."""
+        deadline = time.monotonic() + t(timeout)
+        while time.monotonic() < deadline:
+            if self.sql(0, "SELECT sync_state FROM pg_stat_replication") == "sync":
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the Postgres standby did not become synchronous")
+
+    def remove(self) -> None:
+        for name in self.created:
+            subprocess.run(["pg_dropcluster", "--stop", PG_VERSION, name],
+                           capture_output=True, timeout=60)
+        self.created = []
 
 
 # -- gateway processes -------------------------------------------------------------
