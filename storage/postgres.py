@@ -84,9 +84,10 @@ _BY_KEY = f"SELECT {_COLUMNS} FROM messages WHERE room = $1 AND idempotency_key 
 
 # Where a new connection landed: the server's cluster (a promoted standby keeps its
 # primary's) and the timeline it writes on (one more with every promotion).
-_TIMELINE = ("SELECT system_identifier, "
-             "('x' || left(pg_walfile_name(pg_current_wal_lsn()), 8))::bit(32)::int AS timeline "
-             "FROM pg_control_system()")
+# (None on a standby, which takes no write anyway.)
+_TIMELINE = ("SELECT system_identifier, CASE WHEN NOT pg_is_in_recovery() THEN "
+             "('x' || left(pg_walfile_name(pg_current_wal_lsn()), 8))::bit(32)::int END "
+             "AS timeline FROM pg_control_system()")
 
 
 class StalePrimary(Exception):
@@ -96,14 +97,16 @@ class StalePrimary(Exception):
 
 # A database that cannot take the statement now: unreachable, starting, shutting
 # down or crashed (a failover in progress), out of connections, or a standby (a
-# demoted primary, or no host of a multi-host URL is the primary yet). The caller
+# demoted primary, or no host of a multi-host URL is the primary yet), or a
+# connection whose protocol state the server's end of the session broke (asyncpg's
+# InternalClientError: "cannot switch to state …"). The caller
 # answers 503 and may retry; nothing was committed by this statement unless its
 # commit's reply was lost, which an Idempotency-Key retry finds.
 _UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
                 asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
                 asyncpg.TooManyConnectionsError, asyncpg.AdminShutdownError,
                 asyncpg.CrashShutdownError, asyncpg.ReadOnlySQLTransactionError,
-                asyncpg.TargetServerAttributeNotMatched, StalePrimary)
+                asyncpg.InternalClientError, StalePrimary)
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -165,9 +168,12 @@ class PostgresStore(Store):
     async def _call(self, method: str, query: str, *args: Any) -> Any:
         try:
             async with self.pool.acquire(timeout=self._acquire_timeout) as conn:
-                return await getattr(conn, method)(query, *args)
+                try:
+                    return await getattr(conn, method)(query, *args)
+                except _UNAVAILABLE as exc:
+                    await self._failed(exc, conn)
+                    raise
         except _UNAVAILABLE as exc:
-            await self._failed(exc)
             raise _unavailable(exc) from exc
 
     async def _check_timeline(self, conn: asyncpg.Connection) -> None:
@@ -176,6 +182,8 @@ class PostgresStore(Store):
         primary after its standby was promoted. It is refused (503 until the
         orchestrator fences it), so it never takes a write."""
         row = await conn.fetchrow(_TIMELINE)
+        if row["timeline"] is None:
+            return
         cluster, timeline = int(row["system_identifier"]), int(row["timeline"])
         latest = self._timelines.get(cluster, 0)
         if timeline < latest:
@@ -184,13 +192,16 @@ class PostgresStore(Store):
             raise StalePrimary(f"the server is a stale primary (timeline {timeline} < {latest})")
         self._timelines[cluster] = timeline
 
-    async def _failed(self, exc: BaseException) -> None:
+    async def _failed(self, exc: BaseException, conn: Any = None) -> None:
         """A read-only answer means the pool holds connections to a server that is a
         standby now (a failover demoted it): every pooled connection is replaced on
-        its next use, by one the URL's ``target_session_attrs`` sends to the primary."""
+        its next use, by one the URL's ``target_session_attrs`` sends to the primary.
+        A connection in a broken protocol state is closed, not pooled again."""
         if isinstance(exc, asyncpg.ReadOnlySQLTransactionError) and self._pool is not None:
             log.warning("Postgres answered read-only: reconnecting the pool to the primary")
             await self._pool.expire_connections()
+        elif isinstance(exc, asyncpg.InternalClientError) and conn is not None:
+            conn.terminate()
 
     async def migrate(self) -> list[str]:
         applied: list[str] = []
@@ -304,7 +315,7 @@ class PostgresStore(Store):
                     for item in group:
                         if not item[5].done():
                             item[5].set_exception(err)
-                    await self._failed(exc)
+                    await self._failed(exc, conn)
                     if conn is not None:
                         conn, held = None, conn
                         await self._release(held)

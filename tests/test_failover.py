@@ -22,6 +22,8 @@ from gateway.config import ConfigError, Settings
 from pubsub import create_broker
 from pubsub.redis import RedisBroker
 from pubsub.sentinel import parse_sentinel_url
+from storage.base import StoreUnavailable
+from storage.postgres import PostgresStore
 from tests.harness import (REDIS_URL, Instance, PostgresPair, RedisSentinelServers, SSEClient,
                            WSClient, eventually, instances, metric, post, t)
 
@@ -267,6 +269,10 @@ async def test_gateways_follow_a_postgres_promotion(redis_prefix):
             writer = Writer(gws, http, rooms, keyed=True).start()
             await writer.until(20)
 
+            # committed on the old primary (its answer may as well have been lost)
+            kept = await post(http, gws[0].url, "kept", "before", headers={"Idempotency-Key": "K"})
+            assert kept.status_code == 201
+
             await asyncio.to_thread(pair.ctl, 0, "stop", "-m", "immediate")
             killed = time.monotonic()
             await eventually(lambda: all_status(http, gws, 503), timeout=20)
@@ -278,6 +284,9 @@ async def test_gateways_follow_a_postgres_promotion(redis_prefix):
             first_post = min(a for a, status in zip(writer.acked_at, writer.statuses, strict=True)
                              if a > killed and status == 201)
             await eventually(lambda: all_status(http, gws, 200), timeout=20)
+            # the retry of that post on the new primary finds it: the same message
+            again = await post(http, gws[1].url, "kept", "before", headers={"Idempotency-Key": "K"})
+            assert again.status_code == 200 and again.json() == kept.json()
 
             # Split brain: the old primary comes back as a primary, alone (nothing
             # fenced it, and it no longer has a synchronous standby to wait for).
@@ -290,7 +299,12 @@ async def test_gateways_follow_a_postgres_promotion(redis_prefix):
             await asyncio.to_thread(
                 pair.sql, 1, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                 "WHERE datname = 'chat' AND pid <> pg_backend_pid()")
-            await eventually(lambda: len(writer.failed) > failed + 5, timeout=20)
+
+            async def split_seen() -> bool:  # posts refused, or (the hole) written there
+                return len(writer.failed) > failed + 5 or await asyncio.to_thread(
+                    pair.sql, 0, "SELECT count(*) FROM messages") != stale
+
+            await eventually(split_seen, timeout=20)
             assert await asyncio.to_thread(pair.sql, 0, "SELECT count(*) FROM messages") == stale
             # the orchestrator fences it and makes it a standby of the new primary
             await asyncio.to_thread(pair.make_standby, 0, 1)
@@ -314,9 +328,27 @@ async def test_gateways_follow_a_postgres_promotion(redis_prefix):
                     sorted(seqs) == list(range(1, len(seqs) + 1)), room
             keys = await asyncio.to_thread(
                 pair.sql, 1, "SELECT count(DISTINCT idempotency_key), count(*) FROM messages")
-            assert keys == f"{writer.count()}|{writer.count()}"
+            assert keys == f"{writer.count() + 1}|{writer.count() + 1}"  # and "kept"
             await delivered_in_order_once(writer, wss, sses)
             for g in gws:
                 assert not errors_logged(g), errors_logged(g)
+
+        # A pool that reaches a standby (any host will do here): a write is a 503,
+        # and the pool's connections are replaced rather than kept on it.
+        store = PostgresStore(pair.url(0, attrs="any"))
+        await store.start()
+        try:
+            for key in ("k-standby", None):
+                before = await backend_pid(store)
+                with pytest.raises(StoreUnavailable, match="ReadOnlySQLTransaction"):
+                    await store.append(rooms[0], "ana", "to a standby", idempotency_key=key)
+                assert await backend_pid(store) != before
+        finally:
+            await store.close()
     finally:
         await asyncio.to_thread(pair.remove)
+
+
+async def backend_pid(store: PostgresStore) -> int:
+    async with store.pool.acquire() as conn:
+        return int(await conn.fetchval("SELECT pg_backend_pid()"))
