@@ -18,14 +18,18 @@ from typing import AsyncIterator
 import httpx
 import pytest
 
+import redis.asyncio as aioredis
+from redis.exceptions import ReadOnlyError
+
 from gateway.config import ConfigError, Settings
 from pubsub import create_broker
+from pubsub.batch import CommandBatch
 from pubsub.redis import RedisBroker
 from pubsub.sentinel import parse_sentinel_url
 from storage.base import StoreUnavailable
 from storage.postgres import PostgresStore
-from tests.harness import (REDIS_URL, Instance, PostgresPair, RedisSentinelServers, SSEClient,
-                           WSClient, eventually, instances, metric, post, t)
+from tests.harness import (REDIS_URL, Instance, PostgresPair, RedisSentinelServers, RedisServer,
+                           SSEClient, WSClient, eventually, instances, metric, post, t)
 
 # -- the Sentinel URL ----------------------------------------------------------------
 
@@ -148,6 +152,32 @@ async def delivered_in_order_once(writer: Writer, wss: list[WSClient],
         want = list(range(1, len(seqs) + 1))
         assert all(ws.seqs(room) == want for ws in wss)
         assert all(sse.seqs() == want for sse in sses[room])
+
+
+async def test_a_demoted_server_retires_the_command_batch_link():
+    """A server that turns replica under an open link answers READONLY: the caller
+    gets that reply, and the next command opens a new link (over Sentinel, to the
+    new primary) instead of writing to the replica again."""
+    a, b = RedisServer(), RedisServer()
+    a.start()
+    b.start()
+    client = aioredis.from_url(a.url)
+    batch = CommandBatch(client)
+    try:
+        assert await batch.run([("SET", "k", "1")]) == [b"OK"]
+        first = batch.link
+        assert first is not None
+        await client.execute_command("REPLICAOF", "127.0.0.1", str(b.port))
+        (reply,) = await batch.run([("SET", "k", "2")])
+        assert isinstance(reply, ReadOnlyError)
+        assert batch.link is None and first.retired
+        await eventually(lambda: first.lost is not None, timeout=5)  # and it is closed
+        assert (await batch.run([("GET", "k")]))[0] is not None and batch.link is not first
+    finally:
+        await batch.close()
+        await client.aclose()
+        a.stop()
+        b.stop()
 
 
 async def ready(http: httpx.AsyncClient, g: Instance) -> int:
