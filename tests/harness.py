@@ -372,7 +372,8 @@ class PostgresPair:
 
     def _create(self, i: int, *settings: str) -> None:
         name, port = self.names[i], self.ports[i]
-        self.created.append(name)
+        if name not in self.created:
+            self.created.append(name)
         self._run("pg_createcluster", PG_VERSION, name, "-p", str(port), "--", "--auth=trust")
         conf = Path(f"/etc/postgresql/{PG_VERSION}/{name}")
         # fsync off: a stop -m immediate kills processes, not the machine, so the
@@ -423,7 +424,7 @@ class PostgresPair:
         return self
 
     def make_standby(self, i: int, of: int) -> None:
-        """Cluster ``i`` (created here if new, else stopped and emptied) becomes a
+        """Cluster ``i`` (created here if new, else stopped) is emptied and becomes a
         streaming standby of ``of``, from a base backup."""
         if self.names[i] not in self.created:
             self._create(i)
@@ -453,6 +454,10 @@ class PostgresPair:
         for name in self.created:
             subprocess.run(["pg_dropcluster", "--stop", PG_VERSION, name],
                            capture_output=True, timeout=60)
+            # what a half-made cluster pg_dropcluster does not know may leave
+            for path in (f"/var/lib/postgresql/{PG_VERSION}/{name}",
+                         f"/etc/postgresql/{PG_VERSION}/{name}"):
+                subprocess.run(["rm", "-rf", path], capture_output=True, timeout=60)
         self.created = []
 
 
