@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -331,6 +332,7 @@ class RedisSentinelServers:
         self.sentinels = []
         for server in self.servers:
             server.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # -- Postgres clusters of the tests' own -------------------------------------------------
