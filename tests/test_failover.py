@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from pathlib import Path
 from typing import AsyncIterator
@@ -59,8 +60,9 @@ class Writer:
     acknowledged (seq and when) and every other answer."""
 
     def __init__(self, gws: list[Instance], http: httpx.AsyncClient, rooms: list[str],
-                 keyed: bool = False) -> None:
+                 keyed: bool = False, give_up: float = 20) -> None:
         self.gws, self.http, self.rooms, self.keyed = gws, http, rooms, keyed
+        self.give_up = give_up  # seconds a keyed post is retried for
         self.acked: dict[str, list[int]] = {room: [] for room in rooms}
         self.acked_at: list[float] = []
         self.statuses: list[int] = []  # 201 new, 200 a retry answered with the stored one
@@ -77,7 +79,8 @@ class Writer:
     async def _one(self, i: int) -> None:
         room = self.rooms[i % len(self.rooms)]
         headers = {"Idempotency-Key": f"k-{i}"} if self.keyed else {}
-        for attempt in range(200):  # a keyed post is retried until it is answered
+        deadline = time.monotonic() + t(self.give_up)
+        for attempt in itertools.count():  # a keyed post is retried until it is answered
             g = self.gws[(i + attempt) % len(self.gws)]
             try:
                 r = await post(self.http, g.url, room, f"m{i}", headers=headers)
@@ -94,8 +97,9 @@ class Writer:
                 assert r.status_code == 503, r.text  # never a 500
             if not self.keyed:
                 return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"post {i} never answered: {self.failed[-3:]}")
             await asyncio.sleep(0.1)
-        raise AssertionError(f"post {i} never answered: {self.failed[-3:]}")
 
     async def _run(self) -> None:
         i = 0
@@ -128,7 +132,10 @@ async def subscribers(gws: list[Instance], rooms: list[str]
     async with contextlib.AsyncExitStack() as stack:
         wss = []
         for n, g in enumerate(gws):
-            ws = await stack.enter_async_context(WSClient.connect(f"{g.ws_url}?user=ws{n}"))
+            # Frames are read only at the end: an unbounded buffer keeps the socket
+            # read meanwhile, so keepalive pings are answered through a long switch.
+            ws = await stack.enter_async_context(
+                WSClient.connect(f"{g.ws_url}?user=ws{n}", max_queue=None))
             for room in rooms:
                 await ws.subscribe(room)
             wss.append(ws)
