@@ -136,14 +136,23 @@ class Settings:
                 f"DATABASE_URL={self.database_url!r}: use postgresql://… or sqlite:///PATH"
             )
         if not self.redis_url.startswith(("memory://", "redis://", "rediss://", "unix://",
-                                          "redis+cluster://", "rediss+cluster://")):
+                                          "redis+cluster://", "rediss+cluster://",
+                                          "redis+sentinel://", "rediss+sentinel://")):
             raise ConfigError(f"REDIS_URL={self.redis_url!r}: use redis://…, rediss://…, "
-                              "redis+cluster://host:port,… or memory://")
+                              "redis+cluster://host:port,…, "
+                              "redis+sentinel://host:port,…/SERVICE or memory://")
         if "+cluster://" in self.redis_url:
             from pubsub.cluster import parse_cluster_url
 
             try:
                 parse_cluster_url(self.redis_url)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        if "+sentinel://" in self.redis_url:
+            from pubsub.sentinel import parse_sentinel_url
+
+            try:
+                parse_sentinel_url(self.redis_url)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
         if not 1 <= self.port <= 65535 and self.port != 0:

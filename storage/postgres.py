@@ -90,9 +90,31 @@ GROUP_MAX = 256
 
 _BY_KEY = f"SELECT {_COLUMNS} FROM messages WHERE room = $1 AND idempotency_key = $2"
 
+# Where a new connection landed: the server's cluster (a promoted standby keeps its
+# primary's) and the timeline it writes on (one more with every promotion).
+# (None on a standby, which takes no write anyway.)
+_TIMELINE = ("SELECT system_identifier, CASE WHEN NOT pg_is_in_recovery() THEN "
+             "('x' || left(pg_walfile_name(pg_current_wal_lsn()), 8))::bit(32)::int END "
+             "AS timeline FROM pg_control_system()")
+
+
+class StalePrimary(Exception):
+    """A server that writes on an older timeline than one this store has written on:
+    a primary whose standby was promoted, back up as a primary (a split brain)."""
+
+
+# A database that cannot take the statement now: unreachable, starting, shutting
+# down or crashed (a failover in progress), out of connections, or a standby (a
+# demoted primary, or no host of a multi-host URL is the primary yet), or a
+# connection whose protocol state the server's end of the session broke (asyncpg's
+# InternalClientError: "cannot switch to state …"). The caller
+# answers 503 and may retry; nothing was committed by this statement unless its
+# commit's reply was lost, which an Idempotency-Key retry finds.
 _UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
                 asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
-                asyncpg.TooManyConnectionsError)
+                asyncpg.TooManyConnectionsError, asyncpg.AdminShutdownError,
+                asyncpg.CrashShutdownError, asyncpg.ReadOnlySQLTransactionError,
+                asyncpg.InternalClientError, StalePrimary)
 
 
 # The array types the statements bind (the group commit's columns, latest_seqs'
@@ -156,10 +178,13 @@ class PostgresStore(Store):
         self._waiting: list[tuple[str, str, str, str, datetime, asyncio.Future[int]]] = []
         # Each flight, and when its statement in progress started (loop time).
         self._flights: dict[asyncio.Task[None], float] = {}
+        # Per database cluster (system identifier), the latest timeline connected to.
+        self._timelines: dict[int, int] = {}
 
     async def start(self) -> None:
         try:
-            self._pool = await asyncpg.create_pool(self.url, reset=_keep_session, init=_prime,
+            self._pool = await asyncpg.create_pool(self.url, reset=_keep_session,
+                                                   init=self._init_connection,
                                                    **self._pool_args)
         except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
             # Refused, unknown host, no such database, bad credentials: the server's
@@ -196,7 +221,9 @@ class PostgresStore(Store):
                 conn = await pool.acquire()
                 try:
                     result = await getattr(conn, method)(query, *args)
-                except BaseException:
+                except BaseException as exc:
+                    if isinstance(exc, _UNAVAILABLE):
+                        await self._failed(exc, conn)
                     self._release_later(conn)
                     raise
         except _UNAVAILABLE as exc:
@@ -210,6 +237,38 @@ class PostgresStore(Store):
         task = asyncio.get_running_loop().create_task(self._release(conn))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
+
+    async def _init_connection(self, conn: asyncpg.Connection) -> None:
+        """A new pooled connection: refused if it reached a stale primary, then primed."""
+        await self._check_timeline(conn)
+        await _prime(conn)
+
+    async def _check_timeline(self, conn: asyncpg.Connection) -> None:
+        """Each new pooled connection: a server on an older timeline of the cluster
+        than one this store has written on is an old primary that came back as a
+        primary after its standby was promoted. It is refused (503 until the
+        orchestrator fences it), so it never takes a write."""
+        row = await conn.fetchrow(_TIMELINE)
+        if row["timeline"] is None:
+            return
+        cluster, timeline = int(row["system_identifier"]), int(row["timeline"])
+        latest = self._timelines.get(cluster, 0)
+        if timeline < latest:
+            log.warning("refusing a stale Postgres primary: it writes on timeline %d, "
+                        "the cluster is on timeline %d", timeline, latest)
+            raise StalePrimary(f"the server is a stale primary (timeline {timeline} < {latest})")
+        self._timelines[cluster] = timeline
+
+    async def _failed(self, exc: BaseException, conn: Any = None) -> None:
+        """A read-only answer means the pool holds connections to a server that is a
+        standby now (a failover demoted it): every pooled connection is replaced on
+        its next use, by one the URL's ``target_session_attrs`` sends to the primary.
+        A connection in a broken protocol state is closed, not pooled again."""
+        if isinstance(exc, asyncpg.ReadOnlySQLTransactionError) and self._pool is not None:
+            log.warning("Postgres answered read-only: reconnecting the pool to the primary")
+            await self._pool.expire_connections()
+        elif isinstance(exc, asyncpg.InternalClientError) and conn is not None:
+            conn.terminate()
 
     async def migrate(self) -> list[str]:
         applied: list[str] = []
@@ -359,6 +418,8 @@ class PostgresStore(Store):
                     rows = await self._commit_group(conn, group)
                 except BaseException as exc:
                     _fail(group, exc)
+                    if isinstance(exc, _UNAVAILABLE):
+                        await self._failed(exc, conn)
                     conn, held = None, conn
                     self._release_later(held)
                     if isinstance(exc, asyncio.CancelledError):
