@@ -31,6 +31,8 @@ from gateway.retention import Retention
 from gateway.stats import Beacon
 from pubsub import Broker, BrokerUnavailable, create_broker
 from storage import HistoryCache, Message, Store, StoreUnavailable, create_store
+from webhooks import Webhooks
+from webhooks.metrics import WebhookMetrics
 
 log = logging.getLogger("gateway")
 
@@ -69,6 +71,8 @@ class Gateway:
         # One id per running instance: its presence members and its stats entry.
         self.instance_id = uuid.uuid4().hex[:12]
         self.beacon: Beacon | None = None
+        # Only with WEBHOOK_URLS set: otherwise no outbox rows, no dispatcher.
+        self.webhooks: Webhooks | None = None
 
     async def start(self, *, migrate: bool = True) -> None:
         await self.store.start()
@@ -76,6 +80,11 @@ class Gateway:
             applied = await self.store.migrate()
             if applied:
                 log.info("migrations applied: %s", ", ".join(applied))
+        if self.settings.webhook_urls:
+            # Before the first post: from here every commit writes its events.
+            self.webhooks = Webhooks(self.store, self.settings,
+                                     WebhookMetrics(self.metrics.registry))
+            await self.webhooks.start()
         await self.broker.start()
         redis = self.broker.redis
         prefix = self.settings.key_prefix
@@ -123,6 +132,8 @@ class Gateway:
             await self.hub.close()
         if self.history is not None:
             await self.history.close()
+        if self.webhooks is not None:
+            await self.webhooks.close()
         await self.broker.close()
         await self.store.close()
 
@@ -151,6 +162,8 @@ class Gateway:
                                           "stored, retry later") from None
         if created:
             self.metrics.messages_accepted.labels(transport).inc()
+            if self.webhooks is not None:
+                self.webhooks.poke()
             await self._announce([msg])
         return msg, created
 
@@ -167,6 +180,8 @@ class Gateway:
             raise ApiError("unavailable", "the message store is unavailable; nothing was "
                                           "stored, retry later") from None
         self.metrics.messages_accepted.labels(transport).inc(len(msgs))
+        if self.webhooks is not None:
+            self.webhooks.poke()
         await self._announce(msgs)
         return msgs
 
