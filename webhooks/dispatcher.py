@@ -11,7 +11,7 @@ flight, posts each, and records the outcome in the outbox:
   pending, nothing is lost) until an operator enables it again.
 - anything else, a timeout, a refused connection or a blocked address: retried
   after a delay drawn with full jitter from ``[0, min(MAX, MIN * 2^(n-1))]``, or
-  after ``Retry-After`` on a 429 or 503 (capped at MAX); once the attempts reach
+  after ``Retry-After`` on a 429 or 503 (even past MAX); once the attempts reach
   ``WEBHOOK_MAX_ATTEMPTS`` or the event is older than ``WEBHOOK_MAX_AGE`` it is a
   dead letter, listed and replayable by the admin API.
 
@@ -306,8 +306,8 @@ class Webhooks:
     def delay(self, attempts: int, retry_after: float | None = None) -> float:
         """Seconds before the next attempt after ``attempts`` failed ones."""
         backoff = self.settings.webhook_backoff
-        if retry_after is not None:
-            return min(backoff.longest, retry_after)
+        if retry_after is not None:  # the receiver knows best; WEBHOOK_MAX_AGE still ends it
+            return min(retry_after, self.settings.webhook_max_age)
         bound = min(backoff.longest, backoff.first * 2 ** min(attempts - 1, 62))
         return random.uniform(0, bound)
 
