@@ -180,14 +180,6 @@ class PostgresStore(Store):
         except _UNAVAILABLE as exc:
             raise _unavailable(exc) from exc
 
-    async def with_connection(self, fn: Any) -> Any:
-        """``await fn(conn)`` on a pooled connection."""
-        try:
-            async with self.pool.acquire(timeout=self._acquire_timeout) as conn:
-                return await fn(conn)
-        except _UNAVAILABLE as exc:
-            raise _unavailable(exc) from exc
-
     def write_outbox(self, endpoint_ids: list[int]) -> None:
         if endpoint_ids:
             self._append, self._append_group = with_outbox(_APPEND), with_outbox(_APPEND_GROUP)

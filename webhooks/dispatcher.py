@@ -165,6 +165,9 @@ class Webhooks:
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
+        # httpx logs every request at INFO: one line per attempt would drown the
+        # gateway's own log; its warnings still come through.
+        logging.getLogger("httpx").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
         endpoints = await self.outbox.register(self.urls)
         s = self.settings
         for endpoint in endpoints:
