@@ -379,11 +379,12 @@ async def test_a_commit_is_delivered_after_its_instance_is_killed(gateway_env):
 
 async def test_two_instances_share_the_outbox_without_sending_an_event_twice(gateway_env):
     receiver = await Receiver([new_secret()], answer=lambda hit: (200, {}, 0.02)).start()
-    env = hook_env(gateway_env, receiver)
+    # Two attempts in flight per instance and twelve rooms: more than one can carry.
+    env = hook_env(gateway_env, receiver, WEBHOOK_CONCURRENCY="2")
     gws = [Instance(env).start(), Instance(env).start()]
     try:
         await asyncio.gather(*(g.wait_ready() for g in gws))
-        posts = [(f"s{i % 6}", f"m{i}") for i in range(60)]
+        posts = [(f"s{i % 12}", f"m{i}") for i in range(60)]
         msgs = sum(await asyncio.gather(post_all(gws[0].url, posts[::2]),
                                         post_all(gws[1].url, posts[1::2])), [])
         await eventually(lambda: len(receiver.delivered()) >= 60, 30)
