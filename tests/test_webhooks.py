@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import orjson
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from gateway.config import ConfigError, Settings
+from gateway.config import Backoff, ConfigError, Settings
 from tests.harness import Instance, eventually, free_port, metric, post, t
 
 ADMIN_KEY = "admin-key-for-tests"
@@ -560,3 +561,33 @@ async def test_instances_claiming_at_once_never_share_a_row(pg_url):
     finally:
         for s in stores:
             await s.close()
+
+
+def test_backoff_draws_with_full_jitter_under_a_growing_bound_and_retry_after_wins():
+    from webhooks.dispatcher import Breaker, BreakerState, delay, retry_after
+
+    backoff = Backoff(2, 60)
+    for attempts, bound in ((1, 2), (2, 4), (3, 8), (5, 32), (6, 60), (40, 60)):
+        delays = [delay(backoff, attempts) for _ in range(300)]
+        assert all(0 <= d <= bound for d in delays)
+        assert max(delays) > bound * 0.8 and min(delays) < bound * 0.2  # spread over it
+    assert delay(backoff, 1, retry_after=120) == 120  # the receiver's word beats MAX
+    assert delay(backoff, 1, retry_after=9999, longest_wait=600) == 600
+    assert retry_after("7") == 7.0 and retry_after("soon") is None and retry_after(None) is None
+    when = retry_after(email.utils.formatdate(time.time() + 30, usegmt=True))
+    assert when is not None and 25 <= when <= 31
+
+    breaker = Breaker(threshold=2, cooldown=10)
+    breaker.failure(0)
+    assert breaker.allows()
+    breaker.failure(1)
+    assert breaker.state is BreakerState.OPEN and not breaker.allows()
+    assert not breaker.wants_probe(10.5)  # cooling down
+    assert breaker.wants_probe(11) and breaker.state is BreakerState.HALF_OPEN
+    breaker.probing = True
+    assert not breaker.wants_probe(11)  # one probe at a time
+    breaker.failure(12)  # the probe failed: open again, for a whole cool-down
+    assert breaker.state is BreakerState.OPEN and not breaker.wants_probe(21)
+    assert breaker.wants_probe(22)
+    breaker.success()
+    assert breaker.allows() and breaker.failures == 0

@@ -110,6 +110,17 @@ class Outcome:
         return self.kind == "success"
 
 
+def delay(backoff: Any, attempts: int, retry_after: float | None = None,
+          longest_wait: float = float("inf")) -> float:
+    """Seconds before the next attempt after ``attempts`` failed ones: full jitter
+    under ``min(MAX, MIN * 2^(attempts-1))``, or the receiver's ``Retry-After``
+    (the receiver knows best; ``longest_wait``, the event's age limit, still ends it)."""
+    if retry_after is not None:
+        return min(retry_after, longest_wait)
+    bound = min(backoff.longest, backoff.first * 2 ** min(attempts - 1, 62))
+    return random.uniform(0, bound)
+
+
 def retry_after(value: str | None) -> float | None:
     """Seconds from a ``Retry-After`` header: delta-seconds or an HTTP date."""
     if not value:
@@ -307,12 +318,8 @@ class Webhooks:
         return None
 
     def delay(self, attempts: int, retry_after: float | None = None) -> float:
-        """Seconds before the next attempt after ``attempts`` failed ones."""
-        backoff = self.settings.webhook_backoff
-        if retry_after is not None:  # the receiver knows best; WEBHOOK_MAX_AGE still ends it
-            return min(retry_after, self.settings.webhook_max_age)
-        bound = min(backoff.longest, backoff.first * 2 ** min(attempts - 1, 62))
-        return random.uniform(0, bound)
+        return delay(self.settings.webhook_backoff, attempts, retry_after,
+                     self.settings.webhook_max_age)
 
     def body(self, delivery: Delivery) -> bytes:
         return orjson.dumps({"type": delivery.type, "timestamp": format_ts(delivery.created_ms),
