@@ -58,7 +58,7 @@ COLUMNS = {
               "server_cpu_ms_per_post", "client_cpu_s"],
     "history": ["path", "reads", "p50_ms", "p99_ms", "max_ms", "speedup_p50"],
     "webhooks": ["phase", "rooms", "events", "offered_per_s", "p50_ms", "p99_ms", "max_ms",
-                 "events_per_s", "server_cpu_ms_per_event", "seconds", "attempts", "first_2s",
+                 "concurrency", "events_per_s", "server_cpu_ms_per_event", "seconds", "attempts", "first_2s",
                  "attempts_per_min"],
 }
 # A second table for a scenario: what each post cost every process on the machine.
@@ -138,7 +138,8 @@ async def run_scenario(scenario: str, args: argparse.Namespace,
     elif scenario == "webhooks":
         rows.extend(await webhooks.run(rooms=args.hook_rooms, rate=args.hook_rate,
                                        seconds=args.hook_seconds, backlog=args.hook_backlog,
-                                       dead_seconds=args.dead_seconds))
+                                       dead_seconds=args.dead_seconds,
+                                       concurrency=args.hook_concurrency))
     return rows
 
 
@@ -173,6 +174,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="webhooks: length of the latency phase")
     p.add_argument("--hook-backlog", type=int, default=5000,
                    help="webhooks: events drained in the throughput phase")
+    p.add_argument("--hook-concurrency", type=int, default=16,
+                   help="webhooks: WEBHOOK_CONCURRENCY of the draining instance")
     p.add_argument("--dead-seconds", type=float, default=60.0,
                    help="webhooks: window over which attempts to a dead receiver are counted")
     p.add_argument("--reads", type=int, default=2000, help="history reads per path")

@@ -8,8 +8,8 @@ HTTP/1.1 server answering at once).
    webhook (both clocks are this machine's).
 2. throughput: with the receiver down, ``backlog`` messages are posted and
    that instance is stopped; the receiver comes back and a fresh instance
-   drains the outbox: events per second from the first delivery to the last,
-   and that instance's CPU per event.
+   (``concurrency`` attempts in flight) drains the outbox: events per second
+   from the first delivery to the last, and that instance's CPU per event.
 3. dead receiver: a receiver that answers 500 to everything, ``rooms`` queues
    pending, a short backoff (0.1..1 s, so without the breaker every queue would
    retry several times a second) and the default breaker (5 failures, 30 s
@@ -41,7 +41,10 @@ class Receiver:
         self.status = 200
         self.got: list[tuple[float, dict[str, Any]]] = []  # (wall time, payload)
         self.attempts = 0
+        self.answering = asyncio.Event()  # cleared: requests are read and held unanswered
+        self.answering.set()
         self._server: asyncio.Server | None = None
+        self._conns: set[asyncio.StreamWriter] = set()
 
     @property
     def url(self) -> str:
@@ -51,11 +54,15 @@ class Receiver:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
 
     async def stop(self) -> None:
+        """Down: refuses connections, and the open ones are cut."""
         if self._server is not None:
             self._server.close()
             self._server = None
+        for writer in list(self._conns):
+            writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._conns.add(writer)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -64,6 +71,7 @@ class Receiver:
                     if line[:15].lower() == b"content-length:":
                         length = int(line[15:])
                 body = await reader.readexactly(length)
+                await self.answering.wait()
                 self.attempts += 1
                 if self.status == 200:
                     self.got.append((time.time(), orjson.loads(body)))
@@ -71,6 +79,7 @@ class Receiver:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
+            self._conns.discard(writer)
             writer.close()
 
 
@@ -118,7 +127,8 @@ async def _until(check: Any, timeout: float) -> bool:
 
 
 async def run(*, rooms: int = 50, rate: float = 100.0, seconds: float = 5.0,
-              backlog: int = 5000, dead_seconds: float = 60.0) -> list[dict[str, Any]]:
+              backlog: int = 5000, dead_seconds: float = 60.0,
+              concurrency: int = 16) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     receiver = Receiver()
     await receiver.start()
@@ -140,17 +150,20 @@ async def run(*, rooms: int = 50, rate: float = 100.0, seconds: float = 5.0,
         stored = await _post(server.port, backlog, rooms)
         server.stop()
         target.servers.remove(server)
+        receiver.answering.clear()  # held until the new instance's CPU is read
         await receiver.start()
-        server = target.make_server(1, env).start()
+        server = target.make_server(1, {**env, "WEBHOOK_CONCURRENCY": str(concurrency)}).start()
         target.servers.append(server)
         await server.wait_ready(target.ready_path)
         cpu0 = server.cpu()
+        receiver.answering.set()
         await _until(lambda: len(receiver.got) >= stored, 600)
         if receiver.got:
             first, last = receiver.got[0][0], receiver.got[-1][0]
             span = max(last - first, 1e-6)
             cpu = server.cpu() - cpu0
             rows.append({"phase": "throughput", "events": len(receiver.got), "rooms": rooms,
+                         "concurrency": concurrency,
                          "events_per_s": round(len(receiver.got) / span),
                          "server_cpu_ms_per_event": round(cpu / len(receiver.got) * 1000, 3)})
         await target.stop()
