@@ -168,9 +168,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="posts/s due per instance in a second, open-loop run (0: none); "
                         "the first run always posts back to back")
     p.add_argument("--hook-rooms", type=int, default=50, help="webhooks: rooms (queues)")
-    p.add_argument("--hook-rate", type=float, default=100.0,
+    p.add_argument("--hook-rate", type=float, default=25.0,
                    help="webhooks: posts/s in the latency phase")
-    p.add_argument("--hook-seconds", type=float, default=5.0,
+    p.add_argument("--hook-seconds", type=float, default=8.0,
                    help="webhooks: length of the latency phase")
     p.add_argument("--hook-backlog", type=int, default=5000,
                    help="webhooks: events drained in the throughput phase")

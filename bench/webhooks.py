@@ -126,7 +126,7 @@ async def _until(check: Any, timeout: float) -> bool:
     return False
 
 
-async def run(*, rooms: int = 50, rate: float = 100.0, seconds: float = 5.0,
+async def run(*, rooms: int = 50, rate: float = 25.0, seconds: float = 8.0,
               backlog: int = 5000, dead_seconds: float = 60.0,
               concurrency: int = 16) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
