@@ -591,3 +591,23 @@ def test_backoff_draws_with_full_jitter_under_a_growing_bound_and_retry_after_wi
     assert breaker.wants_probe(22)
     breaker.success()
     assert breaker.allows() and breaker.failures == 0
+
+
+def test_the_bench_scenario_runs_on_tiny_sizes(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.harness import ROOT
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "webhooks", "--json", str(out), "--hook-rooms", "5",
+         "--hook-rate", "20", "--hook-seconds", "1", "--hook-backlog", "40",
+         "--dead-seconds", "3"], cwd=ROOT, capture_output=True, text=True, timeout=t(180))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    latency, throughput, dead = orjson.loads(out.read_bytes())["results"]["webhooks"]
+    assert latency["events"] == 20 and latency["p99_ms"] >= latency["p50_ms"] > 0
+    assert throughput["events"] >= 40 and throughput["events_per_s"] > 0
+    assert throughput["server_cpu_ms_per_event"] > 0
+    # five queues failing: the breaker opens after five failures plus what was in flight
+    assert 0 < dead["attempts"] <= 5 + 16 + 1
