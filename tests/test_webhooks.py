@@ -424,6 +424,14 @@ def test_the_configuration_refuses_private_receivers_and_bad_values():
     for values in bad:
         with pytest.raises(ConfigError):
             Settings(**values).validated()  # type: ignore[arg-type]
+    from webhooks.egress import refused
+
+    for address in ("127.0.0.1", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254",
+                    "100.64.0.1", "0.0.0.0", "::1", "fe80::1", "fc00::1", "::ffff:127.0.0.1",
+                    "224.0.0.1"):
+        assert refused(address), address
+    for address in ("93.184.215.14", "2606:4700::6810:84e5", "::ffff:8.8.8.8"):
+        assert not refused(address), address
     for text in ("5", "10,5", "0,1", "a,b"):
         with pytest.raises(ConfigError, match="WEBHOOK_BACKOFF"):
             Settings.from_env({"WEBHOOK_BACKOFF": text})

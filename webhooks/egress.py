@@ -74,7 +74,7 @@ async def target(url: httpx.URL, *, allow_private: bool) -> Target:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise httpx.ConnectError(f"cannot resolve {host}: {exc}") from None
-    addresses = [info[4][0] for info in infos]
+    addresses = [str(info[4][0]) for info in infos]
     bad = [a for a in addresses if refused(a)]
     if bad or not addresses:
         raise Blocked(f"{host} resolves to a non-public address ({', '.join(bad) or 'none'})")
