@@ -525,12 +525,17 @@ async def test_the_outbox_hands_out_queue_heads_and_retention_keeps_undelivered(
         for i in range(3):
             await store.append("r1", "ana", f"m{i}")
         await store.append_many([("r2", "bob", "x"), ("r2", "bob", "y")])
+        keyed, created = await store.append("r3", "cy", "once", idempotency_key="k1")
+        assert created
+        again, created = await store.append("r3", "cy", "once", idempotency_key="k1")
+        assert not created and again == keyed  # a repeat commits nothing, so no event
         assert {(b.endpoint_id, b.pending) for b in await outbox.backlog()} == {
-            (endpoint.id, 5), (other.id, 5)}
+            (endpoint.id, 6), (other.id, 6)}
 
         # Only heads: one per receiver and room, and never one that is leased.
         heads = await outbox.claim([endpoint.id], 10, lease=30)
-        assert sorted((d.room, d.seq) for d in heads) == [("r1", 1), ("r2", 1)]
+        assert sorted((d.room, d.seq) for d in heads) == [("r1", 1), ("r2", 1), ("r3", 1)]
+        assert orjson.loads(next(d for d in heads if d.room == "r3").data) == keyed.to_dict()
         assert await outbox.claim([endpoint.id], 10, lease=30) == []
         first = next(d for d in heads if d.room == "r1")
         assert first.event_id.startswith("evt_") and orjson.loads(first.data)["text"] == "m0"
@@ -542,9 +547,9 @@ async def test_the_outbox_hands_out_queue_heads_and_retention_keeps_undelivered(
         # Retention removes messages, never an event that is not delivered; pruning
         # removes delivered events only.
         far = int(time.time() * 1000) + 86_400_000
-        assert await store.delete_before(far, 100) == 6
+        assert await store.delete_before(far, 100) == 7
         pending = {b.endpoint_id: b.pending for b in await outbox.backlog()}
-        assert pending == {endpoint.id: 4, other.id: 5}
+        assert pending == {endpoint.id: 5, other.id: 6}
         assert await outbox.prune(far, 100) == 1
         assert {b.endpoint_id: b.pending for b in await outbox.backlog()} == pending
     finally:
