@@ -101,7 +101,8 @@ class Gateway:
         self.presence = Presence(self.broker, redis, prefix=prefix,
                                  ttl=self.settings.presence_ttl, channel=hub.channel,
                                  held_rooms=lambda: list(hub.rooms),
-                                 instance=self.instance_id)
+                                 instance=self.instance_id,
+                                 notify=self.webhooks.notify if self.webhooks else None)
         await self.presence.start()
         if redis is not None:
             self.beacon = Beacon(self, redis, prefix, guard=guard)

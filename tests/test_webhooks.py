@@ -624,3 +624,29 @@ def test_the_bench_scenario_runs_on_tiny_sizes(tmp_path):
     assert throughput["server_cpu_ms_per_event"] > 0
     # five queues failing: the breaker opens after five failures plus what was in flight
     assert 0 < dead["attempts"] <= 5 + 16 + 1
+
+
+async def test_presence_changes_are_sent_best_effort(any_env):
+    from tests.harness import WSClient
+
+    receiver = await Receiver([new_secret()]).start()
+    gw = Instance(hook_env(any_env, receiver)).start()
+    try:
+        await gw.wait_ready()
+
+        def presence() -> list[tuple[str, dict[str, Any]]]:
+            return [(h.payload["type"], h.payload["data"]) for h in receiver.delivered()
+                    if h.payload["type"].startswith("presence.")]
+
+        async with WSClient.connect(gw.ws_url + "?user=ana") as ana:
+            await ana.subscribe("p")
+            await eventually(lambda: presence() == [("presence.joined",
+                                                     {"room": "p", "user": "ana"})], 10)
+        await eventually(lambda: presence()[1:] == [("presence.left",
+                                                     {"room": "p", "user": "ana"})], 10)
+        assert receiver.unverified == []
+        ids = [h.headers["webhook-id"] for h in receiver.hits]
+        assert len(set(ids)) == 2 and all(i.startswith("evt_") for i in ids)
+    finally:
+        gw.stop()
+        await receiver.stop()

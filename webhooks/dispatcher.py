@@ -43,7 +43,7 @@ import httpx
 import orjson
 
 from storage import Store, StoreUnavailable
-from storage.base import format_ts
+from storage.base import format_ts, new_id
 from storage.outbox import Backlog, Delivery, Endpoint, Outbox
 from webhooks import egress
 from webhooks.metrics import WebhookMetrics
@@ -51,7 +51,10 @@ from webhooks.signing import parse_secrets, sign
 
 log = logging.getLogger("gateway.webhooks")
 
-MAX_RESPONSE_BYTES = 64 * 1024  # read of a receiver's answer, then the rest is dropped
+MAX_RESPONSE_BYTES = 64 * 1024
+# Best-effort events (presence): attempts each, and how many may wait at once.
+EPHEMERAL_ATTEMPTS = 3
+EPHEMERAL_MAX = 1000  # read of a receiver's answer, then the rest is dropped
 USER_AGENT = "chat-gateway-webhooks/1"
 
 
@@ -170,6 +173,7 @@ class Webhooks:
         self._client: httpx.AsyncClient | None = None
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
+        self._ephemeral: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
 
@@ -204,11 +208,12 @@ class Webhooks:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._inflight:
-            await asyncio.wait(self._inflight, timeout=min(5.0, self.settings.webhook_timeout))
-            for task in self._inflight:
+        pending = self._inflight | self._ephemeral
+        if pending:
+            await asyncio.wait(pending, timeout=min(5.0, self.settings.webhook_timeout))
+            for task in pending:
                 task.cancel()
-            await asyncio.gather(*self._inflight, return_exceptions=True)
+            await asyncio.gather(*pending, return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -263,6 +268,46 @@ class Webhooks:
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
         self._wake.set()  # a slot is free
+
+    # -- best-effort events ------------------------------------------------------------
+
+    def notify(self, type_: str, data: dict[str, Any]) -> None:
+        """Send an event that has no outbox row (presence), best effort: to each
+        enabled receiver whose breaker is closed, from this instance's memory, at
+        most ``EPHEMERAL_ATTEMPTS`` attempts; lost if the instance stops first, and
+        not ordered with message events. Past ``EPHEMERAL_MAX`` waiting, dropped."""
+        if self._closing:
+            return
+        ms = int(time.time() * 1000)
+        event_id = "evt_" + new_id(ms)
+        body = orjson.dumps(data).decode()
+        loop = asyncio.get_running_loop()
+        for receiver in self.receivers.values():
+            if receiver.endpoint.disabled or not receiver.breaker.allows():
+                continue
+            if len(self._ephemeral) >= EPHEMERAL_MAX:
+                self.metrics.dropped.labels(receiver.label).inc()
+                continue
+            event = Delivery(0, receiver.endpoint.id, event_id, type_, data.get("room", ""),
+                             0, body, ms, 0)
+            task = loop.create_task(self._ephemeral_attempts(receiver, event))
+            self._ephemeral.add(task)
+            task.add_done_callback(self._ephemeral.discard)
+
+    async def _ephemeral_attempts(self, receiver: Receiver, event: Delivery) -> None:
+        for attempt in range(1, EPHEMERAL_ATTEMPTS + 1):
+            outcome = await self._send(receiver, event)
+            self.metrics.attempts.labels(receiver.label, outcome.kind).inc()
+            if outcome.ok:
+                receiver.breaker.success()
+                return
+            if outcome.kind != "gone":  # a 410 is acted on by the next outbox attempt
+                receiver.breaker.failure(time.monotonic())
+            if outcome.kind == "gone" or not receiver.breaker.allows():
+                break
+            if attempt < EPHEMERAL_ATTEMPTS:
+                await asyncio.sleep(min(30.0, self.delay(attempt, outcome.retry_after)))
+        self.metrics.dropped.labels(receiver.label).inc()
 
     # -- one queue's attempts -------------------------------------------------------
 

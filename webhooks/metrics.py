@@ -26,6 +26,9 @@ class WebhookMetrics:
                                 ["endpoint", "outcome"], registry=registry)
         self.dead = Counter("chat_webhook_dead_letters_total", "Events given up (dead letters)",
                             ["endpoint"], registry=registry)
+        self.dropped = Counter("chat_webhook_ephemeral_dropped_total",
+                               "Best-effort events (presence) given up", ["endpoint"],
+                               registry=registry)
         self.latency = Histogram("chat_webhook_delivery_latency_seconds",
                                  "Commit to successful webhook delivery",
                                  buckets=LATENCY_BUCKETS, registry=registry)
@@ -38,6 +41,7 @@ class WebhookMetrics:
             for outcome in OUTCOMES:
                 self.attempts.labels(receiver.label, outcome)
             self.dead.labels(receiver.label)
+            self.dropped.labels(receiver.label)
 
 
 class _Collector:
