@@ -36,6 +36,8 @@ from gateway.logs import RequestContext, conn_id, request_id
 from gateway.stats import stats_events
 from gateway.edge import (client_address, encoded_json_response, gateway_of, identify,
                           json_response, presence_user, token_of)
+from gateway.webhook_routes import (webhooks_dead, webhooks_enable, webhooks_list,
+                                    webhooks_replay)
 from gateway.ws import expire_with_token, websocket_endpoint
 from storage import StoreUnavailable
 
@@ -359,6 +361,10 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/stats/events", stats_events, methods=["GET"]),
+        Route("/v1/admin/webhooks", webhooks_list, methods=["GET"]),
+        Route("/v1/admin/webhooks/dead", webhooks_dead, methods=["GET"]),
+        Route("/v1/admin/webhooks/replay", webhooks_replay, methods=["POST"]),
+        Route("/v1/admin/webhooks/enable", webhooks_enable, methods=["POST"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/", page("index.html"), methods=["GET"]),
         Route("/dashboard", page("dashboard.html"), methods=["GET"]),

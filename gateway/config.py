@@ -42,6 +42,26 @@ class Rate:
         return f"{self.capacity}/{self.period:g}s"
 
 
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Delays between webhook attempts: exponential from ``first`` up to ``longest``
+    seconds, each drawn with full jitter (uniform between 0 and that bound)."""
+
+    first: float
+    longest: float
+
+    @classmethod
+    def parse(cls, text: str, name: str = "WEBHOOK_BACKOFF") -> "Backoff":
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*", text)
+        if not m or float(m.group(1)) <= 0 or float(m.group(2)) < float(m.group(1)):
+            raise ConfigError(f"{name}={text!r} is not MIN,MAX seconds with 0 < MIN <= MAX, "
+                              "e.g. '5,3600'")
+        return cls(float(m.group(1)), float(m.group(2)))
+
+    def __str__(self) -> str:
+        return f"{self.first:g},{self.longest:g}"
+
+
 def _bool(text: str) -> bool:
     return text.strip().lower() in {"1", "true", "yes", "on"}
 
@@ -103,6 +123,19 @@ class Settings:
     retention_days: float | None = None
     retention_interval: float = 3600.0
     retention_batch: int = 1000
+    # webhooks (docs/webhooks.md): unset WEBHOOK_URLS means off, at no cost
+    webhook_urls: tuple[str, ...] = ()
+    webhook_secret: str | None = None
+    webhook_allow_private: bool = False
+    webhook_backoff: Backoff = field(default_factory=lambda: Backoff(5.0, 3600.0))
+    webhook_timeout: float = 10.0  # seconds per attempt
+    webhook_max_attempts: int = 20  # then the event is a dead letter
+    webhook_max_age: float = 3 * 86400.0  # seconds after commit; a failure past it is final
+    webhook_breaker_failures: int = 5  # consecutive failures that open the breaker
+    webhook_breaker_cooldown: float = 30.0  # seconds open before one probe
+    webhook_concurrency: int = 16  # attempts in flight per instance
+    webhook_poll_interval: float = 0.5  # seconds between claims when nothing wakes it
+    webhook_keep_delivered: float = 3 * 86400.0  # seconds delivered events stay replayable
     # operations
     shutdown_timeout: float = 10.0
     log_level: str = "info"
@@ -174,6 +207,7 @@ class Settings:
             raise ConfigError("MAX_CONNECTIONS and MAX_CONNECTIONS_PER_IDENTITY must be >= 0")
         if self.retention_days is not None and self.retention_days <= 0:
             raise ConfigError("RETENTION_DAYS must be positive (unset it to keep messages)")
+        self._validate_webhooks()
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"LOG_LEVEL={self.log_level!r}: use debug, info, warning or error")
         for name in ("queue_max_messages", "queue_max_bytes", "ws_max_size", "max_body_bytes",
@@ -205,6 +239,30 @@ class Settings:
                               "AUTH_JWKS_REFRESH")
         if self.auth_jwks_timeout <= 0:
             raise ConfigError("AUTH_JWKS_TIMEOUT must be positive")
+    def _validate_webhooks(self) -> None:
+        from webhooks.egress import check_url
+        from webhooks.signing import parse_secrets
+
+        for url in self.webhook_urls:
+            try:
+                check_url(url, allow_private=self.webhook_allow_private)
+            except ValueError as exc:
+                raise ConfigError(f"WEBHOOK_URLS: {exc}") from None
+        if len(set(self.webhook_urls)) != len(self.webhook_urls):
+            raise ConfigError("WEBHOOK_URLS lists a URL twice")
+        if self.webhook_urls and not self.webhook_secret:
+            raise ConfigError("WEBHOOK_SECRET is required when WEBHOOK_URLS is set "
+                              "(whsec_<base64>; several separated by spaces)")
+        if self.webhook_secret:
+            try:
+                parse_secrets(self.webhook_secret)
+            except ValueError as exc:
+                raise ConfigError(f"WEBHOOK_SECRET: {exc}") from None
+        for name in ("webhook_timeout", "webhook_max_attempts", "webhook_max_age",
+                     "webhook_breaker_failures", "webhook_breaker_cooldown",
+                     "webhook_concurrency", "webhook_poll_interval", "webhook_keep_delivered"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name.upper()} must be positive")
 
     @property
     def open_mode(self) -> bool:
@@ -226,6 +284,8 @@ def _convert(name: str, type_: Any, raw: str) -> Any:
     try:
         if type_name == "Rate":
             return Rate.parse(raw, name.upper())
+        if type_name == "Backoff":
+            return Backoff.parse(raw, name.upper())
         if type_name.startswith("tuple"):
             return tuple(part.strip() for part in raw.split(",") if part.strip())
         if type_name == "bool":

@@ -11,6 +11,7 @@ from typing import Any
 
 from gateway import server_api as sa
 from gateway import stats
+from gateway import webhook_routes as wh
 from gateway import validation as v
 from gateway.errors import CODES
 
@@ -80,6 +81,7 @@ def _query(schema: dict[str, Any]) -> list[dict[str, Any]]:
 
 ROOM_PARAM = {"name": "room", "in": "path", "required": True, "schema": v.ROOM}
 USER: list[dict[str, list[str]]] = [{"userToken": []}, {}]
+ADMIN: list[dict[str, list[str]]] = [{"apiKey": []}]
 
 
 KEY_ONLY: list[dict[str, list[str]]] = [{"apiKey": []}]
@@ -242,6 +244,51 @@ def document() -> dict[str, Any]:
             },
         }},
         **server_paths(),
+        "/v1/admin/webhooks": {"get": {
+            "summary": "webhook receivers: breaker state (this instance), backlog",
+            "security": ADMIN,
+            "responses": {
+                "200": _json({"type": "object", "required": ["endpoints"], "properties": {
+                    "endpoints": {"type": "array", "items": {"$ref": _REF + "WebhookEndpoint"}}}},
+                    "the receivers in WEBHOOK_URLS order"),
+                **_errors("invalid_request", "unauthorized", "unavailable"),
+            },
+        }},
+        "/v1/admin/webhooks/dead": {"get": {
+            "summary": "dead-lettered webhook events, newest first, paged by `next`",
+            "security": ADMIN,
+            "parameters": _query(wh.DEAD_QUERY),
+            "responses": {
+                "200": _json({"type": "object", "required": ["dead", "next"], "properties": {
+                    "dead": {"type": "array", "items": {"$ref": _REF + "WebhookDeadLetter"}},
+                    "next": {"type": ["integer", "null"],
+                             "description": "pass as before= for the next page"}}}, "a page"),
+                **_errors("invalid_request", "unauthorized", "not_found", "unavailable"),
+            },
+        }},
+        "/v1/admin/webhooks/replay": {"post": {
+            "summary": "send events again: dead letters by id, or every event of a time range",
+            "security": ADMIN,
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": _REF + "WebhookReplay"}}}},
+            "responses": {
+                "202": _json({"type": "object", "required": ["replayed"], "properties": {
+                    "replayed": {"type": "integer"}}}, "pending again, due now"),
+                **_errors("invalid_json", "invalid_request", "unauthorized", "not_found",
+                          "too_large", "unavailable"),
+            },
+        }},
+        "/v1/admin/webhooks/enable": {"post": {
+            "summary": "enable a receiver disabled by a 410 Gone; its backlog drains in order",
+            "security": ADMIN,
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": _REF + "WebhookEnable"}}}},
+            "responses": {
+                "200": _json({"$ref": _REF + "WebhookEndpoint"}, "enabled"),
+                **_errors("invalid_json", "invalid_request", "unauthorized", "not_found",
+                          "too_large", "unavailable"),
+            },
+        }},
         "/healthz": {"get": {"summary": "liveness", "responses": {"200": _json(
             {"type": "object"}, "alive")}}},
         "/readyz": {"get": {"summary": "readiness per dependency", "responses": {
@@ -258,6 +305,8 @@ def document() -> dict[str, Any]:
     schemas.update({"ServerDisconnect": sa.DISCONNECT, "ServerUnsubscribe": sa.UNSUBSCRIBE,
                     "ServerBroadcast": sa.BROADCAST})
     schemas.update({f"Frame.{kind}": schema for kind, schema in v.FRAMES.items()})
+    schemas.update({"WebhookEndpoint": wh.ENDPOINT, "WebhookDeadLetter": wh.DEAD_LETTER,
+                    "WebhookReplay": wh.REPLAY, "WebhookEnable": wh.ENABLE})
     return {
         "openapi": "3.1.0",
         "info": {"title": "chat-gateway", "version": "1",

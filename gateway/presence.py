@@ -94,7 +94,8 @@ class Presence:
     def __init__(self, broker: Broker, redis: Any | None, *, prefix: str = "chat:",
                  ttl: float = 30.0, channel: Callable[[str], str],
                  held_rooms: Callable[[], Iterable[str]] = lambda: (),
-                 instance: str | None = None) -> None:
+                 instance: str | None = None,
+                 notify: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         self.broker = broker
         self.redis = redis
         self.prefix = prefix
@@ -102,6 +103,8 @@ class Presence:
         self.channel = channel
         self.held_rooms = held_rooms
         self.instance = instance or uuid.uuid4().hex[:12]
+        # Told of every announced change (webhooks: presence.joined / presence.left).
+        self.notify = notify
         self.local: dict[str, dict[str, int]] = {}  # room -> user -> connections here
         self._held: dict[int, tuple[str, set[str]]] = {}  # connection id -> (user, rooms)
         self._task: asyncio.Task[None] | None = None
@@ -255,6 +258,9 @@ class Presence:
         return results
 
     async def _announce(self, room: str, action: str, user: str) -> None:
+        if self.notify is not None:
+            self.notify("presence.joined" if action == "join" else "presence.left",
+                        {"room": room, "user": user})
         try:
             await self.broker.publish(self.channel(room), wire_presence(room, action, user))
         except BrokerUnavailable as exc:

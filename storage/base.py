@@ -174,6 +174,15 @@ class Store(ABC):
         """Delete every message of ``room`` committed so far, in one transaction; return
         how many. As with ``delete_before`` the room keeps its seq counter: the next
         message gets the next seq, never a purged one."""
+    def write_outbox(self, endpoint_ids: list[int]) -> None:
+        """From now on, every append also writes its messages' ``message.created``
+        events to the webhook outbox, one row per receiver id, in the transaction
+        that commits them (an empty list: no outbox rows, no cost)."""
+        raise NotImplementedError(f"{type(self).__name__} has no webhook outbox")
+
+    def outbox(self) -> Any:
+        """The webhook outbox on this store's database (a ``storage.outbox.Outbox``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no webhook outbox")
 
     def stats(self) -> dict[str, Any]:
         """Pool figures for metrics."""

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -82,6 +83,34 @@ SELECT i.room, r.last_seq - c.n + row_number() OVER (PARTITION BY i.room ORDER B
 FROM input i JOIN r USING (room) JOIN counts c USING (room)
 RETURNING id, seq
 """
+
+_OUTBOX = """,
+o AS (
+    INSERT INTO webhook_outbox (endpoint_id, event_id, type, room, seq, data, created_at,
+                                next_at)
+    SELECT e, 'evt_' || m.id, 'message.created', m.room, m.seq,
+           json_build_object('id', m.id, 'room', m.room, 'seq', m.seq, 'author', m.author,
+                             'text', m.text, 'created_at', to_char(m.created_at AT TIME ZONE
+                             'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'))::text,
+           m.created_at, m.created_at
+    FROM m CROSS JOIN unnest(${param}::bigint[]) AS e
+)
+"""
+
+
+def with_outbox(statement: str) -> str:
+    """An append statement that also writes each message's ``message.created`` event
+    to the webhook outbox, one row per receiver, in the same transaction: its
+    ``INSERT INTO messages`` becomes a CTE whose rows feed the outbox insert, and
+    the statement returns what it returned before. The receivers' ids are one
+    more parameter, after the statement's own."""
+    head, _, insert = statement.rpartition("\nINSERT INTO messages")
+    insert, _, returning = insert.rpartition("RETURNING ")
+    param = max(int(n) for n in re.findall(r"\$(\d+)", statement)) + 1
+    return (f"{head},\nm AS (\nINSERT INTO messages{insert}RETURNING *\n)"
+            f"{_OUTBOX.format(param=param)}SELECT {returning.strip()} FROM m\n")
+
+
 # The most flights at once, how long a statement runs before another flight may
 # take off (seconds), and the most posts in one group.
 GROUP_FLIGHTS = 4
@@ -180,6 +209,10 @@ class PostgresStore(Store):
         self._flights: dict[asyncio.Task[None], float] = {}
         # Per database cluster (system identifier), the latest timeline connected to.
         self._timelines: dict[int, int] = {}
+        # The append statements and their extra arguments: with webhook receivers,
+        # the variants that write the outbox too (see write_outbox).
+        self._append_sql, self._append_group_sql = _APPEND, _APPEND_GROUP
+        self._outbox_args: tuple[list[int], ...] = ()
 
     async def start(self) -> None:
         try:
@@ -270,6 +303,20 @@ class PostgresStore(Store):
         elif isinstance(exc, asyncpg.InternalClientError) and conn is not None:
             conn.terminate()
 
+    def write_outbox(self, endpoint_ids: list[int]) -> None:
+        if endpoint_ids:
+            self._append_sql, self._append_group_sql = (with_outbox(_APPEND),
+                                                        with_outbox(_APPEND_GROUP))
+            self._outbox_args = (list(endpoint_ids),)
+        else:
+            self._append_sql, self._append_group_sql = _APPEND, _APPEND_GROUP
+            self._outbox_args = ()
+
+    def outbox(self) -> Any:
+        from storage.outbox_postgres import PostgresOutbox
+
+        return PostgresOutbox(self)
+
     async def migrate(self) -> list[str]:
         applied: list[str] = []
         try:
@@ -321,8 +368,8 @@ class PostgresStore(Store):
             return Message(mid, room, await self._grouped(room, mid, author, text, created),
                            author, text, ms), True
         try:
-            seq = await self._call("fetchval", _APPEND, room, mid, author, text, created,
-                                   idempotency_key)
+            seq = await self._call("fetchval", self._append_sql, room, mid, author, text,
+                                   created, idempotency_key, *self._outbox_args)
         except asyncpg.UniqueViolationError:
             # A concurrent request with the same key committed first; the failed
             # statement rolled its seq increment back.
@@ -339,9 +386,9 @@ class PostgresStore(Store):
         ms = int(time.time() * 1000)
         created = _EPOCH + timedelta(milliseconds=ms)
         ids = [new_id(ms) for _ in posts]
-        rows = await self._call("fetch", _APPEND_GROUP, [p[0] for p in posts], ids,
+        rows = await self._call("fetch", self._append_group_sql, [p[0] for p in posts], ids,
                                 [p[1] for p in posts], [p[2] for p in posts],
-                                [created] * len(posts))
+                                [created] * len(posts), *self._outbox_args)
         seqs = {r["id"]: r["seq"] for r in rows}
         return [Message(mid, room, seqs[mid], author, text, ms)
                 for mid, (room, author, text) in zip(ids, posts, strict=True)]
@@ -444,15 +491,14 @@ class PostgresStore(Store):
         except Exception as exc:  # noqa: BLE001 - asyncpg terminates what it cannot release
             log.debug("releasing a connection: %r", exc)
 
-    @staticmethod
-    async def _commit_group(conn: Any, group: list[Any]) -> Any:
-        cols = list(zip(*(item[:5] for item in group), strict=True))
+    async def _commit_group(self, conn: Any, group: list[Any]) -> Any:
+        cols = [*zip(*(item[:5] for item in group), strict=True), *self._outbox_args]
         for _ in range(2):
             try:
-                return await conn.fetch(_APPEND_GROUP, *cols)
+                return await conn.fetch(self._append_group_sql, *cols)
             except asyncpg.DeadlockDetectedError:
                 pass  # rolled back whole (no seq used); another group holds a room
-        return await conn.fetch(_APPEND_GROUP, *cols)
+        return await conn.fetch(self._append_group_sql, *cols)
 
     async def history(self, room: str, *, limit: int = 50, before: int | None = None,
                       after: int | None = None) -> Page:

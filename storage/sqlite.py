@@ -47,6 +47,15 @@ class SQLiteStore(Store):
         self.command_timeout = command_timeout
         self._db: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._outbox_ids: list[int] = []  # webhook receivers (write_outbox)
+
+    def write_outbox(self, endpoint_ids: list[int]) -> None:
+        self._outbox_ids = list(endpoint_ids)
+
+    def outbox(self) -> Any:
+        from storage.outbox_sqlite import SQLiteOutbox
+
+        return SQLiteOutbox(self)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], *, bounded: bool = True) -> T:
         if self._db is None or self._executor is None:
@@ -144,6 +153,12 @@ class SQLiteStore(Store):
                 db.execute("INSERT INTO messages (id, room, seq, author, text, created_ms, "
                            "idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
                            (msg.id, room, seq, author, text, ms, idempotency_key))
+                if self._outbox_ids:
+                    data = msg.to_json().decode()
+                    db.executemany(
+                        "INSERT INTO webhook_outbox (endpoint_id, event_id, type, room, seq, "
+                        "data, created_ms, next_ms) VALUES (?, ?, 'message.created', ?, ?, ?, ?, ?)",
+                        [(e, "evt_" + msg.id, room, seq, data, ms, ms) for e in self._outbox_ids])
                 db.execute("COMMIT")
                 return msg, True
             except BaseException:
