@@ -7,7 +7,7 @@ from typing import AsyncIterator
 
 import pytest
 
-from storage import Store, create_store
+from storage import Store, create_store, migrations
 from storage.base import format_ts, new_id, parse_ts
 from tests import harness
 
@@ -21,7 +21,8 @@ async def store(request, tmp_path) -> AsyncIterator[Store]:
     s = create_store(url)
     await s.start()
     try:
-        assert await s.migrate() == ["0001_init"]
+        dialect = "postgres" if request.param == "postgres" else "sqlite"
+        assert await s.migrate() == [version for version, _ in migrations.load(dialect)]
         assert await s.migrate() == [], "migrations apply once"
         yield s
     finally:
@@ -95,7 +96,7 @@ async def test_postgres_migrations_race_safely(pg_url):
         await s.start()
     try:
         applied = await asyncio.gather(*(s.migrate() for s in stores))
-        assert sorted(applied) == [[], [], [], ["0001_init"]]
+        assert sorted(applied) == [[], [], [], [v for v, _ in migrations.load("postgres")]]
     finally:
         for s in stores:
             await s.close()
