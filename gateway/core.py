@@ -71,6 +71,7 @@ class Gateway:
         self.instance_id = uuid.uuid4().hex[:12]
         self.beacon: Beacon | None = None
         self.control: Control | None = None  # server API commands (gateway.control)
+        self.chat: Any = None  # typing and read receipts (gateway.chat.Chat)
 
     async def start(self, *, migrate: bool = True) -> None:
         await self.store.start()
@@ -98,6 +99,9 @@ class Gateway:
         await self.presence.start()
         self.control = Control(self.broker, hub, self.presence, self.history)
         await self.control.start()
+        from gateway.chat import Chat  # it uses this module's names
+
+        self.chat = Chat(self)
         if redis is not None:
             self.beacon = Beacon(self, redis, prefix, guard=guard)
             self.beacon.start()
@@ -123,6 +127,8 @@ class Gateway:
             await self.retention.close()
         if self.control is not None:
             await self.control.close()
+        if self.chat is not None:
+            await self.chat.close()
         if self.presence is not None:
             await self.presence.close()
         if self.hub is not None:
