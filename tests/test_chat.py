@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from typing import Any, AsyncIterator
 
 import asyncpg
 import httpx
+import jwt
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -279,3 +281,182 @@ async def test_edits_and_deletes_racing_posts_reach_every_subscriber_once_in_ord
             "deleted text is still in the history cache"
     finally:
         await client.aclose()
+
+
+async def test_typing_reaches_the_others_on_every_instance_at_most_every_two_seconds(
+        gateway_env):
+    room = "chat.typing"
+    # A bucket of two posts: typing must not take from it.
+    env = {**gateway_env, "RATE_LIMIT": "2/60s"}
+    async with instances(3, env) as gws, httpx.AsyncClient(timeout=10) as http:
+        async with (WSClient.connect(gws[0].ws_url + "?user=ana") as ana,
+                    WSClient.connect(gws[0].ws_url + "?user=ana") as ana2,
+                    WSClient.connect(gws[1].ws_url + "?user=bo") as bo,
+                    WSClient.connect(gws[2].ws_url) as nameless,
+                    SSEClient.open(f"{gws[2].url}/v1/rooms/{room}/events?user=cy") as cy):
+            for c in (ana, ana2, bo, nameless):
+                await subscribe(c, room)
+            readers = [asyncio.create_task(reading(c)) for c in (ana2, bo)]
+            await ana.send({"type": "typing", "room": "elsewhere"})
+            refused = await ana.expect("error")
+            assert refused["code"] == "invalid_request"
+            await nameless.send({"type": "typing", "room": room})
+            assert (await nameless.expect("error"))["field"] == "user"
+
+            def typing(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                return [f for f in frames if f.get("type") == "typing"]
+
+            for _ in range(10):
+                await ana.send({"type": "typing", "room": room})
+            await ana.send({"type": "ping", "ref": "p"})
+            await ana.expect("pong")
+            await eventually(lambda: typing(bo.frames) and
+                             [e for e in cy.events if e.get("event") == "typing"])
+            await asyncio.sleep(0.5)  # the other nine were dropped, not late
+            assert typing(bo.frames) == [{"type": "typing", "room": room, "user": "ana"}]
+            assert [e["json"] for e in cy.events if e.get("event") == "typing"] == [
+                {"type": "typing", "room": room, "user": "ana"}]
+            assert typing(ana.frames) == typing(ana2.frames) == [], "not echoed to the typist"
+            await asyncio.sleep(2.1)
+            await bo.send({"type": "typing", "room": room})
+            await ana.send({"type": "typing", "room": room})
+            await eventually(lambda: len(typing(bo.frames)) == 2)
+            await eventually(lambda: [f["user"] for f in typing(ana2.frames)] == ["bo"])
+            # Eleven typing frames and the post bucket is still full.
+            for i in range(2):
+                r = await post(http, gws[0].url, room, f"m{i}", author="ana")
+                assert r.status_code == 201, r.text
+            for task in readers:
+                task.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+
+
+async def test_read_positions_never_move_back_and_receipts_go_out(gateway_env):
+    room = "chat.read"
+    async with instances(3, gateway_env) as gws, httpx.AsyncClient(timeout=10) as http:
+        for i in range(30):
+            assert (await post(http, gws[0].url, room, f"m{i}")).status_code == 201
+        assert (await post(http, gws[0].url, "chat.other", "x")).status_code == 201
+        async with WSClient.connect(gws[2].ws_url + "?user=watcher") as watcher:
+            await subscribe(watcher, room)
+            reader_task = asyncio.create_task(reading(watcher))
+            rnd = random.Random(7)
+            marks = [rnd.randrange(0, 31) for _ in range(60)]
+            seen: list[int] = []
+
+            async def mark(i: int, seq: int) -> None:
+                r = await http.post(f"{gws[i % 3].url}/v1/rooms/{room}/read",
+                                    json={"seq": seq, "user": "bo"})
+                assert r.status_code == 200, r.text
+                seen.append(r.json()["seq"])
+
+            async def watch() -> None:
+                last = 0
+                for _ in range(20):
+                    r = await http.get(f"{gws[1].url}/v1/rooms/{room}/read",
+                                       params={"user": "bo"})
+                    assert r.json()["seq"] >= last, "a read position moved back"
+                    last = r.json()["seq"]
+
+            await asyncio.gather(watch(), *(mark(i, s) for i, s in enumerate(marks)))
+            top = max(marks)
+            r = await http.get(f"{gws[0].url}/v1/rooms/{room}/read", params={"user": "bo"})
+            assert r.json() == {"room": room, "seq": top, "unread": 30 - top}
+            assert max(seen) == top
+            # Every answer is at least the mark it answered (GREATEST, never lower).
+            r = await http.post(f"{gws[1].url}/v1/rooms/{room}/read", json={"seq": 1, "user": "bo"})
+            assert r.json()["seq"] == top
+            # A WS read frame (open mode: the connection's ?user=) and the list in one call.
+            async with WSClient.connect(gws[1].ws_url + "?user=bo") as bo:
+                await bo.send({"type": "read", "room": "chat.other", "seq": 1, "ref": 9})
+                ack = await bo.expect("ack")
+                assert ack == {"type": "ack", "ref": 9,
+                               "read": {"room": "chat.other", "seq": 1, "unread": 0}}
+            r = await http.get(f"{gws[2].url}/v1/read", params={"user": "bo"})
+            assert r.json() == {"rooms": [{"room": "chat.other", "seq": 1, "unread": 0},
+                                          {"room": room, "seq": top, "unread": 30 - top}]}
+            # Read receipts reach the room's subscribers, debounced to a few.
+            await eventually(lambda: [f for f in watcher.frames if f.get("type") == "read"
+                                      and f["seq"] == top])
+            receipts = [f for f in watcher.frames if f.get("type") == "read"]
+            assert all(f["user"] == "bo" and f["room"] == room for f in receipts)
+            assert len(receipts) <= 6, f"not debounced: {len(receipts)} receipts for 61 marks"
+            reader_task.cancel()
+            await asyncio.gather(reader_task, return_exceptions=True)
+        # Bad input changes nothing.
+        for body in ({"seq": -1, "user": "bo"}, {"seq": "x", "user": "bo"}, {"user": "bo"},
+                     {"seq": 3}, {"seq": 3, "user": "bo", "extra": 1}):
+            r = await http.post(f"{gws[0].url}/v1/rooms/{room}/read", json=body)
+            assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", body
+        r = await http.get(f"{gws[0].url}/v1/rooms/{room}/read", params={"user": "bo"})
+        assert r.json()["seq"] == top
+
+
+SECRET = "chat-test-secret-" + "0123456789abcdef" * 4
+
+
+def token(sub: str, **claims: Any) -> dict[str, str]:
+    tok = jwt.encode({"sub": sub, "exp": int(time.time()) + 600, **claims}, SECRET,
+                     algorithm="HS256")
+    return {"Authorization": f"Bearer {tok}"}
+
+
+async def test_only_the_author_or_an_api_key_changes_a_message(gateway_env):
+    room = "chat.auth"
+    env = {**gateway_env, "AUTH_SECRET": SECRET, "API_KEYS": "key-one"}
+    async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=10) as http:
+        url = f"{gw.url}/v1/rooms/{room}/messages"
+        for text in ("one", "two", "three"):
+            r = await http.post(url, json={"text": text}, headers=token("ana"))
+            assert r.status_code == 201
+        r = await http.patch(f"{url}/1", json={"text": "bo was here"}, headers=token("bo"))
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+        r = await http.request("DELETE", f"{url}/1", headers=token("bo"))
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+        r = await http.patch(f"{url}/1", json={"text": "one"})
+        assert r.status_code == 401
+        r = await http.patch(f"{url}/1", json={"text": "uno"}, headers=token("ana"))
+        assert r.status_code == 200 and r.json()["text"] == "uno" and r.json()["version"] == 2
+        assert "RateLimit-Remaining" in r.headers, "rate-limited with posts"
+        r = await http.patch(f"{url}/2", json={"text": "moderated"},
+                             headers={"Authorization": "Bearer key-one"})
+        assert r.status_code == 200 and r.json()["author"] == "ana"
+        r = await http.request("DELETE", f"{url}/3", headers={"Authorization": "Bearer key-one"})
+        assert r.status_code == 200 and r.json()["text"] == "" and r.json()["deleted_at"]
+        r = await http.request("DELETE", f"{url}/3", headers={"Authorization": "Bearer key-one"})
+        assert r.status_code == 200 and r.json()["version"] == 2, "a repeated delete is a no-op"
+        # Bad input: 422 (or 404 for no such message), and nothing changes.
+        bad = [("PATCH", "1", {"text": ""}), ("PATCH", "1", {"text": 5}),
+               ("PATCH", "1", {"text": "x", "extra": True}), ("PATCH", "0", {"text": "x"}),
+               ("PATCH", "abc", {"text": "x"}), ("PATCH", "1", {}),
+               ("DELETE", "-1", None), ("PATCH", "99", {"text": "x"}),
+               ("DELETE", "99", None), ("PATCH", "3", {"text": "back from the dead"})]
+        for method, seq, body in bad:
+            r = await http.request(method, f"{url}/{seq}", json=body, headers=token("ana"))
+            expected = 404 if seq in ("99", "3") else 422
+            assert r.status_code == expected, (method, seq, body, r.text)
+            assert r.json()["error"]["code"] == ("not_found" if expected == 404
+                                                 else "invalid_request")
+        r = await http.patch(f"{gw.url}/v1/rooms/bad%20room/messages/1", json={"text": "x"},
+                             headers=token("ana"))
+        assert r.status_code == 422
+        page = (await http.get(url, headers=token("ana"))).json()["messages"]
+        assert [(m["text"], m.get("version", 1)) for m in page] == [
+            ("uno", 2), ("moderated", 2), ("", 2)]
+        # Over WS: the token's sub decides, answered like a publish.
+        async with (WSClient.connect(gw.ws_url + "?token=" + token("bo")["Authorization"][7:])
+                    as bo, WSClient.connect(gw.ws_url + "?token="
+                                            + token("ana")["Authorization"][7:]) as ana):
+            await subscribe(bo, room)
+            await bo.send({"type": "edit", "room": room, "seq": 1, "text": "mine", "ref": "e1"})
+            err = await bo.expect("error")
+            assert (err["ref"], err["code"]) == ("e1", "forbidden")
+            await ana.send({"type": "edit", "room": room, "seq": 1, "text": "ana's", "ref": 1})
+            ack = await ana.expect("ack")
+            assert ack["ref"] == 1 and ack["message"]["version"] == 3
+            await ana.send({"type": "delete", "room": room, "seq": 1, "ref": 2})
+            ack = await ana.expect("ack")
+            assert ack["ref"] == 2 and ack["message"]["deleted_at"]
+            updated = await bo.expect("message_updated")
+            assert updated["message"]["text"] == "ana's" and updated["change"] == 4
+            assert (await bo.expect("message_deleted"))["change"] == 5
