@@ -7,6 +7,10 @@
 - Who may change a message: its author (the token's ``sub``; in open mode the
   ``author`` given, as on a post), or any holder of an API key, for any
   message. Both count against the post bucket.
+- The room's last change number is also raised in Redis (``{room}:change``)
+  before the publish; every instance compares it with what it dispatched every
+  ``POSITION_INTERVAL`` seconds and fills the rest from the store, so a lost
+  publish still arrives (as a lost message does, by the seq key).
 - Typing (``t:``) and read receipts (``r:``) are published on the room's
   channel, never stored. Typing passes at most once per user and room every
   ``TYPING_INTERVAL`` seconds, across instances (a Redis key set with NX and
@@ -33,7 +37,10 @@ from gateway.edge import encoded_json_response, gateway_of, identify, json_respo
 from gateway.errors import ApiError
 from gateway.core import POST
 from gateway.hub import wire_change
+from gateway.periodic import every
 from pubsub import BrokerUnavailable
+from pubsub.batch import per_key
+from pubsub.script import Script
 from storage import Message, MessageNotFound, NotAuthor, ReadPosition, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -47,17 +54,61 @@ RECEIPT_DEBOUNCE = 1.0
 LOCAL_TYPING_MAX = 10_000
 
 
+# KEYS: the room's change key; ARGV: number, ttl. Raised, never lowered.
+_RAISE_CHANGE = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > cur then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+else
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
+
 class Chat:
-    """This instance's part of typing and read receipts. No I/O until used."""
+    """This instance's part of changes, typing and read receipts. ``start`` begins the
+    change position check."""
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
+        self._raise = None if gw.broker.redis is None else Script(gw.broker.redis,
+                                                                  _RAISE_CHANGE)
+        self._check: asyncio.Task[None] | None = None
         self._typing: dict[tuple[str, str], float] = {}  # without Redis: window ends
         self._receipts: dict[tuple[str, str], int] = {}  # waiting to go out: latest seq
         self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
+    def start(self) -> None:
+        if self._raise is not None:
+            self._check = every(self.gw.settings.position_interval, self.check_changes,
+                                "change position check")
+
+    def _change_key(self, room: str) -> str:
+        return f"{self.gw.settings.key_prefix}{{{room}}}:change"
+
+    async def check_changes(self) -> None:
+        """Fill every held room whose last change in Redis is ahead of what was dispatched."""
+        hub = self.gw.hub
+        assert hub is not None
+        rooms = [r for r in hub.rooms.values() if r.seq is not None]
+        if not rooms:
+            return
+        keys = [self._change_key(r.name) for r in rooms]
+        results = await per_key(self.gw.broker.redis, getattr(self.gw.broker, "batch", None),
+                                self.gw.broker.guard, [(key, [("GET", key)]) for key in keys])
+        for r, result in zip(rooms, results, strict=True):
+            if isinstance(result, BaseException) or result[0] is None:
+                continue
+            if int(result[0]) > r.changes.last and r.changes.task is None:
+                self.gw.metrics.gap_fills.labels("change_position").inc()
+                hub.fill_changes(r)
+
     async def close(self) -> None:
+        if self._check is not None:
+            self._check.cancel()
+            await asyncio.gather(self._check, return_exceptions=True)
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -89,6 +140,14 @@ class Chat:
         if change is None:
             return msg  # nothing changed (a repeated delete, the same text)
         await gw.history.changed(room)
+        if self._raise is not None:
+            try:
+                await self._raise(keys=[self._change_key(room)],
+                                  args=[change.change, gw.settings.history_cache_ttl])
+            except Exception as exc:  # noqa: BLE001 - committed; the publish may still go
+                log.warning("change position not raised: %r", exc)
+        if gw.settings.fault_skip_publish:  # test-only: killed after commit
+            return msg
         try:
             await gw.broker.publish(gw.hub.channel(room), wire_change(change))
         except BrokerUnavailable as exc:

@@ -102,6 +102,7 @@ class Gateway:
         from gateway.chat import Chat  # it uses this module's names
 
         self.chat = Chat(self)
+        self.chat.start()
         if redis is not None:
             self.beacon = Beacon(self, redis, prefix, guard=guard)
             self.beacon.start()

@@ -460,3 +460,39 @@ async def test_only_the_author_or_an_api_key_changes_a_message(gateway_env):
             updated = await bo.expect("message_updated")
             assert updated["message"]["text"] == "ana's" and updated["change"] == 4
             assert (await bo.expect("message_deleted"))["change"] == 5
+
+
+async def test_changes_whose_publish_was_lost_are_filled_from_the_store(gateway_env):
+    """Instance A commits changes but never publishes them (as if killed after each
+    commit); changes alternate between A and B, so B's and C's subscribers see a gap in
+    change numbers (gap fill) and a silent tail (the change position check)."""
+    room = "chat.lost"
+    env_a = {**gateway_env, "FAULT_SKIP_PUBLISH": "1"}
+    async with (instances(1, env_a) as (a,), instances(2, gateway_env) as (b, c),
+                httpx.AsyncClient(timeout=10) as http):
+        for i in range(5):
+            assert (await post(http, b.url, room, f"m{i}", author="ana")).status_code == 201
+        async with (WSClient.connect(b.ws_url) as ws,
+                    SSEClient.open(f"{c.url}/v1/rooms/{room}/events?since=0") as sse):
+            await subscribe(ws, room, since=0)
+            task = asyncio.create_task(reading(ws))
+            for i in range(12):
+                target = a if i % 2 == 0 or i >= 9 else b
+                seq = i % 5 + 1
+                url = f"{target.url}/v1/rooms/{room}/messages/{seq}"
+                r = await http.patch(url, json={"text": f"edit {i}", "author": "ana"})
+                assert r.status_code == 200, r.text
+            final = {m["seq"]: m for m in (await http.get(
+                f"{b.url}/v1/rooms/{room}/messages")).json()["messages"]}
+            await eventually(lambda: len(view_of(ws_events(ws.frames, room))[2]) == 12, 20)
+            await eventually(lambda: len(view_of(sse_events(sse.events))[2]) == 12, 20)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            for events in (ws_events(ws.frames, room), sse_events(sse.events)):
+                view, seqs, changes = view_of(events)
+                assert changes == list(range(1, 13))
+                assert view == final and seqs == [1, 2, 3, 4, 5]
+            # A never published: what B delivered of it came from the store.
+            fills = sum([await harness.metric(b.url, "chat_gap_fills_total", reason=reason)
+                         for reason in ("change", "change_position")])
+            assert fills >= 1
