@@ -496,3 +496,94 @@ async def test_changes_whose_publish_was_lost_are_filled_from_the_store(gateway_
             fills = sum([await harness.metric(b.url, "chat_gap_fills_total", reason=reason)
                          for reason in ("change", "change_position")])
             assert fills >= 1
+
+
+async def _posts_and_edits(http: httpx.AsyncClient, gws: list[harness.Instance], room: str,
+                           start: int, count: int) -> None:
+    """``count`` posts over the instances in turn, each followed by an edit of the
+    message before it and, every third, a delete of the one before that."""
+    for i in range(start, start + count):
+        gw = gws[i % len(gws)]
+        r = await post(http, gw.url, room, f"m{i}", author="ana")
+        assert r.status_code == 201, r.text
+        seq = r.json()["seq"]
+        if seq > 1:
+            r = await http.patch(f"{gw.url}/v1/rooms/{room}/messages/{seq - 1}",
+                                 json={"text": f"m{i - 1} edited", "author": "ana"})
+            assert r.status_code in (200, 404), r.text
+        if seq > 2 and i % 3 == 0:
+            r = await http.request("DELETE", f"{gw.url}/v1/rooms/{room}/messages/{seq - 2}",
+                                   json={"author": "ana"})
+            assert r.status_code == 200, r.text
+        await asyncio.sleep(0.01)
+
+
+async def test_changes_survive_a_redis_restart_and_an_instance_kill(gateway_env):
+    rs = harness.RedisServer()
+    rs.start()
+    env = {**gateway_env, "REDIS_URL": rs.url, "BROKER_PROBE_INTERVAL": "0.5"}
+    room = "chat.outage"
+    try:
+        async with instances(3, env) as gws, httpx.AsyncClient(timeout=30) as http:
+            async with contextlib.AsyncExitStack() as stack:
+                wss = [await stack.enter_async_context(WSClient.connect(g.ws_url))
+                       for g in gws[:2]]
+                sses = [await stack.enter_async_context(SSEClient.open(
+                    f"{g.url}/v1/rooms/{room}/events?changes_since=0")) for g in gws[:2]]
+                for ws in wss:
+                    await subscribe(ws, room, changes_since=0)
+                readers = [asyncio.create_task(reading(ws)) for ws in wss]
+                victim_frames: list[dict[str, Any]] = []
+                async with WSClient.connect(gws[2].ws_url) as victim:
+                    await subscribe(victim, room, changes_since=0)
+                    victim_reader = asyncio.create_task(reading(victim))
+                    await _posts_and_edits(http, gws, room, 0, 12)
+                    rs.stop()
+                    await _posts_and_edits(http, gws, room, 12, 12)  # committed meanwhile
+                    rs.start()
+                    await eventually(lambda: all_ready(http, gws), timeout=15)
+                    await _posts_and_edits(http, gws, room, 24, 6)
+                    gws[2].kill()
+                    await asyncio.wait_for(victim_reader, harness.t(10))
+                    victim_frames = list(victim.frames)
+                # The victim resumes on another instance from what it had.
+                _, seqs, changes = view_of(ws_events(victim_frames, room))
+                async with WSClient.connect(gws[1].ws_url) as resumed:
+                    await subscribe(resumed, room, since=seqs[-1] if seqs else 0,
+                                    changes_since=changes[-1] if changes else 0)
+                    resumed_reader = asyncio.create_task(reading(resumed))
+                    await _posts_and_edits(http, gws[:2], room, 30, 6)
+                    page = (await http.get(f"{gws[0].url}/v1/rooms/{room}/messages")).json()
+                    final = {m["seq"]: m for m in page["messages"]}
+                    assert sorted(final) == list(range(1, 37))
+                    other = (await http.get(f"{gws[1].url}/v1/rooms/{room}/messages")).json()
+                    assert other == page, "a stale page after the outage"
+
+                    def converged() -> bool:
+                        views = [view_of(ws_events(ws.frames, room))[0] for ws in wss]
+                        views += [view_of(sse_events(s.events))[0] for s in sses]
+                        views.append(view_of(ws_events(victim_frames + resumed.frames,
+                                                       room))[0])
+                        return all(v == final for v in views)
+
+                    await eventually(converged, timeout=30)
+                    await asyncio.sleep(0.5)
+                    resumed_reader.cancel()
+                    await asyncio.gather(resumed_reader, return_exceptions=True)
+                    streams = [ws_events(ws.frames, room) for ws in wss]
+                    streams += [sse_events(s.events) for s in sses]
+                    streams.append(ws_events(victim_frames + resumed.frames, room))
+                    for events in streams:
+                        view, seqs, changes = view_of(events)
+                        assert view == final and seqs == list(range(1, 37))
+                        assert changes == sorted(set(changes))
+                for task in readers:
+                    task.cancel()
+                await asyncio.gather(*readers, return_exceptions=True)
+    finally:
+        rs.stop()
+
+
+async def all_ready(http: httpx.AsyncClient, gws: list[harness.Instance]) -> bool:
+    codes = [(await http.get(g.url + "/readyz")).status_code for g in gws]
+    return all(c == 200 for c in codes)
