@@ -118,16 +118,18 @@ class Chat:
 
     # -- edits and deletes ---------------------------------------------------
 
-    async def change(self, room: str, seq: int, text: str | None, *,
-                     author: str | None) -> Message:
+    async def change(self, room: str, seq: int, text: str | None, *, author: str | None,
+                     idempotency_key: tuple[str, str] | None = None) -> Message:
         """Edit (``text``) or delete (None) a message; ``author``: only theirs, None:
-        any. Acknowledged once the store committed and the cache was voided."""
+        any; ``idempotency_key``: ``(owner, key)``. Acknowledged once the store
+        committed and the cache was voided."""
         gw = self.gw
         if gw.closing:
             raise ApiError("unavailable", "the instance is shutting down; retry on another")
         assert gw.history is not None and gw.hub is not None
         try:
-            change, msg = await gw.store.change(room, seq, text, author=author)
+            change, msg = await gw.store.change(room, seq, text, author=author,
+                                                idempotency_key=idempotency_key)
         except MessageNotFound as exc:
             raise ApiError("not_found", str(exc)) from None
         except NotAuthor:
@@ -260,11 +262,13 @@ async def edit_message(request: Request) -> Response:
     room = v.room_name(request.path_params["room"])
     seq = v.message_seq(request.path_params["seq"])
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
+    key = v.idempotency_key(request.headers.get("idempotency-key"))
     body = await _body(request, v.EDIT_MESSAGE)
     text = v.text(body.get("text"))
     author, bucket = await _changer(request, room, body)
     decision = await gw.rate(POST, bucket)
-    msg = await chat_of(gw).change(room, seq, text, author=author)
+    msg = await chat_of(gw).change(room, seq, text, author=author,
+                                   idempotency_key=None if key is None else (bucket, key))
     return encoded_json_response(msg.to_json(), 200, decision.headers())
 
 
@@ -273,10 +277,12 @@ async def delete_message(request: Request) -> Response:
     room = v.room_name(request.path_params["room"])
     seq = v.message_seq(request.path_params["seq"])
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
+    key = v.idempotency_key(request.headers.get("idempotency-key"))
     body = await _body(request, v.DELETE_MESSAGE, optional=True)
     author, bucket = await _changer(request, room, body)
     decision = await gw.rate(POST, bucket)
-    msg = await chat_of(gw).change(room, seq, None, author=author)
+    msg = await chat_of(gw).change(room, seq, None, author=author,
+                                   idempotency_key=None if key is None else (bucket, key))
     return encoded_json_response(msg.to_json(), 200, decision.headers())
 
 

@@ -295,6 +295,8 @@ class Hub:
             tasks.extend(t for t in (room.fill_task,) if t is not None)
             if room.gap_timer is not None:
                 room.gap_timer.cancel()
+            if room.changes.timer is not None:
+                room.changes.timer.cancel()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

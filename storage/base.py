@@ -198,14 +198,18 @@ class Store(ABC):
     # -- chat: edits, deletes, read positions (not abstract: a store without them
     # answers the routes with 503 through StoreUnavailable)
 
-    async def change(self, room: str, seq: int, text: str | None, *,
-                     author: str | None) -> tuple[Change | None, Message]:
+    async def change(self, room: str, seq: int, text: str | None, *, author: str | None,
+                     idempotency_key: tuple[str, str] | None = None
+                     ) -> tuple[Change | None, Message]:
         """Edit (``text``) or delete (``None``: text emptied, ``deleted_at`` set) the
         message at ``seq``, in one transaction that takes the room's row lock (as an
         append does), numbers the change and logs it. ``author``: only that author's
         message may be changed (``NotAuthor``); None: any. Raises ``MessageNotFound``.
-        Returns the change (None when nothing changed: a repeated delete, an edit to
-        the same text) and the message as it is now."""
+        ``idempotency_key`` is ``(owner, key)``: a repeat of a key the owner already
+        used in the room changes nothing and returns the message that change was
+        made to, as it is now (checked under the room's lock, so concurrent repeats
+        too). Returns the change (None when nothing changed: a repeat, a repeated
+        delete, an edit to the same text) and the message as it is now."""
         raise StoreUnavailable("this store keeps no changes")
 
     async def changes(self, room: str, *, after: int, limit: int = MAX_PAGE) -> list[Change]:

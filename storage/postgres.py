@@ -373,8 +373,9 @@ class PostgresStore(Store):
     async def ping(self) -> None:
         await self._call("fetchval", "SELECT 1")
 
-    async def change(self, room: str, seq: int, text: str | None, *,
-                     author: str | None) -> tuple[Change | None, Message]:
+    async def change(self, room: str, seq: int, text: str | None, *, author: str | None,
+                     idempotency_key: tuple[str, str] | None = None
+                     ) -> tuple[Change | None, Message]:
         ms = int(time.time() * 1000)
         at = _EPOCH + timedelta(milliseconds=ms)
         try:
@@ -384,6 +385,13 @@ class PostgresStore(Store):
                     # of a room commit one at a time, so after_seq is exact.
                     pos = await conn.fetchrow("SELECT last_seq, last_change FROM rooms "
                                               "WHERE room = $1 FOR UPDATE", room)
+                    if pos is not None and idempotency_key is not None:
+                        done = await conn.fetchval(
+                            "SELECT seq FROM message_changes WHERE room = $1 AND key_owner = $2"
+                            " AND idempotency_key = $3", room, *idempotency_key)
+                        if done is not None:  # a repeat: the message as it is now
+                            return None, _row(await conn.fetchrow(_MESSAGE_FOR_UPDATE,
+                                                                  room, done))
                     row = None if pos is None else await conn.fetchrow(
                         _MESSAGE_FOR_UPDATE, room, seq)
                     if pos is None or row is None:
@@ -404,9 +412,11 @@ class PostgresStore(Store):
                         row = await conn.fetchrow(_DELETE, room, seq, at)
                     else:
                         row = await conn.fetchrow(_EDIT, room, seq, text, at)
+                    owner, key = idempotency_key or (None, None)
                     await conn.execute("INSERT INTO message_changes (room, change, seq, "
-                                       "after_seq) VALUES ($1, $2, $3, $4)",
-                                       room, number, seq, pos["last_seq"])
+                                       "after_seq, key_owner, idempotency_key) "
+                                       "VALUES ($1, $2, $3, $4, $5, $6)",
+                                       room, number, seq, pos["last_seq"], owner, key)
         except _UNAVAILABLE as exc:
             raise _unavailable(exc) from exc
         msg = _row(row)

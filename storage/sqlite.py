@@ -171,13 +171,24 @@ class SQLiteStore(Store):
     async def ping(self) -> None:
         await self._run(lambda db: db.execute("SELECT 1").fetchone())
 
-    async def change(self, room: str, seq: int, text: str | None, *,
-                     author: str | None) -> tuple[Change | None, Message]:
+    async def change(self, room: str, seq: int, text: str | None, *, author: str | None,
+                     idempotency_key: tuple[str, str] | None = None
+                     ) -> tuple[Change | None, Message]:
         def write(db: sqlite3.Connection) -> tuple[Change | None, Message]:
             db.execute("BEGIN IMMEDIATE")
             try:
                 pos = db.execute("SELECT last_seq, last_change FROM rooms WHERE room = ?",
                                  (room,)).fetchone()
+                if pos is not None and idempotency_key is not None:
+                    done = db.execute("SELECT seq FROM message_changes WHERE room = ? AND "
+                                      "key_owner = ? AND idempotency_key = ?",
+                                      (room, *idempotency_key)).fetchone()
+                    if done is not None:  # a repeat: the message as it is now
+                        again = _row(db.execute(f"SELECT {_COLUMNS} FROM messages WHERE "
+                                                "room = ? AND seq = ?",
+                                                (room, done[0])).fetchone())
+                        db.execute("ROLLBACK")
+                        return None, again
                 row = None if pos is None else db.execute(
                     f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq = ?",
                     (room, seq)).fetchone()
@@ -203,8 +214,10 @@ class SQLiteStore(Store):
                 else:
                     db.execute("UPDATE messages SET text = ?, version = version + 1, "
                                "edited_ms = ? WHERE room = ? AND seq = ?", (text, ms, room, seq))
-                db.execute("INSERT INTO message_changes (room, change, seq, after_seq) "
-                           "VALUES (?, ?, ?, ?)", (room, number, seq, pos[0]))
+                owner, key = idempotency_key or (None, None)
+                db.execute("INSERT INTO message_changes (room, change, seq, after_seq, "
+                           "key_owner, idempotency_key) VALUES (?, ?, ?, ?, ?, ?)",
+                           (room, number, seq, pos[0], owner, key))
                 msg = _row(db.execute(f"SELECT {_COLUMNS} FROM messages WHERE room = ? "
                                       "AND seq = ?", (room, seq)).fetchone())
                 db.execute("COMMIT")

@@ -74,6 +74,25 @@ async def test_store_edits_and_deletes_number_changes_and_keep_tombstones(store)
     assert [c.change for c in await store.changes("r", after=1)] == [2]
 
 
+async def test_store_idempotency_keys_of_changes_are_scoped_to_room_and_owner(store):
+    await store.append("r", "ana", "one")
+    await store.append("r", "ana", "two")
+    change, msg = await store.change("r", 1, "uno", author="ana", idempotency_key=("ana", "k"))
+    assert change is not None and msg.version == 2
+    await store.change("r", 1, "eins", author="ana")
+    again, now = await store.change("r", 1, "uno", author="ana", idempotency_key=("ana", "k"))
+    assert again is None and (now.text, now.version) == ("eins", 3), "a repeat changes nothing"
+    repeat, _ = await store.change("r", 2, None, author="ana", idempotency_key=("ana", "k"))
+    assert repeat is None, "the key is spent in this room, whatever the request"
+    other, _ = await store.change("r", 2, "dos", author="ana", idempotency_key=("bo", "k"))
+    assert other is not None, "another owner's key is another key"
+    racing = await asyncio.gather(*(store.change("r", 2, f"x{i}", author=None,
+                                                 idempotency_key=("cy", "race"))
+                                    for i in range(5)))
+    assert sum(c is not None for c, _ in racing) == 1
+    assert await store.position("r") == (2, 4)
+
+
 async def test_store_read_positions_never_move_back(store):
     for i in range(10):
         await store.append("r", "ana", f"m{i}")
@@ -587,3 +606,40 @@ async def test_changes_survive_a_redis_restart_and_an_instance_kill(gateway_env)
 async def all_ready(http: httpx.AsyncClient, gws: list[harness.Instance]) -> bool:
     codes = [(await http.get(g.url + "/readyz")).status_code for g in gws]
     return all(c == 200 for c in codes)
+
+
+async def test_embedded_store_edits_deletes_types_and_reads_with_no_servers(tmp_path):
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/chat.db", "REDIS_URL": "memory://",
+           "LOG_LEVEL": "warning"}
+    room = "solo"
+    async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=10) as http:
+        async with (WSClient.connect(gw.ws_url + "?user=bo") as bo,
+                    WSClient.connect(gw.ws_url + "?user=ana") as ana):
+            await subscribe(bo, room, changes_since=0)
+            await subscribe(ana, room)
+            assert (await post(http, gw.url, room, "helo", author="ana")).status_code == 201
+            url = f"{gw.url}/v1/rooms/{room}/messages/1"
+            r = await http.patch(url, json={"text": "hello", "author": "ana"},
+                                 headers={"Idempotency-Key": "fix-1"})
+            assert r.status_code == 200 and r.json()["version"] == 2
+            r = await http.patch(url, json={"text": "hello again", "author": "ana"},
+                                 headers={"Idempotency-Key": "fix-1"})
+            assert (r.status_code, r.json()["text"], r.json()["version"]) == (200, "hello", 2)
+            assert (await bo.expect("message_updated"))["message"]["text"] == "hello"
+            for _ in range(3):
+                await ana.send({"type": "typing", "room": room})
+            assert await bo.expect("typing") == {"type": "typing", "room": room, "user": "ana"}
+            await ana.send({"type": "delete", "room": room, "seq": 1, "ref": "x"})
+            refused = await ana.expect("error")  # open mode: the author given must match
+            assert (refused["ref"], refused["code"]) == ("x", "forbidden")
+            await ana.send({"type": "delete", "room": room, "seq": 1, "ref": "d",
+                            "author": "ana"})
+            assert (await ana.expect("ack"))["message"]["text"] == ""
+            deleted = await bo.expect("message_deleted")
+            assert deleted["change"] == 2 and deleted["message"]["deleted_at"]
+            assert [f for f in bo.frames if f.get("type") == "typing"] == [
+                {"type": "typing", "room": room, "user": "ana"}], "one per 2 s"
+            r = await http.post(f"{gw.url}/v1/rooms/{room}/read", json={"seq": 1, "user": "bo"})
+            assert r.json() == {"room": room, "seq": 1, "unread": 0}
+        page = (await http.get(f"{gw.url}/v1/rooms/{room}/messages")).json()["messages"]
+        assert [(m["seq"], m["text"], m["version"]) for m in page] == [(1, "", 3)]

@@ -13,8 +13,14 @@ CREATE TABLE message_changes (
     change    bigint NOT NULL,
     seq       bigint NOT NULL,
     after_seq bigint NOT NULL,
+    -- An Idempotency-Key, scoped to the room and the identity that sent it.
+    key_owner       text,
+    idempotency_key text,
     PRIMARY KEY (room, change)
 );
+
+CREATE UNIQUE INDEX message_changes_idempotency
+    ON message_changes (room, key_owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
 
 CREATE TABLE read_positions (
     user_name  text        NOT NULL,

@@ -9,8 +9,13 @@ CREATE TABLE message_changes (
     change    INTEGER NOT NULL,
     seq       INTEGER NOT NULL,
     after_seq INTEGER NOT NULL,
+    key_owner       TEXT,
+    idempotency_key TEXT,
     PRIMARY KEY (room, change)
 );
+
+CREATE UNIQUE INDEX message_changes_idempotency
+    ON message_changes (room, key_owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
 
 CREATE TABLE read_positions (
     user_name  TEXT    NOT NULL,
