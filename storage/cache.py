@@ -30,12 +30,14 @@ the store before the purge cannot cache what it read afterwards: it notes the
 purge count before its store read and its page is written only if the count
 is unchanged.
 
-An edit or a delete (``changed``) breaks it the same way, and is handled the
-same way: the keys are dropped and the count raised before the change is
-acknowledged. The count is therefore the room's generation: a decoded window
-is kept with the generation it was read under, and a warm read (one ``MGET``
-of seq and count) serves it only while both match, so no instance serves a
-window from before a change, whether or not the change reached it live.
+An edit or a delete (``changed``) breaks it the same way: before the change is
+acknowledged the page is dropped and the count raised (the seq key stays: it
+is still the room's latest seq, which the position checks read). The count is
+therefore the room's generation: a decoded window is kept with the generation
+it was read under, and a warm read (one ``MGET`` of seq and count) serves it
+only while both match, so no instance serves a window from before a change,
+whether or not the change reached it live, and no load that read the store
+before it can write its page.
 
 With no Redis (``memory://``) every read goes to the store.
 """
@@ -107,6 +109,14 @@ _FILL = """
 if (redis.call('GET', KEYS[3]) or '0') ~= ARGV[4] then return -1 end
 """ + _RAISE
 
+# KEYS: page, purge count; ARGV: ttl. A message changed: a new generation, no page.
+_CHANGED = """
+redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
 # KEYS: seq, page, purge count; ARGV: ttl. Counts the purge, drops the room's keys.
 _PURGE = """
 redis.call('INCR', KEYS[3])
@@ -141,6 +151,7 @@ class HistoryCache:
             self._poll = Script(redis, _POLL)
             self._fill = Script(redis, _FILL)
             self._purge = Script(redis, _PURGE)
+            self._changed = Script(redis, _CHANGED)
 
     def _keys(self, room: str) -> list[str]:
         base = f"{self.prefix}{{{room}}}"
@@ -168,14 +179,21 @@ class HistoryCache:
         every instance's cached window of it is void. Called before the change is
         acknowledged; if Redis cannot be told the room is retried in the background
         (meanwhile the guard sends reads to the store)."""
+        self.forget(room)
+        if self.redis is None:
+            return
         try:
-            await self.purged(room)
+            await self._changed(keys=self._change_keys(room), args=[self.ttl])
         except Exception as exc:  # noqa: BLE001 - committed: retry until Redis answers
+            self._failed(self._keys(room)[0])
             log.warning("history cache not invalidated after a change, retrying: %r", exc,
                         extra={"room": room})
             self._unchanged.add(room)
             if self._retry is None or self._retry.done():
                 self._retry = asyncio.ensure_future(self._retry_dirty())
+
+    def _change_keys(self, room: str) -> list[str]:
+        return [self._keys(room)[1], self._purge_key(room)]
 
     def forget(self, room: str) -> None:
         """Drop this instance's decoded window of ``room`` (a purge was announced)."""
@@ -225,8 +243,7 @@ class HistoryCache:
             await asyncio.sleep(delay)
             for room in list(self._unchanged):
                 try:
-                    await self._purge(keys=self._keys(room) + [self._purge_key(room)],
-                                      args=[self.ttl])
+                    await self._changed(keys=self._change_keys(room), args=[self.ttl])
                 except Exception:  # noqa: BLE001 - still down
                     delay = min(delay * 2, 2.0)
                     break

@@ -21,7 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 import websockets
 
-from storage import MessageNotFound, NotAuthor, Store, create_store
+from storage import HistoryCache, MessageNotFound, NotAuthor, Store, create_store
 from tests import harness
 from tests.harness import SSEClient, WSClient, eventually, instances, post
 
@@ -109,6 +109,36 @@ async def test_store_read_positions_never_move_back(store):
     listed = await store.read_positions("bo")
     assert [(p.room, p.seq, p.unread) for p in listed] == [("r", 10, 0), ("s", 0, 1)]
     assert await store.read_positions("nobody") == []
+
+
+async def test_a_change_voids_every_instances_window_and_keeps_the_seq_key(pg_url,
+                                                                          redis_prefix):
+    store = create_store(pg_url)
+    await store.start()
+    await store.migrate()
+    client = aioredis.from_url(harness.REDIS_URL)
+    a = HistoryCache(store, client, prefix=redis_prefix)
+    b = HistoryCache(store, client, prefix=redis_prefix)
+    try:
+        for i in range(3):
+            msg, _ = await store.append("r", "ana", f"secret {i}")
+            await a.committed(msg)
+        for cache in (a, b, a, b):  # both hold the decoded window now
+            assert [m.text for m in (await cache.history("r")).messages][0] == "secret 0"
+        await store.change("r", 1, None, author=None)
+        await a.changed("r")  # b is never told: it must still not serve its window
+        page = await b.history("r")
+        assert [(m.text, m.version) for m in page.messages] == [
+            ("", 2), ("secret 1", 1), ("secret 2", 1)]
+        assert await client.get(f"{redis_prefix}{{r}}:seq") == b"3", "position checks read it"
+        raw = await client.hget(f"{redis_prefix}{{r}}:page", "d")
+        assert raw is not None and b"secret 0" not in raw
+        await store.change("r", 2, "edited", author=None)
+        await b.changed("r")
+        assert [m.text for m in (await a.history("r")).messages] == ["", "edited", "secret 2"]
+    finally:
+        await client.aclose()
+        await store.close()
 
 
 # -- the whole path on real gateways ------------------------------------------------
