@@ -673,3 +673,50 @@ async def test_embedded_store_edits_deletes_types_and_reads_with_no_servers(tmp_
             assert r.json() == {"room": room, "seq": 1, "unread": 0}
         page = (await http.get(f"{gw.url}/v1/rooms/{room}/messages")).json()["messages"]
         assert [(m["seq"], m["text"], m["version"]) for m in page] == [(1, "", 3)]
+
+
+async def test_a_resume_interleaves_missed_changes_in_commit_order(gateway_env):
+    room = "chat.resume"
+    async with instances(1, gateway_env) as (gw,), httpx.AsyncClient(timeout=10) as http:
+        url = f"{gw.url}/v1/rooms/{room}/messages"
+
+        async def edit(seq: int, text: str | None) -> None:
+            if text is None:
+                r = await http.request("DELETE", f"{url}/{seq}", json={"author": "ana"})
+            else:
+                r = await http.patch(f"{url}/{seq}", json={"text": text, "author": "ana"})
+            assert r.status_code == 200, r.text
+
+        await post(http, gw.url, room, "m1", author="ana")
+        await post(http, gw.url, room, "m2", author="ana")
+        await edit(1, "m1 v2")          # change 1, after message 2
+        await post(http, gw.url, room, "m3", author="ana")
+        await edit(2, "m2 v2")          # change 2, after message 3
+        await edit(1, None)             # change 3, after message 3
+        await post(http, gw.url, room, "m4", author="ana")
+        await edit(4, "m4 v2")          # change 4, after message 4
+        expected = [("message", 2, "m2 v2"), ("message", 3, "m3"),
+                    ("message_updated", 2, "m2 v2"), ("message_deleted", 1, ""),
+                    ("message", 4, "m4 v2"), ("message_updated", 4, "m4 v2")]
+
+        def summary(events: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, int, str]]:
+            return [(kind, (body if kind == "message" else body["message"])["seq"],
+                     (body if kind == "message" else body["message"])["text"])
+                    for kind, body in events]
+
+        # Holding message 1 and change 1: the rest, each change after the messages
+        # committed before it (replayed messages already show their current text).
+        async with WSClient.connect(gw.ws_url) as ws:
+            subscribed = await subscribe(ws, room, since=1, changes_since=1)
+            assert (subscribed["seq"], subscribed["change"]) == (4, 4)
+            while len(ws_events(ws.frames, room)) < len(expected):
+                await ws.recv()
+            assert summary(ws_events(ws.frames, room)) == expected
+            assert [f["change"] for f in ws.frames if "change" in f and f["type"] != "subscribed"
+                    ] == [2, 3, 4]
+        async with SSEClient.open(f"{url[:-len('/messages')]}/events?changes_since=1",
+                                  headers={"Last-Event-ID": "1"}) as sse:
+            await eventually(lambda: len(sse_events(sse.events)) >= len(expected))
+            assert summary(sse_events(sse.events)) == expected
+            assert [e.get("id") for e in sse.events if e.get("event") != "presence"] == [
+                "2", "3", None, None, "4", None], "change events carry no id"
