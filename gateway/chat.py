@@ -25,7 +25,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from starlette.requests import Request
@@ -35,16 +35,13 @@ from gateway import validation as v
 from gateway.auth import Identity, bearer, is_api_key
 from gateway.edge import encoded_json_response, gateway_of, identify, json_response
 from gateway.errors import ApiError
-from gateway.core import POST
+from gateway.core import POST, Gateway
 from gateway.hub import wire_change
 from gateway.periodic import every
 from pubsub import BrokerUnavailable
 from pubsub.batch import per_key
 from pubsub.script import Script
 from storage import Message, MessageNotFound, NotAuthor, ReadPosition, StoreUnavailable
-
-if TYPE_CHECKING:
-    from gateway.core import Gateway  # noqa: F401 - the annotations' name
 
 log = logging.getLogger("gateway.chat")
 
