@@ -24,7 +24,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
-from gateway import openapi
+from gateway import chat, openapi
 from gateway import server_api
 from gateway import validation as v
 from gateway.auth import Authenticator, bearer
@@ -90,6 +90,7 @@ async def room_events(request: Request) -> Response:
     since = v.seq_param(request.headers.get("last-event-id"), "Last-Event-ID")
     if since is None:
         since = v.seq_param(request.query_params.get("since"), "since")
+    changes_since = v.seq_param(request.query_params.get("changes_since"), "changes_since")
     user = presence_user(request, identity)
     decision = await gw.rate(CONNECT, identity.name)
     hub, presence = gw.hub, gw.presence
@@ -102,7 +103,7 @@ async def room_events(request: Request) -> Response:
     expire_with_token(sub, identity)
     hub.register(sub)
     try:
-        await hub.subscribe(sub, room, since)
+        await hub.subscribe(sub, room, since, changes_since)
     except BaseException:
         await hub.unregister(sub)
         gw.limits.release(identity.name)
@@ -347,6 +348,11 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         Route("/v1/rooms/{room}/messages", list_messages, methods=["GET"]),
         Route("/v1/rooms/{room}/events", room_events, methods=["GET"]),
         Route("/v1/rooms/{room}/presence", room_presence, methods=["GET"]),
+        Route("/v1/rooms/{room}/messages/{seq}", chat.edit_message, methods=["PATCH"]),
+        Route("/v1/rooms/{room}/messages/{seq}", chat.delete_message, methods=["DELETE"]),
+        Route("/v1/rooms/{room}/read", chat.mark_read, methods=["POST"]),
+        Route("/v1/rooms/{room}/read", chat.read_position, methods=["GET"]),
+        Route("/v1/read", chat.read_positions, methods=["GET"]),
         # Served by GatewayApp before routing; listed so the routing table is whole.
         WebSocketRoute(GatewayApp.WS_PATH, websocket_endpoint),
         Route("/v1/publish", publish, methods=["POST"]),

@@ -86,6 +86,7 @@ class Gateway:
         self._probes: set[asyncio.Task[Any]] = set()  # readiness probes given up on
         # Only with WEBHOOK_URLS set: otherwise no outbox rows, no dispatcher.
         self.webhooks: Webhooks | None = None
+        self.chat: Any = None  # typing and read receipts (gateway.chat.Chat)
 
     async def start(self, *, migrate: bool = True) -> None:
         await self.auth.start()
@@ -120,6 +121,10 @@ class Gateway:
         await self.presence.start()
         self.control = Control(self.broker, hub, self.presence, self.history)
         await self.control.start()
+        from gateway.chat import Chat  # it uses this module's names
+
+        self.chat = Chat(self)
+        self.chat.start()
         if redis is not None:
             self.beacon = Beacon(self, redis, prefix, guard=guard)
             self.beacon.start()
@@ -145,6 +150,8 @@ class Gateway:
             await self.retention.close()
         if self.control is not None:
             await self.control.close()
+        if self.chat is not None:
+            await self.chat.close()
         if self.presence is not None:
             await self.presence.close()
         if self.hub is not None:

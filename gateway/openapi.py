@@ -28,6 +28,13 @@ MESSAGE: dict[str, Any] = {
         "author": {"type": "string"},
         "text": {"type": "string"},
         "created_at": {"type": "string", "format": "date-time"},
+        "version": {"type": "integer", "minimum": 2,
+                    "description": "present once edited or deleted: 1 + the changes made"},
+        "edited_at": {"type": ["string", "null"], "format": "date-time",
+                      "description": "present once changed: the last edit, or null"},
+        "deleted_at": {"type": ["string", "null"], "format": "date-time",
+                       "description": "present once changed: set on a tombstone (text "
+                                      "empty), else null"},
     },
 }
 
@@ -145,6 +152,60 @@ def server_paths() -> dict[str, Any]:
             "responses": {"202": _json({"type": "object"}, "published", RATE_HEADERS),
                           **_errors("invalid_json", "invalid_request", "unauthorized",
                                     "too_large", "rate_limited", "unavailable")}}},
+    }
+
+
+def chat_paths() -> dict[str, Any]:
+    """Edits, deletes and read positions (gateway.chat)."""
+    seq_param = {"name": "seq", "in": "path", "required": True, "schema": v.MESSAGE_SEQ}
+    changed = _json({"$ref": _REF + "Message"}, "", RATE_HEADERS)
+    either: list[dict[str, list[str]]] = [{"userToken": []}, {"apiKey": []}, {}]
+    position = {"type": "object", "required": ["room", "seq", "unread"],
+                "properties": {"room": v.ROOM, "seq": {"type": "integer"},
+                               "unread": {"type": "integer",
+                                          "description": "messages after seq, tombstones "
+                                                         "included"}}}
+    change_errors = _errors("invalid_json", "invalid_request", "unauthorized", "forbidden",
+                            "not_found", "too_large", "rate_limited", "unavailable")
+    return {
+        "/v1/rooms/{room}/messages/{seq}": {
+            "patch": {
+                "summary": "Edit a message: its author, or an API key for any",
+                "security": either, "parameters": [ROOM_PARAM, seq_param],
+                "requestBody": _body("EditMessage"),
+                "responses": {"200": {**changed, "description": "the message as edited "
+                                                                "(the same text: unchanged)"},
+                              **change_errors}},
+            "delete": {
+                "summary": "Delete a message, keeping a tombstone at its seq",
+                "security": either, "parameters": [ROOM_PARAM, seq_param],
+                "requestBody": {"required": False, "content": {"application/json": {
+                    "schema": {"$ref": _REF + "DeleteMessage"}}}},
+                "responses": {"200": {**changed, "description": "the tombstone (a repeat: "
+                                                                "the same tombstone)"},
+                              **change_errors}},
+        },
+        "/v1/rooms/{room}/read": {
+            "post": {
+                "summary": "Mark the room read up to seq; the position never moves back",
+                "security": USER, "parameters": [ROOM_PARAM],
+                "requestBody": _body("MarkRead"),
+                "responses": {"200": _json(position, "the position now"),
+                              **_errors("invalid_json", "invalid_request", "unauthorized",
+                                        "forbidden", "too_large", "unavailable")}},
+            "get": {
+                "summary": "The caller's read position and unread count in the room",
+                "security": USER, "parameters": [ROOM_PARAM, *_query(v.READ_QUERY)],
+                "responses": {"200": _json(position, "the position"),
+                              **_errors("invalid_request", "unauthorized", "forbidden",
+                                        "unavailable")}},
+        },
+        "/v1/read": {"get": {
+            "summary": "Every room the caller has a read position in, with unread counts",
+            "security": USER, "parameters": _query(v.READ_QUERY),
+            "responses": {"200": _json({"type": "object", "required": ["rooms"], "properties": {
+                "rooms": {"type": "array", "items": position}}}, "by room name"),
+                **_errors("invalid_request", "unauthorized", "unavailable")}}},
     }
 
 
@@ -289,6 +350,7 @@ def document() -> dict[str, Any]:
                           "too_large", "unavailable"),
             },
         }},
+        **chat_paths(),
         "/healthz": {"get": {"summary": "liveness", "responses": {"200": _json(
             {"type": "object"}, "alive")}}},
         "/readyz": {"get": {"summary": "readiness per dependency", "responses": {
@@ -304,6 +366,8 @@ def document() -> dict[str, Any]:
                                "PostMessage": v.POST_MESSAGE, "Publish": v.PUBLISH}
     schemas.update({"ServerDisconnect": sa.DISCONNECT, "ServerUnsubscribe": sa.UNSUBSCRIBE,
                     "ServerBroadcast": sa.BROADCAST})
+    schemas.update({"EditMessage": v.EDIT_MESSAGE, "DeleteMessage": v.DELETE_MESSAGE,
+                    "MarkRead": v.MARK_READ})
     schemas.update({f"Frame.{kind}": schema for kind, schema in v.FRAMES.items()})
     schemas.update({"WebhookEndpoint": wh.ENDPOINT, "WebhookDeadLetter": wh.DEAD_LETTER,
                     "WebhookReplay": wh.REPLAY, "WebhookEnable": wh.ENABLE})

@@ -22,7 +22,7 @@ MAX_REF = 128
 MAX_IDEMPOTENCY_KEY = 128
 # SSE event names the gateway itself sends; a backend's event may not take them.
 RESERVED_EVENTS = {"message", "error", "presence", "disconnected", "unsubscribed",
-                   "history_purged"}
+                   "history_purged", "message_updated", "message_deleted", "typing", "read"}
 MAX_SEQ = 2**62 - 1
 MAX_LIMIT = 200
 MAX_SAFE_INT = 2**53 - 1  # integers every JSON client reads exactly
@@ -68,17 +68,35 @@ PUBLISH = _object(["room", "event"], room=ROOM, event=EVENT, data={"type": "obje
 HISTORY_QUERY = _object([], limit=LIMIT, before=SEQ, after=SEQ)
 PRESENCE_USER: dict[str, Any] = {**AUTHOR, "description": "open mode only: the name this "
                                  "connection is shown under in presence"}
-EVENTS_QUERY = _object([], since=SEQ, token=TOKEN, user=PRESENCE_USER)
+CHANGES_SINCE: dict[str, Any] = {**SEQ, "description": "resume edits and deletes: every "
+                                 "change numbered after this one (docs/delivery.md)"}
+EVENTS_QUERY = _object([], since=SEQ, changes_since=CHANGES_SINCE, token=TOKEN,
+                       user=PRESENCE_USER)
 WS_QUERY = _object([], token=TOKEN, user=PRESENCE_USER)
 NO_QUERY = _object([])  # for routes that take no query parameters
+# Chat: edits, deletes, read positions.
+MESSAGE_SEQ: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": MAX_SEQ}
+READER: dict[str, Any] = {**AUTHOR, "description": "open mode only: whose read position; "
+                          "with auth the token's sub is used"}
+EDIT_MESSAGE = _object(["text"], text=TEXT, author=AUTHOR)
+DELETE_MESSAGE = _object([], author=AUTHOR)
+MARK_READ = _object(["seq"], seq=SEQ, user=READER)
+READ_QUERY = _object([], user=READER)
 FRAMES: dict[str, dict[str, Any]] = {
-    "subscribe": _frame("subscribe", ["room"], room=ROOM, since=SEQ),
+    "subscribe": _frame("subscribe", ["room"], room=ROOM, since=SEQ,
+                        changes_since=CHANGES_SINCE),
     "unsubscribe": _frame("unsubscribe", ["room"], room=ROOM),
     "publish": _frame("publish", ["room", "text"], room=ROOM, text=TEXT, author=AUTHOR, ref=REF,
                       key=IDEMPOTENCY_KEY),
     "ping": _frame("ping", [], ref=REF),
     "refresh": _frame("refresh", ["token"], token={**TOKEN, "description": "a new token for "
                       "the same sub; it replaces the connection's token"}, ref=REF),
+    "edit": _frame("edit", ["room", "seq", "text"], room=ROOM, seq=MESSAGE_SEQ, text=TEXT,
+                   author=AUTHOR, ref=REF),
+    "delete": _frame("delete", ["room", "seq"], room=ROOM, seq=MESSAGE_SEQ, author=AUTHOR,
+                     ref=REF),
+    "typing": _frame("typing", ["room"], room=ROOM),
+    "read": _frame("read", ["room", "seq"], room=ROOM, seq=SEQ, ref=REF),
 }
 
 
@@ -146,6 +164,14 @@ def seq_param(value: Any, name: str) -> int | None:
     if not isinstance(value, int) or not 0 <= value <= MAX_SEQ:
         raise ApiError("invalid_request", f"{name} must be a non-negative integer", field=name)
     return value
+
+
+def message_seq(value: Any) -> int:
+    """A message's seq: an integer from 1."""
+    n = seq_param(value, "seq")
+    if n is None or n < 1:
+        raise ApiError("invalid_request", "seq must be an integer from 1", field="seq")
+    return n
 
 
 def limit_param(value: Any) -> int:

@@ -124,8 +124,105 @@
     body.className = "text";
     body.textContent = m.text; // text, never HTML
     li.append(head, body);
+    showChange(li, m);
     return li;
   }
+
+  // -- edits, deletes, typing, unread (docs/API.md, "Chat") --------------------------
+
+  // A changed message carries version, edited_at, deleted_at; a tombstone has no text.
+  function showChange(li, m) {
+    li.dataset.version = String(m.version || 1);
+    li.classList.toggle("edited", Boolean(m.edited_at) && !m.deleted_at);
+    li.classList.toggle("deleted", Boolean(m.deleted_at));
+    li.querySelector(".text").textContent = m.deleted_at ? "This message was deleted." : m.text;
+    let mark = li.querySelector(".edited-mark");
+    if (m.edited_at && !m.deleted_at && !mark) {
+      mark = document.createElement("span");
+      mark.className = "edited-mark";
+      mark.textContent = " (edited)";
+      li.querySelector(".meta").append(mark);
+    } else if (mark && (!m.edited_at || m.deleted_at)) mark.remove();
+  }
+
+  function changed(f) {
+    if (f.room !== s.room) return;
+    if (typeof f.change === "number") s.lastChange = Math.max(s.lastChange || 0, f.change);
+    const m = f.message;
+    const li = el.list.querySelector(`li[data-seq="${m.seq}"]`);
+    // Replace the shown message, unless it already shows this version or a later one.
+    if (li && Number(li.dataset.version || 1) <= (m.version || 1)) showChange(li, m);
+  }
+
+  const typingEl = document.createElement("p");
+  typingEl.id = "typing";
+  typingEl.className = "typing";
+  typingEl.setAttribute("aria-live", "polite");
+  el.list.after(typingEl);
+  const typists = new Map(); // user -> when their notice expires (ms)
+  let lastTypingSent = 0;
+
+  function renderTyping() {
+    const now = Date.now();
+    for (const [user, until] of typists) if (until <= now) typists.delete(user);
+    const names = [...typists.keys()].sort();
+    typingEl.dataset.users = names.join(",");
+    typingEl.textContent = !names.length ? "" :
+      names.length === 1 ? `${names[0]} is typing…` : `${names.join(", ")} are typing…`;
+  }
+  setInterval(renderTyping, 500);
+
+  function typingFrame(f) {
+    if (f.room !== s.room || !f.user) return;
+    typists.set(f.user, Date.now() + 3000);
+    renderTyping();
+  }
+
+  function typed() {
+    // The server passes one notice per user and room every 2 s; send no more than that.
+    if (!s.subscribed || !s.ws || !el.text.value.trim()) return;
+    if (Date.now() - lastTypingSent < 2000) return;
+    lastTypingSent = Date.now();
+    s.ws.send(JSON.stringify({ type: "typing", room: s.room }));
+  }
+
+  const unreadEl = document.createElement("span");
+  unreadEl.id = "unread";
+  unreadEl.className = "count";
+  el.title.append(" ", unreadEl);
+  let readTimer = null;
+
+  function renderUnread() {
+    const n = Math.max(0, s.lastSeq - (s.readSeq || 0));
+    unreadEl.dataset.unread = String(n);
+    unreadEl.textContent = n ? `(${n} unread)` : "";
+    document.title = (n ? `(${n}) ` : "") + (s.room ? `# ${s.room} · chat-gateway` : "chat-gateway");
+  }
+
+  // What is on screen while the page is visible counts as read: tell the server.
+  function markRead() {
+    if (!s.subscribed || !s.ws || document.hidden || !nearBottom()) { renderUnread(); return; }
+    if (s.lastSeq <= (s.readSeq || 0) || readTimer) { renderUnread(); return; }
+    readTimer = setTimeout(() => {
+      readTimer = null;
+      if (s.ws && s.ws.readyState === WebSocket.OPEN && s.lastSeq > (s.readSeq || 0)) {
+        s.ws.send(JSON.stringify({ type: "read", room: s.room, seq: s.lastSeq }));
+      }
+    }, 300);
+    renderUnread();
+  }
+  async function loadRead(gen) {
+    // The stored position, so the count survives a reload (open mode: ours by name).
+    try {
+      const q = token ? "" : "?user=" + encodeURIComponent(s.name);
+      const r = await getJSON(`/v1/rooms/${encodeURIComponent(s.room)}/read${q}`);
+      if (gen !== s.gen || !r.ok || !r.body) return;
+      s.readSeq = Math.max(s.readSeq || 0, r.body.seq || 0);
+      renderUnread();
+    } catch (e) { /* a server without read positions */ }
+  }
+  document.addEventListener("visibilitychange", markRead);
+  el.list.addEventListener("scroll", markRead);
 
   function nearBottom() {
     const l = el.list;
@@ -142,6 +239,14 @@
     if (!s.firstSeq) s.firstSeq = m.seq;
     el.list.dataset.lastSeq = String(s.lastSeq);
     if (stick) el.list.scrollTop = el.list.scrollHeight;
+    markRead();
+  }
+
+  function subscribeFrame() {
+    // Resume changes too once a change position is known (the first subscribe learns it).
+    const f = { type: "subscribe", room: s.room, since: s.lastSeq };
+    if (typeof s.lastChange === "number") f.changes_since = s.lastChange;
+    return f;
   }
 
   function resync() {
@@ -149,7 +254,7 @@
     // the new `subscribed` that do not fit are ignored by accept()).
     if (s.resyncing || !s.ws || s.ws.readyState !== WebSocket.OPEN) return;
     s.resyncing = true;
-    s.ws.send(JSON.stringify({ type: "subscribe", room: s.room, since: s.lastSeq }));
+    s.ws.send(JSON.stringify(subscribeFrame()));
   }
 
   async function loadHistory(gen) {
@@ -234,7 +339,7 @@
       ws.onopen = () => {
         if (gen !== s.gen) return;
         s.lastFrameAt = Date.now();
-        ws.send(JSON.stringify({ type: "subscribe", room: s.room, since: s.lastSeq }));
+        ws.send(JSON.stringify(subscribeFrame()));
       };
       ws.onmessage = (ev) => { if (gen === s.gen) frame(JSON.parse(ev.data)); };
       ws.onclose = (ev) => { if (gen === s.gen && s.ws === ws) dropped(gen, ev.code); };
@@ -309,6 +414,8 @@
         if (f.room !== s.room) return;
         s.subscribed = true;
         s.resyncing = false;
+        if (typeof s.lastChange !== "number" && typeof f.change === "number") s.lastChange = f.change;
+        markRead();
         s.attempt = 0;
         setStatus("connected", `Connected to ${s.room}`);
         if (el.notice.dataset.kind === "connection") notice("");
@@ -321,6 +428,14 @@
       case "ack":
         // The message itself arrives as a `message` frame, in order.
         s.refs.delete(f.ref);
+        if (f.read && f.read.room === s.room) { s.readSeq = f.read.seq; renderUnread(); }
+        break;
+      case "message_updated":
+      case "message_deleted":
+        changed(f);
+        break;
+      case "typing":
+        typingFrame(f);
         break;
       case "error":
         refused(f);
@@ -425,6 +540,7 @@
 
   el.compose.addEventListener("submit", (ev) => { ev.preventDefault(); send(); });
   el.text.addEventListener("input", updateCompose);
+  el.text.addEventListener("input", typed);
   el.text.addEventListener("keydown", (ev) => {
     if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) { ev.preventDefault(); send(); }
   });
@@ -440,12 +556,17 @@
     clearTimeout(s.timer);
     Object.assign(s, { room, name, token: tok, subscribed: false, resyncing: false, lastSeq: 0,
                        firstSeq: 0, loaded: false, attempt: 0, presence: new Map() });
+    Object.assign(s, { lastChange: null, readSeq: 0 });
+    typists.clear();
+    renderTyping();
     s.refs.clear();
     el.list.replaceChildren();
     el.list.dataset.lastSeq = "0";
     el.older.hidden = true;
     el.presence.hidden = true;
     el.title.textContent = `# ${room}`;
+    el.title.append(" ", unreadEl);
+    renderUnread();
     notice("");
     el.token.setAttribute("aria-invalid", "false");
     try {
@@ -465,6 +586,7 @@
     }
     history.replaceState(null, "", "?" + q.toString());
     updateCompose();
+    loadRead(s.gen);
     connect(s.gen);
   }
 

@@ -43,7 +43,8 @@ from typing import Any
 import asyncpg
 
 from storage import migrations
-from storage.base import Message, Page, Store, StoreUnavailable, display_url, new_id
+from storage.base import (Change, Message, MessageNotFound, NotAuthor, Page, ReadPosition,
+                          Store, StoreUnavailable, display_url, new_id)
 
 log = logging.getLogger("storage.postgres")
 
@@ -52,7 +53,9 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MIGRATION_LOCK = 0x63686174_6777  # "chatgw"
 
 _COLUMNS = ("id, room, seq, author, text, "
-            "(extract(epoch from created_at) * 1000)::bigint AS created_ms")
+            "(extract(epoch from created_at) * 1000)::bigint AS created_ms, version, "
+            "(extract(epoch from edited_at) * 1000)::bigint AS edited_ms, "
+            "(extract(epoch from deleted_at) * 1000)::bigint AS deleted_ms")
 
 _APPEND = """
 WITH r AS (
@@ -187,7 +190,47 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 
 
 def _row(r: Any) -> Message:
-    return Message(r["id"], r["room"], r["seq"], r["author"], r["text"], r["created_ms"])
+    return Message(r["id"], r["room"], r["seq"], r["author"], r["text"], r["created_ms"],
+                   r["version"], r["edited_ms"], r["deleted_ms"])
+
+
+# -- chat: edits, deletes, read positions --------------------------------------
+
+_MESSAGE_FOR_UPDATE = f"SELECT {_COLUMNS} FROM messages WHERE room = $1 AND seq = $2 FOR UPDATE"
+_EDIT = ("UPDATE messages SET text = $3, version = version + 1, edited_at = $4 "
+         f"WHERE room = $1 AND seq = $2 RETURNING {_COLUMNS}")
+# A delete empties the text in the row itself: the text is gone, not hidden.
+_DELETE = ("UPDATE messages SET text = '', version = version + 1, deleted_at = $3 "
+           f"WHERE room = $1 AND seq = $2 RETURNING {_COLUMNS}")
+_CHANGES = """
+SELECT c.change, c.after_seq, m.id, m.room, m.seq, m.author, m.text,
+       (extract(epoch from m.created_at) * 1000)::bigint AS created_ms, m.version,
+       (extract(epoch from m.edited_at) * 1000)::bigint AS edited_ms,
+       (extract(epoch from m.deleted_at) * 1000)::bigint AS deleted_ms
+FROM message_changes c JOIN messages m ON m.room = c.room AND m.seq = c.seq
+WHERE c.room = $1 AND c.change > $2 ORDER BY c.change LIMIT $3
+"""
+# One upsert: capped at the room's last seq, never lowered (GREATEST under the
+# conflict's row lock), so concurrent marks cannot move a position back.
+_MARK_READ = """
+WITH r AS (SELECT last_seq FROM rooms WHERE room = $2)
+INSERT INTO read_positions AS p (user_name, room, seq, updated_at)
+SELECT $1, $2, LEAST($3, r.last_seq), now() FROM r
+ON CONFLICT (user_name, room) DO UPDATE
+    SET seq = GREATEST(p.seq, EXCLUDED.seq), updated_at = EXCLUDED.updated_at
+RETURNING seq, (SELECT last_seq FROM r) AS last_seq
+"""
+_READ_POSITION = """
+SELECT coalesce(p.seq, 0) AS seq, coalesce(r.last_seq, 0) AS last_seq
+FROM (SELECT 1) AS one
+LEFT JOIN rooms r ON r.room = $2
+LEFT JOIN read_positions p ON p.user_name = $1 AND p.room = $2
+"""
+_READ_POSITIONS = """
+SELECT p.room, p.seq, coalesce(r.last_seq, 0) AS last_seq
+FROM read_positions p LEFT JOIN rooms r ON r.room = p.room
+WHERE p.user_name = $1 ORDER BY p.room LIMIT $2
+"""
 
 
 class PostgresStore(Store):
@@ -547,6 +590,78 @@ class PostgresStore(Store):
 
     async def ping(self) -> None:
         await self._call("fetchval", "SELECT 1")
+
+    async def change(self, room: str, seq: int, text: str | None, *, author: str | None,
+                     idempotency_key: tuple[str, str] | None = None
+                     ) -> tuple[Change | None, Message]:
+        ms = int(time.time() * 1000)
+        at = _EPOCH + timedelta(milliseconds=ms)
+        try:
+            async with self.pool.acquire(timeout=self._acquire_timeout) as conn:
+                async with conn.transaction():
+                    # The room's row first, as an append takes it: changes and posts
+                    # of a room commit one at a time, so after_seq is exact.
+                    pos = await conn.fetchrow("SELECT last_seq, last_change FROM rooms "
+                                              "WHERE room = $1 FOR UPDATE", room)
+                    if pos is not None and idempotency_key is not None:
+                        done = await conn.fetchval(
+                            "SELECT seq FROM message_changes WHERE room = $1 AND key_owner = $2"
+                            " AND idempotency_key = $3", room, *idempotency_key)
+                        if done is not None:  # a repeat: the message as it is now
+                            return None, _row(await conn.fetchrow(_MESSAGE_FOR_UPDATE,
+                                                                  room, done))
+                    row = None if pos is None else await conn.fetchrow(
+                        _MESSAGE_FOR_UPDATE, room, seq)
+                    if pos is None or row is None:
+                        raise MessageNotFound(f"no message {seq} in room {room!r}")
+                    current = _row(row)
+                    if author is not None and current.author != author:
+                        raise NotAuthor("only the author may change this message")
+                    if current.deleted_ms is not None:
+                        if text is None:
+                            return None, current  # deleted already: nothing to do
+                        raise MessageNotFound(f"message {seq} in room {room!r} is deleted")
+                    if text == current.text:
+                        return None, current
+                    number = pos["last_change"] + 1
+                    await conn.execute("UPDATE rooms SET last_change = $2 WHERE room = $1",
+                                       room, number)
+                    if text is None:
+                        row = await conn.fetchrow(_DELETE, room, seq, at)
+                    else:
+                        row = await conn.fetchrow(_EDIT, room, seq, text, at)
+                    owner, key = idempotency_key or (None, None)
+                    await conn.execute("INSERT INTO message_changes (room, change, seq, "
+                                       "after_seq, key_owner, idempotency_key) "
+                                       "VALUES ($1, $2, $3, $4, $5, $6)",
+                                       room, number, seq, pos["last_seq"], owner, key)
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
+        msg = _row(row)
+        return Change(number, pos["last_seq"], msg), msg
+
+    async def changes(self, room: str, *, after: int, limit: int = 200) -> list[Change]:
+        rows = await self._call("fetch", _CHANGES, room, after, limit)
+        return [Change(r["change"], r["after_seq"], _row(r)) for r in rows]
+
+    async def position(self, room: str) -> tuple[int, int]:
+        row = await self._call("fetchrow", "SELECT last_seq, last_change FROM rooms "
+                                           "WHERE room = $1", room)
+        return (0, 0) if row is None else (int(row["last_seq"]), int(row["last_change"]))
+
+    async def mark_read(self, user: str, room: str, seq: int) -> ReadPosition:
+        row = await self._call("fetchrow", _MARK_READ, user, room, seq)
+        if row is None:  # a room with no message: nothing to be read
+            return ReadPosition(room, 0, 0)
+        return ReadPosition(room, int(row["seq"]), int(row["last_seq"]))
+
+    async def read_position(self, user: str, room: str) -> ReadPosition:
+        row = await self._call("fetchrow", _READ_POSITION, user, room)
+        return ReadPosition(room, int(row["seq"]), int(row["last_seq"]))
+
+    async def read_positions(self, user: str, limit: int = 1000) -> list[ReadPosition]:
+        rows = await self._call("fetch", _READ_POSITIONS, user, limit)
+        return [ReadPosition(r["room"], int(r["seq"]), int(r["last_seq"])) for r in rows]
 
     def stats(self) -> dict[str, Any]:
         if self._pool is None:
