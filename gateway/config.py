@@ -89,6 +89,8 @@ class Settings:
     # connections: 0 means no limit
     max_connections: int = 10000
     max_connections_per_identity: int = 100
+    # rooms one WebSocket may hold at once (each costs a broker channel and a store read)
+    max_subscriptions_per_connection: int = 1000
     # presence: a crashed instance's members vanish within PRESENCE_TTL seconds
     presence_ttl: float = 30.0
     # retention: messages older than RETENTION_DAYS are deleted (unset: kept forever)
@@ -157,7 +159,7 @@ class Settings:
             raise ConfigError(f"LOG_LEVEL={self.log_level!r}: use debug, info, warning or error")
         for name in ("queue_max_messages", "queue_max_bytes", "ws_max_size", "max_body_bytes",
                      "presence_ttl", "retention_interval", "retention_batch",
-                     "shutdown_timeout"):
+                     "shutdown_timeout", "max_subscriptions_per_connection"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.upper()} must be positive")
         return self

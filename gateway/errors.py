@@ -23,6 +23,8 @@ CODES: dict[str, tuple[int, str]] = {
     "too_large": (413, "the body or frame exceeds the size limit"),
     "rate_limited": (429, "the identity's token bucket is empty; retry after retry_after"),
     "too_many_connections": (429, "the identity holds too many connections"),
+    "too_many_subscriptions": (429, "the WebSocket holds MAX_SUBSCRIPTIONS_PER_CONNECTION "
+                                    "rooms; unsubscribe from one first"),
     "unavailable": (503, "a dependency (database, broker) is down, or the instance is full "
                          "or shutting down; nothing was stored"),
     "internal": (500, "an unexpected failure; nothing was stored"),

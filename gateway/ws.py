@@ -223,6 +223,15 @@ class Session:
             self.sub.push(b'{"type":"ack","ref":%s,"message":%s}' % (orjson.dumps(ref),
                                                                     msg.to_json()), reply=True)
 
+    def check_subscription_room(self, room: str) -> None:
+        """Refuse a new room past ``MAX_SUBSCRIPTIONS_PER_CONNECTION`` (a re-subscribe
+        to a held room takes no new place)."""
+        cap = self.gw.settings.max_subscriptions_per_connection
+        if room not in self.sub.cursors and len(self.sub.cursors) >= cap:
+            raise ApiError("too_many_subscriptions",
+                           f"this connection already holds {cap} rooms; unsubscribe from "
+                           "one first", limit=cap)
+
     def error(self, exc: ApiError, ref: Any = None) -> None:
         self.sub.reply(exc.frame(ref))
 
@@ -241,6 +250,7 @@ class Session:
             room = v.room_name(frame.get("room"))
             since = v.seq_param(frame.get("since"), "since")
             self.identity.check_room(room)
+            self.check_subscription_room(room)
             await hub.subscribe(self.sub, room, since)
             await presence.joined(self.sub.id, self.user, room)
         elif kind == "unsubscribe":
