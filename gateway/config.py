@@ -59,6 +59,8 @@ class Settings:
     rate_limit: Rate = field(default_factory=lambda: Rate(20, 60.0))
     publish_rate_limit: Rate = field(default_factory=lambda: Rate(600, 60.0))
     connect_rate_limit: Rate = field(default_factory=lambda: Rate(60, 60.0))
+    # WebSocket subscribe frames per identity (subscribe/unsubscribe churn)
+    subscribe_rate_limit: Rate = field(default_factory=lambda: Rate(600, 60.0))
     trusted_proxies: tuple[str, ...] = ()
     key_prefix: str = "chat:"
     # database pool
@@ -93,6 +95,9 @@ class Settings:
     max_subscriptions_per_connection: int = 1000
     # presence: a crashed instance's members vanish within PRESENCE_TTL seconds
     presence_ttl: float = 30.0
+    # a user's leave is announced only once they stayed away this long (at most
+    # PRESENCE_TTL / 3): a quick unsubscribe/subscribe or reconnect announces nothing
+    presence_debounce: float = 2.0
     # retention: messages older than RETENTION_DAYS are deleted (unset: kept forever)
     retention_days: float | None = None
     retention_interval: float = 3600.0
@@ -141,7 +146,8 @@ class Settings:
             raise ConfigError(f"PORT={self.port} is out of range")
         if self.db_pool_min < 0 or self.db_pool_max < max(1, self.db_pool_min):
             raise ConfigError("DB_POOL_MAX must be at least 1 and at least DB_POOL_MIN")
-        for name in ("rate_limit", "publish_rate_limit", "connect_rate_limit"):
+        for name in ("rate_limit", "publish_rate_limit", "connect_rate_limit",
+                     "subscribe_rate_limit"):
             rate = getattr(self, name)
             # The bucket's arithmetic is in integers inside a double's exact range.
             if rate.capacity * (rate.period * 1e6 + 2e6) >= 2**53:
@@ -153,6 +159,8 @@ class Settings:
                 raise ConfigError(f"TRUSTED_PROXIES: {name!r} is not an address or CIDR") from None
         if self.max_connections < 0 or self.max_connections_per_identity < 0:
             raise ConfigError("MAX_CONNECTIONS and MAX_CONNECTIONS_PER_IDENTITY must be >= 0")
+        if self.presence_debounce < 0:
+            raise ConfigError("PRESENCE_DEBOUNCE must be >= 0 (0: leaves go out at once)")
         if self.retention_days is not None and self.retention_days <= 0:
             raise ConfigError("RETENTION_DAYS must be positive (unset it to keep messages)")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

@@ -37,6 +37,7 @@ log = logging.getLogger("gateway")
 POST = "post"  # message posts: HTTP and WS publish frames share one bucket
 PUBLISH = "publish"  # POST /v1/publish
 CONNECT = "connect"  # WebSocket and SSE connection attempts
+SUBSCRIBE = "subscribe"  # WebSocket subscribe frames
 
 
 class Gateway:
@@ -92,6 +93,7 @@ class Gateway:
         self.presence = Presence(self.broker, redis, prefix=prefix,
                                  ttl=self.settings.presence_ttl, channel=hub.channel,
                                  held_rooms=lambda: list(hub.rooms),
+                                 debounce=self.settings.presence_debounce,
                                  instance=self.instance_id)
         await self.presence.start()
         if redis is not None:
@@ -106,6 +108,7 @@ class Gateway:
             POST: self.settings.rate_limit,
             PUBLISH: self.settings.publish_rate_limit,
             CONNECT: self.settings.connect_rate_limit,
+            SUBSCRIBE: self.settings.subscribe_rate_limit,
         }, batch=batch)
         self.metrics.watch_pool(self.store.stats)
         for warning in self.auth.warnings():

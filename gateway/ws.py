@@ -23,7 +23,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gateway import validation as v
 from gateway.auth import Identity
-from gateway.core import CONNECT, POST, Gateway
+from gateway.core import CONNECT, POST, SUBSCRIBE, Gateway
 from gateway.edge import gateway_of, identify, presence_user
 from gateway.errors import CLOSE_POLICY_VIOLATION, ApiError, internal
 from gateway.hub import WS, Subscriber
@@ -251,6 +251,7 @@ class Session:
             since = v.seq_param(frame.get("since"), "since")
             self.identity.check_room(room)
             self.check_subscription_room(room)
+            await self.gw.rate(SUBSCRIBE, self.identity.name)
             await hub.subscribe(self.sub, room, since)
             await presence.joined(self.sub.id, self.user, room)
         elif kind == "unsubscribe":
