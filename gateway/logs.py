@@ -23,7 +23,7 @@ import orjson
 conn_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("conn_id", default=None)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # uvicorn logs WebSocket paths with their query string; tokens ride there.
-_SECRET_PARAM = re.compile(r"([?&](?:token|access_token|api_key)=)[^&\s\"']+")
+_SECRET_PARAM = re.compile(r"([?&](?:token|access_token|api_key|key)=)[^&\s\"']+")
 access = logging.getLogger("gateway.access")
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {

@@ -163,15 +163,15 @@ def document() -> dict[str, Any]:
         }},
         "/v1/stats/events": {"get": {
             "summary": "live figures as SSE, one `stats` event per interval: this "
-                       "instance's, or with scope=cluster the sum over every instance",
-            "parameters": [{"name": "interval", "in": "query", "required": False,
-                            "schema": stats.INTERVAL},
-                           {"name": "scope", "in": "query", "required": False,
-                            "schema": stats.SCOPE}],
+                       "instance's, or with scope=cluster the sum over every instance; "
+                       "in auth mode an API key (Bearer or ?key=) is required",
+            "security": [{"apiKey": []}, {}],
+            "parameters": _query(stats.QUERY),
             "responses": {
                 "200": {"description": "the event stream", "content": {
                     "text/event-stream": {"schema": {"type": "string"}}}},
-                **_errors("invalid_request", "unavailable"),
+                **_errors("invalid_request", "unauthorized", "rate_limited",
+                          "too_many_connections", "unavailable"),
             },
         }},
         "/healthz": {"get": {"summary": "liveness", "responses": {"200": _json(

@@ -53,6 +53,9 @@ def _object(required: list[str], **properties: dict[str, Any]) -> dict[str, Any]
             "additionalProperties": False}
 
 
+object_schema = _object  # for shapes declared beside their route (gateway.stats)
+
+
 def _frame(kind: str, required: list[str], **properties: dict[str, Any]) -> dict[str, Any]:
     return _object(["type", *required], type={"const": kind}, **properties)
 
