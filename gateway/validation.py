@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from gateway.errors import ApiError
 
@@ -190,11 +190,15 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ApiError("too_large", f"the body exceeds {limit} bytes", limit=limit)
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError("too_large", f"the body exceeds {limit} bytes", limit=limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError("too_large", f"the body exceeds {limit} bytes", limit=limit)
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client's doing: nothing to store, nobody to answer
+        raise ApiError("invalid_request", "the client closed the connection before the "
+                                          "body ended", status=400) from None
     return b"".join(chunks)
 
 
