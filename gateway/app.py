@@ -119,9 +119,11 @@ async def room_events(request: Request) -> Response:
             log.info("sse stream closed", extra={"room": room, "sub": sub.id,
                                                  "close_code": sub.close_code})
 
-    # send_timeout: a reader that stopped reading ends its stream instead of pinning it.
+    # A reader that stopped reading is aborted by the server's protocol after
+    # SSE_SEND_TIMEOUT (gateway.transport); send_timeout is the backstop under
+    # another server, where the socket may stay until the peer leaves.
     return EventSourceResponse(stream(), ping=gw.settings.sse_ping, sep="\n",
-                               send_timeout=gw.settings.sse_send_timeout,
+                               send_timeout=2 * gw.settings.sse_send_timeout,
                                headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no",
                                         **decision.headers()})
 

@@ -79,7 +79,15 @@ class Settings:
     gap_wait: float = 0.25
     position_interval: float = 3.0
     sse_ping: float = 15.0
+    # seconds any HTTP response (an SSE stream above all) may find its peer taking
+    # nothing before the connection is aborted
     sse_send_timeout: float = 10.0
+    # HTTP request bounds: the head must arrive within HTTP_HEADER_TIMEOUT seconds of
+    # the connection (or of the previous response) and be at most HTTP_MAX_HEADER_BYTES
+    # long; the body must arrive within HTTP_BODY_TIMEOUT seconds of the head
+    http_header_timeout: float = 10.0
+    http_body_timeout: float = 30.0
+    http_max_header_bytes: int = 16 * 1024
     ws_ping_interval: float = 20.0
     # A socket written less than this many seconds ago holds its next live frames
     # up to that long, so that they leave together in one write (0: every frame at
@@ -159,6 +167,9 @@ class Settings:
                 raise ConfigError(f"TRUSTED_PROXIES: {name!r} is not an address or CIDR") from None
         if self.max_connections < 0 or self.max_connections_per_identity < 0:
             raise ConfigError("MAX_CONNECTIONS and MAX_CONNECTIONS_PER_IDENTITY must be >= 0")
+        for name in ("sse_send_timeout", "http_header_timeout", "http_body_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name.upper()} must be a positive number of seconds")
         if self.presence_debounce < 0:
             raise ConfigError("PRESENCE_DEBOUNCE must be >= 0 (0: leaves go out at once)")
         if self.retention_days is not None and self.retention_days <= 0:
@@ -167,7 +178,8 @@ class Settings:
             raise ConfigError(f"LOG_LEVEL={self.log_level!r}: use debug, info, warning or error")
         for name in ("queue_max_messages", "queue_max_bytes", "ws_max_size", "max_body_bytes",
                      "presence_ttl", "retention_interval", "retention_batch",
-                     "shutdown_timeout", "max_subscriptions_per_connection"):
+                     "shutdown_timeout", "max_subscriptions_per_connection",
+                     "http_max_header_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.upper()} must be positive")
         return self

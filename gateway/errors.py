@@ -21,6 +21,10 @@ CODES: dict[str, tuple[int, str]] = {
     "not_found": (404, "no such route or object"),
     "method_not_allowed": (405, "the route exists but not with this method"),
     "too_large": (413, "the body or frame exceeds the size limit"),
+    "request_timeout": (408, "the request head or body did not arrive within "
+                             "HTTP_HEADER_TIMEOUT / HTTP_BODY_TIMEOUT; the connection is closed"),
+    "headers_too_large": (431, "the request line and headers exceed HTTP_MAX_HEADER_BYTES; "
+                               "the connection is closed"),
     "rate_limited": (429, "the identity's token bucket is empty; retry after retry_after"),
     "too_many_connections": (429, "the identity holds too many connections"),
     "too_many_subscriptions": (429, "the WebSocket holds MAX_SUBSCRIPTIONS_PER_CONNECTION "

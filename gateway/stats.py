@@ -271,8 +271,8 @@ async def stats_events(request: Request) -> Response:
             yield {"event": "stats", "data": orjson.dumps(snapshot).decode()}
             await asyncio.sleep(interval)
 
-    # send_timeout: a reader that stopped reading ends its stream (as on room streams).
-    return HeldStream(stream(), ping=15, sep="\n", send_timeout=gw.settings.sse_send_timeout,
+    # A reader that stopped reading is dropped as on room streams (gateway.app).
+    return HeldStream(stream(), ping=15, sep="\n", send_timeout=2 * gw.settings.sse_send_timeout,
                       release=lambda: gw.limits.release(caller),
                       headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
