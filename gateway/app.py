@@ -139,6 +139,7 @@ async def publish(request: Request) -> Response:
     data = body.get("data", {})
     if not isinstance(data, dict):
         raise ApiError("invalid_request", "data must be a JSON object", field="data")
+    v.nesting(data, "data")
     # One bucket per API key (named by a digest: no secret in Redis), else per address.
     key = bearer(request.headers)
     caller = ("key:" + hashlib.sha256(key.encode()).hexdigest()[:24]
@@ -289,6 +290,18 @@ class GatewayApp(Starlette):
         return app
 
 
+# The pages load their scripts and stylesheet from /static/ and talk to this origin
+# only; nothing may frame them (clickjacking) or learn their address from a link.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self' data:; connect-src 'self'; "
+                               "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
 def static_dir(settings: Settings) -> Path:
     if settings.static_dir:
         return Path(settings.static_dir)
@@ -315,7 +328,8 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
 
     def page(name: str) -> Any:
         async def endpoint(request: Request) -> Response:
-            return FileResponse(static / name, headers={"Cache-Control": "no-cache"})
+            return FileResponse(static / name, headers={"Cache-Control": "no-cache",
+                                                        **PAGE_HEADERS})
         return endpoint
 
     routes = [
@@ -343,5 +357,8 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
                             StoreUnavailable: store_unavailable,
                             Exception: internal_error},
     )
+    # A path with or without its trailing slash is one route or a 404, never a
+    # redirect built from the request's Host header.
+    app.router.redirect_slashes = False
     app.state.openapi = orjson.dumps(openapi.document())
     return app

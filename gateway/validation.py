@@ -141,6 +141,32 @@ def seq_param(value: Any, name: str) -> int | None:
     return value
 
 
+def seq_field(value: Any, name: str) -> int | None:
+    """A non-negative integer in a JSON frame: a number, never a string of digits."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ApiError("invalid_request", f"{name} must be a non-negative integer (a JSON "
+                       "number)", field=name)
+    return seq_param(value, name)
+
+
+MAX_DEPTH = 32  # levels of nested arrays and objects in free-form data
+
+
+def nesting(value: Any, name: str, limit: int = MAX_DEPTH) -> Any:
+    """``value``, refused if its arrays and objects nest more than ``limit`` deep
+    (an object holding scalars is 1 deep). Checked level by level, no recursion."""
+    level = [value] if isinstance(value, (dict, list)) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            raise ApiError("invalid_request", f"{name} nests deeper than {limit} levels",
+                           field=name, limit=limit)
+        level = [x for c in level for x in (c.values() if isinstance(c, dict) else c)
+                 if isinstance(x, (dict, list))]
+    return value
+
+
 def limit_param(value: Any) -> int:
     if value is None:
         return 50

@@ -248,7 +248,7 @@ class Session:
             self.sub.reply({"type": "pong"} if ref is None else {"type": "pong", "ref": ref})
         elif kind == "subscribe":
             room = v.room_name(frame.get("room"))
-            since = v.seq_param(frame.get("since"), "since")
+            since = v.seq_field(frame.get("since"), "since")
             self.identity.check_room(room)
             self.check_subscription_room(room)
             await self.gw.rate(SUBSCRIBE, self.identity.name)
