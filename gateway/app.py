@@ -54,7 +54,7 @@ async def post_message(request: Request) -> Response:
     body = v.json_object(await v.read_body(request, gw.settings.max_body_bytes))
     v.only_fields(body, v.fields(v.POST_MESSAGE))
     text = v.text(body.get("text"))
-    author = identity.name if identity.user else v.author(body.get("author"))
+    author = v.body_author(body, identity.name if identity.user else None)
     decision = await gw.rate(POST, identity.name)
     msg, created = await gw.post(room, author, text, transport="http", idempotency_key=key)
     return encoded_json_response(msg.to_json(), 201 if created else 200, decision.headers())
@@ -77,15 +77,28 @@ async def list_messages(request: Request) -> Response:
     return encoded_json_response(body)
 
 
+async def messages(request: Request) -> Response:
+    """``/v1/rooms/{room}/messages``: one route for both methods, so that a request
+    with another method gets 405 with every method of the path in ``Allow``."""
+    return await (post_message if request.method == "POST" else list_messages)(request)
+
+
+async def websocket_over_http(request: Request) -> Response:
+    raise ApiError("upgrade_required", "this route speaks WebSocket only: open it with an "
+                   "Upgrade request", headers={"Upgrade": "websocket", "Connection": "Upgrade"})
+
+
 async def room_events(request: Request) -> Response:
     gw = gateway_of(request)
     room = v.room_name(request.path_params["room"])
     identity = identify(request, query_token=True)
     identity.check_room(room)
     v.only_fields(dict(request.query_params), v.fields(v.EVENTS_QUERY))
+    # Both are checked; the header (a browser's own resume) wins.
     since = v.seq_param(request.headers.get("last-event-id"), "Last-Event-ID")
+    since_query = v.seq_param(request.query_params.get("since"), "since")
     if since is None:
-        since = v.seq_param(request.query_params.get("since"), "since")
+        since = since_query
     user = presence_user(request, identity)
     decision = await gw.rate(CONNECT, identity.name)
     hub, presence = gw.hub, gw.presence
@@ -333,12 +346,12 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         return endpoint
 
     routes = [
-        Route("/v1/rooms/{room}/messages", post_message, methods=["POST"]),
-        Route("/v1/rooms/{room}/messages", list_messages, methods=["GET"]),
+        Route("/v1/rooms/{room}/messages", messages, methods=["GET", "POST"]),
         Route("/v1/rooms/{room}/events", room_events, methods=["GET"]),
         Route("/v1/rooms/{room}/presence", room_presence, methods=["GET"]),
         # Served by GatewayApp before routing; listed so the routing table is whole.
         WebSocketRoute(GatewayApp.WS_PATH, websocket_endpoint),
+        Route(GatewayApp.WS_PATH, websocket_over_http, methods=["GET"]),
         Route("/v1/publish", publish, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),

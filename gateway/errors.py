@@ -25,6 +25,8 @@ CODES: dict[str, tuple[int, str]] = {
                              "HTTP_HEADER_TIMEOUT / HTTP_BODY_TIMEOUT; the connection is closed"),
     "headers_too_large": (431, "the request line and headers exceed HTTP_MAX_HEADER_BYTES; "
                                "the connection is closed"),
+    "upgrade_required": (426, "the route speaks WebSocket only: open it with an Upgrade "
+                              "request"),
     "rate_limited": (429, "the identity's token bucket is empty; retry after retry_after"),
     "too_many_connections": (429, "the identity holds too many connections"),
     "too_many_subscriptions": (429, "the WebSocket holds MAX_SUBSCRIPTIONS_PER_CONNECTION "

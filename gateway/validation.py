@@ -108,14 +108,33 @@ def text(value: Any) -> str:
     return value
 
 
+ABSENT: Any = object()  # a field not given at all (unlike one given as null)
+
+
 def author(value: Any) -> str:
-    if value is None:
+    """An author name; absent (or ``None`` from the frame of an older client) is
+    anonymous. In a JSON body, see :func:`body_author`."""
+    if value is None or value is ABSENT:
         return "anonymous"
     if not isinstance(value, str) or not 1 <= len(value.strip()) <= MAX_AUTHOR:
         raise ApiError("invalid_request", f"author must be a string of 1..{MAX_AUTHOR} characters",
                        field="author")
     _printable(value, "author")
     return value.strip()
+
+
+def body_author(body: dict[str, Any], signed_in: str | None) -> str:
+    """The author of a posted message: the token's ``sub`` when signed in, else the
+    body's ``author`` or anonymous. A given ``author`` is checked either way: the
+    body must match its declared shape (a string, never null)."""
+    given = body.get("author", ABSENT)
+    if given is not ABSENT:
+        if given is None:
+            raise ApiError("invalid_request", "author must be a string (or left out)",
+                           field="author")
+        name = author(given)
+    return signed_in if signed_in is not None else (name if given is not ABSENT
+                                                    else "anonymous")
 
 
 def event_name(value: Any) -> str:
