@@ -92,7 +92,8 @@ def target(request: pytest.FixtureRequest,
     prefix = harness.new_prefix()
     env = {"DATABASE_URL": db, "REDIS_URL": "memory://" if embedded else harness.REDIS_URL,
            "KEY_PREFIX": prefix, "RATE_LIMIT": "1000000/1s", "CONNECT_RATE_LIMIT": "1000000/1s",
-           "PUBLISH_RATE_LIMIT": "1000000/1s", "LOG_LEVEL": "warning"}
+           "PUBLISH_RATE_LIMIT": "1000000/1s", "SUBSCRIBE_RATE_LIMIT": "1000000/1s",
+           "LOG_LEVEL": "warning"}
     if auth:
         env.update({"AUTH_SECRET": SECRET, "API_KEYS": API_KEY})
     inst = Instance(env).start()
