@@ -33,6 +33,7 @@ from typing import Any
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from gateway.errors import ApiError
@@ -74,10 +75,11 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         # gateway's JSON error body) is an answer, not an error to log.
         try:
             result = await self.app(self.scope, self.receive, self.send)
-        except BaseException as exc:
-            if type(exc).__name__ != "ClientDisconnected":
-                self.logger.exception("Exception in ASGI application\n")
-                self.send_500_response()
+        except ClientDisconnected:
+            pass
+        except BaseException:
+            self.logger.exception("Exception in ASGI application\n")
+            self.send_500_response()
         else:
             if not self.handshake_complete and self.initial_response is None:
                 self.logger.error("ASGI callable returned without completing handshake.")
