@@ -138,3 +138,15 @@ async def test_since_in_a_frame_must_be_a_number(tmp_path):
             assert err["code"] == "invalid_request" and err["field"] == "since", (bad, err)
         assert (await ws.subscribe("r", since=1))["seq"] == 3
         assert await ws.messages("r", 2) == [2, 3]
+
+
+async def test_the_user_parameter_is_checked_in_auth_mode_too(tmp_path):
+    async with instances(1, embedded(tmp_path, AUTH_SECRET=SECRET)) as (gw,), \
+            httpx.AsyncClient() as http:
+        headers = {"Authorization": f"Bearer {token()}"}
+        r = await http.get(f"{gw.url}/v1/rooms/r/events", params={"user": ""}, headers=headers)
+        assert r.status_code == 422 and r.json()["error"]["field"] == "author", r.text
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with WSClient.connect(f"{gw.ws_url}?token={token()}&user=%20"):
+                pass
+        assert refused.value.response.status_code == 422
