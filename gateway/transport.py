@@ -44,7 +44,7 @@ LINGER = 3.0  # seconds unsent bytes may wait once a response or connection has 
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, drops the queue
 
 
-def reset(transport: asyncio.BaseTransport) -> None:
+def reset(transport: asyncio.Transport) -> None:
     """Drop a connection at once, with what the kernel still holds for it.
 
     ``abort()`` alone closes the descriptor, but the kernel keeps an orphaned
@@ -152,12 +152,12 @@ class HttpProtocol(HttpToolsProtocol):
         self._refused = True
         self._disarm()
         cycle = self.cycle
+        answer = not self.transport.is_closing()
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True  # the application's own answer goes nowhere
             cycle.message_event.set()
-            if cycle.response_started:
-                exc = None  # type: ignore[assignment]
-        if exc is not None and not self.transport.is_closing():
+            answer = answer and not cycle.response_started  # else a response is half out
+        if answer:
             self.transport.write(error_response(exc))
         self._close()
 
