@@ -300,7 +300,7 @@ async def mark_read(request: Request) -> Response:
     identity.check_room(room)
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
     body = await _body(request, v.MARK_READ)
-    seq = v.seq_param(body.get("seq"), "seq")
+    seq = v.seq_field(body.get("seq"), "seq")
     if seq is None:
         raise ApiError("invalid_request", "seq is required", field="seq")
     user = reader(identity, body.get("user"))

@@ -87,6 +87,8 @@ class Settings:
     rate_limit: Rate = field(default_factory=lambda: Rate(20, 60.0))
     publish_rate_limit: Rate = field(default_factory=lambda: Rate(600, 60.0))
     connect_rate_limit: Rate = field(default_factory=lambda: Rate(60, 60.0))
+    # WebSocket subscribe frames per identity (subscribe/unsubscribe churn)
+    subscribe_rate_limit: Rate = field(default_factory=lambda: Rate(600, 60.0))
     trusted_proxies: tuple[str, ...] = ()
     key_prefix: str = "chat:"
     # database pool
@@ -105,7 +107,15 @@ class Settings:
     gap_wait: float = 0.25
     position_interval: float = 3.0
     sse_ping: float = 15.0
+    # seconds any HTTP response (an SSE stream above all) may find its peer taking
+    # nothing before the connection is aborted
     sse_send_timeout: float = 10.0
+    # HTTP request bounds: the head must arrive within HTTP_HEADER_TIMEOUT seconds of
+    # the connection (or of the previous response) and be at most HTTP_MAX_HEADER_BYTES
+    # long; the body must arrive within HTTP_BODY_TIMEOUT seconds of the head
+    http_header_timeout: float = 10.0
+    http_body_timeout: float = 30.0
+    http_max_header_bytes: int = 16 * 1024
     ws_ping_interval: float = 20.0
     # A socket written less than this many seconds ago holds its next live frames
     # up to that long, so that they leave together in one write (0: every frame at
@@ -117,8 +127,13 @@ class Settings:
     # connections: 0 means no limit
     max_connections: int = 10000
     max_connections_per_identity: int = 100
+    # rooms one WebSocket may hold at once (each costs a broker channel and a store read)
+    max_subscriptions_per_connection: int = 1000
     # presence: a crashed instance's members vanish within PRESENCE_TTL seconds
     presence_ttl: float = 30.0
+    # a user's leave is announced only once they stayed away this long (at most
+    # PRESENCE_TTL / 3): a quick unsubscribe/subscribe or reconnect announces nothing
+    presence_debounce: float = 2.0
     # retention: messages older than RETENTION_DAYS are deleted (unset: kept forever)
     retention_days: float | None = None
     retention_interval: float = 3600.0
@@ -192,7 +207,8 @@ class Settings:
             raise ConfigError(f"PORT={self.port} is out of range")
         if self.db_pool_min < 0 or self.db_pool_max < max(1, self.db_pool_min):
             raise ConfigError("DB_POOL_MAX must be at least 1 and at least DB_POOL_MIN")
-        for name in ("rate_limit", "publish_rate_limit", "connect_rate_limit"):
+        for name in ("rate_limit", "publish_rate_limit", "connect_rate_limit",
+                     "subscribe_rate_limit"):
             rate = getattr(self, name)
             # The bucket's arithmetic is in integers inside a double's exact range.
             if rate.capacity * (rate.period * 1e6 + 2e6) >= 2**53:
@@ -205,6 +221,11 @@ class Settings:
         self._validate_auth()
         if self.max_connections < 0 or self.max_connections_per_identity < 0:
             raise ConfigError("MAX_CONNECTIONS and MAX_CONNECTIONS_PER_IDENTITY must be >= 0")
+        for name in ("sse_send_timeout", "http_header_timeout", "http_body_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name.upper()} must be a positive number of seconds")
+        if self.presence_debounce < 0:
+            raise ConfigError("PRESENCE_DEBOUNCE must be >= 0 (0: leaves go out at once)")
         if self.retention_days is not None and self.retention_days <= 0:
             raise ConfigError("RETENTION_DAYS must be positive (unset it to keep messages)")
         self._validate_webhooks()
@@ -212,7 +233,8 @@ class Settings:
             raise ConfigError(f"LOG_LEVEL={self.log_level!r}: use debug, info, warning or error")
         for name in ("queue_max_messages", "queue_max_bytes", "ws_max_size", "max_body_bytes",
                      "presence_ttl", "retention_interval", "retention_batch",
-                     "shutdown_timeout"):
+                     "shutdown_timeout", "max_subscriptions_per_connection",
+                     "http_max_header_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.upper()} must be positive")
         return self

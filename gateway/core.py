@@ -40,6 +40,7 @@ log = logging.getLogger("gateway")
 POST = "post"  # message posts: HTTP and WS publish frames share one bucket
 PUBLISH = "publish"  # POST /v1/publish
 CONNECT = "connect"  # WebSocket and SSE connection attempts
+SUBSCRIBE = "subscribe"  # WebSocket subscribe frames
 READY_TIMEOUT = 2.0  # seconds each /readyz probe may take
 
 
@@ -116,6 +117,7 @@ class Gateway:
         self.presence = Presence(self.broker, redis, prefix=prefix,
                                  ttl=self.settings.presence_ttl, channel=hub.channel,
                                  held_rooms=lambda: list(hub.rooms),
+                                 debounce=self.settings.presence_debounce,
                                  instance=self.instance_id,
                                  notify=self.webhooks.notify if self.webhooks else None)
         await self.presence.start()
@@ -137,6 +139,7 @@ class Gateway:
             POST: self.settings.rate_limit,
             PUBLISH: self.settings.publish_rate_limit,
             CONNECT: self.settings.connect_rate_limit,
+            SUBSCRIBE: self.settings.subscribe_rate_limit,
         }, batch=batch)
         self.metrics.watch_pool(self.store.stats)
         for warning in self.auth.warnings():

@@ -60,6 +60,26 @@ RATE_HEADERS = {
 }
 
 
+# One event of a stream (before OpenAPI 3.2, an event stream's schema describes
+# each event): its fields as the SSE format has them, data being text.
+def _event(name: dict[str, Any], data: str, with_id: bool) -> dict[str, Any]:
+    props: dict[str, Any] = {"event": name, "data": {
+        "type": "string", "contentMediaType": "application/json", "description": data}}
+    if with_id:
+        props["id"] = {"type": "string", "pattern": "^[0-9]+$",
+                       "description": "the message's seq, on message events"}
+    props["retry"] = {"type": "integer", "minimum": 0}
+    return {"type": "object", "required": ["data"], "properties": props,
+            "additionalProperties": False}
+
+
+ROOM_EVENT = _event({"type": "string", "description": "message, presence, or a name given "
+                     "to /v1/publish"}, "a message, presence change or ephemeral event",
+                    with_id=True)
+STATS_EVENT = _event({"const": "stats"}, "a snapshot of the figures (docs/API.md)",
+                     with_id=False)
+
+
 def _json(schema: dict[str, Any], description: str,
           headers: dict[str, Any] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"description": description,
@@ -253,7 +273,8 @@ def document() -> dict[str, Any]:
                 "name": "Last-Event-ID", "in": "header", "required": False, "schema": v.SEQ}],
             "responses": {
                 "200": {"description": "the event stream", "headers": RATE_HEADERS,
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                        "content": {"text/event-stream": {"schema": {
+                            "$ref": _REF + "RoomEvent"}}}},
                 **_errors("invalid_request", "unauthorized", "forbidden", "rate_limited",
                           "too_many_connections", "unavailable"),
             },
@@ -276,7 +297,7 @@ def document() -> dict[str, Any]:
             "responses": {
                 "101": {"description": "switching protocols", "headers": RATE_HEADERS},
                 **_errors("invalid_request", "unauthorized", "rate_limited",
-                          "too_many_connections", "unavailable"),
+                          "too_many_connections", "upgrade_required", "unavailable"),
             },
             "x-frames": {kind: {"$ref": _REF + f"Frame.{kind}"} for kind in v.FRAMES},
         }},
@@ -293,15 +314,15 @@ def document() -> dict[str, Any]:
         }},
         "/v1/stats/events": {"get": {
             "summary": "live figures as SSE, one `stats` event per interval: this "
-                       "instance's, or with scope=cluster the sum over every instance",
-            "parameters": [{"name": "interval", "in": "query", "required": False,
-                            "schema": stats.INTERVAL},
-                           {"name": "scope", "in": "query", "required": False,
-                            "schema": stats.SCOPE}],
+                       "instance's, or with scope=cluster the sum over every instance; "
+                       "in auth mode an API key (Bearer or ?key=) is required",
+            "security": [{"apiKey": []}, {}],
+            "parameters": _query(stats.QUERY),
             "responses": {
                 "200": {"description": "the event stream", "content": {
-                    "text/event-stream": {"schema": {"type": "string"}}}},
-                **_errors("invalid_request", "unavailable"),
+                    "text/event-stream": {"schema": {"$ref": _REF + "StatsEvent"}}}},
+                **_errors("invalid_request", "unauthorized", "rate_limited",
+                          "too_many_connections", "unavailable"),
             },
         }},
         **server_paths(),
@@ -363,6 +384,7 @@ def document() -> dict[str, Any]:
             "200": _json({"type": "object"}, "OpenAPI 3.1")}}},
     }
     schemas: dict[str, Any] = {"Message": MESSAGE, "Error": ERROR,
+                               "RoomEvent": ROOM_EVENT, "StatsEvent": STATS_EVENT,
                                "PostMessage": v.POST_MESSAGE, "Publish": v.PUBLISH}
     schemas.update({"ServerDisconnect": sa.DISCONNECT, "ServerUnsubscribe": sa.UNSUBSCRIBE,
                     "ServerBroadcast": sa.BROADCAST})

@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from gateway.errors import ApiError
 
@@ -57,6 +57,9 @@ TOKEN: dict[str, Any] = {"type": "string", "description": "a user token (JWT), w
 def _object(required: list[str], **properties: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "properties": properties, "required": required,
             "additionalProperties": False}
+
+
+object_schema = _object  # for shapes declared beside their route (gateway.stats)
 
 
 def _frame(kind: str, required: list[str], **properties: dict[str, Any]) -> dict[str, Any]:
@@ -132,14 +135,33 @@ def text(value: Any) -> str:
     return value
 
 
+ABSENT: Any = object()  # a field not given at all (unlike one given as null)
+
+
 def author(value: Any) -> str:
-    if value is None:
+    """An author name; absent (or ``None`` from the frame of an older client) is
+    anonymous. In a JSON body, see :func:`body_author`."""
+    if value is None or value is ABSENT:
         return "anonymous"
     if not isinstance(value, str) or not 1 <= len(value.strip()) <= MAX_AUTHOR:
         raise ApiError("invalid_request", f"author must be a string of 1..{MAX_AUTHOR} characters",
                        field="author")
     _printable(value, "author")
     return value.strip()
+
+
+def body_author(body: dict[str, Any], signed_in: str | None) -> str:
+    """The author of a posted message: the token's ``sub`` when signed in, else the
+    body's ``author`` or anonymous. A given ``author`` is checked either way: the
+    body must match its declared shape (a string, never null)."""
+    given = body.get("author", ABSENT)
+    if given is not ABSENT:
+        if given is None:
+            raise ApiError("invalid_request", "author must be a string (or left out)",
+                           field="author")
+        name = author(given)
+    return signed_in if signed_in is not None else (name if given is not ABSENT
+                                                    else "anonymous")
 
 
 def event_name(value: Any) -> str:
@@ -172,6 +194,30 @@ def message_seq(value: Any) -> int:
     if n is None or n < 1:
         raise ApiError("invalid_request", "seq must be an integer from 1", field="seq")
     return n
+def seq_field(value: Any, name: str) -> int | None:
+    """A non-negative integer in a JSON frame: a number, never a string of digits."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ApiError("invalid_request", f"{name} must be a non-negative integer (a JSON "
+                       "number)", field=name)
+    return seq_param(value, name)
+
+
+MAX_DEPTH = 32  # levels of nested arrays and objects in free-form data
+
+
+def nesting(value: Any, name: str, limit: int = MAX_DEPTH) -> Any:
+    """``value``, refused if its arrays and objects nest more than ``limit`` deep
+    (an object holding scalars is 1 deep). Checked level by level, no recursion."""
+    level = [value] if isinstance(value, (dict, list)) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            raise ApiError("invalid_request", f"{name} nests deeper than {limit} levels",
+                           field=name, limit=limit)
+        level = [x for c in level for x in (c.values() if isinstance(c, dict) else c)
+                 if isinstance(x, (dict, list))]
+    return value
 
 
 def limit_param(value: Any) -> int:
@@ -225,11 +271,15 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ApiError("too_large", f"the body exceeds {limit} bytes", limit=limit)
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError("too_large", f"the body exceeds {limit} bytes", limit=limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError("too_large", f"the body exceeds {limit} bytes", limit=limit)
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client's doing: nothing to store, nobody to answer
+        raise ApiError("invalid_request", "the client closed the connection before the "
+                                          "body ended", status=400) from None
     return b"".join(chunks)
 
 

@@ -25,7 +25,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from gateway import validation as v
 from gateway.auth import Identity
 from gateway.chat import chat_of, position_json
-from gateway.core import CONNECT, POST, Gateway
+from gateway.core import CONNECT, POST, SUBSCRIBE, Gateway
 from gateway.edge import gateway_of, identify, presence_user
 from gateway.errors import CLOSE_POLICY_VIOLATION, ApiError, internal
 from gateway.hub import WS, Subscriber
@@ -277,9 +277,9 @@ class Session:
                                "?user=NAME in open mode", field="user")
             await chat.typing(room, self.user)
             return
-        seq_value = frame.get("seq")
+        seq_value = v.seq_field(frame.get("seq"), "seq")  # a JSON number, as since is
         if kind == "read":
-            seq = v.seq_param(seq_value, "seq")
+            seq = seq_value
             if seq is None:
                 raise ApiError("invalid_request", "seq is required", field="seq")
             if self.identity.user:
@@ -300,6 +300,15 @@ class Session:
         self.sub.push(b'{"type":"ack","ref":%s,"message":%s}' % (orjson.dumps(ref),
                                                                 msg.to_json()), reply=True)
 
+    def check_subscription_room(self, room: str) -> None:
+        """Refuse a new room past ``MAX_SUBSCRIPTIONS_PER_CONNECTION`` (a re-subscribe
+        to a held room takes no new place)."""
+        cap = self.gw.settings.max_subscriptions_per_connection
+        if room not in self.sub.cursors and len(self.sub.cursors) >= cap:
+            raise ApiError("too_many_subscriptions",
+                           f"this connection already holds {cap} rooms; unsubscribe from "
+                           "one first", limit=cap)
+
     def error(self, exc: ApiError, ref: Any = None) -> None:
         self.sub.reply(exc.frame(ref))
 
@@ -316,9 +325,11 @@ class Session:
             self.sub.reply({"type": "pong"} if ref is None else {"type": "pong", "ref": ref})
         elif kind == "subscribe":
             room = v.room_name(frame.get("room"))
-            since = v.seq_param(frame.get("since"), "since")
-            changes_since = v.seq_param(frame.get("changes_since"), "changes_since")
+            since = v.seq_field(frame.get("since"), "since")
+            changes_since = v.seq_field(frame.get("changes_since"), "changes_since")
             self.identity.check_room(room)
+            self.check_subscription_room(room)
+            await self.gw.rate(SUBSCRIBE, self.identity.name)
             await hub.subscribe(self.sub, room, since, changes_since)
             await presence.joined(self.sub.id, self.user, room)
         elif kind == "unsubscribe":
