@@ -12,6 +12,7 @@ COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY pubsub ./pubsub
 COPY storage ./storage
+COPY webhooks ./webhooks
 COPY static ./static
 COPY clients/js/src ./clients/js/src
 RUN pip install .

@@ -1,7 +1,7 @@
 """``python -m bench SCENARIO [options]``: run, print a table, write JSON.
 
 Scenarios: ``fanout`` (gateway beside the peers), ``idle``, ``posts``,
-``history``, or ``all``. Every run stops by itself; servers listen on loopback.
+``history``, or ``all`` (those four); ``webhooks`` on its own. Every run stops by itself; servers listen on loopback.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from bench import fanout, history, idle, posts
+from bench import fanout, history, idle, posts, webhooks
 from bench.procs import raise_open_files
 from bench.targets import TARGETS
 from bench.verdict import POSTS_PER_INSTANCE, verdicts
@@ -57,6 +57,9 @@ COLUMNS = {
               "posts_per_s", "posts_per_s_per_instance", "p50_ms", "p99_ms", "server_cpu_s",
               "server_cpu_ms_per_post", "client_cpu_s"],
     "history": ["path", "reads", "p50_ms", "p99_ms", "max_ms", "speedup_p50"],
+    "webhooks": ["phase", "rooms", "events", "offered_per_s", "p50_ms", "p99_ms", "max_ms",
+                 "concurrency", "events_per_s", "server_cpu_ms_per_event", "seconds", "attempts", "first_2s",
+                 "attempts_per_min"],
 }
 # A second table for a scenario: what each post cost every process on the machine.
 MORE_COLUMNS = {
@@ -132,13 +135,18 @@ async def run_scenario(scenario: str, args: argparse.Namespace,
                                         rate=rate, profile=args.profile))
     elif scenario == "history":
         rows.extend(await history.run(reads=args.reads))
+    elif scenario == "webhooks":
+        rows.extend(await webhooks.run(rooms=args.hook_rooms, rate=args.hook_rate,
+                                       seconds=args.hook_seconds, backlog=args.hook_backlog,
+                                       dead_seconds=args.dead_seconds,
+                                       concurrency=args.hook_concurrency))
     return rows
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scenario", choices=(*SCENARIOS, "all"))
+    p.add_argument("scenario", choices=(*SCENARIOS, "webhooks", "all"))
     p.add_argument("--targets", default="gateway,socketio,broadcaster",
                    help="fan-out targets, comma-separated (default: all three)")
     p.add_argument("--json", type=Path, default=Path("bench-results.json"),
@@ -159,6 +167,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--post-rate", type=float, default=float(POSTS_PER_INSTANCE),
                    help="posts/s due per instance in a second, open-loop run (0: none); "
                         "the first run always posts back to back")
+    p.add_argument("--hook-rooms", type=int, default=50, help="webhooks: rooms (queues)")
+    p.add_argument("--hook-rate", type=float, default=25.0,
+                   help="webhooks: posts/s in the latency phase")
+    p.add_argument("--hook-seconds", type=float, default=8.0,
+                   help="webhooks: length of the latency phase")
+    p.add_argument("--hook-backlog", type=int, default=5000,
+                   help="webhooks: events drained in the throughput phase")
+    p.add_argument("--hook-concurrency", type=int, default=16,
+                   help="webhooks: WEBHOOK_CONCURRENCY of the draining instance")
+    p.add_argument("--dead-seconds", type=float, default=60.0,
+                   help="webhooks: window over which attempts to a dead receiver are counted")
     p.add_argument("--reads", type=int, default=2000, help="history reads per path")
     p.add_argument("--repeat", type=int, default=1,
                    help="run each scenario this many times and report each figure's median "

@@ -22,6 +22,7 @@ GATEWAY_ENV = {
     "RATE_LIMIT": "1000000/1s",
     "CONNECT_RATE_LIMIT": "1000000/1s",
     "PUBLISH_RATE_LIMIT": "1000000/1s",
+    "SUBSCRIBE_RATE_LIMIT": "1000000/1s",
     "LOG_LEVEL": "warning",
     # Every bench socket comes from one address; the per-instance caps would refuse them.
     "MAX_CONNECTIONS": "0",

@@ -24,7 +24,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
-from gateway import openapi
+from gateway import chat, openapi
 from gateway import server_api
 from gateway import validation as v
 from gateway.auth import Authenticator, bearer
@@ -36,6 +36,8 @@ from gateway.logs import RequestContext, conn_id, request_id
 from gateway.stats import stats_events
 from gateway.edge import (client_address, encoded_json_response, gateway_of, identify,
                           json_response, presence_user, token_of)
+from gateway.webhook_routes import (webhooks_dead, webhooks_enable, webhooks_list,
+                                    webhooks_replay)
 from gateway.ws import expire_with_token, websocket_endpoint
 from storage import StoreUnavailable
 
@@ -55,7 +57,7 @@ async def post_message(request: Request) -> Response:
     body = v.json_object(await v.read_body(request, gw.settings.max_body_bytes))
     v.only_fields(body, v.fields(v.POST_MESSAGE))
     text = v.text(body.get("text"))
-    author = identity.name if identity.user else v.author(body.get("author"))
+    author = v.body_author(body, identity.name if identity.user else None)
     decision = await gw.rate(POST, identity.name)
     msg, created = await gw.post(room, author, text, identity=identity, transport="http",
                                  idempotency_key=key)
@@ -79,15 +81,29 @@ async def list_messages(request: Request) -> Response:
     return encoded_json_response(body)
 
 
+async def messages(request: Request) -> Response:
+    """``/v1/rooms/{room}/messages``: one route for both methods, so that a request
+    with another method gets 405 with every method of the path in ``Allow``."""
+    return await (post_message if request.method == "POST" else list_messages)(request)
+
+
+async def websocket_over_http(request: Request) -> Response:
+    raise ApiError("upgrade_required", "this route speaks WebSocket only: open it with an "
+                   "Upgrade request", headers={"Upgrade": "websocket", "Connection": "Upgrade"})
+
+
 async def room_events(request: Request) -> Response:
     gw = gateway_of(request)
     room = v.room_name(request.path_params["room"])
     identity = identify(request, query_token=True)
     identity.check_room(room)
     v.only_fields(dict(request.query_params), v.fields(v.EVENTS_QUERY))
+    # Both are checked; the header (a browser's own resume) wins.
     since = v.seq_param(request.headers.get("last-event-id"), "Last-Event-ID")
+    since_query = v.seq_param(request.query_params.get("since"), "since")
     if since is None:
-        since = v.seq_param(request.query_params.get("since"), "since")
+        since = since_query
+    changes_since = v.seq_param(request.query_params.get("changes_since"), "changes_since")
     user = presence_user(request, identity)
     decision = await gw.rate(CONNECT, identity.name)
     hub, presence = gw.hub, gw.presence
@@ -100,7 +116,7 @@ async def room_events(request: Request) -> Response:
     expire_with_token(sub, identity)
     hub.register(sub)
     try:
-        await hub.subscribe(sub, room, since)
+        await hub.subscribe(sub, room, since, changes_since)
     except BaseException:
         await hub.unregister(sub)
         gw.limits.release(identity.name)
@@ -123,9 +139,11 @@ async def room_events(request: Request) -> Response:
             log.info("sse stream closed", extra={"room": room, "sub": sub.id,
                                                  "close_code": sub.close_code})
 
-    # send_timeout: a reader that stopped reading ends its stream instead of pinning it.
+    # A reader that stopped reading is aborted by the server's protocol after
+    # SSE_SEND_TIMEOUT (gateway.transport); send_timeout is the backstop under
+    # another server, where the socket may stay until the peer leaves.
     return EventSourceResponse(stream(), ping=gw.settings.sse_ping, sep="\n",
-                               send_timeout=gw.settings.sse_send_timeout,
+                               send_timeout=2 * gw.settings.sse_send_timeout,
                                headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no",
                                         **decision.headers()})
 
@@ -141,6 +159,7 @@ async def publish(request: Request) -> Response:
     data = body.get("data", {})
     if not isinstance(data, dict):
         raise ApiError("invalid_request", "data must be a JSON object", field="data")
+    v.nesting(data, "data")
     # One bucket per API key (named by a digest: no secret in Redis), else per address.
     key = bearer(request.headers)
     caller = ("key:" + hashlib.sha256(key.encode()).hexdigest()[:24]
@@ -311,6 +330,17 @@ class GatewayApp(Starlette):
 
 SDK_PATH = "/sdk/chat-gateway.js"
 
+# The pages load their scripts and stylesheet from /static/ and talk to this origin
+# only; nothing may frame them (clickjacking) or learn their address from a link.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self' data:; connect-src 'self'; "
+                               "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
 
 def static_dir(settings: Settings) -> Path:
     if settings.static_dir:
@@ -354,7 +384,8 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
 
     def page(name: str) -> Any:
         async def endpoint(request: Request) -> Response:
-            return FileResponse(static / name, headers={"Cache-Control": "no-cache"})
+            return FileResponse(static / name, headers={"Cache-Control": "no-cache",
+                                                        **PAGE_HEADERS})
         return endpoint
 
     async def sdk_module(request: Request) -> Response:
@@ -363,12 +394,17 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
                             headers={"Cache-Control": "no-cache"})
 
     routes = [
-        Route("/v1/rooms/{room}/messages", post_message, methods=["POST"]),
-        Route("/v1/rooms/{room}/messages", list_messages, methods=["GET"]),
+        Route("/v1/rooms/{room}/messages", messages, methods=["GET", "POST"]),
         Route("/v1/rooms/{room}/events", room_events, methods=["GET"]),
         Route("/v1/rooms/{room}/presence", room_presence, methods=["GET"]),
+        Route("/v1/rooms/{room}/messages/{seq}", chat.edit_message, methods=["PATCH"]),
+        Route("/v1/rooms/{room}/messages/{seq}", chat.delete_message, methods=["DELETE"]),
+        Route("/v1/rooms/{room}/read", chat.mark_read, methods=["POST"]),
+        Route("/v1/rooms/{room}/read", chat.read_position, methods=["GET"]),
+        Route("/v1/read", chat.read_positions, methods=["GET"]),
         # Served by GatewayApp before routing; listed so the routing table is whole.
         WebSocketRoute(GatewayApp.WS_PATH, websocket_endpoint),
+        Route(GatewayApp.WS_PATH, websocket_over_http, methods=["GET"]),
         Route("/v1/publish", publish, methods=["POST"]),
         Route("/v1/server/disconnect", server_api.disconnect, methods=["POST"]),
         Route("/v1/server/unsubscribe", server_api.unsubscribe, methods=["POST"]),
@@ -381,6 +417,10 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/stats/events", stats_events, methods=["GET"]),
+        Route("/v1/admin/webhooks", webhooks_list, methods=["GET"]),
+        Route("/v1/admin/webhooks/dead", webhooks_dead, methods=["GET"]),
+        Route("/v1/admin/webhooks/replay", webhooks_replay, methods=["POST"]),
+        Route("/v1/admin/webhooks/enable", webhooks_enable, methods=["POST"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/", page("index.html"), methods=["GET"]),
         Route("/dashboard", page("dashboard.html"), methods=["GET"]),
@@ -395,5 +435,8 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
                             StoreUnavailable: store_unavailable,
                             Exception: internal_error},
     )
+    # A path with or without its trailing slash is one route or a 404, never a
+    # redirect built from the request's Host header.
+    app.router.redirect_slashes = False
     app.state.openapi = orjson.dumps(openapi.document())
     return app

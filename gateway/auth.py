@@ -475,6 +475,17 @@ class Authenticator:
             raise ApiError("unauthorized", "the API key is not valid")
 
 
+def is_api_key(auth: Authenticator, key: str | None) -> bool:
+    """Whether ``key`` is one of the configured API keys (none configured: never)."""
+    if not auth.keys_required or not key:
+        return False
+    try:
+        auth.check_api_key(key)
+    except ApiError:
+        return False
+    return True
+
+
 def bearer(headers: Any) -> str | None:
     value = headers.get("authorization")
     if not value:

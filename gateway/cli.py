@@ -136,6 +136,7 @@ class StartupReport:
 def build_server(settings: Settings) -> GatewayServer:
     from gateway.app import create_app
     from gateway import wsout
+    from gateway.transport import HttpLimits, HttpProtocol
     from gateway.wsout import DirectProtocol
 
     wsout.write_delay = settings.ws_write_delay
@@ -145,6 +146,12 @@ def build_server(settings: Settings) -> GatewayServer:
         app,
         host=settings.host,
         port=settings.port,
+        # httptools with bounds on heads, bodies and stalled writes (gateway.transport)
+        http=HttpProtocol.with_limits(HttpLimits(
+            header_timeout=settings.http_header_timeout,
+            body_timeout=settings.http_body_timeout,
+            max_header_bytes=settings.http_max_header_bytes,
+            write_timeout=settings.sse_send_timeout)),
         # websockets-sansio (gateway.transport), plus direct fan-out writes (gateway.wsout).
         ws=DirectProtocol,
         ws_max_size=settings.ws_max_size,

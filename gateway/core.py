@@ -32,12 +32,15 @@ from gateway.retention import Retention
 from gateway.stats import Beacon
 from pubsub import Broker, BrokerUnavailable, create_broker
 from storage import HistoryCache, Message, Store, StoreUnavailable, create_store
+from webhooks import Webhooks
+from webhooks.metrics import WebhookMetrics
 
 log = logging.getLogger("gateway")
 
 POST = "post"  # message posts: HTTP and WS publish frames share one bucket
 PUBLISH = "publish"  # POST /v1/publish
 CONNECT = "connect"  # WebSocket and SSE connection attempts
+SUBSCRIBE = "subscribe"  # WebSocket subscribe frames
 READY_TIMEOUT = 2.0  # seconds each /readyz probe may take
 
 
@@ -82,6 +85,9 @@ class Gateway:
         self.beacon: Beacon | None = None
         self.control: Control | None = None  # server API commands (gateway.control)
         self._probes: set[asyncio.Task[Any]] = set()  # readiness probes given up on
+        # Only with WEBHOOK_URLS set: otherwise no outbox rows, no dispatcher.
+        self.webhooks: Webhooks | None = None
+        self.chat: Any = None  # typing and read receipts (gateway.chat.Chat)
 
     async def start(self, *, migrate: bool = True) -> None:
         await self.auth.start()
@@ -90,6 +96,11 @@ class Gateway:
             applied = await self.store.migrate()
             if applied:
                 log.info("migrations applied: %s", ", ".join(applied))
+        if self.settings.webhook_urls:
+            # Before the first post: from here every commit writes its events.
+            self.webhooks = Webhooks(self.store, self.settings,
+                                     WebhookMetrics(self.metrics.registry))
+            await self.webhooks.start()
         await self.broker.start()
         redis = self.broker.redis
         prefix = self.settings.key_prefix
@@ -106,10 +117,16 @@ class Gateway:
         self.presence = Presence(self.broker, redis, prefix=prefix,
                                  ttl=self.settings.presence_ttl, channel=hub.channel,
                                  held_rooms=lambda: list(hub.rooms),
-                                 instance=self.instance_id)
+                                 debounce=self.settings.presence_debounce,
+                                 instance=self.instance_id,
+                                 notify=self.webhooks.notify if self.webhooks else None)
         await self.presence.start()
         self.control = Control(self.broker, hub, self.presence, self.history)
         await self.control.start()
+        from gateway.chat import Chat  # it uses this module's names
+
+        self.chat = Chat(self)
+        self.chat.start()
         if redis is not None:
             self.beacon = Beacon(self, redis, prefix, guard=guard)
             self.beacon.start()
@@ -122,6 +139,7 @@ class Gateway:
             POST: self.settings.rate_limit,
             PUBLISH: self.settings.publish_rate_limit,
             CONNECT: self.settings.connect_rate_limit,
+            SUBSCRIBE: self.settings.subscribe_rate_limit,
         }, batch=batch)
         self.metrics.watch_pool(self.store.stats)
         for warning in self.auth.warnings():
@@ -135,12 +153,16 @@ class Gateway:
             await self.retention.close()
         if self.control is not None:
             await self.control.close()
+        if self.chat is not None:
+            await self.chat.close()
         if self.presence is not None:
             await self.presence.close()
         if self.hub is not None:
             await self.hub.close()
         if self.history is not None:
             await self.history.close()
+        if self.webhooks is not None:
+            await self.webhooks.close()
         await self.broker.close()
         await self.store.close()
         await self.auth.close()
@@ -178,6 +200,8 @@ class Gateway:
                                           "stored, retry later") from None
         if created:
             self.metrics.messages_accepted.labels(transport).inc()
+            if self.webhooks is not None:
+                self.webhooks.poke()
             await self._announce([msg])
         elif msg.text != text or msg.author != author:
             raise ApiError("idempotency_conflict",
@@ -198,6 +222,8 @@ class Gateway:
             raise ApiError("unavailable", "the message store is unavailable; nothing was "
                                           "stored, retry later") from None
         self.metrics.messages_accepted.labels(transport).inc(len(msgs))
+        if self.webhooks is not None:
+            self.webhooks.poke()
         await self._announce(msgs)
         return msgs
 

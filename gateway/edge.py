@@ -76,11 +76,8 @@ def identify(conn: HTTPConnection, *, query_token: bool = False) -> Identity:
 def presence_user(conn: HTTPConnection, identity: Identity) -> str | None:
     """The name a connection is present under: the token's ``sub``, or in open mode
     the optional ``?user=`` query parameter (no parameter: not shown in presence)."""
-    if identity.user:
-        return identity.name
-    raw = conn.query_params.get("user")
-    if raw is None:
-        return None
     from gateway.validation import author
 
-    return author(raw)
+    raw = conn.query_params.get("user")
+    given = None if raw is None else author(raw)  # checked even where it is not used
+    return identity.name if identity.user else given

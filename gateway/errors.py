@@ -23,8 +23,16 @@ CODES: dict[str, tuple[int, str]] = {
     "idempotency_conflict": (409, "the same identity reused an Idempotency-Key in the room "
                                   "with a different message (text or author)"),
     "too_large": (413, "the body or frame exceeds the size limit"),
+    "request_timeout": (408, "the request head or body did not arrive within "
+                             "HTTP_HEADER_TIMEOUT / HTTP_BODY_TIMEOUT; the connection is closed"),
+    "headers_too_large": (431, "the request line and headers exceed HTTP_MAX_HEADER_BYTES; "
+                               "the connection is closed"),
+    "upgrade_required": (426, "the route speaks WebSocket only: open it with an Upgrade "
+                              "request"),
     "rate_limited": (429, "the identity's token bucket is empty; retry after retry_after"),
     "too_many_connections": (429, "the identity holds too many connections"),
+    "too_many_subscriptions": (429, "the WebSocket holds MAX_SUBSCRIPTIONS_PER_CONNECTION "
+                                    "rooms; unsubscribe from one first"),
     "unavailable": (503, "a dependency (database, broker) is down, or the instance is full "
                          "or shutting down; nothing was stored"),
     "internal": (500, "an unexpected failure; nothing was stored"),

@@ -20,6 +20,14 @@ reorder or repeat what another delivered.
   A transport that can write without awaiting gives its subscriber a ``sink``:
   frames then go straight to the socket's buffer (no queue, no writer task),
   and the bound is that buffer's size in bytes.
+
+Edits and deletes (``c:`` payloads) follow the same rule with a second
+counter, the room's change number (see docs/delivery.md): a room dispatches
+change ``k`` after change ``k - 1`` and only once it has dispatched every
+message up to the change's ``after_seq``; a subscriber takes it only if its
+change cursor is the room's previous change and it holds those messages, else
+its catch-up reads both logs from the store and interleaves them. Typing and
+read receipts (``t:``, ``r:``) are unsequenced, like ephemeral events.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ from gateway.periodic import every
 from gateway.errors import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER
 from gateway.lite import Flag
 from pubsub import Broker
-from storage import MAX_PAGE, HistoryCache, Message, StoreUnavailable
+from storage import MAX_PAGE, Change, HistoryCache, Message, StoreUnavailable
 
 log = logging.getLogger("gateway.hub")
 
@@ -59,6 +67,8 @@ class Subscriber:
     # SSE: the last event of a stream the server API ends, sent after the queue. A
     # class default, so the connections it is never set on carry nothing for it.
     farewell: bytes | None = None
+    # Per room, the last change number given (edits and deletes); made on subscribe.
+    ccursors: dict[str, int] | None = None
 
     def __init__(self, transport: str, *, identity: str = "", max_messages: int = 1000,
                  max_bytes: int = 4 * 1024 * 1024, sink: Any = None,
@@ -173,9 +183,23 @@ class Subscriber:
             await self._drained.wait()
 
 
+class Changes:
+    """A room's change sequencer: the last change number dispatched, changes held
+    until their turn, and the timer and task that fill a gap from the store."""
+
+    __slots__ = ("last", "pending", "timer", "task", "again")
+
+    def __init__(self) -> None:
+        self.last = 0
+        self.pending: dict[int, tuple[int, bytes]] = {}  # change -> (after_seq, message)
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.again = False
+
+
 class Room:
     __slots__ = ("name", "channel", "name_json", "subs", "seq", "pending", "gap_timer",
-                 "fill_task", "fill_again")
+                 "fill_task", "fill_again", "changes")
 
     def __init__(self, name: str, channel: str) -> None:
         self.name = name
@@ -187,6 +211,7 @@ class Room:
         self.gap_timer: asyncio.TimerHandle | None = None
         self.fill_task: asyncio.Task[None] | None = None
         self.fill_again = False
+        self.changes = Changes()
 
 
 def wire_message(msg: Message) -> bytes:
@@ -218,6 +243,29 @@ def presence_frame(transport: str, p: dict[str, Any]) -> bytes:
 
 def wire_event(room: str, event: str, data: Any) -> bytes:
     return b"e:" + orjson.dumps({"room": room, "event": event, "data": data})
+
+
+def wire_change(change: Change) -> bytes:
+    """The broker payload of an edit or delete: ``c:<change>:<after_seq>:<message JSON>``."""
+    return b"c:%d:%d:" % (change.change, change.after_seq) + change.message.to_json()
+
+
+def change_frame(transport: str, r: Room, change: int, body: bytes) -> bytes:
+    """``message_updated`` / ``message_deleted``: the same object on WS and as SSE data."""
+    kind = b"message_deleted" if b'"deleted_at":"' in body else b"message_updated"
+    frame = (b'{"type":"' + kind + b'","room":' + r.name_json + b',"change":%d,"message":'
+             % change + body + b"}")
+    if transport == WS:
+        return frame
+    return b"event: " + kind + b"\ndata: " + frame + b"\n\n"
+
+
+def chat_frame(transport: str, event: dict[str, Any]) -> bytes:
+    """A typing notice or read receipt, ``{"type", "room", "user", ...}``; on SSE the
+    type is the event name."""
+    if transport == WS:
+        return orjson.dumps(event)
+    return b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
 
 
 class Hub:
@@ -255,6 +303,8 @@ class Hub:
             tasks.extend(t for t in (room.fill_task,) if t is not None)
             if room.gap_timer is not None:
                 room.gap_timer.cancel()
+            if room.changes.timer is not None:
+                room.changes.timer.cancel()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -298,9 +348,12 @@ class Hub:
             else:
                 self._locks[room] = (lock, users - 1)
 
-    async def subscribe(self, sub: Subscriber, room: str, since: int | None = None) -> int:
+    async def subscribe(self, sub: Subscriber, room: str, since: int | None = None,
+                        changes_since: int | None = None) -> int:
         """Join ``room``; queue the ``subscribed`` frame, then (with ``since``) every
-        message after it, then live ones. Returns the room's latest seq."""
+        message after it, then live ones. With ``changes_since`` also every edit and
+        delete numbered after it (to messages held or replayed), then live ones;
+        without it, live changes only. Returns the room's latest seq."""
         if room in sub.cursors:
             await self.unsubscribe(sub, room)
         r = self.rooms.get(room)
@@ -313,12 +366,18 @@ class Hub:
         latest = r.seq
         cursor = latest if since is None else since
         sub.cursors[room] = cursor
+        last_change = r.changes.last
+        if sub.ccursors is None:
+            sub.ccursors = {}
+        sub.ccursors[room] = (last_change if changes_since is None
+                              else min(changes_since, last_change))
         r.subs[sub] = None
         if sub.transport == WS:
-            sub.reply({"type": "subscribed", "room": room, "seq": latest})
+            sub.reply({"type": "subscribed", "room": room, "seq": latest,
+                       "change": last_change})
         if self.metrics is not None:
             self.metrics.subscriptions.inc()
-        if latest > cursor:
+        if latest > cursor or sub.ccursors[room] < last_change:
             self._catch_up(sub, r)
         return latest
 
@@ -330,7 +389,7 @@ class Hub:
             await self.broker.subscribe(r.channel)
             # Subscribed first, then read the position: anything published
             # meanwhile waits in `pending` and is sequenced after it.
-            r.seq = await self.store.latest_seq(room)
+            r.seq, r.changes.last = await self.store.position(room)
         except BaseException:
             self.rooms.pop(room, None)
             self._by_channel.pop(r.channel, None)
@@ -343,6 +402,8 @@ class Hub:
     async def unsubscribe(self, sub: Subscriber, room: str) -> bool:
         if sub.cursors.pop(room, None) is None:
             return False
+        if sub.ccursors is not None:
+            sub.ccursors.pop(room, None)
         task = sub.catchups.pop(room, None)
         if task is not None:
             task.cancel()
@@ -361,6 +422,7 @@ class Hub:
                         r.gap_timer.cancel()
                     if r.fill_task is not None:
                         r.fill_task.cancel()
+                    self._stop_changes(r)
                     await self.broker.unsubscribe(r.channel)
         return True
 
@@ -388,6 +450,21 @@ class Hub:
             self._dispatch_event(r, orjson.loads(data[2:]))
         elif data[:2] == b"p:":  # presence join/leave (gateway.presence)
             self._dispatch_event(r, orjson.loads(data[2:]), presence_frame)
+        elif data[:2] == b"c:":  # an edit or delete
+            head, _, rest = data[2:].partition(b":")
+            after, _, body = rest.partition(b":")
+            self._on_change(r, int(head), int(after), body)
+        elif data[:2] == b"t:":  # typing: not to the typist's own connections
+            event = orjson.loads(data[2:])
+            frames: dict[str, bytes] = {}
+            for sub in r.subs:
+                if sub.user != event["user"]:
+                    frame = frames.get(sub.transport)
+                    if frame is None:
+                        frame = frames[sub.transport] = chat_frame(sub.transport, event)
+                    sub.push(frame)
+        elif data[:2] == b"r:":  # a read receipt
+            self._dispatch_event(r, orjson.loads(data[2:]), chat_frame)
 
     def _drain(self, r: Room) -> None:
         assert r.seq is not None
@@ -403,6 +480,8 @@ class Hub:
         elif not r.pending and r.gap_timer is not None:
             r.gap_timer.cancel()
             r.gap_timer = None
+        if r.changes.pending:
+            self._drain_changes(r)
 
     def _gap_due(self, r: Room) -> None:
         r.gap_timer = None
@@ -459,6 +538,124 @@ class Hub:
                 self.metrics.messages_dropped.labels("slow_consumer").inc()
         if self.metrics is not None and delivered:
             self.metrics.delivered(delivered, created_ms)
+        if r.changes.pending:  # changes committed after this message go out right after it
+            self._drain_changes(r)
+
+    # -- edits and deletes: the change sequencer ----------------------------------
+
+    def _on_change(self, r: Room, change: int, after_seq: int, body: bytes) -> None:
+        self.history.forget(r.name)  # this instance's window holds the old text
+        c = r.changes
+        if r.seq is None or change <= c.last:
+            if r.seq is None:  # joining: sequenced once the position is read
+                c.pending[change] = (after_seq, body)
+            return
+        if len(c.pending) >= MAX_PENDING:
+            c.pending.clear()
+            self.fill_changes(r)
+            return
+        c.pending[change] = (after_seq, body)
+        self._drain_changes(r)
+
+    def _drain_changes(self, r: Room) -> None:
+        c = r.changes
+        assert r.seq is not None
+        while c.last + 1 in c.pending and c.pending[c.last + 1][0] <= r.seq:
+            after_seq, body = c.pending.pop(c.last + 1)
+            self._dispatch_change(r, c.last + 1, after_seq, body)
+        for change in [k for k in c.pending if k <= c.last]:
+            del c.pending[change]
+        if c.pending and c.timer is None and c.task is None:
+            # A change ahead of the next number, or waiting for messages not yet
+            # here: wait briefly, then read the store.
+            c.timer = asyncio.get_running_loop().call_later(self.gap_wait, self._change_due, r)
+        elif not c.pending and c.timer is not None:
+            c.timer.cancel()
+            c.timer = None
+
+    def _change_due(self, r: Room) -> None:
+        c = r.changes
+        c.timer = None
+        if not c.pending or self.rooms.get(r.name) is not r:
+            return
+        waiting = c.pending.get(c.last + 1)
+        if waiting is not None and r.seq is not None and waiting[0] > r.seq:
+            self.fill(r)  # the messages before it were lost or are late
+            c.timer = asyncio.get_running_loop().call_later(
+                max(self.gap_wait, 0.5), self._change_due, r)
+        else:
+            if self.metrics is not None:
+                self.metrics.gap_fills.labels("change").inc()
+            self.fill_changes(r)
+
+    def fill_changes(self, r: Room) -> None:
+        """Read the change log after the room's last change and dispatch it in turn."""
+        c = r.changes
+        if c.task is not None:
+            c.again = True
+            return
+        c.task = self._spawn(self._fill_changes(r), f"changes-{r.name}")
+
+    async def _fill_changes(self, r: Room) -> None:
+        c = r.changes
+        try:
+            while r.seq is not None and self.rooms.get(r.name) is r:
+                c.again = False
+                changes = await self.store.changes(r.name, after=c.last, limit=MAX_PAGE)
+                if changes and changes[0].change > c.last + 1 and c.last + 1 not in c.pending:
+                    # Numbers commit in order, so a number missing below a stored one
+                    # is a change whose message retention or a purge removed: skip it.
+                    self._skip_changes(r, changes[0].change - 1)
+                for change in changes:
+                    if change.change > c.last:
+                        c.pending[change.change] = (change.after_seq, change.message.to_json())
+                self._drain_changes(r)
+                if len(changes) < MAX_PAGE and not c.again:
+                    break
+                if c.last + 1 in c.pending:
+                    break  # waiting for messages: the timer comes back
+        except StoreUnavailable as exc:
+            log.warning("change fill for room %s failed: %s", r.name, exc)
+        finally:
+            c.task = None
+            if c.pending and c.timer is None and self.rooms.get(r.name) is r:
+                c.timer = asyncio.get_running_loop().call_later(
+                    max(self.gap_wait, 0.5), self._change_due, r)
+
+    def _skip_changes(self, r: Room, to: int) -> None:
+        """Numbers up to ``to`` will never be read: the room and its subscribers in
+        step with it move past them."""
+        c = r.changes
+        for sub in r.subs:
+            if sub.ccursors is not None and sub.ccursors.get(r.name) == c.last:
+                sub.ccursors[r.name] = to
+        c.last = to
+
+    def _dispatch_change(self, r: Room, change: int, after_seq: int, body: bytes) -> None:
+        previous = r.changes.last
+        r.changes.last = change
+        frames: dict[str, bytes] = {}
+        for sub in r.subs:
+            ccursors = sub.ccursors
+            ccursor = None if ccursors is None else ccursors.get(r.name)
+            cursor = sub.cursors.get(r.name)
+            if ccursor is None or cursor is None or change <= ccursor:
+                continue
+            if ccursor != previous or cursor < after_seq:
+                self._catch_up(sub, r)  # behind on changes or on the messages before it
+                continue
+            frame = frames.get(sub.transport)
+            if frame is None:
+                frame = frames[sub.transport] = change_frame(sub.transport, r, change, body)
+            if sub.push(frame):
+                assert ccursors is not None
+                ccursors[r.name] = change
+
+    def _stop_changes(self, r: Room) -> None:
+        if r.changes.timer is not None:
+            r.changes.timer.cancel()
+        if r.changes.task is not None:
+            r.changes.task.cancel()
 
     def _dispatch_event(self, r: Room, event: dict[str, Any],
                         build: Callable[[str, dict[str, Any]], bytes] = event_frame
@@ -479,25 +676,52 @@ class Hub:
                                                f"catchup-{sub.id}-{r.name}")
 
     async def _run_catch_up(self, sub: Subscriber, r: Room) -> None:
+        """Bring one subscriber up to its room from the store: messages after its
+        cursor and, when it follows changes, changes after its change cursor,
+        interleaved by position (a change goes right after message ``after_seq``)."""
         room = r.name
         try:
             while sub.close_code is None and room in sub.cursors:
                 cursor = sub.cursors[room]
-                if r.seq is None or cursor >= r.seq:
+                ccursors = sub.ccursors
+                ccursor = None if ccursors is None else ccursors.get(room)
+                behind = r.seq is not None and cursor < r.seq
+                behind_changes = ccursor is not None and ccursor < r.changes.last
+                if not behind and not behind_changes:
                     break
                 page = await self.store.history(room, after=cursor, limit=MAX_PAGE)
+                changes = (await self.store.changes(room, after=ccursor, limit=MAX_PAGE)
+                           if behind_changes and ccursor is not None else [])
                 if page.messages and sub.cursors.get(room) == cursor < page.messages[0].seq - 1:
                     # Seqs commit in order, so a hole below the first stored one is
                     # retention's work: those messages are gone; go on after them.
                     sub.cursors[room] = page.messages[0].seq - 1
+                # A full page of changes: messages past its last one wait for the next.
+                bound = changes[-1].after_seq if len(changes) == MAX_PAGE else None
+                pending = iter(changes)
+                upcoming = next(pending, None)
+                progressed = False
                 for msg in page.messages:
+                    if bound is not None and msg.seq > bound:
+                        break
+                    while upcoming is not None and upcoming.after_seq < msg.seq:
+                        if not await self._catch_up_change(sub, r, upcoming):
+                            return
+                        progressed = True
+                        upcoming = next(pending, None)
                     await sub.wait_for_room()
                     if sub.cursors.get(room) != msg.seq - 1:
                         continue  # delivered live meanwhile, or unsubscribed
                     if not sub.push(message_frame(sub.transport, r, msg.seq, msg.to_json())):
                         return
                     sub.cursors[room] = msg.seq
-                if not page.messages:
+                    progressed = True
+                while upcoming is not None and upcoming.after_seq <= sub.cursors.get(room, -1):
+                    if not await self._catch_up_change(sub, r, upcoming):
+                        return
+                    progressed = True
+                    upcoming = next(pending, None)
+                if not progressed:
                     break
         except StoreUnavailable as exc:
             log.warning("catch-up for room %s failed: %s; closing the subscriber", room, exc)
@@ -505,6 +729,21 @@ class Hub:
         finally:
             if sub.catchups.get(room) is asyncio.current_task():
                 del sub.catchups[room]
+
+    async def _catch_up_change(self, sub: Subscriber, r: Room, change: Change) -> bool:
+        """Give one change read from the store, unless the subscriber has it already.
+        False when the subscriber is gone."""
+        await sub.wait_for_room()
+        ccursors = sub.ccursors
+        if ccursors is None or r.name not in ccursors:
+            return False
+        if change.change <= ccursors[r.name]:
+            return True  # delivered live meanwhile
+        if not sub.push(change_frame(sub.transport, r, change.change,
+                                     change.message.to_json())):
+            return False
+        ccursors[r.name] = change.change
+        return True
 
     # -- repair after loss -----------------------------------------------------
 
@@ -514,6 +753,7 @@ class Hub:
         for r in list(self.rooms.values()):
             if r.seq is not None:
                 self.fill(r)
+                self.fill_changes(r)
 
     async def check_positions(self) -> None:
         """Fill every room whose latest committed seq is ahead of what was delivered.

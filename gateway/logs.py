@@ -17,13 +17,33 @@ import re
 import sys
 import time
 from typing import Any
+from urllib.parse import unquote_plus
 
 import orjson
 
 conn_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("conn_id", default=None)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-# uvicorn logs WebSocket paths with their query string; tokens ride there.
-_SECRET_PARAM = re.compile(r"([?&](?:token|access_token|api_key)=)[^&\s\"']+")
+# uvicorn logs WebSocket paths with their query string; tokens ride there. A
+# parameter's name is compared as the server reads it: percent-decoded, so
+# ?%74oken= is redacted like ?token=.
+_PARAM = re.compile(r"([?&])([^=&\s\"']*)=([^&\s\"']*)")
+_SECRETS = {"token", "access_token", "api_key", "key"}
+# Control characters in a line of the text format would let a request path
+# (decoded from %0A and the like) start a forged line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def redact(text: str) -> str:
+    """``text`` with the values of secret query parameters replaced."""
+    if "=" not in text:
+        return text
+
+    def one(m: re.Match[str]) -> str:
+        if unquote_plus(m.group(2)).strip().lower() in _SECRETS:
+            return f"{m.group(1)}{m.group(2)}=[redacted]"
+        return m.group(0)
+
+    return _PARAM.sub(one, text)
 access = logging.getLogger("gateway.access")
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
@@ -37,7 +57,7 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": _SECRET_PARAM.sub(r"\1[redacted]", record.getMessage()),
+            "msg": redact(record.getMessage()),
         }
         cid = conn_id.get()
         if cid is not None:
@@ -50,12 +70,25 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+class TextFormatter(logging.Formatter):
+    """One plain line per record: secrets redacted, control characters escaped
+    (a newline from a request path cannot start a line of its own)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}",
+                                      redact(record.message))
+        return super().formatMessage(record)
+
+
 def setup(level: str = "info", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

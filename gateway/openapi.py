@@ -11,6 +11,7 @@ from typing import Any
 
 from gateway import server_api as sa
 from gateway import stats
+from gateway import webhook_routes as wh
 from gateway import validation as v
 from gateway.errors import CODES
 
@@ -27,6 +28,13 @@ MESSAGE: dict[str, Any] = {
         "author": {"type": "string"},
         "text": {"type": "string"},
         "created_at": {"type": "string", "format": "date-time"},
+        "version": {"type": "integer", "minimum": 2,
+                    "description": "present once edited or deleted: 1 + the changes made"},
+        "edited_at": {"type": ["string", "null"], "format": "date-time",
+                      "description": "present once changed: the last edit, or null"},
+        "deleted_at": {"type": ["string", "null"], "format": "date-time",
+                       "description": "present once changed: set on a tombstone (text "
+                                      "empty), else null"},
     },
 }
 
@@ -50,6 +58,26 @@ RATE_HEADERS = {
     "RateLimit-Remaining": {"description": "tokens left", **_INT_HEADER},
     "RateLimit-Reset": {"description": "seconds until the bucket is full", **_INT_HEADER},
 }
+
+
+# One event of a stream (before OpenAPI 3.2, an event stream's schema describes
+# each event): its fields as the SSE format has them, data being text.
+def _event(name: dict[str, Any], data: str, with_id: bool) -> dict[str, Any]:
+    props: dict[str, Any] = {"event": name, "data": {
+        "type": "string", "contentMediaType": "application/json", "description": data}}
+    if with_id:
+        props["id"] = {"type": "string", "pattern": "^[0-9]+$",
+                       "description": "the message's seq, on message events"}
+    props["retry"] = {"type": "integer", "minimum": 0}
+    return {"type": "object", "required": ["data"], "properties": props,
+            "additionalProperties": False}
+
+
+ROOM_EVENT = _event({"type": "string", "description": "message, presence, or a name given "
+                     "to /v1/publish"}, "a message, presence change or ephemeral event",
+                    with_id=True)
+STATS_EVENT = _event({"const": "stats"}, "a snapshot of the figures (docs/API.md)",
+                     with_id=False)
 
 
 def _json(schema: dict[str, Any], description: str,
@@ -80,6 +108,7 @@ def _query(schema: dict[str, Any]) -> list[dict[str, Any]]:
 
 ROOM_PARAM = {"name": "room", "in": "path", "required": True, "schema": v.ROOM}
 USER: list[dict[str, list[str]]] = [{"userToken": []}, {}]
+ADMIN: list[dict[str, list[str]]] = [{"apiKey": []}]
 
 
 KEY_ONLY: list[dict[str, list[str]]] = [{"apiKey": []}]
@@ -146,6 +175,60 @@ def server_paths() -> dict[str, Any]:
     }
 
 
+def chat_paths() -> dict[str, Any]:
+    """Edits, deletes and read positions (gateway.chat)."""
+    seq_param = {"name": "seq", "in": "path", "required": True, "schema": v.MESSAGE_SEQ}
+    changed = _json({"$ref": _REF + "Message"}, "", RATE_HEADERS)
+    either: list[dict[str, list[str]]] = [{"userToken": []}, {"apiKey": []}, {}]
+    position = {"type": "object", "required": ["room", "seq", "unread"],
+                "properties": {"room": v.ROOM, "seq": {"type": "integer"},
+                               "unread": {"type": "integer",
+                                          "description": "messages after seq, tombstones "
+                                                         "included"}}}
+    change_errors = _errors("invalid_json", "invalid_request", "unauthorized", "forbidden",
+                            "not_found", "too_large", "rate_limited", "unavailable")
+    return {
+        "/v1/rooms/{room}/messages/{seq}": {
+            "patch": {
+                "summary": "Edit a message: its author, or an API key for any",
+                "security": either, "parameters": [ROOM_PARAM, seq_param],
+                "requestBody": _body("EditMessage"),
+                "responses": {"200": {**changed, "description": "the message as edited "
+                                                                "(the same text: unchanged)"},
+                              **change_errors}},
+            "delete": {
+                "summary": "Delete a message, keeping a tombstone at its seq",
+                "security": either, "parameters": [ROOM_PARAM, seq_param],
+                "requestBody": {"required": False, "content": {"application/json": {
+                    "schema": {"$ref": _REF + "DeleteMessage"}}}},
+                "responses": {"200": {**changed, "description": "the tombstone (a repeat: "
+                                                                "the same tombstone)"},
+                              **change_errors}},
+        },
+        "/v1/rooms/{room}/read": {
+            "post": {
+                "summary": "Mark the room read up to seq; the position never moves back",
+                "security": USER, "parameters": [ROOM_PARAM],
+                "requestBody": _body("MarkRead"),
+                "responses": {"200": _json(position, "the position now"),
+                              **_errors("invalid_json", "invalid_request", "unauthorized",
+                                        "forbidden", "too_large", "unavailable")}},
+            "get": {
+                "summary": "The caller's read position and unread count in the room",
+                "security": USER, "parameters": [ROOM_PARAM, *_query(v.READ_QUERY)],
+                "responses": {"200": _json(position, "the position"),
+                              **_errors("invalid_request", "unauthorized", "forbidden",
+                                        "unavailable")}},
+        },
+        "/v1/read": {"get": {
+            "summary": "Every room the caller has a read position in, with unread counts",
+            "security": USER, "parameters": _query(v.READ_QUERY),
+            "responses": {"200": _json({"type": "object", "required": ["rooms"], "properties": {
+                "rooms": {"type": "array", "items": position}}}, "by room name"),
+                **_errors("invalid_request", "unauthorized", "unavailable")}}},
+    }
+
+
 def document() -> dict[str, Any]:
     ok_message = _json({"$ref": _REF + "Message"}, "", RATE_HEADERS)
     paths: dict[str, Any] = {
@@ -190,7 +273,8 @@ def document() -> dict[str, Any]:
                 "name": "Last-Event-ID", "in": "header", "required": False, "schema": v.SEQ}],
             "responses": {
                 "200": {"description": "the event stream", "headers": RATE_HEADERS,
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                        "content": {"text/event-stream": {"schema": {
+                            "$ref": _REF + "RoomEvent"}}}},
                 **_errors("invalid_request", "unauthorized", "forbidden", "rate_limited",
                           "too_many_connections", "unavailable"),
             },
@@ -213,7 +297,7 @@ def document() -> dict[str, Any]:
             "responses": {
                 "101": {"description": "switching protocols", "headers": RATE_HEADERS},
                 **_errors("invalid_request", "unauthorized", "rate_limited",
-                          "too_many_connections", "unavailable"),
+                          "too_many_connections", "upgrade_required", "unavailable"),
             },
             "x-frames": {kind: {"$ref": _REF + f"Frame.{kind}"} for kind in v.FRAMES},
         }},
@@ -230,18 +314,64 @@ def document() -> dict[str, Any]:
         }},
         "/v1/stats/events": {"get": {
             "summary": "live figures as SSE, one `stats` event per interval: this "
-                       "instance's, or with scope=cluster the sum over every instance",
-            "parameters": [{"name": "interval", "in": "query", "required": False,
-                            "schema": stats.INTERVAL},
-                           {"name": "scope", "in": "query", "required": False,
-                            "schema": stats.SCOPE}],
+                       "instance's, or with scope=cluster the sum over every instance; "
+                       "in auth mode an API key (Bearer or ?key=) is required",
+            "security": [{"apiKey": []}, {}],
+            "parameters": _query(stats.QUERY),
             "responses": {
                 "200": {"description": "the event stream", "content": {
-                    "text/event-stream": {"schema": {"type": "string"}}}},
-                **_errors("invalid_request", "unavailable"),
+                    "text/event-stream": {"schema": {"$ref": _REF + "StatsEvent"}}}},
+                **_errors("invalid_request", "unauthorized", "rate_limited",
+                          "too_many_connections", "unavailable"),
             },
         }},
         **server_paths(),
+        "/v1/admin/webhooks": {"get": {
+            "summary": "webhook receivers: breaker state (this instance), backlog",
+            "security": ADMIN,
+            "responses": {
+                "200": _json({"type": "object", "required": ["endpoints"], "properties": {
+                    "endpoints": {"type": "array", "items": {"$ref": _REF + "WebhookEndpoint"}}}},
+                    "the receivers in WEBHOOK_URLS order"),
+                **_errors("invalid_request", "unauthorized", "unavailable"),
+            },
+        }},
+        "/v1/admin/webhooks/dead": {"get": {
+            "summary": "dead-lettered webhook events, newest first, paged by `next`",
+            "security": ADMIN,
+            "parameters": _query(wh.DEAD_QUERY),
+            "responses": {
+                "200": _json({"type": "object", "required": ["dead", "next"], "properties": {
+                    "dead": {"type": "array", "items": {"$ref": _REF + "WebhookDeadLetter"}},
+                    "next": {"type": ["integer", "null"],
+                             "description": "pass as before= for the next page"}}}, "a page"),
+                **_errors("invalid_request", "unauthorized", "not_found", "unavailable"),
+            },
+        }},
+        "/v1/admin/webhooks/replay": {"post": {
+            "summary": "send events again: dead letters by id, or every event of a time range",
+            "security": ADMIN,
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": _REF + "WebhookReplay"}}}},
+            "responses": {
+                "202": _json({"type": "object", "required": ["replayed"], "properties": {
+                    "replayed": {"type": "integer"}}}, "pending again, due now"),
+                **_errors("invalid_json", "invalid_request", "unauthorized", "not_found",
+                          "too_large", "unavailable"),
+            },
+        }},
+        "/v1/admin/webhooks/enable": {"post": {
+            "summary": "enable a receiver disabled by a 410 Gone; its backlog drains in order",
+            "security": ADMIN,
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": _REF + "WebhookEnable"}}}},
+            "responses": {
+                "200": _json({"$ref": _REF + "WebhookEndpoint"}, "enabled"),
+                **_errors("invalid_json", "invalid_request", "unauthorized", "not_found",
+                          "too_large", "unavailable"),
+            },
+        }},
+        **chat_paths(),
         "/healthz": {"get": {"summary": "liveness", "responses": {"200": _json(
             {"type": "object"}, "alive")}}},
         "/readyz": {"get": {"summary": "readiness per dependency", "responses": {
@@ -254,10 +384,15 @@ def document() -> dict[str, Any]:
             "200": _json({"type": "object"}, "OpenAPI 3.1")}}},
     }
     schemas: dict[str, Any] = {"Message": MESSAGE, "Error": ERROR,
+                               "RoomEvent": ROOM_EVENT, "StatsEvent": STATS_EVENT,
                                "PostMessage": v.POST_MESSAGE, "Publish": v.PUBLISH}
     schemas.update({"ServerDisconnect": sa.DISCONNECT, "ServerUnsubscribe": sa.UNSUBSCRIBE,
                     "ServerBroadcast": sa.BROADCAST})
+    schemas.update({"EditMessage": v.EDIT_MESSAGE, "DeleteMessage": v.DELETE_MESSAGE,
+                    "MarkRead": v.MARK_READ})
     schemas.update({f"Frame.{kind}": schema for kind, schema in v.FRAMES.items()})
+    schemas.update({"WebhookEndpoint": wh.ENDPOINT, "WebhookDeadLetter": wh.DEAD_LETTER,
+                    "WebhookReplay": wh.REPLAY, "WebhookEnable": wh.ENABLE})
     return {
         "openapi": "3.1.0",
         "info": {"title": "chat-gateway", "version": "1",

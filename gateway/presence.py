@@ -16,6 +16,11 @@ are swept, and their leaves announced, by every instance that holds
 subscribers in the room, so someone who can see the leave announces it; the
 sweep's ``ZREM`` decides which single instance announces each.
 
+A clean leave is debounced: the member stays ``debounce`` seconds (at most
+``ttl / 3``, so it cannot expire meanwhile) and goes only if the user did not
+come back to the room on this instance in that time. Subscribe/unsubscribe
+churn or a quick reconnect so announces nothing to the other members.
+
 With no Redis (``memory://``, one instance) the local counts are the truth.
 Presence is best effort: a Redis error is logged and the refresh repairs it.
 """
@@ -94,7 +99,8 @@ class Presence:
     def __init__(self, broker: Broker, redis: Any | None, *, prefix: str = "chat:",
                  ttl: float = 30.0, channel: Callable[[str], str],
                  held_rooms: Callable[[], Iterable[str]] = lambda: (),
-                 instance: str | None = None) -> None:
+                 instance: str | None = None, debounce: float = 0.0,
+                 notify: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         self.broker = broker
         self.redis = redis
         self.prefix = prefix
@@ -102,9 +108,14 @@ class Presence:
         self.channel = channel
         self.held_rooms = held_rooms
         self.instance = instance or uuid.uuid4().hex[:12]
+        # Told of every announced change (webhooks: presence.joined / presence.left).
+        self.notify = notify
         self.local: dict[str, dict[str, int]] = {}  # room -> user -> connections here
         self._held: dict[int, tuple[str, set[str]]] = {}  # connection id -> (user, rooms)
         self._task: asyncio.Task[None] | None = None
+        # Within a third of the ttl, a member waiting to leave has not expired yet.
+        self.debounce = min(debounce, ttl / 3)
+        self._leaving: dict[tuple[str, str], asyncio.Task[None]] = {}  # (room, user)
         if redis is not None:
             self._join = Script(redis, _JOIN)
             self._leave = Script(redis, _LEAVE)
@@ -124,8 +135,13 @@ class Presence:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self.debounce = 0.0  # from now on every leave goes at once
         for conn in list(self._held):
             await self.gone(conn)
+        pending, self._leaving = self._leaving, {}
+        for (room, user), task in pending.items():
+            task.cancel()
+            await self._depart(room, user)
 
     # -- connections -----------------------------------------------------------
 
@@ -141,14 +157,18 @@ class Presence:
         counts[user] = counts.get(user, 0) + 1
         if counts[user] > 1:
             return
-        announce = True
+        back = self._leaving.pop((room, user), None)
+        if back is not None:
+            back.cancel()  # back before the leave went out: to the others they never left
+        announce = back is None
         if self.redis is not None and self._redis_usable(self.key(room)):
             now = _ms()
             try:
-                announce = bool(await self._join(
+                joined = bool(await self._join(
                     keys=[self.key(room)],
                     args=[self._member(user), user, now + int(self.ttl * 1000), now,
                           int(self.ttl * 2000)]))
+                announce = announce and joined
             except Exception as exc:  # noqa: BLE001 - best effort; the refresh re-adds it
                 self._redis_failed(self.key(room))
                 log.warning("presence join not recorded: %r", exc, extra={"room": room})
@@ -168,6 +188,19 @@ class Presence:
         counts.pop(user, None)
         if not counts:
             self.local.pop(room, None)
+        if self.debounce > 0:
+            self._leaving[(room, user)] = asyncio.create_task(self._leave_later(room, user))
+        else:
+            await self._depart(room, user)
+
+    async def _leave_later(self, room: str, user: str) -> None:
+        await asyncio.sleep(self.debounce)
+        if self._leaving.get((room, user)) is asyncio.current_task():
+            del self._leaving[(room, user)]
+            await self._depart(room, user)
+
+    async def _depart(self, room: str, user: str) -> None:
+        """The last local connection of ``user`` left ``room``: remove and announce."""
         if self.redis is None:
             await self._announce(room, "leave", user)
         else:
@@ -183,8 +216,9 @@ class Presence:
         self._held.pop(conn, None)
 
     async def members(self, room: str) -> list[str]:
-        if self.redis is None:
-            return sorted(self.local.get(room, {}))
+        if self.redis is None:  # a leave still debounced is not gone yet
+            return sorted({*self.local.get(room, {}),
+                           *(user for r, user in self._leaving if r == room)})
         if not self._redis_usable(self.key(room)):
             raise ConnectionError("Redis failed moments ago")
         try:
@@ -255,6 +289,9 @@ class Presence:
         return results
 
     async def _announce(self, room: str, action: str, user: str) -> None:
+        if self.notify is not None:
+            self.notify("presence.joined" if action == "join" else "presence.left",
+                        {"room": room, "user": user})
         try:
             await self.broker.publish(self.channel(room), wire_presence(room, action, user))
         except BrokerUnavailable as exc:

@@ -18,6 +18,7 @@ last few seconds. Without Redis (``memory://``) the cluster is this instance.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import time
 from typing import Any, AsyncIterator, Callable
@@ -27,7 +28,9 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.edge import gateway_of
+from gateway import validation as v
+from gateway.auth import bearer
+from gateway.edge import client_address, gateway_of
 from gateway.errors import ApiError
 from gateway.periodic import every
 
@@ -193,7 +196,7 @@ class Sampler:
         }
 
 
-INTERVAL: dict[str, Any] = {"type": "number", "minimum": 0.2, "maximum": 60, "default": 1.0}
+INTERVAL: dict[str, Any] = {"type": "number", "minimum": 1, "maximum": 60, "default": 1.0}
 
 
 def _interval(raw: str | None) -> float:
@@ -211,16 +214,55 @@ def _interval(raw: str | None) -> float:
 
 SCOPE: dict[str, Any] = {"type": "string", "enum": ["instance", "cluster"],
                          "default": "instance"}
+KEY: dict[str, Any] = {"type": "string", "description": "an API key, where a browser's "
+                       "EventSource cannot send an Authorization header (auth mode)"}
+QUERY = v.object_schema([], interval=INTERVAL, scope=SCOPE, key=KEY)
+
+
+def stats_caller(request: Request, gw: Any) -> str:
+    """Who the stream is counted against. In auth mode the figures (room names and
+    who is in them) need an API key, from ``Authorization: Bearer`` or ``?key=``;
+    with no key configured they are refused. In open mode: the client address."""
+    if gw.auth.open_mode:
+        return client_address(request, gw.settings.trusted_proxies)
+    key = bearer(request.headers) or request.query_params.get("key")
+    if not gw.auth.keys_required:
+        raise ApiError("unauthorized", "the live figures need an API key and none is "
+                                       "configured (API_KEYS)")
+    gw.auth.check_api_key(key)
+    assert key is not None
+    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+class HeldStream(EventSourceResponse):
+    """An event stream that releases its place in the connection limits when it
+    ends, however it ends (also when it never got to send a byte)."""
+
+    def __init__(self, *args: Any, release: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
 
 
 async def stats_events(request: Request) -> Response:
     gw = gateway_of(request)
+    v.only_fields(dict(request.query_params), v.fields(QUERY))
     interval = _interval(request.query_params.get("interval"))
     scope = request.query_params.get("scope", SCOPE["default"])
     if scope not in SCOPE["enum"]:
         raise ApiError("invalid_request", "scope must be instance or cluster", field="scope")
+    caller = stats_caller(request, gw)
     if gw.closing:
         raise ApiError("unavailable", "the instance is shutting down; reconnect elsewhere")
+    from gateway.core import CONNECT  # the core imports this module
+
+    await gw.rate(CONNECT, caller)
+    gw.limits.acquire(caller)
     sampler = Sampler(gw, cluster=scope == "cluster")
 
     async def stream() -> AsyncIterator[dict[str, str]]:
@@ -229,8 +271,10 @@ async def stats_events(request: Request) -> Response:
             yield {"event": "stats", "data": orjson.dumps(snapshot).decode()}
             await asyncio.sleep(interval)
 
-    return EventSourceResponse(stream(), ping=15, sep="\n",
-                               headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    # A reader that stopped reading is dropped as on room streams (gateway.app).
+    return HeldStream(stream(), ping=15, sep="\n", send_timeout=2 * gw.settings.sse_send_timeout,
+                      release=lambda: gw.limits.release(caller),
+                      headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
 _COUNTERS = ("ws", "sse", "subscriptions", "accepted", "delivered", "lat_count", "lat_sum",

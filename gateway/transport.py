@@ -1,15 +1,62 @@
-"""uvicorn's sans-I/O WebSocket protocol, made to let go of peers that stopped reading.
+"""uvicorn's protocols, made to bound what a peer may hold: the one place that
+reaches into uvicorn's internals (its HTTP and WebSocket protocol classes).
 
 asyncio's ``transport.close()`` waits for the write buffer to drain, which a
-peer that stopped reading never lets happen: the socket would stay open for
-good. Here a connection whose handler has ended, or whose keepalive ping went
-unanswered, is aborted once the close handshake had its chance
-(``close_timeout``), so a slow or dead client costs nothing after it is dropped.
+peer that stopped reading never lets happen: the socket, and the kernel
+memory behind it, would stay for good. Here
+
+- a WebSocket whose handler has ended, or whose keepalive ping went
+  unanswered, is aborted once the close handshake had its chance
+  (``close_timeout``);
+- an HTTP connection whose writes stay paused (the peer takes nothing) for
+  ``write_timeout`` seconds is aborted, and so is one still holding unsent
+  bytes ``LINGER`` seconds after its response ended: a never-reading SSE
+  client costs nothing after it is dropped;
+- a request head must arrive within ``header_timeout`` seconds and be at most
+  ``max_header_bytes`` long (408 / 431), and a body must arrive within
+  ``body_timeout`` seconds of its head (408): a slow or endless head or body
+  cannot hold a connection and its buffers open;
+- every answer the server itself gives, before the application runs (a head
+  it cannot parse, too large or too slow), is the JSON error body of the API.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
+import logging
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from gateway.errors import ApiError
+
+log = logging.getLogger("gateway.transport")
+
+LINGER = 3.0  # seconds unsent bytes may wait once a response or connection has ended
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, drops the queue
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Drop a connection at once, with what the kernel still holds for it.
+
+    ``abort()`` alone closes the descriptor, but the kernel keeps an orphaned
+    socket with its unsent bytes (FIN_WAIT1, megabytes for a stalled peer)
+    until the peer reads them or the retries run out. With a zero linger the
+    close resets the connection and frees them.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+    transport.abort()
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
@@ -18,14 +65,226 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         self.close_timeout = 3.0  # seconds a close handshake may take before the abort
 
     def _abort_if_stuck(self) -> None:
-        if self.transport.get_write_buffer_size() > 0 or not self.transport.is_closing():
+        if self.transport.get_write_buffer_size() > 0:
+            reset(self.transport)
+        elif not self.transport.is_closing():
             self.transport.abort()
 
     async def run_asgi(self) -> None:
-        await super().run_asgi()
+        # uvicorn's own, except that an upgrade refused with an HTTP response (the
+        # gateway's JSON error body) is an answer, not an error to log.
+        try:
+            result = await self.app(self.scope, self.receive, self.send)
+        except ClientDisconnected:
+            pass
+        except BaseException:
+            self.logger.exception("Exception in ASGI application\n")
+            self.send_500_response()
+        else:
+            if not self.handshake_complete and self.initial_response is None:
+                self.logger.error("ASGI callable returned without completing handshake.")
+                self.send_500_response()
+            elif result is not None:
+                self.logger.error("ASGI callable should return None, but returned '%s'.", result)
+        if self.close_timer is None:
+            self.transport.close()
         self.loop.call_later(self.close_timeout + 0.5, self._abort_if_stuck)
 
     def keepalive_timeout(self) -> None:
         super().keepalive_timeout()
         if self.transport.get_write_buffer_size() > 0:
-            self.transport.abort()
+            reset(self.transport)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_header_bytes: int = 16 * 1024
+    write_timeout: float = 10.0
+
+
+def error_response(exc: ApiError) -> bytes:
+    """A complete HTTP/1.1 response carrying ``exc``'s JSON body, closing the connection."""
+    body = exc.response().body
+    return b"".join([STATUS_LINE[exc.status],
+                     b"content-type: application/json\r\n",
+                     b"content-length: %d\r\n" % len(body),
+                     b"connection: close\r\n\r\n", body])
+
+
+class HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the bounds of :class:`HttpLimits`."""
+
+    limits = HttpLimits()
+
+    @classmethod
+    def with_limits(cls, limits: HttpLimits) -> type["HttpProtocol"]:
+        return type(cls.__name__, (cls,), {"limits": limits})
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline: asyncio.TimerHandle | None = None  # head or body timeout
+        self._stall: asyncio.TimerHandle | None = None  # writes paused since
+        self._in_head = True  # between a message's start and its complete head
+        self._head_bytes = 0  # bytes received while in the head (an upper bound)
+        self._refused = False
+
+    # -- timers ----------------------------------------------------------------
+
+    def _arm(self, seconds: float, what: str) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(seconds, self._timed_out, what)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _timed_out(self, what: str) -> None:
+        self._deadline = None
+        log.info("dropping a connection: the request %s did not arrive in time", what,
+                 extra={"client": self.client and self.client[0]})
+        self._refuse(ApiError("request_timeout", f"the request {what} did not arrive in time"))
+
+    def _refuse(self, exc: ApiError) -> None:
+        """Answer ``exc`` and close, whatever the application is doing."""
+        self._refused = True
+        self._disarm()
+        cycle = self.cycle
+        answer = not self.transport.is_closing()
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the application's own answer goes nowhere
+            cycle.message_event.set()
+            answer = answer and not cycle.response_started  # else a response is half out
+        if answer:
+            self.transport.write(error_response(exc))
+        self._close()
+
+    def _close(self) -> None:
+        self.transport.close()
+        self.loop.call_later(LINGER, self._abort_if_stuck)
+
+    def _abort_if_stuck(self) -> None:
+        if self.transport.is_closing() and self.transport.get_write_buffer_size() > 0:
+            reset(self.transport)
+
+    # -- uvicorn's protocol ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm(self.limits.header_timeout, "head")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        if self._stall is not None:
+            self._stall.cancel()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        was_in_head = self._in_head
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        except httptools.HttpParserError as exc:
+            if not self._refused:
+                log.info("refusing a request that is not valid HTTP: %s", exc)
+                self._refuse(ApiError("invalid_request", "the request is not valid HTTP/1.1",
+                                      status=400))
+            return
+        if self._in_head and not self._refused:
+            # An unfinished head: count what it holds so far (it may include the
+            # tail of a previous pipelined request; that only makes it larger).
+            self._head_bytes = (self._head_bytes if was_in_head else 0) + len(data)
+            if self._head_bytes > self.limits.max_header_bytes:
+                self._head_too_large()
+
+    def _head_too_large(self) -> None:
+        limit = self.limits.max_header_bytes
+        log.info("refusing a request whose head exceeds %d bytes", limit)
+        self._refuse(ApiError("headers_too_large", f"the request line and headers exceed "
+                              f"{limit} bytes", limit=limit))
+
+    def handle_websocket_upgrade(self) -> None:
+        self._disarm()
+        super().handle_websocket_upgrade()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        self._disarm()
+        size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+        if size > self.limits.max_header_bytes:
+            self._head_too_large()
+            raise _Refused  # stops the parser: nothing of this request reaches the app
+        super().on_headers_complete()
+        if not (self.parser.should_upgrade() and self._should_upgrade()):
+            self._arm(self.limits.body_timeout, "body")
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self._refused:
+            self._arm(self.limits.header_timeout, "head")  # for the next request
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        # uvicorn's own, plus: a response the application ended without
+        # completing is closed by uvicorn; if the peer does not take what is
+        # left, it is let go after LINGER seconds.
+        if self.config.reset_contextvars:
+            task = self.loop.create_task(cycle.run_asgi(app), context=contextvars.Context())
+        else:
+            task = self.loop.create_task(cycle.run_asgi(app))
+        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(lambda _: self.loop.call_later(LINGER, self._abort_if_stuck))
+        self.tasks.add(task)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stall is None:
+            self._stall = self.loop.call_later(self.limits.write_timeout, self._write_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _write_stalled(self) -> None:
+        self._stall = None
+        if self.flow.write_paused:
+            log.info("dropping a connection whose peer stopped reading",
+                     extra={"client": self.client and self.client[0]})
+            reset(self.transport)
+
+    def timeout_keep_alive_handler(self) -> None:
+        if not self.transport.is_closing():
+            self._close()
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        if self.transport.is_closing():
+            self.loop.call_later(LINGER, self._abort_if_stuck)
+
+
+class _Refused(Exception):
+    """Raised in a parser callback to stop parsing a refused request."""

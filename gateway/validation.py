@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from gateway.errors import ApiError
 
@@ -22,7 +22,7 @@ MAX_REF = 128
 MAX_IDEMPOTENCY_KEY = 128
 # SSE event names the gateway itself sends; a backend's event may not take them.
 RESERVED_EVENTS = {"message", "error", "presence", "disconnected", "unsubscribed",
-                   "history_purged"}
+                   "history_purged", "message_updated", "message_deleted", "typing", "read"}
 MAX_SEQ = 2**62 - 1
 MAX_LIMIT = 200
 MAX_SAFE_INT = 2**53 - 1  # integers every JSON client reads exactly
@@ -59,6 +59,9 @@ def _object(required: list[str], **properties: dict[str, Any]) -> dict[str, Any]
             "additionalProperties": False}
 
 
+object_schema = _object  # for shapes declared beside their route (gateway.stats)
+
+
 def _frame(kind: str, required: list[str], **properties: dict[str, Any]) -> dict[str, Any]:
     return _object(["type", *required], type={"const": kind}, **properties)
 
@@ -68,17 +71,35 @@ PUBLISH = _object(["room", "event"], room=ROOM, event=EVENT, data={"type": "obje
 HISTORY_QUERY = _object([], limit=LIMIT, before=SEQ, after=SEQ)
 PRESENCE_USER: dict[str, Any] = {**AUTHOR, "description": "open mode only: the name this "
                                  "connection is shown under in presence"}
-EVENTS_QUERY = _object([], since=SEQ, token=TOKEN, user=PRESENCE_USER)
+CHANGES_SINCE: dict[str, Any] = {**SEQ, "description": "resume edits and deletes: every "
+                                 "change numbered after this one (docs/delivery.md)"}
+EVENTS_QUERY = _object([], since=SEQ, changes_since=CHANGES_SINCE, token=TOKEN,
+                       user=PRESENCE_USER)
 WS_QUERY = _object([], token=TOKEN, user=PRESENCE_USER)
 NO_QUERY = _object([])  # for routes that take no query parameters
+# Chat: edits, deletes, read positions.
+MESSAGE_SEQ: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": MAX_SEQ}
+READER: dict[str, Any] = {**AUTHOR, "description": "open mode only: whose read position; "
+                          "with auth the token's sub is used"}
+EDIT_MESSAGE = _object(["text"], text=TEXT, author=AUTHOR)
+DELETE_MESSAGE = _object([], author=AUTHOR)
+MARK_READ = _object(["seq"], seq=SEQ, user=READER)
+READ_QUERY = _object([], user=READER)
 FRAMES: dict[str, dict[str, Any]] = {
-    "subscribe": _frame("subscribe", ["room"], room=ROOM, since=SEQ),
+    "subscribe": _frame("subscribe", ["room"], room=ROOM, since=SEQ,
+                        changes_since=CHANGES_SINCE),
     "unsubscribe": _frame("unsubscribe", ["room"], room=ROOM),
     "publish": _frame("publish", ["room", "text"], room=ROOM, text=TEXT, author=AUTHOR, ref=REF,
                       key=IDEMPOTENCY_KEY),
     "ping": _frame("ping", [], ref=REF),
     "refresh": _frame("refresh", ["token"], token={**TOKEN, "description": "a new token for "
                       "the same sub; it replaces the connection's token"}, ref=REF),
+    "edit": _frame("edit", ["room", "seq", "text"], room=ROOM, seq=MESSAGE_SEQ, text=TEXT,
+                   author=AUTHOR, ref=REF),
+    "delete": _frame("delete", ["room", "seq"], room=ROOM, seq=MESSAGE_SEQ, author=AUTHOR,
+                     ref=REF),
+    "typing": _frame("typing", ["room"], room=ROOM),
+    "read": _frame("read", ["room", "seq"], room=ROOM, seq=SEQ, ref=REF),
 }
 
 
@@ -114,14 +135,33 @@ def text(value: Any) -> str:
     return value
 
 
+ABSENT: Any = object()  # a field not given at all (unlike one given as null)
+
+
 def author(value: Any) -> str:
-    if value is None:
+    """An author name; absent (or ``None`` from the frame of an older client) is
+    anonymous. In a JSON body, see :func:`body_author`."""
+    if value is None or value is ABSENT:
         return "anonymous"
     if not isinstance(value, str) or not 1 <= len(value.strip()) <= MAX_AUTHOR:
         raise ApiError("invalid_request", f"author must be a string of 1..{MAX_AUTHOR} characters",
                        field="author")
     _printable(value, "author")
     return value.strip()
+
+
+def body_author(body: dict[str, Any], signed_in: str | None) -> str:
+    """The author of a posted message: the token's ``sub`` when signed in, else the
+    body's ``author`` or anonymous. A given ``author`` is checked either way: the
+    body must match its declared shape (a string, never null)."""
+    given = body.get("author", ABSENT)
+    if given is not ABSENT:
+        if given is None:
+            raise ApiError("invalid_request", "author must be a string (or left out)",
+                           field="author")
+        name = author(given)
+    return signed_in if signed_in is not None else (name if given is not ABSENT
+                                                    else "anonymous")
 
 
 def event_name(value: Any) -> str:
@@ -145,6 +185,38 @@ def seq_param(value: Any, name: str) -> int | None:
         value = int(value)
     if not isinstance(value, int) or not 0 <= value <= MAX_SEQ:
         raise ApiError("invalid_request", f"{name} must be a non-negative integer", field=name)
+    return value
+
+
+def message_seq(value: Any) -> int:
+    """A message's seq: an integer from 1."""
+    n = seq_param(value, "seq")
+    if n is None or n < 1:
+        raise ApiError("invalid_request", "seq must be an integer from 1", field="seq")
+    return n
+def seq_field(value: Any, name: str) -> int | None:
+    """A non-negative integer in a JSON frame: a number, never a string of digits."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ApiError("invalid_request", f"{name} must be a non-negative integer (a JSON "
+                       "number)", field=name)
+    return seq_param(value, name)
+
+
+MAX_DEPTH = 32  # levels of nested arrays and objects in free-form data
+
+
+def nesting(value: Any, name: str, limit: int = MAX_DEPTH) -> Any:
+    """``value``, refused if its arrays and objects nest more than ``limit`` deep
+    (an object holding scalars is 1 deep). Checked level by level, no recursion."""
+    level = [value] if isinstance(value, (dict, list)) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            raise ApiError("invalid_request", f"{name} nests deeper than {limit} levels",
+                           field=name, limit=limit)
+        level = [x for c in level for x in (c.values() if isinstance(c, dict) else c)
+                 if isinstance(x, (dict, list))]
     return value
 
 
@@ -199,11 +271,15 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ApiError("too_large", f"the body exceeds {limit} bytes", limit=limit)
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError("too_large", f"the body exceeds {limit} bytes", limit=limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError("too_large", f"the body exceeds {limit} bytes", limit=limit)
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client's doing: nothing to store, nobody to answer
+        raise ApiError("invalid_request", "the client closed the connection before the "
+                                          "body ended", status=400) from None
     return b"".join(chunks)
 
 

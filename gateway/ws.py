@@ -24,7 +24,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gateway import validation as v
 from gateway.auth import Identity
-from gateway.core import CONNECT, POST, Gateway
+from gateway.chat import chat_of, position_json
+from gateway.core import CONNECT, POST, SUBSCRIBE, Gateway
 from gateway.edge import gateway_of, identify, presence_user
 from gateway.errors import CLOSE_POLICY_VIOLATION, ApiError, internal
 from gateway.hub import WS, Subscriber
@@ -34,6 +35,7 @@ from storage import Message, StoreUnavailable
 log = logging.getLogger("gateway.ws")
 
 FRAME_FIELDS = {kind: v.fields(schema) for kind, schema in v.FRAMES.items()}
+CHAT_FRAMES = {"edit", "delete", "typing", "read"}  # gateway.chat
 
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
@@ -259,6 +261,54 @@ class Session:
         self.sub.push(b'{"type":"ack","ref":%s,"message":%s}' % (orjson.dumps(ref),
                                                                 msg.to_json()), reply=True)
 
+    async def handle_chat(self, kind: str, frame: dict[str, Any]) -> None:
+        """``edit`` / ``delete`` (answered with an ack like a publish), ``typing`` (no
+        answer) and ``read`` (answered with the position)."""
+        ref = v.ref(frame.get("ref"))
+        room = v.room_name(frame.get("room"))
+        self.identity.check_room(room)
+        chat = chat_of(self.gw)
+        if kind == "typing":
+            if room not in self.sub.cursors:
+                raise ApiError("invalid_request", "subscribe to the room before typing in it",
+                               field="room")
+            if self.user is None:
+                raise ApiError("invalid_request", "typing needs a name: connect with "
+                               "?user=NAME in open mode", field="user")
+            await chat.typing(room, self.user)
+            return
+        seq_value = v.seq_field(frame.get("seq"), "seq")  # a JSON number, as since is
+        if kind == "read":
+            seq = seq_value
+            if seq is None:
+                raise ApiError("invalid_request", "seq is required", field="seq")
+            if self.identity.user:
+                user = self.identity.name
+            elif self.user is not None:
+                user = self.user
+            else:
+                raise ApiError("invalid_request", "a read position needs a name: connect "
+                               "with ?user=NAME in open mode", field="user")
+            pos = await chat.mark_read(user, room, seq)
+            self.sub.reply({"type": "ack", "ref": ref, "read": position_json(pos)})
+            return
+        seq = v.message_seq(seq_value)
+        text = v.text(frame.get("text")) if kind == "edit" else None
+        author = self.identity.name if self.identity.user else v.author(frame.get("author"))
+        await self.gw.rate(POST, self.identity.name)
+        msg = await chat.change(room, seq, text, author=author)
+        self.sub.push(b'{"type":"ack","ref":%s,"message":%s}' % (orjson.dumps(ref),
+                                                                msg.to_json()), reply=True)
+
+    def check_subscription_room(self, room: str) -> None:
+        """Refuse a new room past ``MAX_SUBSCRIPTIONS_PER_CONNECTION`` (a re-subscribe
+        to a held room takes no new place)."""
+        cap = self.gw.settings.max_subscriptions_per_connection
+        if room not in self.sub.cursors and len(self.sub.cursors) >= cap:
+            raise ApiError("too_many_subscriptions",
+                           f"this connection already holds {cap} rooms; unsubscribe from "
+                           "one first", limit=cap)
+
     def error(self, exc: ApiError, ref: Any = None) -> None:
         self.sub.reply(exc.frame(ref))
 
@@ -275,9 +325,12 @@ class Session:
             self.sub.reply({"type": "pong"} if ref is None else {"type": "pong", "ref": ref})
         elif kind == "subscribe":
             room = v.room_name(frame.get("room"))
-            since = v.seq_param(frame.get("since"), "since")
+            since = v.seq_field(frame.get("since"), "since")
+            changes_since = v.seq_field(frame.get("changes_since"), "changes_since")
             self.identity.check_room(room)
-            await hub.subscribe(self.sub, room, since)
+            self.check_subscription_room(room)
+            await self.gw.rate(SUBSCRIBE, self.identity.name)
+            await hub.subscribe(self.sub, room, since, changes_since)
             await presence.joined(self.sub.id, self.user, room)
         elif kind == "unsubscribe":
             room = v.room_name(frame.get("room"))
@@ -286,6 +339,8 @@ class Session:
             self.sub.reply({"type": "unsubscribed", "room": room})
         elif kind == "refresh":
             await self.refresh(frame)
+        elif kind in CHAT_FRAMES:
+            await self.handle_chat(kind, frame)
         else:
             await self.commit([await self.prepare_publish(frame)])
 

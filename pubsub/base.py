@@ -133,7 +133,8 @@ def create_broker(url: str, **options: Any) -> Broker:
         from pubsub.memory import MemoryBroker
 
         return MemoryBroker()
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://",
+                       "rediss+sentinel://")):
         from pubsub.redis import RedisBroker
 
         return RedisBroker(url, **options)
@@ -142,4 +143,4 @@ def create_broker(url: str, **options: Any) -> Broker:
 
         return ClusterBroker(url, **options)
     raise ValueError(f"unsupported REDIS_URL {url!r}: use redis://…, rediss://…, "
-                     "redis+cluster://… or memory://")
+                     "redis+cluster://…, redis+sentinel://… or memory://")

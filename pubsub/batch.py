@@ -14,7 +14,10 @@ packs and parses).
 No task, lock or pool checkout stands between a caller and the socket: on
 loopback those cost more than the round trip itself. A caller that is
 cancelled leaves its replies to be read and dropped, so nobody else's are
-disturbed. The connection is opened on first use and again after a loss.
+disturbed. The connection is opened on first use and again after a loss, to
+the address the client's pool gives: over Sentinel, the primary of the moment.
+A ``READONLY`` reply (the server was demoted to a replica) retires the link:
+the next command opens a new one.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 import hiredis
 from redis._parsers.base import BaseParser
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse
+from redis.exceptions import InvalidResponse, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Command = tuple[Any, ...]
@@ -54,6 +57,7 @@ class _Link(asyncio.Protocol):
         self.waiters: deque[_Waiter] = deque()
         self.out: list[bytes] = []
         self.lost: BaseException | None = None
+        self.retired = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -68,6 +72,8 @@ class _Link(asyncio.Protocol):
             if not waiters:
                 self.fail(InvalidResponse("Redis sent a reply nobody asked for"))
                 return
+            if type(reply) is ReadOnlyError:
+                self.retire()
             waiter = waiters[0]
             waiter.replies.append(reply)
             waiter.left -= 1
@@ -75,6 +81,16 @@ class _Link(asyncio.Protocol):
                 waiters.popleft()
                 if not waiter.future.done():
                     waiter.future.set_result(waiter.replies)
+                if self.retired and not waiters and self.transport is not None:
+                    self.transport.close()
+
+    def retire(self) -> None:
+        """The server answered READONLY: it is a replica now (demoted by a failover).
+        The next command opens a new link, to the primary the client finds now; the
+        commands already sent here get their replies, then the link closes."""
+        self.retired = True
+        if self.batch.link is self:
+            self.batch.link = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(RedisConnectionError(f"Redis connection lost: {exc or 'closed by the server'}"))
@@ -112,7 +128,7 @@ class _Link(asyncio.Protocol):
 
 class CommandBatch:
     def __init__(self, redis: Any, *, timeout: float | None = None) -> None:
-        pool = redis.connection_pool
+        pool = self._pool = redis.connection_pool
         # The client's own connection settings, read from a connection it would make.
         self._settings = pool.connection_class(**pool.connection_kwargs)
         self.timeout = timeout or self._settings.socket_timeout or 1.0
@@ -180,7 +196,8 @@ class CommandBatch:
                     await loop.create_unix_connection(lambda: link, s.path)
                 else:
                     context = s.ssl_context.get() if hasattr(s, "ssl_context") else None
-                    await loop.create_connection(lambda: link, s.host, s.port, ssl=context)
+                    host, port = await self._address()
+                    await loop.create_connection(lambda: link, host, port, ssl=context)
                 setup: list[Command] = []
                 if s.password is not None:
                     setup.append(("AUTH", s.username, s.password) if s.username
@@ -204,6 +221,16 @@ class CommandBatch:
             link.fail(RedisConnectionError("Redis connect failed"))
             raise
         return link
+
+    async def _address(self) -> tuple[str, int]:
+        """The client's host and port; over Sentinel, the primary the sentinels name
+        now (the lookup the client's own connections make, which raises
+        ``MasterNotFoundError``, a ``ConnectionError``, while there is none)."""
+        primary = getattr(self._pool, "get_master_address", None)
+        if primary is not None:
+            host, port = await primary()
+            return host, int(port)
+        return self._settings.host, self._settings.port
 
 
 # Keys worked on at once over a cluster (each key's commands on their own).

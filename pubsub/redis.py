@@ -2,6 +2,10 @@
 
 One subscriber connection per process carries every room channel this
 instance holds; publishing and keys (cache, rate limits) share one pool.
+Over ``redis+sentinel://`` that pool is redis-py's Sentinel-managed one
+(:mod:`pubsub.sentinel`): each connection it opens, the subscriber link's
+included, goes to the primary the sentinels name at that moment, so the
+reconnect below is also how the broker follows a failover.
 
 The subscriber link is watched: when nothing has arrived for
 ``probe_interval`` seconds a PING goes down the link, and a link that answers
@@ -28,6 +32,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pubsub.base import Broker, BrokerUnavailable, RedisGuard
 from pubsub.batch import CommandBatch
+from pubsub.sentinel import SCHEMES as SENTINEL_SCHEMES
+from pubsub.sentinel import sentinel_client
 
 log = logging.getLogger("pubsub.redis")
 
@@ -60,6 +66,7 @@ class RedisBroker(Broker):
         self.connected = asyncio.Event()
         self.guard: RedisGuard = RedisGuard()
         self.batch: CommandBatch | None = None  # commands of many callers, one pipeline
+        self._sentinel: Any = None  # over redis+sentinel://, the sentinels' clients
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -68,13 +75,17 @@ class RedisBroker(Broker):
         return self._client
 
     def _make_client(self) -> aioredis.Redis:
-        return aioredis.from_url(
-            self.url,
+        connection: dict[str, Any] = dict(
             socket_connect_timeout=self.connect_timeout,
             socket_timeout=self.command_timeout,
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
+        if self.url.startswith(SENTINEL_SCHEMES):
+            # Every connection this client opens asks the sentinels for the primary.
+            self._sentinel, client = sentinel_client(self.url, **connection)
+            return client  # type: ignore[no-any-return]
+        return aioredis.from_url(self.url, **connection)
 
     async def start(self) -> None:
         # No failure here when Redis is down: the reader keeps trying, and
@@ -97,6 +108,9 @@ class RedisBroker(Broker):
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
+        if self._sentinel is not None:
+            sentinel, self._sentinel = self._sentinel, None
+            await sentinel.aclose()
 
     async def _drop_pubsub(self) -> None:
         self.connected.clear()

@@ -2,7 +2,10 @@
 // added up, or the serving instance alone: #scope), one snapshot a second,
 // drawn as figures and small line charts of the last two minutes.
 // Every figure is an <output> whose data-value holds the raw number, and
-// #status carries data-state (connecting, live, stale, reconnecting).
+// #status carries data-state (connecting, live, stale, reconnecting, refused).
+// In auth mode the feed needs an API key: /dashboard?key=K (taken out of the
+// address bar at once and kept for the tab only), or typed into #key-form,
+// which shows when the gateway refuses the feed (401).
 "use strict";
 
 (function () {
@@ -174,16 +177,64 @@
               snap.instance.closing ? "Instance shutting down" : "Live");
   }
 
+  const KEY_STORE = "chat-gateway.stats-key";
+  let key = sessionStorage.getItem(KEY_STORE);
+  (function takeKeyFromAddress() {
+    const params = new URLSearchParams(location.search);
+    if (!params.has("key")) return;
+    key = params.get("key");
+    sessionStorage.setItem(KEY_STORE, key);
+    params.delete("key");
+    const rest = params.toString();
+    history.replaceState(null, "", location.pathname + (rest ? "?" + rest : "") + location.hash);
+  })();
+
+  function feedUrl() {
+    let url = "/v1/stats/events?scope=" + encodeURIComponent($("scope").value);
+    if (key) url += "&key=" + encodeURIComponent(key);
+    return url;
+  }
+
+  // EventSource does not tell why it gave up: ask once, reading only the status.
+  async function refusal() {
+    const ctl = new AbortController();
+    try {
+      const r = await fetch(feedUrl(), { signal: ctl.signal, cache: "no-store" });
+      ctl.abort();
+      return r.status;
+    } catch (e) {
+      return 0;
+    }
+  }
+
+  function askForKey() {
+    setStatus("refused", key ? "The API key was refused" : "An API key is needed for the figures");
+    $("key-form").hidden = false;
+    $("key").focus();
+  }
+
+  $("key-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    key = $("key").value.trim();
+    sessionStorage.setItem(KEY_STORE, key);
+    $("key").value = "";
+    $("key-form").hidden = true;
+    setStatus("connecting", "Connecting…");
+    if (source) source.close();
+    open();
+  });
+
   let source = null;
   function open() {
-    source = new EventSource("/v1/stats/events?scope=" + encodeURIComponent($("scope").value));
+    source = new EventSource(feedUrl());
     source.addEventListener("stats", (ev) => update(JSON.parse(ev.data)));
     source.onopen = () => setStatus("live", "Live");
     source.onerror = () => {
       setStatus("reconnecting", "Connection lost; reconnecting…");
       if (source.readyState === EventSource.CLOSED) {
         source = null;
-        setTimeout(open, 2000); // the browser gave up (e.g. a 503): try again ourselves
+        // The browser gave up (a 401, a 503, ...): a key is asked for, else try again.
+        refusal().then((status) => (status === 401 ? askForKey() : setTimeout(open, 2000)));
       }
     };
   }

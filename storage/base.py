@@ -11,7 +11,10 @@ Contract every implementation keeps:
   first call stored and ``created=False``. The store compares nothing else: the
   caller scopes keys (the gateway qualifies each by the poster's identity) and
   judges whether a repeat's text and author match the stored message.
-- Messages are immutable once committed; reads see every committed message.
+- A message's seq, id, author and creation time never change. Its text changes
+  only by ``change`` (an edit, or a delete that empties it and keeps the row as
+  a tombstone at its seq), each change numbered by the room's own contiguous
+  change counter; reads see every committed message and change.
 - Failures raise ``StoreUnavailable`` (the database cannot be reached or timed
   out); nothing else is swallowed.
 """
@@ -50,6 +53,13 @@ def display_url(url: str) -> str:
         query = "&".join("password=***" if part.lower().startswith("password=") else part
                          for part in query.split("&"))
     return f"{scheme}://{netloc}{slash}{path}{q}{query}"
+class MessageNotFound(LookupError):
+    """No message at that seq (never committed, removed by retention or a purge), or
+    an edit of a deleted one."""
+
+
+class NotAuthor(Exception):
+    """A change of someone else's message by a caller allowed only their own."""
 
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -91,12 +101,15 @@ class Message:
     author: str
     text: str
     created_ms: int  # commit time, epoch milliseconds
+    version: int = 1  # 1 as posted; each edit or delete adds one
+    edited_ms: int | None = None
+    deleted_ms: int | None = None  # a tombstone: text is empty
     # The JSON of to_dict, made on first use: a message is encoded once for every
     # history read, ack and publish that carries it.
     _json: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "id": self.id,
             "room": self.room,
             "seq": self.seq,
@@ -104,6 +117,11 @@ class Message:
             "text": self.text,
             "created_at": format_ts(self.created_ms),
         }
+        if self.version > 1:  # changed: v1's message object, plus what changed
+            d["version"] = self.version
+            d["edited_at"] = None if self.edited_ms is None else format_ts(self.edited_ms)
+            d["deleted_at"] = None if self.deleted_ms is None else format_ts(self.deleted_ms)
+        return d
 
     def to_json(self) -> bytes:
         encoded = self._json
@@ -111,6 +129,31 @@ class Message:
             encoded = orjson.dumps(self.to_dict())
             object.__setattr__(self, "_json", encoded)
         return encoded
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """An edit or a delete: the room's change number, the room's last seq when it
+    committed (it sits after that message), and the message as it is now."""
+
+    change: int
+    after_seq: int
+    message: Message
+
+    @property
+    def kind(self) -> str:
+        return "message_deleted" if self.message.deleted_ms is not None else "message_updated"
+
+
+@dataclass(frozen=True, slots=True)
+class ReadPosition:
+    room: str
+    seq: int
+    last_seq: int
+
+    @property
+    def unread(self) -> int:
+        return max(0, self.last_seq - self.seq)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +217,53 @@ class Store(ABC):
         """Delete every message of ``room`` committed so far, in one transaction; return
         how many. As with ``delete_before`` the room keeps its seq counter: the next
         message gets the next seq, never a purged one."""
+    def write_outbox(self, endpoint_ids: list[int]) -> None:
+        """From now on, every append also writes its messages' ``message.created``
+        events to the webhook outbox, one row per receiver id, in the transaction
+        that commits them (an empty list: no outbox rows, no cost)."""
+        raise NotImplementedError(f"{type(self).__name__} has no webhook outbox")
+
+    def outbox(self) -> Any:
+        """The webhook outbox on this store's database (a ``storage.outbox.Outbox``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no webhook outbox")
+
+    # -- chat: edits, deletes, read positions (not abstract: a store without them
+    # answers the routes with 503 through StoreUnavailable)
+
+    async def change(self, room: str, seq: int, text: str | None, *, author: str | None,
+                     idempotency_key: tuple[str, str] | None = None
+                     ) -> tuple[Change | None, Message]:
+        """Edit (``text``) or delete (``None``: text emptied, ``deleted_at`` set) the
+        message at ``seq``, in one transaction that takes the room's row lock (as an
+        append does), numbers the change and logs it. ``author``: only that author's
+        message may be changed (``NotAuthor``); None: any. Raises ``MessageNotFound``.
+        ``idempotency_key`` is ``(owner, key)``: a repeat of a key the owner already
+        used in the room changes nothing and returns the message that change was
+        made to, as it is now (checked under the room's lock, so concurrent repeats
+        too). Returns the change (None when nothing changed: a repeat, a repeated
+        delete, an edit to the same text) and the message as it is now."""
+        raise StoreUnavailable("this store keeps no changes")
+
+    async def changes(self, room: str, *, after: int, limit: int = MAX_PAGE) -> list[Change]:
+        """The room's changes numbered above ``after``, ascending, each with its
+        message's current state (a change whose message is gone is left out)."""
+        raise StoreUnavailable("this store keeps no changes")
+
+    async def position(self, room: str) -> tuple[int, int]:
+        """The room's last seq and last change number (0, 0 for an unknown room)."""
+        return await self.latest_seq(room), 0
+
+    async def mark_read(self, user: str, room: str, seq: int) -> ReadPosition:
+        """Raise ``user``'s read position in ``room`` to ``seq`` (capped at the room's
+        last seq), never lowering it, in one statement; return it."""
+        raise StoreUnavailable("this store keeps no read positions")
+
+    async def read_position(self, user: str, room: str) -> ReadPosition:
+        raise StoreUnavailable("this store keeps no read positions")
+
+    async def read_positions(self, user: str, limit: int = 1000) -> list[ReadPosition]:
+        """Every room ``user`` has a position in, by room name."""
+        raise StoreUnavailable("this store keeps no read positions")
 
     def stats(self) -> dict[str, Any]:
         """Pool figures for metrics."""

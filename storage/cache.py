@@ -30,6 +30,15 @@ the store before the purge cannot cache what it read afterwards: it notes the
 purge count before its store read and its page is written only if the count
 is unchanged.
 
+An edit or a delete (``changed``) breaks it the same way: before the change is
+acknowledged the page is dropped and the count raised (the seq key stays: it
+is still the room's latest seq, which the position checks read). The count is
+therefore the room's generation: a decoded window is kept with the generation
+it was read under, and a warm read (one ``MGET`` of seq and count) serves it
+only while both match, so no instance serves a window from before a change,
+whether or not the change reached it live, and no load that read the store
+before it can write its page.
+
 With no Redis (``memory://``) every read goes to the store.
 """
 
@@ -66,12 +75,15 @@ if v and p[1] == v then return {v, p[2], loading} end
 return {false, false, loading}
 """
 
+# KEYS: seq, page, purge count. The page is current when its v is the seq; the
+# count read with it is the generation the page belongs to.
 _READ = """
 local v = redis.call('GET', KEYS[1])
-if not v then return {false, false} end
+if not v then return {false, false, false} end
 local p = redis.call('HMGET', KEYS[2], 'v', 'd')
-if p[1] == v then return {v, p[2]} end
-return {v, false}
+local g = redis.call('GET', KEYS[3])
+if p[1] == v then return {v, p[2], g} end
+return {v, false, g}
 """
 
 _RAISE = """
@@ -97,6 +109,14 @@ _FILL = """
 if (redis.call('GET', KEYS[3]) or '0') ~= ARGV[4] then return -1 end
 """ + _RAISE
 
+# KEYS: page, purge count; ARGV: ttl. A message changed: a new generation, no page.
+_CHANGED = """
+redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
 # KEYS: seq, page, purge count; ARGV: ttl. Counts the purge, drops the room's keys.
 _PURGE = """
 redis.call('INCR', KEYS[3])
@@ -119,16 +139,19 @@ class HistoryCache:
         self.prefix = prefix
         self.ttl = ttl
         self.metrics = metrics
-        self._flights: dict[tuple[str, int | None], asyncio.Future[Page]] = {}
+        self._flights: dict[tuple[str, int | None], asyncio.Future[tuple[Page, Any]]] = {}
         self._dirty: dict[str, int] = {}
         self._retry: asyncio.Future[None] | None = None
-        self._local: OrderedDict[str, tuple[int, Page]] = OrderedDict()
+        # room -> (version, generation, window): see the module docstring.
+        self._local: OrderedDict[str, tuple[int, Any, Page]] = OrderedDict()
+        self._unchanged: set[str] = set()  # changed rooms Redis could not be told of
         if redis is not None:
             self._read = Script(redis, _READ)
             self._raise = Script(redis, _RAISE)
             self._poll = Script(redis, _POLL)
             self._fill = Script(redis, _FILL)
             self._purge = Script(redis, _PURGE)
+            self._changed = Script(redis, _CHANGED)
 
     def _keys(self, room: str) -> list[str]:
         base = f"{self.prefix}{{{room}}}"
@@ -150,6 +173,27 @@ class HistoryCache:
         except Exception:
             self._failed(keys[0])
             raise
+
+    async def changed(self, room: str) -> None:
+        """A message of the room was edited or deleted in the store: as ``purged``,
+        every instance's cached window of it is void. Called before the change is
+        acknowledged; if Redis cannot be told the room is retried in the background
+        (meanwhile the guard sends reads to the store)."""
+        self.forget(room)
+        if self.redis is None:
+            return
+        try:
+            await self._changed(keys=self._change_keys(room), args=[self.ttl])
+        except Exception as exc:  # noqa: BLE001 - committed: retry until Redis answers
+            self._failed(self._keys(room)[0])
+            log.warning("history cache not invalidated after a change, retrying: %r", exc,
+                        extra={"room": room})
+            self._unchanged.add(room)
+            if self._retry is None or self._retry.done():
+                self._retry = asyncio.ensure_future(self._retry_dirty())
+
+    def _change_keys(self, room: str) -> list[str]:
+        return [self._keys(room)[1], self._purge_key(room)]
 
     def forget(self, room: str) -> None:
         """Drop this instance's decoded window of ``room`` (a purge was announced)."""
@@ -202,8 +246,16 @@ class HistoryCache:
 
     async def _retry_dirty(self) -> None:
         delay = 0.1
-        while self._dirty:
+        while self._dirty or self._unchanged:
             await asyncio.sleep(delay)
+            for room in list(self._unchanged):
+                try:
+                    await self._changed(keys=self._change_keys(room), args=[self.ttl])
+                except Exception:  # noqa: BLE001 - still down
+                    delay = min(delay * 2, 2.0)
+                    break
+                self._unchanged.discard(room)
+                self.forget(room)
             for room, seq in list(self._dirty.items()):
                 try:
                     await self._raise(keys=self._keys(room), args=[seq, self.ttl])
@@ -277,22 +329,23 @@ class HistoryCache:
         if not self._usable(keys[0]):
             return await self.store.history(room, limit=limit)
         version: int | None = None
+        generation_key = self._purge_key(room)
         try:
             held = self._local.get(room)
             if held is not None:
-                raw_v = await self._get_one(keys[0])
-                if raw_v is not None and int(raw_v) == held[0]:
+                raw_v, raw_g = await self._get_pair(keys[0], generation_key)
+                if raw_v is not None and int(raw_v) == held[0] and _text(raw_g) == held[1]:
                     self._local.move_to_end(room)
                     self._count("hit")
-                    return _window_page(held[1], limit)
-            raw_v, raw_page = await self._read(keys=keys)
+                    return _window_page(held[2], limit)
+            raw_v, raw_page, raw_g = await self._read(keys=keys + [generation_key])
             if raw_v:
                 version = int(raw_v)
             if raw_page:
                 self._count("hit")
                 window = _unpack(orjson.loads(raw_page))
                 if version is not None:
-                    self._keep(room, version, window)
+                    self._keep(room, version, _text(raw_g), window)
                 return _window_page(window, limit)
         except Exception as exc:  # noqa: BLE001 - a cache outage falls back to the store
             self._failed(keys[0])
@@ -305,9 +358,9 @@ class HistoryCache:
             flight = asyncio.ensure_future(self._load(room, keys))
             self._flights[(room, version)] = flight
             flight.add_done_callback(lambda _f: self._flights.pop((room, version), None))
-        window = await asyncio.shield(flight)
-        if window.messages:
-            self._keep(room, window.messages[-1].seq, window)
+        window, generation = await asyncio.shield(flight)
+        if window.messages and generation is not _UNCACHED:
+            self._keep(room, window.messages[-1].seq, generation, window)
         return _window_page(window, limit)
 
     async def _get(self, keys: list[str]) -> list[Any]:
@@ -329,16 +382,31 @@ class HistoryCache:
             raise value
         return value
 
-    def _keep(self, room: str, version: int, window: Page) -> None:
-        self._local[room] = (version, window)
+    async def _get_pair(self, seq_key: str, generation_key: str) -> list[Any]:
+        """The warm read: seq and generation in one MGET (one slot: the same hash tag)."""
+        if self.batch is not None:
+            (value,) = await self.batch.run([("MGET", seq_key, generation_key)])
+        else:
+            (value,) = await per_key(self.redis, self.batch, self.guard,
+                                     [(seq_key, [("MGET", seq_key, generation_key)])])
+            if not isinstance(value, BaseException):
+                value = value[0]
+        if isinstance(value, BaseException):
+            raise value
+        return list(value)
+
+    def _keep(self, room: str, version: int, generation: Any, window: Page) -> None:
+        self._local[room] = (version, generation, window)
         self._local.move_to_end(room)
         while len(self._local) > LOCAL_ROOMS:
             self._local.popitem(last=False)
 
-    async def _load(self, room: str, keys: list[str]) -> Page:
+    async def _load(self, room: str, keys: list[str]) -> tuple[Page, Any]:
         """Load the room's window from the store and cache it. Across instances one
         loads and the others wait for its page (a lock key per room), so readers
-        arriving at a cold key cause one query, not one per instance."""
+        arriving at a cold key cause one query, not one per instance. Returns the
+        window and the generation it was cached under (``_UNCACHED``: not cached, so
+        not to be kept here either)."""
         redis = self.redis
         assert redis is not None
         lock = keys[0][: -len(":seq")] + ":load"
@@ -349,7 +417,7 @@ class HistoryCache:
         if not leader:
             window = await self._await_leader(keys + [lock])
             if window is not None:
-                return window
+                return window, _UNCACHED
         try:
             purge_key = self._purge_key(room)
             try:
@@ -357,16 +425,19 @@ class HistoryCache:
             except Exception:  # noqa: BLE001 - the write below then fails the same way
                 purges = None
             window = await self.store.history(room, limit=MAX_PAGE)
+            generation: Any = _UNCACHED
             if window.messages:
                 data = orjson.dumps({"m": [m.to_dict() for m in window.messages],
                                      "h": window.has_more})
                 try:
-                    await self._fill(keys=keys + [purge_key], args=[
+                    filled = await self._fill(keys=keys + [purge_key], args=[
                         window.messages[-1].seq, self.ttl, data,
                         purges.decode() if isinstance(purges, bytes) else (purges or "0")])
+                    if filled != -1 and filled == window.messages[-1].seq:
+                        generation = _text(purges)
                 except Exception as exc:  # noqa: BLE001
                     log.debug("cache fill failed: %r", exc)
-            return window
+            return window, generation
         finally:
             if leader:
                 try:
@@ -391,6 +462,14 @@ class HistoryCache:
         return None
 
 
+_UNCACHED = object()  # a loaded window that was not written to Redis
+
+
+def _text(value: Any) -> str | None:
+    """A generation as Redis returns it (bytes, str or nil) in one comparable form."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _unpack(cached: dict[str, Any]) -> Page:
     return Page([_from_dict(m) for m in cached["m"]], bool(cached["h"]))
 
@@ -402,4 +481,11 @@ def _window_page(window: Page, limit: int) -> Page:
 
 
 def _from_dict(d: dict[str, Any]) -> Message:
-    return Message(d["id"], d["room"], d["seq"], d["author"], d["text"], parse_ts(d["created_at"]))
+    if "version" not in d:  # never changed
+        return Message(d["id"], d["room"], d["seq"], d["author"], d["text"],
+                       parse_ts(d["created_at"]))
+    edited, deleted = d.get("edited_at"), d.get("deleted_at")
+    return Message(d["id"], d["room"], d["seq"], d["author"], d["text"],
+                   parse_ts(d["created_at"]), d["version"],
+                   None if edited is None else parse_ts(edited),
+                   None if deleted is None else parse_ts(deleted))

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -42,7 +43,8 @@ from typing import Any
 import asyncpg
 
 from storage import migrations
-from storage.base import Message, Page, Store, StoreUnavailable, display_url, new_id
+from storage.base import (Change, Message, MessageNotFound, NotAuthor, Page, ReadPosition,
+                          Store, StoreUnavailable, display_url, new_id)
 
 log = logging.getLogger("storage.postgres")
 
@@ -51,7 +53,9 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MIGRATION_LOCK = 0x63686174_6777  # "chatgw"
 
 _COLUMNS = ("id, room, seq, author, text, "
-            "(extract(epoch from created_at) * 1000)::bigint AS created_ms")
+            "(extract(epoch from created_at) * 1000)::bigint AS created_ms, version, "
+            "(extract(epoch from edited_at) * 1000)::bigint AS edited_ms, "
+            "(extract(epoch from deleted_at) * 1000)::bigint AS deleted_ms")
 
 _APPEND = """
 WITH r AS (
@@ -82,6 +86,34 @@ SELECT i.room, r.last_seq - c.n + row_number() OVER (PARTITION BY i.room ORDER B
 FROM input i JOIN r USING (room) JOIN counts c USING (room)
 RETURNING id, seq
 """
+
+_OUTBOX = """,
+o AS (
+    INSERT INTO webhook_outbox (endpoint_id, event_id, type, room, seq, data, created_at,
+                                next_at)
+    SELECT e, 'evt_' || m.id, 'message.created', m.room, m.seq,
+           json_build_object('id', m.id, 'room', m.room, 'seq', m.seq, 'author', m.author,
+                             'text', m.text, 'created_at', to_char(m.created_at AT TIME ZONE
+                             'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'))::text,
+           m.created_at, m.created_at
+    FROM m CROSS JOIN unnest(${param}::bigint[]) AS e
+)
+"""
+
+
+def with_outbox(statement: str) -> str:
+    """An append statement that also writes each message's ``message.created`` event
+    to the webhook outbox, one row per receiver, in the same transaction: its
+    ``INSERT INTO messages`` becomes a CTE whose rows feed the outbox insert, and
+    the statement returns what it returned before. The receivers' ids are one
+    more parameter, after the statement's own."""
+    head, _, insert = statement.rpartition("\nINSERT INTO messages")
+    insert, _, returning = insert.rpartition("RETURNING ")
+    param = max(int(n) for n in re.findall(r"\$(\d+)", statement)) + 1
+    return (f"{head},\nm AS (\nINSERT INTO messages{insert}RETURNING *\n)"
+            f"{_OUTBOX.format(param=param)}SELECT {returning.strip()} FROM m\n")
+
+
 # The most flights at once, how long a statement runs before another flight may
 # take off (seconds), and the most posts in one group.
 GROUP_FLIGHTS = 4
@@ -90,9 +122,31 @@ GROUP_MAX = 256
 
 _BY_KEY = f"SELECT {_COLUMNS} FROM messages WHERE room = $1 AND idempotency_key = $2"
 
+# Where a new connection landed: the server's cluster (a promoted standby keeps its
+# primary's) and the timeline it writes on (one more with every promotion).
+# (None on a standby, which takes no write anyway.)
+_TIMELINE = ("SELECT system_identifier, CASE WHEN NOT pg_is_in_recovery() THEN "
+             "('x' || left(pg_walfile_name(pg_current_wal_lsn()), 8))::bit(32)::int END "
+             "AS timeline FROM pg_control_system()")
+
+
+class StalePrimary(Exception):
+    """A server that writes on an older timeline than one this store has written on:
+    a primary whose standby was promoted, back up as a primary (a split brain)."""
+
+
+# A database that cannot take the statement now: unreachable, starting, shutting
+# down or crashed (a failover in progress), out of connections, or a standby (a
+# demoted primary, or no host of a multi-host URL is the primary yet), or a
+# connection whose protocol state the server's end of the session broke (asyncpg's
+# InternalClientError: "cannot switch to state …"). The caller
+# answers 503 and may retry; nothing was committed by this statement unless its
+# commit's reply was lost, which an Idempotency-Key retry finds.
 _UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
                 asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
-                asyncpg.TooManyConnectionsError)
+                asyncpg.TooManyConnectionsError, asyncpg.AdminShutdownError,
+                asyncpg.CrashShutdownError, asyncpg.ReadOnlySQLTransactionError,
+                asyncpg.InternalClientError, StalePrimary)
 
 
 # The array types the statements bind (the group commit's columns, latest_seqs'
@@ -136,7 +190,47 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 
 
 def _row(r: Any) -> Message:
-    return Message(r["id"], r["room"], r["seq"], r["author"], r["text"], r["created_ms"])
+    return Message(r["id"], r["room"], r["seq"], r["author"], r["text"], r["created_ms"],
+                   r["version"], r["edited_ms"], r["deleted_ms"])
+
+
+# -- chat: edits, deletes, read positions --------------------------------------
+
+_MESSAGE_FOR_UPDATE = f"SELECT {_COLUMNS} FROM messages WHERE room = $1 AND seq = $2 FOR UPDATE"
+_EDIT = ("UPDATE messages SET text = $3, version = version + 1, edited_at = $4 "
+         f"WHERE room = $1 AND seq = $2 RETURNING {_COLUMNS}")
+# A delete empties the text in the row itself: the text is gone, not hidden.
+_DELETE = ("UPDATE messages SET text = '', version = version + 1, deleted_at = $3 "
+           f"WHERE room = $1 AND seq = $2 RETURNING {_COLUMNS}")
+_CHANGES = """
+SELECT c.change, c.after_seq, m.id, m.room, m.seq, m.author, m.text,
+       (extract(epoch from m.created_at) * 1000)::bigint AS created_ms, m.version,
+       (extract(epoch from m.edited_at) * 1000)::bigint AS edited_ms,
+       (extract(epoch from m.deleted_at) * 1000)::bigint AS deleted_ms
+FROM message_changes c JOIN messages m ON m.room = c.room AND m.seq = c.seq
+WHERE c.room = $1 AND c.change > $2 ORDER BY c.change LIMIT $3
+"""
+# One upsert: capped at the room's last seq, never lowered (GREATEST under the
+# conflict's row lock), so concurrent marks cannot move a position back.
+_MARK_READ = """
+WITH r AS (SELECT last_seq FROM rooms WHERE room = $2)
+INSERT INTO read_positions AS p (user_name, room, seq, updated_at)
+SELECT $1, $2, LEAST($3, r.last_seq), now() FROM r
+ON CONFLICT (user_name, room) DO UPDATE
+    SET seq = GREATEST(p.seq, EXCLUDED.seq), updated_at = EXCLUDED.updated_at
+RETURNING seq, (SELECT last_seq FROM r) AS last_seq
+"""
+_READ_POSITION = """
+SELECT coalesce(p.seq, 0) AS seq, coalesce(r.last_seq, 0) AS last_seq
+FROM (SELECT 1) AS one
+LEFT JOIN rooms r ON r.room = $2
+LEFT JOIN read_positions p ON p.user_name = $1 AND p.room = $2
+"""
+_READ_POSITIONS = """
+SELECT p.room, p.seq, coalesce(r.last_seq, 0) AS last_seq
+FROM read_positions p LEFT JOIN rooms r ON r.room = p.room
+WHERE p.user_name = $1 ORDER BY p.room LIMIT $2
+"""
 
 
 class PostgresStore(Store):
@@ -156,10 +250,17 @@ class PostgresStore(Store):
         self._waiting: list[tuple[str, str, str, str, datetime, asyncio.Future[int]]] = []
         # Each flight, and when its statement in progress started (loop time).
         self._flights: dict[asyncio.Task[None], float] = {}
+        # Per database cluster (system identifier), the latest timeline connected to.
+        self._timelines: dict[int, int] = {}
+        # The append statements and their extra arguments: with webhook receivers,
+        # the variants that write the outbox too (see write_outbox).
+        self._append_sql, self._append_group_sql = _APPEND, _APPEND_GROUP
+        self._outbox_args: tuple[list[int], ...] = ()
 
     async def start(self) -> None:
         try:
-            self._pool = await asyncpg.create_pool(self.url, reset=_keep_session, init=_prime,
+            self._pool = await asyncpg.create_pool(self.url, reset=_keep_session,
+                                                   init=self._init_connection,
                                                    **self._pool_args)
         except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
             # Refused, unknown host, no such database, bad credentials: the server's
@@ -196,7 +297,9 @@ class PostgresStore(Store):
                 conn = await pool.acquire()
                 try:
                     result = await getattr(conn, method)(query, *args)
-                except BaseException:
+                except BaseException as exc:
+                    if isinstance(exc, _UNAVAILABLE):
+                        await self._failed(exc, conn)
                     self._release_later(conn)
                     raise
         except _UNAVAILABLE as exc:
@@ -210,6 +313,52 @@ class PostgresStore(Store):
         task = asyncio.get_running_loop().create_task(self._release(conn))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
+
+    async def _init_connection(self, conn: asyncpg.Connection) -> None:
+        """A new pooled connection: refused if it reached a stale primary, then primed."""
+        await self._check_timeline(conn)
+        await _prime(conn)
+
+    async def _check_timeline(self, conn: asyncpg.Connection) -> None:
+        """Each new pooled connection: a server on an older timeline of the cluster
+        than one this store has written on is an old primary that came back as a
+        primary after its standby was promoted. It is refused (503 until the
+        orchestrator fences it), so it never takes a write."""
+        row = await conn.fetchrow(_TIMELINE)
+        if row["timeline"] is None:
+            return
+        cluster, timeline = int(row["system_identifier"]), int(row["timeline"])
+        latest = self._timelines.get(cluster, 0)
+        if timeline < latest:
+            log.warning("refusing a stale Postgres primary: it writes on timeline %d, "
+                        "the cluster is on timeline %d", timeline, latest)
+            raise StalePrimary(f"the server is a stale primary (timeline {timeline} < {latest})")
+        self._timelines[cluster] = timeline
+
+    async def _failed(self, exc: BaseException, conn: Any = None) -> None:
+        """A read-only answer means the pool holds connections to a server that is a
+        standby now (a failover demoted it): every pooled connection is replaced on
+        its next use, by one the URL's ``target_session_attrs`` sends to the primary.
+        A connection in a broken protocol state is closed, not pooled again."""
+        if isinstance(exc, asyncpg.ReadOnlySQLTransactionError) and self._pool is not None:
+            log.warning("Postgres answered read-only: reconnecting the pool to the primary")
+            await self._pool.expire_connections()
+        elif isinstance(exc, asyncpg.InternalClientError) and conn is not None:
+            conn.terminate()
+
+    def write_outbox(self, endpoint_ids: list[int]) -> None:
+        if endpoint_ids:
+            self._append_sql, self._append_group_sql = (with_outbox(_APPEND),
+                                                        with_outbox(_APPEND_GROUP))
+            self._outbox_args = (list(endpoint_ids),)
+        else:
+            self._append_sql, self._append_group_sql = _APPEND, _APPEND_GROUP
+            self._outbox_args = ()
+
+    def outbox(self) -> Any:
+        from storage.outbox_postgres import PostgresOutbox
+
+        return PostgresOutbox(self)
 
     async def migrate(self) -> list[str]:
         applied: list[str] = []
@@ -262,8 +411,8 @@ class PostgresStore(Store):
             return Message(mid, room, await self._grouped(room, mid, author, text, created),
                            author, text, ms), True
         try:
-            seq = await self._call("fetchval", _APPEND, room, mid, author, text, created,
-                                   idempotency_key)
+            seq = await self._call("fetchval", self._append_sql, room, mid, author, text,
+                                   created, idempotency_key, *self._outbox_args)
         except asyncpg.UniqueViolationError:
             # A concurrent request with the same key committed first; the failed
             # statement rolled its seq increment back.
@@ -280,9 +429,9 @@ class PostgresStore(Store):
         ms = int(time.time() * 1000)
         created = _EPOCH + timedelta(milliseconds=ms)
         ids = [new_id(ms) for _ in posts]
-        rows = await self._call("fetch", _APPEND_GROUP, [p[0] for p in posts], ids,
+        rows = await self._call("fetch", self._append_group_sql, [p[0] for p in posts], ids,
                                 [p[1] for p in posts], [p[2] for p in posts],
-                                [created] * len(posts))
+                                [created] * len(posts), *self._outbox_args)
         seqs = {r["id"]: r["seq"] for r in rows}
         return [Message(mid, room, seqs[mid], author, text, ms)
                 for mid, (room, author, text) in zip(ids, posts, strict=True)]
@@ -359,6 +508,8 @@ class PostgresStore(Store):
                     rows = await self._commit_group(conn, group)
                 except BaseException as exc:
                     _fail(group, exc)
+                    if isinstance(exc, _UNAVAILABLE):
+                        await self._failed(exc, conn)
                     conn, held = None, conn
                     self._release_later(held)
                     if isinstance(exc, asyncio.CancelledError):
@@ -383,15 +534,14 @@ class PostgresStore(Store):
         except Exception as exc:  # noqa: BLE001 - asyncpg terminates what it cannot release
             log.debug("releasing a connection: %r", exc)
 
-    @staticmethod
-    async def _commit_group(conn: Any, group: list[Any]) -> Any:
-        cols = list(zip(*(item[:5] for item in group), strict=True))
+    async def _commit_group(self, conn: Any, group: list[Any]) -> Any:
+        cols = [*zip(*(item[:5] for item in group), strict=True), *self._outbox_args]
         for _ in range(2):
             try:
-                return await conn.fetch(_APPEND_GROUP, *cols)
+                return await conn.fetch(self._append_group_sql, *cols)
             except asyncpg.DeadlockDetectedError:
                 pass  # rolled back whole (no seq used); another group holds a room
-        return await conn.fetch(_APPEND_GROUP, *cols)
+        return await conn.fetch(self._append_group_sql, *cols)
 
     async def history(self, room: str, *, limit: int = 50, before: int | None = None,
                       after: int | None = None) -> Page:
@@ -440,6 +590,78 @@ class PostgresStore(Store):
 
     async def ping(self) -> None:
         await self._call("fetchval", "SELECT 1")
+
+    async def change(self, room: str, seq: int, text: str | None, *, author: str | None,
+                     idempotency_key: tuple[str, str] | None = None
+                     ) -> tuple[Change | None, Message]:
+        ms = int(time.time() * 1000)
+        at = _EPOCH + timedelta(milliseconds=ms)
+        try:
+            async with self.pool.acquire(timeout=self._acquire_timeout) as conn:
+                async with conn.transaction():
+                    # The room's row first, as an append takes it: changes and posts
+                    # of a room commit one at a time, so after_seq is exact.
+                    pos = await conn.fetchrow("SELECT last_seq, last_change FROM rooms "
+                                              "WHERE room = $1 FOR UPDATE", room)
+                    if pos is not None and idempotency_key is not None:
+                        done = await conn.fetchval(
+                            "SELECT seq FROM message_changes WHERE room = $1 AND key_owner = $2"
+                            " AND idempotency_key = $3", room, *idempotency_key)
+                        if done is not None:  # a repeat: the message as it is now
+                            return None, _row(await conn.fetchrow(_MESSAGE_FOR_UPDATE,
+                                                                  room, done))
+                    row = None if pos is None else await conn.fetchrow(
+                        _MESSAGE_FOR_UPDATE, room, seq)
+                    if pos is None or row is None:
+                        raise MessageNotFound(f"no message {seq} in room {room!r}")
+                    current = _row(row)
+                    if author is not None and current.author != author:
+                        raise NotAuthor("only the author may change this message")
+                    if current.deleted_ms is not None:
+                        if text is None:
+                            return None, current  # deleted already: nothing to do
+                        raise MessageNotFound(f"message {seq} in room {room!r} is deleted")
+                    if text == current.text:
+                        return None, current
+                    number = pos["last_change"] + 1
+                    await conn.execute("UPDATE rooms SET last_change = $2 WHERE room = $1",
+                                       room, number)
+                    if text is None:
+                        row = await conn.fetchrow(_DELETE, room, seq, at)
+                    else:
+                        row = await conn.fetchrow(_EDIT, room, seq, text, at)
+                    owner, key = idempotency_key or (None, None)
+                    await conn.execute("INSERT INTO message_changes (room, change, seq, "
+                                       "after_seq, key_owner, idempotency_key) "
+                                       "VALUES ($1, $2, $3, $4, $5, $6)",
+                                       room, number, seq, pos["last_seq"], owner, key)
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
+        msg = _row(row)
+        return Change(number, pos["last_seq"], msg), msg
+
+    async def changes(self, room: str, *, after: int, limit: int = 200) -> list[Change]:
+        rows = await self._call("fetch", _CHANGES, room, after, limit)
+        return [Change(r["change"], r["after_seq"], _row(r)) for r in rows]
+
+    async def position(self, room: str) -> tuple[int, int]:
+        row = await self._call("fetchrow", "SELECT last_seq, last_change FROM rooms "
+                                           "WHERE room = $1", room)
+        return (0, 0) if row is None else (int(row["last_seq"]), int(row["last_change"]))
+
+    async def mark_read(self, user: str, room: str, seq: int) -> ReadPosition:
+        row = await self._call("fetchrow", _MARK_READ, user, room, seq)
+        if row is None:  # a room with no message: nothing to be read
+            return ReadPosition(room, 0, 0)
+        return ReadPosition(room, int(row["seq"]), int(row["last_seq"]))
+
+    async def read_position(self, user: str, room: str) -> ReadPosition:
+        row = await self._call("fetchrow", _READ_POSITION, user, room)
+        return ReadPosition(room, int(row["seq"]), int(row["last_seq"]))
+
+    async def read_positions(self, user: str, limit: int = 1000) -> list[ReadPosition]:
+        rows = await self._call("fetch", _READ_POSITIONS, user, limit)
+        return [ReadPosition(r["room"], int(r["seq"]), int(r["last_seq"])) for r in rows]
 
     def stats(self) -> dict[str, Any]:
         if self._pool is None:

@@ -21,17 +21,18 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from storage import migrations
-from storage.base import Message, Page, Store, StoreUnavailable, new_id
+from storage.base import (Change, Message, MessageNotFound, NotAuthor, Page, ReadPosition,
+                          Store, StoreUnavailable, new_id)
 
 T = TypeVar("T")
 
-_COLUMNS = "id, room, seq, author, text, created_ms"
+_COLUMNS = "id, room, seq, author, text, created_ms, version, edited_ms, deleted_ms"
 # Rooms per ``IN (...)`` list: under SQLite's oldest bound on bound parameters (999).
 _IN_CHUNK = 500
 
 
 def _row(r: tuple) -> Message:
-    return Message(r[0], r[1], r[2], r[3], r[4], r[5])
+    return Message(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8])
 
 
 class SQLiteStore(Store):
@@ -47,6 +48,15 @@ class SQLiteStore(Store):
         self.command_timeout = command_timeout
         self._db: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._outbox_ids: list[int] = []  # webhook receivers (write_outbox)
+
+    def write_outbox(self, endpoint_ids: list[int]) -> None:
+        self._outbox_ids = list(endpoint_ids)
+
+    def outbox(self) -> Any:
+        from storage.outbox_sqlite import SQLiteOutbox
+
+        return SQLiteOutbox(self)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], *, bounded: bool = True) -> T:
         if self._db is None or self._executor is None:
@@ -144,6 +154,12 @@ class SQLiteStore(Store):
                 db.execute("INSERT INTO messages (id, room, seq, author, text, created_ms, "
                            "idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
                            (msg.id, room, seq, author, text, ms, idempotency_key))
+                if self._outbox_ids:
+                    data = msg.to_json().decode()
+                    db.executemany(
+                        "INSERT INTO webhook_outbox (endpoint_id, event_id, type, room, seq, "
+                        "data, created_ms, next_ms) VALUES (?, ?, 'message.created', ?, ?, ?, ?, ?)",
+                        [(e, "evt_" + msg.id, room, seq, data, ms, ms) for e in self._outbox_ids])
                 db.execute("COMMIT")
                 return msg, True
             except BaseException:
@@ -205,6 +221,106 @@ class SQLiteStore(Store):
 
     async def ping(self) -> None:
         await self._run(lambda db: db.execute("SELECT 1").fetchone())
+
+    async def change(self, room: str, seq: int, text: str | None, *, author: str | None,
+                     idempotency_key: tuple[str, str] | None = None
+                     ) -> tuple[Change | None, Message]:
+        def write(db: sqlite3.Connection) -> tuple[Change | None, Message]:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                pos = db.execute("SELECT last_seq, last_change FROM rooms WHERE room = ?",
+                                 (room,)).fetchone()
+                if pos is not None and idempotency_key is not None:
+                    done = db.execute("SELECT seq FROM message_changes WHERE room = ? AND "
+                                      "key_owner = ? AND idempotency_key = ?",
+                                      (room, *idempotency_key)).fetchone()
+                    if done is not None:  # a repeat: the message as it is now
+                        again = _row(db.execute(f"SELECT {_COLUMNS} FROM messages WHERE "
+                                                "room = ? AND seq = ?",
+                                                (room, done[0])).fetchone())
+                        db.execute("ROLLBACK")
+                        return None, again
+                row = None if pos is None else db.execute(
+                    f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq = ?",
+                    (room, seq)).fetchone()
+                if pos is None or row is None:
+                    raise MessageNotFound(f"no message {seq} in room {room!r}")
+                current = _row(row)
+                if author is not None and current.author != author:
+                    raise NotAuthor("only the author may change this message")
+                if current.deleted_ms is not None:
+                    if text is None:
+                        db.execute("ROLLBACK")
+                        return None, current
+                    raise MessageNotFound(f"message {seq} in room {room!r} is deleted")
+                if text == current.text:
+                    db.execute("ROLLBACK")
+                    return None, current
+                number = pos[1] + 1
+                ms = int(time.time() * 1000)
+                db.execute("UPDATE rooms SET last_change = ? WHERE room = ?", (number, room))
+                if text is None:  # the text is gone from the row, not hidden
+                    db.execute("UPDATE messages SET text = '', version = version + 1, "
+                               "deleted_ms = ? WHERE room = ? AND seq = ?", (ms, room, seq))
+                else:
+                    db.execute("UPDATE messages SET text = ?, version = version + 1, "
+                               "edited_ms = ? WHERE room = ? AND seq = ?", (text, ms, room, seq))
+                owner, key = idempotency_key or (None, None)
+                db.execute("INSERT INTO message_changes (room, change, seq, after_seq, "
+                           "key_owner, idempotency_key) VALUES (?, ?, ?, ?, ?, ?)",
+                           (room, number, seq, pos[0], owner, key))
+                msg = _row(db.execute(f"SELECT {_COLUMNS} FROM messages WHERE room = ? "
+                                      "AND seq = ?", (room, seq)).fetchone())
+                db.execute("COMMIT")
+                return Change(number, pos[0], msg), msg
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+        return await self._run(write)
+
+    async def changes(self, room: str, *, after: int, limit: int = 200) -> list[Change]:
+        cols = ", ".join("m." + c for c in _COLUMNS.split(", "))
+        rows = await self._run(lambda db: db.execute(
+            f"SELECT c.change, c.after_seq, {cols} FROM message_changes c JOIN messages m "
+            "ON m.room = c.room AND m.seq = c.seq WHERE c.room = ? AND c.change > ? "
+            "ORDER BY c.change LIMIT ?", (room, after, limit)).fetchall())
+        return [Change(r[0], r[1], _row(r[2:])) for r in rows]
+
+    async def position(self, room: str) -> tuple[int, int]:
+        row = await self._run(lambda db: db.execute(
+            "SELECT last_seq, last_change FROM rooms WHERE room = ?", (room,)).fetchone())
+        return (0, 0) if row is None else (int(row[0]), int(row[1]))
+
+    async def mark_read(self, user: str, room: str, seq: int) -> ReadPosition:
+        def write(db: sqlite3.Connection) -> ReadPosition:
+            row = db.execute(
+                "INSERT INTO read_positions AS p (user_name, room, seq, updated_ms) "
+                "SELECT ?, room, MIN(?, last_seq), ? FROM rooms WHERE room = ? "
+                "ON CONFLICT (user_name, room) DO UPDATE SET seq = MAX(p.seq, excluded.seq), "
+                "updated_ms = excluded.updated_ms RETURNING seq",
+                (user, seq, int(time.time() * 1000), room)).fetchone()
+            last = db.execute("SELECT last_seq FROM rooms WHERE room = ?", (room,)).fetchone()
+            return ReadPosition(room, int(row[0]) if row else 0, int(last[0]) if last else 0)
+
+        return await self._run(write)
+
+    async def read_position(self, user: str, room: str) -> ReadPosition:
+        def read(db: sqlite3.Connection) -> ReadPosition:
+            pos = db.execute("SELECT seq FROM read_positions WHERE user_name = ? AND room = ?",
+                             (user, room)).fetchone()
+            last = db.execute("SELECT last_seq FROM rooms WHERE room = ?", (room,)).fetchone()
+            return ReadPosition(room, int(pos[0]) if pos else 0, int(last[0]) if last else 0)
+
+        return await self._run(read)
+
+    async def read_positions(self, user: str, limit: int = 1000) -> list[ReadPosition]:
+        rows = await self._run(lambda db: db.execute(
+            "SELECT p.room, p.seq, coalesce(r.last_seq, 0) FROM read_positions p "
+            "LEFT JOIN rooms r ON r.room = p.room WHERE p.user_name = ? ORDER BY p.room "
+            "LIMIT ?", (user, limit)).fetchall())
+        return [ReadPosition(r[0], int(r[1]), int(r[2])) for r in rows]
 
     def stats(self) -> dict[str, Any]:
         return {"pool_size": 1, "pool_max": 1}

@@ -38,6 +38,7 @@ def gateway_env(pg_url: str, redis_prefix: str) -> dict[str, str]:
         "RATE_LIMIT": "100000/1s",
         "CONNECT_RATE_LIMIT": "100000/1s",
         "PUBLISH_RATE_LIMIT": "100000/1s",
+        "SUBSCRIBE_RATE_LIMIT": "100000/1s",
         "LOG_LEVEL": "warning",
         "POSITION_INTERVAL": "1",
     }

@@ -8,8 +8,10 @@ with a sentence saying how to start it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -244,6 +246,221 @@ class RedisClusterServers:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+class RedisSentinelServers:
+    """A primary, ``replicas`` replicas and ``sentinels`` sentinels (``redis-server
+    --sentinel``) of the test's own, on free ports, monitoring the primary as
+    ``service``. Short timeouts, so a killed primary is replaced in seconds."""
+
+    def __init__(self, replicas: int = 1, sentinels: int = 3, service: str = "chat",
+                 down_after_ms: int = 1000, failover_timeout_ms: int = 3000) -> None:
+        self.service = service
+        ports = free_ports(1 + replicas + sentinels)
+        self.servers = [RedisServer(ports[0])]
+        self.servers += [RedisServer(port, extra_args=("--replicaof", "127.0.0.1", str(ports[0])))
+                         for port in ports[1:1 + replicas]]
+        self.sentinel_ports = ports[1 + replicas:]
+        self.quorum = sentinels // 2 + 1
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.dir = tempfile.mkdtemp(prefix="cgtest-sentinel-")
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.service}"
+
+    def start(self) -> "RedisSentinelServers":
+        for server in self.servers:
+            server.start()
+        primary = self.servers[0].port
+        for port in self.sentinel_ports:
+            conf = Path(self.dir) / f"sentinel-{port}.conf"  # sentinels rewrite their file
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                f"logfile {self.dir}/sentinel-{port}.log\n"
+                f"sentinel monitor {self.service} 127.0.0.1 {primary} {self.quorum}\n"
+                f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {self.service} 1\n")
+            self.sentinels.append(subprocess.Popen(
+                ["redis-server", str(conf), "--sentinel"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.wait_settled()
+        return self
+
+    def ask(self, port: int, *command: str) -> str:
+        return subprocess.run(["redis-cli", "-p", str(port), *command],
+                              capture_output=True, text=True, timeout=t(10)).stdout
+
+    def primary_port(self) -> int | None:
+        """The primary's port as the first sentinel that answers names it."""
+        for port in self.sentinel_ports:
+            out = self.ask(port, "sentinel", "get-master-addr-by-name", self.service).split()
+            if len(out) == 2:
+                return int(out[1])
+        return None
+
+    def wait_settled(self, timeout: float = 30) -> None:
+        """Until every sentinel knows the others and sees every live replica in sync."""
+        live = sum(1 for s in self.servers if s.proc is not None) - 1
+        deadline = time.monotonic() + t(timeout)
+        while time.monotonic() < deadline:
+            ok = True
+            for port in self.sentinel_ports:
+                master = self.ask(port, "sentinel", "master", self.service).split("\n")
+                fields = dict(zip(master[::2], master[1::2], strict=False))
+                if (fields.get("num-other-sentinels") != str(len(self.sentinel_ports) - 1)
+                        or fields.get("num-slaves") != str(live)
+                        or fields.get("flags") != "master"):
+                    ok = False
+            if ok and live:
+                primary = self.primary_port()
+                ok = primary is not None and (
+                    f"connected_slaves:{live}" in self.ask(primary, "info", "replication"))
+            if ok:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("Redis sentinels did not settle on the primary and its replicas")
+
+    def stop(self) -> None:
+        for proc in self.sentinels:
+            proc.kill()
+            proc.wait(10)
+        self.sentinels = []
+        for server in self.servers:
+            server.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# -- Postgres clusters of the tests' own -------------------------------------------------
+
+PG_VERSION = os.environ.get("TEST_PG_VERSION") or (
+    sorted(os.listdir("/etc/postgresql"))[-1] if os.path.isdir("/etc/postgresql") else "15")
+PG_TOOLS_HINT = ("Debian's PostgreSQL cluster tools (pg_createcluster, pg_ctlcluster, run as "
+                 "root) are needed: `apt-get install -y postgresql-common postgresql`")
+
+
+class PostgresPair:
+    """A primary and a streaming replica of the test's own (Debian clusters on free
+    loopback ports, trust auth), the replica synchronous: a commit returns once the
+    replica has flushed it. ``remove()`` drops both clusters whatever state they
+    are in. The machine's own ``main`` cluster is never touched."""
+
+    def __init__(self, database: str = "chat") -> None:
+        tag = uuid.uuid4().hex[:8]
+        self.names = [f"cgtest_{tag}_a", f"cgtest_{tag}_b"]
+        self.ports = free_ports(2)
+        self.database = database
+        self.created: list[str] = []
+
+    def url(self, *hosts: int, attrs: str = "read-write") -> str:
+        """A URL naming both servers (or the indexes given), for the primary."""
+        ports = [self.ports[i] for i in (hosts or (0, 1))]
+        hostlist = ",".join(f"127.0.0.1:{p}" for p in ports)
+        return (f"postgresql://postgres@{hostlist}/{self.database}"
+                f"?target_session_attrs={attrs}")
+
+    def _run(self, *cmd: str, timeout: float = 60) -> str:
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=t(timeout))
+        except FileNotFoundError:
+            raise RuntimeError(PG_TOOLS_HINT) from None
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stdout}{done.stderr}")
+        return done.stdout
+
+    def _create(self, i: int, *settings: str) -> None:
+        name, port = self.names[i], self.ports[i]
+        if name not in self.created:
+            self.created.append(name)
+        self._run("pg_createcluster", PG_VERSION, name, "-p", str(port), "--", "--auth=trust")
+        conf = Path(f"/etc/postgresql/{PG_VERSION}/{name}")
+        # fsync off: a stop -m immediate kills processes, not the machine, so the
+        # page cache keeps what they wrote; this saves the shared disk the flushes.
+        (conf / "conf.d" / "cgtest.conf").write_text("\n".join((
+            "listen_addresses = '127.0.0.1'", "unix_socket_directories = '/tmp'",
+            "shared_buffers = 16MB", "max_connections = 60", "fsync = off",
+            "wal_keep_size = 64MB", *settings)) + "\n")
+        (conf / "pg_hba.conf").write_text(
+            "local all all trust\n"
+            "host all all 127.0.0.1/32 trust\n"
+            "host replication all 127.0.0.1/32 trust\n")
+
+    def set_synchronous(self, i: int, on: bool) -> None:
+        """Whether server ``i`` waits for a synchronous standby (read at its next
+        start or reload)."""
+        conf = Path(f"/etc/postgresql/{PG_VERSION}/{self.names[i]}/conf.d/cgtest.conf")
+        lines = [line for line in conf.read_text().splitlines()
+                 if not line.startswith("synchronous_standby_names")]
+        if on:
+            lines.append("synchronous_standby_names = '*'")
+        conf.write_text("\n".join(lines) + "\n")
+
+    def ctl(self, i: int, *action: str) -> None:
+        self._run("pg_ctlcluster", "--skip-systemctl-redirect", PG_VERSION, self.names[i],
+                  *action)
+
+    def sql(self, i: int, query: str, database: str | None = None) -> str:
+        return self._run("psql", "-h", "127.0.0.1", "-p", str(self.ports[i]), "-U", "postgres",
+                         "-d", database or self.database, "-XAtc", query, timeout=20).strip()
+
+    def start(self) -> "PostgresPair":
+        try:
+            self._create(0)
+            self.ctl(0, "start")
+            self._run("createdb", "-h", "127.0.0.1", "-p", str(self.ports[0]), "-U", "postgres",
+                      self.database)
+            self.make_standby(1, of=0)
+            # Synchronous from here on, on the primary only (in its own config file,
+            # not in the data directory a base backup copies): a promoted standby
+            # with no standby of its own must not wait for one.
+            self.set_synchronous(0, True)
+            self.ctl(0, "reload")
+            self.wait_sync()
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def make_standby(self, i: int, of: int) -> None:
+        """Cluster ``i`` (created here if new, else stopped) is emptied and becomes a
+        streaming standby of ``of``, from a base backup."""
+        if self.names[i] not in self.created:
+            self._create(i)
+        else:
+            with contextlib.suppress(RuntimeError):
+                self.ctl(i, "stop", "-m", "immediate")
+        data = f"/var/lib/postgresql/{PG_VERSION}/{self.names[i]}"
+        self._run("find", data, "-mindepth", "1", "-delete")  # the directory stays postgres's
+        self._run("runuser", "-u", "postgres", "--", "pg_basebackup", "-h", "127.0.0.1",
+                  "-p", str(self.ports[of]), "-U", "postgres", "-D", data, "-R",
+                  "-X", "stream", "-c", "fast")
+        self.ctl(i, "start")
+
+    def in_recovery(self, i: int) -> bool:
+        return self.sql(i, "SELECT pg_is_in_recovery()") == "t"
+
+    def wait_sync(self, timeout: float = 30) -> None:
+        """Until the primary (0) has its standby streaming as the synchronous one."""
+        deadline = time.monotonic() + t(timeout)
+        while time.monotonic() < deadline:
+            if self.sql(0, "SELECT sync_state FROM pg_stat_replication") == "sync":
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the Postgres standby did not become synchronous")
+
+    def remove(self) -> None:
+        for name in self.created:
+            subprocess.run(["pg_dropcluster", "--stop", PG_VERSION, name],
+                           capture_output=True, timeout=60)
+            # what a half-made cluster pg_dropcluster does not know may leave
+            for path in (f"/var/lib/postgresql/{PG_VERSION}/{name}",
+                         f"/etc/postgresql/{PG_VERSION}/{name}"):
+                subprocess.run(["rm", "-rf", path], capture_output=True, timeout=60)
+        self.created = []
 
 
 # -- gateway processes -------------------------------------------------------------

@@ -283,7 +283,8 @@ class Traffic:
                  **env: str) -> AsyncIterator["Traffic"]:
         env = {"DATABASE_URL": pg_url, "REDIS_URL": cluster.url, "KEY_PREFIX": "cg:",
                "RATE_LIMIT": "100000/1s", "CONNECT_RATE_LIMIT": "100000/1s",
-               "PUBLISH_RATE_LIMIT": "100000/1s", "LOG_LEVEL": "warning",
+               "PUBLISH_RATE_LIMIT": "100000/1s", "SUBSCRIBE_RATE_LIMIT": "100000/1s",
+               "LOG_LEVEL": "warning",
                "BROKER_PROBE_INTERVAL": "0.5", **env}
         async with (instances(n, env) as gws, httpx.AsyncClient(timeout=30) as http,
                     contextlib.AsyncExitStack() as stack):

@@ -98,3 +98,18 @@ async def test_presence_in_memory_mode_and_bad_input(tmp_path):
         r = await http.post(f"{gw.url}/v1/publish",
                             json={"room": "r1", "event": "presence", "data": {}})
         assert r.status_code == 422
+
+
+async def test_an_sse_stream_that_ends_announces_its_leave_at_once(gateway_env):
+    """A closed SSE stream leaves at once, not when its member expires: its clean-up
+    runs to the end even though the stream's task is being cancelled."""
+    env = {**gateway_env, "PRESENCE_TTL": "120", "PRESENCE_DEBOUNCE": "0.2"}
+    room = "lounge"
+    async with instances(2, env) as (a, b), httpx.AsyncClient(timeout=10) as http:
+        async with WSClient.connect(a.ws_url + "?user=bob") as bob:
+            await bob.subscribe(room)
+            async with SSEClient.open(f"{b.url}/v1/rooms/{room}/events?user=cy"):
+                assert await next_presence(bob, "cy") == seen(room, "join", "cy")
+            # far sooner than the 120 s a crashed instance's member would take
+            assert await next_presence(bob, "cy") == seen(room, "leave", "cy")
+            assert await users(http, a.url, room) == ["bob"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
+import jwt
 
 from tests.harness import Instance, SSEClient, WSClient, eventually, instances, post
 
@@ -11,7 +14,7 @@ async def test_stats_stream_reports_clients_rooms_rates_latency_and_cache(gatewa
     inst = Instance(dict(gateway_env)).start()
     try:
         await inst.wait_ready()
-        async with (SSEClient.open(f"{inst.url}/v1/stats/events?interval=0.2") as stats,
+        async with (SSEClient.open(f"{inst.url}/v1/stats/events?interval=1") as stats,
                     WSClient.connect(inst.ws_url) as ws, httpx.AsyncClient() as http):
             assert stats.status == 200
             await ws.subscribe("stats.room")
@@ -54,12 +57,14 @@ async def test_stats_stream_refuses_a_bad_interval(gateway_env):
     try:
         await inst.wait_ready()
         async with httpx.AsyncClient() as http:
-            for bad in ("0", "abc", "61", "-1"):
+            for bad in ("0", "0.2", "0.99", "abc", "61", "-1"):
                 r = await http.get(f"{inst.url}/v1/stats/events", params={"interval": bad})
                 assert r.status_code == 422, bad
                 assert r.json()["error"]["code"] == "invalid_request"
             r = await http.get(f"{inst.url}/v1/stats/events", params={"scope": "world"})
             assert r.status_code == 422 and r.json()["error"]["field"] == "scope"
+            r = await http.get(f"{inst.url}/v1/stats/events", params={"intervall": "5"})
+            assert r.status_code == 422 and r.json()["error"]["fields"] == ["intervall"]
     finally:
         inst.stop()
 
@@ -67,9 +72,9 @@ async def test_stats_stream_refuses_a_bad_interval(gateway_env):
 async def test_cluster_scope_adds_up_every_instance_and_drops_one_that_stops(gateway_env):
     room = "stats.cluster"
     async with instances(3, gateway_env) as (a, b, c):
-        async with (SSEClient.open(f"{a.url}/v1/stats/events?interval=0.2&scope=cluster")
+        async with (SSEClient.open(f"{a.url}/v1/stats/events?interval=1&scope=cluster")
                     as whole,
-                    SSEClient.open(f"{a.url}/v1/stats/events?interval=0.2") as own,
+                    SSEClient.open(f"{a.url}/v1/stats/events?interval=1") as own,
                     WSClient.connect(b.ws_url) as on_b, WSClient.connect(c.ws_url) as on_c,
                     httpx.AsyncClient() as http):
             await on_b.subscribe(room)
@@ -107,3 +112,43 @@ async def test_cluster_scope_adds_up_every_instance_and_drops_one_that_stops(gat
                                              else None))
             assert {i["pid"] for i in gone["instances"]} == {a.proc.pid, b.proc.pid}
             assert gone["clients"]["total"] == 1
+
+
+API_KEY = "stats-api-key-0123456789"
+SECRET = "stats-test-secret-of-at-least-32-bytes"
+
+
+async def test_in_auth_mode_the_figures_need_an_api_key_and_count_as_connections(tmp_path):
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/s.db", "REDIS_URL": "memory://",
+           "AUTH_SECRET": SECRET, "API_KEYS": API_KEY, "LOG_LEVEL": "warning",
+           "MAX_CONNECTIONS_PER_IDENTITY": "2"}
+    async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=10) as http:
+        url = f"{gw.url}/v1/stats/events"
+        user = jwt.encode({"sub": "ana", "exp": int(time.time()) + 600}, SECRET,
+                          algorithm="HS256")
+        for headers, params in (({}, {}), ({"Authorization": "Bearer nope"}, {}),
+                                ({}, {"key": "nope"}),
+                                ({"Authorization": f"Bearer {user}"}, {})):
+            r = await http.get(url, headers=headers, params=params)
+            assert r.status_code == 401, (headers, params, r.text)
+            assert r.json()["error"]["code"] == "unauthorized"
+        # with the key, as a header or (EventSource) as ?key=: two streams, then refused
+        async with (SSEClient.open(url, {"Authorization": f"Bearer {API_KEY}"}) as one,
+                    SSEClient.open(f"{url}?key={API_KEY}") as two):
+            assert one.status == two.status == 200
+            await eventually(lambda: one.events and two.events)
+            assert one.events[0]["event"] == "stats"
+            r = await http.get(url, params={"key": API_KEY})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_connections"
+
+        async def admitted() -> bool:  # the ended streams gave their places back
+            async with SSEClient.open(f"{url}?key={API_KEY}") as again:
+                await eventually(lambda: again.events or again.ended.is_set())
+                return bool(again.events)
+        assert await eventually(admitted)
+
+    # auth mode with no API key configured: nobody sees the figures
+    env = {**env, "API_KEYS": "", "DATABASE_URL": f"sqlite:///{tmp_path}/s2.db"}
+    async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=10) as http:
+        r = await http.get(f"{gw.url}/v1/stats/events", params={"key": "anything"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"

@@ -81,3 +81,33 @@ async def test_dashboard_figures_move_when_traffic_flows(gateway_env, browser):
     finally:
         inst.stop()
 
+
+
+async def test_dashboard_in_auth_mode_asks_for_the_api_key(tmp_path, browser):
+    key = "dash-api-key-0123456789"
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/d.db", "REDIS_URL": "memory://",
+           "AUTH_SECRET": "dash-test-secret-of-at-least-32-bytes", "API_KEYS": key,
+           "LOG_LEVEL": "warning"}
+    inst = Instance(env).start()
+    try:
+        await inst.wait_ready()
+        # no key: the feed is refused and the page asks for one
+        dash = await browser.open(inst.url + "/dashboard", "no-key")
+        await expect(dash.locator("#status")).to_have_attribute("data-state", "refused")
+        await expect(dash.locator("#key-form")).to_be_visible()
+        await dash.locator("#key").fill("not-the-key")
+        await dash.locator("#key-form button").click()
+        await expect(dash.locator("#status")).to_contain_text("refused")
+        await dash.locator("#key").fill(key)
+        await dash.locator("#key-form button").click()
+        await expect(dash.locator("#status")).to_have_attribute("data-state", "live")
+        await expect(dash.locator("#updated")).not_to_have_attribute("data-samples", "0")
+        await expect(dash.locator("#key-form")).to_be_hidden()
+
+        # a key in the address is used and taken out of the address bar
+        linked = await browser.open(f"{inst.url}/dashboard?key={key}", "key-in-url")
+        await expect(linked.locator("#status")).to_have_attribute("data-state", "live")
+        assert "key=" not in linked.url
+        assert browser.errors == []
+    finally:
+        inst.stop()

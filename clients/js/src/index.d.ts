@@ -78,6 +78,8 @@ export interface StateEvent {
 export interface ChangeEvent {
   kind: "updated" | "deleted";
   room: string;
+  /** The room's change number (resumed with `changes_since` across reconnections). */
+  change?: number;
   message: Message;
 }
 
@@ -161,6 +163,7 @@ export declare class Client {
   pages(room: string, options?: { limit?: number; before?: number; after?: number }):
     AsyncGenerator<Message[], void, void>;
   presence(room: string): Promise<{ room: string; users: string[] }>;
-  markRead(room: string, seq: number): Promise<unknown>;
-  readState(room: string): Promise<{ seq: number; unread: number }>;
+  /** Open mode: the position of `options.user`. */
+  markRead(room: string, seq: number): Promise<{ room: string; seq: number; unread: number }>;
+  readState(room: string): Promise<{ room: string; seq: number; unread: number }>;
 }

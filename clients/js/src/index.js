@@ -21,6 +21,10 @@
 // arrives: a publish whose ack was lost with the socket is sent again, with the
 // same key, on the next connection, and the server acks it with the message it
 // stored the first time.
+//
+// Changes (edits, deletes) are numbered per room: the client keeps the number of the
+// last one delivered and resubscribes with `changes_since`, so a change made while
+// it was away arrives after the reconnection, once.
 
 export const VERSION = "0.1.0";
 
@@ -130,6 +134,8 @@ class Room {
     this.name = name;
     /** seq of the last message delivered; undefined until the first `subscribed`. */
     this.cursor = since;
+    /** number of the last change (edit, delete) delivered; undefined until known. */
+    this.change = undefined;
     this.subscribed = false;
     this.waiters = [];
   }
@@ -463,6 +469,8 @@ export class Client extends Emitter {
         const room = this.rooms.get(f.room);
         if (!room) return;
         if (room.cursor === undefined) room.cursor = f.seq;
+        // changes are resumed from here on (a server without changes sends no number)
+        if (room.change === undefined && typeof f.change === "number") room.change = f.change;
         room.subscribed = true;
         room.settle(null, { room: f.room, seq: f.seq });
         return this.emit("subscribed", { room: f.room, seq: f.seq });
@@ -484,11 +492,7 @@ export class Client extends Emitter {
         return this.emit("refreshed", { exp: f.exp });
       case "message_updated":
       case "message_deleted":
-        return this.emit("change", {
-          kind: f.type === "message_updated" ? "updated" : "deleted",
-          room: f.room,
-          message: f.message,
-        });
+        return this.#onChange(f);
       case "event":
         return this.emit("event", { room: f.room, event: f.event, data: f.data });
       case "presence":
@@ -530,6 +534,23 @@ export class Client extends Emitter {
     }
     room.cursor = msg.seq;
     this.emit("message", msg);
+  }
+
+  #onChange(f) {
+    const room = this.rooms.get(f.room);
+    // as for messages: a frame before this connection's `subscribed` is left over, and
+    // one numbered at or below the last change delivered is a replay
+    if (!room || !room.subscribed) return;
+    if (typeof f.change === "number") {
+      if (room.change !== undefined && f.change <= room.change) return;
+      room.change = f.change;
+    }
+    this.emit("change", {
+      kind: f.type === "message_updated" ? "updated" : "deleted",
+      room: f.room,
+      change: f.change,
+      message: f.message,
+    });
   }
 
   #onError(f) {
@@ -581,6 +602,7 @@ export class Client extends Emitter {
   #sendSubscribe(room) {
     const frame = { type: "subscribe", room: room.name };
     if (room.cursor !== undefined) frame.since = room.cursor;
+    if (room.change !== undefined) frame.changes_since = room.change;
     this.#send(frame, { kind: "subscribe", room: room.name });
   }
 
@@ -675,13 +697,18 @@ export class Client extends Emitter {
     return this.#http("GET", `/v1/rooms/${encodeURIComponent(room)}/presence`);
   }
 
-  /** Mark the room read up to `seq` (`POST /v1/rooms/{room}/read`). */
+  /** Mark the room read up to `seq` (`POST /v1/rooms/{room}/read`): `{room, seq, unread}`.
+   * Open mode: the position of `options.user`. */
   markRead(room, seq) {
-    return this.#http("POST", `/v1/rooms/${encodeURIComponent(room)}/read`, { seq });
+    const body = { seq };
+    if (!this.token && this.options.user) body.user = this.options.user;
+    return this.#http("POST", `/v1/rooms/${encodeURIComponent(room)}/read`, body);
   }
 
-  /** `{seq, unread}` of the room for this user (`GET /v1/rooms/{room}/read`). */
+  /** `{room, seq, unread}` of the room for this user (`GET /v1/rooms/{room}/read`). */
   readState(room) {
-    return this.#http("GET", `/v1/rooms/${encodeURIComponent(room)}/read`);
+    const q = !this.token && this.options.user
+      ? "?" + new URLSearchParams({ user: this.options.user }) : "";
+    return this.#http("GET", `/v1/rooms/${encodeURIComponent(room)}/read${q}`);
   }
 }

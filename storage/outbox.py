@@ -1,0 +1,140 @@
+"""The webhook outbox: events waiting for their receivers, in the message database.
+
+A stored message's ``message.created`` event is written by the statement that
+commits the message (see ``Store.write_outbox``), one row per receiver, so a
+committed message always has its event and an event never exists without its
+message. Each row then lives on its own: pending, delivered or dead.
+
+Contract every implementation keeps:
+
+- The rows of one receiver and one room form a queue in seq order; only its
+  head (the pending row with the lowest seq) is ever handed out, so a later
+  event is never sent before an earlier one succeeded or died.
+- ``claim`` leases heads that are due for ``lease`` seconds: while the lease
+  runs nobody else gets that row (on Postgres the claim locks rows with
+  ``FOR UPDATE SKIP LOCKED``, so instances claiming at once never share one).
+  A lease that runs out (its holder died) makes the row claimable again.
+- Every outcome (delivered, retry, dead) is one short transaction; rows only
+  leave the table when delivered and older than the pruning cutoff: pending and
+  dead rows stay until delivered or replayed.
+- Failures raise ``StoreUnavailable``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+PENDING, DELIVERED, DEAD = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A receiver URL; ``disabled_reason`` is set once it answered 410 Gone."""
+
+    id: int
+    url: str
+    disabled_reason: str | None = None
+
+    @property
+    def disabled(self) -> bool:
+        return self.disabled_reason is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One event for one receiver, leased for one attempt."""
+
+    id: int
+    endpoint_id: int
+    event_id: str  # the webhook-id header: the same for every attempt of the event
+    type: str
+    room: str
+    seq: int
+    data: str  # the event's ``data`` object, JSON
+    created_ms: int
+    attempts: int  # attempts made before this one
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: int
+    endpoint_id: int
+    event_id: str
+    type: str
+    room: str
+    seq: int
+    data: str
+    created_ms: int
+    attempts: int
+    last_status: int | None
+    last_error: str | None
+    dead_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    endpoint_id: int
+    pending: int
+    oldest_ms: int | None  # commit time of the oldest pending event
+
+
+class Outbox(ABC):
+    """Operations on the outbox tables. Constructing one does no I/O."""
+
+    @abstractmethod
+    async def register(self, urls: list[str]) -> list[Endpoint]:
+        """Make sure every URL has its endpoint row; return them in this order."""
+
+    @abstractmethod
+    async def endpoints(self) -> list[Endpoint]:
+        """Every endpoint row, with its disabled state as stored now."""
+
+    @abstractmethod
+    async def disable(self, endpoint_id: int, reason: str) -> None: ...
+
+    @abstractmethod
+    async def enable(self, endpoint_id: int) -> None: ...
+
+    @abstractmethod
+    async def claim(self, endpoint_ids: list[int], limit: int, lease: float) -> list[Delivery]:
+        """Lease at most ``limit`` due queue heads of these endpoints."""
+
+    @abstractmethod
+    async def delivered(self, delivery: Delivery, status: int, *, lease: float,
+                        chain: bool) -> Delivery | None:
+        """Mark a delivery done; with ``chain``, lease and return the next head of
+        its queue if that one is due (the queue drains without waiting for a claim)."""
+
+    @abstractmethod
+    async def retry(self, delivery: Delivery, delay: float, status: int | None,
+                    error: str) -> None:
+        """Count a failed attempt; the row is due again in ``delay`` seconds."""
+
+    @abstractmethod
+    async def dead(self, delivery: Delivery, status: int | None, error: str) -> None:
+        """Count a failed attempt and give the event up: a dead letter."""
+
+    @abstractmethod
+    async def release(self, delivery: Delivery) -> None:
+        """Give a lease back unused (nothing was sent), due at once."""
+
+    @abstractmethod
+    async def backlog(self) -> list[Backlog]:
+        """Pending events per endpoint."""
+
+    @abstractmethod
+    async def dead_letters(self, *, limit: int, before: int | None = None,
+                           endpoint_id: int | None = None) -> list[DeadLetter]:
+        """Dead letters, newest first (by id), below ``before`` when given."""
+
+    @abstractmethod
+    async def replay(self, *, ids: list[int] | None = None, since_ms: int | None = None,
+                     until_ms: int | None = None, endpoint_id: int | None = None) -> int:
+        """Make events pending again, due now, their attempts reset: the dead letters
+        ``ids``, or every delivered or dead event committed in [since_ms, until_ms).
+        Return how many."""
+
+    @abstractmethod
+    async def prune(self, cutoff_ms: int, limit: int) -> int:
+        """Delete at most ``limit`` delivered events committed before ``cutoff_ms``."""

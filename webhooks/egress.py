@@ -1,0 +1,85 @@
+"""Where a webhook may go: http(s) URLs, and by default only public addresses.
+
+A receiver URL is checked when the configuration is read (a literal private
+address is refused at once) and again at every attempt: the host name is
+resolved, every address it resolves to must be public, and the request is sent
+to the address that was checked (the host name still goes in ``Host`` and, for
+https, in SNI and the certificate check), so a name that resolves to a public
+address for the check cannot point somewhere private for the send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+
+class Blocked(Exception):
+    """The receiver's address is not allowed (loopback, private, link-local...)."""
+
+
+def refused(address: str) -> bool:
+    """True for an address a webhook must not reach without WEBHOOK_ALLOW_PRIVATE."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not ip.is_global or ip.is_multicast
+
+
+def check_url(url: str, *, allow_private: bool) -> httpx.URL:
+    """The URL parsed; ``ValueError`` for one no webhook may be sent to."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise ValueError(f"{url!r} is not a URL: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"{url!r}: a receiver needs an http:// or https:// URL with a host")
+    if parsed.userinfo:
+        raise ValueError(f"{url!r}: credentials in the URL are not supported")
+    if not allow_private:
+        try:
+            literal = ipaddress.ip_address(parsed.host)
+        except ValueError:
+            literal = None
+        if literal is not None and refused(str(literal)):
+            raise ValueError(f"{url!r} is a private or loopback address; set "
+                             "WEBHOOK_ALLOW_PRIVATE=true to allow it")
+    return parsed
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What one attempt sends to: the URL, and the Host/SNI that go with it."""
+
+    url: httpx.URL
+    headers: dict[str, str] = field(default_factory=dict)
+    extensions: dict[str, Any] = field(default_factory=dict)
+
+
+async def target(url: httpx.URL, *, allow_private: bool) -> Target:
+    """Where to send now. Without ``allow_private`` the host is resolved here, every
+    address checked, and the request pinned to the first one; ``Blocked`` if any
+    address is not public."""
+    if allow_private:
+        return Target(url)
+    host = url.host
+    port = url.port or (443 if url.scheme == "https" else 80)
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise httpx.ConnectError(f"cannot resolve {host}: {exc}") from None
+    addresses = [str(info[4][0]) for info in infos]
+    bad = [a for a in addresses if refused(a)]
+    if bad or not addresses:
+        raise Blocked(f"{host} resolves to a non-public address ({', '.join(bad) or 'none'})")
+    address = addresses[0]
+    pinned = url.copy_with(host=address)
+    netloc = host if url.port is None else f"{host}:{url.port}"
+    extensions = {"sni_hostname": host} if url.scheme == "https" else {}
+    return Target(pinned, {"host": netloc}, extensions)
