@@ -185,3 +185,43 @@ test("disconnected says when the next attempt is; reconnectNow makes it at once"
     c.close();
   }
 });
+
+test("a change made while disconnected arrives after the reconnection, once", async () => {
+  const c = new Client(gw.url, { user: "ana", minDelay: 1500, maxDelay: 1500 });
+  const changes = [];
+  c.on("change", (ev) => changes.push(ev));
+  const url = `${gw.url}/v1/rooms/chg/messages`;
+  const change = (method, seq, body) => fetch(`${url}/${seq}`, {
+    method, headers: { "content-type": "application/json" }, body: JSON.stringify(body),
+  });
+  try {
+    await c.connect();
+    await c.subscribe("chg", { since: 0 });
+    await c.publish("chg", "helo");
+    await c.publish("chg", "second");
+    assert.equal((await change("PATCH", 1, { text: "hello", author: "ana" })).status, 200);
+    await eventually(() => changes.length === 1, 10000, "the live edit");
+    assert.equal(changes[0].kind, "updated");
+    assert.equal(changes[0].message.text, "hello");
+    assert.equal(typeof changes[0].change, "number");
+
+    // the socket drops; while the client waits to reconnect, a message is deleted
+    const down = new Promise((resolve) => c.once("disconnected", resolve));
+    c.sock.close(4000, "test");
+    await down;
+    assert.equal((await change("DELETE", 2, { author: "ana" })).status, 200);
+    await eventually(() => changes.length === 2, 15000, "the delete, after reconnecting");
+    assert.equal(changes[1].kind, "deleted");
+    assert.equal(changes[1].message.seq, 2);
+    assert.ok(changes[1].change > changes[0].change);
+    await eventually(() => c.state === State.CONNECTED, 10000, "connected");
+    await new Promise((r) => setTimeout(r, 500));
+    assert.equal(changes.length, 2, "no change twice");
+
+    // read positions: open mode names the user
+    assert.deepEqual(await c.markRead("chg", 1), { room: "chg", seq: 1, unread: 1 });
+    assert.deepEqual(await c.readState("chg"), { room: "chg", seq: 1, unread: 1 });
+  } finally {
+    c.close();
+  }
+});
