@@ -33,13 +33,17 @@ const el = {
   list: $("messages"), presence: $("presence"), presenceList: $("presence-list"),
   presenceCount: $("presence-count"), notice: $("notice"), compose: $("compose"),
   text: $("text"), send: $("send"), counter: $("counter"), typing: $("typing"),
+  unread: document.createElement("span"),
 };
+el.unread.id = "unread";
+el.unread.className = "count";
 const params = new URLSearchParams(location.search);
 
 const s = {
   gen: 0, room: "", name: "", token: "", client: null, subscribed: false, joining: false,
   lastSeq: 0, firstSeq: 0, loaded: false, retries: 0, timer: null, blockedUntil: 0,
-  presence: new Map(), typers: new Map(), lastTyping: 0, tokenName: "",
+  presence: new Map(), typers: new Map(), lastTyping: 0, tokenName: "", readSeq: 0,
+  readTimer: null, readOff: false,
 };
 
 // -- small helpers -----------------------------------------------------------
@@ -80,6 +84,7 @@ function chars(text) {
 function fillItem(li, m) {
   li.dataset.seq = String(m.seq);
   li.dataset.id = m.id || "";
+  li.dataset.version = String(m.version || 1);
   li.className = m.author === s.name ? "mine" : "";
   const head = document.createElement("div");
   head.className = "meta";
@@ -95,7 +100,7 @@ function fillItem(li, m) {
   body.className = "text";
   if (m.deleted_at) {
     li.classList.add("deleted");
-    body.textContent = "message deleted";
+    body.textContent = "This message was deleted.";
   } else {
     body.textContent = m.text; // text, never HTML
     if (m.edited_at) {
@@ -134,13 +139,16 @@ function accept(m) {
   if (!s.firstSeq) s.firstSeq = m.seq;
   showLastSeq();
   if (stick) el.list.scrollTop = el.list.scrollHeight;
+  markRead();
 }
 
-// An edit or a delete: the message shown is redrawn; one not shown is left alone.
+// An edit or a delete: the message shown is redrawn, unless it already shows this
+// version or a later one (a history page may be newer than the event); one not
+// shown is left alone.
 function changed(ev) {
   if (ev.room !== s.room || !ev.message) return;
   const li = el.list.querySelector(`li[data-seq="${Number(ev.message.seq)}"]`);
-  if (!li) return;
+  if (!li || Number(li.dataset.version || 1) > (ev.message.version || 1)) return;
   const m = ev.kind === "deleted" && !ev.message.deleted_at
     ? { ...ev.message, deleted_at: new Date().toISOString() } : ev.message;
   fillItem(li, m);
@@ -221,6 +229,51 @@ function presenceChanged(ev) {
   else if (ev.action === "leave") s.presence.delete(name);
   renderPresence();
 }
+
+// -- read positions and the unread count ----------------------------------------------
+
+function renderUnread() {
+  const n = Math.max(0, s.lastSeq - s.readSeq);
+  el.unread.dataset.unread = String(n);
+  el.unread.textContent = n ? `(${n} unread)` : "";
+  document.title = (n ? `(${n}) ` : "") + (s.room ? `# ${s.room} · chat-gateway` : "chat-gateway");
+}
+
+// What is on screen while the page is visible counts as read: tell the server
+// (at most one request per 300 ms).
+function markRead() {
+  renderUnread();
+  if (!s.subscribed || !s.loaded || s.readOff || document.hidden || !nearBottom()) return;
+  if (s.lastSeq <= s.readSeq || s.readTimer) return;
+  const gen = s.gen;
+  s.readTimer = setTimeout(async () => {
+    s.readTimer = null;
+    if (gen !== s.gen || s.lastSeq <= s.readSeq) return;
+    try {
+      const r = await s.client.markRead(s.room, s.lastSeq);
+      if (gen !== s.gen) return;
+      s.readSeq = Math.max(s.readSeq, r.seq || 0);
+      markRead();
+    } catch (err) {
+      if (gen === s.gen && (err.status === 404 || err.status === 405)) s.readOff = true;
+    }
+  }, 300);
+}
+
+// The stored position, so the count survives a reload.
+async function loadRead(gen) {
+  try {
+    const r = await s.client.readState(s.room);
+    if (gen !== s.gen) return;
+    s.readSeq = Math.max(s.readSeq, r.seq || 0);
+    renderUnread();
+  } catch (err) {
+    if (gen === s.gen && (err.status === 404 || err.status === 405)) s.readOff = true;
+  }
+}
+
+document.addEventListener("visibilitychange", markRead);
+el.list.addEventListener("scroll", markRead);
 
 // -- typing ----------------------------------------------------------------------
 
@@ -321,6 +374,7 @@ function connected() {
   if (el.notice.dataset.kind === "connection") notice("");
   updateCompose();
   loadPresence(s.gen);
+  markRead();
 }
 
 // Subscribe from the last seq shown (from the latest at first); the client keeps
@@ -350,6 +404,7 @@ async function subscribe(gen) {
     }
     if (gen !== s.gen) return;
     s.loaded = true;
+    loadRead(gen);
   }
   if (s.subscribed) connected();
 }
@@ -478,14 +533,18 @@ function join(room, name, tok) {
   // presence and as the author of what we send.
   const client = new Client(location.origin, tok ? { token: tok, maxDelay: 8000 }
                                                  : { user: name, maxDelay: 8000 });
+  clearTimeout(s.readTimer);
   Object.assign(s, { room, name, token: tok, client, subscribed: false, joining: false,
                      lastSeq: 0, firstSeq: 0, loaded: false, retries: 0, timer: null,
-                     lastTyping: 0, presence: new Map() });
+                     lastTyping: 0, presence: new Map(), readSeq: 0, readTimer: null,
+                     readOff: false });
   el.list.replaceChildren();
   showLastSeq();
   el.older.hidden = true;
   el.presence.hidden = true;
   el.title.textContent = `# ${room}`;
+  el.title.append(" ", el.unread);
+  renderUnread();
   notice("");
   el.token.setAttribute("aria-invalid", "false");
   try {
