@@ -391,7 +391,8 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
     async def sdk_module(request: Request) -> Response:
         # an ES module: served as JavaScript (pages send nosniff), revalidated like the pages
         return FileResponse(sdk, media_type="text/javascript; charset=utf-8",
-                            headers={"Cache-Control": "no-cache"})
+                            headers={"Cache-Control": "no-cache",
+                                     "X-Content-Type-Options": "nosniff"})
 
     routes = [
         Route("/v1/rooms/{room}/messages", messages, methods=["GET", "POST"]),
