@@ -26,7 +26,6 @@ import asyncio
 import logging
 from collections import defaultdict
 from typing import Any
-from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -36,6 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from pubsub.base import Broker, BrokerUnavailable, RedisGuard
+from pubsub.urls import credentials, hosts
 
 log = logging.getLogger("pubsub.cluster")
 
@@ -52,21 +52,9 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     netloc, _, path = rest.partition("/")
     if path not in ("", "0"):
         raise ValueError("REDIS_URL: a Redis Cluster has only database 0")
-    userinfo, _, hosts = netloc.rpartition("@")
-    options: dict[str, Any] = {"ssl": scheme == "rediss+cluster"}
-    if userinfo:
-        user, colon, password = userinfo.partition(":")
-        if colon:
-            options["username"] = unquote(user) or None
-            options["password"] = unquote(password)
-        else:
-            options["password"] = unquote(user)
-    nodes = []
-    for part in filter(None, hosts.split(",")):
-        host, colon, port = part.rpartition(":")
-        if not colon or not port.isdigit():
-            host, port = part, "6379"
-        nodes.append((host.strip("[]"), int(port)))
+    userinfo, _, host_list = netloc.rpartition("@")
+    options: dict[str, Any] = {"ssl": scheme == "rediss+cluster", **credentials(userinfo)}
+    nodes = hosts(host_list, 6379)
     if not nodes:
         raise ValueError("REDIS_URL: redis+cluster:// needs at least one host:port")
     return nodes, options

@@ -20,6 +20,8 @@ from urllib.parse import unquote
 
 from redis.asyncio.sentinel import Sentinel
 
+from pubsub.urls import credentials, hosts
+
 SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
 
 
@@ -39,21 +41,10 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, dict[str, 
                          "redis+sentinel://host:port,…/SERVICE[/DB]")
     if db and not db.isdigit():
         raise ValueError(f"REDIS_URL: the database must be a number, not {db!r}")
-    userinfo, _, hosts = netloc.rpartition("@")
-    options: dict[str, Any] = {"ssl": scheme == "rediss+sentinel", "db": int(db or 0)}
-    if userinfo:
-        user, colon, password = userinfo.partition(":")
-        if colon:
-            options["username"] = unquote(user) or None
-            options["password"] = unquote(password)
-        else:
-            options["password"] = unquote(user)
-    sentinels = []
-    for part in filter(None, hosts.split(",")):
-        host, colon, port = part.rpartition(":")
-        if not colon or not port.isdigit():
-            host, port = part, "26379"
-        sentinels.append((host.strip("[]"), int(port)))
+    userinfo, _, host_list = netloc.rpartition("@")
+    options: dict[str, Any] = {"ssl": scheme == "rediss+sentinel", "db": int(db or 0),
+                               **credentials(userinfo)}
+    sentinels = hosts(host_list, 26379)
     if not sentinels:
         raise ValueError("REDIS_URL: redis+sentinel:// needs at least one sentinel host:port")
     return sentinels, service, options
