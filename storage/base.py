@@ -104,6 +104,10 @@ class Message:
     version: int = 1  # 1 as posted; each edit or delete adds one
     edited_ms: int | None = None
     deleted_ms: int | None = None  # a tombstone: text is empty
+    # An append's own answer, never stored or sent to clients: the room's change
+    # count when the message committed (edits and deletes before it), which the
+    # channel payload carries so a subscriber gets the two in commit order.
+    changes: int | None = field(default=None, compare=False)
     # The JSON of to_dict, made on first use: a message is encoded once for every
     # history read, ack and publish that carries it.
     _json: bytes | None = field(default=None, init=False, repr=False, compare=False)

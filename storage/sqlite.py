@@ -145,12 +145,12 @@ class SQLiteStore(Store):
                     if row is not None:
                         db.execute("ROLLBACK")
                         return _row(row), False
-                seq = db.execute(
+                seq, changes = db.execute(
                     "INSERT INTO rooms (room, last_seq) VALUES (?, 1) ON CONFLICT (room) "
-                    "DO UPDATE SET last_seq = last_seq + 1 RETURNING last_seq", (room,)
-                ).fetchone()[0]
+                    "DO UPDATE SET last_seq = last_seq + 1 RETURNING last_seq, last_change",
+                    (room,)).fetchone()
                 ms = int(time.time() * 1000)
-                msg = Message(new_id(ms), room, seq, author, text, ms)
+                msg = Message(new_id(ms), room, seq, author, text, ms, changes=changes)
                 db.execute("INSERT INTO messages (id, room, seq, author, text, created_ms, "
                            "idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
                            (msg.id, room, seq, author, text, ms, idempotency_key))
