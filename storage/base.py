@@ -135,6 +135,15 @@ class Message:
         return encoded
 
 
+def change_event(msg: Message, change: int, now_ms: int) -> tuple[str, str, str]:
+    """The webhook event of an edit or delete: (event id, type, data JSON). ``data`` is
+    the message as it is after the change (a delete's tombstone: text empty,
+    ``deleted_at`` set) plus ``change``, the room's change number."""
+    kind = "message.deleted" if msg.deleted_ms is not None else "message.updated"
+    data = orjson.dumps({**msg.to_dict(), "change": change}).decode()
+    return "evt_" + new_id(now_ms), kind, data
+
+
 @dataclass(frozen=True, slots=True)
 class Change:
     """An edit or a delete: the room's change number, the room's last seq when it

@@ -44,7 +44,7 @@ import asyncpg
 
 from storage import migrations
 from storage.base import (Change, Message, MessageNotFound, NotAuthor, Page, ReadPosition,
-                          Store, StoreUnavailable, display_url, new_id)
+                          Store, StoreUnavailable, change_event, display_url, new_id)
 
 log = logging.getLogger("storage.postgres")
 
@@ -61,7 +61,7 @@ _APPEND = """
 WITH r AS (
     INSERT INTO rooms AS r (room, last_seq) VALUES ($1, 1)
     ON CONFLICT (room) DO UPDATE SET last_seq = r.last_seq + 1
-    RETURNING last_seq, last_change
+    RETURNING room, last_seq, last_change
 )
 INSERT INTO messages (room, seq, id, author, text, created_at, idempotency_key)
 SELECT $1, last_seq, $2, $3, $4, $5, $6 FROM r
@@ -89,9 +89,10 @@ RETURNING id, seq, (SELECT r.last_change FROM r WHERE r.room = messages.room) AS
 
 _OUTBOX = """,
 o AS (
-    INSERT INTO webhook_outbox (endpoint_id, event_id, type, room, seq, data, created_at,
-                                next_at)
+    INSERT INTO webhook_outbox (endpoint_id, event_id, type, room, seq, pos, data,
+                                created_at, next_at)
     SELECT e, 'evt_' || m.id, 'message.created', m.room, m.seq,
+           m.seq + (SELECT r.last_change FROM r WHERE r.room = m.room),
            json_build_object('id', m.id, 'room', m.room, 'seq', m.seq, 'author', m.author,
                              'text', m.text, 'created_at', to_char(m.created_at AT TIME ZONE
                              'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'))::text,
@@ -196,6 +197,14 @@ def _row(r: Any) -> Message:
 
 
 # -- chat: edits, deletes, read positions --------------------------------------
+
+# An edit's or delete's event, one row per receiver, in the change's transaction;
+# pos: the change's place in the room's commit order (after_seq + change number).
+_CHANGE_OUTBOX = """
+INSERT INTO webhook_outbox (endpoint_id, event_id, type, room, seq, pos, data, created_at,
+                            next_at)
+SELECT e, $1, $2, $4, $5, $6, $3, $7, $7 FROM unnest($8::bigint[]) AS e
+"""
 
 _MESSAGE_FOR_UPDATE = f"SELECT {_COLUMNS} FROM messages WHERE room = $1 AND seq = $2 FOR UPDATE"
 _EDIT = ("UPDATE messages SET text = $3, version = version + 1, edited_at = $4 "
@@ -636,9 +645,13 @@ class PostgresStore(Store):
                                        "after_seq, key_owner, idempotency_key) "
                                        "VALUES ($1, $2, $3, $4, $5, $6)",
                                        room, number, seq, pos["last_seq"], owner, key)
+                    msg = _row(row)
+                    if self._outbox_args:
+                        await conn.execute(_CHANGE_OUTBOX, *change_event(msg, number, ms),
+                                           room, seq, pos["last_seq"] + number, at,
+                                           *self._outbox_args)
         except _UNAVAILABLE as exc:
             raise _unavailable(exc) from exc
-        msg = _row(row)
         return Change(number, pos["last_seq"], msg), msg
 
     async def changes(self, room: str, *, after: int, limit: int = 200) -> list[Change]:
