@@ -138,6 +138,8 @@ class Chat:
                                           "changed, retry later") from None
         if change is None:
             return msg  # nothing changed (a repeated delete, the same text)
+        if gw.webhooks is not None:  # its events committed with it: send them now
+            gw.webhooks.poke()
         await gw.history.changed(room)
         if self._raise is not None:
             try:

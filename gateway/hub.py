@@ -26,7 +26,9 @@ counter, the room's change number (see docs/delivery.md): a room dispatches
 change ``k`` after change ``k - 1`` and only once it has dispatched every
 message up to the change's ``after_seq``; a subscriber takes it only if its
 change cursor is the room's previous change and it holds those messages, else
-its catch-up reads both logs from the store and interleaves them. Typing and
+its catch-up reads both logs from the store and interleaves them. A message
+likewise waits until the room has dispatched the changes committed before it
+(the count its payload carries), so the two go out in commit order. Typing and
 read receipts (``t:``, ``r:``) are unsequenced, like ephemeral events.
 """
 
@@ -207,7 +209,8 @@ class Room:
         self.name_json = orjson.dumps(name)
         self.subs: dict[Subscriber, None] = {}
         self.seq: int | None = None  # last seq dispatched in order; None while joining
-        self.pending: dict[int, tuple[int, bytes]] = {}
+        # seq -> (created_ms, the room's change count at its commit or None, message)
+        self.pending: dict[int, tuple[int, int | None, bytes]] = {}
         self.gap_timer: asyncio.TimerHandle | None = None
         self.fill_task: asyncio.Task[None] | None = None
         self.fill_again = False
@@ -215,8 +218,16 @@ class Room:
 
 
 def wire_message(msg: Message) -> bytes:
-    """The broker payload of a stored message: ``m:<seq>:<created_ms>:<message JSON>``."""
-    return b"m:%d:%d:" % (msg.seq, msg.created_ms) + msg.to_json()
+    """The broker payload of a stored message:
+    ``n:<seq>:<created_ms>:<changes>:<message JSON>``, ``changes`` being the room's
+    change count when it committed (the edits and deletes it must follow). A message
+    whose count is unknown goes as v1's ``m:<seq>:<created_ms>:<message JSON>``,
+    which the hub also reads (an instance of an earlier release) and does not hold
+    back for changes; an earlier release ignores ``n:`` and reads those messages
+    from the store (its gap wait and position check)."""
+    if msg.changes is None:
+        return b"m:%d:%d:" % (msg.seq, msg.created_ms) + msg.to_json()
+    return b"n:%d:%d:%d:" % (msg.seq, msg.created_ms, msg.changes) + msg.to_json()
 
 
 def message_frame(transport: str, r: Room, seq: int, body: bytes) -> bytes:
@@ -432,9 +443,13 @@ class Hub:
         r = self._by_channel.get(channel)
         if r is None:
             return
-        if data[:2] == b"m:":
+        if data[:2] == b"n:" or data[:2] == b"m:":
             head, _, body = data[2:].partition(b":")
             created, _, body = body.partition(b":")
+            changes = None
+            if data[:1] == b"n":
+                count, _, body = body.partition(b":")
+                changes = int(count)
             seq = int(head)
             if r.seq is not None and seq <= r.seq:
                 return  # already delivered (a fill got there first)
@@ -443,7 +458,7 @@ class Hub:
                 if r.seq is not None:
                     self.fill(r)
                 return
-            r.pending[seq] = (int(created), body)
+            r.pending[seq] = (int(created), changes, body)
             if r.seq is not None:
                 self._drain(r)
         elif data[:2] == b"e:":
@@ -467,21 +482,42 @@ class Hub:
             self._dispatch_event(r, orjson.loads(data[2:]), chat_frame)
 
     def _drain(self, r: Room) -> None:
+        """Dispatch what is next in commit order, messages and changes interleaved: the
+        next message once the room has dispatched the changes committed before it,
+        the next change once it has dispatched the messages committed before it."""
         assert r.seq is not None
-        while r.seq + 1 in r.pending:
-            created, body = r.pending.pop(r.seq + 1)
-            self._dispatch(r, r.seq + 1, created, body)
+        c = r.changes
+        while True:
+            message = r.pending.get(r.seq + 1)
+            if message is not None and (message[1] is None or message[1] <= c.last):
+                del r.pending[r.seq + 1]
+                self._dispatch(r, r.seq + 1, *message)
+                continue
+            change = c.pending.get(c.last + 1)
+            if change is not None and change[0] <= r.seq:
+                del c.pending[c.last + 1]
+                self._dispatch_change(r, c.last + 1, *change)
+                continue
+            break
         if r.pending:
             for seq in [s for s in r.pending if s <= r.seq]:
                 del r.pending[seq]
         if r.pending and r.gap_timer is None and r.fill_task is None:
-            # A seq ahead of the next one: wait briefly for the missing ones.
+            # A seq ahead of the next one, or the next one waiting for a change not
+            # here: wait briefly for the missing ones.
             r.gap_timer = asyncio.get_running_loop().call_later(self.gap_wait, self._gap_due, r)
         elif not r.pending and r.gap_timer is not None:
             r.gap_timer.cancel()
             r.gap_timer = None
-        if r.changes.pending:
-            self._drain_changes(r)
+        for change_no in [k for k in c.pending if k <= c.last]:
+            del c.pending[change_no]
+        if c.pending and c.timer is None and c.task is None:
+            # A change ahead of the next number, or waiting for messages not yet
+            # here: wait briefly, then read the store.
+            c.timer = asyncio.get_running_loop().call_later(self.gap_wait, self._change_due, r)
+        elif not c.pending and c.timer is not None:
+            c.timer.cancel()
+            c.timer = None
 
     def _gap_due(self, r: Room) -> None:
         r.gap_timer = None
@@ -498,16 +534,38 @@ class Hub:
         r.fill_task = self._spawn(self._fill(r), f"fill-{r.name}")
 
     async def _fill(self, r: Room) -> None:
+        """Messages after the room's position from the store, each with the number of
+        changes committed before it, read from the change log after them (so no change
+        committed before a message read is missed), then dispatched in commit order."""
+        c = r.changes
         try:
             while r.seq is not None and self.rooms.get(r.name) is r:
                 r.fill_again = False
                 page = await self.store.history(r.name, after=r.seq, limit=MAX_PAGE)
+                known = c.last
+                changes = (await self.store.changes(r.name, after=known, limit=MAX_PAGE)
+                           if page.messages else [])
+                if r.seq is None or self.rooms.get(r.name) is not r:
+                    break
+                self._take_changes(r, changes)
+                # A full page of changes: messages past its last one wait for the next.
+                bound = changes[-1].after_seq if len(changes) == MAX_PAGE else None
+                position = (r.seq, c.last)
+                preceding = iter(changes)
+                upcoming = next(preceding, None)
+                before = known
                 for msg in page.messages:
-                    if msg.seq == r.seq + 1:
-                        r.pending.pop(msg.seq, None)
-                        self._dispatch(r, msg.seq, msg.created_ms, msg.to_json())
+                    if bound is not None and msg.seq > bound:
+                        break
+                    while upcoming is not None and upcoming.after_seq < msg.seq:
+                        before = upcoming.change
+                        upcoming = next(preceding, None)
+                    if msg.seq > r.seq:
+                        r.pending[msg.seq] = (msg.created_ms, before, msg.to_json())
                 self._drain(r)
-                if not page.has_more and not r.fill_again:
+                if (r.seq, c.last) == position and not r.fill_again:
+                    break  # nothing more could go: the timers come back
+                if not page.has_more and bound is None and not r.fill_again:
                     break
         except StoreUnavailable as exc:
             log.warning("gap fill for room %s failed: %s", r.name, exc)
@@ -517,7 +575,19 @@ class Hub:
                 r.gap_timer = asyncio.get_running_loop().call_later(
                     max(self.gap_wait, 0.5), self._gap_due, r)
 
-    def _dispatch(self, r: Room, seq: int, created_ms: int, body: bytes) -> None:
+    def _take_changes(self, r: Room, changes: list[Change]) -> None:
+        """Changes read from the store join the room's pending ones."""
+        c = r.changes
+        if changes and changes[0].change > c.last + 1 and c.last + 1 not in c.pending:
+            # Numbers commit in order, so a number missing below a stored one
+            # is a change whose message retention or a purge removed: skip it.
+            self._skip_changes(r, changes[0].change - 1)
+        for change in changes:
+            if change.change > c.last:
+                c.pending[change.change] = (change.after_seq, change.message.to_json())
+
+    def _dispatch(self, r: Room, seq: int, created_ms: int, changes: int | None,
+                  body: bytes) -> None:
         r.seq = seq
         frames: dict[str, bytes] = {}  # encoded once per transport
         delivered = 0
@@ -525,7 +595,9 @@ class Hub:
             cursor = sub.cursors.get(r.name)
             if cursor is None or seq <= cursor:
                 continue
-            if seq != cursor + 1:
+            if seq != cursor + 1 or (changes is not None and sub.ccursors is not None
+                                     and sub.ccursors.get(r.name, changes) < changes):
+                # Behind on the messages, or on the changes committed before this one.
                 self._catch_up(sub, r)
                 continue
             frame = frames.get(sub.transport)
@@ -538,8 +610,6 @@ class Hub:
                 self.metrics.messages_dropped.labels("slow_consumer").inc()
         if self.metrics is not None and delivered:
             self.metrics.delivered(delivered, created_ms)
-        if r.changes.pending:  # changes committed after this message go out right after it
-            self._drain_changes(r)
 
     # -- edits and deletes: the change sequencer ----------------------------------
 
@@ -555,23 +625,7 @@ class Hub:
             self.fill_changes(r)
             return
         c.pending[change] = (after_seq, body)
-        self._drain_changes(r)
-
-    def _drain_changes(self, r: Room) -> None:
-        c = r.changes
-        assert r.seq is not None
-        while c.last + 1 in c.pending and c.pending[c.last + 1][0] <= r.seq:
-            after_seq, body = c.pending.pop(c.last + 1)
-            self._dispatch_change(r, c.last + 1, after_seq, body)
-        for change in [k for k in c.pending if k <= c.last]:
-            del c.pending[change]
-        if c.pending and c.timer is None and c.task is None:
-            # A change ahead of the next number, or waiting for messages not yet
-            # here: wait briefly, then read the store.
-            c.timer = asyncio.get_running_loop().call_later(self.gap_wait, self._change_due, r)
-        elif not c.pending and c.timer is not None:
-            c.timer.cancel()
-            c.timer = None
+        self._drain(r)
 
     def _change_due(self, r: Room) -> None:
         c = r.changes
@@ -602,14 +656,8 @@ class Hub:
             while r.seq is not None and self.rooms.get(r.name) is r:
                 c.again = False
                 changes = await self.store.changes(r.name, after=c.last, limit=MAX_PAGE)
-                if changes and changes[0].change > c.last + 1 and c.last + 1 not in c.pending:
-                    # Numbers commit in order, so a number missing below a stored one
-                    # is a change whose message retention or a purge removed: skip it.
-                    self._skip_changes(r, changes[0].change - 1)
-                for change in changes:
-                    if change.change > c.last:
-                        c.pending[change.change] = (change.after_seq, change.message.to_json())
-                self._drain_changes(r)
+                self._take_changes(r, changes)
+                self._drain(r)
                 if len(changes) < MAX_PAGE and not c.again:
                     break
                 if c.last + 1 in c.pending:
@@ -690,8 +738,12 @@ class Hub:
                 if not behind and not behind_changes:
                     break
                 page = await self.store.history(room, after=cursor, limit=MAX_PAGE)
+                # Read after the messages, so every change committed before one of
+                # them is there to go before it (the page may reach past the room's
+                # position, to messages the room holds back for a change).
                 changes = (await self.store.changes(room, after=ccursor, limit=MAX_PAGE)
-                           if behind_changes and ccursor is not None else [])
+                           if ccursor is not None and (behind_changes or page.messages)
+                           else [])
                 if page.messages and sub.cursors.get(room) == cursor < page.messages[0].seq - 1:
                     # Seqs commit in order, so a hole below the first stored one is
                     # retention's work: those messages are gone; go on after them.

@@ -104,6 +104,10 @@ class Message:
     version: int = 1  # 1 as posted; each edit or delete adds one
     edited_ms: int | None = None
     deleted_ms: int | None = None  # a tombstone: text is empty
+    # An append's own answer, never stored or sent to clients: the room's change
+    # count when the message committed (edits and deletes before it), which the
+    # channel payload carries so a subscriber gets the two in commit order.
+    changes: int | None = field(default=None, compare=False)
     # The JSON of to_dict, made on first use: a message is encoded once for every
     # history read, ack and publish that carries it.
     _json: bytes | None = field(default=None, init=False, repr=False, compare=False)
@@ -129,6 +133,15 @@ class Message:
             encoded = orjson.dumps(self.to_dict())
             object.__setattr__(self, "_json", encoded)
         return encoded
+
+
+def change_event(msg: Message, change: int, now_ms: int) -> tuple[str, str, str]:
+    """The webhook event of an edit or delete: (event id, type, data JSON). ``data`` is
+    the message as it is after the change (a delete's tombstone: text empty,
+    ``deleted_at`` set) plus ``change``, the room's change number."""
+    kind = "message.deleted" if msg.deleted_ms is not None else "message.updated"
+    data = orjson.dumps({**msg.to_dict(), "change": change}).decode()
+    return "evt_" + new_id(now_ms), kind, data
 
 
 @dataclass(frozen=True, slots=True)

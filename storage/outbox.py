@@ -1,15 +1,18 @@
 """The webhook outbox: events waiting for their receivers, in the message database.
 
 A stored message's ``message.created`` event is written by the statement that
-commits the message (see ``Store.write_outbox``), one row per receiver, so a
-committed message always has its event and an event never exists without its
-message. Each row then lives on its own: pending, delivered or dead.
+commits the message (see ``Store.write_outbox``), and an edit's or delete's
+``message.updated`` / ``message.deleted`` by the change's transaction, one row
+per receiver, so a committed message or change always has its event and an
+event never exists without its commit. Each row then lives on its own: pending, delivered or dead.
 
 Contract every implementation keeps:
 
-- The rows of one receiver and one room form a queue in seq order; only its
-  head (the pending row with the lowest seq) is ever handed out, so a later
-  event is never sent before an earlier one succeeded or died.
+- The rows of one receiver and one room form a queue in commit order (``pos``:
+  the room's seq plus its change count at the commit, so a message's edits and
+  deletes queue after it and between the messages they were committed between);
+  only its head (the pending row with the lowest ``pos``) is ever handed out, so
+  a later event is never sent before an earlier one succeeded or died.
 - ``claim`` leases heads that are due for ``lease`` seconds: while the lease
   runs nobody else gets that row (on Postgres the claim locks rows with
   ``FOR UPDATE SKIP LOCKED``, so instances claiming at once never share one).

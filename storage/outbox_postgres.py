@@ -28,12 +28,12 @@ _DUE = ("o.state = 0 AND o.next_at <= now() "
 _CLAIM = f"""
 WITH RECURSIVE heads AS (
     (SELECT id, endpoint_id, room FROM webhook_outbox
-     WHERE state = 0 ORDER BY endpoint_id, room, seq LIMIT 1)
+     WHERE state = 0 ORDER BY endpoint_id, room, pos LIMIT 1)
     UNION ALL
     SELECT n.id, n.endpoint_id, n.room FROM heads h, LATERAL (
         SELECT id, endpoint_id, room FROM webhook_outbox o
         WHERE o.state = 0 AND (o.endpoint_id, o.room) > (h.endpoint_id, h.room)
-        ORDER BY o.endpoint_id, o.room, o.seq LIMIT 1) n
+        ORDER BY o.endpoint_id, o.room, o.pos LIMIT 1) n
 ), claimed AS (
     SELECT o.id FROM webhook_outbox o JOIN heads h ON h.id = o.id
     WHERE h.endpoint_id = ANY($1::bigint[]) AND {_DUE}
@@ -55,7 +55,7 @@ WITH done AS (
     WHERE id = $3
 ), head AS (
     SELECT id FROM webhook_outbox
-    WHERE state = 0 AND endpoint_id = $1 AND room = $2 AND id <> $3 ORDER BY seq LIMIT 1
+    WHERE state = 0 AND endpoint_id = $1 AND room = $2 AND id <> $3 ORDER BY pos LIMIT 1
 ), claimed AS (
     SELECT o.id FROM webhook_outbox o JOIN head ON head.id = o.id WHERE {_DUE}
     FOR UPDATE OF o SKIP LOCKED

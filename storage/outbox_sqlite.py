@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from storage.sqlite import SQLiteStore
 
 _DELIVERY = "id, endpoint_id, event_id, type, room, seq, data, created_ms, attempts"
-_HEADS = ("SELECT endpoint_id, room, min(seq) AS seq FROM webhook_outbox WHERE state = 0 "
+_HEADS = ("SELECT endpoint_id, room, min(pos) AS pos FROM webhook_outbox WHERE state = 0 "
           "GROUP BY endpoint_id, room")
 
 
@@ -90,7 +90,7 @@ class SQLiteOutbox(Outbox):
             marks = ",".join("?" * len(endpoint_ids))
             ids = [r[0] for r in db.execute(
                 f"SELECT o.id FROM webhook_outbox o JOIN ({_HEADS}) h "
-                "ON o.endpoint_id = h.endpoint_id AND o.room = h.room AND o.seq = h.seq "
+                "ON o.endpoint_id = h.endpoint_id AND o.room = h.room AND o.pos = h.pos "
                 f"WHERE o.endpoint_id IN ({marks}) AND o.state = 0 AND o.next_ms <= ? "
                 "AND (o.lease_ms IS NULL OR o.lease_ms < ?) "
                 "ORDER BY o.next_ms LIMIT ?", (*endpoint_ids, now, now, limit))]
@@ -109,7 +109,7 @@ class SQLiteOutbox(Outbox):
                 return None
             row = db.execute("SELECT id, next_ms, lease_ms FROM webhook_outbox "
                              "WHERE state = 0 AND endpoint_id = ? AND room = ? "
-                             "ORDER BY seq LIMIT 1", (delivery.endpoint_id, delivery.room)
+                             "ORDER BY pos LIMIT 1", (delivery.endpoint_id, delivery.room)
                              ).fetchone()
             if row is None or row[1] > now or (row[2] is not None and row[2] >= now):
                 return None

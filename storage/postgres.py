@@ -44,7 +44,7 @@ import asyncpg
 
 from storage import migrations
 from storage.base import (Change, Message, MessageNotFound, NotAuthor, Page, ReadPosition,
-                          Store, StoreUnavailable, display_url, new_id)
+                          Store, StoreUnavailable, change_event, display_url, new_id)
 
 log = logging.getLogger("storage.postgres")
 
@@ -61,11 +61,11 @@ _APPEND = """
 WITH r AS (
     INSERT INTO rooms AS r (room, last_seq) VALUES ($1, 1)
     ON CONFLICT (room) DO UPDATE SET last_seq = r.last_seq + 1
-    RETURNING last_seq
+    RETURNING room, last_seq, last_change
 )
 INSERT INTO messages (room, seq, id, author, text, created_at, idempotency_key)
 SELECT $1, last_seq, $2, $3, $4, $5, $6 FROM r
-RETURNING seq
+RETURNING seq, (SELECT last_change FROM r) AS changes
 """
 
 _APPEND_GROUP = """
@@ -78,20 +78,21 @@ WITH input AS (
     INSERT INTO rooms AS r (room, last_seq)
     SELECT room, n FROM counts ORDER BY room
     ON CONFLICT (room) DO UPDATE SET last_seq = r.last_seq + EXCLUDED.last_seq
-    RETURNING room, last_seq
+    RETURNING room, last_seq, last_change
 )
 INSERT INTO messages (room, seq, id, author, text, created_at)
 SELECT i.room, r.last_seq - c.n + row_number() OVER (PARTITION BY i.room ORDER BY i.ord),
        i.id, i.author, i.text, i.created_at
 FROM input i JOIN r USING (room) JOIN counts c USING (room)
-RETURNING id, seq
+RETURNING id, seq, (SELECT r.last_change FROM r WHERE r.room = messages.room) AS changes
 """
 
 _OUTBOX = """,
 o AS (
-    INSERT INTO webhook_outbox (endpoint_id, event_id, type, room, seq, data, created_at,
-                                next_at)
+    INSERT INTO webhook_outbox (endpoint_id, event_id, type, room, seq, pos, data,
+                                created_at, next_at)
     SELECT e, 'evt_' || m.id, 'message.created', m.room, m.seq,
+           m.seq + (SELECT r.last_change FROM r WHERE r.room = m.room),
            json_build_object('id', m.id, 'room', m.room, 'seq', m.seq, 'author', m.author,
                              'text', m.text, 'created_at', to_char(m.created_at AT TIME ZONE
                              'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'))::text,
@@ -105,13 +106,14 @@ def with_outbox(statement: str) -> str:
     """An append statement that also writes each message's ``message.created`` event
     to the webhook outbox, one row per receiver, in the same transaction: its
     ``INSERT INTO messages`` becomes a CTE whose rows feed the outbox insert, and
-    the statement returns what it returned before. The receivers' ids are one
+    the statement returns what it returned before (its RETURNING list is read
+    from that CTE under the table's name, so it may name ``messages``). The receivers' ids are one
     more parameter, after the statement's own."""
     head, _, insert = statement.rpartition("\nINSERT INTO messages")
     insert, _, returning = insert.rpartition("RETURNING ")
     param = max(int(n) for n in re.findall(r"\$(\d+)", statement)) + 1
     return (f"{head},\nm AS (\nINSERT INTO messages{insert}RETURNING *\n)"
-            f"{_OUTBOX.format(param=param)}SELECT {returning.strip()} FROM m\n")
+            f"{_OUTBOX.format(param=param)}SELECT {returning.strip()} FROM m AS messages\n")
 
 
 # The most flights at once, how long a statement runs before another flight may
@@ -196,6 +198,14 @@ def _row(r: Any) -> Message:
 
 # -- chat: edits, deletes, read positions --------------------------------------
 
+# An edit's or delete's event, one row per receiver, in the change's transaction;
+# pos: the change's place in the room's commit order (after_seq + change number).
+_CHANGE_OUTBOX = """
+INSERT INTO webhook_outbox (endpoint_id, event_id, type, room, seq, pos, data, created_at,
+                            next_at)
+SELECT e, $1, $2, $4, $5, $6, $3, $7, $7 FROM unnest($8::bigint[]) AS e
+"""
+
 _MESSAGE_FOR_UPDATE = f"SELECT {_COLUMNS} FROM messages WHERE room = $1 AND seq = $2 FOR UPDATE"
 _EDIT = ("UPDATE messages SET text = $3, version = version + 1, edited_at = $4 "
          f"WHERE room = $1 AND seq = $2 RETURNING {_COLUMNS}")
@@ -247,7 +257,7 @@ class PostgresStore(Store):
         self._command_timeout = command_timeout
         self._pool: asyncpg.Pool | None = None
         self._releases: set[asyncio.Task[None]] = set()  # given-up connections going back
-        self._waiting: list[tuple[str, str, str, str, datetime, asyncio.Future[int]]] = []
+        self._waiting: list[tuple[str, str, str, str, datetime, asyncio.Future[tuple[int, int]]]] = []
         # Each flight, and when its statement in progress started (loop time).
         self._flights: dict[asyncio.Task[None], float] = {}
         # Per database cluster (system identifier), the latest timeline connected to.
@@ -408,10 +418,10 @@ class PostgresStore(Store):
         mid = new_id(ms)
         created = _EPOCH + timedelta(milliseconds=ms)
         if idempotency_key is None:
-            return Message(mid, room, await self._grouped(room, mid, author, text, created),
-                           author, text, ms), True
+            seq, changes = await self._grouped(room, mid, author, text, created)
+            return Message(mid, room, seq, author, text, ms, changes=changes), True
         try:
-            seq = await self._call("fetchval", self._append_sql, room, mid, author, text,
+            row = await self._call("fetchrow", self._append_sql, room, mid, author, text,
                                    created, idempotency_key, *self._outbox_args)
         except asyncpg.UniqueViolationError:
             # A concurrent request with the same key committed first; the failed
@@ -420,7 +430,7 @@ class PostgresStore(Store):
             if row is None:  # pragma: no cover - the constraint named a row that vanished
                 raise
             return _row(row), False
-        return Message(mid, room, seq, author, text, ms), True
+        return Message(mid, room, row["seq"], author, text, ms, changes=row["changes"]), True
 
     async def append_many(self, posts: list[tuple[str, str, str]]) -> list[Message]:
         """One statement for all of them (all or none), numbered in this order."""
@@ -432,15 +442,15 @@ class PostgresStore(Store):
         rows = await self._call("fetch", self._append_group_sql, [p[0] for p in posts], ids,
                                 [p[1] for p in posts], [p[2] for p in posts],
                                 [created] * len(posts), *self._outbox_args)
-        seqs = {r["id"]: r["seq"] for r in rows}
-        return [Message(mid, room, seqs[mid], author, text, ms)
+        seqs = {r["id"]: (r["seq"], r["changes"]) for r in rows}
+        return [Message(mid, room, seqs[mid][0], author, text, ms, changes=seqs[mid][1])
                 for mid, (room, author, text) in zip(ids, posts, strict=True)]
 
     async def _grouped(self, room: str, mid: str, author: str, text: str,
-                       created: datetime) -> int:
-        """Commit one post with whatever others wait; its seq."""
+                       created: datetime) -> tuple[int, int]:
+        """Commit one post with whatever others wait; its seq and the room's change count."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[int] = loop.create_future()
+        future: asyncio.Future[tuple[int, int]] = loop.create_future()
         item = (room, mid, author, text, created, future)
         self._waiting.append(item)
         flights = self._flights
@@ -515,7 +525,7 @@ class PostgresStore(Store):
                     if isinstance(exc, asyncio.CancelledError):
                         raise
                     continue
-                seqs = {r["id"]: r["seq"] for r in rows}
+                seqs = {r["id"]: (r["seq"], r["changes"]) for r in rows}
                 for item in group:
                     if not item[5].done():
                         item[5].set_result(seqs[item[1]])
@@ -523,7 +533,7 @@ class PostgresStore(Store):
             if conn is not None:
                 await self._release(conn)
 
-    def _take(self) -> list[tuple[str, str, str, str, datetime, asyncio.Future[int]]]:
+    def _take(self) -> list[tuple[str, str, str, str, datetime, asyncio.Future[tuple[int, int]]]]:
         group = self._waiting[:GROUP_MAX]
         del self._waiting[:GROUP_MAX]
         return group
@@ -635,9 +645,13 @@ class PostgresStore(Store):
                                        "after_seq, key_owner, idempotency_key) "
                                        "VALUES ($1, $2, $3, $4, $5, $6)",
                                        room, number, seq, pos["last_seq"], owner, key)
+                    msg = _row(row)
+                    if self._outbox_args:
+                        await conn.execute(_CHANGE_OUTBOX, *change_event(msg, number, ms),
+                                           room, seq, pos["last_seq"] + number, at,
+                                           *self._outbox_args)
         except _UNAVAILABLE as exc:
             raise _unavailable(exc) from exc
-        msg = _row(row)
         return Change(number, pos["last_seq"], msg), msg
 
     async def changes(self, room: str, *, after: int, limit: int = 200) -> list[Change]:

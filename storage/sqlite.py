@@ -22,7 +22,7 @@ from typing import Any, Callable, TypeVar
 
 from storage import migrations
 from storage.base import (Change, Message, MessageNotFound, NotAuthor, Page, ReadPosition,
-                          Store, StoreUnavailable, new_id)
+                          Store, StoreUnavailable, change_event, new_id)
 
 T = TypeVar("T")
 
@@ -145,12 +145,12 @@ class SQLiteStore(Store):
                     if row is not None:
                         db.execute("ROLLBACK")
                         return _row(row), False
-                seq = db.execute(
+                seq, changes = db.execute(
                     "INSERT INTO rooms (room, last_seq) VALUES (?, 1) ON CONFLICT (room) "
-                    "DO UPDATE SET last_seq = last_seq + 1 RETURNING last_seq", (room,)
-                ).fetchone()[0]
+                    "DO UPDATE SET last_seq = last_seq + 1 RETURNING last_seq, last_change",
+                    (room,)).fetchone()
                 ms = int(time.time() * 1000)
-                msg = Message(new_id(ms), room, seq, author, text, ms)
+                msg = Message(new_id(ms), room, seq, author, text, ms, changes=changes)
                 db.execute("INSERT INTO messages (id, room, seq, author, text, created_ms, "
                            "idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
                            (msg.id, room, seq, author, text, ms, idempotency_key))
@@ -158,8 +158,10 @@ class SQLiteStore(Store):
                     data = msg.to_json().decode()
                     db.executemany(
                         "INSERT INTO webhook_outbox (endpoint_id, event_id, type, room, seq, "
-                        "data, created_ms, next_ms) VALUES (?, ?, 'message.created', ?, ?, ?, ?, ?)",
-                        [(e, "evt_" + msg.id, room, seq, data, ms, ms) for e in self._outbox_ids])
+                        "pos, data, created_ms, next_ms) "
+                        "VALUES (?, ?, 'message.created', ?, ?, ?, ?, ?, ?)",
+                        [(e, "evt_" + msg.id, room, seq, seq + changes, data, ms, ms)
+                         for e in self._outbox_ids])
                 db.execute("COMMIT")
                 return msg, True
             except BaseException:
@@ -271,6 +273,13 @@ class SQLiteStore(Store):
                            (room, number, seq, pos[0], owner, key))
                 msg = _row(db.execute(f"SELECT {_COLUMNS} FROM messages WHERE room = ? "
                                       "AND seq = ?", (room, seq)).fetchone())
+                if self._outbox_ids:  # its events commit with it, after_seq + number in order
+                    event_id, kind, data = change_event(msg, number, ms)
+                    db.executemany(
+                        "INSERT INTO webhook_outbox (endpoint_id, event_id, type, room, seq, "
+                        "pos, data, created_ms, next_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [(e, event_id, kind, room, seq, pos[0] + number, data, ms, ms)
+                         for e in self._outbox_ids])
                 db.execute("COMMIT")
                 return Change(number, pos[0], msg), msg
             except BaseException:

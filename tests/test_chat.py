@@ -720,3 +720,67 @@ async def test_a_resume_interleaves_missed_changes_in_commit_order(gateway_env):
             assert summary(sse_events(sse.events)) == expected
             assert [e.get("id") for e in sse.events if e.get("event") != "presence"] == [
                 "2", "3", None, None, "4", None], "change events carry no id"
+
+
+def commit_order(events: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, int]]:
+    """A subscriber's frames as ("m", seq) and ("c", change), in the order received."""
+    return [("m", body["seq"]) if kind == "message" else ("c", body["change"])
+            for kind, body in events]
+
+
+async def test_messages_and_changes_reach_subscribers_in_commit_order(gateway_env, pg_url):
+    """Posts and edits interleave on one room through three instances, one of which
+    never publishes (as if killed after each commit): a message committed right
+    after a change must not overtake it, whether the change arrives live or only
+    from the store. Every subscriber's frames follow the store's commit order."""
+    room = "chat.order"
+    rounds = 12
+    env_a = {**gateway_env, "FAULT_SKIP_PUBLISH": "1"}
+    async with (instances(1, env_a) as (a,), instances(2, gateway_env) as (b, c),
+                httpx.AsyncClient(timeout=30) as http):
+        assert (await post(http, b.url, room, "m0", author="ana")).status_code == 201
+        latest = 1
+
+        async def edit(gw: harness.Instance, seq: int, text: str) -> None:
+            r = await http.patch(f"{gw.url}/v1/rooms/{room}/messages/{seq}",
+                                 json={"text": text, "author": "ana"})
+            assert r.status_code == 200, r.text
+
+        async def posted(gw: harness.Instance, text: str) -> int:
+            r = await post(http, gw.url, room, text, author="ana")
+            assert r.status_code == 201, r.text
+            return int(r.json()["seq"])
+
+        async with (WSClient.connect(c.ws_url) as ws,
+                    SSEClient.open(f"{b.url}/v1/rooms/{room}/events?since=0&changes_since=0")
+                    as sse):
+            await subscribe(ws, room, since=0, changes_since=0)
+            task = asyncio.create_task(reading(ws))
+            for i in range(rounds):
+                # A change that reaches no one live, then a post that does.
+                await edit(a, latest, f"edit {i} by a")
+                latest = max(latest, await posted(b, f"m{i} after a's edit"))
+                # A change and posts racing for the room's lock.
+                seqs = await asyncio.gather(edit(b, latest, f"edit {i} by b"),
+                                            posted(c, f"m{i} racing c"),
+                                            posted(b, f"m{i} racing b"))
+                latest = max(latest, *(s for s in seqs if s is not None))
+            conn = await asyncpg.connect(pg_url)
+            try:
+                changes = await conn.fetch("SELECT change, after_seq FROM message_changes "
+                                           "WHERE room = $1", room)
+            finally:
+                await conn.close()
+            assert len(changes) == 2 * rounds
+            expected = sorted([(("m", s), (s, 0, 0)) for s in range(1, latest + 1)]
+                              + [(("c", r["change"]), (r["after_seq"], 1, r["change"]))
+                                 for r in changes], key=lambda e: e[1])
+            order = [e[0] for e in expected]
+            await eventually(lambda: len(commit_order(ws_events(ws.frames, room))) >= len(order),
+                             30)
+            await eventually(lambda: len(commit_order(sse_events(sse.events))) >= len(order), 30)
+            await asyncio.sleep(0.5)  # nothing more may come
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            assert commit_order(ws_events(ws.frames, room)) == order
+            assert commit_order(sse_events(sse.events)) == order
