@@ -24,7 +24,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gateway import validation as v
 from gateway.auth import Identity
-from gateway.chat import chat_of, position_json
+from gateway.chat import changed_by, chat_of, position_json
 from gateway.core import CONNECT, POST, SUBSCRIBE, Gateway
 from gateway.edge import gateway_of, identify, presence_user
 from gateway.errors import CLOSE_POLICY_VIOLATION, ApiError, internal
@@ -294,7 +294,7 @@ class Session:
             return
         seq = v.message_seq(seq_value)
         text = v.text(frame.get("text")) if kind == "edit" else None
-        author = self.identity.name if self.identity.user else v.author(frame.get("author"))
+        author = changed_by(self.identity, room, frame.get("author"))
         await self.gw.rate(POST, self.identity.name)
         msg = await chat.change(room, seq, text, author=author)
         self.sub.push(b'{"type":"ack","ref":%s,"message":%s}' % (orjson.dumps(ref),
