@@ -262,8 +262,9 @@ class Session:
                                                                 msg.to_json()), reply=True)
 
     async def handle_chat(self, kind: str, frame: dict[str, Any]) -> None:
-        """``edit`` / ``delete`` (answered with an ack like a publish), ``typing`` (no
-        answer) and ``read`` (answered with the position)."""
+        """``edit`` / ``delete`` (answered with an ack like a publish; ``key`` as the
+        Idempotency-Key header on PATCH/DELETE), ``typing`` (no answer) and ``read``
+        (answered with the position)."""
         ref = v.ref(frame.get("ref"))
         room = v.room_name(frame.get("room"))
         self.identity.check_room(room)
@@ -294,9 +295,13 @@ class Session:
             return
         seq = v.message_seq(seq_value)
         text = v.text(frame.get("text")) if kind == "edit" else None
+        key = v.idempotency_key(frame.get("key"), "key")
         author = changed_by(self.identity, room, frame.get("author"))
         await self.gw.rate(POST, self.identity.name)
-        msg = await chat.change(room, seq, text, author=author)
+        # The rate bucket's identity owns the key, as on HTTP: the two share keys.
+        msg = await chat.change(room, seq, text, author=author,
+                                idempotency_key=None if key is None else (self.identity.name,
+                                                                          key))
         self.sub.push(b'{"type":"ack","ref":%s,"message":%s}' % (orjson.dumps(ref),
                                                                 msg.to_json()), reply=True)
 
