@@ -72,6 +72,8 @@ class Identity:
     SSE, subscribe); both hold names or ``prefix:*`` patterns. With neither claim
     every room is granted; once either is present, only what they list, and a
     room ``read_rooms`` matches is read-only even where ``rooms`` matches too.
+    ``moderate`` (same patterns) lists the rooms where the holder may edit and
+    delete anyone's message, in a room it may also read; absent: none.
     """
 
     name: str
@@ -80,6 +82,7 @@ class Identity:
     expires_at: float | None = None  # epoch seconds (exp plus the leeway); None: never
     read_rooms: tuple[str, ...] | None = None
     exp: float | None = None  # the token's own exp claim
+    moderate: tuple[str, ...] | None = None
 
     @property
     def unrestricted(self) -> bool:
@@ -93,6 +96,10 @@ class Identity:
         if self.unrestricted:
             return True
         return _matches(self.rooms, room) and not _matches(self.read_rooms, room)
+
+    def may_moderate(self, room: str) -> bool:
+        """May edit and delete anyone's message in ``room``."""
+        return _matches(self.moderate, room) and self.may_access(room)
 
     def check_room(self, room: str) -> None:
         """Refuse (403) unless the identity may read ``room``."""
@@ -374,6 +381,7 @@ class Authenticator:
                                            "1970-01-01 UTC)")
         return Identity(sub, user=True, rooms=self._patterns(claims, "rooms"),
                         read_rooms=self._patterns(claims, "read_rooms"),
+                        moderate=self._patterns(claims, "moderate"),
                         expires_at=float(exp) + self.leeway, exp=exp)
 
     @staticmethod

@@ -5,8 +5,9 @@
   instance, then is published on the room's channel (``c:``) and sequenced by
   each hub after the messages committed before it (gateway.hub).
 - Who may change a message: its author (the token's ``sub``; in open mode the
-  ``author`` given, as on a post), or any holder of an API key, for any
-  message. Both count against the post bucket.
+  ``author`` given, as on a post), a token whose ``moderate`` claim grants the
+  room, or any holder of an API key, for any message. All count against the
+  post bucket.
 - The room's last change number is also raised in Redis (``{room}:change``)
   before the publish; every instance compares it with what it dispatched every
   ``POSITION_INTERVAL`` seconds and fills the rest from the store, so a lost
@@ -130,8 +131,8 @@ class Chat:
         except MessageNotFound as exc:
             raise ApiError("not_found", str(exc)) from None
         except NotAuthor:
-            raise ApiError("forbidden", "only the message's author (or an API key) may edit "
-                                        "or delete it") from None
+            raise ApiError("forbidden", "only the message's author (or a moderator of the "
+                                        "room, or an API key) may edit or delete it") from None
         except StoreUnavailable as exc:
             log.warning("change refused: %s", exc)
             raise ApiError("unavailable", "the message store is unavailable; nothing was "
@@ -233,8 +234,8 @@ def position_json(pos: ReadPosition) -> dict[str, Any]:
 
 
 async def _changer(request: Request, room: str, body: dict[str, Any]) -> tuple[str | None, str]:
-    """Whose messages the caller may change (None: any, an API key) and its rate
-    bucket's identity."""
+    """Whose messages the caller may change (None: any, an API key or a moderator
+    of the room) and its rate bucket's identity."""
     gw = gateway_of(request)
     key = bearer(request.headers)
     if is_api_key(gw.auth, key):
@@ -242,7 +243,16 @@ async def _changer(request: Request, room: str, body: dict[str, Any]) -> tuple[s
         return None, "key:" + hashlib.sha256(key.encode()).hexdigest()[:24]
     identity = identify(request)
     identity.check_room(room)
-    return (identity.name if identity.user else v.author(body.get("author"))), identity.name
+    return changed_by(identity, room, body.get("author")), identity.name
+
+
+def changed_by(identity: Identity, room: str, given: Any) -> str | None:
+    """Whose messages ``identity`` may change in ``room`` (already checked readable):
+    any (None) for a moderator of the room, else the token's sub, in open mode the
+    ``author`` given."""
+    if identity.may_moderate(room):
+        return None
+    return identity.name if identity.user else v.author(given)
 
 
 async def _body(request: Request, schema: dict[str, Any], *, optional: bool = False

@@ -85,6 +85,9 @@ EDIT_MESSAGE = _object(["text"], text=TEXT, author=AUTHOR)
 DELETE_MESSAGE = _object([], author=AUTHOR)
 MARK_READ = _object(["seq"], seq=SEQ, user=READER)
 READ_QUERY = _object([], user=READER)
+CHANGE_KEY: dict[str, Any] = {**IDEMPOTENCY_KEY, "description": "as the Idempotency-Key "
+                              "header on PATCH/DELETE: a repeat in the same room changes "
+                              "nothing and is acked with the message as it is"}
 FRAMES: dict[str, dict[str, Any]] = {
     "subscribe": _frame("subscribe", ["room"], room=ROOM, since=SEQ,
                         changes_since=CHANGES_SINCE),
@@ -95,9 +98,9 @@ FRAMES: dict[str, dict[str, Any]] = {
     "refresh": _frame("refresh", ["token"], token={**TOKEN, "description": "a new token for "
                       "the same sub; it replaces the connection's token"}, ref=REF),
     "edit": _frame("edit", ["room", "seq", "text"], room=ROOM, seq=MESSAGE_SEQ, text=TEXT,
-                   author=AUTHOR, ref=REF),
+                   author=AUTHOR, ref=REF, key=CHANGE_KEY),
     "delete": _frame("delete", ["room", "seq"], room=ROOM, seq=MESSAGE_SEQ, author=AUTHOR,
-                     ref=REF),
+                     ref=REF, key=CHANGE_KEY),
     "typing": _frame("typing", ["room"], room=ROOM),
     "read": _frame("read", ["room", "seq"], room=ROOM, seq=SEQ, ref=REF),
 }

@@ -24,7 +24,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gateway import validation as v
 from gateway.auth import Identity
-from gateway.chat import chat_of, position_json
+from gateway.chat import changed_by, chat_of, position_json
 from gateway.core import CONNECT, POST, SUBSCRIBE, Gateway
 from gateway.edge import gateway_of, identify, presence_user
 from gateway.errors import CLOSE_POLICY_VIOLATION, ApiError, internal
@@ -262,8 +262,9 @@ class Session:
                                                                 msg.to_json()), reply=True)
 
     async def handle_chat(self, kind: str, frame: dict[str, Any]) -> None:
-        """``edit`` / ``delete`` (answered with an ack like a publish), ``typing`` (no
-        answer) and ``read`` (answered with the position)."""
+        """``edit`` / ``delete`` (answered with an ack like a publish; ``key`` as the
+        Idempotency-Key header on PATCH/DELETE), ``typing`` (no answer) and ``read``
+        (answered with the position)."""
         ref = v.ref(frame.get("ref"))
         room = v.room_name(frame.get("room"))
         self.identity.check_room(room)
@@ -294,9 +295,13 @@ class Session:
             return
         seq = v.message_seq(seq_value)
         text = v.text(frame.get("text")) if kind == "edit" else None
-        author = self.identity.name if self.identity.user else v.author(frame.get("author"))
+        key = v.idempotency_key(frame.get("key"), "key")
+        author = changed_by(self.identity, room, frame.get("author"))
         await self.gw.rate(POST, self.identity.name)
-        msg = await chat.change(room, seq, text, author=author)
+        # The rate bucket's identity owns the key, as on HTTP: the two share keys.
+        msg = await chat.change(room, seq, text, author=author,
+                                idempotency_key=None if key is None else (self.identity.name,
+                                                                          key))
         self.sub.push(b'{"type":"ack","ref":%s,"message":%s}' % (orjson.dumps(ref),
                                                                 msg.to_json()), reply=True)
 

@@ -584,18 +584,25 @@ class PostgresStore(Store):
     async def delete_before(self, cutoff_ms: int, limit: int) -> int:
         # A bounded batch found through the created_at index, deleted by ctid:
         # row locks on those rows only, never a table lock; SKIP LOCKED lets
-        # two instances' retention runs share the work.
-        status = await self._call(
-            "execute",
-            "DELETE FROM messages WHERE ctid = ANY(ARRAY("
+        # two instances' retention runs share the work. The deleted messages'
+        # change rows go in the same statement.
+        count = await self._call(
+            "fetchval",
+            "WITH gone AS (DELETE FROM messages WHERE ctid = ANY(ARRAY("
             " SELECT ctid FROM messages WHERE created_at < $1"
-            " ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
+            " ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)) RETURNING room, seq),"
+            " changes AS (DELETE FROM message_changes c USING gone"
+            " WHERE c.room = gone.room AND c.seq = gone.seq)"
+            " SELECT count(*) FROM gone",
             _EPOCH + timedelta(milliseconds=cutoff_ms), limit)
-        return int(status.split()[-1])
+        return int(count)
 
     async def purge_room(self, room: str) -> int:
-        # The rooms row (its last_seq) stays: seqs are never handed out twice.
-        status = await self._call("execute", "DELETE FROM messages WHERE room = $1", room)
+        # The rooms row (its last_seq, last_change) stays: seqs and change numbers
+        # are never handed out twice. The change rows go in the same statement.
+        status = await self._call("execute",
+                                  "WITH changes AS (DELETE FROM message_changes WHERE room = $1)"
+                                  " DELETE FROM messages WHERE room = $1", room)
         return int(status.split()[-1])
 
     async def ping(self) -> None:

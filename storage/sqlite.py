@@ -209,17 +209,40 @@ class SQLiteStore(Store):
 
     async def delete_before(self, cutoff_ms: int, limit: int) -> int:
         def delete(db: sqlite3.Connection) -> int:
-            cur = db.execute("DELETE FROM messages WHERE rowid IN (SELECT rowid FROM messages "
-                             "WHERE created_ms < ? ORDER BY created_ms LIMIT ?)",
-                             (cutoff_ms, limit))
-            return cur.rowcount
+            # The messages and their change rows in one transaction.
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = db.execute("SELECT rowid, room, seq FROM messages WHERE created_ms < ? "
+                                  "ORDER BY created_ms LIMIT ?", (cutoff_ms, limit)).fetchall()
+                db.executemany("DELETE FROM message_changes WHERE room = ? AND seq = ?",
+                               [(room, seq) for _, room, seq in rows])
+                db.executemany("DELETE FROM messages WHERE rowid = ?",
+                               [(rowid,) for rowid, _, _ in rows])
+                db.execute("COMMIT")
+                return len(rows)
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
 
         return await self._run(delete)
 
     async def purge_room(self, room: str) -> int:
-        # The rooms row (its last_seq) stays: seqs are never handed out twice.
-        return await self._run(
-            lambda db: db.execute("DELETE FROM messages WHERE room = ?", (room,)).rowcount)
+        # The rooms row (its last_seq, last_change) stays: seqs and change numbers
+        # are never handed out twice. The change rows go in the same transaction.
+        def purge(db: sqlite3.Connection) -> int:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("DELETE FROM message_changes WHERE room = ?", (room,))
+                count = db.execute("DELETE FROM messages WHERE room = ?", (room,)).rowcount
+                db.execute("COMMIT")
+                return count
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+        return await self._run(purge)
 
     async def ping(self) -> None:
         await self._run(lambda db: db.execute("SELECT 1").fetchone())

@@ -511,6 +511,59 @@ async def test_only_the_author_or_an_api_key_changes_a_message(gateway_env):
             assert (await bo.expect("message_deleted"))["change"] == 5
 
 
+async def test_a_moderator_claim_edits_and_deletes_anyones_message_in_its_rooms(gateway_env):
+    room = "mod.lobby"
+    env = {**gateway_env, "AUTH_SECRET": SECRET}
+    mod = token("mia", moderate=["mod.*"])
+    async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=10) as http:
+        url = f"{gw.url}/v1/rooms/{room}/messages"
+        for text in ("one", "two", "three", "four"):
+            r = await http.post(url, json={"text": text}, headers=token("ana"))
+            assert r.status_code == 201
+        other = f"{gw.url}/v1/rooms/elsewhere/messages"
+        assert (await http.post(other, json={"text": "hi"}, headers=token("ana"))).status_code == 201
+        async with WSClient.connect(gw.ws_url + "?token="
+                                    + token("ana")["Authorization"][7:]) as ana:
+            await subscribe(ana, room)
+            r = await http.patch(f"{url}/1", json={"text": "moderated"}, headers=mod)
+            assert r.status_code == 200, r.text
+            assert (r.json()["author"], r.json()["text"]) == ("ana", "moderated")
+            r = await http.request("DELETE", f"{url}/2", headers=mod)
+            assert r.status_code == 200 and r.json()["deleted_at"], r.text
+            updated = await ana.expect("message_updated")
+            assert updated["message"]["seq"] == 1 and updated["message"]["text"] == "moderated"
+            deleted = await ana.expect("message_deleted")
+            assert deleted["message"]["seq"] == 2
+            # Over WS too.
+            async with WSClient.connect(gw.ws_url + "?token=" + mod["Authorization"][7:]) as ws:
+                await ws.send({"type": "edit", "room": room, "seq": 3, "text": "tidied",
+                               "ref": "m1"})
+                ack = await ws.expect("ack")
+                assert ack["ref"] == "m1" and ack["message"]["text"] == "tidied"
+                await ws.send({"type": "delete", "room": room, "seq": 4, "ref": "m2"})
+                ack = await ws.expect("ack")
+                assert ack["ref"] == "m2" and ack["message"]["deleted_at"]
+                await ws.send({"type": "delete", "room": "elsewhere", "seq": 1, "ref": "m3"})
+                err = await ws.expect("error")
+                assert (err["ref"], err["code"]) == ("m3", "forbidden")
+            assert (await ana.expect("message_updated"))["message"]["text"] == "tidied"
+            assert (await ana.expect("message_deleted"))["message"]["seq"] == 4
+        # Outside the claim's rooms, or without the claim, or without read access: 403.
+        refused = [(mod, other), (token("bo"), url), (token("bo", moderate=[]), url),
+                   (token("mia", moderate=["mod.*"], rooms=["other.*"]), url)]
+        for headers, target in refused:
+            r = await http.patch(f"{target}/1", json={"text": "x"}, headers=headers)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", r.text
+            r = await http.request("DELETE", f"{target}/1", headers=headers)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", r.text
+        r = await http.patch(f"{url}/1", json={"text": "x"},
+                             headers=token("mia", moderate="mod.*"))
+        assert r.status_code == 401, "the claim is a list of strings"
+        page = (await http.get(url, headers=token("ana"))).json()["messages"]
+        assert [m["text"] for m in page] == ["moderated", "", "tidied", ""]
+        assert (await http.get(other, headers=token("ana"))).json()["messages"][0]["text"] == "hi"
+
+
 async def test_changes_whose_publish_was_lost_are_filled_from_the_store(gateway_env):
     """Instance A commits changes but never publishes them (as if killed after each
     commit); changes alternate between A and B, so B's and C's subscribers see a gap in

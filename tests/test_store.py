@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import time
 from typing import AsyncIterator
 
+import asyncpg
 import pytest
 
 from storage import Store, create_store, migrations
@@ -137,6 +140,47 @@ async def test_postgres_stalled_group_holds_only_its_own_room(pg_url):
     finally:
         await locker.close()
         await store.close()
+
+
+async def change_rows(store: Store) -> list[tuple[str, int, int]]:
+    """Every (room, change, seq) row of message_changes, read straight from the table."""
+    query = "SELECT room, change, seq FROM message_changes ORDER BY room, change"
+    url = getattr(store, "url", None)
+    if url is not None:
+        conn = await asyncpg.connect(url)
+        try:
+            return [tuple(r) for r in await conn.fetch(query)]
+        finally:
+            await conn.close()
+    db = sqlite3.connect(store.path)  # type: ignore[attr-defined]
+    try:
+        return [tuple(r) for r in db.execute(query).fetchall()]
+    finally:
+        db.close()
+
+
+async def test_purge_and_retention_delete_the_change_rows_of_their_messages(store):
+    for room in ("gone", "kept"):
+        for i in range(3):
+            await store.append(room, "ana", f"{room} {i}")
+        await store.change(room, 1, "edited", author=None)
+        await store.change(room, 2, None, author=None)
+    assert await store.purge_room("gone") == 3
+    assert await change_rows(store) == [("kept", 1, 1), ("kept", 2, 2)]
+    # The change counter survives the purge: numbers are never handed out again.
+    await store.append("gone", "ana", "after the purge")
+    change, _ = await store.change("gone", 4, "edited again", author=None)
+    assert change is not None and change.change == 3
+    assert await change_rows(store) == [("gone", 3, 4), ("kept", 1, 1), ("kept", 2, 2)]
+    # Retention in batches: each batch takes its messages' change rows with it.
+    future = int(time.time() * 1000) + 60_000
+    assert await store.delete_before(future, 2) == 2  # the two oldest
+    left = await change_rows(store)
+    remaining = {(m.room, m.seq) for room in ("gone", "kept")
+                 for m in (await store.history(room, limit=10)).messages}
+    assert {(room, seq) for room, _, seq in left} <= remaining
+    assert await store.delete_before(future, 100) == 2
+    assert await change_rows(store) == []
 
 
 def test_ids_are_ulids_ordered_by_time_and_timestamps_round_trip():
