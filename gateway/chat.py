@@ -284,13 +284,15 @@ async def delete_message(request: Request) -> Response:
 
 
 def reader(identity: Identity, given: Any) -> str:
-    """Whose read position: the token's sub; in open mode the ``user`` given."""
+    """Whose read position: the token's sub; in open mode the ``user`` given (required
+    there). A ``user`` given is checked in auth mode too, as ``?user=`` elsewhere."""
+    name = None if given is None else v.author(given)
     if identity.user:
         return identity.name
-    if given is None:
+    if name is None:
         raise ApiError("invalid_request", "user is required in open mode: whose read "
                                           "position this is", field="user")
-    return v.author(given)
+    return name
 
 
 async def mark_read(request: Request) -> Response:
@@ -325,3 +327,14 @@ async def read_positions(request: Request) -> Response:
     user = reader(identity, request.query_params.get("user"))
     positions = [p for p in await gw.store.read_positions(user) if identity.may_access(p.room)]
     return json_response({"rooms": [position_json(p) for p in positions]})
+
+
+async def message(request: Request) -> Response:
+    """``/v1/rooms/{room}/messages/{seq}``: one route for both methods, so that a
+    request with another method gets 405 with every method of the path in ``Allow``."""
+    return await (edit_message if request.method == "PATCH" else delete_message)(request)
+
+
+async def read(request: Request) -> Response:
+    """``/v1/rooms/{room}/read``: one route for both methods, as ``message``."""
+    return await (mark_read if request.method == "POST" else read_position)(request)

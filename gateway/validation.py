@@ -195,7 +195,11 @@ def message_seq(value: Any) -> int:
         raise ApiError("invalid_request", "seq must be an integer from 1", field="seq")
     return n
 def seq_field(value: Any, name: str) -> int | None:
-    """A non-negative integer in a JSON frame: a number, never a string of digits."""
+    """A non-negative integer in a JSON body or frame: a number, never a string of
+    digits. A number with a zero fraction (``12.0``) is an integer, as JSON Schema
+    has it."""
+    if isinstance(value, float) and value.is_integer() and 0 <= value <= MAX_SEQ:
+        value = int(value)
     if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
         raise ApiError("invalid_request", f"{name} must be a non-negative integer (a JSON "
                        "number)", field=name)
