@@ -283,10 +283,21 @@ async def delete_message(request: Request) -> Response:
     return encoded_json_response(msg.to_json(), 200, decision.headers())
 
 
-def reader(identity: Identity, given: Any) -> str:
+def reader(identity: Identity, given: dict[str, Any]) -> str:
     """Whose read position: the token's sub; in open mode the ``user`` given (required
-    there). A ``user`` given is checked in auth mode too, as ``?user=`` elsewhere."""
-    name = None if given is None else v.author(given)
+    there). A ``user`` given (even null) is checked in auth mode too, as ``?user=``
+    elsewhere."""
+    name = None
+    if "user" in given:
+        value = given["user"]
+        if not isinstance(value, str):
+            raise ApiError("invalid_request", f"user must be a string of 1..{v.MAX_AUTHOR} "
+                                              "characters", field="user")
+        try:
+            name = v.author(value)
+        except ApiError as exc:
+            raise ApiError("invalid_request", exc.message.replace("author", "user", 1),
+                           field="user") from None
     if identity.user:
         return identity.name
     if name is None:
@@ -305,7 +316,7 @@ async def mark_read(request: Request) -> Response:
     seq = v.seq_field(body.get("seq"), "seq")
     if seq is None:
         raise ApiError("invalid_request", "seq is required", field="seq")
-    user = reader(identity, body.get("user"))
+    user = reader(identity, body)
     pos = await chat_of(gw).mark_read(user, room, seq)
     return json_response(position_json(pos))
 
@@ -316,7 +327,7 @@ async def read_position(request: Request) -> Response:
     identity = identify(request)
     identity.check_room(room)
     v.only_fields(dict(request.query_params), v.fields(v.READ_QUERY))
-    user = reader(identity, request.query_params.get("user"))
+    user = reader(identity, dict(request.query_params))
     return json_response(position_json(await gw.store.read_position(user, room)))
 
 
@@ -324,7 +335,7 @@ async def read_positions(request: Request) -> Response:
     gw = gateway_of(request)
     identity = identify(request)
     v.only_fields(dict(request.query_params), v.fields(v.READ_QUERY))
-    user = reader(identity, request.query_params.get("user"))
+    user = reader(identity, dict(request.query_params))
     positions = [p for p in await gw.store.read_positions(user) if identity.may_access(p.room)]
     return json_response({"rooms": [position_json(p) for p in positions]})
 
