@@ -234,13 +234,14 @@ async def _changer(request: Request, room: str, body: dict[str, Any]) -> tuple[s
     """Whose messages the caller may change (None: any, an API key) and its rate
     bucket's identity."""
     gw = gateway_of(request)
+    given = v.body_author(body, None)  # checked even where it is not used
     key = bearer(request.headers)
     if is_api_key(gw.auth, key):
         assert key is not None
         return None, "key:" + hashlib.sha256(key.encode()).hexdigest()[:24]
     identity = identify(request)
     identity.check_room(room)
-    return (identity.name if identity.user else v.author(body.get("author"))), identity.name
+    return (identity.name if identity.user else given), identity.name
 
 
 async def _body(request: Request, schema: dict[str, Any], *, optional: bool = False
