@@ -253,8 +253,10 @@ def test_any_request_gets_a_documented_answer(target, method, path, query, body,
 
 
 # Answers a valid frame may still get, from the state it meets: no such message,
-# someone else's, typing in a room not subscribed.
+# someone else's, typing in a room not subscribed, a publish key drawn again for
+# another text in the same room.
 STATEFUL: dict[str, set[tuple[str, Any]]] = {
+    "publish": {("idempotency_conflict", None)},
     "edit": {("not_found", None), ("forbidden", None)},
     "delete": {("not_found", None), ("forbidden", None)},
     "typing": {("invalid_request", "room")},
