@@ -143,7 +143,9 @@ def author(value: Any) -> str:
     anonymous. In a JSON body, see :func:`body_author`."""
     if value is None or value is ABSENT:
         return "anonymous"
-    if not isinstance(value, str) or not 1 <= len(value.strip()) <= MAX_AUTHOR:
+    # at most MAX_AUTHOR characters as given (the schema's maxLength), one after trimming
+    if (not isinstance(value, str) or len(value) > MAX_AUTHOR
+            or not 1 <= len(value.strip()) <= MAX_AUTHOR):
         raise ApiError("invalid_request", f"author must be a string of 1..{MAX_AUTHOR} characters",
                        field="author")
     _printable(value, "author")
