@@ -398,10 +398,8 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         Route("/v1/rooms/{room}/messages", messages, methods=["GET", "POST"]),
         Route("/v1/rooms/{room}/events", room_events, methods=["GET"]),
         Route("/v1/rooms/{room}/presence", room_presence, methods=["GET"]),
-        Route("/v1/rooms/{room}/messages/{seq}", chat.edit_message, methods=["PATCH"]),
-        Route("/v1/rooms/{room}/messages/{seq}", chat.delete_message, methods=["DELETE"]),
-        Route("/v1/rooms/{room}/read", chat.mark_read, methods=["POST"]),
-        Route("/v1/rooms/{room}/read", chat.read_position, methods=["GET"]),
+        Route("/v1/rooms/{room}/messages/{seq}", chat.message, methods=["PATCH", "DELETE"]),
+        Route("/v1/rooms/{room}/read", chat.read, methods=["GET", "POST"]),
         Route("/v1/read", chat.read_positions, methods=["GET"]),
         # Served by GatewayApp before routing; listed so the routing table is whole.
         WebSocketRoute(GatewayApp.WS_PATH, websocket_endpoint),
@@ -439,5 +437,7 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
     # A path with or without its trailing slash is one route or a 404, never a
     # redirect built from the request's Host header.
     app.router.redirect_slashes = False
-    app.state.openapi = orjson.dumps(openapi.document())
+    open_mode = not ((settings.auth_secret or "").split() or settings.auth_jwks_url
+                     or settings.auth_public_key)
+    app.state.openapi = orjson.dumps(openapi.document(open_mode))
     return app

@@ -237,13 +237,14 @@ async def _changer(request: Request, room: str, body: dict[str, Any]) -> tuple[s
     """Whose messages the caller may change (None: any, an API key or a moderator
     of the room) and its rate bucket's identity."""
     gw = gateway_of(request)
+    given = v.body_author(body, None)  # checked even where it is not used
     key = bearer(request.headers)
     if is_api_key(gw.auth, key):
         assert key is not None
         return None, "key:" + hashlib.sha256(key.encode()).hexdigest()[:24]
     identity = identify(request)
     identity.check_room(room)
-    return changed_by(identity, room, body.get("author")), identity.name
+    return changed_by(identity, room, given), identity.name
 
 
 def changed_by(identity: Identity, room: str, given: Any) -> str | None:
@@ -295,14 +296,27 @@ async def delete_message(request: Request) -> Response:
     return encoded_json_response(msg.to_json(), 200, decision.headers())
 
 
-def reader(identity: Identity, given: Any) -> str:
-    """Whose read position: the token's sub; in open mode the ``user`` given."""
+def reader(identity: Identity, given: dict[str, Any]) -> str:
+    """Whose read position: the token's sub; in open mode the ``user`` given (required
+    there). A ``user`` given (even null) is checked in auth mode too, as ``?user=``
+    elsewhere."""
+    name = None
+    if "user" in given:
+        value = given["user"]
+        if not isinstance(value, str):
+            raise ApiError("invalid_request", f"user must be a string of 1..{v.MAX_AUTHOR} "
+                                              "characters", field="user")
+        try:
+            name = v.author(value)
+        except ApiError as exc:
+            raise ApiError("invalid_request", exc.message.replace("author", "user", 1),
+                           field="user") from None
     if identity.user:
         return identity.name
-    if given is None:
+    if name is None:
         raise ApiError("invalid_request", "user is required in open mode: whose read "
                                           "position this is", field="user")
-    return v.author(given)
+    return name
 
 
 async def mark_read(request: Request) -> Response:
@@ -315,7 +329,7 @@ async def mark_read(request: Request) -> Response:
     seq = v.seq_field(body.get("seq"), "seq")
     if seq is None:
         raise ApiError("invalid_request", "seq is required", field="seq")
-    user = reader(identity, body.get("user"))
+    user = reader(identity, body)
     pos = await chat_of(gw).mark_read(user, room, seq)
     return json_response(position_json(pos))
 
@@ -326,7 +340,7 @@ async def read_position(request: Request) -> Response:
     identity = identify(request)
     identity.check_room(room)
     v.only_fields(dict(request.query_params), v.fields(v.READ_QUERY))
-    user = reader(identity, request.query_params.get("user"))
+    user = reader(identity, dict(request.query_params))
     return json_response(position_json(await gw.store.read_position(user, room)))
 
 
@@ -334,6 +348,17 @@ async def read_positions(request: Request) -> Response:
     gw = gateway_of(request)
     identity = identify(request)
     v.only_fields(dict(request.query_params), v.fields(v.READ_QUERY))
-    user = reader(identity, request.query_params.get("user"))
+    user = reader(identity, dict(request.query_params))
     positions = [p for p in await gw.store.read_positions(user) if identity.may_access(p.room)]
     return json_response({"rooms": [position_json(p) for p in positions]})
+
+
+async def message(request: Request) -> Response:
+    """``/v1/rooms/{room}/messages/{seq}``: one route for both methods, so that a
+    request with another method gets 405 with every method of the path in ``Allow``."""
+    return await (edit_message if request.method == "PATCH" else delete_message)(request)
+
+
+async def read(request: Request) -> Response:
+    """``/v1/rooms/{room}/read``: one route for both methods, as ``message``."""
+    return await (mark_read if request.method == "POST" else read_position)(request)

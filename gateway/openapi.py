@@ -108,7 +108,8 @@ def _query(schema: dict[str, Any]) -> list[dict[str, Any]]:
 
 ROOM_PARAM = {"name": "room", "in": "path", "required": True, "schema": v.ROOM}
 USER: list[dict[str, list[str]]] = [{"userToken": []}, {}]
-ADMIN: list[dict[str, list[str]]] = [{"apiKey": []}]
+# As on /v1/publish: in open mode with API_KEYS unset, no key is asked for.
+ADMIN: list[dict[str, list[str]]] = [{"apiKey": []}, {}]
 
 
 KEY_ONLY: list[dict[str, list[str]]] = [{"apiKey": []}]
@@ -175,7 +176,12 @@ def server_paths() -> dict[str, Any]:
     }
 
 
-def chat_paths() -> dict[str, Any]:
+def _reader_query(open_mode: bool) -> list[dict[str, Any]]:
+    """``?user=`` of the read routes: whose position, required in open mode only."""
+    return [{**p, "required": open_mode} for p in _query(v.READ_QUERY)]
+
+
+def chat_paths(open_mode: bool) -> dict[str, Any]:
     """Edits, deletes and read positions (gateway.chat)."""
     seq_param = {"name": "seq", "in": "path", "required": True, "schema": v.MESSAGE_SEQ}
     changed = _json({"$ref": _REF + "Message"}, "", RATE_HEADERS)
@@ -215,21 +221,23 @@ def chat_paths() -> dict[str, Any]:
                                         "forbidden", "too_large", "unavailable")}},
             "get": {
                 "summary": "The caller's read position and unread count in the room",
-                "security": USER, "parameters": [ROOM_PARAM, *_query(v.READ_QUERY)],
+                "security": USER, "parameters": [ROOM_PARAM, *_reader_query(open_mode)],
                 "responses": {"200": _json(position, "the position"),
                               **_errors("invalid_request", "unauthorized", "forbidden",
                                         "unavailable")}},
         },
         "/v1/read": {"get": {
             "summary": "Every room the caller has a read position in, with unread counts",
-            "security": USER, "parameters": _query(v.READ_QUERY),
+            "security": USER, "parameters": _reader_query(open_mode),
             "responses": {"200": _json({"type": "object", "required": ["rooms"], "properties": {
                 "rooms": {"type": "array", "items": position}}}, "by room name"),
                 **_errors("invalid_request", "unauthorized", "unavailable")}}},
     }
 
 
-def document() -> dict[str, Any]:
+def document(open_mode: bool = False) -> dict[str, Any]:
+    """The document; ``open_mode``: as served by an instance without user tokens,
+    where a read position's ``user`` is required."""
     ok_message = _json({"$ref": _REF + "Message"}, "", RATE_HEADERS)
     paths: dict[str, Any] = {
         "/v1/rooms/{room}/messages": {
@@ -371,7 +379,7 @@ def document() -> dict[str, Any]:
                           "too_large", "unavailable"),
             },
         }},
-        **chat_paths(),
+        **chat_paths(open_mode),
         "/healthz": {"get": {"summary": "liveness", "responses": {"200": _json(
             {"type": "object"}, "alive")}}},
         "/readyz": {"get": {"summary": "readiness per dependency", "responses": {
@@ -389,7 +397,8 @@ def document() -> dict[str, Any]:
     schemas.update({"ServerDisconnect": sa.DISCONNECT, "ServerUnsubscribe": sa.UNSUBSCRIBE,
                     "ServerBroadcast": sa.BROADCAST})
     schemas.update({"EditMessage": v.EDIT_MESSAGE, "DeleteMessage": v.DELETE_MESSAGE,
-                    "MarkRead": v.MARK_READ})
+                    "MarkRead": ({**v.MARK_READ, "required": ["seq", "user"]} if open_mode
+                                 else v.MARK_READ)})
     schemas.update({f"Frame.{kind}": schema for kind, schema in v.FRAMES.items()})
     schemas.update({"WebhookEndpoint": wh.ENDPOINT, "WebhookDeadLetter": wh.DEAD_LETTER,
                     "WebhookReplay": wh.REPLAY, "WebhookEnable": wh.ENABLE})

@@ -44,6 +44,7 @@ USER: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": MAX_USER,
                         "description": "a token's sub, or the ?user= of an open-mode "
                                        "connection"}
 REASON: dict[str, Any] = {"type": "string", "maxLength": MAX_REASON_BYTES, "default": "",
+                          "pattern": r"^[^\x00]*$",
                           "description": f"at most {MAX_REASON_BYTES} bytes in UTF-8"}
 DISCONNECT = v._object(["user"], user=USER, reason=REASON)
 UNSUBSCRIBE = v._object(["user", "room"], user=USER, room=v.ROOM, reason=REASON)
@@ -82,10 +83,9 @@ def _user(value: Any) -> str:
 
 
 def _reason(value: Any) -> str:
-    if value is None:
-        return ""
     if not isinstance(value, str):
-        raise ApiError("invalid_request", "reason must be a string", field="reason")
+        raise ApiError("invalid_request", "reason must be a string (or left out)",
+                       field="reason")
     try:
         size = len(value.encode())
     except UnicodeEncodeError:
@@ -110,7 +110,7 @@ async def disconnect(request: Request) -> Response:
     gw = _require_key(request)
     body = await _body(request, gw, DISCONNECT)
     user = _user(body.get("user"))
-    reason = _reason(body.get("reason"))
+    reason = _reason(body.get("reason", ""))
     await _send(gw, Disconnect(user, reason))
     return json_response({"status": "accepted", "user": user}, 202)
 
@@ -120,7 +120,7 @@ async def unsubscribe(request: Request) -> Response:
     body = await _body(request, gw, UNSUBSCRIBE)
     user = _user(body.get("user"))
     room = v.room_name(body.get("room"))
-    reason = _reason(body.get("reason"))
+    reason = _reason(body.get("reason", ""))
     await _send(gw, Unsubscribe(user, room, reason))
     return json_response({"status": "accepted", "user": user, "room": room}, 202)
 

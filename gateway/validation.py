@@ -146,7 +146,9 @@ def author(value: Any) -> str:
     anonymous. In a JSON body, see :func:`body_author`."""
     if value is None or value is ABSENT:
         return "anonymous"
-    if not isinstance(value, str) or not 1 <= len(value.strip()) <= MAX_AUTHOR:
+    # at most MAX_AUTHOR characters as given (the schema's maxLength), one after trimming
+    if (not isinstance(value, str) or len(value) > MAX_AUTHOR
+            or not 1 <= len(value.strip()) <= MAX_AUTHOR):
         raise ApiError("invalid_request", f"author must be a string of 1..{MAX_AUTHOR} characters",
                        field="author")
     _printable(value, "author")
@@ -198,7 +200,11 @@ def message_seq(value: Any) -> int:
         raise ApiError("invalid_request", "seq must be an integer from 1", field="seq")
     return n
 def seq_field(value: Any, name: str) -> int | None:
-    """A non-negative integer in a JSON frame: a number, never a string of digits."""
+    """A non-negative integer in a JSON body or frame: a number, never a string of
+    digits. A number with a zero fraction (``12.0``) is an integer, as JSON Schema
+    has it."""
+    if isinstance(value, float) and value.is_integer() and 0 <= value <= MAX_SEQ:
+        value = int(value)
     if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
         raise ApiError("invalid_request", f"{name} must be a non-negative integer (a JSON "
                        "number)", field=name)

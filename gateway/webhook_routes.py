@@ -30,6 +30,7 @@ TIMESTAMP: dict[str, Any] = {"type": "string", "format": "date-time",
                                             "2026-11-28T06:00:00Z"}
 URL: dict[str, Any] = {"type": "string", "description": "a receiver URL as in WEBHOOK_URLS"}
 DEAD_QUERY = v._object([], limit=v.LIMIT, before={"type": "integer", "minimum": 1,
+                                                  "maximum": v.MAX_SEQ,
                                                   "description": "the next cursor"},
                        endpoint=URL)
 REPLAY = {"oneOf": [

@@ -253,9 +253,9 @@ def test_any_request_gets_a_documented_answer(target, method, path, query, body,
 
 
 # Answers a valid frame may still get, from the state it meets: no such message,
-# someone else's, typing in a room not subscribed.
+# someone else's, typing in a room not subscribed, a publish key drawn again for
+# another text in the same room.
 STATEFUL: dict[str, set[tuple[str, Any]]] = {
-    # a key drawn again in a later example, with another text, is the same identity's
     "publish": {("idempotency_conflict", None)},
     "edit": {("not_found", None), ("forbidden", None)},
     "delete": {("not_found", None), ("forbidden", None)},
@@ -308,12 +308,23 @@ def test_any_ws_frame_gets_a_documented_answer_and_the_socket_stays(target, fram
 # -- schemathesis --------------------------------------------------------------------
 
 
+# Every warning but two that name what these targets are by design: the server
+# routes answer only 401 on the open targets (they always need a key, and those
+# run without API_KEYS), and the webhook admin routes only 404 (WEBHOOK_URLS is
+# unset). Their answers are still checked against the document.
+WARNINGS = ["base_url_mismatch", "validation_mismatch", "missing_deserializer",
+            "unused_openapi_auth", "unsupported_regex", "method_not_allowed",
+            "constants_extraction", "unmatched_filter", "unresolvable_reference",
+            "low_valid_rate", "rate_limited", "dictionary_mismatch", "timeout_units"]
+
+
 def schemathesis(target: Target, tmp_path: Path, paths: list[str], *args: str,
                  headers: dict[str, str]) -> None:
     """One ``schemathesis run --checks all`` over ``paths`` of the served document;
     its report is the assertion message."""
     cmd = [str(Path(sys.executable).with_name("schemathesis")), "run",
-           f"{target.inst.url}/openapi.json", "--checks", "all", "--no-shrink", *args]
+           f"{target.inst.url}/openapi.json", "--checks", "all", "--no-shrink",
+           "--warnings", ",".join(WARNINGS), *args]
     for path in paths:
         cmd += ["--include-path", path]
     for name, value in headers.items():

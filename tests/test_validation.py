@@ -4,9 +4,11 @@ nothing: a refused post stores nothing and consumes no seq."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import httpx
+import jwt
 import orjson
 import pytest
 import websockets
@@ -216,3 +218,61 @@ async def test_bad_ws_frames_get_error_frames_and_the_socket_stays(env):
             await ws.send({"type": "publish", "room": "r", "text": "ok", "ref": 1})
             ack = await ws.expect("ack")
             assert ack["ref"] == 1 and ack["message"]["seq"] == 1
+
+
+async def test_read_and_change_routes_list_every_method_and_check_what_they_ignore(
+        gateway_env):
+    """One route per path: a 405 names every method of the path in ``Allow``. In auth
+    mode a read position's ``user`` and a change's ``author`` are not used, yet they
+    are checked against their declared shape, and so is a server API ``reason``."""
+    secret, key = "validation-secret-" + "0" * 32, "validation-api-key"
+    env = {**gateway_env, "AUTH_SECRET": secret, "API_KEYS": key}
+    user = {"Authorization": "Bearer " + jwt.encode(
+        {"sub": "ana", "exp": int(time.time()) + 600}, secret, algorithm="HS256")}
+    backend = {"Authorization": f"Bearer {key}"}
+    async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=t(10)) as http:
+        for path, allowed in (("/v1/rooms/r/read", {"GET", "POST"}),
+                              ("/v1/rooms/r/messages/1", {"PATCH", "DELETE"})):
+            r = await http.put(gw.url + path, json={}, headers=user)
+            assert_error(r, 405, "method_not_allowed", path)
+            assert allowed <= {m.strip() for m in r.headers["allow"].split(",")}, r.headers
+        r = await http.post(gw.url + MSG, json={"text": "hi"}, headers=user)
+        assert r.status_code == 201, r.text
+        for method, path, kwargs in (
+                ("POST", "/v1/rooms/r/read", {"json": {"seq": 1, "user": None}}),
+                ("POST", "/v1/rooms/r/read", {"json": {"seq": 1, "user": " "}}),
+                ("GET", "/v1/rooms/r/read", {"params": {"user": "a\x00"}}),
+                ("GET", "/v1/read", {"params": {"user": "u" * 65}})):
+            r = await http.request(method, gw.url + path, headers=user, **kwargs)
+            assert_error(r, 422, "invalid_request", (method, path, kwargs))
+            assert r.json()["error"]["field"] == "user", r.text
+        for headers in (user, backend):
+            r = await http.patch(gw.url + MSG + "/1", json={"text": "x", "author": ""},
+                                 headers=headers)
+            assert_error(r, 422, "invalid_request", headers)
+            r = await http.request("DELETE", gw.url + MSG + "/1", json={"author": None},
+                                   headers=headers)
+            assert_error(r, 422, "invalid_request", headers)
+        r = await http.post(gw.url + "/v1/server/disconnect",
+                            json={"user": "ana", "reason": None}, headers=backend)
+        assert_error(r, 422, "invalid_request")
+        # nothing changed; a seq with a zero fraction is that integer
+        r = await http.get(gw.url + MSG, headers=user)
+        assert [(m["text"], m.get("version")) for m in r.json()["messages"]] == [("hi", None)]
+        r = await http.post(gw.url + "/v1/rooms/r/read", json={"seq": 1.0}, headers=user)
+        assert r.status_code == 200 and r.json() == {"room": "r", "seq": 1, "unread": 0}, r.text
+        spec = (await http.get(gw.url + "/openapi.json")).json()
+        assert spec["components"]["schemas"]["MarkRead"]["required"] == ["seq"]
+
+
+async def test_the_open_mode_document_requires_whose_read_position(gateway_env):
+    async with instances(1, gateway_env) as (gw,), httpx.AsyncClient(timeout=t(10)) as http:
+        spec = (await http.get(gw.url + "/openapi.json")).json()
+        assert spec["components"]["schemas"]["MarkRead"]["required"] == ["seq", "user"]
+        for path in ("/v1/read", "/v1/rooms/{room}/read"):
+            users = [p for p in spec["paths"][path]["get"]["parameters"] if p["name"] == "user"]
+            assert users and users[0]["required"] is True, path
+        r = await http.get(gw.url + "/v1/read")
+        assert_error(r, 422, "invalid_request")
+        r = await http.get(gw.url + "/v1/read", params={"user": "bo"})
+        assert r.status_code == 200 and r.json() == {"rooms": []}, r.text
