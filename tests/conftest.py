@@ -1,10 +1,28 @@
 from __future__ import annotations
 
+from pathlib import Path
 from typing import AsyncIterator
 
 import pytest
 
+from storage import Store, create_store
 from tests import harness
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """A started, migrated store: a throwaway Postgres database, then a SQLite file."""
+    url = (await harness.create_database() if request.param == "postgres"
+           else f"sqlite:///{tmp_path}/store.db")
+    s = create_store(url)
+    await s.start()
+    try:
+        await s.migrate()
+        yield s
+    finally:
+        await s.close()
+        if request.param == "postgres":
+            await harness.drop_database(url)
 
 
 @pytest.fixture

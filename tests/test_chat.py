@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import random
 import time
-from typing import Any, AsyncIterator
+from typing import Any
 
 import asyncpg
 import httpx
@@ -21,24 +21,9 @@ import pytest
 import redis.asyncio as aioredis
 import websockets
 
-from storage import HistoryCache, MessageNotFound, NotAuthor, Store, create_store
+from storage import HistoryCache, MessageNotFound, NotAuthor, create_store
 from tests import harness
 from tests.harness import SSEClient, WSClient, eventually, instances, post
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-async def store(request, tmp_path) -> AsyncIterator[Store]:
-    url = (await harness.create_database() if request.param == "postgres"
-           else f"sqlite:///{tmp_path}/store.db")
-    s = create_store(url)
-    await s.start()
-    try:
-        await s.migrate()
-        yield s
-    finally:
-        await s.close()
-        if request.param == "postgres":
-            await harness.drop_database(url)
 
 
 async def test_store_edits_and_deletes_number_changes_and_keep_tombstones(store):

@@ -3,28 +3,6 @@ the embedded SQLite file alike (the position check reads them from the store).""
 
 from __future__ import annotations
 
-from typing import AsyncIterator
-
-import pytest
-
-from storage import Store, create_store
-from tests import harness
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-async def store(request, tmp_path) -> AsyncIterator[Store]:
-    url = (await harness.create_database() if request.param == "postgres"
-           else f"sqlite:///{tmp_path}/store.db")
-    s = create_store(url)
-    await s.start()
-    try:
-        await s.migrate()
-        yield s
-    finally:
-        await s.close()
-        if request.param == "postgres":
-            await harness.drop_database(url)
-
 
 async def test_latest_seqs_of_many_rooms_match_each_rooms_latest_seq(store):
     for i in range(3):
