@@ -27,8 +27,9 @@ from pubsub.redis import RedisBroker
 from tests.harness import RedisClusterServers, RedisServer
 
 
-async def fanout(broker: Broker, publisher: Broker, rooms: int, messages: int,
-                 publishers: int) -> float:
+async def fanout(
+    broker: Broker, publisher: Broker, rooms: int, messages: int, publishers: int
+) -> float:
     got = 0
     done = asyncio.Event()
 
@@ -59,8 +60,9 @@ def bus_sent(cluster: RedisClusterServers) -> int:
     total = 0
     for i in range(len(cluster.nodes)):
         for line in cluster.info(i, "cluster", "info").splitlines():
-            if line.startswith(("cluster_stats_messages_publish_sent",
-                                "cluster_stats_messages_publishshard_sent")):
+            if line.startswith(
+                ("cluster_stats_messages_publish_sent", "cluster_stats_messages_publishshard_sent")
+            ):
                 total += int(line.split(":")[1])
     return total
 
@@ -76,8 +78,10 @@ async def main() -> None:
     cluster = RedisClusterServers(3).start()
     try:
         results = {}
-        for name, make in (("one redis-server, PUBLISH", lambda: RedisBroker(single.url)),
-                           ("3-primary cluster, SPUBLISH", lambda: ClusterBroker(cluster.url))):
+        for name, make in (
+            ("one redis-server, PUBLISH", lambda: RedisBroker(single.url)),
+            ("3-primary cluster, SPUBLISH", lambda: ClusterBroker(cluster.url)),
+        ):
             sub, pub = make(), make()
             await sub.start()
             await pub.start()
@@ -87,8 +91,10 @@ async def main() -> None:
                 rate = await fanout(sub, pub, args.rooms, args.messages, args.publishers)
                 bus = (bus_sent(cluster) - before) / args.messages
                 results[name] = rate
-                print(f"{name:32s} {rate:9.0f} msg/s delivered"
-                      + (f"   {bus:.2f} bus copies/msg" if "cluster" in name else ""))
+                print(
+                    f"{name:32s} {rate:9.0f} msg/s delivered"
+                    + (f"   {bus:.2f} bus copies/msg" if "cluster" in name else "")
+                )
             finally:
                 await sub.close()
                 await pub.close()
@@ -99,8 +105,10 @@ async def main() -> None:
             before = bus_sent(cluster)
             for i in range(1000):
                 await pub.redis.publish(f"bench:room:{{r{i % args.rooms}}}", b"x")
-            print(f"{'3-primary cluster, PUBLISH':32s} {'':9s}"
-                  f"   {(bus_sent(cluster) - before) / 1000:.2f} bus copies/msg")
+            print(
+                f"{'3-primary cluster, PUBLISH':32s} {'':9s}"
+                f"   {(bus_sent(cluster) - before) / 1000:.2f} bus copies/msg"
+            )
         finally:
             await pub.close()
     finally:

@@ -32,8 +32,9 @@ class Receiver:
         self.control: asyncio.Queue[bytes] = asyncio.Queue()
 
 
-async def connect(target: Target, host: str, port: int, room: str,
-                  latencies: list[float]) -> tuple[WSClient, Receiver]:
+async def connect(
+    target: Target, host: str, port: int, room: str, latencies: list[float]
+) -> tuple[WSClient, Receiver]:
     rx = Receiver()
     clock = time.perf_counter_ns
 
@@ -44,8 +45,8 @@ async def connect(target: Target, host: str, port: int, room: str,
                 rx.control.put_nowait(payload)
             return
         k = payload.index(b":", j + 6)
-        i = int(payload[j + 6:k])
-        sent = int(payload[k + 1:payload.index(b";", k)])
+        i = int(payload[j + 6 : k])
+        sent = int(payload[k + 1 : payload.index(b";", k)])
         latencies.append((clock() - sent) / 1e9)
         if i != rx.last + 1:
             rx.out_of_order += 1
@@ -58,9 +59,17 @@ async def connect(target: Target, host: str, port: int, room: str,
     return client, rx
 
 
-async def run(target: Target, *, instances: int = 2, subscribers: int = 400,
-              messages: int = 1000, rate: float = 100.0, drain: float = 60.0, idle: float = 3.0,
-              profile: Path | None = None) -> dict[str, Any]:
+async def run(
+    target: Target,
+    *,
+    instances: int = 2,
+    subscribers: int = 400,
+    messages: int = 1000,
+    rate: float = 100.0,
+    drain: float = 60.0,
+    idle: float = 3.0,
+    profile: Path | None = None,
+) -> dict[str, Any]:
     room = "fanout"
     servers = await target.start(instances)
     clients: list[WSClient] = []
@@ -100,7 +109,7 @@ async def run(target: Target, *, instances: int = 2, subscribers: int = 400,
             delay = t0 + i / rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            text = "bench:%d:%d;" % (i, time.perf_counter_ns())
+            text = f"bench:{i}:{time.perf_counter_ns()};"
             pub.send_text(target.publish_frame(room, text, i))
         # Drain: wait while deliveries still arrive (a loaded client lags, it does not
         # lose), give up after `idle` seconds without progress or `drain` in all.
@@ -121,14 +130,20 @@ async def run(target: Target, *, instances: int = 2, subscribers: int = 400,
         delivered = sum(r.count for r in receivers)
         profiler.finish()
         return {
-            "target": target.name, "persists": target.persists, "instances": instances,
-            "subscribers": subscribers, "messages": messages, "rate": rate,
-            "expected": expected, "delivered": delivered,
+            "target": target.name,
+            "persists": target.persists,
+            "instances": instances,
+            "subscribers": subscribers,
+            "messages": messages,
+            "rate": rate,
+            "expected": expected,
+            "delivered": delivered,
             "delivery_ratio": round(delivered / expected, 6) if expected else None,
             "complete_subscribers": sum(1 for r in receivers if r.count == messages),
             "out_of_order": sum(r.out_of_order for r in receivers),
             **summary_ms(latencies),
-            "server_cpu_s": round(cpu, 3), "client_cpu_s": round(client_cpu, 3),
+            "server_cpu_s": round(cpu, 3),
+            "client_cpu_s": round(client_cpu, 3),
             "wall_s": round(wall, 3),
             "deliveries_per_cpu_s": round(delivered / cpu) if cpu > 0 else None,
         }

@@ -10,7 +10,8 @@ of the read itself is not hidden behind HTTP.
 from __future__ import annotations
 
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
@@ -44,8 +45,9 @@ async def run(*, reads: int = 2000) -> list[dict[str, Any]]:
     try:
         conn = HTTPConn("127.0.0.1", server.port)
         for i in range(MESSAGES):
-            status, body = await conn.request("POST", f"/v1/rooms/{ROOM}/messages",
-                                              {"text": f"message {i}", "author": "bench"})
+            status, body = await conn.request(
+                "POST", f"/v1/rooms/{ROOM}/messages", {"text": f"message {i}", "author": "bench"}
+            )
             assert status == 201, body
         latest = orjson.loads(body)["seq"]
 
@@ -54,10 +56,16 @@ async def run(*, reads: int = 2000) -> list[dict[str, Any]]:
             assert status == 200, body
 
         rows = [
-            await timed("http: warm cache", reads,
-                        lambda: http_get(f"/v1/rooms/{ROOM}/messages?limit={LIMIT}")),
-            await timed("http: postgres", reads, lambda: http_get(
-                f"/v1/rooms/{ROOM}/messages?limit={LIMIT}&before={latest + 1}")),
+            await timed(
+                "http: warm cache",
+                reads,
+                lambda: http_get(f"/v1/rooms/{ROOM}/messages?limit={LIMIT}"),
+            ),
+            await timed(
+                "http: postgres",
+                reads,
+                lambda: http_get(f"/v1/rooms/{ROOM}/messages?limit={LIMIT}&before={latest + 1}"),
+            ),
         ]
         await conn.close()
         assert target.database_url is not None
@@ -68,10 +76,12 @@ async def run(*, reads: int = 2000) -> list[dict[str, Any]]:
             # Built as the gateway builds it: the seq check goes through the batch.
             batch = CommandBatch(redis)
             cache = HistoryCache(store, redis, prefix=target.prefix, batch=batch)
-            rows.append(await timed("layer: warm cache", reads,
-                                    lambda: cache.history(ROOM, limit=LIMIT)))
-            rows.append(await timed("layer: postgres", reads,
-                                    lambda: store.history(ROOM, limit=LIMIT)))
+            rows.append(
+                await timed("layer: warm cache", reads, lambda: cache.history(ROOM, limit=LIMIT))
+            )
+            rows.append(
+                await timed("layer: postgres", reads, lambda: store.history(ROOM, limit=LIMIT))
+            )
         finally:
             await batch.close()
             await store.close()

@@ -32,9 +32,10 @@ async def run(target: Target, *, connections: int = 10000, settle: float = 10.0)
             nonlocal failures
             async with gate:
                 try:
-                    client, _ = await connect(target, "127.0.0.1", server.port,
-                                              f"idle-{i % ROOMS}", latencies)
-                except (OSError, asyncio.TimeoutError, ConnectionError):
+                    client, _ = await connect(
+                        target, "127.0.0.1", server.port, f"idle-{i % ROOMS}", latencies
+                    )
+                except (TimeoutError, OSError, ConnectionError):
                     failures += 1
                     return
                 clients.append(client)
@@ -52,9 +53,12 @@ async def run(target: Target, *, connections: int = 10000, settle: float = 10.0)
         cpu = server.cpu() - cpu0
         grown = len(clients) - WARMUP
         return {
-            "target": target.name, "connections": len(clients), "failed": failures,
+            "target": target.name,
+            "connections": len(clients),
+            "failed": failures,
             "connect_s": round(connect_s, 2),
-            "rss_before_kib": rss0, "rss_after_kib": rss1,
+            "rss_before_kib": rss0,
+            "rss_after_kib": rss1,
             "rss_per_conn_kib": round((rss1 - rss0) / grown, 2) if grown > 0 else None,
             "idle_cpu_pct": round(100 * cpu / settle, 2),
             "open_files_limit": open_files_limit(server.pid),

@@ -31,9 +31,15 @@ from bench.verdict import POSTS_PER_INSTANCE
 WARMUP = 1.0
 
 
-async def run(*, instances: int = 2, connections: int = 32, rooms: int = 200,
-              seconds: float = 10.0, rate: float | None = None,
-              profile: Path | None = None) -> dict[str, Any]:
+async def run(
+    *,
+    instances: int = 2,
+    connections: int = 32,
+    rooms: int = 200,
+    seconds: float = 10.0,
+    rate: float | None = None,
+    profile: Path | None = None,
+) -> dict[str, Any]:
     target = Gateway()
     servers = await target.start(instances)
     try:
@@ -68,9 +74,11 @@ async def run(*, instances: int = 2, connections: int = 32, rooms: int = 200,
                     if now >= deadline or time.perf_counter() >= deadline:
                         return
                     room = f"posts-{rng.randrange(rooms)}"
-                    status, _ = await conn.request("POST", f"/v1/rooms/{room}/messages",
-                                                   {"text": "hello from the bench",
-                                                    "author": "bench"})
+                    status, _ = await conn.request(
+                        "POST",
+                        f"/v1/rooms/{room}/messages",
+                        {"text": "hello from the bench", "author": "bench"},
+                    )
                     done = time.perf_counter()
                     if now >= measure_from:
                         if status == 201:
@@ -88,8 +96,9 @@ async def run(*, instances: int = 2, connections: int = 32, rooms: int = 200,
             meter.mark()
             profiler.start(servers, seconds)
 
-        await asyncio.gather(mark_cpu(), *(worker(k, w) for k in range(instances)
-                                           for w in range(connections)))
+        await asyncio.gather(
+            mark_cpu(), *(worker(k, w) for k in range(instances) for w in range(connections))
+        )
         cpu = target.cpu() - cpu0[0]
         client_cpu = time.process_time() - cpu0[1]
         machine = meter.since_mark()
@@ -102,12 +111,19 @@ async def run(*, instances: int = 2, connections: int = 32, rooms: int = 200,
         parts = [cpu, machine["postgres_cpu_s"], machine["redis_cpu_s"], client_cpu]
         all_ms = per_post(sum(p for p in parts if p is not None)) if None not in parts else None
         return {
-            "target": target.name, "instances": instances, "connections": connections * instances,
+            "target": target.name,
+            "instances": instances,
+            "connections": connections * instances,
             "offered_per_s_per_instance": rate,
-            "rooms": rooms, "seconds": seconds, "posts": total, "errors": errors,
-            "posts_per_s": round(total / seconds), "per_instance": counts,
+            "rooms": rooms,
+            "seconds": seconds,
+            "posts": total,
+            "errors": errors,
+            "posts_per_s": round(total / seconds),
+            "per_instance": counts,
             "posts_per_s_per_instance": round(total / seconds / instances),
-            **summary_ms(latencies), "server_cpu_s": round(cpu, 2),
+            **summary_ms(latencies),
+            "server_cpu_s": round(cpu, 2),
             # What a post costs the gateway, whatever else the machine is doing:
             # the figure to compare between runs; posts/s moves with the load.
             "server_cpu_ms_per_post": per_post(cpu),
@@ -119,8 +135,11 @@ async def run(*, instances: int = 2, connections: int = 32, rooms: int = 200,
             "redis_cpu_ms_per_post": per_post(machine["redis_cpu_s"]),
             "client_cpu_ms_per_post": per_post(client_cpu),
             "machine_cpu_ms_per_post": all_ms,
-            "cores_for_target": (round(all_ms * POSTS_PER_INSTANCE * instances / 1000, 2)
-                                 if all_ms is not None else None),
+            "cores_for_target": (
+                round(all_ms * POSTS_PER_INSTANCE * instances / 1000, 2)
+                if all_ms is not None
+                else None
+            ),
             "steal_pct": machine["steal_pct"],
         }
     finally:

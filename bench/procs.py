@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from tests import harness
 from tests.harness import free_port
 
@@ -105,9 +104,11 @@ class MachineMeter:
     def since_mark(self) -> dict[str, float | None]:
         now = self.read()
         d = {k: now[k] - self._start[k] for k in now if k in self._start}
-        return {"postgres_cpu_s": d["postgres"] if _pids("postgres") else None,
-                "redis_cpu_s": d.get("redis"),
-                "steal_pct": round(d["steal"] / d["all"] * 100, 1) if d["all"] else None}
+        return {
+            "postgres_cpu_s": d["postgres"] if _pids("postgres") else None,
+            "redis_cpu_s": d.get("redis"),
+            "steal_pct": round(d["steal"] / d["all"] * 100, 1) if d["all"] else None,
+        }
 
 
 def _proc_number(pid: int, name: str, label: str, column: int) -> int:
@@ -135,8 +136,7 @@ class Server:
         self.port = free_port()
         self.argv = [a.replace("{port}", str(self.port)) for a in argv]
         self.env = {**os.environ, **env, "PORT": str(self.port), "HOST": "127.0.0.1"}
-        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log",
-                                               delete=False)
+        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -144,9 +144,10 @@ class Server:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self) -> "Server":
-        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
+    def start(self) -> Server:
+        self.proc = subprocess.Popen(
+            self.argv, env=self.env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
+        )
         return self
 
     async def wait_ready(self, path: str = "/", timeout: float = 60.0) -> None:

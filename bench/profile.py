@@ -28,10 +28,25 @@ class Profiler:
         self.outdir.mkdir(parents=True, exist_ok=True)
         for s in servers:
             out = self.outdir / f"{s.name}.txt"
-            proc = subprocess.Popen([exe, "record", "--pid", str(s.pid), "--duration",
-                                     str(max(1, int(seconds))), "--rate", "200", "--format",
-                                     "raw", "--nonblocking", "-o", str(out)],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                [
+                    exe,
+                    "record",
+                    "--pid",
+                    str(s.pid),
+                    "--duration",
+                    str(max(1, int(seconds))),
+                    "--rate",
+                    "200",
+                    "--format",
+                    "raw",
+                    "--nonblocking",
+                    "-o",
+                    str(out),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             self.procs.append((s, out, proc))
 
     def finish(self, top: int = 25) -> None:

@@ -13,7 +13,12 @@ def percentile(values: list[float], p: float) -> float | None:
 
 def summary_ms(values: list[float]) -> dict[str, float | None]:
     """p50/p99/max of durations given in seconds, in milliseconds."""
+
     def ms(v: float | None) -> float | None:
         return None if v is None else round(v * 1000, 3)
-    return {"p50_ms": ms(percentile(values, 50)), "p99_ms": ms(percentile(values, 99)),
-            "max_ms": ms(max(values) if values else None)}
+
+    return {
+        "p50_ms": ms(percentile(values, 50)),
+        "p99_ms": ms(percentile(values, 99)),
+        "max_ms": ms(max(values) if values else None),
+    }

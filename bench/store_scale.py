@@ -24,8 +24,9 @@ from storage.postgres import PostgresStore
 from tests.harness import create_database, drop_database
 
 
-async def appends(store: PostgresStore, rooms: int, total: int, concurrency: int,
-                  tag: str) -> float:
+async def appends(
+    store: PostgresStore, rooms: int, total: int, concurrency: int, tag: str
+) -> float:
     async def writer(k: int) -> None:
         for n in range(k, total, concurrency):
             await store.append(f"{tag}-{n % rooms}", "bench", "x" * 100)
@@ -51,11 +52,18 @@ async def bulk_load(url: str, start: int, end: int, rooms: int) -> None:
         await conn.execute(
             "INSERT INTO messages (room, seq, id, author, text, created_at) "
             "SELECT 'bulk-' || (g % $3), g / $3 + 1, 'b' || g, 'bench', repeat('x', 100), now() "
-            "FROM generate_series($1, $2 - 1) g", start, end, rooms)
+            "FROM generate_series($1, $2 - 1) g",
+            start,
+            end,
+            rooms,
+        )
         await conn.execute(
             "INSERT INTO rooms (room, last_seq) SELECT 'bulk-' || r, ($1 - 1) / $2 + 1 "
             "FROM generate_series(0, $2 - 1) r ON CONFLICT (room) DO UPDATE "
-            "SET last_seq = EXCLUDED.last_seq", end, rooms)
+            "SET last_seq = EXCLUDED.last_seq",
+            end,
+            rooms,
+        )
         await conn.execute("ANALYZE messages")
     finally:
         await conn.close()
@@ -84,8 +92,10 @@ async def main() -> None:
             loaded = size
             latest = await read_ms(store, args.rooms)
             deep = await read_ms(store, args.rooms, before=5)
-            print(f"{size:>9} rows: latest page {latest:.2f} ms, oldest page {deep:.2f} ms "
-                  "(median of 200)")
+            print(
+                f"{size:>9} rows: latest page {latest:.2f} ms, oldest page {deep:.2f} ms "
+                "(median of 200)"
+            )
     finally:
         await store.close()
         await drop_database(url)

@@ -13,8 +13,16 @@ from typing import Any
 
 import orjson
 
-from bench.procs import PEERS, REDIS_URL, Server, create_database, delete_prefix, \
-    drop_database, new_prefix, peers_python
+from bench.procs import (
+    PEERS,
+    REDIS_URL,
+    Server,
+    create_database,
+    delete_prefix,
+    drop_database,
+    new_prefix,
+    peers_python,
+)
 from bench.wsclient import WSClient
 
 GATEWAY_ENV = {
@@ -65,7 +73,7 @@ class Target:
     def ws_path(self, room: str) -> str:
         raise NotImplementedError
 
-    async def subscribe(self, client: WSClient, control: "asyncio.Queue[bytes]", room: str) -> None:
+    async def subscribe(self, client: WSClient, control: asyncio.Queue[bytes], room: str) -> None:
         raise NotImplementedError
 
     def publish_frame(self, room: str, text: str, i: int) -> bytes:
@@ -76,7 +84,7 @@ class Target:
         return False
 
 
-async def expect(control: "asyncio.Queue[bytes]", prefix: bytes, timeout: float = 30) -> bytes:
+async def expect(control: asyncio.Queue[bytes], prefix: bytes, timeout: float = 30) -> bytes:
     """The next control frame that starts with (or, for JSON, contains) ``prefix``."""
     while True:
         frame = await asyncio.wait_for(control.get(), timeout)
@@ -99,8 +107,12 @@ class Gateway(Target):
 
     def make_server(self, i: int, extra_env: dict[str, str]) -> Server:
         assert self.database_url is not None
-        env = {**GATEWAY_ENV, "DATABASE_URL": self.database_url, "KEY_PREFIX": self.prefix,
-               **extra_env}
+        env = {
+            **GATEWAY_ENV,
+            "DATABASE_URL": self.database_url,
+            "KEY_PREFIX": self.prefix,
+            **extra_env,
+        }
         return Server(f"gateway{i}", [sys.executable, "-m", "gateway", "serve"], env)
 
     async def stop(self) -> None:
@@ -112,13 +124,14 @@ class Gateway(Target):
     def ws_path(self, room: str) -> str:
         return "/v1/ws"
 
-    async def subscribe(self, client: WSClient, control: "asyncio.Queue[bytes]", room: str) -> None:
+    async def subscribe(self, client: WSClient, control: asyncio.Queue[bytes], room: str) -> None:
         client.send_text(orjson.dumps({"type": "subscribe", "room": room}))
         await expect(control, b'"subscribed"')
 
     def publish_frame(self, room: str, text: str, i: int) -> bytes:
-        return orjson.dumps({"type": "publish", "room": room, "text": text, "author": "bench",
-                             "ref": i})
+        return orjson.dumps(
+            {"type": "publish", "room": room, "text": text, "author": "bench", "ref": i}
+        )
 
 
 class Peer(Target):
@@ -128,8 +141,11 @@ class Peer(Target):
 
     def make_server(self, i: int, extra_env: dict[str, str]) -> Server:
         env = {"REDIS_URL": REDIS_URL, "CHANNEL": self.prefix + self.short, **extra_env}
-        return Server(f"{self.short}{i}", [peers_python(),
-                                           str(PEERS / f"{self.short}_server.py"), "{port}"], env)
+        return Server(
+            f"{self.short}{i}",
+            [peers_python(), str(PEERS / f"{self.short}_server.py"), "{port}"],
+            env,
+        )
 
 
 class SocketIO(Peer):
@@ -140,18 +156,18 @@ class SocketIO(Peer):
     def ws_path(self, room: str) -> str:
         return "/socket.io/?EIO=4&transport=websocket"
 
-    async def subscribe(self, client: WSClient, control: "asyncio.Queue[bytes]", room: str) -> None:
-        await expect(control, b"0{")          # Engine.IO open
-        client.send_text(b"40")               # Socket.IO connect to "/"
+    async def subscribe(self, client: WSClient, control: asyncio.Queue[bytes], room: str) -> None:
+        await expect(control, b"0{")  # Engine.IO open
+        client.send_text(b"40")  # Socket.IO connect to "/"
         await expect(control, b"40")
         client.send_text(b'421["join",' + orjson.dumps(room) + b"]")
-        await expect(control, b"431")         # the join's acknowledgement
+        await expect(control, b"431")  # the join's acknowledgement
 
     def publish_frame(self, room: str, text: str, i: int) -> bytes:
         return b'42["publish",' + orjson.dumps({"room": room, "text": text}) + b"]"
 
     def control(self, client: WSClient, payload: bytes) -> bool:
-        if payload == b"2":                   # Engine.IO ping: answer pong
+        if payload == b"2":  # Engine.IO ping: answer pong
             client.send_text(b"3")
             return True
         return False
@@ -164,7 +180,7 @@ class Broadcaster(Peer):
     def ws_path(self, room: str) -> str:
         return f"/ws?room={room}"
 
-    async def subscribe(self, client: WSClient, control: "asyncio.Queue[bytes]", room: str) -> None:
+    async def subscribe(self, client: WSClient, control: asyncio.Queue[bytes], room: str) -> None:
         await expect(control, b"ready")
 
     def publish_frame(self, room: str, text: str, i: int) -> bytes:

@@ -21,8 +21,12 @@ HISTORY_SPEEDUP = 10.0  # warm cache vs Postgres, p50, storage layer
 
 
 def _row(target: str, measured: str, bound: str, met: bool | None) -> dict[str, Any]:
-    return {"target": target, "measured": measured, "bound": bound,
-            "met": "not measured" if met is None else ("yes" if met else "no")}
+    return {
+        "target": target,
+        "measured": measured,
+        "bound": bound,
+        "met": "not measured" if met is None else ("yes" if met else "no"),
+    }
 
 
 def _cores(post: dict[str, Any]) -> str:
@@ -43,11 +47,20 @@ def _posts_row(post: dict[str, Any] | None) -> dict[str, Any]:
     fast = post["p99_ms"] is not None and post["p99_ms"] < POSTS_P99_MS
     measured = f"{post['posts_per_s_per_instance']}/s, {post['p99_ms']} ms" + _cores(post)
     if offered is None:
-        return _row("posts: per instance back to back, p99" + where, measured, bound,
-                    post["posts_per_s_per_instance"] >= POSTS_PER_INSTANCE and fast)
-    return _row(f"posts: {offered:g}/s due per instance, p99" + where, measured, bound,
-                offered >= POSTS_PER_INSTANCE and fast
-                and post["posts_per_s_per_instance"] >= KEPT_UP * offered)
+        return _row(
+            "posts: per instance back to back, p99" + where,
+            measured,
+            bound,
+            post["posts_per_s_per_instance"] >= POSTS_PER_INSTANCE and fast,
+        )
+    return _row(
+        f"posts: {offered:g}/s due per instance, p99" + where,
+        measured,
+        bound,
+        offered >= POSTS_PER_INSTANCE
+        and fast
+        and post["posts_per_s_per_instance"] >= KEPT_UP * offered,
+    )
 
 
 def verdicts(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -55,35 +68,68 @@ def verdicts(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     fan = results.get("fanout") or []
     gateway = next((r for r in fan if r["target"] == "gateway"), None)
     peers = [r for r in fan if r["target"] != "gateway" and r.get("deliveries_per_cpu_s")]
-    if (gateway is None or not peers
-            or any(gateway[k] < v for k, v in FANOUT_SIZE.items())):
-        rows.append(_row("fan-out: deliveries per server CPU-second vs best peer",
-                         "-", f">= {FANOUT_RATIO}x", None))
+    if gateway is None or not peers or any(gateway[k] < v for k, v in FANOUT_SIZE.items()):
+        rows.append(
+            _row(
+                "fan-out: deliveries per server CPU-second vs best peer",
+                "-",
+                f">= {FANOUT_RATIO}x",
+                None,
+            )
+        )
     else:
         best = max(peers, key=lambda r: r["deliveries_per_cpu_s"])
         ratio = gateway["deliveries_per_cpu_s"] / best["deliveries_per_cpu_s"]
-        rows.append(_row("fan-out: deliveries per server CPU-second vs best peer",
-                         f"{ratio:.2f}x ({best['target']})", f">= {FANOUT_RATIO}x",
-                         ratio >= FANOUT_RATIO and gateway["persists"]))
-        rows.append(_row("fan-out: p99 vs best peer", f"{gateway['p99_ms']} ms vs "
-                         f"{best['p99_ms']} ms", "no worse",
-                         gateway["p99_ms"] is not None and best["p99_ms"] is not None
-                         and gateway["p99_ms"] <= best["p99_ms"]))
-        rows.append(_row("fan-out: every message delivered", str(gateway["delivery_ratio"]),
-                         "1.0", gateway["delivery_ratio"] == 1.0))
+        rows.append(
+            _row(
+                "fan-out: deliveries per server CPU-second vs best peer",
+                f"{ratio:.2f}x ({best['target']})",
+                f">= {FANOUT_RATIO}x",
+                ratio >= FANOUT_RATIO and gateway["persists"],
+            )
+        )
+        rows.append(
+            _row(
+                "fan-out: p99 vs best peer",
+                f"{gateway['p99_ms']} ms vs {best['p99_ms']} ms",
+                "no worse",
+                gateway["p99_ms"] is not None
+                and best["p99_ms"] is not None
+                and gateway["p99_ms"] <= best["p99_ms"],
+            )
+        )
+        rows.append(
+            _row(
+                "fan-out: every message delivered",
+                str(gateway["delivery_ratio"]),
+                "1.0",
+                gateway["delivery_ratio"] == 1.0,
+            )
+        )
     idle = next((r for r in results.get("idle") or [] if r["target"] == "gateway"), None)
-    rows.append(_row(f"idle: KiB per connection at {IDLE_CONNECTIONS:,}",
-                     "-" if idle is None else f"{idle['rss_per_conn_kib']} KiB",
-                     f"< {IDLE_KIB} KiB",
-                     None if idle is None or idle["connections"] < IDLE_CONNECTIONS
-                     else idle["rss_per_conn_kib"] < IDLE_KIB))
+    rows.append(
+        _row(
+            f"idle: KiB per connection at {IDLE_CONNECTIONS:,}",
+            "-" if idle is None else f"{idle['rss_per_conn_kib']} KiB",
+            f"< {IDLE_KIB} KiB",
+            None
+            if idle is None or idle["connections"] < IDLE_CONNECTIONS
+            else idle["rss_per_conn_kib"] < IDLE_KIB,
+        )
+    )
     for post in results.get("posts") or [None]:
         rows.append(_posts_row(post))
-    layer = next((r for r in results.get("history") or []
-                  if r["path"] == "layer: warm cache"), None)
-    rows.append(_row("history: warm cache vs Postgres, p50 (storage layer)",
-                     "-" if layer is None else f"{layer.get('speedup_p50')}x",
-                     f">= {HISTORY_SPEEDUP}x",
-                     None if layer is None or layer.get("speedup_p50") is None
-                     else layer["speedup_p50"] >= HISTORY_SPEEDUP))
+    layer = next(
+        (r for r in results.get("history") or [] if r["path"] == "layer: warm cache"), None
+    )
+    rows.append(
+        _row(
+            "history: warm cache vs Postgres, p50 (storage layer)",
+            "-" if layer is None else f"{layer.get('speedup_p50')}x",
+            f">= {HISTORY_SPEEDUP}x",
+            None
+            if layer is None or layer.get("speedup_p50") is None
+            else layer["speedup_p50"] >= HISTORY_SPEEDUP,
+        )
+    )
     return rows

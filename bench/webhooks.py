@@ -84,13 +84,17 @@ class Receiver:
 
 
 def _env(receiver: Receiver, **extra: str) -> dict[str, str]:
-    return {"WEBHOOK_URLS": receiver.url,
-            "WEBHOOK_SECRET": "whsec_" + base64.b64encode(os.urandom(32)).decode(),
-            "WEBHOOK_ALLOW_PRIVATE": "true", **extra}
+    return {
+        "WEBHOOK_URLS": receiver.url,
+        "WEBHOOK_SECRET": "whsec_" + base64.b64encode(os.urandom(32)).decode(),
+        "WEBHOOK_ALLOW_PRIVATE": "true",
+        **extra,
+    }
 
 
-async def _post(port: int, count: int, rooms: int, connections: int = 8,
-                rate: float | None = None) -> int:
+async def _post(
+    port: int, count: int, rooms: int, connections: int = 8, rate: float | None = None
+) -> int:
     """Post ``count`` messages over ``rooms`` rooms (paced at ``rate``/s when given)."""
     start = time.perf_counter()
     next_i = 0
@@ -107,8 +111,11 @@ async def _post(port: int, count: int, rooms: int, connections: int = 8,
                     delay = start + i / rate - time.perf_counter()
                     if delay > 0:
                         await asyncio.sleep(delay)
-                status, _ = await conn.request("POST", f"/v1/rooms/hooks-{i % rooms}/messages",
-                                               {"text": f"m{i}", "author": "bench"})
+                status, _ = await conn.request(
+                    "POST",
+                    f"/v1/rooms/hooks-{i % rooms}/messages",
+                    {"text": f"m{i}", "author": "bench"},
+                )
                 stored += status == 201
         finally:
             await conn.close()
@@ -126,9 +133,15 @@ async def _until(check: Any, timeout: float) -> bool:
     return False
 
 
-async def run(*, rooms: int = 50, rate: float = 25.0, seconds: float = 8.0,
-              backlog: int = 5000, dead_seconds: float = 60.0,
-              concurrency: int = 16) -> list[dict[str, Any]]:
+async def run(
+    *,
+    rooms: int = 50,
+    rate: float = 25.0,
+    seconds: float = 8.0,
+    backlog: int = 5000,
+    dead_seconds: float = 60.0,
+    concurrency: int = 16,
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     receiver = Receiver()
     await receiver.start()
@@ -141,8 +154,15 @@ async def run(*, rooms: int = 50, rate: float = 25.0, seconds: float = 8.0,
         stored = await _post(server.port, count, rooms, rate=rate)
         await _until(lambda: len(receiver.got) >= stored, 60)
         latencies = [at - parse_ts(p["data"]["created_at"]) / 1000 for at, p in receiver.got]
-        rows.append({"phase": "latency", "events": len(receiver.got),
-                     "offered_per_s": rate, "rooms": rooms, **summary_ms(latencies)})
+        rows.append(
+            {
+                "phase": "latency",
+                "events": len(receiver.got),
+                "offered_per_s": rate,
+                "rooms": rooms,
+                **summary_ms(latencies),
+            }
+        )
 
         # 2. throughput: a backlog drained once the receiver is back
         await receiver.stop()
@@ -162,18 +182,25 @@ async def run(*, rooms: int = 50, rate: float = 25.0, seconds: float = 8.0,
             first, last = receiver.got[0][0], receiver.got[-1][0]
             span = max(last - first, 1e-6)
             cpu = server.cpu() - cpu0
-            rows.append({"phase": "throughput", "events": len(receiver.got), "rooms": rooms,
-                         "concurrency": concurrency,
-                         "events_per_s": round(len(receiver.got) / span),
-                         "server_cpu_ms_per_event": round(cpu / len(receiver.got) * 1000, 3)})
+            rows.append(
+                {
+                    "phase": "throughput",
+                    "events": len(receiver.got),
+                    "rooms": rooms,
+                    "concurrency": concurrency,
+                    "events_per_s": round(len(receiver.got) / span),
+                    "server_cpu_ms_per_event": round(cpu / len(receiver.got) * 1000, 3),
+                }
+            )
         await target.stop()
 
         # 3. a receiver that fails everything, with the default breaker
         receiver.status = 500
         receiver.attempts = 0
         target = Gateway()
-        (server,) = await target.start(1, _env(receiver, WEBHOOK_BACKOFF="0.1,1",
-                                               WEBHOOK_MAX_ATTEMPTS="100000"))
+        (server,) = await target.start(
+            1, _env(receiver, WEBHOOK_BACKOFF="0.1,1", WEBHOOK_MAX_ATTEMPTS="100000")
+        )
         await _post(server.port, rooms, rooms)
         t0 = time.monotonic()
         await _until(lambda: receiver.attempts > 0, 10)
@@ -182,9 +209,16 @@ async def run(*, rooms: int = 50, rate: float = 25.0, seconds: float = 8.0,
         burst = receiver.attempts
         await asyncio.sleep(max(0.0, dead_seconds - (time.monotonic() - t0)))
         window = time.monotonic() - t0
-        rows.append({"phase": "dead receiver", "rooms": rooms, "seconds": round(window, 1),
-                     "attempts": receiver.attempts, "first_2s": burst,
-                     "attempts_per_min": round(receiver.attempts / window * 60, 1)})
+        rows.append(
+            {
+                "phase": "dead receiver",
+                "rooms": rooms,
+                "seconds": round(window, 1),
+                "attempts": receiver.attempts,
+                "first_2s": burst,
+                "attempts_per_min": round(receiver.attempts / window * 60, 1),
+            }
+        )
     finally:
         await target.stop()
         await receiver.stop()

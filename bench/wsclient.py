@@ -12,7 +12,7 @@ import asyncio
 import base64
 import os
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 OnFrame = Callable[["WSClient", bytes], None]
 _ZERO_MASK = b"\x00\x00\x00\x00"
@@ -29,8 +29,9 @@ class WSClient(asyncio.Protocol):
         self._frag = bytearray()
 
     @classmethod
-    async def connect(cls, host: str, port: int, path: str, on_frame: OnFrame | None = None,
-                      timeout: float = 30.0) -> "WSClient":
+    async def connect(
+        cls, host: str, port: int, path: str, on_frame: OnFrame | None = None, timeout: float = 30.0
+    ) -> WSClient:
         loop = asyncio.get_running_loop()
         client = cls(on_frame)
         await asyncio.wait_for(loop.create_connection(lambda: client, host, port), timeout)
@@ -39,7 +40,8 @@ class WSClient(asyncio.Protocol):
         client.transport.write(
             f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
         await asyncio.wait_for(asyncio.shield(client.ready), timeout)
         return client
 
@@ -56,8 +58,7 @@ class WSClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf
-        if self._open and not buf and len(data) >= 2 and data[1] < 126 \
-                and len(data) == 2 + data[1]:
+        if self._open and not buf and len(data) >= 2 and data[1] < 126 and len(data) == 2 + data[1]:
             self._frame(data[0], data[2:])  # the common case: exactly one small frame
             return
         buf += data
@@ -65,8 +66,8 @@ class WSClient(asyncio.Protocol):
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 return
-            status = bytes(buf[:buf.find(b"\r\n")])
-            del buf[:end + 4]
+            status = bytes(buf[: buf.find(b"\r\n")])
+            del buf[: end + 4]
             if b" 101 " not in status:
                 self.ready.set_exception(ConnectionError(f"upgrade refused: {status!r}"))
                 assert self.transport is not None
@@ -92,7 +93,7 @@ class WSClient(asyncio.Protocol):
                 head = 10
             if n - pos < head + length:
                 break
-            payload = bytes(buf[pos + head:pos + head + length])
+            payload = bytes(buf[pos + head : pos + head + length])
             pos += head + length
             self._frame(b0, payload)
         if pos:

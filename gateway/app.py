@@ -10,8 +10,9 @@ import contextlib
 import hashlib
 import logging
 import re
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
-from typing import Any, AsyncIterator, Coroutine
+from typing import Any
 
 import orjson
 from sse_starlette import EventSourceResponse
@@ -24,20 +25,25 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
-from gateway import chat, openapi
-from gateway import server_api
+from gateway import chat, openapi, server_api
 from gateway import validation as v
 from gateway.auth import Authenticator, bearer
 from gateway.config import Settings
 from gateway.core import CONNECT, POST, PUBLISH, Gateway
+from gateway.edge import (
+    client_address,
+    encoded_json_response,
+    gateway_of,
+    identify,
+    json_response,
+    presence_user,
+    token_of,
+)
 from gateway.errors import CODES, ApiError, internal
 from gateway.hub import SSE, Subscriber
 from gateway.logs import RequestContext, conn_id, request_id
 from gateway.stats import stats_events
-from gateway.edge import (client_address, encoded_json_response, gateway_of, identify,
-                          json_response, presence_user, token_of)
-from gateway.webhook_routes import (webhooks_dead, webhooks_enable, webhooks_list,
-                                    webhooks_replay)
+from gateway.webhook_routes import webhooks_dead, webhooks_enable, webhooks_list, webhooks_replay
 from gateway.ws import expire_with_token, websocket_endpoint
 from storage import StoreUnavailable
 
@@ -59,8 +65,9 @@ async def post_message(request: Request) -> Response:
     text = v.text(body.get("text"))
     author = v.body_author(body, identity.name if identity.user else None)
     decision = await gw.rate(POST, identity.name)
-    msg, created = await gw.post(room, author, text, identity=identity, transport="http",
-                                 idempotency_key=key)
+    msg, created = await gw.post(
+        room, author, text, identity=identity, transport="http", idempotency_key=key
+    )
     return encoded_json_response(msg.to_json(), 201 if created else 200, decision.headers())
 
 
@@ -77,7 +84,9 @@ async def list_messages(request: Request) -> Response:
     page = await gw.history.history(room, limit=limit, before=before, after=after)
     # Built around each message's own JSON (encoded once per message, see Message).
     body = b'{"messages":[%s],"has_more":%s}' % (
-        b",".join([m.to_json() for m in page.messages]), b"true" if page.has_more else b"false")
+        b",".join([m.to_json() for m in page.messages]),
+        b"true" if page.has_more else b"false",
+    )
     return encoded_json_response(body)
 
 
@@ -88,8 +97,11 @@ async def messages(request: Request) -> Response:
 
 
 async def websocket_over_http(request: Request) -> Response:
-    raise ApiError("upgrade_required", "this route speaks WebSocket only: open it with an "
-                   "Upgrade request", headers={"Upgrade": "websocket", "Connection": "Upgrade"})
+    raise ApiError(
+        "upgrade_required",
+        "this route speaks WebSocket only: open it with an Upgrade request",
+        headers={"Upgrade": "websocket", "Connection": "Upgrade"},
+    )
 
 
 async def room_events(request: Request) -> Response:
@@ -111,8 +123,13 @@ async def room_events(request: Request) -> Response:
     if gw.closing:
         raise ApiError("unavailable", "the instance is shutting down; reconnect elsewhere")
     gw.limits.acquire(identity.name)
-    sub = Subscriber(SSE, identity=identity.name, max_messages=gw.settings.queue_max_messages,
-                     max_bytes=gw.settings.queue_max_bytes, user=user)
+    sub = Subscriber(
+        SSE,
+        identity=identity.name,
+        max_messages=gw.settings.queue_max_messages,
+        max_bytes=gw.settings.queue_max_bytes,
+        user=user,
+    )
     expire_with_token(sub, identity)
     hub.register(sub)
     try:
@@ -136,16 +153,21 @@ async def room_events(request: Request) -> Response:
             gw.limits.release(identity.name)
             await hub.unregister(sub)
             await presence.gone(sub.id)
-            log.info("sse stream closed", extra={"room": room, "sub": sub.id,
-                                                 "close_code": sub.close_code})
+            log.info(
+                "sse stream closed",
+                extra={"room": room, "sub": sub.id, "close_code": sub.close_code},
+            )
 
     # A reader that stopped reading is aborted by the server's protocol after
     # SSE_SEND_TIMEOUT (gateway.transport); send_timeout is the backstop under
     # another server, where the socket may stay until the peer leaves.
-    return EventSourceResponse(stream(), ping=gw.settings.sse_ping, sep="\n",
-                               send_timeout=2 * gw.settings.sse_send_timeout,
-                               headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no",
-                                        **decision.headers()})
+    return EventSourceResponse(
+        stream(),
+        ping=gw.settings.sse_ping,
+        sep="\n",
+        send_timeout=2 * gw.settings.sse_send_timeout,
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no", **decision.headers()},
+    )
 
 
 async def publish(request: Request) -> Response:
@@ -162,13 +184,16 @@ async def publish(request: Request) -> Response:
     v.nesting(data, "data")
     # One bucket per API key (named by a digest: no secret in Redis), else per address.
     key = bearer(request.headers)
-    caller = ("key:" + hashlib.sha256(key.encode()).hexdigest()[:24]
-              if gw.auth.keys_required and key else
-              client_address(request, gw.settings.trusted_proxies))
+    caller = (
+        "key:" + hashlib.sha256(key.encode()).hexdigest()[:24]
+        if gw.auth.keys_required and key
+        else client_address(request, gw.settings.trusted_proxies)
+    )
     decision = await gw.rate(PUBLISH, caller)
     await gw.publish_event(room, event, data)
-    return json_response({"status": "accepted", "room": room, "event": event}, 202,
-                         decision.headers())
+    return json_response(
+        {"status": "accepted", "room": room, "event": event}, 202, decision.headers()
+    )
 
 
 async def room_presence(request: Request) -> Response:
@@ -179,7 +204,7 @@ async def room_presence(request: Request) -> Response:
     assert gw.presence is not None
     try:
         users = await gw.presence.members(room)
-    except Exception as exc:  # noqa: BLE001 - Redis errors become the catalogued 503
+    except Exception as exc:
         log.warning("presence read failed: %r", exc)
         raise ApiError("unavailable", "presence is unavailable; retry later") from None
     return json_response({"room": room, "users": users})
@@ -194,8 +219,9 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     ok, checks = await gateway_of(request).readiness()
-    return json_response({"status": "ok" if ok else "unavailable", "checks": checks},
-                         200 if ok else 503)
+    return json_response(
+        {"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503
+    )
 
 
 async def openapi_json(request: Request) -> Response:
@@ -203,8 +229,9 @@ async def openapi_json(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(gateway_of(request).metrics.render(),
-                    media_type="text/plain; version=0.0.4; charset=utf-8")
+    return Response(
+        gateway_of(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+    )
 
 
 # -- errors ------------------------------------------------------------------
@@ -223,9 +250,11 @@ async def store_unavailable(conn: HTTPConnection, exc: Exception) -> Response:
 async def http_error(conn: HTTPConnection, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
-        exc.status_code, "invalid_request" if exc.status_code < 500 else "internal")
-    return ApiError(code, exc.detail or CODES[code][1], status=exc.status_code,
-                    headers=dict(exc.headers or {})).response()
+        exc.status_code, "invalid_request" if exc.status_code < 500 else "internal"
+    )
+    return ApiError(
+        code, exc.detail or CODES[code][1], status=exc.status_code, headers=dict(exc.headers or {})
+    ).response()
 
 
 async def internal_error(conn: HTTPConnection, exc: Exception) -> Response:
@@ -259,8 +288,10 @@ class GatewayApp(Starlette):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._messages = {"POST": RequestContext(self._http(post_message)),
-                          "GET": RequestContext(self._http(list_messages))}
+        self._messages = {
+            "POST": RequestContext(self._http(post_message)),
+            "GET": RequestContext(self._http(list_messages)),
+        }
         self.jwks_auth: Authenticator | None = None  # set by the lifespan when AUTH_JWKS_URL is
 
     def __call__(self, scope: Any, receive: Any, send: Any) -> Coroutine[Any, Any, None]:
@@ -271,8 +302,9 @@ class GatewayApp(Starlette):
                 return self._with_key(auth, token, scope, receive, send)
         return self._route(scope, receive, send)
 
-    async def _with_key(self, auth: Authenticator, token: str | None, scope: Any,
-                        receive: Any, send: Any) -> None:
+    async def _with_key(
+        self, auth: Authenticator, token: str | None, scope: Any, receive: Any, send: Any
+    ) -> None:
         await auth.await_key(token)
         await self._route(scope, receive, send)
 
@@ -286,7 +318,7 @@ class GatewayApp(Starlette):
             if route is not None and match is not None:
                 scope["app"] = self
                 scope["path_params"] = {"room": match.group(1)}
-                return route(scope, receive, send)  # type: ignore[no-any-return]
+                return route(scope, receive, send)
         return super().__call__(scope, receive, send)
 
     def _handler(self, exc: Exception, *, unexpected: bool) -> Any:
@@ -320,11 +352,13 @@ class GatewayApp(Starlette):
                 handler = self._handler(exc, unexpected=False)
                 if handler is None:  # as Starlette does: a 500 body, and the server logs it
                     await (await self._handler(exc, unexpected=True)(request, exc))(
-                        scope, receive, send)
+                        scope, receive, send
+                    )
                     raise
                 await (await handler(request, exc))(scope, receive, send)
                 return
             await response(scope, receive, send)
+
         return app
 
 
@@ -334,8 +368,8 @@ SDK_PATH = "/sdk/chat-gateway.js"
 # only; nothing may frame them (clickjacking) or learn their address from a link.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
-                               "img-src 'self' data:; connect-src 'self'; "
-                               "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "img-src 'self' data:; connect-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -384,15 +418,19 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
 
     def page(name: str) -> Any:
         async def endpoint(request: Request) -> Response:
-            return FileResponse(static / name, headers={"Cache-Control": "no-cache",
-                                                        **PAGE_HEADERS})
+            return FileResponse(
+                static / name, headers={"Cache-Control": "no-cache", **PAGE_HEADERS}
+            )
+
         return endpoint
 
     async def sdk_module(request: Request) -> Response:
         # an ES module: served as JavaScript (pages send nosniff), revalidated like the pages
-        return FileResponse(sdk, media_type="text/javascript; charset=utf-8",
-                            headers={"Cache-Control": "no-cache",
-                                     "X-Content-Type-Options": "nosniff"})
+        return FileResponse(
+            sdk,
+            media_type="text/javascript; charset=utf-8",
+            headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
+        )
 
     routes = [
         Route("/v1/rooms/{room}/messages", messages, methods=["GET", "POST"]),
@@ -409,8 +447,7 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         Route("/v1/server/unsubscribe", server_api.unsubscribe, methods=["POST"]),
         Route("/v1/server/rooms", server_api.list_rooms, methods=["GET"]),
         Route("/v1/server/rooms/{room}", server_api.room_info, methods=["GET"]),
-        Route("/v1/server/rooms/{room}/messages", server_api.purge_messages,
-              methods=["DELETE"]),
+        Route("/v1/server/rooms/{room}/messages", server_api.purge_messages, methods=["DELETE"]),
         Route("/v1/server/broadcast", server_api.broadcast, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
@@ -430,14 +467,18 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         routes=routes,
         lifespan=lifespan,
         middleware=[Middleware(RequestContext)],
-        exception_handlers={ApiError: api_error, HTTPException: http_error,
-                            StoreUnavailable: store_unavailable,
-                            Exception: internal_error},
+        exception_handlers={
+            ApiError: api_error,
+            HTTPException: http_error,
+            StoreUnavailable: store_unavailable,
+            Exception: internal_error,
+        },
     )
     # A path with or without its trailing slash is one route or a 404, never a
     # redirect built from the request's Host header.
     app.router.redirect_slashes = False
-    open_mode = not ((settings.auth_secret or "").split() or settings.auth_jwks_url
-                     or settings.auth_public_key)
+    open_mode = not (
+        (settings.auth_secret or "").split() or settings.auth_jwks_url or settings.auth_public_key
+    )
     app.state.openapi = orjson.dumps(openapi.document(open_mode))
     return app

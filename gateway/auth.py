@@ -142,8 +142,11 @@ def load_public_key(text: str) -> PublicKey:
     text = text.strip().replace("\\n", "\n")
     if "-----BEGIN" not in text:
         body = "".join(text.split())
-        text = "-----BEGIN PUBLIC KEY-----\n" + "\n".join(
-            body[i:i + 64] for i in range(0, len(body), 64)) + "\n-----END PUBLIC KEY-----\n"
+        text = (
+            "-----BEGIN PUBLIC KEY-----\n"
+            + "\n".join(body[i : i + 64] for i in range(0, len(body), 64))
+            + "\n-----END PUBLIC KEY-----\n"
+        )
     data = text.encode()
     try:
         if "-----BEGIN CERTIFICATE-----" in text:
@@ -154,8 +157,10 @@ def load_public_key(text: str) -> PublicKey:
         raise ValueError(f"not a PEM public key or certificate ({exc})") from None
     algorithms = pinned_algorithms(key)
     if not algorithms:
-        raise ValueError(f"a {type(key).__name__} cannot verify tokens; use an RSA, "
-                         "EC P-256/P-384 or Ed25519 key")
+        raise ValueError(
+            f"a {type(key).__name__} cannot verify tokens; use an RSA, "
+            "EC P-256/P-384 or Ed25519 key"
+        )
     return PublicKey(key, algorithms)
 
 
@@ -169,15 +174,17 @@ class JwksKeys:
     keeps the keys already known.
     """
 
-    def __init__(self, url: str, *, refresh: float = 300.0, min_interval: float = 5.0,
-                 timeout: float = 5.0) -> None:
+    def __init__(
+        self, url: str, *, refresh: float = 300.0, min_interval: float = 5.0, timeout: float = 5.0
+    ) -> None:
         self.url = url
         self.refresh_interval = refresh
         self.min_interval = min_interval
         self.timeout = timeout
         self.keys: dict[str, PublicKey] = {}
-        self._client = jwt.PyJWKClient(url, cache_jwk_set=False, timeout=timeout,
-                                       headers={"User-Agent": "chat-gateway"})
+        self._client = jwt.PyJWKClient(
+            url, cache_jwk_set=False, timeout=timeout, headers={"User-Agent": "chat-gateway"}
+        )
         self._last_fetch = -math.inf  # monotonic time the last fetch started
         self._fetch: asyncio.Task[None] | None = None
         self._periodic: asyncio.Task[None] | None = None
@@ -186,9 +193,12 @@ class JwksKeys:
     async def start(self) -> None:
         await self.fetch()
         if not self.keys:
-            log.warning("no signing keys from AUTH_JWKS_URL %s yet: tokens are refused until "
-                        "a fetch succeeds (retried on the next token, at most every %g s)",
-                        self.url, self.min_interval)
+            log.warning(
+                "no signing keys from AUTH_JWKS_URL %s yet: tokens are refused until "
+                "a fetch succeeds (retried on the next token, at most every %g s)",
+                self.url,
+                self.min_interval,
+            )
         self._periodic = every(self.refresh_interval, self._refresh, "JWKS refresh")
 
     async def close(self) -> None:
@@ -228,15 +238,21 @@ class JwksKeys:
     async def _fetch_once(self) -> None:
         self._last_fetch = time.monotonic()
         try:
-            data = await asyncio.wait_for(asyncio.to_thread(self._client.fetch_data),
-                                          self.timeout + 1)
+            data = await asyncio.wait_for(
+                asyncio.to_thread(self._client.fetch_data), self.timeout + 1
+            )
             keys = self._parse(data)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - the known keys stay in use
+        except Exception as exc:
             if not self._failing:
-                log.warning("fetching the signing keys from %s failed, keeping the keys "
-                            "fetched before (%d): %s", self.url, len(self.keys), exc)
+                log.warning(
+                    "fetching the signing keys from %s failed, keeping the keys "
+                    "fetched before (%d): %s",
+                    self.url,
+                    len(self.keys),
+                    exc,
+                )
             self._failing = True
             return
         if self._failing:
@@ -256,8 +272,11 @@ class JwksKeys:
             if not isinstance(entry, dict):
                 continue
             kid = entry.get("kid")
-            if (not isinstance(kid, str) or entry.get("use", "sig") != "sig"
-                    or entry.get("kty") == "oct"):
+            if (
+                not isinstance(kid, str)
+                or entry.get("use", "sig") != "sig"
+                or entry.get("kty") == "oct"
+            ):
                 continue  # encryption keys and shared secrets never verify a token
             try:
                 key = jwt.PyJWK(entry).key
@@ -271,8 +290,9 @@ class JwksKeys:
             if algorithms:
                 keys[kid] = PublicKey(key, algorithms, kid)
         if not keys:
-            raise ValueError("the JWKS holds no usable signature key (RSA, EC P-256/P-384 "
-                             "or Ed25519 with a kid)")
+            raise ValueError(
+                "the JWKS holds no usable signature key (RSA, EC P-256/P-384 or Ed25519 with a kid)"
+            )
         return keys
 
 
@@ -287,10 +307,17 @@ class Authenticator:
     """Verifies user tokens and API keys. Constructing it does no I/O; ``start`` fetches
     the JWKS (from the app's lifespan) and ``close`` stops its refresh."""
 
-    def __init__(self, secret: str | None = None, *, leeway: float = 5.0,
-                 api_keys: tuple[str, ...] = (), jwks: JwksKeys | None = None,
-                 public_key: PublicKey | None = None, issuer: str | None = None,
-                 audience: str | None = None) -> None:
+    def __init__(
+        self,
+        secret: str | None = None,
+        *,
+        leeway: float = 5.0,
+        api_keys: tuple[str, ...] = (),
+        jwks: JwksKeys | None = None,
+        public_key: PublicKey | None = None,
+        issuer: str | None = None,
+        audience: str | None = None,
+    ) -> None:
         self.secrets = tuple((secret or "").split())
         self.leeway = leeway
         self.jwks = jwks
@@ -299,17 +326,29 @@ class Authenticator:
         self.audience = audience
         self._api_keys = [k.encode() for k in api_keys]
         required = ["sub", "exp"] + (["iss"] if issuer else []) + (["aud"] if audience else [])
-        self._options: Any = {"require": required,
-                                         "verify_aud": audience is not None}
+        self._options: Any = {"require": required, "verify_aud": audience is not None}
 
     @classmethod
     def from_settings(cls, s: Settings) -> Authenticator:
-        jwks = (JwksKeys(s.auth_jwks_url, refresh=s.auth_jwks_refresh,
-                         min_interval=s.auth_jwks_min_interval, timeout=s.auth_jwks_timeout)
-                if s.auth_jwks_url else None)
-        return cls(s.auth_secret, leeway=s.auth_leeway, api_keys=s.api_keys, jwks=jwks,
-                   public_key=load_public_key(s.auth_public_key) if s.auth_public_key else None,
-                   issuer=s.auth_issuer, audience=s.auth_audience)
+        jwks = (
+            JwksKeys(
+                s.auth_jwks_url,
+                refresh=s.auth_jwks_refresh,
+                min_interval=s.auth_jwks_min_interval,
+                timeout=s.auth_jwks_timeout,
+            )
+            if s.auth_jwks_url
+            else None
+        )
+        return cls(
+            s.auth_secret,
+            leeway=s.auth_leeway,
+            api_keys=s.api_keys,
+            jwks=jwks,
+            public_key=load_public_key(s.auth_public_key) if s.auth_public_key else None,
+            issuer=s.auth_issuer,
+            audience=s.auth_audience,
+        )
 
     async def start(self) -> None:
         if self.jwks is not None:
@@ -326,18 +365,26 @@ class Authenticator:
     def warnings(self) -> list[str]:
         """What an operator should hear about at start."""
         if self.open_mode:
-            return ["open mode: none of AUTH_SECRET, AUTH_JWKS_URL, AUTH_PUBLIC_KEY is set, "
-                    "so anyone may read and post in any room under any author name"]
+            return [
+                "open mode: none of AUTH_SECRET, AUTH_JWKS_URL, AUTH_PUBLIC_KEY is set, "
+                "so anyone may read and post in any room under any author name"
+            ]
         out = []
         if any(len(s.encode()) < 32 for s in self.secrets):
-            out.append("an AUTH_SECRET is shorter than 32 bytes, below what HS256 needs "
-                       "(RFC 7518, section 3.2)")
+            out.append(
+                "an AUTH_SECRET is shorter than 32 bytes, below what HS256 needs "
+                "(RFC 7518, section 3.2)"
+            )
         if not self._api_keys:
-            out.append("API_KEYS is unset: POST /v1/publish refuses every request (401); "
-                       "set API_KEYS for backend publishers")
+            out.append(
+                "API_KEYS is unset: POST /v1/publish refuses every request (401); "
+                "set API_KEYS for backend publishers"
+            )
         if (self.jwks or self.public_key) and not self.audience:
-            out.append("AUTH_AUDIENCE is unset: any token the identity provider signs is "
-                       "accepted, whichever application it was issued for")
+            out.append(
+                "AUTH_AUDIENCE is unset: any token the identity provider signs is "
+                "accepted, whichever application it was issued for"
+            )
         return out
 
     @property
@@ -353,8 +400,12 @@ class Authenticator:
         except jwt.PyJWTError:
             return None
         kid = header.get("kid")
-        if (isinstance(kid, str) and header.get("alg") in ASYMMETRIC_ALGORITHMS
-                and kid not in self.jwks.keys and len(kid) <= 256):
+        if (
+            isinstance(kid, str)
+            and header.get("alg") in ASYMMETRIC_ALGORITHMS
+            and kid not in self.jwks.keys
+            and len(kid) <= 256
+        ):
             return kid
         return None
 
@@ -377,12 +428,18 @@ class Authenticator:
             raise ApiError("unauthorized", "the token's sub must be a string of 1..128 characters")
         exp = claims["exp"]
         if isinstance(exp, bool) or not isinstance(exp, (int, float)) or not math.isfinite(exp):
-            raise ApiError("unauthorized", "the token's exp must be a number (seconds since "
-                                           "1970-01-01 UTC)")
-        return Identity(sub, user=True, rooms=self._patterns(claims, "rooms"),
-                        read_rooms=self._patterns(claims, "read_rooms"),
-                        moderate=self._patterns(claims, "moderate"),
-                        expires_at=float(exp) + self.leeway, exp=exp)
+            raise ApiError(
+                "unauthorized", "the token's exp must be a number (seconds since 1970-01-01 UTC)"
+            )
+        return Identity(
+            sub,
+            user=True,
+            rooms=self._patterns(claims, "rooms"),
+            read_rooms=self._patterns(claims, "read_rooms"),
+            moderate=self._patterns(claims, "moderate"),
+            expires_at=float(exp) + self.leeway,
+            exp=exp,
+        )
 
     @staticmethod
     def _patterns(claims: dict[str, Any], name: str) -> tuple[str, ...] | None:
@@ -405,10 +462,14 @@ class Authenticator:
                 raise ApiError("unauthorized", f"the token is not a valid JWT: {exc}") from None
         if alg == HMAC_ALGORITHM:
             if not self.secrets:
-                raise ApiError("unauthorized", "HS256 tokens are not accepted: this gateway "
-                               "verifies tokens with the identity provider's public keys")
+                raise ApiError(
+                    "unauthorized",
+                    "HS256 tokens are not accepted: this gateway "
+                    "verifies tokens with the identity provider's public keys",
+                )
             candidates: list[tuple[Any, tuple[str, ...]]] = [
-                (secret, (HMAC_ALGORITHM,)) for secret in self.secrets]
+                (secret, (HMAC_ALGORITHM,)) for secret in self.secrets
+            ]
         elif alg in ASYMMETRIC_ALGORITHMS:
             public = self._public_key(jwt.get_unverified_header(token).get("kid"), alg)
             candidates = [(public.key, public.algorithms)]
@@ -419,23 +480,32 @@ class Authenticator:
                 with warnings.catch_warnings():
                     # A short secret is reported once at start, not on every request.
                     warnings.simplefilter("ignore", InsecureKeyLengthWarning)
-                    return jwt.decode(  # type: ignore[no-any-return]
-                        token, key, algorithms=list(algorithms), leeway=self.leeway,
-                        issuer=self.issuer, audience=self.audience, options=self._options)
+                    return jwt.decode(
+                        token,
+                        key,
+                        algorithms=list(algorithms),
+                        leeway=self.leeway,
+                        issuer=self.issuer,
+                        audience=self.audience,
+                        options=self._options,
+                    )
             except jwt.InvalidSignatureError:
                 if i + 1 < len(candidates):
                     continue  # the next secret of a rotation
                 raise ApiError("unauthorized", "the token's signature does not verify") from None
             except jwt.InvalidAlgorithmError:
-                raise ApiError("unauthorized", self._refused_algorithm(
-                    jwt.get_unverified_header(token).get("alg"))) from None
+                raise ApiError(
+                    "unauthorized",
+                    self._refused_algorithm(jwt.get_unverified_header(token).get("alg")),
+                ) from None
             except jwt.InvalidTokenError as exc:
                 raise ApiError("unauthorized", self._explain(exc)) from None
         raise AssertionError("unreachable: candidates is never empty")
 
     def _refused_algorithm(self, alg: Any) -> str:
         accepted = ([HMAC_ALGORITHM] if self.secrets else []) + (
-            sorted(ASYMMETRIC_ALGORITHMS) if self.jwks or self.public_key else [])
+            sorted(ASYMMETRIC_ALGORITHMS) if self.jwks or self.public_key else []
+        )
         return f"the token's algorithm {alg!r} is not accepted (accepted: {', '.join(accepted)})"
 
     def _public_key(self, kid: Any, alg: str) -> PublicKey:
@@ -444,15 +514,23 @@ class Authenticator:
             key = self.public_key
         if key is None:
             if self.jwks is None:
-                raise ApiError("unauthorized", f"{alg} tokens are not accepted: no public key "
-                               "is configured (AUTH_JWKS_URL or AUTH_PUBLIC_KEY)")
+                raise ApiError(
+                    "unauthorized",
+                    f"{alg} tokens are not accepted: no public key "
+                    "is configured (AUTH_JWKS_URL or AUTH_PUBLIC_KEY)",
+                )
             if not isinstance(kid, str):
                 raise ApiError("unauthorized", "the token has no kid header naming its key")
-            raise ApiError("unauthorized", f"the token's key id {kid[:64]!r} is not among the "
-                           "identity provider's keys")
+            raise ApiError(
+                "unauthorized",
+                f"the token's key id {kid[:64]!r} is not among the identity provider's keys",
+            )
         if alg not in key.algorithms:
-            raise ApiError("unauthorized", f"the token's algorithm {alg} does not match its "
-                           f"key, which verifies {', '.join(key.algorithms)} only")
+            raise ApiError(
+                "unauthorized",
+                f"the token's algorithm {alg} does not match its "
+                f"key, which verifies {', '.join(key.algorithms)} only",
+            )
         return key
 
     def _explain(self, exc: Exception) -> str:
@@ -471,8 +549,10 @@ class Authenticator:
         if not self._api_keys:
             if self.open_mode:
                 return
-            raise ApiError("unauthorized", "no API key is configured (API_KEYS), and with "
-                           "auth on this route needs one")
+            raise ApiError(
+                "unauthorized",
+                "no API key is configured (API_KEYS), and with auth on this route needs one",
+            )
         if not key:
             raise ApiError("unauthorized", "an API key is required: Authorization: Bearer <key>")
         given = key.encode()

@@ -34,9 +34,9 @@ from starlette.responses import Response
 
 from gateway import validation as v
 from gateway.auth import Identity, bearer, is_api_key
+from gateway.core import POST, Gateway
 from gateway.edge import encoded_json_response, gateway_of, identify, json_response
 from gateway.errors import ApiError
-from gateway.core import POST, Gateway
 from gateway.hub import wire_change
 from gateway.periodic import every
 from pubsub import BrokerUnavailable
@@ -70,8 +70,7 @@ class Chat:
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
-        self._raise = None if gw.broker.redis is None else Script(gw.broker.redis,
-                                                                  _RAISE_CHANGE)
+        self._raise = None if gw.broker.redis is None else Script(gw.broker.redis, _RAISE_CHANGE)
         self._check: asyncio.Task[None] | None = None
         self._typing: dict[tuple[str, str], float] = {}  # without Redis: window ends
         self._receipts: dict[tuple[str, str], int] = {}  # waiting to go out: latest seq
@@ -80,8 +79,9 @@ class Chat:
 
     def start(self) -> None:
         if self._raise is not None:
-            self._check = every(self.gw.settings.position_interval, self.check_changes,
-                                "change position check")
+            self._check = every(
+                self.gw.settings.position_interval, self.check_changes, "change position check"
+            )
 
     def _change_key(self, room: str) -> str:
         return f"{self.gw.settings.key_prefix}{{{room}}}:change"
@@ -94,8 +94,12 @@ class Chat:
         if not rooms:
             return
         keys = [self._change_key(r.name) for r in rooms]
-        results = await per_key(self.gw.broker.redis, getattr(self.gw.broker, "batch", None),
-                                self.gw.broker.guard, [(key, [("GET", key)]) for key in keys])
+        results = await per_key(
+            self.gw.broker.redis,
+            getattr(self.gw.broker, "batch", None),
+            self.gw.broker.guard,
+            [(key, [("GET", key)]) for key in keys],
+        )
         for r, result in zip(rooms, results, strict=True):
             if isinstance(result, BaseException) or result[0] is None:
                 continue
@@ -116,8 +120,15 @@ class Chat:
 
     # -- edits and deletes ---------------------------------------------------
 
-    async def change(self, room: str, seq: int, text: str | None, *, author: str | None,
-                     idempotency_key: tuple[str, str] | None = None) -> Message:
+    async def change(
+        self,
+        room: str,
+        seq: int,
+        text: str | None,
+        *,
+        author: str | None,
+        idempotency_key: tuple[str, str] | None = None,
+    ) -> Message:
         """Edit (``text``) or delete (None) a message; ``author``: only theirs, None:
         any; ``idempotency_key``: ``(owner, key)``. Acknowledged once the store
         committed and the cache was voided."""
@@ -126,17 +137,22 @@ class Chat:
             raise ApiError("unavailable", "the instance is shutting down; retry on another")
         assert gw.history is not None and gw.hub is not None
         try:
-            change, msg = await gw.store.change(room, seq, text, author=author,
-                                                idempotency_key=idempotency_key)
+            change, msg = await gw.store.change(
+                room, seq, text, author=author, idempotency_key=idempotency_key
+            )
         except MessageNotFound as exc:
             raise ApiError("not_found", str(exc)) from None
         except NotAuthor:
-            raise ApiError("forbidden", "only the message's author (or a moderator of the "
-                                        "room, or an API key) may edit or delete it") from None
+            raise ApiError(
+                "forbidden",
+                "only the message's author (or a moderator of the "
+                "room, or an API key) may edit or delete it",
+            ) from None
         except StoreUnavailable as exc:
             log.warning("change refused: %s", exc)
-            raise ApiError("unavailable", "the message store is unavailable; nothing was "
-                                          "changed, retry later") from None
+            raise ApiError(
+                "unavailable", "the message store is unavailable; nothing was changed, retry later"
+            ) from None
         if change is None:
             return msg  # nothing changed (a repeated delete, the same text)
         if gw.webhooks is not None:  # its events committed with it: send them now
@@ -144,9 +160,11 @@ class Chat:
         await gw.history.changed(room)
         if self._raise is not None:
             try:
-                await self._raise(keys=[self._change_key(room)],
-                                  args=[change.change, gw.settings.history_cache_ttl])
-            except Exception as exc:  # noqa: BLE001 - committed; the publish may still go
+                await self._raise(
+                    keys=[self._change_key(room)],
+                    args=[change.change, gw.settings.history_cache_ttl],
+                )
+            except Exception as exc:
                 log.warning("change position not raised: %r", exc)
         if gw.settings.fault_skip_publish:  # test-only: killed after commit
             return msg
@@ -166,8 +184,10 @@ class Chat:
         if not await self._typing_window(room, user):
             return
         try:
-            await gw.broker.publish(gw.hub.channel(room), b"t:" + orjson.dumps(
-                {"type": "typing", "room": room, "user": user}))
+            await gw.broker.publish(
+                gw.hub.channel(room),
+                b"t:" + orjson.dumps({"type": "typing", "room": room, "user": user}),
+            )
         except BrokerUnavailable as exc:
             log.debug("typing notice lost: %s", exc)
 
@@ -178,9 +198,8 @@ class Chat:
             digest = hashlib.sha256(user.encode()).hexdigest()[:24]
             key = f"{self.gw.settings.key_prefix}typing:{{{room}}}:{digest}"
             try:
-                return bool(await redis.set(key, b"1", nx=True,
-                                            px=int(TYPING_INTERVAL * 1000)))
-            except Exception as exc:  # noqa: BLE001 - best effort: this instance decides
+                return bool(await redis.set(key, b"1", nx=True, px=int(TYPING_INTERVAL * 1000)))
+            except Exception as exc:
                 log.debug("typing window not checked in Redis: %r", exc)
         now = time.monotonic()
         if len(self._typing) > LOCAL_TYPING_MAX:
@@ -198,7 +217,8 @@ class Chat:
         self._receipts[key] = pos.seq
         if key not in self._timers:
             self._timers[key] = asyncio.get_running_loop().call_later(
-                RECEIPT_DEBOUNCE, self._receipt_due, key)
+                RECEIPT_DEBOUNCE, self._receipt_due, key
+            )
         return pos
 
     def _receipt_due(self, key: tuple[str, str]) -> None:
@@ -214,8 +234,10 @@ class Chat:
         gw = self.gw
         assert gw.hub is not None
         try:
-            await gw.broker.publish(gw.hub.channel(room), b"r:" + orjson.dumps(
-                {"type": "read", "room": room, "user": user, "seq": seq}))
+            await gw.broker.publish(
+                gw.hub.channel(room),
+                b"r:" + orjson.dumps({"type": "read", "room": room, "user": user, "seq": seq}),
+            )
         except BrokerUnavailable as exc:
             log.debug("read receipt lost: %s", exc)
 
@@ -256,8 +278,9 @@ def changed_by(identity: Identity, room: str, given: Any) -> str | None:
     return identity.name if identity.user else v.author(given)
 
 
-async def _body(request: Request, schema: dict[str, Any], *, optional: bool = False
-                ) -> dict[str, Any]:
+async def _body(
+    request: Request, schema: dict[str, Any], *, optional: bool = False
+) -> dict[str, Any]:
     gw = gateway_of(request)
     raw = await v.read_body(request, gw.settings.max_body_bytes)
     if optional and not raw.strip():
@@ -277,8 +300,9 @@ async def edit_message(request: Request) -> Response:
     text = v.text(body.get("text"))
     author, bucket = await _changer(request, room, body)
     decision = await gw.rate(POST, bucket)
-    msg = await chat_of(gw).change(room, seq, text, author=author,
-                                   idempotency_key=None if key is None else (bucket, key))
+    msg = await chat_of(gw).change(
+        room, seq, text, author=author, idempotency_key=None if key is None else (bucket, key)
+    )
     return encoded_json_response(msg.to_json(), 200, decision.headers())
 
 
@@ -291,8 +315,9 @@ async def delete_message(request: Request) -> Response:
     body = await _body(request, v.DELETE_MESSAGE, optional=True)
     author, bucket = await _changer(request, room, body)
     decision = await gw.rate(POST, bucket)
-    msg = await chat_of(gw).change(room, seq, None, author=author,
-                                   idempotency_key=None if key is None else (bucket, key))
+    msg = await chat_of(gw).change(
+        room, seq, None, author=author, idempotency_key=None if key is None else (bucket, key)
+    )
     return encoded_json_response(msg.to_json(), 200, decision.headers())
 
 
@@ -304,18 +329,25 @@ def reader(identity: Identity, given: dict[str, Any]) -> str:
     if "user" in given:
         value = given["user"]
         if not isinstance(value, str):
-            raise ApiError("invalid_request", f"user must be a string of 1..{v.MAX_AUTHOR} "
-                                              "characters", field="user")
+            raise ApiError(
+                "invalid_request",
+                f"user must be a string of 1..{v.MAX_AUTHOR} characters",
+                field="user",
+            )
         try:
             name = v.author(value)
         except ApiError as exc:
-            raise ApiError("invalid_request", exc.message.replace("author", "user", 1),
-                           field="user") from None
+            raise ApiError(
+                "invalid_request", exc.message.replace("author", "user", 1), field="user"
+            ) from None
     if identity.user:
         return identity.name
     if name is None:
-        raise ApiError("invalid_request", "user is required in open mode: whose read "
-                                          "position this is", field="user")
+        raise ApiError(
+            "invalid_request",
+            "user is required in open mode: whose read position this is",
+            field="user",
+        )
     return name
 
 

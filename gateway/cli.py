@@ -74,7 +74,7 @@ class GatewayServer(uvicorn.Server):
         self.config.timeout_graceful_shutdown = max(0.1, remaining - 1)  # type: ignore[assignment]
         try:
             await asyncio.wait_for(super().shutdown(sockets), remaining)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.error("shutdown exceeded SHUTDOWN_TIMEOUT; exiting with work cancelled")
         log.info("shut down")
 
@@ -83,12 +83,16 @@ def cannot_start(database_url: str, exc: BaseException) -> str:
     """One line for an operator whose database cannot be opened: what and where
     (``StoreUnavailable`` names the target, without its password), then a hint."""
     if database_url.startswith("sqlite"):
-        hint = ("DATABASE_URL must name a file in a directory this user may write, "
-                "e.g. sqlite:////data/chat-gateway.db (four slashes for an absolute path)")
+        hint = (
+            "DATABASE_URL must name a file in a directory this user may write, "
+            "e.g. sqlite:////data/chat-gateway.db (four slashes for an absolute path)"
+        )
     else:
-        hint = ("check that Postgres runs and accepts connections there, that the database "
-                "exists (createdb NAME) and the user and password are right; or unset "
-                "DATABASE_URL for the embedded SQLite file")
+        hint = (
+            "check that Postgres runs and accepts connections there, that the database "
+            "exists (createdb NAME) and the user and password are right; or unset "
+            "DATABASE_URL for the embedded SQLite file"
+        )
     return f"chat-gateway: {exc}. Hint: {hint}"
 
 
@@ -134,8 +138,8 @@ class StartupReport:
 
 
 def build_server(settings: Settings) -> GatewayServer:
-    from gateway.app import create_app
     from gateway import wsout
+    from gateway.app import create_app
     from gateway.transport import HttpLimits, HttpProtocol
     from gateway.wsout import DirectProtocol
 
@@ -147,11 +151,14 @@ def build_server(settings: Settings) -> GatewayServer:
         host=settings.host,
         port=settings.port,
         # httptools with bounds on heads, bodies and stalled writes (gateway.transport)
-        http=HttpProtocol.with_limits(HttpLimits(
-            header_timeout=settings.http_header_timeout,
-            body_timeout=settings.http_body_timeout,
-            max_header_bytes=settings.http_max_header_bytes,
-            write_timeout=settings.sse_send_timeout)),
+        http=HttpProtocol.with_limits(
+            HttpLimits(
+                header_timeout=settings.http_header_timeout,
+                body_timeout=settings.http_body_timeout,
+                max_header_bytes=settings.http_max_header_bytes,
+                write_timeout=settings.sse_send_timeout,
+            )
+        ),
         # websockets-sansio (gateway.transport), plus direct fan-out writes (gateway.wsout).
         ws=DirectProtocol,
         ws_max_size=settings.ws_max_size,
@@ -177,25 +184,32 @@ def main(argv: list[str] | None = None) -> int:
     from gateway import usage
 
     parser = argparse.ArgumentParser(
-        prog="chat-gateway", description=usage.summary(), epilog=usage.environment_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version",
-                        version=f"%(prog)s {usage.version()}")
-    sub = parser.add_subparsers(dest="command", required=True, title="commands",
-                                metavar="COMMAND")
-    serve = sub.add_parser("serve", help="run one gateway instance",
-                           description="Run one gateway instance. Configuration is by "
-                                       "environment: chat-gateway --help lists it.")
+        prog="chat-gateway",
+        description=usage.summary(),
+        epilog=usage.environment_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {usage.version()}")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve",
+        help="run one gateway instance",
+        description="Run one gateway instance. Configuration is by "
+        "environment: chat-gateway --help lists it.",
+    )
     serve.add_argument("--host", help="address to listen on (overrides HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (overrides PORT)")
-    serve.add_argument("--log-level", help="debug, info, warning or error "
-                                           "(overrides LOG_LEVEL)")
-    sub.add_parser("migrate", help="apply pending schema migrations and exit",
-                   description="Apply pending schema migrations to DATABASE_URL and exit.")
+    serve.add_argument("--log-level", help="debug, info, warning or error (overrides LOG_LEVEL)")
+    sub.add_parser(
+        "migrate",
+        help="apply pending schema migrations and exit",
+        description="Apply pending schema migrations to DATABASE_URL and exit.",
+    )
     args = parser.parse_args(argv)
     try:
-        settings = Settings.from_env(**{k: getattr(args, k, None)
-                                        for k in ("host", "port", "log_level")})
+        settings = Settings.from_env(
+            **{k: getattr(args, k, None) for k in ("host", "port", "log_level")}
+        )
     except ConfigError as exc:
         print(f"chat-gateway: configuration error: {exc}", file=sys.stderr)
         return 2

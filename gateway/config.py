@@ -9,8 +9,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -25,7 +26,7 @@ class Rate:
     period: float
 
     @classmethod
-    def parse(cls, text: str, name: str = "RATE_LIMIT") -> "Rate":
+    def parse(cls, text: str, name: str = "RATE_LIMIT") -> Rate:
         m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*(ms|s|m|h)?\s*", text)
         if not m or int(m.group(1)) < 1:
             raise ConfigError(
@@ -51,11 +52,12 @@ class Backoff:
     longest: float
 
     @classmethod
-    def parse(cls, text: str, name: str = "WEBHOOK_BACKOFF") -> "Backoff":
+    def parse(cls, text: str, name: str = "WEBHOOK_BACKOFF") -> Backoff:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*", text)
         if not m or float(m.group(1)) <= 0 or float(m.group(2)) < float(m.group(1)):
-            raise ConfigError(f"{name}={text!r} is not MIN,MAX seconds with 0 < MIN <= MAX, "
-                              "e.g. '5,3600'")
+            raise ConfigError(
+                f"{name}={text!r} is not MIN,MAX seconds with 0 < MIN <= MAX, e.g. '5,3600'"
+            )
         return cls(float(m.group(1)), float(m.group(2)))
 
     def __str__(self) -> str:
@@ -164,7 +166,7 @@ class Settings:
     fault_cut_from_redis: bool = False
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for f in fields(cls):
@@ -175,20 +177,31 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values).validated()
 
-    def with_(self, **changes: Any) -> "Settings":
+    def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes).validated()
 
-    def validated(self) -> "Settings":
+    def validated(self) -> Settings:
         if not (self.database_url.startswith(("postgres://", "postgresql://", "sqlite://"))):
             raise ConfigError(
                 f"DATABASE_URL={self.database_url!r}: use postgresql://… or sqlite:///PATH"
             )
-        if not self.redis_url.startswith(("memory://", "redis://", "rediss://", "unix://",
-                                          "redis+cluster://", "rediss+cluster://",
-                                          "redis+sentinel://", "rediss+sentinel://")):
-            raise ConfigError(f"REDIS_URL={self.redis_url!r}: use redis://…, rediss://…, "
-                              "redis+cluster://host:port,…, "
-                              "redis+sentinel://host:port,…/SERVICE or memory://")
+        if not self.redis_url.startswith(
+            (
+                "memory://",
+                "redis://",
+                "rediss://",
+                "unix://",
+                "redis+cluster://",
+                "rediss+cluster://",
+                "redis+sentinel://",
+                "rediss+sentinel://",
+            )
+        ):
+            raise ConfigError(
+                f"REDIS_URL={self.redis_url!r}: use redis://…, rediss://…, "
+                "redis+cluster://host:port,…, "
+                "redis+sentinel://host:port,…/SERVICE or memory://"
+            )
         if "+cluster://" in self.redis_url:
             from pubsub.cluster import parse_cluster_url
 
@@ -207,8 +220,12 @@ class Settings:
             raise ConfigError(f"PORT={self.port} is out of range")
         if self.db_pool_min < 0 or self.db_pool_max < max(1, self.db_pool_min):
             raise ConfigError("DB_POOL_MAX must be at least 1 and at least DB_POOL_MIN")
-        for name in ("rate_limit", "publish_rate_limit", "connect_rate_limit",
-                     "subscribe_rate_limit"):
+        for name in (
+            "rate_limit",
+            "publish_rate_limit",
+            "connect_rate_limit",
+            "subscribe_rate_limit",
+        ):
             rate = getattr(self, name)
             # The bucket's arithmetic is in integers inside a double's exact range.
             if rate.capacity * (rate.period * 1e6 + 2e6) >= 2**53:
@@ -231,10 +248,18 @@ class Settings:
         self._validate_webhooks()
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"LOG_LEVEL={self.log_level!r}: use debug, info, warning or error")
-        for name in ("queue_max_messages", "queue_max_bytes", "ws_max_size", "max_body_bytes",
-                     "presence_ttl", "retention_interval", "retention_batch",
-                     "shutdown_timeout", "max_subscriptions_per_connection",
-                     "http_max_header_bytes"):
+        for name in (
+            "queue_max_messages",
+            "queue_max_bytes",
+            "ws_max_size",
+            "max_body_bytes",
+            "presence_ttl",
+            "retention_interval",
+            "retention_batch",
+            "shutdown_timeout",
+            "max_subscriptions_per_connection",
+            "http_max_header_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.upper()} must be positive")
         return self
@@ -245,8 +270,10 @@ class Settings:
 
             url = urlsplit(self.auth_jwks_url)
             if url.scheme not in ("http", "https") or not url.hostname:
-                raise ConfigError(f"AUTH_JWKS_URL={self.auth_jwks_url!r}: use the https:// "
-                                  "address of the identity provider's JWKS")
+                raise ConfigError(
+                    f"AUTH_JWKS_URL={self.auth_jwks_url!r}: use the https:// "
+                    "address of the identity provider's JWKS"
+                )
         if self.auth_public_key is not None:
             from gateway.auth import load_public_key
 
@@ -257,10 +284,12 @@ class Settings:
         if self.auth_leeway < 0:
             raise ConfigError("AUTH_LEEWAY must be zero or positive")
         if not 0 < self.auth_jwks_min_interval <= self.auth_jwks_refresh:
-            raise ConfigError("AUTH_JWKS_MIN_INTERVAL must be positive and at most "
-                              "AUTH_JWKS_REFRESH")
+            raise ConfigError(
+                "AUTH_JWKS_MIN_INTERVAL must be positive and at most AUTH_JWKS_REFRESH"
+            )
         if self.auth_jwks_timeout <= 0:
             raise ConfigError("AUTH_JWKS_TIMEOUT must be positive")
+
     def _validate_webhooks(self) -> None:
         from webhooks.egress import check_url
         from webhooks.signing import parse_secrets
@@ -273,23 +302,31 @@ class Settings:
         if len(set(self.webhook_urls)) != len(self.webhook_urls):
             raise ConfigError("WEBHOOK_URLS lists a URL twice")
         if self.webhook_urls and not self.webhook_secret:
-            raise ConfigError("WEBHOOK_SECRET is required when WEBHOOK_URLS is set "
-                              "(whsec_<base64>; several separated by spaces)")
+            raise ConfigError(
+                "WEBHOOK_SECRET is required when WEBHOOK_URLS is set "
+                "(whsec_<base64>; several separated by spaces)"
+            )
         if self.webhook_secret:
             try:
                 parse_secrets(self.webhook_secret)
             except ValueError as exc:
                 raise ConfigError(f"WEBHOOK_SECRET: {exc}") from None
-        for name in ("webhook_timeout", "webhook_max_attempts", "webhook_max_age",
-                     "webhook_breaker_failures", "webhook_breaker_cooldown",
-                     "webhook_concurrency", "webhook_poll_interval", "webhook_keep_delivered"):
+        for name in (
+            "webhook_timeout",
+            "webhook_max_attempts",
+            "webhook_max_age",
+            "webhook_breaker_failures",
+            "webhook_breaker_cooldown",
+            "webhook_concurrency",
+            "webhook_poll_interval",
+            "webhook_keep_delivered",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.upper()} must be positive")
 
     @property
     def open_mode(self) -> bool:
-        return not ((self.auth_secret or "").strip() or self.auth_jwks_url
-                    or self.auth_public_key)
+        return not ((self.auth_secret or "").strip() or self.auth_jwks_url or self.auth_public_key)
 
 
 _KNOWN_TYPES = {

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any, Union
+from typing import Any
 
 import orjson
 
@@ -60,9 +60,12 @@ class Purged:
     room: str
 
 
-Command = Union[Disconnect, Unsubscribe, Purged]
-_KINDS: dict[str, type[Any]] = {"disconnect": Disconnect, "unsubscribe": Unsubscribe,
-                                "purged": Purged}
+Command = Disconnect | Unsubscribe | Purged
+_KINDS: dict[str, type[Any]] = {
+    "disconnect": Disconnect,
+    "unsubscribe": Unsubscribe,
+    "purged": Purged,
+}
 _NAMES = {cls: name for name, cls in _KINDS.items()}
 
 
@@ -95,8 +98,7 @@ def purged_frame(transport: str, event: dict[str, Any]) -> bytes:
 
 
 class Control:
-    def __init__(self, broker: Broker, hub: Hub, presence: Presence,
-                 history: HistoryCache) -> None:
+    def __init__(self, broker: Broker, hub: Hub, presence: Presence, history: HistoryCache) -> None:
         self.broker = broker
         self.hub = hub
         self.presence = presence
@@ -137,7 +139,7 @@ class Control:
                 await self.apply(command)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - one command must not stop the others
+            except Exception:
                 log.exception("control command %r failed", command)
 
     async def apply(self, command: Command) -> None:
@@ -148,16 +150,19 @@ class Control:
                     sub.farewell = sse_event("disconnected", {"reason": command.reason})
                 sub.close(CLOSE_DISCONNECTED, command.reason)
             if subs:
-                log.info("user disconnected by the server API",
-                         extra={"user": command.user, "connections": len(subs)})
+                log.info(
+                    "user disconnected by the server API",
+                    extra={"user": command.user, "connections": len(subs)},
+                )
         elif isinstance(command, Unsubscribe):
             room = command.room
             for sub in self.hub.of_user(command.user):
                 if room not in sub.cursors:
                     continue
                 if sub.transport == SSE:  # a stream is one room: it ends
-                    sub.farewell = sse_event("unsubscribed",
-                                             {"room": room, "reason": command.reason})
+                    sub.farewell = sse_event(
+                        "unsubscribed", {"room": room, "reason": command.reason}
+                    )
                     sub.close(CLOSE_NORMAL, command.reason)
                     continue
                 await self.hub.unsubscribe(sub, room)

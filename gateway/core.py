@@ -54,30 +54,46 @@ def scoped_key(identity: Identity, key: str) -> str:
 
 
 class Gateway:
-    def __init__(self, settings: Settings, *, store: Store | None = None,
-                 broker: Broker | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, store: Store | None = None, broker: Broker | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.store = store or create_store(
-            settings.database_url, **(dict(command_timeout=settings.db_command_timeout)
-                                      if settings.database_url.startswith("sqlite") else dict(
-                pool_min=settings.db_pool_min, pool_max=settings.db_pool_max,
-                connect_timeout=settings.db_connect_timeout,
-                command_timeout=settings.db_command_timeout,
-                idle_timeout=settings.db_idle_timeout)))
+            settings.database_url,
+            **(
+                dict(command_timeout=settings.db_command_timeout)
+                if settings.database_url.startswith("sqlite")
+                else dict(
+                    pool_min=settings.db_pool_min,
+                    pool_max=settings.db_pool_max,
+                    connect_timeout=settings.db_connect_timeout,
+                    command_timeout=settings.db_command_timeout,
+                    idle_timeout=settings.db_idle_timeout,
+                )
+            ),
+        )
         self.broker = broker or create_broker(
-            settings.redis_url, **({} if settings.redis_url.startswith("memory") else dict(
-                probe_interval=settings.broker_probe_interval,
-                command_timeout=settings.redis_timeout,
-                control_channel=f"{settings.key_prefix}control")))
+            settings.redis_url,
+            **(
+                {}
+                if settings.redis_url.startswith("memory")
+                else dict(
+                    probe_interval=settings.broker_probe_interval,
+                    command_timeout=settings.redis_timeout,
+                    control_channel=f"{settings.key_prefix}control",
+                )
+            ),
+        )
         self.auth = Authenticator.from_settings(settings)
         self.history: HistoryCache | None = None
         self.hub: Hub | None = None
         self.limiter: RateLimiter | None = None
         self.presence: Presence | None = None
         self.retention: Retention | None = None
-        self.limits = ConnectionLimits(settings.max_connections,
-                                       settings.max_connections_per_identity)
+        self.limits = ConnectionLimits(
+            settings.max_connections, settings.max_connections_per_identity
+        )
         self.started_at = time.time()
         self.closing = False
         # One id per running instance: its presence members and its stats entry.
@@ -98,28 +114,45 @@ class Gateway:
                 log.info("migrations applied: %s", ", ".join(applied))
         if self.settings.webhook_urls:
             # Before the first post: from here every commit writes its events.
-            self.webhooks = Webhooks(self.store, self.settings,
-                                     WebhookMetrics(self.metrics.registry))
+            self.webhooks = Webhooks(
+                self.store, self.settings, WebhookMetrics(self.metrics.registry)
+            )
             await self.webhooks.start()
         await self.broker.start()
         redis = self.broker.redis
         prefix = self.settings.key_prefix
         guard = self.broker.guard
         batch = getattr(self.broker, "batch", None)
-        self.history = HistoryCache(self.store, redis, prefix=prefix, guard=guard,
-                                    ttl=self.settings.history_cache_ttl, metrics=self.metrics,
-                                    batch=batch)
-        self.hub = Hub(self.broker, self.history, prefix=prefix,
-                       gap_wait=self.settings.gap_wait,
-                       position_interval=self.settings.position_interval, metrics=self.metrics)
+        self.history = HistoryCache(
+            self.store,
+            redis,
+            prefix=prefix,
+            guard=guard,
+            ttl=self.settings.history_cache_ttl,
+            metrics=self.metrics,
+            batch=batch,
+        )
+        self.hub = Hub(
+            self.broker,
+            self.history,
+            prefix=prefix,
+            gap_wait=self.settings.gap_wait,
+            position_interval=self.settings.position_interval,
+            metrics=self.metrics,
+        )
         await self.hub.start()
         hub = self.hub
-        self.presence = Presence(self.broker, redis, prefix=prefix,
-                                 ttl=self.settings.presence_ttl, channel=hub.channel,
-                                 held_rooms=lambda: list(hub.rooms),
-                                 debounce=self.settings.presence_debounce,
-                                 instance=self.instance_id,
-                                 notify=self.webhooks.notify if self.webhooks else None)
+        self.presence = Presence(
+            self.broker,
+            redis,
+            prefix=prefix,
+            ttl=self.settings.presence_ttl,
+            channel=hub.channel,
+            held_rooms=lambda: list(hub.rooms),
+            debounce=self.settings.presence_debounce,
+            instance=self.instance_id,
+            notify=self.webhooks.notify if self.webhooks else None,
+        )
         await self.presence.start()
         self.control = Control(self.broker, hub, self.presence, self.history)
         await self.control.start()
@@ -131,16 +164,26 @@ class Gateway:
             self.beacon = Beacon(self, redis, prefix, guard=guard)
             self.beacon.start()
         if self.settings.retention_days is not None:
-            self.retention = Retention(self.store, days=self.settings.retention_days,
-                                       interval=self.settings.retention_interval,
-                                       batch=self.settings.retention_batch)
+            self.retention = Retention(
+                self.store,
+                days=self.settings.retention_days,
+                interval=self.settings.retention_interval,
+                batch=self.settings.retention_batch,
+            )
             self.retention.start()
-        self.limiter = RateLimiter(redis, prefix=prefix, metrics=self.metrics, guard=guard, rates={
-            POST: self.settings.rate_limit,
-            PUBLISH: self.settings.publish_rate_limit,
-            CONNECT: self.settings.connect_rate_limit,
-            SUBSCRIBE: self.settings.subscribe_rate_limit,
-        }, batch=batch)
+        self.limiter = RateLimiter(
+            redis,
+            prefix=prefix,
+            metrics=self.metrics,
+            guard=guard,
+            rates={
+                POST: self.settings.rate_limit,
+                PUBLISH: self.settings.publish_rate_limit,
+                CONNECT: self.settings.connect_rate_limit,
+                SUBSCRIBE: self.settings.subscribe_rate_limit,
+            },
+            batch=batch,
+        )
         self.metrics.watch_pool(self.store.stats)
         for warning in self.auth.warnings():
             log.warning(warning)
@@ -173,14 +216,24 @@ class Gateway:
         assert self.limiter is not None
         decision = await self.limiter.hit(action, identity)
         if not decision.allowed:
-            raise ApiError("rate_limited",
-                           f"too many requests; retry in {decision.retry_after:.1f} s",
-                           headers=decision.headers(),
-                           retry_after=round(decision.retry_after, 3))
+            raise ApiError(
+                "rate_limited",
+                f"too many requests; retry in {decision.retry_after:.1f} s",
+                headers=decision.headers(),
+                retry_after=round(decision.retry_after, 3),
+            )
         return decision
 
-    async def post(self, room: str, author: str, text: str, *, identity: Identity,
-                   transport: str, idempotency_key: str | None = None) -> tuple[Message, bool]:
+    async def post(
+        self,
+        room: str,
+        author: str,
+        text: str,
+        *,
+        identity: Identity,
+        transport: str,
+        idempotency_key: str | None = None,
+    ) -> tuple[Message, bool]:
         """Commit one post by ``identity``; return the message and whether it is new.
 
         An ``idempotency_key`` is the poster's own: it is stored qualified by the
@@ -196,21 +249,25 @@ class Gateway:
             msg, created = await self.store.append(room, author, text, key)
         except StoreUnavailable as exc:
             log.warning("post refused: %s", exc)
-            raise ApiError("unavailable", "the message store is unavailable; nothing was "
-                                          "stored, retry later") from None
+            raise ApiError(
+                "unavailable", "the message store is unavailable; nothing was stored, retry later"
+            ) from None
         if created:
             self.metrics.messages_accepted.labels(transport).inc()
             if self.webhooks is not None:
                 self.webhooks.poke()
             await self._announce([msg])
         elif msg.text != text or msg.author != author:
-            raise ApiError("idempotency_conflict",
-                           "this Idempotency-Key was already used in this room for a different "
-                           "message; use a new key for a new message")
+            raise ApiError(
+                "idempotency_conflict",
+                "this Idempotency-Key was already used in this room for a different "
+                "message; use a new key for a new message",
+            )
         return msg, created
 
-    async def post_many(self, posts: list[tuple[str, str, str]], *,
-                        transport: str) -> list[Message]:
+    async def post_many(
+        self, posts: list[tuple[str, str, str]], *, transport: str
+    ) -> list[Message]:
         """Commit ``(room, author, text)`` posts in this order, together where the
         store can (one connection's publishes that arrived during a commit)."""
         if self.closing:
@@ -219,8 +276,9 @@ class Gateway:
             msgs = await self.store.append_many(posts)
         except StoreUnavailable as exc:
             log.warning("post refused: %s", exc)
-            raise ApiError("unavailable", "the message store is unavailable; nothing was "
-                                          "stored, retry later") from None
+            raise ApiError(
+                "unavailable", "the message store is unavailable; nothing was stored, retry later"
+            ) from None
         self.metrics.messages_accepted.labels(transport).inc(len(msgs))
         if self.webhooks is not None:
             self.webhooks.poke()
@@ -241,9 +299,13 @@ class Gateway:
         batch = getattr(self.broker, "batch", None)
         publish_command = getattr(self.broker, "publish_command", None)
         guard = self.broker.guard
-        if (redis is None or batch is None or publish_command is None
-                or redis is not self.broker.redis
-                or (guard is not None and not guard.usable())):
+        if (
+            redis is None
+            or batch is None
+            or publish_command is None
+            or redis is not self.broker.redis
+            or (guard is not None and not guard.usable())
+        ):
             for msg in msgs:
                 await self.history.committed(msg)
                 if skip_publish:
@@ -261,23 +323,25 @@ class Gateway:
                 commands.append(publish_command(self.hub.channel(msg.room), wire_message(msg)))
         try:
             results = await batch.run(commands)
-        except Exception as exc:  # noqa: BLE001 - committed: say so and go on
+        except Exception as exc:
             if guard is not None:
                 guard.failed()
             results = [exc] * (step * len(msgs))
         for i, msg in enumerate(msgs):
             await self.history.queued_result(msg, results[step * i])
             if not skip_publish and isinstance(results[step * i + 1], Exception):
-                log.warning("live publish lost, delivery falls back to the store: %r",
-                            results[step * i + 1])
+                log.warning(
+                    "live publish lost, delivery falls back to the store: %r", results[step * i + 1]
+                )
 
     async def publish_event(self, room: str, event: str, data: Any) -> None:
         assert self.hub is not None
         try:
             await self.broker.publish(self.hub.channel(room), wire_event(room, event, data))
         except BrokerUnavailable:
-            raise ApiError("unavailable", "the broker is unavailable; the event was not "
-                                          "published") from None
+            raise ApiError(
+                "unavailable", "the broker is unavailable; the event was not published"
+            ) from None
         self.metrics.events_published.inc()
 
     async def publish_events(self, rooms: list[str], event: str, data: Any) -> None:
@@ -292,15 +356,19 @@ class Gateway:
             for room in rooms:
                 await self.publish_event(room, event, data)
             return
-        unavailable = ApiError("unavailable", "the broker is unavailable; the event was not "
-                                              "published to every room")
+        unavailable = ApiError(
+            "unavailable", "the broker is unavailable; the event was not published to every room"
+        )
         if guard is not None and not guard.usable():
             raise unavailable
         try:
-            results = await batch.run([publish_command(self.hub.channel(room),
-                                                       wire_event(room, event, data))
-                                       for room in rooms])
-        except Exception as exc:  # noqa: BLE001 - the link failed: nothing is known sent
+            results = await batch.run(
+                [
+                    publish_command(self.hub.channel(room), wire_event(room, event, data))
+                    for room in rooms
+                ]
+            )
+        except Exception as exc:
             log.warning("broadcast not published: %r", exc)
             results = [exc]
         if any(isinstance(r, BaseException) for r in results):
@@ -321,13 +389,14 @@ class Gateway:
         async def check(probe: Any) -> dict[str, Any]:
             try:
                 await probe()
-            except Exception as exc:  # noqa: BLE001 - reported, not raised
-                return {"ok": False, "error": str(exc) or type(exc).__name__,
-                        "latency_ms": took()}
+            except Exception as exc:
+                return {"ok": False, "error": str(exc) or type(exc).__name__, "latency_ms": took()}
             return {"ok": True, "latency_ms": took()}
 
-        probes = {name: asyncio.ensure_future(check(probe)) for name, probe in
-                  (("database", self.store.ping), ("broker", self.broker.ping))}
+        probes = {
+            name: asyncio.ensure_future(check(probe))
+            for name, probe in (("database", self.store.ping), ("broker", self.broker.ping))
+        }
         try:
             await asyncio.wait(probes.values(), timeout=READY_TIMEOUT)
         finally:
@@ -336,8 +405,15 @@ class Gateway:
                     task.cancel()
                     self._probes.add(task)  # held until it ends
                     task.add_done_callback(self._probes.discard)
-        results = {name: task.result() if task.done() and not task.cancelled() else
-                   {"ok": False, "error": f"no answer within {READY_TIMEOUT:g} s",
-                    "latency_ms": took()} for name, task in probes.items()}
+        results = {
+            name: task.result()
+            if task.done() and not task.cancelled()
+            else {
+                "ok": False,
+                "error": f"no answer within {READY_TIMEOUT:g} s",
+                "latency_ms": took(),
+            }
+            for name, task in probes.items()
+        }
         ok = all(r["ok"] for r in results.values()) and not self.closing
         return ok, results

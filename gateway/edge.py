@@ -20,8 +20,9 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     return encoded_json_response(orjson.dumps(body), status, headers)
 
 
-def encoded_json_response(data: bytes, status: int = 200,
-                          headers: dict[str, str] | None = None) -> Response:
+def encoded_json_response(
+    data: bytes, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
     """A response whose JSON body is already encoded."""
     return Response(data, status_code=status, headers=headers, media_type="application/json")
 
@@ -69,8 +70,9 @@ def token_of(conn: HTTPConnection, *, query_token: bool = False) -> str | None:
 
 def identify(conn: HTTPConnection, *, query_token: bool = False) -> Identity:
     gw = gateway_of(conn)
-    return gw.auth.user(token_of(conn, query_token=query_token),
-                        client_address(conn, gw.settings.trusted_proxies))
+    return gw.auth.user(
+        token_of(conn, query_token=query_token), client_address(conn, gw.settings.trusted_proxies)
+    )
 
 
 def presence_user(conn: HTTPConnection, identity: Identity) -> str | None:

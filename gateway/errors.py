@@ -20,21 +20,33 @@ CODES: dict[str, tuple[int, str]] = {
     "forbidden": (403, "the credentials do not grant this room or action"),
     "not_found": (404, "no such route or object"),
     "method_not_allowed": (405, "the route exists but not with this method"),
-    "idempotency_conflict": (409, "the same identity reused an Idempotency-Key in the room "
-                                  "with a different message (text or author)"),
+    "idempotency_conflict": (
+        409,
+        "the same identity reused an Idempotency-Key in the room "
+        "with a different message (text or author)",
+    ),
     "too_large": (413, "the body or frame exceeds the size limit"),
-    "request_timeout": (408, "the request head or body did not arrive within "
-                             "HTTP_HEADER_TIMEOUT / HTTP_BODY_TIMEOUT; the connection is closed"),
-    "headers_too_large": (431, "the request line and headers exceed HTTP_MAX_HEADER_BYTES; "
-                               "the connection is closed"),
-    "upgrade_required": (426, "the route speaks WebSocket only: open it with an Upgrade "
-                              "request"),
+    "request_timeout": (
+        408,
+        "the request head or body did not arrive within "
+        "HTTP_HEADER_TIMEOUT / HTTP_BODY_TIMEOUT; the connection is closed",
+    ),
+    "headers_too_large": (
+        431,
+        "the request line and headers exceed HTTP_MAX_HEADER_BYTES; the connection is closed",
+    ),
+    "upgrade_required": (426, "the route speaks WebSocket only: open it with an Upgrade request"),
     "rate_limited": (429, "the identity's token bucket is empty; retry after retry_after"),
     "too_many_connections": (429, "the identity holds too many connections"),
-    "too_many_subscriptions": (429, "the WebSocket holds MAX_SUBSCRIPTIONS_PER_CONNECTION "
-                                    "rooms; unsubscribe from one first"),
-    "unavailable": (503, "a dependency (database, broker) is down, or the instance is full "
-                         "or shutting down; nothing was stored"),
+    "too_many_subscriptions": (
+        429,
+        "the WebSocket holds MAX_SUBSCRIPTIONS_PER_CONNECTION rooms; unsubscribe from one first",
+    ),
+    "unavailable": (
+        503,
+        "a dependency (database, broker) is down, or the instance is full "
+        "or shutting down; nothing was stored",
+    ),
     "internal": (500, "an unexpected failure; nothing was stored"),
 }
 
@@ -53,8 +65,15 @@ CLOSE_DISCONNECTED = 4001  # a backend disconnected the user (server API); recon
 class ApiError(Exception):
     """A refusal with a catalogued code; rendered as the error body or an error frame."""
 
-    def __init__(self, code: str, message: str, *, status: int | None = None,
-                 headers: dict[str, str] | None = None, **extra: Any) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
         if code not in CODES:
             raise ValueError(f"unknown error code {code!r}")
         super().__init__(message)
@@ -75,8 +94,12 @@ class ApiError(Exception):
         return out
 
     def response(self) -> Response:
-        return Response(orjson.dumps(self.body()), status_code=self.status,
-                        headers=self.headers, media_type="application/json")
+        return Response(
+            orjson.dumps(self.body()),
+            status_code=self.status,
+            headers=self.headers,
+            media_type="application/json",
+        )
 
 
 def internal() -> ApiError:

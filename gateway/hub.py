@@ -39,13 +39,14 @@ import contextlib
 import itertools
 import logging
 import time
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import orjson
 
-from gateway.periodic import every
 from gateway.errors import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER
 from gateway.lite import Flag
+from gateway.periodic import every
 from pubsub import Broker
 from storage import MAX_PAGE, Change, HistoryCache, Message, StoreUnavailable
 
@@ -72,9 +73,16 @@ class Subscriber:
     # Per room, the last change number given (edits and deletes); made on subscribe.
     ccursors: dict[str, int] | None = None
 
-    def __init__(self, transport: str, *, identity: str = "", max_messages: int = 1000,
-                 max_bytes: int = 4 * 1024 * 1024, sink: Any = None,
-                 user: str | None = None) -> None:
+    def __init__(
+        self,
+        transport: str,
+        *,
+        identity: str = "",
+        max_messages: int = 1000,
+        max_bytes: int = 4 * 1024 * 1024,
+        sink: Any = None,
+        user: str | None = None,
+    ) -> None:
         self.id = next(_ids)
         self.transport = transport
         self.identity = identity
@@ -139,7 +147,8 @@ class Subscriber:
         if self._deadline is not None:
             self._deadline.cancel()
         self._deadline = asyncio.get_running_loop().call_later(
-            max(0.0, deadline - time.time()), self.close, code, reason)
+            max(0.0, deadline - time.time()), self.close, code, reason
+        )
 
     def close(self, code: int, reason: str = "") -> None:
         if self._deadline is not None:
@@ -179,8 +188,9 @@ class Subscriber:
             await self.sink.drained()
             return
         assert self._drained is not None
-        while self.close_code is None and (len(self._queue) * 2 >= self.max_messages
-                                           or self._bytes * 2 >= self.max_bytes):
+        while self.close_code is None and (
+            len(self._queue) * 2 >= self.max_messages or self._bytes * 2 >= self.max_bytes
+        ):
             self._drained.clear()
             await self._drained.wait()
 
@@ -200,8 +210,18 @@ class Changes:
 
 
 class Room:
-    __slots__ = ("name", "channel", "name_json", "subs", "seq", "pending", "gap_timer",
-                 "fill_task", "fill_again", "changes")
+    __slots__ = (
+        "name",
+        "channel",
+        "name_json",
+        "subs",
+        "seq",
+        "pending",
+        "gap_timer",
+        "fill_task",
+        "fill_again",
+        "changes",
+    )
 
     def __init__(self, name: str, channel: str) -> None:
         self.name = name
@@ -241,8 +261,13 @@ def event_frame(transport: str, event: dict[str, Any]) -> bytes:
     """An ephemeral event as the transport sends it."""
     if transport == WS:
         return orjson.dumps({"type": "event", **event})
-    return (b"event: " + event["event"].encode() + b"\ndata: "
-            + orjson.dumps({"room": event["room"], "data": event["data"]}) + b"\n\n")
+    return (
+        b"event: "
+        + str(event["event"]).encode()
+        + b"\ndata: "
+        + orjson.dumps({"room": event["room"], "data": event["data"]})
+        + b"\n\n"
+    )
 
 
 def presence_frame(transport: str, p: dict[str, Any]) -> bytes:
@@ -264,8 +289,15 @@ def wire_change(change: Change) -> bytes:
 def change_frame(transport: str, r: Room, change: int, body: bytes) -> bytes:
     """``message_updated`` / ``message_deleted``: the same object on WS and as SSE data."""
     kind = b"message_deleted" if b'"deleted_at":"' in body else b"message_updated"
-    frame = (b'{"type":"' + kind + b'","room":' + r.name_json + b',"change":%d,"message":'
-             % change + body + b"}")
+    frame = (
+        b'{"type":"'
+        + kind
+        + b'","room":'
+        + r.name_json
+        + b',"change":%d,"message":' % change
+        + body
+        + b"}"
+    )
     if transport == WS:
         return frame
     return b"event: " + kind + b"\ndata: " + frame + b"\n\n"
@@ -276,13 +308,20 @@ def chat_frame(transport: str, event: dict[str, Any]) -> bytes:
     type is the event name."""
     if transport == WS:
         return orjson.dumps(event)
-    return b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+    return b"event: " + str(event["type"]).encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
 
 
 class Hub:
-    def __init__(self, broker: Broker, history: HistoryCache, *, prefix: str = "chat:",
-                 gap_wait: float = 0.25, position_interval: float = 3.0,
-                 metrics: Any | None = None) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        history: HistoryCache,
+        *,
+        prefix: str = "chat:",
+        gap_wait: float = 0.25,
+        position_interval: float = 3.0,
+        metrics: Any | None = None,
+    ) -> None:
         self.broker = broker
         self.history = history
         self.store = history.store
@@ -303,8 +342,7 @@ class Hub:
     async def start(self) -> None:
         self.broker.on_message = self._on_broker_message
         self.broker.on_reconnect = self._on_reconnect
-        self._position_task = every(self.position_interval, self.check_positions,
-                                    "position check")
+        self._position_task = every(self.position_interval, self.check_positions, "position check")
 
     async def close(self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutdown") -> None:
         for sub in list(self.subscribers.values()):
@@ -359,8 +397,9 @@ class Hub:
             else:
                 self._locks[room] = (lock, users - 1)
 
-    async def subscribe(self, sub: Subscriber, room: str, since: int | None = None,
-                        changes_since: int | None = None) -> int:
+    async def subscribe(
+        self, sub: Subscriber, room: str, since: int | None = None, changes_since: int | None = None
+    ) -> int:
         """Join ``room``; queue the ``subscribed`` frame, then (with ``since``) every
         message after it, then live ones. With ``changes_since`` also every edit and
         delete numbered after it (to messages held or replayed), then live ones;
@@ -380,12 +419,12 @@ class Hub:
         last_change = r.changes.last
         if sub.ccursors is None:
             sub.ccursors = {}
-        sub.ccursors[room] = (last_change if changes_since is None
-                              else min(changes_since, last_change))
+        sub.ccursors[room] = (
+            last_change if changes_since is None else min(changes_since, last_change)
+        )
         r.subs[sub] = None
         if sub.transport == WS:
-            sub.reply({"type": "subscribed", "room": room, "seq": latest,
-                       "change": last_change})
+            sub.reply({"type": "subscribed", "room": room, "seq": latest, "change": last_change})
         if self.metrics is not None:
             self.metrics.subscriptions.inc()
         if latest > cursor or sub.ccursors[room] < last_change:
@@ -543,8 +582,11 @@ class Hub:
                 r.fill_again = False
                 page = await self.store.history(r.name, after=r.seq, limit=MAX_PAGE)
                 known = c.last
-                changes = (await self.store.changes(r.name, after=known, limit=MAX_PAGE)
-                           if page.messages else [])
+                changes = (
+                    await self.store.changes(r.name, after=known, limit=MAX_PAGE)
+                    if page.messages
+                    else []
+                )
                 if r.seq is None or self.rooms.get(r.name) is not r:
                     break
                 self._take_changes(r, changes)
@@ -573,7 +615,8 @@ class Hub:
             r.fill_task = None
             if r.pending and r.gap_timer is None and self.rooms.get(r.name) is r:
                 r.gap_timer = asyncio.get_running_loop().call_later(
-                    max(self.gap_wait, 0.5), self._gap_due, r)
+                    max(self.gap_wait, 0.5), self._gap_due, r
+                )
 
     def _take_changes(self, r: Room, changes: list[Change]) -> None:
         """Changes read from the store join the room's pending ones."""
@@ -586,8 +629,9 @@ class Hub:
             if change.change > c.last:
                 c.pending[change.change] = (change.after_seq, change.message.to_json())
 
-    def _dispatch(self, r: Room, seq: int, created_ms: int, changes: int | None,
-                  body: bytes) -> None:
+    def _dispatch(
+        self, r: Room, seq: int, created_ms: int, changes: int | None, body: bytes
+    ) -> None:
         r.seq = seq
         frames: dict[str, bytes] = {}  # encoded once per transport
         delivered = 0
@@ -595,8 +639,11 @@ class Hub:
             cursor = sub.cursors.get(r.name)
             if cursor is None or seq <= cursor:
                 continue
-            if seq != cursor + 1 or (changes is not None and sub.ccursors is not None
-                                     and sub.ccursors.get(r.name, changes) < changes):
+            if seq != cursor + 1 or (
+                changes is not None
+                and sub.ccursors is not None
+                and sub.ccursors.get(r.name, changes) < changes
+            ):
                 # Behind on the messages, or on the changes committed before this one.
                 self._catch_up(sub, r)
                 continue
@@ -636,7 +683,8 @@ class Hub:
         if waiting is not None and r.seq is not None and waiting[0] > r.seq:
             self.fill(r)  # the messages before it were lost or are late
             c.timer = asyncio.get_running_loop().call_later(
-                max(self.gap_wait, 0.5), self._change_due, r)
+                max(self.gap_wait, 0.5), self._change_due, r
+            )
         else:
             if self.metrics is not None:
                 self.metrics.gap_fills.labels("change").inc()
@@ -668,7 +716,8 @@ class Hub:
             c.task = None
             if c.pending and c.timer is None and self.rooms.get(r.name) is r:
                 c.timer = asyncio.get_running_loop().call_later(
-                    max(self.gap_wait, 0.5), self._change_due, r)
+                    max(self.gap_wait, 0.5), self._change_due, r
+                )
 
     def _skip_changes(self, r: Room, to: int) -> None:
         """Numbers up to ``to`` will never be read: the room and its subscribers in
@@ -705,9 +754,12 @@ class Hub:
         if r.changes.task is not None:
             r.changes.task.cancel()
 
-    def _dispatch_event(self, r: Room, event: dict[str, Any],
-                        build: Callable[[str, dict[str, Any]], bytes] = event_frame
-                        ) -> None:
+    def _dispatch_event(
+        self,
+        r: Room,
+        event: dict[str, Any],
+        build: Callable[[str, dict[str, Any]], bytes] = event_frame,
+    ) -> None:
         """Queue an unsequenced frame to every subscriber of the room, encoded once."""
         frames: dict[str, bytes] = {}
         for sub in r.subs:
@@ -720,8 +772,9 @@ class Hub:
 
     def _catch_up(self, sub: Subscriber, r: Room) -> None:
         if r.name not in sub.catchups:
-            sub.catchups[r.name] = self._spawn(self._run_catch_up(sub, r),
-                                               f"catchup-{sub.id}-{r.name}")
+            sub.catchups[r.name] = self._spawn(
+                self._run_catch_up(sub, r), f"catchup-{sub.id}-{r.name}"
+            )
 
     async def _run_catch_up(self, sub: Subscriber, r: Room) -> None:
         """Bring one subscriber up to its room from the store: messages after its
@@ -741,9 +794,11 @@ class Hub:
                 # Read after the messages, so every change committed before one of
                 # them is there to go before it (the page may reach past the room's
                 # position, to messages the room holds back for a change).
-                changes = (await self.store.changes(room, after=ccursor, limit=MAX_PAGE)
-                           if ccursor is not None and (behind_changes or page.messages)
-                           else [])
+                changes = (
+                    await self.store.changes(room, after=ccursor, limit=MAX_PAGE)
+                    if ccursor is not None and (behind_changes or page.messages)
+                    else []
+                )
                 if page.messages and sub.cursors.get(room) == cursor < page.messages[0].seq - 1:
                     # Seqs commit in order, so a hole below the first stored one is
                     # retention's work: those messages are gone; go on after them.
@@ -791,8 +846,7 @@ class Hub:
             return False
         if change.change <= ccursors[r.name]:
             return True  # delivered live meanwhile
-        if not sub.push(change_frame(sub.transport, r, change.change,
-                                     change.message.to_json())):
+        if not sub.push(change_frame(sub.transport, r, change.change, change.message.to_json())):
             return False
         ccursors[r.name] = change.change
         return True
@@ -837,8 +891,9 @@ class Hub:
         """This instance's connections of ``user``."""
         return [sub for sub in self.subscribers.values() if sub.user == user]
 
-    def notify(self, room: str, build: Callable[[str, dict[str, Any]], bytes],
-               event: dict[str, Any]) -> None:
+    def notify(
+        self, room: str, build: Callable[[str, dict[str, Any]], bytes], event: dict[str, Any]
+    ) -> None:
         """Queue one unsequenced frame, ``build(transport, event)``, to every local
         subscriber of ``room``."""
         r = self.rooms.get(room)
@@ -846,6 +901,9 @@ class Hub:
             self._dispatch_event(r, event, build)
 
     def stats(self) -> dict[str, Any]:
-        return {"rooms": len(self.rooms), "subscribers": len(self.subscribers),
-                "queued": sum(s.queued for s in self.subscribers.values()),
-                "time": time.time()}
+        return {
+            "rooms": len(self.rooms),
+            "subscribers": len(self.subscribers),
+            "queued": sum(s.queued for s in self.subscribers.values()),
+            "time": time.time(),
+        }

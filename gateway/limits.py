@@ -9,8 +9,8 @@ identity may hold up to the per-identity limit on each instance.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from gateway.errors import ApiError
 
@@ -25,13 +25,18 @@ class ConnectionLimits:
     def acquire(self, identity: str) -> None:
         """Count one more connection for ``identity``, or raise the refusal."""
         if self.total and self.count >= self.total:
-            raise ApiError("unavailable", f"this instance holds its limit of {self.total} "
-                                          "connections; retry on another",
-                           headers={"Retry-After": "1"})
+            raise ApiError(
+                "unavailable",
+                f"this instance holds its limit of {self.total} connections; retry on another",
+                headers={"Retry-After": "1"},
+            )
         if self.per_identity and self.by_identity[identity] >= self.per_identity:
-            raise ApiError("too_many_connections",
-                           f"this identity already holds {self.per_identity} connections "
-                           "on this instance; close one first", limit=self.per_identity)
+            raise ApiError(
+                "too_many_connections",
+                f"this identity already holds {self.per_identity} connections "
+                "on this instance; close one first",
+                limit=self.per_identity,
+            )
         self.count += 1
         self.by_identity[identity] += 1
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
-                               generate_latest)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -15,38 +15,62 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
-        self.connections = Gauge("chat_connections", "Open client connections",
-                                 ["transport"], registry=r)
-        self.subscriptions = Gauge("chat_subscriptions", "Room subscriptions held on this instance",
-                                   registry=r)
-        self.messages_accepted = Counter("chat_messages_accepted_total",
-                                         "Messages committed by this instance", ["transport"],
-                                         registry=r)
-        self.messages_delivered = Counter("chat_messages_delivered_total",
-                                          "Message frames queued to subscribers", registry=r)
-        self.messages_dropped = Counter("chat_messages_dropped_total",
-                                        "Frames not delivered, by reason", ["reason"], registry=r)
-        self.events_published = Counter("chat_events_published_total",
-                                        "Ephemeral events accepted", registry=r)
-        self.delivery_latency = Histogram("chat_delivery_latency_seconds",
-                                          "Commit to queued-for-subscriber latency",
-                                          buckets=LATENCY_BUCKETS, registry=r)
-        self.cache_requests = Counter("chat_history_cache_total", "History cache lookups",
-                                      ["outcome"], registry=r)
-        self.rate_limit = Counter("chat_rate_limit_decisions_total", "Rate-limit decisions",
-                                  ["action", "decision"], registry=r)
-        self.rate_limit_fallback = Gauge("chat_rate_limit_local_fallback",
-                                         "1 while the limiter runs on per-instance buckets "
-                                         "because Redis is unreachable", registry=r)
-        self.slow_disconnects = Counter("chat_slow_consumer_disconnects_total",
-                                        "Subscribers closed because their queue was full",
-                                        ["transport"], registry=r)
-        self.broker_reconnects = Counter("chat_broker_reconnects_total",
-                                         "Broker subscriber link re-established", registry=r)
-        self.gap_fills = Counter("chat_gap_fills_total", "Fills of a room from the store",
-                                 ["reason"], registry=r)
-        self.http_requests = Counter("chat_http_requests_total", "HTTP responses",
-                                     ["route", "status"], registry=r)
+        self.connections = Gauge(
+            "chat_connections", "Open client connections", ["transport"], registry=r
+        )
+        self.subscriptions = Gauge(
+            "chat_subscriptions", "Room subscriptions held on this instance", registry=r
+        )
+        self.messages_accepted = Counter(
+            "chat_messages_accepted_total",
+            "Messages committed by this instance",
+            ["transport"],
+            registry=r,
+        )
+        self.messages_delivered = Counter(
+            "chat_messages_delivered_total", "Message frames queued to subscribers", registry=r
+        )
+        self.messages_dropped = Counter(
+            "chat_messages_dropped_total", "Frames not delivered, by reason", ["reason"], registry=r
+        )
+        self.events_published = Counter(
+            "chat_events_published_total", "Ephemeral events accepted", registry=r
+        )
+        self.delivery_latency = Histogram(
+            "chat_delivery_latency_seconds",
+            "Commit to queued-for-subscriber latency",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cache_requests = Counter(
+            "chat_history_cache_total", "History cache lookups", ["outcome"], registry=r
+        )
+        self.rate_limit = Counter(
+            "chat_rate_limit_decisions_total",
+            "Rate-limit decisions",
+            ["action", "decision"],
+            registry=r,
+        )
+        self.rate_limit_fallback = Gauge(
+            "chat_rate_limit_local_fallback",
+            "1 while the limiter runs on per-instance buckets because Redis is unreachable",
+            registry=r,
+        )
+        self.slow_disconnects = Counter(
+            "chat_slow_consumer_disconnects_total",
+            "Subscribers closed because their queue was full",
+            ["transport"],
+            registry=r,
+        )
+        self.broker_reconnects = Counter(
+            "chat_broker_reconnects_total", "Broker subscriber link re-established", registry=r
+        )
+        self.gap_fills = Counter(
+            "chat_gap_fills_total", "Fills of a room from the store", ["reason"], registry=r
+        )
+        self.http_requests = Counter(
+            "chat_http_requests_total", "HTTP responses", ["route", "status"], registry=r
+        )
         # Series that exist from the start, so dashboards and alerts see zeros.
         for transport in ("ws", "sse"):
             self.connections.labels(transport)

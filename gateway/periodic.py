@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 log = logging.getLogger("gateway.periodic")
 
 
-def every(interval: float, job: Callable[[], Awaitable[object]], name: str, *,
-          now: bool = False) -> asyncio.Task[None]:
+def every(
+    interval: float, job: Callable[[], Awaitable[object]], name: str, *, now: bool = False
+) -> asyncio.Task[None]:
     """Run ``job`` every ``interval`` seconds (first at once if ``now``) until the task
     is cancelled. A failed round is logged and the next one tries again."""
 
@@ -22,7 +23,7 @@ def every(interval: float, job: Callable[[], Awaitable[object]], name: str, *,
                 await job()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - the next round tries again
+            except Exception as exc:
                 log.warning("%s failed: %r", name, exc)
             await asyncio.sleep(interval)
 

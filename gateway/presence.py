@@ -31,7 +31,8 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import orjson
 
@@ -96,11 +97,19 @@ REFRESH_BATCH = 500
 
 
 class Presence:
-    def __init__(self, broker: Broker, redis: Any | None, *, prefix: str = "chat:",
-                 ttl: float = 30.0, channel: Callable[[str], str],
-                 held_rooms: Callable[[], Iterable[str]] = lambda: (),
-                 instance: str | None = None, debounce: float = 0.0,
-                 notify: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        redis: Any | None,
+        *,
+        prefix: str = "chat:",
+        ttl: float = 30.0,
+        channel: Callable[[str], str],
+        held_rooms: Callable[[], Iterable[str]] = lambda: (),
+        instance: str | None = None,
+        debounce: float = 0.0,
+        notify: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
         self.broker = broker
         self.redis = redis
         self.prefix = prefix
@@ -164,12 +173,20 @@ class Presence:
         if self.redis is not None and self._redis_usable(self.key(room)):
             now = _ms()
             try:
-                joined = bool(await self._join(
-                    keys=[self.key(room)],
-                    args=[self._member(user), user, now + int(self.ttl * 1000), now,
-                          int(self.ttl * 2000)]))
+                joined = bool(
+                    await self._join(
+                        keys=[self.key(room)],
+                        args=[
+                            self._member(user),
+                            user,
+                            now + int(self.ttl * 1000),
+                            now,
+                            int(self.ttl * 2000),
+                        ],
+                    )
+                )
                 announce = announce and joined
-            except Exception as exc:  # noqa: BLE001 - best effort; the refresh re-adds it
+            except Exception as exc:
                 self._redis_failed(self.key(room))
                 log.warning("presence join not recorded: %r", exc, extra={"room": room})
         if announce:
@@ -217,8 +234,9 @@ class Presence:
 
     async def members(self, room: str) -> list[str]:
         if self.redis is None:  # a leave still debounced is not gone yet
-            return sorted({*self.local.get(room, {}),
-                           *(user for r, user in self._leaving if r == room)})
+            return sorted(
+                {*self.local.get(room, {}), *(user for r, user in self._leaving if r == room)}
+            )
         if not self._redis_usable(self.key(room)):
             raise ConnectionError("Redis failed moments ago")
         try:
@@ -245,7 +263,7 @@ class Presence:
             return  # the member expires by itself; a later sweep announces the leave
         try:
             gone = await self._leave(keys=[key], args=[member, _ms()])
-        except Exception as exc:  # noqa: BLE001 - the member expires by itself
+        except Exception as exc:
             self._redis_failed(key)
             log.warning("presence leave not recorded: %r", exc, extra={"room": room})
             return
@@ -262,19 +280,38 @@ class Presence:
         assert self.redis is not None
         now = _ms()
         expiry = now + int(self.ttl * 1000)
-        groups = [(self.key(room), [
-            ("ZADD", self.key(room), *(x for user in counts
-                                       for x in (expiry, self._member(user)))),
-            ("PEXPIRE", self.key(room), int(self.ttl * 2000))])
-            for room, counts in self.local.items()]
+        groups = [
+            (
+                self.key(room),
+                [
+                    (
+                        "ZADD",
+                        self.key(room),
+                        *(x for user in counts for x in (expiry, self._member(user))),
+                    ),
+                    ("PEXPIRE", self.key(room), int(self.ttl * 2000)),
+                ],
+            )
+            for room, counts in self.local.items()
+        ]
         failed = [r for r in await self._each_batch(groups) if isinstance(r, BaseException)]
         if failed:
-            log.warning("presence refresh failed for %d of %d rooms: %r", len(failed),
-                        len(groups), failed[0])
+            log.warning(
+                "presence refresh failed for %d of %d rooms: %r",
+                len(failed),
+                len(groups),
+                failed[0],
+            )
         rooms = list(set(self.held_rooms()) | set(self.local))
-        found = await self._each_batch([(self.key(room), [
-            ("ZRANGEBYSCORE", self.key(room), "-inf", f"({now}", "LIMIT", 0, 1)])
-            for room in rooms])
+        found = await self._each_batch(
+            [
+                (
+                    self.key(room),
+                    [("ZRANGEBYSCORE", self.key(room), "-inf", f"({now}", "LIMIT", 0, 1)],
+                )
+                for room in rooms
+            ]
+        )
         for room, result in zip(rooms, found, strict=True):
             if not isinstance(result, BaseException) and result[0]:
                 await self._sweep(room)
@@ -284,14 +321,20 @@ class Presence:
         exception that stopped it."""
         results: list[Any] = []
         for i in range(0, len(groups), REFRESH_BATCH):
-            results += await per_key(self.redis, getattr(self.broker, "batch", None),
-                                     self.broker.guard, groups[i:i + REFRESH_BATCH])
+            results += await per_key(
+                self.redis,
+                getattr(self.broker, "batch", None),
+                self.broker.guard,
+                groups[i : i + REFRESH_BATCH],
+            )
         return results
 
     async def _announce(self, room: str, action: str, user: str) -> None:
         if self.notify is not None:
-            self.notify("presence.joined" if action == "join" else "presence.left",
-                        {"room": room, "user": user})
+            self.notify(
+                "presence.joined" if action == "join" else "presence.left",
+                {"room": room, "user": user},
+            )
         try:
             await self.broker.publish(self.channel(room), wire_presence(room, action, user))
         except BrokerUnavailable as exc:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from gateway.config import Rate
 from pubsub.script import Script
@@ -74,8 +75,9 @@ class Decision:
         return out
 
 
-def take(value: int, ts: int, now: int, capacity: int, period_us: int,
-         cost: int) -> tuple[bool, int, int, int]:
+def take(
+    value: int, ts: int, now: int, capacity: int, period_us: int, cost: int
+) -> tuple[bool, int, int, int]:
     """One bucket decision in integer arithmetic, the same as the Lua script's.
 
     ``value`` is the bucket's content in token-microseconds-per-period units
@@ -142,9 +144,16 @@ class RateLimiter:
     shard: identities whose buckets live on a healthy shard keep sharing them.
     """
 
-    def __init__(self, redis: Any | None, *, prefix: str = "chat:", metrics: Any | None = None,
-                 rates: dict[str, Rate], guard: Any | None = None,
-                 batch: Any | None = None) -> None:
+    def __init__(
+        self,
+        redis: Any | None,
+        *,
+        prefix: str = "chat:",
+        metrics: Any | None = None,
+        rates: dict[str, Rate],
+        guard: Any | None = None,
+        batch: Any | None = None,
+    ) -> None:
         self.redis = redis
         self.guard = guard  # has usable() and failed(): skip Redis right after a failure
         self.prefix = prefix
@@ -172,7 +181,7 @@ class RateLimiter:
                 allowed, value, _full, need = await self._decide(key, [rate.capacity, pus, cost])
                 decision = _decide(rate, pus, int(value), int(need), bool(allowed))
                 self._set_fallback(shard, False)
-            except Exception as exc:  # noqa: BLE001 - Redis down: limit per instance
+            except Exception as exc:
                 if self.guard is not None:
                     self.guard.shard_failed(shard)
                 self._set_fallback(shard, True, exc)
@@ -181,8 +190,9 @@ class RateLimiter:
         if decision is None:
             decision = self.local.hit(key, rate, cost)
         if self.metrics is not None:
-            self.metrics.rate_limit.labels(action, "allowed" if decision.allowed
-                                           else "limited").inc()
+            self.metrics.rate_limit.labels(
+                action, "allowed" if decision.allowed else "limited"
+            ).inc()
         return decision
 
     async def _decide(self, key: str, args: list[int]) -> Any:
@@ -202,10 +212,8 @@ class RateLimiter:
             self._failing.discard(shard)
         if self.fallback != was:
             if on:
-                log.warning("rate limiter: Redis unreachable (%r); using per-instance buckets",
-                            why)
+                log.warning("rate limiter: Redis unreachable (%r); using per-instance buckets", why)
             else:
                 log.warning("rate limiter: Redis reachable again; shared buckets restored")
             if self.metrics is not None:
                 self.metrics.rate_limit_fallback.set(1 if on else 0)
-

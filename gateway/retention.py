@@ -19,8 +19,15 @@ log = logging.getLogger("gateway.retention")
 
 
 class Retention:
-    def __init__(self, store: Store, *, days: float, interval: float = 3600.0,
-                 batch: int = 1000, pause: float = 0.05) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        days: float,
+        interval: float = 3600.0,
+        batch: int = 1000,
+        pause: float = 0.05,
+    ) -> None:
         self.store = store
         self.days = days
         self.interval = interval
@@ -40,8 +47,9 @@ class Retention:
                 break
             await asyncio.sleep(self.pause)
         if total:
-            log.info("retention deleted messages", extra={"deleted": total,
-                                                           "older_than_days": self.days})
+            log.info(
+                "retention deleted messages", extra={"deleted": total, "older_than_days": self.days}
+            )
         return total
 
     def start(self) -> None:

@@ -40,21 +40,43 @@ MAX_BROADCAST_ROOMS = 100
 MAX_ROOMS_PAGE = 1000
 ROOMS_PAGE_DEFAULT = 100
 
-USER: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": MAX_USER,
-                        "description": "a token's sub, or the ?user= of an open-mode "
-                                       "connection"}
-REASON: dict[str, Any] = {"type": "string", "maxLength": MAX_REASON_BYTES, "default": "",
-                          "pattern": r"^[^\x00]*$",
-                          "description": f"at most {MAX_REASON_BYTES} bytes in UTF-8"}
+USER: dict[str, Any] = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_USER,
+    "description": "a token's sub, or the ?user= of an open-mode connection",
+}
+REASON: dict[str, Any] = {
+    "type": "string",
+    "maxLength": MAX_REASON_BYTES,
+    "default": "",
+    "pattern": r"^[^\x00]*$",
+    "description": f"at most {MAX_REASON_BYTES} bytes in UTF-8",
+}
 DISCONNECT = v._object(["user"], user=USER, reason=REASON)
 UNSUBSCRIBE = v._object(["user", "room"], user=USER, room=v.ROOM, reason=REASON)
-BROADCAST = v._object(["rooms", "event"], rooms={
-    "type": "array", "items": v.ROOM, "minItems": 1, "maxItems": MAX_BROADCAST_ROOMS,
-    "uniqueItems": True}, event=v.EVENT, data={"type": "object"})
-ROOMS_QUERY = v._object([], limit={"type": "integer", "minimum": 1, "maximum": MAX_ROOMS_PAGE,
-                                   "default": ROOMS_PAGE_DEFAULT},
-                        cursor={**v.ROOM, "description": "the next of the previous page: "
-                                                         "rooms after this name"})
+BROADCAST = v._object(
+    ["rooms", "event"],
+    rooms={
+        "type": "array",
+        "items": v.ROOM,
+        "minItems": 1,
+        "maxItems": MAX_BROADCAST_ROOMS,
+        "uniqueItems": True,
+    },
+    event=v.EVENT,
+    data={"type": "object"},
+)
+ROOMS_QUERY = v._object(
+    [],
+    limit={
+        "type": "integer",
+        "minimum": 1,
+        "maximum": MAX_ROOMS_PAGE,
+        "default": ROOMS_PAGE_DEFAULT,
+    },
+    cursor={**v.ROOM, "description": "the next of the previous page: rooms after this name"},
+)
 
 
 def _require_key(request: Request) -> Gateway:
@@ -62,8 +84,9 @@ def _require_key(request: Request) -> Gateway:
     open: with no key configured every call is refused."""
     gw = gateway_of(request)
     if not gw.auth.keys_required:
-        raise ApiError("unauthorized", "the server API needs an API key, and none is "
-                                       "configured (set API_KEYS)")
+        raise ApiError(
+            "unauthorized", "the server API needs an API key, and none is configured (set API_KEYS)"
+        )
     gw.auth.check_api_key(bearer(request.headers))
     return gw
 
@@ -77,22 +100,25 @@ async def _body(request: Request, gw: Gateway, schema: dict[str, Any]) -> dict[s
 
 def _user(value: Any) -> str:
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_USER or "\x00" in value:
-        raise ApiError("invalid_request", f"user must be a string of 1..{MAX_USER} characters",
-                       field="user")
+        raise ApiError(
+            "invalid_request", f"user must be a string of 1..{MAX_USER} characters", field="user"
+        )
     return value
 
 
 def _reason(value: Any) -> str:
     if not isinstance(value, str):
-        raise ApiError("invalid_request", "reason must be a string (or left out)",
-                       field="reason")
+        raise ApiError("invalid_request", "reason must be a string (or left out)", field="reason")
     try:
         size = len(value.encode())
     except UnicodeEncodeError:
         size = -1
     if not 0 <= size <= MAX_REASON_BYTES or "\x00" in value:
-        raise ApiError("invalid_request", f"reason must be valid text of at most "
-                       f"{MAX_REASON_BYTES} bytes in UTF-8", field="reason")
+        raise ApiError(
+            "invalid_request",
+            f"reason must be valid text of at most {MAX_REASON_BYTES} bytes in UTF-8",
+            field="reason",
+        )
     return value
 
 
@@ -102,8 +128,9 @@ async def _send(gw: Gateway, command: Any) -> None:
         await gw.control.send(command)
     except BrokerUnavailable as exc:
         log.warning("server API command not sent: %s", exc)
-        raise ApiError("unavailable", "the broker is unavailable; nothing was sent, "
-                                      "retry later") from None
+        raise ApiError(
+            "unavailable", "the broker is unavailable; nothing was sent, retry later"
+        ) from None
 
 
 async def disconnect(request: Request) -> Response:
@@ -145,13 +172,17 @@ async def list_rooms(request: Request) -> Response:
     if q.get("limit") is not None:
         n = v.seq_param(q.get("limit"), "limit")
         if n is None or not 1 <= n <= MAX_ROOMS_PAGE:
-            raise ApiError("invalid_request", f"limit must be an integer from 1 to "
-                           f"{MAX_ROOMS_PAGE}", field="limit")
+            raise ApiError(
+                "invalid_request",
+                f"limit must be an integer from 1 to {MAX_ROOMS_PAGE}",
+                field="limit",
+            )
         limit = n
     cursor = q.get("cursor")
     if cursor is not None and not v.ROOM_RE.fullmatch(cursor):
-        raise ApiError("invalid_request", "cursor must be the next of a previous page",
-                       field="cursor")
+        raise ApiError(
+            "invalid_request", "cursor must be the next of a previous page", field="cursor"
+        )
     counts = await subscriber_counts(gw)
     names = sorted(name for name in counts if cursor is None or name > cursor)
     page, more = names[:limit], len(names) > limit
@@ -160,10 +191,15 @@ async def list_rooms(request: Request) -> Response:
     for name in page:
         if name not in seqs:  # no cache key: the store says
             seqs[name] = await gw.store.latest_seq(name)
-    return json_response({
-        "rooms": [{"room": name, "subscribers": counts[name], "latest_seq": seqs[name]}
-                  for name in page],
-        "next": page[-1] if more else None})
+    return json_response(
+        {
+            "rooms": [
+                {"room": name, "subscribers": counts[name], "latest_seq": seqs[name]}
+                for name in page
+            ],
+            "next": page[-1] if more else None,
+        }
+    )
 
 
 async def room_info(request: Request) -> Response:
@@ -174,11 +210,17 @@ async def room_info(request: Request) -> Response:
     counts, latest = await asyncio.gather(subscriber_counts(gw), gw.store.latest_seq(room))
     try:
         present = await gw.presence.members(room)
-    except Exception as exc:  # noqa: BLE001 - Redis errors become the catalogued 503
+    except Exception as exc:
         log.warning("presence read failed: %r", exc)
         raise ApiError("unavailable", "presence is unavailable; retry later") from None
-    return json_response({"room": room, "subscribers": counts.get(room, 0),
-                          "presence": len(present), "latest_seq": latest})
+    return json_response(
+        {
+            "room": room,
+            "subscribers": counts.get(room, 0),
+            "presence": len(present),
+            "latest_seq": latest,
+        }
+    )
 
 
 async def purge_messages(request: Request) -> Response:
@@ -190,10 +232,14 @@ async def purge_messages(request: Request) -> Response:
     try:
         await gw.history.purged(room)
         await gw.control.send(Purged(room))
-    except Exception as exc:  # noqa: BLE001 - purged, but not every instance knows: say so
+    except Exception as exc:
         log.warning("room %s purged, but the purge was not announced: %r", room, exc)
-        raise ApiError("unavailable", f"{removed} messages were purged, but not every "
-                       "instance could be told; repeat the request", removed=removed) from None
+        raise ApiError(
+            "unavailable",
+            f"{removed} messages were purged, but not every "
+            "instance could be told; repeat the request",
+            removed=removed,
+        ) from None
     log.info("room history purged", extra={"room": room, "removed": removed})
     return json_response({"room": room, "removed": removed})
 
@@ -203,8 +249,11 @@ async def broadcast(request: Request) -> Response:
     body = await _body(request, gw, BROADCAST)
     rooms = body.get("rooms")
     if not isinstance(rooms, list) or not 1 <= len(rooms) <= MAX_BROADCAST_ROOMS:
-        raise ApiError("invalid_request", f"rooms must be a list of 1..{MAX_BROADCAST_ROOMS} "
-                       "room names", field="rooms")
+        raise ApiError(
+            "invalid_request",
+            f"rooms must be a list of 1..{MAX_BROADCAST_ROOMS} room names",
+            field="rooms",
+        )
     rooms = [v.room_name(room) for room in rooms]
     if len(set(rooms)) != len(rooms):
         raise ApiError("invalid_request", "rooms must not repeat a room", field="rooms")
@@ -216,5 +265,6 @@ async def broadcast(request: Request) -> Response:
     key = bearer(request.headers) or ""
     decision = await gw.rate(PUBLISH, "key:" + hashlib.sha256(key.encode()).hexdigest()[:24])
     await gw.publish_events(rooms, event, data)
-    return json_response({"status": "accepted", "rooms": len(rooms), "event": event}, 202,
-                         decision.headers())
+    return json_response(
+        {"status": "accepted", "rooms": len(rooms), "event": event}, 202, decision.headers()
+    )

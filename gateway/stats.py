@@ -21,7 +21,8 @@ import asyncio
 import hashlib
 import os
 import time
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import orjson
 from sse_starlette import EventSourceResponse
@@ -47,8 +48,11 @@ def samples(registry: Any) -> dict[str, list[tuple[Labels, float]]]:
     return out
 
 
-def total(data: dict[str, list[tuple[Labels, float]]], name: str,
-          match: Callable[[Labels], bool] = lambda labels: True) -> float:
+def total(
+    data: dict[str, list[tuple[Labels, float]]],
+    name: str,
+    match: Callable[[Labels], bool] = lambda labels: True,
+) -> float:
     return sum(value for labels, value in data.get(name, []) if match(labels))
 
 
@@ -105,7 +109,8 @@ class Sampler:
             return own
         others = await me.others()
         self.instances = [self.identity(own)] + [
-            {**o["who"], "clients": int(o["c"]["ws"] + o["c"]["sse"])} for o in others]
+            {**o["who"], "clients": int(o["c"]["ws"] + o["c"]["sse"])} for o in others
+        ]
         return add_readings([own] + [o["c"] for o in others])
 
     def identity(self, own: dict[str, Any]) -> dict[str, Any]:
@@ -122,7 +127,8 @@ class Sampler:
                 rooms[name] = (seq, len(getattr(room, "subs", ())))
         buckets = sorted(
             (float(labels["le"]), value)
-            for labels, value in data.get("chat_delivery_latency_seconds_bucket", []))
+            for labels, value in data.get("chat_delivery_latency_seconds_bucket", [])
+        )
         return {
             "ws": total(data, "chat_connections", lambda lb: lb.get("transport") == "ws"),
             "sse": total(data, "chat_connections", lambda lb: lb.get("transport") == "sse"),
@@ -134,8 +140,9 @@ class Sampler:
             "lat_buckets": buckets,
             "hits": total(data, "chat_history_cache_total", lambda lb: lb.get("outcome") == "hit"),
             "lookups": total(data, "chat_history_cache_total"),
-            "limited": total(data, "chat_rate_limit_decisions_total",
-                             lambda lb: lb.get("decision") != "allowed"),
+            "limited": total(
+                data, "chat_rate_limit_decisions_total", lambda lb: lb.get("decision") != "allowed"
+            ),
             "rooms": rooms,
         }
 
@@ -146,39 +153,54 @@ class Sampler:
         self.last, self.last_t = cur, now
 
         def rate(key: str) -> float:
-            return round(max(0.0, cur[key] - prev[key]) / dt, 3)
+            return round(max(0.0, float(cur[key] - prev[key])) / dt, 3)
 
         lat_n = cur["lat_count"] - prev["lat_count"]
-        interval_buckets = [(b, c - p) for (b, c), (_, p) in
-                            zip(cur["lat_buckets"], prev["lat_buckets"], strict=False)]
+        interval_buckets = [
+            (b, c - p)
+            for (b, c), (_, p) in zip(cur["lat_buckets"], prev["lat_buckets"], strict=False)
+        ]
         if len(interval_buckets) != len(cur["lat_buckets"]):
             interval_buckets = cur["lat_buckets"]
 
         def ms(seconds: float | None) -> float | None:
-            return None if seconds is None or seconds == float("inf") else round(
-                seconds * 1000, 3)
+            return None if seconds is None or seconds == float("inf") else round(seconds * 1000, 3)
 
         lookups = cur["lookups"] - prev["lookups"]
         rooms = []
         for name, (seq, subs) in cur["rooms"].items():
             before = prev["rooms"].get(name, (seq, 0))[0]
-            rooms.append({"room": name, "seq": seq, "subscribers": subs,
-                          "per_s": round(max(0, seq - before) / dt, 3)})
+            rooms.append(
+                {
+                    "room": name,
+                    "seq": seq,
+                    "subscribers": subs,
+                    "per_s": round(max(0, seq - before) / dt, 3),
+                }
+            )
         rooms.sort(key=lambda r: (-r["per_s"], -r["subscribers"], r["room"]))
         gw = self.gw
         return {
             "time": round(now, 3),
             "scope": "cluster" if self.cluster else "instance",
-            "instance": {"pid": os.getpid(), "uptime_s": round(now - gw.started_at, 1),
-                         "closing": bool(gw.closing)},
+            "instance": {
+                "pid": os.getpid(),
+                "uptime_s": round(now - gw.started_at, 1),
+                "closing": bool(gw.closing),
+            },
             "instances": self.instances,
-            "clients": {"ws": int(cur["ws"]), "sse": int(cur["sse"]),
-                        "total": int(cur["ws"] + cur["sse"])},
+            "clients": {
+                "ws": int(cur["ws"]),
+                "sse": int(cur["sse"]),
+                "total": int(cur["ws"] + cur["sse"]),
+            },
             "subscriptions": int(cur["subscriptions"]),
-            "messages": {"accepted_total": int(cur["accepted"]),
-                         "accepted_per_s": rate("accepted"),
-                         "delivered_total": int(cur["delivered"]),
-                         "delivered_per_s": rate("delivered")},
+            "messages": {
+                "accepted_total": int(cur["accepted"]),
+                "accepted_per_s": rate("accepted"),
+                "delivered_total": int(cur["delivered"]),
+                "delivered_per_s": rate("delivered"),
+            },
             "rooms": rooms[:MAX_ROOMS],
             "rooms_held": len(rooms),
             "latency_ms": {
@@ -187,11 +209,16 @@ class Sampler:
                 "p50": ms(_quantile(interval_buckets, lat_n, 0.5)),
                 "p95": ms(_quantile(interval_buckets, lat_n, 0.95)),
             },
-            "cache": {"hits_total": int(cur["hits"]), "lookups_total": int(cur["lookups"]),
-                      "hit_rate": round((cur["hits"] - prev["hits"]) / lookups, 4)
-                      if lookups > 0 else None,
-                      "hit_rate_total": round(cur["hits"] / cur["lookups"], 4)
-                      if cur["lookups"] > 0 else None},
+            "cache": {
+                "hits_total": int(cur["hits"]),
+                "lookups_total": int(cur["lookups"]),
+                "hit_rate": round((cur["hits"] - prev["hits"]) / lookups, 4)
+                if lookups > 0
+                else None,
+                "hit_rate_total": round(cur["hits"] / cur["lookups"], 4)
+                if cur["lookups"] > 0
+                else None,
+            },
             "rate_limited": {"total": int(cur["limited"]), "per_s": rate("limited")},
         }
 
@@ -207,15 +234,21 @@ def _interval(raw: str | None) -> float:
     except ValueError:
         value = -1.0
     if not INTERVAL["minimum"] <= value <= INTERVAL["maximum"]:
-        raise ApiError("invalid_request", "interval must be a number of seconds from "
-                       f"{INTERVAL['minimum']} to {INTERVAL['maximum']}", field="interval")
+        raise ApiError(
+            "invalid_request",
+            "interval must be a number of seconds from "
+            f"{INTERVAL['minimum']} to {INTERVAL['maximum']}",
+            field="interval",
+        )
     return value
 
 
-SCOPE: dict[str, Any] = {"type": "string", "enum": ["instance", "cluster"],
-                         "default": "instance"}
-KEY: dict[str, Any] = {"type": "string", "description": "an API key, where a browser's "
-                       "EventSource cannot send an Authorization header (auth mode)"}
+SCOPE: dict[str, Any] = {"type": "string", "enum": ["instance", "cluster"], "default": "instance"}
+KEY: dict[str, Any] = {
+    "type": "string",
+    "description": "an API key, where a browser's "
+    "EventSource cannot send an Authorization header (auth mode)",
+}
 QUERY = v.object_schema([], interval=INTERVAL, scope=SCOPE, key=KEY)
 
 
@@ -227,8 +260,9 @@ def stats_caller(request: Request, gw: Any) -> str:
         return client_address(request, gw.settings.trusted_proxies)
     key = bearer(request.headers) or request.query_params.get("key")
     if not gw.auth.keys_required:
-        raise ApiError("unauthorized", "the live figures need an API key and none is "
-                                       "configured (API_KEYS)")
+        raise ApiError(
+            "unauthorized", "the live figures need an API key and none is configured (API_KEYS)"
+        )
     gw.auth.check_api_key(key)
     assert key is not None
     return "key:" + hashlib.sha256(key.encode()).hexdigest()[:24]
@@ -272,20 +306,39 @@ async def stats_events(request: Request) -> Response:
             await asyncio.sleep(interval)
 
     # A reader that stopped reading is dropped as on room streams (gateway.app).
-    return HeldStream(stream(), ping=15, sep="\n", send_timeout=2 * gw.settings.sse_send_timeout,
-                      release=lambda: gw.limits.release(caller),
-                      headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return HeldStream(
+        stream(),
+        ping=15,
+        sep="\n",
+        send_timeout=2 * gw.settings.sse_send_timeout,
+        release=lambda: gw.limits.release(caller),
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
 
 
-_COUNTERS = ("ws", "sse", "subscriptions", "accepted", "delivered", "lat_count", "lat_sum",
-             "hits", "lookups", "limited")
+_COUNTERS = (
+    "ws",
+    "sse",
+    "subscriptions",
+    "accepted",
+    "delivered",
+    "lat_count",
+    "lat_sum",
+    "hits",
+    "lookups",
+    "limited",
+)
 # A beacon older than this is an instance gone (or cut off from Redis).
 FRESH = 3.0
 
 
 def _who(gw: Any) -> dict[str, Any]:
-    return {"id": gw.instance_id, "pid": os.getpid(),
-            "uptime_s": round(time.time() - gw.started_at, 1), "closing": bool(gw.closing)}
+    return {
+        "id": gw.instance_id,
+        "pid": os.getpid(),
+        "uptime_s": round(time.time() - gw.started_at, 1),
+        "closing": bool(gw.closing),
+    }
 
 
 class Beacon:
@@ -293,8 +346,9 @@ class Beacon:
     ``interval`` seconds, for the cluster-wide stream; its entry is removed on
     close (or left to age past ``FRESH`` if the instance dies)."""
 
-    def __init__(self, gw: Any, redis: Any, prefix: str, guard: Any | None = None,
-                 interval: float = 1.0) -> None:
+    def __init__(
+        self, gw: Any, redis: Any, prefix: str, guard: Any | None = None, interval: float = 1.0
+    ) -> None:
         self.gw = gw
         self.redis = redis
         self.key = stats_key(prefix)
@@ -315,7 +369,7 @@ class Beacon:
         try:
             await self.redis.hset(self.key, self.gw.instance_id, orjson.dumps(entry))
             await self.redis.pexpire(self.key, int(FRESH * 10_000))
-        except Exception:  # noqa: BLE001 - the cluster view misses this instance a while
+        except Exception:
             if self.guard is not None:
                 self.guard.failed(self.key)
 
@@ -325,7 +379,7 @@ class Beacon:
             return []
         try:
             raw = await self.redis.hgetall(self.key)
-        except Exception:  # noqa: BLE001
+        except Exception:
             if self.guard is not None:
                 self.guard.failed(self.key)
             return []
@@ -349,5 +403,5 @@ class Beacon:
             await asyncio.gather(self._task, return_exceptions=True)
         try:
             await self.redis.hdel(self.key, self.gw.instance_id)
-        except Exception:  # noqa: BLE001 - it ages out
+        except Exception:
             pass

@@ -107,10 +107,15 @@ class HttpLimits:
 def error_response(exc: ApiError) -> bytes:
     """A complete HTTP/1.1 response carrying ``exc``'s JSON body, closing the connection."""
     body = exc.response().body
-    return b"".join([STATUS_LINE[exc.status],
-                     b"content-type: application/json\r\n",
-                     b"content-length: %d\r\n" % len(body),
-                     b"connection: close\r\n\r\n", body])
+    return b"".join(
+        [
+            STATUS_LINE[exc.status],
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+            body,
+        ]
+    )
 
 
 class HttpProtocol(HttpToolsProtocol):
@@ -119,7 +124,7 @@ class HttpProtocol(HttpToolsProtocol):
     limits = HttpLimits()
 
     @classmethod
-    def with_limits(cls, limits: HttpLimits) -> type["HttpProtocol"]:
+    def with_limits(cls, limits: HttpLimits) -> type[HttpProtocol]:
         return type(cls.__name__, (cls,), {"limits": limits})
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -143,8 +148,11 @@ class HttpProtocol(HttpToolsProtocol):
 
     def _timed_out(self, what: str) -> None:
         self._deadline = None
-        log.info("dropping a connection: the request %s did not arrive in time", what,
-                 extra={"client": self.client and self.client[0]})
+        log.info(
+            "dropping a connection: the request %s did not arrive in time",
+            what,
+            extra={"client": self.client and self.client[0]},
+        )
         self._refuse(ApiError("request_timeout", f"the request {what} did not arrive in time"))
 
     def _refuse(self, exc: ApiError) -> None:
@@ -197,8 +205,9 @@ class HttpProtocol(HttpToolsProtocol):
         except httptools.HttpParserError as exc:
             if not self._refused:
                 log.info("refusing a request that is not valid HTTP: %s", exc)
-                self._refuse(ApiError("invalid_request", "the request is not valid HTTP/1.1",
-                                      status=400))
+                self._refuse(
+                    ApiError("invalid_request", "the request is not valid HTTP/1.1", status=400)
+                )
             return
         if self._in_head and not self._refused:
             # An unfinished head: count what it holds so far (it may include the
@@ -210,8 +219,13 @@ class HttpProtocol(HttpToolsProtocol):
     def _head_too_large(self) -> None:
         limit = self.limits.max_header_bytes
         log.info("refusing a request whose head exceeds %d bytes", limit)
-        self._refuse(ApiError("headers_too_large", f"the request line and headers exceed "
-                              f"{limit} bytes", limit=limit))
+        self._refuse(
+            ApiError(
+                "headers_too_large",
+                f"the request line and headers exceed {limit} bytes",
+                limit=limit,
+            )
+        )
 
     def handle_websocket_upgrade(self) -> None:
         self._disarm()
@@ -272,8 +286,10 @@ class HttpProtocol(HttpToolsProtocol):
     def _write_stalled(self) -> None:
         self._stall = None
         if self.flow.write_paused:
-            log.info("dropping a connection whose peer stopped reading",
-                     extra={"client": self.client and self.client[0]})
+            log.info(
+                "dropping a connection whose peer stopped reading",
+                extra={"client": self.client and self.client[0]},
+            )
             reset(self.transport)
 
     def timeout_keep_alive_handler(self) -> None:

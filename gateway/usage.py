@@ -81,8 +81,10 @@ def environment_help(width: int = 79) -> str:
     described = rows(_readme())
     settings = {f.name.upper(): f for f in fields(Settings)}
     names = env_names()
-    lines = ["environment (a flag of serve overrides its variable; README.md,",
-             '"Configuration", says more):']
+    lines = [
+        "environment (a flag of serve overrides its variable; README.md,",
+        '"Configuration", says more):',
+    ]
     done: set[str] = set()
     for name in settings:
         if name in done or name not in names or name.startswith(HIDDEN_PREFIX):
@@ -92,6 +94,12 @@ def environment_help(width: int = 79) -> str:
         done.update(group)
         defaults = ", ".join(_default(settings[n]) for n in group)
         lines.append("  " + ", ".join(group))
-        lines.append(textwrap.fill(f"{text} [default: {defaults}]".lstrip(), width,
-                                   initial_indent=" " * 6, subsequent_indent=" " * 6))
+        lines.append(
+            textwrap.fill(
+                f"{text} [default: {defaults}]".lstrip(),
+                width,
+                initial_indent=" " * 6,
+                subsequent_indent=" " * 6,
+            )
+        )
     return "\n".join(lines)

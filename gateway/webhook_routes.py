@@ -7,7 +7,7 @@ by all) and its backlog as the database has it now.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -25,37 +25,74 @@ from webhooks.dispatcher import Receiver
 
 MAX_REPLAY_IDS = 1000
 
-TIMESTAMP: dict[str, Any] = {"type": "string", "format": "date-time",
-                             "description": "ISO 8601 with a time zone, e.g. "
-                                            "2026-11-28T06:00:00Z"}
+TIMESTAMP: dict[str, Any] = {
+    "type": "string",
+    "format": "date-time",
+    "description": "ISO 8601 with a time zone, e.g. 2026-11-28T06:00:00Z",
+}
 URL: dict[str, Any] = {"type": "string", "description": "a receiver URL as in WEBHOOK_URLS"}
-DEAD_QUERY = v._object([], limit=v.LIMIT, before={"type": "integer", "minimum": 1,
-                                                  "maximum": v.MAX_SEQ,
-                                                  "description": "the next cursor"},
-                       endpoint=URL)
-REPLAY = {"oneOf": [
-    v._object(["ids"], ids={"type": "array", "minItems": 1, "maxItems": MAX_REPLAY_IDS,
-                            "items": {"type": "integer", "minimum": 1}}, endpoint=URL),
-    v._object(["from"], **{"from": TIMESTAMP, "to": TIMESTAMP, "endpoint": URL}),
-], "description": "dead letters by id, or every delivered or dead event committed in "
-                  "[from, to) (to defaults to now)"}
+DEAD_QUERY = v._object(
+    [],
+    limit=v.LIMIT,
+    before={
+        "type": "integer",
+        "minimum": 1,
+        "maximum": v.MAX_SEQ,
+        "description": "the next cursor",
+    },
+    endpoint=URL,
+)
+REPLAY = {
+    "oneOf": [
+        v._object(
+            ["ids"],
+            ids={
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_REPLAY_IDS,
+                "items": {"type": "integer", "minimum": 1},
+            },
+            endpoint=URL,
+        ),
+        v._object(["from"], **{"from": TIMESTAMP, "to": TIMESTAMP, "endpoint": URL}),
+    ],
+    "description": "dead letters by id, or every delivered or dead event committed in "
+    "[from, to) (to defaults to now)",
+}
 ENABLE = v._object(["url"], url=URL)
-ENDPOINT: dict[str, Any] = {"type": "object", "required": [
-    "id", "url", "state", "backlog", "oldest_pending_s"], "properties": {
-    "id": {"type": "integer"}, "url": URL,
-    "state": {"enum": ["closed", "open", "half_open", "disabled"]},
-    "backlog": {"type": "integer", "description": "pending events"},
-    "oldest_pending_s": {"type": ["number", "null"],
-                         "description": "age of the oldest pending event, seconds"},
-    "consecutive_failures": {"type": "integer"},
-    "disabled_reason": {"type": ["string", "null"]}}}
-DEAD_LETTER: dict[str, Any] = {"type": "object", "properties": {
-    "id": {"type": "integer", "description": "the dead letter's id, for replay"},
-    "event_id": {"type": "string", "description": "the webhook-id header"},
-    "type": {"type": "string"}, "endpoint": URL, "room": v.ROOM, "seq": {"type": "integer"},
-    "attempts": {"type": "integer"}, "last_status": {"type": ["integer", "null"]},
-    "last_error": {"type": ["string", "null"]}, "created_at": TIMESTAMP, "dead_at": TIMESTAMP,
-    "payload": {"type": "object", "description": "the request body that was sent"}}}
+ENDPOINT: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "url", "state", "backlog", "oldest_pending_s"],
+    "properties": {
+        "id": {"type": "integer"},
+        "url": URL,
+        "state": {"enum": ["closed", "open", "half_open", "disabled"]},
+        "backlog": {"type": "integer", "description": "pending events"},
+        "oldest_pending_s": {
+            "type": ["number", "null"],
+            "description": "age of the oldest pending event, seconds",
+        },
+        "consecutive_failures": {"type": "integer"},
+        "disabled_reason": {"type": ["string", "null"]},
+    },
+}
+DEAD_LETTER: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer", "description": "the dead letter's id, for replay"},
+        "event_id": {"type": "string", "description": "the webhook-id header"},
+        "type": {"type": "string"},
+        "endpoint": URL,
+        "room": v.ROOM,
+        "seq": {"type": "integer"},
+        "attempts": {"type": "integer"},
+        "last_status": {"type": ["integer", "null"]},
+        "last_error": {"type": ["string", "null"]},
+        "created_at": TIMESTAMP,
+        "dead_at": TIMESTAMP,
+        "payload": {"type": "object", "description": "the request body that was sent"},
+    },
+}
 
 
 def _admin(request: Request) -> Any:
@@ -89,11 +126,12 @@ def _timestamp(value: Any, name: str) -> int:
     try:
         when = datetime.fromisoformat(value)
     except ValueError:
-        raise ApiError("invalid_request", f"{name} must be an ISO 8601 timestamp",
-                       field=name) from None
+        raise ApiError(
+            "invalid_request", f"{name} must be an ISO 8601 timestamp", field=name
+        ) from None
     if when.tzinfo is None:
         raise ApiError("invalid_request", f"{name} needs a time zone (e.g. Z)", field=name)
-    return int(when.astimezone(timezone.utc).timestamp() * 1000)
+    return int(when.astimezone(UTC).timestamp() * 1000)
 
 
 async def webhooks_list(request: Request) -> Response:
@@ -108,13 +146,24 @@ async def webhooks_list(request: Request) -> Response:
 
 def _dead(hooks: Webhooks, d: DeadLetter) -> dict[str, Any]:
     receiver = hooks.receivers.get(d.endpoint_id)
-    return {"id": d.id, "event_id": d.event_id, "type": d.type,
-            "endpoint": receiver.endpoint.url if receiver else None,
-            "room": d.room, "seq": d.seq, "attempts": d.attempts,
-            "last_status": d.last_status, "last_error": d.last_error,
-            "created_at": format_ts(d.created_ms), "dead_at": format_ts(d.dead_ms),
-            "payload": {"type": d.type, "timestamp": format_ts(d.created_ms),
-                        "data": orjson.loads(d.data)}}
+    return {
+        "id": d.id,
+        "event_id": d.event_id,
+        "type": d.type,
+        "endpoint": receiver.endpoint.url if receiver else None,
+        "room": d.room,
+        "seq": d.seq,
+        "attempts": d.attempts,
+        "last_status": d.last_status,
+        "last_error": d.last_error,
+        "created_at": format_ts(d.created_ms),
+        "dead_at": format_ts(d.dead_ms),
+        "payload": {
+            "type": d.type,
+            "timestamp": format_ts(d.created_ms),
+            "data": orjson.loads(d.data),
+        },
+    }
 
 
 async def webhooks_dead(request: Request) -> Response:
@@ -127,11 +176,14 @@ async def webhooks_dead(request: Request) -> Response:
     endpoint_id = None
     if q.get("endpoint") is not None:
         endpoint_id = _receiver(hooks, q.get("endpoint")).endpoint.id
-    rows = await hooks.outbox.dead_letters(limit=limit + 1, before=before,
-                                           endpoint_id=endpoint_id)
+    rows = await hooks.outbox.dead_letters(limit=limit + 1, before=before, endpoint_id=endpoint_id)
     page = rows[:limit]
-    return json_response({"dead": [_dead(hooks, d) for d in page],
-                          "next": page[-1].id if len(rows) > limit else None})
+    return json_response(
+        {
+            "dead": [_dead(hooks, d) for d in page],
+            "next": page[-1].id if len(rows) > limit else None,
+        }
+    )
 
 
 async def webhooks_replay(request: Request) -> Response:
@@ -145,11 +197,18 @@ async def webhooks_replay(request: Request) -> Response:
     if "ids" in body:
         v.only_fields(body, {"ids", "endpoint"})
         ids = body["ids"]
-        if (not isinstance(ids, list) or not 1 <= len(ids) <= MAX_REPLAY_IDS
-                or not all(isinstance(i, int) and not isinstance(i, bool) and 1 <= i < 2**63
-                           for i in ids)):
-            raise ApiError("invalid_request", f"ids must be a list of 1..{MAX_REPLAY_IDS} "
-                           "dead letter ids", field="ids")
+        if (
+            not isinstance(ids, list)
+            or not 1 <= len(ids) <= MAX_REPLAY_IDS
+            or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 1 <= i < 2**63 for i in ids
+            )
+        ):
+            raise ApiError(
+                "invalid_request",
+                f"ids must be a list of 1..{MAX_REPLAY_IDS} dead letter ids",
+                field="ids",
+            )
         count = await hooks.outbox.replay(ids=ids, endpoint_id=endpoint_id)
     elif "from" in body:
         v.only_fields(body, {"from", "to", "endpoint"})
@@ -157,11 +216,11 @@ async def webhooks_replay(request: Request) -> Response:
         until = _timestamp(body["to"], "to") if "to" in body else None
         if until is not None and until <= since:
             raise ApiError("invalid_request", "to must be after from", field="to")
-        count = await hooks.outbox.replay(since_ms=since, until_ms=until,
-                                          endpoint_id=endpoint_id)
+        count = await hooks.outbox.replay(since_ms=since, until_ms=until, endpoint_id=endpoint_id)
     else:
-        raise ApiError("invalid_request", "give ids (dead letters) or from (and to): a "
-                       "time range of events")
+        raise ApiError(
+            "invalid_request", "give ids (dead letters) or from (and to): a time range of events"
+        )
     hooks.poke()
     return json_response({"status": "accepted", "replayed": count}, 202)
 

@@ -52,8 +52,9 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         await refuse(websocket, exc)
         return
     try:
-        await websocket.accept(headers=[(k.lower().encode(), v.encode())
-                                        for k, v in decision.headers().items()])
+        await websocket.accept(
+            headers=[(k.lower().encode(), v.encode()) for k, v in decision.headers().items()]
+        )
         session = Session(gw, websocket, identity, user)
         await session.run()
     finally:
@@ -71,8 +72,11 @@ async def refuse(websocket: WebSocket, exc: ApiError) -> None:
 def expire_with_token(sub: Subscriber, identity: Identity) -> None:
     """Close the connection (1008 on WS, end of stream on SSE) when its token expires."""
     if identity.expires_at is not None:
-        sub.close_at(identity.expires_at, CLOSE_POLICY_VIOLATION,
-                     "the token has expired; reconnect with a new one")
+        sub.close_at(
+            identity.expires_at,
+            CLOSE_POLICY_VIOLATION,
+            "the token has expired; reconnect with a new one",
+        )
 
 
 class Publish(NamedTuple):
@@ -86,17 +90,23 @@ class Publish(NamedTuple):
 
 
 class Session:
-    def __init__(self, gw: Gateway, websocket: WebSocket, identity: Identity,
-                 user: str | None = None) -> None:
+    def __init__(
+        self, gw: Gateway, websocket: WebSocket, identity: Identity, user: str | None = None
+    ) -> None:
         self.gw = gw
         self.ws = websocket
         self.identity = identity
         self.user = user  # the name shown in presence; None: not shown
         s = gw.settings
         # Under the gateway's own server, frames go straight to the socket (no writer task).
-        self.sub = Subscriber(WS, identity=identity.name, max_messages=s.queue_max_messages,
-                              max_bytes=s.queue_max_bytes, sink=FrameSink.of(websocket.scope),
-                              user=user)
+        self.sub = Subscriber(
+            WS,
+            identity=identity.name,
+            max_messages=s.queue_max_messages,
+            max_bytes=s.queue_max_bytes,
+            sink=FrameSink.of(websocket.scope),
+            user=user,
+        )
         self.publishes: list[tuple[dict[str, Any], Any]] = []
         self.publisher: asyncio.Task[None] | None = None
 
@@ -113,9 +123,11 @@ class Session:
             if self.sub.sink is not None:
                 await self.read_until_closed()
             else:
-                tasks = [asyncio.create_task(self.read_loop()),
-                         asyncio.create_task(self.sub.closed.wait()),
-                         asyncio.create_task(self.write_loop())]
+                tasks = [
+                    asyncio.create_task(self.read_loop()),
+                    asyncio.create_task(self.sub.closed.wait()),
+                    asyncio.create_task(self.write_loop()),
+                ]
                 try:
                     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 finally:
@@ -131,14 +143,16 @@ class Session:
             self.gw.metrics.connections.labels("ws").dec()
             await hub.unregister(self.sub)
             await presence.gone(self.sub.id)
-            log.info("websocket closed", extra={"sub": self.sub.id,
-                                                "close_code": self.sub.close_code})
+            log.info(
+                "websocket closed", extra={"sub": self.sub.id, "close_code": self.sub.close_code}
+            )
             if self.sub.sink is not None:
                 self.sub.sink.flush()
             if self.sub.close_code is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(
-                        self.ws.close(self.sub.close_code, self.sub.close_reason[:120]), 2.0)
+                        self.ws.close(self.sub.close_code, self.sub.close_reason[:120]), 2.0
+                    )
 
     async def read_until_closed(self) -> None:
         """With direct output the handler's own task is the reader (no task per socket
@@ -167,8 +181,11 @@ class Session:
                 return
             raw = message.get("text")
             if raw is None:
-                self.error(ApiError("invalid_request", "binary frames are not accepted; "
-                                                       "send JSON text frames"))
+                self.error(
+                    ApiError(
+                        "invalid_request", "binary frames are not accepted; send JSON text frames"
+                    )
+                )
                 continue
             ref = None
             try:
@@ -186,11 +203,12 @@ class Session:
             except ApiError as exc:
                 self.error(exc, ref)
             except StoreUnavailable:
-                self.error(ApiError("unavailable", "the message store is unavailable; "
-                                                   "retry later"), ref)
+                self.error(
+                    ApiError("unavailable", "the message store is unavailable; retry later"), ref
+                )
             except WebSocketDisconnect:
                 return
-            except Exception:  # noqa: BLE001 - one bad frame must not drop the socket
+            except Exception:
                 log.exception("unhandled error on a WebSocket frame")
                 self.error(internal(), ref)
 
@@ -203,7 +221,7 @@ class Session:
                 for frame, ref in batch:
                     try:
                         ready.append(await self.prepare_publish(frame))
-                    except Exception as exc:  # noqa: BLE001 - answered on the frame's ref
+                    except Exception as exc:
                         if not isinstance(exc, ApiError):
                             log.exception("unhandled error on a WebSocket frame")
                             exc = internal()
@@ -236,8 +254,14 @@ class Session:
             await self.commit_run(run)
             run = []
             try:
-                msg, _ = await self.gw.post(p.room, p.author, p.text, identity=self.identity,
-                                            transport="ws", idempotency_key=p.key)
+                msg, _ = await self.gw.post(
+                    p.room,
+                    p.author,
+                    p.text,
+                    identity=self.identity,
+                    transport="ws",
+                    idempotency_key=p.key,
+                )
             except ApiError as exc:
                 self.error(exc, p.ref)
                 continue
@@ -248,8 +272,9 @@ class Session:
         if not run:
             return
         try:
-            msgs = await self.gw.post_many([(p.room, p.author, p.text) for p in run],
-                                           transport="ws")
+            msgs = await self.gw.post_many(
+                [(p.room, p.author, p.text) for p in run], transport="ws"
+            )
         except ApiError as exc:
             for p in run:
                 self.error(exc, p.ref)
@@ -258,8 +283,9 @@ class Session:
             self.ack(p.ref, msg)
 
     def ack(self, ref: Any, msg: Message) -> None:
-        self.sub.push(b'{"type":"ack","ref":%s,"message":%s}' % (orjson.dumps(ref),
-                                                                msg.to_json()), reply=True)
+        self.sub.push(
+            b'{"type":"ack","ref":%s,"message":%s}' % (orjson.dumps(ref), msg.to_json()), reply=True
+        )
 
     async def handle_chat(self, kind: str, frame: dict[str, Any]) -> None:
         """``edit`` / ``delete`` (answered with an ack like a publish; ``key`` as the
@@ -271,11 +297,15 @@ class Session:
         chat = chat_of(self.gw)
         if kind == "typing":
             if room not in self.sub.cursors:
-                raise ApiError("invalid_request", "subscribe to the room before typing in it",
-                               field="room")
+                raise ApiError(
+                    "invalid_request", "subscribe to the room before typing in it", field="room"
+                )
             if self.user is None:
-                raise ApiError("invalid_request", "typing needs a name: connect with "
-                               "?user=NAME in open mode", field="user")
+                raise ApiError(
+                    "invalid_request",
+                    "typing needs a name: connect with ?user=NAME in open mode",
+                    field="user",
+                )
             await chat.typing(room, self.user)
             return
         seq_value = v.seq_field(frame.get("seq"), "seq")  # a JSON number, as since is
@@ -288,8 +318,11 @@ class Session:
             elif self.user is not None:
                 user = self.user
             else:
-                raise ApiError("invalid_request", "a read position needs a name: connect "
-                               "with ?user=NAME in open mode", field="user")
+                raise ApiError(
+                    "invalid_request",
+                    "a read position needs a name: connect with ?user=NAME in open mode",
+                    field="user",
+                )
             pos = await chat.mark_read(user, room, seq)
             self.sub.reply({"type": "ack", "ref": ref, "read": position_json(pos)})
             return
@@ -299,20 +332,27 @@ class Session:
         author = changed_by(self.identity, room, frame.get("author"))
         await self.gw.rate(POST, self.identity.name)
         # The rate bucket's identity owns the key, as on HTTP: the two share keys.
-        msg = await chat.change(room, seq, text, author=author,
-                                idempotency_key=None if key is None else (self.identity.name,
-                                                                          key))
-        self.sub.push(b'{"type":"ack","ref":%s,"message":%s}' % (orjson.dumps(ref),
-                                                                msg.to_json()), reply=True)
+        msg = await chat.change(
+            room,
+            seq,
+            text,
+            author=author,
+            idempotency_key=None if key is None else (self.identity.name, key),
+        )
+        self.sub.push(
+            b'{"type":"ack","ref":%s,"message":%s}' % (orjson.dumps(ref), msg.to_json()), reply=True
+        )
 
     def check_subscription_room(self, room: str) -> None:
         """Refuse a new room past ``MAX_SUBSCRIPTIONS_PER_CONNECTION`` (a re-subscribe
         to a held room takes no new place)."""
         cap = self.gw.settings.max_subscriptions_per_connection
         if room not in self.sub.cursors and len(self.sub.cursors) >= cap:
-            raise ApiError("too_many_subscriptions",
-                           f"this connection already holds {cap} rooms; unsubscribe from "
-                           "one first", limit=cap)
+            raise ApiError(
+                "too_many_subscriptions",
+                f"this connection already holds {cap} rooms; unsubscribe from one first",
+                limit=cap,
+            )
 
     def error(self, exc: ApiError, ref: Any = None) -> None:
         self.sub.reply(exc.frame(ref))
@@ -320,8 +360,9 @@ class Session:
     async def handle(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
         if not isinstance(kind, str) or kind not in FRAME_FIELDS:
-            raise ApiError("invalid_request", "type must be one of: "
-                           + ", ".join(FRAME_FIELDS), field="type")
+            raise ApiError(
+                "invalid_request", "type must be one of: " + ", ".join(FRAME_FIELDS), field="type"
+            )
         v.only_fields(frame, FRAME_FIELDS[kind])
         hub, presence = self.gw.hub, self.gw.presence
         assert hub is not None and presence is not None
@@ -372,8 +413,13 @@ class Session:
         for room in [r for r in self.sub.cursors if not identity.may_access(r)]:
             await hub.unsubscribe(self.sub, room)
             await presence.left(self.sub.id, room)
-            self.sub.reply({"type": "unsubscribed", "room": room,
-                            "reason": "the new token does not grant this room"})
+            self.sub.reply(
+                {
+                    "type": "unsubscribed",
+                    "room": room,
+                    "reason": "the new token does not grant this room",
+                }
+            )
         answer: dict[str, Any] = {"type": "refreshed", "exp": identity.exp}
         if ref is not None:
             answer["ref"] = ref

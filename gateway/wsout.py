@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from gateway.lite import Flag, Inbox
 from gateway.transport import WebSocketProtocol
@@ -26,8 +27,8 @@ EXTENSION = "gateway.direct"
 _last: tuple[bytes, bytes] = (b"", b"")
 # Sinks with frames for the end of this loop turn, and sinks holding theirs until
 # the hold timer (one event loop per server process).
-_dirty: list["FrameSink"] = []
-_held: list["FrameSink"] = []
+_dirty: list[FrameSink] = []
+_held: list[FrameSink] = []
 _IDLE, _NOW, _HELD = 0, 1, 2  # FrameSink._due: nothing waiting, end of turn, hold timer
 # WS_WRITE_DELAY: a socket written less than this long ago holds its next frames
 # until the hold timer (at most this long), so that they leave in one write.
@@ -71,14 +72,20 @@ class DirectProtocol(WebSocketProtocol):
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
         if scope is not None:
-            scope["extensions"][EXTENSION] = {"write": self.write_frames,
-                                              "drained": self.writable.wait}
+            scope["extensions"][EXTENSION] = {
+                "write": self.write_frames,
+                "drained": self.writable.wait,
+            }
 
     def write_frames(self, data: bytes) -> int:
         """Write encoded frames now; the bytes still buffered, or -1 if the socket is
         not open for data (before the accept, after a close frame, once lost)."""
-        if (not self.handshake_complete or self.close_sent or self.disconnected
-                or self.transport.is_closing()):
+        if (
+            not self.handshake_complete
+            or self.close_sent
+            or self.disconnected
+            or self.transport.is_closing()
+        ):
             return -1
         self.transport.write(data)
         return int(self.transport.get_write_buffer_size())
@@ -87,8 +94,16 @@ class DirectProtocol(WebSocketProtocol):
 class FrameSink:
     """A subscriber's direct output: JSON payloads in, frames out once per loop turn."""
 
-    __slots__ = ("_write", "_drained", "_frames", "_size", "_buffered", "_written", "_due",
-                 "on_close")
+    __slots__ = (
+        "_write",
+        "_drained",
+        "_frames",
+        "_size",
+        "_buffered",
+        "_written",
+        "_due",
+        "on_close",
+    )
 
     def __init__(self, write: Callable[[bytes], int], drained: Callable[[], Any]) -> None:
         self._write = write
@@ -102,7 +117,7 @@ class FrameSink:
         self.on_close: Callable[[], Any] | None = None
 
     @classmethod
-    def of(cls, scope: Any) -> "FrameSink | None":
+    def of(cls, scope: Any) -> FrameSink | None:
         direct = scope.get("extensions", {}).get(EXTENSION)
         return None if direct is None else cls(direct["write"], direct["drained"])
 
@@ -119,8 +134,11 @@ class FrameSink:
         frame = text_frame(payload)
         if self._due != _NOW:
             loop = asyncio.get_running_loop()
-            if hold and write_delay > 0 and (
-                    self._due == _HELD or loop.time() - self._written < write_delay):
+            if (
+                hold
+                and write_delay > 0
+                and (self._due == _HELD or loop.time() - self._written < write_delay)
+            ):
                 if self._due != _HELD:
                     if not _held:
                         loop.call_later(write_delay, _flush_held)

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 MessageHandler = Callable[[str, bytes], None]
 ReconnectHandler = Callable[[], None]
@@ -133,8 +134,9 @@ def create_broker(url: str, **options: Any) -> Broker:
         from pubsub.memory import MemoryBroker
 
         return MemoryBroker()
-    if url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://",
-                       "rediss+sentinel://")):
+    if url.startswith(
+        ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")
+    ):
         from pubsub.redis import RedisBroker
 
         return RedisBroker(url, **options)
@@ -142,5 +144,7 @@ def create_broker(url: str, **options: Any) -> Broker:
         from pubsub.cluster import ClusterBroker
 
         return ClusterBroker(url, **options)
-    raise ValueError(f"unsupported REDIS_URL {url!r}: use redis://…, rediss://…, "
-                     "redis+cluster://…, redis+sentinel://… or memory://")
+    raise ValueError(
+        f"unsupported REDIS_URL {url!r}: use redis://…, rediss://…, "
+        "redis+cluster://…, redis+sentinel://… or memory://"
+    )

@@ -52,8 +52,9 @@ class _Link(asyncio.Protocol):
     def __init__(self, batch: CommandBatch) -> None:
         self.batch = batch
         self.transport: asyncio.Transport | None = None
-        self.reader = hiredis.Reader(protocolError=InvalidResponse,
-                                     replyError=BaseParser.parse_error)
+        self.reader = hiredis.Reader(
+            protocolError=InvalidResponse, replyError=BaseParser.parse_error
+        )
         self.waiters: deque[_Waiter] = deque()
         self.out: list[bytes] = []
         self.lost: BaseException | None = None
@@ -200,14 +201,17 @@ class CommandBatch:
                     await loop.create_connection(lambda: link, host, port, ssl=context)
                 setup: list[Command] = []
                 if s.password is not None:
-                    setup.append(("AUTH", s.username, s.password) if s.username
-                                 else ("AUTH", s.password))
+                    setup.append(
+                        ("AUTH", s.username, s.password) if s.username else ("AUTH", s.password)
+                    )
                 if s.db:
                     setup.append(("SELECT", s.db))
                 if setup:
                     future: asyncio.Future[list[Any]] = loop.create_future()
-                    link.send(b"".join(hiredis.pack_command(c) for c in setup),
-                              _Waiter(future, len(setup), loop.time() + self.timeout))
+                    link.send(
+                        b"".join(hiredis.pack_command(c) for c in setup),
+                        _Waiter(future, len(setup), loop.time() + self.timeout),
+                    )
                     for reply in await future:
                         if isinstance(reply, Exception):
                             raise reply
@@ -237,8 +241,12 @@ class CommandBatch:
 CLUSTER_CONCURRENCY = 32
 
 
-async def per_key(redis: Any, batch: CommandBatch | None, guard: Any | None,
-                  groups: list[tuple[str, list[Command]]]) -> list[Any]:
+async def per_key(
+    redis: Any,
+    batch: CommandBatch | None,
+    guard: Any | None,
+    groups: list[tuple[str, list[Command]]],
+) -> list[Any]:
     """Run each key's commands; per group, its replies or the exception that
     stopped it. A key the guard says to skip is not sent; a failure is told to
     the guard.
@@ -256,13 +264,13 @@ async def per_key(redis: Any, batch: CommandBatch | None, guard: Any | None,
         commands = [c for (_key, cs), ok in zip(groups, send, strict=True) if ok for c in cs]
         try:
             replies = await batch.run(commands)
-        except Exception as exc:  # noqa: BLE001 - in each group's place
+        except Exception as exc:
             replies = [exc] * len(commands)
         done = []
         i = 0
         for (_key, cs), ok in zip(groups, send, strict=True):
             if ok:
-                got = replies[i:i + len(cs)]
+                got = replies[i : i + len(cs)]
                 i += len(cs)
                 for reply in got:
                     if isinstance(reply, BaseException):
@@ -270,14 +278,16 @@ async def per_key(redis: Any, batch: CommandBatch | None, guard: Any | None,
                         break
                 done.append(got)
     else:
+
         async def one(commands: list[Command]) -> list[Any]:
             return [await redis.execute_command(*command) for command in commands]
 
         sent = [cs for (_key, cs), ok in zip(groups, send, strict=True) if ok]
         done = []
         for i in range(0, len(sent), CLUSTER_CONCURRENCY):
-            done += await asyncio.gather(*(one(cs) for cs in sent[i:i + CLUSTER_CONCURRENCY]),
-                                         return_exceptions=True)
+            done += await asyncio.gather(
+                *(one(cs) for cs in sent[i : i + CLUSTER_CONCURRENCY]), return_exceptions=True
+            )
     results: list[Any] = []
     it = iter(done)
     for (key, _commands), ok in zip(groups, send, strict=True):

@@ -67,16 +67,19 @@ class _ChannelMoved(RedisError):
 class _Link:
     """One subscriber connection to one primary, for the held channels it owns."""
 
-    def __init__(self, broker: "ClusterBroker", name: str, host: str, port: int) -> None:
+    def __init__(self, broker: ClusterBroker, name: str, host: str, port: int) -> None:
         self.broker = broker
         self.name = name
-        self.client = aioredis.Redis(host=host, port=port,
-                                     socket_connect_timeout=broker.connect_timeout,
-                                     socket_timeout=broker.command_timeout,
-                                     # A dropped link must surface, not reconnect
-                                     # quietly: what was published meanwhile is lost.
-                                     retry=Retry(NoBackoff(), 0),
-                                     **broker.conn_options)
+        self.client = aioredis.Redis(
+            host=host,
+            port=port,
+            socket_connect_timeout=broker.connect_timeout,
+            socket_timeout=broker.command_timeout,
+            # A dropped link must surface, not reconnect
+            # quietly: what was published meanwhile is lost.
+            retry=Retry(NoBackoff(), 0),
+            **broker.conn_options,
+        )
         self.pubsub: Any = self.client.pubsub()
         self.channels: set[str] = set()
         self.task: asyncio.Task[None] | None = None
@@ -102,7 +105,7 @@ class _Link:
             await self._read()
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - any failure hands the link to the supervisor
+        except Exception as exc:
             self.dead = True
             self.broker._link_failed(self, exc)
 
@@ -145,7 +148,7 @@ class _Link:
         for closer in (self.pubsub.aclose, self.client.aclose):
             try:
                 await asyncio.wait_for(closer(), 1.0)
-            except (asyncio.TimeoutError, RedisError, OSError):
+            except (TimeoutError, RedisError, OSError):
                 pass
 
 
@@ -155,7 +158,7 @@ class ShardGuard(RedisGuard):
     that shard, and use the other shards as before. (Publishes are not skipped:
     see :meth:`ClusterBroker.publish`.)"""
 
-    def __init__(self, broker: "ClusterBroker", cooldown: float = 1.0) -> None:
+    def __init__(self, broker: ClusterBroker, cooldown: float = 1.0) -> None:
         super().__init__(cooldown)
         self._broker = broker
 
@@ -170,9 +173,16 @@ class ShardGuard(RedisGuard):
 
 
 class ClusterBroker(Broker):
-    def __init__(self, url: str, *, probe_interval: float = 5.0,
-                 probe_timeout: float | None = None, connect_timeout: float = 2.0,
-                 command_timeout: float = 5.0, control_channel: str = "") -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        probe_interval: float = 5.0,
+        probe_timeout: float | None = None,
+        connect_timeout: float = 2.0,
+        command_timeout: float = 5.0,
+        control_channel: str = "",
+    ) -> None:
         super().__init__()
         if probe_interval <= 0:
             raise ValueError("probe_interval must be positive")
@@ -210,13 +220,15 @@ class ClusterBroker(Broker):
         # the supervisor keeps trying and /readyz reports the broker meanwhile.
         self._client = RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in self.startup_nodes],
-            socket_connect_timeout=self.connect_timeout, socket_timeout=self.command_timeout,
+            socket_connect_timeout=self.connect_timeout,
+            socket_timeout=self.command_timeout,
             # One quick retry (a stale pooled connection), no more: a call to a shard
             # that is down fails in well under a second instead of stalling the
             # post (the store is the truth and fills the live copy); a failover
             # takes longer than any retry would wait.
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=1),
-            **self.conn_options)
+            **self.conn_options,
+        )
         self._supervisor = asyncio.create_task(self._supervise(), name="broker-supervisor")
 
     async def close(self) -> None:
@@ -251,8 +263,11 @@ class ClusterBroker(Broker):
                 self.placed.set()
                 if not first:
                     self.reconnects += 1
-                    log.warning("broker links restored; %d channels on %d nodes",
-                                len(self._channels), len(self._links))
+                    log.warning(
+                        "broker links restored; %d channels on %d nodes",
+                        len(self._channels),
+                        len(self._links),
+                    )
                 if not first or self._channels:
                     self.on_reconnect()
                 first = False
@@ -261,14 +276,17 @@ class ClusterBroker(Broker):
                 self.connected.clear()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - retried with backoff
+            except Exception as exc:
                 if self.connected.is_set():
                     log.warning("broker cluster unreachable: %r", exc)
                 elif first and not warned:  # once, until the cluster first answers
                     warned = True
-                    log.warning("Redis Cluster at %s is unreachable at start (%s); running "
-                                "degraded until it answers (/readyz reports the broker)",
-                                ",".join(f"{h}:{p}" for h, p in self.startup_nodes), exc)
+                    log.warning(
+                        "Redis Cluster at %s is unreachable at start (%s); running "
+                        "degraded until it answers (/readyz reports the broker)",
+                        ",".join(f"{h}:{p}" for h, p in self.startup_nodes),
+                        exc,
+                    )
                 self.connected.clear()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
@@ -302,8 +320,9 @@ class ClusterBroker(Broker):
         for name, group in groups.items():
             held = self._links.get(name)
             if held is None:
-                held = self._links[name] = _Link(self, name, nodes[name].host,
-                                                 int(nodes[name].port))
+                held = self._links[name] = _Link(
+                    self, name, nodes[name].host, int(nodes[name].port)
+                )
             try:
                 await held.sync(group)
             except BaseException:
@@ -328,7 +347,7 @@ class ClusterBroker(Broker):
             return  # the supervisor places the channel set when the cluster is back
         try:
             await self._place()
-        except Exception as exc:  # noqa: BLE001 - the supervisor re-reads the map and retries
+        except Exception as exc:
             log.warning("broker placement failed: %r", exc)
             self._trouble.set()
 
@@ -355,7 +374,8 @@ class ClusterBroker(Broker):
             await self.redis.initialize()
             answers = await asyncio.gather(
                 *(self.redis.ping(target_nodes=node) for node in self.redis.get_primaries()),
-                return_exceptions=True)
+                return_exceptions=True,
+            )
         except (RedisError, OSError) as exc:
             answers = [exc]
         if not any(answer is True for answer in answers):

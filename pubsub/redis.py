@@ -47,9 +47,16 @@ def redis_address(url: str) -> str:
 
 
 class RedisBroker(Broker):
-    def __init__(self, url: str, *, probe_interval: float = 5.0,
-                 probe_timeout: float | None = None, connect_timeout: float = 2.0,
-                 command_timeout: float = 1.0, control_channel: str = "chat:control") -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        probe_interval: float = 5.0,
+        probe_timeout: float | None = None,
+        connect_timeout: float = 2.0,
+        command_timeout: float = 1.0,
+        control_channel: str = "chat:control",
+    ) -> None:
         super().__init__()
         if probe_interval <= 0:
             raise ValueError("probe_interval must be positive")
@@ -118,7 +125,7 @@ class RedisBroker(Broker):
         if pubsub is not None:
             try:
                 await asyncio.wait_for(pubsub.aclose(), 1.0)
-            except (asyncio.TimeoutError, RedisError, OSError):
+            except (TimeoutError, RedisError, OSError):
                 pass
 
     async def _run(self) -> None:
@@ -142,8 +149,9 @@ class RedisBroker(Broker):
                 self.connected.set()
                 if not first:
                     self.reconnects += 1
-                    log.warning("broker link restored; resubscribed %d channels",
-                                len(self._channels))
+                    log.warning(
+                        "broker link restored; resubscribed %d channels", len(self._channels)
+                    )
                 if not first or self._channels:
                     self.on_reconnect()
                 first = False
@@ -151,14 +159,17 @@ class RedisBroker(Broker):
                 await self._read(pubsub, loop)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - any failure drops the link and retries
+            except Exception as exc:
                 if self.connected.is_set():
                     log.warning("broker link lost: %r", exc)
                 elif first and not warned:  # once, until the first link is made
                     warned = True
-                    log.warning("Redis at %s is unreachable at start (%s); running degraded "
-                                "until it answers (/readyz reports the broker)",
-                                redis_address(self.url), exc)
+                    log.warning(
+                        "Redis at %s is unreachable at start (%s); running degraded "
+                        "until it answers (/readyz reports the broker)",
+                        redis_address(self.url),
+                        exc,
+                    )
                 await self._drop_pubsub()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)

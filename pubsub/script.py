@@ -15,7 +15,8 @@ though its own node is up. ``EVAL`` goes where the call's keys live, like
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from redis.exceptions import NoScriptError
 
@@ -30,8 +31,9 @@ class Script:
         """The call as one ``EVALSHA`` command, to send with others (pubsub.batch)."""
         return ("EVALSHA", self.sha, len(keys), *keys, *args)
 
-    async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = (), *,
-                       batch: Any = None) -> Any:
+    async def __call__(
+        self, keys: Sequence[Any] = (), args: Sequence[Any] = (), *, batch: Any = None
+    ) -> Any:
         """The script's reply; over ``batch`` (pubsub.batch) when given, else the client."""
         if batch is not None:
             (reply,) = await batch.run([self.command(keys, args)])

@@ -37,13 +37,18 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, dict[str, 
     service, _, db = path.partition("/")
     service = unquote(service)
     if not service:
-        raise ValueError("REDIS_URL: redis+sentinel:// needs the service name: "
-                         "redis+sentinel://host:port,…/SERVICE[/DB]")
+        raise ValueError(
+            "REDIS_URL: redis+sentinel:// needs the service name: "
+            "redis+sentinel://host:port,…/SERVICE[/DB]"
+        )
     if db and not db.isdigit():
         raise ValueError(f"REDIS_URL: the database must be a number, not {db!r}")
     userinfo, _, host_list = netloc.rpartition("@")
-    options: dict[str, Any] = {"ssl": scheme == "rediss+sentinel", "db": int(db or 0),
-                               **credentials(userinfo)}
+    options: dict[str, Any] = {
+        "ssl": scheme == "rediss+sentinel",
+        "db": int(db or 0),
+        **credentials(userinfo),
+    }
     sentinels = hosts(host_list, 26379)
     if not sentinels:
         raise ValueError("REDIS_URL: redis+sentinel:// needs at least one sentinel host:port")
@@ -57,5 +62,5 @@ def sentinel_client(url: str, **connection: Any) -> tuple[Sentinel, Any]:
     sentinels, service, options = parse_sentinel_url(url)
     sentinel_kwargs = {k: v for k, v in connection.items() if k.startswith("socket_")}
     sentinel_kwargs["ssl"] = options["ssl"]
-    manager = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs)
+    manager = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
     return manager, manager.master_for(service, **connection, **options)

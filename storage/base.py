@@ -25,7 +25,7 @@ import os
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -50,9 +50,13 @@ def display_url(url: str) -> str:
         netloc = f"{user}{':***' if colon else ''}@{hosts}"
     path, q, query = tail.partition("?")
     if q:
-        query = "&".join("password=***" if part.lower().startswith("password=") else part
-                         for part in query.split("&"))
+        query = "&".join(
+            "password=***" if part.lower().startswith("password=") else part
+            for part in query.split("&")
+        )
     return f"{scheme}://{netloc}{slash}{path}{q}{query}"
+
+
 class MessageNotFound(LookupError):
     """No message at that seq (never committed, removed by retention or a purge), or
     an edit of a deleted one."""
@@ -89,7 +93,7 @@ def format_ts(ms: int) -> str:
 
 def parse_ts(text: str) -> int:
     """``2026-11-21T23:00:00.123Z`` as epoch milliseconds."""
-    dt = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    dt = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
     return int(dt.timestamp()) * 1000 + dt.microsecond // 1000
 
 
@@ -189,8 +193,9 @@ class Store(ABC):
         """Apply pending migrations; return the versions applied now."""
 
     @abstractmethod
-    async def append(self, room: str, author: str, text: str,
-                     idempotency_key: str | None = None) -> tuple[Message, bool]:
+    async def append(
+        self, room: str, author: str, text: str, idempotency_key: str | None = None
+    ) -> tuple[Message, bool]:
         """Commit one message; return it and whether it was created now."""
 
     async def append_many(self, posts: list[tuple[str, str, str]]) -> list[Message]:
@@ -200,8 +205,9 @@ class Store(ABC):
         return [(await self.append(room, author, text))[0] for room, author, text in posts]
 
     @abstractmethod
-    async def history(self, room: str, *, limit: int = 50, before: int | None = None,
-                      after: int | None = None) -> Page:
+    async def history(
+        self, room: str, *, limit: int = 50, before: int | None = None, after: int | None = None
+    ) -> Page:
         """Messages ascending by seq. With ``after``: the first ``limit`` above it
         (``has_more``: more follow); otherwise the last ``limit`` below ``before``
         or the latest (``has_more``: earlier ones exist)."""
@@ -230,6 +236,7 @@ class Store(ABC):
         """Delete every message of ``room`` committed so far, in one transaction; return
         how many. As with ``delete_before`` the room keeps its seq counter: the next
         message gets the next seq, never a purged one."""
+
     def write_outbox(self, endpoint_ids: list[int]) -> None:
         """From now on, every append also writes its messages' ``message.created``
         events to the webhook outbox, one row per receiver id, in the transaction
@@ -243,9 +250,15 @@ class Store(ABC):
     # -- chat: edits, deletes, read positions (not abstract: a store without them
     # answers the routes with 503 through StoreUnavailable)
 
-    async def change(self, room: str, seq: int, text: str | None, *, author: str | None,
-                     idempotency_key: tuple[str, str] | None = None
-                     ) -> tuple[Change | None, Message]:
+    async def change(
+        self,
+        room: str,
+        seq: int,
+        text: str | None,
+        *,
+        author: str | None,
+        idempotency_key: tuple[str, str] | None = None,
+    ) -> tuple[Change | None, Message]:
         """Edit (``text``) or delete (``None``: text emptied, ``deleted_at`` set) the
         message at ``seq``, in one transaction that takes the room's row lock (as an
         append does), numbers the change and logs it. ``author``: only that author's

@@ -54,7 +54,6 @@ from redis.exceptions import NoScriptError
 
 from pubsub.batch import per_key
 from pubsub.script import Script
-
 from storage.base import MAX_PAGE, Message, Page, Store, parse_ts
 
 log = logging.getLogger("storage.cache")
@@ -105,9 +104,12 @@ return cur
 
 # A cold load's page write: the raise above, only if no purge happened since the
 # load noted the purge count (KEYS[3], ARGV[4]) before it read the store.
-_FILL = """
+_FILL = (
+    """
 if (redis.call('GET', KEYS[3]) or '0') ~= ARGV[4] then return -1 end
-""" + _RAISE
+"""
+    + _RAISE
+)
 
 # KEYS: page, purge count; ARGV: ttl. A message changed: a new generation, no page.
 _CHANGED = """
@@ -129,9 +131,17 @@ return 1
 class HistoryCache:
     """Read-through cache of the latest page; ``redis`` is a ``redis.asyncio`` client or None."""
 
-    def __init__(self, store: Store, redis: Any | None = None, *, prefix: str = "chat:",
-                 ttl: int = 3600, metrics: Any | None = None, guard: Any | None = None,
-                 batch: Any | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        redis: Any | None = None,
+        *,
+        prefix: str = "chat:",
+        ttl: int = 3600,
+        metrics: Any | None = None,
+        guard: Any | None = None,
+        batch: Any | None = None,
+    ) -> None:
         self.store = store
         self.redis = redis
         self.batch = batch  # pubsub.batch.CommandBatch over the same Redis, for the reads
@@ -184,10 +194,13 @@ class HistoryCache:
             return
         try:
             await self._changed(keys=self._change_keys(room), args=[self.ttl])
-        except Exception as exc:  # noqa: BLE001 - committed: retry until Redis answers
+        except Exception as exc:
             self._failed(self._keys(room)[0])
-            log.warning("history cache not invalidated after a change, retrying: %r", exc,
-                        extra={"room": room})
+            log.warning(
+                "history cache not invalidated after a change, retrying: %r",
+                exc,
+                extra={"room": room},
+            )
             self._unchanged.add(room)
             if self._retry is None or self._retry.done():
                 self._retry = asyncio.ensure_future(self._retry_dirty())
@@ -222,14 +235,15 @@ class HistoryCache:
             return
         try:
             await self._raise(keys=keys, args=[message.seq, self.ttl])
-        except Exception as exc:  # noqa: BLE001 - the write is committed; retry later
+        except Exception as exc:
             self.not_raised(message, exc)
 
     def not_raised(self, message: Message, exc: BaseException) -> None:
         """A commit whose seq could not be raised: retried in the background."""
         self._failed(self._keys(message.room)[0])
-        log.warning("history cache not raised after commit, retrying: %r", exc,
-                    extra={"room": message.room})
+        log.warning(
+            "history cache not raised after commit, retrying: %r", exc, extra={"room": message.room}
+        )
         self._retry_later(message)
 
     def _retry_later(self, message: Message) -> None:
@@ -251,7 +265,7 @@ class HistoryCache:
             for room in list(self._unchanged):
                 try:
                     await self._changed(keys=self._change_keys(room), args=[self.ttl])
-                except Exception:  # noqa: BLE001 - still down
+                except Exception:
                     delay = min(delay * 2, 2.0)
                     break
                 self._unchanged.discard(room)
@@ -259,7 +273,7 @@ class HistoryCache:
             for room, seq in list(self._dirty.items()):
                 try:
                     await self._raise(keys=self._keys(room), args=[seq, self.ttl])
-                except Exception:  # noqa: BLE001 - still down
+                except Exception:
                     delay = min(delay * 2, 2.0)
                     break
                 delay = 0.1  # Redis answers: what comes next goes out soon
@@ -318,11 +332,12 @@ class HistoryCache:
                 continue
             try:
                 await self._raise(keys=self._keys(room), args=[seqs[room], self.ttl])
-            except Exception as exc:  # noqa: BLE001 - the next call tries again
+            except Exception as exc:
                 log.debug("cache seq repair failed: %r", exc)
 
-    async def history(self, room: str, *, limit: int = 50, before: int | None = None,
-                      after: int | None = None) -> Page:
+    async def history(
+        self, room: str, *, limit: int = 50, before: int | None = None, after: int | None = None
+    ) -> Page:
         if self.redis is None or before is not None or after is not None:
             return await self.store.history(room, limit=limit, before=before, after=after)
         keys = self._keys(room)
@@ -347,7 +362,7 @@ class HistoryCache:
                 if version is not None:
                     self._keep(room, version, _text(raw_g), window)
                 return _window_page(window, limit)
-        except Exception as exc:  # noqa: BLE001 - a cache outage falls back to the store
+        except Exception as exc:
             self._failed(keys[0])
             log.debug("cache read failed: %r", exc)
             self._count("error")
@@ -366,8 +381,9 @@ class HistoryCache:
     async def _get(self, keys: list[str]) -> list[Any]:
         """GET of each key, in one round trip over the batch; an exception in the
         place of a key that could not be read (see pubsub.batch.per_key)."""
-        results = await per_key(self.redis, self.batch, self.guard,
-                                [(key, [("GET", key)]) for key in keys])
+        results = await per_key(
+            self.redis, self.batch, self.guard, [(key, [("GET", key)]) for key in keys]
+        )
         return [r if isinstance(r, BaseException) else r[0] for r in results]
 
     async def _get_one(self, key: str) -> Any:
@@ -387,8 +403,9 @@ class HistoryCache:
         if self.batch is not None:
             (value,) = await self.batch.run([("MGET", seq_key, generation_key)])
         else:
-            (value,) = await per_key(self.redis, self.batch, self.guard,
-                                     [(seq_key, [("MGET", seq_key, generation_key)])])
+            (value,) = await per_key(
+                self.redis, self.batch, self.guard, [(seq_key, [("MGET", seq_key, generation_key)])]
+            )
             if not isinstance(value, BaseException):
                 value = value[0]
         if isinstance(value, BaseException):
@@ -412,7 +429,7 @@ class HistoryCache:
         lock = keys[0][: -len(":seq")] + ":load"
         try:
             leader = bool(await redis.set(lock, b"1", nx=True, px=LOAD_LOCK_MS))
-        except Exception:  # noqa: BLE001 - no coordination without Redis: load here
+        except Exception:
             leader = True
         if not leader:
             window = await self._await_leader(keys + [lock])
@@ -422,27 +439,34 @@ class HistoryCache:
             purge_key = self._purge_key(room)
             try:
                 purges = await redis.get(purge_key)
-            except Exception:  # noqa: BLE001 - the write below then fails the same way
+            except Exception:
                 purges = None
             window = await self.store.history(room, limit=MAX_PAGE)
             generation: Any = _UNCACHED
             if window.messages:
-                data = orjson.dumps({"m": [m.to_dict() for m in window.messages],
-                                     "h": window.has_more})
+                data = orjson.dumps(
+                    {"m": [m.to_dict() for m in window.messages], "h": window.has_more}
+                )
                 try:
-                    filled = await self._fill(keys=keys + [purge_key], args=[
-                        window.messages[-1].seq, self.ttl, data,
-                        purges.decode() if isinstance(purges, bytes) else (purges or "0")])
+                    filled = await self._fill(
+                        keys=keys + [purge_key],
+                        args=[
+                            window.messages[-1].seq,
+                            self.ttl,
+                            data,
+                            purges.decode() if isinstance(purges, bytes) else (purges or "0"),
+                        ],
+                    )
                     if filled != -1 and filled == window.messages[-1].seq:
                         generation = _text(purges)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     log.debug("cache fill failed: %r", exc)
             return window, generation
         finally:
             if leader:
                 try:
                     await redis.delete(lock)
-                except Exception:  # noqa: BLE001 - it expires by itself
+                except Exception:
                     pass
 
     async def _await_leader(self, keys: list[str]) -> Page | None:
@@ -453,7 +477,7 @@ class HistoryCache:
             await asyncio.sleep(LOAD_POLL)
             try:
                 _v, raw_page, loading = await self._poll(keys=keys)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 return None
             if raw_page:
                 return _unpack(orjson.loads(raw_page))
@@ -482,10 +506,18 @@ def _window_page(window: Page, limit: int) -> Page:
 
 def _from_dict(d: dict[str, Any]) -> Message:
     if "version" not in d:  # never changed
-        return Message(d["id"], d["room"], d["seq"], d["author"], d["text"],
-                       parse_ts(d["created_at"]))
+        return Message(
+            d["id"], d["room"], d["seq"], d["author"], d["text"], parse_ts(d["created_at"])
+        )
     edited, deleted = d.get("edited_at"), d.get("deleted_at")
-    return Message(d["id"], d["room"], d["seq"], d["author"], d["text"],
-                   parse_ts(d["created_at"]), d["version"],
-                   None if edited is None else parse_ts(edited),
-                   None if deleted is None else parse_ts(deleted))
+    return Message(
+        d["id"],
+        d["room"],
+        d["seq"],
+        d["author"],
+        d["text"],
+        parse_ts(d["created_at"]),
+        d["version"],
+        None if edited is None else parse_ts(edited),
+        None if deleted is None else parse_ts(deleted),
+    )

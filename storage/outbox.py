@@ -104,14 +104,14 @@ class Outbox(ABC):
         """Lease at most ``limit`` due queue heads of these endpoints."""
 
     @abstractmethod
-    async def delivered(self, delivery: Delivery, status: int, *, lease: float,
-                        chain: bool) -> Delivery | None:
+    async def delivered(
+        self, delivery: Delivery, status: int, *, lease: float, chain: bool
+    ) -> Delivery | None:
         """Mark a delivery done; with ``chain``, lease and return the next head of
         its queue if that one is due (the queue drains without waiting for a claim)."""
 
     @abstractmethod
-    async def retry(self, delivery: Delivery, delay: float, status: int | None,
-                    error: str) -> None:
+    async def retry(self, delivery: Delivery, delay: float, status: int | None, error: str) -> None:
         """Count a failed attempt; the row is due again in ``delay`` seconds."""
 
     @abstractmethod
@@ -127,13 +127,20 @@ class Outbox(ABC):
         """Pending events per endpoint."""
 
     @abstractmethod
-    async def dead_letters(self, *, limit: int, before: int | None = None,
-                           endpoint_id: int | None = None) -> list[DeadLetter]:
+    async def dead_letters(
+        self, *, limit: int, before: int | None = None, endpoint_id: int | None = None
+    ) -> list[DeadLetter]:
         """Dead letters, newest first (by id), below ``before`` when given."""
 
     @abstractmethod
-    async def replay(self, *, ids: list[int] | None = None, since_ms: int | None = None,
-                     until_ms: int | None = None, endpoint_id: int | None = None) -> int:
+    async def replay(
+        self,
+        *,
+        ids: list[int] | None = None,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+        endpoint_id: int | None = None,
+    ) -> int:
         """Make events pending again, due now, their attempts reset: the dead letters
         ``ids``, or every delivered or dead event committed in [since_ms, until_ms).
         Return how many."""

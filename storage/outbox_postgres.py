@@ -9,7 +9,7 @@ a head another instance holds keeps its whole queue waiting.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from storage.outbox import DEAD, DELIVERED, Backlog, DeadLetter, Delivery, Endpoint, Outbox
@@ -17,13 +17,14 @@ from storage.outbox import DEAD, DELIVERED, Backlog, DeadLetter, Delivery, Endpo
 if TYPE_CHECKING:
     from storage.postgres import PostgresStore
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _FAR_MS = 32_503_680_000_000  # the year 3000: "no upper bound"
 _MS = "(extract(epoch from {0}) * 1000)::bigint"
-_DELIVERY = ("o.id, o.endpoint_id, o.event_id, o.type, o.room, o.seq, o.data, "
-             f"{_MS.format('o.created_at')} AS created_ms, o.attempts")
-_DUE = ("o.state = 0 AND o.next_at <= now() "
-        "AND (o.lease_until IS NULL OR o.lease_until < now())")
+_DELIVERY = (
+    "o.id, o.endpoint_id, o.event_id, o.type, o.room, o.seq, o.data, "
+    f"{_MS.format('o.created_at')} AS created_ms, o.attempts"
+)
+_DUE = "o.state = 0 AND o.next_at <= now() AND (o.lease_until IS NULL OR o.lease_until < now())"
 
 _CLAIM = f"""
 WITH RECURSIVE heads AS (
@@ -83,8 +84,17 @@ def _ts(ms: int) -> datetime:
 
 
 def _delivery(r: Any) -> Delivery:
-    return Delivery(r["id"], r["endpoint_id"], r["event_id"], r["type"], r["room"], r["seq"],
-                    r["data"], r["created_ms"], r["attempts"])
+    return Delivery(
+        r["id"],
+        r["endpoint_id"],
+        r["event_id"],
+        r["type"],
+        r["room"],
+        r["seq"],
+        r["data"],
+        r["created_ms"],
+        r["attempts"],
+    )
 
 
 def _endpoint(r: Any) -> Endpoint:
@@ -100,25 +110,33 @@ class PostgresOutbox(Outbox):
             "fetch",
             "INSERT INTO webhook_endpoints (url) SELECT unnest($1::text[]) "
             "ON CONFLICT (url) DO UPDATE SET url = EXCLUDED.url "
-            "RETURNING id, url, disabled_at, disabled_reason", urls)
+            "RETURNING id, url, disabled_at, disabled_reason",
+            urls,
+        )
         by_url = {r["url"]: _endpoint(r) for r in rows}
         return [by_url[u] for u in urls]
 
     async def endpoints(self) -> list[Endpoint]:
         rows = await self.store._call(
-            "fetch", "SELECT id, url, disabled_at, disabled_reason FROM webhook_endpoints "
-                     "ORDER BY id")
+            "fetch",
+            "SELECT id, url, disabled_at, disabled_reason FROM webhook_endpoints ORDER BY id",
+        )
         return [_endpoint(r) for r in rows]
 
     async def disable(self, endpoint_id: int, reason: str) -> None:
         await self.store._call(
-            "execute", "UPDATE webhook_endpoints SET disabled_at = now(), disabled_reason = $2 "
-                       "WHERE id = $1", endpoint_id, reason)
+            "execute",
+            "UPDATE webhook_endpoints SET disabled_at = now(), disabled_reason = $2 WHERE id = $1",
+            endpoint_id,
+            reason,
+        )
 
     async def enable(self, endpoint_id: int) -> None:
         await self.store._call(
-            "execute", "UPDATE webhook_endpoints SET disabled_at = NULL, disabled_reason = NULL "
-                       "WHERE id = $1", endpoint_id)
+            "execute",
+            "UPDATE webhook_endpoints SET disabled_at = NULL, disabled_reason = NULL WHERE id = $1",
+            endpoint_id,
+        )
 
     async def claim(self, endpoint_ids: list[int], limit: int, lease: float) -> list[Delivery]:
         if not endpoint_ids or limit < 1:
@@ -126,61 +144,103 @@ class PostgresOutbox(Outbox):
         rows = await self.store._call("fetch", _CLAIM, endpoint_ids, limit, lease)
         return [_delivery(r) for r in rows]
 
-    async def delivered(self, delivery: Delivery, status: int, *, lease: float,
-                        chain: bool) -> Delivery | None:
+    async def delivered(
+        self, delivery: Delivery, status: int, *, lease: float, chain: bool
+    ) -> Delivery | None:
         if not chain:
             await self.store._call("execute", _FINISH, delivery.id, DELIVERED, status, None)
             return None
-        row = await self.store._call("fetchrow", _DELIVERED_NEXT, delivery.endpoint_id,
-                                     delivery.room, delivery.id, status, lease)
+        row = await self.store._call(
+            "fetchrow",
+            _DELIVERED_NEXT,
+            delivery.endpoint_id,
+            delivery.room,
+            delivery.id,
+            status,
+            lease,
+        )
         return None if row is None else _delivery(row)
 
-    async def retry(self, delivery: Delivery, delay: float, status: int | None,
-                    error: str) -> None:
+    async def retry(self, delivery: Delivery, delay: float, status: int | None, error: str) -> None:
         await self.store._call("execute", _RETRY, delivery.id, delay, status, error[:500])
 
     async def dead(self, delivery: Delivery, status: int | None, error: str) -> None:
         await self.store._call("execute", _FINISH, delivery.id, DEAD, status, error[:500])
 
     async def release(self, delivery: Delivery) -> None:
-        await self.store._call("execute", "UPDATE webhook_outbox SET lease_until = NULL "
-                                          "WHERE id = $1", delivery.id)
+        await self.store._call(
+            "execute", "UPDATE webhook_outbox SET lease_until = NULL WHERE id = $1", delivery.id
+        )
 
     async def backlog(self) -> list[Backlog]:
         rows = await self.store._call(
-            "fetch", f"SELECT endpoint_id, count(*) AS n, {_MS.format('min(created_at)')} "
-                     "AS oldest FROM webhook_outbox WHERE state = 0 GROUP BY endpoint_id")
+            "fetch",
+            f"SELECT endpoint_id, count(*) AS n, {_MS.format('min(created_at)')} "
+            "AS oldest FROM webhook_outbox WHERE state = 0 GROUP BY endpoint_id",
+        )
         return [Backlog(r["endpoint_id"], r["n"], r["oldest"]) for r in rows]
 
-    async def dead_letters(self, *, limit: int, before: int | None = None,
-                           endpoint_id: int | None = None) -> list[DeadLetter]:
+    async def dead_letters(
+        self, *, limit: int, before: int | None = None, endpoint_id: int | None = None
+    ) -> list[DeadLetter]:
         rows = await self.store._call(
             "fetch",
             f"SELECT {_DELIVERY}, o.last_status, o.last_error, "
             f"{_MS.format('o.finished_at')} AS dead_ms FROM webhook_outbox o "
             "WHERE o.state = 2 AND ($1::bigint IS NULL OR o.id < $1) "
             "AND ($2::bigint IS NULL OR o.endpoint_id = $2) ORDER BY o.id DESC LIMIT $3",
-            before, endpoint_id, limit)
-        return [DeadLetter(r["id"], r["endpoint_id"], r["event_id"], r["type"], r["room"],
-                           r["seq"], r["data"], r["created_ms"], r["attempts"],
-                           r["last_status"], r["last_error"], r["dead_ms"]) for r in rows]
+            before,
+            endpoint_id,
+            limit,
+        )
+        return [
+            DeadLetter(
+                r["id"],
+                r["endpoint_id"],
+                r["event_id"],
+                r["type"],
+                r["room"],
+                r["seq"],
+                r["data"],
+                r["created_ms"],
+                r["attempts"],
+                r["last_status"],
+                r["last_error"],
+                r["dead_ms"],
+            )
+            for r in rows
+        ]
 
-    async def replay(self, *, ids: list[int] | None = None, since_ms: int | None = None,
-                     until_ms: int | None = None, endpoint_id: int | None = None) -> int:
-        reset = ("UPDATE webhook_outbox SET state = 0, attempts = 0, next_at = now(), "
-                 "lease_until = NULL, finished_at = NULL, last_error = NULL ")
+    async def replay(
+        self,
+        *,
+        ids: list[int] | None = None,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+        endpoint_id: int | None = None,
+    ) -> int:
+        reset = (
+            "UPDATE webhook_outbox SET state = 0, attempts = 0, next_at = now(), "
+            "lease_until = NULL, finished_at = NULL, last_error = NULL "
+        )
         if ids is not None:
             status = await self.store._call(
-                "execute", reset + "WHERE id = ANY($1::bigint[]) AND state = 2 "
-                                   "AND ($2::bigint IS NULL OR endpoint_id = $2)",
-                ids, endpoint_id)
+                "execute",
+                reset + "WHERE id = ANY($1::bigint[]) AND state = 2 "
+                "AND ($2::bigint IS NULL OR endpoint_id = $2)",
+                ids,
+                endpoint_id,
+            )
         else:
             status = await self.store._call(
-                "execute", reset + "WHERE created_at >= $1 AND created_at < $2 "
-                                   f"AND state IN ({DELIVERED}, {DEAD}) "
-                                   "AND ($3::bigint IS NULL OR endpoint_id = $3)",
-                _ts(since_ms or 0), _ts(until_ms if until_ms is not None else _FAR_MS),
-                endpoint_id)
+                "execute",
+                reset + "WHERE created_at >= $1 AND created_at < $2 "
+                f"AND state IN ({DELIVERED}, {DEAD}) "
+                "AND ($3::bigint IS NULL OR endpoint_id = $3)",
+                _ts(since_ms or 0),
+                _ts(until_ms if until_ms is not None else _FAR_MS),
+                endpoint_id,
+            )
         return int(status.split()[-1])
 
     async def prune(self, cutoff_ms: int, limit: int) -> int:
@@ -188,7 +248,10 @@ class PostgresOutbox(Outbox):
             "execute",
             "DELETE FROM webhook_outbox WHERE id = ANY(ARRAY("
             f" SELECT id FROM webhook_outbox WHERE created_at < $1 AND state = {DELIVERED}"
-            " LIMIT $2))", _ts(cutoff_ms), limit)
+            " LIMIT $2))",
+            _ts(cutoff_ms),
+            limit,
+        )
         return int(status.split()[-1])
 
 

@@ -37,25 +37,38 @@ import asyncio
 import logging
 import re
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 
 from storage import migrations
-from storage.base import (Change, Message, MessageNotFound, NotAuthor, Page, ReadPosition,
-                          Store, StoreUnavailable, change_event, display_url, new_id)
+from storage.base import (
+    Change,
+    Message,
+    MessageNotFound,
+    NotAuthor,
+    Page,
+    ReadPosition,
+    Store,
+    StoreUnavailable,
+    change_event,
+    display_url,
+    new_id,
+)
 
 log = logging.getLogger("storage.postgres")
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # pg_advisory_lock key for migrations: any fixed 64-bit number, the same on every instance.
 MIGRATION_LOCK = 0x63686174_6777  # "chatgw"
 
-_COLUMNS = ("id, room, seq, author, text, "
-            "(extract(epoch from created_at) * 1000)::bigint AS created_ms, version, "
-            "(extract(epoch from edited_at) * 1000)::bigint AS edited_ms, "
-            "(extract(epoch from deleted_at) * 1000)::bigint AS deleted_ms")
+_COLUMNS = (
+    "id, room, seq, author, text, "
+    "(extract(epoch from created_at) * 1000)::bigint AS created_ms, version, "
+    "(extract(epoch from edited_at) * 1000)::bigint AS edited_ms, "
+    "(extract(epoch from deleted_at) * 1000)::bigint AS deleted_ms"
+)
 
 _APPEND = """
 WITH r AS (
@@ -112,8 +125,10 @@ def with_outbox(statement: str) -> str:
     head, _, insert = statement.rpartition("\nINSERT INTO messages")
     insert, _, returning = insert.rpartition("RETURNING ")
     param = max(int(n) for n in re.findall(r"\$(\d+)", statement)) + 1
-    return (f"{head},\nm AS (\nINSERT INTO messages{insert}RETURNING *\n)"
-            f"{_OUTBOX.format(param=param)}SELECT {returning.strip()} FROM m AS messages\n")
+    return (
+        f"{head},\nm AS (\nINSERT INTO messages{insert}RETURNING *\n)"
+        f"{_OUTBOX.format(param=param)}SELECT {returning.strip()} FROM m AS messages\n"
+    )
 
 
 # The most flights at once, how long a statement runs before another flight may
@@ -127,9 +142,11 @@ _BY_KEY = f"SELECT {_COLUMNS} FROM messages WHERE room = $1 AND idempotency_key 
 # Where a new connection landed: the server's cluster (a promoted standby keeps its
 # primary's) and the timeline it writes on (one more with every promotion).
 # (None on a standby, which takes no write anyway.)
-_TIMELINE = ("SELECT system_identifier, CASE WHEN NOT pg_is_in_recovery() THEN "
-             "('x' || left(pg_walfile_name(pg_current_wal_lsn()), 8))::bit(32)::int END "
-             "AS timeline FROM pg_control_system()")
+_TIMELINE = (
+    "SELECT system_identifier, CASE WHEN NOT pg_is_in_recovery() THEN "
+    "('x' || left(pg_walfile_name(pg_current_wal_lsn()), 8))::bit(32)::int END "
+    "AS timeline FROM pg_control_system()"
+)
 
 
 class StalePrimary(Exception):
@@ -144,11 +161,19 @@ class StalePrimary(Exception):
 # InternalClientError: "cannot switch to state …"). The caller
 # answers 503 and may retry; nothing was committed by this statement unless its
 # commit's reply was lost, which an Idempotency-Key retry finds.
-_UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
-                asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
-                asyncpg.TooManyConnectionsError, asyncpg.AdminShutdownError,
-                asyncpg.CrashShutdownError, asyncpg.ReadOnlySQLTransactionError,
-                asyncpg.InternalClientError, StalePrimary)
+_UNAVAILABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.ReadOnlySQLTransactionError,
+    asyncpg.InternalClientError,
+    StalePrimary,
+)
 
 
 # The array types the statements bind (the group commit's columns, latest_seqs'
@@ -192,8 +217,17 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 
 
 def _row(r: Any) -> Message:
-    return Message(r["id"], r["room"], r["seq"], r["author"], r["text"], r["created_ms"],
-                   r["version"], r["edited_ms"], r["deleted_ms"])
+    return Message(
+        r["id"],
+        r["room"],
+        r["seq"],
+        r["author"],
+        r["text"],
+        r["created_ms"],
+        r["version"],
+        r["edited_ms"],
+        r["deleted_ms"],
+    )
 
 
 # -- chat: edits, deletes, read positions --------------------------------------
@@ -207,11 +241,15 @@ SELECT e, $1, $2, $4, $5, $6, $3, $7, $7 FROM unnest($8::bigint[]) AS e
 """
 
 _MESSAGE_FOR_UPDATE = f"SELECT {_COLUMNS} FROM messages WHERE room = $1 AND seq = $2 FOR UPDATE"
-_EDIT = ("UPDATE messages SET text = $3, version = version + 1, edited_at = $4 "
-         f"WHERE room = $1 AND seq = $2 RETURNING {_COLUMNS}")
+_EDIT = (
+    "UPDATE messages SET text = $3, version = version + 1, edited_at = $4 "
+    f"WHERE room = $1 AND seq = $2 RETURNING {_COLUMNS}"
+)
 # A delete empties the text in the row itself: the text is gone, not hidden.
-_DELETE = ("UPDATE messages SET text = '', version = version + 1, deleted_at = $3 "
-           f"WHERE room = $1 AND seq = $2 RETURNING {_COLUMNS}")
+_DELETE = (
+    "UPDATE messages SET text = '', version = version + 1, deleted_at = $3 "
+    f"WHERE room = $1 AND seq = $2 RETURNING {_COLUMNS}"
+)
 _CHANGES = """
 SELECT c.change, c.after_seq, m.id, m.room, m.seq, m.author, m.text,
        (extract(epoch from m.created_at) * 1000)::bigint AS created_ms, m.version,
@@ -244,20 +282,33 @@ WHERE p.user_name = $1 ORDER BY p.room LIMIT $2
 
 
 class PostgresStore(Store):
-    def __init__(self, url: str, *, pool_min: int = 1, pool_max: int = 10,
-                 connect_timeout: float = 5.0, command_timeout: float = 10.0,
-                 idle_timeout: float = 300.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_min: int = 1,
+        pool_max: int = 10,
+        connect_timeout: float = 5.0,
+        command_timeout: float = 10.0,
+        idle_timeout: float = 300.0,
+    ) -> None:
         if pool_max < 1 or pool_min < 0 or pool_min > pool_max:
             raise ValueError("pool sizes must satisfy 0 <= min <= max, max >= 1")
         self.url = url
-        self._pool_args = dict(min_size=pool_min, max_size=pool_max, timeout=connect_timeout,
-                               command_timeout=command_timeout,
-                               max_inactive_connection_lifetime=idle_timeout)
+        self._pool_args = dict(
+            min_size=pool_min,
+            max_size=pool_max,
+            timeout=connect_timeout,
+            command_timeout=command_timeout,
+            max_inactive_connection_lifetime=idle_timeout,
+        )
         self._acquire_timeout = connect_timeout + command_timeout
         self._command_timeout = command_timeout
         self._pool: asyncpg.Pool | None = None
         self._releases: set[asyncio.Task[None]] = set()  # given-up connections going back
-        self._waiting: list[tuple[str, str, str, str, datetime, asyncio.Future[tuple[int, int]]]] = []
+        self._waiting: list[
+            tuple[str, str, str, str, datetime, asyncio.Future[tuple[int, int]]]
+        ] = []
         # Each flight, and when its statement in progress started (loop time).
         self._flights: dict[asyncio.Task[None], float] = {}
         # Per database cluster (system identifier), the latest timeline connected to.
@@ -269,9 +320,9 @@ class PostgresStore(Store):
 
     async def start(self) -> None:
         try:
-            self._pool = await asyncpg.create_pool(self.url, reset=_keep_session,
-                                                   init=self._init_connection,
-                                                   **self._pool_args)
+            self._pool = await asyncpg.create_pool(
+                self.url, reset=_keep_session, init=self._init_connection, **self._pool_args
+            )
         except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
             # Refused, unknown host, no such database, bad credentials: the server's
             # or the socket's sentence, with the target it was about.
@@ -284,7 +335,7 @@ class PostgresStore(Store):
             pool, self._pool = self._pool, None
             try:
                 await asyncio.wait_for(pool.close(), 5)
-            except (asyncio.TimeoutError, *_UNAVAILABLE):
+            except (TimeoutError, *_UNAVAILABLE):
                 pool.terminate()
 
     def _cannot_connect(self, exc: BaseException) -> StoreUnavailable:
@@ -340,8 +391,12 @@ class PostgresStore(Store):
         cluster, timeline = int(row["system_identifier"]), int(row["timeline"])
         latest = self._timelines.get(cluster, 0)
         if timeline < latest:
-            log.warning("refusing a stale Postgres primary: it writes on timeline %d, "
-                        "the cluster is on timeline %d", timeline, latest)
+            log.warning(
+                "refusing a stale Postgres primary: it writes on timeline %d, "
+                "the cluster is on timeline %d",
+                timeline,
+                latest,
+            )
             raise StalePrimary(f"the server is a stale primary (timeline {timeline} < {latest})")
         self._timelines[cluster] = timeline
 
@@ -358,8 +413,10 @@ class PostgresStore(Store):
 
     def write_outbox(self, endpoint_ids: list[int]) -> None:
         if endpoint_ids:
-            self._append_sql, self._append_group_sql = (with_outbox(_APPEND),
-                                                        with_outbox(_APPEND_GROUP))
+            self._append_sql, self._append_group_sql = (
+                with_outbox(_APPEND),
+                with_outbox(_APPEND_GROUP),
+            )
             self._outbox_args = (list(endpoint_ids),)
         else:
             self._append_sql, self._append_group_sql = _APPEND, _APPEND_GROUP
@@ -382,15 +439,19 @@ class PostgresStore(Store):
             try:
                 await conn.execute(
                     "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                    " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
-                done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+                    " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                done = {
+                    r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")
+                }
                 for version, sql in migrations.load("postgres"):
                     if version in done:
                         continue
                     async with conn.transaction():
                         await conn.execute(sql)
-                        await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)",
-                                           version)
+                        await conn.execute(
+                            "INSERT INTO schema_migrations (version) VALUES ($1)", version
+                        )
                     log.info("applied migration", extra={"version": version})
                     applied.append(version)
             finally:
@@ -399,8 +460,9 @@ class PostgresStore(Store):
             await conn.close()
         return applied
 
-    async def append(self, room: str, author: str, text: str,
-                     idempotency_key: str | None = None) -> tuple[Message, bool]:
+    async def append(
+        self, room: str, author: str, text: str, idempotency_key: str | None = None
+    ) -> tuple[Message, bool]:
         # One deadline for all of it: the key lookup, the insert, the lookup after a race.
         try:
             async with asyncio.timeout(self._command_timeout):
@@ -408,8 +470,9 @@ class PostgresStore(Store):
         except TimeoutError as exc:
             raise _unavailable(exc) from exc
 
-    async def _append(self, room: str, author: str, text: str,
-                      idempotency_key: str | None) -> tuple[Message, bool]:
+    async def _append(
+        self, room: str, author: str, text: str, idempotency_key: str | None
+    ) -> tuple[Message, bool]:
         if idempotency_key is not None:
             row = await self._call("fetchrow", _BY_KEY, room, idempotency_key)
             if row is not None:
@@ -421,8 +484,17 @@ class PostgresStore(Store):
             seq, changes = await self._grouped(room, mid, author, text, created)
             return Message(mid, room, seq, author, text, ms, changes=changes), True
         try:
-            row = await self._call("fetchrow", self._append_sql, room, mid, author, text,
-                                   created, idempotency_key, *self._outbox_args)
+            row = await self._call(
+                "fetchrow",
+                self._append_sql,
+                room,
+                mid,
+                author,
+                text,
+                created,
+                idempotency_key,
+                *self._outbox_args,
+            )
         except asyncpg.UniqueViolationError:
             # A concurrent request with the same key committed first; the failed
             # statement rolled its seq increment back.
@@ -439,23 +511,35 @@ class PostgresStore(Store):
         ms = int(time.time() * 1000)
         created = _EPOCH + timedelta(milliseconds=ms)
         ids = [new_id(ms) for _ in posts]
-        rows = await self._call("fetch", self._append_group_sql, [p[0] for p in posts], ids,
-                                [p[1] for p in posts], [p[2] for p in posts],
-                                [created] * len(posts), *self._outbox_args)
+        rows = await self._call(
+            "fetch",
+            self._append_group_sql,
+            [p[0] for p in posts],
+            ids,
+            [p[1] for p in posts],
+            [p[2] for p in posts],
+            [created] * len(posts),
+            *self._outbox_args,
+        )
         seqs = {r["id"]: (r["seq"], r["changes"]) for r in rows}
-        return [Message(mid, room, seqs[mid][0], author, text, ms, changes=seqs[mid][1])
-                for mid, (room, author, text) in zip(ids, posts, strict=True)]
+        return [
+            Message(mid, room, seqs[mid][0], author, text, ms, changes=seqs[mid][1])
+            for mid, (room, author, text) in zip(ids, posts, strict=True)
+        ]
 
-    async def _grouped(self, room: str, mid: str, author: str, text: str,
-                       created: datetime) -> tuple[int, int]:
+    async def _grouped(
+        self, room: str, mid: str, author: str, text: str, created: datetime
+    ) -> tuple[int, int]:
         """Commit one post with whatever others wait; its seq and the room's change count."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[int, int]] = loop.create_future()
         item = (room, mid, author, text, created, future)
         self._waiting.append(item)
         flights = self._flights
-        if not flights or (len(flights) < GROUP_FLIGHTS and
-                           all(loop.time() - since > GROUP_STALL for since in flights.values())):
+        if not flights or (
+            len(flights) < GROUP_FLIGHTS
+            and all(loop.time() - since > GROUP_STALL for since in flights.values())
+        ):
             task = loop.create_task(self._fly())
             flights[task] = loop.time()
             task.add_done_callback(self._landed)
@@ -541,7 +625,7 @@ class PostgresStore(Store):
     async def _release(self, conn: Any) -> None:
         try:
             await self.pool.release(conn, timeout=self._command_timeout)
-        except Exception as exc:  # noqa: BLE001 - asyncpg terminates what it cannot release
+        except Exception as exc:
             log.debug("releasing a connection: %r", exc)
 
     async def _commit_group(self, conn: Any, group: list[Any]) -> Any:
@@ -553,20 +637,30 @@ class PostgresStore(Store):
                 pass  # rolled back whole (no seq used); another group holds a room
         return await conn.fetch(self._append_group_sql, *cols)
 
-    async def history(self, room: str, *, limit: int = 50, before: int | None = None,
-                      after: int | None = None) -> Page:
+    async def history(
+        self, room: str, *, limit: int = 50, before: int | None = None, after: int | None = None
+    ) -> Page:
         hi = before if before is not None else 2**62
         if after is not None:
             rows = await self._call(
                 "fetch",
                 f"SELECT {_COLUMNS} FROM messages WHERE room = $1 AND seq > $2 AND seq < $3 "
-                "ORDER BY seq ASC LIMIT $4", room, after, hi, limit + 1)
+                "ORDER BY seq ASC LIMIT $4",
+                room,
+                after,
+                hi,
+                limit + 1,
+            )
             msgs = [_row(r) for r in rows[:limit]]
         else:
             rows = await self._call(
                 "fetch",
                 f"SELECT {_COLUMNS} FROM messages WHERE room = $1 AND seq < $2 "
-                "ORDER BY seq DESC LIMIT $3", room, hi, limit + 1)
+                "ORDER BY seq DESC LIMIT $3",
+                room,
+                hi,
+                limit + 1,
+            )
             msgs = [_row(r) for r in reversed(rows[:limit])]
         return Page(msgs, len(rows) > limit)
 
@@ -575,8 +669,9 @@ class PostgresStore(Store):
         return int(value or 0)
 
     async def latest_seqs(self, rooms: list[str]) -> dict[str, int]:
-        rows = await self._call("fetch", "SELECT room, last_seq FROM rooms "
-                                         "WHERE room = ANY($1::text[])", rooms)
+        rows = await self._call(
+            "fetch", "SELECT room, last_seq FROM rooms WHERE room = ANY($1::text[])", rooms
+        )
         seqs = dict.fromkeys(rooms, 0)
         seqs.update((r["room"], int(r["last_seq"])) for r in rows)
         return seqs
@@ -594,23 +689,34 @@ class PostgresStore(Store):
             " changes AS (DELETE FROM message_changes c USING gone"
             " WHERE c.room = gone.room AND c.seq = gone.seq)"
             " SELECT count(*) FROM gone",
-            _EPOCH + timedelta(milliseconds=cutoff_ms), limit)
+            _EPOCH + timedelta(milliseconds=cutoff_ms),
+            limit,
+        )
         return int(count)
 
     async def purge_room(self, room: str) -> int:
         # The rooms row (its last_seq, last_change) stays: seqs and change numbers
         # are never handed out twice. The change rows go in the same statement.
-        status = await self._call("execute",
-                                  "WITH changes AS (DELETE FROM message_changes WHERE room = $1)"
-                                  " DELETE FROM messages WHERE room = $1", room)
+        status = await self._call(
+            "execute",
+            "WITH changes AS (DELETE FROM message_changes WHERE room = $1)"
+            " DELETE FROM messages WHERE room = $1",
+            room,
+        )
         return int(status.split()[-1])
 
     async def ping(self) -> None:
         await self._call("fetchval", "SELECT 1")
 
-    async def change(self, room: str, seq: int, text: str | None, *, author: str | None,
-                     idempotency_key: tuple[str, str] | None = None
-                     ) -> tuple[Change | None, Message]:
+    async def change(
+        self,
+        room: str,
+        seq: int,
+        text: str | None,
+        *,
+        author: str | None,
+        idempotency_key: tuple[str, str] | None = None,
+    ) -> tuple[Change | None, Message]:
         ms = int(time.time() * 1000)
         at = _EPOCH + timedelta(milliseconds=ms)
         try:
@@ -618,17 +724,21 @@ class PostgresStore(Store):
                 async with conn.transaction():
                     # The room's row first, as an append takes it: changes and posts
                     # of a room commit one at a time, so after_seq is exact.
-                    pos = await conn.fetchrow("SELECT last_seq, last_change FROM rooms "
-                                              "WHERE room = $1 FOR UPDATE", room)
+                    pos = await conn.fetchrow(
+                        "SELECT last_seq, last_change FROM rooms WHERE room = $1 FOR UPDATE", room
+                    )
                     if pos is not None and idempotency_key is not None:
                         done = await conn.fetchval(
                             "SELECT seq FROM message_changes WHERE room = $1 AND key_owner = $2"
-                            " AND idempotency_key = $3", room, *idempotency_key)
+                            " AND idempotency_key = $3",
+                            room,
+                            *idempotency_key,
+                        )
                         if done is not None:  # a repeat: the message as it is now
-                            return None, _row(await conn.fetchrow(_MESSAGE_FOR_UPDATE,
-                                                                  room, done))
-                    row = None if pos is None else await conn.fetchrow(
-                        _MESSAGE_FOR_UPDATE, room, seq)
+                            return None, _row(await conn.fetchrow(_MESSAGE_FOR_UPDATE, room, done))
+                    row = (
+                        None if pos is None else await conn.fetchrow(_MESSAGE_FOR_UPDATE, room, seq)
+                    )
                     if pos is None or row is None:
                         raise MessageNotFound(f"no message {seq} in room {room!r}")
                     current = _row(row)
@@ -641,22 +751,36 @@ class PostgresStore(Store):
                     if text == current.text:
                         return None, current
                     number = pos["last_change"] + 1
-                    await conn.execute("UPDATE rooms SET last_change = $2 WHERE room = $1",
-                                       room, number)
+                    await conn.execute(
+                        "UPDATE rooms SET last_change = $2 WHERE room = $1", room, number
+                    )
                     if text is None:
                         row = await conn.fetchrow(_DELETE, room, seq, at)
                     else:
                         row = await conn.fetchrow(_EDIT, room, seq, text, at)
                     owner, key = idempotency_key or (None, None)
-                    await conn.execute("INSERT INTO message_changes (room, change, seq, "
-                                       "after_seq, key_owner, idempotency_key) "
-                                       "VALUES ($1, $2, $3, $4, $5, $6)",
-                                       room, number, seq, pos["last_seq"], owner, key)
+                    await conn.execute(
+                        "INSERT INTO message_changes (room, change, seq, "
+                        "after_seq, key_owner, idempotency_key) "
+                        "VALUES ($1, $2, $3, $4, $5, $6)",
+                        room,
+                        number,
+                        seq,
+                        pos["last_seq"],
+                        owner,
+                        key,
+                    )
                     msg = _row(row)
                     if self._outbox_args:
-                        await conn.execute(_CHANGE_OUTBOX, *change_event(msg, number, ms),
-                                           room, seq, pos["last_seq"] + number, at,
-                                           *self._outbox_args)
+                        await conn.execute(
+                            _CHANGE_OUTBOX,
+                            *change_event(msg, number, ms),
+                            room,
+                            seq,
+                            pos["last_seq"] + number,
+                            at,
+                            *self._outbox_args,
+                        )
         except _UNAVAILABLE as exc:
             raise _unavailable(exc) from exc
         return Change(number, pos["last_seq"], msg), msg
@@ -666,8 +790,9 @@ class PostgresStore(Store):
         return [Change(r["change"], r["after_seq"], _row(r)) for r in rows]
 
     async def position(self, room: str) -> tuple[int, int]:
-        row = await self._call("fetchrow", "SELECT last_seq, last_change FROM rooms "
-                                           "WHERE room = $1", room)
+        row = await self._call(
+            "fetchrow", "SELECT last_seq, last_change FROM rooms WHERE room = $1", room
+        )
         return (0, 0) if row is None else (int(row["last_seq"]), int(row["last_change"]))
 
     async def mark_read(self, user: str, room: str, seq: int) -> ReadPosition:
@@ -688,5 +813,8 @@ class PostgresStore(Store):
         if self._pool is None:
             return {}
         size = self._pool.get_size()
-        return {"pool_size": size, "pool_in_use": size - self._pool.get_idle_size(),
-                "pool_max": self._pool.get_max_size()}
+        return {
+            "pool_size": size,
+            "pool_in_use": size - self._pool.get_idle_size(),
+            "pool_max": self._pool.get_max_size(),
+        }

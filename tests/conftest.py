@@ -1,7 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import pytest
 
@@ -12,8 +12,11 @@ from tests import harness
 @pytest.fixture(params=["postgres", "sqlite"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     """A started, migrated store: a throwaway Postgres database, then a SQLite file."""
-    url = (await harness.create_database() if request.param == "postgres"
-           else f"sqlite:///{tmp_path}/store.db")
+    url = (
+        await harness.create_database()
+        if request.param == "postgres"
+        else f"sqlite:///{tmp_path}/store.db"
+    )
     s = create_store(url)
     await s.start()
     try:

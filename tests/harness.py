@@ -19,10 +19,11 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import asyncpg
 import httpx
@@ -38,12 +39,16 @@ REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 # Multiply every wait by this on a slow machine.
 SCALE = float(os.environ.get("TEST_TIMEOUT_SCALE", "1"))
 
-PG_HINT = ("PostgreSQL is not reachable at {url}: start it with "
-           "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` "
-           "(or set TEST_PG_ADMIN_URL)")
-REDIS_HINT = ("Redis is not reachable at {url}: start it with `redis-server --daemonize yes "
-              "--bind 127.0.0.1 -::1 --port 6379 --save \"\" --appendonly no` "
-              "(or set TEST_REDIS_URL)")
+PG_HINT = (
+    "PostgreSQL is not reachable at {url}: start it with "
+    "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` "
+    "(or set TEST_PG_ADMIN_URL)"
+)
+REDIS_HINT = (
+    "Redis is not reachable at {url}: start it with `redis-server --daemonize yes "
+    '--bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no` '
+    "(or set TEST_REDIS_URL)"
+)
 
 
 def t(seconds: float) -> float:
@@ -76,7 +81,7 @@ async def create_database(admin_url: str = PG_ADMIN_URL, tag: str = "cgtest") ->
     name = f"{tag}_{uuid.uuid4().hex[:12]}"
     try:
         conn = await asyncpg.connect(admin_url, timeout=5)
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         raise RuntimeError(PG_HINT.format(url=admin_url) + f" [{exc!r}]") from exc
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
@@ -99,7 +104,7 @@ async def check_redis(url: str = REDIS_URL) -> None:
     client = aioredis.from_url(url, socket_connect_timeout=3)
     try:
         await client.ping()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise RuntimeError(REDIS_HINT.format(url=url) + f" [{exc!r}]") from exc
     finally:
         await client.aclose()
@@ -136,10 +141,25 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--logfile", f"{self.dir}/redis.log",
-             *self.extra_args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+                "--logfile",
+                f"{self.dir}/redis.log",
+                *self.extra_args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + t(10)
         while time.monotonic() < deadline:
             try:
@@ -170,28 +190,46 @@ class RedisClusterServers:
     def __init__(self, size: int = 3, node_timeout_ms: int = 5000, replicas: int = 0) -> None:
         self.size = size
         self.replicas = replicas
-        args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(node_timeout_ms))
+        args = (
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            str(node_timeout_ms),
+        )
         # The bus port is named too: port + 10000 may be taken or past 65535. All
         # 2 * nodes ports are picked together so no two nodes can share one.
         count = size * (1 + replicas)
         ports = free_ports(2 * count)
-        self.nodes = [RedisServer(ports[2 * i], extra_args=(*args, "--cluster-port",
-                                                            str(ports[2 * i + 1])))
-                      for i in range(count)]
+        self.nodes = [
+            RedisServer(ports[2 * i], extra_args=(*args, "--cluster-port", str(ports[2 * i + 1])))
+            for i in range(count)
+        ]
 
     @property
     def url(self) -> str:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
-    def start(self) -> "RedisClusterServers":
+    def start(self) -> RedisClusterServers:
         for node in self.nodes:
             node.start()
-        subprocess.run(["redis-cli", "--cluster", "create",
-                        *(f"127.0.0.1:{n.port}" for n in self.nodes),
-                        "--cluster-replicas", str(self.replicas), "--cluster-yes"],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       stdin=subprocess.DEVNULL, timeout=t(30))
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                "--cluster-replicas",
+                str(self.replicas),
+                "--cluster-yes",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            timeout=t(30),
+        )
         self.wait_ok()
         if self.replicas:
             self.wait_replicas()
@@ -207,20 +245,27 @@ class RedisClusterServers:
         while time.monotonic() < deadline:
             replicas = [i for i in range(len(self.nodes)) if self.role(i) == "slave"]
             if len(replicas) == self.size * self.replicas and all(
-                    "master_link_status:up" in self.info(i, "info", "replication")
-                    for i in replicas):
+                "master_link_status:up" in self.info(i, "info", "replication") for i in replicas
+            ):
                 return
             time.sleep(0.1)
         raise RuntimeError("Redis Cluster replicas did not come in sync")
 
     def info(self, i: int, *command: str) -> str:
-        return subprocess.run(["redis-cli", "-p", str(self.nodes[i].port), *command],
-                              capture_output=True, text=True, timeout=t(10)).stdout
+        return subprocess.run(
+            ["redis-cli", "-p", str(self.nodes[i].port), *command],
+            capture_output=True,
+            text=True,
+            timeout=t(10),
+        ).stdout
 
     def wait_ok(self, timeout: float = 30) -> None:
         """Until every node sees the whole cluster: state ok, all slots, all nodes."""
-        want = ("cluster_state:ok", "cluster_slots_ok:16384",
-                f"cluster_known_nodes:{len(self.nodes)}")
+        want = (
+            "cluster_state:ok",
+            "cluster_slots_ok:16384",
+            f"cluster_known_nodes:{len(self.nodes)}",
+        )
         deadline = time.monotonic() + t(timeout)
         while time.monotonic() < deadline:
             infos = [self.info(i, "cluster", "info") for i in range(len(self.nodes))]
@@ -231,12 +276,17 @@ class RedisClusterServers:
 
     def slot_ranges(self) -> list[tuple[int, int, int]]:
         """(first slot, last slot, node index) as node 0 sees them (CLUSTER SLOTS)."""
-        out = subprocess.run(["redis-cli", "-p", str(self.nodes[0].port), "--json",
-                              "cluster", "slots"], capture_output=True, text=True,
-                             timeout=t(10)).stdout
+        out = subprocess.run(
+            ["redis-cli", "-p", str(self.nodes[0].port), "--json", "cluster", "slots"],
+            capture_output=True,
+            text=True,
+            timeout=t(10),
+        ).stdout
         ports = [n.port for n in self.nodes]
-        return [(first, last, ports.index(int(primary[1])))
-                for first, last, primary, *_ in json.loads(out)]
+        return [
+            (first, last, ports.index(int(primary[1])))
+            for first, last, primary, *_ in json.loads(out)
+        ]
 
     def restart(self, i: int, down_for: float = 0.5) -> None:
         self.nodes[i].stop()
@@ -253,14 +303,22 @@ class RedisSentinelServers:
     --sentinel``) of the test's own, on free ports, monitoring the primary as
     ``service``. Short timeouts, so a killed primary is replaced in seconds."""
 
-    def __init__(self, replicas: int = 1, sentinels: int = 3, service: str = "chat",
-                 down_after_ms: int = 1000, failover_timeout_ms: int = 3000) -> None:
+    def __init__(
+        self,
+        replicas: int = 1,
+        sentinels: int = 3,
+        service: str = "chat",
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 3000,
+    ) -> None:
         self.service = service
         ports = free_ports(1 + replicas + sentinels)
         self.servers = [RedisServer(ports[0])]
-        self.servers += [RedisServer(port, extra_args=("--replicaof", "127.0.0.1", str(ports[0])))
-                         for port in ports[1:1 + replicas]]
-        self.sentinel_ports = ports[1 + replicas:]
+        self.servers += [
+            RedisServer(port, extra_args=("--replicaof", "127.0.0.1", str(ports[0])))
+            for port in ports[1 : 1 + replicas]
+        ]
+        self.sentinel_ports = ports[1 + replicas :]
         self.quorum = sentinels // 2 + 1
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
@@ -272,7 +330,7 @@ class RedisSentinelServers:
         hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
         return f"redis+sentinel://{hosts}/{self.service}"
 
-    def start(self) -> "RedisSentinelServers":
+    def start(self) -> RedisSentinelServers:
         for server in self.servers:
             server.start()
         primary = self.servers[0].port
@@ -284,16 +342,22 @@ class RedisSentinelServers:
                 f"sentinel monitor {self.service} 127.0.0.1 {primary} {self.quorum}\n"
                 f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
                 f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}\n"
-                f"sentinel parallel-syncs {self.service} 1\n")
-            self.sentinels.append(subprocess.Popen(
-                ["redis-server", str(conf), "--sentinel"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                f"sentinel parallel-syncs {self.service} 1\n"
+            )
+            self.sentinels.append(
+                subprocess.Popen(
+                    ["redis-server", str(conf), "--sentinel"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         self.wait_settled()
         return self
 
     def ask(self, port: int, *command: str) -> str:
-        return subprocess.run(["redis-cli", "-p", str(port), *command],
-                              capture_output=True, text=True, timeout=t(10)).stdout
+        return subprocess.run(
+            ["redis-cli", "-p", str(port), *command], capture_output=True, text=True, timeout=t(10)
+        ).stdout
 
     def primary_port(self) -> int | None:
         """The primary's port as the first sentinel that answers names it."""
@@ -312,14 +376,17 @@ class RedisSentinelServers:
             for port in self.sentinel_ports:
                 master = self.ask(port, "sentinel", "master", self.service).split("\n")
                 fields = dict(zip(master[::2], master[1::2], strict=False))
-                if (fields.get("num-other-sentinels") != str(len(self.sentinel_ports) - 1)
-                        or fields.get("num-slaves") != str(live)
-                        or fields.get("flags") != "master"):
+                if (
+                    fields.get("num-other-sentinels") != str(len(self.sentinel_ports) - 1)
+                    or fields.get("num-slaves") != str(live)
+                    or fields.get("flags") != "master"
+                ):
                     ok = False
             if ok and live:
                 primary = self.primary_port()
                 ok = primary is not None and (
-                    f"connected_slaves:{live}" in self.ask(primary, "info", "replication"))
+                    f"connected_slaves:{live}" in self.ask(primary, "info", "replication")
+                )
             if ok:
                 return
             time.sleep(0.1)
@@ -338,9 +405,12 @@ class RedisSentinelServers:
 # -- Postgres clusters of the tests' own -------------------------------------------------
 
 PG_VERSION = os.environ.get("TEST_PG_VERSION") or (
-    sorted(os.listdir("/etc/postgresql"))[-1] if os.path.isdir("/etc/postgresql") else "15")
-PG_TOOLS_HINT = ("Debian's PostgreSQL cluster tools (pg_createcluster, pg_ctlcluster, run as "
-                 "root) are needed: `apt-get install -y postgresql-common postgresql`")
+    sorted(os.listdir("/etc/postgresql"))[-1] if os.path.isdir("/etc/postgresql") else "15"
+)
+PG_TOOLS_HINT = (
+    "Debian's PostgreSQL cluster tools (pg_createcluster, pg_ctlcluster, run as "
+    "root) are needed: `apt-get install -y postgresql-common postgresql`"
+)
 
 
 class PostgresPair:
@@ -360,8 +430,7 @@ class PostgresPair:
         """A URL naming both servers (or the indexes given), for the primary."""
         ports = [self.ports[i] for i in (hosts or (0, 1))]
         hostlist = ",".join(f"127.0.0.1:{p}" for p in ports)
-        return (f"postgresql://postgres@{hostlist}/{self.database}"
-                f"?target_session_attrs={attrs}")
+        return f"postgresql://postgres@{hostlist}/{self.database}?target_session_attrs={attrs}"
 
     def _run(self, *cmd: str, timeout: float = 60) -> str:
         try:
@@ -380,39 +449,72 @@ class PostgresPair:
         conf = Path(f"/etc/postgresql/{PG_VERSION}/{name}")
         # fsync off: a stop -m immediate kills processes, not the machine, so the
         # page cache keeps what they wrote; this saves the shared disk the flushes.
-        (conf / "conf.d" / "cgtest.conf").write_text("\n".join((
-            "listen_addresses = '127.0.0.1'", "unix_socket_directories = '/tmp'",
-            "shared_buffers = 16MB", "max_connections = 60", "fsync = off",
-            "wal_keep_size = 64MB", *settings)) + "\n")
+        (conf / "conf.d" / "cgtest.conf").write_text(
+            "\n".join(
+                (
+                    "listen_addresses = '127.0.0.1'",
+                    "unix_socket_directories = '/tmp'",
+                    "shared_buffers = 16MB",
+                    "max_connections = 60",
+                    "fsync = off",
+                    "wal_keep_size = 64MB",
+                    *settings,
+                )
+            )
+            + "\n"
+        )
         (conf / "pg_hba.conf").write_text(
             "local all all trust\n"
             "host all all 127.0.0.1/32 trust\n"
-            "host replication all 127.0.0.1/32 trust\n")
+            "host replication all 127.0.0.1/32 trust\n"
+        )
 
     def set_synchronous(self, i: int, on: bool) -> None:
         """Whether server ``i`` waits for a synchronous standby (read at its next
         start or reload)."""
         conf = Path(f"/etc/postgresql/{PG_VERSION}/{self.names[i]}/conf.d/cgtest.conf")
-        lines = [line for line in conf.read_text().splitlines()
-                 if not line.startswith("synchronous_standby_names")]
+        lines = [
+            line
+            for line in conf.read_text().splitlines()
+            if not line.startswith("synchronous_standby_names")
+        ]
         if on:
             lines.append("synchronous_standby_names = '*'")
         conf.write_text("\n".join(lines) + "\n")
 
     def ctl(self, i: int, *action: str) -> None:
-        self._run("pg_ctlcluster", "--skip-systemctl-redirect", PG_VERSION, self.names[i],
-                  *action)
+        self._run("pg_ctlcluster", "--skip-systemctl-redirect", PG_VERSION, self.names[i], *action)
 
     def sql(self, i: int, query: str, database: str | None = None) -> str:
-        return self._run("psql", "-h", "127.0.0.1", "-p", str(self.ports[i]), "-U", "postgres",
-                         "-d", database or self.database, "-XAtc", query, timeout=20).strip()
+        return self._run(
+            "psql",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.ports[i]),
+            "-U",
+            "postgres",
+            "-d",
+            database or self.database,
+            "-XAtc",
+            query,
+            timeout=20,
+        ).strip()
 
-    def start(self) -> "PostgresPair":
+    def start(self) -> PostgresPair:
         try:
             self._create(0)
             self.ctl(0, "start")
-            self._run("createdb", "-h", "127.0.0.1", "-p", str(self.ports[0]), "-U", "postgres",
-                      self.database)
+            self._run(
+                "createdb",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.ports[0]),
+                "-U",
+                "postgres",
+                self.database,
+            )
             self.make_standby(1, of=0)
             # Synchronous from here on, on the primary only (in its own config file,
             # not in the data directory a base backup copies): a promoted standby
@@ -435,9 +537,26 @@ class PostgresPair:
                 self.ctl(i, "stop", "-m", "immediate")
         data = f"/var/lib/postgresql/{PG_VERSION}/{self.names[i]}"
         self._run("find", data, "-mindepth", "1", "-delete")  # the directory stays postgres's
-        self._run("runuser", "-u", "postgres", "--", "pg_basebackup", "-h", "127.0.0.1",
-                  "-p", str(self.ports[of]), "-U", "postgres", "-D", data, "-R",
-                  "-X", "stream", "-c", "fast")
+        self._run(
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            "pg_basebackup",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.ports[of]),
+            "-U",
+            "postgres",
+            "-D",
+            data,
+            "-R",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+        )
         self.ctl(i, "start")
 
     def in_recovery(self, i: int) -> bool:
@@ -454,11 +573,14 @@ class PostgresPair:
 
     def remove(self) -> None:
         for name in self.created:
-            subprocess.run(["pg_dropcluster", "--stop", PG_VERSION, name],
-                           capture_output=True, timeout=60)
+            subprocess.run(
+                ["pg_dropcluster", "--stop", PG_VERSION, name], capture_output=True, timeout=60
+            )
             # what a half-made cluster pg_dropcluster does not know may leave
-            for path in (f"/var/lib/postgresql/{PG_VERSION}/{name}",
-                         f"/etc/postgresql/{PG_VERSION}/{name}"):
+            for path in (
+                f"/var/lib/postgresql/{PG_VERSION}/{name}",
+                f"/etc/postgresql/{PG_VERSION}/{name}",
+            ):
                 subprocess.run(["rm", "-rf", path], capture_output=True, timeout=60)
         self.created = []
 
@@ -485,23 +607,35 @@ class Instance:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/v1/ws"
 
-    def start(self) -> "Instance":
-        base = dict(os.environ) if self.inherit_env else {
-            k: os.environ[k] for k in ("PATH", "HOME", "LANG", "VIRTUAL_ENV") if k in os.environ}
+    def start(self) -> Instance:
+        base = (
+            dict(os.environ)
+            if self.inherit_env
+            else {
+                k: os.environ[k] for k in ("PATH", "HOME", "LANG", "VIRTUAL_ENV") if k in os.environ
+            }
+        )
         env = {**base, **self.env, "PORT": str(self.port), "HOST": "127.0.0.1"}
         fd, self.log_path = tempfile.mkstemp(prefix=f"cgtest-gw-{self.port}-", suffix=".log")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=env,
-                                     stdout=fd, stderr=fd, cwd=self.cwd or ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve"],
+            env=env,
+            stdout=fd,
+            stderr=fd,
+            cwd=self.cwd or ROOT,
+        )
         os.close(fd)
         return self
 
-    async def wait_ready(self, timeout: float = 20) -> "Instance":
+    async def wait_ready(self, timeout: float = 20) -> Instance:
         deadline = time.monotonic() + t(timeout)
         async with httpx.AsyncClient() as client:
             while time.monotonic() < deadline:
                 if self.proc is not None and self.proc.poll() is not None:
-                    raise RuntimeError(f"gateway on port {self.port} exited "
-                                       f"({self.proc.returncode}):\n{self.log()}")
+                    raise RuntimeError(
+                        f"gateway on port {self.port} exited "
+                        f"({self.proc.returncode}):\n{self.log()}"
+                    )
                 try:
                     r = await client.get(self.url + "/readyz", timeout=1)
                     if r.status_code == 200:
@@ -563,9 +697,10 @@ class WSClient:
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, url: str, **kwargs: Any) -> AsyncIterator["WSClient"]:
-        async with websockets.connect(url, open_timeout=t(10), max_size=2**22,
-                                      compression=None, **kwargs) as conn:
+    async def connect(cls, url: str, **kwargs: Any) -> AsyncIterator[WSClient]:
+        async with websockets.connect(
+            url, open_timeout=t(10), max_size=2**22, compression=None, **kwargs
+        ) as conn:
             yield cls(conn)
 
     async def send(self, frame: dict[str, Any]) -> None:
@@ -600,8 +735,11 @@ class WSClient:
         return self.seqs(room)
 
     def seqs(self, room: str) -> list[int]:
-        return [f["message"]["seq"] for f in self.frames
-                if f.get("type") == "message" and f.get("room") == room]
+        return [
+            f["message"]["seq"]
+            for f in self.frames
+            if f.get("type") == "message" and f.get("room") == room
+        ]
 
 
 class SSEClient:
@@ -643,8 +781,9 @@ class SSEClient:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, url: str, headers: dict[str, str] | None = None
-                   ) -> AsyncIterator["SSEClient"]:
+    async def open(
+        cls, url: str, headers: dict[str, str] | None = None
+    ) -> AsyncIterator[SSEClient]:
         client = cls()
         client._task = asyncio.create_task(client._run(url, headers or {}))
         await asyncio.wait_for(client.opened.wait(), t(10))
@@ -668,10 +807,17 @@ class SSEClient:
         return self.seqs()
 
 
-async def post(client: httpx.AsyncClient, base: str, room: str, text: str,
-               author: str = "tester", **kwargs: Any) -> httpx.Response:
-    return await client.post(f"{base}/v1/rooms/{room}/messages",
-                             json={"text": text, "author": author}, **kwargs)
+async def post(
+    client: httpx.AsyncClient,
+    base: str,
+    room: str,
+    text: str,
+    author: str = "tester",
+    **kwargs: Any,
+) -> httpx.Response:
+    return await client.post(
+        f"{base}/v1/rooms/{room}/messages", json={"text": text, "author": author}, **kwargs
+    )
 
 
 async def eventually(check: Any, timeout: float = 10, interval: float = 0.05) -> Any:
@@ -697,10 +843,14 @@ class RawWebSocket:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.connect(("127.0.0.1", port))
-        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                           "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                           "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                           "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        self.sock.sendall(
+            (
+                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
         head = b""
         while b"\r\n\r\n" not in head:
             chunk = self.sock.recv(1)
@@ -729,7 +879,7 @@ class RawWebSocket:
             return True
         except ConnectionResetError:
             return True
-        except socket.timeout:
+        except TimeoutError:
             return False
 
     def close(self) -> None:

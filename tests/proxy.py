@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 
 class TCPProxy:
@@ -26,7 +26,7 @@ class TCPProxy:
         """Keep every byte the clients send from now on, in ``sent``."""
         self.sent = bytearray()
 
-    async def start(self) -> "TCPProxy":
+    async def start(self) -> TCPProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -63,14 +63,18 @@ class TCPProxy:
             writer.transport.abort()
             return
         self._links.update((writer, up_writer))
-        await asyncio.gather(self._pipe(reader, up_writer, upstream=True),
-                             self._pipe(up_reader, writer), return_exceptions=True)
+        await asyncio.gather(
+            self._pipe(reader, up_writer, upstream=True),
+            self._pipe(up_reader, writer),
+            return_exceptions=True,
+        )
         for w in (writer, up_writer):
             self._links.discard(w)
             w.transport.abort()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                    upstream: bool = False) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: bool = False
+    ) -> None:
         while True:
             data = await reader.read(65536)
             if not data:

@@ -8,8 +8,13 @@ from tests.harness import WSClient, instances
 
 
 def embedded(tmp_path, **extra: str) -> dict[str, str]:
-    return {"DATABASE_URL": f"sqlite:///{tmp_path}/abuse.db", "REDIS_URL": "memory://",
-            "LOG_LEVEL": "warning", "CONNECT_RATE_LIMIT": "100000/1s", **extra}
+    return {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/abuse.db",
+        "REDIS_URL": "memory://",
+        "LOG_LEVEL": "warning",
+        "CONNECT_RATE_LIMIT": "100000/1s",
+        **extra,
+    }
 
 
 async def test_a_websocket_holds_at_most_max_subscriptions_and_stays_open(tmp_path):
@@ -43,11 +48,13 @@ async def test_subscribe_churn_is_rate_limited_and_presence_is_debounced(gateway
         while True:
             frame = await bob.expect("presence", timeout=20)
             if frame["user"] == "mallory" and frame["action"] == "leave":
-                return [(f["action"], f["user"]) for f in bob.frames
-                        if f["type"] == "presence" and f["user"] == "mallory"]
+                return [
+                    (f["action"], f["user"])
+                    for f in bob.frames
+                    if f["type"] == "presence" and f["user"] == "mallory"
+                ]
 
-    async with (instances(1, env) as (gw,),
-                WSClient.connect(gw.ws_url + "?user=bob") as bob):
+    async with instances(1, env) as (gw,), WSClient.connect(gw.ws_url + "?user=bob") as bob:
         await bob.subscribe(room)
         # a quick reconnect is not a leave: only the final one goes out
         for _ in range(2):

@@ -18,8 +18,14 @@ from tests.harness import SSEClient, WSClient, instances
 SECRET = "test-secret-" + "0123456789abcdef" * 4
 
 
-def token(sub: Any = "ana", *, exp: float | None = 60, secret: str = SECRET,
-          algorithm: str = "HS256", **claims: Any) -> str:
+def token(
+    sub: Any = "ana",
+    *,
+    exp: float | None = 60,
+    secret: str = SECRET,
+    algorithm: str = "HS256",
+    **claims: Any,
+) -> str:
     payload: dict[str, Any] = dict(claims)
     if sub is not None:
         payload["sub"] = sub
@@ -31,6 +37,7 @@ def token(sub: Any = "ana", *, exp: float | None = 60, secret: str = SECRET,
 def unsigned(payload: dict[str, Any]) -> str:
     def b64(obj: dict[str, Any]) -> str:
         return base64.urlsafe_b64encode(orjson.dumps(obj)).rstrip(b"=").decode()
+
     return f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(payload)}."
 
 
@@ -40,8 +47,7 @@ def bearer(tok: str) -> dict[str, str]:
 
 @pytest.fixture
 def auth_env(gateway_env: dict[str, str]) -> dict[str, str]:
-    return {**gateway_env, "AUTH_SECRET": SECRET, "AUTH_LEEWAY": "5",
-            "API_KEYS": "key-one,key-two"}
+    return {**gateway_env, "AUTH_SECRET": SECRET, "AUTH_LEEWAY": "5", "API_KEYS": "key-one,key-two"}
 
 
 async def test_bad_tokens_are_refused_and_store_nothing(auth_env):
@@ -74,8 +80,9 @@ async def test_bad_tokens_are_refused_and_store_nothing(auth_env):
         assert page["messages"] == [], "a refused post must store nothing"
 
         # within the clock leeway an expired token still counts; author is always sub
-        r = await http.post(url, json={"text": "hi", "author": "mallory"},
-                            headers=bearer(token("ana", exp=-2)))
+        r = await http.post(
+            url, json={"text": "hi", "author": "mallory"}, headers=bearer(token("ana", exp=-2))
+        )
         assert r.status_code == 201, r.text
         assert r.json()["author"] == "ana"
 
@@ -83,6 +90,7 @@ async def test_bad_tokens_are_refused_and_store_nothing(auth_env):
 async def test_rooms_claim_governs_read_and_post_on_every_transport(auth_env):
     tok = token("bob", rooms=["lobby", "team:*"])
     async with instances(1, auth_env) as (gw,), httpx.AsyncClient(timeout=10) as http:
+
         def url(room: str) -> str:
             return f"{gw.url}/v1/rooms/{room}/messages"
 
@@ -125,8 +133,15 @@ async def test_rooms_claim_governs_read_and_post_on_every_transport(auth_env):
             assert err["code"] == "forbidden" and err["ref"] == 9
             # the socket stays, and inside the claim everything works; author is sub
             assert (await ws.subscribe("team:red"))["seq"] == 1
-            await ws.send({"type": "publish", "room": "team:red", "text": "y", "ref": "r",
-                           "author": "mallory"})
+            await ws.send(
+                {
+                    "type": "publish",
+                    "room": "team:red",
+                    "text": "y",
+                    "ref": "r",
+                    "author": "mallory",
+                }
+            )
             ack = await ws.expect("ack")
             assert ack["message"]["author"] == "bob" and ack["message"]["seq"] == 2
         page = (await http.get(url("other"), headers=bearer(token("cy")))).json()
@@ -137,8 +152,14 @@ async def test_api_keys_guard_publish(auth_env):
     async with instances(1, auth_env) as (gw,), httpx.AsyncClient(timeout=10) as http:
         url = f"{gw.url}/v1/publish"
         event = {"room": "lobby", "event": "tick", "data": {"n": 1}}
-        for headers in ({}, bearer("key-three"), bearer("key-onex"), bearer("key-on"),
-                        bearer(token()), {"Authorization": "key-one"}):
+        for headers in (
+            {},
+            bearer("key-three"),
+            bearer("key-onex"),
+            bearer("key-on"),
+            bearer(token()),
+            {"Authorization": "key-one"},
+        ):
             r = await http.post(url, json=event, headers=headers)
             assert r.status_code == 401, headers
             assert r.json()["error"]["code"] == "unauthorized"
@@ -149,8 +170,12 @@ async def test_api_keys_guard_publish(auth_env):
                 assert r.status_code == 202, r.text
                 assert r.headers["RateLimit-Limit"]
             frames = [await ws.expect("event"), await ws.expect("event")]
-            assert frames[0] == {"type": "event", "room": "lobby", "event": "tick",
-                                 "data": {"n": 1}}
+            assert frames[0] == {
+                "type": "event",
+                "room": "lobby",
+                "event": "tick",
+                "data": {"n": 1},
+            }
             await ws.send({"type": "ping"})
             assert (await ws.expect("pong"))["type"] == "pong", "no refused event leaked"
             assert [f for f in ws.frames if f["type"] == "event"] == frames
@@ -168,8 +193,7 @@ async def test_a_websocket_is_closed_1008_when_its_token_expires(auth_env):
                 await ws.expect("never", timeout=10)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
             assert "expired" in closed.value.rcvd.reason
-        page = (await http.get(f"{gw.url}/v1/rooms/lobby/messages",
-                               headers=bearer(token()))).json()
+        page = (await http.get(f"{gw.url}/v1/rooms/lobby/messages", headers=bearer(token()))).json()
         assert [m["text"] for m in page["messages"]] == ["while valid"]
 
 
@@ -179,8 +203,9 @@ async def test_an_sse_stream_ends_when_its_token_expires(auth_env):
         short = token("eve", exp=2)
         async with SSEClient.open(f"{gw.url}/v1/rooms/lobby/events?token={short}") as sse:
             assert sse.status == 200
-            r = await http.post(f"{gw.url}/v1/rooms/lobby/messages", json={"text": "hi"},
-                                headers=bearer(token()))
+            r = await http.post(
+                f"{gw.url}/v1/rooms/lobby/messages", json={"text": "hi"}, headers=bearer(token())
+            )
             assert r.status_code == 201
             assert await sse.wait_for(1) == [1]
             await asyncio.wait_for(sse.ended.wait(), 10)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import AuthenticationError
+from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pubsub.base import RedisGuard
@@ -35,8 +34,9 @@ async def test_concurrent_callers_get_their_own_replies_in_order(shared, redis_p
     key = f"{redis_prefix}counter"
 
     async def caller(i: int) -> list[object]:
-        return await batch.run([("INCR", key), ("ECHO", f"caller {i}"),
-                                ("GET", f"{redis_prefix}missing")])
+        return await batch.run(
+            [("INCR", key), ("ECHO", f"caller {i}"), ("GET", f"{redis_prefix}missing")]
+        )
 
     results = await asyncio.gather(*(caller(i) for i in range(200)))
     for i, (_count, echo, missing) in enumerate(results):
@@ -50,8 +50,9 @@ async def test_concurrent_callers_get_their_own_replies_in_order(shared, redis_p
 async def test_an_error_reply_takes_its_place_and_spoils_nothing_else(shared, redis_prefix) -> None:
     _client, batch = shared
     key = f"{redis_prefix}k"
-    replies = await batch.run([("SET", key, "v"), ("EVALSHA", "0" * 40, 0),
-                               ("INCR", key), ("GET", key)])
+    replies = await batch.run(
+        [("SET", key, "v"), ("EVALSHA", "0" * 40, 0), ("INCR", key), ("GET", key)]
+    )
     assert replies[0] == b"OK"
     assert isinstance(replies[1], NoScriptError)
     assert isinstance(replies[2], ResponseError)  # not an integer
@@ -79,8 +80,9 @@ async def test_silent_redis_times_out_every_waiter_then_recovers() -> None:
             proxy.hold()
             loop = asyncio.get_running_loop()
             t0 = loop.time()
-            results = await asyncio.gather(*(batch.run([("ECHO", str(i))]) for i in range(5)),
-                                           return_exceptions=True)
+            results = await asyncio.gather(
+                *(batch.run([("ECHO", str(i))]) for i in range(5)), return_exceptions=True
+            )
             assert all(isinstance(r, RedisTimeoutError) for r in results), results
             assert 0.25 < loop.time() - t0 < 2.0
             proxy.restore()
@@ -141,9 +143,9 @@ async def test_per_key_groups_share_a_round_trip_and_fail_alone(shared, redis_pr
     guard = RedisGuard(cooldown=60)
     a, b = f"{redis_prefix}a", f"{redis_prefix}b"
     await client.set(b, "text")
-    results = await per_key(client, batch, guard, [
-        (a, [("SET", a, "1"), ("INCR", a)]),
-        (b, [("INCR", b), ("GET", b)])])  # INCR of a string: the group's error
+    results = await per_key(
+        client, batch, guard, [(a, [("SET", a, "1"), ("INCR", a)]), (b, [("INCR", b), ("GET", b)])]
+    )  # INCR of a string: the group's error
     assert results[0] == [b"OK", 2]
     assert isinstance(results[1], ResponseError)
     assert not guard.usable(b)  # told of the failure

@@ -20,11 +20,43 @@ from tests import harness
 def test_bench_all_scenarios_on_tiny_sizes(tmp_path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "all", "--targets", "gateway", "--json", str(out),
-         "--instances", "2", "--subscribers", "6", "--messages", "30", "--rate", "60",
-         "--connections", "40", "--idle-seconds", "1", "--post-conns", "2", "--rooms", "5",
-         "--post-seconds", "1", "--post-rate", "50", "--reads", "20"],
-        cwd=harness.ROOT, capture_output=True, text=True, timeout=harness.t(240))
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "all",
+            "--targets",
+            "gateway",
+            "--json",
+            str(out),
+            "--instances",
+            "2",
+            "--subscribers",
+            "6",
+            "--messages",
+            "30",
+            "--rate",
+            "60",
+            "--connections",
+            "40",
+            "--idle-seconds",
+            "1",
+            "--post-conns",
+            "2",
+            "--rooms",
+            "5",
+            "--post-seconds",
+            "1",
+            "--post-rate",
+            "50",
+            "--reads",
+            "20",
+        ],
+        cwd=harness.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=harness.t(240),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = orjson.loads(out.read_bytes())
     assert report["machine"]["cpus"] >= 1
@@ -58,8 +90,7 @@ def test_bench_all_scenarios_on_tiny_sizes(tmp_path) -> None:
     assert paced["per_instance"] == [50, 50]
 
     paths = [row["path"] for row in results["history"]]
-    assert paths == ["http: warm cache", "http: postgres", "layer: warm cache",
-                     "layer: postgres"]
+    assert paths == ["http: warm cache", "http: postgres", "layer: warm cache", "layer: postgres"]
     assert all(row["reads"] == 20 and row["p50_ms"] > 0 for row in results["history"])
     for scenario in results:
         assert f"== {scenario}" in proc.stdout
@@ -72,15 +103,26 @@ def test_bench_all_scenarios_on_tiny_sizes(tmp_path) -> None:
 
 
 def _fan(target: str, per_cpu: int, p99: float, **size: object) -> dict[str, object]:
-    return {"target": target, "persists": target == "gateway", "instances": 2,
-            "subscribers": 400, "rate": 100.0, "deliveries_per_cpu_s": per_cpu,
-            "p99_ms": p99, "delivery_ratio": 1.0, **size}
+    return {
+        "target": target,
+        "persists": target == "gateway",
+        "instances": 2,
+        "subscribers": 400,
+        "rate": 100.0,
+        "deliveries_per_cpu_s": per_cpu,
+        "p99_ms": p99,
+        "delivery_ratio": 1.0,
+        **size,
+    }
 
 
 def test_targets_are_judged_against_the_best_peer_and_the_named_sizes() -> None:
     results = {
-        "fanout": [_fan("gateway", 70_000, 90.0), _fan("broadcaster", 32_000, 100.0),
-                   _fan("python-socketio", 13_000, 50.0)],
+        "fanout": [
+            _fan("gateway", 70_000, 90.0),
+            _fan("broadcaster", 32_000, 100.0),
+            _fan("python-socketio", 13_000, 50.0),
+        ],
         "idle": [{"target": "gateway", "connections": 10_000, "rss_per_conn_kib": 21.0}],
         "posts": [{"instances": 2, "posts_per_s_per_instance": 2100, "p99_ms": 24.0}],
         "history": [{"path": "layer: warm cache", "speedup_p50": 9.9}],
@@ -88,7 +130,9 @@ def test_targets_are_judged_against_the_best_peer_and_the_named_sizes() -> None:
     met = {row["target"]: (row["met"], row["measured"]) for row in verdicts(results)}
     # the best peer is the one with the most deliveries per CPU-second
     assert met["fan-out: deliveries per server CPU-second vs best peer"] == (
-        "yes", "2.19x (broadcaster)")
+        "yes",
+        "2.19x (broadcaster)",
+    )
     assert met["fan-out: p99 vs best peer"][0] == "yes"  # 90 <= broadcaster's 100
     assert met["idle: KiB per connection at 10,000"][0] == "no"
     assert met["posts: per instance back to back, p99 (2 instances)"][0] == "yes"
@@ -100,11 +144,17 @@ def test_targets_are_judged_against_the_best_peer_and_the_named_sizes() -> None:
 
 def test_paced_posts_are_judged_on_keeping_up_at_the_targets_rate() -> None:
     def met(**post: object) -> str:
-        row = {"instances": 1, "offered_per_s_per_instance": 2000.0,
-               "posts_per_s_per_instance": 2000, "p99_ms": 20.0, **post}
+        row = {
+            "instances": 1,
+            "offered_per_s_per_instance": 2000.0,
+            "posts_per_s_per_instance": 2000,
+            "p99_ms": 20.0,
+            **post,
+        }
         (verdict,) = [r for r in verdicts({"posts": [row]}) if r["target"].startswith("posts")]
-        assert verdict["target"] == (f"posts: {row['offered_per_s_per_instance']:g}/s due per "
-                                     "instance, p99 (1 instances)")
+        assert verdict["target"] == (
+            f"posts: {row['offered_per_s_per_instance']:g}/s due per instance, p99 (1 instances)"
+        )
         return str(verdict["met"])
 
     assert met() == "yes"
@@ -114,13 +164,22 @@ def test_paced_posts_are_judged_on_keeping_up_at_the_targets_rate() -> None:
 
 
 def test_repeated_runs_report_each_figures_median() -> None:
-    runs = [[{"path": "warm", "p50_ms": 0.05, "reads": 10, "speedup_p50": 9.1},
-             {"path": "pg", "p50_ms": 0.6, "reads": 10, "speedup_p50": None}],
-            [{"path": "warm", "p50_ms": 0.07, "reads": 10, "speedup_p50": 10.6},
-             {"path": "pg", "p50_ms": 0.5, "reads": 10, "speedup_p50": None}],
-            [{"path": "warm", "p50_ms": 0.06, "reads": 10, "speedup_p50": 10.2},
-             {"path": "pg", "p50_ms": 0.55, "reads": 10, "speedup_p50": None}]]
+    runs = [
+        [
+            {"path": "warm", "p50_ms": 0.05, "reads": 10, "speedup_p50": 9.1},
+            {"path": "pg", "p50_ms": 0.6, "reads": 10, "speedup_p50": None},
+        ],
+        [
+            {"path": "warm", "p50_ms": 0.07, "reads": 10, "speedup_p50": 10.6},
+            {"path": "pg", "p50_ms": 0.5, "reads": 10, "speedup_p50": None},
+        ],
+        [
+            {"path": "warm", "p50_ms": 0.06, "reads": 10, "speedup_p50": 10.2},
+            {"path": "pg", "p50_ms": 0.55, "reads": 10, "speedup_p50": None},
+        ],
+    ]
     assert median_rows(runs) == [
         {"path": "warm", "p50_ms": 0.06, "reads": 10, "speedup_p50": 10.2},
-        {"path": "pg", "p50_ms": 0.55, "reads": 10, "speedup_p50": None}]
+        {"path": "pg", "p50_ms": 0.55, "reads": 10, "speedup_p50": None},
+    ]
     assert median_rows(runs[:1]) == runs[0]

@@ -33,8 +33,7 @@ async def _setup(pg_url: str, prefix: str, redis_url: str = REDIS_URL):
     return store, client, HistoryCache(store, client, prefix=prefix)
 
 
-async def test_read_after_commit_is_never_stale_and_warm_reads_skip_the_store(pg_url,
-                                                                               redis_prefix):
+async def test_read_after_commit_is_never_stale_and_warm_reads_skip_the_store(pg_url, redis_prefix):
     store, client, cache = await _setup(pg_url, redis_prefix)
     try:
         for i in range(1, 31):
@@ -162,8 +161,9 @@ async def test_readers_on_several_instances_at_a_cold_key_cause_one_query(pg_url
         for i in range(5):
             msg, _ = await store.append("shared", "ana", f"t{i}")
             await first.committed(msg)
-        pages = await asyncio.gather(*(c.history("shared", limit=3)
-                                       for c in caches for _ in range(20)))
+        pages = await asyncio.gather(
+            *(c.history("shared", limit=3) for c in caches for _ in range(20))
+        )
         assert store.reads == 1, "one instance loads; the others wait for its page"
         assert all([m.seq for m in p.messages] == [3, 4, 5] for p in pages)
         # an empty room leaves no page to wait for: nobody hangs, everyone answers

@@ -55,7 +55,9 @@ async def test_store_edits_and_deletes_number_changes_and_keep_tombstones(store)
     assert [m.text for m in page.messages] == ["", "m2 fixed", "m3", "m4"]
     changes = await store.changes("r", after=0)
     assert [(c.change, c.after_seq, c.message.seq, c.kind) for c in changes] == [
-        (1, 3, 2, "message_updated"), (2, 4, 1, "message_deleted")]
+        (1, 3, 2, "message_updated"),
+        (2, 4, 1, "message_deleted"),
+    ]
     assert [c.change for c in await store.changes("r", after=1)] == [2]
 
 
@@ -71,9 +73,12 @@ async def test_store_idempotency_keys_of_changes_are_scoped_to_room_and_owner(st
     assert repeat is None, "the key is spent in this room, whatever the request"
     other, _ = await store.change("r", 2, "dos", author="ana", idempotency_key=("bo", "k"))
     assert other is not None, "another owner's key is another key"
-    racing = await asyncio.gather(*(store.change("r", 2, f"x{i}", author=None,
-                                                 idempotency_key=("cy", "race"))
-                                    for i in range(5)))
+    racing = await asyncio.gather(
+        *(
+            store.change("r", 2, f"x{i}", author=None, idempotency_key=("cy", "race"))
+            for i in range(5)
+        )
+    )
     assert sum(c is not None for c, _ in racing) == 1
     assert await store.position("r") == (2, 4)
 
@@ -96,8 +101,7 @@ async def test_store_read_positions_never_move_back(store):
     assert await store.read_positions("nobody") == []
 
 
-async def test_a_change_voids_every_instances_window_and_keeps_the_seq_key(pg_url,
-                                                                          redis_prefix):
+async def test_a_change_voids_every_instances_window_and_keeps_the_seq_key(pg_url, redis_prefix):
     store = create_store(pg_url)
     await store.start()
     await store.migrate()
@@ -114,7 +118,10 @@ async def test_a_change_voids_every_instances_window_and_keeps_the_seq_key(pg_ur
         await a.changed("r")  # b is never told: it must still not serve its window
         page = await b.history("r")
         assert [(m.text, m.version) for m in page.messages] == [
-            ("", 2), ("secret 1", 1), ("secret 2", 1)]
+            ("", 2),
+            ("secret 1", 1),
+            ("secret 2", 1),
+        ]
         assert await client.get(f"{redis_prefix}{{r}}:seq") == b"3", "position checks read it"
         raw = await client.hget(f"{redis_prefix}{{r}}:page", "d")
         assert raw is not None and b"secret 0" not in raw
@@ -129,8 +136,9 @@ async def test_a_change_voids_every_instances_window_and_keeps_the_seq_key(pg_ur
 # -- the whole path on real gateways ------------------------------------------------
 
 
-def view_of(events: list[tuple[str, dict[str, Any]]]) -> tuple[dict[int, dict[str, Any]],
-                                                                 list[int], list[int]]:
+def view_of(
+    events: list[tuple[str, dict[str, Any]]],
+) -> tuple[dict[int, dict[str, Any]], list[int], list[int]]:
     """A subscriber's view: its messages with the changes it was sent applied in
     order, the seqs of its message frames and the numbers of its change frames.
     A change must never come before the message it changes."""
@@ -163,8 +171,11 @@ def ws_events(frames: list[dict[str, Any]], room: str) -> list[tuple[str, dict[s
 
 
 def sse_events(events: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
-    return [(e["event"], e["json"]) for e in events
-            if e.get("event") in ("message", "message_updated", "message_deleted")]
+    return [
+        (e["event"], e["json"])
+        for e in events
+        if e.get("event") in ("message", "message_updated", "message_deleted")
+    ]
 
 
 async def reading(client: WSClient) -> None:
@@ -180,15 +191,17 @@ async def subscribe(client: WSClient, room: str, **fields: Any) -> dict[str, Any
 
 
 async def test_edits_and_deletes_racing_posts_reach_every_subscriber_once_in_order(
-        gateway_env, pg_url, redis_prefix):
+    gateway_env, pg_url, redis_prefix
+):
     room = "chat.race"
     posts = 60
     texts: dict[int, list[str]] = {}  # every text each seq ever had
     async with instances(3, gateway_env) as gws, httpx.AsyncClient(timeout=30) as http:
-        async with (WSClient.connect(gws[0].ws_url) as ws0,
-                    WSClient.connect(gws[2].ws_url) as ws2,
-                    SSEClient.open(f"{gws[1].url}/v1/rooms/{room}/events?changes_since=0")
-                    as sse1):
+        async with (
+            WSClient.connect(gws[0].ws_url) as ws0,
+            WSClient.connect(gws[2].ws_url) as ws2,
+            SSEClient.open(f"{gws[1].url}/v1/rooms/{room}/events?changes_since=0") as sse1,
+        ):
             assert (await subscribe(ws0, room, changes_since=0))["change"] == 0
             await subscribe(ws2, room)  # live changes only: the room is empty anyway
             readers = [asyncio.create_task(reading(c)) for c in (ws0, ws2)]
@@ -237,8 +250,9 @@ async def test_edits_and_deletes_racing_posts_reach_every_subscriber_once_in_ord
                 _, seqs, changes = view_of(ws_events(first.frames, room))
                 since = seqs[-1] if seqs else 0
                 async with WSClient.connect(gws[2].ws_url) as second:
-                    await subscribe(second, room, since=since,
-                                    changes_since=changes[-1] if changes else 0)
+                    await subscribe(
+                        second, room, since=since, changes_since=changes[-1] if changes else 0
+                    )
                     task = asyncio.create_task(reading(second))
                     await done.wait()
                     await eventually(lambda: final_view(resumed + second.frames), timeout=30)
@@ -254,8 +268,9 @@ async def test_edits_and_deletes_racing_posts_reach_every_subscriber_once_in_ord
 
             resume_task = asyncio.create_task(resumer())
             await asyncio.gather(writer(), *(editor(n) for n in range(3)))
-            page = (await http.get(f"{gws[0].url}/v1/rooms/{room}/messages",
-                                   params={"limit": 200})).json()
+            page = (
+                await http.get(f"{gws[0].url}/v1/rooms/{room}/messages", params={"limit": 200})
+            ).json()
             final.update({m["seq"]: m for m in page["messages"]})
             done.set()
             assert sorted(final) == list(range(1, posts + 1)), "seqs stay contiguous"
@@ -266,8 +281,9 @@ async def test_edits_and_deletes_racing_posts_reach_every_subscriber_once_in_ord
                 assert final[seq]["text"] == "" and final[seq]["version"] >= 2
             # The same state from every instance right after the writes.
             for gw in gws[1:]:
-                other = (await http.get(f"{gw.url}/v1/rooms/{room}/messages",
-                                        params={"limit": 200})).json()["messages"]
+                other = (
+                    await http.get(f"{gw.url}/v1/rooms/{room}/messages", params={"limit": 200})
+                ).json()["messages"]
                 assert other == page["messages"]
 
             await eventually(lambda: view_of(ws_events(ws0.frames, room))[0] == final, 30)
@@ -275,10 +291,12 @@ async def test_edits_and_deletes_racing_posts_reach_every_subscriber_once_in_ord
             await eventually(lambda: view_of(ws_events(ws2.frames, room))[0] == final, 30)
             await asyncio.wait_for(resume_task, harness.t(60))
             await asyncio.sleep(0.5)  # nothing more may come
-            for name, events in (("ws0", ws_events(ws0.frames, room)),
-                                 ("sse1", sse_events(sse1.events)),
-                                 ("ws2", ws_events(ws2.frames, room)),
-                                 ("resumed", ws_events(resumed, room))):
+            for name, events in (
+                ("ws0", ws_events(ws0.frames, room)),
+                ("sse1", sse_events(sse1.events)),
+                ("ws2", ws_events(ws2.frames, room)),
+                ("resumed", ws_events(resumed, room)),
+            ):
                 view, seqs, changes = view_of(events)
                 assert view == final, name
                 assert seqs == list(range(1, posts + 1)), f"{name}: {seqs}"
@@ -295,10 +313,12 @@ async def test_edits_and_deletes_racing_posts_reach_every_subscriber_once_in_ord
     gone = [text for seq in deleted for text in texts[seq]]
     conn = await asyncpg.connect(pg_url)
     try:
-        assert await conn.fetchval("SELECT count(*) FROM messages WHERE text = ANY($1)",
-                                   gone) == 0, "deleted text is still in the store"
-        assert await conn.fetchval("SELECT count(*) FROM messages WHERE room = $1 AND "
-                                   "deleted_at IS NOT NULL", room) == len(deleted)
+        assert (
+            await conn.fetchval("SELECT count(*) FROM messages WHERE text = ANY($1)", gone) == 0
+        ), "deleted text is still in the store"
+        assert await conn.fetchval(
+            "SELECT count(*) FROM messages WHERE room = $1 AND deleted_at IS NOT NULL", room
+        ) == len(deleted)
     finally:
         await conn.close()
     client = aioredis.from_url(harness.REDIS_URL)
@@ -311,23 +331,25 @@ async def test_edits_and_deletes_racing_posts_reach_every_subscriber_once_in_ord
             elif kind == b"hash":
                 cached += b"".join((await client.hgetall(key)).values())
         assert b"post " in cached, "the reads above cached the room's window"
-        assert not [text for text in gone if text.encode() in cached], \
+        assert not [text for text in gone if text.encode() in cached], (
             "deleted text is still in the history cache"
+        )
     finally:
         await client.aclose()
 
 
-async def test_typing_reaches_the_others_on_every_instance_at_most_every_two_seconds(
-        gateway_env):
+async def test_typing_reaches_the_others_on_every_instance_at_most_every_two_seconds(gateway_env):
     room = "chat.typing"
     # A bucket of two posts: typing must not take from it.
     env = {**gateway_env, "RATE_LIMIT": "2/60s"}
     async with instances(3, env) as gws, httpx.AsyncClient(timeout=10) as http:
-        async with (WSClient.connect(gws[0].ws_url + "?user=ana") as ana,
-                    WSClient.connect(gws[0].ws_url + "?user=ana") as ana2,
-                    WSClient.connect(gws[1].ws_url + "?user=bo") as bo,
-                    WSClient.connect(gws[2].ws_url) as nameless,
-                    SSEClient.open(f"{gws[2].url}/v1/rooms/{room}/events?user=cy") as cy):
+        async with (
+            WSClient.connect(gws[0].ws_url + "?user=ana") as ana,
+            WSClient.connect(gws[0].ws_url + "?user=ana") as ana2,
+            WSClient.connect(gws[1].ws_url + "?user=bo") as bo,
+            WSClient.connect(gws[2].ws_url) as nameless,
+            SSEClient.open(f"{gws[2].url}/v1/rooms/{room}/events?user=cy") as cy,
+        ):
             for c in (ana, ana2, bo, nameless):
                 await subscribe(c, room)
             readers = [asyncio.create_task(reading(c)) for c in (ana2, bo)]
@@ -344,12 +366,14 @@ async def test_typing_reaches_the_others_on_every_instance_at_most_every_two_sec
                 await ana.send({"type": "typing", "room": room})
             await ana.send({"type": "ping", "ref": "p"})
             await ana.expect("pong")
-            await eventually(lambda: typing(bo.frames) and
-                             [e for e in cy.events if e.get("event") == "typing"])
+            await eventually(
+                lambda: typing(bo.frames) and [e for e in cy.events if e.get("event") == "typing"]
+            )
             await asyncio.sleep(0.5)  # the other nine were dropped, not late
             assert typing(bo.frames) == [{"type": "typing", "room": room, "user": "ana"}]
             assert [e["json"] for e in cy.events if e.get("event") == "typing"] == [
-                {"type": "typing", "room": room, "user": "ana"}]
+                {"type": "typing", "room": room, "user": "ana"}
+            ]
             assert typing(ana.frames) == typing(ana2.frames) == [], "not echoed to the typist"
             await asyncio.sleep(2.1)
             await bo.send({"type": "typing", "room": room})
@@ -379,16 +403,16 @@ async def test_read_positions_never_move_back_and_receipts_go_out(gateway_env):
             seen: list[int] = []
 
             async def mark(i: int, seq: int) -> None:
-                r = await http.post(f"{gws[i % 3].url}/v1/rooms/{room}/read",
-                                    json={"seq": seq, "user": "bo"})
+                r = await http.post(
+                    f"{gws[i % 3].url}/v1/rooms/{room}/read", json={"seq": seq, "user": "bo"}
+                )
                 assert r.status_code == 200, r.text
                 seen.append(r.json()["seq"])
 
             async def watch() -> None:
                 last = 0
                 for _ in range(20):
-                    r = await http.get(f"{gws[1].url}/v1/rooms/{room}/read",
-                                       params={"user": "bo"})
+                    r = await http.get(f"{gws[1].url}/v1/rooms/{room}/read", params={"user": "bo"})
                     assert r.json()["seq"] >= last, "a read position moved back"
                     last = r.json()["seq"]
 
@@ -404,22 +428,35 @@ async def test_read_positions_never_move_back_and_receipts_go_out(gateway_env):
             async with WSClient.connect(gws[1].ws_url + "?user=bo") as bo:
                 await bo.send({"type": "read", "room": "chat.other", "seq": 1, "ref": 9})
                 ack = await bo.expect("ack")
-                assert ack == {"type": "ack", "ref": 9,
-                               "read": {"room": "chat.other", "seq": 1, "unread": 0}}
+                assert ack == {
+                    "type": "ack",
+                    "ref": 9,
+                    "read": {"room": "chat.other", "seq": 1, "unread": 0},
+                }
             r = await http.get(f"{gws[2].url}/v1/read", params={"user": "bo"})
-            assert r.json() == {"rooms": [{"room": "chat.other", "seq": 1, "unread": 0},
-                                          {"room": room, "seq": top, "unread": 30 - top}]}
+            assert r.json() == {
+                "rooms": [
+                    {"room": "chat.other", "seq": 1, "unread": 0},
+                    {"room": room, "seq": top, "unread": 30 - top},
+                ]
+            }
             # Read receipts reach the room's subscribers, debounced to a few.
-            await eventually(lambda: [f for f in watcher.frames if f.get("type") == "read"
-                                      and f["seq"] == top])
+            await eventually(
+                lambda: [f for f in watcher.frames if f.get("type") == "read" and f["seq"] == top]
+            )
             receipts = [f for f in watcher.frames if f.get("type") == "read"]
             assert all(f["user"] == "bo" and f["room"] == room for f in receipts)
             assert len(receipts) <= 6, f"not debounced: {len(receipts)} receipts for 61 marks"
             reader_task.cancel()
             await asyncio.gather(reader_task, return_exceptions=True)
         # Bad input changes nothing.
-        for body in ({"seq": -1, "user": "bo"}, {"seq": "x", "user": "bo"}, {"user": "bo"},
-                     {"seq": 3}, {"seq": 3, "user": "bo", "extra": 1}):
+        for body in (
+            {"seq": -1, "user": "bo"},
+            {"seq": "x", "user": "bo"},
+            {"user": "bo"},
+            {"seq": 3},
+            {"seq": 3, "user": "bo", "extra": 1},
+        ):
             r = await http.post(f"{gws[0].url}/v1/rooms/{room}/read", json=body)
             assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", body
         r = await http.get(f"{gws[0].url}/v1/rooms/{room}/read", params={"user": "bo"})
@@ -430,8 +467,9 @@ SECRET = "chat-test-secret-" + "0123456789abcdef" * 4
 
 
 def token(sub: str, **claims: Any) -> dict[str, str]:
-    tok = jwt.encode({"sub": sub, "exp": int(time.time()) + 600, **claims}, SECRET,
-                     algorithm="HS256")
+    tok = jwt.encode(
+        {"sub": sub, "exp": int(time.time()) + 600, **claims}, SECRET, algorithm="HS256"
+    )
     return {"Authorization": f"Bearer {tok}"}
 
 
@@ -452,35 +490,49 @@ async def test_only_the_author_or_an_api_key_changes_a_message(gateway_env):
         r = await http.patch(f"{url}/1", json={"text": "uno"}, headers=token("ana"))
         assert r.status_code == 200 and r.json()["text"] == "uno" and r.json()["version"] == 2
         assert "RateLimit-Remaining" in r.headers, "rate-limited with posts"
-        r = await http.patch(f"{url}/2", json={"text": "moderated"},
-                             headers={"Authorization": "Bearer key-one"})
+        r = await http.patch(
+            f"{url}/2", json={"text": "moderated"}, headers={"Authorization": "Bearer key-one"}
+        )
         assert r.status_code == 200 and r.json()["author"] == "ana"
         r = await http.request("DELETE", f"{url}/3", headers={"Authorization": "Bearer key-one"})
         assert r.status_code == 200 and r.json()["text"] == "" and r.json()["deleted_at"]
         r = await http.request("DELETE", f"{url}/3", headers={"Authorization": "Bearer key-one"})
         assert r.status_code == 200 and r.json()["version"] == 2, "a repeated delete is a no-op"
         # Bad input: 422 (or 404 for no such message), and nothing changes.
-        bad = [("PATCH", "1", {"text": ""}), ("PATCH", "1", {"text": 5}),
-               ("PATCH", "1", {"text": "x", "extra": True}), ("PATCH", "0", {"text": "x"}),
-               ("PATCH", "abc", {"text": "x"}), ("PATCH", "1", {}),
-               ("DELETE", "-1", None), ("PATCH", "99", {"text": "x"}),
-               ("DELETE", "99", None), ("PATCH", "3", {"text": "back from the dead"})]
+        bad = [
+            ("PATCH", "1", {"text": ""}),
+            ("PATCH", "1", {"text": 5}),
+            ("PATCH", "1", {"text": "x", "extra": True}),
+            ("PATCH", "0", {"text": "x"}),
+            ("PATCH", "abc", {"text": "x"}),
+            ("PATCH", "1", {}),
+            ("DELETE", "-1", None),
+            ("PATCH", "99", {"text": "x"}),
+            ("DELETE", "99", None),
+            ("PATCH", "3", {"text": "back from the dead"}),
+        ]
         for method, seq, body in bad:
             r = await http.request(method, f"{url}/{seq}", json=body, headers=token("ana"))
             expected = 404 if seq in ("99", "3") else 422
             assert r.status_code == expected, (method, seq, body, r.text)
-            assert r.json()["error"]["code"] == ("not_found" if expected == 404
-                                                 else "invalid_request")
-        r = await http.patch(f"{gw.url}/v1/rooms/bad%20room/messages/1", json={"text": "x"},
-                             headers=token("ana"))
+            assert r.json()["error"]["code"] == (
+                "not_found" if expected == 404 else "invalid_request"
+            )
+        r = await http.patch(
+            f"{gw.url}/v1/rooms/bad%20room/messages/1", json={"text": "x"}, headers=token("ana")
+        )
         assert r.status_code == 422
         page = (await http.get(url, headers=token("ana"))).json()["messages"]
         assert [(m["text"], m.get("version", 1)) for m in page] == [
-            ("uno", 2), ("moderated", 2), ("", 2)]
+            ("uno", 2),
+            ("moderated", 2),
+            ("", 2),
+        ]
         # Over WS: the token's sub decides, answered like a publish.
-        async with (WSClient.connect(gw.ws_url + "?token=" + token("bo")["Authorization"][7:])
-                    as bo, WSClient.connect(gw.ws_url + "?token="
-                                            + token("ana")["Authorization"][7:]) as ana):
+        async with (
+            WSClient.connect(gw.ws_url + "?token=" + token("bo")["Authorization"][7:]) as bo,
+            WSClient.connect(gw.ws_url + "?token=" + token("ana")["Authorization"][7:]) as ana,
+        ):
             await subscribe(bo, room)
             await bo.send({"type": "edit", "room": room, "seq": 1, "text": "mine", "ref": "e1"})
             err = await bo.expect("error")
@@ -506,9 +558,12 @@ async def test_a_moderator_claim_edits_and_deletes_anyones_message_in_its_rooms(
             r = await http.post(url, json={"text": text}, headers=token("ana"))
             assert r.status_code == 201
         other = f"{gw.url}/v1/rooms/elsewhere/messages"
-        assert (await http.post(other, json={"text": "hi"}, headers=token("ana"))).status_code == 201
-        async with WSClient.connect(gw.ws_url + "?token="
-                                    + token("ana")["Authorization"][7:]) as ana:
+        assert (
+            await http.post(other, json={"text": "hi"}, headers=token("ana"))
+        ).status_code == 201
+        async with WSClient.connect(
+            gw.ws_url + "?token=" + token("ana")["Authorization"][7:]
+        ) as ana:
             await subscribe(ana, room)
             r = await http.patch(f"{url}/1", json={"text": "moderated"}, headers=mod)
             assert r.status_code == 200, r.text
@@ -521,8 +576,9 @@ async def test_a_moderator_claim_edits_and_deletes_anyones_message_in_its_rooms(
             assert deleted["message"]["seq"] == 2
             # Over WS too.
             async with WSClient.connect(gw.ws_url + "?token=" + mod["Authorization"][7:]) as ws:
-                await ws.send({"type": "edit", "room": room, "seq": 3, "text": "tidied",
-                               "ref": "m1"})
+                await ws.send(
+                    {"type": "edit", "room": room, "seq": 3, "text": "tidied", "ref": "m1"}
+                )
                 ack = await ws.expect("ack")
                 assert ack["ref"] == "m1" and ack["message"]["text"] == "tidied"
                 await ws.send({"type": "delete", "room": room, "seq": 4, "ref": "m2"})
@@ -534,15 +590,18 @@ async def test_a_moderator_claim_edits_and_deletes_anyones_message_in_its_rooms(
             assert (await ana.expect("message_updated"))["message"]["text"] == "tidied"
             assert (await ana.expect("message_deleted"))["message"]["seq"] == 4
         # Outside the claim's rooms, or without the claim, or without read access: 403.
-        refused = [(mod, other), (token("bo"), url), (token("bo", moderate=[]), url),
-                   (token("mia", moderate=["mod.*"], rooms=["other.*"]), url)]
+        refused = [
+            (mod, other),
+            (token("bo"), url),
+            (token("bo", moderate=[]), url),
+            (token("mia", moderate=["mod.*"], rooms=["other.*"]), url),
+        ]
         for headers, target in refused:
             r = await http.patch(f"{target}/1", json={"text": "x"}, headers=headers)
             assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", r.text
             r = await http.request("DELETE", f"{target}/1", headers=headers)
             assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", r.text
-        r = await http.patch(f"{url}/1", json={"text": "x"},
-                             headers=token("mia", moderate="mod.*"))
+        r = await http.patch(f"{url}/1", json={"text": "x"}, headers=token("mia", moderate="mod.*"))
         assert r.status_code == 401, "the claim is a list of strings"
         page = (await http.get(url, headers=token("ana"))).json()["messages"]
         assert [m["text"] for m in page] == ["moderated", "", "tidied", ""]
@@ -555,12 +614,17 @@ async def test_changes_whose_publish_was_lost_are_filled_from_the_store(gateway_
     change numbers (gap fill) and a silent tail (the change position check)."""
     room = "chat.lost"
     env_a = {**gateway_env, "FAULT_SKIP_PUBLISH": "1"}
-    async with (instances(1, env_a) as (a,), instances(2, gateway_env) as (b, c),
-                httpx.AsyncClient(timeout=10) as http):
+    async with (
+        instances(1, env_a) as (a,),
+        instances(2, gateway_env) as (b, c),
+        httpx.AsyncClient(timeout=10) as http,
+    ):
         for i in range(5):
             assert (await post(http, b.url, room, f"m{i}", author="ana")).status_code == 201
-        async with (WSClient.connect(b.ws_url) as ws,
-                    SSEClient.open(f"{c.url}/v1/rooms/{room}/events?since=0") as sse):
+        async with (
+            WSClient.connect(b.ws_url) as ws,
+            SSEClient.open(f"{c.url}/v1/rooms/{room}/events?since=0") as sse,
+        ):
             await subscribe(ws, room, since=0)
             task = asyncio.create_task(reading(ws))
             for i in range(12):
@@ -569,8 +633,10 @@ async def test_changes_whose_publish_was_lost_are_filled_from_the_store(gateway_
                 url = f"{target.url}/v1/rooms/{room}/messages/{seq}"
                 r = await http.patch(url, json={"text": f"edit {i}", "author": "ana"})
                 assert r.status_code == 200, r.text
-            final = {m["seq"]: m for m in (await http.get(
-                f"{b.url}/v1/rooms/{room}/messages")).json()["messages"]}
+            final = {
+                m["seq"]: m
+                for m in (await http.get(f"{b.url}/v1/rooms/{room}/messages")).json()["messages"]
+            }
             await eventually(lambda: len(view_of(ws_events(ws.frames, room))[2]) == 12, 20)
             await eventually(lambda: len(view_of(sse_events(sse.events))[2]) == 12, 20)
             task.cancel()
@@ -580,13 +646,18 @@ async def test_changes_whose_publish_was_lost_are_filled_from_the_store(gateway_
                 assert changes == list(range(1, 13))
                 assert view == final and seqs == [1, 2, 3, 4, 5]
             # A never published: what B delivered of it came from the store.
-            fills = sum([await harness.metric(b.url, "chat_gap_fills_total", reason=reason)
-                         for reason in ("change", "change_position")])
+            fills = sum(
+                [
+                    await harness.metric(b.url, "chat_gap_fills_total", reason=reason)
+                    for reason in ("change", "change_position")
+                ]
+            )
             assert fills >= 1
 
 
-async def _posts_and_edits(http: httpx.AsyncClient, gws: list[harness.Instance], room: str,
-                           start: int, count: int) -> None:
+async def _posts_and_edits(
+    http: httpx.AsyncClient, gws: list[harness.Instance], room: str, start: int, count: int
+) -> None:
     """``count`` posts over the instances in turn, each followed by an edit of the
     message before it and, every third, a delete of the one before that."""
     for i in range(start, start + count):
@@ -595,12 +666,15 @@ async def _posts_and_edits(http: httpx.AsyncClient, gws: list[harness.Instance],
         assert r.status_code == 201, r.text
         seq = r.json()["seq"]
         if seq > 1:
-            r = await http.patch(f"{gw.url}/v1/rooms/{room}/messages/{seq - 1}",
-                                 json={"text": f"m{i - 1} edited", "author": "ana"})
+            r = await http.patch(
+                f"{gw.url}/v1/rooms/{room}/messages/{seq - 1}",
+                json={"text": f"m{i - 1} edited", "author": "ana"},
+            )
             assert r.status_code in (200, 404), r.text
         if seq > 2 and i % 3 == 0:
-            r = await http.request("DELETE", f"{gw.url}/v1/rooms/{room}/messages/{seq - 2}",
-                                   json={"author": "ana"})
+            r = await http.request(
+                "DELETE", f"{gw.url}/v1/rooms/{room}/messages/{seq - 2}", json={"author": "ana"}
+            )
             assert r.status_code == 200, r.text
         await asyncio.sleep(0.01)
 
@@ -613,10 +687,13 @@ async def test_changes_survive_a_redis_restart_and_an_instance_kill(gateway_env)
     try:
         async with instances(3, env) as gws, httpx.AsyncClient(timeout=30) as http:
             async with contextlib.AsyncExitStack() as stack:
-                wss = [await stack.enter_async_context(WSClient.connect(g.ws_url))
-                       for g in gws[:2]]
-                sses = [await stack.enter_async_context(SSEClient.open(
-                    f"{g.url}/v1/rooms/{room}/events?changes_since=0")) for g in gws[:2]]
+                wss = [await stack.enter_async_context(WSClient.connect(g.ws_url)) for g in gws[:2]]
+                sses = [
+                    await stack.enter_async_context(
+                        SSEClient.open(f"{g.url}/v1/rooms/{room}/events?changes_since=0")
+                    )
+                    for g in gws[:2]
+                ]
                 for ws in wss:
                     await subscribe(ws, room, changes_since=0)
                 readers = [asyncio.create_task(reading(ws)) for ws in wss]
@@ -636,8 +713,12 @@ async def test_changes_survive_a_redis_restart_and_an_instance_kill(gateway_env)
                 # The victim resumes on another instance from what it had.
                 _, seqs, changes = view_of(ws_events(victim_frames, room))
                 async with WSClient.connect(gws[1].ws_url) as resumed:
-                    await subscribe(resumed, room, since=seqs[-1] if seqs else 0,
-                                    changes_since=changes[-1] if changes else 0)
+                    await subscribe(
+                        resumed,
+                        room,
+                        since=seqs[-1] if seqs else 0,
+                        changes_since=changes[-1] if changes else 0,
+                    )
                     resumed_reader = asyncio.create_task(reading(resumed))
                     await _posts_and_edits(http, gws[:2], room, 30, 6)
                     page = (await http.get(f"{gws[0].url}/v1/rooms/{room}/messages")).json()
@@ -649,8 +730,7 @@ async def test_changes_survive_a_redis_restart_and_an_instance_kill(gateway_env)
                     def converged() -> bool:
                         views = [view_of(ws_events(ws.frames, room))[0] for ws in wss]
                         views += [view_of(sse_events(s.events))[0] for s in sses]
-                        views.append(view_of(ws_events(victim_frames + resumed.frames,
-                                                       room))[0])
+                        views.append(view_of(ws_events(victim_frames + resumed.frames, room))[0])
                         return all(v == final for v in views)
 
                     await eventually(converged, timeout=30)
@@ -677,21 +757,30 @@ async def all_ready(http: httpx.AsyncClient, gws: list[harness.Instance]) -> boo
 
 
 async def test_embedded_store_edits_deletes_types_and_reads_with_no_servers(tmp_path):
-    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/chat.db", "REDIS_URL": "memory://",
-           "LOG_LEVEL": "warning"}
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db",
+        "REDIS_URL": "memory://",
+        "LOG_LEVEL": "warning",
+    }
     room = "solo"
     async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=10) as http:
-        async with (WSClient.connect(gw.ws_url + "?user=bo") as bo,
-                    WSClient.connect(gw.ws_url + "?user=ana") as ana):
+        async with (
+            WSClient.connect(gw.ws_url + "?user=bo") as bo,
+            WSClient.connect(gw.ws_url + "?user=ana") as ana,
+        ):
             await subscribe(bo, room, changes_since=0)
             await subscribe(ana, room)
             assert (await post(http, gw.url, room, "helo", author="ana")).status_code == 201
             url = f"{gw.url}/v1/rooms/{room}/messages/1"
-            r = await http.patch(url, json={"text": "hello", "author": "ana"},
-                                 headers={"Idempotency-Key": "fix-1"})
+            r = await http.patch(
+                url, json={"text": "hello", "author": "ana"}, headers={"Idempotency-Key": "fix-1"}
+            )
             assert r.status_code == 200 and r.json()["version"] == 2
-            r = await http.patch(url, json={"text": "hello again", "author": "ana"},
-                                 headers={"Idempotency-Key": "fix-1"})
+            r = await http.patch(
+                url,
+                json={"text": "hello again", "author": "ana"},
+                headers={"Idempotency-Key": "fix-1"},
+            )
             assert (r.status_code, r.json()["text"], r.json()["version"]) == (200, "hello", 2)
             assert (await bo.expect("message_updated"))["message"]["text"] == "hello"
             for _ in range(3):
@@ -700,13 +789,13 @@ async def test_embedded_store_edits_deletes_types_and_reads_with_no_servers(tmp_
             await ana.send({"type": "delete", "room": room, "seq": 1, "ref": "x"})
             refused = await ana.expect("error")  # open mode: the author given must match
             assert (refused["ref"], refused["code"]) == ("x", "forbidden")
-            await ana.send({"type": "delete", "room": room, "seq": 1, "ref": "d",
-                            "author": "ana"})
+            await ana.send({"type": "delete", "room": room, "seq": 1, "ref": "d", "author": "ana"})
             assert (await ana.expect("ack"))["message"]["text"] == ""
             deleted = await bo.expect("message_deleted")
             assert deleted["change"] == 2 and deleted["message"]["deleted_at"]
             assert [f for f in bo.frames if f.get("type") == "typing"] == [
-                {"type": "typing", "room": room, "user": "ana"}], "one per 2 s"
+                {"type": "typing", "room": room, "user": "ana"}
+            ], "one per 2 s"
             r = await http.post(f"{gw.url}/v1/rooms/{room}/read", json={"seq": 1, "user": "bo"})
             assert r.json() == {"room": room, "seq": 1, "unread": 0}
         page = (await http.get(f"{gw.url}/v1/rooms/{room}/messages")).json()["messages"]
@@ -727,20 +816,30 @@ async def test_a_resume_interleaves_missed_changes_in_commit_order(gateway_env):
 
         await post(http, gw.url, room, "m1", author="ana")
         await post(http, gw.url, room, "m2", author="ana")
-        await edit(1, "m1 v2")          # change 1, after message 2
+        await edit(1, "m1 v2")  # change 1, after message 2
         await post(http, gw.url, room, "m3", author="ana")
-        await edit(2, "m2 v2")          # change 2, after message 3
-        await edit(1, None)             # change 3, after message 3
+        await edit(2, "m2 v2")  # change 2, after message 3
+        await edit(1, None)  # change 3, after message 3
         await post(http, gw.url, room, "m4", author="ana")
-        await edit(4, "m4 v2")          # change 4, after message 4
-        expected = [("message", 2, "m2 v2"), ("message", 3, "m3"),
-                    ("message_updated", 2, "m2 v2"), ("message_deleted", 1, ""),
-                    ("message", 4, "m4 v2"), ("message_updated", 4, "m4 v2")]
+        await edit(4, "m4 v2")  # change 4, after message 4
+        expected = [
+            ("message", 2, "m2 v2"),
+            ("message", 3, "m3"),
+            ("message_updated", 2, "m2 v2"),
+            ("message_deleted", 1, ""),
+            ("message", 4, "m4 v2"),
+            ("message_updated", 4, "m4 v2"),
+        ]
 
         def summary(events: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, int, str]]:
-            return [(kind, (body if kind == "message" else body["message"])["seq"],
-                     (body if kind == "message" else body["message"])["text"])
-                    for kind, body in events]
+            return [
+                (
+                    kind,
+                    (body if kind == "message" else body["message"])["seq"],
+                    (body if kind == "message" else body["message"])["text"],
+                )
+                for kind, body in events
+            ]
 
         # Holding message 1 and change 1: the rest, each change after the messages
         # committed before it (replayed messages already show their current text).
@@ -750,20 +849,29 @@ async def test_a_resume_interleaves_missed_changes_in_commit_order(gateway_env):
             while len(ws_events(ws.frames, room)) < len(expected):
                 await ws.recv()
             assert summary(ws_events(ws.frames, room)) == expected
-            assert [f["change"] for f in ws.frames if "change" in f and f["type"] != "subscribed"
-                    ] == [2, 3, 4]
-        async with SSEClient.open(f"{url[:-len('/messages')]}/events?changes_since=1",
-                                  headers={"Last-Event-ID": "1"}) as sse:
+            assert [
+                f["change"] for f in ws.frames if "change" in f and f["type"] != "subscribed"
+            ] == [2, 3, 4]
+        async with SSEClient.open(
+            f"{url[: -len('/messages')]}/events?changes_since=1", headers={"Last-Event-ID": "1"}
+        ) as sse:
             await eventually(lambda: len(sse_events(sse.events)) >= len(expected))
             assert summary(sse_events(sse.events)) == expected
             assert [e.get("id") for e in sse.events if e.get("event") != "presence"] == [
-                "2", "3", None, None, "4", None], "change events carry no id"
+                "2",
+                "3",
+                None,
+                None,
+                "4",
+                None,
+            ], "change events carry no id"
 
 
 def commit_order(events: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, int]]:
     """A subscriber's frames as ("m", seq) and ("c", change), in the order received."""
-    return [("m", body["seq"]) if kind == "message" else ("c", body["change"])
-            for kind, body in events]
+    return [
+        ("m", body["seq"]) if kind == "message" else ("c", body["change"]) for kind, body in events
+    ]
 
 
 async def test_messages_and_changes_reach_subscribers_in_commit_order(gateway_env, pg_url):
@@ -774,14 +882,18 @@ async def test_messages_and_changes_reach_subscribers_in_commit_order(gateway_en
     room = "chat.order"
     rounds = 12
     env_a = {**gateway_env, "FAULT_SKIP_PUBLISH": "1"}
-    async with (instances(1, env_a) as (a,), instances(2, gateway_env) as (b, c),
-                httpx.AsyncClient(timeout=30) as http):
+    async with (
+        instances(1, env_a) as (a,),
+        instances(2, gateway_env) as (b, c),
+        httpx.AsyncClient(timeout=30) as http,
+    ):
         assert (await post(http, b.url, room, "m0", author="ana")).status_code == 201
         latest = 1
 
         async def edit(gw: harness.Instance, seq: int, text: str) -> None:
-            r = await http.patch(f"{gw.url}/v1/rooms/{room}/messages/{seq}",
-                                 json={"text": text, "author": "ana"})
+            r = await http.patch(
+                f"{gw.url}/v1/rooms/{room}/messages/{seq}", json={"text": text, "author": "ana"}
+            )
             assert r.status_code == 200, r.text
 
         async def posted(gw: harness.Instance, text: str) -> int:
@@ -789,9 +901,10 @@ async def test_messages_and_changes_reach_subscribers_in_commit_order(gateway_en
             assert r.status_code == 201, r.text
             return int(r.json()["seq"])
 
-        async with (WSClient.connect(c.ws_url) as ws,
-                    SSEClient.open(f"{b.url}/v1/rooms/{room}/events?since=0&changes_since=0")
-                    as sse):
+        async with (
+            WSClient.connect(c.ws_url) as ws,
+            SSEClient.open(f"{b.url}/v1/rooms/{room}/events?since=0&changes_since=0") as sse,
+        ):
             await subscribe(ws, room, since=0, changes_since=0)
             task = asyncio.create_task(reading(ws))
             for i in range(rounds):
@@ -799,23 +912,29 @@ async def test_messages_and_changes_reach_subscribers_in_commit_order(gateway_en
                 await edit(a, latest, f"edit {i} by a")
                 latest = max(latest, await posted(b, f"m{i} after a's edit"))
                 # A change and posts racing for the room's lock.
-                seqs = await asyncio.gather(edit(b, latest, f"edit {i} by b"),
-                                            posted(c, f"m{i} racing c"),
-                                            posted(b, f"m{i} racing b"))
+                seqs = await asyncio.gather(
+                    edit(b, latest, f"edit {i} by b"),
+                    posted(c, f"m{i} racing c"),
+                    posted(b, f"m{i} racing b"),
+                )
                 latest = max(latest, *(s for s in seqs if s is not None))
             conn = await asyncpg.connect(pg_url)
             try:
-                changes = await conn.fetch("SELECT change, after_seq FROM message_changes "
-                                           "WHERE room = $1", room)
+                changes = await conn.fetch(
+                    "SELECT change, after_seq FROM message_changes WHERE room = $1", room
+                )
             finally:
                 await conn.close()
             assert len(changes) == 2 * rounds
-            expected = sorted([(("m", s), (s, 0, 0)) for s in range(1, latest + 1)]
-                              + [(("c", r["change"]), (r["after_seq"], 1, r["change"]))
-                                 for r in changes], key=lambda e: e[1])
+            expected = sorted(
+                [(("m", s), (s, 0, 0)) for s in range(1, latest + 1)]
+                + [(("c", r["change"]), (r["after_seq"], 1, r["change"])) for r in changes],
+                key=lambda e: e[1],
+            )
             order = [e[0] for e in expected]
-            await eventually(lambda: len(commit_order(ws_events(ws.frames, room))) >= len(order),
-                             30)
+            await eventually(
+                lambda: len(commit_order(ws_events(ws.frames, room))) >= len(order), 30
+            )
             await eventually(lambda: len(commit_order(sse_events(sse.events))) >= len(order), 30)
             await asyncio.sleep(0.5)  # nothing more may come
             task.cancel()

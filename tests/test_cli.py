@@ -25,14 +25,16 @@ def test_help_lists_the_commands_and_every_variable_with_its_meaning():
     out = proc.stdout
     for command in ("serve", "migrate"):
         assert re.search(rf"^\s+{command}\s+\S", out, re.M), f"{command} is not listed"
-    environment = out[out.index("\nenvironment"):]
+    environment = out[out.index("\nenvironment") :]
     listed = set(re.findall(r"^  ([A-Z][A-Z0-9_]*(?:, [A-Z][A-Z0-9_]*)*)$", environment, re.M))
     names = {n for group in listed for n in group.split(", ")}
     assert names == {n for n in env_names() if not n.startswith("FAULT_")}
     # Each name (or group) is followed by its meaning and default, from the README's table.
-    block = out[out.index("  DATABASE_URL\n"):]
-    assert block.splitlines()[1].strip() == \
-        "postgresql://… or sqlite:///PATH [default: sqlite:///./chat-gateway.db]"
+    block = out[out.index("  DATABASE_URL\n") :]
+    assert (
+        block.splitlines()[1].strip()
+        == "postgresql://… or sqlite:///PATH [default: sqlite:///./chat-gateway.db]"
+    )
     assert "  RATE_LIMIT\n      message posts per identity [default: 20/60s]" in out
     assert "  HOST, PORT\n      where serve listens [default: 127.0.0.1, 8000]" in out
     assert "--version" in out

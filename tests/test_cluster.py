@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from typing import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
@@ -22,8 +22,7 @@ from gateway.ratelimit import RateLimiter
 from pubsub import BrokerUnavailable, create_broker
 from pubsub.cluster import ClusterBroker, parse_cluster_url
 from storage import HistoryCache, create_store
-from tests.harness import (Instance, RedisClusterServers, WSClient, eventually, instances,
-                           post, t)
+from tests.harness import Instance, RedisClusterServers, WSClient, eventually, instances, post, t
 
 
 @pytest.fixture
@@ -35,8 +34,9 @@ def cluster() -> Iterator[RedisClusterServers]:
         servers.stop()
 
 
-def rooms_by_node(cluster: RedisClusterServers, per_node: int, stem: str = "room-"
-                  ) -> list[list[str]]:
+def rooms_by_node(
+    cluster: RedisClusterServers, per_node: int, stem: str = "room-"
+) -> list[list[str]]:
     """``per_node`` room names for each primary, by where the room's hash tag falls."""
     ranges = cluster.slot_ranges()
     found: dict[int, list[str]] = {n: [] for _first, _last, n in ranges}  # primaries only
@@ -71,9 +71,13 @@ def cluster_stat(cluster: RedisClusterServers, i: int, name: str) -> int:
 
 def test_cluster_urls_name_the_startup_nodes_and_credentials():
     assert parse_cluster_url("redis+cluster://127.0.0.1:7000,127.0.0.1:7001") == (
-        [("127.0.0.1", 7000), ("127.0.0.1", 7001)], {"ssl": False})
+        [("127.0.0.1", 7000), ("127.0.0.1", 7001)],
+        {"ssl": False},
+    )
     assert parse_cluster_url("rediss+cluster://u:p%40ss@[::1]:7000/0") == (
-        [("::1", 7000)], {"ssl": True, "username": "u", "password": "p@ss"})
+        [("::1", 7000)],
+        {"ssl": True, "username": "u", "password": "p@ss"},
+    )
     assert parse_cluster_url("redis+cluster://secret@h")[0] == [("h", 6379)]
     assert isinstance(create_broker("redis+cluster://127.0.0.1:7000"), ClusterBroker)
     for bad in ("redis+cluster://", "redis+cluster://h:1/3", "redis+cluster://h:1?x=1"):
@@ -99,8 +103,9 @@ async def test_one_link_per_primary_and_messages_stay_in_their_shard(cluster):
             await broker.subscribe(channel(room))
         # one connection per primary, carrying exactly that primary's rooms
         ports = [n.port for n in cluster.nodes]
-        assert broker.links == {f"127.0.0.1:{ports[i]}": {channel(r) for r in rooms[i]}
-                                for i in range(3)}
+        assert broker.links == {
+            f"127.0.0.1:{ports[i]}": {channel(r) for r in rooms[i]} for i in range(3)
+        }
         for i in range(3):
             assert shard_channels(cluster, i) == {channel(r) for r in rooms[i]}
 
@@ -116,8 +121,9 @@ async def test_one_link_per_primary_and_messages_stay_in_their_shard(cluster):
         for ch in {c for c, _ in sent}:
             assert [d for c, d in got if c == ch] == [d for c, d in sent if c == ch]
         # SPUBLISH stays in the shard: nothing was broadcast over the cluster bus
-        assert all(cluster_stat(cluster, i, "cluster_stats_messages_publish_sent") == 0
-                   for i in range(3))
+        assert all(
+            cluster_stat(cluster, i, "cluster_stats_messages_publish_sent") == 0 for i in range(3)
+        )
 
         # the last room of a primary gone: its link goes, the others stay
         for room in rooms[1]:
@@ -145,8 +151,9 @@ async def test_restart_and_slot_move_regroup_channels_and_report_a_reconnect(clu
         ports = [n.port for n in cluster.nodes]
 
         # a primary restarts: its link is rebuilt, the others are kept as they are
-        kept = {name: broker._links[name] for name in broker.links
-                if name != f"127.0.0.1:{ports[2]}"}
+        kept = {
+            name: broker._links[name] for name in broker.links if name != f"127.0.0.1:{ports[2]}"
+        }
         cluster.restart(2)
         await eventually(lambda: reconnects and broker.connected.is_set(), timeout=20)
         assert {name: broker._links[name] for name in kept} == kept
@@ -164,10 +171,8 @@ async def test_restart_and_slot_move_regroup_channels_and_report_a_reconnect(clu
         for i in range(3):
             cluster.info(i, "cluster", "setslot", slot, "node", ids[1])
         before = len(reconnects)
-        await eventually(lambda: len(reconnects) > before and broker.connected.is_set(),
-                         timeout=20)
-        assert broker.links[f"127.0.0.1:{ports[1]}"] == {channel(r) for r in
-                                                         [moved, *rooms[1]]}
+        await eventually(lambda: len(reconnects) > before and broker.connected.is_set(), timeout=20)
+        assert broker.links[f"127.0.0.1:{ports[1]}"] == {channel(r) for r in [moved, *rooms[1]]}
         assert broker.links[f"127.0.0.1:{ports[0]}"] == {channel(rooms[0][1])}
         await broker.publish(channel(moved), b"after move")
         await eventually(lambda: (channel(moved), b"after move") in got)
@@ -229,8 +234,7 @@ async def test_a_down_primary_is_skipped_alone(cluster, tmp_path):
         guard = broker.guard
         assert guard is not None
         cache = HistoryCache(store, broker.redis, prefix="t:", guard=guard, metrics=seen)
-        limiter = RateLimiter(broker.redis, prefix="t:", rates={"post": Rate(2, 60)},
-                              guard=guard)
+        limiter = RateLimiter(broker.redis, prefix="t:", rates={"post": Rate(2, 60)}, guard=guard)
         for room in (down, up):
             await cache.committed((await store.append(room, "a", f"in {room}"))[0])
             await cache.history(room)  # warm
@@ -251,8 +255,11 @@ async def test_a_down_primary_is_skipped_alone(cluster, tmp_path):
         # buckets: the dead shard's identity is limited locally, the live one's shared,
         # though its shard never had the script (no SCRIPT LOAD to every primary)
         for who in (down, up):
-            assert [(await limiter.hit("post", who)).allowed for _ in range(3)] == \
-                [True, True, False]
+            assert [(await limiter.hit("post", who)).allowed for _ in range(3)] == [
+                True,
+                True,
+                False,
+            ]
         assert limiter.fallback
         assert await broker.redis.exists(limiter.key("post", up)) == 1
 
@@ -279,15 +286,26 @@ class Traffic:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def on(cls, cluster: RedisClusterServers, pg_url: str, rooms: list[str], n: int,
-                 **env: str) -> AsyncIterator["Traffic"]:
-        env = {"DATABASE_URL": pg_url, "REDIS_URL": cluster.url, "KEY_PREFIX": "cg:",
-               "RATE_LIMIT": "100000/1s", "CONNECT_RATE_LIMIT": "100000/1s",
-               "PUBLISH_RATE_LIMIT": "100000/1s", "SUBSCRIBE_RATE_LIMIT": "100000/1s",
-               "LOG_LEVEL": "warning",
-               "BROKER_PROBE_INTERVAL": "0.5", **env}
-        async with (instances(n, env) as gws, httpx.AsyncClient(timeout=30) as http,
-                    contextlib.AsyncExitStack() as stack):
+    async def on(
+        cls, cluster: RedisClusterServers, pg_url: str, rooms: list[str], n: int, **env: str
+    ) -> AsyncIterator[Traffic]:
+        env = {
+            "DATABASE_URL": pg_url,
+            "REDIS_URL": cluster.url,
+            "KEY_PREFIX": "cg:",
+            "RATE_LIMIT": "100000/1s",
+            "CONNECT_RATE_LIMIT": "100000/1s",
+            "PUBLISH_RATE_LIMIT": "100000/1s",
+            "SUBSCRIBE_RATE_LIMIT": "100000/1s",
+            "LOG_LEVEL": "warning",
+            "BROKER_PROBE_INTERVAL": "0.5",
+            **env,
+        }
+        async with (
+            instances(n, env) as gws,
+            httpx.AsyncClient(timeout=30) as http,
+            contextlib.AsyncExitStack() as stack,
+        ):
             traffic = cls(gws, http, rooms)
             for g in gws:
                 ws = await stack.enter_async_context(WSClient.connect(g.ws_url))
@@ -307,7 +325,8 @@ class Traffic:
         for ws in self.wss:
             for room in self.rooms:
                 assert await ws.messages(room, self.sent[room], timeout=30) == list(
-                    range(1, self.sent[room] + 1)), f"room {room}"
+                    range(1, self.sent[room] + 1)
+                ), f"room {room}"
 
     async def delivered_once_and_history_agrees(self) -> None:
         await self.all_delivered()
@@ -325,7 +344,8 @@ class Traffic:
 
 
 async def test_gateways_deliver_in_order_once_across_shards_while_a_primary_restarts(
-        cluster, pg_url):
+    cluster, pg_url
+):
     rooms = list(itertools.chain.from_iterable(rooms_by_node(cluster, 2)))
     # No periodic position check: the refill after a restored link must do it.
     async with Traffic.on(cluster, pg_url, rooms, 3, POSITION_INTERVAL="600") as traffic:
@@ -361,8 +381,9 @@ async def test_gateways_deliver_in_order_once_while_a_replica_takes_over(pg_url)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + t(30)
             # posts keep being committed while the replica is promoted
-            while not any(cluster.role(i) == "master" for i in range(len(cluster.nodes))
-                          if i not in primaries):
+            while not any(
+                cluster.role(i) == "master" for i in range(len(cluster.nodes)) if i not in primaries
+            ):
                 assert loop.time() < deadline, "no replica was promoted"
                 await traffic.round("during")
                 await asyncio.sleep(0.2)

@@ -12,13 +12,30 @@ import httpx
 import pytest
 import websockets
 
+from tests.harness import (
+    Instance,
+    RawWebSocket,
+    RedisServer,
+    SSEClient,
+    WSClient,
+    eventually,
+    instances,
+    metric,
+    post,
+    t,
+)
 from tests.proxy import TCPProxy
-from tests.harness import (Instance, RawWebSocket, RedisServer, SSEClient, WSClient,
-                           eventually, instances, metric, post, t)
 
 
-async def _post_all(http: httpx.AsyncClient, gws: list[Instance], room: str, count: int,
-                    *, start: int = 0, pause: float = 0.0) -> list[int]:
+async def _post_all(
+    http: httpx.AsyncClient,
+    gws: list[Instance],
+    room: str,
+    count: int,
+    *,
+    start: int = 0,
+    pause: float = 0.0,
+) -> list[int]:
     """Post ``count`` messages round-robin over ``gws``; the acknowledged seqs."""
     seqs = []
     for i in range(start, start + count):
@@ -42,10 +59,12 @@ async def test_resume_stitches_replay_and_live_while_writers_race(gateway_env):
             ws = await stack.enter_async_context(WSClient.connect(b.ws_url))
             sub = await ws.subscribe(room, since=10)
             assert sub["seq"] >= 30
-            sse_header = await stack.enter_async_context(SSEClient.open(
-                f"{b.url}/v1/rooms/{room}/events", headers={"Last-Event-ID": "5"}))
-            sse_query = await stack.enter_async_context(SSEClient.open(
-                f"{gws[0].url}/v1/rooms/{room}/events?since=20"))
+            sse_header = await stack.enter_async_context(
+                SSEClient.open(f"{b.url}/v1/rooms/{room}/events", headers={"Last-Event-ID": "5"})
+            )
+            sse_query = await stack.enter_async_context(
+                SSEClient.open(f"{gws[0].url}/v1/rooms/{room}/events?since=20")
+            )
             await writer
             assert await ws.messages(room, 80) == list(range(11, 91))
             assert await sse_header.wait_for(85) == list(range(6, 91))
@@ -78,8 +97,11 @@ async def test_a_publish_lost_after_commit_is_filled_from_the_store(gateway_env)
     room = "lost"
     env_a = {**gateway_env, "FAULT_SKIP_PUBLISH": "1"}
     async with instances(1, env_a) as (a,), instances(2, gateway_env) as (b, c):
-        async with (WSClient.connect(b.ws_url) as ws, httpx.AsyncClient() as http,
-                    SSEClient.open(f"{c.url}/v1/rooms/{room}/events") as sse):
+        async with (
+            WSClient.connect(b.ws_url) as ws,
+            httpx.AsyncClient() as http,
+            SSEClient.open(f"{c.url}/v1/rooms/{room}/events") as sse,
+        ):
             await ws.subscribe(room)
             for i in range(20):
                 target = a if i % 2 == 0 or i >= 16 else b
@@ -100,8 +122,12 @@ async def test_redis_restart_while_writers_post_through_three_instances(gateway_
         async with instances(3, env) as gws, httpx.AsyncClient(timeout=30) as http:
             async with AsyncExitStack() as stack:
                 wss = [await stack.enter_async_context(WSClient.connect(g.ws_url)) for g in gws]
-                sses = [await stack.enter_async_context(
-                    SSEClient.open(f"{g.url}/v1/rooms/{room}/events")) for g in gws]
+                sses = [
+                    await stack.enter_async_context(
+                        SSEClient.open(f"{g.url}/v1/rooms/{room}/events")
+                    )
+                    for g in gws
+                ]
                 for ws in wss:
                     await ws.subscribe(room)
                 acked = await _post_all(http, gws, room, 15, pause=0.01)
@@ -144,8 +170,7 @@ async def test_instance_killed_mid_stream_subscribers_resume_elsewhere(gateway_e
                     for _ in range(100):
                         await victim.recv(timeout=5)
             assert seen == list(range(1, 21))
-            writer = asyncio.create_task(_post_all(http, gws[:2], room, 30, start=20,
-                                                   pause=0.005))
+            writer = asyncio.create_task(_post_all(http, gws[:2], room, 30, start=20, pause=0.005))
             await asyncio.sleep(0.05)
             async with WSClient.connect(gws[1].ws_url) as resumed:
                 await resumed.subscribe(room, since=seen[-1])
@@ -159,8 +184,10 @@ async def _flood(http: httpx.AsyncClient, gw: Instance, room: str, count: int) -
     socket buffers cannot absorb."""
     blob = "z" * 48_000
     for i in range(count):
-        r = await http.post(f"{gw.url}/v1/publish",
-                            json={"room": room, "event": "blob", "data": {"i": i, "b": blob}})
+        r = await http.post(
+            f"{gw.url}/v1/publish",
+            json={"room": room, "event": "blob", "data": {"i": i, "b": blob}},
+        )
         assert r.status_code == 202, r.text
 
 
@@ -182,8 +209,7 @@ async def test_slow_consumer_is_closed_1013_and_others_get_everything(gateway_en
                 events = [f["data"]["i"] for f in fast.frames if f.get("type") == "event"]
                 assert events == list(range(200))
             assert stalled.closed_by_server(timeout=10)
-            assert await metric(gw.url, "chat_slow_consumer_disconnects_total",
-                                transport="ws") == 1
+            assert await metric(gw.url, "chat_slow_consumer_disconnects_total", transport="ws") == 1
             await eventually(lambda: _subs_zero(gw), timeout=10)
             assert await metric(gw.url, "chat_connections", transport="ws") == 0
         finally:
@@ -218,8 +244,9 @@ async def test_slow_sse_consumer_stream_is_ended_and_resumes(gateway_env):
         finally:
             sock.close()
         # it resumes with Last-Event-ID and gets the rest in order
-        async with SSEClient.open(f"{gw.url}/v1/rooms/{room}/events",
-                                  headers={"Last-Event-ID": "150"}) as sse:
+        async with SSEClient.open(
+            f"{gw.url}/v1/rooms/{room}/events", headers={"Last-Event-ID": "150"}
+        ) as sse:
             assert await sse.wait_for(50) == list(range(151, 201))
 
 
@@ -254,13 +281,20 @@ async def test_silent_redis_link_is_detected_and_delivery_resumes(gateway_env):
     rs = RedisServer()
     rs.start()
     proxy = await TCPProxy("127.0.0.1", rs.port).start()
-    env_proxied = {**gateway_env, "REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0",
-                   "BROKER_PROBE_INTERVAL": "0.5"}
+    env_proxied = {
+        **gateway_env,
+        "REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0",
+        "BROKER_PROBE_INTERVAL": "0.5",
+    }
     env_direct = {**gateway_env, "REDIS_URL": rs.url}
     room = "silent"
     try:
-        async with (instances(1, env_proxied) as (a,), instances(1, env_direct) as (b,),
-                    httpx.AsyncClient(timeout=60) as http, WSClient.connect(a.ws_url) as ws):
+        async with (
+            instances(1, env_proxied) as (a,),
+            instances(1, env_direct) as (b,),
+            httpx.AsyncClient(timeout=60) as http,
+            WSClient.connect(a.ws_url) as ws,
+        ):
             await ws.subscribe(room)
             await _post_all(http, [b], room, 5)
             assert await ws.messages(room, 5) == [1, 2, 3, 4, 5]
@@ -286,13 +320,19 @@ async def test_posts_never_hang_while_redis_is_silent_and_delivery_continues(gat
     rs = RedisServer()
     rs.start()
     proxy = await TCPProxy("127.0.0.1", rs.port).start()
-    env = {**gateway_env, "REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0",
-           "BROKER_PROBE_INTERVAL": "0.5"}
+    env = {
+        **gateway_env,
+        "REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0",
+        "BROKER_PROBE_INTERVAL": "0.5",
+    }
     room = "frozen"
     try:
-        async with (instances(2, env) as gws, httpx.AsyncClient(timeout=t(15)) as http,
-                    WSClient.connect(gws[0].ws_url) as ws0,
-                    WSClient.connect(gws[1].ws_url) as ws1):
+        async with (
+            instances(2, env) as gws,
+            httpx.AsyncClient(timeout=t(15)) as http,
+            WSClient.connect(gws[0].ws_url) as ws0,
+            WSClient.connect(gws[1].ws_url) as ws1,
+        ):
             for ws in (ws0, ws1):
                 await ws.subscribe(room)
             await _post_all(http, gws, room, 4)

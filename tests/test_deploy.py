@@ -17,8 +17,11 @@ def compose() -> dict:
 def test_compose_has_the_services_health_checks_and_volume():
     doc = compose()
     services = doc["services"]
-    gateways = [name for name, s in services.items() if s.get("image", "").startswith(
-        "chat-gateway") or s.get("build")]
+    gateways = [
+        name
+        for name, s in services.items()
+        if s.get("image", "").startswith("chat-gateway") or s.get("build")
+    ]
     assert len(gateways) >= 2
     assert {"postgres", "redis", "lb"} <= set(services)
     for name, service in services.items():
@@ -65,8 +68,11 @@ def test_dockerfile_is_multi_stage_and_runs_unprivileged():
 def dockerfile_instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) of the run stage, continuation lines joined."""
     text = (ROOT / "Dockerfile").read_text()
-    text = re.sub(r"\\\n", " ", "\n".join(line for line in text.splitlines()
-                                        if not line.lstrip().startswith("#")))
+    text = re.sub(
+        r"\\\n",
+        " ",
+        "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")),
+    )
     stage = re.split(r"^FROM\s", text, flags=re.M)[-1]
     out = []
     for line in stage.splitlines():
@@ -86,21 +92,30 @@ def test_image_with_no_variables_writes_its_sqlite_file_to_a_volume_the_user_own
     url = env["DATABASE_URL"]
     settings = Settings.from_env(env)
     assert settings.database_url == url and url.startswith("sqlite:////"), url
-    data_dir = url[len("sqlite:///"):].rsplit("/", 1)[0]
-    volumes = [v for word, rest in steps if word == "VOLUME" for v in re.findall(r'"([^"]+)"', rest)]
-    assert data_dir in volumes, f"{data_dir} is not a VOLUME: the messages would die with the container"
+    data_dir = url[len("sqlite:///") :].rsplit("/", 1)[0]
+    volumes = [
+        v for word, rest in steps if word == "VOLUME" for v in re.findall(r'"([^"]+)"', rest)
+    ]
+    assert data_dir in volumes, (
+        f"{data_dir} is not a VOLUME: the messages would die with the container"
+    )
     user = [rest for word, rest in steps if word == "USER"][-1].split(":")[0]
     # Made and handed to the user before USER: a new volume copies that ownership.
     runs = " ".join(rest for word, rest in steps if word == "RUN")
     assert re.search(rf"mkdir -p \S*{re.escape(data_dir)}\b", runs)
-    assert re.search(rf"chown (-R )?{user}(:\w+)? {re.escape(data_dir)}\b", runs), \
+    assert re.search(rf"chown (-R )?{user}(:\w+)? {re.escape(data_dir)}\b", runs), (
         f"{data_dir} is not owned by {user}"
+    )
     workdir = [rest for word, rest in steps if word == "WORKDIR"][-1]
     assert not data_dir.startswith(workdir), "the database must not live in the code's directory"
 
 
 def test_readme_documents_every_variable_and_backup_restore():
     readme = (ROOT / "README.md").read_text()
-    missing = {n for n in env_names() if f"`{n}`" not in readme and n != "STATIC_DIR" and not n.startswith("FAULT_")}
+    missing = {
+        n
+        for n in env_names()
+        if f"`{n}`" not in readme and n != "STATIC_DIR" and not n.startswith("FAULT_")
+    }
     assert not missing, f"README does not document {missing}"
     assert "pg_dump" in readme and "pg_restore" in readme

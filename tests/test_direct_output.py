@@ -20,8 +20,7 @@ async def test_many_messages_arrive_as_separate_frames_in_order(gateway_env, wri
     async with instances(1, {**gateway_env, "WS_WRITE_DELAY": write_delay}) as (gw,):
         async with WSClient.connect(gw.ws_url) as ws, httpx.AsyncClient() as http:
             await ws.subscribe(room)
-            results = await asyncio.gather(*(post(http, gw.url, room, f"m{i}")
-                                              for i in range(40)))
+            results = await asyncio.gather(*(post(http, gw.url, room, f"m{i}") for i in range(40)))
             assert all(r.status_code == 201 for r in results)
             seqs = [(await ws.expect("message"))["message"]["seq"] for _ in range(40)]
             assert seqs == list(range(1, 41))
@@ -64,8 +63,9 @@ async def test_back_to_back_publishes_are_answered_in_frame_order(gateway_env):
         async with WSClient.connect(gw.ws_url) as ws:
             for i in range(30):
                 text = "" if i == 7 else f"p{i}"  # frame 7 is invalid (empty text)
-                await ws.send({"type": "publish", "room": room, "text": text, "ref": i,
-                               "author": "ana"})
+                await ws.send(
+                    {"type": "publish", "room": room, "text": text, "ref": i, "author": "ana"}
+                )
             await ws.send({"type": "ping"})
             answers = [await ws.recv() for _ in range(31)]
             assert [a.get("ref") for a in answers[:30]] == list(range(30))

@@ -13,8 +13,7 @@ import redis.asyncio as aioredis
 import websockets
 
 from tests import harness
-from tests.harness import (Instance, RedisServer, SSEClient, WSClient, eventually,
-                           instances, post)
+from tests.harness import Instance, RedisServer, SSEClient, WSClient, eventually, instances, post
 
 
 def assert_limited(r: httpx.Response, limit: int) -> None:
@@ -30,8 +29,12 @@ def assert_limited(r: httpx.Response, limit: int) -> None:
 
 
 async def test_buckets_are_exact_across_instances_and_shared_by_http_and_ws(gateway_env):
-    env = {**gateway_env, "RATE_LIMIT": "10/1h", "PUBLISH_RATE_LIMIT": "3/1h",
-           "CONNECT_RATE_LIMIT": "4/1h"}
+    env = {
+        **gateway_env,
+        "RATE_LIMIT": "10/1h",
+        "PUBLISH_RATE_LIMIT": "3/1h",
+        "CONNECT_RATE_LIMIT": "4/1h",
+    }
     room = "burst"
     async with instances(3, env) as gws, httpx.AsyncClient(timeout=30) as http:
         async with WSClient.connect(gws[0].ws_url) as ws:
@@ -42,8 +45,9 @@ async def test_buckets_are_exact_across_instances_and_shared_by_http_and_ws(gate
                 assert (await ws.expect("ack"))["ref"] == ref
 
             # 40 posts at once, spread over three instances: exactly the 8 tokens left
-            rs = await asyncio.gather(*(post(http, gws[i % 3].url, room, f"m{i}")
-                                        for i in range(40)))
+            rs = await asyncio.gather(
+                *(post(http, gws[i % 3].url, room, f"m{i}") for i in range(40))
+            )
             ok = [r for r in rs if r.status_code == 201]
             limited = [r for r in rs if r.status_code != 201]
             assert len(ok) == 8, [r.status_code for r in rs]
@@ -68,9 +72,12 @@ async def test_buckets_are_exact_across_instances_and_shared_by_http_and_ws(gate
         assert len(page["messages"]) == 10, "a refused post must store nothing"
 
         # /v1/publish has its own bucket, untouched by the posts above
-        rs = [await http.post(f"{gws[i % 3].url}/v1/publish",
-                              json={"room": room, "event": "tick", "data": {}})
-              for i in range(5)]
+        rs = [
+            await http.post(
+                f"{gws[i % 3].url}/v1/publish", json={"room": room, "event": "tick", "data": {}}
+            )
+            for i in range(5)
+        ]
         assert [r.status_code for r in rs] == [202, 202, 202, 429, 429]
         assert [r.headers["RateLimit-Remaining"] for r in rs[:3]] == ["2", "1", "0"]
         assert_limited(rs[3], 3)
@@ -100,18 +107,27 @@ async def test_forwarded_for_counts_only_from_a_trusted_proxy(gateway_env):
     try:
         await asyncio.gather(direct.wait_ready(), proxied.wait_ready())
         async with httpx.AsyncClient(timeout=10) as http:
+
             async def send(inst: Instance, room: str, xff: str) -> int:
                 r = await post(http, inst.url, room, "x", headers={"X-Forwarded-For": xff})
                 return r.status_code
 
             # by default the header is ignored: every "client" is 127.0.0.1
-            assert [await send(direct, "d", xff) for xff in ("1.1.1.1", "2.2.2.2", "3.3.3.3")
-                    ] == [201, 201, 429]
+            assert [await send(direct, "d", xff) for xff in ("1.1.1.1", "2.2.2.2", "3.3.3.3")] == [
+                201,
+                201,
+                429,
+            ]
             # from a trusted proxy, the rightmost untrusted hop is the client
-            assert [await send(proxied, "p", xff) for xff in ("1.1.1.1", "2.2.2.2", "3.3.3.3")
-                    ] == [201, 201, 201]
-            assert [await send(proxied, "p", xff) for xff in
-                    ("6.6.6.6, 1.1.1.1", "7.7.7.7, 1.1.1.1, 127.0.0.1")] == [201, 429]
+            assert [await send(proxied, "p", xff) for xff in ("1.1.1.1", "2.2.2.2", "3.3.3.3")] == [
+                201,
+                201,
+                201,
+            ]
+            assert [
+                await send(proxied, "p", xff)
+                for xff in ("6.6.6.6, 1.1.1.1", "7.7.7.7, 1.1.1.1, 127.0.0.1")
+            ] == [201, 429]
         assert "open mode" in direct.log(), "open mode must be announced at start"
     finally:
         direct.stop()
@@ -121,32 +137,45 @@ async def test_forwarded_for_counts_only_from_a_trusted_proxy(gateway_env):
 async def test_a_redis_outage_limits_per_instance_and_says_so(pg_url):
     server = RedisServer()
     server.start()
-    inst = Instance({"DATABASE_URL": pg_url, "REDIS_URL": server.url, "KEY_PREFIX": "t:",
-                     "RATE_LIMIT": "3/1h", "LOG_LEVEL": "warning"}).start()
+    inst = Instance(
+        {
+            "DATABASE_URL": pg_url,
+            "REDIS_URL": server.url,
+            "KEY_PREFIX": "t:",
+            "RATE_LIMIT": "3/1h",
+            "LOG_LEVEL": "warning",
+        }
+    ).start()
     try:
         await inst.wait_ready()
         async with httpx.AsyncClient(timeout=30) as http:
+
             async def fallback_gauge() -> str:
                 text = (await http.get(inst.url + "/metrics")).text
-                return next(line for line in text.splitlines()
-                            if line.startswith("chat_rate_limit_local_fallback "))
+                return next(
+                    line
+                    for line in text.splitlines()
+                    if line.startswith("chat_rate_limit_local_fallback ")
+                )
 
             r = await post(http, inst.url, "down", "before")
             assert r.status_code == 201 and r.headers["RateLimit-Remaining"] == "2"
             assert await fallback_gauge() == "chat_rate_limit_local_fallback 0.0"
             server.stop()
             # the instance's own bucket: neither a flood nor a wall
-            statuses = [(await post(http, inst.url, "down", f"m{i}")).status_code
-                        for i in range(5)]
+            statuses = [(await post(http, inst.url, "down", f"m{i}")).status_code for i in range(5)]
             assert statuses == [201, 201, 201, 429, 429]
             assert await fallback_gauge() == "chat_rate_limit_local_fallback 1.0"
             assert "per-instance buckets" in inst.log()
 
             server.start()  # empty again: the shared bucket starts full
+
             async def shared_again() -> bool:
                 r = await post(http, inst.url, "down", "after")
-                return (r.status_code == 201
-                        and await fallback_gauge() == "chat_rate_limit_local_fallback 0.0")
+                return (
+                    r.status_code == 201
+                    and await fallback_gauge() == "chat_rate_limit_local_fallback 0.0"
+                )
 
             await eventually(shared_again, timeout=15, interval=0.3)
             assert "shared buckets restored" in inst.log()
@@ -156,8 +185,12 @@ async def test_a_redis_outage_limits_per_instance_and_says_so(pg_url):
 
 
 async def test_memory_mode_runs_the_same_bucket_in_process(tmp_path):
-    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/chat.db", "REDIS_URL": "memory://",
-           "RATE_LIMIT": "2/1h", "LOG_LEVEL": "warning"}
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db",
+        "REDIS_URL": "memory://",
+        "RATE_LIMIT": "2/1h",
+        "LOG_LEVEL": "warning",
+    }
     async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=10) as http:
         rs = [await post(http, gw.url, "mem", f"m{i}") for i in range(3)]
         assert [r.status_code for r in rs] == [201, 201, 429]
@@ -176,15 +209,22 @@ async def test_publish_buckets_are_per_api_key_and_name_no_secret(gateway_env, r
     async with instances(1, base) as (open_gw,), httpx.AsyncClient(timeout=10) as http:
         # open mode: a made-up bearer per request does not buy a fresh bucket
         event = {"room": "r", "event": "e"}
-        rs = [await http.post(f"{open_gw.url}/v1/publish", json=event,
-                              headers={"Authorization": f"Bearer made-up-{i}"})
-              for i in range(3)]
+        rs = [
+            await http.post(
+                f"{open_gw.url}/v1/publish",
+                json=event,
+                headers={"Authorization": f"Bearer made-up-{i}"},
+            )
+            for i in range(3)
+        ]
         assert [r.status_code for r in rs] == [202, 202, 429]
     keyed_env = {**base, "API_KEYS": "secret-key-one,secret-key-two"}
     async with instances(1, keyed_env) as (gw,), httpx.AsyncClient(timeout=10) as http:
+
         async def send(key: str) -> int:
-            r = await http.post(f"{gw.url}/v1/publish", json=event,
-                                headers={"Authorization": f"Bearer {key}"})
+            r = await http.post(
+                f"{gw.url}/v1/publish", json=event, headers={"Authorization": f"Bearer {key}"}
+            )
             return r.status_code
 
         assert [await send("secret-key-one") for _ in range(3)] == [202, 202, 429]

@@ -12,8 +12,11 @@ async def test_serve_with_no_environment_delivers_live_and_keeps_messages(tmp_pa
     inst.start()
     try:
         await inst.wait_ready()
-        async with (httpx.AsyncClient() as http, WSClient.connect(inst.ws_url) as ws,
-                    SSEClient.open(f"{inst.url}/v1/rooms/lobby/events") as sse):
+        async with (
+            httpx.AsyncClient() as http,
+            WSClient.connect(inst.ws_url) as ws,
+            SSEClient.open(f"{inst.url}/v1/rooms/lobby/events") as sse,
+        ):
             assert (await ws.subscribe("lobby"))["seq"] == 0
             for i in range(3):
                 r = await post(http, inst.url, "lobby", f"hello {i}", author="ana")

@@ -13,12 +13,11 @@ import asyncio
 import contextlib
 import itertools
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import httpx
 import pytest
-
 import redis.asyncio as aioredis
 from redis.exceptions import ReadOnlyError
 
@@ -29,24 +28,44 @@ from pubsub.redis import RedisBroker
 from pubsub.sentinel import parse_sentinel_url
 from storage.base import StoreUnavailable
 from storage.postgres import PostgresStore
-from tests.harness import (REDIS_URL, Instance, PostgresPair, RedisSentinelServers, RedisServer,
-                           SSEClient, WSClient, eventually, instances, metric, post, t)
+from tests.harness import (
+    REDIS_URL,
+    Instance,
+    PostgresPair,
+    RedisSentinelServers,
+    RedisServer,
+    SSEClient,
+    WSClient,
+    eventually,
+    instances,
+    metric,
+    post,
+    t,
+)
 
 # -- the Sentinel URL ----------------------------------------------------------------
 
 
 def test_sentinel_urls_name_the_sentinels_service_db_and_credentials():
     assert parse_sentinel_url("redis+sentinel://s1:26380,s2,[::1]:26381/chat") == (
-        [("s1", 26380), ("s2", 26379), ("::1", 26381)], "chat", {"ssl": False, "db": 0})
+        [("s1", 26380), ("s2", 26379), ("::1", 26381)],
+        "chat",
+        {"ssl": False, "db": 0},
+    )
     assert parse_sentinel_url("rediss+sentinel://ana:p%40ss@s1:1/my%20svc/3") == (
-        [("s1", 1)], "my svc", {"ssl": True, "db": 3, "username": "ana", "password": "p@ss"})
+        [("s1", 1)],
+        "my svc",
+        {"ssl": True, "db": 3, "username": "ana", "password": "p@ss"},
+    )
     assert parse_sentinel_url("redis+sentinel://:secret@s1:1/chat")[2]["password"] == "secret"
     assert isinstance(create_broker("redis+sentinel://s1:1/chat"), RedisBroker)
-    for bad, why in (("redis+sentinel://s1:1", "service name"),
-                     ("redis+sentinel://s1:1/", "service name"),
-                     ("redis+sentinel:///chat", "at least one sentinel"),
-                     ("redis+sentinel://s1:1/chat/x", "must be a number"),
-                     ("redis+sentinel://s1:1/chat?db=1", "query options")):
+    for bad, why in (
+        ("redis+sentinel://s1:1", "service name"),
+        ("redis+sentinel://s1:1/", "service name"),
+        ("redis+sentinel:///chat", "at least one sentinel"),
+        ("redis+sentinel://s1:1/chat/x", "must be a number"),
+        ("redis+sentinel://s1:1/chat?db=1", "query options"),
+    ):
         with pytest.raises(ConfigError, match=why):
             Settings(redis_url=bad).validated()
     assert Settings(redis_url="rediss+sentinel://s1:1,s2:2/chat/1").validated()
@@ -59,8 +78,14 @@ class Writer:
     """Posts to the rooms round robin over the gateways until stopped; keeps what was
     acknowledged (seq and when) and every other answer."""
 
-    def __init__(self, gws: list[Instance], http: httpx.AsyncClient, rooms: list[str],
-                 keyed: bool = False, give_up: float = 20) -> None:
+    def __init__(
+        self,
+        gws: list[Instance],
+        http: httpx.AsyncClient,
+        rooms: list[str],
+        keyed: bool = False,
+        give_up: float = 20,
+    ) -> None:
         self.gws, self.http, self.rooms, self.keyed = gws, http, rooms, keyed
         self.give_up = give_up  # seconds a keyed post is retried for
         self.acked: dict[str, list[int]] = {room: [] for room in rooms}
@@ -108,7 +133,7 @@ class Writer:
             i += 1
             await asyncio.sleep(0.01)
 
-    def start(self) -> "Writer":
+    def start(self) -> Writer:
         self._task = asyncio.create_task(self._run())
         return self
 
@@ -118,15 +143,17 @@ class Writer:
         await self._task
 
     async def until(self, count: int, timeout: float = 30) -> None:
-        await eventually(lambda: self.count() >= count or (self._task is not None
-                                                            and self._task.done()), timeout)
+        await eventually(
+            lambda: self.count() >= count or (self._task is not None and self._task.done()), timeout
+        )
         if self._task is not None and self._task.done():
             await self._task  # its assertion
 
 
 @contextlib.asynccontextmanager
-async def subscribers(gws: list[Instance], rooms: list[str]
-                      ) -> AsyncIterator[tuple[list[WSClient], dict[str, list[SSEClient]]]]:
+async def subscribers(
+    gws: list[Instance], rooms: list[str]
+) -> AsyncIterator[tuple[list[WSClient], dict[str, list[SSEClient]]]]:
     """A WS subscriber on every gateway for every room, and an SSE stream per room
     on every gateway."""
     async with contextlib.AsyncExitStack() as stack:
@@ -135,18 +162,26 @@ async def subscribers(gws: list[Instance], rooms: list[str]
             # Frames are read only at the end: an unbounded buffer keeps the socket
             # read meanwhile, so keepalive pings are answered through a long switch.
             ws = await stack.enter_async_context(
-                WSClient.connect(f"{g.ws_url}?user=ws{n}", max_queue=None))
+                WSClient.connect(f"{g.ws_url}?user=ws{n}", max_queue=None)
+            )
             for room in rooms:
                 await ws.subscribe(room)
             wss.append(ws)
-        sses = {room: [await stack.enter_async_context(
-                    SSEClient.open(f"{g.url}/v1/rooms/{room}/events?user=sse{n}"))
-                    for n, g in enumerate(gws)] for room in rooms}
+        sses = {
+            room: [
+                await stack.enter_async_context(
+                    SSEClient.open(f"{g.url}/v1/rooms/{room}/events?user=sse{n}")
+                )
+                for n, g in enumerate(gws)
+            ]
+            for room in rooms
+        }
         yield wss, sses
 
 
-async def delivered_in_order_once(writer: Writer, wss: list[WSClient],
-                                  sses: dict[str, list[SSEClient]]) -> None:
+async def delivered_in_order_once(
+    writer: Writer, wss: list[WSClient], sses: dict[str, list[SSEClient]]
+) -> None:
     for room, seqs in writer.acked.items():
         n = len(seqs)
         assert sorted(seqs) == list(range(1, n + 1)), f"room {room}: acked seqs {seqs}"
@@ -202,16 +237,26 @@ async def test_gateways_follow_a_sentinel_failover(pg_url):
     servers = RedisSentinelServers().start()
     rooms = ["north", "south"]
     prefix = "cgfo:"
-    env = {"DATABASE_URL": pg_url, "REDIS_URL": servers.url, "KEY_PREFIX": prefix,
-           # one shared bucket for all posts (the identity is the address): it must
-           # not run out, and must refill slowly enough to tell shared from local
-           "RATE_LIMIT": "5000/1000000s", "CONNECT_RATE_LIMIT": "100000/1s",
-           "PUBLISH_RATE_LIMIT": "100000/1s", "LOG_LEVEL": "warning",
-           "BROKER_PROBE_INTERVAL": "0.5", "POSITION_INTERVAL": "1"}
+    env = {
+        "DATABASE_URL": pg_url,
+        "REDIS_URL": servers.url,
+        "KEY_PREFIX": prefix,
+        # one shared bucket for all posts (the identity is the address): it must
+        # not run out, and must refill slowly enough to tell shared from local
+        "RATE_LIMIT": "5000/1000000s",
+        "CONNECT_RATE_LIMIT": "100000/1s",
+        "PUBLISH_RATE_LIMIT": "100000/1s",
+        "LOG_LEVEL": "warning",
+        "BROKER_PROBE_INTERVAL": "0.5",
+        "POSITION_INTERVAL": "1",
+    }
     try:
         old = servers.servers[0].port
-        async with (instances(2, env) as gws, httpx.AsyncClient(timeout=30) as http,
-                    subscribers(gws, rooms) as (wss, sses)):
+        async with (
+            instances(2, env) as gws,
+            httpx.AsyncClient(timeout=30) as http,
+            subscribers(gws, rooms) as (wss, sses),
+        ):
             writer = Writer(gws, http, rooms).start()
             await writer.until(20)
 
@@ -228,10 +273,12 @@ async def test_gateways_follow_a_sentinel_failover(pg_url):
             first_post = min((a for a in writer.acked_at if a > killed), default=None)
             assert first_post is not None
             gaps = [b - a for a, b in zip(writer.acked_at, writer.acked_at[1:], strict=False)]
-            print(f"\nredis sentinel failover: /readyz back {back:.2f} s after the kill; "
-                  f"first post acknowledged {first_post - killed:.2f} s after it; longest "
-                  f"wait between two acknowledged posts {max(gaps):.2f} s; "
-                  f"{writer.count()} posts, {len(writer.failed)} not acknowledged")
+            print(
+                f"\nredis sentinel failover: /readyz back {back:.2f} s after the kill; "
+                f"first post acknowledged {first_post - killed:.2f} s after it; longest "
+                f"wait between two acknowledged posts {max(gaps):.2f} s; "
+                f"{writer.count()} posts, {len(writer.failed)} not acknowledged"
+            )
             assert not writer.failed  # the store is the truth: Redis down fails no post
 
             await delivered_in_order_once(writer, wss, sses)
@@ -241,8 +288,9 @@ async def test_gateways_follow_a_sentinel_failover(pg_url):
             # the history cache is on the new primary and agrees with the store
             for room, seqs in writer.acked.items():
                 for g in gws:
-                    page = (await http.get(f"{g.url}/v1/rooms/{room}/messages",
-                                           params={"limit": 200})).json()
+                    page = (
+                        await http.get(f"{g.url}/v1/rooms/{room}/messages", params={"limit": 200})
+                    ).json()
                     assert [m["seq"] for m in page["messages"]] == list(range(1, len(seqs) + 1))
                 assert int(servers.ask(new, "get", f"{prefix}{{{room}}}:seq").strip()) == len(seqs)
             # rate limits: one shared bucket on the new primary, no local fallback
@@ -259,8 +307,9 @@ async def test_gateways_follow_a_sentinel_failover(pg_url):
             async with WSClient.connect(f"{gws[0].ws_url}?user=eve") as eve:
                 await eve.subscribe(rooms[1])
                 await eventually(lambda: has_user(http, gws[1], rooms[1], "eve"), timeout=10)
-                members = servers.ask(new, "zrange", f"{prefix}{{{rooms[1]}}}:presence",
-                                      "0", "-1").split()
+                members = servers.ask(
+                    new, "zrange", f"{prefix}{{{rooms[1]}}}:presence", "0", "-1"
+                ).split()
                 assert any(m.endswith(":eve") for m in members), members
             for g in gws:
                 assert not errors_logged(g), errors_logged(g)
@@ -270,9 +319,12 @@ async def test_gateways_follow_a_sentinel_failover(pg_url):
 
 def errors_logged(g: Instance) -> list[str]:
     """The gateway's log lines at error level or above: an outage is worth a warning."""
-    return [line[:2000] for line in Path(g.log_path).read_text().splitlines()
-            if '"level":"error"' in line.replace(" ", "")
-            or '"level":"critical"' in line.replace(" ", "")]
+    return [
+        line[:2000]
+        for line in Path(g.log_path).read_text().splitlines()
+        if '"level":"error"' in line.replace(" ", "")
+        or '"level":"critical"' in line.replace(" ", "")
+    ]
 
 
 async def all_status(http: httpx.AsyncClient, gws: list[Instance], status: int) -> bool:
@@ -296,13 +348,22 @@ async def test_gateways_follow_a_postgres_promotion(redis_prefix):
     primary comes back as a standby of the new one and is never written to."""
     pair = await asyncio.to_thread(PostgresPair().start)
     rooms = ["east", "west"]
-    env = {"DATABASE_URL": pair.url(), "REDIS_URL": REDIS_URL, "KEY_PREFIX": redis_prefix,
-           "RATE_LIMIT": "100000/1s", "CONNECT_RATE_LIMIT": "100000/1s",
-           "PUBLISH_RATE_LIMIT": "100000/1s", "LOG_LEVEL": "warning",
-           "POSITION_INTERVAL": "1"}
+    env = {
+        "DATABASE_URL": pair.url(),
+        "REDIS_URL": REDIS_URL,
+        "KEY_PREFIX": redis_prefix,
+        "RATE_LIMIT": "100000/1s",
+        "CONNECT_RATE_LIMIT": "100000/1s",
+        "PUBLISH_RATE_LIMIT": "100000/1s",
+        "LOG_LEVEL": "warning",
+        "POSITION_INTERVAL": "1",
+    }
     try:
-        async with (instances(2, env) as gws, httpx.AsyncClient(timeout=30) as http,
-                    subscribers(gws, rooms) as (wss, sses)):
+        async with (
+            instances(2, env) as gws,
+            httpx.AsyncClient(timeout=30) as http,
+            subscribers(gws, rooms) as (wss, sses),
+        ):
             writer = Writer(gws, http, rooms, keyed=True).start()
             await writer.until(20)
 
@@ -318,8 +379,11 @@ async def test_gateways_follow_a_postgres_promotion(redis_prefix):
             await asyncio.to_thread(pair.ctl, 1, "promote")
             at = writer.count()
             await writer.until(at + 20)
-            first_post = min(a for a, status in zip(writer.acked_at, writer.statuses, strict=True)
-                             if a > killed and status == 201)
+            first_post = min(
+                a
+                for a, status in zip(writer.acked_at, writer.statuses, strict=True)
+                if a > killed and status == 201
+            )
             await eventually(lambda: all_status(http, gws, 200), timeout=20)
             # the retry of that post on the new primary finds it: the same message
             again = await post(http, gws[1].url, "kept", "before", headers={"Idempotency-Key": "K"})
@@ -334,12 +398,18 @@ async def test_gateways_follow_a_postgres_promotion(redis_prefix):
             stale = await asyncio.to_thread(pair.sql, 0, "SELECT count(*) FROM messages")
             failed = len(writer.failed)
             await asyncio.to_thread(
-                pair.sql, 1, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = 'chat' AND pid <> pg_backend_pid()")
+                pair.sql,
+                1,
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = 'chat' AND pid <> pg_backend_pid()",
+            )
 
             async def split_seen() -> bool:  # posts refused, or (the hole) written there
-                return len(writer.failed) > failed + 5 or await asyncio.to_thread(
-                    pair.sql, 0, "SELECT count(*) FROM messages") != stale
+                return (
+                    len(writer.failed) > failed + 5
+                    or await asyncio.to_thread(pair.sql, 0, "SELECT count(*) FROM messages")
+                    != stale
+                )
 
             await eventually(split_seen, timeout=20)
             assert await asyncio.to_thread(pair.sql, 0, "SELECT count(*) FROM messages") == stale
@@ -348,23 +418,32 @@ async def test_gateways_follow_a_postgres_promotion(redis_prefix):
             at = writer.count()
             await writer.until(at + 20)
             await writer.finish()
-            print(f"\npostgres promotion: first post acknowledged "
-                  f"{first_post - promoting:.2f} s after the promotion began "
-                  f"({first_post - killed:.2f} s after the primary stopped); "
-                  f"{writer.count()} posts, {len(writer.failed)} answers 503 then retried "
-                  f"with their key, {writer.count(200)} retries answered with the stored message")
+            print(
+                f"\npostgres promotion: first post acknowledged "
+                f"{first_post - promoting:.2f} s after the promotion began "
+                f"({first_post - killed:.2f} s after the primary stopped); "
+                f"{writer.count()} posts, {len(writer.failed)} answers 503 then retried "
+                f"with their key, {writer.count(200)} retries answered with the stored message"
+            )
             assert writer.failed  # the switch was seen (and answered 503, never 500)
 
             # every acknowledged message is on the new primary, once, seqs contiguous
             assert await asyncio.to_thread(pair.in_recovery, 0)
             assert not await asyncio.to_thread(pair.in_recovery, 1)
-            stored = (await asyncio.to_thread(
-                pair.sql, 1, "SELECT room, seq FROM messages ORDER BY room, seq")).split()
+            stored = (
+                await asyncio.to_thread(
+                    pair.sql, 1, "SELECT room, seq FROM messages ORDER BY room, seq"
+                )
+            ).split()
             for room, seqs in writer.acked.items():
-                assert [int(r.split("|")[1]) for r in stored if r.startswith(room + "|")] == \
-                    sorted(seqs) == list(range(1, len(seqs) + 1)), room
+                assert (
+                    [int(r.split("|")[1]) for r in stored if r.startswith(room + "|")]
+                    == sorted(seqs)
+                    == list(range(1, len(seqs) + 1))
+                ), room
             keys = await asyncio.to_thread(
-                pair.sql, 1, "SELECT count(DISTINCT idempotency_key), count(*) FROM messages")
+                pair.sql, 1, "SELECT count(DISTINCT idempotency_key), count(*) FROM messages"
+            )
             assert keys == f"{writer.count() + 1}|{writer.count() + 1}"  # and "kept"
             await delivered_in_order_once(writer, wss, sses)
             for g in gws:

@@ -13,8 +13,18 @@ import time
 
 import httpx
 
-from tests.harness import (REDIS_URL, Instance, RedisServer, SSEClient, WSClient, eventually,
-                           instances, metric, post, t)
+from tests.harness import (
+    REDIS_URL,
+    Instance,
+    RedisServer,
+    SSEClient,
+    WSClient,
+    eventually,
+    instances,
+    metric,
+    post,
+    t,
+)
 from tests.proxy import tcp_proxy
 
 
@@ -66,8 +76,11 @@ async def test_a_redis_freeze_under_steady_posts_leaves_no_instance_off_redis(ga
                     r = await post(http, gws[i % 3].url, "pairs", f"p{i}")
                     assert r.status_code == 201, r.text
                     mid = r.json()["id"]
-                    page = (await http.get(f"{gws[(i + 1) % 3].url}/v1/rooms/pairs/messages",
-                                           params={"limit": 5})).json()
+                    page = (
+                        await http.get(
+                            f"{gws[(i + 1) % 3].url}/v1/rooms/pairs/messages", params={"limit": 5}
+                        )
+                    ).json()
                     assert mid in [m["id"] for m in page["messages"]], (i, page)
                 assert acked[0] > before, "the posts went on all along"
             finally:
@@ -96,8 +109,7 @@ async def _all_on(gws: list) -> bool:
     return all(v == 0 for v in await _fallbacks(gws))
 
 
-async def test_a_commit_whose_seq_raise_and_publish_were_lost_reaches_every_subscriber(
-        gateway_env):
+async def test_a_commit_whose_seq_raise_and_publish_were_lost_reaches_every_subscriber(gateway_env):
     """Instance A is cut from Redis but not from Postgres: it commits and answers 201,
     but neither raises the room's seq key nor publishes. The other instances'
     position checks read the store every few rounds, so the message reaches their
@@ -105,8 +117,11 @@ async def test_a_commit_whose_seq_raise_and_publish_were_lost_reaches_every_subs
     room = "cut"
     cut = {**gateway_env, "FAULT_CUT_FROM_REDIS": "1"}
     async with instances(1, cut) as (a,), instances(2, gateway_env) as (b, c):
-        async with (WSClient.connect(b.ws_url) as ws, httpx.AsyncClient() as http,
-                    SSEClient.open(f"{c.url}/v1/rooms/{room}/events") as sse):
+        async with (
+            WSClient.connect(b.ws_url) as ws,
+            httpx.AsyncClient() as http,
+            SSEClient.open(f"{c.url}/v1/rooms/{room}/events") as sse,
+        ):
             await ws.subscribe(room)
             r = await post(http, b.url, room, "through Redis")
             assert r.status_code == 201 and r.json()["seq"] == 1
@@ -128,7 +143,8 @@ async def test_a_commit_whose_seq_raise_and_publish_were_lost_reaches_every_subs
 
 
 async def test_a_frozen_database_link_answers_posts_and_readyz_within_their_bounds(
-        pg_url, redis_prefix):
+    pg_url, redis_prefix
+):
     """The link to Postgres is held (bytes wait, nothing is reset: a frozen server or
     network). Every post, with an Idempotency-Key or without, is answered 503
     ``unavailable`` within DB_COMMAND_TIMEOUT plus a margin, and /readyz within its
@@ -138,16 +154,28 @@ async def test_a_frozen_database_link_answers_posts_and_readyz_within_their_boun
     timeout = 2.0
     bound = timeout + t(2)
     async with tcp_proxy(pg_url) as (proxy, db_url):
-        inst = Instance({"DATABASE_URL": db_url, "REDIS_URL": REDIS_URL,
-                         "KEY_PREFIX": redis_prefix, "LOG_LEVEL": "warning",
-                         "DB_COMMAND_TIMEOUT": str(timeout), "DB_CONNECT_TIMEOUT": "10",
-                         "RATE_LIMIT": "100000/1s"}).start()
+        inst = Instance(
+            {
+                "DATABASE_URL": db_url,
+                "REDIS_URL": REDIS_URL,
+                "KEY_PREFIX": redis_prefix,
+                "LOG_LEVEL": "warning",
+                "DB_COMMAND_TIMEOUT": str(timeout),
+                "DB_CONNECT_TIMEOUT": "10",
+                "RATE_LIMIT": "100000/1s",
+            }
+        ).start()
         try:
             await inst.wait_ready()
             async with httpx.AsyncClient(base_url=inst.url, timeout=60) as http:
                 for i in range(3):
-                    r = await post(http, inst.url, "frozen", f"warm{i}",
-                                   headers={"Idempotency-Key": f"warm{i}"})
+                    r = await post(
+                        http,
+                        inst.url,
+                        "frozen",
+                        f"warm{i}",
+                        headers={"Idempotency-Key": f"warm{i}"},
+                    )
                     assert r.status_code == 201, r.text
                     assert (await post(http, inst.url, "frozen", f"w{i}")).status_code == 201
 
@@ -158,10 +186,21 @@ async def test_a_frozen_database_link_answers_posts_and_readyz_within_their_boun
 
                 proxy.hold()
                 answers = await asyncio.gather(
-                    *(timed(post(http, inst.url, "frozen", f"k{i}",
-                                 headers={"Idempotency-Key": f"key-{i}"})) for i in range(4)),
+                    *(
+                        timed(
+                            post(
+                                http,
+                                inst.url,
+                                "frozen",
+                                f"k{i}",
+                                headers={"Idempotency-Key": f"key-{i}"},
+                            )
+                        )
+                        for i in range(4)
+                    ),
                     *(timed(post(http, inst.url, "frozen", f"p{i}")) for i in range(4)),
-                    timed(http.get("/v1/rooms/frozen/messages", params={"before": 3})))
+                    timed(http.get("/v1/rooms/frozen/messages", params={"before": 3})),
+                )
                 for took, r in answers:
                     assert r.status_code == 503, r.text
                     assert r.json()["error"]["code"] == "unavailable"
@@ -178,8 +217,9 @@ async def test_a_frozen_database_link_answers_posts_and_readyz_within_their_boun
             inst.stop()
 
 
-async def _posted(http: httpx.AsyncClient, base: str,
-                  room: str = "frozen") -> httpx.Response | None:
+async def _posted(
+    http: httpx.AsyncClient, base: str, room: str = "frozen"
+) -> httpx.Response | None:
     r = await post(http, base, room, "after the thaw")
     return r if r.status_code == 201 else None
 
@@ -190,8 +230,14 @@ async def test_a_ready_instance_posts_without_waiting_for_type_lookups(pg_url, r
     lookup happens when a pooled connection is made, not in the first post through
     it (which waited for it: the cold start of an instance's first messages)."""
     async with tcp_proxy(pg_url) as (proxy, db_url):
-        inst = Instance({"DATABASE_URL": db_url, "REDIS_URL": REDIS_URL,
-                         "KEY_PREFIX": redis_prefix, "LOG_LEVEL": "warning"}).start()
+        inst = Instance(
+            {
+                "DATABASE_URL": db_url,
+                "REDIS_URL": REDIS_URL,
+                "KEY_PREFIX": redis_prefix,
+                "LOG_LEVEL": "warning",
+            }
+        ).start()
         try:
             await inst.wait_ready()
             proxy.record()
@@ -210,8 +256,14 @@ async def test_a_locked_sqlite_file_answers_posts_within_the_command_timeout(tmp
     ``unavailable`` within DB_COMMAND_TIMEOUT plus a margin (SQLite's own wait was
     fixed at 10 s), and goes through once the lock is gone."""
     path = tmp_path / "chat.db"
-    inst = Instance({"DATABASE_URL": f"sqlite:///{path}", "REDIS_URL": "memory://",
-                     "LOG_LEVEL": "warning", "DB_COMMAND_TIMEOUT": "1"}).start()
+    inst = Instance(
+        {
+            "DATABASE_URL": f"sqlite:///{path}",
+            "REDIS_URL": "memory://",
+            "LOG_LEVEL": "warning",
+            "DB_COMMAND_TIMEOUT": "1",
+        }
+    ).start()
     try:
         await inst.wait_ready()
         async with httpx.AsyncClient(base_url=inst.url, timeout=60) as http:
@@ -234,15 +286,24 @@ async def test_a_locked_sqlite_file_answers_posts_within_the_command_timeout(tmp
 
 
 async def test_a_post_answered_503_while_waiting_for_a_connection_is_not_stored_later(
-        pg_url, redis_prefix):
+    pg_url, redis_prefix
+):
     """With the link frozen, a post that was still waiting for a pooled connection when
     its time ran out is answered 503 and withdrawn: it is not committed once the
     link thaws. (One already sent may still arrive; that one is not asserted on.)"""
     async with tcp_proxy(pg_url) as (proxy, db_url):
-        inst = Instance({"DATABASE_URL": db_url, "REDIS_URL": REDIS_URL,
-                         "KEY_PREFIX": redis_prefix, "LOG_LEVEL": "warning",
-                         "DB_COMMAND_TIMEOUT": "2", "DB_POOL_MIN": "1", "DB_POOL_MAX": "1",
-                         "RATE_LIMIT": "100000/1s"}).start()
+        inst = Instance(
+            {
+                "DATABASE_URL": db_url,
+                "REDIS_URL": REDIS_URL,
+                "KEY_PREFIX": redis_prefix,
+                "LOG_LEVEL": "warning",
+                "DB_COMMAND_TIMEOUT": "2",
+                "DB_POOL_MIN": "1",
+                "DB_POOL_MAX": "1",
+                "RATE_LIMIT": "100000/1s",
+            }
+        ).start()
         try:
             await inst.wait_ready()
             async with httpx.AsyncClient(base_url=inst.url, timeout=60) as http:
@@ -257,8 +318,9 @@ async def test_a_post_answered_503_while_waiting_for_a_connection_is_not_stored_
                 proxy.restore()
                 await eventually(lambda: _posted(http, inst.url, "held"), timeout=20)
                 await asyncio.sleep(t(1))
-                page = (await http.get("/v1/rooms/held/messages",
-                                       params={"after": 0, "limit": 50})).json()
+                page = (
+                    await http.get("/v1/rooms/held/messages", params={"after": 0, "limit": 50})
+                ).json()
                 texts = [m["text"] for m in page["messages"]]
                 assert "waiting" not in texts, texts
                 assert texts[0] == "before" and "after the thaw" in texts

@@ -16,9 +16,10 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
-from typing import Any, Iterator
 
 import httpx
 import jsonschema
@@ -36,10 +37,17 @@ from tests.harness import Instance
 
 # Bounded: a fixed number of examples and no shrinking phase (a failure is
 # reported as found), so the run takes seconds, not minutes.
-FUZZ = settings(max_examples=50, deadline=None, database=None,
-                phases=[Phase.explicit, Phase.generate],
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=50,
+    deadline=None,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
 
 
 SECRET = "fuzz-secret-" + "0123456789abcdef" * 4
@@ -68,32 +76,49 @@ class Target:
 
 
 # Credentials of every kind, good and bad, for requests that may carry any.
-CREDENTIALS = st.sampled_from(["none", "user", "expired", "forged", "api key", "garbage",
-                               "no token", "basic"])
+CREDENTIALS = st.sampled_from(
+    ["none", "user", "expired", "forged", "api key", "garbage", "no token", "basic"]
+)
 
 
 def credential(kind: str) -> dict[str, str]:
-    value = {"none": None, "user": f"Bearer {token()}", "expired": f"Bearer {token(-600)}",
-             "forged": f"Bearer {token(secret='not-' + SECRET)}",
-             "api key": f"Bearer {API_KEY}", "garbage": "Bearer a.b.c",
-             "no token": "Bearer", "basic": "Basic ZnV6ejpmdXp6"}[kind]
+    value = {
+        "none": None,
+        "user": f"Bearer {token()}",
+        "expired": f"Bearer {token(-600)}",
+        "forged": f"Bearer {token(secret='not-' + SECRET)}",
+        "api key": f"Bearer {API_KEY}",
+        "garbage": "Bearer a.b.c",
+        "no token": "Bearer",
+        "basic": "Basic ZnV6ejpmdXp6",
+    }[kind]
     return {} if value is None else {"Authorization": value}
 
 
 @pytest.fixture(scope="module", params=["open", "auth", "embedded"])
-def target(request: pytest.FixtureRequest,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+def target(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Target]:
     """Open mode and auth mode on Postgres and Redis; open mode on the embedded
     defaults (SQLite, in-process broker)."""
     auth = request.param == "auth"
     embedded = request.param == "embedded"
-    db = (f"sqlite:///{tmp_path_factory.mktemp('fuzz')}/chat.db" if embedded
-          else asyncio.run(harness.create_database()))
+    db = (
+        f"sqlite:///{tmp_path_factory.mktemp('fuzz')}/chat.db"
+        if embedded
+        else asyncio.run(harness.create_database())
+    )
     prefix = harness.new_prefix()
-    env = {"DATABASE_URL": db, "REDIS_URL": "memory://" if embedded else harness.REDIS_URL,
-           "KEY_PREFIX": prefix, "RATE_LIMIT": "1000000/1s", "CONNECT_RATE_LIMIT": "1000000/1s",
-           "PUBLISH_RATE_LIMIT": "1000000/1s", "SUBSCRIBE_RATE_LIMIT": "1000000/1s",
-           "LOG_LEVEL": "warning"}
+    env = {
+        "DATABASE_URL": db,
+        "REDIS_URL": "memory://" if embedded else harness.REDIS_URL,
+        "KEY_PREFIX": prefix,
+        "RATE_LIMIT": "1000000/1s",
+        "CONNECT_RATE_LIMIT": "1000000/1s",
+        "PUBLISH_RATE_LIMIT": "1000000/1s",
+        "SUBSCRIBE_RATE_LIMIT": "1000000/1s",
+        "LOG_LEVEL": "warning",
+    }
     if auth:
         env.update({"AUTH_SECRET": SECRET, "API_KEYS": API_KEY})
     inst = Instance(env).start()
@@ -137,23 +162,29 @@ def from_schema(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
         required = schema.get("required", [])
         return st.fixed_dictionaries(
             {k: from_schema(props[k]) for k in required},
-            optional={k: from_schema(v) for k, v in props.items() if k not in required})
+            optional={k: from_schema(v) for k, v in props.items() if k not in required},
+        )
     if kind == "object":
         return st.dictionaries(st.text(max_size=10), JSON, max_size=4)
     raise AssertionError(f"no strategy for {schema}")
 
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=30),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=4),
-    max_leaves=12)
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 def mutated(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
     """Objects close to ``schema``: valid ones with a field dropped, retyped or added."""
+
     def mutate(obj: dict[str, Any], data: st.DataObject) -> Any:
         obj = dict(obj)
         how = data.draw(st.sampled_from(["drop", "retype", "add", "keep"]))
@@ -179,7 +210,8 @@ def assert_documented(r: httpx.Response) -> None:
 ROOM = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", "maxLength": 128}
 # A room name, or any text at all, percent-encoded so that it reaches the server as is.
 PATH_SEGMENT = st.one_of(from_schema(ROOM), st.text(min_size=1, max_size=20)).map(
-    lambda s: quote(s, safe="") if s not in {".", ".."} else "%2E" * len(s))
+    lambda s: quote(s, safe="") if s not in {".", ".."} else "%2E" * len(s)
+)
 
 
 # -- the fuzz runs ---------------------------------------------------------------------
@@ -187,12 +219,17 @@ PATH_SEGMENT = st.one_of(from_schema(ROOM), st.text(min_size=1, max_size=20)).ma
 
 def test_the_served_openapi_document_is_valid_and_matches_the_checks(target):
     validate_openapi(target.spec)
-    assert set(target.spec["paths"]) >= {"/v1/rooms/{room}/messages", "/v1/publish", "/v1/ws",
-                                         "/v1/rooms/{room}/events"}
+    assert set(target.spec["paths"]) >= {
+        "/v1/rooms/{room}/messages",
+        "/v1/publish",
+        "/v1/ws",
+        "/v1/rooms/{room}/events",
+    }
     room = target.spec["paths"]["/v1/rooms/{room}/messages"]["post"]["parameters"][0]
     assert room["schema"] == ROOM
-    r = target.http.post("/v1/rooms/x/messages", json={"text": "hi", "nope": 1},
-                         headers=target.user())
+    r = target.http.post(
+        "/v1/rooms/x/messages", json={"text": "hi", "nope": 1}, headers=target.user()
+    )
     assert r.status_code == 422
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"text": "hi", "nope": 1}, target.schema("PostMessage"))
@@ -211,8 +248,15 @@ def test_schema_valid_posts_are_stored_as_sent(target, data):
     # signed in, the author is the token's subject whatever the body says
     assert msg["author"] == (USER if target.auth else body.get("author", "anonymous").strip())
     params = target.spec["paths"]["/v1/rooms/{room}/messages"]["get"]["parameters"]
-    query = data.draw(from_schema({"type": "object", "properties": {
-        p["name"]: p["schema"] for p in params if p["in"] == "query"}}), "query")
+    query = data.draw(
+        from_schema(
+            {
+                "type": "object",
+                "properties": {p["name"]: p["schema"] for p in params if p["in"] == "query"},
+            }
+        ),
+        "query",
+    )
     page = target.http.get(f"/v1/rooms/{room}/messages", params=query, headers=target.user())
     assert page.status_code == 200, page.text
     for m in page.json()["messages"]:
@@ -220,22 +264,46 @@ def test_schema_valid_posts_are_stored_as_sent(target, data):
 
 
 @FUZZ
-@given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE"]),
-       path=st.one_of(
-           st.builds("/v1/rooms/{}/messages".format, PATH_SEGMENT),
-           st.builds("/v1/rooms/{}/events".format, PATH_SEGMENT),
-           st.just("/v1/publish"), st.just("/healthz"), st.just("/openapi.json"),
-           st.builds("/v1/{}".format, PATH_SEGMENT)),
-       query=st.dictionaries(st.sampled_from(["limit", "before", "after", "since", "x"]),
-                             st.text(max_size=25), max_size=3),
-       body=st.one_of(mutated({"type": "object", "properties": {
-           "text": {"type": "string"}, "author": {"type": "string"}}, "required": ["text"]}),
-                      mutated({"type": "object", "properties": {
-                          "room": ROOM, "event": {"type": "string"},
-                          "data": {"type": "object"}}, "required": ["room", "event"]}),
-                      JSON, st.binary(max_size=64)),
-       key=st.none() | st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=140),
-       creds=CREDENTIALS)
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT", "DELETE"]),
+    path=st.one_of(
+        st.builds("/v1/rooms/{}/messages".format, PATH_SEGMENT),
+        st.builds("/v1/rooms/{}/events".format, PATH_SEGMENT),
+        st.just("/v1/publish"),
+        st.just("/healthz"),
+        st.just("/openapi.json"),
+        st.builds("/v1/{}".format, PATH_SEGMENT),
+    ),
+    query=st.dictionaries(
+        st.sampled_from(["limit", "before", "after", "since", "x"]),
+        st.text(max_size=25),
+        max_size=3,
+    ),
+    body=st.one_of(
+        mutated(
+            {
+                "type": "object",
+                "properties": {"text": {"type": "string"}, "author": {"type": "string"}},
+                "required": ["text"],
+            }
+        ),
+        mutated(
+            {
+                "type": "object",
+                "properties": {
+                    "room": ROOM,
+                    "event": {"type": "string"},
+                    "data": {"type": "object"},
+                },
+                "required": ["room", "event"],
+            }
+        ),
+        JSON,
+        st.binary(max_size=64),
+    ),
+    key=st.none() | st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=140),
+    creds=CREDENTIALS,
+)
 def test_any_request_gets_a_documented_answer(target, method, path, query, body, key, creds):
     headers = {"Idempotency-Key": key} if key is not None else {}
     headers.update(credential(creds))
@@ -243,8 +311,7 @@ def test_any_request_gets_a_documented_answer(target, method, path, query, body,
         since = query.pop("since", "x")
         headers["Last-Event-ID"] = since if since.isascii() and since.isprintable() else "x"
     content = body if isinstance(body, bytes) else orjson.dumps(body)
-    with target.http.stream(method, path, params=query, content=content,
-                            headers=headers) as r:
+    with target.http.stream(method, path, params=query, content=content, headers=headers) as r:
         if r.headers.get("content-type", "").startswith("text/event-stream"):
             assert r.status_code == 200
             return
@@ -292,16 +359,31 @@ def test_any_ws_frame_gets_a_documented_answer_and_the_socket_stays(target, fram
                     break
                 answers.append(got)
             for got in answers:
-                assert got["type"] in {"subscribed", "unsubscribed", "ack", "message", "event",
-                                       "presence", "error", "pong", "refreshed",
-                                       "message_updated", "message_deleted", "typing",
-                                       "read"}, got
+                assert got["type"] in {
+                    "subscribed",
+                    "unsubscribed",
+                    "ack",
+                    "message",
+                    "event",
+                    "presence",
+                    "error",
+                    "pong",
+                    "refreshed",
+                    "message_updated",
+                    "message_deleted",
+                    "typing",
+                    "read",
+                }, got
                 if got["type"] == "error":
                     assert got["code"] in CODES and got["code"] != "internal", (frame, got)
             # a refresh frame's token is a schema-valid string, not a verifiable token
             if which == "valid" and frame["type"] != "refresh":
-                errors = [a for a in answers if a["type"] == "error"
-                          and (a["code"], a.get("field")) not in STATEFUL.get(frame["type"], ())]
+                errors = [
+                    a
+                    for a in answers
+                    if a["type"] == "error"
+                    and (a["code"], a.get("field")) not in STATEFUL.get(frame["type"], ())
+                ]
                 assert not errors, (frame, errors)
 
 
@@ -312,25 +394,44 @@ def test_any_ws_frame_gets_a_documented_answer_and_the_socket_stays(target, fram
 # routes answer only 401 on the open targets (they always need a key, and those
 # run without API_KEYS), and the webhook admin routes only 404 (WEBHOOK_URLS is
 # unset). Their answers are still checked against the document.
-WARNINGS = ["base_url_mismatch", "validation_mismatch", "missing_deserializer",
-            "unused_openapi_auth", "unsupported_regex", "method_not_allowed",
-            "constants_extraction", "unmatched_filter", "unresolvable_reference",
-            "low_valid_rate", "rate_limited", "dictionary_mismatch", "timeout_units"]
+WARNINGS = [
+    "base_url_mismatch",
+    "validation_mismatch",
+    "missing_deserializer",
+    "unused_openapi_auth",
+    "unsupported_regex",
+    "method_not_allowed",
+    "constants_extraction",
+    "unmatched_filter",
+    "unresolvable_reference",
+    "low_valid_rate",
+    "rate_limited",
+    "dictionary_mismatch",
+    "timeout_units",
+]
 
 
-def schemathesis(target: Target, tmp_path: Path, paths: list[str], *args: str,
-                 headers: dict[str, str]) -> None:
+def schemathesis(
+    target: Target, tmp_path: Path, paths: list[str], *args: str, headers: dict[str, str]
+) -> None:
     """One ``schemathesis run --checks all`` over ``paths`` of the served document;
     its report is the assertion message."""
-    cmd = [str(Path(sys.executable).with_name("schemathesis")), "run",
-           f"{target.inst.url}/openapi.json", "--checks", "all", "--no-shrink",
-           "--warnings", ",".join(WARNINGS), *args]
+    cmd = [
+        str(Path(sys.executable).with_name("schemathesis")),
+        "run",
+        f"{target.inst.url}/openapi.json",
+        "--checks",
+        "all",
+        "--no-shrink",
+        "--warnings",
+        ",".join(WARNINGS),
+        *args,
+    ]
     for path in paths:
         cmd += ["--include-path", path]
     for name, value in headers.items():
         cmd += ["-H", f"{name}: {value}"]
-    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True,
-                         timeout=harness.t(180))
+    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=harness.t(180))
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert "No issues found" in run.stdout, run.stdout[-6000:]
 
@@ -346,19 +447,56 @@ def test_schemathesis_finds_nothing(target, tmp_path):
     the coverage and fuzzing phases, accepted ones from a few fuzzing examples,
     each read for 1 s."""
     paths = target.spec["paths"]
-    streams = {p for p, ops in paths.items() if "text/event-stream" in
-               ops.get("get", {}).get("responses", {}).get("200", {}).get("content", {})}
-    by_key = {p for p, ops in paths.items()
-              if any({"apiKey": []} in op.get("security", []) for op in ops.values())}
+    streams = {
+        p
+        for p, ops in paths.items()
+        if "text/event-stream"
+        in ops.get("get", {}).get("responses", {}).get("200", {}).get("content", {})
+    }
+    by_key = {
+        p
+        for p, ops in paths.items()
+        if any({"apiKey": []} in op.get("security", []) for op in ops.values())
+    }
     groups = [(target.user(), set(paths) - {"/v1/ws"} - (by_key if target.auth else set()))]
     if target.auth:
         groups.append(({"Authorization": f"Bearer {API_KEY}"}, by_key))
     for headers, group in groups:
         plain, stream = sorted(group - streams), sorted(group & streams)
-        schemathesis(target, tmp_path, plain, "-n", "5",
-                     "--request-timeout", str(harness.t(10)), headers=headers)
+        schemathesis(
+            target,
+            tmp_path,
+            plain,
+            "-n",
+            "5",
+            "--request-timeout",
+            str(harness.t(10)),
+            headers=headers,
+        )
         if stream:
-            schemathesis(target, tmp_path, stream, "--mode", "negative", "-n", "5",
-                         "--request-timeout", str(harness.t(2)), headers=headers)
-            schemathesis(target, tmp_path, stream, "--mode", "positive", "--phases", "fuzzing",
-                         "-n", "3", "--request-timeout", "1", headers=headers)
+            schemathesis(
+                target,
+                tmp_path,
+                stream,
+                "--mode",
+                "negative",
+                "-n",
+                "5",
+                "--request-timeout",
+                str(harness.t(2)),
+                headers=headers,
+            )
+            schemathesis(
+                target,
+                tmp_path,
+                stream,
+                "--mode",
+                "positive",
+                "--phases",
+                "fuzzing",
+                "-n",
+                "3",
+                "--request-timeout",
+                "1",
+                headers=headers,
+            )

@@ -16,9 +16,14 @@ from tests.harness import WSClient, instances, post, t
 
 
 def embedded(tmp_path, **extra: str) -> dict[str, str]:
-    return {"DATABASE_URL": f"sqlite:///{tmp_path}/x.db", "REDIS_URL": "memory://",
-            "LOG_LEVEL": "info", "RATE_LIMIT": "100000/1s", "CONNECT_RATE_LIMIT": "100000/1s",
-            **extra}
+    return {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/x.db",
+        "REDIS_URL": "memory://",
+        "LOG_LEVEL": "info",
+        "RATE_LIMIT": "100000/1s",
+        "CONNECT_RATE_LIMIT": "100000/1s",
+        **extra,
+    }
 
 
 def log_lines(text: str) -> list[dict]:
@@ -34,9 +39,11 @@ async def test_a_client_aborting_its_post_body_is_no_error(tmp_path):
     async with instances(1, embedded(tmp_path)) as (gw,):
         for _ in range(3):
             with socket.create_connection(("127.0.0.1", gw.port), timeout=t(10)) as s:
-                s.sendall(b"POST /v1/rooms/r/messages HTTP/1.1\r\nHost: x\r\n"
-                          b"Content-Type: application/json\r\nContent-Length: 500\r\n\r\n"
-                          b'{"text": "half')
+                s.sendall(
+                    b"POST /v1/rooms/r/messages HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+                    b'{"text": "half'
+                )
                 await asyncio.sleep(0.2)
         await asyncio.sleep(0.5)
         assert "POST /v1/rooms/r/messages" in gw.log()
@@ -62,14 +69,21 @@ def nested(depth: int) -> dict:
 async def test_publish_data_nested_too_deep_is_a_422(tmp_path):
     async with instances(1, embedded(tmp_path)) as (gw,), httpx.AsyncClient() as http:
         for depth in (33, 254, 300):
-            body = b'{"room":"r","event":"e","data":' + b'{"a":' * (depth - 1) + b"{}" + \
-                b"}" * (depth - 1) + b"}"
-            r = await http.post(f"{gw.url}/v1/publish", content=body,
-                                headers={"Content-Type": "application/json"})
+            body = (
+                b'{"room":"r","event":"e","data":'
+                + b'{"a":' * (depth - 1)
+                + b"{}"
+                + b"}" * (depth - 1)
+                + b"}"
+            )
+            r = await http.post(
+                f"{gw.url}/v1/publish", content=body, headers={"Content-Type": "application/json"}
+            )
             assert r.status_code == 422, (depth, r.text)
             assert r.json()["error"]["field"] == "data" and r.json()["error"]["limit"] == 32
-        r = await http.post(f"{gw.url}/v1/publish",
-                            json={"room": "r", "event": "e", "data": nested(32)})
+        r = await http.post(
+            f"{gw.url}/v1/publish", json={"room": "r", "event": "e", "data": nested(32)}
+        )
         assert r.status_code == 202, r.text
         no_errors(gw.log())
 
@@ -128,8 +142,11 @@ async def test_pages_send_security_headers_and_slashes_never_redirect(tmp_path):
 
 
 async def test_since_in_a_frame_must_be_a_number(tmp_path):
-    async with instances(1, embedded(tmp_path)) as (gw,), \
-            WSClient.connect(gw.ws_url) as ws, httpx.AsyncClient() as http:
+    async with (
+        instances(1, embedded(tmp_path)) as (gw,),
+        WSClient.connect(gw.ws_url) as ws,
+        httpx.AsyncClient() as http,
+    ):
         for i in range(3):
             await post(http, gw.url, "r", f"m{i}")
         for bad in ("5", "0", True, -1, 1.5):
@@ -141,8 +158,10 @@ async def test_since_in_a_frame_must_be_a_number(tmp_path):
 
 
 async def test_the_user_parameter_is_checked_in_auth_mode_too(tmp_path):
-    async with instances(1, embedded(tmp_path, AUTH_SECRET=SECRET)) as (gw,), \
-            httpx.AsyncClient() as http:
+    async with (
+        instances(1, embedded(tmp_path, AUTH_SECRET=SECRET)) as (gw,),
+        httpx.AsyncClient() as http,
+    ):
         headers = {"Authorization": f"Bearer {token()}"}
         r = await http.get(f"{gw.url}/v1/rooms/r/events", params={"user": ""}, headers=headers)
         assert r.status_code == 422 and r.json()["error"]["field"] == "author", r.text

@@ -9,7 +9,7 @@ import asyncio
 import socket
 import subprocess
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import httpx
 import orjson
@@ -19,9 +19,15 @@ from tests.harness import Instance, eventually, instances, t
 
 
 def embedded(tmp_path, **extra: str) -> dict[str, str]:
-    return {"DATABASE_URL": f"sqlite:///{tmp_path}/h.db", "REDIS_URL": "memory://",
-            "LOG_LEVEL": "info", "RATE_LIMIT": "100000/1s", "CONNECT_RATE_LIMIT": "100000/1s",
-            "PUBLISH_RATE_LIMIT": "100000/1s", **extra}
+    return {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/h.db",
+        "REDIS_URL": "memory://",
+        "LOG_LEVEL": "info",
+        "RATE_LIMIT": "100000/1s",
+        "CONNECT_RATE_LIMIT": "100000/1s",
+        "PUBLISH_RATE_LIMIT": "100000/1s",
+        **extra,
+    }
 
 
 OPEN: list[socket.socket] = []
@@ -55,8 +61,7 @@ def response(sock: socket.socket, timeout: float = 10) -> tuple[int, dict[str, s
     return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
 
 
-def assert_error(status: int, headers: dict[str, str], body: bytes, want: int,
-                 code: str) -> None:
+def assert_error(status: int, headers: dict[str, str], body: bytes, want: int, code: str) -> None:
     assert status == want, (status, body)
     assert headers["content-type"] == "application/json"
     assert orjson.loads(body)["error"]["code"] == code, body
@@ -64,11 +69,20 @@ def assert_error(status: int, headers: dict[str, str], body: bytes, want: int,
 
 def established(port: int, peers: list[socket.socket]) -> int:
     """How many of ``peers``' connections the server's side still holds ESTABLISHED."""
-    out = subprocess.run(["ss", "-tnH", "state", "established", f"( sport = :{port} )"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["ss", "-tnH", "state", "established", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     ports = {f":{p.getsockname()[1]}" for p in peers}
-    return len([line for line in out.splitlines()
-                if line.split() and any(line.split()[-1].endswith(p) for p in ports)])
+    return len(
+        [
+            line
+            for line in out.splitlines()
+            if line.split() and any(line.split()[-1].endswith(p) for p in ports)
+        ]
+    )
 
 
 async def test_slow_heads_and_bodies_are_cut_off_with_408(tmp_path):
@@ -87,8 +101,10 @@ async def test_slow_heads_and_bodies_are_cut_off_with_408(tmp_path):
         assert_error(*response(silent), 408, "request_timeout")
         # a body promised and not sent
         slow = raw(gw.port)
-        slow.sendall(b"POST /v1/rooms/r/messages HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"te")
+        slow.sendall(
+            b"POST /v1/rooms/r/messages HTTP/1.1\r\nHost: x\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"te'
+        )
         assert_error(*response(slow), 408, "request_timeout")
         # an honest client on a kept-alive connection is not affected
         async with httpx.AsyncClient(base_url=gw.url) as http:
@@ -155,8 +171,9 @@ async def test_sse_readers_that_never_read_lose_their_sockets(tmp_path):
             while held := established(inst.port, readers):
                 assert time.monotonic() < deadline, f"{held} of 5 still held"
                 for _ in range(10):
-                    r = await http.post("/v1/publish", json={"room": "flood", "event": "big",
-                                                             "data": data})
+                    r = await http.post(
+                        "/v1/publish", json={"room": "flood", "event": "big", "data": data}
+                    )
                     assert r.status_code == 202, r.text
             await http.get("/healthz")  # the instance still serves
         for s in readers:  # and the readers see the reset once they look

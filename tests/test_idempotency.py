@@ -4,7 +4,8 @@ with another body is a conflict, a retry with the same body returns the first me
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -22,8 +23,13 @@ async def store_env(request, tmp_path) -> AsyncIterator[dict[str, str]]:
     else:
         url = f"sqlite:///{tmp_path}/idem.db"
     try:
-        yield {"DATABASE_URL": url, "REDIS_URL": "memory://", "LOG_LEVEL": "warning",
-               "RATE_LIMIT": "100000/1s", "CONNECT_RATE_LIMIT": "100000/1s"}
+        yield {
+            "DATABASE_URL": url,
+            "REDIS_URL": "memory://",
+            "LOG_LEVEL": "warning",
+            "RATE_LIMIT": "100000/1s",
+            "CONNECT_RATE_LIMIT": "100000/1s",
+        }
     finally:
         if request.param == "postgres":
             await harness.drop_database(url)
@@ -33,15 +39,20 @@ async def gateway(env: dict[str, str]) -> Instance:
     return await Instance(env).start().wait_ready()
 
 
-async def post(http: httpx.AsyncClient, gw: Instance, text: str, key: str,
-               headers: dict[str, str], **body: Any) -> httpx.Response:
-    return await http.post(f"{gw.url}/v1/rooms/shop/messages", json={"text": text, **body},
-                           headers={"Idempotency-Key": key, **headers})
+async def post(
+    http: httpx.AsyncClient, gw: Instance, text: str, key: str, headers: dict[str, str], **body: Any
+) -> httpx.Response:
+    return await http.post(
+        f"{gw.url}/v1/rooms/shop/messages",
+        json={"text": text, **body},
+        headers={"Idempotency-Key": key, **headers},
+    )
 
 
 async def texts(http: httpx.AsyncClient, gw: Instance) -> list[tuple[str, str]]:
-    page = (await http.get(f"{gw.url}/v1/rooms/shop/messages",
-                           headers=bearer(token("reader")))).json()
+    page = (
+        await http.get(f"{gw.url}/v1/rooms/shop/messages", headers=bearer(token("reader")))
+    ).json()
     return [(m["author"], m["text"]) for m in page["messages"]]
 
 
@@ -66,11 +77,14 @@ async def test_a_key_is_scoped_to_the_identity_in_auth_mode(store_env):
             conflict = await post(http, gw, "ship to alice, twice", "order-42", alice)
             assert conflict.status_code == 409
             assert conflict.json()["error"]["code"] == "idempotency_conflict"
-            assert await texts(http, gw) == [("mallory", "send it to me"),
-                                             ("alice", "ship to alice")]
+            assert await texts(http, gw) == [
+                ("mallory", "send it to me"),
+                ("alice", "ship to alice"),
+            ]
             nxt = await post(http, gw, "next", "order-43", alice)
-            assert nxt.status_code == 201 and nxt.json()["seq"] == 3, \
+            assert nxt.status_code == 201 and nxt.json()["seq"] == 3, (
                 "a refused repeat consumes no seq"
+            )
     finally:
         assert gw.stop() == 0
 
@@ -102,9 +116,13 @@ async def test_concurrent_posts_with_one_key(store_env):
         async with httpx.AsyncClient(timeout=harness.t(30)) as http:
             # One identity's concurrent retries store one message; another identity's
             # concurrent posts with the same key store theirs, once.
-            rs = await asyncio.gather(*(post(http, gw, f"from {who}", "pay-7", headers)
-                                        for _ in range(8)
-                                        for who, headers in (("alice", alice), ("bob", bob))))
+            rs = await asyncio.gather(
+                *(
+                    post(http, gw, f"from {who}", "pay-7", headers)
+                    for _ in range(8)
+                    for who, headers in (("alice", alice), ("bob", bob))
+                )
+            )
             by_author: dict[str, list[httpx.Response]] = {"alice": [], "bob": []}
             for r in rs:
                 assert r.status_code in (200, 201), r.text
@@ -116,8 +134,9 @@ async def test_concurrent_posts_with_one_key(store_env):
             assert sorted(await texts(http, gw)) == [("alice", "from alice"), ("bob", "from bob")]
             # Concurrent posts of one identity with one key and different texts:
             # one is stored, every other one is a conflict.
-            rs = await asyncio.gather(*(post(http, gw, f"variant {i}", "pay-8", alice)
-                                        for i in range(8)))
+            rs = await asyncio.gather(
+                *(post(http, gw, f"variant {i}", "pay-8", alice) for i in range(8))
+            )
             assert sorted(r.status_code for r in rs) == [201] + [409] * 7
             assert len(await texts(http, gw)) == 3
     finally:

@@ -60,11 +60,20 @@ class Key:
     @property
     def public_pem(self) -> bytes:
         return self.private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
 
-    def token(self, sub: str = "ana", *, exp: Any = 60, alg: str | None = None,
-              kid: Any = "same", iss: str | None = ISSUER, aud: str | None = AUDIENCE,
-              **claims: Any) -> str:
+    def token(
+        self,
+        sub: str = "ana",
+        *,
+        exp: Any = 60,
+        alg: str | None = None,
+        kid: Any = "same",
+        iss: str | None = ISSUER,
+        aud: str | None = AUDIENCE,
+        **claims: Any,
+    ) -> str:
         payload: dict[str, Any] = {"sub": sub, **claims}
         if exp is not None:
             payload["exp"] = int(time.time() + exp) if isinstance(exp, (int, float)) else exp
@@ -99,7 +108,7 @@ class JwksServer:
         provider = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 with provider._lock:
                     provider.requests += 1
                 body = orjson.dumps({"keys": [k.jwk for k in provider.keys]})
@@ -151,24 +160,34 @@ def bearer(tok: str) -> dict[str, str]:
 
 
 def hs_token(sub: str = "ana", *, exp: float = 60, secret: str = SECRET, **claims: Any) -> str:
-    return jwt.encode({"sub": sub, "exp": int(time.time() + exp), **claims}, secret,
-                      algorithm="HS256")
+    return jwt.encode(
+        {"sub": sub, "exp": int(time.time() + exp), **claims}, secret, algorithm="HS256"
+    )
 
 
 def jwks_env(gateway_env: dict[str, str], server: JwksServer, **extra: str) -> dict[str, str]:
-    return {**gateway_env, "AUTH_JWKS_URL": server.url, "AUTH_ISSUER": ISSUER,
-            "AUTH_AUDIENCE": AUDIENCE, "AUTH_LEEWAY": "0", "API_KEYS": "pub-key",
-            "AUTH_JWKS_MIN_INTERVAL": "0.5", **extra}
+    return {
+        **gateway_env,
+        "AUTH_JWKS_URL": server.url,
+        "AUTH_ISSUER": ISSUER,
+        "AUTH_AUDIENCE": AUDIENCE,
+        "AUTH_LEEWAY": "0",
+        "API_KEYS": "pub-key",
+        "AUTH_JWKS_MIN_INTERVAL": "0.5",
+        **extra,
+    }
 
 
 def full_log(instance: Instance) -> str:
     return Path(instance.log_path).read_text()
 
 
-async def post_as(http: httpx.AsyncClient, base: str, tok: str, room: str = "lobby",
-                  text: str = "hi") -> httpx.Response:
-    return await http.post(f"{base}/v1/rooms/{room}/messages", json={"text": text},
-                           headers=bearer(tok))
+async def post_as(
+    http: httpx.AsyncClient, base: str, tok: str, room: str = "lobby", text: str = "hi"
+) -> httpx.Response:
+    return await http.post(
+        f"{base}/v1/rooms/{room}/messages", json={"text": text}, headers=bearer(tok)
+    )
 
 
 # -- keys from a JWKS ------------------------------------------------------------------
@@ -191,8 +210,12 @@ async def test_jwks_keys_rotate_with_no_restart_and_no_refused_token(gateway_env
             ec_key, ed_key = Key("p256"), Key("ed25519")
             provider.publish(first, ec_key)
             before = provider.requests
-            answers = await asyncio.gather(*(post_as(http, gw.url, ec_key.token(f"u{i}"),
-                                                     text=f"rotated {i}") for i in range(20)))
+            answers = await asyncio.gather(
+                *(
+                    post_as(http, gw.url, ec_key.token(f"u{i}"), text=f"rotated {i}")
+                    for i in range(20)
+                )
+            )
             assert [a.status_code for a in answers] == [201] * 20, [a.text for a in answers]
             assert provider.requests - before <= 2, "one fetch serves every waiting request"
             assert (await post_as(http, gw.url, first.token("ana"))).status_code == 201
@@ -228,12 +251,17 @@ async def test_every_refused_token_is_a_401_with_a_clear_message(gateway_env, pr
     stranger = Key("rsa", kid=rsa_key.kid)  # same kid, a key the provider never published
     now = int(time.time())
     claims = {"sub": "ana", "exp": now + 60, "iss": ISSUER, "aud": AUDIENCE}
-    async with instances(1, jwks_env(gateway_env, provider)) as (gw,), \
-            httpx.AsyncClient(timeout=t(10)) as http:
+    async with (
+        instances(1, jwks_env(gateway_env, provider)) as (gw,),
+        httpx.AsyncClient(timeout=t(10)) as http,
+    ):
         accepted = {
-            "RS256": rsa_key.token(), "RS384": rsa_key.token(alg="RS384"),
-            "RS512": rsa_key.token(alg="RS512"), "ES256": p256.token(),
-            "ES384": p384.token(), "EdDSA": ed.token(),
+            "RS256": rsa_key.token(),
+            "RS384": rsa_key.token(alg="RS384"),
+            "RS512": rsa_key.token(alg="RS512"),
+            "ES256": p256.token(),
+            "ES384": p384.token(),
+            "EdDSA": ed.token(),
             "aud list": rsa_key.token(aud=[AUDIENCE, "other"]),  # type: ignore[arg-type]
         }
         for case, tok in accepted.items():
@@ -251,23 +279,29 @@ async def test_every_refused_token_is_a_401_with_a_clear_message(gateway_env, pr
             "string exp": (rsa_key.token(exp=str(now + 3600)), "exp must be a number"),
             "no exp": (rsa_key.token(exp=None), "no exp claim"),
             "signed by another key": (stranger.token(), "signature does not verify"),
-            "RS256 header on the EC key": (
-                rsa_key.token(kid=p256.kid), "does not match its key"),
-            "ES384 header on the P-256 key": (
-                p384.token(kid=p256.kid), "does not match its key"),
+            "RS256 header on the EC key": (rsa_key.token(kid=p256.kid), "does not match its key"),
+            "ES384 header on the P-256 key": (p384.token(kid=p256.kid), "does not match its key"),
             "PS256": (rsa_key.token(alg="PS256"), "algorithm 'PS256' is not accepted"),
             "HS256 keyed with the public key": (
-                hand_signed({"alg": "HS256", "typ": "JWT", "kid": rsa_key.kid}, claims,
-                            rsa_key.public_pem), "HS256 tokens are not accepted"),
-            "alg none": (hand_signed({"alg": "none", "typ": "JWT", "kid": rsa_key.kid},
-                                     claims, None), "algorithm 'none' is not accepted"),
+                hand_signed(
+                    {"alg": "HS256", "typ": "JWT", "kid": rsa_key.kid}, claims, rsa_key.public_pem
+                ),
+                "HS256 tokens are not accepted",
+            ),
+            "alg none": (
+                hand_signed({"alg": "none", "typ": "JWT", "kid": rsa_key.kid}, claims, None),
+                "algorithm 'none' is not accepted",
+            ),
             "not a JWT": ("not.a.jwt", "not a valid JWT"),
         }
         for case, (tok, words) in refused.items():
             for method in ("POST", "GET"):
-                r = await http.request(method, f"{gw.url}/v1/rooms/lobby/messages",
-                                       json={"text": "no"} if method == "POST" else None,
-                                       headers=bearer(tok))
+                r = await http.request(
+                    method,
+                    f"{gw.url}/v1/rooms/lobby/messages",
+                    json={"text": "no"} if method == "POST" else None,
+                    headers=bearer(tok),
+                )
                 assert r.status_code == 401, (case, method, r.text)
                 error = r.json()["error"]
                 assert error["code"] == "unauthorized", case
@@ -277,18 +311,23 @@ async def test_every_refused_token_is_a_401_with_a_clear_message(gateway_env, pr
                 async with WSClient.connect(f"{gw.ws_url}?token={refused[case][0]}"):
                     pass
             assert exc.value.response.status_code == 401, case
-        page = (await http.get(f"{gw.url}/v1/rooms/lobby/messages",
-                               headers=bearer(rsa_key.token()))).json()
+        page = (
+            await http.get(f"{gw.url}/v1/rooms/lobby/messages", headers=bearer(rsa_key.token()))
+        ).json()
         assert page["messages"] == [], "no refused post stored anything"
         log = full_log(gw)
         lines = [orjson.loads(line) for line in log.splitlines() if line.strip()]
-        assert not [line for line in lines if line["logger"].startswith("gateway")
-                    and line["level"] not in ("info", "warning")]
+        assert not [
+            line
+            for line in lines
+            if line["logger"].startswith("gateway") and line["level"] not in ("info", "warning")
+        ]
         assert "Traceback" not in log
 
 
 async def test_cached_keys_survive_a_provider_outage_and_bogus_kids_cannot_hammer_it(
-        gateway_env, provider):
+    gateway_env, provider
+):
     key = provider.keys[0]
     env = jwks_env(gateway_env, provider, AUTH_JWKS_REFRESH="1", AUTH_JWKS_MIN_INTERVAL="1")
     async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=t(20)) as http:
@@ -311,8 +350,9 @@ async def test_cached_keys_survive_a_provider_outage_and_bogus_kids_cannot_hamme
         bogus = [key.token(kid=f"bogus-{i}") for i in range(150)]
         answers: list[httpx.Response] = []
         for i in range(0, len(bogus), 50):
-            answers += await asyncio.gather(*(post_as(http, gw.url, tok)
-                                              for tok in bogus[i:i + 50]))
+            answers += await asyncio.gather(
+                *(post_as(http, gw.url, tok) for tok in bogus[i : i + 50])
+            )
         elapsed = time.monotonic() - started
         assert {a.status_code for a in answers} == {401}
         assert all("not among" in a.json()["error"]["message"] for a in answers)
@@ -331,11 +371,18 @@ async def test_cached_keys_survive_a_provider_outage_and_bogus_kids_cannot_hamme
 async def test_public_key_and_rotated_secrets_side_by_side(gateway_env):
     pem_key, other = Key("p384"), Key("p256")
     old, new = SECRET, "rotated-" + "fedcba9876543210" * 3
-    env = {**gateway_env, "AUTH_PUBLIC_KEY": pem_key.public_pem.decode(),
-           "AUTH_SECRET": f"{old} {new}", "AUTH_LEEWAY": "0"}
+    env = {
+        **gateway_env,
+        "AUTH_PUBLIC_KEY": pem_key.public_pem.decode(),
+        "AUTH_SECRET": f"{old} {new}",
+        "AUTH_LEEWAY": "0",
+    }
     async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=t(10)) as http:
-        for tok in (pem_key.token(kid=None, iss=None, aud=None), hs_token(secret=old),
-                    hs_token(secret=new)):
+        for tok in (
+            pem_key.token(kid=None, iss=None, aud=None),
+            hs_token(secret=old),
+            hs_token(secret=new),
+        ):
             assert (await post_as(http, gw.url, tok)).status_code == 201
         claims = {"sub": "ana", "exp": int(time.time()) + 60}
         refused = {
@@ -343,7 +390,8 @@ async def test_public_key_and_rotated_secrets_side_by_side(gateway_env):
             "ES256 on the P-384 key": (other.token(kid=None), "does not match its key"),
             "HS256 keyed with the public key": (
                 hand_signed({"alg": "HS256", "typ": "JWT"}, claims, pem_key.public_pem),
-                "signature does not verify"),
+                "signature does not verify",
+            ),
         }
         for case, (tok, words) in refused.items():
             r = await post_as(http, gw.url, tok)
@@ -354,8 +402,9 @@ async def test_public_key_and_rotated_secrets_side_by_side(gateway_env):
         r = await http.post(f"{gw.url}/v1/publish", json={"room": "lobby", "event": "e"})
         assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
         assert "API_KEYS" in r.json()["error"]["message"]
-        r = await http.post(f"{gw.url}/v1/publish", json={"room": "lobby", "event": "e"},
-                            headers=bearer(hs_token()))
+        r = await http.post(
+            f"{gw.url}/v1/publish", json={"room": "lobby", "event": "e"}, headers=bearer(hs_token())
+        )
         assert r.status_code == 401
         assert "POST /v1/publish refuses every request" in full_log(gw)
 
@@ -383,8 +432,11 @@ async def test_read_rooms_allow_reading_and_refuse_posts(gateway_env):
     admin = hs_token("admin")
     async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=t(10)) as http:
         assert (await post_as(http, gw.url, tok, "team:red")).status_code == 201
-        for room, words in (("news:today", "read-only"), ("team:announce", "read-only"),
-                            ("other", "does not grant")):
+        for room, words in (
+            ("news:today", "read-only"),
+            ("team:announce", "read-only"),
+            ("other", "does not grant"),
+        ):
             r = await post_as(http, gw.url, tok, room)
             assert r.status_code == 403, room
             assert r.json()["error"]["code"] == "forbidden"
@@ -399,8 +451,9 @@ async def test_read_rooms_allow_reading_and_refuse_posts(gateway_env):
         r = await http.get(f"{gw.url}/v1/rooms/other/messages", headers=bearer(reader))
         assert r.status_code == 403
 
-        async with SSEClient.open(f"{gw.url}/v1/rooms/news:today/events?since=0&token={reader}"
-                                  ) as sse:
+        async with SSEClient.open(
+            f"{gw.url}/v1/rooms/news:today/events?since=0&token={reader}"
+        ) as sse:
             assert sse.status == 200
             assert await sse.wait_for(1) == [1]
 
@@ -414,8 +467,9 @@ async def test_read_rooms_allow_reading_and_refuse_posts(gateway_env):
             assert (await ws.expect("ack"))["ref"] == 6
             assert (await post_as(http, gw.url, admin, "news:today", "second")).status_code == 201
             assert await ws.messages("news:today", 1) == [2]
-        page = (await http.get(f"{gw.url}/v1/rooms/news:today/messages",
-                               headers=bearer(admin))).json()
+        page = (
+            await http.get(f"{gw.url}/v1/rooms/news:today/messages", headers=bearer(admin))
+        ).json()
         assert [m["text"] for m in page["messages"]] == ["headline", "second"]
 
 
@@ -432,8 +486,9 @@ async def test_refresh_keeps_the_socket_past_the_old_expiry_and_applies_new_room
                 await ws.subscribe(room)
 
             # A refused token is an error frame; the current one stays in force.
-            await ws.send({"type": "refresh", "token": hs_token("dee", secret="x" * 40),
-                           "ref": "r0"})
+            await ws.send(
+                {"type": "refresh", "token": hs_token("dee", secret="x" * 40), "ref": "r0"}
+            )
             err = await ws.expect("error")
             assert err["code"] == "unauthorized" and err["ref"] == "r0"
 
@@ -443,8 +498,7 @@ async def test_refresh_keeps_the_socket_past_the_old_expiry_and_applies_new_room
             assert left["room"] == "b" and "does not grant" in left["reason"]
             answer = await ws.expect("refreshed")
             assert answer["ref"] == "r1"
-            assert answer["exp"] == jwt.decode(renewed, options={"verify_signature": False}
-                                               )["exp"]
+            assert answer["exp"] == jwt.decode(renewed, options={"verify_signature": False})["exp"]
             assert [f["room"] for f in ws.frames if f["type"] == "unsubscribed"] == ["b"]
 
             await asyncio.sleep(t(2) + 1)  # past the first token's expiry
@@ -491,8 +545,10 @@ async def test_a_provider_down_at_start_is_picked_up_when_it_comes_back(gateway_
     key = Key("ed25519")
     server = JwksServer(key)  # not started yet
     try:
-        async with instances(1, jwks_env(gateway_env, server)) as (gw,), \
-                httpx.AsyncClient(timeout=t(10)) as http:
+        async with (
+            instances(1, jwks_env(gateway_env, server)) as (gw,),
+            httpx.AsyncClient(timeout=t(10)) as http,
+        ):
             assert "no signing keys from AUTH_JWKS_URL" in full_log(gw)
             r = await post_as(http, gw.url, key.token())
             assert r.status_code == 401 and "not among" in r.json()["error"]["message"]
@@ -516,24 +572,44 @@ def test_auth_settings_are_checked_at_start():
     for text in (pem, pem.replace("\n", "\\n"), body):
         assert load_public_key(text).algorithms == ("RS256", "RS384", "RS512")
     assert load_public_key(ed.public_pem.decode()).algorithms == ("EdDSA",)
-    p521 = ec.generate_private_key(ec.SECP521R1()).public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    p521 = (
+        ec.generate_private_key(ec.SECP521R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
 
     bad = {
         "AUTH_PUBLIC_KEY": ({"AUTH_PUBLIC_KEY": "not a key"}, "AUTH_PUBLIC_KEY"),
-        "a private key": ({"AUTH_PUBLIC_KEY": rsa_key.private.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()).decode()}, "AUTH_PUBLIC_KEY"),
+        "a private key": (
+            {
+                "AUTH_PUBLIC_KEY": rsa_key.private.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                ).decode()
+            },
+            "AUTH_PUBLIC_KEY",
+        ),
         "P-521": ({"AUTH_PUBLIC_KEY": p521}, "cannot verify"),
         "file URL": ({"AUTH_JWKS_URL": "file:///etc/passwd"}, "AUTH_JWKS_URL"),
-        "interval": ({"AUTH_JWKS_URL": "https://id.example/jwks", "AUTH_JWKS_REFRESH": "1",
-                      "AUTH_JWKS_MIN_INTERVAL": "5"}, "AUTH_JWKS_MIN_INTERVAL"),
+        "interval": (
+            {
+                "AUTH_JWKS_URL": "https://id.example/jwks",
+                "AUTH_JWKS_REFRESH": "1",
+                "AUTH_JWKS_MIN_INTERVAL": "5",
+            },
+            "AUTH_JWKS_MIN_INTERVAL",
+        ),
     }
     for case, (env, words) in bad.items():
         with pytest.raises(ConfigError) as exc:
             Settings.from_env(env)
         assert words in str(exc.value), case
     assert Settings.from_env({}).open_mode
-    for env in ({"AUTH_SECRET": "a b"}, {"AUTH_JWKS_URL": "https://id.example/jwks"},
-                {"AUTH_PUBLIC_KEY": pem}):
+    for env in (
+        {"AUTH_SECRET": "a b"},
+        {"AUTH_JWKS_URL": "https://id.example/jwks"},
+        {"AUTH_PUBLIC_KEY": pem},
+    ):
         assert not Settings.from_env(env).open_mode, env

@@ -29,15 +29,21 @@ async def refused(url: str) -> tuple[int, dict]:
 
 
 async def test_limits_per_identity_and_per_instance(tmp_path):
-    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/l.db", "REDIS_URL": "memory://",
-           "AUTH_SECRET": SECRET, "LOG_LEVEL": "warning",
-           "MAX_CONNECTIONS": "3", "MAX_CONNECTIONS_PER_IDENTITY": "2"}
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/l.db",
+        "REDIS_URL": "memory://",
+        "AUTH_SECRET": SECRET,
+        "LOG_LEVEL": "warning",
+        "MAX_CONNECTIONS": "3",
+        "MAX_CONNECTIONS_PER_IDENTITY": "2",
+    }
     async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=10) as http:
         ana, bob = token("ana"), token("bob")
         async with AsyncExitStack() as stack:
             first = await stack.enter_async_context(WSClient.connect(f"{gw.ws_url}?token={ana}"))
             await stack.enter_async_context(
-                SSEClient.open(f"{gw.url}/v1/rooms/r/events", {"Authorization": f"Bearer {ana}"}))
+                SSEClient.open(f"{gw.url}/v1/rooms/r/events", {"Authorization": f"Bearer {ana}"})
+            )
             status, body = await refused(f"{gw.ws_url}?token={ana}")
             assert status == 429 and body["error"]["code"] == "too_many_connections"
             r = await http.get(f"{gw.url}/v1/rooms/r/events?token={ana}")
@@ -49,6 +55,7 @@ async def test_limits_per_identity_and_per_instance(tmp_path):
 
             # the refused attempts left nothing behind: closing one frees one place
             await first.conn.close()
+
             async def admitted() -> bool:
                 try:
                     async with WSClient.connect(f"{gw.ws_url}?token={bob}") as ws:
@@ -56,30 +63,39 @@ async def test_limits_per_identity_and_per_instance(tmp_path):
                         return (await ws.expect("pong"))["type"] == "pong"
                 except websockets.InvalidStatus:
                     return False
+
             assert await eventually(admitted)
 
 
 async def test_logs_are_json_lines_with_ids_and_no_text_or_token(tmp_path):
-    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/g.db", "REDIS_URL": "memory://",
-           "AUTH_SECRET": SECRET, "LOG_LEVEL": "info"}
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/g.db",
+        "REDIS_URL": "memory://",
+        "AUTH_SECRET": SECRET,
+        "LOG_LEVEL": "info",
+    }
     inst = Instance(env).start()
     secret_text = "the-launch-code-is-0000"
     ana = token("ana")
     try:
         await inst.wait_ready()
         async with httpx.AsyncClient(timeout=10) as http:
-            r = await http.post(f"{inst.url}/v1/rooms/logged/messages",
-                                json={"text": secret_text},
-                                headers={"Authorization": f"Bearer {ana}",
-                                         "X-Request-ID": "req-42"})
+            r = await http.post(
+                f"{inst.url}/v1/rooms/logged/messages",
+                json={"text": secret_text},
+                headers={"Authorization": f"Bearer {ana}", "X-Request-ID": "req-42"},
+            )
             assert r.status_code == 201 and r.headers["x-request-id"] == "req-42"
-            r = await http.get(f"{inst.url}/v1/rooms/logged/messages",
-                               headers={"X-Request-ID": "bad id with spaces"})
+            r = await http.get(
+                f"{inst.url}/v1/rooms/logged/messages",
+                headers={"X-Request-ID": "bad id with spaces"},
+            )
             generated = r.headers["x-request-id"]
             assert generated and " " not in generated
             async with WSClient.connect(f"{inst.ws_url}?token={ana}") as ws:
-                await ws.send({"type": "publish", "room": "logged", "text": secret_text,
-                               "ref": "p1"})
+                await ws.send(
+                    {"type": "publish", "room": "logged", "text": secret_text, "ref": "p1"}
+                )
                 await ws.expect("ack")
         assert inst.stop() == 0
         lines = [orjson.loads(line) for line in inst.log().splitlines() if line.strip()]

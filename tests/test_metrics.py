@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import httpx
 
 from tests.harness import SSEClient, WSClient, eventually, instances, post
@@ -22,8 +21,10 @@ async def test_counters_follow_connections_messages_cache_and_rate_limits(gatewa
         before = await scrape(http, gw.url)
         assert sample(before, "chat_connections", transport="ws") == 0
         assert sample(before, "chat_messages_accepted_total", transport="http") == 0
-        async with (WSClient.connect(gw.ws_url) as ws,
-                    SSEClient.open(f"{gw.url}/v1/rooms/{room}/events") as sse):
+        async with (
+            WSClient.connect(gw.ws_url) as ws,
+            SSEClient.open(f"{gw.url}/v1/rooms/{room}/events") as sse,
+        ):
             await ws.subscribe(room)
             text = await scrape(http, gw.url)
             assert sample(text, "chat_connections", transport="ws") == 1
@@ -43,10 +44,14 @@ async def test_counters_follow_connections_messages_cache_and_rate_limits(gatewa
             assert sample(text, "chat_messages_accepted_total", transport="http") == 3
             assert sample(text, "chat_messages_delivered_total") == 6
             assert sample(text, "chat_delivery_latency_seconds_count") == 3  # one per message
-            assert sample(text, "chat_rate_limit_decisions_total",
-                          action="post", decision="allowed") == 3
-            assert sample(text, "chat_rate_limit_decisions_total",
-                          action="post", decision="limited") == 1
+            assert (
+                sample(text, "chat_rate_limit_decisions_total", action="post", decision="allowed")
+                == 3
+            )
+            assert (
+                sample(text, "chat_rate_limit_decisions_total", action="post", decision="limited")
+                == 1
+            )
             assert sample(text, "chat_history_cache_total", outcome="miss") >= 1
             assert sample(text, "chat_history_cache_total", outcome="hit") >= 1
             assert sample(text, "chat_db_pool_size") >= 1
@@ -57,6 +62,8 @@ async def test_counters_follow_connections_messages_cache_and_rate_limits(gatewa
 
 async def _gauges_zero(http: httpx.AsyncClient, base: str) -> bool:
     text = await scrape(http, base)
-    return (sample(text, "chat_connections", transport="ws") == 0
-            and sample(text, "chat_connections", transport="sse") == 0
-            and sample(text, "chat_subscriptions") == 0)
+    return (
+        sample(text, "chat_connections", transport="ws") == 0
+        and sample(text, "chat_connections", transport="sse") == 0
+        and sample(text, "chat_subscriptions") == 0
+    )

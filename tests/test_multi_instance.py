@@ -13,13 +13,15 @@ from tests.harness import SSEClient, WSClient, instances, post
 async def test_posts_on_every_instance_reach_every_subscriber_in_order_once(gateway_env):
     room = "multi.room"
     async with instances(3, gateway_env) as gws:
-        async with (WSClient.connect(gws[0].ws_url) as ws0,
-                    WSClient.connect(gws[1].ws_url) as ws1,
-                    WSClient.connect(gws[2].ws_url) as ws2,
-                    SSEClient.open(f"{gws[0].url}/v1/rooms/{room}/events") as sse0,
-                    SSEClient.open(f"{gws[1].url}/v1/rooms/{room}/events") as sse1,
-                    SSEClient.open(f"{gws[2].url}/v1/rooms/{room}/events") as sse2,
-                    httpx.AsyncClient() as http):
+        async with (
+            WSClient.connect(gws[0].ws_url) as ws0,
+            WSClient.connect(gws[1].ws_url) as ws1,
+            WSClient.connect(gws[2].ws_url) as ws2,
+            SSEClient.open(f"{gws[0].url}/v1/rooms/{room}/events") as sse0,
+            SSEClient.open(f"{gws[1].url}/v1/rooms/{room}/events") as sse1,
+            SSEClient.open(f"{gws[2].url}/v1/rooms/{room}/events") as sse2,
+            httpx.AsyncClient() as http,
+        ):
             for ws in (ws0, ws1, ws2):
                 assert (await ws.subscribe(room))["seq"] == 0
             for sse in (sse0, sse1, sse2):
@@ -37,13 +39,21 @@ async def test_posts_on_every_instance_reach_every_subscriber_in_order_once(gate
                 assert page["messages"][-1]["seq"] == n, "history is stale after an ack"
                 # over WS on the same instance
                 sender = (ws0, ws1, ws2)[inst]
-                await sender.send({"type": "publish", "room": room, "text": f"ws {n}",
-                                   "ref": f"r{n}", "author": "ws"})
+                await sender.send(
+                    {
+                        "type": "publish",
+                        "room": room,
+                        "text": f"ws {n}",
+                        "ref": f"r{n}",
+                        "author": "ws",
+                    }
+                )
                 ack = await sender.expect("ack")
                 n += 1
                 assert ack["ref"] == f"r{n - 1}" and ack["message"]["seq"] == n
-                page = (await http.get(f"{gws[(inst + 2) % 3].url}/v1/rooms/{room}/messages")
-                        ).json()
+                page = (
+                    await http.get(f"{gws[(inst + 2) % 3].url}/v1/rooms/{room}/messages")
+                ).json()
                 assert page["messages"][-1]["seq"] == n, "history is stale after a WS ack"
 
             expected = list(range(1, n + 1))
@@ -67,6 +77,7 @@ async def test_concurrent_writers_on_several_instances_get_gapless_seqs(gateway_
     per_writer = 40
     async with instances(3, gateway_env) as gws:
         async with httpx.AsyncClient(timeout=30) as http:
+
             async def writer(w: int) -> list[int]:
                 base = gws[w % 3].url
                 seqs = []
@@ -81,8 +92,9 @@ async def test_concurrent_writers_on_several_instances_get_gapless_seqs(gateway_
             assert all_seqs == list(range(1, 6 * per_writer + 1))
             for seqs in results:
                 assert seqs == sorted(seqs), "one writer's seqs must increase"
-            page = (await http.get(f"{gws[1].url}/v1/rooms/{room}/messages",
-                                   params={"limit": 200})).json()
+            page = (
+                await http.get(f"{gws[1].url}/v1/rooms/{room}/messages", params={"limit": 200})
+            ).json()
             assert [m["seq"] for m in page["messages"]] == list(range(41, 241))
             assert page["has_more"] is True
 
@@ -92,8 +104,9 @@ async def test_concurrent_idempotent_retries_on_several_instances_store_one(gate
     async with instances(3, gateway_env) as gws:
         async with httpx.AsyncClient(timeout=30) as http:
             key = {"Idempotency-Key": "order-42"}
-            rs = await asyncio.gather(*(post(http, gws[i % 3].url, room, "once", headers=key)
-                                        for i in range(12)))
+            rs = await asyncio.gather(
+                *(post(http, gws[i % 3].url, room, "once", headers=key) for i in range(12))
+            )
             assert sorted(r.status_code for r in rs) == [200] * 11 + [201]
             assert len({r.json()["id"] for r in rs}) == 1
             assert {r.json()["seq"] for r in rs} == {1}

@@ -25,8 +25,9 @@ def test_the_package_and_the_image_carry_the_js_client_the_page_imports():
     dockerfile = (ROOT / "Dockerfile").read_text()
     build = dockerfile.split("\nFROM ")[1]  # the build stage
     copied = re.findall(r"^COPY\s+(\S+)\s+\S+\s*$", build, re.M)
-    assert any(source == c.rstrip("/") or source.startswith(c.rstrip("/") + "/")
-               for c in copied), copied
+    assert any(source == c.rstrip("/") or source.startswith(c.rstrip("/") + "/") for c in copied), (
+        copied
+    )
 
     # and the page imports it from where it is served
     assert SDK_PATH == "/sdk/chat-gateway.js"

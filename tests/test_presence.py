@@ -31,16 +31,22 @@ async def test_join_leave_and_crash_across_instances(gateway_env, redis_prefix):
     env = {**gateway_env, "PRESENCE_TTL": "1.5"}
     room = "hall"
     async with instances(3, env) as (a, b, c), httpx.AsyncClient(timeout=10) as http:
-        async with (WSClient.connect(b.ws_url + "?user=bob") as bob,
-                    SSEClient.open(f"{b.url}/v1/rooms/{room}/events?user=cy") as cy):
+        async with (
+            WSClient.connect(b.ws_url + "?user=bob") as bob,
+            SSEClient.open(f"{b.url}/v1/rooms/{room}/events?user=cy") as cy,
+        ):
             await bob.subscribe(room)
             await eventually(lambda: _has(http, c.url, room, {"bob", "cy"}))
 
             async with WSClient.connect(a.ws_url + "?user=ana") as ana:
                 await ana.subscribe(room)
                 assert await next_presence(bob, "ana") == seen(room, "join", "ana")
-                await eventually(lambda: any(e.get("event") == "presence"
-                                             and e["json"]["user"] == "ana" for e in cy.events))
+                await eventually(
+                    lambda: any(
+                        e.get("event") == "presence" and e["json"]["user"] == "ana"
+                        for e in cy.events
+                    )
+                )
                 assert await users(http, c.url, room) == ["ana", "bob", "cy"]
                 # the key is the room's, under the prefix, with the {room} hash tag
                 client = aioredis.from_url(REDIS_URL)
@@ -56,8 +62,11 @@ async def test_join_leave_and_crash_across_instances(gateway_env, redis_prefix):
                     await ana.expect("unsubscribed")
                     assert "ana" in await users(http, a.url, room)
                 assert await next_presence(bob, "ana") == seen(room, "leave", "ana")
-                assert [f["action"] for f in bob.frames
-                        if f.get("type") == "presence" and f["user"] == "ana"] == ["join", "leave"]
+                assert [
+                    f["action"]
+                    for f in bob.frames
+                    if f.get("type") == "presence" and f["user"] == "ana"
+                ] == ["join", "leave"]
                 assert await users(http, a.url, room) == ["bob", "cy"]
 
             # dan on instance a, which then crashes: dan expires and bob is told
@@ -74,12 +83,17 @@ async def _has(http: httpx.AsyncClient, base: str, room: str, expected: set[str]
 
 
 async def test_presence_in_memory_mode_and_bad_input(tmp_path):
-    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/p.db", "REDIS_URL": "memory://",
-           "LOG_LEVEL": "warning"}
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/p.db",
+        "REDIS_URL": "memory://",
+        "LOG_LEVEL": "warning",
+    }
     async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=10) as http:
-        async with (WSClient.connect(gw.ws_url + "?user=ana") as ana,
-                    WSClient.connect(gw.ws_url + "?user=bob") as bob,
-                    WSClient.connect(gw.ws_url) as anonymous):
+        async with (
+            WSClient.connect(gw.ws_url + "?user=ana") as ana,
+            WSClient.connect(gw.ws_url + "?user=bob") as bob,
+            WSClient.connect(gw.ws_url) as anonymous,
+        ):
             await ana.subscribe("r1")
             await anonymous.subscribe("r1")
             await bob.subscribe("r1")
@@ -95,8 +109,9 @@ async def test_presence_in_memory_mode_and_bad_input(tmp_path):
         r = await http.get(f"{gw.url}/v1/rooms/r1/events?user=" + "x" * 65)
         assert r.status_code == 422 and r.json()["error"]["field"] == "author"
         # a backend cannot forge presence through POST /v1/publish
-        r = await http.post(f"{gw.url}/v1/publish",
-                            json={"room": "r1", "event": "presence", "data": {}})
+        r = await http.post(
+            f"{gw.url}/v1/publish", json={"room": "r1", "event": "presence", "data": {}}
+        )
         assert r.status_code == 422
 
 

@@ -22,17 +22,24 @@ async def test_refresh_runs_scripts_only_where_members_expired():
         redis = broker.redis
         idle = [f"idle{i}" for i in range(1200)]
         held = [*idle, "crash", "here"]
-        presence = Presence(broker, redis, prefix="t:", ttl=30.0,
-                            channel=lambda room: f"t:room:{{{room}}}",
-                            held_rooms=lambda: held, instance="this")
+        presence = Presence(
+            broker,
+            redis,
+            prefix="t:",
+            ttl=30.0,
+            channel=lambda room: f"t:room:{{{room}}}",
+            held_rooms=lambda: held,
+            instance="this",
+        )
         announced: list[bytes] = []
         broker.on_message = lambda channel, data: announced.append(data)
         await broker.subscribe("t:room:{crash}")
         # A member of an instance that crashed, expired a second ago, and one of this
         # instance's own, whose expiry is near.
         now_ms = int(time.time() * 1000)
-        await redis.zadd("t:{crash}:presence", {"gone:zoe": now_ms - 1000,
-                                               "other:yan": now_ms + 60_000})
+        await redis.zadd(
+            "t:{crash}:presence", {"gone:zoe": now_ms - 1000, "other:yan": now_ms + 60_000}
+        )
         await presence.joined(1, "ana", "here")
         await redis.zadd("t:{here}:presence", {"this:ana": now_ms + 1000})
         await redis.config_resetstat()
@@ -41,9 +48,10 @@ async def test_refresh_runs_scripts_only_where_members_expired():
 
         stats = await redis.info("commandstats")
         # Script runs: a NOSCRIPT reply (a fresh server) fails and runs nothing.
-        scripts = sum(stats.get(name, {}).get("calls", 0)
-                      - stats.get(name, {}).get("failed_calls", 0)
-                      for name in ("cmdstat_evalsha", "cmdstat_eval"))
+        scripts = sum(
+            stats.get(name, {}).get("calls", 0) - stats.get(name, {}).get("failed_calls", 0)
+            for name in ("cmdstat_evalsha", "cmdstat_eval")
+        )
         assert scripts == 1, f"one sweep (the room with an expired member), got {scripts}"
         assert await redis.zscore("t:{crash}:presence", "gone:zoe") is None
         assert await redis.zscore("t:{crash}:presence", "other:yan") is not None

@@ -68,8 +68,12 @@ def test_local_buckets_report_limit_remaining_reset_and_retry_after():
     assert not refused.allowed
     assert refused.retry_after == pytest.approx(0.5)
     assert refused.reset == pytest.approx(2.0)
-    assert refused.headers() == {"RateLimit-Limit": "4", "RateLimit-Remaining": "0",
-                                 "RateLimit-Reset": "2", "Retry-After": "1"}
+    assert refused.headers() == {
+        "RateLimit-Limit": "4",
+        "RateLimit-Remaining": "0",
+        "RateLimit-Reset": "2",
+        "Retry-After": "1",
+    }
     assert buckets.hit("other", rate).remaining == 3, "buckets are per key"
     now[0] = 500_000
     ok = buckets.hit("k", rate)
@@ -82,7 +86,9 @@ def test_rates_too_large_for_exact_arithmetic_are_refused():
     with pytest.raises(ConfigError):
         Settings.from_env({"TRUSTED_PROXIES": "10.0.0.0/8,not-an-address"})
     assert Settings.from_env({"TRUSTED_PROXIES": "10.0.0.0/8, ::1"}).trusted_proxies == (
-        "10.0.0.0/8", "::1")
+        "10.0.0.0/8",
+        "::1",
+    )
 
 
 # -- the Lua script on a real Redis -------------------------------------------------
@@ -95,10 +101,12 @@ async def test_lua_script_does_the_same_arithmetic_on_redis_server_time(redis_pr
         pus = 60 * SECOND
         limiter = RateLimiter(client, prefix=redis_prefix, rates={"post": rate})
         key = limiter.key("post", "ana")
-        cases = [(0, 10 * SECOND),            # empty, 10 s ago: 3.33 tokens refilled
-                 (5 * pus, 1),                 # partly full, just now
-                 (0, 1000),                    # empty, 1 ms ago: refused
-                 (19 * pus, 3600 * SECOND)]    # long idle: clamped to the capacity
+        cases = [
+            (0, 10 * SECOND),  # empty, 10 s ago: 3.33 tokens refilled
+            (5 * pus, 1),  # partly full, just now
+            (0, 1000),  # empty, 1 ms ago: refused
+            (19 * pus, 3600 * SECOND),
+        ]  # long idle: clamped to the capacity
         for value, ago in cases:
             sec, usec = await client.time()
             before_ts = sec * SECOND + usec - ago
@@ -123,8 +131,7 @@ async def test_noscript_reloads_and_keeps_the_bucket():
     client = aioredis.from_url(server.url)
     try:
         metrics = Metrics()
-        limiter = RateLimiter(client, prefix="t:", metrics=metrics,
-                              rates={"post": Rate(5, 3600.0)})
+        limiter = RateLimiter(client, prefix="t:", metrics=metrics, rates={"post": Rate(5, 3600.0)})
         assert [(await limiter.hit("post", "ana")).remaining for _ in range(2)] == [4, 3]
         await client.script_flush()
         assert (await limiter.hit("post", "ana")).remaining == 2, "state survives a flush"
@@ -151,8 +158,9 @@ async def test_concurrent_decisions_share_pipelines_and_stay_exact():
     server.start()
     client = aioredis.from_url(server.url)
     try:
-        limiter = RateLimiter(client, prefix="t:", rates={"post": Rate(20, 3600.0)},
-                              batch=CommandBatch(client))
+        limiter = RateLimiter(
+            client, prefix="t:", rates={"post": Rate(20, 3600.0)}, batch=CommandBatch(client)
+        )
         assert (await limiter.hit("post", "ana")).remaining == 19  # loads the script
         before = (await client.info("stats"))["total_connections_received"]
         first = await asyncio.gather(*(limiter.hit("post", "ana") for _ in range(10)))
@@ -177,8 +185,13 @@ async def test_redis_outage_falls_back_to_local_buckets_and_recovers(caplog):
     server.start()
     client = aioredis.from_url(server.url, socket_connect_timeout=0.5)
     metrics = Metrics()
-    limiter = RateLimiter(client, prefix="t:", metrics=metrics, rates={"post": Rate(3, 3600.0)},
-                          guard=RedisGuard(cooldown=0.0))
+    limiter = RateLimiter(
+        client,
+        prefix="t:",
+        metrics=metrics,
+        rates={"post": Rate(3, 3600.0)},
+        guard=RedisGuard(cooldown=0.0),
+    )
     caplog.set_level(logging.WARNING, logger="gateway.ratelimit")
     try:
         assert (await limiter.hit("post", "ana")).remaining == 2
@@ -217,8 +230,13 @@ async def test_a_hung_redis_costs_one_timeout_then_local_buckets_for_the_cooldow
     port = hole.sockets[0].getsockname()[1]
     client = aioredis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=0.3)
     metrics = Metrics()
-    limiter = RateLimiter(client, prefix="t:", metrics=metrics, rates={"post": Rate(2, 60.0)},
-                          guard=RedisGuard(cooldown=3600.0))
+    limiter = RateLimiter(
+        client,
+        prefix="t:",
+        metrics=metrics,
+        rates={"post": Rate(2, 60.0)},
+        guard=RedisGuard(cooldown=3600.0),
+    )
     try:
         first = await limiter.hit("post", "ana")
         assert first.allowed and limiter.fallback

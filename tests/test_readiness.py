@@ -16,12 +16,20 @@ async def test_readyz_follows_each_dependency_down_and_back(pg_url):
     inst = None
     try:
         async with tcp_proxy(pg_url) as (proxy, db_url):
-            inst = Instance({"DATABASE_URL": db_url, "REDIS_URL": redis.url,
-                             "KEY_PREFIX": new_prefix(), "LOG_LEVEL": "warning",
-                             "BROKER_PROBE_INTERVAL": "0.5", "DB_CONNECT_TIMEOUT": "1",
-                             "DB_COMMAND_TIMEOUT": "1"}).start()
+            inst = Instance(
+                {
+                    "DATABASE_URL": db_url,
+                    "REDIS_URL": redis.url,
+                    "KEY_PREFIX": new_prefix(),
+                    "LOG_LEVEL": "warning",
+                    "BROKER_PROBE_INTERVAL": "0.5",
+                    "DB_CONNECT_TIMEOUT": "1",
+                    "DB_COMMAND_TIMEOUT": "1",
+                }
+            ).start()
             await inst.wait_ready()
             async with httpx.AsyncClient(base_url=inst.url, timeout=10) as http:
+
                 async def ready(expect_status: int) -> dict | None:
                     r = await http.get("/readyz")
                     return r.json() if r.status_code == expect_status else None

@@ -21,16 +21,24 @@ DAY_MS = 86_400_000
 async def age(url: str, room: str, seqs: range, days: int) -> None:
     """Move the commit time of some messages ``days`` into the past."""
     if url.startswith("sqlite"):
-        db = sqlite3.connect(url[len("sqlite:///"):])
-        db.execute(f"UPDATE messages SET created_ms = created_ms - {days * DAY_MS} "
-                   f"WHERE room = ? AND seq BETWEEN ? AND ?", (room, seqs[0], seqs[-1]))
+        db = sqlite3.connect(url[len("sqlite:///") :])
+        db.execute(
+            f"UPDATE messages SET created_ms = created_ms - {days * DAY_MS} "
+            f"WHERE room = ? AND seq BETWEEN ? AND ?",
+            (room, seqs[0], seqs[-1]),
+        )
         db.commit()
         db.close()
         return
     conn = await asyncpg.connect(url)
     try:
-        await conn.execute(f"UPDATE messages SET created_at = created_at - interval '{days} days' "
-                           "WHERE room = $1 AND seq BETWEEN $2 AND $3", room, seqs[0], seqs[-1])
+        await conn.execute(
+            f"UPDATE messages SET created_at = created_at - interval '{days} days' "
+            "WHERE room = $1 AND seq BETWEEN $2 AND $3",
+            room,
+            seqs[0],
+            seqs[-1],
+        )
     finally:
         await conn.close()
 
@@ -79,8 +87,10 @@ async def test_the_gateway_runs_retention_when_configured(tmp_path):
     gw = Gateway(settings.with_(retention_days=2.0, retention_batch=1))
     await gw.start()
     try:
+
         async def remaining() -> list[int]:
             return [m.seq for m in (await gw.store.history("r")).messages]
+
         assert await eventually(lambda: _equals(remaining, [3, 4]))
         # a resume from before the retention horizon gets what is left, then live
         sub = Subscriber(WS)

@@ -15,8 +15,16 @@ import websockets
 
 from storage import HistoryCache, Page
 from storage.postgres import PostgresStore
-from tests.harness import (REDIS_URL, RedisClusterServers, RedisServer, SSEClient, WSClient,
-                           eventually, instances, t)
+from tests.harness import (
+    REDIS_URL,
+    RedisClusterServers,
+    RedisServer,
+    SSEClient,
+    WSClient,
+    eventually,
+    instances,
+    t,
+)
 
 SECRET = "server-api-test-secret-0123456789abcdef"
 KEY = "backend-key-1"
@@ -53,10 +61,10 @@ def named(sse: SSEClient, event: str) -> list[dict[str, Any]]:
     return [e["json"] for e in sse.events if e.get("event") == event]
 
 
-async def post(http: httpx.AsyncClient, base: str, room: str, text: str,
-               sub: str = "poster") -> dict[str, Any]:
-    r = await http.post(f"{base}/v1/rooms/{room}/messages", json={"text": text},
-                        headers=user(sub))
+async def post(
+    http: httpx.AsyncClient, base: str, room: str, text: str, sub: str = "poster"
+) -> dict[str, Any]:
+    r = await http.post(f"{base}/v1/rooms/{room}/messages", json={"text": text}, headers=user(sub))
     assert r.status_code == 201, r.text
     return r.json()  # type: ignore[no-any-return]
 
@@ -64,14 +72,14 @@ async def post(http: httpx.AsyncClient, base: str, room: str, text: str,
 async def test_disconnect_closes_every_connection_of_the_user_on_every_instance(env):
     room = "lobby"
     async with instances(3, env) as (a, b, c), httpx.AsyncClient(timeout=t(10)) as http:
-        async with (WSClient.connect(f"{a.ws_url}?token={token('ana')}") as ana_a,
-                    WSClient.connect(f"{b.ws_url}?token={token('ana')}") as ana_b,
-                    WSClient.connect(f"{c.ws_url}?token={token('ana')}") as ana_idle,
-                    SSEClient.open(f"{c.url}/v1/rooms/{room}/events?token={token('ana')}")
-                    as ana_sse,
-                    WSClient.connect(f"{a.ws_url}?token={token('bob')}") as bob,
-                    SSEClient.open(f"{b.url}/v1/rooms/{room}/events?token={token('bob')}")
-                    as bob_sse):
+        async with (
+            WSClient.connect(f"{a.ws_url}?token={token('ana')}") as ana_a,
+            WSClient.connect(f"{b.ws_url}?token={token('ana')}") as ana_b,
+            WSClient.connect(f"{c.ws_url}?token={token('ana')}") as ana_idle,
+            SSEClient.open(f"{c.url}/v1/rooms/{room}/events?token={token('ana')}") as ana_sse,
+            WSClient.connect(f"{a.ws_url}?token={token('bob')}") as bob,
+            SSEClient.open(f"{b.url}/v1/rooms/{room}/events?token={token('bob')}") as bob_sse,
+        ):
             for ws in (ana_a, ana_b, bob):
                 await ws.subscribe(room)
             assert ana_sse.status == 200 and bob_sse.status == 200
@@ -79,8 +87,11 @@ async def test_disconnect_closes_every_connection_of_the_user_on_every_instance(
             await bob.messages(room, 1)
             await bob_sse.wait_for(1)
 
-            r = await http.post(f"{b.url}/v1/server/disconnect", headers=API,
-                                json={"user": "ana", "reason": "banned for spam"})
+            r = await http.post(
+                f"{b.url}/v1/server/disconnect",
+                headers=API,
+                json={"user": "ana", "reason": "banned for spam"},
+            )
             assert r.status_code == 202, r.text
             # every WS of ana, subscribed or not, on every instance: 4001 with the reason
             for ws in (ana_a, ana_b, ana_idle):
@@ -101,26 +112,30 @@ async def test_disconnect_closes_every_connection_of_the_user_on_every_instance(
                 assert (await again.subscribe(room, since=0))["seq"] == 2
                 assert await again.messages(room, 2) == [1, 2]
             # a user with no connection anywhere: accepted, nothing happens
-            r = await http.post(f"{a.url}/v1/server/disconnect", headers=API,
-                                json={"user": "nobody"})
+            r = await http.post(
+                f"{a.url}/v1/server/disconnect", headers=API, json={"user": "nobody"}
+            )
             assert r.status_code == 202
 
 
 async def test_unsubscribe_ends_the_users_subscriptions_to_one_room(env):
     async with instances(3, env) as (a, b, c), httpx.AsyncClient(timeout=t(10)) as http:
-        async with (WSClient.connect(f"{a.ws_url}?token={token('bob')}") as bob_a,
-                    WSClient.connect(f"{b.ws_url}?token={token('bob')}") as bob_b,
-                    SSEClient.open(f"{c.url}/v1/rooms/r1/events?token={token('bob')}")
-                    as bob_r1,
-                    SSEClient.open(f"{c.url}/v1/rooms/r2/events?token={token('bob')}")
-                    as bob_r2,
-                    WSClient.connect(f"{b.ws_url}?token={token('cy')}") as cy):
+        async with (
+            WSClient.connect(f"{a.ws_url}?token={token('bob')}") as bob_a,
+            WSClient.connect(f"{b.ws_url}?token={token('bob')}") as bob_b,
+            SSEClient.open(f"{c.url}/v1/rooms/r1/events?token={token('bob')}") as bob_r1,
+            SSEClient.open(f"{c.url}/v1/rooms/r2/events?token={token('bob')}") as bob_r2,
+            WSClient.connect(f"{b.ws_url}?token={token('cy')}") as cy,
+        ):
             for ws in (bob_a, bob_b, cy):
                 await ws.subscribe("r1")
                 await ws.subscribe("r2")
 
-            r = await http.post(f"{c.url}/v1/server/unsubscribe", headers=API,
-                                json={"user": "bob", "room": "r1", "reason": "muted"})
+            r = await http.post(
+                f"{c.url}/v1/server/unsubscribe",
+                headers=API,
+                json={"user": "bob", "room": "r1", "reason": "muted"},
+            )
             assert r.status_code == 202, r.text
             for ws in (bob_a, bob_b):
                 frame = await ws.expect("unsubscribed")
@@ -171,10 +186,12 @@ async def all_rooms(http: httpx.AsyncClient, base: str, limit: int) -> list[dict
 
 async def test_room_info_and_the_paged_room_list_count_every_instance(env):
     async with instances(3, env) as (a, b, c), httpx.AsyncClient(timeout=t(10)) as http:
-        async with (WSClient.connect(f"{a.ws_url}?token={token('ana')}") as ana,
-                    WSClient.connect(f"{b.ws_url}?token={token('bob')}") as bob,
-                    WSClient.connect(f"{c.ws_url}?token={token('ana')}") as ana2,
-                    SSEClient.open(f"{c.url}/v1/rooms/hall/events?token={token('cy')}")):
+        async with (
+            WSClient.connect(f"{a.ws_url}?token={token('ana')}") as ana,
+            WSClient.connect(f"{b.ws_url}?token={token('bob')}") as bob,
+            WSClient.connect(f"{c.ws_url}?token={token('ana')}") as ana2,
+            SSEClient.open(f"{c.url}/v1/rooms/hall/events?token={token('cy')}"),
+        ):
             await ana.subscribe("hall")
             await bob.subscribe("hall")
             await ana2.subscribe("hall")
@@ -187,20 +204,28 @@ async def test_room_info_and_the_paged_room_list_count_every_instance(env):
 
             want = {"room": "hall", "subscribers": 4, "presence": 3, "latest_seq": 3}
             for inst in (a, b, c):  # the same answer on every instance
-                await eventually(lambda inst=inst: _equal(info(http, inst.url, "hall"), want),
-                                 timeout=15)
+                await eventually(
+                    lambda inst=inst: _equal(info(http, inst.url, "hall"), want), timeout=15
+                )
             assert await info(http, a.url, "empty") == {
-                "room": "empty", "subscribers": 0, "presence": 0, "latest_seq": 0}
+                "room": "empty",
+                "subscribers": 0,
+                "presence": 0,
+                "latest_seq": 0,
+            }
 
-            expected = [{"room": "hall", "subscribers": 4, "latest_seq": 3},
-                        {"room": "k1", "subscribers": 1, "latest_seq": 0},
-                        {"room": "k2", "subscribers": 1, "latest_seq": 1},
-                        {"room": "k3", "subscribers": 1, "latest_seq": 0},
-                        {"room": "k4", "subscribers": 2, "latest_seq": 0}]
+            expected = [
+                {"room": "hall", "subscribers": 4, "latest_seq": 3},
+                {"room": "k1", "subscribers": 1, "latest_seq": 0},
+                {"room": "k2", "subscribers": 1, "latest_seq": 1},
+                {"room": "k3", "subscribers": 1, "latest_seq": 0},
+                {"room": "k4", "subscribers": 2, "latest_seq": 0},
+            ]
             await eventually(lambda: _equal(all_rooms(http, c.url, 2), expected), timeout=15)
             assert await all_rooms(http, a.url, 1000) == expected
-            r = await http.get(f"{a.url}/v1/server/rooms", headers=API,
-                               params={"limit": 2, "cursor": "k2"})
+            r = await http.get(
+                f"{a.url}/v1/server/rooms", headers=API, params={"limit": 2, "cursor": "k2"}
+            )
             assert r.json() == {"rooms": expected[3:], "next": None}
 
         # every connection gone: no active room is left anywhere
@@ -221,9 +246,10 @@ async def history(http: httpx.AsyncClient, base: str, room: str, **params: Any) 
 async def test_purge_removes_history_everywhere_tells_subscribers_and_keeps_seqs(env):
     room = "mod.room"
     async with instances(3, env) as (a, b, c), httpx.AsyncClient(timeout=t(10)) as http:
-        async with (WSClient.connect(f"{a.ws_url}?token={token('ana')}") as ws,
-                    SSEClient.open(f"{b.url}/v1/rooms/{room}/events?token={token('bob')}")
-                    as sse):
+        async with (
+            WSClient.connect(f"{a.ws_url}?token={token('ana')}") as ws,
+            SSEClient.open(f"{b.url}/v1/rooms/{room}/events?token={token('bob')}") as sse,
+        ):
             await ws.subscribe(room)
             for n in range(5):
                 await post(http, c.url, room, f"bad {n}")
@@ -256,9 +282,13 @@ async def test_purge_removes_history_everywhere_tells_subscribers_and_keeps_seqs
 
         # a resume from below the purge gets nothing for the removed seqs, no error,
         # then what came after
-        async with (WSClient.connect(f"{b.ws_url}?token={token('ana')}") as ws2,
-                    SSEClient.open(f"{c.url}/v1/rooms/{room}/events?token={token('bob')}",
-                                   headers={"Last-Event-ID": "2"}) as sse2):
+        async with (
+            WSClient.connect(f"{b.ws_url}?token={token('ana')}") as ws2,
+            SSEClient.open(
+                f"{c.url}/v1/rooms/{room}/events?token={token('bob')}",
+                headers={"Last-Event-ID": "2"},
+            ) as sse2,
+        ):
             assert (await ws2.subscribe(room, since=2))["seq"] == 6
             assert await ws2.messages(room, 1) == [6]
             assert await sse2.wait_for(1) == [6]
@@ -276,28 +306,43 @@ async def test_purge_removes_history_everywhere_tells_subscribers_and_keeps_seqs
 
 async def test_broadcast_reaches_its_rooms_on_every_instance(env):
     async with instances(3, env) as (a, b, c), httpx.AsyncClient(timeout=t(10)) as http:
-        async with (WSClient.connect(f"{a.ws_url}?token={token('ana')}") as wa,
-                    WSClient.connect(f"{b.ws_url}?token={token('bob')}") as wb,
-                    SSEClient.open(f"{c.url}/v1/rooms/z/events?token={token('cy')}") as sz):
+        async with (
+            WSClient.connect(f"{a.ws_url}?token={token('ana')}") as wa,
+            WSClient.connect(f"{b.ws_url}?token={token('bob')}") as wb,
+            SSEClient.open(f"{c.url}/v1/rooms/z/events?token={token('cy')}") as sz,
+        ):
             await wa.subscribe("x")
             await wa.subscribe("left.out")
             await wb.subscribe("y")
             # as many rooms as one call may name, three of them held somewhere
             rooms = ["x", "y", "z"] + [f"quiet{i}" for i in range(97)]
-            r = await http.post(f"{b.url}/v1/server/broadcast", headers=API, json={
-                "rooms": rooms, "event": "maintenance", "data": {"in_s": 60}})
+            r = await http.post(
+                f"{b.url}/v1/server/broadcast",
+                headers=API,
+                json={"rooms": rooms, "event": "maintenance", "data": {"in_s": 60}},
+            )
             assert r.status_code == 202, r.text
             assert r.json()["rooms"] == 100
-            assert await wa.expect("event") == {"type": "event", "room": "x",
-                                                "event": "maintenance", "data": {"in_s": 60}}
-            assert await wb.expect("event") == {"type": "event", "room": "y",
-                                                "event": "maintenance", "data": {"in_s": 60}}
-            await eventually(lambda: named(sz, "maintenance") == [
-                {"room": "z", "data": {"in_s": 60}}])
+            assert await wa.expect("event") == {
+                "type": "event",
+                "room": "x",
+                "event": "maintenance",
+                "data": {"in_s": 60},
+            }
+            assert await wb.expect("event") == {
+                "type": "event",
+                "room": "y",
+                "event": "maintenance",
+                "data": {"in_s": 60},
+            }
+            await eventually(
+                lambda: named(sz, "maintenance") == [{"room": "z", "data": {"in_s": 60}}]
+            )
             await wa.send({"type": "ping"})
             await wa.expect("pong")
             assert [f for f in wa.frames if f.get("type") == "event"] == [
-                {"type": "event", "room": "x", "event": "maintenance", "data": {"in_s": 60}}]
+                {"type": "event", "room": "x", "event": "maintenance", "data": {"in_s": 60}}
+            ]
 
 
 ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [
@@ -329,8 +374,12 @@ BAD: list[tuple[str, str, Any, str]] = [
     ("DELETE", "/v1/server/rooms/r/messages?before=3", None, None),
     ("POST", "/v1/server/broadcast", {"rooms": [], "event": "e"}, "rooms"),
     ("POST", "/v1/server/broadcast", {"rooms": "r", "event": "e"}, "rooms"),
-    ("POST", "/v1/server/broadcast", {"rooms": [f"r{i}" for i in range(101)], "event": "e"},
-     "rooms"),
+    (
+        "POST",
+        "/v1/server/broadcast",
+        {"rooms": [f"r{i}" for i in range(101)], "event": "e"},
+        "rooms",
+    ),
     ("POST", "/v1/server/broadcast", {"rooms": ["r", "r"], "event": "e"}, "rooms"),
     ("POST", "/v1/server/broadcast", {"rooms": ["r", 3], "event": "e"}, "room"),
     ("POST", "/v1/server/broadcast", {"rooms": ["r"], "event": "history_purged"}, "event"),
@@ -340,8 +389,7 @@ BAD: list[tuple[str, str, Any, str]] = [
 
 async def check_refusals(http: httpx.AsyncClient, base: str) -> None:
     for method, path, body in ROUTES:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
-                        user("ana")):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, user("ana")):
             r = await http.request(method, base + path, json=body, headers=headers)
             assert r.status_code == 401, (method, path, headers, r.text)
             assert r.json()["error"]["code"] == "unauthorized"
@@ -366,66 +414,92 @@ async def test_every_route_refuses_a_missing_or_wrong_key_and_bad_input(env):
         assert await history(http, gw.url, "r") == [1]
         spec = (await http.get(gw.url + "/openapi.json")).json()
         for method, path, _ in ROUTES:
-            templated = path.replace("/r/", "/{room}/") if path.endswith("messages") else (
-                "/v1/server/rooms/{room}" if path == "/v1/server/rooms/r" else path)
+            templated = (
+                path.replace("/r/", "/{room}/")
+                if path.endswith("messages")
+                else ("/v1/server/rooms/{room}" if path == "/v1/server/rooms/r" else path)
+            )
             assert method.lower() in spec["paths"][templated]
 
 
 async def test_without_configured_keys_the_server_api_is_closed(gateway_env):
     async with instances(1, gateway_env) as (gw,), httpx.AsyncClient(timeout=t(10)) as http:
         for method, path, body in ROUTES:
-            r = await http.request(method, gw.url + path, json=body,
-                                   headers={"Authorization": "Bearer anything"})
+            r = await http.request(
+                method, gw.url + path, json=body, headers={"Authorization": "Bearer anything"}
+            )
             assert r.status_code == 401, (path, r.text)
             assert "API_KEYS" in r.json()["error"]["message"]
 
 
 async def test_memory_mode_single_instance(tmp_path):
-    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/s.db", "REDIS_URL": "memory://",
-           "API_KEYS": KEY, "LOG_LEVEL": "warning"}
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/s.db",
+        "REDIS_URL": "memory://",
+        "API_KEYS": KEY,
+        "LOG_LEVEL": "warning",
+    }
     async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=t(10)) as http:
-        async with (WSClient.connect(gw.ws_url + "?user=ana") as ana,
-                    WSClient.connect(gw.ws_url + "?user=bob") as bob,
-                    WSClient.connect(gw.ws_url) as anonymous,
-                    SSEClient.open(f"{gw.url}/v1/rooms/r/events?user=ana") as ana_sse,
-                    SSEClient.open(f"{gw.url}/v1/rooms/r/events?user=bob") as bob_sse):
+        async with (
+            WSClient.connect(gw.ws_url + "?user=ana") as ana,
+            WSClient.connect(gw.ws_url + "?user=bob") as bob,
+            WSClient.connect(gw.ws_url) as anonymous,
+            SSEClient.open(f"{gw.url}/v1/rooms/r/events?user=ana") as ana_sse,
+            SSEClient.open(f"{gw.url}/v1/rooms/r/events?user=bob") as bob_sse,
+        ):
             for ws in (ana, bob, anonymous):
                 await ws.subscribe("r")
                 await ws.subscribe("s")
             for n in range(3):
-                r = await http.post(f"{gw.url}/v1/rooms/r/messages",
-                                    json={"text": f"m{n}", "author": "x"})
+                r = await http.post(
+                    f"{gw.url}/v1/rooms/r/messages", json={"text": f"m{n}", "author": "x"}
+                )
                 assert r.status_code == 201
             assert await anonymous.messages("r", 3) == [1, 2, 3]
 
             assert (await info(http, gw.url, "r")) == {
-                "room": "r", "subscribers": 5, "presence": 2, "latest_seq": 3}
+                "room": "r",
+                "subscribers": 5,
+                "presence": 2,
+                "latest_seq": 3,
+            }
             assert await all_rooms(http, gw.url, 1) == [
                 {"room": "r", "subscribers": 5, "latest_seq": 3},
-                {"room": "s", "subscribers": 3, "latest_seq": 0}]
+                {"room": "s", "subscribers": 3, "latest_seq": 0},
+            ]
 
-            r = await http.post(f"{gw.url}/v1/server/unsubscribe", headers=API,
-                                json={"user": "bob", "room": "r"})
+            r = await http.post(
+                f"{gw.url}/v1/server/unsubscribe", headers=API, json={"user": "bob", "room": "r"}
+            )
             assert r.status_code == 202
-            assert await bob.expect("unsubscribed") == {"type": "unsubscribed", "room": "r",
-                                                        "reason": ""}
+            assert await bob.expect("unsubscribed") == {
+                "type": "unsubscribed",
+                "room": "r",
+                "reason": "",
+            }
             await ended(bob_sse)
 
             r = await http.delete(f"{gw.url}/v1/server/rooms/r/messages", headers=API)
             assert r.json() == {"room": "r", "removed": 3}
             assert await history(http, gw.url, "r") == []
-            assert await anonymous.expect("history_purged") == {"type": "history_purged",
-                                                                "room": "r"}
+            assert await anonymous.expect("history_purged") == {
+                "type": "history_purged",
+                "room": "r",
+            }
             await eventually(lambda: named(ana_sse, "history_purged") == [{"room": "r"}])
 
-            r = await http.post(f"{gw.url}/v1/server/broadcast", headers=API,
-                                json={"rooms": ["r", "s"], "event": "note", "data": {"n": 1}})
+            r = await http.post(
+                f"{gw.url}/v1/server/broadcast",
+                headers=API,
+                json={"rooms": ["r", "s"], "event": "note", "data": {"n": 1}},
+            )
             assert r.status_code == 202
             frames = [await anonymous.expect("event"), await anonymous.expect("event")]
             assert sorted(f["room"] for f in frames) == ["r", "s"]
 
-            r = await http.post(f"{gw.url}/v1/server/disconnect", headers=API,
-                                json={"user": "ana", "reason": "bye"})
+            r = await http.post(
+                f"{gw.url}/v1/server/disconnect", headers=API, json={"user": "ana", "reason": "bye"}
+            )
             assert r.status_code == 202
             assert (await closed_with(ana)).code == 4001
             await ended(ana_sse)
@@ -456,8 +530,7 @@ class PausedStore(PostgresStore):
         return page
 
 
-async def test_a_load_that_read_before_a_purge_does_not_cache_what_it_read(pg_url,
-                                                                         redis_prefix):
+async def test_a_load_that_read_before_a_purge_does_not_cache_what_it_read(pg_url, redis_prefix):
     store = PausedStore(pg_url)
     await store.start()
     await store.migrate()
@@ -485,14 +558,14 @@ async def test_a_load_that_read_before_a_purge_does_not_cache_what_it_read(pg_ur
 
 
 async def test_a_purge_stops_other_instances_serving_their_windows_before_they_hear_of_it(
-        pg_url, redis_prefix):
+    pg_url, redis_prefix
+):
     store = PostgresStore(pg_url)
     await store.start()
     await store.migrate()
     client = aioredis.from_url(REDIS_URL)
     try:
-        here, there = (HistoryCache(store, client, prefix=redis_prefix, ttl=60)
-                       for _ in range(2))
+        here, there = (HistoryCache(store, client, prefix=redis_prefix, ttl=60) for _ in range(2))
         for n in range(3):
             await here.committed((await store.append("w", "a", f"m{n}"))[0])
         for cache in (here, there, there):  # `there` now holds the window in memory
@@ -513,21 +586,27 @@ async def test_commands_reach_every_instance_over_a_redis_cluster(env):
     servers = RedisClusterServers(3).start()
     try:
         cluster_env = {**env, "REDIS_URL": servers.url}
-        async with (instances(2, cluster_env) as (a, b),
-                    httpx.AsyncClient(timeout=t(10)) as http):
-            async with (WSClient.connect(f"{a.ws_url}?token={token('ana')}") as ana_a,
-                        WSClient.connect(f"{b.ws_url}?token={token('ana')}") as ana_b,
-                        WSClient.connect(f"{b.ws_url}?token={token('bob')}") as bob):
+        async with instances(2, cluster_env) as (a, b), httpx.AsyncClient(timeout=t(10)) as http:
+            async with (
+                WSClient.connect(f"{a.ws_url}?token={token('ana')}") as ana_a,
+                WSClient.connect(f"{b.ws_url}?token={token('ana')}") as ana_b,
+                WSClient.connect(f"{b.ws_url}?token={token('bob')}") as bob,
+            ):
                 await bob.subscribe("c.room")
                 await post(http, a.url, "c.room", "x")
                 await bob.messages("c.room", 1)
                 r = await http.delete(f"{a.url}/v1/server/rooms/c.room/messages", headers=API)
                 assert r.json() == {"room": "c.room", "removed": 1}
-                assert await bob.expect("history_purged") == {"type": "history_purged",
-                                                              "room": "c.room"}
+                assert await bob.expect("history_purged") == {
+                    "type": "history_purged",
+                    "room": "c.room",
+                }
                 assert await history(http, b.url, "c.room") == []
-                r = await http.post(f"{b.url}/v1/server/disconnect", headers=API,
-                                    json={"user": "ana", "reason": "r"})
+                r = await http.post(
+                    f"{b.url}/v1/server/disconnect",
+                    headers=API,
+                    json={"user": "ana", "reason": "r"},
+                )
                 assert r.status_code == 202
                 for ws in (ana_a, ana_b):
                     assert (await closed_with(ws)).code == 4001
@@ -541,16 +620,18 @@ async def test_with_redis_down_commands_are_refused_and_a_repeat_completes(env):
     redis = RedisServer()
     redis.start()
     try:
-        async with (instances(1, {**env, "REDIS_URL": redis.url}) as (gw,),
-                    httpx.AsyncClient(timeout=t(20)) as http):
+        async with (
+            instances(1, {**env, "REDIS_URL": redis.url}) as (gw,),
+            httpx.AsyncClient(timeout=t(20)) as http,
+        ):
             await post(http, gw.url, "d", "x")
             assert await history(http, gw.url, "d") == [1]
             redis.stop()
-            r = await http.post(f"{gw.url}/v1/server/disconnect", headers=API,
-                                json={"user": "ana"})
+            r = await http.post(f"{gw.url}/v1/server/disconnect", headers=API, json={"user": "ana"})
             assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
-            r = await http.post(f"{gw.url}/v1/server/broadcast", headers=API,
-                                json={"rooms": ["d"], "event": "e"})
+            r = await http.post(
+                f"{gw.url}/v1/server/broadcast", headers=API, json={"rooms": ["d"], "event": "e"}
+            )
             assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
             # the store purged, but Redis could not be told: said so, with the count
             r = await http.delete(f"{gw.url}/v1/server/rooms/d/messages", headers=API)

@@ -16,14 +16,22 @@ from tests.proxy import tcp_proxy
 
 async def test_sigterm_closes_sockets_1001_ends_sse_and_finishes_the_post_in_flight(pg_url):
     async with tcp_proxy(pg_url) as (proxy, db_url):
-        inst = Instance({"DATABASE_URL": db_url, "REDIS_URL": "memory://",
-                         "KEY_PREFIX": new_prefix(), "LOG_LEVEL": "warning",
-                         "SHUTDOWN_TIMEOUT": "15"}).start()
+        inst = Instance(
+            {
+                "DATABASE_URL": db_url,
+                "REDIS_URL": "memory://",
+                "KEY_PREFIX": new_prefix(),
+                "LOG_LEVEL": "warning",
+                "SHUTDOWN_TIMEOUT": "15",
+            }
+        ).start()
         try:
             await inst.wait_ready()
-            async with (httpx.AsyncClient(timeout=30) as http,
-                        WSClient.connect(inst.ws_url) as ws,
-                        SSEClient.open(f"{inst.url}/v1/rooms/drain/events") as sse):
+            async with (
+                httpx.AsyncClient(timeout=30) as http,
+                WSClient.connect(inst.ws_url) as ws,
+                SSEClient.open(f"{inst.url}/v1/rooms/drain/events") as sse,
+            ):
                 await ws.subscribe("drain")
                 # Hold the database link so the post is in flight when the signal lands.
                 proxy.hold()
@@ -58,9 +66,16 @@ async def test_sigterm_closes_sockets_1001_ends_sse_and_finishes_the_post_in_fli
 async def test_shutdown_is_bounded_even_when_a_request_cannot_finish(pg_url):
     async with tcp_proxy(pg_url) as (proxy, db_url):
         # Without the bound the held post would wait a minute for the database.
-        inst = Instance({"DATABASE_URL": db_url, "REDIS_URL": "memory://",
-                         "LOG_LEVEL": "warning", "SHUTDOWN_TIMEOUT": "2",
-                         "DB_COMMAND_TIMEOUT": "60", "DB_CONNECT_TIMEOUT": "60"}).start()
+        inst = Instance(
+            {
+                "DATABASE_URL": db_url,
+                "REDIS_URL": "memory://",
+                "LOG_LEVEL": "warning",
+                "SHUTDOWN_TIMEOUT": "2",
+                "DB_COMMAND_TIMEOUT": "60",
+                "DB_CONNECT_TIMEOUT": "60",
+            }
+        ).start()
         try:
             await inst.wait_ready()
             async with httpx.AsyncClient(timeout=60) as http:

@@ -18,8 +18,14 @@ COMMAND = str(Path(sys.executable).parent / "chat-gateway")
 
 
 def run(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([COMMAND, *args], env={**os.environ, **env}, cwd=cwd,
-                          capture_output=True, text=True, timeout=harness.t(30))
+    return subprocess.run(
+        [COMMAND, *args],
+        env={**os.environ, **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=harness.t(30),
+    )
 
 
 def assert_one_line(proc: subprocess.CompletedProcess[str], *expected: str) -> None:
@@ -38,8 +44,11 @@ def test_unreachable_postgres(command, tmp_path):
     port = harness.free_port()
     url = f"postgresql://chat:s3cret@127.0.0.1:{port}/chat"
     proc = run(command, env={"DATABASE_URL": url, "DB_CONNECT_TIMEOUT": "2"}, cwd=tmp_path)
-    assert_one_line(proc, f"cannot connect to Postgres at postgresql://chat:***@127.0.0.1:{port}/chat",
-                    "Postgres runs")
+    assert_one_line(
+        proc,
+        f"cannot connect to Postgres at postgresql://chat:***@127.0.0.1:{port}/chat",
+        "Postgres runs",
+    )
 
 
 @pytest.mark.parametrize("command", ["serve", "migrate"])
@@ -61,12 +70,17 @@ def test_unwritable_sqlite_path(command, tmp_path):
 @pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
 def test_unreachable_redis_is_a_warning_naming_it(scheme, tmp_path):
     port = harness.free_port()
-    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db",
-           "REDIS_URL": f"{scheme}://127.0.0.1:{port}", "PORT": str(harness.free_port())}
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db",
+        "REDIS_URL": f"{scheme}://127.0.0.1:{port}",
+        "PORT": str(harness.free_port()),
+    }
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([COMMAND, "serve"], env=env, cwd=tmp_path, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [COMMAND, "serve"], env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.monotonic() + harness.t(20)
         while f"127.0.0.1:{port}" not in log.read_text():
@@ -85,10 +99,12 @@ def test_unreachable_redis_is_a_warning_naming_it(scheme, tmp_path):
 def test_a_printed_database_url_has_no_password():
     from storage.base import display_url
 
-    assert display_url("postgresql://chat:s3cret@h1:5432,h2:5432/chat?target_session_attrs="
-                       "read-write") == ("postgresql://chat:***@h1:5432,h2:5432/chat?"
-                                         "target_session_attrs=read-write")
-    assert display_url("postgresql://h/chat?user=chat&password=s3cret") == \
-        "postgresql://h/chat?user=chat&password=***"
+    assert display_url(
+        "postgresql://chat:s3cret@h1:5432,h2:5432/chat?target_session_attrs=read-write"
+    ) == ("postgresql://chat:***@h1:5432,h2:5432/chat?target_session_attrs=read-write")
+    assert (
+        display_url("postgresql://h/chat?user=chat&password=s3cret")
+        == "postgresql://h/chat?user=chat&password=***"
+    )
     assert display_url("postgresql://chat@h/chat") == "postgresql://chat@h/chat"
     assert display_url("sqlite:///./chat-gateway.db") == "sqlite:///./chat-gateway.db"

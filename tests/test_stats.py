@@ -14,8 +14,11 @@ async def test_stats_stream_reports_clients_rooms_rates_latency_and_cache(gatewa
     inst = Instance(dict(gateway_env)).start()
     try:
         await inst.wait_ready()
-        async with (SSEClient.open(f"{inst.url}/v1/stats/events?interval=1") as stats,
-                    WSClient.connect(inst.ws_url) as ws, httpx.AsyncClient() as http):
+        async with (
+            SSEClient.open(f"{inst.url}/v1/stats/events?interval=1") as stats,
+            WSClient.connect(inst.ws_url) as ws,
+            httpx.AsyncClient() as http,
+        ):
             assert stats.status == 200
             await ws.subscribe("stats.room")
 
@@ -32,8 +35,13 @@ async def test_stats_stream_reports_clients_rooms_rates_latency_and_cache(gatewa
 
             def caught_up() -> dict | None:
                 snap = snapshots()[-1]
-                return snap if snap and snap["messages"]["delivered_total"] >= 5 \
-                    and snap["cache"]["lookups_total"] >= 2 else None
+                return (
+                    snap
+                    if snap
+                    and snap["messages"]["delivered_total"] >= 5
+                    and snap["cache"]["lookups_total"] >= 2
+                    else None
+                )
 
             snap = await eventually(caught_up)
             assert snap["clients"] == {"ws": 1, "sse": 0, "total": 1}
@@ -72,11 +80,13 @@ async def test_stats_stream_refuses_a_bad_interval(gateway_env):
 async def test_cluster_scope_adds_up_every_instance_and_drops_one_that_stops(gateway_env):
     room = "stats.cluster"
     async with instances(3, gateway_env) as (a, b, c):
-        async with (SSEClient.open(f"{a.url}/v1/stats/events?interval=1&scope=cluster")
-                    as whole,
-                    SSEClient.open(f"{a.url}/v1/stats/events?interval=1") as own,
-                    WSClient.connect(b.ws_url) as on_b, WSClient.connect(c.ws_url) as on_c,
-                    httpx.AsyncClient() as http):
+        async with (
+            SSEClient.open(f"{a.url}/v1/stats/events?interval=1&scope=cluster") as whole,
+            SSEClient.open(f"{a.url}/v1/stats/events?interval=1") as own,
+            WSClient.connect(b.ws_url) as on_b,
+            WSClient.connect(c.ws_url) as on_c,
+            httpx.AsyncClient() as http,
+        ):
             await on_b.subscribe(room)
             await on_c.subscribe(room)
             for i, inst in enumerate((a, b, c, a)):
@@ -90,16 +100,22 @@ async def test_cluster_scope_adds_up_every_instance_and_drops_one_that_stops(gat
 
             def summed() -> dict | None:
                 snap = last(whole)
-                return snap if snap and len(snap["instances"]) == 3 \
-                    and snap["messages"]["delivered_total"] >= 8 else None
+                return (
+                    snap
+                    if snap
+                    and len(snap["instances"]) == 3
+                    and snap["messages"]["delivered_total"] >= 8
+                    else None
+                )
 
             snap = await eventually(summed)
             assert snap["scope"] == "cluster"
             assert snap["clients"] == {"ws": 2, "sse": 0, "total": 2}
             assert snap["messages"]["accepted_total"] == 4  # two on a, one each on b, c
             assert snap["messages"]["delivered_total"] == 8  # 4 to each subscriber
-            assert snap["rooms"] == [{"room": room, "seq": 4, "subscribers": 2,
-                                      "per_s": snap["rooms"][0]["per_s"]}]
+            assert snap["rooms"] == [
+                {"room": room, "seq": 4, "subscribers": 2, "per_s": snap["rooms"][0]["per_s"]}
+            ]
             by_pid = {i["pid"] for i in snap["instances"]}
             assert by_pid == {a.proc.pid, b.proc.pid, c.proc.pid}
             # the instance's own stream still counts it alone
@@ -108,8 +124,9 @@ async def test_cluster_scope_adds_up_every_instance_and_drops_one_that_stops(gat
             assert [i["pid"] for i in mine["instances"]] == [a.proc.pid]
 
             c.stop()  # a graceful stop removes its entry at once
-            gone = await eventually(lambda: (last(whole) if len(last(whole)["instances"]) == 2
-                                             else None))
+            gone = await eventually(
+                lambda: last(whole) if len(last(whole)["instances"]) == 2 else None
+            )
             assert {i["pid"] for i in gone["instances"]} == {a.proc.pid, b.proc.pid}
             assert gone["clients"]["total"] == 1
 
@@ -119,22 +136,31 @@ SECRET = "stats-test-secret-of-at-least-32-bytes"
 
 
 async def test_in_auth_mode_the_figures_need_an_api_key_and_count_as_connections(tmp_path):
-    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/s.db", "REDIS_URL": "memory://",
-           "AUTH_SECRET": SECRET, "API_KEYS": API_KEY, "LOG_LEVEL": "warning",
-           "MAX_CONNECTIONS_PER_IDENTITY": "2"}
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/s.db",
+        "REDIS_URL": "memory://",
+        "AUTH_SECRET": SECRET,
+        "API_KEYS": API_KEY,
+        "LOG_LEVEL": "warning",
+        "MAX_CONNECTIONS_PER_IDENTITY": "2",
+    }
     async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=10) as http:
         url = f"{gw.url}/v1/stats/events"
-        user = jwt.encode({"sub": "ana", "exp": int(time.time()) + 600}, SECRET,
-                          algorithm="HS256")
-        for headers, params in (({}, {}), ({"Authorization": "Bearer nope"}, {}),
-                                ({}, {"key": "nope"}),
-                                ({"Authorization": f"Bearer {user}"}, {})):
+        user = jwt.encode({"sub": "ana", "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
+        for headers, params in (
+            ({}, {}),
+            ({"Authorization": "Bearer nope"}, {}),
+            ({}, {"key": "nope"}),
+            ({"Authorization": f"Bearer {user}"}, {}),
+        ):
             r = await http.get(url, headers=headers, params=params)
             assert r.status_code == 401, (headers, params, r.text)
             assert r.json()["error"]["code"] == "unauthorized"
         # with the key, as a header or (EventSource) as ?key=: two streams, then refused
-        async with (SSEClient.open(url, {"Authorization": f"Bearer {API_KEY}"}) as one,
-                    SSEClient.open(f"{url}?key={API_KEY}") as two):
+        async with (
+            SSEClient.open(url, {"Authorization": f"Bearer {API_KEY}"}) as one,
+            SSEClient.open(f"{url}?key={API_KEY}") as two,
+        ):
             assert one.status == two.status == 200
             await eventually(lambda: one.events and two.events)
             assert one.events[0]["event"] == "stats"
@@ -145,6 +171,7 @@ async def test_in_auth_mode_the_figures_need_an_api_key_and_count_as_connections
             async with SSEClient.open(f"{url}?key={API_KEY}") as again:
                 await eventually(lambda: again.events or again.ended.is_set())
                 return bool(again.events)
+
         assert await eventually(admitted)
 
     # auth mode with no API key configured: nobody sees the figures

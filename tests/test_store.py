@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -176,8 +176,11 @@ async def test_purge_and_retention_delete_the_change_rows_of_their_messages(stor
     future = int(time.time() * 1000) + 60_000
     assert await store.delete_before(future, 2) == 2  # the two oldest
     left = await change_rows(store)
-    remaining = {(m.room, m.seq) for room in ("gone", "kept")
-                 for m in (await store.history(room, limit=10)).messages}
+    remaining = {
+        (m.room, m.seq)
+        for room in ("gone", "kept")
+        for m in (await store.history(room, limit=10)).messages
+    }
     assert {(room, seq) for room, _, seq in left} <= remaining
     assert await store.delete_before(future, 100) == 2
     assert await change_rows(store) == []

@@ -51,12 +51,16 @@ HTTP_CASES: list[tuple[str, str, dict[str, Any], int, str]] = [
     ("POST", MSG, {"json": {"text": "hi", "author": "a" * 65}}, 422, "invalid_request"),
     ("POST", MSG, {"json": {"text": "hi", "author": 5}}, 422, "invalid_request"),
     ("POST", MSG, {"json": {"text": "hi", "author": "a\x00"}}, 422, "invalid_request"),
-    ("POST", MSG, {"json": {"text": "hi"}, "headers": {"Idempotency-Key": "k" * 129}},
-     422, "invalid_request"),
+    (
+        "POST",
+        MSG,
+        {"json": {"text": "hi"}, "headers": {"Idempotency-Key": "k" * 129}},
+        422,
+        "invalid_request",
+    ),
     # room names
     ("POST", "/v1/rooms/-bad/messages", {"json": {"text": "hi"}}, 422, "invalid_request"),
-    ("POST", f"/v1/rooms/{'a' * 129}/messages", {"json": {"text": "hi"}}, 422,
-     "invalid_request"),
+    ("POST", f"/v1/rooms/{'a' * 129}/messages", {"json": {"text": "hi"}}, 422, "invalid_request"),
     ("POST", "/v1/rooms/a%20b/messages", {"json": {"text": "hi"}}, 422, "invalid_request"),
     ("POST", "/v1/rooms/caf%C3%A9/messages", {"json": {"text": "hi"}}, 422, "invalid_request"),
     ("POST", "/v1/rooms/%00x/messages", {"json": {"text": "hi"}}, 422, "invalid_request"),
@@ -65,8 +69,10 @@ HTTP_CASES: list[tuple[str, str, dict[str, Any], int, str]] = [
     ("POST", "/v1/rooms//messages", {"json": {"text": "hi"}}, 404, "not_found"),
     ("PUT", MSG, {"json": {"text": "hi"}}, 405, "method_not_allowed"),
     # query parameters
-    *[("GET", MSG, {"params": {"limit": bad}}, 422, "invalid_request")
-      for bad in ("0", "201", "-1", "abc", "1.5", "", "\u0661", "9" * 30)],
+    *[
+        ("GET", MSG, {"params": {"limit": bad}}, 422, "invalid_request")
+        for bad in ("0", "201", "-1", "abc", "1.5", "", "\u0661", "9" * 30)
+    ],
     ("GET", MSG, {"params": {"before": "x"}}, 422, "invalid_request"),
     ("GET", MSG, {"params": {"after": "9" * 20}}, 422, "invalid_request"),
     ("GET", MSG, {"params": {"foo": "1"}}, 422, "invalid_request"),
@@ -75,22 +81,29 @@ HTTP_CASES: list[tuple[str, str, dict[str, Any], int, str]] = [
     ("GET", "/v1/rooms/r/events", {"params": {"foo": "1"}}, 422, "invalid_request"),
     ("GET", "/v1/rooms/r/events", {"params": {"user": "u" * 65}}, 422, "invalid_request"),
     ("GET", "/v1/rooms/r/presence", {"params": {"foo": "1"}}, 422, "invalid_request"),
-    ("GET", "/v1/rooms/r/events", {"headers": {"Last-Event-ID": "abc"}}, 422,
-     "invalid_request"),
+    ("GET", "/v1/rooms/r/events", {"headers": {"Last-Event-ID": "abc"}}, 422, "invalid_request"),
     ("GET", "/v1/rooms/-r/events", {}, 422, "invalid_request"),
     # /v1/publish
     ("POST", "/v1/publish", {"content": b"{"}, 400, "invalid_json"),
     ("POST", "/v1/publish", {"json": {"room": "r"}}, 422, "invalid_request"),
-    ("POST", "/v1/publish", {"json": {"room": "r", "event": "message"}}, 422,
-     "invalid_request"),
-    ("POST", "/v1/publish", {"json": {"room": "r", "event": "e", "data": []}}, 422,
-     "invalid_request"),
-    ("POST", "/v1/publish", {"json": {"room": "r", "event": "e", "x": 1}}, 422,
-     "invalid_request"),
+    ("POST", "/v1/publish", {"json": {"room": "r", "event": "message"}}, 422, "invalid_request"),
+    (
+        "POST",
+        "/v1/publish",
+        {"json": {"room": "r", "event": "e", "data": []}},
+        422,
+        "invalid_request",
+    ),
+    ("POST", "/v1/publish", {"json": {"room": "r", "event": "e", "x": 1}}, 422, "invalid_request"),
     ("POST", "/v1/publish", {"json": {"room": "r r", "event": "e"}}, 422, "invalid_request"),
     ("POST", "/v1/publish", {"content": b"x" * 9000}, 413, "too_large"),
-    ("POST", "/v1/publish", {"json": {"room": "r", "event": "e"}, "params": {"a": "1"}}, 422,
-     "invalid_request"),
+    (
+        "POST",
+        "/v1/publish",
+        {"json": {"room": "r", "event": "e"}, "params": {"a": "1"}},
+        422,
+        "invalid_request",
+    ),
     ("GET", "/nowhere", {}, 404, "not_found"),
 ]
 
@@ -125,8 +138,11 @@ async def raw_request(port: int, head: bytes, parts: list[bytes]) -> bytes:
             writer.write(part)
             await writer.drain()
         head_bytes = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), t(10))
-        length = next(int(line.split(b":")[1]) for line in head_bytes.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:"))
+        length = next(
+            int(line.split(b":")[1])
+            for line in head_bytes.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
         return head_bytes + await asyncio.wait_for(reader.readexactly(length), t(10))
     finally:
         writer.close()
@@ -169,18 +185,21 @@ WS_CASES: list[tuple[Any, str]] = [
     ({"type": "publish", "room": "r", "text": "a\x00", "ref": "e2"}, "invalid_request"),
     ({"type": "publish", "room": "r", "text": "a" * 4001, "ref": "e3"}, "invalid_request"),
     ({"type": "publish", "room": "r", "text": 5, "ref": "e4"}, "invalid_request"),
-    ({"type": "publish", "room": "r", "text": "hi", "author": 5, "ref": "e5"},
-     "invalid_request"),
+    ({"type": "publish", "room": "r", "text": "hi", "author": 5, "ref": "e5"}, "invalid_request"),
     ({"type": "publish", "room": "r r", "text": "hi", "ref": "e6"}, "invalid_request"),
     ({"type": "publish", "room": "r", "text": "hi", "ref": {"x": 1}}, "invalid_request"),
     ({"type": "publish", "room": "r", "text": "hi", "ref": "e7", "x": 1}, "invalid_request"),
     ({"type": "publish", "text": "hi", "ref": "e8"}, "invalid_request"),
     ({"type": "publish", "room": "r", "text": "hi", "ref": "e9", "key": ""}, "invalid_request"),
     ({"type": "publish", "room": "r", "text": "hi", "ref": "e10", "key": 5}, "invalid_request"),
-    ({"type": "publish", "room": "r", "text": "hi", "ref": "e11", "key": "k" * 129},
-     "invalid_request"),
-    ({"type": "publish", "room": "r", "text": "hi", "ref": "e12", "key": "a\x00"},
-     "invalid_request"),
+    (
+        {"type": "publish", "room": "r", "text": "hi", "ref": "e11", "key": "k" * 129},
+        "invalid_request",
+    ),
+    (
+        {"type": "publish", "room": "r", "text": "hi", "ref": "e12", "key": "a\x00"},
+        "invalid_request",
+    ),
 ]
 
 
@@ -188,8 +207,9 @@ async def test_bad_ws_frames_get_error_frames_and_the_socket_stays(env):
     async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=10) as http:
         async with WSClient.connect(gw.ws_url) as ws:
             for frame, code in WS_CASES:
-                await ws.conn.send(frame if isinstance(frame, str) else
-                                   orjson.dumps(frame).decode())
+                await ws.conn.send(
+                    frame if isinstance(frame, str) else orjson.dumps(frame).decode()
+                )
                 err = await ws.expect("error")
                 assert err["code"] == code, (frame, err)
                 assert err["message"], frame
@@ -207,8 +227,11 @@ async def test_bad_ws_frames_get_error_frames_and_the_socket_stays(env):
             assert (await ws.subscribe("r"))["seq"] == 0
 
             # a frame past WS_MAX_SIZE closes the socket with 1009
-            await ws.conn.send(orjson.dumps({"type": "publish", "room": "r", "text": "a" * 9000,
-                                             "ref": "big"}).decode())
+            await ws.conn.send(
+                orjson.dumps(
+                    {"type": "publish", "room": "r", "text": "a" * 9000, "ref": "big"}
+                ).decode()
+            )
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await ws.expect("ack", timeout=5)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
@@ -220,41 +243,48 @@ async def test_bad_ws_frames_get_error_frames_and_the_socket_stays(env):
             assert ack["ref"] == 1 and ack["message"]["seq"] == 1
 
 
-async def test_read_and_change_routes_list_every_method_and_check_what_they_ignore(
-        gateway_env):
+async def test_read_and_change_routes_list_every_method_and_check_what_they_ignore(gateway_env):
     """One route per path: a 405 names every method of the path in ``Allow``. In auth
     mode a read position's ``user`` and a change's ``author`` are not used, yet they
     are checked against their declared shape, and so is a server API ``reason``."""
     secret, key = "validation-secret-" + "0" * 32, "validation-api-key"
     env = {**gateway_env, "AUTH_SECRET": secret, "API_KEYS": key}
-    user = {"Authorization": "Bearer " + jwt.encode(
-        {"sub": "ana", "exp": int(time.time()) + 600}, secret, algorithm="HS256")}
+    user = {
+        "Authorization": "Bearer "
+        + jwt.encode({"sub": "ana", "exp": int(time.time()) + 600}, secret, algorithm="HS256")
+    }
     backend = {"Authorization": f"Bearer {key}"}
     async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=t(10)) as http:
-        for path, allowed in (("/v1/rooms/r/read", {"GET", "POST"}),
-                              ("/v1/rooms/r/messages/1", {"PATCH", "DELETE"})):
+        for path, allowed in (
+            ("/v1/rooms/r/read", {"GET", "POST"}),
+            ("/v1/rooms/r/messages/1", {"PATCH", "DELETE"}),
+        ):
             r = await http.put(gw.url + path, json={}, headers=user)
             assert_error(r, 405, "method_not_allowed", path)
             assert allowed <= {m.strip() for m in r.headers["allow"].split(",")}, r.headers
         r = await http.post(gw.url + MSG, json={"text": "hi"}, headers=user)
         assert r.status_code == 201, r.text
         for method, path, kwargs in (
-                ("POST", "/v1/rooms/r/read", {"json": {"seq": 1, "user": None}}),
-                ("POST", "/v1/rooms/r/read", {"json": {"seq": 1, "user": " "}}),
-                ("GET", "/v1/rooms/r/read", {"params": {"user": "a\x00"}}),
-                ("GET", "/v1/read", {"params": {"user": "u" * 65}})):
+            ("POST", "/v1/rooms/r/read", {"json": {"seq": 1, "user": None}}),
+            ("POST", "/v1/rooms/r/read", {"json": {"seq": 1, "user": " "}}),
+            ("GET", "/v1/rooms/r/read", {"params": {"user": "a\x00"}}),
+            ("GET", "/v1/read", {"params": {"user": "u" * 65}}),
+        ):
             r = await http.request(method, gw.url + path, headers=user, **kwargs)
             assert_error(r, 422, "invalid_request", (method, path, kwargs))
             assert r.json()["error"]["field"] == "user", r.text
         for headers in (user, backend):
-            r = await http.patch(gw.url + MSG + "/1", json={"text": "x", "author": ""},
-                                 headers=headers)
+            r = await http.patch(
+                gw.url + MSG + "/1", json={"text": "x", "author": ""}, headers=headers
+            )
             assert_error(r, 422, "invalid_request", headers)
-            r = await http.request("DELETE", gw.url + MSG + "/1", json={"author": None},
-                                   headers=headers)
+            r = await http.request(
+                "DELETE", gw.url + MSG + "/1", json={"author": None}, headers=headers
+            )
             assert_error(r, 422, "invalid_request", headers)
-        r = await http.post(gw.url + "/v1/server/disconnect",
-                            json={"user": "ana", "reason": None}, headers=backend)
+        r = await http.post(
+            gw.url + "/v1/server/disconnect", json={"user": "ana", "reason": None}, headers=backend
+        )
         assert_error(r, 422, "invalid_request")
         # nothing changed; a seq with a zero fraction is that integer
         r = await http.get(gw.url + MSG, headers=user)

@@ -12,8 +12,9 @@ import base64
 import email.utils
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import orjson
@@ -63,7 +64,7 @@ class Receiver:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/hooks"
 
-    async def start(self) -> "Receiver":
+    async def start(self) -> Receiver:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
         return self
 
@@ -80,8 +81,9 @@ class Receiver:
         return [h for h in self.hits if 200 <= h.status < 300]
 
     def seqs(self, room: str) -> list[int]:
-        return [h.payload["data"]["seq"] for h in self.delivered()
-                if h.payload["data"]["room"] == room]
+        return [
+            h.payload["data"]["seq"] for h in self.delivered() if h.payload["data"]["room"] == room
+        ]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._conns.add(writer)
@@ -89,15 +91,17 @@ class Receiver:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 lines = head.decode().split("\r\n")
-                headers = {k.strip().lower(): v.strip() for k, _, v in
-                           (line.partition(":") for line in lines[1:] if line)}
+                headers = {
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (line.partition(":") for line in lines[1:] if line)
+                }
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
                 hit = Hit(headers, body, orjson.loads(body), time.monotonic())
                 self.hits.append(hit)
                 for secret in self.secrets:
                     try:
                         Webhook(secret).verify(body, headers)
-                    except Exception as exc:  # noqa: BLE001 - recorded, asserted on
+                    except Exception as exc:
                         self.unverified.append(f"{headers.get('webhook-id')}: {exc!r}")
                 event = headers.get("webhook-id", "")
                 if event in self.in_flight:
@@ -111,8 +115,9 @@ class Receiver:
                     self.in_flight.discard(event)
                 hit.status = status
                 extra_lines = "".join(f"{k}: {v}\r\n" for k, v in extra.items())
-                writer.write(f"HTTP/1.1 {status} X\r\ncontent-length: 0\r\n{extra_lines}"
-                             "\r\n".encode())
+                writer.write(
+                    f"HTTP/1.1 {status} X\r\ncontent-length: 0\r\n{extra_lines}\r\n".encode()
+                )
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -122,10 +127,17 @@ class Receiver:
 
 
 def hook_env(base: dict[str, str], receiver: Receiver, **extra: str) -> dict[str, str]:
-    return {**base, "WEBHOOK_URLS": receiver.url, "WEBHOOK_SECRET": " ".join(receiver.secrets),
-            "WEBHOOK_ALLOW_PRIVATE": "true", "WEBHOOK_BACKOFF": "0.05,0.2",
-            "WEBHOOK_POLL_INTERVAL": "0.1", "WEBHOOK_TIMEOUT": "2", "API_KEYS": ADMIN_KEY,
-            **extra}
+    return {
+        **base,
+        "WEBHOOK_URLS": receiver.url,
+        "WEBHOOK_SECRET": " ".join(receiver.secrets),
+        "WEBHOOK_ALLOW_PRIVATE": "true",
+        "WEBHOOK_BACKOFF": "0.05,0.2",
+        "WEBHOOK_POLL_INTERVAL": "0.1",
+        "WEBHOOK_TIMEOUT": "2",
+        "API_KEYS": ADMIN_KEY,
+        **extra,
+    }
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
@@ -133,8 +145,12 @@ def any_env(request, tmp_path) -> dict[str, str]:
     """A gateway environment on Postgres (with Redis), or on SQLite alone."""
     if request.param == "postgres":
         return request.getfixturevalue("gateway_env")  # type: ignore[no-any-return]
-    return {"DATABASE_URL": f"sqlite:///{tmp_path}/hooks.db", "REDIS_URL": "memory://",
-            "RATE_LIMIT": "100000/1s", "LOG_LEVEL": "warning"}
+    return {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/hooks.db",
+        "REDIS_URL": "memory://",
+        "RATE_LIMIT": "100000/1s",
+        "LOG_LEVEL": "warning",
+    }
 
 
 async def post_all(base: str, posts: list[tuple[str, str]]) -> list[dict[str, Any]]:
@@ -157,8 +173,11 @@ def check_delivered(receiver: Receiver, messages: list[dict[str, Any]]) -> None:
     by_id = {h.headers["webhook-id"]: h for h in receiver.delivered()}
     for msg in messages:
         hit = by_id[f"evt_{msg['id']}"]
-        assert hit.payload == {"type": "message.created", "timestamp": msg["created_at"],
-                               "data": msg}
+        assert hit.payload == {
+            "type": "message.created",
+            "timestamp": msg["created_at"],
+            "data": msg,
+        }
     for room in {m["room"] for m in messages}:
         seqs = receiver.seqs(room)
         assert seqs == sorted(seqs), f"room {room} out of order: {seqs}"
@@ -191,8 +210,9 @@ async def test_edits_and_deletes_are_sent_in_commit_order_with_messages(any_env)
     after it plus its change number, in commit order (a change after the messages
     committed before it, not by the seq of the message it changes)."""
     open_ = False
-    receiver = await Receiver([new_secret()], answer=lambda hit: (
-        (200, {}, 0.0) if open_ else (500, {}, 0.0))).start()
+    receiver = await Receiver(
+        [new_secret()], answer=lambda hit: (200, {}, 0.0) if open_ else (500, {}, 0.0)
+    ).start()
     gw = Instance(hook_env(any_env, receiver, WEBHOOK_BREAKER_FAILURES="100000")).start()
     room = "edits"
     try:
@@ -211,8 +231,12 @@ async def test_edits_and_deletes_are_sent_in_commit_order_with_messages(any_env)
                 r = await http.request(method, f"{url}/{seq}", json=body)
                 assert r.status_code == 200, r.text
                 change = 1 + sum(1 for kind, _ in sent if kind != "message.created")
-                sent.append(("message.deleted" if text is None else "message.updated",
-                             {**r.json(), "change": change}))
+                sent.append(
+                    (
+                        "message.deleted" if text is None else "message.updated",
+                        {**r.json(), "change": change},
+                    )
+                )
 
             await write("POST", None, "m1")
             await write("POST", None, "m2")
@@ -277,8 +301,9 @@ async def test_failures_are_retried_with_the_same_id_and_order_holds(gateway_env
 
 async def test_retry_after_is_honoured_on_429(gateway_env):
     answers = iter([(429, {"Retry-After": "2"}, 0.0)])
-    receiver = await Receiver([new_secret()],
-                              answer=lambda hit: next(answers, (200, {}, 0.0))).start()
+    receiver = await Receiver(
+        [new_secret()], answer=lambda hit: next(answers, (200, {}, 0.0))
+    ).start()
     gw = Instance(hook_env(gateway_env, receiver)).start()
     try:
         await gw.wait_ready()
@@ -295,13 +320,15 @@ async def test_retry_after_is_honoured_on_429(gateway_env):
 
 async def test_gone_disables_the_receiver_until_an_operator_enables_it(gateway_env):
     gone = True
-    receiver = await Receiver([new_secret()],
-                              answer=lambda hit: (410 if gone else 200, {}, 0.0)).start()
+    receiver = await Receiver(
+        [new_secret()], answer=lambda hit: (410 if gone else 200, {}, 0.0)
+    ).start()
     gw = Instance(hook_env(gateway_env, receiver)).start()
     try:
         await gw.wait_ready()
         msgs = await post_all(gw.url, [("gone", f"m{i}") for i in range(3)])
         async with httpx.AsyncClient(base_url=gw.url, headers=AUTH) as client:
+
             async def listed() -> dict[str, Any]:
                 return (await client.get("/v1/admin/webhooks")).json()["endpoints"][0]
 
@@ -329,14 +356,17 @@ async def _when(listing: Any, **want: Any) -> Any:
 
 async def test_dead_letters_are_listed_paged_and_replayed(any_env):
     failing = True
-    receiver = await Receiver([new_secret()],
-                              answer=lambda hit: (500 if failing else 204, {}, 0.0)).start()
+    receiver = await Receiver(
+        [new_secret()], answer=lambda hit: (500 if failing else 204, {}, 0.0)
+    ).start()
     gw = Instance(hook_env(any_env, receiver, WEBHOOK_MAX_ATTEMPTS="2")).start()
     try:
         await gw.wait_ready()
-        msgs = sorted(await post_all(gw.url, [("dl", "first"), ("dl", "second")]),
-                      key=lambda m: m["seq"])
+        msgs = sorted(
+            await post_all(gw.url, [("dl", "first"), ("dl", "second")]), key=lambda m: m["seq"]
+        )
         async with httpx.AsyncClient(base_url=gw.url, headers=AUTH) as client:
+
             async def dead() -> list[dict[str, Any]]:
                 return (await client.get("/v1/admin/webhooks/dead")).json()["dead"]
 
@@ -350,13 +380,17 @@ async def test_dead_letters_are_listed_paged_and_replayed(any_env):
             assert await metric(gw.url, "chat_webhook_dead_letters_total") == 2
             page = (await client.get("/v1/admin/webhooks/dead", params={"limit": 1})).json()
             assert [d["seq"] for d in page["dead"]] == [2] and page["next"] is not None
-            rest = (await client.get("/v1/admin/webhooks/dead",
-                                     params={"limit": 1, "before": page["next"]})).json()
+            rest = (
+                await client.get(
+                    "/v1/admin/webhooks/dead", params={"limit": 1, "before": page["next"]}
+                )
+            ).json()
             assert [d["seq"] for d in rest["dead"]] == [1] and rest["next"] is None
 
             failing = False
-            r = await client.post("/v1/admin/webhooks/replay",
-                                  json={"ids": [d["id"] for d in letters]})
+            r = await client.post(
+                "/v1/admin/webhooks/replay", json={"ids": [d["id"] for d in letters]}
+            )
             assert r.status_code == 202 and r.json()["replayed"] == 2
             await eventually(lambda: len(receiver.delivered()) == 2, 20)
             check_delivered(receiver, msgs)
@@ -364,8 +398,9 @@ async def test_dead_letters_are_listed_paged_and_replayed(any_env):
             await eventually(lambda: _when(client.get("/v1/admin/webhooks"), backlog=0))
 
             # A time range sends every event committed in it again, delivered ones too.
-            r = await client.post("/v1/admin/webhooks/replay",
-                                  json={"from": "2000-01-01T00:00:00Z"})
+            r = await client.post(
+                "/v1/admin/webhooks/replay", json={"from": "2000-01-01T00:00:00Z"}
+            )
             assert r.status_code == 202 and r.json()["replayed"] == 2
             await eventually(lambda: len(receiver.delivered()) == 4, 20)
             assert [h.payload["data"]["seq"] for h in receiver.delivered()] == [1, 2, 1, 2]
@@ -382,11 +417,20 @@ async def _count(listing: Any, n: int) -> Any:
 
 async def test_the_breaker_bounds_attempts_to_a_dead_receiver(gateway_env):
     failing = True
-    receiver = await Receiver([new_secret()],
-                              answer=lambda hit: (500 if failing else 200, {}, 0.0)).start()
-    gw = Instance(hook_env(gateway_env, receiver, WEBHOOK_BACKOFF="0.01,0.02",
-                           WEBHOOK_BREAKER_FAILURES="3", WEBHOOK_BREAKER_COOLDOWN="1",
-                           WEBHOOK_CONCURRENCY="2", WEBHOOK_MAX_ATTEMPTS="100000")).start()
+    receiver = await Receiver(
+        [new_secret()], answer=lambda hit: (500 if failing else 200, {}, 0.0)
+    ).start()
+    gw = Instance(
+        hook_env(
+            gateway_env,
+            receiver,
+            WEBHOOK_BACKOFF="0.01,0.02",
+            WEBHOOK_BREAKER_FAILURES="3",
+            WEBHOOK_BREAKER_COOLDOWN="1",
+            WEBHOOK_CONCURRENCY="2",
+            WEBHOOK_MAX_ATTEMPTS="100000",
+        )
+    ).start()
     try:
         await gw.wait_ready()
         msgs = await post_all(gw.url, [(f"b{i}", "x") for i in range(10)])
@@ -423,8 +467,9 @@ async def test_a_commit_is_delivered_after_its_instance_is_killed(gateway_env):
     SIGKILLed with one attempt in flight and the rest never tried. Another instance,
     started later, delivers them all, in order, once the dead one's lease is over."""
     holding = True
-    receiver = await Receiver([new_secret()],
-                              answer=lambda hit: (200, {}, 60.0 if holding else 0.0)).start()
+    receiver = await Receiver(
+        [new_secret()], answer=lambda hit: (200, {}, 60.0 if holding else 0.0)
+    ).start()
     env = hook_env(gateway_env, receiver, WEBHOOK_TIMEOUT="1")
     first = Instance(env).start()
     second = Instance(env)
@@ -455,15 +500,18 @@ async def test_two_instances_share_the_outbox_without_sending_an_event_twice(gat
     try:
         await asyncio.gather(*(g.wait_ready() for g in gws))
         posts = [(f"s{i % 12}", f"m{i}") for i in range(60)]
-        msgs = sum(await asyncio.gather(post_all(gws[0].url, posts[::2]),
-                                        post_all(gws[1].url, posts[1::2])), [])
+        msgs = sum(
+            await asyncio.gather(
+                post_all(gws[0].url, posts[::2]), post_all(gws[1].url, posts[1::2])
+            ),
+            [],
+        )
         await eventually(lambda: len(receiver.delivered()) >= 60, 30)
         await asyncio.sleep(0.5)
         check_delivered(receiver, msgs)
         assert receiver.overlaps == []
         assert len(receiver.hits) == 60  # no failure, so no event went out twice
-        done = [await metric(g.url, "chat_webhook_attempts_total", outcome="success")
-                for g in gws]
+        done = [await metric(g.url, "chat_webhook_attempts_total", outcome="success") for g in gws]
         assert sum(done) == 60 and all(done), done  # both did some of the work
     finally:
         for g in gws:
@@ -478,26 +526,42 @@ def test_the_configuration_refuses_private_receivers_and_bad_values():
     secret = new_secret()
     ok = Settings(webhook_urls=("https://hooks.example.com/in",), webhook_secret=secret)
     assert ok.validated().webhook_backoff.longest <= 3600
-    for url in ("http://127.0.0.1:9/x", "http://[::1]/x", "http://10.1.2.3/x",
-                "http://169.254.169.254/latest", "http://192.168.0.1/"):
+    for url in (
+        "http://127.0.0.1:9/x",
+        "http://[::1]/x",
+        "http://10.1.2.3/x",
+        "http://169.254.169.254/latest",
+        "http://192.168.0.1/",
+    ):
         with pytest.raises(ConfigError, match="WEBHOOK_ALLOW_PRIVATE"):
             Settings(webhook_urls=(url,), webhook_secret=secret).validated()
-        Settings(webhook_urls=(url,), webhook_secret=secret,
-                 webhook_allow_private=True).validated()
-    bad = [dict(webhook_urls=("https://a.example/",)),
-           dict(webhook_urls=("ftp://a.example/",), webhook_secret=secret),
-           dict(webhook_urls=("https://a.example/",), webhook_secret="not-a-secret"),
-           dict(webhook_urls=("https://a.example/",), webhook_secret="whsec_c2hvcnQ="),
-           dict(webhook_urls=("https://a.example/", "https://a.example/"),
-                webhook_secret=secret)]
+        Settings(webhook_urls=(url,), webhook_secret=secret, webhook_allow_private=True).validated()
+    bad = [
+        dict(webhook_urls=("https://a.example/",)),
+        dict(webhook_urls=("ftp://a.example/",), webhook_secret=secret),
+        dict(webhook_urls=("https://a.example/",), webhook_secret="not-a-secret"),
+        dict(webhook_urls=("https://a.example/",), webhook_secret="whsec_c2hvcnQ="),
+        dict(webhook_urls=("https://a.example/", "https://a.example/"), webhook_secret=secret),
+    ]
     for values in bad:
         with pytest.raises(ConfigError):
             Settings(**values).validated()  # type: ignore[arg-type]
     from webhooks.egress import refused
 
-    for address in ("127.0.0.1", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254",
-                    "100.64.0.1", "0.0.0.0", "::1", "fe80::1", "fc00::1", "::ffff:127.0.0.1",
-                    "224.0.0.1"):
+    for address in (
+        "127.0.0.1",
+        "10.0.0.1",
+        "172.16.5.4",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "0.0.0.0",
+        "::1",
+        "fe80::1",
+        "fc00::1",
+        "::ffff:127.0.0.1",
+        "224.0.0.1",
+    ):
         assert refused(address), address
     for address in ("93.184.215.14", "2606:4700::6810:84e5", "::ffff:8.8.8.8"):
         assert not refused(address), address
@@ -508,14 +572,19 @@ def test_the_configuration_refuses_private_receivers_and_bad_values():
 
 async def test_a_name_that_resolves_to_loopback_is_blocked_when_sent(gateway_env):
     receiver = await Receiver([new_secret()]).start()
-    env = hook_env(gateway_env, receiver, WEBHOOK_ALLOW_PRIVATE="false",
-                   WEBHOOK_URLS=f"http://localhost:{receiver.port}/hooks")
+    env = hook_env(
+        gateway_env,
+        receiver,
+        WEBHOOK_ALLOW_PRIVATE="false",
+        WEBHOOK_URLS=f"http://localhost:{receiver.port}/hooks",
+    )
     gw = Instance(env).start()
     try:
         await gw.wait_ready()
         await post_all(gw.url, [("ssrf", "x")])
-        await eventually(lambda: metric(gw.url, "chat_webhook_attempts_total",
-                                        outcome="blocked"), 10)
+        await eventually(
+            lambda: metric(gw.url, "chat_webhook_attempts_total", outcome="blocked"), 10
+        )
         assert receiver.hits == []
     finally:
         gw.stop()
@@ -524,42 +593,67 @@ async def test_a_name_that_resolves_to_loopback_is_blocked_when_sent(gateway_env
 
 async def test_admin_routes_need_the_api_key_and_refuse_bad_input(tmp_path):
     receiver = await Receiver([new_secret()]).start()
-    env = hook_env({"DATABASE_URL": f"sqlite:///{tmp_path}/a.db", "LOG_LEVEL": "warning"},
-                   receiver)
+    env = hook_env({"DATABASE_URL": f"sqlite:///{tmp_path}/a.db", "LOG_LEVEL": "warning"}, receiver)
     gw = Instance(env).start()
     try:
         await gw.wait_ready()
         async with httpx.AsyncClient(base_url=gw.url) as client:
-            for method, path in (("GET", "/v1/admin/webhooks"), ("GET", "/v1/admin/webhooks/dead"),
-                                 ("POST", "/v1/admin/webhooks/replay")):
+            for method, path in (
+                ("GET", "/v1/admin/webhooks"),
+                ("GET", "/v1/admin/webhooks/dead"),
+                ("POST", "/v1/admin/webhooks/replay"),
+            ):
                 r = await client.request(method, path, json={"ids": [1]})
                 assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
             client.headers.update(AUTH)
             listed = (await client.get("/v1/admin/webhooks")).json()["endpoints"]
-            assert [(e["url"], e["state"], e["backlog"], e["oldest_pending_s"])
-                    for e in listed] == [(receiver.url, "closed", 0, None)]
+            assert [
+                (e["url"], e["state"], e["backlog"], e["oldest_pending_s"]) for e in listed
+            ] == [(receiver.url, "closed", 0, None)]
             refusals = [
                 ("POST", "/v1/admin/webhooks/replay", b"nope", 400, "invalid_json"),
                 ("POST", "/v1/admin/webhooks/replay", b"{}", 422, "invalid_request"),
                 ("POST", "/v1/admin/webhooks/replay", b'{"ids": "1"}', 422, "invalid_request"),
-                ("POST", "/v1/admin/webhooks/replay", b'{"ids": [true]}', 422,
-                 "invalid_request"),
-                ("POST", "/v1/admin/webhooks/replay", b'{"ids": [1], "x": 1}', 422,
-                 "invalid_request"),
-                ("POST", "/v1/admin/webhooks/replay", b'{"from": "yesterday"}', 422,
-                 "invalid_request"),
-                ("POST", "/v1/admin/webhooks/replay", b'{"from": "2026-01-01T00:00:00"}', 422,
-                 "invalid_request"),
-                ("POST", "/v1/admin/webhooks/replay",
-                 b'{"from": "2026-01-02T00:00:00Z", "to": "2026-01-01T00:00:00Z"}', 422,
-                 "invalid_request"),
-                ("POST", "/v1/admin/webhooks/replay", b'{"ids": [1], "endpoint": "http://x/"}',
-                 404, "not_found"),
+                ("POST", "/v1/admin/webhooks/replay", b'{"ids": [true]}', 422, "invalid_request"),
+                (
+                    "POST",
+                    "/v1/admin/webhooks/replay",
+                    b'{"ids": [1], "x": 1}',
+                    422,
+                    "invalid_request",
+                ),
+                (
+                    "POST",
+                    "/v1/admin/webhooks/replay",
+                    b'{"from": "yesterday"}',
+                    422,
+                    "invalid_request",
+                ),
+                (
+                    "POST",
+                    "/v1/admin/webhooks/replay",
+                    b'{"from": "2026-01-01T00:00:00"}',
+                    422,
+                    "invalid_request",
+                ),
+                (
+                    "POST",
+                    "/v1/admin/webhooks/replay",
+                    b'{"from": "2026-01-02T00:00:00Z", "to": "2026-01-01T00:00:00Z"}',
+                    422,
+                    "invalid_request",
+                ),
+                (
+                    "POST",
+                    "/v1/admin/webhooks/replay",
+                    b'{"ids": [1], "endpoint": "http://x/"}',
+                    404,
+                    "not_found",
+                ),
                 ("GET", "/v1/admin/webhooks/dead?limit=0", b"", 422, "invalid_request"),
                 ("GET", "/v1/admin/webhooks/dead?cursor=1", b"", 422, "invalid_request"),
-                ("POST", "/v1/admin/webhooks/enable", b'{"url": "http://x/"}', 404,
-                 "not_found"),
-                ("POST", "/v1/admin/webhooks/enable", b'{}', 422, "invalid_request"),
+                ("POST", "/v1/admin/webhooks/enable", b'{"url": "http://x/"}', 404, "not_found"),
+                ("POST", "/v1/admin/webhooks/enable", b"{}", 422, "invalid_request"),
             ]
             for method, path, body, status, code in refusals:
                 r = await client.request(method, path, content=body)
@@ -599,7 +693,9 @@ async def test_the_outbox_hands_out_queue_heads_and_retention_keeps_undelivered(
         again, created = await store.append("r3", "cy", "once", idempotency_key="k1")
         assert not created and again == keyed  # a repeat commits nothing, so no event
         assert {(b.endpoint_id, b.pending) for b in await outbox.backlog()} == {
-            (endpoint.id, 6), (other.id, 6)}
+            (endpoint.id, 6),
+            (other.id, 6),
+        }
 
         # Only heads: one per receiver and room, and never one that is leased.
         heads = await outbox.claim([endpoint.id], 10, lease=30)
@@ -636,8 +732,9 @@ async def test_instances_claiming_at_once_never_share_a_row(pg_url):
         (endpoint,) = await stores[0].outbox().register(["https://a.example/"])
         stores[0].write_outbox([endpoint.id])
         await stores[0].append_many([(f"room{i}", "ana", "x") for i in range(200)])
-        claims = await asyncio.gather(*(s.outbox().claim([endpoint.id], 60, lease=30)
-                                        for s in stores for _ in range(3)))
+        claims = await asyncio.gather(
+            *(s.outbox().claim([endpoint.id], 60, lease=30) for s in stores for _ in range(3))
+        )
         ids = [d.id for claim in claims for d in claim]
         assert len(ids) == len(set(ids)) == 200
     finally:
@@ -683,9 +780,29 @@ def test_the_bench_scenario_runs_on_tiny_sizes(tmp_path):
 
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "webhooks", "--json", str(out), "--hook-rooms", "5",
-         "--hook-rate", "20", "--hook-seconds", "1", "--hook-backlog", "40",
-         "--dead-seconds", "3"], cwd=ROOT, capture_output=True, text=True, timeout=t(180))
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "webhooks",
+            "--json",
+            str(out),
+            "--hook-rooms",
+            "5",
+            "--hook-rate",
+            "20",
+            "--hook-seconds",
+            "1",
+            "--hook-backlog",
+            "40",
+            "--dead-seconds",
+            "3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=t(180),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     latency, throughput, dead = orjson.loads(out.read_bytes())["results"]["webhooks"]
     assert latency["events"] == 20 and latency["p99_ms"] >= latency["p50_ms"] > 0
@@ -704,15 +821,20 @@ async def test_presence_changes_are_sent_best_effort(any_env):
         await gw.wait_ready()
 
         def presence() -> list[tuple[str, dict[str, Any]]]:
-            return [(h.payload["type"], h.payload["data"]) for h in receiver.delivered()
-                    if h.payload["type"].startswith("presence.")]
+            return [
+                (h.payload["type"], h.payload["data"])
+                for h in receiver.delivered()
+                if h.payload["type"].startswith("presence.")
+            ]
 
         async with WSClient.connect(gw.ws_url + "?user=ana") as ana:
             await ana.subscribe("p")
-            await eventually(lambda: presence() == [("presence.joined",
-                                                     {"room": "p", "user": "ana"})], 10)
-        await eventually(lambda: presence()[1:] == [("presence.left",
-                                                     {"room": "p", "user": "ana"})], 10)
+            await eventually(
+                lambda: presence() == [("presence.joined", {"room": "p", "user": "ana"})], 10
+            )
+        await eventually(
+            lambda: presence()[1:] == [("presence.left", {"room": "p", "user": "ana"})], 10
+        )
         assert receiver.unverified == []
         ids = [h.headers["webhook-id"] for h in receiver.hits]
         assert len(set(ids)) == 2 and all(i.startswith("evt_") for i in ids)

@@ -93,7 +93,8 @@ class Breaker:
     def failure(self, now: float) -> None:
         self.failures += 1
         if self.state is BreakerState.HALF_OPEN or (
-                self.state is BreakerState.CLOSED and self.failures >= self.threshold):
+            self.state is BreakerState.CLOSED and self.failures >= self.threshold
+        ):
             self.state = BreakerState.OPEN
             self.opened_at = now
             self.probing = False
@@ -113,8 +114,12 @@ class Outcome:
         return self.kind == "success"
 
 
-def delay(backoff: Any, attempts: int, retry_after: float | None = None,
-          longest_wait: float = float("inf")) -> float:
+def delay(
+    backoff: Any,
+    attempts: int,
+    retry_after: float | None = None,
+    longest_wait: float = float("inf"),
+) -> float:
     """Seconds before the next attempt after ``attempts`` failed ones: full jitter
     under ``min(MAX, MIN * 2^(attempts-1))``, or the receiver's ``Retry-After``
     (the receiver knows best; ``longest_wait``, the event's age limit, still ends it)."""
@@ -187,19 +192,26 @@ class Webhooks:
         s = self.settings
         for endpoint in endpoints:
             self.receivers[endpoint.id] = Receiver(
-                endpoint, Breaker(s.webhook_breaker_failures, s.webhook_breaker_cooldown))
+                endpoint, Breaker(s.webhook_breaker_failures, s.webhook_breaker_cooldown)
+            )
         # From here every commit writes its events for these receivers.
         self.store.write_outbox([e.id for e in endpoints])
         self.metrics.watch(self)
         self._client = httpx.AsyncClient(
-            follow_redirects=False, trust_env=False,
+            follow_redirects=False,
+            trust_env=False,
             timeout=httpx.Timeout(s.webhook_timeout),
-            limits=httpx.Limits(max_connections=s.webhook_concurrency * 2,
-                                max_keepalive_connections=s.webhook_concurrency),
-            headers={"user-agent": USER_AGENT})
+            limits=httpx.Limits(
+                max_connections=s.webhook_concurrency * 2,
+                max_keepalive_connections=s.webhook_concurrency,
+            ),
+            headers={"user-agent": USER_AGENT},
+        )
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._claim_loop(), name="webhook claims"),
-                       loop.create_task(self._maintenance_loop(), name="webhook maintenance")]
+        self._tasks = [
+            loop.create_task(self._claim_loop(), name="webhook claims"),
+            loop.create_task(self._maintenance_loop(), name="webhook maintenance"),
+        ]
 
     async def close(self) -> None:
         """Stop claiming; attempts in flight get a short while to finish, the rest
@@ -233,19 +245,22 @@ class Webhooks:
                 raise
             except StoreUnavailable as exc:
                 log.warning("webhook claim failed: %s", exc)
-            except Exception:  # noqa: BLE001 - logged; the next round tries again
+            except Exception:
                 log.exception("webhook claim failed")
             try:
                 await asyncio.wait_for(self._wake.wait(), poll)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
 
     async def _claim_round(self) -> None:
         now = time.monotonic()
         free = self.settings.webhook_concurrency - len(self._inflight)
-        probes = [r for r in self.receivers.values()
-                  if not r.endpoint.disabled and r.breaker.wants_probe(now)]
+        probes = [
+            r
+            for r in self.receivers.values()
+            if not r.endpoint.disabled and r.breaker.wants_probe(now)
+        ]
         for receiver in probes:
             if free < 1:
                 return
@@ -254,8 +269,11 @@ class Webhooks:
                 receiver.breaker.probing = True
                 self._spawn(claimed[0])
                 free -= 1
-        allowed = [r.endpoint.id for r in self.receivers.values()
-                   if not r.endpoint.disabled and r.breaker.allows()]
+        allowed = [
+            r.endpoint.id
+            for r in self.receivers.values()
+            if not r.endpoint.disabled and r.breaker.allows()
+        ]
         if free > 0 and allowed:
             for delivery in await self.outbox.claim(allowed, free, self.lease):
                 self._spawn(delivery)
@@ -288,8 +306,9 @@ class Webhooks:
             if len(self._ephemeral) >= EPHEMERAL_MAX:
                 self.metrics.dropped.labels(receiver.label).inc()
                 continue
-            event = Delivery(0, receiver.endpoint.id, event_id, type_, data.get("room", ""),
-                             0, body, ms, 0)
+            event = Delivery(
+                0, receiver.endpoint.id, event_id, type_, data.get("room", ""), 0, body, ms, 0
+            )
             task = loop.create_task(self._ephemeral_attempts(receiver, event))
             self._ephemeral.add(task)
             task.add_done_callback(self._ephemeral.discard)
@@ -320,7 +339,7 @@ class Webhooks:
         except StoreUnavailable as exc:
             # The outcome is not recorded: the lease runs out and the event is sent again.
             log.warning("webhook outcome not recorded: %s", exc)
-        except Exception:  # noqa: BLE001 - logged; the lease runs out and it is retried
+        except Exception:
             log.exception("webhook delivery failed")
 
     async def _attempt(self, delivery: Delivery) -> Delivery | None:
@@ -337,14 +356,17 @@ class Webhooks:
             breaker.success()
             self.metrics.latency.observe(max(0.0, time.time() - delivery.created_ms / 1000))
             chain = breaker.allows() and not self._closing
-            return await self.outbox.delivered(delivery, outcome.status or 200,
-                                               lease=self.lease, chain=chain)
+            return await self.outbox.delivered(
+                delivery, outcome.status or 200, lease=self.lease, chain=chain
+            )
         if outcome.kind == "gone":
             reason = "410 Gone at " + format_ts(int(time.time() * 1000))
             await self.outbox.disable(receiver.endpoint.id, reason)
             receiver.endpoint = Endpoint(receiver.endpoint.id, receiver.endpoint.url, reason)
-            log.warning("webhook receiver disabled: it answered 410 Gone",
-                        extra={"endpoint": receiver.label})
+            log.warning(
+                "webhook receiver disabled: it answered 410 Gone",
+                extra={"endpoint": receiver.label},
+            )
             await self.outbox.retry(delivery, 0, outcome.status, outcome.error)
             return None
         breaker.failure(time.monotonic())
@@ -354,37 +376,57 @@ class Webhooks:
         if attempts >= s.webhook_max_attempts or age >= s.webhook_max_age:
             await self.outbox.dead(delivery, outcome.status, outcome.error)
             self.metrics.dead.labels(receiver.label).inc()
-            log.warning("webhook event dead-lettered", extra={
-                "endpoint": receiver.label, "event_id": delivery.event_id,
-                "attempts": attempts, "error": outcome.error})
+            log.warning(
+                "webhook event dead-lettered",
+                extra={
+                    "endpoint": receiver.label,
+                    "event_id": delivery.event_id,
+                    "attempts": attempts,
+                    "error": outcome.error,
+                },
+            )
             return None
-        await self.outbox.retry(delivery, self.delay(attempts, outcome.retry_after),
-                                outcome.status, outcome.error)
+        await self.outbox.retry(
+            delivery, self.delay(attempts, outcome.retry_after), outcome.status, outcome.error
+        )
         return None
 
     def delay(self, attempts: int, retry_after: float | None = None) -> float:
-        return delay(self.settings.webhook_backoff, attempts, retry_after,
-                     self.settings.webhook_max_age)
+        return delay(
+            self.settings.webhook_backoff, attempts, retry_after, self.settings.webhook_max_age
+        )
 
     def body(self, delivery: Delivery) -> bytes:
-        return orjson.dumps({"type": delivery.type, "timestamp": format_ts(delivery.created_ms),
-                             "data": orjson.loads(delivery.data)})
+        return orjson.dumps(
+            {
+                "type": delivery.type,
+                "timestamp": format_ts(delivery.created_ms),
+                "data": orjson.loads(delivery.data),
+            }
+        )
 
     async def _send(self, receiver: Receiver, delivery: Delivery) -> Outcome:
         assert self._client is not None
         body = self.body(delivery)
         timestamp = int(time.time())
-        headers = {"content-type": "application/json",
-                   "webhook-id": delivery.event_id,
-                   "webhook-timestamp": str(timestamp),
-                   "webhook-signature": sign(self.keys, delivery.event_id, timestamp, body)}
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": delivery.event_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(self.keys, delivery.event_id, timestamp, body),
+        }
         try:
             async with asyncio.timeout(self.settings.webhook_timeout):
-                where = await egress.target(receiver.url,
-                                            allow_private=self.settings.webhook_allow_private)
+                where = await egress.target(
+                    receiver.url, allow_private=self.settings.webhook_allow_private
+                )
                 async with self._client.stream(
-                        "POST", where.url, content=body, headers={**headers, **where.headers},
-                        extensions=where.extensions) as response:
+                    "POST",
+                    where.url,
+                    content=body,
+                    headers={**headers, **where.headers},
+                    extensions=where.extensions,
+                ) as response:
                     read = 0
                     async for chunk in response.aiter_raw():
                         read += len(chunk)
@@ -402,8 +444,12 @@ class Webhooks:
         if status == 410:
             return Outcome("gone", status, "410 Gone")
         if status in (429, 503):
-            return Outcome("rate_limited" if status == 429 else "http_error", status,
-                           f"HTTP {status}", retry_after(response.headers.get("retry-after")))
+            return Outcome(
+                "rate_limited" if status == 429 else "http_error",
+                status,
+                f"HTTP {status}",
+                retry_after(response.headers.get("retry-after")),
+            )
         return Outcome("http_error", status, f"HTTP {status}")
 
     # -- upkeep --------------------------------------------------------------------
@@ -418,7 +464,7 @@ class Webhooks:
                 raise
             except StoreUnavailable as exc:
                 log.warning("webhook upkeep failed: %s", exc)
-            except Exception:  # noqa: BLE001 - logged; the next round tries again
+            except Exception:
                 log.exception("webhook upkeep failed")
             await asyncio.sleep(self.maintenance_interval)
 
@@ -433,8 +479,9 @@ class Webhooks:
                 receiver.endpoint = endpoint
         backlogs = {b.endpoint_id: b for b in await self.outbox.backlog()}
         for receiver in self.receivers.values():
-            receiver.backlog = backlogs.get(receiver.endpoint.id,
-                                            Backlog(receiver.endpoint.id, 0, None))
+            receiver.backlog = backlogs.get(
+                receiver.endpoint.id, Backlog(receiver.endpoint.id, 0, None)
+            )
 
     # -- operators -----------------------------------------------------------------
 
@@ -452,9 +499,14 @@ class Webhooks:
 
     def describe(self, receiver: Receiver) -> dict[str, Any]:
         oldest = receiver.backlog.oldest_ms
-        return {"id": receiver.endpoint.id, "url": receiver.endpoint.url,
-                "state": receiver.state.value, "backlog": receiver.backlog.pending,
-                "oldest_pending_s": (None if oldest is None else
-                                     round(max(0.0, time.time() - oldest / 1000), 3)),
-                "consecutive_failures": receiver.breaker.failures,
-                "disabled_reason": receiver.endpoint.disabled_reason}
+        return {
+            "id": receiver.endpoint.id,
+            "url": receiver.endpoint.url,
+            "state": receiver.state.value,
+            "backlog": receiver.backlog.pending,
+            "oldest_pending_s": (
+                None if oldest is None else round(max(0.0, time.time() - oldest / 1000), 3)
+            ),
+            "consecutive_failures": receiver.breaker.failures,
+            "disabled_reason": receiver.endpoint.disabled_reason,
+        }

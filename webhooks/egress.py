@@ -47,8 +47,10 @@ def check_url(url: str, *, allow_private: bool) -> httpx.URL:
         except ValueError:
             literal = None
         if literal is not None and refused(str(literal)):
-            raise ValueError(f"{url!r} is a private or loopback address; set "
-                             "WEBHOOK_ALLOW_PRIVATE=true to allow it")
+            raise ValueError(
+                f"{url!r} is a private or loopback address; set "
+                "WEBHOOK_ALLOW_PRIVATE=true to allow it"
+            )
     return parsed
 
 

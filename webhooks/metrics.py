@@ -12,26 +12,54 @@ from prometheus_client.core import GaugeMetricFamily
 if TYPE_CHECKING:
     from webhooks.dispatcher import Webhooks
 
-OUTCOMES = ("success", "http_error", "gone", "rate_limited", "timeout", "connect_error",
-            "blocked")
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                   300.0, 3600.0)
+OUTCOMES = ("success", "http_error", "gone", "rate_limited", "timeout", "connect_error", "blocked")
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    3600.0,
+)
 # breaker state as a number, for alerts: 0 closed, 1 half open, 2 open, 3 disabled
 STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2, "disabled": 3}
 
 
 class WebhookMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.attempts = Counter("chat_webhook_attempts_total", "Webhook attempts by outcome",
-                                ["endpoint", "outcome"], registry=registry)
-        self.dead = Counter("chat_webhook_dead_letters_total", "Events given up (dead letters)",
-                            ["endpoint"], registry=registry)
-        self.dropped = Counter("chat_webhook_ephemeral_dropped_total",
-                               "Best-effort events (presence) given up", ["endpoint"],
-                               registry=registry)
-        self.latency = Histogram("chat_webhook_delivery_latency_seconds",
-                                 "Commit to successful webhook delivery",
-                                 buckets=LATENCY_BUCKETS, registry=registry)
+        self.attempts = Counter(
+            "chat_webhook_attempts_total",
+            "Webhook attempts by outcome",
+            ["endpoint", "outcome"],
+            registry=registry,
+        )
+        self.dead = Counter(
+            "chat_webhook_dead_letters_total",
+            "Events given up (dead letters)",
+            ["endpoint"],
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "chat_webhook_ephemeral_dropped_total",
+            "Best-effort events (presence) given up",
+            ["endpoint"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "chat_webhook_delivery_latency_seconds",
+            "Commit to successful webhook delivery",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self._hooks: Webhooks | None = None
         registry.register(_Collector(self))
 
@@ -55,19 +83,26 @@ class _Collector:
         hooks = self.metrics._hooks
         if hooks is None:
             return
-        backlog = GaugeMetricFamily("chat_webhook_backlog", "Pending webhook events",
-                                    labels=["endpoint"])
-        oldest = GaugeMetricFamily("chat_webhook_oldest_pending_seconds",
-                                   "Age of the oldest pending webhook event",
-                                   labels=["endpoint"])
-        state = GaugeMetricFamily("chat_webhook_breaker_state", "0 closed, 1 half open, "
-                                  "2 open, 3 disabled (410 Gone)", labels=["endpoint"])
+        backlog = GaugeMetricFamily(
+            "chat_webhook_backlog", "Pending webhook events", labels=["endpoint"]
+        )
+        oldest = GaugeMetricFamily(
+            "chat_webhook_oldest_pending_seconds",
+            "Age of the oldest pending webhook event",
+            labels=["endpoint"],
+        )
+        state = GaugeMetricFamily(
+            "chat_webhook_breaker_state",
+            "0 closed, 1 half open, 2 open, 3 disabled (410 Gone)",
+            labels=["endpoint"],
+        )
         now = time.time()
         for receiver in hooks.receivers.values():
             b = receiver.backlog
             backlog.add_metric([receiver.label], b.pending)
-            oldest.add_metric([receiver.label],
-                              0.0 if b.oldest_ms is None else max(0.0, now - b.oldest_ms / 1000))
+            oldest.add_metric(
+                [receiver.label], 0.0 if b.oldest_ms is None else max(0.0, now - b.oldest_ms / 1000)
+            )
             state.add_metric([receiver.label], STATE_VALUES[receiver.state.value])
         yield backlog
         yield oldest

@@ -25,12 +25,13 @@ def parse_secrets(text: str) -> list[bytes]:
         if not part.startswith(PREFIX):
             raise ValueError(f"a secret must start with {PREFIX!r}")
         try:
-            key = base64.b64decode(part[len(PREFIX):], validate=True)
+            key = base64.b64decode(part[len(PREFIX) :], validate=True)
         except (binascii.Error, ValueError):
             raise ValueError(f"a secret is {PREFIX} followed by base64") from None
         if not MIN_KEY_BYTES <= len(key) <= MAX_KEY_BYTES:
-            raise ValueError(f"a secret's key must be {MIN_KEY_BYTES}..{MAX_KEY_BYTES} bytes, "
-                             f"not {len(key)}")
+            raise ValueError(
+                f"a secret's key must be {MIN_KEY_BYTES}..{MAX_KEY_BYTES} bytes, not {len(key)}"
+            )
         keys.append(key)
     if not keys:
         raise ValueError("no secret given")
@@ -42,4 +43,5 @@ def sign(keys: list[bytes], event_id: str, timestamp: int, body: bytes) -> str:
     content = f"{event_id}.{timestamp}.".encode() + body
     return " ".join(
         "v1," + base64.b64encode(hmac.new(key, content, hashlib.sha256).digest()).decode()
-        for key in keys)
+        for key in keys
+    )

@@ -10,8 +10,9 @@ import sys
 import socketio
 import uvicorn
 
-manager = socketio.AsyncRedisManager(os.environ["REDIS_URL"],
-                                     channel=os.environ.get("CHANNEL", "socketio"))
+manager = socketio.AsyncRedisManager(
+    os.environ["REDIS_URL"], channel=os.environ.get("CHANNEL", "socketio")
+)
 sio = socketio.AsyncServer(async_mode="asgi", client_manager=manager)
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
@@ -17,9 +18,16 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 from tests.harness import ROOT, t
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = ROOT / "test-artifacts"
 DESKTOP = {"width": 1200, "height": 800}
 PHONE = {"width": 390, "height": 800}
@@ -56,15 +64,17 @@ class Pages:
         for label, page in self.pages:
             try:
                 await page.screenshot(path=str(ARTIFACTS / f"{stem}-{label}.png"), full_page=True)
-            except Exception:  # noqa: BLE001 - a closed page has nothing to show
+            except Exception:
                 pass
 
 
 @pytest.fixture
 async def browser(request: pytest.FixtureRequest) -> AsyncIterator[Pages]:
     if not os.access(CHROMIUM, os.X_OK):
-        raise RuntimeError(f"no Chromium at {CHROMIUM}: install Debian's with "
-                           "`apt-get install -y chromium` (.ci/run does), or set CHROMIUM")
+        raise RuntimeError(
+            f"no Chromium at {CHROMIUM}: install Debian's with "
+            "`apt-get install -y chromium` (.ci/run does), or set CHROMIUM"
+        )
     async with async_playwright() as pw:
         chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         pages = Pages(chromium)

@@ -13,11 +13,12 @@ ROOM = "browser.changes"
 
 
 async def connected(page: Page) -> None:
-    await expect(page.locator("#status")).to_have_attribute("data-state", "connected",
-                                                            timeout=t(30) * 1000)
+    await expect(page.locator("#status")).to_have_attribute(
+        "data-state", "connected", timeout=t(30) * 1000
+    )
 
 
-def item(page: Page, seq: int):  # noqa: ANN201 - a Playwright locator
+def item(page: Page, seq: int):
     return page.locator(f'#messages li[data-seq="{seq}"]')
 
 
@@ -42,8 +43,7 @@ async def test_the_page_shows_edits_deletes_typing_and_unread_counts(gateway_env
             await expect(item(page, 1)).to_have_class(re.compile(r"\bedited\b"))
             await expect(item(page, 1).locator(".meta")).to_contain_text("(edited)")
             await expect(item(page, 2)).to_have_class(re.compile(r"\bdeleted\b"))
-            await expect(item(page, 2).locator(".text")).to_have_text(
-                "This message was deleted.")
+            await expect(item(page, 2).locator(".text")).to_have_text("This message was deleted.")
 
         # Typing: the others see it, the typist does not.
         await ana.locator("#text").fill("I am typing")
@@ -53,21 +53,23 @@ async def test_the_page_shows_edits_deletes_typing_and_unread_counts(gateway_env
 
         # Unread: bob's page goes to the background while two messages come.
         await expect(bob.locator("#unread")).to_have_attribute("data-unread", "0")
-        await bob.evaluate("Object.defineProperty(document, 'hidden', "
-                           "{value: true, configurable: true})")
+        await bob.evaluate(
+            "Object.defineProperty(document, 'hidden', {value: true, configurable: true})"
+        )
         for i in (3, 4):
-            assert (await post(http, gw_a.url, ROOM, f"while away {i}",
-                               author="ana")).status_code == 201
+            assert (
+                await post(http, gw_a.url, ROOM, f"while away {i}", author="ana")
+            ).status_code == 201
         await expect(bob.locator("#unread")).to_have_attribute("data-unread", "2")
         await expect(bob.locator("#unread")).to_have_text("(2 unread)")
-        read = (await http.get(f"{gw_b.url}/v1/rooms/{ROOM}/read",
-                               params={"user": "bob"})).json()
+        read = (await http.get(f"{gw_b.url}/v1/rooms/{ROOM}/read", params={"user": "bob"})).json()
         assert read == {"room": ROOM, "seq": 2, "unread": 2}
-        await bob.evaluate("Object.defineProperty(document, 'hidden', "
-                           "{value: false, configurable: true}); "
-                           "document.dispatchEvent(new Event('visibilitychange'))")
+        await bob.evaluate(
+            "Object.defineProperty(document, 'hidden', "
+            "{value: false, configurable: true}); "
+            "document.dispatchEvent(new Event('visibilitychange'))"
+        )
         await expect(bob.locator("#unread")).to_have_attribute("data-unread", "0")
-
 
         async def bob_read_all() -> bool:
             r = await http.get(f"{gw_b.url}/v1/rooms/{ROOM}/read", params={"user": "bob"})
@@ -78,8 +80,7 @@ async def test_the_page_shows_edits_deletes_typing_and_unread_counts(gateway_env
         # A change made while ana's instance is down reaches her page when it resumes.
         gw_a.stop()
         await expect(ana.locator("#status")).not_to_have_attribute("data-state", "connected")
-        r = await http.patch(f"{url}/3", json={"text": "edited while A was down",
-                                               "author": "ana"})
+        r = await http.patch(f"{url}/3", json={"text": "edited while A was down", "author": "ana"})
         assert r.status_code == 200
         gw_a.start()
         await gw_a.wait_ready()

@@ -15,22 +15,26 @@ ROOM = "browser.room"
 
 async def seqs(page: Page) -> list[int]:
     return await page.eval_on_selector_all(
-        "#messages li", "els => els.map(e => Number(e.dataset.seq))")
+        "#messages li", "els => els.map(e => Number(e.dataset.seq))"
+    )
 
 
 async def texts(page: Page) -> list[str]:
     return await page.eval_on_selector_all(
-        "#messages li .text", "els => els.map(e => e.textContent)")
+        "#messages li .text", "els => els.map(e => e.textContent)"
+    )
 
 
 async def connected(page: Page) -> None:
-    await expect(page.locator("#status")).to_have_attribute("data-state", "connected",
-                                                            timeout=t(30) * 1000)
+    await expect(page.locator("#status")).to_have_attribute(
+        "data-state", "connected", timeout=t(30) * 1000
+    )
 
 
 async def shown_up_to(page: Page, seq: int) -> None:
-    await expect(page.locator("#messages")).to_have_attribute("data-last-seq", str(seq),
-                                                              timeout=t(30) * 1000)
+    await expect(page.locator("#messages")).to_have_attribute(
+        "data-last-seq", str(seq), timeout=t(30) * 1000
+    )
 
 
 async def say(page: Page, text: str) -> None:
@@ -41,7 +45,8 @@ async def say(page: Page, text: str) -> None:
 
 
 async def test_two_pages_on_two_instances_chat_and_one_resumes_after_its_instance_restarts(
-        gateway_env, browser):
+    gateway_env, browser
+):
     async with instances(2, gateway_env) as (gw_a, gw_b), httpx.AsyncClient() as http:
         for i in range(1, 4):
             assert (await post(http, gw_a.url, ROOM, f"before {i}", author="cy")).status_code == 201
@@ -57,8 +62,7 @@ async def test_two_pages_on_two_instances_chat_and_one_resumes_after_its_instanc
         for page in (ana, bob):
             await shown_up_to(page, 5)
             assert await seqs(page) == [1, 2, 3, 4, 5]
-            assert (await texts(page))[3:] == ["hi bob, from instance A",
-                                               "hi ana, from instance B"]
+            assert (await texts(page))[3:] == ["hi bob, from instance A", "hi ana, from instance B"]
 
         # Instance A goes away (graceful: its sockets close with 1001) while bob keeps talking.
         gw_a.stop()
@@ -80,8 +84,7 @@ async def test_two_pages_on_two_instances_chat_and_one_resumes_after_its_instanc
         assert browser.errors == []
 
 
-async def test_chat_page_keyboard_only_text_as_text_limits_and_phone_width(
-        gateway_env, browser):
+async def test_chat_page_keyboard_only_text_as_text_limits_and_phone_width(gateway_env, browser):
     env = {**gateway_env, "RATE_LIMIT": "3/60s"}
     inst = Instance(env).start()
     try:
@@ -150,7 +153,8 @@ async def test_chat_page_keyboard_only_text_as_text_limits_and_phone_width(
 
         # Readable on a phone: nothing wider than the screen.
         overflow = await page.evaluate(
-            "document.documentElement.scrollWidth - document.documentElement.clientWidth")
+            "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
         assert overflow <= 0
         assert browser.errors == []
     finally:
@@ -158,6 +162,7 @@ async def test_chat_page_keyboard_only_text_as_text_limits_and_phone_width(
 
 
 # -- auth mode: tokens in the address or pasted, and refusals that stop ------------
+
 
 async def requests_while(page: Page, seconds: float) -> list[str]:
     """The requests and WebSockets the page opens in the next ``seconds``."""
@@ -169,8 +174,9 @@ async def requests_while(page: Page, seconds: float) -> list[str]:
 
 
 async def refused(page: Page, *words: str) -> None:
-    await expect(page.locator("#status")).to_have_attribute("data-state", "refused",
-                                                            timeout=t(30) * 1000)
+    await expect(page.locator("#status")).to_have_attribute(
+        "data-state", "refused", timeout=t(30) * 1000
+    )
     for word in words:
         await expect(page.locator("#notice")).to_contain_text(word)
     await expect(page.locator("#token")).to_be_focused()
@@ -210,13 +216,13 @@ async def test_auth_mode_refusals_stop_retrying_and_a_pasted_token_joins(gateway
         assert "token=" not in page.url, "a pasted token is not written into the address"
 
         # An expired token in the address: 401, stop.
-        page = await browser.open(f"{gw.url}/?room={ROOM}&token={token('bo', exp=-60)}",
-                                  "expired")
+        page = await browser.open(f"{gw.url}/?room={ROOM}&token={token('bo', exp=-60)}", "expired")
         await refused(page, "not accepted", "expired")
 
         # A token that does not grant the room: 403, stop; one that does, joins.
         page = await browser.open(
-            f"{gw.url}/?room={ROOM}&token={token('cy', rooms=['other'])}", "forbidden")
+            f"{gw.url}/?room={ROOM}&token={token('cy', rooms=['other'])}", "forbidden"
+        )
         await refused(page, "does not let you into", ROOM)
         await page.locator("#token").fill(token("cy", rooms=[ROOM]))
         await page.get_by_role("button", name="Join").click()
@@ -230,14 +236,14 @@ async def test_auth_mode_a_token_expiring_while_connected_stops_the_page(gateway
 
     env = {**gateway_env, "AUTH_SECRET": SECRET, "AUTH_LEEWAY": "0"}
     async with instances(1, env) as (gw,):
-        page = await browser.open(f"{gw.url}/?room={ROOM}&token={token('ana', exp=t(4))}",
-                                  "expiring")
+        page = await browser.open(
+            f"{gw.url}/?room={ROOM}&token={token('ana', exp=t(4))}", "expiring"
+        )
         await connected(page)
         # The server closes the socket at expiry (1008); the page's reconnect learns
         # over HTTP that the token is refused and stops there.
         await refused(page, "not accepted")
         assert browser.errors == []
-
 
 
 async def test_a_page_disconnected_by_the_server_api_stops_and_says_why(gateway_env, browser):
@@ -248,9 +254,11 @@ async def test_a_page_disconnected_by_the_server_api_stops_and_says_why(gateway_
     async with instances(1, env) as (gw,), httpx.AsyncClient() as http:
         page = await browser.open(f"{gw.url}/?room={ROOM}&token={token('ana')}", "ana")
         await connected(page)
-        r = await http.post(f"{gw.url}/v1/server/disconnect",
-                            headers={"Authorization": f"Bearer {key}"},
-                            json={"user": "ana", "reason": "banned for spam"})
+        r = await http.post(
+            f"{gw.url}/v1/server/disconnect",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"user": "ana", "reason": "banned for spam"},
+        )
         assert r.status_code == 202, r.text
         status = page.locator("#status")
         await expect(status).to_have_attribute("data-state", "refused", timeout=t(30) * 1000)
@@ -261,10 +269,13 @@ async def test_a_page_disconnected_by_the_server_api_stops_and_says_why(gateway_
         await expect(status).to_have_attribute("data-state", "refused")
         assert browser.errors == []
 
+
 # -- the page is the JavaScript client's first user ------------------------------
 
+
 async def test_the_page_runs_on_the_served_js_client_and_resumes_across_an_instance_kill(
-        gateway_env, browser):
+    gateway_env, browser
+):
     sdk_source = (ROOT / "clients" / "js" / "src" / "index.js").read_bytes()
     async with instances(2, gateway_env) as (gw_a, gw_b), httpx.AsyncClient() as http:
         for i in range(1, 4):
@@ -272,13 +283,18 @@ async def test_the_page_runs_on_the_served_js_client_and_resumes_across_an_insta
         page = await browser.open("about:blank", "ana")
         scripts: list[str] = []
         blocked: list[str] = []
-        page.on("request", lambda req: scripts.append(req.url)
-                if req.resource_type == "script" else None)
-        page.on("console", lambda msg: blocked.append(msg.text)
-                if "Content Security Policy" in msg.text else None)
+        page.on(
+            "request",
+            lambda req: scripts.append(req.url) if req.resource_type == "script" else None,
+        )
+        page.on(
+            "console",
+            lambda msg: blocked.append(msg.text) if "Content Security Policy" in msg.text else None,
+        )
         frames: list[str] = []
-        page.on("websocket", lambda ws: ws.on(
-            "framesent", lambda payload: frames.append(str(payload))))
+        page.on(
+            "websocket", lambda ws: ws.on("framesent", lambda payload: frames.append(str(payload)))
+        )
         async with page.expect_response(f"{gw_a.url}/sdk/chat-gateway.js") as module:
             document = await page.goto(f"{gw_a.url}/?room={ROOM}&name=ana")
         # the page's own policy: a module of its origin is a script of 'self', its
@@ -324,6 +340,8 @@ async def test_the_page_runs_on_the_served_js_client_and_resumes_across_an_insta
         history = (await http.get(f"{gw_b.url}/v1/rooms/{ROOM}/messages")).json()["messages"]
         assert await seqs(page) == list(range(1, 42)), "every message once, in order"
         assert await texts(page) == [m["text"] for m in history]
-        assert [m["text"] for m in history if m["author"] == "ana"] == ["from the page",
-                                                                       "back again"]
+        assert [m["text"] for m in history if m["author"] == "ana"] == [
+            "from the page",
+            "back again",
+        ]
         assert blocked == [] and browser.errors == []

@@ -49,12 +49,20 @@ async def test_dashboard_figures_move_when_traffic_flows(gateway_env, browser):
 
         task = asyncio.create_task(traffic())
         try:
+
             async def moved(name: str) -> bool:
                 value = await figure(dash, name)
                 return value is not None and value > 0
 
-            for name in ("clients", "rate", "delivered", "latency-count", "limited",
-                         "limited-total", "cache-lookups"):
+            for name in (
+                "clients",
+                "rate",
+                "delivered",
+                "latency-count",
+                "limited",
+                "limited-total",
+                "cache-lookups",
+            ):
                 await eventually(lambda name=name: moved(name), timeout=t(20))
             assert await figure(dash, "cache") is not None
             row = dash.locator(f'#rooms tr[data-room="{ROOM}"]')
@@ -82,12 +90,15 @@ async def test_dashboard_figures_move_when_traffic_flows(gateway_env, browser):
         inst.stop()
 
 
-
 async def test_dashboard_in_auth_mode_asks_for_the_api_key(tmp_path, browser):
     key = "dash-api-key-0123456789"
-    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/d.db", "REDIS_URL": "memory://",
-           "AUTH_SECRET": "dash-test-secret-of-at-least-32-bytes", "API_KEYS": key,
-           "LOG_LEVEL": "warning"}
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/d.db",
+        "REDIS_URL": "memory://",
+        "AUTH_SECRET": "dash-test-secret-of-at-least-32-bytes",
+        "API_KEYS": key,
+        "LOG_LEVEL": "warning",
+    }
     inst = Instance(env).start()
     try:
         await inst.wait_ready()

@@ -24,7 +24,8 @@ async def test_js_client_in_chromium_resumes_across_an_instance_kill(gateway_env
         # loopback address may open sockets to loopback); the module is the file as is
         await page.route(f"{a.url}/sdk/index.js", serve)
         await page.goto(f"{a.url}/healthz")
-        await page.evaluate("""async ([a, b]) => {
+        await page.evaluate(
+            """async ([a, b]) => {
             const { Client } = await import("/sdk/index.js");
             const c = new Client([a, b], { user: "ana", minDelay: 50, maxDelay: 400 });
             window.seqs = [];
@@ -34,7 +35,9 @@ async def test_js_client_in_chromium_resumes_across_an_instance_kill(gateway_env
             await c.connect();
             await c.subscribe("web", { since: 0 });
             window.client = c;
-        }""", [a.url, b.url])
+        }""",
+            [a.url, b.url],
+        )
         stored = await page.evaluate("""async () => {
             const m = await window.client.publish("web", "from the browser");
             return [m.seq, m.author];

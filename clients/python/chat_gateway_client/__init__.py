@@ -23,6 +23,22 @@ from chat_gateway_client.webhooks import WebhookVerificationError, verify_webhoo
 
 __version__ = "0.1.0"
 
-__all__ = ["Change", "Client", "CloseCode", "Event", "GatewayError", "Message", "Page",
-           "Presence", "Read", "State", "StateChange", "Typing", "Unsubscribed",
-           "WebhookVerificationError", "backoff", "token_expiry", "verify_webhook"]
+__all__ = [
+    "Change",
+    "Client",
+    "CloseCode",
+    "Event",
+    "GatewayError",
+    "Message",
+    "Page",
+    "Presence",
+    "Read",
+    "State",
+    "StateChange",
+    "Typing",
+    "Unsubscribed",
+    "WebhookVerificationError",
+    "backoff",
+    "token_expiry",
+    "verify_webhook",
+]

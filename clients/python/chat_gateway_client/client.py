@@ -126,11 +126,21 @@ class Client:
     API and ephemeral publishes; ``user`` is the name in open mode.
     """
 
-    def __init__(self, url: str | Sequence[str], *, token: str | None = None,
-                 token_provider: TokenProvider | None = None, api_key: str | None = None,
-                 user: str | None = None, min_delay: float = 0.5, max_delay: float = 20.0,
-                 ping_interval: float = 20.0, ping_timeout: float = 20.0,
-                 refresh_margin: float = 30.0, http_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str | Sequence[str],
+        *,
+        token: str | None = None,
+        token_provider: TokenProvider | None = None,
+        api_key: str | None = None,
+        user: str | None = None,
+        min_delay: float = 0.5,
+        max_delay: float = 20.0,
+        ping_interval: float = 20.0,
+        ping_timeout: float = 20.0,
+        refresh_margin: float = 30.0,
+        http_timeout: float = 10.0,
+    ) -> None:
         urls = [url] if isinstance(url, str) else list(url)
         if not urls:
             raise ValueError("at least one gateway URL is needed")
@@ -178,8 +188,10 @@ class Client:
         await self.wait_connected()
 
     async def wait_connected(self) -> None:
-        waits = [asyncio.ensure_future(self._connected.wait()),
-                 asyncio.ensure_future(self._closed_event.wait())]
+        waits = [
+            asyncio.ensure_future(self._connected.wait()),
+            asyncio.ensure_future(self._closed_event.wait()),
+        ]
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -222,8 +234,9 @@ class Client:
         for queue in self._listeners:
             queue.put_nowait(item)
 
-    def _set_state(self, state: State, code: int | None = None, reason: str = "",
-                   status: int | None = None) -> None:
+    def _set_state(
+        self, state: State, code: int | None = None, reason: str = "", status: int | None = None
+    ) -> None:
         self.state = state
         if state is State.CONNECTED:
             self._connected.set()
@@ -231,10 +244,12 @@ class Client:
             self._connected.clear()
         self._emit(StateChange(state, code, reason, status))
 
-    def _set_closed(self, code: int, reason: str, error: GatewayError | None = None,
-                    status: int | None = None) -> None:
-        self._close_error = error or GatewayError("closed", reason or "the client is closed",
-                                                  status=status)
+    def _set_closed(
+        self, code: int, reason: str, error: GatewayError | None = None, status: int | None = None
+    ) -> None:
+        self._close_error = error or GatewayError(
+            "closed", reason or "the client is closed", status=status
+        )
         self._set_state(State.CLOSED, code, reason, status)
         self._closed_event.set()
         for p in self._pending.values():
@@ -250,15 +265,18 @@ class Client:
         if self.token_provider is None:
             return self.token
         exp = token_expiry(self.token) if self.token else None
-        if (self.token is None or self._force_new_token
-                or (exp is not None and exp - time.time() < self.refresh_margin)):
+        if (
+            self.token is None
+            or self._force_new_token
+            or (exp is not None and exp - time.time() < self.refresh_margin)
+        ):
             self.token = await self.token_provider()
             self._force_new_token = False
         return self.token
 
     def _ws_url(self, token: str | None) -> str:
         base = self.urls[self._url_index % len(self.urls)]
-        url = "ws" + base[len("http"):] + "/v1/ws" if base.startswith("http") else base + "/v1/ws"
+        url = "ws" + base[len("http") :] + "/v1/ws" if base.startswith("http") else base + "/v1/ws"
         if token:
             return url + "?" + httpx.QueryParams({"token": token}).__str__()
         if self.user:
@@ -271,9 +289,13 @@ class Client:
             code, reason, status, opened = CloseCode.ABNORMAL, "", None, False
             try:
                 token = await self._current_token()
-                async with websockets.connect(self._ws_url(token), ping_interval=self.ping_interval,
-                                              ping_timeout=self.ping_timeout,
-                                              max_size=2**22, open_timeout=10) as ws:
+                async with websockets.connect(
+                    self._ws_url(token),
+                    ping_interval=self.ping_interval,
+                    ping_timeout=self.ping_timeout,
+                    max_size=2**22,
+                    open_timeout=10,
+                ) as ws:
                     opened = True
                     await self._session(ws)
                 code = ws.close_code or CloseCode.ABNORMAL
@@ -288,7 +310,7 @@ class Client:
                     code, reason = exc.sent.code, exc.sent.reason
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - network errors, provider errors: retry
+            except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
             finally:
                 self._ws = None
@@ -353,7 +375,7 @@ class Client:
             await asyncio.sleep(max(0.0, exp - self.refresh_margin - time.time()))
             try:
                 self.token = await self.token_provider()
-            except Exception as exc:  # noqa: BLE001 - reported; expiry then reconnects
+            except Exception as exc:
                 self._emit(GatewayError("token_refresh_failed", str(exc)))
                 return
             self._answers.append(("refresh", None))
@@ -379,8 +401,11 @@ class Client:
     # -- frames -------------------------------------------------------------------
 
     def _answered(self, kind: str, room: str | None = None) -> bool:
-        if self._answers and self._answers[0][0] == kind and (
-                room is None or self._answers[0][1] == room):
+        if (
+            self._answers
+            and self._answers[0][0] == kind
+            and (room is None or self._answers[0][1] == room)
+        ):
             self._answers.pop(0)
             return True
         return False
@@ -413,8 +438,13 @@ class Client:
         elif kind == "refreshed":
             self._answered("refresh")
         elif kind in ("message_updated", "message_deleted"):
-            self._emit(Change("updated" if kind == "message_updated" else "deleted",
-                              f["room"], Message.of(f["message"])))
+            self._emit(
+                Change(
+                    "updated" if kind == "message_updated" else "deleted",
+                    f["room"],
+                    Message.of(f["message"]),
+                )
+            )
         elif kind == "event":
             self._emit(Event(f["room"], f["event"], f.get("data") or {}))
         elif kind == "presence":
@@ -428,8 +458,13 @@ class Client:
         room = self._rooms.get(name) if isinstance(name, str) else None
         # before this connection's `subscribed` (which the server sends first), a frame
         # is left over from an earlier subscription: the replay after `subscribed` brings it
-        if (room is None or not room.subscribed or room.cursor is None
-                or not isinstance(raw, dict) or not isinstance(raw.get("seq"), int)):
+        if (
+            room is None
+            or not room.subscribed
+            or room.cursor is None
+            or not isinstance(raw, dict)
+            or not isinstance(raw.get("seq"), int)
+        ):
             return
         seq = raw["seq"]
         if seq <= room.cursor:
@@ -523,8 +558,13 @@ class Client:
         self._check_open()
         ref = f"pub-{self._next_ref}"
         self._next_ref += 1
-        frame: dict[str, Any] = {"type": "publish", "room": room, "text": text, "ref": ref,
-                                 "key": key or uuid.uuid4().hex}
+        frame: dict[str, Any] = {
+            "type": "publish",
+            "room": room,
+            "text": text,
+            "ref": ref,
+            "key": key or uuid.uuid4().hex,
+        }
         if self.token is None and self.token_provider is None and self.user:
             frame["author"] = self.user
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
@@ -538,9 +578,16 @@ class Client:
 
     # -- HTTP ---------------------------------------------------------------------
 
-    async def _request(self, method: str, path: str, *, auth: str = "user",
-                       json_body: Any = None, params: dict[str, Any] | None = None,
-                       headers: dict[str, str] | None = None) -> httpx.Response:
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        auth: str = "user",
+        json_body: Any = None,
+        params: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
         if self._http is None:
             raise GatewayError("closed", "the client is not started (use `async with`)")
         hdrs = dict(headers or {})
@@ -553,8 +600,9 @@ class Client:
             raise GatewayError.of_response(r)
         return r
 
-    async def post(self, room: str, text: str, *, idempotency_key: str | None = None,
-                   retries: int = 3) -> Message:
+    async def post(
+        self, room: str, text: str, *, idempotency_key: str | None = None, retries: int = 3
+    ) -> Message:
         """POST a message over HTTP with an ``Idempotency-Key`` (made here unless given);
         a request that fails in transit or with 503 is retried with the same key, so
         the message is stored once."""
@@ -564,8 +612,12 @@ class Client:
             body["author"] = self.user
         for attempt in range(retries + 1):
             try:
-                r = await self._request("POST", f"/v1/rooms/{room}/messages", json_body=body,
-                                        headers={"idempotency-key": key})
+                r = await self._request(
+                    "POST",
+                    f"/v1/rooms/{room}/messages",
+                    json_body=body,
+                    headers={"idempotency-key": key},
+                )
                 return Message.of(r.json())
             except (httpx.TransportError, GatewayError) as exc:
                 retryable = isinstance(exc, httpx.TransportError) or exc.code == "unavailable"
@@ -574,16 +626,31 @@ class Client:
                 await asyncio.sleep(backoff(attempt, self.min_delay, self.max_delay))
         raise AssertionError("unreachable")
 
-    async def history(self, room: str, *, limit: int | None = None, before: int | None = None,
-                      after: int | None = None) -> Page:
-        params = {k: v for k, v in (("limit", limit), ("before", before), ("after", after))
-                  if v is not None}
+    async def history(
+        self,
+        room: str,
+        *,
+        limit: int | None = None,
+        before: int | None = None,
+        after: int | None = None,
+    ) -> Page:
+        params = {
+            k: v
+            for k, v in (("limit", limit), ("before", before), ("after", after))
+            if v is not None
+        }
         r = await self._request("GET", f"/v1/rooms/{room}/messages", params=params)
         data = r.json()
         return Page([Message.of(m) for m in data["messages"]], data["has_more"])
 
-    async def pages(self, room: str, *, limit: int | None = None, before: int | None = None,
-                    after: int | None = None) -> AsyncIterator[list[Message]]:
+    async def pages(
+        self,
+        room: str,
+        *,
+        limit: int | None = None,
+        before: int | None = None,
+        after: int | None = None,
+    ) -> AsyncIterator[list[Message]]:
         """History pages: backwards from the latest (or ``before``), or forwards from
         ``after``; each page ascending by seq."""
         while True:
@@ -600,35 +667,51 @@ class Client:
 
     # -- ephemeral events and the server API (api_key) --------------------------------
 
-    async def publish_event(self, room: str, event: str, data: dict[str, Any] | None = None
-                            ) -> None:
+    async def publish_event(
+        self, room: str, event: str, data: dict[str, Any] | None = None
+    ) -> None:
         """``POST /v1/publish``: an ephemeral event to the room's subscribers (not stored)."""
-        await self._request("POST", "/v1/publish", auth="api",
-                            json_body={"room": room, "event": event, "data": data or {}})
+        await self._request(
+            "POST",
+            "/v1/publish",
+            auth="api",
+            json_body={"room": room, "event": event, "data": data or {}},
+        )
 
-    async def broadcast(self, rooms: Sequence[str], event: str,
-                        data: dict[str, Any] | None = None) -> None:
+    async def broadcast(
+        self, rooms: Sequence[str], event: str, data: dict[str, Any] | None = None
+    ) -> None:
         """``POST /v1/server/broadcast``: one ephemeral event to many rooms."""
-        await self._request("POST", "/v1/server/broadcast", auth="api",
-                            json_body={"rooms": list(rooms), "event": event, "data": data or {}})
+        await self._request(
+            "POST",
+            "/v1/server/broadcast",
+            auth="api",
+            json_body={"rooms": list(rooms), "event": event, "data": data or {}},
+        )
 
     async def disconnect_user(self, user: str, reason: str = "") -> None:
         """``POST /v1/server/disconnect``: close every connection of the user (4001)."""
-        await self._request("POST", "/v1/server/disconnect", auth="api",
-                            json_body={"user": user, "reason": reason})
+        await self._request(
+            "POST", "/v1/server/disconnect", auth="api", json_body={"user": user, "reason": reason}
+        )
 
     async def unsubscribe_user(self, user: str, room: str, reason: str = "") -> None:
         """``POST /v1/server/unsubscribe``: end the user's subscriptions to the room."""
-        await self._request("POST", "/v1/server/unsubscribe", auth="api",
-                            json_body={"user": user, "room": room, "reason": reason})
+        await self._request(
+            "POST",
+            "/v1/server/unsubscribe",
+            auth="api",
+            json_body={"user": user, "room": room, "reason": reason},
+        )
 
     async def rooms(self) -> AsyncIterator[dict[str, Any]]:
         """``GET /v1/server/rooms``, every page: active rooms across instances."""
         cursor: Any = None
         while True:
             params = {"cursor": cursor} if cursor is not None else None
-            data = (await self._request("GET", "/v1/server/rooms", auth="api",
-                                        params=params)).json()
+            data = (
+                await self._request("GET", "/v1/server/rooms", auth="api", params=params)
+            ).json()
             for room in data["rooms"]:
                 yield room
             cursor = data.get("next")

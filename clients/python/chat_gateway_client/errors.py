@@ -27,9 +27,15 @@ class GatewayError(Exception):
     ``retry_after`` the seconds the gateway asked to wait, ``detail`` the whole object.
     """
 
-    def __init__(self, code: str, message: str, *, status: int | None = None,
-                 retry_after: float | None = None, detail: dict[str, Any] | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
@@ -41,8 +47,12 @@ class GatewayError(Exception):
 
     @classmethod
     def of_frame(cls, f: dict[str, Any]) -> GatewayError:
-        return cls(str(f.get("code")), str(f.get("message", "")),
-                   retry_after=f.get("retry_after"), detail=f)
+        return cls(
+            str(f.get("code")),
+            str(f.get("message", "")),
+            retry_after=f.get("retry_after"),
+            detail=f,
+        )
 
     @classmethod
     def of_response(cls, r: httpx.Response) -> GatewayError:
@@ -50,6 +60,10 @@ class GatewayError(Exception):
             body = r.json().get("error") or {}
         except (ValueError, AttributeError):
             body = {}
-        return cls(str(body.get("code", f"http_{r.status_code}")),
-                   str(body.get("message", r.reason_phrase)), status=r.status_code,
-                   retry_after=body.get("retry_after"), detail=body)
+        return cls(
+            str(body.get("code", f"http_{r.status_code}")),
+            str(body.get("message", r.reason_phrase)),
+            status=r.status_code,
+            retry_after=body.get("retry_after"),
+            detail=body,
+        )

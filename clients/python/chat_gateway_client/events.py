@@ -20,8 +20,7 @@ class Message:
 
     @classmethod
     def of(cls, d: dict[str, Any]) -> Message:
-        return cls(d["id"], d["room"], d["seq"], d["author"], d.get("text", ""),
-                   d["created_at"], d)
+        return cls(d["id"], d["room"], d["seq"], d["author"], d.get("text", ""), d["created_at"], d)
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 __all__ = ["WebhookVerificationError", "verify_webhook"]
 
 
-def verify_webhook(secret: str | Sequence[str], body: bytes | str,
-                   headers: Mapping[str, str]) -> dict[str, Any]:
+def verify_webhook(
+    secret: str | Sequence[str], body: bytes | str, headers: Mapping[str, str]
+) -> dict[str, Any]:
     """The event (``{"type", "timestamp", "data"}``) of a webhook request whose
     ``webhook-signature`` matches ``secret`` (``whsec_…``; several during a rotation)
     and whose ``webhook-timestamp`` is recent; else ``WebhookVerificationError``."""

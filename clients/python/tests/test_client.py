@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-
 from chat_gateway_client import Client, Event, GatewayError, Message, State, backoff
+
 from tests.harness import eventually, instances, t
 
 FAST = {"min_delay": 0.05, "max_delay": 0.4}
@@ -71,8 +71,7 @@ async def test_publish_post_messages_and_history(gateway_env):
                 await reader
 
 
-async def test_instance_killed_mid_stream_resumes_elsewhere_without_gap_or_duplicate(
-        gateway_env):
+async def test_instance_killed_mid_stream_resumes_elsewhere_without_gap_or_duplicate(gateway_env):
     async with instances(2, gateway_env) as (a, b), httpx.AsyncClient(timeout=10) as http:
         async with Client([a.url, b.url], **FAST) as c:
             assert c.state is State.CONNECTED
@@ -187,8 +186,10 @@ async def test_refused_upgrade_closes_for_good_and_a_provider_outlives_expiry(ga
             issued += 1
             return token("ana", 2)
 
-        async with Client(gw.url, token_provider=provider, refresh_margin=1, **FAST) as c, \
-                Client(gw.url, token=token("bob", 600)) as bob:
+        async with (
+            Client(gw.url, token_provider=provider, refresh_margin=1, **FAST) as c,
+            Client(gw.url, token=token("bob", 600)) as bob,
+        ):
             seqs: list[int] = []
             reader = asyncio.create_task(collect(c, "auth", 0, seqs))
             await eventually(lambda: c.cursor("auth") == 0, t(10))
@@ -213,8 +214,12 @@ async def test_message_loops_end_with_the_client(gateway_env):
     env = {**gateway_env, "AUTH_SECRET": secret}
     async with instances(1, env) as (gw,):
         # closed by the application: the loop just stops
-        c = Client(gw.url, token=jwt.encode({"sub": "ana", "exp": int(time.time() + 60)},
-                                            secret, algorithm="HS256"))
+        c = Client(
+            gw.url,
+            token=jwt.encode(
+                {"sub": "ana", "exp": int(time.time() + 60)}, secret, algorithm="HS256"
+            ),
+        )
         await c.start()
         seqs: list[int] = []
         reader = asyncio.create_task(collect(c, "end", 0, seqs))
@@ -223,8 +228,13 @@ async def test_message_loops_end_with_the_client(gateway_env):
         await asyncio.wait_for(reader, t(5))
         # a token that expires with no provider to renew it: closed for good (1008),
         # and the loop raises
-        c = Client(gw.url, token=jwt.encode({"sub": "ana", "exp": int(time.time() + 1)},
-                                            secret, algorithm="HS256"), **FAST)
+        c = Client(
+            gw.url,
+            token=jwt.encode(
+                {"sub": "ana", "exp": int(time.time() + 1)}, secret, algorithm="HS256"
+            ),
+            **FAST,
+        )
         await c.start()
         reader = asyncio.create_task(collect(c, "end", 0, seqs))
         with pytest.raises(GatewayError) as ended:

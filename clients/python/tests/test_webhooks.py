@@ -5,25 +5,36 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from standardwebhooks.webhooks import Webhook
-
 from chat_gateway_client import WebhookVerificationError, verify_webhook
+from standardwebhooks.webhooks import Webhook
 
 OLD = "whsec_" + base64.b64encode(b"old-secret-0123456789abcdef0123").decode()
 NEW = "whsec_" + base64.b64encode(b"new-secret-0123456789abcdef0123").decode()
-EVENT = {"type": "message.created", "timestamp": "2026-11-28T06:00:00Z",
-         "data": {"id": "01J", "room": "r", "seq": 1, "author": "ana", "text": "hi",
-                  "created_at": "2026-11-28T06:00:00Z"}}
+EVENT = {
+    "type": "message.created",
+    "timestamp": "2026-11-28T06:00:00Z",
+    "data": {
+        "id": "01J",
+        "room": "r",
+        "seq": 1,
+        "author": "ana",
+        "text": "hi",
+        "created_at": "2026-11-28T06:00:00Z",
+    },
+}
 
 
 def signed(secrets: list[str], body: str, when: datetime | None = None) -> dict[str, str]:
-    when = when or datetime.now(timezone.utc)
+    when = when or datetime.now(UTC)
     sigs = " ".join(Webhook(s).sign("msg_1", when, body) for s in secrets)
-    return {"Webhook-Id": "msg_1", "Webhook-Timestamp": str(int(when.timestamp())),
-            "Webhook-Signature": sigs}
+    return {
+        "Webhook-Id": "msg_1",
+        "Webhook-Timestamp": str(int(when.timestamp())),
+        "Webhook-Signature": sigs,
+    }
 
 
 def test_a_signed_request_verifies_and_gives_the_event() -> None:
@@ -48,7 +59,7 @@ def test_refused(case: str) -> None:
     elif case == "wrong secret":
         secret = NEW
     elif case == "stale":
-        headers = signed([OLD], body, datetime.now(timezone.utc) - timedelta(hours=1))
+        headers = signed([OLD], body, datetime.now(UTC) - timedelta(hours=1))
     else:
         del headers["Webhook-Signature"]
     with pytest.raises(WebhookVerificationError):
