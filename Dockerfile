@@ -9,7 +9,8 @@ WORKDIR /src
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # The versions and hashes CI tests with (constraints.txt, refreshed by scripts/lock).
-# pip first, from its own entry there: the image's may predate --no-require-hashes.
+# pip first, from its own entry there: the image's may predate --no-require-hashes
+# (pip 26.2).
 COPY constraints.txt ./
 RUN awk '/^pip==/ {p = 1; print; next} p && /^[^ ]/ {p = 0} p' constraints.txt >pip.txt \
     && pip install -r pip.txt
