@@ -8,6 +8,12 @@ FROM python:3.12-slim AS build
 WORKDIR /src
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# The versions and hashes CI tests with (constraints.txt, refreshed by scripts/lock).
+# pip first, from its own entry there: the image's may predate --no-require-hashes
+# (pip 26.2).
+COPY constraints.txt ./
+RUN awk '/^pip==/ {p = 1; print; next} p && /^[^ ]/ {p = 0} p' constraints.txt >pip.txt \
+    && pip install -r pip.txt
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY pubsub ./pubsub
@@ -15,7 +21,9 @@ COPY storage ./storage
 COPY webhooks ./webhooks
 COPY static ./static
 COPY clients/js/src ./clients/js/src
-RUN pip install .
+# The runtime dependencies only (no extras), each at its pinned version and checked
+# against its hashes; the project itself is a directory, with no file to hash.
+RUN pip install --no-require-hashes -c constraints.txt .
 
 FROM python:3.12-slim AS run
 # /app (the code's working directory) stays root's; the one place the chat user
