@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -66,7 +65,6 @@ MAX_PENDING = 2000
 # (one query for all) instead of Redis' seq keys: a commit whose seq raise and
 # publish were both lost is in the store only.
 STORE_CHECK_EVERY = 3
-_ids = itertools.count(1)
 
 T = TypeVar("T")
 
@@ -90,7 +88,7 @@ class Subscriber:
         sink: Any = None,
         user: str | None = None,
     ) -> None:
-        self.id = next(_ids)
+        self.id = 0  # given by Hub.register: unique among the hub's connections
         self.transport = transport
         self.identity = identity
         # The user the server API addresses: the token's sub, or ?user= in open mode.
@@ -185,10 +183,6 @@ class Subscriber:
             self._drained.set()
             yield items
 
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
     async def wait_for_room(self) -> None:
         """Wait until the queue is at most half full (flow control for replays)."""
         if self.sink is not None:
@@ -269,6 +263,7 @@ class Hub:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._position_task: asyncio.Task[None] | None = None
         self._checks = 0
+        self._next_id = 1  # the id register gives the next subscriber
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -303,6 +298,8 @@ class Hub:
     # -- connections -------------------------------------------------------
 
     def register(self, sub: Subscriber) -> None:
+        sub.id = self._next_id
+        self._next_id += 1
         self.subscribers[sub.id] = sub
         sub.on_slow = self._slow
 
@@ -821,11 +818,3 @@ class Hub:
         r = self.rooms.get(room)
         if r is not None:
             self._dispatch_event(r, event, build)
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "rooms": len(self.rooms),
-            "subscribers": len(self.subscribers),
-            "queued": sum(s.queued for s in self.subscribers.values()),
-            "time": time.time(),
-        }
