@@ -140,8 +140,7 @@ class StartupReport:
 def build_server(settings: Settings) -> GatewayServer:
     from gateway import wsout
     from gateway.app import create_app
-    from gateway.transport import HttpLimits, HttpProtocol
-    from gateway.wsout import DirectProtocol
+    from gateway.transport import DirectProtocol, HttpLimits, HttpProtocol
 
     wsout.write_delay = settings.ws_write_delay
 
@@ -159,7 +158,7 @@ def build_server(settings: Settings) -> GatewayServer:
                 write_timeout=settings.sse_send_timeout,
             )
         ),
-        # websockets-sansio (gateway.transport), plus direct fan-out writes (gateway.wsout).
+        # websockets-sansio with direct fan-out writes (gateway.transport, gateway.wsout).
         ws=DirectProtocol,
         ws_max_size=settings.ws_max_size,
         ws_ping_interval=settings.ws_ping_interval,

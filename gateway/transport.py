@@ -37,8 +37,50 @@ from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from gateway.errors import ApiError
+from gateway.lite import Flag, Inbox
+from gateway.wsout import EXTENSION
 
 log = logging.getLogger("gateway.transport")
+
+# The uvicorn releases this seam is tested with; pyproject pins the same range.
+UVICORN_VERSIONS = ">=0.54,<0.55"
+# What the seam overrides, calls or reads of uvicorn's protocols: methods of the
+# classes, and attributes their instances set up (checked against the installed
+# uvicorn by tests/test_transport.py).
+WS_METHODS = ("run_asgi", "keepalive_timeout", "send", "handle_connect", "send_500_response")
+WS_STATE = (
+    "app",
+    "loop",
+    "logger",
+    "transport",
+    "queue",
+    "writable",
+    "handshake_complete",
+    "close_sent",
+    "disconnected",
+    "close_timer",
+    "initial_response",
+)
+HTTP_METHODS = (
+    "connection_made",
+    "connection_lost",
+    "data_received",
+    "_unset_keepalive_if_required",
+    "_should_upgrade",
+    "handle_websocket_upgrade",
+    "_unsupported_upgrade_warning",
+    "on_message_begin",
+    "on_headers_complete",
+    "on_body",
+    "on_message_complete",
+    "on_response_complete",
+    "_start_asgi_task",
+    "pause_writing",
+    "resume_writing",
+    "timeout_keep_alive_handler",
+    "shutdown",
+)
+HTTP_STATE = ("config", "loop", "parser", "tasks", "transport", "flow", "client", "cycle")
 
 LINGER = 3.0  # seconds unsent bytes may wait once a response or connection has ended
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, drops the queue
@@ -94,6 +136,48 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         super().keepalive_timeout()
         if self.transport.get_write_buffer_size() > 0:
             reset(self.transport)
+
+
+class DirectProtocol(WebSocketProtocol):
+    """:class:`WebSocketProtocol` plus a synchronous writer of whole frames, offered to
+    the app as the ASGI extension ``gateway.wsout.EXTENSION`` (``write`` and
+    ``drained``), which :class:`gateway.wsout.FrameSink` uses."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Lighter stand-ins for the asyncio.Queue and asyncio.Event uvicorn makes per
+        # socket (gateway.lite): what it uses of them, for less memory per connection.
+        self.queue = Inbox()  # type: ignore[assignment]
+        self.writable = Flag()  # type: ignore[assignment]
+        self.writable.set()
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.accept":
+            # The handshake is done: its request and response are not read again.
+            self.request = self.response = None  # type: ignore[assignment]
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            scope["extensions"][EXTENSION] = {
+                "write": self.write_frames,
+                "drained": self.writable.wait,
+            }
+
+    def write_frames(self, data: bytes) -> int:
+        """Write encoded frames now; the bytes still buffered, or -1 if the socket is
+        not open for data (before the accept, after a close frame, once lost)."""
+        if (
+            not self.handshake_complete
+            or self.close_sent
+            or self.disconnected
+            or self.transport.is_closing()
+        ):
+            return -1
+        self.transport.write(data)
+        return int(self.transport.get_write_buffer_size())
 
 
 @dataclass(frozen=True, slots=True)
