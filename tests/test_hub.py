@@ -21,7 +21,7 @@ from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
 from gateway import wire
-from gateway.errors import CLOSE_TRY_AGAIN_LATER
+from gateway.errors import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER
 from gateway.frames import SSE, WS
 from gateway.hub import MAX_PENDING, Hub, Subscriber
 from gateway.wsout import EXTENSION, FrameSink
@@ -286,3 +286,19 @@ async def test_events_presence_typing_and_receipts(parts: Parts) -> None:
     # The typist's own connection is not told it types.
     await until(lambda: len(typist.frames()) == 4)
     assert [f["type"] for f in typist.frames()] == ["subscribed", "event", "presence", "read"]
+
+
+async def test_close_ends_every_subscriber_and_the_hubs_timers(tmp_path: Path) -> None:
+    async with _parts(tmp_path, gap_wait=60.0) as p:
+        ws, sse = await joined(p)
+        await post(p, 3, publish=lambda seq: seq != 1)  # a gap: a timer waits for seq 1
+        await until(lambda: len(p.hub.rooms[ROOM].pending) == 2)
+        room = p.hub.rooms[ROOM]
+        assert room.gap_timer is not None
+        await p.hub.close()
+        for sub in (ws.sub, sse.sub):
+            assert sub.close_code == CLOSE_GOING_AWAY and sub.close_reason == "server shutdown"
+        assert room.gap_timer.cancelled()
+        assert sse.task is not None
+        await asyncio.wait_for(sse.task, t(5))  # the writer's stream ends
+        assert ws.seqs() == sse.seqs() == []
