@@ -55,14 +55,20 @@ async def test_the_seams_hooks_exist_in_the_installed_uvicorn() -> None:
         )
         missing = [name for name in state if not hasattr(protocol, name)]
         assert not missing, f"{cls.__name__} instances lack {missing}"
+    for name in transport.SERVER_METHODS:
+        assert callable(getattr(uvicorn.Server, name, None)), f"Server.{name}"
+    server = uvicorn.Server(uvicorn.Config(create_app(Settings())))
+    missing = [name for name in transport.SERVER_STATE if not hasattr(server, name)]
+    assert not missing, f"Server instances lack {missing}"
     assert {400, 408, 431} <= set(STATUS_LINE)
     # The seam's own protocols are uvicorn's, so uvicorn drives them as its own.
     assert issubclass(transport.DirectProtocol, WebSocketsSansIOProtocol)
     assert issubclass(transport.HttpProtocol, HttpToolsProtocol)
+    assert issubclass(transport.Server, uvicorn.Server)
 
 
 @pytest.fixture
-async def stock_server(tmp_path: Path) -> AsyncIterator[tuple[str, Gateway]]:
+async def stock_server(tmp_path: Path) -> AsyncIterator[tuple[str, Gateway, uvicorn.Server]]:
     """The app under uvicorn as anyone would serve it: stock protocols, no seam."""
     settings = Settings.from_env(
         {
@@ -95,7 +101,7 @@ async def stock_server(tmp_path: Path) -> AsyncIterator[tuple[str, Gateway]]:
             while not server.started:
                 assert not task.done(), "the server did not start"
                 await asyncio.sleep(0.02)
-        yield f"127.0.0.1:{port}", app.state.gateway
+        yield f"127.0.0.1:{port}", app.state.gateway, server
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, t(15))
@@ -103,9 +109,11 @@ async def stock_server(tmp_path: Path) -> AsyncIterator[tuple[str, Gateway]]:
 
 
 async def test_stock_uvicorn_delivers_in_order_over_asgi_sends(
-    stock_server: tuple[str, Gateway],
+    stock_server: tuple[str, Gateway, uvicorn.Server],
 ) -> None:
-    address, gw = stock_server
+    address, gw, server = stock_server
+    missing = [name for name in transport.SERVER_STARTED_STATE if not hasattr(server, name)]
+    assert not missing, f"a started Server lacks {missing}"
     room = "stock.burst"
     async with WSClient.connect(f"ws://{address}/v1/ws") as ws, httpx.AsyncClient() as http:
         assert (await ws.subscribe(room))["seq"] == 0
