@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import re
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
@@ -40,7 +40,8 @@ from gateway.edge import (
     token_of,
 )
 from gateway.errors import CODES, ApiError, internal
-from gateway.hub import SSE, Subscriber
+from gateway.frames import SSE
+from gateway.hub import Subscriber
 from gateway.logs import RequestContext, conn_id, request_id
 from gateway.stats import stats_events
 from gateway.webhook_routes import webhooks_dead, webhooks_enable, webhooks_list, webhooks_replay
@@ -266,17 +267,15 @@ async def internal_error(conn: HTTPConnection, exc: Exception) -> Response:
 
 
 class GatewayApp(Starlette):
-    """Starlette, with its hot routes dispatched straight to their endpoints.
+    """Starlette, with ``/v1/ws`` dispatched before the router.
 
     An idle WebSocket keeps every frame of the call chain that leads to its
-    handler alive for as long as it is open: the error and exception
-    middleware, the request-id middleware, the router and the route cost about
-    3 KiB per socket. A post or a history read pays for the same chain in CPU
-    on every request (about a sixth of a post's time, with the four wrappers
-    its response passes through). ``/v1/ws`` and ``POST``/``GET
-    /v1/rooms/{room}/messages`` skip it: one frame does what it does for them
-    (the request id and access line of :class:`RequestContext`, the app's
-    exception handlers); every other request goes through Starlette as before.
+    handler alive for as long as it is open. ``/v1/ws`` skips the middleware
+    and the router and goes through what of them it needs: Starlette's own
+    ``ExceptionMiddleware`` with the app's exception handlers, and the
+    connection id :class:`RequestContext` would set. Every other request goes
+    through Starlette. (``python -m bench idle`` measures the memory per
+    connection; the figures are in the README.)
 
     With a JWKS, a request whose token names a key the cache lacks first waits
     for the key set's next fetch (``Authenticator.await_key``, bounded and
@@ -284,14 +283,10 @@ class GatewayApp(Starlette):
     """
 
     WS_PATH = "/v1/ws"
-    MESSAGES_PATH = re.compile(r"/v1/rooms/([^/]+)/messages")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._messages = {
-            "POST": RequestContext(self._http(post_message)),
-            "GET": RequestContext(self._http(list_messages)),
-        }
+        self._websocket: ExceptionMiddleware | None = None  # built on first use, as the stack
         self.jwks_auth: Authenticator | None = None  # set by the lifespan when AUTH_JWKS_URL is
 
     def __call__(self, scope: Any, receive: Any, send: Any) -> Coroutine[Any, Any, None]:
@@ -311,55 +306,26 @@ class GatewayApp(Starlette):
     def _route(self, scope: Any, receive: Any, send: Any) -> Coroutine[Any, Any, None]:
         if scope["type"] == "websocket" and scope["path"] == self.WS_PATH:
             scope["app"] = self
+            if self._websocket is None:
+                # The app's exception handlers but the catch-all one, which belongs to
+                # the server-error middleware (an HTTP 500 only), as Starlette splits them.
+                self._websocket = ExceptionMiddleware(
+                    _websocket,
+                    handlers={
+                        k: h
+                        for k, h in self.exception_handlers.items()
+                        if k not in (500, Exception)
+                    },
+                )
             return self._websocket(scope, receive, send)
-        if scope["type"] == "http":
-            route = self._messages.get(scope["method"])
-            match = None if route is None else self.MESSAGES_PATH.fullmatch(scope["path"])
-            if route is not None and match is not None:
-                scope["app"] = self
-                scope["path_params"] = {"room": match.group(1)}
-                return route(scope, receive, send)
         return super().__call__(scope, receive, send)
 
-    def _handler(self, exc: Exception, *, unexpected: bool) -> Any:
-        """The app's handler for ``exc``; the catch-all one only if ``unexpected``."""
-        for cls in type(exc).__mro__:
-            if cls is Exception and not unexpected:
-                return None
-            if cls in self.exception_handlers:
-                return self.exception_handlers[cls]
-        return None
 
-    async def _websocket(self, scope: Any, receive: Any, send: Any) -> None:
-        token = conn_id.set(request_id(scope))
-        websocket = WebSocket(scope, receive=receive, send=send)
-        try:
-            await websocket_endpoint(websocket)
-        except Exception as exc:
-            handler = self._handler(exc, unexpected=False)
-            if handler is None:
-                raise
-            await (await handler(websocket, exc))(scope, receive, send)
-        finally:
-            conn_id.reset(token)
-
-    def _http(self, endpoint: Any) -> Any:
-        async def app(scope: Any, receive: Any, send: Any) -> None:
-            request = Request(scope, receive, send)
-            try:
-                response = await endpoint(request)
-            except Exception as exc:
-                handler = self._handler(exc, unexpected=False)
-                if handler is None:  # as Starlette does: a 500 body, and the server logs it
-                    await (await self._handler(exc, unexpected=True)(request, exc))(
-                        scope, receive, send
-                    )
-                    raise
-                await (await handler(request, exc))(scope, receive, send)
-                return
-            await response(scope, receive, send)
-
-        return app
+def _websocket(scope: Any, receive: Any, send: Any) -> Coroutine[Any, Any, None]:
+    """``/v1/ws`` with its connection id, as RequestContext gives it. The connection
+    runs in a task of its own, whose context ends with it: nothing to reset."""
+    conn_id.set(request_id(scope))
+    return websocket_endpoint(WebSocket(scope, receive=receive, send=send))
 
 
 SDK_PATH = "/sdk/chat-gateway.js"

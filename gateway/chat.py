@@ -28,7 +28,6 @@ import logging
 import time
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -37,8 +36,8 @@ from gateway.auth import Identity, bearer, is_api_key
 from gateway.core import POST, Gateway
 from gateway.edge import encoded_json_response, gateway_of, identify, json_response
 from gateway.errors import ApiError
-from gateway.hub import wire_change
 from gateway.periodic import every
+from gateway.wire import encode_change, encode_read, encode_typing
 from pubsub import BrokerUnavailable
 from pubsub.batch import per_key
 from pubsub.script import Script
@@ -169,7 +168,7 @@ class Chat:
         if gw.settings.fault_skip_publish:  # test-only: killed after commit
             return msg
         try:
-            await gw.broker.publish(gw.hub.channel(room), wire_change(change))
+            await gw.broker.publish(gw.hub.channel(room), encode_change(change))
         except BrokerUnavailable as exc:
             log.warning("live change lost, delivery falls back to the store: %s", exc)
         return msg
@@ -184,10 +183,7 @@ class Chat:
         if not await self._typing_window(room, user):
             return
         try:
-            await gw.broker.publish(
-                gw.hub.channel(room),
-                b"t:" + orjson.dumps({"type": "typing", "room": room, "user": user}),
-            )
+            await gw.broker.publish(gw.hub.channel(room), encode_typing(room, user))
         except BrokerUnavailable as exc:
             log.debug("typing notice lost: %s", exc)
 
@@ -234,10 +230,7 @@ class Chat:
         gw = self.gw
         assert gw.hub is not None
         try:
-            await gw.broker.publish(
-                gw.hub.channel(room),
-                b"r:" + orjson.dumps({"type": "read", "room": room, "user": user, "seq": seq}),
-            )
+            await gw.broker.publish(gw.hub.channel(room), encode_read(room, user, seq))
         except BrokerUnavailable as exc:
             log.debug("read receipt lost: %s", exc)
 

@@ -14,6 +14,7 @@ import uvicorn
 from gateway import logs
 from gateway.config import ConfigError, Settings
 from gateway.errors import CLOSE_GOING_AWAY
+from gateway.transport import Server
 from storage import StoreUnavailable
 
 log = logging.getLogger("gateway.cli")
@@ -21,7 +22,7 @@ log = logging.getLogger("gateway.cli")
 GC_YOUNG_THRESHOLD = 20_000
 
 
-class GatewayServer(uvicorn.Server):
+class GatewayServer(Server):
     """uvicorn, with the gateway's own drain first and a bound on the whole.
 
     On SIGTERM/SIGINT: stop accepting, mark the gateway closing (new posts and
@@ -29,37 +30,23 @@ class GatewayServer(uvicorn.Server):
     1012) and end every SSE stream, then let uvicorn finish in-flight requests
     and run the lifespan shutdown (pools closed). All of it within
     ``SHUTDOWN_TIMEOUT`` seconds; past that, what is left is cancelled. The
-    process then exits 0.
+    process then exits 0. (The hooks into uvicorn are gateway.transport's.)
     """
 
-    shutdown_timeout: float = 10.0
     database_url: str = ""  # named in the one line a store that cannot be opened gets
+    log = log
+
+    def startup_app(self, app: Any) -> Any:
+        return StartupReport(app, self.database_url)
 
     async def startup(self, sockets: Any = None) -> None:
-        # The lifespan (which opens the store) runs inside super().startup(); only
-        # it sees the wrapper, which is harmless to anything else meanwhile.
-        app = self.config.loaded_app
-        self.config.loaded_app = StartupReport(app, self.database_url)
-        try:
-            await super().startup(sockets)
-        finally:
-            self.config.loaded_app = app
+        await super().startup(sockets)
         # What the process holds once it serves (modules, the app, the pools) lives
         # as long as it does: out of the collector's sight, every pass is shorter.
         gc.freeze()
 
-    def handle_exit(self, sig: int, frame: Any) -> None:
-        super().handle_exit(sig, frame)
-        # uvicorn re-raises the signal after its shutdown, so the process would
-        # die of it; a completed graceful shutdown exits 0 instead.
-        self._captured_signals.clear()
-
-    async def shutdown(self, sockets: Any = None) -> None:
+    async def drain(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.shutdown_timeout
-        log.info("shutting down", extra={"timeout_s": self.shutdown_timeout})
-        for server in self.servers:
-            server.close()
         gw = getattr(getattr(self.config.app, "state", None), "gateway", None)
         if gw is not None:
             gw.closing = True
@@ -69,14 +56,6 @@ class GatewayServer(uvicorn.Server):
             # Give writers a moment to send the close frames before uvicorn's own pass.
             while gw.hub and gw.hub.subscribers and loop.time() < deadline - 1:
                 await asyncio.sleep(0.02)
-        # uvicorn waits for in-flight requests this long, then runs the lifespan shutdown.
-        remaining = max(0.1, deadline - loop.time())
-        self.config.timeout_graceful_shutdown = max(0.1, remaining - 1)  # type: ignore[assignment]
-        try:
-            await asyncio.wait_for(super().shutdown(sockets), remaining)
-        except TimeoutError:
-            log.error("shutdown exceeded SHUTDOWN_TIMEOUT; exiting with work cancelled")
-        log.info("shut down")
 
 
 def cannot_start(database_url: str, exc: BaseException) -> str:
@@ -140,8 +119,7 @@ class StartupReport:
 def build_server(settings: Settings) -> GatewayServer:
     from gateway import wsout
     from gateway.app import create_app
-    from gateway.transport import HttpLimits, HttpProtocol
-    from gateway.wsout import DirectProtocol
+    from gateway.transport import DirectProtocol, HttpLimits, HttpProtocol
 
     wsout.write_delay = settings.ws_write_delay
 
@@ -159,7 +137,7 @@ def build_server(settings: Settings) -> GatewayServer:
                 write_timeout=settings.sse_send_timeout,
             )
         ),
-        # websockets-sansio (gateway.transport), plus direct fan-out writes (gateway.wsout).
+        # websockets-sansio with direct fan-out writes (gateway.transport, gateway.wsout).
         ws=DirectProtocol,
         ws_max_size=settings.ws_max_size,
         ws_ping_interval=settings.ws_ping_interval,

@@ -23,13 +23,14 @@ from gateway.auth import Authenticator, Identity
 from gateway.config import Settings
 from gateway.control import Control
 from gateway.errors import ApiError
-from gateway.hub import Hub, wire_event, wire_message
+from gateway.hub import Hub
 from gateway.limits import ConnectionLimits
 from gateway.metrics import Metrics
 from gateway.presence import Presence
 from gateway.ratelimit import Decision, RateLimiter
 from gateway.retention import Retention
 from gateway.stats import Beacon
+from gateway.wire import encode_event, encode_message
 from pubsub import Broker, BrokerUnavailable, create_broker
 from storage import HistoryCache, Message, Store, StoreUnavailable, create_store
 from webhooks import Webhooks
@@ -311,7 +312,7 @@ class Gateway:
                 if skip_publish:
                     continue
                 try:
-                    await self.broker.publish(self.hub.channel(msg.room), wire_message(msg))
+                    await self.broker.publish(self.hub.channel(msg.room), encode_message(msg))
                 except BrokerUnavailable as exc:
                     log.warning("live publish lost, delivery falls back to the store: %s", exc)
             return
@@ -320,7 +321,7 @@ class Gateway:
         for msg in msgs:
             commands.append(self.history.raise_command(msg))
             if not skip_publish:
-                commands.append(publish_command(self.hub.channel(msg.room), wire_message(msg)))
+                commands.append(publish_command(self.hub.channel(msg.room), encode_message(msg)))
         try:
             results = await batch.run(commands)
         except Exception as exc:
@@ -337,7 +338,7 @@ class Gateway:
     async def publish_event(self, room: str, event: str, data: Any) -> None:
         assert self.hub is not None
         try:
-            await self.broker.publish(self.hub.channel(room), wire_event(room, event, data))
+            await self.broker.publish(self.hub.channel(room), encode_event(room, event, data))
         except BrokerUnavailable:
             raise ApiError(
                 "unavailable", "the broker is unavailable; the event was not published"
@@ -364,7 +365,7 @@ class Gateway:
         try:
             results = await batch.run(
                 [
-                    publish_command(self.hub.channel(room), wire_event(room, event, data))
+                    publish_command(self.hub.channel(room), encode_event(room, event, data))
                     for room in rooms
                 ]
             )

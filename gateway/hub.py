@@ -30,30 +30,34 @@ its catch-up reads both logs from the store and interleaves them. A message
 likewise waits until the room has dispatched the changes committed before it
 (the count its payload carries), so the two go out in commit order. Typing and
 read receipts (``t:``, ``r:``) are unsequenced, like ephemeral events.
+
+The hub sequences and dispatches; the payloads it reads are those of
+:mod:`gateway.wire`, and the frames it queues are built by :mod:`gateway.frames`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
+from gateway import wire
 from gateway.errors import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER
+from gateway.frames import SSE as SSE  # the transports a Subscriber speaks
+from gateway.frames import WS as WS
+from gateway.frames import change_frame, chat_frame, event_frame, message_frame, presence_frame
 from gateway.lite import Flag
 from gateway.periodic import every
 from pubsub import Broker
-from storage import MAX_PAGE, Change, HistoryCache, Message, StoreUnavailable
+from storage import MAX_PAGE, Change, HistoryCache, StoreUnavailable
 
 log = logging.getLogger("gateway.hub")
 
-WS = "ws"
-SSE = "sse"
 # Live messages held while a gap is open; past this they are dropped and the
 # fill reads them from the store instead, so a long outage cannot grow memory.
 MAX_PENDING = 2000
@@ -61,7 +65,8 @@ MAX_PENDING = 2000
 # (one query for all) instead of Redis' seq keys: a commit whose seq raise and
 # publish were both lost is in the store only.
 STORE_CHECK_EVERY = 3
-_ids = itertools.count(1)
+
+T = TypeVar("T")
 
 
 class Subscriber:
@@ -83,7 +88,7 @@ class Subscriber:
         sink: Any = None,
         user: str | None = None,
     ) -> None:
-        self.id = next(_ids)
+        self.id = 0  # given by Hub.register: unique among the hub's connections
         self.transport = transport
         self.identity = identity
         # The user the server API addresses: the token's sub, or ?user= in open mode.
@@ -178,10 +183,6 @@ class Subscriber:
             self._drained.set()
             yield items
 
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
     async def wait_for_room(self) -> None:
         """Wait until the queue is at most half full (flow control for replays)."""
         if self.sink is not None:
@@ -237,80 +238,6 @@ class Room:
         self.changes = Changes()
 
 
-def wire_message(msg: Message) -> bytes:
-    """The broker payload of a stored message:
-    ``n:<seq>:<created_ms>:<changes>:<message JSON>``, ``changes`` being the room's
-    change count when it committed (the edits and deletes it must follow). A message
-    whose count is unknown goes as v1's ``m:<seq>:<created_ms>:<message JSON>``,
-    which the hub also reads (an instance of an earlier release) and does not hold
-    back for changes; an earlier release ignores ``n:`` and reads those messages
-    from the store (its gap wait and position check)."""
-    if msg.changes is None:
-        return b"m:%d:%d:" % (msg.seq, msg.created_ms) + msg.to_json()
-    return b"n:%d:%d:%d:" % (msg.seq, msg.created_ms, msg.changes) + msg.to_json()
-
-
-def message_frame(transport: str, r: Room, seq: int, body: bytes) -> bytes:
-    """A stored message as the transport sends it, built around its JSON bytes."""
-    if transport == WS:
-        return b'{"type":"message","room":' + r.name_json + b',"message":' + body + b"}"
-    return b"id: %d\nevent: message\ndata: %s\n\n" % (seq, body)
-
-
-def event_frame(transport: str, event: dict[str, Any]) -> bytes:
-    """An ephemeral event as the transport sends it."""
-    if transport == WS:
-        return orjson.dumps({"type": "event", **event})
-    return (
-        b"event: "
-        + str(event["event"]).encode()
-        + b"\ndata: "
-        + orjson.dumps({"room": event["room"], "data": event["data"]})
-        + b"\n\n"
-    )
-
-
-def presence_frame(transport: str, p: dict[str, Any]) -> bytes:
-    """A presence change (``{"room", "action", "user"}``) as the transport sends it."""
-    if transport == WS:
-        return orjson.dumps({"type": "presence", **p})
-    return b"event: presence\ndata: " + orjson.dumps(p) + b"\n\n"
-
-
-def wire_event(room: str, event: str, data: Any) -> bytes:
-    return b"e:" + orjson.dumps({"room": room, "event": event, "data": data})
-
-
-def wire_change(change: Change) -> bytes:
-    """The broker payload of an edit or delete: ``c:<change>:<after_seq>:<message JSON>``."""
-    return b"c:%d:%d:" % (change.change, change.after_seq) + change.message.to_json()
-
-
-def change_frame(transport: str, r: Room, change: int, body: bytes) -> bytes:
-    """``message_updated`` / ``message_deleted``: the same object on WS and as SSE data."""
-    kind = b"message_deleted" if b'"deleted_at":"' in body else b"message_updated"
-    frame = (
-        b'{"type":"'
-        + kind
-        + b'","room":'
-        + r.name_json
-        + b',"change":%d,"message":' % change
-        + body
-        + b"}"
-    )
-    if transport == WS:
-        return frame
-    return b"event: " + kind + b"\ndata: " + frame + b"\n\n"
-
-
-def chat_frame(transport: str, event: dict[str, Any]) -> bytes:
-    """A typing notice or read receipt, ``{"type", "room", "user", ...}``; on SSE the
-    type is the event name."""
-    if transport == WS:
-        return orjson.dumps(event)
-    return b"event: " + str(event["type"]).encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
-
-
 class Hub:
     def __init__(
         self,
@@ -336,6 +263,7 @@ class Hub:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._position_task: asyncio.Task[None] | None = None
         self._checks = 0
+        self._next_id = 1  # the id register gives the next subscriber
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -370,6 +298,8 @@ class Hub:
     # -- connections -------------------------------------------------------
 
     def register(self, sub: Subscriber) -> None:
+        sub.id = self._next_id
+        self._next_id += 1
         self.subscribers[sub.id] = sub
         sub.on_slow = self._slow
 
@@ -482,14 +412,9 @@ class Hub:
         r = self._by_channel.get(channel)
         if r is None:
             return
-        if data[:2] == b"n:" or data[:2] == b"m:":
-            head, _, body = data[2:].partition(b":")
-            created, _, body = body.partition(b":")
-            changes = None
-            if data[:1] == b"n":
-                count, _, body = body.partition(b":")
-                changes = int(count)
-            seq = int(head)
+        payload = wire.decode(data)
+        if isinstance(payload, wire.MessagePayload):
+            seq = payload.seq
             if r.seq is not None and seq <= r.seq:
                 return  # already delivered (a fill got there first)
             if len(r.pending) >= MAX_PENDING:
@@ -497,28 +422,25 @@ class Hub:
                 if r.seq is not None:
                     self.fill(r)
                 return
-            r.pending[seq] = (int(created), changes, body)
+            r.pending[seq] = (payload.created_ms, payload.changes, payload.body)
             if r.seq is not None:
                 self._drain(r)
-        elif data[:2] == b"e:":
-            self._dispatch_event(r, orjson.loads(data[2:]))
-        elif data[:2] == b"p:":  # presence join/leave (gateway.presence)
-            self._dispatch_event(r, orjson.loads(data[2:]), presence_frame)
-        elif data[:2] == b"c:":  # an edit or delete
-            head, _, rest = data[2:].partition(b":")
-            after, _, body = rest.partition(b":")
-            self._on_change(r, int(head), int(after), body)
-        elif data[:2] == b"t:":  # typing: not to the typist's own connections
-            event = orjson.loads(data[2:])
+        elif isinstance(payload, wire.ChangePayload):  # an edit or delete
+            self._on_change(r, payload.change, payload.after_seq, payload.body)
+        elif isinstance(payload, wire.EventPayload):
+            self._dispatch_event(r, payload, event_frame)
+        elif isinstance(payload, wire.PresencePayload):  # join/leave (gateway.presence)
+            self._dispatch_event(r, payload, presence_frame)
+        elif isinstance(payload, wire.TypingPayload):  # not to the typist's own connections
             frames: dict[str, bytes] = {}
             for sub in r.subs:
-                if sub.user != event["user"]:
+                if sub.user != payload.user:
                     frame = frames.get(sub.transport)
                     if frame is None:
-                        frame = frames[sub.transport] = chat_frame(sub.transport, event)
+                        frame = frames[sub.transport] = chat_frame(sub.transport, payload)
                     sub.push(frame)
-        elif data[:2] == b"r:":  # a read receipt
-            self._dispatch_event(r, orjson.loads(data[2:]), chat_frame)
+        elif isinstance(payload, wire.ReadPayload):
+            self._dispatch_event(r, payload, chat_frame)
 
     def _drain(self, r: Room) -> None:
         """Dispatch what is next in commit order, messages and changes interleaved: the
@@ -649,7 +571,7 @@ class Hub:
                 continue
             frame = frames.get(sub.transport)
             if frame is None:
-                frame = frames[sub.transport] = message_frame(sub.transport, r, seq, body)
+                frame = frames[sub.transport] = message_frame(sub.transport, r.name_json, seq, body)
             if sub.push(frame):
                 sub.cursors[r.name] = seq
                 delivered += 1
@@ -743,7 +665,9 @@ class Hub:
                 continue
             frame = frames.get(sub.transport)
             if frame is None:
-                frame = frames[sub.transport] = change_frame(sub.transport, r, change, body)
+                frame = frames[sub.transport] = change_frame(
+                    sub.transport, r.name_json, change, body
+                )
             if sub.push(frame):
                 assert ccursors is not None
                 ccursors[r.name] = change
@@ -754,12 +678,7 @@ class Hub:
         if r.changes.task is not None:
             r.changes.task.cancel()
 
-    def _dispatch_event(
-        self,
-        r: Room,
-        event: dict[str, Any],
-        build: Callable[[str, dict[str, Any]], bytes] = event_frame,
-    ) -> None:
+    def _dispatch_event(self, r: Room, event: T, build: Callable[[str, T], bytes]) -> None:
         """Queue an unsequenced frame to every subscriber of the room, encoded once."""
         frames: dict[str, bytes] = {}
         for sub in r.subs:
@@ -819,7 +738,8 @@ class Hub:
                     await sub.wait_for_room()
                     if sub.cursors.get(room) != msg.seq - 1:
                         continue  # delivered live meanwhile, or unsubscribed
-                    if not sub.push(message_frame(sub.transport, r, msg.seq, msg.to_json())):
+                    frame = message_frame(sub.transport, r.name_json, msg.seq, msg.to_json())
+                    if not sub.push(frame):
                         return
                     sub.cursors[room] = msg.seq
                     progressed = True
@@ -846,7 +766,8 @@ class Hub:
             return False
         if change.change <= ccursors[r.name]:
             return True  # delivered live meanwhile
-        if not sub.push(change_frame(sub.transport, r, change.change, change.message.to_json())):
+        frame = change_frame(sub.transport, r.name_json, change.change, change.message.to_json())
+        if not sub.push(frame):
             return False
         ccursors[r.name] = change.change
         return True
@@ -891,19 +812,9 @@ class Hub:
         """This instance's connections of ``user``."""
         return [sub for sub in self.subscribers.values() if sub.user == user]
 
-    def notify(
-        self, room: str, build: Callable[[str, dict[str, Any]], bytes], event: dict[str, Any]
-    ) -> None:
+    def notify(self, room: str, build: Callable[[str, T], bytes], event: T) -> None:
         """Queue one unsequenced frame, ``build(transport, event)``, to every local
         subscriber of ``room``."""
         r = self.rooms.get(room)
         if r is not None:
             self._dispatch_event(r, event, build)
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "rooms": len(self.rooms),
-            "subscribers": len(self.subscribers),
-            "queued": sum(s.queued for s in self.subscribers.values()),
-            "time": time.time(),
-        }

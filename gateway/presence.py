@@ -34,9 +34,8 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import orjson
-
 from gateway.periodic import every
+from gateway.wire import encode_presence
 from pubsub import Broker, BrokerUnavailable
 from pubsub.batch import per_key
 from pubsub.script import Script
@@ -85,11 +84,6 @@ for _, m in ipairs(gone) do
 end
 return out
 """
-
-
-def wire_presence(room: str, action: str, user: str) -> bytes:
-    """The broker payload of a presence change."""
-    return b"p:" + orjson.dumps({"room": room, "action": action, "user": user})
 
 
 # Rooms whose presence sets one pipeline of the refresh works on.
@@ -336,7 +330,7 @@ class Presence:
                 {"room": room, "user": user},
             )
         try:
-            await self.broker.publish(self.channel(room), wire_presence(room, action, user))
+            await self.broker.publish(self.channel(room), encode_presence(room, action, user))
         except BrokerUnavailable as exc:
             log.warning("presence %s not announced: %s", action, exc, extra={"room": room})
 

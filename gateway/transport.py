@@ -1,5 +1,6 @@
-"""uvicorn's protocols, made to bound what a peer may hold: the one place that
-reaches into uvicorn's internals (its HTTP and WebSocket protocol classes).
+"""uvicorn's protocols, made to bound what a peer may hold, and its server's start
+and stop: the one place that reaches into uvicorn's internals (its HTTP and
+WebSocket protocol classes and its Server).
 
 asyncio's ``transport.close()`` waits for the write buffer to drain, which a
 peer that stopped reading never lets happen: the socket, and the kernel
@@ -32,13 +33,59 @@ from dataclasses import dataclass
 from typing import Any
 
 import httptools
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from gateway.errors import ApiError
+from gateway.lite import Flag, Inbox
+from gateway.wsout import EXTENSION
 
 log = logging.getLogger("gateway.transport")
+
+# The uvicorn releases this seam is tested with; pyproject pins the same range.
+UVICORN_VERSIONS = ">=0.54,<0.55"
+# What the seam overrides, calls or reads of uvicorn's protocols: methods of the
+# classes, and attributes their instances set up (checked against the installed
+# uvicorn by tests/test_transport.py).
+WS_METHODS = ("run_asgi", "keepalive_timeout", "send", "handle_connect", "send_500_response")
+WS_STATE = (
+    "app",
+    "loop",
+    "logger",
+    "transport",
+    "queue",
+    "writable",
+    "handshake_complete",
+    "close_sent",
+    "disconnected",
+    "close_timer",
+    "initial_response",
+)
+HTTP_METHODS = (
+    "connection_made",
+    "connection_lost",
+    "data_received",
+    "_unset_keepalive_if_required",
+    "_should_upgrade",
+    "handle_websocket_upgrade",
+    "_unsupported_upgrade_warning",
+    "on_message_begin",
+    "on_headers_complete",
+    "on_body",
+    "on_message_complete",
+    "on_response_complete",
+    "_start_asgi_task",
+    "pause_writing",
+    "resume_writing",
+    "timeout_keep_alive_handler",
+    "shutdown",
+)
+HTTP_STATE = ("config", "loop", "parser", "tasks", "transport", "flow", "client", "cycle")
+SERVER_METHODS = ("startup", "shutdown", "handle_exit")
+SERVER_STATE = ("config", "_captured_signals")
+SERVER_STARTED_STATE = ("servers",)  # set up by startup()
 
 LINGER = 3.0  # seconds unsent bytes may wait once a response or connection has ended
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, drops the queue
@@ -94,6 +141,99 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         super().keepalive_timeout()
         if self.transport.get_write_buffer_size() > 0:
             reset(self.transport)
+
+
+class DirectProtocol(WebSocketProtocol):
+    """:class:`WebSocketProtocol` plus a synchronous writer of whole frames, offered to
+    the app as the ASGI extension ``gateway.wsout.EXTENSION`` (``write`` and
+    ``drained``), which :class:`gateway.wsout.FrameSink` uses."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Lighter stand-ins for the asyncio.Queue and asyncio.Event uvicorn makes per
+        # socket (gateway.lite): what it uses of them, for less memory per connection.
+        self.queue = Inbox()  # type: ignore[assignment]
+        self.writable = Flag()  # type: ignore[assignment]
+        self.writable.set()
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.accept":
+            # The handshake is done: its request and response are not read again.
+            self.request = self.response = None  # type: ignore[assignment]
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            scope["extensions"][EXTENSION] = {
+                "write": self.write_frames,
+                "drained": self.writable.wait,
+            }
+
+    def write_frames(self, data: bytes) -> int:
+        """Write encoded frames now; the bytes still buffered, or -1 if the socket is
+        not open for data (before the accept, after a close frame, once lost)."""
+        if (
+            not self.handshake_complete
+            or self.close_sent
+            or self.disconnected
+            or self.transport.is_closing()
+        ):
+            return -1
+        self.transport.write(data)
+        return int(self.transport.get_write_buffer_size())
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, with what the gateway adds to its start and its stop.
+
+    - ``startup_app(app)`` gives the app the lifespan startup runs with (the
+      app itself again once started): a start that fails can be told there;
+    - on SIGTERM/SIGINT the listening sockets close, then ``drain(deadline)``
+      runs (the application's own goodbyes), then uvicorn's shutdown (in-flight
+      requests, the lifespan shutdown), all within ``shutdown_timeout`` seconds;
+      past that, what is left is cancelled;
+    - a completed graceful shutdown exits 0 (uvicorn would re-raise the signal).
+    """
+
+    shutdown_timeout: float = 10.0
+    log = log  # where the shutdown's own lines go
+
+    def startup_app(self, app: Any) -> Any:
+        return app
+
+    async def drain(self, deadline: float) -> None:
+        """Called on shutdown before uvicorn's own; ``deadline`` in loop time."""
+
+    async def startup(self, sockets: Any = None) -> None:
+        # Only the lifespan runs inside super().startup(): only it sees the wrapper.
+        app = self.config.loaded_app
+        self.config.loaded_app = self.startup_app(app)
+        try:
+            await super().startup(sockets)
+        finally:
+            self.config.loaded_app = app
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()  # handled: not re-raised after the shutdown
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.shutdown_timeout
+        self.log.info("shutting down", extra={"timeout_s": self.shutdown_timeout})
+        for server in self.servers:
+            server.close()
+        await self.drain(deadline)
+        # uvicorn waits for in-flight requests this long, then runs the lifespan shutdown.
+        remaining = max(0.1, deadline - loop.time())
+        self.config.timeout_graceful_shutdown = max(0.1, remaining - 1)  # type: ignore[assignment]
+        try:
+            await asyncio.wait_for(super().shutdown(sockets), remaining)
+        except TimeoutError:
+            self.log.error("shutdown exceeded SHUTDOWN_TIMEOUT; exiting with work cancelled")
+        self.log.info("shut down")
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,9 +7,9 @@ a message's frame once and every subscriber's :class:`FrameSink` writes those
 bytes into its socket's buffer synchronously. Frames queued for one socket in
 one turn of the event loop leave in one write.
 
-:class:`DirectProtocol` is the gateway's uvicorn protocol (gateway.transport) offering
-this writer to the app as the ASGI extension ``gateway.direct``; under any
-other server the session falls back to a writer task and ASGI sends.
+:class:`gateway.transport.DirectProtocol`, the gateway's uvicorn protocol, offers
+a socket's writer to the app as the ASGI extension ``EXTENSION``; under any other
+server the session falls back to a writer task and ASGI sends.
 """
 
 from __future__ import annotations
@@ -18,9 +18,6 @@ import asyncio
 import struct
 from collections.abc import Callable
 from typing import Any
-
-from gateway.lite import Flag, Inbox
-from gateway.transport import WebSocketProtocol
 
 EXTENSION = "gateway.direct"
 
@@ -51,44 +48,6 @@ def text_frame(payload: bytes) -> bytes:
     frame = head + payload
     _last = (payload, frame)
     return frame
-
-
-class DirectProtocol(WebSocketProtocol):
-    """The gateway's websockets-sansio protocol plus a synchronous writer of whole frames."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.queue = Inbox()  # type: ignore[assignment]
-        self.writable = Flag()  # type: ignore[assignment]
-        self.writable.set()
-
-    async def send(self, message: Any) -> None:
-        await super().send(message)
-        if message["type"] == "websocket.accept":
-            # The handshake is done: its request and response are not read again.
-            self.request = self.response = None  # type: ignore[assignment]
-
-    def handle_connect(self, event: Any) -> None:
-        super().handle_connect(event)
-        scope = getattr(self, "scope", None)
-        if scope is not None:
-            scope["extensions"][EXTENSION] = {
-                "write": self.write_frames,
-                "drained": self.writable.wait,
-            }
-
-    def write_frames(self, data: bytes) -> int:
-        """Write encoded frames now; the bytes still buffered, or -1 if the socket is
-        not open for data (before the accept, after a close frame, once lost)."""
-        if (
-            not self.handshake_complete
-            or self.close_sent
-            or self.disconnected
-            or self.transport.is_closing()
-        ):
-            return -1
-        self.transport.write(data)
-        return int(self.transport.get_write_buffer_size())
 
 
 class FrameSink:

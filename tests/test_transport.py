@@ -1,0 +1,131 @@
+"""The uvicorn seam (gateway.transport): the uvicorn it is pinned to is the one
+installed and has what the seam overrides and reads; and the app still delivers
+under stock uvicorn, without the seam's protocols (ASGI sends and a writer task
+per socket instead of direct writes)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import socket
+import tomllib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.server import ServerState
+
+from gateway import transport
+from gateway.app import create_app
+from gateway.config import Settings
+from gateway.core import Gateway
+from tests.harness import WSClient, post, t
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_installed_uvicorn_is_in_the_range_the_seam_is_tested_with() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    (declared,) = [
+        Requirement(d)
+        for d in pyproject["project"]["dependencies"]
+        if Requirement(d).name == "uvicorn"
+    ]
+    assert declared.specifier == SpecifierSet(transport.UVICORN_VERSIONS)
+    assert importlib.metadata.version("uvicorn") in SpecifierSet(transport.UVICORN_VERSIONS)
+
+
+async def test_the_seams_hooks_exist_in_the_installed_uvicorn() -> None:
+    for cls, methods, state in (
+        (WebSocketsSansIOProtocol, transport.WS_METHODS, transport.WS_STATE),
+        (HttpToolsProtocol, transport.HTTP_METHODS, transport.HTTP_STATE),
+    ):
+        for name in methods:
+            assert callable(getattr(cls, name, None)), f"{cls.__name__}.{name}"
+        protocol = cls(
+            config=uvicorn.Config(create_app(Settings())),
+            server_state=ServerState(),
+            app_state={},
+        )
+        missing = [name for name in state if not hasattr(protocol, name)]
+        assert not missing, f"{cls.__name__} instances lack {missing}"
+    for name in transport.SERVER_METHODS:
+        assert callable(getattr(uvicorn.Server, name, None)), f"Server.{name}"
+    server = uvicorn.Server(uvicorn.Config(create_app(Settings())))
+    missing = [name for name in transport.SERVER_STATE if not hasattr(server, name)]
+    assert not missing, f"Server instances lack {missing}"
+    assert {400, 408, 431} <= set(STATUS_LINE)
+    # The seam's own protocols are uvicorn's, so uvicorn drives them as its own.
+    assert issubclass(transport.DirectProtocol, WebSocketsSansIOProtocol)
+    assert issubclass(transport.HttpProtocol, HttpToolsProtocol)
+    assert issubclass(transport.Server, uvicorn.Server)
+
+
+@pytest.fixture
+async def stock_server(tmp_path: Path) -> AsyncIterator[tuple[str, Gateway, uvicorn.Server]]:
+    """The app under uvicorn as anyone would serve it: stock protocols, no seam."""
+    settings = Settings.from_env(
+        {
+            "DATABASE_URL": f"sqlite:///{tmp_path}/gw.db",
+            "REDIS_URL": "memory://",
+            "RATE_LIMIT": "100000/1s",
+            "CONNECT_RATE_LIMIT": "100000/1s",
+            "SUBSCRIBE_RATE_LIMIT": "100000/1s",
+            "LOG_LEVEL": "warning",
+        }
+    )
+    app = create_app(settings)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        ws="websockets-sansio",
+        http="httptools",
+        lifespan="on",
+        log_config=None,
+        # GatewayApp.__call__ returns its coroutine rather than being one, which
+        # uvicorn's interface detection would take for ASGI 2.
+        interface="asgi3",
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(t(10)):
+            while not server.started:
+                assert not task.done(), "the server did not start"
+                await asyncio.sleep(0.02)
+        yield f"127.0.0.1:{port}", app.state.gateway, server
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, t(15))
+        sock.close()
+
+
+async def test_stock_uvicorn_delivers_in_order_over_asgi_sends(
+    stock_server: tuple[str, Gateway, uvicorn.Server],
+) -> None:
+    address, gw, server = stock_server
+    missing = [name for name in transport.SERVER_STARTED_STATE if not hasattr(server, name)]
+    assert not missing, f"a started Server lacks {missing}"
+    room = "stock.burst"
+    async with WSClient.connect(f"ws://{address}/v1/ws") as ws, httpx.AsyncClient() as http:
+        assert (await ws.subscribe(room))["seq"] == 0
+        assert gw.hub is not None
+        (sub,) = gw.hub.subscribers.values()
+        assert sub.sink is None, "no direct output without the seam's protocol"
+        results = await asyncio.gather(
+            *(post(http, f"http://{address}", room, f"m{i}") for i in range(40))
+        )
+        assert all(r.status_code == 201 for r in results)
+        frames = [await ws.expect("message") for _ in range(40)]
+        assert [f["message"]["seq"] for f in frames] == list(range(1, 41))
+        assert sorted(f["message"]["text"] for f in frames) == sorted(f"m{i}" for i in range(40))
+        await ws.send({"type": "ping", "ref": 1})
+        assert (await ws.expect("pong")) == {"type": "pong", "ref": 1}
