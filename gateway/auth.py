@@ -21,6 +21,7 @@ seconds whatever the traffic; a failed fetch keeps the keys already known.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import math
@@ -506,6 +507,12 @@ class Authenticator:
             raise ApiError("unauthorized", "the API key is not valid")
 
 
+def key_bucket(key: str) -> str:
+    """The name an API key's caller is counted under (rate buckets, connection limits):
+    a digest of the key, so no secret reaches Redis."""
+    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
 def is_api_key(auth: Authenticator, key: str | None) -> bool:
     """Whether ``key`` is one of the configured API keys (none configured: never)."""
     if not auth.keys_required or not key:
@@ -525,4 +532,4 @@ def bearer(headers: Any) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-__all__ = ["Authenticator", "Identity", "JwksKeys", "bearer"]
+__all__ = ["Authenticator", "Identity", "JwksKeys", "bearer", "is_api_key", "key_bucket"]
