@@ -20,6 +20,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from gateway import figures
@@ -51,6 +52,10 @@ SUBSCRIBE = "subscribe"  # WebSocket subscribe frames
 READY_TIMEOUT = 2.0  # seconds each /readyz probe may take
 
 T = TypeVar("T")
+
+
+def _nothing() -> None:
+    pass
 
 
 def scoped_key(identity: Identity, key: str) -> str:
@@ -116,6 +121,12 @@ class Gateway:
         self.figures = SharedFigures()
         # Only with WEBHOOK_URLS set: otherwise no outbox rows, no dispatcher.
         self.webhooks: Webhooks | None = None
+        # Told after every commit of messages or changes; the webhooks' dispatcher,
+        # once there is one, sends the events the commit wrote.
+        self.committed: Callable[[], None] = _nothing
+        # Holds Redis back after a failure, shared by every user of the broker's
+        # client; without Redis one that never holds anything back.
+        self.guard = self.broker.guard if self.broker.guard is not None else RedisGuard(0.0)
         # The parts start makes, each reached through its property once made.
         self._history: HistoryCache | None = None
         self._hub: Hub | None = None
@@ -166,14 +177,14 @@ class Gateway:
                 self.store, self.settings, WebhookMetrics(self.metrics.registry)
             )
             await self.webhooks.start()
+            self.committed = self.webhooks.poke
         await self.broker.start()
         running.push_async_callback(self.broker.close)
         if self.webhooks is not None:  # closed before the broker, as it was started before
             running.push_async_callback(self.webhooks.close)
         redis = self.broker.redis
         prefix = self.settings.key_prefix
-        # A broker with Redis has a guard; one with no cooldown never holds Redis back.
-        guard = self.broker.guard if self.broker.guard is not None else RedisGuard(cooldown=0.0)
+        guard = self.guard
         batch = getattr(self.broker, "batch", None)
         history = self._history = HistoryCache(
             self.store,
@@ -287,11 +298,6 @@ class Gateway:
         """Refuse new work (a post, a change, a connection) once the instance shuts down."""
         if self.closing:
             raise ApiError("unavailable", "the instance is shutting down; retry on another")
-
-    def committed(self) -> None:
-        """Told after every commit of messages or changes: the webhooks send its events."""
-        if self.webhooks is not None:
-            self.webhooks.poke()
 
     async def rate(self, action: str, identity: str) -> Decision:
         decision = await self.limiter.hit(action, identity)
@@ -414,7 +420,6 @@ class Gateway:
         after another (never all at once: that would take a pooled connection each)."""
         batch = getattr(self.broker, "batch", None)
         publish_command = getattr(self.broker, "publish_command", None)
-        guard = self.broker.guard
         if batch is None or publish_command is None:
             for room in rooms:
                 await self.publish_event(room, event, data)
@@ -422,7 +427,7 @@ class Gateway:
         unavailable = ApiError(
             "unavailable", "the broker is unavailable; the event was not published to every room"
         )
-        if guard is not None and not guard.usable():
+        if not self.guard.usable():
             raise unavailable
         try:
             results = await batch.run(
@@ -435,8 +440,7 @@ class Gateway:
             log.warning("broadcast not published: %r", exc)
             results = [exc]
         if any(isinstance(r, BaseException) for r in results):
-            if guard is not None:
-                guard.failed()
+            self.guard.failed()
             raise unavailable
         self.metrics.events_published.inc(len(rooms))
 
