@@ -28,17 +28,15 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jwt
 from jwt.warnings import InsecureKeyLengthWarning
 
+from gateway.config import Settings
 from gateway.errors import ApiError
 from gateway.keys import ASYMMETRIC_ALGORITHMS, PublicKey, load_public_key, pinned_algorithms
 from gateway.periodic import every
-
-if TYPE_CHECKING:
-    from gateway.config import Settings
 
 log = logging.getLogger("gateway.auth")
 
