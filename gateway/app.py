@@ -28,7 +28,7 @@ from gateway import chat, openapi, server_api
 from gateway import validation as v
 from gateway.auth import Authenticator, bearer
 from gateway.config import Settings
-from gateway.connections import Connection, ConnectionStream
+from gateway.connections import Connection, ConnectionStream, connecting
 from gateway.core import POST, PUBLISH, Gateway
 from gateway.edge import (
     client_address,
@@ -36,7 +36,6 @@ from gateway.edge import (
     gateway_of,
     identify,
     json_response,
-    presence_user,
     token_of,
 )
 from gateway.errors import CODES, ApiError, internal, store_unavailable
@@ -107,7 +106,7 @@ async def websocket_over_http(request: Request) -> Response:
 async def room_events(request: Request) -> Response:
     gw = gateway_of(request)
     room = v.room_name(request.path_params["room"])
-    identity = identify(request, query_token=True)
+    identity, user = connecting(request)
     identity.check_room(room)
     v.only_fields(dict(request.query_params), v.fields(v.EVENTS_QUERY))
     # Both are checked; the header (a browser's own resume) wins.
@@ -116,7 +115,6 @@ async def room_events(request: Request) -> Response:
     if since is None:
         since = since_query
     changes_since = v.seq_param(request.query_params.get("changes_since"), "changes_since")
-    user = presence_user(request, identity)
     connection = Connection(gw, identity.name)
     decision = await connection.admit()
     sub = Subscriber(

@@ -1,14 +1,15 @@
 """Long-lived client connections (a WebSocket, a room's SSE stream, the stats stream),
 set up and torn down one way whatever carries them.
 
+A WebSocket or room stream's caller is identified one way (:func:`connecting`).
 A connection is admitted (:meth:`Connection.admit`): refused while the instance
 shuts down, counted against the caller's ``connect`` rate bucket, and given a
 place in the connection limits (gateway.limits). One that carries room events
 then attaches its subscriber (:meth:`Connection.attach`): registered with the
 hub, counted in the ``chat_connections`` gauge, closed when its token expires.
-:meth:`Connection.close` undoes whatever was done, in reverse, once, however the
-connection ends; an event stream does it when its response ends
-(:class:`ConnectionStream`), even one that never sent a byte.
+:meth:`Connection.close` undoes whatever was done, once, however the connection
+ends; an event stream does it when its response ends (:class:`ConnectionStream`),
+even one that never sent a byte.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from types import TracebackType
 from typing import Any
 
 from sse_starlette import EventSourceResponse
+from starlette.requests import HTTPConnection
 
 from gateway.auth import Identity
 from gateway.core import CONNECT, Gateway
+from gateway.edge import identify, presence_user
 from gateway.errors import CLOSE_POLICY_VIOLATION
 from gateway.hub import SSE, WS, Subscriber
 from gateway.ratelimit import Decision
@@ -29,6 +32,13 @@ log = logging.getLogger("gateway.connections")
 
 # How the log lines name a connection by its transport.
 _NAMES = {WS: "websocket", SSE: "sse stream"}
+
+
+def connecting(conn: HTTPConnection) -> tuple[Identity, str | None]:
+    """Who opens a connection: the identity (the bearer header, or ``?token=`` where a
+    browser cannot set one) and the name it is present under (gateway.edge)."""
+    identity = identify(conn, query_token=True)
+    return identity, presence_user(conn, identity)
 
 
 def expire_with_token(sub: Subscriber, identity: Identity) -> None:

@@ -25,9 +25,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from gateway import validation as v
 from gateway.auth import Identity
 from gateway.chat import changed_by, position_json
-from gateway.connections import Connection, expire_with_token
+from gateway.connections import Connection, connecting, expire_with_token
 from gateway.core import POST, SUBSCRIBE, Gateway
-from gateway.edge import gateway_of, identify, presence_user
+from gateway.edge import gateway_of
 from gateway.errors import CLOSE_POLICY_VIOLATION, ApiError, internal, store_unavailable
 from gateway.hub import WS, Subscriber
 from gateway.wsout import FrameSink
@@ -43,8 +43,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     gw = gateway_of(websocket)
     try:
         v.only_fields(dict(websocket.query_params), v.fields(v.WS_QUERY))
-        identity = identify(websocket, query_token=True)
-        user = presence_user(websocket, identity)
+        identity, user = connecting(websocket)
         connection = Connection(gw, identity.name)
         decision = await connection.admit()
     except ApiError as exc:
