@@ -118,7 +118,7 @@ class Gateway:
         # One id per running instance: its presence members and its shared figures.
         self.instance_id = uuid.uuid4().hex[:12]
         # This instance alone until start finds a Redis to share figures through.
-        self.figures = SharedFigures()
+        self.shared_figures = SharedFigures()
         # Only with WEBHOOK_URLS set: otherwise no outbox rows, no dispatcher.
         self.webhooks: Webhooks | None = None
         # Told after every commit of messages or changes; the webhooks' dispatcher,
@@ -247,7 +247,7 @@ class Gateway:
             retention.start()
             running.push_async_callback(retention.close)
         if redis is not None:
-            self.figures = RedisSharedFigures(
+            self.shared_figures = RedisSharedFigures(
                 redis,
                 prefix,
                 instance_id=self.instance_id,
@@ -255,8 +255,8 @@ class Gateway:
                 describe=self.describe,
                 guard=guard,
             )
-        self.figures.start()
-        running.push_async_callback(self.figures.close)
+        self.shared_figures.start()
+        running.push_async_callback(self.shared_figures.close)
         rates = {
             POST: self.settings.rate_limit,
             PUBLISH: self.settings.publish_rate_limit,
@@ -290,7 +290,7 @@ class Gateway:
 
     def sampler(self, *, cluster: bool) -> Sampler:
         """Snapshots of this instance's figures, or with ``cluster`` of every instance's."""
-        return Sampler(self.reading, self.describe, self.figures.others if cluster else None)
+        return Sampler(self.reading, self.describe, self.shared_figures.others if cluster else None)
 
     # -- the write path ----------------------------------------------------
 

@@ -154,7 +154,7 @@ async def unsubscribe(request: Request) -> Response:
 async def subscriber_counts(gw: Gateway) -> dict[str, int]:
     """Subscribers per room with at least one, over every instance (see the module)."""
     counts = {name: len(r.subs) for name, r in list(gw.hub.rooms.items()) if r.subs}
-    for entry in await gw.figures.others():
+    for entry in await gw.shared_figures.others():
         for name, (_seq, subs) in entry["c"]["rooms"].items():
             if subs:
                 counts[name] = counts.get(name, 0) + int(subs)
