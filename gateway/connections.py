@@ -15,7 +15,8 @@ even one that never sent a byte.
 from __future__ import annotations
 
 import logging
-from types import TracebackType
+from collections.abc import Mapping
+from types import MappingProxyType, TracebackType
 from typing import Any
 
 from sse_starlette import EventSourceResponse
@@ -32,6 +33,7 @@ log = logging.getLogger("gateway.connections")
 
 # How the log lines name a connection by its transport.
 _NAMES = {WS: "websocket", SSE: "sse stream"}
+_NO_EXTRA: Mapping[str, Any] = MappingProxyType({})
 
 
 def connecting(conn: HTTPConnection) -> tuple[Identity, str | None]:
@@ -54,12 +56,15 @@ def expire_with_token(sub: Subscriber, identity: Identity) -> None:
 class Connection:
     """One connection of ``caller`` (the identity its limits and rate bucket count)."""
 
+    # Held for as long as the connection is open, and idle sockets are many.
+    __slots__ = ("_log_extra", "admitted", "caller", "gw", "sub")
+
     def __init__(self, gw: Gateway, caller: str) -> None:
         self.gw = gw
         self.caller = caller
         self.admitted = False
         self.sub: Subscriber | None = None
-        self._log_extra: dict[str, Any] = {}
+        self._log_extra: Mapping[str, Any] = _NO_EXTRA
 
     async def admit(self) -> Decision:
         """Refuse the connection (``ApiError``) or take its place; the rate decision
@@ -74,7 +79,8 @@ class Connection:
         """Register ``sub`` with the hub and count it; it closes when ``identity``'s
         token expires. ``log_extra`` goes on the opened and closed log lines."""
         self.sub = sub
-        self._log_extra = log_extra
+        if log_extra:
+            self._log_extra = log_extra
         self.gw.hub.register(sub)
         self.gw.metrics.connections.labels(sub.transport).inc()
         log.info("%s opened", _NAMES[sub.transport], extra={**log_extra, "sub": sub.id})

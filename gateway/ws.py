@@ -49,11 +49,13 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     except ApiError as exc:
         await refuse(websocket, exc)
         return
-    async with connection:
+    try:
         await websocket.accept(
             headers=[(k.lower().encode(), v.encode()) for k, v in decision.headers().items()]
         )
-        await Session(gw, websocket, identity, connection, user).run()
+        await Session(gw, websocket, identity, user).run(connection)
+    finally:
+        await connection.close()
 
 
 async def refuse(websocket: WebSocket, exc: ApiError) -> None:
@@ -86,18 +88,21 @@ class Publish(NamedTuple):
 
 
 class Session:
+    """One WebSocket's frames in and out, from its upgrade to its close."""
+
+    # Held for as long as the socket is open, and idle sockets are many.
+    __slots__ = ("gw", "identity", "publisher", "publishes", "sub", "user", "ws")
+
     def __init__(
         self,
         gw: Gateway,
         websocket: WebSocket,
         identity: Identity,
-        connection: Connection,
         user: str | None = None,
     ) -> None:
         self.gw = gw
         self.ws = websocket
         self.identity = identity
-        self.connection = connection
         self.user = user  # the name shown in presence; None: not shown
         s = gw.settings
         # Under the gateway's own server, frames go straight to the socket (no writer task).
@@ -112,8 +117,9 @@ class Session:
         self.publishes: list[tuple[dict[str, Any], Any]] = []
         self.publisher: asyncio.Task[None] | None = None
 
-    async def run(self) -> None:
-        self.connection.attach(self.sub, self.identity)
+    async def run(self, connection: Connection) -> None:
+        """Serve the socket until it closes; ``connection`` (admitted) holds its place."""
+        connection.attach(self.sub, self.identity)
         try:
             if self.sub.sink is not None:
                 await self.read_until_closed(self.sub.sink)
@@ -135,7 +141,7 @@ class Session:
             if self.publisher is not None:
                 self.publisher.cancel()
                 await asyncio.gather(self.publisher, return_exceptions=True)
-            await self.connection.close()
+            await connection.close()
             if self.sub.sink is not None:
                 self.sub.sink.flush()
             if self.sub.close_code is not None:
