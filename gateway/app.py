@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -29,23 +28,23 @@ from gateway import chat, openapi, server_api
 from gateway import validation as v
 from gateway.auth import Authenticator, bearer
 from gateway.config import Settings
-from gateway.core import CONNECT, POST, PUBLISH, Gateway
+from gateway.connections import Connection, ConnectionStream, connecting
+from gateway.core import POST, PUBLISH, Gateway
 from gateway.edge import (
     client_address,
     encoded_json_response,
     gateway_of,
     identify,
     json_response,
-    presence_user,
     token_of,
 )
-from gateway.errors import CODES, ApiError, internal
+from gateway.errors import CODES, ApiError, internal, store_unavailable
 from gateway.frames import SSE
 from gateway.hub import Subscriber
 from gateway.logs import RequestContext, conn_id, request_id
 from gateway.stats import stats_events
 from gateway.webhook_routes import webhooks_dead, webhooks_enable, webhooks_list, webhooks_replay
-from gateway.ws import expire_with_token, websocket_endpoint
+from gateway.ws import websocket_endpoint
 from storage import StoreUnavailable
 
 log = logging.getLogger("gateway.http")
@@ -108,7 +107,7 @@ async def websocket_over_http(request: Request) -> Response:
 async def room_events(request: Request) -> Response:
     gw = gateway_of(request)
     room = v.room_name(request.path_params["room"])
-    identity = identify(request, query_token=True)
+    identity, user = connecting(request)
     identity.check_room(room)
     v.only_fields(dict(request.query_params), v.fields(v.EVENTS_QUERY))
     # Both are checked; the header (a browser's own resume) wins.
@@ -117,13 +116,8 @@ async def room_events(request: Request) -> Response:
     if since is None:
         since = since_query
     changes_since = v.seq_param(request.query_params.get("changes_since"), "changes_since")
-    user = presence_user(request, identity)
-    decision = await gw.rate(CONNECT, identity.name)
-    hub, presence = gw.hub, gw.presence
-    assert hub is not None and presence is not None
-    if gw.closing:
-        raise ApiError("unavailable", "the instance is shutting down; reconnect elsewhere")
-    gw.limits.acquire(identity.name)
+    connection = Connection(gw, identity.name)
+    decision = await connection.admit()
     sub = Subscriber(
         SSE,
         identity=identity.name,
@@ -131,42 +125,29 @@ async def room_events(request: Request) -> Response:
         max_bytes=gw.settings.queue_max_bytes,
         user=user,
     )
-    expire_with_token(sub, identity)
-    hub.register(sub)
+    connection.attach(sub, identity, room=room)
     try:
-        await hub.subscribe(sub, room, since, changes_since)
+        await gw.hub.subscribe(sub, room, since, changes_since)
     except BaseException:
-        await hub.unregister(sub)
-        gw.limits.release(identity.name)
+        await connection.close()
         raise
-    gw.metrics.connections.labels("sse").inc()
-    log.info("sse stream opened", extra={"room": room, "sub": sub.id})
-    await presence.joined(sub.id, user, room)
+    await gw.presence.joined(sub.id, user, room)
 
     async def stream() -> AsyncIterator[bytes]:
-        try:
-            async for batch in sub.batches():
-                yield b"".join(batch)
-            if sub.farewell is not None:  # ended by the server API: say why
-                yield sub.farewell
-        finally:
-            gw.metrics.connections.labels("sse").dec()
-            gw.limits.release(identity.name)
-            await hub.unregister(sub)
-            await presence.gone(sub.id)
-            log.info(
-                "sse stream closed",
-                extra={"room": room, "sub": sub.id, "close_code": sub.close_code},
-            )
+        async for batch in sub.batches():
+            yield b"".join(batch)
+        if sub.farewell is not None:  # ended by the server API: say why
+            yield sub.farewell
 
     # A reader that stopped reading is aborted by the server's protocol after
     # SSE_SEND_TIMEOUT (gateway.transport); send_timeout is the backstop under
     # another server, where the socket may stay until the peer leaves.
-    return EventSourceResponse(
+    return ConnectionStream(
         stream(),
         ping=gw.settings.sse_ping,
         sep="\n",
         send_timeout=2 * gw.settings.sse_send_timeout,
+        connection=connection,
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no", **decision.headers()},
     )
 
@@ -243,9 +224,9 @@ async def api_error(conn: HTTPConnection, exc: Exception) -> Response:
     return exc.response()
 
 
-async def store_unavailable(conn: HTTPConnection, exc: Exception) -> Response:
-    log.warning("store unavailable on %s: %s", conn.url.path, exc)
-    return ApiError("unavailable", "the message store is unavailable; retry later").response()
+async def store_unavailable_error(conn: HTTPConnection, exc: Exception) -> Response:
+    assert isinstance(exc, StoreUnavailable)
+    return store_unavailable(exc, conn.url.path).response()
 
 
 async def http_error(conn: HTTPConnection, exc: Exception) -> Response:
@@ -436,7 +417,7 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         exception_handlers={
             ApiError: api_error,
             HTTPException: http_error,
-            StoreUnavailable: store_unavailable,
+            StoreUnavailable: store_unavailable_error,
             Exception: internal_error,
         },
     )

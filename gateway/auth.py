@@ -21,35 +21,26 @@ seconds whatever the traffic; a failed fetch keeps the keys already known.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jwt
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from jwt.warnings import InsecureKeyLengthWarning
 
+from gateway.config import Settings
 from gateway.errors import ApiError
+from gateway.keys import ASYMMETRIC_ALGORITHMS, PublicKey, load_public_key, pinned_algorithms
 from gateway.periodic import every
-
-if TYPE_CHECKING:
-    from gateway.config import Settings
 
 log = logging.getLogger("gateway.auth")
 
 HMAC_ALGORITHM = "HS256"
-# The algorithms a public key of each type verifies (pinned: never taken from a token).
-RSA_ALGORITHMS = ("RS256", "RS384", "RS512")
-EC_ALGORITHMS = {"secp256r1": ("ES256",), "secp384r1": ("ES384",)}
-ASYMMETRIC_ALGORITHMS = frozenset({*RSA_ALGORITHMS, "ES256", "ES384", "EdDSA"})
 
 
 def _matches(patterns: tuple[str, ...] | None, room: str) -> bool:
@@ -113,55 +104,6 @@ class Identity:
         if self.may_access(room):
             raise ApiError("forbidden", f"the token grants room {room!r} read-only")
         raise ApiError("forbidden", f"the token does not grant room {room!r}")
-
-
-@dataclass(frozen=True, slots=True)
-class PublicKey:
-    """A verification key with the algorithms its type allows."""
-
-    key: Any
-    algorithms: tuple[str, ...]
-    kid: str | None = None
-
-
-def pinned_algorithms(key: Any) -> tuple[str, ...]:
-    """The algorithms a public key verifies, from its type alone (empty: not usable)."""
-    if isinstance(key, RSAPublicKey):
-        return RSA_ALGORITHMS
-    if isinstance(key, EllipticCurvePublicKey):
-        return EC_ALGORITHMS.get(key.curve.name, ())
-    if isinstance(key, Ed25519PublicKey):
-        return ("EdDSA",)
-    return ()
-
-
-def load_public_key(text: str) -> PublicKey:
-    """``AUTH_PUBLIC_KEY``: a PEM public key or certificate, or the bare base64 body of
-    a public key (as Keycloak's realm settings show it). ``\\n`` escapes count as
-    line breaks, for environments that take one line. Raises ``ValueError``."""
-    text = text.strip().replace("\\n", "\n")
-    if "-----BEGIN" not in text:
-        body = "".join(text.split())
-        text = (
-            "-----BEGIN PUBLIC KEY-----\n"
-            + "\n".join(body[i : i + 64] for i in range(0, len(body), 64))
-            + "\n-----END PUBLIC KEY-----\n"
-        )
-    data = text.encode()
-    try:
-        if "-----BEGIN CERTIFICATE-----" in text:
-            key: Any = x509.load_pem_x509_certificate(data).public_key()
-        else:
-            key = serialization.load_pem_public_key(data)
-    except ValueError as exc:
-        raise ValueError(f"not a PEM public key or certificate ({exc})") from None
-    algorithms = pinned_algorithms(key)
-    if not algorithms:
-        raise ValueError(
-            f"a {type(key).__name__} cannot verify tokens; use an RSA, "
-            "EC P-256/P-384 or Ed25519 key"
-        )
-    return PublicKey(key, algorithms)
 
 
 class JwksKeys:
@@ -563,6 +505,12 @@ class Authenticator:
             raise ApiError("unauthorized", "the API key is not valid")
 
 
+def key_bucket(key: str) -> str:
+    """The name an API key's caller is counted under (rate buckets, connection limits):
+    a digest of the key, so no secret reaches Redis."""
+    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
 def is_api_key(auth: Authenticator, key: str | None) -> bool:
     """Whether ``key`` is one of the configured API keys (none configured: never)."""
     if not auth.keys_required or not key:
@@ -582,4 +530,4 @@ def bearer(headers: Any) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-__all__ = ["Authenticator", "Identity", "JwksKeys", "PublicKey", "bearer", "load_public_key"]
+__all__ = ["Authenticator", "Identity", "JwksKeys", "bearer", "is_api_key", "key_bucket"]

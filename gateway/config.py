@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from gateway.keys import load_public_key
+
 
 class ConfigError(ValueError):
     """A setting has a value the gateway cannot use."""
@@ -275,8 +277,6 @@ class Settings:
                     "address of the identity provider's JWKS"
                 )
         if self.auth_public_key is not None:
-            from gateway.auth import load_public_key
-
             try:
                 load_public_key(self.auth_public_key)
             except ValueError as exc:
@@ -323,10 +323,6 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.upper()} must be positive")
-
-    @property
-    def open_mode(self) -> bool:
-        return not ((self.auth_secret or "").strip() or self.auth_jwks_url or self.auth_public_key)
 
 
 _KNOWN_TYPES = {

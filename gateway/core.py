@@ -2,7 +2,9 @@
 
 ``Gateway`` owns the store, the broker, the history cache, the hub and the
 rate limiter. Constructing it does no I/O; ``start`` connects (from the app's
-lifespan) and ``close`` releases everything.
+lifespan) and makes the parts that need a started broker (reached through
+properties that raise ``NotStarted`` before that), and ``close`` releases
+everything ``start`` started, last started first.
 
 A post goes one way: validate, commit in the store (seq assigned there), raise
 the cache's seq, publish on the room's channel, acknowledge. The publish is the
@@ -14,25 +16,31 @@ from the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from gateway import figures
 from gateway.auth import Authenticator, Identity
+from gateway.chat_service import Chat, RedisChat
 from gateway.config import Settings
 from gateway.control import Control
 from gateway.errors import ApiError
+from gateway.figures import Reading, Sampler
 from gateway.hub import Hub
 from gateway.limits import ConnectionLimits
 from gateway.metrics import Metrics
 from gateway.presence import Presence
-from gateway.ratelimit import Decision, RateLimiter
+from gateway.ratelimit import Decision, LocalRateLimiter, RateLimiter
 from gateway.retention import Retention
-from gateway.stats import Beacon
+from gateway.shared_figures import RedisSharedFigures, SharedFigures
 from gateway.wire import encode_event, encode_message
 from pubsub import Broker, BrokerUnavailable, create_broker
-from storage import HistoryCache, Message, Store, StoreUnavailable, create_store
+from pubsub.base import RedisGuard
+from storage import HistoryCache, Message, Store, create_store
 from webhooks import Webhooks
 from webhooks.metrics import WebhookMetrics
 
@@ -44,6 +52,12 @@ CONNECT = "connect"  # WebSocket and SSE connection attempts
 SUBSCRIBE = "subscribe"  # WebSocket subscribe frames
 READY_TIMEOUT = 2.0  # seconds each /readyz probe may take
 
+T = TypeVar("T")
+
+
+def _nothing() -> None:
+    pass
+
 
 def scoped_key(identity: Identity, key: str) -> str:
     """An ``Idempotency-Key`` as stored: qualified by the poster's identity, so keys
@@ -52,6 +66,16 @@ def scoped_key(identity: Identity, key: str) -> str:
     give the same text whatever characters they hold."""
     kind = "sub" if identity.user else "addr"
     return f"{kind}:{len(identity.name)}:{identity.name}:{key}"
+
+
+class NotStarted(RuntimeError):
+    """A part of the gateway used before ``start`` made it."""
+
+
+def _started(part: T | None, name: str) -> T:
+    if part is None:
+        raise NotStarted(f"the gateway's {name} is used before the gateway was started")
+    return part
 
 
 class Gateway:
@@ -87,28 +111,63 @@ class Gateway:
             ),
         )
         self.auth = Authenticator.from_settings(settings)
-        self.history: HistoryCache | None = None
-        self.hub: Hub | None = None
-        self.limiter: RateLimiter | None = None
-        self.presence: Presence | None = None
-        self.retention: Retention | None = None
         self.limits = ConnectionLimits(
             settings.max_connections, settings.max_connections_per_identity
         )
         self.started_at = time.time()
         self.closing = False
-        # One id per running instance: its presence members and its stats entry.
+        # One id per running instance: its presence members and its shared figures.
         self.instance_id = uuid.uuid4().hex[:12]
-        self.beacon: Beacon | None = None
-        self.control: Control | None = None  # server API commands (gateway.control)
-        self._probes: set[asyncio.Task[Any]] = set()  # readiness probes given up on
+        # This instance alone until start finds a Redis to share figures through.
+        self.shared_figures = SharedFigures()
         # Only with WEBHOOK_URLS set: otherwise no outbox rows, no dispatcher.
         self.webhooks: Webhooks | None = None
-        self.chat: Any = None  # typing and read receipts (gateway.chat.Chat)
+        # Told after every commit of messages or changes; the webhooks' dispatcher,
+        # once there is one, sends the events the commit wrote.
+        self.committed: Callable[[], None] = _nothing
+        # Holds Redis back after a failure, shared by every user of the broker's
+        # client; without Redis one that never holds anything back.
+        self.guard = self.broker.guard if self.broker.guard is not None else RedisGuard(0.0)
+        # The parts start makes, each reached through its property once made.
+        self._history: HistoryCache | None = None
+        self._hub: Hub | None = None
+        self._presence: Presence | None = None
+        self._control: Control | None = None  # server API commands (gateway.control)
+        self._chat: Chat | None = None  # edits, typing and read receipts
+        self._limiter: LocalRateLimiter | None = None
+        self._running = contextlib.AsyncExitStack()  # what start started, closed in reverse
+        self._probes: set[asyncio.Task[Any]] = set()  # readiness probes given up on
+
+    @property
+    def history(self) -> HistoryCache:
+        return _started(self._history, "history cache")
+
+    @property
+    def hub(self) -> Hub:
+        return _started(self._hub, "hub")
+
+    @property
+    def presence(self) -> Presence:
+        return _started(self._presence, "presence")
+
+    @property
+    def control(self) -> Control:
+        return _started(self._control, "server API control")
+
+    @property
+    def chat(self) -> Chat:
+        return _started(self._chat, "chat")
+
+    @property
+    def limiter(self) -> LocalRateLimiter:
+        return _started(self._limiter, "rate limiter")
 
     async def start(self, *, migrate: bool = True) -> None:
+        running = self._running
         await self.auth.start()
+        running.push_async_callback(self.auth.close)
         await self.store.start()
+        running.push_async_callback(self.store.close)
         if migrate:
             applied = await self.store.migrate()
             if applied:
@@ -119,31 +178,36 @@ class Gateway:
                 self.store, self.settings, WebhookMetrics(self.metrics.registry)
             )
             await self.webhooks.start()
+            self.committed = self.webhooks.poke
         await self.broker.start()
+        running.push_async_callback(self.broker.close)
+        if self.webhooks is not None:  # closed before the broker, as it was started before
+            running.push_async_callback(self.webhooks.close)
         redis = self.broker.redis
         prefix = self.settings.key_prefix
-        guard = self.broker.guard
+        guard = self.guard
         batch = getattr(self.broker, "batch", None)
-        self.history = HistoryCache(
+        history = self._history = HistoryCache(
             self.store,
             redis,
             prefix=prefix,
-            guard=guard,
+            guard=self.broker.guard,
             ttl=self.settings.history_cache_ttl,
             metrics=self.metrics,
             batch=batch,
         )
-        self.hub = Hub(
+        running.push_async_callback(history.close)
+        hub = self._hub = Hub(
             self.broker,
-            self.history,
+            history,
             prefix=prefix,
             gap_wait=self.settings.gap_wait,
             position_interval=self.settings.position_interval,
             metrics=self.metrics,
         )
-        await self.hub.start()
-        hub = self.hub
-        self.presence = Presence(
+        await hub.start()
+        running.push_async_callback(hub.close)
+        presence = self._presence = Presence(
             self.broker,
             redis,
             prefix=prefix,
@@ -154,67 +218,89 @@ class Gateway:
             instance=self.instance_id,
             notify=self.webhooks.notify if self.webhooks else None,
         )
-        await self.presence.start()
-        self.control = Control(self.broker, hub, self.presence, self.history)
-        await self.control.start()
-        from gateway.chat import Chat  # it uses this module's names
-
-        self.chat = Chat(self)
-        self.chat.start()
-        if redis is not None:
-            self.beacon = Beacon(self, redis, prefix, guard=guard)
-            self.beacon.start()
+        await presence.start()
+        running.push_async_callback(presence.close)
+        parts = (self.settings, self.store, self.broker, hub, history, self.metrics)
+        chat = self._chat = (
+            Chat(*parts, ensure_open=self.ensure_open, committed=self.committed)
+            if redis is None
+            else RedisChat(
+                *parts,
+                redis=redis,
+                guard=guard,
+                batch=batch,
+                ensure_open=self.ensure_open,
+                committed=self.committed,
+            )
+        )
+        chat.start()
+        running.push_async_callback(chat.close)
+        control = self._control = Control(self.broker, hub, presence, history)
+        await control.start()
+        running.push_async_callback(control.close)
         if self.settings.retention_days is not None:
-            self.retention = Retention(
+            retention = Retention(
                 self.store,
                 days=self.settings.retention_days,
                 interval=self.settings.retention_interval,
                 batch=self.settings.retention_batch,
             )
-            self.retention.start()
-        self.limiter = RateLimiter(
-            redis,
-            prefix=prefix,
-            metrics=self.metrics,
-            guard=guard,
-            rates={
-                POST: self.settings.rate_limit,
-                PUBLISH: self.settings.publish_rate_limit,
-                CONNECT: self.settings.connect_rate_limit,
-                SUBSCRIBE: self.settings.subscribe_rate_limit,
-            },
-            batch=batch,
+            retention.start()
+            running.push_async_callback(retention.close)
+        if redis is not None:
+            self.shared_figures = RedisSharedFigures(
+                redis,
+                prefix,
+                instance_id=self.instance_id,
+                own=self.reading,
+                describe=self.describe,
+                guard=guard,
+            )
+        self.shared_figures.start()
+        running.push_async_callback(self.shared_figures.close)
+        rates = {
+            POST: self.settings.rate_limit,
+            PUBLISH: self.settings.publish_rate_limit,
+            CONNECT: self.settings.connect_rate_limit,
+            SUBSCRIBE: self.settings.subscribe_rate_limit,
+        }
+        self._limiter = (
+            LocalRateLimiter(prefix=prefix, metrics=self.metrics, rates=rates)
+            if redis is None
+            else RateLimiter(
+                redis, prefix=prefix, metrics=self.metrics, guard=guard, rates=rates, batch=batch
+            )
         )
         self.metrics.watch_pool(self.store.stats)
         for warning in self.auth.warnings():
             log.warning(warning)
 
     async def close(self) -> None:
+        """Close what ``start`` started, last started first."""
         self.closing = True
-        if self.beacon is not None:
-            await self.beacon.close()
-        if self.retention is not None:
-            await self.retention.close()
-        if self.control is not None:
-            await self.control.close()
-        if self.chat is not None:
-            await self.chat.close()
-        if self.presence is not None:
-            await self.presence.close()
-        if self.hub is not None:
-            await self.hub.close()
-        if self.history is not None:
-            await self.history.close()
-        if self.webhooks is not None:
-            await self.webhooks.close()
-        await self.broker.close()
-        await self.store.close()
-        await self.auth.close()
+        await self._running.aclose()
+
+    # -- figures -----------------------------------------------------------
+
+    def reading(self) -> Reading:
+        """This instance's figures now (gateway.figures)."""
+        return figures.read(self.metrics, list(self.hub.rooms.items()))
+
+    def describe(self) -> dict[str, Any]:
+        return figures.describe_instance(self.instance_id, self.started_at, self.closing)
+
+    def sampler(self, *, cluster: bool) -> Sampler:
+        """Snapshots of this instance's figures, or with ``cluster`` of every instance's."""
+        return Sampler(self.reading, self.describe, self.shared_figures.others if cluster else None)
 
     # -- the write path ----------------------------------------------------
 
+    def ensure_open(self) -> None:
+        """Refuse new work (a post, a change, a connection) once the instance shuts down."""
+        if self.closing:
+            raise ApiError("unavailable", "the instance is shutting down; retry on another")
+
     async def rate(self, action: str, identity: str) -> Decision:
-        assert self.limiter is not None
         decision = await self.limiter.hit(action, identity)
         if not decision.allowed:
             raise ApiError(
@@ -240,23 +326,15 @@ class Gateway:
         An ``idempotency_key`` is the poster's own: it is stored qualified by the
         identity (:func:`scoped_key`), so another identity's equal key is another
         key. A repeat whose message differs (text or author) from the one the key
-        first stored is refused with ``idempotency_conflict``.
+        first stored is refused with ``idempotency_conflict``. A store that cannot
+        be reached raises ``StoreUnavailable`` (nothing was stored).
         """
-        if self.closing:
-            raise ApiError("unavailable", "the instance is shutting down; retry on another")
-        assert self.history is not None and self.hub is not None
+        self.ensure_open()
         key = None if idempotency_key is None else scoped_key(identity, idempotency_key)
-        try:
-            msg, created = await self.store.append(room, author, text, key)
-        except StoreUnavailable as exc:
-            log.warning("post refused: %s", exc)
-            raise ApiError(
-                "unavailable", "the message store is unavailable; nothing was stored, retry later"
-            ) from None
+        msg, created = await self.store.append(room, author, text, key)
         if created:
             self.metrics.messages_accepted.labels(transport).inc()
-            if self.webhooks is not None:
-                self.webhooks.poke()
+            self.committed()
             await self._announce([msg])
         elif msg.text != text or msg.author != author:
             raise ApiError(
@@ -270,19 +348,12 @@ class Gateway:
         self, posts: list[tuple[str, str, str]], *, transport: str
     ) -> list[Message]:
         """Commit ``(room, author, text)`` posts in this order, together where the
-        store can (one connection's publishes that arrived during a commit)."""
-        if self.closing:
-            raise ApiError("unavailable", "the instance is shutting down; retry on another")
-        try:
-            msgs = await self.store.append_many(posts)
-        except StoreUnavailable as exc:
-            log.warning("post refused: %s", exc)
-            raise ApiError(
-                "unavailable", "the message store is unavailable; nothing was stored, retry later"
-            ) from None
+        store can (one connection's publishes that arrived during a commit). A store
+        that cannot be reached raises ``StoreUnavailable`` (nothing was stored)."""
+        self.ensure_open()
+        msgs = await self.store.append_many(posts)
         self.metrics.messages_accepted.labels(transport).inc(len(msgs))
-        if self.webhooks is not None:
-            self.webhooks.poke()
+        self.committed()
         await self._announce(msgs)
         return msgs
 
@@ -336,7 +407,6 @@ class Gateway:
                 )
 
     async def publish_event(self, room: str, event: str, data: Any) -> None:
-        assert self.hub is not None
         try:
             await self.broker.publish(self.hub.channel(room), encode_event(room, event, data))
         except BrokerUnavailable:
@@ -349,10 +419,8 @@ class Gateway:
         """One ephemeral event to each of ``rooms`` (the server API's broadcast): in one
         round trip over the command batch where the broker has one, else one publish
         after another (never all at once: that would take a pooled connection each)."""
-        assert self.hub is not None
         batch = getattr(self.broker, "batch", None)
         publish_command = getattr(self.broker, "publish_command", None)
-        guard = self.broker.guard
         if batch is None or publish_command is None:
             for room in rooms:
                 await self.publish_event(room, event, data)
@@ -360,7 +428,7 @@ class Gateway:
         unavailable = ApiError(
             "unavailable", "the broker is unavailable; the event was not published to every room"
         )
-        if guard is not None and not guard.usable():
+        if not self.guard.usable():
             raise unavailable
         try:
             results = await batch.run(
@@ -373,8 +441,7 @@ class Gateway:
             log.warning("broadcast not published: %r", exc)
             results = [exc]
         if any(isinstance(r, BaseException) for r in results):
-            if guard is not None:
-                guard.failed()
+            self.guard.failed()
             raise unavailable
         self.metrics.events_published.inc(len(rooms))
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
 from gateway.auth import Identity, bearer
-
-if TYPE_CHECKING:  # the core imports the stats route, which uses this module
-    from gateway.core import Gateway
+from gateway.core import Gateway
+from gateway.validation import author
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -78,8 +77,6 @@ def identify(conn: HTTPConnection, *, query_token: bool = False) -> Identity:
 def presence_user(conn: HTTPConnection, identity: Identity) -> str | None:
     """The name a connection is present under: the token's ``sub``, or in open mode
     the optional ``?user=`` query parameter (no parameter: not shown in presence)."""
-    from gateway.validation import author
-
     raw = conn.query_params.get("user")
     given = None if raw is None else author(raw)  # checked even where it is not used
     return identity.name if identity.user else given

@@ -7,10 +7,15 @@ a refused WebSocket frame gets ``{"type": "error", "ref": ..., "code": ..., "mes
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
 from starlette.responses import Response
+
+from storage import StoreUnavailable
+
+log = logging.getLogger("gateway.errors")
 
 # code -> (HTTP status, meaning)
 CODES: dict[str, tuple[int, str]] = {
@@ -105,3 +110,12 @@ class ApiError(Exception):
 def internal() -> ApiError:
     """The refusal for an unexpected failure: a 500 body or an ``internal`` error frame."""
     return ApiError("internal", "an unexpected error occurred; nothing was stored")
+
+
+def store_unavailable(exc: StoreUnavailable, where: str) -> ApiError:
+    """The refusal when the message store cannot be reached (503 ``unavailable``), for
+    every route and frame; logged with ``where`` it happened."""
+    log.warning("store unavailable on %s: %s", where, exc)
+    return ApiError(
+        "unavailable", "the message store is unavailable; nothing was stored, retry later"
+    )

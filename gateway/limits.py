@@ -9,8 +9,6 @@ identity may hold up to the per-identity limit on each instance.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from gateway.errors import ApiError
 
@@ -41,15 +39,8 @@ class ConnectionLimits:
         self.by_identity[identity] += 1
 
     def release(self, identity: str) -> None:
+        """Give back a place ``acquire`` counted."""
         self.count -= 1
         self.by_identity[identity] -= 1
         if self.by_identity[identity] <= 0:
             del self.by_identity[identity]
-
-    @contextmanager
-    def hold(self, identity: str) -> Iterator[None]:
-        self.acquire(identity)
-        try:
-            yield
-        finally:
-            self.release(identity)

@@ -1,8 +1,8 @@
 """Light stand-ins for ``asyncio.Queue`` and ``asyncio.Event``, for state kept per socket.
 
-Each asyncio primitive allocates its waiter deques up front (about 760 bytes
-each; a Queue holds four). With ten thousand idle sockets that is tens of
-megabytes of empty deques; these keep a list, made only when someone waits.
+Each asyncio primitive allocates its waiter deques up front, whether or not
+anyone ever waits, and idle sockets are many (the cost: README, Performance);
+these keep a list, made only when someone waits.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 
 
 class Inbox:
-    """What uvicorn uses of ``asyncio.Queue`` for received events, in a fraction of
-    its memory (a Queue holds four deques; idle sockets are many)."""
+    """What uvicorn uses of ``asyncio.Queue`` for received events, without the four
+    deques a Queue makes up front."""
 
     __slots__ = ("_items", "_waiter")
 
@@ -37,9 +37,6 @@ class Inbox:
 
     def empty(self) -> bool:
         return not self._items
-
-    def qsize(self) -> int:
-        return len(self._items)
 
 
 class Flag:

@@ -68,9 +68,6 @@ class Metrics:
         self.gap_fills = Counter(
             "chat_gap_fills_total", "Fills of a room from the store", ["reason"], registry=r
         )
-        self.http_requests = Counter(
-            "chat_http_requests_total", "HTTP responses", ["route", "status"], registry=r
-        )
         # Series that exist from the start, so dashboards and alerts see zeros.
         for transport in ("ws", "sse"):
             self.connections.labels(transport)
@@ -80,7 +77,7 @@ class Metrics:
         for outcome in ("hit", "miss", "error"):
             self.cache_requests.labels(outcome)
         self.messages_dropped.labels("slow_consumer")
-        self._pool_source: Callable[[], dict[str, Any]] | None = None
+        self._pool_source: Callable[[], dict[str, Any]] = dict  # no pool: no pool gauges
         r.register(_PoolCollector(self))
 
     def delivered(self, count: int, created_ms: int) -> None:
@@ -105,8 +102,7 @@ class _PoolCollector:
         return []
 
     def collect(self) -> Any:
-        source = self.metrics._pool_source
-        stats = source() if source is not None else {}
+        stats = self.metrics._pool_source()
         for key in ("pool_size", "pool_in_use", "pool_max"):
             if key in stats:
                 g = GaugeMetricFamily(f"chat_db_{key}", f"Database {key.replace('_', ' ')}")

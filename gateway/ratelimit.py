@@ -6,10 +6,10 @@ refill is exact: a bucket of ``capacity`` refills ``capacity`` tokens every
 ``period`` seconds. Tokens are kept scaled by the period in microseconds, so
 every quantity is an integer well inside a double's exact range.
 
-With ``memory://`` (or while Redis is unreachable) the same arithmetic runs in
-process on the local monotonic clock. The fallback keeps limiting (per
-instance) rather than letting a flood through or refusing everyone, and a
-metric and a log line say it is active.
+With ``memory://`` (:class:`LocalRateLimiter`), or while Redis is unreachable,
+the same arithmetic runs in process on the local monotonic clock. The fallback
+keeps limiting (per instance) rather than letting a flood through or refusing
+everyone, and a metric and a log line say it is active.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.config import Rate
+from gateway.metrics import Metrics
+from pubsub.base import RedisGuard
 from pubsub.script import Script
 
 log = logging.getLogger("gateway.ratelimit")
@@ -133,8 +135,37 @@ class LocalBuckets:
                 del self._buckets[key]
 
 
-class RateLimiter:
-    """Token buckets per (action, identity): in Redis when there is one, else in process.
+class LocalRateLimiter:
+    """Token buckets per (action, identity) on this instance alone (``memory://``)."""
+
+    def __init__(
+        self, *, prefix: str = "chat:", metrics: Metrics | None = None, rates: dict[str, Rate]
+    ) -> None:
+        self.prefix = prefix
+        # Decisions are counted; without a gateway's metrics, in a registry of their own.
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.rates = rates
+        self.local = LocalBuckets()
+
+    def key(self, action: str, identity: str) -> str:
+        return f"{self.prefix}rl:{action}:{{{identity}}}"
+
+    async def hit(self, action: str, identity: str, cost: int = 1) -> Decision:
+        decision = await self._decide(self.key(action, identity), self.rates[action], cost)
+        self.metrics.rate_limit.labels(action, "allowed" if decision.allowed else "limited").inc()
+        return decision
+
+    async def _decide(self, key: str, rate: Rate, cost: int) -> Decision:
+        return self.local.hit(key, rate, cost)
+
+    @property
+    def fallback(self) -> bool:
+        """Whether some decisions are made on this instance's buckets for want of Redis."""
+        return False
+
+
+class RateLimiter(LocalRateLimiter):
+    """Token buckets per (action, identity) in Redis, shared by every instance.
 
     While Redis is unreachable (an error, or no answer within the client's
     command timeout) the decision is made on this instance's own buckets. The
@@ -142,66 +173,49 @@ class RateLimiter:
     Redis for a moment after a failure, so an outage costs one caller one
     timeout rather than every request its own. Over a cluster that is per
     shard: identities whose buckets live on a healthy shard keep sharing them.
+    Without a guard every decision tries Redis.
     """
 
     def __init__(
         self,
-        redis: Any | None,
+        redis: Any,
         *,
         prefix: str = "chat:",
-        metrics: Any | None = None,
+        metrics: Metrics | None = None,
         rates: dict[str, Rate],
-        guard: Any | None = None,
+        guard: RedisGuard | None = None,
         batch: Any | None = None,
     ) -> None:
+        super().__init__(prefix=prefix, metrics=metrics, rates=rates)
         self.redis = redis
-        self.guard = guard  # has usable() and failed(): skip Redis right after a failure
-        self.prefix = prefix
-        self.metrics = metrics
-        self.rates = rates
-        self.local = LocalBuckets()
+        # Skips Redis right after a failure; one with no cooldown never skips.
+        self.guard = guard if guard is not None else RedisGuard(cooldown=0.0)
         self._failing: set[str] = set()  # shards (guard.shard) whose buckets are local now
         # EVALSHA, and the script's body again after a NOSCRIPT (pubsub.script).
-        self._script = Script(redis, SCRIPT) if redis is not None else None
+        self._script = Script(redis, SCRIPT)
         # Decisions asked for at the same moment share one pipeline (pubsub.batch);
         # none on a cluster, where keys live on different nodes.
         self.batch = batch
 
-    def key(self, action: str, identity: str) -> str:
-        return f"{self.prefix}rl:{action}:{{{identity}}}"
-
-    async def hit(self, action: str, identity: str, cost: int = 1) -> Decision:
-        rate = self.rates[action]
-        key = self.key(action, identity)
-        decision: Decision | None = None
-        shard = "" if self.guard is None else self.guard.shard(key)  # looked up once
-        if self._script is not None and (self.guard is None or self.guard.shard_usable(shard)):
-            pus = period_us(rate)
-            try:
-                allowed, value, _full, need = await self._decide(key, [rate.capacity, pus, cost])
-                decision = _decide(rate, pus, int(value), int(need), bool(allowed))
-                self._set_fallback(shard, False)
-            except Exception as exc:
-                if self.guard is not None:
-                    self.guard.shard_failed(shard)
-                self._set_fallback(shard, True, exc)
-        elif self._script is not None:
+    async def _decide(self, key: str, rate: Rate, cost: int) -> Decision:
+        shard = self.guard.shard(key)  # looked up once
+        if not self.guard.shard_usable(shard):
             self._set_fallback(shard, True, "skipped: Redis failed moments ago")
-        if decision is None:
-            decision = self.local.hit(key, rate, cost)
-        if self.metrics is not None:
-            self.metrics.rate_limit.labels(
-                action, "allowed" if decision.allowed else "limited"
-            ).inc()
-        return decision
-
-    async def _decide(self, key: str, args: list[int]) -> Any:
-        assert self._script is not None
-        return await self._script([key], args, batch=self.batch)
+            return self.local.hit(key, rate, cost)
+        pus = period_us(rate)
+        try:
+            allowed, value, _full, need = await self._script(
+                [key], [rate.capacity, pus, cost], batch=self.batch
+            )
+        except Exception as exc:
+            self.guard.shard_failed(shard)
+            self._set_fallback(shard, True, exc)
+            return self.local.hit(key, rate, cost)
+        self._set_fallback(shard, False)
+        return _decide(rate, pus, int(value), int(need), bool(allowed))
 
     @property
     def fallback(self) -> bool:
-        """Whether some decisions are made on this instance's buckets now."""
         return bool(self._failing)
 
     def _set_fallback(self, shard: str, on: bool, why: object = None) -> None:
@@ -215,5 +229,4 @@ class RateLimiter:
                 log.warning("rate limiter: Redis unreachable (%r); using per-instance buckets", why)
             else:
                 log.warning("rate limiter: Redis reachable again; shared buckets restored")
-            if self.metrics is not None:
-                self.metrics.rate_limit_fallback.set(1 if on else 0)
+            self.metrics.rate_limit_fallback.set(1 if on else 0)

@@ -5,9 +5,9 @@ notice travel as control messages (gateway.control) and are applied by every
 instance; they are answered 202 once sent. Figures across instances:
 
 - subscribers of a room: this instance's hub, plus what every other instance
-  reported in its stats beacon (gateway.stats.Beacon: each instance writes its
-  rooms and their subscriber counts to one Redis hash every second; an entry
-  older than ``FRESH`` seconds is an instance gone). A count is therefore at
+  shared in its figures (gateway.shared_figures: each instance writes its rooms
+  and their subscriber counts to one Redis hash every second; an entry older
+  than ``ENTRY_MAX_AGE`` seconds is an instance gone). A count is therefore at
   most about a second old. Without Redis the instance is the cluster.
 - presence: the room's present users (gateway.presence), on any instance.
 - latest_seq: the store's counter (through the history cache's seq keys for a
@@ -123,7 +123,6 @@ def _reason(value: Any) -> str:
 
 
 async def _send(gw: Gateway, command: Any) -> None:
-    assert gw.control is not None
     try:
         await gw.control.send(command)
     except BrokerUnavailable as exc:
@@ -154,13 +153,11 @@ async def unsubscribe(request: Request) -> Response:
 
 async def subscriber_counts(gw: Gateway) -> dict[str, int]:
     """Subscribers per room with at least one, over every instance (see the module)."""
-    assert gw.hub is not None
     counts = {name: len(r.subs) for name, r in list(gw.hub.rooms.items()) if r.subs}
-    if gw.beacon is not None:
-        for entry in await gw.beacon.others():
-            for name, (_seq, subs) in entry["c"]["rooms"].items():
-                if subs:
-                    counts[name] = counts.get(name, 0) + int(subs)
+    for entry in await gw.shared_figures.others():
+        for name, (_seq, subs) in entry["c"]["rooms"].items():
+            if subs:
+                counts[name] = counts.get(name, 0) + int(subs)
     return counts
 
 
@@ -186,7 +183,6 @@ async def list_rooms(request: Request) -> Response:
     counts = await subscriber_counts(gw)
     names = sorted(name for name in counts if cursor is None or name > cursor)
     page, more = names[:limit], len(names) > limit
-    assert gw.history is not None
     seqs = await gw.history.latest_seqs(page)
     for name in page:
         if name not in seqs:  # no cache key: the store says
@@ -206,7 +202,6 @@ async def room_info(request: Request) -> Response:
     gw = _require_key(request)
     room = v.room_name(request.path_params["room"])
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
-    assert gw.presence is not None
     counts, latest = await asyncio.gather(subscriber_counts(gw), gw.store.latest_seq(room))
     try:
         present = await gw.presence.members(room)
@@ -227,7 +222,6 @@ async def purge_messages(request: Request) -> Response:
     gw = _require_key(request)
     room = v.room_name(request.path_params["room"])
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
-    assert gw.history is not None and gw.control is not None
     removed = await gw.store.purge_room(room)
     try:
         await gw.history.purged(room)

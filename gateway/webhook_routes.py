@@ -16,6 +16,7 @@ from starlette.responses import Response
 
 from gateway import validation as v
 from gateway.auth import bearer
+from gateway.core import Gateway
 from gateway.edge import gateway_of, json_response
 from gateway.errors import ApiError
 from storage.base import format_ts
@@ -95,7 +96,7 @@ DEAD_LETTER: dict[str, Any] = {
 }
 
 
-def _admin(request: Request) -> Any:
+def _admin(request: Request) -> Gateway:
     """The gateway, once the caller showed an API key (open mode with no API_KEYS:
     no key needed, as on /v1/publish; auth mode with no API_KEYS: refused)."""
     gw = gateway_of(request)
@@ -105,10 +106,10 @@ def _admin(request: Request) -> Any:
     return gw
 
 
-def _hooks(gw: Any) -> Webhooks:
+def _hooks(gw: Gateway) -> Webhooks:
     if gw.webhooks is None:
         raise ApiError("not_found", "webhooks are off: WEBHOOK_URLS is not set")
-    return gw.webhooks  # type: ignore[no-any-return]
+    return gw.webhooks
 
 
 def _receiver(hooks: Webhooks, url: Any) -> Receiver:

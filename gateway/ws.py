@@ -24,10 +24,11 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gateway import validation as v
 from gateway.auth import Identity
-from gateway.chat import changed_by, chat_of, position_json
-from gateway.core import CONNECT, POST, SUBSCRIBE, Gateway
-from gateway.edge import gateway_of, identify, presence_user
-from gateway.errors import CLOSE_POLICY_VIOLATION, ApiError, internal
+from gateway.chat import changed_by, position_json
+from gateway.connections import Connection, connecting, expire_with_token
+from gateway.core import POST, SUBSCRIBE, Gateway
+from gateway.edge import gateway_of
+from gateway.errors import CLOSE_POLICY_VIOLATION, ApiError, internal, store_unavailable
 from gateway.hub import WS, Subscriber
 from gateway.wsout import FrameSink
 from storage import Message, StoreUnavailable
@@ -41,13 +42,10 @@ CHAT_FRAMES = {"edit", "delete", "typing", "read"}  # gateway.chat
 async def websocket_endpoint(websocket: WebSocket) -> None:
     gw = gateway_of(websocket)
     try:
-        if gw.closing:
-            raise ApiError("unavailable", "the instance is shutting down; reconnect elsewhere")
         v.only_fields(dict(websocket.query_params), v.fields(v.WS_QUERY))
-        identity = identify(websocket, query_token=True)
-        user = presence_user(websocket, identity)
-        decision = await gw.rate(CONNECT, identity.name)
-        gw.limits.acquire(identity.name)
+        identity, user = connecting(websocket)
+        connection = Connection(gw, identity.name)
+        decision = await connection.admit()
     except ApiError as exc:
         await refuse(websocket, exc)
         return
@@ -55,10 +53,9 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         await websocket.accept(
             headers=[(k.lower().encode(), v.encode()) for k, v in decision.headers().items()]
         )
-        session = Session(gw, websocket, identity, user)
-        await session.run()
+        await Session(gw, websocket, identity, user).run(connection)
     finally:
-        gw.limits.release(identity.name)
+        await connection.close()
 
 
 async def refuse(websocket: WebSocket, exc: ApiError) -> None:
@@ -69,14 +66,15 @@ async def refuse(websocket: WebSocket, exc: ApiError) -> None:
         await websocket.close(CLOSE_POLICY_VIOLATION, exc.message[:120])
 
 
-def expire_with_token(sub: Subscriber, identity: Identity) -> None:
-    """Close the connection (1008 on WS, end of stream on SSE) when its token expires."""
-    if identity.expires_at is not None:
-        sub.close_at(
-            identity.expires_at,
-            CLOSE_POLICY_VIOLATION,
-            "the token has expired; reconnect with a new one",
-        )
+def refusal(exc: Exception) -> ApiError:
+    """What a failed frame is answered with: its own refusal, the store's, or
+    ``internal`` (logged)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, StoreUnavailable):
+        return store_unavailable(exc, "a WebSocket frame")
+    log.error("unhandled error on a WebSocket frame", exc_info=exc)
+    return internal()
 
 
 class Publish(NamedTuple):
@@ -90,8 +88,17 @@ class Publish(NamedTuple):
 
 
 class Session:
+    """One WebSocket's frames in and out, from its upgrade to its close."""
+
+    # Held for as long as the socket is open, and idle sockets are many.
+    __slots__ = ("gw", "identity", "publisher", "publishes", "sub", "user", "ws")
+
     def __init__(
-        self, gw: Gateway, websocket: WebSocket, identity: Identity, user: str | None = None
+        self,
+        gw: Gateway,
+        websocket: WebSocket,
+        identity: Identity,
+        user: str | None = None,
     ) -> None:
         self.gw = gw
         self.ws = websocket
@@ -110,18 +117,12 @@ class Session:
         self.publishes: list[tuple[dict[str, Any], Any]] = []
         self.publisher: asyncio.Task[None] | None = None
 
-    async def run(self) -> None:
-        hub = self.gw.hub
-        assert hub is not None
-        presence = self.gw.presence
-        assert presence is not None
-        hub.register(self.sub)
-        self.gw.metrics.connections.labels("ws").inc()
-        log.info("websocket opened", extra={"sub": self.sub.id})
-        expire_with_token(self.sub, self.identity)
+    async def run(self, connection: Connection) -> None:
+        """Serve the socket until it closes; ``connection`` (admitted) holds its place."""
+        connection.attach(self.sub, self.identity)
         try:
             if self.sub.sink is not None:
-                await self.read_until_closed()
+                await self.read_until_closed(self.sub.sink)
             else:
                 tasks = [
                     asyncio.create_task(self.read_loop()),
@@ -140,12 +141,7 @@ class Session:
             if self.publisher is not None:
                 self.publisher.cancel()
                 await asyncio.gather(self.publisher, return_exceptions=True)
-            self.gw.metrics.connections.labels("ws").dec()
-            await hub.unregister(self.sub)
-            await presence.gone(self.sub.id)
-            log.info(
-                "websocket closed", extra={"sub": self.sub.id, "close_code": self.sub.close_code}
-            )
+            await connection.close()
             if self.sub.sink is not None:
                 self.sub.sink.flush()
             if self.sub.close_code is not None:
@@ -154,18 +150,20 @@ class Session:
                         self.ws.close(self.sub.close_code, self.sub.close_reason[:120]), 2.0
                     )
 
-    async def read_until_closed(self) -> None:
-        """With direct output the handler's own task is the reader (no task per socket
-        is spent on writing or on waiting): the hub closing the subscriber cancels it."""
+    async def read_until_closed(self, sink: FrameSink) -> None:
+        """With direct output (``sink``) the handler's own task is the reader (no task
+        per socket is spent on writing or on waiting): the hub closing the subscriber
+        cancels it."""
         task = asyncio.current_task()
-        assert task is not None and self.sub.sink is not None
-        self.sub.sink.on_close = task.cancel
+        if task is None:
+            raise RuntimeError("a WebSocket session runs in a task")
+        sink.on_close = task.cancel
         if self.sub.close_code is not None:
             return
         try:
             await self.read_loop()
         except asyncio.CancelledError:
-            self.sub.sink.on_close = None
+            sink.on_close = None
             if self.sub.close_code is None or task.uncancel() > 0:
                 raise  # not (only) the hub's doing
 
@@ -200,17 +198,10 @@ class Session:
                 if self.publisher is not None:
                     await asyncio.wait([self.publisher])
                 await self.handle(frame)
-            except ApiError as exc:
-                self.error(exc, ref)
-            except StoreUnavailable:
-                self.error(
-                    ApiError("unavailable", "the message store is unavailable; retry later"), ref
-                )
             except WebSocketDisconnect:
                 return
-            except Exception:
-                log.exception("unhandled error on a WebSocket frame")
-                self.error(internal(), ref)
+            except Exception as exc:
+                self.error(refusal(exc), ref)
 
     async def publish_loop(self) -> None:
         """Commit queued publishes in order, each run of valid ones in one go."""
@@ -222,12 +213,9 @@ class Session:
                     try:
                         ready.append(await self.prepare_publish(frame))
                     except Exception as exc:
-                        if not isinstance(exc, ApiError):
-                            log.exception("unhandled error on a WebSocket frame")
-                            exc = internal()
                         await self.commit(ready)
                         ready = []
-                        self.error(exc, ref)
+                        self.error(refusal(exc), ref)
                 await self.commit(ready)
         finally:
             self.publisher = None
@@ -262,8 +250,8 @@ class Session:
                     transport="ws",
                     idempotency_key=p.key,
                 )
-            except ApiError as exc:
-                self.error(exc, p.ref)
+            except (ApiError, StoreUnavailable) as exc:
+                self.error(refusal(exc), p.ref)
                 continue
             self.ack(p.ref, msg)
         await self.commit_run(run)
@@ -275,9 +263,10 @@ class Session:
             msgs = await self.gw.post_many(
                 [(p.room, p.author, p.text) for p in run], transport="ws"
             )
-        except ApiError as exc:
+        except (ApiError, StoreUnavailable) as exc:
+            refused = refusal(exc)
             for p in run:
-                self.error(exc, p.ref)
+                self.error(refused, p.ref)
             return
         for p, msg in zip(run, msgs, strict=True):
             self.ack(p.ref, msg)
@@ -294,7 +283,7 @@ class Session:
         ref = v.ref(frame.get("ref"))
         room = v.room_name(frame.get("room"))
         self.identity.check_room(room)
-        chat = chat_of(self.gw)
+        chat = self.gw.chat
         if kind == "typing":
             if room not in self.sub.cursors:
                 raise ApiError(
@@ -365,7 +354,6 @@ class Session:
             )
         v.only_fields(frame, FRAME_FIELDS[kind])
         hub, presence = self.gw.hub, self.gw.presence
-        assert hub is not None and presence is not None
         if kind == "ping":
             ref = v.ref(frame.get("ref"))
             self.sub.reply({"type": "pong"} if ref is None else {"type": "pong", "ref": ref})
@@ -409,7 +397,6 @@ class Session:
         self.identity = identity
         expire_with_token(self.sub, identity)
         hub, presence = self.gw.hub, self.gw.presence
-        assert hub is not None and presence is not None
         for room in [r for r in self.sub.cursors if not identity.may_access(r)]:
             await hub.unsubscribe(self.sub, room)
             await presence.left(self.sub.id, room)

@@ -563,8 +563,9 @@ async def test_a_provider_down_at_start_is_picked_up_when_it_comes_back(gateway_
 
 
 def test_auth_settings_are_checked_at_start():
-    from gateway.auth import load_public_key
+    from gateway.auth import Authenticator
     from gateway.config import ConfigError, Settings
+    from gateway.keys import load_public_key
 
     rsa_key, ed = Key("rsa"), Key("ed25519")
     pem = rsa_key.public_pem.decode()
@@ -606,10 +607,10 @@ def test_auth_settings_are_checked_at_start():
         with pytest.raises(ConfigError) as exc:
             Settings.from_env(env)
         assert words in str(exc.value), case
-    assert Settings.from_env({}).open_mode
+    assert Authenticator.from_settings(Settings.from_env({})).open_mode
     for env in (
         {"AUTH_SECRET": "a b"},
         {"AUTH_JWKS_URL": "https://id.example/jwks"},
         {"AUTH_PUBLIC_KEY": pem},
     ):
-        assert not Settings.from_env(env).open_mode, env
+        assert not Authenticator.from_settings(Settings.from_env(env)).open_mode, env
