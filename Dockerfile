@@ -11,6 +11,7 @@ ENV PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY pubsub ./pubsub
+COPY redisio ./redisio
 COPY storage ./storage
 COPY webhooks ./webhooks
 COPY static ./static

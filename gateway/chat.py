@@ -40,8 +40,8 @@ from gateway.errors import ApiError
 from gateway.hub import wire_change
 from gateway.periodic import every
 from pubsub import BrokerUnavailable
-from pubsub.batch import per_key
-from pubsub.script import Script
+from redisio.pipelined import per_key
+from redisio.script import Script
 from storage import Message, MessageNotFound, NotAuthor, ReadPosition, StoreUnavailable
 
 log = logging.getLogger("gateway.chat")

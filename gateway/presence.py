@@ -38,8 +38,8 @@ import orjson
 
 from gateway.periodic import every
 from pubsub import Broker, BrokerUnavailable
-from pubsub.batch import per_key
-from pubsub.script import Script
+from redisio.pipelined import per_key
+from redisio.script import Script
 
 log = logging.getLogger("gateway.presence")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.config import Rate
-from pubsub.script import Script
+from redisio.script import Script
 
 log = logging.getLogger("gateway.ratelimit")
 
@@ -138,7 +138,7 @@ class RateLimiter:
 
     While Redis is unreachable (an error, or no answer within the client's
     command timeout) the decision is made on this instance's own buckets. The
-    ``guard`` shared with the other Redis users (``pubsub.RedisGuard``) skips
+    ``guard`` shared with the other Redis users (``redisio.guard.RedisGuard``) skips
     Redis for a moment after a failure, so an outage costs one caller one
     timeout rather than every request its own. Over a cluster that is per
     shard: identities whose buckets live on a healthy shard keep sharing them.
@@ -161,9 +161,9 @@ class RateLimiter:
         self.rates = rates
         self.local = LocalBuckets()
         self._failing: set[str] = set()  # shards (guard.shard) whose buckets are local now
-        # EVALSHA, and the script's body again after a NOSCRIPT (pubsub.script).
+        # EVALSHA, and the script's body again after a NOSCRIPT (redisio.script).
         self._script = Script(redis, SCRIPT) if redis is not None else None
-        # Decisions asked for at the same moment share one pipeline (pubsub.batch);
+        # Decisions asked for at the same moment share one pipeline (redisio.pipelined);
         # none on a cluster, where keys live on different nodes.
         self.batch = batch
 
