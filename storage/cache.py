@@ -386,18 +386,6 @@ class HistoryCache:
         )
         return [r if isinstance(r, BaseException) else r[0] for r in results]
 
-    async def _get_one(self, key: str) -> Any:
-        """One key's GET, for the warm read whose caller has asked the guard: over the
-        batch with nothing around it (this is the whole cost of a warm read), else
-        as :meth:`_get`. A failure is raised."""
-        if self.batch is not None:
-            (value,) = await self.batch.run([("GET", key)])
-        else:
-            (value,) = await self._get([key])
-        if isinstance(value, BaseException):
-            raise value
-        return value
-
     async def _get_pair(self, seq_key: str, generation_key: str) -> list[Any]:
         """The warm read: seq and generation in one MGET (one slot: the same hash tag)."""
         if self.batch is not None:
