@@ -73,6 +73,21 @@ class _Link:
             by_slot[self.broker.redis.keyslot(channel)].append(channel)
         for group in by_slot.values():
             await self.pubsub.ssubscribe(*group)
+        self._watch()
+
+    async def add(self, channel: str) -> None:
+        """Hold one more channel (it lives on this link's node)."""
+        if channel not in self.channels:
+            self.channels.add(channel)
+            await self.pubsub.ssubscribe(channel)
+        self._watch()
+
+    async def remove(self, channel: str) -> None:
+        if channel in self.channels:
+            self.channels.discard(channel)
+            await self.pubsub.sunsubscribe(channel)
+
+    def _watch(self) -> None:
         if self.task is None:
             self.task = asyncio.create_task(self._run(), name=f"broker-link-{self.name}")
 
@@ -236,22 +251,56 @@ class ClusterBroker(LinkedBroker):
         if channel in self._channels:
             return
         self._channels.add(channel)
-        await self._apply()
+        await self._apply(channel, True)
 
     async def unsubscribe(self, channel: str) -> None:
         if channel not in self._channels:
             return
         self._channels.discard(channel)
-        await self._apply()
+        await self._apply(channel, False)
 
-    async def _apply(self) -> None:
+    async def _apply(self, channel: str, held: bool) -> None:
+        """One channel onto (or off) the link to its owner, nothing else moved: a
+        subscribe costs one SSUBSCRIBE, however many channels are held."""
         if not self.connected.is_set():
             return  # the link loop places the channel set when the cluster is back
         try:
-            await self._place()
+            async with self._lock:
+                if not self.connected.is_set():
+                    return  # a placement failed meanwhile; the next one places it
+                if held == (channel in self._channels):  # not undone while waiting
+                    await (self._add if held else self._remove)(channel)
         except Exception as exc:
             self.log.warning("broker placement failed: %r", exc)
             self._trouble.set()
+
+    async def _add(self, channel: str) -> None:
+        node = self._owner(channel)
+        link = self._links.get(node.name)
+        if link is None:
+            link = self._links[node.name] = _Link(self, node.name, node.host, int(node.port))
+        elif link.dead:
+            return  # its failure brings a new placement, which places the channel
+        try:
+            await link.add(channel)
+        except BaseException:
+            del self._links[node.name]
+            await link.close()
+            raise
+
+    async def _remove(self, channel: str) -> None:
+        link = self._links.get(self._owner(channel).name)
+        if link is None or channel not in link.channels:
+            # Placed before the slot map last changed: look on every link.
+            link = next((k for k in self._links.values() if channel in k.channels), None)
+            if link is None:
+                return
+        if link.dead:
+            return
+        await link.remove(channel)
+        if not link.channels:  # the last room of that primary: its link goes
+            del self._links[link.name]
+            await link.close()
 
     async def publish(self, channel: str, data: bytes) -> None:
         """Always tried, guard or not: a shard that restarts comes back without its
