@@ -17,6 +17,7 @@ RUN awk '/^pip==/ {p = 1; print; next} p && /^[^ ]/ {p = 0} p' constraints.txt >
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY pubsub ./pubsub
+COPY redisio ./redisio
 COPY storage ./storage
 COPY webhooks ./webhooks
 COPY static ./static

@@ -39,7 +39,7 @@ async def fanout(
         if got == messages:
             done.set()
 
-    broker.on_message = on_message
+    broker.on_message(on_message)
     channels = [f"bench:room:{{r{i}}}" for i in range(rooms)]
     for ch in channels:
         await broker.subscribe(ch)

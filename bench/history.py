@@ -20,7 +20,7 @@ from bench.http import HTTPConn
 from bench.procs import REDIS_URL
 from bench.stats import summary_ms
 from bench.targets import Gateway
-from pubsub.batch import CommandBatch
+from redisio.pipelined import PipelinedConnection
 from storage import HistoryCache
 from storage.postgres import PostgresStore
 
@@ -74,7 +74,7 @@ async def run(*, reads: int = 2000) -> list[dict[str, Any]]:
         await store.start()
         try:
             # Built as the gateway builds it: the seq check goes through the batch.
-            batch = CommandBatch(redis)
+            batch = PipelinedConnection(redis)
             cache = HistoryCache(store, redis, prefix=target.prefix, batch=batch)
             rows.append(
                 await timed("layer: warm cache", reads, lambda: cache.history(ROOM, limit=LIMIT))

@@ -35,9 +35,9 @@ from gateway.metrics import Metrics
 from gateway.periodic import every
 from gateway.wire import encode_change, encode_read, encode_typing
 from pubsub import Broker, BrokerUnavailable
-from pubsub.base import RedisGuard
-from pubsub.batch import per_key
-from pubsub.script import Script
+from redisio.guard import RedisGuard
+from redisio.pipelined import per_key
+from redisio.script import Script
 from storage import HistoryCache, Message, MessageNotFound, NotAuthor, ReadPosition, Store
 
 log = logging.getLogger("gateway.chat")

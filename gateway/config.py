@@ -205,14 +205,14 @@ class Settings:
                 "redis+sentinel://host:port,…/SERVICE or memory://"
             )
         if "+cluster://" in self.redis_url:
-            from pubsub.cluster import parse_cluster_url
+            from redisio.urls import parse_cluster_url
 
             try:
                 parse_cluster_url(self.redis_url)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
         if "+sentinel://" in self.redis_url:
-            from pubsub.sentinel import parse_sentinel_url
+            from redisio.urls import parse_sentinel_url
 
             try:
                 parse_sentinel_url(self.redis_url)

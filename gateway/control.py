@@ -107,11 +107,11 @@ class Control:
         self._worker: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self.broker.on_control = self._received
+        self.broker.on_control(self._received)
         self._worker = asyncio.create_task(self._run(), name="control")
 
     async def close(self) -> None:
-        self.broker.on_control = lambda data: None
+        self.broker.on_control(None)
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)

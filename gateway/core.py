@@ -39,7 +39,6 @@ from gateway.retention import Retention
 from gateway.shared_figures import RedisSharedFigures, SharedFigures
 from gateway.wire import encode_event, encode_message
 from pubsub import Broker, BrokerUnavailable, create_broker
-from pubsub.base import RedisGuard
 from storage import HistoryCache, Message, Store, create_store
 from webhooks import Webhooks
 from webhooks.metrics import WebhookMetrics
@@ -127,7 +126,7 @@ class Gateway:
         self.committed: Callable[[], None] = _nothing
         # Holds Redis back after a failure, shared by every user of the broker's
         # client; without Redis one that never holds anything back.
-        self.guard = self.broker.guard if self.broker.guard is not None else RedisGuard(0.0)
+        self.guard = self.broker.guard
         # The parts start makes, each reached through its property once made.
         self._history: HistoryCache | None = None
         self._hub: Hub | None = None
@@ -186,7 +185,7 @@ class Gateway:
         redis = self.broker.redis
         prefix = self.settings.key_prefix
         guard = self.guard
-        batch = getattr(self.broker, "batch", None)
+        batch = self.broker.batch
         history = self._history = HistoryCache(
             self.store,
             redis,
@@ -358,53 +357,36 @@ class Gateway:
         return msgs
 
     async def _announce(self, msgs: list[Message]) -> None:
-        """Raise the cache's seq, then publish, per message in order. When the cache and
-        the broker share a healthy Redis client all go in one pipeline, with whatever
-        other callers send at the same moment (pubsub.batch): one round trip, each
-        command's failure keeping its meaning (an unraised seq is retried by the
-        cache, a lost publish is filled from the store by every position check)."""
+        """Raise the cache's seq, then publish, per message in order. Where the broker
+        carries commands for the cache's Redis (they share a healthy client) all go
+        in one round trip, with whatever other callers send at the same moment
+        (redisio.pipelined), each command's failure keeping its meaning (an
+        unraised seq is retried by the cache, a lost publish is filled from the
+        store by every position check)."""
         assert self.history is not None and self.hub is not None
+        history, hub = self.history, self.hub
         if self.settings.fault_cut_from_redis:  # test-only: Redis unreachable from here
             return
-        skip_publish = self.settings.fault_skip_publish  # test-only: killed after commit
-        redis = self.history.redis
-        batch = getattr(self.broker, "batch", None)
-        publish_command = getattr(self.broker, "publish_command", None)
-        guard = self.broker.guard
-        if (
-            redis is None
-            or batch is None
-            or publish_command is None
-            or redis is not self.broker.redis
-            or (guard is not None and not guard.usable())
-        ):
+        if self.settings.fault_skip_publish:  # test-only: killed after commit
             for msg in msgs:
-                await self.history.committed(msg)
-                if skip_publish:
-                    continue
+                await history.committed(msg)
+            return
+        if not self.broker.carries(history.redis):
+            for msg in msgs:
+                await history.committed(msg)
                 try:
-                    await self.broker.publish(self.hub.channel(msg.room), encode_message(msg))
+                    await self.broker.publish(hub.channel(msg.room), encode_message(msg))
                 except BrokerUnavailable as exc:
                     log.warning("live publish lost, delivery falls back to the store: %s", exc)
             return
-        step = 1 if skip_publish else 2  # commands per message
-        commands = []
-        for msg in msgs:
-            commands.append(self.history.raise_command(msg))
-            if not skip_publish:
-                commands.append(publish_command(self.hub.channel(msg.room), encode_message(msg)))
-        try:
-            results = await batch.run(commands)
-        except Exception as exc:
-            if guard is not None:
-                guard.failed()
-            results = [exc] * (step * len(msgs))
-        for i, msg in enumerate(msgs):
-            await self.history.queued_result(msg, results[step * i])
-            if not skip_publish and isinstance(results[step * i + 1], Exception):
-                log.warning(
-                    "live publish lost, delivery falls back to the store: %r", results[step * i + 1]
-                )
+        sent = await self.broker.publish_batch(
+            [(hub.channel(msg.room), encode_message(msg)) for msg in msgs],
+            ahead=[history.raise_command(msg) for msg in msgs],
+        )
+        for msg, (raised, lost) in zip(msgs, sent, strict=True):
+            await history.queued_result(msg, raised)
+            if lost is not None:
+                log.warning("live publish lost, delivery falls back to the store: %r", lost)
 
     async def publish_event(self, room: str, event: str, data: Any) -> None:
         try:
@@ -417,33 +399,26 @@ class Gateway:
 
     async def publish_events(self, rooms: list[str], event: str, data: Any) -> None:
         """One ephemeral event to each of ``rooms`` (the server API's broadcast): in one
-        round trip over the command batch where the broker has one, else one publish
+        round trip where the broker has a pipelined connection, else one publish
         after another (never all at once: that would take a pooled connection each)."""
-        batch = getattr(self.broker, "batch", None)
-        publish_command = getattr(self.broker, "publish_command", None)
-        if batch is None or publish_command is None:
-            for room in rooms:
-                await self.publish_event(room, event, data)
-            return
+        hub = self.hub
         unavailable = ApiError(
             "unavailable", "the broker is unavailable; the event was not published to every room"
         )
-        if not self.guard.usable():
-            raise unavailable
         try:
-            results = await batch.run(
-                [
-                    publish_command(self.hub.channel(room), encode_event(room, event, data))
-                    for room in rooms
-                ]
+            sent = await self.broker.publish_batch(
+                [(hub.channel(room), encode_event(room, event, data)) for room in rooms]
             )
-        except Exception as exc:
-            log.warning("broadcast not published: %r", exc)
-            results = [exc]
-        if any(isinstance(r, BaseException) for r in results):
-            self.guard.failed()
+        except BrokerUnavailable:
+            raise unavailable from None
+        published = sum(1 for outcome in sent if outcome.lost is None)
+        self.metrics.events_published.inc(published)
+        if published < len(rooms):
+            log.warning(
+                "broadcast not published to every room: %r",
+                next(outcome.lost for outcome in sent if outcome.lost is not None),
+            )
             raise unavailable
-        self.metrics.events_published.inc(len(rooms))
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Probe each dependency; answered within ``READY_TIMEOUT`` whatever the network

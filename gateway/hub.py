@@ -268,8 +268,8 @@ class Hub:
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
-        self.broker.on_message = self._on_broker_message
-        self.broker.on_reconnect = self._on_reconnect
+        self.broker.on_message(self._on_broker_message)
+        self.broker.on_reconnect(self._on_reconnect)
         self._position_task = every(self.position_interval, self.check_positions, "position check")
 
     async def close(self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutdown") -> None:

@@ -37,8 +37,8 @@ from typing import Any
 from gateway.periodic import every
 from gateway.wire import encode_presence
 from pubsub import Broker, BrokerUnavailable
-from pubsub.batch import per_key
-from pubsub.script import Script
+from redisio.pipelined import per_key
+from redisio.script import Script
 
 log = logging.getLogger("gateway.presence")
 

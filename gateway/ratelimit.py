@@ -23,8 +23,8 @@ from typing import Any
 
 from gateway.config import Rate
 from gateway.metrics import Metrics
-from pubsub.base import RedisGuard
-from pubsub.script import Script
+from redisio.guard import RedisGuard
+from redisio.script import Script
 
 log = logging.getLogger("gateway.ratelimit")
 
@@ -169,7 +169,7 @@ class RateLimiter(LocalRateLimiter):
 
     While Redis is unreachable (an error, or no answer within the client's
     command timeout) the decision is made on this instance's own buckets. The
-    ``guard`` shared with the other Redis users (``pubsub.RedisGuard``) skips
+    ``guard`` shared with the other Redis users (``redisio.guard.RedisGuard``) skips
     Redis for a moment after a failure, so an outage costs one caller one
     timeout rather than every request its own. Over a cluster that is per
     shard: identities whose buckets live on a healthy shard keep sharing them.
@@ -191,9 +191,9 @@ class RateLimiter(LocalRateLimiter):
         # Skips Redis right after a failure; one with no cooldown never skips.
         self.guard = guard if guard is not None else RedisGuard(cooldown=0.0)
         self._failing: set[str] = set()  # shards (guard.shard) whose buckets are local now
-        # EVALSHA, and the script's body again after a NOSCRIPT (pubsub.script).
+        # EVALSHA, and the script's body again after a NOSCRIPT (redisio.script).
         self._script = Script(redis, SCRIPT)
-        # Decisions asked for at the same moment share one pipeline (pubsub.batch);
+        # Decisions asked for at the same moment share one pipeline (redisio.pipelined);
         # none on a cluster, where keys live on different nodes.
         self.batch = batch
 

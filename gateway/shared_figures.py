@@ -19,7 +19,7 @@ import orjson
 
 from gateway.figures import Reading, Shared
 from gateway.periodic import every
-from pubsub.base import RedisGuard
+from redisio.guard import RedisGuard
 
 # An entry older than this is an instance gone (or cut off from Redis).
 ENTRY_MAX_AGE = 3.0

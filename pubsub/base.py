@@ -6,29 +6,38 @@ Contract:
   ``channel`` at that moment, at most once (Redis Pub/Sub gives no more). The
   gateway turns that into exactly-once, in-order delivery with seqs and the
   store; the broker only has to keep the order of one publisher's messages on
-  one channel.
-- Received payloads go to ``on_message(channel, data)``, called on the event
-  loop in arrival order; it must not block (the hub only enqueues).
+  one channel. ``publish_batch`` does the same for many messages, in as few
+  round trips as the broker can, and tells which were lost.
+- Received payloads go to the handler registered with ``on_message``, called
+  as ``handler(channel, data)`` on the event loop in arrival order; it must not
+  block (the hub only enqueues). Until one is registered they are dropped.
 - ``subscribe``/``unsubscribe`` change what this instance receives. They are
   idempotent and raise ``BrokerUnavailable`` if the broker cannot be reached, in
   which case nothing changed.
 - When the link drops, the broker reconnects with backoff by itself, restores
-  every subscription, then calls ``on_reconnect()``: anything published in
-  between was lost to this instance and the caller fills it from the store.
-- ``publish_control(data)`` hands ``data`` to ``on_control(data)`` on every
-  instance sharing the broker, this one included, at most once, in publish
-  order per publisher: commands that act on every instance (the server API).
-  It raises ``BrokerUnavailable`` when nothing could be sent. The control
+  every subscription, then calls the ``on_reconnect`` handler: anything
+  published in between was lost to this instance and the caller fills it from
+  the store.
+- ``publish_control(data)`` hands ``data`` to the ``on_control`` handler on
+  every instance sharing the broker, this one included, at most once, in
+  publish order per publisher: commands that act on every instance (the server
+  API). It raises ``BrokerUnavailable`` when nothing could be sent. The control
   channel is held from ``start`` to ``close`` and restored with the others.
+- ``redis`` is the broker's Redis client for keys (cache, rate limits,
+  presence), None in memory mode; ``guard`` is the cooldown every user of that
+  client shares (:mod:`redisio.guard`), and ``batch`` its pipelined connection
+  where there is one (a single Redis server, not a cluster).
 - Constructors do no I/O; ``start`` connects, ``close`` releases everything.
 """
 
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+from redisio.guard import NO_GUARD, RedisGuard
+from redisio.pipelined import Command, PipelinedConnection
 
 MessageHandler = Callable[[str, bytes], None]
 ReconnectHandler = Callable[[], None]
@@ -39,63 +48,50 @@ class BrokerUnavailable(Exception):
     """The broker cannot be reached; nothing was published or (un)subscribed."""
 
 
-class RedisGuard:
-    """Skip Redis for ``cooldown`` seconds after a command failed or timed out.
+class Sent(NamedTuple):
+    """One message of :meth:`Broker.publish_batch`."""
 
-    Shared by every user of one Redis client (publish, history cache, rate
-    limiter): during an outage, or while the link is silent, one caller pays
-    the timeout and the others fall back at once (store reads, per-instance
-    buckets, delivery by the position check) instead of each waiting it out.
+    ahead: Any  # the reply to the command sent ahead of it; None when there was none
+    lost: BaseException | None  # why the publish was lost; None when it went out
 
-    ``key`` names the Redis key (or sharded channel) a call is about. One Redis
-    server fails as a whole, so this guard ignores it; over a cluster
-    (``pubsub.cluster.ShardGuard``) it picks the shard, and only the shard that
-    failed is skipped. A call about no one key passes None.
 
-    ``failed`` is for a call that was made and failed, never for one skipped
-    because of the cooldown: each report starts the cooldown anew, so a busy
-    caller reporting its skips would keep the instance off Redis for as long as
-    it is busy. After the cooldown the next call tries Redis.
-    """
+def _drop_message(channel: str, data: bytes) -> None:
+    pass
 
-    def __init__(self, cooldown: float = 1.0) -> None:
-        self.cooldown = cooldown
-        self._until: dict[str, float] = {}
 
-    def shard(self, key: str | None) -> str:
-        """Which cooldown ``key`` falls under: the one server's."""
-        return ""
+def _no_reconnect() -> None:
+    pass
 
-    def usable(self, key: str | None = None) -> bool:
-        return self.shard_usable(self.shard(key))
 
-    def failed(self, key: str | None = None) -> None:
-        self.shard_failed(self.shard(key))
-
-    # A caller that needs the shard itself (the rate limiter's fallback state)
-    # looks it up once with shard() and passes it to these.
-    def shard_usable(self, shard: str) -> bool:
-        return time.monotonic() >= self._until.get(shard, 0.0)
-
-    def shard_failed(self, shard: str) -> None:
-        self._until[shard] = time.monotonic() + self.cooldown
-
-    def reset(self) -> None:
-        """End every cooldown: a subscriber link was just restored, so Redis answers.
-        (What was skipped before is filled from the store by the reconnect.)"""
-        self._until.clear()
+def _drop_control(data: bytes) -> None:
+    pass
 
 
 class Broker(ABC):
-    on_message: MessageHandler
-    on_reconnect: ReconnectHandler
-    on_control: ControlHandler
+    guard: RedisGuard = NO_GUARD
+    batch: PipelinedConnection | None = None
 
     def __init__(self) -> None:
-        self.on_message = lambda channel, data: None
-        self.on_reconnect = lambda: None
-        self.on_control = lambda data: None
+        self._on_message: MessageHandler = _drop_message
+        self._on_reconnect: ReconnectHandler = _no_reconnect
+        self._on_control: ControlHandler = _drop_control
         self.reconnects = 0
+
+    # -- handlers ------------------------------------------------------------
+
+    def on_message(self, handler: MessageHandler) -> None:
+        """Receive every message of a subscribed channel (one handler: the last set)."""
+        self._on_message = handler
+
+    def on_reconnect(self, handler: ReconnectHandler) -> None:
+        """Be told when the link was restored and messages may have been missed."""
+        self._on_reconnect = handler
+
+    def on_control(self, handler: ControlHandler | None) -> None:
+        """Receive every control message; None drops them again."""
+        self._on_control = handler or _drop_control
+
+    # -- life ----------------------------------------------------------------
 
     @abstractmethod
     async def start(self) -> None: ...
@@ -104,7 +100,15 @@ class Broker(ABC):
     async def close(self) -> None: ...
 
     @abstractmethod
-    async def publish(self, channel: str, data: bytes) -> None: ...
+    async def ping(self) -> None:
+        """One round trip; raises BrokerUnavailable."""
+
+    @property
+    def redis(self) -> Any | None:
+        """The Redis client for keys (cache, rate limits, presence); None in memory mode."""
+        return None
+
+    # -- channels ------------------------------------------------------------
 
     @abstractmethod
     async def subscribe(self, channel: str) -> None: ...
@@ -112,39 +116,43 @@ class Broker(ABC):
     @abstractmethod
     async def unsubscribe(self, channel: str) -> None: ...
 
+    # -- publishing ----------------------------------------------------------
+
+    @abstractmethod
+    async def publish(self, channel: str, data: bytes) -> None: ...
+
     @abstractmethod
     async def publish_control(self, data: bytes) -> None:
         """Send ``data`` to ``on_control`` of every instance, this one included."""
 
-    @abstractmethod
-    async def ping(self) -> None:
-        """One round trip; raises BrokerUnavailable."""
+    def carries(self, redis: Any) -> bool:
+        """Whether :meth:`publish_batch` can send, in the same round trip, commands for
+        ``redis`` ahead of the publishes: only when ``redis`` is this broker's own
+        client and that can be used now. A broker that cannot says False."""
+        return False
 
-    guard: RedisGuard | None = None
+    async def publish_batch(
+        self, messages: Sequence[tuple[str, bytes]], *, ahead: Sequence[Command] = ()
+    ) -> list[Sent]:
+        """Publish each ``(channel, data)`` in order; one :class:`Sent` per message.
 
-    @property
-    def redis(self) -> Any | None:
-        """The Redis client for keys (cache, rate limits, presence); None in memory mode."""
-        return None
+        ``ahead`` (only where :meth:`carries` said so) holds one command per
+        message, sent just before that message's publish, its reply returned in
+        ``Sent.ahead``. A lost publish does not stop the others. Raises
+        ``BrokerUnavailable`` only when nothing was sent because Redis failed
+        moments ago (see :mod:`redisio.guard`).
 
-
-def create_broker(url: str, **options: Any) -> Broker:
-    """Pick the implementation by URL; the driver is imported only in its branch."""
-    if url.startswith("memory://"):
-        from pubsub.memory import MemoryBroker
-
-        return MemoryBroker()
-    if url.startswith(
-        ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")
-    ):
-        from pubsub.redis import RedisBroker
-
-        return RedisBroker(url, **options)
-    if url.startswith(("redis+cluster://", "rediss+cluster://")):
-        from pubsub.cluster import ClusterBroker
-
-        return ClusterBroker(url, **options)
-    raise ValueError(
-        f"unsupported REDIS_URL {url!r}: use redis://…, rediss://…, "
-        "redis+cluster://…, redis+sentinel://… or memory://"
-    )
+        This form publishes one message after another; a broker with a
+        pipelined connection sends them all in one round trip.
+        """
+        if ahead:
+            raise ValueError(f"{type(self).__name__} sends no commands ahead of its publishes")
+        sent = []
+        for channel, data in messages:
+            try:
+                await self.publish(channel, data)
+            except BrokerUnavailable as exc:
+                sent.append(Sent(None, exc))
+            else:
+                sent.append(Sent(None, None))
+        return sent

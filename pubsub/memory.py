@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
-from pubsub.base import Broker, BrokerUnavailable
+from pubsub.base import Broker, BrokerUnavailable, Sent
+from redisio.pipelined import Command
 
 
 class MemoryBroker(Broker):
@@ -27,6 +29,20 @@ class MemoryBroker(Broker):
             # Delivered on a later loop turn, in publish order, as a real broker would.
             self._loop.call_soon(self._deliver, channel, data)
 
+    async def publish_batch(
+        self, messages: Sequence[tuple[str, bytes]], *, ahead: Sequence[Command] = ()
+    ) -> list[Sent]:
+        """As many publishes; with no Redis there is nothing to send ahead."""
+        if ahead:
+            raise ValueError("the memory broker has no Redis to send commands to")
+        if self._loop is None:
+            unavailable = BrokerUnavailable("the broker is not started")
+            return [Sent(None, unavailable) for _ in messages]
+        for channel, data in messages:
+            if channel in self._channels:
+                self._loop.call_soon(self._deliver, channel, data)
+        return [Sent(None, None) for _ in messages]
+
     async def publish_control(self, data: bytes) -> None:
         if self._loop is None:
             raise BrokerUnavailable("the broker is not started")
@@ -34,11 +50,11 @@ class MemoryBroker(Broker):
 
     def _control(self, data: bytes) -> None:
         if self._loop is not None:
-            self.on_control(data)
+            self._on_control(data)
 
     def _deliver(self, channel: str, data: bytes) -> None:
         if channel in self._channels:
-            self.on_message(channel, data)
+            self._on_message(channel, data)
 
     async def subscribe(self, channel: str) -> None:
         self._channels.add(channel)

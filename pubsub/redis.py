@@ -1,16 +1,15 @@
 """Redis Pub/Sub broker (``redis.asyncio``).
 
 One subscriber connection per process carries every room channel this
-instance holds; publishing and keys (cache, rate limits) share one pool.
-Over ``redis+sentinel://`` that pool is redis-py's Sentinel-managed one
-(:mod:`pubsub.sentinel`): each connection it opens, the subscriber link's
+instance holds; publishing and keys (cache, rate limits) share one pool and
+one pipelined connection (:mod:`redisio.pipelined`). Over
+``redis+sentinel://`` that pool is redis-py's Sentinel-managed one
+(:mod:`redisio.clients`): each connection it opens, the subscriber link's
 included, goes to the primary the sentinels name at that moment, so the
-reconnect below is also how the broker follows a failover.
+reconnect is also how the broker follows a failover.
 
-The subscriber link is watched: when nothing has arrived for
-``probe_interval`` seconds a PING goes down the link, and a link that answers
-neither data nor PONG within ``probe_timeout`` is dropped as dead. A dropped
-link is re-established with exponential backoff, every channel is subscribed
+The subscriber link is kept up and probed as :mod:`pubsub.link` describes: a
+dropped link is re-established with backoff, every channel is subscribed
 again, and ``on_reconnect`` fires so the gateway can fill from the store what
 was published while it was away. ``subscribe`` only records the channel when
 the link is down; the reconnect subscribes it.
@@ -20,33 +19,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from pubsub.base import Broker, BrokerUnavailable, RedisGuard
-from pubsub.batch import CommandBatch
-from pubsub.sentinel import SCHEMES as SENTINEL_SCHEMES
-from pubsub.sentinel import sentinel_client
-
-log = logging.getLogger("pubsub.redis")
-
-
-def redis_address(url: str) -> str:
-    """Where a Redis URL points, for a log line: ``host:port`` or a socket's path."""
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        return parts.path
-    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
+from pubsub.base import BrokerUnavailable, Sent
+from pubsub.link import LinkedBroker, read_link, text
+from redisio.clients import server_client
+from redisio.guard import RedisGuard
+from redisio.pipelined import Command, PipelinedConnection
+from redisio.urls import redis_address
 
 
-class RedisBroker(Broker):
+class RedisBroker(LinkedBroker):
+    log = logging.getLogger("pubsub.redis")
+
     def __init__(
         self,
         url: str,
@@ -57,23 +47,18 @@ class RedisBroker(Broker):
         command_timeout: float = 1.0,
         control_channel: str = "chat:control",
     ) -> None:
-        super().__init__()
-        if probe_interval <= 0:
-            raise ValueError("probe_interval must be positive")
+        super().__init__(
+            probe_interval=probe_interval,
+            probe_timeout=probe_timeout,
+            connect_timeout=connect_timeout,
+            command_timeout=command_timeout,
+            control_channel=control_channel,
+        )
         self.url = url
-        self.probe_interval = probe_interval
-        self.probe_timeout = probe_timeout or max(1.0, probe_interval)
-        self.connect_timeout = connect_timeout
-        self.command_timeout = command_timeout
-        self.control_channel = control_channel
         self._client: aioredis.Redis | None = None
+        self._sentinel: Sentinel | None = None  # over redis+sentinel://, the sentinels' clients
         self._pubsub: Any = None
-        self._channels: set[str] = set()
-        self._reader: asyncio.Task[None] | None = None
-        self.connected = asyncio.Event()
-        self.guard: RedisGuard = RedisGuard()
-        self.batch: CommandBatch | None = None  # commands of many callers, one pipeline
-        self._sentinel: Any = None  # over redis+sentinel://, the sentinels' clients
+        self.guard = RedisGuard()
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -81,35 +66,16 @@ class RedisBroker(Broker):
             raise BrokerUnavailable("the broker is not started")
         return self._client
 
-    def _make_client(self) -> aioredis.Redis:
-        connection: dict[str, Any] = dict(
-            socket_connect_timeout=self.connect_timeout,
-            socket_timeout=self.command_timeout,
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        )
-        if self.url.startswith(SENTINEL_SCHEMES):
-            # Every connection this client opens asks the sentinels for the primary.
-            self._sentinel, client = sentinel_client(self.url, **connection)
-            return client  # type: ignore[no-any-return]
-        return aioredis.from_url(self.url, **connection)
-
     async def start(self) -> None:
-        # No failure here when Redis is down: the reader keeps trying, and
-        # /readyz reports the broker until it answers.
-        self._client = self._make_client()
-        self.batch = CommandBatch(self._client)
-        self._reader = asyncio.create_task(self._run(), name="broker-reader")
+        self._client, self._sentinel = server_client(
+            self.url, connect_timeout=self.connect_timeout, command_timeout=self.command_timeout
+        )
+        self.batch = PipelinedConnection(self._client)
+        self._start_keeping()
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except asyncio.CancelledError:
-                pass
-            self._reader = None
-        await self._drop_pubsub()
+        await self._stop_keeping()
+        await self._unlink()
         if self.batch is not None:
             await self.batch.close()
         if self._client is not None:
@@ -119,7 +85,32 @@ class RedisBroker(Broker):
             sentinel, self._sentinel = self._sentinel, None
             await sentinel.aclose()
 
-    async def _drop_pubsub(self) -> None:
+    # -- the subscriber link ------------------------------------------------
+
+    async def _link(self, first: bool) -> None:
+        pubsub = self.redis.pubsub()
+        # The control channel keeps the link open (and probed) with no room held.
+        held = set(self._channels)
+        await pubsub.subscribe(self.control_channel, *sorted(held))
+        self._pubsub = pubsub
+        # Channels added or dropped while that subscribe was in flight.
+        if self._channels - held:
+            await pubsub.subscribe(*sorted(self._channels - held))
+        if held - self._channels:
+            await pubsub.unsubscribe(*sorted(held - self._channels))
+
+    async def _hold(self) -> None:
+        await read_link(self._pubsub, self.probe_interval, self.probe_timeout, self._received)
+
+    def _received(self, msg: dict[str, Any]) -> None:
+        if msg["type"] in ("message", b"message"):
+            channel = text(msg["channel"])
+            if channel == self.control_channel:
+                self._on_control(msg["data"])
+            else:
+                self._on_message(channel, msg["data"])
+
+    async def _unlink(self) -> None:
         self.connected.clear()
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
@@ -128,95 +119,11 @@ class RedisBroker(Broker):
             except (TimeoutError, RedisError, OSError):
                 pass
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        backoff = 0.05
-        first = True
-        warned = False
-        while True:
-            try:
-                pubsub = self.redis.pubsub()
-                # The control channel keeps the link open (and probed) with no room held.
-                held = set(self._channels)
-                await pubsub.subscribe(self.control_channel, *sorted(held))
-                self._pubsub = pubsub
-                # Channels added or dropped while that subscribe was in flight.
-                if self._channels - held:
-                    await pubsub.subscribe(*sorted(self._channels - held))
-                if held - self._channels:
-                    await pubsub.unsubscribe(*sorted(held - self._channels))
-                self.guard.reset()
-                self.connected.set()
-                if not first:
-                    self.reconnects += 1
-                    log.warning(
-                        "broker link restored; resubscribed %d channels", len(self._channels)
-                    )
-                if not first or self._channels:
-                    self.on_reconnect()
-                first = False
-                backoff = 0.05
-                await self._read(pubsub, loop)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self.connected.is_set():
-                    log.warning("broker link lost: %r", exc)
-                elif first and not warned:  # once, until the first link is made
-                    warned = True
-                    log.warning(
-                        "Redis at %s is unreachable at start (%s); running degraded "
-                        "until it answers (/readyz reports the broker)",
-                        redis_address(self.url),
-                        exc,
-                    )
-                await self._drop_pubsub()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+    def _address(self) -> str:
+        return redis_address(self.url)
 
-    async def _read(self, pubsub: Any, loop: asyncio.AbstractEventLoop) -> None:
-        last_seen = loop.time()
-        probe_sent: float | None = None
-        while True:
-            msg = await pubsub.get_message(timeout=min(0.5, self.probe_interval))
-            now = loop.time()
-            if msg is not None:
-                last_seen = now
-                probe_sent = None
-                kind = msg["type"]
-                if kind in ("message", b"message"):
-                    channel = msg["channel"]
-                    if isinstance(channel, bytes):
-                        channel = channel.decode()
-                    if channel == self.control_channel:
-                        self.on_control(msg["data"])
-                    else:
-                        self.on_message(channel, msg["data"])
-                continue
-            if probe_sent is None and now - last_seen >= self.probe_interval:
-                await pubsub.ping()
-                probe_sent = now
-            elif probe_sent is not None and now - probe_sent > self.probe_timeout:
-                raise RedisConnectionError("subscriber link silent: no PONG to the probe")
-
-    async def publish(self, channel: str, data: bytes) -> None:
-        if not self.guard.usable():
-            raise BrokerUnavailable("Redis failed moments ago; not waiting on it again yet")
-        try:
-            await self.redis.publish(channel, data)
-        except (RedisError, OSError) as exc:
-            self.guard.failed()
-            raise BrokerUnavailable(f"Redis publish failed: {exc!r}") from exc
-
-    async def publish_control(self, data: bytes) -> None:
-        """Published on the control channel, which every instance's link holds (this
-        one's too, so the sender acts through the same path as the others)."""
-        await self.publish(self.control_channel, data)
-
-    def publish_command(self, channel: str, data: bytes) -> tuple[Any, ...]:
-        """``publish`` as one command for :attr:`batch` (this broker's client), so a
-        post's cache update and publish share one round trip."""
-        return ("PUBLISH", channel, data)
+    def _restored(self) -> str:
+        return f"broker link restored; resubscribed {len(self._channels)} channels"
 
     async def subscribe(self, channel: str) -> None:
         if channel in self._channels:
@@ -237,8 +144,61 @@ class RedisBroker(Broker):
         try:
             await getattr(pubsub, command)(channel)
         except (RedisError, OSError) as exc:
-            # The link is failing; the reader notices, reconnects and resubscribes the set.
-            log.warning("broker %s %s failed: %r", command, channel, exc)
+            # The link is failing; the loop notices, reconnects and resubscribes the set.
+            self.log.warning("broker %s %s failed: %r", command, channel, exc)
+
+    # -- publishing -----------------------------------------------------------
+
+    async def publish(self, channel: str, data: bytes) -> None:
+        if not self.guard.usable():
+            raise BrokerUnavailable("Redis failed moments ago; not waiting on it again yet")
+        try:
+            await self.redis.publish(channel, data)
+        except (RedisError, OSError) as exc:
+            self.guard.failed()
+            raise BrokerUnavailable(f"Redis publish failed: {exc!r}") from exc
+
+    async def publish_control(self, data: bytes) -> None:
+        """Published on the control channel, which every instance's link holds (this
+        one's too, so the sender acts through the same path as the others)."""
+        await self.publish(self.control_channel, data)
+
+    def carries(self, redis: Any) -> bool:
+        return redis is not None and redis is self._client and self.guard.usable()
+
+    async def publish_batch(
+        self, messages: Sequence[tuple[str, bytes]], *, ahead: Sequence[Command] = ()
+    ) -> list[Sent]:
+        """Every message, and the commands ahead of them, in one round trip over the
+        pipelined connection, shared with whatever other callers send at that
+        moment (a post's cache update and publish go together)."""
+        if ahead and len(ahead) != len(messages):
+            raise ValueError("publish_batch: one command ahead of each message, or none")
+        if self.batch is None:
+            raise BrokerUnavailable("the broker is not started")
+        if not self.guard.usable():
+            raise BrokerUnavailable("Redis failed moments ago; not waiting on it again yet")
+        step = 2 if ahead else 1  # commands per message
+        commands: list[Command] = []
+        for i, (channel, data) in enumerate(messages):
+            if ahead:
+                commands.append(ahead[i])
+            commands.append(("PUBLISH", channel, data))
+        try:
+            replies = await self.batch.run(commands)
+        except Exception as exc:
+            self.guard.failed()
+            replies = [exc] * len(commands)
+        sent = []
+        for i in range(len(messages)):
+            reply = replies[step * i + step - 1]
+            sent.append(
+                Sent(
+                    replies[step * i] if ahead else None,
+                    reply if isinstance(reply, BaseException) else None,
+                )
+            )
+        return sent
 
     async def ping(self) -> None:
         try:

@@ -10,10 +10,10 @@ from storage.base import (
     ReadPosition,
     Store,
     StoreUnavailable,
-    create_store,
     new_id,
 )
 from storage.cache import HistoryCache
+from storage.open import create_store
 
 __all__ = [
     "MAX_PAGE",

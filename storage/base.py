@@ -294,16 +294,3 @@ class Store(ABC):
     def stats(self) -> dict[str, Any]:
         """Pool figures for metrics."""
         return {}
-
-
-def create_store(url: str, **options: Any) -> Store:
-    """Pick the implementation by URL; the driver is imported only in its branch."""
-    if url.startswith(("postgres://", "postgresql://")):
-        from storage.postgres import PostgresStore
-
-        return PostgresStore(url, **options)
-    if url.startswith("sqlite://"):
-        from storage.sqlite import SQLiteStore
-
-        return SQLiteStore(url, **options)
-    raise ValueError(f"unsupported DATABASE_URL {url!r}: use postgresql://… or sqlite:///PATH")

@@ -52,8 +52,9 @@ from typing import Any
 import orjson
 from redis.exceptions import NoScriptError
 
-from pubsub.batch import per_key
-from pubsub.script import Script
+from redisio.guard import NO_GUARD, RedisGuard
+from redisio.pipelined import PipelinedConnection, per_key
+from redisio.script import Script
 from storage.base import MAX_PAGE, Message, Page, Store, parse_ts
 
 log = logging.getLogger("storage.cache")
@@ -139,13 +140,13 @@ class HistoryCache:
         prefix: str = "chat:",
         ttl: int = 3600,
         metrics: Any | None = None,
-        guard: Any | None = None,
-        batch: Any | None = None,
+        guard: RedisGuard = NO_GUARD,
+        batch: PipelinedConnection | None = None,
     ) -> None:
         self.store = store
         self.redis = redis
-        self.batch = batch  # pubsub.batch.CommandBatch over the same Redis, for the reads
-        self.guard = guard  # has usable() and failed(): skip Redis right after a failure
+        self.batch = batch  # a pipelined connection to the same Redis, for the reads
+        self.guard = guard  # skips Redis right after a failure (shared with its other users)
         self.prefix = prefix
         self.ttl = ttl
         self.metrics = metrics
@@ -252,11 +253,10 @@ class HistoryCache:
             self._retry = asyncio.ensure_future(self._retry_dirty())
 
     def _usable(self, key: str | None = None) -> bool:
-        return self.guard is None or self.guard.usable(key)
+        return self.guard.usable(key)
 
     def _failed(self, key: str | None = None) -> None:
-        if self.guard is not None:
-            self.guard.failed(key)
+        self.guard.failed(key)
 
     async def _retry_dirty(self) -> None:
         delay = 0.1
@@ -286,7 +286,7 @@ class HistoryCache:
             await asyncio.gather(self._retry, return_exceptions=True)
 
     def raise_command(self, message: Message) -> tuple[Any, ...]:
-        """``committed`` as one Redis command, to send with others (pubsub.batch): a
+        """``committed`` as one Redis command, to send with others (redisio.pipelined): a
         bare EVALSHA, its reply for :meth:`queued_result`."""
         return self._raise.command(self._keys(message.room), [message.seq, self.ttl])
 
@@ -380,23 +380,11 @@ class HistoryCache:
 
     async def _get(self, keys: list[str]) -> list[Any]:
         """GET of each key, in one round trip over the batch; an exception in the
-        place of a key that could not be read (see pubsub.batch.per_key)."""
+        place of a key that could not be read (see redisio.pipelined.per_key)."""
         results = await per_key(
             self.redis, self.batch, self.guard, [(key, [("GET", key)]) for key in keys]
         )
         return [r if isinstance(r, BaseException) else r[0] for r in results]
-
-    async def _get_one(self, key: str) -> Any:
-        """One key's GET, for the warm read whose caller has asked the guard: over the
-        batch with nothing around it (this is the whole cost of a warm read), else
-        as :meth:`_get`. A failure is raised."""
-        if self.batch is not None:
-            (value,) = await self.batch.run([("GET", key)])
-        else:
-            (value,) = await self._get([key])
-        if isinstance(value, BaseException):
-            raise value
-        return value
 
     async def _get_pair(self, seq_key: str, generation_key: str) -> list[Any]:
         """The warm read: seq and generation in one MGET (one slot: the same hash tag)."""
@@ -425,7 +413,8 @@ class HistoryCache:
         window and the generation it was cached under (``_UNCACHED``: not cached, so
         not to be kept here either)."""
         redis = self.redis
-        assert redis is not None
+        if redis is None:
+            raise RuntimeError("a cold load through the cache needs its Redis")
         lock = keys[0][: -len(":seq")] + ":load"
         try:
             leader = bool(await redis.set(lock, b"1", nx=True, px=LOAD_LOCK_MS))

@@ -10,12 +10,16 @@ a head another instance holds keeps its whole queue waiting.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from storage.outbox import DEAD, DELIVERED, Backlog, DeadLetter, Delivery, Endpoint, Outbox
 
-if TYPE_CHECKING:
-    from storage.postgres import PostgresStore
+
+class Pool(Protocol):
+    """What the outbox needs of the Postgres store: one call on its pool."""
+
+    async def _call(self, method: str, query: str, *args: Any) -> Any: ...
+
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _FAR_MS = 32_503_680_000_000  # the year 3000: "no upper bound"
@@ -102,7 +106,7 @@ def _endpoint(r: Any) -> Endpoint:
 
 
 class PostgresOutbox(Outbox):
-    def __init__(self, store: PostgresStore) -> None:
+    def __init__(self, store: Pool) -> None:
         self.store = store
 
     async def register(self, urls: list[str]) -> list[Endpoint]:

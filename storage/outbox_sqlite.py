@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from storage.outbox import DEAD, DELIVERED, Backlog, DeadLetter, Delivery, Endpoint, Outbox
 
-if TYPE_CHECKING:
-    from storage.sqlite import SQLiteStore
+T = TypeVar("T")
+
+
+class Database(Protocol):
+    """What the outbox needs of the SQLite store: a call on its database thread."""
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, bounded: bool = True) -> T: ...
+
 
 _DELIVERY = "id, endpoint_id, event_id, type, room, seq, data, created_ms, attempts"
 _HEADS = (
@@ -36,7 +43,7 @@ def _endpoint(r: Any) -> Endpoint:
 
 
 class SQLiteOutbox(Outbox):
-    def __init__(self, store: SQLiteStore) -> None:
+    def __init__(self, store: Database) -> None:
         self.store = store
 
     async def _write(self, statement: str, args: tuple[Any, ...]) -> int:

@@ -575,7 +575,8 @@ class PostgresStore(Store):
         gave up while the flight waited for one is still in ``_waiting``, so it is
         withdrawn there and never stored behind its 503."""
         task = asyncio.current_task()
-        assert task is not None
+        if task is None:
+            raise RuntimeError("the commit flight runs in a task")
         loop = asyncio.get_running_loop()
         conn: Any = None
         try:

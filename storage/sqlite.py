@@ -120,7 +120,8 @@ class SQLiteStore(Store):
     async def close(self) -> None:
         if self._db is not None:
             db, self._db = self._db, None
-            assert self._executor is not None
+            if self._executor is None:
+                raise RuntimeError("an open SQLite store has its database thread")
             await asyncio.get_running_loop().run_in_executor(self._executor, db.close)
             self._executor.shutdown(wait=False)
             self._executor = None

@@ -1,4 +1,4 @@
-"""The pipelined command connection (pubsub.batch) against real redis-servers."""
+"""The pipelined connection (redisio.pipelined) against real redis-servers."""
 
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from pubsub.base import RedisGuard
-from pubsub.batch import CommandBatch, per_key
+from redisio.guard import NO_GUARD, RedisGuard
+from redisio.pipelined import PipelinedConnection, per_key
 from tests import harness
 from tests.proxy import tcp_proxy
 
 
 @pytest.fixture
-async def shared(redis_prefix: str) -> AsyncIterator[tuple[aioredis.Redis, CommandBatch]]:
+async def shared(redis_prefix: str) -> AsyncIterator[tuple[aioredis.Redis, PipelinedConnection]]:
     """A client of the machine's Redis and a batch over it (this test's keys only)."""
     client = aioredis.from_url(harness.REDIS_URL)
-    batch = CommandBatch(client)
+    batch = PipelinedConnection(client)
     try:
         yield client, batch
     finally:
@@ -74,7 +74,7 @@ async def test_silent_redis_times_out_every_waiter_then_recovers() -> None:
     await harness.check_redis()
     async with tcp_proxy(harness.REDIS_URL) as (proxy, url):
         client = aioredis.from_url(url)
-        batch = CommandBatch(client, timeout=0.3)
+        batch = PipelinedConnection(client, timeout=0.3)
         try:
             assert await batch.run([("PING",)]) == [b"PONG"]
             proxy.hold()
@@ -96,7 +96,7 @@ async def test_restarted_redis_fails_the_waiters_then_a_new_connection_serves() 
     server = harness.RedisServer()
     server.start()
     client = aioredis.from_url(server.url)
-    batch = CommandBatch(client, timeout=1.0)
+    batch = PipelinedConnection(client, timeout=1.0)
     try:
         assert await batch.run([("SET", "k", "1")]) == [b"OK"]
         waiting = asyncio.ensure_future(batch.run([("BLPOP", "none", 5)]))
@@ -119,7 +119,7 @@ async def test_password_and_database_from_the_url() -> None:
     server.start()
     url = f"redis://:s3cret@127.0.0.1:{server.port}/3"
     client = aioredis.from_url(url)
-    batch = CommandBatch(client)
+    batch = PipelinedConnection(client)
     try:
         assert await batch.run([("SET", "k", "in db 3")]) == [b"OK"]
         assert await client.get("k") == b"in db 3"  # the client's database, too
@@ -127,7 +127,7 @@ async def test_password_and_database_from_the_url() -> None:
         assert await other.get("k") is None
         await other.aclose()
         wrong = aioredis.from_url(f"redis://:wrong@127.0.0.1:{server.port}/0")
-        bad = CommandBatch(wrong)
+        bad = PipelinedConnection(wrong)
         with pytest.raises(AuthenticationError):
             await bad.run([("PING",)])
         await bad.close()
@@ -154,7 +154,7 @@ async def test_per_key_groups_share_a_round_trip_and_fail_alone(shared, redis_pr
     assert isinstance(skipped[0], RedisConnectionError)
     assert await client.get(a) == b"2"
     # without a batch (as over a cluster), each key's commands go on their own
-    alone = await per_key(client, None, None, [(a, [("INCR", a)]), (b, [("GET", b)])])
+    alone = await per_key(client, None, NO_GUARD, [(a, [("INCR", a)]), (b, [("GET", b)])])
     assert alone == [[3], [b"text"]]
 
 

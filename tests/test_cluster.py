@@ -20,7 +20,8 @@ from redis.crc import key_slot
 from gateway.config import ConfigError, Rate, Settings
 from gateway.ratelimit import RateLimiter
 from pubsub import BrokerUnavailable, create_broker
-from pubsub.cluster import ClusterBroker, parse_cluster_url
+from pubsub.cluster import ClusterBroker
+from redisio.urls import parse_cluster_url
 from storage import HistoryCache, create_store
 from tests.harness import Instance, RedisClusterServers, WSClient, eventually, instances, post, t
 
@@ -95,7 +96,7 @@ async def test_one_link_per_primary_and_messages_stay_in_their_shard(cluster):
     rooms = rooms_by_node(cluster, 2)
     got: list[tuple[str, bytes]] = []
     broker = ClusterBroker(cluster.url, probe_interval=0.5)
-    broker.on_message = lambda ch, data: got.append((ch, data))
+    broker.on_message(lambda ch, data: got.append((ch, data)))
     await broker.start()
     try:
         await asyncio.wait_for(broker.placed.wait(), t(10))
@@ -140,8 +141,8 @@ async def test_restart_and_slot_move_regroup_channels_and_report_a_reconnect(clu
     got: list[tuple[str, bytes]] = []
     reconnects: list[int] = []
     broker = ClusterBroker(cluster.url, probe_interval=0.5)
-    broker.on_message = lambda ch, data: got.append((ch, data))
-    broker.on_reconnect = lambda: reconnects.append(broker.reconnects)
+    broker.on_message(lambda ch, data: got.append((ch, data)))
+    broker.on_reconnect(lambda: reconnects.append(broker.reconnects))
     await broker.start()
     try:
         await asyncio.wait_for(broker.placed.wait(), t(10))

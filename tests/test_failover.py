@@ -23,9 +23,9 @@ from redis.exceptions import ReadOnlyError
 
 from gateway.config import ConfigError, Settings
 from pubsub import create_broker
-from pubsub.batch import CommandBatch
 from pubsub.redis import RedisBroker
-from pubsub.sentinel import parse_sentinel_url
+from redisio.pipelined import PipelinedConnection
+from redisio.urls import parse_sentinel_url
 from storage.base import StoreUnavailable
 from storage.postgres import PostgresStore
 from tests.harness import (
@@ -204,7 +204,7 @@ async def test_a_demoted_server_retires_the_command_batch_link():
     a.start()
     b.start()
     client = aioredis.from_url(a.url)
-    batch = CommandBatch(client)
+    batch = PipelinedConnection(client)
     try:
         assert await batch.run([("SET", "k", "1")]) == [b"OK"]
         first = batch.link

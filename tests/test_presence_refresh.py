@@ -32,7 +32,7 @@ async def test_refresh_runs_scripts_only_where_members_expired():
             instance="this",
         )
         announced: list[bytes] = []
-        broker.on_message = lambda channel, data: announced.append(data)
+        broker.on_message(lambda channel, data: announced.append(data))
         await broker.subscribe("t:room:{crash}")
         # A member of an instance that crashed, expired a second ago, and one of this
         # instance's own, whose expiry is near.

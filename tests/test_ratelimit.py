@@ -12,8 +12,8 @@ import redis.asyncio as aioredis
 from gateway.config import ConfigError, Rate, Settings
 from gateway.metrics import Metrics
 from gateway.ratelimit import LocalBuckets, RateLimiter, take
-from pubsub.base import RedisGuard
-from pubsub.batch import CommandBatch
+from redisio.guard import RedisGuard
+from redisio.pipelined import PipelinedConnection
 from tests import harness
 from tests.harness import RedisServer
 
@@ -159,7 +159,7 @@ async def test_concurrent_decisions_share_pipelines_and_stay_exact():
     client = aioredis.from_url(server.url)
     try:
         limiter = RateLimiter(
-            client, prefix="t:", rates={"post": Rate(20, 3600.0)}, batch=CommandBatch(client)
+            client, prefix="t:", rates={"post": Rate(20, 3600.0)}, batch=PipelinedConnection(client)
         )
         assert (await limiter.hit("post", "ana")).remaining == 19  # loads the script
         before = (await client.info("stats"))["total_connections_received"]

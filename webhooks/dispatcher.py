@@ -406,7 +406,8 @@ class Webhooks:
         )
 
     async def _send(self, receiver: Receiver, delivery: Delivery) -> Outcome:
-        assert self._client is not None
+        if self._client is None:
+            raise RuntimeError("the webhook dispatcher is not started")
         body = self.body(delivery)
         timestamp = int(time.time())
         headers = {

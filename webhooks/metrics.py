@@ -4,13 +4,32 @@ read when scraped, backlog, oldest pending age and breaker state per receiver.""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-if TYPE_CHECKING:
-    from webhooks.dispatcher import Webhooks
+from storage.outbox import Backlog
+
+
+class Watched(Protocol):
+    """A receiver as these series read it (``webhooks.dispatcher.Receiver``)."""
+
+    @property
+    def label(self) -> str: ...
+    @property
+    def backlog(self) -> Backlog: ...
+    @property
+    def state(self) -> Any: ...  # an enum whose value is a key of STATE_VALUES
+
+
+class Dispatcher(Protocol):
+    """What the series read of the dispatcher (``webhooks.dispatcher.Webhooks``)."""
+
+    @property
+    def receivers(self) -> Mapping[Any, Watched]: ...
+
 
 OUTCOMES = ("success", "http_error", "gone", "rate_limited", "timeout", "connect_error", "blocked")
 LATENCY_BUCKETS = (
@@ -60,10 +79,10 @@ class WebhookMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self._hooks: Webhooks | None = None
+        self._hooks: Dispatcher | None = None
         registry.register(_Collector(self))
 
-    def watch(self, hooks: Webhooks) -> None:
+    def watch(self, hooks: Dispatcher) -> None:
         self._hooks = hooks
         for receiver in hooks.receivers.values():
             for outcome in OUTCOMES:

@@ -1,4 +1,5 @@
-"""Redis commands of many callers, pipelined on one connection.
+"""Redis commands of many callers, pipelined on one connection
+(:class:`PipelinedConnection`).
 
 Each caller hands over its commands and gets their replies back, an error
 reply as an exception instance in its place (as ``execute(raise_on_error=False)``
@@ -32,6 +33,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from redisio.guard import RedisGuard
+
 Command = tuple[Any, ...]
 
 
@@ -49,8 +52,8 @@ class _Link(asyncio.Protocol):
     """One connection: writes go out at the end of the loop turn, replies resolve
     waiters first in, first out."""
 
-    def __init__(self, batch: CommandBatch) -> None:
-        self.batch = batch
+    def __init__(self, owner: PipelinedConnection) -> None:
+        self.owner = owner
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader(
             protocolError=InvalidResponse, replyError=BaseParser.parse_error
@@ -90,8 +93,8 @@ class _Link(asyncio.Protocol):
         The next command opens a new link, to the primary the client finds now; the
         commands already sent here get their replies, then the link closes."""
         self.retired = True
-        if self.batch.link is self:
-            self.batch.link = None
+        if self.owner.link is self:
+            self.owner.link = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(RedisConnectionError(f"Redis connection lost: {exc or 'closed by the server'}"))
@@ -117,8 +120,8 @@ class _Link(asyncio.Protocol):
         """Every waiter gets ``exc``; the link is done and the next call opens another."""
         if self.lost is None:
             self.lost = exc
-        if self.batch.link is self:
-            self.batch.link = None
+        if self.owner.link is self:
+            self.owner.link = None
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.future.done():
@@ -127,7 +130,10 @@ class _Link(asyncio.Protocol):
             self.transport.abort()
 
 
-class CommandBatch:
+class PipelinedConnection:
+    """One connection to the client's Redis that every caller's commands share,
+    pipelined: :meth:`run` sends a caller's commands and returns their replies."""
+
     def __init__(self, redis: Any, *, timeout: float | None = None) -> None:
         pool = self._pool = redis.connection_pool
         # The client's own connection settings, read from a connection it would make.
@@ -156,7 +162,7 @@ class CommandBatch:
             self._timer.cancel()
             self._timer = None
         if self.link is not None:
-            self.link.fail(RedisConnectionError("the command batch is closed"))
+            self.link.fail(RedisConnectionError("the pipelined connection is closed"))
 
     def _check(self) -> None:
         """A link whose oldest waiter is past its deadline is dropped."""
@@ -173,7 +179,7 @@ class CommandBatch:
 
     async def _open(self) -> _Link:
         if self._closed:
-            raise RedisConnectionError("the command batch is closed")
+            raise RedisConnectionError("the pipelined connection is closed")
         if self._opening is None:
             self._opening = asyncio.ensure_future(self._connect())
             self._opening.add_done_callback(self._opened)
@@ -184,7 +190,7 @@ class CommandBatch:
         if not opening.cancelled() and opening.exception() is None:
             self.link = opening.result()
             if self._closed:  # closed while connecting
-                self.link.fail(RedisConnectionError("the command batch is closed"))
+                self.link.fail(RedisConnectionError("the pipelined connection is closed"))
 
     async def _connect(self) -> _Link:
         """Connect and set the connection up as the client would (AUTH, SELECT)."""
@@ -243,8 +249,8 @@ CLUSTER_CONCURRENCY = 32
 
 async def per_key(
     redis: Any,
-    batch: CommandBatch | None,
-    guard: Any | None,
+    batch: PipelinedConnection | None,
+    guard: RedisGuard,
     groups: list[tuple[str, list[Command]]],
 ) -> list[Any]:
     """Run each key's commands; per group, its replies or the exception that
@@ -258,7 +264,7 @@ async def per_key(
     fail every command on every shard until it returns, where one shard's
     failure must cost only its own keys.
     """
-    send = [guard is None or guard.usable(key) for key, _commands in groups]
+    send = [guard.usable(key) for key, _commands in groups]
     done: list[Any]
     if batch is not None:
         commands = [c for (_key, cs), ok in zip(groups, send, strict=True) if ok for c in cs]
@@ -295,7 +301,7 @@ async def per_key(
             results.append(RedisConnectionError("Redis (this key's shard) failed moments ago"))
             continue
         result = next(it)
-        if guard is not None and isinstance(result, BaseException):
+        if isinstance(result, BaseException):
             guard.failed(key)
         results.append(result)
     return results

@@ -20,6 +20,8 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
+from redisio.pipelined import PipelinedConnection
+
 
 class Script:
     def __init__(self, redis: Any, source: str) -> None:
@@ -28,13 +30,18 @@ class Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
     def command(self, keys: Sequence[Any], args: Sequence[Any] = ()) -> tuple[Any, ...]:
-        """The call as one ``EVALSHA`` command, to send with others (pubsub.batch)."""
+        """The call as one ``EVALSHA`` command, to send with others (redisio.pipelined)."""
         return ("EVALSHA", self.sha, len(keys), *keys, *args)
 
     async def __call__(
-        self, keys: Sequence[Any] = (), args: Sequence[Any] = (), *, batch: Any = None
+        self,
+        keys: Sequence[Any] = (),
+        args: Sequence[Any] = (),
+        *,
+        batch: PipelinedConnection | None = None,
     ) -> Any:
-        """The script's reply; over ``batch`` (pubsub.batch) when given, else the client."""
+        """The script's reply; over ``batch`` (a pipelined connection to the same
+        Redis) when given, else the client."""
         if batch is not None:
             (reply,) = await batch.run([self.command(keys, args)])
             if not isinstance(reply, BaseException):
