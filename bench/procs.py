@@ -220,3 +220,23 @@ def peers_python(venv: Path | None = None) -> str:
     subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(req)], check=True)
     stamp.write_text(digest)
     return str(python)
+
+
+NODE_PEER = PEERS / "node_socketio"
+
+
+def node_peer(folder: Path = NODE_PEER) -> Path:
+    """The Node peer's folder with its packages installed: ``npm ci`` from the
+    committed package-lock.json into its own node_modules on first use, and again
+    when the lock changed."""
+    lock = folder / "package-lock.json"
+    digest = hashlib.sha256(lock.read_bytes()).hexdigest()
+    stamp = folder / "node_modules" / ".bench-lock.sha256"
+    if stamp.exists() and stamp.read_text() == digest:
+        return folder
+    print(f"bench: installing the Node peer's packages in {folder} ...", file=sys.stderr)
+    subprocess.run(
+        ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=folder, check=True
+    )
+    stamp.write_text(digest)
+    return folder
