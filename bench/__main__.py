@@ -1,7 +1,7 @@
 """``python -m bench SCENARIO [options]``: run, print a table, write JSON.
 
-Scenarios: ``fanout`` (gateway beside the peers), ``idle``, ``posts``,
-``history``, or ``all`` (those four); ``webhooks`` on its own. Every run stops by itself; servers listen on loopback.
+Scenarios: ``fanout`` (gateway beside the peers, at each load), ``idle``,
+``rooms``, ``posts``, ``history``, or ``all`` (those five); ``webhooks`` on its own. Every run stops by itself; servers listen on loopback.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import Any
 
 import orjson
 
-from bench import fanout, history, idle, posts, webhooks
+from bench import fanout, history, idle, posts, rooms, webhooks
 from bench.procs import raise_open_files
 from bench.targets import TARGETS
 from bench.verdict import POSTS_PER_INSTANCE, verdicts
 
-SCENARIOS = ("fanout", "idle", "posts", "history")
+SCENARIOS = ("fanout", "idle", "rooms", "posts", "history")
 
 
 def machine() -> dict[str, Any]:
@@ -55,10 +55,10 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 COLUMNS = {
     "fanout": [
+        "load",
         "target",
         "persists",
         "instances",
-        "subscribers",
         "messages",
         "delivery_ratio",
         "out_of_order",
@@ -66,10 +66,29 @@ COLUMNS = {
         "p99_ms",
         "max_ms",
         "server_cpu_s",
-        "client_cpu_s",
         "deliveries_per_cpu_s",
+        "client_procs",
+        "client_cpu_s",
+        "client_cpu_pct_max",
     ],
-    "idle": ["target", "connections", "rss_per_conn_kib", "idle_cpu_pct", "open_files_limit"],
+    "idle": [
+        "target",
+        "connections",
+        "rooms",
+        "rss_per_conn_kib",
+        "idle_cpu_pct",
+        "open_files_limit",
+    ],
+    "rooms": [
+        "target",
+        "instances",
+        "sockets",
+        "rooms",
+        "window_s",
+        "server_cpu_s",
+        "idle_cpu_pct",
+        "cpu_vs_fewest",
+    ],
     "posts": [
         "target",
         "instances",
@@ -133,13 +152,18 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         if name not in TARGETS:
             sys.exit(f"bench: unknown target {name!r}; choose from {', '.join(TARGETS)}")
     for scenario in scenarios:
+        # the machine's load around each scenario: its latencies move with it
+        load = {"start": os.getloadavg()}
         runs = [await run_scenario(scenario, args, targets) for _ in range(args.repeat)]
+        load["end"] = os.getloadavg()
+        report.setdefault("load_avg", {})[scenario] = load
         rows = median_rows(runs)
         if args.repeat > 1:
             report.setdefault("runs", {})[scenario] = runs
         report["results"][scenario] = rows
         title = f" (median of {args.repeat} runs)" if args.repeat > 1 else ""
         print(f"\n== {scenario}{title}", flush=True)
+        print(f"load average {fmt_load(load['start'])} before, {fmt_load(load['end'])} after")
         print(table(rows, COLUMNS[scenario]), flush=True)
         if scenario in MORE_COLUMNS:
             print(table(rows, MORE_COLUMNS[scenario]), flush=True)
@@ -147,6 +171,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     print("\n== targets", flush=True)
     print(table(report["targets"], ["target", "measured", "bound", "met"]), flush=True)
     return report
+
+
+def fmt_load(load: tuple[float, float, float]) -> str:
+    return "/".join(f"{x:.2f}" for x in load)
 
 
 def median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -175,24 +203,30 @@ async def run_scenario(
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     if scenario == "fanout":
-        for name in targets:
-            rows.append(
-                await fanout.run(
-                    TARGETS[name](),
-                    instances=args.instances,
-                    subscribers=args.subscribers,
-                    messages=args.messages,
-                    rate=args.rate,
-                    profile=args.profile,
-                )
-            )
+        for subscribers, rate in fanout.parse_loads(args.loads):
+            for name in targets:
+                rows.append(await fanout_row(name, args, subscribers, rate))
     elif scenario == "idle":
-        for name in targets if args.idle_peers else ["gateway"]:
-            rows.append(
-                await idle.run(
-                    TARGETS[name](), connections=args.connections, settle=args.idle_seconds
+        names = [n for n in targets if not TARGETS[n].reference] if args.idle_peers else ["gateway"]
+        for spec in args.idle_rooms.split(","):
+            for name in names:
+                rows.append(
+                    await idle.run(
+                        TARGETS[name](),
+                        connections=args.connections,
+                        settle=args.idle_seconds,
+                        rooms=0 if spec.strip() == "each" else int(spec),
+                    )
                 )
+    elif scenario == "rooms":
+        rows.extend(
+            await rooms.run(
+                instances=args.instances,
+                many=args.many_rooms,
+                few=args.few_rooms,
+                window=args.rooms_seconds,
             )
+        )
     elif scenario == "posts":
         # back to back first (the most the machine gives), then at the target's rate
         for rate in [None, *([args.post_rate] if args.post_rate else [])]:
@@ -222,6 +256,42 @@ async def run_scenario(
     return rows
 
 
+async def fanout_row(
+    name: str, args: argparse.Namespace, subscribers: int, rate: float
+) -> dict[str, Any]:
+    """One target at one load. With ``--client-procs auto`` the subscribers start
+    in one client process; if it saturates, the run is made again with them
+    spread over two (the saturated run's figures stay in the row)."""
+
+    async def once(procs: int) -> dict[str, Any]:
+        return await fanout.run(
+            TARGETS[name](),
+            instances=args.instances,
+            subscribers=subscribers,
+            messages=args.messages,
+            rate=rate,
+            client_procs=procs,
+            profile=args.profile,
+        )
+
+    if args.client_procs != "auto":
+        return await once(int(args.client_procs))
+    row = await once(1)
+    if not row["client_saturated"]:
+        return row
+    print(
+        f"bench: {row['target']} at {row['load']}: the client process saturated "
+        f"({row['client_cpu_pct_max']} % of a core); again with two",
+        file=sys.stderr,
+        flush=True,
+    )
+    again = await once(2)
+    again["saturated_one_process"] = {
+        k: row[k] for k in ("p50_ms", "p99_ms", "deliveries_per_cpu_s", "client_cpu_pct_max")
+    }
+    return again
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench",
@@ -231,8 +301,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("scenario", choices=(*SCENARIOS, "webhooks", "all"))
     p.add_argument(
         "--targets",
-        default="gateway,socketio,broadcaster",
-        help="fan-out targets, comma-separated (default: all three)",
+        default="gateway,node-socketio,socketio,broadcaster,redis",
+        help="fan-out targets, comma-separated (default: all; redis is Redis itself "
+        "as a fan-out server, a reference row)",
     )
     p.add_argument(
         "--json",
@@ -247,14 +318,50 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="record py-spy profiles of the servers into this directory",
     )
     p.add_argument("--instances", type=int, default=2)
-    p.add_argument("--subscribers", type=int, default=400)
-    p.add_argument("--messages", type=int, default=1000)
-    p.add_argument("--rate", type=float, default=100.0, help="messages per second")
+    p.add_argument(
+        "--loads",
+        default="200x50,400x100",
+        help="fan-out loads, comma-separated: subscribers x messages per second",
+    )
+    p.add_argument(
+        "--subscribers",
+        type=int,
+        default=None,
+        help="fan-out: one load of this many subscribers (with --rate; instead of --loads)",
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="fan-out: one load at this many messages per second (instead of --loads)",
+    )
+    p.add_argument("--messages", type=int, default=1000, help="fan-out: messages per load")
+    p.add_argument(
+        "--client-procs",
+        default="auto",
+        help="fan-out: processes the subscribers are spread over; auto: one, and two "
+        "again if it saturates",
+    )
     p.add_argument("--connections", type=int, default=10000, help="idle WebSocket connections")
     p.add_argument(
         "--idle-seconds", type=float, default=10.0, help="idle window over which CPU is measured"
     )
     p.add_argument("--idle-peers", action="store_true", help="measure the peers idle too")
+    p.add_argument(
+        "--idle-rooms",
+        default="each,100",
+        help="idle: the rooms the connections are in, comma-separated runs: "
+        "'each' (a room per connection) or a number of shared rooms",
+    )
+    p.add_argument(
+        "--many-rooms", type=int, default=3000, help="rooms: sockets, each in its own room"
+    )
+    p.add_argument(
+        "--few-rooms", type=int, default=30, help="rooms: the shared rooms of the same sockets"
+    )
+    p.add_argument(
+        "--rooms-seconds", type=float, default=20.0, help="rooms: idle window of each measure"
+    )
     p.add_argument("--post-conns", type=int, default=32, help="HTTP connections per instance")
     p.add_argument("--rooms", type=int, default=200)
     p.add_argument("--post-seconds", type=float, default=10.0)
@@ -299,7 +406,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "(the runs themselves go to the JSON): a shared machine's figures "
         "move from run to run",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.subscribers is not None or args.rate is not None:
+        args.loads = f"{args.subscribers or 400}x{args.rate or 100.0:g}"
+    return args
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -10,7 +10,10 @@ whether or not earlier ones were answered (an open loop): the run asks
 whether the instances keep up with that load and how long a post takes at it.
 Latency is then counted from when a post was due, not from when a free
 connection sent it, so a server that falls behind is not flattered by its
-clients waiting for it.
+clients waiting for it. A post due in the measured window but not sent by its
+end is not counted (the servers did not keep up with it); it is still sent,
+up to LATE_GRACE after the end, and its answer checked, so the report says
+how many posts were due on each instance and what became of each one.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from bench.targets import Gateway
 from bench.verdict import POSTS_PER_INSTANCE
 
 WARMUP = 1.0
+LATE_GRACE = 5.0  # seconds after the run a post due within it may still be sent
 
 
 async def run(
@@ -54,11 +58,27 @@ async def run(
         meter = MachineMeter()
         await meter.find()
         tickets = [0] * instances  # open loop: the next post due on each instance
+        due = [0] * instances  # posts due in the measured window
+        late = [0] * instances  # of those, sent after its end and answered 201
+        unsent = [0] * instances  # of those, not sent even LATE_GRACE after its end
+        at_end: dict[str, Any] = {}
+        on_time = instances * connections  # workers still posting within the run
+
+        def run_over() -> None:
+            """The last worker past the run's end reads the CPU: what the counted
+            posts cost, not the late ones sent afterwards."""
+            nonlocal on_time
+            on_time -= 1
+            if on_time == 0:
+                at_end.update(
+                    cpu=target.cpu(), client=time.process_time(), machine=meter.since_mark()
+                )
 
         async def worker(k: int, w: int) -> None:
             nonlocal errors
             conn = HTTPConn("127.0.0.1", servers[k].port)
             rng = random.Random(k * 100003 + w)
+            within = True
             try:
                 while True:
                     if rate is None:
@@ -66,13 +86,21 @@ async def run(
                     else:
                         now = start + tickets[k] / rate
                         tickets[k] += 1
+                        if measure_from <= now < deadline:
+                            due[k] += 1
                         delay = now - time.perf_counter()
                         if delay > 0:
                             await asyncio.sleep(delay)
-                    # A post still unsent when the run ends is one the servers did not
-                    # keep up with: it is not counted.
-                    if now >= deadline or time.perf_counter() >= deadline:
-                        return
+                    if now >= deadline:
+                        break
+                    sent = time.perf_counter()
+                    if sent >= deadline and within:
+                        within = False
+                        run_over()
+                    if not within and (rate is None or sent >= deadline + LATE_GRACE):
+                        if rate is not None and now >= measure_from:
+                            unsent[k] += 1
+                        continue
                     room = f"posts-{rng.randrange(rooms)}"
                     status, _ = await conn.request(
                         "POST",
@@ -81,12 +109,16 @@ async def run(
                     )
                     done = time.perf_counter()
                     if now >= measure_from:
-                        if status == 201:
+                        if status != 201:
+                            errors += 1
+                        elif within:
                             counts[k] += 1
                             latencies.append(done - now)
                         else:
-                            errors += 1
+                            late[k] += 1
             finally:
+                if within:
+                    run_over()
                 await conn.close()
 
         async def mark_cpu() -> None:
@@ -99,9 +131,9 @@ async def run(
         await asyncio.gather(
             mark_cpu(), *(worker(k, w) for k in range(instances) for w in range(connections))
         )
-        cpu = target.cpu() - cpu0[0]
-        client_cpu = time.process_time() - cpu0[1]
-        machine = meter.since_mark()
+        cpu = at_end["cpu"] - cpu0[0]
+        client_cpu = at_end["client"] - cpu0[1]
+        machine: dict[str, float | None] = at_end["machine"]
         profiler.finish()
         total = sum(counts)
 
@@ -121,6 +153,11 @@ async def run(
             "errors": errors,
             "posts_per_s": round(total / seconds),
             "per_instance": counts,
+            # paced: the posts due on each instance in the window, and of those the
+            # ones the client sent after its end (answered, not counted) or not at all
+            "due_per_instance": due if rate is not None else None,
+            "late_per_instance": late if rate is not None else None,
+            "unsent_per_instance": unsent if rate is not None else None,
             "posts_per_s_per_instance": round(total / seconds / instances),
             **summary_ms(latencies),
             "server_cpu_s": round(cpu, 2),

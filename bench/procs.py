@@ -46,33 +46,49 @@ def cpu_seconds(pid: int, *, children: bool = False) -> float:
     return ticks / _TICK
 
 
-def _pids(comm: str) -> list[int]:
-    pids = []
+def _comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _children(pid: int) -> list[int]:
+    """The processes ``pid`` started that are still there (ended ones are in its
+    children's CPU once reaped)."""
+    out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                with open(f"/proc/{entry}/comm") as f:
-                    if f.read().strip() == comm:
-                        pids.append(int(entry))
-            except OSError:
+                if _parent(int(entry)) == pid:
+                    out.append(int(entry))
+            except (OSError, ValueError, IndexError):
                 continue
-    return pids
+    return out
 
 
 class MachineMeter:
-    """The CPU a run cost the rest of the machine: the local Postgres server (every
-    process named ``postgres``, ended backends included), the Redis server the
-    bench uses, and the share of the machine's time the hypervisor took (steal).
+    """The CPU a run cost the rest of the machine: the Postgres server the bench
+    uses (its postmaster and every process it started, ended backends included;
+    not another cluster on the machine, whose processes may end mid-run), the
+    Redis server the bench uses, and the share of the machine's time the
+    hypervisor took (steal).
 
     With these beside the gateway's and the load generator's own CPU, a run says
     how many cores its work takes per post, whatever the load it reached."""
 
     def __init__(self) -> None:
         self.redis_pid: int | None = None
+        self.postmaster_pid: int | None = None
         self._start: dict[str, float] = {}
 
     async def find(self) -> None:
-        """Find the Redis server's process (None when it is not on this machine)."""
+        """Find the Redis server's and the Postgres postmaster's processes (None
+        when not on this machine)."""
+        import asyncpg
         import redis.asyncio as aioredis
 
         client = aioredis.Redis.from_url(REDIS_URL)
@@ -81,19 +97,30 @@ class MachineMeter:
             self.redis_pid = pid if os.path.exists(f"/proc/{pid}") else None  # not local
         finally:
             await client.aclose()
+        conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+        try:
+            backend = int(await conn.fetchval("SELECT pg_backend_pid()"))
+            # a backend's parent is its postmaster; a backend not on this machine
+            # (or in another PID namespace) is not in /proc as one
+            self.postmaster_pid = _parent(backend) if _comm(backend) == "postgres" else None
+        except OSError:
+            self.postmaster_pid = None
+        finally:
+            await conn.close()
 
     def mark(self) -> None:
         self._start = self.read()
 
     def read(self) -> dict[str, float]:
         figures: dict[str, float] = {}
-        postgres = 0.0
-        for pid in _pids("postgres"):
-            try:
-                postgres += cpu_seconds(pid, children=True)
-            except OSError:  # a backend that ended between the listing and the read
-                continue
-        figures["postgres"] = postgres
+        if self.postmaster_pid is not None:
+            postgres = 0.0
+            for pid in [self.postmaster_pid, *_children(self.postmaster_pid)]:
+                try:
+                    postgres += cpu_seconds(pid, children=True)
+                except OSError:  # a backend that ended between the listing and the read
+                    continue
+            figures["postgres"] = postgres
         if self.redis_pid is not None:
             figures["redis"] = cpu_seconds(self.redis_pid)
         with open("/proc/stat") as f:
@@ -105,7 +132,7 @@ class MachineMeter:
         now = self.read()
         d = {k: now[k] - self._start[k] for k in now if k in self._start}
         return {
-            "postgres_cpu_s": d["postgres"] if _pids("postgres") else None,
+            "postgres_cpu_s": d.get("postgres"),
             "redis_cpu_s": d.get("redis"),
             "steal_pct": round(d["steal"] / d["all"] * 100, 1) if d["all"] else None,
         }
@@ -220,3 +247,23 @@ def peers_python(venv: Path | None = None) -> str:
     subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(req)], check=True)
     stamp.write_text(digest)
     return str(python)
+
+
+NODE_PEER = PEERS / "node_socketio"
+
+
+def node_peer(folder: Path = NODE_PEER) -> Path:
+    """The Node peer's folder with its packages installed: ``npm ci`` from the
+    committed package-lock.json into its own node_modules on first use, and again
+    when the lock changed."""
+    lock = folder / "package-lock.json"
+    digest = hashlib.sha256(lock.read_bytes()).hexdigest()
+    stamp = folder / "node_modules" / ".bench-lock.sha256"
+    if stamp.exists() and stamp.read_text() == digest:
+        return folder
+    print(f"bench: installing the Node peer's packages in {folder} ...", file=sys.stderr)
+    subprocess.run(
+        ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=folder, check=True
+    )
+    stamp.write_text(digest)
+    return folder

@@ -21,9 +21,10 @@ from bench.procs import (
     delete_prefix,
     drop_database,
     new_prefix,
+    node_peer,
     peers_python,
 )
-from bench.wsclient import WSClient
+from bench.wsclient import OnFrame, RESPClient, WSClient
 
 GATEWAY_ENV = {
     "REDIS_URL": REDIS_URL,
@@ -40,8 +41,11 @@ GATEWAY_ENV = {
 
 class Target:
     name = ""
+    key = ""  # its name in TARGETS (and on the command line)
     persists = False
     ready_path = "/"
+    # A reference row (Redis itself), not a chat server a user would pick instead.
+    reference = False
 
     def __init__(self) -> None:
         self.servers: list[Server] = []
@@ -70,11 +74,22 @@ class Target:
 
     # -- protocol ----------------------------------------------------------
 
+    async def open(self, host: str, port: int, room: str, on_frame: OnFrame) -> WSClient:
+        """A client socket for ``room`` (not yet subscribed)."""
+        return await WSClient.connect(host, port, self.ws_path(room), on_frame)
+
     def ws_path(self, room: str) -> str:
         raise NotImplementedError
 
     async def subscribe(self, client: WSClient, control: asyncio.Queue[bytes], room: str) -> None:
         raise NotImplementedError
+
+    async def prepare_publisher(
+        self, client: WSClient, control: asyncio.Queue[bytes], room: str
+    ) -> None:
+        """Make a fresh socket able to publish to ``room``: the peers' sockets
+        finish their handshake by joining a room of their own."""
+        await self.subscribe(client, control, room + "-publisher")
 
     def publish_frame(self, room: str, text: str, i: int) -> bytes:
         raise NotImplementedError
@@ -94,6 +109,7 @@ async def expect(control: asyncio.Queue[bytes], prefix: bytes, timeout: float = 
 
 class Gateway(Target):
     name = "gateway"
+    key = "gateway"
     persists = True
     ready_path = "/readyz"
 
@@ -124,6 +140,11 @@ class Gateway(Target):
     def ws_path(self, room: str) -> str:
         return "/v1/ws"
 
+    async def prepare_publisher(
+        self, client: WSClient, control: asyncio.Queue[bytes], room: str
+    ) -> None:
+        pass  # a gateway socket publishes to a room without holding it
+
     async def subscribe(self, client: WSClient, control: asyncio.Queue[bytes], room: str) -> None:
         client.send_text(orjson.dumps({"type": "subscribe", "room": room}))
         await expect(control, b'"subscribed"')
@@ -150,6 +171,7 @@ class Peer(Target):
 
 class SocketIO(Peer):
     name = "python-socketio"
+    key = "socketio"
     short = "socketio"
     ready_path = "/socket.io/?EIO=4&transport=polling"
 
@@ -175,6 +197,7 @@ class SocketIO(Peer):
 
 class Broadcaster(Peer):
     name = "broadcaster"
+    key = "broadcaster"
     short = "broadcaster"
 
     def ws_path(self, room: str) -> str:
@@ -187,4 +210,90 @@ class Broadcaster(Peer):
         return text.encode()
 
 
-TARGETS: dict[str, Any] = {"gateway": Gateway, "socketio": SocketIO, "broadcaster": Broadcaster}
+class NodeSocketIO(SocketIO):
+    """Socket.IO 4.8 on Node with @socket.io/redis-adapter: ``bench/peers/node_socketio``,
+    its packages pinned by the committed package-lock.json. The same Engine.IO 4 /
+    Socket.IO 5 protocol as python-socketio, so the same handshake and frames."""
+
+    name = "node-socketio"
+    key = "node-socketio"
+
+    def make_server(self, i: int, extra_env: dict[str, str]) -> Server:
+        folder = node_peer()
+        env = {"REDIS_URL": REDIS_URL, "CHANNEL": self.prefix + "node-socketio", **extra_env}
+        return Server(f"node-socketio{i}", ["node", str(folder / "server.js"), "{port}"], env)
+
+
+class RedisFanout(Target):
+    """Redis itself as a fan-out server, for reference: its own redis-server (not
+    the shared one), raw SUBSCRIBE clients, one client PUBLISHing at the rate.
+    One server whatever the instances asked for; it delivers what it is given
+    and persists nothing."""
+
+    name = "redis"
+    key = "redis"
+    reference = True
+
+    async def start(self, n: int, extra_env: dict[str, str] | None = None) -> list[Server]:
+        argv = ["redis-server", "--port", "{port}", "--bind", "127.0.0.1", "--save", ""]
+        argv += ["--appendonly", "no", "--client-output-buffer-limit", "pubsub", "0", "0", "0"]
+        self.servers = [Server("redis0", argv, extra_env or {}).start()]
+        try:
+            await self._wait_ping(self.servers[0])
+        except BaseException:
+            await self.stop()
+            raise
+        return self.servers
+
+    @staticmethod
+    async def _wait_ping(server: Server, timeout: float = 30.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                writer.write(b"PING\r\n")
+                line = await asyncio.wait_for(reader.readline(), 5)
+                writer.close()
+                if line.startswith(b"+PONG"):
+                    return
+            except OSError:
+                pass
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"{server.name} not ready after {timeout} s:\n{server.tail()}")
+
+    async def stop(self) -> None:
+        for s in self.servers:
+            s.stop()
+        self.servers = []
+
+    async def open(self, host: str, port: int, room: str, on_frame: OnFrame) -> WSClient:
+        return await RESPClient.connect(host, port, on_frame)
+
+    def ws_path(self, room: str) -> str:
+        return ""
+
+    async def subscribe(self, client: WSClient, control: asyncio.Queue[bytes], room: str) -> None:
+        client.send_text(resp(b"SUBSCRIBE", room.encode()))
+        await expect(control, b"subscribe")
+
+    async def prepare_publisher(
+        self, client: WSClient, control: asyncio.Queue[bytes], room: str
+    ) -> None:
+        pass  # a subscribed RESP connection may not publish
+
+    def publish_frame(self, room: str, text: str, i: int) -> bytes:
+        return resp(b"PUBLISH", room.encode(), text.encode())
+
+
+def resp(*args: bytes) -> bytes:
+    """A command in the Redis protocol."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(out)
+
+
+TARGETS: dict[str, Any] = {
+    t.key: t for t in (Gateway, NodeSocketIO, SocketIO, Broadcaster, RedisFanout)
+}

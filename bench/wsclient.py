@@ -138,3 +138,71 @@ class WSClient(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self._send(0x8, struct.pack("!H", 1000))
             self.transport.close()
+
+
+class RESPClient(WSClient):
+    """A raw Redis connection with the WebSocket client's interface, for measuring
+    Redis itself as a fan-out server: ``send_text`` writes a command as given
+    (already in the Redis protocol), and ``on_frame`` gets each pushed message's
+    payload, the kind of any other push (``subscribe``), or a reply's line."""
+
+    @classmethod
+    async def connect(  # type: ignore[override]
+        cls, host: str, port: int, on_frame: OnFrame | None = None, timeout: float = 30.0
+    ) -> RESPClient:
+        loop = asyncio.get_running_loop()
+        client = cls(on_frame)
+        await asyncio.wait_for(loop.create_connection(lambda: client, host, port), timeout)
+        client._open = True
+        client.ready.set_result(None)
+        return client
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        pos, n = 0, len(buf)
+        while pos < n:
+            parsed = self._parse(buf, pos, n)
+            if parsed is None:
+                break
+            pos, payload = parsed
+            self.on_frame(self, payload)
+        if pos:
+            del buf[:pos]
+
+    @staticmethod
+    def _parse(buf: bytearray, pos: int, n: int) -> tuple[int, bytes] | None:
+        """One reply or push from ``pos``: (where the next starts, what to hand on),
+        or None when it is not all here yet."""
+        end = buf.find(b"\r\n", pos)
+        if end < 0:
+            return None
+        if buf[pos] != 0x2A:  # not an array: a simple reply, an integer or an error
+            return end + 2, bytes(buf[pos:end])
+        items: list[bytes] = []
+        count = int(buf[pos + 1 : end])
+        pos = end + 2
+        for _ in range(count):
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                return None
+            if buf[pos] == 0x24:  # a bulk string
+                length = int(buf[pos + 1 : end])
+                if n < end + 2 + length + 2:
+                    return None
+                items.append(bytes(buf[end + 2 : end + 2 + length]))
+                pos = end + 2 + length + 2
+            else:
+                items.append(bytes(buf[pos + 1 : end]))
+                pos = end + 2
+        if items and items[0] == b"message":
+            return pos, items[-1]
+        return pos, items[0] if items else b""
+
+    def send_text(self, text: str | bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(text.encode() if isinstance(text, str) else text)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
