@@ -14,10 +14,10 @@ All of a group commits or none of it; every caller gets its own seq or the
 error. Posts with a key keep the single statement above, so a duplicate key
 can only ever fail its own post.
 
-One flight (a task committing groups back to back on one pooled connection)
+One committer (a task committing groups back to back on one pooled connection)
 does the committing while it keeps up, which makes the groups as large as the
 load: fewer statements, fewer commits, less CPU in the gateway and in
-Postgres. Another flight takes off only when every flight in the air has been
+Postgres. Another committer starts only when every running committer has been
 on one statement longer than ``GROUP_STALL`` (a lock wait on a room another
 instance is writing, a slow flush), so one stalled statement does not hold
 the posts of every other room.
@@ -131,9 +131,9 @@ def with_outbox(statement: str) -> str:
     )
 
 
-# The most flights at once, how long a statement runs before another flight may
+# The most committers at once, how long a statement runs before another committer may
 # take off (seconds), and the most posts in one group.
-GROUP_FLIGHTS = 4
+GROUP_COMMITTERS = 4
 GROUP_STALL = 0.02
 GROUP_MAX = 256
 
@@ -309,8 +309,8 @@ class PostgresStore(Store):
         self._waiting: list[
             tuple[str, str, str, str, datetime, asyncio.Future[tuple[int, int]]]
         ] = []
-        # Each flight, and when its statement in progress started (loop time).
-        self._flights: dict[asyncio.Task[None], float] = {}
+        # Each committer, and when its statement in progress started (loop time).
+        self._committers: dict[asyncio.Task[None], float] = {}
         # Per database cluster (system identifier), the latest timeline connected to.
         self._timelines: dict[int, int] = {}
         # The append statements and their extra arguments: with webhook receivers,
@@ -535,16 +535,16 @@ class PostgresStore(Store):
         future: asyncio.Future[tuple[int, int]] = loop.create_future()
         item = (room, mid, author, text, created, future)
         self._waiting.append(item)
-        flights = self._flights
-        if not flights or (
-            len(flights) < GROUP_FLIGHTS
-            and all(loop.time() - since > GROUP_STALL for since in flights.values())
+        committers = self._committers
+        if not committers or (
+            len(committers) < GROUP_COMMITTERS
+            and all(loop.time() - since > GROUP_STALL for since in committers.values())
         ):
-            task = loop.create_task(self._fly())
-            flights[task] = loop.time()
-            task.add_done_callback(self._landed)
+            task = loop.create_task(self._commit_groups())
+            committers[task] = loop.time()
+            task.add_done_callback(self._committer_done)
         # A caller that gives up (its deadline, or cancelled) withdraws its post if no
-        # flight has taken it yet; one already taken is left to its group, which may
+        # committer has taken it yet; one already taken is left to its group, which may
         # still commit it.
         try:
             async with asyncio.timeout(self._command_timeout):
@@ -563,30 +563,30 @@ class PostgresStore(Store):
             if not future.done():  # in flight: its outcome is nobody's now
                 future.add_done_callback(_retrieve)
 
-    def _landed(self, task: asyncio.Task[None]) -> None:
-        self._flights.pop(task, None)
+    def _committer_done(self, task: asyncio.Task[None]) -> None:
+        self._committers.pop(task, None)
 
-    async def _fly(self) -> None:
+    async def _commit_groups(self) -> None:
         """Commit groups back to back on one connection until nothing waits. A group
         that fails gets its error (``StoreUnavailable`` for a lost or unreachable
         database) and the connection goes back; the next group takes another.
 
         A group is taken only once a connection is in hand: a post whose caller
-        gave up while the flight waited for one is still in ``_waiting``, so it is
+        gave up while the committer waited for one is still in ``_waiting``, so it is
         withdrawn there and never stored behind its 503."""
         task = asyncio.current_task()
         if task is None:
-            raise RuntimeError("the commit flight runs in a task")
+            raise RuntimeError("the committer runs in a task")
         loop = asyncio.get_running_loop()
         conn: Any = None
         try:
             while True:
                 if not self._waiting:
                     # Landed as of now: a post that comes while the connection goes
-                    # back sends off a flight of its own.
-                    self._flights.pop(task, None)
+                    # back starts a committer of its own.
+                    self._committers.pop(task, None)
                     break
-                self._flights[task] = loop.time()
+                self._committers[task] = loop.time()
                 if conn is None:
                     try:
                         conn = await self.pool.acquire(timeout=self._acquire_timeout)
