@@ -28,7 +28,7 @@ from collections import deque
 from typing import Any
 
 import hiredis
-from redis._parsers.base import BaseParser
+from redis import exceptions as rx
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -36,6 +36,42 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redisio.guard import RedisGuard
 
 Command = tuple[Any, ...]
+
+# An error reply's leading code and the redis-py exception a client of redis-py
+# would get for it (its public classes); any other error is a ResponseError.
+_ERRORS: dict[str, type[rx.RedisError]] = {
+    "ERR": rx.ResponseError,
+    "NOSCRIPT": rx.NoScriptError,
+    "READONLY": rx.ReadOnlyError,
+    "LOADING": rx.BusyLoadingError,
+    "OOM": rx.OutOfMemoryError,
+    "EXECABORT": rx.ExecAbortError,
+    "NOAUTH": rx.AuthenticationError,
+    "WRONGPASS": rx.AuthenticationError,
+    "NOPERM": rx.NoPermissionError,
+    "MASTERDOWN": rx.MasterDownError,
+    "CLUSTERDOWN": rx.ClusterDownError,
+    "MOVED": rx.MovedError,
+    "ASK": rx.AskError,
+    "TRYAGAIN": rx.TryAgainError,
+    "CROSSSLOT": rx.ClusterCrossSlotError,
+}
+
+_ERR_MESSAGES: dict[str, type[rx.RedisError]] = {
+    "max number of clients reached": rx.ConnectionError,
+    "invalid password": rx.AuthenticationError,
+}
+
+
+def reply_error(text: str) -> rx.RedisError:
+    """The exception for an error reply (``"NOSCRIPT No matching script..."``)."""
+    code, _, rest = text.partition(" ")
+    kind = _ERRORS.get(code)
+    if kind is None:
+        return rx.ResponseError(text)
+    if code == "ERR":
+        kind = _ERR_MESSAGES.get(rest, kind)
+    return kind(rest)
 
 
 class _Waiter:
@@ -55,9 +91,7 @@ class _Link(asyncio.Protocol):
     def __init__(self, owner: PipelinedConnection) -> None:
         self.owner = owner
         self.transport: asyncio.Transport | None = None
-        self.reader = hiredis.Reader(
-            protocolError=InvalidResponse, replyError=BaseParser.parse_error
-        )
+        self.reader = hiredis.Reader(protocolError=InvalidResponse, replyError=reply_error)
         self.waiters: deque[_Waiter] = deque()
         self.out: list[bytes] = []
         self.lost: BaseException | None = None

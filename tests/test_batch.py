@@ -59,6 +59,21 @@ async def test_an_error_reply_takes_its_place_and_spoils_nothing_else(shared, re
     assert replies[3] == b"v"
 
 
+async def test_error_replies_are_the_exceptions_redis_py_raises_for_them(
+    shared, redis_prefix
+) -> None:
+    client, batch = shared
+    key = f"{redis_prefix}s"
+    await client.set(key, "text")
+    commands = [("EVALSHA", "0" * 40, 0), ("INCR", key), ("NOSUCHCOMMAND",), ("LPUSH", key, "x")]
+    replies = await batch.run(commands)
+    for command, reply in zip(commands, replies, strict=True):
+        with pytest.raises(ResponseError) as raised:
+            await client.execute_command(*command)
+        assert type(reply) is type(raised.value)
+        assert str(reply) == str(raised.value)
+
+
 async def test_a_cancelled_caller_disturbs_no_other(shared, redis_prefix) -> None:
     _client, batch = shared
     slow = asyncio.ensure_future(batch.run([("BLPOP", f"{redis_prefix}none", 0.3)]))
