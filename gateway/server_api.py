@@ -53,9 +53,9 @@ REASON: dict[str, Any] = {
     "pattern": r"^[^\x00]*$",
     "description": f"at most {MAX_REASON_BYTES} bytes in UTF-8",
 }
-DISCONNECT = v._object(["user"], user=USER, reason=REASON)
-UNSUBSCRIBE = v._object(["user", "room"], user=USER, room=v.ROOM, reason=REASON)
-BROADCAST = v._object(
+DISCONNECT = v.object_schema(["user"], user=USER, reason=REASON)
+UNSUBSCRIBE = v.object_schema(["user", "room"], user=USER, room=v.ROOM, reason=REASON)
+BROADCAST = v.object_schema(
     ["rooms", "event"],
     rooms={
         "type": "array",
@@ -67,7 +67,7 @@ BROADCAST = v._object(
     event=v.EVENT,
     data={"type": "object"},
 )
-ROOMS_QUERY = v._object(
+ROOMS_QUERY = v.object_schema(
     [],
     limit={
         "type": "integer",

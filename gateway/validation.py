@@ -84,7 +84,7 @@ TOKEN: dict[str, Any] = {
 }
 
 
-def _object(required: list[str], **properties: dict[str, Any]) -> dict[str, Any]:
+def object_schema(required: list[str], **properties: dict[str, Any]) -> dict[str, Any]:
     return {
         "type": "object",
         "properties": properties,
@@ -93,16 +93,13 @@ def _object(required: list[str], **properties: dict[str, Any]) -> dict[str, Any]
     }
 
 
-object_schema = _object  # for shapes declared beside their route (gateway.stats)
-
-
 def _frame(kind: str, required: list[str], **properties: dict[str, Any]) -> dict[str, Any]:
-    return _object(["type", *required], type={"const": kind}, **properties)
+    return object_schema(["type", *required], type={"const": kind}, **properties)
 
 
-POST_MESSAGE = _object(["text"], text=TEXT, author=AUTHOR)
-PUBLISH = _object(["room", "event"], room=ROOM, event=EVENT, data={"type": "object"})
-HISTORY_QUERY = _object([], limit=LIMIT, before=SEQ, after=SEQ)
+POST_MESSAGE = object_schema(["text"], text=TEXT, author=AUTHOR)
+PUBLISH = object_schema(["room", "event"], room=ROOM, event=EVENT, data={"type": "object"})
+HISTORY_QUERY = object_schema([], limit=LIMIT, before=SEQ, after=SEQ)
 PRESENCE_USER: dict[str, Any] = {
     **AUTHOR,
     "description": "open mode only: the name this connection is shown under in presence",
@@ -112,19 +109,21 @@ CHANGES_SINCE: dict[str, Any] = {
     "description": "resume edits and deletes: every "
     "change numbered after this one (docs/delivery.md)",
 }
-EVENTS_QUERY = _object([], since=SEQ, changes_since=CHANGES_SINCE, token=TOKEN, user=PRESENCE_USER)
-WS_QUERY = _object([], token=TOKEN, user=PRESENCE_USER)
-NO_QUERY = _object([])  # for routes that take no query parameters
+EVENTS_QUERY = object_schema(
+    [], since=SEQ, changes_since=CHANGES_SINCE, token=TOKEN, user=PRESENCE_USER
+)
+WS_QUERY = object_schema([], token=TOKEN, user=PRESENCE_USER)
+NO_QUERY = object_schema([])  # for routes that take no query parameters
 # Chat: edits, deletes, read positions.
 MESSAGE_SEQ: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": MAX_SEQ}
 READER: dict[str, Any] = {
     **AUTHOR,
     "description": "open mode only: whose read position; with auth the token's sub is used",
 }
-EDIT_MESSAGE = _object(["text"], text=TEXT, author=AUTHOR)
-DELETE_MESSAGE = _object([], author=AUTHOR)
-MARK_READ = _object(["seq"], seq=SEQ, user=READER)
-READ_QUERY = _object([], user=READER)
+EDIT_MESSAGE = object_schema(["text"], text=TEXT, author=AUTHOR)
+DELETE_MESSAGE = object_schema([], author=AUTHOR)
+MARK_READ = object_schema(["seq"], seq=SEQ, user=READER)
+READ_QUERY = object_schema([], user=READER)
 CHANGE_KEY: dict[str, Any] = {
     **IDEMPOTENCY_KEY,
     "description": "as the Idempotency-Key "

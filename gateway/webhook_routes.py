@@ -32,7 +32,7 @@ TIMESTAMP: dict[str, Any] = {
     "description": "ISO 8601 with a time zone, e.g. 2026-11-28T06:00:00Z",
 }
 URL: dict[str, Any] = {"type": "string", "description": "a receiver URL as in WEBHOOK_URLS"}
-DEAD_QUERY = v._object(
+DEAD_QUERY = v.object_schema(
     [],
     limit=v.LIMIT,
     before={
@@ -45,7 +45,7 @@ DEAD_QUERY = v._object(
 )
 REPLAY = {
     "oneOf": [
-        v._object(
+        v.object_schema(
             ["ids"],
             ids={
                 "type": "array",
@@ -55,12 +55,12 @@ REPLAY = {
             },
             endpoint=URL,
         ),
-        v._object(["from"], **{"from": TIMESTAMP, "to": TIMESTAMP, "endpoint": URL}),
+        v.object_schema(["from"], **{"from": TIMESTAMP, "to": TIMESTAMP, "endpoint": URL}),
     ],
     "description": "dead letters by id, or every delivered or dead event committed in "
     "[from, to) (to defaults to now)",
 }
-ENABLE = v._object(["url"], url=URL)
+ENABLE = v.object_schema(["url"], url=URL)
 ENDPOINT: dict[str, Any] = {
     "type": "object",
     "required": ["id", "url", "state", "backlog", "oldest_pending_s"],
