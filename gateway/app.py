@@ -80,7 +80,6 @@ async def list_messages(request: Request) -> Response:
     limit = v.limit_param(q.get("limit"))
     before = v.seq_param(q.get("before"), "before")
     after = v.seq_param(q.get("after"), "after")
-    assert gw.history is not None
     page = await gw.history.history(room, limit=limit, before=before, after=after)
     # Built around each message's own JSON (encoded once per message, see Message).
     body = b'{"messages":[%s],"has_more":%s}' % (
@@ -183,7 +182,6 @@ async def room_presence(request: Request) -> Response:
     room = v.room_name(request.path_params["room"])
     identify(request).check_room(room)
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
-    assert gw.presence is not None
     try:
         users = await gw.presence.members(room)
     except Exception as exc:

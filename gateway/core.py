@@ -363,7 +363,6 @@ class Gateway:
         (redisio.pipelined), each command's failure keeping its meaning (an
         unraised seq is retried by the cache, a lost publish is filled from the
         store by every position check)."""
-        assert self.history is not None and self.hub is not None
         history, hub = self.history, self.hub
         if self.settings.fault_cut_from_redis:  # test-only: Redis unreachable from here
             return

@@ -112,7 +112,8 @@ class Presence:
         self.held_rooms = held_rooms
         self.instance = instance or uuid.uuid4().hex[:12]
         # Told of every announced change (webhooks: presence.joined / presence.left).
-        self.notify = notify
+        # Told of each join and leave (the webhooks); by default nobody.
+        self.notify = notify if notify is not None else _tell_nobody
         self.local: dict[str, dict[str, int]] = {}  # room -> user -> connections here
         self._held: dict[int, tuple[str, set[str]]] = {}  # connection id -> (user, rooms)
         self._task: asyncio.Task[None] | None = None
@@ -244,12 +245,10 @@ class Presence:
     # -- upkeep ----------------------------------------------------------------
 
     def _redis_usable(self, key: str) -> bool:
-        guard = self.broker.guard
-        return guard is None or guard.usable(key)
+        return self.broker.guard.usable(key)
 
     def _redis_failed(self, key: str) -> None:
-        if self.broker.guard is not None:
-            self.broker.guard.failed(key)
+        self.broker.guard.failed(key)
 
     async def _sweep(self, room: str, member: str = "") -> None:
         key = self.key(room)
@@ -317,22 +316,25 @@ class Presence:
         for i in range(0, len(groups), REFRESH_BATCH):
             results += await per_key(
                 self.redis,
-                getattr(self.broker, "batch", None),
+                self.broker.batch,
                 self.broker.guard,
                 groups[i : i + REFRESH_BATCH],
             )
         return results
 
     async def _announce(self, room: str, action: str, user: str) -> None:
-        if self.notify is not None:
-            self.notify(
-                "presence.joined" if action == "join" else "presence.left",
-                {"room": room, "user": user},
-            )
+        self.notify(
+            "presence.joined" if action == "join" else "presence.left",
+            {"room": room, "user": user},
+        )
         try:
             await self.broker.publish(self.channel(room), encode_presence(room, action, user))
         except BrokerUnavailable as exc:
             log.warning("presence %s not announced: %s", action, exc, extra={"room": room})
+
+
+def _tell_nobody(kind: str, data: dict[str, Any]) -> None:
+    pass
 
 
 def _ms() -> int:

@@ -47,7 +47,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from redis.exceptions import NoScriptError
@@ -56,6 +56,17 @@ from redisio.guard import NO_GUARD, RedisGuard
 from redisio.pipelined import PipelinedConnection, per_key
 from redisio.script import Script
 from storage.base import MAX_PAGE, Message, Page, Store, parse_ts
+
+
+class CacheMetrics(Protocol):
+    def cache(self, outcome: str) -> None:
+        """Count one lookup: ``hit``, ``miss`` or ``error``."""
+
+
+class _Uncounted:
+    def cache(self, outcome: str) -> None:
+        pass
+
 
 log = logging.getLogger("storage.cache")
 
@@ -139,7 +150,7 @@ class HistoryCache:
         *,
         prefix: str = "chat:",
         ttl: int = 3600,
-        metrics: Any | None = None,
+        metrics: CacheMetrics | None = None,
         guard: RedisGuard = NO_GUARD,
         batch: PipelinedConnection | None = None,
     ) -> None:
@@ -149,7 +160,7 @@ class HistoryCache:
         self.guard = guard  # skips Redis right after a failure (shared with its other users)
         self.prefix = prefix
         self.ttl = ttl
-        self.metrics = metrics
+        self.metrics: CacheMetrics = metrics if metrics is not None else _Uncounted()
         self._flights: dict[tuple[str, int | None], asyncio.Future[tuple[Page, Any]]] = {}
         self._dirty: dict[str, int] = {}
         self._retry: asyncio.Future[None] | None = None
@@ -214,8 +225,7 @@ class HistoryCache:
         self._local.pop(room, None)
 
     def _count(self, outcome: str) -> None:
-        if self.metrics is not None:
-            self.metrics.cache(outcome)
+        self.metrics.cache(outcome)
 
     async def committed(self, message: Message) -> None:
         """Record a commit; called before the write is acknowledged.
