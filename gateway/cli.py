@@ -142,8 +142,8 @@ def build_server(settings: Settings) -> GatewayServer:
         ws_max_size=settings.ws_max_size,
         ws_ping_interval=settings.ws_ping_interval,
         ws_ping_timeout=settings.ws_ping_timeout,
-        # permessage-deflate costs ~300 KiB per socket at uvicorn's settings; chat
-        # frames are small, so it is off.
+        # permessage-deflate keeps compression state for every socket at uvicorn's
+        # settings (README, Performance); chat frames are small, so it is off.
         ws_per_message_deflate=False,
         timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout)),
         log_config=None,
@@ -204,9 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         loop = "asyncio"
     server.config.loop = loop
     # A post leaves a few hundred container objects behind it for a moment; at
-    # the default threshold (700) the young generation was collected about once
-    # in 70 posts, 3 % of a busy instance's CPU. Every cycle is still found,
-    # a little later.
+    # the default threshold the young generation is collected every few dozen
+    # posts, a share of a busy instance's CPU the README's Performance section
+    # gives. Every cycle is still found, a little later.
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     server.run()
     return 0 if server.started else 1
