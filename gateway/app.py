@@ -27,21 +27,15 @@ from starlette.websockets import WebSocket
 from gateway import chat, openapi, server_api
 from gateway import validation as v
 from gateway.auth import Authenticator, bearer
+from gateway.caller import client_address, gateway_of, identify, token_of
 from gateway.config import Settings
 from gateway.connections import Connection, ConnectionStream, connecting
-from gateway.core import POST, PUBLISH, Gateway
-from gateway.edge import (
-    client_address,
-    encoded_json_response,
-    gateway_of,
-    identify,
-    json_response,
-    token_of,
-)
 from gateway.errors import CODES, ApiError, internal, store_unavailable
 from gateway.frames import SSE
 from gateway.hub import Subscriber
+from gateway.instance import POST, PUBLISH, Gateway
 from gateway.logs import RequestContext, conn_id, request_id
+from gateway.responses import encoded_json_response, json_response
 from gateway.stats import stats_events
 from gateway.webhook_routes import webhooks_dead, webhooks_enable, webhooks_list, webhooks_replay
 from gateway.ws import websocket_endpoint
@@ -139,7 +133,7 @@ async def room_events(request: Request) -> Response:
             yield sub.farewell
 
     # A reader that stopped reading is aborted by the server's protocol after
-    # SSE_SEND_TIMEOUT (gateway.transport); send_timeout is the backstop under
+    # SSE_SEND_TIMEOUT (gateway.uvicorn_internals); send_timeout is the backstop under
     # another server, where the socket may stay until the peer leaves.
     return ConnectionStream(
         stream(),

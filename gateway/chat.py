@@ -16,9 +16,10 @@ from starlette.responses import Response
 
 from gateway import validation as v
 from gateway.auth import Identity, bearer, is_api_key, key_bucket
-from gateway.core import POST
-from gateway.edge import encoded_json_response, gateway_of, identify, json_response
+from gateway.caller import gateway_of, identify
 from gateway.errors import ApiError
+from gateway.instance import POST
+from gateway.responses import encoded_json_response, json_response
 from storage import ReadPosition
 
 

@@ -14,7 +14,7 @@ import uvicorn
 from gateway import logs
 from gateway.config import ConfigError, Settings
 from gateway.errors import CLOSE_GOING_AWAY
-from gateway.transport import Server
+from gateway.uvicorn_internals import Server
 from storage import StoreUnavailable
 
 log = logging.getLogger("gateway.cli")
@@ -30,7 +30,7 @@ class GatewayServer(Server):
     1012) and end every SSE stream, then let uvicorn finish in-flight requests
     and run the lifespan shutdown (pools closed). All of it within
     ``SHUTDOWN_TIMEOUT`` seconds; past that, what is left is cancelled. The
-    process then exits 0. (The hooks into uvicorn are gateway.transport's.)
+    process then exits 0. (The hooks into uvicorn are gateway.uvicorn_internals's.)
     """
 
     database_url: str = ""  # named in the one line a store that cannot be opened gets
@@ -119,7 +119,7 @@ class StartupReport:
 def build_server(settings: Settings) -> GatewayServer:
     from gateway import wsout
     from gateway.app import create_app
-    from gateway.transport import DirectProtocol, HttpLimits, HttpProtocol
+    from gateway.uvicorn_internals import DirectProtocol, HttpLimits, HttpProtocol
 
     wsout.write_delay = settings.ws_write_delay
 
@@ -128,7 +128,7 @@ def build_server(settings: Settings) -> GatewayServer:
         app,
         host=settings.host,
         port=settings.port,
-        # httptools with bounds on heads, bodies and stalled writes (gateway.transport)
+        # httptools with bounds on heads, bodies and stalled writes (gateway.uvicorn_internals)
         http=HttpProtocol.with_limits(
             HttpLimits(
                 header_timeout=settings.http_header_timeout,
@@ -137,7 +137,7 @@ def build_server(settings: Settings) -> GatewayServer:
                 write_timeout=settings.sse_send_timeout,
             )
         ),
-        # websockets-sansio with direct fan-out writes (gateway.transport, gateway.wsout).
+        # websockets-sansio with direct fan-out writes (gateway.uvicorn_internals, gateway.wsout).
         ws=DirectProtocol,
         ws_max_size=settings.ws_max_size,
         ws_ping_interval=settings.ws_ping_interval,

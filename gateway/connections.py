@@ -23,11 +23,11 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import HTTPConnection
 
 from gateway.auth import Identity
-from gateway.core import CONNECT, Gateway
-from gateway.edge import identify, presence_user
+from gateway.caller import identify, presence_user
 from gateway.errors import CLOSE_POLICY_VIOLATION
 from gateway.frames import SSE, WS
 from gateway.hub import Subscriber
+from gateway.instance import CONNECT, Gateway
 from gateway.ratelimit import Decision
 
 log = logging.getLogger("gateway.connections")
@@ -39,7 +39,7 @@ _NO_EXTRA: Mapping[str, Any] = MappingProxyType({})
 
 def connecting(conn: HTTPConnection) -> tuple[Identity, str | None]:
     """Who opens a connection: the identity (the bearer header, or ``?token=`` where a
-    browser cannot set one) and the name it is present under (gateway.edge)."""
+    browser cannot set one) and the name it is present under (gateway.caller)."""
     identity = identify(conn, query_token=True)
     return identity, presence_user(conn, identity)
 

@@ -51,9 +51,9 @@ from gateway.errors import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER
 from gateway.frames import SSE as SSE  # the transports a Subscriber speaks
 from gateway.frames import WS as WS
 from gateway.frames import change_frame, chat_frame, event_frame, message_frame, presence_frame
-from gateway.lite import Flag
 from gateway.metrics import Metrics
 from gateway.periodic import every
+from gateway.primitives import Flag
 from pubsub import Broker
 from storage import MAX_PAGE, Change, HistoryCache, StoreUnavailable
 
@@ -104,7 +104,7 @@ class Subscriber:
         self._deadline: asyncio.TimerHandle | None = None
         self._queue: list[Any] = []
         self._bytes = 0
-        self.closed = Flag()  # an asyncio.Event, lighter (gateway.lite)
+        self.closed = Flag()  # an asyncio.Event, lighter (gateway.primitives)
         # Optional direct output (see gateway.wsout.FrameSink): ``write(frame)`` returns
         # the bytes the socket still buffers, or -1 once it takes nothing more. With
         # it the queue and its events are never used, so they are not made (memory

@@ -26,10 +26,11 @@ from starlette.responses import Response
 
 from gateway import validation as v
 from gateway.auth import bearer
+from gateway.caller import gateway_of
 from gateway.control import Disconnect, Purged, Unsubscribe
-from gateway.core import PUBLISH, Gateway
-from gateway.edge import gateway_of, json_response
 from gateway.errors import ApiError
+from gateway.instance import PUBLISH, Gateway
+from gateway.responses import json_response
 from pubsub import BrokerUnavailable
 
 log = logging.getLogger("gateway.server")

@@ -21,10 +21,10 @@ from starlette.responses import Response
 
 from gateway import validation as v
 from gateway.auth import bearer, key_bucket
+from gateway.caller import client_address, gateway_of
 from gateway.connections import Connection, ConnectionStream
-from gateway.core import Gateway
-from gateway.edge import client_address, gateway_of
 from gateway.errors import ApiError
+from gateway.instance import Gateway
 
 INTERVAL: dict[str, Any] = {"type": "number", "minimum": 1, "maximum": 60, "default": 1.0}
 

@@ -16,9 +16,10 @@ from starlette.responses import Response
 
 from gateway import validation as v
 from gateway.auth import bearer
-from gateway.core import Gateway
-from gateway.edge import gateway_of, json_response
+from gateway.caller import gateway_of
 from gateway.errors import ApiError
+from gateway.instance import Gateway
+from gateway.responses import json_response
 from storage.base import format_ts
 from storage.outbox import DeadLetter
 from webhooks import Webhooks

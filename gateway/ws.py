@@ -24,12 +24,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gateway import validation as v
 from gateway.auth import Identity
+from gateway.caller import gateway_of
 from gateway.chat import changed_by, position_json
 from gateway.connections import Connection, connecting, expire_with_token
-from gateway.core import POST, SUBSCRIBE, Gateway
-from gateway.edge import gateway_of
 from gateway.errors import CLOSE_POLICY_VIOLATION, ApiError, internal, store_unavailable
 from gateway.hub import WS, Subscriber
+from gateway.instance import POST, SUBSCRIBE, Gateway
 from gateway.wsout import FrameSink
 from storage import Message, StoreUnavailable
 

@@ -7,7 +7,7 @@ a message's frame once and every subscriber's :class:`FrameSink` writes those
 bytes into its socket's buffer synchronously. Frames queued for one socket in
 one turn of the event loop leave in one write.
 
-:class:`gateway.transport.DirectProtocol`, the gateway's uvicorn protocol, offers
+:class:`gateway.uvicorn_internals.DirectProtocol`, the gateway's uvicorn protocol, offers
 a socket's writer to the app as the ASGI extension ``EXTENSION``; under any other
 server the session falls back to a writer task and ASGI sends.
 """

@@ -8,9 +8,9 @@ import pytest
 from gateway.auth import Identity
 from gateway.config import Settings
 from gateway.connections import Connection
-from gateway.core import Gateway, NotStarted
 from gateway.errors import ApiError
 from gateway.hub import SSE, Subscriber
+from gateway.instance import Gateway, NotStarted
 
 
 def settings(tmp_path, **overrides) -> Settings:

@@ -9,8 +9,8 @@ import orjson
 
 from gateway.auth import Identity
 from gateway.config import Settings
-from gateway.core import Gateway
 from gateway.hub import WS, Subscriber
+from gateway.instance import Gateway
 from gateway.retention import Retention
 from storage import create_store
 from tests.harness import eventually

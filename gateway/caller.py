@@ -1,4 +1,5 @@
-"""What every route needs from a connection: the gateway, the caller's identity and address."""
+"""Who is asking: the gateway a request reached, the caller's identity, address and
+token, and the name a connection is present under."""
 
 from __future__ import annotations
 
@@ -6,24 +7,11 @@ import functools
 import ipaddress
 from typing import Any
 
-import orjson
 from starlette.requests import HTTPConnection
-from starlette.responses import Response
 
 from gateway.auth import Identity, bearer
-from gateway.core import Gateway
+from gateway.instance import Gateway
 from gateway.validation import author
-
-
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return encoded_json_response(orjson.dumps(body), status, headers)
-
-
-def encoded_json_response(
-    data: bytes, status: int = 200, headers: dict[str, str] | None = None
-) -> Response:
-    """A response whose JSON body is already encoded."""
-    return Response(data, status_code=status, headers=headers, media_type="application/json")
 
 
 def gateway_of(conn: HTTPConnection) -> Gateway:

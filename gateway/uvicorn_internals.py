@@ -39,7 +39,7 @@ from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from gateway.errors import ApiError
-from gateway.lite import Flag, Inbox
+from gateway.primitives import Flag, Inbox
 from gateway.wsout import EXTENSION
 
 log = logging.getLogger("gateway.transport")
@@ -48,7 +48,7 @@ log = logging.getLogger("gateway.transport")
 UVICORN_VERSIONS = ">=0.54,<0.55"
 # What the seam overrides, calls or reads of uvicorn's protocols: methods of the
 # classes, and attributes their instances set up (checked against the installed
-# uvicorn by tests/test_transport.py).
+# uvicorn by tests/test_uvicorn_internals.py).
 WS_METHODS = ("run_asgi", "keepalive_timeout", "send", "handle_connect", "send_500_response")
 WS_STATE = (
     "app",
@@ -151,7 +151,7 @@ class DirectProtocol(WebSocketProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Lighter stand-ins for the asyncio.Queue and asyncio.Event uvicorn makes per
-        # socket (gateway.lite): what it uses of them, for less memory per connection.
+        # socket (gateway.primitives): what it uses of them, for less memory per connection.
         self.queue = Inbox()  # type: ignore[assignment]
         self.writable = Flag()  # type: ignore[assignment]
         self.writable.set()

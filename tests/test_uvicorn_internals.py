@@ -1,4 +1,4 @@
-"""The uvicorn seam (gateway.transport): the uvicorn it is pinned to is the one
+"""The uvicorn seam (gateway.uvicorn_internals): the uvicorn it is pinned to is the one
 installed and has what the seam overrides and reads; and the app still delivers
 under stock uvicorn, without the seam's protocols (ASGI sends and a writer task
 per socket instead of direct writes)."""
@@ -21,10 +21,10 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 
-from gateway import transport
+from gateway import uvicorn_internals
 from gateway.app import create_app
 from gateway.config import Settings
-from gateway.core import Gateway
+from gateway.instance import Gateway
 from tests.harness import WSClient, post, t
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,14 +37,14 @@ def test_installed_uvicorn_is_in_the_range_the_seam_is_tested_with() -> None:
         for d in pyproject["project"]["dependencies"]
         if Requirement(d).name == "uvicorn"
     ]
-    assert declared.specifier == SpecifierSet(transport.UVICORN_VERSIONS)
-    assert importlib.metadata.version("uvicorn") in SpecifierSet(transport.UVICORN_VERSIONS)
+    assert declared.specifier == SpecifierSet(uvicorn_internals.UVICORN_VERSIONS)
+    assert importlib.metadata.version("uvicorn") in SpecifierSet(uvicorn_internals.UVICORN_VERSIONS)
 
 
 async def test_the_seams_hooks_exist_in_the_installed_uvicorn() -> None:
     for cls, methods, state in (
-        (WebSocketsSansIOProtocol, transport.WS_METHODS, transport.WS_STATE),
-        (HttpToolsProtocol, transport.HTTP_METHODS, transport.HTTP_STATE),
+        (WebSocketsSansIOProtocol, uvicorn_internals.WS_METHODS, uvicorn_internals.WS_STATE),
+        (HttpToolsProtocol, uvicorn_internals.HTTP_METHODS, uvicorn_internals.HTTP_STATE),
     ):
         for name in methods:
             assert callable(getattr(cls, name, None)), f"{cls.__name__}.{name}"
@@ -55,16 +55,16 @@ async def test_the_seams_hooks_exist_in_the_installed_uvicorn() -> None:
         )
         missing = [name for name in state if not hasattr(protocol, name)]
         assert not missing, f"{cls.__name__} instances lack {missing}"
-    for name in transport.SERVER_METHODS:
+    for name in uvicorn_internals.SERVER_METHODS:
         assert callable(getattr(uvicorn.Server, name, None)), f"Server.{name}"
     server = uvicorn.Server(uvicorn.Config(create_app(Settings())))
-    missing = [name for name in transport.SERVER_STATE if not hasattr(server, name)]
+    missing = [name for name in uvicorn_internals.SERVER_STATE if not hasattr(server, name)]
     assert not missing, f"Server instances lack {missing}"
     assert {400, 408, 431} <= set(STATUS_LINE)
     # The seam's own protocols are uvicorn's, so uvicorn drives them as its own.
-    assert issubclass(transport.DirectProtocol, WebSocketsSansIOProtocol)
-    assert issubclass(transport.HttpProtocol, HttpToolsProtocol)
-    assert issubclass(transport.Server, uvicorn.Server)
+    assert issubclass(uvicorn_internals.DirectProtocol, WebSocketsSansIOProtocol)
+    assert issubclass(uvicorn_internals.HttpProtocol, HttpToolsProtocol)
+    assert issubclass(uvicorn_internals.Server, uvicorn.Server)
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ async def test_stock_uvicorn_delivers_in_order_over_asgi_sends(
     stock_server: tuple[str, Gateway, uvicorn.Server],
 ) -> None:
     address, gw, server = stock_server
-    missing = [name for name in transport.SERVER_STARTED_STATE if not hasattr(server, name)]
+    missing = [name for name in uvicorn_internals.SERVER_STARTED_STATE if not hasattr(server, name)]
     assert not missing, f"a started Server lacks {missing}"
     room = "stock.burst"
     async with WSClient.connect(f"ws://{address}/v1/ws") as ws, httpx.AsyncClient() as http:
