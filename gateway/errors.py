@@ -58,10 +58,7 @@ CODES: dict[str, tuple[int, str]] = {
 # WebSocket close codes the gateway uses (RFC 6455 and the IANA registry).
 CLOSE_NORMAL = 1000  # the client asked to close
 CLOSE_GOING_AWAY = 1001  # the instance is shutting down: reconnect elsewhere
-CLOSE_PROTOCOL_ERROR = 1002  # the peer broke the WebSocket protocol
 CLOSE_POLICY_VIOLATION = 1008  # credentials expired or were refused after the upgrade
-CLOSE_TOO_BIG = 1009  # a frame exceeded the maximum size
-CLOSE_INTERNAL_ERROR = 1011  # an unexpected failure on the server
 CLOSE_TRY_AGAIN_LATER = 1013  # the client could not keep up: resume with `since`
 # Application codes (4000-4999, RFC 6455 section 7.4.2).
 CLOSE_DISCONNECTED = 4001  # a backend disconnected the user (server API); reconnecting is allowed
