@@ -45,6 +45,7 @@ USER: dict[str, Any] = {
     "type": "string",
     "minLength": 1,
     "maxLength": MAX_USER,
+    "pattern": r"^[^\x00]*$",
     "description": "a token's sub, or the ?user= of an open-mode connection",
 }
 REASON: dict[str, Any] = {
@@ -102,7 +103,9 @@ async def _body(request: Request, gw: Gateway, schema: dict[str, Any]) -> dict[s
 def _user(value: Any) -> str:
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_USER or "\x00" in value:
         raise ApiError(
-            "invalid_request", f"user must be a string of 1..{MAX_USER} characters", field="user"
+            "invalid_request",
+            f"user must be a string of 1..{MAX_USER} characters, no NUL",
+            field="user",
         )
     return value
 
