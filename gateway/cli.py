@@ -138,12 +138,9 @@ class StartupReport:
 
 
 def build_server(settings: Settings) -> GatewayServer:
-    from gateway import wsout
     from gateway.app import create_app
     from gateway.transport import HttpLimits, HttpProtocol
     from gateway.wsout import DirectProtocol
-
-    wsout.write_delay = settings.ws_write_delay
 
     app = create_app(settings)
     config = uvicorn.Config(

@@ -30,6 +30,7 @@ from gateway.presence import Presence
 from gateway.ratelimit import Decision, RateLimiter
 from gateway.retention import Retention
 from gateway.stats import Beacon
+from gateway.wsout import Output
 from pubsub import Broker, BrokerUnavailable, create_broker
 from storage import HistoryCache, Message, Store, StoreUnavailable, create_store
 from webhooks import Webhooks
@@ -104,6 +105,8 @@ class Gateway:
         # Only with WEBHOOK_URLS set: otherwise no outbox rows, no dispatcher.
         self.webhooks: Webhooks | None = None
         self.chat: Any = None  # typing and read receipts (gateway.chat.Chat)
+        # When direct WebSocket output writes its sockets (gateway.wsout).
+        self.output = Output(settings.ws_write_delay)
 
     async def start(self, *, migrate: bool = True) -> None:
         await self.auth.start()

@@ -104,7 +104,7 @@ class Session:
             identity=identity.name,
             max_messages=s.queue_max_messages,
             max_bytes=s.queue_max_bytes,
-            sink=FrameSink.of(websocket.scope),
+            sink=FrameSink.of(websocket.scope, gw.output),
             user=user,
         )
         self.publishes: list[tuple[dict[str, Any], Any]] = []
