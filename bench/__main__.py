@@ -190,7 +190,10 @@ async def run_scenario(
         for name in targets if args.idle_peers else ["gateway"]:
             rows.append(
                 await idle.run(
-                    TARGETS[name](), connections=args.connections, settle=args.idle_seconds
+                    TARGETS[name](),
+                    connections=args.connections,
+                    settle=args.idle_seconds,
+                    rooms=args.idle_rooms,
                 )
             )
     elif scenario == "posts":
@@ -253,6 +256,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=10000, help="idle WebSocket connections")
     p.add_argument(
         "--idle-seconds", type=float, default=10.0, help="idle window over which CPU is measured"
+    )
+    p.add_argument(
+        "--idle-rooms",
+        type=int,
+        default=idle.ROOMS,
+        help="idle: rooms the connections are spread over (0: a room per connection)",
     )
     p.add_argument("--idle-peers", action="store_true", help="measure the peers idle too")
     p.add_argument("--post-conns", type=int, default=32, help="HTTP connections per instance")

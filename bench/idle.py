@@ -1,4 +1,5 @@
-"""Idle connections: N WebSocket sockets on one instance, each subscribed to a room.
+"""Idle connections: N WebSocket sockets on one instance, each subscribed to a room
+(one of ``rooms``, or with ``rooms=0`` a room of its own).
 
 Resident memory per connection is the server's RSS growth over N (after a
 short warm-up, so code loaded once is not charged to the sockets); idle CPU
@@ -20,7 +21,9 @@ ROOMS = 100
 WARMUP = 20
 
 
-async def run(target: Target, *, connections: int = 10000, settle: float = 10.0) -> dict[str, Any]:
+async def run(
+    target: Target, *, connections: int = 10000, settle: float = 10.0, rooms: int = ROOMS
+) -> dict[str, Any]:
     (server,) = await target.start(1)
     clients: list[WSClient] = []
     try:
@@ -33,7 +36,11 @@ async def run(target: Target, *, connections: int = 10000, settle: float = 10.0)
             async with gate:
                 try:
                     client, _ = await connect(
-                        target, "127.0.0.1", server.port, f"idle-{i % ROOMS}", latencies
+                        target,
+                        "127.0.0.1",
+                        server.port,
+                        f"idle-{i % rooms if rooms else i}",
+                        latencies,
                     )
                 except (TimeoutError, OSError, ConnectionError):
                     failures += 1
@@ -55,6 +62,7 @@ async def run(target: Target, *, connections: int = 10000, settle: float = 10.0)
         return {
             "target": target.name,
             "connections": len(clients),
+            "rooms": min(rooms, connections) if rooms else connections,
             "failed": failures,
             "connect_s": round(connect_s, 2),
             "rss_before_kib": rss0,
