@@ -40,7 +40,6 @@ from gateway.errors import ApiError
 from gateway.hub import wire_change
 from gateway.periodic import every
 from pubsub import BrokerUnavailable
-from pubsub.batch import per_key
 from pubsub.script import Script
 from storage import Message, MessageNotFound, NotAuthor, ReadPosition, StoreUnavailable
 
@@ -93,17 +92,14 @@ class Chat:
         rooms = [r for r in hub.rooms.values() if r.seq is not None]
         if not rooms:
             return
-        keys = [self._change_key(r.name) for r in rooms]
-        results = await per_key(
-            self.gw.broker.redis,
-            getattr(self.gw.broker, "batch", None),
-            self.gw.broker.guard,
-            [(key, [("GET", key)]) for key in keys],
-        )
-        for r, result in zip(rooms, results, strict=True):
-            if isinstance(result, BaseException) or result[0] is None:
+        assert self.gw.history is not None
+        # One MGET per thousand rooms over one Redis (HistoryCache.get_many).
+        prefix = self.gw.settings.key_prefix  # the keys of _change_key, built inline
+        values = await self.gw.history.get_many([f"{prefix}{{{r.name}}}:change" for r in rooms])
+        for r, value in zip(rooms, values, strict=True):
+            if isinstance(value, BaseException) or value is None:
                 continue
-            if int(result[0]) > r.changes.last and r.changes.task is None:
+            if int(value) > r.changes.last and r.changes.task is None:
                 self.gw.metrics.gap_fills.labels("change_position").inc()
                 hub.fill_changes(r)
 
