@@ -55,6 +55,9 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         await websocket.accept(
             headers=[(k.lower().encode(), v.encode()) for k, v in decision.headers().items()]
         )
+        # The handshake's request headers were read (identity, rate, presence); an idle
+        # socket need not keep them for its lifetime (about 0.7 KiB each).
+        websocket.scope["headers"].clear()
         session = Session(gw, websocket, identity, user)
         await session.run()
     finally:
