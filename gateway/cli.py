@@ -117,11 +117,8 @@ class StartupReport:
 
 
 def build_server(settings: Settings) -> GatewayServer:
-    from gateway import wsout
     from gateway.app import create_app
     from gateway.uvicorn_internals import DirectProtocol, HttpLimits, HttpProtocol
-
-    wsout.write_delay = settings.ws_write_delay
 
     app = create_app(settings)
     config = uvicorn.Config(

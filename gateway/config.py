@@ -121,9 +121,11 @@ class Settings:
     http_body_timeout: float = 30.0
     http_max_header_bytes: int = 16 * 1024
     ws_ping_interval: float = 20.0
-    # A socket written less than this many seconds ago holds its next live frames
-    # up to that long, so that they leave together in one write (0: every frame at
-    # the end of the current loop turn). Replies (acks, errors, pongs) never wait.
+    # The longest a live frame is held to share a write: on an instance writing more
+    # than gateway.wsout.HOLD_RATE frames a second, a socket written less than this
+    # many seconds ago holds its next live frames up to that long (0: never held;
+    # a quiet instance writes every frame at the end of the loop turn). Replies
+    # (acks, errors, pongs) never wait.
     ws_write_delay: float = 0.02
     ws_ping_timeout: float = 20.0
     broker_probe_interval: float = 5.0

@@ -228,7 +228,8 @@ class Room:
     def __init__(self, name: str, channel: str) -> None:
         self.name = name
         self.channel = channel
-        self.name_json = orjson.dumps(name)
+        # A copy: orjson's own bytes keep a 4 KiB buffer each, for the room's lifetime.
+        self.name_json = bytes(memoryview(orjson.dumps(name)))
         self.subs: dict[Subscriber, None] = {}
         self.seq: int | None = None  # last seq dispatched in order; None while joining
         # seq -> (created_ms, the room's change count at its commit or None, message)

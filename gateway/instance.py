@@ -38,6 +38,7 @@ from gateway.ratelimit import Decision, LocalRateLimiter, RateLimiter
 from gateway.retention import Retention
 from gateway.shared_figures import RedisSharedFigures, SharedFigures
 from gateway.wire import encode_event, encode_message
+from gateway.wsout import Output
 from pubsub import Broker, BrokerUnavailable, create_broker
 from storage import HistoryCache, Message, Store, create_store
 from webhooks import Webhooks
@@ -136,6 +137,8 @@ class Gateway:
         self._limiter: LocalRateLimiter | None = None
         self._running = contextlib.AsyncExitStack()  # what start started, closed in reverse
         self._probes: set[asyncio.Task[Any]] = set()  # readiness probes given up on
+        # When direct WebSocket output writes its sockets (gateway.wsout).
+        self.output = Output(settings.ws_write_delay)
 
     @property
     def history(self) -> HistoryCache:

@@ -53,6 +53,9 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         await websocket.accept(
             headers=[(k.lower().encode(), v.encode()) for k, v in decision.headers().items()]
         )
+        # The handshake's request headers were read (identity, rate, presence); an idle
+        # socket need not keep them for its lifetime.
+        websocket.scope["headers"].clear()
         await Session(gw, websocket, identity, user).run(connection)
     finally:
         await connection.close()
@@ -111,7 +114,7 @@ class Session:
             identity=identity.name,
             max_messages=s.queue_max_messages,
             max_bytes=s.queue_max_bytes,
-            sink=FrameSink.of(websocket.scope),
+            sink=FrameSink.of(websocket.scope, gw.output),
             user=user,
         )
         self.publishes: list[tuple[dict[str, Any], Any]] = []

@@ -50,6 +50,7 @@ from collections import OrderedDict
 from typing import Any, Protocol
 
 import orjson
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from redisio.guard import NO_GUARD, RedisGuard
@@ -72,6 +73,8 @@ log = logging.getLogger("storage.cache")
 
 # Rooms whose decoded latest window each instance keeps (least recently read go first).
 LOCAL_ROOMS = 256
+# Keys per MGET when many keys are read at once over one Redis (get_many).
+MGET_KEYS = 1000
 # How long one instance may hold a cold key's load before others stop waiting.
 LOAD_LOCK_MS = 1000
 LOAD_POLL = 0.005
@@ -315,7 +318,8 @@ class HistoryCache:
         seqs: dict[str, int] = {}
         unread = rooms
         if self.redis is not None:
-            values = await self._get([self._keys(room)[0] for room in rooms])
+            prefix = self.prefix
+            values = await self.get_many([f"{prefix}{{{room}}}:seq" for room in rooms])
             unread = []
             for room, value in zip(rooms, values, strict=True):
                 if isinstance(value, BaseException):
@@ -336,7 +340,8 @@ class HistoryCache:
         if self.redis is None or not seqs:
             return
         rooms = list(seqs)
-        values = await self._get([self._keys(room)[0] for room in rooms])
+        prefix = self.prefix
+        values = await self.get_many([f"{prefix}{{{room}}}:seq" for room in rooms])
         for room, value in zip(rooms, values, strict=True):
             if value is None or isinstance(value, BaseException) or int(value) >= seqs[room]:
                 continue
@@ -388,13 +393,33 @@ class HistoryCache:
             self._keep(room, window.messages[-1].seq, generation, window)
         return _window_page(window, limit)
 
-    async def _get(self, keys: list[str]) -> list[Any]:
-        """GET of each key, in one round trip over the batch; an exception in the
-        place of a key that could not be read (see redisio.pipelined.per_key)."""
-        results = await per_key(
-            self.redis, self.batch, self.guard, [(key, [("GET", key)]) for key in keys]
-        )
-        return [r if isinstance(r, BaseException) else r[0] for r in results]
+    async def get_many(self, keys: list[str]) -> list[Any]:
+        """GET of each key, in one round trip; an exception in the place of a key that
+        could not be read. Over one Redis (the batch) the keys go as MGETs of
+        ``MGET_KEYS`` each: a periodic read of every held room's key costs one
+        command per thousand rooms, not one per room. Over a cluster, a GET per
+        key (see redisio.pipelined.per_key)."""
+        if self.batch is None:
+            results = await per_key(
+                self.redis, self.batch, self.guard, [(key, [("GET", key)]) for key in keys]
+            )
+            return [r if isinstance(r, BaseException) else r[0] for r in results]
+        if not self._usable():
+            skipped = RedisConnectionError("Redis failed moments ago")
+            return [skipped] * len(keys)
+        chunks = [keys[i : i + MGET_KEYS] for i in range(0, len(keys), MGET_KEYS)]
+        try:
+            replies = await self.batch.run([("MGET", *chunk) for chunk in chunks])
+        except Exception as exc:
+            replies = [exc] * len(chunks)
+        values: list[Any] = []
+        for chunk, reply in zip(chunks, replies, strict=True):
+            if isinstance(reply, BaseException):
+                self._failed()
+                values += [reply] * len(chunk)
+            else:
+                values += reply
+        return values
 
     async def _get_pair(self, seq_key: str, generation_key: str) -> list[Any]:
         """The warm read: seq and generation in one MGET (one slot: the same hash tag)."""

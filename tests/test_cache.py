@@ -7,7 +7,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from pubsub.base import RedisGuard
+from redisio.pipelined import PipelinedConnection
 from storage import HistoryCache, create_store
+from storage.cache import MGET_KEYS
 from storage.postgres import PostgresStore
 from tests.harness import REDIS_URL, RedisServer
 
@@ -105,6 +108,39 @@ async def test_redis_down_reads_fall_back_to_the_store_and_recover(pg_url):
         assert [m.seq for m in (await cache.history("down")).messages] == [1, 2]
     finally:
         await cache.close()
+        await client.aclose()
+        await store.close()
+        rs.stop()
+
+
+async def test_many_rooms_positions_over_the_batch_in_few_mgets_and_from_the_store_when_redis_fails(
+    pg_url,
+):
+    # Over one Redis, the periodic read of every held room's seq goes as MGETs of
+    # MGET_KEYS keys: thousands of rooms, each answered from its own key; with Redis
+    # gone, every room is answered by the store.
+    rs = RedisServer()
+    rs.start()
+    store = PostgresStore(pg_url)
+    await store.start()
+    await store.migrate()
+    client = aioredis.from_url(rs.url)
+    batch = PipelinedConnection(client, timeout=1.0)
+    guard = RedisGuard()
+    cache = HistoryCache(store, client, prefix="p:", guard=guard, batch=batch)
+    try:
+        rooms = [f"many.{i}" for i in range(MGET_KEYS * 2 + 500)]
+        await client.mset({cache._keys(room)[0]: i for i, room in enumerate(rooms) if i % 3 == 0})
+        assert await cache.latest_seqs(rooms) == {
+            room: i for i, room in enumerate(rooms) if i % 3 == 0
+        }
+        await store.append(rooms[1], "ana", "one")
+        rs.stop()
+        latest = await cache.latest_seqs(rooms)
+        assert latest == {room: (1 if room == rooms[1] else 0) for room in rooms}
+        assert not guard.usable()  # the failure was reported once for all
+    finally:
+        await batch.close()
         await client.aclose()
         await store.close()
         rs.stop()
