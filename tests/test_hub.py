@@ -24,7 +24,7 @@ from gateway import wire
 from gateway.errors import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER
 from gateway.frames import SSE, WS
 from gateway.hub import MAX_PENDING, Hub, Subscriber
-from gateway.wsout import EXTENSION, FrameSink
+from gateway.wsout import EXTENSION, FrameSink, Output
 from pubsub.memory import MemoryBroker
 from storage import HistoryCache, Message
 from storage.sqlite import SQLiteStore
@@ -111,7 +111,8 @@ class WSClient:
         async def drained() -> None:
             return None
 
-        sink = FrameSink.of({"extensions": {EXTENSION: {"write": write, "drained": drained}}})
+        scope = {"extensions": {EXTENSION: {"write": write, "drained": drained}}}
+        sink = FrameSink.of(scope, Output())
         assert sink is not None
         client = cls(Subscriber(WS, sink=sink, **kwargs))
         return client
