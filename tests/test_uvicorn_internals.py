@@ -6,11 +6,15 @@ per socket instead of direct writes)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.metadata
 import socket
+import sys
 import tomllib
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -70,6 +74,19 @@ async def test_the_seams_hooks_exist_in_the_installed_uvicorn() -> None:
 @pytest.fixture
 async def stock_server(tmp_path: Path) -> AsyncIterator[tuple[str, Gateway, uvicorn.Server]]:
     """The app under uvicorn as anyone would serve it: stock protocols, no seam."""
+    async with serving(tmp_path, "websockets-sansio") as served:
+        yield served
+
+
+@pytest.fixture
+async def seam_server(tmp_path: Path) -> AsyncIterator[tuple[str, Gateway, uvicorn.Server]]:
+    """The app in this process under the seam's WebSocket protocol."""
+    async with serving(tmp_path, uvicorn_internals.DirectProtocol) as served:
+        yield served
+
+
+@asynccontextmanager
+async def serving(tmp_path: Path, ws: Any) -> AsyncIterator[tuple[str, Gateway, uvicorn.Server]]:
     settings = Settings.from_env(
         {
             "DATABASE_URL": f"sqlite:///{tmp_path}/gw.db",
@@ -86,7 +103,7 @@ async def stock_server(tmp_path: Path) -> AsyncIterator[tuple[str, Gateway, uvic
     port = sock.getsockname()[1]
     config = uvicorn.Config(
         app,
-        ws="websockets-sansio",
+        ws=ws,
         http="httptools",
         lifespan="on",
         log_config=None,
@@ -129,3 +146,32 @@ async def test_stock_uvicorn_delivers_in_order_over_asgi_sends(
         assert sorted(f["message"]["text"] for f in frames) == sorted(f"m{i}" for i in range(40))
         await ws.send({"type": "ping", "ref": 1})
         assert (await ws.expect("pong")) == {"type": "pong", "ref": 1}
+
+
+async def test_an_open_socket_keeps_no_handshake_behind(
+    seam_server: tuple[str, Gateway, uvicorn.Server],
+) -> None:
+    """After the accept, the seam's protocol holds neither the handshake's request
+    (nor its headers, which websockets' parser keeps a reference to) nor the instance
+    dict uvicorn's attributes grew; the socket works as before."""
+    address, _, _ = seam_server
+    filler = {"x-filler": "f" * 2000}
+    async with WSClient.connect(f"ws://{address}/v1/ws", additional_headers=filler) as ws:
+        assert (await ws.subscribe("seam.idle"))["seq"] == 0
+        (protocol,) = [
+            o
+            for o in gc.get_objects()
+            if type(o) is uvicorn_internals.DirectProtocol and o.handshake_complete
+        ]
+        assert protocol.request is None and protocol.response is None
+        parser = protocol.conn.parser
+        request = parser.gi_frame.f_locals["request"]  # type: ignore[attr-defined]
+        assert len(request.headers) == 0, "the handshake's headers are still held"
+        grown = uvicorn_internals.DirectProtocol(
+            config=uvicorn.Config(create_app(Settings())), server_state=ServerState(), app_state={}
+        )
+        for name in protocol.__dict__.keys() - grown.__dict__.keys():
+            setattr(grown, name, None)
+        assert sys.getsizeof(protocol.__dict__) < sys.getsizeof(grown.__dict__) * 0.7
+        await ws.send({"type": "ping", "ref": 2})
+        assert (await ws.expect("pong")) == {"type": "pong", "ref": 2}
