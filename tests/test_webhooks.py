@@ -721,6 +721,37 @@ async def test_the_outbox_hands_out_queue_heads_and_retention_keeps_undelivered(
         await store.close()
 
 
+async def test_a_refresh_read_before_a_410_does_not_enable_the_receiver_again(tmp_path):
+    """The dispatcher's periodic refresh reads every endpoint's state; a 410 handled
+    while that read is under way must not be undone by the read's older answer
+    (the receiver would be sent the event again and answer 410 twice)."""
+    from prometheus_client import CollectorRegistry
+
+    from storage import create_store
+    from storage.outbox import Endpoint
+    from webhooks import Webhooks
+    from webhooks.metrics import WebhookMetrics
+
+    store = create_store(f"sqlite:///{tmp_path}/hooks.db")
+    await store.start()
+    await store.migrate()
+    settings = Settings(webhook_urls=("https://a.example/",), webhook_secret=new_secret())
+    hooks = Webhooks(store, settings, WebhookMetrics(CollectorRegistry()))
+    await hooks.start()
+    try:
+        (receiver,) = hooks.receivers.values()
+        refresh = asyncio.create_task(hooks.refresh())
+        await asyncio.sleep(0)  # the refresh is now reading the endpoints
+        receiver.set_endpoint(Endpoint(receiver.endpoint.id, receiver.endpoint.url, "410 Gone"))
+        await refresh
+        assert receiver.endpoint.disabled
+        await hooks.refresh()  # a later read, with nothing changed meanwhile, applies
+        assert not receiver.endpoint.disabled  # (the 410 was never written to the store here)
+    finally:
+        await hooks.close()
+        await store.close()
+
+
 async def test_instances_claiming_at_once_never_share_a_row(pg_url):
     from storage import create_store
 

@@ -151,6 +151,13 @@ class Receiver:
         self.url = egress.check_url(endpoint.url, allow_private=True)
         self.breaker = breaker
         self.backlog = Backlog(endpoint.id, 0, None)
+        # Bumped by each change this instance makes to ``endpoint`` (a 410, an
+        # operator's enable): a refresh read before it does not undo it.
+        self.version = 0
+
+    def set_endpoint(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.version += 1
 
     @property
     def label(self) -> str:
@@ -362,7 +369,7 @@ class Webhooks:
         if outcome.kind == "gone":
             reason = "410 Gone at " + format_ts(int(time.time() * 1000))
             await self.outbox.disable(receiver.endpoint.id, reason)
-            receiver.endpoint = Endpoint(receiver.endpoint.id, receiver.endpoint.url, reason)
+            receiver.set_endpoint(Endpoint(receiver.endpoint.id, receiver.endpoint.url, reason))
             log.warning(
                 "webhook receiver disabled: it answered 410 Gone",
                 extra={"endpoint": receiver.label},
@@ -471,10 +478,12 @@ class Webhooks:
 
     async def refresh(self) -> None:
         """Read disabled states (another instance may have seen a 410, an operator
-        may have enabled one) and the backlog of every receiver."""
+        may have enabled one) and the backlog of every receiver. A receiver this
+        instance changed while the read was under way keeps its own state."""
+        versions = {id_: r.version for id_, r in self.receivers.items()}
         for endpoint in await self.outbox.endpoints():
             receiver = self.receivers.get(endpoint.id)
-            if receiver is not None:
+            if receiver is not None and receiver.version == versions[endpoint.id]:
                 if receiver.endpoint.disabled and not endpoint.disabled:
                     receiver.breaker.success()
                 receiver.endpoint = endpoint
@@ -494,7 +503,7 @@ class Webhooks:
 
     async def enable(self, receiver: Receiver) -> None:
         await self.outbox.enable(receiver.endpoint.id)
-        receiver.endpoint = Endpoint(receiver.endpoint.id, receiver.endpoint.url)
+        receiver.set_endpoint(Endpoint(receiver.endpoint.id, receiver.endpoint.url))
         receiver.breaker.success()
         self._wake.set()
 
