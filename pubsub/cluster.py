@@ -5,7 +5,7 @@ SPUBLISH sends each message only through the shard that owns that slot, not
 across the whole cluster as plain PUBLISH would.
 
 This instance keeps one subscriber connection per primary that owns a held
-channel (a ``_Link``), never one per room. Channels are placed by the slot map
+channel (a ``_ShardSubscription``), never one per room. Channels are placed by the slot map
 of the ``RedisCluster`` client that also serves publishing and keys (cache,
 rate limits). Links are kept up and probed by the loop the single-Redis
 broker uses too (:mod:`pubsub.link`). When a link fails (the node died or
@@ -41,7 +41,7 @@ class _ChannelMoved(RedisError):
     """The server ended a channel we still hold: its slot now lives elsewhere."""
 
 
-class _Link:
+class _ShardSubscription:
     """One subscriber connection to one primary, for the held channels it owns."""
 
     __slots__ = ("broker", "name", "client", "pubsub", "channels", "task", "dead")
@@ -151,7 +151,7 @@ class ClusterBroker(LinkedBroker):
         # Held on a link like a room's channel, from start to close (server API commands).
         self._control = {control_channel} if control_channel else set()
         self._client: RedisCluster | None = None
-        self._links: dict[str, _Link] = {}
+        self._links: dict[str, _ShardSubscription] = {}
         self._lock = asyncio.Lock()  # one change of placement at a time
         self._trouble = asyncio.Event()
         self.guard = ShardGuard(lambda: self._client)
@@ -208,7 +208,7 @@ class ClusterBroker(LinkedBroker):
     def _restored(self) -> str:
         return f"broker links restored; {len(self._channels)} channels on {len(self._links)} nodes"
 
-    def _link_failed(self, link: _Link, exc: Exception) -> None:
+    def _link_failed(self, link: _ShardSubscription, exc: Exception) -> None:
         self.log.warning("broker link to %s lost: %r", link.name, exc)
         self._trouble.set()
 
@@ -237,7 +237,7 @@ class ClusterBroker(LinkedBroker):
         for name, group in groups.items():
             held = self._links.get(name)
             if held is None:
-                held = self._links[name] = _Link(
+                held = self._links[name] = _ShardSubscription(
                     self, name, nodes[name].host, int(nodes[name].port)
                 )
             try:
@@ -278,7 +278,9 @@ class ClusterBroker(LinkedBroker):
         node = self._owner(channel)
         link = self._links.get(node.name)
         if link is None:
-            link = self._links[node.name] = _Link(self, node.name, node.host, int(node.port))
+            link = self._links[node.name] = _ShardSubscription(
+                self, node.name, node.host, int(node.port)
+            )
         elif link.dead:
             return  # its failure brings a new placement, which places the channel
         try:

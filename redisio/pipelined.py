@@ -84,7 +84,7 @@ class _Waiter:
         self.deadline = deadline
 
 
-class _Link(asyncio.Protocol):
+class _PipelineProtocol(asyncio.Protocol):
     """One connection: writes go out at the end of the loop turn, replies resolve
     waiters first in, first out."""
 
@@ -173,8 +173,8 @@ class PipelinedConnection:
         # The client's own connection settings, read from a connection it would make.
         self._settings = pool.connection_class(**pool.connection_kwargs)
         self.timeout = timeout or self._settings.socket_timeout or 1.0
-        self.link: _Link | None = None
-        self._opening: asyncio.Future[_Link] | None = None
+        self.link: _PipelineProtocol | None = None
+        self._opening: asyncio.Future[_PipelineProtocol] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -211,7 +211,7 @@ class PipelinedConnection:
         else:
             self._timer = loop.call_at(oldest, self._check)
 
-    async def _open(self) -> _Link:
+    async def _open(self) -> _PipelineProtocol:
         if self._closed:
             raise RedisConnectionError("the pipelined connection is closed")
         if self._opening is None:
@@ -219,18 +219,18 @@ class PipelinedConnection:
             self._opening.add_done_callback(self._opened)
         return await asyncio.shield(self._opening)
 
-    def _opened(self, opening: asyncio.Future[_Link]) -> None:
+    def _opened(self, opening: asyncio.Future[_PipelineProtocol]) -> None:
         self._opening = None
         if not opening.cancelled() and opening.exception() is None:
             self.link = opening.result()
             if self._closed:  # closed while connecting
                 self.link.fail(RedisConnectionError("the pipelined connection is closed"))
 
-    async def _connect(self) -> _Link:
+    async def _connect(self) -> _PipelineProtocol:
         """Connect and set the connection up as the client would (AUTH, SELECT)."""
         s = self._settings
         loop = asyncio.get_running_loop()
-        link = _Link(self)
+        link = _PipelineProtocol(self)
         try:
             async with asyncio.timeout(s.socket_connect_timeout or self.timeout):
                 if getattr(s, "path", None):
