@@ -88,17 +88,8 @@ def _ts(ms: int) -> datetime:
 
 
 def _delivery(r: Any) -> Delivery:
-    return Delivery(
-        r["id"],
-        r["endpoint_id"],
-        r["event_id"],
-        r["type"],
-        r["room"],
-        r["seq"],
-        r["data"],
-        r["created_ms"],
-        r["attempts"],
-    )
+    """A row of ``_DELIVERY``'s columns, in its order."""
+    return Delivery(*r)
 
 
 def _endpoint(r: Any) -> Endpoint:
@@ -197,23 +188,8 @@ class PostgresOutbox(Outbox):
             endpoint_id,
             limit,
         )
-        return [
-            DeadLetter(
-                r["id"],
-                r["endpoint_id"],
-                r["event_id"],
-                r["type"],
-                r["room"],
-                r["seq"],
-                r["data"],
-                r["created_ms"],
-                r["attempts"],
-                r["last_status"],
-                r["last_error"],
-                r["dead_ms"],
-            )
-            for r in rows
-        ]
+        # _DELIVERY's columns, then the three of a dead letter, in DeadLetter's order
+        return [DeadLetter(*r) for r in rows]
 
     async def replay(
         self,
