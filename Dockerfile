@@ -15,12 +15,7 @@ COPY constraints.txt ./
 RUN awk '/^pip==/ {p = 1; print; next} p && /^[^ ]/ {p = 0} p' constraints.txt >pip.txt \
     && pip install -r pip.txt
 COPY pyproject.toml README.md ./
-COPY gateway ./gateway
-COPY pubsub ./pubsub
-COPY redisio ./redisio
-COPY storage ./storage
-COPY webhooks ./webhooks
-COPY static ./static
+COPY src ./src
 COPY clients/js/src ./clients/js/src
 # The runtime dependencies only (no extras), each at its pinned version and checked
 # against its hashes; the project itself is a directory, with no file to hash.

@@ -21,9 +21,9 @@ import argparse
 import asyncio
 import time
 
-from pubsub.base import Broker
-from pubsub.cluster import ClusterBroker
-from pubsub.redis import RedisBroker
+from chat_gateway.pubsub.base import Broker
+from chat_gateway.pubsub.cluster import ClusterBroker
+from chat_gateway.pubsub.redis import RedisBroker
 from tests.harness import RedisClusterServers, RedisServer
 
 

@@ -20,9 +20,9 @@ from bench.http import HTTPConn
 from bench.procs import REDIS_URL
 from bench.stats import summary_ms
 from bench.targets import Gateway
-from redisio.pipelined import PipelinedConnection
-from storage import HistoryCache
-from storage.postgres import PostgresStore
+from chat_gateway.redisio.pipelined import PipelinedConnection
+from chat_gateway.storage import HistoryCache
+from chat_gateway.storage.postgres import PostgresStore
 
 ROOM = "history"
 MESSAGES = 300

@@ -20,7 +20,7 @@ import time
 
 import asyncpg
 
-from storage.postgres import PostgresStore
+from chat_gateway.storage.postgres import PostgresStore
 from tests.harness import create_database, drop_database
 
 

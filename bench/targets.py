@@ -129,7 +129,7 @@ class Gateway(Target):
             "KEY_PREFIX": self.prefix,
             **extra_env,
         }
-        return Server(f"gateway{i}", [sys.executable, "-m", "gateway", "serve"], env)
+        return Server(f"gateway{i}", [sys.executable, "-m", "chat_gateway", "serve"], env)
 
     async def stop(self) -> None:
         await super().stop()

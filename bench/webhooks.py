@@ -30,7 +30,7 @@ from bench.http import HTTPConn
 from bench.procs import free_port
 from bench.stats import summary_ms
 from bench.targets import Gateway
-from storage.base import parse_ts
+from chat_gateway.storage.base import parse_ts
 
 
 class Receiver:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import Store, create_store
+from chat_gateway.storage import Store, create_store
 from tests import harness
 
 

@@ -618,7 +618,7 @@ class Instance:
         env = {**base, **self.env, "PORT": str(self.port), "HOST": "127.0.0.1"}
         fd, self.log_path = tempfile.mkstemp(prefix=f"cgtest-gw-{self.port}-", suffix=".log")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve"],
+            [sys.executable, "-m", "chat_gateway", "serve"],
             env=env,
             stdout=fd,
             stderr=fd,

@@ -3,7 +3,7 @@ the presence frames it would cause, and the live-figures stream."""
 
 from __future__ import annotations
 
-from gateway.config import Settings
+from chat_gateway.config import Settings
 from tests.harness import WSClient, instances
 
 

@@ -1,4 +1,4 @@
-"""The pipelined connection (redisio.pipelined) against real redis-servers."""
+"""The pipelined connection (chat_gateway.redisio.pipelined) against real redis-servers."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from redisio.guard import NO_GUARD, RedisGuard
-from redisio.pipelined import PipelinedConnection, per_key
+from chat_gateway.redisio.guard import NO_GUARD, RedisGuard
+from chat_gateway.redisio.pipelined import PipelinedConnection, per_key
 from tests import harness
 from tests.proxy import tcp_proxy
 

@@ -7,11 +7,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from pubsub.base import RedisGuard
-from redisio.pipelined import PipelinedConnection
-from storage import HistoryCache, create_store
-from storage.cache import MGET_KEYS
-from storage.postgres import PostgresStore
+from chat_gateway.pubsub.base import RedisGuard
+from chat_gateway.redisio.pipelined import PipelinedConnection
+from chat_gateway.storage import HistoryCache, create_store
+from chat_gateway.storage.cache import MGET_KEYS
+from chat_gateway.storage.postgres import PostgresStore
 from tests.harness import REDIS_URL, RedisServer
 
 

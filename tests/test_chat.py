@@ -21,7 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 import websockets
 
-from storage import HistoryCache, MessageNotFound, NotAuthor, create_store
+from chat_gateway.storage import HistoryCache, MessageNotFound, NotAuthor, create_store
 from tests import harness
 from tests.harness import SSEClient, WSClient, eventually, instances, post
 

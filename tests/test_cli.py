@@ -9,7 +9,7 @@ import tomllib
 from importlib import metadata
 from pathlib import Path
 
-from gateway.config import env_names
+from chat_gateway.config import env_names
 from tests.harness import ROOT, t
 
 COMMAND = str(Path(sys.executable).parent / "chat-gateway")

@@ -17,12 +17,12 @@ import httpx
 import pytest
 from redis.crc import key_slot
 
-from gateway.config import ConfigError, Rate, Settings
-from gateway.ratelimit import RateLimiter
-from pubsub import BrokerUnavailable, create_broker
-from pubsub.cluster import ClusterBroker
-from redisio.urls import parse_cluster_url
-from storage import HistoryCache, create_store
+from chat_gateway.access.ratelimit import RateLimiter
+from chat_gateway.config import ConfigError, Rate, Settings
+from chat_gateway.pubsub import BrokerUnavailable, create_broker
+from chat_gateway.pubsub.cluster import ClusterBroker
+from chat_gateway.redisio.urls import parse_cluster_url
+from chat_gateway.storage import HistoryCache, create_store
 from tests.harness import Instance, RedisClusterServers, WSClient, eventually, instances, post, t
 
 

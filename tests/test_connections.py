@@ -1,16 +1,16 @@
-"""A connection's setup and teardown (gateway.connections), and the gateway's parts
+"""A connection's setup and teardown (chat_gateway.transports.connections), and the gateway's parts
 before start: each step done once, undone once, whatever point it got to."""
 
 from __future__ import annotations
 
 import pytest
 
-from gateway.auth import Identity
-from gateway.config import Settings
-from gateway.connections import Connection
-from gateway.errors import ApiError
-from gateway.hub import SSE, Subscriber
-from gateway.instance import Gateway, NotStarted
+from chat_gateway.access.auth import Identity
+from chat_gateway.config import Settings
+from chat_gateway.delivery.hub import SSE, Subscriber
+from chat_gateway.errors import ApiError
+from chat_gateway.gateway import Gateway, NotStarted
+from chat_gateway.transports.connections import Connection
 
 
 def settings(tmp_path, **overrides) -> Settings:

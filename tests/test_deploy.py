@@ -6,7 +6,7 @@ import re
 
 import yaml
 
-from gateway.config import Settings, env_names
+from chat_gateway.config import Settings, env_names
 from tests.harness import ROOT
 
 

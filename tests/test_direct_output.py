@@ -1,4 +1,4 @@
-"""The gateway's server writes fan-out frames straight to each socket (gateway.wsout);
+"""The gateway's server writes fan-out frames straight to each socket (chat_gateway.delivery.output);
 these check that the frames and closes a client sees are still the contract's."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import httpx
 import pytest
 import websockets
 
-from gateway.wsout import FrameSink, Output
+from chat_gateway.delivery.output import FrameSink, Output
 from tests.harness import WSClient, instances, post, t
 
 

@@ -21,13 +21,13 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ReadOnlyError
 
-from gateway.config import ConfigError, Settings
-from pubsub import create_broker
-from pubsub.redis import RedisBroker
-from redisio.pipelined import PipelinedConnection
-from redisio.urls import parse_sentinel_url
-from storage.base import StoreUnavailable
-from storage.postgres import PostgresStore
+from chat_gateway.config import ConfigError, Settings
+from chat_gateway.pubsub import create_broker
+from chat_gateway.pubsub.redis import RedisBroker
+from chat_gateway.redisio.pipelined import PipelinedConnection
+from chat_gateway.redisio.urls import parse_sentinel_url
+from chat_gateway.storage.base import StoreUnavailable
+from chat_gateway.storage.postgres import PostgresStore
 from tests.harness import (
     REDIS_URL,
     Instance,

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from openapi_spec_validator import validate as validate_openapi
 from websockets.sync.client import connect as ws_connect
 
-from gateway.errors import CODES
+from chat_gateway.errors import CODES
 from tests import harness
 from tests.harness import Instance
 

@@ -1,6 +1,6 @@
 """The hub in process: the in-memory broker, a SQLite store, no server.
 
-Live payloads are published as an instance publishes them (gateway.wire); what a
+Live payloads are published as an instance publishes them (chat_gateway.core.wire); what a
 subscriber receives is read back as a client reads it: WebSocket frames with
 websockets' own parser, SSE with the event-stream rules.
 """
@@ -20,14 +20,14 @@ import pytest
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
-from gateway import wire
-from gateway.errors import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER
-from gateway.frames import SSE, WS
-from gateway.hub import MAX_PENDING, Hub, Subscriber
-from gateway.wsout import EXTENSION, FrameSink, Output
-from pubsub.memory import MemoryBroker
-from storage import HistoryCache, Message
-from storage.sqlite import SQLiteStore
+from chat_gateway.core import wire
+from chat_gateway.core.frames import SSE, WS
+from chat_gateway.delivery.hub import MAX_PENDING, Hub, Subscriber
+from chat_gateway.delivery.output import EXTENSION, FrameSink, Output
+from chat_gateway.errors import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER
+from chat_gateway.pubsub.memory import MemoryBroker
+from chat_gateway.storage import HistoryCache, Message
+from chat_gateway.storage.sqlite import SQLiteStore
 from tests.harness import t
 
 ROOM = "lobby"
@@ -93,7 +93,7 @@ def _run(gen: Generator[None, None, T]) -> T:
 
 @dataclass
 class WSClient:
-    """A WebSocket subscriber with direct output (gateway.wsout), and the bytes its
+    """A WebSocket subscriber with direct output (chat_gateway.delivery.output), and the bytes its
     socket got, read as a client reads them."""
 
     sub: Subscriber

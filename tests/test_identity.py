@@ -563,9 +563,9 @@ async def test_a_provider_down_at_start_is_picked_up_when_it_comes_back(gateway_
 
 
 def test_auth_settings_are_checked_at_start():
-    from gateway.auth import Authenticator
-    from gateway.config import ConfigError, Settings
-    from gateway.keys import load_public_key
+    from chat_gateway.access.auth import Authenticator
+    from chat_gateway.config import ConfigError, Settings
+    from chat_gateway.core.public_keys import load_public_key
 
     rsa_key, ed = Key("rsa"), Key("ed25519")
     pem = rsa_key.public_pem.decode()

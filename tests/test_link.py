@@ -1,7 +1,7 @@
 """The pieces the brokers and other Redis users share, in this process: the link
-loop of the Redis brokers (pubsub.link) against a redis-server of the test's own,
-the guard of a Redis user that has none (redisio.guard.NO_GUARD), and the batched
-publish every broker offers (pubsub.base.Broker.publish_batch)."""
+loop of the Redis brokers (chat_gateway.pubsub.link) against a redis-server of the test's own,
+the guard of a Redis user that has none (chat_gateway.redisio.guard.NO_GUARD), and the batched
+publish every broker offers (chat_gateway.pubsub.base.Broker.publish_batch)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import socket
 import pytest
 import redis.asyncio as aioredis
 
-from pubsub import BrokerUnavailable, Sent
-from pubsub.memory import MemoryBroker
-from pubsub.redis import RedisBroker
-from redisio.guard import NO_GUARD, RedisGuard
-from redisio.pipelined import PipelinedConnection, per_key
+from chat_gateway.pubsub import BrokerUnavailable, Sent
+from chat_gateway.pubsub.memory import MemoryBroker
+from chat_gateway.pubsub.redis import RedisBroker
+from chat_gateway.redisio.guard import NO_GUARD, RedisGuard
+from chat_gateway.redisio.pipelined import PipelinedConnection, per_key
 from tests.harness import RedisServer, eventually, t
 
 

@@ -7,19 +7,21 @@ from __future__ import annotations
 import re
 import tomllib
 
-from gateway.app import SDK_PATH, sdk_file
+from chat_gateway.server.app import SDK_PATH, sdk_file
 from tests.harness import ROOT
 
 
 def test_the_package_and_the_image_carry_the_js_client_the_page_imports():
     conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert "gateway.sdk" in conf["packages"]
-    source = conf["package-dir"]["gateway.sdk"]
+    assert "chat_gateway.sdk" in conf["packages"]
+    source = conf["package-dir"]["chat_gateway.sdk"]
     assert source == "clients/js/src"
-    assert "index.js" in conf["package-data"]["gateway.sdk"]
+    assert "index.js" in conf["package-data"]["chat_gateway.sdk"]
     # a checkout serves the client's own file; an installed package, its mapped copy
     assert sdk_file() == ROOT / source / "index.js"
-    assert not (ROOT / "static" / "chat-gateway.js").exists(), "no second copy in static/"
+    assert not (ROOT / "src" / "chat_gateway" / "static" / "chat-gateway.js").exists(), (
+        "no second copy in static/"
+    )
 
     # the image's build stage has the source to map
     dockerfile = (ROOT / "Dockerfile").read_text()
@@ -31,5 +33,10 @@ def test_the_package_and_the_image_carry_the_js_client_the_page_imports():
 
     # and the page imports it from where it is served
     assert SDK_PATH == "/sdk/chat-gateway.js"
-    assert f'from "{SDK_PATH}"' in (ROOT / "static" / "chat.js").read_text()
-    assert 'type="module" src="/static/chat.js"' in (ROOT / "static" / "index.html").read_text()
+    assert (
+        f'from "{SDK_PATH}"' in (ROOT / "src" / "chat_gateway" / "static" / "chat.js").read_text()
+    )
+    assert (
+        'type="module" src="/static/chat.js"'
+        in (ROOT / "src" / "chat_gateway" / "static" / "index.html").read_text()
+    )

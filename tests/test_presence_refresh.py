@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from gateway.presence import Presence
-from pubsub.redis import RedisBroker
+from chat_gateway.delivery.presence import Presence
+from chat_gateway.pubsub.redis import RedisBroker
 from tests.harness import RedisServer, eventually
 
 

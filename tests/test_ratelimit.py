@@ -9,11 +9,11 @@ import logging
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.config import ConfigError, Rate, Settings
-from gateway.metrics import Metrics
-from gateway.ratelimit import LocalBuckets, RateLimiter, take
-from redisio.guard import RedisGuard
-from redisio.pipelined import PipelinedConnection
+from chat_gateway.access.ratelimit import LocalBuckets, RateLimiter, take
+from chat_gateway.config import ConfigError, Rate, Settings
+from chat_gateway.metrics import Metrics
+from chat_gateway.redisio.guard import RedisGuard
+from chat_gateway.redisio.pipelined import PipelinedConnection
 from tests import harness
 from tests.harness import RedisServer
 

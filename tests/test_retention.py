@@ -7,12 +7,12 @@ import sqlite3
 import asyncpg
 import orjson
 
-from gateway.auth import Identity
-from gateway.config import Settings
-from gateway.hub import WS, Subscriber
-from gateway.instance import Gateway
-from gateway.retention import Retention
-from storage import create_store
+from chat_gateway.access.auth import Identity
+from chat_gateway.config import Settings
+from chat_gateway.delivery.hub import WS, Subscriber
+from chat_gateway.delivery.retention import Retention
+from chat_gateway.gateway import Gateway
+from chat_gateway.storage import create_store
 from tests.harness import eventually
 
 DAY_MS = 86_400_000

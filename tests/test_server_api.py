@@ -13,8 +13,8 @@ import pytest
 import redis.asyncio as aioredis
 import websockets
 
-from storage import HistoryCache, Page
-from storage.postgres import PostgresStore
+from chat_gateway.storage import HistoryCache, Page
+from chat_gateway.storage.postgres import PostgresStore
 from tests.harness import (
     REDIS_URL,
     RedisClusterServers,

@@ -97,7 +97,7 @@ def test_unreachable_redis_is_a_warning_naming_it(scheme, tmp_path):
 
 
 def test_a_printed_database_url_has_no_password():
-    from storage.base import display_url
+    from chat_gateway.storage.base import display_url
 
     assert display_url(
         "postgresql://chat:s3cret@h1:5432,h2:5432/chat?target_session_attrs=read-write"

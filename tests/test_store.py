@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from storage import Store, create_store, migrations
-from storage.base import format_ts, new_id, parse_ts
+from chat_gateway.storage import Store, create_store, migrations
+from chat_gateway.storage.base import format_ts, new_id, parse_ts
 from tests import harness
 
 
@@ -115,7 +115,7 @@ async def test_postgres_stalled_group_holds_only_its_own_room(pg_url):
     once the lock goes, with seqs unbroken."""
     import asyncpg
 
-    from storage.postgres import GROUP_STALL
+    from chat_gateway.storage.postgres import GROUP_STALL
 
     store = create_store(pg_url)
     await store.start()

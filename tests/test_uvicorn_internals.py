@@ -1,4 +1,4 @@
-"""The uvicorn seam (gateway.uvicorn_internals): the uvicorn it is pinned to is the one
+"""The uvicorn seam (chat_gateway.server.uvicorn_internals): the uvicorn it is pinned to is the one
 installed and has what the seam overrides and reads; and the app still delivers
 under stock uvicorn, without the seam's protocols (ASGI sends and a writer task
 per socket instead of direct writes)."""
@@ -25,10 +25,10 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 
-from gateway import uvicorn_internals
-from gateway.app import create_app
-from gateway.config import Settings
-from gateway.instance import Gateway
+from chat_gateway.config import Settings
+from chat_gateway.gateway import Gateway
+from chat_gateway.server import uvicorn_internals
+from chat_gateway.server.app import create_app
 from tests.harness import WSClient, post, t
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ import orjson
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from gateway.config import Backoff, ConfigError, Settings
+from chat_gateway.config import Backoff, ConfigError, Settings
 from tests.harness import Instance, eventually, free_port, metric, post, t
 
 ADMIN_KEY = "admin-key-for-tests"
@@ -546,7 +546,7 @@ def test_the_configuration_refuses_private_receivers_and_bad_values():
     for values in bad:
         with pytest.raises(ConfigError):
             Settings(**values).validated()  # type: ignore[arg-type]
-    from webhooks.egress import refused
+    from chat_gateway.webhooks.egress import refused
 
     for address in (
         "127.0.0.1",
@@ -675,7 +675,7 @@ def store_url(request, tmp_path) -> str:
 
 
 async def test_the_outbox_hands_out_queue_heads_and_retention_keeps_undelivered(store_url):
-    from storage import create_store
+    from chat_gateway.storage import create_store
 
     store = create_store(store_url)
     await store.start()
@@ -727,10 +727,10 @@ async def test_a_refresh_read_before_a_410_does_not_enable_the_receiver_again(tm
     (the receiver would be sent the event again and answer 410 twice)."""
     from prometheus_client import CollectorRegistry
 
-    from storage import create_store
-    from storage.outbox import Endpoint
-    from webhooks import Webhooks
-    from webhooks.metrics import WebhookMetrics
+    from chat_gateway.storage import create_store
+    from chat_gateway.storage.outbox import Endpoint
+    from chat_gateway.webhooks import Webhooks
+    from chat_gateway.webhooks.metrics import WebhookMetrics
 
     store = create_store(f"sqlite:///{tmp_path}/hooks.db")
     await store.start()
@@ -753,7 +753,7 @@ async def test_a_refresh_read_before_a_410_does_not_enable_the_receiver_again(tm
 
 
 async def test_instances_claiming_at_once_never_share_a_row(pg_url):
-    from storage import create_store
+    from chat_gateway.storage import create_store
 
     stores = [create_store(pg_url) for _ in range(4)]
     for s in stores:
@@ -774,7 +774,7 @@ async def test_instances_claiming_at_once_never_share_a_row(pg_url):
 
 
 def test_backoff_draws_with_full_jitter_under_a_growing_bound_and_retry_after_wins():
-    from webhooks.dispatcher import Breaker, BreakerState, delay, retry_after
+    from chat_gateway.webhooks.dispatcher import Breaker, BreakerState, delay, retry_after
 
     backoff = Backoff(2, 60)
     for attempts, bound in ((1, 2), (2, 4), (3, 8), (5, 32), (6, 60), (40, 60)):

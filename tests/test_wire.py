@@ -1,4 +1,4 @@
-"""The broker payloads (gateway.wire) and the frames built from them (gateway.frames):
+"""The broker payloads (chat_gateway.core.wire) and the frames built from them (chat_gateway.core.frames):
 every kind survives encode then decode, an ``m:`` payload of the first release is
 still read, and the bytes are the ones other instances and clients expect."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway import wire
-from gateway.frames import (
+from chat_gateway.core import wire
+from chat_gateway.core.frames import (
     SSE,
     WS,
     change_frame,
@@ -17,7 +17,7 @@ from gateway.frames import (
     message_frame,
     presence_frame,
 )
-from storage import Change, Message
+from chat_gateway.storage import Change, Message
 
 MSG = Message(
     id="01J0000000000000000000000A",

@@ -1,0 +1,5 @@
+import sys
+
+from chat_gateway.server.cli import main
+
+sys.exit(main())

@@ -1,0 +1,170 @@
+"""Chat routes on top of messages: edits and deletes, read positions
+(the work itself: chat_gateway.delivery.chat).
+
+Who may change a message: its author (the token's ``sub``; in open mode the
+``author`` given, as on a post), a token whose ``moderate`` claim grants the
+room, or any holder of an API key, for any message. All count against the post
+bucket.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from chat_gateway.access.auth import Identity, bearer, is_api_key, key_bucket
+from chat_gateway.api import validation as v
+from chat_gateway.api.caller import gateway_of, identify
+from chat_gateway.api.responses import encoded_json_response, json_response
+from chat_gateway.errors import ApiError
+from chat_gateway.gateway import POST
+from chat_gateway.storage import ReadPosition
+
+
+def position_json(pos: ReadPosition) -> dict[str, Any]:
+    return {"room": pos.room, "seq": pos.seq, "unread": pos.unread}
+
+
+# -- HTTP ------------------------------------------------------------------------
+
+
+async def _changer(request: Request, room: str, body: dict[str, Any]) -> tuple[str | None, str]:
+    """Whose messages the caller may change (None: any, an API key or a moderator
+    of the room) and its rate bucket's identity."""
+    gw = gateway_of(request)
+    given = v.body_author(body, None)  # checked even where it is not used
+    key = bearer(request.headers)
+    if key is not None and is_api_key(gw.auth, key):
+        return None, key_bucket(key)
+    identity = identify(request)
+    identity.check_room(room)
+    return changed_by(identity, room, given), identity.name
+
+
+def changed_by(identity: Identity, room: str, given: Any) -> str | None:
+    """Whose messages ``identity`` may change in ``room`` (already checked readable):
+    any (None) for a moderator of the room, else the token's sub, in open mode the
+    ``author`` given."""
+    if identity.may_moderate(room):
+        return None
+    return identity.name if identity.user else v.author(given)
+
+
+async def _body(
+    request: Request, schema: dict[str, Any], *, optional: bool = False
+) -> dict[str, Any]:
+    gw = gateway_of(request)
+    raw = await v.read_body(request, gw.settings.max_body_bytes)
+    if optional and not raw.strip():
+        return {}
+    body = v.json_object(raw)
+    v.only_fields(body, v.fields(schema))
+    return body
+
+
+async def edit_message(request: Request) -> Response:
+    gw = gateway_of(request)
+    room = v.room_name(request.path_params["room"])
+    seq = v.message_seq(request.path_params["seq"])
+    v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
+    key = v.idempotency_key(request.headers.get("idempotency-key"))
+    body = await _body(request, v.EDIT_MESSAGE)
+    text = v.text(body.get("text"))
+    author, bucket = await _changer(request, room, body)
+    decision = await gw.rate(POST, bucket)
+    msg = await gw.chat.change(
+        room, seq, text, author=author, idempotency_key=None if key is None else (bucket, key)
+    )
+    return encoded_json_response(msg.to_json(), 200, decision.headers())
+
+
+async def delete_message(request: Request) -> Response:
+    gw = gateway_of(request)
+    room = v.room_name(request.path_params["room"])
+    seq = v.message_seq(request.path_params["seq"])
+    v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
+    key = v.idempotency_key(request.headers.get("idempotency-key"))
+    body = await _body(request, v.DELETE_MESSAGE, optional=True)
+    author, bucket = await _changer(request, room, body)
+    decision = await gw.rate(POST, bucket)
+    msg = await gw.chat.change(
+        room, seq, None, author=author, idempotency_key=None if key is None else (bucket, key)
+    )
+    return encoded_json_response(msg.to_json(), 200, decision.headers())
+
+
+def reader(identity: Identity, given: dict[str, Any]) -> str:
+    """Whose read position: the token's sub; in open mode the ``user`` given (required
+    there). A ``user`` given (even null) is checked in auth mode too, as ``?user=``
+    elsewhere."""
+    name = None
+    if "user" in given:
+        value = given["user"]
+        if not isinstance(value, str):
+            raise ApiError(
+                "invalid_request",
+                f"user must be a string of 1..{v.MAX_AUTHOR} characters",
+                field="user",
+            )
+        try:
+            name = v.author(value)
+        except ApiError as exc:
+            raise ApiError(
+                "invalid_request", exc.message.replace("author", "user", 1), field="user"
+            ) from None
+    if identity.user:
+        return identity.name
+    if name is None:
+        raise ApiError(
+            "invalid_request",
+            "user is required in open mode: whose read position this is",
+            field="user",
+        )
+    return name
+
+
+async def mark_read(request: Request) -> Response:
+    gw = gateway_of(request)
+    room = v.room_name(request.path_params["room"])
+    identity = identify(request)
+    identity.check_room(room)
+    v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
+    body = await _body(request, v.MARK_READ)
+    seq = v.seq_field(body.get("seq"), "seq")
+    if seq is None:
+        raise ApiError("invalid_request", "seq is required", field="seq")
+    user = reader(identity, body)
+    pos = await gw.chat.mark_read(user, room, seq)
+    return json_response(position_json(pos))
+
+
+async def read_position(request: Request) -> Response:
+    gw = gateway_of(request)
+    room = v.room_name(request.path_params["room"])
+    identity = identify(request)
+    identity.check_room(room)
+    v.only_fields(dict(request.query_params), v.fields(v.READ_QUERY))
+    user = reader(identity, dict(request.query_params))
+    return json_response(position_json(await gw.store.read_position(user, room)))
+
+
+async def read_positions(request: Request) -> Response:
+    gw = gateway_of(request)
+    identity = identify(request)
+    v.only_fields(dict(request.query_params), v.fields(v.READ_QUERY))
+    user = reader(identity, dict(request.query_params))
+    positions = [p for p in await gw.store.read_positions(user) if identity.may_access(p.room)]
+    return json_response({"rooms": [position_json(p) for p in positions]})
+
+
+async def message(request: Request) -> Response:
+    """``/v1/rooms/{room}/messages/{seq}``: one route for both methods, so that a
+    request with another method gets 405 with every method of the path in ``Allow``."""
+    return await (edit_message if request.method == "PATCH" else delete_message)(request)
+
+
+async def read(request: Request) -> Response:
+    """``/v1/rooms/{room}/read``: one route for both methods, as ``message``."""
+    return await (mark_read if request.method == "POST" else read_position)(request)

@@ -1,0 +1,404 @@
+"""Declared shapes for everything that enters: bodies, query parameters, frames.
+
+Each check raises ``ApiError`` with the documented code before anything is
+written, so bad input changes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+from starlette.requests import ClientDisconnect, Request
+
+from chat_gateway.errors import ApiError
+
+ROOM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+EVENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+MAX_TEXT = 4000
+MAX_AUTHOR = 64
+MAX_REF = 128
+MAX_IDEMPOTENCY_KEY = 128
+# SSE event names the gateway itself sends; a backend's event may not take them.
+RESERVED_EVENTS = {
+    "message",
+    "error",
+    "presence",
+    "disconnected",
+    "unsubscribed",
+    "history_purged",
+    "message_updated",
+    "message_deleted",
+    "typing",
+    "read",
+}
+MAX_SEQ = 2**62 - 1
+MAX_LIMIT = 200
+MAX_SAFE_INT = 2**53 - 1  # integers every JSON client reads exactly
+
+# -- declared shapes (JSON Schema): the checks below enforce them, the OpenAPI
+# document (src/chat_gateway/server/openapi.py) publishes them, the fuzz test generates from them.
+
+_PRINTABLE = r"^[^\x00]*[^\s\x00][^\x00]*$"  # something besides whitespace, no NUL
+ROOM: dict[str, Any] = {"type": "string", "pattern": f"^{ROOM_RE.pattern}$", "maxLength": 128}
+EVENT: dict[str, Any] = {
+    "type": "string",
+    "pattern": f"^{EVENT_RE.pattern}$",
+    "maxLength": 64,
+    "not": {"enum": sorted(RESERVED_EVENTS)},
+}
+TEXT: dict[str, Any] = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_TEXT,
+    "pattern": _PRINTABLE,
+    "description": f"1..{MAX_TEXT} characters after trimming; no NUL",
+}
+AUTHOR: dict[str, Any] = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_AUTHOR,
+    "pattern": _PRINTABLE,
+    "description": "open mode only; with auth the token's sub is used",
+}
+SEQ: dict[str, Any] = {"type": "integer", "minimum": 0, "maximum": MAX_SEQ}
+LIMIT: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 50}
+REF: dict[str, Any] = {
+    "oneOf": [
+        {"type": "string", "maxLength": MAX_REF},
+        {"type": "integer", "minimum": -MAX_SAFE_INT, "maximum": MAX_SAFE_INT},
+    ],
+    "description": "echoed in the ack or error frame",
+}
+IDEMPOTENCY_KEY: dict[str, Any] = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_IDEMPOTENCY_KEY,
+    "description": "as the Idempotency-Key header: a repeat "
+    "in the same room is acked with the first message",
+}
+TOKEN: dict[str, Any] = {
+    "type": "string",
+    "description": "a user token (JWT), where a browser cannot send an Authorization header",
+}
+
+
+def object_schema(required: list[str], **properties: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": required,
+        "additionalProperties": False,
+    }
+
+
+def _frame(kind: str, required: list[str], **properties: dict[str, Any]) -> dict[str, Any]:
+    return object_schema(["type", *required], type={"const": kind}, **properties)
+
+
+POST_MESSAGE = object_schema(["text"], text=TEXT, author=AUTHOR)
+PUBLISH = object_schema(["room", "event"], room=ROOM, event=EVENT, data={"type": "object"})
+HISTORY_QUERY = object_schema([], limit=LIMIT, before=SEQ, after=SEQ)
+PRESENCE_USER: dict[str, Any] = {
+    **AUTHOR,
+    "description": "open mode only: the name this connection is shown under in presence",
+}
+CHANGES_SINCE: dict[str, Any] = {
+    **SEQ,
+    "description": "resume edits and deletes: every "
+    "change numbered after this one (docs/delivery.md)",
+}
+EVENTS_QUERY = object_schema(
+    [], since=SEQ, changes_since=CHANGES_SINCE, token=TOKEN, user=PRESENCE_USER
+)
+WS_QUERY = object_schema([], token=TOKEN, user=PRESENCE_USER)
+NO_QUERY = object_schema([])  # for routes that take no query parameters
+# Chat: edits, deletes, read positions.
+MESSAGE_SEQ: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": MAX_SEQ}
+READER: dict[str, Any] = {
+    **AUTHOR,
+    "description": "open mode only: whose read position; with auth the token's sub is used",
+}
+EDIT_MESSAGE = object_schema(["text"], text=TEXT, author=AUTHOR)
+DELETE_MESSAGE = object_schema([], author=AUTHOR)
+MARK_READ = object_schema(["seq"], seq=SEQ, user=READER)
+READ_QUERY = object_schema([], user=READER)
+CHANGE_KEY: dict[str, Any] = {
+    **IDEMPOTENCY_KEY,
+    "description": "as the Idempotency-Key "
+    "header on PATCH/DELETE: a repeat in the same room changes "
+    "nothing and is acked with the message as it is",
+}
+FRAMES: dict[str, dict[str, Any]] = {
+    "subscribe": _frame("subscribe", ["room"], room=ROOM, since=SEQ, changes_since=CHANGES_SINCE),
+    "unsubscribe": _frame("unsubscribe", ["room"], room=ROOM),
+    "publish": _frame(
+        "publish",
+        ["room", "text"],
+        room=ROOM,
+        text=TEXT,
+        author=AUTHOR,
+        ref=REF,
+        key=IDEMPOTENCY_KEY,
+    ),
+    "ping": _frame("ping", [], ref=REF),
+    "refresh": _frame(
+        "refresh",
+        ["token"],
+        token={
+            **TOKEN,
+            "description": "a new token for the same sub; it replaces the connection's token",
+        },
+        ref=REF,
+    ),
+    "edit": _frame(
+        "edit",
+        ["room", "seq", "text"],
+        room=ROOM,
+        seq=MESSAGE_SEQ,
+        text=TEXT,
+        author=AUTHOR,
+        ref=REF,
+        key=CHANGE_KEY,
+    ),
+    "delete": _frame(
+        "delete",
+        ["room", "seq"],
+        room=ROOM,
+        seq=MESSAGE_SEQ,
+        author=AUTHOR,
+        ref=REF,
+        key=CHANGE_KEY,
+    ),
+    "typing": _frame("typing", ["room"], room=ROOM),
+    "read": _frame("read", ["room", "seq"], room=ROOM, seq=SEQ, ref=REF),
+}
+
+
+def fields(schema: dict[str, Any]) -> set[str]:
+    return set(schema["properties"])
+
+
+def room_name(value: Any) -> str:
+    if not isinstance(value, str) or not ROOM_RE.fullmatch(value):
+        raise ApiError(
+            "invalid_request", "room must match ^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", field="room"
+        )
+    return value
+
+
+def _printable(value: str, name: str) -> None:
+    if "\x00" in value:
+        raise ApiError("invalid_request", f"{name} must not contain NUL characters", field=name)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(
+            "invalid_request", f"{name} must be valid Unicode (no lone surrogates)", field=name
+        ) from None
+
+
+def text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ApiError("invalid_request", "text must be a string", field="text")
+    trimmed: str = value.strip()
+    if not 1 <= len(trimmed) <= MAX_TEXT:
+        raise ApiError(
+            "invalid_request", f"text must be 1..{MAX_TEXT} characters after trimming", field="text"
+        )
+    _printable(trimmed, "text")
+    return trimmed
+
+
+ABSENT: Any = object()  # a field not given at all (unlike one given as null)
+
+
+def author(value: Any) -> str:
+    """An author name; absent (or ``None`` from the frame of an older client) is
+    anonymous. In a JSON body, see :func:`body_author`."""
+    if value is None or value is ABSENT:
+        return "anonymous"
+    # at most MAX_AUTHOR characters as given (the schema's maxLength), one after trimming
+    if (
+        not isinstance(value, str)
+        or len(value) > MAX_AUTHOR
+        or not 1 <= len(value.strip()) <= MAX_AUTHOR
+    ):
+        raise ApiError(
+            "invalid_request",
+            f"author must be a string of 1..{MAX_AUTHOR} characters",
+            field="author",
+        )
+    _printable(value, "author")
+    return value.strip()
+
+
+def body_author(body: dict[str, Any], signed_in: str | None) -> str:
+    """The author of a posted message: the token's ``sub`` when signed in, else the
+    body's ``author`` or anonymous. A given ``author`` is checked either way: the
+    body must match its declared shape (a string, never null)."""
+    given = body.get("author", ABSENT)
+    if given is not ABSENT:
+        if given is None:
+            raise ApiError(
+                "invalid_request", "author must be a string (or left out)", field="author"
+            )
+        name = author(given)
+    return signed_in if signed_in is not None else (name if given is not ABSENT else "anonymous")
+
+
+def event_name(value: Any) -> str:
+    if not isinstance(value, str) or not EVENT_RE.fullmatch(value) or value in RESERVED_EVENTS:
+        raise ApiError(
+            "invalid_request",
+            "event must match ^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$ "
+            "and not be one the gateway sends: " + ", ".join(sorted(RESERVED_EVENTS)),
+            field="event",
+        )
+    return value
+
+
+def seq_param(value: Any, name: str) -> int | None:
+    """A non-negative integer from a query string, header or frame field."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ApiError("invalid_request", f"{name} must be a non-negative integer", field=name)
+    if isinstance(value, str):
+        if not value.isascii() or not value.isdigit() or len(value) > len(str(MAX_SEQ)):
+            raise ApiError("invalid_request", f"{name} must be a non-negative integer", field=name)
+        value = int(value)
+    if not isinstance(value, int) or not 0 <= value <= MAX_SEQ:
+        raise ApiError("invalid_request", f"{name} must be a non-negative integer", field=name)
+    return value
+
+
+def message_seq(value: Any) -> int:
+    """A message's seq: an integer from 1."""
+    n = seq_param(value, "seq")
+    if n is None or n < 1:
+        raise ApiError("invalid_request", "seq must be an integer from 1", field="seq")
+    return n
+
+
+def seq_field(value: Any, name: str) -> int | None:
+    """A non-negative integer in a JSON body or frame: a number, never a string of
+    digits. A number with a zero fraction (``12.0``) is an integer, as JSON Schema
+    has it."""
+    if isinstance(value, float) and value.is_integer() and 0 <= value <= MAX_SEQ:
+        value = int(value)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ApiError(
+            "invalid_request", f"{name} must be a non-negative integer (a JSON number)", field=name
+        )
+    return seq_param(value, name)
+
+
+MAX_DEPTH = 32  # levels of nested arrays and objects in free-form data
+
+
+def nesting(value: Any, name: str, limit: int = MAX_DEPTH) -> Any:
+    """``value``, refused if its arrays and objects nest more than ``limit`` deep
+    (an object holding scalars is 1 deep). Checked level by level, no recursion."""
+    level = [value] if isinstance(value, (dict, list)) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            raise ApiError(
+                "invalid_request",
+                f"{name} nests deeper than {limit} levels",
+                field=name,
+                limit=limit,
+            )
+        level = [
+            x
+            for c in level
+            for x in (c.values() if isinstance(c, dict) else c)
+            if isinstance(x, (dict, list))
+        ]
+    return value
+
+
+def limit_param(value: Any) -> int:
+    if value is None:
+        return 50
+    n = seq_param(value, "limit")
+    if n is None or not 1 <= n <= MAX_LIMIT:
+        raise ApiError(
+            "invalid_request", f"limit must be an integer from 1 to {MAX_LIMIT}", field="limit"
+        )
+    return n
+
+
+def idempotency_key(value: Any, name: str = "Idempotency-Key") -> str | None:
+    """The header's value, or a publish frame's ``key`` (``name="key"``)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_IDEMPOTENCY_KEY:
+        raise ApiError(
+            "invalid_request",
+            f"{name} must be a string of 1..{MAX_IDEMPOTENCY_KEY} characters",
+            field=name,
+        )
+    _printable(value, name)
+    return value
+
+
+def ref(value: Any) -> Any:
+    if (
+        value is None
+        or (isinstance(value, str) and len(value) <= MAX_REF)
+        or (isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_SAFE_INT)
+    ):
+        return value
+    raise ApiError(
+        "invalid_request",
+        f"ref must be a string of at most {MAX_REF} characters "
+        f"or an integer of at most {MAX_SAFE_INT} in magnitude",
+        field="ref",
+    )
+
+
+def json_object(raw: bytes | str, what: str = "the body") -> dict[str, Any]:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError("invalid_json", f"{what} is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ApiError("invalid_request", f"{what} must be a JSON object")
+    return value
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError("invalid_request", "Content-Length is not a number")
+        if int(declared) > limit:
+            raise ApiError("too_large", f"the body exceeds {limit} bytes", limit=limit)
+    chunks = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError("too_large", f"the body exceeds {limit} bytes", limit=limit)
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client's doing: nothing to store, nobody to answer
+        raise ApiError(
+            "invalid_request", "the client closed the connection before the body ended", status=400
+        ) from None
+    return b"".join(chunks)
+
+
+def only_fields(body: dict[str, Any], allowed: set[str]) -> None:
+    unknown = set(body) - allowed
+    if unknown:
+        raise ApiError(
+            "invalid_request",
+            f"unknown field(s): {', '.join(sorted(unknown))}",
+            fields=sorted(unknown),
+        )

@@ -1,0 +1,81 @@
+"""What a subscriber receives, per transport: the payload of a WebSocket text frame
+(one JSON object, see docs/API.md) or one complete SSE event.
+
+The hub (chat_gateway.delivery.hub) builds each frame once per transport and queues the same
+bytes to every subscriber of that transport; a stored message's frame is built
+around the message's own JSON bytes, never re-encoded.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import orjson
+
+from chat_gateway.core.wire import EventPayload, PresencePayload, ReadPayload, TypingPayload
+
+WS: Final = "ws"
+SSE: Final = "sse"
+
+
+def message_frame(transport: str, room_json: bytes, seq: int, body: bytes) -> bytes:
+    """A stored message (``body``, its JSON) in the room whose JSON name is ``room_json``."""
+    if transport == WS:
+        return b'{"type":"message","room":' + room_json + b',"message":' + body + b"}"
+    return b"id: %d\nevent: message\ndata: %s\n\n" % (seq, body)
+
+
+def change_frame(transport: str, room_json: bytes, change: int, body: bytes) -> bytes:
+    """``message_updated`` / ``message_deleted``: the same object on WS and as SSE data."""
+    kind = b"message_deleted" if b'"deleted_at":"' in body else b"message_updated"
+    frame = (
+        b'{"type":"'
+        + kind
+        + b'","room":'
+        + room_json
+        + b',"change":%d,"message":' % change
+        + body
+        + b"}"
+    )
+    if transport == WS:
+        return frame
+    return b"event: " + kind + b"\ndata: " + frame + b"\n\n"
+
+
+def event_frame(transport: str, event: EventPayload) -> bytes:
+    """An ephemeral event; on SSE its name is the event's."""
+    if transport == WS:
+        return orjson.dumps(
+            {"type": "event", "room": event.room, "event": event.event, "data": event.data}
+        )
+    return (
+        b"event: "
+        + event.event.encode()
+        + b"\ndata: "
+        + orjson.dumps({"room": event.room, "data": event.data})
+        + b"\n\n"
+    )
+
+
+def presence_frame(transport: str, p: PresencePayload) -> bytes:
+    """A presence change: ``{"type": "presence", "room", "action", "user"}`` on WS."""
+    obj = {"room": p.room, "action": p.action, "user": p.user}
+    if transport == WS:
+        return orjson.dumps({"type": "presence", **obj})
+    return b"event: presence\ndata: " + orjson.dumps(obj) + b"\n\n"
+
+
+def chat_frame(transport: str, event: TypingPayload | ReadPayload) -> bytes:
+    """A typing notice or read receipt, ``{"type", "room", "user", ...}``; on SSE the
+    type is the event name."""
+    if isinstance(event, TypingPayload):
+        name = b"typing"
+        data = orjson.dumps({"type": "typing", "room": event.room, "user": event.user})
+    else:
+        name = b"read"
+        data = orjson.dumps(
+            {"type": "read", "room": event.room, "user": event.user, "seq": event.seq}
+        )
+    if transport == WS:
+        return data
+    return b"event: " + name + b"\ndata: " + data + b"\n\n"

@@ -1,0 +1,824 @@
+"""The hub: this instance's connections, by id and by room, and in-order fan-out.
+
+Delivery rests on one rule, applied everywhere a message reaches a subscriber:
+a subscriber's cursor for a room is the last seq it was given, and a message
+is handed over only if its seq is ``cursor + 1``. Live messages, gap fills,
+resume replays and reconnect fills all pass through that rule, so none can
+reorder or repeat what another delivered.
+
+- A room's live stream is sequenced first: a seq ahead of the next expected
+  one waits in ``pending`` for ``gap_wait`` seconds, then the gap is filled
+  from the store (the truth). The same fill runs after a broker reconnect and
+  when the periodic position check finds the room's latest seq ahead.
+- A subscriber behind the room (resume with ``since``, or a message it missed
+  while joining) gets a catch-up task that reads the store from its cursor
+  until it reaches the room's position; live messages it already has are
+  skipped by the rule.
+- Each event is encoded once per transport and the same object is queued to
+  every subscriber; the fan-out never awaits a socket. A subscriber whose
+  bounded queue is full is closed as slow (1013) and resumes with ``since``.
+  A transport that can write without awaiting gives its subscriber a ``sink``:
+  frames then go straight to the socket's buffer (no queue, no writer task),
+  and the bound is that buffer's size in bytes.
+
+Edits and deletes (``c:`` payloads) follow the same rule with a second
+counter, the room's change number (see docs/delivery.md): a room dispatches
+change ``k`` after change ``k - 1`` and only once it has dispatched every
+message up to the change's ``after_seq``; a subscriber takes it only if its
+change cursor is the room's previous change and it holds those messages, else
+its catch-up reads both logs from the store and interleaves them. A message
+likewise waits until the room has dispatched the changes committed before it
+(the count its payload carries), so the two go out in commit order. Typing and
+read receipts (``t:``, ``r:``) are unsequenced, like ephemeral events.
+
+The hub sequences and dispatches; the payloads it reads are those of
+:mod:`chat_gateway.core.wire`, and the frames it queues are built by :mod:`chat_gateway.core.frames`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import orjson
+
+from chat_gateway.core import wire
+from chat_gateway.core.frames import SSE as SSE  # the transports a Subscriber speaks
+from chat_gateway.core.frames import WS as WS
+from chat_gateway.core.frames import (
+    change_frame,
+    chat_frame,
+    event_frame,
+    message_frame,
+    presence_frame,
+)
+from chat_gateway.delivery.primitives import Flag
+from chat_gateway.errors import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER
+from chat_gateway.metrics import Metrics
+from chat_gateway.periodic import every
+from chat_gateway.pubsub import Broker
+from chat_gateway.storage import MAX_PAGE, Change, HistoryCache, StoreUnavailable
+
+log = logging.getLogger("gateway.hub")
+
+# Live messages held while a gap is open; past this they are dropped and the
+# fill reads them from the store instead, so a long outage cannot grow memory.
+MAX_PENDING = 2000
+# Every this many position checks, the rooms' positions are read from the store
+# (one query for all) instead of Redis' seq keys: a commit whose seq raise and
+# publish were both lost is in the store only.
+STORE_CHECK_EVERY = 3
+
+T = TypeVar("T")
+
+
+class Subscriber:
+    """The outbound side of one connection: a bounded queue drained by one writer."""
+
+    # SSE: the last event of a stream the server API ends, sent after the queue. A
+    # class default, so the connections it is never set on carry nothing for it.
+    farewell: bytes | None = None
+    # Per room, the last change number given (edits and deletes); made on subscribe.
+    ccursors: dict[str, int] | None = None
+
+    def __init__(
+        self,
+        transport: str,
+        *,
+        identity: str = "",
+        max_messages: int = 1000,
+        max_bytes: int = 4 * 1024 * 1024,
+        sink: Any = None,
+        user: str | None = None,
+    ) -> None:
+        self.id = 0  # given by Hub.register: unique among the hub's connections
+        self.transport = transport
+        self.identity = identity
+        # The user the server API addresses: the token's sub, or ?user= in open mode.
+        self.user = user
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.cursors: dict[str, int] = {}
+        self.catchups: dict[str, asyncio.Task[None]] = {}
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.on_slow: Callable[[Subscriber], None] | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._queue: list[Any] = []
+        self._bytes = 0
+        self.closed = Flag()  # an asyncio.Event, lighter (chat_gateway.delivery.primitives)
+        # Optional direct output (see chat_gateway.delivery.output.FrameSink): ``write(frame)`` returns
+        # the bytes the socket still buffers, or -1 once it takes nothing more. With
+        # it the queue and its events are never used, so they are not made (memory
+        # per idle connection).
+        self.sink = sink
+        self._wakeup = asyncio.Event() if sink is None else None
+        self._drained = asyncio.Event() if sink is None else None
+
+    def __repr__(self) -> str:
+        return f"<Subscriber {self.id} {self.transport}>"
+
+    def push(self, item: bytes, *, reply: bool = False) -> bool:
+        """Queue one encoded frame; closes the subscriber as slow when the queue is full.
+        A ``reply`` (ack, error, pong) answers the client's own frame and is never
+        held back to share a write (chat_gateway.delivery.output)."""
+        if self.close_code is not None:
+            return False
+        if self.sink is not None:
+            buffered = self.sink.write(item, hold=not reply)
+            if buffered < 0:
+                return False  # the socket is closing; its session is ending
+            if buffered > self.max_bytes:
+                self.close(CLOSE_TRY_AGAIN_LATER, "slow consumer: the send buffer is full")
+                if self.on_slow is not None:
+                    self.on_slow(self)
+                return False
+            return True
+        size = len(item)
+        if len(self._queue) >= self.max_messages or self._bytes + size > self.max_bytes:
+            self.close(CLOSE_TRY_AGAIN_LATER, "slow consumer: the send queue is full")
+            if self.on_slow is not None:
+                self.on_slow(self)
+            return False
+        self._queue.append(item)
+        self._bytes += size
+        assert self._wakeup is not None
+        self._wakeup.set()
+        return True
+
+    def reply(self, obj: Any) -> bool:
+        return self.push(orjson.dumps(obj), reply=True)
+
+    def close_at(self, deadline: float, code: int, reason: str) -> None:
+        """Close with ``code`` at ``deadline`` (epoch seconds), e.g. when a token expires;
+        replaces the deadline set before (a refreshed token moves it)."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = asyncio.get_running_loop().call_later(
+            max(0.0, deadline - time.time()), self.close, code, reason
+        )
+
+    def close(self, code: int, reason: str = "") -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+            self.closed.set()
+            if self.sink is not None:
+                self.sink.close()
+            if self._wakeup is not None and self._drained is not None:
+                self._wakeup.set()
+                self._drained.set()
+
+    async def batches(self) -> AsyncIterator[list[Any]]:
+        """Yield everything queued, as it comes, until the subscriber is closed."""
+        if self._wakeup is None or self._drained is None:
+            return  # direct output: nothing is ever queued
+        while self.close_code is None:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if self.close_code is not None:
+                return
+            items, self._queue = self._queue, []
+            self._bytes = 0
+            self._drained.set()
+            yield items
+
+    async def wait_for_room(self) -> None:
+        """Wait until the queue is at most half full (flow control for replays)."""
+        if self.sink is not None:
+            await self.sink.drained()
+            return
+        assert self._drained is not None
+        while self.close_code is None and (
+            len(self._queue) * 2 >= self.max_messages or self._bytes * 2 >= self.max_bytes
+        ):
+            self._drained.clear()
+            await self._drained.wait()
+
+
+class Changes:
+    """A room's change sequencer: the last change number dispatched, changes held
+    until their turn, and the timer and task that fill a gap from the store."""
+
+    __slots__ = ("last", "pending", "timer", "task", "again")
+
+    def __init__(self) -> None:
+        self.last = 0
+        self.pending: dict[int, tuple[int, bytes]] = {}  # change -> (after_seq, message)
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.again = False
+
+
+class Room:
+    __slots__ = (
+        "name",
+        "channel",
+        "name_json",
+        "subs",
+        "seq",
+        "pending",
+        "gap_timer",
+        "fill_task",
+        "fill_again",
+        "changes",
+    )
+
+    def __init__(self, name: str, channel: str) -> None:
+        self.name = name
+        self.channel = channel
+        # A copy: orjson's own bytes keep a 4 KiB buffer each, for the room's lifetime.
+        self.name_json = bytes(memoryview(orjson.dumps(name)))
+        self.subs: dict[Subscriber, None] = {}
+        self.seq: int | None = None  # last seq dispatched in order; None while joining
+        # seq -> (created_ms, the room's change count at its commit or None, message)
+        self.pending: dict[int, tuple[int, int | None, bytes]] = {}
+        self.gap_timer: asyncio.TimerHandle | None = None
+        self.fill_task: asyncio.Task[None] | None = None
+        self.fill_again = False
+        self.changes = Changes()
+
+
+class Hub:
+    def __init__(
+        self,
+        broker: Broker,
+        history: HistoryCache,
+        *,
+        prefix: str = "chat:",
+        gap_wait: float = 0.25,
+        position_interval: float = 3.0,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.broker = broker
+        self.history = history
+        self.store = history.store
+        self.prefix = prefix
+        self.gap_wait = gap_wait
+        self.position_interval = position_interval
+        # Without the instance's own (a hub on its own, in tests): figures nobody reads.
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.rooms: dict[str, Room] = {}
+        self.subscribers: dict[int, Subscriber] = {}
+        self._by_channel: dict[str, Room] = {}
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._position_task: asyncio.Task[None] | None = None
+        self._checks = 0
+        self._next_id = 1  # the id register gives the next subscriber
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        self.broker.on_message(self._on_broker_message)
+        self.broker.on_reconnect(self._on_reconnect)
+        self._position_task = every(self.position_interval, self.check_positions, "position check")
+
+    async def close(self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutdown") -> None:
+        for sub in list(self.subscribers.values()):
+            sub.close(code, reason)
+        tasks = [t for t in (self._position_task, *self._tasks) if t is not None]
+        for room in self.rooms.values():
+            tasks.extend(t for t in (room.fill_task,) if t is not None)
+            if room.gap_timer is not None:
+                room.gap_timer.cancel()
+            if room.changes.timer is not None:
+                room.changes.timer.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def channel(self, room: str) -> str:
+        return f"{self.prefix}room:{{{room}}}"
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- connections -------------------------------------------------------
+
+    def register(self, sub: Subscriber) -> None:
+        sub.id = self._next_id
+        self._next_id += 1
+        self.subscribers[sub.id] = sub
+        sub.on_slow = self._slow
+
+    def _slow(self, sub: Subscriber) -> None:
+        log.info("subscriber %d (%s) closed as slow", sub.id, sub.transport)
+        self.metrics.slow_disconnects.labels(sub.transport).inc()
+
+    async def unregister(self, sub: Subscriber) -> None:
+        self.subscribers.pop(sub.id, None)
+        for room in list(sub.cursors):
+            await self.unsubscribe(sub, room)
+
+    @contextlib.asynccontextmanager
+    async def _room_lock(self, room: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(room, (asyncio.Lock(), 0))
+        self._locks[room] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[room]
+            if users == 1:
+                del self._locks[room]
+            else:
+                self._locks[room] = (lock, users - 1)
+
+    async def subscribe(
+        self, sub: Subscriber, room: str, since: int | None = None, changes_since: int | None = None
+    ) -> int:
+        """Join ``room``; queue the ``subscribed`` frame, then (with ``since``) every
+        message after it, then live ones. With ``changes_since`` also every edit and
+        delete numbered after it (to messages held or replayed), then live ones;
+        without it, live changes only. Returns the room's latest seq."""
+        if room in sub.cursors:
+            await self.unsubscribe(sub, room)
+        r = self.rooms.get(room)
+        if r is None or r.seq is None:
+            async with self._room_lock(room):
+                r = self.rooms.get(room)
+                if r is None:
+                    r = await self._open_room(room)
+        assert r.seq is not None
+        latest = r.seq
+        cursor = latest if since is None else since
+        sub.cursors[room] = cursor
+        last_change = r.changes.last
+        if sub.ccursors is None:
+            sub.ccursors = {}
+        sub.ccursors[room] = (
+            last_change if changes_since is None else min(changes_since, last_change)
+        )
+        r.subs[sub] = None
+        if sub.transport == WS:
+            sub.reply({"type": "subscribed", "room": room, "seq": latest, "change": last_change})
+        self.metrics.subscriptions.inc()
+        if latest > cursor or sub.ccursors[room] < last_change:
+            self._catch_up(sub, r)
+        return latest
+
+    async def _open_room(self, room: str) -> Room:
+        r = Room(room, self.channel(room))
+        self.rooms[room] = r
+        self._by_channel[r.channel] = r
+        try:
+            await self.broker.subscribe(r.channel)
+            # Subscribed first, then read the position: anything published
+            # meanwhile waits in `pending` and is sequenced after it.
+            r.seq, r.changes.last = await self.store.position(room)
+        except BaseException:
+            self.rooms.pop(room, None)
+            self._by_channel.pop(r.channel, None)
+            with contextlib.suppress(Exception):
+                await self.broker.unsubscribe(r.channel)
+            raise
+        self._drain(r)
+        return r
+
+    async def unsubscribe(self, sub: Subscriber, room: str) -> bool:
+        if sub.cursors.pop(room, None) is None:
+            return False
+        if sub.ccursors is not None:
+            sub.ccursors.pop(room, None)
+        task = sub.catchups.pop(room, None)
+        if task is not None:
+            task.cancel()
+        self.metrics.subscriptions.dec()
+        r = self.rooms.get(room)
+        if r is None:
+            return True
+        r.subs.pop(sub, None)
+        if not r.subs:
+            async with self._room_lock(room):
+                if not r.subs and self.rooms.get(room) is r:
+                    del self.rooms[room]
+                    del self._by_channel[r.channel]
+                    if r.gap_timer is not None:
+                        r.gap_timer.cancel()
+                    if r.fill_task is not None:
+                        r.fill_task.cancel()
+                    self._stop_changes(r)
+                    await self.broker.unsubscribe(r.channel)
+        return True
+
+    # -- the live stream ---------------------------------------------------
+
+    def _on_broker_message(self, channel: str, data: bytes) -> None:
+        r = self._by_channel.get(channel)
+        if r is None:
+            return
+        payload = wire.decode(data)
+        if isinstance(payload, wire.MessagePayload):
+            seq = payload.seq
+            if r.seq is not None and seq <= r.seq:
+                return  # already delivered (a fill got there first)
+            if len(r.pending) >= MAX_PENDING:
+                r.pending.clear()
+                if r.seq is not None:
+                    self.fill(r)
+                return
+            r.pending[seq] = (payload.created_ms, payload.changes, payload.body)
+            if r.seq is not None:
+                self._drain(r)
+        elif isinstance(payload, wire.ChangePayload):  # an edit or delete
+            self._on_change(r, payload.change, payload.after_seq, payload.body)
+        elif isinstance(payload, wire.EventPayload):
+            self._dispatch_event(r, payload, event_frame)
+        elif isinstance(
+            payload, wire.PresencePayload
+        ):  # join/leave (chat_gateway.delivery.presence)
+            self._dispatch_event(r, payload, presence_frame)
+        elif isinstance(payload, wire.TypingPayload):  # not to the typist's own connections
+            frames: dict[str, bytes] = {}
+            for sub in r.subs:
+                if sub.user != payload.user:
+                    frame = frames.get(sub.transport)
+                    if frame is None:
+                        frame = frames[sub.transport] = chat_frame(sub.transport, payload)
+                    sub.push(frame)
+        elif isinstance(payload, wire.ReadPayload):
+            self._dispatch_event(r, payload, chat_frame)
+
+    def _drain(self, r: Room) -> None:
+        """Dispatch what is next in commit order, messages and changes interleaved: the
+        next message once the room has dispatched the changes committed before it,
+        the next change once it has dispatched the messages committed before it."""
+        assert r.seq is not None
+        c = r.changes
+        while True:
+            message = r.pending.get(r.seq + 1)
+            if message is not None and (message[1] is None or message[1] <= c.last):
+                del r.pending[r.seq + 1]
+                self._dispatch(r, r.seq + 1, *message)
+                continue
+            change = c.pending.get(c.last + 1)
+            if change is not None and change[0] <= r.seq:
+                del c.pending[c.last + 1]
+                self._dispatch_change(r, c.last + 1, *change)
+                continue
+            break
+        if r.pending:
+            for seq in [s for s in r.pending if s <= r.seq]:
+                del r.pending[seq]
+        if r.pending and r.gap_timer is None and r.fill_task is None:
+            # A seq ahead of the next one, or the next one waiting for a change not
+            # here: wait briefly for the missing ones.
+            r.gap_timer = asyncio.get_running_loop().call_later(self.gap_wait, self._gap_due, r)
+        elif not r.pending and r.gap_timer is not None:
+            r.gap_timer.cancel()
+            r.gap_timer = None
+        for change_no in [k for k in c.pending if k <= c.last]:
+            del c.pending[change_no]
+        if c.pending and c.timer is None and c.task is None:
+            # A change ahead of the next number, or waiting for messages not yet
+            # here: wait briefly, then read the store.
+            c.timer = asyncio.get_running_loop().call_later(self.gap_wait, self._change_due, r)
+        elif not c.pending and c.timer is not None:
+            c.timer.cancel()
+            c.timer = None
+
+    def _gap_due(self, r: Room) -> None:
+        r.gap_timer = None
+        if r.pending and self.rooms.get(r.name) is r:
+            self.metrics.gap_fills.labels("gap").inc()
+            self.fill(r)
+
+    def fill(self, r: Room) -> None:
+        """Read the store after the room's position and dispatch what is there."""
+        if r.fill_task is not None:
+            r.fill_again = True
+            return
+        r.fill_task = self._spawn(self._fill(r), f"fill-{r.name}")
+
+    async def _fill(self, r: Room) -> None:
+        """Messages after the room's position from the store, each with the number of
+        changes committed before it, read from the change log after them (so no change
+        committed before a message read is missed), then dispatched in commit order."""
+        c = r.changes
+        try:
+            while r.seq is not None and self.rooms.get(r.name) is r:
+                r.fill_again = False
+                page = await self.store.history(r.name, after=r.seq, limit=MAX_PAGE)
+                known = c.last
+                changes = (
+                    await self.store.changes(r.name, after=known, limit=MAX_PAGE)
+                    if page.messages
+                    else []
+                )
+                if r.seq is None or self.rooms.get(r.name) is not r:
+                    break
+                self._take_changes(r, changes)
+                # A full page of changes: messages past its last one wait for the next.
+                bound = changes[-1].after_seq if len(changes) == MAX_PAGE else None
+                position = (r.seq, c.last)
+                preceding = iter(changes)
+                upcoming = next(preceding, None)
+                before = known
+                for msg in page.messages:
+                    if bound is not None and msg.seq > bound:
+                        break
+                    while upcoming is not None and upcoming.after_seq < msg.seq:
+                        before = upcoming.change
+                        upcoming = next(preceding, None)
+                    if msg.seq > r.seq:
+                        r.pending[msg.seq] = (msg.created_ms, before, msg.to_json())
+                self._drain(r)
+                if (r.seq, c.last) == position and not r.fill_again:
+                    break  # nothing more could go: the timers come back
+                if not page.has_more and bound is None and not r.fill_again:
+                    break
+        except StoreUnavailable as exc:
+            log.warning("gap fill for room %s failed: %s", r.name, exc)
+        finally:
+            r.fill_task = None
+            if r.pending and r.gap_timer is None and self.rooms.get(r.name) is r:
+                r.gap_timer = asyncio.get_running_loop().call_later(
+                    max(self.gap_wait, 0.5), self._gap_due, r
+                )
+
+    def _take_changes(self, r: Room, changes: list[Change]) -> None:
+        """Changes read from the store join the room's pending ones."""
+        c = r.changes
+        if changes and changes[0].change > c.last + 1 and c.last + 1 not in c.pending:
+            # Numbers commit in order, so a number missing below a stored one
+            # is a change whose message retention or a purge removed: skip it.
+            self._skip_changes(r, changes[0].change - 1)
+        for change in changes:
+            if change.change > c.last:
+                c.pending[change.change] = (change.after_seq, change.message.to_json())
+
+    def _dispatch(
+        self, r: Room, seq: int, created_ms: int, changes: int | None, body: bytes
+    ) -> None:
+        r.seq = seq
+        frames: dict[str, bytes] = {}  # encoded once per transport
+        delivered = 0
+        for sub in r.subs:
+            cursor = sub.cursors.get(r.name)
+            if cursor is None or seq <= cursor:
+                continue
+            if seq != cursor + 1 or (
+                changes is not None
+                and sub.ccursors is not None
+                and sub.ccursors.get(r.name, changes) < changes
+            ):
+                # Behind on the messages, or on the changes committed before this one.
+                self._catch_up(sub, r)
+                continue
+            frame = frames.get(sub.transport)
+            if frame is None:
+                frame = frames[sub.transport] = message_frame(sub.transport, r.name_json, seq, body)
+            if sub.push(frame):
+                sub.cursors[r.name] = seq
+                delivered += 1
+            else:
+                self.metrics.messages_dropped.labels("slow_consumer").inc()
+        if delivered:
+            self.metrics.delivered(delivered, created_ms)
+
+    # -- edits and deletes: the change sequencer ----------------------------------
+
+    def _on_change(self, r: Room, change: int, after_seq: int, body: bytes) -> None:
+        self.history.forget(r.name)  # this instance's window holds the old text
+        c = r.changes
+        if r.seq is None or change <= c.last:
+            if r.seq is None:  # joining: sequenced once the position is read
+                c.pending[change] = (after_seq, body)
+            return
+        if len(c.pending) >= MAX_PENDING:
+            c.pending.clear()
+            self.fill_changes(r)
+            return
+        c.pending[change] = (after_seq, body)
+        self._drain(r)
+
+    def _change_due(self, r: Room) -> None:
+        c = r.changes
+        c.timer = None
+        if not c.pending or self.rooms.get(r.name) is not r:
+            return
+        waiting = c.pending.get(c.last + 1)
+        if waiting is not None and r.seq is not None and waiting[0] > r.seq:
+            self.fill(r)  # the messages before it were lost or are late
+            c.timer = asyncio.get_running_loop().call_later(
+                max(self.gap_wait, 0.5), self._change_due, r
+            )
+        else:
+            self.metrics.gap_fills.labels("change").inc()
+            self.fill_changes(r)
+
+    def fill_changes(self, r: Room) -> None:
+        """Read the change log after the room's last change and dispatch it in turn."""
+        c = r.changes
+        if c.task is not None:
+            c.again = True
+            return
+        c.task = self._spawn(self._fill_changes(r), f"changes-{r.name}")
+
+    async def _fill_changes(self, r: Room) -> None:
+        c = r.changes
+        try:
+            while r.seq is not None and self.rooms.get(r.name) is r:
+                c.again = False
+                changes = await self.store.changes(r.name, after=c.last, limit=MAX_PAGE)
+                self._take_changes(r, changes)
+                self._drain(r)
+                if len(changes) < MAX_PAGE and not c.again:
+                    break
+                if c.last + 1 in c.pending:
+                    break  # waiting for messages: the timer comes back
+        except StoreUnavailable as exc:
+            log.warning("change fill for room %s failed: %s", r.name, exc)
+        finally:
+            c.task = None
+            if c.pending and c.timer is None and self.rooms.get(r.name) is r:
+                c.timer = asyncio.get_running_loop().call_later(
+                    max(self.gap_wait, 0.5), self._change_due, r
+                )
+
+    def _skip_changes(self, r: Room, to: int) -> None:
+        """Numbers up to ``to`` will never be read: the room and its subscribers in
+        step with it move past them."""
+        c = r.changes
+        for sub in r.subs:
+            if sub.ccursors is not None and sub.ccursors.get(r.name) == c.last:
+                sub.ccursors[r.name] = to
+        c.last = to
+
+    def _dispatch_change(self, r: Room, change: int, after_seq: int, body: bytes) -> None:
+        previous = r.changes.last
+        r.changes.last = change
+        frames: dict[str, bytes] = {}
+        for sub in r.subs:
+            ccursors = sub.ccursors
+            ccursor = None if ccursors is None else ccursors.get(r.name)
+            cursor = sub.cursors.get(r.name)
+            if ccursor is None or cursor is None or change <= ccursor:
+                continue
+            if ccursor != previous or cursor < after_seq:
+                self._catch_up(sub, r)  # behind on changes or on the messages before it
+                continue
+            frame = frames.get(sub.transport)
+            if frame is None:
+                frame = frames[sub.transport] = change_frame(
+                    sub.transport, r.name_json, change, body
+                )
+            if sub.push(frame):
+                assert ccursors is not None
+                ccursors[r.name] = change
+
+    def _stop_changes(self, r: Room) -> None:
+        if r.changes.timer is not None:
+            r.changes.timer.cancel()
+        if r.changes.task is not None:
+            r.changes.task.cancel()
+
+    def _dispatch_event(self, r: Room, event: T, build: Callable[[str, T], bytes]) -> None:
+        """Queue an unsequenced frame to every subscriber of the room, encoded once."""
+        frames: dict[str, bytes] = {}
+        for sub in r.subs:
+            frame = frames.get(sub.transport)
+            if frame is None:
+                frame = frames[sub.transport] = build(sub.transport, event)
+            sub.push(frame)
+
+    # -- per-subscriber catch-up ---------------------------------------------
+
+    def _catch_up(self, sub: Subscriber, r: Room) -> None:
+        if r.name not in sub.catchups:
+            sub.catchups[r.name] = self._spawn(
+                self._run_catch_up(sub, r), f"catchup-{sub.id}-{r.name}"
+            )
+
+    async def _run_catch_up(self, sub: Subscriber, r: Room) -> None:
+        """Bring one subscriber up to its room from the store: messages after its
+        cursor and, when it follows changes, changes after its change cursor,
+        interleaved by position (a change goes right after message ``after_seq``)."""
+        room = r.name
+        try:
+            while sub.close_code is None and room in sub.cursors:
+                cursor = sub.cursors[room]
+                ccursors = sub.ccursors
+                ccursor = None if ccursors is None else ccursors.get(room)
+                behind = r.seq is not None and cursor < r.seq
+                behind_changes = ccursor is not None and ccursor < r.changes.last
+                if not behind and not behind_changes:
+                    break
+                page = await self.store.history(room, after=cursor, limit=MAX_PAGE)
+                # Read after the messages, so every change committed before one of
+                # them is there to go before it (the page may reach past the room's
+                # position, to messages the room holds back for a change).
+                changes = (
+                    await self.store.changes(room, after=ccursor, limit=MAX_PAGE)
+                    if ccursor is not None and (behind_changes or page.messages)
+                    else []
+                )
+                if page.messages and sub.cursors.get(room) == cursor < page.messages[0].seq - 1:
+                    # Seqs commit in order, so a hole below the first stored one is
+                    # retention's work: those messages are gone; go on after them.
+                    sub.cursors[room] = page.messages[0].seq - 1
+                # A full page of changes: messages past its last one wait for the next.
+                bound = changes[-1].after_seq if len(changes) == MAX_PAGE else None
+                pending = iter(changes)
+                upcoming = next(pending, None)
+                progressed = False
+                for msg in page.messages:
+                    if bound is not None and msg.seq > bound:
+                        break
+                    while upcoming is not None and upcoming.after_seq < msg.seq:
+                        if not await self._catch_up_change(sub, r, upcoming):
+                            return
+                        progressed = True
+                        upcoming = next(pending, None)
+                    await sub.wait_for_room()
+                    if sub.cursors.get(room) != msg.seq - 1:
+                        continue  # delivered live meanwhile, or unsubscribed
+                    frame = message_frame(sub.transport, r.name_json, msg.seq, msg.to_json())
+                    if not sub.push(frame):
+                        return
+                    sub.cursors[room] = msg.seq
+                    progressed = True
+                while upcoming is not None and upcoming.after_seq <= sub.cursors.get(room, -1):
+                    if not await self._catch_up_change(sub, r, upcoming):
+                        return
+                    progressed = True
+                    upcoming = next(pending, None)
+                if not progressed:
+                    break
+        except StoreUnavailable as exc:
+            log.warning("catch-up for room %s failed: %s; closing the subscriber", room, exc)
+            sub.close(CLOSE_TRY_AGAIN_LATER, "history unavailable: resume later")
+        finally:
+            if sub.catchups.get(room) is asyncio.current_task():
+                del sub.catchups[room]
+
+    async def _catch_up_change(self, sub: Subscriber, r: Room, change: Change) -> bool:
+        """Give one change read from the store, unless the subscriber has it already.
+        False when the subscriber is gone."""
+        await sub.wait_for_room()
+        ccursors = sub.ccursors
+        if ccursors is None or r.name not in ccursors:
+            return False
+        if change.change <= ccursors[r.name]:
+            return True  # delivered live meanwhile
+        frame = change_frame(sub.transport, r.name_json, change.change, change.message.to_json())
+        if not sub.push(frame):
+            return False
+        ccursors[r.name] = change.change
+        return True
+
+    # -- repair after loss -----------------------------------------------------
+
+    def _on_reconnect(self) -> None:
+        self.metrics.broker_reconnects.inc()
+        for r in list(self.rooms.values()):
+            if r.seq is not None:
+                self.fill(r)
+                self.fill_changes(r)
+
+    async def check_positions(self) -> None:
+        """Fill every room whose latest committed seq is ahead of what was delivered.
+
+        Positions come from Redis' seq keys (one pipelined read), which an instance
+        cut from Redis after its commit never raised; so every ``STORE_CHECK_EVERY``
+        rounds they come from the store, the truth, in one query for all rooms."""
+        rooms = [r for r in self.rooms.values() if r.seq is not None]
+        if not rooms:
+            return
+        names = [r.name for r in rooms]
+        self._checks += 1
+        if self._checks % STORE_CHECK_EVERY == 0:
+            latest = await self.store.latest_seqs(names)
+            # The same commits left the cache's seq keys behind: raised here, so no
+            # instance goes on serving a cached page without them.
+            await self.history.raise_behind(latest)
+        else:
+            latest = await self.history.latest_seqs(names)
+        for r in rooms:
+            if r.seq is not None and latest.get(r.name, 0) > r.seq and r.fill_task is None:
+                self.metrics.gap_fills.labels("position").inc()
+                self.fill(r)
+
+    # -- the server API (chat_gateway.delivery.commands) ------------------------------------
+
+    def of_user(self, user: str) -> list[Subscriber]:
+        """This instance's connections of ``user``."""
+        return [sub for sub in self.subscribers.values() if sub.user == user]
+
+    def notify(self, room: str, build: Callable[[str, T], bytes], event: T) -> None:
+        """Queue one unsequenced frame, ``build(transport, event)``, to every local
+        subscriber of ``room``."""
+        r = self.rooms.get(room)
+        if r is not None:
+            self._dispatch_event(r, event, build)

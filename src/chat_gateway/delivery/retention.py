@@ -1,0 +1,62 @@
+"""Retention: delete messages older than ``RETENTION_DAYS``, in small batches.
+
+Each round deletes batches of ``RETENTION_BATCH`` rows (each its own short
+transaction, so writers are never blocked for long and the table is never
+locked) until a batch comes back short, pausing briefly between batches. Every
+instance runs it; on Postgres the batches skip rows another instance holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from chat_gateway.periodic import every
+from chat_gateway.storage import Store
+
+log = logging.getLogger("gateway.retention")
+
+
+class Retention:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        days: float,
+        interval: float = 3600.0,
+        batch: int = 1000,
+        pause: float = 0.05,
+    ) -> None:
+        self.store = store
+        self.days = days
+        self.interval = interval
+        self.batch = batch
+        self.pause = pause
+        self._task: asyncio.Task[None] | None = None
+
+    async def run_once(self, now_ms: int | None = None) -> int:
+        """Delete everything past the retention age; return how many messages went."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        cutoff = now_ms - int(self.days * 86_400_000)
+        total = 0
+        while True:
+            deleted = await self.store.delete_before(cutoff, self.batch)
+            total += deleted
+            if deleted < self.batch:
+                break
+            await asyncio.sleep(self.pause)
+        if total:
+            log.info(
+                "retention deleted messages", extra={"deleted": total, "older_than_days": self.days}
+            )
+        return total
+
+    def start(self) -> None:
+        self._task = every(self.interval, self.run_once, "retention round", now=True)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None

@@ -1,0 +1,161 @@
+"""What the Redis brokers share: subscriber links kept up, and each link watched.
+
+:class:`LinkedBroker` holds the channel set and runs one loop, :meth:`LinkedBroker._keep_linked`,
+for the plain broker (one link) and the cluster broker (a link per primary):
+make the links and subscribe every held channel (``_link``), mark the broker
+connected, end the guard's cooldowns, call ``on_reconnect`` (after a loss, or
+when channels were held before the first link), then wait until the links are
+lost (``_hold``). A failure anywhere drops what is left (``_unlink``) and tries
+again with exponential backoff, from ``BACKOFF_MIN`` to ``BACKOFF_MAX`` seconds.
+
+:func:`read_link` reads one subscriber link and probes it: when nothing has
+arrived for ``probe_interval`` seconds a PING goes down the link, and a link
+that answers neither data nor PONG within ``probe_timeout`` is given up as
+dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from chat_gateway.pubsub.base import Broker
+
+BACKOFF_MIN = 0.05
+BACKOFF_MAX = 2.0
+
+
+async def read_link(
+    pubsub: Any,
+    probe_interval: float,
+    probe_timeout: float,
+    handle: Callable[[dict[str, Any]], None],
+) -> None:
+    """Hand every push of ``pubsub`` to ``handle`` until the link fails; raises then
+    (``handle`` may raise too, to give the link up)."""
+    loop = asyncio.get_running_loop()
+    last_seen = loop.time()
+    probe_sent: float | None = None
+    wait = min(0.5, probe_interval)
+    while True:
+        msg = await pubsub.get_message(timeout=wait)
+        now = loop.time()
+        if msg is not None:
+            last_seen = now
+            probe_sent = None
+            handle(msg)
+            continue
+        if probe_sent is None and now - last_seen >= probe_interval:
+            await pubsub.ping()
+            probe_sent = now
+        elif probe_sent is not None and now - probe_sent > probe_timeout:
+            raise RedisConnectionError("subscriber link silent: no PONG to the probe")
+
+
+def text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class LinkedBroker(Broker):
+    """A broker whose subscriber links to Redis are kept up by one loop (see the module)."""
+
+    log: logging.Logger
+    # The log lines of the loop, which say which kind of Redis this is.
+    what = "Redis"
+
+    def __init__(
+        self,
+        *,
+        probe_interval: float,
+        probe_timeout: float | None,
+        connect_timeout: float,
+        command_timeout: float,
+        control_channel: str,
+    ) -> None:
+        super().__init__()
+        if probe_interval <= 0:
+            raise ValueError("probe_interval must be positive")
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout or max(1.0, probe_interval)
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.control_channel = control_channel
+        self._channels: set[str] = set()  # the room channels held, whether linked or not
+        self.connected = asyncio.Event()  # every held channel is on a live link
+        self.placed = asyncio.Event()  # linked at least once since start
+        self._keeper: asyncio.Task[None] | None = None
+
+    def _start_keeping(self) -> None:
+        # No failure at start when Redis is down: the loop keeps trying, and
+        # /readyz reports the broker until it answers.
+        self._keeper = asyncio.create_task(self._keep_linked(), name="broker-links")
+
+    async def _stop_keeping(self) -> None:
+        if self._keeper is not None:
+            keeper, self._keeper = self._keeper, None
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+        self.connected.clear()
+
+    async def _keep_linked(self) -> None:
+        backoff = BACKOFF_MIN
+        first = True
+        warned = False
+        while True:
+            try:
+                await self._link(first)
+                self.guard.reset()
+                self.connected.set()
+                self.placed.set()
+                if not first:
+                    self.reconnects += 1
+                    self.log.warning("%s", self._restored())
+                if not first or self._channels:
+                    self._on_reconnect()
+                first = False
+                backoff = BACKOFF_MIN
+                await self._hold()
+                self.connected.clear()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.connected.is_set():
+                    self.log.warning("broker links lost: %r", exc)
+                elif first and not warned:  # once, until the first link is made
+                    warned = True
+                    self.log.warning(
+                        "%s at %s is unreachable at start (%s); running degraded "
+                        "until it answers (/readyz reports the broker)",
+                        self.what,
+                        self._address(),
+                        exc,
+                    )
+                self.connected.clear()
+                await self._unlink()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+
+    @abstractmethod
+    async def _link(self, first: bool) -> None:
+        """Make the links and subscribe every held channel and the control channel."""
+
+    @abstractmethod
+    async def _hold(self) -> None:
+        """Return or raise when a link is lost."""
+
+    @abstractmethod
+    async def _unlink(self) -> None:
+        """Drop what is left of the links after a failure."""
+
+    @abstractmethod
+    def _address(self) -> str:
+        """Where Redis is, for a log line."""
+
+    @abstractmethod
+    def _restored(self) -> str:
+        """The log line of a restored link."""

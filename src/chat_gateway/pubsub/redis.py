@@ -1,0 +1,209 @@
+"""Redis Pub/Sub broker (``redis.asyncio``).
+
+One subscriber connection per process carries every room channel this
+instance holds; publishing and keys (cache, rate limits) share one pool and
+one pipelined connection (:mod:`chat_gateway.redisio.pipelined`). Over
+``redis+sentinel://`` that pool is redis-py's Sentinel-managed one
+(:mod:`chat_gateway.redisio.clients`): each connection it opens, the subscriber link's
+included, goes to the primary the sentinels name at that moment, so the
+reconnect is also how the broker follows a failover.
+
+The subscriber link is kept up and probed as :mod:`chat_gateway.pubsub.link` describes: a
+dropped link is re-established with backoff, every channel is subscribed
+again, and ``on_reconnect`` fires so the gateway can fill from the store what
+was published while it was away. ``subscribe`` only records the channel when
+the link is down; the reconnect subscribes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import RedisError
+
+from chat_gateway.pubsub.base import BrokerUnavailable, Sent
+from chat_gateway.pubsub.link import LinkedBroker, read_link, text
+from chat_gateway.redisio.clients import server_client
+from chat_gateway.redisio.guard import RedisGuard
+from chat_gateway.redisio.pipelined import Command, PipelinedConnection
+from chat_gateway.redisio.urls import redis_address
+
+
+class RedisBroker(LinkedBroker):
+    log = logging.getLogger("pubsub.redis")
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        probe_interval: float = 5.0,
+        probe_timeout: float | None = None,
+        connect_timeout: float = 2.0,
+        command_timeout: float = 1.0,
+        control_channel: str = "chat:control",
+    ) -> None:
+        super().__init__(
+            probe_interval=probe_interval,
+            probe_timeout=probe_timeout,
+            connect_timeout=connect_timeout,
+            command_timeout=command_timeout,
+            control_channel=control_channel,
+        )
+        self.url = url
+        self._client: aioredis.Redis | None = None
+        self._sentinel: Sentinel | None = None  # over redis+sentinel://, the sentinels' clients
+        self._pubsub: Any = None
+        self.guard = RedisGuard()
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        if self._client is None:
+            raise BrokerUnavailable("the broker is not started")
+        return self._client
+
+    async def start(self) -> None:
+        self._client, self._sentinel = server_client(
+            self.url, connect_timeout=self.connect_timeout, command_timeout=self.command_timeout
+        )
+        self.batch = PipelinedConnection(self._client)
+        self._start_keeping()
+
+    async def close(self) -> None:
+        await self._stop_keeping()
+        await self._unlink()
+        if self.batch is not None:
+            await self.batch.close()
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+        if self._sentinel is not None:
+            sentinel, self._sentinel = self._sentinel, None
+            await sentinel.aclose()
+
+    # -- the subscriber link ------------------------------------------------
+
+    async def _link(self, first: bool) -> None:
+        pubsub = self.redis.pubsub()
+        # The control channel keeps the link open (and probed) with no room held.
+        held = set(self._channels)
+        await pubsub.subscribe(self.control_channel, *sorted(held))
+        self._pubsub = pubsub
+        # Channels added or dropped while that subscribe was in flight.
+        if self._channels - held:
+            await pubsub.subscribe(*sorted(self._channels - held))
+        if held - self._channels:
+            await pubsub.unsubscribe(*sorted(held - self._channels))
+
+    async def _hold(self) -> None:
+        await read_link(self._pubsub, self.probe_interval, self.probe_timeout, self._received)
+
+    def _received(self, msg: dict[str, Any]) -> None:
+        if msg["type"] in ("message", b"message"):
+            channel = text(msg["channel"])
+            if channel == self.control_channel:
+                self._on_control(msg["data"])
+            else:
+                self._on_message(channel, msg["data"])
+
+    async def _unlink(self) -> None:
+        self.connected.clear()
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            try:
+                await asyncio.wait_for(pubsub.aclose(), 1.0)
+            except (TimeoutError, RedisError, OSError):
+                pass
+
+    def _address(self) -> str:
+        return redis_address(self.url)
+
+    def _restored(self) -> str:
+        return f"broker link restored; resubscribed {len(self._channels)} channels"
+
+    async def subscribe(self, channel: str) -> None:
+        if channel in self._channels:
+            return
+        self._channels.add(channel)
+        await self._send("subscribe", channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        if channel not in self._channels:
+            return
+        self._channels.discard(channel)
+        await self._send("unsubscribe", channel)
+
+    async def _send(self, command: str, channel: str) -> None:
+        pubsub = self._pubsub
+        if pubsub is None:
+            return  # the reconnect applies the channel set
+        try:
+            await getattr(pubsub, command)(channel)
+        except (RedisError, OSError) as exc:
+            # The link is failing; the loop notices, reconnects and resubscribes the set.
+            self.log.warning("broker %s %s failed: %r", command, channel, exc)
+
+    # -- publishing -----------------------------------------------------------
+
+    async def publish(self, channel: str, data: bytes) -> None:
+        if not self.guard.usable():
+            raise BrokerUnavailable("Redis failed moments ago; not waiting on it again yet")
+        try:
+            await self.redis.publish(channel, data)
+        except (RedisError, OSError) as exc:
+            self.guard.failed()
+            raise BrokerUnavailable(f"Redis publish failed: {exc!r}") from exc
+
+    async def publish_control(self, data: bytes) -> None:
+        """Published on the control channel, which every instance's link holds (this
+        one's too, so the sender acts through the same path as the others)."""
+        await self.publish(self.control_channel, data)
+
+    def carries(self, redis: Any) -> bool:
+        return redis is not None and redis is self._client and self.guard.usable()
+
+    async def publish_batch(
+        self, messages: Sequence[tuple[str, bytes]], *, ahead: Sequence[Command] = ()
+    ) -> list[Sent]:
+        """Every message, and the commands ahead of them, in one round trip over the
+        pipelined connection, shared with whatever other callers send at that
+        moment (a post's cache update and publish go together)."""
+        if ahead and len(ahead) != len(messages):
+            raise ValueError("publish_batch: one command ahead of each message, or none")
+        if self.batch is None:
+            raise BrokerUnavailable("the broker is not started")
+        if not self.guard.usable():
+            raise BrokerUnavailable("Redis failed moments ago; not waiting on it again yet")
+        step = 2 if ahead else 1  # commands per message
+        commands: list[Command] = []
+        for i, (channel, data) in enumerate(messages):
+            if ahead:
+                commands.append(ahead[i])
+            commands.append(("PUBLISH", channel, data))
+        try:
+            replies = await self.batch.run(commands)
+        except Exception as exc:
+            self.guard.failed()
+            replies = [exc] * len(commands)
+        sent = []
+        for i in range(len(messages)):
+            reply = replies[step * i + step - 1]
+            sent.append(
+                Sent(
+                    replies[step * i] if ahead else None,
+                    reply if isinstance(reply, BaseException) else None,
+                )
+            )
+        return sent
+
+    async def ping(self) -> None:
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"Redis unreachable: {exc!r}") from exc
+        if not self.connected.is_set():
+            raise BrokerUnavailable("Redis answers, but the subscriber link is not up yet")

@@ -1,0 +1,423 @@
+"""The Starlette application: HTTP routes, SSE, WebSocket, static pages.
+
+Every resource is opened in the lifespan and reached through
+``request.app.state.gateway``; nothing connects at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.exceptions import ExceptionMiddleware
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket
+
+from chat_gateway.access.auth import Authenticator, bearer
+from chat_gateway.api import chat
+from chat_gateway.api import server as server_api
+from chat_gateway.api import validation as v
+from chat_gateway.api.caller import client_address, gateway_of, identify, token_of
+from chat_gateway.api.responses import encoded_json_response, json_response
+from chat_gateway.api.webhooks import webhooks_dead, webhooks_enable, webhooks_list, webhooks_replay
+from chat_gateway.config import Settings
+from chat_gateway.core.frames import SSE
+from chat_gateway.delivery.hub import Subscriber
+from chat_gateway.errors import CODES, ApiError, internal, store_unavailable
+from chat_gateway.gateway import POST, PUBLISH, Gateway
+from chat_gateway.ops.logs import RequestContext, conn_id, request_id
+from chat_gateway.server import openapi
+from chat_gateway.storage import StoreUnavailable
+from chat_gateway.transports.connections import Connection, ConnectionStream, connecting
+from chat_gateway.transports.stats_stream import stats_events
+from chat_gateway.transports.ws import websocket_endpoint
+
+# The package directory, which holds static/ (and, installed, sdk/).
+PACKAGE = Path(__file__).resolve().parent.parent
+
+log = logging.getLogger("gateway.http")
+
+
+# -- messages ----------------------------------------------------------------
+
+
+async def post_message(request: Request) -> Response:
+    gw = gateway_of(request)
+    room = v.room_name(request.path_params["room"])
+    identity = identify(request)
+    identity.check_post(room)
+    v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
+    key = v.idempotency_key(request.headers.get("idempotency-key"))
+    body = v.json_object(await v.read_body(request, gw.settings.max_body_bytes))
+    v.only_fields(body, v.fields(v.POST_MESSAGE))
+    text = v.text(body.get("text"))
+    author = v.body_author(body, identity.name if identity.user else None)
+    decision = await gw.rate(POST, identity.name)
+    msg, created = await gw.post(
+        room, author, text, identity=identity, transport="http", idempotency_key=key
+    )
+    return encoded_json_response(msg.to_json(), 201 if created else 200, decision.headers())
+
+
+async def list_messages(request: Request) -> Response:
+    gw = gateway_of(request)
+    room = v.room_name(request.path_params["room"])
+    identify(request).check_room(room)
+    q = request.query_params
+    v.only_fields(dict(q), v.fields(v.HISTORY_QUERY))
+    limit = v.limit_param(q.get("limit"))
+    before = v.seq_param(q.get("before"), "before")
+    after = v.seq_param(q.get("after"), "after")
+    page = await gw.history.history(room, limit=limit, before=before, after=after)
+    # Built around each message's own JSON (encoded once per message, see Message).
+    body = b'{"messages":[%s],"has_more":%s}' % (
+        b",".join([m.to_json() for m in page.messages]),
+        b"true" if page.has_more else b"false",
+    )
+    return encoded_json_response(body)
+
+
+async def messages(request: Request) -> Response:
+    """``/v1/rooms/{room}/messages``: one route for both methods, so that a request
+    with another method gets 405 with every method of the path in ``Allow``."""
+    return await (post_message if request.method == "POST" else list_messages)(request)
+
+
+async def websocket_over_http(request: Request) -> Response:
+    raise ApiError(
+        "upgrade_required",
+        "this route speaks WebSocket only: open it with an Upgrade request",
+        headers={"Upgrade": "websocket", "Connection": "Upgrade"},
+    )
+
+
+async def room_events(request: Request) -> Response:
+    gw = gateway_of(request)
+    room = v.room_name(request.path_params["room"])
+    identity, user = connecting(request)
+    identity.check_room(room)
+    v.only_fields(dict(request.query_params), v.fields(v.EVENTS_QUERY))
+    # Both are checked; the header (a browser's own resume) wins.
+    since = v.seq_param(request.headers.get("last-event-id"), "Last-Event-ID")
+    since_query = v.seq_param(request.query_params.get("since"), "since")
+    if since is None:
+        since = since_query
+    changes_since = v.seq_param(request.query_params.get("changes_since"), "changes_since")
+    connection = Connection(gw, identity.name)
+    decision = await connection.admit()
+    sub = Subscriber(
+        SSE,
+        identity=identity.name,
+        max_messages=gw.settings.queue_max_messages,
+        max_bytes=gw.settings.queue_max_bytes,
+        user=user,
+    )
+    connection.attach(sub, identity, room=room)
+    try:
+        await gw.hub.subscribe(sub, room, since, changes_since)
+    except BaseException:
+        await connection.close()
+        raise
+    await gw.presence.joined(sub.id, user, room)
+
+    async def stream() -> AsyncIterator[bytes]:
+        async for batch in sub.batches():
+            yield b"".join(batch)
+        if sub.farewell is not None:  # ended by the server API: say why
+            yield sub.farewell
+
+    # A reader that stopped reading is aborted by the server's protocol after
+    # SSE_SEND_TIMEOUT (chat_gateway.server.uvicorn_internals); send_timeout is the backstop under
+    # another server, where the socket may stay until the peer leaves.
+    return ConnectionStream(
+        stream(),
+        ping=gw.settings.sse_ping,
+        sep="\n",
+        send_timeout=2 * gw.settings.sse_send_timeout,
+        connection=connection,
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no", **decision.headers()},
+    )
+
+
+async def publish(request: Request) -> Response:
+    gw = gateway_of(request)
+    gw.auth.check_api_key(bearer(request.headers))
+    v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
+    body = v.json_object(await v.read_body(request, gw.settings.max_body_bytes))
+    v.only_fields(body, v.fields(v.PUBLISH))
+    room = v.room_name(body.get("room"))
+    event = v.event_name(body.get("event"))
+    data = body.get("data", {})
+    if not isinstance(data, dict):
+        raise ApiError("invalid_request", "data must be a JSON object", field="data")
+    v.nesting(data, "data")
+    # One bucket per API key (named by a digest: no secret in Redis), else per address.
+    key = bearer(request.headers)
+    caller = (
+        "key:" + hashlib.sha256(key.encode()).hexdigest()[:24]
+        if gw.auth.keys_required and key
+        else client_address(request, gw.settings.trusted_proxies)
+    )
+    decision = await gw.rate(PUBLISH, caller)
+    await gw.publish_event(room, event, data)
+    return json_response(
+        {"status": "accepted", "room": room, "event": event}, 202, decision.headers()
+    )
+
+
+async def room_presence(request: Request) -> Response:
+    gw = gateway_of(request)
+    room = v.room_name(request.path_params["room"])
+    identify(request).check_room(room)
+    v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
+    try:
+        users = await gw.presence.members(room)
+    except Exception as exc:
+        log.warning("presence read failed: %r", exc)
+        raise ApiError("unavailable", "presence is unavailable; retry later") from None
+    return json_response({"room": room, "users": users})
+
+
+# -- operations ----------------------------------------------------------------
+
+
+async def healthz(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    ok, checks = await gateway_of(request).readiness()
+    return json_response(
+        {"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503
+    )
+
+
+async def openapi_json(request: Request) -> Response:
+    return Response(request.app.state.openapi, media_type="application/json")
+
+
+async def metrics(request: Request) -> Response:
+    return Response(
+        gateway_of(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+    )
+
+
+# -- errors ------------------------------------------------------------------
+
+
+async def api_error(conn: HTTPConnection, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return exc.response()
+
+
+async def store_unavailable_error(conn: HTTPConnection, exc: Exception) -> Response:
+    assert isinstance(exc, StoreUnavailable)
+    return store_unavailable(exc, conn.url.path).response()
+
+
+async def http_error(conn: HTTPConnection, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+        exc.status_code, "invalid_request" if exc.status_code < 500 else "internal"
+    )
+    return ApiError(
+        code, exc.detail or CODES[code][1], status=exc.status_code, headers=dict(exc.headers or {})
+    ).response()
+
+
+async def internal_error(conn: HTTPConnection, exc: Exception) -> Response:
+    log.exception("unhandled error on %s", conn.url.path, exc_info=exc)
+    return internal().response()
+
+
+# -- the app -------------------------------------------------------------------
+
+
+class GatewayApp(Starlette):
+    """Starlette, with ``/v1/ws`` dispatched before the router.
+
+    An idle WebSocket keeps every frame of the call chain that leads to its
+    handler alive for as long as it is open. ``/v1/ws`` skips the middleware
+    and the router and goes through what of them it needs: Starlette's own
+    ``ExceptionMiddleware`` with the app's exception handlers, and the
+    connection id :class:`RequestContext` would set. Every other request goes
+    through Starlette. (``python -m bench idle`` measures the memory per
+    connection; the figures are in the README.)
+
+    With a JWKS, a request whose token names a key the cache lacks first waits
+    for the key set's next fetch (``Authenticator.await_key``, bounded and
+    shared), so that every route verifies tokens synchronously from the cache.
+    """
+
+    WS_PATH = "/v1/ws"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._websocket: ExceptionMiddleware | None = None  # built on first use, as the stack
+        self.jwks_auth: Authenticator | None = None  # set by the lifespan when AUTH_JWKS_URL is
+
+    def __call__(self, scope: Any, receive: Any, send: Any) -> Coroutine[Any, Any, None]:
+        auth = self.jwks_auth
+        if auth is not None and scope["type"] != "lifespan":
+            token = token_of(HTTPConnection(scope), query_token=True)
+            if auth.unknown_kid(token) is not None:
+                return self._with_key(auth, token, scope, receive, send)
+        return self._route(scope, receive, send)
+
+    async def _with_key(
+        self, auth: Authenticator, token: str | None, scope: Any, receive: Any, send: Any
+    ) -> None:
+        await auth.await_key(token)
+        await self._route(scope, receive, send)
+
+    def _route(self, scope: Any, receive: Any, send: Any) -> Coroutine[Any, Any, None]:
+        if scope["type"] == "websocket" and scope["path"] == self.WS_PATH:
+            scope["app"] = self
+            if self._websocket is None:
+                # The app's exception handlers but the catch-all one, which belongs to
+                # the server-error middleware (an HTTP 500 only), as Starlette splits them.
+                self._websocket = ExceptionMiddleware(
+                    _websocket,
+                    handlers={
+                        k: h
+                        for k, h in self.exception_handlers.items()
+                        if k not in (500, Exception)
+                    },
+                )
+            return self._websocket(scope, receive, send)
+        return super().__call__(scope, receive, send)
+
+
+def _websocket(scope: Any, receive: Any, send: Any) -> Coroutine[Any, Any, None]:
+    """``/v1/ws`` with its connection id, as RequestContext gives it. The connection
+    runs in a task of its own, whose context ends with it: nothing to reset."""
+    conn_id.set(request_id(scope))
+    return websocket_endpoint(WebSocket(scope, receive=receive, send=send))
+
+
+SDK_PATH = "/sdk/chat-gateway.js"
+
+# The pages load their scripts and stylesheet from /static/ and talk to this origin
+# only; nothing may frame them (clickjacking) or learn their address from a link.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "img-src 'self' data:; connect-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def static_dir(settings: Settings) -> Path:
+    if settings.static_dir:
+        return Path(settings.static_dir)
+    return PACKAGE / "static"
+
+
+def sdk_file() -> Path:
+    """The JavaScript client (clients/js/src/index.js), which the chat page imports.
+
+    An installed package carries it as ``chat_gateway/sdk/index.js`` (pyproject maps
+    clients/js/src there); a source checkout serves the file itself.
+    """
+    installed = PACKAGE / "sdk" / "index.js"
+    if installed.exists():
+        return installed
+    return PACKAGE.parent.parent / "clients" / "js" / "src" / "index.js"
+
+
+def create_app(settings: Settings | None = None, *, gateway: Gateway | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+    static = static_dir(settings)
+    sdk = sdk_file()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        gw = gateway or Gateway(settings)
+        await gw.start()
+        app.state.gateway = gw
+        if isinstance(app, GatewayApp) and gw.auth.jwks is not None:
+            app.jwks_auth = gw.auth
+        try:
+            yield
+        finally:
+            await gw.close()
+
+    def page(name: str) -> Any:
+        async def endpoint(request: Request) -> Response:
+            return FileResponse(
+                static / name, headers={"Cache-Control": "no-cache", **PAGE_HEADERS}
+            )
+
+        return endpoint
+
+    async def sdk_module(request: Request) -> Response:
+        # an ES module: served as JavaScript (pages send nosniff), revalidated like the pages
+        return FileResponse(
+            sdk,
+            media_type="text/javascript; charset=utf-8",
+            headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
+        )
+
+    routes = [
+        Route("/v1/rooms/{room}/messages", messages, methods=["GET", "POST"]),
+        Route("/v1/rooms/{room}/events", room_events, methods=["GET"]),
+        Route("/v1/rooms/{room}/presence", room_presence, methods=["GET"]),
+        Route("/v1/rooms/{room}/messages/{seq}", chat.message, methods=["PATCH", "DELETE"]),
+        Route("/v1/rooms/{room}/read", chat.read, methods=["GET", "POST"]),
+        Route("/v1/read", chat.read_positions, methods=["GET"]),
+        # Served by GatewayApp before routing; listed so the routing table is whole.
+        WebSocketRoute(GatewayApp.WS_PATH, websocket_endpoint),
+        Route(GatewayApp.WS_PATH, websocket_over_http, methods=["GET"]),
+        Route("/v1/publish", publish, methods=["POST"]),
+        Route("/v1/server/disconnect", server_api.disconnect, methods=["POST"]),
+        Route("/v1/server/unsubscribe", server_api.unsubscribe, methods=["POST"]),
+        Route("/v1/server/rooms", server_api.list_rooms, methods=["GET"]),
+        Route("/v1/server/rooms/{room}", server_api.room_info, methods=["GET"]),
+        Route("/v1/server/rooms/{room}/messages", server_api.purge_messages, methods=["DELETE"]),
+        Route("/v1/server/broadcast", server_api.broadcast, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/stats/events", stats_events, methods=["GET"]),
+        Route("/v1/admin/webhooks", webhooks_list, methods=["GET"]),
+        Route("/v1/admin/webhooks/dead", webhooks_dead, methods=["GET"]),
+        Route("/v1/admin/webhooks/replay", webhooks_replay, methods=["POST"]),
+        Route("/v1/admin/webhooks/enable", webhooks_enable, methods=["POST"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/", page("index.html"), methods=["GET"]),
+        Route("/dashboard", page("dashboard.html"), methods=["GET"]),
+        Route(SDK_PATH, sdk_module, methods=["GET"]),
+        Mount("/static", StaticFiles(directory=static, check_dir=False), name="static"),
+    ]
+    app = GatewayApp(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[Middleware(RequestContext)],
+        exception_handlers={
+            ApiError: api_error,
+            HTTPException: http_error,
+            StoreUnavailable: store_unavailable_error,
+            Exception: internal_error,
+        },
+    )
+    # A path with or without its trailing slash is one route or a 404, never a
+    # redirect built from the request's Host header.
+    app.router.redirect_slashes = False
+    open_mode = not (
+        (settings.auth_secret or "").split() or settings.auth_jwks_url or settings.auth_public_key
+    )
+    app.state.openapi = orjson.dumps(openapi.document(open_mode))
+    return app

@@ -1,0 +1,764 @@
+"""The OpenAPI 3.1 document served at ``/openapi.json``.
+
+Built from the shapes declared in ``chat_gateway.api.validation`` and the error
+catalogue in ``chat_gateway.errors``, so the published contract and the checks
+that enforce it cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from chat_gateway.api import server as sa
+from chat_gateway.api import validation as v
+from chat_gateway.api import webhooks as wh
+from chat_gateway.errors import CODES
+from chat_gateway.transports import stats_stream as stats
+
+_REF = "#/components/schemas/"
+
+MESSAGE: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "room", "seq", "author", "text", "created_at"],
+    "properties": {
+        "id": {"type": "string", "description": "unique across rooms"},
+        "room": v.ROOM,
+        "seq": {
+            "type": "integer",
+            "minimum": 1,
+            "description": "per room, from 1, strictly increasing by 1",
+        },
+        "author": {"type": "string"},
+        "text": {"type": "string"},
+        "created_at": {"type": "string", "format": "date-time"},
+        "version": {
+            "type": "integer",
+            "minimum": 2,
+            "description": "present once edited or deleted: 1 + the changes made",
+        },
+        "edited_at": {
+            "type": ["string", "null"],
+            "format": "date-time",
+            "description": "present once changed: the last edit, or null",
+        },
+        "deleted_at": {
+            "type": ["string", "null"],
+            "format": "date-time",
+            "description": "present once changed: set on a tombstone (text empty), else null",
+        },
+    },
+}
+
+ERROR: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string", "enum": sorted(CODES)},
+                "message": {"type": "string"},
+                "retry_after": {"type": "number", "description": "seconds, on rate_limited"},
+            },
+        }
+    },
+}
+
+_INT_HEADER = {"schema": {"type": "integer"}}
+RATE_HEADERS = {
+    "RateLimit-Limit": {"description": "the bucket's capacity", **_INT_HEADER},
+    "RateLimit-Remaining": {"description": "tokens left", **_INT_HEADER},
+    "RateLimit-Reset": {"description": "seconds until the bucket is full", **_INT_HEADER},
+}
+
+
+# One event of a stream (before OpenAPI 3.2, an event stream's schema describes
+# each event): its fields as the SSE format has them, data being text.
+def _event(name: dict[str, Any], data: str, with_id: bool) -> dict[str, Any]:
+    props: dict[str, Any] = {
+        "event": name,
+        "data": {"type": "string", "contentMediaType": "application/json", "description": data},
+    }
+    if with_id:
+        props["id"] = {
+            "type": "string",
+            "pattern": "^[0-9]+$",
+            "description": "the message's seq, on message events",
+        }
+    props["retry"] = {"type": "integer", "minimum": 0}
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": props,
+        "additionalProperties": False,
+    }
+
+
+ROOM_EVENT = _event(
+    {"type": "string", "description": "message, presence, or a name given to /v1/publish"},
+    "a message, presence change or ephemeral event",
+    with_id=True,
+)
+STATS_EVENT = _event({"const": "stats"}, "a snapshot of the figures (docs/API.md)", with_id=False)
+
+
+def _json(
+    schema: dict[str, Any], description: str, headers: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": schema}},
+    }
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for code in codes:
+        status, meaning = CODES[code]
+        entry = out.setdefault(str(status), _json({"$ref": _REF + "Error"}, ""))
+        entry["description"] = "; ".join(filter(None, [entry["description"], f"{code}: {meaning}"]))
+        if code == "rate_limited":
+            entry["headers"] = {
+                **RATE_HEADERS,
+                "Retry-After": {"description": "whole seconds, at least 1", **_INT_HEADER},
+            }
+    return out
+
+
+def _query(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {"name": name, "in": "query", "required": False, "schema": prop}
+        for name, prop in schema["properties"].items()
+    ]
+
+
+ROOM_PARAM = {"name": "room", "in": "path", "required": True, "schema": v.ROOM}
+USER: list[dict[str, list[str]]] = [{"userToken": []}, {}]
+# As on /v1/publish: in open mode with API_KEYS unset, no key is asked for.
+ADMIN: list[dict[str, list[str]]] = [{"apiKey": []}, {}]
+
+
+KEY_ONLY: list[dict[str, list[str]]] = [{"apiKey": []}]
+
+
+def _body(name: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": {"$ref": _REF + name}}}}
+
+
+def server_paths() -> dict[str, Any]:
+    """The server API (chat_gateway.api.server): an API key always, every instance acts."""
+    accepted = _json({"type": "object"}, "sent to every instance")
+    rooms_item = {
+        "type": "object",
+        "required": ["room", "subscribers", "latest_seq"],
+        "properties": {
+            "room": v.ROOM,
+            "subscribers": {"type": "integer"},
+            "latest_seq": {"type": "integer"},
+        },
+    }
+    return {
+        "/v1/server/disconnect": {
+            "post": {
+                "summary": "close every connection of a user on every instance (WS 4001)",
+                "security": KEY_ONLY,
+                "requestBody": _body("ServerDisconnect"),
+                "responses": {
+                    "202": accepted,
+                    **_errors(
+                        "invalid_json",
+                        "invalid_request",
+                        "unauthorized",
+                        "too_large",
+                        "unavailable",
+                    ),
+                },
+            }
+        },
+        "/v1/server/unsubscribe": {
+            "post": {
+                "summary": "end a user's subscriptions to a room on every instance",
+                "security": KEY_ONLY,
+                "requestBody": _body("ServerUnsubscribe"),
+                "responses": {
+                    "202": accepted,
+                    **_errors(
+                        "invalid_json",
+                        "invalid_request",
+                        "unauthorized",
+                        "too_large",
+                        "unavailable",
+                    ),
+                },
+            }
+        },
+        "/v1/server/rooms": {
+            "get": {
+                "summary": "rooms with subscribers on any instance, by name, paged",
+                "security": KEY_ONLY,
+                "parameters": _query(sa.ROOMS_QUERY),
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["rooms", "next"],
+                            "properties": {
+                                "rooms": {"type": "array", "items": rooms_item},
+                                "next": {
+                                    "type": ["string", "null"],
+                                    "description": "the cursor of the next page; null: last",
+                                },
+                            },
+                        },
+                        "a page of rooms",
+                    ),
+                    **_errors("invalid_request", "unauthorized", "unavailable"),
+                },
+            }
+        },
+        "/v1/server/rooms/{room}": {
+            "get": {
+                "summary": "a room across instances: subscribers, present users, latest seq",
+                "security": KEY_ONLY,
+                "parameters": [ROOM_PARAM],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["room", "subscribers", "presence", "latest_seq"],
+                            "properties": {
+                                "room": v.ROOM,
+                                "subscribers": {"type": "integer"},
+                                "presence": {"type": "integer"},
+                                "latest_seq": {"type": "integer"},
+                            },
+                        },
+                        "the room",
+                    ),
+                    **_errors("invalid_request", "unauthorized", "unavailable"),
+                },
+            }
+        },
+        "/v1/server/rooms/{room}/messages": {
+            "delete": {
+                "summary": "purge the room's history; seqs are never reused",
+                "security": KEY_ONLY,
+                "parameters": [ROOM_PARAM],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["room", "removed"],
+                            "properties": {"room": v.ROOM, "removed": {"type": "integer"}},
+                        },
+                        "purged; every instance told",
+                    ),
+                    **_errors("invalid_request", "unauthorized", "unavailable"),
+                },
+            }
+        },
+        "/v1/server/broadcast": {
+            "post": {
+                "summary": f"one ephemeral event to 1..{sa.MAX_BROADCAST_ROOMS} rooms",
+                "security": KEY_ONLY,
+                "requestBody": _body("ServerBroadcast"),
+                "responses": {
+                    "202": _json({"type": "object"}, "published", RATE_HEADERS),
+                    **_errors(
+                        "invalid_json",
+                        "invalid_request",
+                        "unauthorized",
+                        "too_large",
+                        "rate_limited",
+                        "unavailable",
+                    ),
+                },
+            }
+        },
+    }
+
+
+def _reader_query(open_mode: bool) -> list[dict[str, Any]]:
+    """``?user=`` of the read routes: whose position, required in open mode only."""
+    return [{**p, "required": open_mode} for p in _query(v.READ_QUERY)]
+
+
+def chat_paths(open_mode: bool) -> dict[str, Any]:
+    """Edits, deletes and read positions (chat_gateway.api.chat)."""
+    seq_param = {"name": "seq", "in": "path", "required": True, "schema": v.MESSAGE_SEQ}
+    changed = _json({"$ref": _REF + "Message"}, "", RATE_HEADERS)
+    either: list[dict[str, list[str]]] = [{"userToken": []}, {"apiKey": []}, {}]
+    position = {
+        "type": "object",
+        "required": ["room", "seq", "unread"],
+        "properties": {
+            "room": v.ROOM,
+            "seq": {"type": "integer"},
+            "unread": {"type": "integer", "description": "messages after seq, tombstones included"},
+        },
+    }
+    change_errors = _errors(
+        "invalid_json",
+        "invalid_request",
+        "unauthorized",
+        "forbidden",
+        "not_found",
+        "too_large",
+        "rate_limited",
+        "unavailable",
+    )
+    return {
+        "/v1/rooms/{room}/messages/{seq}": {
+            "patch": {
+                "summary": "Edit a message: its author, or an API key for any",
+                "security": either,
+                "parameters": [ROOM_PARAM, seq_param],
+                "requestBody": _body("EditMessage"),
+                "responses": {
+                    "200": {
+                        **changed,
+                        "description": "the message as edited (the same text: unchanged)",
+                    },
+                    **change_errors,
+                },
+            },
+            "delete": {
+                "summary": "Delete a message, keeping a tombstone at its seq",
+                "security": either,
+                "parameters": [ROOM_PARAM, seq_param],
+                "requestBody": {
+                    "required": False,
+                    "content": {"application/json": {"schema": {"$ref": _REF + "DeleteMessage"}}},
+                },
+                "responses": {
+                    "200": {
+                        **changed,
+                        "description": "the tombstone (a repeat: the same tombstone)",
+                    },
+                    **change_errors,
+                },
+            },
+        },
+        "/v1/rooms/{room}/read": {
+            "post": {
+                "summary": "Mark the room read up to seq; the position never moves back",
+                "security": USER,
+                "parameters": [ROOM_PARAM],
+                "requestBody": _body("MarkRead"),
+                "responses": {
+                    "200": _json(position, "the position now"),
+                    **_errors(
+                        "invalid_json",
+                        "invalid_request",
+                        "unauthorized",
+                        "forbidden",
+                        "too_large",
+                        "unavailable",
+                    ),
+                },
+            },
+            "get": {
+                "summary": "The caller's read position and unread count in the room",
+                "security": USER,
+                "parameters": [ROOM_PARAM, *_reader_query(open_mode)],
+                "responses": {
+                    "200": _json(position, "the position"),
+                    **_errors("invalid_request", "unauthorized", "forbidden", "unavailable"),
+                },
+            },
+        },
+        "/v1/read": {
+            "get": {
+                "summary": "Every room the caller has a read position in, with unread counts",
+                "security": USER,
+                "parameters": _reader_query(open_mode),
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["rooms"],
+                            "properties": {"rooms": {"type": "array", "items": position}},
+                        },
+                        "by room name",
+                    ),
+                    **_errors("invalid_request", "unauthorized", "unavailable"),
+                },
+            }
+        },
+    }
+
+
+def document(open_mode: bool = False) -> dict[str, Any]:
+    """The document; ``open_mode``: as served by an instance without user tokens,
+    where a read position's ``user`` is required."""
+    ok_message = _json({"$ref": _REF + "Message"}, "", RATE_HEADERS)
+    paths: dict[str, Any] = {
+        "/v1/rooms/{room}/messages": {
+            "post": {
+                "summary": "Post a message",
+                "security": USER,
+                "parameters": [
+                    ROOM_PARAM,
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "schema": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": v.MAX_IDEMPOTENCY_KEY,
+                        },
+                    },
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": _REF + "PostMessage"}}},
+                },
+                "responses": {
+                    "201": {**ok_message, "description": "stored"},
+                    "200": {
+                        **ok_message,
+                        "description": "a repeat of an Idempotency-Key "
+                        "by the same identity with the same "
+                        "body: the first message",
+                    },
+                    **_errors(
+                        "invalid_json",
+                        "invalid_request",
+                        "unauthorized",
+                        "forbidden",
+                        "idempotency_conflict",
+                        "too_large",
+                        "rate_limited",
+                        "unavailable",
+                    ),
+                },
+            },
+            "get": {
+                "summary": "Read history, ascending by seq",
+                "security": USER,
+                "parameters": [ROOM_PARAM, *_query(v.HISTORY_QUERY)],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["messages", "has_more"],
+                            "properties": {
+                                "messages": {"type": "array", "items": {"$ref": _REF + "Message"}},
+                                "has_more": {"type": "boolean"},
+                            },
+                        },
+                        "a page",
+                    ),
+                    **_errors("invalid_request", "unauthorized", "forbidden", "unavailable"),
+                },
+            },
+        },
+        "/v1/rooms/{room}/events": {
+            "get": {
+                "summary": "Server-Sent Events of a room; resume with Last-Event-ID or since",
+                "security": USER,
+                "parameters": [
+                    ROOM_PARAM,
+                    *_query(v.EVENTS_QUERY),
+                    {"name": "Last-Event-ID", "in": "header", "required": False, "schema": v.SEQ},
+                ],
+                "responses": {
+                    "200": {
+                        "description": "the event stream",
+                        "headers": RATE_HEADERS,
+                        "content": {"text/event-stream": {"schema": {"$ref": _REF + "RoomEvent"}}},
+                    },
+                    **_errors(
+                        "invalid_request",
+                        "unauthorized",
+                        "forbidden",
+                        "rate_limited",
+                        "too_many_connections",
+                        "unavailable",
+                    ),
+                },
+            }
+        },
+        "/v1/rooms/{room}/presence": {
+            "get": {
+                "summary": "who is in the room, on any instance",
+                "security": USER,
+                "parameters": [ROOM_PARAM],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["room", "users"],
+                            "properties": {
+                                "room": v.ROOM,
+                                "users": {"type": "array", "items": {"type": "string"}},
+                            },
+                        },
+                        "the users, sorted",
+                    ),
+                    **_errors("invalid_request", "unauthorized", "forbidden", "unavailable"),
+                },
+            }
+        },
+        "/v1/ws": {
+            "get": {
+                "summary": "WebSocket upgrade; JSON text frames, see x-frames",
+                "security": USER,
+                "parameters": _query(v.WS_QUERY),
+                "responses": {
+                    "101": {"description": "switching protocols", "headers": RATE_HEADERS},
+                    **_errors(
+                        "invalid_request",
+                        "unauthorized",
+                        "rate_limited",
+                        "too_many_connections",
+                        "upgrade_required",
+                        "unavailable",
+                    ),
+                },
+                "x-frames": {kind: {"$ref": _REF + f"Frame.{kind}"} for kind in v.FRAMES},
+            }
+        },
+        "/v1/publish": {
+            "post": {
+                "summary": "Fan out an ephemeral event (not stored, no seq)",
+                "security": [{"apiKey": []}, {}],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": _REF + "Publish"}}},
+                },
+                "responses": {
+                    "202": _json({"type": "object"}, "accepted", RATE_HEADERS),
+                    **_errors(
+                        "invalid_json",
+                        "invalid_request",
+                        "unauthorized",
+                        "too_large",
+                        "rate_limited",
+                        "unavailable",
+                    ),
+                },
+            }
+        },
+        "/v1/stats/events": {
+            "get": {
+                "summary": "live figures as SSE, one `stats` event per interval: this "
+                "instance's, or with scope=cluster the sum over every instance; "
+                "in auth mode an API key (Bearer or ?key=) is required",
+                "security": [{"apiKey": []}, {}],
+                "parameters": _query(stats.QUERY),
+                "responses": {
+                    "200": {
+                        "description": "the event stream",
+                        "content": {"text/event-stream": {"schema": {"$ref": _REF + "StatsEvent"}}},
+                    },
+                    **_errors(
+                        "invalid_request",
+                        "unauthorized",
+                        "rate_limited",
+                        "too_many_connections",
+                        "unavailable",
+                    ),
+                },
+            }
+        },
+        **server_paths(),
+        "/v1/admin/webhooks": {
+            "get": {
+                "summary": "webhook receivers: breaker state (this instance), backlog",
+                "security": ADMIN,
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["endpoints"],
+                            "properties": {
+                                "endpoints": {
+                                    "type": "array",
+                                    "items": {"$ref": _REF + "WebhookEndpoint"},
+                                }
+                            },
+                        },
+                        "the receivers in WEBHOOK_URLS order",
+                    ),
+                    **_errors("invalid_request", "unauthorized", "unavailable"),
+                },
+            }
+        },
+        "/v1/admin/webhooks/dead": {
+            "get": {
+                "summary": "dead-lettered webhook events, newest first, paged by `next`",
+                "security": ADMIN,
+                "parameters": _query(wh.DEAD_QUERY),
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["dead", "next"],
+                            "properties": {
+                                "dead": {
+                                    "type": "array",
+                                    "items": {"$ref": _REF + "WebhookDeadLetter"},
+                                },
+                                "next": {
+                                    "type": ["integer", "null"],
+                                    "description": "pass as before= for the next page",
+                                },
+                            },
+                        },
+                        "a page",
+                    ),
+                    **_errors("invalid_request", "unauthorized", "not_found", "unavailable"),
+                },
+            }
+        },
+        "/v1/admin/webhooks/replay": {
+            "post": {
+                "summary": "send events again: dead letters by id, or every event of a time range",
+                "security": ADMIN,
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": _REF + "WebhookReplay"}}},
+                },
+                "responses": {
+                    "202": _json(
+                        {
+                            "type": "object",
+                            "required": ["replayed"],
+                            "properties": {"replayed": {"type": "integer"}},
+                        },
+                        "pending again, due now",
+                    ),
+                    **_errors(
+                        "invalid_json",
+                        "invalid_request",
+                        "unauthorized",
+                        "not_found",
+                        "too_large",
+                        "unavailable",
+                    ),
+                },
+            }
+        },
+        "/v1/admin/webhooks/enable": {
+            "post": {
+                "summary": "enable a receiver disabled by a 410 Gone; its backlog drains in order",
+                "security": ADMIN,
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": _REF + "WebhookEnable"}}},
+                },
+                "responses": {
+                    "200": _json({"$ref": _REF + "WebhookEndpoint"}, "enabled"),
+                    **_errors(
+                        "invalid_json",
+                        "invalid_request",
+                        "unauthorized",
+                        "not_found",
+                        "too_large",
+                        "unavailable",
+                    ),
+                },
+            }
+        },
+        **chat_paths(open_mode),
+        "/healthz": {
+            "get": {"summary": "liveness", "responses": {"200": _json({"type": "object"}, "alive")}}
+        },
+        "/readyz": {
+            "get": {
+                "summary": "readiness per dependency",
+                "responses": {
+                    "200": _json({"type": "object"}, "ready"),
+                    "503": _json({"type": "object"}, "a dependency is down"),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus text exposition",
+                "responses": {
+                    "200": {
+                        "description": "metrics",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "this document",
+                "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")},
+            }
+        },
+    }
+    schemas: dict[str, Any] = {
+        "Message": MESSAGE,
+        "Error": ERROR,
+        "RoomEvent": ROOM_EVENT,
+        "StatsEvent": STATS_EVENT,
+        "PostMessage": v.POST_MESSAGE,
+        "Publish": v.PUBLISH,
+    }
+    schemas.update(
+        {
+            "ServerDisconnect": sa.DISCONNECT,
+            "ServerUnsubscribe": sa.UNSUBSCRIBE,
+            "ServerBroadcast": sa.BROADCAST,
+        }
+    )
+    schemas.update(
+        {
+            "EditMessage": v.EDIT_MESSAGE,
+            "DeleteMessage": v.DELETE_MESSAGE,
+            "MarkRead": (
+                {**v.MARK_READ, "required": ["seq", "user"]} if open_mode else v.MARK_READ
+            ),
+        }
+    )
+    schemas.update({f"Frame.{kind}": schema for kind, schema in v.FRAMES.items()})
+    schemas.update(
+        {
+            "WebhookEndpoint": wh.ENDPOINT,
+            "WebhookDeadLetter": wh.DEAD_LETTER,
+            "WebhookReplay": wh.REPLAY,
+            "WebhookEnable": wh.ENABLE,
+        }
+    )
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "chat-gateway",
+            "version": "1",
+            "description": "Realtime chat: HTTP, WebSocket and SSE. Errors are "
+            '{"error": {"code", "message"}}.',
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "userToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "JWT",
+                    "description": "HS256 (AUTH_SECRET) or RS256/384/512, ES256/384, "
+                    "EdDSA (AUTH_JWKS_URL, AUTH_PUBLIC_KEY); claims "
+                    "sub, exp (numeric), optional rooms and "
+                    "read_rooms, iss/aud when configured; on /v1/ws "
+                    "and SSE also ?token=; renewed on a WebSocket "
+                    "by the refresh frame",
+                },
+                "apiKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "one of API_KEYS; with auth on and API_KEYS unset, "
+                    "every request is refused",
+                },
+            },
+        },
+    }

@@ -1,0 +1,31 @@
+"""Message storage: the store (Postgres or embedded SQLite), migrations, history cache."""
+
+from chat_gateway.storage.base import (
+    MAX_PAGE,
+    Change,
+    Message,
+    MessageNotFound,
+    NotAuthor,
+    Page,
+    ReadPosition,
+    Store,
+    StoreUnavailable,
+    new_id,
+)
+from chat_gateway.storage.cache import HistoryCache
+from chat_gateway.storage.open import create_store
+
+__all__ = [
+    "MAX_PAGE",
+    "Change",
+    "HistoryCache",
+    "Message",
+    "MessageNotFound",
+    "NotAuthor",
+    "Page",
+    "ReadPosition",
+    "Store",
+    "StoreUnavailable",
+    "create_store",
+    "new_id",
+]

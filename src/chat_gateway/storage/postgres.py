@@ -1,0 +1,821 @@
+"""Postgres store through an asyncpg pool.
+
+The seq of a room is the ``rooms.last_seq`` counter, incremented by an upsert in
+the same statement that inserts the message: the row lock it takes serialises
+the writers of one room (and only them), and a failed insert rolls the
+increment back, so seqs have no gap.
+
+Posts without an idempotency key are committed in groups: whatever arrives
+while a group is being committed goes in the next statement (one transaction,
+one WAL flush). The statement upserts each room of the group once, in room
+order (so two groups never wait on each other in a cycle), raising its
+counter by the room's number of messages, and numbers them in arrival order.
+All of a group commits or none of it; every caller gets its own seq or the
+error. Posts with a key keep the single statement above, so a duplicate key
+can only ever fail its own post.
+
+One committer (a task committing groups back to back on one pooled connection)
+does the committing while it keeps up, which makes the groups as large as the
+load: fewer statements, fewer commits, less CPU in the gateway and in
+Postgres. Another committer starts only when every running committer has been
+on one statement longer than ``GROUP_STALL`` (a lock wait on a room another
+instance is writing, a slow flush), so one stalled statement does not hold
+the posts of every other room.
+
+Every operation is answered within ``command_timeout`` as a whole (waiting for
+a connection, every statement it sends), whatever the network does. A link that
+stops answering without a reset (a frozen server or network) would otherwise
+hold the caller twice more: asyncpg's cancel request and the connection's
+release go down the same silent path. A connection whose statement failed or
+was given up on is therefore released in the background, within its own
+bound (then terminated), never by the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from chat_gateway.storage import migrations
+from chat_gateway.storage.base import (
+    Change,
+    Message,
+    MessageNotFound,
+    NotAuthor,
+    Page,
+    ReadPosition,
+    Store,
+    StoreUnavailable,
+    change_event,
+    display_url,
+    new_id,
+)
+
+log = logging.getLogger("storage.postgres")
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# pg_advisory_lock key for migrations: any fixed 64-bit number, the same on every instance.
+MIGRATION_LOCK = 0x63686174_6777  # "chatgw"
+
+_COLUMNS = (
+    "id, room, seq, author, text, "
+    "(extract(epoch from created_at) * 1000)::bigint AS created_ms, version, "
+    "(extract(epoch from edited_at) * 1000)::bigint AS edited_ms, "
+    "(extract(epoch from deleted_at) * 1000)::bigint AS deleted_ms"
+)
+
+_APPEND = """
+WITH r AS (
+    INSERT INTO rooms AS r (room, last_seq) VALUES ($1, 1)
+    ON CONFLICT (room) DO UPDATE SET last_seq = r.last_seq + 1
+    RETURNING room, last_seq, last_change
+)
+INSERT INTO messages (room, seq, id, author, text, created_at, idempotency_key)
+SELECT $1, last_seq, $2, $3, $4, $5, $6 FROM r
+RETURNING seq, (SELECT last_change FROM r) AS changes
+"""
+
+_APPEND_GROUP = """
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
+        WITH ORDINALITY AS t(room, id, author, text, created_at, ord)
+), counts AS (
+    SELECT room, count(*) AS n FROM input GROUP BY room
+), r AS (
+    INSERT INTO rooms AS r (room, last_seq)
+    SELECT room, n FROM counts ORDER BY room
+    ON CONFLICT (room) DO UPDATE SET last_seq = r.last_seq + EXCLUDED.last_seq
+    RETURNING room, last_seq, last_change
+)
+INSERT INTO messages (room, seq, id, author, text, created_at)
+SELECT i.room, r.last_seq - c.n + row_number() OVER (PARTITION BY i.room ORDER BY i.ord),
+       i.id, i.author, i.text, i.created_at
+FROM input i JOIN r USING (room) JOIN counts c USING (room)
+RETURNING id, seq, (SELECT r.last_change FROM r WHERE r.room = messages.room) AS changes
+"""
+
+_OUTBOX = """,
+o AS (
+    INSERT INTO webhook_outbox (endpoint_id, event_id, type, room, seq, pos, data,
+                                created_at, next_at)
+    SELECT e, 'evt_' || m.id, 'message.created', m.room, m.seq,
+           m.seq + (SELECT r.last_change FROM r WHERE r.room = m.room),
+           json_build_object('id', m.id, 'room', m.room, 'seq', m.seq, 'author', m.author,
+                             'text', m.text, 'created_at', to_char(m.created_at AT TIME ZONE
+                             'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'))::text,
+           m.created_at, m.created_at
+    FROM m CROSS JOIN unnest(${param}::bigint[]) AS e
+)
+"""
+
+
+def with_outbox(statement: str) -> str:
+    """An append statement that also writes each message's ``message.created`` event
+    to the webhook outbox, one row per receiver, in the same transaction: its
+    ``INSERT INTO messages`` becomes a CTE whose rows feed the outbox insert, and
+    the statement returns what it returned before (its RETURNING list is read
+    from that CTE under the table's name, so it may name ``messages``). The receivers' ids are one
+    more parameter, after the statement's own."""
+    head, _, insert = statement.rpartition("\nINSERT INTO messages")
+    insert, _, returning = insert.rpartition("RETURNING ")
+    param = max(int(n) for n in re.findall(r"\$(\d+)", statement)) + 1
+    return (
+        f"{head},\nm AS (\nINSERT INTO messages{insert}RETURNING *\n)"
+        f"{_OUTBOX.format(param=param)}SELECT {returning.strip()} FROM m AS messages\n"
+    )
+
+
+# The most committers at once, how long a statement runs before another committer may
+# take off (seconds), and the most posts in one group.
+GROUP_COMMITTERS = 4
+GROUP_STALL = 0.02
+GROUP_MAX = 256
+
+_BY_KEY = f"SELECT {_COLUMNS} FROM messages WHERE room = $1 AND idempotency_key = $2"
+
+# Where a new connection landed: the server's cluster (a promoted standby keeps its
+# primary's) and the timeline it writes on (one more with every promotion).
+# (None on a standby, which takes no write anyway.)
+_TIMELINE = (
+    "SELECT system_identifier, CASE WHEN NOT pg_is_in_recovery() THEN "
+    "('x' || left(pg_walfile_name(pg_current_wal_lsn()), 8))::bit(32)::int END "
+    "AS timeline FROM pg_control_system()"
+)
+
+
+class StalePrimary(Exception):
+    """A server that writes on an older timeline than one this store has written on:
+    a primary whose standby was promoted, back up as a primary (a split brain)."""
+
+
+# A database that cannot take the statement now: unreachable, starting, shutting
+# down or crashed (a failover in progress), out of connections, or a standby (a
+# demoted primary, or no host of a multi-host URL is the primary yet), or a
+# connection whose protocol state the server's end of the session broke (asyncpg's
+# InternalClientError: "cannot switch to state …"). The caller
+# answers 503 and may retry; nothing was committed by this statement unless its
+# commit's reply was lost, which an Idempotency-Key retry finds.
+_UNAVAILABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.ReadOnlySQLTransactionError,
+    asyncpg.InternalClientError,
+    StalePrimary,
+)
+
+
+# The array types the statements bind (the group commit's columns, latest_seqs'
+# rooms). asyncpg looks a connection's codecs for them up with a catalog query the
+# first time a statement binds them: tens of milliseconds (more on a busy server)
+# that the first post through each pooled connection would wait for.
+_ARRAY_TYPES = "SELECT $1::text[], $2::timestamptz[]"
+
+
+async def _prime(conn: asyncpg.Connection) -> None:
+    """A new pooled connection looks its array types up now, before any post needs it
+    (the floor connections are made at start-up and kept; see the pool's min_size)."""
+    await conn.prepare(_ARRAY_TYPES)
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset on release. asyncpg's default sends a reset query (unlock
+    advisory locks, close cursors, UNLISTEN, RESET ALL): one more round trip for
+    every statement. This store leaves no session state on a pooled connection
+    (no SET, LISTEN, cursor or advisory lock; migrations take their own
+    connection), and an open transaction is still rolled back by asyncpg first."""
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(f"Postgres unavailable: {exc!r}")
+
+
+def _fail(group: list[Any], exc: BaseException) -> None:
+    """Every post of a group that failed gets the error (``StoreUnavailable`` for a lost
+    or unreachable database)."""
+    err = _unavailable(exc) if isinstance(exc, _UNAVAILABLE) else exc
+    for item in group:
+        if not item[5].done():
+            item[5].set_exception(err)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a given-up future's outcome as seen (no "never retrieved" report)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _row(r: Any) -> Message:
+    return Message(
+        r["id"],
+        r["room"],
+        r["seq"],
+        r["author"],
+        r["text"],
+        r["created_ms"],
+        r["version"],
+        r["edited_ms"],
+        r["deleted_ms"],
+    )
+
+
+# -- chat: edits, deletes, read positions --------------------------------------
+
+# An edit's or delete's event, one row per receiver, in the change's transaction;
+# pos: the change's place in the room's commit order (after_seq + change number).
+_CHANGE_OUTBOX = """
+INSERT INTO webhook_outbox (endpoint_id, event_id, type, room, seq, pos, data, created_at,
+                            next_at)
+SELECT e, $1, $2, $4, $5, $6, $3, $7, $7 FROM unnest($8::bigint[]) AS e
+"""
+
+_MESSAGE_FOR_UPDATE = f"SELECT {_COLUMNS} FROM messages WHERE room = $1 AND seq = $2 FOR UPDATE"
+_EDIT = (
+    "UPDATE messages SET text = $3, version = version + 1, edited_at = $4 "
+    f"WHERE room = $1 AND seq = $2 RETURNING {_COLUMNS}"
+)
+# A delete empties the text in the row itself: the text is gone, not hidden.
+_DELETE = (
+    "UPDATE messages SET text = '', version = version + 1, deleted_at = $3 "
+    f"WHERE room = $1 AND seq = $2 RETURNING {_COLUMNS}"
+)
+_CHANGES = """
+SELECT c.change, c.after_seq, m.id, m.room, m.seq, m.author, m.text,
+       (extract(epoch from m.created_at) * 1000)::bigint AS created_ms, m.version,
+       (extract(epoch from m.edited_at) * 1000)::bigint AS edited_ms,
+       (extract(epoch from m.deleted_at) * 1000)::bigint AS deleted_ms
+FROM message_changes c JOIN messages m ON m.room = c.room AND m.seq = c.seq
+WHERE c.room = $1 AND c.change > $2 ORDER BY c.change LIMIT $3
+"""
+# One upsert: capped at the room's last seq, never lowered (GREATEST under the
+# conflict's row lock), so concurrent marks cannot move a position back.
+_MARK_READ = """
+WITH r AS (SELECT last_seq FROM rooms WHERE room = $2)
+INSERT INTO read_positions AS p (user_name, room, seq, updated_at)
+SELECT $1, $2, LEAST($3, r.last_seq), now() FROM r
+ON CONFLICT (user_name, room) DO UPDATE
+    SET seq = GREATEST(p.seq, EXCLUDED.seq), updated_at = EXCLUDED.updated_at
+RETURNING seq, (SELECT last_seq FROM r) AS last_seq
+"""
+_READ_POSITION = """
+SELECT coalesce(p.seq, 0) AS seq, coalesce(r.last_seq, 0) AS last_seq
+FROM (SELECT 1) AS one
+LEFT JOIN rooms r ON r.room = $2
+LEFT JOIN read_positions p ON p.user_name = $1 AND p.room = $2
+"""
+_READ_POSITIONS = """
+SELECT p.room, p.seq, coalesce(r.last_seq, 0) AS last_seq
+FROM read_positions p LEFT JOIN rooms r ON r.room = p.room
+WHERE p.user_name = $1 ORDER BY p.room LIMIT $2
+"""
+
+
+class PostgresStore(Store):
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_min: int = 1,
+        pool_max: int = 10,
+        connect_timeout: float = 5.0,
+        command_timeout: float = 10.0,
+        idle_timeout: float = 300.0,
+    ) -> None:
+        if pool_max < 1 or pool_min < 0 or pool_min > pool_max:
+            raise ValueError("pool sizes must satisfy 0 <= min <= max, max >= 1")
+        self.url = url
+        self._pool_args = dict(
+            min_size=pool_min,
+            max_size=pool_max,
+            timeout=connect_timeout,
+            command_timeout=command_timeout,
+            max_inactive_connection_lifetime=idle_timeout,
+        )
+        self._acquire_timeout = connect_timeout + command_timeout
+        self._command_timeout = command_timeout
+        self._pool: asyncpg.Pool | None = None
+        self._releases: set[asyncio.Task[None]] = set()  # given-up connections going back
+        self._waiting: list[
+            tuple[str, str, str, str, datetime, asyncio.Future[tuple[int, int]]]
+        ] = []
+        # Each committer, and when its statement in progress started (loop time).
+        self._committers: dict[asyncio.Task[None], float] = {}
+        # Per database cluster (system identifier), the latest timeline connected to.
+        self._timelines: dict[int, int] = {}
+        # The append statements and their extra arguments: with webhook receivers,
+        # the variants that write the outbox too (see write_outbox).
+        self._append_sql, self._append_group_sql = _APPEND, _APPEND_GROUP
+        self._outbox_args: tuple[list[int], ...] = ()
+
+    async def start(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url, reset=_keep_session, init=self._init_connection, **self._pool_args
+            )
+        except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
+            # Refused, unknown host, no such database, bad credentials: the server's
+            # or the socket's sentence, with the target it was about.
+            raise self._cannot_connect(exc) from exc
+
+    async def close(self) -> None:
+        if self._releases:
+            await asyncio.wait(self._releases, timeout=self._command_timeout)
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), 5)
+            except (TimeoutError, *_UNAVAILABLE):
+                pool.terminate()
+
+    def _cannot_connect(self, exc: BaseException) -> StoreUnavailable:
+        reason = str(exc) or type(exc).__name__
+        return StoreUnavailable(f"cannot connect to Postgres at {display_url(self.url)}: {reason}")
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StoreUnavailable("the store is not started")
+        return self._pool
+
+    async def _call(self, method: str, query: str, *args: Any) -> Any:
+        """One statement on a pooled connection, answered within the command timeout."""
+        pool = self.pool
+        try:
+            async with asyncio.timeout(self._command_timeout):
+                # No timeout of the pool's own: the deadline above bounds the wait
+                # (and asyncpg's would cost a task per call).
+                conn = await pool.acquire()
+                try:
+                    result = await getattr(conn, method)(query, *args)
+                except BaseException as exc:
+                    if isinstance(exc, _UNAVAILABLE):
+                        await self._failed(exc, conn)
+                    self._release_later(conn)
+                    raise
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
+        await pool.release(conn)  # nothing to send: the session is kept (_keep_session)
+        return result
+
+    def _release_later(self, conn: Any) -> None:
+        """Give a connection back without waiting for it: its statement failed or was
+        given up on, and asyncpg first waits for the cancel request to go through."""
+        task = asyncio.get_running_loop().create_task(self._release(conn))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _init_connection(self, conn: asyncpg.Connection) -> None:
+        """A new pooled connection: refused if it reached a stale primary, then primed."""
+        await self._check_timeline(conn)
+        await _prime(conn)
+
+    async def _check_timeline(self, conn: asyncpg.Connection) -> None:
+        """Each new pooled connection: a server on an older timeline of the cluster
+        than one this store has written on is an old primary that came back as a
+        primary after its standby was promoted. It is refused (503 until the
+        orchestrator fences it), so it never takes a write."""
+        row = await conn.fetchrow(_TIMELINE)
+        if row["timeline"] is None:
+            return
+        cluster, timeline = int(row["system_identifier"]), int(row["timeline"])
+        latest = self._timelines.get(cluster, 0)
+        if timeline < latest:
+            log.warning(
+                "refusing a stale Postgres primary: it writes on timeline %d, "
+                "the cluster is on timeline %d",
+                timeline,
+                latest,
+            )
+            raise StalePrimary(f"the server is a stale primary (timeline {timeline} < {latest})")
+        self._timelines[cluster] = timeline
+
+    async def _failed(self, exc: BaseException, conn: Any = None) -> None:
+        """A read-only answer means the pool holds connections to a server that is a
+        standby now (a failover demoted it): every pooled connection is replaced on
+        its next use, by one the URL's ``target_session_attrs`` sends to the primary.
+        A connection in a broken protocol state is closed, not pooled again."""
+        if isinstance(exc, asyncpg.ReadOnlySQLTransactionError) and self._pool is not None:
+            log.warning("Postgres answered read-only: reconnecting the pool to the primary")
+            await self._pool.expire_connections()
+        elif isinstance(exc, asyncpg.InternalClientError) and conn is not None:
+            conn.terminate()
+
+    def write_outbox(self, endpoint_ids: list[int]) -> None:
+        if endpoint_ids:
+            self._append_sql, self._append_group_sql = (
+                with_outbox(_APPEND),
+                with_outbox(_APPEND_GROUP),
+            )
+            self._outbox_args = (list(endpoint_ids),)
+        else:
+            self._append_sql, self._append_group_sql = _APPEND, _APPEND_GROUP
+            self._outbox_args = ()
+
+    def outbox(self) -> Any:
+        from chat_gateway.storage.outbox_postgres import PostgresOutbox
+
+        return PostgresOutbox(self)
+
+    async def migrate(self) -> list[str]:
+        applied: list[str] = []
+        try:
+            conn = await asyncpg.connect(self.url, timeout=self._pool_args["timeout"])
+        except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
+            raise self._cannot_connect(exc) from exc
+        try:
+            # Several instances may start at once: one migrates, the others wait here.
+            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+            try:
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                done = {
+                    r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")
+                }
+                for version, sql in migrations.load("postgres"):
+                    if version in done:
+                        continue
+                    async with conn.transaction():
+                        await conn.execute(sql)
+                        await conn.execute(
+                            "INSERT INTO schema_migrations (version) VALUES ($1)", version
+                        )
+                    log.info("applied migration", extra={"version": version})
+                    applied.append(version)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+        finally:
+            await conn.close()
+        return applied
+
+    async def append(
+        self, room: str, author: str, text: str, idempotency_key: str | None = None
+    ) -> tuple[Message, bool]:
+        # One deadline for all of it: the key lookup, the insert, the lookup after a race.
+        try:
+            async with asyncio.timeout(self._command_timeout):
+                return await self._append(room, author, text, idempotency_key)
+        except TimeoutError as exc:
+            raise _unavailable(exc) from exc
+
+    async def _append(
+        self, room: str, author: str, text: str, idempotency_key: str | None
+    ) -> tuple[Message, bool]:
+        if idempotency_key is not None:
+            row = await self._call("fetchrow", _BY_KEY, room, idempotency_key)
+            if row is not None:
+                return _row(row), False
+        ms = int(time.time() * 1000)
+        mid = new_id(ms)
+        created = _EPOCH + timedelta(milliseconds=ms)
+        if idempotency_key is None:
+            seq, changes = await self._grouped(room, mid, author, text, created)
+            return Message(mid, room, seq, author, text, ms, changes=changes), True
+        try:
+            row = await self._call(
+                "fetchrow",
+                self._append_sql,
+                room,
+                mid,
+                author,
+                text,
+                created,
+                idempotency_key,
+                *self._outbox_args,
+            )
+        except asyncpg.UniqueViolationError:
+            # A concurrent request with the same key committed first; the failed
+            # statement rolled its seq increment back.
+            row = await self._call("fetchrow", _BY_KEY, room, idempotency_key)
+            if row is None:  # pragma: no cover - the constraint named a row that vanished
+                raise
+            return _row(row), False
+        return Message(mid, room, row["seq"], author, text, ms, changes=row["changes"]), True
+
+    async def append_many(self, posts: list[tuple[str, str, str]]) -> list[Message]:
+        """One statement for all of them (all or none), numbered in this order."""
+        if not posts:
+            return []
+        ms = int(time.time() * 1000)
+        created = _EPOCH + timedelta(milliseconds=ms)
+        ids = [new_id(ms) for _ in posts]
+        rows = await self._call(
+            "fetch",
+            self._append_group_sql,
+            [p[0] for p in posts],
+            ids,
+            [p[1] for p in posts],
+            [p[2] for p in posts],
+            [created] * len(posts),
+            *self._outbox_args,
+        )
+        seqs = {r["id"]: (r["seq"], r["changes"]) for r in rows}
+        return [
+            Message(mid, room, seqs[mid][0], author, text, ms, changes=seqs[mid][1])
+            for mid, (room, author, text) in zip(ids, posts, strict=True)
+        ]
+
+    async def _grouped(
+        self, room: str, mid: str, author: str, text: str, created: datetime
+    ) -> tuple[int, int]:
+        """Commit one post with whatever others wait; its seq and the room's change count."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[int, int]] = loop.create_future()
+        item = (room, mid, author, text, created, future)
+        self._waiting.append(item)
+        committers = self._committers
+        if not committers or (
+            len(committers) < GROUP_COMMITTERS
+            and all(loop.time() - since > GROUP_STALL for since in committers.values())
+        ):
+            task = loop.create_task(self._commit_groups())
+            committers[task] = loop.time()
+            task.add_done_callback(self._committer_done)
+        # A caller that gives up (its deadline, or cancelled) withdraws its post if no
+        # committer has taken it yet; one already taken is left to its group, which may
+        # still commit it.
+        try:
+            async with asyncio.timeout(self._command_timeout):
+                return await asyncio.shield(future)
+        except TimeoutError as exc:
+            if item in self._waiting:
+                self._waiting.remove(item)
+                future.cancel()
+            raise _unavailable(exc) from exc
+        except asyncio.CancelledError:
+            if item in self._waiting:
+                self._waiting.remove(item)
+                future.cancel()
+            raise
+        finally:
+            if not future.done():  # in flight: its outcome is nobody's now
+                future.add_done_callback(_retrieve)
+
+    def _committer_done(self, task: asyncio.Task[None]) -> None:
+        self._committers.pop(task, None)
+
+    async def _commit_groups(self) -> None:
+        """Commit groups back to back on one connection until nothing waits. A group
+        that fails gets its error (``StoreUnavailable`` for a lost or unreachable
+        database) and the connection goes back; the next group takes another.
+
+        A group is taken only once a connection is in hand: a post whose caller
+        gave up while the committer waited for one is still in ``_waiting``, so it is
+        withdrawn there and never stored behind its 503."""
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("the committer runs in a task")
+        loop = asyncio.get_running_loop()
+        conn: Any = None
+        try:
+            while True:
+                if not self._waiting:
+                    # Landed as of now: a post that comes while the connection goes
+                    # back starts a committer of its own.
+                    self._committers.pop(task, None)
+                    break
+                self._committers[task] = loop.time()
+                if conn is None:
+                    try:
+                        conn = await self.pool.acquire(timeout=self._acquire_timeout)
+                    except BaseException as exc:
+                        # Nothing was sent: the posts waiting now are told so.
+                        _fail(self._take(), exc)
+                        if isinstance(exc, asyncio.CancelledError):
+                            raise
+                        continue
+                group = self._take()
+                if not group:
+                    continue  # all withdrawn meanwhile
+                try:
+                    rows = await self._commit_group(conn, group)
+                except BaseException as exc:
+                    _fail(group, exc)
+                    if isinstance(exc, _UNAVAILABLE):
+                        await self._failed(exc, conn)
+                    conn, held = None, conn
+                    self._release_later(held)
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    continue
+                seqs = {r["id"]: (r["seq"], r["changes"]) for r in rows}
+                for item in group:
+                    if not item[5].done():
+                        item[5].set_result(seqs[item[1]])
+        finally:
+            if conn is not None:
+                await self._release(conn)
+
+    def _take(self) -> list[tuple[str, str, str, str, datetime, asyncio.Future[tuple[int, int]]]]:
+        group = self._waiting[:GROUP_MAX]
+        del self._waiting[:GROUP_MAX]
+        return group
+
+    async def _release(self, conn: Any) -> None:
+        try:
+            await self.pool.release(conn, timeout=self._command_timeout)
+        except Exception as exc:
+            log.debug("releasing a connection: %r", exc)
+
+    async def _commit_group(self, conn: Any, group: list[Any]) -> Any:
+        cols = [*zip(*(item[:5] for item in group), strict=True), *self._outbox_args]
+        for _ in range(2):
+            try:
+                return await conn.fetch(self._append_group_sql, *cols)
+            except asyncpg.DeadlockDetectedError:
+                pass  # rolled back whole (no seq used); another group holds a room
+        return await conn.fetch(self._append_group_sql, *cols)
+
+    async def history(
+        self, room: str, *, limit: int = 50, before: int | None = None, after: int | None = None
+    ) -> Page:
+        hi = before if before is not None else 2**62
+        if after is not None:
+            rows = await self._call(
+                "fetch",
+                f"SELECT {_COLUMNS} FROM messages WHERE room = $1 AND seq > $2 AND seq < $3 "
+                "ORDER BY seq ASC LIMIT $4",
+                room,
+                after,
+                hi,
+                limit + 1,
+            )
+            msgs = [_row(r) for r in rows[:limit]]
+        else:
+            rows = await self._call(
+                "fetch",
+                f"SELECT {_COLUMNS} FROM messages WHERE room = $1 AND seq < $2 "
+                "ORDER BY seq DESC LIMIT $3",
+                room,
+                hi,
+                limit + 1,
+            )
+            msgs = [_row(r) for r in reversed(rows[:limit])]
+        return Page(msgs, len(rows) > limit)
+
+    async def latest_seq(self, room: str) -> int:
+        value = await self._call("fetchval", "SELECT last_seq FROM rooms WHERE room = $1", room)
+        return int(value or 0)
+
+    async def latest_seqs(self, rooms: list[str]) -> dict[str, int]:
+        rows = await self._call(
+            "fetch", "SELECT room, last_seq FROM rooms WHERE room = ANY($1::text[])", rooms
+        )
+        seqs = dict.fromkeys(rooms, 0)
+        seqs.update((r["room"], int(r["last_seq"])) for r in rows)
+        return seqs
+
+    async def delete_before(self, cutoff_ms: int, limit: int) -> int:
+        # A bounded batch found through the created_at index, deleted by ctid:
+        # row locks on those rows only, never a table lock; SKIP LOCKED lets
+        # two instances' retention runs share the work. The deleted messages'
+        # change rows go in the same statement.
+        count = await self._call(
+            "fetchval",
+            "WITH gone AS (DELETE FROM messages WHERE ctid = ANY(ARRAY("
+            " SELECT ctid FROM messages WHERE created_at < $1"
+            " ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)) RETURNING room, seq),"
+            " changes AS (DELETE FROM message_changes c USING gone"
+            " WHERE c.room = gone.room AND c.seq = gone.seq)"
+            " SELECT count(*) FROM gone",
+            _EPOCH + timedelta(milliseconds=cutoff_ms),
+            limit,
+        )
+        return int(count)
+
+    async def purge_room(self, room: str) -> int:
+        # The rooms row (its last_seq, last_change) stays: seqs and change numbers
+        # are never handed out twice. The change rows go in the same statement.
+        status = await self._call(
+            "execute",
+            "WITH changes AS (DELETE FROM message_changes WHERE room = $1)"
+            " DELETE FROM messages WHERE room = $1",
+            room,
+        )
+        return int(status.split()[-1])
+
+    async def ping(self) -> None:
+        await self._call("fetchval", "SELECT 1")
+
+    async def change(
+        self,
+        room: str,
+        seq: int,
+        text: str | None,
+        *,
+        author: str | None,
+        idempotency_key: tuple[str, str] | None = None,
+    ) -> tuple[Change | None, Message]:
+        ms = int(time.time() * 1000)
+        at = _EPOCH + timedelta(milliseconds=ms)
+        try:
+            async with self.pool.acquire(timeout=self._acquire_timeout) as conn:
+                async with conn.transaction():
+                    # The room's row first, as an append takes it: changes and posts
+                    # of a room commit one at a time, so after_seq is exact.
+                    pos = await conn.fetchrow(
+                        "SELECT last_seq, last_change FROM rooms WHERE room = $1 FOR UPDATE", room
+                    )
+                    if pos is not None and idempotency_key is not None:
+                        done = await conn.fetchval(
+                            "SELECT seq FROM message_changes WHERE room = $1 AND key_owner = $2"
+                            " AND idempotency_key = $3",
+                            room,
+                            *idempotency_key,
+                        )
+                        if done is not None:  # a repeat: the message as it is now
+                            return None, _row(await conn.fetchrow(_MESSAGE_FOR_UPDATE, room, done))
+                    row = (
+                        None if pos is None else await conn.fetchrow(_MESSAGE_FOR_UPDATE, room, seq)
+                    )
+                    if pos is None or row is None:
+                        raise MessageNotFound(f"no message {seq} in room {room!r}")
+                    current = _row(row)
+                    if author is not None and current.author != author:
+                        raise NotAuthor("only the author may change this message")
+                    if current.deleted_ms is not None:
+                        if text is None:
+                            return None, current  # deleted already: nothing to do
+                        raise MessageNotFound(f"message {seq} in room {room!r} is deleted")
+                    if text == current.text:
+                        return None, current
+                    number = pos["last_change"] + 1
+                    await conn.execute(
+                        "UPDATE rooms SET last_change = $2 WHERE room = $1", room, number
+                    )
+                    if text is None:
+                        row = await conn.fetchrow(_DELETE, room, seq, at)
+                    else:
+                        row = await conn.fetchrow(_EDIT, room, seq, text, at)
+                    owner, key = idempotency_key or (None, None)
+                    await conn.execute(
+                        "INSERT INTO message_changes (room, change, seq, "
+                        "after_seq, key_owner, idempotency_key) "
+                        "VALUES ($1, $2, $3, $4, $5, $6)",
+                        room,
+                        number,
+                        seq,
+                        pos["last_seq"],
+                        owner,
+                        key,
+                    )
+                    msg = _row(row)
+                    if self._outbox_args:
+                        await conn.execute(
+                            _CHANGE_OUTBOX,
+                            *change_event(msg, number, ms),
+                            room,
+                            seq,
+                            pos["last_seq"] + number,
+                            at,
+                            *self._outbox_args,
+                        )
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
+        return Change(number, pos["last_seq"], msg), msg
+
+    async def changes(self, room: str, *, after: int, limit: int = 200) -> list[Change]:
+        rows = await self._call("fetch", _CHANGES, room, after, limit)
+        return [Change(r["change"], r["after_seq"], _row(r)) for r in rows]
+
+    async def position(self, room: str) -> tuple[int, int]:
+        row = await self._call(
+            "fetchrow", "SELECT last_seq, last_change FROM rooms WHERE room = $1", room
+        )
+        return (0, 0) if row is None else (int(row["last_seq"]), int(row["last_change"]))
+
+    async def mark_read(self, user: str, room: str, seq: int) -> ReadPosition:
+        row = await self._call("fetchrow", _MARK_READ, user, room, seq)
+        if row is None:  # a room with no message: nothing to be read
+            return ReadPosition(room, 0, 0)
+        return ReadPosition(room, int(row["seq"]), int(row["last_seq"]))
+
+    async def read_position(self, user: str, room: str) -> ReadPosition:
+        row = await self._call("fetchrow", _READ_POSITION, user, room)
+        return ReadPosition(room, int(row["seq"]), int(row["last_seq"]))
+
+    async def read_positions(self, user: str, limit: int = 1000) -> list[ReadPosition]:
+        rows = await self._call("fetch", _READ_POSITIONS, user, limit)
+        return [ReadPosition(r["room"], int(r["seq"]), int(r["last_seq"])) for r in rows]
+
+    def stats(self) -> dict[str, Any]:
+        if self._pool is None:
+            return {}
+        size = self._pool.get_size()
+        return {
+            "pool_size": size,
+            "pool_in_use": size - self._pool.get_idle_size(),
+            "pool_max": self._pool.get_max_size(),
+        }

@@ -1,0 +1,447 @@
+"""Embedded SQLite store: one file, no server, for a single instance.
+
+All statements run on one connection in one worker thread, so the store needs
+no lock of its own; ``BEGIN IMMEDIATE`` makes each append one serialised
+transaction (seq increment and insert commit together or not at all).
+
+Every operation but a migration is answered within ``command_timeout``: it waits
+for another process' lock on the file only for what is left of that time (the
+busy timeout, set per operation), so it fails cleanly, nothing written, by then;
+one still queued behind a slow statement at its deadline is not run at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from chat_gateway.storage import migrations
+from chat_gateway.storage.base import (
+    Change,
+    Message,
+    MessageNotFound,
+    NotAuthor,
+    Page,
+    ReadPosition,
+    Store,
+    StoreUnavailable,
+    change_event,
+    new_id,
+)
+
+T = TypeVar("T")
+
+_COLUMNS = "id, room, seq, author, text, created_ms, version, edited_ms, deleted_ms"
+# Rooms per ``IN (...)`` list: under SQLite's oldest bound on bound parameters (999).
+_IN_CHUNK = 500
+
+
+def _row(r: tuple[Any, ...]) -> Message:
+    return Message(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8])
+
+
+class SQLiteStore(Store):
+    def __init__(self, url: str, *, command_timeout: float = 10.0) -> None:
+        if not url.startswith("sqlite://"):
+            raise ValueError(f"not a sqlite URL: {url!r}")
+        path = url[len("sqlite://") :]
+        if path.startswith("/"):
+            path = path[1:]  # sqlite:///relative.db and sqlite:////abs/path.db
+        if not path:
+            raise ValueError("sqlite URL needs a path: sqlite:///./chat-gateway.db")
+        self.path = path if path == ":memory:" else str(Path(path))
+        self.command_timeout = command_timeout
+        self._db: sqlite3.Connection | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._outbox_ids: list[int] = []  # webhook receivers (write_outbox)
+
+    def write_outbox(self, endpoint_ids: list[int]) -> None:
+        self._outbox_ids = list(endpoint_ids)
+
+    def outbox(self) -> Any:
+        from chat_gateway.storage.outbox_sqlite import SQLiteOutbox
+
+        return SQLiteOutbox(self)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, bounded: bool = True) -> T:
+        if self._db is None or self._executor is None:
+            raise StoreUnavailable("the store is not started")
+        db = self._db
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.command_timeout
+
+        def within(db: sqlite3.Connection) -> T:
+            left = deadline - time.monotonic() if bounded else self.command_timeout
+            if left <= 0:
+                raise sqlite3.OperationalError("queued past its deadline; not run")
+            db.execute(f"PRAGMA busy_timeout={max(1, int(left * 1000))}")
+            return fn(db)
+
+        try:
+            # A backstop only: the busy timeout ends a wait for a lock before this.
+            async with asyncio.timeout(self.command_timeout + 1.0 if bounded else None):
+                return await loop.run_in_executor(self._executor, within, db)
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"SQLite file {self.path} unavailable: {exc}") from exc
+        except TimeoutError as exc:
+            raise StoreUnavailable(
+                f"SQLite file {self.path} did not answer within {self.command_timeout:g} s"
+            ) from exc
+
+    async def start(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+
+        def connect() -> sqlite3.Connection:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(
+                self.path,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=self.command_timeout,
+            )
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(f"PRAGMA busy_timeout={int(self.command_timeout * 1000)}")
+            return db
+
+        try:
+            self._db = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+        except (sqlite3.Error, OSError) as exc:  # OSError: its directory cannot be made
+            where = self.path if self.path == ":memory:" else os.path.abspath(self.path)
+            raise StoreUnavailable(f"cannot open SQLite file {where}: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            if self._executor is None:
+                raise RuntimeError("an open SQLite store has its database thread")
+            await asyncio.get_running_loop().run_in_executor(self._executor, db.close)
+            self._executor.shutdown(wait=False)
+            self._executor = None
+
+    async def migrate(self) -> list[str]:
+        def apply(db: sqlite3.Connection) -> list[str]:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version TEXT PRIMARY KEY, applied_ms INTEGER NOT NULL)"
+            )
+            done = {r[0] for r in db.execute("SELECT version FROM schema_migrations")}
+            applied = []
+            for version, sql in migrations.load("sqlite"):
+                if version in done:
+                    continue
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in sql.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                    db.execute(
+                        "INSERT INTO schema_migrations VALUES (?, ?)",
+                        (version, int(time.time() * 1000)),
+                    )
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                applied.append(version)
+            return applied
+
+        return await self._run(apply, bounded=False)  # a migration takes what it takes
+
+    async def append(
+        self, room: str, author: str, text: str, idempotency_key: str | None = None
+    ) -> tuple[Message, bool]:
+        def write(db: sqlite3.Connection) -> tuple[Message, bool]:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if idempotency_key is not None:
+                    row = db.execute(
+                        f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND idempotency_key = ?",
+                        (room, idempotency_key),
+                    ).fetchone()
+                    if row is not None:
+                        db.execute("ROLLBACK")
+                        return _row(row), False
+                seq, changes = db.execute(
+                    "INSERT INTO rooms (room, last_seq) VALUES (?, 1) ON CONFLICT (room) "
+                    "DO UPDATE SET last_seq = last_seq + 1 RETURNING last_seq, last_change",
+                    (room,),
+                ).fetchone()
+                ms = int(time.time() * 1000)
+                msg = Message(new_id(ms), room, seq, author, text, ms, changes=changes)
+                db.execute(
+                    "INSERT INTO messages (id, room, seq, author, text, created_ms, "
+                    "idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (msg.id, room, seq, author, text, ms, idempotency_key),
+                )
+                if self._outbox_ids:
+                    data = msg.to_json().decode()
+                    db.executemany(
+                        "INSERT INTO webhook_outbox (endpoint_id, event_id, type, room, seq, "
+                        "pos, data, created_ms, next_ms) "
+                        "VALUES (?, ?, 'message.created', ?, ?, ?, ?, ?, ?)",
+                        [
+                            (e, "evt_" + msg.id, room, seq, seq + changes, data, ms, ms)
+                            for e in self._outbox_ids
+                        ],
+                    )
+                db.execute("COMMIT")
+                return msg, True
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        return await self._run(write)
+
+    async def history(
+        self, room: str, *, limit: int = 50, before: int | None = None, after: int | None = None
+    ) -> Page:
+        hi = before if before is not None else 2**62
+
+        def read(db: sqlite3.Connection) -> Page:
+            if after is not None:
+                rows = db.execute(
+                    f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq > ? "
+                    "AND seq < ? ORDER BY seq ASC LIMIT ?",
+                    (room, after, hi, limit + 1),
+                ).fetchall()
+                msgs = [_row(r) for r in rows[:limit]]
+            else:
+                rows = db.execute(
+                    f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq < ? "
+                    "ORDER BY seq DESC LIMIT ?",
+                    (room, hi, limit + 1),
+                ).fetchall()
+                msgs = [_row(r) for r in reversed(rows[:limit])]
+            return Page(msgs, len(rows) > limit)
+
+        return await self._run(read)
+
+    async def latest_seq(self, room: str) -> int:
+        def read(db: sqlite3.Connection) -> int:
+            row = db.execute("SELECT last_seq FROM rooms WHERE room = ?", (room,)).fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._run(read)
+
+    async def latest_seqs(self, rooms: list[str]) -> dict[str, int]:
+        def read(db: sqlite3.Connection) -> dict[str, int]:
+            seqs = dict.fromkeys(rooms, 0)
+            for i in range(0, len(rooms), _IN_CHUNK):
+                chunk = rooms[i : i + _IN_CHUNK]
+                seqs.update(
+                    db.execute(
+                        "SELECT room, last_seq FROM rooms WHERE room IN "
+                        f"({', '.join('?' * len(chunk))})",
+                        chunk,
+                    ).fetchall()
+                )
+            return seqs
+
+        return await self._run(read)
+
+    async def delete_before(self, cutoff_ms: int, limit: int) -> int:
+        def delete(db: sqlite3.Connection) -> int:
+            # The messages and their change rows in one transaction.
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = db.execute(
+                    "SELECT rowid, room, seq FROM messages WHERE created_ms < ? "
+                    "ORDER BY created_ms LIMIT ?",
+                    (cutoff_ms, limit),
+                ).fetchall()
+                db.executemany(
+                    "DELETE FROM message_changes WHERE room = ? AND seq = ?",
+                    [(room, seq) for _, room, seq in rows],
+                )
+                db.executemany(
+                    "DELETE FROM messages WHERE rowid = ?", [(rowid,) for rowid, _, _ in rows]
+                )
+                db.execute("COMMIT")
+                return len(rows)
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+        return await self._run(delete)
+
+    async def purge_room(self, room: str) -> int:
+        # The rooms row (its last_seq, last_change) stays: seqs and change numbers
+        # are never handed out twice. The change rows go in the same transaction.
+        def purge(db: sqlite3.Connection) -> int:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("DELETE FROM message_changes WHERE room = ?", (room,))
+                count = db.execute("DELETE FROM messages WHERE room = ?", (room,)).rowcount
+                db.execute("COMMIT")
+                return count
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+        return await self._run(purge)
+
+    async def ping(self) -> None:
+        await self._run(lambda db: db.execute("SELECT 1").fetchone())
+
+    async def change(
+        self,
+        room: str,
+        seq: int,
+        text: str | None,
+        *,
+        author: str | None,
+        idempotency_key: tuple[str, str] | None = None,
+    ) -> tuple[Change | None, Message]:
+        def write(db: sqlite3.Connection) -> tuple[Change | None, Message]:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                pos = db.execute(
+                    "SELECT last_seq, last_change FROM rooms WHERE room = ?", (room,)
+                ).fetchone()
+                if pos is not None and idempotency_key is not None:
+                    done = db.execute(
+                        "SELECT seq FROM message_changes WHERE room = ? AND "
+                        "key_owner = ? AND idempotency_key = ?",
+                        (room, *idempotency_key),
+                    ).fetchone()
+                    if done is not None:  # a repeat: the message as it is now
+                        again = _row(
+                            db.execute(
+                                f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq = ?",
+                                (room, done[0]),
+                            ).fetchone()
+                        )
+                        db.execute("ROLLBACK")
+                        return None, again
+                row = (
+                    None
+                    if pos is None
+                    else db.execute(
+                        f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq = ?", (room, seq)
+                    ).fetchone()
+                )
+                if pos is None or row is None:
+                    raise MessageNotFound(f"no message {seq} in room {room!r}")
+                current = _row(row)
+                if author is not None and current.author != author:
+                    raise NotAuthor("only the author may change this message")
+                if current.deleted_ms is not None:
+                    if text is None:
+                        db.execute("ROLLBACK")
+                        return None, current
+                    raise MessageNotFound(f"message {seq} in room {room!r} is deleted")
+                if text == current.text:
+                    db.execute("ROLLBACK")
+                    return None, current
+                number = pos[1] + 1
+                ms = int(time.time() * 1000)
+                db.execute("UPDATE rooms SET last_change = ? WHERE room = ?", (number, room))
+                if text is None:  # the text is gone from the row, not hidden
+                    db.execute(
+                        "UPDATE messages SET text = '', version = version + 1, "
+                        "deleted_ms = ? WHERE room = ? AND seq = ?",
+                        (ms, room, seq),
+                    )
+                else:
+                    db.execute(
+                        "UPDATE messages SET text = ?, version = version + 1, "
+                        "edited_ms = ? WHERE room = ? AND seq = ?",
+                        (text, ms, room, seq),
+                    )
+                owner, key = idempotency_key or (None, None)
+                db.execute(
+                    "INSERT INTO message_changes (room, change, seq, after_seq, "
+                    "key_owner, idempotency_key) VALUES (?, ?, ?, ?, ?, ?)",
+                    (room, number, seq, pos[0], owner, key),
+                )
+                msg = _row(
+                    db.execute(
+                        f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq = ?", (room, seq)
+                    ).fetchone()
+                )
+                if self._outbox_ids:  # its events commit with it, after_seq + number in order
+                    event_id, kind, data = change_event(msg, number, ms)
+                    db.executemany(
+                        "INSERT INTO webhook_outbox (endpoint_id, event_id, type, room, seq, "
+                        "pos, data, created_ms, next_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [
+                            (e, event_id, kind, room, seq, pos[0] + number, data, ms, ms)
+                            for e in self._outbox_ids
+                        ],
+                    )
+                db.execute("COMMIT")
+                return Change(number, pos[0], msg), msg
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+        return await self._run(write)
+
+    async def changes(self, room: str, *, after: int, limit: int = 200) -> list[Change]:
+        cols = ", ".join("m." + c for c in _COLUMNS.split(", "))
+        rows = await self._run(
+            lambda db: db.execute(
+                f"SELECT c.change, c.after_seq, {cols} FROM message_changes c JOIN messages m "
+                "ON m.room = c.room AND m.seq = c.seq WHERE c.room = ? AND c.change > ? "
+                "ORDER BY c.change LIMIT ?",
+                (room, after, limit),
+            ).fetchall()
+        )
+        return [Change(r[0], r[1], _row(r[2:])) for r in rows]
+
+    async def position(self, room: str) -> tuple[int, int]:
+        row = await self._run(
+            lambda db: db.execute(
+                "SELECT last_seq, last_change FROM rooms WHERE room = ?", (room,)
+            ).fetchone()
+        )
+        return (0, 0) if row is None else (int(row[0]), int(row[1]))
+
+    async def mark_read(self, user: str, room: str, seq: int) -> ReadPosition:
+        def write(db: sqlite3.Connection) -> ReadPosition:
+            row = db.execute(
+                "INSERT INTO read_positions AS p (user_name, room, seq, updated_ms) "
+                "SELECT ?, room, MIN(?, last_seq), ? FROM rooms WHERE room = ? "
+                "ON CONFLICT (user_name, room) DO UPDATE SET seq = MAX(p.seq, excluded.seq), "
+                "updated_ms = excluded.updated_ms RETURNING seq",
+                (user, seq, int(time.time() * 1000), room),
+            ).fetchone()
+            last = db.execute("SELECT last_seq FROM rooms WHERE room = ?", (room,)).fetchone()
+            return ReadPosition(room, int(row[0]) if row else 0, int(last[0]) if last else 0)
+
+        return await self._run(write)
+
+    async def read_position(self, user: str, room: str) -> ReadPosition:
+        def read(db: sqlite3.Connection) -> ReadPosition:
+            pos = db.execute(
+                "SELECT seq FROM read_positions WHERE user_name = ? AND room = ?", (user, room)
+            ).fetchone()
+            last = db.execute("SELECT last_seq FROM rooms WHERE room = ?", (room,)).fetchone()
+            return ReadPosition(room, int(pos[0]) if pos else 0, int(last[0]) if last else 0)
+
+        return await self._run(read)
+
+    async def read_positions(self, user: str, limit: int = 1000) -> list[ReadPosition]:
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT p.room, p.seq, coalesce(r.last_seq, 0) FROM read_positions p "
+                "LEFT JOIN rooms r ON r.room = p.room WHERE p.user_name = ? ORDER BY p.room "
+                "LIMIT ?",
+                (user, limit),
+            ).fetchall()
+        )
+        return [ReadPosition(r[0], int(r[1]), int(r[2])) for r in rows]
+
+    def stats(self) -> dict[str, Any]:
+        return {"pool_size": 1, "pool_max": 1}
