@@ -75,7 +75,8 @@ IDEMPOTENCY_KEY: dict[str, Any] = {
     "type": "string",
     "minLength": 1,
     "maxLength": MAX_IDEMPOTENCY_KEY,
-    "description": "as the Idempotency-Key header: a repeat "
+    "pattern": r"^[^\x00]*$",
+    "description": "as the Idempotency-Key header (no NUL): a repeat "
     "in the same room is acked with the first message",
 }
 TOKEN: dict[str, Any] = {
