@@ -181,3 +181,19 @@ async def test_a_search_past_its_time_bound_is_503_and_the_pool_stays_usable(
         r = await search(client, gw.url, q="findable")
         assert len(found(r)) == 1
         assert orjson.loads(r.content)["next_cursor"] is None
+
+
+def test_the_openapi_document_describes_search() -> None:
+    from openapi_spec_validator import validate
+
+    from chat_gateway.server.openapi import document
+
+    doc = document()
+    validate(doc)  # type: ignore[arg-type]
+    op = doc["paths"]["/v1/search"]["get"]
+    params = {p["name"]: p for p in op["parameters"]}
+    assert set(params) == {"q", "room", "limit", "cursor"}
+    assert params["q"]["required"] and not params["room"]["required"]
+    assert params["room"]["schema"]["type"] == "array" and params["room"]["explode"]
+    assert params["limit"]["schema"]["maximum"] == 100
+    assert {"200", "422", "429", "503"} <= set(op["responses"])
