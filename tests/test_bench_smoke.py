@@ -20,6 +20,19 @@ from bench.verdict import verdicts
 from tests import harness
 
 
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m bench ARGS`` from the repository, its output kept; it must succeed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=harness.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=harness.t(240),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
 def test_bench_all_scenarios_on_tiny_sizes(tmp_path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
@@ -332,31 +345,21 @@ def test_node_socketio_peer_runs_from_its_locked_packages(tmp_path) -> None:
 
 def test_bench_search_on_a_tiny_table(tmp_path) -> None:
     out = tmp_path / "search.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "search",
-            "--json",
-            str(out),
-            "--search-messages",
-            "3000",
-            "--search-rooms",
-            "30",
-            "--search-words",
-            "200",
-            "--search-queries",
-            "5",
-            "--search-posts",
-            "100",
-        ],
-        cwd=harness.ROOT,
-        capture_output=True,
-        text=True,
-        timeout=harness.t(240),
+    bench(
+        "search",
+        "--json",
+        str(out),
+        "--search-messages",
+        "3000",
+        "--search-rooms",
+        "30",
+        "--search-words",
+        "200",
+        "--search-queries",
+        "5",
+        "--search-posts",
+        "100",
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = orjson.loads(out.read_bytes())["results"]["search"]
     phases = [r["phase"] for r in rows]
     assert phases[0] == "bulk load" and rows[0]["messages"] == 3000
