@@ -93,6 +93,7 @@ class Settings:
     connect_rate_limit: Rate = field(default_factory=lambda: Rate(60, 60.0))
     # WebSocket subscribe frames per identity (subscribe/unsubscribe churn)
     subscribe_rate_limit: Rate = field(default_factory=lambda: Rate(600, 60.0))
+    search_rate_limit: Rate = field(default_factory=lambda: Rate(60, 60.0))
     trusted_proxies: tuple[str, ...] = ()
     key_prefix: str = "chat:"
     # database pool
@@ -157,6 +158,11 @@ class Settings:
     webhook_concurrency: int = 16  # attempts in flight per instance
     webhook_poll_interval: float = 0.5  # seconds between claims when nothing wakes it
     webhook_keep_delivered: float = 3 * 86400.0  # seconds delivered events stay replayable
+    # search: the Postgres text search configuration messages are indexed and
+    # searched with (SQLite's FTS5 splits words the same way whatever it says),
+    # and the seconds one search may run before it is cancelled
+    search_language: str = "simple"
+    search_timeout: float = 2.0
     # operations
     shutdown_timeout: float = 10.0
     log_level: str = "info"
@@ -229,6 +235,7 @@ class Settings:
             "publish_rate_limit",
             "connect_rate_limit",
             "subscribe_rate_limit",
+            "search_rate_limit",
         ):
             rate = getattr(self, name)
             # The bucket's arithmetic is in integers inside a double's exact range.
@@ -250,6 +257,13 @@ class Settings:
         if self.retention_days is not None and self.retention_days <= 0:
             raise ConfigError("RETENTION_DAYS must be positive (unset it to keep messages)")
         self._validate_webhooks()
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", self.search_language):
+            raise ConfigError(
+                f"SEARCH_LANGUAGE={self.search_language!r}: use the name of a Postgres text "
+                "search configuration, e.g. simple or english"
+            )
+        if self.search_timeout <= 0:
+            raise ConfigError("SEARCH_TIMEOUT must be a positive number of seconds")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"LOG_LEVEL={self.log_level!r}: use debug, info, warning or error")
         for name in (

@@ -50,6 +50,7 @@ POST = "post"  # message posts: HTTP and WS publish frames share one bucket
 PUBLISH = "publish"  # POST /v1/publish
 CONNECT = "connect"  # WebSocket and SSE connection attempts
 SUBSCRIBE = "subscribe"  # WebSocket subscribe frames
+SEARCH = "search"  # GET /v1/search
 READY_TIMEOUT = 2.0  # seconds each /readyz probe may take
 
 T = TypeVar("T")
@@ -95,6 +96,7 @@ class Gateway:
                     connect_timeout=settings.db_connect_timeout,
                     command_timeout=settings.db_command_timeout,
                     idle_timeout=settings.db_idle_timeout,
+                    search_language=settings.search_language,
                 )
             ),
         )
@@ -265,6 +267,7 @@ class Gateway:
             PUBLISH: self.settings.publish_rate_limit,
             CONNECT: self.settings.connect_rate_limit,
             SUBSCRIBE: self.settings.subscribe_rate_limit,
+            SEARCH: self.settings.search_rate_limit,
         }
         self._limiter = (
             LocalRateLimiter(prefix=prefix, metrics=self.metrics, rates=rates)

@@ -162,6 +162,12 @@ export declare class Client {
     Promise<Page>;
   pages(room: string, options?: { limit?: number; before?: number; after?: number }):
     AsyncGenerator<Message[], void, void>;
+  /** Highlights: [start, end) in code points of message.text (index Array.from(text)). */
+  search(q: string, options?: { rooms?: string[]; limit?: number; cursor?: string }):
+    Promise<{
+      results: { message: Message; highlights: [number, number][] }[];
+      next_cursor: string | null;
+    }>;
   presence(room: string): Promise<{ room: string; users: string[] }>;
   /** Open mode: the position of `options.user`. */
   markRead(room: string, seq: number): Promise<{ room: string; seq: number; unread: number }>;

@@ -692,6 +692,19 @@ export class Client extends Emitter {
     }
   }
 
+  /**
+   * Full-text search (`GET /v1/search`), newest first, in the rooms the token may read
+   * (or only `rooms`): `{results: [{message, highlights}], next_cursor}`. Highlights are
+   * `[start, end)` in code points: slice `Array.from(message.text)`, not the string.
+   */
+  search(q, { rooms, limit, cursor } = {}) {
+    const params = new URLSearchParams({ q });
+    for (const room of rooms ?? []) params.append("room", room);
+    if (limit !== undefined) params.set("limit", String(limit));
+    if (cursor) params.set("cursor", cursor);
+    return this.#http("GET", "/v1/search?" + params);
+  }
+
   /** The users here now: `{room, users}` (`GET /v1/rooms/{room}/presence`). */
   presence(room) {
     return this.#http("GET", `/v1/rooms/${encodeURIComponent(room)}/presence`);

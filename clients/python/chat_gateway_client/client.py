@@ -42,6 +42,8 @@ from chat_gateway_client.events import (
     Page,
     Presence,
     Read,
+    SearchHit,
+    SearchPage,
     StateChange,
     Typing,
     Unsubscribed,
@@ -585,7 +587,7 @@ class Client:
         *,
         auth: str = "user",
         json_body: Any = None,
-        params: dict[str, Any] | None = None,
+        params: dict[str, Any] | list[tuple[str, Any]] | None = None,
         headers: dict[str, str] | None = None,
     ) -> httpx.Response:
         if self._http is None:
@@ -664,6 +666,31 @@ class Client:
                 after = page.messages[-1].seq
             else:
                 before = page.messages[0].seq
+
+    async def search(
+        self,
+        q: str,
+        *,
+        rooms: list[str] | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> SearchPage:
+        """``GET /v1/search``: messages matching ``q`` (words, the last also a prefix;
+        ``"phrases"``; ``-excluded``), newest first, in the rooms the token may read,
+        or only ``rooms``."""
+        params: list[tuple[str, Any]] = [("q", q), *(("room", r) for r in rooms or ())]
+        if limit is not None:
+            params.append(("limit", limit))
+        if cursor is not None:
+            params.append(("cursor", cursor))
+        data = (await self._request("GET", "/v1/search", params=params)).json()
+        return SearchPage(
+            [
+                SearchHit(Message.of(h["message"]), [(a, b) for a, b in h["highlights"]])
+                for h in data["results"]
+            ],
+            data["next_cursor"],
+        )
 
     # -- ephemeral events and the server API (api_key) --------------------------------
 

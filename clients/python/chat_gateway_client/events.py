@@ -80,3 +80,20 @@ class StateChange:
     code: int | None = None
     reason: str = ""
     status: int | None = None  # HTTP status of a refused upgrade
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """A message ``search`` found; ``highlights``: ``(start, end)`` code point offsets
+    into ``message.text`` (Python ``str`` indices) of the words it matched."""
+
+    message: Message
+    highlights: list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class SearchPage:
+    """Newest first; ``next_cursor`` (``None``: no more) asks for the next page."""
+
+    results: list[SearchHit]
+    next_cursor: str | None

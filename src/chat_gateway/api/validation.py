@@ -13,6 +13,7 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 
 from chat_gateway.errors import ApiError
+from chat_gateway.storage import search
 
 ROOM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 EVENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
@@ -115,6 +116,26 @@ EVENTS_QUERY = object_schema(
 )
 WS_QUERY = object_schema([], token=TOKEN, user=PRESENCE_USER)
 NO_QUERY = object_schema([])  # for routes that take no query parameters
+# GET /v1/search (chat_gateway.storage.search: the query language and its bounds)
+SEARCH_QUERY = object_schema(
+    ["q"],
+    q={
+        "type": "string",
+        "minLength": 1,
+        "maxLength": search.MAX_QUERY_CHARS,
+        "description": 'words (the last one also as a prefix), "quoted phrases", '
+        f"-excluded words; at most {search.MAX_QUERY_WORDS} words",
+    },
+    room={
+        "type": "array",
+        "items": ROOM,
+        "maxItems": search.MAX_ROOMS,
+        "description": "repeat to search only these rooms (each must be readable); "
+        "absent: every room the caller may read",
+    },
+    limit={**LIMIT, "maximum": search.MAX_LIMIT, "default": 20},
+    cursor={"type": "string", "description": "next_cursor of the previous page"},
+)
 # Chat: edits, deletes, read positions.
 MESSAGE_SEQ: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": MAX_SEQ}
 READER: dict[str, Any] = {

@@ -25,7 +25,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from chat_gateway.access.auth import Authenticator, bearer
-from chat_gateway.api import chat
+from chat_gateway.api import chat, search
 from chat_gateway.api import server as server_api
 from chat_gateway.api import validation as v
 from chat_gateway.api.caller import client_address, gateway_of, identify, token_of
@@ -378,6 +378,7 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         Route("/v1/rooms/{room}/messages/{seq}", chat.message, methods=["PATCH", "DELETE"]),
         Route("/v1/rooms/{room}/read", chat.read, methods=["GET", "POST"]),
         Route("/v1/read", chat.read_positions, methods=["GET"]),
+        Route("/v1/search", search.search, methods=["GET"]),
         # Served by GatewayApp before routing; listed so the routing table is whole.
         WebSocketRoute(GatewayApp.WS_PATH, websocket_endpoint),
         Route(GatewayApp.WS_PATH, websocket_over_http, methods=["GET"]),

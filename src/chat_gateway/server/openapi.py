@@ -371,6 +371,63 @@ def chat_paths(open_mode: bool) -> dict[str, Any]:
                 },
             },
         },
+        "/v1/search": {
+            "get": {
+                "summary": "Full-text search, newest first, in the rooms the caller may read",
+                "description": "Highlights are [start, end) offsets into the message's "
+                "text counted in code points (Python str indices), never markup. A "
+                "deleted message is never found, an edited one only by its current text.",
+                "security": USER,
+                "parameters": [
+                    {**p, "required": p["name"] == "q"}
+                    | ({"style": "form", "explode": True} if p["name"] == "room" else {})
+                    for p in _query(v.SEARCH_QUERY)
+                ],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["results", "next_cursor"],
+                            "properties": {
+                                "results": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["message", "highlights"],
+                                        "properties": {
+                                            "message": {"$ref": _REF + "Message"},
+                                            "highlights": {
+                                                "type": "array",
+                                                "items": {
+                                                    "type": "array",
+                                                    "items": {"type": "integer", "minimum": 0},
+                                                    "minItems": 2,
+                                                    "maxItems": 2,
+                                                },
+                                            },
+                                        },
+                                    },
+                                },
+                                "next_cursor": {
+                                    "type": ["string", "null"],
+                                    "description": "pass as cursor for the next page; "
+                                    "null: no more",
+                                },
+                            },
+                        },
+                        "a page of matches",
+                        RATE_HEADERS,
+                    ),
+                    **_errors(
+                        "invalid_request",
+                        "unauthorized",
+                        "forbidden",
+                        "rate_limited",
+                        "unavailable",
+                    ),
+                },
+            }
+        },
         "/v1/read": {
             "get": {
                 "summary": "Every room the caller has a read position in, with unread counts",

@@ -569,6 +569,90 @@ function join(room, name, tok) {
   client.connect().catch(() => { /* closed for good: the "closed" event said why */ });
 }
 
+// -- search ------------------------------------------------------------------
+
+const search = { q: "", cursor: null, gen: 0 };
+const searchEl = {
+  form: $("search"), q: $("q"), status: $("search-status"), results: $("search-results"),
+  more: $("search-more"),
+};
+
+// The text with each highlighted span in a <mark>, built from text nodes only (a
+// message is never parsed as HTML). Highlights count code points: slice the
+// array of code points, not the UTF-16 string.
+function highlighted(text, spans) {
+  const points = Array.from(text);
+  const out = document.createElement("p");
+  out.className = "text";
+  let at = 0;
+  for (const [start, end] of spans) {
+    if (start < at || end > points.length || start >= end) continue;
+    out.append(document.createTextNode(points.slice(at, start).join("")));
+    const mark = document.createElement("mark");
+    mark.textContent = points.slice(start, end).join("");
+    out.append(mark);
+    at = end;
+  }
+  out.append(document.createTextNode(points.slice(at).join("")));
+  return out;
+}
+
+function searchItem(hit) {
+  const m = hit.message;
+  const li = document.createElement("li");
+  li.dataset.room = m.room;
+  li.dataset.seq = String(m.seq);
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  const when = new Date(m.created_at);
+  meta.textContent = `${m.room} · ${m.author}` +
+    (isNaN(when) ? "" : ` · ${when.toLocaleString([], { dateStyle: "short", timeStyle: "short" })}`);
+  li.append(meta, highlighted(m.text, hit.highlights));
+  return li;
+}
+
+function searchClient() {
+  if (s.client) return s.client;
+  const tok = el.token.value.trim() || params.get("token") || "";
+  return new Client(location.origin, tok ? { token: tok } : {});
+}
+
+async function runSearch(more) {
+  const gen = more ? search.gen : ++search.gen;
+  if (!more) {
+    search.q = searchEl.q.value.trim();
+    search.cursor = null;
+    searchEl.results.replaceChildren();
+  }
+  if (!search.q) {
+    searchEl.results.hidden = true;
+    searchEl.more.hidden = true;
+    searchEl.status.textContent = "";
+    return;
+  }
+  searchEl.status.textContent = "Searching…";
+  let page;
+  try {
+    page = await searchClient().search(search.q, { limit: 20, cursor: search.cursor || undefined });
+  } catch (err) {
+    if (gen !== search.gen) return;
+    searchEl.status.textContent = err.message || "The search failed.";
+    searchEl.more.hidden = true;
+    return;
+  }
+  if (gen !== search.gen) return; // a newer search started meanwhile
+  searchEl.results.append(...page.results.map(searchItem));
+  search.cursor = page.next_cursor;
+  const n = searchEl.results.children.length;
+  searchEl.results.hidden = n === 0;
+  searchEl.more.hidden = !page.next_cursor;
+  searchEl.status.textContent = n === 0 ? "No messages found."
+    : `${n} message${n === 1 ? "" : "s"} found${page.next_cursor ? " so far" : ""}.`;
+}
+
+searchEl.form.addEventListener("submit", (ev) => { ev.preventDefault(); runSearch(false); });
+searchEl.more.addEventListener("click", () => runSearch(true));
+
 el.join.addEventListener("submit", (ev) => {
   ev.preventDefault();
   const tok = el.token.value.trim();

@@ -26,9 +26,12 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
+if TYPE_CHECKING:
+    from chat_gateway.storage.search import Cursor, Query, RoomScope
 
 MAX_PAGE = 200
 
@@ -236,6 +239,27 @@ class Store(ABC):
         """Delete every message of ``room`` committed so far, in one transaction; return
         how many. As with ``delete_before`` the room keeps its seq counter: the next
         message gets the next seq, never a purged one."""
+
+    @abstractmethod
+    async def search(
+        self,
+        query: Query,
+        scope: RoomScope,
+        *,
+        limit: int,
+        cursor: Cursor | None = None,
+        timeout: float = 2.0,
+    ) -> Page:
+        """Messages matching ``query`` (``chat_gateway.storage.search``) in the rooms of
+        ``scope``, newest first: by creation time, then room and seq, descending;
+        with ``cursor`` only those after it in that order (so a page stays exact
+        while new messages arrive). ``has_more``: more match after the last.
+
+        The scope is a condition of the query itself, applied before the limit,
+        never a filter of its result. A deleted message is never found; an edited
+        one only by its current text; a purged or retention-deleted one not at all.
+        The query runs for at most ``timeout`` seconds, then is cancelled
+        (``SearchTimeout``), its connection left usable."""
 
     def write_outbox(self, endpoint_ids: list[int]) -> None:
         """From now on, every append also writes its messages' ``message.created``

@@ -37,8 +37,9 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -56,8 +57,11 @@ from chat_gateway.storage.base import (
     display_url,
     new_id,
 )
+from chat_gateway.storage.search import Cursor, Query, RoomScope, SearchTimeout
 
 log = logging.getLogger("storage.postgres")
+
+T = TypeVar("T")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # pg_advisory_lock key for migrations: any fixed 64-bit number, the same on every instance.
@@ -216,6 +220,11 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+def _literal(text: str) -> str:
+    """``text`` as a SQL string literal (for DDL, which takes no parameters)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
 def _row(r: Any) -> Message:
     return Message(
         r["id"],
@@ -291,10 +300,12 @@ class PostgresStore(Store):
         connect_timeout: float = 5.0,
         command_timeout: float = 10.0,
         idle_timeout: float = 300.0,
+        search_language: str = "simple",
     ) -> None:
         if pool_max < 1 or pool_min < 0 or pool_min > pool_max:
             raise ValueError("pool sizes must satisfy 0 <= min <= max, max >= 1")
         self.url = url
+        self.search_language = search_language
         self._pool_args = dict(
             min_size=pool_min,
             max_size=pool_max,
@@ -350,6 +361,12 @@ class PostgresStore(Store):
 
     async def _call(self, method: str, query: str, *args: Any) -> Any:
         """One statement on a pooled connection, answered within the command timeout."""
+        return await self._using(lambda conn: getattr(conn, method)(query, *args))
+
+    async def _using(self, work: Callable[[Any], Awaitable[T]]) -> T:
+        """``work`` on a pooled connection, answered within the command timeout; the
+        connection goes back at once after a success or a refusal of the query
+        itself (a timeout, a cancel), else in the background."""
         pool = self.pool
         try:
             async with asyncio.timeout(self._command_timeout):
@@ -357,7 +374,10 @@ class PostgresStore(Store):
                 # (and asyncpg's would cost a task per call).
                 conn = await pool.acquire()
                 try:
-                    result = await getattr(conn, method)(query, *args)
+                    result = await work(conn)
+                except asyncpg.QueryCanceledError:
+                    await pool.release(conn)  # its transaction rolled back: reusable
+                    raise
                 except BaseException as exc:
                     if isinstance(exc, _UNAVAILABLE):
                         await self._failed(exc, conn)
@@ -434,8 +454,12 @@ class PostgresStore(Store):
         except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
             raise self._cannot_connect(exc) from exc
         try:
-            # Several instances may start at once: one migrates, the others wait here.
-            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+            # Several instances may start at once: one migrates, the others wait here,
+            # asking again and again rather than blocking in one statement: a
+            # waiting statement's transaction would hold up the migrating
+            # instance's CREATE INDEX CONCURRENTLY, which waits for older ones.
+            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK):
+                await asyncio.sleep(0.2)
             try:
                 await conn.execute(
                     "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -447,18 +471,58 @@ class PostgresStore(Store):
                 for version, sql in migrations.load("postgres"):
                     if version in done:
                         continue
-                    async with conn.transaction():
-                        await conn.execute(sql)
+                    started = time.monotonic()
+                    if migrations.outside_transaction(sql):
+                        for statement in migrations.statements(sql):
+                            await conn.execute(statement)
                         await conn.execute(
                             "INSERT INTO schema_migrations (version) VALUES ($1)", version
                         )
-                    log.info("applied migration", extra={"version": version})
+                    else:
+                        async with conn.transaction():
+                            await conn.execute(sql)
+                            await conn.execute(
+                                "INSERT INTO schema_migrations (version) VALUES ($1)", version
+                            )
+                    log.info(
+                        "applied migration",
+                        extra={"version": version, "seconds": round(time.monotonic() - started, 3)},
+                    )
                     applied.append(version)
+                await self._keep_search_language(conn)
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
         finally:
             await conn.close()
         return applied
+
+    async def _keep_search_language(self, conn: asyncpg.Connection) -> None:
+        """Index with ``search_language``: when the stored messages were indexed with
+        another, replace the indexing function and index them all again, in batches
+        (searches meanwhile find the messages re-indexed so far)."""
+        current = await conn.fetchval("SELECT language FROM search_settings")
+        if current == self.search_language:
+            return
+        try:
+            await conn.execute(f"SELECT to_tsvector({_literal(self.search_language)}, '')")
+        except asyncpg.UndefinedObjectError:
+            raise StoreUnavailable(
+                f"SEARCH_LANGUAGE={self.search_language!r} is not a text search "
+                "configuration of this database (see \\dF in psql; simple and english are)"
+            ) from None
+        log.warning(
+            "re-indexing messages for search",
+            extra={"from_language": current, "to_language": self.search_language},
+        )
+        async with conn.transaction():
+            await conn.execute(
+                "CREATE OR REPLACE FUNCTION messages_search_vector(body text) RETURNS tsvector "
+                "LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT to_tsvector("
+                f"{_literal(self.search_language)}::regconfig, "
+                "regexp_replace(body, '[^[:alnum:]]+', ' ', 'g')) $$"
+            )
+            await conn.execute("UPDATE search_settings SET language = $1", self.search_language)
+        await conn.execute("CALL messages_search_fill(10000, true)")
 
     async def append(
         self, room: str, author: str, text: str, idempotency_key: str | None = None
@@ -810,6 +874,29 @@ class PostgresStore(Store):
         rows = await self._call("fetch", _READ_POSITIONS, user, limit)
         return [ReadPosition(r["room"], int(r["seq"]), int(r["last_seq"])) for r in rows]
 
+    async def search(
+        self,
+        query: Query,
+        scope: RoomScope,
+        *,
+        limit: int,
+        cursor: Cursor | None = None,
+        timeout: float = 2.0,
+    ) -> Page:
+        sql, args = _search_sql(self.search_language, query, scope, limit, cursor)
+        bound = f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}"
+
+        async def run(conn: Any) -> list[Any]:
+            async with conn.transaction(readonly=True):
+                await conn.execute(bound)
+                return await conn.fetch(sql, *args)  # type: ignore[no-any-return]
+
+        try:
+            rows = await self._using(run)
+        except asyncpg.QueryCanceledError as exc:
+            raise SearchTimeout(f"the search ran past {timeout:g} s") from exc
+        return Page([_row(r) for r in rows[:limit]], len(rows) > limit)
+
     def stats(self) -> dict[str, Any]:
         if self._pool is None:
             return {}
@@ -819,3 +906,35 @@ class PostgresStore(Store):
             "pool_in_use": size - self._pool.get_idle_size(),
             "pool_max": self._pool.get_max_size(),
         }
+
+
+def _search_sql(
+    language: str, query: Query, scope: RoomScope, limit: int, cursor: Cursor | None
+) -> tuple[str, list[Any]]:
+    """The search statement: the GIN index finds the rows, the scope and the cursor
+    are conditions of the same statement, then the newest ``limit + 1``. (Rows the
+    gateway writes carry millisecond creation times, as the cursor does.)"""
+    args: list[Any] = [language, query.tsquery()]
+    where = ["search @@ to_tsquery($1::regconfig, $2)", "deleted_at IS NULL"]
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    if not scope.everything:
+        where.append(
+            f"(room = ANY({arg(list(scope.names))}::text[]) OR EXISTS (SELECT 1 FROM "
+            f"unnest({arg(list(scope.prefixes))}::text[]) p WHERE starts_with(room, p)))"
+        )
+    if scope.excluded:
+        where.append(f"room <> ALL({arg(list(scope.excluded))}::text[])")
+    if cursor is not None:
+        at = _EPOCH + timedelta(milliseconds=cursor.created_ms)
+        where.append(
+            f"(created_at, room, seq) < ({arg(at)}, {arg(cursor.room)}, {arg(cursor.seq)})"
+        )
+    sql = (
+        f"SELECT {_COLUMNS} FROM messages WHERE {' AND '.join(where)} "
+        f"ORDER BY created_at DESC, room DESC, seq DESC LIMIT {arg(limit + 1)}"
+    )
+    return sql, args

@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
+
 from chat_gateway.storage import migrations
 from chat_gateway.storage.base import (
     Change,
@@ -34,12 +36,25 @@ from chat_gateway.storage.base import (
     change_event,
     new_id,
 )
+from chat_gateway.storage.search import BadQuery, Cursor, Query, RoomScope, SearchTimeout
 
 T = TypeVar("T")
 
 _COLUMNS = "id, room, seq, author, text, created_ms, version, edited_ms, deleted_ms"
 # Rooms per ``IN (...)`` list: under SQLite's oldest bound on bound parameters (999).
 _IN_CHUNK = 500
+
+
+def statements(sql: str) -> list[str]:
+    """A migration's statements, each whole: a trigger's body holds semicolons too."""
+    out, pending = [], ""
+    for piece in sql.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                out.append(pending)
+            pending = ""
+    return out
 
 
 def _row(r: tuple[Any, ...]) -> Message:
@@ -139,9 +154,8 @@ class SQLiteStore(Store):
                     continue
                 db.execute("BEGIN IMMEDIATE")
                 try:
-                    for statement in sql.split(";"):
-                        if statement.strip():
-                            db.execute(statement)
+                    for statement in statements(sql):
+                        db.execute(statement)
                     db.execute(
                         "INSERT INTO schema_migrations VALUES (?, ?)",
                         (version, int(time.time() * 1000)),
@@ -443,5 +457,63 @@ class SQLiteStore(Store):
         )
         return [ReadPosition(r[0], int(r[1]), int(r[2])) for r in rows]
 
+    async def search(
+        self,
+        query: Query,
+        scope: RoomScope,
+        *,
+        limit: int,
+        cursor: Cursor | None = None,
+        timeout: float = 2.0,
+    ) -> Page:
+        sql, args = _search_sql(query, scope, limit, cursor)
+
+        def read(db: sqlite3.Connection) -> Page:
+            deadline = time.monotonic() + timeout
+            # Called every few thousand VM steps: a true answer interrupts the query.
+            db.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+            try:
+                rows = db.execute(sql, args).fetchall()
+            except sqlite3.OperationalError as exc:
+                if time.monotonic() > deadline:
+                    raise SearchTimeout(f"the search ran past {timeout:g} s") from exc
+                if "fts5" in str(exc):
+                    raise BadQuery(f"q cannot be searched: {exc}") from exc
+                raise
+            finally:
+                db.set_progress_handler(None, 0)
+            return Page([_row(r) for r in rows[:limit]], len(rows) > limit)
+
+        return await self._run(read)
+
     def stats(self) -> dict[str, Any]:
         return {"pool_size": 1, "pool_max": 1}
+
+
+def _search_sql(
+    query: Query, scope: RoomScope, limit: int, cursor: Cursor | None
+) -> tuple[str, list[Any]]:
+    """The search statement: FTS5 finds the rows, the scope and the cursor are
+    conditions of the same statement, then the newest ``limit + 1``."""
+    cols = ", ".join("m." + c for c in _COLUMNS.split(", "))
+    where = ["messages_fts MATCH ?", "m.deleted_ms IS NULL"]
+    args: list[Any] = [query.fts5()]
+    if not scope.everything:
+        where.append(
+            "(m.room IN (SELECT value FROM json_each(?)) OR EXISTS (SELECT 1 FROM "
+            "json_each(?) p WHERE substr(m.room, 1, length(p.value)) = p.value))"
+        )
+        args += [orjson.dumps(scope.names).decode(), orjson.dumps(scope.prefixes).decode()]
+    if scope.excluded:
+        where.append("m.room NOT IN (SELECT value FROM json_each(?))")
+        args.append(orjson.dumps(scope.excluded).decode())
+    if cursor is not None:
+        where.append("(m.created_ms, m.room, m.seq) < (?, ?, ?)")
+        args += [cursor.created_ms, cursor.room, cursor.seq]
+    args.append(limit + 1)
+    sql = (
+        f"SELECT {cols} FROM messages_fts JOIN messages m ON m.rowid = messages_fts.rowid "
+        f"WHERE {' AND '.join(where)} ORDER BY m.created_ms DESC, m.room DESC, m.seq DESC "
+        "LIMIT ?"
+    )
+    return sql, args
