@@ -492,6 +492,47 @@ async def test_a_commit_is_delivered_after_its_instance_is_killed(gateway_env):
         await receiver.stop()
 
 
+async def test_a_killed_instance_holds_its_queue_for_seconds_not_for_its_attempt_timeout(
+    gateway_env,
+):
+    """The receiver holds the first request; the instance sending it is SIGKILLed
+    mid-attempt. Another instance, already running, takes the queue over once the
+    dead one stops renewing its lease (a few seconds), not after a lease sized for
+    the attempt (2 x WEBHOOK_TIMEOUT + 5 = 25 s here), and the room's events follow
+    in order. (At least once: the held event is sent again.)"""
+    first_hit = True
+
+    def answer(hit: Hit) -> Answer:
+        nonlocal first_hit
+        stall, first_hit = (30.0 if first_hit else 0.0), False
+        return 200, {}, stall
+
+    receiver = await Receiver([new_secret()], answer=answer).start()
+    env = hook_env(gateway_env, receiver, WEBHOOK_TIMEOUT="10")
+    first = Instance(env).start()
+    second = Instance(env)
+    try:
+        await first.wait_ready()
+        msgs = await post_all(first.url, [("crash", f"m{i}") for i in range(3)])
+        await eventually(lambda: receiver.hits, 10)  # seq 1's attempt, held
+        second.start()
+        await second.wait_ready()
+        await asyncio.sleep(t(1.5))  # renewed meanwhile: nobody else sent it
+        assert len(receiver.hits) == 1, [h.payload["data"]["seq"] for h in receiver.hits]
+        first.kill()
+        killed = time.monotonic()
+        await eventually(lambda: receiver.seqs("crash")[:1] == [1], 30)
+        took = time.monotonic() - killed
+        assert took < 10, f"the dead instance's queue waited {took:.1f} s"
+        await eventually(lambda: len(receiver.delivered()) == 3, 30)
+        check_delivered(receiver, msgs)
+        assert receiver.seqs("crash") == [1, 2, 3]
+    finally:
+        first.stop()
+        second.stop()
+        await receiver.stop()
+
+
 async def test_two_instances_share_the_outbox_without_sending_an_event_twice(gateway_env):
     receiver = await Receiver([new_secret()], answer=lambda hit: (200, {}, 0.02)).start()
     # Two attempts in flight per instance and twelve rooms: more than one can carry.

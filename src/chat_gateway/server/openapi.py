@@ -60,6 +60,12 @@ ERROR: dict[str, Any] = {
                 "code": {"type": "string", "enum": sorted(CODES)},
                 "message": {"type": "string"},
                 "retry_after": {"type": "number", "description": "seconds, on rate_limited"},
+                "outcome": {
+                    "type": "string",
+                    "enum": ["unknown"],
+                    "description": "on a 503 unavailable whose write was sent without an "
+                    "answer: it may have been stored (retry with the same Idempotency-Key)",
+                },
             },
         }
     },

@@ -16,7 +16,8 @@ Contract every implementation keeps:
   a tombstone at its seq), each change numbered by the room's own contiguous
   change counter; reads see every committed message and change.
 - Failures raise ``StoreUnavailable`` (the database cannot be reached or timed
-  out); nothing else is swallowed.
+  out), with ``outcome_unknown`` set where a write may have been committed all
+  the same; nothing else is swallowed.
 """
 
 from __future__ import annotations
@@ -37,7 +38,16 @@ MAX_PAGE = 200
 
 
 class StoreUnavailable(Exception):
-    """The database cannot be reached or did not answer in time."""
+    """The database cannot be reached or did not answer in time.
+
+    ``outcome_unknown`` is set when a write had already been sent when the answer
+    failed to come (a timeout or a lost connection after the statement, or the
+    commit, went out): the database may have committed it. Otherwise the write
+    was never sent, or the database refused it, and nothing was stored."""
+
+    def __init__(self, message: str, *, outcome_unknown: bool = False) -> None:
+        super().__init__(message)
+        self.outcome_unknown = outcome_unknown
 
 
 def display_url(url: str) -> str:

@@ -22,24 +22,33 @@ on one statement longer than ``GROUP_STALL`` (a lock wait on a room another
 instance is writing, a slow flush), so one stalled statement does not hold
 the posts of every other room.
 
-Every operation is answered within ``command_timeout`` as a whole (waiting for
-a connection, every statement it sends), whatever the network does. A link that
+Every operation (a post, an edit or delete, a read, a purge, an outbox step) is
+answered within ``command_timeout`` as a whole (waiting for a connection, every
+statement it sends, the commit), whatever the network does: each runs in one
+``_operation``, the only place a deadline is set. A link that
 stops answering without a reset (a frozen server or network) would otherwise
 hold the caller twice more: asyncpg's cancel request and the connection's
 release go down the same silent path. A connection whose statement failed or
 was given up on is therefore released in the background, within its own
 bound (then terminated), never by the caller.
+
+An operation that fails tells whether a write of it may have been committed:
+``StoreUnavailable.outcome_unknown`` is set when a write statement (or a
+transaction's commit) was sent and no answer came (the deadline, a lost
+connection); a write never sent (no connection in time, a post withdrawn from
+its group) or refused by the server stored nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 
@@ -61,7 +70,6 @@ from chat_gateway.storage.search import Cursor, Query, RoomScope, SearchTimeout
 
 log = logging.getLogger("storage.postgres")
 
-T = TypeVar("T")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # pg_advisory_lock key for migrations: any fixed 64-bit number, the same on every instance.
@@ -201,14 +209,35 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     connection), and an open transaction is still rolled back by asyncpg first."""
 
 
-def _unavailable(exc: BaseException) -> StoreUnavailable:
-    return StoreUnavailable(f"Postgres unavailable: {exc!r}")
+# Failures that leave a statement already sent without an answer: the deadline, a
+# socket error, a connection lost mid-way. (An error the server answered with
+# means it rolled the statement back; a client-side refusal means nothing went.)
+_UNANSWERED = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError)
 
 
-def _fail(group: list[Any], exc: BaseException) -> None:
+def _unavailable(exc: BaseException, *, sent: bool = False) -> StoreUnavailable:
+    """The store's failure for ``exc``; ``sent``: a write of the operation had gone
+    out, so an unanswered failure leaves its outcome unknown."""
+    return StoreUnavailable(
+        f"Postgres unavailable: {exc!r}",
+        outcome_unknown=sent and isinstance(exc, _UNANSWERED),
+    )
+
+
+class _Operation:
+    """One store operation under way: ``sent`` once a write of it (a statement outside
+    a transaction, or a transaction's commit) went to the database."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self) -> None:
+        self.sent = False
+
+
+def _fail(group: list[Any], exc: BaseException, *, sent: bool) -> None:
     """Every post of a group that failed gets the error (``StoreUnavailable`` for a lost
-    or unreachable database)."""
-    err = _unavailable(exc) if isinstance(exc, _UNAVAILABLE) else exc
+    or unreachable database; ``sent``: its statement had gone out)."""
+    err = _unavailable(exc, sent=sent) if isinstance(exc, _UNAVAILABLE) else exc
     for item in group:
         if not item[5].done():
             item[5].set_exception(err)
@@ -359,34 +388,78 @@ class PostgresStore(Store):
             raise StoreUnavailable("the store is not started")
         return self._pool
 
-    async def _call(self, method: str, query: str, *args: Any) -> Any:
-        """One statement on a pooled connection, answered within the command timeout."""
-        return await self._using(lambda conn: getattr(conn, method)(query, *args))
+    async def _call(self, method: str, query: str, *args: Any, write: bool = False) -> Any:
+        """One statement as one operation (``write``: it may store something)."""
+        async with self._operation() as op:
+            return await self._statement(op, method, query, *args, write=write)
 
-    async def _using(self, work: Callable[[Any], Awaitable[T]]) -> T:
-        """``work`` on a pooled connection, answered within the command timeout; the
-        connection goes back at once after a success or a refusal of the query
-        itself (a timeout, a cancel), else in the background."""
-        pool = self.pool
+    @contextlib.asynccontextmanager
+    async def _operation(self) -> AsyncIterator[_Operation]:
+        """The deadline of one store operation: everything in it (waiting for
+        connections, every statement, the commit) within the command timeout; a
+        failure of the database is raised as ``StoreUnavailable``, its outcome
+        unknown when a write had gone out."""
+        op = _Operation()
         try:
             async with asyncio.timeout(self._command_timeout):
-                # No timeout of the pool's own: the deadline above bounds the wait
-                # (and asyncpg's would cost a task per call).
-                conn = await pool.acquire()
-                try:
-                    result = await work(conn)
-                except asyncpg.QueryCanceledError:
-                    await pool.release(conn)  # its transaction rolled back: reusable
-                    raise
-                except BaseException as exc:
-                    if isinstance(exc, _UNAVAILABLE):
-                        await self._failed(exc, conn)
-                    self._release_later(conn)
-                    raise
+                yield op
         except _UNAVAILABLE as exc:
-            raise _unavailable(exc) from exc
+            raise _unavailable(exc, sent=op.sent) from exc
+
+    async def _statement(
+        self, op: _Operation, method: str, query: str, *args: Any, write: bool = False
+    ) -> Any:
+        """One statement of operation ``op`` on a pooled connection of its own."""
+        async with self._connection() as conn:
+            op.sent = op.sent or write
+            return await getattr(conn, method)(query, *args)
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        """A pooled connection for the body, within the deadline of the operation
+        around it. One whose body failed is released in the background (see the
+        module's docstring), never by the caller."""
+        pool = self.pool
+        # No timeout of the pool's own: the operation's deadline bounds the wait
+        # (and asyncpg's would cost a task per call).
+        conn = await pool.acquire()
+        try:
+            yield conn
+        except BaseException as exc:
+            if isinstance(exc, _UNAVAILABLE):
+                await self._failed(exc, conn)
+            self._release_later(conn)
+            raise
         await pool.release(conn)  # nothing to send: the session is kept (_keep_session)
-        return result
+
+    @staticmethod
+    @contextlib.asynccontextmanager
+    async def _transaction(conn: Any) -> AsyncIterator[None]:
+        """A transaction on ``conn``, within the deadline of the operation around it:
+        committed when the body ends, rolled back when it raises (a message not
+        found, not the author). One that cannot end cleanly (the deadline came, the
+        link failed, the commit or rollback got no answer) is ended by closing the
+        connection, which the server rolls back: a ROLLBACK down a frozen link would
+        hold the caller past its deadline."""
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            yield
+        except BaseException as exc:
+            if isinstance(exc, Exception) and not isinstance(exc, _UNAVAILABLE):
+                try:
+                    await tx.rollback()
+                except BaseException:
+                    conn.terminate()
+                    raise
+            else:
+                conn.terminate()
+            raise
+        try:
+            await tx.commit()
+        except BaseException:
+            conn.terminate()
+            raise
 
     def _release_later(self, conn: Any) -> None:
         """Give a connection back without waiting for it: its statement failed or was
@@ -528,27 +601,25 @@ class PostgresStore(Store):
         self, room: str, author: str, text: str, idempotency_key: str | None = None
     ) -> tuple[Message, bool]:
         # One deadline for all of it: the key lookup, the insert, the lookup after a race.
-        try:
-            async with asyncio.timeout(self._command_timeout):
-                return await self._append(room, author, text, idempotency_key)
-        except TimeoutError as exc:
-            raise _unavailable(exc) from exc
+        async with self._operation() as op:
+            return await self._append(op, room, author, text, idempotency_key)
 
     async def _append(
-        self, room: str, author: str, text: str, idempotency_key: str | None
+        self, op: _Operation, room: str, author: str, text: str, idempotency_key: str | None
     ) -> tuple[Message, bool]:
         if idempotency_key is not None:
-            row = await self._call("fetchrow", _BY_KEY, room, idempotency_key)
+            row = await self._statement(op, "fetchrow", _BY_KEY, room, idempotency_key)
             if row is not None:
                 return _row(row), False
         ms = int(time.time() * 1000)
         mid = new_id(ms)
         created = _EPOCH + timedelta(milliseconds=ms)
         if idempotency_key is None:
-            seq, changes = await self._grouped(room, mid, author, text, created)
+            seq, changes = await self._grouped(op, room, mid, author, text, created)
             return Message(mid, room, seq, author, text, ms, changes=changes), True
         try:
-            row = await self._call(
+            row = await self._statement(
+                op,
                 "fetchrow",
                 self._append_sql,
                 room,
@@ -558,11 +629,12 @@ class PostgresStore(Store):
                 created,
                 idempotency_key,
                 *self._outbox_args,
+                write=True,
             )
         except asyncpg.UniqueViolationError:
             # A concurrent request with the same key committed first; the failed
             # statement rolled its seq increment back.
-            row = await self._call("fetchrow", _BY_KEY, room, idempotency_key)
+            row = await self._statement(op, "fetchrow", _BY_KEY, room, idempotency_key)
             if row is None:  # pragma: no cover - the constraint named a row that vanished
                 raise
             return _row(row), False
@@ -584,6 +656,7 @@ class PostgresStore(Store):
             [p[2] for p in posts],
             [created] * len(posts),
             *self._outbox_args,
+            write=True,
         )
         seqs = {r["id"]: (r["seq"], r["changes"]) for r in rows}
         return [
@@ -592,9 +665,10 @@ class PostgresStore(Store):
         ]
 
     async def _grouped(
-        self, room: str, mid: str, author: str, text: str, created: datetime
+        self, op: _Operation, room: str, mid: str, author: str, text: str, created: datetime
     ) -> tuple[int, int]:
-        """Commit one post with whatever others wait; its seq and the room's change count."""
+        """Commit one post with whatever others wait; its seq and the room's change count.
+        Within ``op``'s deadline: a post a committer took may be stored even so."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[int, int]] = loop.create_future()
         item = (room, mid, author, text, created, future)
@@ -609,19 +683,15 @@ class PostgresStore(Store):
             task.add_done_callback(self._committer_done)
         # A caller that gives up (its deadline, or cancelled) withdraws its post if no
         # committer has taken it yet; one already taken is left to its group, which may
-        # still commit it.
+        # still commit it (its outcome is unknown: the committer may have sent it).
         try:
-            async with asyncio.timeout(self._command_timeout):
-                return await asyncio.shield(future)
-        except TimeoutError as exc:
-            if item in self._waiting:
-                self._waiting.remove(item)
-                future.cancel()
-            raise _unavailable(exc) from exc
+            return await asyncio.shield(future)
         except asyncio.CancelledError:
             if item in self._waiting:
                 self._waiting.remove(item)
                 future.cancel()
+            else:
+                op.sent = True
             raise
         finally:
             if not future.done():  # in flight: its outcome is nobody's now
@@ -656,7 +726,7 @@ class PostgresStore(Store):
                         conn = await self.pool.acquire(timeout=self._acquire_timeout)
                     except BaseException as exc:
                         # Nothing was sent: the posts waiting now are told so.
-                        _fail(self._take(), exc)
+                        _fail(self._take(), exc, sent=False)
                         if isinstance(exc, asyncio.CancelledError):
                             raise
                         continue
@@ -666,7 +736,7 @@ class PostgresStore(Store):
                 try:
                     rows = await self._commit_group(conn, group)
                 except BaseException as exc:
-                    _fail(group, exc)
+                    _fail(group, exc, sent=True)
                     if isinstance(exc, _UNAVAILABLE):
                         await self._failed(exc, conn)
                     conn, held = None, conn
@@ -767,6 +837,7 @@ class PostgresStore(Store):
             "WITH changes AS (DELETE FROM message_changes WHERE room = $1)"
             " DELETE FROM messages WHERE room = $1",
             room,
+            write=True,
         )
         return int(status.split()[-1])
 
@@ -784,70 +855,66 @@ class PostgresStore(Store):
     ) -> tuple[Change | None, Message]:
         ms = int(time.time() * 1000)
         at = _EPOCH + timedelta(milliseconds=ms)
-        try:
-            async with self.pool.acquire(timeout=self._acquire_timeout) as conn:
-                async with conn.transaction():
-                    # The room's row first, as an append takes it: changes and posts
-                    # of a room commit one at a time, so after_seq is exact.
-                    pos = await conn.fetchrow(
-                        "SELECT last_seq, last_change FROM rooms WHERE room = $1 FOR UPDATE", room
-                    )
-                    if pos is not None and idempotency_key is not None:
-                        done = await conn.fetchval(
-                            "SELECT seq FROM message_changes WHERE room = $1 AND key_owner = $2"
-                            " AND idempotency_key = $3",
-                            room,
-                            *idempotency_key,
-                        )
-                        if done is not None:  # a repeat: the message as it is now
-                            return None, _row(await conn.fetchrow(_MESSAGE_FOR_UPDATE, room, done))
-                    row = (
-                        None if pos is None else await conn.fetchrow(_MESSAGE_FOR_UPDATE, room, seq)
-                    )
-                    if pos is None or row is None:
-                        raise MessageNotFound(f"no message {seq} in room {room!r}")
-                    current = _row(row)
-                    if author is not None and current.author != author:
-                        raise NotAuthor("only the author may change this message")
-                    if current.deleted_ms is not None:
-                        if text is None:
-                            return None, current  # deleted already: nothing to do
-                        raise MessageNotFound(f"message {seq} in room {room!r} is deleted")
-                    if text == current.text:
-                        return None, current
-                    number = pos["last_change"] + 1
-                    await conn.execute(
-                        "UPDATE rooms SET last_change = $2 WHERE room = $1", room, number
-                    )
-                    if text is None:
-                        row = await conn.fetchrow(_DELETE, room, seq, at)
-                    else:
-                        row = await conn.fetchrow(_EDIT, room, seq, text, at)
-                    owner, key = idempotency_key or (None, None)
-                    await conn.execute(
-                        "INSERT INTO message_changes (room, change, seq, "
-                        "after_seq, key_owner, idempotency_key) "
-                        "VALUES ($1, $2, $3, $4, $5, $6)",
+        async with self._operation() as op, self._connection() as conn:
+            async with self._transaction(conn):
+                # The room's row first, as an append takes it: changes and posts
+                # of a room commit one at a time, so after_seq is exact.
+                pos = await conn.fetchrow(
+                    "SELECT last_seq, last_change FROM rooms WHERE room = $1 FOR UPDATE", room
+                )
+                if pos is not None and idempotency_key is not None:
+                    done = await conn.fetchval(
+                        "SELECT seq FROM message_changes WHERE room = $1 AND key_owner = $2"
+                        " AND idempotency_key = $3",
                         room,
-                        number,
-                        seq,
-                        pos["last_seq"],
-                        owner,
-                        key,
+                        *idempotency_key,
                     )
-                    msg = _row(row)
-                    if self._outbox_args:
-                        await conn.execute(
-                            _CHANGE_OUTBOX,
-                            *change_event(msg, number, ms),
-                            room,
-                            seq,
-                            pos["last_seq"] + number,
-                            at,
-                            *self._outbox_args,
-                        )
-        except _UNAVAILABLE as exc:
-            raise _unavailable(exc) from exc
+                    if done is not None:  # a repeat: the message as it is now
+                        return None, _row(await conn.fetchrow(_MESSAGE_FOR_UPDATE, room, done))
+                row = None if pos is None else await conn.fetchrow(_MESSAGE_FOR_UPDATE, room, seq)
+                if pos is None or row is None:
+                    raise MessageNotFound(f"no message {seq} in room {room!r}")
+                current = _row(row)
+                if author is not None and current.author != author:
+                    raise NotAuthor("only the author may change this message")
+                if current.deleted_ms is not None:
+                    if text is None:
+                        return None, current  # deleted already: nothing to do
+                    raise MessageNotFound(f"message {seq} in room {room!r} is deleted")
+                if text == current.text:
+                    return None, current
+                number = pos["last_change"] + 1
+                await conn.execute(
+                    "UPDATE rooms SET last_change = $2 WHERE room = $1", room, number
+                )
+                if text is None:
+                    row = await conn.fetchrow(_DELETE, room, seq, at)
+                else:
+                    row = await conn.fetchrow(_EDIT, room, seq, text, at)
+                owner, key = idempotency_key or (None, None)
+                await conn.execute(
+                    "INSERT INTO message_changes (room, change, seq, "
+                    "after_seq, key_owner, idempotency_key) "
+                    "VALUES ($1, $2, $3, $4, $5, $6)",
+                    room,
+                    number,
+                    seq,
+                    pos["last_seq"],
+                    owner,
+                    key,
+                )
+                msg = _row(row)
+                if self._outbox_args:
+                    await conn.execute(
+                        _CHANGE_OUTBOX,
+                        *change_event(msg, number, ms),
+                        room,
+                        seq,
+                        pos["last_seq"] + number,
+                        at,
+                        *self._outbox_args,
+                    )
+                op.sent = True  # the commit goes out as the block ends
         return Change(number, pos["last_seq"], msg), msg
 
     async def changes(self, room: str, *, after: int, limit: int = 200) -> list[Change]:
@@ -861,7 +928,7 @@ class PostgresStore(Store):
         return (0, 0) if row is None else (int(row["last_seq"]), int(row["last_change"]))
 
     async def mark_read(self, user: str, room: str, seq: int) -> ReadPosition:
-        row = await self._call("fetchrow", _MARK_READ, user, room, seq)
+        row = await self._call("fetchrow", _MARK_READ, user, room, seq, write=True)
         if row is None:  # a room with no message: nothing to be read
             return ReadPosition(room, 0, 0)
         return ReadPosition(room, int(row["seq"]), int(row["last_seq"]))
@@ -886,13 +953,10 @@ class PostgresStore(Store):
         sql, args = _search_sql(self.search_language, query, scope, limit, cursor)
         bound = f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}"
 
-        async def run(conn: Any) -> list[Any]:
-            async with conn.transaction(readonly=True):
-                await conn.execute(bound)
-                return await conn.fetch(sql, *args)  # type: ignore[no-any-return]
-
         try:
-            rows = await self._using(run)
+            async with self._operation(), self._connection() as conn, self._transaction(conn):
+                await conn.execute(bound)
+                rows = await conn.fetch(sql, *args)
         except asyncpg.QueryCanceledError as exc:
             raise SearchTimeout(f"the search ran past {timeout:g} s") from exc
         return Page([_row(r) for r in rows[:limit]], len(rows) > limit)
