@@ -17,6 +17,9 @@ Contract every implementation keeps:
   runs nobody else gets that row (on Postgres the claim locks rows with
   ``FOR UPDATE SKIP LOCKED``, so instances claiming at once never share one).
   A lease that runs out (its holder died) makes the row claimable again.
+- A row's ``data`` is the event as committed, except that the store empties its
+  ``text`` (and sets ``deleted_at``) when the message is deleted, purged or
+  removed by retention, in that removal's transaction (see ``storage.base``).
 - Every outcome (delivered, retry, dead) is one short transaction; rows only
   leave the table when delivered and older than the pruning cutoff: pending and
   dead rows stay until delivered or replayed.

@@ -54,6 +54,7 @@ from chat_gateway.storage.base import (
     StoreUnavailable,
     change_event,
     display_url,
+    format_ts,
     new_id,
 )
 
@@ -250,6 +251,26 @@ _DELETE = (
     "UPDATE messages SET text = '', version = version + 1, deleted_at = $3 "
     f"WHERE room = $1 AND seq = $2 RETURNING {_COLUMNS}"
 )
+
+
+def _scrub(gone: str, at: str) -> str:
+    """The statement (or CTE body) that takes the text out of every webhook event of
+    the messages ``gone`` lists (a relation with ``room`` and ``seq``): each event
+    that still carries text (a ``message.created``, an edit's ``message.updated``),
+    whatever its state (pending, delivered and kept, dead), keeps its fields with
+    ``text`` empty and ``deleted_at`` set to ``at`` (a parameter: the removal's time
+    as the API writes it). A later attempt, replay or dead-letter listing therefore
+    carries no text of a removed message. Events found by ``webhook_outbox_message``."""
+    return (
+        "UPDATE webhook_outbox o SET data = (o.data::jsonb || jsonb_build_object("
+        f"'text', '', 'deleted_at', {at}::text))::text FROM {gone} "
+        "WHERE o.room = gone.room AND o.seq = gone.seq AND o.data::jsonb ->> 'text' <> ''"
+    )
+
+
+# A deleted message's earlier events (its own message.deleted has no text).
+_SCRUB_MESSAGE = _scrub("(SELECT $1::text AS room, $2::bigint AS seq) AS gone", "$3")
+
 _CHANGES = """
 SELECT c.change, c.after_seq, m.id, m.room, m.seq, m.author, m.text,
        (extract(epoch from m.created_at) * 1000)::bigint AS created_ms, m.version,
@@ -681,30 +702,36 @@ class PostgresStore(Store):
         # A bounded batch found through the created_at index, deleted by ctid:
         # row locks on those rows only, never a table lock; SKIP LOCKED lets
         # two instances' retention runs share the work. The deleted messages'
-        # change rows go in the same statement.
+        # change rows go in the same statement, and their text leaves the outbox.
         count = await self._call(
             "fetchval",
             "WITH gone AS (DELETE FROM messages WHERE ctid = ANY(ARRAY("
             " SELECT ctid FROM messages WHERE created_at < $1"
             " ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)) RETURNING room, seq),"
             " changes AS (DELETE FROM message_changes c USING gone"
-            " WHERE c.room = gone.room AND c.seq = gone.seq)"
+            " WHERE c.room = gone.room AND c.seq = gone.seq),"
+            f" scrub AS ({_scrub('gone', '$3')})"
             " SELECT count(*) FROM gone",
             _EPOCH + timedelta(milliseconds=cutoff_ms),
             limit,
+            format_ts(int(time.time() * 1000)),
         )
         return int(count)
 
     async def purge_room(self, room: str) -> int:
         # The rooms row (its last_seq, last_change) stays: seqs and change numbers
-        # are never handed out twice. The change rows go in the same statement.
-        status = await self._call(
-            "execute",
-            "WITH changes AS (DELETE FROM message_changes WHERE room = $1)"
-            " DELETE FROM messages WHERE room = $1",
+        # are never handed out twice. The change rows go in the same statement, and
+        # the messages' text leaves the outbox.
+        count = await self._call(
+            "fetchval",
+            "WITH gone AS (DELETE FROM messages WHERE room = $1 RETURNING room, seq),"
+            " changes AS (DELETE FROM message_changes WHERE room = $1),"
+            f" scrub AS ({_scrub('gone', '$2')})"
+            " SELECT count(*) FROM gone",
             room,
+            format_ts(int(time.time() * 1000)),
         )
-        return int(status.split()[-1])
+        return int(count)
 
     async def ping(self) -> None:
         await self._call("fetchval", "SELECT 1")
@@ -757,6 +784,7 @@ class PostgresStore(Store):
                     )
                     if text is None:
                         row = await conn.fetchrow(_DELETE, room, seq, at)
+                        await conn.execute(_SCRUB_MESSAGE, room, seq, format_ts(ms))
                     else:
                         row = await conn.fetchrow(_EDIT, room, seq, text, at)
                     owner, key = idempotency_key or (None, None)
