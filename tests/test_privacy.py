@@ -13,11 +13,13 @@ from typing import Any
 
 import httpx
 import orjson
+import redis.asyncio as aioredis
 
 from chat_gateway.storage import Store
 from chat_gateway.storage.base import format_ts
 from chat_gateway.storage.postgres import PostgresStore
 from chat_gateway.storage.sqlite import SQLiteStore
+from tests import harness
 from tests.harness import Instance, eventually, post
 from tests.test_webhooks import AUTH, Receiver, hook_env, new_secret
 
@@ -161,3 +163,43 @@ async def test_a_dead_letter_listed_and_replayed_after_a_delete_carries_no_text(
     finally:
         gw.stop()
         await receiver.stop()
+
+
+async def test_no_redis_key_holds_a_deleted_text(gateway_env, redis_prefix):
+    """The history cache held the page with the text; after the delete no key under
+    the gateway's prefix (pages, seq and change keys) carries it."""
+    gw = Instance(gateway_env).start()
+    client = aioredis.from_url(harness.REDIS_URL)
+    try:
+        await gw.wait_ready()
+        async with httpx.AsyncClient(base_url=gw.url, timeout=20) as http:
+            r = await post(http, gw.url, "priv", SECRET, author="ana")
+            assert r.status_code == 201, r.text
+            for _ in range(2):  # a cold load writes the page, a warm read serves it
+                page = (await http.get("/v1/rooms/priv/messages")).json()["messages"]
+                assert page[0]["text"] == SECRET
+
+            async def holding() -> list[bytes]:
+                found = []
+                async for key in client.scan_iter(match=f"{redis_prefix}*"):
+                    kind = await client.type(key)
+                    if kind == b"string":
+                        values = [await client.get(key) or b""]
+                    elif kind == b"hash":
+                        values = list((await client.hgetall(key)).values())
+                    else:
+                        continue
+                    if any(b"launch code" in v for v in values):
+                        found.append(key)
+                return found
+
+            assert await holding(), "the page was cached with the text"
+            r = await http.request("DELETE", "/v1/rooms/priv/messages/1", json={"author": "ana"})
+            assert r.status_code == 200, r.text
+            assert await holding() == []
+            page = (await http.get("/v1/rooms/priv/messages")).json()["messages"]
+            assert page[0]["text"] == "" and page[0]["deleted_at"]
+            assert await holding() == [], "the page cached again holds the tombstone"
+    finally:
+        await client.aclose()
+        gw.stop()
