@@ -321,6 +321,18 @@ def nesting(value: Any, name: str, limit: int = MAX_DEPTH) -> Any:
     return value
 
 
+def event_data(value: Any) -> dict[str, Any]:
+    """The ``data`` of an ephemeral event (``POST /v1/publish``, ``POST
+    /v1/server/broadcast``): absent is ``{}``, else a JSON object nesting at most
+    ``MAX_DEPTH`` levels."""
+    if value is ABSENT:
+        return {}
+    if not isinstance(value, dict):
+        raise ApiError("invalid_request", "data must be a JSON object", field="data")
+    nesting(value, "data")
+    return value
+
+
 def limit_param(value: Any) -> int:
     if value is None:
         return 50
