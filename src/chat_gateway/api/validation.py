@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from starlette.requests import ClientDisconnect, Request
 
+from chat_gateway.core.text import flaw
 from chat_gateway.errors import ApiError
 
 ROOM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
@@ -189,14 +190,9 @@ def room_name(value: Any) -> str:
 
 
 def _printable(value: str, name: str) -> None:
-    if "\x00" in value:
-        raise ApiError("invalid_request", f"{name} must not contain NUL characters", field=name)
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError(
-            "invalid_request", f"{name} must be valid Unicode (no lone surrogates)", field=name
-        ) from None
+    problem = flaw(value)
+    if problem is not None:
+        raise ApiError("invalid_request", f"{name} {problem}", field=name)
 
 
 def text(value: Any) -> str:
