@@ -10,9 +10,11 @@ while a group is being committed goes in the next statement (one transaction,
 one WAL flush). The statement upserts each room of the group once, in room
 order (so two groups never wait on each other in a cycle), raising its
 counter by the room's number of messages, and numbers them in arrival order.
-All of a group commits or none of it; every caller gets its own seq or the
-error. Posts with a key keep the single statement above, so a duplicate key
-can only ever fail its own post.
+A group's statement commits all of it or none of it; every caller gets its
+own seq or the error. A statement refused for one row's data is committed
+again in halves, down to that row, so one bad post never fails another's.
+Posts with a key keep the single statement above, so a duplicate key can only
+ever fail its own post.
 
 One committer (a task committing groups back to back on one pooled connection)
 does the committing while it keeps up, which makes the groups as large as the
@@ -196,6 +198,12 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     every statement. This store leaves no session state on a pooled connection
     (no SET, LISTEN, cursor or advisory lock; migrations take their own
     connection), and an open transaction is still rolled back by asyncpg first."""
+
+
+# A statement refused for what one of its rows holds (the database's data errors,
+# asyncpg's own for an argument it cannot encode, a constraint): the connection is
+# fine, and the other rows of a group may commit without that one.
+_ROW_FAULTS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 
 
 def _unavailable(exc: BaseException) -> StoreUnavailable:
@@ -621,7 +629,7 @@ class PostgresStore(Store):
                 if not group:
                     continue  # all withdrawn meanwhile
                 try:
-                    rows = await self._commit_group(conn, group)
+                    await self._commit_isolating(conn, group)
                 except BaseException as exc:
                     _fail(group, exc)
                     if isinstance(exc, _UNAVAILABLE):
@@ -631,10 +639,6 @@ class PostgresStore(Store):
                     if isinstance(exc, asyncio.CancelledError):
                         raise
                     continue
-                seqs = {r["id"]: (r["seq"], r["changes"]) for r in rows}
-                for item in group:
-                    if not item[5].done():
-                        item[5].set_result(seqs[item[1]])
         finally:
             if conn is not None:
                 await self._release(conn)
@@ -649,6 +653,28 @@ class PostgresStore(Store):
             await self.pool.release(conn, timeout=self._command_timeout)
         except Exception as exc:
             log.debug("releasing a connection: %r", exc)
+
+    async def _commit_isolating(self, conn: Any, group: list[Any]) -> None:
+        """Commit a group and give each post its seq. A statement refused for one row's
+        data (a NUL in a text, a string with no UTF-8 form, a constraint) fails the
+        whole group, which would fail every other caller with that row: the group is
+        then committed in halves, in order (arrival order, so seqs within a room
+        keep it), down to the row at fault, whose caller alone gets the error."""
+        try:
+            rows = await self._commit_group(conn, group)
+        except _ROW_FAULTS as exc:
+            if len(group) == 1:
+                _fail(group, exc)
+                return
+            log.debug("a group failed on a row's data, committed in parts: %r", exc)
+            half = len(group) // 2
+            await self._commit_isolating(conn, group[:half])
+            await self._commit_isolating(conn, group[half:])
+            return
+        seqs = {r["id"]: (r["seq"], r["changes"]) for r in rows}
+        for item in group:
+            if not item[5].done():
+                item[5].set_result(seqs[item[1]])
 
     async def _commit_group(self, conn: Any, group: list[Any]) -> Any:
         cols = [*zip(*(item[:5] for item in group), strict=True), *self._outbox_args]
