@@ -422,6 +422,43 @@ async def test_a_string_exp_is_refused_with_a_shared_secret(gateway_env):
         assert exc.value.response.status_code == 401
 
 
+async def test_a_sub_the_store_cannot_hold_is_refused_and_fails_nobody_else(gateway_env):
+    """A validly signed token whose sub holds a NUL or a lone surrogate, or is blank,
+    is refused (401) on every route, as an author would be (422); innocent posts
+    committed in the same groups all succeed."""
+    env = {**gateway_env, "AUTH_SECRET": SECRET}
+    bad = {
+        "NUL": (hs_token("ana\x00"), "must not contain NUL characters"),
+        "lone surrogate": (hs_token("ana\ud800"), "no lone surrogates"),
+        "blank": (hs_token("   "), "not all blank"),
+    }
+    async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=t(20)) as http:
+        for case, (tok, words) in bad.items():
+            r = await post_as(http, gw.url, tok)
+            assert r.status_code == 401, (case, r.text)
+            error = r.json()["error"]
+            assert error["code"] == "unauthorized" and words in error["message"], (case, error)
+            r = await http.get(f"{gw.url}/v1/rooms/lobby/messages", headers=bearer(tok))
+            assert r.status_code == 401, (case, r.text)
+            with pytest.raises(websockets.InvalidStatus) as exc:
+                async with WSClient.connect(f"{gw.ws_url}?token={tok}"):
+                    pass
+            assert exc.value.response.status_code == 401, case
+
+        innocent = [hs_token(f"user{i}") for i in range(30)]
+        answers = await asyncio.gather(
+            *(post_as(http, gw.url, tok, text=f"m{i}") for i, tok in enumerate(innocent)),
+            *(post_as(http, gw.url, tok) for tok, _ in bad.values() for _ in range(3)),
+        )
+        assert [r.status_code for r in answers[:30]] == [201] * 30, [r.text for r in answers]
+        assert {r.status_code for r in answers[30:]} == {401}
+        page = (
+            await http.get(f"{gw.url}/v1/rooms/lobby/messages", headers=bearer(innocent[0]))
+        ).json()["messages"]
+        assert sorted(m["author"] for m in page) == sorted(f"user{i}" for i in range(30))
+        assert "Traceback" not in full_log(gw)
+
+
 # -- permissions ------------------------------------------------------------------
 
 

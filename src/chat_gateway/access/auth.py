@@ -40,6 +40,7 @@ from chat_gateway.core.public_keys import (
     load_public_key,
     pinned_algorithms,
 )
+from chat_gateway.core.text import flaw
 from chat_gateway.errors import ApiError
 from chat_gateway.periodic import every
 
@@ -371,8 +372,14 @@ class Authenticator:
             raise ApiError("unauthorized", "a bearer token is required")
         claims = self._verify(token)
         sub = claims.get("sub")
-        if not isinstance(sub, str) or not sub or len(sub) > 128:
-            raise ApiError("unauthorized", "the token's sub must be a string of 1..128 characters")
+        if not isinstance(sub, str) or not sub.strip() or len(sub) > 128:
+            raise ApiError(
+                "unauthorized",
+                "the token's sub must be a string of 1..128 characters, not all blank",
+            )
+        problem = flaw(sub)  # it becomes the author of what the token posts
+        if problem is not None:
+            raise ApiError("unauthorized", f"the token's sub {problem}")
         exp = claims["exp"]
         if isinstance(exp, bool) or not isinstance(exp, (int, float)) or not math.isfinite(exp):
             raise ApiError(

@@ -2,9 +2,9 @@
 (the work itself: chat_gateway.delivery.chat).
 
 Who may change a message: its author (the token's ``sub``; in open mode the
-``author`` given, as on a post), a token whose ``moderate`` claim grants the
-room, or any holder of an API key, for any message. All count against the post
-bucket.
+``author`` given, as on a post) where the token may post (a read-only grant may
+not), a token whose ``moderate`` claim grants the room, or any holder of an API
+key, for any message. All count against the post bucket.
 """
 
 from __future__ import annotations
@@ -46,9 +46,11 @@ async def _changer(request: Request, room: str, body: dict[str, Any]) -> tuple[s
 def changed_by(identity: Identity, room: str, given: Any) -> str | None:
     """Whose messages ``identity`` may change in ``room`` (already checked readable):
     any (None) for a moderator of the room, else the token's sub, in open mode the
-    ``author`` given."""
+    ``author`` given. A change is a write: without the ``moderate`` grant it needs
+    post rights in the room, so a read-only grant is refused (403) as a post is."""
     if identity.may_moderate(room):
         return None
+    identity.check_post(room)
     return identity.name if identity.user else v.author(given)
 
 

@@ -256,9 +256,7 @@ async def broadcast(request: Request) -> Response:
     if len(set(rooms)) != len(rooms):
         raise ApiError("invalid_request", "rooms must not repeat a room", field="rooms")
     event = v.event_name(body.get("event"))
-    data = body.get("data", {})
-    if not isinstance(data, dict):
-        raise ApiError("invalid_request", "data must be a JSON object", field="data")
+    data = v.event_data(body.get("data", v.ABSENT))
     # One bucket per API key (by digest), shared with POST /v1/publish: one call, one token.
     key = bearer(request.headers) or ""
     decision = await gw.rate(PUBLISH, "key:" + hashlib.sha256(key.encode()).hexdigest()[:24])

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from starlette.requests import ClientDisconnect, Request
 
+from chat_gateway.core.text import flaw
 from chat_gateway.errors import ApiError
 from chat_gateway.storage import search
 
@@ -211,14 +212,9 @@ def room_name(value: Any) -> str:
 
 
 def _printable(value: str, name: str) -> None:
-    if "\x00" in value:
-        raise ApiError("invalid_request", f"{name} must not contain NUL characters", field=name)
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError(
-            "invalid_request", f"{name} must be valid Unicode (no lone surrogates)", field=name
-        ) from None
+    problem = flaw(value)
+    if problem is not None:
+        raise ApiError("invalid_request", f"{name} {problem}", field=name)
 
 
 def text(value: Any) -> str:
@@ -340,6 +336,18 @@ def nesting(value: Any, name: str, limit: int = MAX_DEPTH) -> Any:
             for x in (c.values() if isinstance(c, dict) else c)
             if isinstance(x, (dict, list))
         ]
+    return value
+
+
+def event_data(value: Any) -> dict[str, Any]:
+    """The ``data`` of an ephemeral event (``POST /v1/publish``, ``POST
+    /v1/server/broadcast``): absent is ``{}``, else a JSON object nesting at most
+    ``MAX_DEPTH`` levels."""
+    if value is ABSENT:
+        return {}
+    if not isinstance(value, dict):
+        raise ApiError("invalid_request", "data must be a JSON object", field="data")
+    nesting(value, "data")
     return value
 
 

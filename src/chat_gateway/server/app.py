@@ -158,10 +158,7 @@ async def publish(request: Request) -> Response:
     v.only_fields(body, v.fields(v.PUBLISH))
     room = v.room_name(body.get("room"))
     event = v.event_name(body.get("event"))
-    data = body.get("data", {})
-    if not isinstance(data, dict):
-        raise ApiError("invalid_request", "data must be a JSON object", field="data")
-    v.nesting(data, "data")
+    data = v.event_data(body.get("data", v.ABSENT))
     # One bucket per API key (named by a digest: no secret in Redis), else per address.
     key = bearer(request.headers)
     caller = (

@@ -15,6 +15,10 @@ Contract every implementation keeps:
   only by ``change`` (an edit, or a delete that empties it and keeps the row as
   a tombstone at its seq), each change numbered by the room's own contiguous
   change counter; reads see every committed message and change.
+- A removed text is gone from the webhook outbox too: a delete, ``purge_room``
+  and ``delete_before`` empty the ``text`` (and set ``deleted_at``) of every
+  outbox event of each message they remove, whatever its state, in their own
+  transaction.
 - Failures raise ``StoreUnavailable`` (the database cannot be reached or timed
   out), with ``outcome_unknown`` set where a write may have been committed all
   the same; nothing else is swallowed.

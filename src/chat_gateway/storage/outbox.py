@@ -19,6 +19,9 @@ Contract every implementation keeps:
   The holder ``renew``s the leases of its attempts in flight, so a lease is
   short and outlives its holder by at most its length: one that runs out (its
   holder died or lost the database) makes the row claimable again.
+- A row's ``data`` is the event as committed, except that the store empties its
+  ``text`` (and sets ``deleted_at``) when the message is deleted, purged or
+  removed by retention, in that removal's transaction (see ``storage.base``).
 - Every outcome (delivered, retry, dead) is one short transaction; rows only
   leave the table when delivered and older than the pruning cutoff: pending and
   dead rows stay until delivered or replayed.

@@ -10,9 +10,11 @@ while a group is being committed goes in the next statement (one transaction,
 one WAL flush). The statement upserts each room of the group once, in room
 order (so two groups never wait on each other in a cycle), raising its
 counter by the room's number of messages, and numbers them in arrival order.
-All of a group commits or none of it; every caller gets its own seq or the
-error. Posts with a key keep the single statement above, so a duplicate key
-can only ever fail its own post.
+A group's statement commits all of it or none of it; every caller gets its
+own seq or the error. A statement refused for one row's data is committed
+again in halves, down to that row, so one bad post never fails another's.
+Posts with a key keep the single statement above, so a duplicate key can only
+ever fail its own post.
 
 One committer (a task committing groups back to back on one pooled connection)
 does the committing while it keeps up, which makes the groups as large as the
@@ -64,6 +66,7 @@ from chat_gateway.storage.base import (
     StoreUnavailable,
     change_event,
     display_url,
+    format_ts,
     new_id,
 )
 from chat_gateway.storage.search import Cursor, Query, RoomScope, SearchTimeout
@@ -214,6 +217,11 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 # means it rolled the statement back; a client-side refusal means nothing went.)
 _UNANSWERED = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError)
 
+# A statement refused for what one of its rows holds (the database's data errors,
+# asyncpg's own for an argument it cannot encode, a constraint): the connection is
+# fine, and the other rows of a group may commit without that one.
+_ROW_FAULTS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+
 
 def _unavailable(exc: BaseException, *, sent: bool = False) -> StoreUnavailable:
     """The store's failure for ``exc``; ``sent``: a write of the operation had gone
@@ -288,6 +296,26 @@ _DELETE = (
     "UPDATE messages SET text = '', version = version + 1, deleted_at = $3 "
     f"WHERE room = $1 AND seq = $2 RETURNING {_COLUMNS}"
 )
+
+
+def _scrub(gone: str, at: str) -> str:
+    """The statement (or CTE body) that takes the text out of every webhook event of
+    the messages ``gone`` lists (a relation with ``room`` and ``seq``): each event
+    that still carries text (a ``message.created``, an edit's ``message.updated``),
+    whatever its state (pending, delivered and kept, dead), keeps its fields with
+    ``text`` empty and ``deleted_at`` set to ``at`` (a parameter: the removal's time
+    as the API writes it). A later attempt, replay or dead-letter listing therefore
+    carries no text of a removed message. Events found by ``webhook_outbox_message``."""
+    return (
+        "UPDATE webhook_outbox o SET data = (o.data::jsonb || jsonb_build_object("
+        f"'text', '', 'deleted_at', {at}::text))::text FROM {gone} "
+        "WHERE o.room = gone.room AND o.seq = gone.seq AND o.data::jsonb ->> 'text' <> ''"
+    )
+
+
+# A deleted message's earlier events (its own message.deleted has no text).
+_SCRUB_MESSAGE = _scrub("(SELECT $1::text AS room, $2::bigint AS seq) AS gone", "$3")
+
 _CHANGES = """
 SELECT c.change, c.after_seq, m.id, m.room, m.seq, m.author, m.text,
        (extract(epoch from m.created_at) * 1000)::bigint AS created_ms, m.version,
@@ -734,7 +762,7 @@ class PostgresStore(Store):
                 if not group:
                     continue  # all withdrawn meanwhile
                 try:
-                    rows = await self._commit_group(conn, group)
+                    await self._commit_isolating(conn, group)
                 except BaseException as exc:
                     _fail(group, exc, sent=True)
                     if isinstance(exc, _UNAVAILABLE):
@@ -744,10 +772,6 @@ class PostgresStore(Store):
                     if isinstance(exc, asyncio.CancelledError):
                         raise
                     continue
-                seqs = {r["id"]: (r["seq"], r["changes"]) for r in rows}
-                for item in group:
-                    if not item[5].done():
-                        item[5].set_result(seqs[item[1]])
         finally:
             if conn is not None:
                 await self._release(conn)
@@ -762,6 +786,28 @@ class PostgresStore(Store):
             await self.pool.release(conn, timeout=self._command_timeout)
         except Exception as exc:
             log.debug("releasing a connection: %r", exc)
+
+    async def _commit_isolating(self, conn: Any, group: list[Any]) -> None:
+        """Commit a group and give each post its seq. A statement refused for one row's
+        data (a NUL in a text, a string with no UTF-8 form, a constraint) fails the
+        whole group, which would fail every other caller with that row: the group is
+        then committed in halves, in order (arrival order, so seqs within a room
+        keep it), down to the row at fault, whose caller alone gets the error."""
+        try:
+            rows = await self._commit_group(conn, group)
+        except _ROW_FAULTS as exc:
+            if len(group) == 1:
+                _fail(group, exc, sent=False)  # refused by the server: nothing stored
+                return
+            log.debug("a group failed on a row's data, committed in parts: %r", exc)
+            half = len(group) // 2
+            await self._commit_isolating(conn, group[:half])
+            await self._commit_isolating(conn, group[half:])
+            return
+        seqs = {r["id"]: (r["seq"], r["changes"]) for r in rows}
+        for item in group:
+            if not item[5].done():
+                item[5].set_result(seqs[item[1]])
 
     async def _commit_group(self, conn: Any, group: list[Any]) -> Any:
         cols = [*zip(*(item[:5] for item in group), strict=True), *self._outbox_args]
@@ -815,31 +861,37 @@ class PostgresStore(Store):
         # A bounded batch found through the created_at index, deleted by ctid:
         # row locks on those rows only, never a table lock; SKIP LOCKED lets
         # two instances' retention runs share the work. The deleted messages'
-        # change rows go in the same statement.
+        # change rows go in the same statement, and their text leaves the outbox.
         count = await self._call(
             "fetchval",
             "WITH gone AS (DELETE FROM messages WHERE ctid = ANY(ARRAY("
             " SELECT ctid FROM messages WHERE created_at < $1"
             " ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)) RETURNING room, seq),"
             " changes AS (DELETE FROM message_changes c USING gone"
-            " WHERE c.room = gone.room AND c.seq = gone.seq)"
+            " WHERE c.room = gone.room AND c.seq = gone.seq),"
+            f" scrub AS ({_scrub('gone', '$3')})"
             " SELECT count(*) FROM gone",
             _EPOCH + timedelta(milliseconds=cutoff_ms),
             limit,
+            format_ts(int(time.time() * 1000)),
         )
         return int(count)
 
     async def purge_room(self, room: str) -> int:
         # The rooms row (its last_seq, last_change) stays: seqs and change numbers
-        # are never handed out twice. The change rows go in the same statement.
-        status = await self._call(
-            "execute",
-            "WITH changes AS (DELETE FROM message_changes WHERE room = $1)"
-            " DELETE FROM messages WHERE room = $1",
+        # are never handed out twice. The change rows go in the same statement, and
+        # the messages' text leaves the outbox.
+        count = await self._call(
+            "fetchval",
+            "WITH gone AS (DELETE FROM messages WHERE room = $1 RETURNING room, seq),"
+            " changes AS (DELETE FROM message_changes WHERE room = $1),"
+            f" scrub AS ({_scrub('gone', '$2')})"
+            " SELECT count(*) FROM gone",
             room,
+            format_ts(int(time.time() * 1000)),
             write=True,
         )
-        return int(status.split()[-1])
+        return int(count)
 
     async def ping(self) -> None:
         await self._call("fetchval", "SELECT 1")
@@ -889,6 +941,7 @@ class PostgresStore(Store):
                 )
                 if text is None:
                     row = await conn.fetchrow(_DELETE, room, seq, at)
+                    await conn.execute(_SCRUB_MESSAGE, room, seq, format_ts(ms))
                 else:
                     row = await conn.fetchrow(_EDIT, room, seq, text, at)
                 owner, key = idempotency_key or (None, None)

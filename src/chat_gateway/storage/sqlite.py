@@ -34,6 +34,7 @@ from chat_gateway.storage.base import (
     Store,
     StoreUnavailable,
     change_event,
+    format_ts,
     new_id,
 )
 from chat_gateway.storage.search import BadQuery, Cursor, Query, RoomScope, SearchTimeout
@@ -59,6 +60,21 @@ def statements(sql: str) -> list[str]:
 
 def _row(r: tuple[Any, ...]) -> Message:
     return Message(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8])
+
+
+def _scrub(db: sqlite3.Connection, gone: list[tuple[str, int]], at_ms: int) -> None:
+    """Take the text out of every webhook event of the messages ``gone`` lists, inside
+    the caller's transaction: each event that still carries text (a
+    ``message.created``, an edit's ``message.updated``), whatever its state (pending,
+    delivered and kept, dead), keeps its fields with ``text`` empty and
+    ``deleted_at`` set to the removal's time. A later attempt, replay or dead-letter
+    listing therefore carries no text of a removed message."""
+    at = format_ts(at_ms)
+    db.executemany(
+        "UPDATE webhook_outbox SET data = json_set(data, '$.text', '', '$.deleted_at', ?) "
+        "WHERE room = ? AND seq = ? AND json_extract(data, '$.text') <> ''",
+        [(at, room, seq) for room, seq in gone],
+    )
 
 
 class SQLiteStore(Store):
@@ -278,6 +294,7 @@ class SQLiteStore(Store):
                 db.executemany(
                     "DELETE FROM messages WHERE rowid = ?", [(rowid,) for rowid, _, _ in rows]
                 )
+                _scrub(db, [(room, seq) for _, room, seq in rows], int(time.time() * 1000))
                 db.execute("COMMIT")
                 return len(rows)
             except BaseException:
@@ -294,7 +311,11 @@ class SQLiteStore(Store):
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.execute("DELETE FROM message_changes WHERE room = ?", (room,))
-                count = db.execute("DELETE FROM messages WHERE room = ?", (room,)).rowcount
+                gone = db.execute(
+                    "DELETE FROM messages WHERE room = ? RETURNING room, seq", (room,)
+                ).fetchall()
+                _scrub(db, gone, int(time.time() * 1000))
+                count = len(gone)
                 db.execute("COMMIT")
                 return count
             except BaseException:
@@ -360,12 +381,13 @@ class SQLiteStore(Store):
                 number = pos[1] + 1
                 ms = int(time.time() * 1000)
                 db.execute("UPDATE rooms SET last_change = ? WHERE room = ?", (number, room))
-                if text is None:  # the text is gone from the row, not hidden
+                if text is None:  # the text is gone from the row and its events, not hidden
                     db.execute(
                         "UPDATE messages SET text = '', version = version + 1, "
                         "deleted_ms = ? WHERE room = ? AND seq = ?",
                         (ms, room, seq),
                     )
+                    _scrub(db, [(room, seq)], ms)
                 else:
                     db.execute(
                         "UPDATE messages SET text = ?, version = version + 1, "

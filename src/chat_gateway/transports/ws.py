@@ -295,6 +295,7 @@ class Session:
         self.identity.check_room(room)
         chat = self.gw.chat
         if kind == "typing":
+            self.identity.check_post(room)  # typing is writing: not on a read-only grant
             if room not in self.sub.cursors:
                 raise ApiError(
                     "invalid_request", "subscribe to the room before typing in it", field="room"
