@@ -310,6 +310,7 @@ SDK_PATH = "/sdk/chat-gateway.js"
 
 # The pages load their scripts and stylesheet from /static/ and talk to this origin
 # only; nothing may frame them (clickjacking) or learn their address from a link.
+# Every file under /static/ (the pages are there too) and the SDK get the same.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
     "img-src 'self' data:; connect-src 'self'; "
@@ -318,6 +319,16 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
+
+
+class PageFiles(StaticFiles):
+    """``/static/``: Starlette's static files, each sent with :data:`PAGE_HEADERS`,
+    so a page reached by its file name cannot be framed either."""
+
+    async def get_response(self, path: str, scope: Any) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers.update(PAGE_HEADERS)
+        return response
 
 
 def static_dir(settings: Settings) -> Path:
@@ -364,11 +375,11 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         return endpoint
 
     async def sdk_module(request: Request) -> Response:
-        # an ES module: served as JavaScript (pages send nosniff), revalidated like the pages
+        # an ES module: served as JavaScript (nosniff), revalidated like the pages
         return FileResponse(
             sdk,
             media_type="text/javascript; charset=utf-8",
-            headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
+            headers={"Cache-Control": "no-cache", **PAGE_HEADERS},
         )
 
     routes = [
@@ -400,7 +411,7 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         Route("/", page("index.html"), methods=["GET"]),
         Route("/dashboard", page("dashboard.html"), methods=["GET"]),
         Route(SDK_PATH, sdk_module, methods=["GET"]),
-        Mount("/static", StaticFiles(directory=static, check_dir=False), name="static"),
+        Mount("/static", PageFiles(directory=static, check_dir=False), name="static"),
     ]
     app = GatewayApp(
         routes=routes,
