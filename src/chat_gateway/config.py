@@ -88,6 +88,9 @@ class Settings:
     auth_jwks_min_interval: float = 5.0  # fewest seconds between two fetches
     auth_jwks_timeout: float = 5.0
     api_keys: tuple[str, ...] = ()
+    # the key GET /metrics needs (Authorization: Bearer); an API key also does.
+    # Unset: /metrics needs an API key with auth on, and nothing in open mode
+    metrics_key: str | None = None
     rate_limit: Rate = field(default_factory=lambda: Rate(20, 60.0))
     publish_rate_limit: Rate = field(default_factory=lambda: Rate(600, 60.0))
     connect_rate_limit: Rate = field(default_factory=lambda: Rate(60, 60.0))

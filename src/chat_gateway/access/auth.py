@@ -264,8 +264,10 @@ class Authenticator:
         public_key: PublicKey | None = None,
         issuer: str | None = None,
         audience: str | None = None,
+        metrics_key: str | None = None,
     ) -> None:
         self.secrets = tuple((secret or "").split())
+        self._metrics_key = metrics_key.encode() if metrics_key else None
         self.leeway = leeway
         self.jwks = jwks
         self.public_key = public_key
@@ -295,6 +297,7 @@ class Authenticator:
             public_key=load_public_key(s.auth_public_key) if s.auth_public_key else None,
             issuer=s.auth_issuer,
             audience=s.auth_audience,
+            metrics_key=s.metrics_key,
         )
 
     async def start(self) -> None:
@@ -491,6 +494,25 @@ class Authenticator:
         if isinstance(exc, jwt.InvalidAudienceError):
             return f"the token's audience (aud) does not include {self.audience!r}"
         return f"the token is not valid: {exc}"
+
+    def check_metrics_key(self, key: str | None) -> None:
+        """``GET /metrics``: ``METRICS_KEY`` or an API key when either is required,
+        that is when ``METRICS_KEY`` is set or auth is on; open otherwise."""
+        if self._metrics_key is None and self.open_mode:
+            return
+        if self._metrics_key is None and not self._api_keys:
+            raise ApiError(
+                "unauthorized",
+                "no METRICS_KEY or API_KEYS is configured, and with auth on /metrics needs one",
+            )
+        if not key:
+            raise ApiError(
+                "unauthorized", "a metrics or API key is required: Authorization: Bearer <key>"
+            )
+        if self._metrics_key is not None and hmac.compare_digest(key.encode(), self._metrics_key):
+            return
+        if not is_api_key(self, key):
+            raise ApiError("unauthorized", "the key is neither METRICS_KEY nor an API key")
 
     def check_api_key(self, key: str | None) -> None:
         if not self._api_keys:

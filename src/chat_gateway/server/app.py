@@ -208,9 +208,9 @@ async def openapi_json(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(
-        gateway_of(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
-    )
+    gw = gateway_of(request)
+    gw.auth.check_metrics_key(bearer(request.headers))
+    return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 # -- errors ------------------------------------------------------------------

@@ -58,16 +58,29 @@ def refused(address: str) -> bool:
     return any(not a.is_global or a.is_multicast for a in candidates)
 
 
+def origin(url: httpx.URL) -> str:
+    """``host`` or ``host:port`` of a receiver URL: what logs, errors and metrics
+    may show of it. Slack- and Discord-style URLs carry their secret in the path,
+    others in the query; neither is shown."""
+    host = f"[{url.host}]" if ":" in url.host else url.host
+    return host if url.port is None else f"{host}:{url.port}"
+
+
 def check_url(url: str, *, allow_private: bool) -> httpx.URL:
-    """The URL parsed; ``ValueError`` for one no webhook may be sent to."""
+    """The URL parsed; ``ValueError`` for one no webhook may be sent to. The
+    message names the receiver by its scheme and origin, never its path."""
     try:
         parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError) as exc:
-        raise ValueError(f"{url!r} is not a URL: {exc}") from None
+    except (httpx.InvalidURL, TypeError):
+        raise ValueError("an entry is not a URL") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError(f"{url!r}: a receiver needs an http:// or https:// URL with a host")
+        raise ValueError(
+            f"{parsed.scheme or 'an entry'}://…: a receiver needs an http:// or "
+            "https:// URL with a host"
+        )
+    shown = f"{parsed.scheme}://{origin(parsed)}/…"
     if parsed.userinfo:
-        raise ValueError(f"{url!r}: credentials in the URL are not supported")
+        raise ValueError(f"{shown}: credentials in the URL are not supported")
     if not allow_private:
         try:
             literal = ipaddress.ip_address(parsed.host)
@@ -75,7 +88,7 @@ def check_url(url: str, *, allow_private: bool) -> httpx.URL:
             literal = None
         if literal is not None and refused(str(literal)):
             raise ValueError(
-                f"{url!r} is a private or loopback address; set "
+                f"{shown} is a private or loopback address; set "
                 "WEBHOOK_ALLOW_PRIVATE=true to allow it"
             )
     return parsed
