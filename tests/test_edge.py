@@ -10,7 +10,7 @@ import pytest
 
 from chat_gateway.config import ConfigError, Settings
 from chat_gateway.webhooks.egress import refused
-from tests.harness import Instance, eventually, instances
+from tests.harness import Instance, eventually, instances, t
 
 
 def embedded(tmp_path, **extra: str) -> dict[str, str]:
@@ -79,7 +79,10 @@ def test_a_receiver_url_with_an_embedded_private_address_is_refused_at_start(tmp
     env = embedded(tmp_path, WEBHOOK_URLS="http://[64:ff9b::7f00:1]:8080/in", WEBHOOK_SECRET=secret)
     gw = Instance(env).start()
     assert gw.proc is not None
-    assert gw.proc.wait(30) != 0
+    try:
+        assert gw.proc.wait(t(30)) != 0
+    finally:
+        gw.kill()
     assert "WEBHOOK_ALLOW_PRIVATE" in gw.log()
 
 
