@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import base64
 import os
+import sqlite3
+import time
+from pathlib import Path
 
 import httpx
+import jwt
+import orjson
 import pytest
+import redis.asyncio as aioredis
 
+from chat_gateway.access.auth import key_bucket
 from chat_gateway.config import ConfigError, Settings
 from chat_gateway.webhooks.egress import refused
-from tests.harness import Instance, eventually, instances, t
+from tests.harness import Instance, RedisServer, WSClient, eventually, instances, post, t
 
 
 def embedded(tmp_path, **extra: str) -> dict[str, str]:
@@ -162,3 +169,196 @@ async def test_webhook_series_and_logs_name_a_receiver_by_id_and_host_only(tmp_p
         assert f"{endpoint['id']}:127.0.0.1:{receiver.port}" in log
     finally:
         await receiver.stop()
+
+
+# -- smaller holes: rate limits, buckets, queries ----------------------------------------
+
+
+def log_lines(text: str) -> list[dict]:
+    return [orjson.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+async def test_marking_read_is_rate_limited_on_http_and_ws(tmp_path):
+    env = embedded(tmp_path, READ_RATE_LIMIT="3/60s")
+    async with (
+        instances(1, env) as (gw,),
+        httpx.AsyncClient(base_url=gw.url) as http,
+    ):
+        assert (await post(http, gw.url, "seen", "hi", author="ana")).status_code == 201
+        for _ in range(3):
+            r = await http.post("/v1/rooms/seen/read", json={"seq": 1, "user": "ana"})
+            assert r.status_code == 200 and r.headers["ratelimit-limit"] == "3"
+        r = await http.post("/v1/rooms/seen/read", json={"seq": 1, "user": "ana"})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited"
+        async with WSClient.connect(gw.ws_url + "?user=ana") as ws:
+            await ws.send({"type": "read", "room": "seen", "seq": 1, "ref": "r1"})
+            err = await ws.expect("error")
+            assert err["code"] == "rate_limited" and err.get("ref") == "r1"
+
+
+async def test_typing_frames_cost_redis_one_set_per_window(tmp_path):
+    redis = RedisServer()
+    redis.start()
+    try:
+        env = embedded(tmp_path, REDIS_URL=redis.url, KEY_PREFIX="typing:")
+        async with (
+            instances(1, env) as (gw,),
+            WSClient.connect(gw.ws_url + "?user=ana") as ws,
+        ):
+            await ws.subscribe("typed")
+
+            async def sets() -> int:
+                async with aioredis.from_url(redis.url) as client:
+                    stats = await client.info("commandstats")
+                return int(stats.get("cmdstat_set", {}).get("calls", 0))
+
+            before = await sets()
+            for _ in range(50):
+                await ws.send({"type": "typing", "room": "typed"})
+            await ws.send({"type": "ping", "ref": "after"})
+            await ws.expect("pong")
+            assert await sets() - before <= 1
+    finally:
+        redis.stop()
+
+
+async def test_a_user_named_like_an_api_key_has_a_bucket_of_its_own(tmp_path):
+    secret = "s" * 40
+    env = embedded(tmp_path, AUTH_SECRET=secret, API_KEYS="backend-key", RATE_LIMIT="2/60s")
+    lookalike = key_bucket("backend-key")
+
+    def token(sub: str) -> dict[str, str]:
+        tok = jwt.encode({"sub": sub, "exp": int(time.time()) + 600}, secret, algorithm="HS256")
+        return {"Authorization": f"Bearer {tok}"}
+
+    async with instances(1, env) as (gw,), httpx.AsyncClient(base_url=gw.url) as http:
+        r = await http.post("/v1/rooms/b/messages", json={"text": "one"}, headers=token("bob"))
+        assert r.status_code == 201
+        key = {"Authorization": "Bearer backend-key"}
+        for i in range(2):  # the key's post bucket, emptied by edits
+            r = await http.patch("/v1/rooms/b/messages/1", json={"text": f"e{i}"}, headers=key)
+            assert r.status_code == 200
+        r = await http.patch("/v1/rooms/b/messages/1", json={"text": "e3"}, headers=key)
+        assert r.status_code == 429
+        r = await http.post("/v1/rooms/b/messages", json={"text": "me"}, headers=token(lookalike))
+        assert r.status_code == 201, r.text
+
+
+async def test_read_positions_are_filtered_before_their_limit(tmp_path):
+    secret = "s" * 40
+    env = embedded(tmp_path, AUTH_SECRET=secret, READ_RATE_LIMIT="100/1s")
+    tok = jwt.encode(
+        {"sub": "ana", "exp": int(time.time()) + 600, "rooms": ["zz-*", "mine"]},
+        secret,
+        algorithm="HS256",
+    )
+    auth = {"Authorization": f"Bearer {tok}"}
+    async with instances(1, env) as (gw,), httpx.AsyncClient(base_url=gw.url) as http:
+        for room in ("zz-granted", "mine"):
+            assert (
+                await http.post(f"/v1/rooms/{room}/messages", json={"text": "x"}, headers=auth)
+            ).status_code == 201
+            r = await http.post(f"/v1/rooms/{room}/read", json={"seq": 1}, headers=auth)
+            assert r.status_code == 200
+        # 1,000 positions in rooms the token does not grant, all sorting first
+        with sqlite3.connect(tmp_path / "x.db") as db:
+            db.executemany(
+                "INSERT INTO read_positions (user_name, room, seq, updated_ms) VALUES (?, ?, 1, 0)",
+                [("ana", f"aa-{i:04d}") for i in range(1000)],
+            )
+        r = await http.get("/v1/read", headers=auth)
+        assert r.status_code == 200
+        assert [p["room"] for p in r.json()["rooms"]] == ["mine", "zz-granted"]
+
+
+async def test_the_store_filters_read_positions_by_name_and_prefix(store):
+    from chat_gateway.storage import RoomFilter
+
+    for room in ("a-1", "b-1", "b-2", "c", "c-1"):
+        await store.append(room, "ana", "x")
+        await store.mark_read("ana", room, 1)
+    keep = RoomFilter(names=("c",), prefixes=("b-",))
+    got = await store.read_positions("ana", limit=2, rooms=keep)
+    assert [p.room for p in got] == ["b-1", "b-2"]
+    got = await store.read_positions("ana", rooms=keep)
+    assert [p.room for p in got] == ["b-1", "b-2", "c"]
+    got = await store.read_positions("ana", rooms=RoomFilter(prefixes=("b_",)))
+    assert got == []  # a prefix is text, not a LIKE pattern
+    assert len(await store.read_positions("ana")) == 5
+
+
+async def test_ws_over_plain_http_checks_its_query_before_asking_for_an_upgrade(tmp_path):
+    async with instances(1, embedded(tmp_path)) as (gw,), httpx.AsyncClient() as http:
+        for query in ("?user=" + "a" * 500, "?nope=1"):
+            r = await http.get(gw.url + "/v1/ws" + query)
+            assert r.status_code == 422, (query, r.status_code)
+            assert r.json()["error"]["code"] == "invalid_request"
+        r = await http.get(gw.url + "/v1/ws?user=ana")
+        assert r.status_code == 426
+
+
+# -- logs ---------------------------------------------------------------------------
+
+
+async def test_a_websocket_is_one_line_open_one_line_closed_and_no_text_or_query(tmp_path):
+    env = embedded(tmp_path, LOG_LEVEL="debug")
+    async with instances(1, env) as (gw,):
+        async with WSClient.connect(gw.ws_url + "?user=ana-query-name") as ws:
+            await ws.subscribe("logged")
+            await ws.send({"type": "publish", "room": "logged", "text": "SECRET-TEXT", "ref": 1})
+            await ws.expect("ack")
+        await eventually(lambda: "websocket closed" in gw.log())
+    text = Path(gw.log_path).read_text()
+    assert "SECRET-TEXT" not in text and "ana-query-name" not in text
+    lines = log_lines(text)
+    (opened,) = [line for line in lines if line["msg"] == "websocket opened"]
+    of_it = [
+        line for line in lines if line.get("conn") == opened["conn"] and line["level"] != "debug"
+    ]
+    assert [line["msg"] for line in of_it] == ["websocket opened", "websocket closed"]
+    closed = of_it[1]
+    assert closed["close_code"] == 1000 and closed["closed_by"] == "client"
+
+
+async def test_the_start_line_names_the_database_file_and_the_broker_without_passwords(
+    tmp_path, pg_url
+):
+    redis = RedisServer(extra_args=("--requirepass", "hunter2-redis"))
+    redis.start()
+    try:
+        env = embedded(tmp_path, DATABASE_URL="sqlite:///relative.db")
+        gw = Instance(env, cwd=str(tmp_path)).start()
+        try:
+            await gw.wait_ready()
+        finally:
+            gw.stop()
+        assert f"SQLite file {tmp_path / 'relative.db'}" in gw.log()
+
+        with_password = pg_url.replace(
+            "postgresql://postgres@", "postgresql://postgres:hunter2-pg@"
+        )
+        env = embedded(
+            tmp_path,
+            DATABASE_URL=with_password,
+            REDIS_URL=f"redis://:hunter2-redis@127.0.0.1:{redis.port}/0",
+        )
+        async with instances(1, env) as (gw,):
+            pass
+        text = Path(gw.log_path).read_text()
+        (start,) = [line for line in log_lines(text) if "database" in line]
+        assert start["database"] == "Postgres at " + pg_url.replace("postgres@", "postgres:***@")
+        assert start["broker"] == f"redis://:***@127.0.0.1:{redis.port}/0"
+        assert "hunter2" not in text
+    finally:
+        redis.stop()
+
+
+def test_help_lists_the_new_variables():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "chat_gateway", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for name in ("METRICS_KEY", "AUTH_JWKS_ALLOW_HTTP", "READ_RATE_LIMIT"):
+        assert name in out, name

@@ -98,6 +98,8 @@ class Settings:
     connect_rate_limit: Rate = field(default_factory=lambda: Rate(60, 60.0))
     # WebSocket subscribe frames per identity (subscribe/unsubscribe churn)
     subscribe_rate_limit: Rate = field(default_factory=lambda: Rate(600, 60.0))
+    # read positions marked per identity (HTTP and WS read frames share it)
+    read_rate_limit: Rate = field(default_factory=lambda: Rate(120, 60.0))
     trusted_proxies: tuple[str, ...] = ()
     key_prefix: str = "chat:"
     # database pool
@@ -234,6 +236,7 @@ class Settings:
             "publish_rate_limit",
             "connect_rate_limit",
             "subscribe_rate_limit",
+            "read_rate_limit",
         ):
             rate = getattr(self, name)
             # The bucket's arithmetic is in integers inside a double's exact range.

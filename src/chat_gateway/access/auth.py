@@ -44,6 +44,7 @@ from chat_gateway.core.public_keys import (
 )
 from chat_gateway.errors import ApiError
 from chat_gateway.periodic import every
+from chat_gateway.storage import RoomFilter
 
 log = logging.getLogger("gateway.auth")
 
@@ -90,6 +91,23 @@ class Identity:
     @property
     def unrestricted(self) -> bool:
         return self.rooms is None and self.read_rooms is None
+
+    @property
+    def bucket(self) -> str:
+        """The name this identity's rate buckets and connection counts go under:
+        ``user:<sub>`` for a token, the client address otherwise. An API key's is
+        ``key:<digest>`` (:func:`key_bucket`), so no ``sub`` can share a key's."""
+        return "user:" + self.name if self.user else self.name
+
+    def readable(self) -> RoomFilter | None:
+        """The rooms this identity may read as a store filter (None: every room)."""
+        if self.unrestricted:
+            return None
+        patterns = (*(self.rooms or ()), *(self.read_rooms or ()))
+        return RoomFilter(
+            names=tuple(p for p in patterns if not p.endswith("*")),
+            prefixes=tuple(p[:-1] for p in patterns if p.endswith("*")),
+        )
 
     def may_access(self, room: str) -> bool:
         """May read ``room`` (history, SSE, subscribe, presence)."""

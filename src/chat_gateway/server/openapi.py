@@ -357,6 +357,7 @@ def chat_paths(open_mode: bool) -> dict[str, Any]:
                         "unauthorized",
                         "forbidden",
                         "too_large",
+                        "rate_limited",
                         "unavailable",
                     ),
                 },
