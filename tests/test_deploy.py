@@ -133,3 +133,11 @@ def test_metrics_stay_behind_the_balancer_and_prometheus_sends_the_compose_key()
     assert targets == ["gateway1:8000", "gateway2:8000"]
     mounts = services["prometheus"]["volumes"]
     assert any(m.startswith("./deploy/prometheus.yml:") for m in mounts)
+
+
+def test_scaling_keeps_no_copy_of_the_readmes_figures():
+    scaling = (ROOT / "docs" / "scaling.md").read_text()
+    assert "README.md#performance" in scaling
+    # the measured figures (KiB per connection, deliveries per CPU-second) live in the README
+    assert not re.search(r"\d+(\.\d+)? KiB resident", scaling)
+    assert not re.search(r"\d{1,3},\d{3} deliveries per (server )?CPU-second", scaling)
