@@ -10,7 +10,6 @@ from pathlib import Path
 
 import httpx
 import jwt
-import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -18,18 +17,7 @@ from chat_gateway.access.auth import key_bucket
 from chat_gateway.config import ConfigError, Settings
 from chat_gateway.webhooks.egress import refused
 from tests.harness import Instance, RedisServer, WSClient, eventually, instances, post, t
-
-
-def embedded(tmp_path, **extra: str) -> dict[str, str]:
-    return {
-        "DATABASE_URL": f"sqlite:///{tmp_path}/x.db",
-        "REDIS_URL": "memory://",
-        "LOG_LEVEL": "info",
-        "RATE_LIMIT": "100000/1s",
-        "CONNECT_RATE_LIMIT": "100000/1s",
-        **extra,
-    }
-
+from tests.test_hardening import embedded, log_lines
 
 # -- pages under /static and /sdk ---------------------------------------------------
 
@@ -172,10 +160,6 @@ async def test_webhook_series_and_logs_name_a_receiver_by_id_and_host_only(tmp_p
 
 
 # -- smaller holes: rate limits, buckets, queries ----------------------------------------
-
-
-def log_lines(text: str) -> list[dict]:
-    return [orjson.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
 async def test_marking_read_is_rate_limited_on_http_and_ws(tmp_path):
