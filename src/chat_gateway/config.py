@@ -87,13 +87,20 @@ class Settings:
     auth_jwks_refresh: float = 300.0  # seconds between periodic fetches of the JWKS
     auth_jwks_min_interval: float = 5.0  # fewest seconds between two fetches
     auth_jwks_timeout: float = 5.0
+    # an http:// AUTH_JWKS_URL (keys anyone on the path could replace) only with this
+    auth_jwks_allow_http: bool = False
     api_keys: tuple[str, ...] = ()
+    # the key GET /metrics needs (Authorization: Bearer); an API key also does.
+    # Unset: /metrics needs an API key with auth on, and nothing in open mode
+    metrics_key: str | None = None
     rate_limit: Rate = field(default_factory=lambda: Rate(20, 60.0))
     publish_rate_limit: Rate = field(default_factory=lambda: Rate(600, 60.0))
     connect_rate_limit: Rate = field(default_factory=lambda: Rate(60, 60.0))
     # WebSocket subscribe frames per identity (subscribe/unsubscribe churn)
     subscribe_rate_limit: Rate = field(default_factory=lambda: Rate(600, 60.0))
     search_rate_limit: Rate = field(default_factory=lambda: Rate(60, 60.0))
+    # read positions marked per identity (HTTP and WS read frames share it)
+    read_rate_limit: Rate = field(default_factory=lambda: Rate(120, 60.0))
     trusted_proxies: tuple[str, ...] = ()
     key_prefix: str = "chat:"
     # database pool
@@ -236,6 +243,7 @@ class Settings:
             "connect_rate_limit",
             "subscribe_rate_limit",
             "search_rate_limit",
+            "read_rate_limit",
         ):
             rate = getattr(self, name)
             # The bucket's arithmetic is in integers inside a double's exact range.
@@ -291,6 +299,12 @@ class Settings:
                 raise ConfigError(
                     f"AUTH_JWKS_URL={self.auth_jwks_url!r}: use the https:// "
                     "address of the identity provider's JWKS"
+                )
+            if url.scheme == "http" and not self.auth_jwks_allow_http:
+                raise ConfigError(
+                    f"AUTH_JWKS_URL={self.auth_jwks_url!r} is plain http: anyone on the "
+                    "path could hand the gateway keys of their own. Use https://, or set "
+                    "AUTH_JWKS_ALLOW_HTTP=true for a provider on loopback or a trusted network"
                 )
         if self.auth_public_key is not None:
             try:

@@ -80,7 +80,7 @@ async def search(request: Request) -> Response:
         raise ApiError("invalid_request", str(exc), field="cursor") from None
     identity = identify(request)
     scope = scope_of(identity, rooms)
-    decision = await gw.rate(SEARCH, identity.name)
+    decision = await gw.rate(SEARCH, identity.bucket)
     if scope.empty:
         return json_response({"results": [], "next_cursor": None}, 200, decision.headers())
     timeout = gw.settings.search_timeout

@@ -17,14 +17,13 @@ instance; they are answered 202 once sent. Figures across instances:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from chat_gateway.access.auth import bearer
+from chat_gateway.access.auth import bearer, key_bucket
 from chat_gateway.api import validation as v
 from chat_gateway.api.caller import gateway_of
 from chat_gateway.api.responses import json_response
@@ -259,7 +258,7 @@ async def broadcast(request: Request) -> Response:
     data = v.event_data(body.get("data", v.ABSENT))
     # One bucket per API key (by digest), shared with POST /v1/publish: one call, one token.
     key = bearer(request.headers) or ""
-    decision = await gw.rate(PUBLISH, "key:" + hashlib.sha256(key.encode()).hexdigest()[:24])
+    decision = await gw.rate(PUBLISH, key_bucket(key))
     await gw.publish_events(rooms, event, data)
     return json_response(
         {"status": "accepted", "rooms": len(rooms), "event": event}, 202, decision.headers()

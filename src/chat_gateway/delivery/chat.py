@@ -282,6 +282,10 @@ class RedisChat(Chat):
             log.warning("change position not raised: %r", exc)
 
     async def _typing_window(self, room: str, user: str) -> bool:
+        # This instance's window first: a burst of typing frames costs Redis one
+        # SET per window, not one per frame.
+        if not await super()._typing_window(room, user):
+            return False
         if self.guard.usable():
             digest = hashlib.sha256(user.encode()).hexdigest()[:24]
             key = f"{self.settings.key_prefix}typing:{{{room}}}:{digest}"
@@ -291,4 +295,4 @@ class RedisChat(Chat):
                 )
             except Exception as exc:
                 log.debug("typing window not checked in Redis: %r", exc)
-        return await super()._typing_window(room, user)
+        return True

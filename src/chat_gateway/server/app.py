@@ -7,7 +7,6 @@ Every resource is opened in the lifespan and reached through
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
@@ -24,11 +23,11 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
-from chat_gateway.access.auth import Authenticator, bearer
+from chat_gateway.access.auth import Authenticator, bearer, key_bucket
 from chat_gateway.api import chat, search
 from chat_gateway.api import server as server_api
 from chat_gateway.api import validation as v
-from chat_gateway.api.caller import client_address, gateway_of, identify, token_of
+from chat_gateway.api.caller import client_address, gateway_of, identify, query_user, token_of
 from chat_gateway.api.responses import encoded_json_response, json_response
 from chat_gateway.api.webhooks import webhooks_dead, webhooks_enable, webhooks_list, webhooks_replay
 from chat_gateway.config import Settings
@@ -63,7 +62,7 @@ async def post_message(request: Request) -> Response:
     v.only_fields(body, v.fields(v.POST_MESSAGE))
     text = v.text(body.get("text"))
     author = v.body_author(body, identity.name if identity.user else None)
-    decision = await gw.rate(POST, identity.name)
+    decision = await gw.rate(POST, identity.bucket)
     msg, created = await gw.post(
         room, author, text, identity=identity, transport="http", idempotency_key=key
     )
@@ -95,6 +94,10 @@ async def messages(request: Request) -> Response:
 
 
 async def websocket_over_http(request: Request) -> Response:
+    # The query is checked first, as the upgrade checks it: a bad one is a 422
+    # whether or not the request upgrades.
+    v.only_fields(dict(request.query_params), v.fields(v.WS_QUERY))
+    query_user(request)
     raise ApiError(
         "upgrade_required",
         "this route speaks WebSocket only: open it with an Upgrade request",
@@ -114,7 +117,7 @@ async def room_events(request: Request) -> Response:
     if since is None:
         since = since_query
     changes_since = v.seq_param(request.query_params.get("changes_since"), "changes_since")
-    connection = Connection(gw, identity.name)
+    connection = Connection(gw, identity.bucket)
     decision = await connection.admit()
     sub = Subscriber(
         SSE,
@@ -162,7 +165,7 @@ async def publish(request: Request) -> Response:
     # One bucket per API key (named by a digest: no secret in Redis), else per address.
     key = bearer(request.headers)
     caller = (
-        "key:" + hashlib.sha256(key.encode()).hexdigest()[:24]
+        key_bucket(key)
         if gw.auth.keys_required and key
         else client_address(request, gw.settings.trusted_proxies)
     )
@@ -205,9 +208,9 @@ async def openapi_json(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(
-        gateway_of(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
-    )
+    gw = gateway_of(request)
+    gw.auth.check_metrics_key(bearer(request.headers))
+    return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 # -- errors ------------------------------------------------------------------
@@ -307,6 +310,7 @@ SDK_PATH = "/sdk/chat-gateway.js"
 
 # The pages load their scripts and stylesheet from /static/ and talk to this origin
 # only; nothing may frame them (clickjacking) or learn their address from a link.
+# Every file under /static/ (the pages are there too) and the SDK get the same.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
     "img-src 'self' data:; connect-src 'self'; "
@@ -315,6 +319,16 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
+
+
+class PageFiles(StaticFiles):
+    """``/static/``: Starlette's static files, each sent with :data:`PAGE_HEADERS`,
+    so a page reached by its file name cannot be framed either."""
+
+    async def get_response(self, path: str, scope: Any) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers.update(PAGE_HEADERS)
+        return response
 
 
 def static_dir(settings: Settings) -> Path:
@@ -361,11 +375,11 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         return endpoint
 
     async def sdk_module(request: Request) -> Response:
-        # an ES module: served as JavaScript (pages send nosniff), revalidated like the pages
+        # an ES module: served as JavaScript (nosniff), revalidated like the pages
         return FileResponse(
             sdk,
             media_type="text/javascript; charset=utf-8",
-            headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
+            headers={"Cache-Control": "no-cache", **PAGE_HEADERS},
         )
 
     routes = [
@@ -398,7 +412,7 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         Route("/", page("index.html"), methods=["GET"]),
         Route("/dashboard", page("dashboard.html"), methods=["GET"]),
         Route(SDK_PATH, sdk_module, methods=["GET"]),
-        Mount("/static", StaticFiles(directory=static, check_dir=False), name="static"),
+        Mount("/static", PageFiles(directory=static, check_dir=False), name="static"),
     ]
     app = GatewayApp(
         routes=routes,

@@ -363,6 +363,7 @@ def chat_paths(open_mode: bool) -> dict[str, Any]:
                         "unauthorized",
                         "forbidden",
                         "too_large",
+                        "rate_limited",
                         "unavailable",
                     ),
                 },
@@ -744,12 +745,15 @@ def document(open_mode: bool = False) -> dict[str, Any]:
         },
         "/metrics": {
             "get": {
-                "summary": "Prometheus text exposition",
+                "summary": "Prometheus text exposition; METRICS_KEY or an API key when "
+                "METRICS_KEY is set or auth is on",
+                "security": ADMIN,
                 "responses": {
                     "200": {
                         "description": "metrics",
                         "content": {"text/plain": {"schema": {"type": "string"}}},
-                    }
+                    },
+                    **_errors("unauthorized"),
                 },
             }
         },

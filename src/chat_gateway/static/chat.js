@@ -38,6 +38,7 @@ const el = {
 el.unread.id = "unread";
 el.unread.className = "count";
 const params = new URLSearchParams(location.search);
+const TOKEN_STORE = "chat.token";
 
 const s = {
   gen: 0, room: "", name: "", token: "", client: null, subscribed: false, joining: false,
@@ -553,15 +554,14 @@ function join(room, name, tok) {
   } catch (e) { /* storage may be off */ }
   const q = new URLSearchParams(location.search);
   q.set("room", room);
-  if (tok) {
-    // The name comes from the token. A pasted token is not written into the
-    // address (it would stay in the history); a stale one there is dropped.
-    q.delete("name");
-    if (q.get("token") !== tok) q.delete("token");
-  } else {
-    q.set("name", name);
-    q.delete("token");
-  }
+  // A token never goes into the address (it would stay in the history).
+  q.delete("token");
+  if (tok) q.delete("name"); // the name comes from the token
+  else q.set("name", name);
+  try {
+    if (tok) sessionStorage.setItem(TOKEN_STORE, tok);
+    else sessionStorage.removeItem(TOKEN_STORE);
+  } catch (e) { /* storage may be off */ }
   history.replaceState(null, "", "?" + q.toString());
   updateCompose();
   listen(client, gen);
@@ -689,7 +689,18 @@ try { saved = { name: localStorage.getItem("chat.name"), room: localStorage.getI
 catch (e) { /* storage may be off */ }
 el.name.value = params.get("name") || saved.name || "";
 el.room.value = params.get("room") || saved.room || "lobby";
-el.token.value = params.get("token") || "";
+// A token in the address (`?token=`) is read once and taken out of the address
+// bar and the history at once, as the dashboard does with `?key=`; it is kept
+// for this tab only (sessionStorage), so a reload still joins.
+let storedToken = "";
+try { storedToken = sessionStorage.getItem(TOKEN_STORE) || ""; } catch (e) { /* off */ }
+el.token.value = params.get("token") || storedToken;
+if (params.has("token")) {
+  const rest = new URLSearchParams(location.search);
+  rest.delete("token");
+  const query = rest.toString();
+  history.replaceState(null, "", location.pathname + (query ? "?" + query : "") + location.hash);
+}
 tokenChanged();
 updateCompose();
 if (params.get("room") && (params.get("name") || el.token.value)) el.join.requestSubmit();

@@ -191,6 +191,23 @@ class ReadPosition:
 
 
 @dataclass(frozen=True, slots=True)
+class RoomFilter:
+    """Rooms a listing keeps: those named, and those starting with a prefix."""
+
+    names: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = ()
+
+    def sql_sqlite(self, column: str) -> tuple[str, list[str]]:
+        """A SQLite condition on ``column`` and its parameters."""
+        parts = [f"{column} IN ({', '.join('?' * len(self.names))})"] if self.names else []
+        parts += [f"substr({column}, 1, ?) = ?"] * len(self.prefixes)
+        args: list[Any] = list(self.names)
+        for prefix in self.prefixes:
+            args += [len(prefix), prefix]
+        return "(" + (" OR ".join(parts) or "0") + ")", args
+
+
+@dataclass(frozen=True, slots=True)
 class Page:
     messages: list[Message]
     has_more: bool
@@ -325,9 +342,16 @@ class Store(ABC):
     async def read_position(self, user: str, room: str) -> ReadPosition:
         raise StoreUnavailable("this store keeps no read positions")
 
-    async def read_positions(self, user: str, limit: int = 1000) -> list[ReadPosition]:
-        """Every room ``user`` has a position in, by room name."""
+    async def read_positions(
+        self, user: str, limit: int = 1000, rooms: RoomFilter | None = None
+    ) -> list[ReadPosition]:
+        """Every room ``user`` has a position in (of ``rooms`` only, when given; the
+        limit counts what the filter keeps), by room name."""
         raise StoreUnavailable("this store keeps no read positions")
+
+    def where(self) -> str:
+        """What the store opens, fit for a log line (no password)."""
+        return type(self).__name__
 
     def stats(self) -> dict[str, Any]:
         """Pool figures for metrics."""

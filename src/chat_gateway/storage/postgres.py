@@ -62,6 +62,7 @@ from chat_gateway.storage.base import (
     NotAuthor,
     Page,
     ReadPosition,
+    RoomFilter,
     Store,
     StoreUnavailable,
     change_event,
@@ -343,7 +344,10 @@ LEFT JOIN read_positions p ON p.user_name = $1 AND p.room = $2
 _READ_POSITIONS = """
 SELECT p.room, p.seq, coalesce(r.last_seq, 0) AS last_seq
 FROM read_positions p LEFT JOIN rooms r ON r.room = p.room
-WHERE p.user_name = $1 ORDER BY p.room LIMIT $2
+WHERE p.user_name = $1
+  AND ($3::text[] IS NULL OR p.room = ANY($3::text[])
+       OR EXISTS (SELECT 1 FROM unnest($4::text[]) AS pre WHERE starts_with(p.room, pre)))
+ORDER BY p.room LIMIT $2
 """
 
 
@@ -990,8 +994,12 @@ class PostgresStore(Store):
         row = await self._call("fetchrow", _READ_POSITION, user, room)
         return ReadPosition(room, int(row["seq"]), int(row["last_seq"]))
 
-    async def read_positions(self, user: str, limit: int = 1000) -> list[ReadPosition]:
-        rows = await self._call("fetch", _READ_POSITIONS, user, limit)
+    async def read_positions(
+        self, user: str, limit: int = 1000, rooms: RoomFilter | None = None
+    ) -> list[ReadPosition]:
+        names = None if rooms is None else list(rooms.names)
+        prefixes = [] if rooms is None else list(rooms.prefixes)
+        rows = await self._call("fetch", _READ_POSITIONS, user, limit, names, prefixes)
         return [ReadPosition(r["room"], int(r["seq"]), int(r["last_seq"])) for r in rows]
 
     async def search(
@@ -1013,6 +1021,9 @@ class PostgresStore(Store):
         except asyncpg.QueryCanceledError as exc:
             raise SearchTimeout(f"the search ran past {timeout:g} s") from exc
         return Page([_row(r) for r in rows[:limit]], len(rows) > limit)
+
+    def where(self) -> str:
+        return f"Postgres at {display_url(self.url)}"
 
     def stats(self) -> dict[str, Any]:
         if self._pool is None:

@@ -31,6 +31,7 @@ from chat_gateway.storage.base import (
     NotAuthor,
     Page,
     ReadPosition,
+    RoomFilter,
     Store,
     StoreUnavailable,
     change_event,
@@ -145,8 +146,15 @@ class SQLiteStore(Store):
         try:
             self._db = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
         except (sqlite3.Error, OSError) as exc:  # OSError: its directory cannot be made
-            where = self.path if self.path == ":memory:" else os.path.abspath(self.path)
-            raise StoreUnavailable(f"cannot open SQLite file {where}: {exc}") from exc
+            raise StoreUnavailable(f"cannot open SQLite file {self.file}: {exc}") from exc
+
+    @property
+    def file(self) -> str:
+        """The file's absolute path: a relative one is relative to the working directory."""
+        return self.path if self.path == ":memory:" else os.path.abspath(self.path)
+
+    def where(self) -> str:
+        return f"SQLite file {self.file}"
 
     async def close(self) -> None:
         if self._db is not None:
@@ -468,13 +476,16 @@ class SQLiteStore(Store):
 
         return await self._run(read)
 
-    async def read_positions(self, user: str, limit: int = 1000) -> list[ReadPosition]:
+    async def read_positions(
+        self, user: str, limit: int = 1000, rooms: RoomFilter | None = None
+    ) -> list[ReadPosition]:
+        kept, args = ("1", []) if rooms is None else rooms.sql_sqlite("p.room")
         rows = await self._run(
             lambda db: db.execute(
                 "SELECT p.room, p.seq, coalesce(r.last_seq, 0) FROM read_positions p "
-                "LEFT JOIN rooms r ON r.room = p.room WHERE p.user_name = ? ORDER BY p.room "
-                "LIMIT ?",
-                (user, limit),
+                f"LEFT JOIN rooms r ON r.room = p.room WHERE p.user_name = ? AND {kept} "
+                "ORDER BY p.room LIMIT ?",
+                (user, *args, limit),
             ).fetchall()
         )
         return [ReadPosition(r[0], int(r[1]), int(r[2])) for r in rows]

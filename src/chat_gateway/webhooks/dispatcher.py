@@ -171,8 +171,10 @@ class Receiver:
 
     @property
     def label(self) -> str:
-        """The URL without its query (which may hold a token), for metrics and logs."""
-        return str(self.url.copy_with(query=None, fragment=None))
+        """``ID:host[:port]``, for metrics and logs: the receiver's id (its row in the
+        outbox, shown by ``GET /v1/admin/webhooks``) and origin, never the path or
+        query, which may hold the receiver's secret."""
+        return f"{self.endpoint.id}:{egress.origin(self.url)}"
 
     @property
     def state(self) -> BreakerState:
