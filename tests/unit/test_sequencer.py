@@ -25,23 +25,14 @@ from chat_gateway.core.sequencer import Sequencer, Timer, merge
 
 @dataclass(frozen=True)
 class Msg:
+    """A message as stored; ``json`` names it (``m<seq>``, or ``c<n>`` as change n left it)."""
+
     seq: int
     created_ms: int = 0
+    json: bytes = b""
 
     def to_json(self) -> bytes:
-        return b"m%d" % self.seq
-
-
-@dataclass(frozen=True)
-class Changed:
-    """The message as a change left it: its JSON names the change."""
-
-    number: int
-    seq: int = 0
-    created_ms: int = 0
-
-    def to_json(self) -> bytes:
-        return b"c%d" % self.number
+        return self.json or b"m%d" % self.seq
 
 
 @dataclass(frozen=True)
@@ -50,8 +41,8 @@ class Chg:
     after_seq: int
 
     @property
-    def message(self) -> Changed:
-        return Changed(self.change)
+    def message(self) -> Msg:
+        return Msg(self.after_seq, json=b"c%d" % self.change)
 
 
 Commit = tuple[str, int, int]  # ("m", seq, changes before) or ("c", number, after_seq)
@@ -430,22 +421,30 @@ def test_merge_interleaves_in_commit_order(
 # -- single cases the stream property does not reach ------------------------------------
 
 
+def plain(out: list[tuple[object, ...]], **given: object) -> Sequencer:
+    """A sequencer whose deliveries and skips go to ``out``; what else it calls does
+    nothing unless ``given``."""
+    parts: dict[str, object] = {
+        "deliver": lambda seq, *_: out.append(("m", seq)),
+        "deliver_change": lambda number, *_: out.append(("c", number)),
+        "skip_changes": lambda previous, to: out.append(("skip", previous, to)),
+        "schedule": lambda timer, delay: None,
+        "fill": lambda: None,
+        "fill_changes": lambda: None,
+        "clock": lambda: 0.0,
+        "gap_wait": 0.25,
+        "page_size": 10,
+        "max_pending": 10,
+    }
+    parts.update(given)
+    return Sequencer(**parts)  # type: ignore[arg-type]
+
+
 def test_change_numbers_removed_from_the_store_are_skipped() -> None:
     """Retention or a purge removed changes 2 and 3 with their messages: a fill that
     reads change 4 first moves the room past them, and tells the hub."""
-    out: list[object] = []
-    s = Sequencer(
-        deliver=lambda seq, *_: out.append(("m", seq)),
-        deliver_change=lambda number, *_: out.append(("c", number)),
-        skip_changes=lambda previous, to: out.append(("skip", previous, to)),
-        schedule=lambda timer, delay: None,
-        fill=lambda: None,
-        fill_changes=lambda: None,
-        clock=lambda: 0.0,
-        gap_wait=0.25,
-        page_size=10,
-        max_pending=10,
-    )
+    out: list[tuple[object, ...]] = []
+    s = plain(out)
     s.start(5, 1)
     s.fill_changes()
     s.changes_next()
@@ -456,20 +455,9 @@ def test_change_numbers_removed_from_the_store_are_skipped() -> None:
 
 
 def test_a_message_waits_for_the_changes_committed_before_it() -> None:
-    out: list[tuple[str, int]] = []
+    out: list[tuple[object, ...]] = []
     timers: dict[Timer, float | None] = {}
-    s = Sequencer(
-        deliver=lambda seq, *_: out.append(("m", seq)),
-        deliver_change=lambda number, *_: out.append(("c", number)),
-        skip_changes=lambda previous, to: None,
-        schedule=timers.__setitem__,
-        fill=lambda: None,
-        fill_changes=lambda: None,
-        clock=lambda: 10.0,
-        gap_wait=0.25,
-        page_size=10,
-        max_pending=10,
-    )
+    s = plain(out, schedule=timers.__setitem__, clock=lambda: 10.0)
     s.start(1, 0)
     s.live_message(2, 0, 1, b"m2")  # committed after change 1, not here yet
     assert out == [] and s.due(Timer.GAP) == 10.25 and timers == {Timer.GAP: 0.25}
@@ -482,19 +470,8 @@ def test_a_fill_reads_on_past_a_page_delivered_live_meanwhile() -> None:
     """The fill's page (a full one: more in the store) arrives live while the fill
     reads the change log: nothing new in it, nothing held, so the fill reads the
     next page instead of leaving the rest to the next position check."""
-    out: list[tuple[str, int]] = []
-    s = Sequencer(
-        deliver=lambda seq, *_: out.append(("m", seq)),
-        deliver_change=lambda number, *_: out.append(("c", number)),
-        skip_changes=lambda previous, to: None,
-        schedule=lambda timer, delay: None,
-        fill=lambda: None,
-        fill_changes=lambda: None,
-        clock=lambda: 0.0,
-        gap_wait=0.25,
-        page_size=1,
-        max_pending=10,
-    )
+    out: list[tuple[object, ...]] = []
+    s = plain(out, page_size=1)
     s.start(0, 0)
     s.fill()  # a position check: messages 1 and 2 committed, 2's publish lost
     assert s.fill_next() == 0
