@@ -228,7 +228,7 @@ class Gateway:
             prefix=prefix,
             ttl=self.settings.presence_ttl,
             channel=hub.channel,
-            held_rooms=lambda: list(hub.rooms),
+            held_rooms=hub.held_rooms,
             debounce=self.settings.presence_debounce,
             instance=self.instance_id,
             notify=self.webhooks.notify if self.webhooks else None,
@@ -301,7 +301,7 @@ class Gateway:
 
     def reading(self) -> Reading:
         """This instance's figures now (chat_gateway.ops.figures)."""
-        return figures.read(self.metrics, list(self.hub.rooms.items()))
+        return figures.read(self.metrics, self.hub.room_stats())
 
     def describe(self) -> dict[str, Any]:
         return figures.describe_instance(self.instance_id, self.started_at, self.closing)

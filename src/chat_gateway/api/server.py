@@ -156,7 +156,7 @@ async def unsubscribe(request: Request) -> Response:
 
 async def subscriber_counts(gw: Gateway) -> dict[str, int]:
     """Subscribers per room with at least one, over every instance (see the module)."""
-    counts = {name: len(r.subs) for name, r in list(gw.hub.rooms.items()) if r.subs}
+    counts = {name: r.subscribers for name, r in gw.hub.room_stats().items() if r.subscribers}
     for entry in await gw.shared_figures.others():
         for name, (_seq, subs) in entry["c"]["rooms"].items():
             if subs:

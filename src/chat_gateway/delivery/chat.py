@@ -261,17 +261,16 @@ class RedisChat(Chat):
 
     async def check_changes(self) -> None:
         """Fill every held room whose last change in Redis is ahead of what was dispatched."""
-        rooms = [r for r in self.hub.rooms.values() if r.seq is not None]
+        rooms = list(self.hub.room_stats())
         if not rooms:
             return
         # One MGET per thousand rooms over one Redis (HistoryCache.get_many).
-        values = await self.history.get_many([self._change_key(r.name) for r in rooms])
-        for r, value in zip(rooms, values, strict=True):
+        values = await self.history.get_many([self._change_key(room) for room in rooms])
+        for room, value in zip(rooms, values, strict=True):
             if isinstance(value, BaseException) or value is None:
                 continue
-            if int(value) > r.changes.last and r.changes.task is None:
+            if self.hub.fill_changes(room, latest=int(value)):
                 self.metrics.gap_fills.labels("change_position").inc()
-                self.hub.fill_changes(r)
 
     async def _raise_change_position(self, room: str, number: int) -> None:
         try:

@@ -300,7 +300,7 @@ class Session:
         chat = self.gw.chat
         if kind == "typing":
             self.identity.check_post(room)  # typing is writing: not on a read-only grant
-            if room not in self.sub.cursors:
+            if not self.sub.holds(room):
                 raise ApiError(
                     "invalid_request", "subscribe to the room before typing in it", field="room"
                 )
@@ -352,7 +352,7 @@ class Session:
         """Refuse a new room past ``MAX_SUBSCRIPTIONS_PER_CONNECTION`` (a re-subscribe
         to a held room takes no new place)."""
         cap = self.gw.settings.max_subscriptions_per_connection
-        if room not in self.sub.cursors and len(self.sub.cursors) >= cap:
+        if not self.sub.holds(room) and len(self.sub.rooms()) >= cap:
             raise ApiError(
                 "too_many_subscriptions",
                 f"this connection already holds {cap} rooms; unsubscribe from one first",
@@ -413,7 +413,7 @@ class Session:
         self.identity = identity
         expire_with_token(self.sub, identity)
         hub, presence = self.gw.hub, self.gw.presence
-        for room in [r for r in self.sub.cursors if not identity.may_access(r)]:
+        for room in [r for r in self.sub.rooms() if not identity.may_access(r)]:
             await hub.unsubscribe(self.sub, room)
             await presence.left(self.sub.id, room)
             self.sub.reply(
