@@ -66,6 +66,25 @@ export class GatewayError extends Error {
 
 const TERMINAL_HTTP = new Set([401, 403]);
 
+/** The GatewayError of an HTTP answer with the error body (a request's or a refused
+ * upgrade's): code, message and retry hint as the server sent them, else the
+ * `Retry-After` header, else what the status says. */
+export function errorOfResponse(status, body, retryAfterHeader) {
+  let e = {};
+  try {
+    const parsed = typeof body === "string" ? JSON.parse(body || "{}") : body;
+    if (parsed && typeof parsed.error === "object" && parsed.error !== null) e = parsed.error;
+  } catch {
+    // not JSON: the status speaks
+  }
+  const extra = { ...e, status };
+  if (typeof e.retry_after !== "number" && retryAfterHeader != null) {
+    const seconds = Number(retryAfterHeader);
+    if (Number.isFinite(seconds)) extra.retry_after = seconds;
+  }
+  return new GatewayError(e.code ?? "http_" + status, e.message ?? `HTTP ${status}`, extra);
+}
+
 function reportListenerError(err) {
   if (typeof globalThis.reportError === "function") globalThis.reportError(err);
   else queueMicrotask(() => { throw err; });
@@ -276,7 +295,23 @@ export class Client extends Emitter {
     }
     this.sock = sock;
     let httpStatus;
+    let refusal; // the GatewayError of a refused upgrade, with the server's reason
     let opened = false;
+    if (typeof sock.on === "function") {
+      // `ws` (Node) hands over a refused upgrade's response: read its error body, then
+      // abort the handshake ourselves (a browser hides both status and body)
+      sock.on("unexpected-response", (req, res) => {
+        httpStatus = res.statusCode;
+        let body = "";
+        res.setEncoding("utf8");
+        res.on("data", (chunk) => { if (body.length < 65536) body += chunk; });
+        res.on("end", () => {
+          refusal = errorOfResponse(httpStatus, body, res.headers["retry-after"]);
+          sock.terminate();
+        });
+        res.on("error", () => sock.terminate());
+      });
+    }
     sock.addEventListener("open", () => {
       if (this.sock !== sock) return;
       opened = true;
@@ -303,7 +338,7 @@ export class Client extends Emitter {
     sock.addEventListener("close", (ev) => {
       if (this.sock !== sock) return;
       this.sock = null;
-      this.#onClose(ev.code, ev.reason ?? "", httpStatus, opened);
+      this.#onClose(ev.code, refusal?.message ?? ev.reason ?? "", httpStatus, opened, refusal);
     });
   }
 
@@ -363,7 +398,7 @@ export class Client extends Emitter {
     }
   }
 
-  #onClose(code, reason, httpStatus, opened) {
+  #onClose(code, reason, httpStatus, opened, refusal) {
     if (this.state === State.CLOSED) return;
     clearInterval(this.pingTimer);
     this.pingTimer = null;
@@ -373,9 +408,9 @@ export class Client extends Emitter {
     this.answers = [];
     if (httpStatus !== undefined && TERMINAL_HTTP.has(httpStatus)) {
       const codeName = httpStatus === 401 ? "unauthorized" : "forbidden";
-      return this.#closed(code, `the upgrade was refused with HTTP ${httpStatus}`,
-                          new GatewayError(codeName, `HTTP ${httpStatus}`, { status: httpStatus }),
-                          httpStatus);
+      const error = refusal
+        ?? new GatewayError(codeName, `HTTP ${httpStatus}`, { status: httpStatus });
+      return this.#closed(code, error.message, error, httpStatus);
     }
     if (code === CloseCode.SERVER_DISCONNECT) {
       return this.#closed(code, reason || "disconnected by the server");
@@ -388,13 +423,13 @@ export class Client extends Emitter {
       }
       this.forceNewToken = true;
     }
-    this.#disconnected(code, reason, httpStatus);
+    this.#disconnected(code, reason, httpStatus, refusal);
     if (httpStatus === undefined && !opened) this.#probe();
   }
 
-  #disconnected(code, reason, httpStatus) {
+  #disconnected(code, reason, httpStatus, error) {
     const delay = backoff(this.attempt++, this.options.minDelay, this.options.maxDelay);
-    this.#setState(State.DISCONNECTED, { code, reason, status: httpStatus, delay });
+    this.#setState(State.DISCONNECTED, { code, reason, status: httpStatus, delay, error });
     this.urlIndex += 1;
     this.#later(delay, () => { if (this.state === State.DISCONNECTED) this.#open(); });
   }
@@ -472,8 +507,9 @@ export class Client extends Emitter {
         // changes are resumed from here on (a server without changes sends no number)
         if (room.change === undefined && typeof f.change === "number") room.change = f.change;
         room.subscribed = true;
-        room.settle(null, { room: f.room, seq: f.seq });
-        return this.emit("subscribed", { room: f.room, seq: f.seq });
+        const ev = { room: f.room, seq: f.seq, change: f.change };
+        room.settle(null, ev);
+        return this.emit("subscribed", ev);
       }
       case "unsubscribed": {
         if (f.reason === undefined && this.#answered("unsubscribe", f.room)) return;
@@ -500,7 +536,7 @@ export class Client extends Emitter {
       case "typing":
         return this.emit("typing", { room: f.room, user: f.user });
       case "read":
-        return this.emit("read", f);
+        return this.emit("read", { room: f.room, user: f.user, seq: f.seq });
       default:
         return this.emit("frame", f); // a frame type newer than this client
     }
@@ -594,7 +630,7 @@ export class Client extends Emitter {
       this.rooms.set(name, room);
       if (this.state === State.CONNECTED) this.#sendSubscribe(room);
     } else if (room.subscribed) {
-      return Promise.resolve({ room: name, seq: room.cursor });
+      return Promise.resolve({ room: name, seq: room.cursor, change: room.change });
     }
     return new Promise((resolve, reject) => room.waiters.push([resolve, reject]));
   }
@@ -626,11 +662,29 @@ export class Client extends Emitter {
    * a reconnection until acked, so it is stored once.
    */
   publish(room, text, { key } = {}) {
+    return this.#keyed({ type: "publish", room, text }, key);
+  }
+
+  /** Edit the message at `seq`; resolves with it as edited. Sent with an idempotency
+   * key until acked, as a publish is. */
+  edit(room, seq, text, { key } = {}) {
+    return this.#keyed({ type: "edit", room, seq, text }, key);
+  }
+
+  /** Delete the message at `seq`; resolves with the tombstone (`text` "",
+   * `deleted_at` set). */
+  delete(room, seq, { key } = {}) {
+    return this.#keyed({ type: "delete", room, seq }, key);
+  }
+
+  /** A frame the server acks with a message: a ref and an idempotency key, resent with
+   * the same key after every reconnection until acked, so it takes effect once. */
+  #keyed(fields, key) {
     if (this.state === State.CLOSED) {
       return Promise.reject(new GatewayError("closed", "the client is closed"));
     }
-    const ref = "pub-" + this.nextRef++;
-    const frame = { type: "publish", room, text, ref, key: key ?? newKey() };
+    const ref = fields.type + "-" + this.nextRef++;
+    const frame = { ...fields, ref, key: key ?? newKey() };
     if (!this.token && this.options.user) frame.author = this.options.user;
     return new Promise((resolve, reject) => {
       this.pending.set(ref, { frame, resolve, reject });
@@ -658,11 +712,7 @@ export class Client extends Emitter {
       method, headers, body: body === undefined ? undefined : JSON.stringify(body),
     });
     const data = await r.json().catch(() => ({}));
-    if (!r.ok) {
-      const e = data.error ?? {};
-      throw new GatewayError(e.code ?? "http_" + r.status, e.message ?? `HTTP ${r.status}`,
-                             { ...e, status: r.status });
-    }
+    if (!r.ok) throw errorOfResponse(r.status, data, r.headers.get("retry-after"));
     return data;
   }
 
@@ -707,8 +757,16 @@ export class Client extends Emitter {
 
   /** `{room, seq, unread}` of the room for this user (`GET /v1/rooms/{room}/read`). */
   readState(room) {
-    const q = !this.token && this.options.user
+    return this.#http("GET", `/v1/rooms/${encodeURIComponent(room)}/read${this.#reader()}`);
+  }
+
+  /** Every room this user has a read position in (`GET /v1/read`): `{rooms: [...]}`. */
+  readPositions() {
+    return this.#http("GET", `/v1/read${this.#reader()}`);
+  }
+
+  #reader() {
+    return !this.token && this.options.user
       ? "?" + new URLSearchParams({ user: this.options.user }) : "";
-    return this.#http("GET", `/v1/rooms/${encodeURIComponent(room)}/read${q}`);
   }
 }
