@@ -102,8 +102,34 @@ export interface ChangeEvent {
 export interface SubscribedEvent {
   room: string;
   seq: number;
-  /** The room's last change number (absent from a server without edits). */
-  change?: number;
+  /** The room's last change number (0: none yet). */
+  change: number;
+}
+
+/** Someone is typing in a room (not sent to the typist's own connections). */
+export interface TypingEvent {
+  room: string;
+  user: string;
+}
+
+/** A user's first connection to a room appeared (`join`) or their last one went. */
+export interface PresenceEvent {
+  room: string;
+  action: "join" | "leave";
+  user: string;
+}
+
+/** An ephemeral event (`POST /v1/publish`, broadcasts): not stored, no seq. */
+export interface EphemeralEvent {
+  room: string;
+  event: string;
+  data: Record<string, unknown>;
+}
+
+/** The server ended a subscription (server API, or a refreshed token without the room). */
+export interface UnsubscribedEvent {
+  room: string;
+  reason?: string;
 }
 
 /** A read receipt: `user` has read `room` up to `seq`. */
@@ -128,12 +154,12 @@ export interface Events {
   closed: StateEvent;
   message: Message;
   change: ChangeEvent;
-  event: { room: string; event: string; data: Record<string, unknown> };
-  presence: { room: string; action: "join" | "leave"; user: string };
-  typing: { room: string; user: string };
+  event: EphemeralEvent;
+  presence: PresenceEvent;
+  typing: TypingEvent;
   read: ReadEvent;
   subscribed: SubscribedEvent;
-  unsubscribed: { room: string; reason?: string };
+  unsubscribed: UnsubscribedEvent;
   refreshed: { exp: number };
   error: GatewayError;
   /** A frame of a type this client does not know. */

@@ -467,7 +467,7 @@ class Client:
                     room.change = f["change"]
                 room.subscribed = True
                 room.settle(None, f["seq"])
-                self._emit(Subscribed(room.name, f["seq"], f.get("change")))
+                self._emit(Subscribed(room.name, f["seq"], f.get("change", 0)))
         elif kind == "unsubscribed":
             if "reason" not in f and self._answered("unsubscribe", f.get("room")):
                 return
@@ -486,7 +486,7 @@ class Client:
         elif kind == "typing":
             self._emit(Typing(f["room"], f["user"]))
         elif kind == "read":
-            self._emit(Read(f["room"], f, f.get("user"), f.get("seq")))
+            self._emit(Read(f["room"], f["user"], f["seq"], f))
 
     def _on_message(self, name: Any, raw: Any) -> None:
         room = self._rooms.get(name) if isinstance(name, str) else None
@@ -517,8 +517,8 @@ class Client:
         # and one numbered at or below the last change handed on is a replay
         if room is None or not room.subscribed:
             return
-        number = f.get("change")
-        if isinstance(number, int):
+        number = f.get("change", 0)
+        if isinstance(number, int) and number > 0:
             if room.change is not None and number <= room.change:
                 return
             room.change = number

@@ -65,7 +65,7 @@ class Change:
     kind: str
     room: str
     message: Message
-    change: int | None = None
+    change: int
 
 
 @dataclass(frozen=True)
@@ -95,9 +95,9 @@ class Read:
     """A read receipt: ``user`` has read ``room`` up to ``seq``."""
 
     room: str
-    frame: dict[str, Any]
-    user: str | None = None
-    seq: int | None = None
+    user: str
+    seq: int
+    frame: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class Subscribed:
 
     room: str
     seq: int
-    change: int | None = None
+    change: int
 
 
 @dataclass(frozen=True)
