@@ -240,3 +240,21 @@ export declare class Client {
   /** Every room this user has a position in (`GET /v1/read`). */
   readPositions(): Promise<{ rooms: ReadState[] }>;
 }
+
+export interface SharedClientOptions extends ClientOptions {
+  /** Where the worker script is; default `worker.js` next to this module (the gateway
+   * serves it at /sdk/worker.js). Must be of the page's origin. */
+  workerUrl?: string | URL;
+}
+
+/** The surface of `Client`, served by a SharedWorker holding one connection for every
+ * tab of the origin (same URLs and credentials); each tab keeps its own rooms and
+ * cursors. `close()` leaves this tab's rooms; the connection closes with the last tab. */
+export declare class SharedClient extends Client {
+  readonly shared: true;
+}
+
+/** Opt-in: one socket per browser, not per tab. A `SharedClient` where `SharedWorker`
+ * exists, else (Node, browsers without it) a plain `Client`. */
+export declare function sharedClient(url: string | string[],
+                                     options?: SharedClientOptions): Client | SharedClient;

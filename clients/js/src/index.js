@@ -770,3 +770,150 @@ export class Client extends Emitter {
       ? "?" + new URLSearchParams({ user: this.options.user }) : "";
   }
 }
+
+// -- one socket per browser: the SharedWorker mode ---------------------------------
+
+const SHARED_CALLS = ["publish", "edit", "delete", "history", "presence", "markRead",
+                      "readState", "readPositions", "reconnectNow"];
+
+/**
+ * The same surface as `Client`, served by a SharedWorker (src/worker.js) that holds one
+ * connection for every tab of the origin with the same configuration. Each tab keeps
+ * its own rooms and cursors. Made by `sharedClient()`.
+ */
+export class SharedClient extends Emitter {
+  constructor(url, options = {}) {
+    super();
+    const { workerUrl, getToken, WebSocket: _ws, fetch: _fetch, ...rest } = options;
+    this.state = State.DISCONNECTED;
+    this.shared = true;
+    this.calls = new Map();
+    this.nextId = 1;
+    this.cursors = new Map();
+    this.getToken = getToken;
+    const worker = new SharedWorker(workerUrl ?? new URL("./worker.js", import.meta.url),
+                                    { type: "module", name: "chat-gateway" });
+    this.port = worker.port;
+    this.port.onmessage = (ev) => this.#onMessage(ev.data);
+    this.port.start();
+    const urls = (Array.isArray(url) ? url : [url]).map((u) => new URL(u, globalThis.location?.href).href.replace(/\/+$/, ""));
+    this.port.postMessage({ op: "hello", config: { urls, options: rest, getToken: !!getToken } });
+    this.heartbeat = setInterval(() => this.port.postMessage({ op: "ping" }), 5000);
+    this.bye = () => this.close();
+    globalThis.addEventListener?.("pagehide", this.bye);
+    for (const name of SHARED_CALLS) this[name] = (...args) => this.#call(name, args);
+  }
+
+  #call(method, args) {
+    if (this.state === State.CLOSED && this.closedHere) {
+      return Promise.reject(new GatewayError("closed", "the client is closed"));
+    }
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      this.calls.set(id, { resolve, reject });
+      this.port.postMessage({ op: "call", id, method, args });
+    });
+  }
+
+  async #onMessage(msg) {
+    if (msg.op === "result" || msg.op === "error") {
+      const call = this.calls.get(msg.id);
+      this.calls.delete(msg.id);
+      if (msg.op === "result") return call?.resolve(msg.value);
+      return call?.reject(this.#error(msg.error));
+    }
+    if (msg.op === "ask") {
+      try {
+        const value = await this.getToken();
+        this.port.postMessage({ op: "answer", id: msg.id, value });
+      } catch (err) {
+        this.port.postMessage({ op: "answer", id: msg.id, error: String(err?.message ?? err) });
+      }
+      return;
+    }
+    if (msg.op !== "event") return;
+    const { type, ev } = msg;
+    if (type === "state") {
+      this.state = ev.state;
+      if (ev.initial) return;
+    }
+    if (type === "message") this.cursors.set(ev.room, ev.seq);
+    if (type === "unsubscribed") this.cursors.delete(ev.room);
+    if (type === "error") return this.emit("error", this.#error(ev));
+    if (ev && ev.error) ev.error = this.#error(ev.error);
+    this.emit(type, ev);
+  }
+
+  #error(e) {
+    const err = new GatewayError(e.code, e.message, e.detail ?? {});
+    if (e.room !== undefined) err.room = e.room;
+    if (e.frame !== undefined) err.frame = e.frame;
+    return err;
+  }
+
+  /** Resolves once the shared connection is up. */
+  connect() {
+    return this.#call("connect", []);
+  }
+
+  subscribe(room, { since } = {}) {
+    if (since !== undefined) this.cursors.set(room, since);
+    return this.#call("subscribe", [room, { since }]).then((answer) => {
+      if (!this.cursors.has(room)) this.cursors.set(room, answer.seq);
+      return answer;
+    });
+  }
+
+  unsubscribe(room) {
+    this.cursors.delete(room);
+    this.#call("unsubscribe", [room]).catch(() => {});
+  }
+
+  cursor(room) {
+    return this.cursors.get(room);
+  }
+
+  typing(room) {
+    this.#call("typing", [room]).catch(() => {});
+  }
+
+  async *pages(room, { limit, before, after } = {}) {
+    for (;;) {
+      const page = await this.history(room, { limit, before, after });
+      if (page.messages.length === 0) return;
+      yield page.messages;
+      if (!page.has_more) return;
+      if (after !== undefined) after = page.messages[page.messages.length - 1].seq;
+      else before = page.messages[0].seq;
+    }
+  }
+
+  /** This tab leaves: its rooms are left (unless another tab holds them); the shared
+   * connection closes with the last tab. */
+  close() {
+    if (this.closedHere) return;
+    this.closedHere = true;
+    clearInterval(this.heartbeat);
+    globalThis.removeEventListener?.("pagehide", this.bye);
+    this.port.postMessage({ op: "bye" });
+    const err = new GatewayError("closed", "the client is closed");
+    for (const call of this.calls.values()) call.reject(err);
+    this.calls.clear();
+    this.state = State.CLOSED;
+    this.emit("closed", { state: State.CLOSED, reason: "closed by the client" });
+    this.emit("state", { state: State.CLOSED, reason: "closed by the client" });
+  }
+}
+
+/**
+ * One socket per browser, not per tab (opt-in): where `SharedWorker` exists, a
+ * `SharedClient` whose connection lives in a SharedWorker shared by every tab of the
+ * origin with the same URLs and credentials; elsewhere (no SharedWorker: Node, some
+ * mobile browsers) a plain `Client`. `options.workerUrl` is where the worker script is
+ * (default: `worker.js` next to this module; the gateway serves it at /sdk/worker.js).
+ * A `getToken` provider stays in the tab: the worker asks a tab for each new token.
+ */
+export function sharedClient(url, options = {}) {
+  if (typeof globalThis.SharedWorker !== "function") return new Client(url, options);
+  return new SharedClient(url, options);
+}
