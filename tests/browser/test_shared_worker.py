@@ -70,8 +70,10 @@ async def test_two_tabs_share_one_socket_each_with_its_own_rooms(gateway_env, br
 
         async def settled() -> bool:
             a, b = await got(tab_a), await got(tab_b)
-            return len(a.get("shared", [])) >= 6 and len(b.get("shared", [])) >= 6 and (
-                len(a.get("only-a", [])) >= 2 and len(b.get("only-b", [])) >= 2
+            return (
+                len(a.get("shared", [])) >= 6
+                and len(b.get("shared", [])) >= 6
+                and (len(a.get("only-a", [])) >= 2 and len(b.get("only-b", [])) >= 2)
             )
 
         await eventually(settled, t(20))
