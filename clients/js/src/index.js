@@ -117,6 +117,19 @@ export function tokenExpiry(token) {
   }
 }
 
+/** History pages of a room through `client.history`: backwards from the latest (or
+ * `before`), or forwards from `after`; each page ascending by seq. */
+async function* pageThrough(client, room, { limit, before, after }) {
+  for (;;) {
+    const page = await client.history(room, { limit, before, after });
+    if (page.messages.length === 0) return;
+    yield page.messages;
+    if (!page.has_more) return;
+    if (after !== undefined) after = page.messages[page.messages.length - 1].seq;
+    else before = page.messages[0].seq;
+  }
+}
+
 class Emitter {
   #listeners = new Map();
 
@@ -732,14 +745,7 @@ export class Client extends Emitter {
    * an array of messages ascending by seq.
    */
   async *pages(room, { limit, before, after } = {}) {
-    for (;;) {
-      const page = await this.history(room, { limit, before, after });
-      if (page.messages.length === 0) return;
-      yield page.messages;
-      if (!page.has_more) return;
-      if (after !== undefined) after = page.messages[page.messages.length - 1].seq;
-      else before = page.messages[0].seq;
-    }
+    yield* pageThrough(this, room, { limit, before, after });
   }
 
   /** The users here now: `{room, users}` (`GET /v1/rooms/{room}/presence`). */
@@ -878,14 +884,7 @@ export class SharedClient extends Emitter {
   }
 
   async *pages(room, { limit, before, after } = {}) {
-    for (;;) {
-      const page = await this.history(room, { limit, before, after });
-      if (page.messages.length === 0) return;
-      yield page.messages;
-      if (!page.has_more) return;
-      if (after !== undefined) after = page.messages[page.messages.length - 1].seq;
-      else before = page.messages[0].seq;
-    }
+    yield* pageThrough(this, room, { limit, before, after });
   }
 
   /** This tab leaves: its rooms are left (unless another tab holds them); the shared

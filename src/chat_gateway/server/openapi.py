@@ -126,20 +126,12 @@ SERVER_FRAMES: dict[str, dict[str, Any]] = {
         action={"enum": ["join", "leave"]},
         user={"type": "string"},
     ),
-    "message_updated": _server_frame(
-        "message_updated",
-        ["room", "change", "message"],
-        room=v.ROOM,
-        change=_CHANGE,
-        message=_MESSAGE_REF,
-    ),
-    "message_deleted": _server_frame(
-        "message_deleted",
-        ["room", "change", "message"],
-        room=v.ROOM,
-        change=_CHANGE,
-        message=_MESSAGE_REF,
-    ),
+    **{
+        kind: _server_frame(
+            kind, ["room", "change", "message"], room=v.ROOM, change=_CHANGE, message=_MESSAGE_REF
+        )
+        for kind in ("message_updated", "message_deleted")
+    },
     "typing": _server_frame("typing", ["room", "user"], room=v.ROOM, user={"type": "string"}),
     "read": _server_frame(
         "read", ["room", "user", "seq"], room=v.ROOM, user={"type": "string"}, seq=_SEQ
