@@ -307,6 +307,10 @@ def _websocket(scope: Any, receive: Any, send: Any) -> Coroutine[Any, Any, None]
 
 
 SDK_PATH = "/sdk/chat-gateway.js"
+# The rest of the client, from the same folder: the SharedWorker script of the
+# one-socket-per-browser mode (``sharedClient()``), which a browser only runs from the
+# page's own origin, and the module it imports as ``./index.js``.
+SDK_FILES = {SDK_PATH: "index.js", "/sdk/index.js": "index.js", "/sdk/worker.js": "worker.js"}
 
 # The pages load their scripts and stylesheet from /static/ and talk to this origin
 # only; nothing may frame them (clickjacking) or learn their address from a link.
@@ -337,22 +341,21 @@ def static_dir(settings: Settings) -> Path:
     return PACKAGE / "static"
 
 
-def sdk_file() -> Path:
-    """The JavaScript client (clients/js/src/index.js), which the chat page imports.
+def sdk_file(name: str = "index.js") -> Path:
+    """A file of the JavaScript client (clients/js/src/), which the chat page imports.
 
-    An installed package carries it as ``chat_gateway/sdk/index.js`` (pyproject maps
-    clients/js/src there); a source checkout serves the file itself.
+    An installed package carries them in ``chat_gateway/sdk/`` (pyproject maps
+    clients/js/src there); a source checkout serves the files themselves.
     """
-    installed = PACKAGE / "sdk" / "index.js"
+    installed = PACKAGE / "sdk" / name
     if installed.exists():
         return installed
-    return PACKAGE.parent.parent / "clients" / "js" / "src" / "index.js"
+    return PACKAGE.parent.parent / "clients" / "js" / "src" / name
 
 
 def create_app(settings: Settings | None = None, *, gateway: Gateway | None = None) -> Starlette:
     settings = settings or Settings.from_env()
     static = static_dir(settings)
-    sdk = sdk_file()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -374,13 +377,19 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
 
         return endpoint
 
-    async def sdk_module(request: Request) -> Response:
-        # an ES module: served as JavaScript (nosniff), revalidated like the pages
-        return FileResponse(
-            sdk,
-            media_type="text/javascript; charset=utf-8",
-            headers={"Cache-Control": "no-cache", **PAGE_HEADERS},
-        )
+    def sdk_module(name: str) -> Any:
+        path = sdk_file(name)
+
+        async def endpoint(request: Request) -> Response:
+            # an ES module: served as JavaScript, with the pages' headers, revalidated
+            # like them
+            return FileResponse(
+                path,
+                media_type="text/javascript; charset=utf-8",
+                headers={"Cache-Control": "no-cache", **PAGE_HEADERS},
+            )
+
+        return endpoint
 
     routes = [
         Route("/v1/rooms/{room}/messages", messages, methods=["GET", "POST"]),
@@ -411,7 +420,7 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/", page("index.html"), methods=["GET"]),
         Route("/dashboard", page("dashboard.html"), methods=["GET"]),
-        Route(SDK_PATH, sdk_module, methods=["GET"]),
+        *(Route(route, sdk_module(name), methods=["GET"]) for route, name in SDK_FILES.items()),
         Mount("/static", PageFiles(directory=static, check_dir=False), name="static"),
     ]
     app = GatewayApp(
