@@ -122,6 +122,7 @@ COLUMNS = {
         "with_search",
         "without_search",
         "cost_pct",
+        "server_us_per_post",
     ],
     "webhooks": [
         "phase",

@@ -12,23 +12,28 @@ In a throwaway Postgres database:
    locked out.
 3. p50/p99 of one-word, two-word, phrase and prefix queries, for a caller who
    may read every room and one who may read 10.
-4. Posts/s with the search trigger and index, then without both.
+4. Posts/s and the server's CPU per post with the search trigger and index, and
+   on a copy of the database without both, in turns (medians of three each).
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import statistics
 import time
 from typing import Any
 
 import asyncpg
 
+from bench.procs import cpu_seconds
 from bench.stats import summary_ms
 from chat_gateway.storage import migrations
 from chat_gateway.storage.postgres import PostgresStore
 from chat_gateway.storage.search import RoomScope, parse_query
 from tests.harness import create_database, drop_database
+
+ROUNDS = 3  # turns of posts with and without search
 
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pa", "do", "gu", "be", "fi"]
 
@@ -102,6 +107,65 @@ async def posts_per_s(store: PostgresStore, rooms: int, total: int, concurrency:
     t0 = time.perf_counter()
     await asyncio.gather(*(writer(k) for k in range(concurrency)))
     return round(total / (time.perf_counter() - t0), 1)
+
+
+PLAIN = "_plain"  # the copy of the table without search
+
+
+async def backends_cpu(store: PostgresStore) -> float:
+    """CPU seconds so far of the store's server processes (its pooled connections)."""
+    async with store.pool.acquire() as conn:
+        pids = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND backend_type = 'client backend'"
+        )
+    return sum(cpu_seconds(r["pid"]) for r in pids)
+
+
+async def indexing_cost(
+    store: PostgresStore, url: str, rooms: int, posts: int, turns: int = ROUNDS
+) -> dict[str, Any]:
+    """Posts/s and the server's CPU per post, on the table with search and on a copy
+    without it (trigger and index dropped), in turns so that both meet the same
+    moments of a shared machine; medians of the turns. ``store`` is closed and
+    reopened: a database with connections cannot be copied."""
+    await store.close()
+    name = url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(url.rsplit("/", 1)[0] + "/postgres")
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}{PLAIN}" TEMPLATE "{name}" STRATEGY FILE_COPY')
+    finally:
+        await admin.close()
+    plain = PostgresStore(url + PLAIN, pool_max=4)
+    await plain.start()
+    await store.start()
+    try:
+        async with plain.pool.acquire() as c:
+            await c.execute("DROP TRIGGER messages_search ON messages")
+            await c.execute("DROP INDEX messages_search")
+        stores = {"with": store, "without": plain}
+        rate: dict[str, list[float]] = {k: [] for k in stores}
+        cpu: dict[str, list[float]] = {k: [] for k in stores}
+        for s in stores.values():
+            await posts_per_s(s, rooms, posts // 4, 16)  # warm: pool, plans, caches
+        for _ in range(turns):
+            for k, s in stores.items():
+                before = await backends_cpu(s)
+                rate[k].append(await posts_per_s(s, rooms, posts, 16))
+                cpu[k].append(1e6 * (await backends_cpu(s) - before) / posts)
+    finally:
+        await plain.close()
+    with_index, without = statistics.median(rate["with"]), statistics.median(rate["without"])
+    return {
+        "phase": "posts/s",
+        "with_search": with_index,
+        "without_search": without,
+        "cost_pct": round(100 * (1 - with_index / without), 1),
+        "server_us_per_post": (
+            f"{statistics.median(cpu['with']):.0f} vs {statistics.median(cpu['without']):.0f}"
+        ),
+        "turns": {k: v for k, v in rate.items()},
+    }
 
 
 def queries(vocab: list[str], kind: str, n: int) -> list[str]:
@@ -186,22 +250,10 @@ async def run(
                             **summary_ms(durations),
                         }
                     )
-            await posts_per_s(store, rooms, posts // 4, 16)  # warm: pool, plans, caches
-            with_index = await posts_per_s(store, rooms, posts, 16)
-            async with store.pool.acquire() as c:
-                await c.execute("ALTER TABLE messages DISABLE TRIGGER messages_search")
-                await c.execute("DROP INDEX messages_search")
-            without = await posts_per_s(store, rooms, posts, 16)
-            rows.append(
-                {
-                    "phase": "posts/s",
-                    "with_search": with_index,
-                    "without_search": without,
-                    "cost_pct": round(100 * (1 - with_index / without), 1),
-                }
-            )
+            rows.append(await indexing_cost(store, url, rooms, posts))
         finally:
             await store.close()
     finally:
         await drop_database(url)
+        await drop_database(url + PLAIN)
     return rows

@@ -376,3 +376,6 @@ def test_bench_search_on_a_tiny_table(tmp_path) -> None:
     assert rows[2]["mean_hits"] > 0  # the one-word queries find what was loaded
     assert rows[-1]["phase"] == "posts/s" and rows[-1]["with_search"] > 0
     assert rows[-1]["without_search"] > 0
+    # with and without search in turns, on the table and its copy without search
+    assert [len(v) for v in rows[-1]["turns"].values()] == [3, 3]
+    assert " vs " in rows[-1]["server_us_per_post"]

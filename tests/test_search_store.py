@@ -173,3 +173,37 @@ async def test_search_language_reindexes(pg_url: str) -> None:
         assert await found(store, "jumping cat") == [again.id]
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize(
+    "recent_rows, few",
+    [(0, 10**9), (0, -1), (3, 10**9), (10**6, -1)],
+    ids=["index-first", "newest-first", "recent-then-index", "recent"],
+)
+async def test_every_way_to_the_matches_answers_alike(
+    pg_url: str, recent_rows: int, few: int
+) -> None:
+    # Postgres finds matches among the newest rows, or by the words' index, or by
+    # walking newest first, whichever is quickest for the words: each way gives
+    # the shared table's answers, scoped and paged one message at a time.
+    store = PostgresStore(pg_url)
+    await store.start()
+    try:
+        await store.migrate()
+        store.search_recent_rows, store.search_few = recent_rows, few
+        posted = await post_all(store)
+        for q, expected in CASES:
+            assert await found(store, q) == [posted[i].id for i in expected], q
+        for rooms, read_rooms, q, expected in SCOPED:
+            scope = RoomScope.of_patterns(rooms, read_rooms)
+            seen: list[str] = []
+            cursor = None
+            while True:
+                page = await store.search(parse_query(q), scope, limit=1, cursor=cursor)
+                seen += [m.id for m in page.messages]
+                if not page.has_more:
+                    break
+                cursor = Cursor.after(page.messages[-1])
+            assert seen == [posted[i].id for i in expected], (rooms, read_rooms, q)
+    finally:
+        await store.close()

@@ -49,10 +49,12 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import orjson
 
 from chat_gateway.storage import migrations
 from chat_gateway.storage.base import (
@@ -78,6 +80,11 @@ log = logging.getLogger("storage.postgres")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # pg_advisory_lock key for migrations: any fixed 64-bit number, the same on every instance.
 MIGRATION_LOCK = 0x63686174_6777  # "chatgw"
+# A search first looks for its matches among this many of the newest rows; finding
+# too few, it asks the words' GIN index when the planner expects at most
+# SEARCH_FEW matches, else walks on newest first (see PostgresStore.search).
+SEARCH_RECENT_ROWS = 1000
+SEARCH_FEW = 2000
 
 _COLUMNS = (
     "id, room, seq, author, text, "
@@ -367,6 +374,10 @@ class PostgresStore(Store):
             raise ValueError("pool sizes must satisfy 0 <= min <= max, max >= 1")
         self.url = url
         self.search_language = search_language
+        # How a search finds its matches (see search); tests set them to take
+        # each way.
+        self.search_recent_rows = SEARCH_RECENT_ROWS
+        self.search_few = SEARCH_FEW
         self._pool_args = dict(
             min_size=pool_min,
             max_size=pool_max,
@@ -1011,13 +1022,26 @@ class PostgresStore(Store):
         cursor: Cursor | None = None,
         timeout: float = 2.0,
     ) -> Page:
-        sql, args = _search_sql(self.search_language, query, scope, limit, cursor)
-        bound = f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}"
+        """Three ways to the newest matches, each answering alike, the quickest for
+        the words asked: first the matches among the newest ``search_recent_rows``
+        rows (common words, or words of the moment the planner's statistics do not
+        know yet); finding too few there, the planner's estimate of the matches in
+        all picks the GIN index then a sort (at most ``search_few``: rare words, or
+        words rare in the rooms asked, the index ANDed with the rooms' primary
+        key), or the creation-time index walked newest first (common words)."""
+        sql = _search_sql(self.search_language, query, scope, limit, cursor)
+        settings = f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}; {_CUSTOM_PLANS}"
 
         try:
             async with self._operation(), self._connection() as conn, self._transaction(conn):
-                await conn.execute(bound)
-                rows = await conn.fetch(sql, *args)
+                await conn.execute(settings)
+                rows: list[Any] = await conn.fetch(sql.recent(self.search_recent_rows), *sql.args)
+                if len(rows) <= limit:
+                    plan = orjson.loads(await conn.fetchval(sql.estimate, *sql.args))
+                    matches = plan[0]["Plan"]["Plan Rows"]
+                    few = matches <= self.search_few
+                    await conn.execute(_INDEX_FIRST if few else _NEWEST_FIRST)
+                    rows = await conn.fetch(sql.ordered, *sql.args)
         except asyncpg.QueryCanceledError as exc:
             raise SearchTimeout(f"the search ran past {timeout:g} s") from exc
         return Page([_row(r) for r in rows[:limit]], len(rows) > limit)
@@ -1036,33 +1060,78 @@ class PostgresStore(Store):
         }
 
 
+# A search's statements are planned for their words every time: a generic plan
+# (asyncpg prepares them, and Postgres may switch to one after five runs) would
+# guess how common the words are.
+_CUSTOM_PLANS = "SET LOCAL plan_cache_mode = force_custom_plan"
+# The two ways to the matches (see PostgresStore.search): the words' GIN index
+# first (alone, or ANDed with the primary key's rooms) then a sort; or a walk of
+# the creation-time index, newest first, until enough match.
+_INDEX_FIRST = "SET LOCAL enable_indexscan = off; SET LOCAL enable_seqscan = off"
+_NEWEST_FIRST = "SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off"
+
+
+_NEWEST = "ORDER BY created_at DESC, room DESC, seq DESC"
+
+
+@dataclass(frozen=True, slots=True)
+class _SearchSQL:
+    """A search's statements, over the same arguments: the words, the scope and the
+    cursor are conditions of each (applied before any limit). ``recent`` and
+    ``ordered`` answer the newest ``limit + 1`` matches; ``estimate`` has the
+    planner guess how many rows match in all.
+    (Rows the gateway writes carry millisecond creation times, as the cursor does.)"""
+
+    args: list[Any]
+    match: str  # the words and the scope
+    after: str  # the cursor
+    limit: int
+
+    def recent(self, rows: int) -> str:
+        """The matches among the newest ``rows`` rows after the cursor."""
+        return (
+            f"SELECT {_COLUMNS} FROM (SELECT * FROM messages WHERE {self.after} "
+            f"{_NEWEST} LIMIT {int(rows)}) m WHERE {self.match} {_NEWEST} LIMIT {self.limit + 1}"
+        )
+
+    @property
+    def estimate(self) -> str:
+        return f"EXPLAIN (FORMAT JSON) SELECT 1 FROM messages WHERE {self.match} AND {self.after}"
+
+    @property
+    def ordered(self) -> str:
+        return (
+            f"SELECT {_COLUMNS} FROM messages WHERE {self.match} AND {self.after} "
+            f"{_NEWEST} LIMIT {self.limit + 1}"
+        )
+
+
 def _search_sql(
     language: str, query: Query, scope: RoomScope, limit: int, cursor: Cursor | None
-) -> tuple[str, list[Any]]:
-    """The search statement: the GIN index finds the rows, the scope and the cursor
-    are conditions of the same statement, then the newest ``limit + 1``. (Rows the
-    gateway writes carry millisecond creation times, as the cursor does.)"""
+) -> _SearchSQL:
     args: list[Any] = [language, query.tsquery()]
-    where = ["search @@ to_tsquery($1::regconfig, $2)", "deleted_at IS NULL"]
+    match = ["search @@ to_tsquery($1::regconfig, $2)", "deleted_at IS NULL"]
 
     def arg(value: Any) -> str:
         args.append(value)
         return f"${len(args)}"
 
     if not scope.everything:
-        where.append(
-            f"(room = ANY({arg(list(scope.names))}::text[]) OR EXISTS (SELECT 1 FROM "
-            f"unnest({arg(list(scope.prefixes))}::text[]) p WHERE starts_with(room, p)))"
-        )
+        # Named rooms alone are a condition the primary key answers (ANDed with the
+        # words' index, and estimated by the planner); prefixes are checked per row.
+        rooms = []
+        if scope.names or not scope.prefixes:
+            rooms.append(f"room = ANY({arg(list(scope.names))}::text[])")
+        if scope.prefixes:
+            rooms.append(
+                f"EXISTS (SELECT 1 FROM unnest({arg(list(scope.prefixes))}::text[]) p "
+                "WHERE starts_with(room, p))"
+            )
+        match.append("(" + " OR ".join(rooms) + ")")
     if scope.excluded:
-        where.append(f"room <> ALL({arg(list(scope.excluded))}::text[])")
+        match.append(f"room <> ALL({arg(list(scope.excluded))}::text[])")
+    after = "TRUE"
     if cursor is not None:
         at = _EPOCH + timedelta(milliseconds=cursor.created_ms)
-        where.append(
-            f"(created_at, room, seq) < ({arg(at)}, {arg(cursor.room)}, {arg(cursor.seq)})"
-        )
-    sql = (
-        f"SELECT {_COLUMNS} FROM messages WHERE {' AND '.join(where)} "
-        f"ORDER BY created_at DESC, room DESC, seq DESC LIMIT {arg(limit + 1)}"
-    )
-    return sql, args
+        after = f"(created_at, room, seq) < ({arg(at)}, {arg(cursor.room)}, {arg(cursor.seq)})"
+    return _SearchSQL(args, " AND ".join(match), after, int(limit))
