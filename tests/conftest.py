@@ -8,6 +8,18 @@ import pytest
 from chat_gateway.storage import Store, create_store
 from tests import harness
 
+TESTS = Path(__file__).resolve().parent
+# Everything under these runs against real processes and services; `-m "not system"`
+# leaves it out, and what is left (tests/unit) needs no Postgres, Redis or browser.
+SYSTEM = (TESTS / "system", TESTS / "browser")
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Mark every test under tests/system and tests/browser ``system``, as it is collected
+    (before ``-m`` selects), so no file has to remember to."""
+    if item.path.is_relative_to(SYSTEM[0]) or item.path.is_relative_to(SYSTEM[1]):
+        item.add_marker(pytest.mark.system)
+
 
 @pytest.fixture(params=["postgres", "sqlite"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:

@@ -12,7 +12,7 @@ import pytest
 
 from tests import harness
 from tests.harness import Instance
-from tests.test_auth import SECRET, bearer, token
+from tests.system.test_auth import SECRET, bearer, token
 
 
 @pytest.fixture(params=["postgres", "sqlite"])

@@ -29,9 +29,7 @@ from chat_gateway.config import Settings
 from chat_gateway.gateway import Gateway
 from chat_gateway.server import uvicorn_internals
 from chat_gateway.server.app import create_app
-from tests.harness import WSClient, post, t
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.harness import ROOT, WSClient, post, t
 
 
 def test_installed_uvicorn_is_in_the_range_the_seam_is_tested_with() -> None:
