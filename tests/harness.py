@@ -588,6 +588,31 @@ class PostgresPair:
 # -- gateway processes -------------------------------------------------------------
 
 
+def embedded_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Environment for a gateway that needs no service: a SQLite file in ``tmp_path``
+    and the in-process broker, rate limits out of the way, info logs (tests read them)."""
+    return {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/gateway.db",
+        "REDIS_URL": "memory://",
+        "LOG_LEVEL": "info",
+        "RATE_LIMIT": "100000/1s",
+        "CONNECT_RATE_LIMIT": "100000/1s",
+        "PUBLISH_RATE_LIMIT": "100000/1s",
+        **extra,
+    }
+
+
+def log_lines(text: str) -> list[dict[str, Any]]:
+    """The JSON lines of a gateway's log."""
+    return [orjson.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def no_errors(log: str) -> None:
+    """Assert that a gateway's JSON log has no line at error level or above."""
+    bad = [line for line in log_lines(log) if line["level"] in ("error", "critical")]
+    assert not bad, bad
+
+
 @dataclass
 class Instance:
     """One real ``chat-gateway serve`` process on a free loopback port."""
@@ -671,6 +696,12 @@ class Instance:
             return self.proc.wait(10)
 
 
+async def all_ready(http: httpx.AsyncClient, gws: list[Instance]) -> bool:
+    """Whether every gateway of ``gws`` answers /readyz with 200."""
+    codes = [(await http.get(g.url + "/readyz")).status_code for g in gws]
+    return all(c == 200 for c in codes)
+
+
 @asynccontextmanager
 async def instances(n: int, env: dict[str, str]) -> AsyncIterator[list[Instance]]:
     """``n`` gateways sharing ``env``, started at once (migrations race under the advisory lock)."""
@@ -720,12 +751,21 @@ class WSClient:
             if frame.get("type") == type_:
                 return frame
 
-    async def subscribe(self, room: str, since: int | None = None) -> dict[str, Any]:
-        frame: dict[str, Any] = {"type": "subscribe", "room": room}
+    async def subscribe(self, room: str, since: int | None = None, **fields: Any) -> dict[str, Any]:
+        """Subscribe to ``room`` (``fields`` go into the frame, e.g. ``changes_since``);
+        the ``subscribed`` frame."""
+        frame: dict[str, Any] = {"type": "subscribe", "room": room, **fields}
         if since is not None:
             frame["since"] = since
         await self.send(frame)
         return await self.expect("subscribed")
+
+    async def read_all(self) -> None:
+        """Keep receiving frames into ``frames`` until cancelled or the socket closes
+        (run it as a task beside the test)."""
+        with contextlib.suppress(websockets.ConnectionClosed):
+            while True:
+                self.frames.append(orjson.loads(await self.conn.recv()))
 
     async def messages(self, room: str, count: int, timeout: float = 20) -> list[int]:
         """Seqs of message frames for ``room`` until ``count`` have arrived (all kept)."""

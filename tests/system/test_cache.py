@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 
 from chat_gateway.pubsub.base import RedisGuard
 from chat_gateway.redisio.pipelined import PipelinedConnection
-from chat_gateway.storage import HistoryCache, create_store
+from chat_gateway.storage import HistoryCache
 from chat_gateway.storage.cache import MGET_KEYS
 from chat_gateway.storage.postgres import PostgresStore
 from tests.harness import REDIS_URL, RedisServer
@@ -144,21 +144,6 @@ async def test_many_rooms_positions_over_the_batch_in_few_mgets_and_from_the_sto
         await client.aclose()
         await store.close()
         rs.stop()
-
-
-async def test_memory_mode_reads_the_store(tmp_path):
-    store = create_store(f"sqlite:///{tmp_path}/m.db")
-    await store.start()
-    await store.migrate()
-    cache = HistoryCache(store, None)
-    try:
-        msg, _ = await store.append("r", "a", "x")
-        await cache.committed(msg)
-        assert (await cache.history("r")).messages == [msg]
-        assert await cache.latest_seqs(["r"]) == {"r": 1}
-        assert await cache.latest_seqs(["r", "none"]) == {"r": 1, "none": 0}
-    finally:
-        await store.close()
 
 
 async def test_a_queued_raise_is_one_command_and_survives_a_script_flush(pg_url):

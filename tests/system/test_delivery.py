@@ -18,6 +18,7 @@ from tests.harness import (
     RedisServer,
     SSEClient,
     WSClient,
+    all_ready,
     eventually,
     instances,
     metric,
@@ -147,11 +148,6 @@ async def test_redis_restart_while_writers_post_through_three_instances(gateway_
                 assert [m["seq"] for m in page["messages"]] == list(range(1, 46))[-50:]
     finally:
         rs.stop()
-
-
-async def all_ready(http: httpx.AsyncClient, gws: list[Instance]) -> bool:
-    codes = [(await http.get(g.url + "/readyz")).status_code for g in gws]
-    return all(c == 200 for c in codes)
 
 
 async def test_instance_killed_mid_stream_subscribers_resume_elsewhere(gateway_env):

@@ -1,8 +1,10 @@
-"""Chat on top of messages: edits and deletes, typing, read state.
+"""Edits and deletes on three real gateway processes: every subscriber's view (its
+messages, with the changes it was sent applied in order) must equal the store's
+final state, with contiguous seqs, through racing posts, lost publishes, a Redis
+restart, an instance kill and a resume.
 
-The store's part on Postgres and SQLite alike, then the whole path on three real
-gateway processes: every subscriber's view (its messages, with the changes it was
-sent applied in order) must equal the store's final state, with contiguous seqs.
+The other surfaces of chat have their own files: test_chat_store.py (the store's
+and the cache's part), test_change_permissions.py, test_typing.py, test_read_state.py.
 """
 
 from __future__ import annotations
@@ -10,128 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import time
 from typing import Any
 
 import asyncpg
 import httpx
-import jwt
-import orjson
-import pytest
 import redis.asyncio as aioredis
-import websockets
 
-from chat_gateway.storage import HistoryCache, MessageNotFound, NotAuthor, create_store
 from tests import harness
-from tests.harness import SSEClient, WSClient, eventually, instances, post
-
-
-async def test_store_edits_and_deletes_number_changes_and_keep_tombstones(store):
-    for i in range(3):
-        await store.append("r", "ana", f"m{i + 1}")
-    assert await store.position("r") == (3, 0)
-    change, msg = await store.change("r", 2, "m2 fixed", author="ana")
-    assert change is not None and change.change == 1 and change.after_seq == 3
-    assert msg.text == "m2 fixed" and msg.version == 2 and msg.edited_ms is not None
-    assert msg.to_dict()["version"] == 2 and msg.to_dict()["deleted_at"] is None
-    again, same = await store.change("r", 2, "m2 fixed", author="ana")
-    assert again is None and same.version == 2, "an edit to the same text changes nothing"
-    await store.append("r", "bo", "m4")
-    change, tomb = await store.change("r", 1, None, author=None)
-    assert change is not None and (change.change, change.after_seq) == (2, 4)
-    assert tomb.text == "" and tomb.deleted_ms is not None and tomb.version == 2
-    assert (await store.change("r", 1, None, author=None))[0] is None, "a delete repeats"
-    with pytest.raises(MessageNotFound):
-        await store.change("r", 1, "back", author=None)
-    with pytest.raises(NotAuthor):
-        await store.change("r", 4, "not mine", author="ana")
-    with pytest.raises(MessageNotFound):
-        await store.change("r", 9, "nothing there", author=None)
-    with pytest.raises(MessageNotFound):
-        await store.change("nowhere", 1, None, author=None)
-    assert await store.position("r") == (4, 2)
-    page = await store.history("r")
-    assert [m.seq for m in page.messages] == [1, 2, 3, 4], "seqs stay contiguous"
-    assert [m.text for m in page.messages] == ["", "m2 fixed", "m3", "m4"]
-    changes = await store.changes("r", after=0)
-    assert [(c.change, c.after_seq, c.message.seq, c.kind) for c in changes] == [
-        (1, 3, 2, "message_updated"),
-        (2, 4, 1, "message_deleted"),
-    ]
-    assert [c.change for c in await store.changes("r", after=1)] == [2]
-
-
-async def test_store_idempotency_keys_of_changes_are_scoped_to_room_and_owner(store):
-    await store.append("r", "ana", "one")
-    await store.append("r", "ana", "two")
-    change, msg = await store.change("r", 1, "uno", author="ana", idempotency_key=("ana", "k"))
-    assert change is not None and msg.version == 2
-    await store.change("r", 1, "eins", author="ana")
-    again, now = await store.change("r", 1, "uno", author="ana", idempotency_key=("ana", "k"))
-    assert again is None and (now.text, now.version) == ("eins", 3), "a repeat changes nothing"
-    repeat, _ = await store.change("r", 2, None, author="ana", idempotency_key=("ana", "k"))
-    assert repeat is None, "the key is spent in this room, whatever the request"
-    other, _ = await store.change("r", 2, "dos", author="ana", idempotency_key=("bo", "k"))
-    assert other is not None, "another owner's key is another key"
-    racing = await asyncio.gather(
-        *(
-            store.change("r", 2, f"x{i}", author=None, idempotency_key=("cy", "race"))
-            for i in range(5)
-        )
-    )
-    assert sum(c is not None for c, _ in racing) == 1
-    assert await store.position("r") == (2, 4)
-
-
-async def test_store_read_positions_never_move_back(store):
-    for i in range(10):
-        await store.append("r", "ana", f"m{i}")
-    await store.append("s", "ana", "x")
-    assert (await store.read_position("bo", "r")).unread == 10
-    marks = [3, 9, 1, 7, 9, 2, 5, 8, 4, 6] * 3
-    await asyncio.gather(*(store.mark_read("bo", "r", n) for n in marks))
-    pos = await store.read_position("bo", "r")
-    assert (pos.seq, pos.unread) == (9, 1)
-    assert (await store.mark_read("bo", "r", 2)).seq == 9, "a lower mark is ignored"
-    assert (await store.mark_read("bo", "r", 500)).seq == 10, "capped at the last seq"
-    assert (await store.mark_read("bo", "empty", 3)).seq == 0
-    await store.mark_read("bo", "s", 0)
-    listed = await store.read_positions("bo")
-    assert [(p.room, p.seq, p.unread) for p in listed] == [("r", 10, 0), ("s", 0, 1)]
-    assert await store.read_positions("nobody") == []
-
-
-async def test_a_change_voids_every_instances_window_and_keeps_the_seq_key(pg_url, redis_prefix):
-    store = create_store(pg_url)
-    await store.start()
-    await store.migrate()
-    client = aioredis.from_url(harness.REDIS_URL)
-    a = HistoryCache(store, client, prefix=redis_prefix)
-    b = HistoryCache(store, client, prefix=redis_prefix)
-    try:
-        for i in range(3):
-            msg, _ = await store.append("r", "ana", f"secret {i}")
-            await a.committed(msg)
-        for cache in (a, b, a, b):  # both hold the decoded window now
-            assert [m.text for m in (await cache.history("r")).messages][0] == "secret 0"
-        await store.change("r", 1, None, author=None)
-        await a.changed("r")  # b is never told: it must still not serve its window
-        page = await b.history("r")
-        assert [(m.text, m.version) for m in page.messages] == [
-            ("", 2),
-            ("secret 1", 1),
-            ("secret 2", 1),
-        ]
-        assert await client.get(f"{redis_prefix}{{r}}:seq") == b"3", "position checks read it"
-        raw = await client.hget(f"{redis_prefix}{{r}}:page", "d")
-        assert raw is not None and b"secret 0" not in raw
-        await store.change("r", 2, "edited", author=None)
-        await b.changed("r")
-        assert [m.text for m in (await a.history("r")).messages] == ["", "edited", "secret 2"]
-    finally:
-        await client.aclose()
-        await store.close()
-
+from tests.harness import SSEClient, WSClient, all_ready, eventually, instances, post
 
 # -- the whole path on real gateways ------------------------------------------------
 
@@ -178,18 +66,6 @@ def sse_events(events: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]
     ]
 
 
-async def reading(client: WSClient) -> None:
-    """Keep receiving frames into ``client.frames`` until cancelled or closed."""
-    with contextlib.suppress(websockets.ConnectionClosed):
-        while True:
-            client.frames.append(orjson.loads(await client.conn.recv()))
-
-
-async def subscribe(client: WSClient, room: str, **fields: Any) -> dict[str, Any]:
-    await client.send({"type": "subscribe", "room": room, **fields})
-    return await client.expect("subscribed")
-
-
 async def test_edits_and_deletes_racing_posts_reach_every_subscriber_once_in_order(
     gateway_env, pg_url, redis_prefix
 ):
@@ -202,9 +78,9 @@ async def test_edits_and_deletes_racing_posts_reach_every_subscriber_once_in_ord
             WSClient.connect(gws[2].ws_url) as ws2,
             SSEClient.open(f"{gws[1].url}/v1/rooms/{room}/events?changes_since=0") as sse1,
         ):
-            assert (await subscribe(ws0, room, changes_since=0))["change"] == 0
-            await subscribe(ws2, room)  # live changes only: the room is empty anyway
-            readers = [asyncio.create_task(reading(c)) for c in (ws0, ws2)]
+            assert (await ws0.subscribe(room, changes_since=0))["change"] == 0
+            await ws2.subscribe(room)  # live changes only: the room is empty anyway
+            readers = [asyncio.create_task(c.read_all()) for c in (ws0, ws2)]
             acked: list[int] = []
             half = asyncio.Event()
 
@@ -240,8 +116,8 @@ async def test_edits_and_deletes_racing_posts_reach_every_subscriber_once_in_ord
             async def resumer() -> None:
                 # Holds the room from the start, drops off halfway, resumes elsewhere.
                 async with WSClient.connect(gws[1].ws_url) as first:
-                    await subscribe(first, room, changes_since=0)
-                    task = asyncio.create_task(reading(first))
+                    await first.subscribe(room, changes_since=0)
+                    task = asyncio.create_task(first.read_all())
                     await half.wait()
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
@@ -250,10 +126,10 @@ async def test_edits_and_deletes_racing_posts_reach_every_subscriber_once_in_ord
                 _, seqs, changes = view_of(ws_events(first.frames, room))
                 since = seqs[-1] if seqs else 0
                 async with WSClient.connect(gws[2].ws_url) as second:
-                    await subscribe(
-                        second, room, since=since, changes_since=changes[-1] if changes else 0
+                    await second.subscribe(
+                        room, since=since, changes_since=changes[-1] if changes else 0
                     )
-                    task = asyncio.create_task(reading(second))
+                    task = asyncio.create_task(second.read_all())
                     await done.wait()
                     await eventually(lambda: final_view(resumed + second.frames), timeout=30)
                     task.cancel()
@@ -338,276 +214,6 @@ async def test_edits_and_deletes_racing_posts_reach_every_subscriber_once_in_ord
         await client.aclose()
 
 
-async def test_typing_reaches_the_others_on_every_instance_at_most_every_two_seconds(gateway_env):
-    room = "chat.typing"
-    # A bucket of two posts: typing must not take from it.
-    env = {**gateway_env, "RATE_LIMIT": "2/60s"}
-    async with instances(3, env) as gws, httpx.AsyncClient(timeout=10) as http:
-        async with (
-            WSClient.connect(gws[0].ws_url + "?user=ana") as ana,
-            WSClient.connect(gws[0].ws_url + "?user=ana") as ana2,
-            WSClient.connect(gws[1].ws_url + "?user=bo") as bo,
-            WSClient.connect(gws[2].ws_url) as nameless,
-            SSEClient.open(f"{gws[2].url}/v1/rooms/{room}/events?user=cy") as cy,
-        ):
-            for c in (ana, ana2, bo, nameless):
-                await subscribe(c, room)
-            readers = [asyncio.create_task(reading(c)) for c in (ana2, bo)]
-            await ana.send({"type": "typing", "room": "elsewhere"})
-            refused = await ana.expect("error")
-            assert refused["code"] == "invalid_request"
-            await nameless.send({"type": "typing", "room": room})
-            assert (await nameless.expect("error"))["field"] == "user"
-
-            def typing(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
-                return [f for f in frames if f.get("type") == "typing"]
-
-            for _ in range(10):
-                await ana.send({"type": "typing", "room": room})
-            await ana.send({"type": "ping", "ref": "p"})
-            await ana.expect("pong")
-            await eventually(
-                lambda: typing(bo.frames) and [e for e in cy.events if e.get("event") == "typing"]
-            )
-            await asyncio.sleep(0.5)  # the other nine were dropped, not late
-            assert typing(bo.frames) == [{"type": "typing", "room": room, "user": "ana"}]
-            assert [e["json"] for e in cy.events if e.get("event") == "typing"] == [
-                {"type": "typing", "room": room, "user": "ana"}
-            ]
-            assert typing(ana.frames) == typing(ana2.frames) == [], "not echoed to the typist"
-            await asyncio.sleep(2.1)
-            await bo.send({"type": "typing", "room": room})
-            await ana.send({"type": "typing", "room": room})
-            await eventually(lambda: len(typing(bo.frames)) == 2)
-            await eventually(lambda: [f["user"] for f in typing(ana2.frames)] == ["bo"])
-            # Eleven typing frames and the post bucket is still full.
-            for i in range(2):
-                r = await post(http, gws[0].url, room, f"m{i}", author="ana")
-                assert r.status_code == 201, r.text
-            for task in readers:
-                task.cancel()
-            await asyncio.gather(*readers, return_exceptions=True)
-
-
-async def test_read_positions_never_move_back_and_receipts_go_out(gateway_env):
-    room = "chat.read"
-    async with instances(3, gateway_env) as gws, httpx.AsyncClient(timeout=10) as http:
-        for i in range(30):
-            assert (await post(http, gws[0].url, room, f"m{i}")).status_code == 201
-        assert (await post(http, gws[0].url, "chat.other", "x")).status_code == 201
-        async with WSClient.connect(gws[2].ws_url + "?user=watcher") as watcher:
-            await subscribe(watcher, room)
-            reader_task = asyncio.create_task(reading(watcher))
-            rnd = random.Random(7)
-            marks = [rnd.randrange(0, 31) for _ in range(60)]
-            seen: list[int] = []
-
-            async def mark(i: int, seq: int) -> None:
-                r = await http.post(
-                    f"{gws[i % 3].url}/v1/rooms/{room}/read", json={"seq": seq, "user": "bo"}
-                )
-                assert r.status_code == 200, r.text
-                seen.append(r.json()["seq"])
-
-            async def watch() -> None:
-                last = 0
-                for _ in range(20):
-                    r = await http.get(f"{gws[1].url}/v1/rooms/{room}/read", params={"user": "bo"})
-                    assert r.json()["seq"] >= last, "a read position moved back"
-                    last = r.json()["seq"]
-
-            await asyncio.gather(watch(), *(mark(i, s) for i, s in enumerate(marks)))
-            top = max(marks)
-            r = await http.get(f"{gws[0].url}/v1/rooms/{room}/read", params={"user": "bo"})
-            assert r.json() == {"room": room, "seq": top, "unread": 30 - top}
-            assert max(seen) == top
-            # Every answer is at least the mark it answered (GREATEST, never lower).
-            r = await http.post(f"{gws[1].url}/v1/rooms/{room}/read", json={"seq": 1, "user": "bo"})
-            assert r.json()["seq"] == top
-            # A WS read frame (open mode: the connection's ?user=) and the list in one call.
-            async with WSClient.connect(gws[1].ws_url + "?user=bo") as bo:
-                await bo.send({"type": "read", "room": "chat.other", "seq": 1, "ref": 9})
-                ack = await bo.expect("ack")
-                assert ack == {
-                    "type": "ack",
-                    "ref": 9,
-                    "read": {"room": "chat.other", "seq": 1, "unread": 0},
-                }
-            r = await http.get(f"{gws[2].url}/v1/read", params={"user": "bo"})
-            assert r.json() == {
-                "rooms": [
-                    {"room": "chat.other", "seq": 1, "unread": 0},
-                    {"room": room, "seq": top, "unread": 30 - top},
-                ]
-            }
-            # Read receipts reach the room's subscribers, debounced to a few.
-            await eventually(
-                lambda: [f for f in watcher.frames if f.get("type") == "read" and f["seq"] == top]
-            )
-            receipts = [f for f in watcher.frames if f.get("type") == "read"]
-            assert all(f["user"] == "bo" and f["room"] == room for f in receipts)
-            assert len(receipts) <= 6, f"not debounced: {len(receipts)} receipts for 61 marks"
-            reader_task.cancel()
-            await asyncio.gather(reader_task, return_exceptions=True)
-        # Bad input changes nothing.
-        for body in (
-            {"seq": -1, "user": "bo"},
-            {"seq": "x", "user": "bo"},
-            {"user": "bo"},
-            {"seq": 3},
-            {"seq": 3, "user": "bo", "extra": 1},
-        ):
-            r = await http.post(f"{gws[0].url}/v1/rooms/{room}/read", json=body)
-            assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", body
-        r = await http.get(f"{gws[0].url}/v1/rooms/{room}/read", params={"user": "bo"})
-        assert r.json()["seq"] == top
-
-
-SECRET = "chat-test-secret-" + "0123456789abcdef" * 4
-
-
-def token(sub: str, **claims: Any) -> dict[str, str]:
-    tok = jwt.encode(
-        {"sub": sub, "exp": int(time.time()) + 600, **claims}, SECRET, algorithm="HS256"
-    )
-    return {"Authorization": f"Bearer {tok}"}
-
-
-async def test_only_the_author_or_an_api_key_changes_a_message(gateway_env):
-    room = "chat.auth"
-    env = {**gateway_env, "AUTH_SECRET": SECRET, "API_KEYS": "key-one"}
-    async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=10) as http:
-        url = f"{gw.url}/v1/rooms/{room}/messages"
-        for text in ("one", "two", "three"):
-            r = await http.post(url, json={"text": text}, headers=token("ana"))
-            assert r.status_code == 201
-        r = await http.patch(f"{url}/1", json={"text": "bo was here"}, headers=token("bo"))
-        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
-        r = await http.request("DELETE", f"{url}/1", headers=token("bo"))
-        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
-        r = await http.patch(f"{url}/1", json={"text": "one"})
-        assert r.status_code == 401
-        r = await http.patch(f"{url}/1", json={"text": "uno"}, headers=token("ana"))
-        assert r.status_code == 200 and r.json()["text"] == "uno" and r.json()["version"] == 2
-        assert "RateLimit-Remaining" in r.headers, "rate-limited with posts"
-        r = await http.patch(
-            f"{url}/2", json={"text": "moderated"}, headers={"Authorization": "Bearer key-one"}
-        )
-        assert r.status_code == 200 and r.json()["author"] == "ana"
-        r = await http.request("DELETE", f"{url}/3", headers={"Authorization": "Bearer key-one"})
-        assert r.status_code == 200 and r.json()["text"] == "" and r.json()["deleted_at"]
-        r = await http.request("DELETE", f"{url}/3", headers={"Authorization": "Bearer key-one"})
-        assert r.status_code == 200 and r.json()["version"] == 2, "a repeated delete is a no-op"
-        # Bad input: 422 (or 404 for no such message), and nothing changes.
-        bad = [
-            ("PATCH", "1", {"text": ""}),
-            ("PATCH", "1", {"text": 5}),
-            ("PATCH", "1", {"text": "x", "extra": True}),
-            ("PATCH", "0", {"text": "x"}),
-            ("PATCH", "abc", {"text": "x"}),
-            ("PATCH", "1", {}),
-            ("DELETE", "-1", None),
-            ("PATCH", "99", {"text": "x"}),
-            ("DELETE", "99", None),
-            ("PATCH", "3", {"text": "back from the dead"}),
-        ]
-        for method, seq, body in bad:
-            r = await http.request(method, f"{url}/{seq}", json=body, headers=token("ana"))
-            expected = 404 if seq in ("99", "3") else 422
-            assert r.status_code == expected, (method, seq, body, r.text)
-            assert r.json()["error"]["code"] == (
-                "not_found" if expected == 404 else "invalid_request"
-            )
-        r = await http.patch(
-            f"{gw.url}/v1/rooms/bad%20room/messages/1", json={"text": "x"}, headers=token("ana")
-        )
-        assert r.status_code == 422
-        page = (await http.get(url, headers=token("ana"))).json()["messages"]
-        assert [(m["text"], m.get("version", 1)) for m in page] == [
-            ("uno", 2),
-            ("moderated", 2),
-            ("", 2),
-        ]
-        # Over WS: the token's sub decides, answered like a publish.
-        async with (
-            WSClient.connect(gw.ws_url + "?token=" + token("bo")["Authorization"][7:]) as bo,
-            WSClient.connect(gw.ws_url + "?token=" + token("ana")["Authorization"][7:]) as ana,
-        ):
-            await subscribe(bo, room)
-            await bo.send({"type": "edit", "room": room, "seq": 1, "text": "mine", "ref": "e1"})
-            err = await bo.expect("error")
-            assert (err["ref"], err["code"]) == ("e1", "forbidden")
-            await ana.send({"type": "edit", "room": room, "seq": 1, "text": "ana's", "ref": 1})
-            ack = await ana.expect("ack")
-            assert ack["ref"] == 1 and ack["message"]["version"] == 3
-            await ana.send({"type": "delete", "room": room, "seq": 1, "ref": 2})
-            ack = await ana.expect("ack")
-            assert ack["ref"] == 2 and ack["message"]["deleted_at"]
-            updated = await bo.expect("message_updated")
-            assert updated["message"]["text"] == "ana's" and updated["change"] == 4
-            assert (await bo.expect("message_deleted"))["change"] == 5
-
-
-async def test_a_moderator_claim_edits_and_deletes_anyones_message_in_its_rooms(gateway_env):
-    room = "mod.lobby"
-    env = {**gateway_env, "AUTH_SECRET": SECRET}
-    mod = token("mia", moderate=["mod.*"])
-    async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=10) as http:
-        url = f"{gw.url}/v1/rooms/{room}/messages"
-        for text in ("one", "two", "three", "four"):
-            r = await http.post(url, json={"text": text}, headers=token("ana"))
-            assert r.status_code == 201
-        other = f"{gw.url}/v1/rooms/elsewhere/messages"
-        assert (
-            await http.post(other, json={"text": "hi"}, headers=token("ana"))
-        ).status_code == 201
-        async with WSClient.connect(
-            gw.ws_url + "?token=" + token("ana")["Authorization"][7:]
-        ) as ana:
-            await subscribe(ana, room)
-            r = await http.patch(f"{url}/1", json={"text": "moderated"}, headers=mod)
-            assert r.status_code == 200, r.text
-            assert (r.json()["author"], r.json()["text"]) == ("ana", "moderated")
-            r = await http.request("DELETE", f"{url}/2", headers=mod)
-            assert r.status_code == 200 and r.json()["deleted_at"], r.text
-            updated = await ana.expect("message_updated")
-            assert updated["message"]["seq"] == 1 and updated["message"]["text"] == "moderated"
-            deleted = await ana.expect("message_deleted")
-            assert deleted["message"]["seq"] == 2
-            # Over WS too.
-            async with WSClient.connect(gw.ws_url + "?token=" + mod["Authorization"][7:]) as ws:
-                await ws.send(
-                    {"type": "edit", "room": room, "seq": 3, "text": "tidied", "ref": "m1"}
-                )
-                ack = await ws.expect("ack")
-                assert ack["ref"] == "m1" and ack["message"]["text"] == "tidied"
-                await ws.send({"type": "delete", "room": room, "seq": 4, "ref": "m2"})
-                ack = await ws.expect("ack")
-                assert ack["ref"] == "m2" and ack["message"]["deleted_at"]
-                await ws.send({"type": "delete", "room": "elsewhere", "seq": 1, "ref": "m3"})
-                err = await ws.expect("error")
-                assert (err["ref"], err["code"]) == ("m3", "forbidden")
-            assert (await ana.expect("message_updated"))["message"]["text"] == "tidied"
-            assert (await ana.expect("message_deleted"))["message"]["seq"] == 4
-        # Outside the claim's rooms, or without the claim, or without read access: 403.
-        refused = [
-            (mod, other),
-            (token("bo"), url),
-            (token("bo", moderate=[]), url),
-            (token("mia", moderate=["mod.*"], rooms=["other.*"]), url),
-        ]
-        for headers, target in refused:
-            r = await http.patch(f"{target}/1", json={"text": "x"}, headers=headers)
-            assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", r.text
-            r = await http.request("DELETE", f"{target}/1", headers=headers)
-            assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", r.text
-        r = await http.patch(f"{url}/1", json={"text": "x"}, headers=token("mia", moderate="mod.*"))
-        assert r.status_code == 401, "the claim is a list of strings"
-        page = (await http.get(url, headers=token("ana"))).json()["messages"]
-        assert [m["text"] for m in page] == ["moderated", "", "tidied", ""]
-        assert (await http.get(other, headers=token("ana"))).json()["messages"][0]["text"] == "hi"
-
-
 async def test_changes_whose_publish_was_lost_are_filled_from_the_store(gateway_env):
     """Instance A commits changes but never publishes them (as if killed after each
     commit); changes alternate between A and B, so B's and C's subscribers see a gap in
@@ -625,8 +231,8 @@ async def test_changes_whose_publish_was_lost_are_filled_from_the_store(gateway_
             WSClient.connect(b.ws_url) as ws,
             SSEClient.open(f"{c.url}/v1/rooms/{room}/events?since=0") as sse,
         ):
-            await subscribe(ws, room, since=0)
-            task = asyncio.create_task(reading(ws))
+            await ws.subscribe(room, since=0)
+            task = asyncio.create_task(ws.read_all())
             for i in range(12):
                 target = a if i % 2 == 0 or i >= 9 else b
                 seq = i % 5 + 1
@@ -695,12 +301,12 @@ async def test_changes_survive_a_redis_restart_and_an_instance_kill(gateway_env)
                     for g in gws[:2]
                 ]
                 for ws in wss:
-                    await subscribe(ws, room, changes_since=0)
-                readers = [asyncio.create_task(reading(ws)) for ws in wss]
+                    await ws.subscribe(room, changes_since=0)
+                readers = [asyncio.create_task(ws.read_all()) for ws in wss]
                 victim_frames: list[dict[str, Any]] = []
                 async with WSClient.connect(gws[2].ws_url) as victim:
-                    await subscribe(victim, room, changes_since=0)
-                    victim_reader = asyncio.create_task(reading(victim))
+                    await victim.subscribe(room, changes_since=0)
+                    victim_reader = asyncio.create_task(victim.read_all())
                     await _posts_and_edits(http, gws, room, 0, 12)
                     rs.stop()
                     await _posts_and_edits(http, gws, room, 12, 12)  # committed meanwhile
@@ -713,13 +319,12 @@ async def test_changes_survive_a_redis_restart_and_an_instance_kill(gateway_env)
                 # The victim resumes on another instance from what it had.
                 _, seqs, changes = view_of(ws_events(victim_frames, room))
                 async with WSClient.connect(gws[1].ws_url) as resumed:
-                    await subscribe(
-                        resumed,
+                    await resumed.subscribe(
                         room,
                         since=seqs[-1] if seqs else 0,
                         changes_since=changes[-1] if changes else 0,
                     )
-                    resumed_reader = asyncio.create_task(reading(resumed))
+                    resumed_reader = asyncio.create_task(resumed.read_all())
                     await _posts_and_edits(http, gws[:2], room, 30, 6)
                     page = (await http.get(f"{gws[0].url}/v1/rooms/{room}/messages")).json()
                     final = {m["seq"]: m for m in page["messages"]}
@@ -749,57 +354,6 @@ async def test_changes_survive_a_redis_restart_and_an_instance_kill(gateway_env)
                 await asyncio.gather(*readers, return_exceptions=True)
     finally:
         rs.stop()
-
-
-async def all_ready(http: httpx.AsyncClient, gws: list[harness.Instance]) -> bool:
-    codes = [(await http.get(g.url + "/readyz")).status_code for g in gws]
-    return all(c == 200 for c in codes)
-
-
-async def test_embedded_store_edits_deletes_types_and_reads_with_no_servers(tmp_path):
-    env = {
-        "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db",
-        "REDIS_URL": "memory://",
-        "LOG_LEVEL": "warning",
-    }
-    room = "solo"
-    async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=10) as http:
-        async with (
-            WSClient.connect(gw.ws_url + "?user=bo") as bo,
-            WSClient.connect(gw.ws_url + "?user=ana") as ana,
-        ):
-            await subscribe(bo, room, changes_since=0)
-            await subscribe(ana, room)
-            assert (await post(http, gw.url, room, "helo", author="ana")).status_code == 201
-            url = f"{gw.url}/v1/rooms/{room}/messages/1"
-            r = await http.patch(
-                url, json={"text": "hello", "author": "ana"}, headers={"Idempotency-Key": "fix-1"}
-            )
-            assert r.status_code == 200 and r.json()["version"] == 2
-            r = await http.patch(
-                url,
-                json={"text": "hello again", "author": "ana"},
-                headers={"Idempotency-Key": "fix-1"},
-            )
-            assert (r.status_code, r.json()["text"], r.json()["version"]) == (200, "hello", 2)
-            assert (await bo.expect("message_updated"))["message"]["text"] == "hello"
-            for _ in range(3):
-                await ana.send({"type": "typing", "room": room})
-            assert await bo.expect("typing") == {"type": "typing", "room": room, "user": "ana"}
-            await ana.send({"type": "delete", "room": room, "seq": 1, "ref": "x"})
-            refused = await ana.expect("error")  # open mode: the author given must match
-            assert (refused["ref"], refused["code"]) == ("x", "forbidden")
-            await ana.send({"type": "delete", "room": room, "seq": 1, "ref": "d", "author": "ana"})
-            assert (await ana.expect("ack"))["message"]["text"] == ""
-            deleted = await bo.expect("message_deleted")
-            assert deleted["change"] == 2 and deleted["message"]["deleted_at"]
-            assert [f for f in bo.frames if f.get("type") == "typing"] == [
-                {"type": "typing", "room": room, "user": "ana"}
-            ], "one per 2 s"
-            r = await http.post(f"{gw.url}/v1/rooms/{room}/read", json={"seq": 1, "user": "bo"})
-            assert r.json() == {"room": room, "seq": 1, "unread": 0}
-        page = (await http.get(f"{gw.url}/v1/rooms/{room}/messages")).json()["messages"]
-        assert [(m["seq"], m["text"], m["version"]) for m in page] == [(1, "", 3)]
 
 
 async def test_a_resume_interleaves_missed_changes_in_commit_order(gateway_env):
@@ -844,7 +398,7 @@ async def test_a_resume_interleaves_missed_changes_in_commit_order(gateway_env):
         # Holding message 1 and change 1: the rest, each change after the messages
         # committed before it (replayed messages already show their current text).
         async with WSClient.connect(gw.ws_url) as ws:
-            subscribed = await subscribe(ws, room, since=1, changes_since=1)
+            subscribed = await ws.subscribe(room, since=1, changes_since=1)
             assert (subscribed["seq"], subscribed["change"]) == (4, 4)
             while len(ws_events(ws.frames, room)) < len(expected):
                 await ws.recv()
@@ -905,8 +459,8 @@ async def test_messages_and_changes_reach_subscribers_in_commit_order(gateway_en
             WSClient.connect(c.ws_url) as ws,
             SSEClient.open(f"{b.url}/v1/rooms/{room}/events?since=0&changes_since=0") as sse,
         ):
-            await subscribe(ws, room, since=0, changes_since=0)
-            task = asyncio.create_task(reading(ws))
+            await ws.subscribe(room, since=0, changes_since=0)
+            task = asyncio.create_task(ws.read_all())
             for i in range(rounds):
                 # A change that reaches no one live, then a post that does.
                 await edit(a, latest, f"edit {i} by a")

@@ -1,7 +1,8 @@
-"""What a hostile or broken HTTP peer may hold on a real gateway process: slow or
-endless request heads, slow bodies, heads too large, requests that are not HTTP,
-and SSE readers that never read. Each is answered with the JSON error body where
-an answer can still be given, and its connection is closed, not kept."""
+"""What a hostile or broken HTTP peer may send or hold on a real gateway process: slow
+or endless request heads, slow bodies, bodies cut off, heads too large, requests
+that are not HTTP, and SSE readers that never read. Each is answered with the JSON
+error body where an answer can still be given, and its connection is closed, not
+kept; pages carry their security headers and a trailing slash never redirects."""
 
 from __future__ import annotations
 
@@ -15,20 +16,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.harness import Instance, eventually, instances, t
-
-
-def embedded(tmp_path, **extra: str) -> dict[str, str]:
-    return {
-        "DATABASE_URL": f"sqlite:///{tmp_path}/h.db",
-        "REDIS_URL": "memory://",
-        "LOG_LEVEL": "info",
-        "RATE_LIMIT": "100000/1s",
-        "CONNECT_RATE_LIMIT": "100000/1s",
-        "PUBLISH_RATE_LIMIT": "100000/1s",
-        **extra,
-    }
-
+from tests.harness import Instance, embedded_env, eventually, instances, no_errors, t
 
 OPEN: list[socket.socket] = []
 
@@ -86,7 +74,7 @@ def established(port: int, peers: list[socket.socket]) -> int:
 
 
 async def test_slow_heads_and_bodies_are_cut_off_with_408(tmp_path):
-    env = embedded(tmp_path, HTTP_HEADER_TIMEOUT="1", HTTP_BODY_TIMEOUT="1")
+    env = embedded_env(tmp_path, HTTP_HEADER_TIMEOUT="1", HTTP_BODY_TIMEOUT="1")
     async with instances(1, env) as (gw,):
         # slowloris: a head trickling in never completes, and a silent peer too
         loris, silent = raw(gw.port), raw(gw.port)
@@ -119,7 +107,7 @@ async def test_slow_heads_and_bodies_are_cut_off_with_408(tmp_path):
 
 
 async def test_heads_past_the_limit_get_431_and_bad_requests_a_json_400(tmp_path):
-    env = embedded(tmp_path, HTTP_MAX_HEADER_BYTES="8192")
+    env = embedded_env(tmp_path, HTTP_MAX_HEADER_BYTES="8192")
     async with instances(1, env) as (gw,):
         # one head of 20 KiB in one piece
         big = raw(gw.port)
@@ -150,7 +138,7 @@ async def test_heads_past_the_limit_get_431_and_bad_requests_a_json_400(tmp_path
 
 
 async def test_sse_readers_that_never_read_lose_their_sockets(tmp_path):
-    env = embedded(tmp_path, SSE_SEND_TIMEOUT="1", QUEUE_MAX_BYTES="262144")
+    env = embedded_env(tmp_path, SSE_SEND_TIMEOUT="1", QUEUE_MAX_BYTES="262144")
     inst = Instance(env).start()
     readers: list[socket.socket] = []
     try:
@@ -186,3 +174,35 @@ async def test_sse_readers_that_never_read_lose_their_sockets(tmp_path):
         assert '"level":"error"' not in inst.log(), inst.log()
     finally:
         inst.stop()
+
+
+async def test_a_client_aborting_its_post_body_is_no_error(tmp_path):
+    async with instances(1, embedded_env(tmp_path)) as (gw,):
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", gw.port), timeout=t(10)) as s:
+                s.sendall(
+                    b"POST /v1/rooms/r/messages HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+                    b'{"text": "half'
+                )
+                await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)
+        assert "POST /v1/rooms/r/messages" in gw.log()
+        no_errors(gw.log())
+
+
+async def test_pages_send_security_headers_and_slashes_never_redirect(tmp_path):
+    async with instances(1, embedded_env(tmp_path)) as (gw,), httpx.AsyncClient() as http:
+        for path in ("/", "/dashboard"):
+            r = await http.get(gw.url + path)
+            assert r.status_code == 200
+            csp = r.headers["content-security-policy"]
+            assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp
+            assert r.headers["x-content-type-options"] == "nosniff"
+            assert r.headers["referrer-policy"] == "no-referrer"
+            assert r.headers["x-frame-options"] == "DENY"
+        for path in ("/healthz/", "/v1/rooms/r/messages/", "/dashboard/"):
+            r = await http.get(gw.url + path, headers={"Host": "evil.example"})
+            assert r.status_code == 404, (path, r.status_code)
+            assert "location" not in r.headers
+            assert r.json()["error"]["code"] == "not_found"

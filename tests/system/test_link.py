@@ -1,7 +1,6 @@
-"""The pieces the brokers and other Redis users share, in this process: the link
+"""The pieces the Redis brokers and other Redis users share, in this process: the link
 loop of the Redis brokers (chat_gateway.pubsub.link) against a redis-server of the test's own,
-the guard of a Redis user that has none (chat_gateway.redisio.guard.NO_GUARD), and the batched
-publish every broker offers (chat_gateway.pubsub.base.Broker.publish_batch)."""
+and the guard of a Redis user that has none (chat_gateway.redisio.guard.NO_GUARD)."""
 
 from __future__ import annotations
 
@@ -13,8 +12,7 @@ import socket
 import pytest
 import redis.asyncio as aioredis
 
-from chat_gateway.pubsub import BrokerUnavailable, Sent
-from chat_gateway.pubsub.memory import MemoryBroker
+from chat_gateway.pubsub import BrokerUnavailable
 from chat_gateway.pubsub.redis import RedisBroker
 from chat_gateway.redisio.guard import NO_GUARD, RedisGuard
 from chat_gateway.redisio.pipelined import PipelinedConnection, per_key
@@ -122,24 +120,3 @@ async def test_a_redis_user_without_a_guard_tries_redis_on_every_call():
         await pipe.close()
         await client.aclose()
         rs.stop()
-
-
-async def test_the_memory_broker_publishes_a_batch_in_order():
-    broker = MemoryBroker()
-    got: list[tuple[str, bytes]] = []
-    broker.on_message(lambda channel, data: got.append((channel, data)))
-    # Not started: every message is reported lost, none raised.
-    lost = await broker.publish_batch([("a", b"1"), ("b", b"2")])
-    assert [type(s.lost) for s in lost] == [BrokerUnavailable, BrokerUnavailable]
-    await broker.start()
-    try:
-        await broker.subscribe("a")
-        sent = await broker.publish_batch([("a", b"1"), ("b", b"x"), ("a", b"2")])
-        assert sent == [Sent(None, None)] * 3
-        await eventually(lambda: len(got) == 2)
-        assert got == [("a", b"1"), ("a", b"2")]  # in order; "b" has no subscriber
-        assert not broker.carries(None)
-        with pytest.raises(ValueError):
-            await broker.publish_batch([("a", b"3")], ahead=[("INCR", "k")])
-    finally:
-        await broker.close()

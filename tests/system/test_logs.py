@@ -1,70 +1,24 @@
-"""Connection limits refused before the upgrade; JSON log lines with ids and no secrets."""
+"""The gateway's log: JSON lines with request and connection ids and no message
+text or token; refused upgrades logged as answers, not errors; text logs that a
+path cannot forge lines into."""
 
 from __future__ import annotations
 
-import time
-from contextlib import AsyncExitStack
+import asyncio
 
 import httpx
-import jwt
 import orjson
 import pytest
 import websockets
 
-from tests.harness import Instance, SSEClient, WSClient, eventually, instances
-
-SECRET = "limits-test-secret-of-at-least-32-bytes"
-
-
-def token(sub: str) -> str:
-    return jwt.encode({"sub": sub, "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
-
-
-async def refused(url: str) -> tuple[int, dict]:
-    with pytest.raises(websockets.InvalidStatus) as exc:
-        async with WSClient.connect(url):
-            pass
-    response = exc.value.response
-    return response.status_code, orjson.loads(response.body)
-
-
-async def test_limits_per_identity_and_per_instance(tmp_path):
-    env = {
-        "DATABASE_URL": f"sqlite:///{tmp_path}/l.db",
-        "REDIS_URL": "memory://",
-        "AUTH_SECRET": SECRET,
-        "LOG_LEVEL": "warning",
-        "MAX_CONNECTIONS": "3",
-        "MAX_CONNECTIONS_PER_IDENTITY": "2",
-    }
-    async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=10) as http:
-        ana, bob = token("ana"), token("bob")
-        async with AsyncExitStack() as stack:
-            first = await stack.enter_async_context(WSClient.connect(f"{gw.ws_url}?token={ana}"))
-            await stack.enter_async_context(
-                SSEClient.open(f"{gw.url}/v1/rooms/r/events", {"Authorization": f"Bearer {ana}"})
-            )
-            status, body = await refused(f"{gw.ws_url}?token={ana}")
-            assert status == 429 and body["error"]["code"] == "too_many_connections"
-            r = await http.get(f"{gw.url}/v1/rooms/r/events?token={ana}")
-            assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_connections"
-
-            await stack.enter_async_context(WSClient.connect(f"{gw.ws_url}?token={bob}"))
-            status, body = await refused(f"{gw.ws_url}?token={bob}")
-            assert status == 503 and body["error"]["code"] == "unavailable"
-
-            # the refused attempts left nothing behind: closing one frees one place
-            await first.conn.close()
-
-            async def admitted() -> bool:
-                try:
-                    async with WSClient.connect(f"{gw.ws_url}?token={bob}") as ws:
-                        await ws.send({"type": "ping"})
-                        return (await ws.expect("pong"))["type"] == "pong"
-                except websockets.InvalidStatus:
-                    return False
-
-            assert await eventually(admitted)
+from tests.harness import (
+    Instance,
+    WSClient,
+    embedded_env,
+    instances,
+    no_errors,
+)
+from tests.system.test_auth import SECRET, token
 
 
 async def test_logs_are_json_lines_with_ids_and_no_text_or_token(tmp_path):
@@ -110,3 +64,39 @@ async def test_logs_are_json_lines_with_ids_and_no_text_or_token(tmp_path):
         assert ana not in raw and ana.split(".")[2] not in raw
     finally:
         inst.stop()
+
+
+async def test_refused_upgrades_are_answers_not_errors_and_tokens_stay_out_of_logs(tmp_path):
+    env = embedded_env(tmp_path, AUTH_SECRET=SECRET)
+    async with instances(1, env) as (gw,):
+        for url in (gw.ws_url, f"{gw.ws_url}?token=forged", f"{gw.ws_url}?bogus=1"):
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                async with WSClient.connect(url):
+                    pass
+            assert refused.value.response.status_code in (401, 422)
+            assert orjson.loads(refused.value.response.body)["error"]["code"]
+        # the server reads ?%74oken= as ?token=: so must the log redaction
+        secret = token()
+        async with WSClient.connect(f"{gw.ws_url}?%74oken={secret}") as ws:
+            await ws.send({"type": "ping"})
+            assert await ws.expect("pong") == {"type": "pong"}
+        await asyncio.sleep(0.3)
+        log = gw.log()
+        assert "without completing handshake" not in log
+        no_errors(log)
+        assert "[redacted]" in log
+        assert secret not in log and secret.split(".")[2] not in log
+
+
+async def test_text_logs_cannot_be_forged_through_a_path(tmp_path):
+    env = embedded_env(tmp_path, LOG_FORMAT="text")
+    async with instances(1, env) as (gw,), httpx.AsyncClient() as http:
+        forged = "/x%0D%0A2026-01-01 00:00:00,000 ERROR gateway.http FORGED-LINE"
+        r = await http.get(gw.url + forged)
+        assert r.status_code == 404
+        r = await http.get(f"{gw.url}/v1/rooms/r/events?%74oken=sekrit&since=x")
+        assert r.status_code == 422
+    lines = gw.log().splitlines()
+    assert "sekrit" not in gw.log()
+    assert not [line for line in lines if line.startswith("2026-01-01")], lines
+    assert any("FORGED-LINE" in line and "\\x0a" in line for line in lines), lines

@@ -1,94 +1,29 @@
-"""The token bucket itself: exact arithmetic, the Lua script on a real Redis,
-NOSCRIPT reload, and the per-instance fallback while Redis is down or hung."""
+"""Rate limits on real Redis and real gateway processes (the arithmetic alone is in
+tests/unit/test_ratelimit.py): the Lua script on Redis' clock, NOSCRIPT reload, the
+per-instance fallback while Redis is down or hung; then exact admission across
+instances, one bucket for HTTP posts and WS publishes, separate buckets for
+/v1/publish and connection attempts, the RateLimit headers, and which address
+counts as the client."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
+import httpx
 import pytest
 import redis.asyncio as aioredis
+import websockets
 
-from chat_gateway.access.ratelimit import LocalBuckets, RateLimiter, take
-from chat_gateway.config import ConfigError, Rate, Settings
+from chat_gateway.access.ratelimit import RateLimiter, take
+from chat_gateway.config import Rate
 from chat_gateway.metrics import Metrics
 from chat_gateway.redisio.guard import RedisGuard
 from chat_gateway.redisio.pipelined import PipelinedConnection
 from tests import harness
-from tests.harness import RedisServer
+from tests.harness import Instance, RedisServer, SSEClient, WSClient, eventually, instances, post
 
 SECOND = 1_000_000
-
-
-# -- the arithmetic, on a clock the test holds ------------------------------------
-
-
-def test_refill_is_exact_to_the_microsecond():
-    cap, pus = 3, SECOND  # 3 per second: one token every 333333.33 µs
-    value, ts = cap * pus, 0
-    for _ in range(3):
-        allowed, value, ts, _ = take(value, ts, 0, cap, pus, 1)
-        assert allowed
-    allowed, value, ts, _ = take(value, ts, 0, cap, pus, 1)
-    assert not allowed and value == 0
-    # 333333 µs refill 999999 units: one short of a token
-    allowed, value, ts, _ = take(value, ts, 333_333, cap, pus, 1)
-    assert not allowed and value == 999_999
-    allowed, value, ts, _ = take(value, ts, 333_334, cap, pus, 1)
-    assert allowed and value == 2
-    # a long idle refills to the capacity and never past it
-    allowed, value, ts, _ = take(value, ts, 3600 * SECOND, cap, pus, 1)
-    assert allowed and value == (cap - 1) * pus
-
-
-def test_admissions_over_time_equal_capacity_plus_rate_times_elapsed():
-    # A client hammering every millisecond for 10 s at 3/s gets 3 + 30, exactly.
-    cap, pus = 3, SECOND
-    value, ts, admitted = cap * pus, 0, 0
-    for now in range(0, 10 * SECOND + 1, 1000):
-        allowed, value, ts, _ = take(value, ts, now, cap, pus, 1)
-        admitted += allowed
-    assert admitted == 3 + 30
-    # ... and at 7/60s over 10 minutes: 7 + 70
-    cap, pus = 7, 60 * SECOND
-    value, ts, admitted = cap * pus, 0, 0
-    for now in range(0, 600 * SECOND + 1, 10_000):
-        allowed, value, ts, _ = take(value, ts, now, cap, pus, 1)
-        admitted += allowed
-    assert admitted == 7 + 70
-
-
-def test_local_buckets_report_limit_remaining_reset_and_retry_after():
-    now = [0]
-    buckets = LocalBuckets(clock=lambda: now[0])
-    rate = Rate(4, 2.0)  # a token every 0.5 s
-    remaining = [buckets.hit("k", rate).remaining for _ in range(4)]
-    assert remaining == [3, 2, 1, 0]
-    refused = buckets.hit("k", rate)
-    assert not refused.allowed
-    assert refused.retry_after == pytest.approx(0.5)
-    assert refused.reset == pytest.approx(2.0)
-    assert refused.headers() == {
-        "RateLimit-Limit": "4",
-        "RateLimit-Remaining": "0",
-        "RateLimit-Reset": "2",
-        "Retry-After": "1",
-    }
-    assert buckets.hit("other", rate).remaining == 3, "buckets are per key"
-    now[0] = 500_000
-    ok = buckets.hit("k", rate)
-    assert ok.allowed and ok.remaining == 0 and "Retry-After" not in ok.headers()
-
-
-def test_rates_too_large_for_exact_arithmetic_are_refused():
-    with pytest.raises(ConfigError):
-        Settings.from_env({"RATE_LIMIT": "100000000/24h"})
-    with pytest.raises(ConfigError):
-        Settings.from_env({"TRUSTED_PROXIES": "10.0.0.0/8,not-an-address"})
-    assert Settings.from_env({"TRUSTED_PROXIES": "10.0.0.0/8, ::1"}).trusted_proxies == (
-        "10.0.0.0/8",
-        "::1",
-    )
 
 
 # -- the Lua script on a real Redis -------------------------------------------------
@@ -253,3 +188,228 @@ async def test_a_hung_redis_costs_one_timeout_then_local_buckets_for_the_cooldow
             writer.close()
         hole.close()
         await hole.wait_closed()
+
+
+# -- on real gateway processes -------------------------------------------------------
+
+
+def assert_limited(r: httpx.Response, limit: int) -> None:
+    assert r.status_code == 429, r.text
+    body = r.json()
+    assert body["error"]["code"] == "rate_limited"
+    assert isinstance(body["error"]["retry_after"], float) and body["error"]["retry_after"] > 0
+    assert int(r.headers["Retry-After"]) >= 1
+    assert int(r.headers["Retry-After"]) >= body["error"]["retry_after"]
+    assert r.headers["RateLimit-Limit"] == str(limit)
+    assert r.headers["RateLimit-Remaining"] == "0"
+    assert int(r.headers["RateLimit-Reset"]) >= 1
+
+
+async def test_buckets_are_exact_across_instances_and_shared_by_http_and_ws(gateway_env):
+    env = {
+        **gateway_env,
+        "RATE_LIMIT": "10/1h",
+        "PUBLISH_RATE_LIMIT": "3/1h",
+        "CONNECT_RATE_LIMIT": "4/1h",
+    }
+    room = "burst"
+    async with instances(3, env) as gws, httpx.AsyncClient(timeout=30) as http:
+        async with WSClient.connect(gws[0].ws_url) as ws:
+            assert ws.conn.response.headers["RateLimit-Limit"] == "4"
+            assert ws.conn.response.headers["RateLimit-Remaining"] == "3"
+            for ref in ("a", "b"):
+                await ws.send({"type": "publish", "room": room, "text": ref, "ref": ref})
+                assert (await ws.expect("ack"))["ref"] == ref
+
+            # 40 posts at once, spread over three instances: exactly the 8 tokens left
+            rs = await asyncio.gather(
+                *(post(http, gws[i % 3].url, room, f"m{i}") for i in range(40))
+            )
+            ok = [r for r in rs if r.status_code == 201]
+            limited = [r for r in rs if r.status_code != 201]
+            assert len(ok) == 8, [r.status_code for r in rs]
+            assert sorted(int(r.headers["RateLimit-Remaining"]) for r in ok) == list(range(8))
+            for r in ok:
+                assert r.headers["RateLimit-Limit"] == "10"
+                assert int(r.headers["RateLimit-Reset"]) >= 1
+                assert "Retry-After" not in r.headers
+            for r in limited:
+                assert_limited(r, 10)
+
+            # the WS publish draws on the same, now empty, bucket; the socket stays
+            await ws.send({"type": "publish", "room": room, "text": "more", "ref": "c"})
+            err = await ws.expect("error")
+            assert err["code"] == "rate_limited" and err["ref"] == "c"
+            assert isinstance(err["retry_after"], float) and err["retry_after"] > 0
+            await ws.send({"type": "ping"})
+            assert (await ws.expect("pong")) == {"type": "pong"}
+            assert (await ws.subscribe(room))["seq"] == 10
+
+        page = (await http.get(f"{gws[2].url}/v1/rooms/{room}/messages")).json()
+        assert len(page["messages"]) == 10, "a refused post must store nothing"
+
+        # /v1/publish has its own bucket, untouched by the posts above
+        rs = [
+            await http.post(
+                f"{gws[i % 3].url}/v1/publish", json={"room": room, "event": "tick", "data": {}}
+            )
+            for i in range(5)
+        ]
+        assert [r.status_code for r in rs] == [202, 202, 202, 429, 429]
+        assert [r.headers["RateLimit-Remaining"] for r in rs[:3]] == ["2", "1", "0"]
+        assert_limited(rs[3], 3)
+
+        # connection attempts: one used by the WS above, three left, on any instance
+        async with SSEClient.open(f"{gws[1].url}/v1/rooms/{room}/events") as sse:
+            assert sse.status == 200
+        async with WSClient.connect(gws[2].ws_url) as ws2:
+            assert ws2.conn.response.headers["RateLimit-Remaining"] == "1"
+        async with WSClient.connect(gws[0].ws_url) as ws3:
+            assert ws3.conn.response.headers["RateLimit-Remaining"] == "0"
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with WSClient.connect(gws[1].ws_url):
+                pass
+        assert refused.value.response.status_code == 429
+        assert b'"rate_limited"' in refused.value.response.body
+        r = await http.get(f"{gws[2].url}/v1/rooms/{room}/events")
+        assert_limited(r, 4)
+        # ... while reading history is not a connection attempt
+        assert (await http.get(f"{gws[0].url}/v1/rooms/{room}/messages")).status_code == 200
+
+
+async def test_forwarded_for_counts_only_from_a_trusted_proxy(gateway_env):
+    base = {**gateway_env, "RATE_LIMIT": "2/1h"}
+    direct = Instance(dict(base)).start()
+    proxied = Instance({**base, "TRUSTED_PROXIES": "127.0.0.1/32, ::1"}).start()
+    try:
+        await asyncio.gather(direct.wait_ready(), proxied.wait_ready())
+        async with httpx.AsyncClient(timeout=10) as http:
+
+            async def send(inst: Instance, room: str, xff: str) -> int:
+                r = await post(http, inst.url, room, "x", headers={"X-Forwarded-For": xff})
+                return r.status_code
+
+            # by default the header is ignored: every "client" is 127.0.0.1
+            assert [await send(direct, "d", xff) for xff in ("1.1.1.1", "2.2.2.2", "3.3.3.3")] == [
+                201,
+                201,
+                429,
+            ]
+            # from a trusted proxy, the rightmost untrusted hop is the client
+            assert [await send(proxied, "p", xff) for xff in ("1.1.1.1", "2.2.2.2", "3.3.3.3")] == [
+                201,
+                201,
+                201,
+            ]
+            assert [
+                await send(proxied, "p", xff)
+                for xff in ("6.6.6.6, 1.1.1.1", "7.7.7.7, 1.1.1.1, 127.0.0.1")
+            ] == [201, 429]
+        assert "open mode" in direct.log(), "open mode must be announced at start"
+    finally:
+        direct.stop()
+        proxied.stop()
+
+
+async def test_a_redis_outage_limits_per_instance_and_says_so(pg_url):
+    server = RedisServer()
+    server.start()
+    inst = Instance(
+        {
+            "DATABASE_URL": pg_url,
+            "REDIS_URL": server.url,
+            "KEY_PREFIX": "t:",
+            "RATE_LIMIT": "3/1h",
+            "LOG_LEVEL": "warning",
+        }
+    ).start()
+    try:
+        await inst.wait_ready()
+        async with httpx.AsyncClient(timeout=30) as http:
+
+            async def fallback_gauge() -> str:
+                text = (await http.get(inst.url + "/metrics")).text
+                return next(
+                    line
+                    for line in text.splitlines()
+                    if line.startswith("chat_rate_limit_local_fallback ")
+                )
+
+            r = await post(http, inst.url, "down", "before")
+            assert r.status_code == 201 and r.headers["RateLimit-Remaining"] == "2"
+            assert await fallback_gauge() == "chat_rate_limit_local_fallback 0.0"
+            server.stop()
+            # the instance's own bucket: neither a flood nor a wall
+            statuses = [(await post(http, inst.url, "down", f"m{i}")).status_code for i in range(5)]
+            assert statuses == [201, 201, 201, 429, 429]
+            assert await fallback_gauge() == "chat_rate_limit_local_fallback 1.0"
+            assert "per-instance buckets" in inst.log()
+
+            server.start()  # empty again: the shared bucket starts full
+
+            async def shared_again() -> bool:
+                r = await post(http, inst.url, "down", "after")
+                return (
+                    r.status_code == 201
+                    and await fallback_gauge() == "chat_rate_limit_local_fallback 0.0"
+                )
+
+            await eventually(shared_again, timeout=15, interval=0.3)
+            assert "shared buckets restored" in inst.log()
+    finally:
+        inst.stop()
+        server.stop()
+
+
+async def test_memory_mode_runs_the_same_bucket_in_process(tmp_path):
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/chat.db",
+        "REDIS_URL": "memory://",
+        "RATE_LIMIT": "2/1h",
+        "LOG_LEVEL": "warning",
+    }
+    async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=10) as http:
+        rs = [await post(http, gw.url, "mem", f"m{i}") for i in range(3)]
+        assert [r.status_code for r in rs] == [201, 201, 429]
+        assert [r.headers["RateLimit-Remaining"] for r in rs] == ["1", "0", "0"]
+        assert_limited(rs[2], 2)
+        assert 1790 <= rs[2].json()["error"]["retry_after"] <= 1800  # half an hour per token
+        async with WSClient.connect(gw.ws_url) as ws:
+            await ws.send({"type": "publish", "room": "mem", "text": "x", "ref": "w"})
+            err = await ws.expect("error")
+            assert err["code"] == "rate_limited" and err["ref"] == "w"
+            assert 1790 <= err["retry_after"] <= 1800
+
+
+async def test_publish_buckets_are_per_api_key_and_name_no_secret(gateway_env, redis_prefix):
+    base = {**gateway_env, "PUBLISH_RATE_LIMIT": "2/1h"}
+    async with instances(1, base) as (open_gw,), httpx.AsyncClient(timeout=10) as http:
+        # open mode: a made-up bearer per request does not buy a fresh bucket
+        event = {"room": "r", "event": "e"}
+        rs = [
+            await http.post(
+                f"{open_gw.url}/v1/publish",
+                json=event,
+                headers={"Authorization": f"Bearer made-up-{i}"},
+            )
+            for i in range(3)
+        ]
+        assert [r.status_code for r in rs] == [202, 202, 429]
+    keyed_env = {**base, "API_KEYS": "secret-key-one,secret-key-two"}
+    async with instances(1, keyed_env) as (gw,), httpx.AsyncClient(timeout=10) as http:
+
+        async def send(key: str) -> int:
+            r = await http.post(
+                f"{gw.url}/v1/publish", json=event, headers={"Authorization": f"Bearer {key}"}
+            )
+            return r.status_code
+
+        assert [await send("secret-key-one") for _ in range(3)] == [202, 202, 429]
+        assert [await send("secret-key-two") for _ in range(3)] == [202, 202, 429]
+    client = aioredis.from_url(harness.REDIS_URL)
+    try:
+        keys = [k.decode() async for k in client.scan_iter(match=f"{redis_prefix}rl:*")]
+    finally:
+        await client.aclose()
+    assert len([k for k in keys if ":publish:" in k]) == 3, keys
+    assert not any("secret" in k for k in keys), keys

@@ -13,7 +13,8 @@ import orjson
 import pytest
 import websockets
 
-from tests.harness import WSClient, instances, t
+from tests.harness import WSClient, embedded_env, instances, no_errors, post, t
+from tests.system.test_auth import SECRET, token
 
 
 @pytest.fixture
@@ -306,3 +307,64 @@ async def test_the_open_mode_document_requires_whose_read_position(gateway_env):
         assert_error(r, 422, "invalid_request")
         r = await http.get(gw.url + "/v1/read", params={"user": "bo"})
         assert r.status_code == 200 and r.json() == {"rooms": []}, r.text
+
+
+def nested(depth: int) -> dict:
+    data: dict = {}
+    inner = data
+    for _ in range(depth - 1):
+        inner["a"] = {}
+        inner = inner["a"]
+    return data
+
+
+async def test_publish_data_nested_too_deep_is_a_422(tmp_path):
+    async with instances(1, embedded_env(tmp_path)) as (gw,), httpx.AsyncClient() as http:
+        for depth in (33, 254, 300):
+            body = (
+                b'{"room":"r","event":"e","data":'
+                + b'{"a":' * (depth - 1)
+                + b"{}"
+                + b"}" * (depth - 1)
+                + b"}"
+            )
+            r = await http.post(
+                f"{gw.url}/v1/publish", content=body, headers={"Content-Type": "application/json"}
+            )
+            assert r.status_code == 422, (depth, r.text)
+            assert r.json()["error"]["field"] == "data" and r.json()["error"]["limit"] == 32
+        r = await http.post(
+            f"{gw.url}/v1/publish", json={"room": "r", "event": "e", "data": nested(32)}
+        )
+        assert r.status_code == 202, r.text
+        no_errors(gw.log())
+
+
+async def test_since_in_a_frame_must_be_a_number(tmp_path):
+    async with (
+        instances(1, embedded_env(tmp_path)) as (gw,),
+        WSClient.connect(gw.ws_url) as ws,
+        httpx.AsyncClient() as http,
+    ):
+        for i in range(3):
+            await post(http, gw.url, "r", f"m{i}")
+        for bad in ("5", "0", True, -1, 1.5):
+            await ws.send({"type": "subscribe", "room": "r", "since": bad})
+            err = await ws.expect("error")
+            assert err["code"] == "invalid_request" and err["field"] == "since", (bad, err)
+        assert (await ws.subscribe("r", since=1))["seq"] == 3
+        assert await ws.messages("r", 2) == [2, 3]
+
+
+async def test_the_user_parameter_is_checked_in_auth_mode_too(tmp_path):
+    async with (
+        instances(1, embedded_env(tmp_path, AUTH_SECRET=SECRET)) as (gw,),
+        httpx.AsyncClient() as http,
+    ):
+        headers = {"Authorization": f"Bearer {token()}"}
+        r = await http.get(f"{gw.url}/v1/rooms/r/events", params={"user": ""}, headers=headers)
+        assert r.status_code == 422 and r.json()["error"]["field"] == "author", r.text
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with WSClient.connect(f"{gw.ws_url}?token={token()}&user=%20"):
+                pass
+        assert refused.value.response.status_code == 422
