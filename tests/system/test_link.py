@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import socket
 
 import pytest
 import redis.asyncio as aioredis
@@ -17,23 +15,6 @@ from chat_gateway.pubsub.redis import RedisBroker
 from chat_gateway.redisio.guard import NO_GUARD, RedisGuard
 from chat_gateway.redisio.pipelined import PipelinedConnection, per_key
 from tests.harness import RedisServer, eventually, t
-
-
-def outside_ephemeral_range() -> int:
-    """A free port below the kernel's ephemeral range. A client that keeps
-    reconnecting to a port in that range while nothing listens there can be
-    handed that very port as its own and connect to itself (TCP simultaneous
-    open), and would take that for the server coming back."""
-    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-        low = int(f.read().split()[0])
-    for port in random.sample(range(10_000, low), 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port below the ephemeral range")
 
 
 async def arrives(broker: RedisBroker, got: list[tuple[str, bytes]], data: bytes) -> bool:
@@ -48,7 +29,11 @@ async def arrives(broker: RedisBroker, got: list[tuple[str, bytes]], data: bytes
 
 
 async def test_link_loop_waits_for_redis_then_holds_and_restores_the_channels(caplog):
-    rs = RedisServer(outside_ephemeral_range())  # not started yet: nothing answers there
+    # Not started yet: nothing answers there. The port is below the ephemeral range
+    # (harness.free_port), so the link, reconnecting meanwhile, is never handed it as
+    # its own and cannot connect to itself (TCP simultaneous open) and take that for
+    # the server coming back.
+    rs = RedisServer()
     broker = RedisBroker(
         rs.url,
         probe_interval=0.5,
