@@ -21,11 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ReadOnlyError
 
-from chat_gateway.config import ConfigError, Settings
-from chat_gateway.pubsub import create_broker
-from chat_gateway.pubsub.redis import RedisBroker
 from chat_gateway.redisio.pipelined import PipelinedConnection
-from chat_gateway.redisio.urls import parse_sentinel_url
 from chat_gateway.storage.base import StoreUnavailable
 from chat_gateway.storage.postgres import PostgresStore
 from tests.harness import (
@@ -44,31 +40,6 @@ from tests.harness import (
 )
 
 # -- the Sentinel URL ----------------------------------------------------------------
-
-
-def test_sentinel_urls_name_the_sentinels_service_db_and_credentials():
-    assert parse_sentinel_url("redis+sentinel://s1:26380,s2,[::1]:26381/chat") == (
-        [("s1", 26380), ("s2", 26379), ("::1", 26381)],
-        "chat",
-        {"ssl": False, "db": 0},
-    )
-    assert parse_sentinel_url("rediss+sentinel://ana:p%40ss@s1:1/my%20svc/3") == (
-        [("s1", 1)],
-        "my svc",
-        {"ssl": True, "db": 3, "username": "ana", "password": "p@ss"},
-    )
-    assert parse_sentinel_url("redis+sentinel://:secret@s1:1/chat")[2]["password"] == "secret"
-    assert isinstance(create_broker("redis+sentinel://s1:1/chat"), RedisBroker)
-    for bad, why in (
-        ("redis+sentinel://s1:1", "service name"),
-        ("redis+sentinel://s1:1/", "service name"),
-        ("redis+sentinel:///chat", "at least one sentinel"),
-        ("redis+sentinel://s1:1/chat/x", "must be a number"),
-        ("redis+sentinel://s1:1/chat?db=1", "query options"),
-    ):
-        with pytest.raises(ConfigError, match=why):
-            Settings(redis_url=bad).validated()
-    assert Settings(redis_url="rediss+sentinel://s1:1,s2:2/chat/1").validated()
 
 
 # -- Redis Sentinel --------------------------------------------------------------------

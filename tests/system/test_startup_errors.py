@@ -94,17 +94,3 @@ def test_unreachable_redis_is_a_warning_naming_it(scheme, tmp_path):
         proc.terminate()
         assert proc.wait(harness.t(20)) == 0
     assert "Traceback" not in log.read_text()
-
-
-def test_a_printed_database_url_has_no_password():
-    from chat_gateway.storage.base import display_url
-
-    assert display_url(
-        "postgresql://chat:s3cret@h1:5432,h2:5432/chat?target_session_attrs=read-write"
-    ) == ("postgresql://chat:***@h1:5432,h2:5432/chat?target_session_attrs=read-write")
-    assert (
-        display_url("postgresql://h/chat?user=chat&password=s3cret")
-        == "postgresql://h/chat?user=chat&password=***"
-    )
-    assert display_url("postgresql://chat@h/chat") == "postgresql://chat@h/chat"
-    assert display_url("sqlite:///./chat-gateway.db") == "sqlite:///./chat-gateway.db"

@@ -1,4 +1,5 @@
-"""The store's pure parts (chat_gateway.storage.base): ids and timestamps."""
+"""The store's pure parts (chat_gateway.storage.base): ids, timestamps, and database URLs
+printed without their password."""
 
 from __future__ import annotations
 
@@ -17,3 +18,17 @@ def test_ids_are_ulids_ordered_by_time_and_timestamps_round_trip():
     assert format_ts(1_763_766_000_007) == "2025-11-21T23:00:00.007Z"
     for ms in (0, 999, 1000, 1_763_766_000_007, 1_763_766_001_999, 4_102_444_799_999):
         assert parse_ts(format_ts(ms)) == ms
+
+
+def test_a_printed_database_url_has_no_password():
+    from chat_gateway.storage.base import display_url
+
+    assert display_url(
+        "postgresql://chat:s3cret@h1:5432,h2:5432/chat?target_session_attrs=read-write"
+    ) == ("postgresql://chat:***@h1:5432,h2:5432/chat?target_session_attrs=read-write")
+    assert (
+        display_url("postgresql://h/chat?user=chat&password=s3cret")
+        == "postgresql://h/chat?user=chat&password=***"
+    )
+    assert display_url("postgresql://chat@h/chat") == "postgresql://chat@h/chat"
+    assert display_url("sqlite:///./chat-gateway.db") == "sqlite:///./chat-gateway.db"
