@@ -1,7 +1,8 @@
 """``python -m bench SCENARIO [options]``: run, print a table, write JSON.
 
 Scenarios: ``fanout`` (gateway beside the peers, at each load), ``idle``,
-``rooms``, ``posts``, ``history``, or ``all`` (those five); ``webhooks`` on its own. Every run stops by itself; servers listen on loopback.
+``rooms``, ``posts``, ``history``, or ``all`` (those five); ``webhooks`` and
+``search`` on their own. Every run stops by itself; servers listen on loopback.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from bench import fanout, history, idle, posts, rooms, webhooks
+from bench import fanout, history, idle, posts, rooms, search, webhooks
 from bench.procs import raise_open_files
 from bench.targets import TARGETS
 from bench.verdict import POSTS_PER_INSTANCE, verdicts
@@ -106,6 +107,22 @@ COLUMNS = {
         "client_cpu_s",
     ],
     "history": ["path", "reads", "p50_ms", "p99_ms", "max_ms", "speedup_p50"],
+    "search": [
+        "phase",
+        "scope",
+        "messages",
+        "seconds",
+        "queries",
+        "mean_hits",
+        "p50_ms",
+        "p99_ms",
+        "max_ms",
+        "posts_during",
+        "post_max_ms",
+        "with_search",
+        "without_search",
+        "cost_pct",
+    ],
     "webhooks": [
         "phase",
         "rooms",
@@ -242,6 +259,16 @@ async def run_scenario(
             )
     elif scenario == "history":
         rows.extend(await history.run(reads=args.reads))
+    elif scenario == "search":
+        rows.extend(
+            await search.run(
+                messages=args.search_messages,
+                rooms=args.search_rooms,
+                words_count=args.search_words,
+                queries_each=args.search_queries,
+                posts=args.search_posts,
+            )
+        )
     elif scenario == "webhooks":
         rows.extend(
             await webhooks.run(
@@ -298,7 +325,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("scenario", choices=(*SCENARIOS, "webhooks", "all"))
+    p.add_argument("scenario", choices=(*SCENARIOS, "webhooks", "search", "all"))
     p.add_argument(
         "--targets",
         default="gateway,node-socketio,socketio,broadcaster,redis",
@@ -398,6 +425,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="webhooks: window over which attempts to a dead receiver are counted",
     )
     p.add_argument("--reads", type=int, default=2000, help="history reads per path")
+    p.add_argument("--search-messages", type=int, default=1_000_000, help="search: messages loaded")
+    p.add_argument("--search-rooms", type=int, default=1000, help="search: rooms they are in")
+    p.add_argument("--search-words", type=int, default=5000, help="search: words they use")
+    p.add_argument(
+        "--search-queries", type=int, default=200, help="search: queries of each kind per scope"
+    )
+    p.add_argument(
+        "--search-posts", type=int, default=4000, help="search: posts per posts/s measure"
+    )
     p.add_argument(
         "--repeat",
         type=int,

@@ -1,6 +1,8 @@
 """A TCP proxy a test controls: put it between a gateway and Postgres, then cut
 the link (connections reset, new ones refused), hold it (bytes wait), or
-restore it; ``sent`` keeps what the clients sent, from ``record()`` on. The
+restore it; hold only the server's replies once a client sent given bytes
+(``hold_replies_after``: the statement reaches the server, its answer waits);
+``sent`` keeps what the clients sent, from ``record()`` on. The
 shared database server itself is never touched."""
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ class TCPProxy:
         self.up = True
         self.flowing = asyncio.Event()
         self.flowing.set()
+        self.replying = asyncio.Event()  # server -> client bytes flow (see hold_replies_after)
+        self.replying.set()
+        self._reply_marker: bytes | None = None
         self._server: asyncio.base_events.Server | None = None
         self._links: set[asyncio.StreamWriter] = set()
         self.sent: bytearray | None = None  # client bytes since record(), None: not kept
@@ -49,9 +54,17 @@ class TCPProxy:
         """Keep connections open but stop forwarding bytes until ``restore``."""
         self.flowing.clear()
 
+    def hold_replies_after(self, marker: bytes) -> None:
+        """Once a client sends bytes holding ``marker``, forward them but hold every
+        reply from the server until ``restore``: what was sent is executed (and
+        committed), its answer never comes."""
+        self._reply_marker = marker
+
     def restore(self) -> None:
         self.up = True
+        self._reply_marker = None
         self.flowing.set()
+        self.replying.set()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self.up:
@@ -81,9 +94,13 @@ class TCPProxy:
                 break
             if upstream and self.sent is not None:
                 self.sent += data
-            if not self.flowing.is_set():
+            if upstream and self._reply_marker is not None and self._reply_marker in data:
+                self.replying.clear()
+            if not self.flowing.is_set() or not (upstream or self.replying.is_set()):
                 self.waiting += 1
                 await self.flowing.wait()
+                if not upstream:
+                    await self.replying.wait()
                 self.waiting -= 1
             if not self.up:
                 break

@@ -87,12 +87,20 @@ class Settings:
     auth_jwks_refresh: float = 300.0  # seconds between periodic fetches of the JWKS
     auth_jwks_min_interval: float = 5.0  # fewest seconds between two fetches
     auth_jwks_timeout: float = 5.0
+    # an http:// AUTH_JWKS_URL (keys anyone on the path could replace) only with this
+    auth_jwks_allow_http: bool = False
     api_keys: tuple[str, ...] = ()
+    # the key GET /metrics needs (Authorization: Bearer); an API key also does.
+    # Unset: /metrics needs an API key with auth on, and nothing in open mode
+    metrics_key: str | None = None
     rate_limit: Rate = field(default_factory=lambda: Rate(20, 60.0))
     publish_rate_limit: Rate = field(default_factory=lambda: Rate(600, 60.0))
     connect_rate_limit: Rate = field(default_factory=lambda: Rate(60, 60.0))
     # WebSocket subscribe frames per identity (subscribe/unsubscribe churn)
     subscribe_rate_limit: Rate = field(default_factory=lambda: Rate(600, 60.0))
+    search_rate_limit: Rate = field(default_factory=lambda: Rate(60, 60.0))
+    # read positions marked per identity (HTTP and WS read frames share it)
+    read_rate_limit: Rate = field(default_factory=lambda: Rate(120, 60.0))
     trusted_proxies: tuple[str, ...] = ()
     key_prefix: str = "chat:"
     # database pool
@@ -157,6 +165,11 @@ class Settings:
     webhook_concurrency: int = 16  # attempts in flight per instance
     webhook_poll_interval: float = 0.5  # seconds between claims when nothing wakes it
     webhook_keep_delivered: float = 3 * 86400.0  # seconds delivered events stay replayable
+    # search: the Postgres text search configuration messages are indexed and
+    # searched with (SQLite's FTS5 splits words the same way whatever it says),
+    # and the seconds one search may run before it is cancelled
+    search_language: str = "simple"
+    search_timeout: float = 2.0
     # operations
     shutdown_timeout: float = 10.0
     log_level: str = "info"
@@ -229,6 +242,8 @@ class Settings:
             "publish_rate_limit",
             "connect_rate_limit",
             "subscribe_rate_limit",
+            "search_rate_limit",
+            "read_rate_limit",
         ):
             rate = getattr(self, name)
             # The bucket's arithmetic is in integers inside a double's exact range.
@@ -250,6 +265,13 @@ class Settings:
         if self.retention_days is not None and self.retention_days <= 0:
             raise ConfigError("RETENTION_DAYS must be positive (unset it to keep messages)")
         self._validate_webhooks()
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", self.search_language):
+            raise ConfigError(
+                f"SEARCH_LANGUAGE={self.search_language!r}: use the name of a Postgres text "
+                "search configuration, e.g. simple or english"
+            )
+        if self.search_timeout <= 0:
+            raise ConfigError("SEARCH_TIMEOUT must be a positive number of seconds")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"LOG_LEVEL={self.log_level!r}: use debug, info, warning or error")
         for name in (
@@ -277,6 +299,12 @@ class Settings:
                 raise ConfigError(
                     f"AUTH_JWKS_URL={self.auth_jwks_url!r}: use the https:// "
                     "address of the identity provider's JWKS"
+                )
+            if url.scheme == "http" and not self.auth_jwks_allow_http:
+                raise ConfigError(
+                    f"AUTH_JWKS_URL={self.auth_jwks_url!r} is plain http: anyone on the "
+                    "path could hand the gateway keys of their own. Use https://, or set "
+                    "AUTH_JWKS_ALLOW_HTTP=true for a provider on loopback or a trusted network"
                 )
         if self.auth_public_key is not None:
             try:

@@ -50,7 +50,8 @@ CODES: dict[str, tuple[int, str]] = {
     "unavailable": (
         503,
         "a dependency (database, broker) is down, or the instance is full "
-        "or shutting down; nothing was stored",
+        "or shutting down; nothing was stored, unless the body says "
+        '"outcome": "unknown" (the write was sent, its answer never came)',
     ),
     "internal": (500, "an unexpected failure; nothing was stored"),
 }
@@ -111,8 +112,18 @@ def internal() -> ApiError:
 
 def store_unavailable(exc: StoreUnavailable, where: str) -> ApiError:
     """The refusal when the message store cannot be reached (503 ``unavailable``), for
-    every route and frame; logged with ``where`` it happened."""
+    every route and frame; logged with ``where`` it happened. When the write had
+    been sent and its answer did not come, it may have been stored: the body says
+    so, with ``"outcome": "unknown"``, instead of "nothing was stored"."""
     log.warning("store unavailable on %s: %s", where, exc)
+    if exc.outcome_unknown:
+        return ApiError(
+            "unavailable",
+            "the message store did not answer in time after the write was sent: it may "
+            "have been stored; a retry with the same Idempotency-Key is safe (it returns "
+            "what was stored, if anything was)",
+            outcome="unknown",
+        )
     return ApiError(
         "unavailable", "the message store is unavailable; nothing was stored, retry later"
     )

@@ -41,6 +41,7 @@ from chat_gateway.ops.figures import Reading, Sampler
 from chat_gateway.ops.shared_figures import RedisSharedFigures, SharedFigures
 from chat_gateway.pubsub import Broker, BrokerUnavailable, create_broker
 from chat_gateway.storage import HistoryCache, Message, Store, create_store
+from chat_gateway.storage.base import display_url
 from chat_gateway.webhooks import Webhooks
 from chat_gateway.webhooks.metrics import WebhookMetrics
 
@@ -50,6 +51,8 @@ POST = "post"  # message posts: HTTP and WS publish frames share one bucket
 PUBLISH = "publish"  # POST /v1/publish
 CONNECT = "connect"  # WebSocket and SSE connection attempts
 SUBSCRIBE = "subscribe"  # WebSocket subscribe frames
+SEARCH = "search"  # GET /v1/search
+READ = "read"  # read positions marked: POST /v1/rooms/{room}/read and WS read frames
 READY_TIMEOUT = 2.0  # seconds each /readyz probe may take
 
 T = TypeVar("T")
@@ -95,6 +98,7 @@ class Gateway:
                     connect_timeout=settings.db_connect_timeout,
                     command_timeout=settings.db_command_timeout,
                     idle_timeout=settings.db_idle_timeout,
+                    search_language=settings.search_language,
                 )
             ),
         )
@@ -183,6 +187,15 @@ class Gateway:
             self.committed = self.webhooks.poke
         await self.broker.start()
         running.push_async_callback(self.broker.close)
+        # Which data this instance serves: a relative SQLite path depends on the
+        # working directory, so a start from another folder opens another file.
+        broker = display_url(self.settings.redis_url)
+        log.info(
+            "database: %s; broker: %s",
+            self.store.where(),
+            broker,
+            extra={"database": self.store.where(), "broker": broker},
+        )
         if self.webhooks is not None:  # closed before the broker, as it was started before
             running.push_async_callback(self.webhooks.close)
         redis = self.broker.redis
@@ -215,7 +228,7 @@ class Gateway:
             prefix=prefix,
             ttl=self.settings.presence_ttl,
             channel=hub.channel,
-            held_rooms=lambda: list(hub.rooms),
+            held_rooms=hub.held_rooms,
             debounce=self.settings.presence_debounce,
             instance=self.instance_id,
             notify=self.webhooks.notify if self.webhooks else None,
@@ -265,6 +278,8 @@ class Gateway:
             PUBLISH: self.settings.publish_rate_limit,
             CONNECT: self.settings.connect_rate_limit,
             SUBSCRIBE: self.settings.subscribe_rate_limit,
+            SEARCH: self.settings.search_rate_limit,
+            READ: self.settings.read_rate_limit,
         }
         self._limiter = (
             LocalRateLimiter(prefix=prefix, metrics=self.metrics, rates=rates)
@@ -286,7 +301,7 @@ class Gateway:
 
     def reading(self) -> Reading:
         """This instance's figures now (chat_gateway.ops.figures)."""
-        return figures.read(self.metrics, list(self.hub.rooms.items()))
+        return figures.read(self.metrics, self.hub.room_stats())
 
     def describe(self) -> dict[str, Any]:
         return figures.describe_instance(self.instance_id, self.started_at, self.closing)

@@ -201,6 +201,29 @@ async def test_auth_mode_joins_with_a_token_and_no_name(gateway_env, browser):
         assert browser.errors == []
 
 
+async def test_a_token_in_the_address_is_taken_out_of_it_and_the_history(gateway_env, browser):
+    from tests.system.test_auth import SECRET, token
+
+    async with instances(1, {**gateway_env, "AUTH_SECRET": SECRET}) as (gw,):
+        tok = token("ana")
+        page = await browser.open(f"{gw.url}/?room={ROOM}&token={tok}", "address-token")
+        await connected(page)
+        assert "token=" not in page.url and tok not in page.url
+        assert await page.evaluate("location.search") == f"?room={ROOM}"
+        await say(page, "signed in from the address")
+        await shown_up_to(page, 1)
+        # A reload of the cleaned address joins again, as the same user.
+        await page.reload()
+        await connected(page)
+        await expect(page.locator("#name")).to_have_value("ana")
+        assert "token=" not in page.url
+        # Nothing in the tab's history leads back to the token: the entry it was in
+        # was replaced, so back is the blank page the tab started on.
+        await page.go_back()
+        assert tok not in page.url and "token=" not in page.url, page.url
+        assert browser.errors == []
+
+
 async def test_auth_mode_refusals_stop_retrying_and_a_pasted_token_joins(gateway_env, browser):
     from tests.system.test_auth import SECRET, token
 

@@ -17,6 +17,19 @@ from bench.procs import NODE_PEER
 from tests import harness
 
 
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m bench ARGS`` from the repository, its output kept; it must succeed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=harness.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=harness.t(240),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
 def test_bench_all_scenarios_on_tiny_sizes(tmp_path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
@@ -177,3 +190,38 @@ def test_node_socketio_peer_runs_from_its_locked_packages(tmp_path) -> None:
         assert (folder / "node_modules" / name / "package.json").exists()
     ignored = (harness.ROOT / ".gitignore").read_text().split()
     assert "bench/peers/node_socketio/node_modules/" in ignored
+
+
+def test_bench_search_on_a_tiny_table(tmp_path) -> None:
+    out = tmp_path / "search.json"
+    bench(
+        "search",
+        "--json",
+        str(out),
+        "--search-messages",
+        "3000",
+        "--search-rooms",
+        "30",
+        "--search-words",
+        "200",
+        "--search-queries",
+        "5",
+        "--search-posts",
+        "100",
+    )
+    rows = orjson.loads(out.read_bytes())["results"]["search"]
+    phases = [r["phase"] for r in rows]
+    assert phases[0] == "bulk load" and rows[0]["messages"] == 3000
+    assert phases[1] == "migration 0010_search+0010_search_index", phases
+    assert rows[1]["posts_during"] >= 1  # writers kept posting while it ran
+    searches = [(r["phase"], r["scope"]) for r in rows if r["phase"].startswith("search")]
+    assert searches == [
+        (f"search {kind}", scope)
+        for kind in ("one-word", "two-word", "phrase", "prefix")
+        for scope in ("all rooms", "10 rooms")
+    ]
+    for r in rows[2:10]:
+        assert r["queries"] == 5 and r["p50_ms"] is not None and r["p99_ms"] >= r["p50_ms"]
+    assert rows[2]["mean_hits"] > 0  # the one-word queries find what was loaded
+    assert rows[-1]["phase"] == "posts/s" and rows[-1]["with_search"] > 0
+    assert rows[-1]["without_search"] > 0

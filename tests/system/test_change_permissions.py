@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -153,3 +154,62 @@ async def test_a_moderator_claim_edits_and_deletes_anyones_message_in_its_rooms(
         page = (await http.get(url, headers=token("ana"))).json()["messages"]
         assert [m["text"] for m in page] == ["moderated", "", "tidied", ""]
         assert (await http.get(other, headers=token("ana"))).json()["messages"][0]["text"] == "hi"
+
+
+async def test_a_read_only_grant_neither_changes_messages_nor_types(gateway_env):
+    """``read_rooms`` grants reading: a PATCH or DELETE of the holder's own message,
+    a WS edit, delete or typing frame is refused like a post (403 / error frame
+    ``forbidden``, "read-only"), nothing changes and nobody is told; marking read
+    stays allowed."""
+    room = "ro.lobby"
+    env = {**gateway_env, "AUTH_SECRET": SECRET}
+    writer = token("ana")
+    reader = token("ana", read_rooms=[room])  # the same sub, once it may only read
+    async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=10) as http:
+        url = f"{gw.url}/v1/rooms/{room}/messages"
+        for text in ("one", "two"):
+            assert (await http.post(url, json={"text": text}, headers=writer)).status_code == 201
+
+        def read_only(r: httpx.Response) -> None:
+            assert r.status_code == 403, r.text
+            error = r.json()["error"]
+            assert error["code"] == "forbidden" and "read-only" in error["message"], error
+
+        read_only(await http.post(url, json={"text": "three"}, headers=reader))
+        read_only(await http.patch(f"{url}/1", json={"text": "changed"}, headers=reader))
+        read_only(await http.request("DELETE", f"{url}/2", headers=reader))
+        r = await http.post(f"{gw.url}/v1/rooms/{room}/read", json={"seq": 2}, headers=reader)
+        assert r.status_code == 200 and r.json()["seq"] == 2, r.text
+
+        async with (
+            WSClient.connect(gw.ws_url + "?token=" + reader["Authorization"][7:]) as ro,
+            WSClient.connect(gw.ws_url + "?token=" + token("bo")["Authorization"][7:]) as bo,
+        ):
+            await ro.subscribe(room)
+            await bo.subscribe(room)
+            frames = [
+                {"type": "edit", "room": room, "seq": 1, "text": "changed", "ref": "e"},
+                {"type": "delete", "room": room, "seq": 2, "ref": "d"},
+                {"type": "typing", "room": room},
+            ]
+            for frame in frames:
+                await ro.send(frame)
+                err = await ro.expect("error")
+                assert (err.get("ref"), err["code"]) == (frame.get("ref"), "forbidden"), err
+                assert "read-only" in err["message"]
+            await ro.send({"type": "read", "room": room, "seq": 1, "ref": "r"})
+            assert (await ro.expect("ack"))["ref"] == "r"
+            # bo's own typing and a post are the markers: nothing of ro came before them.
+            await bo.send({"type": "typing", "room": room})
+            assert (await http.post(url, json={"text": "three"}, headers=writer)).status_code == 201
+            await bo.expect("message")
+            await asyncio.sleep(0.3)
+            kinds = [f.get("type") for f in bo.frames]
+            assert "typing" not in kinds and "message_updated" not in kinds, bo.frames
+            assert "message_deleted" not in kinds, bo.frames
+        page = (await http.get(url, headers=reader)).json()["messages"]
+        assert [(m["text"], m.get("version", 1)) for m in page] == [
+            ("one", 1),
+            ("two", 1),
+            ("three", 1),
+        ]

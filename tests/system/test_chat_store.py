@@ -119,3 +119,19 @@ async def test_a_change_voids_every_instances_window_and_keeps_the_seq_key(pg_ur
     finally:
         await client.aclose()
         await store.close()
+
+
+async def test_the_store_filters_read_positions_by_name_and_prefix(store):
+    from chat_gateway.storage import RoomFilter
+
+    for room in ("a-1", "b-1", "b-2", "c", "c-1"):
+        await store.append(room, "ana", "x")
+        await store.mark_read("ana", room, 1)
+    keep = RoomFilter(names=("c",), prefixes=("b-",))
+    got = await store.read_positions("ana", limit=2, rooms=keep)
+    assert [p.room for p in got] == ["b-1", "b-2"]
+    got = await store.read_positions("ana", rooms=keep)
+    assert [p.room for p in got] == ["b-1", "b-2", "c"]
+    got = await store.read_positions("ana", rooms=RoomFilter(prefixes=("b_",)))
+    assert got == []  # a prefix is text, not a LIKE pattern
+    assert len(await store.read_positions("ana")) == 5

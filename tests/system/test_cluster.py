@@ -18,10 +18,9 @@ import pytest
 from redis.crc import key_slot
 
 from chat_gateway.access.ratelimit import RateLimiter
-from chat_gateway.config import ConfigError, Rate, Settings
-from chat_gateway.pubsub import BrokerUnavailable, create_broker
+from chat_gateway.config import Rate
+from chat_gateway.pubsub import BrokerUnavailable
 from chat_gateway.pubsub.cluster import ClusterBroker
-from chat_gateway.redisio.urls import parse_cluster_url
 from chat_gateway.storage import HistoryCache, create_store
 from tests.harness import Instance, RedisClusterServers, WSClient, eventually, instances, post, t
 
@@ -65,28 +64,6 @@ def cluster_stat(cluster: RedisClusterServers, i: int, name: str) -> int:
         if line.startswith(name + ":"):
             return int(line.split(":")[1])
     return 0
-
-
-# -- the URL -------------------------------------------------------------------------
-
-
-def test_cluster_urls_name_the_startup_nodes_and_credentials():
-    assert parse_cluster_url("redis+cluster://127.0.0.1:7000,127.0.0.1:7001") == (
-        [("127.0.0.1", 7000), ("127.0.0.1", 7001)],
-        {"ssl": False},
-    )
-    assert parse_cluster_url("rediss+cluster://u:p%40ss@[::1]:7000/0") == (
-        [("::1", 7000)],
-        {"ssl": True, "username": "u", "password": "p@ss"},
-    )
-    assert parse_cluster_url("redis+cluster://secret@h")[0] == [("h", 6379)]
-    assert isinstance(create_broker("redis+cluster://127.0.0.1:7000"), ClusterBroker)
-    for bad in ("redis+cluster://", "redis+cluster://h:1/3", "redis+cluster://h:1?x=1"):
-        with pytest.raises(ValueError):
-            parse_cluster_url(bad)
-        with pytest.raises(ConfigError):
-            Settings.from_env({"REDIS_URL": bad})
-    assert Settings.from_env({"REDIS_URL": "redis+cluster://h:1,h:2"}).redis_url.endswith("h:2")
 
 
 # -- the broker on its own -------------------------------------------------------------

@@ -28,6 +28,12 @@ from tests.harness import (
 from tests.proxy import tcp_proxy
 
 
+async def _timed(request) -> tuple[float, httpx.Response]:
+    t0 = time.monotonic()
+    r = await request
+    return time.monotonic() - t0, r
+
+
 async def _fallbacks(gws: list) -> list[float]:
     return [await metric(g.url, "chat_rate_limit_local_fallback") for g in gws]
 
@@ -179,11 +185,7 @@ async def test_a_frozen_database_link_answers_posts_and_readyz_within_their_boun
                     assert r.status_code == 201, r.text
                     assert (await post(http, inst.url, "frozen", f"w{i}")).status_code == 201
 
-                async def timed(request) -> tuple[float, httpx.Response]:
-                    t0 = time.monotonic()
-                    r = await request
-                    return time.monotonic() - t0, r
-
+                timed = _timed
                 proxy.hold()
                 answers = await asyncio.gather(
                     *(
@@ -314,7 +316,12 @@ async def test_a_post_answered_503_while_waiting_for_a_connection_is_not_stored_
                 await eventually(lambda: proxy.waiting > 0, timeout=10)
                 waiting = await post(http, inst.url, "held", "waiting")
                 assert waiting.status_code == 503, waiting.text
-                assert (await sent).status_code == 503
+                # Never sent: known not stored. Sent, no answer: it may be stored.
+                assert "outcome" not in waiting.json()["error"], waiting.text
+                assert "nothing was stored" in waiting.json()["error"]["message"]
+                sent_answer = await sent
+                assert sent_answer.status_code == 503
+                assert sent_answer.json()["error"]["outcome"] == "unknown", sent_answer.text
                 proxy.restore()
                 await eventually(lambda: _posted(http, inst.url, "held"), timeout=20)
                 await asyncio.sleep(t(1))
@@ -324,5 +331,120 @@ async def test_a_post_answered_503_while_waiting_for_a_connection_is_not_stored_
                 texts = [m["text"] for m in page["messages"]]
                 assert "waiting" not in texts, texts
                 assert texts[0] == "before" and "after the thaw" in texts
+        finally:
+            inst.stop()
+
+
+def _db_instance(db_url: str, redis_prefix: str, **env: str) -> Instance:
+    return Instance(
+        {
+            "DATABASE_URL": db_url,
+            "REDIS_URL": REDIS_URL,
+            "KEY_PREFIX": redis_prefix,
+            "LOG_LEVEL": "warning",
+            "DB_CONNECT_TIMEOUT": "10",
+            "RATE_LIMIT": "100000/1s",
+            **env,
+        }
+    ).start()
+
+
+async def test_edits_and_deletes_on_a_frozen_database_link_answer_within_the_command_timeout(
+    pg_url, redis_prefix
+):
+    """With the link to Postgres held, a PATCH and a DELETE of a message are answered
+    503 ``unavailable`` within DB_COMMAND_TIMEOUT plus a margin, as posts are: one
+    deadline over the whole change (connection, every statement of its transaction,
+    the commit). (Before, each statement had its own timeout and the rollback and
+    release went down the frozen link: 13.5 s and 14.6 s with the timeout at 10 s.)"""
+    timeout = 4.0
+    bound = timeout + t(1.5)
+    async with tcp_proxy(pg_url) as (proxy, db_url):
+        inst = _db_instance(db_url, redis_prefix, DB_COMMAND_TIMEOUT=str(timeout))
+        try:
+            await inst.wait_ready()
+            async with httpx.AsyncClient(base_url=inst.url, timeout=60) as http:
+                for i in range(2):
+                    assert (await post(http, inst.url, "frozen", f"m{i}")).status_code == 201
+                edit = {"text": "edited", "author": "tester"}
+                r = await http.patch("/v1/rooms/frozen/messages/1", json=edit)
+                assert r.status_code == 200, r.text
+                proxy.hold()
+                answers = await asyncio.gather(
+                    _timed(
+                        http.patch(
+                            "/v1/rooms/frozen/messages/1",
+                            json={"text": "again", "author": "tester"},
+                        )
+                    ),
+                    _timed(
+                        http.request(
+                            "DELETE", "/v1/rooms/frozen/messages/2", json={"author": "tester"}
+                        )
+                    ),
+                )
+                for took, r in answers:
+                    assert r.status_code == 503, r.text
+                    assert r.json()["error"]["code"] == "unavailable"
+                    assert took < bound, (took, r.text)
+                proxy.restore()
+
+                async def deleted() -> bool:
+                    r = await http.request(
+                        "DELETE", "/v1/rooms/frozen/messages/2", json={"author": "tester"}
+                    )
+                    return r.status_code == 200
+
+                await eventually(deleted, timeout=20)
+        finally:
+            inst.stop()
+
+
+async def test_a_post_whose_statement_went_out_unanswered_may_be_stored_and_says_so(
+    pg_url, redis_prefix
+):
+    """The insert reaches Postgres and commits, but its answer is held until after
+    the post's deadline. The 503 does not say "nothing was stored": it says the
+    outcome is unknown (``"outcome": "unknown"``) and that a retry with the same
+    Idempotency-Key is safe; that retry returns the stored message (200, the same
+    seq), never a second one. The same holds for a post without a key (grouped
+    commits): it is in the history afterwards."""
+    async with tcp_proxy(pg_url) as (proxy, db_url):
+        inst = _db_instance(db_url, redis_prefix, DB_COMMAND_TIMEOUT="2")
+        try:
+            await inst.wait_ready()
+            async with httpx.AsyncClient(base_url=inst.url, timeout=60) as http:
+                assert (await post(http, inst.url, "lost", "before")).status_code == 201
+                key = {"Idempotency-Key": "lost-answer"}
+                proxy.hold_replies_after(b"keyed, answer lost")
+                r = await post(http, inst.url, "lost", "keyed, answer lost", headers=key)
+                assert r.status_code == 503, r.text
+                err = r.json()["error"]
+                assert err["code"] == "unavailable" and err["outcome"] == "unknown", err
+                assert "nothing was stored" not in err["message"]
+                assert "Idempotency-Key" in err["message"]
+                proxy.restore()
+
+                async def retried() -> httpx.Response | None:
+                    r = await post(http, inst.url, "lost", "keyed, answer lost", headers=key)
+                    return r if r.status_code < 500 else None
+
+                again = await eventually(retried, timeout=20)
+                assert again.status_code == 200, again.text
+                assert again.json()["seq"] == 2 and again.json()["text"] == "keyed, answer lost"
+
+                proxy.hold_replies_after(b"keyless, answer lost")
+                r = await post(http, inst.url, "lost", "keyless, answer lost")
+                assert r.status_code == 503, r.text
+                assert r.json()["error"]["outcome"] == "unknown", r.text
+                proxy.restore()
+
+                async def page() -> list[str] | None:
+                    r = await http.get("/v1/rooms/lost/messages", params={"after": 0})
+                    texts = [m["text"] for m in r.json()["messages"]] if r.is_success else []
+                    return texts if "keyless, answer lost" in texts else None
+
+                texts = await eventually(page, timeout=20)
+                assert texts == ["before", "keyed, answer lost", "keyless, answer lost"], texts
         finally:
             inst.stop()

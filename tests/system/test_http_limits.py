@@ -16,7 +16,14 @@ import httpx
 import orjson
 import pytest
 
-from tests.harness import Instance, embedded_env, eventually, instances, no_errors, t
+from tests.harness import (
+    Instance,
+    embedded_env,
+    eventually,
+    instances,
+    no_errors,
+    t,
+)
 
 OPEN: list[socket.socket] = []
 
@@ -206,3 +213,20 @@ async def test_pages_send_security_headers_and_slashes_never_redirect(tmp_path):
             assert r.status_code == 404, (path, r.status_code)
             assert "location" not in r.headers
             assert r.json()["error"]["code"] == "not_found"
+
+
+async def test_every_static_file_and_the_sdk_refuse_framing_and_sniffing(tmp_path):
+    async with instances(1, embedded_env(tmp_path)) as (gw,), httpx.AsyncClient() as http:
+        for path in (
+            "/static/index.html",
+            "/static/dashboard.html",
+            "/static/chat.js",
+            "/sdk/chat-gateway.js",
+        ):
+            r = await http.get(gw.url + path)
+            assert r.status_code == 200, path
+            csp = r.headers.get("content-security-policy", "")
+            assert "frame-ancestors 'none'" in csp, path
+            assert r.headers.get("x-frame-options") == "DENY", path
+            assert r.headers.get("x-content-type-options") == "nosniff", path
+            assert r.headers.get("referrer-policy") == "no-referrer", path

@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
+from chat_gateway.access.auth import Authenticator
+from chat_gateway.config import ConfigError, Settings
 from tests.harness import Instance, SSEClient, WSClient, eventually, free_port, instances, t
 
 ISSUER = "https://id.example.test/realms/chat"
@@ -93,6 +95,7 @@ class JwksServer:
         self.keys = list(keys)
         self.port = free_port()
         self.requests = 0
+        self.raw: bytes | None = None  # served instead of ``keys`` when set
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -111,12 +114,15 @@ class JwksServer:
             def do_GET(self) -> None:
                 with provider._lock:
                     provider.requests += 1
-                body = orjson.dumps({"keys": [k.jwk for k in provider.keys]})
+                body = provider.raw or orjson.dumps({"keys": [k.jwk for k in provider.keys]})
                 self.send_response(200 if self.path == "/jwks.json" else 404)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.wfile.write(body)
+                except ConnectionError:
+                    pass  # the gateway stopped reading a key set too large
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -169,6 +175,7 @@ def jwks_env(gateway_env: dict[str, str], server: JwksServer, **extra: str) -> d
     return {
         **gateway_env,
         "AUTH_JWKS_URL": server.url,
+        "AUTH_JWKS_ALLOW_HTTP": "true",  # the test's provider is on loopback
         "AUTH_ISSUER": ISSUER,
         "AUTH_AUDIENCE": AUDIENCE,
         "AUTH_LEEWAY": "0",
@@ -422,6 +429,43 @@ async def test_a_string_exp_is_refused_with_a_shared_secret(gateway_env):
         assert exc.value.response.status_code == 401
 
 
+async def test_a_sub_the_store_cannot_hold_is_refused_and_fails_nobody_else(gateway_env):
+    """A validly signed token whose sub holds a NUL or a lone surrogate, or is blank,
+    is refused (401) on every route, as an author would be (422); innocent posts
+    committed in the same groups all succeed."""
+    env = {**gateway_env, "AUTH_SECRET": SECRET}
+    bad = {
+        "NUL": (hs_token("ana\x00"), "must not contain NUL characters"),
+        "lone surrogate": (hs_token("ana\ud800"), "no lone surrogates"),
+        "blank": (hs_token("   "), "not all blank"),
+    }
+    async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=t(20)) as http:
+        for case, (tok, words) in bad.items():
+            r = await post_as(http, gw.url, tok)
+            assert r.status_code == 401, (case, r.text)
+            error = r.json()["error"]
+            assert error["code"] == "unauthorized" and words in error["message"], (case, error)
+            r = await http.get(f"{gw.url}/v1/rooms/lobby/messages", headers=bearer(tok))
+            assert r.status_code == 401, (case, r.text)
+            with pytest.raises(websockets.InvalidStatus) as exc:
+                async with WSClient.connect(f"{gw.ws_url}?token={tok}"):
+                    pass
+            assert exc.value.response.status_code == 401, case
+
+        innocent = [hs_token(f"user{i}") for i in range(30)]
+        answers = await asyncio.gather(
+            *(post_as(http, gw.url, tok, text=f"m{i}") for i, tok in enumerate(innocent)),
+            *(post_as(http, gw.url, tok) for tok, _ in bad.values() for _ in range(3)),
+        )
+        assert [r.status_code for r in answers[:30]] == [201] * 30, [r.text for r in answers]
+        assert {r.status_code for r in answers[30:]} == {401}
+        page = (
+            await http.get(f"{gw.url}/v1/rooms/lobby/messages", headers=bearer(innocent[0]))
+        ).json()["messages"]
+        assert sorted(m["author"] for m in page) == sorted(f"user{i}" for i in range(30))
+        assert "Traceback" not in full_log(gw)
+
+
 # -- permissions ------------------------------------------------------------------
 
 
@@ -563,8 +607,6 @@ async def test_a_provider_down_at_start_is_picked_up_when_it_comes_back(gateway_
 
 
 def test_auth_settings_are_checked_at_start():
-    from chat_gateway.access.auth import Authenticator
-    from chat_gateway.config import ConfigError, Settings
     from chat_gateway.core.public_keys import load_public_key
 
     rsa_key, ed = Key("rsa"), Key("ed25519")
@@ -614,3 +656,64 @@ def test_auth_settings_are_checked_at_start():
         {"AUTH_PUBLIC_KEY": pem},
     ):
         assert not Authenticator.from_settings(Settings.from_env(env)).open_mode, env
+
+
+# -- what a JWKS may be ------------------------------------------------------------------
+
+
+def test_a_plain_http_jwks_url_needs_its_flag():
+    url = "http://id.example/jwks"
+    with pytest.raises(ConfigError, match="AUTH_JWKS_ALLOW_HTTP"):
+        Settings.from_env({"AUTH_JWKS_URL": url})
+    allowed = Settings.from_env({"AUTH_JWKS_URL": url, "AUTH_JWKS_ALLOW_HTTP": "true"})
+    said = Authenticator.from_settings(allowed).warnings()
+    assert any("plain http" in w for w in said), said
+    https = Settings.from_env({"AUTH_JWKS_URL": "https://id.example/jwks"})
+    assert not any("plain http" in w for w in Authenticator.from_settings(https).warnings())
+
+
+async def test_a_gateway_refuses_to_start_on_a_plain_http_jwks(gateway_env, provider):
+    env = {**jwks_env(gateway_env, provider)}
+    del env["AUTH_JWKS_ALLOW_HTTP"]
+    gw = Instance(env).start()
+    assert gw.proc is not None
+    try:
+        assert gw.proc.wait(t(30)) == 2
+    finally:
+        gw.kill()
+    assert "AUTH_JWKS_ALLOW_HTTP" in gw.log()
+    assert provider.requests == 0
+
+
+async def test_a_huge_or_crowded_jwks_is_refused_and_keys_are_logged_as_a_count(
+    gateway_env, provider
+):
+    (key,) = provider.keys
+    env = jwks_env(gateway_env, provider, AUTH_JWKS_REFRESH="1", LOG_LEVEL="info")
+    newcomer = Key("rsa")
+
+    def crowded(count: int) -> bytes:
+        entries = [key.jwk, newcomer.jwk] + [{**key.jwk, "kid": f"k{i}"} for i in range(count)]
+        return orjson.dumps({"keys": entries})
+
+    async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=30) as http:
+        assert (await post_as(http, gw.url, key.token())).status_code == 201
+        await eventually(lambda: "signing keys from" in full_log(gw))
+        assert f"signing keys from {provider.url}: 1 (1 new, 0 gone)" in full_log(gw)
+
+        provider.raw = crowded(150)  # 70 KB, but more keys than any provider lists
+        await eventually(lambda: "more than 100" in full_log(gw), 20)
+        assert (await post_as(http, gw.url, newcomer.token())).status_code == 401
+        assert (await post_as(http, gw.url, key.token())).status_code == 201  # kept
+
+        provider.raw = None
+        await eventually(lambda: "fetched from" in full_log(gw) and "again" in full_log(gw), 20)
+        provider.raw = crowded(20_000)  # about 10 MB
+        assert len(provider.raw) > 8_000_000
+        await eventually(lambda: "larger than" in full_log(gw), 30)
+        assert (await post_as(http, gw.url, newcomer.token())).status_code == 401
+        assert (await post_as(http, gw.url, key.token())).status_code == 201
+        assert (await http.get(gw.url + "/healthz")).status_code == 200
+    lines = full_log(gw).splitlines()
+    assert max(len(line) for line in lines) < 2000
+    assert not any("k19999" in line for line in lines)

@@ -5,6 +5,7 @@ path cannot forge lines into."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import httpx
 import orjson
@@ -13,9 +14,12 @@ import websockets
 
 from tests.harness import (
     Instance,
+    RedisServer,
     WSClient,
     embedded_env,
+    eventually,
     instances,
+    log_lines,
     no_errors,
 )
 from tests.system.test_auth import SECRET, token
@@ -84,7 +88,9 @@ async def test_refused_upgrades_are_answers_not_errors_and_tokens_stay_out_of_lo
         log = gw.log()
         assert "without completing handshake" not in log
         no_errors(log)
-        assert "[redacted]" in log
+        # a refused upgrade is logged by its path alone: no query, so no token
+        assert r"WebSocket /v1/ws\" 401" in log and r"WebSocket /v1/ws\" 422" in log
+        assert "forged" not in log and "bogus" not in log
         assert secret not in log and secret.split(".")[2] not in log
 
 
@@ -100,3 +106,96 @@ async def test_text_logs_cannot_be_forged_through_a_path(tmp_path):
     assert "sekrit" not in gw.log()
     assert not [line for line in lines if line.startswith("2026-01-01")], lines
     assert any("FORGED-LINE" in line and "\\x0a" in line for line in lines), lines
+
+
+async def test_webhook_series_and_logs_name_a_receiver_by_id_and_host_only(tmp_path):
+    from tests.system.test_webhooks import Receiver, new_secret
+
+    receiver = await Receiver([new_secret()], answer=lambda hit: (410, {}, 0.0)).start()
+    secret_path = "/services/T0001/B0002/PathSecretXyz"
+    url = f"http://127.0.0.1:{receiver.port}{secret_path}?token=QuerySecretXyz"
+    env = embedded_env(
+        tmp_path,
+        WEBHOOK_URLS=url,
+        WEBHOOK_SECRET=" ".join(receiver.secrets),
+        WEBHOOK_ALLOW_PRIVATE="true",
+        WEBHOOK_POLL_INTERVAL="0.1",
+        API_KEYS="admin-key",
+    )
+    admin = {"Authorization": "Bearer admin-key"}
+    try:
+        async with instances(1, env) as (gw,), httpx.AsyncClient(base_url=gw.url) as http:
+            r = await http.post("/v1/rooms/hooked/messages", json={"text": "hi", "author": "a"})
+            assert r.status_code == 201
+
+            async def disabled() -> bool:
+                r = await http.get("/v1/admin/webhooks", headers=admin)
+                return r.json()["endpoints"][0]["state"] == "disabled"
+
+            await eventually(disabled)
+            listed = (await http.get("/v1/admin/webhooks", headers=admin)).json()
+            endpoint = listed["endpoints"][0]
+            assert endpoint["url"] == url  # the admin surface shows the URL in full
+            text = (await http.get("/metrics")).text
+            label = f'endpoint="{endpoint["id"]}:127.0.0.1:{receiver.port}"'
+            assert f'chat_webhook_attempts_total{{{label},outcome="gone"}} 1.0' in text
+            assert "PathSecretXyz" not in text and "QuerySecretXyz" not in text
+            await eventually(lambda: "410 Gone" in gw.log())
+        log = gw.log()
+        assert "PathSecretXyz" not in log and "QuerySecretXyz" not in log
+        assert f"{endpoint['id']}:127.0.0.1:{receiver.port}" in log
+    finally:
+        await receiver.stop()
+
+
+async def test_a_websocket_is_one_line_open_one_line_closed_and_no_text_or_query(tmp_path):
+    env = embedded_env(tmp_path, LOG_LEVEL="debug")
+    async with instances(1, env) as (gw,):
+        async with WSClient.connect(gw.ws_url + "?user=ana-query-name") as ws:
+            await ws.subscribe("logged")
+            await ws.send({"type": "publish", "room": "logged", "text": "SECRET-TEXT", "ref": 1})
+            await ws.expect("ack")
+        await eventually(lambda: "websocket closed" in gw.log())
+    text = Path(gw.log_path).read_text()
+    assert "SECRET-TEXT" not in text and "ana-query-name" not in text
+    lines = log_lines(text)
+    (opened,) = [line for line in lines if line["msg"] == "websocket opened"]
+    of_it = [
+        line for line in lines if line.get("conn") == opened["conn"] and line["level"] != "debug"
+    ]
+    assert [line["msg"] for line in of_it] == ["websocket opened", "websocket closed"]
+    closed = of_it[1]
+    assert closed["close_code"] == 1000 and closed["closed_by"] == "client"
+
+
+async def test_the_start_line_names_the_database_file_and_the_broker_without_passwords(
+    tmp_path, pg_url
+):
+    redis = RedisServer(extra_args=("--requirepass", "hunter2-redis"))
+    redis.start()
+    try:
+        env = embedded_env(tmp_path, DATABASE_URL="sqlite:///relative.db")
+        gw = Instance(env, cwd=str(tmp_path)).start()
+        try:
+            await gw.wait_ready()
+        finally:
+            gw.stop()
+        assert f"SQLite file {tmp_path / 'relative.db'}" in gw.log()
+
+        with_password = pg_url.replace(
+            "postgresql://postgres@", "postgresql://postgres:hunter2-pg@"
+        )
+        env = embedded_env(
+            tmp_path,
+            DATABASE_URL=with_password,
+            REDIS_URL=f"redis://:hunter2-redis@127.0.0.1:{redis.port}/0",
+        )
+        async with instances(1, env) as (gw,):
+            pass
+        text = Path(gw.log_path).read_text()
+        (start,) = [line for line in log_lines(text) if "database" in line]
+        assert start["database"] == "Postgres at " + pg_url.replace("postgres@", "postgres:***@")
+        assert start["broker"] == f"redis://:***@127.0.0.1:{redis.port}/0"
+        assert "hunter2" not in text
+    finally:
+        redis.stop()

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import httpx
 
-from tests.harness import SSEClient, WSClient, eventually, instances, post
+from tests.harness import (
+    SSEClient,
+    WSClient,
+    embedded_env,
+    eventually,
+    instances,
+    post,
+)
 from tests.metrics_text import sample
 
 
@@ -67,3 +74,38 @@ async def _gauges_zero(http: httpx.AsyncClient, base: str) -> bool:
         and sample(text, "chat_connections", transport="sse") == 0
         and sample(text, "chat_subscriptions") == 0
     )
+
+
+async def test_metrics_need_a_key_with_auth_on_or_metrics_key_set(tmp_path):
+    auth = embedded_env(
+        tmp_path, AUTH_SECRET="s" * 40, API_KEYS="backend-key", METRICS_KEY="scrape-key"
+    )
+    no_metrics_key = embedded_env(tmp_path, AUTH_SECRET="s" * 40, API_KEYS="backend-key")
+    open_with_key = embedded_env(tmp_path, METRICS_KEY="scrape-key")
+    nothing = embedded_env(tmp_path, AUTH_SECRET="s" * 40)
+
+    def bearer(key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"}
+
+    async with httpx.AsyncClient() as http:
+        async with instances(1, auth) as (gw,):
+            for headers in ({}, bearer("wrong"), bearer("s" * 40)):
+                r = await http.get(gw.url + "/metrics", headers=headers)
+                assert r.status_code == 401, headers
+                assert r.json()["error"]["code"] == "unauthorized"
+            for key in ("scrape-key", "backend-key"):
+                r = await http.get(gw.url + "/metrics", headers=bearer(key))
+                assert r.status_code == 200 and "chat_connections" in r.text
+        async with instances(1, no_metrics_key) as (gw,):
+            assert (await http.get(gw.url + "/metrics")).status_code == 401
+            r = await http.get(gw.url + "/metrics", headers=bearer("backend-key"))
+            assert r.status_code == 200
+        async with instances(1, open_with_key) as (gw,):
+            assert (await http.get(gw.url + "/metrics")).status_code == 401
+            r = await http.get(gw.url + "/metrics", headers=bearer("scrape-key"))
+            assert r.status_code == 200
+        async with instances(1, nothing) as (gw,):
+            r = await http.get(gw.url + "/metrics")
+            assert r.status_code == 401 and "METRICS_KEY" in r.json()["error"]["message"]
+        async with instances(1, embedded_env(tmp_path)) as (gw,):  # open mode: open
+            assert (await http.get(gw.url + "/metrics")).status_code == 200

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from pathlib import Path
+
 import httpx
 import redis.asyncio as aioredis
 
-from tests.harness import REDIS_URL, SSEClient, WSClient, eventually, instances
+from tests.harness import (
+    REDIS_URL,
+    RedisServer,
+    SSEClient,
+    WSClient,
+    eventually,
+    instances,
+    metric,
+    post,
+    t,
+)
 
 
 async def users(http: httpx.AsyncClient, base: str, room: str) -> list[str]:
@@ -128,3 +142,95 @@ async def test_an_sse_stream_that_ends_announces_its_leave_at_once(gateway_env):
             # far sooner than the 120 s a crashed instance's member would take
             assert await next_presence(bob, "cy") == seen(room, "leave", "cy")
             assert await users(http, a.url, room) == ["bob"]
+
+
+async def test_a_burst_of_disconnects_keeps_the_instance_on_redis(gateway_env):
+    """Hundreds of sockets in one room close at once beside a 20/s poster in another
+    room. Every leave is announced to a watcher; the other room's messages keep
+    arriving through Redis (no fill from the store, no per-instance rate limits,
+    no failed Redis call in the log); and the instance's connections to Redis come
+    back down afterwards. (Before, the debounced leaves fired together, one EVALSHA
+    on a pooled connection each: past redis-py's 100 connections the pool refused,
+    the shared guard sent every feature off Redis for a second, leaves went
+    unannounced, and the pool kept its 101 connections.)"""
+    crowd = 300
+    rs = RedisServer()
+    rs.start()
+    env = {
+        **gateway_env,
+        "REDIS_URL": rs.url,
+        "MAX_CONNECTIONS_PER_IDENTITY": "1000",
+        "CONNECT_RATE_LIMIT": "100000/1s",
+        "SUBSCRIBE_RATE_LIMIT": "100000/1s",
+        "PRESENCE_DEBOUNCE": "1",
+        "LOG_LEVEL": "warning",
+    }
+    admin = aioredis.from_url(rs.url)
+    try:
+        async with (
+            instances(1, env) as (gw,),
+            httpx.AsyncClient(timeout=30) as http,
+            WSClient.connect(f"{gw.ws_url}?user=watcher") as watcher,
+            WSClient.connect(f"{gw.ws_url}?user=reader") as reader,
+            contextlib.AsyncExitStack() as stack,
+        ):
+            await watcher.subscribe("crowd")
+            await reader.subscribe("other")
+            sem = asyncio.Semaphore(40)
+
+            async def join(i: int) -> WSClient:
+                async with sem:
+                    ws = await stack.enter_async_context(WSClient.connect(f"{gw.ws_url}?user=u{i}"))
+                    await ws.subscribe("crowd")
+                    return ws
+
+            members = await asyncio.gather(*(join(i) for i in range(crowd)))
+            await eventually(lambda: _has_users(http, gw.url, "crowd", crowd + 1), timeout=30)
+            fills = await metric(gw.url, "chat_gap_fills_total")
+            done = asyncio.Event()
+            posted: list[int] = []
+
+            async def poster() -> None:
+                i = 0
+                while not done.is_set():
+                    r = await post(http, gw.url, "other", f"m{i}")
+                    assert r.status_code == 201, r.text
+                    posted.append(r.json()["seq"])
+                    i += 1
+                    await asyncio.sleep(0.05)
+
+            posting = asyncio.create_task(poster())
+            await asyncio.sleep(1)
+            await asyncio.gather(*(ws.conn.close() for ws in members))
+
+            left: set[str] = set()
+
+            async def all_left() -> bool:
+                while len(left) < crowd:
+                    frame = await watcher.expect("presence", timeout=30)
+                    if frame["action"] == "leave":
+                        left.add(frame["user"])
+                return True
+
+            await asyncio.wait_for(all_left(), t(40))
+            await asyncio.sleep(1)
+            done.set()
+            await posting
+            assert await reader.messages("other", len(posted), timeout=20) == posted
+            assert await metric(gw.url, "chat_gap_fills_total") == fills, "filled from the store"
+            log = Path(gw.log_path).read_text()
+            for sign in ("per-instance buckets", "not recorded", "publish failed", "lost"):
+                assert sign not in log, log[-3000:]
+
+            async def few_connections() -> bool:
+                clients = await admin.client_list()
+                return len(clients) - 1 <= 6  # this test's own is one of them
+
+            await eventually(few_connections, timeout=40)
+    finally:
+        await admin.aclose()
+        rs.stop()
+
+
+async def _has_users(http: httpx.AsyncClient, base: str, room: str, n: int) -> bool:
+    return len(await users(http, base, room)) == n

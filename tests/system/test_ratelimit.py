@@ -9,19 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import httpx
+import jwt
 import pytest
 import redis.asyncio as aioredis
 import websockets
 
+from chat_gateway.access.auth import key_bucket
 from chat_gateway.access.ratelimit import RateLimiter, take
 from chat_gateway.config import Rate
 from chat_gateway.metrics import Metrics
 from chat_gateway.redisio.guard import RedisGuard
 from chat_gateway.redisio.pipelined import PipelinedConnection
 from tests import harness
-from tests.harness import Instance, RedisServer, SSEClient, WSClient, eventually, instances, post
+from tests.harness import (
+    Instance,
+    RedisServer,
+    SSEClient,
+    WSClient,
+    embedded_env,
+    eventually,
+    instances,
+    post,
+)
 
 SECOND = 1_000_000
 
@@ -413,3 +425,43 @@ async def test_publish_buckets_are_per_api_key_and_name_no_secret(gateway_env, r
         await client.aclose()
     assert len([k for k in keys if ":publish:" in k]) == 3, keys
     assert not any("secret" in k for k in keys), keys
+
+
+async def test_marking_read_is_rate_limited_on_http_and_ws(tmp_path):
+    env = embedded_env(tmp_path, READ_RATE_LIMIT="3/60s")
+    async with (
+        instances(1, env) as (gw,),
+        httpx.AsyncClient(base_url=gw.url) as http,
+    ):
+        assert (await post(http, gw.url, "seen", "hi", author="ana")).status_code == 201
+        for _ in range(3):
+            r = await http.post("/v1/rooms/seen/read", json={"seq": 1, "user": "ana"})
+            assert r.status_code == 200 and r.headers["ratelimit-limit"] == "3"
+        r = await http.post("/v1/rooms/seen/read", json={"seq": 1, "user": "ana"})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited"
+        async with WSClient.connect(gw.ws_url + "?user=ana") as ws:
+            await ws.send({"type": "read", "room": "seen", "seq": 1, "ref": "r1"})
+            err = await ws.expect("error")
+            assert err["code"] == "rate_limited" and err.get("ref") == "r1"
+
+
+async def test_a_user_named_like_an_api_key_has_a_bucket_of_its_own(tmp_path):
+    secret = "s" * 40
+    env = embedded_env(tmp_path, AUTH_SECRET=secret, API_KEYS="backend-key", RATE_LIMIT="2/60s")
+    lookalike = key_bucket("backend-key")
+
+    def token(sub: str) -> dict[str, str]:
+        tok = jwt.encode({"sub": sub, "exp": int(time.time()) + 600}, secret, algorithm="HS256")
+        return {"Authorization": f"Bearer {tok}"}
+
+    async with instances(1, env) as (gw,), httpx.AsyncClient(base_url=gw.url) as http:
+        r = await http.post("/v1/rooms/b/messages", json={"text": "one"}, headers=token("bob"))
+        assert r.status_code == 201
+        key = {"Authorization": "Bearer backend-key"}
+        for i in range(2):  # the key's post bucket, emptied by edits
+            r = await http.patch("/v1/rooms/b/messages/1", json={"text": f"e{i}"}, headers=key)
+            assert r.status_code == 200
+        r = await http.patch("/v1/rooms/b/messages/1", json={"text": "e3"}, headers=key)
+        assert r.status_code == 429
+        r = await http.post("/v1/rooms/b/messages", json={"text": "me"}, headers=token(lookalike))
+        assert r.status_code == 201, r.text

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
+import time
 
 import httpx
+import jwt
 
-from tests.harness import WSClient, eventually, instances, post
+from tests.harness import (
+    WSClient,
+    embedded_env,
+    eventually,
+    instances,
+    post,
+)
 
 
 async def test_read_positions_never_move_back_and_receipts_go_out(gateway_env):
@@ -82,3 +91,30 @@ async def test_read_positions_never_move_back_and_receipts_go_out(gateway_env):
             assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", body
         r = await http.get(f"{gws[0].url}/v1/rooms/{room}/read", params={"user": "bo"})
         assert r.json()["seq"] == top
+
+
+async def test_read_positions_are_filtered_before_their_limit(tmp_path):
+    secret = "s" * 40
+    env = embedded_env(tmp_path, AUTH_SECRET=secret, READ_RATE_LIMIT="100/1s")
+    tok = jwt.encode(
+        {"sub": "ana", "exp": int(time.time()) + 600, "rooms": ["zz-*", "mine"]},
+        secret,
+        algorithm="HS256",
+    )
+    auth = {"Authorization": f"Bearer {tok}"}
+    async with instances(1, env) as (gw,), httpx.AsyncClient(base_url=gw.url) as http:
+        for room in ("zz-granted", "mine"):
+            assert (
+                await http.post(f"/v1/rooms/{room}/messages", json={"text": "x"}, headers=auth)
+            ).status_code == 201
+            r = await http.post(f"/v1/rooms/{room}/read", json={"seq": 1}, headers=auth)
+            assert r.status_code == 200
+        # 1,000 positions in rooms the token does not grant, all sorting first
+        with sqlite3.connect(env["DATABASE_URL"].removeprefix("sqlite:///")) as db:
+            db.executemany(
+                "INSERT INTO read_positions (user_name, room, seq, updated_ms) VALUES (?, ?, 1, 0)",
+                [("ana", f"aa-{i:04d}") for i in range(1000)],
+            )
+        r = await http.get("/v1/read", headers=auth)
+        assert r.status_code == 200
+        assert [p["room"] for p in r.json()["rooms"]] == ["mine", "zz-granted"]

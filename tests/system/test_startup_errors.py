@@ -3,6 +3,7 @@ an unreachable Redis at start is a warning naming it. The real command, spawned.
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -12,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from chat_gateway.config import ConfigError, Settings
 from tests import harness
+from tests.harness import Instance, embedded_env, t
+from tests.unit.test_egress import EMBEDDED_PRIVATE
 
 COMMAND = str(Path(sys.executable).parent / "chat-gateway")
 
@@ -83,14 +87,43 @@ def test_unreachable_redis_is_a_warning_naming_it(scheme, tmp_path):
         )
     try:
         deadline = time.monotonic() + harness.t(20)
-        while f"127.0.0.1:{port}" not in log.read_text():
+
+        def warned() -> str | None:
+            # the start line names the broker too; the warning is the line that says why
+            lines = log.read_text().splitlines()
+            return next(
+                (x for x in lines if f"127.0.0.1:{port}" in x and '"level":"warning"' in x),
+                None,
+            )
+
+        while warned() is None:
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
-        line = next(x for x in log.read_text().splitlines() if f"127.0.0.1:{port}" in x)
+        line = warned()
+        assert line is not None
         assert '"level":"warning"' in line and "unreachable" in line, line
         assert proc.poll() is None, "degraded, the instance keeps serving"
     finally:
         proc.terminate()
         assert proc.wait(harness.t(20)) == 0
     assert "Traceback" not in log.read_text()
+
+
+def test_a_receiver_url_with_an_embedded_private_address_is_refused_at_start(tmp_path):
+    secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    for address in EMBEDDED_PRIVATE:
+        with pytest.raises(ConfigError, match="WEBHOOK_ALLOW_PRIVATE"):
+            Settings(
+                webhook_urls=(f"http://[{address}]:8080/in",), webhook_secret=secret
+            ).validated()
+    env = embedded_env(
+        tmp_path, WEBHOOK_URLS="http://[64:ff9b::7f00:1]:8080/in", WEBHOOK_SECRET=secret
+    )
+    gw = Instance(env).start()
+    assert gw.proc is not None
+    try:
+        assert gw.proc.wait(t(30)) != 0
+    finally:
+        gw.kill()
+    assert "WEBHOOK_ALLOW_PRIVATE" in gw.log()

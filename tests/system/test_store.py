@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 
 from chat_gateway.storage import Store, create_store, migrations
+from chat_gateway.storage.postgres import PostgresStore
 from tests import harness
 
 
@@ -52,6 +53,33 @@ async def test_concurrent_appends_get_distinct_gapless_seqs(store):
     results = await asyncio.gather(*(store.append("busy", "w", f"m{i}") for i in range(60)))
     assert sorted(m.seq for m, _ in results) == list(range(1, 61))
     assert len({m.id for m, _ in results}) == 60
+
+
+async def test_a_row_the_store_refuses_fails_only_its_own_post(store):
+    """Posts without a key commit in groups on Postgres. A row the database refuses
+    (an author with a NUL or a lone surrogate, sent straight to the store past the
+    gateway's checks) fails its own post only: every innocent post of its group
+    commits, and seqs stay gapless."""
+    bad_authors = ["nul\x00author", "lone\ud800surrogate"]
+    for round_ in range(3):
+        posts = [("grp" + str(i % 3), f"user{i}", f"r{round_} m{i}") for i in range(30)]
+        bad = [("grp" + str(i), author, "bad") for i, author in enumerate(bad_authors)]
+        everything = posts[:10] + bad[:1] + posts[10:20] + bad[1:] + posts[20:]
+        answers = await asyncio.gather(
+            *(store.append(room, author, text) for room, author, text in everything),
+            return_exceptions=True,
+        )
+        by_post = dict(zip(everything, answers, strict=True))
+        failed = [p for p in posts if isinstance(by_post[p], BaseException)]
+        assert failed == [], [by_post[p] for p in failed]
+        if isinstance(store, PostgresStore):
+            assert all(isinstance(by_post[p], asyncpg.DataError) for p in bad), [
+                by_post[p] for p in bad
+            ]
+    for room in ("grp0", "grp1", "grp2"):
+        seqs = [m.seq for m in (await store.history(room, limit=200)).messages]
+        assert seqs == list(range(1, len(seqs) + 1)), (room, seqs)
+        assert len(seqs) >= 30, "every innocent post is stored"
 
 
 async def test_idempotency_key_returns_the_first_message(store):

@@ -6,8 +6,17 @@ import asyncio
 from typing import Any
 
 import httpx
+import redis.asyncio as aioredis
 
-from tests.harness import SSEClient, WSClient, eventually, instances, post
+from tests.harness import (
+    RedisServer,
+    SSEClient,
+    WSClient,
+    embedded_env,
+    eventually,
+    instances,
+    post,
+)
 
 
 async def test_typing_reaches_the_others_on_every_instance_at_most_every_two_seconds(gateway_env):
@@ -59,3 +68,29 @@ async def test_typing_reaches_the_others_on_every_instance_at_most_every_two_sec
             for task in readers:
                 task.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
+
+
+async def test_typing_frames_cost_redis_one_set_per_window(tmp_path):
+    redis = RedisServer()
+    redis.start()
+    try:
+        env = embedded_env(tmp_path, REDIS_URL=redis.url, KEY_PREFIX="typing:")
+        async with (
+            instances(1, env) as (gw,),
+            WSClient.connect(gw.ws_url + "?user=ana") as ws,
+        ):
+            await ws.subscribe("typed")
+
+            async def sets() -> int:
+                async with aioredis.from_url(redis.url) as client:
+                    stats = await client.info("commandstats")
+                return int(stats.get("cmdstat_set", {}).get("calls", 0))
+
+            before = await sets()
+            for _ in range(50):
+                await ws.send({"type": "typing", "room": "typed"})
+            await ws.send({"type": "ping", "ref": "after"})
+            await ws.expect("pong")
+            assert await sets() - before <= 1
+    finally:
+        redis.stop()

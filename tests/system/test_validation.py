@@ -13,7 +13,14 @@ import orjson
 import pytest
 import websockets
 
-from tests.harness import WSClient, embedded_env, instances, no_errors, post, t
+from tests.harness import (
+    WSClient,
+    embedded_env,
+    instances,
+    no_errors,
+    post,
+    t,
+)
 from tests.system.test_auth import SECRET, token
 
 
@@ -318,24 +325,38 @@ def nested(depth: int) -> dict:
     return data
 
 
-async def test_publish_data_nested_too_deep_is_a_422(tmp_path):
-    async with instances(1, embedded_env(tmp_path)) as (gw,), httpx.AsyncClient() as http:
+@pytest.mark.parametrize(
+    ("path", "target"),
+    [("/v1/publish", b'"room":"r"'), ("/v1/server/broadcast", b'"rooms":["r","s"]')],
+)
+async def test_event_data_nested_too_deep_is_a_422(tmp_path, path, target):
+    """``POST /v1/publish`` and ``POST /v1/server/broadcast`` check ``data`` alike."""
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer k"}
+    async with (
+        instances(1, embedded_env(tmp_path, API_KEYS="k")) as (gw,),
+        httpx.AsyncClient(headers=headers) as http,
+    ):
         for depth in (33, 254, 300):
             body = (
-                b'{"room":"r","event":"e","data":'
+                b"{"
+                + target
+                + b',"event":"e","data":'
                 + b'{"a":' * (depth - 1)
                 + b"{}"
                 + b"}" * (depth - 1)
                 + b"}"
             )
-            r = await http.post(
-                f"{gw.url}/v1/publish", content=body, headers={"Content-Type": "application/json"}
-            )
+            r = await http.post(f"{gw.url}{path}", content=body)
             assert r.status_code == 422, (depth, r.text)
-            assert r.json()["error"]["field"] == "data" and r.json()["error"]["limit"] == 32
-        r = await http.post(
-            f"{gw.url}/v1/publish", json={"room": "r", "event": "e", "data": nested(32)}
-        )
+            error = r.json()["error"]
+            assert (error["code"], error["field"], error["limit"]) == (
+                "invalid_request",
+                "data",
+                32,
+            )
+            assert error["message"] == "data nests deeper than 32 levels"
+        body = orjson.loads(b"{" + target + b',"event":"e"}')
+        r = await http.post(f"{gw.url}{path}", json={**body, "data": nested(32)})
         assert r.status_code == 202, r.text
         no_errors(gw.log())
 
@@ -368,3 +389,13 @@ async def test_the_user_parameter_is_checked_in_auth_mode_too(tmp_path):
             async with WSClient.connect(f"{gw.ws_url}?token={token()}&user=%20"):
                 pass
         assert refused.value.response.status_code == 422
+
+
+async def test_ws_over_plain_http_checks_its_query_before_asking_for_an_upgrade(tmp_path):
+    async with instances(1, embedded_env(tmp_path)) as (gw,), httpx.AsyncClient() as http:
+        for query in ("?user=" + "a" * 500, "?nope=1"):
+            r = await http.get(gw.url + "/v1/ws" + query)
+            assert r.status_code == 422, (query, r.status_code)
+            assert r.json()["error"]["code"] == "invalid_request"
+        r = await http.get(gw.url + "/v1/ws?user=ana")
+        assert r.status_code == 426

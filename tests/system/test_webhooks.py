@@ -248,6 +248,11 @@ async def test_edits_and_deletes_are_sent_in_commit_order_with_messages(any_env)
             await write("DELETE", 1, None)  # a repeated delete changes nothing: no event
             assert len(sent) == 8
             sent.pop()
+            # The delete scrubbed the text from message 1's earlier events, which were
+            # still queued: they go out with it empty and the delete's deleted_at.
+            deleted_at = sent[4][1]["deleted_at"]
+            for i in (0, 2):
+                sent[i] = (sent[i][0], {**sent[i][1], "text": "", "deleted_at": deleted_at})
         await eventually(lambda: len(receiver.hits) >= 1, 20)  # refused, so queued
         open_ = True
         await eventually(lambda: len(receiver.delivered()) >= len(sent), 20)
@@ -262,7 +267,9 @@ async def test_edits_and_deletes_are_sent_in_commit_order_with_messages(any_env)
                 assert hit.headers["webhook-id"] == f"evt_{data['id']}"
                 assert hit.payload["timestamp"] == data["created_at"]
             else:
-                assert hit.payload["timestamp"] == (data["deleted_at"] or data["edited_at"])
+                assert hit.payload["timestamp"] == (
+                    data["edited_at"] if kind == "message.updated" else data["deleted_at"]
+                )
         ids = [h.headers["webhook-id"] for h in receiver.delivered()]
         assert len(set(ids)) == len(ids)
     finally:
@@ -486,6 +493,47 @@ async def test_a_commit_is_delivered_after_its_instance_is_killed(gateway_env):
         await second.wait_ready()
         await eventually(lambda: len(receiver.delivered()) == 5, 30)
         check_delivered(receiver, msgs)
+    finally:
+        first.stop()
+        second.stop()
+        await receiver.stop()
+
+
+async def test_a_killed_instance_holds_its_queue_for_seconds_not_for_its_attempt_timeout(
+    gateway_env,
+):
+    """The receiver holds the first request; the instance sending it is SIGKILLed
+    mid-attempt. Another instance, already running, takes the queue over once the
+    dead one stops renewing its lease (a few seconds), not after a lease sized for
+    the attempt (2 x WEBHOOK_TIMEOUT + 5 = 25 s here), and the room's events follow
+    in order. (At least once: the held event is sent again.)"""
+    first_hit = True
+
+    def answer(hit: Hit) -> Answer:
+        nonlocal first_hit
+        stall, first_hit = (30.0 if first_hit else 0.0), False
+        return 200, {}, stall
+
+    receiver = await Receiver([new_secret()], answer=answer).start()
+    env = hook_env(gateway_env, receiver, WEBHOOK_TIMEOUT="10")
+    first = Instance(env).start()
+    second = Instance(env)
+    try:
+        await first.wait_ready()
+        msgs = await post_all(first.url, [("crash", f"m{i}") for i in range(3)])
+        await eventually(lambda: receiver.hits, 10)  # seq 1's attempt, held
+        second.start()
+        await second.wait_ready()
+        await asyncio.sleep(t(1.5))  # renewed meanwhile: nobody else sent it
+        assert len(receiver.hits) == 1, [h.payload["data"]["seq"] for h in receiver.hits]
+        first.kill()
+        killed = time.monotonic()
+        await eventually(lambda: receiver.seqs("crash")[:1] == [1], 30)
+        took = time.monotonic() - killed
+        assert took < 10, f"the dead instance's queue waited {took:.1f} s"
+        await eventually(lambda: len(receiver.delivered()) == 3, 30)
+        check_delivered(receiver, msgs)
+        assert receiver.seqs("crash") == [1, 2, 3]
     finally:
         first.stop()
         second.stop()

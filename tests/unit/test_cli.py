@@ -62,3 +62,14 @@ def test_readme_first_screen_says_the_python_version_and_the_venv_step_first():
     run_it = screen.index("pip install -e . && chat-gateway serve")
     test_it = screen.index("pip install -e '.[test]' && python -m pytest")
     assert venv < run_it < test_it
+
+
+def test_help_lists_the_new_variables():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "chat_gateway", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for name in ("METRICS_KEY", "AUTH_JWKS_ALLOW_HTTP", "READ_RATE_LIMIT"):
+        assert name in out, name

@@ -44,12 +44,13 @@ async def test_a_connection_is_counted_while_open_and_undone_once(tmp_path):
         conn.attach(sub, Identity("ana"), room="r")
         await gw.hub.subscribe(sub, "r", None)
         await gw.presence.joined(sub.id, "ana", "r")
-        assert gw.hub.subscribers == {sub.id: sub} and gauge(gw, SSE) == 1
+        assert gw.hub.of_user("ana") == [sub] and gw.hub.connections() == 1
+        assert gauge(gw, SSE) == 1
         assert await gw.presence.members("r") == ["ana"]
 
         await conn.close()
         await conn.close()  # nothing more to undo: no count goes below zero
-        assert gw.hub.subscribers == {} and "r" not in gw.hub.rooms
+        assert gw.hub.connections() == 0 and "r" not in gw.hub.held_rooms()
         assert gauge(gw, SSE) == 0
         assert gw.limits.count == 0 and not gw.limits.by_identity
         assert await gw.presence.members("r") == []

@@ -119,3 +119,25 @@ def test_readme_documents_every_variable_and_backup_restore():
     }
     assert not missing, f"README does not document {missing}"
     assert "pg_dump" in readme and "pg_restore" in readme
+
+
+def test_metrics_stay_behind_the_balancer_and_prometheus_sends_the_compose_key():
+    nginx = (ROOT / "deploy" / "nginx.conf").read_text()
+    assert re.search(r"location\s*=\s*/metrics\s*\{\s*return 404;", nginx)
+    services = compose()["services"]
+    key = services["gateway1"]["environment"]["METRICS_KEY"]
+    prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    (job,) = prometheus["scrape_configs"]
+    assert job["authorization"]["credentials"] == key
+    targets = job["static_configs"][0]["targets"]
+    assert targets == ["gateway1:8000", "gateway2:8000"]
+    mounts = services["prometheus"]["volumes"]
+    assert any(m.startswith("./deploy/prometheus.yml:") for m in mounts)
+
+
+def test_scaling_keeps_no_copy_of_the_readmes_figures():
+    scaling = (ROOT / "docs" / "scaling.md").read_text()
+    assert "README.md#performance" in scaling
+    # the measured figures (KiB per connection, deliveries per CPU-second) live in the README
+    assert not re.search(r"\d+(\.\d+)? KiB resident", scaling)
+    assert not re.search(r"\d{1,3},\d{3} deliveries per (server )?CPU-second", scaling)

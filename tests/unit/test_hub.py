@@ -199,7 +199,7 @@ async def test_gap_filled_from_the_store(parts: Parts) -> None:
     ws, sse = await joined(parts)
     await post(parts, 4, publish=lambda seq: seq != 2)  # 2 never reaches the broker
     await until(lambda: ws.seqs() == sse.seqs() == [1, 2, 3, 4])
-    assert not parts.hub.rooms[ROOM].pending
+    assert parts.hub.room_stats()[ROOM].waiting == 0
 
 
 async def test_v1_payload_without_change_count_is_delivered(parts: Parts) -> None:
@@ -228,7 +228,7 @@ async def test_pending_overflow_is_dropped_and_read_from_the_store(tmp_path: Pat
         await post(p, total, publish=lambda seq: seq != 1)
         await until(lambda: len(ws.seqs()) == total, timeout=20)
         assert ws.seqs() == sse.seqs() == list(range(1, total + 1))
-        assert len(p.hub.rooms[ROOM].pending) == 0
+        assert p.hub.room_stats()[ROOM].waiting == 0
 
 
 async def test_slow_subscriber_is_closed_and_resumes_with_since(parts: Parts) -> None:
@@ -293,13 +293,12 @@ async def test_close_ends_every_subscriber_and_the_hubs_timers(tmp_path: Path) -
     async with _parts(tmp_path, gap_wait=60.0) as p:
         ws, sse = await joined(p)
         await post(p, 3, publish=lambda seq: seq != 1)  # a gap: a timer waits for seq 1
-        await until(lambda: len(p.hub.rooms[ROOM].pending) == 2)
-        room = p.hub.rooms[ROOM]
-        assert room.gap_timer is not None
+        await until(lambda: p.hub.room_stats()[ROOM].waiting == 2)
+        assert p.hub.room_stats()[ROOM].gap_timer
         await p.hub.close()
         for sub in (ws.sub, sse.sub):
             assert sub.close_code == CLOSE_GOING_AWAY and sub.close_reason == "server shutdown"
-        assert room.gap_timer.cancelled()
+        assert not p.hub.room_stats()[ROOM].gap_timer
         assert sse.task is not None
         await asyncio.wait_for(sse.task, t(5))  # the writer's stream ends
         assert ws.seqs() == sse.seqs() == []

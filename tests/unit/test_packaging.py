@@ -16,7 +16,7 @@ def test_the_package_and_the_image_carry_the_js_client_the_page_imports():
     assert "chat_gateway.sdk" in conf["packages"]
     source = conf["package-dir"]["chat_gateway.sdk"]
     assert source == "clients/js/src"
-    assert "index.js" in conf["package-data"]["chat_gateway.sdk"]
+    assert {"index.js", "worker.js"} <= set(conf["package-data"]["chat_gateway.sdk"])
     # a checkout serves the client's own file; an installed package, its mapped copy
     assert sdk_file() == ROOT / source / "index.js"
     assert not (ROOT / "src" / "chat_gateway" / "static" / "chat-gateway.js").exists(), (

@@ -93,9 +93,9 @@ async def test_the_gateway_runs_retention_when_configured(tmp_path):
         sub = Subscriber(WS)
         gw.hub.register(sub)
         await gw.hub.subscribe(sub, "r", since=0)
-        await eventually(lambda: sub.cursors["r"] == 4)
+        await eventually(lambda: sub.position("r") == 4)
         await gw.post("r", "ana", "live", identity=Identity("ana"), transport="http")
-        await eventually(lambda: sub.cursors["r"] == 5)
+        await eventually(lambda: sub.position("r") == 5)
         frames = [orjson.loads(f) for f in sub._queue]
         assert [f["message"]["seq"] for f in frames if f["type"] == "message"] == [3, 4, 5]
     finally:

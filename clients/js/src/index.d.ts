@@ -21,17 +21,26 @@ export declare const CloseCode: {
   readonly GAP: 4002;
 };
 
-/** A stored message. Edited and deleted messages carry the extra fields. */
+/**
+ * A stored message (`Message` in the gateway's `/openapi.json`). A message never
+ * changed has no `version`, `edited_at` or `deleted_at`; once changed it has all three,
+ * with `edited_at` and `deleted_at` each a time or `null`. Test for a tombstone with
+ * `m.deleted_at != null` (true only when it is a string), not `!== undefined`.
+ */
 export interface Message {
   id: string;
   room: string;
   seq: number;
   author: string;
+  /** "" on a tombstone. */
   text: string;
   created_at: string;
-  edited_at?: string;
+  /** 2 after the first change, one more per change; absent while never changed. */
   version?: number;
-  deleted_at?: string;
+  /** The last edit; null on a changed message never edited (only deleted). */
+  edited_at?: string | null;
+  /** When it was deleted; null on a changed message not deleted. */
+  deleted_at?: string | null;
 }
 
 export type ErrorCode =
@@ -45,10 +54,14 @@ export type ErrorCode =
 
 export declare class GatewayError extends Error {
   constructor(code: ErrorCode, message: string, extra?: Record<string, unknown>);
+  /** The server's code (`error.code` of the body or frame), or one of the client's. */
   code: ErrorCode;
+  /** The server's sentence, e.g. "a bearer token is required". */
+  message: string;
   /** HTTP status of a failed request or refused upgrade. */
   status?: number;
-  /** Seconds to wait before trying again, when the gateway said so. */
+  /** Seconds to wait before trying again, when the gateway said so (`retry_after` of
+   * the body or frame, else the `Retry-After` header). */
   retryAfter?: number;
   /** The error object as the gateway sent it. */
   detail: Record<string, unknown>;
@@ -72,6 +85,8 @@ export interface StateEvent {
   status?: number;
   /** disconnected: ms until the next attempt. */
   delay?: number;
+  /** closed / disconnected after a refused upgrade: the server's error (code, message,
+   * status, retryAfter; in a browser, learnt from the HTTP API). */
   error?: GatewayError;
 }
 
@@ -79,8 +94,56 @@ export interface ChangeEvent {
   kind: "updated" | "deleted";
   room: string;
   /** The room's change number (resumed with `changes_since` across reconnections). */
-  change?: number;
+  change: number;
   message: Message;
+}
+
+/** The answer to a subscribe: the room's latest seq and last change number. */
+export interface SubscribedEvent {
+  room: string;
+  seq: number;
+  /** The room's last change number (0: none yet). */
+  change: number;
+}
+
+/** Someone is typing in a room (not sent to the typist's own connections). */
+export interface TypingEvent {
+  room: string;
+  user: string;
+}
+
+/** A user's first connection to a room appeared (`join`) or their last one went. */
+export interface PresenceEvent {
+  room: string;
+  action: "join" | "leave";
+  user: string;
+}
+
+/** An ephemeral event (`POST /v1/publish`, broadcasts): not stored, no seq. */
+export interface EphemeralEvent {
+  room: string;
+  event: string;
+  data: Record<string, unknown>;
+}
+
+/** The server ended a subscription (server API, or a refreshed token without the room). */
+export interface UnsubscribedEvent {
+  room: string;
+  reason?: string;
+}
+
+/** A read receipt: `user` has read `room` up to `seq`. */
+export interface ReadEvent {
+  room: string;
+  user: string;
+  seq: number;
+}
+
+/** A read position: read up to `seq`, `unread` messages after it. */
+export interface ReadState {
+  room: string;
+  seq: number;
+  unread: number;
 }
 
 export interface Events {
@@ -91,12 +154,12 @@ export interface Events {
   closed: StateEvent;
   message: Message;
   change: ChangeEvent;
-  event: { room: string; event: string; data: Record<string, unknown> };
-  presence: { room: string; action: "join" | "leave"; user: string };
-  typing: { room: string; user: string };
-  read: { type: "read"; room: string; [field: string]: unknown };
-  subscribed: { room: string; seq: number };
-  unsubscribed: { room: string; reason?: string };
+  event: EphemeralEvent;
+  presence: PresenceEvent;
+  typing: TypingEvent;
+  read: ReadEvent;
+  subscribed: SubscribedEvent;
+  unsubscribed: UnsubscribedEvent;
   refreshed: { exp: number };
   error: GatewayError;
   /** A frame of a type this client does not know. */
@@ -139,6 +202,9 @@ export interface Page {
 
 export declare function backoff(attempt: number, base: number, max: number): number;
 export declare function tokenExpiry(token: string): number | undefined;
+/** The GatewayError of an HTTP answer carrying the gateway's error body. */
+export declare function errorOfResponse(status: number, body: unknown,
+                                        retryAfterHeader?: string | null): GatewayError;
 
 export declare class Client {
   constructor(url: string | string[], options?: ClientOptions);
@@ -149,12 +215,17 @@ export declare class Client {
   /** Resolves once connected; rejects if the client is closed for good first. */
   connect(): Promise<void>;
   close(reason?: string): void;
-  subscribe(room: string, options?: { since?: number }): Promise<{ room: string; seq: number }>;
+  subscribe(room: string, options?: { since?: number }): Promise<SubscribedEvent>;
   unsubscribe(room: string): void;
   /** The seq of the last message of the room delivered to the application. */
   cursor(room: string): number | undefined;
   /** Resolves with the stored message; stored once even when resent after a drop. */
   publish(room: string, text: string, options?: { key?: string }): Promise<Message>;
+  /** Edit the message at `seq` (own, or any as a moderator); resolves with it as edited. */
+  edit(room: string, seq: number, text: string, options?: { key?: string }): Promise<Message>;
+  /** Delete the message at `seq`; resolves with the tombstone. */
+  delete(room: string, seq: number, options?: { key?: string }): Promise<Message>;
+  /** Tell the room's other subscribers that this user is typing (the room must be held). */
   typing(room: string): void;
   /** While disconnected, try to connect at once instead of after the backoff delay. */
   reconnectNow(): void;
@@ -162,8 +233,34 @@ export declare class Client {
     Promise<Page>;
   pages(room: string, options?: { limit?: number; before?: number; after?: number }):
     AsyncGenerator<Message[], void, void>;
+  /** Highlights: [start, end) in code points of message.text (index Array.from(text)). */
+  search(q: string, options?: { rooms?: string[]; limit?: number; cursor?: string }):
+    Promise<{
+      results: { message: Message; highlights: [number, number][] }[];
+      next_cursor: string | null;
+    }>;
   presence(room: string): Promise<{ room: string; users: string[] }>;
   /** Open mode: the position of `options.user`. */
-  markRead(room: string, seq: number): Promise<{ room: string; seq: number; unread: number }>;
-  readState(room: string): Promise<{ room: string; seq: number; unread: number }>;
+  markRead(room: string, seq: number): Promise<ReadState>;
+  readState(room: string): Promise<ReadState>;
+  /** Every room this user has a position in (`GET /v1/read`). */
+  readPositions(): Promise<{ rooms: ReadState[] }>;
 }
+
+export interface SharedClientOptions extends ClientOptions {
+  /** Where the worker script is; default `worker.js` next to this module (the gateway
+   * serves it at /sdk/worker.js). Must be of the page's origin. */
+  workerUrl?: string | URL;
+}
+
+/** The surface of `Client`, served by a SharedWorker holding one connection for every
+ * tab of the origin (same URLs and credentials); each tab keeps its own rooms and
+ * cursors. `close()` leaves this tab's rooms; the connection closes with the last tab. */
+export declare class SharedClient extends Client {
+  readonly shared: true;
+}
+
+/** Opt-in: one socket per browser, not per tab. A `SharedClient` where `SharedWorker`
+ * exists, else (Node, browsers without it) a plain `Client`. */
+export declare function sharedClient(url: string | string[],
+                                     options?: SharedClientOptions): Client | SharedClient;

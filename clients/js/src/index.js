@@ -66,6 +66,25 @@ export class GatewayError extends Error {
 
 const TERMINAL_HTTP = new Set([401, 403]);
 
+/** The GatewayError of an HTTP answer with the error body (a request's or a refused
+ * upgrade's): code, message and retry hint as the server sent them, else the
+ * `Retry-After` header, else what the status says. */
+export function errorOfResponse(status, body, retryAfterHeader) {
+  let e = {};
+  try {
+    const parsed = typeof body === "string" ? JSON.parse(body || "{}") : body;
+    if (parsed && typeof parsed.error === "object" && parsed.error !== null) e = parsed.error;
+  } catch {
+    // not JSON: the status speaks
+  }
+  const extra = { ...e, status };
+  if (typeof e.retry_after !== "number" && retryAfterHeader != null) {
+    const seconds = Number(retryAfterHeader);
+    if (Number.isFinite(seconds)) extra.retry_after = seconds;
+  }
+  return new GatewayError(e.code ?? "http_" + status, e.message ?? `HTTP ${status}`, extra);
+}
+
 function reportListenerError(err) {
   if (typeof globalThis.reportError === "function") globalThis.reportError(err);
   else queueMicrotask(() => { throw err; });
@@ -95,6 +114,19 @@ export function tokenExpiry(token) {
     return typeof claims.exp === "number" ? claims.exp : undefined;
   } catch {
     return undefined;
+  }
+}
+
+/** History pages of a room through `client.history`: backwards from the latest (or
+ * `before`), or forwards from `after`; each page ascending by seq. */
+async function* pageThrough(client, room, { limit, before, after }) {
+  for (;;) {
+    const page = await client.history(room, { limit, before, after });
+    if (page.messages.length === 0) return;
+    yield page.messages;
+    if (!page.has_more) return;
+    if (after !== undefined) after = page.messages[page.messages.length - 1].seq;
+    else before = page.messages[0].seq;
   }
 }
 
@@ -276,7 +308,23 @@ export class Client extends Emitter {
     }
     this.sock = sock;
     let httpStatus;
+    let refusal; // the GatewayError of a refused upgrade, with the server's reason
     let opened = false;
+    if (typeof sock.on === "function") {
+      // `ws` (Node) hands over a refused upgrade's response: read its error body, then
+      // abort the handshake ourselves (a browser hides both status and body)
+      sock.on("unexpected-response", (req, res) => {
+        httpStatus = res.statusCode;
+        let body = "";
+        res.setEncoding("utf8");
+        res.on("data", (chunk) => { if (body.length < 65536) body += chunk; });
+        res.on("end", () => {
+          refusal = errorOfResponse(httpStatus, body, res.headers["retry-after"]);
+          sock.terminate();
+        });
+        res.on("error", () => sock.terminate());
+      });
+    }
     sock.addEventListener("open", () => {
       if (this.sock !== sock) return;
       opened = true;
@@ -303,7 +351,7 @@ export class Client extends Emitter {
     sock.addEventListener("close", (ev) => {
       if (this.sock !== sock) return;
       this.sock = null;
-      this.#onClose(ev.code, ev.reason ?? "", httpStatus, opened);
+      this.#onClose(ev.code, refusal?.message ?? ev.reason ?? "", httpStatus, opened, refusal);
     });
   }
 
@@ -363,7 +411,7 @@ export class Client extends Emitter {
     }
   }
 
-  #onClose(code, reason, httpStatus, opened) {
+  #onClose(code, reason, httpStatus, opened, refusal) {
     if (this.state === State.CLOSED) return;
     clearInterval(this.pingTimer);
     this.pingTimer = null;
@@ -373,9 +421,9 @@ export class Client extends Emitter {
     this.answers = [];
     if (httpStatus !== undefined && TERMINAL_HTTP.has(httpStatus)) {
       const codeName = httpStatus === 401 ? "unauthorized" : "forbidden";
-      return this.#closed(code, `the upgrade was refused with HTTP ${httpStatus}`,
-                          new GatewayError(codeName, `HTTP ${httpStatus}`, { status: httpStatus }),
-                          httpStatus);
+      const error = refusal
+        ?? new GatewayError(codeName, `HTTP ${httpStatus}`, { status: httpStatus });
+      return this.#closed(code, error.message, error, httpStatus);
     }
     if (code === CloseCode.SERVER_DISCONNECT) {
       return this.#closed(code, reason || "disconnected by the server");
@@ -388,13 +436,13 @@ export class Client extends Emitter {
       }
       this.forceNewToken = true;
     }
-    this.#disconnected(code, reason, httpStatus);
+    this.#disconnected(code, reason, httpStatus, refusal);
     if (httpStatus === undefined && !opened) this.#probe();
   }
 
-  #disconnected(code, reason, httpStatus) {
+  #disconnected(code, reason, httpStatus, error) {
     const delay = backoff(this.attempt++, this.options.minDelay, this.options.maxDelay);
-    this.#setState(State.DISCONNECTED, { code, reason, status: httpStatus, delay });
+    this.#setState(State.DISCONNECTED, { code, reason, status: httpStatus, delay, error });
     this.urlIndex += 1;
     this.#later(delay, () => { if (this.state === State.DISCONNECTED) this.#open(); });
   }
@@ -472,8 +520,9 @@ export class Client extends Emitter {
         // changes are resumed from here on (a server without changes sends no number)
         if (room.change === undefined && typeof f.change === "number") room.change = f.change;
         room.subscribed = true;
-        room.settle(null, { room: f.room, seq: f.seq });
-        return this.emit("subscribed", { room: f.room, seq: f.seq });
+        const ev = { room: f.room, seq: f.seq, change: f.change };
+        room.settle(null, ev);
+        return this.emit("subscribed", ev);
       }
       case "unsubscribed": {
         if (f.reason === undefined && this.#answered("unsubscribe", f.room)) return;
@@ -500,7 +549,7 @@ export class Client extends Emitter {
       case "typing":
         return this.emit("typing", { room: f.room, user: f.user });
       case "read":
-        return this.emit("read", f);
+        return this.emit("read", { room: f.room, user: f.user, seq: f.seq });
       default:
         return this.emit("frame", f); // a frame type newer than this client
     }
@@ -594,7 +643,7 @@ export class Client extends Emitter {
       this.rooms.set(name, room);
       if (this.state === State.CONNECTED) this.#sendSubscribe(room);
     } else if (room.subscribed) {
-      return Promise.resolve({ room: name, seq: room.cursor });
+      return Promise.resolve({ room: name, seq: room.cursor, change: room.change });
     }
     return new Promise((resolve, reject) => room.waiters.push([resolve, reject]));
   }
@@ -626,11 +675,29 @@ export class Client extends Emitter {
    * a reconnection until acked, so it is stored once.
    */
   publish(room, text, { key } = {}) {
+    return this.#keyed({ type: "publish", room, text }, key);
+  }
+
+  /** Edit the message at `seq`; resolves with it as edited. Sent with an idempotency
+   * key until acked, as a publish is. */
+  edit(room, seq, text, { key } = {}) {
+    return this.#keyed({ type: "edit", room, seq, text }, key);
+  }
+
+  /** Delete the message at `seq`; resolves with the tombstone (`text` "",
+   * `deleted_at` set). */
+  delete(room, seq, { key } = {}) {
+    return this.#keyed({ type: "delete", room, seq }, key);
+  }
+
+  /** A frame the server acks with a message: a ref and an idempotency key, resent with
+   * the same key after every reconnection until acked, so it takes effect once. */
+  #keyed(fields, key) {
     if (this.state === State.CLOSED) {
       return Promise.reject(new GatewayError("closed", "the client is closed"));
     }
-    const ref = "pub-" + this.nextRef++;
-    const frame = { type: "publish", room, text, ref, key: key ?? newKey() };
+    const ref = fields.type + "-" + this.nextRef++;
+    const frame = { ...fields, ref, key: key ?? newKey() };
     if (!this.token && this.options.user) frame.author = this.options.user;
     return new Promise((resolve, reject) => {
       this.pending.set(ref, { frame, resolve, reject });
@@ -658,11 +725,7 @@ export class Client extends Emitter {
       method, headers, body: body === undefined ? undefined : JSON.stringify(body),
     });
     const data = await r.json().catch(() => ({}));
-    if (!r.ok) {
-      const e = data.error ?? {};
-      throw new GatewayError(e.code ?? "http_" + r.status, e.message ?? `HTTP ${r.status}`,
-                             { ...e, status: r.status });
-    }
+    if (!r.ok) throw errorOfResponse(r.status, data, r.headers.get("retry-after"));
     return data;
   }
 
@@ -682,14 +745,20 @@ export class Client extends Emitter {
    * an array of messages ascending by seq.
    */
   async *pages(room, { limit, before, after } = {}) {
-    for (;;) {
-      const page = await this.history(room, { limit, before, after });
-      if (page.messages.length === 0) return;
-      yield page.messages;
-      if (!page.has_more) return;
-      if (after !== undefined) after = page.messages[page.messages.length - 1].seq;
-      else before = page.messages[0].seq;
-    }
+    yield* pageThrough(this, room, { limit, before, after });
+  }
+
+  /**
+   * Full-text search (`GET /v1/search`), newest first, in the rooms the token may read
+   * (or only `rooms`): `{results: [{message, highlights}], next_cursor}`. Highlights are
+   * `[start, end)` in code points: slice `Array.from(message.text)`, not the string.
+   */
+  search(q, { rooms, limit, cursor } = {}) {
+    const params = new URLSearchParams({ q });
+    for (const room of rooms ?? []) params.append("room", room);
+    if (limit !== undefined) params.set("limit", String(limit));
+    if (cursor) params.set("cursor", cursor);
+    return this.#http("GET", "/v1/search?" + params);
   }
 
   /** The users here now: `{room, users}` (`GET /v1/rooms/{room}/presence`). */
@@ -707,8 +776,156 @@ export class Client extends Emitter {
 
   /** `{room, seq, unread}` of the room for this user (`GET /v1/rooms/{room}/read`). */
   readState(room) {
-    const q = !this.token && this.options.user
-      ? "?" + new URLSearchParams({ user: this.options.user }) : "";
-    return this.#http("GET", `/v1/rooms/${encodeURIComponent(room)}/read${q}`);
+    return this.#http("GET", `/v1/rooms/${encodeURIComponent(room)}/read${this.#reader()}`);
   }
+
+  /** Every room this user has a read position in (`GET /v1/read`): `{rooms: [...]}`. */
+  readPositions() {
+    return this.#http("GET", `/v1/read${this.#reader()}`);
+  }
+
+  #reader() {
+    return !this.token && this.options.user
+      ? "?" + new URLSearchParams({ user: this.options.user }) : "";
+  }
+}
+
+// -- one socket per browser: the SharedWorker mode ---------------------------------
+
+const SHARED_CALLS = ["publish", "edit", "delete", "history", "presence", "markRead",
+                      "readState", "readPositions", "reconnectNow"];
+
+/**
+ * The same surface as `Client`, served by a SharedWorker (src/worker.js) that holds one
+ * connection for every tab of the origin with the same configuration. Each tab keeps
+ * its own rooms and cursors. Made by `sharedClient()`.
+ */
+export class SharedClient extends Emitter {
+  constructor(url, options = {}) {
+    super();
+    const { workerUrl, getToken, WebSocket: _ws, fetch: _fetch, ...rest } = options;
+    this.state = State.DISCONNECTED;
+    this.shared = true;
+    this.calls = new Map();
+    this.nextId = 1;
+    this.cursors = new Map();
+    this.getToken = getToken;
+    const worker = new SharedWorker(workerUrl ?? new URL("./worker.js", import.meta.url),
+                                    { type: "module", name: "chat-gateway" });
+    this.port = worker.port;
+    this.port.onmessage = (ev) => this.#onMessage(ev.data);
+    this.port.start();
+    const urls = (Array.isArray(url) ? url : [url]).map((u) => new URL(u, globalThis.location?.href).href.replace(/\/+$/, ""));
+    this.port.postMessage({ op: "hello", config: { urls, options: rest, getToken: !!getToken } });
+    this.heartbeat = setInterval(() => this.port.postMessage({ op: "ping" }), 5000);
+    this.bye = () => this.close();
+    globalThis.addEventListener?.("pagehide", this.bye);
+    for (const name of SHARED_CALLS) this[name] = (...args) => this.#call(name, args);
+  }
+
+  #call(method, args) {
+    if (this.state === State.CLOSED && this.closedHere) {
+      return Promise.reject(new GatewayError("closed", "the client is closed"));
+    }
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      this.calls.set(id, { resolve, reject });
+      this.port.postMessage({ op: "call", id, method, args });
+    });
+  }
+
+  async #onMessage(msg) {
+    if (msg.op === "result" || msg.op === "error") {
+      const call = this.calls.get(msg.id);
+      this.calls.delete(msg.id);
+      if (msg.op === "result") return call?.resolve(msg.value);
+      return call?.reject(this.#error(msg.error));
+    }
+    if (msg.op === "ask") {
+      try {
+        const value = await this.getToken();
+        this.port.postMessage({ op: "answer", id: msg.id, value });
+      } catch (err) {
+        this.port.postMessage({ op: "answer", id: msg.id, error: String(err?.message ?? err) });
+      }
+      return;
+    }
+    if (msg.op !== "event") return;
+    const { type, ev } = msg;
+    if (type === "state") {
+      this.state = ev.state;
+      if (ev.initial) return;
+    }
+    if (type === "message") this.cursors.set(ev.room, ev.seq);
+    if (type === "unsubscribed") this.cursors.delete(ev.room);
+    if (type === "error") return this.emit("error", this.#error(ev));
+    if (ev && ev.error) ev.error = this.#error(ev.error);
+    this.emit(type, ev);
+  }
+
+  #error(e) {
+    const err = new GatewayError(e.code, e.message, e.detail ?? {});
+    if (e.room !== undefined) err.room = e.room;
+    if (e.frame !== undefined) err.frame = e.frame;
+    return err;
+  }
+
+  /** Resolves once the shared connection is up. */
+  connect() {
+    return this.#call("connect", []);
+  }
+
+  subscribe(room, { since } = {}) {
+    if (since !== undefined) this.cursors.set(room, since);
+    return this.#call("subscribe", [room, { since }]).then((answer) => {
+      if (!this.cursors.has(room)) this.cursors.set(room, answer.seq);
+      return answer;
+    });
+  }
+
+  unsubscribe(room) {
+    this.cursors.delete(room);
+    this.#call("unsubscribe", [room]).catch(() => {});
+  }
+
+  cursor(room) {
+    return this.cursors.get(room);
+  }
+
+  typing(room) {
+    this.#call("typing", [room]).catch(() => {});
+  }
+
+  async *pages(room, { limit, before, after } = {}) {
+    yield* pageThrough(this, room, { limit, before, after });
+  }
+
+  /** This tab leaves: its rooms are left (unless another tab holds them); the shared
+   * connection closes with the last tab. */
+  close() {
+    if (this.closedHere) return;
+    this.closedHere = true;
+    clearInterval(this.heartbeat);
+    globalThis.removeEventListener?.("pagehide", this.bye);
+    this.port.postMessage({ op: "bye" });
+    const err = new GatewayError("closed", "the client is closed");
+    for (const call of this.calls.values()) call.reject(err);
+    this.calls.clear();
+    this.state = State.CLOSED;
+    this.emit("closed", { state: State.CLOSED, reason: "closed by the client" });
+    this.emit("state", { state: State.CLOSED, reason: "closed by the client" });
+  }
+}
+
+/**
+ * One socket per browser, not per tab (opt-in): where `SharedWorker` exists, a
+ * `SharedClient` whose connection lives in a SharedWorker shared by every tab of the
+ * origin with the same URLs and credentials; elsewhere (no SharedWorker: Node, some
+ * mobile browsers) a plain `Client`. `options.workerUrl` is where the worker script is
+ * (default: `worker.js` next to this module; the gateway serves it at /sdk/worker.js).
+ * A `getToken` provider stays in the tab: the worker asks a tab for each new token.
+ */
+export function sharedClient(url, options = {}) {
+  if (typeof globalThis.SharedWorker !== "function") return new Client(url, options);
+  return new SharedClient(url, options);
 }

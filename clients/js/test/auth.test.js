@@ -36,8 +36,25 @@ test("a refused upgrade (HTTP 401) closes the client for good", async () => {
   assert.equal(states.filter((s) => s.state === State.CONNECTING).length, 1, "no retry");
 });
 
-// A WebSocket as a browser has it: a refused upgrade's error says nothing of its status.
+test("a refused upgrade says why, in the server's words", async () => {
+  const c = new Client(gw.url, { minDelay: 50 }); // no token
+  const states = [];
+  c.on("state", (ev) => states.push(ev));
+  await assert.rejects(c.connect(), (e) => e.code === "unauthorized" && e.status === 401
+    && e.message === "a bearer token is required");
+  const closed = states.at(-1);
+  assert.equal(closed.state, State.CLOSED);
+  assert.equal(closed.reason, "a bearer token is required");
+  assert.equal(closed.error.code, "unauthorized");
+  assert.equal(closed.error.detail.message, "a bearer token is required");
+});
+
+// A WebSocket as a browser has it: a refused upgrade's status and body are hidden.
 class BrowserWebSocket extends NodeWebSocket {
+  on(type, listener) {
+    return type === "unexpected-response" ? this : super.on(type, listener);
+  }
+
   addEventListener(type, listener, options) {
     if (type !== "error") return super.addEventListener(type, listener, options);
     return super.addEventListener(type, () => listener({ type: "error" }), options);
@@ -50,7 +67,8 @@ test("where the upgrade's status is hidden, the HTTP API's 401 closes the client
   const states = [];
   c.on("state", (ev) => states.push(ev));
   const subscribed = c.subscribe("probe");
-  await assert.rejects(c.connect(), (e) => e.code === "unauthorized" && e.status === 401);
+  await assert.rejects(c.connect(), (e) => e.code === "unauthorized" && e.status === 401
+    && e.message !== "HTTP 401");
   await assert.rejects(subscribed, (e) => e.code === "unauthorized" && e.status === 401);
   assert.equal(c.state, State.CLOSED);
   assert.equal(states.at(-1).status, 401);

@@ -13,7 +13,12 @@ connection subscribes again with ``since=cursor``.
 
 Every publish carries an idempotency key kept until its ack: after a reconnection
 an unacknowledged publish is sent again with the same key and the server acks it
-with the message it stored the first time, so it is stored once.
+with the message it stored the first time, so it is stored once. Edits and deletes
+go the same way, with their own keys.
+
+Changes (edits, deletes) are numbered per room: the client keeps the number of the
+last one handed on and subscribes again with ``changes_since``, so a change made
+while it was away arrives after the reconnection, once.
 """
 
 from __future__ import annotations
@@ -42,7 +47,11 @@ from chat_gateway_client.events import (
     Page,
     Presence,
     Read,
+    ReadState,
+    SearchHit,
+    SearchPage,
     StateChange,
+    Subscribed,
     Typing,
     Unsubscribed,
 )
@@ -85,6 +94,7 @@ _END: Any = object()  # in a room's queue: the subscription ended
 class _Room:
     name: str
     cursor: int | None  # seq of the last message handed on; None until `subscribed`
+    change: int | None = None  # number of the last change handed on; None until known
     subscribed: bool = False
     waiters: list[asyncio.Future[int]] = field(default_factory=list)
     queues: list[asyncio.Queue[Any]] = field(default_factory=list)
@@ -235,14 +245,19 @@ class Client:
             queue.put_nowait(item)
 
     def _set_state(
-        self, state: State, code: int | None = None, reason: str = "", status: int | None = None
+        self,
+        state: State,
+        code: int | None = None,
+        reason: str = "",
+        status: int | None = None,
+        error: GatewayError | None = None,
     ) -> None:
         self.state = state
         if state is State.CONNECTED:
             self._connected.set()
         else:
             self._connected.clear()
-        self._emit(StateChange(state, code, reason, status))
+        self._emit(StateChange(state, code, reason, status, error))
 
     def _set_closed(
         self, code: int, reason: str, error: GatewayError | None = None, status: int | None = None
@@ -250,7 +265,7 @@ class Client:
         self._close_error = error or GatewayError(
             "closed", reason or "the client is closed", status=status
         )
-        self._set_state(State.CLOSED, code, reason, status)
+        self._set_state(State.CLOSED, code, reason, status, error)
         self._closed_event.set()
         for p in self._pending.values():
             if not p.future.done():
@@ -287,6 +302,7 @@ class Client:
         while self.state is not State.CLOSED:
             self._set_state(State.CONNECTING)
             code, reason, status, opened = CloseCode.ABNORMAL, "", None, False
+            error: GatewayError | None = None
             try:
                 token = await self._current_token()
                 async with websockets.connect(
@@ -301,8 +317,13 @@ class Client:
                 code = ws.close_code or CloseCode.ABNORMAL
                 reason = ws.close_reason or ""
             except InvalidStatus as exc:
-                status = exc.response.status_code
-                reason = f"the upgrade was refused with HTTP {status}"
+                # the refusal's error body says why ("a bearer token is required")
+                res = exc.response
+                status = res.status_code
+                error = GatewayError.of_http(
+                    status, res.body or b"", res.headers.get("Retry-After"), res.reason_phrase
+                )
+                reason = error.message
             except ConnectionClosed as exc:
                 if exc.rcvd is not None:
                     code, reason = exc.rcvd.code, exc.rcvd.reason
@@ -316,7 +337,7 @@ class Client:
                 self._ws = None
             if self.state is State.CLOSED:
                 return
-            self._after_close(code, reason, status, opened)
+            self._after_close(code, reason, status, opened, error)
             if self.state is State.CLOSED:
                 return
             delay = backoff(self._attempt, self.min_delay, self.max_delay)
@@ -324,13 +345,22 @@ class Client:
             self._url_index += 1
             await asyncio.sleep(delay)
 
-    def _after_close(self, code: int, reason: str, status: int | None, opened: bool) -> None:
+    def _after_close(
+        self,
+        code: int,
+        reason: str,
+        status: int | None,
+        opened: bool,
+        error: GatewayError | None = None,
+    ) -> None:
         for room in self._rooms.values():
             room.subscribed = False
         self._answers.clear()
         if status in (401, 403):
-            name = "unauthorized" if status == 401 else "forbidden"
-            self._set_closed(code, reason, GatewayError(name, reason, status=status), status)
+            if error is None:
+                name = "unauthorized" if status == 401 else "forbidden"
+                error = GatewayError(name, reason, status=status)
+            self._set_closed(code, reason, error, status)
         elif code == CloseCode.SERVER_DISCONNECT:
             reason = reason or "disconnected by the server"
             self._set_closed(code, reason, GatewayError("disconnected", reason))
@@ -340,7 +370,7 @@ class Client:
         else:
             if code == CloseCode.POLICY_VIOLATION:
                 self._force_new_token = True  # the token expired: the provider gives another
-            self._set_state(State.DISCONNECTED, code, reason, status)
+            self._set_state(State.DISCONNECTED, code, reason, status, error)
 
     async def _session(self, ws: Any) -> None:
         self._ws = ws
@@ -396,11 +426,17 @@ class Client:
         frame: dict[str, Any] = {"type": "subscribe", "room": room.name}
         if room.cursor is not None:
             frame["since"] = room.cursor
+        if room.change is not None:
+            frame["changes_since"] = room.change
         await self._send(frame, ("subscribe", room.name))
 
     # -- frames -------------------------------------------------------------------
 
     def _answered(self, kind: str, room: str | None = None) -> bool:
+        # a typing frame has no answer when it succeeds: the ping sent after it (its
+        # fence) answering means it went through
+        while self._answers and self._answers[0][0] == "typing" and kind == "ping":
+            self._answers.pop(0)
         if (
             self._answers
             and self._answers[0][0] == kind
@@ -418,6 +454,8 @@ class Client:
             p = self._pending.pop(f.get("ref"), None)  # type: ignore[arg-type]
             if p is not None and not p.future.done():
                 p.future.set_result(Message.of(f["message"]))
+        elif kind == "pong":
+            self._answered("ping")
         elif kind == "error":
             self._on_error(f)
         elif kind == "subscribed":
@@ -426,8 +464,12 @@ class Client:
             if room is not None:
                 if room.cursor is None:
                     room.cursor = f["seq"]
+                # changes are resumed from here on (a server without changes sends none)
+                if room.change is None and isinstance(f.get("change"), int):
+                    room.change = f["change"]
                 room.subscribed = True
                 room.settle(None, f["seq"])
+                self._emit(Subscribed(room.name, f["seq"], f.get("change", 0)))
         elif kind == "unsubscribed":
             if "reason" not in f and self._answered("unsubscribe", f.get("room")):
                 return
@@ -438,13 +480,7 @@ class Client:
         elif kind == "refreshed":
             self._answered("refresh")
         elif kind in ("message_updated", "message_deleted"):
-            self._emit(
-                Change(
-                    "updated" if kind == "message_updated" else "deleted",
-                    f["room"],
-                    Message.of(f["message"]),
-                )
-            )
+            self._on_change(f)
         elif kind == "event":
             self._emit(Event(f["room"], f["event"], f.get("data") or {}))
         elif kind == "presence":
@@ -452,7 +488,7 @@ class Client:
         elif kind == "typing":
             self._emit(Typing(f["room"], f["user"]))
         elif kind == "read":
-            self._emit(Read(f["room"], f))
+            self._emit(Read(f["room"], f["user"], f["seq"], f))
 
     def _on_message(self, name: Any, raw: Any) -> None:
         room = self._rooms.get(name) if isinstance(name, str) else None
@@ -477,6 +513,20 @@ class Client:
             queue.put_nowait(msg)
         self._emit(msg)
 
+    def _on_change(self, f: dict[str, Any]) -> None:
+        room = self._rooms.get(f.get("room", ""))
+        # as for messages: a frame before this connection's `subscribed` is left over,
+        # and one numbered at or below the last change handed on is a replay
+        if room is None or not room.subscribed:
+            return
+        number = f.get("change", 0)
+        if isinstance(number, int) and number > 0:
+            if room.change is not None and number <= room.change:
+                return
+            room.change = number
+        kind = "updated" if f["type"] == "message_updated" else "deleted"
+        self._emit(Change(kind, room.name, Message.of(f["message"]), number))
+
     def _on_error(self, f: dict[str, Any]) -> None:
         err = GatewayError.of_frame(f)
         ref = f.get("ref")
@@ -494,6 +544,8 @@ class Client:
             err.room = head[1]
         elif head is not None and head[0] == "refresh":
             err.frame = "refresh"  # no in-band refresh: the expiry reconnects instead
+        elif head is not None and head[0] == "typing":
+            err.frame, err.room = "typing", head[1]
         self._emit(err)
 
     # -- rooms and publishing ----------------------------------------------------------
@@ -555,22 +607,45 @@ class Client:
     async def publish(self, room: str, text: str, *, key: str | None = None) -> Message:
         """Publish over the WebSocket; returns the stored message. Sent again with the
         same idempotency key after a reconnection until acked: stored once."""
+        return await self._keyed({"type": "publish", "room": room, "text": text}, key)
+
+    async def edit(self, room: str, seq: int, text: str, *, key: str | None = None) -> Message:
+        """Edit the message at ``seq`` over the WebSocket; returns it as edited. Like a
+        publish, it carries an idempotency key and is sent again until acked."""
+        return await self._keyed({"type": "edit", "room": room, "seq": seq, "text": text}, key)
+
+    async def delete(self, room: str, seq: int, *, key: str | None = None) -> Message:
+        """Delete the message at ``seq`` over the WebSocket; returns the tombstone."""
+        return await self._keyed({"type": "delete", "room": room, "seq": seq}, key)
+
+    async def _keyed(self, frame: dict[str, Any], key: str | None) -> Message:
+        """Send a frame the server acks with a message, with a ref and an idempotency
+        key, until acked (again after each reconnection, with the same key)."""
         self._check_open()
-        ref = f"pub-{self._next_ref}"
+        ref = f"{frame['type']}-{self._next_ref}"
         self._next_ref += 1
-        frame: dict[str, Any] = {
-            "type": "publish",
-            "room": room,
-            "text": text,
-            "ref": ref,
-            "key": key or uuid.uuid4().hex,
-        }
-        if self.token is None and self.token_provider is None and self.user:
+        frame = {**frame, "ref": ref, "key": key or uuid.uuid4().hex}
+        if self._open_mode and self.user:
             frame["author"] = self.user
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[ref] = _Publish(frame, fut)
         await self._send(frame, None)
         return await fut
+
+    async def typing(self, room: str) -> None:
+        """Tell the room's other subscribers that this user is typing (the client must
+        hold the room). A refusal comes as a ``GatewayError`` event with ``frame``
+        ``"typing"``."""
+        if self._ws is None or self.state is not State.CONNECTED:
+            return
+        await self._send({"type": "typing", "room": room}, ("typing", room))
+        # a fence: typing has no answer when it succeeds, the ping after it does
+        self._next_ref += 1
+        await self._send({"type": "ping", "ref": f"fence-{self._next_ref}"}, ("ping", None))
+
+    @property
+    def _open_mode(self) -> bool:
+        return self.token is None and self.token_provider is None
 
     def _check_open(self) -> None:
         if self.state is State.CLOSED:
@@ -585,7 +660,7 @@ class Client:
         *,
         auth: str = "user",
         json_body: Any = None,
-        params: dict[str, Any] | None = None,
+        params: dict[str, Any] | list[tuple[str, Any]] | None = None,
         headers: dict[str, str] | None = None,
     ) -> httpx.Response:
         if self._http is None:
@@ -608,15 +683,43 @@ class Client:
         the message is stored once."""
         key = idempotency_key or uuid.uuid4().hex
         body: dict[str, Any] = {"text": text}
-        if self.token is None and self.token_provider is None and self.user:
-            body["author"] = self.user
+        return await self._write("POST", f"/v1/rooms/{room}/messages", body, key, retries)
+
+    async def patch_message(
+        self,
+        room: str,
+        seq: int,
+        text: str,
+        *,
+        idempotency_key: str | None = None,
+        retries: int = 3,
+    ) -> Message:
+        """``PATCH /v1/rooms/{room}/messages/{seq}``: edit over HTTP, with an
+        ``Idempotency-Key`` kept across retries. With ``api_key`` (and no user token)
+        a backend may edit any message."""
+        path = f"/v1/rooms/{room}/messages/{seq}"
+        return await self._write("PATCH", path, {"text": text}, idempotency_key, retries)
+
+    async def delete_message(
+        self, room: str, seq: int, *, idempotency_key: str | None = None, retries: int = 3
+    ) -> Message:
+        """``DELETE /v1/rooms/{room}/messages/{seq}``: returns the tombstone."""
+        path = f"/v1/rooms/{room}/messages/{seq}"
+        return await self._write("DELETE", path, {}, idempotency_key, retries)
+
+    async def _write(
+        self, method: str, path: str, body: dict[str, Any], key: str | None, retries: int
+    ) -> Message:
+        """A write over HTTP with an ``Idempotency-Key`` (made here unless given); a
+        request that fails in transit or with 503 is retried with the same key."""
+        key = key or uuid.uuid4().hex
+        if self._open_mode and self.user:
+            body = {**body, "author": self.user}
+        auth = "api" if self._open_mode and self.api_key else "user"
         for attempt in range(retries + 1):
             try:
                 r = await self._request(
-                    "POST",
-                    f"/v1/rooms/{room}/messages",
-                    json_body=body,
-                    headers={"idempotency-key": key},
+                    method, path, auth=auth, json_body=body, headers={"idempotency-key": key}
                 )
                 return Message.of(r.json())
             except (httpx.TransportError, GatewayError) as exc:
@@ -625,6 +728,32 @@ class Client:
                     raise
                 await asyncio.sleep(backoff(attempt, self.min_delay, self.max_delay))
         raise AssertionError("unreachable")
+
+    async def presence(self, room: str) -> list[str]:
+        """``GET /v1/rooms/{room}/presence``: the users here now, sorted."""
+        r = await self._request("GET", f"/v1/rooms/{room}/presence")
+        return list(r.json()["users"])
+
+    def _reader(self) -> dict[str, Any]:
+        return {"user": self.user} if self._open_mode and self.user else {}
+
+    async def mark_read(self, room: str, seq: int) -> ReadState:
+        """``POST /v1/rooms/{room}/read``: read up to ``seq`` (never moves back). Open
+        mode: the position of ``user``."""
+        r = await self._request(
+            "POST", f"/v1/rooms/{room}/read", json_body={"seq": seq, **self._reader()}
+        )
+        return ReadState.of(r.json())
+
+    async def read_state(self, room: str) -> ReadState:
+        """``GET /v1/rooms/{room}/read``: this user's position and unread count."""
+        r = await self._request("GET", f"/v1/rooms/{room}/read", params=self._reader())
+        return ReadState.of(r.json())
+
+    async def read_positions(self) -> list[ReadState]:
+        """``GET /v1/read``: every room this user has a position in."""
+        r = await self._request("GET", "/v1/read", params=self._reader())
+        return [ReadState.of(d) for d in r.json()["rooms"]]
 
     async def history(
         self,
@@ -664,6 +793,31 @@ class Client:
                 after = page.messages[-1].seq
             else:
                 before = page.messages[0].seq
+
+    async def search(
+        self,
+        q: str,
+        *,
+        rooms: list[str] | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> SearchPage:
+        """``GET /v1/search``: messages matching ``q`` (words, the last also a prefix;
+        ``"phrases"``; ``-excluded``), newest first, in the rooms the token may read,
+        or only ``rooms``."""
+        params: list[tuple[str, Any]] = [("q", q), *(("room", r) for r in rooms or ())]
+        if limit is not None:
+            params.append(("limit", limit))
+        if cursor is not None:
+            params.append(("cursor", cursor))
+        data = (await self._request("GET", "/v1/search", params=params)).json()
+        return SearchPage(
+            [
+                SearchHit(Message.of(h["message"]), [(a, b) for a, b in h["highlights"]])
+                for h in data["results"]
+            ],
+            data["next_cursor"],
+        )
 
     # -- ephemeral events and the server API (api_key) --------------------------------
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import json
 from typing import Any
 
 import httpx
@@ -56,14 +58,29 @@ class GatewayError(Exception):
 
     @classmethod
     def of_response(cls, r: httpx.Response) -> GatewayError:
+        return cls.of_http(r.status_code, r.content, r.headers.get("retry-after"), r.reason_phrase)
+
+    @classmethod
+    def of_http(
+        cls, status: int, body: bytes, retry_after_header: str | None, phrase: str = ""
+    ) -> GatewayError:
+        """An HTTP answer with the error body (a request's or a refused upgrade's):
+        the code, message and ``retry_after`` as the server sent them, else the
+        ``Retry-After`` header, else what the status says."""
         try:
-            body = r.json().get("error") or {}
-        except (ValueError, AttributeError):
-            body = {}
+            parsed = json.loads(body or b"{}")
+            error = parsed.get("error") if isinstance(parsed, dict) else None
+        except ValueError:
+            error = None
+        error = error if isinstance(error, dict) else {}
+        retry_after = error.get("retry_after")
+        if not isinstance(retry_after, (int, float)) and retry_after_header:
+            with contextlib.suppress(ValueError):
+                retry_after = float(retry_after_header)
         return cls(
-            str(body.get("code", f"http_{r.status_code}")),
-            str(body.get("message", r.reason_phrase)),
-            status=r.status_code,
-            retry_after=body.get("retry_after"),
-            detail=body,
+            str(error.get("code", f"http_{status}")),
+            str(error.get("message") or phrase or f"HTTP {status}"),
+            status=status,
+            retry_after=retry_after if isinstance(retry_after, (int, float)) else None,
+            detail=error,
         )

@@ -8,7 +8,13 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Message:
-    """A stored message; ``raw`` keeps every field (edits and deletes add some)."""
+    """A stored message, as the gateway sends it (``Message`` in ``/openapi.json``).
+
+    A message never changed has no ``version``, ``edited_at`` or ``deleted_at`` on the
+    wire; a changed one has all three, ``edited_at`` and ``deleted_at`` possibly
+    ``null``. Here both read ``None``. A deleted message is a tombstone: ``text`` is
+    ``""`` and ``deleted_at`` is set. ``raw`` keeps every field as sent.
+    """
 
     id: str
     room: str
@@ -16,11 +22,29 @@ class Message:
     author: str
     text: str
     created_at: str
+    version: int | None = None
+    edited_at: str | None = None
+    deleted_at: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def deleted(self) -> bool:
+        return self.deleted_at is not None
 
     @classmethod
     def of(cls, d: dict[str, Any]) -> Message:
-        return cls(d["id"], d["room"], d["seq"], d["author"], d.get("text", ""), d["created_at"], d)
+        return cls(
+            d["id"],
+            d["room"],
+            d["seq"],
+            d["author"],
+            d.get("text", ""),
+            d["created_at"],
+            d.get("version"),
+            d.get("edited_at"),
+            d.get("deleted_at"),
+            d,
+        )
 
 
 @dataclass(frozen=True)
@@ -31,11 +55,17 @@ class Page:
 
 @dataclass(frozen=True)
 class Change:
-    """``message_updated`` (kind ``updated``) or ``message_deleted`` (``deleted``)."""
+    """``message_updated`` (kind ``updated``) or ``message_deleted`` (``deleted``).
+
+    ``change`` is the room's change number: the client resumes changes from the last
+    one it handed on (``changes_since``), so each arrives once across reconnections.
+    Apply it by replacing the message at ``message.seq`` with ``message``.
+    """
 
     kind: str
     room: str
     message: Message
+    change: int
 
 
 @dataclass(frozen=True)
@@ -62,8 +92,35 @@ class Typing:
 
 @dataclass(frozen=True)
 class Read:
+    """A read receipt: ``user`` has read ``room`` up to ``seq``."""
+
     room: str
-    frame: dict[str, Any]
+    user: str
+    seq: int
+    frame: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class ReadState:
+    """A read position (``POST``/``GET /v1/rooms/{room}/read``, ``GET /v1/read``):
+    read up to ``seq``, ``unread`` messages after it."""
+
+    room: str
+    seq: int
+    unread: int
+
+    @classmethod
+    def of(cls, d: dict[str, Any]) -> ReadState:
+        return cls(d["room"], d["seq"], d["unread"])
+
+
+@dataclass(frozen=True)
+class Subscribed:
+    """The answer to a subscribe: the room's latest ``seq`` and last ``change``."""
+
+    room: str
+    seq: int
+    change: int
 
 
 @dataclass(frozen=True)
@@ -80,3 +137,21 @@ class StateChange:
     code: int | None = None
     reason: str = ""
     status: int | None = None  # HTTP status of a refused upgrade
+    error: Any = None  # the GatewayError of a refused upgrade, with the server's reason
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """A message ``search`` found; ``highlights``: ``(start, end)`` code point offsets
+    into ``message.text`` (Python ``str`` indices) of the words it matched."""
+
+    message: Message
+    highlights: list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class SearchPage:
+    """Newest first; ``next_cursor`` (``None``: no more) asks for the next page."""
+
+    results: list[SearchHit]
+    next_cursor: str | None

@@ -30,7 +30,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import jwt
+import orjson
 from jwt.warnings import InsecureKeyLengthWarning
 
 from chat_gateway.config import Settings
@@ -40,12 +42,19 @@ from chat_gateway.core.public_keys import (
     load_public_key,
     pinned_algorithms,
 )
+from chat_gateway.core.text import flaw
 from chat_gateway.errors import ApiError
 from chat_gateway.periodic import every
+from chat_gateway.storage import RoomFilter
 
 log = logging.getLogger("gateway.auth")
 
 HMAC_ALGORITHM = "HS256"
+# A key set larger than this, or listing more keys, is refused as a failed fetch
+# (the keys known before are kept): providers publish a handful, and parsing
+# thousands of RSA keys costs seconds of CPU.
+MAX_JWKS_BYTES = 1024 * 1024
+MAX_JWKS_KEYS = 100
 
 
 def _matches(patterns: tuple[str, ...] | None, room: str) -> bool:
@@ -84,6 +93,23 @@ class Identity:
     def unrestricted(self) -> bool:
         return self.rooms is None and self.read_rooms is None
 
+    @property
+    def bucket(self) -> str:
+        """The name this identity's rate buckets and connection counts go under:
+        ``user:<sub>`` for a token, the client address otherwise. An API key's is
+        ``key:<digest>`` (:func:`key_bucket`), so no ``sub`` can share a key's."""
+        return "user:" + self.name if self.user else self.name
+
+    def readable(self) -> RoomFilter | None:
+        """The rooms this identity may read as a store filter (None: every room)."""
+        if self.unrestricted:
+            return None
+        patterns = (*(self.rooms or ()), *(self.read_rooms or ()))
+        return RoomFilter(
+            names=tuple(p for p in patterns if not p.endswith("*")),
+            prefixes=tuple(p[:-1] for p in patterns if p.endswith("*")),
+        )
+
     def may_access(self, room: str) -> bool:
         """May read ``room`` (history, SSE, subscribe, presence)."""
         return self.unrestricted or _matches(self.rooms, room) or _matches(self.read_rooms, room)
@@ -116,22 +142,29 @@ class JwksKeys:
 
     The set is fetched at start, every ``refresh`` seconds, and when a token names
     a ``kid`` it does not hold; never twice within ``min_interval`` seconds (a flood
-    of made-up kids costs the provider one fetch per interval). Fetches run on a
-    worker thread (PyJWT's ``PyJWKClient`` reads with urllib). A fetch that fails
-    keeps the keys already known.
+    of made-up kids costs the provider one fetch per interval). A fetch reads at
+    most ``MAX_JWKS_BYTES`` (httpx, on the loop) and the keys, at most
+    ``MAX_JWKS_KEYS``, are parsed on a worker thread. A fetch that fails keeps the
+    keys already known. Only https is fetched (every redirect too) unless
+    ``allow_http``.
     """
 
     def __init__(
-        self, url: str, *, refresh: float = 300.0, min_interval: float = 5.0, timeout: float = 5.0
+        self,
+        url: str,
+        *,
+        refresh: float = 300.0,
+        min_interval: float = 5.0,
+        timeout: float = 5.0,
+        allow_http: bool = False,
     ) -> None:
         self.url = url
         self.refresh_interval = refresh
         self.min_interval = min_interval
         self.timeout = timeout
+        self.allow_http = allow_http
         self.keys: dict[str, PublicKey] = {}
-        self._client = jwt.PyJWKClient(
-            url, cache_jwk_set=False, timeout=timeout, headers={"User-Agent": "chat-gateway"}
-        )
+        self._http: httpx.AsyncClient | None = None
         self._last_fetch = -math.inf  # monotonic time the last fetch started
         self._fetch: asyncio.Task[None] | None = None
         self._periodic: asyncio.Task[None] | None = None
@@ -153,6 +186,8 @@ class JwksKeys:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        if self._http is not None:
+            await self._http.aclose()
 
     async def _refresh(self) -> None:
         if time.monotonic() - self._last_fetch >= self.min_interval:
@@ -185,10 +220,8 @@ class JwksKeys:
     async def _fetch_once(self) -> None:
         self._last_fetch = time.monotonic()
         try:
-            data = await asyncio.wait_for(
-                asyncio.to_thread(self._client.fetch_data), self.timeout + 1
-            )
-            keys = self._parse(data)
+            body = await asyncio.wait_for(self._download(), self.timeout + 1)
+            keys = await asyncio.to_thread(self._parse, body)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -206,14 +239,52 @@ class JwksKeys:
             log.warning("signing keys fetched from %s again", self.url)
         self._failing = False
         if set(keys) != set(self.keys):
-            log.info("signing keys from %s: %s", self.url, ", ".join(sorted(keys)))
+            log.info(
+                "signing keys from %s: %d (%d new, %d gone)",
+                self.url,
+                len(keys),
+                len(set(keys) - set(self.keys)),
+                len(set(self.keys) - set(keys)),
+            )
         self.keys = keys
 
-    def _parse(self, data: Any) -> dict[str, PublicKey]:
-        """Signature keys with a ``kid`` and a usable public key; the rest skipped."""
+    async def _download(self) -> bytes:
+        """The key set's bytes: at most ``MAX_JWKS_BYTES`` (decoded), over https
+        unless ``allow_http``."""
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                timeout=self.timeout,
+                follow_redirects=True,
+                headers={"User-Agent": "chat-gateway"},
+            )
+        async with self._http.stream("GET", self.url) as response:
+            if not self.allow_http:
+                for hop in (*response.history, response):
+                    if hop.url.scheme != "https":
+                        raise ValueError(f"refused to fetch keys over plain http ({hop.url})")
+            response.raise_for_status()
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > MAX_JWKS_BYTES:
+                raise ValueError(f"the JWKS is larger than {MAX_JWKS_BYTES} bytes ({declared})")
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_JWKS_BYTES:
+                    raise ValueError(f"the JWKS is larger than {MAX_JWKS_BYTES} bytes")
+        return bytes(body)
+
+    def _parse(self, body: bytes) -> dict[str, PublicKey]:
+        """Signature keys with a ``kid`` and a usable public key; the rest skipped.
+        Runs on a worker thread."""
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"the JWKS is not JSON: {exc}") from None
         entries = data.get("keys") if isinstance(data, dict) else None
         if not isinstance(entries, list):
             raise ValueError("the JWKS has no keys list")
+        if len(entries) > MAX_JWKS_KEYS:
+            raise ValueError(f"the JWKS lists {len(entries)} keys, more than {MAX_JWKS_KEYS}")
         keys: dict[str, PublicKey] = {}
         for entry in entries:
             if not isinstance(entry, dict):
@@ -264,8 +335,10 @@ class Authenticator:
         public_key: PublicKey | None = None,
         issuer: str | None = None,
         audience: str | None = None,
+        metrics_key: str | None = None,
     ) -> None:
         self.secrets = tuple((secret or "").split())
+        self._metrics_key = metrics_key.encode() if metrics_key else None
         self.leeway = leeway
         self.jwks = jwks
         self.public_key = public_key
@@ -283,6 +356,7 @@ class Authenticator:
                 refresh=s.auth_jwks_refresh,
                 min_interval=s.auth_jwks_min_interval,
                 timeout=s.auth_jwks_timeout,
+                allow_http=s.auth_jwks_allow_http,
             )
             if s.auth_jwks_url
             else None
@@ -295,6 +369,7 @@ class Authenticator:
             public_key=load_public_key(s.auth_public_key) if s.auth_public_key else None,
             issuer=s.auth_issuer,
             audience=s.auth_audience,
+            metrics_key=s.metrics_key,
         )
 
     async def start(self) -> None:
@@ -326,6 +401,11 @@ class Authenticator:
             out.append(
                 "API_KEYS is unset: POST /v1/publish refuses every request (401); "
                 "set API_KEYS for backend publishers"
+            )
+        if self.jwks is not None and self.jwks.url.lower().startswith("http://"):
+            out.append(
+                "AUTH_JWKS_URL is plain http (AUTH_JWKS_ALLOW_HTTP=true): whoever can "
+                "alter that traffic can sign tokens the gateway accepts"
             )
         if (self.jwks or self.public_key) and not self.audience:
             out.append(
@@ -371,8 +451,14 @@ class Authenticator:
             raise ApiError("unauthorized", "a bearer token is required")
         claims = self._verify(token)
         sub = claims.get("sub")
-        if not isinstance(sub, str) or not sub or len(sub) > 128:
-            raise ApiError("unauthorized", "the token's sub must be a string of 1..128 characters")
+        if not isinstance(sub, str) or not sub.strip() or len(sub) > 128:
+            raise ApiError(
+                "unauthorized",
+                "the token's sub must be a string of 1..128 characters, not all blank",
+            )
+        problem = flaw(sub)  # it becomes the author of what the token posts
+        if problem is not None:
+            raise ApiError("unauthorized", f"the token's sub {problem}")
         exp = claims["exp"]
         if isinstance(exp, bool) or not isinstance(exp, (int, float)) or not math.isfinite(exp):
             raise ApiError(
@@ -491,6 +577,25 @@ class Authenticator:
         if isinstance(exc, jwt.InvalidAudienceError):
             return f"the token's audience (aud) does not include {self.audience!r}"
         return f"the token is not valid: {exc}"
+
+    def check_metrics_key(self, key: str | None) -> None:
+        """``GET /metrics``: ``METRICS_KEY`` or an API key when either is required,
+        that is when ``METRICS_KEY`` is set or auth is on; open otherwise."""
+        if self._metrics_key is None and self.open_mode:
+            return
+        if self._metrics_key is None and not self._api_keys:
+            raise ApiError(
+                "unauthorized",
+                "no METRICS_KEY or API_KEYS is configured, and with auth on /metrics needs one",
+            )
+        if not key:
+            raise ApiError(
+                "unauthorized", "a metrics or API key is required: Authorization: Bearer <key>"
+            )
+        if self._metrics_key is not None and hmac.compare_digest(key.encode(), self._metrics_key):
+            return
+        if not is_api_key(self, key):
+            raise ApiError("unauthorized", "the key is neither METRICS_KEY nor an API key")
 
     def check_api_key(self, key: str | None) -> None:
         if not self._api_keys:

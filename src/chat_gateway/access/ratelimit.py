@@ -208,7 +208,7 @@ class RateLimiter(LocalRateLimiter):
                 [key], [rate.capacity, pus, cost], batch=self.batch
             )
         except Exception as exc:
-            self.guard.shard_failed(shard)
+            self.guard.shard_failed(shard, exc)
             self._set_fallback(shard, True, exc)
             return self.local.hit(key, rate, cost)
         self._set_fallback(shard, False)

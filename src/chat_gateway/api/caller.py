@@ -65,6 +65,11 @@ def identify(conn: HTTPConnection, *, query_token: bool = False) -> Identity:
 def presence_user(conn: HTTPConnection, identity: Identity) -> str | None:
     """The name a connection is present under: the token's ``sub``, or in open mode
     the optional ``?user=`` query parameter (no parameter: not shown in presence)."""
-    raw = conn.query_params.get("user")
-    given = None if raw is None else author(raw)  # checked even where it is not used
+    given = query_user(conn)  # checked even where it is not used
     return identity.name if identity.user else given
+
+
+def query_user(conn: HTTPConnection) -> str | None:
+    """The ``?user=`` query parameter, checked as an author name (422 otherwise)."""
+    raw = conn.query_params.get("user")
+    return None if raw is None else author(raw)

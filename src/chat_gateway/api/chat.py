@@ -2,9 +2,9 @@
 (the work itself: chat_gateway.delivery.chat).
 
 Who may change a message: its author (the token's ``sub``; in open mode the
-``author`` given, as on a post), a token whose ``moderate`` claim grants the
-room, or any holder of an API key, for any message. All count against the post
-bucket.
+``author`` given, as on a post) where the token may post (a read-only grant may
+not), a token whose ``moderate`` claim grants the room, or any holder of an API
+key, for any message. All count against the post bucket.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from chat_gateway.api import validation as v
 from chat_gateway.api.caller import gateway_of, identify
 from chat_gateway.api.responses import encoded_json_response, json_response
 from chat_gateway.errors import ApiError
-from chat_gateway.gateway import POST
+from chat_gateway.gateway import POST, READ
 from chat_gateway.storage import ReadPosition
 
 
@@ -40,15 +40,17 @@ async def _changer(request: Request, room: str, body: dict[str, Any]) -> tuple[s
         return None, key_bucket(key)
     identity = identify(request)
     identity.check_room(room)
-    return changed_by(identity, room, given), identity.name
+    return changed_by(identity, room, given), identity.bucket
 
 
 def changed_by(identity: Identity, room: str, given: Any) -> str | None:
     """Whose messages ``identity`` may change in ``room`` (already checked readable):
     any (None) for a moderator of the room, else the token's sub, in open mode the
-    ``author`` given."""
+    ``author`` given. A change is a write: without the ``moderate`` grant it needs
+    post rights in the room, so a read-only grant is refused (403) as a post is."""
     if identity.may_moderate(room):
         return None
+    identity.check_post(room)
     return identity.name if identity.user else v.author(given)
 
 
@@ -136,8 +138,9 @@ async def mark_read(request: Request) -> Response:
     if seq is None:
         raise ApiError("invalid_request", "seq is required", field="seq")
     user = reader(identity, body)
+    decision = await gw.rate(READ, identity.bucket)
     pos = await gw.chat.mark_read(user, room, seq)
-    return json_response(position_json(pos))
+    return json_response(position_json(pos), headers=decision.headers())
 
 
 async def read_position(request: Request) -> Response:
@@ -155,7 +158,10 @@ async def read_positions(request: Request) -> Response:
     identity = identify(request)
     v.only_fields(dict(request.query_params), v.fields(v.READ_QUERY))
     user = reader(identity, dict(request.query_params))
-    positions = [p for p in await gw.store.read_positions(user) if identity.may_access(p.room)]
+    # Filtered in the query: a limit applied first would hide granted rooms
+    # behind a thousand others.
+    found = await gw.store.read_positions(user, rooms=identity.readable())
+    positions = [p for p in found if identity.may_access(p.room)]
     return json_response({"rooms": [position_json(p) for p in positions]})
 
 

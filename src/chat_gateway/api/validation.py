@@ -12,7 +12,9 @@ from typing import Any
 import orjson
 from starlette.requests import ClientDisconnect, Request
 
+from chat_gateway.core.text import flaw
 from chat_gateway.errors import ApiError
+from chat_gateway.storage import search
 
 ROOM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 EVENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
@@ -75,7 +77,8 @@ IDEMPOTENCY_KEY: dict[str, Any] = {
     "type": "string",
     "minLength": 1,
     "maxLength": MAX_IDEMPOTENCY_KEY,
-    "description": "as the Idempotency-Key header: a repeat "
+    "pattern": r"^[^\x00]*$",
+    "description": "as the Idempotency-Key header (no NUL): a repeat "
     "in the same room is acked with the first message",
 }
 TOKEN: dict[str, Any] = {
@@ -114,6 +117,26 @@ EVENTS_QUERY = object_schema(
 )
 WS_QUERY = object_schema([], token=TOKEN, user=PRESENCE_USER)
 NO_QUERY = object_schema([])  # for routes that take no query parameters
+# GET /v1/search (chat_gateway.storage.search: the query language and its bounds)
+SEARCH_QUERY = object_schema(
+    ["q"],
+    q={
+        "type": "string",
+        "minLength": 1,
+        "maxLength": search.MAX_QUERY_CHARS,
+        "description": 'words (the last one also as a prefix), "quoted phrases", '
+        f"-excluded words; at most {search.MAX_QUERY_WORDS} words",
+    },
+    room={
+        "type": "array",
+        "items": ROOM,
+        "maxItems": search.MAX_ROOMS,
+        "description": "repeat to search only these rooms (each must be readable); "
+        "absent: every room the caller may read",
+    },
+    limit={**LIMIT, "maximum": search.MAX_LIMIT, "default": 20},
+    cursor={"type": "string", "description": "next_cursor of the previous page"},
+)
 # Chat: edits, deletes, read positions.
 MESSAGE_SEQ: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": MAX_SEQ}
 READER: dict[str, Any] = {
@@ -189,14 +212,9 @@ def room_name(value: Any) -> str:
 
 
 def _printable(value: str, name: str) -> None:
-    if "\x00" in value:
-        raise ApiError("invalid_request", f"{name} must not contain NUL characters", field=name)
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError(
-            "invalid_request", f"{name} must be valid Unicode (no lone surrogates)", field=name
-        ) from None
+    problem = flaw(value)
+    if problem is not None:
+        raise ApiError("invalid_request", f"{name} {problem}", field=name)
 
 
 def text(value: Any) -> str:
@@ -318,6 +336,18 @@ def nesting(value: Any, name: str, limit: int = MAX_DEPTH) -> Any:
             for x in (c.values() if isinstance(c, dict) else c)
             if isinstance(x, (dict, list))
         ]
+    return value
+
+
+def event_data(value: Any) -> dict[str, Any]:
+    """The ``data`` of an ephemeral event (``POST /v1/publish``, ``POST
+    /v1/server/broadcast``): absent is ``{}``, else a JSON object nesting at most
+    ``MAX_DEPTH`` levels."""
+    if value is ABSENT:
+        return {}
+    if not isinstance(value, dict):
+        raise ApiError("invalid_request", "data must be a JSON object", field="data")
+    nesting(value, "data")
     return value
 
 

@@ -261,17 +261,16 @@ class RedisChat(Chat):
 
     async def check_changes(self) -> None:
         """Fill every held room whose last change in Redis is ahead of what was dispatched."""
-        rooms = [r for r in self.hub.rooms.values() if r.seq is not None]
+        rooms = list(self.hub.room_stats())
         if not rooms:
             return
         # One MGET per thousand rooms over one Redis (HistoryCache.get_many).
-        values = await self.history.get_many([self._change_key(r.name) for r in rooms])
-        for r, value in zip(rooms, values, strict=True):
+        values = await self.history.get_many([self._change_key(room) for room in rooms])
+        for room, value in zip(rooms, values, strict=True):
             if isinstance(value, BaseException) or value is None:
                 continue
-            if int(value) > r.changes.last and r.changes.task is None:
+            if self.hub.fill_changes(room, latest=int(value)):
                 self.metrics.gap_fills.labels("change_position").inc()
-                self.hub.fill_changes(r)
 
     async def _raise_change_position(self, room: str, number: int) -> None:
         try:
@@ -282,6 +281,10 @@ class RedisChat(Chat):
             log.warning("change position not raised: %r", exc)
 
     async def _typing_window(self, room: str, user: str) -> bool:
+        # This instance's window first: a burst of typing frames costs Redis one
+        # SET per window, not one per frame.
+        if not await super()._typing_window(room, user):
+            return False
         if self.guard.usable():
             digest = hashlib.sha256(user.encode()).hexdigest()[:24]
             key = f"{self.settings.key_prefix}typing:{{{room}}}:{digest}"
@@ -291,4 +294,4 @@ class RedisChat(Chat):
                 )
             except Exception as exc:
                 log.debug("typing window not checked in Redis: %r", exc)
-        return await super()._typing_window(room, user)
+        return True

@@ -156,9 +156,7 @@ class Control:
                 )
         elif isinstance(command, Unsubscribe):
             room = command.room
-            for sub in self.hub.of_user(command.user):
-                if room not in sub.cursors:
-                    continue
+            for sub in self.hub.of_user(command.user, room):
                 if sub.transport == SSE:  # a stream is one room: it ends
                     sub.farewell = sse_event(
                         "unsubscribed", {"room": room, "reason": command.reason}

@@ -6,10 +6,13 @@ is handed over only if its seq is ``cursor + 1``. Live messages, gap fills,
 resume replays and reconnect fills all pass through that rule, so none can
 reorder or repeat what another delivered.
 
-- A room's live stream is sequenced first: a seq ahead of the next expected
-  one waits in ``pending`` for ``gap_wait`` seconds, then the gap is filled
-  from the store (the truth). The same fill runs after a broker reconnect and
-  when the periodic position check finds the room's latest seq ahead.
+- A room's live stream is sequenced first, by its ``Sequencer``
+  (:mod:`chat_gateway.core.sequencer`, which does no I/O; the hub is its shell:
+  it feeds in broker payloads and store pages, and runs the timers and fills the
+  sequencer asks for): a seq ahead of the next expected one is held for
+  ``gap_wait`` seconds, then the gap is filled from the store (the truth). The
+  same fill runs after a broker reconnect and when the periodic position check
+  finds the room's latest seq ahead.
 - A subscriber behind the room (resume with ``since``, or a message it missed
   while joining) gets a catch-up task that reads the store from its cursor
   until it reaches the room's position; live messages it already has are
@@ -31,6 +34,10 @@ likewise waits until the room has dispatched the changes committed before it
 (the count its payload carries), so the two go out in commit order. Typing and
 read receipts (``t:``, ``r:``) are unsequenced, like ephemeral events.
 
+Outside this module nothing reads a room's or a subscriber's fields: ask the hub
+(``room_stats``, ``held_rooms``, ``connections``, ``of_user``) or the subscriber
+(``holds``, ``rooms``, ``position``).
+
 The hub sequences and dispatches; the payloads it reads are those of
 :mod:`chat_gateway.core.wire`, and the frames it queues are built by :mod:`chat_gateway.core.frames`.
 """
@@ -39,10 +46,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 
@@ -56,6 +64,7 @@ from chat_gateway.core.frames import (
     message_frame,
     presence_frame,
 )
+from chat_gateway.core.sequencer import Sequencer, Timer, merge
 from chat_gateway.delivery.primitives import Flag
 from chat_gateway.errors import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER
 from chat_gateway.metrics import Metrics
@@ -153,6 +162,18 @@ class Subscriber:
     def reply(self, obj: Any) -> bool:
         return self.push(orjson.dumps(obj), reply=True)
 
+    def holds(self, room: str) -> bool:
+        """Subscribed to ``room``."""
+        return room in self.cursors
+
+    def rooms(self) -> list[str]:
+        """The rooms it is subscribed to."""
+        return list(self.cursors)
+
+    def position(self, room: str) -> int | None:
+        """The last seq of ``room`` it was given (None when not subscribed)."""
+        return self.cursors.get(room)
+
     def close_at(self, deadline: float, code: int, reason: str) -> None:
         """Close with ``code`` at ``deadline`` (epoch seconds), e.g. when a token expires;
         replaces the deadline set before (a refreshed token moves it)."""
@@ -203,32 +224,19 @@ class Subscriber:
             await self._drained.wait()
 
 
-class Changes:
-    """A room's change sequencer: the last change number dispatched, changes held
-    until their turn, and the timer and task that fill a gap from the store."""
-
-    __slots__ = ("last", "pending", "timer", "task", "again")
-
-    def __init__(self) -> None:
-        self.last = 0
-        self.pending: dict[int, tuple[int, bytes]] = {}  # change -> (after_seq, message)
-        self.timer: asyncio.TimerHandle | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.again = False
-
-
 class Room:
+    """A room held on this instance: its subscribers, and its sequencer
+    (chat_gateway.core.sequencer) with the timers and fill tasks it asked for."""
+
     __slots__ = (
         "name",
         "channel",
         "name_json",
         "subs",
-        "seq",
-        "pending",
-        "gap_timer",
+        "sequencer",
+        "timers",
         "fill_task",
-        "fill_again",
-        "changes",
+        "changes_task",
     )
 
     def __init__(self, name: str, channel: str) -> None:
@@ -237,13 +245,20 @@ class Room:
         # A copy: orjson's own bytes keep a 4 KiB buffer each, for the room's lifetime.
         self.name_json = bytes(memoryview(orjson.dumps(name)))
         self.subs: dict[Subscriber, None] = {}
-        self.seq: int | None = None  # last seq dispatched in order; None while joining
-        # seq -> (created_ms, the room's change count at its commit or None, message)
-        self.pending: dict[int, tuple[int, int | None, bytes]] = {}
-        self.gap_timer: asyncio.TimerHandle | None = None
+        self.sequencer: Sequencer  # set by Hub._open_room, which knows the callbacks
+        self.timers: dict[Timer, asyncio.TimerHandle] = {}
         self.fill_task: asyncio.Task[None] | None = None
-        self.fill_again = False
-        self.changes = Changes()
+        self.changes_task: asyncio.Task[None] | None = None
+
+
+class RoomStats(NamedTuple):
+    """What the hub tells of a held room (``Hub.room_stats``)."""
+
+    seq: int  # the last message delivered in order
+    change: int  # the last change delivered
+    subscribers: int
+    waiting: int  # live messages and changes held for their turn
+    gap_timer: bool  # a gap's timer is armed
 
 
 class Hub:
@@ -282,15 +297,11 @@ class Hub:
         self._position_task = every(self.position_interval, self.check_positions, "position check")
 
     async def close(self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutdown") -> None:
-        for sub in list(self.subscribers.values()):
-            sub.close(code, reason)
+        self.close_subscribers(code, reason)
         tasks = [t for t in (self._position_task, *self._tasks) if t is not None]
         for room in self.rooms.values():
-            tasks.extend(t for t in (room.fill_task,) if t is not None)
-            if room.gap_timer is not None:
-                room.gap_timer.cancel()
-            if room.changes.timer is not None:
-                room.changes.timer.cancel()
+            tasks.extend(t for t in (room.fill_task, room.changes_task) if t is not None)
+            room.sequencer.close()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -303,6 +314,40 @@ class Hub:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    # -- what the hub tells ------------------------------------------------
+
+    def room_stats(self) -> dict[str, RoomStats]:
+        """Every held room whose position is known (one still joining is left out)."""
+        stats: dict[str, RoomStats] = {}
+        for name, r in self.rooms.items():
+            s = r.sequencer
+            if s.seq is not None:
+                stats[name] = RoomStats(
+                    s.seq, s.change, len(r.subs), s.waiting, s.due(Timer.GAP) is not None
+                )
+        return stats
+
+    def held_rooms(self) -> list[str]:
+        """The rooms this instance holds subscribers in (or is joining)."""
+        return list(self.rooms)
+
+    def connections(self) -> int:
+        """This instance's registered connections."""
+        return len(self.subscribers)
+
+    def of_user(self, user: str, room: str | None = None) -> list[Subscriber]:
+        """This instance's connections of ``user`` (with ``room``: those subscribed to it)."""
+        return [
+            sub
+            for sub in self.subscribers.values()
+            if sub.user == user and (room is None or sub.holds(room))
+        ]
+
+    def close_subscribers(self, code: int, reason: str) -> None:
+        """Close every connection (their sessions end and unregister)."""
+        for sub in list(self.subscribers.values()):
+            sub.close(code, reason)
 
     # -- connections -------------------------------------------------------
 
@@ -345,16 +390,16 @@ class Hub:
         if room in sub.cursors:
             await self.unsubscribe(sub, room)
         r = self.rooms.get(room)
-        if r is None or r.seq is None:
+        if r is None or r.sequencer.seq is None:
             async with self._room_lock(room):
                 r = self.rooms.get(room)
                 if r is None:
                     r = await self._open_room(room)
-        assert r.seq is not None
-        latest = r.seq
+        latest = r.sequencer.seq
+        assert latest is not None
         cursor = latest if since is None else since
         sub.cursors[room] = cursor
-        last_change = r.changes.last
+        last_change = r.sequencer.change
         if sub.ccursors is None:
             sub.ccursors = {}
         sub.ccursors[room] = (
@@ -370,20 +415,49 @@ class Hub:
 
     async def _open_room(self, room: str) -> Room:
         r = Room(room, self.channel(room))
+        loop = asyncio.get_running_loop()
+
+        def schedule(timer: Timer, delay: float | None) -> None:
+            handle = r.timers.pop(timer, None)
+            if handle is not None:
+                handle.cancel()
+            if delay is not None:
+                r.timers[timer] = loop.call_later(delay, self._timer_fired, r, timer)
+
+        def skip_changes(previous: int, to: int) -> None:
+            """Numbers up to ``to`` will never be read: the subscribers in step with
+            the room move past them too."""
+            for sub in r.subs:
+                if sub.ccursors is not None and sub.ccursors.get(r.name) == previous:
+                    sub.ccursors[r.name] = to
+
+        r.sequencer = Sequencer(
+            deliver=functools.partial(self._dispatch, r),
+            deliver_change=functools.partial(self._dispatch_change, r),
+            skip_changes=skip_changes,
+            schedule=schedule,
+            fill=functools.partial(self._start_fill, r),
+            fill_changes=functools.partial(self._start_changes_fill, r),
+            clock=loop.time,
+            gap_wait=self.gap_wait,
+            page_size=MAX_PAGE,
+            max_pending=MAX_PENDING,
+        )
         self.rooms[room] = r
         self._by_channel[r.channel] = r
         try:
             await self.broker.subscribe(r.channel)
             # Subscribed first, then read the position: anything published
-            # meanwhile waits in `pending` and is sequenced after it.
-            r.seq, r.changes.last = await self.store.position(room)
+            # meanwhile is held by the sequencer and goes in turn after it.
+            seq, change = await self.store.position(room)
         except BaseException:
             self.rooms.pop(room, None)
             self._by_channel.pop(r.channel, None)
+            r.sequencer.close()
             with contextlib.suppress(Exception):
                 await self.broker.unsubscribe(r.channel)
             raise
-        self._drain(r)
+        r.sequencer.start(seq, change)
         return r
 
     async def unsubscribe(self, sub: Subscriber, room: str) -> bool:
@@ -404,11 +478,10 @@ class Hub:
                 if not r.subs and self.rooms.get(room) is r:
                     del self.rooms[room]
                     del self._by_channel[r.channel]
-                    if r.gap_timer is not None:
-                        r.gap_timer.cancel()
-                    if r.fill_task is not None:
-                        r.fill_task.cancel()
-                    self._stop_changes(r)
+                    r.sequencer.close()
+                    for fill in (r.fill_task, r.changes_task):
+                        if fill is not None:
+                            fill.cancel()
                     await self.broker.unsubscribe(r.channel)
         return True
 
@@ -420,19 +493,10 @@ class Hub:
             return
         payload = wire.decode(data)
         if isinstance(payload, wire.MessagePayload):
-            seq = payload.seq
-            if r.seq is not None and seq <= r.seq:
-                return  # already delivered (a fill got there first)
-            if len(r.pending) >= MAX_PENDING:
-                r.pending.clear()
-                if r.seq is not None:
-                    self.fill(r)
-                return
-            r.pending[seq] = (payload.created_ms, payload.changes, payload.body)
-            if r.seq is not None:
-                self._drain(r)
+            r.sequencer.live_message(payload.seq, payload.created_ms, payload.changes, payload.body)
         elif isinstance(payload, wire.ChangePayload):  # an edit or delete
-            self._on_change(r, payload.change, payload.after_seq, payload.body)
+            self.history.forget(r.name)  # this instance's window holds the old text
+            r.sequencer.live_change(payload.change, payload.after_seq, payload.body)
         elif isinstance(payload, wire.EventPayload):
             self._dispatch_event(r, payload, event_frame)
         elif isinstance(
@@ -450,118 +514,45 @@ class Hub:
         elif isinstance(payload, wire.ReadPayload):
             self._dispatch_event(r, payload, chat_frame)
 
-    def _drain(self, r: Room) -> None:
-        """Dispatch what is next in commit order, messages and changes interleaved: the
-        next message once the room has dispatched the changes committed before it,
-        the next change once it has dispatched the messages committed before it."""
-        assert r.seq is not None
-        c = r.changes
-        while True:
-            message = r.pending.get(r.seq + 1)
-            if message is not None and (message[1] is None or message[1] <= c.last):
-                del r.pending[r.seq + 1]
-                self._dispatch(r, r.seq + 1, *message)
-                continue
-            change = c.pending.get(c.last + 1)
-            if change is not None and change[0] <= r.seq:
-                del c.pending[c.last + 1]
-                self._dispatch_change(r, c.last + 1, *change)
-                continue
-            break
-        if r.pending:
-            for seq in [s for s in r.pending if s <= r.seq]:
-                del r.pending[seq]
-        if r.pending and r.gap_timer is None and r.fill_task is None:
-            # A seq ahead of the next one, or the next one waiting for a change not
-            # here: wait briefly for the missing ones.
-            r.gap_timer = asyncio.get_running_loop().call_later(self.gap_wait, self._gap_due, r)
-        elif not r.pending and r.gap_timer is not None:
-            r.gap_timer.cancel()
-            r.gap_timer = None
-        for change_no in [k for k in c.pending if k <= c.last]:
-            del c.pending[change_no]
-        if c.pending and c.timer is None and c.task is None:
-            # A change ahead of the next number, or waiting for messages not yet
-            # here: wait briefly, then read the store.
-            c.timer = asyncio.get_running_loop().call_later(self.gap_wait, self._change_due, r)
-        elif not c.pending and c.timer is not None:
-            c.timer.cancel()
-            c.timer = None
+    def _timer_fired(self, r: Room, timer: Timer) -> None:
+        r.timers.pop(timer, None)
+        if r.sequencer.timer_fired(timer):
+            self.metrics.gap_fills.labels(timer.value).inc()
 
-    def _gap_due(self, r: Room) -> None:
-        r.gap_timer = None
-        if r.pending and self.rooms.get(r.name) is r:
-            self.metrics.gap_fills.labels("gap").inc()
-            self.fill(r)
-
-    def fill(self, r: Room) -> None:
+    def fill(self, room: str) -> None:
         """Read the store after the room's position and dispatch what is there."""
-        if r.fill_task is not None:
-            r.fill_again = True
-            return
+        r = self.rooms.get(room)
+        if r is not None and r.sequencer.seq is not None:
+            r.sequencer.fill()
+
+    def _start_fill(self, r: Room) -> None:
         r.fill_task = self._spawn(self._fill(r), f"fill-{r.name}")
 
     async def _fill(self, r: Room) -> None:
-        """Messages after the room's position from the store, each with the number of
-        changes committed before it, read from the change log after them (so no change
-        committed before a message read is missed), then dispatched in commit order."""
-        c = r.changes
+        """Messages after the room's position from the store, then the change log
+        after the room's last change (so no change committed before a message read
+        is missed), handed to the sequencer page by page until it has enough."""
+        s = r.sequencer
         try:
-            while r.seq is not None and self.rooms.get(r.name) is r:
-                r.fill_again = False
-                page = await self.store.history(r.name, after=r.seq, limit=MAX_PAGE)
-                known = c.last
+            while s.open:
+                page = await self.store.history(r.name, after=s.fill_next(), limit=MAX_PAGE)
+                known = s.change
                 changes = (
                     await self.store.changes(r.name, after=known, limit=MAX_PAGE)
                     if page.messages
                     else []
                 )
-                if r.seq is None or self.rooms.get(r.name) is not r:
-                    break
-                self._take_changes(r, changes)
-                # A full page of changes: messages past its last one wait for the next.
-                bound = changes[-1].after_seq if len(changes) == MAX_PAGE else None
-                position = (r.seq, c.last)
-                preceding = iter(changes)
-                upcoming = next(preceding, None)
-                before = known
-                for msg in page.messages:
-                    if bound is not None and msg.seq > bound:
-                        break
-                    while upcoming is not None and upcoming.after_seq < msg.seq:
-                        before = upcoming.change
-                        upcoming = next(preceding, None)
-                    if msg.seq > r.seq:
-                        r.pending[msg.seq] = (msg.created_ms, before, msg.to_json())
-                self._drain(r)
-                if (r.seq, c.last) == position and not r.fill_again:
-                    break  # nothing more could go: the timers come back
-                if not page.has_more and bound is None and not r.fill_again:
+                if not s.open or not s.fill_page(page.messages, page.has_more, changes, known):
                     break
         except StoreUnavailable as exc:
             log.warning("gap fill for room %s failed: %s", r.name, exc)
         finally:
             r.fill_task = None
-            if r.pending and r.gap_timer is None and self.rooms.get(r.name) is r:
-                r.gap_timer = asyncio.get_running_loop().call_later(
-                    max(self.gap_wait, 0.5), self._gap_due, r
-                )
-
-    def _take_changes(self, r: Room, changes: list[Change]) -> None:
-        """Changes read from the store join the room's pending ones."""
-        c = r.changes
-        if changes and changes[0].change > c.last + 1 and c.last + 1 not in c.pending:
-            # Numbers commit in order, so a number missing below a stored one
-            # is a change whose message retention or a purge removed: skip it.
-            self._skip_changes(r, changes[0].change - 1)
-        for change in changes:
-            if change.change > c.last:
-                c.pending[change.change] = (change.after_seq, change.message.to_json())
+            s.fill_done()
 
     def _dispatch(
         self, r: Room, seq: int, created_ms: int, changes: int | None, body: bytes
     ) -> None:
-        r.seq = seq
         frames: dict[str, bytes] = {}  # encoded once per transport
         delivered = 0
         for sub in r.subs:
@@ -587,78 +578,39 @@ class Hub:
         if delivered:
             self.metrics.delivered(delivered, created_ms)
 
-    # -- edits and deletes: the change sequencer ----------------------------------
+    # -- edits and deletes ------------------------------------------------------------
 
-    def _on_change(self, r: Room, change: int, after_seq: int, body: bytes) -> None:
-        self.history.forget(r.name)  # this instance's window holds the old text
-        c = r.changes
-        if r.seq is None or change <= c.last:
-            if r.seq is None:  # joining: sequenced once the position is read
-                c.pending[change] = (after_seq, body)
-            return
-        if len(c.pending) >= MAX_PENDING:
-            c.pending.clear()
-            self.fill_changes(r)
-            return
-        c.pending[change] = (after_seq, body)
-        self._drain(r)
+    def fill_changes(self, room: str, latest: int | None = None) -> bool:
+        """Read the change log after the room's last change and dispatch it in turn.
+        With ``latest`` (the room's last committed change, as Redis tells it): only
+        when the room is behind it and no change fill runs. True when a fill starts."""
+        r = self.rooms.get(room)
+        if r is None:
+            return False
+        s = r.sequencer
+        if s.seq is None or (latest is not None and (latest <= s.change or s.filling_changes)):
+            return False
+        s.fill_changes()
+        return True
 
-    def _change_due(self, r: Room) -> None:
-        c = r.changes
-        c.timer = None
-        if not c.pending or self.rooms.get(r.name) is not r:
-            return
-        waiting = c.pending.get(c.last + 1)
-        if waiting is not None and r.seq is not None and waiting[0] > r.seq:
-            self.fill(r)  # the messages before it were lost or are late
-            c.timer = asyncio.get_running_loop().call_later(
-                max(self.gap_wait, 0.5), self._change_due, r
-            )
-        else:
-            self.metrics.gap_fills.labels("change").inc()
-            self.fill_changes(r)
-
-    def fill_changes(self, r: Room) -> None:
-        """Read the change log after the room's last change and dispatch it in turn."""
-        c = r.changes
-        if c.task is not None:
-            c.again = True
-            return
-        c.task = self._spawn(self._fill_changes(r), f"changes-{r.name}")
+    def _start_changes_fill(self, r: Room) -> None:
+        r.changes_task = self._spawn(self._fill_changes(r), f"changes-{r.name}")
 
     async def _fill_changes(self, r: Room) -> None:
-        c = r.changes
+        s = r.sequencer
         try:
-            while r.seq is not None and self.rooms.get(r.name) is r:
-                c.again = False
-                changes = await self.store.changes(r.name, after=c.last, limit=MAX_PAGE)
-                self._take_changes(r, changes)
-                self._drain(r)
-                if len(changes) < MAX_PAGE and not c.again:
+            while s.open:
+                changes = await self.store.changes(r.name, after=s.changes_next(), limit=MAX_PAGE)
+                if not s.changes_page(changes):
                     break
-                if c.last + 1 in c.pending:
-                    break  # waiting for messages: the timer comes back
         except StoreUnavailable as exc:
             log.warning("change fill for room %s failed: %s", r.name, exc)
         finally:
-            c.task = None
-            if c.pending and c.timer is None and self.rooms.get(r.name) is r:
-                c.timer = asyncio.get_running_loop().call_later(
-                    max(self.gap_wait, 0.5), self._change_due, r
-                )
-
-    def _skip_changes(self, r: Room, to: int) -> None:
-        """Numbers up to ``to`` will never be read: the room and its subscribers in
-        step with it move past them."""
-        c = r.changes
-        for sub in r.subs:
-            if sub.ccursors is not None and sub.ccursors.get(r.name) == c.last:
-                sub.ccursors[r.name] = to
-        c.last = to
+            r.changes_task = None
+            s.changes_fill_done()
 
     def _dispatch_change(self, r: Room, change: int, after_seq: int, body: bytes) -> None:
-        previous = r.changes.last
-        r.changes.last = change
+        previous = change - 1
         frames: dict[str, bytes] = {}
         for sub in r.subs:
             ccursors = sub.ccursors
@@ -677,12 +629,6 @@ class Hub:
             if sub.push(frame):
                 assert ccursors is not None
                 ccursors[r.name] = change
-
-    def _stop_changes(self, r: Room) -> None:
-        if r.changes.timer is not None:
-            r.changes.timer.cancel()
-        if r.changes.task is not None:
-            r.changes.task.cancel()
 
     def _dispatch_event(self, r: Room, event: T, build: Callable[[str, T], bytes]) -> None:
         """Queue an unsequenced frame to every subscriber of the room, encoded once."""
@@ -704,15 +650,17 @@ class Hub:
     async def _run_catch_up(self, sub: Subscriber, r: Room) -> None:
         """Bring one subscriber up to its room from the store: messages after its
         cursor and, when it follows changes, changes after its change cursor,
-        interleaved by position (a change goes right after message ``after_seq``)."""
+        interleaved by position (``merge``: a change goes right after message
+        ``after_seq``)."""
         room = r.name
+        s = r.sequencer
         try:
             while sub.close_code is None and room in sub.cursors:
                 cursor = sub.cursors[room]
                 ccursors = sub.ccursors
                 ccursor = None if ccursors is None else ccursors.get(room)
-                behind = r.seq is not None and cursor < r.seq
-                behind_changes = ccursor is not None and ccursor < r.changes.last
+                behind = s.seq is not None and cursor < s.seq
+                behind_changes = ccursor is not None and ccursor < s.change
                 if not behind and not behind_changes:
                     break
                 page = await self.store.history(room, after=cursor, limit=MAX_PAGE)
@@ -728,19 +676,13 @@ class Hub:
                     # Seqs commit in order, so a hole below the first stored one is
                     # retention's work: those messages are gone; go on after them.
                     sub.cursors[room] = page.messages[0].seq - 1
-                # A full page of changes: messages past its last one wait for the next.
-                bound = changes[-1].after_seq if len(changes) == MAX_PAGE else None
-                pending = iter(changes)
-                upcoming = next(pending, None)
+                merged = merge(page.messages, changes, page_size=MAX_PAGE)
                 progressed = False
-                for msg in page.messages:
-                    if bound is not None and msg.seq > bound:
-                        break
-                    while upcoming is not None and upcoming.after_seq < msg.seq:
-                        if not await self._catch_up_change(sub, r, upcoming):
+                for preceding, msg in merged.steps:
+                    for change in preceding:
+                        if not await self._catch_up_change(sub, r, change):
                             return
                         progressed = True
-                        upcoming = next(pending, None)
                     await sub.wait_for_room()
                     if sub.cursors.get(room) != msg.seq - 1:
                         continue  # delivered live meanwhile, or unsubscribed
@@ -749,11 +691,12 @@ class Hub:
                         return
                     sub.cursors[room] = msg.seq
                     progressed = True
-                while upcoming is not None and upcoming.after_seq <= sub.cursors.get(room, -1):
-                    if not await self._catch_up_change(sub, r, upcoming):
+                for change in merged.rest:
+                    if change.after_seq > sub.cursors.get(room, -1):
+                        break  # after messages not read yet: the next round
+                    if not await self._catch_up_change(sub, r, change):
                         return
                     progressed = True
-                    upcoming = next(pending, None)
                 if not progressed:
                     break
         except StoreUnavailable as exc:
@@ -783,9 +726,9 @@ class Hub:
     def _on_reconnect(self) -> None:
         self.metrics.broker_reconnects.inc()
         for r in list(self.rooms.values()):
-            if r.seq is not None:
-                self.fill(r)
-                self.fill_changes(r)
+            if r.sequencer.seq is not None:
+                r.sequencer.fill()
+                r.sequencer.fill_changes()
 
     async def check_positions(self) -> None:
         """Fill every room whose latest committed seq is ahead of what was delivered.
@@ -793,7 +736,7 @@ class Hub:
         Positions come from Redis' seq keys (one pipelined read), which an instance
         cut from Redis after its commit never raised; so every ``STORE_CHECK_EVERY``
         rounds they come from the store, the truth, in one query for all rooms."""
-        rooms = [r for r in self.rooms.values() if r.seq is not None]
+        rooms = [r for r in self.rooms.values() if r.sequencer.seq is not None]
         if not rooms:
             return
         names = [r.name for r in rooms]
@@ -806,15 +749,12 @@ class Hub:
         else:
             latest = await self.history.latest_seqs(names)
         for r in rooms:
-            if r.seq is not None and latest.get(r.name, 0) > r.seq and r.fill_task is None:
+            s = r.sequencer
+            if s.seq is not None and latest.get(r.name, 0) > s.seq and not s.filling:
                 self.metrics.gap_fills.labels("position").inc()
-                self.fill(r)
+                s.fill()
 
     # -- the server API (chat_gateway.delivery.commands) ------------------------------------
-
-    def of_user(self, user: str) -> list[Subscriber]:
-        """This instance's connections of ``user``."""
-        return [sub for sub in self.subscribers.values() if sub.user == user]
 
     def notify(self, room: str, build: Callable[[str, T], bytes], event: T) -> None:
         """Queue one unsequenced frame, ``build(transport, event)``, to every local

@@ -21,6 +21,12 @@ A clean leave is debounced: the member stays ``debounce`` seconds (at most
 come back to the room on this instance in that time. Subscribe/unsubscribe
 churn or a quick reconnect so announces nothing to the other members.
 
+Joins and leaves go over the broker's pipelined connection, never one pooled
+connection each: the leaves due in one loop turn (hundreds of sockets closed
+at once end their debounce together) are swept in one round trip, as the
+refresh's sweeps are, so a burst of disconnects costs no connection of the
+pool that publishing, the cache and the rate limiter share.
+
 With no Redis (``memory://``, one instance) the local counts are the truth.
 Presence is best effort: a Redis error is logged and the refresh repairs it.
 """
@@ -33,6 +39,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from redis.exceptions import NoScriptError
 
 from chat_gateway.core.wire import encode_presence
 from chat_gateway.periodic import every
@@ -120,6 +128,8 @@ class Presence:
         # Within a third of the ttl, a member waiting to leave has not expired yet.
         self.debounce = min(debounce, ttl / 3)
         self._leaving: dict[tuple[str, str], asyncio.Task[None]] = {}  # (room, user)
+        # The sweeps due this loop turn, (room, member), and when they are done.
+        self._departing: tuple[list[tuple[str, str]], asyncio.Future[None]] | None = None
         if redis is not None:
             self._join = Script(redis, _JOIN)
             self._leave = Script(redis, _LEAVE)
@@ -178,6 +188,7 @@ class Presence:
                             now,
                             int(self.ttl * 2000),
                         ],
+                        batch=self.broker.batch,
                     )
                 )
                 announce = announce and joined
@@ -212,11 +223,25 @@ class Presence:
             await self._depart(room, user)
 
     async def _depart(self, room: str, user: str) -> None:
-        """The last local connection of ``user`` left ``room``: remove and announce."""
+        """The last local connection of ``user`` left ``room``: remove and announce
+        (with the other departures of this loop turn, see :meth:`_sweep_many`)."""
         if self.redis is None:
             await self._announce(room, "leave", user)
-        else:
-            await self._sweep(room, self._member(user))
+            return
+        if self._departing is None:
+            loop = asyncio.get_running_loop()
+            self._departing = ([], loop.create_future())
+            loop.call_soon(self._send_departures)
+        sweeps, done = self._departing
+        sweeps.append((room, self._member(user)))
+        await asyncio.shield(done)
+
+    def _send_departures(self) -> None:
+        if self._departing is None:
+            return
+        (sweeps, done), self._departing = self._departing, None
+        task = asyncio.get_running_loop().create_task(self._sweep_many(sweeps))
+        task.add_done_callback(lambda _task: _settle(done))
 
     async def gone(self, conn: int) -> None:
         """Connection ``conn`` closed: leave every room it was in."""
@@ -250,18 +275,30 @@ class Presence:
     def _redis_failed(self, key: str) -> None:
         self.broker.guard.failed(key)
 
-    async def _sweep(self, room: str, member: str = "") -> None:
-        key = self.key(room)
-        if not self._redis_usable(key):
-            return  # the member expires by itself; a later sweep announces the leave
-        try:
-            gone = await self._leave(keys=[key], args=[member, _ms()])
-        except Exception as exc:
-            self._redis_failed(key)
-            log.warning("presence leave not recorded: %r", exc, extra={"room": room})
-            return
-        for user in gone:
-            await self._announce(room, "leave", user.decode() if isinstance(user, bytes) else user)
+    async def _sweep_many(self, sweeps: list[tuple[str, str]]) -> None:
+        """Remove each ``(room, member)`` (member ``""``: none, only the expired ones)
+        in pipelined batches, and announce the users no longer present. A room the
+        guard skips, or whose call fails, is left: its members expire by themselves
+        and a later sweep announces the leaves."""
+        now = _ms()
+        groups = [
+            (self.key(room), [self._leave.command([self.key(room)], [member, now])])
+            for room, member in sweeps
+        ]
+        results = await self._each_batch(groups)
+        for (room, member), result in zip(sweeps, results, strict=True):
+            if isinstance(result, NoScriptError):  # Redis lost its scripts: send the body
+                try:
+                    result = [await self._leave.again([self.key(room)], [member, now])]
+                except Exception as exc:
+                    result = exc
+            if isinstance(result, BaseException):
+                log.warning("presence leave not recorded: %r", result, extra={"room": room})
+                continue
+            for user in result[0]:
+                await self._announce(
+                    room, "leave", user.decode() if isinstance(user, bytes) else user
+                )
 
     async def refresh(self) -> None:
         """Push this instance's expiries forward; sweep expired members of held rooms.
@@ -305,9 +342,13 @@ class Presence:
                 for room in rooms
             ]
         )
-        for room, result in zip(rooms, found, strict=True):
-            if not isinstance(result, BaseException) and result[0]:
-                await self._sweep(room)
+        expired = [
+            (room, "")
+            for room, result in zip(rooms, found, strict=True)
+            if not isinstance(result, BaseException) and result[0]
+        ]
+        if expired:
+            await self._sweep_many(expired)
 
     async def _each_batch(self, groups: list[tuple[str, list[Any]]]) -> list[Any]:
         """per_key over ``REFRESH_BATCH`` keys at a time: each key's replies, or the
@@ -331,6 +372,11 @@ class Presence:
             await self.broker.publish(self.channel(room), encode_presence(room, action, user))
         except BrokerUnavailable as exc:
             log.warning("presence %s not announced: %s", action, exc, extra={"room": room})
+
+
+def _settle(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
 
 
 def _tell_nobody(kind: str, data: dict[str, Any]) -> None:

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from chat_gateway.delivery.hub import Room
+from chat_gateway.delivery.hub import RoomStats
 from chat_gateway.metrics import Metrics
 
 MAX_ROOMS = 20  # rooms listed per snapshot, busiest first
@@ -66,13 +66,13 @@ def quantile(buckets: list[tuple[float, float]], count: float, q: float) -> floa
     return buckets[-1][0] if buckets else None
 
 
-def read(metrics: Metrics, rooms: Iterable[tuple[str, Room]]) -> Reading:
-    """This instance's reading: its registry, and ``rooms`` as (name, hub room) pairs."""
+def read(metrics: Metrics, rooms: Mapping[str, RoomStats]) -> Reading:
+    """This instance's reading: its registry, and the hub's held ``rooms`` (``Hub.room_stats``)."""
     data = samples(metrics.registry)
     # Every held room, every second (the shared figures): one comprehension, no
     # lookups beyond the two the reading needs.
     held: dict[str, tuple[int, int]] = {
-        name: (room.seq, len(room.subs)) for name, room in rooms if room.seq is not None
+        name: (room.seq, room.subscribers) for name, room in rooms.items()
     }
     buckets = sorted(
         (float(labels["le"]), value)

@@ -87,6 +87,27 @@ class TextFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+class WebSocketLines(logging.Filter):
+    """uvicorn's own WebSocket lines: its accept line is dropped (the gateway's
+    "websocket opened" line says it, once), and the others (a refused upgrade)
+    name the path without its query string (``?user=``, ``?token=``)."""
+
+    ACCEPTED = '%s - "WebSocket %s" [accepted]'
+    PREFIX = '%s - "WebSocket %s"'
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == self.ACCEPTED:
+            return False
+        if (
+            isinstance(record.msg, str)
+            and record.msg.startswith(self.PREFIX)
+            and isinstance(record.args, tuple)
+            and len(record.args) >= 2
+        ):
+            record.args = (record.args[0], str(record.args[1]).split("?", 1)[0], *record.args[2:])
+        return True
+
+
 def setup(level: str = "info", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -100,6 +121,9 @@ def setup(level: str = "info", fmt: str = "json") -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    uvicorn_error = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, WebSocketLines) for f in uvicorn_error.filters):
+        uvicorn_error.addFilter(WebSocketLines())
     # Access lines carry query strings (tokens on /v1/ws and SSE): keep them out at info.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
 

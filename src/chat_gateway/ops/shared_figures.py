@@ -82,16 +82,16 @@ class RedisSharedFigures(SharedFigures):
         try:
             await self.redis.hset(self.key, self.instance_id, orjson.dumps(entry))
             await self.redis.pexpire(self.key, int(ENTRY_MAX_AGE * 10_000))
-        except Exception:
-            self.guard.failed(self.key)
+        except Exception as exc:
+            self.guard.failed(self.key, exc)
 
     async def others(self) -> list[Shared]:
         if not self.guard.usable(self.key):
             return []
         try:
             raw = await self.redis.hgetall(self.key)
-        except Exception:
-            self.guard.failed(self.key)
+        except Exception as exc:
+            self.guard.failed(self.key, exc)
             return []
         now = time.time()
         out = []

@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 
 from chat_gateway.pubsub.base import BrokerUnavailable, Sent
 from chat_gateway.pubsub.link import LinkedBroker, read_link, text
-from chat_gateway.redisio.clients import server_client
+from chat_gateway.redisio.clients import keep_pool_trimmed, server_client
 from chat_gateway.redisio.guard import RedisGuard
 from chat_gateway.redisio.pipelined import Command, PipelinedConnection
 from chat_gateway.redisio.urls import redis_address
@@ -58,6 +58,7 @@ class RedisBroker(LinkedBroker):
         self._client: aioredis.Redis | None = None
         self._sentinel: Sentinel | None = None  # over redis+sentinel://, the sentinels' clients
         self._pubsub: Any = None
+        self._trimming: asyncio.Task[None] | None = None
         self.guard = RedisGuard()
 
     @property
@@ -71,9 +72,14 @@ class RedisBroker(LinkedBroker):
             self.url, connect_timeout=self.connect_timeout, command_timeout=self.command_timeout
         )
         self.batch = PipelinedConnection(self._client)
+        self._trimming = asyncio.create_task(keep_pool_trimmed(self._client), name="redis-pool")
         self._start_keeping()
 
     async def close(self) -> None:
+        if self._trimming is not None:
+            self._trimming.cancel()
+            await asyncio.gather(self._trimming, return_exceptions=True)
+            self._trimming = None
         await self._stop_keeping()
         await self._unlink()
         if self.batch is not None:
@@ -155,7 +161,7 @@ class RedisBroker(LinkedBroker):
         try:
             await self.redis.publish(channel, data)
         except (RedisError, OSError) as exc:
-            self.guard.failed()
+            self.guard.failed(None, exc)
             raise BrokerUnavailable(f"Redis publish failed: {exc!r}") from exc
 
     async def publish_control(self, data: bytes) -> None:
@@ -187,7 +193,7 @@ class RedisBroker(LinkedBroker):
         try:
             replies = await self.batch.run(commands)
         except Exception as exc:
-            self.guard.failed()
+            self.guard.failed(None, exc)
             replies = [exc] * len(commands)
         sent = []
         for i in range(len(messages)):

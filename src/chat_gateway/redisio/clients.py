@@ -1,6 +1,10 @@
 """Redis clients built from a ``REDIS_URL`` (no I/O until first used).
 
-- ``redis://``, ``rediss://``, ``unix://``: one server, one pooled client.
+- ``redis://``, ``rediss://``, ``unix://``: one server, one pooled client. Its
+  pool is bounded (``POOL_MAX`` connections) and a caller waits for a free
+  connection, at most the command timeout (redis-py's ``BlockingConnectionPool``;
+  the default pool allows 100 and refuses the 101st at once), so a burst of
+  callers queues instead of opening a connection each or failing.
 - ``redis+sentinel://[user:password@]host:port[,host:port…]/SERVICE[/DB]``
   (``rediss+sentinel://`` for TLS to the sentinels and the servers): the hosts
   are sentinels; ``SERVICE`` is the name they monitor the primary under; the
@@ -17,6 +21,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -25,9 +31,30 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chat_gateway.redisio.urls import SENTINEL_SCHEMES, parse_sentinel_url
+
+log = logging.getLogger("redisio.clients")
+
+# Connections one server's pool may hold (the subscriber link's included). Most
+# commands go over the pipelined connection; the pool serves the rest.
+POOL_MAX = 32
+# Seconds between closings of the pool's idle connections (see keep_pool_trimmed).
+IDLE_TRIM_EVERY = 10.0
+
+
+async def keep_pool_trimmed(redis: aioredis.Redis, every: float = IDLE_TRIM_EVERY) -> None:
+    """Every ``every`` seconds close the connections idle in ``redis``' pool (a
+    burst's extra connections go; the few in steady use reconnect on their next
+    command). redis-py's pool never closes one by itself. Runs until cancelled."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await redis.connection_pool.disconnect(inuse_connections=False)
+        except (RedisError, OSError) as exc:
+            log.debug("closing idle Redis connections: %r", exc)
 
 
 def server_client(
@@ -43,7 +70,10 @@ def server_client(
     )
     if url.startswith(SENTINEL_SCHEMES):
         return sentinel_client(url, **connection)
-    return aioredis.from_url(url, **connection), None
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=POOL_MAX, timeout=command_timeout, **connection
+    )
+    return aioredis.Redis.from_pool(pool), None
 
 
 def sentinel_client(url: str, **connection: Any) -> tuple[aioredis.Redis, Sentinel]:

@@ -7,11 +7,22 @@ cooldown per primary), and :data:`NO_GUARD` a user with no guard of its own
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MaxConnectionsError, RedisError
+
+
+def pool_exhausted(exc: BaseException | None) -> bool:
+    """Whether ``exc`` says this process' pool had no connection to give, not that
+    Redis failed: redis-py's ``MaxConnectionsError``, or the ``ConnectionError`` a
+    ``BlockingConnectionPool`` raises from its wait's ``TimeoutError``."""
+    if isinstance(exc, MaxConnectionsError):
+        return True
+    return type(exc) is RedisConnectionError and isinstance(exc.__cause__, asyncio.TimeoutError)
 
 
 class RedisGuard:
@@ -30,7 +41,10 @@ class RedisGuard:
     ``failed`` is for a call that was made and failed, never for one skipped
     because of the cooldown: each report starts the cooldown anew, so a busy
     caller reporting its skips would keep the instance off Redis for as long as
-    it is busy. After the cooldown the next call tries Redis.
+    it is busy. After the cooldown the next call tries Redis. A call that failed
+    only because the client's pool had no connection free in time (``exc``, see
+    :func:`pool_exhausted`) is no news about Redis: one feature's burst must not
+    send every other one off Redis, so it starts no cooldown.
     """
 
     def __init__(self, cooldown: float = 1.0) -> None:
@@ -44,16 +58,17 @@ class RedisGuard:
     def usable(self, key: str | None = None) -> bool:
         return self.shard_usable(self.shard(key))
 
-    def failed(self, key: str | None = None) -> None:
-        self.shard_failed(self.shard(key))
+    def failed(self, key: str | None = None, exc: BaseException | None = None) -> None:
+        self.shard_failed(self.shard(key), exc)
 
     # A caller that needs the shard itself (the rate limiter's fallback state)
     # looks it up once with shard() and passes it to these.
     def shard_usable(self, shard: str) -> bool:
         return time.monotonic() >= self._until.get(shard, 0.0)
 
-    def shard_failed(self, shard: str) -> None:
-        self._until[shard] = time.monotonic() + self.cooldown
+    def shard_failed(self, shard: str, exc: BaseException | None = None) -> None:
+        if not pool_exhausted(exc):
+            self._until[shard] = time.monotonic() + self.cooldown
 
     def reset(self) -> None:
         """End every cooldown: a subscriber link was just restored, so Redis answers.
@@ -67,7 +82,7 @@ class _NoGuard(RedisGuard):
     def shard_usable(self, shard: str) -> bool:
         return True
 
-    def shard_failed(self, shard: str) -> None:
+    def shard_failed(self, shard: str, exc: BaseException | None = None) -> None:
         pass
 
 

@@ -335,7 +335,8 @@ async def per_key(
             results.append(RedisConnectionError("Redis (this key's shard) failed moments ago"))
             continue
         result = next(it)
-        if isinstance(result, BaseException):
-            guard.failed(key)
+        # NOSCRIPT is Redis answering (the caller sends the script's body), not failing.
+        if isinstance(result, BaseException) and not isinstance(result, rx.NoScriptError):
+            guard.failed(key, result)
         results.append(result)
     return results

@@ -7,7 +7,6 @@ Every resource is opened in the lifespan and reached through
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
@@ -24,11 +23,11 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
-from chat_gateway.access.auth import Authenticator, bearer
-from chat_gateway.api import chat
+from chat_gateway.access.auth import Authenticator, bearer, key_bucket
+from chat_gateway.api import chat, search
 from chat_gateway.api import server as server_api
 from chat_gateway.api import validation as v
-from chat_gateway.api.caller import client_address, gateway_of, identify, token_of
+from chat_gateway.api.caller import client_address, gateway_of, identify, query_user, token_of
 from chat_gateway.api.responses import encoded_json_response, json_response
 from chat_gateway.api.webhooks import webhooks_dead, webhooks_enable, webhooks_list, webhooks_replay
 from chat_gateway.config import Settings
@@ -63,7 +62,7 @@ async def post_message(request: Request) -> Response:
     v.only_fields(body, v.fields(v.POST_MESSAGE))
     text = v.text(body.get("text"))
     author = v.body_author(body, identity.name if identity.user else None)
-    decision = await gw.rate(POST, identity.name)
+    decision = await gw.rate(POST, identity.bucket)
     msg, created = await gw.post(
         room, author, text, identity=identity, transport="http", idempotency_key=key
     )
@@ -95,6 +94,10 @@ async def messages(request: Request) -> Response:
 
 
 async def websocket_over_http(request: Request) -> Response:
+    # The query is checked first, as the upgrade checks it: a bad one is a 422
+    # whether or not the request upgrades.
+    v.only_fields(dict(request.query_params), v.fields(v.WS_QUERY))
+    query_user(request)
     raise ApiError(
         "upgrade_required",
         "this route speaks WebSocket only: open it with an Upgrade request",
@@ -114,7 +117,7 @@ async def room_events(request: Request) -> Response:
     if since is None:
         since = since_query
     changes_since = v.seq_param(request.query_params.get("changes_since"), "changes_since")
-    connection = Connection(gw, identity.name)
+    connection = Connection(gw, identity.bucket)
     decision = await connection.admit()
     sub = Subscriber(
         SSE,
@@ -158,14 +161,11 @@ async def publish(request: Request) -> Response:
     v.only_fields(body, v.fields(v.PUBLISH))
     room = v.room_name(body.get("room"))
     event = v.event_name(body.get("event"))
-    data = body.get("data", {})
-    if not isinstance(data, dict):
-        raise ApiError("invalid_request", "data must be a JSON object", field="data")
-    v.nesting(data, "data")
+    data = v.event_data(body.get("data", v.ABSENT))
     # One bucket per API key (named by a digest: no secret in Redis), else per address.
     key = bearer(request.headers)
     caller = (
-        "key:" + hashlib.sha256(key.encode()).hexdigest()[:24]
+        key_bucket(key)
         if gw.auth.keys_required and key
         else client_address(request, gw.settings.trusted_proxies)
     )
@@ -208,9 +208,9 @@ async def openapi_json(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(
-        gateway_of(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
-    )
+    gw = gateway_of(request)
+    gw.auth.check_metrics_key(bearer(request.headers))
+    return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 # -- errors ------------------------------------------------------------------
@@ -307,9 +307,14 @@ def _websocket(scope: Any, receive: Any, send: Any) -> Coroutine[Any, Any, None]
 
 
 SDK_PATH = "/sdk/chat-gateway.js"
+# The rest of the client, from the same folder: the SharedWorker script of the
+# one-socket-per-browser mode (``sharedClient()``), which a browser only runs from the
+# page's own origin, and the module it imports as ``./index.js``.
+SDK_FILES = {SDK_PATH: "index.js", "/sdk/index.js": "index.js", "/sdk/worker.js": "worker.js"}
 
 # The pages load their scripts and stylesheet from /static/ and talk to this origin
 # only; nothing may frame them (clickjacking) or learn their address from a link.
+# Every file under /static/ (the pages are there too) and the SDK get the same.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
     "img-src 'self' data:; connect-src 'self'; "
@@ -320,28 +325,37 @@ PAGE_HEADERS = {
 }
 
 
+class PageFiles(StaticFiles):
+    """``/static/``: Starlette's static files, each sent with :data:`PAGE_HEADERS`,
+    so a page reached by its file name cannot be framed either."""
+
+    async def get_response(self, path: str, scope: Any) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers.update(PAGE_HEADERS)
+        return response
+
+
 def static_dir(settings: Settings) -> Path:
     if settings.static_dir:
         return Path(settings.static_dir)
     return PACKAGE / "static"
 
 
-def sdk_file() -> Path:
-    """The JavaScript client (clients/js/src/index.js), which the chat page imports.
+def sdk_file(name: str = "index.js") -> Path:
+    """A file of the JavaScript client (clients/js/src/), which the chat page imports.
 
-    An installed package carries it as ``chat_gateway/sdk/index.js`` (pyproject maps
-    clients/js/src there); a source checkout serves the file itself.
+    An installed package carries them in ``chat_gateway/sdk/`` (pyproject maps
+    clients/js/src there); a source checkout serves the files themselves.
     """
-    installed = PACKAGE / "sdk" / "index.js"
+    installed = PACKAGE / "sdk" / name
     if installed.exists():
         return installed
-    return PACKAGE.parent.parent / "clients" / "js" / "src" / "index.js"
+    return PACKAGE.parent.parent / "clients" / "js" / "src" / name
 
 
 def create_app(settings: Settings | None = None, *, gateway: Gateway | None = None) -> Starlette:
     settings = settings or Settings.from_env()
     static = static_dir(settings)
-    sdk = sdk_file()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -363,13 +377,19 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
 
         return endpoint
 
-    async def sdk_module(request: Request) -> Response:
-        # an ES module: served as JavaScript (pages send nosniff), revalidated like the pages
-        return FileResponse(
-            sdk,
-            media_type="text/javascript; charset=utf-8",
-            headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
-        )
+    def sdk_module(name: str) -> Any:
+        path = sdk_file(name)
+
+        async def endpoint(request: Request) -> Response:
+            # an ES module: served as JavaScript, with the pages' headers, revalidated
+            # like them
+            return FileResponse(
+                path,
+                media_type="text/javascript; charset=utf-8",
+                headers={"Cache-Control": "no-cache", **PAGE_HEADERS},
+            )
+
+        return endpoint
 
     routes = [
         Route("/v1/rooms/{room}/messages", messages, methods=["GET", "POST"]),
@@ -378,6 +398,7 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         Route("/v1/rooms/{room}/messages/{seq}", chat.message, methods=["PATCH", "DELETE"]),
         Route("/v1/rooms/{room}/read", chat.read, methods=["GET", "POST"]),
         Route("/v1/read", chat.read_positions, methods=["GET"]),
+        Route("/v1/search", search.search, methods=["GET"]),
         # Served by GatewayApp before routing; listed so the routing table is whole.
         WebSocketRoute(GatewayApp.WS_PATH, websocket_endpoint),
         Route(GatewayApp.WS_PATH, websocket_over_http, methods=["GET"]),
@@ -399,8 +420,8 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/", page("index.html"), methods=["GET"]),
         Route("/dashboard", page("dashboard.html"), methods=["GET"]),
-        Route(SDK_PATH, sdk_module, methods=["GET"]),
-        Mount("/static", StaticFiles(directory=static, check_dir=False), name="static"),
+        *(Route(route, sdk_module(name), methods=["GET"]) for route, name in SDK_FILES.items()),
+        Mount("/static", PageFiles(directory=static, check_dir=False), name="static"),
     ]
     app = GatewayApp(
         routes=routes,

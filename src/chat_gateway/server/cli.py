@@ -51,10 +51,9 @@ class GatewayServer(Server):
         if gw is not None:
             gw.closing = True
             if gw.hub is not None:
-                for sub in list(gw.hub.subscribers.values()):
-                    sub.close(CLOSE_GOING_AWAY, "server shutdown: reconnect elsewhere")
+                gw.hub.close_subscribers(CLOSE_GOING_AWAY, "server shutdown: reconnect elsewhere")
             # Give writers a moment to send the close frames before uvicorn's own pass.
-            while gw.hub and gw.hub.subscribers and loop.time() < deadline - 1:
+            while gw.hub and gw.hub.connections() and loop.time() < deadline - 1:
                 await asyncio.sleep(0.02)
 
 

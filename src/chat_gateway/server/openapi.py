@@ -34,7 +34,7 @@ MESSAGE: dict[str, Any] = {
         "version": {
             "type": "integer",
             "minimum": 2,
-            "description": "present once edited or deleted: 1 + the changes made",
+            "description": "present once edited or deleted (never null): 1 + the changes made",
         },
         "edited_at": {
             "type": ["string", "null"],
@@ -49,6 +49,97 @@ MESSAGE: dict[str, Any] = {
     },
 }
 
+
+def _server_frame(kind: str, required: list[str], **props: Any) -> dict[str, Any]:
+    """A frame the server sends on ``/v1/ws``. ``required`` lists the fields every such
+    frame has; the others appear only sometimes, and none is ever null unless its
+    schema says so. Fields may be added (a client ignores what it does not know)."""
+    return {
+        "type": "object",
+        "required": ["type", *required],
+        "properties": {"type": {"const": kind}, **props},
+    }
+
+
+_MESSAGE_REF: dict[str, Any] = {"$ref": "#/components/schemas/Message"}
+_CHANGE: dict[str, Any] = {
+    "type": "integer",
+    "minimum": 0,
+    "description": "the room's change number (edits and deletes), from 1",
+}
+_SEQ: dict[str, Any] = {"type": "integer", "minimum": 0}
+_REF_ECHO: dict[str, Any] = {"description": "the ref of the frame answered, as sent"}
+_READ_POSITION: dict[str, Any] = {
+    "type": "object",
+    "required": ["room", "seq", "unread"],
+    "properties": {"room": v.ROOM, "seq": _SEQ, "unread": {"type": "integer", "minimum": 0}},
+}
+
+# Server -> client frames of /v1/ws (docs/API.md, "WebSocket"), under x-server-frames.
+# The client libraries' types are checked against these (clients/python/tests/
+# test_wire_types.py), and the frames a gateway sends against them.
+SERVER_FRAMES: dict[str, dict[str, Any]] = {
+    "message": _server_frame("message", ["room", "message"], room=v.ROOM, message=_MESSAGE_REF),
+    "subscribed": _server_frame(
+        "subscribed",
+        ["room", "seq", "change"],
+        room=v.ROOM,
+        seq={**_SEQ, "description": "the room's latest seq"},
+        change={**_CHANGE, "description": "the room's last change number (0: none yet)"},
+    ),
+    "unsubscribed": _server_frame(
+        "unsubscribed",
+        ["room"],
+        room=v.ROOM,
+        reason={"type": "string", "description": "present when the server ended it"},
+    ),
+    "ack": _server_frame(
+        "ack",
+        ["ref"],
+        ref=_REF_ECHO,
+        message={**_MESSAGE_REF, "description": "publish, edit, delete: the message"},
+        read={**_READ_POSITION, "description": "read: the position now"},
+    ),
+    "error": _server_frame(
+        "error",
+        ["code", "message"],
+        code={"type": "string", "enum": sorted(CODES)},
+        message={"type": "string"},
+        ref=_REF_ECHO,
+        retry_after={"type": "number", "description": "seconds, on rate_limited"},
+        field={"type": "string", "description": "the frame's field at fault"},
+        limit={"type": "integer"},
+    ),
+    "pong": _server_frame("pong", [], ref=_REF_ECHO),
+    "refreshed": _server_frame("refreshed", ["exp"], exp={"type": "number"}, ref=_REF_ECHO),
+    "event": _server_frame(
+        "event",
+        ["room", "event", "data"],
+        room=v.ROOM,
+        event={"type": "string"},
+        data={"type": "object"},
+    ),
+    "presence": _server_frame(
+        "presence",
+        ["room", "action", "user"],
+        room=v.ROOM,
+        action={"enum": ["join", "leave"]},
+        user={"type": "string"},
+    ),
+    **{
+        kind: _server_frame(
+            kind, ["room", "change", "message"], room=v.ROOM, change=_CHANGE, message=_MESSAGE_REF
+        )
+        for kind in ("message_updated", "message_deleted")
+    },
+    "typing": _server_frame("typing", ["room", "user"], room=v.ROOM, user={"type": "string"}),
+    "read": _server_frame(
+        "read", ["room", "user", "seq"], room=v.ROOM, user={"type": "string"}, seq=_SEQ
+    ),
+    "history_purged": _server_frame("history_purged", ["room"], room=v.ROOM),
+}
+
+
 ERROR: dict[str, Any] = {
     "type": "object",
     "required": ["error"],
@@ -60,6 +151,12 @@ ERROR: dict[str, Any] = {
                 "code": {"type": "string", "enum": sorted(CODES)},
                 "message": {"type": "string"},
                 "retry_after": {"type": "number", "description": "seconds, on rate_limited"},
+                "outcome": {
+                    "type": "string",
+                    "enum": ["unknown"],
+                    "description": "on a 503 unavailable whose write was sent without an "
+                    "answer: it may have been stored (retry with the same Idempotency-Key)",
+                },
             },
         }
     },
@@ -357,6 +454,7 @@ def chat_paths(open_mode: bool) -> dict[str, Any]:
                         "unauthorized",
                         "forbidden",
                         "too_large",
+                        "rate_limited",
                         "unavailable",
                     ),
                 },
@@ -370,6 +468,63 @@ def chat_paths(open_mode: bool) -> dict[str, Any]:
                     **_errors("invalid_request", "unauthorized", "forbidden", "unavailable"),
                 },
             },
+        },
+        "/v1/search": {
+            "get": {
+                "summary": "Full-text search, newest first, in the rooms the caller may read",
+                "description": "Highlights are [start, end) offsets into the message's "
+                "text counted in code points (Python str indices), never markup. A "
+                "deleted message is never found, an edited one only by its current text.",
+                "security": USER,
+                "parameters": [
+                    {**p, "required": p["name"] == "q"}
+                    | ({"style": "form", "explode": True} if p["name"] == "room" else {})
+                    for p in _query(v.SEARCH_QUERY)
+                ],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["results", "next_cursor"],
+                            "properties": {
+                                "results": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["message", "highlights"],
+                                        "properties": {
+                                            "message": {"$ref": _REF + "Message"},
+                                            "highlights": {
+                                                "type": "array",
+                                                "items": {
+                                                    "type": "array",
+                                                    "items": {"type": "integer", "minimum": 0},
+                                                    "minItems": 2,
+                                                    "maxItems": 2,
+                                                },
+                                            },
+                                        },
+                                    },
+                                },
+                                "next_cursor": {
+                                    "type": ["string", "null"],
+                                    "description": "pass as cursor for the next page; "
+                                    "null: no more",
+                                },
+                            },
+                        },
+                        "a page of matches",
+                        RATE_HEADERS,
+                    ),
+                    **_errors(
+                        "invalid_request",
+                        "unauthorized",
+                        "forbidden",
+                        "rate_limited",
+                        "unavailable",
+                    ),
+                },
+            }
         },
         "/v1/read": {
             "get": {
@@ -522,6 +677,9 @@ def document(open_mode: bool = False) -> dict[str, Any]:
                     ),
                 },
                 "x-frames": {kind: {"$ref": _REF + f"Frame.{kind}"} for kind in v.FRAMES},
+                "x-server-frames": {
+                    kind: {"$ref": _REF + f"ServerFrame.{kind}"} for kind in SERVER_FRAMES
+                },
             }
         },
         "/v1/publish": {
@@ -681,12 +839,15 @@ def document(open_mode: bool = False) -> dict[str, Any]:
         },
         "/metrics": {
             "get": {
-                "summary": "Prometheus text exposition",
+                "summary": "Prometheus text exposition; METRICS_KEY or an API key when "
+                "METRICS_KEY is set or auth is on",
+                "security": ADMIN,
                 "responses": {
                     "200": {
                         "description": "metrics",
                         "content": {"text/plain": {"schema": {"type": "string"}}},
-                    }
+                    },
+                    **_errors("unauthorized"),
                 },
             }
         },
@@ -722,6 +883,7 @@ def document(open_mode: bool = False) -> dict[str, Any]:
         }
     )
     schemas.update({f"Frame.{kind}": schema for kind, schema in v.FRAMES.items()})
+    schemas.update({f"ServerFrame.{kind}": schema for kind, schema in SERVER_FRAMES.items()})
     schemas.update(
         {
             "WebhookEndpoint": wh.ENDPOINT,

@@ -106,10 +106,20 @@ def reset(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
+# The websockets protocol's own logger: it writes every frame's text and every
+# handshake header (the request line with its query) at DEBUG and "connection open"
+# at INFO. None of it goes out: message text is never logged, and the gateway's
+# "websocket opened" line is the one line of an open.
+_PROTOCOL_LOG = logging.getLogger("gateway.websocket.protocol")
+_PROTOCOL_LOG.setLevel(logging.WARNING)
+
+
 class WebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         self.close_timeout = 3.0  # seconds a close handshake may take before the abort
+        self.conn.logger = _PROTOCOL_LOG
+        self.conn.debug = False
 
     def _abort_if_stuck(self) -> None:
         if self.transport.get_write_buffer_size() > 0:

@@ -38,6 +38,7 @@ const el = {
 el.unread.id = "unread";
 el.unread.className = "count";
 const params = new URLSearchParams(location.search);
+const TOKEN_STORE = "chat.token";
 
 const s = {
   gen: 0, room: "", name: "", token: "", client: null, subscribed: false, joining: false,
@@ -553,21 +554,104 @@ function join(room, name, tok) {
   } catch (e) { /* storage may be off */ }
   const q = new URLSearchParams(location.search);
   q.set("room", room);
-  if (tok) {
-    // The name comes from the token. A pasted token is not written into the
-    // address (it would stay in the history); a stale one there is dropped.
-    q.delete("name");
-    if (q.get("token") !== tok) q.delete("token");
-  } else {
-    q.set("name", name);
-    q.delete("token");
-  }
+  // A token never goes into the address (it would stay in the history).
+  q.delete("token");
+  if (tok) q.delete("name"); // the name comes from the token
+  else q.set("name", name);
+  try {
+    if (tok) sessionStorage.setItem(TOKEN_STORE, tok);
+    else sessionStorage.removeItem(TOKEN_STORE);
+  } catch (e) { /* storage may be off */ }
   history.replaceState(null, "", "?" + q.toString());
   updateCompose();
   listen(client, gen);
   subscribe(gen);
   client.connect().catch(() => { /* closed for good: the "closed" event said why */ });
 }
+
+// -- search ------------------------------------------------------------------
+
+const search = { q: "", cursor: null, gen: 0 };
+const searchEl = {
+  form: $("search"), q: $("q"), status: $("search-status"), results: $("search-results"),
+  more: $("search-more"),
+};
+
+// The text with each highlighted span in a <mark>, built from text nodes only (a
+// message is never parsed as HTML). Highlights count code points: slice the
+// array of code points, not the UTF-16 string.
+function highlighted(text, spans) {
+  const points = Array.from(text);
+  const out = document.createElement("p");
+  out.className = "text";
+  let at = 0;
+  for (const [start, end] of spans) {
+    if (start < at || end > points.length || start >= end) continue;
+    out.append(document.createTextNode(points.slice(at, start).join("")));
+    const mark = document.createElement("mark");
+    mark.textContent = points.slice(start, end).join("");
+    out.append(mark);
+    at = end;
+  }
+  out.append(document.createTextNode(points.slice(at).join("")));
+  return out;
+}
+
+function searchItem(hit) {
+  const m = hit.message;
+  const li = document.createElement("li");
+  li.dataset.room = m.room;
+  li.dataset.seq = String(m.seq);
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  const when = new Date(m.created_at);
+  meta.textContent = `${m.room} · ${m.author}` +
+    (isNaN(when) ? "" : ` · ${when.toLocaleString([], { dateStyle: "short", timeStyle: "short" })}`);
+  li.append(meta, highlighted(m.text, hit.highlights));
+  return li;
+}
+
+function searchClient() {
+  if (s.client) return s.client;
+  const tok = el.token.value.trim() || params.get("token") || "";
+  return new Client(location.origin, tok ? { token: tok } : {});
+}
+
+async function runSearch(more) {
+  const gen = more ? search.gen : ++search.gen;
+  if (!more) {
+    search.q = searchEl.q.value.trim();
+    search.cursor = null;
+    searchEl.results.replaceChildren();
+  }
+  if (!search.q) {
+    searchEl.results.hidden = true;
+    searchEl.more.hidden = true;
+    searchEl.status.textContent = "";
+    return;
+  }
+  searchEl.status.textContent = "Searching…";
+  let page;
+  try {
+    page = await searchClient().search(search.q, { limit: 20, cursor: search.cursor || undefined });
+  } catch (err) {
+    if (gen !== search.gen) return;
+    searchEl.status.textContent = err.message || "The search failed.";
+    searchEl.more.hidden = true;
+    return;
+  }
+  if (gen !== search.gen) return; // a newer search started meanwhile
+  searchEl.results.append(...page.results.map(searchItem));
+  search.cursor = page.next_cursor;
+  const n = searchEl.results.children.length;
+  searchEl.results.hidden = n === 0;
+  searchEl.more.hidden = !page.next_cursor;
+  searchEl.status.textContent = n === 0 ? "No messages found."
+    : `${n} message${n === 1 ? "" : "s"} found${page.next_cursor ? " so far" : ""}.`;
+}
+
+searchEl.form.addEventListener("submit", (ev) => { ev.preventDefault(); runSearch(false); });
+searchEl.more.addEventListener("click", () => runSearch(true));
 
 el.join.addEventListener("submit", (ev) => {
   ev.preventDefault();
@@ -605,7 +689,18 @@ try { saved = { name: localStorage.getItem("chat.name"), room: localStorage.getI
 catch (e) { /* storage may be off */ }
 el.name.value = params.get("name") || saved.name || "";
 el.room.value = params.get("room") || saved.room || "lobby";
-el.token.value = params.get("token") || "";
+// A token in the address (`?token=`) is read once and taken out of the address
+// bar and the history at once, as the dashboard does with `?key=`; it is kept
+// for this tab only (sessionStorage), so a reload still joins.
+let storedToken = "";
+try { storedToken = sessionStorage.getItem(TOKEN_STORE) || ""; } catch (e) { /* off */ }
+el.token.value = params.get("token") || storedToken;
+if (params.has("token")) {
+  const rest = new URLSearchParams(location.search);
+  rest.delete("token");
+  const query = rest.toString();
+  history.replaceState(null, "", location.pathname + (query ? "?" + query : "") + location.hash);
+}
 tokenChanged();
 updateCompose();
 if (params.get("room") && (params.get("name") || el.token.value)) el.join.requestSubmit();

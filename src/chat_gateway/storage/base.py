@@ -15,8 +15,13 @@ Contract every implementation keeps:
   only by ``change`` (an edit, or a delete that empties it and keeps the row as
   a tombstone at its seq), each change numbered by the room's own contiguous
   change counter; reads see every committed message and change.
+- A removed text is gone from the webhook outbox too: a delete, ``purge_room``
+  and ``delete_before`` empty the ``text`` (and set ``deleted_at``) of every
+  outbox event of each message they remove, whatever its state, in their own
+  transaction.
 - Failures raise ``StoreUnavailable`` (the database cannot be reached or timed
-  out); nothing else is swallowed.
+  out), with ``outcome_unknown`` set where a write may have been committed all
+  the same; nothing else is swallowed.
 """
 
 from __future__ import annotations
@@ -26,15 +31,27 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
+if TYPE_CHECKING:
+    from chat_gateway.storage.search import Cursor, Query, RoomScope
 
 MAX_PAGE = 200
 
 
 class StoreUnavailable(Exception):
-    """The database cannot be reached or did not answer in time."""
+    """The database cannot be reached or did not answer in time.
+
+    ``outcome_unknown`` is set when a write had already been sent when the answer
+    failed to come (a timeout or a lost connection after the statement, or the
+    commit, went out): the database may have committed it. Otherwise the write
+    was never sent, or the database refused it, and nothing was stored."""
+
+    def __init__(self, message: str, *, outcome_unknown: bool = False) -> None:
+        super().__init__(message)
+        self.outcome_unknown = outcome_unknown
 
 
 def display_url(url: str) -> str:
@@ -174,6 +191,23 @@ class ReadPosition:
 
 
 @dataclass(frozen=True, slots=True)
+class RoomFilter:
+    """Rooms a listing keeps: those named, and those starting with a prefix."""
+
+    names: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = ()
+
+    def sql_sqlite(self, column: str) -> tuple[str, list[str]]:
+        """A SQLite condition on ``column`` and its parameters."""
+        parts = [f"{column} IN ({', '.join('?' * len(self.names))})"] if self.names else []
+        parts += [f"substr({column}, 1, ?) = ?"] * len(self.prefixes)
+        args: list[Any] = list(self.names)
+        for prefix in self.prefixes:
+            args += [len(prefix), prefix]
+        return "(" + (" OR ".join(parts) or "0") + ")", args
+
+
+@dataclass(frozen=True, slots=True)
 class Page:
     messages: list[Message]
     has_more: bool
@@ -237,6 +271,27 @@ class Store(ABC):
         how many. As with ``delete_before`` the room keeps its seq counter: the next
         message gets the next seq, never a purged one."""
 
+    @abstractmethod
+    async def search(
+        self,
+        query: Query,
+        scope: RoomScope,
+        *,
+        limit: int,
+        cursor: Cursor | None = None,
+        timeout: float = 2.0,
+    ) -> Page:
+        """Messages matching ``query`` (``chat_gateway.storage.search``) in the rooms of
+        ``scope``, newest first: by creation time, then room and seq, descending;
+        with ``cursor`` only those after it in that order (so a page stays exact
+        while new messages arrive). ``has_more``: more match after the last.
+
+        The scope is a condition of the query itself, applied before the limit,
+        never a filter of its result. A deleted message is never found; an edited
+        one only by its current text; a purged or retention-deleted one not at all.
+        The query runs for at most ``timeout`` seconds, then is cancelled
+        (``SearchTimeout``), its connection left usable."""
+
     def write_outbox(self, endpoint_ids: list[int]) -> None:
         """From now on, every append also writes its messages' ``message.created``
         events to the webhook outbox, one row per receiver id, in the transaction
@@ -287,9 +342,16 @@ class Store(ABC):
     async def read_position(self, user: str, room: str) -> ReadPosition:
         raise StoreUnavailable("this store keeps no read positions")
 
-    async def read_positions(self, user: str, limit: int = 1000) -> list[ReadPosition]:
-        """Every room ``user`` has a position in, by room name."""
+    async def read_positions(
+        self, user: str, limit: int = 1000, rooms: RoomFilter | None = None
+    ) -> list[ReadPosition]:
+        """Every room ``user`` has a position in (of ``rooms`` only, when given; the
+        limit counts what the filter keeps), by room name."""
         raise StoreUnavailable("this store keeps no read positions")
+
+    def where(self) -> str:
+        """What the store opens, fit for a log line (no password)."""
+        return type(self).__name__
 
     def stats(self) -> dict[str, Any]:
         """Pool figures for metrics."""

@@ -195,8 +195,8 @@ class HistoryCache:
         keys = self._keys(room) + [self._purge_key(room)]
         try:
             await self._purge(keys=keys, args=[self.ttl])
-        except Exception:
-            self._failed(keys[0])
+        except Exception as exc:
+            self._failed(keys[0], exc)
             raise
 
     async def changed(self, room: str) -> None:
@@ -210,7 +210,7 @@ class HistoryCache:
         try:
             await self._changed(keys=self._change_keys(room), args=[self.ttl])
         except Exception as exc:
-            self._failed(self._keys(room)[0])
+            self._failed(self._keys(room)[0], exc)
             log.warning(
                 "history cache not invalidated after a change, retrying: %r",
                 exc,
@@ -254,7 +254,7 @@ class HistoryCache:
 
     def not_raised(self, message: Message, exc: BaseException) -> None:
         """A commit whose seq could not be raised: retried in the background."""
-        self._failed(self._keys(message.room)[0])
+        self._failed(self._keys(message.room)[0], exc)
         log.warning(
             "history cache not raised after commit, retrying: %r", exc, extra={"room": message.room}
         )
@@ -268,8 +268,8 @@ class HistoryCache:
     def _usable(self, key: str | None = None) -> bool:
         return self.guard.usable(key)
 
-    def _failed(self, key: str | None = None) -> None:
-        self.guard.failed(key)
+    def _failed(self, key: str | None = None, exc: BaseException | None = None) -> None:
+        self.guard.failed(key, exc)
 
     async def _retry_dirty(self) -> None:
         delay = 0.1
@@ -378,7 +378,7 @@ class HistoryCache:
                     self._keep(room, version, _text(raw_g), window)
                 return _window_page(window, limit)
         except Exception as exc:
-            self._failed(keys[0])
+            self._failed(keys[0], exc)
             log.debug("cache read failed: %r", exc)
             self._count("error")
             return await self.store.history(room, limit=limit)

@@ -16,7 +16,12 @@ Contract every implementation keeps:
 - ``claim`` leases heads that are due for ``lease`` seconds: while the lease
   runs nobody else gets that row (on Postgres the claim locks rows with
   ``FOR UPDATE SKIP LOCKED``, so instances claiming at once never share one).
-  A lease that runs out (its holder died) makes the row claimable again.
+  The holder ``renew``s the leases of its attempts in flight, so a lease is
+  short and outlives its holder by at most its length: one that runs out (its
+  holder died or lost the database) makes the row claimable again.
+- A row's ``data`` is the event as committed, except that the store empties its
+  ``text`` (and sets ``deleted_at``) when the message is deleted, purged or
+  removed by retention, in that removal's transaction (see ``storage.base``).
 - Every outcome (delivered, retry, dead) is one short transaction; rows only
   leave the table when delivered and older than the pruning cutoff: pending and
   dead rows stay until delivered or replayed.
@@ -117,6 +122,11 @@ class Outbox(ABC):
     @abstractmethod
     async def dead(self, delivery: Delivery, status: int | None, error: str) -> None:
         """Count a failed attempt and give the event up: a dead letter."""
+
+    @abstractmethod
+    async def renew(self, ids: list[int], lease: float) -> None:
+        """Extend to ``lease`` seconds from now the leases still held on these rows
+        (pending and leased: one whose outcome was recorded meanwhile is left alone)."""
 
     @abstractmethod
     async def release(self, delivery: Delivery) -> None:

@@ -170,6 +170,16 @@ class PostgresOutbox(Outbox):
     async def dead(self, delivery: Delivery, status: int | None, error: str) -> None:
         await self.store._call("execute", _FINISH, delivery.id, DEAD, status, error[:500])
 
+    async def renew(self, ids: list[int], lease: float) -> None:
+        if ids:
+            await self.store._call(
+                "execute",
+                "UPDATE webhook_outbox SET lease_until = now() + $2 * interval '1 second' "
+                "WHERE id = ANY($1::bigint[]) AND state = 0 AND lease_until IS NOT NULL",
+                ids,
+                lease,
+            )
+
     async def release(self, delivery: Delivery) -> None:
         await self.store._call(
             "execute", "UPDATE webhook_outbox SET lease_until = NULL WHERE id = $1", delivery.id

@@ -175,6 +175,15 @@ class SQLiteOutbox(Outbox):
             (DEAD, _now(), status, error[:500], delivery.id),
         )
 
+    async def renew(self, ids: list[int], lease: float) -> None:
+        if ids:
+            marks = ",".join("?" * len(ids))
+            await self._write(
+                "UPDATE webhook_outbox SET lease_ms = ? "
+                f"WHERE id IN ({marks}) AND state = 0 AND lease_ms IS NOT NULL",
+                (_now() + int(lease * 1000), *ids),
+            )
+
     async def release(self, delivery: Delivery) -> None:
         await self._write("UPDATE webhook_outbox SET lease_ms = NULL WHERE id = ?", (delivery.id,))
 

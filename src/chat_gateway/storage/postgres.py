@@ -10,9 +10,11 @@ while a group is being committed goes in the next statement (one transaction,
 one WAL flush). The statement upserts each room of the group once, in room
 order (so two groups never wait on each other in a cycle), raising its
 counter by the room's number of messages, and numbers them in arrival order.
-All of a group commits or none of it; every caller gets its own seq or the
-error. Posts with a key keep the single statement above, so a duplicate key
-can only ever fail its own post.
+A group's statement commits all of it or none of it; every caller gets its
+own seq or the error. A statement refused for one row's data is committed
+again in halves, down to that row, so one bad post never fails another's.
+Posts with a key keep the single statement above, so a duplicate key can only
+ever fail its own post.
 
 One committer (a task committing groups back to back on one pooled connection)
 does the committing while it keeps up, which makes the groups as large as the
@@ -22,21 +24,31 @@ on one statement longer than ``GROUP_STALL`` (a lock wait on a room another
 instance is writing, a slow flush), so one stalled statement does not hold
 the posts of every other room.
 
-Every operation is answered within ``command_timeout`` as a whole (waiting for
-a connection, every statement it sends), whatever the network does. A link that
+Every operation (a post, an edit or delete, a read, a purge, an outbox step) is
+answered within ``command_timeout`` as a whole (waiting for a connection, every
+statement it sends, the commit), whatever the network does: each runs in one
+``_operation``, the only place a deadline is set. A link that
 stops answering without a reset (a frozen server or network) would otherwise
 hold the caller twice more: asyncpg's cancel request and the connection's
 release go down the same silent path. A connection whose statement failed or
 was given up on is therefore released in the background, within its own
 bound (then terminated), never by the caller.
+
+An operation that fails tells whether a write of it may have been committed:
+``StoreUnavailable.outcome_unknown`` is set when a write statement (or a
+transaction's commit) was sent and no answer came (the deadline, a lost
+connection); a write never sent (no connection in time, a post withdrawn from
+its group) or refused by the server stored nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -50,14 +62,18 @@ from chat_gateway.storage.base import (
     NotAuthor,
     Page,
     ReadPosition,
+    RoomFilter,
     Store,
     StoreUnavailable,
     change_event,
     display_url,
+    format_ts,
     new_id,
 )
+from chat_gateway.storage.search import Cursor, Query, RoomScope, SearchTimeout
 
 log = logging.getLogger("storage.postgres")
+
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # pg_advisory_lock key for migrations: any fixed 64-bit number, the same on every instance.
@@ -197,14 +213,40 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     connection), and an open transaction is still rolled back by asyncpg first."""
 
 
-def _unavailable(exc: BaseException) -> StoreUnavailable:
-    return StoreUnavailable(f"Postgres unavailable: {exc!r}")
+# Failures that leave a statement already sent without an answer: the deadline, a
+# socket error, a connection lost mid-way. (An error the server answered with
+# means it rolled the statement back; a client-side refusal means nothing went.)
+_UNANSWERED = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError)
+
+# A statement refused for what one of its rows holds (the database's data errors,
+# asyncpg's own for an argument it cannot encode, a constraint): the connection is
+# fine, and the other rows of a group may commit without that one.
+_ROW_FAULTS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 
 
-def _fail(group: list[Any], exc: BaseException) -> None:
+def _unavailable(exc: BaseException, *, sent: bool = False) -> StoreUnavailable:
+    """The store's failure for ``exc``; ``sent``: a write of the operation had gone
+    out, so an unanswered failure leaves its outcome unknown."""
+    return StoreUnavailable(
+        f"Postgres unavailable: {exc!r}",
+        outcome_unknown=sent and isinstance(exc, _UNANSWERED),
+    )
+
+
+class _Operation:
+    """One store operation under way: ``sent`` once a write of it (a statement outside
+    a transaction, or a transaction's commit) went to the database."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self) -> None:
+        self.sent = False
+
+
+def _fail(group: list[Any], exc: BaseException, *, sent: bool) -> None:
     """Every post of a group that failed gets the error (``StoreUnavailable`` for a lost
-    or unreachable database)."""
-    err = _unavailable(exc) if isinstance(exc, _UNAVAILABLE) else exc
+    or unreachable database; ``sent``: its statement had gone out)."""
+    err = _unavailable(exc, sent=sent) if isinstance(exc, _UNAVAILABLE) else exc
     for item in group:
         if not item[5].done():
             item[5].set_exception(err)
@@ -214,6 +256,11 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
     """Mark a given-up future's outcome as seen (no "never retrieved" report)."""
     if not future.cancelled():
         future.exception()
+
+
+def _literal(text: str) -> str:
+    """``text`` as a SQL string literal (for DDL, which takes no parameters)."""
+    return "'" + text.replace("'", "''") + "'"
 
 
 def _row(r: Any) -> Message:
@@ -250,6 +297,26 @@ _DELETE = (
     "UPDATE messages SET text = '', version = version + 1, deleted_at = $3 "
     f"WHERE room = $1 AND seq = $2 RETURNING {_COLUMNS}"
 )
+
+
+def _scrub(gone: str, at: str) -> str:
+    """The statement (or CTE body) that takes the text out of every webhook event of
+    the messages ``gone`` lists (a relation with ``room`` and ``seq``): each event
+    that still carries text (a ``message.created``, an edit's ``message.updated``),
+    whatever its state (pending, delivered and kept, dead), keeps its fields with
+    ``text`` empty and ``deleted_at`` set to ``at`` (a parameter: the removal's time
+    as the API writes it). A later attempt, replay or dead-letter listing therefore
+    carries no text of a removed message. Events found by ``webhook_outbox_message``."""
+    return (
+        "UPDATE webhook_outbox o SET data = (o.data::jsonb || jsonb_build_object("
+        f"'text', '', 'deleted_at', {at}::text))::text FROM {gone} "
+        "WHERE o.room = gone.room AND o.seq = gone.seq AND o.data::jsonb ->> 'text' <> ''"
+    )
+
+
+# A deleted message's earlier events (its own message.deleted has no text).
+_SCRUB_MESSAGE = _scrub("(SELECT $1::text AS room, $2::bigint AS seq) AS gone", "$3")
+
 _CHANGES = """
 SELECT c.change, c.after_seq, m.id, m.room, m.seq, m.author, m.text,
        (extract(epoch from m.created_at) * 1000)::bigint AS created_ms, m.version,
@@ -277,7 +344,10 @@ LEFT JOIN read_positions p ON p.user_name = $1 AND p.room = $2
 _READ_POSITIONS = """
 SELECT p.room, p.seq, coalesce(r.last_seq, 0) AS last_seq
 FROM read_positions p LEFT JOIN rooms r ON r.room = p.room
-WHERE p.user_name = $1 ORDER BY p.room LIMIT $2
+WHERE p.user_name = $1
+  AND ($3::text[] IS NULL OR p.room = ANY($3::text[])
+       OR EXISTS (SELECT 1 FROM unnest($4::text[]) AS pre WHERE starts_with(p.room, pre)))
+ORDER BY p.room LIMIT $2
 """
 
 
@@ -291,10 +361,12 @@ class PostgresStore(Store):
         connect_timeout: float = 5.0,
         command_timeout: float = 10.0,
         idle_timeout: float = 300.0,
+        search_language: str = "simple",
     ) -> None:
         if pool_max < 1 or pool_min < 0 or pool_min > pool_max:
             raise ValueError("pool sizes must satisfy 0 <= min <= max, max >= 1")
         self.url = url
+        self.search_language = search_language
         self._pool_args = dict(
             min_size=pool_min,
             max_size=pool_max,
@@ -348,25 +420,78 @@ class PostgresStore(Store):
             raise StoreUnavailable("the store is not started")
         return self._pool
 
-    async def _call(self, method: str, query: str, *args: Any) -> Any:
-        """One statement on a pooled connection, answered within the command timeout."""
-        pool = self.pool
+    async def _call(self, method: str, query: str, *args: Any, write: bool = False) -> Any:
+        """One statement as one operation (``write``: it may store something)."""
+        async with self._operation() as op:
+            return await self._statement(op, method, query, *args, write=write)
+
+    @contextlib.asynccontextmanager
+    async def _operation(self) -> AsyncIterator[_Operation]:
+        """The deadline of one store operation: everything in it (waiting for
+        connections, every statement, the commit) within the command timeout; a
+        failure of the database is raised as ``StoreUnavailable``, its outcome
+        unknown when a write had gone out."""
+        op = _Operation()
         try:
             async with asyncio.timeout(self._command_timeout):
-                # No timeout of the pool's own: the deadline above bounds the wait
-                # (and asyncpg's would cost a task per call).
-                conn = await pool.acquire()
-                try:
-                    result = await getattr(conn, method)(query, *args)
-                except BaseException as exc:
-                    if isinstance(exc, _UNAVAILABLE):
-                        await self._failed(exc, conn)
-                    self._release_later(conn)
-                    raise
+                yield op
         except _UNAVAILABLE as exc:
-            raise _unavailable(exc) from exc
+            raise _unavailable(exc, sent=op.sent) from exc
+
+    async def _statement(
+        self, op: _Operation, method: str, query: str, *args: Any, write: bool = False
+    ) -> Any:
+        """One statement of operation ``op`` on a pooled connection of its own."""
+        async with self._connection() as conn:
+            op.sent = op.sent or write
+            return await getattr(conn, method)(query, *args)
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        """A pooled connection for the body, within the deadline of the operation
+        around it. One whose body failed is released in the background (see the
+        module's docstring), never by the caller."""
+        pool = self.pool
+        # No timeout of the pool's own: the operation's deadline bounds the wait
+        # (and asyncpg's would cost a task per call).
+        conn = await pool.acquire()
+        try:
+            yield conn
+        except BaseException as exc:
+            if isinstance(exc, _UNAVAILABLE):
+                await self._failed(exc, conn)
+            self._release_later(conn)
+            raise
         await pool.release(conn)  # nothing to send: the session is kept (_keep_session)
-        return result
+
+    @staticmethod
+    @contextlib.asynccontextmanager
+    async def _transaction(conn: Any) -> AsyncIterator[None]:
+        """A transaction on ``conn``, within the deadline of the operation around it:
+        committed when the body ends, rolled back when it raises (a message not
+        found, not the author). One that cannot end cleanly (the deadline came, the
+        link failed, the commit or rollback got no answer) is ended by closing the
+        connection, which the server rolls back: a ROLLBACK down a frozen link would
+        hold the caller past its deadline."""
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            yield
+        except BaseException as exc:
+            if isinstance(exc, Exception) and not isinstance(exc, _UNAVAILABLE):
+                try:
+                    await tx.rollback()
+                except BaseException:
+                    conn.terminate()
+                    raise
+            else:
+                conn.terminate()
+            raise
+        try:
+            await tx.commit()
+        except BaseException:
+            conn.terminate()
+            raise
 
     def _release_later(self, conn: Any) -> None:
         """Give a connection back without waiting for it: its statement failed or was
@@ -434,8 +559,12 @@ class PostgresStore(Store):
         except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
             raise self._cannot_connect(exc) from exc
         try:
-            # Several instances may start at once: one migrates, the others wait here.
-            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+            # Several instances may start at once: one migrates, the others wait here,
+            # asking again and again rather than blocking in one statement: a
+            # waiting statement's transaction would hold up the migrating
+            # instance's CREATE INDEX CONCURRENTLY, which waits for older ones.
+            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK):
+                await asyncio.sleep(0.2)
             try:
                 await conn.execute(
                     "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -447,44 +576,82 @@ class PostgresStore(Store):
                 for version, sql in migrations.load("postgres"):
                     if version in done:
                         continue
-                    async with conn.transaction():
-                        await conn.execute(sql)
+                    started = time.monotonic()
+                    if migrations.outside_transaction(sql):
+                        for statement in migrations.statements(sql):
+                            await conn.execute(statement)
                         await conn.execute(
                             "INSERT INTO schema_migrations (version) VALUES ($1)", version
                         )
-                    log.info("applied migration", extra={"version": version})
+                    else:
+                        async with conn.transaction():
+                            await conn.execute(sql)
+                            await conn.execute(
+                                "INSERT INTO schema_migrations (version) VALUES ($1)", version
+                            )
+                    log.info(
+                        "applied migration",
+                        extra={"version": version, "seconds": round(time.monotonic() - started, 3)},
+                    )
                     applied.append(version)
+                await self._keep_search_language(conn)
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
         finally:
             await conn.close()
         return applied
 
+    async def _keep_search_language(self, conn: asyncpg.Connection) -> None:
+        """Index with ``search_language``: when the stored messages were indexed with
+        another, replace the indexing function and index them all again, in batches
+        (searches meanwhile find the messages re-indexed so far)."""
+        current = await conn.fetchval("SELECT language FROM search_settings")
+        if current == self.search_language:
+            return
+        try:
+            await conn.execute(f"SELECT to_tsvector({_literal(self.search_language)}, '')")
+        except asyncpg.UndefinedObjectError:
+            raise StoreUnavailable(
+                f"SEARCH_LANGUAGE={self.search_language!r} is not a text search "
+                "configuration of this database (see \\dF in psql; simple and english are)"
+            ) from None
+        log.warning(
+            "re-indexing messages for search",
+            extra={"from_language": current, "to_language": self.search_language},
+        )
+        async with conn.transaction():
+            await conn.execute(
+                "CREATE OR REPLACE FUNCTION messages_search_vector(body text) RETURNS tsvector "
+                "LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT to_tsvector("
+                f"{_literal(self.search_language)}::regconfig, "
+                "regexp_replace(body, '[^[:alnum:]]+', ' ', 'g')) $$"
+            )
+            await conn.execute("UPDATE search_settings SET language = $1", self.search_language)
+        await conn.execute("CALL messages_search_fill(10000, true)")
+
     async def append(
         self, room: str, author: str, text: str, idempotency_key: str | None = None
     ) -> tuple[Message, bool]:
         # One deadline for all of it: the key lookup, the insert, the lookup after a race.
-        try:
-            async with asyncio.timeout(self._command_timeout):
-                return await self._append(room, author, text, idempotency_key)
-        except TimeoutError as exc:
-            raise _unavailable(exc) from exc
+        async with self._operation() as op:
+            return await self._append(op, room, author, text, idempotency_key)
 
     async def _append(
-        self, room: str, author: str, text: str, idempotency_key: str | None
+        self, op: _Operation, room: str, author: str, text: str, idempotency_key: str | None
     ) -> tuple[Message, bool]:
         if idempotency_key is not None:
-            row = await self._call("fetchrow", _BY_KEY, room, idempotency_key)
+            row = await self._statement(op, "fetchrow", _BY_KEY, room, idempotency_key)
             if row is not None:
                 return _row(row), False
         ms = int(time.time() * 1000)
         mid = new_id(ms)
         created = _EPOCH + timedelta(milliseconds=ms)
         if idempotency_key is None:
-            seq, changes = await self._grouped(room, mid, author, text, created)
+            seq, changes = await self._grouped(op, room, mid, author, text, created)
             return Message(mid, room, seq, author, text, ms, changes=changes), True
         try:
-            row = await self._call(
+            row = await self._statement(
+                op,
                 "fetchrow",
                 self._append_sql,
                 room,
@@ -494,11 +661,12 @@ class PostgresStore(Store):
                 created,
                 idempotency_key,
                 *self._outbox_args,
+                write=True,
             )
         except asyncpg.UniqueViolationError:
             # A concurrent request with the same key committed first; the failed
             # statement rolled its seq increment back.
-            row = await self._call("fetchrow", _BY_KEY, room, idempotency_key)
+            row = await self._statement(op, "fetchrow", _BY_KEY, room, idempotency_key)
             if row is None:  # pragma: no cover - the constraint named a row that vanished
                 raise
             return _row(row), False
@@ -520,6 +688,7 @@ class PostgresStore(Store):
             [p[2] for p in posts],
             [created] * len(posts),
             *self._outbox_args,
+            write=True,
         )
         seqs = {r["id"]: (r["seq"], r["changes"]) for r in rows}
         return [
@@ -528,9 +697,10 @@ class PostgresStore(Store):
         ]
 
     async def _grouped(
-        self, room: str, mid: str, author: str, text: str, created: datetime
+        self, op: _Operation, room: str, mid: str, author: str, text: str, created: datetime
     ) -> tuple[int, int]:
-        """Commit one post with whatever others wait; its seq and the room's change count."""
+        """Commit one post with whatever others wait; its seq and the room's change count.
+        Within ``op``'s deadline: a post a committer took may be stored even so."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[int, int]] = loop.create_future()
         item = (room, mid, author, text, created, future)
@@ -545,19 +715,15 @@ class PostgresStore(Store):
             task.add_done_callback(self._committer_done)
         # A caller that gives up (its deadline, or cancelled) withdraws its post if no
         # committer has taken it yet; one already taken is left to its group, which may
-        # still commit it.
+        # still commit it (its outcome is unknown: the committer may have sent it).
         try:
-            async with asyncio.timeout(self._command_timeout):
-                return await asyncio.shield(future)
-        except TimeoutError as exc:
-            if item in self._waiting:
-                self._waiting.remove(item)
-                future.cancel()
-            raise _unavailable(exc) from exc
+            return await asyncio.shield(future)
         except asyncio.CancelledError:
             if item in self._waiting:
                 self._waiting.remove(item)
                 future.cancel()
+            else:
+                op.sent = True
             raise
         finally:
             if not future.done():  # in flight: its outcome is nobody's now
@@ -592,7 +758,7 @@ class PostgresStore(Store):
                         conn = await self.pool.acquire(timeout=self._acquire_timeout)
                     except BaseException as exc:
                         # Nothing was sent: the posts waiting now are told so.
-                        _fail(self._take(), exc)
+                        _fail(self._take(), exc, sent=False)
                         if isinstance(exc, asyncio.CancelledError):
                             raise
                         continue
@@ -600,9 +766,9 @@ class PostgresStore(Store):
                 if not group:
                     continue  # all withdrawn meanwhile
                 try:
-                    rows = await self._commit_group(conn, group)
+                    await self._commit_isolating(conn, group)
                 except BaseException as exc:
-                    _fail(group, exc)
+                    _fail(group, exc, sent=True)
                     if isinstance(exc, _UNAVAILABLE):
                         await self._failed(exc, conn)
                     conn, held = None, conn
@@ -610,10 +776,6 @@ class PostgresStore(Store):
                     if isinstance(exc, asyncio.CancelledError):
                         raise
                     continue
-                seqs = {r["id"]: (r["seq"], r["changes"]) for r in rows}
-                for item in group:
-                    if not item[5].done():
-                        item[5].set_result(seqs[item[1]])
         finally:
             if conn is not None:
                 await self._release(conn)
@@ -628,6 +790,28 @@ class PostgresStore(Store):
             await self.pool.release(conn, timeout=self._command_timeout)
         except Exception as exc:
             log.debug("releasing a connection: %r", exc)
+
+    async def _commit_isolating(self, conn: Any, group: list[Any]) -> None:
+        """Commit a group and give each post its seq. A statement refused for one row's
+        data (a NUL in a text, a string with no UTF-8 form, a constraint) fails the
+        whole group, which would fail every other caller with that row: the group is
+        then committed in halves, in order (arrival order, so seqs within a room
+        keep it), down to the row at fault, whose caller alone gets the error."""
+        try:
+            rows = await self._commit_group(conn, group)
+        except _ROW_FAULTS as exc:
+            if len(group) == 1:
+                _fail(group, exc, sent=False)  # refused by the server: nothing stored
+                return
+            log.debug("a group failed on a row's data, committed in parts: %r", exc)
+            half = len(group) // 2
+            await self._commit_isolating(conn, group[:half])
+            await self._commit_isolating(conn, group[half:])
+            return
+        seqs = {r["id"]: (r["seq"], r["changes"]) for r in rows}
+        for item in group:
+            if not item[5].done():
+                item[5].set_result(seqs[item[1]])
 
     async def _commit_group(self, conn: Any, group: list[Any]) -> Any:
         cols = [*zip(*(item[:5] for item in group), strict=True), *self._outbox_args]
@@ -681,30 +865,37 @@ class PostgresStore(Store):
         # A bounded batch found through the created_at index, deleted by ctid:
         # row locks on those rows only, never a table lock; SKIP LOCKED lets
         # two instances' retention runs share the work. The deleted messages'
-        # change rows go in the same statement.
+        # change rows go in the same statement, and their text leaves the outbox.
         count = await self._call(
             "fetchval",
             "WITH gone AS (DELETE FROM messages WHERE ctid = ANY(ARRAY("
             " SELECT ctid FROM messages WHERE created_at < $1"
             " ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)) RETURNING room, seq),"
             " changes AS (DELETE FROM message_changes c USING gone"
-            " WHERE c.room = gone.room AND c.seq = gone.seq)"
+            " WHERE c.room = gone.room AND c.seq = gone.seq),"
+            f" scrub AS ({_scrub('gone', '$3')})"
             " SELECT count(*) FROM gone",
             _EPOCH + timedelta(milliseconds=cutoff_ms),
             limit,
+            format_ts(int(time.time() * 1000)),
         )
         return int(count)
 
     async def purge_room(self, room: str) -> int:
         # The rooms row (its last_seq, last_change) stays: seqs and change numbers
-        # are never handed out twice. The change rows go in the same statement.
-        status = await self._call(
-            "execute",
-            "WITH changes AS (DELETE FROM message_changes WHERE room = $1)"
-            " DELETE FROM messages WHERE room = $1",
+        # are never handed out twice. The change rows go in the same statement, and
+        # the messages' text leaves the outbox.
+        count = await self._call(
+            "fetchval",
+            "WITH gone AS (DELETE FROM messages WHERE room = $1 RETURNING room, seq),"
+            " changes AS (DELETE FROM message_changes WHERE room = $1),"
+            f" scrub AS ({_scrub('gone', '$2')})"
+            " SELECT count(*) FROM gone",
             room,
+            format_ts(int(time.time() * 1000)),
+            write=True,
         )
-        return int(status.split()[-1])
+        return int(count)
 
     async def ping(self) -> None:
         await self._call("fetchval", "SELECT 1")
@@ -720,70 +911,67 @@ class PostgresStore(Store):
     ) -> tuple[Change | None, Message]:
         ms = int(time.time() * 1000)
         at = _EPOCH + timedelta(milliseconds=ms)
-        try:
-            async with self.pool.acquire(timeout=self._acquire_timeout) as conn:
-                async with conn.transaction():
-                    # The room's row first, as an append takes it: changes and posts
-                    # of a room commit one at a time, so after_seq is exact.
-                    pos = await conn.fetchrow(
-                        "SELECT last_seq, last_change FROM rooms WHERE room = $1 FOR UPDATE", room
-                    )
-                    if pos is not None and idempotency_key is not None:
-                        done = await conn.fetchval(
-                            "SELECT seq FROM message_changes WHERE room = $1 AND key_owner = $2"
-                            " AND idempotency_key = $3",
-                            room,
-                            *idempotency_key,
-                        )
-                        if done is not None:  # a repeat: the message as it is now
-                            return None, _row(await conn.fetchrow(_MESSAGE_FOR_UPDATE, room, done))
-                    row = (
-                        None if pos is None else await conn.fetchrow(_MESSAGE_FOR_UPDATE, room, seq)
-                    )
-                    if pos is None or row is None:
-                        raise MessageNotFound(f"no message {seq} in room {room!r}")
-                    current = _row(row)
-                    if author is not None and current.author != author:
-                        raise NotAuthor("only the author may change this message")
-                    if current.deleted_ms is not None:
-                        if text is None:
-                            return None, current  # deleted already: nothing to do
-                        raise MessageNotFound(f"message {seq} in room {room!r} is deleted")
-                    if text == current.text:
-                        return None, current
-                    number = pos["last_change"] + 1
-                    await conn.execute(
-                        "UPDATE rooms SET last_change = $2 WHERE room = $1", room, number
-                    )
-                    if text is None:
-                        row = await conn.fetchrow(_DELETE, room, seq, at)
-                    else:
-                        row = await conn.fetchrow(_EDIT, room, seq, text, at)
-                    owner, key = idempotency_key or (None, None)
-                    await conn.execute(
-                        "INSERT INTO message_changes (room, change, seq, "
-                        "after_seq, key_owner, idempotency_key) "
-                        "VALUES ($1, $2, $3, $4, $5, $6)",
+        async with self._operation() as op, self._connection() as conn:
+            async with self._transaction(conn):
+                # The room's row first, as an append takes it: changes and posts
+                # of a room commit one at a time, so after_seq is exact.
+                pos = await conn.fetchrow(
+                    "SELECT last_seq, last_change FROM rooms WHERE room = $1 FOR UPDATE", room
+                )
+                if pos is not None and idempotency_key is not None:
+                    done = await conn.fetchval(
+                        "SELECT seq FROM message_changes WHERE room = $1 AND key_owner = $2"
+                        " AND idempotency_key = $3",
                         room,
-                        number,
-                        seq,
-                        pos["last_seq"],
-                        owner,
-                        key,
+                        *idempotency_key,
                     )
-                    msg = _row(row)
-                    if self._outbox_args:
-                        await conn.execute(
-                            _CHANGE_OUTBOX,
-                            *change_event(msg, number, ms),
-                            room,
-                            seq,
-                            pos["last_seq"] + number,
-                            at,
-                            *self._outbox_args,
-                        )
-        except _UNAVAILABLE as exc:
-            raise _unavailable(exc) from exc
+                    if done is not None:  # a repeat: the message as it is now
+                        return None, _row(await conn.fetchrow(_MESSAGE_FOR_UPDATE, room, done))
+                row = None if pos is None else await conn.fetchrow(_MESSAGE_FOR_UPDATE, room, seq)
+                if pos is None or row is None:
+                    raise MessageNotFound(f"no message {seq} in room {room!r}")
+                current = _row(row)
+                if author is not None and current.author != author:
+                    raise NotAuthor("only the author may change this message")
+                if current.deleted_ms is not None:
+                    if text is None:
+                        return None, current  # deleted already: nothing to do
+                    raise MessageNotFound(f"message {seq} in room {room!r} is deleted")
+                if text == current.text:
+                    return None, current
+                number = pos["last_change"] + 1
+                await conn.execute(
+                    "UPDATE rooms SET last_change = $2 WHERE room = $1", room, number
+                )
+                if text is None:
+                    row = await conn.fetchrow(_DELETE, room, seq, at)
+                    await conn.execute(_SCRUB_MESSAGE, room, seq, format_ts(ms))
+                else:
+                    row = await conn.fetchrow(_EDIT, room, seq, text, at)
+                owner, key = idempotency_key or (None, None)
+                await conn.execute(
+                    "INSERT INTO message_changes (room, change, seq, "
+                    "after_seq, key_owner, idempotency_key) "
+                    "VALUES ($1, $2, $3, $4, $5, $6)",
+                    room,
+                    number,
+                    seq,
+                    pos["last_seq"],
+                    owner,
+                    key,
+                )
+                msg = _row(row)
+                if self._outbox_args:
+                    await conn.execute(
+                        _CHANGE_OUTBOX,
+                        *change_event(msg, number, ms),
+                        room,
+                        seq,
+                        pos["last_seq"] + number,
+                        at,
+                        *self._outbox_args,
+                    )
+                op.sent = True  # the commit goes out as the block ends
         return Change(number, pos["last_seq"], msg), msg
 
     async def changes(self, room: str, *, after: int, limit: int = 200) -> list[Change]:
@@ -797,7 +985,7 @@ class PostgresStore(Store):
         return (0, 0) if row is None else (int(row["last_seq"]), int(row["last_change"]))
 
     async def mark_read(self, user: str, room: str, seq: int) -> ReadPosition:
-        row = await self._call("fetchrow", _MARK_READ, user, room, seq)
+        row = await self._call("fetchrow", _MARK_READ, user, room, seq, write=True)
         if row is None:  # a room with no message: nothing to be read
             return ReadPosition(room, 0, 0)
         return ReadPosition(room, int(row["seq"]), int(row["last_seq"]))
@@ -806,9 +994,36 @@ class PostgresStore(Store):
         row = await self._call("fetchrow", _READ_POSITION, user, room)
         return ReadPosition(room, int(row["seq"]), int(row["last_seq"]))
 
-    async def read_positions(self, user: str, limit: int = 1000) -> list[ReadPosition]:
-        rows = await self._call("fetch", _READ_POSITIONS, user, limit)
+    async def read_positions(
+        self, user: str, limit: int = 1000, rooms: RoomFilter | None = None
+    ) -> list[ReadPosition]:
+        names = None if rooms is None else list(rooms.names)
+        prefixes = [] if rooms is None else list(rooms.prefixes)
+        rows = await self._call("fetch", _READ_POSITIONS, user, limit, names, prefixes)
         return [ReadPosition(r["room"], int(r["seq"]), int(r["last_seq"])) for r in rows]
+
+    async def search(
+        self,
+        query: Query,
+        scope: RoomScope,
+        *,
+        limit: int,
+        cursor: Cursor | None = None,
+        timeout: float = 2.0,
+    ) -> Page:
+        sql, args = _search_sql(self.search_language, query, scope, limit, cursor)
+        bound = f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}"
+
+        try:
+            async with self._operation(), self._connection() as conn, self._transaction(conn):
+                await conn.execute(bound)
+                rows = await conn.fetch(sql, *args)
+        except asyncpg.QueryCanceledError as exc:
+            raise SearchTimeout(f"the search ran past {timeout:g} s") from exc
+        return Page([_row(r) for r in rows[:limit]], len(rows) > limit)
+
+    def where(self) -> str:
+        return f"Postgres at {display_url(self.url)}"
 
     def stats(self) -> dict[str, Any]:
         if self._pool is None:
@@ -819,3 +1034,35 @@ class PostgresStore(Store):
             "pool_in_use": size - self._pool.get_idle_size(),
             "pool_max": self._pool.get_max_size(),
         }
+
+
+def _search_sql(
+    language: str, query: Query, scope: RoomScope, limit: int, cursor: Cursor | None
+) -> tuple[str, list[Any]]:
+    """The search statement: the GIN index finds the rows, the scope and the cursor
+    are conditions of the same statement, then the newest ``limit + 1``. (Rows the
+    gateway writes carry millisecond creation times, as the cursor does.)"""
+    args: list[Any] = [language, query.tsquery()]
+    where = ["search @@ to_tsquery($1::regconfig, $2)", "deleted_at IS NULL"]
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    if not scope.everything:
+        where.append(
+            f"(room = ANY({arg(list(scope.names))}::text[]) OR EXISTS (SELECT 1 FROM "
+            f"unnest({arg(list(scope.prefixes))}::text[]) p WHERE starts_with(room, p)))"
+        )
+    if scope.excluded:
+        where.append(f"room <> ALL({arg(list(scope.excluded))}::text[])")
+    if cursor is not None:
+        at = _EPOCH + timedelta(milliseconds=cursor.created_ms)
+        where.append(
+            f"(created_at, room, seq) < ({arg(at)}, {arg(cursor.room)}, {arg(cursor.seq)})"
+        )
+    sql = (
+        f"SELECT {_COLUMNS} FROM messages WHERE {' AND '.join(where)} "
+        f"ORDER BY created_at DESC, room DESC, seq DESC LIMIT {arg(limit + 1)}"
+    )
+    return sql, args

@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
+
 from chat_gateway.storage import migrations
 from chat_gateway.storage.base import (
     Change,
@@ -29,11 +31,14 @@ from chat_gateway.storage.base import (
     NotAuthor,
     Page,
     ReadPosition,
+    RoomFilter,
     Store,
     StoreUnavailable,
     change_event,
+    format_ts,
     new_id,
 )
+from chat_gateway.storage.search import BadQuery, Cursor, Query, RoomScope, SearchTimeout
 
 T = TypeVar("T")
 
@@ -42,8 +47,35 @@ _COLUMNS = "id, room, seq, author, text, created_ms, version, edited_ms, deleted
 _IN_CHUNK = 500
 
 
+def statements(sql: str) -> list[str]:
+    """A migration's statements, each whole: a trigger's body holds semicolons too."""
+    out, pending = [], ""
+    for piece in sql.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                out.append(pending)
+            pending = ""
+    return out
+
+
 def _row(r: tuple[Any, ...]) -> Message:
     return Message(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8])
+
+
+def _scrub(db: sqlite3.Connection, gone: list[tuple[str, int]], at_ms: int) -> None:
+    """Take the text out of every webhook event of the messages ``gone`` lists, inside
+    the caller's transaction: each event that still carries text (a
+    ``message.created``, an edit's ``message.updated``), whatever its state (pending,
+    delivered and kept, dead), keeps its fields with ``text`` empty and
+    ``deleted_at`` set to the removal's time. A later attempt, replay or dead-letter
+    listing therefore carries no text of a removed message."""
+    at = format_ts(at_ms)
+    db.executemany(
+        "UPDATE webhook_outbox SET data = json_set(data, '$.text', '', '$.deleted_at', ?) "
+        "WHERE room = ? AND seq = ? AND json_extract(data, '$.text') <> ''",
+        [(at, room, seq) for room, seq in gone],
+    )
 
 
 class SQLiteStore(Store):
@@ -114,8 +146,15 @@ class SQLiteStore(Store):
         try:
             self._db = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
         except (sqlite3.Error, OSError) as exc:  # OSError: its directory cannot be made
-            where = self.path if self.path == ":memory:" else os.path.abspath(self.path)
-            raise StoreUnavailable(f"cannot open SQLite file {where}: {exc}") from exc
+            raise StoreUnavailable(f"cannot open SQLite file {self.file}: {exc}") from exc
+
+    @property
+    def file(self) -> str:
+        """The file's absolute path: a relative one is relative to the working directory."""
+        return self.path if self.path == ":memory:" else os.path.abspath(self.path)
+
+    def where(self) -> str:
+        return f"SQLite file {self.file}"
 
     async def close(self) -> None:
         if self._db is not None:
@@ -139,9 +178,8 @@ class SQLiteStore(Store):
                     continue
                 db.execute("BEGIN IMMEDIATE")
                 try:
-                    for statement in sql.split(";"):
-                        if statement.strip():
-                            db.execute(statement)
+                    for statement in statements(sql):
+                        db.execute(statement)
                     db.execute(
                         "INSERT INTO schema_migrations VALUES (?, ?)",
                         (version, int(time.time() * 1000)),
@@ -264,6 +302,7 @@ class SQLiteStore(Store):
                 db.executemany(
                     "DELETE FROM messages WHERE rowid = ?", [(rowid,) for rowid, _, _ in rows]
                 )
+                _scrub(db, [(room, seq) for _, room, seq in rows], int(time.time() * 1000))
                 db.execute("COMMIT")
                 return len(rows)
             except BaseException:
@@ -280,7 +319,11 @@ class SQLiteStore(Store):
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.execute("DELETE FROM message_changes WHERE room = ?", (room,))
-                count = db.execute("DELETE FROM messages WHERE room = ?", (room,)).rowcount
+                gone = db.execute(
+                    "DELETE FROM messages WHERE room = ? RETURNING room, seq", (room,)
+                ).fetchall()
+                _scrub(db, gone, int(time.time() * 1000))
+                count = len(gone)
                 db.execute("COMMIT")
                 return count
             except BaseException:
@@ -346,12 +389,13 @@ class SQLiteStore(Store):
                 number = pos[1] + 1
                 ms = int(time.time() * 1000)
                 db.execute("UPDATE rooms SET last_change = ? WHERE room = ?", (number, room))
-                if text is None:  # the text is gone from the row, not hidden
+                if text is None:  # the text is gone from the row and its events, not hidden
                     db.execute(
                         "UPDATE messages SET text = '', version = version + 1, "
                         "deleted_ms = ? WHERE room = ? AND seq = ?",
                         (ms, room, seq),
                     )
+                    _scrub(db, [(room, seq)], ms)
                 else:
                     db.execute(
                         "UPDATE messages SET text = ?, version = version + 1, "
@@ -432,16 +476,77 @@ class SQLiteStore(Store):
 
         return await self._run(read)
 
-    async def read_positions(self, user: str, limit: int = 1000) -> list[ReadPosition]:
+    async def read_positions(
+        self, user: str, limit: int = 1000, rooms: RoomFilter | None = None
+    ) -> list[ReadPosition]:
+        kept, args = ("1", []) if rooms is None else rooms.sql_sqlite("p.room")
         rows = await self._run(
             lambda db: db.execute(
                 "SELECT p.room, p.seq, coalesce(r.last_seq, 0) FROM read_positions p "
-                "LEFT JOIN rooms r ON r.room = p.room WHERE p.user_name = ? ORDER BY p.room "
-                "LIMIT ?",
-                (user, limit),
+                f"LEFT JOIN rooms r ON r.room = p.room WHERE p.user_name = ? AND {kept} "
+                "ORDER BY p.room LIMIT ?",
+                (user, *args, limit),
             ).fetchall()
         )
         return [ReadPosition(r[0], int(r[1]), int(r[2])) for r in rows]
 
+    async def search(
+        self,
+        query: Query,
+        scope: RoomScope,
+        *,
+        limit: int,
+        cursor: Cursor | None = None,
+        timeout: float = 2.0,
+    ) -> Page:
+        sql, args = _search_sql(query, scope, limit, cursor)
+
+        def read(db: sqlite3.Connection) -> Page:
+            deadline = time.monotonic() + timeout
+            # Called every few thousand VM steps: a true answer interrupts the query.
+            db.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+            try:
+                rows = db.execute(sql, args).fetchall()
+            except sqlite3.OperationalError as exc:
+                if time.monotonic() > deadline:
+                    raise SearchTimeout(f"the search ran past {timeout:g} s") from exc
+                if "fts5" in str(exc):
+                    raise BadQuery(f"q cannot be searched: {exc}") from exc
+                raise
+            finally:
+                db.set_progress_handler(None, 0)
+            return Page([_row(r) for r in rows[:limit]], len(rows) > limit)
+
+        return await self._run(read)
+
     def stats(self) -> dict[str, Any]:
         return {"pool_size": 1, "pool_max": 1}
+
+
+def _search_sql(
+    query: Query, scope: RoomScope, limit: int, cursor: Cursor | None
+) -> tuple[str, list[Any]]:
+    """The search statement: FTS5 finds the rows, the scope and the cursor are
+    conditions of the same statement, then the newest ``limit + 1``."""
+    cols = ", ".join("m." + c for c in _COLUMNS.split(", "))
+    where = ["messages_fts MATCH ?", "m.deleted_ms IS NULL"]
+    args: list[Any] = [query.fts5()]
+    if not scope.everything:
+        where.append(
+            "(m.room IN (SELECT value FROM json_each(?)) OR EXISTS (SELECT 1 FROM "
+            "json_each(?) p WHERE substr(m.room, 1, length(p.value)) = p.value))"
+        )
+        args += [orjson.dumps(scope.names).decode(), orjson.dumps(scope.prefixes).decode()]
+    if scope.excluded:
+        where.append("m.room NOT IN (SELECT value FROM json_each(?))")
+        args.append(orjson.dumps(scope.excluded).decode())
+    if cursor is not None:
+        where.append("(m.created_ms, m.room, m.seq) < (?, ?, ?)")
+        args += [cursor.created_ms, cursor.room, cursor.seq]
+    args.append(limit + 1)
+    sql = (
+        f"SELECT {cols} FROM messages_fts JOIN messages m ON m.rowid = messages_fts.rowid "
+        f"WHERE {' AND '.join(where)} ORDER BY m.created_ms DESC, m.room DESC, m.seq DESC "
+        "LIMIT ?"
+    )
+    return sql, args

@@ -58,13 +58,14 @@ class Connection:
     """One connection of ``caller`` (the identity its limits and rate bucket count)."""
 
     # Held for as long as the connection is open, and idle sockets are many.
-    __slots__ = ("_log_extra", "admitted", "caller", "gw", "sub")
+    __slots__ = ("_log_extra", "admitted", "caller", "gw", "peer_code", "sub")
 
     def __init__(self, gw: Gateway, caller: str) -> None:
         self.gw = gw
         self.caller = caller
         self.admitted = False
         self.sub: Subscriber | None = None
+        self.peer_code: int | None = None  # the close code the client sent, if any
         self._log_extra: Mapping[str, Any] = _NO_EXTRA
 
     async def admit(self) -> Decision:
@@ -101,10 +102,18 @@ class Connection:
         if sub is not None:
             await self.gw.hub.unregister(sub)
             await self.gw.presence.gone(sub.id)
+            # Closed by the server (a close code of its own), else by the client
+            # (its WebSocket close code; none for a stream it left).
+            code = sub.close_code if sub.close_code is not None else self.peer_code
+            how: dict[str, Any] = {
+                "closed_by": "server" if sub.close_code is not None else "client"
+            }
+            if code is not None:
+                how["close_code"] = code
             log.info(
                 "%s closed",
                 _NAMES[sub.transport],
-                extra={**self._log_extra, "sub": sub.id, "close_code": sub.close_code},
+                extra={**self._log_extra, "sub": sub.id, **how},
             )
 
     async def __aenter__(self) -> Connection:

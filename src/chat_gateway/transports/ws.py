@@ -30,7 +30,7 @@ from chat_gateway.api.chat import changed_by, position_json
 from chat_gateway.delivery.hub import WS, Subscriber
 from chat_gateway.delivery.output import FrameSink
 from chat_gateway.errors import CLOSE_POLICY_VIOLATION, ApiError, internal, store_unavailable
-from chat_gateway.gateway import POST, SUBSCRIBE, Gateway
+from chat_gateway.gateway import POST, READ, SUBSCRIBE, Gateway
 from chat_gateway.storage import Message, StoreUnavailable
 from chat_gateway.transports.connections import Connection, connecting, expire_with_token
 
@@ -45,7 +45,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     try:
         v.only_fields(dict(websocket.query_params), v.fields(v.WS_QUERY))
         identity, user = connecting(websocket)
-        connection = Connection(gw, identity.name)
+        connection = Connection(gw, identity.bucket)
         decision = await connection.admit()
     except ApiError as exc:
         await refuse(websocket, exc)
@@ -95,7 +95,7 @@ class Session:
     """One WebSocket's frames in and out, from its upgrade to its close."""
 
     # Held for as long as the socket is open, and idle sockets are many.
-    __slots__ = ("gw", "identity", "publisher", "publishes", "sub", "user", "ws")
+    __slots__ = ("connection", "gw", "identity", "publisher", "publishes", "sub", "user", "ws")
 
     def __init__(
         self,
@@ -120,9 +120,11 @@ class Session:
         )
         self.publishes: list[tuple[dict[str, Any], Any]] = []
         self.publisher: asyncio.Task[None] | None = None
+        self.connection: Connection | None = None
 
     async def run(self, connection: Connection) -> None:
         """Serve the socket until it closes; ``connection`` (admitted) holds its place."""
+        self.connection = connection
         connection.attach(self.sub, self.identity)
         try:
             if self.sub.sink is not None:
@@ -187,6 +189,8 @@ class Session:
     async def take(self, message: ASGIMessage) -> bool:
         """Handle one received message; False once the socket is gone."""
         if message["type"] == "websocket.disconnect":
+            if self.connection is not None:
+                self.connection.peer_code = message.get("code")
             return False
         raw = message.get("text")
         if raw is None:
@@ -238,7 +242,7 @@ class Session:
         key = v.idempotency_key(frame.get("key"), "key")
         author = self.identity.name if self.identity.user else v.author(frame.get("author"))
         self.identity.check_post(room)
-        await self.gw.rate(POST, self.identity.name)
+        await self.gw.rate(POST, self.identity.bucket)
         return Publish(ref, room, author, text, key)
 
     async def commit(self, ready: list[Publish]) -> None:
@@ -295,7 +299,8 @@ class Session:
         self.identity.check_room(room)
         chat = self.gw.chat
         if kind == "typing":
-            if room not in self.sub.cursors:
+            self.identity.check_post(room)  # typing is writing: not on a read-only grant
+            if not self.sub.holds(room):
                 raise ApiError(
                     "invalid_request", "subscribe to the room before typing in it", field="room"
                 )
@@ -322,6 +327,7 @@ class Session:
                     "a read position needs a name: connect with ?user=NAME in open mode",
                     field="user",
                 )
+            await self.gw.rate(READ, self.identity.bucket)
             pos = await chat.mark_read(user, room, seq)
             self.sub.reply({"type": "ack", "ref": ref, "read": position_json(pos)})
             return
@@ -329,7 +335,7 @@ class Session:
         text = v.text(frame.get("text")) if kind == "edit" else None
         key = v.idempotency_key(frame.get("key"), "key")
         author = changed_by(self.identity, room, frame.get("author"))
-        await self.gw.rate(POST, self.identity.name)
+        await self.gw.rate(POST, self.identity.bucket)
         # The rate bucket's identity owns the key, as on HTTP: the two share keys.
         msg = await chat.change(
             room,
@@ -346,7 +352,7 @@ class Session:
         """Refuse a new room past ``MAX_SUBSCRIPTIONS_PER_CONNECTION`` (a re-subscribe
         to a held room takes no new place)."""
         cap = self.gw.settings.max_subscriptions_per_connection
-        if room not in self.sub.cursors and len(self.sub.cursors) >= cap:
+        if not self.sub.holds(room) and len(self.sub.rooms()) >= cap:
             raise ApiError(
                 "too_many_subscriptions",
                 f"this connection already holds {cap} rooms; unsubscribe from one first",
@@ -373,7 +379,7 @@ class Session:
             changes_since = v.seq_field(frame.get("changes_since"), "changes_since")
             self.identity.check_room(room)
             self.check_subscription_room(room)
-            await self.gw.rate(SUBSCRIBE, self.identity.name)
+            await self.gw.rate(SUBSCRIBE, self.identity.bucket)
             await hub.subscribe(self.sub, room, since, changes_since)
             await presence.joined(self.sub.id, self.user, room)
         elif kind == "unsubscribe":
@@ -407,7 +413,7 @@ class Session:
         self.identity = identity
         expire_with_token(self.sub, identity)
         hub, presence = self.gw.hub, self.gw.presence
-        for room in [r for r in self.sub.cursors if not identity.may_access(r)]:
+        for room in [r for r in self.sub.rooms() if not identity.may_access(r)]:
             await hub.unsubscribe(self.sub, room)
             await presence.left(self.sub.id, room)
             self.sub.reply(

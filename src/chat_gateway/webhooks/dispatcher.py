@@ -26,6 +26,13 @@ The dispatcher wakes when this instance commits a message (``poke``) and
 otherwise every ``WEBHOOK_POLL_INTERVAL`` seconds, which is how events
 committed by other instances, retries that came due and expired leases of a
 killed instance are found.
+
+A claim leases its row for ``LEASE`` seconds, and while the attempt is in
+flight the dispatcher renews the lease every ``RENEW_EVERY`` seconds (one
+statement for all its attempts): the lease is the instance's liveness signal.
+An instance that dies (or loses the database) stops renewing, so its queues
+are taken over within ``LEASE`` seconds plus a poll, however long
+``WEBHOOK_TIMEOUT`` is.
 """
 
 from __future__ import annotations
@@ -56,6 +63,9 @@ MAX_RESPONSE_BYTES = 64 * 1024
 EPHEMERAL_ATTEMPTS = 3
 EPHEMERAL_MAX = 1000  # read of a receiver's answer, then the rest is dropped
 USER_AGENT = "chat-gateway-webhooks/1"
+# Seconds a claim leases its row, and between renewals of the leases in flight.
+LEASE = 3.0
+RENEW_EVERY = 1.0
 
 
 class BreakerState(enum.Enum):
@@ -161,8 +171,10 @@ class Receiver:
 
     @property
     def label(self) -> str:
-        """The URL without its query (which may hold a token), for metrics and logs."""
-        return str(self.url.copy_with(query=None, fragment=None))
+        """``ID:host[:port]``, for metrics and logs: the receiver's id (its row in the
+        outbox, shown by ``GET /v1/admin/webhooks``) and origin, never the path or
+        query, which may hold the receiver's secret."""
+        return f"{self.endpoint.id}:{egress.origin(self.url)}"
 
     @property
     def state(self) -> BreakerState:
@@ -180,11 +192,12 @@ class Webhooks:
         self.keys = parse_secrets(settings.webhook_secret)
         self.urls = list(settings.webhook_urls)
         self.receivers: dict[int, Receiver] = {}
-        self.lease = settings.webhook_timeout * 2 + 5  # outlives any attempt in flight
+        self.lease = LEASE  # renewed while the attempt is in flight (_renew_loop)
         self.maintenance_interval = max(1.0, min(5.0, settings.webhook_poll_interval * 10))
         self._client: httpx.AsyncClient | None = None
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
+        self._held: dict[asyncio.Task[None], int] = {}  # attempt -> the outbox row it leases
         self._ephemeral: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -218,6 +231,7 @@ class Webhooks:
         self._tasks = [
             loop.create_task(self._claim_loop(), name="webhook claims"),
             loop.create_task(self._maintenance_loop(), name="webhook maintenance"),
+            loop.create_task(self._renew_loop(), name="webhook leases"),
         ]
 
     async def close(self) -> None:
@@ -338,8 +352,12 @@ class Webhooks:
     # -- one queue's attempts -------------------------------------------------------
 
     async def _deliver(self, delivery: Delivery | None) -> None:
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("an attempt runs in a task")
         try:
             while delivery is not None:
+                self._held[task] = delivery.id
                 delivery = await self._attempt(delivery)
         except asyncio.CancelledError:
             raise
@@ -348,6 +366,23 @@ class Webhooks:
             log.warning("webhook outcome not recorded: %s", exc)
         except Exception:
             log.exception("webhook delivery failed")
+        finally:
+            self._held.pop(task, None)
+
+    async def _renew_loop(self) -> None:
+        """Every ``RENEW_EVERY`` seconds, extend the leases of the attempts in flight:
+        while this instance lives, nobody else takes their queues."""
+        while True:
+            await asyncio.sleep(RENEW_EVERY)
+            held = list(self._held.values())
+            if not held:
+                continue
+            try:
+                await self.outbox.renew(held, self.lease)
+            except StoreUnavailable as exc:
+                log.warning("webhook leases not renewed: %s", exc)
+            except Exception:
+                log.exception("webhook leases not renewed")
 
     async def _attempt(self, delivery: Delivery) -> Delivery | None:
         """Send one event and record the outcome; the queue's next event to send now,
