@@ -22,7 +22,7 @@ import httpx
 
 from bench.procs import REDIS_URL
 from tests.harness import delete_prefix, eventually, instances, new_prefix
-from tests.test_failover import Writer, delivered_in_order_once, subscribers
+from tests.system.test_failover import Writer, delivered_in_order_once, subscribers
 
 
 async def drill(database_url: str, before: int, after: int, give_up: float) -> None:

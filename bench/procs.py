@@ -7,6 +7,7 @@ the server processes only, whatever else the machine is doing.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import os
 import resource
@@ -259,11 +260,16 @@ def node_peer(folder: Path = NODE_PEER) -> Path:
     lock = folder / "package-lock.json"
     digest = hashlib.sha256(lock.read_bytes()).hexdigest()
     stamp = folder / "node_modules" / ".bench-lock.sha256"
-    if stamp.exists() and stamp.read_text() == digest:
-        return folder
-    print(f"bench: installing the Node peer's packages in {folder} ...", file=sys.stderr)
-    subprocess.run(
-        ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=folder, check=True
-    )
-    stamp.write_text(digest)
+    # One install into the folder at a time: two runs at once (parallel test workers,
+    # two benches) would each empty node_modules under the other.
+    name = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"chat-gateway-npm-{name}.lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        if stamp.exists() and stamp.read_text() == digest:
+            return folder
+        print(f"bench: installing the Node peer's packages in {folder} ...", file=sys.stderr)
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=folder, check=True
+        )
+        stamp.write_text(digest)
     return folder

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -7,6 +8,36 @@ import pytest
 
 from chat_gateway.storage import Store, create_store
 from tests import harness
+
+TESTS = Path(__file__).resolve().parent
+# Everything under these runs against real processes and services; `-m "not system"`
+# leaves it out, and what is left (tests/unit) needs no Postgres, Redis or browser.
+SYSTEM = (TESTS / "system", TESTS / "browser")
+
+
+# Workers for `-n auto` (pyproject's addopts) when the system tests run: they mostly
+# wait on the processes they start, so more workers than cores (measured on 2 cores).
+SYSTEM_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """How many pytest-xdist workers ``-n auto`` starts: none when only unit tests are
+    asked for (``-m "not system"`` or paths under tests/unit: they take seconds, less
+    than starting workers), else SYSTEM_WORKERS, or TEST_WORKERS from the environment."""
+    if "TEST_WORKERS" in os.environ:
+        return int(os.environ["TEST_WORKERS"])
+    paths = [Path(arg.split("::")[0]).resolve() for arg in config.args]
+    only_unit = paths and all(p.is_relative_to(TESTS / "unit") for p in paths)
+    if only_unit or config.option.markexpr.replace(" ", "") == "notsystem":
+        return 0
+    return SYSTEM_WORKERS
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Mark every test under tests/system and tests/browser ``system``, as it is collected
+    (before ``-m`` selects), so no file has to remember to."""
+    if item.path.is_relative_to(SYSTEM[0]) or item.path.is_relative_to(SYSTEM[1]):
+        item.add_marker(pytest.mark.system)
 
 
 @pytest.fixture(params=["postgres", "sqlite"])

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -19,7 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,20 +58,58 @@ def t(seconds: float) -> float:
     return seconds * SCALE
 
 
+def _port_block() -> Iterator[int]:
+    """The ports this process hands out, in turn, forever.
+
+    Below the kernel's ephemeral range, so that no outgoing connection (of this test
+    or of any other) can be given a port between its pick and the bind of the server
+    it was picked for, and a client reconnecting to a port where nothing listens yet
+    cannot be handed that very port as its own. A block of its own for each
+    pytest-xdist worker (``PYTEST_XDIST_WORKER``, inherited by the processes a test
+    starts), so that two workers never pick the same port; from a random point of the
+    block, so that two runs at once on one machine rarely meet."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    first = 10_000
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    size = (ephemeral - first) // workers
+    start = first + (worker % workers) * size
+    offset = secrets.randbelow(size)  # not random's: a test may seed that
+    for i in itertools.count():
+        yield start + (offset + i) % size
+
+
+_PORTS = _port_block()
+
+
 def free_port() -> int:
     return free_ports(1)[0]
 
 
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (all held at once while they are picked, so
-    the kernel cannot hand the same one out twice)."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    """``n`` distinct free loopback ports of this process's block (see ``_port_block``),
+    each checked free by binding it; all held at once while they are picked."""
+    held: list[socket.socket] = []
     try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
+        for port in itertools.islice(_PORTS, 5000):
+            if len(held) == n:
+                break
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # taken, or still in TIME_WAIT: the next one
+                s.close()
+                continue
+            held.append(s)
+        if len(held) < n:
+            raise RuntimeError(f"no {n} free loopback ports in 5000 tried")
+        return [int(s.getsockname()[1]) for s in held]
     finally:
-        for s in socks:
+        for s in held:
             s.close()
 
 
@@ -588,6 +628,31 @@ class PostgresPair:
 # -- gateway processes -------------------------------------------------------------
 
 
+def embedded_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Environment for a gateway that needs no service: a SQLite file in ``tmp_path``
+    and the in-process broker, rate limits out of the way, info logs (tests read them)."""
+    return {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/gateway.db",
+        "REDIS_URL": "memory://",
+        "LOG_LEVEL": "info",
+        "RATE_LIMIT": "100000/1s",
+        "CONNECT_RATE_LIMIT": "100000/1s",
+        "PUBLISH_RATE_LIMIT": "100000/1s",
+        **extra,
+    }
+
+
+def log_lines(text: str) -> list[dict[str, Any]]:
+    """The JSON lines of a gateway's log."""
+    return [orjson.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def no_errors(log: str) -> None:
+    """Assert that a gateway's JSON log has no line at error level or above."""
+    bad = [line for line in log_lines(log) if line["level"] in ("error", "critical")]
+    assert not bad, bad
+
+
 @dataclass
 class Instance:
     """One real ``chat-gateway serve`` process on a free loopback port."""
@@ -671,6 +736,12 @@ class Instance:
             return self.proc.wait(10)
 
 
+async def all_ready(http: httpx.AsyncClient, gws: list[Instance]) -> bool:
+    """Whether every gateway of ``gws`` answers /readyz with 200."""
+    codes = [(await http.get(g.url + "/readyz")).status_code for g in gws]
+    return all(c == 200 for c in codes)
+
+
 @asynccontextmanager
 async def instances(n: int, env: dict[str, str]) -> AsyncIterator[list[Instance]]:
     """``n`` gateways sharing ``env``, started at once (migrations race under the advisory lock)."""
@@ -720,12 +791,21 @@ class WSClient:
             if frame.get("type") == type_:
                 return frame
 
-    async def subscribe(self, room: str, since: int | None = None) -> dict[str, Any]:
-        frame: dict[str, Any] = {"type": "subscribe", "room": room}
+    async def subscribe(self, room: str, since: int | None = None, **fields: Any) -> dict[str, Any]:
+        """Subscribe to ``room`` (``fields`` go into the frame, e.g. ``changes_since``);
+        the ``subscribed`` frame."""
+        frame: dict[str, Any] = {"type": "subscribe", "room": room, **fields}
         if since is not None:
             frame["since"] = since
         await self.send(frame)
         return await self.expect("subscribed")
+
+    async def read_all(self) -> None:
+        """Keep receiving frames into ``frames`` until cancelled or the socket closes
+        (run it as a task beside the test)."""
+        with contextlib.suppress(websockets.ConnectionClosed):
+            while True:
+                self.frames.append(orjson.loads(await self.conn.recv()))
 
     async def messages(self, room: str, count: int, timeout: float = 20) -> list[int]:
         """Seqs of message frames for ``room`` until ``count`` have arrived (all kept)."""

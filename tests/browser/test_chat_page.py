@@ -186,7 +186,7 @@ async def refused(page: Page, *words: str) -> None:
 
 
 async def test_auth_mode_joins_with_a_token_and_no_name(gateway_env, browser):
-    from tests.test_auth import SECRET, token
+    from tests.system.test_auth import SECRET, token
 
     async with instances(1, {**gateway_env, "AUTH_SECRET": SECRET}) as (gw,):
         page = await browser.open(f"{gw.url}/?room={ROOM}&token={token('ana')}", "ana")
@@ -202,7 +202,7 @@ async def test_auth_mode_joins_with_a_token_and_no_name(gateway_env, browser):
 
 
 async def test_a_token_in_the_address_is_taken_out_of_it_and_the_history(gateway_env, browser):
-    from tests.test_auth import SECRET, token
+    from tests.system.test_auth import SECRET, token
 
     async with instances(1, {**gateway_env, "AUTH_SECRET": SECRET}) as (gw,):
         tok = token("ana")
@@ -225,7 +225,7 @@ async def test_a_token_in_the_address_is_taken_out_of_it_and_the_history(gateway
 
 
 async def test_auth_mode_refusals_stop_retrying_and_a_pasted_token_joins(gateway_env, browser):
-    from tests.test_auth import SECRET, token
+    from tests.system.test_auth import SECRET, token
 
     env = {**gateway_env, "AUTH_SECRET": SECRET}
     async with instances(1, env) as (gw,):
@@ -255,7 +255,7 @@ async def test_auth_mode_refusals_stop_retrying_and_a_pasted_token_joins(gateway
 
 
 async def test_auth_mode_a_token_expiring_while_connected_stops_the_page(gateway_env, browser):
-    from tests.test_auth import SECRET, token
+    from tests.system.test_auth import SECRET, token
 
     env = {**gateway_env, "AUTH_SECRET": SECRET, "AUTH_LEEWAY": "0"}
     async with instances(1, env) as (gw,):
@@ -270,7 +270,7 @@ async def test_auth_mode_a_token_expiring_while_connected_stops_the_page(gateway
 
 
 async def test_a_page_disconnected_by_the_server_api_stops_and_says_why(gateway_env, browser):
-    from tests.test_auth import SECRET, token
+    from tests.system.test_auth import SECRET, token
 
     key = "backend-key-1"
     env = {**gateway_env, "AUTH_SECRET": SECRET, "API_KEYS": key}

@@ -246,7 +246,7 @@ async def test_what_a_gateway_sends_matches_its_schemas(gateway_env: dict[str, s
             await until_seen(bob, "history_purged")
             frames = ana.frames + bob.frames
         seen = {f["type"] for f in frames}
-        # every frame but `refreshed`, which needs auth mode (tests/test_auth.py)
+        # every frame but `refreshed`, which needs auth mode (tests/system/test_auth.py)
         assert seen | {"refreshed"} == set(doc["paths"]["/v1/ws"]["get"]["x-server-frames"])
         for frame in frames:
             name = f"ServerFrame.{frame['type']}"

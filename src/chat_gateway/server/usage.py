@@ -2,7 +2,7 @@
 
 The variables are the fields of :class:`chat_gateway.config.Settings` (``env_names``)
 with their defaults; each one's meaning is its row in the README's
-"Configuration" table, the one place they are described (tests/test_deploy.py
+"Configuration" table, the one place they are described (tests/unit/test_deploy.py
 keeps it whole), read from the checkout or else from the installed package's
 metadata, which carries the README.
 """

@@ -48,7 +48,7 @@ log = logging.getLogger("gateway.transport")
 UVICORN_VERSIONS = ">=0.54,<0.55"
 # What the seam overrides, calls or reads of uvicorn's protocols: methods of the
 # classes, and attributes their instances set up (checked against the installed
-# uvicorn by tests/test_uvicorn_internals.py).
+# uvicorn by tests/unit/test_uvicorn_internals.py).
 WS_METHODS = ("run_asgi", "keepalive_timeout", "send", "handle_connect", "send_500_response")
 WS_STATE = (
     "app",

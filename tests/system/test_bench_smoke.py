@@ -1,0 +1,230 @@
+"""The bench tool runs end to end on tiny sizes and reports what it promises.
+
+Speed is never asserted here (that is the bench's own job on a quiet
+machine); only the report's structure and that every message was delivered,
+in order, to every subscriber.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import orjson
+
+from bench.procs import NODE_PEER
+from tests import harness
+
+
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m bench ARGS`` from the repository, its output kept; it must succeed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=harness.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=harness.t(240),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_bench_all_scenarios_on_tiny_sizes(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "all",
+            "--targets",
+            "gateway,redis",
+            "--json",
+            str(out),
+            "--instances",
+            "2",
+            "--loads",
+            "6x60",
+            "--messages",
+            "30",
+            "--client-procs",
+            "2",
+            "--connections",
+            "40",
+            "--idle-rooms",
+            "each",
+            "--idle-seconds",
+            "1",
+            "--many-rooms",
+            "12",
+            "--few-rooms",
+            "3",
+            "--rooms-seconds",
+            "0.5",
+            "--post-conns",
+            "2",
+            "--rooms",
+            "5",
+            "--post-seconds",
+            "1",
+            "--post-rate",
+            "50",
+            "--reads",
+            "20",
+        ],
+        cwd=harness.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=harness.t(240),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = orjson.loads(out.read_bytes())
+    assert report["machine"]["cpus"] >= 1
+    results = report["results"]
+    assert set(results) == {"fanout", "idle", "rooms", "posts", "history"}
+
+    # the gateway, and Redis itself as a fan-out server beside it
+    fans = results["fanout"]
+    assert [(f["load"], f["target"]) for f in fans] == [("6x60/s", "gateway"), ("6x60/s", "redis")]
+    for fan in fans:
+        subscribers = fan["subscribers"]
+        assert fan["expected"] == subscribers * 30
+        assert fan["delivered"] == fan["expected"] and fan["delivery_ratio"] == 1.0
+        assert fan["complete_subscribers"] == subscribers and fan["out_of_order"] == 0
+        assert fan["p50_ms"] is not None and fan["p99_ms"] >= fan["p50_ms"]
+        assert fan["server_cpu_s"] >= 0
+        # the subscribers in two client processes, each one's share of a core reported
+        assert fan["client_procs"] == 2 and len(fan["subscriber_cpu_pct"]) == 2
+        assert fan["client_cpu_s"] > 0 and fan["client_cpu_pct_max"] > 0
+    gateway, redis = fans
+    assert gateway["persists"] is True and gateway["instances"] == 2
+    assert redis["reference"] is True and redis["instances"] == 1
+
+    (idle,) = results["idle"]  # each connection in a room of its own
+    assert idle["connections"] == 40 and idle["rooms"] == 40 and idle["failed"] == 0
+    assert idle["rss_after_kib"] > 0 and idle["open_files_limit"] > 0
+
+    # the same 12 sockets in 3 rooms, then each in its own
+    few, many = results["rooms"]
+    assert (few["sockets"], few["rooms"], many["sockets"], many["rooms"]) == (12, 3, 12, 12)
+    assert few["window_s"] >= 0.5 and many["idle_cpu_pct"] >= 0
+    assert "cpu_vs_fewest" in many
+
+    back_to_back, paced = results["posts"]
+    for posts in (back_to_back, paced):
+        assert posts["posts"] > 0 and posts["errors"] == 0
+        assert posts["server_cpu_ms_per_post"] > 0
+        assert len(posts["per_instance"]) == 2 and all(n > 0 for n in posts["per_instance"])
+        # what the posts cost the machine's other processes, and the cores at the target
+        assert posts["postgres_cpu_ms_per_post"] > 0 and posts["redis_cpu_ms_per_post"] > 0
+        assert posts["machine_cpu_ms_per_post"] > posts["server_cpu_ms_per_post"]
+        assert posts["cores_for_target"] > 0 and 0 <= posts["steal_pct"] <= 100
+    assert back_to_back["offered_per_s_per_instance"] is None
+    # paced: the posts due at 50/s in the measured second, each sent and answered
+    # 201 (errors is 0 above); one the loaded client sent after the second ended
+    # is answered but not counted in the second
+    assert paced["offered_per_s_per_instance"] == 50.0
+    assert paced["due_per_instance"] == [50, 50] and paced["unsent_per_instance"] == [0, 0]
+    answered = zip(paced["per_instance"], paced["late_per_instance"], strict=True)
+    assert [n + late for n, late in answered] == [50, 50]
+
+    paths = [row["path"] for row in results["history"]]
+    assert paths == ["http: warm cache", "http: postgres", "layer: warm cache", "layer: postgres"]
+    assert all(row["reads"] == 20 and row["p50_ms"] > 0 for row in results["history"])
+    for scenario in results:
+        assert f"== {scenario}" in proc.stdout
+    # tiny sizes: the targets are printed but none is judged on them, except
+    # posts and history, whose targets do not name a size
+    met = {row["target"]: row["met"] for row in report["targets"]}
+    assert met["fan-out 400x100/s: deliveries per server CPU-second vs best peer"] == (
+        "not measured"
+    )
+    assert met["idle: KiB per connection at 10,000, a room each"] == "not measured"
+    assert met["rooms: idle CPU, 3,000 rooms vs 30 (same sockets)"] == "not measured"
+    assert "== targets" in proc.stdout
+
+
+def test_node_socketio_peer_runs_from_its_locked_packages(tmp_path) -> None:
+    """The Node Socket.IO peer for real, with a handful of subscribers: its packages
+    installed from the committed lock into its own folder (once; kept out of the
+    repository), two instances over one Redis, driven by the same raw client."""
+    out = tmp_path / "node.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "fanout",
+            "--targets",
+            "node-socketio",
+            "--json",
+            str(out),
+            "--loads",
+            "5x40",
+            "--messages",
+            "20",
+        ],
+        cwd=harness.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=harness.t(300),
+        # every client process counts as saturated: the run is made again with the
+        # subscribers spread over two processes
+        env={**os.environ, "BENCH_SATURATED_PCT": "0"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (fan,) = orjson.loads(out.read_bytes())["results"]["fanout"]
+    assert "the client process saturated" in proc.stderr
+    assert fan["client_procs"] == 2 and len(fan["subscriber_cpu_pct"]) == 2
+    assert fan["saturated_one_process"]["p99_ms"] is not None
+    assert fan["target"] == "node-socketio" and fan["instances"] == 2
+    assert fan["persists"] is False and fan["reference"] is False
+    assert fan["delivered"] == fan["expected"] == 5 * 20
+    assert fan["complete_subscribers"] == 5 and fan["out_of_order"] == 0
+    assert fan["server_cpu_s"] > 0 and fan["p99_ms"] >= fan["p50_ms"] > 0
+    folder = NODE_PEER
+    lock = orjson.loads((folder / "package-lock.json").read_bytes())
+    for name, version in (("socket.io", "4.8."), ("@socket.io/redis-adapter", "8.3.")):
+        assert lock["packages"][f"node_modules/{name}"]["version"].startswith(version)
+        assert (folder / "node_modules" / name / "package.json").exists()
+    ignored = (harness.ROOT / ".gitignore").read_text().split()
+    assert "bench/peers/node_socketio/node_modules/" in ignored
+
+
+def test_bench_search_on_a_tiny_table(tmp_path) -> None:
+    out = tmp_path / "search.json"
+    bench(
+        "search",
+        "--json",
+        str(out),
+        "--search-messages",
+        "3000",
+        "--search-rooms",
+        "30",
+        "--search-words",
+        "200",
+        "--search-queries",
+        "5",
+        "--search-posts",
+        "100",
+    )
+    rows = orjson.loads(out.read_bytes())["results"]["search"]
+    phases = [r["phase"] for r in rows]
+    assert phases[0] == "bulk load" and rows[0]["messages"] == 3000
+    assert phases[1] == "migration 0010_search+0010_search_index", phases
+    assert rows[1]["posts_during"] >= 1  # writers kept posting while it ran
+    searches = [(r["phase"], r["scope"]) for r in rows if r["phase"].startswith("search")]
+    assert searches == [
+        (f"search {kind}", scope)
+        for kind in ("one-word", "two-word", "phrase", "prefix")
+        for scope in ("all rooms", "10 rooms")
+    ]
+    for r in rows[2:10]:
+        assert r["queries"] == 5 and r["p50_ms"] is not None and r["p99_ms"] >= r["p50_ms"]
+    assert rows[2]["mean_hits"] > 0  # the one-word queries find what was loaded
+    assert rows[-1]["phase"] == "posts/s" and rows[-1]["with_search"] > 0
+    assert rows[-1]["without_search"] > 0
+    # with and without search in turns, on the table and its copy without search
+    assert [len(v) for v in rows[-1]["turns"].values()] == [3, 3]
+    assert " vs " in rows[-1]["server_us_per_post"]

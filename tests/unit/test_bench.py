@@ -1,0 +1,157 @@
+"""The bench tool's judging and options (bench/), on made-up results: each target
+judged against the best peer at the named sizes, paced posts judged on keeping up,
+the load options parsed, repeated runs reduced to each figure's median."""
+
+from __future__ import annotations
+
+from bench.__main__ import median_rows, parse
+from bench.fanout import parse_loads
+from bench.verdict import verdicts
+
+
+def _fan(
+    target: str, per_cpu: int, p50: float, p99: float, load: tuple[int, float] = (400, 100.0)
+) -> dict[str, object]:
+    return {
+        "target": target,
+        "persists": target == "gateway",
+        "reference": target == "redis",
+        "instances": 1 if target == "redis" else 2,
+        "subscribers": load[0],
+        "rate": load[1],
+        "deliveries_per_cpu_s": per_cpu,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "delivery_ratio": 1.0,
+        "out_of_order": 0,
+    }
+
+
+def test_targets_are_judged_against_the_best_peer_and_the_named_sizes() -> None:
+    small = (200, 50.0)
+    results = {
+        "fanout": [
+            _fan("gateway", 60_000, 4.0, 9.0, small),
+            _fan("node-socketio", 31_000, 3.0, 12.0, small),
+            _fan("python-socketio", 9_000, 5.0, 8.0, small),
+            _fan("redis", 500_000, 0.3, 1.0, small),
+            _fan("gateway", 70_000, 5.0, 40.0),
+            _fan("node-socketio", 34_000, 6.0, 45.0),
+            _fan("broadcaster", 32_000, 7.0, 100.0),
+            _fan("redis", 68_000, 0.4, 2.0),
+        ],
+        "idle": [
+            {"target": "gateway", "connections": 10_000, "rooms": 100, "rss_per_conn_kib": 15.0},
+            {"target": "gateway", "connections": 10_000, "rooms": 10_000, "rss_per_conn_kib": 16.5},
+        ],
+        "rooms": [
+            {"target": "gateway", "sockets": 3000, "rooms": 30, "idle_cpu_pct": 2.0},
+            {"target": "gateway", "sockets": 3000, "rooms": 3000, "idle_cpu_pct": 2.9},
+        ],
+        "posts": [{"instances": 2, "posts_per_s_per_instance": 2100, "p99_ms": 24.0}],
+        "history": [{"path": "layer: warm cache", "speedup_p50": 9.9}],
+    }
+    met = {row["target"]: (row["met"], row["measured"]) for row in verdicts(results)}
+    # each figure against the best peer at its load (Redis, a reference, is no peer)
+    assert met["fan-out 200x50/s: p50 vs best peer"] == ("no", "4.0 ms vs 3.0 ms (node-socketio)")
+    assert met["fan-out 200x50/s: p99 vs best peer"] == (
+        "no",
+        "9.0 ms vs 8.0 ms (python-socketio)",
+    )
+    assert met["fan-out 200x50/s: deliveries per server CPU-second vs best peer"] == (
+        "no",
+        "1.94x (node-socketio)",
+    )
+    assert met["fan-out 400x100/s: p50 vs best peer"][0] == "yes"
+    assert met["fan-out 400x100/s: p99 vs best peer"][0] == "yes"
+    assert met["fan-out 400x100/s: deliveries per server CPU-second vs best peer"] == (
+        "yes",
+        "2.06x (node-socketio)",
+    )
+    assert met["fan-out 400x100/s: deliveries per server CPU-second vs Redis itself"] == (
+        "yes",
+        "70000 vs 68000 (1.03x)",
+    )
+    assert met["fan-out 400x100/s: every message delivered, in order"][0] == "yes"
+    # the shared-rooms row is not the one judged
+    assert met["idle: KiB per connection at 10,000, a room each"] == ("no", "16.5 KiB")
+    assert met["rooms: idle CPU, 3,000 rooms vs 30 (same sockets)"] == (
+        "yes",
+        "2.9 % vs 2.0 % of a core (1.45x)",
+    )
+    assert met["posts: per instance back to back, p99 (2 instances)"][0] == "yes"
+    assert met["history: warm cache vs Postgres, p50 (storage layer)"][0] == "no"
+
+    # a gateway that loses or reorders a message fails, whatever its speed
+    results["fanout"][4]["out_of_order"] = 1
+    met = {row["target"]: (row["met"], row["measured"]) for row in verdicts(results)}
+    assert met["fan-out 400x100/s: every message delivered, in order"][0] == "no"
+    # without Node Socket.IO in the run, or at other sizes, nothing is judged
+    del results["fanout"][5]
+    results["fanout"][0]["subscribers"] = 40
+    results["rooms"][1]["sockets"] = 300
+    met = {row["target"]: (row["met"], row["measured"]) for row in verdicts(results)}
+    for load in ("200x50/s", "400x100/s"):
+        assert met[f"fan-out {load}: p99 vs best peer"][0] == "not measured"
+        assert met[f"fan-out {load}: deliveries per server CPU-second vs best peer"][0] == (
+            "not measured"
+        )
+    assert met["rooms: idle CPU, 3,000 rooms vs 30 (same sockets)"][0] == "not measured"
+    results["fanout"][0]["subscribers"] = 200
+    results["fanout"].append(_fan("node-socketio", 10_000, 9.0, 90.0))
+    met = {row["target"]: (row["met"], row["measured"]) for row in verdicts(results)}
+    assert met["fan-out 400x100/s: p99 vs best peer"] == (
+        "yes",
+        "40.0 ms vs 90.0 ms (node-socketio)",
+    )
+
+
+def test_paced_posts_are_judged_on_keeping_up_at_the_targets_rate() -> None:
+    def met(**post: object) -> str:
+        row = {
+            "instances": 1,
+            "offered_per_s_per_instance": 2000.0,
+            "posts_per_s_per_instance": 2000,
+            "p99_ms": 20.0,
+            **post,
+        }
+        (verdict,) = [r for r in verdicts({"posts": [row]}) if r["target"].startswith("posts")]
+        assert verdict["target"] == (
+            f"posts: {row['offered_per_s_per_instance']:g}/s due per instance, p99 (1 instances)"
+        )
+        return str(verdict["met"])
+
+    assert met() == "yes"
+    assert met(p99_ms=30.0) == "no"
+    assert met(posts_per_s_per_instance=1900) == "no", "fell behind the posts due"
+    assert met(offered_per_s_per_instance=1500.0, posts_per_s_per_instance=1500) == "no"
+
+
+def test_fanout_loads_and_the_single_load_options() -> None:
+    assert parse_loads("200x50, 400x100") == [(200, 50.0), (400, 100.0)]
+    assert parse(["fanout"]).loads == "200x50,400x100"
+    assert parse(["fanout", "--subscribers", "2", "--rate", "100"]).loads == "2x100"
+    assert parse(["fanout", "--rate", "50"]).loads == "400x50"
+    assert parse(["idle"]).idle_rooms == "each,100"
+
+
+def test_repeated_runs_report_each_figures_median() -> None:
+    runs = [
+        [
+            {"path": "warm", "p50_ms": 0.05, "reads": 10, "speedup_p50": 9.1},
+            {"path": "pg", "p50_ms": 0.6, "reads": 10, "speedup_p50": None},
+        ],
+        [
+            {"path": "warm", "p50_ms": 0.07, "reads": 10, "speedup_p50": 10.6},
+            {"path": "pg", "p50_ms": 0.5, "reads": 10, "speedup_p50": None},
+        ],
+        [
+            {"path": "warm", "p50_ms": 0.06, "reads": 10, "speedup_p50": 10.2},
+            {"path": "pg", "p50_ms": 0.55, "reads": 10, "speedup_p50": None},
+        ],
+    ]
+    assert median_rows(runs) == [
+        {"path": "warm", "p50_ms": 0.06, "reads": 10, "speedup_p50": 10.2},
+        {"path": "pg", "p50_ms": 0.55, "reads": 10, "speedup_p50": None},
+    ]
+    assert median_rows(runs[:1]) == runs[0]
