@@ -47,6 +47,23 @@ async def test_concurrent_callers_get_their_own_replies_in_order(shared, redis_p
     assert int(await client.get(key)) == 200
 
 
+async def test_nothing_to_send_is_answered_at_once_and_fails_no_other_caller(
+    shared, redis_prefix
+) -> None:
+    """A run of no command (an empty page's MGETs) waits for no reply: before, its
+    waiter was never answered, and its deadline failed the link under every caller."""
+    _client, batch = shared
+    key = f"{redis_prefix}k"
+    slow = asyncio.ensure_future(
+        batch.run([("EVAL", "local t = redis.call('TIME') return 1", 0), ("SET", key, "v")])
+    )
+    assert await asyncio.wait_for(batch.run([]), timeout=0.5) == []
+    assert await slow == [1, b"OK"]
+    # the link still serves after the batch's deadline has passed
+    await asyncio.sleep(batch.timeout + 0.2)
+    assert await batch.run([("GET", key)]) == [b"v"]
+
+
 async def test_an_error_reply_takes_its_place_and_spoils_nothing_else(shared, redis_prefix) -> None:
     _client, batch = shared
     key = f"{redis_prefix}k"

@@ -432,7 +432,7 @@ def schemathesis(
     for name, value in headers.items():
         cmd += ["-H", f"{name}: {value}"]
     run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=harness.t(180))
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:] + target.inst.log()[-4000:]
     assert "No issues found" in run.stdout, run.stdout[-6000:]
 
 

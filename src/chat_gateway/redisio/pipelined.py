@@ -179,6 +179,10 @@ class PipelinedConnection:
         self._closed = False
 
     async def run(self, commands: list[Command]) -> list[Any]:
+        if not commands:
+            # Nothing to send, nothing to wait for: a waiter for no reply would never
+            # be answered, and its deadline would fail the link for every caller.
+            return []
         link = self.link
         if link is None:
             link = await self._open()
