@@ -24,6 +24,8 @@ from chat_gateway.storage.search import (
     MAX_ROOMS,
     BadQuery,
     Cursor,
+    NothingToFind,
+    Query,
     RoomScope,
     SearchTimeout,
     hits,
@@ -69,8 +71,11 @@ async def search(request: Request) -> Response:
             "invalid_request", f"room may be given at most {MAX_ROOMS} times", field="room"
         )
     limit = _limit(params.get("limit"))
+    query: Query | None
     try:
         query = parse_query(params.get("q", ""))
+    except NothingToFind:
+        query = None  # matches no message: an empty page, once the rest is checked
     except BadQuery as exc:
         raise ApiError("invalid_request", str(exc), field="q") from None
     raw_cursor = params.get("cursor")
@@ -81,7 +86,7 @@ async def search(request: Request) -> Response:
     identity = identify(request)
     scope = scope_of(identity, rooms)
     decision = await gw.rate(SEARCH, identity.bucket)
-    if scope.empty:
+    if query is None or scope.empty:
         return json_response({"results": [], "next_cursor": None}, 200, decision.headers())
     timeout = gw.settings.search_timeout
     try:

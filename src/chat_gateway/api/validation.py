@@ -135,7 +135,11 @@ SEARCH_QUERY = object_schema(
         "absent: every room the caller may read",
     },
     limit={**LIMIT, "maximum": search.MAX_LIMIT, "default": 20},
-    cursor={"type": "string", "description": "next_cursor of the previous page"},
+    cursor={
+        "type": "string",
+        "pattern": f"^{search.CURSOR_RE.pattern}$",
+        "description": "next_cursor of the previous page",
+    },
 )
 # Chat: edits, deletes, read positions.
 MESSAGE_SEQ: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": MAX_SEQ}

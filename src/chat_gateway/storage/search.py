@@ -21,12 +21,8 @@ query word, or starting with the prefix word.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from dataclasses import dataclass, field
-
-import orjson
 
 from chat_gateway.storage.base import Message
 
@@ -42,6 +38,11 @@ _PART = re.compile(r'(-?)"([^"]*)"?|(\S+)')
 
 class BadQuery(ValueError):
     """A query, cursor or scope the stores cannot run; the message says why."""
+
+
+class NothingToFind(BadQuery):
+    """A ``q`` with no word to find (only spaces, signs or excluded words): it matches
+    no message, so the route answers an empty page rather than an error."""
 
 
 class SearchTimeout(Exception):
@@ -97,8 +98,8 @@ class Query:
 def parse_query(q: str) -> Query:
     """``q`` as terms, or ``BadQuery``: empty, over ``MAX_QUERY_CHARS`` characters or
     ``MAX_QUERY_WORDS`` words, or nothing to find (only excluded words)."""
-    if len(q) > MAX_QUERY_CHARS:
-        raise BadQuery(f"q must be at most {MAX_QUERY_CHARS} characters")
+    if not 1 <= len(q) <= MAX_QUERY_CHARS:
+        raise BadQuery(f"q must be 1..{MAX_QUERY_CHARS} characters")
     terms: list[Term] = []
     count = 0
     last_bare = False
@@ -120,7 +121,7 @@ def parse_query(q: str) -> Query:
     if count > MAX_QUERY_WORDS:
         raise BadQuery(f"q must hold at most {MAX_QUERY_WORDS} words")
     if not any(not t.negated for t in terms):
-        raise BadQuery("q must hold at least one word to find (letters or digits, not excluded)")
+        raise NothingToFind("q holds no word to find (letters or digits, not excluded)")
     if last_bare:
         terms[-1] = Term(terms[-1].words, prefix=True)
     return Query(tuple(terms))
@@ -160,6 +161,11 @@ class RoomScope:
         return not self.everything and not self.names and not self.prefixes
 
 
+# A cursor is ``created_ms.seq.room``: every string of this shape is a position in
+# the newest-first order, so a cursor never needs to be one this server made.
+CURSOR_RE = re.compile(r"([0-9]{1,18})\.([0-9]{1,18})\.([A-Za-z0-9][A-Za-z0-9_.:-]{0,127})")
+
+
 @dataclass(frozen=True, slots=True)
 class Cursor:
     """The last row's sort key: results run newest first by creation time, then by
@@ -170,26 +176,14 @@ class Cursor:
     seq: int
 
     def encode(self) -> str:
-        raw = orjson.dumps([self.created_ms, self.room, self.seq])
-        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+        return f"{self.created_ms}.{self.seq}.{self.room}"
 
     @classmethod
     def decode(cls, text: str) -> Cursor:
-        try:
-            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-            created_ms, room, seq = orjson.loads(raw)
-        except (binascii.Error, ValueError, TypeError):
-            raise BadQuery("cursor is not one this route returned") from None
-        if not (
-            isinstance(created_ms, int)
-            and isinstance(seq, int)
-            and isinstance(room, str)
-            and 0 <= created_ms < 2**62
-            and 0 <= seq < 2**62
-            and len(room) <= 128
-        ):
+        m = CURSOR_RE.fullmatch(text)
+        if m is None:
             raise BadQuery("cursor is not one this route returned")
-        return cls(created_ms, room, seq)
+        return cls(int(m.group(1)), m.group(3), int(m.group(2)))
 
     @classmethod
     def after(cls, msg: Message) -> Cursor:
