@@ -1,4 +1,4 @@
-"""Who is asking: the gateway a request reached, the caller's identity, address and
+"""Who is asking: the services of the gateway a request reached, the caller's identity, address and
 token, and the name a connection is present under."""
 
 from __future__ import annotations
@@ -11,11 +11,15 @@ from starlette.requests import HTTPConnection
 
 from chat_gateway.access.auth import Identity, bearer
 from chat_gateway.api.validation import author
-from chat_gateway.gateway import Gateway
+from chat_gateway.services import Services
 
 
-def gateway_of(conn: HTTPConnection) -> Gateway:
-    return conn.app.state.gateway  # type: ignore[no-any-return]
+def services_of(conn: HTTPConnection) -> Services:
+    """The started parts of the gateway ``conn`` reached (chat_gateway.services)."""
+    return conn.app.state.services  # type: ignore[no-any-return]
+
+
+gateway_of = services_of  # the name routes have always reached the gateway by
 
 
 @functools.lru_cache(maxsize=8)

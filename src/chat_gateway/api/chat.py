@@ -15,11 +15,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from chat_gateway.access.auth import Identity, bearer, is_api_key, key_bucket
+from chat_gateway.access.ratelimit import POST, READ
 from chat_gateway.api import validation as v
 from chat_gateway.api.caller import gateway_of, identify
 from chat_gateway.api.responses import encoded_json_response, json_response
 from chat_gateway.errors import ApiError
-from chat_gateway.gateway import POST, READ
 from chat_gateway.storage import ReadPosition
 
 
@@ -75,7 +75,7 @@ async def edit_message(request: Request) -> Response:
     body = await _body(request, v.EDIT_MESSAGE)
     text = v.text(body.get("text"))
     author, bucket = await _changer(request, room, body)
-    decision = await gw.rate(POST, bucket)
+    decision = await gw.rates.check(POST, bucket)
     msg = await gw.chat.change(
         room, seq, text, author=author, idempotency_key=None if key is None else (bucket, key)
     )
@@ -90,7 +90,7 @@ async def delete_message(request: Request) -> Response:
     key = v.idempotency_key(request.headers.get("idempotency-key"))
     body = await _body(request, v.DELETE_MESSAGE, optional=True)
     author, bucket = await _changer(request, room, body)
-    decision = await gw.rate(POST, bucket)
+    decision = await gw.rates.check(POST, bucket)
     msg = await gw.chat.change(
         room, seq, None, author=author, idempotency_key=None if key is None else (bucket, key)
     )
@@ -138,7 +138,7 @@ async def mark_read(request: Request) -> Response:
     if seq is None:
         raise ApiError("invalid_request", "seq is required", field="seq")
     user = reader(identity, body)
-    decision = await gw.rate(READ, identity.bucket)
+    decision = await gw.rates.check(READ, identity.bucket)
     pos = await gw.chat.mark_read(user, room, seq)
     return json_response(position_json(pos), headers=decision.headers())
 
