@@ -21,6 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 import websockets
 
+from chat_gateway.redisio.context import RedisContext
 from chat_gateway.storage import HistoryCache, MessageNotFound, NotAuthor, create_store
 from tests import harness
 from tests.harness import SSEClient, WSClient, eventually, instances, post
@@ -106,8 +107,8 @@ async def test_a_change_voids_every_instances_window_and_keeps_the_seq_key(pg_ur
     await store.start()
     await store.migrate()
     client = aioredis.from_url(harness.REDIS_URL)
-    a = HistoryCache(store, client, prefix=redis_prefix)
-    b = HistoryCache(store, client, prefix=redis_prefix)
+    a = HistoryCache(store, RedisContext.of(client), prefix=redis_prefix)
+    b = HistoryCache(store, RedisContext.of(client), prefix=redis_prefix)
     try:
         for i in range(3):
             msg, _ = await store.append("r", "ana", f"secret {i}")

@@ -33,7 +33,8 @@ from chat_gateway.metrics import Metrics
 from chat_gateway.ops.figures import Figures
 from chat_gateway.ops.readiness import Readiness
 from chat_gateway.ops.shared_figures import RedisSharedFigures, SharedFigures
-from chat_gateway.pubsub import Broker, create_broker
+from chat_gateway.pubsub import create_broker
+from chat_gateway.redisio.context import RedisContext
 from chat_gateway.services import Services
 from chat_gateway.storage import HistoryCache, Store, create_store
 from chat_gateway.storage.base import display_url
@@ -60,9 +61,7 @@ def _started(part: T | None, name: str) -> T:
 
 
 class Gateway:
-    def __init__(
-        self, settings: Settings, *, store: Store | None = None, broker: Broker | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, *, store: Store | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.store = store or create_store(
@@ -80,11 +79,20 @@ class Gateway:
                 )
             ),
         )
-        self.broker = broker or create_broker(
+        memory = settings.redis_url.startswith("memory")
+        # The one Redis every user shares, the broker included (None without Redis):
+        # its client, its failure cooldown and its pipelined connection.
+        self.redis: RedisContext | None = (
+            None
+            if memory
+            else RedisContext.for_url(settings.redis_url, command_timeout=settings.redis_timeout)
+        )
+        self.broker = create_broker(
             settings.redis_url,
+            self.redis,
             **(
                 {}
-                if settings.redis_url.startswith("memory")
+                if memory
                 else dict(
                     probe_interval=settings.broker_probe_interval,
                     command_timeout=settings.redis_timeout,
@@ -171,6 +179,10 @@ class Gateway:
             )
             await self.webhooks.start()
             self.committed = self.webhooks.poke
+        redis = self.redis
+        if redis is not None:  # closed after the broker, which publishes through it
+            await redis.start()
+            running.push_async_callback(redis.close)
         await self.broker.start()
         running.push_async_callback(self.broker.close)
         # Which data this instance serves: a relative SQLite path depends on the
@@ -184,18 +196,13 @@ class Gateway:
         )
         if self.webhooks is not None:  # closed before the broker, as it was started before
             running.push_async_callback(self.webhooks.close)
-        redis = self.broker.redis
         prefix = self.settings.key_prefix
-        guard = self.broker.guard
-        batch = self.broker.batch
         history = self._history = HistoryCache(
             self.store,
             redis,
             prefix=prefix,
-            guard=self.broker.guard,
             ttl=self.settings.history_cache_ttl,
             metrics=self.metrics,
-            batch=batch,
         )
         running.push_async_callback(history.close)
         hub = self._hub = Hub(
@@ -228,8 +235,6 @@ class Gateway:
             else RedisChat(
                 *parts,
                 redis=redis,
-                guard=guard,
-                batch=batch,
                 ensure_open=self.shutdown.ensure_open,
                 committed=self.committed,
             )
@@ -264,7 +269,6 @@ class Gateway:
                 instance_id=self.instance_id,
                 own=figures.reading,
                 describe=figures.describe,
-                guard=guard,
             )
         )
         figures.share(shared)
@@ -274,9 +278,7 @@ class Gateway:
         limiter = self._limiter = (
             LocalRateLimiter(prefix=prefix, metrics=self.metrics, rates=rates)
             if redis is None
-            else RateLimiter(
-                redis, prefix=prefix, metrics=self.metrics, guard=guard, rates=rates, batch=batch
-            )
+            else RateLimiter(redis, prefix=prefix, metrics=self.metrics, rates=rates)
         )
         self.metrics.watch_pool(self.store.stats)
         for warning in self.auth.warnings():

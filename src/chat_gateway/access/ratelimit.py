@@ -19,12 +19,11 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from chat_gateway.config import Rate, Settings
 from chat_gateway.errors import ApiError
 from chat_gateway.metrics import Metrics
-from chat_gateway.redisio.guard import RedisGuard
+from chat_gateway.redisio.context import RedisContext
 from chat_gateway.redisio.script import Script
 
 log = logging.getLogger("gateway.ratelimit")
@@ -200,24 +199,22 @@ class RateLimiter(LocalRateLimiter):
 
     def __init__(
         self,
-        redis: Any,
+        redis: RedisContext,
         *,
         prefix: str = "chat:",
         metrics: Metrics | None = None,
         rates: dict[str, Rate],
-        guard: RedisGuard | None = None,
-        batch: Any | None = None,
     ) -> None:
         super().__init__(prefix=prefix, metrics=metrics, rates=rates)
-        self.redis = redis
-        # Skips Redis right after a failure; one with no cooldown never skips.
-        self.guard = guard if guard is not None else RedisGuard(cooldown=0.0)
+        self.redis = redis.client
+        # Skips Redis right after a failure (a context without a guard never skips).
+        self.guard = redis.guard
         self._failing: set[str] = set()  # shards (guard.shard) whose buckets are local now
         # EVALSHA, and the script's body again after a NOSCRIPT (chat_gateway.redisio.script).
-        self._script = Script(redis, SCRIPT)
+        self._script = Script(self.redis, SCRIPT)
         # Decisions asked for at the same moment share one pipeline (chat_gateway.redisio.pipelined);
         # none on a cluster, where keys live on different nodes.
-        self.batch = batch
+        self.batch = redis.batch
 
     async def _decide(self, key: str, rate: Rate, cost: int) -> Decision:
         shard = self.guard.shard(key)  # looked up once
