@@ -23,10 +23,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from chat_gateway.access.auth import bearer, key_bucket
+from chat_gateway.access.auth import bearer
 from chat_gateway.access.ratelimit import PUBLISH
 from chat_gateway.api import validation as v
-from chat_gateway.api.caller import gateway_of
+from chat_gateway.api.caller import gateway_of, key_caller
 from chat_gateway.api.responses import json_response
 from chat_gateway.delivery.commands import Disconnect, Purged, Unsubscribe
 from chat_gateway.errors import ApiError
@@ -95,9 +95,7 @@ def _require_key(request: Request) -> Services:
 
 async def _body(request: Request, gw: Services, schema: dict[str, Any]) -> dict[str, Any]:
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
-    body = v.json_object(await v.read_body(request, gw.settings.max_body_bytes))
-    v.only_fields(body, v.fields(schema))
-    return body
+    return await v.json_body(request, gw.settings.max_body_bytes, schema)
 
 
 def _user(value: Any) -> str:
@@ -257,9 +255,8 @@ async def broadcast(request: Request) -> Response:
         raise ApiError("invalid_request", "rooms must not repeat a room", field="rooms")
     event = v.event_name(body.get("event"))
     data = v.event_data(body.get("data", v.ABSENT))
-    # One bucket per API key (by digest), shared with POST /v1/publish: one call, one token.
-    key = bearer(request.headers) or ""
-    decision = await gw.rates.check(PUBLISH, key_bucket(key))
+    # One bucket per API key, shared with POST /v1/publish: one call, one token.
+    decision = await gw.rates.check(PUBLISH, key_caller(request, bearer(request.headers)))
     await gw.publisher.publish_events(rooms, event, data)
     return json_response(
         {"status": "accepted", "rooms": len(rooms), "event": event}, 202, decision.headers()

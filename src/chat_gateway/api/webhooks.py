@@ -191,7 +191,7 @@ async def webhooks_dead(request: Request) -> Response:
 async def webhooks_replay(request: Request) -> Response:
     gw = _admin(request)
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
-    body = v.json_object(await v.read_body(request, gw.settings.max_body_bytes))
+    body = await v.json_body(request, gw.settings.max_body_bytes, None)  # one of two shapes
     hooks = _hooks(gw)
     endpoint_id = None
     if "endpoint" in body:
@@ -230,8 +230,7 @@ async def webhooks_replay(request: Request) -> Response:
 async def webhooks_enable(request: Request) -> Response:
     gw = _admin(request)
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
-    body = v.json_object(await v.read_body(request, gw.settings.max_body_bytes))
-    v.only_fields(body, v.fields(ENABLE))
+    body = await v.json_body(request, gw.settings.max_body_bytes, ENABLE)
     hooks = _hooks(gw)
     if "url" not in body:
         raise ApiError("invalid_request", "url is required", field="url")

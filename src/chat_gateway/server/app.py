@@ -23,12 +23,12 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
-from chat_gateway.access.auth import Authenticator, bearer, key_bucket
+from chat_gateway.access.auth import Authenticator, bearer
 from chat_gateway.access.ratelimit import POST, PUBLISH
 from chat_gateway.api import chat, search
 from chat_gateway.api import server as server_api
 from chat_gateway.api import validation as v
-from chat_gateway.api.caller import client_address, gateway_of, identify, query_user, token_of
+from chat_gateway.api.caller import gateway_of, identify, key_caller, query_user, token_of
 from chat_gateway.api.responses import encoded_json_response, json_response
 from chat_gateway.api.webhooks import webhooks_dead, webhooks_enable, webhooks_list, webhooks_replay
 from chat_gateway.config import Settings
@@ -59,8 +59,7 @@ async def post_message(request: Request) -> Response:
     identity.check_post(room)
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
     key = v.idempotency_key(request.headers.get("idempotency-key"))
-    body = v.json_object(await v.read_body(request, gw.settings.max_body_bytes))
-    v.only_fields(body, v.fields(v.POST_MESSAGE))
+    body = await v.json_body(request, gw.settings.max_body_bytes, v.POST_MESSAGE)
     text = v.text(body.get("text"))
     author = v.body_author(body, identity.name if identity.user else None)
     decision = await gw.rates.check(POST, identity.bucket)
@@ -158,19 +157,11 @@ async def publish(request: Request) -> Response:
     gw = gateway_of(request)
     gw.auth.check_api_key(bearer(request.headers))
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
-    body = v.json_object(await v.read_body(request, gw.settings.max_body_bytes))
-    v.only_fields(body, v.fields(v.PUBLISH))
+    body = await v.json_body(request, gw.settings.max_body_bytes, v.PUBLISH)
     room = v.room_name(body.get("room"))
     event = v.event_name(body.get("event"))
     data = v.event_data(body.get("data", v.ABSENT))
-    # One bucket per API key (named by a digest: no secret in Redis), else per address.
-    key = bearer(request.headers)
-    caller = (
-        key_bucket(key)
-        if gw.auth.keys_required and key
-        else client_address(request, gw.settings.trusted_proxies)
-    )
-    decision = await gw.rates.check(PUBLISH, caller)
+    decision = await gw.rates.check(PUBLISH, key_caller(request, bearer(request.headers)))
     await gw.publisher.publish_event(room, event, data)
     return json_response(
         {"status": "accepted", "room": room, "event": event}, 202, decision.headers()

@@ -19,9 +19,10 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from chat_gateway.access.auth import bearer, key_bucket
+from chat_gateway.access.auth import bearer
 from chat_gateway.api import validation as v
-from chat_gateway.api.caller import client_address, gateway_of
+from chat_gateway.api.caller import client_address, gateway_of, key_caller
+from chat_gateway.core.frames import sse_event
 from chat_gateway.errors import ApiError
 from chat_gateway.services import Services
 from chat_gateway.transports.connections import Connection, ConnectionStream
@@ -69,7 +70,7 @@ def stats_caller(request: Request, gw: Services) -> str:
     if not key:
         raise ApiError("unauthorized", "an API key is required: Authorization: Bearer <key>")
     gw.auth.check_api_key(key)
-    return key_bucket(key)
+    return key_caller(request, key)
 
 
 async def stats_events(request: Request) -> Response:
@@ -83,10 +84,10 @@ async def stats_events(request: Request) -> Response:
     await connection.admit()
     sampler = gw.figures.sampler(cluster=scope == "cluster")
 
-    async def stream() -> AsyncIterator[dict[str, str]]:
+    async def stream() -> AsyncIterator[bytes]:
         while not gw.shutdown.closing:
             snapshot = sampler.snapshot(await sampler.reading())
-            yield {"event": "stats", "data": orjson.dumps(snapshot).decode()}
+            yield sse_event(b"stats", orjson.dumps(snapshot))
             await asyncio.sleep(interval)
 
     # A reader that stopped reading is dropped as on room streams (chat_gateway.server.app).
