@@ -20,6 +20,7 @@ from bench.http import HTTPConn
 from bench.procs import REDIS_URL
 from bench.stats import summary_ms
 from bench.targets import Gateway
+from chat_gateway.redisio.context import RedisContext
 from chat_gateway.redisio.pipelined import PipelinedConnection
 from chat_gateway.storage import HistoryCache
 from chat_gateway.storage.postgres import PostgresStore
@@ -75,7 +76,7 @@ async def run(*, reads: int = 2000) -> list[dict[str, Any]]:
         try:
             # Built as the gateway builds it: the seq check goes through the batch.
             batch = PipelinedConnection(redis)
-            cache = HistoryCache(store, redis, prefix=target.prefix, batch=batch)
+            cache = HistoryCache(store, RedisContext.of(redis, batch=batch), prefix=target.prefix)
             rows.append(
                 await timed("layer: warm cache", reads, lambda: cache.history(ROOM, limit=LIMIT))
             )

@@ -166,7 +166,7 @@ async def test_cache_and_rate_limit_keys_work_across_shards(cluster, tmp_path):
     await store.start()
     await store.migrate()
     try:
-        cache = HistoryCache(store, broker.redis, prefix="t:")
+        cache = HistoryCache(store, broker.context, prefix="t:")
         for n, room in enumerate(rooms, 1):
             for k in range(n):
                 await cache.committed((await store.append(room, "a", f"m{k}"))[0])
@@ -178,11 +178,13 @@ async def test_cache_and_rate_limit_keys_work_across_shards(cluster, tmp_path):
         assert [m.text for m in page.messages] == ["m0", "m1", "m2"]
         assert (await cache.history(rooms[2])).messages == page.messages  # from the cache
 
-        limiter = RateLimiter(broker.redis, prefix="t:", rates={"post": Rate(2, 60)})
+        limiter = RateLimiter(broker.context, prefix="t:", rates={"post": Rate(2, 60)})
         decisions = [await limiter.hit("post", f"user-{i % 3}") for i in range(9)]
         assert [d.allowed for d in decisions] == [True] * 6 + [False] * 3
         assert not limiter.fallback  # decided by the shared buckets on the cluster
-        assert await broker.redis.exists(*(f"t:rl:post:{{user-{i}}}" for i in range(3))) == 3
+        assert (
+            await broker.context.client.exists(*(f"t:rl:post:{{user-{i}}}" for i in range(3))) == 3
+        )
     finally:
         await store.close()
         await broker.close()
@@ -209,10 +211,10 @@ async def test_a_down_primary_is_skipped_alone(cluster, tmp_path):
     seen = Outcomes()
     try:
         await asyncio.wait_for(broker.placed.wait(), t(10))
-        guard = broker.guard
+        guard = broker.context.guard
         assert guard is not None
-        cache = HistoryCache(store, broker.redis, prefix="t:", guard=guard, metrics=seen)
-        limiter = RateLimiter(broker.redis, prefix="t:", rates={"post": Rate(2, 60)}, guard=guard)
+        cache = HistoryCache(store, broker.context, prefix="t:", metrics=seen)
+        limiter = RateLimiter(broker.context, prefix="t:", rates={"post": Rate(2, 60)})
         for room in (down, up):
             await cache.committed((await store.append(room, "a", f"in {room}"))[0])
             await cache.history(room)  # warm
@@ -239,7 +241,7 @@ async def test_a_down_primary_is_skipped_alone(cluster, tmp_path):
                 False,
             ]
         assert limiter.fallback
-        assert await broker.redis.exists(limiter.key("post", up)) == 1
+        assert await broker.context.client.exists(limiter.key("post", up)) == 1
 
         # publishing is still tried on the dead shard (see ClusterBroker.publish)
         with pytest.raises(BrokerUnavailable, match="publish failed"):

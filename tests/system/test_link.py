@@ -70,12 +70,12 @@ async def test_link_loop_waits_for_redis_then_holds_and_restores_the_channels(ca
         await eventually(lambda: not broker.connected.is_set())
         with pytest.raises(BrokerUnavailable):
             await broker.publish("t:room:{a}", b"lost")
-        assert not broker.guard.usable()
+        assert not broker.context.guard.usable()
         # ... restored: counted, told, the channel held again, the cooldown over.
         rs.start()
         await asyncio.wait_for(broker.connected.wait(), t(10))
         assert told == [0, 1] and broker.reconnects == 1
-        assert broker.guard.usable()
+        assert broker.context.guard.usable()
         await eventually(lambda: arrives(broker, got, b"again"))
         assert b"lost" not in [data for _channel, data in got]
     finally:

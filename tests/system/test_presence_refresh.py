@@ -19,12 +19,12 @@ async def test_refresh_runs_scripts_only_where_members_expired():
     try:
         await broker.start()
         await asyncio.wait_for(broker.connected.wait(), 10)
-        redis = broker.redis
+        redis = broker.context.client
         idle = [f"idle{i}" for i in range(1200)]
         held = [*idle, "crash", "here"]
         presence = Presence(
             broker,
-            redis,
+            broker.context,
             prefix="t:",
             ttl=30.0,
             channel=lambda room: f"t:room:{{{room}}}",

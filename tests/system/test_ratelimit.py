@@ -21,6 +21,7 @@ from chat_gateway.access.auth import key_bucket
 from chat_gateway.access.ratelimit import RateLimiter, take
 from chat_gateway.config import Rate
 from chat_gateway.metrics import Metrics
+from chat_gateway.redisio.context import RedisContext
 from chat_gateway.redisio.guard import RedisGuard
 from chat_gateway.redisio.pipelined import PipelinedConnection
 from tests import harness
@@ -46,7 +47,7 @@ async def test_lua_script_does_the_same_arithmetic_on_redis_server_time(redis_pr
     try:
         rate = Rate(20, 60.0)
         pus = 60 * SECOND
-        limiter = RateLimiter(client, prefix=redis_prefix, rates={"post": rate})
+        limiter = RateLimiter(RedisContext.of(client), prefix=redis_prefix, rates={"post": rate})
         key = limiter.key("post", "ana")
         cases = [
             (0, 10 * SECOND),  # empty, 10 s ago: 3.33 tokens refilled
@@ -78,7 +79,9 @@ async def test_noscript_reloads_and_keeps_the_bucket():
     client = aioredis.from_url(server.url)
     try:
         metrics = Metrics()
-        limiter = RateLimiter(client, prefix="t:", metrics=metrics, rates={"post": Rate(5, 3600.0)})
+        limiter = RateLimiter(
+            RedisContext.of(client), prefix="t:", metrics=metrics, rates={"post": Rate(5, 3600.0)}
+        )
         assert [(await limiter.hit("post", "ana")).remaining for _ in range(2)] == [4, 3]
         await client.script_flush()
         assert (await limiter.hit("post", "ana")).remaining == 2, "state survives a flush"
@@ -106,7 +109,9 @@ async def test_concurrent_decisions_share_pipelines_and_stay_exact():
     client = aioredis.from_url(server.url)
     try:
         limiter = RateLimiter(
-            client, prefix="t:", rates={"post": Rate(20, 3600.0)}, batch=PipelinedConnection(client)
+            RedisContext.of(client, batch=PipelinedConnection(client)),
+            prefix="t:",
+            rates={"post": Rate(20, 3600.0)},
         )
         assert (await limiter.hit("post", "ana")).remaining == 19  # loads the script
         before = (await client.info("stats"))["total_connections_received"]
@@ -133,11 +138,10 @@ async def test_redis_outage_falls_back_to_local_buckets_and_recovers(caplog):
     client = aioredis.from_url(server.url, socket_connect_timeout=0.5)
     metrics = Metrics()
     limiter = RateLimiter(
-        client,
+        RedisContext.of(client, guard=RedisGuard(cooldown=0.0)),
         prefix="t:",
         metrics=metrics,
         rates={"post": Rate(3, 3600.0)},
-        guard=RedisGuard(cooldown=0.0),
     )
     caplog.set_level(logging.WARNING, logger="gateway.ratelimit")
     try:
@@ -178,11 +182,10 @@ async def test_a_hung_redis_costs_one_timeout_then_local_buckets_for_the_cooldow
     client = aioredis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=0.3)
     metrics = Metrics()
     limiter = RateLimiter(
-        client,
+        RedisContext.of(client, guard=RedisGuard(cooldown=3600.0)),
         prefix="t:",
         metrics=metrics,
         rates={"post": Rate(2, 60.0)},
-        guard=RedisGuard(cooldown=3600.0),
     )
     try:
         first = await limiter.hit("post", "ana")

@@ -34,10 +34,10 @@ async def test_a_connection_is_counted_while_open_and_undone_once(tmp_path):
     gw = Gateway(settings(tmp_path, max_connections_per_identity=1, presence_debounce=0.0))
     await gw.start()
     try:
-        conn = Connection(gw, "ana")
+        conn = Connection(gw.services, "ana")
         await conn.admit()
         with pytest.raises(ApiError) as refused:  # the identity's one place is taken
-            await Connection(gw, "ana").admit()
+            await Connection(gw.services, "ana").admit()
         assert refused.value.code == "too_many_connections"
 
         sub = Subscriber(SSE, identity="ana", user="ana")
@@ -54,7 +54,7 @@ async def test_a_connection_is_counted_while_open_and_undone_once(tmp_path):
         assert gauge(gw, SSE) == 0
         assert gw.limits.count == 0 and not gw.limits.by_identity
         assert await gw.presence.members("r") == []
-        await Connection(gw, "ana").admit()  # the place was given back
+        await Connection(gw.services, "ana").admit()  # the place was given back
     finally:
         await gw.close()
 
@@ -64,7 +64,7 @@ async def test_a_connection_refused_while_shutting_down_takes_nothing(tmp_path):
     await gw.start()
     try:
         gw.closing = True
-        conn = Connection(gw, "ana")
+        conn = Connection(gw.services, "ana")
         with pytest.raises(ApiError) as refused:
             await conn.admit()
         assert refused.value.code == "unavailable" and refused.value.status == 503

@@ -77,7 +77,9 @@ async def test_the_gateway_runs_retention_when_configured(tmp_path):
     gw = Gateway(settings)
     await gw.start()
     for i in range(4):
-        await gw.post("r", "ana", f"m{i}", identity=Identity("ana"), transport="http")
+        await gw.services.publisher.post(
+            "r", "ana", f"m{i}", identity=Identity("ana"), transport="http"
+        )
     await gw.close()
     await age(url, "r", range(1, 3), days=3)
 
@@ -94,7 +96,9 @@ async def test_the_gateway_runs_retention_when_configured(tmp_path):
         gw.hub.register(sub)
         await gw.hub.subscribe(sub, "r", since=0)
         await eventually(lambda: sub.position("r") == 4)
-        await gw.post("r", "ana", "live", identity=Identity("ana"), transport="http")
+        await gw.services.publisher.post(
+            "r", "ana", "live", identity=Identity("ana"), transport="http"
+        )
         await eventually(lambda: sub.position("r") == 5)
         frames = [orjson.loads(f) for f in sub._queue]
         assert [f["message"]["seq"] for f in frames if f["type"] == "message"] == [3, 4, 5]

@@ -19,14 +19,35 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from chat_gateway.config import Rate
+from chat_gateway.config import Rate, Settings
+from chat_gateway.errors import ApiError
 from chat_gateway.metrics import Metrics
-from chat_gateway.redisio.guard import RedisGuard
+from chat_gateway.redisio.context import RedisContext
 from chat_gateway.redisio.script import Script
 
 log = logging.getLogger("gateway.ratelimit")
+
+# The buckets, by action.
+POST = "post"  # message posts: HTTP and WS publish frames share one bucket
+PUBLISH = "publish"  # POST /v1/publish
+CONNECT = "connect"  # WebSocket and SSE connection attempts
+SUBSCRIBE = "subscribe"  # WebSocket subscribe frames
+SEARCH = "search"  # GET /v1/search
+READ = "read"  # read positions marked: POST /v1/rooms/{room}/read and WS read frames
+
+
+def rates_of(settings: Settings) -> dict[str, Rate]:
+    """Each action's rate as configured."""
+    return {
+        POST: settings.rate_limit,
+        PUBLISH: settings.publish_rate_limit,
+        CONNECT: settings.connect_rate_limit,
+        SUBSCRIBE: settings.subscribe_rate_limit,
+        SEARCH: settings.search_rate_limit,
+        READ: settings.read_rate_limit,
+    }
+
 
 SCRIPT = """
 local t = redis.call('TIME')
@@ -178,24 +199,22 @@ class RateLimiter(LocalRateLimiter):
 
     def __init__(
         self,
-        redis: Any,
+        redis: RedisContext,
         *,
         prefix: str = "chat:",
         metrics: Metrics | None = None,
         rates: dict[str, Rate],
-        guard: RedisGuard | None = None,
-        batch: Any | None = None,
     ) -> None:
         super().__init__(prefix=prefix, metrics=metrics, rates=rates)
-        self.redis = redis
-        # Skips Redis right after a failure; one with no cooldown never skips.
-        self.guard = guard if guard is not None else RedisGuard(cooldown=0.0)
+        self.redis = redis.client
+        # Skips Redis right after a failure (a context without a guard never skips).
+        self.guard = redis.guard
         self._failing: set[str] = set()  # shards (guard.shard) whose buckets are local now
         # EVALSHA, and the script's body again after a NOSCRIPT (chat_gateway.redisio.script).
-        self._script = Script(redis, SCRIPT)
+        self._script = Script(self.redis, SCRIPT)
         # Decisions asked for at the same moment share one pipeline (chat_gateway.redisio.pipelined);
         # none on a cluster, where keys live on different nodes.
-        self.batch = batch
+        self.batch = redis.batch
 
     async def _decide(self, key: str, rate: Rate, cost: int) -> Decision:
         shard = self.guard.shard(key)  # looked up once
@@ -230,3 +249,23 @@ class RateLimiter(LocalRateLimiter):
             else:
                 log.warning("rate limiter: Redis reachable again; shared buckets restored")
             self.metrics.rate_limit_fallback.set(1 if on else 0)
+
+
+class Rates:
+    """The limiter as routes and frames use it: one token of ``action``'s bucket for
+    ``identity`` per call, refused with 429 ``rate_limited``."""
+
+    def __init__(self, limiter: LocalRateLimiter) -> None:
+        self.limiter = limiter
+
+    async def check(self, action: str, identity: str) -> Decision:
+        """The decision (its headers go on the answer); ``ApiError`` when refused."""
+        decision = await self.limiter.hit(action, identity)
+        if not decision.allowed:
+            raise ApiError(
+                "rate_limited",
+                f"too many requests; retry in {decision.retry_after:.1f} s",
+                headers=decision.headers(),
+                retry_after=round(decision.retry_after, 3),
+            )
+        return decision

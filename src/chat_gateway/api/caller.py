@@ -1,4 +1,4 @@
-"""Who is asking: the gateway a request reached, the caller's identity, address and
+"""Who is asking: the services of the gateway a request reached, the caller's identity, address and
 token, and the name a connection is present under."""
 
 from __future__ import annotations
@@ -9,13 +9,17 @@ from typing import Any
 
 from starlette.requests import HTTPConnection
 
-from chat_gateway.access.auth import Identity, bearer
+from chat_gateway.access.auth import Identity, bearer, is_api_key, key_bucket
 from chat_gateway.api.validation import author
-from chat_gateway.gateway import Gateway
+from chat_gateway.services import Services
 
 
-def gateway_of(conn: HTTPConnection) -> Gateway:
-    return conn.app.state.gateway  # type: ignore[no-any-return]
+def services_of(conn: HTTPConnection) -> Services:
+    """The started parts of the gateway ``conn`` reached (chat_gateway.services)."""
+    return conn.app.state.services  # type: ignore[no-any-return]
+
+
+gateway_of = services_of  # the name routes have always reached the gateway by
 
 
 @functools.lru_cache(maxsize=8)
@@ -73,3 +77,20 @@ def query_user(conn: HTTPConnection) -> str | None:
     """The ``?user=`` query parameter, checked as an author name (422 otherwise)."""
     raw = conn.query_params.get("user")
     return None if raw is None else author(raw)
+
+
+def api_key(conn: HTTPConnection) -> str | None:
+    """The bearer header if it is one of ``API_KEYS`` (none configured: never)."""
+    key = bearer(conn.headers)
+    return key if is_api_key(services_of(conn).auth, key) else None
+
+
+def key_caller(conn: HTTPConnection, key: str | None) -> str:
+    """The rate bucket of a caller let in by an API key (``key``, already checked):
+    one per key, named by a digest (no secret in Redis); with no key configured
+    (open mode), one per client address. The one policy every API-key route and
+    stream counts by."""
+    services = services_of(conn)
+    if services.auth.keys_required and key:
+        return key_bucket(key)
+    return client_address(conn, services.settings.trusted_proxies)

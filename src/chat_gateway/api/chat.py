@@ -14,12 +14,12 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from chat_gateway.access.auth import Identity, bearer, is_api_key, key_bucket
+from chat_gateway.access.auth import Identity
+from chat_gateway.access.ratelimit import POST, READ
 from chat_gateway.api import validation as v
-from chat_gateway.api.caller import gateway_of, identify
+from chat_gateway.api.caller import api_key, gateway_of, identify, key_caller
 from chat_gateway.api.responses import encoded_json_response, json_response
 from chat_gateway.errors import ApiError
-from chat_gateway.gateway import POST, READ
 from chat_gateway.storage import ReadPosition
 
 
@@ -33,11 +33,10 @@ def position_json(pos: ReadPosition) -> dict[str, Any]:
 async def _changer(request: Request, room: str, body: dict[str, Any]) -> tuple[str | None, str]:
     """Whose messages the caller may change (None: any, an API key or a moderator
     of the room) and its rate bucket's identity."""
-    gw = gateway_of(request)
     given = v.body_author(body, None)  # checked even where it is not used
-    key = bearer(request.headers)
-    if key is not None and is_api_key(gw.auth, key):
-        return None, key_bucket(key)
+    key = api_key(request)
+    if key is not None:
+        return None, key_caller(request, key)
     identity = identify(request)
     identity.check_room(room)
     return changed_by(identity, room, given), identity.bucket
@@ -54,28 +53,16 @@ def changed_by(identity: Identity, room: str, given: Any) -> str | None:
     return identity.name if identity.user else v.author(given)
 
 
-async def _body(
-    request: Request, schema: dict[str, Any], *, optional: bool = False
-) -> dict[str, Any]:
-    gw = gateway_of(request)
-    raw = await v.read_body(request, gw.settings.max_body_bytes)
-    if optional and not raw.strip():
-        return {}
-    body = v.json_object(raw)
-    v.only_fields(body, v.fields(schema))
-    return body
-
-
 async def edit_message(request: Request) -> Response:
     gw = gateway_of(request)
     room = v.room_name(request.path_params["room"])
     seq = v.message_seq(request.path_params["seq"])
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
     key = v.idempotency_key(request.headers.get("idempotency-key"))
-    body = await _body(request, v.EDIT_MESSAGE)
+    body = await v.json_body(request, gw.settings.max_body_bytes, v.EDIT_MESSAGE)
     text = v.text(body.get("text"))
     author, bucket = await _changer(request, room, body)
-    decision = await gw.rate(POST, bucket)
+    decision = await gw.rates.check(POST, bucket)
     msg = await gw.chat.change(
         room, seq, text, author=author, idempotency_key=None if key is None else (bucket, key)
     )
@@ -88,9 +75,9 @@ async def delete_message(request: Request) -> Response:
     seq = v.message_seq(request.path_params["seq"])
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
     key = v.idempotency_key(request.headers.get("idempotency-key"))
-    body = await _body(request, v.DELETE_MESSAGE, optional=True)
+    body = await v.json_body(request, gw.settings.max_body_bytes, v.DELETE_MESSAGE, optional=True)
     author, bucket = await _changer(request, room, body)
-    decision = await gw.rate(POST, bucket)
+    decision = await gw.rates.check(POST, bucket)
     msg = await gw.chat.change(
         room, seq, None, author=author, idempotency_key=None if key is None else (bucket, key)
     )
@@ -133,12 +120,12 @@ async def mark_read(request: Request) -> Response:
     identity = identify(request)
     identity.check_room(room)
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
-    body = await _body(request, v.MARK_READ)
+    body = await v.json_body(request, gw.settings.max_body_bytes, v.MARK_READ)
     seq = v.seq_field(body.get("seq"), "seq")
     if seq is None:
         raise ApiError("invalid_request", "seq is required", field="seq")
     user = reader(identity, body)
-    decision = await gw.rate(READ, identity.bucket)
+    decision = await gw.rates.check(READ, identity.bucket)
     pos = await gw.chat.mark_read(user, room, seq)
     return json_response(position_json(pos), headers=decision.headers())
 

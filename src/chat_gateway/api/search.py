@@ -14,11 +14,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from chat_gateway.access.auth import Identity
+from chat_gateway.access.ratelimit import SEARCH
 from chat_gateway.api import validation as v
 from chat_gateway.api.caller import gateway_of, identify
 from chat_gateway.api.responses import json_response
 from chat_gateway.errors import ApiError
-from chat_gateway.gateway import SEARCH
 from chat_gateway.storage.search import (
     MAX_LIMIT,
     MAX_ROOMS,
@@ -85,7 +85,7 @@ async def search(request: Request) -> Response:
         raise ApiError("invalid_request", str(exc), field="cursor") from None
     identity = identify(request)
     scope = scope_of(identity, rooms)
-    decision = await gw.rate(SEARCH, identity.bucket)
+    decision = await gw.rates.check(SEARCH, identity.bucket)
     if query is None or scope.empty:
         return json_response({"results": [], "next_cursor": None}, 200, decision.headers())
     timeout = gw.settings.search_timeout

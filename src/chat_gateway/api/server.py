@@ -23,14 +23,15 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from chat_gateway.access.auth import bearer, key_bucket
+from chat_gateway.access.auth import bearer
+from chat_gateway.access.ratelimit import PUBLISH
 from chat_gateway.api import validation as v
-from chat_gateway.api.caller import gateway_of
+from chat_gateway.api.caller import gateway_of, key_caller
 from chat_gateway.api.responses import json_response
 from chat_gateway.delivery.commands import Disconnect, Purged, Unsubscribe
 from chat_gateway.errors import ApiError
-from chat_gateway.gateway import PUBLISH, Gateway
 from chat_gateway.pubsub import BrokerUnavailable
+from chat_gateway.services import Services
 
 log = logging.getLogger("gateway.server")
 
@@ -80,7 +81,7 @@ ROOMS_QUERY = v.object_schema(
 )
 
 
-def _require_key(request: Request) -> Gateway:
+def _require_key(request: Request) -> Services:
     """The gateway, if the request carries one of API_KEYS. The server API is never
     open: with no key configured every call is refused."""
     gw = gateway_of(request)
@@ -92,11 +93,9 @@ def _require_key(request: Request) -> Gateway:
     return gw
 
 
-async def _body(request: Request, gw: Gateway, schema: dict[str, Any]) -> dict[str, Any]:
+async def _body(request: Request, gw: Services, schema: dict[str, Any]) -> dict[str, Any]:
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
-    body = v.json_object(await v.read_body(request, gw.settings.max_body_bytes))
-    v.only_fields(body, v.fields(schema))
-    return body
+    return await v.json_body(request, gw.settings.max_body_bytes, schema)
 
 
 def _user(value: Any) -> str:
@@ -125,7 +124,7 @@ def _reason(value: Any) -> str:
     return value
 
 
-async def _send(gw: Gateway, command: Any) -> None:
+async def _send(gw: Services, command: Any) -> None:
     try:
         await gw.control.send(command)
     except BrokerUnavailable as exc:
@@ -154,10 +153,10 @@ async def unsubscribe(request: Request) -> Response:
     return json_response({"status": "accepted", "user": user, "room": room}, 202)
 
 
-async def subscriber_counts(gw: Gateway) -> dict[str, int]:
+async def subscriber_counts(gw: Services) -> dict[str, int]:
     """Subscribers per room with at least one, over every instance (see the module)."""
     counts = {name: r.subscribers for name, r in gw.hub.room_stats().items() if r.subscribers}
-    for entry in await gw.shared_figures.others():
+    for entry in await gw.figures.others():
         for name, (_seq, subs) in entry["c"]["rooms"].items():
             if subs:
                 counts[name] = counts.get(name, 0) + int(subs)
@@ -256,10 +255,9 @@ async def broadcast(request: Request) -> Response:
         raise ApiError("invalid_request", "rooms must not repeat a room", field="rooms")
     event = v.event_name(body.get("event"))
     data = v.event_data(body.get("data", v.ABSENT))
-    # One bucket per API key (by digest), shared with POST /v1/publish: one call, one token.
-    key = bearer(request.headers) or ""
-    decision = await gw.rate(PUBLISH, key_bucket(key))
-    await gw.publish_events(rooms, event, data)
+    # One bucket per API key, shared with POST /v1/publish: one call, one token.
+    decision = await gw.rates.check(PUBLISH, key_caller(request, bearer(request.headers)))
+    await gw.publisher.publish_events(rooms, event, data)
     return json_response(
         {"status": "accepted", "rooms": len(rooms), "event": event}, 202, decision.headers()
     )

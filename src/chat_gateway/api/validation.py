@@ -428,6 +428,21 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def json_body(
+    request: Request, limit: int, schema: dict[str, Any] | None, *, optional: bool = False
+) -> dict[str, Any]:
+    """The request's JSON object body: at most ``limit`` bytes, with only the fields
+    ``schema`` declares (None: the caller checks them); ``optional``: an empty body
+    is ``{}``."""
+    raw = await read_body(request, limit)
+    if optional and not raw.strip():
+        return {}
+    body = json_object(raw)
+    if schema is not None:
+        only_fields(body, fields(schema))
+    return body
+
+
 def only_fields(body: dict[str, Any], allowed: set[str]) -> None:
     unknown = set(body) - allowed
     if unknown:

@@ -19,7 +19,7 @@ from chat_gateway.api import validation as v
 from chat_gateway.api.caller import gateway_of
 from chat_gateway.api.responses import json_response
 from chat_gateway.errors import ApiError
-from chat_gateway.gateway import Gateway
+from chat_gateway.services import Services
 from chat_gateway.storage.base import format_ts
 from chat_gateway.storage.outbox import DeadLetter
 from chat_gateway.webhooks import Webhooks
@@ -97,7 +97,7 @@ DEAD_LETTER: dict[str, Any] = {
 }
 
 
-def _admin(request: Request) -> Gateway:
+def _admin(request: Request) -> Services:
     """The gateway, once the caller showed an API key (open mode with no API_KEYS:
     no key needed, as on /v1/publish; auth mode with no API_KEYS: refused)."""
     gw = gateway_of(request)
@@ -107,7 +107,7 @@ def _admin(request: Request) -> Gateway:
     return gw
 
 
-def _hooks(gw: Gateway) -> Webhooks:
+def _hooks(gw: Services) -> Webhooks:
     if gw.webhooks is None:
         raise ApiError("not_found", "webhooks are off: WEBHOOK_URLS is not set")
     return gw.webhooks
@@ -191,7 +191,7 @@ async def webhooks_dead(request: Request) -> Response:
 async def webhooks_replay(request: Request) -> Response:
     gw = _admin(request)
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
-    body = v.json_object(await v.read_body(request, gw.settings.max_body_bytes))
+    body = await v.json_body(request, gw.settings.max_body_bytes, None)  # one of two shapes
     hooks = _hooks(gw)
     endpoint_id = None
     if "endpoint" in body:
@@ -230,8 +230,7 @@ async def webhooks_replay(request: Request) -> Response:
 async def webhooks_enable(request: Request) -> Response:
     gw = _admin(request)
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
-    body = v.json_object(await v.read_body(request, gw.settings.max_body_bytes))
-    v.only_fields(body, v.fields(ENABLE))
+    body = await v.json_body(request, gw.settings.max_body_bytes, ENABLE)
     hooks = _hooks(gw)
     if "url" not in body:
         raise ApiError("invalid_request", "url is required", field="url")

@@ -18,11 +18,21 @@ WS: Final = "ws"
 SSE: Final = "sse"
 
 
+def sse_event(name: bytes | str, data: bytes, event_id: int | None = None) -> bytes:
+    """One complete Server-Sent Event: ``id`` (when given), ``event`` and one ``data``
+    line (JSON never holds a raw newline), ended by a blank line. Every SSE frame
+    the gateway sends is built here."""
+    if isinstance(name, str):
+        name = name.encode()
+    head = b"" if event_id is None else b"id: %d\n" % event_id
+    return head + b"event: " + name + b"\ndata: " + data + b"\n\n"
+
+
 def message_frame(transport: str, room_json: bytes, seq: int, body: bytes) -> bytes:
     """A stored message (``body``, its JSON) in the room whose JSON name is ``room_json``."""
     if transport == WS:
         return b'{"type":"message","room":' + room_json + b',"message":' + body + b"}"
-    return b"id: %d\nevent: message\ndata: %s\n\n" % (seq, body)
+    return sse_event(b"message", body, seq)
 
 
 def change_frame(transport: str, room_json: bytes, change: int, body: bytes) -> bytes:
@@ -39,7 +49,7 @@ def change_frame(transport: str, room_json: bytes, change: int, body: bytes) -> 
     )
     if transport == WS:
         return frame
-    return b"event: " + kind + b"\ndata: " + frame + b"\n\n"
+    return sse_event(kind, frame)
 
 
 def event_frame(transport: str, event: EventPayload) -> bytes:
@@ -48,13 +58,7 @@ def event_frame(transport: str, event: EventPayload) -> bytes:
         return orjson.dumps(
             {"type": "event", "room": event.room, "event": event.event, "data": event.data}
         )
-    return (
-        b"event: "
-        + event.event.encode()
-        + b"\ndata: "
-        + orjson.dumps({"room": event.room, "data": event.data})
-        + b"\n\n"
-    )
+    return sse_event(event.event, orjson.dumps({"room": event.room, "data": event.data}))
 
 
 def presence_frame(transport: str, p: PresencePayload) -> bytes:
@@ -62,7 +66,7 @@ def presence_frame(transport: str, p: PresencePayload) -> bytes:
     obj = {"room": p.room, "action": p.action, "user": p.user}
     if transport == WS:
         return orjson.dumps({"type": "presence", **obj})
-    return b"event: presence\ndata: " + orjson.dumps(obj) + b"\n\n"
+    return sse_event(b"presence", orjson.dumps(obj))
 
 
 def chat_frame(transport: str, event: TypingPayload | ReadPayload) -> bytes:
@@ -78,4 +82,4 @@ def chat_frame(transport: str, event: TypingPayload | ReadPayload) -> bytes:
         )
     if transport == WS:
         return data
-    return b"event: " + name + b"\ndata: " + data + b"\n\n"
+    return sse_event(name, data)

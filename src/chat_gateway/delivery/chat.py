@@ -35,7 +35,7 @@ from chat_gateway.errors import ApiError
 from chat_gateway.metrics import Metrics
 from chat_gateway.periodic import every
 from chat_gateway.pubsub import Broker, BrokerUnavailable
-from chat_gateway.redisio.guard import RedisGuard
+from chat_gateway.redisio.context import RedisContext
 from chat_gateway.redisio.script import Script
 from chat_gateway.storage import (
     HistoryCache,
@@ -223,9 +223,7 @@ class RedisChat(Chat):
         history: HistoryCache,
         metrics: Metrics,
         *,
-        redis: Any,
-        guard: RedisGuard,
-        batch: Any | None,
+        redis: RedisContext,
         ensure_open: Callable[[], None],
         committed: Callable[[], None],
     ) -> None:
@@ -239,10 +237,10 @@ class RedisChat(Chat):
             ensure_open=ensure_open,
             committed=committed,
         )
-        self.redis = redis
-        self.guard = guard
-        self.batch = batch
-        self._raise = Script(redis, _RAISE_CHANGE)
+        self.redis = redis.client
+        self.guard = redis.guard
+        self.batch = redis.batch
+        self._raise = Script(self.redis, _RAISE_CHANGE)
         self._check: asyncio.Task[None] | None = None
 
     def start(self) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 
 import orjson
 
+from chat_gateway.core.frames import sse_event
 from chat_gateway.delivery.hub import SSE, WS, Hub
 from chat_gateway.delivery.presence import Presence
 from chat_gateway.errors import CLOSE_DISCONNECTED, CLOSE_NORMAL
@@ -86,15 +87,11 @@ def decode(data: bytes) -> Command:
         raise BadCommand(f"unreadable control message: {data[:200]!r}") from exc
 
 
-def sse_event(name: str, data: dict[str, Any]) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
-
-
 def purged_frame(transport: str, event: dict[str, Any]) -> bytes:
     """The ``history_purged`` notice as the transport sends it."""
     if transport == WS:
         return orjson.dumps({"type": "history_purged", **event})
-    return sse_event("history_purged", event)
+    return sse_event("history_purged", orjson.dumps(event))
 
 
 class Control:
@@ -147,7 +144,9 @@ class Control:
             subs = self.hub.of_user(command.user)
             for sub in subs:
                 if sub.transport == SSE:
-                    sub.farewell = sse_event("disconnected", {"reason": command.reason})
+                    sub.farewell = sse_event(
+                        "disconnected", orjson.dumps({"reason": command.reason})
+                    )
                 sub.close(CLOSE_DISCONNECTED, command.reason)
             if subs:
                 log.info(
@@ -159,7 +158,7 @@ class Control:
             for sub in self.hub.of_user(command.user, room):
                 if sub.transport == SSE:  # a stream is one room: it ends
                     sub.farewell = sse_event(
-                        "unsubscribed", {"room": room, "reason": command.reason}
+                        "unsubscribed", orjson.dumps({"room": room, "reason": command.reason})
                     )
                     sub.close(CLOSE_NORMAL, command.reason)
                     continue

@@ -85,6 +85,23 @@ STORE_CHECK_EVERY = 3
 T = TypeVar("T")
 
 
+class OncePerTransport:
+    """A frame built on first need for each transport, then the same bytes for every
+    subscriber of that transport: how every dispatch of the hub encodes once."""
+
+    __slots__ = ("_build", "_frames")
+
+    def __init__(self, build: Callable[[str], bytes]) -> None:
+        self._build = build
+        self._frames: dict[str, bytes] = {}
+
+    def __call__(self, transport: str) -> bytes:
+        frame = self._frames.get(transport)
+        if frame is None:
+            frame = self._frames[transport] = self._build(transport)
+        return frame
+
+
 class Subscriber:
     """The outbound side of one connection: a bounded queue drained by one writer."""
 
@@ -504,13 +521,7 @@ class Hub:
         ):  # join/leave (chat_gateway.delivery.presence)
             self._dispatch_event(r, payload, presence_frame)
         elif isinstance(payload, wire.TypingPayload):  # not to the typist's own connections
-            frames: dict[str, bytes] = {}
-            for sub in r.subs:
-                if sub.user != payload.user:
-                    frame = frames.get(sub.transport)
-                    if frame is None:
-                        frame = frames[sub.transport] = chat_frame(sub.transport, payload)
-                    sub.push(frame)
+            self._dispatch_event(r, payload, chat_frame, skip_user=payload.user)
         elif isinstance(payload, wire.ReadPayload):
             self._dispatch_event(r, payload, chat_frame)
 
@@ -553,7 +564,9 @@ class Hub:
     def _dispatch(
         self, r: Room, seq: int, created_ms: int, changes: int | None, body: bytes
     ) -> None:
-        frames: dict[str, bytes] = {}  # encoded once per transport
+        frame_for = OncePerTransport(
+            lambda transport: message_frame(transport, r.name_json, seq, body)
+        )
         delivered = 0
         for sub in r.subs:
             cursor = sub.cursors.get(r.name)
@@ -567,10 +580,7 @@ class Hub:
                 # Behind on the messages, or on the changes committed before this one.
                 self._catch_up(sub, r)
                 continue
-            frame = frames.get(sub.transport)
-            if frame is None:
-                frame = frames[sub.transport] = message_frame(sub.transport, r.name_json, seq, body)
-            if sub.push(frame):
+            if sub.push(frame_for(sub.transport)):
                 sub.cursors[r.name] = seq
                 delivered += 1
             else:
@@ -611,7 +621,9 @@ class Hub:
 
     def _dispatch_change(self, r: Room, change: int, after_seq: int, body: bytes) -> None:
         previous = change - 1
-        frames: dict[str, bytes] = {}
+        frame_for = OncePerTransport(
+            lambda transport: change_frame(transport, r.name_json, change, body)
+        )
         for sub in r.subs:
             ccursors = sub.ccursors
             ccursor = None if ccursors is None else ccursors.get(r.name)
@@ -621,23 +633,24 @@ class Hub:
             if ccursor != previous or cursor < after_seq:
                 self._catch_up(sub, r)  # behind on changes or on the messages before it
                 continue
-            frame = frames.get(sub.transport)
-            if frame is None:
-                frame = frames[sub.transport] = change_frame(
-                    sub.transport, r.name_json, change, body
-                )
-            if sub.push(frame):
+            if sub.push(frame_for(sub.transport)):
                 assert ccursors is not None
                 ccursors[r.name] = change
 
-    def _dispatch_event(self, r: Room, event: T, build: Callable[[str, T], bytes]) -> None:
-        """Queue an unsequenced frame to every subscriber of the room, encoded once."""
-        frames: dict[str, bytes] = {}
+    def _dispatch_event(
+        self,
+        r: Room,
+        event: T,
+        build: Callable[[str, T], bytes],
+        *,
+        skip_user: str | None = None,
+    ) -> None:
+        """Queue an unsequenced frame to every subscriber of the room (but those of
+        ``skip_user``), encoded once per transport."""
+        frame_for = OncePerTransport(lambda transport: build(transport, event))
         for sub in r.subs:
-            frame = frames.get(sub.transport)
-            if frame is None:
-                frame = frames[sub.transport] = build(sub.transport, event)
-            sub.push(frame)
+            if skip_user is None or sub.user != skip_user:
+                sub.push(frame_for(sub.transport))
 
     # -- per-subscriber catch-up ---------------------------------------------
 

@@ -45,6 +45,8 @@ from redis.exceptions import NoScriptError
 from chat_gateway.core.wire import encode_presence
 from chat_gateway.periodic import every
 from chat_gateway.pubsub import Broker, BrokerUnavailable
+from chat_gateway.redisio.context import RedisContext
+from chat_gateway.redisio.guard import NO_GUARD
 from chat_gateway.redisio.pipelined import per_key
 from chat_gateway.redisio.script import Script
 
@@ -102,7 +104,7 @@ class Presence:
     def __init__(
         self,
         broker: Broker,
-        redis: Any | None,
+        redis: RedisContext | None,
         *,
         prefix: str = "chat:",
         ttl: float = 30.0,
@@ -113,7 +115,10 @@ class Presence:
         notify: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.broker = broker
-        self.redis = redis
+        # The shared Redis (chat_gateway.redisio.context); None: presence of this instance only.
+        self.redis: Any | None = None if redis is None else redis.client
+        self.guard = NO_GUARD if redis is None else redis.guard
+        self.batch = None if redis is None else redis.batch
         self.prefix = prefix
         self.ttl = ttl
         self.channel = channel
@@ -130,9 +135,9 @@ class Presence:
         self._leaving: dict[tuple[str, str], asyncio.Task[None]] = {}  # (room, user)
         # The sweeps due this loop turn, (room, member), and when they are done.
         self._departing: tuple[list[tuple[str, str]], asyncio.Future[None]] | None = None
-        if redis is not None:
-            self._join = Script(redis, _JOIN)
-            self._leave = Script(redis, _LEAVE)
+        if self.redis is not None:
+            self._join = Script(self.redis, _JOIN)
+            self._leave = Script(self.redis, _LEAVE)
 
     def key(self, room: str) -> str:
         return f"{self.prefix}{{{room}}}:presence"
@@ -188,7 +193,7 @@ class Presence:
                             now,
                             int(self.ttl * 2000),
                         ],
-                        batch=self.broker.batch,
+                        batch=self.batch,
                     )
                 )
                 announce = announce and joined
@@ -270,10 +275,10 @@ class Presence:
     # -- upkeep ----------------------------------------------------------------
 
     def _redis_usable(self, key: str) -> bool:
-        return self.broker.guard.usable(key)
+        return self.guard.usable(key)
 
     def _redis_failed(self, key: str) -> None:
-        self.broker.guard.failed(key)
+        self.guard.failed(key)
 
     async def _sweep_many(self, sweeps: list[tuple[str, str]]) -> None:
         """Remove each ``(room, member)`` (member ``""``: none, only the expired ones)
@@ -357,8 +362,8 @@ class Presence:
         for i in range(0, len(groups), REFRESH_BATCH):
             results += await per_key(
                 self.redis,
-                self.broker.batch,
-                self.broker.guard,
+                self.batch,
+                self.guard,
                 groups[i : i + REFRESH_BATCH],
             )
         return results

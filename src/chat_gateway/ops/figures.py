@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from chat_gateway.delivery.hub import RoomStats
 from chat_gateway.metrics import Metrics
@@ -238,3 +238,54 @@ class Sampler:
             },
             "rate_limited": {"total": int(cur["limited"]), "per_s": rate("limited")},
         }
+
+
+class Sharing(Protocol):
+    """Where the other instances' figures come from (chat_gateway.ops.shared_figures)."""
+
+    async def others(self) -> list[Shared]: ...
+
+
+class _Alone:
+    async def others(self) -> list[Shared]:
+        return []
+
+
+class Figures:
+    """This instance's figures: its reading (the registry and the hub's held rooms,
+    ``room_stats``), who it is, and samplers over it or over every instance once
+    :meth:`share` gave it the figures the others share."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        room_stats: Callable[[], Mapping[str, RoomStats]],
+        *,
+        instance_id: str,
+        started_at: float,
+        closing: Callable[[], bool],
+    ) -> None:
+        self.metrics = metrics
+        self.room_stats = room_stats
+        self.instance_id = instance_id
+        self.started_at = started_at
+        self.closing = closing
+        self.shared: Sharing = _Alone()
+
+    def share(self, shared: Sharing) -> None:
+        self.shared = shared
+
+    def reading(self) -> Reading:
+        """This instance's figures now."""
+        return read(self.metrics, self.room_stats())
+
+    def describe(self) -> dict[str, Any]:
+        return describe_instance(self.instance_id, self.started_at, self.closing())
+
+    async def others(self) -> list[Shared]:
+        """The other instances' fresh shared entries (none without Redis)."""
+        return await self.shared.others()
+
+    def sampler(self, *, cluster: bool) -> Sampler:
+        """Snapshots of this instance's figures, or with ``cluster`` of every instance's."""
+        return Sampler(self.reading, self.describe, self.others if cluster else None)

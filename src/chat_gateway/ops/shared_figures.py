@@ -19,7 +19,7 @@ import orjson
 
 from chat_gateway.ops.figures import Reading, Shared
 from chat_gateway.periodic import every
-from chat_gateway.redisio.guard import RedisGuard
+from chat_gateway.redisio.context import RedisContext
 
 # An entry older than this is an instance gone (or cut off from Redis).
 ENTRY_MAX_AGE = 3.0
@@ -51,21 +51,20 @@ class RedisSharedFigures(SharedFigures):
 
     def __init__(
         self,
-        redis: Any,
+        redis: RedisContext,
         prefix: str,
         *,
         instance_id: str,
         own: Callable[[], Reading],
         describe: Callable[[], dict[str, Any]],
-        guard: RedisGuard,
         interval: float = 1.0,
     ) -> None:
-        self.redis = redis
+        self.redis = redis.client
         self.key = stats_key(prefix)
         self.instance_id = instance_id
         self.own = own
         self.describe = describe
-        self.guard = guard
+        self.guard = redis.guard
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
 

@@ -23,10 +23,9 @@ Contract:
   publish order per publisher: commands that act on every instance (the server
   API). It raises ``BrokerUnavailable`` when nothing could be sent. The control
   channel is held from ``start`` to ``close`` and restored with the others.
-- ``redis`` is the broker's Redis client for keys (cache, rate limits,
-  presence), None in memory mode; ``guard`` is the cooldown every user of that
-  client shares (:mod:`chat_gateway.redisio.guard`), and ``batch`` its pipelined connection
-  where there is one (a single Redis server, not a cluster).
+- A broker over Redis is given the :class:`~chat_gateway.redisio.context.RedisContext`
+  (client, guard, pipelined connection) that the users of keys (cache, rate
+  limits, presence) are given too; nobody asks the broker for its Redis.
 - Constructors do no I/O; ``start`` connects, ``close`` releases everything.
 """
 
@@ -36,8 +35,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from chat_gateway.redisio.guard import NO_GUARD, RedisGuard
-from chat_gateway.redisio.pipelined import Command, PipelinedConnection
+from chat_gateway.redisio.pipelined import Command
 
 MessageHandler = Callable[[str, bytes], None]
 ReconnectHandler = Callable[[], None]
@@ -68,9 +66,6 @@ def _drop_control(data: bytes) -> None:
 
 
 class Broker(ABC):
-    guard: RedisGuard = NO_GUARD
-    batch: PipelinedConnection | None = None
-
     def __init__(self) -> None:
         self._on_message: MessageHandler = _drop_message
         self._on_reconnect: ReconnectHandler = _no_reconnect
@@ -102,11 +97,6 @@ class Broker(ABC):
     @abstractmethod
     async def ping(self) -> None:
         """One round trip; raises BrokerUnavailable."""
-
-    @property
-    def redis(self) -> Any | None:
-        """The Redis client for keys (cache, rate limits, presence); None in memory mode."""
-        return None
 
     # -- channels ------------------------------------------------------------
 

@@ -27,13 +27,13 @@ import logging
 from collections import defaultdict
 from typing import Any
 
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import RedisError
 
 from chat_gateway.pubsub.base import BrokerUnavailable
 from chat_gateway.pubsub.link import LinkedBroker, read_link, text
-from chat_gateway.redisio.clients import cluster_client, node_client
-from chat_gateway.redisio.guard import ShardGuard
+from chat_gateway.redisio.clients import node_client
+from chat_gateway.redisio.context import RedisContext
 from chat_gateway.redisio.urls import parse_cluster_url
 
 
@@ -70,7 +70,7 @@ class _ShardSubscription:
             await self.pubsub.sunsubscribe(*sorted(gone))
         by_slot: dict[int, list[str]] = defaultdict(list)
         for channel in sorted(new):
-            by_slot[self.broker.redis.keyslot(channel)].append(channel)
+            by_slot[self.broker._redis.keyslot(channel)].append(channel)
         for group in by_slot.values():
             await self.pubsub.ssubscribe(*group)
         self._watch()
@@ -139,28 +139,29 @@ class ClusterBroker(LinkedBroker):
         connect_timeout: float = 2.0,
         command_timeout: float = 5.0,
         control_channel: str = "",
+        context: RedisContext | None = None,
     ) -> None:
+        """``context``: the cluster's client shared with the users of keys, its guard
+        per shard (chat_gateway.redisio.context), started and closed by whoever made
+        it; without one the broker makes its own from ``url``."""
         super().__init__(
             probe_interval=probe_interval,
             probe_timeout=probe_timeout,
             connect_timeout=connect_timeout,
             command_timeout=command_timeout,
             control_channel=control_channel,
+            context=context
+            or RedisContext.for_url(
+                url, connect_timeout=connect_timeout, command_timeout=command_timeout
+            ),
+            owns_context=context is None,
         )
         self.startup_nodes, self.conn_options = parse_cluster_url(url)
         # Held on a link like a room's channel, from start to close (server API commands).
         self._control = {control_channel} if control_channel else set()
-        self._client: RedisCluster | None = None
         self._links: dict[str, _ShardSubscription] = {}
         self._lock = asyncio.Lock()  # one change of placement at a time
         self._trouble = asyncio.Event()
-        self.guard = ShardGuard(lambda: self._client)
-
-    @property
-    def redis(self) -> RedisCluster:
-        if self._client is None:
-            raise BrokerUnavailable("the broker is not started")
-        return self._client
 
     @property
     def links(self) -> dict[str, set[str]]:
@@ -168,12 +169,7 @@ class ClusterBroker(LinkedBroker):
         return {name: set(link.channels) for name, link in self._links.items() if not link.dead}
 
     async def start(self) -> None:
-        self._client = cluster_client(
-            self.startup_nodes,
-            self.conn_options,
-            connect_timeout=self.connect_timeout,
-            command_timeout=self.command_timeout,
-        )
+        await self._start_context()
         self._start_keeping()
 
     async def close(self) -> None:
@@ -181,17 +177,15 @@ class ClusterBroker(LinkedBroker):
         for link in list(self._links.values()):
             await link.close()
         self._links.clear()
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.aclose()
+        await self._close_context()
 
     # -- placement -----------------------------------------------------------
 
     async def _link(self, first: bool) -> None:
-        await self.redis.initialize()
+        await self._redis.initialize()
         if not first:
             # A failover, restart or slot move: read the owners again.
-            await self.redis.nodes_manager.initialize()
+            await self._redis.nodes_manager.initialize()
         self._trouble.clear()
         await self._place()
 
@@ -213,7 +207,10 @@ class ClusterBroker(LinkedBroker):
         self._trouble.set()
 
     def _owner(self, channel: str) -> ClusterNode:
-        return self.redis.nodes_manager.get_node_from_slot(self.redis.keyslot(channel))
+        node: ClusterNode = self._redis.nodes_manager.get_node_from_slot(
+            self._redis.keyslot(channel)
+        )
+        return node
 
     async def _place(self) -> None:
         """Group the held channels by owning primary and bring every link to its group."""
@@ -310,7 +307,7 @@ class ClusterBroker(LinkedBroker):
         out; only the refill at the next link restoration could, and a shard that
         answers again before its link is ever seen down gives none."""
         try:
-            await self.redis.spublish(channel, data)
+            await self._redis.spublish(channel, data)
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(f"Redis Cluster publish failed: {exc!r}") from exc
 
@@ -324,9 +321,9 @@ class ClusterBroker(LinkedBroker):
         instance unready, since the other shards' rooms are served and its own
         rooms are filled from the store. The primaries are asked at once."""
         try:
-            await self.redis.initialize()
+            await self._redis.initialize()
             answers = await asyncio.gather(
-                *(self.redis.ping(target_nodes=node) for node in self.redis.get_primaries()),
+                *(self._redis.ping(target_nodes=node) for node in self._redis.get_primaries()),
                 return_exceptions=True,
             )
         except (RedisError, OSError) as exc:

@@ -24,7 +24,8 @@ from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from chat_gateway.pubsub.base import Broker
+from chat_gateway.pubsub.base import Broker, BrokerUnavailable
+from chat_gateway.redisio.context import RedisContext
 
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
@@ -76,8 +77,14 @@ class LinkedBroker(Broker):
         connect_timeout: float,
         command_timeout: float,
         control_channel: str,
+        context: RedisContext,
+        owns_context: bool,
     ) -> None:
         super().__init__()
+        # The Redis this broker publishes through, shared with every user of keys;
+        # started and closed here only when the broker made it itself.
+        self.context = context
+        self._owns_context = owns_context
         if probe_interval <= 0:
             raise ValueError("probe_interval must be positive")
         self.probe_interval = probe_interval
@@ -89,6 +96,21 @@ class LinkedBroker(Broker):
         self.connected = asyncio.Event()  # every held channel is on a live link
         self.placed = asyncio.Event()  # linked at least once since start
         self._keeper: asyncio.Task[None] | None = None
+
+    @property
+    def _redis(self) -> Any:
+        """The context's client; ``BrokerUnavailable`` before it was started."""
+        if not self.context.started:
+            raise BrokerUnavailable("the broker is not started")
+        return self.context.client
+
+    async def _start_context(self) -> None:
+        if self._owns_context:
+            await self.context.start()
+
+    async def _close_context(self) -> None:
+        if self._owns_context:
+            await self.context.close()
 
     def _start_keeping(self) -> None:
         # No failure at start when Redis is down: the loop keeps trying, and
@@ -109,7 +131,7 @@ class LinkedBroker(Broker):
         while True:
             try:
                 await self._link(first)
-                self.guard.reset()
+                self.context.guard.reset()
                 self.connected.set()
                 self.placed.set()
                 if not first:

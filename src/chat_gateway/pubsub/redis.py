@@ -22,15 +22,12 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
 from chat_gateway.pubsub.base import BrokerUnavailable, Sent
 from chat_gateway.pubsub.link import LinkedBroker, read_link, text
-from chat_gateway.redisio.clients import keep_pool_trimmed, server_client
-from chat_gateway.redisio.guard import RedisGuard
-from chat_gateway.redisio.pipelined import Command, PipelinedConnection
+from chat_gateway.redisio.context import RedisContext
+from chat_gateway.redisio.pipelined import Command
 from chat_gateway.redisio.urls import redis_address
 
 
@@ -46,55 +43,39 @@ class RedisBroker(LinkedBroker):
         connect_timeout: float = 2.0,
         command_timeout: float = 1.0,
         control_channel: str = "chat:control",
+        context: RedisContext | None = None,
     ) -> None:
+        """``context``: the Redis shared with the users of keys (chat_gateway.redisio.context),
+        started and closed by whoever made it; without one the broker makes its own
+        from ``url``."""
         super().__init__(
             probe_interval=probe_interval,
             probe_timeout=probe_timeout,
             connect_timeout=connect_timeout,
             command_timeout=command_timeout,
             control_channel=control_channel,
+            context=context
+            or RedisContext.for_url(
+                url, connect_timeout=connect_timeout, command_timeout=command_timeout
+            ),
+            owns_context=context is None,
         )
         self.url = url
-        self._client: aioredis.Redis | None = None
-        self._sentinel: Sentinel | None = None  # over redis+sentinel://, the sentinels' clients
         self._pubsub: Any = None
-        self._trimming: asyncio.Task[None] | None = None
-        self.guard = RedisGuard()
-
-    @property
-    def redis(self) -> aioredis.Redis:
-        if self._client is None:
-            raise BrokerUnavailable("the broker is not started")
-        return self._client
 
     async def start(self) -> None:
-        self._client, self._sentinel = server_client(
-            self.url, connect_timeout=self.connect_timeout, command_timeout=self.command_timeout
-        )
-        self.batch = PipelinedConnection(self._client)
-        self._trimming = asyncio.create_task(keep_pool_trimmed(self._client), name="redis-pool")
+        await self._start_context()
         self._start_keeping()
 
     async def close(self) -> None:
-        if self._trimming is not None:
-            self._trimming.cancel()
-            await asyncio.gather(self._trimming, return_exceptions=True)
-            self._trimming = None
         await self._stop_keeping()
         await self._unlink()
-        if self.batch is not None:
-            await self.batch.close()
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.aclose()
-        if self._sentinel is not None:
-            sentinel, self._sentinel = self._sentinel, None
-            await sentinel.aclose()
+        await self._close_context()
 
     # -- the subscriber link ------------------------------------------------
 
     async def _link(self, first: bool) -> None:
-        pubsub = self.redis.pubsub()
+        pubsub = self._redis.pubsub()
         # The control channel keeps the link open (and probed) with no room held.
         held = set(self._channels)
         await pubsub.subscribe(self.control_channel, *sorted(held))
@@ -156,12 +137,13 @@ class RedisBroker(LinkedBroker):
     # -- publishing -----------------------------------------------------------
 
     async def publish(self, channel: str, data: bytes) -> None:
-        if not self.guard.usable():
+        guard = self.context.guard
+        if not guard.usable():
             raise BrokerUnavailable("Redis failed moments ago; not waiting on it again yet")
         try:
-            await self.redis.publish(channel, data)
+            await self._redis.publish(channel, data)
         except (RedisError, OSError) as exc:
-            self.guard.failed(None, exc)
+            guard.failed(None, exc)
             raise BrokerUnavailable(f"Redis publish failed: {exc!r}") from exc
 
     async def publish_control(self, data: bytes) -> None:
@@ -170,7 +152,13 @@ class RedisBroker(LinkedBroker):
         await self.publish(self.control_channel, data)
 
     def carries(self, redis: Any) -> bool:
-        return redis is not None and redis is self._client and self.guard.usable()
+        context = self.context
+        return (
+            redis is not None
+            and context.started
+            and redis is context.client
+            and context.guard.usable()
+        )
 
     async def publish_batch(
         self, messages: Sequence[tuple[str, bytes]], *, ahead: Sequence[Command] = ()
@@ -180,9 +168,10 @@ class RedisBroker(LinkedBroker):
         moment (a post's cache update and publish go together)."""
         if ahead and len(ahead) != len(messages):
             raise ValueError("publish_batch: one command ahead of each message, or none")
-        if self.batch is None:
+        batch, guard = self.context.batch, self.context.guard
+        if batch is None:
             raise BrokerUnavailable("the broker is not started")
-        if not self.guard.usable():
+        if not guard.usable():
             raise BrokerUnavailable("Redis failed moments ago; not waiting on it again yet")
         step = 2 if ahead else 1  # commands per message
         commands: list[Command] = []
@@ -191,9 +180,9 @@ class RedisBroker(LinkedBroker):
                 commands.append(ahead[i])
             commands.append(("PUBLISH", channel, data))
         try:
-            replies = await self.batch.run(commands)
+            replies = await batch.run(commands)
         except Exception as exc:
-            self.guard.failed(None, exc)
+            guard.failed(None, exc)
             replies = [exc] * len(commands)
         sent = []
         for i in range(len(messages)):
@@ -208,7 +197,7 @@ class RedisBroker(LinkedBroker):
 
     async def ping(self) -> None:
         try:
-            await self.redis.ping()
+            await self._redis.ping()
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(f"Redis unreachable: {exc!r}") from exc
         if not self.connected.is_set():

@@ -1,7 +1,7 @@
 """The Starlette application: HTTP routes, SSE, WebSocket, static pages.
 
-Every resource is opened in the lifespan and reached through
-``request.app.state.gateway``; nothing connects at import time.
+Every resource is opened in the lifespan; routes reach the started parts through
+``request.app.state.services`` (``gateway_of``); nothing connects at import time.
 """
 
 from __future__ import annotations
@@ -23,18 +23,19 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
-from chat_gateway.access.auth import Authenticator, bearer, key_bucket
+from chat_gateway.access.auth import Authenticator, bearer
+from chat_gateway.access.ratelimit import POST, PUBLISH
 from chat_gateway.api import chat, search
 from chat_gateway.api import server as server_api
 from chat_gateway.api import validation as v
-from chat_gateway.api.caller import client_address, gateway_of, identify, query_user, token_of
+from chat_gateway.api.caller import gateway_of, identify, key_caller, query_user, token_of
 from chat_gateway.api.responses import encoded_json_response, json_response
 from chat_gateway.api.webhooks import webhooks_dead, webhooks_enable, webhooks_list, webhooks_replay
 from chat_gateway.config import Settings
 from chat_gateway.core.frames import SSE
 from chat_gateway.delivery.hub import Subscriber
 from chat_gateway.errors import CODES, ApiError, internal, store_unavailable
-from chat_gateway.gateway import POST, PUBLISH, Gateway
+from chat_gateway.gateway import Gateway
 from chat_gateway.ops.logs import RequestContext, conn_id, request_id
 from chat_gateway.server import openapi
 from chat_gateway.storage import StoreUnavailable
@@ -58,12 +59,11 @@ async def post_message(request: Request) -> Response:
     identity.check_post(room)
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
     key = v.idempotency_key(request.headers.get("idempotency-key"))
-    body = v.json_object(await v.read_body(request, gw.settings.max_body_bytes))
-    v.only_fields(body, v.fields(v.POST_MESSAGE))
+    body = await v.json_body(request, gw.settings.max_body_bytes, v.POST_MESSAGE)
     text = v.text(body.get("text"))
     author = v.body_author(body, identity.name if identity.user else None)
-    decision = await gw.rate(POST, identity.bucket)
-    msg, created = await gw.post(
+    decision = await gw.rates.check(POST, identity.bucket)
+    msg, created = await gw.publisher.post(
         room, author, text, identity=identity, transport="http", idempotency_key=key
     )
     return encoded_json_response(msg.to_json(), 201 if created else 200, decision.headers())
@@ -157,20 +157,12 @@ async def publish(request: Request) -> Response:
     gw = gateway_of(request)
     gw.auth.check_api_key(bearer(request.headers))
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
-    body = v.json_object(await v.read_body(request, gw.settings.max_body_bytes))
-    v.only_fields(body, v.fields(v.PUBLISH))
+    body = await v.json_body(request, gw.settings.max_body_bytes, v.PUBLISH)
     room = v.room_name(body.get("room"))
     event = v.event_name(body.get("event"))
     data = v.event_data(body.get("data", v.ABSENT))
-    # One bucket per API key (named by a digest: no secret in Redis), else per address.
-    key = bearer(request.headers)
-    caller = (
-        key_bucket(key)
-        if gw.auth.keys_required and key
-        else client_address(request, gw.settings.trusted_proxies)
-    )
-    decision = await gw.rate(PUBLISH, caller)
-    await gw.publish_event(room, event, data)
+    decision = await gw.rates.check(PUBLISH, key_caller(request, bearer(request.headers)))
+    await gw.publisher.publish_event(room, event, data)
     return json_response(
         {"status": "accepted", "room": room, "event": event}, 202, decision.headers()
     )
@@ -197,7 +189,7 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    ok, checks = await gateway_of(request).readiness()
+    ok, checks = await gateway_of(request).readiness.check()
     return json_response(
         {"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503
     )
@@ -361,7 +353,8 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         gw = gateway or Gateway(settings)
         await gw.start()
-        app.state.gateway = gw
+        app.state.gateway = gw  # the process' own (chat_gateway.server.cli's drain)
+        app.state.services = gw.services  # what routes reach (chat_gateway.api.caller)
         if isinstance(app, GatewayApp) and gw.auth.jwks is not None:
             app.jwks_auth = gw.auth
         try:

@@ -53,6 +53,7 @@ import orjson
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
+from chat_gateway.redisio.context import RedisContext
 from chat_gateway.redisio.guard import NO_GUARD, RedisGuard
 from chat_gateway.redisio.pipelined import PipelinedConnection, per_key
 from chat_gateway.redisio.script import Script
@@ -144,23 +145,24 @@ return 1
 
 
 class HistoryCache:
-    """Read-through cache of the latest page; ``redis`` is a ``redis.asyncio`` client or None."""
+    """Read-through cache of the latest page; ``redis`` is the shared Redis
+    (chat_gateway.redisio.context), None without one (every read goes to the store)."""
 
     def __init__(
         self,
         store: Store,
-        redis: Any | None = None,
+        redis: RedisContext | None = None,
         *,
         prefix: str = "chat:",
         ttl: int = 3600,
         metrics: CacheMetrics | None = None,
-        guard: RedisGuard = NO_GUARD,
-        batch: PipelinedConnection | None = None,
     ) -> None:
         self.store = store
-        self.redis = redis
-        self.batch = batch  # a pipelined connection to the same Redis, for the reads
-        self.guard = guard  # skips Redis right after a failure (shared with its other users)
+        self.redis: Any | None = None if redis is None else redis.client
+        # A pipelined connection to the same Redis, for the reads.
+        self.batch: PipelinedConnection | None = None if redis is None else redis.batch
+        # Skips Redis right after a failure (shared with its other users).
+        self.guard: RedisGuard = NO_GUARD if redis is None else redis.guard
         self.prefix = prefix
         self.ttl = ttl
         self.metrics: CacheMetrics = metrics if metrics is not None else _Uncounted()
@@ -170,13 +172,13 @@ class HistoryCache:
         # room -> (version, generation, window): see the module docstring.
         self._local: OrderedDict[str, tuple[int, Any, Page]] = OrderedDict()
         self._unchanged: set[str] = set()  # changed rooms Redis could not be told of
-        if redis is not None:
-            self._read = Script(redis, _READ)
-            self._raise = Script(redis, _RAISE)
-            self._poll = Script(redis, _POLL)
-            self._fill = Script(redis, _FILL)
-            self._purge = Script(redis, _PURGE)
-            self._changed = Script(redis, _CHANGED)
+        if self.redis is not None:
+            self._read = Script(self.redis, _READ)
+            self._raise = Script(self.redis, _RAISE)
+            self._poll = Script(self.redis, _POLL)
+            self._fill = Script(self.redis, _FILL)
+            self._purge = Script(self.redis, _PURGE)
+            self._changed = Script(self.redis, _CHANGED)
 
     def _keys(self, room: str) -> list[str]:
         base = f"{self.prefix}{{{room}}}"

@@ -23,12 +23,12 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import HTTPConnection
 
 from chat_gateway.access.auth import Identity
-from chat_gateway.access.ratelimit import Decision
+from chat_gateway.access.ratelimit import CONNECT, Decision
 from chat_gateway.api.caller import identify, presence_user
 from chat_gateway.core.frames import SSE, WS
 from chat_gateway.delivery.hub import Subscriber
 from chat_gateway.errors import CLOSE_POLICY_VIOLATION
-from chat_gateway.gateway import CONNECT, Gateway
+from chat_gateway.services import Services
 
 log = logging.getLogger("gateway.connections")
 
@@ -60,7 +60,7 @@ class Connection:
     # Held for as long as the connection is open, and idle sockets are many.
     __slots__ = ("_log_extra", "admitted", "caller", "gw", "peer_code", "sub")
 
-    def __init__(self, gw: Gateway, caller: str) -> None:
+    def __init__(self, gw: Services, caller: str) -> None:
         self.gw = gw
         self.caller = caller
         self.admitted = False
@@ -71,8 +71,8 @@ class Connection:
     async def admit(self) -> Decision:
         """Refuse the connection (``ApiError``) or take its place; the rate decision
         (its headers go on the answer)."""
-        self.gw.ensure_open()
-        decision = await self.gw.rate(CONNECT, self.caller)
+        self.gw.shutdown.ensure_open()
+        decision = await self.gw.rates.check(CONNECT, self.caller)
         self.gw.limits.acquire(self.caller)
         self.admitted = True
         return decision

@@ -19,11 +19,12 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from chat_gateway.access.auth import bearer, key_bucket
+from chat_gateway.access.auth import bearer
 from chat_gateway.api import validation as v
-from chat_gateway.api.caller import client_address, gateway_of
+from chat_gateway.api.caller import client_address, gateway_of, key_caller
+from chat_gateway.core.frames import sse_event
 from chat_gateway.errors import ApiError
-from chat_gateway.gateway import Gateway
+from chat_gateway.services import Services
 from chat_gateway.transports.connections import Connection, ConnectionStream
 
 INTERVAL: dict[str, Any] = {"type": "number", "minimum": 1, "maximum": 60, "default": 1.0}
@@ -55,7 +56,7 @@ KEY: dict[str, Any] = {
 QUERY = v.object_schema([], interval=INTERVAL, scope=SCOPE, key=KEY)
 
 
-def stats_caller(request: Request, gw: Gateway) -> str:
+def stats_caller(request: Request, gw: Services) -> str:
     """Who the stream is counted against. In auth mode the figures (room names and
     who is in them) need an API key, from ``Authorization: Bearer`` or ``?key=``;
     with no key configured they are refused. In open mode: the client address."""
@@ -69,7 +70,7 @@ def stats_caller(request: Request, gw: Gateway) -> str:
     if not key:
         raise ApiError("unauthorized", "an API key is required: Authorization: Bearer <key>")
     gw.auth.check_api_key(key)
-    return key_bucket(key)
+    return key_caller(request, key)
 
 
 async def stats_events(request: Request) -> Response:
@@ -81,12 +82,12 @@ async def stats_events(request: Request) -> Response:
         raise ApiError("invalid_request", "scope must be instance or cluster", field="scope")
     connection = Connection(gw, stats_caller(request, gw))
     await connection.admit()
-    sampler = gw.sampler(cluster=scope == "cluster")
+    sampler = gw.figures.sampler(cluster=scope == "cluster")
 
-    async def stream() -> AsyncIterator[dict[str, str]]:
-        while not gw.closing:
+    async def stream() -> AsyncIterator[bytes]:
+        while not gw.shutdown.closing:
             snapshot = sampler.snapshot(await sampler.reading())
-            yield {"event": "stats", "data": orjson.dumps(snapshot).decode()}
+            yield sse_event(b"stats", orjson.dumps(snapshot))
             await asyncio.sleep(interval)
 
     # A reader that stopped reading is dropped as on room streams (chat_gateway.server.app).

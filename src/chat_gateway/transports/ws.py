@@ -24,13 +24,14 @@ from starlette.types import Message as ASGIMessage
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from chat_gateway.access.auth import Identity
+from chat_gateway.access.ratelimit import POST, READ, SUBSCRIBE
 from chat_gateway.api import validation as v
 from chat_gateway.api.caller import gateway_of
 from chat_gateway.api.chat import changed_by, position_json
 from chat_gateway.delivery.hub import WS, Subscriber
 from chat_gateway.delivery.output import FrameSink
 from chat_gateway.errors import CLOSE_POLICY_VIOLATION, ApiError, internal, store_unavailable
-from chat_gateway.gateway import POST, READ, SUBSCRIBE, Gateway
+from chat_gateway.services import Services
 from chat_gateway.storage import Message, StoreUnavailable
 from chat_gateway.transports.connections import Connection, connecting, expire_with_token
 
@@ -99,7 +100,7 @@ class Session:
 
     def __init__(
         self,
-        gw: Gateway,
+        gw: Services,
         websocket: WebSocket,
         identity: Identity,
         user: str | None = None,
@@ -242,7 +243,7 @@ class Session:
         key = v.idempotency_key(frame.get("key"), "key")
         author = self.identity.name if self.identity.user else v.author(frame.get("author"))
         self.identity.check_post(room)
-        await self.gw.rate(POST, self.identity.bucket)
+        await self.gw.rates.check(POST, self.identity.bucket)
         return Publish(ref, room, author, text, key)
 
     async def commit(self, ready: list[Publish]) -> None:
@@ -256,7 +257,7 @@ class Session:
             await self.commit_run(run)
             run = []
             try:
-                msg, _ = await self.gw.post(
+                msg, _ = await self.gw.publisher.post(
                     p.room,
                     p.author,
                     p.text,
@@ -274,7 +275,7 @@ class Session:
         if not run:
             return
         try:
-            msgs = await self.gw.post_many(
+            msgs = await self.gw.publisher.post_many(
                 [(p.room, p.author, p.text) for p in run], transport="ws"
             )
         except (ApiError, StoreUnavailable) as exc:
@@ -327,7 +328,7 @@ class Session:
                     "a read position needs a name: connect with ?user=NAME in open mode",
                     field="user",
                 )
-            await self.gw.rate(READ, self.identity.bucket)
+            await self.gw.rates.check(READ, self.identity.bucket)
             pos = await chat.mark_read(user, room, seq)
             self.sub.reply({"type": "ack", "ref": ref, "read": position_json(pos)})
             return
@@ -335,7 +336,7 @@ class Session:
         text = v.text(frame.get("text")) if kind == "edit" else None
         key = v.idempotency_key(frame.get("key"), "key")
         author = changed_by(self.identity, room, frame.get("author"))
-        await self.gw.rate(POST, self.identity.bucket)
+        await self.gw.rates.check(POST, self.identity.bucket)
         # The rate bucket's identity owns the key, as on HTTP: the two share keys.
         msg = await chat.change(
             room,
@@ -379,7 +380,7 @@ class Session:
             changes_since = v.seq_field(frame.get("changes_since"), "changes_since")
             self.identity.check_room(room)
             self.check_subscription_room(room)
-            await self.gw.rate(SUBSCRIBE, self.identity.bucket)
+            await self.gw.rates.check(SUBSCRIBE, self.identity.bucket)
             await hub.subscribe(self.sub, room, since, changes_since)
             await presence.joined(self.sub.id, self.user, room)
         elif kind == "unsubscribe":

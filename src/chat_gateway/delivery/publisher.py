@@ -1,0 +1,180 @@
+"""The write path: a post committed in the store, then announced to every instance.
+
+A post goes one way: commit in the store (seq assigned there), raise the cache's
+seq, publish on the room's channel, acknowledge. The publish is the fast path
+only: if it is lost (Redis down, this process killed right after the commit),
+every instance finds the message by its position check and fills it from the
+store. Ephemeral events (``POST /v1/publish``, the server API's broadcast) are
+published only, never stored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from chat_gateway.config import Settings
+from chat_gateway.core.wire import encode_event, encode_message
+from chat_gateway.errors import ApiError
+from chat_gateway.metrics import Metrics
+from chat_gateway.pubsub import Broker, BrokerUnavailable
+from chat_gateway.storage import HistoryCache, Message, Store
+
+log = logging.getLogger("gateway")
+
+
+class Poster(Protocol):
+    """Who posts (an ``Identity`` of chat_gateway.access.auth): a token's ``sub``
+    (``user``) or a client address, by ``name``."""
+
+    @property
+    def user(self) -> bool: ...
+
+    @property
+    def name(self) -> str: ...
+
+
+def scoped_key(identity: Poster, key: str) -> str:
+    """An ``Idempotency-Key`` as stored: qualified by the poster's identity, so keys
+    are unique per (room, identity). The kind (a token's ``sub`` or a client
+    address) and the name's length come first, so no two (identity, key) pairs
+    give the same text whatever characters they hold."""
+    kind = "sub" if identity.user else "addr"
+    return f"{kind}:{len(identity.name)}:{identity.name}:{key}"
+
+
+class Publisher:
+    """Posts and ephemeral events. ``ensure_open`` refuses a post once the instance
+    shuts down; ``committed`` is told after every commit of messages (the webhooks'
+    dispatcher sends the events the commit wrote); ``channel`` names a room's
+    broker channel (``Hub.channel``)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        broker: Broker,
+        history: HistoryCache,
+        metrics: Metrics,
+        *,
+        channel: Callable[[str], str],
+        ensure_open: Callable[[], None],
+        committed: Callable[[], None],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.broker = broker
+        self.history = history
+        self.metrics = metrics
+        self.channel = channel
+        self.ensure_open = ensure_open
+        self.committed = committed
+
+    async def post(
+        self,
+        room: str,
+        author: str,
+        text: str,
+        *,
+        identity: Poster,
+        transport: str,
+        idempotency_key: str | None = None,
+    ) -> tuple[Message, bool]:
+        """Commit one post by ``identity``; return the message and whether it is new.
+
+        An ``idempotency_key`` is the poster's own: it is stored qualified by the
+        identity (:func:`scoped_key`), so another identity's equal key is another
+        key. A repeat whose message differs (text or author) from the one the key
+        first stored is refused with ``idempotency_conflict``. A store that cannot
+        be reached raises ``StoreUnavailable`` (nothing was stored).
+        """
+        self.ensure_open()
+        key = None if idempotency_key is None else scoped_key(identity, idempotency_key)
+        msg, created = await self.store.append(room, author, text, key)
+        if created:
+            self.metrics.messages_accepted.labels(transport).inc()
+            self.committed()
+            await self._announce([msg])
+        elif msg.text != text or msg.author != author:
+            raise ApiError(
+                "idempotency_conflict",
+                "this Idempotency-Key was already used in this room for a different "
+                "message; use a new key for a new message",
+            )
+        return msg, created
+
+    async def post_many(
+        self, posts: list[tuple[str, str, str]], *, transport: str
+    ) -> list[Message]:
+        """Commit ``(room, author, text)`` posts in this order, together where the
+        store can (one connection's publishes that arrived during a commit). A store
+        that cannot be reached raises ``StoreUnavailable`` (nothing was stored)."""
+        self.ensure_open()
+        msgs = await self.store.append_many(posts)
+        self.metrics.messages_accepted.labels(transport).inc(len(msgs))
+        self.committed()
+        await self._announce(msgs)
+        return msgs
+
+    async def _announce(self, msgs: list[Message]) -> None:
+        """Raise the cache's seq, then publish, per message in order. Where the broker
+        carries commands for the cache's Redis (they share a healthy client) all go
+        in one round trip, with whatever other callers send at the same moment
+        (chat_gateway.redisio.pipelined), each command's failure keeping its meaning (an
+        unraised seq is retried by the cache, a lost publish is filled from the
+        store by every position check)."""
+        history = self.history
+        if self.settings.fault_cut_from_redis:  # test-only: Redis unreachable from here
+            return
+        if self.settings.fault_skip_publish:  # test-only: killed after commit
+            for msg in msgs:
+                await history.committed(msg)
+            return
+        if not self.broker.carries(history.redis):
+            for msg in msgs:
+                await history.committed(msg)
+                try:
+                    await self.broker.publish(self.channel(msg.room), encode_message(msg))
+                except BrokerUnavailable as exc:
+                    log.warning("live publish lost, delivery falls back to the store: %s", exc)
+            return
+        sent = await self.broker.publish_batch(
+            [(self.channel(msg.room), encode_message(msg)) for msg in msgs],
+            ahead=[history.raise_command(msg) for msg in msgs],
+        )
+        for msg, (raised, lost) in zip(msgs, sent, strict=True):
+            await history.queued_result(msg, raised)
+            if lost is not None:
+                log.warning("live publish lost, delivery falls back to the store: %r", lost)
+
+    async def publish_event(self, room: str, event: str, data: Any) -> None:
+        try:
+            await self.broker.publish(self.channel(room), encode_event(room, event, data))
+        except BrokerUnavailable:
+            raise ApiError(
+                "unavailable", "the broker is unavailable; the event was not published"
+            ) from None
+        self.metrics.events_published.inc()
+
+    async def publish_events(self, rooms: list[str], event: str, data: Any) -> None:
+        """One ephemeral event to each of ``rooms`` (the server API's broadcast): in one
+        round trip where the broker has a pipelined connection, else one publish
+        after another (never all at once: that would take a pooled connection each)."""
+        unavailable = ApiError(
+            "unavailable", "the broker is unavailable; the event was not published to every room"
+        )
+        try:
+            sent = await self.broker.publish_batch(
+                [(self.channel(room), encode_event(room, event, data)) for room in rooms]
+            )
+        except BrokerUnavailable:
+            raise unavailable from None
+        published = sum(1 for outcome in sent if outcome.lost is None)
+        self.metrics.events_published.inc(published)
+        if published < len(rooms):
+            log.warning(
+                "broadcast not published to every room: %r",
+                next(outcome.lost for outcome in sent if outcome.lost is not None),
+            )
+            raise unavailable
