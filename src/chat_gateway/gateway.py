@@ -31,6 +31,7 @@ from chat_gateway.core.wire import encode_event, encode_message
 from chat_gateway.delivery.chat import Chat, RedisChat
 from chat_gateway.delivery.commands import Control
 from chat_gateway.delivery.hub import Hub
+from chat_gateway.delivery.moderation import Moderation
 from chat_gateway.delivery.output import Output
 from chat_gateway.delivery.presence import Presence
 from chat_gateway.delivery.retention import Retention
@@ -42,6 +43,7 @@ from chat_gateway.ops.shared_figures import RedisSharedFigures, SharedFigures
 from chat_gateway.pubsub import Broker, BrokerUnavailable, create_broker
 from chat_gateway.storage import HistoryCache, Message, Store, create_store
 from chat_gateway.storage.base import display_url
+from chat_gateway.storage.moderation import Restricted
 from chat_gateway.webhooks import Webhooks
 from chat_gateway.webhooks.metrics import WebhookMetrics
 
@@ -138,6 +140,7 @@ class Gateway:
         self._presence: Presence | None = None
         self._control: Control | None = None  # server API commands (chat_gateway.delivery.commands)
         self._chat: Chat | None = None  # edits, typing and read receipts
+        self._moderation: Moderation | None = None  # bans, mutes, slow mode: the checks
         self._limiter: LocalRateLimiter | None = None
         self._running = contextlib.AsyncExitStack()  # what start started, closed in reverse
         self._probes: set[asyncio.Task[Any]] = set()  # readiness probes given up on
@@ -163,6 +166,10 @@ class Gateway:
     @property
     def chat(self) -> Chat:
         return _started(self._chat, "chat")
+
+    @property
+    def moderation(self) -> Moderation:
+        return _started(self._moderation, "moderation")
 
     @property
     def limiter(self) -> LocalRateLimiter:
@@ -250,7 +257,12 @@ class Gateway:
         )
         chat.start()
         running.push_async_callback(chat.close)
-        control = self._control = Control(self.broker, hub, presence, history)
+        moderation = self._moderation = Moderation(
+            self.store, redis=redis, prefix=prefix, guard=guard
+        )
+        moderation.start()
+        running.push_async_callback(moderation.close)
+        control = self._control = Control(self.broker, hub, presence, history, moderation)
         await control.start()
         running.push_async_callback(control.close)
         if self.settings.retention_days is not None:
@@ -348,7 +360,10 @@ class Gateway:
         """
         self.ensure_open()
         key = None if idempotency_key is None else scoped_key(identity, idempotency_key)
-        msg, created = await self.store.append(room, author, text, key)
+        try:
+            msg, created = await self.store.append(room, author, text, key)
+        except Restricted as exc:  # banned or muted as of the commit
+            raise self.moderation.store_refused(exc) from None
         if created:
             self.metrics.messages_accepted.labels(transport).inc()
             self.committed()
@@ -363,16 +378,26 @@ class Gateway:
 
     async def post_many(
         self, posts: list[tuple[str, str, str]], *, transport: str
-    ) -> list[Message]:
+    ) -> list[Message | ApiError]:
         """Commit ``(room, author, text)`` posts in this order, together where the
-        store can (one connection's publishes that arrived during a commit). A store
+        store can (one connection's publishes that arrived during a commit); a post
+        whose author is banned or muted there gets its refusal in its place. A store
         that cannot be reached raises ``StoreUnavailable`` (nothing was stored)."""
         self.ensure_open()
-        msgs = await self.store.append_many(posts)
+        out: list[Message | ApiError] = []
+        for done in await self.store.append_many(posts):
+            if isinstance(done, Restricted):
+                out.append(self.moderation.store_refused(done))
+            elif isinstance(done, Exception):
+                raise done
+            else:
+                out.append(done)
+        msgs = [m for m in out if isinstance(m, Message)]
         self.metrics.messages_accepted.labels(transport).inc(len(msgs))
-        self.committed()
-        await self._announce(msgs)
-        return msgs
+        if msgs:
+            self.committed()
+            await self._announce(msgs)
+        return out
 
     async def _announce(self, msgs: list[Message]) -> None:
         """Raise the cache's seq, then publish, per message in order. Where the broker
