@@ -767,9 +767,7 @@ class Client:
         if duration is not None:
             body["duration"] = duration
         path = f"/v1/rooms/{quote(room, safe='')}/{kind}"
-        return (
-            await self._request("POST", path, auth=self._moderator(), json_body=body)
-        ).json()
+        return (await self._request("POST", path, auth=self._moderator(), json_body=body)).json()
 
     async def _lift(self, kind: str, room: str, user: str) -> dict[str, Any]:
         path = f"/v1/rooms/{quote(room, safe='')}/{kind}/{quote(user, safe='')}"
