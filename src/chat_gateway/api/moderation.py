@@ -236,16 +236,7 @@ async def moderation_log(request: Request) -> Response:
     gw, _by = _moderator(request, room)
     q = request.query_params
     v.only_fields(dict(q), v.fields(LOG_QUERY))
-    limit = LOG_PAGE_DEFAULT
-    if q.get("limit") is not None:
-        n = v.seq_param(q.get("limit"), "limit")
-        if n is None or not 1 <= n <= LOG_PAGE_MAX:
-            raise ApiError(
-                "invalid_request",
-                f"limit must be an integer from 1 to {LOG_PAGE_MAX}",
-                field="limit",
-            )
-        limit = n
+    limit = v.limit_param(q.get("limit"), LOG_PAGE_DEFAULT, LOG_PAGE_MAX)
     raw = q.get("cursor")
     before = None
     if raw is not None:

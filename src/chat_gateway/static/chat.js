@@ -66,13 +66,18 @@ function notice(text, kind) {
 // The token's `sub`, for showing who we are (the server verifies the token;
 // this only reads it).
 function tokenSub(tok) {
+  const sub = tokenClaims(tok).sub;
+  return typeof sub === "string" ? sub : "";
+}
+
+// The token's claims (unverified: only for what the page shows and offers).
+function tokenClaims(tok) {
   try {
     const b64 = tok.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
     const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
-    const sub = JSON.parse(new TextDecoder().decode(bytes)).sub;
-    return typeof sub === "string" ? sub : "";
+    return JSON.parse(new TextDecoder().decode(bytes)) || {};
   } catch (e) {
-    return "";
+    return {};
   }
 }
 
@@ -731,16 +736,6 @@ function restricted(err) {
     notice(`You are banned from ${s.room}: you cannot read or post here.`, "banned");
   } else {
     notice(`You are muted in ${s.room}: you can read, but not post or type.`, "muted");
-  }
-}
-
-function tokenClaims(tok) {
-  try {
-    const b64 = tok.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
-    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
-    return JSON.parse(new TextDecoder().decode(bytes)) || {};
-  } catch (e) {
-    return {};
   }
 }
 
