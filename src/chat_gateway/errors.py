@@ -23,6 +23,16 @@ CODES: dict[str, tuple[int, str]] = {
     "invalid_request": (422, "a field, parameter or room name fails validation"),
     "unauthorized": (401, "credentials are missing, invalid or expired"),
     "forbidden": (403, "the credentials do not grant this room or action"),
+    "banned": (
+        403,
+        "the user is banned from the room: no reads, subscriptions, posts or changes "
+        "there until the ban ends (expires_in, when it has an end) or is lifted",
+    ),
+    "muted": (
+        403,
+        "the user is muted in the room: reading is allowed, posting, editing and "
+        "typing are not until the mute ends (expires_in) or is lifted",
+    ),
     "not_found": (404, "no such route or object"),
     "method_not_allowed": (405, "the route exists but not with this method"),
     "idempotency_conflict": (
@@ -42,6 +52,11 @@ CODES: dict[str, tuple[int, str]] = {
     ),
     "upgrade_required": (426, "the route speaks WebSocket only: open it with an Upgrade request"),
     "rate_limited": (429, "the identity's token bucket is empty; retry after retry_after"),
+    "slow_mode": (
+        429,
+        "slow mode is on in the room: one post per slow_mode seconds per user; "
+        "retry after retry_after",
+    ),
     "too_many_connections": (429, "the identity holds too many connections"),
     "too_many_subscriptions": (
         429,

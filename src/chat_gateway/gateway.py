@@ -25,6 +25,7 @@ from chat_gateway.config import Settings
 from chat_gateway.delivery.chat import Chat, RedisChat
 from chat_gateway.delivery.commands import Control
 from chat_gateway.delivery.hub import Hub
+from chat_gateway.delivery.moderation import Moderation
 from chat_gateway.delivery.output import Output
 from chat_gateway.delivery.presence import Presence
 from chat_gateway.delivery.publisher import Publisher
@@ -119,6 +120,7 @@ class Gateway:
         self._presence: Presence | None = None
         self._control: Control | None = None  # server API commands (chat_gateway.delivery.commands)
         self._chat: Chat | None = None  # edits, typing and read receipts
+        self._moderation: Moderation | None = None  # bans, mutes, slow mode: the checks
         self._limiter: LocalRateLimiter | None = None
         self._services: Services | None = None
         self._running = contextlib.AsyncExitStack()  # what start started, closed in reverse
@@ -152,6 +154,10 @@ class Gateway:
     @property
     def chat(self) -> Chat:
         return _started(self._chat, "chat")
+
+    @property
+    def moderation(self) -> Moderation:
+        return _started(self._moderation, "moderation")
 
     @property
     def limiter(self) -> LocalRateLimiter:
@@ -241,7 +247,10 @@ class Gateway:
         )
         chat.start()
         running.push_async_callback(chat.close)
-        control = self._control = Control(self.broker, hub, presence, history)
+        moderation = self._moderation = Moderation(self.store, redis, prefix=prefix)
+        moderation.start()
+        running.push_async_callback(moderation.close)
+        control = self._control = Control(self.broker, hub, presence, history, moderation)
         await control.start()
         running.push_async_callback(control.close)
         if self.settings.retention_days is not None:
@@ -298,8 +307,10 @@ class Gateway:
                 channel=hub.channel,
                 ensure_open=self.shutdown.ensure_open,
                 committed=self.committed,
+                refused=moderation.store_refused,
             ),
             chat=chat,
+            moderation=moderation,
             presence=presence,
             control=control,
             rates=Rates(limiter),

@@ -17,6 +17,7 @@ from chat_gateway.config import Settings
 from chat_gateway.delivery.chat import Chat
 from chat_gateway.delivery.commands import Control
 from chat_gateway.delivery.hub import Hub
+from chat_gateway.delivery.moderation import Moderation
 from chat_gateway.delivery.output import Output
 from chat_gateway.delivery.presence import Presence
 from chat_gateway.delivery.publisher import Publisher
@@ -36,6 +37,7 @@ class Services:
     hub: Hub
     publisher: Publisher  # posts and ephemeral events
     chat: Chat  # edits, deletes, typing, read receipts
+    moderation: Moderation  # bans, mutes and slow mode: the checks every path asks
     presence: Presence
     control: Control  # server API commands to every instance
     rates: Rates  # rate.check(action, identity), 429 when refused

@@ -245,6 +245,39 @@ export declare class Client {
   readState(room: string): Promise<ReadState>;
   /** Every room this user has a position in (`GET /v1/read`). */
   readPositions(): Promise<{ rooms: ReadState[] }>;
+  /** Moderation: a token whose `moderate` claim grants the room, or an API key as token. */
+  ban(room: string, user: string, options?: { duration?: number; reason?: string }):
+    Promise<ModerationAction>;
+  unban(room: string, user: string): Promise<ModerationAction>;
+  bans(room: string): Promise<Restriction[]>;
+  mute(room: string, user: string, options?: { duration?: number; reason?: string }):
+    Promise<ModerationAction>;
+  unmute(room: string, user: string): Promise<ModerationAction>;
+  mutes(room: string): Promise<Restriction[]>;
+  setSlowMode(room: string, seconds: number): Promise<{ room: string; slow_mode: number }>;
+  roomSettings(room: string): Promise<{ room: string; slow_mode: number }>;
+  moderationLog(room: string, options?: { limit?: number; cursor?: string }):
+    Promise<{ room: string; actions: ModerationAction[]; next_cursor: string | null }>;
+}
+
+export interface Restriction {
+  user: string;
+  reason: string;
+  by: string;
+  created_at: string;
+  expires_at: string | null;
+}
+
+export interface ModerationAction {
+  id: number;
+  room: string;
+  action: "banned" | "unbanned" | "muted" | "unmuted" | "slow_mode";
+  by: string;
+  created_at: string;
+  user?: string;
+  reason?: string;
+  expires_at?: string | null;
+  slow_mode?: number;
 }
 
 export interface SharedClientOptions extends ClientOptions {

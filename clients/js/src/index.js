@@ -788,6 +788,63 @@ export class Client extends Emitter {
     return !this.token && this.options.user
       ? "?" + new URLSearchParams({ user: this.options.user }) : "";
   }
+
+  // -- moderation (a token whose `moderate` claim grants the room, or an API key as
+  // the token) ---------------------------------------------------------------------
+
+  #restriction(method, kind, room, user, body) {
+    const path = `/v1/rooms/${encodeURIComponent(room)}/${kind}`;
+    return this.#http(method, user === undefined ? path : `${path}/${encodeURIComponent(user)}`,
+                      body);
+  }
+
+  /** Ban `user` from the room (`duration` seconds; absent: until lifted): the log entry. */
+  ban(room, user, { duration, reason } = {}) {
+    return this.#restriction("POST", "bans", room, undefined, { user, duration, reason });
+  }
+
+  /** Lift a ban: the log entry (GatewayError `not_found` when there was none). */
+  unban(room, user) {
+    return this.#restriction("DELETE", "bans", room, user);
+  }
+
+  /** The room's active bans: `[{user, reason, by, created_at, expires_at}]`. */
+  async bans(room) {
+    return (await this.#restriction("GET", "bans", room)).bans;
+  }
+
+  /** Mute `user` in the room: they may read, not post, edit or type. */
+  mute(room, user, { duration, reason } = {}) {
+    return this.#restriction("POST", "mutes", room, undefined, { user, duration, reason });
+  }
+
+  unmute(room, user) {
+    return this.#restriction("DELETE", "mutes", room, user);
+  }
+
+  async mutes(room) {
+    return (await this.#restriction("GET", "mutes", room)).mutes;
+  }
+
+  /** One post per `seconds` per user who does not moderate the room (0: off). */
+  setSlowMode(room, seconds) {
+    return this.#http("PUT", `/v1/rooms/${encodeURIComponent(room)}/settings`,
+                      { slow_mode: seconds });
+  }
+
+  /** The room's settings, `{room, slow_mode}` (whoever may read the room). */
+  roomSettings(room) {
+    return this.#http("GET", `/v1/rooms/${encodeURIComponent(room)}/settings`);
+  }
+
+  /** The room's moderation log, newest first: `{room, actions, next_cursor}`. */
+  moderationLog(room, { limit, cursor } = {}) {
+    const q = new URLSearchParams();
+    if (limit !== undefined) q.set("limit", String(limit));
+    if (cursor) q.set("cursor", cursor);
+    const qs = q.toString();
+    return this.#http("GET", `/v1/rooms/${encodeURIComponent(room)}/moderation${qs ? "?" + qs : ""}`);
+  }
 }
 
 // -- one socket per browser: the SharedWorker mode ---------------------------------

@@ -34,6 +34,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import websockets
@@ -880,3 +881,79 @@ class Client:
         """``DELETE /v1/server/rooms/{room}/messages``; returns how many were removed."""
         r = await self._request("DELETE", f"/v1/server/rooms/{room}/messages", auth="api")
         return int(r.json()["removed"])
+
+    # -- moderation (an API key, or a token whose moderate claim grants the room) ----
+
+    def _moderator(self) -> str:
+        return "api" if self.api_key else "user"
+
+    async def _restrict(
+        self, kind: str, room: str, user: str, duration: int | None, reason: str
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"user": user, "reason": reason}
+        if duration is not None:
+            body["duration"] = duration
+        path = f"/v1/rooms/{quote(room, safe='')}/{kind}"
+        return (await self._request("POST", path, auth=self._moderator(), json_body=body)).json()
+
+    async def _lift(self, kind: str, room: str, user: str) -> dict[str, Any]:
+        path = f"/v1/rooms/{quote(room, safe='')}/{kind}/{quote(user, safe='')}"
+        return (await self._request("DELETE", path, auth=self._moderator())).json()
+
+    async def _listed(self, kind: str, room: str) -> list[dict[str, Any]]:
+        path = f"/v1/rooms/{quote(room, safe='')}/{kind}"
+        data = (await self._request("GET", path, auth=self._moderator())).json()
+        return list(data[kind])
+
+    async def ban(
+        self, room: str, user: str, *, duration: int | None = None, reason: str = ""
+    ) -> dict[str, Any]:
+        """``POST /v1/rooms/{room}/bans``: the user may not read, subscribe or post
+        there (``duration`` seconds; None: until lifted). Returns the log entry."""
+        return await self._restrict("bans", room, user, duration, reason)
+
+    async def unban(self, room: str, user: str) -> dict[str, Any]:
+        """``DELETE /v1/rooms/{room}/bans/{user}``; ``not_found`` when not banned."""
+        return await self._lift("bans", room, user)
+
+    async def bans(self, room: str) -> list[dict[str, Any]]:
+        """``GET /v1/rooms/{room}/bans``: the active bans, by user."""
+        return await self._listed("bans", room)
+
+    async def mute(
+        self, room: str, user: str, *, duration: int | None = None, reason: str = ""
+    ) -> dict[str, Any]:
+        """``POST /v1/rooms/{room}/mutes``: the user may read, not post, edit or type."""
+        return await self._restrict("mutes", room, user, duration, reason)
+
+    async def unmute(self, room: str, user: str) -> dict[str, Any]:
+        """``DELETE /v1/rooms/{room}/mutes/{user}``."""
+        return await self._lift("mutes", room, user)
+
+    async def mutes(self, room: str) -> list[dict[str, Any]]:
+        """``GET /v1/rooms/{room}/mutes``: the active mutes, by user."""
+        return await self._listed("mutes", room)
+
+    async def set_slow_mode(self, room: str, seconds: int) -> None:
+        """``PUT /v1/rooms/{room}/settings``: one post per ``seconds`` per user (0: off)."""
+        await self._request(
+            "PUT",
+            f"/v1/rooms/{quote(room, safe='')}/settings",
+            auth=self._moderator(),
+            json_body={"slow_mode": seconds},
+        )
+
+    async def moderation_log(
+        self, room: str, *, limit: int | None = None, cursor: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """``GET /v1/rooms/{room}/moderation``: (actions newest first, next cursor)."""
+        params = {k: v for k, v in (("limit", limit), ("cursor", cursor)) if v is not None}
+        data = (
+            await self._request(
+                "GET",
+                f"/v1/rooms/{quote(room, safe='')}/moderation",
+                auth=self._moderator(),
+                params=params,
+            )
+        ).json()
+        return list(data["actions"]), data["next_cursor"]

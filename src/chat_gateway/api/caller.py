@@ -66,6 +66,12 @@ def identify(conn: HTTPConnection, *, query_token: bool = False) -> Identity:
     )
 
 
+def known_user(identity: Identity) -> str | None:
+    """The user a request is known to come from: the token's ``sub``; None in open
+    mode, where a request names nobody (moderation checks it where a name is given)."""
+    return identity.name if identity.user else None
+
+
 def presence_user(conn: HTTPConnection, identity: Identity) -> str | None:
     """The name a connection is present under: the token's ``sub``, or in open mode
     the optional ``?user=`` query parameter (no parameter: not shown in presence)."""

@@ -63,6 +63,7 @@ async def edit_message(request: Request) -> Response:
     text = v.text(body.get("text"))
     author, bucket = await _changer(request, room, body)
     decision = await gw.rates.check(POST, bucket)
+    await gw.moderation.check_change(room, author, edit=True)
     msg = await gw.chat.change(
         room, seq, text, author=author, idempotency_key=None if key is None else (bucket, key)
     )
@@ -78,6 +79,7 @@ async def delete_message(request: Request) -> Response:
     body = await v.json_body(request, gw.settings.max_body_bytes, v.DELETE_MESSAGE, optional=True)
     author, bucket = await _changer(request, room, body)
     decision = await gw.rates.check(POST, bucket)
+    await gw.moderation.check_change(room, author, edit=False)
     msg = await gw.chat.change(
         room, seq, None, author=author, idempotency_key=None if key is None else (bucket, key)
     )
@@ -126,6 +128,7 @@ async def mark_read(request: Request) -> Response:
         raise ApiError("invalid_request", "seq is required", field="seq")
     user = reader(identity, body)
     decision = await gw.rates.check(READ, identity.bucket)
+    await gw.moderation.check_read(room, user)
     pos = await gw.chat.mark_read(user, room, seq)
     return json_response(position_json(pos), headers=decision.headers())
 
@@ -137,6 +140,7 @@ async def read_position(request: Request) -> Response:
     identity.check_room(room)
     v.only_fields(dict(request.query_params), v.fields(v.READ_QUERY))
     user = reader(identity, dict(request.query_params))
+    await gw.moderation.check_read(room, user)
     return json_response(position_json(await gw.store.read_position(user, room)))
 
 
@@ -148,7 +152,8 @@ async def read_positions(request: Request) -> Response:
     # Filtered in the query: a limit applied first would hide granted rooms
     # behind a thousand others.
     found = await gw.store.read_positions(user, rooms=identity.readable())
-    positions = [p for p in found if identity.may_access(p.room)]
+    barred = set(await gw.moderation.excluded(user))  # rooms the user is banned from
+    positions = [p for p in found if identity.may_access(p.room) and p.room not in barred]
     return json_response({"rooms": [position_json(p) for p in positions]})
 
 

@@ -10,13 +10,15 @@ search takes a token from the ``search`` bucket (``SEARCH_RATE_LIMIT``).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from starlette.requests import Request
 from starlette.responses import Response
 
 from chat_gateway.access.auth import Identity
 from chat_gateway.access.ratelimit import SEARCH
 from chat_gateway.api import validation as v
-from chat_gateway.api.caller import gateway_of, identify
+from chat_gateway.api.caller import gateway_of, identify, known_user
 from chat_gateway.api.responses import json_response
 from chat_gateway.errors import ApiError
 from chat_gateway.storage.search import (
@@ -85,6 +87,9 @@ async def search(request: Request) -> Response:
         raise ApiError("invalid_request", str(exc), field="cursor") from None
     identity = identify(request)
     scope = scope_of(identity, rooms)
+    barred = await gw.moderation.excluded(known_user(identity))
+    if barred:  # rooms the caller is banned from: no hits there
+        scope = replace(scope, excluded=(*scope.excluded, *barred))
     decision = await gw.rates.check(SEARCH, identity.bucket)
     if query is None or scope.empty:
         return json_response({"results": [], "next_cursor": None}, 200, decision.headers())

@@ -167,16 +167,7 @@ async def list_rooms(request: Request) -> Response:
     gw = _require_key(request)
     q = request.query_params
     v.only_fields(dict(q), v.fields(ROOMS_QUERY))
-    limit = ROOMS_PAGE_DEFAULT
-    if q.get("limit") is not None:
-        n = v.seq_param(q.get("limit"), "limit")
-        if n is None or not 1 <= n <= MAX_ROOMS_PAGE:
-            raise ApiError(
-                "invalid_request",
-                f"limit must be an integer from 1 to {MAX_ROOMS_PAGE}",
-                field="limit",
-            )
-        limit = n
+    limit = v.limit_param(q.get("limit"), ROOMS_PAGE_DEFAULT, MAX_ROOMS_PAGE)
     cursor = q.get("cursor")
     if cursor is not None and not v.ROOM_RE.fullmatch(cursor):
         raise ApiError(

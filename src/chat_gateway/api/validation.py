@@ -355,13 +355,14 @@ def event_data(value: Any) -> dict[str, Any]:
     return value
 
 
-def limit_param(value: Any) -> int:
+def limit_param(value: Any, default: int = 50, maximum: int = MAX_LIMIT) -> int:
+    """A ``limit`` query parameter: 1..``maximum``, ``default`` when absent."""
     if value is None:
-        return 50
+        return default
     n = seq_param(value, "limit")
-    if n is None or not 1 <= n <= MAX_LIMIT:
+    if n is None or not 1 <= n <= maximum:
         raise ApiError(
-            "invalid_request", f"limit must be an integer from 1 to {MAX_LIMIT}", field="limit"
+            "invalid_request", f"limit must be an integer from 1 to {maximum}", field="limit"
         )
     return n
 

@@ -31,6 +31,7 @@ from typing import Any
 from chat_gateway.config import Settings
 from chat_gateway.core.wire import encode_change, encode_read, encode_typing
 from chat_gateway.delivery.hub import Hub
+from chat_gateway.delivery.moderation import restricted
 from chat_gateway.errors import ApiError
 from chat_gateway.metrics import Metrics
 from chat_gateway.periodic import every
@@ -45,6 +46,7 @@ from chat_gateway.storage import (
     ReadPosition,
     Store,
 )
+from chat_gateway.storage.moderation import Restricted
 
 log = logging.getLogger("gateway.chat")
 
@@ -136,6 +138,8 @@ class Chat:
                 "only the message's author (or a moderator of the "
                 "room, or an API key) may edit or delete it",
             ) from None
+        except Restricted as exc:
+            raise restricted(exc) from None
         if change is None:
             return msg  # nothing changed (a repeated delete, the same text)
         self.committed()

@@ -14,6 +14,10 @@ per instance applies commands in the order they arrive.
   user on the room ends after ``event: unsubscribed``.
 - ``Purged(room)``: the room's history was purged; the instance drops its
   cached window of it and tells the room's subscribers (``history_purged``).
+- ``Moderated(room, user, action)``: a moderation action committed
+  (chat_gateway.delivery.moderation); the instance forgets the room's cached
+  restrictions, and for a ban ends the user's subscriptions to the room as
+  ``Unsubscribe`` with reason ``banned`` does.
 
 Delivery is what the broker gives: at most once, to the instances whose link
 is up. A backend that got 202 while an instance was cut off from Redis may
@@ -31,10 +35,12 @@ import orjson
 
 from chat_gateway.core.frames import sse_event
 from chat_gateway.delivery.hub import SSE, WS, Hub
+from chat_gateway.delivery.moderation import Moderation
 from chat_gateway.delivery.presence import Presence
 from chat_gateway.errors import CLOSE_DISCONNECTED, CLOSE_NORMAL
 from chat_gateway.pubsub import Broker
 from chat_gateway.storage import HistoryCache
+from chat_gateway.storage.moderation import BANNED
 
 log = logging.getLogger("gateway.control")
 
@@ -61,11 +67,19 @@ class Purged:
     room: str
 
 
-Command = Disconnect | Unsubscribe | Purged
+@dataclass(frozen=True, slots=True)
+class Moderated:
+    room: str
+    user: str | None
+    action: str
+
+
+Command = Disconnect | Unsubscribe | Purged | Moderated
 _KINDS: dict[str, type[Any]] = {
     "disconnect": Disconnect,
     "unsubscribe": Unsubscribe,
     "purged": Purged,
+    "moderated": Moderated,
 }
 _NAMES = {cls: name for name, cls in _KINDS.items()}
 
@@ -95,11 +109,19 @@ def purged_frame(transport: str, event: dict[str, Any]) -> bytes:
 
 
 class Control:
-    def __init__(self, broker: Broker, hub: Hub, presence: Presence, history: HistoryCache) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        hub: Hub,
+        presence: Presence,
+        history: HistoryCache,
+        moderation: Moderation,
+    ) -> None:
         self.broker = broker
         self.hub = hub
         self.presence = presence
         self.history = history
+        self.moderation = moderation
         self._queue: asyncio.Queue[Command] = asyncio.Queue(MAX_QUEUED)
         self._worker: asyncio.Task[None] | None = None
 
@@ -139,6 +161,19 @@ class Control:
             except Exception:
                 log.exception("control command %r failed", command)
 
+    async def _unsubscribe(self, user: str, room: str, reason: str) -> None:
+        """End ``user``'s subscriptions to ``room`` on this instance."""
+        for sub in self.hub.of_user(user, room):
+            if sub.transport == SSE:  # a stream is one room: it ends
+                sub.farewell = sse_event(
+                    "unsubscribed", orjson.dumps({"room": room, "reason": reason})
+                )
+                sub.close(CLOSE_NORMAL, reason)
+                continue
+            await self.hub.unsubscribe(sub, room)
+            await self.presence.left(sub.id, room)
+            sub.reply({"type": "unsubscribed", "room": room, "reason": reason})
+
     async def apply(self, command: Command) -> None:
         if isinstance(command, Disconnect):
             subs = self.hub.of_user(command.user)
@@ -154,17 +189,11 @@ class Control:
                     extra={"user": command.user, "connections": len(subs)},
                 )
         elif isinstance(command, Unsubscribe):
-            room = command.room
-            for sub in self.hub.of_user(command.user, room):
-                if sub.transport == SSE:  # a stream is one room: it ends
-                    sub.farewell = sse_event(
-                        "unsubscribed", orjson.dumps({"room": room, "reason": command.reason})
-                    )
-                    sub.close(CLOSE_NORMAL, command.reason)
-                    continue
-                await self.hub.unsubscribe(sub, room)
-                await self.presence.left(sub.id, room)
-                sub.reply({"type": "unsubscribed", "room": room, "reason": command.reason})
+            await self._unsubscribe(command.user, command.room, command.reason)
+        elif isinstance(command, Moderated):
+            self.moderation.forget(command.room)
+            if command.action == BANNED and command.user is not None:
+                await self._unsubscribe(command.user, command.room, BANNED)
         elif isinstance(command, Purged):
             self.history.forget(command.room)
             self.hub.notify(command.room, purged_frame, {"room": command.room})

@@ -20,6 +20,7 @@ from chat_gateway.errors import ApiError
 from chat_gateway.metrics import Metrics
 from chat_gateway.pubsub import Broker, BrokerUnavailable
 from chat_gateway.storage import HistoryCache, Message, Store
+from chat_gateway.storage.moderation import Restricted
 
 log = logging.getLogger("gateway")
 
@@ -61,6 +62,7 @@ class Publisher:
         channel: Callable[[str], str],
         ensure_open: Callable[[], None],
         committed: Callable[[], None],
+        refused: Callable[[Restricted], ApiError],
     ) -> None:
         self.settings = settings
         self.store = store
@@ -70,6 +72,7 @@ class Publisher:
         self.channel = channel
         self.ensure_open = ensure_open
         self.committed = committed
+        self.refused = refused  # the store's refusal of a banned or muted author
 
     async def post(
         self,
@@ -91,7 +94,10 @@ class Publisher:
         """
         self.ensure_open()
         key = None if idempotency_key is None else scoped_key(identity, idempotency_key)
-        msg, created = await self.store.append(room, author, text, key)
+        try:
+            msg, created = await self.store.append(room, author, text, key)
+        except Restricted as exc:  # banned or muted as of the commit
+            raise self.refused(exc) from None
         if created:
             self.metrics.messages_accepted.labels(transport).inc()
             self.committed()
@@ -106,16 +112,26 @@ class Publisher:
 
     async def post_many(
         self, posts: list[tuple[str, str, str]], *, transport: str
-    ) -> list[Message]:
+    ) -> list[Message | ApiError]:
         """Commit ``(room, author, text)`` posts in this order, together where the
-        store can (one connection's publishes that arrived during a commit). A store
+        store can (one connection's publishes that arrived during a commit); a post
+        whose author is banned or muted there gets its refusal in its place. A store
         that cannot be reached raises ``StoreUnavailable`` (nothing was stored)."""
         self.ensure_open()
-        msgs = await self.store.append_many(posts)
+        out: list[Message | ApiError] = []
+        for done in await self.store.append_many(posts):
+            if isinstance(done, Restricted):
+                out.append(self.refused(done))
+            elif isinstance(done, Exception):
+                raise done
+            else:
+                out.append(done)
+        msgs = [m for m in out if isinstance(m, Message)]
         self.metrics.messages_accepted.labels(transport).inc(len(msgs))
-        self.committed()
-        await self._announce(msgs)
-        return msgs
+        if msgs:
+            self.committed()
+            await self._announce(msgs)
+        return out
 
     async def _announce(self, msgs: list[Message]) -> None:
         """Raise the cache's seq, then publish, per message in order. Where the broker

@@ -25,10 +25,17 @@ from starlette.websockets import WebSocket
 
 from chat_gateway.access.auth import Authenticator, bearer
 from chat_gateway.access.ratelimit import POST, PUBLISH
-from chat_gateway.api import chat, search
+from chat_gateway.api import chat, moderation, search
 from chat_gateway.api import server as server_api
 from chat_gateway.api import validation as v
-from chat_gateway.api.caller import gateway_of, identify, key_caller, query_user, token_of
+from chat_gateway.api.caller import (
+    gateway_of,
+    identify,
+    key_caller,
+    known_user,
+    query_user,
+    token_of,
+)
 from chat_gateway.api.responses import encoded_json_response, json_response
 from chat_gateway.api.webhooks import webhooks_dead, webhooks_enable, webhooks_list, webhooks_replay
 from chat_gateway.config import Settings
@@ -63,6 +70,7 @@ async def post_message(request: Request) -> Response:
     text = v.text(body.get("text"))
     author = v.body_author(body, identity.name if identity.user else None)
     decision = await gw.rates.check(POST, identity.bucket)
+    await gw.moderation.check_post(room, author, moderator=identity.may_moderate(room))
     msg, created = await gw.publisher.post(
         room, author, text, identity=identity, transport="http", idempotency_key=key
     )
@@ -72,12 +80,14 @@ async def post_message(request: Request) -> Response:
 async def list_messages(request: Request) -> Response:
     gw = gateway_of(request)
     room = v.room_name(request.path_params["room"])
-    identify(request).check_room(room)
+    identity = identify(request)
+    identity.check_room(room)
     q = request.query_params
     v.only_fields(dict(q), v.fields(v.HISTORY_QUERY))
     limit = v.limit_param(q.get("limit"))
     before = v.seq_param(q.get("before"), "before")
     after = v.seq_param(q.get("after"), "after")
+    await gw.moderation.check_read(room, known_user(identity))
     page = await gw.history.history(room, limit=limit, before=before, after=after)
     # Built around each message's own JSON (encoded once per message, see Message).
     body = b'{"messages":[%s],"has_more":%s}' % (
@@ -117,6 +127,7 @@ async def room_events(request: Request) -> Response:
     if since is None:
         since = since_query
     changes_since = v.seq_param(request.query_params.get("changes_since"), "changes_since")
+    await gw.moderation.check_subscribe(room, user)
     connection = Connection(gw, identity.bucket)
     decision = await connection.admit()
     sub = Subscriber(
@@ -392,6 +403,12 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         Route("/v1/rooms/{room}/read", chat.read, methods=["GET", "POST"]),
         Route("/v1/read", chat.read_positions, methods=["GET"]),
         Route("/v1/search", search.search, methods=["GET"]),
+        Route("/v1/rooms/{room}/bans", moderation.bans, methods=["GET", "POST"]),
+        Route("/v1/rooms/{room}/bans/{user:path}", moderation.lift, methods=["DELETE"]),
+        Route("/v1/rooms/{room}/mutes", moderation.bans, methods=["GET", "POST"]),
+        Route("/v1/rooms/{room}/mutes/{user:path}", moderation.lift, methods=["DELETE"]),
+        Route("/v1/rooms/{room}/settings", moderation.settings, methods=["GET", "PUT"]),
+        Route("/v1/rooms/{room}/moderation", moderation.moderation_log, methods=["GET"]),
         # Served by GatewayApp before routing; listed so the routing table is whole.
         WebSocketRoute(GatewayApp.WS_PATH, websocket_endpoint),
         Route(GatewayApp.WS_PATH, websocket_over_http, methods=["GET"]),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from chat_gateway.api import moderation as mo
 from chat_gateway.api import server as sa
 from chat_gateway.api import validation as v
 from chat_gateway.api import webhooks as wh
@@ -150,7 +151,16 @@ ERROR: dict[str, Any] = {
             "properties": {
                 "code": {"type": "string", "enum": sorted(CODES)},
                 "message": {"type": "string"},
-                "retry_after": {"type": "number", "description": "seconds, on rate_limited"},
+                "retry_after": {
+                    "type": "number",
+                    "description": "seconds, on rate_limited and slow_mode",
+                },
+                "expires_in": {
+                    "type": "number",
+                    "description": "seconds until a ban or mute ends, on banned and muted "
+                    "(absent: until lifted)",
+                },
+                "slow_mode": {"type": "integer", "description": "the room's setting, on slow_mode"},
                 "outcome": {
                     "type": "string",
                     "enum": ["unknown"],
@@ -218,12 +228,172 @@ def _errors(*codes: str) -> dict[str, Any]:
         status, meaning = CODES[code]
         entry = out.setdefault(str(status), _json({"$ref": _REF + "Error"}, ""))
         entry["description"] = "; ".join(filter(None, [entry["description"], f"{code}: {meaning}"]))
-        if code == "rate_limited":
+        if code in ("rate_limited", "slow_mode"):
             entry["headers"] = {
                 **RATE_HEADERS,
                 "Retry-After": {"description": "whole seconds, at least 1", **_INT_HEADER},
             }
     return out
+
+
+def _add_errors(operation: dict[str, Any], *codes: str) -> None:
+    """More error codes on an operation's responses, merged into its entries."""
+    responses = operation["responses"]
+    for status, entry in _errors(*codes).items():
+        if status in responses:
+            held = responses[status]
+            held["description"] = "; ".join(
+                filter(None, [held["description"], entry["description"]])
+            )
+            if "headers" in entry:
+                held.setdefault("headers", entry["headers"])
+        else:
+            responses[status] = entry
+
+
+# The routes moderation refuses on (chat_gateway.delivery.moderation), and with what.
+MODERATED: dict[tuple[str, str], tuple[str, ...]] = {
+    ("/v1/rooms/{room}/messages", "post"): ("banned", "muted", "slow_mode"),
+    ("/v1/rooms/{room}/messages", "get"): ("banned",),
+    ("/v1/rooms/{room}/events", "get"): ("banned",),
+    ("/v1/rooms/{room}/read", "get"): ("banned",),
+    ("/v1/rooms/{room}/read", "post"): ("banned",),
+    ("/v1/rooms/{room}/messages/{seq}", "patch"): ("banned", "muted"),
+    ("/v1/rooms/{room}/messages/{seq}", "delete"): ("banned",),
+}
+
+
+def moderation_paths() -> dict[str, Any]:
+    """Bans, mutes, slow mode, the log (chat_gateway.api.moderation): an API key or
+    a token whose ``moderate`` claim grants the room."""
+    by: list[dict[str, list[str]]] = [{"apiKey": []}, {"userToken": []}]
+    restriction = {
+        "type": "object",
+        "required": ["user", "reason", "by", "created_at", "expires_at"],
+        "properties": {
+            "user": {"type": "string"},
+            "reason": {"type": "string"},
+            "by": {"type": "string", "description": "the moderator's sub, or api_key"},
+            "created_at": {"type": "string", "format": "date-time"},
+            "expires_at": {"type": ["string", "null"], "format": "date-time"},
+        },
+    }
+    entry = {"$ref": _REF + "ModerationAction"}
+    user_param = {"name": "user", "in": "path", "required": True, "schema": mo.USER}
+    refusals = ("invalid_json", "invalid_request", "unauthorized", "forbidden", "too_large")
+    paths: dict[str, Any] = {}
+    for name, what in (("bans", "ban"), ("mutes", "mute")):
+        paths[f"/v1/rooms/{{room}}/{name}"] = {
+            "post": {
+                "summary": f"{what} a user in the room (duration seconds; absent: until lifted)",
+                "security": by,
+                "parameters": [ROOM_PARAM],
+                "requestBody": _body("Restriction"),
+                "responses": {
+                    "201": _json(entry, "in force on every instance"),
+                    **_errors(*refusals, "unavailable"),
+                },
+            },
+            "get": {
+                "summary": f"the room's active {name}, by user",
+                "security": by,
+                "parameters": [ROOM_PARAM],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "room": v.ROOM,
+                                name: {"type": "array", "items": restriction},
+                            },
+                        },
+                        "",
+                    ),
+                    **_errors("invalid_request", "unauthorized", "forbidden", "unavailable"),
+                },
+            },
+        }
+        paths[f"/v1/rooms/{{room}}/{name}/{{user}}"] = {
+            "delete": {
+                "summary": f"lift a user's {what} in the room",
+                "security": by,
+                "parameters": [ROOM_PARAM, user_param],
+                "responses": {
+                    "200": _json(entry, "lifted on every instance"),
+                    **_errors(
+                        "invalid_request", "unauthorized", "forbidden", "not_found", "unavailable"
+                    ),
+                },
+            }
+        }
+    settings = _json(
+        {"type": "object", "properties": {"room": v.ROOM, "slow_mode": {"type": "integer"}}}, ""
+    )
+    paths["/v1/rooms/{room}/settings"] = {
+        "put": {
+            "summary": "set the room's slow mode (seconds between two posts of a user; 0: off)",
+            "security": by,
+            "parameters": [ROOM_PARAM],
+            "requestBody": _body("RoomSettings"),
+            "responses": {"200": settings, **_errors(*refusals, "unavailable")},
+        },
+        "get": {
+            "summary": "the room's settings (whoever may read the room)",
+            "security": USER,
+            "parameters": [ROOM_PARAM],
+            "responses": {
+                "200": settings,
+                **_errors("invalid_request", "unauthorized", "forbidden", "unavailable"),
+            },
+        },
+    }
+    paths["/v1/rooms/{room}/moderation"] = {
+        "get": {
+            "summary": "the room's moderation log, newest first",
+            "security": by,
+            "parameters": [ROOM_PARAM, *_query(mo.LOG_QUERY)],
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "required": ["room", "actions", "next_cursor"],
+                        "properties": {
+                            "room": v.ROOM,
+                            "actions": {"type": "array", "items": entry},
+                            "next_cursor": {"type": ["string", "null"]},
+                        },
+                    },
+                    "a page",
+                ),
+                **_errors("invalid_request", "unauthorized", "forbidden", "unavailable"),
+            },
+        }
+    }
+    return paths
+
+
+MODERATION_ACTION: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "room", "action", "by", "created_at"],
+    "properties": {
+        "id": {"type": "integer"},
+        "room": v.ROOM,
+        "action": {
+            "type": "string",
+            "enum": ["banned", "unbanned", "muted", "unmuted", "slow_mode"],
+        },
+        "user": {"type": "string", "description": "all but slow_mode"},
+        "reason": {"type": "string", "description": "all but slow_mode"},
+        "expires_at": {
+            "type": ["string", "null"],
+            "format": "date-time",
+            "description": "banned and muted: null until lifted",
+        },
+        "slow_mode": {"type": "integer", "description": "slow_mode: the new setting"},
+        "by": {"type": "string"},
+        "created_at": {"type": "string", "format": "date-time"},
+    },
+}
 
 
 def _query(schema: dict[str, Any]) -> list[dict[str, Any]]:
@@ -825,6 +995,7 @@ def document(open_mode: bool = False) -> dict[str, Any]:
             }
         },
         **chat_paths(open_mode),
+        **moderation_paths(),
         "/healthz": {
             "get": {"summary": "liveness", "responses": {"200": _json({"type": "object"}, "alive")}}
         },
@@ -858,7 +1029,12 @@ def document(open_mode: bool = False) -> dict[str, Any]:
             }
         },
     }
+    for (path, method), codes in MODERATED.items():
+        _add_errors(paths[path][method], *codes)
     schemas: dict[str, Any] = {
+        "Restriction": mo.RESTRICTION_BODY,
+        "RoomSettings": mo.SETTINGS_BODY,
+        "ModerationAction": MODERATION_ACTION,
         "Message": MESSAGE,
         "Error": ERROR,
         "RoomEvent": ROOM_EVENT,

@@ -66,13 +66,18 @@ function notice(text, kind) {
 // The token's `sub`, for showing who we are (the server verifies the token;
 // this only reads it).
 function tokenSub(tok) {
+  const sub = tokenClaims(tok).sub;
+  return typeof sub === "string" ? sub : "";
+}
+
+// The token's claims (unverified: only for what the page shows and offers).
+function tokenClaims(tok) {
   try {
     const b64 = tok.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
     const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
-    const sub = JSON.parse(new TextDecoder().decode(bytes)).sub;
-    return typeof sub === "string" ? sub : "";
+    return JSON.parse(new TextDecoder().decode(bytes)) || {};
   } catch (e) {
-    return "";
+    return {};
   }
 }
 
@@ -113,6 +118,7 @@ function fillItem(li, m) {
     }
   }
   li.replaceChildren(head, body);
+  moderationMenu(li, m);
   return li;
 }
 
@@ -348,7 +354,9 @@ function listen(client, gen) {
     if (s.loaded) connected();
   });
   on("unsubscribed", (ev) => {
-    if (ev.room === s.room) stop(`Removed from ${s.room}${ev.reason ? ` (${ev.reason})` : ""}.`);
+    if (ev.room !== s.room) return;
+    if (ev.reason === "banned") return restricted({ code: "banned" });
+    stop(`Removed from ${s.room}${ev.reason ? ` (${ev.reason})` : ""}.`);
   });
   on("message", accept);
   on("change", changed);
@@ -398,6 +406,7 @@ async function subscribe(gen) {
       await loadHistory(gen, sub.seq);
     } catch (err) {
       if (gen !== s.gen) return;
+      if (err.code === "banned") return restricted(err);
       if (err.status === 401 || err.status === 403) return refuse(err.status, err.message);
       s.firstSeq = s.firstSeq || sub.seq + 1;
       el.older.hidden = false; // the button tries again
@@ -415,6 +424,8 @@ function subscribeRefused(gen, err) {
   updateCompose();
   if (err.code === "unauthorized" || err.code === "forbidden") {
     refuse(err.code === "forbidden" ? 403 : 401, err.message);
+  } else if (err.code === "banned") {
+    restricted(err);
   } else if (FATAL.has(err.code)) {
     stop(`Cannot join ${s.room}: ${err.message}`);
   } else if (err.code !== "closed" && err.code !== "unsubscribed") {
@@ -472,7 +483,8 @@ function updateCompose() {
   el.send.disabled = !s.subscribed || n === 0 || over > 0 || Date.now() < s.blockedUntil;
 }
 
-function rateLimited(seconds) {
+function rateLimited(seconds, why = "You're sending messages faster than this room allows.",
+                     kind = "rate") {
   s.blockedUntil = Date.now() + seconds * 1000;
   const show = () => {
     const left = Math.ceil((s.blockedUntil - Date.now()) / 1000);
@@ -482,10 +494,9 @@ function rateLimited(seconds) {
       return;
     }
     el.notice.hidden = false;
-    el.notice.dataset.kind = "rate";
+    el.notice.dataset.kind = kind;
     el.notice.dataset.retryAfter = String(left);
-    el.notice.textContent = `You're sending messages faster than this room allows. ` +
-      `You can send again in ${left} s; your message is kept.`;
+    el.notice.textContent = `${why} You can send again in ${left} s; your message is kept.`;
   };
   notice("");
   show();
@@ -507,6 +518,8 @@ function send() {
     if (gen !== s.gen) return;
     if (!el.text.value) { el.text.value = text; updateCompose(); }
     if (err.code === "rate_limited") rateLimited(Number(err.retryAfter) || 1);
+    else if (err.code === "slow_mode") slowMode(err);
+    else if (err.code === "banned" || err.code === "muted") restricted(err);
     else notice(`Your message was not sent: ${err.message}`, "error");
   });
   s.lastTyping = 0; // the next message's typing is news again
@@ -705,3 +718,55 @@ tokenChanged();
 updateCompose();
 if (params.get("room") && (params.get("name") || el.token.value)) el.join.requestSubmit();
 else (el.name.value ? el.room : el.name).focus();
+
+// -- moderation ------------------------------------------------------------------
+// A ban or mute notice, the slow-mode wait, and for moderators (a token whose
+// `moderate` claim grants the room) "Ban author" / "Mute author" in each
+// message's menu. Kept here in one block.
+
+function slowMode(err) {
+  const every = Number(err.detail?.slow_mode) || 0;
+  rateLimited(Number(err.retryAfter) || 1,
+              `Slow mode is on in ${s.room}: one message every ${every} s.`, "slow_mode");
+}
+
+function restricted(err) {
+  if (err.code === "banned") {
+    stop(`Banned from ${s.room}`);
+    notice(`You are banned from ${s.room}: you cannot read or post here.`, "banned");
+  } else {
+    notice(`You are muted in ${s.room}: you can read, but not post or type.`, "muted");
+  }
+}
+
+function moderates(room) {
+  const patterns = tokenClaims(s.token).moderate;
+  if (!Array.isArray(patterns)) return false;
+  return patterns.some((p) => typeof p === "string" &&
+    (p.endsWith("*") ? room.startsWith(p.slice(0, -1)) : p === room));
+}
+
+function moderationMenu(li, m) {
+  if (!s.token || !m.author || m.author === s.name || !moderates(s.room)) return;
+  const menu = document.createElement("details");
+  menu.className = "msg-menu";
+  const label = document.createElement("summary");
+  label.textContent = "⋯";
+  label.setAttribute("aria-label", `Actions for ${m.author}'s message`);
+  menu.append(label);
+  for (const [action, text] of [["ban", "Ban author"], ["mute", "Mute author"]]) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.dataset.action = action;
+    button.textContent = text;
+    button.addEventListener("click", () => {
+      menu.open = false;
+      s.client[action](s.room, m.author, { reason: `from message ${m.seq}` }).then(
+        () => notice(`${m.author} was ${action === "ban" ? "banned" : "muted"}.`, "moderated"),
+        (err) => notice(`Could not ${action} ${m.author}: ${err.message}`, "error"),
+      );
+    });
+    menu.append(button);
+  }
+  li.querySelector(".meta").append(" ", menu);
+}

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 if TYPE_CHECKING:
+    from chat_gateway.storage.moderation import Action, ModerationEntry, RoomModeration
     from chat_gateway.storage.search import Cursor, Query, RoomScope
 
 MAX_PAGE = 200
@@ -230,13 +231,24 @@ class Store(ABC):
     async def append(
         self, room: str, author: str, text: str, idempotency_key: str | None = None
     ) -> tuple[Message, bool]:
-        """Commit one message; return it and whether it was created now."""
+        """Commit one message; return it and whether it was created now. An author
+        banned or muted in the room (as of the commit, under the room's lock) is
+        refused with ``Restricted`` and nothing is stored."""
 
-    async def append_many(self, posts: list[tuple[str, str, str]]) -> list[Message]:
+    async def append_many(self, posts: list[tuple[str, str, str]]) -> list[Message | Exception]:
         """Commit new messages ``(room, author, text)`` in this order: within a room
-        their seqs follow it. This default commits one by one; a store that can
-        commits them together, all or none."""
-        return [(await self.append(room, author, text))[0] for room, author, text in posts]
+        their seqs follow it. A post whose author is banned or muted in its room is
+        not stored: its place holds ``Restricted``. This default commits one by one;
+        a store that can commits them together, all (but those refused) or none."""
+        from chat_gateway.storage.moderation import Restricted
+
+        out: list[Message | Exception] = []
+        for room, author, text in posts:
+            try:
+                out.append((await self.append(room, author, text))[0])
+            except Restricted as exc:
+                out.append(exc)
+        return out
 
     @abstractmethod
     async def history(
@@ -317,7 +329,9 @@ class Store(ABC):
         """Edit (``text``) or delete (``None``: text emptied, ``deleted_at`` set) the
         message at ``seq``, in one transaction that takes the room's row lock (as an
         append does), numbers the change and logs it. ``author``: only that author's
-        message may be changed (``NotAuthor``); None: any. Raises ``MessageNotFound``.
+        message may be changed (``NotAuthor``), and not while that author is banned
+        in the room, nor muted for an edit (``Restricted``, checked under the room's
+        lock); None: any. Raises ``MessageNotFound``.
         ``idempotency_key`` is ``(owner, key)``: a repeat of a key the owner already
         used in the room changes nothing and returns the message that change was
         made to, as it is now (checked under the room's lock, so concurrent repeats
@@ -348,6 +362,30 @@ class Store(ABC):
         """Every room ``user`` has a position in (of ``rooms`` only, when given; the
         limit counts what the filter keeps), by room name."""
         raise StoreUnavailable("this store keeps no read positions")
+
+    # -- moderation (chat_gateway.storage.moderation) ------------------------------
+
+    async def room_moderations(self, rooms: list[str]) -> dict[str, RoomModeration]:
+        """Each room's bans, mutes and slow mode as stored (a room never moderated:
+        none), in one query."""
+        raise StoreUnavailable("this store keeps no moderation")
+
+    async def moderate(self, room: str, action: Action) -> ModerationEntry | None:
+        """Apply ``action`` to the room in one transaction, under the room's row lock
+        (as an append takes it): the room's restrictions, a line of its moderation
+        log and, with webhook receivers, its ``moderation.*`` event. None (nothing
+        written) when it changes nothing: lifting what is not there."""
+        raise StoreUnavailable("this store keeps no moderation")
+
+    async def moderation_log(
+        self, room: str, *, limit: int, before: int | None = None
+    ) -> list[ModerationEntry]:
+        """The room's moderation log, newest first (ids below ``before`` when given)."""
+        raise StoreUnavailable("this store keeps no moderation")
+
+    async def banned_rooms(self, user: str) -> list[str]:
+        """The rooms where ``user`` is banned now."""
+        raise StoreUnavailable("this store keeps no moderation")
 
     def where(self) -> str:
         """What the store opens, fit for a log line (no password)."""

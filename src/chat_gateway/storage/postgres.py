@@ -49,7 +49,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -72,6 +72,18 @@ from chat_gateway.storage.base import (
     format_ts,
     new_id,
 )
+from chat_gateway.storage.moderation import (
+    BANNED,
+    Action,
+    ModerationEntry,
+    Restricted,
+    RoomModeration,
+    apply,
+    check_change,
+    entry,
+    log_row,
+    now_ms,
+)
 from chat_gateway.storage.search import Cursor, Query, RoomScope, SearchTimeout
 
 log = logging.getLogger("storage.postgres")
@@ -93,10 +105,15 @@ _COLUMNS = (
     "(extract(epoch from deleted_at) * 1000)::bigint AS deleted_ms"
 )
 
+# A banned or muted author (chat_may_post, migration 0011) gets no row: the room's
+# row is locked but not raised, and nothing is inserted. ON CONFLICT DO UPDATE
+# reads the row's newest version, so a ban committed while this statement waited
+# for the row's lock is seen (storage.moderation).
 _APPEND = """
 WITH r AS (
     INSERT INTO rooms AS r (room, last_seq) VALUES ($1, 1)
     ON CONFLICT (room) DO UPDATE SET last_seq = r.last_seq + 1
+        WHERE chat_may_post(r.banned, r.muted, $3)
     RETURNING room, last_seq, last_change
 )
 INSERT INTO messages (room, seq, id, author, text, created_at, idempotency_key)
@@ -113,13 +130,18 @@ WITH input AS (
 ), r AS (
     INSERT INTO rooms AS r (room, last_seq)
     SELECT room, n FROM counts ORDER BY room
-    ON CONFLICT (room) DO UPDATE SET last_seq = r.last_seq + EXCLUDED.last_seq
-    RETURNING room, last_seq, last_change
+    ON CONFLICT (room) DO UPDATE SET last_seq = r.last_seq + (
+        SELECT count(*) FROM input i
+        WHERE i.room = r.room AND chat_may_post(r.banned, r.muted, i.author))
+    RETURNING room, last_seq, last_change, banned, muted
+), ok AS (
+    SELECT i.*, row_number() OVER (PARTITION BY i.room ORDER BY i.ord) AS k,
+           count(*) OVER (PARTITION BY i.room) AS n
+    FROM input i JOIN r USING (room) WHERE chat_may_post(r.banned, r.muted, i.author)
 )
 INSERT INTO messages (room, seq, id, author, text, created_at)
-SELECT i.room, r.last_seq - c.n + row_number() OVER (PARTITION BY i.room ORDER BY i.ord),
-       i.id, i.author, i.text, i.created_at
-FROM input i JOIN r USING (room) JOIN counts c USING (room)
+SELECT ok.room, r.last_seq - ok.n + ok.k, ok.id, ok.author, ok.text, ok.created_at
+FROM ok JOIN r USING (room)
 RETURNING id, seq, (SELECT r.last_change FROM r WHERE r.room = messages.room) AS changes
 """
 
@@ -644,8 +666,23 @@ class PostgresStore(Store):
         self, room: str, author: str, text: str, idempotency_key: str | None = None
     ) -> tuple[Message, bool]:
         # One deadline for all of it: the key lookup, the insert, the lookup after a race.
-        async with self._operation() as op:
-            return await self._append(op, room, author, text, idempotency_key)
+        try:
+            async with self._operation() as op:
+                return await self._append(op, room, author, text, idempotency_key)
+        except Restricted as exc:
+            if exc.kind:
+                raise
+            raise (await self._refusals([(room, author)]))[0] from None
+
+    async def _refusals(self, posts: list[tuple[str, str]]) -> list[Restricted]:
+        """Why the statement refused each (room, author): read after the fact (a
+        refusal is rare), ``banned`` unless only a mute is found."""
+        states = await self.room_moderations(sorted({room for room, _ in posts}))
+        at = now_ms()
+        return [
+            Restricted(states[room].refusal(author, at) or BANNED, room, author)
+            for room, author in posts
+        ]
 
     async def _append(
         self, op: _Operation, room: str, author: str, text: str, idempotency_key: str | None
@@ -681,10 +718,13 @@ class PostgresStore(Store):
             if row is None:  # pragma: no cover - the constraint named a row that vanished
                 raise
             return _row(row), False
+        if row is None:  # the author is banned or muted there
+            raise Restricted("", room, author)
         return Message(mid, room, row["seq"], author, text, ms, changes=row["changes"]), True
 
-    async def append_many(self, posts: list[tuple[str, str, str]]) -> list[Message]:
-        """One statement for all of them (all or none), numbered in this order."""
+    async def append_many(self, posts: list[tuple[str, str, str]]) -> list[Message | Exception]:
+        """One statement for all of them (all, but those of banned or muted authors,
+        or none), numbered in this order."""
         if not posts:
             return []
         ms = int(time.time() * 1000)
@@ -702,8 +742,21 @@ class PostgresStore(Store):
             write=True,
         )
         seqs = {r["id"]: (r["seq"], r["changes"]) for r in rows}
+        refused = iter(
+            await self._refusals(
+                [
+                    (room, author)
+                    for mid, (room, author, _) in zip(ids, posts, strict=True)
+                    if mid not in seqs
+                ]
+            )
+            if len(seqs) < len(posts)
+            else []
+        )
         return [
             Message(mid, room, seqs[mid][0], author, text, ms, changes=seqs[mid][1])
+            if mid in seqs
+            else next(refused)
             for mid, (room, author, text) in zip(ids, posts, strict=True)
         ]
 
@@ -821,8 +874,12 @@ class PostgresStore(Store):
             return
         seqs = {r["id"]: (r["seq"], r["changes"]) for r in rows}
         for item in group:
-            if not item[5].done():
+            if item[5].done():
+                continue
+            if item[1] in seqs:
                 item[5].set_result(seqs[item[1]])
+            else:  # its author is banned or muted there
+                item[5].set_exception(Restricted("", item[0], item[2]))
 
     async def _commit_group(self, conn: Any, group: list[Any]) -> Any:
         cols = [*zip(*(item[:5] for item in group), strict=True), *self._outbox_args]
@@ -927,7 +984,9 @@ class PostgresStore(Store):
                 # The room's row first, as an append takes it: changes and posts
                 # of a room commit one at a time, so after_seq is exact.
                 pos = await conn.fetchrow(
-                    "SELECT last_seq, last_change FROM rooms WHERE room = $1 FOR UPDATE", room
+                    "SELECT last_seq, last_change, banned::text, muted::text FROM rooms "
+                    "WHERE room = $1 FOR UPDATE",
+                    room,
                 )
                 if pos is not None and idempotency_key is not None:
                     done = await conn.fetchval(
@@ -944,6 +1003,9 @@ class PostgresStore(Store):
                 current = _row(row)
                 if author is not None and current.author != author:
                     raise NotAuthor("only the author may change this message")
+                # The row's newest version (FOR UPDATE): a ban committed first is seen.
+                restrictions = RoomModeration.of_row(room, pos["banned"], pos["muted"], 0)
+                check_change(restrictions, author, edit=text is not None, at_ms=ms)
                 if current.deleted_ms is not None:
                     if text is None:
                         return None, current  # deleted already: nothing to do
@@ -1045,6 +1107,90 @@ class PostgresStore(Store):
         except asyncpg.QueryCanceledError as exc:
             raise SearchTimeout(f"the search ran past {timeout:g} s") from exc
         return Page([_row(r) for r in rows[:limit]], len(rows) > limit)
+
+    # -- moderation ----------------------------------------------------------------
+
+    async def room_moderations(self, rooms: list[str]) -> dict[str, RoomModeration]:
+        rows = await self._call(
+            "fetch",
+            "SELECT room, banned::text, muted::text, slow_mode FROM rooms "
+            "WHERE room = ANY($1::text[])",
+            rooms,
+        )
+        found = {room: RoomModeration(room) for room in rooms}
+        for r in rows:
+            found[r["room"]] = RoomModeration.of_row(
+                r["room"], r["banned"], r["muted"], r["slow_mode"]
+            )
+        return found
+
+    async def moderate(self, room: str, action: Action) -> ModerationEntry | None:
+        ms = now_ms()
+        at = _EPOCH + timedelta(milliseconds=ms)
+        async with self._operation() as op, self._connection() as conn:
+            async with self._transaction(conn):
+                # The room's row locked first, as an append locks it (see _APPEND).
+                row = await conn.fetchrow(
+                    "INSERT INTO rooms AS r (room, last_seq) VALUES ($1, 0) "
+                    "ON CONFLICT (room) DO UPDATE SET last_seq = r.last_seq "
+                    "RETURNING last_seq, last_change, banned::text, muted::text, slow_mode",
+                    room,
+                )
+                before = RoomModeration.of_row(room, row["banned"], row["muted"], row["slow_mode"])
+                after = apply(before, action, ms)
+                if after is None:
+                    return None  # rolled back: nothing written
+                await conn.execute(
+                    "UPDATE rooms SET banned = $2::jsonb, muted = $3::jsonb, slow_mode = $4 "
+                    "WHERE room = $1",
+                    room,
+                    *after.stored(),
+                )
+                done = entry(room, action, ms)
+                entry_id = await conn.fetchval(
+                    "INSERT INTO moderation_log (room, action, user_name, by_name, reason, "
+                    "until_ms, slow_mode, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
+                    "RETURNING id",
+                    *log_row(done),
+                    at,
+                )
+                done = replace(done, id=entry_id)
+                if self._outbox_args:  # queued with the room's events, at its position now
+                    await conn.execute(
+                        _CHANGE_OUTBOX,
+                        *done.event(),
+                        room,
+                        row["last_seq"],
+                        row["last_seq"] + row["last_change"],
+                        at,
+                        *self._outbox_args,
+                    )
+                op.sent = True  # the commit goes out as the block ends
+        return done
+
+    async def moderation_log(
+        self, room: str, *, limit: int, before: int | None = None
+    ) -> list[ModerationEntry]:
+        rows = await self._call(
+            "fetch",
+            "SELECT id, room, action, user_name, by_name, reason, until_ms, slow_mode, "
+            "(extract(epoch from created_at) * 1000)::bigint AS created_ms "
+            "FROM moderation_log WHERE room = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
+            room,
+            2**62 if before is None else before,
+            limit,
+        )
+        return [ModerationEntry(*r) for r in rows]
+
+    async def banned_rooms(self, user: str) -> list[str]:
+        rows = await self._call(
+            "fetch",
+            "SELECT room FROM rooms WHERE banned <> '{}' AND banned ? $1 "
+            "AND NOT chat_may_post(jsonb_build_object($1::text, banned -> $1), '{}', $1) "
+            "ORDER BY room",
+            user,
+        )
+        return [r["room"] for r in rows]
 
     def where(self) -> str:
         return f"Postgres at {display_url(self.url)}"

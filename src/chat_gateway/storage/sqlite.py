@@ -18,6 +18,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +38,17 @@ from chat_gateway.storage.base import (
     change_event,
     format_ts,
     new_id,
+)
+from chat_gateway.storage.moderation import (
+    Action,
+    ModerationEntry,
+    RoomModeration,
+    apply,
+    check_append,
+    check_change,
+    entry,
+    log_row,
+    now_ms,
 )
 from chat_gateway.storage.search import BadQuery, Cursor, Query, RoomScope, SearchTimeout
 
@@ -207,12 +219,17 @@ class SQLiteStore(Store):
                     if row is not None:
                         db.execute("ROLLBACK")
                         return _row(row), False
+                ms = int(time.time() * 1000)
+                held = db.execute(
+                    "SELECT banned, muted FROM rooms WHERE room = ?", (room,)
+                ).fetchone()
+                if held is not None:  # under the write lock: the latest
+                    check_append(RoomModeration.of_row(room, held[0], held[1], 0), author, ms)
                 seq, changes = db.execute(
                     "INSERT INTO rooms (room, last_seq) VALUES (?, 1) ON CONFLICT (room) "
                     "DO UPDATE SET last_seq = last_seq + 1 RETURNING last_seq, last_change",
                     (room,),
                 ).fetchone()
-                ms = int(time.time() * 1000)
                 msg = Message(new_id(ms), room, seq, author, text, ms, changes=changes)
                 db.execute(
                     "INSERT INTO messages (id, room, seq, author, text, created_ms, "
@@ -349,7 +366,8 @@ class SQLiteStore(Store):
             db.execute("BEGIN IMMEDIATE")
             try:
                 pos = db.execute(
-                    "SELECT last_seq, last_change FROM rooms WHERE room = ?", (room,)
+                    "SELECT last_seq, last_change, banned, muted FROM rooms WHERE room = ?",
+                    (room,),
                 ).fetchone()
                 if pos is not None and idempotency_key is not None:
                     done = db.execute(
@@ -378,6 +396,8 @@ class SQLiteStore(Store):
                 current = _row(row)
                 if author is not None and current.author != author:
                     raise NotAuthor("only the author may change this message")
+                restrictions = RoomModeration.of_row(room, pos[2], pos[3], 0)
+                check_change(restrictions, author, edit=text is not None, at_ms=now_ms())
                 if current.deleted_ms is not None:
                     if text is None:
                         db.execute("ROLLBACK")
@@ -516,6 +536,113 @@ class SQLiteStore(Store):
             finally:
                 db.set_progress_handler(None, 0)
             return Page([_row(r) for r in rows[:limit]], len(rows) > limit)
+
+        return await self._run(read)
+
+    # -- moderation ----------------------------------------------------------------
+
+    async def room_moderations(self, rooms: list[str]) -> dict[str, RoomModeration]:
+        def read(db: sqlite3.Connection) -> dict[str, RoomModeration]:
+            found = {room: RoomModeration(room) for room in rooms}
+            for i in range(0, len(rooms), _IN_CHUNK):
+                chunk = rooms[i : i + _IN_CHUNK]
+                for room, banned, muted, slow in db.execute(
+                    "SELECT room, banned, muted, slow_mode FROM rooms WHERE room IN "
+                    f"({', '.join('?' * len(chunk))})",
+                    chunk,
+                ):
+                    found[room] = RoomModeration.of_row(room, banned, muted, slow)
+            return found
+
+        return await self._run(read)
+
+    async def moderate(self, room: str, action: Action) -> ModerationEntry | None:
+        def write(db: sqlite3.Connection) -> ModerationEntry | None:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                ms = now_ms()
+                row = db.execute(
+                    "SELECT last_seq, last_change, banned, muted, slow_mode FROM rooms "
+                    "WHERE room = ?",
+                    (room,),
+                ).fetchone()
+                last_seq, last_change = (row[0], row[1]) if row else (0, 0)
+                before = RoomModeration.of_row(room, *row[2:]) if row else RoomModeration(room)
+                after = apply(before, action, ms)
+                if after is None:
+                    db.execute("ROLLBACK")
+                    return None
+                db.execute(
+                    "INSERT INTO rooms (room, last_seq, banned, muted, slow_mode) "
+                    "VALUES (?, 0, ?, ?, ?) ON CONFLICT (room) DO UPDATE SET "
+                    "banned = excluded.banned, muted = excluded.muted, "
+                    "slow_mode = excluded.slow_mode",
+                    (room, *after.stored()),
+                )
+                done = entry(room, action, ms)
+                (entry_id,) = db.execute(
+                    "INSERT INTO moderation_log (room, action, user_name, by_name, reason, "
+                    "until_ms, slow_mode, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                    "RETURNING id",
+                    (*log_row(done), ms),
+                ).fetchone()
+                done = replace(done, id=entry_id)
+                if self._outbox_ids:  # queued with the room's events, at its position now
+                    event_id, kind, data = done.event()
+                    db.executemany(
+                        "INSERT INTO webhook_outbox (endpoint_id, event_id, type, room, seq, "
+                        "pos, data, created_ms, next_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [
+                            (
+                                e,
+                                event_id,
+                                kind,
+                                room,
+                                last_seq,
+                                last_seq + last_change,
+                                data,
+                                ms,
+                                ms,
+                            )
+                            for e in self._outbox_ids
+                        ],
+                    )
+                db.execute("COMMIT")
+                return done
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+        return await self._run(write)
+
+    async def moderation_log(
+        self, room: str, *, limit: int, before: int | None = None
+    ) -> list[ModerationEntry]:
+        def read(db: sqlite3.Connection) -> list[ModerationEntry]:
+            rows = db.execute(
+                "SELECT id, room, action, user_name, by_name, reason, until_ms, slow_mode, "
+                "created_ms FROM moderation_log WHERE room = ? AND id < ? "
+                "ORDER BY id DESC LIMIT ?",
+                (room, 2**62 if before is None else before, limit),
+            ).fetchall()
+            return [ModerationEntry(*r) for r in rows]
+
+        return await self._run(read)
+
+    async def banned_rooms(self, user: str) -> list[str]:
+        def read(db: sqlite3.Connection) -> list[str]:
+            rows = db.execute(
+                "SELECT room, banned FROM rooms, json_each(rooms.banned) AS j "
+                "WHERE rooms.banned <> '{}' AND j.key = ?",
+                (user,),
+            ).fetchall()
+            at = now_ms()
+            return sorted(
+                room
+                for room, banned in rows
+                if RoomModeration.of_row(room, banned, None, 0).ban(user, at) is not None
+            )
 
         return await self._run(read)
 

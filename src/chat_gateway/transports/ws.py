@@ -244,6 +244,9 @@ class Session:
         author = self.identity.name if self.identity.user else v.author(frame.get("author"))
         self.identity.check_post(room)
         await self.gw.rates.check(POST, self.identity.bucket)
+        await self.gw.moderation.check_post(
+            room, author, moderator=self.identity.may_moderate(room)
+        )
         return Publish(ref, room, author, text, key)
 
     async def commit(self, ready: list[Publish]) -> None:
@@ -284,7 +287,10 @@ class Session:
                 self.error(refused, p.ref)
             return
         for p, msg in zip(run, msgs, strict=True):
-            self.ack(p.ref, msg)
+            if isinstance(msg, ApiError):
+                self.error(msg, p.ref)
+            else:
+                self.ack(p.ref, msg)
 
     def ack(self, ref: Any, msg: Message) -> None:
         self.sub.push(
@@ -311,6 +317,7 @@ class Session:
                     "typing needs a name: connect with ?user=NAME in open mode",
                     field="user",
                 )
+            await self.gw.moderation.check_typing(room, self.user)
             await chat.typing(room, self.user)
             return
         seq_value = v.seq_field(frame.get("seq"), "seq")  # a JSON number, as since is
@@ -329,6 +336,7 @@ class Session:
                     field="user",
                 )
             await self.gw.rates.check(READ, self.identity.bucket)
+            await self.gw.moderation.check_read(room, user)
             pos = await chat.mark_read(user, room, seq)
             self.sub.reply({"type": "ack", "ref": ref, "read": position_json(pos)})
             return
@@ -337,6 +345,7 @@ class Session:
         key = v.idempotency_key(frame.get("key"), "key")
         author = changed_by(self.identity, room, frame.get("author"))
         await self.gw.rates.check(POST, self.identity.bucket)
+        await self.gw.moderation.check_change(room, author, edit=text is not None)
         # The rate bucket's identity owns the key, as on HTTP: the two share keys.
         msg = await chat.change(
             room,
@@ -381,6 +390,7 @@ class Session:
             self.identity.check_room(room)
             self.check_subscription_room(room)
             await self.gw.rates.check(SUBSCRIBE, self.identity.bucket)
+            await self.gw.moderation.check_subscribe(room, self.user)
             await hub.subscribe(self.sub, room, since, changes_since)
             await presence.joined(self.sub.id, self.user, room)
         elif kind == "unsubscribe":
