@@ -21,7 +21,7 @@ from tests.harness import (
     instances,
     t,
 )
-from tests.test_webhooks import Receiver, hook_env, new_secret
+from tests.system.test_webhooks import Receiver, hook_env, new_secret
 
 SECRET = "moderation-test-secret-0123456789abcdef"
 KEY = "moderation-key-1"
