@@ -23,11 +23,12 @@ import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from chat_gateway import tracing
 from chat_gateway.access.auth import Authenticator, Identity
 from chat_gateway.access.limits import ConnectionLimits
 from chat_gateway.access.ratelimit import Decision, LocalRateLimiter, RateLimiter
 from chat_gateway.config import Settings
-from chat_gateway.core.wire import encode_event, encode_message
+from chat_gateway.core.wire import encode_event, encode_message, traced
 from chat_gateway.delivery.chat import Chat, RedisChat
 from chat_gateway.delivery.commands import Control
 from chat_gateway.delivery.hub import Hub
@@ -347,6 +348,8 @@ class Gateway:
         be reached raises ``StoreUnavailable`` (nothing was stored).
         """
         self.ensure_open()
+        if room == self.settings.fault_fail_room:  # test-only: an unexpected failure
+            raise RuntimeError(f"injected failure while posting {text!r}")
         key = None if idempotency_key is None else scoped_key(identity, idempotency_key)
         msg, created = await self.store.append(room, author, text, key)
         if created:
@@ -382,6 +385,7 @@ class Gateway:
         unraised seq is retried by the cache, a lost publish is filled from the
         store by every position check)."""
         history, hub = self.history, self.hub
+        trace = tracing.traceparent()  # None unless tracing is on (chat_gateway.tracing)
         if self.settings.fault_cut_from_redis:  # test-only: Redis unreachable from here
             return
         if self.settings.fault_skip_publish:  # test-only: killed after commit
@@ -392,12 +396,14 @@ class Gateway:
             for msg in msgs:
                 await history.committed(msg)
                 try:
-                    await self.broker.publish(hub.channel(msg.room), encode_message(msg))
+                    await self.broker.publish(
+                        hub.channel(msg.room), traced(encode_message(msg), trace)
+                    )
                 except BrokerUnavailable as exc:
                     log.warning("live publish lost, delivery falls back to the store: %s", exc)
             return
         sent = await self.broker.publish_batch(
-            [(hub.channel(msg.room), encode_message(msg)) for msg in msgs],
+            [(hub.channel(msg.room), traced(encode_message(msg), trace)) for msg in msgs],
             ahead=[history.raise_command(msg) for msg in msgs],
         )
         for msg, (raised, lost) in zip(msgs, sent, strict=True):
