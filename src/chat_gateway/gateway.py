@@ -482,4 +482,5 @@ class Gateway:
             for name, task in probes.items()
         }
         ok = all(r["ok"] for r in results.values()) and not self.closing
+        self.metrics.ready.set(1 if ok else 0)
         return ok, results

@@ -61,6 +61,11 @@ class Metrics:
             ["action", "decision"],
             registry=r,
         )
+        self.ready = Gauge(
+            "chat_ready",
+            "1 when the last readiness check (each /readyz and each scrape) passed, else 0",
+            registry=r,
+        )
         self.rate_limit_fallback = Gauge(
             "chat_rate_limit_local_fallback",
             "1 while the limiter runs on per-instance buckets because Redis is unreachable",
