@@ -1,24 +1,25 @@
 """Real HTTP receivers the gateway reports to: an OTLP/HTTP trace collector and a
-stand-in for a Sentry DSN's host. Each is a threaded HTTP server on a free
-loopback port that decodes and keeps what it is sent."""
+stand-in for a Sentry DSN's host, and a webhook receiver. Each is a threaded HTTP
+server on a free loopback port (bench.otlp_sink.serve) that decodes and keeps what
+it is sent."""
 
 from __future__ import annotations
 
 import gzip
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import orjson
 
+from bench.otlp_sink import serve
 
-def _body(handler: BaseHTTPRequestHandler) -> bytes:
-    raw = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
-    encoding = (handler.headers.get("Content-Encoding") or "").lower()
+
+def decoded(headers: Mapping[str, str], raw: bytes) -> bytes:
+    encoding = headers.get("content-encoding", "").lower()
     if encoding == "gzip":
         return gzip.decompress(raw)
     if encoding == "deflate":
@@ -125,27 +126,25 @@ class SentryReceiver:
             self.events.extend(events)
 
 
+@dataclass
+class HookReceiver:
+    """Any POST: the headers of each request, kept."""
+
+    url: str = ""
+    headers: list[dict[str, str]] = field(default_factory=list)
+
+    def take(self, data: bytes, headers: Mapping[str, str]) -> None:
+        self.headers.append(dict(headers))
+
+
 @contextmanager
-def serving(receiver: OtlpReceiver | SentryReceiver) -> Iterator[Any]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            receiver.take(_body(self))
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
+def serving(receiver: OtlpReceiver | SentryReceiver | HookReceiver) -> Iterator[Any]:
+    def take(headers: Mapping[str, str], raw: bytes) -> None:
+        if isinstance(receiver, HookReceiver):
+            receiver.take(raw, headers)
+        else:
+            receiver.take(decoded(headers, raw))
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    receiver.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serve(take) as url:
+        receiver.url = url
         yield receiver
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)

@@ -12,7 +12,7 @@ import httpx
 import orjson
 
 from tests.harness import WSClient, eventually, instances, post
-from tests.receivers import OtlpReceiver, SentryReceiver, serving
+from tests.receivers import HookReceiver, OtlpReceiver, SentryReceiver, serving
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -104,44 +104,24 @@ async def test_tracing_off_loads_nothing_of_it(gateway_env):
 
 
 async def test_webhook_requests_carry_a_traceparent(gateway_env):
-    seen: list[dict[str, str]] = []
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Hook(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            seen.append({k.lower(): v for k, v in self.headers.items()})
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    hook = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=hook.serve_forever, daemon=True).start()
-    try:
-        with serving(OtlpReceiver()) as otlp:
-            env = {
-                **traced_env(gateway_env, otlp.url),
-                "WEBHOOK_URLS": f"http://127.0.0.1:{hook.server_address[1]}/hook",
-                "WEBHOOK_SECRET": "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
-                "WEBHOOK_ALLOW_PRIVATE": "true",
-            }
-            async with instances(1, env) as (gw,), httpx.AsyncClient() as http:
-                r = await post(http, gw.url, "hooked", "hi")
-                assert r.status_code == 201, r.text
-                await eventually(lambda: seen, timeout=20)
-                tp = seen[0]["traceparent"]
-                version, trace_id, span_id, _flags = tp.split("-")
-                assert version == "00" and len(trace_id) == 32 and len(span_id) == 16
-                sent = await eventually(
-                    lambda: [s for s in otlp.trace(trace_id) if s.span_id == span_id], timeout=20
-                )
-                assert sent
-    finally:
-        hook.shutdown()
-        hook.server_close()
+    with serving(HookReceiver()) as hook, serving(OtlpReceiver()) as otlp:
+        env = {
+            **traced_env(gateway_env, otlp.url),
+            "WEBHOOK_URLS": f"{hook.url}/hook",
+            "WEBHOOK_SECRET": "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "WEBHOOK_ALLOW_PRIVATE": "true",
+        }
+        async with instances(1, env) as (gw,), httpx.AsyncClient() as http:
+            r = await post(http, gw.url, "hooked", "hi")
+            assert r.status_code == 201, r.text
+            await eventually(lambda: hook.headers, timeout=20)
+            tp = hook.headers[0]["traceparent"]
+            version, trace_id, span_id, _flags = tp.split("-")
+            assert version == "00" and len(trace_id) == 32 and len(span_id) == 16
+            # the request's span is the one the collector got
+            await eventually(
+                lambda: [s for s in otlp.trace(trace_id) if s.span_id == span_id], timeout=20
+            )
 
 
 async def test_delivery_latency_exemplar_is_the_posts_trace(gateway_env):
