@@ -19,9 +19,9 @@ from typing import Any
 
 import orjson
 
-from bench import fanout, history, idle, posts, rooms, search, webhooks
+from bench import fanout, history, idle, otlp_sink, posts, rooms, search, webhooks
 from bench.procs import raise_open_files
-from bench.targets import TARGETS
+from bench.targets import TARGETS, Gateway
 from bench.verdict import POSTS_PER_INSTANCE, verdicts
 
 SCENARIOS = ("fanout", "idle", "rooms", "posts", "history")
@@ -164,6 +164,20 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "results": {},
     }
+    if args.tracing:
+        with otlp_sink.sink() as spans:
+            Gateway.tracing_env = spans.env()
+            report["tracing"] = True
+            try:
+                return await _main(args, report)
+            finally:
+                report["otlp_requests"] = spans.requests
+                report["otlp_bytes"] = spans.bytes
+                Gateway.tracing_env = {}
+    return await _main(args, report)
+
+
+async def _main(args: argparse.Namespace, report: dict[str, Any]) -> dict[str, Any]:
     scenarios = SCENARIOS if args.scenario == "all" else (args.scenario,)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     for name in targets:
@@ -346,6 +360,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="record py-spy profiles of the servers into this directory",
     )
     p.add_argument("--instances", type=int, default=2)
+    p.add_argument(
+        "--tracing",
+        action="store_true",
+        help="run the gateways with tracing on (every trace sampled), exporting over "
+        "OTLP/HTTP to a sink in this process: compare with the same run without it",
+    )
     p.add_argument(
         "--loads",
         default="200x50,400x100",

@@ -113,6 +113,9 @@ class Gateway(Target):
     persists = True
     ready_path = "/readyz"
 
+    # Set by ``--tracing``: the OTEL_* variables every gateway of the run is given.
+    tracing_env: dict[str, str] = {}
+
     def __init__(self) -> None:
         super().__init__()
         self.database_url: str | None = None
@@ -127,6 +130,7 @@ class Gateway(Target):
             **GATEWAY_ENV,
             "DATABASE_URL": self.database_url,
             "KEY_PREFIX": self.prefix,
+            **self.tracing_env,
             **extra_env,
         }
         return Server(f"gateway{i}", [sys.executable, "-m", "chat_gateway", "serve"], env)

@@ -175,12 +175,17 @@ class Settings:
     log_level: str = "info"
     log_format: str = "json"
     static_dir: str | None = None
+    # unexpected errors reported to Sentry (chat_gateway.ops.reports); unset: none
+    sentry_dsn: str | None = None
     # test-only fault hook: commit and acknowledge posts but never publish them,
     # as an instance killed right after its commit would
     fault_skip_publish: bool = False
     # test-only fault hook: commit and acknowledge posts but neither raise the
     # cache's seq nor publish, as an instance cut from Redis (not Postgres) would
     fault_cut_from_redis: bool = False
+    # test-only fault hook: a post to this room fails with an unexpected error
+    # (quoting the post's text, which error reports must not carry)
+    fault_fail_room: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

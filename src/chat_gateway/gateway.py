@@ -316,7 +316,9 @@ class Gateway:
             rates=Rates(limiter),
             figures=figures,
             readiness=Readiness(
-                {"database": self.store.ping, "broker": self.broker.ping}, self.shutdown.is_closing
+                {"database": self.store.ping, "broker": self.broker.ping},
+                self.shutdown.is_closing,
+                told=lambda ok: self.metrics.ready.set(1 if ok else 0),
             ),
             webhooks=self.webhooks,
             limits=self.limits,

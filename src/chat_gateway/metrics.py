@@ -8,6 +8,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+
+from chat_gateway import tracing
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -42,6 +45,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.request_duration = Histogram(
+            "chat_http_request_duration_seconds",
+            "HTTP request handling time, by method and status class",
+            ["method", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.cache_requests = Counter(
             "chat_history_cache_total", "History cache lookups", ["outcome"], registry=r
         )
@@ -49,6 +59,11 @@ class Metrics:
             "chat_rate_limit_decisions_total",
             "Rate-limit decisions",
             ["action", "decision"],
+            registry=r,
+        )
+        self.ready = Gauge(
+            "chat_ready",
+            "1 when the last readiness check (each /readyz and each scrape) passed, else 0",
             registry=r,
         )
         self.rate_limit_fallback = Gauge(
@@ -82,7 +97,16 @@ class Metrics:
 
     def delivered(self, count: int, created_ms: int) -> None:
         self.messages_delivered.inc(count)
-        self.delivery_latency.observe(max(0.0, time.time() - created_ms / 1000))
+        self.delivery_latency.observe(
+            max(0.0, time.time() - created_ms / 1000),
+            tracing.active.exemplar() if tracing.active.on else None,
+        )
+
+    def requested(self, method: str, status: int, seconds: float) -> None:
+        """One HTTP request answered; with tracing on its trace id is the exemplar."""
+        self.request_duration.labels(method, f"{status // 100}xx").observe(
+            seconds, tracing.active.exemplar() if tracing.active.on else None
+        )
 
     def cache(self, outcome: str) -> None:
         self.cache_requests.labels(outcome).inc()
@@ -92,6 +116,13 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def exposition(self, accept: str | None) -> tuple[bytes, str]:
+        """The body and content type the scraper's ``Accept`` asks for: OpenMetrics
+        (which carries exemplars: the trace ids of the histograms' observations when
+        tracing is on) or the text format."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
 
 
 class _PoolCollector:

@@ -8,7 +8,7 @@ import contextlib
 import httpx
 from playwright.async_api import Page, expect
 
-from tests.harness import Instance, eventually, post, t
+from tests.harness import Instance, eventually, instances, post, t
 
 ROOM = "dash.room"
 
@@ -119,6 +119,92 @@ async def test_dashboard_in_auth_mode_asks_for_the_api_key(tmp_path, browser):
         linked = await browser.open(f"{inst.url}/dashboard?key={key}", "key-in-url")
         await expect(linked.locator("#status")).to_have_attribute("data-state", "live")
         assert "key=" not in linked.url
+        assert browser.errors == []
+    finally:
+        inst.stop()
+
+
+LAPTOP = {"width": 1280, "height": 800}
+
+
+async def test_dashboard_charts_instances_and_webhooks_fill_a_laptop_screen(gateway_env, browser):
+    """Two gateways sending webhooks to a receiver that is down: the page charts with
+    time and value axes, lists both instances and the receiver's backlog and breaker,
+    speaks of all instances (never "here") until asked for one, fills a 1280×800
+    screen three cards a row, and loads nothing from another origin."""
+    env = {
+        **gateway_env,
+        "WEBHOOK_URLS": "http://127.0.0.1:9/down",
+        "WEBHOOK_SECRET": "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "WEBHOOK_ALLOW_PRIVATE": "true",
+    }
+    async with instances(2, env) as (a, b), httpx.AsyncClient() as http:
+        dash = await browser.open(a.url + "/dashboard", "laptop", viewport=LAPTOP)
+        await expect(dash.locator("#status")).to_have_attribute("data-state", "live")
+        for i in range(5):
+            assert (await post(http, b.url, "dash.hooks", f"m{i}")).status_code == 201
+        await expect(dash.locator("#instances tr")).to_have_count(2)
+        await expect(dash.locator("#instances-count")).to_have_attribute("data-value", "2")
+
+        async def backlog() -> bool:
+            return (await figure(dash, "backlog") or 0) > 0
+
+        await eventually(backlog, timeout=t(30))
+        receiver = dash.locator("#webhooks tr")
+        await expect(receiver).to_have_count(1)
+        assert await receiver.get_attribute("data-breaker") in ("closed", "half_open", "open")
+        await expect(dash.locator("#no-webhooks")).to_be_hidden()
+
+        # six charts, each with a time axis and a value axis
+        await expect(dash.locator(".chart .uplot")).to_have_count(6)
+        await expect(dash.locator(".chart .u-axis")).to_have_count(12)
+        labels = (await dash.locator("main").inner_text()).lower()
+        assert " here" not in labels, "the all-instances view speaks of 'here'"
+        assert "all instances" in labels
+
+        # three cards a row, two rows, across the page: no lone card
+        boxes = [await c.bounding_box() for c in await dash.locator(".card").all()]
+        rows: dict[int, int] = {}
+        for box in boxes:
+            assert box is not None
+            rows[round(box["y"])] = rows.get(round(box["y"]), 0) + 1
+        assert sorted(rows.values()) == [3, 3], rows
+        main = await dash.locator("main").bounding_box()
+        right = max(box["x"] + box["width"] for box in boxes if box)
+        assert main is not None and right > main["x"] + main["width"] - 40
+        assert await dash.evaluate("document.documentElement.scrollWidth <= innerWidth")
+
+        origin = a.url
+        loaded = await dash.evaluate("performance.getEntriesByType('resource').map(e => e.name)")
+        assert loaded and all(u.startswith(origin) for u in loaded), loaded
+        assert any("/static/vendor/uplot/uPlot.iife.min.js" in u for u in loaded)
+
+        await dash.locator("#scope").select_option("instance")
+        await expect(dash.locator("#instances tr")).to_have_count(1)
+        await expect(dash.locator("#t-rooms")).to_contain_text("on this instance")
+        assert browser.errors == []
+
+
+async def test_unknown_figures_show_a_dash_not_a_zero(tmp_path, browser):
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/d.db",
+        "REDIS_URL": "memory://",
+        "LOG_LEVEL": "warning",
+    }
+    inst = Instance(env).start()
+    try:
+        await inst.wait_ready()
+        dash = await browser.open(inst.url + "/dashboard", "dash-unknown", viewport=LAPTOP)
+        await expect(dash.locator("#status")).to_have_attribute("data-state", "live")
+        await expect(dash.locator("#updated")).not_to_have_attribute("data-samples", "0")
+        # no webhooks here: unknown, not zero
+        for name in ("backlog", "backlog-oldest", "breakers-open"):
+            assert await figure(dash, name) is None
+            await expect(dash.locator(f"#{name}")).to_have_text("–")
+        await expect(dash.locator("#no-webhooks")).to_be_visible()
+        # nothing delivered: latency unknown; a count is a count
+        await expect(dash.locator("#latency")).to_have_text("–")
+        assert await figure(dash, "clients") == 0
         assert browser.errors == []
     finally:
         inst.stop()

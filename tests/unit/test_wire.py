@@ -143,3 +143,25 @@ def test_unsequenced_frames() -> None:
     assert chat_frame(SSE, read) == (
         b'event: read\ndata: {"type":"read","room":"lobby","user":"ann","seq":3}\n\n'
     )
+
+
+TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_without_a_trace_the_payload_is_unchanged() -> None:
+    data = wire.encode_message(MSG)
+    assert wire.traced(data, None) is data
+    assert wire.decode(data).trace is None  # type: ignore[union-attr]
+
+
+def test_a_traced_message_carries_its_traceparent() -> None:
+    data = wire.traced(wire.encode_message(MSG), TRACEPARENT)
+    assert data == b"x:" + TRACEPARENT + b":" + wire.encode_message(MSG)
+    assert wire.decode(data) == wire.MessagePayload(
+        7, 1_764_000_000_123, 3, MSG.to_json(), TRACEPARENT
+    )
+
+
+def test_other_kinds_inside_a_trace_decode_as_themselves() -> None:
+    data = wire.traced(wire.encode_typing("lobby", "ann"), TRACEPARENT)
+    assert wire.decode(data) == wire.TypingPayload("lobby", "ann")

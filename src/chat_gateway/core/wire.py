@@ -15,6 +15,13 @@ A payload is a kind, one letter and a colon, then the kind's fields:
 - ``p:{"room", "action", "user"}``: a presence join or leave (chat_gateway.delivery.presence).
 - ``t:{"type": "typing", "room", "user"}``: a typing notice.
 - ``r:{"type": "read", "room", "user", "seq"}``: a read receipt.
+- ``x:<traceparent>:<payload>``: any of the above inside the W3C trace context of
+  the span that published it (only while tracing is on, chat_gateway.tracing):
+  :func:`decode` returns the inner payload, a message carrying the traceparent in
+  ``trace``. Without tracing the bytes are exactly the above. A release that
+  predates ``x:`` ignores it as an unknown kind and reads that message from the
+  store (its gap wait), so a mixed cluster with tracing on delivers late there,
+  never wrongly.
 
 Messages and changes are sequenced by the hub (chat_gateway.delivery.hub); the others are
 delivered as they come. :func:`decode` returns ``None`` for a kind it does not
@@ -45,17 +52,20 @@ __all__ = [
     "encode_presence",
     "encode_read",
     "encode_typing",
+    "traced",
 ]
 
 
 class MessagePayload(NamedTuple):
     """``n:`` / ``m:``: a stored message; ``body`` is its JSON as the API shows it.
-    ``changes`` is None for an ``m:`` payload (the count is unknown)."""
+    ``changes`` is None for an ``m:`` payload (the count is unknown); ``trace`` is the
+    publisher's ``traceparent`` when it came inside ``x:``."""
 
     seq: int
     created_ms: int
     changes: int | None
     body: bytes
+    trace: bytes | None = None
 
 
 class ChangePayload(NamedTuple):
@@ -113,6 +123,13 @@ def encode_message(msg: Message) -> bytes:
     return b"n:%d:%d:%d:" % (msg.seq, msg.created_ms, msg.changes) + msg.to_json()
 
 
+def traced(payload: bytes, traceparent: bytes | None) -> bytes:
+    """``payload`` inside ``x:`` with ``traceparent``; unchanged without one."""
+    if traceparent is None:
+        return payload
+    return b"x:" + traceparent + b":" + payload
+
+
 def encode_change(change: Change) -> bytes:
     return b"c:%d:%d:" % (change.change, change.after_seq) + change.message.to_json()
 
@@ -139,6 +156,12 @@ def encode_read(room: str, user: str, seq: int) -> bytes:
 def decode(data: bytes) -> Payload | None:
     """The payload ``data`` carries; None for a kind this release does not know."""
     kind = data[:2]
+    if kind == b"x:":
+        trace, _, inner = data[2:].partition(b":")
+        payload = decode(inner)
+        if isinstance(payload, MessagePayload):
+            return payload._replace(trace=trace)
+        return payload
     if kind == b"n:" or kind == b"m:":
         seq, _, rest = data[2:].partition(b":")
         created, _, body = rest.partition(b":")

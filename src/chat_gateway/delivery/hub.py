@@ -54,6 +54,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import orjson
 
+from chat_gateway import tracing
 from chat_gateway.core import wire
 from chat_gateway.core.frames import SSE as SSE  # the transports a Subscriber speaks
 from chat_gateway.core.frames import WS as WS
@@ -510,7 +511,15 @@ class Hub:
             return
         payload = wire.decode(data)
         if isinstance(payload, wire.MessagePayload):
-            r.sequencer.live_message(payload.seq, payload.created_ms, payload.changes, payload.body)
+            if payload.trace is None:
+                r.sequencer.live_message(
+                    payload.seq, payload.created_ms, payload.changes, payload.body
+                )
+            else:  # tracing on: a `deliver` span in the post's trace (chat_gateway.tracing)
+                with tracing.active.deliver(payload.trace, r.name, payload.seq):
+                    r.sequencer.live_message(
+                        payload.seq, payload.created_ms, payload.changes, payload.body
+                    )
         elif isinstance(payload, wire.ChangePayload):  # an edit or delete
             self.history.forget(r.name)  # this instance's window holds the old text
             r.sequencer.live_change(payload.change, payload.after_seq, payload.body)

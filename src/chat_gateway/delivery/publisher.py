@@ -14,8 +14,9 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from chat_gateway import tracing
 from chat_gateway.config import Settings
-from chat_gateway.core.wire import encode_event, encode_message
+from chat_gateway.core.wire import encode_event, encode_message, traced
 from chat_gateway.errors import ApiError
 from chat_gateway.metrics import Metrics
 from chat_gateway.pubsub import Broker, BrokerUnavailable
@@ -93,6 +94,8 @@ class Publisher:
         be reached raises ``StoreUnavailable`` (nothing was stored).
         """
         self.ensure_open()
+        if room == self.settings.fault_fail_room:  # test-only: an unexpected failure
+            raise RuntimeError(f"injected failure while posting {text!r}")
         key = None if idempotency_key is None else scoped_key(identity, idempotency_key)
         try:
             msg, created = await self.store.append(room, author, text, key)
@@ -141,6 +144,7 @@ class Publisher:
         unraised seq is retried by the cache, a lost publish is filled from the
         store by every position check)."""
         history = self.history
+        trace = tracing.traceparent()  # None unless tracing is on (chat_gateway.tracing)
         if self.settings.fault_cut_from_redis:  # test-only: Redis unreachable from here
             return
         if self.settings.fault_skip_publish:  # test-only: killed after commit
@@ -151,12 +155,14 @@ class Publisher:
             for msg in msgs:
                 await history.committed(msg)
                 try:
-                    await self.broker.publish(self.channel(msg.room), encode_message(msg))
+                    await self.broker.publish(
+                        self.channel(msg.room), traced(encode_message(msg), trace)
+                    )
                 except BrokerUnavailable as exc:
                     log.warning("live publish lost, delivery falls back to the store: %s", exc)
             return
         sent = await self.broker.publish_batch(
-            [(self.channel(msg.room), encode_message(msg)) for msg in msgs],
+            [(self.channel(msg.room), traced(encode_message(msg), trace)) for msg in msgs],
             ahead=[history.raise_command(msg) for msg in msgs],
         )
         for msg, (raised, lost) in zip(msgs, sent, strict=True):

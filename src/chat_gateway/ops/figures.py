@@ -93,7 +93,29 @@ def read(metrics: Metrics, rooms: Mapping[str, RoomStats]) -> Reading:
             data, "chat_rate_limit_decisions_total", lambda lb: lb.get("decision") != "allowed"
         ),
         "rooms": held,
+        "webhooks": webhooks(data),
     }
+
+
+BREAKER = {0: "closed", 1: "half_open", 2: "open", 3: "disabled"}
+
+
+def webhooks(data: dict[str, list[tuple[Labels, float]]]) -> dict[str, list[float]] | None:
+    """Per receiver ``[backlog, oldest pending seconds, breaker state number]``; None
+    when this instance sends no webhooks."""
+    if "chat_webhook_backlog" not in data:
+        return None
+    out: dict[str, list[float]] = {}
+    for i, name in enumerate(
+        (
+            "chat_webhook_backlog",
+            "chat_webhook_oldest_pending_seconds",
+            "chat_webhook_breaker_state",
+        )
+    ):
+        for labels, value in data.get(name, []):
+            out.setdefault(labels.get("endpoint", ""), [0.0, 0.0, 0.0])[i] = value
+    return out
 
 
 def add_readings(readings: list[Reading]) -> Reading:
@@ -112,6 +134,15 @@ def add_readings(readings: list[Reading]) -> Reading:
             rooms[name] = (max(held[0], seq), held[1] + subs)
     out["lat_buckets"] = sorted(buckets.items())
     out["rooms"] = rooms
+    # The outbox is shared: every instance sees the same backlog; a breaker is each
+    # instance's own, and the worst one is shown.
+    hooks: dict[str, list[float]] | None = None
+    for r in readings:
+        for endpoint, figures in (r.get("webhooks") or {}).items():
+            hooks = {} if hooks is None else hooks
+            held_figures = hooks.get(endpoint, [0.0, 0.0, 0.0])
+            hooks[endpoint] = [max(a, b) for a, b in zip(held_figures, figures, strict=True)]
+    out["webhooks"] = hooks
     return out
 
 
@@ -157,13 +188,22 @@ class Sampler:
         """This instance's reading, or in cluster scope the sum over the instances
         whose shared entry is fresh."""
         own = self.own()
-        me = {**self.describe(), "clients": int(own["ws"] + own["sse"])}
+        me = {
+            **self.describe(),
+            "clients": int(own["ws"] + own["sse"]),
+            "accepted": int(own["accepted"]),
+        }
         if self.others is None:
             self.instances = [me]
             return own
         others = await self.others()
         self.instances = [me] + [
-            {**o["who"], "clients": int(o["c"]["ws"] + o["c"]["sse"])} for o in others
+            {
+                **o["who"],
+                "clients": int(o["c"]["ws"] + o["c"]["sse"]),
+                "accepted": int(o["c"]["accepted"]),
+            }
+            for o in others
         ]
         return add_readings([own] + [o["c"] for o in others])
 
@@ -237,6 +277,17 @@ class Sampler:
                 else None,
             },
             "rate_limited": {"total": int(cur["limited"]), "per_s": rate("limited")},
+            "webhooks": None
+            if cur.get("webhooks") is None
+            else [
+                {
+                    "endpoint": endpoint,
+                    "backlog": int(backlog),
+                    "oldest_pending_s": round(oldest, 1),
+                    "breaker": BREAKER.get(int(state), "unknown"),
+                }
+                for endpoint, (backlog, oldest, state) in sorted(cur["webhooks"].items())
+            ],
         }
 
 

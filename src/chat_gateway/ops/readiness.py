@@ -21,9 +21,12 @@ class Readiness:
         probes: dict[str, Probe],
         closing: Callable[[], bool],
         timeout: float = READY_TIMEOUT,
+        *,
+        told: Callable[[bool], None] = lambda ok: None,
     ) -> None:
         self.probes = probes
         self.closing = closing
+        self.told = told  # given each outcome (the chat_ready gauge)
         self.timeout = timeout
         self._given_up: set[asyncio.Task[Any]] = set()  # probes given up on, until they end
 
@@ -63,4 +66,5 @@ class Readiness:
             for name, task in probes.items()
         }
         ok = all(r["ok"] for r in results.values()) and not self.closing()
+        self.told(ok)
         return ok, results

@@ -23,6 +23,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
+from chat_gateway import tracing
 from chat_gateway.access.auth import Authenticator, bearer
 from chat_gateway.access.ratelimit import POST, PUBLISH
 from chat_gateway.api import chat, moderation, search
@@ -213,7 +214,9 @@ async def openapi_json(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     gw = gateway_of(request)
     gw.auth.check_metrics_key(bearer(request.headers))
-    return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    await gw.readiness.check()  # chat_ready as of this scrape
+    body, content_type = gw.metrics.exposition(request.headers.get("accept"))
+    return Response(body, headers={"Content-Type": content_type})
 
 
 # -- errors ------------------------------------------------------------------
@@ -436,7 +439,9 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
     app = GatewayApp(
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(RequestContext)],
+        # tracing's middleware (none when off) outside: the request's span is current
+        # in RequestContext, which tags it and times the request
+        middleware=[*tracing.active.middleware(), Middleware(RequestContext)],
         exception_handlers={
             ApiError: api_error,
             HTTPException: http_error,

@@ -6,14 +6,17 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
+import socket
 import sys
 from typing import Any
 
 import uvicorn
 
+from chat_gateway import tracing
 from chat_gateway.config import ConfigError, Settings
 from chat_gateway.errors import CLOSE_GOING_AWAY
-from chat_gateway.ops import logs
+from chat_gateway.ops import logs, reports
 from chat_gateway.server.uvicorn_internals import Server
 from chat_gateway.storage import StoreUnavailable
 
@@ -190,6 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(settings.log_level, settings.log_format)
     if args.command == "migrate":
         return asyncio.run(_migrate(settings))
+    # Before the app is built: its middleware and the spans around store, Redis and
+    # frames come from here. Neither imports its SDK unless its variables are set.
+    instance = f"{socket.gethostname()}:{os.getpid()}"
+    if tracing.configure(request_id=logs.conn_id, release=usage.version()).on:
+        logs.on_request.append(tracing.active.tag_request)
+    if reports.configure(
+        settings.sentry_dsn, release=usage.version(), instance=instance, request_id=logs.conn_id
+    ):
+        logs.on_request.append(reports.tag_request)
     server = build_server(settings)
     server.database_url = settings.database_url
     try:

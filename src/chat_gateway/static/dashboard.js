@@ -1,8 +1,11 @@
 // The live dashboard: one EventSource on /v1/stats/events (every instance
 // added up, or the serving instance alone: #scope), one snapshot a second,
-// drawn as figures and small line charts of the last two minutes.
-// Every figure is an <output> whose data-value holds the raw number, and
-// #status carries data-state (connecting, live, stale, reconnecting, refused).
+// drawn as figures and charts of the last two minutes with time and value axes
+// (uPlot, vendored under /static/vendor/uplot/), a row per instance, per
+// webhook receiver and per busiest room.
+// Every figure is an <output> whose data-value holds the raw number ("" and "–"
+// while it is unknown: before the first sample, or no webhooks), and #status
+// carries data-state (connecting, live, stale, reconnecting, refused).
 // In auth mode the feed needs an API key: /dashboard?key=K (taken out of the
 // address bar at once and kept for the tab only), or typed into #key-form,
 // which shows when the gateway refuses the feed (401).
@@ -11,15 +14,19 @@
 (function () {
   const KEEP = 120; // samples per chart
   const $ = (id) => document.getElementById(id);
-  const series = {}; // name -> [numbers or null]
+  const times = []; // sample times, seconds
+  const series = {}; // name -> [numbers or null], aligned with times
   const roomSeries = new Map(); // room -> [numbers]
-  const CHARTS = [
-    ["c-rate", "rate", "#2563eb", "Messages per second"],
-    ["c-clients", "clients", "#059669", "Connected clients"],
-    ["c-latency", "latency", "#d97706", "Delivery latency p95 in ms"],
-    ["c-cache", "cache", "#7c3aed", "Cache hit rate in percent"],
-    ["c-limited", "limited", "#dc2626", "Rate-limit refusals per second"],
-  ];
+  // chart element id -> its lines: [series name, label, colour]
+  const CHARTS = {
+    "c-rate": [["rate", "accepted / s", "#2563eb"], ["delivered", "delivered / s", "#059669"]],
+    "c-clients": [["clients", "clients", "#059669"], ["subscriptions", "subscriptions", "#7c3aed"]],
+    "c-latency": [["p95", "p95 ms", "#d97706"], ["p50", "p50 ms", "#2563eb"]],
+    "c-cache": [["cache", "hit rate %", "#7c3aed"]],
+    "c-limited": [["limited", "refusals / s", "#dc2626"]],
+    "c-backlog": [["backlog", "events waiting", "#0891b2"]],
+  };
+  const plots = {}; // chart element id -> uPlot
   let samples = 0;
   let lastAt = 0;
 
@@ -46,58 +53,125 @@
   }
 
   function record(name, value) {
-    push(series[name] || (series[name] = []), value);
+    push(series[name] || (series[name] = []), value === undefined ? null : value);
   }
 
-  function draw(canvas, values, color) {
+  function chartSize(el) {
+    return { width: Math.max(160, el.clientWidth), height: 110 };
+  }
+
+  function makePlot(id) {
+    const el = $(id);
+    const grid = { stroke: "rgba(127,127,127,0.18)", width: 1 };
+    const axis = { stroke: "#888", grid, ticks: grid, font: "11px system-ui, sans-serif" };
+    const opts = {
+      ...chartSize(el),
+      scales: { x: { time: true }, y: { range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1] } },
+      axes: [{ ...axis, size: 28 }, { ...axis, size: 46 }],
+      series: [{}, ...CHARTS[id].map(([, label, stroke]) => ({ label, stroke, width: 2 }))],
+      legend: { show: true, live: false },
+      cursor: { drag: { x: false, y: false } },
+    };
+    return new uPlot(opts, data(id), el);
+  }
+
+  function data(id) {
+    return [times.slice(), ...CHARTS[id].map(([name]) => (series[name] || []).slice())];
+  }
+
+  function drawCharts() {
+    if (typeof uPlot === "undefined") return; // the library failed to load: figures only
+    for (const id of Object.keys(CHARTS)) {
+      if (!plots[id]) plots[id] = makePlot(id);
+      else plots[id].setData(data(id));
+      const [name, label] = CHARTS[id][0];
+      const values = series[name] || [];
+      const last = values[values.length - 1];
+      $(id).setAttribute("aria-label",
+        `${label}, last two minutes: now ${last === null || last === undefined ? "unknown" : last}`);
+    }
+  }
+
+  function resetCharts() {
+    times.length = 0;
+    Object.keys(series).forEach((k) => delete series[k]);
+    for (const id of Object.keys(plots)) {
+      plots[id].destroy();
+      delete plots[id];
+    }
+    roomSeries.clear();
+  }
+
+  // sparklines of the rooms' table: a plain canvas each
+  function spark(canvas, values, color) {
     const ratio = window.devicePixelRatio || 1;
-    const w = canvas.clientWidth || canvas.width;
-    const h = canvas.clientHeight || canvas.height;
-    if (canvas.width !== Math.round(w * ratio)) canvas.width = Math.round(w * ratio);
-    if (canvas.height !== Math.round(h * ratio)) canvas.height = Math.round(h * ratio);
+    const w = canvas.width;
+    const h = canvas.height;
+    canvas.width = Math.round(w * ratio);
+    canvas.height = Math.round(h * ratio);
+    canvas.style.width = w + "px";
+    canvas.style.height = h + "px";
     const g = canvas.getContext("2d");
     g.setTransform(ratio, 0, 0, ratio, 0, 0);
-    g.clearRect(0, 0, w, h);
     const nums = values.filter((v) => v !== null && isFinite(v));
-    const peak = Math.max(0, ...nums);
-    const top = peak > 0 ? peak : 1;
-    const labelled = h >= 40; // sparklines in the table go without a label
-    const pad = labelled ? 16 : 3;
-    g.strokeStyle = "rgba(127,127,127,0.25)";
-    g.lineWidth = 1;
-    g.beginPath();
-    g.moveTo(0, h - 0.5);
-    g.lineTo(w, h - 0.5);
-    g.stroke();
-    if (labelled) {
-      g.fillStyle = color;
-      g.font = "11px system-ui, sans-serif";
-      g.textAlign = "right";
-      g.fillText("max " + (+peak.toPrecision(3)), w - 2, 11);
-    }
     if (!nums.length) return;
+    const top = Math.max(1e-9, ...nums);
     const step = w / (KEEP - 1);
     const x0 = w - (values.length - 1) * step;
-    const y = (v) => h - 2 - (v / top) * (h - pad - 2);
     g.beginPath();
-    let pen = false;
     values.forEach((v, i) => {
-      if (v === null || !isFinite(v)) { pen = false; return; }
-      const x = x0 + i * step;
-      if (pen) g.lineTo(x, y(v)); else g.moveTo(x, y(v));
-      pen = true;
+      const y = h - 2 - (v / top) * (h - 5);
+      if (i === 0) g.moveTo(x0, y); else g.lineTo(x0 + i * step, y);
     });
     g.strokeStyle = color;
-    g.lineWidth = 2;
+    g.lineWidth = 1.5;
     g.stroke();
   }
 
-  function chart(id, name, color, label) {
-    const canvas = $(id);
-    const values = series[name] || [];
-    draw(canvas, values, color);
-    const last = values[values.length - 1];
-    canvas.setAttribute("aria-label", `${label}: now ${last === null || last === undefined ? "no data" : last}`);
+  function row(cells, data) {
+    const tr = document.createElement("tr");
+    Object.entries(data || {}).forEach(([k, v]) => { tr.dataset[k] = String(v); });
+    cells.forEach((text, i) => {
+      const cell = document.createElement(i === 0 ? "th" : "td");
+      if (i === 0) cell.scope = "row";
+      cell.textContent = text;
+      tr.append(cell);
+    });
+    return tr;
+  }
+
+  function duration(s) {
+    if (s < 90) return `${Math.round(s)} s`;
+    if (s < 5400) return `${Math.round(s / 60)} min`;
+    return `${(s / 3600).toFixed(1)} h`;
+  }
+
+  function instances(list) {
+    put("instances-count", list.length);
+    $("instances").replaceChildren(...list.map((i) => row(
+      [i.id || "–", String(i.pid), duration(i.uptime_s), String(i.clients),
+        i.accepted === undefined ? "–" : String(i.accepted),
+        i.closing ? "shutting down" : "serving"],
+      { instance: i.id, clients: i.clients })));
+  }
+
+  function webhooks(list) {
+    const known = Array.isArray(list);
+    $("no-webhooks").hidden = known;
+    $("webhooks").replaceChildren(...(known ? list : []).map((w) => row(
+      [w.endpoint, String(w.backlog), duration(w.oldest_pending_s), w.breaker.replace("_", " ")],
+      { endpoint: w.endpoint, backlog: w.backlog, breaker: w.breaker })));
+    const backlog = known ? list.reduce((n, w) => n + w.backlog, 0) : null;
+    put("backlog", backlog);
+    put("backlog-oldest", known ? Math.max(0, ...list.map((w) => w.oldest_pending_s)) : null, 1);
+    put("breakers-open", known ? list.filter((w) => w.breaker !== "closed").length : null);
+    return backlog;
+  }
+
+  function scopeLabels(scope) {
+    document.querySelectorAll(".where").forEach((el) => {
+      el.textContent = scope === "cluster" ? el.dataset.cluster : el.dataset.instance;
+    });
   }
 
   function rooms(list) {
@@ -131,7 +205,7 @@
       td.append(canvas);
       tr.append(td);
       body.append(tr);
-      draw(canvas, roomSeries.get(r.room), "#2563eb");
+      spark(canvas, roomSeries.get(r.room), "#2563eb");
     });
     $("no-rooms").hidden = list.length > 0;
   }
@@ -148,13 +222,16 @@
     $("instance").textContent = snap.scope === "cluster"
       ? `${n} instance${n === 1 ? "" : "s"}, served by pid ${snap.instance.pid}`
       : `pid ${snap.instance.pid}, up ${Math.round(snap.instance.uptime_s)} s`;
+    scopeLabels(snap.scope);
 
     put("rate", snap.messages.accepted_per_s, 1);
     put("delivered", snap.messages.delivered_per_s, 1);
     put("clients", snap.clients.total);
     put("clients-ws", snap.clients.ws);
     put("clients-sse", snap.clients.sse);
+    put("subscriptions", snap.subscriptions);
     put("latency", snap.latency_ms.p95, 1);
+    put("latency-p50", snap.latency_ms.p50, 1);
     put("latency-mean", snap.latency_ms.mean, 2);
     put("latency-count", snap.latency_ms.count);
     const hit = snap.cache.hit_rate === null ? null : snap.cache.hit_rate * 100;
@@ -165,13 +242,20 @@
     put("limited", snap.rate_limited.per_s, 1);
     put("limited-total", snap.rate_limited.total);
     put("rooms-held", snap.rooms_held);
+    const backlog = webhooks(snap.webhooks);
+    instances(snap.instances || []);
 
+    push(times, snap.time);
     record("rate", snap.messages.accepted_per_s);
+    record("delivered", snap.messages.delivered_per_s);
     record("clients", snap.clients.total);
-    record("latency", snap.latency_ms.p95);
+    record("subscriptions", snap.subscriptions);
+    record("p95", snap.latency_ms.p95);
+    record("p50", snap.latency_ms.p50);
     record("cache", hit);
     record("limited", snap.rate_limited.per_s);
-    CHARTS.forEach((c) => chart(...c));
+    record("backlog", backlog);
+    drawCharts();
     rooms(snap.rooms);
     setStatus(snap.instance.closing ? "stale" : "live",
               snap.instance.closing ? "Instance shutting down" : "Live");
@@ -248,13 +332,14 @@
   $("scope").addEventListener("change", () => {
     // Another set of figures: start the charts afresh.
     if (source) source.close();
-    Object.keys(series).forEach((k) => delete series[k]);
-    roomSeries.clear();
+    resetCharts();
     samples = 0;
     setStatus("connecting", "Connecting…");
     open();
   });
 
-  window.addEventListener("resize", () => CHARTS.forEach((c) => chart(...c)));
+  window.addEventListener("resize", () => {
+    for (const [id, plot] of Object.entries(plots)) plot.setSize(chartSize($(id)));
+  });
   open();
 })();
