@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from chat_gateway.storage.search import (
+    MAX_CURSOR_MS,
     BadQuery,
     Cursor,
     highlights,
@@ -28,6 +29,10 @@ def test_query_language() -> None:
         Cursor.decode("not-a-cursor")
     c = Cursor(1_700_000_000_123, "room:a", 42)
     assert Cursor.decode(c.encode()) == c
+    # every cursor of the documented shape is a place: one past the last time a
+    # timestamp holds is after every message
+    far = Cursor.decode("999999999999999999.1.r")
+    assert far.created_ms == MAX_CURSOR_MS and far.seq == 1 and far.room == "r"
 
 
 def test_highlights_are_code_point_offsets() -> None:

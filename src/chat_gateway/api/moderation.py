@@ -76,7 +76,11 @@ SETTINGS_BODY = v.object_schema(
 LOG_QUERY = v.object_schema(
     [],
     limit={"type": "integer", "minimum": 1, "maximum": LOG_PAGE_MAX, "default": LOG_PAGE_DEFAULT},
-    cursor={"type": "string", "description": "next_cursor of the previous page"},
+    cursor={
+        "type": "string",
+        "pattern": "^[0-9]{1,18}$",
+        "description": "next_cursor of the previous page",
+    },
 )
 KINDS = {"bans": (BANNED, UNBANNED), "mutes": (MUTED, UNMUTED)}
 
@@ -117,6 +121,8 @@ def _integer(body: dict[str, Any], name: str, low: int, high: int) -> int | None
     value = body.get(name)
     if value is None and name not in body:
         return None
+    if isinstance(value, float) and value.is_integer():  # 12.0 is an integer, as in JSON Schema
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ApiError(
             "invalid_request", f"{name} must be an integer from {low} to {high}", field=name
@@ -238,7 +244,7 @@ async def moderation_log(request: Request) -> Response:
     raw = q.get("cursor")
     before = None
     if raw is not None:
-        if not raw.isdecimal() or len(raw) > 18:
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
             raise ApiError(
                 "invalid_request",
                 "cursor must be the next_cursor of a previous page",

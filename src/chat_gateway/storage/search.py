@@ -163,6 +163,7 @@ class RoomScope:
 
 # A cursor is ``created_ms.seq.room``: every string of this shape is a position in
 # the newest-first order, so a cursor never needs to be one this server made.
+MAX_CURSOR_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 CURSOR_RE = re.compile(r"([0-9]{1,18})\.([0-9]{1,18})\.([A-Za-z0-9][A-Za-z0-9_.:-]{0,127})")
 
 
@@ -183,7 +184,8 @@ class Cursor:
         m = CURSOR_RE.fullmatch(text)
         if m is None:
             raise BadQuery("cursor is not one this route returned")
-        return cls(int(m.group(1)), m.group(3), int(m.group(2)))
+        # A time past the last a timestamp can hold is a place after every message.
+        return cls(min(int(m.group(1)), MAX_CURSOR_MS), m.group(3), int(m.group(2)))
 
     @classmethod
     def after(cls, msg: Message) -> Cursor:
