@@ -73,9 +73,11 @@ async def test_link_loop_waits_for_redis_then_holds_and_restores_the_channels(ca
         assert not broker.context.guard.usable()
         # ... restored: counted, told, the channel held again, the cooldown over.
         rs.start()
-        await asyncio.wait_for(broker.connected.wait(), t(10))
-        assert told == [0, 1] and broker.reconnects == 1
-        assert broker.context.guard.usable()
+        # A relink that raced the server's death (its socket taken before the close
+        # was seen) may come and go first: the restore that counts is the one whose
+        # link is up with the cooldown over.
+        await eventually(lambda: broker.connected.is_set() and broker.context.guard.usable())
+        assert broker.reconnects >= 1 and told == list(range(broker.reconnects + 1))
         await eventually(lambda: arrives(broker, got, b"again"))
         assert b"lost" not in [data for _channel, data in got]
     finally:

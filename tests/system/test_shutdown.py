@@ -33,6 +33,9 @@ async def test_sigterm_closes_sockets_1001_ends_sse_and_finishes_the_post_in_fli
                 SSEClient.open(f"{inst.url}/v1/rooms/drain/events") as sse,
             ):
                 await ws.subscribe("drain")
+                # A first post reads the room's moderation state, so the next one's
+                # only database work is its commit.
+                assert (await post(http, inst.url, "drain", "first")).status_code == 201
                 # Hold the database link so the post is in flight when the signal lands.
                 proxy.hold()
                 in_flight = asyncio.create_task(post(http, inst.url, "drain", "last words"))
@@ -58,7 +61,7 @@ async def test_sigterm_closes_sockets_1001_ends_sse_and_finishes_the_post_in_fli
             inst.stop()
     conn = await asyncpg.connect(pg_url)
     try:
-        assert await conn.fetchval("SELECT count(*) FROM messages WHERE room = 'drain'") == 1
+        assert await conn.fetchval("SELECT count(*) FROM messages WHERE room = 'drain'") == 2
     finally:
         await conn.close()
 
