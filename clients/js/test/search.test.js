@@ -36,6 +36,10 @@ test("search finds, highlights, limits to rooms and pages by cursor", async () =
   const second = await c.search("meeting", { limit: 1, cursor: first.next_cursor });
   assert.equal(second.results[0].message.text, "😀 kickoff meeting");
   assert.equal(second.next_cursor, null);
-  await assert.rejects(c.search("-only"), (e) => e instanceof GatewayError && e.code === "invalid_request");
+  assert.deepEqual(await c.search("-only"), { results: [], next_cursor: null });
+  await assert.rejects(
+    c.search("meeting", { cursor: "not a cursor" }),
+    (e) => e instanceof GatewayError && e.code === "invalid_request",
+  );
   c.close();
 });

@@ -23,6 +23,8 @@ async def test_search_finds_highlights_rooms_and_pages(gateway_env):
         second = await c.search("meeting", limit=1, cursor=first.next_cursor)
         assert [h.message.text for h in second.results] == ["😀 kickoff meeting"]
         assert second.next_cursor is None
+        nothing = await c.search("-only")  # no word to find: no results, no error
+        assert nothing.results == [] and nothing.next_cursor is None
         with pytest.raises(GatewayError) as refused:
-            await c.search("-only")
+            await c.search("meeting", cursor="not a cursor")
         assert refused.value.code == "invalid_request"
