@@ -60,7 +60,7 @@ def test_readme_first_screen_says_the_python_version_and_the_venv_step_first():
     assert "Python 3.11+" in screen
     venv = screen.index("python3 -m venv .venv && . .venv/bin/activate")
     run_it = screen.index("pip install -e . && chat-gateway serve")
-    test_it = screen.index("pip install -e '.[test]' && python -m pytest")
+    test_it = screen.index("pip install -e '.[test,otel,sentry]' && python -m pytest")
     assert venv < run_it < test_it
 
 
