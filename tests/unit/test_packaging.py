@@ -40,3 +40,24 @@ def test_the_package_and_the_image_carry_the_js_client_the_page_imports():
         'type="module" src="/static/chat.js"'
         in (ROOT / "src" / "chat_gateway" / "static" / "index.html").read_text()
     )
+
+
+def test_one_import_name_and_every_sub_package_of_the_tree_is_installed():
+    """``pip install .`` adds one top-level import name, ``chat_gateway``: the
+    packages pyproject lists are its sub-packages, exactly those of src/ (a new
+    folder left out of the list would be missing from an installed gateway)."""
+    conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(conf["packages"])
+    assert {name.split(".")[0] for name in listed} == {"chat_gateway"}
+    src = ROOT / "src"
+    in_tree = {
+        ".".join(path.relative_to(src).parts)
+        for path in src.rglob("*")
+        if path.is_dir()
+        and path.name != "__pycache__"
+        and not path.name.endswith(".egg-info")
+        and (any(path.glob("*.py")) or path.name in ("static", "migrations"))
+    }
+    # static/vendor's files ride with static (package data), sdk is mapped from clients/js
+    assert listed - {"chat_gateway.sdk"} == in_tree, (listed ^ in_tree)
+    assert conf["package-dir"][""] == "src"
