@@ -233,29 +233,9 @@ class RedisPresence(Presence):
     """Presence across every instance, in ``redis`` (chat_gateway.redisio.context):
     see the module docstring."""
 
-    def __init__(
-        self,
-        broker: Broker,
-        redis: RedisContext,
-        *,
-        prefix: str = "chat:",
-        ttl: float = 30.0,
-        channel: Callable[[str], str],
-        held_rooms: Callable[[], Iterable[str]] = lambda: (),
-        instance: str | None = None,
-        debounce: float = 0.0,
-        notify: Callable[[str, dict[str, Any]], None] | None = None,
-    ) -> None:
-        super().__init__(
-            broker,
-            prefix=prefix,
-            ttl=ttl,
-            channel=channel,
-            held_rooms=held_rooms,
-            instance=instance,
-            debounce=debounce,
-            notify=notify,
-        )
+    def __init__(self, broker: Broker, redis: RedisContext, **options: Any) -> None:
+        """``options``: as :class:`Presence` takes them."""
+        super().__init__(broker, **options)
         self.redis: Any = redis.client
         self.guard = redis.guard
         self.batch = redis.batch
