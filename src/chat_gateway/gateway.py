@@ -15,6 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import TypeVar
 
 from chat_gateway.access.auth import Authenticator
@@ -27,7 +28,7 @@ from chat_gateway.delivery.commands import Control
 from chat_gateway.delivery.hub import Hub
 from chat_gateway.delivery.moderation import Moderation
 from chat_gateway.delivery.output import Output
-from chat_gateway.delivery.presence import Presence
+from chat_gateway.delivery.presence import Presence, RedisPresence
 from chat_gateway.delivery.publisher import Publisher
 from chat_gateway.delivery.retention import Retention
 from chat_gateway.metrics import Metrics
@@ -37,7 +38,7 @@ from chat_gateway.ops.shared_figures import RedisSharedFigures, SharedFigures
 from chat_gateway.pubsub import create_broker
 from chat_gateway.redisio.context import RedisContext
 from chat_gateway.services import Services
-from chat_gateway.storage import HistoryCache, Store, create_store
+from chat_gateway.storage import HistoryCache, RedisHistoryCache, Store, create_store
 from chat_gateway.storage.base import display_url
 from chat_gateway.webhooks import Webhooks
 from chat_gateway.webhooks.metrics import WebhookMetrics
@@ -203,12 +204,11 @@ class Gateway:
         if self.webhooks is not None:  # closed before the broker, as it was started before
             running.push_async_callback(self.webhooks.close)
         prefix = self.settings.key_prefix
-        history = self._history = HistoryCache(
-            self.store,
-            redis,
-            prefix=prefix,
-            ttl=self.settings.history_cache_ttl,
-            metrics=self.metrics,
+        ttl = self.settings.history_cache_ttl
+        history = self._history = (
+            HistoryCache(self.store, prefix=prefix, ttl=ttl, metrics=self.metrics)
+            if redis is None
+            else RedisHistoryCache(self.store, redis, prefix=prefix, ttl=ttl, metrics=self.metrics)
         )
         running.push_async_callback(history.close)
         hub = self._hub = Hub(
@@ -221,9 +221,12 @@ class Gateway:
         )
         await hub.start()
         running.push_async_callback(hub.close)
-        presence = self._presence = Presence(
+        # Shared across instances in Redis, or this instance's own without one.
+        presence_kind: Callable[..., Presence] = (
+            Presence if redis is None else partial(RedisPresence, redis=redis)
+        )
+        presence = self._presence = presence_kind(
             self.broker,
-            redis,
             prefix=prefix,
             ttl=self.settings.presence_ttl,
             channel=hub.channel,

@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 from chat_gateway.redisio.context import RedisContext
 from chat_gateway.redisio.guard import RedisGuard
 from chat_gateway.redisio.pipelined import PipelinedConnection
-from chat_gateway.storage import HistoryCache
+from chat_gateway.storage import RedisHistoryCache
 from chat_gateway.storage.cache import MGET_KEYS
 from chat_gateway.storage.postgres import PostgresStore
 from tests.harness import REDIS_URL, RedisServer
@@ -34,7 +34,7 @@ async def _setup(pg_url: str, prefix: str, redis_url: str = REDIS_URL):
     await store.start()
     await store.migrate()
     client = aioredis.from_url(redis_url)
-    return store, client, HistoryCache(store, RedisContext.of(client), prefix=prefix)
+    return store, client, RedisHistoryCache(store, RedisContext.of(client), prefix=prefix)
 
 
 async def test_read_after_commit_is_never_stale_and_warm_reads_skip_the_store(pg_url, redis_prefix):
@@ -73,7 +73,7 @@ async def test_many_readers_at_a_cold_key_cause_one_query(pg_url, redis_prefix):
 
 async def test_a_late_loader_cannot_shadow_a_newer_write(pg_url, redis_prefix):
     store, client, cache = await _setup(pg_url, redis_prefix)
-    other = HistoryCache(store, RedisContext.of(client), prefix=redis_prefix)
+    other = RedisHistoryCache(store, RedisContext.of(client), prefix=redis_prefix)
     try:
         m1, _ = await store.append("race", "ana", "one")
         await cache.committed(m1)
@@ -128,7 +128,7 @@ async def test_many_rooms_positions_over_the_batch_in_few_mgets_and_from_the_sto
     client = aioredis.from_url(rs.url)
     batch = PipelinedConnection(client, timeout=1.0)
     guard = RedisGuard()
-    cache = HistoryCache(store, RedisContext.of(client, guard=guard, batch=batch), prefix="p:")
+    cache = RedisHistoryCache(store, RedisContext.of(client, guard=guard, batch=batch), prefix="p:")
     try:
         rooms = [f"many.{i}" for i in range(MGET_KEYS * 2 + 500)]
         await client.mset({cache._keys(room)[0]: i for i, room in enumerate(rooms) if i % 3 == 0})
@@ -179,7 +179,7 @@ async def test_a_queued_raise_is_one_command_and_survives_a_script_flush(pg_url)
 async def test_readers_on_several_instances_at_a_cold_key_cause_one_query(pg_url, redis_prefix):
     store, client, first = await _setup(pg_url, redis_prefix)
     caches = [first] + [
-        HistoryCache(store, RedisContext.of(client), prefix=redis_prefix) for _ in range(2)
+        RedisHistoryCache(store, RedisContext.of(client), prefix=redis_prefix) for _ in range(2)
     ]
     try:
         for i in range(5):

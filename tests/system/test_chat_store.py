@@ -11,7 +11,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from chat_gateway.redisio.context import RedisContext
-from chat_gateway.storage import HistoryCache, MessageNotFound, NotAuthor, create_store
+from chat_gateway.storage import (
+    MessageNotFound,
+    NotAuthor,
+    RedisHistoryCache,
+    create_store,
+)
 from tests import harness
 
 
@@ -95,8 +100,8 @@ async def test_a_change_voids_every_instances_window_and_keeps_the_seq_key(pg_ur
     await store.start()
     await store.migrate()
     client = aioredis.from_url(harness.REDIS_URL)
-    a = HistoryCache(store, RedisContext.of(client), prefix=redis_prefix)
-    b = HistoryCache(store, RedisContext.of(client), prefix=redis_prefix)
+    a = RedisHistoryCache(store, RedisContext.of(client), prefix=redis_prefix)
+    b = RedisHistoryCache(store, RedisContext.of(client), prefix=redis_prefix)
     try:
         for i in range(3):
             msg, _ = await store.append("r", "ana", f"secret {i}")

@@ -21,7 +21,7 @@ from chat_gateway.access.ratelimit import RateLimiter
 from chat_gateway.config import Rate
 from chat_gateway.pubsub import BrokerUnavailable
 from chat_gateway.pubsub.cluster import ClusterBroker
-from chat_gateway.storage import HistoryCache, create_store
+from chat_gateway.storage import RedisHistoryCache, create_store
 from tests.harness import Instance, RedisClusterServers, WSClient, eventually, instances, post, t
 
 
@@ -166,7 +166,7 @@ async def test_cache_and_rate_limit_keys_work_across_shards(cluster, tmp_path):
     await store.start()
     await store.migrate()
     try:
-        cache = HistoryCache(store, broker.context, prefix="t:")
+        cache = RedisHistoryCache(store, broker.context, prefix="t:")
         for n, room in enumerate(rooms, 1):
             for k in range(n):
                 await cache.committed((await store.append(room, "a", f"m{k}"))[0])
@@ -213,7 +213,7 @@ async def test_a_down_primary_is_skipped_alone(cluster, tmp_path):
         await asyncio.wait_for(broker.placed.wait(), t(10))
         guard = broker.context.guard
         assert guard is not None
-        cache = HistoryCache(store, broker.context, prefix="t:", metrics=seen)
+        cache = RedisHistoryCache(store, broker.context, prefix="t:", metrics=seen)
         limiter = RateLimiter(broker.context, prefix="t:", rates={"post": Rate(2, 60)})
         for room in (down, up):
             await cache.committed((await store.append(room, "a", f"in {room}"))[0])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from chat_gateway.delivery.presence import Presence
+from chat_gateway.delivery.presence import RedisPresence
 from chat_gateway.pubsub.redis import RedisBroker
 from tests.harness import RedisServer, eventually
 
@@ -22,7 +22,7 @@ async def test_refresh_runs_scripts_only_where_members_expired():
         redis = broker.context.client
         idle = [f"idle{i}" for i in range(1200)]
         held = [*idle, "crash", "here"]
-        presence = Presence(
+        presence = RedisPresence(
             broker,
             broker.context,
             prefix="t:",

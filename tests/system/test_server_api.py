@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 import websockets
 
 from chat_gateway.redisio.context import RedisContext
-from chat_gateway.storage import HistoryCache, Page
+from chat_gateway.storage import Page, RedisHistoryCache
 from chat_gateway.storage.postgres import PostgresStore
 from tests.harness import (
     REDIS_URL,
@@ -537,7 +537,7 @@ async def test_a_load_that_read_before_a_purge_does_not_cache_what_it_read(pg_ur
     await store.migrate()
     client = aioredis.from_url(REDIS_URL)
     try:
-        cache = HistoryCache(store, RedisContext.of(client), prefix=redis_prefix, ttl=60)
+        cache = RedisHistoryCache(store, RedisContext.of(client), prefix=redis_prefix, ttl=60)
         for n in range(3):
             await cache.committed((await store.append("p", "a", f"m{n}"))[0])
         store.hold = asyncio.Event()
@@ -550,7 +550,7 @@ async def test_a_load_that_read_before_a_purge_does_not_cache_what_it_read(pg_ur
         store.hold = None
         # the stale page was not cached: the next read (on any instance) is the store's
         assert (await cache.history("p")).messages == []
-        other = HistoryCache(store, RedisContext.of(client), prefix=redis_prefix, ttl=60)
+        other = RedisHistoryCache(store, RedisContext.of(client), prefix=redis_prefix, ttl=60)
         assert (await other.history("p")).messages == []
         assert await client.exists(f"{redis_prefix}{{p}}:page") == 0
     finally:
@@ -567,7 +567,7 @@ async def test_a_purge_stops_other_instances_serving_their_windows_before_they_h
     client = aioredis.from_url(REDIS_URL)
     try:
         here, there = (
-            HistoryCache(store, RedisContext.of(client), prefix=redis_prefix, ttl=60)
+            RedisHistoryCache(store, RedisContext.of(client), prefix=redis_prefix, ttl=60)
             for _ in range(2)
         )
         for n in range(3):

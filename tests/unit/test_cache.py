@@ -9,7 +9,7 @@ async def test_memory_mode_reads_the_store(tmp_path):
     store = create_store(f"sqlite:///{tmp_path}/m.db")
     await store.start()
     await store.migrate()
-    cache = HistoryCache(store, None)
+    cache = HistoryCache(store)
     try:
         msg, _ = await store.append("r", "a", "x")
         await cache.committed(msg)

@@ -59,5 +59,5 @@ def test_one_import_name_and_every_sub_package_of_the_tree_is_installed():
         and (any(path.glob("*.py")) or path.name in ("static", "migrations"))
     }
     # static/vendor's files ride with static (package data), sdk is mapped from clients/js
-    assert listed - {"chat_gateway.sdk"} == in_tree, (listed ^ in_tree)
+    assert listed - {"chat_gateway.sdk"} == in_tree, listed ^ in_tree
     assert conf["package-dir"][""] == "src"

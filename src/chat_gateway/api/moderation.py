@@ -39,49 +39,6 @@ from chat_gateway.storage.moderation import (
 log = logging.getLogger("gateway.moderation")
 
 API_KEY = "api_key"  # the ``by`` of an action taken with an API key
-MAX_USER = 128
-MAX_REASON = 500
-MAX_DURATION = 10 * 365 * 86400  # ten years, in seconds
-MAX_SLOW_MODE = 86400
-LOG_PAGE_DEFAULT = 50
-LOG_PAGE_MAX = 200
-
-USER: dict[str, Any] = {
-    "type": "string",
-    "minLength": 1,
-    "maxLength": MAX_USER,
-    "pattern": r"^[^\x00]*$",
-    "description": "a token's sub (in open mode: an author or ?user= name)",
-}
-RESTRICTION_BODY = v.object_schema(
-    ["user"],
-    user=USER,
-    duration={
-        "type": "integer",
-        "minimum": 1,
-        "maximum": MAX_DURATION,
-        "description": "seconds; absent: until lifted",
-    },
-    reason={"type": "string", "maxLength": MAX_REASON, "default": "", "pattern": r"^[^\x00]*$"},
-)
-SETTINGS_BODY = v.object_schema(
-    ["slow_mode"],
-    slow_mode={
-        "type": "integer",
-        "minimum": 0,
-        "maximum": MAX_SLOW_MODE,
-        "description": "seconds between two posts of one user who does not moderate; 0: off",
-    },
-)
-LOG_QUERY = v.object_schema(
-    [],
-    limit={"type": "integer", "minimum": 1, "maximum": LOG_PAGE_MAX, "default": LOG_PAGE_DEFAULT},
-    cursor={
-        "type": "string",
-        "pattern": "^[0-9]{1,18}$",
-        "description": "next_cursor of the previous page",
-    },
-)
 KINDS = {"bans": (BANNED, UNBANNED), "mutes": (MUTED, UNMUTED)}
 
 
@@ -100,44 +57,6 @@ def _moderator(request: Request, room: str) -> tuple[Services, str]:
             "moderate claim grants the room",
         )
     return gw, identity.name
-
-
-def _user(value: Any) -> str:
-    if (
-        not isinstance(value, str)
-        or not 1 <= len(value) <= MAX_USER
-        or "\x00" in value
-        or not value.strip()
-    ):
-        raise ApiError(
-            "invalid_request",
-            f"user must be a string of 1..{MAX_USER} characters, not blank, no NUL",
-            field="user",
-        )
-    return value
-
-
-def _integer(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
-    value = body.get(name)
-    if value is None and name not in body:
-        return None
-    if isinstance(value, float) and value.is_integer():  # 12.0 is an integer, as in JSON Schema
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ApiError(
-            "invalid_request", f"{name} must be an integer from {low} to {high}", field=name
-        )
-    return value
-
-
-def _reason(value: Any) -> str:
-    if not isinstance(value, str) or len(value) > MAX_REASON or "\x00" in value:
-        raise ApiError(
-            "invalid_request",
-            f"reason must be a string of at most {MAX_REASON} characters, no NUL",
-            field="reason",
-        )
-    return value
 
 
 async def _body(request: Request, gw: Services, schema: dict[str, Any]) -> dict[str, Any]:
@@ -177,10 +96,10 @@ async def restrict(request: Request) -> Response:
     room = v.room_name(request.path_params["room"])
     kind, _ = KINDS[request.url.path.rsplit("/", 1)[1]]
     gw, by = _moderator(request, room)
-    body = await _body(request, gw, RESTRICTION_BODY)
-    user = _user(body.get("user"))
-    duration = _integer(body, "duration", 1, MAX_DURATION)
-    reason = _reason(body.get("reason", ""))
+    body = await _body(request, gw, v.RESTRICTION_BODY)
+    user = v.user_name(body.get("user"), blank=False)
+    duration = v.int_field(body, "duration", v.RESTRICTION_BODY)
+    reason = v.reason(body.get("reason", ""))
     done = await _act(gw, room, Action(kind, by, user=user, reason=reason, duration=duration))
     if done is None:  # pragma: no cover - a ban or mute always changes the room
         raise ApiError("internal", "the action was not recorded")
@@ -193,7 +112,7 @@ async def lift(request: Request) -> Response:
     _, kind = KINDS[request.url.path.split("/")[4]]
     gw, by = _moderator(request, room)
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
-    user = _user(request.path_params["user"])
+    user = v.user_name(request.path_params["user"], blank=False)
     done = await _act(gw, room, Action(kind, by, user=user))
     if done is None:
         what = "banned from" if kind == UNBANNED else "muted in"
@@ -226,8 +145,8 @@ async def settings(request: Request) -> Response:
         state = await gw.moderation.state(room)
         return json_response({"room": room, "slow_mode": state.slow_mode})
     gw, by = _moderator(request, room)
-    body = await _body(request, gw, SETTINGS_BODY)
-    slow = _integer(body, "slow_mode", 0, MAX_SLOW_MODE)
+    body = await _body(request, gw, v.SETTINGS_BODY)
+    slow = v.int_field(body, "slow_mode", v.SETTINGS_BODY)
     if slow is None:
         raise ApiError("invalid_request", "slow_mode is required", field="slow_mode")
     await _act(gw, room, Action(SLOW_MODE, by, slow_mode=slow))
@@ -239,8 +158,8 @@ async def moderation_log(request: Request) -> Response:
     room = v.room_name(request.path_params["room"])
     gw, _by = _moderator(request, room)
     q = request.query_params
-    v.only_fields(dict(q), v.fields(LOG_QUERY))
-    limit = v.limit_param(q.get("limit"), LOG_PAGE_DEFAULT, LOG_PAGE_MAX)
+    v.only_fields(dict(q), v.fields(v.MODERATION_LOG_QUERY))
+    limit = v.query_limit(q.get("limit"), v.MODERATION_LOG_QUERY)
     raw = q.get("cursor")
     before = None
     if raw is not None:

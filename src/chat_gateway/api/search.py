@@ -22,7 +22,6 @@ from chat_gateway.api.caller import gateway_of, identify, known_user
 from chat_gateway.api.responses import json_response
 from chat_gateway.errors import ApiError
 from chat_gateway.storage.search import (
-    MAX_LIMIT,
     MAX_ROOMS,
     BadQuery,
     Cursor,
@@ -33,8 +32,6 @@ from chat_gateway.storage.search import (
     hits,
     parse_query,
 )
-
-DEFAULT_LIMIT = 20
 
 
 def scope_of(identity: Identity, rooms: list[str]) -> RoomScope:
@@ -49,17 +46,6 @@ def scope_of(identity: Identity, rooms: list[str]) -> RoomScope:
     return RoomScope.of_patterns(identity.rooms, identity.read_rooms)
 
 
-def _limit(value: str | None) -> int:
-    if value is None:
-        return DEFAULT_LIMIT
-    n = v.seq_param(value, "limit")
-    if n is None or not 1 <= n <= MAX_LIMIT:
-        raise ApiError(
-            "invalid_request", f"limit must be an integer from 1 to {MAX_LIMIT}", field="limit"
-        )
-    return n
-
-
 async def search(request: Request) -> Response:
     gw = gateway_of(request)
     params = request.query_params
@@ -72,7 +58,7 @@ async def search(request: Request) -> Response:
         raise ApiError(
             "invalid_request", f"room may be given at most {MAX_ROOMS} times", field="room"
         )
-    limit = _limit(params.get("limit"))
+    limit = v.query_limit(params.get("limit"), v.SEARCH_QUERY)
     query: Query | None
     try:
         query = parse_query(params.get("q", ""))

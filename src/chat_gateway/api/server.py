@@ -35,51 +35,6 @@ from chat_gateway.services import Services
 
 log = logging.getLogger("gateway.server")
 
-MAX_REASON_BYTES = 120  # it travels in a WebSocket close frame (at most 123 bytes)
-MAX_USER = 128
-MAX_BROADCAST_ROOMS = 100
-MAX_ROOMS_PAGE = 1000
-ROOMS_PAGE_DEFAULT = 100
-
-USER: dict[str, Any] = {
-    "type": "string",
-    "minLength": 1,
-    "maxLength": MAX_USER,
-    "pattern": r"^[^\x00]*$",
-    "description": "a token's sub, or the ?user= of an open-mode connection",
-}
-REASON: dict[str, Any] = {
-    "type": "string",
-    "maxLength": MAX_REASON_BYTES,
-    "default": "",
-    "pattern": r"^[^\x00]*$",
-    "description": f"at most {MAX_REASON_BYTES} bytes in UTF-8",
-}
-DISCONNECT = v.object_schema(["user"], user=USER, reason=REASON)
-UNSUBSCRIBE = v.object_schema(["user", "room"], user=USER, room=v.ROOM, reason=REASON)
-BROADCAST = v.object_schema(
-    ["rooms", "event"],
-    rooms={
-        "type": "array",
-        "items": v.ROOM,
-        "minItems": 1,
-        "maxItems": MAX_BROADCAST_ROOMS,
-        "uniqueItems": True,
-    },
-    event=v.EVENT,
-    data={"type": "object"},
-)
-ROOMS_QUERY = v.object_schema(
-    [],
-    limit={
-        "type": "integer",
-        "minimum": 1,
-        "maximum": MAX_ROOMS_PAGE,
-        "default": ROOMS_PAGE_DEFAULT,
-    },
-    cursor={**v.ROOM, "description": "the next of the previous page: rooms after this name"},
-)
-
 
 def _require_key(request: Request) -> Services:
     """The gateway, if the request carries one of API_KEYS. The server API is never
@@ -98,32 +53,6 @@ async def _body(request: Request, gw: Services, schema: dict[str, Any]) -> dict[
     return await v.json_body(request, gw.settings.max_body_bytes, schema)
 
 
-def _user(value: Any) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= MAX_USER or "\x00" in value:
-        raise ApiError(
-            "invalid_request",
-            f"user must be a string of 1..{MAX_USER} characters, no NUL",
-            field="user",
-        )
-    return value
-
-
-def _reason(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ApiError("invalid_request", "reason must be a string (or left out)", field="reason")
-    try:
-        size = len(value.encode())
-    except UnicodeEncodeError:
-        size = -1
-    if not 0 <= size <= MAX_REASON_BYTES or "\x00" in value:
-        raise ApiError(
-            "invalid_request",
-            f"reason must be valid text of at most {MAX_REASON_BYTES} bytes in UTF-8",
-            field="reason",
-        )
-    return value
-
-
 async def _send(gw: Services, command: Any) -> None:
     try:
         await gw.control.send(command)
@@ -136,19 +65,19 @@ async def _send(gw: Services, command: Any) -> None:
 
 async def disconnect(request: Request) -> Response:
     gw = _require_key(request)
-    body = await _body(request, gw, DISCONNECT)
-    user = _user(body.get("user"))
-    reason = _reason(body.get("reason", ""))
+    body = await _body(request, gw, v.DISCONNECT)
+    user = v.user_name(body.get("user"))
+    reason = v.close_reason(body.get("reason", ""))
     await _send(gw, Disconnect(user, reason))
     return json_response({"status": "accepted", "user": user}, 202)
 
 
 async def unsubscribe(request: Request) -> Response:
     gw = _require_key(request)
-    body = await _body(request, gw, UNSUBSCRIBE)
-    user = _user(body.get("user"))
+    body = await _body(request, gw, v.UNSUBSCRIBE)
+    user = v.user_name(body.get("user"))
     room = v.room_name(body.get("room"))
-    reason = _reason(body.get("reason", ""))
+    reason = v.close_reason(body.get("reason", ""))
     await _send(gw, Unsubscribe(user, room, reason))
     return json_response({"status": "accepted", "user": user, "room": room}, 202)
 
@@ -166,8 +95,8 @@ async def subscriber_counts(gw: Services) -> dict[str, int]:
 async def list_rooms(request: Request) -> Response:
     gw = _require_key(request)
     q = request.query_params
-    v.only_fields(dict(q), v.fields(ROOMS_QUERY))
-    limit = v.limit_param(q.get("limit"), ROOMS_PAGE_DEFAULT, MAX_ROOMS_PAGE)
+    v.only_fields(dict(q), v.fields(v.ROOMS_QUERY))
+    limit = v.query_limit(q.get("limit"), v.ROOMS_QUERY)
     cursor = q.get("cursor")
     if cursor is not None and not v.ROOM_RE.fullmatch(cursor):
         raise ApiError(
@@ -233,17 +162,8 @@ async def purge_messages(request: Request) -> Response:
 
 async def broadcast(request: Request) -> Response:
     gw = _require_key(request)
-    body = await _body(request, gw, BROADCAST)
-    rooms = body.get("rooms")
-    if not isinstance(rooms, list) or not 1 <= len(rooms) <= MAX_BROADCAST_ROOMS:
-        raise ApiError(
-            "invalid_request",
-            f"rooms must be a list of 1..{MAX_BROADCAST_ROOMS} room names",
-            field="rooms",
-        )
-    rooms = [v.room_name(room) for room in rooms]
-    if len(set(rooms)) != len(rooms):
-        raise ApiError("invalid_request", "rooms must not repeat a room", field="rooms")
+    body = await _body(request, gw, v.BROADCAST)
+    rooms = v.room_list(body.get("rooms"))
     event = v.event_name(body.get("event"))
     data = v.event_data(body.get("data", v.ABSENT))
     # One bucket per API key, shared with POST /v1/publish: one call, one token.

@@ -7,6 +7,7 @@ written, so bad input changes nothing.
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -157,6 +158,134 @@ CHANGE_KEY: dict[str, Any] = {
     "header on PATCH/DELETE: a repeat in the same room changes "
     "nothing and is acked with the message as it is",
 }
+# The server API (chat_gateway.api.server): a backend steers the gateway.
+MAX_USER = 128
+MAX_CLOSE_REASON_BYTES = 120  # it travels in a WebSocket close frame (at most 123 bytes)
+MAX_BROADCAST_ROOMS = 100
+SERVER_USER: dict[str, Any] = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_USER,
+    "pattern": r"^[^\x00]*$",
+    "description": "a token's sub, or the ?user= of an open-mode connection",
+}
+CLOSE_REASON: dict[str, Any] = {
+    "type": "string",
+    "maxLength": MAX_CLOSE_REASON_BYTES,
+    "default": "",
+    "pattern": r"^[^\x00]*$",
+    "description": f"at most {MAX_CLOSE_REASON_BYTES} bytes in UTF-8",
+}
+DISCONNECT = object_schema(["user"], user=SERVER_USER, reason=CLOSE_REASON)
+UNSUBSCRIBE = object_schema(["user", "room"], user=SERVER_USER, room=ROOM, reason=CLOSE_REASON)
+BROADCAST = object_schema(
+    ["rooms", "event"],
+    rooms={
+        "type": "array",
+        "items": ROOM,
+        "minItems": 1,
+        "maxItems": MAX_BROADCAST_ROOMS,
+        "uniqueItems": True,
+    },
+    event=EVENT,
+    data={"type": "object"},
+)
+ROOMS_QUERY = object_schema(
+    [],
+    limit={"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+    cursor={**ROOM, "description": "the next of the previous page: rooms after this name"},
+)
+# Moderation (chat_gateway.api.moderation): bans, mutes, slow mode, the log.
+MAX_REASON = 500
+MAX_DURATION = 10 * 365 * 86400  # ten years, in seconds
+MAX_SLOW_MODE = 86400
+MODERATED_USER: dict[str, Any] = {
+    **SERVER_USER,
+    "description": "a token's sub (in open mode: an author or ?user= name)",
+}
+RESTRICTION_BODY = object_schema(
+    ["user"],
+    user=MODERATED_USER,
+    duration={
+        "type": "integer",
+        "minimum": 1,
+        "maximum": MAX_DURATION,
+        "description": "seconds; absent: until lifted",
+    },
+    reason={"type": "string", "maxLength": MAX_REASON, "default": "", "pattern": r"^[^\x00]*$"},
+)
+SETTINGS_BODY = object_schema(
+    ["slow_mode"],
+    slow_mode={
+        "type": "integer",
+        "minimum": 0,
+        "maximum": MAX_SLOW_MODE,
+        "description": "seconds between two posts of one user who does not moderate; 0: off",
+    },
+)
+MODERATION_LOG_QUERY = object_schema(
+    [],
+    limit={**LIMIT, "default": 50},
+    cursor={
+        "type": "string",
+        "pattern": "^[0-9]{1,18}$",
+        "description": "next_cursor of the previous page",
+    },
+)
+# Webhook administration (chat_gateway.api.webhooks).
+MAX_REPLAY_IDS = 1000
+TIMESTAMP: dict[str, Any] = {
+    "type": "string",
+    "format": "date-time",
+    "description": "ISO 8601 with a time zone, e.g. 2026-11-28T06:00:00Z",
+}
+RECEIVER_URL: dict[str, Any] = {
+    "type": "string",
+    "description": "a receiver URL as in WEBHOOK_URLS",
+}
+DEAD_QUERY = object_schema(
+    [],
+    limit=LIMIT,
+    before={
+        "type": "integer",
+        "minimum": 1,
+        "maximum": MAX_SEQ,
+        "description": "the next cursor",
+    },
+    endpoint=RECEIVER_URL,
+)
+REPLAY_IDS = object_schema(
+    ["ids"],
+    ids={
+        "type": "array",
+        "minItems": 1,
+        "maxItems": MAX_REPLAY_IDS,
+        "items": {"type": "integer", "minimum": 1},
+    },
+    endpoint=RECEIVER_URL,
+)
+REPLAY_RANGE = object_schema(
+    ["from"], **{"from": TIMESTAMP, "to": TIMESTAMP, "endpoint": RECEIVER_URL}
+)
+REPLAY = {
+    "oneOf": [REPLAY_IDS, REPLAY_RANGE],
+    "description": "dead letters by id, or every delivered or dead event committed in "
+    "[from, to) (to defaults to now)",
+}
+ENABLE = object_schema(["url"], url=RECEIVER_URL)
+# GET /v1/stats/events (chat_gateway.transports.stats_stream).
+INTERVAL: dict[str, Any] = {"type": "number", "minimum": 1, "maximum": 60, "default": 1.0}
+SCOPE: dict[str, Any] = {"type": "string", "enum": ["instance", "cluster"], "default": "instance"}
+STATS_QUERY = object_schema(
+    [],
+    interval=INTERVAL,
+    scope=SCOPE,
+    key={
+        "type": "string",
+        "description": "an API key, where a browser's "
+        "EventSource cannot send an Authorization header (auth mode)",
+    },
+)
 FRAMES: dict[str, dict[str, Any]] = {
     "subscribe": _frame("subscribe", ["room"], room=ROOM, since=SEQ, changes_since=CHANGES_SINCE),
     "unsubscribe": _frame("unsubscribe", ["room"], room=ROOM),
@@ -365,6 +494,150 @@ def limit_param(value: Any, default: int = 50, maximum: int = MAX_LIMIT) -> int:
             "invalid_request", f"limit must be an integer from 1 to {maximum}", field="limit"
         )
     return n
+
+
+def query_limit(value: Any, schema: dict[str, Any]) -> int:
+    """The ``limit`` query parameter of a query ``schema``: its declared default
+    and maximum."""
+    declared = schema["properties"]["limit"]
+    return limit_param(value, declared["default"], declared["maximum"])
+
+
+def user_name(value: Any, *, blank: bool = True) -> str:
+    """A user name as the server and moderation APIs take it (``SERVER_USER``,
+    ``MODERATED_USER``); ``blank=False`` also refuses one of only whitespace."""
+    if (
+        not isinstance(value, str)
+        or not 1 <= len(value) <= MAX_USER
+        or "\x00" in value
+        or (not blank and not value.strip())
+    ):
+        raise ApiError(
+            "invalid_request",
+            f"user must be a string of 1..{MAX_USER} characters"
+            + ("" if blank else ", not blank")
+            + ", no NUL",
+            field="user",
+        )
+    return value
+
+
+def close_reason(value: Any) -> str:
+    """A reason sent in a WebSocket close frame (``CLOSE_REASON``)."""
+    if not isinstance(value, str):
+        raise ApiError("invalid_request", "reason must be a string (or left out)", field="reason")
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        size = -1
+    if not 0 <= size <= MAX_CLOSE_REASON_BYTES or "\x00" in value:
+        raise ApiError(
+            "invalid_request",
+            f"reason must be valid text of at most {MAX_CLOSE_REASON_BYTES} bytes in UTF-8",
+            field="reason",
+        )
+    return value
+
+
+def reason(value: Any) -> str:
+    """A moderation action's reason (``RESTRICTION_BODY``)."""
+    if not isinstance(value, str) or len(value) > MAX_REASON or "\x00" in value:
+        raise ApiError(
+            "invalid_request",
+            f"reason must be a string of at most {MAX_REASON} characters, no NUL",
+            field="reason",
+        )
+    return value
+
+
+def int_field(body: dict[str, Any], name: str, schema: dict[str, Any]) -> int | None:
+    """An integer field of a JSON ``body`` within the bounds ``schema`` declares
+    for it; None when absent."""
+    value = body.get(name)
+    if value is None and name not in body:
+        return None
+    declared = schema["properties"][name]
+    low, high = declared["minimum"], declared["maximum"]
+    if isinstance(value, float) and value.is_integer():  # 12.0 is an integer, as in JSON Schema
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ApiError(
+            "invalid_request", f"{name} must be an integer from {low} to {high}", field=name
+        )
+    return value
+
+
+def room_list(value: Any) -> list[str]:
+    """The ``rooms`` of a broadcast (``BROADCAST``): distinct room names."""
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_BROADCAST_ROOMS:
+        raise ApiError(
+            "invalid_request",
+            f"rooms must be a list of 1..{MAX_BROADCAST_ROOMS} room names",
+            field="rooms",
+        )
+    rooms = [room_name(room) for room in value]
+    if len(set(rooms)) != len(rooms):
+        raise ApiError("invalid_request", "rooms must not repeat a room", field="rooms")
+    return rooms
+
+
+def dead_letter_ids(value: Any) -> list[int]:
+    """The ``ids`` of a replay (``REPLAY_IDS``)."""
+    if (
+        not isinstance(value, list)
+        or not 1 <= len(value) <= MAX_REPLAY_IDS
+        or not all(isinstance(i, int) and not isinstance(i, bool) and 1 <= i < 2**63 for i in value)
+    ):
+        raise ApiError(
+            "invalid_request",
+            f"ids must be a list of 1..{MAX_REPLAY_IDS} dead letter ids",
+            field="ids",
+        )
+    return value
+
+
+def timestamp(value: Any, name: str) -> int:
+    """An ISO 8601 ``TIMESTAMP`` with a time zone, as epoch milliseconds."""
+    if not isinstance(value, str):
+        raise ApiError("invalid_request", f"{name} must be an ISO 8601 timestamp", field=name)
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise ApiError(
+            "invalid_request", f"{name} must be an ISO 8601 timestamp", field=name
+        ) from None
+    if when.tzinfo is None:
+        raise ApiError("invalid_request", f"{name} needs a time zone (e.g. Z)", field=name)
+    return int(when.astimezone(UTC).timestamp() * 1000)
+
+
+def interval(raw: str | None) -> float:
+    """The stats stream's ``interval`` (``INTERVAL``), in seconds."""
+    if raw is None:
+        return float(INTERVAL["default"])
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not INTERVAL["minimum"] <= value <= INTERVAL["maximum"]:
+        raise ApiError(
+            "invalid_request",
+            "interval must be a number of seconds from "
+            f"{INTERVAL['minimum']} to {INTERVAL['maximum']}",
+            field="interval",
+        )
+    return value
+
+
+def choice(value: str | None, name: str, schema: dict[str, Any]) -> str:
+    """One of the values ``schema`` enumerates; its default when absent."""
+    if value is None:
+        return str(schema["default"])
+    if value not in schema["enum"]:
+        raise ApiError(
+            "invalid_request", f"{name} must be {' or '.join(schema['enum'])}", field=name
+        )
+    return value
 
 
 def idempotency_key(value: Any, name: str = "Idempotency-Key") -> str | None:

@@ -7,7 +7,6 @@ by all) and its backlog as the database has it now.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -25,49 +24,12 @@ from chat_gateway.storage.outbox import DeadLetter
 from chat_gateway.webhooks import Webhooks
 from chat_gateway.webhooks.dispatcher import Receiver
 
-MAX_REPLAY_IDS = 1000
-
-TIMESTAMP: dict[str, Any] = {
-    "type": "string",
-    "format": "date-time",
-    "description": "ISO 8601 with a time zone, e.g. 2026-11-28T06:00:00Z",
-}
-URL: dict[str, Any] = {"type": "string", "description": "a receiver URL as in WEBHOOK_URLS"}
-DEAD_QUERY = v.object_schema(
-    [],
-    limit=v.LIMIT,
-    before={
-        "type": "integer",
-        "minimum": 1,
-        "maximum": v.MAX_SEQ,
-        "description": "the next cursor",
-    },
-    endpoint=URL,
-)
-REPLAY = {
-    "oneOf": [
-        v.object_schema(
-            ["ids"],
-            ids={
-                "type": "array",
-                "minItems": 1,
-                "maxItems": MAX_REPLAY_IDS,
-                "items": {"type": "integer", "minimum": 1},
-            },
-            endpoint=URL,
-        ),
-        v.object_schema(["from"], **{"from": TIMESTAMP, "to": TIMESTAMP, "endpoint": URL}),
-    ],
-    "description": "dead letters by id, or every delivered or dead event committed in "
-    "[from, to) (to defaults to now)",
-}
-ENABLE = v.object_schema(["url"], url=URL)
 ENDPOINT: dict[str, Any] = {
     "type": "object",
     "required": ["id", "url", "state", "backlog", "oldest_pending_s"],
     "properties": {
         "id": {"type": "integer"},
-        "url": URL,
+        "url": v.RECEIVER_URL,
         "state": {"enum": ["closed", "open", "half_open", "disabled"]},
         "backlog": {"type": "integer", "description": "pending events"},
         "oldest_pending_s": {
@@ -84,14 +46,14 @@ DEAD_LETTER: dict[str, Any] = {
         "id": {"type": "integer", "description": "the dead letter's id, for replay"},
         "event_id": {"type": "string", "description": "the webhook-id header"},
         "type": {"type": "string"},
-        "endpoint": URL,
+        "endpoint": v.RECEIVER_URL,
         "room": v.ROOM,
         "seq": {"type": "integer"},
         "attempts": {"type": "integer"},
         "last_status": {"type": ["integer", "null"]},
         "last_error": {"type": ["string", "null"]},
-        "created_at": TIMESTAMP,
-        "dead_at": TIMESTAMP,
+        "created_at": v.TIMESTAMP,
+        "dead_at": v.TIMESTAMP,
         "payload": {"type": "object", "description": "the request body that was sent"},
     },
 }
@@ -120,20 +82,6 @@ def _receiver(hooks: Webhooks, url: Any) -> Receiver:
     if receiver is None:
         raise ApiError("not_found", f"no receiver {url!r} in WEBHOOK_URLS")
     return receiver
-
-
-def _timestamp(value: Any, name: str) -> int:
-    if not isinstance(value, str):
-        raise ApiError("invalid_request", f"{name} must be an ISO 8601 timestamp", field=name)
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        raise ApiError(
-            "invalid_request", f"{name} must be an ISO 8601 timestamp", field=name
-        ) from None
-    if when.tzinfo is None:
-        raise ApiError("invalid_request", f"{name} needs a time zone (e.g. Z)", field=name)
-    return int(when.astimezone(UTC).timestamp() * 1000)
 
 
 async def webhooks_list(request: Request) -> Response:
@@ -171,8 +119,8 @@ def _dead(hooks: Webhooks, d: DeadLetter) -> dict[str, Any]:
 async def webhooks_dead(request: Request) -> Response:
     gw = _admin(request)
     q = request.query_params
-    v.only_fields(dict(q), v.fields(DEAD_QUERY))
-    limit = v.limit_param(q.get("limit"))
+    v.only_fields(dict(q), v.fields(v.DEAD_QUERY))
+    limit = v.query_limit(q.get("limit"), v.DEAD_QUERY)
     before = v.seq_param(q.get("before"), "before")
     hooks = _hooks(gw)
     endpoint_id = None
@@ -197,25 +145,13 @@ async def webhooks_replay(request: Request) -> Response:
     if "endpoint" in body:
         endpoint_id = _receiver(hooks, body["endpoint"]).endpoint.id
     if "ids" in body:
-        v.only_fields(body, {"ids", "endpoint"})
-        ids = body["ids"]
-        if (
-            not isinstance(ids, list)
-            or not 1 <= len(ids) <= MAX_REPLAY_IDS
-            or not all(
-                isinstance(i, int) and not isinstance(i, bool) and 1 <= i < 2**63 for i in ids
-            )
-        ):
-            raise ApiError(
-                "invalid_request",
-                f"ids must be a list of 1..{MAX_REPLAY_IDS} dead letter ids",
-                field="ids",
-            )
+        v.only_fields(body, v.fields(v.REPLAY_IDS))
+        ids = v.dead_letter_ids(body["ids"])
         count = await hooks.outbox.replay(ids=ids, endpoint_id=endpoint_id)
     elif "from" in body:
-        v.only_fields(body, {"from", "to", "endpoint"})
-        since = _timestamp(body["from"], "from")
-        until = _timestamp(body["to"], "to") if "to" in body else None
+        v.only_fields(body, v.fields(v.REPLAY_RANGE))
+        since = v.timestamp(body["from"], "from")
+        until = v.timestamp(body["to"], "to") if "to" in body else None
         if until is not None and until <= since:
             raise ApiError("invalid_request", "to must be after from", field="to")
         count = await hooks.outbox.replay(since_ms=since, until_ms=until, endpoint_id=endpoint_id)
@@ -230,7 +166,7 @@ async def webhooks_replay(request: Request) -> Response:
 async def webhooks_enable(request: Request) -> Response:
     gw = _admin(request)
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
-    body = await v.json_body(request, gw.settings.max_body_bytes, ENABLE)
+    body = await v.json_body(request, gw.settings.max_body_bytes, v.ENABLE)
     hooks = _hooks(gw)
     if "url" not in body:
         raise ApiError("invalid_request", "url is required", field="url")

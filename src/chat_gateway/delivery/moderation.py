@@ -64,17 +64,14 @@ def restricted(exc: Restricted) -> ApiError:
 
 
 class SlowWindows:
-    """Slow mode's windows, one per (room, user): Redis keys shared by every
-    instance, or this instance's own while Redis is unreachable."""
+    """Slow mode's windows, one per (room, user), kept by this instance (no Redis).
+    :class:`RedisSlowWindows` shares them across instances."""
 
     MAX_LOCAL = 100_000
 
-    def __init__(self, redis: Any | None, *, prefix: str, guard: RedisGuard | None) -> None:
-        self.redis = redis
+    def __init__(self, *, prefix: str) -> None:
         self.prefix = prefix
-        self.guard = guard if guard is not None else RedisGuard(cooldown=0.0)
         self._local: dict[str, float] = {}  # key -> monotonic end of its window
-        self._fallback = False
 
     def key(self, room: str, user: str) -> str:
         return f"{self.prefix}slow:{{{room}}}:{len(user)}:{user}"
@@ -82,19 +79,7 @@ class SlowWindows:
     async def take(self, room: str, user: str, seconds: int) -> float:
         """Open the user's window in the room: 0 when it was closed (the post may
         go), else the seconds until it closes."""
-        key = self.key(room, user)
-        if self.redis is not None and self.guard.usable(key):
-            try:
-                if await self.redis.set(key, b"1", nx=True, px=seconds * 1000):
-                    self._set_fallback(False)
-                    return 0.0
-                left = await self.redis.pttl(key)
-                self._set_fallback(False)
-                return max(0.001, int(left) / 1000) if int(left) > 0 else 0.001
-            except Exception as exc:
-                self.guard.failed(key, exc)
-                self._set_fallback(True, exc)
-        return self._take_local(key, seconds)
+        return self._take_local(self.key(room, user), seconds)
 
     def _take_local(self, key: str, seconds: int) -> float:
         now = time.monotonic()
@@ -108,8 +93,34 @@ class SlowWindows:
                     del self._local[k]
         return 0.0
 
+
+class RedisSlowWindows(SlowWindows):
+    """Slow mode's windows as Redis keys shared by every instance, or this
+    instance's own while Redis is unreachable."""
+
+    def __init__(self, redis: Any, *, prefix: str, guard: RedisGuard) -> None:
+        super().__init__(prefix=prefix)
+        self.redis = redis
+        self.guard = guard
+        self._fallback = False
+
+    async def take(self, room: str, user: str, seconds: int) -> float:
+        key = self.key(room, user)
+        if self.guard.usable(key):
+            try:
+                if await self.redis.set(key, b"1", nx=True, px=seconds * 1000):
+                    self._set_fallback(False)
+                    return 0.0
+                left = await self.redis.pttl(key)
+                self._set_fallback(False)
+                return max(0.001, int(left) / 1000) if int(left) > 0 else 0.001
+            except Exception as exc:
+                self.guard.failed(key, exc)
+                self._set_fallback(True, exc)
+        return self._take_local(key, seconds)
+
     def _set_fallback(self, on: bool, why: object = None) -> None:
-        if on != self._fallback and self.redis is not None:
+        if on != self._fallback:
             if on:
                 log.warning("slow mode: Redis unreachable (%r); windows kept per instance", why)
             else:
@@ -130,9 +141,9 @@ class Moderation:
     ) -> None:
         self.store = store
         self.slow = (
-            SlowWindows(None, prefix=prefix, guard=None)
+            SlowWindows(prefix=prefix)
             if redis is None
-            else SlowWindows(redis.client, prefix=prefix, guard=redis.guard)
+            else RedisSlowWindows(redis.client, prefix=prefix, guard=redis.guard)
         )
         self.refresh_interval = refresh
         # room -> (state, monotonic time it was read)

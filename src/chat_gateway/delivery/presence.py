@@ -46,7 +46,6 @@ from chat_gateway.core.wire import encode_presence
 from chat_gateway.periodic import every
 from chat_gateway.pubsub import Broker, BrokerUnavailable
 from chat_gateway.redisio.context import RedisContext
-from chat_gateway.redisio.guard import NO_GUARD
 from chat_gateway.redisio.pipelined import per_key
 from chat_gateway.redisio.script import Script
 
@@ -101,10 +100,13 @@ REFRESH_BATCH = 500
 
 
 class Presence:
+    """Presence of this instance only (no Redis): its own connections, and the
+    leaves still debounced. :class:`RedisPresence` shares it across instances; the
+    gateway picks one at start-up."""
+
     def __init__(
         self,
         broker: Broker,
-        redis: RedisContext | None,
         *,
         prefix: str = "chat:",
         ttl: float = 30.0,
@@ -115,10 +117,6 @@ class Presence:
         notify: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.broker = broker
-        # The shared Redis (chat_gateway.redisio.context); None: presence of this instance only.
-        self.redis: Any | None = None if redis is None else redis.client
-        self.guard = NO_GUARD if redis is None else redis.guard
-        self.batch = None if redis is None else redis.batch
         self.prefix = prefix
         self.ttl = ttl
         self.channel = channel
@@ -133,21 +131,9 @@ class Presence:
         # Within a third of the ttl, a member waiting to leave has not expired yet.
         self.debounce = min(debounce, ttl / 3)
         self._leaving: dict[tuple[str, str], asyncio.Task[None]] = {}  # (room, user)
-        # The sweeps due this loop turn, (room, member), and when they are done.
-        self._departing: tuple[list[tuple[str, str]], asyncio.Future[None]] | None = None
-        if self.redis is not None:
-            self._join = Script(self.redis, _JOIN)
-            self._leave = Script(self.redis, _LEAVE)
-
-    def key(self, room: str) -> str:
-        return f"{self.prefix}{{{room}}}:presence"
-
-    def _member(self, user: str) -> str:
-        return f"{self.instance}:{user}"
 
     async def start(self) -> None:
-        if self.redis is not None:
-            self._task = every(self.ttl / 3, self.refresh, "presence refresh")
+        pass
 
     async def close(self) -> None:
         """Leave every room this instance holds (announced), then stop refreshing."""
@@ -179,29 +165,14 @@ class Presence:
         back = self._leaving.pop((room, user), None)
         if back is not None:
             back.cancel()  # back before the leave went out: to the others they never left
-        announce = back is None
-        if self.redis is not None and self._redis_usable(self.key(room)):
-            now = _ms()
-            try:
-                joined = bool(
-                    await self._join(
-                        keys=[self.key(room)],
-                        args=[
-                            self._member(user),
-                            user,
-                            now + int(self.ttl * 1000),
-                            now,
-                            int(self.ttl * 2000),
-                        ],
-                        batch=self.batch,
-                    )
-                )
-                announce = announce and joined
-            except Exception as exc:
-                self._redis_failed(self.key(room))
-                log.warning("presence join not recorded: %r", exc, extra={"room": room})
-        if announce:
+        new = await self._record_join(room, user)
+        if back is None and new:
             await self._announce(room, "join", user)
+
+    async def _record_join(self, room: str, user: str) -> bool:
+        """Record that ``user`` is in ``room`` here; False when the room already had
+        the user (nothing to announce)."""
+        return True
 
     async def left(self, conn: int, room: str) -> None:
         entry = self._held.get(conn)
@@ -230,9 +201,84 @@ class Presence:
     async def _depart(self, room: str, user: str) -> None:
         """The last local connection of ``user`` left ``room``: remove and announce
         (with the other departures of this loop turn, see :meth:`_sweep_many`)."""
-        if self.redis is None:
-            await self._announce(room, "leave", user)
+        await self._announce(room, "leave", user)
+
+    async def gone(self, conn: int) -> None:
+        """Connection ``conn`` closed: leave every room it was in."""
+        entry = self._held.get(conn)
+        if entry is None:
             return
+        for room in list(entry[1]):
+            await self.left(conn, room)
+        self._held.pop(conn, None)
+
+    async def members(self, room: str) -> list[str]:
+        # a leave still debounced is not gone yet
+        return sorted(
+            {*self.local.get(room, {}), *(user for r, user in self._leaving if r == room)}
+        )
+
+    async def _announce(self, room: str, action: str, user: str) -> None:
+        self.notify(
+            "presence.joined" if action == "join" else "presence.left",
+            {"room": room, "user": user},
+        )
+        try:
+            await self.broker.publish(self.channel(room), encode_presence(room, action, user))
+        except BrokerUnavailable as exc:
+            log.warning("presence %s not announced: %s", action, exc, extra={"room": room})
+
+
+class RedisPresence(Presence):
+    """Presence across every instance, in ``redis`` (chat_gateway.redisio.context):
+    see the module docstring."""
+
+    def __init__(self, broker: Broker, redis: RedisContext, **options: Any) -> None:
+        """``options``: as :class:`Presence` takes them."""
+        super().__init__(broker, **options)
+        self.redis: Any = redis.client
+        self.guard = redis.guard
+        self.batch = redis.batch
+        self._join = Script(self.redis, _JOIN)
+        self._leave = Script(self.redis, _LEAVE)
+        # The sweeps due this loop turn, (room, member), and when they are done.
+        self._departing: tuple[list[tuple[str, str]], asyncio.Future[None]] | None = None
+
+    def key(self, room: str) -> str:
+        return f"{self.prefix}{{{room}}}:presence"
+
+    def _member(self, user: str) -> str:
+        return f"{self.instance}:{user}"
+
+    async def start(self) -> None:
+        self._task = every(self.ttl / 3, self.refresh, "presence refresh")
+
+    async def _record_join(self, room: str, user: str) -> bool:
+        if not self._redis_usable(self.key(room)):
+            return True
+        now = _ms()
+        try:
+            return bool(
+                await self._join(
+                    keys=[self.key(room)],
+                    args=[
+                        self._member(user),
+                        user,
+                        now + int(self.ttl * 1000),
+                        now,
+                        int(self.ttl * 2000),
+                    ],
+                    batch=self.batch,
+                )
+            )
+        except Exception as exc:
+            self._redis_failed(self.key(room))
+            log.warning("presence join not recorded: %r", exc, extra={"room": room})
+            return True
+
+    async def _depart(self, room: str, user: str) -> None:
+        """The last local connection of ``user`` left ``room``: remove and announce
+        (with the other departures of this loop turn, see :meth:`_sweep_many`)."""
         if self._departing is None:
             loop = asyncio.get_running_loop()
             self._departing = ([], loop.create_future())
@@ -248,20 +294,7 @@ class Presence:
         task = asyncio.get_running_loop().create_task(self._sweep_many(sweeps))
         task.add_done_callback(lambda _task: _settle(done))
 
-    async def gone(self, conn: int) -> None:
-        """Connection ``conn`` closed: leave every room it was in."""
-        entry = self._held.get(conn)
-        if entry is None:
-            return
-        for room in list(entry[1]):
-            await self.left(conn, room)
-        self._held.pop(conn, None)
-
     async def members(self, room: str) -> list[str]:
-        if self.redis is None:  # a leave still debounced is not gone yet
-            return sorted(
-                {*self.local.get(room, {}), *(user for r, user in self._leaving if r == room)}
-            )
         if not self._redis_usable(self.key(room)):
             raise ConnectionError("Redis failed moments ago")
         try:
@@ -312,7 +345,6 @@ class Presence:
         only where this instance has members; a held room is swept (the leave
         script, which also announces) only when a read of the batch found an
         expired member in it: most rooms have none, or no presence set at all."""
-        assert self.redis is not None
         now = _ms()
         expiry = now + int(self.ttl * 1000)
         groups = [
@@ -367,16 +399,6 @@ class Presence:
                 groups[i : i + REFRESH_BATCH],
             )
         return results
-
-    async def _announce(self, room: str, action: str, user: str) -> None:
-        self.notify(
-            "presence.joined" if action == "join" else "presence.left",
-            {"room": room, "user": user},
-        )
-        try:
-            await self.broker.publish(self.channel(room), encode_presence(room, action, user))
-        except BrokerUnavailable as exc:
-            log.warning("presence %s not announced: %s", action, exc, extra={"room": room})
 
 
 def _settle(done: asyncio.Future[None]) -> None:

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from chat_gateway.api import moderation as mo
-from chat_gateway.api import server as sa
 from chat_gateway.api import validation as v
 from chat_gateway.api import webhooks as wh
 from chat_gateway.errors import CODES
-from chat_gateway.transports import stats_stream as stats
 
 _REF = "#/components/schemas/"
 
@@ -279,7 +276,7 @@ def moderation_paths() -> dict[str, Any]:
         },
     }
     entry = {"$ref": _REF + "ModerationAction"}
-    user_param = {"name": "user", "in": "path", "required": True, "schema": mo.USER}
+    user_param = {"name": "user", "in": "path", "required": True, "schema": v.MODERATED_USER}
     refusals = ("invalid_json", "invalid_request", "unauthorized", "forbidden", "too_large")
     paths: dict[str, Any] = {}
     for name, what in (("bans", "ban"), ("mutes", "mute")):
@@ -351,7 +348,7 @@ def moderation_paths() -> dict[str, Any]:
         "get": {
             "summary": "the room's moderation log, newest first",
             "security": by,
-            "parameters": [ROOM_PARAM, *_query(mo.LOG_QUERY)],
+            "parameters": [ROOM_PARAM, *_query(v.MODERATION_LOG_QUERY)],
             "responses": {
                 "200": _json(
                     {
@@ -467,7 +464,7 @@ def server_paths() -> dict[str, Any]:
             "get": {
                 "summary": "rooms with subscribers on any instance, by name, paged",
                 "security": KEY_ONLY,
-                "parameters": _query(sa.ROOMS_QUERY),
+                "parameters": _query(v.ROOMS_QUERY),
                 "responses": {
                     "200": _json(
                         {
@@ -530,7 +527,7 @@ def server_paths() -> dict[str, Any]:
         },
         "/v1/server/broadcast": {
             "post": {
-                "summary": f"one ephemeral event to 1..{sa.MAX_BROADCAST_ROOMS} rooms",
+                "summary": f"one ephemeral event to 1..{v.MAX_BROADCAST_ROOMS} rooms",
                 "security": KEY_ONLY,
                 "requestBody": _body("ServerBroadcast"),
                 "responses": {
@@ -879,7 +876,7 @@ def document(open_mode: bool = False) -> dict[str, Any]:
                 "instance's, or with scope=cluster the sum over every instance; "
                 "in auth mode an API key (Bearer or ?key=) is required",
                 "security": [{"apiKey": []}, {}],
-                "parameters": _query(stats.QUERY),
+                "parameters": _query(v.STATS_QUERY),
                 "responses": {
                     "200": {
                         "description": "the event stream",
@@ -922,7 +919,7 @@ def document(open_mode: bool = False) -> dict[str, Any]:
             "get": {
                 "summary": "dead-lettered webhook events, newest first, paged by `next`",
                 "security": ADMIN,
-                "parameters": _query(wh.DEAD_QUERY),
+                "parameters": _query(v.DEAD_QUERY),
                 "responses": {
                     "200": _json(
                         {
@@ -1032,8 +1029,8 @@ def document(open_mode: bool = False) -> dict[str, Any]:
     for (path, method), codes in MODERATED.items():
         _add_errors(paths[path][method], *codes)
     schemas: dict[str, Any] = {
-        "Restriction": mo.RESTRICTION_BODY,
-        "RoomSettings": mo.SETTINGS_BODY,
+        "Restriction": v.RESTRICTION_BODY,
+        "RoomSettings": v.SETTINGS_BODY,
         "ModerationAction": MODERATION_ACTION,
         "Message": MESSAGE,
         "Error": ERROR,
@@ -1044,9 +1041,9 @@ def document(open_mode: bool = False) -> dict[str, Any]:
     }
     schemas.update(
         {
-            "ServerDisconnect": sa.DISCONNECT,
-            "ServerUnsubscribe": sa.UNSUBSCRIBE,
-            "ServerBroadcast": sa.BROADCAST,
+            "ServerDisconnect": v.DISCONNECT,
+            "ServerUnsubscribe": v.UNSUBSCRIBE,
+            "ServerBroadcast": v.BROADCAST,
         }
     )
     schemas.update(
@@ -1064,8 +1061,8 @@ def document(open_mode: bool = False) -> dict[str, Any]:
         {
             "WebhookEndpoint": wh.ENDPOINT,
             "WebhookDeadLetter": wh.DEAD_LETTER,
-            "WebhookReplay": wh.REPLAY,
-            "WebhookEnable": wh.ENABLE,
+            "WebhookReplay": v.REPLAY,
+            "WebhookEnable": v.ENABLE,
         }
     )
     return {

@@ -13,13 +13,14 @@ from chat_gateway.storage.base import (
     StoreUnavailable,
     new_id,
 )
-from chat_gateway.storage.cache import HistoryCache
+from chat_gateway.storage.cache import HistoryCache, RedisHistoryCache
 from chat_gateway.storage.open import create_store
 
 __all__ = [
     "MAX_PAGE",
     "Change",
     "HistoryCache",
+    "RedisHistoryCache",
     "Message",
     "MessageNotFound",
     "NotAuthor",

@@ -39,7 +39,8 @@ only while both match, so no instance serves a window from before a change,
 whether or not the change reached it live, and no load that read the store
 before it can write its page.
 
-With no Redis (``memory://``) every read goes to the store.
+With no Redis (``memory://``) every read goes to the store: that is
+``HistoryCache``; ``RedisHistoryCache`` is the cache above.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from chat_gateway.redisio.context import RedisContext
-from chat_gateway.redisio.guard import NO_GUARD, RedisGuard
+from chat_gateway.redisio.guard import RedisGuard
 from chat_gateway.redisio.pipelined import PipelinedConnection, per_key
 from chat_gateway.redisio.script import Script
 from chat_gateway.storage.base import MAX_PAGE, Message, Page, Store, parse_ts
@@ -145,40 +146,99 @@ return 1
 
 
 class HistoryCache:
-    """Read-through cache of the latest page; ``redis`` is the shared Redis
-    (chat_gateway.redisio.context), None without one (every read goes to the store)."""
+    """No cache: without Redis (``memory://``) every read goes to the store.
+    :class:`RedisHistoryCache` is the cache; the gateway picks one at start-up."""
+
+    redis: Any | None = None  # the Redis the cache's commands go to (none here)
 
     def __init__(
         self,
         store: Store,
-        redis: RedisContext | None = None,
         *,
         prefix: str = "chat:",
         ttl: int = 3600,
         metrics: CacheMetrics | None = None,
     ) -> None:
         self.store = store
-        self.redis: Any | None = None if redis is None else redis.client
-        # A pipelined connection to the same Redis, for the reads.
-        self.batch: PipelinedConnection | None = None if redis is None else redis.batch
-        # Skips Redis right after a failure (shared with its other users).
-        self.guard: RedisGuard = NO_GUARD if redis is None else redis.guard
         self.prefix = prefix
         self.ttl = ttl
         self.metrics: CacheMetrics = metrics if metrics is not None else _Uncounted()
+
+    async def purged(self, room: str) -> None:
+        """The room's history was purged in the store: no instance may serve a page
+        read before that."""
+        self.forget(room)
+
+    async def changed(self, room: str) -> None:
+        """A message of the room was edited or deleted in the store: as ``purged``,
+        every instance's cached window of it is void."""
+        self.forget(room)
+
+    def forget(self, room: str) -> None:
+        """Drop this instance's decoded window of ``room`` (a purge was announced)."""
+
+    async def committed(self, message: Message) -> None:
+        """Record a commit; called before the write is acknowledged."""
+
+    def raise_command(self, message: Message) -> tuple[Any, ...]:
+        """``committed`` as one Redis command, to send with others
+        (chat_gateway.redisio.pipelined): only where there is a Redis."""
+        raise RuntimeError("no Redis to send the raise to")
+
+    async def queued_result(self, message: Message, result: Any) -> None:
+        """The reply of a queued raise (see :meth:`raise_command`)."""
+
+    async def latest_seqs(self, rooms: list[str]) -> dict[str, int]:
+        """Latest seqs of many rooms; a room with no message is left out."""
+        return await self.store.latest_seqs(rooms) if rooms else {}
+
+    async def raise_behind(self, seqs: dict[str, int]) -> None:
+        """Raise each cached seq that is behind ``seqs`` (the store's)."""
+
+    async def history(
+        self, room: str, *, limit: int = 50, before: int | None = None, after: int | None = None
+    ) -> Page:
+        return await self.store.history(room, limit=limit, before=before, after=after)
+
+    async def get_many(self, keys: list[str]) -> list[Any]:
+        """GET of each key (there are none without Redis)."""
+        return [None] * len(keys)
+
+    async def close(self) -> None:
+        pass
+
+
+class RedisHistoryCache(HistoryCache):
+    """Read-through cache of the latest page in ``redis``, the shared Redis
+    (chat_gateway.redisio.context): see the module docstring."""
+
+    def __init__(
+        self,
+        store: Store,
+        redis: RedisContext,
+        *,
+        prefix: str = "chat:",
+        ttl: int = 3600,
+        metrics: CacheMetrics | None = None,
+    ) -> None:
+        super().__init__(store, prefix=prefix, ttl=ttl, metrics=metrics)
+        self.redis: Any = redis.client
+        # A pipelined connection to the same Redis, for the reads.
+        self.batch: PipelinedConnection | None = redis.batch
+        # Skips Redis right after a failure (shared with its other users).
+        self.guard: RedisGuard = redis.guard
         self._flights: dict[tuple[str, int | None], asyncio.Future[tuple[Page, Any]]] = {}
         self._dirty: dict[str, int] = {}
         self._retry: asyncio.Future[None] | None = None
         # room -> (version, generation, window): see the module docstring.
         self._local: OrderedDict[str, tuple[int, Any, Page]] = OrderedDict()
         self._unchanged: set[str] = set()  # changed rooms Redis could not be told of
-        if self.redis is not None:
-            self._read = Script(self.redis, _READ)
-            self._raise = Script(self.redis, _RAISE)
-            self._poll = Script(self.redis, _POLL)
-            self._fill = Script(self.redis, _FILL)
-            self._purge = Script(self.redis, _PURGE)
-            self._changed = Script(self.redis, _CHANGED)
+        self._read = Script(self.redis, _READ)
+        self._raise = Script(self.redis, _RAISE)
+        self._poll = Script(self.redis, _POLL)
+        self._fill = Script(self.redis, _FILL)
+        self._purge = Script(self.redis, _PURGE)
+        self._changed = Script(self.redis, _CHANGED)
 
     def _keys(self, room: str) -> list[str]:
         base = f"{self.prefix}{{{room}}}"
@@ -192,8 +252,6 @@ class HistoryCache:
         read before that. Raises when Redis cannot be told (the caller says so; a
         retry of the purge repeats this)."""
         self.forget(room)
-        if self.redis is None:
-            return
         keys = self._keys(room) + [self._purge_key(room)]
         try:
             await self._purge(keys=keys, args=[self.ttl])
@@ -207,8 +265,6 @@ class HistoryCache:
         acknowledged; if Redis cannot be told the room is retried in the background
         (meanwhile the guard sends reads to the store)."""
         self.forget(room)
-        if self.redis is None:
-            return
         try:
             await self._changed(keys=self._change_keys(room), args=[self.ttl])
         except Exception as exc:
@@ -240,8 +296,6 @@ class HistoryCache:
         answers, so a page cached before the outage stops being served as soon
         as this instance reaches Redis again.
         """
-        if self.redis is None:
-            return
         keys = self._keys(message.room)
         if not self._usable(keys[0]):
             # Skipped, not failed: telling the guard would move its cooldown
@@ -318,17 +372,15 @@ class HistoryCache:
         room with no key (no write since its TTL) is left out; a room whose key
         cannot be read (Redis, or its shard, down) is answered by the store."""
         seqs: dict[str, int] = {}
-        unread = rooms
-        if self.redis is not None:
-            prefix = self.prefix
-            values = await self.get_many([f"{prefix}{{{room}}}:seq" for room in rooms])
-            unread = []
-            for room, value in zip(rooms, values, strict=True):
-                if isinstance(value, BaseException):
-                    log.debug("cache seq read failed: %r", value)
-                    unread.append(room)
-                elif value is not None:
-                    seqs[room] = int(value)
+        prefix = self.prefix
+        values = await self.get_many([f"{prefix}{{{room}}}:seq" for room in rooms])
+        unread = []
+        for room, value in zip(rooms, values, strict=True):
+            if isinstance(value, BaseException):
+                log.debug("cache seq read failed: %r", value)
+                unread.append(room)
+            elif value is not None:
+                seqs[room] = int(value)
         if unread:
             seqs.update(await self.store.latest_seqs(unread))
         return seqs
@@ -339,7 +391,7 @@ class HistoryCache:
         the retry) would otherwise leave a page without it served as current. One
         read for all; a raise only where a key is behind. A room with no key has
         no page to serve; one whose key cannot be read waits for the next call."""
-        if self.redis is None or not seqs:
+        if not seqs:
             return
         rooms = list(seqs)
         prefix = self.prefix
@@ -355,7 +407,7 @@ class HistoryCache:
     async def history(
         self, room: str, *, limit: int = 50, before: int | None = None, after: int | None = None
     ) -> Page:
-        if self.redis is None or before is not None or after is not None:
+        if before is not None or after is not None:
             return await self.store.history(room, limit=limit, before=before, after=after)
         keys = self._keys(room)
         if not self._usable(keys[0]):
@@ -450,8 +502,6 @@ class HistoryCache:
         window and the generation it was cached under (``_UNCACHED``: not cached, so
         not to be kept here either)."""
         redis = self.redis
-        if redis is None:
-            raise RuntimeError("a cold load through the cache needs its Redis")
         lock = keys[0][: -len(":seq")] + ":load"
         try:
             leader = bool(await redis.set(lock, b"1", nx=True, px=LOAD_LOCK_MS))

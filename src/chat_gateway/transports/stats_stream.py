@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 import orjson
 from starlette.requests import Request
@@ -26,34 +25,6 @@ from chat_gateway.core.frames import sse_event
 from chat_gateway.errors import ApiError
 from chat_gateway.services import Services
 from chat_gateway.transports.connections import Connection, ConnectionStream
-
-INTERVAL: dict[str, Any] = {"type": "number", "minimum": 1, "maximum": 60, "default": 1.0}
-
-
-def _interval(raw: str | None) -> float:
-    if raw is None:
-        return float(INTERVAL["default"])
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not INTERVAL["minimum"] <= value <= INTERVAL["maximum"]:
-        raise ApiError(
-            "invalid_request",
-            "interval must be a number of seconds from "
-            f"{INTERVAL['minimum']} to {INTERVAL['maximum']}",
-            field="interval",
-        )
-    return value
-
-
-SCOPE: dict[str, Any] = {"type": "string", "enum": ["instance", "cluster"], "default": "instance"}
-KEY: dict[str, Any] = {
-    "type": "string",
-    "description": "an API key, where a browser's "
-    "EventSource cannot send an Authorization header (auth mode)",
-}
-QUERY = v.object_schema([], interval=INTERVAL, scope=SCOPE, key=KEY)
 
 
 def stats_caller(request: Request, gw: Services) -> str:
@@ -75,11 +46,9 @@ def stats_caller(request: Request, gw: Services) -> str:
 
 async def stats_events(request: Request) -> Response:
     gw = gateway_of(request)
-    v.only_fields(dict(request.query_params), v.fields(QUERY))
-    interval = _interval(request.query_params.get("interval"))
-    scope = request.query_params.get("scope", SCOPE["default"])
-    if scope not in SCOPE["enum"]:
-        raise ApiError("invalid_request", "scope must be instance or cluster", field="scope")
+    v.only_fields(dict(request.query_params), v.fields(v.STATS_QUERY))
+    interval = v.interval(request.query_params.get("interval"))
+    scope = v.choice(request.query_params.get("scope"), "scope", v.SCOPE)
     connection = Connection(gw, stats_caller(request, gw))
     await connection.admit()
     sampler = gw.figures.sampler(cluster=scope == "cluster")
