@@ -22,7 +22,7 @@ from bench.stats import summary_ms
 from bench.targets import Gateway
 from chat_gateway.redisio.context import RedisContext
 from chat_gateway.redisio.pipelined import PipelinedConnection
-from chat_gateway.storage import HistoryCache
+from chat_gateway.storage.cache import RedisHistoryCache
 from chat_gateway.storage.postgres import PostgresStore
 
 ROOM = "history"
@@ -76,7 +76,9 @@ async def run(*, reads: int = 2000) -> list[dict[str, Any]]:
         try:
             # Built as the gateway builds it: the seq check goes through the batch.
             batch = PipelinedConnection(redis)
-            cache = HistoryCache(store, RedisContext.of(redis, batch=batch), prefix=target.prefix)
+            cache = RedisHistoryCache(
+                store, RedisContext.of(redis, batch=batch), prefix=target.prefix
+            )
             rows.append(
                 await timed("layer: warm cache", reads, lambda: cache.history(ROOM, limit=LIMIT))
             )
