@@ -552,6 +552,7 @@ class Hub:
         self._spawn(self.history.raise_behind({room: seq}), f"raise-{room}")
         r = self.rooms.get(room)
         if r is not None and r.sequencer.seq is not None and r.sequencer.seq < seq:
+            self.metrics.gap_fills.labels("notified").inc()
             r.sequencer.fill()
 
     def _start_fill(self, r: Room) -> None:
