@@ -228,6 +228,7 @@ class Gateway:
         await hub.start()
         running.push_async_callback(hub.close)
         self.store.listen(self._posted_by_sql)
+        running.push_async_callback(self.store.unlisten)  # before the hub closes
         presence = self._presence = Presence(
             self.broker,
             redis,

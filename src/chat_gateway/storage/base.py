@@ -232,6 +232,10 @@ class Store(ABC):
         default: a store with no such path calls nothing."""
         del on_posted
 
+    async def unlisten(self) -> None:
+        """Stop what ``listen`` started (``close`` does too). The default: nothing to stop."""
+        return
+
     @abstractmethod
     async def migrate(self) -> list[str]:
         """Apply pending migrations; return the versions applied now."""

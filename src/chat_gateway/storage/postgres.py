@@ -439,10 +439,13 @@ class PostgresStore(Store):
         self._listener = Listener(self.url, on_posted, timeout=self._pool_args["timeout"])
         self._listener.start()
 
-    async def close(self) -> None:
+    async def unlisten(self) -> None:
         if self._listener is not None:
             listener, self._listener = self._listener, None
             await listener.close()
+
+    async def close(self) -> None:
+        await self.unlisten()
         if self._releases:
             await asyncio.wait(self._releases, timeout=self._command_timeout)
         if self._pool is not None:
