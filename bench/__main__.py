@@ -1,8 +1,8 @@
 """``python -m bench SCENARIO [options]``: run, print a table, write JSON.
 
 Scenarios: ``fanout`` (gateway beside the peers, at each load), ``idle``,
-``rooms``, ``posts``, ``history``, or ``all`` (those five); ``webhooks`` and
-``search`` on their own. Every run stops by itself; servers listen on loopback.
+``rooms``, ``posts``, ``history``, or ``all`` (those five); ``webhooks``,
+``search`` and ``sql`` (a backend's COMMIT to a subscriber) on their own. Every run stops by itself; servers listen on loopback.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from bench import fanout, history, idle, otlp_sink, posts, rooms, search, webhooks
+from bench import fanout, history, idle, otlp_sink, posts, rooms, search, sql_publish, webhooks
 from bench.procs import raise_open_files
 from bench.targets import TARGETS, Gateway
 from bench.verdict import POSTS_PER_INSTANCE, verdicts
@@ -140,6 +140,7 @@ COLUMNS = {
         "first_2s",
         "attempts_per_min",
     ],
+    "sql": ["posts", "pace_ms", "p50_ms", "p99_ms", "max_ms"],
 }
 # A second table for a scenario: what each post cost every process on the machine.
 MORE_COLUMNS = {
@@ -284,6 +285,8 @@ async def run_scenario(
                 posts=args.search_posts,
             )
         )
+    elif scenario == "sql":
+        rows.extend(await sql_publish.run(posts=args.sql_posts))
     elif scenario == "webhooks":
         rows.extend(
             await webhooks.run(
@@ -340,7 +343,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("scenario", choices=(*SCENARIOS, "webhooks", "search", "all"))
+    p.add_argument("scenario", choices=(*SCENARIOS, "webhooks", "search", "sql", "all"))
     p.add_argument(
         "--targets",
         default="gateway,node-socketio,socketio,broadcaster,redis",
@@ -420,6 +423,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="posts/s due per instance in a second, open-loop run (0: none); "
         "the first run always posts back to back",
     )
+    p.add_argument("--sql-posts", type=int, default=300, help="sql: posts committed by the backend")
     p.add_argument("--hook-rooms", type=int, default=50, help="webhooks: rooms (queues)")
     p.add_argument(
         "--hook-rate", type=float, default=25.0, help="webhooks: posts/s in the latency phase"

@@ -169,6 +169,12 @@ class Gateway:
         """The started parts, as routes use them."""
         return _started(self._services, "services")
 
+    def _posted_by_sql(self, room: str, seq: int) -> None:
+        """A backend committed a message with SQL (``chat_post``): its outbox rows
+        are claimed now and its subscribers here get it from the store."""
+        self.hub.committed_elsewhere(room, seq)
+        self.committed()
+
     async def start(self, *, migrate: bool = True) -> None:
         running = self._running
         await self.auth.start()
@@ -221,6 +227,8 @@ class Gateway:
         )
         await hub.start()
         running.push_async_callback(hub.close)
+        self.store.listen(self._posted_by_sql)
+        running.push_async_callback(self.store.unlisten)  # before the hub closes
         # Shared across instances in Redis, or this instance's own without one.
         presence_kind: Callable[..., Presence] = (
             Presence if redis is None else partial(RedisPresence, redis=redis)

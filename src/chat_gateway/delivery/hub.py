@@ -545,6 +545,16 @@ class Hub:
         if r is not None and r.sequencer.seq is not None:
             r.sequencer.fill()
 
+    def committed_elsewhere(self, room: str, seq: int) -> None:
+        """A message committed without this gateway's publish (a backend's SQL
+        ``chat_post``): the cache's seq key is raised to it, so no instance serves a
+        page without it, and the room, if held here and behind, fills from the store."""
+        self._spawn(self.history.raise_behind({room: seq}), f"raise-{room}")
+        r = self.rooms.get(room)
+        if r is not None and r.sequencer.seq is not None and r.sequencer.seq < seq:
+            self.metrics.gap_fills.labels("notified").inc()
+            r.sequencer.fill()
+
     def _start_fill(self, r: Room) -> None:
         r.fill_task = self._spawn(self._fill(r), f"fill-{r.name}")
 

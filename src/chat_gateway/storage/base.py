@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from chat_gateway.storage.moderation import Action, ModerationEntry, RoomModeration
     from chat_gateway.storage.search import Cursor, Query, RoomScope
 
@@ -222,6 +224,17 @@ class Store(ABC):
 
     @abstractmethod
     async def close(self) -> None: ...
+
+    def listen(self, on_posted: Callable[[str, int], None]) -> None:
+        """From now until ``close``, call ``on_posted(room, seq)`` for each message
+        committed by a backend's SQL call (``chat_post``, Postgres only). A
+        notification may be lost (the position check repairs it) or repeated. The
+        default: a store with no such path calls nothing."""
+        del on_posted
+
+    async def unlisten(self) -> None:
+        """Stop what ``listen`` started (``close`` does too). The default: nothing to stop."""
+        return
 
     @abstractmethod
     async def migrate(self) -> list[str]:

@@ -109,11 +109,17 @@ class PostgresOutbox(Outbox):
         self.store = store
 
     async def register(self, urls: list[str]) -> list[Endpoint]:
+        # The list is marked in use, every other URL not: chat_post (migration 0012)
+        # writes outbox rows for the receivers in use, as write_outbox does here.
         rows = await self.store._call(
             "fetch",
-            "INSERT INTO webhook_endpoints (url) SELECT unnest($1::text[]) "
-            "ON CONFLICT (url) DO UPDATE SET url = EXCLUDED.url "
-            "RETURNING id, url, disabled_at, disabled_reason",
+            "WITH given AS (INSERT INTO webhook_endpoints (url, in_use) "
+            "SELECT unnest($1::text[]), true "
+            "ON CONFLICT (url) DO UPDATE SET url = EXCLUDED.url, in_use = true "
+            "RETURNING id, url, disabled_at, disabled_reason), "
+            "others AS (UPDATE webhook_endpoints SET in_use = false "
+            "WHERE in_use AND NOT url = ANY($1::text[])) "
+            "SELECT * FROM given",
             urls,
         )
         by_url = {r["url"]: _endpoint(r) for r in rows}

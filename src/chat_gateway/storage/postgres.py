@@ -48,7 +48,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -72,6 +72,7 @@ from chat_gateway.storage.base import (
     format_ts,
     new_id,
 )
+from chat_gateway.storage.listen_postgres import Listener
 from chat_gateway.storage.moderation import (
     BANNED,
     Action,
@@ -422,6 +423,7 @@ class PostgresStore(Store):
         # the variants that write the outbox too (see write_outbox).
         self._append_sql, self._append_group_sql = _APPEND, _APPEND_GROUP
         self._outbox_args: tuple[list[int], ...] = ()
+        self._listener: Listener | None = None  # chat_post's wake-ups (listen)
 
     async def start(self) -> None:
         try:
@@ -433,7 +435,17 @@ class PostgresStore(Store):
             # or the socket's sentence, with the target it was about.
             raise self._cannot_connect(exc) from exc
 
+    def listen(self, on_posted: Callable[[str, int], None]) -> None:
+        self._listener = Listener(self.url, on_posted, timeout=self._pool_args["timeout"])
+        self._listener.start()
+
+    async def unlisten(self) -> None:
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+            await listener.close()
+
     async def close(self) -> None:
+        await self.unlisten()
         if self._releases:
             await asyncio.wait(self._releases, timeout=self._command_timeout)
         if self._pool is not None:
