@@ -113,8 +113,11 @@ class Presence:
         instance: str | None = None,
         debounce: float = 0.0,
         notify: Callable[[str, dict[str, Any]], None] | None = None,
+        tracked: Callable[[str], bool] = lambda room: True,
     ) -> None:
         self.broker = broker
+        # Whether a room has presence at all (NAMESPACES_FILE, presence = false: none).
+        self.tracked = tracked
         # The shared Redis (chat_gateway.redisio.context); None: presence of this instance only.
         self.redis: Any | None = None if redis is None else redis.client
         self.guard = NO_GUARD if redis is None else redis.guard
@@ -165,8 +168,9 @@ class Presence:
     # -- connections -----------------------------------------------------------
 
     async def joined(self, conn: int, user: str | None, room: str) -> None:
-        """Connection ``conn`` of ``user`` entered ``room`` (no-op for anonymous)."""
-        if not user:
+        """Connection ``conn`` of ``user`` entered ``room`` (no-op for anonymous, and
+        in a room without presence)."""
+        if not user or not self.tracked(room):
             return
         held = self._held.setdefault(conn, (user, set()))[1]
         if room in held:
@@ -258,6 +262,8 @@ class Presence:
         self._held.pop(conn, None)
 
     async def members(self, room: str) -> list[str]:
+        if not self.tracked(room):
+            return []
         if self.redis is None:  # a leave still debounced is not gone yet
             return sorted(
                 {*self.local.get(room, {}), *(user for r, user in self._leaving if r == room)}
