@@ -266,3 +266,30 @@ async def test_rooms_outside_namespaces_are_unchanged(env):
                 assert await bob.messages(room, 1) == [1]
                 r = await http.get(f"{a.url}/v1/rooms/{room}/messages", headers=user("ana"))
                 assert [m["text"] for m in r.json()["messages"]] == ["hello"]
+
+
+async def test_bans_and_mutes_apply_to_emits(env):
+    async with instances(2, env) as (a, b), httpx.AsyncClient(timeout=10) as http:
+        async with (
+            WSClient.connect(f"{a.ws_url}?token={token('ana')}") as ana,
+            WSClient.connect(f"{a.ws_url}?token={token('bob')}") as bob,
+        ):
+            for user, kind in (("ana", "mutes"), ("bob", "bans")):
+                r = await http.post(
+                    f"{b.url}/v1/rooms/live:mod/{kind}", json={"user": user}, headers=API
+                )
+                assert r.status_code in (200, 201), r.text
+
+            async def refused(ws: WSClient, code: str) -> bool:
+                await ws.send({"type": "emit", "room": "live:mod", "event": "e", "ref": "m"})
+                while True:  # its answer: an ack (not refused yet) or the error
+                    frame = await ws.recv()
+                    if frame.get("ref") == "m":
+                        return bool(frame.get("code") == code)
+
+            # the instance that did not take the action learns it too
+            await eventually(lambda: refused(ana, "muted"))
+            await eventually(lambda: refused(bob, "banned"))
+            # elsewhere both still emit
+            await ana.send({"type": "emit", "room": "live:other", "event": "e", "ref": 1})
+            assert await ana.expect("ack") == {"type": "ack", "ref": 1}
