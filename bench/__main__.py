@@ -181,6 +181,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 async def _main(args: argparse.Namespace, report: dict[str, Any]) -> dict[str, Any]:
     scenarios = SCENARIOS if args.scenario == "all" else (args.scenario,)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if args.kind == "ephemeral":
+        targets = ["gateway-ephemeral" if t == "gateway" else t for t in targets]
     for name in targets:
         if name not in TARGETS:
             sys.exit(f"bench: unknown target {name!r}; choose from {', '.join(TARGETS)}")
@@ -361,6 +363,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="record py-spy profiles of the servers into this directory",
+    )
+    p.add_argument(
+        "--kind",
+        choices=("stored", "ephemeral"),
+        default="stored",
+        help="fan-out: the gateway's room kind; ephemeral runs the gateway target with "
+        "its room in an ephemeral namespace (emit frames, nothing stored), as "
+        "gateway-ephemeral",
     )
     p.add_argument("--instances", type=int, default=2)
     p.add_argument(

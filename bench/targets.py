@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -159,6 +161,40 @@ class Gateway(Target):
         )
 
 
+class EphemeralGateway(Gateway):
+    """The gateway with the room in an ephemeral namespace (``NAMESPACES_FILE``,
+    ``kind = "ephemeral"``): the publisher sends WS ``emit`` frames, every subscriber
+    gets the ``event`` frame, nothing is stored (``--kind ephemeral``)."""
+
+    name = "gateway-ephemeral"
+    key = "gateway-ephemeral"
+    persists = False
+    NAMESPACE = "live"
+
+    def make_server(self, i: int, extra_env: dict[str, str]) -> Server:
+        folder = Path(tempfile.mkdtemp(prefix="bench-namespaces-"))
+        path = folder / "namespaces.toml"
+        path.write_text(f'[namespaces.{self.NAMESPACE}]\nkind = "ephemeral"\npresence = false\n')
+        return super().make_server(i, {"NAMESPACES_FILE": str(path), **extra_env})
+
+    def room(self, room: str) -> str:
+        return f"{self.NAMESPACE}:{room}"
+
+    async def subscribe(self, client: WSClient, control: asyncio.Queue[bytes], room: str) -> None:
+        await super().subscribe(client, control, self.room(room))
+
+    def publish_frame(self, room: str, text: str, i: int) -> bytes:
+        return orjson.dumps(
+            {
+                "type": "emit",
+                "room": self.room(room),
+                "event": "bench",
+                "data": {"text": text},
+                "ref": i,
+            }
+        )
+
+
 class Peer(Target):
     """A peer server: ``bench/peers/<short>_server.py`` in the peers' own environment."""
 
@@ -299,5 +335,5 @@ def resp(*args: bytes) -> bytes:
 
 
 TARGETS: dict[str, Any] = {
-    t.key: t for t in (Gateway, NodeSocketIO, SocketIO, Broadcaster, RedisFanout)
+    t.key: t for t in (Gateway, EphemeralGateway, NodeSocketIO, SocketIO, Broadcaster, RedisFanout)
 }

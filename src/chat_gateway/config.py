@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from chat_gateway.core import namespaces
+from chat_gateway.core.namespaces import Namespaces
 from chat_gateway.core.public_keys import load_public_key
 
 
@@ -101,6 +103,8 @@ class Settings:
     search_rate_limit: Rate = field(default_factory=lambda: Rate(60, 60.0))
     # read positions marked per identity (HTTP and WS read frames share it)
     read_rate_limit: Rate = field(default_factory=lambda: Rate(120, 60.0))
+    # room kinds by namespace (chat_gateway.core.namespaces): the TOML file's path
+    namespaces_file: Namespaces = field(default_factory=Namespaces)
     trusted_proxies: tuple[str, ...] = ()
     key_prefix: str = "chat:"
     # database pool
@@ -374,6 +378,8 @@ def _convert(name: str, type_: Any, raw: str) -> Any:
     try:
         if type_name == "Rate":
             return Rate.parse(raw, name.upper())
+        if type_name == "Namespaces":
+            return namespaces.load(raw, Rate.parse)
         if type_name == "Backoff":
             return Backoff.parse(raw, name.upper())
         if type_name.startswith("tuple"):
@@ -383,6 +389,8 @@ def _convert(name: str, type_: Any, raw: str) -> Any:
         return _KNOWN_TYPES[type_name](raw)
     except ConfigError:
         raise
+    except namespaces.NamespaceError as exc:
+        raise ConfigError(str(exc)) from None
     except (KeyError, ValueError) as exc:
         raise ConfigError(f"{name.upper()}={raw!r} is not a valid {type_name}") from exc
 

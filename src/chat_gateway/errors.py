@@ -40,6 +40,12 @@ CODES: dict[str, tuple[int, str]] = {
         "the same identity reused an Idempotency-Key in the room "
         "with a different message (text or author)",
     ),
+    "wrong_room_kind": (
+        409,
+        "the room's namespace is of another kind (NAMESPACES_FILE): an ephemeral room "
+        "stores nothing, so it has no history, posts, edits, deletes or read positions; "
+        "emit there instead (and publish only in stored rooms)",
+    ),
     "too_large": (413, "the body or frame exceeds the size limit"),
     "request_timeout": (
         408,
@@ -123,6 +129,17 @@ class ApiError(Exception):
 def internal() -> ApiError:
     """The refusal for an unexpected failure: a 500 body or an ``internal`` error frame."""
     return ApiError("internal", "an unexpected error occurred; nothing was stored")
+
+
+def wrong_room_kind(room: str, kind: str, operation: str) -> ApiError:
+    """The refusal of ``operation`` in ``room``, whose namespace is of ``kind``."""
+    return ApiError(
+        "wrong_room_kind",
+        f"{room!r} is a{'n' if kind[0] in 'aeiou' else ''} {kind} room: {operation} "
+        "is not possible there",
+        room=room,
+        kind=kind,
+    )
 
 
 def store_unavailable(exc: StoreUnavailable, where: str) -> ApiError:

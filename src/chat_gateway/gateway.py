@@ -242,6 +242,7 @@ class Gateway:
             debounce=self.settings.presence_debounce,
             instance=self.instance_id,
             notify=self.webhooks.notify if self.webhooks else None,
+            tracked=lambda room: self.settings.namespaces_file.of(room).presence,
         )
         await presence.start()
         running.push_async_callback(presence.close)
@@ -324,7 +325,7 @@ class Gateway:
             moderation=moderation,
             presence=presence,
             control=control,
-            rates=Rates(limiter),
+            rates=Rates(limiter, self.settings.namespaces_file),
             figures=figures,
             readiness=Readiness(
                 {"database": self.store.ping, "broker": self.broker.ping},

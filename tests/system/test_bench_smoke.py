@@ -228,3 +228,28 @@ def test_bench_search_on_a_tiny_table(tmp_path) -> None:
     # with and without search in turns, on the table and its copy without search
     assert [len(v) for v in rows[-1]["turns"].values()] == [3, 3]
     assert " vs " in rows[-1]["server_us_per_post"]
+
+
+def test_bench_fanout_of_an_ephemeral_room(tmp_path) -> None:
+    """``--kind ephemeral`` measures the gateway with its room in an ephemeral
+    namespace: emits delivered to every subscriber, in order, nothing stored."""
+    out = tmp_path / "ephemeral.json"
+    bench(
+        "fanout",
+        "--kind",
+        "ephemeral",
+        "--targets",
+        "gateway",
+        "--instances",
+        "2",
+        "--loads",
+        "5x40",
+        "--messages",
+        "20",
+        "--json",
+        str(out),
+    )
+    (fan,) = orjson.loads(out.read_bytes())["results"]["fanout"]
+    assert fan["target"] == "gateway-ephemeral" and fan["persists"] is False
+    assert fan["delivered"] == fan["expected"] == 5 * 20
+    assert fan["complete_subscribers"] == 5 and fan["out_of_order"] == 0

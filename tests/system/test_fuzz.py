@@ -327,6 +327,9 @@ STATEFUL: dict[str, set[tuple[str, Any]]] = {
     "edit": {("not_found", None), ("forbidden", None)},
     "delete": {("not_found", None), ("forbidden", None)},
     "typing": {("invalid_request", "room")},
+    # a room's kind is its namespace's (NAMESPACES_FILE): with none set, every room is
+    # stored, and an emit there is refused
+    "emit": {("wrong_room_kind", None)},
 }
 
 

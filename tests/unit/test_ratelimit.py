@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from chat_gateway.access.ratelimit import LocalBuckets, take
+from chat_gateway.access.ratelimit import POST, LocalBuckets, post_action, rates_of, take
 from chat_gateway.config import ConfigError, Rate, Settings
 
 SECOND = 1_000_000
@@ -77,3 +77,16 @@ def test_rates_too_large_for_exact_arithmetic_are_refused():
         "10.0.0.0/8",
         "::1",
     )
+
+
+def test_a_namespace_rate_limit_is_a_bucket_of_its_own(tmp_path) -> None:
+    path = tmp_path / "ns.toml"
+    path.write_text(
+        '[namespaces.slow]\nrate_limit = "2/1h"\n[namespaces.live]\nkind = "ephemeral"\n'
+    )
+    settings = Settings.from_env({"NAMESPACES_FILE": str(path)})
+    rates = rates_of(settings)
+    ns = settings.namespaces_file
+    assert post_action(ns.of("slow:a")) == "post@slow" and rates["post@slow"] == Rate(2, 3600.0)
+    assert post_action(ns.of("live:a")) == POST == post_action(ns.of("lobby"))
+    assert rates[POST] == settings.rate_limit

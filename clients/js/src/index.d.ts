@@ -221,6 +221,13 @@ export declare class Client {
   cursor(room: string): number | undefined;
   /** Resolves with the stored message; stored once even when resent after a drop. */
   publish(room: string, text: string, options?: { key?: string }): Promise<Message>;
+  /**
+   * An event to every subscriber of an ephemeral room (nothing stored); resolves on the
+   * gateway's ack. Sent once: rejected (`disconnected`) without a connection or when it
+   * closes first; `wrong_room_kind` in a stored room, `forbidden` where the namespace
+   * takes publishes from API keys only. Subscribers get it as `event`.
+   */
+  emit(room: string, event: string, data?: Record<string, unknown>): Promise<void>;
   /** Edit the message at `seq` (own, or any as a moderator); resolves with it as edited. */
   edit(room: string, seq: number, text: string, options?: { key?: string }): Promise<Message>;
   /** Delete the message at `seq`; resolves with the tombstone. */

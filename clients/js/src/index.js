@@ -149,7 +149,8 @@ class Emitter {
     return off;
   }
 
-  emit(type, ev) {
+  /** Call the listeners of `type` (the client's own events, not sent anywhere). */
+  fire(type, ev) {
     for (const fn of [...(this.#listeners.get(type) ?? [])]) {
       try {
         fn(ev);
@@ -243,8 +244,8 @@ export class Client extends Emitter {
   #setState(state, ev = {}) {
     this.state = state;
     const event = { state, ...ev };
-    this.emit(state, event);
-    this.emit("state", event);
+    this.fire(state, event);
+    this.fire("state", event);
   }
 
   #later(ms, fn) {
@@ -301,7 +302,7 @@ export class Client extends Emitter {
       sock = new WS(base.replace(/^http/, "ws") + "/v1/ws" + (qs ? "?" + qs : ""));
     } catch (err) {
       if (this.state !== State.CONNECTING) return;
-      this.emit("error", err instanceof GatewayError ? err
+      this.fire("error", err instanceof GatewayError ? err
         : new GatewayError("connect_failed", String(err?.message ?? err)));
       if (err?.code === "no_websocket") return this.#closed(CloseCode.ABNORMAL, err.message, err);
       return this.#disconnected(CloseCode.ABNORMAL, String(err?.message ?? err));
@@ -337,7 +338,7 @@ export class Client extends Emitter {
       try {
         frame = JSON.parse(typeof ev.data === "string" ? ev.data : String(ev.data));
       } catch {
-        return this.emit("error", new GatewayError("invalid_frame", "a frame was not JSON"));
+        return this.fire("error", new GatewayError("invalid_frame", "a frame was not JSON"));
       }
       this.#onFrame(frame);
     });
@@ -360,7 +361,8 @@ export class Client extends Emitter {
     this.answers = [];
     this.lastSeen = Date.now();
     for (const room of this.rooms.values()) this.#sendSubscribe(room);
-    for (const p of this.pending.values()) this.#send(p.frame); // same keys: stored once
+    // same keys: stored once (emits were rejected with the socket they were sent on)
+    for (const p of this.pending.values()) this.#send(p.frame);
     this.pingTimer = setInterval(() => this.#ping(), this.options.pingInterval);
     this.#planRefresh();
     this.#setState(State.CONNECTED, { url: this.urls[this.urlIndex % this.urls.length] });
@@ -386,7 +388,7 @@ export class Client extends Emitter {
       try {
         this.token = await this.options.getToken();
       } catch (err) {
-        return this.emit("error", new GatewayError("token_refresh_failed",
+        return this.fire("error", new GatewayError("token_refresh_failed",
                                                    String(err?.message ?? err)));
       }
       if (this.sock === sock) this.#send({ type: "refresh", token: this.token }, { kind: "refresh" });
@@ -419,6 +421,11 @@ export class Client extends Emitter {
     this.timers.clear();
     for (const room of this.rooms.values()) room.subscribed = false;
     this.answers = [];
+    for (const [ref, p] of this.pending) {
+      if (!p.once) continue; // an emit is not stored, so it is never sent twice
+      this.pending.delete(ref);
+      p.reject(new GatewayError("disconnected", "the connection closed before the emit's ack"));
+    }
     if (httpStatus !== undefined && TERMINAL_HTTP.has(httpStatus)) {
       const codeName = httpStatus === 401 ? "unauthorized" : "forbidden";
       const error = refusal
@@ -522,13 +529,13 @@ export class Client extends Emitter {
         room.subscribed = true;
         const ev = { room: f.room, seq: f.seq, change: f.change };
         room.settle(null, ev);
-        return this.emit("subscribed", ev);
+        return this.fire("subscribed", ev);
       }
       case "unsubscribed": {
         if (f.reason === undefined && this.#answered("unsubscribe", f.room)) return;
         // the server API ended this subscription
         if (this.rooms.delete(f.room)) {
-          this.emit("unsubscribed", { room: f.room, reason: f.reason });
+          this.fire("unsubscribed", { room: f.room, reason: f.reason });
         }
         return;
       }
@@ -538,20 +545,20 @@ export class Client extends Emitter {
       case "refreshed":
         this.#answered("refresh");
         this.#planRefresh();
-        return this.emit("refreshed", { exp: f.exp });
+        return this.fire("refreshed", { exp: f.exp });
       case "message_updated":
       case "message_deleted":
         return this.#onChange(f);
       case "event":
-        return this.emit("event", { room: f.room, event: f.event, data: f.data });
+        return this.fire("event", { room: f.room, event: f.event, data: f.data });
       case "presence":
-        return this.emit("presence", { room: f.room, action: f.action, user: f.user });
+        return this.fire("presence", { room: f.room, action: f.action, user: f.user });
       case "typing":
-        return this.emit("typing", { room: f.room, user: f.user });
+        return this.fire("typing", { room: f.room, user: f.user });
       case "read":
-        return this.emit("read", { room: f.room, user: f.user, seq: f.seq });
+        return this.fire("read", { room: f.room, user: f.user, seq: f.seq });
       default:
-        return this.emit("frame", f); // a frame type newer than this client
+        return this.fire("frame", f); // a frame type newer than this client
     }
   }
 
@@ -582,7 +589,7 @@ export class Client extends Emitter {
       return this.#drop(CloseCode.GAP, `seq ${msg.seq} after ${room.cursor} in ${name}`);
     }
     room.cursor = msg.seq;
-    this.emit("message", msg);
+    this.fire("message", msg);
   }
 
   #onChange(f) {
@@ -594,7 +601,7 @@ export class Client extends Emitter {
       if (room.change !== undefined && f.change <= room.change) return;
       room.change = f.change;
     }
-    this.emit("change", {
+    this.fire("change", {
       kind: f.type === "message_updated" ? "updated" : "deleted",
       room: f.room,
       change: f.change,
@@ -623,7 +630,7 @@ export class Client extends Emitter {
       err.frame = "typing";
       err.room = head.room;
     }
-    this.emit("error", err);
+    this.fire("error", err);
   }
 
   // -- rooms and messages ----------------------------------------------------------
@@ -702,6 +709,23 @@ export class Client extends Emitter {
     return new Promise((resolve, reject) => {
       this.pending.set(ref, { frame, resolve, reject });
       if (this.state === State.CONNECTED) this.#send(frame);
+    });
+  }
+
+  /**
+   * Send an event to every subscriber of an ephemeral room (one whose namespace is
+   * `kind = "ephemeral"` on the gateway): nothing is stored. Resolves once the gateway
+   * acked it; sent once, on the connection of the moment (rejected when there is none,
+   * or when it closes before the ack). Subscribers get it as an `event`.
+   */
+  emit(room, event, data = {}) {
+    if (this.state !== State.CONNECTED) {
+      return Promise.reject(new GatewayError("disconnected", "not connected: nothing was emitted"));
+    }
+    const ref = "emit-" + this.nextRef++;
+    return new Promise((resolve, reject) => {
+      this.pending.set(ref, { frame: null, once: true, resolve: () => resolve(), reject });
+      this.#send({ type: "emit", room, event, data, ref });
     });
   }
 
@@ -849,7 +873,7 @@ export class Client extends Emitter {
 
 // -- one socket per browser: the SharedWorker mode ---------------------------------
 
-const SHARED_CALLS = ["publish", "edit", "delete", "history", "presence", "markRead",
+const SHARED_CALLS = ["publish", "emit", "edit", "delete", "history", "presence", "markRead",
                       "readState", "readPositions", "reconnectNow"];
 
 /**
@@ -915,9 +939,9 @@ export class SharedClient extends Emitter {
     }
     if (type === "message") this.cursors.set(ev.room, ev.seq);
     if (type === "unsubscribed") this.cursors.delete(ev.room);
-    if (type === "error") return this.emit("error", this.#error(ev));
+    if (type === "error") return this.fire("error", this.#error(ev));
     if (ev && ev.error) ev.error = this.#error(ev.error);
-    this.emit(type, ev);
+    this.fire(type, ev);
   }
 
   #error(e) {
@@ -969,8 +993,8 @@ export class SharedClient extends Emitter {
     for (const call of this.calls.values()) call.reject(err);
     this.calls.clear();
     this.state = State.CLOSED;
-    this.emit("closed", { state: State.CLOSED, reason: "closed by the client" });
-    this.emit("state", { state: State.CLOSED, reason: "closed by the client" });
+    this.fire("closed", { state: State.CLOSED, reason: "closed by the client" });
+    this.fire("state", { state: State.CLOSED, reason: "closed by the client" });
   }
 }
 

@@ -19,7 +19,7 @@
 import { Client, GatewayError } from "./index.js";
 
 const CALLS = new Set([
-  "connect", "publish", "edit", "delete", "typing", "history", "presence", "markRead",
+  "connect", "publish", "emit", "edit", "delete", "typing", "history", "presence", "markRead",
   "readState", "readPositions", "reconnectNow",
 ]);
 const ROOM_EVENTS = ["typing", "presence", "event", "read"];

@@ -167,6 +167,7 @@ class Client:
         self.state = State.DISCONNECTED
         self._rooms: dict[str, _Room] = {}
         self._pending: dict[str, _Publish] = {}  # ref -> publish, in send order
+        self._emits: dict[str, asyncio.Future[None]] = {}  # ref -> emit awaiting its ack
         self._answers: list[tuple[str, str | None]] = []  # (kind, room) awaiting an answer
         self._listeners: list[asyncio.Queue[Any]] = []
         self._ws: Any = None
@@ -272,8 +273,17 @@ class Client:
             if not p.future.done():
                 p.future.set_exception(self._close_error)
         self._pending.clear()
+        self._fail_emits(self._close_error)
         for room in self._rooms.values():
             room.end(self._close_error, quiet=code == CloseCode.NORMAL)
+
+    def _fail_emits(self, error: GatewayError) -> None:
+        """Emits are sent once (nothing stored makes a repeat harmless): those without
+        their ack when the socket closes fail."""
+        emits, self._emits = self._emits, {}
+        for fut in emits.values():
+            if not fut.done():
+                fut.set_exception(error)
 
     # -- connection ---------------------------------------------------------------
 
@@ -357,6 +367,7 @@ class Client:
         for room in self._rooms.values():
             room.subscribed = False
         self._answers.clear()
+        self._fail_emits(GatewayError("disconnected", "the connection closed before the ack"))
         if status in (401, 403):
             if error is None:
                 name = "unauthorized" if status == 401 else "forbidden"
@@ -451,6 +462,10 @@ class Client:
         kind = f.get("type")
         if kind == "message":
             self._on_message(f.get("room"), f.get("message"))
+        elif kind == "ack" and f.get("ref") in self._emits:
+            emitted = self._emits.pop(f["ref"])
+            if not emitted.done():
+                emitted.set_result(None)
         elif kind == "ack":
             p = self._pending.pop(f.get("ref"), None)  # type: ignore[arg-type]
             if p is not None and not p.future.done():
@@ -531,6 +546,11 @@ class Client:
     def _on_error(self, f: dict[str, Any]) -> None:
         err = GatewayError.of_frame(f)
         ref = f.get("ref")
+        if isinstance(ref, str) and ref in self._emits:
+            emitted = self._emits.pop(ref)
+            if not emitted.done():
+                emitted.set_exception(err)
+            return
         if isinstance(ref, str) and ref in self._pending:
             p = self._pending.pop(ref)
             if not p.future.done():
@@ -632,6 +652,29 @@ class Client:
         self._pending[ref] = _Publish(frame, fut)
         await self._send(frame, None)
         return await fut
+
+    async def emit(self, room: str, event: str, data: dict[str, Any] | None = None) -> None:
+        """Send an event to every subscriber of an ephemeral room (its namespace is
+        ``kind = "ephemeral"`` on the gateway): nothing is stored. Returns once the
+        gateway acked it. Sent once, on the connection of the moment: without one, or
+        when it closes before the ack, ``GatewayError`` ``disconnected``; in a stored
+        room ``wrong_room_kind``. Subscribers get it as an ``Event``."""
+        self._check_open()
+        if self._ws is None or self.state is not State.CONNECTED:
+            raise GatewayError("disconnected", "not connected: nothing was emitted")
+        ref = f"emit-{self._next_ref}"
+        self._next_ref += 1
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._emits[ref] = fut
+        frame = {"type": "emit", "room": room, "event": event, "data": data or {}, "ref": ref}
+        try:
+            await self._ws.send(json.dumps(frame))
+        except ConnectionClosed:
+            self._emits.pop(ref, None)
+            raise GatewayError(
+                "disconnected", "the connection closed: nothing was emitted"
+            ) from None
+        await fut
 
     async def typing(self, room: str) -> None:
         """Tell the room's other subscribers that this user is typing (the client must

@@ -164,6 +164,34 @@ async def test_ephemeral_publish_needs_the_api_key(gateway_env):
                 await watcher
 
 
+async def test_emit_reaches_subscribers_of_an_ephemeral_room(gateway_env, tmp_path):
+    namespaces = tmp_path / "namespaces.toml"
+    namespaces.write_text('[namespaces.live]\nkind = "ephemeral"\n')
+    env = {**gateway_env, "NAMESPACES_FILE": str(namespaces)}
+    async with instances(1, env) as (gw,):
+        async with Client(gw.url, user="ana", **FAST) as ana, Client(gw.url, user="bob") as bob:
+            events: list[Event] = []
+
+            async def watch() -> None:
+                async for ev in bob.events():
+                    if isinstance(ev, Event):
+                        events.append(ev)
+
+            watcher = asyncio.create_task(watch())
+            await bob.subscribe("live:x")
+            await ana.wait_connected()
+            assert await ana.emit("live:x", "goal", {"min": 9}) is None
+            await eventually(lambda: events, t(10))
+            assert events == [Event("live:x", "goal", {"min": 9})]
+            # nothing stored there; and a stored room takes no emit
+            with pytest.raises(GatewayError) as stored:
+                await ana.emit("lobby", "goal")
+            assert stored.value.code == "wrong_room_kind"
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+
 async def test_refused_upgrade_closes_for_good_and_a_provider_outlives_expiry(gateway_env):
     secret = "sdk-test-secret-0123456789abcdef"
     env = {**gateway_env, "AUTH_SECRET": secret}

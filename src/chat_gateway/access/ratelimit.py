@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from chat_gateway.config import Rate, Settings
+from chat_gateway.core.namespaces import Namespace, Namespaces
 from chat_gateway.errors import ApiError
 from chat_gateway.metrics import Metrics
 from chat_gateway.redisio.context import RedisContext
@@ -37,9 +38,21 @@ SEARCH = "search"  # GET /v1/search
 READ = "read"  # read positions marked: POST /v1/rooms/{room}/read and WS read frames
 
 
+def post_action(namespace: Namespace) -> str:
+    """The bucket of posts and emits in ``namespace``: ``post``, or its own where the
+    namespace overrides ``RATE_LIMIT`` (``NAMESPACES_FILE``)."""
+    return POST if namespace.rate_limit is None else f"{POST}@{namespace.name}"
+
+
 def rates_of(settings: Settings) -> dict[str, Rate]:
-    """Each action's rate as configured."""
+    """Each action's rate as configured (a namespace's ``rate_limit`` is one more)."""
+    overrides = {
+        post_action(ns): Rate.parse(ns.rate_limit, "rate_limit")
+        for ns in settings.namespaces_file.rules.values()
+        if ns.rate_limit is not None
+    }
     return {
+        **overrides,
         POST: settings.rate_limit,
         PUBLISH: settings.publish_rate_limit,
         CONNECT: settings.connect_rate_limit,
@@ -253,10 +266,16 @@ class RateLimiter(LocalRateLimiter):
 
 class Rates:
     """The limiter as routes and frames use it: one token of ``action``'s bucket for
-    ``identity`` per call, refused with 429 ``rate_limited``."""
+    ``identity`` per call, refused with 429 ``rate_limited``. Posts and emits take
+    their room's namespace's bucket (:meth:`check_post`)."""
 
-    def __init__(self, limiter: LocalRateLimiter) -> None:
+    def __init__(self, limiter: LocalRateLimiter, namespaces: Namespaces | None = None) -> None:
         self.limiter = limiter
+        self.namespaces = namespaces or Namespaces()
+
+    async def check_post(self, room: str, identity: str) -> Decision:
+        """One token of the post bucket of ``room``'s namespace (see :func:`post_action`)."""
+        return await self.check(post_action(self.namespaces.of(room)), identity)
 
     async def check(self, action: str, identity: str) -> Decision:
         """The decision (its headers go on the answer); ``ApiError`` when refused."""

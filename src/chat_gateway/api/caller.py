@@ -11,6 +11,8 @@ from starlette.requests import HTTPConnection
 
 from chat_gateway.access.auth import Identity, bearer, is_api_key, key_bucket
 from chat_gateway.api.validation import author
+from chat_gateway.core.namespaces import RoomKind
+from chat_gateway.errors import wrong_room_kind
 from chat_gateway.services import Services
 
 
@@ -64,6 +66,14 @@ def identify(conn: HTTPConnection, *, query_token: bool = False) -> Identity:
     return gw.auth.user(
         token_of(conn, query_token=query_token), client_address(conn, gw.settings.trusted_proxies)
     )
+
+
+def stored_room(gw: Services, room: str, operation: str) -> None:
+    """Refuse (409 ``wrong_room_kind``) an operation on stored messages in a room
+    whose namespace stores none (``NAMESPACES_FILE``)."""
+    kind = gw.settings.namespaces_file.of(room).kind
+    if kind is not RoomKind.STORED:
+        raise wrong_room_kind(room, kind.value, operation)
 
 
 def known_user(identity: Identity) -> str | None:

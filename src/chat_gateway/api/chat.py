@@ -15,9 +15,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from chat_gateway.access.auth import Identity
-from chat_gateway.access.ratelimit import POST, READ
+from chat_gateway.access.ratelimit import READ
 from chat_gateway.api import validation as v
-from chat_gateway.api.caller import api_key, gateway_of, identify, key_caller
+from chat_gateway.api.caller import api_key, gateway_of, identify, key_caller, stored_room
 from chat_gateway.api.responses import encoded_json_response, json_response
 from chat_gateway.errors import ApiError
 from chat_gateway.storage import ReadPosition
@@ -57,12 +57,13 @@ async def edit_message(request: Request) -> Response:
     gw = gateway_of(request)
     room = v.room_name(request.path_params["room"])
     seq = v.message_seq(request.path_params["seq"])
+    stored_room(gw, room, "changing a message")
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
     key = v.idempotency_key(request.headers.get("idempotency-key"))
     body = await v.json_body(request, gw.settings.max_body_bytes, v.EDIT_MESSAGE)
     text = v.text(body.get("text"))
     author, bucket = await _changer(request, room, body)
-    decision = await gw.rates.check(POST, bucket)
+    decision = await gw.rates.check_post(room, bucket)
     await gw.moderation.check_change(room, author, edit=True)
     msg = await gw.chat.change(
         room, seq, text, author=author, idempotency_key=None if key is None else (bucket, key)
@@ -74,11 +75,12 @@ async def delete_message(request: Request) -> Response:
     gw = gateway_of(request)
     room = v.room_name(request.path_params["room"])
     seq = v.message_seq(request.path_params["seq"])
+    stored_room(gw, room, "changing a message")
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
     key = v.idempotency_key(request.headers.get("idempotency-key"))
     body = await v.json_body(request, gw.settings.max_body_bytes, v.DELETE_MESSAGE, optional=True)
     author, bucket = await _changer(request, room, body)
-    decision = await gw.rates.check(POST, bucket)
+    decision = await gw.rates.check_post(room, bucket)
     await gw.moderation.check_change(room, author, edit=False)
     msg = await gw.chat.change(
         room, seq, None, author=author, idempotency_key=None if key is None else (bucket, key)
@@ -121,6 +123,7 @@ async def mark_read(request: Request) -> Response:
     room = v.room_name(request.path_params["room"])
     identity = identify(request)
     identity.check_room(room)
+    stored_room(gw, room, "a read position")
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
     body = await v.json_body(request, gw.settings.max_body_bytes, v.MARK_READ)
     seq = v.seq_field(body.get("seq"), "seq")
@@ -138,6 +141,7 @@ async def read_position(request: Request) -> Response:
     room = v.room_name(request.path_params["room"])
     identity = identify(request)
     identity.check_room(room)
+    stored_room(gw, room, "a read position")
     v.only_fields(dict(request.query_params), v.fields(v.READ_QUERY))
     user = reader(identity, dict(request.query_params))
     await gw.moderation.check_read(room, user)

@@ -298,6 +298,14 @@ FRAMES: dict[str, dict[str, Any]] = {
         ref=REF,
         key=IDEMPOTENCY_KEY,
     ),
+    "emit": _frame(
+        "emit",
+        ["room", "event"],
+        room=ROOM,
+        event=EVENT,
+        data={"type": "object", "description": "absent: {}"},
+        ref=REF,
+    ),
     "ping": _frame("ping", [], ref=REF),
     "refresh": _frame(
         "refresh",

@@ -115,8 +115,11 @@ class Presence:
         instance: str | None = None,
         debounce: float = 0.0,
         notify: Callable[[str, dict[str, Any]], None] | None = None,
+        tracked: Callable[[str], bool] = lambda room: True,
     ) -> None:
         self.broker = broker
+        # Whether a room has presence at all (NAMESPACES_FILE, presence = false: none).
+        self.tracked = tracked
         self.prefix = prefix
         self.ttl = ttl
         self.channel = channel
@@ -151,8 +154,9 @@ class Presence:
     # -- connections -----------------------------------------------------------
 
     async def joined(self, conn: int, user: str | None, room: str) -> None:
-        """Connection ``conn`` of ``user`` entered ``room`` (no-op for anonymous)."""
-        if not user:
+        """Connection ``conn`` of ``user`` entered ``room`` (no-op for anonymous, and
+        in a room without presence)."""
+        if not user or not self.tracked(room):
             return
         held = self._held.setdefault(conn, (user, set()))[1]
         if room in held:
@@ -295,6 +299,8 @@ class RedisPresence(Presence):
         task.add_done_callback(lambda _task: _settle(done))
 
     async def members(self, room: str) -> list[str]:
+        if not self.tracked(room):
+            return []
         if not self._redis_usable(self.key(room)):
             raise ConnectionError("Redis failed moments ago")
         try:

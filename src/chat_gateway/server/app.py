@@ -25,7 +25,7 @@ from starlette.websockets import WebSocket
 
 from chat_gateway import tracing
 from chat_gateway.access.auth import Authenticator, bearer
-from chat_gateway.access.ratelimit import POST, PUBLISH
+from chat_gateway.access.ratelimit import PUBLISH
 from chat_gateway.api import chat, moderation, search
 from chat_gateway.api import server as server_api
 from chat_gateway.api import validation as v
@@ -35,6 +35,7 @@ from chat_gateway.api.caller import (
     key_caller,
     known_user,
     query_user,
+    stored_room,
     token_of,
 )
 from chat_gateway.api.responses import encoded_json_response, json_response
@@ -65,12 +66,13 @@ async def post_message(request: Request) -> Response:
     room = v.room_name(request.path_params["room"])
     identity = identify(request)
     identity.check_post(room)
+    stored_room(gw, room, "posting a message")
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
     key = v.idempotency_key(request.headers.get("idempotency-key"))
     body = await v.json_body(request, gw.settings.max_body_bytes, v.POST_MESSAGE)
     text = v.text(body.get("text"))
     author = v.body_author(body, identity.name if identity.user else None)
-    decision = await gw.rates.check(POST, identity.bucket)
+    decision = await gw.rates.check_post(room, identity.bucket)
     await gw.moderation.check_post(room, author, moderator=identity.may_moderate(room))
     msg, created = await gw.publisher.post(
         room, author, text, identity=identity, transport="http", idempotency_key=key
@@ -83,6 +85,7 @@ async def list_messages(request: Request) -> Response:
     room = v.room_name(request.path_params["room"])
     identity = identify(request)
     identity.check_room(room)
+    stored_room(gw, room, "reading history")
     q = request.query_params
     v.only_fields(dict(q), v.fields(v.HISTORY_QUERY))
     limit = v.limit_param(q.get("limit"))

@@ -11,6 +11,7 @@ from typing import Any
 
 from chat_gateway.api import validation as v
 from chat_gateway.api import webhooks as wh
+from chat_gateway.core.namespaces import SUPPORTED
 from chat_gateway.errors import CODES
 
 _REF = "#/components/schemas/"
@@ -48,7 +49,7 @@ MESSAGE: dict[str, Any] = {
 }
 
 
-def _server_frame(kind: str, required: list[str], **props: Any) -> dict[str, Any]:
+def _server_frame(kind: str, required: list[str], /, **props: Any) -> dict[str, Any]:
     """A frame the server sends on ``/v1/ws``. ``required`` lists the fields every such
     frame has; the others appear only sometimes, and none is ever null unless its
     schema says so. Fields may be added (a client ignores what it does not know)."""
@@ -97,6 +98,7 @@ SERVER_FRAMES: dict[str, dict[str, Any]] = {
         ref=_REF_ECHO,
         message={**_MESSAGE_REF, "description": "publish, edit, delete: the message"},
         read={**_READ_POSITION, "description": "read: the position now"},
+        # emit: ref alone
     ),
     "error": _server_frame(
         "error",
@@ -107,6 +109,11 @@ SERVER_FRAMES: dict[str, dict[str, Any]] = {
         retry_after={"type": "number", "description": "seconds, on rate_limited"},
         field={"type": "string", "description": "the frame's field at fault"},
         limit={"type": "integer"},
+        room={**v.ROOM, "description": "wrong_room_kind: the room"},
+        kind={
+            "enum": [kind.value for kind in SUPPORTED],
+            "description": "wrong_room_kind: the kind of the room's namespace",
+        },
     ),
     "pong": _server_frame("pong", [], ref=_REF_ECHO),
     "refreshed": _server_frame("refreshed", ["exp"], exp={"type": "number"}, ref=_REF_ECHO),
@@ -158,6 +165,12 @@ ERROR: dict[str, Any] = {
                     "(absent: until lifted)",
                 },
                 "slow_mode": {"type": "integer", "description": "the room's setting, on slow_mode"},
+                "room": {**v.ROOM, "description": "on wrong_room_kind: the room"},
+                "kind": {
+                    "enum": [kind.value for kind in SUPPORTED],
+                    "description": "on wrong_room_kind: the kind of the room's namespace "
+                    "(NAMESPACES_FILE)",
+                },
                 "outcome": {
                     "type": "string",
                     "enum": ["unknown"],
@@ -571,6 +584,7 @@ def chat_paths(open_mode: bool) -> dict[str, Any]:
         "unauthorized",
         "forbidden",
         "not_found",
+        "wrong_room_kind",
         "too_large",
         "rate_limited",
         "unavailable",
@@ -620,6 +634,7 @@ def chat_paths(open_mode: bool) -> dict[str, Any]:
                         "invalid_request",
                         "unauthorized",
                         "forbidden",
+                        "wrong_room_kind",
                         "too_large",
                         "rate_limited",
                         "unavailable",
@@ -632,7 +647,13 @@ def chat_paths(open_mode: bool) -> dict[str, Any]:
                 "parameters": [ROOM_PARAM, *_reader_query(open_mode)],
                 "responses": {
                     "200": _json(position, "the position"),
-                    **_errors("invalid_request", "unauthorized", "forbidden", "unavailable"),
+                    **_errors(
+                        "invalid_request",
+                        "unauthorized",
+                        "forbidden",
+                        "wrong_room_kind",
+                        "unavailable",
+                    ),
                 },
             },
         },
@@ -754,6 +775,7 @@ def document(open_mode: bool = False) -> dict[str, Any]:
                         "unauthorized",
                         "forbidden",
                         "idempotency_conflict",
+                        "wrong_room_kind",
                         "too_large",
                         "rate_limited",
                         "unavailable",
@@ -776,7 +798,13 @@ def document(open_mode: bool = False) -> dict[str, Any]:
                         },
                         "a page",
                     ),
-                    **_errors("invalid_request", "unauthorized", "forbidden", "unavailable"),
+                    **_errors(
+                        "invalid_request",
+                        "unauthorized",
+                        "forbidden",
+                        "wrong_room_kind",
+                        "unavailable",
+                    ),
                 },
             },
         },

@@ -24,13 +24,20 @@ from starlette.types import Message as ASGIMessage
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from chat_gateway.access.auth import Identity
-from chat_gateway.access.ratelimit import POST, READ, SUBSCRIBE
+from chat_gateway.access.ratelimit import READ, SUBSCRIBE
 from chat_gateway.api import validation as v
-from chat_gateway.api.caller import gateway_of
+from chat_gateway.api.caller import gateway_of, stored_room
 from chat_gateway.api.chat import changed_by, position_json
+from chat_gateway.core.namespaces import RoomKind
 from chat_gateway.delivery.hub import WS, Subscriber
 from chat_gateway.delivery.output import FrameSink
-from chat_gateway.errors import CLOSE_POLICY_VIOLATION, ApiError, internal, store_unavailable
+from chat_gateway.errors import (
+    CLOSE_POLICY_VIOLATION,
+    ApiError,
+    internal,
+    store_unavailable,
+    wrong_room_kind,
+)
 from chat_gateway.services import Services
 from chat_gateway.storage import Message, StoreUnavailable
 from chat_gateway.transports.connections import Connection, connecting, expire_with_token
@@ -243,7 +250,8 @@ class Session:
         key = v.idempotency_key(frame.get("key"), "key")
         author = self.identity.name if self.identity.user else v.author(frame.get("author"))
         self.identity.check_post(room)
-        await self.gw.rates.check(POST, self.identity.bucket)
+        stored_room(self.gw, room, "publishing a message (emit an event instead)")
+        await self.gw.rates.check_post(room, self.identity.bucket)
         await self.gw.moderation.check_post(
             room, author, moderator=self.identity.may_moderate(room)
         )
@@ -320,6 +328,7 @@ class Session:
             await self.gw.moderation.check_typing(room, self.user)
             await chat.typing(room, self.user)
             return
+        stored_room(self.gw, room, "a read position" if kind == "read" else "changing a message")
         seq_value = v.seq_field(frame.get("seq"), "seq")  # a JSON number, as since is
         if kind == "read":
             seq = seq_value
@@ -344,7 +353,7 @@ class Session:
         text = v.text(frame.get("text")) if kind == "edit" else None
         key = v.idempotency_key(frame.get("key"), "key")
         author = changed_by(self.identity, room, frame.get("author"))
-        await self.gw.rates.check(POST, self.identity.bucket)
+        await self.gw.rates.check_post(room, self.identity.bucket)
         await self.gw.moderation.check_change(room, author, edit=text is not None)
         # The rate bucket's identity owns the key, as on HTTP: the two share keys.
         msg = await chat.change(
@@ -400,10 +409,39 @@ class Session:
             self.sub.reply({"type": "unsubscribed", "room": room})
         elif kind == "refresh":
             await self.refresh(frame)
+        elif kind == "emit":
+            await self.emit(frame)
         elif kind in CHAT_FRAMES:
             await self.handle_chat(kind, frame)
         else:
             await self.commit([await self.prepare_publish(frame)])
+
+    async def emit(self, frame: dict[str, Any]) -> None:
+        """An event to every subscriber of an ephemeral room, stored nowhere; acked
+        with ``{"type": "ack", "ref"}``. Refused where the namespace is of another
+        kind (409 ``wrong_room_kind``) or takes publishes from API keys only (403);
+        bans, mutes, slow mode and the namespace's post bucket apply as to a post."""
+        ref = v.ref(frame.get("ref"))
+        room = v.room_name(frame.get("room"))
+        event = v.event_name(frame.get("event"))
+        data = v.event_data(frame.get("data", v.ABSENT))
+        self.identity.check_post(room)
+        namespace = self.gw.settings.namespaces_file.of(room)
+        if namespace.kind is not RoomKind.EPHEMERAL:
+            raise wrong_room_kind(room, namespace.kind.value, "emitting an event (publish instead)")
+        if not namespace.client_publish:
+            raise ApiError(
+                "forbidden",
+                f"only API keys publish in {room!r} (client_publish = false in its namespace)",
+            )
+        await self.gw.rates.check_post(room, self.identity.bucket)
+        user = self.identity.name if self.identity.user else self.user
+        if user is not None:
+            await self.gw.moderation.check_post(
+                room, user, moderator=self.identity.may_moderate(room)
+            )
+        await self.gw.publisher.publish_event(room, event, data)
+        self.sub.reply({"type": "ack", "ref": ref})
 
     async def refresh(self, frame: dict[str, Any]) -> None:
         """Replace the connection's token in band: same ``sub`` (another one closes the
