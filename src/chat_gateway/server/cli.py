@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     # frames come from here. Neither imports its SDK unless its variables are set.
     instance = f"{socket.gethostname()}:{os.getpid()}"
     if tracing.configure(request_id=logs.conn_id, release=usage.version()).on:
+        tracing.active.instrument(_traced())
         logs.on_request.append(tracing.active.tag_request)
     if reports.configure(
         settings.sentry_dsn, release=usage.version(), instance=instance, request_id=logs.conn_id
@@ -238,3 +239,20 @@ async def _migrate(settings: Settings) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def _traced() -> tracing.Targets:
+    """What tracing wraps in spans (imported here, at the top: tracing imports
+    nothing of the gateway)."""
+    from chat_gateway.redisio.pipelined import PipelinedConnection
+    from chat_gateway.storage.base import Store
+    from chat_gateway.storage.postgres import PostgresStore
+    from chat_gateway.storage.sqlite import SQLiteStore
+    from chat_gateway.transports.ws import Session
+
+    return tracing.Targets(
+        store_interface=Store,
+        stores=(PostgresStore, SQLiteStore),
+        pipelined=PipelinedConnection,
+        session=Session,
+    )

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from chat_gateway.storage.base import format_ts, new_id
+from chat_gateway.storage.records import format_ts, new_id
 
 BANNED, UNBANNED, MUTED, UNMUTED, SLOW_MODE = (
     "banned",

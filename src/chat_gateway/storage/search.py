@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from chat_gateway.storage.base import Message
+from chat_gateway.storage.records import Message
 
 MAX_QUERY_CHARS = 500
 MAX_QUERY_WORDS = 32

@@ -22,15 +22,32 @@ import contextlib
 import os
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["Off", "active", "configure", "enabled", "traceparent"]
+
+
+@dataclass(frozen=True)
+class Targets:
+    """The classes whose calls get spans when tracing is on: the store interface
+    (its public coroutines name the calls), the stores that implement it, the
+    pipelined Redis connection and the WebSocket session. The server names them,
+    so that tracing imports nothing of the gateway."""
+
+    store_interface: type
+    stores: tuple[type, ...]
+    pipelined: type
+    session: type
 
 
 class Off:
     """Tracing off: nothing recorded, nothing carried."""
 
     on = False
+
+    def instrument(self, targets: Targets) -> None:
+        pass
 
     def traceparent(self) -> bytes | None:
         return None

@@ -42,6 +42,8 @@ from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.middleware import Middleware
 
+from chat_gateway.tracing import Targets
+
 SERVICE = "chat-gateway"
 # Polled every second by probes and scrapers: a trace each would bury the rest.
 EXCLUDED_URLS = "/healthz,/readyz,/metrics,/v1/stats/events"
@@ -76,7 +78,11 @@ class Otel:
         self.tracer = provider.get_tracer("chat_gateway")
         self.propagator = TraceContextTextMapPropagator()
         HTTPXClientInstrumentor().instrument(tracer_provider=provider)
-        _instrument(self.tracer)
+
+    def instrument(self, targets: Targets) -> None:
+        """Spans around the calls of the classes ``targets`` names (given by the
+        server, so that this module imports nothing of the gateway)."""
+        _instrument(self.tracer, targets)
 
     def traceparent(self) -> bytes | None:
         carrier: dict[str, str] = {}
@@ -143,19 +149,14 @@ def _wrap(cls: type, name: str, span: Callable[[tuple[Any, ...]], str], tracer: 
     setattr(cls, name, traced)
 
 
-def _instrument(tracer: Any) -> None:
-    from chat_gateway.redisio.pipelined import PipelinedConnection
-    from chat_gateway.storage.base import Store
-    from chat_gateway.storage.postgres import PostgresStore
-    from chat_gateway.storage.sqlite import SQLiteStore
-    from chat_gateway.transports.ws import Session
-
+def _instrument(tracer: Any, targets: Targets) -> None:
+    Store, Session = targets.store_interface, targets.session
     calls = [name for name, value in vars(Store).items() if _coroutine(value) and name[0] != "_"]
-    for cls in (PostgresStore, SQLiteStore):
+    for cls in targets.stores:
         for name in calls:
             if name in cls.__dict__:
                 _wrap(cls, name, functools.partial(_named, f"store.{name}"), tracer)
-    _wrap(PipelinedConnection, "run", lambda _: "redis.pipeline", tracer)
+    _wrap(targets.pipelined, "run", lambda _: "redis.pipeline", tracer)
     # Frames: a root span per frame, so the frame opens its own trace.
     _frame(Session, "handle", lambda args: f"ws {args[1].get('type')}", tracer)
     _frame(Session, "commit", lambda args: "ws publish" if args[1] else None, tracer)
