@@ -189,7 +189,10 @@ def serving_sessions(receiver: SessionReceiver) -> Iterator[SessionReceiver]:
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the gateway stopped reading (an answer too long for it)
 
         def log_message(self, format: str, *args: Any) -> None:
             pass

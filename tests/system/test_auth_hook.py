@@ -15,6 +15,8 @@ import pytest
 import websockets
 from standardwebhooks.webhooks import Webhook
 
+from chat_gateway.access.auth import Authenticator
+from chat_gateway.config import ConfigError, Settings
 from tests.harness import SSEClient, WSClient, eventually, free_port, instances, log_lines
 from tests.receivers import SessionReceiver, serving_sessions
 from tests.system.test_auth import SECRET, bearer, token
@@ -123,6 +125,29 @@ async def test_answers_are_kept_for_the_cache_time_then_asked_again(gateway_env,
         await eventually(asked_again, timeout=30, interval=0.5)
 
 
+async def test_the_cache_holds_at_most_its_size_least_recent_dropped(gateway_env, hook):
+    for name in ("a", "b"):
+        hook.answers[f"app_session={name}"] = session(name)
+    env = hook_env(gateway_env, hook.url, AUTH_HOOK_CACHE_SIZE="1")
+    async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=10) as http:
+        url = f"{gw.url}/v1/rooms/lobby/messages"
+        for name in ("a", "a", "b", "a"):
+            assert (await http.get(url, headers=cookie(name))).status_code == 200
+        assert hook.calls("app_session=a") == 2
+        assert hook.calls("app_session=b") == 1
+
+
+def test_the_hook_needs_a_secret_to_sign_with():
+    with pytest.raises(ConfigError, match="AUTH_HOOK_SECRET"):
+        Settings.from_env({"AUTH_HOOK_URL": "http://app.internal/session"})
+    with pytest.raises(ConfigError, match="AUTH_HOOK_URL"):
+        Settings.from_env({"AUTH_HOOK_URL": "app.internal", "AUTH_HOOK_SECRET": HOOK_SECRET})
+    webhook_only = Settings.from_env(
+        {"AUTH_HOOK_URL": "http://app.internal/session", "WEBHOOK_SECRET": HOOK_SECRET}
+    )
+    assert not Authenticator.from_settings(webhook_only).open_mode
+
+
 async def test_concurrent_requests_with_one_cookie_share_one_call(gateway_env, hook):
     hook.answers["app_session=s1"] = session("ana")
     hook.delay = 0.5
@@ -136,6 +161,7 @@ async def test_concurrent_requests_with_one_cookie_share_one_call(gateway_env, h
 
 async def test_a_hook_down_slow_or_failing_refuses_and_never_lets_in(gateway_env, hook):
     hook.answers["app_session=err"] = (500, {"sub": "ana", "exp": int(time.time()) + 60})
+    hook.answers["app_session=huge"] = session("ana", rooms=["x" * 100] * 1000)
     down = f"http://127.0.0.1:{free_port()}/session"
     async with httpx.AsyncClient(timeout=30) as http:
         async with instances(1, hook_env(gateway_env, down)) as (gw,):
@@ -150,6 +176,8 @@ async def test_a_hook_down_slow_or_failing_refuses_and_never_lets_in(gateway_env
             r = await http.post(url, json={"text": "x"}, headers=cookie("err"))
             assert r.status_code == 503
             assert hook.calls("app_session=err") == 2, "a failure is not kept"
+            r = await http.post(url, json={"text": "x"}, headers=cookie("huge"))
+            assert r.status_code == 503, "an answer over 64 KiB is a failed call"
             hook.delay = 3  # past AUTH_HOOK_TIMEOUT (1 s)
             hook.answers["app_session=slow"] = session("ana")
             r = await http.post(url, json={"text": "x"}, headers=cookie("slow"))
@@ -187,6 +215,8 @@ async def test_bad_answers_are_refused_and_logged_once(gateway_env, hook):
                     assert (r.status_code, r.json()["error"]["code"]) == (401, "unauthorized"), name
             hook.answers["app_session=ok"] = session()
             assert (await http.get(url, headers=cookie("ok"))).json()["messages"] == []
+        text = Path(gw.log_path).read_text()
+        assert "app_session=" not in text, "the cookie never reaches the log"
         warned = [w for w in hook_warnings(gw.log_path) if "refused" in w["msg"]]
         assert len(warned) == len(bad), warned
         assert not any(

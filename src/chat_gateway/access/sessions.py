@@ -41,6 +41,9 @@ from chat_gateway.errors import ApiError
 
 log = logging.getLogger("gateway.auth")
 
+# An answer longer than this is a failed call: a session's claims are a few hundred bytes.
+MAX_ANSWER_BYTES = 64 * 1024
+
 # (webhook id, timestamp, body) -> the webhook-signature header value
 Signer = Callable[[str, int, bytes], str]
 Outcome = Identity | ApiError
@@ -162,8 +165,13 @@ class SessionHook:
             "webhook-timestamp": str(timestamp),
             "webhook-signature": self.sign(event_id, timestamp, body),
         }
-        response = await self._http.post(self.url, content=body, headers=headers)
-        return response.status_code, response.content
+        async with self._http.stream("POST", self.url, content=body, headers=headers) as response:
+            answer = bytearray()
+            async for chunk in response.aiter_bytes():
+                answer += chunk
+                if len(answer) > MAX_ANSWER_BYTES:
+                    raise ValueError(f"the answer is longer than {MAX_ANSWER_BYTES} bytes")
+            return response.status_code, bytes(answer)
 
 
 def _outcome(outcome: Outcome) -> Identity:
