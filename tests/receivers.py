@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import gzip
 import threading
+import time
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import orjson
@@ -148,3 +150,61 @@ def serving(receiver: OtlpReceiver | SentryReceiver | HookReceiver) -> Iterator[
     with serve(take) as url:
         receiver.url = url
         yield receiver
+
+
+@dataclass
+class SessionReceiver:
+    """An application's session check (``AUTH_HOOK_URL``): answers each POST by the
+    ``cookie`` of its JSON body from ``answers`` (status, body: a dict is sent as
+    JSON, bytes as they are), 401 for a cookie it does not know; waits ``delay``
+    seconds first. Keeps every request's headers, raw body and decoded body."""
+
+    url: str = ""
+    answers: dict[str, tuple[int, Any]] = field(default_factory=dict)
+    delay: float = 0.0
+    requests: list[tuple[dict[str, str], bytes, dict[str, Any]]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def calls(self, cookie: str | None = None) -> int:
+        with self.lock:
+            return sum(1 for _, _, b in self.requests if cookie is None or b["cookie"] == cookie)
+
+    def answer(self, headers: dict[str, str], raw: bytes) -> tuple[int, bytes]:
+        body = orjson.loads(raw)
+        with self.lock:
+            self.requests.append((headers, raw, body))
+        if self.delay:
+            time.sleep(self.delay)
+        status, answer = self.answers.get(body["cookie"], (401, {}))
+        return status, answer if isinstance(answer, bytes) else orjson.dumps(answer)
+
+
+@contextmanager
+def serving_sessions(receiver: SessionReceiver) -> Iterator[SessionReceiver]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            status, body = receiver.answer({k.lower(): v for k, v in self.headers.items()}, raw)
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the gateway stopped reading (an answer too long for it)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    receiver.url = f"http://127.0.0.1:{server.server_address[1]}/session"
+    try:
+        yield receiver
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)

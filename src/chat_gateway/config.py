@@ -79,7 +79,7 @@ class Settings:
     port: int = 8000
     database_url: str = "sqlite:///./chat-gateway.db"
     redis_url: str = "memory://"
-    # auth: on when any of AUTH_SECRET, AUTH_JWKS_URL, AUTH_PUBLIC_KEY is set
+    # auth: on when any of AUTH_SECRET, AUTH_JWKS_URL, AUTH_PUBLIC_KEY, AUTH_HOOK_URL is set
     auth_secret: str | None = None  # HS256 secret(s), separated by spaces (rotation)
     auth_jwks_url: str | None = None
     auth_public_key: str | None = None  # one PEM public key
@@ -91,6 +91,13 @@ class Settings:
     auth_jwks_timeout: float = 5.0
     # an http:// AUTH_JWKS_URL (keys anyone on the path could replace) only with this
     auth_jwks_allow_http: bool = False
+    # the application's sessions: a request with no bearer token but a cookie is
+    # identified by POSTing {cookie, address, path} here (chat_gateway.access.sessions)
+    auth_hook_url: str | None = None
+    auth_hook_secret: str | None = None  # whsec_ secret(s) signing it; unset: WEBHOOK_SECRET
+    auth_hook_cache: float = 60.0  # seconds an answer is kept (never past the session's exp)
+    auth_hook_timeout: float = 2.0
+    auth_hook_cache_size: int = 10000  # cookies whose answers are kept, least recent dropped
     api_keys: tuple[str, ...] = ()
     # the key GET /metrics needs (Authorization: Bearer); an API key also does.
     # Unset: /metrics needs an API key with auth on, and nothing in open mode
@@ -328,6 +335,36 @@ class Settings:
             )
         if self.auth_jwks_timeout <= 0:
             raise ConfigError("AUTH_JWKS_TIMEOUT must be positive")
+        if self.auth_hook_url is not None:
+            self._validate_auth_hook(self.auth_hook_url)
+
+    def _validate_auth_hook(self, hook_url: str) -> None:
+        from urllib.parse import urlsplit
+
+        from chat_gateway.webhooks.signing import parse_secrets
+
+        url = urlsplit(hook_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ConfigError(
+                f"AUTH_HOOK_URL={hook_url!r}: use the http(s):// address of the "
+                "application's session check"
+            )
+        secret = self.auth_hook_secret or self.webhook_secret
+        if not secret:
+            raise ConfigError(
+                "AUTH_HOOK_URL needs AUTH_HOOK_SECRET (or WEBHOOK_SECRET) to sign its "
+                "requests (whsec_<base64>)"
+            )
+        try:
+            parse_secrets(secret)
+        except ValueError as exc:
+            raise ConfigError(f"AUTH_HOOK_SECRET: {exc}") from None
+        if self.auth_hook_cache < 0:
+            raise ConfigError("AUTH_HOOK_CACHE must be zero or positive (0: ask every time)")
+        if self.auth_hook_timeout <= 0:
+            raise ConfigError("AUTH_HOOK_TIMEOUT must be positive")
+        if self.auth_hook_cache_size < 1:
+            raise ConfigError("AUTH_HOOK_CACHE_SIZE must be positive")
 
     def _validate_webhooks(self) -> None:
         from chat_gateway.webhooks.egress import check_url

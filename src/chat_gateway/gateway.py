@@ -21,6 +21,7 @@ from typing import TypeVar
 from chat_gateway.access.auth import Authenticator
 from chat_gateway.access.limits import ConnectionLimits
 from chat_gateway.access.ratelimit import LocalRateLimiter, RateLimiter, Rates, rates_of
+from chat_gateway.access.sessions import SessionHook
 from chat_gateway.access.shutdown import Shutdown
 from chat_gateway.config import Settings
 from chat_gateway.delivery.chat import Chat, RedisChat
@@ -42,6 +43,7 @@ from chat_gateway.storage import HistoryCache, RedisHistoryCache, Store, create_
 from chat_gateway.storage.base import display_url
 from chat_gateway.webhooks import Webhooks
 from chat_gateway.webhooks.metrics import WebhookMetrics
+from chat_gateway.webhooks.signing import parse_secrets, sign
 
 log = logging.getLogger("gateway")
 
@@ -103,6 +105,8 @@ class Gateway:
             ),
         )
         self.auth = Authenticator.from_settings(settings)
+        # AUTH_HOOK_URL: the application's sessions (chat_gateway.access.sessions)
+        self.sessions = _session_hook(settings)
         self.limits = ConnectionLimits(
             settings.max_connections, settings.max_connections_per_identity
         )
@@ -179,6 +183,8 @@ class Gateway:
         running = self._running
         await self.auth.start()
         running.push_async_callback(self.auth.close)
+        if self.sessions is not None:
+            running.push_async_callback(self.sessions.close)
         await self.store.start()
         running.push_async_callback(self.store.close)
         if migrate:
@@ -343,3 +349,19 @@ class Gateway:
         """Close what ``start`` started, last started first."""
         self.shutdown.begin()
         await self._running.aclose()
+
+
+def _session_hook(settings: Settings) -> SessionHook | None:
+    """The session hook of ``AUTH_HOOK_URL``, signing with ``AUTH_HOOK_SECRET`` or else
+    ``WEBHOOK_SECRET`` (config checks that one is set); None when unset."""
+    if settings.auth_hook_url is None:
+        return None
+    keys = parse_secrets(settings.auth_hook_secret or settings.webhook_secret or "")
+    return SessionHook(
+        settings.auth_hook_url,
+        sign=partial(sign, keys),
+        cache_seconds=settings.auth_hook_cache,
+        timeout=settings.auth_hook_timeout,
+        max_entries=settings.auth_hook_cache_size,
+        leeway=settings.auth_leeway,
+    )

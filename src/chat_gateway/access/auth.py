@@ -137,6 +137,45 @@ class Identity:
         raise ApiError("forbidden", f"the token does not grant room {room!r}")
 
 
+def claims_identity(claims: dict[str, Any], leeway: float, source: str = "token") -> Identity:
+    """The identity a token's verified claims, or a session hook's answer, give: ``sub``
+    (1..128 characters, not all blank, no control characters: it becomes the author of
+    what it posts), ``exp`` (a number), ``rooms``, ``read_rooms`` and ``moderate`` (lists
+    of strings). Refused (401) otherwise, the message naming ``source``."""
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub.strip() or len(sub) > 128:
+        raise ApiError(
+            "unauthorized",
+            f"the {source}'s sub must be a string of 1..128 characters, not all blank",
+        )
+    problem = flaw(sub)
+    if problem is not None:
+        raise ApiError("unauthorized", f"the {source}'s sub {problem}")
+    exp = claims.get("exp")
+    if isinstance(exp, bool) or not isinstance(exp, (int, float)) or not math.isfinite(exp):
+        raise ApiError(
+            "unauthorized", f"the {source}'s exp must be a number (seconds since 1970-01-01 UTC)"
+        )
+
+    def patterns(name: str) -> tuple[str, ...] | None:
+        value = claims.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            raise ApiError("unauthorized", f"the {source}'s {name} claim must be a list of strings")
+        return tuple(value)
+
+    return Identity(
+        sub,
+        user=True,
+        rooms=patterns("rooms"),
+        read_rooms=patterns("read_rooms"),
+        moderate=patterns("moderate"),
+        expires_at=float(exp) + leeway,
+        exp=exp,
+    )
+
+
 class JwksKeys:
     """The identity provider's signing keys, fetched from its JWKS and kept by ``kid``.
 
@@ -336,7 +375,9 @@ class Authenticator:
         issuer: str | None = None,
         audience: str | None = None,
         metrics_key: str | None = None,
+        sessions: bool = False,
     ) -> None:
+        self.sessions = sessions  # AUTH_HOOK_URL: the application's sessions also identify
         self.secrets = tuple((secret or "").split())
         self._metrics_key = metrics_key.encode() if metrics_key else None
         self.leeway = leeway
@@ -370,6 +411,7 @@ class Authenticator:
             issuer=s.auth_issuer,
             audience=s.auth_audience,
             metrics_key=s.metrics_key,
+            sessions=s.auth_hook_url is not None,
         )
 
     async def start(self) -> None:
@@ -382,13 +424,14 @@ class Authenticator:
 
     @property
     def open_mode(self) -> bool:
-        return not (self.secrets or self.jwks or self.public_key)
+        return not (self.secrets or self.jwks or self.public_key or self.sessions)
 
     def warnings(self) -> list[str]:
         """What an operator should hear about at start."""
         if self.open_mode:
             return [
-                "open mode: none of AUTH_SECRET, AUTH_JWKS_URL, AUTH_PUBLIC_KEY is set, "
+                "open mode: none of AUTH_SECRET, AUTH_JWKS_URL, AUTH_PUBLIC_KEY, "
+                "AUTH_HOOK_URL is set, "
                 "so anyone may read and post in any room under any author name"
             ]
         out = []
@@ -448,40 +491,18 @@ class Authenticator:
         if self.open_mode:
             return Identity(fallback)
         if not token:
+            if self.sessions:
+                raise ApiError(
+                    "unauthorized", "a bearer token or the application's session cookie is required"
+                )
             raise ApiError("unauthorized", "a bearer token is required")
-        claims = self._verify(token)
-        sub = claims.get("sub")
-        if not isinstance(sub, str) or not sub.strip() or len(sub) > 128:
+        if not (self.secrets or self.jwks or self.public_key):
             raise ApiError(
                 "unauthorized",
-                "the token's sub must be a string of 1..128 characters, not all blank",
+                "bearer tokens are not accepted: this gateway identifies users by the "
+                "application's sessions (send its cookie, not a token)",
             )
-        problem = flaw(sub)  # it becomes the author of what the token posts
-        if problem is not None:
-            raise ApiError("unauthorized", f"the token's sub {problem}")
-        exp = claims["exp"]
-        if isinstance(exp, bool) or not isinstance(exp, (int, float)) or not math.isfinite(exp):
-            raise ApiError(
-                "unauthorized", "the token's exp must be a number (seconds since 1970-01-01 UTC)"
-            )
-        return Identity(
-            sub,
-            user=True,
-            rooms=self._patterns(claims, "rooms"),
-            read_rooms=self._patterns(claims, "read_rooms"),
-            moderate=self._patterns(claims, "moderate"),
-            expires_at=float(exp) + self.leeway,
-            exp=exp,
-        )
-
-    @staticmethod
-    def _patterns(claims: dict[str, Any], name: str) -> tuple[str, ...] | None:
-        value = claims.get(name)
-        if value is None:
-            return None
-        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-            raise ApiError("unauthorized", f"the token's {name} claim must be a list of strings")
-        return tuple(value)
+        return claims_identity(self._verify(token), self.leeway)
 
     def _verify(self, token: str) -> dict[str, Any]:
         if self.jwks is None and self.public_key is None:

@@ -12,7 +12,7 @@ from starlette.requests import HTTPConnection
 from chat_gateway.access.auth import Identity, bearer, is_api_key, key_bucket
 from chat_gateway.api.validation import author
 from chat_gateway.core.namespaces import RoomKind
-from chat_gateway.errors import wrong_room_kind
+from chat_gateway.errors import ApiError, wrong_room_kind
 from chat_gateway.services import Services
 
 
@@ -61,11 +61,23 @@ def token_of(conn: HTTPConnection, *, query_token: bool = False) -> str | None:
     return token
 
 
+# Where the app leaves what the session hook said of a request with no token but a
+# cookie (chat_gateway.server.app.GatewayApp): an Identity, or the ApiError refusing it.
+SESSION = "chat_gateway.session"
+
+
 def identify(conn: HTTPConnection, *, query_token: bool = False) -> Identity:
+    """The caller: the bearer token's (or ``?token=``'s), else the application
+    session's the session hook answered for, else (open mode) the client address."""
     gw = gateway_of(conn)
-    return gw.auth.user(
-        token_of(conn, query_token=query_token), client_address(conn, gw.settings.trusted_proxies)
-    )
+    token = token_of(conn, query_token=query_token)
+    if token is None:
+        session = conn.scope.get(SESSION)
+        if isinstance(session, Identity):
+            return session
+        if isinstance(session, ApiError):
+            raise ApiError(session.code, session.message)
+    return gw.auth.user(token, client_address(conn, gw.settings.trusted_proxies))
 
 
 def stored_room(gw: Services, room: str, operation: str) -> None:

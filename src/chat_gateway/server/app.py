@@ -26,10 +26,13 @@ from starlette.websockets import WebSocket
 from chat_gateway import tracing
 from chat_gateway.access.auth import Authenticator, bearer
 from chat_gateway.access.ratelimit import PUBLISH
+from chat_gateway.access.sessions import SessionHook
 from chat_gateway.api import chat, moderation, search
 from chat_gateway.api import server as server_api
 from chat_gateway.api import validation as v
 from chat_gateway.api.caller import (
+    SESSION,
+    client_address,
     gateway_of,
     identify,
     key_caller,
@@ -275,10 +278,27 @@ class GatewayApp(Starlette):
         super().__init__(*args, **kwargs)
         self._websocket: ExceptionMiddleware | None = None  # built on first use, as the stack
         self.jwks_auth: Authenticator | None = None  # set by the lifespan when AUTH_JWKS_URL is
+        self.sessions: SessionHook | None = None  # set by the lifespan when AUTH_HOOK_URL is
+        self.trusted_proxies: tuple[str, ...] = ()
+
+    @staticmethod
+    def _session_cookie(scope: Any) -> str | None:
+        """The cookie of a /v1/ request with no token (the session hook's question)."""
+        if not scope["path"].startswith("/v1/"):
+            return None
+        conn = HTTPConnection(scope)
+        if token_of(conn, query_token=True) is not None:
+            return None
+        return conn.headers.get("cookie") or None
 
     def __call__(self, scope: Any, receive: Any, send: Any) -> Coroutine[Any, Any, None]:
+        if scope["type"] == "lifespan":
+            return self._route(scope, receive, send)
+        sessions = self.sessions
+        if sessions is not None and (cookie := self._session_cookie(scope)) is not None:
+            return self._with_session(sessions, cookie, scope, receive, send)
         auth = self.jwks_auth
-        if auth is not None and scope["type"] != "lifespan":
+        if auth is not None:
             token = token_of(HTTPConnection(scope), query_token=True)
             if auth.unknown_kid(token) is not None:
                 return self._with_key(auth, token, scope, receive, send)
@@ -288,6 +308,18 @@ class GatewayApp(Starlette):
         self, auth: Authenticator, token: str | None, scope: Any, receive: Any, send: Any
     ) -> None:
         await auth.await_key(token)
+        await self._route(scope, receive, send)
+
+    async def _with_session(
+        self, sessions: SessionHook, cookie: str, scope: Any, receive: Any, send: Any
+    ) -> None:
+        """Ask the session hook first; the routes find its answer where ``identify``
+        looks (an API-key route never asks for it)."""
+        address = client_address(HTTPConnection(scope), self.trusted_proxies)
+        try:
+            scope[SESSION] = await sessions.identify(cookie, address, scope["path"])
+        except ApiError as exc:
+            scope[SESSION] = exc
         await self._route(scope, receive, send)
 
     def _route(self, scope: Any, receive: Any, send: Any) -> Coroutine[Any, Any, None]:
@@ -374,6 +406,9 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         app.state.services = gw.services  # what routes reach (chat_gateway.api.caller)
         if isinstance(app, GatewayApp) and gw.auth.jwks is not None:
             app.jwks_auth = gw.auth
+        if isinstance(app, GatewayApp):
+            app.sessions = gw.sessions
+            app.trusted_proxies = settings.trusted_proxies
         try:
             yield
         finally:
