@@ -145,6 +145,13 @@ async def test_accept_reject_and_modify_posts_and_edits(gateway_env, tmp_path: P
             r = await http.patch(url, json={"text": "darn key edit"}, headers=auth)
             assert r.status_code == 200 and r.json()["text"] == "darn key edit", r.text
             assert len(receiver.hits) == asked
+            # the refusal is in the contract the gateway serves
+            spec = (await http.get(gw.url + "/openapi.json")).json()
+            for path, method in (
+                ("/v1/rooms/{room}/messages", "post"),
+                ("/v1/rooms/{room}/messages/{seq}", "patch"),
+            ):
+                assert "rejected:" in spec["paths"][path][method]["responses"]["403"]["description"]
         # every request was signed with WEBHOOK_SECRET, per Standard Webhooks
         assert receiver.unverified == []
         hit = receiver.hits[0]

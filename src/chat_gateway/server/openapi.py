@@ -272,6 +272,13 @@ MODERATED: dict[tuple[str, str], tuple[str, ...]] = {
     ("/v1/rooms/{room}/messages/{seq}", "delete"): ("banned",),
 }
 
+# The routes the publish hook (PUBLISH_HOOK_URL, chat_gateway.delivery.publish_hook)
+# may refuse on: a user's post or edit.
+HOOKED: tuple[tuple[str, str], ...] = (
+    ("/v1/rooms/{room}/messages", "post"),
+    ("/v1/rooms/{room}/messages/{seq}", "patch"),
+)
+
 
 def moderation_paths() -> dict[str, Any]:
     """Bans, mutes, slow mode, the log (chat_gateway.api.moderation): an API key or
@@ -1056,6 +1063,8 @@ def document(open_mode: bool = False) -> dict[str, Any]:
     }
     for (path, method), codes in MODERATED.items():
         _add_errors(paths[path][method], *codes)
+    for path, method in HOOKED:
+        _add_errors(paths[path][method], "rejected")
     schemas: dict[str, Any] = {
         "Restriction": v.RESTRICTION_BODY,
         "RoomSettings": v.SETTINGS_BODY,
