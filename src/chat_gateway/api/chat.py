@@ -19,7 +19,7 @@ from chat_gateway.access.ratelimit import READ
 from chat_gateway.api import validation as v
 from chat_gateway.api.caller import api_key, gateway_of, identify, key_caller, stored_room
 from chat_gateway.api.responses import encoded_json_response, json_response
-from chat_gateway.delivery.publish_hook import Kind
+from chat_gateway.delivery.publish_hook import Draft, Kind
 from chat_gateway.errors import ApiError
 from chat_gateway.services import Services
 from chat_gateway.storage import ReadPosition
@@ -35,7 +35,7 @@ async def screened(
     """The text to store for a user's post or edit, once the publish hook
     (PUBLISH_HOOK_URL) had its say: the one call every user path makes after its
     own checks and before the store. A modified text is checked as a posted one."""
-    return await gw.publish_hook.screen(kind, room, author, text, valid_text=v.text, seq=seq)
+    return await gw.publish_hook.screen(Draft(kind, room, author, text, seq), v.text)
 
 
 # -- HTTP ------------------------------------------------------------------------

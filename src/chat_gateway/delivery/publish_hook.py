@@ -33,6 +33,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -42,7 +43,7 @@ from chat_gateway.config import Settings
 from chat_gateway.errors import ApiError
 from chat_gateway.metrics import Metrics
 from chat_gateway.webhooks import egress
-from chat_gateway.webhooks.signing import parse_secrets, sign
+from chat_gateway.webhooks.signing import parse_secrets, signed_headers
 
 log = logging.getLogger("gateway.publish_hook")
 
@@ -58,6 +59,29 @@ class Kind(enum.StrEnum):
 
     PUBLISH = "message.publish"
     EDIT = "message.edit"
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """A user's post or edit as the hook is asked about it: ``author`` is who
+    writes (an edit's editor), ``seq`` the edited message's."""
+
+    kind: Kind
+    room: str
+    author: str
+    text: str
+    seq: int | None = None
+
+    def body(self) -> bytes:
+        payload: dict[str, Any] = {
+            "type": self.kind.value,
+            "room": self.room,
+            "author": self.author,
+            "text": self.text,
+        }
+        if self.seq is not None:
+            payload["seq"] = self.seq
+        return orjson.dumps(payload)
 
 
 class Outcome(enum.StrEnum):
@@ -121,21 +145,12 @@ class PublishHook:
     async def close(self) -> None:
         pass
 
-    async def screen(
-        self,
-        kind: Kind,
-        room: str,
-        author: str,
-        text: str,
-        *,
-        valid_text: Callable[[Any], str],
-        seq: int | None = None,
-    ) -> str:
+    async def screen(self, draft: Draft, valid_text: Callable[[Any], str]) -> str:
         """The text to store for this post or edit; ``ApiError`` ``rejected`` when
         the backend refuses it, ``unavailable`` when it could not say and the
         policy is ``closed``. ``valid_text`` checks a modified text as a posted one
         (``ApiError`` when it is not)."""
-        return text
+        return draft.text
 
 
 class HttpPublishHook(PublishHook):
@@ -171,24 +186,12 @@ class HttpPublishHook(PublishHook):
             await self._client.aclose()
             self._client = None
 
-    async def screen(
-        self,
-        kind: Kind,
-        room: str,
-        author: str,
-        text: str,
-        *,
-        valid_text: Callable[[Any], str],
-        seq: int | None = None,
-    ) -> str:
-        if not self.applies(room):
-            return text
-        payload: dict[str, Any] = {"type": kind.value, "room": room, "author": author, "text": text}
-        if seq is not None:
-            payload["seq"] = seq
+    async def screen(self, draft: Draft, valid_text: Callable[[Any], str]) -> str:
+        if not self.applies(draft.room):
+            return draft.text
         started = time.monotonic()
         try:
-            answer = await self._ask(orjson.dumps(payload))
+            answer = await self._ask(draft.body())
             outcome, result = self._decide(answer, valid_text)
         except Failed as exc:
             self._observe(exc.outcome, started)
@@ -202,15 +205,15 @@ class HttpPublishHook(PublishHook):
                 policy,
             )
             if self.fail_open:
-                return text
+                return draft.text
             raise ApiError(
                 "unavailable",
                 "the publish hook did not answer usably; nothing was stored, retry later",
             ) from None
         self._observe(outcome, started)
         if outcome is Outcome.REJECT:
-            raise ApiError("rejected", result, room=room)
-        return text if outcome is Outcome.ACCEPT else result
+            raise ApiError("rejected", result, room=draft.room)
+        return draft.text if outcome is Outcome.ACCEPT else result
 
     def _observe(self, outcome: Outcome, started: float) -> None:
         self.metrics.publish_hook_calls.labels(outcome.value).inc()
@@ -220,23 +223,11 @@ class HttpPublishHook(PublishHook):
         """The hook's answer body to ``body``; ``Failed`` when there is none to use."""
         if self._client is None:
             raise RuntimeError("the publish hook is not started")
-        event_id = "msg_" + uuid.uuid4().hex
-        timestamp = int(time.time())
-        headers = {
-            "content-type": "application/json",
-            "webhook-id": event_id,
-            "webhook-timestamp": str(timestamp),
-            "webhook-signature": sign(self.keys, event_id, timestamp, body),
-        }
+        headers = signed_headers(self.keys, "msg_" + uuid.uuid4().hex, body)
         try:
             async with asyncio.timeout(self.timeout):
-                where = await egress.target(self.url, allow_private=self.allow_private)
-                async with self._client.stream(
-                    "POST",
-                    where.url,
-                    content=body,
-                    headers={**headers, **where.headers},
-                    extensions=where.extensions,
+                async with egress.post(
+                    self._client, self.url, body, headers, allow_private=self.allow_private
                 ) as response:
                     if not 200 <= response.status_code < 300:
                         raise Failed(Outcome.HTTP_ERROR, f"HTTP {response.status_code}")
