@@ -251,7 +251,8 @@ def _add_errors(operation: dict[str, Any], *codes: str) -> None:
     responses = operation["responses"]
     for status, entry in _errors(*codes).items():
         if status in responses:
-            held = responses[status]
+            # A copy: operations may share one entry (PATCH and DELETE of a message do).
+            held = responses[status] = dict(responses[status])
             held["description"] = "; ".join(
                 filter(None, [held["description"], entry["description"]])
             )
