@@ -176,6 +176,11 @@ class Settings:
     webhook_concurrency: int = 16  # attempts in flight per instance
     webhook_poll_interval: float = 0.5  # seconds between claims when nothing wakes it
     webhook_keep_delivered: float = 3 * 86400.0  # seconds delivered events stay replayable
+    # the publish hook (chat_gateway.delivery.publish_hook): asked before a user's post
+    # or edit is stored; unset: off. Signed with WEBHOOK_SECRET.
+    publish_hook_url: str | None = None
+    publish_hook_timeout: float = 2.0  # seconds for the whole call
+    publish_hook_failure: str = "closed"  # closed: refuse (503); open: store as given
     # search: the Postgres text search configuration messages are indexed and
     # searched with (SQLite's FTS5 splits words the same way whatever it says),
     # and the seconds one search may run before it is cancelled
@@ -387,6 +392,23 @@ class Settings:
                 parse_secrets(self.webhook_secret)
             except ValueError as exc:
                 raise ConfigError(f"WEBHOOK_SECRET: {exc}") from None
+        if self.publish_hook_url is not None:
+            try:
+                check_url(self.publish_hook_url, allow_private=self.webhook_allow_private)
+            except ValueError as exc:
+                raise ConfigError(f"PUBLISH_HOOK_URL: {exc}") from None
+            if not self.webhook_secret:
+                raise ConfigError(
+                    "WEBHOOK_SECRET is required when PUBLISH_HOOK_URL is set: the hook's "
+                    "requests are signed with it (whsec_<base64>)"
+                )
+        if self.publish_hook_timeout <= 0:
+            raise ConfigError("PUBLISH_HOOK_TIMEOUT must be a positive number of seconds")
+        if self.publish_hook_failure not in ("closed", "open"):
+            raise ConfigError(
+                f"PUBLISH_HOOK_FAILURE={self.publish_hook_failure!r}: use closed (refuse "
+                "posts while the hook fails) or open (store them as given)"
+            )
         for name in (
             "webhook_timeout",
             "webhook_max_attempts",

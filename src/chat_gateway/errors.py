@@ -33,6 +33,11 @@ CODES: dict[str, tuple[int, str]] = {
         "the user is muted in the room: reading is allowed, posting, editing and "
         "typing are not until the mute ends (expires_in) or is lifted",
     ),
+    "rejected": (
+        403,
+        "the backend's publish hook (PUBLISH_HOOK_URL) refused the post or edit; "
+        "the message says why, in the backend's words; nothing was stored",
+    ),
     "not_found": (404, "no such route or object"),
     "method_not_allowed": (405, "the route exists but not with this method"),
     "idempotency_conflict": (

@@ -30,6 +30,7 @@ from chat_gateway.delivery.hub import Hub
 from chat_gateway.delivery.moderation import Moderation
 from chat_gateway.delivery.output import Output
 from chat_gateway.delivery.presence import Presence, RedisPresence
+from chat_gateway.delivery.publish_hook import HttpPublishHook, PublishHook
 from chat_gateway.delivery.publisher import Publisher
 from chat_gateway.delivery.retention import Retention
 from chat_gateway.metrics import Metrics
@@ -307,6 +308,16 @@ class Gateway:
             if redis is None
             else RateLimiter(redis, prefix=prefix, metrics=self.metrics, rates=rates)
         )
+        namespaces = self.settings.namespaces_file
+        publish_hook = (
+            PublishHook()
+            if self.settings.publish_hook_url is None
+            else HttpPublishHook(
+                self.settings, self.metrics, lambda room: namespaces.of(room).publish_hook
+            )
+        )
+        await publish_hook.start()
+        running.push_async_callback(publish_hook.close)
         self.metrics.watch_pool(self.store.stats)
         for warning in self.auth.warnings():
             log.warning(warning)
@@ -328,6 +339,7 @@ class Gateway:
                 refused=moderation.store_refused,
             ),
             chat=chat,
+            publish_hook=publish_hook,
             moderation=moderation,
             presence=presence,
             control=control,

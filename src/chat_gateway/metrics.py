@@ -83,6 +83,18 @@ class Metrics:
         self.gap_fills = Counter(
             "chat_gap_fills_total", "Fills of a room from the store", ["reason"], registry=r
         )
+        self.publish_hook_calls = Counter(
+            "chat_publish_hook_total",
+            "Calls of the publish hook (PUBLISH_HOOK_URL), by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        self.publish_hook_latency = Histogram(
+            "chat_publish_hook_duration_seconds",
+            "Time from a publish hook call to its answer (or failure)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         # Series that exist from the start, so dashboards and alerts see zeros.
         for transport in ("ws", "sse"):
             self.connections.labels(transport)

@@ -20,6 +20,7 @@ from chat_gateway.delivery.hub import Hub
 from chat_gateway.delivery.moderation import Moderation
 from chat_gateway.delivery.output import Output
 from chat_gateway.delivery.presence import Presence
+from chat_gateway.delivery.publish_hook import PublishHook
 from chat_gateway.delivery.publisher import Publisher
 from chat_gateway.metrics import Metrics
 from chat_gateway.ops.figures import Figures
@@ -37,6 +38,7 @@ class Services:
     hub: Hub
     publisher: Publisher  # posts and ephemeral events
     chat: Chat  # edits, deletes, typing, read receipts
+    publish_hook: PublishHook  # the backend's say on users' posts and edits (a no-op when unset)
     moderation: Moderation  # bans, mutes and slow mode: the checks every path asks
     presence: Presence
     control: Control  # server API commands to every instance

@@ -53,6 +53,7 @@ class Receiver:
     secrets: list[str]
     port: int = field(default_factory=free_port)
     answer: Callable[[Hit], Answer] = lambda hit: (200, {}, 0.0)
+    reply: Callable[[Hit], bytes] = lambda hit: b""  # the body of each answer
     hits: list[Hit] = field(default_factory=list)
     unverified: list[str] = field(default_factory=list)
     in_flight: set[str] = field(default_factory=set)
@@ -115,8 +116,11 @@ class Receiver:
                     self.in_flight.discard(event)
                 hit.status = status
                 extra_lines = "".join(f"{k}: {v}\r\n" for k, v in extra.items())
+                content = self.reply(hit)
                 writer.write(
-                    f"HTTP/1.1 {status} X\r\ncontent-length: 0\r\n{extra_lines}\r\n".encode()
+                    f"HTTP/1.1 {status} X\r\ncontent-length: {len(content)}\r\n"
+                    f"{extra_lines}\r\n".encode()
+                    + content
                 )
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):

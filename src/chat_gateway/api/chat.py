@@ -19,12 +19,23 @@ from chat_gateway.access.ratelimit import READ
 from chat_gateway.api import validation as v
 from chat_gateway.api.caller import api_key, gateway_of, identify, key_caller, stored_room
 from chat_gateway.api.responses import encoded_json_response, json_response
+from chat_gateway.delivery.publish_hook import Draft, Kind
 from chat_gateway.errors import ApiError
+from chat_gateway.services import Services
 from chat_gateway.storage import ReadPosition
 
 
 def position_json(pos: ReadPosition) -> dict[str, Any]:
     return {"room": pos.room, "seq": pos.seq, "unread": pos.unread}
+
+
+async def screened(
+    gw: Services, kind: Kind, room: str, author: str, text: str, *, seq: int | None = None
+) -> str:
+    """The text to store for a user's post or edit, once the publish hook
+    (PUBLISH_HOOK_URL) had its say: the one call every user path makes after its
+    own checks and before the store. A modified text is checked as a posted one."""
+    return await gw.publish_hook.screen(Draft(kind, room, author, text, seq), v.text)
 
 
 # -- HTTP ------------------------------------------------------------------------
@@ -65,6 +76,9 @@ async def edit_message(request: Request) -> Response:
     author, bucket = await _changer(request, room, body)
     decision = await gw.rates.check_post(room, bucket)
     await gw.moderation.check_change(room, author, edit=True)
+    if api_key(request) is None:  # a backend's own edit is not put to its hook
+        editor = author if author is not None else identify(request).name
+        text = await screened(gw, Kind.EDIT, room, editor, text, seq=seq)
     msg = await gw.chat.change(
         room, seq, text, author=author, idempotency_key=None if key is None else (bucket, key)
     )

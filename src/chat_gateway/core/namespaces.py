@@ -9,6 +9,7 @@ is in ``ticker``; ``lobby`` is in the default namespace ``""``). The file is TOM
     presence = false        # default true
     conflate_ms = 250       # default for subscribers of ephemeral rooms; 0 = every update
     rate_limit = "100/1s"   # overrides RATE_LIMIT here
+    publish_hook = false    # ask PUBLISH_HOOK_URL about users' posts here; default true
 
 A namespace the file does not name is a stored room as in v1, with every
 default. Pure: no I/O but :func:`load`'s one read of the file at start; every
@@ -51,6 +52,7 @@ class Namespace:
     presence: bool = True
     conflate_ms: int = 0
     rate_limit: str | None = None
+    publish_hook: bool = True  # with PUBLISH_HOOK_URL set: users' posts and edits ask it
 
     @property
     def stored(self) -> bool:
@@ -87,6 +89,7 @@ _OPTIONS: dict[str, type] = {
     "presence": bool,
     "conflate_ms": int,
     "rate_limit": str,
+    "publish_hook": bool,
 }
 
 
@@ -161,4 +164,5 @@ def _namespace(
         presence=options.get("presence", True),
         conflate_ms=conflate_ms,
         rate_limit=rate_limit,
+        publish_hook=options.get("publish_hook", True),
     )

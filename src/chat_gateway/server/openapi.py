@@ -251,7 +251,8 @@ def _add_errors(operation: dict[str, Any], *codes: str) -> None:
     responses = operation["responses"]
     for status, entry in _errors(*codes).items():
         if status in responses:
-            held = responses[status]
+            # A copy: operations may share one entry (PATCH and DELETE of a message do).
+            held = responses[status] = dict(responses[status])
             held["description"] = "; ".join(
                 filter(None, [held["description"], entry["description"]])
             )
@@ -271,6 +272,13 @@ MODERATED: dict[tuple[str, str], tuple[str, ...]] = {
     ("/v1/rooms/{room}/messages/{seq}", "patch"): ("banned", "muted"),
     ("/v1/rooms/{room}/messages/{seq}", "delete"): ("banned",),
 }
+
+# The routes the publish hook (PUBLISH_HOOK_URL, chat_gateway.delivery.publish_hook)
+# may refuse on: a user's post or edit.
+HOOKED: tuple[tuple[str, str], ...] = (
+    ("/v1/rooms/{room}/messages", "post"),
+    ("/v1/rooms/{room}/messages/{seq}", "patch"),
+)
 
 
 def moderation_paths() -> dict[str, Any]:
@@ -1056,6 +1064,8 @@ def document(open_mode: bool = False) -> dict[str, Any]:
     }
     for (path, method), codes in MODERATED.items():
         _add_errors(paths[path][method], *codes)
+    for path, method in HOOKED:
+        _add_errors(paths[path][method], "rejected")
     schemas: dict[str, Any] = {
         "Restriction": v.RESTRICTION_BODY,
         "RoomSettings": v.SETTINGS_BODY,

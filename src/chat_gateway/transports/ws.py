@@ -27,10 +27,11 @@ from chat_gateway.access.auth import Identity
 from chat_gateway.access.ratelimit import READ, SUBSCRIBE
 from chat_gateway.api import validation as v
 from chat_gateway.api.caller import gateway_of, stored_room
-from chat_gateway.api.chat import changed_by, position_json
+from chat_gateway.api.chat import changed_by, position_json, screened
 from chat_gateway.core.namespaces import RoomKind
 from chat_gateway.delivery.hub import WS, Subscriber
 from chat_gateway.delivery.output import FrameSink
+from chat_gateway.delivery.publish_hook import Kind
 from chat_gateway.errors import (
     CLOSE_POLICY_VIOLATION,
     ApiError,
@@ -255,6 +256,7 @@ class Session:
         await self.gw.moderation.check_post(
             room, author, moderator=self.identity.may_moderate(room)
         )
+        text = await screened(self.gw, Kind.PUBLISH, room, author, text)
         return Publish(ref, room, author, text, key)
 
     async def commit(self, ready: list[Publish]) -> None:
@@ -355,6 +357,9 @@ class Session:
         author = changed_by(self.identity, room, frame.get("author"))
         await self.gw.rates.check_post(room, self.identity.bucket)
         await self.gw.moderation.check_change(room, author, edit=text is not None)
+        if text is not None:
+            editor = author if author is not None else self.identity.name
+            text = await screened(self.gw, Kind.EDIT, room, editor, text, seq=seq)
         # The rate bucket's identity owns the key, as on HTTP: the two share keys.
         msg = await chat.change(
             room,

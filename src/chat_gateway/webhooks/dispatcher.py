@@ -54,7 +54,7 @@ from chat_gateway.storage.base import format_ts, new_id
 from chat_gateway.storage.outbox import Backlog, Delivery, Endpoint, Outbox
 from chat_gateway.webhooks import egress
 from chat_gateway.webhooks.metrics import WebhookMetrics
-from chat_gateway.webhooks.signing import parse_secrets, sign
+from chat_gateway.webhooks.signing import parse_secrets, signed_headers
 
 log = logging.getLogger("gateway.webhooks")
 
@@ -451,24 +451,15 @@ class Webhooks:
         if self._client is None:
             raise RuntimeError("the webhook dispatcher is not started")
         body = self.body(delivery)
-        timestamp = int(time.time())
-        headers = {
-            "content-type": "application/json",
-            "webhook-id": delivery.event_id,
-            "webhook-timestamp": str(timestamp),
-            "webhook-signature": sign(self.keys, delivery.event_id, timestamp, body),
-        }
+        headers = signed_headers(self.keys, delivery.event_id, body)
         try:
             async with asyncio.timeout(self.settings.webhook_timeout):
-                where = await egress.target(
-                    receiver.url, allow_private=self.settings.webhook_allow_private
-                )
-                async with self._client.stream(
-                    "POST",
-                    where.url,
-                    content=body,
-                    headers={**headers, **where.headers},
-                    extensions=where.extensions,
+                async with egress.post(
+                    self._client,
+                    receiver.url,
+                    body,
+                    headers,
+                    allow_private=self.settings.webhook_allow_private,
                 ) as response:
                     read = 0
                     async for chunk in response.aiter_raw():

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,3 +127,25 @@ async def target(url: httpx.URL, *, allow_private: bool) -> Target:
     netloc = host if url.port is None else f"{host}:{url.port}"
     extensions = {"sni_hostname": host} if url.scheme == "https" else {}
     return Target(pinned, {"host": netloc}, extensions)
+
+
+@asynccontextmanager
+async def post(
+    client: httpx.AsyncClient,
+    url: httpx.URL,
+    body: bytes,
+    headers: dict[str, str],
+    *,
+    allow_private: bool,
+) -> AsyncIterator[httpx.Response]:
+    """POST ``body`` to ``url`` pinned to its checked address (:func:`target`), the
+    response streamed: the webhooks' and the publish hook's one way out."""
+    where = await target(url, allow_private=allow_private)
+    async with client.stream(
+        "POST",
+        where.url,
+        content=body,
+        headers={**headers, **where.headers},
+        extensions=where.extensions,
+    ) as response:
+        yield response
