@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
     from chat_gateway.storage.moderation import Action, ModerationEntry, RoomModeration
     from chat_gateway.storage.search import Cursor, Query, RoomScope
@@ -80,6 +80,10 @@ def display_url(url: str) -> str:
 class MessageNotFound(LookupError):
     """No message at that seq (never committed, removed by retention or a purge), or
     an edit of a deleted one."""
+
+
+class MessageDeleted(Exception):
+    """A reaction to a deleted message (its tombstone takes none)."""
 
 
 class NotAuthor(Exception):
@@ -132,6 +136,8 @@ class Message:
     # count when the message committed (edits and deletes before it), which the
     # channel payload carries so a subscriber gets the two in commit order.
     changes: int | None = field(default=None, compare=False)
+    # The reactions summary (``summarize``), kept on the message's row; None: none.
+    reactions: dict[str, Any] | None = None
     # The JSON of to_dict, made on first use: a message is encoded once for every
     # history read, ack and publish that carries it.
     _json: bytes | None = field(default=None, init=False, repr=False, compare=False)
@@ -149,6 +155,8 @@ class Message:
             d["version"] = self.version
             d["edited_at"] = None if self.edited_ms is None else format_ts(self.edited_ms)
             d["deleted_at"] = None if self.deleted_ms is None else format_ts(self.deleted_ms)
+        if self.reactions:
+            d["reactions"] = self.reactions
         return d
 
     def to_json(self) -> bytes:
@@ -159,27 +167,64 @@ class Message:
         return encoded
 
 
-def change_event(msg: Message, change: int, now_ms: int) -> tuple[str, str, str]:
-    """The webhook event of an edit or delete: (event id, type, data JSON). ``data`` is
-    the message as it is after the change (a delete's tombstone: text empty,
-    ``deleted_at`` set) plus ``change``, the room's change number."""
-    kind = "message.deleted" if msg.deleted_ms is not None else "message.updated"
+# Users named per reaction in a message's summary; the count goes on past it.
+REACTION_USERS = 10
+
+
+def summarize(rows: Iterable[tuple[str, str]]) -> dict[str, Any] | None:
+    """A message's reactions summary from its ``(reaction, user)`` rows in the order
+    they were added: ``{reaction: {"count", "users": [the first REACTION_USERS]}}``,
+    reactions in order of their first use; None when there is none."""
+    out: dict[str, Any] = {}
+    for reaction, user in rows:
+        entry = out.setdefault(reaction, {"count": 0, "users": []})
+        entry["count"] += 1
+        if len(entry["users"]) < REACTION_USERS:
+            entry["users"].append(user)
+    return out or None
+
+
+def change_event(
+    msg: Message, change: int, now_ms: int, *, reactions: bool = False
+) -> tuple[str, str, str]:
+    """The webhook event of an edit, delete or reactions change: (event id, type,
+    data JSON). ``data`` is the message as it is after the change (a delete's
+    tombstone: text empty, ``deleted_at`` set; ``reactions`` its summary) plus
+    ``change``, the room's change number."""
+    if reactions:
+        kind = "message.reactions_updated"
+    else:
+        kind = "message.deleted" if msg.deleted_ms is not None else "message.updated"
     data = orjson.dumps({**msg.to_dict(), "change": change}).decode()
     return "evt_" + new_id(now_ms), kind, data
 
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """An edit or a delete: the room's change number, the room's last seq when it
-    committed (it sits after that message), and the message as it is now."""
+    """An edit, a delete or a reactions change (``reactions``): the room's change
+    number, the room's last seq when it committed (it sits after that message), and
+    the message as it is now."""
 
     change: int
     after_seq: int
     message: Message
+    reactions: bool = False
 
     @property
     def kind(self) -> str:
+        if self.reactions:
+            return "reactions_updated"
         return "message_deleted" if self.message.deleted_ms is not None else "message_updated"
+
+    def body(self) -> bytes:
+        """What the change's frame carries (chat_gateway.core.frames.change_frame): the
+        message's JSON for an edit or delete, ``{"seq", "reactions"}`` for a
+        reactions change (the message's JSON always starts with ``{"id"``)."""
+        if self.reactions:
+            return orjson.dumps(
+                {"seq": self.message.seq, "reactions": self.message.reactions or {}}
+            )
+        return self.message.to_json()
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,6 +396,18 @@ class Store(ABC):
         too). Returns the change (None when nothing changed: a repeat, a repeated
         delete, an edit to the same text) and the message as it is now."""
         raise StoreUnavailable("this store keeps no changes")
+
+    async def react(
+        self, room: str, seq: int, user: str, reaction: str, *, add: bool
+    ) -> tuple[Change | None, Message]:
+        """Add (``add``) or remove ``user``'s ``reaction`` to the message at ``seq``, in
+        one transaction that takes the room's row lock (as a change does), numbers
+        the change, logs it, keeps the message's summary (``summarize``) on its row
+        and writes its ``message.reactions_updated`` events. A user's reaction is
+        there once: adding it again or removing one not there changes nothing
+        (change None). Raises ``MessageNotFound``, ``MessageDeleted``, and
+        ``Restricted`` for a banned or muted user (checked under the room's lock)."""
+        raise StoreUnavailable("this store keeps no reactions")
 
     async def changes(self, room: str, *, after: int, limit: int = MAX_PAGE) -> list[Change]:
         """The room's changes numbered above ``after``, ascending, each with its

@@ -60,6 +60,7 @@ from chat_gateway.storage import migrations
 from chat_gateway.storage.base import (
     Change,
     Message,
+    MessageDeleted,
     MessageNotFound,
     NotAuthor,
     Page,
@@ -71,6 +72,7 @@ from chat_gateway.storage.base import (
     display_url,
     format_ts,
     new_id,
+    summarize,
 )
 from chat_gateway.storage.listen_postgres import Listener
 from chat_gateway.storage.moderation import (
@@ -103,7 +105,7 @@ _COLUMNS = (
     "id, room, seq, author, text, "
     "(extract(epoch from created_at) * 1000)::bigint AS created_ms, version, "
     "(extract(epoch from edited_at) * 1000)::bigint AS edited_ms, "
-    "(extract(epoch from deleted_at) * 1000)::bigint AS deleted_ms"
+    "(extract(epoch from deleted_at) * 1000)::bigint AS deleted_ms, reactions"
 )
 
 # A banned or muted author (chat_may_post, migration 0011) gets no row: the room's
@@ -304,6 +306,7 @@ def _row(r: Any) -> Message:
         r["version"],
         r["edited_ms"],
         r["deleted_ms"],
+        reactions=None if r["reactions"] is None else orjson.loads(r["reactions"]),
     )
 
 
@@ -324,7 +327,7 @@ _EDIT = (
 )
 # A delete empties the text in the row itself: the text is gone, not hidden.
 _DELETE = (
-    "UPDATE messages SET text = '', version = version + 1, deleted_at = $3 "
+    "UPDATE messages SET text = '', version = version + 1, deleted_at = $3, reactions = NULL "
     f"WHERE room = $1 AND seq = $2 RETURNING {_COLUMNS}"
 )
 
@@ -348,10 +351,10 @@ def _scrub(gone: str, at: str) -> str:
 _SCRUB_MESSAGE = _scrub("(SELECT $1::text AS room, $2::bigint AS seq) AS gone", "$3")
 
 _CHANGES = """
-SELECT c.change, c.after_seq, m.id, m.room, m.seq, m.author, m.text,
+SELECT c.change, c.after_seq, c.kind, m.id, m.room, m.seq, m.author, m.text,
        (extract(epoch from m.created_at) * 1000)::bigint AS created_ms, m.version,
        (extract(epoch from m.edited_at) * 1000)::bigint AS edited_ms,
-       (extract(epoch from m.deleted_at) * 1000)::bigint AS deleted_ms
+       (extract(epoch from m.deleted_at) * 1000)::bigint AS deleted_ms, m.reactions
 FROM message_changes c JOIN messages m ON m.room = c.room AND m.seq = c.seq
 WHERE c.room = $1 AND c.change > $2 ORDER BY c.change LIMIT $3
 """
@@ -953,6 +956,8 @@ class PostgresStore(Store):
             " ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)) RETURNING room, seq),"
             " changes AS (DELETE FROM message_changes c USING gone"
             " WHERE c.room = gone.room AND c.seq = gone.seq),"
+            " reacted AS (DELETE FROM reactions x USING gone"
+            " WHERE x.room = gone.room AND x.seq = gone.seq),"
             f" scrub AS ({_scrub('gone', '$3')})"
             " SELECT count(*) FROM gone",
             _EPOCH + timedelta(milliseconds=cutoff_ms),
@@ -969,6 +974,7 @@ class PostgresStore(Store):
             "fetchval",
             "WITH gone AS (DELETE FROM messages WHERE room = $1 RETURNING room, seq),"
             " changes AS (DELETE FROM message_changes WHERE room = $1),"
+            " reacted AS (DELETE FROM reactions WHERE room = $1),"
             f" scrub AS ({_scrub('gone', '$2')})"
             " SELECT count(*) FROM gone",
             room,
@@ -1030,6 +1036,9 @@ class PostgresStore(Store):
                 )
                 if text is None:
                     row = await conn.fetchrow(_DELETE, room, seq, at)
+                    await conn.execute(
+                        "DELETE FROM reactions WHERE room = $1 AND seq = $2", room, seq
+                    )
                     await conn.execute(_SCRUB_MESSAGE, room, seq, format_ts(ms))
                 else:
                     row = await conn.fetchrow(_EDIT, room, seq, text, at)
@@ -1061,7 +1070,90 @@ class PostgresStore(Store):
 
     async def changes(self, room: str, *, after: int, limit: int = 200) -> list[Change]:
         rows = await self._call("fetch", _CHANGES, room, after, limit)
-        return [Change(r["change"], r["after_seq"], _row(r)) for r in rows]
+        return [
+            Change(r["change"], r["after_seq"], _row(r), r["kind"] == "reactions") for r in rows
+        ]
+
+    async def react(
+        self, room: str, seq: int, user: str, reaction: str, *, add: bool
+    ) -> tuple[Change | None, Message]:
+        ms = int(time.time() * 1000)
+        at = _EPOCH + timedelta(milliseconds=ms)
+        async with self._operation() as op, self._connection() as conn:
+            async with self._transaction(conn):
+                # The room's row first, as a change takes it: one commit order.
+                pos = await conn.fetchrow(
+                    "SELECT last_seq, last_change, banned::text, muted::text FROM rooms "
+                    "WHERE room = $1 FOR UPDATE",
+                    room,
+                )
+                row = None if pos is None else await conn.fetchrow(_MESSAGE_FOR_UPDATE, room, seq)
+                if pos is None or row is None:
+                    raise MessageNotFound(f"no message {seq} in room {room!r}")
+                current = _row(row)
+                restrictions = RoomModeration.of_row(room, pos["banned"], pos["muted"], 0)
+                check_change(restrictions, user, edit=True, at_ms=ms)
+                if current.deleted_ms is not None:
+                    raise MessageDeleted(f"message {seq} in room {room!r} is deleted")
+                if add:
+                    done = await conn.fetchval(
+                        "INSERT INTO reactions (room, seq, reaction, user_name) "
+                        "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING 1",
+                        room,
+                        seq,
+                        reaction,
+                        user,
+                    )
+                else:
+                    done = await conn.fetchval(
+                        "DELETE FROM reactions WHERE room = $1 AND seq = $2 AND reaction = $3"
+                        " AND user_name = $4 RETURNING 1",
+                        room,
+                        seq,
+                        reaction,
+                        user,
+                    )
+                if done is None:
+                    return None, current  # there already, or not there
+                rows = await conn.fetch(
+                    "SELECT reaction, user_name FROM reactions WHERE room = $1 AND seq = $2"
+                    " ORDER BY id",
+                    room,
+                    seq,
+                )
+                summary = summarize((r["reaction"], r["user_name"]) for r in rows)
+                number = pos["last_change"] + 1
+                await conn.execute(
+                    "UPDATE rooms SET last_change = $2 WHERE room = $1", room, number
+                )
+                row = await conn.fetchrow(
+                    f"UPDATE messages SET reactions = $3 WHERE room = $1 AND seq = $2"
+                    f" RETURNING {_COLUMNS}",
+                    room,
+                    seq,
+                    None if summary is None else orjson.dumps(summary).decode(),
+                )
+                await conn.execute(
+                    "INSERT INTO message_changes (room, change, seq, after_seq, kind) "
+                    "VALUES ($1, $2, $3, $4, 'reactions')",
+                    room,
+                    number,
+                    seq,
+                    pos["last_seq"],
+                )
+                msg = _row(row)
+                if self._outbox_args:
+                    await conn.execute(
+                        _CHANGE_OUTBOX,
+                        *change_event(msg, number, ms, reactions=True),
+                        room,
+                        seq,
+                        pos["last_seq"] + number,
+                        at,
+                        *self._outbox_args,
+                    )
+                op.sent = True
+        return Change(number, pos["last_seq"], msg, True), msg
 
     async def position(self, room: str) -> tuple[int, int]:
         row = await self._call(
