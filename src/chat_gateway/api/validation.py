@@ -33,6 +33,7 @@ RESERVED_EVENTS = {
     "history_purged",
     "message_updated",
     "message_deleted",
+    "reactions_updated",
     "typing",
     "read",
 }
