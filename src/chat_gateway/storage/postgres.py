@@ -321,6 +321,22 @@ SELECT e, $1, $2, $4, $5, $6, $3, $7, $7 FROM unnest($8::bigint[]) AS e
 """
 
 _MESSAGE_FOR_UPDATE = f"SELECT {_COLUMNS} FROM messages WHERE room = $1 AND seq = $2 FOR UPDATE"
+# The room's row, locked as an append locks it: changes and posts of a room commit
+# one at a time, so a change's after_seq is exact.
+_ROOM_FOR_UPDATE = (
+    "SELECT last_seq, last_change, banned::text, muted::text FROM rooms WHERE room = $1 FOR UPDATE"
+)
+
+
+async def _message_in(conn: Any, pos: Any, room: str, seq: int) -> Message:
+    """The message at ``seq``, locked (``pos``: the room's locked row, None when the
+    room has none); ``MessageNotFound`` when there is none."""
+    row = None if pos is None else await conn.fetchrow(_MESSAGE_FOR_UPDATE, room, seq)
+    if row is None:
+        raise MessageNotFound(f"no message {seq} in room {room!r}")
+    return _row(row)
+
+
 _EDIT = (
     "UPDATE messages SET text = $3, version = version + 1, edited_at = $4 "
     f"WHERE room = $1 AND seq = $2 RETURNING {_COLUMNS}"
@@ -1001,11 +1017,7 @@ class PostgresStore(Store):
             async with self._transaction(conn):
                 # The room's row first, as an append takes it: changes and posts
                 # of a room commit one at a time, so after_seq is exact.
-                pos = await conn.fetchrow(
-                    "SELECT last_seq, last_change, banned::text, muted::text FROM rooms "
-                    "WHERE room = $1 FOR UPDATE",
-                    room,
-                )
+                pos = await conn.fetchrow(_ROOM_FOR_UPDATE, room)
                 if pos is not None and idempotency_key is not None:
                     done = await conn.fetchval(
                         "SELECT seq FROM message_changes WHERE room = $1 AND key_owner = $2"
@@ -1015,10 +1027,7 @@ class PostgresStore(Store):
                     )
                     if done is not None:  # a repeat: the message as it is now
                         return None, _row(await conn.fetchrow(_MESSAGE_FOR_UPDATE, room, done))
-                row = None if pos is None else await conn.fetchrow(_MESSAGE_FOR_UPDATE, room, seq)
-                if pos is None or row is None:
-                    raise MessageNotFound(f"no message {seq} in room {room!r}")
-                current = _row(row)
+                current = await _message_in(conn, pos, room, seq)
                 if author is not None and current.author != author:
                     raise NotAuthor("only the author may change this message")
                 # The row's newest version (FOR UPDATE): a ban committed first is seen.
@@ -1030,10 +1039,6 @@ class PostgresStore(Store):
                     raise MessageNotFound(f"message {seq} in room {room!r} is deleted")
                 if text == current.text:
                     return None, current
-                number = pos["last_change"] + 1
-                await conn.execute(
-                    "UPDATE rooms SET last_change = $2 WHERE room = $1", room, number
-                )
                 if text is None:
                     row = await conn.fetchrow(_DELETE, room, seq, at)
                     await conn.execute(
@@ -1042,29 +1047,8 @@ class PostgresStore(Store):
                     await conn.execute(_SCRUB_MESSAGE, room, seq, format_ts(ms))
                 else:
                     row = await conn.fetchrow(_EDIT, room, seq, text, at)
-                owner, key = idempotency_key or (None, None)
-                await conn.execute(
-                    "INSERT INTO message_changes (room, change, seq, "
-                    "after_seq, key_owner, idempotency_key) "
-                    "VALUES ($1, $2, $3, $4, $5, $6)",
-                    room,
-                    number,
-                    seq,
-                    pos["last_seq"],
-                    owner,
-                    key,
-                )
                 msg = _row(row)
-                if self._outbox_args:
-                    await conn.execute(
-                        _CHANGE_OUTBOX,
-                        *change_event(msg, number, ms),
-                        room,
-                        seq,
-                        pos["last_seq"] + number,
-                        at,
-                        *self._outbox_args,
-                    )
+                number = await self._record_change(conn, pos, msg, ms, key=idempotency_key)
                 op.sent = True  # the commit goes out as the block ends
         return Change(number, pos["last_seq"], msg), msg
 
@@ -1074,23 +1058,53 @@ class PostgresStore(Store):
             Change(r["change"], r["after_seq"], _row(r), r["kind"] == "reactions") for r in rows
         ]
 
+    async def _record_change(
+        self,
+        conn: Any,
+        pos: Any,
+        msg: Message,
+        ms: int,
+        *,
+        key: tuple[str, str] | None = None,
+        reactions: bool = False,
+    ) -> int:
+        """Number a change of ``msg`` (the room's row ``pos`` is locked), log it and
+        write its events, in the caller's transaction; its number."""
+        number = int(pos["last_change"]) + 1
+        await conn.execute("UPDATE rooms SET last_change = $2 WHERE room = $1", msg.room, number)
+        owner, idem = key or (None, None)
+        await conn.execute(
+            "INSERT INTO message_changes (room, change, seq, after_seq, key_owner, "
+            "idempotency_key, kind) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            msg.room,
+            number,
+            msg.seq,
+            pos["last_seq"],
+            owner,
+            idem,
+            "reactions" if reactions else None,
+        )
+        if self._outbox_args:
+            await conn.execute(
+                _CHANGE_OUTBOX,
+                *change_event(msg, number, ms, reactions=reactions),
+                msg.room,
+                msg.seq,
+                pos["last_seq"] + number,
+                _EPOCH + timedelta(milliseconds=ms),
+                *self._outbox_args,
+            )
+        return number
+
     async def react(
         self, room: str, seq: int, user: str, reaction: str, *, add: bool
     ) -> tuple[Change | None, Message]:
         ms = int(time.time() * 1000)
-        at = _EPOCH + timedelta(milliseconds=ms)
         async with self._operation() as op, self._connection() as conn:
             async with self._transaction(conn):
                 # The room's row first, as a change takes it: one commit order.
-                pos = await conn.fetchrow(
-                    "SELECT last_seq, last_change, banned::text, muted::text FROM rooms "
-                    "WHERE room = $1 FOR UPDATE",
-                    room,
-                )
-                row = None if pos is None else await conn.fetchrow(_MESSAGE_FOR_UPDATE, room, seq)
-                if pos is None or row is None:
-                    raise MessageNotFound(f"no message {seq} in room {room!r}")
-                current = _row(row)
+                pos = await conn.fetchrow(_ROOM_FOR_UPDATE, room)
+                current = await _message_in(conn, pos, room, seq)
                 restrictions = RoomModeration.of_row(room, pos["banned"], pos["muted"], 0)
                 check_change(restrictions, user, edit=True, at_ms=ms)
                 if current.deleted_ms is not None:
@@ -1122,10 +1136,6 @@ class PostgresStore(Store):
                     seq,
                 )
                 summary = summarize((r["reaction"], r["user_name"]) for r in rows)
-                number = pos["last_change"] + 1
-                await conn.execute(
-                    "UPDATE rooms SET last_change = $2 WHERE room = $1", room, number
-                )
                 row = await conn.fetchrow(
                     f"UPDATE messages SET reactions = $3 WHERE room = $1 AND seq = $2"
                     f" RETURNING {_COLUMNS}",
@@ -1133,25 +1143,8 @@ class PostgresStore(Store):
                     seq,
                     None if summary is None else orjson.dumps(summary).decode(),
                 )
-                await conn.execute(
-                    "INSERT INTO message_changes (room, change, seq, after_seq, kind) "
-                    "VALUES ($1, $2, $3, $4, 'reactions')",
-                    room,
-                    number,
-                    seq,
-                    pos["last_seq"],
-                )
                 msg = _row(row)
-                if self._outbox_args:
-                    await conn.execute(
-                        _CHANGE_OUTBOX,
-                        *change_event(msg, number, ms, reactions=True),
-                        room,
-                        seq,
-                        pos["last_seq"] + number,
-                        at,
-                        *self._outbox_args,
-                    )
+                number = await self._record_change(conn, pos, msg, ms, reactions=True)
                 op.sent = True
         return Change(number, pos["last_seq"], msg, True), msg
 

@@ -78,6 +78,19 @@ def _row(r: tuple[Any, ...]) -> Message:
     return Message(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], reactions=reactions)
 
 
+_ROOM = "SELECT last_seq, last_change, banned, muted FROM rooms WHERE room = ?"
+_MESSAGE = f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq = ?"
+
+
+def _message_in(db: sqlite3.Connection, pos: Any, room: str, seq: int) -> Message:
+    """The message at ``seq`` (``pos``: the room's row, None when the room has none);
+    ``MessageNotFound`` when there is none."""
+    row = None if pos is None else db.execute(_MESSAGE, (room, seq)).fetchone()
+    if row is None:
+        raise MessageNotFound(f"no message {seq} in room {room!r}")
+    return _row(row)
+
+
 def _scrub(db: sqlite3.Connection, gone: list[tuple[str, int]], at_ms: int) -> None:
     """Take the text out of every webhook event of the messages ``gone`` lists, inside
     the caller's transaction: each event that still carries text (a
@@ -370,10 +383,7 @@ class SQLiteStore(Store):
         def write(db: sqlite3.Connection) -> tuple[Change | None, Message]:
             db.execute("BEGIN IMMEDIATE")
             try:
-                pos = db.execute(
-                    "SELECT last_seq, last_change, banned, muted FROM rooms WHERE room = ?",
-                    (room,),
-                ).fetchone()
+                pos = db.execute(_ROOM, (room,)).fetchone()
                 if pos is not None and idempotency_key is not None:
                     done = db.execute(
                         "SELECT seq FROM message_changes WHERE room = ? AND "
@@ -381,24 +391,10 @@ class SQLiteStore(Store):
                         (room, *idempotency_key),
                     ).fetchone()
                     if done is not None:  # a repeat: the message as it is now
-                        again = _row(
-                            db.execute(
-                                f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq = ?",
-                                (room, done[0]),
-                            ).fetchone()
-                        )
+                        again = _row(db.execute(_MESSAGE, (room, done[0])).fetchone())
                         db.execute("ROLLBACK")
                         return None, again
-                row = (
-                    None
-                    if pos is None
-                    else db.execute(
-                        f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq = ?", (room, seq)
-                    ).fetchone()
-                )
-                if pos is None or row is None:
-                    raise MessageNotFound(f"no message {seq} in room {room!r}")
-                current = _row(row)
+                current = _message_in(db, pos, room, seq)
                 if author is not None and current.author != author:
                     raise NotAuthor("only the author may change this message")
                 restrictions = RoomModeration.of_row(room, pos[2], pos[3], 0)
@@ -434,11 +430,7 @@ class SQLiteStore(Store):
                     "key_owner, idempotency_key) VALUES (?, ?, ?, ?, ?, ?)",
                     (room, number, seq, pos[0], owner, key),
                 )
-                msg = _row(
-                    db.execute(
-                        f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq = ?", (room, seq)
-                    ).fetchone()
-                )
+                msg = _row(db.execute(_MESSAGE, (room, seq)).fetchone())
                 self._outbox_change(db, msg, number, pos[0], ms)  # commits with it
                 db.execute("COMMIT")
                 return Change(number, pos[0], msg), msg
@@ -468,15 +460,8 @@ class SQLiteStore(Store):
         def write(db: sqlite3.Connection) -> tuple[Change | None, Message]:
             db.execute("BEGIN IMMEDIATE")
             try:
-                pos = db.execute(
-                    "SELECT last_seq, last_change, banned, muted FROM rooms WHERE room = ?",
-                    (room,),
-                ).fetchone()
-                select = f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq = ?"
-                row = None if pos is None else db.execute(select, (room, seq)).fetchone()
-                if pos is None or row is None:
-                    raise MessageNotFound(f"no message {seq} in room {room!r}")
-                current = _row(row)
+                pos = db.execute(_ROOM, (room,)).fetchone()
+                current = _message_in(db, pos, room, seq)
                 ms = int(time.time() * 1000)
                 restrictions = RoomModeration.of_row(room, pos[2], pos[3], 0)
                 check_change(restrictions, user, edit=True, at_ms=ms)
@@ -515,7 +500,7 @@ class SQLiteStore(Store):
                     "VALUES (?, ?, ?, ?, 'reactions')",
                     (room, number, seq, pos[0]),
                 )
-                msg = _row(db.execute(select, (room, seq)).fetchone())
+                msg = _row(db.execute(_MESSAGE, (room, seq)).fetchone())
                 self._outbox_change(db, msg, number, pos[0], ms, reactions=True)
                 db.execute("COMMIT")
                 return Change(number, pos[0], msg, True), msg
