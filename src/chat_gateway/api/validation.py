@@ -352,17 +352,17 @@ FRAMES: dict[str, dict[str, Any]] = {
         ref=REF,
         key=CHANGE_KEY,
     ),
-    "react": _frame(
-        "react", ["room", "seq", "reaction"], room=ROOM, seq=MESSAGE_SEQ, reaction=REACTION, ref=REF
-    ),
-    "unreact": _frame(
-        "unreact",
-        ["room", "seq", "reaction"],
-        room=ROOM,
-        seq=MESSAGE_SEQ,
-        reaction=REACTION,
-        ref=REF,
-    ),
+    **{
+        kind: _frame(
+            kind,
+            ["room", "seq", "reaction"],
+            room=ROOM,
+            seq=MESSAGE_SEQ,
+            reaction=REACTION,
+            ref=REF,
+        )
+        for kind in ("react", "unreact")
+    },
     "typing": _frame("typing", ["room"], room=ROOM),
     "read": _frame("read", ["room", "seq"], room=ROOM, seq=SEQ, ref=REF),
 }
