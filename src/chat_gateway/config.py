@@ -110,6 +110,8 @@ class Settings:
     search_rate_limit: Rate = field(default_factory=lambda: Rate(60, 60.0))
     # read positions marked per identity (HTTP and WS read frames share it)
     read_rate_limit: Rate = field(default_factory=lambda: Rate(120, 60.0))
+    # reactions added or removed per identity (HTTP and WS react/unreact share it)
+    reaction_rate_limit: Rate = field(default_factory=lambda: Rate(60, 60.0))
     # room kinds by namespace (chat_gateway.core.namespaces): the TOML file's path
     namespaces_file: Namespaces = field(default_factory=Namespaces)
     trusted_proxies: tuple[str, ...] = ()
@@ -265,6 +267,7 @@ class Settings:
             "subscribe_rate_limit",
             "search_rate_limit",
             "read_rate_limit",
+            "reaction_rate_limit",
         ):
             rate = getattr(self, name)
             # The bucket's arithmetic is in integers inside a double's exact range.

@@ -45,6 +45,10 @@ CODES: dict[str, tuple[int, str]] = {
         "the same identity reused an Idempotency-Key in the room "
         "with a different message (text or author)",
     ),
+    "message_deleted": (
+        409,
+        "the message is deleted: its tombstone takes no reactions",
+    ),
     "wrong_room_kind": (
         409,
         "the room's namespace is of another kind (NAMESPACES_FILE): an ephemeral room "

@@ -326,6 +326,9 @@ STATEFUL: dict[str, set[tuple[str, Any]]] = {
     "publish": {("idempotency_conflict", None)},
     "edit": {("not_found", None), ("forbidden", None)},
     "delete": {("not_found", None), ("forbidden", None)},
+    # no such message (or a deleted one) to react to
+    "react": {("not_found", None), ("message_deleted", None)},
+    "unreact": {("not_found", None), ("message_deleted", None)},
     "typing": {("invalid_request", "room")},
     # a room's kind is its namespace's (NAMESPACES_FILE): with none set, every room is
     # stored, and an emit there is refused

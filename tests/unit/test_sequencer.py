@@ -44,6 +44,9 @@ class Chg:
     def message(self) -> Msg:
         return Msg(self.after_seq, json=b"c%d" % self.change)
 
+    def body(self) -> bytes:
+        return self.message.to_json()
+
 
 Commit = tuple[str, int, int]  # ("m", seq, changes before) or ("c", number, after_seq)
 

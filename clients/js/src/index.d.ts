@@ -41,12 +41,17 @@ export interface Message {
   edited_at?: string | null;
   /** When it was deleted; null on a changed message not deleted. */
   deleted_at?: string | null;
+  /** By reaction: how many users reacted and the first ten; absent when none. */
+  reactions?: Reactions;
 }
+
+/** A message's reactions summary, by reaction (in order of first use). */
+export type Reactions = Record<string, { count: number; users: string[] }>;
 
 export type ErrorCode =
   | "invalid_json" | "invalid_request" | "unauthorized" | "forbidden" | "not_found"
   | "too_large" | "rate_limited" | "unavailable" | "too_many_subscriptions"
-  | "idempotency_conflict" | "internal"
+  | "idempotency_conflict" | "message_deleted" | "internal"
   // raised by the client itself
   | "closed" | "unsubscribed" | "no_websocket" | "connect_failed" | "invalid_frame"
   | "token_refresh_failed"
@@ -96,6 +101,15 @@ export interface ChangeEvent {
   /** The room's change number (resumed with `changes_since` across reconnections). */
   change: number;
   message: Message;
+}
+
+/** `reactions_updated`: the summary of the message at `seq` now (`{}`: none left),
+ * numbered in the same change stream as edits and deletes. */
+export interface ReactionsUpdatedEvent {
+  room: string;
+  change: number;
+  seq: number;
+  reactions: Reactions;
 }
 
 /** The answer to a subscribe: the room's latest seq and last change number. */
@@ -154,6 +168,7 @@ export interface Events {
   closed: StateEvent;
   message: Message;
   change: ChangeEvent;
+  reactions: ReactionsUpdatedEvent;
   event: EphemeralEvent;
   presence: PresenceEvent;
   typing: TypingEvent;
@@ -232,6 +247,11 @@ export declare class Client {
   edit(room: string, seq: number, text: string, options?: { key?: string }): Promise<Message>;
   /** Delete the message at `seq`; resolves with the tombstone. */
   delete(room: string, seq: number, options?: { key?: string }): Promise<Message>;
+  /** Add this user's reaction (1..32 characters) to the message at `seq`, once per
+   * user; resolves with the message and its reactions. */
+  react(room: string, seq: number, reaction: string): Promise<Message>;
+  /** Remove this user's reaction from the message at `seq`; resolves with the message. */
+  unreact(room: string, seq: number, reaction: string): Promise<Message>;
   /** Tell the room's other subscribers that this user is typing (the room must be held). */
   typing(room: string): void;
   /** While disconnected, try to connect at once instead of after the backoff delay. */

@@ -548,6 +548,7 @@ export class Client extends Emitter {
         return this.fire("refreshed", { exp: f.exp });
       case "message_updated":
       case "message_deleted":
+      case "reactions_updated":
         return this.#onChange(f);
       case "event":
         return this.fire("event", { room: f.room, event: f.event, data: f.data });
@@ -600,6 +601,14 @@ export class Client extends Emitter {
     if (typeof f.change === "number") {
       if (room.change !== undefined && f.change <= room.change) return;
       room.change = f.change;
+    }
+    if (f.type === "reactions_updated") {
+      return this.fire("reactions", {
+        room: f.room,
+        change: f.change,
+        seq: f.seq,
+        reactions: f.reactions,
+      });
     }
     this.fire("change", {
       kind: f.type === "message_updated" ? "updated" : "deleted",
@@ -697,15 +706,33 @@ export class Client extends Emitter {
     return this.#keyed({ type: "delete", room, seq }, key);
   }
 
+  /** Add this user's reaction to the message at `seq` (once per user: again changes
+   * nothing); resolves with the message and its reactions. Sent until acked. */
+  react(room, seq, reaction) {
+    return this.#acked({ type: "react", room, seq, reaction });
+  }
+
+  /** Remove this user's reaction from the message at `seq`; resolves with the message. */
+  unreact(room, seq, reaction) {
+    return this.#acked({ type: "unreact", room, seq, reaction });
+  }
+
   /** A frame the server acks with a message: a ref and an idempotency key, resent with
    * the same key after every reconnection until acked, so it takes effect once. */
   #keyed(fields, key) {
+    const frame = { ...fields, key: key ?? newKey() };
+    if (!this.token && this.options.user) frame.author = this.options.user;
+    return this.#acked(frame);
+  }
+
+  /** A frame the server acks with a message, with a ref, resent after every
+   * reconnection until acked (react/unreact are idempotent, publish/edit/delete keyed). */
+  #acked(fields) {
     if (this.state === State.CLOSED) {
       return Promise.reject(new GatewayError("closed", "the client is closed"));
     }
     const ref = fields.type + "-" + this.nextRef++;
-    const frame = { ...fields, ref, key: key ?? newKey() };
-    if (!this.token && this.options.user) frame.author = this.options.user;
+    const frame = { ...fields, ref };
     return new Promise((resolve, reject) => {
       this.pending.set(ref, { frame, resolve, reject });
       if (this.state === State.CONNECTED) this.#send(frame);

@@ -50,6 +50,33 @@ test("edit and delete resolve with the message; subscribers get numbered changes
   }
 });
 
+test("react and unreact resolve with the summary; subscribers get reactions events", async () => {
+  const ana = new Client(gw.url, { user: "ana" });
+  const bob = new Client(gw.url, { user: "bob" });
+  const seen = [];
+  bob.on("reactions", (ev) => seen.push(ev));
+  try {
+    await Promise.all([ana.connect(), bob.connect()]);
+    await bob.subscribe("reacts", { since: 0 });
+    const m = await ana.publish("reacts", "hello");
+    const liked = await ana.react("reacts", m.seq, "\u{1F44D}");
+    assert.deepEqual(liked.reactions, { "\u{1F44D}": { count: 1, users: ["ana"] } });
+    const again = await bob.react("reacts", m.seq, "\u{1F44D}");
+    assert.deepEqual(again.reactions["\u{1F44D}"], { count: 2, users: ["ana", "bob"] });
+    const back = await ana.unreact("reacts", m.seq, "\u{1F44D}");
+    assert.deepEqual(back.reactions, { "\u{1F44D}": { count: 1, users: ["bob"] } });
+    await assert.rejects(ana.react("reacts", m.seq, ""), (e) =>
+      e instanceof GatewayError && e.code === "invalid_request");
+    await eventually(() => seen.length === 3, 10000, "three reactions events");
+    assert.deepEqual(seen.map((e) => [e.room, e.seq, e.change]),
+      [["reacts", m.seq, 1], ["reacts", m.seq, 2], ["reacts", m.seq, 3]]);
+    assert.deepEqual(seen[2].reactions, back.reactions);
+  } finally {
+    ana.close();
+    bob.close();
+  }
+});
+
 test("typing reaches the others; read state, receipts and positions", async () => {
   const ana = new Client(gw.url, { user: "ana" });
   const bob = new Client(gw.url, { user: "bob" });

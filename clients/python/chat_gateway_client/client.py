@@ -47,6 +47,8 @@ from chat_gateway_client.events import (
     Message,
     Page,
     Presence,
+    Reaction,
+    ReactionsUpdated,
     Read,
     ReadState,
     SearchHit,
@@ -495,7 +497,7 @@ class Client:
                 self._emit(Unsubscribed(room.name, f.get("reason")))
         elif kind == "refreshed":
             self._answered("refresh")
-        elif kind in ("message_updated", "message_deleted"):
+        elif kind in ("message_updated", "message_deleted", "reactions_updated"):
             self._on_change(f)
         elif kind == "event":
             self._emit(Event(f["room"], f["event"], f.get("data") or {}))
@@ -540,6 +542,10 @@ class Client:
             if room.change is not None and number <= room.change:
                 return
             room.change = number
+        if f["type"] == "reactions_updated":
+            summary = Reaction.summary(f.get("reactions")) or {}
+            self._emit(ReactionsUpdated(room.name, number, f["seq"], summary))
+            return
         kind = "updated" if f["type"] == "message_updated" else "deleted"
         self._emit(Change(kind, room.name, Message.of(f["message"]), number))
 
@@ -639,15 +645,36 @@ class Client:
         """Delete the message at ``seq`` over the WebSocket; returns the tombstone."""
         return await self._keyed({"type": "delete", "room": room, "seq": seq}, key)
 
+    async def react(self, room: str, seq: int, reaction: str) -> Message:
+        """Add this user's ``reaction`` to the message at ``seq`` over the WebSocket
+        (once per user: again changes nothing); returns the message with its
+        reactions. Sent again after a reconnection until acked."""
+        return await self._reaction("react", room, seq, reaction)
+
+    async def unreact(self, room: str, seq: int, reaction: str) -> Message:
+        """Remove this user's ``reaction`` from the message at ``seq``; returns the
+        message with its reactions."""
+        return await self._reaction("unreact", room, seq, reaction)
+
+    async def _reaction(self, kind: str, room: str, seq: int, reaction: str) -> Message:
+        """A react/unreact frame: idempotent, so one sent again after a reconnection
+        changes nothing twice."""
+        return await self._acked({"type": kind, "room": room, "seq": seq, "reaction": reaction})
+
     async def _keyed(self, frame: dict[str, Any], key: str | None) -> Message:
-        """Send a frame the server acks with a message, with a ref and an idempotency
-        key, until acked (again after each reconnection, with the same key)."""
+        """Send a frame the server acks with a message, with an idempotency key, until
+        acked (again after each reconnection, with the same key)."""
+        frame = {**frame, "key": key or uuid.uuid4().hex}
+        if self._open_mode and self.user:
+            frame["author"] = self.user
+        return await self._acked(frame)
+
+    async def _acked(self, frame: dict[str, Any]) -> Message:
+        """Send a frame the server acks with a message, with a ref, until acked."""
         self._check_open()
         ref = f"{frame['type']}-{self._next_ref}"
         self._next_ref += 1
-        frame = {**frame, "ref": ref, "key": key or uuid.uuid4().hex}
-        if self._open_mode and self.user:
-            frame["author"] = self.user
+        frame = {**frame, "ref": ref}
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[ref] = _Publish(frame, fut)
         await self._send(frame, None)

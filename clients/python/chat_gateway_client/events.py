@@ -13,7 +13,9 @@ class Message:
     A message never changed has no ``version``, ``edited_at`` or ``deleted_at`` on the
     wire; a changed one has all three, ``edited_at`` and ``deleted_at`` possibly
     ``null``. Here both read ``None``. A deleted message is a tombstone: ``text`` is
-    ``""`` and ``deleted_at`` is set. ``raw`` keeps every field as sent.
+    ``""`` and ``deleted_at`` is set. ``reactions`` is the summary by reaction,
+    ``{"count", "users"}`` (at most ten users named), ``None`` when there is none.
+    ``raw`` keeps every field as sent.
     """
 
     id: str
@@ -25,6 +27,7 @@ class Message:
     version: int | None = None
     edited_at: str | None = None
     deleted_at: str | None = None
+    reactions: dict[str, Reaction] | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -43,8 +46,37 @@ class Message:
             d.get("version"),
             d.get("edited_at"),
             d.get("deleted_at"),
+            Reaction.summary(d.get("reactions")),
             d,
         )
+
+
+@dataclass(frozen=True)
+class Reaction:
+    """One reaction's part of a message's summary: how many users reacted with it,
+    and the first ten of them."""
+
+    count: int
+    users: list[str]
+
+    @classmethod
+    def summary(cls, raw: dict[str, Any] | None) -> dict[str, Reaction] | None:
+        """A wire summary, by reaction; None when there is none."""
+        if not raw:
+            return None
+        return {k: cls(v["count"], list(v["users"])) for k, v in raw.items()}
+
+
+@dataclass(frozen=True)
+class ReactionsUpdated:
+    """``reactions_updated``: the summary of the message at ``seq`` is now
+    ``reactions`` (``{}``: none left). ``change`` is the room's change number, in
+    the same stream as edits and deletes (each arrives once across reconnections)."""
+
+    room: str
+    change: int
+    seq: int
+    reactions: dict[str, Reaction]
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ from chat_gateway_client import (
     Client,
     GatewayError,
     Message,
+    Reaction,
+    ReactionsUpdated,
     Read,
     ReadState,
     State,
@@ -89,6 +91,35 @@ async def test_edit_and_delete_over_the_socket_reach_subscribers_with_their_fiel
         assert isinstance(upd.change, int) and dele.change == upd.change + 1
         subscribed = of(Subscribed, seen)
         assert subscribed and subscribed[0].room == "edits" and subscribed[0].change == 0
+
+
+async def test_react_and_unreact_return_the_summary_and_subscribers_get_reactions_updated(
+    gateway_env,
+):
+    async with (
+        instances(1, gateway_env) as (gw,),
+        Client(gw.url, user="ana", **FAST) as ana,
+        Client(gw.url, user="bob", **FAST) as bob,
+        watching(bob) as seen,
+    ):
+        await bob.subscribe("reacts", since=0)
+        first = await ana.publish("reacts", "hello")
+        assert first.reactions is None
+        liked = await ana.react("reacts", first.seq, "+1")
+        assert liked.reactions == {"+1": Reaction(1, ["ana"])}
+        again = await bob.react("reacts", first.seq, "+1")
+        assert again.reactions == {"+1": Reaction(2, ["ana", "bob"])}
+        back = await ana.unreact("reacts", first.seq, "+1")
+        assert back.reactions == {"+1": Reaction(1, ["bob"])}
+        with pytest.raises(GatewayError) as refused:
+            await ana.react("reacts", first.seq, " ")
+        assert refused.value.code == "invalid_request"
+        await eventually(lambda: len(of(ReactionsUpdated, seen)) == 3, t(10))
+        got = of(ReactionsUpdated, seen)
+        assert [(u.room, u.seq, u.change) for u in got] == [
+            ("reacts", first.seq, n) for n in (1, 2, 3)
+        ]
+        assert got[-1].reactions == back.reactions
 
 
 async def test_a_change_made_while_away_arrives_after_the_reconnection_once(gateway_env):

@@ -37,6 +37,7 @@ TYPES: dict[str, tuple[str, type, set[str]]] = {
     "ServerFrame.subscribed": ("SubscribedEvent", py.Subscribed, set()),
     "ServerFrame.message_updated": ("ChangeEvent", py.Change, {"kind"}),
     "ServerFrame.message_deleted": ("ChangeEvent", py.Change, {"kind"}),
+    "ServerFrame.reactions_updated": ("ReactionsUpdatedEvent", py.ReactionsUpdated, set()),
     "ServerFrame.typing": ("TypingEvent", py.Typing, set()),
     "ServerFrame.read": ("ReadEvent", py.Read, {"frame"}),
     "ServerFrame.presence": ("PresenceEvent", py.Presence, set()),
@@ -221,6 +222,10 @@ async def test_what_a_gateway_sends_matches_its_schemas(gateway_env: dict[str, s
             await ana.expect("ack")
             await ana.send({"type": "delete", "room": "wire", "seq": 2, "ref": "d"})
             await ana.expect("ack")
+            await ana.send(
+                {"type": "react", "room": "wire", "seq": 1, "reaction": "ok", "ref": "x1"}
+            )
+            await ana.expect("ack")
             await ana.send({"type": "typing", "room": "wire"})
             await ana.send({"type": "read", "room": "wire", "seq": 1, "ref": "r"})
             await ana.expect("ack")
@@ -234,7 +239,10 @@ async def test_what_a_gateway_sends_matches_its_schemas(gateway_env: dict[str, s
                 headers={"authorization": "Bearer key-1"},
             )
             assert r.status_code == 202
-            await until_seen(bob, "message_updated", "message_deleted", "typing", "read", "event")
+            await until_seen(
+                bob, "message_updated", "message_deleted", "reactions_updated", "typing", "read"
+            )
+            await until_seen(bob, "event")
             await ana.send({"type": "unsubscribe", "room": "wire"})
             await ana.expect("unsubscribed")
             await until_seen(bob, "presence")

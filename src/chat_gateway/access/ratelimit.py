@@ -36,6 +36,7 @@ CONNECT = "connect"  # WebSocket and SSE connection attempts
 SUBSCRIBE = "subscribe"  # WebSocket subscribe frames
 SEARCH = "search"  # GET /v1/search
 READ = "read"  # read positions marked: POST /v1/rooms/{room}/read and WS read frames
+REACT = "react"  # reactions added or removed: HTTP and WS react/unreact frames
 
 
 def post_action(namespace: Namespace) -> str:
@@ -59,6 +60,7 @@ def rates_of(settings: Settings) -> dict[str, Rate]:
         SUBSCRIBE: settings.subscribe_rate_limit,
         SEARCH: settings.search_rate_limit,
         READ: settings.read_rate_limit,
+        REACT: settings.reaction_rate_limit,
     }
 
 

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from chat_gateway.access.auth import Identity
-from chat_gateway.access.ratelimit import READ
+from chat_gateway.access.ratelimit import REACT, READ
 from chat_gateway.api import validation as v
 from chat_gateway.api.caller import api_key, gateway_of, identify, key_caller, stored_room
 from chat_gateway.api.responses import encoded_json_response, json_response
@@ -102,10 +102,10 @@ async def delete_message(request: Request) -> Response:
     return encoded_json_response(msg.to_json(), 200, decision.headers())
 
 
-def reader(identity: Identity, given: dict[str, Any]) -> str:
-    """Whose read position: the token's sub; in open mode the ``user`` given (required
-    there). A ``user`` given (even null) is checked in auth mode too, as ``?user=``
-    elsewhere."""
+def reader(identity: Identity, given: dict[str, Any], whose: str = "read position") -> str:
+    """Whose read position (or other ``whose``): the token's sub; in open mode the ``user``
+    given (required there). A ``user`` given (even null) is checked in auth mode
+    too, as ``?user=`` elsewhere."""
     name = None
     if "user" in given:
         value = given["user"]
@@ -126,7 +126,7 @@ def reader(identity: Identity, given: dict[str, Any]) -> str:
     if name is None:
         raise ApiError(
             "invalid_request",
-            "user is required in open mode: whose read position this is",
+            f"user is required in open mode: whose {whose} this is",
             field="user",
         )
     return name
@@ -173,6 +173,33 @@ async def read_positions(request: Request) -> Response:
     barred = set(await gw.moderation.excluded(user))  # rooms the user is banned from
     positions = [p for p in found if identity.may_access(p.room) and p.room not in barred]
     return json_response({"rooms": [position_json(p) for p in positions]})
+
+
+async def react(request: Request) -> Response:
+    """``POST .../reactions`` (body ``{"reaction"}``) and ``DELETE
+    .../reactions/{reaction}``: the caller's own reaction, added once or removed.
+    A write: a read-only grant is refused, as are a banned or muted user."""
+    gw = gateway_of(request)
+    room = v.room_name(request.path_params["room"])
+    seq = v.message_seq(request.path_params["seq"])
+    identity = identify(request)
+    identity.check_room(room)
+    stored_room(gw, room, "reacting to a message")
+    add = request.method == "POST"
+    if add:
+        v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
+        given = await v.json_body(request, gw.settings.max_body_bytes, v.REACT)
+        reaction = v.reaction(given.get("reaction"))
+    else:
+        given = dict(request.query_params)
+        v.only_fields(given, v.fields(v.REACT_QUERY))
+        reaction = v.reaction(request.path_params["reaction"])
+    identity.check_post(room)
+    user = reader(identity, given, "reaction")
+    decision = await gw.rates.check(REACT, identity.bucket)
+    await gw.moderation.check_change(room, user, edit=True)
+    msg = await gw.chat.react(room, seq, user, reaction, add=add)
+    return encoded_json_response(msg.to_json(), 200, decision.headers())
 
 
 async def message(request: Request) -> Response:

@@ -33,6 +33,7 @@ RESERVED_EVENTS = {
     "history_purged",
     "message_updated",
     "message_deleted",
+    "reactions_updated",
     "typing",
     "read",
 }
@@ -152,6 +153,22 @@ EDIT_MESSAGE = object_schema(["text"], text=TEXT, author=AUTHOR)
 DELETE_MESSAGE = object_schema([], author=AUTHOR)
 MARK_READ = object_schema(["seq"], seq=SEQ, user=READER)
 READ_QUERY = object_schema([], user=READER)
+# Reactions: a user's own, on a message.
+MAX_REACTION = 32
+REACTION: dict[str, Any] = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_REACTION,
+    "pattern": _PRINTABLE,
+    "description": f"1..{MAX_REACTION} characters (an emoji or a short name), trimmed; "
+    "no NUL, no lone surrogates",
+}
+REACTOR: dict[str, Any] = {
+    **AUTHOR,
+    "description": "open mode only: who reacts; with auth the token's sub is used",
+}
+REACT = object_schema(["reaction"], reaction=REACTION, user=REACTOR)
+REACT_QUERY = object_schema([], user=REACTOR)
 CHANGE_KEY: dict[str, Any] = {
     **IDEMPOTENCY_KEY,
     "description": "as the Idempotency-Key "
@@ -335,6 +352,17 @@ FRAMES: dict[str, dict[str, Any]] = {
         ref=REF,
         key=CHANGE_KEY,
     ),
+    **{
+        kind: _frame(
+            kind,
+            ["room", "seq", "reaction"],
+            room=ROOM,
+            seq=MESSAGE_SEQ,
+            reaction=REACTION,
+            ref=REF,
+        )
+        for kind in ("react", "unreact")
+    },
     "typing": _frame("typing", ["room"], room=ROOM),
     "read": _frame("read", ["room", "seq"], room=ROOM, seq=SEQ, ref=REF),
 }
@@ -370,6 +398,11 @@ def text(value: Any) -> str:
     return trimmed
 
 
+def reaction(value: Any) -> str:
+    """A reaction (``REACTION``), trimmed."""
+    return _short(value, "reaction", MAX_REACTION)
+
+
 ABSENT: Any = object()  # a field not given at all (unlike one given as null)
 
 
@@ -378,18 +411,17 @@ def author(value: Any) -> str:
     anonymous. In a JSON body, see :func:`body_author`."""
     if value is None or value is ABSENT:
         return "anonymous"
-    # at most MAX_AUTHOR characters as given (the schema's maxLength), one after trimming
-    if (
-        not isinstance(value, str)
-        or len(value) > MAX_AUTHOR
-        or not 1 <= len(value.strip()) <= MAX_AUTHOR
-    ):
+    return _short(value, "author", MAX_AUTHOR)
+
+
+def _short(value: Any, name: str, limit: int) -> str:
+    """A short name (``name`` in messages): at most ``limit`` characters as given
+    (the schema's maxLength), one after trimming, no NUL or lone surrogate; trimmed."""
+    if not isinstance(value, str) or len(value) > limit or not 1 <= len(value.strip()) <= limit:
         raise ApiError(
-            "invalid_request",
-            f"author must be a string of 1..{MAX_AUTHOR} characters",
-            field="author",
+            "invalid_request", f"{name} must be a string of 1..{limit} characters", field=name
         )
-    _printable(value, "author")
+    _printable(value, name)
     return value.strip()
 
 

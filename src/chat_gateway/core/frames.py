@@ -36,7 +36,17 @@ def message_frame(transport: str, room_json: bytes, seq: int, body: bytes) -> by
 
 
 def change_frame(transport: str, room_json: bytes, change: int, body: bytes) -> bytes:
-    """``message_updated`` / ``message_deleted``: the same object on WS and as SSE data."""
+    """``message_updated`` / ``message_deleted`` (``body``: the message's JSON) or
+    ``reactions_updated`` (``body``: ``{"seq", "reactions"}``,
+    chat_gateway.storage.Change.body): the same object on WS and as SSE data."""
+    if body.startswith(b'{"seq":'):
+        frame = (
+            b'{"type":"reactions_updated","room":'
+            + room_json
+            + b',"change":%d,' % change
+            + body[1:]
+        )
+        return frame if transport == WS else sse_event(b"reactions_updated", frame)
     kind = b"message_deleted" if b'"deleted_at":"' in body else b"message_updated"
     frame = (
         b'{"type":"'

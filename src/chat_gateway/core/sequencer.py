@@ -70,6 +70,8 @@ class StoredChange(Protocol):
     @property
     def message(self) -> StoredMessage: ...
 
+    def body(self) -> bytes: ...
+
 
 M = TypeVar("M", bound=StoredMessage)
 C = TypeVar("C", bound=StoredChange)
@@ -388,7 +390,7 @@ class Sequencer:
                 del cpending[old]
         for change in changes:
             if change.change > self.change:
-                cpending[change.change] = (change.after_seq, change.message.to_json())
+                cpending[change.change] = (change.after_seq, change.body())
 
     def _drain(self) -> None:
         """Deliver what is next in commit order, messages and changes interleaved."""

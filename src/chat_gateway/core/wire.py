@@ -9,8 +9,10 @@ A payload is a kind, one letter and a colon, then the kind's fields:
   that release publishes it) and is not held back for changes; that release
   ignores ``n:`` and reads those messages from the store (its gap wait and
   position check).
-- ``c:<change>:<after_seq>:<message JSON>``: an edit or delete, the message as
-  it is after the change.
+- ``c:<change>:<after_seq>:<body>``: an edit or delete, the body being the
+  message as it is after the change, or a reactions change, the body being
+  ``{"seq", "reactions"}`` (chat_gateway.storage.Change.body; a release before
+  reactions would show it as an edit).
 - ``e:{"room", "event", "data"}``: an ephemeral event (``POST /v1/publish``).
 - ``p:{"room", "action", "user"}``: a presence join or leave (chat_gateway.delivery.presence).
 - ``t:{"type": "typing", "room", "user"}``: a typing notice.
@@ -70,7 +72,7 @@ class MessagePayload(NamedTuple):
 
 class ChangePayload(NamedTuple):
     """``c:``: change number ``change`` of the room, committed after message
-    ``after_seq``; ``body`` is the message's JSON after the change."""
+    ``after_seq``; ``body`` is what its frame carries (``Change.body``)."""
 
     change: int
     after_seq: int
@@ -131,7 +133,7 @@ def traced(payload: bytes, traceparent: bytes | None) -> bytes:
 
 
 def encode_change(change: Change) -> bytes:
-    return b"c:%d:%d:" % (change.change, change.after_seq) + change.message.to_json()
+    return b"c:%d:%d:" % (change.change, change.after_seq) + change.body()
 
 
 def encode_event(room: str, event: str, data: Any) -> bytes:

@@ -39,8 +39,10 @@ from chat_gateway.pubsub import Broker, BrokerUnavailable
 from chat_gateway.redisio.context import RedisContext
 from chat_gateway.redisio.script import Script
 from chat_gateway.storage import (
+    Change,
     HistoryCache,
     Message,
+    MessageDeleted,
     MessageNotFound,
     NotAuthor,
     ReadPosition,
@@ -140,18 +142,40 @@ class Chat:
             ) from None
         except Restricted as exc:
             raise restricted(exc) from None
-        if change is None:
-            return msg  # nothing changed (a repeated delete, the same text)
+        if change is not None:  # None: nothing changed (a repeated delete, the same text)
+            await self._committed(room, change)
+        return msg
+
+    async def react(self, room: str, seq: int, user: str, reaction: str, *, add: bool) -> Message:
+        """Add (``add``) or remove ``user``'s ``reaction``; a change like an edit (the
+        store numbers it, the cache is voided, subscribers get ``reactions_updated``
+        in commit order). Adding one there already or removing one not there
+        changes nothing and answers the message as it is."""
+        self.ensure_open()
+        try:
+            change, msg = await self.store.react(room, seq, user, reaction, add=add)
+        except MessageNotFound as exc:
+            raise ApiError("not_found", str(exc)) from None
+        except MessageDeleted as exc:
+            raise ApiError("message_deleted", str(exc)) from None
+        except Restricted as exc:
+            raise restricted(exc) from None
+        if change is not None:
+            await self._committed(room, change)
+        return msg
+
+    async def _committed(self, room: str, change: Change) -> None:
+        """After a change committed: the webhooks told, the cached window voided on
+        every instance, the change position raised, the change published."""
         self.committed()
         await self.history.changed(room)
         await self._raise_change_position(room, change.change)
         if self.settings.fault_skip_publish:  # test-only: killed after commit
-            return msg
+            return
         try:
             await self.broker.publish(self.hub.channel(room), encode_change(change))
         except BrokerUnavailable as exc:
             log.warning("live change lost, delivery falls back to the store: %s", exc)
-        return msg
 
     async def _raise_change_position(self, room: str, number: int) -> None:
         """Where instances share a change position, raise the room's to ``number``."""

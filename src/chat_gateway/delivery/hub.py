@@ -747,7 +747,7 @@ class Hub:
             return False
         if change.change <= ccursors[r.name]:
             return True  # delivered live meanwhile
-        frame = change_frame(sub.transport, r.name_json, change.change, change.message.to_json())
+        frame = change_frame(sub.transport, r.name_json, change.change, change.body())
         if not sub.push(frame):
             return False
         ccursors[r.name] = change.change

@@ -446,6 +446,10 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         Route("/v1/rooms/{room}/events", room_events, methods=["GET"]),
         Route("/v1/rooms/{room}/presence", room_presence, methods=["GET"]),
         Route("/v1/rooms/{room}/messages/{seq}", chat.message, methods=["PATCH", "DELETE"]),
+        Route("/v1/rooms/{room}/messages/{seq}/reactions", chat.react, methods=["POST"]),
+        Route(
+            "/v1/rooms/{room}/messages/{seq}/reactions/{reaction}", chat.react, methods=["DELETE"]
+        ),
         Route("/v1/rooms/{room}/read", chat.read, methods=["GET", "POST"]),
         Route("/v1/read", chat.read_positions, methods=["GET"]),
         Route("/v1/search", search.search, methods=["GET"]),

@@ -45,6 +45,22 @@ MESSAGE: dict[str, Any] = {
             "format": "date-time",
             "description": "present once changed: set on a tombstone (text empty), else null",
         },
+        "reactions": {"$ref": _REF + "Reactions"},
+    },
+}
+
+# A message's reactions summary (chat_gateway.storage.base.summarize).
+REACTIONS: dict[str, Any] = {
+    "type": "object",
+    "description": "present when the message has reactions: by reaction, in order of "
+    "first use, how many users reacted and the first ten of them",
+    "additionalProperties": {
+        "type": "object",
+        "required": ["count", "users"],
+        "properties": {
+            "count": {"type": "integer", "minimum": 1},
+            "users": {"type": "array", "items": {"type": "string"}, "maxItems": 10},
+        },
     },
 }
 
@@ -64,7 +80,7 @@ _MESSAGE_REF: dict[str, Any] = {"$ref": "#/components/schemas/Message"}
 _CHANGE: dict[str, Any] = {
     "type": "integer",
     "minimum": 0,
-    "description": "the room's change number (edits and deletes), from 1",
+    "description": "the room's change number (edits, deletes, reactions), from 1",
 }
 _SEQ: dict[str, Any] = {"type": "integer", "minimum": 0}
 _REF_ECHO: dict[str, Any] = {"description": "the ref of the frame answered, as sent"}
@@ -96,7 +112,10 @@ SERVER_FRAMES: dict[str, dict[str, Any]] = {
         "ack",
         ["ref"],
         ref=_REF_ECHO,
-        message={**_MESSAGE_REF, "description": "publish, edit, delete: the message"},
+        message={
+            **_MESSAGE_REF,
+            "description": "publish, edit, delete, react, unreact: the message",
+        },
         read={**_READ_POSITION, "description": "read: the position now"},
         # emit: ref alone
     ),
@@ -137,6 +156,14 @@ SERVER_FRAMES: dict[str, dict[str, Any]] = {
         )
         for kind in ("message_updated", "message_deleted")
     },
+    "reactions_updated": _server_frame(
+        "reactions_updated",
+        ["room", "change", "seq", "reactions"],
+        room=v.ROOM,
+        change=_CHANGE,
+        seq={**_SEQ, "description": "the message reacted to"},
+        reactions={**REACTIONS, "description": "the message's summary now ({}: none left)"},
+    ),
     "typing": _server_frame("typing", ["room", "user"], room=v.ROOM, user={"type": "string"}),
     "read": _server_frame(
         "read", ["room", "user", "seq"], room=v.ROOM, user={"type": "string"}, seq=_SEQ
@@ -271,6 +298,8 @@ MODERATED: dict[tuple[str, str], tuple[str, ...]] = {
     ("/v1/rooms/{room}/read", "post"): ("banned",),
     ("/v1/rooms/{room}/messages/{seq}", "patch"): ("banned", "muted"),
     ("/v1/rooms/{room}/messages/{seq}", "delete"): ("banned",),
+    ("/v1/rooms/{room}/messages/{seq}/reactions", "post"): ("banned", "muted"),
+    ("/v1/rooms/{room}/messages/{seq}/reactions/{reaction}", "delete"): ("banned", "muted"),
 }
 
 # The routes the publish hook (PUBLISH_HOOK_URL, chat_gateway.delivery.publish_hook)
@@ -597,6 +626,18 @@ def chat_paths(open_mode: bool) -> dict[str, Any]:
         "rate_limited",
         "unavailable",
     )
+    reaction_errors = _errors(
+        "invalid_json",
+        "invalid_request",
+        "unauthorized",
+        "forbidden",
+        "not_found",
+        "message_deleted",
+        "wrong_room_kind",
+        "too_large",
+        "rate_limited",
+        "unavailable",
+    )
     return {
         "/v1/rooms/{room}/messages/{seq}": {
             "patch": {
@@ -626,6 +667,34 @@ def chat_paths(open_mode: bool) -> dict[str, Any]:
                         "description": "the tombstone (a repeat: the same tombstone)",
                     },
                     **change_errors,
+                },
+            },
+        },
+        "/v1/rooms/{room}/messages/{seq}/reactions": {
+            "post": {
+                "summary": "Add the caller's reaction to a message (once per user)",
+                "security": USER,
+                "parameters": [ROOM_PARAM, seq_param],
+                "requestBody": _body("React"),
+                "responses": {
+                    "200": {**changed, "description": "the message with its reactions"},
+                    **reaction_errors,
+                },
+            },
+        },
+        "/v1/rooms/{room}/messages/{seq}/reactions/{reaction}": {
+            "delete": {
+                "summary": "Remove the caller's reaction from a message",
+                "security": USER,
+                "parameters": [
+                    ROOM_PARAM,
+                    seq_param,
+                    {"name": "reaction", "in": "path", "required": True, "schema": v.REACTION},
+                    *[{**p, "required": open_mode} for p in _query(v.REACT_QUERY)],
+                ],
+                "responses": {
+                    "200": {**changed, "description": "the message with its reactions"},
+                    **reaction_errors,
                 },
             },
         },
@@ -1071,6 +1140,7 @@ def document(open_mode: bool = False) -> dict[str, Any]:
         "RoomSettings": v.SETTINGS_BODY,
         "ModerationAction": MODERATION_ACTION,
         "Message": MESSAGE,
+        "Reactions": REACTIONS,
         "Error": ERROR,
         "RoomEvent": ROOM_EVENT,
         "StatsEvent": STATS_EVENT,
@@ -1088,6 +1158,7 @@ def document(open_mode: bool = False) -> dict[str, Any]:
         {
             "EditMessage": v.EDIT_MESSAGE,
             "DeleteMessage": v.DELETE_MESSAGE,
+            "React": {**v.REACT, "required": ["reaction", "user"]} if open_mode else v.REACT,
             "MarkRead": (
                 {**v.MARK_READ, "required": ["seq", "user"]} if open_mode else v.MARK_READ
             ),

@@ -31,8 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 from chat_gateway.storage.records import (
     MAX_PAGE,
+    REACTION_USERS,
     Change,
     Message,
+    MessageDeleted,
     MessageNotFound,
     NotAuthor,
     Page,
@@ -44,6 +46,7 @@ from chat_gateway.storage.records import (
     format_ts,
     new_id,
     parse_ts,
+    summarize,
 )
 
 if TYPE_CHECKING:
@@ -58,6 +61,9 @@ __all__ = [
     "display_url",
     "MessageNotFound",
     "NotAuthor",
+    "MessageDeleted",
+    "REACTION_USERS",
+    "summarize",
     "new_id",
     "format_ts",
     "parse_ts",
@@ -206,6 +212,18 @@ class Store(ABC):
         too). Returns the change (None when nothing changed: a repeat, a repeated
         delete, an edit to the same text) and the message as it is now."""
         raise StoreUnavailable("this store keeps no changes")
+
+    async def react(
+        self, room: str, seq: int, user: str, reaction: str, *, add: bool
+    ) -> tuple[Change | None, Message]:
+        """Add (``add``) or remove ``user``'s ``reaction`` to the message at ``seq``, in
+        one transaction that takes the room's row lock (as a change does), numbers
+        the change, logs it, keeps the message's summary (``summarize``) on its row
+        and writes its ``message.reactions_updated`` events. A user's reaction is
+        there once: adding it again or removing one not there changes nothing
+        (change None). Raises ``MessageNotFound``, ``MessageDeleted``, and
+        ``Restricted`` for a banned or muted user (checked under the room's lock)."""
+        raise StoreUnavailable("this store keeps no reactions")
 
     async def changes(self, room: str, *, after: int, limit: int = MAX_PAGE) -> list[Change]:
         """The room's changes numbered above ``after``, ascending, each with its

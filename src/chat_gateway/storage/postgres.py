@@ -60,6 +60,7 @@ from chat_gateway.storage import migrations
 from chat_gateway.storage.base import (
     Change,
     Message,
+    MessageDeleted,
     MessageNotFound,
     NotAuthor,
     Page,
@@ -71,6 +72,7 @@ from chat_gateway.storage.base import (
     display_url,
     format_ts,
     new_id,
+    summarize,
 )
 from chat_gateway.storage.listen_postgres import Listener
 from chat_gateway.storage.moderation import (
@@ -103,7 +105,7 @@ _COLUMNS = (
     "id, room, seq, author, text, "
     "(extract(epoch from created_at) * 1000)::bigint AS created_ms, version, "
     "(extract(epoch from edited_at) * 1000)::bigint AS edited_ms, "
-    "(extract(epoch from deleted_at) * 1000)::bigint AS deleted_ms"
+    "(extract(epoch from deleted_at) * 1000)::bigint AS deleted_ms, reactions"
 )
 
 # A banned or muted author (chat_may_post, migration 0011) gets no row: the room's
@@ -304,6 +306,7 @@ def _row(r: Any) -> Message:
         r["version"],
         r["edited_ms"],
         r["deleted_ms"],
+        reactions=None if r["reactions"] is None else orjson.loads(r["reactions"]),
     )
 
 
@@ -318,13 +321,29 @@ SELECT e, $1, $2, $4, $5, $6, $3, $7, $7 FROM unnest($8::bigint[]) AS e
 """
 
 _MESSAGE_FOR_UPDATE = f"SELECT {_COLUMNS} FROM messages WHERE room = $1 AND seq = $2 FOR UPDATE"
+# The room's row, locked as an append locks it: changes and posts of a room commit
+# one at a time, so a change's after_seq is exact.
+_ROOM_FOR_UPDATE = (
+    "SELECT last_seq, last_change, banned::text, muted::text FROM rooms WHERE room = $1 FOR UPDATE"
+)
+
+
+async def _message_in(conn: Any, pos: Any, room: str, seq: int) -> Message:
+    """The message at ``seq``, locked (``pos``: the room's locked row, None when the
+    room has none); ``MessageNotFound`` when there is none."""
+    row = None if pos is None else await conn.fetchrow(_MESSAGE_FOR_UPDATE, room, seq)
+    if row is None:
+        raise MessageNotFound(f"no message {seq} in room {room!r}")
+    return _row(row)
+
+
 _EDIT = (
     "UPDATE messages SET text = $3, version = version + 1, edited_at = $4 "
     f"WHERE room = $1 AND seq = $2 RETURNING {_COLUMNS}"
 )
 # A delete empties the text in the row itself: the text is gone, not hidden.
 _DELETE = (
-    "UPDATE messages SET text = '', version = version + 1, deleted_at = $3 "
+    "UPDATE messages SET text = '', version = version + 1, deleted_at = $3, reactions = NULL "
     f"WHERE room = $1 AND seq = $2 RETURNING {_COLUMNS}"
 )
 
@@ -348,10 +367,10 @@ def _scrub(gone: str, at: str) -> str:
 _SCRUB_MESSAGE = _scrub("(SELECT $1::text AS room, $2::bigint AS seq) AS gone", "$3")
 
 _CHANGES = """
-SELECT c.change, c.after_seq, m.id, m.room, m.seq, m.author, m.text,
+SELECT c.change, c.after_seq, c.kind, m.id, m.room, m.seq, m.author, m.text,
        (extract(epoch from m.created_at) * 1000)::bigint AS created_ms, m.version,
        (extract(epoch from m.edited_at) * 1000)::bigint AS edited_ms,
-       (extract(epoch from m.deleted_at) * 1000)::bigint AS deleted_ms
+       (extract(epoch from m.deleted_at) * 1000)::bigint AS deleted_ms, m.reactions
 FROM message_changes c JOIN messages m ON m.room = c.room AND m.seq = c.seq
 WHERE c.room = $1 AND c.change > $2 ORDER BY c.change LIMIT $3
 """
@@ -953,6 +972,8 @@ class PostgresStore(Store):
             " ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)) RETURNING room, seq),"
             " changes AS (DELETE FROM message_changes c USING gone"
             " WHERE c.room = gone.room AND c.seq = gone.seq),"
+            " reacted AS (DELETE FROM reactions x USING gone"
+            " WHERE x.room = gone.room AND x.seq = gone.seq),"
             f" scrub AS ({_scrub('gone', '$3')})"
             " SELECT count(*) FROM gone",
             _EPOCH + timedelta(milliseconds=cutoff_ms),
@@ -969,6 +990,7 @@ class PostgresStore(Store):
             "fetchval",
             "WITH gone AS (DELETE FROM messages WHERE room = $1 RETURNING room, seq),"
             " changes AS (DELETE FROM message_changes WHERE room = $1),"
+            " reacted AS (DELETE FROM reactions WHERE room = $1),"
             f" scrub AS ({_scrub('gone', '$2')})"
             " SELECT count(*) FROM gone",
             room,
@@ -995,11 +1017,7 @@ class PostgresStore(Store):
             async with self._transaction(conn):
                 # The room's row first, as an append takes it: changes and posts
                 # of a room commit one at a time, so after_seq is exact.
-                pos = await conn.fetchrow(
-                    "SELECT last_seq, last_change, banned::text, muted::text FROM rooms "
-                    "WHERE room = $1 FOR UPDATE",
-                    room,
-                )
+                pos = await conn.fetchrow(_ROOM_FOR_UPDATE, room)
                 if pos is not None and idempotency_key is not None:
                     done = await conn.fetchval(
                         "SELECT seq FROM message_changes WHERE room = $1 AND key_owner = $2"
@@ -1009,10 +1027,7 @@ class PostgresStore(Store):
                     )
                     if done is not None:  # a repeat: the message as it is now
                         return None, _row(await conn.fetchrow(_MESSAGE_FOR_UPDATE, room, done))
-                row = None if pos is None else await conn.fetchrow(_MESSAGE_FOR_UPDATE, room, seq)
-                if pos is None or row is None:
-                    raise MessageNotFound(f"no message {seq} in room {room!r}")
-                current = _row(row)
+                current = await _message_in(conn, pos, room, seq)
                 if author is not None and current.author != author:
                     raise NotAuthor("only the author may change this message")
                 # The row's newest version (FOR UPDATE): a ban committed first is seen.
@@ -1024,44 +1039,114 @@ class PostgresStore(Store):
                     raise MessageNotFound(f"message {seq} in room {room!r} is deleted")
                 if text == current.text:
                     return None, current
-                number = pos["last_change"] + 1
-                await conn.execute(
-                    "UPDATE rooms SET last_change = $2 WHERE room = $1", room, number
-                )
                 if text is None:
                     row = await conn.fetchrow(_DELETE, room, seq, at)
+                    await conn.execute(
+                        "DELETE FROM reactions WHERE room = $1 AND seq = $2", room, seq
+                    )
                     await conn.execute(_SCRUB_MESSAGE, room, seq, format_ts(ms))
                 else:
                     row = await conn.fetchrow(_EDIT, room, seq, text, at)
-                owner, key = idempotency_key or (None, None)
-                await conn.execute(
-                    "INSERT INTO message_changes (room, change, seq, "
-                    "after_seq, key_owner, idempotency_key) "
-                    "VALUES ($1, $2, $3, $4, $5, $6)",
-                    room,
-                    number,
-                    seq,
-                    pos["last_seq"],
-                    owner,
-                    key,
-                )
                 msg = _row(row)
-                if self._outbox_args:
-                    await conn.execute(
-                        _CHANGE_OUTBOX,
-                        *change_event(msg, number, ms),
-                        room,
-                        seq,
-                        pos["last_seq"] + number,
-                        at,
-                        *self._outbox_args,
-                    )
+                number = await self._record_change(conn, pos, msg, ms, key=idempotency_key)
                 op.sent = True  # the commit goes out as the block ends
         return Change(number, pos["last_seq"], msg), msg
 
     async def changes(self, room: str, *, after: int, limit: int = 200) -> list[Change]:
         rows = await self._call("fetch", _CHANGES, room, after, limit)
-        return [Change(r["change"], r["after_seq"], _row(r)) for r in rows]
+        return [
+            Change(r["change"], r["after_seq"], _row(r), r["kind"] == "reactions") for r in rows
+        ]
+
+    async def _record_change(
+        self,
+        conn: Any,
+        pos: Any,
+        msg: Message,
+        ms: int,
+        *,
+        key: tuple[str, str] | None = None,
+        reactions: bool = False,
+    ) -> int:
+        """Number a change of ``msg`` (the room's row ``pos`` is locked), log it and
+        write its events, in the caller's transaction; its number."""
+        number = int(pos["last_change"]) + 1
+        await conn.execute("UPDATE rooms SET last_change = $2 WHERE room = $1", msg.room, number)
+        owner, idem = key or (None, None)
+        await conn.execute(
+            "INSERT INTO message_changes (room, change, seq, after_seq, key_owner, "
+            "idempotency_key, kind) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            msg.room,
+            number,
+            msg.seq,
+            pos["last_seq"],
+            owner,
+            idem,
+            "reactions" if reactions else None,
+        )
+        if self._outbox_args:
+            await conn.execute(
+                _CHANGE_OUTBOX,
+                *change_event(msg, number, ms, reactions=reactions),
+                msg.room,
+                msg.seq,
+                pos["last_seq"] + number,
+                _EPOCH + timedelta(milliseconds=ms),
+                *self._outbox_args,
+            )
+        return number
+
+    async def react(
+        self, room: str, seq: int, user: str, reaction: str, *, add: bool
+    ) -> tuple[Change | None, Message]:
+        ms = int(time.time() * 1000)
+        async with self._operation() as op, self._connection() as conn:
+            async with self._transaction(conn):
+                # The room's row first, as a change takes it: one commit order.
+                pos = await conn.fetchrow(_ROOM_FOR_UPDATE, room)
+                current = await _message_in(conn, pos, room, seq)
+                restrictions = RoomModeration.of_row(room, pos["banned"], pos["muted"], 0)
+                check_change(restrictions, user, edit=True, at_ms=ms)
+                if current.deleted_ms is not None:
+                    raise MessageDeleted(f"message {seq} in room {room!r} is deleted")
+                if add:
+                    done = await conn.fetchval(
+                        "INSERT INTO reactions (room, seq, reaction, user_name) "
+                        "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING 1",
+                        room,
+                        seq,
+                        reaction,
+                        user,
+                    )
+                else:
+                    done = await conn.fetchval(
+                        "DELETE FROM reactions WHERE room = $1 AND seq = $2 AND reaction = $3"
+                        " AND user_name = $4 RETURNING 1",
+                        room,
+                        seq,
+                        reaction,
+                        user,
+                    )
+                if done is None:
+                    return None, current  # there already, or not there
+                rows = await conn.fetch(
+                    "SELECT reaction, user_name FROM reactions WHERE room = $1 AND seq = $2"
+                    " ORDER BY id",
+                    room,
+                    seq,
+                )
+                summary = summarize((r["reaction"], r["user_name"]) for r in rows)
+                row = await conn.fetchrow(
+                    f"UPDATE messages SET reactions = $3 WHERE room = $1 AND seq = $2"
+                    f" RETURNING {_COLUMNS}",
+                    room,
+                    seq,
+                    None if summary is None else orjson.dumps(summary).decode(),
+                )
+                msg = _row(row)
+                number = await self._record_change(conn, pos, msg, ms, reactions=True)
+                op.sent = True
+        return Change(number, pos["last_seq"], msg, True), msg
 
     async def position(self, room: str) -> tuple[int, int]:
         row = await self._call(

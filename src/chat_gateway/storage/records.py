@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -51,6 +52,10 @@ def display_url(url: str) -> str:
 class MessageNotFound(LookupError):
     """No message at that seq (never committed, removed by retention or a purge), or
     an edit of a deleted one."""
+
+
+class MessageDeleted(Exception):
+    """A reaction to a deleted message (its tombstone takes none)."""
 
 
 class NotAuthor(Exception):
@@ -103,6 +108,8 @@ class Message:
     # count when the message committed (edits and deletes before it), which the
     # channel payload carries so a subscriber gets the two in commit order.
     changes: int | None = field(default=None, compare=False)
+    # The reactions summary (``summarize``), kept on the message's row; None: none.
+    reactions: dict[str, Any] | None = None
     # The JSON of to_dict, made on first use: a message is encoded once for every
     # history read, ack and publish that carries it.
     _json: bytes | None = field(default=None, init=False, repr=False, compare=False)
@@ -120,6 +127,8 @@ class Message:
             d["version"] = self.version
             d["edited_at"] = None if self.edited_ms is None else format_ts(self.edited_ms)
             d["deleted_at"] = None if self.deleted_ms is None else format_ts(self.deleted_ms)
+        if self.reactions:
+            d["reactions"] = self.reactions
         return d
 
     def to_json(self) -> bytes:
@@ -130,27 +139,64 @@ class Message:
         return encoded
 
 
-def change_event(msg: Message, change: int, now_ms: int) -> tuple[str, str, str]:
-    """The webhook event of an edit or delete: (event id, type, data JSON). ``data`` is
-    the message as it is after the change (a delete's tombstone: text empty,
-    ``deleted_at`` set) plus ``change``, the room's change number."""
-    kind = "message.deleted" if msg.deleted_ms is not None else "message.updated"
+# Users named per reaction in a message's summary; the count goes on past it.
+REACTION_USERS = 10
+
+
+def summarize(rows: Iterable[tuple[str, str]]) -> dict[str, Any] | None:
+    """A message's reactions summary from its ``(reaction, user)`` rows in the order
+    they were added: ``{reaction: {"count", "users": [the first REACTION_USERS]}}``,
+    reactions in order of their first use; None when there is none."""
+    out: dict[str, Any] = {}
+    for reaction, user in rows:
+        entry = out.setdefault(reaction, {"count": 0, "users": []})
+        entry["count"] += 1
+        if len(entry["users"]) < REACTION_USERS:
+            entry["users"].append(user)
+    return out or None
+
+
+def change_event(
+    msg: Message, change: int, now_ms: int, *, reactions: bool = False
+) -> tuple[str, str, str]:
+    """The webhook event of an edit, delete or reactions change: (event id, type,
+    data JSON). ``data`` is the message as it is after the change (a delete's
+    tombstone: text empty, ``deleted_at`` set; ``reactions`` its summary) plus
+    ``change``, the room's change number."""
+    if reactions:
+        kind = "message.reactions_updated"
+    else:
+        kind = "message.deleted" if msg.deleted_ms is not None else "message.updated"
     data = orjson.dumps({**msg.to_dict(), "change": change}).decode()
     return "evt_" + new_id(now_ms), kind, data
 
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """An edit or a delete: the room's change number, the room's last seq when it
-    committed (it sits after that message), and the message as it is now."""
+    """An edit, a delete or a reactions change (``reactions``): the room's change
+    number, the room's last seq when it committed (it sits after that message), and
+    the message as it is now."""
 
     change: int
     after_seq: int
     message: Message
+    reactions: bool = False
 
     @property
     def kind(self) -> str:
+        if self.reactions:
+            return "reactions_updated"
         return "message_deleted" if self.message.deleted_ms is not None else "message_updated"
+
+    def body(self) -> bytes:
+        """What the change's frame carries (chat_gateway.core.frames.change_frame): the
+        message's JSON for an edit or delete, ``{"seq", "reactions"}`` for a
+        reactions change (the message's JSON always starts with ``{"id"``)."""
+        if self.reactions:
+            return orjson.dumps(
+                {"seq": self.message.seq, "reactions": self.message.reactions or {}}
+            )
+        return self.message.to_json()
 
 
 @dataclass(frozen=True, slots=True)

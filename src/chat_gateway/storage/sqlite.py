@@ -28,6 +28,7 @@ from chat_gateway.storage import migrations
 from chat_gateway.storage.base import (
     Change,
     Message,
+    MessageDeleted,
     MessageNotFound,
     NotAuthor,
     Page,
@@ -38,6 +39,7 @@ from chat_gateway.storage.base import (
     change_event,
     format_ts,
     new_id,
+    summarize,
 )
 from chat_gateway.storage.moderation import (
     Action,
@@ -54,7 +56,7 @@ from chat_gateway.storage.search import BadQuery, Cursor, Query, RoomScope, Sear
 
 T = TypeVar("T")
 
-_COLUMNS = "id, room, seq, author, text, created_ms, version, edited_ms, deleted_ms"
+_COLUMNS = "id, room, seq, author, text, created_ms, version, edited_ms, deleted_ms, reactions"
 # Rooms per ``IN (...)`` list: under SQLite's oldest bound on bound parameters (999).
 _IN_CHUNK = 500
 
@@ -72,7 +74,21 @@ def statements(sql: str) -> list[str]:
 
 
 def _row(r: tuple[Any, ...]) -> Message:
-    return Message(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8])
+    reactions = None if r[9] is None else orjson.loads(r[9])
+    return Message(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], reactions=reactions)
+
+
+_ROOM = "SELECT last_seq, last_change, banned, muted FROM rooms WHERE room = ?"
+_MESSAGE = f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq = ?"
+
+
+def _message_in(db: sqlite3.Connection, pos: Any, room: str, seq: int) -> Message:
+    """The message at ``seq`` (``pos``: the room's row, None when the room has none);
+    ``MessageNotFound`` when there is none."""
+    row = None if pos is None else db.execute(_MESSAGE, (room, seq)).fetchone()
+    if row is None:
+        raise MessageNotFound(f"no message {seq} in room {room!r}")
+    return _row(row)
 
 
 def _scrub(db: sqlite3.Connection, gone: list[tuple[str, int]], at_ms: int) -> None:
@@ -312,10 +328,11 @@ class SQLiteStore(Store):
                     "ORDER BY created_ms LIMIT ?",
                     (cutoff_ms, limit),
                 ).fetchall()
-                db.executemany(
-                    "DELETE FROM message_changes WHERE room = ? AND seq = ?",
-                    [(room, seq) for _, room, seq in rows],
-                )
+                for table in ("message_changes", "reactions"):
+                    db.executemany(
+                        f"DELETE FROM {table} WHERE room = ? AND seq = ?",
+                        [(room, seq) for _, room, seq in rows],
+                    )
                 db.executemany(
                     "DELETE FROM messages WHERE rowid = ?", [(rowid,) for rowid, _, _ in rows]
                 )
@@ -336,6 +353,7 @@ class SQLiteStore(Store):
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.execute("DELETE FROM message_changes WHERE room = ?", (room,))
+                db.execute("DELETE FROM reactions WHERE room = ?", (room,))
                 gone = db.execute(
                     "DELETE FROM messages WHERE room = ? RETURNING room, seq", (room,)
                 ).fetchall()
@@ -365,10 +383,7 @@ class SQLiteStore(Store):
         def write(db: sqlite3.Connection) -> tuple[Change | None, Message]:
             db.execute("BEGIN IMMEDIATE")
             try:
-                pos = db.execute(
-                    "SELECT last_seq, last_change, banned, muted FROM rooms WHERE room = ?",
-                    (room,),
-                ).fetchone()
+                pos = db.execute(_ROOM, (room,)).fetchone()
                 if pos is not None and idempotency_key is not None:
                     done = db.execute(
                         "SELECT seq FROM message_changes WHERE room = ? AND "
@@ -376,24 +391,10 @@ class SQLiteStore(Store):
                         (room, *idempotency_key),
                     ).fetchone()
                     if done is not None:  # a repeat: the message as it is now
-                        again = _row(
-                            db.execute(
-                                f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq = ?",
-                                (room, done[0]),
-                            ).fetchone()
-                        )
+                        again = _row(db.execute(_MESSAGE, (room, done[0])).fetchone())
                         db.execute("ROLLBACK")
                         return None, again
-                row = (
-                    None
-                    if pos is None
-                    else db.execute(
-                        f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq = ?", (room, seq)
-                    ).fetchone()
-                )
-                if pos is None or row is None:
-                    raise MessageNotFound(f"no message {seq} in room {room!r}")
-                current = _row(row)
+                current = _message_in(db, pos, room, seq)
                 if author is not None and current.author != author:
                     raise NotAuthor("only the author may change this message")
                 restrictions = RoomModeration.of_row(room, pos[2], pos[3], 0)
@@ -412,9 +413,10 @@ class SQLiteStore(Store):
                 if text is None:  # the text is gone from the row and its events, not hidden
                     db.execute(
                         "UPDATE messages SET text = '', version = version + 1, "
-                        "deleted_ms = ? WHERE room = ? AND seq = ?",
+                        "deleted_ms = ?, reactions = NULL WHERE room = ? AND seq = ?",
                         (ms, room, seq),
                     )
+                    db.execute("DELETE FROM reactions WHERE room = ? AND seq = ?", (room, seq))
                     _scrub(db, [(room, seq)], ms)
                 else:
                     db.execute(
@@ -428,21 +430,8 @@ class SQLiteStore(Store):
                     "key_owner, idempotency_key) VALUES (?, ?, ?, ?, ?, ?)",
                     (room, number, seq, pos[0], owner, key),
                 )
-                msg = _row(
-                    db.execute(
-                        f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq = ?", (room, seq)
-                    ).fetchone()
-                )
-                if self._outbox_ids:  # its events commit with it, after_seq + number in order
-                    event_id, kind, data = change_event(msg, number, ms)
-                    db.executemany(
-                        "INSERT INTO webhook_outbox (endpoint_id, event_id, type, room, seq, "
-                        "pos, data, created_ms, next_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [
-                            (e, event_id, kind, room, seq, pos[0] + number, data, ms, ms)
-                            for e in self._outbox_ids
-                        ],
-                    )
+                msg = _row(db.execute(_MESSAGE, (room, seq)).fetchone())
+                self._outbox_change(db, msg, number, pos[0], ms)  # commits with it
                 db.execute("COMMIT")
                 return Change(number, pos[0], msg), msg
             except BaseException:
@@ -456,13 +445,95 @@ class SQLiteStore(Store):
         cols = ", ".join("m." + c for c in _COLUMNS.split(", "))
         rows = await self._run(
             lambda db: db.execute(
-                f"SELECT c.change, c.after_seq, {cols} FROM message_changes c JOIN messages m "
+                f"SELECT c.change, c.after_seq, c.kind, {cols} FROM message_changes c "
+                "JOIN messages m "
                 "ON m.room = c.room AND m.seq = c.seq WHERE c.room = ? AND c.change > ? "
                 "ORDER BY c.change LIMIT ?",
                 (room, after, limit),
             ).fetchall()
         )
-        return [Change(r[0], r[1], _row(r[2:])) for r in rows]
+        return [Change(r[0], r[1], _row(r[3:]), r[2] == "reactions") for r in rows]
+
+    async def react(
+        self, room: str, seq: int, user: str, reaction: str, *, add: bool
+    ) -> tuple[Change | None, Message]:
+        def write(db: sqlite3.Connection) -> tuple[Change | None, Message]:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                pos = db.execute(_ROOM, (room,)).fetchone()
+                current = _message_in(db, pos, room, seq)
+                ms = int(time.time() * 1000)
+                restrictions = RoomModeration.of_row(room, pos[2], pos[3], 0)
+                check_change(restrictions, user, edit=True, at_ms=ms)
+                if current.deleted_ms is not None:
+                    raise MessageDeleted(f"message {seq} in room {room!r} is deleted")
+                if add:
+                    done = db.execute(
+                        "INSERT INTO reactions (room, seq, reaction, user_name) "
+                        "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                        (room, seq, reaction, user),
+                    ).rowcount
+                else:
+                    done = db.execute(
+                        "DELETE FROM reactions WHERE room = ? AND seq = ? AND reaction = ? "
+                        "AND user_name = ?",
+                        (room, seq, reaction, user),
+                    ).rowcount
+                if not done:
+                    db.execute("ROLLBACK")
+                    return None, current  # there already, or not there
+                summary = summarize(
+                    db.execute(
+                        "SELECT reaction, user_name FROM reactions WHERE room = ? AND seq = ? "
+                        "ORDER BY id",
+                        (room, seq),
+                    ).fetchall()
+                )
+                number = pos[1] + 1
+                db.execute("UPDATE rooms SET last_change = ? WHERE room = ?", (number, room))
+                db.execute(
+                    "UPDATE messages SET reactions = ? WHERE room = ? AND seq = ?",
+                    (None if summary is None else orjson.dumps(summary).decode(), room, seq),
+                )
+                db.execute(
+                    "INSERT INTO message_changes (room, change, seq, after_seq, kind) "
+                    "VALUES (?, ?, ?, ?, 'reactions')",
+                    (room, number, seq, pos[0]),
+                )
+                msg = _row(db.execute(_MESSAGE, (room, seq)).fetchone())
+                self._outbox_change(db, msg, number, pos[0], ms, reactions=True)
+                db.execute("COMMIT")
+                return Change(number, pos[0], msg, True), msg
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+        return await self._run(write)
+
+    def _outbox_change(
+        self,
+        db: sqlite3.Connection,
+        msg: Message,
+        number: int,
+        after_seq: int,
+        ms: int,
+        *,
+        reactions: bool = False,
+    ) -> None:
+        """A change's events, one row per receiver, in the caller's transaction; its
+        place in the room's commit order is after_seq + number."""
+        if not self._outbox_ids:
+            return
+        event_id, kind, data = change_event(msg, number, ms, reactions=reactions)
+        db.executemany(
+            "INSERT INTO webhook_outbox (endpoint_id, event_id, type, room, seq, "
+            "pos, data, created_ms, next_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (e, event_id, kind, msg.room, msg.seq, after_seq + number, data, ms, ms)
+                for e in self._outbox_ids
+            ],
+        )
 
     async def position(self, room: str) -> tuple[int, int]:
         row = await self._run(

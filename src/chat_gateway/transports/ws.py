@@ -24,7 +24,7 @@ from starlette.types import Message as ASGIMessage
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from chat_gateway.access.auth import Identity
-from chat_gateway.access.ratelimit import READ, SUBSCRIBE
+from chat_gateway.access.ratelimit import REACT, READ, SUBSCRIBE
 from chat_gateway.api import validation as v
 from chat_gateway.api.caller import gateway_of, stored_room
 from chat_gateway.api.chat import changed_by, position_json, screened
@@ -46,7 +46,13 @@ from chat_gateway.transports.connections import Connection, connecting, expire_w
 log = logging.getLogger("gateway.ws")
 
 FRAME_FIELDS = {kind: v.fields(schema) for kind, schema in v.FRAMES.items()}
-CHAT_FRAMES = {"edit", "delete", "typing", "read"}  # chat_gateway.api.chat
+# What a chat frame does, for a refusal in a room that stores nothing.
+_OPERATIONS = {
+    "read": "a read position",
+    "react": "reacting to a message",
+    "unreact": "reacting to a message",
+}
+CHAT_FRAMES = {"edit", "delete", "typing", "read", "react", "unreact"}  # chat_gateway.api.chat
 
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
@@ -330,22 +336,24 @@ class Session:
             await self.gw.moderation.check_typing(room, self.user)
             await chat.typing(room, self.user)
             return
-        stored_room(self.gw, room, "a read position" if kind == "read" else "changing a message")
+        stored_room(self.gw, room, _OPERATIONS.get(kind, "changing a message"))
         seq_value = v.seq_field(frame.get("seq"), "seq")  # a JSON number, as since is
+        if kind == "react" or kind == "unreact":
+            reaction = v.reaction(frame.get("reaction"))
+            self.identity.check_post(room)  # a reaction is a write: not on a read-only grant
+            user = self.named("a reaction")
+            await self.gw.rates.check(REACT, self.identity.bucket)
+            await self.gw.moderation.check_change(room, user, edit=True)
+            msg = await chat.react(
+                room, v.message_seq(seq_value), user, reaction, add=kind == "react"
+            )
+            self.ack(ref, msg)
+            return
         if kind == "read":
             seq = seq_value
             if seq is None:
                 raise ApiError("invalid_request", "seq is required", field="seq")
-            if self.identity.user:
-                user = self.identity.name
-            elif self.user is not None:
-                user = self.user
-            else:
-                raise ApiError(
-                    "invalid_request",
-                    "a read position needs a name: connect with ?user=NAME in open mode",
-                    field="user",
-                )
+            user = self.named("a read position")
             await self.gw.rates.check(READ, self.identity.bucket)
             await self.gw.moderation.check_read(room, user)
             pos = await chat.mark_read(user, room, seq)
@@ -368,8 +376,19 @@ class Session:
             author=author,
             idempotency_key=None if key is None else (self.identity.name, key),
         )
-        self.sub.push(
-            b'{"type":"ack","ref":%s,"message":%s}' % (orjson.dumps(ref), msg.to_json()), reply=True
+        self.ack(ref, msg)
+
+    def named(self, what: str) -> str:
+        """Who acts: the token's sub, in open mode the connection's ``?user=``
+        (``what`` needs one: refused without it)."""
+        if self.identity.user:
+            return self.identity.name
+        if self.user is not None:
+            return self.user
+        raise ApiError(
+            "invalid_request",
+            f"{what} needs a name: connect with ?user=NAME in open mode",
+            field="user",
         )
 
     def check_subscription_room(self, room: str) -> None:

@@ -1,0 +1,326 @@
+"""Reactions on real gateways, on Postgres (with Redis) and on SQLite alone: a
+user's own reaction added once or removed over HTTP and WebSocket, the summary on
+the message (counts, at most ten users named), ``reactions_updated`` in the
+ordered change stream (live on every instance, replayed once by a resume), a
+deleted message refusing them, their own rate bucket, moderation and read-only
+grants, and the ``message.reactions_updated`` webhook."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import jwt
+import pytest
+
+from tests.harness import (
+    Instance,
+    SSEClient,
+    WSClient,
+    embedded_env,
+    eventually,
+    instances,
+    post,
+    t,
+)
+from tests.system.test_webhooks import Receiver, hook_env, new_secret
+
+SECRET = "chat-test-secret-" + "0123456789abcdef" * 4
+KEY = "reactions-api-key"
+THUMBS = "\N{THUMBS UP SIGN}"
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def any_env(request: pytest.FixtureRequest, tmp_path: Any) -> dict[str, str]:
+    """A gateway environment on Postgres with Redis, or on SQLite alone."""
+    if request.param == "postgres":
+        return {**request.getfixturevalue("gateway_env"), "LOG_LEVEL": "info"}
+    return embedded_env(tmp_path, SUBSCRIBE_RATE_LIMIT="100000/1s")
+
+
+def token(sub: str, **claims: Any) -> dict[str, str]:
+    tok = jwt.encode(
+        {"sub": sub, "exp": int(time.time()) + 600, **claims}, SECRET, algorithm="HS256"
+    )
+    return {"Authorization": f"Bearer {tok}"}
+
+
+def reactions_url(base: str, room: str, seq: int, reaction: str | None = None) -> str:
+    url = f"{base}/v1/rooms/{room}/messages/{seq}/reactions"
+    return url if reaction is None else f"{url}/{quote(reaction, safe='')}"
+
+
+async def react(
+    http: httpx.AsyncClient, base: str, room: str, seq: int, reaction: str, user: str
+) -> httpx.Response:
+    return await http.post(
+        reactions_url(base, room, seq), json={"reaction": reaction, "user": user}
+    )
+
+
+async def unreact(
+    http: httpx.AsyncClient, base: str, room: str, seq: int, reaction: str, user: str
+) -> httpx.Response:
+    return await http.delete(reactions_url(base, room, seq, reaction), params={"user": user})
+
+
+def reactions_of(frames: list[dict[str, Any]], room: str) -> list[dict[str, Any]]:
+    return [f for f in frames if f.get("type") == "reactions_updated" and f["room"] == room]
+
+
+async def test_reactions_are_distinct_per_user_over_http_and_ws(any_env):
+    room = "react.basic"
+    async with instances(1, any_env) as (gw,), httpx.AsyncClient(timeout=t(10)) as http:
+        assert (await post(http, gw.url, room, "hello", author="ana")).status_code == 201
+        r = await react(http, gw.url, room, 1, THUMBS, "bo")
+        assert r.status_code == 200, r.text
+        assert r.json()["reactions"] == {THUMBS: {"count": 1, "users": ["bo"]}}
+        assert "RateLimit-Remaining" in r.headers
+        again = await react(http, gw.url, room, 1, f"  {THUMBS} ", "bo")  # trimmed: the same
+        assert again.json()["reactions"] == r.json()["reactions"], "once per user"
+        r = await react(http, gw.url, room, 1, "party", "cy")
+        assert r.json()["reactions"] == {
+            THUMBS: {"count": 1, "users": ["bo"]},
+            "party": {"count": 1, "users": ["cy"]},
+        }
+        async with WSClient.connect(f"{gw.ws_url}?user=ana") as ws:
+            await ws.send(
+                {"type": "react", "room": room, "seq": 1, "reaction": THUMBS, "ref": "a1"}
+            )
+            ack = await ws.expect("ack")
+            assert ack["ref"] == "a1"
+            assert ack["message"]["reactions"][THUMBS] == {"count": 2, "users": ["bo", "ana"]}
+            await ws.send(
+                {"type": "unreact", "room": room, "seq": 1, "reaction": "party", "ref": "a2"}
+            )
+            ack = await ws.expect("ack")
+            assert "party" in ack["message"]["reactions"], "ana never reacted with party"
+            await ws.send({"type": "react", "room": room, "seq": 1, "reaction": "", "ref": 3})
+            err = await ws.expect("error")
+            assert (err["code"], err["ref"]) == ("invalid_request", 3)
+        r = await unreact(http, gw.url, room, 1, "party", "cy")
+        assert r.status_code == 200 and set(r.json()["reactions"]) == {THUMBS}
+        r = await unreact(http, gw.url, room, 1, THUMBS, "bo")
+        r = await unreact(http, gw.url, room, 1, THUMBS, "ana")
+        assert r.status_code == 200 and "reactions" not in r.json(), "absent when none"
+        # Bad input: 422 or 404, and nothing changes.
+        for body in ({"reaction": ""}, {"reaction": "x" * 33}, {"reaction": "a\x00b"}, {}):
+            r = await http.post(reactions_url(gw.url, room, 1), json={**body, "user": "bo"})
+            assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", body
+        r = await http.post(reactions_url(gw.url, room, 1), json={"reaction": THUMBS})
+        assert r.status_code == 422 and "user is required" in r.json()["error"]["message"]
+        r = await react(http, gw.url, room, 9, THUMBS, "bo")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        page = (await http.get(f"{gw.url}/v1/rooms/{room}/messages")).json()["messages"]
+        assert "reactions" not in page[0] and page[0].get("version", 1) == 1
+
+
+async def test_the_summary_names_at_most_ten_users(any_env):
+    room = "react.many"
+    async with instances(1, any_env) as (gw,), httpx.AsyncClient(timeout=t(10)) as http:
+        await post(http, gw.url, room, "popular", author="ana")
+        # The history page is cached before the reactions: it must not stay stale.
+        assert (
+            "reactions"
+            not in (await http.get(f"{gw.url}/v1/rooms/{room}/messages")).json()["messages"][0]
+        )
+        users = [f"user{i:02d}" for i in range(12)]
+        for user in users:
+            assert (await react(http, gw.url, room, 1, THUMBS, user)).status_code == 200
+        page = (await http.get(f"{gw.url}/v1/rooms/{room}/messages")).json()["messages"]
+        assert page[0]["reactions"] == {THUMBS: {"count": 12, "users": users[:10]}}
+        await unreact(http, gw.url, room, 1, THUMBS, "user00")
+        page = (await http.get(f"{gw.url}/v1/rooms/{room}/messages")).json()["messages"]
+        assert page[0]["reactions"] == {THUMBS: {"count": 11, "users": users[1:11]}}
+
+
+async def test_a_deleted_message_takes_no_reactions(any_env):
+    room = "react.deleted"
+    async with instances(1, any_env) as (gw,), httpx.AsyncClient(timeout=t(10)) as http:
+        await post(http, gw.url, room, "soon gone", author="ana")
+        assert (await react(http, gw.url, room, 1, THUMBS, "bo")).status_code == 200
+        r = await http.request(
+            "DELETE", f"{gw.url}/v1/rooms/{room}/messages/1", json={"author": "ana"}
+        )
+        assert r.status_code == 200 and "reactions" not in r.json(), "the tombstone has none"
+        r = await react(http, gw.url, room, 1, THUMBS, "cy")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "message_deleted"
+        r = await unreact(http, gw.url, room, 1, THUMBS, "bo")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "message_deleted"
+        async with WSClient.connect(f"{gw.ws_url}?user=cy") as ws:
+            await ws.send({"type": "react", "room": room, "seq": 1, "reaction": "x", "ref": 1})
+            assert (await ws.expect("error"))["code"] == "message_deleted"
+
+
+async def test_reactions_have_their_own_rate_bucket(any_env):
+    room = "react.rate"
+    env = {**any_env, "REACTION_RATE_LIMIT": "3/60s"}
+    async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=t(10)) as http:
+        await post(http, gw.url, room, "hi", author="ana")
+        for reaction in ("a", "b", "c"):
+            assert (await react(http, gw.url, room, 1, reaction, "bo")).status_code == 200
+        r = await react(http, gw.url, room, 1, "d", "bo")
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited"
+        assert "Retry-After" in r.headers
+        assert (await post(http, gw.url, room, "posts still go", author="bo")).status_code == 201
+        page = (await http.get(f"{gw.url}/v1/rooms/{room}/messages")).json()["messages"]
+        assert set(page[0]["reactions"]) == {"a", "b", "c"}, "the refused one changed nothing"
+
+
+async def test_muted_banned_and_read_only_users_cannot_react(any_env):
+    room = "react.mod"
+    env = {**any_env, "AUTH_SECRET": SECRET, "API_KEYS": KEY}
+    api = {"Authorization": f"Bearer {KEY}"}
+    async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=t(10)) as http:
+        url = reactions_url(gw.url, room, 1)
+        r = await http.post(
+            f"{gw.url}/v1/rooms/{room}/messages", json={"text": "hi"}, headers=token("ana")
+        )
+        assert r.status_code == 201
+        r = await http.post(url, json={"reaction": "ro"}, headers=token("ro", read_rooms=[room]))
+        assert r.status_code == 403 and "read-only" in r.json()["error"]["message"]
+        for action, user in (("mutes", "mu"), ("bans", "ba")):
+            r = await http.post(
+                f"{gw.url}/v1/rooms/{room}/{action}", json={"user": user}, headers=api
+            )
+            assert r.status_code == 201, r.text
+        r = await http.post(url, json={"reaction": "m"}, headers=token("mu"))
+        assert r.status_code == 403 and r.json()["error"]["code"] == "muted"
+        r = await http.post(url, json={"reaction": "b"}, headers=token("ba"))
+        assert r.status_code == 403 and r.json()["error"]["code"] == "banned"
+        async with WSClient.connect(f"{gw.ws_url}?token={token('mu')['Authorization'][7:]}") as ws:
+            await ws.send({"type": "react", "room": room, "seq": 1, "reaction": "m", "ref": 1})
+            assert (await ws.expect("error"))["code"] == "muted"
+        r = await http.post(url, json={"reaction": "ok"}, headers=token("bo"))
+        assert r.status_code == 200 and r.json()["reactions"] == {
+            "ok": {"count": 1, "users": ["bo"]}
+        }, "only bo's went in; a token's sub is who reacts"
+
+
+async def test_reactions_updated_reach_two_instances_in_order_and_a_resume_replays_once(
+    gateway_env,
+):
+    room = "react.order"
+    async with instances(2, gateway_env) as (a, b), httpx.AsyncClient(timeout=t(10)) as http:
+        async with (
+            WSClient.connect(a.ws_url) as wa,
+            SSEClient.open(f"{b.url}/v1/rooms/{room}/events?since=0&changes_since=0") as sse,
+        ):
+            await wa.subscribe(room, since=0, changes_since=0)
+            task = asyncio.create_task(wa.read_all())
+            await post(http, a.url, room, "m1", author="ana")
+            assert (await react(http, b.url, room, 1, THUMBS, "bo")).status_code == 200  # c1
+            r = await http.patch(
+                f"{a.url}/v1/rooms/{room}/messages/1", json={"text": "m1 v2", "author": "ana"}
+            )
+            assert r.status_code == 200  # change 2
+            await post(http, b.url, room, "m2", author="bo")
+            assert (await react(http, a.url, room, 2, "ok", "ana")).status_code == 200  # c3
+            assert (await unreact(http, b.url, room, 1, THUMBS, "bo")).status_code == 200  # c4
+            expected = [
+                ("message", 1),
+                ("reactions_updated", 1),
+                ("message_updated", 2),
+                ("message", 2),
+                ("reactions_updated", 3),
+                ("reactions_updated", 4),
+            ]
+
+            def order(items: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, int]]:
+                return [
+                    (kind, body["message"]["seq"] if kind == "message" else body["change"])
+                    for kind, body in items
+                ]
+
+            def ws_seen() -> list[tuple[str, int]]:
+                return order(
+                    [
+                        (f["type"], f)
+                        for f in wa.frames
+                        if f.get("room") == room and f["type"] in dict(expected)
+                    ]
+                )
+
+            def sse_seen() -> list[tuple[str, int]]:
+                return [
+                    (e["event"], int(e["id"]) if e["event"] == "message" else e["json"]["change"])
+                    for e in sse.events
+                    if e.get("event") in dict(expected)
+                ]
+
+            await eventually(lambda: len(ws_seen()) >= len(expected), 20)
+            await eventually(lambda: len(sse_seen()) >= len(expected), 20)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            assert ws_seen() == expected
+            assert sse_seen() == expected
+            live = reactions_of(wa.frames, room)
+            assert live[0] == {
+                "type": "reactions_updated",
+                "room": room,
+                "change": 1,
+                "seq": 1,
+                "reactions": {THUMBS: {"count": 1, "users": ["bo"]}},
+            }
+            assert live[-1]["reactions"] == {} and live[-1]["seq"] == 1
+            sse_change = [e for e in sse.events if e.get("event") == "reactions_updated"][0]
+            assert sse_change["json"] == live[0]
+        # A resume after change 1 replays changes 2..4 once each, in order.
+        async with WSClient.connect(b.ws_url) as ws:
+            subscribed = await ws.subscribe(room, since=2, changes_since=1)
+            assert subscribed["change"] == 4
+            while len([f for f in ws.frames if "change" in f and f["type"] != "subscribed"]) < 3:
+                await ws.recv()
+            with pytest.raises(asyncio.TimeoutError):
+                await ws.recv(timeout=1)  # nothing more, nothing twice
+            changes = [
+                (f["type"], f["change"])
+                for f in ws.frames
+                if "change" in f and f["type"] != "subscribed"
+            ]
+            assert changes == [
+                ("message_updated", 2),
+                ("reactions_updated", 3),
+                ("reactions_updated", 4),
+            ]
+
+
+async def test_reactions_send_a_webhook_scrubbed_with_the_message(any_env):
+    open_ = False
+    receiver = await Receiver(
+        [new_secret()], answer=lambda hit: (200, {}, 0.0) if open_ else (500, {}, 0.0)
+    ).start()
+    gw = Instance(hook_env(any_env, receiver, WEBHOOK_BREAKER_FAILURES="100000")).start()
+    room = "react.hooks"
+    try:
+        await gw.wait_ready()
+        async with httpx.AsyncClient(timeout=t(20)) as http:
+            await post(http, gw.url, room, "secret text", author="ana")
+            r = await react(http, gw.url, room, 1, THUMBS, "bo")
+            assert r.status_code == 200
+            await react(http, gw.url, room, 1, THUMBS, "bo")  # there already: no event
+            r = await http.request(
+                "DELETE", f"{gw.url}/v1/rooms/{room}/messages/1", json={"author": "ana"}
+            )
+            deleted_at = r.json()["deleted_at"]
+        await eventually(lambda: len(receiver.hits) >= 1, 20)
+        open_ = True
+        await eventually(lambda: len(receiver.delivered()) >= 3, 20)
+        await asyncio.sleep(0.5)  # nothing more may come
+        assert receiver.unverified == []
+        got = [(h.payload["type"], h.payload["data"]) for h in receiver.delivered()]
+        assert [kind for kind, _ in got] == [
+            "message.created",
+            "message.reactions_updated",
+            "message.deleted",
+        ]
+        data = got[1][1]
+        assert data["reactions"] == {THUMBS: {"count": 1, "users": ["bo"]}}
+        assert (data["seq"], data["change"]) == (1, 1)
+        assert (data["text"], data["deleted_at"]) == ("", deleted_at), "scrubbed by the delete"
+    finally:
+        gw.stop()
+        await receiver.stop()
