@@ -126,8 +126,7 @@ SEARCH_QUERY = object_schema(
         "type": "string",
         "minLength": 1,
         "maxLength": search.MAX_QUERY_CHARS,
-        "description": 'words (the last one also as a prefix), "quoted phrases", '
-        f"-excluded words; at most {search.MAX_QUERY_WORDS} words",
+        "description": 'words (the last one also as a prefix), "quoted phrases", -excluded words',
     },
     room={
         "type": "array",
