@@ -1,32 +1,21 @@
 // Tokens: a refused upgrade closes the client for good; a token provider keeps a
 // client connected past its tokens' expiry, resuming without a gap.
 
-import { test, before, after } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
 
 import { WebSocket as NodeWebSocket } from "ws";
 
 import { Client, State } from "../src/index.js";
-import { Gateway, environment, eventually, jwt, sleep } from "./gateway.js";
+import { eventually, gatewayPerFile, jwt, sleep } from "./gateway.js";
 
 const SECRET = "sdk-test-secret-0123456789abcdef";
-let envr;
-let gw;
-
-before(async () => {
-  envr = await environment({ AUTH_SECRET: SECRET });
-  gw = await new Gateway(envr.env).start();
-});
-
-after(async () => {
-  await gw?.stop();
-  envr?.cleanup();
-});
+const shared = gatewayPerFile({ AUTH_SECRET: SECRET });
 
 const now = () => Math.floor(Date.now() / 1000);
 
 test("a refused upgrade (HTTP 401) closes the client for good", async () => {
-  const c = new Client(gw.url, { token: jwt("wrong-secret", { sub: "ana", exp: now() + 60 }),
+  const c = new Client(shared.gw.url, { token: jwt("wrong-secret", { sub: "ana", exp: now() + 60 }),
                                  minDelay: 50 });
   const states = [];
   c.on("state", (ev) => states.push(ev));
@@ -37,7 +26,7 @@ test("a refused upgrade (HTTP 401) closes the client for good", async () => {
 });
 
 test("a refused upgrade says why, in the server's words", async () => {
-  const c = new Client(gw.url, { minDelay: 50 }); // no token
+  const c = new Client(shared.gw.url, { minDelay: 50 }); // no token
   const states = [];
   c.on("state", (ev) => states.push(ev));
   await assert.rejects(c.connect(), (e) => e.code === "unauthorized" && e.status === 401
@@ -62,7 +51,7 @@ class BrowserWebSocket extends NodeWebSocket {
 }
 
 test("where the upgrade's status is hidden, the HTTP API's 401 closes the client", async () => {
-  const c = new Client(gw.url, { token: jwt("wrong-secret", { sub: "ana", exp: now() + 60 }),
+  const c = new Client(shared.gw.url, { token: jwt("wrong-secret", { sub: "ana", exp: now() + 60 }),
                                  WebSocket: BrowserWebSocket, minDelay: 50, maxDelay: 100 });
   const states = [];
   c.on("state", (ev) => states.push(ev));
@@ -79,7 +68,7 @@ test("where the upgrade's status is hidden, the HTTP API's 401 closes the client
 
 test("where the upgrade's status is hidden, a valid token is not taken for a refused one",
   async () => {
-    const c = new Client(gw.url, { token: jwt(SECRET, { sub: "ana", exp: now() + 60 }),
+    const c = new Client(shared.gw.url, { token: jwt(SECRET, { sub: "ana", exp: now() + 60 }),
                                    WebSocket: BrowserWebSocket });
     try {
       await c.connect();
@@ -96,12 +85,12 @@ test("a token provider carries the connection across token expiry, with no gap",
     issued += 1;
     return jwt(SECRET, { sub: "ana", exp: now() + 2 });
   };
-  const c = new Client(gw.url, { getToken, refreshMargin: 1, minDelay: 50, maxDelay: 200 });
+  const c = new Client(shared.gw.url, { getToken, refreshMargin: 1, minDelay: 50, maxDelay: 200 });
   const seqs = [];
   const closes = [];
   c.on("message", (m) => seqs.push(m.seq));
   c.on("disconnected", (ev) => closes.push(ev.code));
-  const publisher = new Client(gw.url, { token: jwt(SECRET, { sub: "bob", exp: now() + 600 }) });
+  const publisher = new Client(shared.gw.url, { token: jwt(SECRET, { sub: "bob", exp: now() + 600 }) });
   try {
     await c.connect();
     await c.subscribe("auth", { since: 0 });
@@ -128,7 +117,7 @@ test("a token provider carries the connection across token expiry, with no gap",
 });
 
 test("without a token provider, the expiry's 1008 closes the client for good", async () => {
-  const c = new Client(gw.url, { token: jwt(SECRET, { sub: "ana", exp: now() + 1 }),
+  const c = new Client(shared.gw.url, { token: jwt(SECRET, { sub: "ana", exp: now() + 1 }),
                                  minDelay: 50 });
   const closed = new Promise((resolve) => c.on("closed", resolve));
   await c.connect();

@@ -1,27 +1,16 @@
 // Edits, deletes, typing, read state and errors against a real gateway.
 
-import { test, before, after } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
 
 import { Client, GatewayError } from "../src/index.js";
-import { Gateway, environment, eventually } from "./gateway.js";
+import { eventually, gatewayPerFile } from "./gateway.js";
 
-let envr;
-let gw;
-
-before(async () => {
-  envr = await environment({ RATE_LIMIT: "10/60s" });
-  gw = await new Gateway(envr.env).start();
-});
-
-after(async () => {
-  await gw?.stop();
-  envr?.cleanup();
-});
+const shared = gatewayPerFile({ RATE_LIMIT: "10/60s" });
 
 test("edit and delete resolve with the message; subscribers get numbered changes", async () => {
-  const ana = new Client(gw.url, { user: "ana" });
-  const bob = new Client(gw.url, { user: "bob" });
+  const ana = new Client(shared.gw.url, { user: "ana" });
+  const bob = new Client(shared.gw.url, { user: "bob" });
   const changes = [];
   bob.on("change", (ev) => changes.push(ev));
   try {
@@ -51,8 +40,8 @@ test("edit and delete resolve with the message; subscribers get numbered changes
 });
 
 test("react and unreact resolve with the summary; subscribers get reactions events", async () => {
-  const ana = new Client(gw.url, { user: "ana" });
-  const bob = new Client(gw.url, { user: "bob" });
+  const ana = new Client(shared.gw.url, { user: "ana" });
+  const bob = new Client(shared.gw.url, { user: "bob" });
   const seen = [];
   bob.on("reactions", (ev) => seen.push(ev));
   try {
@@ -78,8 +67,8 @@ test("react and unreact resolve with the summary; subscribers get reactions even
 });
 
 test("typing reaches the others; read state, receipts and positions", async () => {
-  const ana = new Client(gw.url, { user: "ana" });
-  const bob = new Client(gw.url, { user: "bob" });
+  const ana = new Client(shared.gw.url, { user: "ana" });
+  const bob = new Client(shared.gw.url, { user: "bob" });
   const typing = [];
   const receipts = [];
   bob.on("typing", (ev) => typing.push(ev));
@@ -106,7 +95,7 @@ test("typing reaches the others; read state, receipts and positions", async () =
 
 test("errors carry code, status, message and the retry hint as the server sent them",
   async () => {
-    const c = new Client(gw.url, { user: "rl" });
+    const c = new Client(shared.gw.url, { user: "rl" });
     try {
       await c.connect();
       // the post bucket (10/60s) of this address is shared with the tests above: use it up

@@ -1,24 +1,13 @@
 // The client against real gateways: subscribe, publish, typed events, history paging,
 // errors with codes.
 
-import { test, before, after } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
 
 import { Client, GatewayError, State, backoff } from "../src/index.js";
-import { Gateway, environment, eventually, freePort, post } from "./gateway.js";
+import { eventually, freePort, gatewayPerFile, post } from "./gateway.js";
 
-let envr;
-let gw;
-
-before(async () => {
-  envr = await environment();
-  gw = await new Gateway(envr.env).start();
-});
-
-after(async () => {
-  await gw?.stop();
-  envr?.cleanup();
-});
+const shared = gatewayPerFile();
 
 test("backoff has full jitter between the base and the capped exponential", () => {
   const seen = new Set();
@@ -32,8 +21,8 @@ test("backoff has full jitter between the base and the capped exponential", () =
 });
 
 test("publish resolves with the stored message; subscribers get it once, in order", async () => {
-  const ana = new Client(gw.url, { user: "ana" });
-  const bob = new Client(gw.url, { user: "bob" });
+  const ana = new Client(shared.gw.url, { user: "ana" });
+  const bob = new Client(shared.gw.url, { user: "bob" });
   const states = [];
   ana.on("state", (ev) => states.push(ev.state));
   const got = [];
@@ -60,14 +49,14 @@ test("publish resolves with the stored message; subscribers get it once, in orde
 });
 
 test("subscribe with since replays from the store, then continues live", async () => {
-  for (let i = 1; i <= 3; i++) await post(gw.url, "replay", `m${i}`);
-  const c = new Client(gw.url);
+  for (let i = 1; i <= 3; i++) await post(shared.gw.url, "replay", `m${i}`);
+  const c = new Client(shared.gw.url);
   const got = [];
   c.on("message", (m) => got.push(m.seq));
   try {
     await c.connect();
     assert.equal((await c.subscribe("replay", { since: 1 })).seq, 3);
-    await post(gw.url, "replay", "m4");
+    await post(shared.gw.url, "replay", "m4");
     await eventually(() => got.length === 3, 10000, "replay and live");
     assert.deepEqual(got, [2, 3, 4]);
   } finally {
@@ -76,7 +65,7 @@ test("subscribe with since replays from the store, then continues live", async (
 });
 
 test("errors carry codes: a refused publish rejects, a refused subscribe rejects", async () => {
-  const c = new Client(gw.url);
+  const c = new Client(shared.gw.url);
   const errors = [];
   c.on("error", (e) => errors.push(e));
   try {
@@ -97,16 +86,16 @@ test("errors carry codes: a refused publish rejects, a refused subscribe rejects
 });
 
 test("ephemeral events and presence are typed events", async () => {
-  const watcher = new Client(gw.url, { user: "watcher" });
+  const watcher = new Client(shared.gw.url, { user: "watcher" });
   const events = [];
   const presence = [];
   watcher.on("event", (e) => events.push(e));
   watcher.on("presence", (p) => presence.push(p));
-  const other = new Client(gw.url, { user: "cleo" });
+  const other = new Client(shared.gw.url, { user: "cleo" });
   try {
     await watcher.connect();
     await watcher.subscribe("ev");
-    const r = await fetch(gw.url + "/v1/publish", {
+    const r = await fetch(shared.gw.url + "/v1/publish", {
       method: "POST",
       headers: { "content-type": "application/json" },
       body: JSON.stringify({ room: "ev", event: "ping", data: { n: 1 } }),
@@ -129,8 +118,8 @@ test("ephemeral events and presence are typed events", async () => {
 });
 
 test("history pages backwards from the latest and forwards from a seq", async () => {
-  for (let i = 1; i <= 7; i++) await post(gw.url, "hist", `h${i}`);
-  const c = new Client(gw.url);
+  for (let i = 1; i <= 7; i++) await post(shared.gw.url, "hist", `h${i}`);
+  const c = new Client(shared.gw.url);
   const back = [];
   for await (const page of c.pages("hist", { limit: 3 })) back.push(page.map((m) => m.seq));
   assert.deepEqual(back, [[5, 6, 7], [2, 3, 4], [1]]);
@@ -147,7 +136,7 @@ test("history pages backwards from the latest and forwards from a seq", async ()
 
 test("a typing frame's answer, or its refusal, never shifts the answers of later frames",
   async () => {
-    const c = new Client(gw.url, { user: "tia" });
+    const c = new Client(shared.gw.url, { user: "tia" });
     const errors = [];
     c.on("error", (e) => errors.push(e));
     try {
@@ -169,7 +158,7 @@ test("a typing frame's answer, or its refusal, never shifts the answers of later
 test("disconnected says when the next attempt is; reconnectNow makes it at once", async () => {
   // the first URL has no server: that attempt fails, the next one goes to the gateway
   const dead = `http://127.0.0.1:${await freePort()}`;
-  const c = new Client([dead, gw.url], { user: "ana", minDelay: 600000, maxDelay: 600000 });
+  const c = new Client([dead, shared.gw.url], { user: "ana", minDelay: 600000, maxDelay: 600000 });
   const waits = [];
   c.on("disconnected", (ev) => waits.push(ev.delay));
   try {
@@ -187,10 +176,10 @@ test("disconnected says when the next attempt is; reconnectNow makes it at once"
 });
 
 test("a change made while disconnected arrives after the reconnection, once", async () => {
-  const c = new Client(gw.url, { user: "ana", minDelay: 1500, maxDelay: 1500 });
+  const c = new Client(shared.gw.url, { user: "ana", minDelay: 1500, maxDelay: 1500 });
   const changes = [];
   c.on("change", (ev) => changes.push(ev));
-  const url = `${gw.url}/v1/rooms/chg/messages`;
+  const url = `${shared.gw.url}/v1/rooms/chg/messages`;
   const change = (method, seq, body) => fetch(`${url}/${seq}`, {
     method, headers: { "content-type": "application/json" }, body: JSON.stringify(body),
   });

@@ -7,6 +7,7 @@ import { randomBytes, createHmac } from "node:crypto";
 import { createServer, connect } from "node:net";
 import { fileURLToPath } from "node:url";
 import path from "node:path";
+import { before, after } from "node:test";
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
 const SCALE = Number(process.env.TEST_TIMEOUT_SCALE ?? "1") || 1;
@@ -174,4 +175,19 @@ export function jwt(secret, claims) {
   const body = b64(claims);
   const sig = createHmac("sha256", secret).update(`${head}.${body}`).digest("base64url");
   return `${head}.${body}.${sig}`;
+}
+
+// One gateway for a test file: started before its first test, stopped after its
+// last. ``shared.gw`` and ``shared.envr`` are set once it has started.
+export function gatewayPerFile(extra = {}) {
+  const shared = { envr: undefined, gw: undefined };
+  before(async () => {
+    shared.envr = await environment(extra);
+    shared.gw = await new Gateway(shared.envr.env).start();
+  });
+  after(async () => {
+    await shared.gw?.stop();
+    shared.envr?.cleanup();
+  });
+  return shared;
 }

@@ -1,31 +1,20 @@
 // Moderation methods against a real gateway: a moderator's token bans, mutes, sets
 // slow mode and reads the log; the banned user's post is refused with the code.
 
-import { test, before, after } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
 
 import { Client, GatewayError } from "../src/index.js";
-import { Gateway, environment, jwt } from "./gateway.js";
+import { gatewayPerFile, jwt } from "./gateway.js";
 
 const SECRET = "js-moderation-secret-0123456789abcdef";
-let envr;
-let gw;
-
-before(async () => {
-  envr = await environment({ AUTH_SECRET: SECRET });
-  gw = await new Gateway(envr.env).start();
-});
-
-after(async () => {
-  await gw?.stop();
-  envr?.cleanup();
-});
+const shared = gatewayPerFile({ AUTH_SECRET: SECRET });
 
 const exp = () => Math.floor(Date.now() / 1000) + 600;
 
 test("ban, mute, slow mode and the log", async () => {
-  const mod = new Client(gw.url, { token: jwt(SECRET, { sub: "mo", exp: exp(), moderate: ["js-*"] }) });
-  const ana = new Client(gw.url, { token: jwt(SECRET, { sub: "ana", exp: exp() }) });
+  const mod = new Client(shared.gw.url, { token: jwt(SECRET, { sub: "mo", exp: exp(), moderate: ["js-*"] }) });
+  const ana = new Client(shared.gw.url, { token: jwt(SECRET, { sub: "ana", exp: exp() }) });
   const room = "js-mod";
   const ban = await mod.ban(room, "ana", { duration: 600, reason: "spam" });
   assert.equal(ban.action, "banned");

@@ -1,30 +1,19 @@
 // search() against a real gateway: matches newest first, highlights in code points,
 // rooms, paging by cursor, and a refused query's code.
 
-import { test, before, after } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
 
 import { Client, GatewayError } from "../src/index.js";
-import { Gateway, environment, post } from "./gateway.js";
+import { gatewayPerFile, post } from "./gateway.js";
 
-let envr;
-let gw;
-
-before(async () => {
-  envr = await environment();
-  gw = await new Gateway(envr.env).start();
-});
-
-after(async () => {
-  await gw?.stop();
-  envr?.cleanup();
-});
+const shared = gatewayPerFile();
 
 test("search finds, highlights, limits to rooms and pages by cursor", async () => {
-  await post(gw.url, "s-one", "😀 kickoff meeting");
-  await post(gw.url, "s-two", "meeting notes");
-  await post(gw.url, "s-two", "nothing here");
-  const c = new Client(gw.url);
+  await post(shared.gw.url, "s-one", "😀 kickoff meeting");
+  await post(shared.gw.url, "s-two", "meeting notes");
+  await post(shared.gw.url, "s-two", "nothing here");
+  const c = new Client(shared.gw.url);
   const all = await c.search("meeting");
   assert.deepEqual(all.results.map((r) => r.message.text), ["meeting notes", "😀 kickoff meeting"]);
   const [start, end] = all.results[1].highlights[0];
