@@ -7,6 +7,9 @@ import asyncio
 import contextlib
 from typing import Any
 
+import pytest
+
+from chat_gateway.config import ConfigError, Settings
 from tests.harness import Instance, WSClient, eventually
 from tests.system.test_webhooks import Receiver, hook_env, new_secret
 
@@ -163,3 +166,9 @@ async def test_one_instance_without_redis_counts_locally(tmp_path):
     finally:
         gw.stop()
         await receiver.stop()
+
+
+def test_a_negative_offline_window_is_refused():
+    with pytest.raises(ConfigError, match="PRESENCE_OFFLINE_AFTER"):
+        Settings(presence_offline_after=-1.0).validated()
+    assert Settings(presence_offline_after=0.0).validated().presence_offline_after == 0.0

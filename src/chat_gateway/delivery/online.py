@@ -226,30 +226,36 @@ class RedisOnline(Online):
         ]
 
     async def _came(self, subject: tuple[str, str]) -> None:
+        keys = self._keys(subject)
+        if not self.guard.usable(keys[0]):
+            return  # Redis failed moments ago: no wait on every connection
         now = _ms()
         expiry = now + int(self.ttl * 1000)
         try:
             n = await self._up_script(
-                keys=self._keys(subject),
+                keys=keys,
                 args=[self.instance, expiry, int(self.ttl * 2000)],
                 batch=self.batch,
             )
             await self.redis.zadd(self.index, {_member(subject): expiry}, gt=True)
         except Exception as exc:
+            self.guard.failed(keys[0])
             log.warning("online state not recorded: %r", exc)
             return
         if n:
             await self._send(subject, 0, int(n))
 
     async def _went(self, subject: tuple[str, str]) -> None:
+        keys = self._keys(subject)
+        if not self.guard.usable(keys[0]):
+            return  # the membership expires by itself
         now = _ms()
         due = now + int(self.offline_after * 1000)
         try:
-            if await self._down_script(
-                keys=self._keys(subject), args=[self.instance, now, due], batch=self.batch
-            ):
+            if await self._down_script(keys=keys, args=[self.instance, now, due], batch=self.batch):
                 await self.redis.zadd(self.index, {_member(subject): due}, lt=True)
         except Exception as exc:
+            self.guard.failed(keys[0])
             # The membership expires by itself; the refresh no longer renews it.
             log.warning("online state not recorded: %r", exc)
 
