@@ -161,6 +161,9 @@ class Settings:
     # a user's leave is announced only once they stayed away this long (at most
     # PRESENCE_TTL / 3): a quick unsubscribe/subscribe or reconnect announces nothing
     presence_debounce: float = 2.0
+    # a user (room) is offline (vacated) once their last connection has been gone
+    # this long, on every instance: a reconnect within it sends neither webhook
+    presence_offline_after: float = 10.0
     # retention: messages older than RETENTION_DAYS are deleted (unset: kept forever)
     retention_days: float | None = None
     retention_interval: float = 3600.0
@@ -284,6 +287,8 @@ class Settings:
         for name in ("sse_send_timeout", "http_header_timeout", "http_body_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.upper()} must be a positive number of seconds")
+        if self.presence_offline_after < 0:
+            raise ConfigError("PRESENCE_OFFLINE_AFTER must be >= 0")
         if self.presence_debounce < 0:
             raise ConfigError("PRESENCE_DEBOUNCE must be >= 0 (0: leaves go out at once)")
         if self.retention_days is not None and self.retention_days <= 0:

@@ -28,6 +28,7 @@ from chat_gateway.delivery.chat import Chat, RedisChat
 from chat_gateway.delivery.commands import Control
 from chat_gateway.delivery.hub import Hub
 from chat_gateway.delivery.moderation import Moderation
+from chat_gateway.delivery.online import Online, RedisOnline
 from chat_gateway.delivery.output import Output
 from chat_gateway.delivery.presence import Presence, RedisPresence
 from chat_gateway.delivery.publish_hook import HttpPublishHook, PublishHook
@@ -240,6 +241,18 @@ class Gateway:
         presence_kind: Callable[..., Presence] = (
             Presence if redis is None else partial(RedisPresence, redis=redis)
         )
+        online_kind: Callable[..., Online] = (
+            Online if redis is None else partial(RedisOnline, redis=redis)
+        )
+        online = online_kind(
+            emit=self.webhooks.record if self.webhooks else None,
+            offline_after=self.settings.presence_offline_after,
+            ttl=self.settings.presence_ttl,
+            prefix=prefix,
+            instance=self.instance_id,
+        )
+        await online.start()
+        running.push_async_callback(online.close)  # after presence has left
         presence = self._presence = presence_kind(
             self.broker,
             prefix=prefix,
@@ -250,6 +263,7 @@ class Gateway:
             instance=self.instance_id,
             notify=self.webhooks.notify if self.webhooks else None,
             tracked=lambda room: self.settings.namespaces_file.of(room).presence,
+            online=online,
         )
         await presence.start()
         running.push_async_callback(presence.close)

@@ -43,6 +43,7 @@ from typing import Any
 from redis.exceptions import NoScriptError
 
 from chat_gateway.core.wire import encode_presence
+from chat_gateway.delivery.online import Online
 from chat_gateway.periodic import every
 from chat_gateway.pubsub import Broker, BrokerUnavailable
 from chat_gateway.redisio.context import RedisContext
@@ -116,8 +117,12 @@ class Presence:
         debounce: float = 0.0,
         notify: Callable[[str, dict[str, Any]], None] | None = None,
         tracked: Callable[[str], bool] = lambda room: True,
+        online: Online | None = None,
     ) -> None:
         self.broker = broker
+        # Told of each user's and room's first and last connection here (the
+        # user.online ... webhooks); none without webhooks.
+        self.online = online if online is not None else Online(emit=None)
         # Whether a room has presence at all (NAMESPACES_FILE, presence = false: none).
         self.tracked = tracked
         self.prefix = prefix
@@ -158,10 +163,15 @@ class Presence:
         in a room without presence)."""
         if not user or not self.tracked(room):
             return
-        held = self._held.setdefault(conn, (user, set()))[1]
+        if conn not in self._held:
+            self._held[conn] = (user, set())
+            await self.online.up("user", user)
+        held = self._held[conn][1]
         if room in held:
             return
         held.add(room)
+        if room not in self.local:
+            await self.online.up("room", room)
         counts = self.local.setdefault(room, {})
         counts[user] = counts.get(user, 0) + 1
         if counts[user] > 1:
@@ -191,6 +201,7 @@ class Presence:
         counts.pop(user, None)
         if not counts:
             self.local.pop(room, None)
+            await self.online.down("room", room)
         if self.debounce > 0:
             self._leaving[(room, user)] = asyncio.create_task(self._leave_later(room, user))
         else:
@@ -215,6 +226,7 @@ class Presence:
         for room in list(entry[1]):
             await self.left(conn, room)
         self._held.pop(conn, None)
+        await self.online.down("user", entry[0])
 
     async def members(self, room: str) -> list[str]:
         # a leave still debounced is not gone yet

@@ -105,6 +105,21 @@ class Outbox(ABC):
     async def enable(self, endpoint_id: int) -> None: ...
 
     @abstractmethod
+    async def enqueue(
+        self,
+        endpoint_ids: list[int],
+        event_id: str,
+        type_: str,
+        queue: str,
+        pos: int,
+        data: str,
+        ms: int,
+    ) -> None:
+        """Write an event that belongs to no message (``user.online``...), one row per
+        receiver, in the queue ``queue`` at ``pos``: ``queue`` is never a room name
+        (it starts with ``@``), so these queues never hold up a room's messages."""
+
+    @abstractmethod
     async def claim(self, endpoint_ids: list[int], limit: int, lease: float) -> list[Delivery]:
         """Lease at most ``limit`` due queue heads of these endpoints."""
 

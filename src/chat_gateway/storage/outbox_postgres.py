@@ -147,6 +147,32 @@ class PostgresOutbox(Outbox):
             endpoint_id,
         )
 
+    async def enqueue(
+        self,
+        endpoint_ids: list[int],
+        event_id: str,
+        type_: str,
+        queue: str,
+        pos: int,
+        data: str,
+        ms: int,
+    ) -> None:
+        if not endpoint_ids:
+            return
+        await self.store._call(
+            "execute",
+            "INSERT INTO webhook_outbox (endpoint_id, event_id, type, room, seq, pos, data, "
+            "created_at, next_at) SELECT e, $1, $2, $3, $4, $4, $5, $6, $6 "
+            "FROM unnest($7::bigint[]) AS e",
+            event_id,
+            type_,
+            queue,
+            pos,
+            data,
+            _ts(ms),
+            endpoint_ids,
+        )
+
     async def claim(self, endpoint_ids: list[int], limit: int, lease: float) -> list[Delivery]:
         if not endpoint_ids or limit < 1:
             return []

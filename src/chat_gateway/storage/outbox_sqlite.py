@@ -113,6 +113,28 @@ class SQLiteOutbox(Outbox):
         ).fetchall()
         return [_delivery(r) for r in rows]
 
+    async def enqueue(
+        self,
+        endpoint_ids: list[int],
+        event_id: str,
+        type_: str,
+        queue: str,
+        pos: int,
+        data: str,
+        ms: int,
+    ) -> None:
+        if not endpoint_ids:
+            return
+
+        def run(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "INSERT INTO webhook_outbox (endpoint_id, event_id, type, room, seq, "
+                "pos, data, created_ms, next_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(e, event_id, type_, queue, pos, pos, data, ms, ms) for e in endpoint_ids],
+            )
+
+        await self.store._run(run)
+
     async def claim(self, endpoint_ids: list[int], limit: int, lease: float) -> list[Delivery]:
         if not endpoint_ids or limit < 1:
             return []

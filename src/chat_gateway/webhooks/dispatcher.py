@@ -255,6 +255,22 @@ class Webhooks:
         """A message was committed here: claim now rather than at the next poll."""
         self._wake.set()
 
+    async def record(self, type_: str, data: dict[str, Any], queue: str, pos: int) -> None:
+        """Write an event that belongs to no message (``user.online``...) to the
+        outbox for every receiver, at ``pos`` of ``queue`` (see ``Outbox.enqueue``),
+        and claim it now: delivered, retried and dead-lettered as messages are."""
+        ms = int(time.time() * 1000)
+        await self.outbox.enqueue(
+            list(self.receivers),
+            "evt_" + new_id(ms),
+            type_,
+            queue,
+            pos,
+            orjson.dumps(data).decode(),
+            ms,
+        )
+        self.poke()
+
     # -- claiming ----------------------------------------------------------------
 
     async def _claim_loop(self) -> None:
