@@ -290,6 +290,7 @@ class Gateway:
         if self.settings.retention_days is not None:
             retention = Retention(
                 self.store,
+                history=history,
                 days=self.settings.retention_days,
                 interval=self.settings.retention_interval,
                 batch=self.settings.retention_batch,
