@@ -324,3 +324,41 @@ async def test_a_subject_queue_hands_out_a_transition_after_its_predecessor(stor
     assert fourth.seq == 4
     fifth = await outbox.delivered(fourth, 200, lease=30, chain=True)
     assert fifth is not None and fifth.seq == 6
+
+
+async def test_an_instance_kill_turns_offline_only_the_users_it_held_alone(gateway_env):
+    """fay is connected on A only, gus on A and B. A is SIGKILLed: fay goes offline
+    once A's membership expires; gus stays online (B still holds him) and goes
+    offline once, when he leaves B. Each transition is sent once, in order."""
+    receiver = await Receiver([new_secret()]).start()
+    try:
+        async with two(online_env(gateway_env, receiver)) as (a, b):
+            async with contextlib.AsyncExitStack() as on_b:
+                clients = []
+                for user in ("fay", "gus"):
+                    ctx = WSClient.connect(a.ws_url + f"?user={user}")
+                    ws = await ctx.__aenter__()
+                    await ws.subscribe("cellar")
+                    clients.append(ctx)
+                await connect(on_b, b, "gus", "cellar")
+                await eventually(lambda: events(receiver, "user", "fay"), 10)
+                await eventually(lambda: events(receiver, "user", "gus"), 10)
+                a.kill()
+                for ctx in clients:
+                    with contextlib.suppress(Exception):
+                        await ctx.__aexit__(None, None, None)
+                await eventually(lambda: len(events(receiver, "user", "fay")) == 2, 20)
+                await asyncio.sleep(2)  # past the offline window: gus is still on B
+                assert events(receiver, "user", "gus") == [("user.online", 1)]
+                assert events(receiver, "room", "cellar") == [("room.occupied", 1)]
+            await eventually(lambda: len(events(receiver, "user", "gus")) == 2, 20)
+            await eventually(lambda: len(events(receiver, "room", "cellar")) == 2, 20)
+            await asyncio.sleep(1)  # every instance swept meanwhile: nothing more
+            assert events(receiver, "user", "fay") == [("user.online", 1), ("user.offline", 2)]
+            assert events(receiver, "user", "gus") == [("user.online", 1), ("user.offline", 2)]
+            assert events(receiver, "room", "cellar") == [
+                ("room.occupied", 1),
+                ("room.vacated", 2),
+            ]
+    finally:
+        await receiver.stop()
