@@ -2,7 +2,8 @@
 
 Scenarios: ``fanout`` (gateway beside the peers, at each load), ``idle``,
 ``rooms``, ``posts``, ``history``, or ``all`` (those five); ``webhooks``,
-``search`` and ``sql`` (a backend's COMMIT to a subscriber) on their own. Every run stops by itself; servers listen on loopback.
+``search``, ``sql`` (a backend's COMMIT to a subscriber) and ``reactions`` (a room of
+200 subscribers and 50 reactions/s) on their own. Every run stops by itself; servers listen on loopback.
 """
 
 from __future__ import annotations
@@ -19,7 +20,18 @@ from typing import Any
 
 import orjson
 
-from bench import fanout, history, idle, otlp_sink, posts, rooms, search, sql_publish, webhooks
+from bench import (
+    fanout,
+    history,
+    idle,
+    otlp_sink,
+    posts,
+    reactions,
+    rooms,
+    search,
+    sql_publish,
+    webhooks,
+)
 from bench.procs import raise_open_files
 from bench.targets import TARGETS, Gateway
 from bench.verdict import POSTS_PER_INSTANCE, verdicts
@@ -141,6 +153,21 @@ COLUMNS = {
         "attempts_per_min",
     ],
     "sql": ["posts", "pace_ms", "p50_ms", "p99_ms", "max_ms"],
+    "reactions": [
+        "instances",
+        "subscribers",
+        "offered_per_s",
+        "changed",
+        "errors",
+        "reactions_per_s",
+        "frames",
+        "frames_due",
+        "delivery_ratio",
+        "server_cpu_ms_per_reaction",
+        "server_cpu_us_per_frame",
+        "change_log_reads",
+        "gap_fills",
+    ],
 }
 # A second table for a scenario: what each post cost every process on the machine.
 MORE_COLUMNS = {
@@ -289,6 +316,15 @@ async def run_scenario(
         )
     elif scenario == "sql":
         rows.extend(await sql_publish.run(posts=args.sql_posts))
+    elif scenario == "reactions":
+        rows.extend(
+            await reactions.run(
+                instances=args.instances,
+                subscribers=args.reaction_subscribers,
+                rate=args.reaction_rate,
+                seconds=args.reaction_seconds,
+            )
+        )
     elif scenario == "webhooks":
         rows.extend(
             await webhooks.run(
@@ -345,7 +381,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("scenario", choices=(*SCENARIOS, "webhooks", "search", "sql", "all"))
+    p.add_argument(
+        "scenario", choices=(*SCENARIOS, "webhooks", "search", "sql", "reactions", "all")
+    )
     p.add_argument(
         "--targets",
         default="gateway,node-socketio,socketio,broadcaster,redis",
@@ -434,6 +472,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "the first run always posts back to back",
     )
     p.add_argument("--sql-posts", type=int, default=300, help="sql: posts committed by the backend")
+    p.add_argument(
+        "--reaction-subscribers", type=int, default=200, help="reactions: the room's subscribers"
+    )
+    p.add_argument(
+        "--reaction-rate", type=float, default=50.0, help="reactions: added or removed per second"
+    )
+    p.add_argument(
+        "--reaction-seconds", type=float, default=10.0, help="reactions: length of the run"
+    )
     p.add_argument("--hook-rooms", type=int, default=50, help="webhooks: rooms (queues)")
     p.add_argument(
         "--hook-rate", type=float, default=25.0, help="webhooks: posts/s in the latency phase"

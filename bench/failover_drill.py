@@ -20,9 +20,9 @@ import time
 
 import httpx
 
+from bench.acknowledged import Writer, delivered_in_order_once, subscribers
 from bench.procs import REDIS_URL
 from tests.harness import delete_prefix, eventually, instances, new_prefix
-from tests.system.test_failover import Writer, delivered_in_order_once, subscribers
 
 
 async def drill(database_url: str, before: int, after: int, give_up: float) -> None:

@@ -162,6 +162,7 @@ class SessionReceiver:
     url: str = ""
     answers: dict[str, tuple[int, Any]] = field(default_factory=dict)
     delay: float = 0.0
+    delays: dict[str, float] = field(default_factory=dict)  # per cookie, over ``delay``
     requests: list[tuple[dict[str, str], bytes, dict[str, Any]]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -173,8 +174,9 @@ class SessionReceiver:
         body = orjson.loads(raw)
         with self.lock:
             self.requests.append((headers, raw, body))
-        if self.delay:
-            time.sleep(self.delay)
+        delay = self.delays.get(body["cookie"], self.delay)
+        if delay:
+            time.sleep(delay)
         status, answer = self.answers.get(body["cookie"], (401, {}))
         return status, answer if isinstance(answer, bytes) else orjson.dumps(answer)
 

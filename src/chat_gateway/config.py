@@ -207,6 +207,10 @@ class Settings:
     # test-only fault hook: a post to this room fails with an unexpected error
     # (quoting the post's text, which error reports must not carry)
     fault_fail_room: str | None = None
+    # test-only fault hook: the outbox write of each user.offline / room.vacated
+    # waits this many seconds after the transition was decided, as a stalled
+    # instance's would (another instance's next transition is written first)
+    fault_offline_write_delay: float = 0.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -250,6 +250,7 @@ class Gateway:
             ttl=self.settings.presence_ttl,
             prefix=prefix,
             instance=self.instance_id,
+            offline_write_delay=self.settings.fault_offline_write_delay,
         )
         await online.start()
         running.push_async_callback(online.close)  # after presence has left
@@ -289,6 +290,7 @@ class Gateway:
         if self.settings.retention_days is not None:
             retention = Retention(
                 self.store,
+                history=history,
                 days=self.settings.retention_days,
                 interval=self.settings.retention_interval,
                 batch=self.settings.retention_batch,

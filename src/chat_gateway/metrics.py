@@ -83,6 +83,13 @@ class Metrics:
         self.gap_fills = Counter(
             "chat_gap_fills_total", "Fills of a room from the store", ["reason"], registry=r
         )
+        self.change_log_reads = Counter(
+            "chat_change_log_reads_total",
+            "Pages of a room's change log read from the store, by path: a room's gap "
+            "fill (fill), its change fill (change_fill), a subscriber's catch-up (catch_up)",
+            ["path"],
+            registry=r,
+        )
         self.publish_hook_calls = Counter(
             "chat_publish_hook_total",
             "Calls of the publish hook (PUBLISH_HOOK_URL), by outcome",
@@ -104,6 +111,8 @@ class Metrics:
         for outcome in ("hit", "miss", "error"):
             self.cache_requests.labels(outcome)
         self.messages_dropped.labels("slow_consumer")
+        for path in ("fill", "change_fill", "catch_up"):
+            self.change_log_reads.labels(path)
         self._pool_source: Callable[[], dict[str, Any]] = dict  # no pool: no pool gauges
         r.register(_PoolCollector(self))
 

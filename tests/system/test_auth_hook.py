@@ -256,3 +256,31 @@ async def test_a_bearer_token_still_works_beside_sessions(gateway_env, hook):
         r = await http.post(url, json={"text": "z"}, headers=bearer("not.a.jwt"))
         assert r.status_code == 401
         assert hook.calls() == 1
+
+
+async def test_a_stalled_session_check_holds_up_only_its_own_request(gateway_env, hook):
+    """One cookie's check stalls past AUTH_HOOK_TIMEOUT: its request is refused 503
+    when the timeout ends, and meanwhile other sessions post, a subscriber receives
+    and the instance answers, so neither the event loop nor other rooms wait."""
+    hook.answers["app_session=slow"] = session("ana")
+    hook.delays["app_session=slow"] = 8
+    hook.answers["app_session=ok"] = session("bo")
+    env = hook_env(gateway_env, hook.url, AUTH_HOOK_TIMEOUT="4")
+    async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=30) as http:
+        async with SSEClient.open(f"{gw.url}/v1/rooms/lobby/events", cookie("ok")) as sse:
+            assert sse.status == 200
+            stalled = asyncio.create_task(
+                http.post(
+                    f"{gw.url}/v1/rooms/other/messages", json={"text": "x"}, headers=cookie("slow")
+                )
+            )
+            await eventually(lambda: hook.calls("app_session=slow") == 1, 10)
+            r = await http.post(
+                f"{gw.url}/v1/rooms/lobby/messages", json={"text": "hi"}, headers=cookie("ok")
+            )
+            assert r.status_code == 201, r.text
+            assert await sse.wait_for(1) == [1]
+            assert (await http.get(f"{gw.url}/healthz")).status_code == 200
+            assert not stalled.done(), "answered while the stalled check still waits"
+            r = await stalled
+            assert (r.status_code, r.json()["error"]["code"]) == (503, "unavailable")

@@ -253,3 +253,29 @@ def test_bench_fanout_of_an_ephemeral_room(tmp_path) -> None:
     assert fan["target"] == "gateway-ephemeral" and fan["persists"] is False
     assert fan["delivered"] == fan["expected"] == 5 * 20
     assert fan["complete_subscribers"] == 5 and fan["out_of_order"] == 0
+
+
+def test_bench_reactions_on_a_tiny_room(tmp_path) -> None:
+    """``reactions``: every reaction added or removed reaches every subscriber as a
+    frame; the row carries the CPU and the change-log reads the instances count."""
+    out = tmp_path / "reactions.json"
+    proc = bench(
+        "reactions",
+        "--reaction-subscribers",
+        "6",
+        "--reaction-rate",
+        "20",
+        "--reaction-seconds",
+        "1",
+        "--json",
+        str(out),
+    )
+    assert "== reactions" in proc.stdout
+    (row,) = orjson.loads(out.read_bytes())["results"]["reactions"]
+    assert row["instances"] == 2 and row["subscribers"] == 6
+    assert row["reactions"] == 20 and row["changed"] == 20 and row["errors"] == 0
+    assert row["frames"] == row["frames_due"] == 20 * 6 and row["delivery_ratio"] == 1.0
+    assert row["server_cpu_ms_per_reaction"] > 0
+    assert row["change_log_reads"] == sum(
+        row[f"change_log_reads_{path}"] for path in ("fill", "change_fill", "catch_up")
+    )

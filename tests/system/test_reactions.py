@@ -8,10 +8,12 @@ grants, and the ``message.reactions_updated`` webhook."""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from typing import Any
 from urllib.parse import quote
 
+import asyncpg
 import httpx
 import jwt
 import pytest
@@ -324,3 +326,188 @@ async def test_reactions_send_a_webhook_scrubbed_with_the_message(any_env):
     finally:
         gw.stop()
         await receiver.stop()
+
+
+CHANGE_FRAMES = ("message_updated", "message_deleted", "reactions_updated")
+
+
+def stream_of(frames: list[dict[str, Any]], room: str) -> list[tuple[str, dict[str, Any]]]:
+    """A WS subscriber's messages and changes of ``room``, as received."""
+    return [
+        (f["type"], f["message"] if f["type"] == "message" else f)
+        for f in frames
+        if f.get("room") == room and f.get("type") in ("message", *CHANGE_FRAMES)
+    ]
+
+
+def sse_stream(events: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (e["event"], e["json"]) for e in events if e.get("event") in ("message", *CHANGE_FRAMES)
+    ]
+
+
+def replay(
+    stream: list[tuple[str, dict[str, Any]]],
+) -> tuple[dict[int, dict[str, Any]], list[tuple[str, int]]]:
+    """A subscriber's view (each message with the changes it was sent applied in
+    order) and its order: ("m", seq) and ("c", change) as received. A change must
+    never come before its message."""
+    view: dict[int, dict[str, Any]] = {}
+    order: list[tuple[str, int]] = []
+    for kind, body in stream:
+        if kind == "message":
+            view[body["seq"]] = body
+            order.append(("m", body["seq"]))
+            continue
+        seq = body["seq"] if kind == "reactions_updated" else body["message"]["seq"]
+        assert seq in view, f"change {body['change']} came before message {seq}"
+        if kind == "reactions_updated":
+            msg = {k: v for k, v in view[seq].items() if k != "reactions"}
+            if body["reactions"]:
+                msg["reactions"] = body["reactions"]
+            view[seq] = msg
+        else:
+            view[seq] = body["message"]
+        order.append(("c", body["change"]))
+    return view, order
+
+
+async def test_reactions_racing_posts_edits_and_deletes_keep_commit_order_over_three_instances(
+    gateway_env, pg_url
+):
+    """Posts, edits, deletes and reactions (added and removed by several users) race
+    on one room through three instances; a subscriber drops off halfway and resumes
+    on another instance with ``since`` and ``changes_since``. Every subscriber sees
+    each message and each change once, in the store's commit order (a change right
+    after the message it was committed after), and ends with the store's state."""
+    room = "react.race"
+    posts = 45
+    env = {**gateway_env, "REACTION_RATE_LIMIT": "100000/1s"}
+    async with instances(3, env) as gws, httpx.AsyncClient(timeout=t(30)) as http:
+        async with (
+            WSClient.connect(gws[0].ws_url, max_queue=None) as ws0,
+            WSClient.connect(gws[2].ws_url, max_queue=None) as ws2,
+            SSEClient.open(f"{gws[1].url}/v1/rooms/{room}/events?changes_since=0") as sse1,
+        ):
+            for ws in (ws0, ws2):
+                await ws.subscribe(room, since=0, changes_since=0)
+            readers = [asyncio.create_task(ws.read_all()) for ws in (ws0, ws2)]
+            acked: list[int] = []
+            half = asyncio.Event()
+            done = asyncio.Event()
+            statuses: dict[str, list[int]] = {"edit": [], "delete": [], "react": []}
+
+            async def writer() -> None:
+                for i in range(posts):
+                    r = await post(http, gws[i % 3].url, room, f"post {i}", author=f"u{i % 3}")
+                    assert r.status_code == 201, r.text
+                    acked.append(r.json()["seq"])
+                    if len(acked) == posts // 2:
+                        half.set()
+
+            async def editor(n: int) -> None:
+                rnd = random.Random(n)
+                for j in range(12):
+                    while len(acked) < 3 * (j + 1):
+                        await asyncio.sleep(0.01)
+                    seq = rnd.choice(acked[-8:])
+                    base = f"{gws[rnd.randrange(3)].url}/v1/rooms/{room}/messages/{seq}"
+                    author = {"author": f"u{(seq - 1) % 3}"}
+                    if rnd.random() < 0.2:
+                        r = await http.request("DELETE", base, json=author)
+                        statuses["delete"].append(r.status_code)
+                    else:
+                        r = await http.patch(base, json={"text": f"edit {n}.{j}", **author})
+                        statuses["edit"].append(r.status_code)
+                    assert r.status_code in (200, 404), r.text  # 404: an edit of a deleted one
+
+            async def reactor(n: int) -> None:
+                rnd = random.Random(100 + n)
+                user = f"r{n}"
+                mine: set[tuple[int, str]] = set()
+                for j in range(20):
+                    while len(acked) < 2 * (j + 1):
+                        await asyncio.sleep(0.01)
+                    key = (rnd.choice(acked[-8:]), rnd.choice((THUMBS, "ok", "tada")))
+                    base = gws[rnd.randrange(3)].url
+                    if key in mine:
+                        r = await unreact(http, base, room, *key, user)
+                    else:
+                        r = await react(http, base, room, *key, user)
+                    statuses["react"].append(r.status_code)
+                    assert r.status_code in (200, 409), r.text  # 409: a deleted message
+                    if r.status_code == 200:
+                        mine.symmetric_difference_update({key})
+
+            resumed: list[dict[str, Any]] = []
+
+            async def resumer() -> None:
+                async with WSClient.connect(gws[1].ws_url, max_queue=None) as first:
+                    await first.subscribe(room, since=0, changes_since=0)
+                    task = asyncio.create_task(first.read_all())
+                    await half.wait()
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+                resumed.extend(first.frames)
+                await asyncio.sleep(0.5)  # the race goes on meanwhile
+                order = replay(stream_of(first.frames, room))[1]
+                since = max((n for kind, n in order if kind == "m"), default=0)
+                changes_since = max((n for kind, n in order if kind == "c"), default=0)
+                async with WSClient.connect(gws[2].ws_url, max_queue=None) as second:
+                    await second.subscribe(room, since=since, changes_since=changes_since)
+                    task = asyncio.create_task(second.read_all())
+                    await done.wait()
+                    await eventually(lambda: complete(resumed + second.frames), 30)
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+                resumed.extend(second.frames)
+
+            expected: list[tuple[str, int]] = []
+
+            def complete(frames: list[dict[str, Any]]) -> bool:
+                return len(replay(stream_of(frames, room))[1]) >= len(expected) > 0
+
+            resume_task = asyncio.create_task(resumer())
+            await asyncio.gather(
+                writer(), *(editor(n) for n in range(2)), *(reactor(n) for n in range(4))
+            )
+            page = (
+                await http.get(f"{gws[0].url}/v1/rooms/{room}/messages", params={"limit": 200})
+            ).json()
+            final = {m["seq"]: m for m in page["messages"]}
+            conn = await asyncpg.connect(pg_url)
+            try:
+                changes = await conn.fetch(
+                    "SELECT change, after_seq FROM message_changes WHERE room = $1", room
+                )
+            finally:
+                await conn.close()
+            expected.extend(
+                e[0]
+                for e in sorted(
+                    [(("m", s), (s, 0, 0)) for s in range(1, posts + 1)]
+                    + [(("c", c["change"]), (c["after_seq"], 1, c["change"])) for c in changes],
+                    key=lambda e: e[1],
+                )
+            )
+            done.set()
+            assert statuses["react"].count(200) >= 40, statuses
+            assert 200 in statuses["edit"] and 200 in statuses["delete"], statuses
+            assert any(m.get("reactions") for m in final.values()), "some reactions stayed"
+
+            await eventually(lambda: complete(ws0.frames) and complete(ws2.frames), 30)
+            await eventually(lambda: len(replay(sse_stream(sse1.events))[1]) >= len(expected), 30)
+            await asyncio.wait_for(resume_task, t(60))
+            await asyncio.sleep(0.5)  # nothing more may come
+            for task in readers:
+                task.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+            for name, stream in (
+                ("ws0", stream_of(ws0.frames, room)),
+                ("sse1", sse_stream(sse1.events)),
+                ("ws2", stream_of(ws2.frames, room)),
+                ("resumed", stream_of(resumed, room)),
+            ):
+                view, order = replay(stream)
+                assert order == expected, name
+                assert view == final, name

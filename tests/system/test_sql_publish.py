@@ -17,6 +17,7 @@ import pytest
 from chat_gateway.storage.listen_postgres import APPLICATION_NAME
 from tests.harness import (
     Instance,
+    RedisServer,
     SSEClient,
     WSClient,
     eventually,
@@ -24,6 +25,7 @@ from tests.harness import (
     metric,
     no_errors,
     post,
+    t,
 )
 from tests.system.test_webhooks import ADMIN_KEY, Receiver, hook_env, new_secret
 
@@ -323,3 +325,151 @@ async def _nobody_listens(db: asyncpg.Connection) -> bool:
 
 async def _notified(gw: Instance) -> bool:
     return await metric(gw.url, "chat_gap_fills_total", reason="notified") > 0
+
+
+class SqlWriter:
+    """A backend committing ``chat_post`` rows in transactions of its own, one after
+    another until stopped, every third one rolled back after its call; keeps the
+    seq and text of each committed row."""
+
+    def __init__(self, url: str, room: str) -> None:
+        self.url, self.room = url, room
+        self.committed: list[tuple[int, str]] = []
+        self.rolled_back = 0
+        self.stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        async with backend(self.url) as db:
+            i = 0
+            while not self.stop.is_set():
+                if i % 3 == 2:
+                    tx = db.transaction()
+                    await tx.start()
+                    await db.fetchval("SELECT chat_post($1, 'backend', $2)", self.room, f"rb {i}")
+                    await tx.rollback()
+                    self.rolled_back += 1
+                else:
+                    seq = await sql_post(db, self.room, "backend", f"c {i}")
+                    self.committed.append((seq, f"c {i}"))
+                i += 1
+                await asyncio.sleep(0.01)
+
+    def start(self) -> SqlWriter:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def until(self, count: int) -> None:
+        await eventually(lambda: len(self.committed) >= count or self._done(), 30)
+        self._done()
+
+    def _done(self) -> bool:
+        if self._task is not None and self._task.done():
+            self._task.result()  # its error
+            return True
+        return False
+
+    async def finish(self) -> list[tuple[int, str]]:
+        self.stop.set()
+        assert self._task is not None
+        await self._task
+        assert [s for s, _ in self.committed] == list(range(1, len(self.committed) + 1))
+        return self.committed
+
+
+async def test_sql_posts_through_a_redis_restart_reach_every_subscriber_once_in_order(
+    gateway_env: dict[str, str], pg_url: str
+) -> None:
+    """Redis (a server of the test's own) is restarted, empty, while a backend commits
+    chat_post rows (and rolls some back): every committed row reaches a WS and an
+    SSE subscriber on each of two instances once, in seq order, and no rolled-back
+    one; a page read afterwards ends with the last row."""
+    rs = RedisServer()
+    rs.start()
+    env = {**gateway_env, "REDIS_URL": rs.url}
+    room = "restart"
+    try:
+        async with (
+            instances(2, env) as gws,
+            httpx.AsyncClient(timeout=30) as http,
+            WSClient.connect(gws[0].ws_url, max_queue=None) as ws_a,
+            WSClient.connect(gws[1].ws_url, max_queue=None) as ws_b,
+            SSEClient.open(f"{gws[0].url}/v1/rooms/{room}/events?since=0") as sse_a,
+            SSEClient.open(f"{gws[1].url}/v1/rooms/{room}/events?since=0") as sse_b,
+        ):
+            for ws in (ws_a, ws_b):
+                await ws.subscribe(room, since=0)
+            writer = SqlWriter(pg_url, room).start()
+            await writer.until(10)
+            rs.stop()
+            at = len(writer.committed)
+            await writer.until(at + 10)  # committed while Redis is down
+            rs.start()
+            at = len(writer.committed)
+            await writer.until(at + 10)
+            expected = await writer.finish()
+            assert writer.rolled_back >= 10
+            n = len(expected)
+            for ws in (ws_a, ws_b):
+                await ws.messages(room, n, timeout=30)
+            for sse in (sse_a, sse_b):
+                await sse.wait_for(n, timeout=30)
+            await asyncio.sleep(t(1))  # anything doubled would have arrived by now
+            for ws in (ws_a, ws_b):
+                assert texts_of_ws(ws, room) == expected
+            for sse in (sse_a, sse_b):
+                assert texts_of_sse(sse) == expected
+
+            async def last_on_every_page() -> bool:
+                for gw in gws:
+                    r = await http.get(f"{gw.url}/v1/rooms/{room}/messages?limit=5")
+                    if r.json()["messages"][-1]["seq"] != n:
+                        return False
+                return True
+
+            await eventually(last_on_every_page, 20)
+        for gw in gws:
+            no_errors(gw.log())
+    finally:
+        rs.stop()
+
+
+async def test_sql_posts_through_an_instance_kill_reach_survivors_and_resumers_once(
+    gateway_env: dict[str, str], pg_url: str
+) -> None:
+    """One of two instances is SIGKILLed while a backend commits chat_post rows (and
+    rolls some back). A subscriber on the survivor gets every committed row once, in
+    order; the killed instance's subscriber reconnects to the survivor with
+    ``since`` its last seq and gets the rest once, in order: together, every row."""
+    room = "killed"
+    async with instances(2, gateway_env) as (a, b):
+        async with WSClient.connect(b.ws_url, max_queue=None) as survivor:
+            await survivor.subscribe(room, since=0)
+            victim_ctx = WSClient.connect(a.ws_url, max_queue=None)
+            victim = await victim_ctx.__aenter__()
+            try:
+                await victim.subscribe(room, since=0)
+                writer = SqlWriter(pg_url, room).start()
+                await writer.until(10)
+                await victim.messages(room, 5)
+                a.kill()
+                await victim.read_all()  # what reached it before the kill
+            finally:
+                with contextlib.suppress(Exception):
+                    await victim_ctx.__aexit__(None, None, None)
+            before = texts_of_ws(victim, room)
+            at = len(writer.committed)
+            await writer.until(at + 15)
+            async with WSClient.connect(b.ws_url, max_queue=None) as resumed:
+                await resumed.subscribe(room, since=before[-1][0])
+                at = len(writer.committed)
+                await writer.until(at + 10)
+                expected = await writer.finish()
+                n = len(expected)
+                await survivor.messages(room, n, timeout=30)
+                await resumed.messages(room, n - len(before), timeout=30)
+                await asyncio.sleep(t(1))  # anything doubled would have arrived by now
+                assert texts_of_ws(survivor, room) == expected
+                assert before == expected[: len(before)]
+                assert texts_of_ws(resumed, room) == expected[len(before) :]
+        no_errors(b.log())

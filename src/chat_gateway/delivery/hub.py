@@ -567,11 +567,10 @@ class Hub:
             while s.open:
                 page = await self.store.history(r.name, after=s.fill_next(), limit=MAX_PAGE)
                 known = s.change
-                changes = (
-                    await self.store.changes(r.name, after=known, limit=MAX_PAGE)
-                    if page.messages
-                    else []
-                )
+                changes = []
+                if page.messages:
+                    self.metrics.change_log_reads.labels("fill").inc()
+                    changes = await self.store.changes(r.name, after=known, limit=MAX_PAGE)
                 if not s.open or not s.fill_page(page.messages, page.has_more, changes, known):
                     break
         except StoreUnavailable as exc:
@@ -629,6 +628,7 @@ class Hub:
         s = r.sequencer
         try:
             while s.open:
+                self.metrics.change_log_reads.labels("change_fill").inc()
                 changes = await self.store.changes(r.name, after=s.changes_next(), limit=MAX_PAGE)
                 if not s.changes_page(changes):
                     break
@@ -699,11 +699,10 @@ class Hub:
                 # Read after the messages, so every change committed before one of
                 # them is there to go before it (the page may reach past the room's
                 # position, to messages the room holds back for a change).
-                changes = (
-                    await self.store.changes(room, after=ccursor, limit=MAX_PAGE)
-                    if ccursor is not None and (behind_changes or page.messages)
-                    else []
-                )
+                changes = []
+                if ccursor is not None and (behind_changes or page.messages):
+                    self.metrics.change_log_reads.labels("catch_up").inc()
+                    changes = await self.store.changes(room, after=ccursor, limit=MAX_PAGE)
                 if page.messages and sub.cursors.get(room) == cursor < page.messages[0].seq - 1:
                     # Seqs commit in order, so a hole below the first stored one is
                     # retention's work: those messages are gone; go on after them.

@@ -26,8 +26,10 @@ back meanwhile is not offline at all. A crashed instance's subjects come due whe
 their membership expires.
 
 Each event goes to the outbox in a queue of its own subject (``@user/<name>``,
-``@room/<name>``) at its transition number: the receivers get one subject's
-transitions in order.
+``@room/<name>``) at its transition number, written by the instance that decided
+it: another instance may write transition ``n + 1`` before this one writes ``n``,
+and the outbox holds ``n + 1`` back until ``n`` is there (``storage.outbox``), so
+the receivers get one subject's transitions in order.
 
 With no Redis (``memory://``, one instance) the local counts decide.
 """
@@ -116,8 +118,10 @@ class Online:
         ttl: float = 30.0,
         prefix: str = "chat:",
         instance: str = "",
+        offline_write_delay: float = 0.0,
     ) -> None:
         self.emit = emit
+        self.offline_write_delay = offline_write_delay  # a test-only fault hook
         self.offline_after = offline_after
         self.ttl = ttl
         self.prefix = prefix
@@ -187,6 +191,8 @@ class Online:
         if self.emit is None:
             return
         kind, name = subject
+        if which and self.offline_write_delay:
+            await asyncio.sleep(self.offline_write_delay)
         try:
             await self.emit(
                 EVENTS[kind][which], {kind: name, "transition": n}, f"@{kind}/{name}", n

@@ -4,6 +4,9 @@ Each round deletes batches of ``RETENTION_BATCH`` rows (each its own short
 transaction, so writers are never blocked for long and the table is never
 locked) until a batch comes back short, pausing briefly between batches. Every
 instance runs it; on Postgres the batches skip rows another instance holds.
+The history cache's pages of every room a batch deleted from are voided on
+every instance (``HistoryCache.changed``), so no cached page serves a deleted
+message.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 
 from chat_gateway.periodic import every
 from chat_gateway.storage import Store
+from chat_gateway.storage.cache import HistoryCache
 
 log = logging.getLogger("gateway.retention")
 
@@ -23,12 +27,14 @@ class Retention:
         self,
         store: Store,
         *,
+        history: HistoryCache | None = None,
         days: float,
         interval: float = 3600.0,
         batch: int = 1000,
         pause: float = 0.05,
     ) -> None:
         self.store = store
+        self.history = history if history is not None else HistoryCache(store)
         self.days = days
         self.interval = interval
         self.batch = batch
@@ -41,7 +47,10 @@ class Retention:
         cutoff = now_ms - int(self.days * 86_400_000)
         total = 0
         while True:
-            deleted = await self.store.delete_before(cutoff, self.batch)
+            rooms: set[str] = set()
+            deleted = await self.store.delete_before(cutoff, self.batch, rooms)
+            for room in rooms:
+                await self.history.changed(room)
             total += deleted
             if deleted < self.batch:
                 break

@@ -146,10 +146,11 @@ class Store(ABC):
         """One round trip to the database; raises StoreUnavailable."""
 
     @abstractmethod
-    async def delete_before(self, cutoff_ms: int, limit: int) -> int:
+    async def delete_before(self, cutoff_ms: int, limit: int, rooms: set[str] | None = None) -> int:
         """Delete at most ``limit`` messages committed before ``cutoff_ms`` (epoch ms) in
-        one short transaction; return how many. Rooms keep their seq counter, so
-        new messages never reuse a deleted seq."""
+        one short transaction; return how many, and add to ``rooms`` (when given) each
+        room they were deleted from. Rooms keep their seq counter, so new messages
+        never reuse a deleted seq."""
 
     @abstractmethod
     async def purge_room(self, room: str) -> int:

@@ -13,6 +13,13 @@ Contract every implementation keeps:
   deletes queue after it and between the messages they were committed between);
   only its head (the pending row with the lowest ``pos``) is ever handed out, so
   a later event is never sent before an earlier one succeeded or died.
+- A subject's queue (``user.online``..., queue ``@kind/name``, ``pos`` its
+  transition number) is written by whichever instance decided each transition,
+  so transition ``n + 1`` can be written before ``n``. Its head at ``pos`` p > 1 is
+  handed out only once the queue holds a row at p - 1 (any receiver, any state)
+  or the head is ``SUBJECT_WAIT`` seconds old (the writer of p - 1 died between
+  the decision and the write). Pruning keeps a subject queue's row until the
+  row after it is written.
 - ``claim`` leases heads that are due for ``lease`` seconds: while the lease
   runs nobody else gets that row (on Postgres the claim locks rows with
   ``FOR UPDATE SKIP LOCKED``, so instances claiming at once never share one).
@@ -34,6 +41,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 PENDING, DELIVERED, DEAD = 0, 1, 2
+
+# Seconds a subject queue's head waits for its missing predecessor (see above).
+SUBJECT_WAIT = 5.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from chat_gateway.storage.outbox import (
     DEAD,
     DELIVERED,
+    SUBJECT_WAIT,
     Backlog,
     DeadLetter,
     Delivery,
@@ -36,7 +37,14 @@ _DELIVERY = (
     "o.id, o.endpoint_id, o.event_id, o.type, o.room, o.seq, o.data, "
     f"{_MS.format('o.created_at')} AS created_ms, o.attempts"
 )
-_DUE = "o.state = 0 AND o.next_at <= now() AND (o.lease_until IS NULL OR o.lease_until < now())"
+_DUE = (
+    "o.state = 0 AND o.next_at <= now() AND (o.lease_until IS NULL OR o.lease_until < now()) "
+    # A subject's transition waits for its predecessor's row (storage.outbox); its
+    # rows have seq = pos, found on webhook_outbox_message (room, seq).
+    "AND (o.room NOT LIKE '@%' OR o.pos <= 1 "
+    f"OR o.created_at < now() - interval '{SUBJECT_WAIT} seconds' "
+    "OR EXISTS (SELECT 1 FROM webhook_outbox p WHERE p.room = o.room AND p.seq = o.pos - 1))"
+)
 
 _CLAIM = f"""
 WITH RECURSIVE heads AS (
@@ -277,7 +285,10 @@ class PostgresOutbox(Outbox):
         status = await self.store._call(
             "execute",
             "DELETE FROM webhook_outbox WHERE id = ANY(ARRAY("
-            f" SELECT id FROM webhook_outbox WHERE created_at < $1 AND state = {DELIVERED}"
+            f" SELECT id FROM webhook_outbox o WHERE created_at < $1 AND state = {DELIVERED}"
+            # a subject queue row stays until its successor is written (which waits for it)
+            " AND (o.room NOT LIKE '@%' OR EXISTS (SELECT 1 FROM webhook_outbox n"
+            " WHERE n.room = o.room AND n.seq = o.seq + 1))"
             " LIMIT $2))",
             _ts(cutoff_ms),
             limit,

@@ -15,6 +15,7 @@ from typing import Any, Protocol, TypeVar
 from chat_gateway.storage.outbox import (
     DEAD,
     DELIVERED,
+    SUBJECT_WAIT,
     Backlog,
     DeadLetter,
     Delivery,
@@ -32,6 +33,13 @@ class Database(Protocol):
 
 
 _DELIVERY = "id, endpoint_id, event_id, type, room, seq, data, created_ms, attempts"
+# A subject's transition waits for its predecessor's row (storage.outbox); its rows
+# have seq = pos. One parameter: the creation time (ms) before which it waits no more.
+_IN_TURN = (
+    "(o.room NOT LIKE '@%' OR o.pos <= 1 OR o.created_ms < ? "
+    "OR EXISTS (SELECT 1 FROM webhook_outbox p WHERE p.room = o.room AND p.seq = o.pos - 1))"
+)
+
 _HEADS = (
     "SELECT endpoint_id, room, min(pos) AS pos FROM webhook_outbox WHERE state = 0 "
     "GROUP BY endpoint_id, room"
@@ -148,9 +156,9 @@ class SQLiteOutbox(Outbox):
                     f"SELECT o.id FROM webhook_outbox o JOIN ({_HEADS}) h "
                     "ON o.endpoint_id = h.endpoint_id AND o.room = h.room AND o.pos = h.pos "
                     f"WHERE o.endpoint_id IN ({marks}) AND o.state = 0 AND o.next_ms <= ? "
-                    "AND (o.lease_ms IS NULL OR o.lease_ms < ?) "
+                    f"AND (o.lease_ms IS NULL OR o.lease_ms < ?) AND {_IN_TURN} "
                     "ORDER BY o.next_ms LIMIT ?",
-                    (*endpoint_ids, now, now, limit),
+                    (*endpoint_ids, now, now, now - int(SUBJECT_WAIT * 1000), limit),
                 )
             ]
             return self._lease(db, ids, lease, now)
@@ -171,12 +179,12 @@ class SQLiteOutbox(Outbox):
             if not chain:
                 return None
             row = db.execute(
-                "SELECT id, next_ms, lease_ms FROM webhook_outbox "
-                "WHERE state = 0 AND endpoint_id = ? AND room = ? "
-                "ORDER BY pos LIMIT 1",
-                (delivery.endpoint_id, delivery.room),
+                f"SELECT o.id, o.next_ms, o.lease_ms, {_IN_TURN} FROM webhook_outbox o "
+                "WHERE o.state = 0 AND o.endpoint_id = ? AND o.room = ? "
+                "ORDER BY o.pos LIMIT 1",
+                (now - int(SUBJECT_WAIT * 1000), delivery.endpoint_id, delivery.room),
             ).fetchone()
-            if row is None or row[1] > now or (row[2] is not None and row[2] >= now):
+            if row is None or row[1] > now or (row[2] is not None and row[2] >= now) or not row[3]:
                 return None
             return self._lease(db, [row[0]], lease, now)[0]
 
@@ -270,7 +278,10 @@ class SQLiteOutbox(Outbox):
 
     async def prune(self, cutoff_ms: int, limit: int) -> int:
         return await self._write(
-            "DELETE FROM webhook_outbox WHERE id IN (SELECT id FROM webhook_outbox "
-            f"WHERE created_ms < ? AND state = {DELIVERED} LIMIT ?)",
+            "DELETE FROM webhook_outbox WHERE id IN (SELECT id FROM webhook_outbox o "
+            f"WHERE created_ms < ? AND state = {DELIVERED} "
+            # a subject queue row stays until its successor is written (which waits for it)
+            "AND (o.room NOT LIKE '@%' OR EXISTS (SELECT 1 FROM webhook_outbox n "
+            "WHERE n.room = o.room AND n.seq = o.seq + 1)) LIMIT ?)",
             (cutoff_ms, limit),
         )

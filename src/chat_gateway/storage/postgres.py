@@ -960,13 +960,13 @@ class PostgresStore(Store):
         seqs.update((r["room"], int(r["last_seq"])) for r in rows)
         return seqs
 
-    async def delete_before(self, cutoff_ms: int, limit: int) -> int:
+    async def delete_before(self, cutoff_ms: int, limit: int, rooms: set[str] | None = None) -> int:
         # A bounded batch found through the created_at index, deleted by ctid:
         # row locks on those rows only, never a table lock; SKIP LOCKED lets
         # two instances' retention runs share the work. The deleted messages'
         # change rows go in the same statement, and their text leaves the outbox.
-        count = await self._call(
-            "fetchval",
+        counts = await self._call(
+            "fetch",
             "WITH gone AS (DELETE FROM messages WHERE ctid = ANY(ARRAY("
             " SELECT ctid FROM messages WHERE created_at < $1"
             " ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)) RETURNING room, seq),"
@@ -975,12 +975,14 @@ class PostgresStore(Store):
             " reacted AS (DELETE FROM reactions x USING gone"
             " WHERE x.room = gone.room AND x.seq = gone.seq),"
             f" scrub AS ({_scrub('gone', '$3')})"
-            " SELECT count(*) FROM gone",
+            " SELECT room, count(*) AS n FROM gone GROUP BY room",
             _EPOCH + timedelta(milliseconds=cutoff_ms),
             limit,
             format_ts(int(time.time() * 1000)),
         )
-        return int(count)
+        if rooms is not None:
+            rooms.update(r["room"] for r in counts)
+        return sum(int(r["n"]) for r in counts)
 
     async def purge_room(self, room: str) -> int:
         # The rooms row (its last_seq, last_change) stays: seqs and change numbers

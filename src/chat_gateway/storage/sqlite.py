@@ -318,7 +318,7 @@ class SQLiteStore(Store):
 
         return await self._run(read)
 
-    async def delete_before(self, cutoff_ms: int, limit: int) -> int:
+    async def delete_before(self, cutoff_ms: int, limit: int, rooms: set[str] | None = None) -> int:
         def delete(db: sqlite3.Connection) -> int:
             # The messages and their change rows in one transaction.
             db.execute("BEGIN IMMEDIATE")
@@ -338,6 +338,8 @@ class SQLiteStore(Store):
                 )
                 _scrub(db, [(room, seq) for _, room, seq in rows], int(time.time() * 1000))
                 db.execute("COMMIT")
+                if rooms is not None:
+                    rooms.update(room for _, room, _ in rows)
                 return len(rows)
             except BaseException:
                 if db.in_transaction:
