@@ -434,8 +434,9 @@ ABSENT: Any = object()  # a field not given at all (unlike one given as null)
 
 
 def reply_to(value: Any) -> int | None:
-    """A post's ``reply_to``: absent (None), or a message's seq, a JSON number from 1."""
-    if value is None or value is ABSENT:
+    """A post's ``reply_to``: absent (None), or a message's seq, a JSON number from 1
+    (never null: the schema says an integer)."""
+    if value is ABSENT:
         return None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -450,8 +451,8 @@ def reply_to(value: Any) -> int | None:
 
 def mentions(value: Any) -> tuple[str, ...]:
     """A post's ``mentions``: up to MAX_MENTIONS user ids (MENTION), each kept once,
-    in the order given; absent: none."""
-    if value is None or value is ABSENT:
+    in the order given; absent: none (null is refused, as the schema says a list)."""
+    if value is ABSENT:
         return ()
     if not isinstance(value, list) or len(value) > MAX_MENTIONS:
         raise ApiError(
