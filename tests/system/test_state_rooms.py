@@ -17,7 +17,7 @@ import httpx
 import jwt
 import pytest
 
-from tests.harness import SSEClient, WSClient, eventually, instances
+from tests.harness import RedisServer, SSEClient, WSClient, embedded_env, eventually, instances
 
 SECRET = "state-rooms-test-secret-0123456789abcdef"
 KEY = "backend-key-1"
@@ -415,3 +415,79 @@ async def test_sql_set_state_is_visible_at_commit_only(env, pg_url):
                 assert r.json() == {"room": room, "seq": 2, "values": {}}
             finally:
                 await conn.close()
+
+
+async def test_subscribers_converge_after_a_redis_restart_while_writing(env):
+    """Writes keep going on instance A while the Redis both instances share is
+    killed and started again: publishes are lost meanwhile, and the subscribers
+    on both instances end up holding exactly the store's values (their fills on
+    reconnect and the position check read the store), never an older value of a
+    key after a newer one."""
+    rs = RedisServer()
+    rs.start()
+    env = {**env, "REDIS_URL": rs.url}
+    room = "board:redis"
+    try:
+        async with instances(2, env) as (a, b), httpx.AsyncClient(timeout=30) as http:
+            async with (
+                WSClient.connect(f"{a.ws_url}?token={token('ana')}") as on_a,
+                WSClient.connect(f"{b.ws_url}?token={token('bob')}") as on_b,
+            ):
+                await on_a.subscribe(room)
+                await on_b.subscribe(room, conflate_ms=100)
+                done = asyncio.Event()
+
+                async def writer() -> None:
+                    i = 0
+                    while not done.is_set():
+                        body = {"set": {f"k{i % 4}": i, "n": i}}
+                        r = await http.patch(
+                            f"{a.url}/v1/rooms/{room}/state", json=body, headers=API
+                        )
+                        assert r.status_code == 200, r.text
+                        i += 1
+                        await asyncio.sleep(0.01)
+
+                task = asyncio.create_task(writer())
+                try:
+                    await asyncio.sleep(0.5)
+                    rs.stop()
+                    await asyncio.sleep(1.0)
+                    rs.start()
+                    await asyncio.sleep(1.0)
+                finally:
+                    done.set()
+                    await task
+                truth = (await http.get(f"{a.url}/v1/rooms/{room}/state", headers=API)).json()
+                done_at = lambda h: h.seq >= truth["seq"]  # noqa: E731
+                for ws in (on_a, on_b):
+                    held = await held_by(ws, room, done_at, timeout=30)
+                    assert held.values == values_of(truth)
+    finally:
+        rs.stop()
+
+
+async def test_state_rooms_on_the_embedded_defaults(tmp_path):
+    """SQLite and the in-process broker: the same routes, snapshot and live writes."""
+    path = tmp_path / "namespaces.toml"
+    path.write_text(NAMESPACES)
+    env = embedded_env(tmp_path, NAMESPACES_FILE=str(path))
+    room = "board:embedded"
+    async with instances(1, env) as (a,), httpx.AsyncClient(base_url=a.url, timeout=10) as http:
+        r = await http.patch(
+            f"/v1/rooms/{room}/state", json={"set": {"a": {"x": [1]}}, "delete": ["b"]}
+        )
+        assert r.status_code == 200, r.text
+        assert [w["seq"] for w in r.json()["writes"]] == [1, 2]
+        async with WSClient.connect(a.ws_url) as ws:
+            await ws.subscribe(room)
+            assert values_of(await ws.expect("snapshot")) == {"a": {"x": [1]}}
+            await http.put(f"/v1/rooms/{room}/state/b", json={"value": True})
+            frame = await ws.expect("state")
+            assert (frame["key"], frame["seq"], frame["value"]) == ("b", 3, True)
+        async with WSClient.connect(a.ws_url) as ws:
+            await ws.subscribe(room, since=1)
+            frame = await ws.expect("state")
+            assert (frame["key"], frame["seq"]) == ("b", 3), "b's tombstone replaced by its set"
+        r = await http.get(f"/v1/rooms/{room}/state")
+        assert values_of(r.json()) == {"a": {"x": [1]}, "b": True} and r.json()["seq"] == 3
