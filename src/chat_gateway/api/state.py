@@ -127,7 +127,7 @@ async def patch_state(request: Request) -> Response:
 
 def _patch_writes(body: dict[str, Any], limit: int) -> list[tuple[str, bytes | None]]:
     """The writes of a PATCH body, every entry checked before anything is written:
-    ``set`` in its order, then ``delete``."""
+    ``set`` in its order, then ``delete`` (a key in both is deleted)."""
     sets = body.get("set", {})
     deletes = body.get("delete", [])
     if not isinstance(sets, dict):
@@ -136,23 +136,21 @@ def _patch_writes(body: dict[str, Any], limit: int) -> list[tuple[str, bytes | N
         raise ApiError("invalid_request", "delete must be an array of keys", field="delete")
     if not sets and not deletes:
         raise ApiError("invalid_request", "nothing to write: give set and/or delete")
+    for name, given in (("set", sets), ("delete", deletes)):
+        if name in body and not given:
+            raise ApiError("invalid_request", f"{name} is empty: leave it out", field=name)
     cap = v.MAX_STATE_WRITES
     if len(sets) > cap or len(deletes) > cap:
         raise ApiError(
             "invalid_request", f"at most {cap} keys in set and {cap} in delete", limit=cap
         )
-    writes: list[tuple[str, bytes | None]] = []
-    for key, value in sets.items():
-        writes.append((v.state_key(key), v.state_value(value, limit, f"set.{key}")))
-    seen = set(sets)
-    for key in deletes:
-        name = v.state_key(key)
-        if name in seen:
-            raise ApiError(
-                "invalid_request",
-                f"key {name!r} is twice in one PATCH (set or delete it once)",
-                field="delete",
-            )
-        seen.add(name)
-        writes.append((name, None))
+    deleted = {v.state_key(key) for key in deletes}
+    if len(deleted) < len(deletes):
+        raise ApiError("invalid_request", "a key is twice in delete", field="delete")
+    # A key set and deleted in one PATCH ends deleted: only its delete is written.
+    writes: list[tuple[str, bytes | None]] = [
+        (v.state_key(key), v.state_value(value, limit, f"set.{key}")) for key, value in sets.items()
+    ]
+    writes = [w for w in writes if w[0] not in deleted]
+    writes.extend((key, None) for key in deletes)
     return writes
