@@ -7,6 +7,7 @@ functions a backend writes with inside its own transaction."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 from pathlib import Path
@@ -531,3 +532,66 @@ async def test_ephemeral_events_conflate_per_event_name(env):
             ticks = [f["data"]["i"] for f in some if f["event"] == "tick"]
             assert ticks == sorted(ticks) and ticks[-1] == 29
             assert len(ticks) < 30
+
+
+async def test_a_resume_from_before_a_purged_tombstone_gets_a_snapshot(env):
+    """Tombstones older than STATE_TOMBSTONE_TTL are purged by the retention rounds;
+    a subscriber resuming from a seq below the newest purged one cannot learn of
+    every delete, so it gets a snapshot, not state frames."""
+    env = {**env, "STATE_TOMBSTONE_TTL": "1", "RETENTION_INTERVAL": "1"}
+    room = "board:purge"
+    async with instances(1, env) as (a,), httpx.AsyncClient(base_url=a.url, timeout=10) as http:
+        await http.patch(f"/v1/rooms/{room}/state", json={"set": {"a": 1, "b": 2}}, headers=API)
+        await http.delete(f"/v1/rooms/{room}/state/b", headers=API)  # seq 3, a tombstone
+
+        async def resumed() -> dict[str, Any]:
+            async with WSClient.connect(f"{a.ws_url}?token={token('ana')}") as ws:
+                await ws.subscribe(room, since=1)
+                frame = await ws.recv()
+                assert frame["type"] in ("state", "snapshot"), frame
+                return frame
+
+        first = await resumed()  # not purged yet: b's tombstone, as a delete
+        if first["type"] == "state":
+            assert (first["key"], first["deleted"]) == ("b", True)
+        got = await eventually(lambda: _snapshot_or_none(resumed()), timeout=20, interval=0.5)
+        assert got["seq"] == 3 and values_of(got) == {"a": 1}
+
+
+async def _snapshot_or_none(frame: Any) -> dict[str, Any] | None:
+    got = await frame
+    return got if got["type"] == "snapshot" else None
+
+
+async def test_a_role_with_only_execute_writes_state_and_nothing_else(env, pg_url):
+    role = "cg_state_" + os.urandom(4).hex()
+    room = "board:granted"
+    async with instances(1, env) as (a,), httpx.AsyncClient(base_url=a.url, timeout=10) as http:
+        admin = await asyncpg.connect(pg_url)
+        try:
+            await admin.execute(f"CREATE ROLE {role} LOGIN")
+            base, _, db_name = pg_url.rpartition("/")
+            as_role = f"postgresql://{role}@{base.rpartition('@')[2]}/{db_name}"
+            db = await asyncpg.connect(as_role)
+            try:
+                # EXECUTE is not PUBLIC's: no call without the grant
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await db.fetchval("SELECT chat_set_state($1, 'k', '1')", room)
+                await admin.execute(
+                    "GRANT EXECUTE ON FUNCTION chat_set_state(text, text, jsonb), "
+                    f"chat_delete_state(text, text) TO {role}"
+                )
+                assert await db.fetchval("SELECT chat_set_state($1, 'k', '1')", room) == 1
+                assert await db.fetchval("SELECT chat_delete_state($1, 'k')", room) == 2
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await db.fetch("SELECT * FROM room_state")
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await db.fetchval("SELECT chat_write_state($1, 'k', '1')", room)
+            finally:
+                await db.close()
+            r = await http.get(f"/v1/rooms/{room}/state", headers=API)
+            assert r.json() == {"room": room, "seq": 2, "values": {}}
+        finally:
+            await admin.execute(f"DROP OWNED BY {role}")
+            await admin.execute(f"DROP ROLE IF EXISTS {role}")
+            await admin.close()
