@@ -38,6 +38,10 @@ conflate_ms = 200
 
 [namespaces.live]
 kind = "ephemeral"
+
+[namespaces.tight]
+kind = "state"
+rate_limit = "2/1h"
 """
 
 
@@ -595,3 +599,18 @@ async def test_a_role_with_only_execute_writes_state_and_nothing_else(env, pg_ur
             await admin.execute(f"DROP OWNED BY {role}")
             await admin.execute(f"DROP ROLE IF EXISTS {role}")
             await admin.close()
+
+
+async def test_writes_take_the_namespaces_post_bucket(env):
+    async with instances(1, env) as (a,), httpx.AsyncClient(base_url=a.url, timeout=10) as http:
+        for i in range(2):
+            r = await http.put("/v1/rooms/tight:t/state/k", json={"value": i}, headers=user("ana"))
+            assert r.status_code == 200, r.text
+        r = await http.patch("/v1/rooms/tight:t/state", json={"set": {"k": 9}}, headers=user("ana"))
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited"
+        assert int(r.headers["Retry-After"]) >= 1
+        r = await http.get("/v1/rooms/tight:t/state", headers=user("ana"))
+        assert values_of(r.json()) == {"k": 1}, "the refused write changed nothing"
+        # another namespace's bucket is another bucket
+        r = await http.put("/v1/rooms/board:t/state/k", json={"value": 1}, headers=user("ana"))
+        assert r.status_code == 200, r.text
