@@ -315,6 +315,7 @@ async def test_conflation_sends_fewer_frames_never_older_and_converges(env):
             WSClient.connect(f"{a.ws_url}?token={token('ana')}") as slow,
             WSClient.connect(f"{a.ws_url}?token={token('bob')}") as every,
             WSClient.connect(f"{a.ws_url}?token={token('cy')}") as fast,
+            SSEClient.open(f"{a.url}/v1/rooms/{room}/events?conflate_ms=100", user("dee")) as sse,
         ):
             await slow.subscribe(room)  # the namespace's default: 200 ms
             await every.subscribe(room, conflate_ms=0)
@@ -340,6 +341,17 @@ async def test_conflation_sends_fewer_frames_never_older_and_converges(env):
             assert got_every.frames == writes
             assert got_slow.frames < writes
             assert got_fast.frames < writes
+
+            def sse_held() -> Held | None:
+                held = Held()
+                for event in sse.events:
+                    if event.get("event") in ("snapshot", "state"):
+                        held.apply({"event": event["event"], **event["json"]})
+                return held if held.seq >= truth["seq"] else None
+
+            got_sse = await eventually(sse_held)
+            assert got_sse.values == values_of(truth)
+            assert got_sse.frames < writes
 
 
 async def test_many_subscribers_share_one_snapshot_read(env):
