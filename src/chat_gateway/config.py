@@ -168,6 +168,10 @@ class Settings:
     retention_days: float | None = None
     retention_interval: float = 3600.0
     retention_batch: int = 1000
+    # state rooms: a deleted key's tombstone is kept this many seconds (a resume
+    # from before an older purged one gets a whole snapshot); a value's JSON size cap
+    state_tombstone_ttl: float = 86400.0
+    state_max_value_bytes: int = 16 * 1024
     # webhooks (docs/webhooks.md): unset WEBHOOK_URLS means off, at no cost
     webhook_urls: tuple[str, ...] = ()
     webhook_secret: str | None = None
@@ -295,6 +299,10 @@ class Settings:
             raise ConfigError("PRESENCE_OFFLINE_AFTER must be >= 0")
         if self.presence_debounce < 0:
             raise ConfigError("PRESENCE_DEBOUNCE must be >= 0 (0: leaves go out at once)")
+        if self.state_tombstone_ttl <= 0:
+            raise ConfigError("STATE_TOMBSTONE_TTL must be a positive number of seconds")
+        if not 1 <= self.state_max_value_bytes <= 65536:
+            raise ConfigError("STATE_MAX_VALUE_BYTES must be 1..65536")
         if self.retention_days is not None and self.retention_days <= 0:
             raise ConfigError("RETENTION_DAYS must be positive (unset it to keep messages)")
         self._validate_webhooks()

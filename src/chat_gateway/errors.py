@@ -53,7 +53,8 @@ CODES: dict[str, tuple[int, str]] = {
         409,
         "the room's namespace is of another kind (NAMESPACES_FILE): an ephemeral room "
         "stores nothing, so it has no history, posts, edits, deletes or read positions; "
-        "emit there instead (and publish only in stored rooms)",
+        "emit there instead (and publish only in stored rooms); a state room holds keys "
+        "(PUT/PATCH/DELETE …/state), not messages; state routes are for state rooms only",
     ),
     "too_large": (413, "the body or frame exceeds the size limit"),
     "request_timeout": (

@@ -232,6 +232,8 @@ class Gateway:
             gap_wait=self.settings.gap_wait,
             position_interval=self.settings.position_interval,
             metrics=self.metrics,
+            namespaces=self.settings.namespaces_file,
+            tombstone_ttl=self.settings.state_tombstone_ttl,
         )
         await hub.start()
         running.push_async_callback(hub.close)
@@ -287,16 +289,18 @@ class Gateway:
         control = self._control = Control(self.broker, hub, presence, history, moderation)
         await control.start()
         running.push_async_callback(control.close)
-        if self.settings.retention_days is not None:
-            retention = Retention(
-                self.store,
-                history=history,
-                days=self.settings.retention_days,
-                interval=self.settings.retention_interval,
-                batch=self.settings.retention_batch,
-            )
-            retention.start()
-            running.push_async_callback(retention.close)
+        # Messages past RETENTION_DAYS (when set) and state tombstones past
+        # STATE_TOMBSTONE_TTL.
+        retention = Retention(
+            self.store,
+            history=history,
+            days=self.settings.retention_days,
+            interval=self.settings.retention_interval,
+            batch=self.settings.retention_batch,
+            tombstone_ttl=self.settings.state_tombstone_ttl,
+        )
+        retention.start()
+        running.push_async_callback(retention.close)
         figures = Figures(
             self.metrics,
             hub.room_stats,

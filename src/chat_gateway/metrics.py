@@ -80,6 +80,17 @@ class Metrics:
         self.broker_reconnects = Counter(
             "chat_broker_reconnects_total", "Broker subscriber link re-established", registry=r
         )
+        self.state_snapshots = Counter(
+            "chat_state_snapshots_total",
+            "State room subscriptions answered (a snapshot, or the writes after since), by "
+            "source: the store (the room opened on this instance: one read) or the room's "
+            "values held in memory",
+            ["source"],
+            registry=r,
+        )
+        self.state_writes = Counter(
+            "chat_state_writes_total", "State room keys written (set or deleted)", registry=r
+        )
         self.gap_fills = Counter(
             "chat_gap_fills_total", "Fills of a room from the store", ["reason"], registry=r
         )

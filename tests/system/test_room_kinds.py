@@ -73,7 +73,6 @@ def env(gateway_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
         ("[namespaces.x\nkind = 1", "is not valid TOML"),
         ('[namespaces.x]\ncolour = "red"', "unknown option 'colour'"),
         ('[namespaces.x]\nkind = "fleeting"', "kind='fleeting'"),
-        ('[namespaces.x]\nkind = "state"', "kind='state' is not supported yet"),
         ('[namespaces.x]\npresence = "no"', "presence must be a TOML bool"),
         ('[namespaces.x]\nrate_limit = "lots"', "rate_limit='lots' is not CAPACITY/PERIOD"),
         ("[namespaces.x]\nconflate_ms = -1", "conflate_ms must be 0..60000"),

@@ -52,7 +52,6 @@ def test_lookup_gives_the_namespaces_rules_and_v1_defaults_elsewhere() -> None:
     [
         ({"rooms": {}}, "unknown table 'rooms'"),
         ({"namespaces": {"x": {"colour": "red"}}}, "unknown option 'colour'"),
-        ({"namespaces": {"x": {"kind": "state"}}}, "kind='state' is not supported yet"),
         ({"namespaces": {"x": {"kind": "fleeting"}}}, "kind='fleeting'"),
         ({"namespaces": {"x": {"presence": 1}}}, "presence must be a TOML bool"),
         ({"namespaces": {"x": {"conflate_ms": True}}}, "conflate_ms must be a TOML int"),

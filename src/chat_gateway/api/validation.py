@@ -141,7 +141,18 @@ CHANGES_SINCE: dict[str, Any] = {
     "change numbered after this one (docs/delivery.md)",
 }
 EVENTS_QUERY = object_schema(
-    [], since=SEQ, changes_since=CHANGES_SINCE, token=TOKEN, user=PRESENCE_USER
+    [],
+    since=SEQ,
+    changes_since=CHANGES_SINCE,
+    conflate_ms={
+        "type": "integer",
+        "minimum": 0,
+        "maximum": 60000,
+        "description": "state and ephemeral rooms: at most one event per key (an event's "
+        "name) per this many ms, the newest; 0: every update; absent: the namespace's",
+    },
+    token=TOKEN,
+    user=PRESENCE_USER,
 )
 WS_QUERY = object_schema([], token=TOKEN, user=PRESENCE_USER)
 NO_QUERY = object_schema([])  # for routes that take no query parameters
@@ -328,8 +339,53 @@ STATS_QUERY = object_schema(
         "EventSource cannot send an Authorization header (auth mode)",
     },
 )
+# State rooms (chat_gateway.api.state): a key is named as a room is.
+MAX_STATE_WRITES = 100  # keys set, and keys deleted, by one PATCH
+STATE_KEY: dict[str, Any] = {**ROOM, "description": "a key: the pattern of a room name"}
+STATE_VALUE: dict[str, Any] = {
+    "description": "any JSON value (null too), at most STATE_MAX_VALUE_BYTES (16 KiB) "
+    "once encoded, nesting at most 32 levels"
+}
+PUT_STATE = object_schema(["value"], value=STATE_VALUE)
+PATCH_STATE = {
+    **object_schema(
+        [],
+        set={
+            "type": "object",
+            "minProperties": 1,
+            "maxProperties": MAX_STATE_WRITES,
+            "propertyNames": STATE_KEY,
+            "additionalProperties": STATE_VALUE,
+            "description": "key -> value, set in this order",
+        },
+        delete={
+            "type": "array",
+            "items": STATE_KEY,
+            "minItems": 1,
+            "maxItems": MAX_STATE_WRITES,
+            "uniqueItems": True,
+            "description": "keys deleted after those set (none of them in set)",
+        },
+    ),
+    "minProperties": 1,
+}
+CONFLATE_MS: dict[str, Any] = {
+    "type": "integer",
+    "minimum": 0,
+    "maximum": 60000,
+    "description": "state and ephemeral rooms: at most one frame per key (an event's "
+    "name) per this many ms, the newest; 0: every update; absent: the namespace's "
+    "conflate_ms",
+}
 FRAMES: dict[str, dict[str, Any]] = {
-    "subscribe": _frame("subscribe", ["room"], room=ROOM, since=SEQ, changes_since=CHANGES_SINCE),
+    "subscribe": _frame(
+        "subscribe",
+        ["room"],
+        room=ROOM,
+        since=SEQ,
+        changes_since=CHANGES_SINCE,
+        conflate_ms=CONFLATE_MS,
+    ),
     "unsubscribe": _frame("unsubscribe", ["room"], room=ROOM),
     "publish": _frame(
         "publish",
@@ -405,6 +461,40 @@ def room_name(value: Any) -> str:
             "invalid_request", "room must match ^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", field="room"
         )
     return value
+
+
+def state_key(value: Any) -> str:
+    """A state room's key: the pattern of a room name."""
+    if not isinstance(value, str) or not ROOM_RE.fullmatch(value):
+        raise ApiError(
+            "invalid_request", "key must match ^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", field="key"
+        )
+    return value
+
+
+def state_value(value: Any, limit: int, name: str = "value") -> bytes:
+    """A state value's JSON, compact: any JSON value nesting at most ``MAX_DEPTH``
+    levels and at most ``limit`` bytes encoded."""
+    if value is ABSENT:
+        raise ApiError("invalid_request", f"{name} is required", field=name)
+    nesting(value, name)
+    encoded = orjson.dumps(value)
+    if len(encoded) > limit:
+        raise ApiError(
+            "invalid_request",
+            f"{name} is {len(encoded)} bytes of JSON; at most {limit} (STATE_MAX_VALUE_BYTES)",
+            field=name,
+            limit=limit,
+        )
+    return encoded
+
+
+def conflate_ms(value: Any, name: str = "conflate_ms") -> int | None:
+    """``conflate_ms`` of a subscribe frame or SSE query: 0..60000 ms, None when absent."""
+    ms = seq_param(value, name) if isinstance(value, str) else seq_field(value, name)
+    if ms is not None and ms > 60000:
+        raise ApiError("invalid_request", f"{name} must be 0..60000", field=name)
+    return ms
 
 
 def _printable(value: str, name: str) -> None:

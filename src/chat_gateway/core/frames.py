@@ -99,3 +99,25 @@ def chat_frame(transport: str, event: TypingPayload | ReadPayload) -> bytes:
     if transport == WS:
         return data
     return sse_event(name, data)
+
+
+def state_frame(transport: str, room_json: bytes, seq: int, body: bytes) -> bytes:
+    """A state room's write (``body``: ``{"key", "value" | "deleted", "updated_at"}``):
+    ``{"type": "state", "room", "seq", "key", …}`` on WS, ``event: state`` with
+    ``id:`` the seq on SSE."""
+    if transport == WS:
+        return b'{"type":"state","room":' + room_json + b',"seq":%d,' % seq + body[1:]
+    return sse_event(b"state", b'{"room":' + room_json + b',"seq":%d,' % seq + body[1:], seq)
+
+
+def snapshot_frame(transport: str, room_json: bytes, seq: int, values: bytes) -> bytes:
+    """Every live key of a state room at ``seq`` (``values``: ``{"k": {"value", "seq",
+    "updated_at"}}``): ``{"type": "snapshot", "room", "seq", "values"}`` on WS,
+    ``event: snapshot`` with ``id:`` the seq on SSE."""
+    if transport == WS:
+        return (
+            b'{"type":"snapshot","room":' + room_json + b',"seq":%d,"values":' % seq + values + b"}"
+        )
+    return sse_event(
+        b"snapshot", b'{"room":' + room_json + b',"seq":%d,"values":' % seq + values + b"}", seq
+    )

@@ -4,10 +4,10 @@ A room's namespace is the part of its name before the first ``:`` (``ticker:btc`
 is in ``ticker``; ``lobby`` is in the default namespace ``""``). The file is TOML::
 
     [namespaces.ticker]
-    kind = "ephemeral"      # "stored" (default) | "ephemeral" ("state": not yet)
+    kind = "state"          # "stored" (default) | "ephemeral" | "state"
     client_publish = false  # may users (not only API keys) publish here; default true
     presence = false        # default true
-    conflate_ms = 250       # default for subscribers of ephemeral rooms; 0 = every update
+    conflate_ms = 250       # default for subscribers of ephemeral/state rooms; 0 = every update
     rate_limit = "100/1s"   # overrides RATE_LIMIT here
     publish_hook = false    # ask PUBLISH_HOOK_URL about users' posts here; default true
 
@@ -35,10 +35,10 @@ class NamespaceError(ValueError):
 class RoomKind(enum.StrEnum):
     STORED = "stored"  # messages with seq, as in v1
     EPHEMERAL = "ephemeral"  # events fanned out, nothing stored
-    STATE = "state"  # the latest value per key (not supported yet: refused at start)
+    STATE = "state"  # the latest JSON value per key, each write a seq of the room
 
 
-SUPPORTED = (RoomKind.STORED, RoomKind.EPHEMERAL)
+SUPPORTED = (RoomKind.STORED, RoomKind.EPHEMERAL, RoomKind.STATE)
 
 
 @dataclass(frozen=True, slots=True)

@@ -341,6 +341,33 @@ class Sequencer:
         # (Nothing held and no progress: the page went live meanwhile; read on.)
         return has_more or merged.bounded or self._fill_again
 
+    def state_page(self, entries: Sequence[StoredMessage], latest: int) -> None:
+        """A state room's fill: the current entries written after the position,
+        ascending by seq, and ``latest``, the room's last seq, as one read saw them.
+
+        A state room keeps each key's newest write only, so seqs are missing from
+        what the store answers: a key written again later (its older write is
+        replaced by the newer entry, which is here) or a purged tombstone. Seqs
+        commit in order under the room's lock, so every seq up to ``latest`` that
+        the read does not show will never be read: the position moves past it and
+        what is held below an entry is dropped (an older value of some key whose
+        newest value this page delivers), instead of waiting for it forever."""
+        assert self.seq is not None
+        pending = self._pending
+        for entry in entries:
+            if entry.seq <= self.seq:
+                continue
+            for old in [s for s in pending if s < entry.seq]:
+                del pending[old]
+            self.seq = entry.seq - 1
+            pending[entry.seq] = (entry.created_ms, None, entry.to_json())
+            self._drain()
+        if latest > self.seq:
+            for old in [s for s in pending if s <= latest]:
+                del pending[old]
+            self.seq = latest
+            self._drain()
+
     def fill_done(self) -> None:
         """The fill ended (done, failed or cancelled)."""
         self.filling = False

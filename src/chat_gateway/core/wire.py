@@ -14,6 +14,10 @@ A payload is a kind, one letter and a colon, then the kind's fields:
   ``{"seq", "reactions"}``, or a thread change, the body being ``{"thread", "seq"}``
   (chat_gateway.storage.Change.body; a release before reactions or threads would
   show them as an edit).
+- ``s:<seq>:<updated_ms>:<body>``: a state room's write, ``body`` being
+  ``{"key", "value", "updated_at"}`` or ``{"key", "deleted": true, "updated_at"}``
+  (chat_gateway.storage.records.StateEntry.to_json); sequenced by seq like a
+  message (a release before state rooms ignores it).
 - ``e:{"room", "event", "data"}``: an ephemeral event (``POST /v1/publish``).
 - ``p:{"room", "action", "user"}``: a presence join or leave (chat_gateway.delivery.presence).
 - ``t:{"type": "typing", "room", "user"}``: a typing notice.
@@ -39,6 +43,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from chat_gateway.storage import Change, Message
+from chat_gateway.storage.records import StateEntry
 
 __all__ = [
     "ChangePayload",
@@ -47,6 +52,7 @@ __all__ = [
     "Payload",
     "PresencePayload",
     "ReadPayload",
+    "StatePayload",
     "TypingPayload",
     "decode",
     "encode_change",
@@ -54,6 +60,7 @@ __all__ = [
     "encode_message",
     "encode_presence",
     "encode_read",
+    "encode_state",
     "encode_typing",
     "traced",
 ]
@@ -77,6 +84,15 @@ class ChangePayload(NamedTuple):
 
     change: int
     after_seq: int
+    body: bytes
+
+
+class StatePayload(NamedTuple):
+    """``s:``: a state room's write that took ``seq``; ``body`` is
+    ``StateEntry.to_json``."""
+
+    seq: int
+    updated_ms: int
     body: bytes
 
 
@@ -112,7 +128,13 @@ class ReadPayload(NamedTuple):
 
 
 Payload = (
-    MessagePayload | ChangePayload | EventPayload | PresencePayload | TypingPayload | ReadPayload
+    MessagePayload
+    | ChangePayload
+    | StatePayload
+    | EventPayload
+    | PresencePayload
+    | TypingPayload
+    | ReadPayload
 )
 
 
@@ -135,6 +157,10 @@ def traced(payload: bytes, traceparent: bytes | None) -> bytes:
 
 def encode_change(change: Change) -> bytes:
     return b"c:%d:%d:" % (change.change, change.after_seq) + change.body()
+
+
+def encode_state(entry: StateEntry) -> bytes:
+    return b"s:%d:%d:" % (entry.seq, entry.updated_ms) + entry.to_json()
 
 
 def encode_event(room: str, event: str, data: Any) -> bytes:
@@ -173,6 +199,10 @@ def decode(data: bytes) -> Payload | None:
             count, _, body = body.partition(b":")
             changes = int(count)
         return MessagePayload(int(seq), int(created), changes, body)
+    if kind == b"s:":
+        seq, _, rest = data[2:].partition(b":")
+        updated, _, body = rest.partition(b":")
+        return StatePayload(int(seq), int(updated), body)
     if kind == b"c:":
         change, _, rest = data[2:].partition(b":")
         after, _, body = rest.partition(b":")

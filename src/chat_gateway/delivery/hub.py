@@ -34,6 +34,15 @@ likewise waits until the room has dispatched the changes committed before it
 (the count its payload carries), so the two go out in commit order. Typing and
 read receipts (``t:``, ``r:``) are unsequenced, like ephemeral events.
 
+A state room (``kind = "state"``) sequences its writes (``s:`` payloads) as
+messages, but a fill reads the current keys after the position and moves past
+seqs whose keys were written again (``Sequencer.state_page``). The room's values
+are held here (``LiveState``), read once when the room opens and kept current by
+each delivered write, and every subscription's snapshot or resume comes from
+them, in the step that sets its cursor. A subscriber of a state or ephemeral room
+with ``conflate_ms`` joins the room's group for that interval: one buffer of each
+key's newest frame and one timer, flushed to the whole group (``_flush``).
+
 Outside this module nothing reads a room's or a subscriber's fields: ask the hub
 (``room_stats``, ``held_rooms``, ``connections``, ``of_user``) or the subscriber
 (``holds``, ``rooms``, ``position``).
@@ -56,6 +65,7 @@ import orjson
 
 from chat_gateway import tracing
 from chat_gateway.core import wire
+from chat_gateway.core.conflation import ConflationBuffer
 from chat_gateway.core.frames import SSE as SSE  # the transports a Subscriber speaks
 from chat_gateway.core.frames import WS as WS
 from chat_gateway.core.frames import (
@@ -64,14 +74,19 @@ from chat_gateway.core.frames import (
     event_frame,
     message_frame,
     presence_frame,
+    snapshot_frame,
+    state_frame,
 )
+from chat_gateway.core.namespaces import Namespaces, RoomKind
 from chat_gateway.core.sequencer import Sequencer, Timer, merge
+from chat_gateway.core.state import LiveState
 from chat_gateway.delivery.primitives import Flag
 from chat_gateway.errors import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER
 from chat_gateway.metrics import Metrics
 from chat_gateway.periodic import every
 from chat_gateway.pubsub import Broker
 from chat_gateway.storage import MAX_PAGE, Change, HistoryCache, StoreUnavailable
+from chat_gateway.storage.records import StateEntry
 
 log = logging.getLogger("gateway.hub")
 
@@ -242,9 +257,27 @@ class Subscriber:
             await self._drained.wait()
 
 
+class Conflated:
+    """The subscribers of a room on this instance that asked for one interval, the
+    newest update per key waiting for it (chat_gateway.core.conflation), and the one
+    timer that flushes it. Each item is ``(seq or None, frame per transport)``."""
+
+    __slots__ = ("ms", "interval", "subs", "buffer", "timer")
+
+    def __init__(self, ms: int) -> None:
+        self.ms = ms
+        self.interval = ms / 1000
+        self.subs: dict[Subscriber, None] = {}
+        self.buffer: ConflationBuffer[tuple[int | None, OncePerTransport]] = ConflationBuffer()
+        self.timer: asyncio.TimerHandle | None = None
+
+
 class Room:
     """A room held on this instance: its subscribers, and its sequencer
-    (chat_gateway.core.sequencer) with the timers and fill tasks it asked for."""
+    (chat_gateway.core.sequencer) with the timers and fill tasks it asked for. A
+    state room also holds its values (``state``); a state or ephemeral room its
+    subscribers without conflation (``direct``) and its conflation groups by
+    interval in ms (``groups``; ``grouped``: each grouped subscriber's)."""
 
     __slots__ = (
         "name",
@@ -255,6 +288,11 @@ class Room:
         "timers",
         "fill_task",
         "changes_task",
+        "kind",
+        "state",
+        "direct",
+        "groups",
+        "grouped",
     )
 
     def __init__(self, name: str, channel: str) -> None:
@@ -267,6 +305,11 @@ class Room:
         self.timers: dict[Timer, asyncio.TimerHandle] = {}
         self.fill_task: asyncio.Task[None] | None = None
         self.changes_task: asyncio.Task[None] | None = None
+        self.kind = RoomKind.STORED
+        self.state: LiveState | None = None  # a state room's values, once opened
+        self.direct: dict[Subscriber, None] = {}  # (state and ephemeral rooms only)
+        self.groups: dict[int, Conflated] = {}
+        self.grouped: dict[Subscriber, Conflated] = {}
 
 
 class RoomStats(NamedTuple):
@@ -289,8 +332,13 @@ class Hub:
         gap_wait: float = 0.25,
         position_interval: float = 3.0,
         metrics: Metrics | None = None,
+        namespaces: Namespaces | None = None,
+        tombstone_ttl: float = 86400.0,
     ) -> None:
         self.broker = broker
+        # Room kinds and their default conflation (NAMESPACES_FILE).
+        self.namespaces = namespaces if namespaces is not None else Namespaces()
+        self.tombstone_ttl = tombstone_ttl  # seconds a held state room keeps a tombstone
         self.history = history
         self.store = history.store
         self.prefix = prefix
@@ -320,6 +368,7 @@ class Hub:
         for room in self.rooms.values():
             tasks.extend(t for t in (room.fill_task, room.changes_task) if t is not None)
             room.sequencer.close()
+            self._drop_groups(room)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -399,12 +448,23 @@ class Hub:
                 self._locks[room] = (lock, users - 1)
 
     async def subscribe(
-        self, sub: Subscriber, room: str, since: int | None = None, changes_since: int | None = None
+        self,
+        sub: Subscriber,
+        room: str,
+        since: int | None = None,
+        changes_since: int | None = None,
+        conflate_ms: int | None = None,
     ) -> int:
         """Join ``room``; queue the ``subscribed`` frame, then (with ``since``) every
         message after it, then live ones. With ``changes_since`` also every edit and
         delete numbered after it (to messages held or replayed), then live ones;
-        without it, live changes only. Returns the room's latest seq."""
+        without it, live changes only. Returns the room's latest seq.
+
+        A state room: ``subscribed``, then a ``snapshot`` (without ``since``, or
+        from below the purged horizon) or the newest write of every key written
+        after ``since``, then live ``state`` frames. ``conflate_ms`` (state and
+        ephemeral rooms; None: the namespace's): at most one frame per key per
+        interval, the newest."""
         if room in sub.cursors:
             await self.unsubscribe(sub, room)
         r = self.rooms.get(room)
@@ -413,8 +473,25 @@ class Hub:
                 r = self.rooms.get(room)
                 if r is None:
                     r = await self._open_room(room)
+                elif r.state is not None:
+                    self.metrics.state_snapshots.labels("memory").inc()
+        elif r.state is not None:
+            self.metrics.state_snapshots.labels("memory").inc()
         latest = r.sequencer.seq
         assert latest is not None
+        if r.kind is not RoomKind.STORED:
+            if conflate_ms is None:
+                conflate_ms = self.namespaces.of(room).conflate_ms
+            if r.state is not None:
+                self._subscribe_state(sub, r, latest, since)
+            else:
+                sub.cursors[room] = latest
+                r.subs[sub] = None
+                if sub.transport == WS:
+                    sub.reply({"type": "subscribed", "room": room, "seq": latest, "change": 0})
+            self._join(r, sub, conflate_ms)
+            self.metrics.subscriptions.inc()
+            return latest
         cursor = latest if since is None else since
         sub.cursors[room] = cursor
         last_change = r.sequencer.change
@@ -431,8 +508,89 @@ class Hub:
             self._catch_up(sub, r)
         return latest
 
+    def _subscribe_state(self, sub: Subscriber, r: Room, latest: int, since: int | None) -> None:
+        """Everything of a state subscription but joining the live stream: the
+        cursor, ``subscribed``, then the snapshot or the writes after ``since``, all
+        from the room's values at its position (no await: no write can come between
+        them and the live frames, which go only above the cursor)."""
+        state = r.state
+        assert state is not None
+        room = r.name
+        sub.cursors[room] = latest if since is None else max(since, latest)
+        r.subs[sub] = None
+        if sub.transport == WS:
+            sub.reply({"type": "subscribed", "room": room, "seq": latest, "change": 0})
+        if since is None or not state.resumable(since):
+            sub.push(
+                state.snapshot(
+                    sub.transport,
+                    latest,
+                    lambda transport, values: snapshot_frame(
+                        transport, r.name_json, latest, values
+                    ),
+                )
+            )
+            return
+        for entry in state.since(since):
+            if not sub.push(state_frame(sub.transport, r.name_json, entry.seq, entry.to_json())):
+                return
+
+    def _join(self, r: Room, sub: Subscriber, conflate_ms: int) -> None:
+        """Into the room's live stream: directly, or the group of its interval."""
+        if conflate_ms <= 0:
+            r.direct[sub] = None
+            return
+        group = r.groups.get(conflate_ms)
+        if group is None:
+            group = r.groups[conflate_ms] = Conflated(conflate_ms)
+        group.subs[sub] = None
+        r.grouped[sub] = group
+
+    def _leave(self, r: Room, sub: Subscriber) -> None:
+        r.direct.pop(sub, None)
+        group = r.grouped.pop(sub, None)
+        if group is not None:
+            group.subs.pop(sub, None)
+            if not group.subs:
+                if group.timer is not None:
+                    group.timer.cancel()
+                del r.groups[group.ms]
+
+    def _drop_groups(self, r: Room) -> None:
+        for group in r.groups.values():
+            if group.timer is not None:
+                group.timer.cancel()
+                group.timer = None
+
+    def _conflate(self, r: Room, key: str, seq: int | None, frame_for: OncePerTransport) -> None:
+        """Hold an update for every conflation group of the room; the first update
+        of a group's interval arms its timer."""
+        for group in r.groups.values():
+            if group.buffer.add(key, (seq, frame_for)) and group.timer is None:
+                group.timer = asyncio.get_running_loop().call_later(
+                    group.interval, self._flush, r, group
+                )
+
+    def _flush(self, r: Room, group: Conflated) -> None:
+        """A group's interval is over: each key's newest frame, encoded once per
+        transport, to every subscriber of the group (one whose cursor is at or past
+        a frame's seq, from its snapshot, drops it)."""
+        group.timer = None
+        room = r.name
+        for seq, frame_for in group.buffer.take():
+            for sub in group.subs:
+                if seq is None:
+                    sub.push(frame_for(sub.transport))
+                    continue
+                cursor = sub.cursors.get(room)
+                if cursor is None or seq <= cursor:
+                    continue
+                if sub.push(frame_for(sub.transport)):
+                    sub.cursors[room] = seq
+
     async def _open_room(self, room: str) -> Room:
         r = Room(room, self.channel(room))
+        r.kind = self.namespaces.of(room).kind
         loop = asyncio.get_running_loop()
 
         def schedule(timer: Timer, delay: float | None) -> None:
@@ -467,7 +625,15 @@ class Hub:
             await self.broker.subscribe(r.channel)
             # Subscribed first, then read the position: anything published
             # meanwhile is held by the sequencer and goes in turn after it.
-            seq, change = await self.store.position(room)
+            if r.kind is RoomKind.STATE:
+                # The room's values and position in one read (the snapshot every
+                # subscriber here is given from memory after).
+                snapshot = await self.store.state(room)
+                self.metrics.state_snapshots.labels("store").inc()
+                r.state = LiveState(snapshot)
+                seq, change = snapshot.seq, 0
+            else:
+                seq, change = await self.store.position(room)
         except BaseException:
             self.rooms.pop(room, None)
             self._by_channel.pop(r.channel, None)
@@ -491,12 +657,15 @@ class Hub:
         if r is None:
             return True
         r.subs.pop(sub, None)
+        if r.kind is not RoomKind.STORED:
+            self._leave(r, sub)
         if not r.subs:
             async with self._room_lock(room):
                 if not r.subs and self.rooms.get(room) is r:
                     del self.rooms[room]
                     del self._by_channel[r.channel]
                     r.sequencer.close()
+                    self._drop_groups(r)
                     for fill in (r.fill_task, r.changes_task):
                         if fill is not None:
                             fill.cancel()
@@ -523,8 +692,16 @@ class Hub:
         elif isinstance(payload, wire.ChangePayload):  # an edit or delete
             self.history.forget(r.name)  # this instance's window holds the old text
             r.sequencer.live_change(payload.change, payload.after_seq, payload.body)
+        elif isinstance(payload, wire.StatePayload):
+            if r.state is not None:  # a state room's write, sequenced like a message
+                r.sequencer.live_message(payload.seq, payload.updated_ms, None, payload.body)
         elif isinstance(payload, wire.EventPayload):
-            self._dispatch_event(r, payload, event_frame)
+            if r.groups:  # conflated per event name for the subscribers that asked
+                self._dispatch_event(r, payload, event_frame, only=r.direct)
+                frame_for = OncePerTransport(lambda transport: event_frame(transport, payload))
+                self._conflate(r, payload.event, None, frame_for)
+            else:
+                self._dispatch_event(r, payload, event_frame)
         elif isinstance(
             payload, wire.PresencePayload
         ):  # join/leave (chat_gateway.delivery.presence)
@@ -564,6 +741,13 @@ class Hub:
         is missed), handed to the sequencer page by page until it has enough."""
         s = r.sequencer
         try:
+            if r.state is not None:
+                # The current keys written after the position: one read, which may
+                # skip seqs whose keys were written again (Sequencer.state_page).
+                snapshot = await self.store.state(r.name, after=s.fill_next())
+                if s.open:
+                    s.state_page(snapshot.entries, snapshot.seq)
+                return
             while s.open:
                 page = await self.store.history(r.name, after=s.fill_next(), limit=MAX_PAGE)
                 known = s.change
@@ -582,6 +766,9 @@ class Hub:
     def _dispatch(
         self, r: Room, seq: int, created_ms: int, changes: int | None, body: bytes
     ) -> None:
+        if r.state is not None:
+            self._dispatch_state(r, seq, created_ms, body)
+            return
         frame_for = OncePerTransport(
             lambda transport: message_frame(transport, r.name_json, seq, body)
         )
@@ -605,6 +792,30 @@ class Hub:
                 self.metrics.messages_dropped.labels("slow_consumer").inc()
         if delivered:
             self.metrics.delivered(delivered, created_ms)
+
+    def _dispatch_state(self, r: Room, seq: int, updated_ms: int, body: bytes) -> None:
+        """A state room's write, in seq order: into the room's values, to every
+        subscriber without conflation above whose cursor it is, and into each
+        conflation group's buffer. Encoded once per transport."""
+        assert r.state is not None
+        entry = StateEntry.from_json(r.name, seq, updated_ms, body)
+        r.state.apply(entry)
+        frame_for = OncePerTransport(
+            lambda transport: state_frame(transport, r.name_json, seq, body)
+        )
+        room = r.name
+        delivered = 0
+        for sub in r.direct:
+            cursor = sub.cursors.get(room)
+            if cursor is None or seq <= cursor:
+                continue
+            if sub.push(frame_for(sub.transport)):
+                sub.cursors[room] = seq
+                delivered += 1
+        if delivered:
+            self.metrics.delivered(delivered, updated_ms)
+        if r.groups:
+            self._conflate(r, entry.key, seq, frame_for)
 
     # -- edits and deletes ------------------------------------------------------------
 
@@ -663,11 +874,12 @@ class Hub:
         build: Callable[[str, T], bytes],
         *,
         skip_user: str | None = None,
+        only: dict[Subscriber, None] | None = None,
     ) -> None:
-        """Queue an unsequenced frame to every subscriber of the room (but those of
-        ``skip_user``), encoded once per transport."""
+        """Queue an unsequenced frame to every subscriber of the room (``only``: of
+        those; but those of ``skip_user``), encoded once per transport."""
         frame_for = OncePerTransport(lambda transport: build(transport, event))
-        for sub in r.subs:
+        for sub in r.subs if only is None else only:
             if skip_user is None or sub.user != skip_user:
                 sub.push(frame_for(sub.transport))
 
@@ -759,7 +971,8 @@ class Hub:
         for r in list(self.rooms.values()):
             if r.sequencer.seq is not None:
                 r.sequencer.fill()
-                r.sequencer.fill_changes()
+                if r.state is None:
+                    r.sequencer.fill_changes()
 
     async def check_positions(self) -> None:
         """Fill every room whose latest committed seq is ahead of what was delivered.
@@ -770,6 +983,10 @@ class Hub:
         rooms = [r for r in self.rooms.values() if r.sequencer.seq is not None]
         if not rooms:
             return
+        cutoff_ms = int((time.time() - self.tombstone_ttl) * 1000)
+        for r in rooms:
+            if r.state is not None:
+                r.state.prune(cutoff_ms)
         names = [r.name for r in rooms]
         self._checks += 1
         if self._checks % STORE_CHECK_EVERY == 0:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from chat_gateway import tracing
 from chat_gateway.config import Settings
-from chat_gateway.core.wire import encode_event, encode_message, traced
+from chat_gateway.core.wire import encode_event, encode_message, encode_state, traced
 from chat_gateway.errors import ApiError
 from chat_gateway.metrics import Metrics
 from chat_gateway.pubsub import Broker, BrokerUnavailable
@@ -29,6 +29,7 @@ from chat_gateway.storage import (
     Store,
 )
 from chat_gateway.storage.moderation import Restricted
+from chat_gateway.storage.records import StateEntry
 
 log = logging.getLogger("gateway")
 
@@ -193,6 +194,36 @@ class Publisher:
             await history.queued_result(msg, raised)
             if lost is not None:
                 log.warning("live publish lost, delivery falls back to the store: %r", lost)
+
+    async def write_state(
+        self, room: str, writes: list[tuple[str, bytes | None]], *, author: str | None
+    ) -> list[StateEntry]:
+        """Commit writes to a state room's keys (``(key, value JSON)``, ``(key, None)``
+        to delete) in one transaction, then publish one ``s:`` payload per write in
+        seq order, in one round trip where the broker has a pipelined connection.
+        A lost publish is filled from the store by every instance's position check
+        (which reads the store's positions every few rounds; a state room has no
+        cached history, so no seq key to raise). ``author``: a user, refused when
+        banned or muted."""
+        self.ensure_open()
+        try:
+            entries = await self.store.write_state(room, writes, author=author)
+        except Restricted as exc:
+            raise self.refused(exc) from None
+        self.metrics.state_writes.inc(len(entries))
+        if self.settings.fault_cut_from_redis or self.settings.fault_skip_publish:
+            return entries  # test-only: Redis unreachable from here, or killed after commit
+        channel = self.channel(room)
+        try:
+            sent = await self.broker.publish_batch([(channel, encode_state(e)) for e in entries])
+        except BrokerUnavailable as exc:
+            log.warning("live publish lost, delivery falls back to the store: %s", exc)
+            return entries
+        for outcome in sent:
+            if outcome.lost is not None:
+                log.warning("live publish lost, delivery falls back to the store: %r", outcome.lost)
+                break
+        return entries
 
     async def publish_event(self, room: str, event: str, data: Any) -> None:
         try:

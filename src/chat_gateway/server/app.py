@@ -27,7 +27,7 @@ from chat_gateway import tracing
 from chat_gateway.access.auth import Authenticator, bearer
 from chat_gateway.access.ratelimit import PUBLISH
 from chat_gateway.access.sessions import SessionHook
-from chat_gateway.api import chat, moderation, search
+from chat_gateway.api import chat, moderation, search, state
 from chat_gateway.api import server as server_api
 from chat_gateway.api import validation as v
 from chat_gateway.api.caller import (
@@ -148,6 +148,7 @@ async def room_events(request: Request) -> Response:
     if since is None:
         since = since_query
     changes_since = v.seq_param(request.query_params.get("changes_since"), "changes_since")
+    conflate = v.conflate_ms(request.query_params.get("conflate_ms"))
     await gw.moderation.check_subscribe(room, user)
     connection = Connection(gw, identity.bucket)
     decision = await connection.admit()
@@ -160,7 +161,7 @@ async def room_events(request: Request) -> Response:
     )
     connection.attach(sub, identity, room=room)
     try:
-        await gw.hub.subscribe(sub, room, since, changes_since)
+        await gw.hub.subscribe(sub, room, since, changes_since, conflate)
     except BaseException:
         await connection.close()
         raise
@@ -470,6 +471,8 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         Route("/v1/rooms/{room}/mutes/{user:path}", moderation.lift, methods=["DELETE"]),
         Route("/v1/rooms/{room}/settings", moderation.settings, methods=["GET", "PUT"]),
         Route("/v1/rooms/{room}/moderation", moderation.moderation_log, methods=["GET"]),
+        Route("/v1/rooms/{room}/state", state.state, methods=["GET", "PATCH"]),
+        Route("/v1/rooms/{room}/state/{key}", state.state_key, methods=["PUT", "DELETE"]),
         # Served by GatewayApp before routing; listed so the routing table is whole.
         WebSocketRoute(GatewayApp.WS_PATH, websocket_endpoint),
         Route(GatewayApp.WS_PATH, websocket_over_http, methods=["GET"]),

@@ -207,6 +207,52 @@ SERVER_FRAMES: dict[str, dict[str, Any]] = {
         "read", ["room", "user", "seq"], room=v.ROOM, user={"type": "string"}, seq=_SEQ
     ),
     "history_purged": _server_frame("history_purged", ["room"], room=v.ROOM),
+    # State rooms (chat_gateway.api.state): every live key at seq, then each write.
+    "snapshot": _server_frame(
+        "snapshot",
+        ["room", "seq", "values"],
+        room=v.ROOM,
+        seq={**_SEQ, "description": "the room's position the values are at"},
+        values={"$ref": _REF + "StateValues"},
+    ),
+    "state": _server_frame(
+        "state",
+        ["room", "seq", "key", "updated_at"],
+        room=v.ROOM,
+        seq={**_SEQ, "description": "the seq the write took"},
+        key=v.STATE_KEY,
+        value={"description": "the key's value (absent when deleted)"},
+        deleted={"const": True, "description": "present when the key was deleted"},
+        updated_at={"type": "string", "format": "date-time"},
+    ),
+}
+
+# A state room's live keys (a snapshot's and GET …/state's values).
+STATE_VALUES: dict[str, Any] = {
+    "type": "object",
+    "propertyNames": v.STATE_KEY,
+    "additionalProperties": {
+        "type": "object",
+        "required": ["value", "seq", "updated_at"],
+        "properties": {
+            "value": {"description": "the key's JSON value"},
+            "seq": {**_SEQ, "description": "the seq of the key's last write"},
+            "updated_at": {"type": "string", "format": "date-time"},
+        },
+    },
+}
+# A write's answer, and each entry of a PATCH's.
+STATE_WRITE: dict[str, Any] = {
+    "type": "object",
+    "required": ["seq", "key", "updated_at"],
+    "properties": {
+        "room": v.ROOM,
+        "seq": {"type": "integer", "minimum": 1, "description": "the seq the write took"},
+        "key": v.STATE_KEY,
+        "value": {"description": "the value set (absent when deleted)"},
+        "deleted": {"const": True, "description": "present when the key was deleted"},
+        "updated_at": {"type": "string", "format": "date-time"},
+    },
 }
 
 
@@ -266,7 +312,7 @@ def _event(name: dict[str, Any], data: str, with_id: bool) -> dict[str, Any]:
         props["id"] = {
             "type": "string",
             "pattern": "^[0-9]+$",
-            "description": "the message's seq, on message events",
+            "description": "the seq: of a message, or of a state room's snapshot or write",
         }
     props["retry"] = {"type": "integer", "minimum": 0}
     return {
@@ -278,8 +324,14 @@ def _event(name: dict[str, Any], data: str, with_id: bool) -> dict[str, Any]:
 
 
 ROOM_EVENT = _event(
-    {"type": "string", "description": "message, presence, or a name given to /v1/publish"},
-    "a message, presence change or ephemeral event",
+    {
+        "type": "string",
+        "description": "message, presence, or a name given to /v1/publish; in a state "
+        "room snapshot, then state",
+    },
+    "a message, presence change or ephemeral event; in a state room a snapshot "
+    '{"room", "seq", "values"} or a write {"room", "seq", "key", "value" | "deleted", '
+    '"updated_at"}',
     with_id=True,
 )
 STATS_EVENT = _event({"const": "stats"}, "a snapshot of the figures (docs/API.md)", with_id=False)
@@ -348,6 +400,97 @@ HOOKED: tuple[tuple[str, str], ...] = (
     ("/v1/rooms/{room}/messages", "post"),
     ("/v1/rooms/{room}/messages/{seq}", "patch"),
 )
+
+
+def state_paths() -> dict[str, Any]:
+    """State rooms (chat_gateway.api.state): an API key, or a user where the
+    namespace's client_publish is true; every route answers 409 wrong_room_kind
+    outside state rooms."""
+    either: list[dict[str, list[str]]] = [{"apiKey": []}, {"userToken": []}, {}]
+    key_param = {"name": "key", "in": "path", "required": True, "schema": v.STATE_KEY}
+    write_errors = _errors(
+        "invalid_json",
+        "invalid_request",
+        "unauthorized",
+        "forbidden",
+        "banned",
+        "muted",
+        "slow_mode",
+        "wrong_room_kind",
+        "too_large",
+        "rate_limited",
+        "unavailable",
+    )
+    written = _json({"$ref": _REF + "StateWrite"}, "written: the seq it took", RATE_HEADERS)
+    return {
+        "/v1/rooms/{room}/state": {
+            "get": {
+                "summary": "Every live key of a state room, at the room's seq",
+                "security": either,
+                "parameters": [ROOM_PARAM],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["room", "seq", "values"],
+                            "properties": {
+                                "room": v.ROOM,
+                                "seq": _SEQ,
+                                "values": {"$ref": _REF + "StateValues"},
+                            },
+                        },
+                        "the values",
+                    ),
+                    **_errors(
+                        "invalid_request",
+                        "unauthorized",
+                        "forbidden",
+                        "banned",
+                        "wrong_room_kind",
+                        "unavailable",
+                    ),
+                },
+            },
+            "patch": {
+                "summary": "Set and delete keys in one transaction, contiguous seqs (set "
+                "first, in order, then delete); a bad entry writes nothing",
+                "security": either,
+                "parameters": [ROOM_PARAM],
+                "requestBody": _body("PatchState"),
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["room", "seq", "writes"],
+                            "properties": {
+                                "room": v.ROOM,
+                                "seq": {"type": "integer", "description": "the last write's"},
+                                "writes": {"type": "array", "items": {"$ref": _REF + "StateWrite"}},
+                            },
+                        },
+                        "written",
+                        RATE_HEADERS,
+                    ),
+                    **write_errors,
+                },
+            },
+        },
+        "/v1/rooms/{room}/state/{key}": {
+            "put": {
+                "summary": "Set a key of a state room; the write takes the room's next seq",
+                "security": either,
+                "parameters": [ROOM_PARAM, key_param],
+                "requestBody": _body("PutState"),
+                "responses": {"200": written, **write_errors},
+            },
+            "delete": {
+                "summary": "Delete a key (a tombstone subscribers resuming learn of)",
+                "security": either,
+                "parameters": [ROOM_PARAM, key_param],
+                "responses": {"200": written, **write_errors},
+            },
+        },
+    }
 
 
 def moderation_paths() -> dict[str, Any]:
@@ -1221,6 +1364,7 @@ def document(open_mode: bool = False) -> dict[str, Any]:
         },
         **chat_paths(open_mode),
         **moderation_paths(),
+        **state_paths(),
         "/healthz": {
             "get": {"summary": "liveness", "responses": {"200": _json({"type": "object"}, "alive")}}
         },
@@ -1283,6 +1427,10 @@ def document(open_mode: bool = False) -> dict[str, Any]:
         "StatsEvent": STATS_EVENT,
         "PostMessage": v.POST_MESSAGE,
         "Publish": v.PUBLISH,
+        "PutState": v.PUT_STATE,
+        "PatchState": v.PATCH_STATE,
+        "StateValues": STATE_VALUES,
+        "StateWrite": STATE_WRITE,
     }
     schemas.update(
         {

@@ -41,6 +41,8 @@ from chat_gateway.storage.records import (
     Page,
     ReadPosition,
     RoomFilter,
+    StateEntry,
+    StateSnapshot,
     StoreUnavailable,
     Version,
     change_event,
@@ -79,6 +81,8 @@ __all__ = [
     "ReadPosition",
     "RoomFilter",
     "Page",
+    "StateEntry",
+    "StateSnapshot",
     "Store",
 ]
 
@@ -282,6 +286,30 @@ class Store(ABC):
         """Every room ``user`` has a position in (of ``rooms`` only, when given; the
         limit counts what the filter keeps), by room name."""
         raise StoreUnavailable("this store keeps no read positions")
+
+    # -- state rooms (docs/API.md, "State rooms") ---------------------------------
+
+    @abstractmethod
+    async def write_state(
+        self, room: str, writes: list[tuple[str, bytes | None]], *, author: str | None = None
+    ) -> list[StateEntry]:
+        """Set (``(key, value JSON)``) or delete (``(key, None)``: a tombstone) keys of
+        ``room`` in one transaction under the room's row lock, as an append takes it:
+        the writes take the room's next seqs, contiguous, in this order (the room's
+        one seq counter, shared with messages). Keys are distinct. ``author``: a
+        user banned or muted in the room (as of the commit) is refused with
+        ``Restricted`` and nothing is written. Returns the entries as stored."""
+
+    @abstractmethod
+    async def state(self, room: str, *, after: int = 0) -> StateSnapshot:
+        """The room's keys whose last write is above ``after`` (tombstones included),
+        ascending by seq, with the room's last seq and purged horizon, all as one
+        read sees them (``StateSnapshot``)."""
+
+    @abstractmethod
+    async def purge_tombstones(self, cutoff_ms: int, limit: int) -> int:
+        """Delete at most ``limit`` tombstones written before ``cutoff_ms``, raising
+        each room's purged horizon to the highest seq removed; return how many."""
 
     # -- moderation (chat_gateway.storage.moderation) ------------------------------
 

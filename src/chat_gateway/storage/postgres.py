@@ -66,6 +66,8 @@ from chat_gateway.storage.base import (
     Page,
     ReadPosition,
     RoomFilter,
+    StateEntry,
+    StateSnapshot,
     Store,
     StoreUnavailable,
     Version,
@@ -421,6 +423,49 @@ WHERE p.user_name = $1
        OR EXISTS (SELECT 1 FROM unnest($4::text[]) AS pre WHERE starts_with(p.room, pre)))
 ORDER BY p.room LIMIT $2
 """
+
+
+# -- state rooms: the room's row locked (its restrictions read) as an append locks
+# it, then the writes take its next seqs and replace each key's row.
+_STATE_LOCK = (
+    "INSERT INTO rooms AS r (room, last_seq) VALUES ($1, 0) "
+    "ON CONFLICT (room) DO UPDATE SET last_seq = r.last_seq "
+    "RETURNING last_seq, banned::text, muted::text"
+)
+_STATE_WRITE = """
+WITH raised AS (
+    UPDATE rooms SET last_seq = last_seq + $4 WHERE room = $1 RETURNING last_seq - $4 AS base
+)
+INSERT INTO room_state AS s (room, key, value, seq, updated_at, deleted)
+SELECT $1, t.key, t.value::jsonb, raised.base + t.n, $5, t.value IS NULL
+FROM raised, unnest($2::text[], $3::text[]) WITH ORDINALITY AS t(key, value, n)
+ON CONFLICT (room, key) DO UPDATE
+    SET value = excluded.value, seq = excluded.seq, updated_at = excluded.updated_at,
+        deleted = excluded.deleted
+RETURNING s.key, s.seq
+"""
+# One statement, so one snapshot: the keys and the room's last seq agree.
+_STATE = """
+SELECT r.last_seq, r.state_purged_seq, s.key, s.value::text AS value, s.seq, s.updated_at
+FROM rooms r LEFT JOIN room_state s ON s.room = r.room AND s.seq > $2
+WHERE r.room = $1 ORDER BY s.seq
+"""
+_PURGE_TOMBSTONES = """
+WITH gone AS (
+    DELETE FROM room_state WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM room_state WHERE deleted AND updated_at < $1
+        ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED))
+    RETURNING room, seq
+), raised AS (
+    UPDATE rooms r SET state_purged_seq = greatest(r.state_purged_seq, g.top)
+    FROM (SELECT room, max(seq) AS top FROM gone GROUP BY room) g WHERE r.room = g.room
+)
+SELECT count(*) FROM gone
+"""
+
+
+def _ms(at: datetime) -> int:
+    return (at - _EPOCH) // timedelta(milliseconds=1)
 
 
 class PostgresStore(Store):
@@ -1351,6 +1396,52 @@ class PostgresStore(Store):
             "fetchrow", "SELECT last_seq, last_change FROM rooms WHERE room = $1", room
         )
         return (0, 0) if row is None else (int(row["last_seq"]), int(row["last_change"]))
+
+    async def write_state(
+        self, room: str, writes: list[tuple[str, bytes | None]], *, author: str | None = None
+    ) -> list[StateEntry]:
+        ms = now_ms()
+        at = _EPOCH + timedelta(milliseconds=ms)
+        keys = [k for k, _ in writes]
+        values = [None if v is None else v.decode() for _, v in writes]
+        async with self._operation() as op, self._connection() as conn:
+            async with self._transaction(conn):
+                row = await conn.fetchrow(_STATE_LOCK, room)
+                if author is not None:  # the row's newest version: a ban committed first
+                    check_append(RoomModeration.of_row(room, row[1], row[2], 0), author, ms)
+                op.sent = True
+                stored = await conn.fetch(_STATE_WRITE, room, keys, values, len(writes), at)
+        seqs = {r["key"]: int(r["seq"]) for r in stored}
+        return [StateEntry(room, k, seqs[k], v, ms) for k, v in writes]
+
+    async def state(self, room: str, *, after: int = 0) -> StateSnapshot:
+        rows = await self._call("fetch", _STATE, room, after)
+        if not rows:
+            return StateSnapshot(room, 0, [])
+        entries = [
+            StateEntry(
+                room,
+                r["key"],
+                int(r["seq"]),
+                None if r["value"] is None else r["value"].encode(),
+                _ms(r["updated_at"]),
+            )
+            for r in rows
+            if r["key"] is not None
+        ]
+        return StateSnapshot(
+            room, int(rows[0]["last_seq"]), entries, int(rows[0]["state_purged_seq"])
+        )
+
+    async def purge_tombstones(self, cutoff_ms: int, limit: int) -> int:
+        count = await self._call(
+            "fetchval",
+            _PURGE_TOMBSTONES,
+            _EPOCH + timedelta(milliseconds=cutoff_ms),
+            limit,
+            write=True,
+        )
+        return int(count)
 
     async def mark_read(self, user: str, room: str, seq: int) -> ReadPosition:
         row = await self._call("fetchrow", _MARK_READ, user, room, seq, write=True)

@@ -278,3 +278,89 @@ class Version:
 class Page:
     messages: list[Message]
     has_more: bool
+
+
+# -- state rooms ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StateEntry:
+    """One key of a state room as stored: its value's JSON (``value``, None for a
+    tombstone), the room's seq its last write took, and when that write committed.
+    A deleted key stays as a tombstone (``deleted``) until ``STATE_TOMBSTONE_TTL``
+    passes, so a resume learns of the delete."""
+
+    room: str
+    key: str
+    seq: int
+    value: bytes | None  # the value's JSON; None when deleted
+    updated_ms: int
+
+    @property
+    def deleted(self) -> bool:
+        return self.value is None
+
+    @property
+    def created_ms(self) -> int:  # as a sequencer's stored message (core/sequencer.py)
+        return self.updated_ms
+
+    def to_json(self) -> bytes:
+        """``{"key", "updated_at", "value"}`` or ``{"key", "updated_at", "deleted":
+        true}``: the body of the broker payload and of every frame (read back by
+        :meth:`from_json`, which relies on this order)."""
+        head = (
+            b'{"key":'
+            + orjson.dumps(self.key)
+            + b',"updated_at":"'
+            + format_ts(self.updated_ms).encode()
+            + b'"'
+        )
+        if self.value is None:
+            return head + b',"deleted":true}'
+        return head + b',"value":' + self.value + b"}"
+
+    @classmethod
+    def from_json(cls, room: str, seq: int, updated_ms: int, body: bytes) -> StateEntry:
+        """The entry whose :meth:`to_json` is ``body``, without parsing the value (a
+        key, like a room name, holds no quote or backslash)."""
+        end = body.index(b'"', 8)
+        key = body[8:end].decode()
+        at = body.find(b',"value":', end)
+        return cls(room, key, seq, None if at < 0 else body[at + 9 : -1], updated_ms)
+
+    def answer(self) -> bytes:
+        """What a write route answers: ``{"room", "key", "seq", …}``."""
+        return b'{"room":' + orjson.dumps(self.room) + b',"seq":%d,' % self.seq + self.to_json()[1:]
+
+
+@dataclass(frozen=True, slots=True)
+class StateSnapshot:
+    """A state room as one read saw it: ``seq``, the room's last seq (every write at or
+    below it is in ``entries`` unless a later write of its key replaced it, or its
+    tombstone was purged); ``entries`` ascending by seq, tombstones included;
+    ``purged_seq``: the highest seq of a tombstone purged so far (a resume from
+    below it cannot learn every delete, so it gets a whole snapshot)."""
+
+    room: str
+    seq: int
+    entries: list[StateEntry]
+    purged_seq: int = 0
+
+    def values_json(self) -> bytes:
+        """``{"k": {"value", "seq", "updated_at"}, …}`` of the live keys."""
+        return values_json(self.entries)
+
+
+def values_json(entries: Iterable[StateEntry]) -> bytes:
+    """The ``values`` object of a snapshot: each live key's value, seq and time."""
+    parts = [
+        orjson.dumps(e.key)
+        + b':{"value":'
+        + e.value
+        + b',"seq":%d,"updated_at":"' % e.seq
+        + format_ts(e.updated_ms).encode()
+        + b'"}'
+        for e in entries
+        if e.value is not None
+    ]
+    return b"{" + b",".join(parts) + b"}"

@@ -34,6 +34,8 @@ from chat_gateway.storage.base import (
     Page,
     ReadPosition,
     RoomFilter,
+    StateEntry,
+    StateSnapshot,
     Store,
     StoreUnavailable,
     Version,
@@ -660,6 +662,94 @@ class SQLiteStore(Store):
                 for e in self._outbox_ids
             ],
         )
+
+    async def write_state(
+        self, room: str, writes: list[tuple[str, bytes | None]], *, author: str | None = None
+    ) -> list[StateEntry]:
+        def write(db: sqlite3.Connection) -> list[StateEntry]:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                ms = now_ms()
+                held = db.execute(
+                    "SELECT banned, muted FROM rooms WHERE room = ?", (room,)
+                ).fetchone()
+                if held is not None and author is not None:  # under the write lock
+                    check_append(RoomModeration.of_row(room, held[0], held[1], 0), author, ms)
+                (last,) = db.execute(
+                    "INSERT INTO rooms (room, last_seq) VALUES (?, ?) ON CONFLICT (room) "
+                    "DO UPDATE SET last_seq = last_seq + excluded.last_seq RETURNING last_seq",
+                    (room, len(writes)),
+                ).fetchone()
+                base = last - len(writes)
+                out = [
+                    StateEntry(room, key, base + i, value, ms)
+                    for i, (key, value) in enumerate(writes, 1)
+                ]
+                db.executemany(
+                    "INSERT INTO room_state (room, key, value, seq, updated_ms) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (room, key) DO UPDATE SET "
+                    "value = excluded.value, seq = excluded.seq, updated_ms = excluded.updated_ms",
+                    [
+                        (room, e.key, None if e.value is None else e.value.decode(), e.seq, ms)
+                        for e in out
+                    ],
+                )
+                db.execute("COMMIT")
+                return out
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        return await self._run(write)
+
+    async def state(self, room: str, *, after: int = 0) -> StateSnapshot:
+        def read(db: sqlite3.Connection) -> StateSnapshot:
+            db.execute("BEGIN")  # one snapshot for both reads
+            try:
+                head = db.execute(
+                    "SELECT last_seq, state_purged_seq FROM rooms WHERE room = ?", (room,)
+                ).fetchone()
+                rows = db.execute(
+                    "SELECT key, value, seq, updated_ms FROM room_state "
+                    "WHERE room = ? AND seq > ? ORDER BY seq",
+                    (room, after),
+                ).fetchall()
+            finally:
+                db.execute("COMMIT")
+            if head is None:
+                return StateSnapshot(room, 0, [])
+            entries = [
+                StateEntry(room, k, int(q), None if v is None else v.encode(), int(ms))
+                for k, v, q, ms in rows
+            ]
+            return StateSnapshot(room, int(head[0]), entries, int(head[1]))
+
+        return await self._run(read)
+
+    async def purge_tombstones(self, cutoff_ms: int, limit: int) -> int:
+        def purge(db: sqlite3.Connection) -> int:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                gone = db.execute(
+                    "DELETE FROM room_state WHERE rowid IN (SELECT rowid FROM room_state "
+                    "WHERE value IS NULL AND updated_ms < ? ORDER BY updated_ms LIMIT ?) "
+                    "RETURNING room, seq",
+                    (cutoff_ms, limit),
+                ).fetchall()
+                top: dict[str, int] = {}
+                for room, seq in gone:
+                    top[room] = max(top.get(room, 0), int(seq))
+                db.executemany(
+                    "UPDATE rooms SET state_purged_seq = max(state_purged_seq, ?) WHERE room = ?",
+                    [(seq, room) for room, seq in top.items()],
+                )
+                db.execute("COMMIT")
+                return len(gone)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        return await self._run(purge)
 
     async def position(self, room: str) -> tuple[int, int]:
         row = await self._run(

@@ -433,11 +433,12 @@ class Session:
             room = v.room_name(frame.get("room"))
             since = v.seq_field(frame.get("since"), "since")
             changes_since = v.seq_field(frame.get("changes_since"), "changes_since")
+            conflate = v.conflate_ms(frame.get("conflate_ms"))
             self.identity.check_room(room)
             self.check_subscription_room(room)
             await self.gw.rates.check(SUBSCRIBE, self.identity.bucket)
             await self.gw.moderation.check_subscribe(room, self.user)
-            await hub.subscribe(self.sub, room, since, changes_since)
+            await hub.subscribe(self.sub, room, since, changes_since, conflate)
             await presence.joined(self.sub.id, self.user, room)
         elif kind == "unsubscribe":
             room = v.room_name(frame.get("room"))
