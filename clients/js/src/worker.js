@@ -20,7 +20,8 @@ import { Client, GatewayError } from "./index.js";
 
 const CALLS = new Set([
   "connect", "publish", "emit", "edit", "delete", "typing", "history", "presence", "markRead",
-  "readState", "readPositions", "reconnectNow",
+  "readState", "readPositions", "reconnectNow", "setState", "deleteState", "patchState",
+  "getState",
 ]);
 const ROOM_EVENTS = ["typing", "presence", "event", "read"];
 const STATE_EVENTS = ["state", "connecting", "connected", "disconnected", "closed", "refreshed"];
