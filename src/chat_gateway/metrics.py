@@ -82,8 +82,9 @@ class Metrics:
         )
         self.state_snapshots = Counter(
             "chat_state_snapshots_total",
-            "Snapshots of state rooms given to subscribers, by source: read from the store "
-            "(a room opened on this instance) or from the room's values held in memory",
+            "State room subscriptions answered (a snapshot, or the writes after since), by "
+            "source: the store (the room opened on this instance: one read) or the room's "
+            "values held in memory",
             ["source"],
             registry=r,
         )

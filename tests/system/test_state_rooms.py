@@ -7,6 +7,7 @@ functions a backend writes with inside its own transaction."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 from pathlib import Path
@@ -37,6 +38,10 @@ conflate_ms = 200
 
 [namespaces.live]
 kind = "ephemeral"
+
+[namespaces.tight]
+kind = "state"
+rate_limit = "2/1h"
 """
 
 
@@ -310,6 +315,7 @@ async def test_conflation_sends_fewer_frames_never_older_and_converges(env):
             WSClient.connect(f"{a.ws_url}?token={token('ana')}") as slow,
             WSClient.connect(f"{a.ws_url}?token={token('bob')}") as every,
             WSClient.connect(f"{a.ws_url}?token={token('cy')}") as fast,
+            SSEClient.open(f"{a.url}/v1/rooms/{room}/events?conflate_ms=100", user("dee")) as sse,
         ):
             await slow.subscribe(room)  # the namespace's default: 200 ms
             await every.subscribe(room, conflate_ms=0)
@@ -335,6 +341,17 @@ async def test_conflation_sends_fewer_frames_never_older_and_converges(env):
             assert got_every.frames == writes
             assert got_slow.frames < writes
             assert got_fast.frames < writes
+
+            def sse_held() -> Held | None:
+                held = Held()
+                for event in sse.events:
+                    if event.get("event") in ("snapshot", "state"):
+                        held.apply({"event": event["event"], **event["json"]})
+                return held if held.seq >= truth["seq"] else None
+
+            got_sse = await eventually(sse_held)
+            assert got_sse.values == values_of(truth)
+            assert got_sse.frames < writes
 
 
 async def test_many_subscribers_share_one_snapshot_read(env):
@@ -531,3 +548,81 @@ async def test_ephemeral_events_conflate_per_event_name(env):
             ticks = [f["data"]["i"] for f in some if f["event"] == "tick"]
             assert ticks == sorted(ticks) and ticks[-1] == 29
             assert len(ticks) < 30
+
+
+async def test_a_resume_from_before_a_purged_tombstone_gets_a_snapshot(env):
+    """Tombstones older than STATE_TOMBSTONE_TTL are purged by the retention rounds;
+    a subscriber resuming from a seq below the newest purged one cannot learn of
+    every delete, so it gets a snapshot, not state frames."""
+    env = {**env, "STATE_TOMBSTONE_TTL": "1", "RETENTION_INTERVAL": "1"}
+    room = "board:purge"
+    async with instances(1, env) as (a,), httpx.AsyncClient(base_url=a.url, timeout=10) as http:
+        await http.patch(f"/v1/rooms/{room}/state", json={"set": {"a": 1, "b": 2}}, headers=API)
+        await http.delete(f"/v1/rooms/{room}/state/b", headers=API)  # seq 3, a tombstone
+
+        async def resumed() -> dict[str, Any]:
+            async with WSClient.connect(f"{a.ws_url}?token={token('ana')}") as ws:
+                await ws.subscribe(room, since=1)
+                frame = await ws.recv()
+                assert frame["type"] in ("state", "snapshot"), frame
+                return frame
+
+        first = await resumed()  # not purged yet: b's tombstone, as a delete
+        if first["type"] == "state":
+            assert (first["key"], first["deleted"]) == ("b", True)
+        got = await eventually(lambda: _snapshot_or_none(resumed()), timeout=20, interval=0.5)
+        assert got["seq"] == 3 and values_of(got) == {"a": 1}
+
+
+async def _snapshot_or_none(frame: Any) -> dict[str, Any] | None:
+    got = await frame
+    return got if got["type"] == "snapshot" else None
+
+
+async def test_a_role_with_only_execute_writes_state_and_nothing_else(env, pg_url):
+    role = "cg_state_" + os.urandom(4).hex()
+    room = "board:granted"
+    async with instances(1, env) as (a,), httpx.AsyncClient(base_url=a.url, timeout=10) as http:
+        admin = await asyncpg.connect(pg_url)
+        try:
+            await admin.execute(f"CREATE ROLE {role} LOGIN")
+            base, _, db_name = pg_url.rpartition("/")
+            as_role = f"postgresql://{role}@{base.rpartition('@')[2]}/{db_name}"
+            db = await asyncpg.connect(as_role)
+            try:
+                # EXECUTE is not PUBLIC's: no call without the grant
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await db.fetchval("SELECT chat_set_state($1, 'k', '1')", room)
+                await admin.execute(
+                    "GRANT EXECUTE ON FUNCTION chat_set_state(text, text, jsonb), "
+                    f"chat_delete_state(text, text) TO {role}"
+                )
+                assert await db.fetchval("SELECT chat_set_state($1, 'k', '1')", room) == 1
+                assert await db.fetchval("SELECT chat_delete_state($1, 'k')", room) == 2
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await db.fetch("SELECT * FROM room_state")
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await db.fetchval("SELECT chat_write_state($1, 'k', '1')", room)
+            finally:
+                await db.close()
+            r = await http.get(f"/v1/rooms/{room}/state", headers=API)
+            assert r.json() == {"room": room, "seq": 2, "values": {}}
+        finally:
+            await admin.execute(f"DROP OWNED BY {role}")
+            await admin.execute(f"DROP ROLE IF EXISTS {role}")
+            await admin.close()
+
+
+async def test_writes_take_the_namespaces_post_bucket(env):
+    async with instances(1, env) as (a,), httpx.AsyncClient(base_url=a.url, timeout=10) as http:
+        for i in range(2):
+            r = await http.put("/v1/rooms/tight:t/state/k", json={"value": i}, headers=user("ana"))
+            assert r.status_code == 200, r.text
+        r = await http.patch("/v1/rooms/tight:t/state", json={"set": {"k": 9}}, headers=user("ana"))
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited"
+        assert int(r.headers["Retry-After"]) >= 1
+        r = await http.get("/v1/rooms/tight:t/state", headers=user("ana"))
+        assert values_of(r.json()) == {"k": 1}, "the refused write changed nothing"
+        # another namespace's bucket is another bucket
+        r = await http.put("/v1/rooms/board:t/state/k", json={"value": 1}, headers=user("ana"))
+        assert r.status_code == 200, r.text

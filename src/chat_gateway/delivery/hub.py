@@ -34,6 +34,15 @@ likewise waits until the room has dispatched the changes committed before it
 (the count its payload carries), so the two go out in commit order. Typing and
 read receipts (``t:``, ``r:``) are unsequenced, like ephemeral events.
 
+A state room (``kind = "state"``) sequences its writes (``s:`` payloads) as
+messages, but a fill reads the current keys after the position and moves past
+seqs whose keys were written again (``Sequencer.state_page``). The room's values
+are held here (``LiveState``), read once when the room opens and kept current by
+each delivered write, and every subscription's snapshot or resume comes from
+them, in the step that sets its cursor. A subscriber of a state or ephemeral room
+with ``conflate_ms`` joins the room's group for that interval: one buffer of each
+key's newest frame and one timer, flushed to the whole group (``_flush``).
+
 Outside this module nothing reads a room's or a subscriber's fields: ask the hub
 (``room_stats``, ``held_rooms``, ``connections``, ``of_user``) or the subscriber
 (``holds``, ``rooms``, ``position``).
