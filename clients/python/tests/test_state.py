@@ -19,7 +19,7 @@ from chat_gateway_client import (
     StateWrite,
 )
 
-from tests.harness import eventually, instances, t
+from tests.harness import WSClient, eventually, instances, t
 
 FAST = {"min_delay": 0.05, "max_delay": 0.4}
 
@@ -178,6 +178,47 @@ async def test_gateway_killed_and_restarted_while_written_ends_with_the_store(st
             assert dict(view) == values
             assert snapshots == 0, "resumed with since, not a new snapshot"
             assert backwards == []
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+
+async def test_a_fresh_snapshot_on_resume_replaces_the_values(state_env):
+    """Away longer than the tombstones are kept: the gateway cannot list every delete
+    since the client's seq, so it sends a whole snapshot, which replaces the values:
+    a key deleted while away is gone from the view too."""
+    env = {**state_env, "STATE_TOMBSTONE_TTL": "1", "RETENTION_INTERVAL": "1"}
+    async with instances(2, env) as (a, b):
+        async with Client(b.url, **FAST) as writer, Client(a.url, **FAST) as reader:
+            await writer.patch_state("ticker:p", set={"a": 1, "b": 2})
+            view = await reader.subscribe_state("ticker:p")
+            assert dict(view) == {"a": 1, "b": 2}
+            since = view.seq
+            snapshots: list[StateSnapshot] = []
+
+            async def watch() -> None:
+                async for ev in reader.events():
+                    if isinstance(ev, StateSnapshot):
+                        snapshots.append(ev)
+
+            watcher = asyncio.create_task(watch())
+            a.kill()
+            await writer.delete_state("ticker:p", "b")
+            await writer.set_state("ticker:p", "c", 3)
+
+            async def purged() -> bool:
+                # a resume from the reader's seq now gets a snapshot (b's tombstone is gone)
+                async with WSClient.connect(b.ws_url) as probe:
+                    await probe.subscribe("ticker:p", since=since)
+                    return bool((await probe.recv())["type"] == "snapshot")
+
+            await eventually(purged, t(20), interval=0.5)
+            a.start()
+            await a.wait_ready()
+            seq, values = await stored(writer, "ticker:p")
+            await eventually(lambda: view.seq == seq, t(20))
+            assert dict(view) == values == {"a": 1, "c": 3}
+            assert [s.seq for s in snapshots] == [seq]
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
