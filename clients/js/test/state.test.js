@@ -7,6 +7,7 @@ import { mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { createServer, connect } from "node:net";
+import { WebSocket } from "ws";
 
 import { Client, GatewayError, StateView } from "../src/index.js";
 import { Gateway, environment, eventually } from "./gateway.js";
@@ -62,6 +63,22 @@ class Relay {
     for (const s of this.sockets) s.destroy();
     return closed;
   }
+}
+
+/** The type of the first frame after `subscribed` when resuming `room` from `since`
+ * on a fresh socket: "state" (the writes after it) or "snapshot". */
+function firstFrameAfter(url, room, since) {
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(url.replace(/^http/, "ws") + "/v1/ws");
+    ws.on("open", () => ws.send(JSON.stringify({ type: "subscribe", room, since })));
+    ws.on("message", (data) => {
+      const f = JSON.parse(String(data));
+      if (f.type === "subscribed") return;
+      ws.close();
+      resolve(f.type);
+    });
+    ws.on("error", reject);
+  });
 }
 
 /** Every live key of the store, as `{key: value}`. */
@@ -190,5 +207,45 @@ test("resume: the instance is killed while keys are written; after reconnecting 
       reader.close();
       extra.kill();
       await relay.down();
+    }
+  });
+
+test("away longer than tombstones are kept: the resume gets a snapshot, which replaces "
+  + "the values (a key deleted while away is gone)", async () => {
+    const env = { ...envr.env, STATE_TOMBSTONE_TTL: "1", RETENTION_INTERVAL: "1" };
+    const [near, far] = await Promise.all([new Gateway(env).start(), new Gateway(env).start()]);
+    const relay = new Relay();
+    await relay.up(near.url);
+    const writer = new Client(far.url);
+    const reader = new Client(relay.url, { minDelay: 50, maxDelay: 200 });
+    const snapshots = [];
+    reader.on("snapshot", (ev) => snapshots.push(ev.seq));
+    try {
+      await writer.patchState("ticker:p", { set: { a: 1, b: 2 } });
+      await reader.connect();
+      const view = await reader.subscribeState("ticker:p");
+      assert.deepEqual(view.toJSON(), { a: 1, b: 2 });
+      const since = view.seq;
+      const down = new Promise((r) => reader.once("disconnected", r));
+      await relay.down();
+      near.kill();
+      await down;
+      await writer.deleteState("ticker:p", "b");
+      await writer.setState("ticker:p", "c", 3);
+      // until b's tombstone is purged: a resume from `since` then gets a snapshot
+      await eventually(() => firstFrameAfter(far.url, "ticker:p", since)
+        .then((type) => type === "snapshot"), 20000, "b's tombstone purged");
+      await relay.up(far.url);
+      const { seq } = await writer.getState("ticker:p");
+      await eventually(() => view.seq === seq, 15000, "the fresh snapshot");
+      assert.deepEqual(view.toJSON(), await stored(writer, "ticker:p"));
+      assert.deepEqual(view.toJSON(), { a: 1, c: 3 });
+      assert.deepEqual(snapshots, [since, seq]);
+    } finally {
+      writer.close();
+      reader.close();
+      await relay.down();
+      near.kill();
+      await far.stop();
     }
   });
