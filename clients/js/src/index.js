@@ -1134,6 +1134,7 @@ export class SharedClient extends Emitter {
     this.calls = new Map();
     this.nextId = 1;
     this.cursors = new Map();
+    this.stateRooms = new Map(); // room -> {st, view}
     this.getToken = getToken;
     const worker = new SharedWorker(workerUrl ?? new URL("./worker.js", import.meta.url),
                                     { type: "module", name: "chat-gateway" });
@@ -1182,7 +1183,11 @@ export class SharedClient extends Emitter {
       if (ev.initial) return;
     }
     if (type === "message") this.cursors.set(ev.room, ev.seq);
-    if (type === "unsubscribed") this.cursors.delete(ev.room);
+    if ((type === "snapshot" || type === "value") && !this.#applyState(type, ev)) return;
+    if (type === "unsubscribed") {
+      this.cursors.delete(ev.room);
+      this.stateRooms.delete(ev.room);
+    }
     if (type === "error") return this.fire("error", this.#error(ev));
     if (ev && ev.error) ev.error = this.#error(ev.error);
     this.fire(type, ev);
@@ -1210,6 +1215,7 @@ export class SharedClient extends Emitter {
 
   unsubscribe(room) {
     this.cursors.delete(room);
+    this.stateRooms.delete(room);
     this.#call("unsubscribe", [room]).catch(() => {});
   }
 
@@ -1217,14 +1223,37 @@ export class SharedClient extends Emitter {
     return this.cursors.get(room);
   }
 
-  /** Not served by the shared worker yet: a state room needs a plain `Client`. */
-  subscribeState(room) {
-    return Promise.reject(new GatewayError("unsupported",
-      `subscribeState(${room}) needs a plain Client (the shared worker does not hold state rooms)`));
+  /** A state room through the shared connection: the worker holds its values (with
+   * the conflation of the first tab that asked), this tab a copy kept current by the
+   * `snapshot` and `value` events it relays. */
+  async subscribeState(room, { conflateMs } = {}) {
+    const held = this.stateRooms.get(room);
+    if (held) return held.view;
+    const answer = await this.#call("subscribeState", [room, { conflateMs }]);
+    const st = { seq: answer.seq, values: new Map(Object.entries(answer.values)) };
+    const view = new StateView(st, room);
+    this.stateRooms.set(room, { st, view });
+    return view;
   }
 
-  stateOf() {
-    return undefined;
+  stateOf(room) {
+    return this.stateRooms.get(room)?.view;
+  }
+
+  #applyState(type, ev) {
+    const held = this.stateRooms.get(ev.room);
+    if (!held) return false;
+    const st = held.st;
+    if (type === "snapshot") {
+      st.values = new Map(Object.entries(ev.values));
+      st.seq = ev.seq;
+      return true;
+    }
+    if (st.seq !== undefined && ev.seq <= st.seq) return false;
+    st.seq = ev.seq;
+    if (ev.deleted) st.values.delete(ev.key);
+    else st.values.set(ev.key, { value: ev.value, seq: ev.seq, updated_at: ev.updated_at });
+    return true;
   }
 
   typing(room) {
