@@ -233,6 +233,7 @@ class Gateway:
             position_interval=self.settings.position_interval,
             metrics=self.metrics,
             namespaces=self.settings.namespaces_file,
+            tombstone_ttl=self.settings.state_tombstone_ttl,
         )
         await hub.start()
         running.push_async_callback(hub.close)

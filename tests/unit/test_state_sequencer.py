@@ -259,3 +259,14 @@ def test_live_state_answers_since_and_a_cached_snapshot():
     assert len(built) == 1, "encoded once until the next write"
     state.apply(StateEntry(ROOM, "c", 6, b"[1]", 0))
     assert b'"c":{"value":[1]' in state.snapshot("ws", 6, build) and len(built) == 2
+
+
+def test_held_tombstones_are_forgotten_after_their_time_and_resumes_below_get_a_snapshot():
+    state = LiveState(StateSnapshot(ROOM, 0, []))
+    state.apply(StateEntry(ROOM, "a", 1, b"1", 100))
+    state.apply(StateEntry(ROOM, "b", 2, None, 100))
+    state.apply(StateEntry(ROOM, "c", 3, None, 500))
+    assert state.prune(200) == 1, "b's tombstone only: a lives, c is recent"
+    assert sorted(state.entries) == ["a", "c"]
+    assert state.purged_seq == 2
+    assert not state.resumable(1) and state.resumable(2)

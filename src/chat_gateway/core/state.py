@@ -37,6 +37,16 @@ class LiveState:
         self.entries[entry.key] = entry
         self._frames.clear()
 
+    def prune(self, before_ms: int) -> int:
+        """Forget tombstones written before ``before_ms`` (as the store purges them
+        after ``STATE_TOMBSTONE_TTL``), raising the purged seq past them, so a held
+        room's memory does not grow with deleted keys. Returns how many went."""
+        gone = [e for e in self.entries.values() if e.value is None and e.updated_ms < before_ms]
+        for entry in gone:
+            del self.entries[entry.key]
+            self.purged_seq = max(self.purged_seq, entry.seq)
+        return len(gone)
+
     def resumable(self, since: int) -> bool:
         """Whether a resume from ``since`` can be answered with the writes after it
         (else a whole snapshot: a tombstone above it may be purged)."""

@@ -333,10 +333,12 @@ class Hub:
         position_interval: float = 3.0,
         metrics: Metrics | None = None,
         namespaces: Namespaces | None = None,
+        tombstone_ttl: float = 86400.0,
     ) -> None:
         self.broker = broker
         # Room kinds and their default conflation (NAMESPACES_FILE).
         self.namespaces = namespaces if namespaces is not None else Namespaces()
+        self.tombstone_ttl = tombstone_ttl  # seconds a held state room keeps a tombstone
         self.history = history
         self.store = history.store
         self.prefix = prefix
@@ -982,6 +984,10 @@ class Hub:
         rooms = [r for r in self.rooms.values() if r.sequencer.seq is not None]
         if not rooms:
             return
+        cutoff_ms = int((time.time() - self.tombstone_ttl) * 1000)
+        for r in rooms:
+            if r.state is not None:
+                r.state.prune(cutoff_ms)
         names = [r.name for r in rooms]
         self._checks += 1
         if self._checks % STORE_CHECK_EVERY == 0:
