@@ -726,9 +726,11 @@ class Client:
         r.waiters.append(fut)
         ready = asyncio.ensure_future(view._ready.wait())
         try:
-            await asyncio.wait([fut, ready], return_when=asyncio.FIRST_COMPLETED)
-            if fut.done() and fut.exception() is not None:
-                raise fut.exception()  # type: ignore[misc]
+            waits: list[asyncio.Future[Any]] = [fut, ready]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            failed = fut.exception() if fut.done() else None
+            if failed is not None:
+                raise failed
             await ready
         finally:
             ready.cancel()
