@@ -124,6 +124,59 @@ export interface StateEvent {
   error?: GatewayError;
 }
 
+/** One key's entry in a state room: its value, the seq of its last write, when. */
+export interface StateEntry {
+  value: unknown;
+  seq: number;
+  updated_at: string;
+}
+
+/** `snapshot`: every live key of a state room at `seq`; the values held are replaced. */
+export interface StateSnapshotEvent {
+  room: string;
+  seq: number;
+  values: Record<string, StateEntry>;
+}
+
+/** `value`: a write of a state room's key, in seq order; `deleted` when removed. */
+export interface StateValueEvent {
+  room: string;
+  seq: number;
+  key: string;
+  value?: unknown;
+  deleted?: true;
+  updated_at: string;
+}
+
+/** The answer to setState / deleteState, and each of patchState's writes. */
+export interface StateWrite {
+  room?: string;
+  seq: number;
+  key: string;
+  value?: unknown;
+  deleted?: true;
+  updated_at: string;
+}
+
+/** A state room's values as the client holds them: read-only, Map-like, live. */
+export declare class StateView implements Iterable<[string, unknown]> {
+  readonly room: string;
+  /** The highest seq applied: the room's position these values are at. */
+  readonly seq: number | undefined;
+  readonly size: number;
+  get(key: string): unknown;
+  has(key: string): boolean;
+  /** `{value, seq, updated_at}` of a key. */
+  entry(key: string): StateEntry | undefined;
+  keys(): IterableIterator<string>;
+  values(): IterableIterator<unknown>;
+  entries(): IterableIterator<[string, unknown]>;
+  [Symbol.iterator](): IterableIterator<[string, unknown]>;
+  forEach(fn: (value: unknown, key: string, view: StateView) => void): void;
+  /** `{key: value}` of every key. */
+  toJSON(): Record<string, unknown>;
+}
+
 export interface ChangeEvent {
   kind: "updated" | "deleted";
   room: string;
@@ -217,6 +270,10 @@ export interface Events {
   read: ReadEvent;
   subscribed: SubscribedEvent;
   unsubscribed: UnsubscribedEvent;
+  /** A state room's snapshot: its values replaced. */
+  snapshot: StateSnapshotEvent;
+  /** A state room's key written or deleted. */
+  value: StateValueEvent;
   refreshed: { exp: number };
   error: GatewayError;
   /** A frame of a type this client does not know. */
@@ -276,6 +333,23 @@ export declare class Client {
   unsubscribe(room: string): void;
   /** The seq of the last message of the room delivered to the application. */
   cursor(room: string): number | undefined;
+  /**
+   * Subscribe to a state room: resolves with its live view once the values are in
+   * (snapshot first; after a reconnection the client resumes from `view.seq`, each key
+   * written meanwhile once). `conflateMs`: at most one update per key per interval,
+   * the newest (absent: the namespace's default; 0: every write).
+   */
+  subscribeState(room: string, options?: { conflateMs?: number }): Promise<StateView>;
+  /** The view of a state room subscribed with subscribeState. */
+  stateOf(room: string): StateView | undefined;
+  /** State rooms over HTTP (an API key as token, or a user where client_publish). */
+  setState(room: string, key: string, value: unknown): Promise<StateWrite>;
+  deleteState(room: string, key: string): Promise<StateWrite>;
+  /** One transaction, contiguous seqs: `set` in order, then `delete`. */
+  patchState(room: string, changes: { set?: Record<string, unknown>; delete?: string[] }):
+    Promise<{ room: string; seq: number; writes: StateWrite[] }>;
+  getState(room: string):
+    Promise<{ room: string; seq: number; values: Record<string, StateEntry> }>;
   /** Resolves with the stored message; stored once even when resent after a drop. */
   publish(
     room: string,

@@ -25,6 +25,15 @@
 // Changes (edits, deletes) are numbered per room: the client keeps the number of the
 // last one delivered and resubscribes with `changes_since`, so a change made while
 // it was away arrives after the reconnection, once.
+//
+// A state room (a namespace with `kind = "state"` on the gateway) holds the latest
+// JSON value per key. `subscribeState` keeps the room's values and the highest seq it
+// has applied; the first subscription gets a snapshot, every resubscription asks
+// `since` that seq and gets the newest write of each key written meanwhile, once, so
+// the client ends with exactly the store's values. A snapshot replaces the values.
+// State seqs skip (a key written twice while away comes once, conflation keeps only
+// the newest per key): a skip is no gap there, and each key's value only moves
+// forward (a frame older than the key's seq is dropped).
 
 export const VERSION = "0.1.0";
 
@@ -130,6 +139,64 @@ async function* pageThrough(client, room, { limit, before, after }) {
   }
 }
 
+/** A state room's values as a client holds them: read-only, Map-like, live. */
+export class StateView {
+  #st;
+
+  constructor(st, room) {
+    this.#st = st;
+    this.room = room;
+  }
+
+  /** The highest seq applied (the room's position these values are at). */
+  get seq() {
+    return this.#st.seq;
+  }
+
+  get size() {
+    return this.#st.values.size;
+  }
+
+  get(key) {
+    return this.#st.values.get(key)?.value;
+  }
+
+  has(key) {
+    return this.#st.values.has(key);
+  }
+
+  /** `{value, seq, updated_at}` of a key, or undefined. */
+  entry(key) {
+    const e = this.#st.values.get(key);
+    return e && { ...e };
+  }
+
+  keys() {
+    return this.#st.values.keys();
+  }
+
+  *values() {
+    for (const e of this.#st.values.values()) yield e.value;
+  }
+
+  *entries() {
+    for (const [k, e] of this.#st.values) yield [k, e.value];
+  }
+
+  [Symbol.iterator]() {
+    return this.entries();
+  }
+
+  forEach(fn) {
+    for (const [k, v] of this.entries()) fn(v, k, this);
+  }
+
+  /** `{key: value}` of every key. */
+  toJSON() {
+    return Object.fromEntries(this.entries());
+  }
+}
+
 class Emitter {
   #listeners = new Map();
 
@@ -171,10 +238,14 @@ class Room {
     this.change = undefined;
     this.subscribed = false;
     this.waiters = [];
+    /** a state room's: {conflateMs, values: Map key -> {value, seq, updated_at}} */
+    this.state = undefined;
   }
 
   settle(err, value) {
     for (const [resolve, reject] of this.waiters.splice(0)) err ? reject(err) : resolve(value);
+    // a state room waiting for its snapshot fails with its subscription
+    if (err && this.state) for (const [, reject] of this.state.ready.splice(0)) reject(err);
   }
 }
 
@@ -509,6 +580,10 @@ export class Client extends Emitter {
     switch (f.type) {
       case "message":
         return this.#onMessage(f.room, f.message);
+      case "snapshot":
+        return this.#onSnapshot(f);
+      case "state":
+        return this.#onState(f);
       case "ack": {
         const p = this.pending.get(f.ref);
         if (p) {
@@ -541,6 +616,7 @@ export class Client extends Emitter {
       }
       case "pong":
         this.#answered("ping");
+        if (typeof f.ref === "string" && f.ref.startsWith("snapshot-")) this.#noSnapshot(f.ref);
         return;
       case "refreshed":
         this.#answered("refresh");
@@ -592,6 +668,58 @@ export class Client extends Emitter {
     }
     room.cursor = msg.seq;
     this.fire("message", msg);
+  }
+
+  #onSnapshot(f) {
+    const room = this.rooms.get(f.room);
+    if (!room?.state || !room.subscribed || typeof f.seq !== "number") return;
+    const values = new Map();
+    for (const [key, v] of Object.entries(f.values ?? {})) {
+      values.set(key, { value: v.value, seq: v.seq, updated_at: v.updated_at });
+    }
+    room.state.values = values; // a snapshot replaces whatever was held
+    room.state.seq = f.seq;
+    for (const [resolve] of room.state.ready.splice(0)) resolve(room.view);
+    this.fire("snapshot", { room: f.room, seq: f.seq, values: f.values ?? {} });
+  }
+
+  /** The pong after a state subscription came, and no snapshot before it: the room
+   * is not a state room. */
+  #noSnapshot(ref) {
+    for (const room of this.rooms.values()) {
+      if (room.state?.fence !== ref) continue;
+      room.state.fence = undefined;
+      if (room.state.seq !== undefined || !room.subscribed) return;
+      this.rooms.delete(room.name);
+      this.#send({ type: "unsubscribe", room: room.name },
+                 { kind: "unsubscribe", room: room.name });
+      const err = new GatewayError("wrong_room_kind",
+                                   `${room.name} is not a state room (no snapshot came)`);
+      err.room = room.name;
+      room.settle(err);
+      return;
+    }
+  }
+
+  #onState(f) {
+    const room = this.rooms.get(f.room);
+    // a frame before this connection's `subscribed` is left over (the resubscription
+    // brings the key's newest value)
+    if (!room?.state || !room.subscribed || typeof f.seq !== "number") return;
+    const st = room.state;
+    // a subscription's writes come in seq order: one at or below the highest applied
+    // is held already (never go back to an older value)
+    if (st.seq !== undefined && f.seq <= st.seq) return;
+    st.seq = f.seq;
+    const ev = { room: f.room, seq: f.seq, key: f.key, updated_at: f.updated_at };
+    if (f.deleted) {
+      ev.deleted = true;
+      st.values.delete(f.key);
+    } else {
+      ev.value = f.value;
+      st.values.set(f.key, { value: f.value, seq: f.seq, updated_at: f.updated_at });
+    }
+    this.fire("value", ev);
   }
 
   #onChange(f) {
@@ -670,9 +798,65 @@ export class Client extends Emitter {
 
   #sendSubscribe(room) {
     const frame = { type: "subscribe", room: room.name };
+    if (room.state) {
+      // resume from the highest seq applied (none yet: a snapshot)
+      if (room.state.seq !== undefined) frame.since = room.state.seq;
+      if (room.state.conflateMs !== undefined) frame.conflate_ms = room.state.conflateMs;
+      if (!this.#send(frame, { kind: "subscribe", room: room.name })) return false;
+      if (room.state.seq === undefined) {
+        // a state room's snapshot comes before the answer to a ping sent after the
+        // subscribe: a pong first means the room is of another kind
+        room.state.fence = "snapshot-" + this.nextRef++;
+        this.#send({ type: "ping", ref: room.state.fence }, { kind: "ping" });
+      }
+      return true;
+    }
     if (room.cursor !== undefined) frame.since = room.cursor;
     if (room.change !== undefined) frame.changes_since = room.change;
     this.#send(frame, { kind: "subscribe", room: room.name });
+  }
+
+  /**
+   * Subscribe to a state room (a namespace with `kind = "state"`): the client holds
+   * its values (`state(room)`), first from a snapshot, then kept current by each
+   * write, and after a reconnection resumes from the highest seq it applied, so the
+   * keys written meanwhile arrive once and it ends with exactly the store's values.
+   * `conflateMs`: at most one update per key per interval, the newest (absent: the
+   * namespace's default; 0: every write). Resolves with the view once the values
+   * are in (the snapshot, or on a resumed subscription the subscription itself).
+   * Events: `snapshot` `{room, seq, values}` (the values replaced) and `value`
+   * `{room, seq, key, value | deleted, updated_at}`.
+   */
+  subscribeState(name, { conflateMs } = {}) {
+    if (this.state === State.CLOSED) {
+      return Promise.reject(new GatewayError("closed", "the client is closed"));
+    }
+    let room = this.rooms.get(name);
+    if (room && !room.state) {
+      return Promise.reject(new GatewayError("subscribed",
+        `${name} is subscribed as a message room: unsubscribe first`));
+    }
+    if (!room) {
+      room = new Room(name, undefined);
+      room.state = { conflateMs, seq: undefined, values: new Map(), ready: [], fence: undefined };
+      room.view = new StateView(room.state, name);
+      this.rooms.set(name, room);
+      if (this.state === State.CONNECTED) this.#sendSubscribe(room);
+    }
+    const st = room.state;
+    if (st.seq !== undefined) {
+      if (room.subscribed) return Promise.resolve(room.view);
+      return new Promise((resolve, reject) =>
+        room.waiters.push([() => resolve(room.view), reject]));
+    }
+    // first subscription: wait for the snapshot (or the subscription's failure)
+    return new Promise((resolve, reject) => st.ready.push([resolve, reject]));
+  }
+
+  /** The values of a state room this client subscribed to (`subscribeState`): a
+   * read-only Map-like view, live (undefined for a room not subscribed so). */
+  stateOf(name) {
+    return this.rooms.get(name)?.view;
   }
 
   /** Stop receiving a room's messages. */
@@ -871,6 +1055,38 @@ export class Client extends Emitter {
       ? "?" + new URLSearchParams({ user: this.options.user }) : "";
   }
 
+  // -- state rooms over HTTP (an API key as the token, or a user where the namespace's
+  // client_publish allows) --------------------------------------------------------
+
+  #statePath(room, key) {
+    const path = `/v1/rooms/${encodeURIComponent(room)}/state`;
+    return key === undefined ? path : `${path}/${encodeURIComponent(key)}`;
+  }
+
+  /** Set a key of a state room to a JSON value: `{room, key, seq, value, updated_at}`. */
+  setState(room, key, value) {
+    return this.#http("PUT", this.#statePath(room, key), { value });
+  }
+
+  /** Delete a key: `{room, key, seq, deleted: true, updated_at}`. */
+  deleteState(room, key) {
+    return this.#http("DELETE", this.#statePath(room, key));
+  }
+
+  /** Set and delete keys in one transaction (contiguous seqs, `set` first):
+   * `{room, seq, writes: [...]}`. */
+  patchState(room, { set, delete: deleted } = {}) {
+    const body = {};
+    if (set !== undefined) body.set = set;
+    if (deleted !== undefined) body.delete = deleted;
+    return this.#http("PATCH", this.#statePath(room), body);
+  }
+
+  /** Every live key: `{room, seq, values: {key: {value, seq, updated_at}}}`. */
+  getState(room) {
+    return this.#http("GET", this.#statePath(room));
+  }
+
   // -- moderation (a token whose `moderate` claim grants the room, or an API key as
   // the token) ---------------------------------------------------------------------
 
@@ -932,7 +1148,8 @@ export class Client extends Emitter {
 // -- one socket per browser: the SharedWorker mode ---------------------------------
 
 const SHARED_CALLS = ["publish", "emit", "edit", "delete", "history", "presence", "markRead",
-                      "readState", "readPositions", "reconnectNow", "replies", "versions"];
+                      "readState", "readPositions", "reconnectNow", "replies", "versions",
+                      "setState", "deleteState", "patchState", "getState"];
 
 /**
  * The same surface as `Client`, served by a SharedWorker (src/worker.js) that holds one
@@ -948,6 +1165,7 @@ export class SharedClient extends Emitter {
     this.calls = new Map();
     this.nextId = 1;
     this.cursors = new Map();
+    this.stateRooms = new Map(); // room -> {st, view}
     this.getToken = getToken;
     const worker = new SharedWorker(workerUrl ?? new URL("./worker.js", import.meta.url),
                                     { type: "module", name: "chat-gateway" });
@@ -996,7 +1214,11 @@ export class SharedClient extends Emitter {
       if (ev.initial) return;
     }
     if (type === "message") this.cursors.set(ev.room, ev.seq);
-    if (type === "unsubscribed") this.cursors.delete(ev.room);
+    if ((type === "snapshot" || type === "value") && !this.#applyState(type, ev)) return;
+    if (type === "unsubscribed") {
+      this.cursors.delete(ev.room);
+      this.stateRooms.delete(ev.room);
+    }
     if (type === "error") return this.fire("error", this.#error(ev));
     if (ev && ev.error) ev.error = this.#error(ev.error);
     this.fire(type, ev);
@@ -1024,11 +1246,45 @@ export class SharedClient extends Emitter {
 
   unsubscribe(room) {
     this.cursors.delete(room);
+    this.stateRooms.delete(room);
     this.#call("unsubscribe", [room]).catch(() => {});
   }
 
   cursor(room) {
     return this.cursors.get(room);
+  }
+
+  /** A state room through the shared connection: the worker holds its values (with
+   * the conflation of the first tab that asked), this tab a copy kept current by the
+   * `snapshot` and `value` events it relays. */
+  async subscribeState(room, { conflateMs } = {}) {
+    const held = this.stateRooms.get(room);
+    if (held) return held.view;
+    const answer = await this.#call("subscribeState", [room, { conflateMs }]);
+    const st = { seq: answer.seq, values: new Map(Object.entries(answer.values)) };
+    const view = new StateView(st, room);
+    this.stateRooms.set(room, { st, view });
+    return view;
+  }
+
+  stateOf(room) {
+    return this.stateRooms.get(room)?.view;
+  }
+
+  #applyState(type, ev) {
+    const held = this.stateRooms.get(ev.room);
+    if (!held) return false;
+    const st = held.st;
+    if (type === "snapshot") {
+      st.values = new Map(Object.entries(ev.values));
+      st.seq = ev.seq;
+      return true;
+    }
+    if (st.seq !== undefined && ev.seq <= st.seq) return false;
+    st.seq = ev.seq;
+    if (ev.deleted) st.values.delete(ev.key);
+    else st.values.set(ev.key, { value: ev.value, seq: ev.seq, updated_at: ev.updated_at });
+    return true;
   }
 
   typing(room) {

@@ -20,9 +20,10 @@ import { Client, GatewayError } from "./index.js";
 
 const CALLS = new Set([
   "connect", "publish", "emit", "edit", "delete", "typing", "history", "presence", "markRead",
-  "readState", "readPositions", "reconnectNow", "replies", "versions",
+  "readState", "readPositions", "reconnectNow", "replies", "versions", "setState",
+  "deleteState", "patchState", "getState",
 ]);
-const ROOM_EVENTS = ["typing", "presence", "event", "read"];
+const ROOM_EVENTS = ["typing", "presence", "event", "read", "snapshot", "value"];
 const STATE_EVENTS = ["state", "connecting", "connected", "disconnected", "closed", "refreshed"];
 const DEAD_AFTER = 15000;
 
@@ -176,6 +177,7 @@ class TabPort {
       if (!this.shared) throw new GatewayError("closed", "the tab said goodbye");
       if (method === "subscribe") value = await this.subscribe(args[0], args[1] ?? {});
       else if (method === "unsubscribe") value = this.unsubscribe(args[0]);
+      else if (method === "subscribeState") value = await this.subscribeState(args[0], args[1] ?? {});
       else if (CALLS.has(method)) value = await this.shared.client[method](...args);
       else throw new GatewayError("invalid_request", `no such call: ${method}`);
       if (method === "pages") value = undefined;
@@ -212,6 +214,19 @@ class TabPort {
     room.filling = false;
     for (const m of room.waiting.splice(0)) this.deliver(name, room, m);
     return { room: name, seq: answer.seq, change: answer.change };
+  }
+
+  /** A state room: the shared client holds its values (with the conflation of the
+   * first tab that asked); this tab gets them now, then the `snapshot` and `value`
+   * events the shared client applies. */
+  async subscribeState(name, { conflateMs } = {}) {
+    const view = await this.shared.client.subscribeState(name, { conflateMs });
+    // no frame is handled between the view's resolution and here: the values and the
+    // events after them join up
+    this.rooms.set(name, { state: true });
+    const values = {};
+    for (const key of view.keys()) values[key] = view.entry(key);
+    return { room: name, seq: view.seq, values };
   }
 
   unsubscribe(name) {

@@ -6,7 +6,7 @@ since=N)`` iterates a room's messages in seq order, each once, across reconnecti
 ephemeral events take an ``api_key``; ``verify_webhook`` checks webhook signatures.
 """
 
-from chat_gateway_client.client import Client, State, backoff, token_expiry
+from chat_gateway_client.client import Client, State, StateView, backoff, token_expiry
 from chat_gateway_client.errors import CloseCode, GatewayError
 from chat_gateway_client.events import (
     Change,
@@ -20,6 +20,10 @@ from chat_gateway_client.events import (
     ReadState,
     RepliesPage,
     StateChange,
+    StateEntry,
+    StateSnapshot,
+    StateValue,
+    StateWrite,
     Subscribed,
     Thread,
     ThreadUpdated,
@@ -50,6 +54,11 @@ __all__ = [
     "Version",
     "State",
     "StateChange",
+    "StateEntry",
+    "StateSnapshot",
+    "StateValue",
+    "StateView",
+    "StateWrite",
     "Subscribed",
     "Typing",
     "Unsubscribed",

@@ -31,7 +31,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -55,6 +55,10 @@ from chat_gateway_client.events import (
     SearchHit,
     SearchPage,
     StateChange,
+    StateEntry,
+    StateSnapshot,
+    StateValue,
+    StateWrite,
     Subscribed,
     Thread,
     ThreadUpdated,
@@ -97,6 +101,54 @@ def token_expiry(token: str) -> float | None:
 _END: Any = object()  # in a room's queue: the subscription ended
 
 
+class StateView(Mapping[str, Any]):
+    """A state room's values as the client holds them: a read-only mapping of key to
+    JSON value, kept current by the subscription (first a snapshot, then each write;
+    after a reconnection, the keys written meanwhile). ``seq`` is the highest write
+    applied, ``entries`` each key's :class:`StateEntry`."""
+
+    def __init__(self, room: str) -> None:
+        self.room = room
+        self.seq: int | None = None
+        self.conflate_ms: int | None = None
+        self._entries: dict[str, StateEntry] = {}
+        self._ready = asyncio.Event()  # set by the first snapshot
+        self._failed: GatewayError | None = None  # the room proved of another kind
+        self.fence: str | None = None  # the ref of the ping after the first subscribe
+
+    @property
+    def entries(self) -> dict[str, StateEntry]:
+        return dict(self._entries)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._entries[key].value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"StateView({self.room!r}, seq={self.seq}, {dict(self)!r})"
+
+    def _snapshot(self, snap: StateSnapshot) -> None:
+        self._entries = dict(snap.values)
+        self.seq = snap.seq
+        self._ready.set()
+
+    def _apply(self, update: StateValue) -> bool:
+        """A write, unless at or below the highest applied (held already)."""
+        if self.seq is not None and update.seq <= self.seq:
+            return False
+        self.seq = update.seq
+        if update.deleted:
+            self._entries.pop(update.key, None)
+        else:
+            self._entries[update.key] = StateEntry(update.value, update.seq, update.updated_at)
+        return True
+
+
 @dataclass
 class _Room:
     name: str
@@ -107,6 +159,7 @@ class _Room:
     queues: list[asyncio.Queue[Any]] = field(default_factory=list)
     ended: GatewayError | None = None
     quiet: bool = False  # ended by the application: readers' loops just stop
+    state: StateView | None = None  # a state room's values (subscribe_state)
 
     def end(self, exc: GatewayError, *, quiet: bool = False) -> None:
         """The subscription is over: settle the waiters, end the readers' loops (raising
@@ -442,6 +495,20 @@ class Client:
 
     async def _send_subscribe(self, room: _Room) -> None:
         frame: dict[str, Any] = {"type": "subscribe", "room": room.name}
+        if room.state is not None:
+            # resume from the highest write applied (none yet: a snapshot)
+            if room.state.seq is not None:
+                frame["since"] = room.state.seq
+            if room.state.conflate_ms is not None:
+                frame["conflate_ms"] = room.state.conflate_ms
+            await self._send(frame, ("subscribe", room.name))
+            if room.state.seq is None:
+                # a state room's snapshot comes before the answer to a ping sent after
+                # the subscribe: a pong first means the room is of another kind
+                room.state.fence = f"snapshot-{self._next_ref}"
+                self._next_ref += 1
+                await self._send({"type": "ping", "ref": room.state.fence}, ("ping", None))
+            return
         if room.cursor is not None:
             frame["since"] = room.cursor
         if room.change is not None:
@@ -478,6 +545,9 @@ class Client:
                 p.future.set_result(Message.of(f["message"]))
         elif kind == "pong":
             self._answered("ping")
+            ref = f.get("ref")
+            if isinstance(ref, str) and ref.startswith("snapshot-"):
+                self._no_snapshot(ref)
         elif kind == "error":
             self._on_error(f)
         elif kind == "subscribed":
@@ -503,6 +573,8 @@ class Client:
             self._answered("refresh")
         elif kind in ("message_updated", "message_deleted", "reactions_updated", "thread_updated"):
             self._on_change(f)
+        elif kind in ("snapshot", "state"):
+            self._on_state(f)
         elif kind == "event":
             self._emit(Event(f["room"], f["event"], f.get("data") or {}))
         elif kind == "presence":
@@ -534,6 +606,45 @@ class Client:
         for queue in room.queues:
             queue.put_nowait(msg)
         self._emit(msg)
+
+    def _no_snapshot(self, ref: str) -> None:
+        """The pong after a state subscription came and no snapshot before it: the
+        room is of another kind."""
+        for room in list(self._rooms.values()):
+            if room.state is None or room.state.fence != ref:
+                continue
+            room.state.fence = None
+            if room.state.seq is not None or not room.subscribed:
+                return
+            del self._rooms[room.name]
+            err = GatewayError("wrong_room_kind", f"{room.name} is not a state room")
+            err.room = room.name
+            room.end(err)
+            room.state._failed = err
+            room.state._ready.set()
+            task = asyncio.ensure_future(
+                self._send({"type": "unsubscribe", "room": room.name}, ("unsubscribe", room.name))
+            )
+            task.add_done_callback(lambda t: t.exception())
+            return
+
+    def _on_state(self, f: dict[str, Any]) -> None:
+        room = self._rooms.get(f.get("room", ""))
+        # a frame before this connection's `subscribed` is left over: the
+        # resubscription brings each key's newest value
+        if room is None or room.state is None or not room.subscribed:
+            return
+        item: StateSnapshot | StateValue
+        if f["type"] == "snapshot":
+            item = StateSnapshot.of(f)
+            room.state._snapshot(item)
+        else:
+            item = StateValue.of(f)
+            if not room.state._apply(item):
+                return
+        for queue in room.queues:
+            queue.put_nowait(item)
+        self._emit(item)
 
     def _on_change(self, f: dict[str, Any]) -> None:
         room = self._rooms.get(f.get("room", ""))
@@ -598,6 +709,76 @@ class Client:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         r.waiters.append(fut)
         return await fut
+
+    async def subscribe_state(self, room: str, conflate_ms: int | None = None) -> StateView:
+        """Subscribe to a state room (a namespace with ``kind = "state"``); returns
+        its live :class:`StateView` once the snapshot is in. Kept across
+        reconnections: the client resumes from ``view.seq``, so the keys written
+        meanwhile arrive once and it ends with exactly the store's values.
+        ``conflate_ms``: at most one update per key per interval, the newest (None:
+        the namespace's default; 0: every write). ``events()`` (and
+        ``state_updates``) give the ``StateSnapshot`` and ``StateValue`` items."""
+        self._check_open()
+        r = self._rooms.get(room)
+        if r is not None and r.state is None:
+            raise GatewayError("subscribed", f"{room} is subscribed as a message room")
+        if r is None:
+            r = self._rooms[room] = _Room(room, None)
+            r.state = StateView(room)
+            r.state.conflate_ms = conflate_ms
+            await self._send_subscribe(r)
+        view = r.state
+        assert view is not None
+        if view._ready.is_set():
+            return view
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        r.waiters.append(fut)
+        ready = asyncio.ensure_future(view._ready.wait())
+        try:
+            waits: list[asyncio.Future[Any]] = [fut, ready]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            failed = fut.exception() if fut.done() else None
+            if failed is not None:
+                raise failed
+            await ready
+        finally:
+            ready.cancel()
+            if not fut.done():
+                fut.cancel()
+        if view._failed is not None:
+            raise view._failed
+        return view
+
+    def state_of(self, room: str) -> StateView | None:
+        """The live view of a state room subscribed with ``subscribe_state``."""
+        r = self._rooms.get(room)
+        return r.state if r else None
+
+    async def state_updates(
+        self, room: str, conflate_ms: int | None = None
+    ) -> AsyncIterator[StateSnapshot | StateValue]:
+        """A state room's snapshots and writes as they are applied to its view (after
+        ``subscribe_state``'s first snapshot); leaving the loop unsubscribes when no
+        other loop reads the room."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        await self.subscribe_state(room, conflate_ms)
+        r = self._rooms[room]
+        r.queues.append(queue)
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    assert r.ended is not None
+                    if r.quiet:
+                        return
+                    raise r.ended
+                yield item
+        finally:
+            current = self._rooms.get(room)
+            if current is not None and queue in current.queues:
+                current.queues.remove(queue)
+                if not current.queues:
+                    await self.unsubscribe(room)
 
     async def unsubscribe(self, room: str) -> None:
         r = self._rooms.pop(room, None)
@@ -824,6 +1005,52 @@ class Client:
                     raise
                 await asyncio.sleep(backoff(attempt, self.min_delay, self.max_delay))
         raise AssertionError("unreachable")
+
+    # -- state rooms over HTTP: the API key where one is given (and no user token),
+    # else the user's token (where the namespace's client_publish allows) -------------
+
+    def _state_path(self, room: str, key: str | None = None) -> str:
+        path = f"/v1/rooms/{quote(room, safe='')}/state"
+        return path if key is None else f"{path}/{quote(key, safe='')}"
+
+    @property
+    def _state_auth(self) -> str:
+        return "api" if self._open_mode and self.api_key else "user"
+
+    async def set_state(self, room: str, key: str, value: Any) -> StateWrite:
+        """``PUT /v1/rooms/{room}/state/{key}``: set a key to a JSON value."""
+        r = await self._request(
+            "PUT", self._state_path(room, key), auth=self._state_auth, json_body={"value": value}
+        )
+        return StateWrite.of(r.json())
+
+    async def delete_state(self, room: str, key: str) -> StateWrite:
+        """``DELETE /v1/rooms/{room}/state/{key}``."""
+        r = await self._request("DELETE", self._state_path(room, key), auth=self._state_auth)
+        return StateWrite.of(r.json())
+
+    async def patch_state(
+        self,
+        room: str,
+        set: dict[str, Any] | None = None,
+        delete: Sequence[str] | None = None,
+    ) -> list[StateWrite]:
+        """``PATCH /v1/rooms/{room}/state``: one transaction, contiguous seqs (``set``
+        in order, then ``delete``); the writes."""
+        body: dict[str, Any] = {}
+        if set is not None:
+            body["set"] = set
+        if delete is not None:
+            body["delete"] = list(delete)
+        r = await self._request(
+            "PATCH", self._state_path(room), auth=self._state_auth, json_body=body
+        )
+        return [StateWrite.of(w, room) for w in r.json()["writes"]]
+
+    async def get_state(self, room: str) -> StateSnapshot:
+        """``GET /v1/rooms/{room}/state``: every live key at the room's seq."""
+        r = await self._request("GET", self._state_path(room), auth=self._state_auth)
+        return StateSnapshot.of(r.json())
 
     async def presence(self, room: str) -> list[str]:
         """``GET /v1/rooms/{room}/presence``: the users here now, sorted."""

@@ -244,3 +244,76 @@ class SearchPage:
 
     results: list[SearchHit]
     next_cursor: str | None
+
+
+# -- state rooms ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StateEntry:
+    """One key of a state room: its JSON ``value``, the ``seq`` of its last write and
+    when that was."""
+
+    value: Any
+    seq: int
+    updated_at: str
+
+    @classmethod
+    def of(cls, d: dict[str, Any]) -> StateEntry:
+        return cls(d["value"], d["seq"], d["updated_at"])
+
+
+@dataclass(frozen=True)
+class StateSnapshot:
+    """Every live key of a state room at ``seq`` (the ``snapshot`` frame, and ``GET
+    /v1/rooms/{room}/state``). A snapshot replaces the values a client held."""
+
+    room: str
+    seq: int
+    values: dict[str, StateEntry]
+
+    @classmethod
+    def of(cls, d: dict[str, Any]) -> StateSnapshot:
+        values = {k: StateEntry.of(v) for k, v in (d.get("values") or {}).items()}
+        return cls(d["room"], d["seq"], values)
+
+
+@dataclass(frozen=True)
+class StateValue:
+    """A write of a state room's key (the ``state`` frame), in seq order: ``value``
+    set, or ``deleted`` True when the key was removed (``value`` then None)."""
+
+    room: str
+    seq: int
+    key: str
+    updated_at: str
+    value: Any | None = None
+    deleted: bool | None = None
+
+    @classmethod
+    def of(cls, d: dict[str, Any]) -> StateValue:
+        return cls(d["room"], d["seq"], d["key"], d["updated_at"], d.get("value"), d.get("deleted"))
+
+
+@dataclass(frozen=True)
+class StateWrite:
+    """The answer to ``set_state`` / ``delete_state``, and each write of
+    ``patch_state``: the seq the write took."""
+
+    seq: int
+    key: str
+    updated_at: str
+    room: str | None = None
+    value: Any | None = None
+    deleted: bool | None = None
+
+    @classmethod
+    def of(cls, d: dict[str, Any], room: str | None = None) -> StateWrite:
+        return cls(
+            d["seq"],
+            d["key"],
+            d["updated_at"],
+            d.get("room", room),
+            d.get("value"),
+            d.get("deleted"),
+        )

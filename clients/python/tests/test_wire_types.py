@@ -47,6 +47,10 @@ TYPES: dict[str, tuple[str, type, set[str]]] = {
     "ServerFrame.event": ("EphemeralEvent", py.Event, set()),
     "ServerFrame.unsubscribed": ("UnsubscribedEvent", py.Unsubscribed, set()),
     "ReadPosition": ("ReadState", py.ReadState, set()),
+    "ServerFrame.snapshot": ("StateSnapshotEvent", py.StateSnapshot, set()),
+    "ServerFrame.state": ("StateValueEvent", py.StateValue, set()),
+    "StateWrite": ("StateWrite", py.StateWrite, set()),
+    "StateEntry": ("StateEntry", py.StateEntry, set()),
 }
 
 
@@ -59,6 +63,8 @@ def spec() -> dict[str, Any]:
 def schema_of(doc: dict[str, Any], name: str) -> dict[str, Any]:
     if name == "ReadPosition":
         return dict(doc["components"]["schemas"]["ServerFrame.ack"]["properties"]["read"])
+    if name == "StateEntry":
+        return dict(doc["components"]["schemas"]["StateValues"]["additionalProperties"])
     return dict(doc["components"]["schemas"][name])
 
 
@@ -205,8 +211,12 @@ async def until_seen(client: WSClient, *kinds: str) -> None:
         await client.recv()
 
 
-async def test_what_a_gateway_sends_matches_its_schemas(gateway_env: dict[str, str]) -> None:
-    env = {**gateway_env, "API_KEYS": "key-1"}
+async def test_what_a_gateway_sends_matches_its_schemas(
+    gateway_env: dict[str, str], tmp_path: Path
+) -> None:
+    namespaces = tmp_path / "namespaces.toml"
+    namespaces.write_text('[namespaces.st]\nkind = "state"\nconflate_ms = 0\n')
+    env = {**gateway_env, "API_KEYS": "key-1", "NAMESPACES_FILE": str(namespaces)}
     async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=10) as http:
         doc = (await http.get(gw.url + "/openapi.json")).json()
         ws = gw.ws_url
@@ -272,6 +282,20 @@ async def test_what_a_gateway_sends_matches_its_schemas(gateway_env: dict[str, s
             )
             assert r.status_code == 200
             await until_seen(bob, "history_purged")
+            # a state room: the snapshot, a write and a delete
+            key = {"authorization": "Bearer key-1"}
+            r = await http.put(gw.url + "/v1/rooms/st:x/state/a", json={"value": 1}, headers=key)
+            assert r.status_code == 200
+            await bob.send({"type": "subscribe", "room": "st:x"})
+            await until_seen(bob, "snapshot")
+            r = await http.put(
+                gw.url + "/v1/rooms/st:x/state/b", json={"value": {"v": [2]}}, headers=key
+            )
+            assert r.status_code == 200
+            r = await http.delete(gw.url + "/v1/rooms/st:x/state/a", headers=key)
+            assert r.status_code == 200
+            while sum(f["type"] == "state" for f in bob.frames) < 2:
+                await bob.recv()
             frames = ana.frames + bob.frames
         seen = {f["type"] for f in frames}
         # every frame but `refreshed`, which needs auth mode (tests/system/test_auth.py)

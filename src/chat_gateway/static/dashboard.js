@@ -338,6 +338,87 @@
     open();
   });
 
+  // -- a state room's keys, live: snapshot, then each (conflated) write ---------------
+  // One EventSource on /v1/rooms/{room}/events?conflate_ms=N: `event: snapshot`
+  // replaces the table, `event: state` sets or removes a row. The browser resumes a
+  // dropped stream with Last-Event-ID (the last seq), so the gateway sends only the
+  // keys written meanwhile, or a fresh snapshot.
+  const stateKeys = new Map(); // key -> {value, seq, updated_at}
+  let stateSource = null;
+  let stateCounts = { snapshots: 0, updates: 0 };
+
+  function stateFigure(id, value) {
+    const el = $(id);
+    el.textContent = String(value);
+    el.dataset.value = String(value);
+  }
+
+  function stateStatus(state, text) {
+    const el = $("state-status");
+    el.dataset.state = state;
+    el.textContent = text;
+  }
+
+  function drawState(seq) {
+    const body = $("state-keys");
+    const rows = [...stateKeys].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(
+      ([key, e]) => row([key, JSON.stringify(e.value), String(e.seq),
+                         new Date(e.updated_at).toLocaleTimeString()],
+                        { key, seq: e.seq }));
+    body.replaceChildren(...rows);
+    if (seq !== undefined) stateFigure("state-seq", seq);
+    stateFigure("state-snapshots", stateCounts.snapshots);
+    stateFigure("state-updates", stateCounts.updates);
+  }
+
+  function watchState(room, conflateMs) {
+    if (stateSource) stateSource.close();
+    stateKeys.clear();
+    stateCounts = { snapshots: 0, updates: 0 };
+    drawState("–");
+    const params = new URLSearchParams({ conflate_ms: String(conflateMs) });
+    if (key) params.set("token", key);
+    stateStatus("connecting", `Connecting to ${room}…`);
+    const src = new EventSource(`/v1/rooms/${encodeURIComponent(room)}/events?${params}`);
+    stateSource = src;
+    src.onopen = () => stateStatus("live", `${room}: live`);
+    src.addEventListener("snapshot", (ev) => {
+      const snap = JSON.parse(ev.data);
+      stateKeys.clear();
+      for (const [k, e] of Object.entries(snap.values || {})) stateKeys.set(k, e);
+      stateCounts.snapshots += 1;
+      drawState(snap.seq);
+    });
+    src.addEventListener("state", (ev) => {
+      const w = JSON.parse(ev.data);
+      if (w.deleted) stateKeys.delete(w.key);
+      else stateKeys.set(w.key, { value: w.value, seq: w.seq, updated_at: w.updated_at });
+      stateCounts.updates += 1;
+      drawState(w.seq);
+    });
+    src.onerror = () => {
+      if (src !== stateSource) return;
+      if (src.readyState === EventSource.CLOSED) {
+        // refused (not a state room, a bad name, no key): say why, from the HTTP API
+        stateStatus("refused", `${room}: refused`);
+        fetch(`/v1/rooms/${encodeURIComponent(room)}/state`,
+              { headers: key ? { authorization: "Bearer " + key } : {} })
+          .then((r) => r.json())
+          .then((b) => { if (b.error) stateStatus("refused", `${room}: ${b.error.message}`); })
+          .catch(() => {});
+      } else {
+        stateStatus("reconnecting", `${room}: connection lost; resuming…`);
+      }
+    };
+  }
+
+  $("state-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const room = $("state-room").value.trim();
+    const ms = Math.max(0, Math.min(60000, Number($("state-conflate").value) || 0));
+    if (room) watchState(room, ms);
+  });
+
   window.addEventListener("resize", () => {
     for (const [id, plot] of Object.entries(plots)) plot.setSize(chartSize($(id)));
   });
