@@ -208,6 +208,8 @@ export interface SubscribedEvent {
   seq: number;
   /** The room's last change number (0: none yet). */
   change: number;
+  /** The room's kind, from its namespace. */
+  kind: "stored" | "ephemeral" | "state";
 }
 
 /** Someone is typing in a room (not sent to the typist's own connections). */
