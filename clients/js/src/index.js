@@ -1033,7 +1033,8 @@ export class Client extends Emitter {
     return this.#http("GET", `/v1/rooms/${encodeURIComponent(room)}/read${this.#reader()}`);
   }
 
-  /** Every room this user has a read position in (`GET /v1/read`): `{rooms: [...]}`. */
+  /** Every room this user has a read position in or unread mentions in
+   * (`GET /v1/read`): `{rooms: [...]}`. */
   readPositions() {
     return this.#http("GET", `/v1/read${this.#reader()}`);
   }

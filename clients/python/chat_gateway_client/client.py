@@ -1065,7 +1065,8 @@ class Client:
         return ReadState.of(r.json())
 
     async def read_positions(self) -> list[ReadState]:
-        """``GET /v1/read``: every room this user has a position in."""
+        """``GET /v1/read``: every room this user has a position in or unread
+        mentions in (those with position 0)."""
         r = await self._request("GET", "/v1/read", params=self._reader())
         return [ReadState.of(d) for d in r.json()["rooms"]]
 

@@ -1062,7 +1062,10 @@ def chat_paths(open_mode: bool) -> dict[str, Any]:
         },
         "/v1/read": {
             "get": {
-                "summary": "Every room the caller has a read position in, with unread counts",
+                "summary": (
+                    "Every room the caller has a read position or unread mentions in,"
+                    " with unread counts"
+                ),
                 "security": USER,
                 "parameters": _reader_query(open_mode),
                 "responses": {
