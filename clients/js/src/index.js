@@ -237,6 +237,8 @@ class Room {
     /** number of the last change (edit, delete) delivered; undefined until known. */
     this.change = undefined;
     this.subscribed = false;
+    /** the room's kind, from `subscribed` */
+    this.kind = undefined;
     this.waiters = [];
     /** a state room's: {conflateMs, values: Map key -> {value, seq, updated_at}} */
     this.state = undefined;
@@ -603,7 +605,8 @@ export class Client extends Emitter {
         // changes are resumed from here on (a server without changes sends no number)
         if (room.change === undefined && typeof f.change === "number") room.change = f.change;
         room.subscribed = true;
-        const ev = { room: f.room, seq: f.seq, change: f.change, kind: f.kind ?? "stored" };
+        room.kind = f.kind ?? "stored";
+        const ev = { room: f.room, seq: f.seq, change: f.change, kind: room.kind };
         room.settle(null, ev);
         return this.fire("subscribed", ev);
       }
@@ -785,7 +788,7 @@ export class Client extends Emitter {
       this.rooms.set(name, room);
       if (this.state === State.CONNECTED) this.#sendSubscribe(room);
     } else if (room.subscribed) {
-      return Promise.resolve({ room: name, seq: room.cursor, change: room.change });
+      return Promise.resolve({ room: name, seq: room.cursor, change: room.change, kind: room.kind });
     }
     return new Promise((resolve, reject) => room.waiters.push([resolve, reject]));
   }
@@ -1138,7 +1141,7 @@ export class Client extends Emitter {
 
 const SHARED_CALLS = ["publish", "emit", "edit", "delete", "history", "presence", "markRead",
                       "readState", "readPositions", "reconnectNow", "replies", "versions",
-                      "setState", "deleteState", "patchState", "getState"];
+                      "setState", "deleteState", "patchState", "getState", "react", "unreact"];
 
 /**
  * The same surface as `Client`, served by a SharedWorker (src/worker.js) that holds one
