@@ -2,7 +2,8 @@
 (``sharedClient``) in Chromium, two tabs of one origin against a real gateway. The
 gateway sees one WebSocket; each tab has its own rooms and gets each of their
 messages once, in order (a tab that joins late is filled from its own cursor);
-closing one tab leaves its rooms and keeps the other's. Where SharedWorker is
+closing one tab leaves its rooms and keeps the other's; reactions, threads and
+edits reach each tab holding the room once. Where SharedWorker is
 missing, ``sharedClient`` is a plain ``Client``."""
 
 from __future__ import annotations
@@ -123,3 +124,63 @@ async def test_the_gateway_serves_the_worker_next_to_the_client(gateway_env):
             assert r.headers["content-type"].startswith("text/javascript"), path
         worker = (await http.get(gw.url + "/sdk/worker.js")).text
         assert 'from "./index.js"' in worker
+
+
+CHANGES = """async ([url, room]) => {
+    const { sharedClient } = await import("/sdk/chat-gateway.js");
+    const c = sharedClient(url, { user: "ana", minDelay: 50, maxDelay: 400 });
+    window.seen = [];
+    for (const type of ["change", "reactions", "thread"]) {
+        c.on(type, (ev) => window.seen.push([type, ev.room, ev.change, ev.seq ?? ev.message.seq]));
+    }
+    await c.connect();
+    const answer = await c.subscribe(room);
+    window.client = c;
+    return [c.constructor.name, answer.kind];
+}"""
+
+
+async def test_reactions_and_threads_reach_every_tab_of_the_room_once(gateway_env, browser):
+    room = "shared-changes"
+    async with instances(1, gateway_env) as (gw,), httpx.AsyncClient(timeout=10) as http:
+        assert (await post(http, gw.url, room, "parent")).status_code == 201
+        context = await browser.browser.new_context()
+        tabs = []
+        for label in ("tab-a", "tab-b", "tab-c"):
+            tab = await context.new_page()
+            tab.set_default_timeout(t(20) * 1000)
+            tab.on("pageerror", lambda exc, label=label: browser.errors.append(f"{label}: {exc}"))
+            browser.pages.append((label, tab))
+            await tab.goto(f"{gw.url}/healthz")
+            tabs.append(tab)
+        tab_a, tab_b, tab_c = tabs
+        for tab in (tab_a, tab_b):
+            assert await tab.evaluate(CHANGES, [gw.url, room]) == ["SharedClient", "stored"]
+        # the third tab shares the socket but holds another room
+        assert await tab_c.evaluate(CHANGES, [gw.url, "elsewhere"]) == ["SharedClient", "stored"]
+        summary = await tab_a.evaluate(
+            "([room]) => window.client.react(room, 1, 'ok').then((m) => m.reactions)", [room]
+        )
+        assert "ok" in summary, summary
+        r = await http.post(
+            f"{gw.url}/v1/rooms/{room}/messages",
+            json={"text": "a reply", "author": "bob", "reply_to": 1},
+        )
+        assert r.status_code == 201, r.text
+        r = await http.patch(
+            f"{gw.url}/v1/rooms/{room}/messages/1",
+            json={"text": "parent, edited", "author": "tester"},
+        )
+        assert r.status_code == 200, r.text
+        expected = [
+            ["reactions", room, 1, 1],
+            ["thread", room, 2, 1],
+            ["change", room, 3, 1],
+        ]
+        for tab in (tab_a, tab_b):
+            await tab.wait_for_function("window.seen.length >= 3")
+            assert await tab.evaluate("window.seen") == expected
+        assert await tab_c.evaluate("window.seen") == [], "a tab without the room gets none"
+        assert await ws_connections(http, gw.url) == 1
+        assert not browser.errors, browser.errors
+        await context.close()

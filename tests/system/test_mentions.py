@@ -1,7 +1,8 @@
 """Mentions on real gateways, on Postgres (with Redis) and on SQLite alone: a
 post's ``mentions`` validated and deduplicated over HTTP and WebSocket, carried by
 the message, counted per room as the caller's unread mentions in the read routes
-(dropping once read, never counting a deleted message or the caller's own), and
+(dropping once read, never counting a deleted message or the caller's own; a room
+never marked read listed when it holds unread mentions), and
 carried by the ``message.created`` webhook."""
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ async def test_unread_mentions_count_per_room_and_drop_once_read(any_env):
         r = await http.get(f"{gw.url}/v1/read", headers=token("bob"))
         assert counts(r.json()) == {room: (0, 0), other: (1, 1)}
         r = await http.get(f"{gw.url}/v1/read", headers=token("cy"))
-        assert counts(r.json()) == {}, "cy has no read position anywhere"
+        # no read position anywhere: listed where mentioned (3 in room, 1 in other)
+        assert counts(r.json()) == {room: (6, 1), other: (2, 1)}
 
 
 async def test_mentions_in_open_mode_are_counted_for_the_user_named(any_env):
@@ -167,3 +169,54 @@ async def test_message_created_webhooks_carry_mentions(any_env):
     finally:
         gw.stop()
         await receiver.stop()
+
+
+async def test_a_room_never_marked_read_is_listed_while_it_holds_unread_mentions(any_env):
+    quiet, mentioned, hidden = "mentions.quiet", "mentions.never", "secret.never"
+    env = {**any_env, "AUTH_SECRET": SECRET}
+    granted = jwt.encode(
+        {"sub": "bob", "exp": int(time.time()) + 600, "rooms": ["mentions.*"]},
+        SECRET,
+        algorithm="HS256",
+    )
+    async with instances(1, env) as (gw,), httpx.AsyncClient(timeout=t(10)) as http:
+
+        async def post_as(user: str, where: str, mentions: list[str]) -> int:
+            r = await http.post(
+                f"{gw.url}/v1/rooms/{where}/messages",
+                json={"text": "hi", "mentions": mentions},
+                headers=token(user),
+            )
+            assert r.status_code == 201, r.text
+            return int(r.json()["seq"])
+
+        async def listed(headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
+            r = await http.get(f"{gw.url}/v1/read", headers=headers or token("bob"))
+            assert r.status_code == 200, r.text
+            return list(r.json()["rooms"])
+
+        await post_as("ana", quiet, ["cy"])  # bob not mentioned: not listed
+        await post_as("bob", quiet, ["bob"])  # his own mention: not listed
+        await post_as("ana", mentioned, [])  # 1
+        first = await post_as("ana", mentioned, ["bob"])  # 2
+        await post_as("cy", mentioned, ["bob", "ana"])  # 3
+        await post_as("ana", hidden, ["bob"])
+        assert await listed() == [
+            {"room": mentioned, "seq": 0, "unread": 3, "mentions": 2},
+            {"room": hidden, "seq": 0, "unread": 1, "mentions": 1},
+        ]
+        auth = {"Authorization": f"Bearer {granted}"}
+        assert [p["room"] for p in await listed(auth)] == [mentioned], "only granted rooms"
+        # a deleted mention no longer counts; with none left the room is not listed
+        r = await http.delete(f"{gw.url}/v1/rooms/{hidden}/messages/1", headers=token("ana"))
+        assert r.status_code == 200, r.text
+        assert [p["room"] for p in await listed()] == [mentioned]
+        # marked read: a position as before, listed with no mention left
+        r = await http.post(
+            f"{gw.url}/v1/rooms/{mentioned}/read", json={"seq": first}, headers=token("bob")
+        )
+        assert r.json() == {"room": mentioned, "seq": 2, "unread": 1, "mentions": 1}
+        r = await http.post(
+            f"{gw.url}/v1/rooms/{mentioned}/read", json={"seq": 3}, headers=token("bob")
+        )
+        assert await listed() == [{"room": mentioned, "seq": 3, "unread": 0, "mentions": 0}]

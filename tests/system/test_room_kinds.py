@@ -101,7 +101,7 @@ async def test_emit_fans_out_over_instances_and_stores_nothing(env, pg_url):
             WSClient.connect(f"{b.ws_url}?token={token('bob')}") as bob,
             SSEClient.open(f"{b.url}/v1/rooms/{room}/events", user("cy")) as cy,
         ):
-            await ana.subscribe(room)
+            assert (await ana.subscribe(room))["kind"] == "ephemeral"
             await bob.subscribe(room)
 
             async def everyone_there() -> bool:
@@ -259,7 +259,7 @@ async def test_rooms_outside_namespaces_are_unchanged(env):
     async with instances(2, env) as (a, b), httpx.AsyncClient(timeout=10) as http:
         async with WSClient.connect(f"{b.ws_url}?token={token('bob')}") as bob:
             for room in ("lobby", "chat:general", "other:room"):
-                await bob.subscribe(room)
+                assert (await bob.subscribe(room))["kind"] == "stored"
                 r = await post(http, a.url, room, "hello", headers=user("ana"))
                 assert r.status_code == 201, r.text
                 assert await bob.messages(room, 1) == [1]

@@ -228,7 +228,7 @@ async def test_snapshot_then_live_over_ws_and_sse_and_resume(env):
             SSEClient.open(f"{a.url}/v1/rooms/{room}/events", user("bob")) as sse,
         ):
             sub = await ws.subscribe(room)
-            assert sub["seq"] == 2 and sub["change"] == 0
+            assert sub["seq"] == 2 and sub["change"] == 0 and sub["kind"] == "state"
             snap = await ws.expect("snapshot")
             assert snap["room"] == room and snap["seq"] == 2
             assert values_of(snap) == {"x": 1, "y": 2}

@@ -208,6 +208,8 @@ export interface SubscribedEvent {
   seq: number;
   /** The room's last change number (0: none yet). */
   change: number;
+  /** The room's kind, from its namespace. */
+  kind: "stored" | "ephemeral" | "state";
 }
 
 /** Someone is typing in a room (not sent to the typist's own connections). */
@@ -396,7 +398,7 @@ export declare class Client {
   /** Open mode: the position of `options.user`. */
   markRead(room: string, seq: number): Promise<ReadState>;
   readState(room: string): Promise<ReadState>;
-  /** Every room this user has a position in (`GET /v1/read`). */
+  /** Every room this user has a position in or unread mentions in (`GET /v1/read`). */
   readPositions(): Promise<{ rooms: ReadState[] }>;
   /** Moderation: a token whose `moderate` claim grants the room, or an API key as token. */
   ban(room: string, user: string, options?: { duration?: number; reason?: string }):

@@ -237,6 +237,8 @@ class Room {
     /** number of the last change (edit, delete) delivered; undefined until known. */
     this.change = undefined;
     this.subscribed = false;
+    /** the room's kind, from `subscribed` */
+    this.kind = undefined;
     this.waiters = [];
     /** a state room's: {conflateMs, values: Map key -> {value, seq, updated_at}} */
     this.state = undefined;
@@ -598,11 +600,13 @@ export class Client extends Emitter {
         this.#answered("subscribe", f.room);
         const room = this.rooms.get(f.room);
         if (!room) return;
+        if (room.state && f.kind !== "state") return this.#wrongKind(room, f.kind);
         if (room.cursor === undefined) room.cursor = f.seq;
         // changes are resumed from here on (a server without changes sends no number)
         if (room.change === undefined && typeof f.change === "number") room.change = f.change;
         room.subscribed = true;
-        const ev = { room: f.room, seq: f.seq, change: f.change };
+        room.kind = f.kind ?? "stored";
+        const ev = { room: f.room, seq: f.seq, change: f.change, kind: room.kind };
         room.settle(null, ev);
         return this.fire("subscribed", ev);
       }
@@ -616,7 +620,6 @@ export class Client extends Emitter {
       }
       case "pong":
         this.#answered("ping");
-        if (typeof f.ref === "string" && f.ref.startsWith("snapshot-")) this.#noSnapshot(f.ref);
         return;
       case "refreshed":
         this.#answered("refresh");
@@ -683,22 +686,16 @@ export class Client extends Emitter {
     this.fire("snapshot", { room: f.room, seq: f.seq, values: f.values ?? {} });
   }
 
-  /** The pong after a state subscription came, and no snapshot before it: the room
-   * is not a state room. */
-  #noSnapshot(ref) {
-    for (const room of this.rooms.values()) {
-      if (room.state?.fence !== ref) continue;
-      room.state.fence = undefined;
-      if (room.state.seq !== undefined || !room.subscribed) return;
-      this.rooms.delete(room.name);
-      this.#send({ type: "unsubscribe", room: room.name },
-                 { kind: "unsubscribe", room: room.name });
-      const err = new GatewayError("wrong_room_kind",
-                                   `${room.name} is not a state room (no snapshot came)`);
-      err.room = room.name;
-      room.settle(err);
-      return;
-    }
+  /** `subscribed` to a room subscribed as a state room says it is of another kind
+   * (a server before room kinds says none: no state room either). */
+  #wrongKind(room, kind) {
+    this.rooms.delete(room.name);
+    this.#send({ type: "unsubscribe", room: room.name },
+               { kind: "unsubscribe", room: room.name });
+    const err = new GatewayError("wrong_room_kind",
+                                 `${room.name} is not a state room (it is ${kind ?? "stored"})`);
+    err.room = room.name;
+    room.settle(err);
   }
 
   #onState(f) {
@@ -791,7 +788,7 @@ export class Client extends Emitter {
       this.rooms.set(name, room);
       if (this.state === State.CONNECTED) this.#sendSubscribe(room);
     } else if (room.subscribed) {
-      return Promise.resolve({ room: name, seq: room.cursor, change: room.change });
+      return Promise.resolve({ room: name, seq: room.cursor, change: room.change, kind: room.kind });
     }
     return new Promise((resolve, reject) => room.waiters.push([resolve, reject]));
   }
@@ -802,14 +799,8 @@ export class Client extends Emitter {
       // resume from the highest seq applied (none yet: a snapshot)
       if (room.state.seq !== undefined) frame.since = room.state.seq;
       if (room.state.conflateMs !== undefined) frame.conflate_ms = room.state.conflateMs;
-      if (!this.#send(frame, { kind: "subscribe", room: room.name })) return false;
-      if (room.state.seq === undefined) {
-        // a state room's snapshot comes before the answer to a ping sent after the
-        // subscribe: a pong first means the room is of another kind
-        room.state.fence = "snapshot-" + this.nextRef++;
-        this.#send({ type: "ping", ref: room.state.fence }, { kind: "ping" });
-      }
-      return true;
+      // `subscribed` says the room's kind: another than state fails the subscription
+      return this.#send(frame, { kind: "subscribe", room: room.name });
     }
     if (room.cursor !== undefined) frame.since = room.cursor;
     if (room.change !== undefined) frame.changes_since = room.change;
@@ -838,7 +829,7 @@ export class Client extends Emitter {
     }
     if (!room) {
       room = new Room(name, undefined);
-      room.state = { conflateMs, seq: undefined, values: new Map(), ready: [], fence: undefined };
+      room.state = { conflateMs, seq: undefined, values: new Map(), ready: [] };
       room.view = new StateView(room.state, name);
       this.rooms.set(name, room);
       if (this.state === State.CONNECTED) this.#sendSubscribe(room);
@@ -1045,7 +1036,8 @@ export class Client extends Emitter {
     return this.#http("GET", `/v1/rooms/${encodeURIComponent(room)}/read${this.#reader()}`);
   }
 
-  /** Every room this user has a read position in (`GET /v1/read`): `{rooms: [...]}`. */
+  /** Every room this user has a read position in or unread mentions in
+   * (`GET /v1/read`): `{rooms: [...]}`. */
   readPositions() {
     return this.#http("GET", `/v1/read${this.#reader()}`);
   }
@@ -1149,7 +1141,7 @@ export class Client extends Emitter {
 
 const SHARED_CALLS = ["publish", "emit", "edit", "delete", "history", "presence", "markRead",
                       "readState", "readPositions", "reconnectNow", "replies", "versions",
-                      "setState", "deleteState", "patchState", "getState"];
+                      "setState", "deleteState", "patchState", "getState", "react", "unreact"];
 
 /**
  * The same surface as `Client`, served by a SharedWorker (src/worker.js) that holds one

@@ -14,16 +14,18 @@
 //
 // Tab <-> worker messages (MessagePort): see `TabPort` below and `SharedClient`
 // in src/index.js. A new surface of `Client` needs its name in CALLS (and, if it
-// emits a per-room event, in ROOM_EVENTS).
+// emits a per-room event, in ROOM_EVENTS, or in CHANGE_EVENTS when numbered in the
+// room's change stream).
 
 import { Client, GatewayError } from "./index.js";
 
 const CALLS = new Set([
   "connect", "publish", "emit", "edit", "delete", "typing", "history", "presence", "markRead",
   "readState", "readPositions", "reconnectNow", "replies", "versions", "setState",
-  "deleteState", "patchState", "getState",
+  "deleteState", "patchState", "getState", "react", "unreact",
 ]);
 const ROOM_EVENTS = ["typing", "presence", "event", "read", "snapshot", "value"];
+const CHANGE_EVENTS = ["change", "reactions", "thread"];
 const STATE_EVENTS = ["state", "connecting", "connected", "disconnected", "closed", "refreshed"];
 const DEAD_AFTER = 15000;
 
@@ -51,7 +53,10 @@ class Shared {
     }
     this.client.on("error", (err) => this.broadcast("error", errorJSON(err)));
     this.client.on("message", (m) => this.forRoom(m.room, (tab) => tab.message(m)));
-    this.client.on("change", (c) => this.forRoom(c.room, (tab) => tab.change(c)));
+    // edits, deletes, reactions and threads: one change stream per room, numbered
+    for (const type of CHANGE_EVENTS) {
+      this.client.on(type, (c) => this.forRoom(c.room, (tab) => tab.change(type, c)));
+    }
     this.client.on("unsubscribed", (ev) => this.forRoom(ev.room, (tab) => tab.ended(ev)));
     for (const type of ROOM_EVENTS) {
       this.client.on(type, (ev) => this.forRoom(ev.room, (tab) => tab.post({ op: "event", type, ev })));
@@ -190,7 +195,9 @@ class TabPort {
   async subscribe(name, { since } = {}) {
     const client = this.shared.client;
     const existing = this.rooms.get(name);
-    if (existing && !existing.filling) return { room: name, seq: existing.cursor, change: existing.change };
+    if (existing && !existing.filling) {
+      return { room: name, seq: existing.cursor, change: existing.change, kind: existing.kind };
+    }
     const room = { cursor: since, change: undefined, filling: true, waiting: [] };
     this.rooms.set(name, room);
     let answer;
@@ -203,6 +210,7 @@ class TabPort {
     const shared = client.cursor(name);
     if (room.cursor === undefined) room.cursor = answer.seq;
     if (room.change === undefined) room.change = answer.change;
+    room.kind = answer.kind;
     // behind the shared cursor: fill from history what the shared client gave before
     let after = room.cursor;
     while (shared !== undefined && after < shared && this.rooms.get(name) === room) {
@@ -213,7 +221,7 @@ class TabPort {
     }
     room.filling = false;
     for (const m of room.waiting.splice(0)) this.deliver(name, room, m);
-    return { room: name, seq: answer.seq, change: answer.change };
+    return { room: name, seq: answer.seq, change: answer.change, kind: answer.kind };
   }
 
   /** A state room: the shared client holds its values (with the conflation of the
@@ -247,12 +255,12 @@ class TabPort {
     this.post({ op: "event", type: "message", ev: m });
   }
 
-  change(c) {
+  change(type, c) {
     const room = this.rooms.get(c.room);
-    if (!room) return;
+    if (!room || room.state) return;
     if (room.change !== undefined && c.change <= room.change) return;
     room.change = c.change;
-    this.post({ op: "event", type: "change", ev: c });
+    this.post({ op: "event", type, ev: c });
   }
 
   ended(ev) {

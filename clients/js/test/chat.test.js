@@ -16,7 +16,7 @@ test("edit and delete resolve with the message; subscribers get numbered changes
   try {
     await Promise.all([ana.connect(), bob.connect()]);
     const sub = await bob.subscribe("edits", { since: 0 });
-    assert.deepEqual(sub, { room: "edits", seq: 0, change: 0 });
+    assert.deepEqual(sub, { room: "edits", seq: 0, change: 0, kind: "stored" });
     const m = await ana.publish("edits", "helo");
     assert.equal(m.deleted_at, undefined);
     const edited = await ana.edit("edits", m.seq, "hello");

@@ -30,7 +30,7 @@ test("publish resolves with the stored message; subscribers get it once, in orde
   try {
     await Promise.all([ana.connect(), bob.connect()]);
     assert.deepEqual(states, [State.CONNECTING, State.CONNECTED]);
-    assert.deepEqual(await bob.subscribe("lobby"), { room: "lobby", seq: 0, change: 0 });
+    assert.deepEqual(await bob.subscribe("lobby"), { room: "lobby", seq: 0, change: 0, kind: "stored" });
     const sent = [];
     for (let i = 1; i <= 5; i++) sent.push(ana.publish("lobby", `hello ${i}`));
     const msgs = await Promise.all(sent);

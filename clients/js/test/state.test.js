@@ -18,7 +18,7 @@ let gw2;
 
 before(async () => {
   const file = path.join(mkdtempSync(path.join(tmpdir(), "cg-ns-")), "namespaces.toml");
-  writeFileSync(file, '[namespaces.ticker]\nkind = "state"\nconflate_ms = 0\n');
+  writeFileSync(file, '[namespaces.ticker]\nkind = "state"\nconflate_ms = 0\n\n[namespaces.live]\nkind = "ephemeral"\n');
   envr = await environment({ NAMESPACES_FILE: file });
   [gw1, gw2] = await Promise.all([new Gateway(envr.env).start(),
                                   new Gateway(envr.env).start()]);
@@ -125,7 +125,15 @@ test("a snapshot first, then each write; the view follows; HTTP writes and reads
       await assert.rejects(writer.setState("lobby", "k", 1),
                            (e) => e instanceof GatewayError && e.code === "wrong_room_kind");
       await assert.rejects(reader.subscribeState("lobby"),
-                           (e) => e instanceof GatewayError && e.code === "wrong_room_kind");
+                           (e) => e instanceof GatewayError && e.code === "wrong_room_kind"
+                             && /it is stored/.test(e.message));
+      // the kind comes from the subscribed frame
+      await assert.rejects(reader.subscribeState("live:x"),
+                           (e) => e instanceof GatewayError && e.code === "wrong_room_kind"
+                             && e.room === "live:x" && /it is ephemeral/.test(e.message));
+      assert.equal(reader.stateOf("live:x"), undefined);
+      assert.equal((await reader.subscribe("general")).kind, "stored");
+      assert.equal((await reader.subscribe("live:y")).kind, "ephemeral");
     } finally {
       writer.close();
       reader.close();

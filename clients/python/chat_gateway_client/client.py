@@ -114,7 +114,6 @@ class StateView(Mapping[str, Any]):
         self._entries: dict[str, StateEntry] = {}
         self._ready = asyncio.Event()  # set by the first snapshot
         self._failed: GatewayError | None = None  # the room proved of another kind
-        self.fence: str | None = None  # the ref of the ping after the first subscribe
 
     @property
     def entries(self) -> dict[str, StateEntry]:
@@ -501,13 +500,8 @@ class Client:
                 frame["since"] = room.state.seq
             if room.state.conflate_ms is not None:
                 frame["conflate_ms"] = room.state.conflate_ms
+            # `subscribed` says the room's kind: another than state fails the subscription
             await self._send(frame, ("subscribe", room.name))
-            if room.state.seq is None:
-                # a state room's snapshot comes before the answer to a ping sent after
-                # the subscribe: a pong first means the room is of another kind
-                room.state.fence = f"snapshot-{self._next_ref}"
-                self._next_ref += 1
-                await self._send({"type": "ping", "ref": room.state.fence}, ("ping", None))
             return
         if room.cursor is not None:
             frame["since"] = room.cursor
@@ -545,15 +539,14 @@ class Client:
                 p.future.set_result(Message.of(f["message"]))
         elif kind == "pong":
             self._answered("ping")
-            ref = f.get("ref")
-            if isinstance(ref, str) and ref.startswith("snapshot-"):
-                self._no_snapshot(ref)
         elif kind == "error":
             self._on_error(f)
         elif kind == "subscribed":
             self._answered("subscribe", f.get("room"))
             room = self._rooms.get(f.get("room", ""))
-            if room is not None:
+            if room is not None and room.state is not None and f.get("kind") != "state":
+                self._wrong_kind(room, f.get("kind"))
+            elif room is not None:
                 if room.cursor is None:
                     room.cursor = f["seq"]
                 # changes are resumed from here on (a server without changes sends none)
@@ -561,7 +554,9 @@ class Client:
                     room.change = f["change"]
                 room.subscribed = True
                 room.settle(None, f["seq"])
-                self._emit(Subscribed(room.name, f["seq"], f.get("change", 0)))
+                self._emit(
+                    Subscribed(room.name, f["seq"], f.get("change", 0), f.get("kind", "stored"))
+                )
         elif kind == "unsubscribed":
             if "reason" not in f and self._answered("unsubscribe", f.get("room")):
                 return
@@ -607,26 +602,22 @@ class Client:
             queue.put_nowait(msg)
         self._emit(msg)
 
-    def _no_snapshot(self, ref: str) -> None:
-        """The pong after a state subscription came and no snapshot before it: the
-        room is of another kind."""
-        for room in list(self._rooms.values()):
-            if room.state is None or room.state.fence != ref:
-                continue
-            room.state.fence = None
-            if room.state.seq is not None or not room.subscribed:
-                return
-            del self._rooms[room.name]
-            err = GatewayError("wrong_room_kind", f"{room.name} is not a state room")
-            err.room = room.name
-            room.end(err)
-            room.state._failed = err
-            room.state._ready.set()
-            task = asyncio.ensure_future(
-                self._send({"type": "unsubscribe", "room": room.name}, ("unsubscribe", room.name))
-            )
-            task.add_done_callback(lambda t: t.exception())
-            return
+    def _wrong_kind(self, room: _Room, kind: Any) -> None:
+        """``subscribed`` to a room subscribed as a state room says it is of another
+        kind (a server before room kinds says none: no state room either)."""
+        assert room.state is not None
+        self._rooms.pop(room.name, None)
+        err = GatewayError(
+            "wrong_room_kind", f"{room.name} is not a state room (it is {kind or 'stored'})"
+        )
+        err.room = room.name
+        room.end(err)
+        room.state._failed = err
+        room.state._ready.set()
+        task = asyncio.ensure_future(
+            self._send({"type": "unsubscribe", "room": room.name}, ("unsubscribe", room.name))
+        )
+        task.add_done_callback(lambda t: t.exception())
 
     def _on_state(self, f: dict[str, Any]) -> None:
         room = self._rooms.get(f.get("room", ""))
@@ -1074,7 +1065,8 @@ class Client:
         return ReadState.of(r.json())
 
     async def read_positions(self) -> list[ReadState]:
-        """``GET /v1/read``: every room this user has a position in."""
+        """``GET /v1/read``: every room this user has a position in or unread
+        mentions in (those with position 0)."""
         r = await self._request("GET", "/v1/read", params=self._reader())
         return [ReadState.of(d) for d in r.json()["rooms"]]
 

@@ -205,11 +205,13 @@ class ReadState:
 
 @dataclass(frozen=True)
 class Subscribed:
-    """The answer to a subscribe: the room's latest ``seq`` and last ``change``."""
+    """The answer to a subscribe: the room's latest ``seq``, last ``change`` and
+    ``kind`` (``"stored"``, ``"ephemeral"`` or ``"state"``)."""
 
     room: str
     seq: int
     change: int
+    kind: str
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,7 @@ async def test_edit_and_delete_over_the_socket_reach_subscribers_with_their_fiel
         assert isinstance(upd.change, int) and dele.change == upd.change + 1
         subscribed = of(Subscribed, seen)
         assert subscribed and subscribed[0].room == "edits" and subscribed[0].change == 0
+        assert subscribed[0].kind == "stored"
 
 
 async def test_react_and_unreact_return_the_summary_and_subscribers_get_reactions_updated(

@@ -27,7 +27,9 @@ FAST = {"min_delay": 0.05, "max_delay": 0.4}
 @pytest.fixture
 def state_env(gateway_env, tmp_path):
     namespaces = tmp_path / "namespaces.toml"
-    namespaces.write_text('[namespaces.ticker]\nkind = "state"\nconflate_ms = 0\n')
+    namespaces.write_text(
+        '[namespaces.ticker]\nkind = "state"\nconflate_ms = 0\n\n[namespaces.live]\nkind = "ephemeral"\n'
+    )
     return {**gateway_env, "NAMESPACES_FILE": str(namespaces)}
 
 
@@ -85,6 +87,11 @@ async def test_snapshot_then_writes_into_the_view_and_the_http_writes(state_env)
         with pytest.raises(GatewayError) as not_state:
             await reader.subscribe_state("lobby")
         assert not_state.value.code == "wrong_room_kind"
+        assert "it is stored" in str(not_state.value)
+        with pytest.raises(GatewayError) as ephemeral:  # the kind from `subscribed`
+            await reader.subscribe_state("live:x")
+        assert ephemeral.value.code == "wrong_room_kind" and ephemeral.value.room == "live:x"
+        assert "it is ephemeral" in str(ephemeral.value)
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher

@@ -488,7 +488,15 @@ class Hub:
                 sub.cursors[room] = latest
                 r.subs[sub] = None
                 if sub.transport == WS:
-                    sub.reply({"type": "subscribed", "room": room, "seq": latest, "change": 0})
+                    sub.reply(
+                        {
+                            "type": "subscribed",
+                            "room": room,
+                            "seq": latest,
+                            "change": 0,
+                            "kind": "ephemeral",
+                        }
+                    )
             self._join(r, sub, conflate_ms)
             self.metrics.subscriptions.inc()
             return latest
@@ -502,7 +510,15 @@ class Hub:
         )
         r.subs[sub] = None
         if sub.transport == WS:
-            sub.reply({"type": "subscribed", "room": room, "seq": latest, "change": last_change})
+            sub.reply(
+                {
+                    "type": "subscribed",
+                    "room": room,
+                    "seq": latest,
+                    "change": last_change,
+                    "kind": "stored",
+                }
+            )
         self.metrics.subscriptions.inc()
         if latest > cursor or sub.ccursors[room] < last_change:
             self._catch_up(sub, r)
@@ -519,7 +535,9 @@ class Hub:
         sub.cursors[room] = latest if since is None else max(since, latest)
         r.subs[sub] = None
         if sub.transport == WS:
-            sub.reply({"type": "subscribed", "room": room, "seq": latest, "change": 0})
+            sub.reply(
+                {"type": "subscribed", "room": room, "seq": latest, "change": 0, "kind": "state"}
+            )
         if since is None or not state.resumable(since):
             sub.push(
                 state.snapshot(

@@ -127,10 +127,15 @@ SERVER_FRAMES: dict[str, dict[str, Any]] = {
     "message": _server_frame("message", ["room", "message"], room=v.ROOM, message=_MESSAGE_REF),
     "subscribed": _server_frame(
         "subscribed",
-        ["room", "seq", "change"],
+        ["room", "seq", "change", "kind"],
         room=v.ROOM,
         seq={**_SEQ, "description": "the room's latest seq"},
         change={**_CHANGE, "description": "the room's last change number (0: none yet)"},
+        kind={
+            "type": "string",
+            "enum": ["stored", "ephemeral", "state"],
+            "description": "the room's kind, from its namespace",
+        },
     ),
     "unsubscribed": _server_frame(
         "unsubscribed",
@@ -1057,7 +1062,10 @@ def chat_paths(open_mode: bool) -> dict[str, Any]:
         },
         "/v1/read": {
             "get": {
-                "summary": "Every room the caller has a read position in, with unread counts",
+                "summary": (
+                    "Every room the caller has a read position or unread mentions in,"
+                    " with unread counts"
+                ),
                 "security": USER,
                 "parameters": _reader_query(open_mode),
                 "responses": {

@@ -283,7 +283,8 @@ class Store(ABC):
     async def read_positions(
         self, user: str, limit: int = 1000, rooms: RoomFilter | None = None
     ) -> list[ReadPosition]:
-        """Every room ``user`` has a position in (of ``rooms`` only, when given; the
+        """Every room ``user`` has a position in, and every room without one where
+        they have unread mentions (position 0), of ``rooms`` only, when given (the
         limit counts what the filter keeps), by room name."""
         raise StoreUnavailable("this store keeps no read positions")
 

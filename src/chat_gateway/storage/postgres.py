@@ -417,9 +417,16 @@ SELECT p.room, p.seq, coalesce(r.last_seq, 0) AS last_seq, (
     SELECT count(*) FROM mentions x JOIN messages m ON m.room = x.room AND m.seq = x.seq
     WHERE x.user_name = $1 AND x.room = p.room AND x.seq > p.seq
       AND m.deleted_at IS NULL AND m.author <> $1) AS mentions
-FROM read_positions p LEFT JOIN rooms r ON r.room = p.room
-WHERE p.user_name = $1
-  AND ($3::text[] IS NULL OR p.room = ANY($3::text[])
+FROM (
+    SELECT room, seq FROM read_positions WHERE user_name = $1
+    UNION ALL
+    -- a room never marked read, where the user is mentioned: position 0
+    SELECT DISTINCT x.room, 0::bigint FROM mentions x
+    JOIN messages m ON m.room = x.room AND m.seq = x.seq
+    WHERE x.user_name = $1 AND m.deleted_at IS NULL AND m.author <> $1
+      AND NOT EXISTS (SELECT 1 FROM read_positions q WHERE q.user_name = $1 AND q.room = x.room)
+) AS p LEFT JOIN rooms r ON r.room = p.room
+WHERE ($3::text[] IS NULL OR p.room = ANY($3::text[])
        OR EXISTS (SELECT 1 FROM unnest($4::text[]) AS pre WHERE starts_with(p.room, pre)))
 ORDER BY p.room LIMIT $2
 """

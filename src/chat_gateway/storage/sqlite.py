@@ -796,10 +796,17 @@ class SQLiteStore(Store):
                 "SELECT p.room, p.seq, coalesce(r.last_seq, 0), (SELECT count(*) FROM mentions x "
                 "JOIN messages m ON m.room = x.room AND m.seq = x.seq WHERE x.user_name = "
                 "p.user_name AND x.room = p.room AND x.seq > p.seq AND m.deleted_ms IS NULL "
-                "AND m.author <> p.user_name) FROM read_positions p "
-                f"LEFT JOIN rooms r ON r.room = p.room WHERE p.user_name = ? AND {kept} "
+                "AND m.author <> p.user_name) FROM ("
+                "SELECT user_name, room, seq FROM read_positions WHERE user_name = ? "
+                # a room never marked read, where the user is mentioned: position 0
+                "UNION ALL SELECT DISTINCT x.user_name, x.room, 0 FROM mentions x "
+                "JOIN messages m ON m.room = x.room AND m.seq = x.seq WHERE x.user_name = ? "
+                "AND m.deleted_ms IS NULL AND m.author <> x.user_name AND NOT EXISTS "
+                "(SELECT 1 FROM read_positions q WHERE q.user_name = x.user_name "
+                "AND q.room = x.room)) AS p "
+                f"LEFT JOIN rooms r ON r.room = p.room WHERE {kept} "
                 "ORDER BY p.room LIMIT ?",
-                (user, *args, limit),
+                (user, user, *args, limit),
             ).fetchall()
         )
         return [ReadPosition(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows]
