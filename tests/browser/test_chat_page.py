@@ -15,7 +15,7 @@ ROOM = "browser.room"
 
 async def seqs(page: Page) -> list[int]:
     return await page.eval_on_selector_all(
-        "#messages li", "els => els.map(e => Number(e.dataset.seq))"
+        "#messages li[data-seq]", "els => els.map(e => Number(e.dataset.seq))"
     )
 
 
@@ -248,7 +248,7 @@ async def test_auth_mode_refusals_stop_retrying_and_a_pasted_token_joins(gateway
         )
         await refused(page, "does not let you into", ROOM)
         await page.locator("#token").fill(token("cy", rooms=[ROOM]))
-        await page.get_by_role("button", name="Join").click()
+        await page.get_by_role("button", name="Join", exact=True).click()
         await connected(page)
         await expect(page.locator("#name")).to_have_value("cy")
         assert browser.errors == []
