@@ -788,7 +788,7 @@ function openDrawer() {
   el.app.classList.add("drawer-open");
   el.scrim.hidden = false;
   el.openRooms.setAttribute("aria-expanded", "true");
-  el.sidebar.querySelector("button")?.focus();
+  (el.rooms.querySelector("[aria-current]") || el.sidebar.querySelector("button"))?.focus();
 }
 
 function closeDrawer() {
