@@ -618,7 +618,11 @@ function accept(m) {
   r.lastSeq = m.seq;
   r.latest = Math.max(r.latest, m.seq);
   if (!r.firstSeq) r.firstSeq = m.seq;
-  if (mentionsMe(m) && m.seq > r.readSeq && r.name !== s.active) r.mentions += 1;
+  if (r.name !== s.active && m.seq > r.readSeq) {
+    if (mentionsMe(m)) r.mentions += 1;
+    // a message frame without its mentions: the server's count says
+    else if (!Array.isArray(m.mentions) && s.name && m.text?.includes("@" + s.name)) refreshPositions();
+  }
   if (r.name === s.active) {
     const stick = nearBottom();
     const d = when(m);
@@ -899,6 +903,12 @@ async function loadPositions(gen) {
     }
     renderRooms();
   } catch (e) { /* no read positions on this server */ }
+}
+
+let positionsTimer = null;
+function refreshPositions() {
+  clearTimeout(positionsTimer);
+  positionsTimer = setTimeout(() => { s.positions = false; loadPositions(s.gen); }, 500);
 }
 
 document.addEventListener("visibilitychange", markRead);
