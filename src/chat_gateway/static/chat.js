@@ -223,7 +223,7 @@ export function linkified(text) {
       url = url.slice(0, -1);
     }
     const start = match.index;
-    if (start > at) frag.append(document.createTextNode(text.slice(at, start)));
+    if (start > at) frag.append(mentioned(text.slice(at, start)));
     const a = document.createElement("a");
     a.href = url;
     a.rel = "noopener noreferrer";
@@ -231,6 +231,24 @@ export function linkified(text) {
     a.textContent = url;
     frag.append(a);
     at = start + url.length;
+  }
+  if (at < text.length) frag.append(mentioned(text.slice(at)));
+  return frag;
+}
+
+// Text with each `@name` in a <span class="mention"> (text nodes only).
+function mentioned(text) {
+  const frag = document.createDocumentFragment();
+  let at = 0;
+  for (const match of text.matchAll(/(^|[^\w@])(@[A-Za-z0-9][\w.:-]{0,63})/g)) {
+    const start = match.index + match[1].length;
+    const name = match[2].replace(/[.:-]+$/, "");
+    if (start > at) frag.append(document.createTextNode(text.slice(at, start)));
+    const span = document.createElement("span");
+    span.className = name.slice(1) === s.name ? "mention me" : "mention";
+    span.textContent = name;
+    frag.append(span);
+    at = start + name.length;
   }
   if (at < text.length) frag.append(document.createTextNode(text.slice(at)));
   return frag;
