@@ -452,6 +452,13 @@ function actions(li, m) {
     reactButton.setAttribute("aria-expanded", String(!picker.hidden));
     if (!picker.hidden) picker.querySelector("button").focus();
   }, "Add reaction");
+  picker.addEventListener("keydown", (ev) => {
+    if (ev.key !== "Escape") return;
+    ev.stopPropagation();
+    picker.hidden = true;
+    reactButton.setAttribute("aria-expanded", "false");
+    reactButton.focus();
+  });
   reactButton.dataset.action = "react";
   reactButton.setAttribute("aria-expanded", "false");
   bar.append(reactButton, picker);
@@ -1511,7 +1518,8 @@ el.joinCancel.addEventListener("click", closeDialog);
 for (const b of [el.addRoom, $("add-room-2"), $("switch-user")]) {
   b.addEventListener("click", () => {
     closeDrawer();
-    openDialog(b.id === "switch-user" ? el.name : undefined);
+    if (b.id !== "switch-user") el.room.value = "";
+    openDialog(b.id !== "switch-user" ? el.room : el.name.disabled ? el.token : el.name);
   });
 }
 
@@ -1722,9 +1730,9 @@ updateCompose();
   const tok = el.token.value.trim();
   const name = tok ? tokenSub(tok) : el.name.value.trim();
   const wanted = params.get("room") || "";
-  if (wanted && (params.get("name") || tok)) {
+  if (wanted && name) {
     el.join.requestSubmit();
-  } else if (s.rooms.size && name && (!tok || name)) {
+  } else if (s.rooms.size && name) {
     const start = s.rooms.has(stored("local", "chat.room")) ? stored("local", "chat.room")
       : s.rooms.keys().next().value;
     s.active = start;
