@@ -301,6 +301,18 @@ function separator(d) {
   return li;
 }
 
+// Where the messages not read yet begin, when a room with unread ones is opened.
+function newLine() {
+  const li = document.createElement("li");
+  li.className = "new-line";
+  li.setAttribute("role", "separator");
+  li.setAttribute("aria-label", "New messages");
+  const label = document.createElement("span");
+  label.textContent = "New";
+  li.append(label);
+  return li;
+}
+
 // -- rendering a message -----------------------------------------------------------
 
 function mentionsMe(m) {
@@ -607,9 +619,14 @@ function renderTimeline() {
   const r = active();
   const frag = document.createDocumentFragment();
   let prev = null;
+  let marked = false;
   for (const m of r ? r.msgs : []) {
     const d = when(m);
     if (!prev || dayKey(when(prev)) !== dayKey(d)) { if (d) frag.append(separator(d)); }
+    if (!marked && r.newFrom && m.seq > r.newFrom && m.author !== s.name) {
+      frag.append(newLine());
+      marked = true;
+    }
     frag.append(fillItem(document.createElement("li"), m, continues(prev, m), r));
     prev = m;
   }
@@ -760,50 +777,65 @@ function unreadOf(r) {
   return Math.max(0, Math.max(r.latest, r.lastSeq) - r.readSeq);
 }
 
+// Each room's item is made once and updated in place, so that a keyboard's focus
+// on it survives the counts changing.
+const roomItems = new Map();
+
+function roomItem(name) {
+  let li = roomItems.get(name);
+  if (li) return li;
+  li = document.createElement("li");
+  const b = button("", "room", () => { switchTo(name); closeDrawer(); el.text.focus(); });
+  b.dataset.room = name;
+  const hash = document.createElement("span");
+  hash.className = "hash";
+  hash.setAttribute("aria-hidden", "true");
+  hash.textContent = "#";
+  const label = document.createElement("span");
+  label.className = "room-name";
+  label.textContent = name;
+  const mention = document.createElement("span");
+  mention.className = "badge mention";
+  mention.setAttribute("aria-hidden", "true");
+  const unread = document.createElement("span");
+  unread.className = "badge unread";
+  unread.setAttribute("aria-hidden", "true");
+  b.append(hash, label, mention, unread);
+  li.append(b);
+  roomItems.set(name, li);
+  return li;
+}
+
 function renderRooms() {
-  const items = [];
   let total = 0;
+  for (const name of roomItems.keys()) if (!s.rooms.has(name)) roomItems.delete(name);
+  const items = [];
   for (const r of s.rooms.values()) {
     const n = r.readOff ? 0 : unreadOf(r);
+    const shown = n && r.name !== s.active ? n : 0;
     total += n;
-    const li = document.createElement("li");
-    const b = button("", "room", () => { switchTo(r.name); closeDrawer(); el.text.focus(); });
-    b.dataset.room = r.name;
+    const li = roomItem(r.name);
+    const b = li.firstChild;
     b.dataset.unread = String(n);
     b.dataset.mentions = String(r.mentions);
     if (r.name === s.active) b.setAttribute("aria-current", "page");
-    if (n && r.name !== s.active) b.classList.add("has-unread");
-    if (r.refused) b.dataset.refused = "true";
-    const hash = document.createElement("span");
-    hash.className = "hash";
-    hash.setAttribute("aria-hidden", "true");
-    hash.textContent = "#";
-    const label = document.createElement("span");
-    label.className = "room-name";
-    label.textContent = r.name;
-    b.append(hash, label);
+    else b.removeAttribute("aria-current");
+    b.classList.toggle("has-unread", Boolean(shown));
+    if (r.refused) b.dataset.refused = "true"; else delete b.dataset.refused;
+    const [mention, unread] = b.querySelectorAll(".badge");
+    mention.hidden = !r.mentions;
+    mention.textContent = r.mentions ? `@${r.mentions}` : "";
+    unread.hidden = !shown;
+    unread.textContent = shown > 99 ? "99+" : shown ? String(shown) : "";
     const said = [r.name];
-    if (r.mentions) {
-      const badge = document.createElement("span");
-      badge.className = "badge mention";
-      badge.textContent = `@${r.mentions}`;
-      badge.setAttribute("aria-hidden", "true");
-      b.append(badge);
-      said.push(`${r.mentions} mention${r.mentions === 1 ? "" : "s"}`);
-    }
-    if (n && r.name !== s.active) {
-      const badge = document.createElement("span");
-      badge.className = "badge unread";
-      badge.textContent = n > 99 ? "99+" : String(n);
-      badge.setAttribute("aria-hidden", "true");
-      b.append(badge);
-      said.push(`${n} unread`);
-    }
+    if (r.mentions) said.push(`${r.mentions} mention${r.mentions === 1 ? "" : "s"}`);
+    if (shown) said.push(`${shown} unread`);
     b.setAttribute("aria-label", said.join(", "));
-    li.append(b);
     items.push(li);
   }
-  el.rooms.replaceChildren(...items);
+  const same = items.length === el.rooms.children.length &&
+    items.every((li, i) => el.rooms.children[i] === li);
+  if (!same) el.rooms.replaceChildren(...items);
   el.noRooms.hidden = s.rooms.size > 0;
   const r = active();
   const n = r && !r.readOff ? unreadOf(r) : 0;
@@ -1458,6 +1490,7 @@ function switchTo(room) {
   el.leave.hidden = !r;
   el.text.value = r ? r.draft : "";
   delete el.text.dataset.refused;
+  if (r) r.newFrom = r.loaded && !r.readOff && unreadOf(r) > 0 ? r.readSeq : 0;
   store("local", "chat.room", room);
   const q = new URLSearchParams(location.search);
   if (r) q.set("room", room); else q.delete("room");
@@ -1469,6 +1502,8 @@ function switchTo(room) {
   history.replaceState(null, "", location.pathname + (query ? "?" + query : ""));
   renderTimeline();
   el.timeline.scrollTop = el.timeline.scrollHeight;
+  const line = el.list.querySelector(".new-line");
+  if (line && line.offsetTop < el.timeline.scrollTop) el.timeline.scrollTop = line.offsetTop - 40;
   renderTyping();
   renderPresence();
   if (r && r.subscribed && r.loaded) loadPresence(r, s.gen);
