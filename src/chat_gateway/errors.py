@@ -47,7 +47,7 @@ CODES: dict[str, tuple[int, str]] = {
     ),
     "message_deleted": (
         409,
-        "the message is deleted: its tombstone takes no reactions",
+        "the message is deleted: its tombstone takes no reactions and no replies",
     ),
     "wrong_room_kind": (
         409,

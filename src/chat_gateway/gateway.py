@@ -351,6 +351,7 @@ class Gateway:
                 ensure_open=self.shutdown.ensure_open,
                 committed=self.committed,
                 refused=moderation.store_refused,
+                changed=chat.announce,
             ),
             chat=chat,
             publish_hook=publish_hook,

@@ -63,7 +63,7 @@ async def test_the_page_shows_edits_deletes_typing_and_unread_counts(gateway_env
         await expect(bob.locator("#unread")).to_have_attribute("data-unread", "2")
         await expect(bob.locator("#unread")).to_have_text("2 unread")
         read = (await http.get(f"{gw_b.url}/v1/rooms/{ROOM}/read", params={"user": "bob"})).json()
-        assert read == {"room": ROOM, "seq": 2, "unread": 2}
+        assert read == {"room": ROOM, "seq": 2, "unread": 2, "mentions": 0}
         await bob.evaluate(
             "Object.defineProperty(document, 'hidden', "
             "{value: false, configurable: true}); "
@@ -73,7 +73,7 @@ async def test_the_page_shows_edits_deletes_typing_and_unread_counts(gateway_env
 
         async def bob_read_all() -> bool:
             r = await http.get(f"{gw_b.url}/v1/rooms/{ROOM}/read", params={"user": "bob"})
-            return r.json() == {"room": ROOM, "seq": 4, "unread": 0}
+            return r.json() == {"room": ROOM, "seq": 4, "unread": 0, "mentions": 0}
 
         await eventually(bob_read_all)
 

@@ -82,6 +82,6 @@ async def test_embedded_store_edits_deletes_types_and_reads_with_no_servers(tmp_
                 {"type": "typing", "room": room, "user": "ana"}
             ], "one per 2 s"
             r = await http.post(f"{gw.url}/v1/rooms/{room}/read", json={"seq": 1, "user": "bo"})
-            assert r.json() == {"room": room, "seq": 1, "unread": 0}
+            assert r.json() == {"room": room, "seq": 1, "unread": 0, "mentions": 0}
         page = (await http.get(f"{gw.url}/v1/rooms/{room}/messages")).json()["messages"]
         assert [(m["seq"], m["text"], m["version"]) for m in page] == [(1, "", 3)]

@@ -12,6 +12,7 @@ schemathesis runs every check it has against the served document.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -69,6 +70,11 @@ class Target:
 
     def schema(self, name: str) -> dict[str, Any]:
         return self.schemas[name]  # type: ignore[no-any-return]
+
+    def resolving(self, name: str) -> dict[str, Any]:
+        """Schema ``name`` with the document's components beside it, so that its
+        references (a message's reactions, thread) resolve."""
+        return {**self.schema(name), "components": self.spec["components"]}
 
     def user(self) -> dict[str, str]:
         """The headers of a request from a signed-in user (none needed in open mode)."""
@@ -157,6 +163,8 @@ def from_schema(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
         return strat
     if kind == "integer":
         return st.integers(schema.get("minimum"), schema.get("maximum"))
+    if kind == "array":
+        return st.lists(from_schema(schema["items"]), max_size=schema.get("maxItems", 10))
     if kind == "object" and "properties" in schema:
         props = schema["properties"]
         required = schema.get("required", [])
@@ -240,11 +248,22 @@ def test_the_served_openapi_document_is_valid_and_matches_the_checks(target):
 def test_schema_valid_posts_are_stored_as_sent(target, data):
     room = data.draw(from_schema(ROOM), "room")
     body = data.draw(from_schema(target.schema("PostMessage")), "body")
+    if "reply_to" in body:
+        # A schema can say a reply_to is a seq, not which seqs exist in the room (a
+        # missing one is the documented 404, a deleted one 409): a reply goes to a
+        # message posted for it, so every schema-valid body is still stored as sent.
+        parent = target.http.post(
+            f"/v1/rooms/{room}/messages", json={"text": "parent"}, headers=target.user()
+        )
+        assert parent.status_code == 201, parent.text
+        body["reply_to"] = parent.json()["seq"]
     r = target.http.post(f"/v1/rooms/{room}/messages", json=body, headers=target.user())
     assert r.status_code == 201, (room, body, r.text)
     msg = r.json()
-    jsonschema.validate(msg, target.schema("Message"))
+    jsonschema.validate(msg, target.resolving("Message"))
     assert msg["room"] == room and msg["text"] == body["text"].strip()
+    assert msg.get("reply_to") == body.get("reply_to")
+    assert msg.get("mentions", []) == list(dict.fromkeys(body.get("mentions", [])))
     # signed in, the author is the token's subject whatever the body says
     assert msg["author"] == (USER if target.auth else body.get("author", "anonymous").strip())
     params = target.spec["paths"]["/v1/rooms/{room}/messages"]["get"]["parameters"]
@@ -260,7 +279,7 @@ def test_schema_valid_posts_are_stored_as_sent(target, data):
     page = target.http.get(f"/v1/rooms/{room}/messages", params=query, headers=target.user())
     assert page.status_code == 200, page.text
     for m in page.json()["messages"]:
-        jsonschema.validate(m, target.schema("Message"))
+        jsonschema.validate(m, target.resolving("Message"))
 
 
 @FUZZ
@@ -323,7 +342,12 @@ def test_any_request_gets_a_documented_answer(target, method, path, query, body,
 # someone else's, typing in a room not subscribed, a publish key drawn again for
 # another text in the same room.
 STATEFUL: dict[str, set[tuple[str, Any]]] = {
-    "publish": {("idempotency_conflict", None)},
+    # a reply_to drawn at random: no such message, or a deleted one
+    "publish": {
+        ("idempotency_conflict", None),
+        ("not_found", "reply_to"),
+        ("message_deleted", "reply_to"),
+    },
     "edit": {("not_found", None), ("forbidden", None)},
     "delete": {("not_found", None), ("forbidden", None)},
     # no such message (or a deleted one) to react to
@@ -377,6 +401,8 @@ def test_any_ws_frame_gets_a_documented_answer_and_the_socket_stays(target, fram
                     "refreshed",
                     "message_updated",
                     "message_deleted",
+                    "reactions_updated",
+                    "thread_updated",
                     "typing",
                     "read",
                 }, got
@@ -437,7 +463,15 @@ def schemathesis(
         cmd += ["--include-path", path]
     for name, value in headers.items():
         cmd += ["-H", f"{name}: {value}"]
-    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=harness.t(180))
+    env = {
+        **os.environ,
+        "SCHEMATHESIS_HOOKS": str(Path(__file__).with_name("schemathesis_hooks.py")),
+        "FUZZ_BASE_URL": target.inst.url,
+        "FUZZ_HEADERS": orjson.dumps(headers).decode(),
+    }
+    run = subprocess.run(
+        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=harness.t(180)
+    )
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:] + target.inst.log()[-4000:]
     assert "No issues found" in run.stdout, run.stdout[-6000:]
 

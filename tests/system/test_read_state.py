@@ -49,7 +49,7 @@ async def test_read_positions_never_move_back_and_receipts_go_out(gateway_env):
             await asyncio.gather(watch(), *(mark(i, s) for i, s in enumerate(marks)))
             top = max(marks)
             r = await http.get(f"{gws[0].url}/v1/rooms/{room}/read", params={"user": "bo"})
-            assert r.json() == {"room": room, "seq": top, "unread": 30 - top}
+            assert r.json() == {"room": room, "seq": top, "unread": 30 - top, "mentions": 0}
             assert max(seen) == top
             # Every answer is at least the mark it answered (GREATEST, never lower).
             r = await http.post(f"{gws[1].url}/v1/rooms/{room}/read", json={"seq": 1, "user": "bo"})
@@ -61,13 +61,13 @@ async def test_read_positions_never_move_back_and_receipts_go_out(gateway_env):
                 assert ack == {
                     "type": "ack",
                     "ref": 9,
-                    "read": {"room": "chat.other", "seq": 1, "unread": 0},
+                    "read": {"room": "chat.other", "seq": 1, "unread": 0, "mentions": 0},
                 }
             r = await http.get(f"{gws[2].url}/v1/read", params={"user": "bo"})
             assert r.json() == {
                 "rooms": [
-                    {"room": "chat.other", "seq": 1, "unread": 0},
-                    {"room": room, "seq": top, "unread": 30 - top},
+                    {"room": "chat.other", "seq": 1, "unread": 0, "mentions": 0},
+                    {"room": room, "seq": top, "unread": 30 - top, "mentions": 0},
                 ]
             }
             # Read receipts reach the room's subscribers, debounced to a few.

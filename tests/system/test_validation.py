@@ -298,7 +298,12 @@ async def test_read_and_change_routes_list_every_method_and_check_what_they_igno
         r = await http.get(gw.url + MSG, headers=user)
         assert [(m["text"], m.get("version")) for m in r.json()["messages"]] == [("hi", None)]
         r = await http.post(gw.url + "/v1/rooms/r/read", json={"seq": 1.0}, headers=user)
-        assert r.status_code == 200 and r.json() == {"room": "r", "seq": 1, "unread": 0}, r.text
+        assert r.status_code == 200 and r.json() == {
+            "room": "r",
+            "seq": 1,
+            "unread": 0,
+            "mentions": 0,
+        }, r.text
         spec = (await http.get(gw.url + "/openapi.json")).json()
         assert spec["components"]["schemas"]["MarkRead"]["required"] == ["seq"]
 

@@ -43,6 +43,35 @@ export interface Message {
   deleted_at?: string | null;
   /** By reaction: how many users reacted and the first ten; absent when none. */
   reactions?: Reactions;
+  /** On a reply: the seq of the message (same room) it replies to. */
+  reply_to?: number;
+  /** The user ids the message mentions, each once; absent when none. */
+  mentions?: string[];
+  /** Its replies so far; absent until the first reply. */
+  thread?: Thread;
+}
+
+/** A message's thread summary: how many replies (a deleted reply's tombstone
+ * still counts), the last one's seq and creation time. */
+export interface Thread {
+  replies: number;
+  last_seq: number;
+  last_at: string;
+}
+
+/** An earlier text of an edited message (`versions()`): version 1 is as posted;
+ * `edited_at` is when the edit that replaced it was made. */
+export interface Version {
+  version: number;
+  text: string;
+  edited_at: string;
+}
+
+/** A page of replies (`replies()`): pass `next` as `after` for the following one. */
+export interface RepliesPage {
+  messages: Message[];
+  has_more: boolean;
+  next: number | null;
 }
 
 /** A message's reactions summary, by reaction (in order of first use). */
@@ -105,6 +134,14 @@ export interface ChangeEvent {
 
 /** `reactions_updated`: the summary of the message at `seq` now (`{}`: none left),
  * numbered in the same change stream as edits and deletes. */
+export interface ThreadUpdatedEvent {
+  room: string;
+  change: number;
+  /** The message replied to. */
+  seq: number;
+  thread: Thread;
+}
+
 export interface ReactionsUpdatedEvent {
   room: string;
   change: number;
@@ -153,11 +190,13 @@ export interface ReadEvent {
   seq: number;
 }
 
-/** A read position: read up to `seq`, `unread` messages after it. */
+/** A read position: read up to `seq`, `unread` messages after it, `mentions` of
+ * them (not deleted, not the user's own) mentioning the user. */
 export interface ReadState {
   room: string;
   seq: number;
   unread: number;
+  mentions: number;
 }
 
 export interface Events {
@@ -169,6 +208,9 @@ export interface Events {
   message: Message;
   change: ChangeEvent;
   reactions: ReactionsUpdatedEvent;
+  /** `thread_updated`: a reply to the message at `seq` committed; `thread` is its
+   * summary now, in the same change stream as edits and reactions. */
+  thread: ThreadUpdatedEvent;
   event: EphemeralEvent;
   presence: PresenceEvent;
   typing: TypingEvent;
@@ -235,7 +277,17 @@ export declare class Client {
   /** The seq of the last message of the room delivered to the application. */
   cursor(room: string): number | undefined;
   /** Resolves with the stored message; stored once even when resent after a drop. */
-  publish(room: string, text: string, options?: { key?: string }): Promise<Message>;
+  publish(
+    room: string,
+    text: string,
+    options?: { key?: string; replyTo?: number; mentions?: string[] },
+  ): Promise<Message>;
+  /** One page of the replies to the message at `seq`, ascending by seq. */
+  replies(room: string, seq: number, options?: { after?: number; limit?: number }):
+    Promise<RepliesPage>;
+  /** The earlier texts of the message at `seq` (its author, a moderator, an API key). */
+  versions(room: string, seq: number):
+    Promise<{ room: string; seq: number; version: number; versions: Version[] }>;
   /**
    * An event to every subscriber of an ephemeral room (nothing stored); resolves on the
    * gateway's ack. Sent once: rejected (`disconnected`) without a connection or when it

@@ -549,6 +549,7 @@ export class Client extends Emitter {
       case "message_updated":
       case "message_deleted":
       case "reactions_updated":
+      case "thread_updated":
         return this.#onChange(f);
       case "event":
         return this.fire("event", { room: f.room, event: f.event, data: f.data });
@@ -601,6 +602,9 @@ export class Client extends Emitter {
     if (typeof f.change === "number") {
       if (room.change !== undefined && f.change <= room.change) return;
       room.change = f.change;
+    }
+    if (f.type === "thread_updated") {
+      return this.fire("thread", { room: f.room, change: f.change, seq: f.seq, thread: f.thread });
     }
     if (f.type === "reactions_updated") {
       return this.fire("reactions", {
@@ -688,10 +692,15 @@ export class Client extends Emitter {
   /**
    * Publish a message; resolves with the stored message. The publish waits for a
    * connection if there is none, and is sent again with the same idempotency key after
-   * a reconnection until acked, so it is stored once.
+   * a reconnection until acked, so it is stored once. `replyTo`: the seq of the
+   * message of the room this one replies to (its `thread` then counts it, announced
+   * as a `thread` event); `mentions`: user ids (at most 50) the message mentions.
    */
-  publish(room, text, { key } = {}) {
-    return this.#keyed({ type: "publish", room, text }, key);
+  publish(room, text, { key, replyTo, mentions } = {}) {
+    const frame = { type: "publish", room, text };
+    if (replyTo !== undefined && replyTo !== null) frame.reply_to = replyTo;
+    if (mentions !== undefined && mentions !== null) frame.mentions = mentions;
+    return this.#keyed(frame, key);
   }
 
   /** Edit the message at `seq`; resolves with it as edited. Sent with an idempotency
@@ -812,12 +821,33 @@ export class Client extends Emitter {
     return this.#http("GET", "/v1/search?" + params);
   }
 
+  /** One page of the replies to the message at `seq`, ascending by seq
+   * (`GET /v1/rooms/{room}/messages/{seq}/replies`): `{messages, has_more, next}`;
+   * pass `next` as `after` for the following page. */
+  replies(room, seq, { after, limit } = {}) {
+    const q = new URLSearchParams();
+    if (after !== undefined && after !== null) q.set("after", String(after));
+    if (limit !== undefined) q.set("limit", String(limit));
+    const qs = q.toString();
+    return this.#http("GET",
+      `/v1/rooms/${encodeURIComponent(room)}/messages/${seq}/replies${qs ? "?" + qs : ""}`);
+  }
+
+  /** The earlier texts of the message at `seq` (`GET …/messages/{seq}/versions`):
+   * `{room, seq, version, versions: [{version, text, edited_at}]}`, oldest first. Its
+   * author, a moderator of the room or an API key only. */
+  versions(room, seq) {
+    return this.#http("GET",
+      `/v1/rooms/${encodeURIComponent(room)}/messages/${seq}/versions${this.#reader()}`);
+  }
+
   /** The users here now: `{room, users}` (`GET /v1/rooms/{room}/presence`). */
   presence(room) {
     return this.#http("GET", `/v1/rooms/${encodeURIComponent(room)}/presence`);
   }
 
-  /** Mark the room read up to `seq` (`POST /v1/rooms/{room}/read`): `{room, seq, unread}`.
+  /** Mark the room read up to `seq` (`POST /v1/rooms/{room}/read`):
+   * `{room, seq, unread, mentions}`.
    * Open mode: the position of `options.user`. */
   markRead(room, seq) {
     const body = { seq };
@@ -825,7 +855,8 @@ export class Client extends Emitter {
     return this.#http("POST", `/v1/rooms/${encodeURIComponent(room)}/read`, body);
   }
 
-  /** `{room, seq, unread}` of the room for this user (`GET /v1/rooms/{room}/read`). */
+  /** `{room, seq, unread, mentions}` of the room for this user (`GET /v1/rooms/{room}/read`);
+   * `mentions`: unread messages mentioning the user. */
   readState(room) {
     return this.#http("GET", `/v1/rooms/${encodeURIComponent(room)}/read${this.#reader()}`);
   }
@@ -901,7 +932,7 @@ export class Client extends Emitter {
 // -- one socket per browser: the SharedWorker mode ---------------------------------
 
 const SHARED_CALLS = ["publish", "emit", "edit", "delete", "history", "presence", "markRead",
-                      "readState", "readPositions", "reconnectNow"];
+                      "readState", "readPositions", "reconnectNow", "replies", "versions"];
 
 /**
  * The same surface as `Client`, served by a SharedWorker (src/worker.js) that holds one

@@ -20,7 +20,7 @@ import { Client, GatewayError } from "./index.js";
 
 const CALLS = new Set([
   "connect", "publish", "emit", "edit", "delete", "typing", "history", "presence", "markRead",
-  "readState", "readPositions", "reconnectNow",
+  "readState", "readPositions", "reconnectNow", "replies", "versions",
 ]);
 const ROOM_EVENTS = ["typing", "presence", "event", "read"];
 const STATE_EVENTS = ["state", "connecting", "connected", "disconnected", "closed", "refreshed"];

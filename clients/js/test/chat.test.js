@@ -82,10 +82,10 @@ test("typing reaches the others; read state, receipts and positions", async () =
     assert.deepEqual(typing, [{ room: "desk", user: "ana" }]);
     await ana.publish("desk", "one");
     await ana.publish("desk", "two");
-    assert.deepEqual(await ana.markRead("desk", 1), { room: "desk", seq: 1, unread: 1 });
+    assert.deepEqual(await ana.markRead("desk", 1), { room: "desk", seq: 1, unread: 1, mentions: 0 });
     await eventually(() => receipts.some((r) => r.user === "ana"), 10000, "ana's receipt");
     assert.deepEqual(receipts.find((r) => r.user === "ana"), { room: "desk", user: "ana", seq: 1 });
-    assert.deepEqual(await ana.readPositions(), { rooms: [{ room: "desk", seq: 1, unread: 1 }] });
+    assert.deepEqual(await ana.readPositions(), { rooms: [{ room: "desk", seq: 1, unread: 1, mentions: 0 }] });
     assert.deepEqual(await bob.readPositions(), { rooms: [] });
   } finally {
     ana.close();

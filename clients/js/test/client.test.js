@@ -208,8 +208,8 @@ test("a change made while disconnected arrives after the reconnection, once", as
     assert.equal(changes.length, 2, "no change twice");
 
     // read positions: open mode names the user
-    assert.deepEqual(await c.markRead("chg", 1), { room: "chg", seq: 1, unread: 1 });
-    assert.deepEqual(await c.readState("chg"), { room: "chg", seq: 1, unread: 1 });
+    assert.deepEqual(await c.markRead("chg", 1), { room: "chg", seq: 1, unread: 1, mentions: 0 });
+    assert.deepEqual(await c.readState("chg"), { room: "chg", seq: 1, unread: 1, mentions: 0 });
   } finally {
     c.close();
   }

@@ -18,10 +18,14 @@ from chat_gateway_client.events import (
     ReactionsUpdated,
     Read,
     ReadState,
+    RepliesPage,
     StateChange,
     Subscribed,
+    Thread,
+    ThreadUpdated,
     Typing,
     Unsubscribed,
+    Version,
 )
 from chat_gateway_client.webhooks import WebhookVerificationError, verify_webhook
 
@@ -40,6 +44,10 @@ __all__ = [
     "ReactionsUpdated",
     "Read",
     "ReadState",
+    "RepliesPage",
+    "Thread",
+    "ThreadUpdated",
+    "Version",
     "State",
     "StateChange",
     "Subscribed",

@@ -51,12 +51,16 @@ from chat_gateway_client.events import (
     ReactionsUpdated,
     Read,
     ReadState,
+    RepliesPage,
     SearchHit,
     SearchPage,
     StateChange,
     Subscribed,
+    Thread,
+    ThreadUpdated,
     Typing,
     Unsubscribed,
+    Version,
 )
 
 log = logging.getLogger("chat_gateway_client")
@@ -497,7 +501,7 @@ class Client:
                 self._emit(Unsubscribed(room.name, f.get("reason")))
         elif kind == "refreshed":
             self._answered("refresh")
-        elif kind in ("message_updated", "message_deleted", "reactions_updated"):
+        elif kind in ("message_updated", "message_deleted", "reactions_updated", "thread_updated"):
             self._on_change(f)
         elif kind == "event":
             self._emit(Event(f["room"], f["event"], f.get("data") or {}))
@@ -542,6 +546,11 @@ class Client:
             if room.change is not None and number <= room.change:
                 return
             room.change = number
+        if f["type"] == "thread_updated":
+            thread = Thread.of(f.get("thread"))
+            if thread is not None:
+                self._emit(ThreadUpdated(room.name, number, f["seq"], thread))
+            return
         if f["type"] == "reactions_updated":
             summary = Reaction.summary(f.get("reactions")) or {}
             self._emit(ReactionsUpdated(room.name, number, f["seq"], summary))
@@ -631,10 +640,26 @@ class Client:
                 if not current.queues:
                     await self.unsubscribe(room)
 
-    async def publish(self, room: str, text: str, *, key: str | None = None) -> Message:
+    async def publish(
+        self,
+        room: str,
+        text: str,
+        *,
+        key: str | None = None,
+        reply_to: int | None = None,
+        mentions: Sequence[str] | None = None,
+    ) -> Message:
         """Publish over the WebSocket; returns the stored message. Sent again with the
-        same idempotency key after a reconnection until acked: stored once."""
-        return await self._keyed({"type": "publish", "room": room, "text": text}, key)
+        same idempotency key after a reconnection until acked: stored once.
+        ``reply_to``: the seq of the message of the room this one replies to (its
+        thread then counts it, announced as ``ThreadUpdated``); ``mentions``: user
+        ids (at most 50) the message mentions."""
+        frame: dict[str, Any] = {"type": "publish", "room": room, "text": text}
+        if reply_to is not None:
+            frame["reply_to"] = reply_to
+        if mentions is not None:
+            frame["mentions"] = list(mentions)
+        return await self._keyed(frame, key)
 
     async def edit(self, room: str, seq: int, text: str, *, key: str | None = None) -> Message:
         """Edit the message at ``seq`` over the WebSocket; returns it as edited. Like a
@@ -825,6 +850,30 @@ class Client:
         """``GET /v1/read``: every room this user has a position in."""
         r = await self._request("GET", "/v1/read", params=self._reader())
         return [ReadState.of(d) for d in r.json()["rooms"]]
+
+    async def replies(
+        self, room: str, seq: int, *, after: int | None = None, limit: int | None = None
+    ) -> RepliesPage:
+        """``GET /v1/rooms/{room}/messages/{seq}/replies``: one page of the replies to
+        the message at ``seq``, ascending by seq."""
+        params = {k: v for k, v in (("after", after), ("limit", limit)) if v is not None}
+        r = await self._request("GET", f"/v1/rooms/{room}/messages/{seq}/replies", params=params)
+        data = r.json()
+        return RepliesPage(
+            [Message.of(m) for m in data["messages"]], data["has_more"], data.get("next")
+        )
+
+    async def versions(self, room: str, seq: int, *, api: bool = False) -> list[Version]:
+        """``GET /v1/rooms/{room}/messages/{seq}/versions``: the earlier texts of the
+        message, oldest first (its author, a moderator of the room, or with ``api``
+        the client's API key)."""
+        r = await self._request(
+            "GET",
+            f"/v1/rooms/{room}/messages/{seq}/versions",
+            auth="api" if api else "user",
+            params=None if api else self._reader(),
+        )
+        return [Version(v["version"], v["text"], v["edited_at"]) for v in r.json()["versions"]]
 
     async def history(
         self,

@@ -15,6 +15,8 @@ class Message:
     ``null``. Here both read ``None``. A deleted message is a tombstone: ``text`` is
     ``""`` and ``deleted_at`` is set. ``reactions`` is the summary by reaction,
     ``{"count", "users"}`` (at most ten users named), ``None`` when there is none.
+    ``reply_to`` is the seq of the message a reply answers, ``mentions`` the user ids
+    it mentions, ``thread`` its replies so far (each ``None`` when absent).
     ``raw`` keeps every field as sent.
     """
 
@@ -28,6 +30,9 @@ class Message:
     edited_at: str | None = None
     deleted_at: str | None = None
     reactions: dict[str, Reaction] | None = None
+    reply_to: int | None = None
+    mentions: list[str] | None = None
+    thread: Thread | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -47,8 +52,58 @@ class Message:
             d.get("edited_at"),
             d.get("deleted_at"),
             Reaction.summary(d.get("reactions")),
+            d.get("reply_to"),
+            d.get("mentions"),
+            Thread.of(d.get("thread")),
             d,
         )
+
+
+@dataclass(frozen=True)
+class Thread:
+    """A message's replies so far: how many (a deleted reply's tombstone still
+    counts), the last one's seq and creation time."""
+
+    replies: int
+    last_seq: int
+    last_at: str
+
+    @classmethod
+    def of(cls, d: dict[str, Any] | None) -> Thread | None:
+        if not d:
+            return None
+        return cls(d["replies"], d["last_seq"], d["last_at"])
+
+
+@dataclass(frozen=True)
+class ThreadUpdated:
+    """``thread_updated``: a reply to the message at ``seq`` committed; ``thread`` is
+    its summary now. ``change`` is the room's change number, in the same stream as
+    edits and reactions (each arrives once across reconnections)."""
+
+    room: str
+    change: int
+    seq: int
+    thread: Thread
+
+
+@dataclass(frozen=True)
+class Version:
+    """An earlier text of an edited message: ``version`` 1 is as posted; ``edited_at``
+    is when the edit that replaced it was made."""
+
+    version: int
+    text: str
+    edited_at: str
+
+
+@dataclass(frozen=True)
+class RepliesPage:
+    """A page of replies, ascending by seq; pass ``next`` as ``after`` for the next."""
+
+    messages: list[Message]
+    has_more: bool
+    next: int | None
 
 
 @dataclass(frozen=True)
@@ -135,15 +190,17 @@ class Read:
 @dataclass(frozen=True)
 class ReadState:
     """A read position (``POST``/``GET /v1/rooms/{room}/read``, ``GET /v1/read``):
-    read up to ``seq``, ``unread`` messages after it."""
+    read up to ``seq``, ``unread`` messages after it, ``mentions`` of them (not
+    deleted, not the user's own) mentioning the user."""
 
     room: str
     seq: int
     unread: int
+    mentions: int = 0
 
     @classmethod
     def of(cls, d: dict[str, Any]) -> ReadState:
-        return cls(d["room"], d["seq"], d["unread"])
+        return cls(d["room"], d["seq"], d["unread"], d.get("mentions", 0))
 
 
 @dataclass(frozen=True)

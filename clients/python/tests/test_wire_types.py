@@ -38,6 +38,9 @@ TYPES: dict[str, tuple[str, type, set[str]]] = {
     "ServerFrame.message_updated": ("ChangeEvent", py.Change, {"kind"}),
     "ServerFrame.message_deleted": ("ChangeEvent", py.Change, {"kind"}),
     "ServerFrame.reactions_updated": ("ReactionsUpdatedEvent", py.ReactionsUpdated, set()),
+    "ServerFrame.thread_updated": ("ThreadUpdatedEvent", py.ThreadUpdated, set()),
+    "Thread": ("Thread", py.Thread, set()),
+    "Version": ("Version", py.Version, set()),
     "ServerFrame.typing": ("TypingEvent", py.Typing, set()),
     "ServerFrame.read": ("ReadEvent", py.Read, {"frame"}),
     "ServerFrame.presence": ("PresenceEvent", py.Presence, set()),
@@ -226,6 +229,17 @@ async def test_what_a_gateway_sends_matches_its_schemas(gateway_env: dict[str, s
                 {"type": "react", "room": "wire", "seq": 1, "reaction": "ok", "ref": "x1"}
             )
             await ana.expect("ack")
+            await ana.send(
+                {
+                    "type": "publish",
+                    "room": "wire",
+                    "text": "re",
+                    "reply_to": 1,
+                    "mentions": ["bob"],
+                    "ref": "p3",
+                }
+            )
+            await ana.expect("ack")
             await ana.send({"type": "typing", "room": "wire"})
             await ana.send({"type": "read", "room": "wire", "seq": 1, "ref": "r"})
             await ana.expect("ack")
@@ -240,7 +254,13 @@ async def test_what_a_gateway_sends_matches_its_schemas(gateway_env: dict[str, s
             )
             assert r.status_code == 202
             await until_seen(
-                bob, "message_updated", "message_deleted", "reactions_updated", "typing", "read"
+                bob,
+                "message_updated",
+                "message_deleted",
+                "reactions_updated",
+                "thread_updated",
+                "typing",
+                "read",
             )
             await until_seen(bob, "event")
             await ana.send({"type": "unsubscribe", "room": "wire"})

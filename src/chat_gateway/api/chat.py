@@ -17,16 +17,23 @@ from starlette.responses import Response
 from chat_gateway.access.auth import Identity
 from chat_gateway.access.ratelimit import REACT, READ
 from chat_gateway.api import validation as v
-from chat_gateway.api.caller import api_key, gateway_of, identify, key_caller, stored_room
+from chat_gateway.api.caller import (
+    api_key,
+    gateway_of,
+    identify,
+    key_caller,
+    known_user,
+    stored_room,
+)
 from chat_gateway.api.responses import encoded_json_response, json_response
 from chat_gateway.delivery.publish_hook import Draft, Kind
 from chat_gateway.errors import ApiError
 from chat_gateway.services import Services
-from chat_gateway.storage import ReadPosition
+from chat_gateway.storage import MessageDeleted, MessageNotFound, ReadPosition
 
 
 def position_json(pos: ReadPosition) -> dict[str, Any]:
-    return {"room": pos.room, "seq": pos.seq, "unread": pos.unread}
+    return {"room": pos.room, "seq": pos.seq, "unread": pos.unread, "mentions": pos.mentions}
 
 
 async def screened(
@@ -211,3 +218,69 @@ async def message(request: Request) -> Response:
 async def read(request: Request) -> Response:
     """``/v1/rooms/{room}/read``: one route for both methods, as ``message``."""
     return await (mark_read if request.method == "POST" else read_position)(request)
+
+
+async def replies(request: Request) -> Response:
+    """``GET .../messages/{seq}/replies?after=&limit=``: the replies to a message,
+    ascending by seq, read as history is (the same grants and bans). A deleted
+    message's replies answer 404 as the message is gone; each reply that was deleted
+    is its tombstone (no text)."""
+    gw = gateway_of(request)
+    room = v.room_name(request.path_params["room"])
+    seq = v.message_seq(request.path_params["seq"])
+    identity = identify(request)
+    identity.check_room(room)
+    stored_room(gw, room, "reading replies")
+    q = request.query_params
+    v.only_fields(dict(q), v.fields(v.REPLIES_QUERY))
+    limit = v.limit_param(q.get("limit"))
+    after = v.seq_param(q.get("after"), "after")
+    await gw.moderation.check_read(room, known_user(identity))
+    try:
+        page = await gw.store.replies(room, seq, after=after, limit=limit)
+    except (MessageNotFound, MessageDeleted) as exc:
+        raise ApiError("not_found", str(exc)) from None
+    body = b'{"messages":[%s],"has_more":%s,"next":%s}' % (
+        b",".join([m.to_json() for m in page.messages]),
+        b"true" if page.has_more else b"false",
+        b"%d" % page.messages[-1].seq if page.has_more and page.messages else b"null",
+    )
+    return encoded_json_response(body)
+
+
+async def versions(request: Request) -> Response:
+    """``GET .../messages/{seq}/versions``: the earlier texts of an edited message, for
+    its author, a moderator of the room or an API key (403 for anyone else). A
+    deleted message has none left: 404, as for its replies."""
+    gw = gateway_of(request)
+    room = v.room_name(request.path_params["room"])
+    seq = v.message_seq(request.path_params["seq"])
+    given = dict(request.query_params)
+    v.only_fields(given, v.fields(v.READ_QUERY))
+    who: str | None = None  # None: any message's (an API key, a moderator)
+    if api_key(request) is None:
+        identity = identify(request)
+        identity.check_room(room)
+        if not identity.may_moderate(room):
+            who = reader(identity, given, "versions (the message's author)")
+    stored_room(gw, room, "reading versions")
+    if who is not None:
+        await gw.moderation.check_read(room, who)
+    try:
+        msg, found = await gw.store.versions(room, seq)
+    except (MessageNotFound, MessageDeleted) as exc:
+        raise ApiError("not_found", str(exc)) from None
+    if who is not None and who != msg.author:
+        raise ApiError(
+            "forbidden",
+            "only the message's author, a moderator of the room or an API key "
+            "may read its earlier versions",
+        )
+    return json_response(
+        {
+            "room": room,
+            "seq": seq,
+            "version": msg.version,
+            "versions": [f.to_dict() for f in found],
+        }
+    )

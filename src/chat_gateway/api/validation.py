@@ -34,6 +34,7 @@ RESERVED_EVENTS = {
     "message_updated",
     "message_deleted",
     "reactions_updated",
+    "thread_updated",
     "typing",
     "read",
 }
@@ -102,7 +103,32 @@ def _frame(kind: str, required: list[str], **properties: dict[str, Any]) -> dict
     return object_schema(["type", *required], type={"const": kind}, **properties)
 
 
-POST_MESSAGE = object_schema(["text"], text=TEXT, author=AUTHOR)
+# Replies and mentions on a post (HTTP body and WS publish frame).
+MAX_MENTION = 128
+MAX_MENTIONS = 50
+REPLY_TO: dict[str, Any] = {
+    "type": "integer",
+    "minimum": 1,
+    "maximum": MAX_SEQ,
+    "description": "the seq of a message of the same room this one replies to "
+    "(404 not_found when there is none, 409 message_deleted when it is deleted)",
+}
+MENTION: dict[str, Any] = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_MENTION,
+    "pattern": _PRINTABLE,
+    "description": "a user id (a token's sub) as given: no NUL, not blank",
+}
+MENTIONS: dict[str, Any] = {
+    "type": "array",
+    "items": MENTION,
+    "maxItems": MAX_MENTIONS,
+    "description": f"at most {MAX_MENTIONS} user ids the message mentions; repeats are kept once",
+}
+POST_MESSAGE = object_schema(
+    ["text"], text=TEXT, author=AUTHOR, reply_to=REPLY_TO, mentions=MENTIONS
+)
 PUBLISH = object_schema(["room", "event"], room=ROOM, event=EVENT, data={"type": "object"})
 HISTORY_QUERY = object_schema([], limit=LIMIT, before=SEQ, after=SEQ)
 PRESENCE_USER: dict[str, Any] = {
@@ -313,6 +339,8 @@ FRAMES: dict[str, dict[str, Any]] = {
         author=AUTHOR,
         ref=REF,
         key=IDEMPOTENCY_KEY,
+        reply_to=REPLY_TO,
+        mentions=MENTIONS,
     ),
     "emit": _frame(
         "emit",
@@ -403,6 +431,53 @@ def reaction(value: Any) -> str:
 
 
 ABSENT: Any = object()  # a field not given at all (unlike one given as null)
+
+
+def reply_to(value: Any) -> int | None:
+    """A post's ``reply_to``: absent (None), or a message's seq, a JSON number from 1
+    (never null: the schema says an integer)."""
+    if value is ABSENT:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SEQ:
+        raise ApiError(
+            "invalid_request",
+            "reply_to must be a message's seq (an integer from 1)",
+            field="reply_to",
+        )
+    return value
+
+
+def mentions(value: Any) -> tuple[str, ...]:
+    """A post's ``mentions``: up to MAX_MENTIONS user ids (MENTION), each kept once,
+    in the order given; absent: none (null is refused, as the schema says a list)."""
+    if value is ABSENT:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_MENTIONS:
+        raise ApiError(
+            "invalid_request",
+            f"mentions must be a list of at most {MAX_MENTIONS} user ids",
+            field="mentions",
+        )
+    for item in value:
+        if (
+            not isinstance(item, str)
+            or not 1 <= len(item) <= MAX_MENTION
+            or not item.strip()
+            or "\x00" in item
+        ):
+            raise ApiError(
+                "invalid_request",
+                f"each mention must be a user id of 1..{MAX_MENTION} characters, not blank",
+                field="mentions",
+            )
+        _printable(item, "mentions")
+    return tuple(dict.fromkeys(value))
+
+
+# The replies of a message: after a reply's seq, a page of at most limit.
+REPLIES_QUERY = object_schema([], after=SEQ, limit=LIMIT)
 
 
 def author(value: Any) -> str:

@@ -36,9 +36,15 @@ def message_frame(transport: str, room_json: bytes, seq: int, body: bytes) -> by
 
 
 def change_frame(transport: str, room_json: bytes, change: int, body: bytes) -> bytes:
-    """``message_updated`` / ``message_deleted`` (``body``: the message's JSON) or
-    ``reactions_updated`` (``body``: ``{"seq", "reactions"}``,
-    chat_gateway.storage.Change.body): the same object on WS and as SSE data."""
+    """``message_updated`` / ``message_deleted`` (``body``: the message's JSON),
+    ``reactions_updated`` (``body``: ``{"seq", "reactions"}``) or ``thread_updated``
+    (``body``: ``{"thread", "seq"}``, chat_gateway.storage.Change.body): the same
+    object on WS and as SSE data."""
+    if body.startswith(b'{"thread":'):
+        frame = (
+            b'{"type":"thread_updated","room":' + room_json + b',"change":%d,' % change + body[1:]
+        )
+        return frame if transport == WS else sse_event(b"thread_updated", frame)
     if body.startswith(b'{"seq":'):
         frame = (
             b'{"type":"reactions_updated","room":'

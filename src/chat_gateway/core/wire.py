@@ -11,8 +11,9 @@ A payload is a kind, one letter and a colon, then the kind's fields:
   position check).
 - ``c:<change>:<after_seq>:<body>``: an edit or delete, the body being the
   message as it is after the change, or a reactions change, the body being
-  ``{"seq", "reactions"}`` (chat_gateway.storage.Change.body; a release before
-  reactions would show it as an edit).
+  ``{"seq", "reactions"}``, or a thread change, the body being ``{"thread", "seq"}``
+  (chat_gateway.storage.Change.body; a release before reactions or threads would
+  show them as an edit).
 - ``e:{"room", "event", "data"}``: an ephemeral event (``POST /v1/publish``).
 - ``p:{"room", "action", "user"}``: a presence join or leave (chat_gateway.delivery.presence).
 - ``t:{"type": "typing", "room", "user"}``: a typing notice.

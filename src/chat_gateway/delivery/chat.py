@@ -164,6 +164,11 @@ class Chat:
             await self._committed(room, change)
         return msg
 
+    async def announce(self, room: str, change: Change) -> None:
+        """A change another write committed (a reply's thread change, by the
+        publisher): voided, raised and published as this instance's own changes are."""
+        await self._committed(room, change)
+
     async def _committed(self, room: str, change: Change) -> None:
         """After a change committed: the webhooks told, the cached window voided on
         every instance, the change position raised, the change published."""

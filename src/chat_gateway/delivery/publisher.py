@@ -11,7 +11,7 @@ published only, never stored.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from chat_gateway import tracing
@@ -20,7 +20,14 @@ from chat_gateway.core.wire import encode_event, encode_message, traced
 from chat_gateway.errors import ApiError
 from chat_gateway.metrics import Metrics
 from chat_gateway.pubsub import Broker, BrokerUnavailable
-from chat_gateway.storage import HistoryCache, Message, Store
+from chat_gateway.storage import (
+    Change,
+    HistoryCache,
+    Message,
+    MessageDeleted,
+    MessageNotFound,
+    Store,
+)
 from chat_gateway.storage.moderation import Restricted
 
 log = logging.getLogger("gateway")
@@ -64,6 +71,7 @@ class Publisher:
         ensure_open: Callable[[], None],
         committed: Callable[[], None],
         refused: Callable[[Restricted], ApiError],
+        changed: Callable[[str, Change], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -74,6 +82,8 @@ class Publisher:
         self.ensure_open = ensure_open
         self.committed = committed
         self.refused = refused  # the store's refusal of a banned or muted author
+        # Announces a change a post committed (a reply's thread change): Chat.announce.
+        self.changed = changed
 
     async def post(
         self,
@@ -84,8 +94,14 @@ class Publisher:
         identity: Poster,
         transport: str,
         idempotency_key: str | None = None,
+        reply_to: int | None = None,
+        mentions: tuple[str, ...] = (),
     ) -> tuple[Message, bool]:
         """Commit one post by ``identity``; return the message and whether it is new.
+
+        ``reply_to``: a reply to that message of the room (``not_found`` when there is
+        none, ``message_deleted`` when it is a tombstone); its parent's thread change
+        is announced after the reply. ``mentions``: user ids, kept with the message.
 
         An ``idempotency_key`` is the poster's own: it is stored qualified by the
         identity (:func:`scoped_key`), so another identity's equal key is another
@@ -98,13 +114,21 @@ class Publisher:
             raise RuntimeError(f"injected failure while posting {text!r}")
         key = None if idempotency_key is None else scoped_key(identity, idempotency_key)
         try:
-            msg, created = await self.store.append(room, author, text, key)
+            msg, created = await self.store.append(
+                room, author, text, key, reply_to=reply_to, mentions=mentions
+            )
         except Restricted as exc:  # banned or muted as of the commit
             raise self.refused(exc) from None
+        except MessageNotFound as exc:
+            raise ApiError("not_found", f"reply_to: {exc}", field="reply_to") from None
+        except MessageDeleted as exc:
+            raise ApiError("message_deleted", f"reply_to: {exc}", field="reply_to") from None
         if created:
             self.metrics.messages_accepted.labels(transport).inc()
             self.committed()
             await self._announce([msg])
+            if msg.follow is not None and self.changed is not None:
+                await self.changed(room, msg.follow)
         elif msg.text != text or msg.author != author:
             raise ApiError(
                 "idempotency_conflict",

@@ -78,12 +78,21 @@ async def post_message(request: Request) -> Response:
     body = await v.json_body(request, gw.settings.max_body_bytes, v.POST_MESSAGE)
     text = v.text(body.get("text"))
     author = v.body_author(body, identity.name if identity.user else None)
+    reply_to = v.reply_to(body.get("reply_to", v.ABSENT))
+    mentions = v.mentions(body.get("mentions", v.ABSENT))
     decision = await gw.rates.check_post(room, identity.bucket)
     await gw.moderation.check_post(room, author, moderator=identity.may_moderate(room))
     if api_key(request) is None:  # a backend's own post is not put to its hook
         text = await screened(gw, Kind.PUBLISH, room, author, text)
     msg, created = await gw.publisher.post(
-        room, author, text, identity=identity, transport="http", idempotency_key=key
+        room,
+        author,
+        text,
+        identity=identity,
+        transport="http",
+        idempotency_key=key,
+        reply_to=reply_to,
+        mentions=mentions,
     )
     return encoded_json_response(msg.to_json(), 201 if created else 200, decision.headers())
 
@@ -447,6 +456,8 @@ def create_app(settings: Settings | None = None, *, gateway: Gateway | None = No
         Route("/v1/rooms/{room}/presence", room_presence, methods=["GET"]),
         Route("/v1/rooms/{room}/messages/{seq}", chat.message, methods=["PATCH", "DELETE"]),
         Route("/v1/rooms/{room}/messages/{seq}/reactions", chat.react, methods=["POST"]),
+        Route("/v1/rooms/{room}/messages/{seq}/replies", chat.replies, methods=["GET"]),
+        Route("/v1/rooms/{room}/messages/{seq}/versions", chat.versions, methods=["GET"]),
         Route(
             "/v1/rooms/{room}/messages/{seq}/reactions/{reaction}", chat.react, methods=["DELETE"]
         ),

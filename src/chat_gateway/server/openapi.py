@@ -46,6 +46,31 @@ MESSAGE: dict[str, Any] = {
             "description": "present once changed: set on a tombstone (text empty), else null",
         },
         "reactions": {"$ref": _REF + "Reactions"},
+        "reply_to": {
+            "type": "integer",
+            "minimum": 1,
+            "description": "present on a reply: the seq of the message it replies to",
+        },
+        "mentions": {
+            "type": "array",
+            "items": {"type": "string"},
+            "maxItems": v.MAX_MENTIONS,
+            "description": "present when the message mentions users: their ids, each once",
+        },
+        "thread": {"$ref": _REF + "Thread"},
+    },
+}
+
+# A parent's thread summary (chat_gateway.storage.records.thread_summary).
+THREAD: dict[str, Any] = {
+    "type": "object",
+    "description": "present once the message has a reply: how many (a deleted reply's "
+    "tombstone still counts), the last one's seq and time",
+    "required": ["replies", "last_seq", "last_at"],
+    "properties": {
+        "replies": {"type": "integer", "minimum": 1},
+        "last_seq": {"type": "integer", "minimum": 1},
+        "last_at": {"type": "string", "format": "date-time"},
     },
 }
 
@@ -86,8 +111,13 @@ _SEQ: dict[str, Any] = {"type": "integer", "minimum": 0}
 _REF_ECHO: dict[str, Any] = {"description": "the ref of the frame answered, as sent"}
 _READ_POSITION: dict[str, Any] = {
     "type": "object",
-    "required": ["room", "seq", "unread"],
-    "properties": {"room": v.ROOM, "seq": _SEQ, "unread": {"type": "integer", "minimum": 0}},
+    "required": ["room", "seq", "unread", "mentions"],
+    "properties": {
+        "room": v.ROOM,
+        "seq": _SEQ,
+        "unread": {"type": "integer", "minimum": 0},
+        "mentions": {"type": "integer", "minimum": 0},
+    },
 }
 
 # Server -> client frames of /v1/ws (docs/API.md, "WebSocket"), under x-server-frames.
@@ -163,6 +193,14 @@ SERVER_FRAMES: dict[str, dict[str, Any]] = {
         change=_CHANGE,
         seq={**_SEQ, "description": "the message reacted to"},
         reactions={**REACTIONS, "description": "the message's summary now ({}: none left)"},
+    ),
+    "thread_updated": _server_frame(
+        "thread_updated",
+        ["room", "change", "seq", "thread"],
+        room=v.ROOM,
+        change=_CHANGE,
+        seq={**_SEQ, "description": "the message replied to"},
+        thread={**THREAD, "description": "the message's thread summary now"},
     ),
     "typing": _server_frame("typing", ["room", "user"], room=v.ROOM, user={"type": "string"}),
     "read": _server_frame(
@@ -300,6 +338,8 @@ MODERATED: dict[tuple[str, str], tuple[str, ...]] = {
     ("/v1/rooms/{room}/messages/{seq}", "delete"): ("banned",),
     ("/v1/rooms/{room}/messages/{seq}/reactions", "post"): ("banned", "muted"),
     ("/v1/rooms/{room}/messages/{seq}/reactions/{reaction}", "delete"): ("banned", "muted"),
+    ("/v1/rooms/{room}/messages/{seq}/replies", "get"): ("banned",),
+    ("/v1/rooms/{room}/messages/{seq}/versions", "get"): ("banned",),
 }
 
 # The routes the publish hook (PUBLISH_HOOK_URL, chat_gateway.delivery.publish_hook)
@@ -608,11 +648,17 @@ def chat_paths(open_mode: bool) -> dict[str, Any]:
     either: list[dict[str, list[str]]] = [{"userToken": []}, {"apiKey": []}, {}]
     position = {
         "type": "object",
-        "required": ["room", "seq", "unread"],
+        "required": ["room", "seq", "unread", "mentions"],
         "properties": {
             "room": v.ROOM,
             "seq": {"type": "integer"},
             "unread": {"type": "integer", "description": "messages after seq, tombstones included"},
+            "mentions": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "unread messages mentioning the user (after seq, not "
+                "deleted, not the user's own)",
+            },
         },
     }
     change_errors = _errors(
@@ -695,6 +741,81 @@ def chat_paths(open_mode: bool) -> dict[str, Any]:
                 "responses": {
                     "200": {**changed, "description": "the message with its reactions"},
                     **reaction_errors,
+                },
+            },
+        },
+        "/v1/rooms/{room}/messages/{seq}/replies": {
+            "get": {
+                "summary": "The replies to a message, ascending by seq",
+                "description": "Read as history is (the same grants). A deleted message's "
+                "replies answer 404, as the message is gone; a deleted reply is its "
+                "tombstone.",
+                "security": USER,
+                "parameters": [ROOM_PARAM, seq_param, *_query(v.REPLIES_QUERY)],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["messages", "has_more", "next"],
+                            "properties": {
+                                "messages": {"type": "array", "items": {"$ref": _REF + "Message"}},
+                                "has_more": {"type": "boolean"},
+                                "next": {
+                                    "type": ["integer", "null"],
+                                    "description": "pass as after for the next page; null: no more",
+                                },
+                            },
+                        },
+                        "a page of replies",
+                    ),
+                    **_errors(
+                        "invalid_request",
+                        "unauthorized",
+                        "forbidden",
+                        "not_found",
+                        "wrong_room_kind",
+                        "unavailable",
+                    ),
+                },
+            },
+        },
+        "/v1/rooms/{room}/messages/{seq}/versions": {
+            "get": {
+                "summary": "The earlier texts of an edited message",
+                "description": "For the message's author, a moderator of the room or an "
+                "API key; others get 403. A deleted message has none left (404).",
+                "security": either,
+                "parameters": [ROOM_PARAM, seq_param, *_reader_query(open_mode)],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["room", "seq", "version", "versions"],
+                            "properties": {
+                                "room": v.ROOM,
+                                "seq": {"type": "integer", "minimum": 1},
+                                "version": {
+                                    "type": "integer",
+                                    "minimum": 1,
+                                    "description": "the message's version now",
+                                },
+                                "versions": {
+                                    "type": "array",
+                                    "items": {"$ref": _REF + "Version"},
+                                    "description": "oldest first; empty: never edited",
+                                },
+                            },
+                        },
+                        "the earlier texts",
+                    ),
+                    **_errors(
+                        "invalid_request",
+                        "unauthorized",
+                        "forbidden",
+                        "not_found",
+                        "wrong_room_kind",
+                        "unavailable",
+                    ),
                 },
             },
         },
@@ -851,6 +972,8 @@ def document(open_mode: bool = False) -> dict[str, Any]:
                         "invalid_request",
                         "unauthorized",
                         "forbidden",
+                        "not_found",
+                        "message_deleted",
                         "idempotency_conflict",
                         "wrong_room_kind",
                         "too_large",
@@ -1141,6 +1264,20 @@ def document(open_mode: bool = False) -> dict[str, Any]:
         "ModerationAction": MODERATION_ACTION,
         "Message": MESSAGE,
         "Reactions": REACTIONS,
+        "Thread": THREAD,
+        "Version": {
+            "type": "object",
+            "required": ["version", "text", "edited_at"],
+            "properties": {
+                "version": {"type": "integer", "minimum": 1, "description": "1: as posted"},
+                "text": {"type": "string"},
+                "edited_at": {
+                    "type": "string",
+                    "format": "date-time",
+                    "description": "when the edit that replaced this text was made",
+                },
+            },
+        },
         "Error": ERROR,
         "RoomEvent": ROOM_EVENT,
         "StatsEvent": STATS_EVENT,

@@ -12,6 +12,7 @@ from chat_gateway.storage.base import (
     RoomFilter,
     Store,
     StoreUnavailable,
+    Version,
     new_id,
 )
 from chat_gateway.storage.cache import HistoryCache, RedisHistoryCache
@@ -31,6 +32,7 @@ __all__ = [
     "RoomFilter",
     "Store",
     "StoreUnavailable",
+    "Version",
     "create_store",
     "new_id",
 ]

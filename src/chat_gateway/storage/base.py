@@ -30,6 +30,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
 from chat_gateway.storage.records import (
+    MAX_MENTIONS,
     MAX_PAGE,
     REACTION_USERS,
     Change,
@@ -41,12 +42,14 @@ from chat_gateway.storage.records import (
     ReadPosition,
     RoomFilter,
     StoreUnavailable,
+    Version,
     change_event,
     display_url,
     format_ts,
     new_id,
     parse_ts,
     summarize,
+    thread_summary,
 )
 
 if TYPE_CHECKING:
@@ -56,7 +59,10 @@ if TYPE_CHECKING:
     from chat_gateway.storage.search import Cursor, Query, RoomScope
 
 __all__ = [
+    "MAX_MENTIONS",
     "MAX_PAGE",
+    "Version",
+    "thread_summary",
     "StoreUnavailable",
     "display_url",
     "MessageNotFound",
@@ -103,11 +109,26 @@ class Store(ABC):
 
     @abstractmethod
     async def append(
-        self, room: str, author: str, text: str, idempotency_key: str | None = None
+        self,
+        room: str,
+        author: str,
+        text: str,
+        idempotency_key: str | None = None,
+        *,
+        reply_to: int | None = None,
+        mentions: tuple[str, ...] = (),
     ) -> tuple[Message, bool]:
         """Commit one message; return it and whether it was created now. An author
         banned or muted in the room (as of the commit, under the room's lock) is
-        refused with ``Restricted`` and nothing is stored."""
+        refused with ``Restricted`` and nothing is stored.
+
+        ``reply_to``: the seq of the message of the same room this one replies to
+        (``MessageNotFound`` when there is none, ``MessageDeleted`` when it is a
+        tombstone; nothing stored). In the same transaction the parent's ``thread``
+        summary is raised and a thread change numbered and logged; the new message
+        carries that change in ``follow`` for the caller to announce.
+        ``mentions``: user ids (deduplicated by the caller), kept with the message
+        and counted in ``read_position(s)``."""
 
     async def append_many(self, posts: list[tuple[str, str, str]]) -> list[Message | Exception]:
         """Commit new messages ``(room, author, text)`` in this order: within a room
@@ -224,6 +245,18 @@ class Store(ABC):
         (change None). Raises ``MessageNotFound``, ``MessageDeleted``, and
         ``Restricted`` for a banned or muted user (checked under the room's lock)."""
         raise StoreUnavailable("this store keeps no reactions")
+
+    async def replies(self, room: str, seq: int, *, after: int | None, limit: int) -> Page:
+        """The replies to the message at ``seq``, ascending by seq (after ``after``
+        when given; ``has_more``: more follow). ``MessageNotFound`` when there is no
+        such message, ``MessageDeleted`` when it is a tombstone."""
+        raise StoreUnavailable("this store keeps no replies")
+
+    async def versions(self, room: str, seq: int) -> tuple[Message, list[Version]]:
+        """The message at ``seq`` and its earlier texts, oldest first (none for one
+        never edited). ``MessageNotFound`` when there is no such message,
+        ``MessageDeleted`` when it is a tombstone (a delete removed them all)."""
+        raise StoreUnavailable("this store keeps no versions")
 
     async def changes(self, room: str, *, after: int, limit: int = MAX_PAGE) -> list[Change]:
         """The room's changes numbered above ``after``, ascending, each with its

@@ -581,11 +581,8 @@ def _window_page(window: Page, limit: int) -> Page:
 
 
 def _from_dict(d: dict[str, Any]) -> Message:
-    if "version" not in d:  # never changed
-        return Message(
-            d["id"], d["room"], d["seq"], d["author"], d["text"], parse_ts(d["created_at"])
-        )
     edited, deleted = d.get("edited_at"), d.get("deleted_at")
+    mentions = d.get("mentions")
     return Message(
         d["id"],
         d["room"],
@@ -593,7 +590,11 @@ def _from_dict(d: dict[str, Any]) -> Message:
         d["author"],
         d["text"],
         parse_ts(d["created_at"]),
-        d["version"],
+        d.get("version", 1),
         None if edited is None else parse_ts(edited),
         None if deleted is None else parse_ts(deleted),
+        reactions=d.get("reactions"),
+        reply_to=d.get("reply_to"),
+        mentions=None if mentions is None else tuple(mentions),
+        thread=d.get("thread"),
     )

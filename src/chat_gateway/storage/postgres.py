@@ -68,11 +68,13 @@ from chat_gateway.storage.base import (
     RoomFilter,
     Store,
     StoreUnavailable,
+    Version,
     change_event,
     display_url,
     format_ts,
     new_id,
     summarize,
+    thread_summary,
 )
 from chat_gateway.storage.listen_postgres import Listener
 from chat_gateway.storage.moderation import (
@@ -82,6 +84,7 @@ from chat_gateway.storage.moderation import (
     Restricted,
     RoomModeration,
     apply,
+    check_append,
     check_change,
     entry,
     log_row,
@@ -105,7 +108,8 @@ _COLUMNS = (
     "id, room, seq, author, text, "
     "(extract(epoch from created_at) * 1000)::bigint AS created_ms, version, "
     "(extract(epoch from edited_at) * 1000)::bigint AS edited_ms, "
-    "(extract(epoch from deleted_at) * 1000)::bigint AS deleted_ms, reactions"
+    "(extract(epoch from deleted_at) * 1000)::bigint AS deleted_ms, reactions, "
+    "reply_to, mentions, thread"
 )
 
 # A banned or muted author (chat_may_post, migration 0011) gets no row: the room's
@@ -307,6 +311,9 @@ def _row(r: Any) -> Message:
         r["edited_ms"],
         r["deleted_ms"],
         reactions=None if r["reactions"] is None else orjson.loads(r["reactions"]),
+        reply_to=r["reply_to"],
+        mentions=None if r["mentions"] is None else tuple(orjson.loads(r["mentions"])),
+        thread=None if r["thread"] is None else orjson.loads(r["thread"]),
     )
 
 
@@ -337,13 +344,19 @@ async def _message_in(conn: Any, pos: Any, room: str, seq: int) -> Message:
     return _row(row)
 
 
+# An edit keeps the text it replaces: the version the message had, and the edit's time.
+_KEEP_VERSION = (
+    "INSERT INTO message_versions (room, seq, version, text, edited_at) "
+    "SELECT room, seq, version, text, $3 FROM messages WHERE room = $1 AND seq = $2"
+)
 _EDIT = (
     "UPDATE messages SET text = $3, version = version + 1, edited_at = $4 "
     f"WHERE room = $1 AND seq = $2 RETURNING {_COLUMNS}"
 )
 # A delete empties the text in the row itself: the text is gone, not hidden.
 _DELETE = (
-    "UPDATE messages SET text = '', version = version + 1, deleted_at = $3, reactions = NULL "
+    "UPDATE messages SET text = '', version = version + 1, deleted_at = $3, reactions = NULL, "
+    "mentions = NULL "
     f"WHERE room = $1 AND seq = $2 RETURNING {_COLUMNS}"
 )
 
@@ -370,7 +383,8 @@ _CHANGES = """
 SELECT c.change, c.after_seq, c.kind, m.id, m.room, m.seq, m.author, m.text,
        (extract(epoch from m.created_at) * 1000)::bigint AS created_ms, m.version,
        (extract(epoch from m.edited_at) * 1000)::bigint AS edited_ms,
-       (extract(epoch from m.deleted_at) * 1000)::bigint AS deleted_ms, m.reactions
+       (extract(epoch from m.deleted_at) * 1000)::bigint AS deleted_ms, m.reactions,
+       m.reply_to, m.mentions, m.thread
 FROM message_changes c JOIN messages m ON m.room = c.room AND m.seq = c.seq
 WHERE c.room = $1 AND c.change > $2 ORDER BY c.change LIMIT $3
 """
@@ -382,16 +396,25 @@ INSERT INTO read_positions AS p (user_name, room, seq, updated_at)
 SELECT $1, $2, LEAST($3, r.last_seq), now() FROM r
 ON CONFLICT (user_name, room) DO UPDATE
     SET seq = GREATEST(p.seq, EXCLUDED.seq), updated_at = EXCLUDED.updated_at
-RETURNING seq, (SELECT last_seq FROM r) AS last_seq
+RETURNING seq, (SELECT last_seq FROM r) AS last_seq, (
+    SELECT count(*) FROM mentions x JOIN messages m ON m.room = x.room AND m.seq = x.seq
+    WHERE x.user_name = $1 AND x.room = $2 AND x.seq > p.seq
+      AND m.deleted_at IS NULL AND m.author <> $1) AS mentions
 """
 _READ_POSITION = """
-SELECT coalesce(p.seq, 0) AS seq, coalesce(r.last_seq, 0) AS last_seq
+SELECT coalesce(p.seq, 0) AS seq, coalesce(r.last_seq, 0) AS last_seq, (
+    SELECT count(*) FROM mentions x JOIN messages m ON m.room = x.room AND m.seq = x.seq
+    WHERE x.user_name = $1 AND x.room = $2 AND x.seq > coalesce(p.seq, 0)
+      AND m.deleted_at IS NULL AND m.author <> $1) AS mentions
 FROM (SELECT 1) AS one
 LEFT JOIN rooms r ON r.room = $2
 LEFT JOIN read_positions p ON p.user_name = $1 AND p.room = $2
 """
 _READ_POSITIONS = """
-SELECT p.room, p.seq, coalesce(r.last_seq, 0) AS last_seq
+SELECT p.room, p.seq, coalesce(r.last_seq, 0) AS last_seq, (
+    SELECT count(*) FROM mentions x JOIN messages m ON m.room = x.room AND m.seq = x.seq
+    WHERE x.user_name = $1 AND x.room = p.room AND x.seq > p.seq
+      AND m.deleted_at IS NULL AND m.author <> $1) AS mentions
 FROM read_positions p LEFT JOIN rooms r ON r.room = p.room
 WHERE p.user_name = $1
   AND ($3::text[] IS NULL OR p.room = ANY($3::text[])
@@ -694,8 +717,19 @@ class PostgresStore(Store):
         await conn.execute("CALL messages_search_fill(10000, true)")
 
     async def append(
-        self, room: str, author: str, text: str, idempotency_key: str | None = None
+        self,
+        room: str,
+        author: str,
+        text: str,
+        idempotency_key: str | None = None,
+        *,
+        reply_to: int | None = None,
+        mentions: tuple[str, ...] = (),
     ) -> tuple[Message, bool]:
+        if reply_to is not None or mentions:
+            return await self._append_extras(
+                room, author, text, idempotency_key, reply_to, mentions
+            )
         # One deadline for all of it: the key lookup, the insert, the lookup after a race.
         try:
             async with self._operation() as op:
@@ -704,6 +738,153 @@ class PostgresStore(Store):
             if exc.kind:
                 raise
             raise (await self._refusals([(room, author)]))[0] from None
+
+    async def _append_extras(
+        self,
+        room: str,
+        author: str,
+        text: str,
+        idempotency_key: str | None,
+        reply_to: int | None,
+        mentions: tuple[str, ...],
+    ) -> tuple[Message, bool]:
+        """A reply or a post with mentions: one transaction of its own under the room's
+        row lock (as a change takes it), which also raises the parent's thread and
+        numbers and logs its thread change, so a subscriber resuming from the change
+        log replays it once, right after the reply."""
+        ms = int(time.time() * 1000)
+        at = _EPOCH + timedelta(milliseconds=ms)
+        mid = new_id(ms)
+        async with self._operation() as op, self._connection() as conn:
+            async with self._transaction(conn):
+                pos = await conn.fetchrow(
+                    "INSERT INTO rooms AS r (room, last_seq) VALUES ($1, 0) "
+                    "ON CONFLICT (room) DO UPDATE SET last_seq = r.last_seq "
+                    "RETURNING last_seq, last_change, banned::text, muted::text",
+                    room,
+                )
+                if idempotency_key is not None:  # under the lock: a concurrent repeat is seen
+                    row = await conn.fetchrow(_BY_KEY, room, idempotency_key)
+                    if row is not None:
+                        return _row(row), False
+                check_append(
+                    RoomModeration.of_row(room, pos["banned"], pos["muted"], 0), author, ms
+                )
+                parent = None
+                if reply_to is not None:
+                    parent = await _message_in(conn, pos, room, reply_to)
+                    if parent.deleted_ms is not None:
+                        raise MessageDeleted(f"message {reply_to} in room {room!r} is deleted")
+                seq, changes = int(pos["last_seq"]) + 1, int(pos["last_change"])
+                await conn.execute("UPDATE rooms SET last_seq = $2 WHERE room = $1", room, seq)
+                msg = Message(
+                    mid,
+                    room,
+                    seq,
+                    author,
+                    text,
+                    ms,
+                    changes=changes,
+                    reply_to=reply_to,
+                    mentions=mentions or None,
+                )
+                await conn.execute(
+                    "INSERT INTO messages (room, seq, id, author, text, created_at, "
+                    "idempotency_key, reply_to, mentions) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    room,
+                    seq,
+                    mid,
+                    author,
+                    text,
+                    at,
+                    idempotency_key,
+                    reply_to,
+                    orjson.dumps(list(mentions)).decode() if mentions else None,
+                )
+                if mentions:
+                    await conn.execute(
+                        "INSERT INTO mentions (user_name, room, seq) "
+                        "SELECT u, $2, $3 FROM unnest($1::text[]) AS u",
+                        list(mentions),
+                        room,
+                        seq,
+                    )
+                if self._outbox_args:
+                    await conn.execute(
+                        _CHANGE_OUTBOX,
+                        "evt_" + mid,
+                        "message.created",
+                        msg.to_json().decode(),
+                        room,
+                        seq,
+                        seq + changes,
+                        at,
+                        *self._outbox_args,
+                    )
+                if parent is not None:
+                    count = int((parent.thread or {}).get("replies", 0)) + 1
+                    thread = thread_summary(count, seq, ms)
+                    row = await conn.fetchrow(
+                        f"UPDATE messages SET thread = $3 WHERE room = $1 AND seq = $2"
+                        f" RETURNING {_COLUMNS}",
+                        room,
+                        parent.seq,
+                        orjson.dumps(thread).decode(),
+                    )
+                    number = changes + 1
+                    await conn.execute(
+                        "UPDATE rooms SET last_change = $2 WHERE room = $1", room, number
+                    )
+                    await conn.execute(
+                        "INSERT INTO message_changes (room, change, seq, after_seq, kind) "
+                        "VALUES ($1, $2, $3, $4, 'thread')",
+                        room,
+                        number,
+                        parent.seq,
+                        seq,
+                    )
+                    msg = replace(msg, follow=Change(number, seq, _row(row), thread=True))
+                op.sent = True  # the commit goes out as the block ends
+        return msg, True
+
+    async def replies(self, room: str, seq: int, *, after: int | None, limit: int) -> Page:
+        async with self._operation(), self._connection() as conn:
+            parent = await conn.fetchrow(
+                "SELECT deleted_at IS NOT NULL AS deleted FROM messages WHERE room = $1 AND seq = $2",
+                room,
+                seq,
+            )
+            if parent is None:
+                raise MessageNotFound(f"no message {seq} in room {room!r}")
+            if parent["deleted"]:
+                raise MessageDeleted(f"message {seq} in room {room!r} is deleted")
+            rows = await conn.fetch(
+                f"SELECT {_COLUMNS} FROM messages WHERE room = $1 AND reply_to = $2 "
+                "AND seq > $3 ORDER BY seq LIMIT $4",
+                room,
+                seq,
+                after or 0,
+                limit + 1,
+            )
+        return Page([_row(r) for r in rows[:limit]], len(rows) > limit)
+
+    async def versions(self, room: str, seq: int) -> tuple[Message, list[Version]]:
+        async with self._operation(), self._connection() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_COLUMNS} FROM messages WHERE room = $1 AND seq = $2", room, seq
+            )
+            if row is None:
+                raise MessageNotFound(f"no message {seq} in room {room!r}")
+            msg = _row(row)
+            if msg.deleted_ms is not None:
+                raise MessageDeleted(f"message {seq} in room {room!r} is deleted")
+            rows = await conn.fetch(
+                "SELECT version, text, (extract(epoch from edited_at) * 1000)::bigint AS ms "
+                "FROM message_versions WHERE room = $1 AND seq = $2 ORDER BY version",
+                room,
+                seq,
+            )
+        return msg, [Version(r["version"], r["text"], r["ms"]) for r in rows]
 
     async def _refusals(self, posts: list[tuple[str, str]]) -> list[Restricted]:
         """Why the statement refused each (room, author): read after the fact (a
@@ -974,6 +1155,10 @@ class PostgresStore(Store):
             " WHERE c.room = gone.room AND c.seq = gone.seq),"
             " reacted AS (DELETE FROM reactions x USING gone"
             " WHERE x.room = gone.room AND x.seq = gone.seq),"
+            " mentioned AS (DELETE FROM mentions x USING gone"
+            " WHERE x.room = gone.room AND x.seq = gone.seq),"
+            " versions AS (DELETE FROM message_versions x USING gone"
+            " WHERE x.room = gone.room AND x.seq = gone.seq),"
             f" scrub AS ({_scrub('gone', '$3')})"
             " SELECT count(*) FROM gone",
             _EPOCH + timedelta(milliseconds=cutoff_ms),
@@ -991,6 +1176,8 @@ class PostgresStore(Store):
             "WITH gone AS (DELETE FROM messages WHERE room = $1 RETURNING room, seq),"
             " changes AS (DELETE FROM message_changes WHERE room = $1),"
             " reacted AS (DELETE FROM reactions WHERE room = $1),"
+            " mentioned AS (DELETE FROM mentions WHERE room = $1),"
+            " versions AS (DELETE FROM message_versions WHERE room = $1),"
             f" scrub AS ({_scrub('gone', '$2')})"
             " SELECT count(*) FROM gone",
             room,
@@ -1041,11 +1228,13 @@ class PostgresStore(Store):
                     return None, current
                 if text is None:
                     row = await conn.fetchrow(_DELETE, room, seq, at)
-                    await conn.execute(
-                        "DELETE FROM reactions WHERE room = $1 AND seq = $2", room, seq
-                    )
+                    for table in ("reactions", "mentions", "message_versions"):
+                        await conn.execute(
+                            f"DELETE FROM {table} WHERE room = $1 AND seq = $2", room, seq
+                        )
                     await conn.execute(_SCRUB_MESSAGE, room, seq, format_ts(ms))
                 else:
+                    await conn.execute(_KEEP_VERSION, room, seq, at)
                     row = await conn.fetchrow(_EDIT, room, seq, text, at)
                 msg = _row(row)
                 number = await self._record_change(conn, pos, msg, ms, key=idempotency_key)
@@ -1055,7 +1244,14 @@ class PostgresStore(Store):
     async def changes(self, room: str, *, after: int, limit: int = 200) -> list[Change]:
         rows = await self._call("fetch", _CHANGES, room, after, limit)
         return [
-            Change(r["change"], r["after_seq"], _row(r), r["kind"] == "reactions") for r in rows
+            Change(
+                r["change"],
+                r["after_seq"],
+                _row(r),
+                r["kind"] == "reactions",
+                r["kind"] == "thread",
+            )
+            for r in rows
         ]
 
     async def _record_change(
@@ -1158,11 +1354,11 @@ class PostgresStore(Store):
         row = await self._call("fetchrow", _MARK_READ, user, room, seq, write=True)
         if row is None:  # a room with no message: nothing to be read
             return ReadPosition(room, 0, 0)
-        return ReadPosition(room, int(row["seq"]), int(row["last_seq"]))
+        return ReadPosition(room, int(row["seq"]), int(row["last_seq"]), int(row["mentions"]))
 
     async def read_position(self, user: str, room: str) -> ReadPosition:
         row = await self._call("fetchrow", _READ_POSITION, user, room)
-        return ReadPosition(room, int(row["seq"]), int(row["last_seq"]))
+        return ReadPosition(room, int(row["seq"]), int(row["last_seq"]), int(row["mentions"]))
 
     async def read_positions(
         self, user: str, limit: int = 1000, rooms: RoomFilter | None = None
@@ -1170,7 +1366,10 @@ class PostgresStore(Store):
         names = None if rooms is None else list(rooms.names)
         prefixes = [] if rooms is None else list(rooms.prefixes)
         rows = await self._call("fetch", _READ_POSITIONS, user, limit, names, prefixes)
-        return [ReadPosition(r["room"], int(r["seq"]), int(r["last_seq"])) for r in rows]
+        return [
+            ReadPosition(r["room"], int(r["seq"]), int(r["last_seq"]), int(r["mentions"]))
+            for r in rows
+        ]
 
     async def search(
         self,

@@ -55,7 +55,8 @@ class MessageNotFound(LookupError):
 
 
 class MessageDeleted(Exception):
-    """A reaction to a deleted message (its tombstone takes none)."""
+    """A reaction or a reply to a deleted message (its tombstone takes none), or the
+    replies or versions of one."""
 
 
 class NotAuthor(Exception):
@@ -110,6 +111,15 @@ class Message:
     changes: int | None = field(default=None, compare=False)
     # The reactions summary (``summarize``), kept on the message's row; None: none.
     reactions: dict[str, Any] | None = None
+    # The seq of the message this one replies to (same room); None: not a reply.
+    reply_to: int | None = None
+    # The user ids the message mentions, deduplicated, in the order given; None: none.
+    mentions: tuple[str, ...] | None = None
+    # A parent's thread summary ``{"replies", "last_seq", "last_at"}``; None: no reply.
+    thread: dict[str, Any] | None = None
+    # An append's own answer, never stored or sent: the thread change of the parent a
+    # reply committed with it (announced after the reply, in the change stream).
+    follow: Change | None = field(default=None, compare=False)
     # The JSON of to_dict, made on first use: a message is encoded once for every
     # history read, ack and publish that carries it.
     _json: bytes | None = field(default=None, init=False, repr=False, compare=False)
@@ -129,6 +139,12 @@ class Message:
             d["deleted_at"] = None if self.deleted_ms is None else format_ts(self.deleted_ms)
         if self.reactions:
             d["reactions"] = self.reactions
+        if self.reply_to is not None:
+            d["reply_to"] = self.reply_to
+        if self.mentions:
+            d["mentions"] = list(self.mentions)
+        if self.thread:
+            d["thread"] = self.thread
         return d
 
     def to_json(self) -> bytes:
@@ -156,6 +172,15 @@ def summarize(rows: Iterable[tuple[str, str]]) -> dict[str, Any] | None:
     return out or None
 
 
+def thread_summary(replies: int, last_seq: int, last_ms: int) -> dict[str, Any]:
+    """A parent's ``thread``: how many replies it has (tombstones of deleted replies
+    included: they keep their place, as in history), the last one's seq and time."""
+    return {"replies": replies, "last_seq": last_seq, "last_at": format_ts(last_ms)}
+
+
+MAX_MENTIONS = 50
+
+
 def change_event(
     msg: Message, change: int, now_ms: int, *, reactions: bool = False
 ) -> tuple[str, str, str]:
@@ -173,17 +198,21 @@ def change_event(
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """An edit, a delete or a reactions change (``reactions``): the room's change
-    number, the room's last seq when it committed (it sits after that message), and
-    the message as it is now."""
+    """An edit, a delete, a reactions change (``reactions``) or a thread change
+    (``thread``: a reply to the message committed): the room's change number, the
+    room's last seq when it committed (it sits after that message), and the message
+    as it is now."""
 
     change: int
     after_seq: int
     message: Message
     reactions: bool = False
+    thread: bool = False
 
     @property
     def kind(self) -> str:
+        if self.thread:
+            return "thread_updated"
         if self.reactions:
             return "reactions_updated"
         return "message_deleted" if self.message.deleted_ms is not None else "message_updated"
@@ -191,7 +220,10 @@ class Change:
     def body(self) -> bytes:
         """What the change's frame carries (chat_gateway.core.frames.change_frame): the
         message's JSON for an edit or delete, ``{"seq", "reactions"}`` for a
-        reactions change (the message's JSON always starts with ``{"id"``)."""
+        reactions change, ``{"thread", "seq"}`` for a thread change (the message's JSON
+        always starts with ``{"id"``)."""
+        if self.thread:
+            return orjson.dumps({"thread": self.message.thread or {}, "seq": self.message.seq})
         if self.reactions:
             return orjson.dumps(
                 {"seq": self.message.seq, "reactions": self.message.reactions or {}}
@@ -204,6 +236,8 @@ class ReadPosition:
     room: str
     seq: int
     last_seq: int
+    # Unread messages (after seq, not deleted, not the user's own) mentioning the user.
+    mentions: int = 0
 
     @property
     def unread(self) -> int:
@@ -225,6 +259,19 @@ class RoomFilter:
         for prefix in self.prefixes:
             args += [len(prefix), prefix]
         return "(" + (" OR ".join(parts) or "0") + ")", args
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """An earlier text of an edited message: the version it was (1: as posted), and
+    when the edit that replaced it was made."""
+
+    version: int
+    text: str
+    edited_ms: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "text": self.text, "edited_at": format_ts(self.edited_ms)}
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,10 +36,12 @@ from chat_gateway.storage.base import (
     RoomFilter,
     Store,
     StoreUnavailable,
+    Version,
     change_event,
     format_ts,
     new_id,
     summarize,
+    thread_summary,
 )
 from chat_gateway.storage.moderation import (
     Action,
@@ -56,7 +58,10 @@ from chat_gateway.storage.search import BadQuery, Cursor, Query, RoomScope, Sear
 
 T = TypeVar("T")
 
-_COLUMNS = "id, room, seq, author, text, created_ms, version, edited_ms, deleted_ms, reactions"
+_COLUMNS = (
+    "id, room, seq, author, text, created_ms, version, edited_ms, deleted_ms, reactions, "
+    "reply_to, mentions, thread"
+)
 # Rooms per ``IN (...)`` list: under SQLite's oldest bound on bound parameters (999).
 _IN_CHUNK = 500
 
@@ -74,8 +79,29 @@ def statements(sql: str) -> list[str]:
 
 
 def _row(r: tuple[Any, ...]) -> Message:
-    reactions = None if r[9] is None else orjson.loads(r[9])
-    return Message(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], reactions=reactions)
+    return Message(
+        r[0],
+        r[1],
+        r[2],
+        r[3],
+        r[4],
+        r[5],
+        r[6],
+        r[7],
+        r[8],
+        reactions=None if r[9] is None else orjson.loads(r[9]),
+        reply_to=r[10],
+        mentions=None if r[11] is None else tuple(orjson.loads(r[11])),
+        thread=None if r[12] is None else orjson.loads(r[12]),
+    )
+
+
+# Unread messages mentioning user ?1 in room ?2 after seq ?3 (not deleted, not theirs).
+_MENTIONS = (
+    "SELECT count(*) FROM mentions x JOIN messages m ON m.room = x.room AND m.seq = x.seq "
+    "WHERE x.user_name = ?1 AND x.room = ?2 AND x.seq > ?3 AND m.deleted_ms IS NULL "
+    "AND m.author <> ?1"
+)
 
 
 _ROOM = "SELECT last_seq, last_change, banned, muted FROM rooms WHERE room = ?"
@@ -222,7 +248,14 @@ class SQLiteStore(Store):
         return await self._run(apply, bounded=False)  # a migration takes what it takes
 
     async def append(
-        self, room: str, author: str, text: str, idempotency_key: str | None = None
+        self,
+        room: str,
+        author: str,
+        text: str,
+        idempotency_key: str | None = None,
+        *,
+        reply_to: int | None = None,
+        mentions: tuple[str, ...] = (),
     ) -> tuple[Message, bool]:
         def write(db: sqlite3.Connection) -> tuple[Message, bool]:
             db.execute("BEGIN IMMEDIATE")
@@ -241,16 +274,45 @@ class SQLiteStore(Store):
                 ).fetchone()
                 if held is not None:  # under the write lock: the latest
                     check_append(RoomModeration.of_row(room, held[0], held[1], 0), author, ms)
+                parent = None
+                if reply_to is not None:
+                    parent = _message_in(db, held, room, reply_to)
+                    if parent.deleted_ms is not None:
+                        raise MessageDeleted(f"message {reply_to} in room {room!r} is deleted")
                 seq, changes = db.execute(
                     "INSERT INTO rooms (room, last_seq) VALUES (?, 1) ON CONFLICT (room) "
                     "DO UPDATE SET last_seq = last_seq + 1 RETURNING last_seq, last_change",
                     (room,),
                 ).fetchone()
-                msg = Message(new_id(ms), room, seq, author, text, ms, changes=changes)
+                msg = Message(
+                    new_id(ms),
+                    room,
+                    seq,
+                    author,
+                    text,
+                    ms,
+                    changes=changes,
+                    reply_to=reply_to,
+                    mentions=mentions or None,
+                )
                 db.execute(
                     "INSERT INTO messages (id, room, seq, author, text, created_ms, "
-                    "idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (msg.id, room, seq, author, text, ms, idempotency_key),
+                    "idempotency_key, reply_to, mentions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        msg.id,
+                        room,
+                        seq,
+                        author,
+                        text,
+                        ms,
+                        idempotency_key,
+                        reply_to,
+                        orjson.dumps(list(mentions)).decode() if mentions else None,
+                    ),
+                )
+                db.executemany(
+                    "INSERT INTO mentions (user_name, room, seq) VALUES (?, ?, ?)",
+                    [(user, room, seq) for user in mentions],
                 )
                 if self._outbox_ids:
                     data = msg.to_json().decode()
@@ -263,6 +325,22 @@ class SQLiteStore(Store):
                             for e in self._outbox_ids
                         ],
                     )
+                if parent is not None:  # the parent's thread, changed in the same commit
+                    count = int((parent.thread or {}).get("replies", 0)) + 1
+                    thread = orjson.dumps(thread_summary(count, seq, ms)).decode()
+                    number = changes + 1
+                    db.execute("UPDATE rooms SET last_change = ? WHERE room = ?", (number, room))
+                    db.execute(
+                        "UPDATE messages SET thread = ? WHERE room = ? AND seq = ?",
+                        (thread, room, parent.seq),
+                    )
+                    db.execute(
+                        "INSERT INTO message_changes (room, change, seq, after_seq, kind) "
+                        "VALUES (?, ?, ?, ?, 'thread')",
+                        (room, number, parent.seq, seq),
+                    )
+                    now = _row(db.execute(_MESSAGE, (room, parent.seq)).fetchone())
+                    msg = replace(msg, follow=Change(number, seq, now, thread=True))
                 db.execute("COMMIT")
                 return msg, True
             except BaseException:
@@ -328,7 +406,7 @@ class SQLiteStore(Store):
                     "ORDER BY created_ms LIMIT ?",
                     (cutoff_ms, limit),
                 ).fetchall()
-                for table in ("message_changes", "reactions"):
+                for table in ("message_changes", "reactions", "mentions", "message_versions"):
                     db.executemany(
                         f"DELETE FROM {table} WHERE room = ? AND seq = ?",
                         [(room, seq) for _, room, seq in rows],
@@ -353,7 +431,8 @@ class SQLiteStore(Store):
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.execute("DELETE FROM message_changes WHERE room = ?", (room,))
-                db.execute("DELETE FROM reactions WHERE room = ?", (room,))
+                for table in ("reactions", "mentions", "message_versions"):
+                    db.execute(f"DELETE FROM {table} WHERE room = ?", (room,))
                 gone = db.execute(
                     "DELETE FROM messages WHERE room = ? RETURNING room, seq", (room,)
                 ).fetchall()
@@ -413,12 +492,20 @@ class SQLiteStore(Store):
                 if text is None:  # the text is gone from the row and its events, not hidden
                     db.execute(
                         "UPDATE messages SET text = '', version = version + 1, "
-                        "deleted_ms = ?, reactions = NULL WHERE room = ? AND seq = ?",
+                        "deleted_ms = ?, reactions = NULL, mentions = NULL "
+                        "WHERE room = ? AND seq = ?",
                         (ms, room, seq),
                     )
-                    db.execute("DELETE FROM reactions WHERE room = ? AND seq = ?", (room, seq))
+                    for table in ("reactions", "mentions", "message_versions"):
+                        db.execute(f"DELETE FROM {table} WHERE room = ? AND seq = ?", (room, seq))
                     _scrub(db, [(room, seq)], ms)
-                else:
+                else:  # the text it replaces is kept as a version
+                    db.execute(
+                        "INSERT INTO message_versions (room, seq, version, text, edited_ms) "
+                        "SELECT room, seq, version, text, ? FROM messages "
+                        "WHERE room = ? AND seq = ?",
+                        (ms, room, seq),
+                    )
                     db.execute(
                         "UPDATE messages SET text = ?, version = version + 1, "
                         "edited_ms = ? WHERE room = ? AND seq = ?",
@@ -452,7 +539,44 @@ class SQLiteStore(Store):
                 (room, after, limit),
             ).fetchall()
         )
-        return [Change(r[0], r[1], _row(r[3:]), r[2] == "reactions") for r in rows]
+        return [
+            Change(r[0], r[1], _row(r[3:]), r[2] == "reactions", r[2] == "thread") for r in rows
+        ]
+
+    async def replies(self, room: str, seq: int, *, after: int | None, limit: int) -> Page:
+        def read(db: sqlite3.Connection) -> Page:
+            parent = db.execute(
+                "SELECT deleted_ms FROM messages WHERE room = ? AND seq = ?", (room, seq)
+            ).fetchone()
+            if parent is None:
+                raise MessageNotFound(f"no message {seq} in room {room!r}")
+            if parent[0] is not None:
+                raise MessageDeleted(f"message {seq} in room {room!r} is deleted")
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND reply_to = ? AND seq > ? "
+                "ORDER BY seq LIMIT ?",
+                (room, seq, after or 0, limit + 1),
+            ).fetchall()
+            return Page([_row(r) for r in rows[:limit]], len(rows) > limit)
+
+        return await self._run(read)
+
+    async def versions(self, room: str, seq: int) -> tuple[Message, list[Version]]:
+        def read(db: sqlite3.Connection) -> tuple[Message, list[Version]]:
+            row = db.execute(_MESSAGE, (room, seq)).fetchone()
+            if row is None:
+                raise MessageNotFound(f"no message {seq} in room {room!r}")
+            msg = _row(row)
+            if msg.deleted_ms is not None:
+                raise MessageDeleted(f"message {seq} in room {room!r} is deleted")
+            rows = db.execute(
+                "SELECT version, text, edited_ms FROM message_versions "
+                "WHERE room = ? AND seq = ? ORDER BY version",
+                (room, seq),
+            ).fetchall()
+            return msg, [Version(*r) for r in rows]
+
+        return await self._run(read)
 
     async def react(
         self, room: str, seq: int, user: str, reaction: str, *, add: bool
@@ -553,7 +677,9 @@ class SQLiteStore(Store):
                 (user, seq, int(time.time() * 1000), room),
             ).fetchone()
             last = db.execute("SELECT last_seq FROM rooms WHERE room = ?", (room,)).fetchone()
-            return ReadPosition(room, int(row[0]) if row else 0, int(last[0]) if last else 0)
+            now = int(row[0]) if row else 0
+            mentioned = db.execute(_MENTIONS, (user, room, now)).fetchone()[0]
+            return ReadPosition(room, now, int(last[0]) if last else 0, int(mentioned))
 
         return await self._run(write)
 
@@ -563,7 +689,9 @@ class SQLiteStore(Store):
                 "SELECT seq FROM read_positions WHERE user_name = ? AND room = ?", (user, room)
             ).fetchone()
             last = db.execute("SELECT last_seq FROM rooms WHERE room = ?", (room,)).fetchone()
-            return ReadPosition(room, int(pos[0]) if pos else 0, int(last[0]) if last else 0)
+            now = int(pos[0]) if pos else 0
+            mentioned = db.execute(_MENTIONS, (user, room, now)).fetchone()[0]
+            return ReadPosition(room, now, int(last[0]) if last else 0, int(mentioned))
 
         return await self._run(read)
 
@@ -573,13 +701,16 @@ class SQLiteStore(Store):
         kept, args = ("1", []) if rooms is None else rooms.sql_sqlite("p.room")
         rows = await self._run(
             lambda db: db.execute(
-                "SELECT p.room, p.seq, coalesce(r.last_seq, 0) FROM read_positions p "
+                "SELECT p.room, p.seq, coalesce(r.last_seq, 0), (SELECT count(*) FROM mentions x "
+                "JOIN messages m ON m.room = x.room AND m.seq = x.seq WHERE x.user_name = "
+                "p.user_name AND x.room = p.room AND x.seq > p.seq AND m.deleted_ms IS NULL "
+                "AND m.author <> p.user_name) FROM read_positions p "
                 f"LEFT JOIN rooms r ON r.room = p.room WHERE p.user_name = ? AND {kept} "
                 "ORDER BY p.room LIMIT ?",
                 (user, *args, limit),
             ).fetchall()
         )
-        return [ReadPosition(r[0], int(r[1]), int(r[2])) for r in rows]
+        return [ReadPosition(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows]
 
     async def search(
         self,

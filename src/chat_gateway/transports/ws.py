@@ -104,6 +104,14 @@ class Publish(NamedTuple):
     author: str
     text: str
     key: str | None  # idempotency key
+    reply_to: int | None = None
+    mentions: tuple[str, ...] = ()
+
+    @property
+    def alone(self) -> bool:
+        """Committed on its own (not in a run of plain posts): keyed, a reply, or
+        with mentions."""
+        return self.key is not None or self.reply_to is not None or bool(self.mentions)
 
 
 class Session:
@@ -255,6 +263,8 @@ class Session:
         room = v.room_name(frame.get("room"))
         text = v.text(frame.get("text"))
         key = v.idempotency_key(frame.get("key"), "key")
+        reply_to = v.reply_to(frame.get("reply_to", v.ABSENT))
+        mentions = v.mentions(frame.get("mentions", v.ABSENT))
         author = self.identity.name if self.identity.user else v.author(frame.get("author"))
         self.identity.check_post(room)
         stored_room(self.gw, room, "publishing a message (emit an event instead)")
@@ -263,14 +273,15 @@ class Session:
             room, author, moderator=self.identity.may_moderate(room)
         )
         text = await screened(self.gw, Kind.PUBLISH, room, author, text)
-        return Publish(ref, room, author, text, key)
+        return Publish(ref, room, author, text, key, reply_to, mentions)
 
     async def commit(self, ready: list[Publish]) -> None:
-        """Commit in order: runs of keyless publishes together, a keyed one on its own
-        through the idempotent post (a repeat is acked with the first message)."""
+        """Commit in order: runs of plain keyless publishes together, a keyed one (or
+        a reply, or one with mentions) on its own through the idempotent post (a
+        repeat is acked with the first message)."""
         run: list[Publish] = []
         for p in ready:
-            if p.key is None:
+            if not p.alone:
                 run.append(p)
                 continue
             await self.commit_run(run)
@@ -283,6 +294,8 @@ class Session:
                     identity=self.identity,
                     transport="ws",
                     idempotency_key=p.key,
+                    reply_to=p.reply_to,
+                    mentions=p.mentions,
                 )
             except (ApiError, StoreUnavailable) as exc:
                 self.error(refusal(exc), p.ref)
