@@ -925,7 +925,8 @@ function markRead() {
       const got = await s.client.markRead(r.name, r.lastSeq);
       if (gen !== s.gen) return;
       r.readSeq = Math.max(r.readSeq, got.seq || 0);
-      if (r.readSeq >= r.latest) r.mentions = 0;
+      if (typeof got.mentions === "number") r.mentions = got.mentions;
+      else if (r.readSeq >= r.latest) r.mentions = 0;
       markRead();
     } catch (err) {
       if (gen === s.gen && (err.status === 404 || err.status === 405)) r.readOff = true;
@@ -939,6 +940,7 @@ async function loadRead(r, gen) {
     const got = await s.client.readState(r.name);
     if (gen !== s.gen) return;
     r.readSeq = Math.max(r.readSeq, got.seq || 0);
+    if (typeof got.mentions === "number" && r.name !== s.active) r.mentions = got.mentions;
     renderRooms();
   } catch (err) {
     if (gen === s.gen && (err.status === 404 || err.status === 405)) r.readOff = true;
@@ -1346,6 +1348,12 @@ function openThread(seq, opener) {
   const r = active();
   if (!r || !r.bySeq.has(seq)) return;
   threadOpener = opener || null;
+  const li = opener?.closest("li[data-seq]");
+  if (li && el.list.contains(li)) {
+    opener.dataset.seq = li.dataset.seq;
+    opener.dataset.find = opener.dataset.action ? `[data-action="${opener.dataset.action}"]`
+      : `.${opener.classList[0]}`;
+  }
   s.thread = { room: r.name, seq, fetched: [] };
   el.thread.hidden = false;
   el.app.classList.add("with-panel");
@@ -1362,8 +1370,13 @@ function closeThread() {
   el.thread.hidden = true;
   el.app.classList.remove("with-panel");
   s.thread = null;
-  if (threadOpener && threadOpener.isConnected) threadOpener.focus();
-  else el.text.focus();
+  // the opener's message may have been drawn again meanwhile (a new reply counted):
+  // the same control of the same message then
+  let back = threadOpener;
+  if (back && !back.isConnected && threadOpener.dataset.seq) {
+    back = el.list.querySelector(`li[data-seq="${threadOpener.dataset.seq}"] ${threadOpener.dataset.find}`);
+  }
+  (back && back.isConnected ? back : el.text).focus();
 }
 
 async function fetchReplies(thread) {
