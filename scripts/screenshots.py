@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -27,6 +29,8 @@ from typing import Any
 
 import httpx
 from playwright.async_api import async_playwright
+
+from chat_gateway.storage.records import format_ts
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -52,10 +56,14 @@ TODAY = [
     ("priya", "<b>Tip:</b> markup in a message is shown as text, never run.", 43),
 ]
 OTHER_ROOMS = {
-    "design": [("kai", "New empty-state illustrations are in Figma", 0)],
+    "design": [
+        ("kai", "New empty-state illustrations are up for review", 0),
+        ("kai", "@ana could you check the copy on them before Friday?", 1),
+    ],
     "random": [("leo", "Who's up for lunch at the noodle place?", 0), ("sam", "Me!", 1)],
     "releases": [("bot", "4.2.0 tagged", 0)],
 }
+PEOPLE = {"ana", "maya", "leo", "priya", "sam", "kai"}
 REACTIONS = [(5, "🎉", ["leo", "sam", "ana"]), (7, "👍", ["maya", "sam"]), (9, "👀", ["leo"])]
 
 
@@ -99,9 +107,17 @@ def seed(url: str) -> dict[str, list[tuple[int, int]]]:
     with httpx.Client(base_url=url, timeout=10) as http:
 
         def post(room: str, author: str, text: str, when: int, **extra: Any) -> int:
+            named = [n for n in re.findall(r"@(\w+)", text) if n in PEOPLE]
+            if named:  # servers with mentions count them for the one named
+                extra["mentions"] = named
             r = http.post(
                 f"/v1/rooms/{room}/messages", json={"text": text, "author": author, **extra}
             )
+            if r.status_code == 422 and named:  # a server without mentions
+                extra.pop("mentions")
+                r = http.post(
+                    f"/v1/rooms/{room}/messages", json={"text": text, "author": author, **extra}
+                )
             r.raise_for_status()
             seq = int(r.json()["seq"])
             placed.setdefault(room, []).append((seq, when))
@@ -121,7 +137,7 @@ def seed(url: str) -> dict[str, list[tuple[int, int]]]:
             },
         )
         if r.status_code == 201 and r.json().get("reply_to") == 10:
-            placed["general"].append((int(r.json()["seq"]), 10000 + 30))
+            placed["general"].append((int(r.json()["seq"]), 10000 + 50))
         for room, lines in OTHER_ROOMS.items():
             for author, text, minute in lines:
                 post(room, author, text, 10000 + minute)
@@ -153,6 +169,21 @@ def backdate(db: Path, placed: dict[str, list[tuple[int, int]]]) -> None:
                     "UPDATE messages SET created_ms = ? WHERE room = ? AND seq = ?",
                     (ms, room, seq),
                 )
+        # a thread's summary names its last reply's time: the moved one
+        threads = conn.execute(
+            "SELECT room, seq, thread FROM messages WHERE thread IS NOT NULL"
+        ).fetchall()
+        for room, seq, thread in threads:
+            summary = json.loads(thread)
+            (last_ms,) = conn.execute(
+                "SELECT created_ms FROM messages WHERE room = ? AND seq = ?",
+                (room, summary["last_seq"]),
+            ).fetchone()
+            summary["last_at"] = format_ts(last_ms)
+            conn.execute(
+                "UPDATE messages SET thread = ? WHERE room = ? AND seq = ?",
+                (json.dumps(summary), room, seq),
+            )
 
 
 async def capture(url: str, out: Path, prefix: str) -> list[Path]:
@@ -185,11 +216,17 @@ async def capture(url: str, out: Path, prefix: str) -> list[Path]:
             await page.wait_for_timeout(800)
             if name == "desktop-light":  # a message's actions, as on hover
                 await page.hover('#messages li[data-author="ana"] .text')
-            if name == "laptop-dark":  # search results beside the room
-                await page.fill("#q", "4.2")
-                await page.press("#q", "Enter")
-                await page.wait_for_selector("#search-results li")
-                await page.locator("#q").blur()
+            if name == "laptop-dark":  # a thread beside the room
+                link = page.locator("#messages .thread-link").first
+                if await link.count():
+                    await link.click()
+                    await page.wait_for_selector("#thread-replies li")
+                else:  # a server without replies: search results instead
+                    await page.fill("#q", "4.2")
+                    await page.press("#q", "Enter")
+                    await page.wait_for_selector("#search-results li")
+                await page.locator(":focus").blur()
+                await page.mouse.move(5, 790)
             path = out / f"{prefix}{name}.png"
             await page.screenshot(path=str(path))
             written.append(path)
