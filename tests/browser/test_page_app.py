@@ -101,6 +101,10 @@ async def test_joined_rooms_are_listed_with_unread_badges_on_one_socket_and_kept
         badge = room_button(page, "room.a").locator(".badge.unread")
         await expect(badge).to_have_text("3")
         await expect(room_button(page, "room.a")).to_be_focused()
+        # a phone's menu button, which hides the list, says so too
+        menu = page.locator("#open-rooms")
+        await expect(menu).to_have_attribute("data-news", "unread")
+        await expect(menu).to_have_attribute("aria-label", "Rooms, 3 unread elsewhere")
         await expect(room_button(page, "room.a")).to_have_attribute(
             "aria-label", "room.a, 3 unread"
         )
@@ -118,6 +122,7 @@ async def test_joined_rooms_are_listed_with_unread_badges_on_one_socket_and_kept
         assert await line.evaluate("e => e.nextElementSibling.dataset.seq") == "3"
         await expect(room_button(page, "room.a")).to_have_attribute("data-unread", "0")
         await expect(badge).to_be_hidden()
+        await expect(menu).to_have_attribute("data-news", "")
         assert page.url.endswith("?room=room.a&name=ana")
         assert len(sockets) == 1, "every room on one socket"
 
@@ -393,7 +398,7 @@ async def test_the_message_box_is_on_screen_at_three_sizes_and_dark_mode(gateway
         )
         await connected(still)
         await expect(still.locator("#sidebar")).to_have_css("transition-duration", "0s")
-        await still.get_by_role("button", name="Rooms", exact=True).click()
+        await still.locator("#open-rooms").click()
         await expect(still.locator("#sidebar")).to_be_visible()
         await expect(still.locator(f'#rooms button[data-room="{room}"]')).to_be_focused()
         await still.keyboard.press("Escape")

@@ -125,6 +125,7 @@ async def test_mentions_are_sent_and_counted_in_a_badge(gateway_env, browser):
         await expect(room_a).to_have_attribute("data-mentions", "1")
         await expect(room_a.locator(".badge.mention")).to_have_text("@1")
         await expect(room_a).to_have_attribute("aria-label", "m.a, 1 mention, 1 unread")
+        await expect(ana.locator("#open-rooms")).to_have_attribute("data-news", "mention")
 
         # The count comes back from the server after a reload.
         await ana.reload()

@@ -837,6 +837,17 @@ function renderRooms() {
     items.every((li, i) => el.rooms.children[i] === li);
   if (!same) el.rooms.replaceChildren(...items);
   el.noRooms.hidden = s.rooms.size > 0;
+  // on a phone the list is behind the menu button: it says when other rooms have news
+  let elsewhere = 0;
+  let mentions = 0;
+  for (const x of s.rooms.values()) {
+    if (x.name === s.active) continue;
+    elsewhere += x.readOff ? 0 : unreadOf(x);
+    mentions += x.mentions;
+  }
+  el.openRooms.dataset.news = mentions ? "mention" : elsewhere ? "unread" : "";
+  el.openRooms.setAttribute("aria-label", "Rooms" + (mentions ? `, ${mentions} mention${mentions === 1 ? "" : "s"}` : "") +
+    (elsewhere ? `, ${elsewhere} unread elsewhere` : ""));
   const r = active();
   const n = r && !r.readOff ? unreadOf(r) : 0;
   el.unread.dataset.unread = String(n);
