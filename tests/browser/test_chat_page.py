@@ -260,7 +260,9 @@ async def test_auth_mode_a_token_expiring_while_connected_stops_the_page(gateway
     env = {**gateway_env, "AUTH_SECRET": SECRET, "AUTH_LEEWAY": "0"}
     async with instances(1, env) as (gw,):
         page = await browser.open(
-            f"{gw.url}/?room={ROOM}&token={token('ana', exp=t(4))}", "expiring"
+            # long enough for the join to finish first on a busy machine
+            f"{gw.url}/?room={ROOM}&token={token('ana', exp=t(8))}",
+            "expiring",
         )
         await connected(page)
         # The server closes the socket at expiry (1008); the page's reconnect learns
