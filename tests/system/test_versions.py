@@ -121,6 +121,8 @@ async def test_versions_are_for_the_author_a_moderator_or_an_api_key(any_env):
             assert FIRST not in r.text
         r = await http.get(url)
         assert r.status_code == 401
+        r = await http.get(url, params={"user": "a\x00b"}, headers=allowed["api key"])
+        assert r.status_code == 422, "a user given is checked whoever asks"
         # The author named in the query is not who asks: the token's sub is.
         r = await http.get(url, params={"user": "ana"}, headers=token("bo"))
         assert r.status_code == 403

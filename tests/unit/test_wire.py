@@ -4,6 +4,8 @@ still read, and the bytes are the ones other instances and clients expect."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import orjson
 import pytest
 
@@ -118,6 +120,29 @@ def test_change_frames() -> None:
     assert change_frame(SSE, ROOM, 5, deleted) == (
         b"event: message_deleted\ndata: " + frame + b"\n\n"
     )
+
+
+def test_thread_and_reactions_change_frames_from_the_change_body() -> None:
+    thread = {"replies": 2, "last_seq": 9, "last_at": "2026-01-01T00:00:00.000Z"}
+    parent = replace(MSG, thread=thread, reactions={"thread": {"count": 1, "users": ["a"]}})
+    body = Change(6, 9, parent, thread=True).body()
+    frame = change_frame(WS, ROOM, 6, body)
+    assert orjson.loads(frame) == {
+        "type": "thread_updated",
+        "room": "lobby",
+        "change": 6,
+        "seq": 7,
+        "thread": thread,
+    }
+    assert change_frame(SSE, ROOM, 6, body) == b"event: thread_updated\ndata: " + frame + b"\n\n"
+    # a reaction named "thread" stays a reactions change
+    reacted = orjson.loads(change_frame(WS, ROOM, 7, Change(7, 9, parent, True).body()))
+    assert reacted["type"] == "reactions_updated" and "thread" not in reacted
+    assert Change(6, 9, parent, thread=True).kind == "thread_updated"
+    d = parent.to_dict()
+    assert d["thread"] == thread and "reply_to" not in d and "mentions" not in d
+    reply = replace(MSG, reply_to=3, mentions=("bo", "cy"))
+    assert reply.to_dict()["reply_to"] == 3 and reply.to_dict()["mentions"] == ["bo", "cy"]
 
 
 def test_unsequenced_frames() -> None:

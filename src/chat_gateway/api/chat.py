@@ -113,6 +113,21 @@ def reader(identity: Identity, given: dict[str, Any], whose: str = "read positio
     """Whose read position (or other ``whose``): the token's sub; in open mode the ``user``
     given (required there). A ``user`` given (even null) is checked in auth mode
     too, as ``?user=`` elsewhere."""
+    name = given_user(given)
+    if identity.user:
+        return identity.name
+    if name is None:
+        raise ApiError(
+            "invalid_request",
+            f"user is required in open mode: whose {whose} this is",
+            field="user",
+        )
+    return name
+
+
+def given_user(given: dict[str, Any]) -> str | None:
+    """The ``user`` given (None when absent), checked as an author's name (422 with
+    field ``user``) wherever it is given, also where it is not used."""
     name = None
     if "user" in given:
         value = given["user"]
@@ -128,14 +143,6 @@ def reader(identity: Identity, given: dict[str, Any], whose: str = "read positio
             raise ApiError(
                 "invalid_request", exc.message.replace("author", "user", 1), field="user"
             ) from None
-    if identity.user:
-        return identity.name
-    if name is None:
-        raise ApiError(
-            "invalid_request",
-            f"user is required in open mode: whose {whose} this is",
-            field="user",
-        )
     return name
 
 
@@ -257,6 +264,7 @@ async def versions(request: Request) -> Response:
     seq = v.message_seq(request.path_params["seq"])
     given = dict(request.query_params)
     v.only_fields(given, v.fields(v.READ_QUERY))
+    given_user(given)  # checked whoever asks
     who: str | None = None  # None: any message's (an API key, a moderator)
     if api_key(request) is None:
         identity = identify(request)
