@@ -630,7 +630,10 @@ function renderTimeline() {
     frag.append(fillItem(document.createElement("li"), m, continues(prev, m), r));
     prev = m;
   }
+  // a whole room drawn at once is not read out message by message
+  el.list.setAttribute("aria-busy", "true");
   el.list.replaceChildren(frag);
+  requestAnimationFrame(() => el.list.removeAttribute("aria-busy"));
   el.older.hidden = !r || !r.hasMore || r.firstSeq <= 1;
   showLastSeq();
 }
