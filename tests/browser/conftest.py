@@ -49,8 +49,12 @@ class Pages:
         self.pages: list[tuple[str, Page]] = []
         self.errors: list[str] = []
 
-    async def open(self, url: str, label: str, viewport: dict[str, int] = DESKTOP) -> Page:
-        context = await self.browser.new_context(viewport=viewport)
+    async def open(
+        self, url: str, label: str, viewport: dict[str, int] = DESKTOP, **options: Any
+    ) -> Page:
+        """A page in a context of its own; ``options`` go to ``new_context``
+        (``color_scheme``, ``has_touch``, ``timezone_id``, ...)."""
+        context = await self.browser.new_context(viewport=viewport, **options)
         page = await context.new_page()
         page.set_default_timeout(t(20) * 1000)
         page.on("pageerror", lambda exc: self.errors.append(f"{label}: {exc}"))

@@ -1,5 +1,5 @@
 """The chat page and moderation, in a real browser: a moderator bans from a
-message's menu, the banned page says so; a muted page says so; slow mode shows
+message's actions, the banned page says so; a muted page says so; slow mode shows
 the wait."""
 
 from __future__ import annotations
@@ -47,7 +47,11 @@ async def test_a_moderator_bans_from_the_menu_and_the_pages_say_why(gateway_env,
         await send(ana, "hello")
         line = mod.locator('#messages li[data-seq="1"]')
         await expect(line.locator(".text")).to_have_text("hello")
-        await expect(ana.locator('#messages li[data-seq="1"] .msg-menu')).to_have_count(0)
+        # ana's own message offers her edit and delete, never ban or mute
+        await expect(ana.locator('#messages li[data-seq="1"] [data-action="ban"]')).to_have_count(0)
+        await expect(ana.locator('#messages li[data-seq="1"] [data-action="edit"]')).to_have_count(
+            1
+        )
 
         # A mute: the page says so, and the text is kept.
         r = await http.post(f"{a.url}/v1/rooms/{ROOM}/mutes", json={"user": "ana"}, headers=api)
@@ -69,9 +73,9 @@ async def test_a_moderator_bans_from_the_menu_and_the_pages_say_why(gateway_env,
         await expect(ana.locator("#notice")).to_contain_text("one message every 600 s")
         await expect(ana.locator("#text")).to_have_value("two")
 
-        # The moderator bans ana from the message's menu; ana's page says so.
-        await line.locator(".msg-menu summary").click()
-        await line.locator('.msg-menu button[data-action="ban"]').click()
+        # The moderator bans ana from the message's actions; ana's page says so.
+        await line.hover()
+        await line.locator('.actions button[data-action="ban"]').click()
         await expect(mod.locator("#notice")).to_have_attribute("data-kind", "moderated")
         await expect(ana.locator("#notice")).to_have_attribute("data-kind", "banned")
         await expect(ana.locator("#status")).to_have_attribute("data-state", "refused")

@@ -15,7 +15,7 @@ ROOM = "browser.room"
 
 async def seqs(page: Page) -> list[int]:
     return await page.eval_on_selector_all(
-        "#messages li", "els => els.map(e => Number(e.dataset.seq))"
+        "#messages li[data-seq]", "els => els.map(e => Number(e.dataset.seq))"
     )
 
 
@@ -248,7 +248,7 @@ async def test_auth_mode_refusals_stop_retrying_and_a_pasted_token_joins(gateway
         )
         await refused(page, "does not let you into", ROOM)
         await page.locator("#token").fill(token("cy", rooms=[ROOM]))
-        await page.get_by_role("button", name="Join").click()
+        await page.get_by_role("button", name="Join", exact=True).click()
         await connected(page)
         await expect(page.locator("#name")).to_have_value("cy")
         assert browser.errors == []
@@ -260,7 +260,9 @@ async def test_auth_mode_a_token_expiring_while_connected_stops_the_page(gateway
     env = {**gateway_env, "AUTH_SECRET": SECRET, "AUTH_LEEWAY": "0"}
     async with instances(1, env) as (gw,):
         page = await browser.open(
-            f"{gw.url}/?room={ROOM}&token={token('ana', exp=t(4))}", "expiring"
+            # long enough for the join to finish first on a busy machine
+            f"{gw.url}/?room={ROOM}&token={token('ana', exp=t(8))}",
+            "expiring",
         )
         await connected(page)
         # The server closes the socket at expiry (1008); the page's reconnect learns

@@ -24,7 +24,7 @@ async def test_search_box_marks_highlights_safely_and_pages(gateway_env, browser
         for i in range(25):
             assert (await post(http, gw.url, "bulk", f"filler word {i}")).status_code == 201
 
-        page = await browser.open(f"{gw.url}/?name=ana", "ana")
+        page = await browser.open(f"{gw.url}/?room=lobby&name=ana", "ana")
         await page.locator("#q").fill("meeting")
         await page.locator("#q").press("Enter")
         items = page.locator("#search-results li")
