@@ -100,7 +100,10 @@ async def measure(posts: int, warmup: int, src: Path | None) -> int:
     finally:
         await conn.close()
         server.stop()
-        await drop_database(database_url)
+        try:
+            await drop_database(database_url)
+        except Exception as exc:  # a busy machine's slow Postgres: the count stands
+            print(f"bench.instructions: {database_url} not dropped: {exc!r}", file=sys.stderr)
         shutil.rmtree(outdir, ignore_errors=True)
 
 

@@ -102,7 +102,7 @@ class Publisher:
         except Restricted as exc:  # banned or muted as of the commit
             raise self.refused(exc) from None
         if created:
-            self.metrics.messages_accepted.labels(transport).inc()
+            self.metrics.accepted(transport)
             self.committed()
             await self._announce([msg])
         elif msg.text != text or msg.author != author:
@@ -130,7 +130,7 @@ class Publisher:
             else:
                 out.append(done)
         msgs = [m for m in out if isinstance(m, Message)]
-        self.metrics.messages_accepted.labels(transport).inc(len(msgs))
+        self.metrics.accepted(transport, len(msgs))
         if msgs:
             self.committed()
             await self._announce(msgs)
