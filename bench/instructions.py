@@ -81,6 +81,7 @@ async def measure(posts: int, warmup: int, src: Path | None) -> int:
     ]
     server = Server("gateway-callgrind", argv, env).start()
     conn = HTTPConn("127.0.0.1", server.port)
+    stopped = False
     try:
         await server.wait_ready("/readyz", timeout=900)
         for i in range(warmup + posts):
@@ -92,6 +93,7 @@ async def measure(posts: int, warmup: int, src: Path | None) -> int:
             )
             assert status == 201, status
         await conn.close()
+        stopped = True
         await asyncio.to_thread(server.stop)  # callgrind writes its counts at exit
         ir = total_ir(outdir)
         if not ir:
@@ -99,7 +101,8 @@ async def measure(posts: int, warmup: int, src: Path | None) -> int:
         return ir
     finally:
         await conn.close()
-        server.stop()
+        if not stopped:
+            server.stop()
         try:
             await drop_database(database_url)
         except Exception as exc:  # a busy machine's slow Postgres: the count stands
