@@ -12,7 +12,13 @@ shutdown. The figure is what the two runs' instruction counts differ by,
 divided by N (start, warm-up and shutdown cancel out): the HTTP request,
 validation, the rate decision, the commit's own work in Python, the
 announcement to Redis and the answer; Postgres and Redis run in processes of
-their own and are not counted (nor is the client). ``--src`` runs the
+their own and are not counted (nor is the client). Caveat: what runs on
+timers (presence refresh, shared figures, the rate limiter's lease sweep) is
+counted by the wall time each run took under valgrind, which differs between
+the two runs; at 60 posts that noise outweighed the posts (a first try gave
+733,570 instructions per post for the release before leases and 949,654
+after, against CPU per post falling in the posts scenario), so use
+thousands of posts, or subtract an idle run of the same length. ``--src`` runs the
 gateway from another source tree (an older commit's ``src``, exported with
 ``git archive``) for the "before" figure. Callgrind is slow: expect about
 ten minutes for two hundred posts on a busy machine.
