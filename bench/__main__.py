@@ -2,8 +2,10 @@
 
 Scenarios: ``fanout`` (gateway beside the peers, at each load), ``idle``,
 ``rooms``, ``posts``, ``history``, or ``all`` (those five); ``webhooks``,
-``search``, ``sql`` (a backend's COMMIT to a subscriber) and ``reactions`` (a room of
-200 subscribers and 50 reactions/s) on their own. Every run stops by itself; servers listen on loopback.
+``search``, ``sql`` (a backend's COMMIT to a subscriber), ``reactions`` (a room of
+200 subscribers and 50 reactions/s) and ``delay`` (the gateway's fan-out at one load
+for each ``WS_WRITE_DELAY`` of ``--delays``) on their own. Every run stops by itself;
+servers listen on loopback.
 """
 
 from __future__ import annotations
@@ -87,10 +89,30 @@ COLUMNS = {
     "idle": [
         "target",
         "connections",
+        "failed",
         "rooms",
+        "client_procs",
+        "connect_s",
+        "accepts_per_s",
         "rss_per_conn_kib",
+        "connections_per_gib",
         "idle_cpu_pct",
+        "room_subscribers",
+        "last_receive_ms",
+        "room_p99_ms",
+        "deliveries_per_core_s",
         "open_files_limit",
+    ],
+    "delay": [
+        "ws_write_delay",
+        "load",
+        "target",
+        "messages",
+        "delivery_ratio",
+        "p50_ms",
+        "p99_ms",
+        "server_cpu_s",
+        "deliveries_per_cpu_s",
     ],
     "rooms": [
         "target",
@@ -278,6 +300,7 @@ async def run_scenario(
                         connections=args.connections,
                         settle=args.idle_seconds,
                         rooms=0 if spec.strip() == "each" else int(spec),
+                        messages=args.idle_messages,
                     )
                 )
     elif scenario == "rooms":
@@ -302,6 +325,20 @@ async def run_scenario(
                     profile=args.profile,
                 )
             )
+    elif scenario == "delay":
+        # the adaptive write hold's place on the latency / efficiency curve
+        for subscribers, rate in fanout.parse_loads(args.loads):
+            for value in args.delays.split(","):
+                row = await fanout.run(
+                    TARGETS["gateway"](),
+                    instances=args.instances,
+                    subscribers=subscribers,
+                    messages=args.messages,
+                    rate=rate,
+                    client_procs=1 if args.client_procs == "auto" else int(args.client_procs),
+                    env={"WS_WRITE_DELAY": value.strip()},
+                )
+                rows.append({"ws_write_delay": value.strip(), **row})
     elif scenario == "history":
         rows.extend(await history.run(reads=args.reads))
     elif scenario == "search":
@@ -382,7 +419,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "scenario", choices=(*SCENARIOS, "webhooks", "search", "sql", "reactions", "all")
+        "scenario",
+        choices=(*SCENARIOS, "webhooks", "search", "sql", "reactions", "delay", "all"),
     )
     p.add_argument(
         "--targets",
@@ -446,6 +484,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--idle-seconds", type=float, default=10.0, help="idle window over which CPU is measured"
     )
     p.add_argument("--idle-peers", action="store_true", help="measure the peers idle too")
+    p.add_argument(
+        "--idle-messages",
+        type=int,
+        default=5,
+        help="idle: messages then sent to one room, each once every subscriber has the last",
+    )
+    p.add_argument(
+        "--delays",
+        default="0,0.002,0.005,0.01,0.02,0.05",
+        help="delay: the WS_WRITE_DELAY values, comma-separated (with --loads, "
+        "default here 200x50)",
+    )
     p.add_argument(
         "--idle-rooms",
         default="each,100",
@@ -525,6 +575,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "move from run to run",
     )
     args = p.parse_args(argv)
+    if args.scenario == "delay" and "--loads" not in (argv if argv is not None else sys.argv):
+        args.loads = "200x50"
     if args.subscribers is not None or args.rate is not None:
         args.loads = f"{args.subscribers or 400}x{args.rate or 100.0:g}"
     return args

@@ -40,7 +40,12 @@ class Receiver:
 
 
 async def connect(
-    target: Target, host: str, port: int, room: str, latencies: list[float]
+    target: Target,
+    host: str,
+    port: int,
+    room: str,
+    latencies: list[float],
+    local_addr: tuple[str, int] | None = None,
 ) -> tuple[WSClient, Receiver]:
     rx = Receiver()
     clock = time.perf_counter_ns
@@ -61,7 +66,7 @@ async def connect(
             rx.last = i
         rx.count += 1
 
-    client = await target.open(host, port, room, on_frame)
+    client = await target.open(host, port, room, on_frame, local_addr)
     await target.subscribe(client, rx.control, room)
     return client, rx
 
@@ -75,14 +80,19 @@ class ClientProcess:
         self.count = 0
         self.ready = asyncio.Event()
         self.done = asyncio.Event()
+        # bench.idle_clients says how many sockets it opened ("connected N FAILED")
+        self.connected = asyncio.Event()
+        self.sockets = self.failed = 0
         self.reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def start(cls, config: dict[str, Any]) -> ClientProcess:
+    async def start(
+        cls, config: dict[str, Any], module: str = "bench.subscribers"
+    ) -> ClientProcess:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "bench.subscribers",
+            module,
             orjson.dumps(config).decode(),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
@@ -95,6 +105,9 @@ class ClientProcess:
         async for line in self.proc.stdout:
             if line.startswith(b"count "):
                 self.count = int(line[6:])
+            elif line.startswith(b"connected "):
+                self.sockets, self.failed = map(int, line.split()[1:3])
+                self.connected.set()
             elif line.strip() == b"ready":
                 self.ready.set()
             elif line.strip() == b"done":
@@ -139,11 +152,13 @@ async def run(
     drain: float = 60.0,
     idle: float = 3.0,
     profile: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The subscribers live in ``client_procs`` processes of their own, the
-    publisher in this one, so the client's CPU of each part is its own."""
+    publisher in this one, so the client's CPU of each part is its own.
+    ``env``: more variables for the servers (the write-delay sweep's)."""
     room = "fanout"
-    servers = await target.start(instances)
+    servers = await target.start(instances, env)
     procs: list[ClientProcess] = []
     pub: WSClient | None = None
     tmp = Path(tempfile.mkdtemp(prefix="bench-fanout-"))

@@ -76,9 +76,18 @@ class Target:
 
     # -- protocol ----------------------------------------------------------
 
-    async def open(self, host: str, port: int, room: str, on_frame: OnFrame) -> WSClient:
-        """A client socket for ``room`` (not yet subscribed)."""
-        return await WSClient.connect(host, port, self.ws_path(room), on_frame)
+    async def open(
+        self,
+        host: str,
+        port: int,
+        room: str,
+        on_frame: OnFrame,
+        local_addr: tuple[str, int] | None = None,
+    ) -> WSClient:
+        """A client socket for ``room`` (not yet subscribed), from ``local_addr``."""
+        return await WSClient.connect(
+            host, port, self.ws_path(room), on_frame, local_addr=local_addr
+        )
 
     def ws_path(self, room: str) -> str:
         raise NotImplementedError
@@ -307,7 +316,14 @@ class RedisFanout(Target):
             s.stop()
         self.servers = []
 
-    async def open(self, host: str, port: int, room: str, on_frame: OnFrame) -> WSClient:
+    async def open(
+        self,
+        host: str,
+        port: int,
+        room: str,
+        on_frame: OnFrame,
+        local_addr: tuple[str, int] | None = None,
+    ) -> WSClient:
         return await RESPClient.connect(host, port, on_frame)
 
     def ws_path(self, room: str) -> str:

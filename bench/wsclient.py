@@ -30,11 +30,21 @@ class WSClient(asyncio.Protocol):
 
     @classmethod
     async def connect(
-        cls, host: str, port: int, path: str, on_frame: OnFrame | None = None, timeout: float = 30.0
+        cls,
+        host: str,
+        port: int,
+        path: str,
+        on_frame: OnFrame | None = None,
+        timeout: float = 30.0,
+        local_addr: tuple[str, int] | None = None,
     ) -> WSClient:
+        """``local_addr``: the source address to connect from (a loopback address
+        other than 127.0.0.1 gives another 28,000 ephemeral ports to the same server)."""
         loop = asyncio.get_running_loop()
         client = cls(on_frame)
-        await asyncio.wait_for(loop.create_connection(lambda: client, host, port), timeout)
+        await asyncio.wait_for(
+            loop.create_connection(lambda: client, host, port, local_addr=local_addr), timeout
+        )
         key = base64.b64encode(os.urandom(16)).decode()
         assert client.transport is not None
         client.transport.write(

@@ -112,6 +112,10 @@ class Settings:
     read_rate_limit: Rate = field(default_factory=lambda: Rate(120, 60.0))
     # reactions added or removed per identity (HTTP and WS react/unreact share it)
     reaction_rate_limit: Rate = field(default_factory=lambda: Rate(60, 60.0))
+    # tokens an instance leases from a shared bucket beyond the decisions waiting
+    # (chat_gateway.access.ratelimit; 0: none), and the seconds it may hold them
+    rate_limit_lease: int = 16
+    rate_limit_lease_hold: float = 0.5
     # room kinds by namespace (chat_gateway.core.namespaces): the TOML file's path
     namespaces_file: Namespaces = field(default_factory=Namespaces)
     trusted_proxies: tuple[str, ...] = ()
@@ -284,6 +288,10 @@ class Settings:
             # The bucket's arithmetic is in integers inside a double's exact range.
             if rate.capacity * (rate.period * 1e6 + 2e6) >= 2**53:
                 raise ConfigError(f"{name.upper()}={rate}: capacity x period is too large")
+        if self.rate_limit_lease < 0:
+            raise ConfigError("RATE_LIMIT_LEASE must be >= 0 (0: no tokens leased ahead)")
+        if not 0.01 <= self.rate_limit_lease_hold <= 60:
+            raise ConfigError("RATE_LIMIT_LEASE_HOLD must be between 0.01 and 60 seconds")
         for name in self.trusted_proxies:
             try:
                 ipaddress.ip_network(name, strict=False)

@@ -326,8 +326,16 @@ class Gateway:
         limiter = self._limiter = (
             LocalRateLimiter(prefix=prefix, metrics=self.metrics, rates=rates)
             if redis is None
-            else RateLimiter(redis, prefix=prefix, metrics=self.metrics, rates=rates)
+            else RateLimiter(
+                redis,
+                prefix=prefix,
+                metrics=self.metrics,
+                rates=rates,
+                lease=self.settings.rate_limit_lease,
+                hold=self.settings.rate_limit_lease_hold,
+            )
         )
+        running.push_async_callback(limiter.close)
         namespaces = self.settings.namespaces_file
         publish_hook = (
             PublishHook()

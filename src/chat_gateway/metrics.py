@@ -126,6 +126,17 @@ class Metrics:
             self.change_log_reads.labels(path)
         self._pool_source: Callable[[], dict[str, Any]] = dict  # no pool: no pool gauges
         r.register(_PoolCollector(self))
+        # Labelled children looked up once: a label lookup per request or post is a
+        # lock, a tuple and a dict probe each time. No series is ever removed.
+        self._requests: dict[tuple[str, int], Any] = {}
+        self._accepted: dict[str, Any] = {}
+
+    def accepted(self, transport: str, count: int = 1) -> None:
+        """``count`` posts committed, arrived over ``transport``."""
+        child = self._accepted.get(transport)
+        if child is None:
+            child = self._accepted[transport] = self.messages_accepted.labels(transport)
+        child.inc(count)
 
     def delivered(self, count: int, created_ms: int) -> None:
         self.messages_delivered.inc(count)
@@ -136,9 +147,12 @@ class Metrics:
 
     def requested(self, method: str, status: int, seconds: float) -> None:
         """One HTTP request answered; with tracing on its trace id is the exemplar."""
-        self.request_duration.labels(method, f"{status // 100}xx").observe(
-            seconds, tracing.active.exemplar() if tracing.active.on else None
-        )
+        child = self._requests.get((method, status // 100))
+        if child is None:
+            child = self._requests[(method, status // 100)] = self.request_duration.labels(
+                method, f"{status // 100}xx"
+            )
+        child.observe(seconds, tracing.active.exemplar() if tracing.active.on else None)
 
     def cache(self, outcome: str) -> None:
         self.cache_requests.labels(outcome).inc()

@@ -103,6 +103,9 @@ def test_bench_all_scenarios_on_tiny_sizes(tmp_path) -> None:
 
     (idle,) = results["idle"]  # each connection in a room of its own
     assert idle["connections"] == 40 and idle["rooms"] == 40 and idle["failed"] == 0
+    # then messages to one room (of one subscriber here), each heard by all of it
+    assert idle["room_subscribers"] == 1 and idle["room_delivered"] == idle["room_messages"]
+    assert idle["client_procs"] == 1 and idle["room_p99_ms"] > 0
     assert idle["rss_after_kib"] > 0 and idle["open_files_limit"] > 0
 
     # the same 12 sockets in 3 rooms, then each in its own

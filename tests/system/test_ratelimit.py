@@ -47,7 +47,11 @@ async def test_lua_script_does_the_same_arithmetic_on_redis_server_time(redis_pr
     try:
         rate = Rate(20, 60.0)
         pus = 60 * SECOND
-        limiter = RateLimiter(RedisContext.of(client), prefix=redis_prefix, rates={"post": rate})
+        # The bucket is rewritten behind the limiter's back between decisions: no
+        # lease, and no memory of having seen it empty.
+        limiter = RateLimiter(
+            RedisContext.of(client), prefix=redis_prefix, rates={"post": rate}, lease=0, recheck=0
+        )
         key = limiter.key("post", "ana")
         cases = [
             (0, 10 * SECOND),  # empty, 10 s ago: 3.33 tokens refilled
@@ -127,6 +131,172 @@ async def test_concurrent_decisions_share_pipelines_and_stay_exact():
     finally:
         await client.aclose()
         server.stop()
+
+
+# -- leases: tokens taken ahead, reserved in Redis, given back ----------------------
+
+
+def limiters(url: str, n: int, **kwargs: object) -> tuple[list[aioredis.Redis], list[RateLimiter]]:
+    clients = [aioredis.from_url(url) for _ in range(n)]
+    made = [
+        RateLimiter(RedisContext.of(c), prefix="t:", **kwargs)  # type: ignore[arg-type]
+        for c in clients
+    ]
+    return clients, made
+
+
+async def lease_of(client: aioredis.Redis, identity: str) -> int:
+    return int((await client.hget(f"t:rl:post:{{{identity}}}", "l")) or 0)
+
+
+async def test_leases_over_three_limiters_admit_no_more_than_capacity_plus_refill():
+    """Three instances' limiters hammer one bucket of 320 refilled at 80/s: each
+    leases ahead, yet together they never admit more than 320 + 80/s x elapsed,
+    even when they ask more than it holds."""
+    server = RedisServer()
+    server.start()
+    clients, made = limiters(server.url, 3, rates={"post": Rate(320, 4.0)}, lease=16, hold=0.3)
+    admitted = 0
+    try:
+        start = time.monotonic()
+
+        async def hammer(limiter: RateLimiter) -> None:
+            nonlocal admitted
+            while time.monotonic() - start < 2.0:
+                got = await asyncio.gather(*(limiter.hit("post", "ana") for _ in range(8)))
+                admitted += sum(d.allowed for d in got)
+                await asyncio.sleep(0)
+
+        await asyncio.gather(*(hammer(limiter) for limiter in made))
+        elapsed = time.monotonic() - start
+        assert admitted <= 320 + 80 * elapsed, (admitted, elapsed)
+        assert admitted >= 320, "the tokens on lease must not starve the bucket"
+        assert not any(limiter.fallback for limiter in made)
+    finally:
+        for limiter in made:
+            await limiter.close()
+        for c in clients:
+            await c.aclose()
+        server.stop()
+
+
+async def test_a_large_bucket_asks_redis_once_per_lease_not_per_decision():
+    server = RedisServer()
+    server.start()
+    clients, made = limiters(server.url, 2, rates={"post": Rate(100_000, 1.0)}, lease=16)
+    try:
+        for _ in range(100):
+            for limiter in made:
+                got = await asyncio.gather(*(limiter.hit("post", "api") for _ in range(8)))
+                assert all(d.allowed for d in got)
+        calls = (await clients[0].info("commandstats"))["cmdstat_evalsha"]["calls"]
+        # 1,600 decisions: the first calls grow the lease, then one in 16 or so asks
+        assert calls <= 1600 / 8, calls
+    finally:
+        for limiter in made:
+            await limiter.close()
+        for c in clients:
+            await c.aclose()
+        server.stop()
+
+
+async def test_tokens_on_lease_are_reserved_until_spent_given_back_or_lapsed():
+    server = RedisServer()
+    server.start()
+    rate = Rate(64, 2.0)  # 32 a second; a lease takes at most 64 // 32 = 2 ahead
+    (ca, cb), (a, b) = limiters(server.url, 2, rates={"post": rate}, lease=16, hold=5.0)
+    try:
+        # a few quick decisions on a: it leases ahead, and Redis counts the lease
+        assert all([(await a.hit("post", "ana")).allowed for _ in range(4)])
+        assert await lease_of(ca, "ana") == 2
+        await asyncio.sleep(2.2)  # the bucket refills, but only up to 64 - 2
+        burst = await asyncio.gather(*(b.hit("post", "ana") for _ in range(100)))
+        assert sum(d.allowed for d in burst) == 62
+        # ... while a spends its two without asking Redis
+        assert [(await a.hit("post", "ana")).allowed for _ in range(2)] == [True, True]
+
+        # given back: a closing instance settles, and the tokens are others' again
+        slow = Rate(64, 3600.0)  # no refill to speak of
+        (cc,), (c,) = limiters(server.url, 1, rates={"post": slow}, lease=16, hold=5.0)
+        (cd,), (d,) = limiters(server.url, 1, rates={"post": slow}, lease=16, hold=5.0)
+        assert all([(await c.hit("post", "bo")).allowed for _ in range(4)])
+        assert await lease_of(cc, "bo") == 2
+        await c.close()
+        assert await lease_of(cc, "bo") == 0
+        burst = await asyncio.gather(*(d.hit("post", "bo") for _ in range(100)))
+        assert sum(x.allowed for x in burst) == 64 - 4, "c spent 4; the 2 it held came back"
+        await d.close()
+        for x in (cc, cd):
+            await x.aclose()
+
+        # lapsed: an instance cut off before it settles holds its lease for HOLD only
+        (ce,), (e,) = limiters(server.url, 1, rates={"post": rate}, lease=16, hold=0.3)
+        assert all([(await e.hit("post", "cy")).allowed for _ in range(4)])
+        assert await lease_of(cb, "cy") == 2
+        await ce.aclose()  # its settlement will fail: nothing comes back
+        await asyncio.sleep(2.2)  # the lease lapses, the bucket refills to the full 64
+        burst = await asyncio.gather(*(b.hit("post", "cy") for _ in range(100)))
+        assert sum(x.allowed for x in burst) == 64
+        await e.close()
+        await ce.aclose()  # whatever its failed settlement reopened
+    finally:
+        await a.close()
+        await b.close()
+        await ca.aclose()
+        await cb.aclose()
+        server.stop()
+
+
+async def test_a_bucket_seen_empty_refuses_without_asking_again_for_a_moment():
+    server = RedisServer()
+    server.start()
+    (client,), (limiter,) = limiters(
+        server.url, 1, rates={"post": Rate(2, 3600.0)}, lease=16, recheck=3600.0
+    )
+    try:
+        got = [await limiter.hit("post", "ana") for _ in range(3)]
+        assert [d.allowed for d in got] == [True, True, False]
+        before = (await client.info("commandstats"))["cmdstat_evalsha"]["calls"]
+        refused = [await limiter.hit("post", "ana") for _ in range(5)]
+        assert not any(d.allowed for d in refused)
+        assert all(d.retry_after > 0 and d.remaining == 0 for d in refused)
+        after = (await client.info("commandstats"))["cmdstat_evalsha"]["calls"]
+        assert after == before, "a refusal seen moments ago costs no round trip"
+    finally:
+        await limiter.close()
+        await client.aclose()
+        server.stop()
+
+
+async def test_posts_spread_over_three_gateways_never_exceed_capacity_plus_refill(gateway_env):
+    """Posts from twelve clients over three gateways, each gateway leasing ahead,
+    until well past the bucket's capacity: what is admitted, all instances
+    together, stays within capacity + refill over the time it took."""
+    env = {**gateway_env, "RATE_LIMIT": "96/4s", "RATE_LIMIT_LEASE_HOLD": "0.3"}
+    room = "leased"
+    async with instances(3, env) as gws, httpx.AsyncClient(timeout=30) as http:
+        statuses: list[int] = []
+        start = time.monotonic()
+
+        def enough() -> bool:
+            return statuses.count(429) >= 40 or time.monotonic() - start > 60
+
+        async def poster(i: int) -> None:
+            n = 0
+            while not enough():
+                r = await post(http, gws[i % 3].url, room, f"p{i}-{n}")
+                statuses.append(r.status_code)
+                n += 1
+
+        await asyncio.gather(*(poster(i) for i in range(12)))
+        elapsed = time.monotonic() - start
+        admitted = statuses.count(201)
+        assert set(statuses) <= {201, 429}, set(statuses)
+        assert statuses.count(429) >= 40, "the posts never outran the bucket"
+        assert admitted <= 96 + 24 * elapsed, (admitted, elapsed)
+        assert admitted >= 96, "tokens on lease must not starve the bucket"
+        page = (await http.get(f"{gws[1].url}/v1/rooms/{room}/messages?limit=1")).json()
+        assert page["messages"][-1]["seq"] == admitted, "every admitted post stored, no other"
 
 
 # -- Redis outage: per-instance buckets, a metric and a log line -----------------------

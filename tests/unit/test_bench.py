@@ -155,3 +155,10 @@ def test_repeated_runs_report_each_figures_median() -> None:
         {"path": "pg", "p50_ms": 0.55, "reads": 10, "speedup_p50": None},
     ]
     assert median_rows(runs[:1]) == runs[0]
+
+
+def test_the_write_delay_sweep_defaults_to_the_moderate_load():
+    args = parse(["delay"])
+    assert args.loads == "200x50" and args.delays.split(",")[0] == "0"
+    assert parse(["delay", "--loads", "400x100"]).loads == "400x100"
+    assert parse(["fanout"]).loads == "200x50,400x100"

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from chat_gateway.access.ratelimit import POST, LocalBuckets, post_action, rates_of, take
+from chat_gateway.access.ratelimit import (
+    POST,
+    Lease,
+    LocalBuckets,
+    post_action,
+    rates_of,
+    take,
+)
 from chat_gateway.config import ConfigError, Rate, Settings
 
 SECOND = 1_000_000
@@ -90,3 +97,25 @@ def test_a_namespace_rate_limit_is_a_bucket_of_its_own(tmp_path) -> None:
     assert post_action(ns.of("slow:a")) == "post@slow" and rates["post@slow"] == Rate(2, 3600.0)
     assert post_action(ns.of("live:a")) == POST == post_action(ns.of("lobby"))
     assert rates[POST] == settings.rate_limit
+
+
+def test_a_lease_is_spent_until_its_deadline_then_settled_as_used_and_returned():
+    lease = Lease(tokens=3, leased=3, gen=7, deadline=1_000)
+    assert [lease.spend(10), lease.spend(20)] == [2, 1], "the tokens left after each"
+    assert lease.spend(1_000) is None, "nothing is spent at or past the deadline"
+    assert lease.tokens == 1
+    # two spent, one back to the bucket, for the lease of generation 7
+    assert lease.settlement(1_000) == (7, 2, 1)
+    assert (lease.tokens, lease.leased, lease.gen) == (0, 0, -1)
+    assert lease.settlement(1_001) == (-1, 0, 0), "nothing on lease: nothing to settle"
+    assert lease.spend(10) is None
+
+
+def test_a_bucket_is_forgotten_only_when_nothing_is_on_lease_or_waiting():
+    hold = 500_000
+    lease = Lease(seen_at=0)
+    assert not lease.idle(4 * hold, hold), "answered recently"
+    assert lease.idle(4 * hold + 1, hold)
+    assert not Lease(seen_at=0, leased=1, tokens=1).idle(10 * hold, hold)
+    assert not Lease(seen_at=0, busy=True).idle(10 * hold, hold)
+    assert not Lease(seen_at=0, short_until=20 * hold).idle(10 * hold, hold)

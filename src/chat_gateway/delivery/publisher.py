@@ -125,7 +125,7 @@ class Publisher:
         except MessageDeleted as exc:
             raise ApiError("message_deleted", f"reply_to: {exc}", field="reply_to") from None
         if created:
-            self.metrics.messages_accepted.labels(transport).inc()
+            self.metrics.accepted(transport)
             self.committed()
             await self._announce([msg])
             if msg.follow is not None and self.changed is not None:
@@ -155,7 +155,7 @@ class Publisher:
             else:
                 out.append(done)
         msgs = [m for m in out if isinstance(m, Message)]
-        self.metrics.messages_accepted.labels(transport).inc(len(msgs))
+        self.metrics.accepted(transport, len(msgs))
         if msgs:
             self.committed()
             await self._announce(msgs)

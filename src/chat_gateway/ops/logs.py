@@ -131,7 +131,11 @@ def setup(level: str = "info", fmt: str = "json") -> None:
 
 def request_id(scope: Any) -> str:
     """The caller's ``X-Request-ID`` when it is a plain token, else a new id."""
-    given = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1")
+    raw = b""
+    for name, value in scope.get("headers") or ():  # no dict of every header per request
+        if name == b"x-request-id":
+            raw = value  # the last one, as a dict of the headers would keep
+    given: str = raw.decode("latin-1")
     return given if _REQUEST_ID.fullmatch(given) else os.urandom(8).hex()
 
 
