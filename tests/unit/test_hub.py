@@ -189,7 +189,13 @@ async def test_live_messages_in_order_on_both_transports(parts: Parts) -> None:
     await post(parts, 5)
     await until(lambda: ws.seqs() == sse.seqs() == [1, 2, 3, 4, 5])
     frames = ws.frames()
-    assert frames[0] == {"type": "subscribed", "room": ROOM, "seq": 0, "change": 0, "kind": "stored"}
+    assert frames[0] == {
+        "type": "subscribed",
+        "room": ROOM,
+        "seq": 0,
+        "change": 0,
+        "kind": "stored",
+    }
     assert frames[1]["room"] == ROOM and frames[1]["message"]["text"] == "text 0"
     assert orjson.loads(sse.events()[0]["data"])["text"] == "text 0"
     assert ws.sub.id != sse.sub.id and parts.hub.subscribers[ws.sub.id] is ws.sub
