@@ -72,39 +72,34 @@ def changed_by(identity: Identity, room: str, given: Any) -> str | None:
 
 
 async def edit_message(request: Request) -> Response:
+    return await _change_message(request, edit=True)
+
+
+async def delete_message(request: Request) -> Response:
+    return await _change_message(request, edit=False)
+
+
+async def _change_message(request: Request, *, edit: bool) -> Response:
+    """An edit (body ``{"text"}``) or a delete (body optional): the text is checked
+    before anything is taken (a rate token) or changed; an edit by a user (not a
+    backend's own) is put to the edit hook."""
     gw = gateway_of(request)
     room = v.room_name(request.path_params["room"])
     seq = v.message_seq(request.path_params["seq"])
     stored_room(gw, room, "changing a message")
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
     key = v.idempotency_key(request.headers.get("idempotency-key"))
-    body = await v.json_body(request, gw.settings.max_body_bytes, v.EDIT_MESSAGE)
-    text = v.text(body.get("text"))
+    schema = v.EDIT_MESSAGE if edit else v.DELETE_MESSAGE
+    body = await v.json_body(request, gw.settings.max_body_bytes, schema, optional=not edit)
+    text = v.text(body.get("text")) if edit else None
     author, bucket = await _changer(request, room, body)
     decision = await gw.rates.check_post(room, bucket)
-    await gw.moderation.check_change(room, author, edit=True)
-    if api_key(request) is None:  # a backend's own edit is not put to its hook
+    await gw.moderation.check_change(room, author, edit=edit)
+    if text is not None and api_key(request) is None:  # a backend's own edit is not put to its hook
         editor = author if author is not None else identify(request).name
         text = await screened(gw, Kind.EDIT, room, editor, text, seq=seq)
     msg = await gw.chat.change(
         room, seq, text, author=author, idempotency_key=None if key is None else (bucket, key)
-    )
-    return encoded_json_response(msg.to_json(), 200, decision.headers())
-
-
-async def delete_message(request: Request) -> Response:
-    gw = gateway_of(request)
-    room = v.room_name(request.path_params["room"])
-    seq = v.message_seq(request.path_params["seq"])
-    stored_room(gw, room, "changing a message")
-    v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
-    key = v.idempotency_key(request.headers.get("idempotency-key"))
-    body = await v.json_body(request, gw.settings.max_body_bytes, v.DELETE_MESSAGE, optional=True)
-    author, bucket = await _changer(request, room, body)
-    decision = await gw.rates.check_post(room, bucket)
-    await gw.moderation.check_change(room, author, edit=False)
-    msg = await gw.chat.change(
-        room, seq, None, author=author, idempotency_key=None if key is None else (bucket, key)
     )
     return encoded_json_response(msg.to_json(), 200, decision.headers())
 
