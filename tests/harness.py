@@ -971,3 +971,24 @@ async def metric(base: str, name: str, **labels: str) -> float:
     async with httpx.AsyncClient() as client:
         text = (await client.get(base + "/metrics")).text
     return total(text, name, **labels)
+
+
+def ws_stream_order(frames: list[dict[str, Any]], room: str, kinds: Any) -> list[tuple[str, int]]:
+    """The room's WebSocket frames of ``kinds`` in arrival order, each as (type, its
+    message's seq for a ``message``, else its change number): to compare a stream's
+    order of messages and changes with the one expected."""
+    return [
+        (f["type"], f["message"]["seq"] if f["type"] == "message" else f["change"])
+        for f in frames
+        if f.get("room") == room and f["type"] in kinds
+    ]
+
+
+def sse_stream_order(events: list[dict[str, Any]], kinds: Any) -> list[tuple[str, int]]:
+    """The SSE events of ``kinds`` in arrival order, as ``ws_stream_order`` gives them
+    (a message's seq is its event id)."""
+    return [
+        (e["event"], int(e["id"]) if e["event"] == "message" else e["json"]["change"])
+        for e in events
+        if e.get("event") in kinds
+    ]

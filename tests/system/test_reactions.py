@@ -26,7 +26,9 @@ from tests.harness import (
     eventually,
     instances,
     post,
+    sse_stream_order,
     t,
+    ws_stream_order,
 )
 from tests.system.test_webhooks import Receiver, hook_env, new_secret
 
@@ -231,27 +233,13 @@ async def test_reactions_updated_reach_two_instances_in_order_and_a_resume_repla
                 ("reactions_updated", 4),
             ]
 
-            def order(items: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, int]]:
-                return [
-                    (kind, body["message"]["seq"] if kind == "message" else body["change"])
-                    for kind, body in items
-                ]
+            kinds = dict(expected)
 
             def ws_seen() -> list[tuple[str, int]]:
-                return order(
-                    [
-                        (f["type"], f)
-                        for f in wa.frames
-                        if f.get("room") == room and f["type"] in dict(expected)
-                    ]
-                )
+                return ws_stream_order(wa.frames, room, kinds)
 
             def sse_seen() -> list[tuple[str, int]]:
-                return [
-                    (e["event"], int(e["id"]) if e["event"] == "message" else e["json"]["change"])
-                    for e in sse.events
-                    if e.get("event") in dict(expected)
-                ]
+                return sse_stream_order(sse.events, kinds)
 
             await eventually(lambda: len(ws_seen()) >= len(expected), 20)
             await eventually(lambda: len(sse_seen()) >= len(expected), 20)

@@ -12,7 +12,17 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import SSEClient, WSClient, embedded_env, eventually, instances, post, t
+from tests.harness import (
+    SSEClient,
+    WSClient,
+    embedded_env,
+    eventually,
+    instances,
+    post,
+    sse_stream_order,
+    t,
+    ws_stream_order,
+)
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
@@ -211,27 +221,13 @@ async def test_thread_updated_reaches_two_instances_in_order_and_a_resume_replay
                 ("thread_updated", 3),
             ]
 
-            def order(items: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, int]]:
-                return [
-                    (kind, body["message"]["seq"] if kind == "message" else body["change"])
-                    for kind, body in items
-                ]
+            kinds = dict(expected)
 
             def ws_seen() -> list[tuple[str, int]]:
-                return order(
-                    [
-                        (f["type"], f)
-                        for f in wa.frames
-                        if f.get("room") == room and f["type"] in dict(expected)
-                    ]
-                )
+                return ws_stream_order(wa.frames, room, kinds)
 
             def sse_seen() -> list[tuple[str, int]]:
-                return [
-                    (e["event"], int(e["id"]) if e["event"] == "message" else e["json"]["change"])
-                    for e in sse.events
-                    if e.get("event") in dict(expected)
-                ]
+                return sse_stream_order(sse.events, kinds)
 
             await eventually(lambda: len(ws_seen()) >= len(expected), 20)
             await eventually(lambda: len(sse_seen()) >= len(expected), 20)
