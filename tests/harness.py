@@ -29,6 +29,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import jwt
 import orjson
 import redis.asyncio as aioredis
 import websockets
@@ -992,3 +993,34 @@ def sse_stream_order(events: list[dict[str, Any]], kinds: Any) -> list[tuple[str
         for e in events
         if e.get("event") in kinds
     ]
+
+
+# The JWT secret of the chat tests' gateways (AUTH_SECRET), and a user's token for them.
+CHAT_SECRET = "chat-test-secret-" + "0123456789abcdef" * 4
+
+
+def signed(sub: str, secret: str, **claims: Any) -> str:
+    """A user's JWT for ``sub`` (with ``claims``), signed with ``secret``, valid for ten
+    minutes."""
+    return jwt.encode({"sub": sub, "exp": int(time.time()) + 600, **claims}, secret, "HS256")
+
+
+def chat_bearer(sub: str, **claims: Any) -> dict[str, str]:
+    """Authorization headers for ``sub`` (with ``claims``), signed with CHAT_SECRET."""
+    return {"Authorization": f"Bearer {signed(sub, CHAT_SECRET, **claims)}"}
+
+
+def namespaces_env(
+    base: dict[str, str], tmp_path: Path, namespaces: str, secret: str, key: str
+) -> dict[str, str]:
+    """``base`` with the ``namespaces`` TOML as its NAMESPACES_FILE, users' tokens
+    signed with ``secret``, backend key ``key`` and presence announced at once."""
+    path = tmp_path / "namespaces.toml"
+    path.write_text(namespaces)
+    return {
+        **base,
+        "NAMESPACES_FILE": str(path),
+        "AUTH_SECRET": secret,
+        "API_KEYS": key,
+        "PRESENCE_DEBOUNCE": "0",
+    }

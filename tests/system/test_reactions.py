@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from typing import Any
 from urllib.parse import quote
 
 import asyncpg
 import httpx
-import jwt
 import pytest
 
+from tests.harness import CHAT_SECRET as SECRET
 from tests.harness import (
     Instance,
     SSEClient,
     WSClient,
-    embedded_env,
     eventually,
     instances,
     post,
@@ -30,26 +28,11 @@ from tests.harness import (
     t,
     ws_stream_order,
 )
+from tests.harness import chat_bearer as token
 from tests.system.test_webhooks import Receiver, hook_env, new_secret
 
-SECRET = "chat-test-secret-" + "0123456789abcdef" * 4
 KEY = "reactions-api-key"
 THUMBS = "\N{THUMBS UP SIGN}"
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-def any_env(request: pytest.FixtureRequest, tmp_path: Any) -> dict[str, str]:
-    """A gateway environment on Postgres with Redis, or on SQLite alone."""
-    if request.param == "postgres":
-        return {**request.getfixturevalue("gateway_env"), "LOG_LEVEL": "info"}
-    return embedded_env(tmp_path, SUBSCRIBE_RATE_LIMIT="100000/1s")
-
-
-def token(sub: str, **claims: Any) -> dict[str, str]:
-    tok = jwt.encode(
-        {"sub": sub, "exp": int(time.time()) + 600, **claims}, SECRET, algorithm="HS256"
-    )
-    return {"Authorization": f"Bearer {tok}"}
 
 
 def reactions_url(base: str, room: str, seq: int, reaction: str | None = None) -> str:

@@ -15,7 +15,6 @@ import pytest
 from tests.harness import (
     SSEClient,
     WSClient,
-    embedded_env,
     eventually,
     instances,
     post,
@@ -23,14 +22,6 @@ from tests.harness import (
     t,
     ws_stream_order,
 )
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-def any_env(request: pytest.FixtureRequest, tmp_path: Any) -> dict[str, str]:
-    """A gateway environment on Postgres with Redis, or on SQLite alone."""
-    if request.param == "postgres":
-        return {**request.getfixturevalue("gateway_env"), "LOG_LEVEL": "info"}
-    return embedded_env(tmp_path, SUBSCRIBE_RATE_LIMIT="100000/1s")
 
 
 async def reply(
