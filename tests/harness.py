@@ -995,6 +995,25 @@ def sse_stream_order(events: list[dict[str, Any]], kinds: Any) -> list[tuple[str
     ]
 
 
+async def carried_in_order(
+    ws: WSClient,
+    sse: SSEClient,
+    room: str,
+    expected: list[tuple[str, int]],
+    reader: asyncio.Task[Any],
+) -> None:
+    """Wait until ``ws`` (read by the task ``reader``) and ``sse`` both carry the
+    room's ``expected`` messages and changes, stop ``reader``, then check that each
+    carried exactly those, in that order (``ws_stream_order``)."""
+    kinds = dict(expected)
+    await eventually(lambda: len(ws_stream_order(ws.frames, room, kinds)) >= len(expected), 20)
+    await eventually(lambda: len(sse_stream_order(sse.events, kinds)) >= len(expected), 20)
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+    assert ws_stream_order(ws.frames, room, kinds) == expected, ws.frames
+    assert sse_stream_order(sse.events, kinds) == expected, sse.events
+
+
 # The JWT secret of the chat tests' gateways (AUTH_SECRET), and a user's token for them.
 CHAT_SECRET = "chat-test-secret-" + "0123456789abcdef" * 4
 

@@ -21,12 +21,11 @@ from tests.harness import (
     Instance,
     SSEClient,
     WSClient,
+    carried_in_order,
     eventually,
     instances,
     post,
-    sse_stream_order,
     t,
-    ws_stream_order,
 )
 from tests.harness import chat_bearer as token
 from tests.system.test_webhooks import Receiver, hook_env, new_secret
@@ -216,20 +215,7 @@ async def test_reactions_updated_reach_two_instances_in_order_and_a_resume_repla
                 ("reactions_updated", 4),
             ]
 
-            kinds = dict(expected)
-
-            def ws_seen() -> list[tuple[str, int]]:
-                return ws_stream_order(wa.frames, room, kinds)
-
-            def sse_seen() -> list[tuple[str, int]]:
-                return sse_stream_order(sse.events, kinds)
-
-            await eventually(lambda: len(ws_seen()) >= len(expected), 20)
-            await eventually(lambda: len(sse_seen()) >= len(expected), 20)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            assert ws_seen() == expected
-            assert sse_seen() == expected
+            await carried_in_order(wa, sse, room, expected, task)
             live = reactions_of(wa.frames, room)
             assert live[0] == {
                 "type": "reactions_updated",

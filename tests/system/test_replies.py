@@ -15,12 +15,10 @@ import pytest
 from tests.harness import (
     SSEClient,
     WSClient,
-    eventually,
+    carried_in_order,
     instances,
     post,
-    sse_stream_order,
     t,
-    ws_stream_order,
 )
 
 
@@ -212,20 +210,7 @@ async def test_thread_updated_reaches_two_instances_in_order_and_a_resume_replay
                 ("thread_updated", 3),
             ]
 
-            kinds = dict(expected)
-
-            def ws_seen() -> list[tuple[str, int]]:
-                return ws_stream_order(wa.frames, room, kinds)
-
-            def sse_seen() -> list[tuple[str, int]]:
-                return sse_stream_order(sse.events, kinds)
-
-            await eventually(lambda: len(ws_seen()) >= len(expected), 20)
-            await eventually(lambda: len(sse_seen()) >= len(expected), 20)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            assert ws_seen() == expected
-            assert sse_seen() == expected
+            await carried_in_order(wa, sse, room, expected, task)
             live = [f for f in wa.frames if f.get("type") == "thread_updated"]
             assert live[0]["thread"]["replies"] == 1 and live[0]["thread"]["last_seq"] == 2
             assert live[1]["thread"]["replies"] == 2 and live[1]["thread"]["last_seq"] == 3
