@@ -184,16 +184,23 @@ async def read_positions(request: Request) -> Response:
     return json_response({"rooms": [position_json(p) for p in positions]})
 
 
-async def react(request: Request) -> Response:
-    """``POST .../reactions`` (body ``{"reaction"}``) and ``DELETE
-    .../reactions/{reaction}``: the caller's own reaction, added once or removed.
-    A write: a read-only grant is refused, as are a banned or muted user."""
+def _message_of(request: Request, activity: str) -> tuple[Services, str, int, Identity]:
+    """The path's room and message seq, for a caller granted the room, which must be a
+    stored one (``activity`` says what was refused otherwise)."""
     gw = gateway_of(request)
     room = v.room_name(request.path_params["room"])
     seq = v.message_seq(request.path_params["seq"])
     identity = identify(request)
     identity.check_room(room)
-    stored_room(gw, room, "reacting to a message")
+    stored_room(gw, room, activity)
+    return gw, room, seq, identity
+
+
+async def react(request: Request) -> Response:
+    """``POST .../reactions`` (body ``{"reaction"}``) and ``DELETE
+    .../reactions/{reaction}``: the caller's own reaction, added once or removed.
+    A write: a read-only grant is refused, as are a banned or muted user."""
+    gw, room, seq, identity = _message_of(request, "reacting to a message")
     add = request.method == "POST"
     if add:
         v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
@@ -227,12 +234,7 @@ async def replies(request: Request) -> Response:
     ascending by seq, read as history is (the same grants and bans). A deleted
     message's replies answer 404 as the message is gone; each reply that was deleted
     is its tombstone (no text)."""
-    gw = gateway_of(request)
-    room = v.room_name(request.path_params["room"])
-    seq = v.message_seq(request.path_params["seq"])
-    identity = identify(request)
-    identity.check_room(room)
-    stored_room(gw, room, "reading replies")
+    gw, room, seq, identity = _message_of(request, "reading replies")
     q = request.query_params
     v.only_fields(dict(q), v.fields(v.REPLIES_QUERY))
     limit = v.limit_param(q.get("limit"))
