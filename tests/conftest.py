@@ -59,6 +59,14 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
             await harness.drop_database(url)
 
 
+@pytest.fixture(params=["postgres", "sqlite"])
+def any_env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    """A gateway environment on Postgres with Redis, or on SQLite alone."""
+    if request.param == "postgres":
+        return {**request.getfixturevalue("gateway_env"), "LOG_LEVEL": "info"}
+    return harness.embedded_env(tmp_path, SUBSCRIBE_RATE_LIMIT="100000/1s")
+
+
 @pytest.fixture
 async def pg_url() -> AsyncIterator[str]:
     """A throwaway Postgres database for this test."""

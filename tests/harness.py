@@ -29,6 +29,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import jwt
 import orjson
 import redis.asyncio as aioredis
 import websockets
@@ -971,3 +972,74 @@ async def metric(base: str, name: str, **labels: str) -> float:
     async with httpx.AsyncClient() as client:
         text = (await client.get(base + "/metrics")).text
     return total(text, name, **labels)
+
+
+def ws_stream_order(frames: list[dict[str, Any]], room: str, kinds: Any) -> list[tuple[str, int]]:
+    """The room's WebSocket frames of ``kinds`` in arrival order, each as (type, its
+    message's seq for a ``message``, else its change number): to compare a stream's
+    order of messages and changes with the one expected."""
+    return [
+        (f["type"], f["message"]["seq"] if f["type"] == "message" else f["change"])
+        for f in frames
+        if f.get("room") == room and f["type"] in kinds
+    ]
+
+
+def sse_stream_order(events: list[dict[str, Any]], kinds: Any) -> list[tuple[str, int]]:
+    """The SSE events of ``kinds`` in arrival order, as ``ws_stream_order`` gives them
+    (a message's seq is its event id)."""
+    return [
+        (e["event"], int(e["id"]) if e["event"] == "message" else e["json"]["change"])
+        for e in events
+        if e.get("event") in kinds
+    ]
+
+
+async def carried_in_order(
+    ws: WSClient,
+    sse: SSEClient,
+    room: str,
+    expected: list[tuple[str, int]],
+    reader: asyncio.Task[Any],
+) -> None:
+    """Wait until ``ws`` (read by the task ``reader``) and ``sse`` both carry the
+    room's ``expected`` messages and changes, stop ``reader``, then check that each
+    carried exactly those, in that order (``ws_stream_order``)."""
+    kinds = dict(expected)
+    await eventually(lambda: len(ws_stream_order(ws.frames, room, kinds)) >= len(expected), 20)
+    await eventually(lambda: len(sse_stream_order(sse.events, kinds)) >= len(expected), 20)
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+    assert ws_stream_order(ws.frames, room, kinds) == expected, ws.frames
+    assert sse_stream_order(sse.events, kinds) == expected, sse.events
+
+
+# The JWT secret of the chat tests' gateways (AUTH_SECRET), and a user's token for them.
+CHAT_SECRET = "chat-test-secret-" + "0123456789abcdef" * 4
+
+
+def signed(sub: str, secret: str, **claims: Any) -> str:
+    """A user's JWT for ``sub`` (with ``claims``), signed with ``secret``, valid for ten
+    minutes."""
+    return jwt.encode({"sub": sub, "exp": int(time.time()) + 600, **claims}, secret, "HS256")
+
+
+def chat_bearer(sub: str, **claims: Any) -> dict[str, str]:
+    """Authorization headers for ``sub`` (with ``claims``), signed with CHAT_SECRET."""
+    return {"Authorization": f"Bearer {signed(sub, CHAT_SECRET, **claims)}"}
+
+
+def namespaces_env(
+    base: dict[str, str], tmp_path: Path, namespaces: str, secret: str, key: str
+) -> dict[str, str]:
+    """``base`` with the ``namespaces`` TOML as its NAMESPACES_FILE, users' tokens
+    signed with ``secret``, backend key ``key`` and presence announced at once."""
+    path = tmp_path / "namespaces.toml"
+    path.write_text(namespaces)
+    return {
+        **base,
+        "NAMESPACES_FILE": str(path),
+        "AUTH_SECRET": secret,
+        "API_KEYS": key,
+        "PRESENCE_DEBOUNCE": "0",
+    }

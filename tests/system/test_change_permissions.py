@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from typing import Any
 
 import httpx
-import jwt
 
+from tests.harness import CHAT_SECRET as SECRET
 from tests.harness import WSClient, instances
-
-SECRET = "chat-test-secret-" + "0123456789abcdef" * 4
-
-
-def token(sub: str, **claims: Any) -> dict[str, str]:
-    tok = jwt.encode(
-        {"sub": sub, "exp": int(time.time()) + 600, **claims}, SECRET, algorithm="HS256"
-    )
-    return {"Authorization": f"Bearer {tok}"}
+from tests.harness import chat_bearer as token
 
 
 async def test_only_the_author_or_an_api_key_changes_a_message(gateway_env):

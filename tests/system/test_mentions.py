@@ -13,25 +13,11 @@ from typing import Any
 
 import httpx
 import jwt
-import pytest
 
-from tests.harness import Instance, WSClient, embedded_env, eventually, instances, t
+from tests.harness import CHAT_SECRET as SECRET
+from tests.harness import Instance, WSClient, eventually, instances, t
+from tests.harness import chat_bearer as token
 from tests.system.test_webhooks import Receiver, hook_env, new_secret
-
-SECRET = "chat-test-secret-" + "0123456789abcdef" * 4
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-def any_env(request: pytest.FixtureRequest, tmp_path: Any) -> dict[str, str]:
-    """A gateway environment on Postgres with Redis, or on SQLite alone."""
-    if request.param == "postgres":
-        return {**request.getfixturevalue("gateway_env"), "LOG_LEVEL": "info"}
-    return embedded_env(tmp_path, SUBSCRIBE_RATE_LIMIT="100000/1s")
-
-
-def token(sub: str) -> dict[str, str]:
-    tok = jwt.encode({"sub": sub, "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
-    return {"Authorization": f"Bearer {tok}"}
 
 
 async def say(

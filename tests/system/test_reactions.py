@@ -9,45 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from typing import Any
 from urllib.parse import quote
 
 import asyncpg
 import httpx
-import jwt
 import pytest
 
+from tests.harness import CHAT_SECRET as SECRET
 from tests.harness import (
     Instance,
     SSEClient,
     WSClient,
-    embedded_env,
+    carried_in_order,
     eventually,
     instances,
     post,
     t,
 )
+from tests.harness import chat_bearer as token
 from tests.system.test_webhooks import Receiver, hook_env, new_secret
 
-SECRET = "chat-test-secret-" + "0123456789abcdef" * 4
 KEY = "reactions-api-key"
 THUMBS = "\N{THUMBS UP SIGN}"
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-def any_env(request: pytest.FixtureRequest, tmp_path: Any) -> dict[str, str]:
-    """A gateway environment on Postgres with Redis, or on SQLite alone."""
-    if request.param == "postgres":
-        return {**request.getfixturevalue("gateway_env"), "LOG_LEVEL": "info"}
-    return embedded_env(tmp_path, SUBSCRIBE_RATE_LIMIT="100000/1s")
-
-
-def token(sub: str, **claims: Any) -> dict[str, str]:
-    tok = jwt.encode(
-        {"sub": sub, "exp": int(time.time()) + 600, **claims}, SECRET, algorithm="HS256"
-    )
-    return {"Authorization": f"Bearer {tok}"}
 
 
 def reactions_url(base: str, room: str, seq: int, reaction: str | None = None) -> str:
@@ -231,34 +215,7 @@ async def test_reactions_updated_reach_two_instances_in_order_and_a_resume_repla
                 ("reactions_updated", 4),
             ]
 
-            def order(items: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, int]]:
-                return [
-                    (kind, body["message"]["seq"] if kind == "message" else body["change"])
-                    for kind, body in items
-                ]
-
-            def ws_seen() -> list[tuple[str, int]]:
-                return order(
-                    [
-                        (f["type"], f)
-                        for f in wa.frames
-                        if f.get("room") == room and f["type"] in dict(expected)
-                    ]
-                )
-
-            def sse_seen() -> list[tuple[str, int]]:
-                return [
-                    (e["event"], int(e["id"]) if e["event"] == "message" else e["json"]["change"])
-                    for e in sse.events
-                    if e.get("event") in dict(expected)
-                ]
-
-            await eventually(lambda: len(ws_seen()) >= len(expected), 20)
-            await eventually(lambda: len(sse_seen()) >= len(expected), 20)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            assert ws_seen() == expected
-            assert sse_seen() == expected
+            await carried_in_order(wa, sse, room, expected, task)
             live = reactions_of(wa.frames, room)
             assert live[0] == {
                 "type": "reactions_updated",

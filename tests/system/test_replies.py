@@ -12,15 +12,14 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import SSEClient, WSClient, embedded_env, eventually, instances, post, t
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-def any_env(request: pytest.FixtureRequest, tmp_path: Any) -> dict[str, str]:
-    """A gateway environment on Postgres with Redis, or on SQLite alone."""
-    if request.param == "postgres":
-        return {**request.getfixturevalue("gateway_env"), "LOG_LEVEL": "info"}
-    return embedded_env(tmp_path, SUBSCRIBE_RATE_LIMIT="100000/1s")
+from tests.harness import (
+    SSEClient,
+    WSClient,
+    carried_in_order,
+    instances,
+    post,
+    t,
+)
 
 
 async def reply(
@@ -211,34 +210,7 @@ async def test_thread_updated_reaches_two_instances_in_order_and_a_resume_replay
                 ("thread_updated", 3),
             ]
 
-            def order(items: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, int]]:
-                return [
-                    (kind, body["message"]["seq"] if kind == "message" else body["change"])
-                    for kind, body in items
-                ]
-
-            def ws_seen() -> list[tuple[str, int]]:
-                return order(
-                    [
-                        (f["type"], f)
-                        for f in wa.frames
-                        if f.get("room") == room and f["type"] in dict(expected)
-                    ]
-                )
-
-            def sse_seen() -> list[tuple[str, int]]:
-                return [
-                    (e["event"], int(e["id"]) if e["event"] == "message" else e["json"]["change"])
-                    for e in sse.events
-                    if e.get("event") in dict(expected)
-                ]
-
-            await eventually(lambda: len(ws_seen()) >= len(expected), 20)
-            await eventually(lambda: len(sse_seen()) >= len(expected), 20)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            assert ws_seen() == expected
-            assert sse_seen() == expected
+            await carried_in_order(wa, sse, room, expected, task)
             live = [f for f in wa.frames if f.get("type") == "thread_updated"]
             assert live[0]["thread"]["replies"] == 1 and live[0]["thread"]["last_seq"] == 2
             assert live[1]["thread"]["replies"] == 2 and live[1]["thread"]["last_seq"] == 3

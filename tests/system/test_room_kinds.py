@@ -7,15 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from pathlib import Path
 
 import asyncpg
 import httpx
-import jwt
 import pytest
 
-from tests.harness import SSEClient, WSClient, embedded_env, eventually, instances, post
+from tests.harness import (
+    SSEClient,
+    WSClient,
+    embedded_env,
+    eventually,
+    instances,
+    namespaces_env,
+    post,
+    signed,
+)
 from tests.system.test_startup_errors import run
 
 SECRET = "room-kinds-test-secret-0123456789abcdef"
@@ -47,7 +54,7 @@ async def event_frame(ws: WSClient) -> dict:
 
 
 def token(sub: str) -> str:
-    return jwt.encode({"sub": sub, "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
+    return signed(sub, SECRET)
 
 
 def user(sub: str) -> dict[str, str]:
@@ -56,15 +63,7 @@ def user(sub: str) -> dict[str, str]:
 
 @pytest.fixture
 def env(gateway_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
-    path = tmp_path / "namespaces.toml"
-    path.write_text(NAMESPACES)
-    return {
-        **gateway_env,
-        "NAMESPACES_FILE": str(path),
-        "AUTH_SECRET": SECRET,
-        "API_KEYS": KEY,
-        "PRESENCE_DEBOUNCE": "0",
-    }
+    return namespaces_env(gateway_env, tmp_path, NAMESPACES, SECRET, KEY)
 
 
 @pytest.mark.parametrize(

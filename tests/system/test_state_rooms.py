@@ -15,10 +15,18 @@ from typing import Any
 
 import asyncpg
 import httpx
-import jwt
 import pytest
 
-from tests.harness import RedisServer, SSEClient, WSClient, embedded_env, eventually, instances
+from tests.harness import (
+    RedisServer,
+    SSEClient,
+    WSClient,
+    embedded_env,
+    eventually,
+    instances,
+    namespaces_env,
+    signed,
+)
 
 SECRET = "state-rooms-test-secret-0123456789abcdef"
 KEY = "backend-key-1"
@@ -46,7 +54,7 @@ rate_limit = "2/1h"
 
 
 def token(sub: str) -> str:
-    return jwt.encode({"sub": sub, "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
+    return signed(sub, SECRET)
 
 
 def user(sub: str) -> dict[str, str]:
@@ -55,15 +63,7 @@ def user(sub: str) -> dict[str, str]:
 
 @pytest.fixture
 def env(gateway_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
-    path = tmp_path / "namespaces.toml"
-    path.write_text(NAMESPACES)
-    return {
-        **gateway_env,
-        "NAMESPACES_FILE": str(path),
-        "AUTH_SECRET": SECRET,
-        "API_KEYS": KEY,
-        "PRESENCE_DEBOUNCE": "0",
-    }
+    return namespaces_env(gateway_env, tmp_path, NAMESPACES, SECRET, KEY)
 
 
 def values_of(snapshot: dict[str, Any]) -> dict[str, Any]:

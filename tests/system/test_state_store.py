@@ -5,31 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import orjson
 import pytest
 
-from chat_gateway.storage import Store, create_store
 from chat_gateway.storage.moderation import Action, Restricted
-from tests import harness
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-async def store(request, tmp_path) -> AsyncIterator[Store]:
-    if request.param == "postgres":
-        url = await harness.create_database()
-    else:
-        url = f"sqlite:///{tmp_path}/store.db"
-    s = create_store(url)
-    await s.start()
-    try:
-        await s.migrate()
-        yield s
-    finally:
-        await s.close()
-        if request.param == "postgres":
-            await harness.drop_database(url)
 
 
 async def test_writes_take_the_rooms_seqs_and_reads_show_each_keys_newest(store):

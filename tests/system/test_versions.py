@@ -10,7 +10,6 @@ import time
 from typing import Any
 
 import httpx
-import jwt
 import orjson
 import pytest
 
@@ -18,28 +17,14 @@ from chat_gateway.storage import MessageDeleted, Store
 from chat_gateway.storage.postgres import PostgresStore
 from chat_gateway.storage.search import RoomScope, parse_query
 from chat_gateway.storage.sqlite import SQLiteStore
-from tests.harness import SSEClient, embedded_env, eventually, instances, post, t
+from tests.harness import CHAT_SECRET as SECRET
+from tests.harness import SSEClient, eventually, instances, post, t
+from tests.harness import chat_bearer as token
 from tests.system.test_privacy import carrying, outbox_rows
 from tests.system.test_webhooks import Receiver, hook_env, new_secret
 
-SECRET = "chat-test-secret-" + "0123456789abcdef" * 4
 KEY = "versions-api-key"
 FIRST, SECOND = "zebra first draft", "walrus second draft"
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-def any_env(request: pytest.FixtureRequest, tmp_path: Any) -> dict[str, str]:
-    """A gateway environment on Postgres with Redis, or on SQLite alone."""
-    if request.param == "postgres":
-        return {**request.getfixturevalue("gateway_env"), "LOG_LEVEL": "info"}
-    return embedded_env(tmp_path, SUBSCRIBE_RATE_LIMIT="100000/1s")
-
-
-def token(sub: str, **claims: Any) -> dict[str, str]:
-    tok = jwt.encode(
-        {"sub": sub, "exp": int(time.time()) + 600, **claims}, SECRET, algorithm="HS256"
-    )
-    return {"Authorization": f"Bearer {tok}"}
 
 
 async def version_rows(store: Store) -> list[tuple[Any, ...]]:

@@ -755,21 +755,9 @@ class Client:
         await self.subscribe_state(room, conflate_ms)
         r = self._rooms[room]
         r.queues.append(queue)
-        try:
-            while True:
-                item = await queue.get()
-                if item is _END:
-                    assert r.ended is not None
-                    if r.quiet:
-                        return
-                    raise r.ended
+        async with contextlib.aclosing(self._drain(r, queue)) as items:
+            async for item in items:
                 yield item
-        finally:
-            current = self._rooms.get(room)
-            if current is not None and queue in current.queues:
-                current.queues.remove(queue)
-                if not current.queues:
-                    await self.unsubscribe(room)
 
     async def unsubscribe(self, room: str) -> None:
         r = self._rooms.pop(room, None)
@@ -796,6 +784,15 @@ class Client:
             await self._send_subscribe(r)
         else:
             r.queues.append(queue)
+        async with contextlib.aclosing(self._drain(r, queue)) as items:
+            async for item in items:
+                yield item
+
+    async def _drain(self, r: _Room, queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
+        """What the room puts in ``queue`` (already one of its queues) until its
+        subscription ends; leaving the loop unsubscribes when no other loop reads the
+        room (closed with its reader, so at once). Serves ``messages`` and
+        ``state_updates``."""
         try:
             while True:
                 item = await queue.get()
@@ -806,11 +803,11 @@ class Client:
                     raise r.ended
                 yield item
         finally:
-            current = self._rooms.get(room)
+            current = self._rooms.get(r.name)
             if current is not None and queue in current.queues:
                 current.queues.remove(queue)
                 if not current.queues:
-                    await self.unsubscribe(room)
+                    await self.unsubscribe(r.name)
 
     async def publish(
         self,

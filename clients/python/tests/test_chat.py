@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -27,35 +26,9 @@ from chat_gateway_client import (
     Subscribed,
     Typing,
 )
+from client_events import FAST, watching
 
 from tests.harness import eventually, instances, t
-
-FAST = {"min_delay": 0.05, "max_delay": 0.4}
-
-
-@contextlib.asynccontextmanager
-async def watching(client: Client) -> AsyncIterator[list[Any]]:
-    """Every event of the client, collected in the background."""
-    seen: list[Any] = []
-    started = asyncio.Event()
-
-    async def watch() -> None:
-        events = client.events()
-        first = asyncio.ensure_future(events.__anext__())
-        started.set()
-        seen.append(await first)
-        async for ev in events:
-            seen.append(ev)
-
-    task = asyncio.create_task(watch())
-    await started.wait()
-    await asyncio.sleep(0)
-    try:
-        yield seen
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-            await task
 
 
 def of(kind: type, seen: list[Any]) -> list[Any]:

@@ -12,10 +12,9 @@ import httpx
 import jwt
 import pytest
 from chat_gateway_client import Client, Event, GatewayError, Message, State, backoff
+from client_events import FAST
 
 from tests.harness import eventually, instances, t
-
-FAST = {"min_delay": 0.05, "max_delay": 0.4}
 
 
 async def collect(client: Client, room: str, since: int | None, into: list[int]) -> None:

@@ -5,11 +5,6 @@ read them."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
-
 import pytest
 from chat_gateway_client import (
     Client,
@@ -19,35 +14,9 @@ from chat_gateway_client import (
     ThreadUpdated,
     Version,
 )
+from client_events import FAST, watching
 
 from tests.harness import eventually, instances, t
-
-FAST = {"min_delay": 0.05, "max_delay": 0.4}
-
-
-@contextlib.asynccontextmanager
-async def watching(client: Client) -> AsyncIterator[list[Any]]:
-    """Every event of the client, collected in the background."""
-    seen: list[Any] = []
-    started = asyncio.Event()
-
-    async def watch() -> None:
-        events = client.events()
-        first = asyncio.ensure_future(events.__anext__())
-        started.set()
-        seen.append(await first)
-        async for ev in events:
-            seen.append(ev)
-
-    task = asyncio.create_task(watch())
-    await started.wait()
-    await asyncio.sleep(0)
-    try:
-        yield seen
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-            await task
 
 
 async def test_replies_update_the_thread_and_page(gateway_env):

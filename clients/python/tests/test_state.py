@@ -18,10 +18,9 @@ from chat_gateway_client import (
     StateView,
     StateWrite,
 )
+from client_events import FAST
 
 from tests.harness import WSClient, eventually, instances, t
-
-FAST = {"min_delay": 0.05, "max_delay": 0.4}
 
 
 @pytest.fixture

@@ -72,39 +72,34 @@ def changed_by(identity: Identity, room: str, given: Any) -> str | None:
 
 
 async def edit_message(request: Request) -> Response:
+    return await _change_message(request, edit=True)
+
+
+async def delete_message(request: Request) -> Response:
+    return await _change_message(request, edit=False)
+
+
+async def _change_message(request: Request, *, edit: bool) -> Response:
+    """An edit (body ``{"text"}``) or a delete (body optional): the text is checked
+    before anything is taken (a rate token) or changed; an edit by a user (not a
+    backend's own) is put to the edit hook."""
     gw = gateway_of(request)
     room = v.room_name(request.path_params["room"])
     seq = v.message_seq(request.path_params["seq"])
     stored_room(gw, room, "changing a message")
     v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
     key = v.idempotency_key(request.headers.get("idempotency-key"))
-    body = await v.json_body(request, gw.settings.max_body_bytes, v.EDIT_MESSAGE)
-    text = v.text(body.get("text"))
+    schema = v.EDIT_MESSAGE if edit else v.DELETE_MESSAGE
+    body = await v.json_body(request, gw.settings.max_body_bytes, schema, optional=not edit)
+    text = v.text(body.get("text")) if edit else None
     author, bucket = await _changer(request, room, body)
     decision = await gw.rates.check_post(room, bucket)
-    await gw.moderation.check_change(room, author, edit=True)
-    if api_key(request) is None:  # a backend's own edit is not put to its hook
+    await gw.moderation.check_change(room, author, edit=edit)
+    if text is not None and api_key(request) is None:  # a backend's own edit is not put to its hook
         editor = author if author is not None else identify(request).name
         text = await screened(gw, Kind.EDIT, room, editor, text, seq=seq)
     msg = await gw.chat.change(
         room, seq, text, author=author, idempotency_key=None if key is None else (bucket, key)
-    )
-    return encoded_json_response(msg.to_json(), 200, decision.headers())
-
-
-async def delete_message(request: Request) -> Response:
-    gw = gateway_of(request)
-    room = v.room_name(request.path_params["room"])
-    seq = v.message_seq(request.path_params["seq"])
-    stored_room(gw, room, "changing a message")
-    v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
-    key = v.idempotency_key(request.headers.get("idempotency-key"))
-    body = await v.json_body(request, gw.settings.max_body_bytes, v.DELETE_MESSAGE, optional=True)
-    author, bucket = await _changer(request, room, body)
-    decision = await gw.rates.check_post(room, bucket)
-    await gw.moderation.check_change(room, author, edit=False)
-    msg = await gw.chat.change(
-        room, seq, None, author=author, idempotency_key=None if key is None else (bucket, key)
     )
     return encoded_json_response(msg.to_json(), 200, decision.headers())
 
@@ -189,16 +184,23 @@ async def read_positions(request: Request) -> Response:
     return json_response({"rooms": [position_json(p) for p in positions]})
 
 
-async def react(request: Request) -> Response:
-    """``POST .../reactions`` (body ``{"reaction"}``) and ``DELETE
-    .../reactions/{reaction}``: the caller's own reaction, added once or removed.
-    A write: a read-only grant is refused, as are a banned or muted user."""
+def _message_of(request: Request, activity: str) -> tuple[Services, str, int, Identity]:
+    """The path's room and message seq, for a caller granted the room, which must be a
+    stored one (``activity`` says what was refused otherwise)."""
     gw = gateway_of(request)
     room = v.room_name(request.path_params["room"])
     seq = v.message_seq(request.path_params["seq"])
     identity = identify(request)
     identity.check_room(room)
-    stored_room(gw, room, "reacting to a message")
+    stored_room(gw, room, activity)
+    return gw, room, seq, identity
+
+
+async def react(request: Request) -> Response:
+    """``POST .../reactions`` (body ``{"reaction"}``) and ``DELETE
+    .../reactions/{reaction}``: the caller's own reaction, added once or removed.
+    A write: a read-only grant is refused, as are a banned or muted user."""
+    gw, room, seq, identity = _message_of(request, "reacting to a message")
     add = request.method == "POST"
     if add:
         v.only_fields(dict(request.query_params), v.fields(v.NO_QUERY))
@@ -232,12 +234,7 @@ async def replies(request: Request) -> Response:
     ascending by seq, read as history is (the same grants and bans). A deleted
     message's replies answer 404 as the message is gone; each reply that was deleted
     is its tombstone (no text)."""
-    gw = gateway_of(request)
-    room = v.room_name(request.path_params["room"])
-    seq = v.message_seq(request.path_params["seq"])
-    identity = identify(request)
-    identity.check_room(room)
-    stored_room(gw, room, "reading replies")
+    gw, room, seq, identity = _message_of(request, "reading replies")
     q = request.query_params
     v.only_fields(dict(q), v.fields(v.REPLIES_QUERY))
     limit = v.limit_param(q.get("limit"))

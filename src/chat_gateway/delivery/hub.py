@@ -312,6 +312,13 @@ class Room:
         self.grouped: dict[Subscriber, Conflated] = {}
 
 
+def _subscribed(sub: Subscriber, room: str, seq: int, change: int, kind: str) -> None:
+    """Answer a WebSocket's subscribe (an SSE stream has no such frame): the room's seq
+    and last change number now, and its kind (stored, ephemeral or state)."""
+    if sub.transport == WS:
+        sub.reply({"type": "subscribed", "room": room, "seq": seq, "change": change, "kind": kind})
+
+
 class RoomStats(NamedTuple):
     """What the hub tells of a held room (``Hub.room_stats``)."""
 
@@ -487,16 +494,7 @@ class Hub:
             else:
                 sub.cursors[room] = latest
                 r.subs[sub] = None
-                if sub.transport == WS:
-                    sub.reply(
-                        {
-                            "type": "subscribed",
-                            "room": room,
-                            "seq": latest,
-                            "change": 0,
-                            "kind": "ephemeral",
-                        }
-                    )
+                _subscribed(sub, room, latest, 0, "ephemeral")
             self._join(r, sub, conflate_ms)
             self.metrics.subscriptions.inc()
             return latest
@@ -509,16 +507,7 @@ class Hub:
             last_change if changes_since is None else min(changes_since, last_change)
         )
         r.subs[sub] = None
-        if sub.transport == WS:
-            sub.reply(
-                {
-                    "type": "subscribed",
-                    "room": room,
-                    "seq": latest,
-                    "change": last_change,
-                    "kind": "stored",
-                }
-            )
+        _subscribed(sub, room, latest, last_change, "stored")
         self.metrics.subscriptions.inc()
         if latest > cursor or sub.ccursors[room] < last_change:
             self._catch_up(sub, r)
@@ -534,10 +523,7 @@ class Hub:
         room = r.name
         sub.cursors[room] = latest if since is None else max(since, latest)
         r.subs[sub] = None
-        if sub.transport == WS:
-            sub.reply(
-                {"type": "subscribed", "room": room, "seq": latest, "change": 0, "kind": "state"}
-            )
+        _subscribed(sub, room, latest, 0, "state")
         if since is None or not state.resumable(since):
             sub.push(
                 state.snapshot(

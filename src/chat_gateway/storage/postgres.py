@@ -432,13 +432,17 @@ ORDER BY p.room LIMIT $2
 """
 
 
-# -- state rooms: the room's row locked (its restrictions read) as an append locks
-# it, then the writes take its next seqs and replace each key's row.
-_STATE_LOCK = (
+# The room's row locked (made if new) as an append locks it (see _APPEND), its
+# position and restrictions read: taken first by a reply or a post with mentions, a
+# moderation action and a state room's writes.
+_LOCK_ROOM = (
     "INSERT INTO rooms AS r (room, last_seq) VALUES ($1, 0) "
     "ON CONFLICT (room) DO UPDATE SET last_seq = r.last_seq "
-    "RETURNING last_seq, banned::text, muted::text"
+    "RETURNING last_seq, last_change, banned::text, muted::text, slow_mode"
 )
+
+# -- state rooms: the room's row locked (_LOCK_ROOM), then the writes take its next
+# seqs and replace each key's row.
 _STATE_WRITE = """
 WITH raised AS (
     UPDATE rooms SET last_seq = last_seq + $4 WHERE room = $1 RETURNING last_seq - $4 AS base
@@ -809,12 +813,7 @@ class PostgresStore(Store):
         mid = new_id(ms)
         async with self._operation() as op, self._connection() as conn:
             async with self._transaction(conn):
-                pos = await conn.fetchrow(
-                    "INSERT INTO rooms AS r (room, last_seq) VALUES ($1, 0) "
-                    "ON CONFLICT (room) DO UPDATE SET last_seq = r.last_seq "
-                    "RETURNING last_seq, last_change, banned::text, muted::text",
-                    room,
-                )
+                pos = await conn.fetchrow(_LOCK_ROOM, room)
                 if idempotency_key is not None:  # under the lock: a concurrent repeat is seen
                     row = await conn.fetchrow(_BY_KEY, room, idempotency_key)
                     if row is not None:
@@ -1413,9 +1412,11 @@ class PostgresStore(Store):
         values = [None if v is None else v.decode() for _, v in writes]
         async with self._operation() as op, self._connection() as conn:
             async with self._transaction(conn):
-                row = await conn.fetchrow(_STATE_LOCK, room)
+                row = await conn.fetchrow(_LOCK_ROOM, room)
                 if author is not None:  # the row's newest version: a ban committed first
-                    check_append(RoomModeration.of_row(room, row[1], row[2], 0), author, ms)
+                    check_append(
+                        RoomModeration.of_row(room, row["banned"], row["muted"], 0), author, ms
+                    )
                 op.sent = True
                 stored = await conn.fetch(_STATE_WRITE, room, keys, values, len(writes), at)
         seqs = {r["key"]: int(r["seq"]) for r in stored}
@@ -1525,13 +1526,7 @@ class PostgresStore(Store):
         at = _EPOCH + timedelta(milliseconds=ms)
         async with self._operation() as op, self._connection() as conn:
             async with self._transaction(conn):
-                # The room's row locked first, as an append locks it (see _APPEND).
-                row = await conn.fetchrow(
-                    "INSERT INTO rooms AS r (room, last_seq) VALUES ($1, 0) "
-                    "ON CONFLICT (room) DO UPDATE SET last_seq = r.last_seq "
-                    "RETURNING last_seq, last_change, banned::text, muted::text, slow_mode",
-                    room,
-                )
+                row = await conn.fetchrow(_LOCK_ROOM, room)  # first, as an append
                 before = RoomModeration.of_row(room, row["banned"], row["muted"], row["slow_mode"])
                 after = apply(before, action, ms)
                 if after is None:
