@@ -459,6 +459,8 @@ def schemathesis(
         ",".join(WARNINGS),
         *args,
     ]
+    if os.environ.get("FUZZ_SEED"):  # replays a reported run: FUZZ_SEED=<its seed>
+        cmd += ["--seed", os.environ["FUZZ_SEED"]]
     for path in paths:
         cmd += ["--include-path", path]
     for name, value in headers.items():

@@ -45,7 +45,17 @@ MAX_SAFE_INT = 2**53 - 1  # integers every JSON client reads exactly
 # -- declared shapes (JSON Schema): the checks below enforce them, the OpenAPI
 # document (src/chat_gateway/server/openapi.py) publishes them, the fuzz test generates from them.
 
-_PRINTABLE = r"^[^\x00]*[^\s\x00][^\x00]*$"  # something besides whitespace, no NUL
+# Whitespace, as both regex dialects count it: ECMA-262's \s (what a JSON Schema
+# pattern means to its readers) and Python's str.isspace (what str.strip trims)
+# differ in \x1c-\x1f, \x85 and \ufeff, so the schema and the checks name the union.
+BLANK = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004"
+    "\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+)
+_BLANK_CLASS = (
+    r"\t\n\x0b\x0c\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+)
+_PRINTABLE = rf"^[^\x00]*[^\x00{_BLANK_CLASS}][^\x00]*$"  # something besides whitespace, no NUL
 ROOM: dict[str, Any] = {"type": "string", "pattern": f"^{ROOM_RE.pattern}$", "maxLength": 128}
 EVENT: dict[str, Any] = {
     "type": "string",
@@ -506,7 +516,7 @@ def _printable(value: str, name: str) -> None:
 def text(value: Any) -> str:
     if not isinstance(value, str):
         raise ApiError("invalid_request", "text must be a string", field="text")
-    trimmed: str = value.strip()
+    trimmed: str = value.strip(BLANK)
     if not 1 <= len(trimmed) <= MAX_TEXT:
         raise ApiError(
             "invalid_request", f"text must be 1..{MAX_TEXT} characters after trimming", field="text"
@@ -554,7 +564,7 @@ def mentions(value: Any) -> tuple[str, ...]:
         if (
             not isinstance(item, str)
             or not 1 <= len(item) <= MAX_MENTION
-            or not item.strip()
+            or not item.strip(BLANK)
             or "\x00" in item
         ):
             raise ApiError(
@@ -581,12 +591,16 @@ def author(value: Any) -> str:
 def _short(value: Any, name: str, limit: int) -> str:
     """A short name (``name`` in messages): at most ``limit`` characters as given
     (the schema's maxLength), one after trimming, no NUL or lone surrogate; trimmed."""
-    if not isinstance(value, str) or len(value) > limit or not 1 <= len(value.strip()) <= limit:
+    if (
+        not isinstance(value, str)
+        or len(value) > limit
+        or not 1 <= len(value.strip(BLANK)) <= limit
+    ):
         raise ApiError(
             "invalid_request", f"{name} must be a string of 1..{limit} characters", field=name
         )
     _printable(value, name)
-    return value.strip()
+    return value.strip(BLANK)
 
 
 def body_author(body: dict[str, Any], signed_in: str | None) -> str:
@@ -714,7 +728,7 @@ def user_name(value: Any, *, blank: bool = True) -> str:
         not isinstance(value, str)
         or not 1 <= len(value) <= MAX_USER
         or "\x00" in value
-        or (not blank and not value.strip())
+        or (not blank and not value.strip(BLANK))
     ):
         raise ApiError(
             "invalid_request",
