@@ -9,9 +9,10 @@ check costs no round trip. The cache is kept fresh three ways:
   (chat_gateway.delivery.commands): every instance forgets the room at once;
 - every ``REFRESH`` seconds the rooms cached are read again, in one query per
   page of rooms, should a command have been lost;
-- a refusal the cache would give is checked against the store first when the
-  room's entry is older than ``CONFIRM_AFTER`` seconds, so a ban or mute lifted
-  early is lifted at once even where its command never arrived.
+- a refusal the cache would give is checked against the store first, so a ban
+  or mute lifted on one instance is lifted at once on every other, before its
+  command arrives or where it never does (a refusal costs one store read; the
+  checks that pass, nearly all of them, cost none).
 
 The cache only refuses early: the store's append refuses a banned or muted
 author under the room's row lock whatever the cache says (``Restricted``), and
@@ -41,7 +42,6 @@ from chat_gateway.storage.moderation import BANNED, MUTED, Restricted, RoomModer
 log = logging.getLogger("gateway.moderation")
 
 REFRESH = 30.0  # seconds between reads of every cached room: the safety net
-CONFIRM_AFTER = 1.0  # a cached refusal older than this is read again before it is given
 MAX_ROOMS = 50_000  # rooms cached per instance; the least recently used go first
 _PAGE = 500  # rooms per refresh query
 
@@ -203,10 +203,10 @@ class Moderation:
                     self._rooms[room] = (state, at)
 
     async def _confirmed(self, room: str, refused: bool) -> RoomModeration:
-        """The room's state; when it would refuse and was read over ``CONFIRM_AFTER``
-        seconds ago, read again first (a lift whose command was lost)."""
+        """The room's state; when it would refuse, read from the store again first (a
+        lift on another instance whose command has not arrived, or was lost)."""
         held = self._rooms.get(room)
-        if refused and held is not None and time.monotonic() - held[1] > CONFIRM_AFTER:
+        if refused and held is not None:
             self.forget(room)
             return await self._load(room)
         return held[0] if held is not None else await self._load(room)

@@ -63,8 +63,17 @@ class Listener:
         while True:
             try:
                 await self._listen()
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("LISTEN %s failed, again in %ss: %s", POSTED_CHANNEL, RETRY, exc)
+            except Exception as exc:  # whatever ends a session, listen again
+                # A session cut while it starts can end in any of asyncpg's errors, an
+                # OSError or an EOF; the notifications only save latency, so the loop
+                # must outlive every one of them.
+                log.warning(
+                    "LISTEN %s failed, again in %ss: %s: %s",
+                    POSTED_CHANNEL,
+                    RETRY,
+                    type(exc).__name__,
+                    exc,
+                )
             await asyncio.sleep(RETRY)
 
     async def _listen(self) -> None:
