@@ -68,6 +68,7 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.timeout(600)  # fresh venvs and installs from the registries
 async def test_the_npm_tarball_installs_into_an_app_and_runs_the_readme_program(
     gateway_env: dict[str, str], scratch: Path
 ) -> None:
@@ -92,6 +93,7 @@ async def test_the_npm_tarball_installs_into_an_app_and_runs_the_readme_program(
     assert output.splitlines() == ["#1 ana: helo", "#1 updated: hello (v2)"], output
 
 
+@pytest.mark.timeout(600)  # fresh venvs and installs from the registries
 async def test_the_python_wheel_and_sdist_install_into_fresh_venvs_and_run_the_readme_program(
     gateway_env: dict[str, str], scratch: Path
 ) -> None:
