@@ -3,7 +3,7 @@
 gateway sees one WebSocket; each tab has its own rooms and gets each of their
 messages once, in order (a tab that joins late is filled from its own cursor);
 closing one tab leaves its rooms and keeps the other's; reactions, threads and
-edits reach each tab holding the room once. Where SharedWorker is
+edits reach each tab holding the room once; a search goes through the worker. Where SharedWorker is
 missing, ``sharedClient`` is a plain ``Client``."""
 
 from __future__ import annotations
@@ -181,6 +181,13 @@ async def test_reactions_and_threads_reach_every_tab_of_the_room_once(gateway_en
             await tab.wait_for_function("window.seen.length >= 3")
             assert await tab.evaluate("window.seen") == expected
         assert await tab_c.evaluate("window.seen") == [], "a tab without the room gets none"
+        # search goes through the shared connection's client as every HTTP call does
+        hits = await tab_b.evaluate(
+            "([room]) => window.client.search('reply', { rooms: [room] })"
+            ".then((r) => r.results.map((h) => [h.message.room, h.message.seq]))",
+            [room],
+        )
+        assert hits == [[room, 2]], hits
         assert await ws_connections(http, gw.url) == 1
         assert not browser.errors, browser.errors
         await context.close()

@@ -3,7 +3,10 @@ user's own reaction added once or removed over HTTP and WebSocket, the summary o
 the message (counts, at most ten users named), ``reactions_updated`` in the
 ordered change stream (live on every instance, replayed once by a resume), a
 deleted message refusing them, their own rate bucket, moderation and read-only
-grants, and the ``message.reactions_updated`` webhook."""
+grants, and the ``message.reactions_updated`` webhook; and the ordering proof:
+posts, replies (``thread_updated``), edits, deletes and reactions racing over three
+instances, every subscriber (one resuming on another instance) seeing each once in
+commit order."""
 
 from __future__ import annotations
 
@@ -285,7 +288,7 @@ async def test_reactions_send_a_webhook_scrubbed_with_the_message(any_env):
         await receiver.stop()
 
 
-CHANGE_FRAMES = ("message_updated", "message_deleted", "reactions_updated")
+CHANGE_FRAMES = ("message_updated", "message_deleted", "reactions_updated", "thread_updated")
 
 
 def stream_of(frames: list[dict[str, Any]], room: str) -> list[tuple[str, dict[str, Any]]]:
@@ -316,12 +319,13 @@ def replay(
             view[body["seq"]] = body
             order.append(("m", body["seq"]))
             continue
-        seq = body["seq"] if kind == "reactions_updated" else body["message"]["seq"]
+        summary = {"reactions_updated": "reactions", "thread_updated": "thread"}.get(kind)
+        seq = body["seq"] if summary else body["message"]["seq"]
         assert seq in view, f"change {body['change']} came before message {seq}"
-        if kind == "reactions_updated":
-            msg = {k: v for k, v in view[seq].items() if k != "reactions"}
-            if body["reactions"]:
-                msg["reactions"] = body["reactions"]
+        if summary:
+            msg = {k: v for k, v in view[seq].items() if k != summary}
+            if body[summary]:
+                msg[summary] = body[summary]
             view[seq] = msg
         else:
             view[seq] = body["message"]
@@ -329,14 +333,16 @@ def replay(
     return view, order
 
 
-async def test_reactions_racing_posts_edits_and_deletes_keep_commit_order_over_three_instances(
+async def test_posts_replies_edits_deletes_and_reactions_racing_keep_order_on_three_instances(
     gateway_env, pg_url
 ):
-    """Posts, edits, deletes and reactions (added and removed by several users) race
-    on one room through three instances; a subscriber drops off halfway and resumes
-    on another instance with ``since`` and ``changes_since``. Every subscriber sees
-    each message and each change once, in the store's commit order (a change right
-    after the message it was committed after), and ends with the store's state."""
+    """Posts, replies (each raising its parent's thread), edits, deletes and
+    reactions (added and removed by several users) race on one room through three
+    instances; a subscriber drops off halfway and resumes on another instance with
+    ``since`` and ``changes_since``. Every subscriber sees each message and each
+    change (``thread_updated`` among them) once, in the store's commit order (a
+    change right after the message it was committed after), and ends with the
+    store's state, each parent's ``thread`` summary included."""
     room = "react.race"
     posts = 45
     env = {**gateway_env, "REACTION_RATE_LIMIT": "100000/1s"}
@@ -350,17 +356,35 @@ async def test_reactions_racing_posts_edits_and_deletes_keep_commit_order_over_t
                 await ws.subscribe(room, since=0, changes_since=0)
             readers = [asyncio.create_task(ws.read_all()) for ws in (ws0, ws2)]
             acked: list[int] = []
+            authors: dict[int, str] = {}
             half = asyncio.Event()
             done = asyncio.Event()
-            statuses: dict[str, list[int]] = {"edit": [], "delete": [], "react": []}
+            statuses: dict[str, list[int]] = {"edit": [], "delete": [], "react": [], "reply": []}
 
             async def writer() -> None:
                 for i in range(posts):
                     r = await post(http, gws[i % 3].url, room, f"post {i}", author=f"u{i % 3}")
                     assert r.status_code == 201, r.text
                     acked.append(r.json()["seq"])
-                    if len(acked) == posts // 2:
+                    authors[acked[-1]] = f"u{i % 3}"
+                    if i + 1 == posts // 2:
                         half.set()
+
+            async def replier(n: int) -> None:
+                rnd = random.Random(200 + n)
+                for j in range(12):
+                    while len(acked) < 3 * (j + 1):
+                        await asyncio.sleep(0.01)
+                    parent = rnd.choice(acked[-10:])  # a reply among them: its parent's thread
+                    r = await http.post(
+                        f"{gws[rnd.randrange(3)].url}/v1/rooms/{room}/messages",
+                        json={"text": f"reply {n}.{j}", "author": f"p{n}", "reply_to": parent},
+                    )
+                    statuses["reply"].append(r.status_code)
+                    assert r.status_code in (201, 409), r.text  # 409: a deleted parent
+                    if r.status_code == 201:
+                        acked.append(r.json()["seq"])
+                        authors[acked[-1]] = f"p{n}"
 
             async def editor(n: int) -> None:
                 rnd = random.Random(n)
@@ -369,7 +393,7 @@ async def test_reactions_racing_posts_edits_and_deletes_keep_commit_order_over_t
                         await asyncio.sleep(0.01)
                     seq = rnd.choice(acked[-8:])
                     base = f"{gws[rnd.randrange(3)].url}/v1/rooms/{room}/messages/{seq}"
-                    author = {"author": f"u{(seq - 1) % 3}"}
+                    author = {"author": authors[seq]}
                     if rnd.random() < 0.2:
                         r = await http.request("DELETE", base, json=author)
                         statuses["delete"].append(r.status_code)
@@ -426,7 +450,10 @@ async def test_reactions_racing_posts_edits_and_deletes_keep_commit_order_over_t
 
             resume_task = asyncio.create_task(resumer())
             await asyncio.gather(
-                writer(), *(editor(n) for n in range(2)), *(reactor(n) for n in range(4))
+                writer(),
+                *(replier(n) for n in range(2)),
+                *(editor(n) for n in range(2)),
+                *(reactor(n) for n in range(4)),
             )
             page = (
                 await http.get(f"{gws[0].url}/v1/rooms/{room}/messages", params={"limit": 200})
@@ -435,14 +462,14 @@ async def test_reactions_racing_posts_edits_and_deletes_keep_commit_order_over_t
             conn = await asyncpg.connect(pg_url)
             try:
                 changes = await conn.fetch(
-                    "SELECT change, after_seq FROM message_changes WHERE room = $1", room
+                    "SELECT change, after_seq, kind FROM message_changes WHERE room = $1", room
                 )
             finally:
                 await conn.close()
             expected.extend(
                 e[0]
                 for e in sorted(
-                    [(("m", s), (s, 0, 0)) for s in range(1, posts + 1)]
+                    [(("m", s), (s, 0, 0)) for s in sorted(authors)]
                     + [(("c", c["change"]), (c["after_seq"], 1, c["change"])) for c in changes],
                     key=lambda e: e[1],
                 )
@@ -450,7 +477,13 @@ async def test_reactions_racing_posts_edits_and_deletes_keep_commit_order_over_t
             done.set()
             assert statuses["react"].count(200) >= 40, statuses
             assert 200 in statuses["edit"] and 200 in statuses["delete"], statuses
+            assert statuses["reply"].count(201) >= 12, statuses
+            assert sorted(final) == sorted(authors), "every acked message, and only those"
             assert any(m.get("reactions") for m in final.values()), "some reactions stayed"
+            threads = {m["seq"]: m["thread"] for m in final.values() if m.get("thread")}
+            replies = statuses["reply"].count(201)
+            assert sum(th["replies"] for th in threads.values()) == replies, threads
+            assert sum(c["kind"] == "thread" for c in changes) == replies, "one each"
 
             await eventually(lambda: complete(ws0.frames) and complete(ws2.frames), 30)
             await eventually(lambda: len(replay(sse_stream(sse1.events))[1]) >= len(expected), 30)

@@ -1141,7 +1141,8 @@ export class Client extends Emitter {
 
 const SHARED_CALLS = ["publish", "emit", "edit", "delete", "history", "presence", "markRead",
                       "readState", "readPositions", "reconnectNow", "replies", "versions",
-                      "setState", "deleteState", "patchState", "getState", "react", "unreact"];
+                      "setState", "deleteState", "patchState", "getState", "react", "unreact",
+                      "search"];
 
 /**
  * The same surface as `Client`, served by a SharedWorker (src/worker.js) that holds one

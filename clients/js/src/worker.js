@@ -22,7 +22,7 @@ import { Client, GatewayError } from "./index.js";
 const CALLS = new Set([
   "connect", "publish", "emit", "edit", "delete", "typing", "history", "presence", "markRead",
   "readState", "readPositions", "reconnectNow", "replies", "versions", "setState",
-  "deleteState", "patchState", "getState", "react", "unreact",
+  "deleteState", "patchState", "getState", "react", "unreact", "search",
 ]);
 const ROOM_EVENTS = ["typing", "presence", "event", "read", "snapshot", "value"];
 const CHANGE_EVENTS = ["change", "reactions", "thread"];
