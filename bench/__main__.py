@@ -3,7 +3,9 @@
 Scenarios: ``fanout`` (gateway beside the peers, at each load), ``idle``,
 ``rooms``, ``posts``, ``history``, or ``all`` (those five); ``webhooks``,
 ``search``, ``sql`` (a backend's COMMIT to a subscriber), ``reactions`` (a room of
-200 subscribers and 50 reactions/s) and ``delay`` (the gateway's fan-out at one load
+200 subscribers and 50 reactions/s), ``state`` (a state room of 1,000 keys written
+5,000 times a second under 100 subscribers, then 1,000 dashboards connecting at
+once) and ``delay`` (the gateway's fan-out at one load
 for each ``WS_WRITE_DELAY`` of ``--delays``) on their own. Every run stops by itself;
 servers listen on loopback.
 """
@@ -32,6 +34,7 @@ from bench import (
     rooms,
     search,
     sql_publish,
+    state,
     webhooks,
 )
 from bench.procs import raise_open_files
@@ -190,6 +193,41 @@ COLUMNS = {
         "change_log_reads",
         "gap_fills",
     ],
+    "state": [
+        "phase",
+        "instances",
+        "keys",
+        "subscribers",
+        "offered_per_s",
+        "writes_per_s",
+        "errors",
+        "frames_per_sub_unconflated",
+        "frames_per_sub_conflated",
+        "conflate_ms",
+        "closed_subscribers",
+        "mismatched",
+        "last_frame_p99_ms",
+        "server_cpu_us_per_write",
+        "client_cpu_s",
+    ],
+}
+# A scenario whose rows are of two phases: each phase's rows in a table of its own.
+PHASE_COLUMNS = {
+    "state": {
+        "dashboards": [
+            "phase",
+            "instances",
+            "keys",
+            "dashboards",
+            "connect_failed",
+            "snapshots",
+            "snapshot_p50_ms",
+            "snapshot_p99_ms",
+            "snapshot_max_ms",
+            "store_reads",
+            "memory_hits",
+        ],
+    },
 }
 # A second table for a scenario: what each post cost every process on the machine.
 MORE_COLUMNS = {
@@ -248,7 +286,11 @@ async def _main(args: argparse.Namespace, report: dict[str, Any]) -> dict[str, A
         title = f" (median of {args.repeat} runs)" if args.repeat > 1 else ""
         print(f"\n== {scenario}{title}", flush=True)
         print(f"load average {fmt_load(load['start'])} before, {fmt_load(load['end'])} after")
-        print(table(rows, COLUMNS[scenario]), flush=True)
+        phases = PHASE_COLUMNS.get(scenario, {})
+        first = [r for r in rows if r.get("phase") not in phases]
+        print(table(first, COLUMNS[scenario]), flush=True)
+        for phase, columns in phases.items():
+            print(table([r for r in rows if r.get("phase") == phase], columns), flush=True)
         if scenario in MORE_COLUMNS:
             print(table(rows, MORE_COLUMNS[scenario]), flush=True)
     report["targets"] = verdicts(report["results"])
@@ -362,6 +404,21 @@ async def run_scenario(
                 seconds=args.reaction_seconds,
             )
         )
+    elif scenario == "state":
+        rows.extend(
+            await state.run(
+                instances=args.instances,
+                keys=args.state_keys,
+                rate=args.state_rate,
+                seconds=args.state_seconds,
+                writers=args.state_writers,
+                batch=args.state_batch,
+                subscribers=args.state_subscribers,
+                unconflated=args.state_unconflated,
+                conflate_ms=args.state_conflate_ms,
+                dashboards=args.dashboards,
+            )
+        )
     elif scenario == "webhooks":
         rows.extend(
             await webhooks.run(
@@ -420,7 +477,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "scenario",
-        choices=(*SCENARIOS, "webhooks", "search", "sql", "reactions", "delay", "all"),
+        choices=(*SCENARIOS, "webhooks", "search", "sql", "reactions", "state", "delay", "all"),
     )
     p.add_argument(
         "--targets",
@@ -530,6 +587,31 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--reaction-seconds", type=float, default=10.0, help="reactions: length of the run"
+    )
+    p.add_argument("--state-keys", type=int, default=1000, help="state: the room's keys")
+    p.add_argument(
+        "--state-rate", type=float, default=5000.0, help="state: keys written per second in all"
+    )
+    p.add_argument("--state-seconds", type=float, default=10.0, help="state: length of the writes")
+    p.add_argument("--state-writers", type=int, default=8, help="state: writer tasks (HTTP PATCH)")
+    p.add_argument("--state-batch", type=int, default=100, help="state: keys per PATCH (1..100)")
+    p.add_argument(
+        "--state-subscribers", type=int, default=100, help="state: WebSocket subscribers"
+    )
+    p.add_argument(
+        "--state-unconflated",
+        type=int,
+        default=10,
+        help="state: of those, how many take every write (conflate_ms=0)",
+    )
+    p.add_argument(
+        "--state-conflate-ms",
+        type=int,
+        default=250,
+        help="state: conflate_ms of the other subscribers",
+    )
+    p.add_argument(
+        "--dashboards", type=int, default=1000, help="state: subscribers connecting at once"
     )
     p.add_argument("--hook-rooms", type=int, default=50, help="webhooks: rooms (queues)")
     p.add_argument(

@@ -282,3 +282,45 @@ def test_bench_reactions_on_a_tiny_room(tmp_path) -> None:
     assert row["change_log_reads"] == sum(
         row[f"change_log_reads_{path}"] for path in ("fill", "change_fill", "catch_up")
     )
+
+
+def test_bench_state_on_a_tiny_room(tmp_path) -> None:
+    """``state``: once writes stop every subscriber, conflated or not, holds the
+    store's values, and every dashboard connecting at once gets its snapshot (the
+    store read once per instance, the rest from memory)."""
+    out = tmp_path / "state.json"
+    proc = bench(
+        "state",
+        "--state-keys",
+        "40",
+        "--state-rate",
+        "200",
+        "--state-seconds",
+        "1",
+        "--state-writers",
+        "2",
+        "--state-batch",
+        "10",
+        "--state-subscribers",
+        "6",
+        "--state-unconflated",
+        "2",
+        "--dashboards",
+        "20",
+        "--json",
+        str(out),
+    )
+    assert "== state" in proc.stdout
+    writes, dashboards = orjson.loads(out.read_bytes())["results"]["state"]
+    assert writes["phase"] == "writes" and writes["subscribers"] == 6
+    assert writes["written"] == 200 and writes["errors"] == 0
+    assert writes["closed_subscribers"] == 0 and writes["older_frames"] == 0
+    assert writes["mismatched"] == 0
+    assert writes["frames_per_sub_unconflated"] == 200
+    assert 0 < writes["frames_per_sub_conflated"] <= 200
+    assert writes["server_cpu_us_per_write"] > 0
+    assert dashboards["phase"] == "dashboards" and dashboards["dashboards"] == 20
+    assert dashboards["connect_failed"] == 0
+    assert dashboards["snapshots"] == dashboards["snapshots_equal_store"] == 20
+    assert dashboards["store_reads"] + dashboards["memory_hits"] == 20
+    assert 1 <= dashboards["store_reads"] <= 2
