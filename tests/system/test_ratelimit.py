@@ -180,6 +180,30 @@ async def test_leases_over_three_limiters_admit_no_more_than_capacity_plus_refil
         server.stop()
 
 
+async def test_a_caller_cancelled_during_its_redis_call_leaves_the_bucket_to_the_next():
+    """The caller making a bucket's script call is cancelled (its socket closed) while
+    the call runs: the callers queued behind it, and later ones, still get decisions."""
+    server = RedisServer()
+    server.start()
+    clients, (limiter,) = limiters(server.url, 1, rates={"post": Rate(20, 60.0)})
+    try:
+        for _ in range(5):
+            first = asyncio.ensure_future(limiter.hit("post", "ana"))
+            await asyncio.sleep(0)  # its script call is under way
+            queued = asyncio.ensure_future(limiter.hit("post", "ana"))
+            await asyncio.sleep(0)
+            first.cancel()
+            decision = await asyncio.wait_for(queued, harness.t(5))
+            assert decision.allowed
+            later = await asyncio.wait_for(limiter.hit("post", "ana"), harness.t(5))
+            assert later.allowed
+    finally:
+        await limiter.close()
+        for c in clients:
+            await c.aclose()
+        server.stop()
+
+
 async def test_a_large_bucket_asks_redis_once_per_lease_not_per_decision():
     server = RedisServer()
     server.start()

@@ -435,6 +435,12 @@ class RateLimiter(LocalRateLimiter):
             st.busy = True
         try:
             await self._call(key, shard, st, rate)
+        except asyncio.CancelledError:
+            # Our caller is gone (its socket closed mid-call): our future, put back
+            # in the queue, must not take the turn, or nobody would make the next
+            # call and every later caller of the bucket would wait for ever.
+            fut.cancel()
+            raise
         finally:
             self._serve_queue(st, rate)
             self._hand_over(st)
