@@ -39,7 +39,7 @@ from bench import (
 )
 from bench.procs import raise_open_files
 from bench.targets import TARGETS, Gateway
-from bench.verdict import POSTS_PER_INSTANCE, verdicts
+from bench.verdict import POST_COST_CONNS, POST_COST_RATE, POSTS_PER_INSTANCE, verdicts
 
 SCENARIOS = ("fanout", "idle", "rooms", "posts", "history")
 
@@ -270,6 +270,7 @@ async def _main(args: argparse.Namespace, report: dict[str, Any]) -> dict[str, A
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if args.kind == "ephemeral":
         targets = ["gateway-ephemeral" if t == "gateway" else t for t in targets]
+    targets = list(dict.fromkeys(targets))
     for name in targets:
         if name not in TARGETS:
             sys.exit(f"bench: unknown target {name!r}; choose from {', '.join(TARGETS)}")
@@ -333,7 +334,11 @@ async def run_scenario(
             for name in targets:
                 rows.append(await fanout_row(name, args, subscribers, rate))
     elif scenario == "idle":
-        names = [n for n in targets if not TARGETS[n].reference] if args.idle_peers else ["gateway"]
+        names = (
+            [n for n in targets if not TARGETS[n].reference and n != "gateway-ephemeral"]
+            if args.idle_peers
+            else ["gateway"]
+        )
         for spec in args.idle_rooms.split(","):
             for name in names:
                 rows.append(
@@ -355,12 +360,20 @@ async def run_scenario(
             )
         )
     elif scenario == "posts":
-        # back to back first (the most the machine gives), then at the target's rate
-        for rate in [None, *([args.post_rate] if args.post_rate else [])]:
+        # back to back first (the most the machine gives), then at the target's rate;
+        # then one instance alone, back to back and paced at --post-cost-rate: what
+        # a post costs the instance that takes it
+        runs = [(args.instances, args.post_conns, None)]
+        if args.post_rate:
+            runs.append((args.instances, args.post_conns, args.post_rate))
+        if args.post_cost_rate:
+            runs.append((1, POST_COST_CONNS, None))
+            runs.append((1, POST_COST_CONNS, args.post_cost_rate))
+        for instances, connections, rate in runs:
             rows.append(
                 await posts.run(
-                    instances=args.instances,
-                    connections=args.post_conns,
+                    instances=instances,
+                    connections=connections,
                     rooms=args.rooms,
                     seconds=args.post_seconds,
                     rate=rate,
@@ -481,8 +494,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--targets",
-        default="gateway,node-socketio,socketio,broadcaster,redis",
-        help="fan-out targets, comma-separated (default: all; redis is Redis itself "
+        default="gateway,gateway-ephemeral,node-socketio,socketio,broadcaster,redis",
+        help="fan-out targets, comma-separated (default: all; gateway-ephemeral is the "
+        "gateway with its room in an ephemeral namespace; redis is Redis itself "
         "as a fan-out server, a reference row)",
     )
     p.add_argument(
@@ -570,6 +584,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--post-conns", type=int, default=32, help="HTTP connections per instance")
     p.add_argument("--rooms", type=int, default=200)
+    p.add_argument(
+        "--post-cost-rate",
+        type=float,
+        default=float(POST_COST_RATE),
+        help=f"posts: then one instance with {POST_COST_CONNS} connections, back to back and "
+        "paced at this rate (0: not run): CPU per post and posts/s of one instance",
+    )
     p.add_argument("--post-seconds", type=float, default=10.0)
     p.add_argument(
         "--post-rate",

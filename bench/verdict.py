@@ -22,6 +22,20 @@ IDLE_CONNECTIONS = 10_000
 ROOMS_MANY, ROOMS_FEW = 3000, 30
 ROOMS_CPU_RATIO = 1.5  # idle CPU with ROOMS_MANY rooms over that with ROOMS_FEW, same sockets
 POSTS_PER_INSTANCE = 2000
+# Against Socket.IO on Node at each load, the same run: (p50 at most this many times
+# Node's, p99 at most this many times, deliveries per server CPU-second at least this
+# many times Node's). Stored rooms commit every message first; ephemeral rooms do
+# what Node does. A load absent here is not judged for that kind.
+VERSUS_NODE = {
+    "gateway": {(200, 50.0): (1.5, 1.0, 1.25), (400, 100.0): (None, None, 1.5)},
+    "gateway-ephemeral": {(200, 50.0): (1.0, 1.0, 2.0), (400, 100.0): (1.0, 1.0, 2.0)},
+}
+# One instance alone (POST_COST_CONNS connections): posts/s back to back, and its CPU
+# per post with posts due at POST_COST_RATE a second.
+POST_COST_CONNS = 16
+POST_COST_RATE = 1000
+POSTS_ALONE = 3000
+POST_CPU_MS = 0.2
 POSTS_P99_MS = 25.0
 KEPT_UP = 0.99  # of the posts due at a rate, answered within the run
 HISTORY_SPEEDUP = 10.0  # warm cache vs Postgres, p50, storage layer
@@ -87,7 +101,7 @@ def _fanout_rows(fan: list[dict[str, Any]], subscribers: int, rate: float) -> li
     peers = [
         r
         for r in rows_at
-        if r["target"] != "gateway"
+        if r["target"] not in VERSUS_NODE  # the gateway's own kinds are no peers
         and not r.get("reference")
         and r.get("deliveries_per_cpu_s")
         and r.get("p99_ms") is not None
@@ -165,11 +179,86 @@ def _fanout_rows(fan: list[dict[str, Any]], subscribers: int, rate: float) -> li
     return out
 
 
+def _versus_node(fan: list[dict[str, Any]], subscribers: int, rate: float) -> list[dict[str, Any]]:
+    """Each gateway kind against Socket.IO on Node at one load (VERSUS_NODE)."""
+    load = f"{subscribers}x{rate:g}/s"
+    rows_at = _at(fan, subscribers, rate)
+    node = next((r for r in rows_at if r["target"] == NODE and r.get("p99_ms") is not None), None)
+    out = []
+    for kind, loads in VERSUS_NODE.items():
+        bounds = loads.get((subscribers, rate))
+        if bounds is None:
+            continue
+        mine = next((r for r in rows_at if r["target"] == kind), None)
+        judged = mine is not None and node is not None and mine["delivery_ratio"] == 1.0
+        for q, bound in zip(("p50", "p99"), bounds[:2], strict=True):
+            if bound is None:
+                continue
+            name = f"fan-out {load}, {kind}: {q} vs {NODE}"
+            if not judged:
+                out.append(_row(name, "-", f"<= {bound:g}x", None))
+                continue
+            assert mine is not None and node is not None
+            ratio = mine[f"{q}_ms"] / node[f"{q}_ms"]
+            out.append(
+                _row(
+                    name,
+                    f"{mine[f'{q}_ms']} vs {node[f'{q}_ms']} ms ({ratio:.2f}x)"
+                    + _client_note(mine, node),
+                    f"<= {bound:g}x",
+                    ratio <= bound,
+                )
+            )
+        name = f"fan-out {load}, {kind}: deliveries per server CPU-second vs {NODE}"
+        if not judged:
+            out.append(_row(name, "-", f">= {bounds[2]:g}x", None))
+            continue
+        assert mine is not None and node is not None
+        ratio = mine["deliveries_per_cpu_s"] / node["deliveries_per_cpu_s"]
+        out.append(
+            _row(
+                name,
+                f"{mine['deliveries_per_cpu_s']} vs {node['deliveries_per_cpu_s']} ({ratio:.2f}x)",
+                f">= {bounds[2]:g}x",
+                ratio >= bounds[2],
+            )
+        )
+    return out
+
+
+def _post_cost_rows(posts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One instance alone: posts/s back to back, CPU per post at POST_COST_RATE."""
+    alone = [
+        r for r in posts if r["instances"] == 1 and r.get("connections") == POST_COST_CONNS
+    ]
+    burst = next((r for r in alone if r.get("offered_per_s_per_instance") is None), None)
+    paced = next(
+        (r for r in alone if r.get("offered_per_s_per_instance") == float(POST_COST_RATE)), None
+    )
+    return [
+        _row(
+            "posts: one instance back to back",
+            "-" if burst is None else f"{burst['posts_per_s_per_instance']}/s",
+            f">= {POSTS_ALONE}/s",
+            None if burst is None else burst["posts_per_s_per_instance"] >= POSTS_ALONE,
+        ),
+        _row(
+            f"posts: one instance, {POST_COST_RATE}/s due: gateway CPU per post",
+            "-" if paced is None else f"{paced['server_cpu_ms_per_post']} ms",
+            f"<= {POST_CPU_MS} ms",
+            None
+            if paced is None or paced["posts_per_s_per_instance"] < KEPT_UP * POST_COST_RATE
+            else paced["server_cpu_ms_per_post"] <= POST_CPU_MS,
+        ),
+    ]
+
+
 def verdicts(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     fan = results.get("fanout") or []
     for subscribers, rate in FANOUT_LOADS:
         rows.extend(_fanout_rows(fan, subscribers, rate))
+        rows.extend(_versus_node(fan, subscribers, rate))
     idle = next(
         (
             r
@@ -204,8 +293,14 @@ def verdicts(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
                 ratio is not None and ratio <= ROOMS_CPU_RATIO,
             )
         )
-    for post in results.get("posts") or [None]:
+    shared = [
+        r
+        for r in results.get("posts") or []
+        if not (r["instances"] == 1 and r.get("connections") == POST_COST_CONNS)
+    ]
+    for post in shared or [None]:
         rows.append(_posts_row(post))
+    rows.extend(_post_cost_rows(results.get("posts") or []))
     layer = next(
         (r for r in results.get("history") or [] if r["path"] == "layer: warm cache"), None
     )

@@ -70,6 +70,8 @@ def test_bench_all_scenarios_on_tiny_sizes(tmp_path) -> None:
             "1",
             "--post-rate",
             "50",
+            "--post-cost-rate",
+            "40",
             "--reads",
             "20",
         ],
@@ -114,10 +116,15 @@ def test_bench_all_scenarios_on_tiny_sizes(tmp_path) -> None:
     assert few["window_s"] >= 0.5 and many["idle_cpu_pct"] >= 0
     assert "cpu_vs_fewest" in many
 
-    back_to_back, paced = results["posts"]
-    for posts in (back_to_back, paced):
+    back_to_back, paced, alone, alone_paced = results["posts"]
+    for posts in (back_to_back, paced, alone, alone_paced):
         assert posts["posts"] > 0 and posts["errors"] == 0
         assert posts["server_cpu_ms_per_post"] > 0
+    # then one instance alone, with 16 connections, back to back and at 40/s
+    assert (alone["instances"], alone["connections"]) == (1, 16)
+    assert alone["offered_per_s_per_instance"] is None
+    assert alone_paced["offered_per_s_per_instance"] == 40.0
+    for posts in (back_to_back, paced):
         assert len(posts["per_instance"]) == 2 and all(n > 0 for n in posts["per_instance"])
         # what the posts cost the machine's other processes, and the cores at the target
         assert posts["postgres_cpu_ms_per_post"] > 0 and posts["redis_cpu_ms_per_post"] > 0
@@ -145,6 +152,9 @@ def test_bench_all_scenarios_on_tiny_sizes(tmp_path) -> None:
     )
     assert met["idle: KiB per connection at 10,000, a room each"] == "not measured"
     assert met["rooms: idle CPU, 3,000 rooms vs 30 (same sockets)"] == "not measured"
+    # one instance back to back names no size; CPU per post is judged at 1,000/s only
+    assert met["posts: one instance back to back"] in {"yes", "no"}
+    assert met["posts: one instance, 1000/s due: gateway CPU per post"] == "not measured"
     assert "== targets" in proc.stdout
 
 

@@ -115,7 +115,7 @@ def test_paced_posts_are_judged_on_keeping_up_at_the_targets_rate() -> None:
             "p99_ms": 20.0,
             **post,
         }
-        (verdict,) = [r for r in verdicts({"posts": [row]}) if r["target"].startswith("posts")]
+        (verdict,) = [r for r in verdicts({"posts": [row]}) if "due per instance" in r["target"]]
         assert verdict["target"] == (
             f"posts: {row['offered_per_s_per_instance']:g}/s due per instance, p99 (1 instances)"
         )
@@ -125,6 +125,78 @@ def test_paced_posts_are_judged_on_keeping_up_at_the_targets_rate() -> None:
     assert met(p99_ms=30.0) == "no"
     assert met(posts_per_s_per_instance=1900) == "no", "fell behind the posts due"
     assert met(offered_per_s_per_instance=1500.0, posts_per_s_per_instance=1500) == "no"
+
+
+def test_each_gateway_kind_is_judged_against_node_at_each_load() -> None:
+    small = (200, 50.0)
+    stored = {"persists": True}
+    results = {
+        "fanout": [
+            {**_fan("gateway", 62_000, 4.5, 9.0, small), **stored},
+            {**_fan("gateway-ephemeral", 100_000, 2.9, 9.5, small), "persists": False},
+            _fan("node-socketio", 50_000, 3.0, 9.0, small),
+            {**_fan("gateway", 70_000, 20.0, 40.0), **stored},
+            {**_fan("gateway-ephemeral", 150_000, 4.0, 9.0), "persists": False},
+            _fan("node-socketio", 50_000, 3.0, 10.0),
+        ]
+    }
+    met = {row["target"]: (row["met"], row["measured"]) for row in verdicts(results)}
+    assert met["fan-out 200x50/s, gateway: p50 vs node-socketio"] == (
+        "yes",
+        "4.5 vs 3.0 ms (1.50x)",
+    )
+    assert met["fan-out 200x50/s, gateway: p99 vs node-socketio"][0] == "yes"
+    assert met["fan-out 200x50/s, gateway: deliveries per server CPU-second vs node-socketio"] == (
+        "no",
+        "62000 vs 50000 (1.24x)",
+    )
+    # at the higher load only the stored kind's efficiency is held to Node's
+    assert "fan-out 400x100/s, gateway: p50 vs node-socketio" not in met
+    assert met[
+        "fan-out 400x100/s, gateway: deliveries per server CPU-second vs node-socketio"
+    ][0] == "no"  # 1.4x of the 1.5x
+    assert met["fan-out 200x50/s, gateway-ephemeral: p50 vs node-socketio"][0] == "yes"
+    assert met["fan-out 200x50/s, gateway-ephemeral: p99 vs node-socketio"][0] == "no"
+    assert met[
+        "fan-out 200x50/s, gateway-ephemeral: deliveries per server CPU-second vs node-socketio"
+    ][0] == "yes"
+    assert met["fan-out 400x100/s, gateway-ephemeral: p50 vs node-socketio"][0] == "no"
+    assert met["fan-out 400x100/s, gateway-ephemeral: p99 vs node-socketio"][0] == "yes"
+    # the ephemeral kind is no peer of the stored one
+    assert met["fan-out 200x50/s: p50 vs best peer"][1].endswith("(node-socketio)")
+    # without Node in the run, nothing of this is judged
+    alone = {"fanout": [r for r in results["fanout"] if r["target"] != "node-socketio"]}
+    assert {
+        row["met"] for row in verdicts(alone) if "vs node-socketio" in row["target"]
+    } == {"not measured"}
+
+
+def test_one_instance_alone_is_judged_on_posts_per_second_and_cpu_per_post() -> None:
+    def row(rate: float | None, per_s: int, cpu_ms: float) -> dict[str, object]:
+        return {
+            "instances": 1,
+            "connections": 16,
+            "offered_per_s_per_instance": rate,
+            "posts_per_s_per_instance": per_s,
+            "server_cpu_ms_per_post": cpu_ms,
+            "p99_ms": 5.0,
+        }
+
+    def met(*rows: dict[str, object]) -> dict[str, str]:
+        return {
+            r["target"]: r["met"]
+            for r in verdicts({"posts": list(rows)})
+            if r["target"].startswith("posts: one instance")
+        }
+
+    burst, paced = "posts: one instance back to back", (
+        "posts: one instance, 1000/s due: gateway CPU per post"
+    )
+    assert met(row(None, 3200, 0.21), row(1000.0, 1000, 0.19)) == {burst: "yes", paced: "yes"}
+    assert met(row(None, 2900, 0.21), row(1000.0, 1000, 0.25)) == {burst: "no", paced: "no"}
+    # an instance that fell behind the posts due has no CPU per post at that rate
+    assert met(row(1000.0, 800, 0.1))[paced] == "not measured"
+    assert met() == {burst: "not measured", paced: "not measured"}
 
 
 def test_fanout_loads_and_the_single_load_options() -> None:
