@@ -228,9 +228,7 @@ def _versus_node(fan: list[dict[str, Any]], subscribers: int, rate: float) -> li
 
 def _post_cost_rows(posts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One instance alone: posts/s back to back, CPU per post at POST_COST_RATE."""
-    alone = [
-        r for r in posts if r["instances"] == 1 and r.get("connections") == POST_COST_CONNS
-    ]
+    alone = [r for r in posts if r["instances"] == 1 and r.get("connections") == POST_COST_CONNS]
     burst = next((r for r in alone if r.get("offered_per_s_per_instance") is None), None)
     paced = next(
         (r for r in alone if r.get("offered_per_s_per_instance") == float(POST_COST_RATE)), None

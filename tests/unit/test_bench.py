@@ -152,23 +152,27 @@ def test_each_gateway_kind_is_judged_against_node_at_each_load() -> None:
     )
     # at the higher load only the stored kind's efficiency is held to Node's
     assert "fan-out 400x100/s, gateway: p50 vs node-socketio" not in met
-    assert met[
-        "fan-out 400x100/s, gateway: deliveries per server CPU-second vs node-socketio"
-    ][0] == "no"  # 1.4x of the 1.5x
+    assert (
+        met["fan-out 400x100/s, gateway: deliveries per server CPU-second vs node-socketio"][0]
+        == "no"
+    )  # 1.4x of the 1.5x
     assert met["fan-out 200x50/s, gateway-ephemeral: p50 vs node-socketio"][0] == "yes"
     assert met["fan-out 200x50/s, gateway-ephemeral: p99 vs node-socketio"][0] == "no"
-    assert met[
-        "fan-out 200x50/s, gateway-ephemeral: deliveries per server CPU-second vs node-socketio"
-    ][0] == "yes"
+    assert (
+        met[
+            "fan-out 200x50/s, gateway-ephemeral: deliveries per server CPU-second vs node-socketio"
+        ][0]
+        == "yes"
+    )
     assert met["fan-out 400x100/s, gateway-ephemeral: p50 vs node-socketio"][0] == "no"
     assert met["fan-out 400x100/s, gateway-ephemeral: p99 vs node-socketio"][0] == "yes"
     # the ephemeral kind is no peer of the stored one
     assert met["fan-out 200x50/s: p50 vs best peer"][1].endswith("(node-socketio)")
     # without Node in the run, nothing of this is judged
     alone = {"fanout": [r for r in results["fanout"] if r["target"] != "node-socketio"]}
-    assert {
-        row["met"] for row in verdicts(alone) if "vs node-socketio" in row["target"]
-    } == {"not measured"}
+    assert {row["met"] for row in verdicts(alone) if "vs node-socketio" in row["target"]} == {
+        "not measured"
+    }
 
 
 def test_one_instance_alone_is_judged_on_posts_per_second_and_cpu_per_post() -> None:
@@ -189,8 +193,9 @@ def test_one_instance_alone_is_judged_on_posts_per_second_and_cpu_per_post() -> 
             if r["target"].startswith("posts: one instance")
         }
 
-    burst, paced = "posts: one instance back to back", (
-        "posts: one instance, 1000/s due: gateway CPU per post"
+    burst, paced = (
+        "posts: one instance back to back",
+        ("posts: one instance, 1000/s due: gateway CPU per post"),
     )
     assert met(row(None, 3200, 0.21), row(1000.0, 1000, 0.19)) == {burst: "yes", paced: "yes"}
     assert met(row(None, 2900, 0.21), row(1000.0, 1000, 0.25)) == {burst: "no", paced: "no"}
