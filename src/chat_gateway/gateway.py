@@ -234,6 +234,7 @@ class Gateway:
             metrics=self.metrics,
             namespaces=self.settings.namespaces_file,
             tombstone_ttl=self.settings.state_tombstone_ttl,
+            origin=self.instance_id,
         )
         await hub.start()
         running.push_async_callback(hub.close)
@@ -366,6 +367,8 @@ class Gateway:
                 committed=self.committed,
                 refused=moderation.store_refused,
                 changed=chat.announce,
+                local=hub.local,
+                origin=hub.origin,
             ),
             chat=chat,
             publish_hook=publish_hook,

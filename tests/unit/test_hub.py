@@ -295,6 +295,41 @@ async def test_events_presence_typing_and_receipts(parts: Parts) -> None:
     assert [f["type"] for f in typist.frames()] == ["subscribed", "event", "presence", "read"]
 
 
+async def test_what_this_instance_publishes_reaches_its_subscribers_before_the_broker(
+    parts: Parts,
+) -> None:
+    """Hub.local: a message, state write or event published here is given to this
+    instance's subscribers at once, in the same call; the broker's copy coming back
+    adds nothing (a message by its seq, an event by its origin), while an event of
+    another instance is delivered as ever."""
+    ws, sse = await joined(parts)
+    channel = parts.hub.channel(ROOM)
+    msg, _ = await parts.store.append(ROOM, "ann", "first")
+    parts.hub.local(channel, wire.encode_message(msg))
+    mine = wire.encode_event(ROOM, "ping", {"n": 1}, parts.hub.origin)
+    parts.hub.local(channel, mine)
+    await asyncio.sleep(0)  # the end of the loop turn: each socket's one write
+    assert ws.seqs() == [1] and [f["type"] for f in ws.frames()] == [
+        "subscribed",
+        "message",
+        "event",
+    ]
+    # the broker brings both back, then an event another instance published
+    await parts.broker.publish(channel, wire.encode_message(msg))
+    await parts.broker.publish(channel, mine)
+    theirs = wire.encode_event(ROOM, "ping", {"n": 2}, "another-instance")
+    await parts.broker.publish(channel, theirs)
+    await until(lambda: len(ws.frames()) == 4 and len(sse.events()) == 3)
+    await asyncio.sleep(0.05)
+    assert ws.seqs() == sse.seqs() == [1]
+    assert [f.get("data") for f in ws.frames() if f["type"] == "event"] == [{"n": 1}, {"n": 2}]
+    assert [orjson.loads(e["data"]).get("data") for e in sse.events()[1:]] == [{"n": 1}, {"n": 2}]
+    # an event without an origin (an older release published it) is delivered
+    await parts.broker.publish(channel, wire.encode_event(ROOM, "ping", {"n": 3}))
+    await until(lambda: len(ws.frames()) == 5)
+    assert wire.decode(mine) == wire.EventPayload(ROOM, "ping", {"n": 1}, parts.hub.origin)
+
+
 async def test_close_ends_every_subscriber_and_the_hubs_timers(tmp_path: Path) -> None:
     async with _parts(tmp_path, gap_wait=60.0) as p:
         ws, sse = await joined(p)

@@ -97,11 +97,13 @@ class StatePayload(NamedTuple):
 
 
 class EventPayload(NamedTuple):
-    """``e:``: an ephemeral event published to a room."""
+    """``e:``: an ephemeral event published to a room; ``origin``: the instance that
+    published it (``from``), which gave it to its own subscribers already."""
 
     room: str
     event: str
     data: Any
+    origin: str | None = None
 
 
 class PresencePayload(NamedTuple):
@@ -163,8 +165,10 @@ def encode_state(entry: StateEntry) -> bytes:
     return b"s:%d:%d:" % (entry.seq, entry.updated_ms) + entry.to_json()
 
 
-def encode_event(room: str, event: str, data: Any) -> bytes:
-    return b"e:" + orjson.dumps({"room": room, "event": event, "data": data})
+def encode_event(room: str, event: str, data: Any, origin: str | None = None) -> bytes:
+    if origin is None:
+        return b"e:" + orjson.dumps({"room": room, "event": event, "data": data})
+    return b"e:" + orjson.dumps({"room": room, "event": event, "data": data, "from": origin})
 
 
 def encode_presence(room: str, action: str, user: str) -> bytes:
@@ -212,7 +216,7 @@ def decode(data: bytes) -> Payload | None:
     obj = orjson.loads(data[2:])  # orjson.JSONDecodeError is a ValueError
     try:
         if kind == b"e:":
-            return EventPayload(obj["room"], obj["event"], obj["data"])
+            return EventPayload(obj["room"], obj["event"], obj["data"], obj.get("from"))
         if kind == b"p:":
             return PresencePayload(obj["room"], obj["action"], obj["user"])
         if kind == b"t:":

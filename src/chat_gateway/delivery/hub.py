@@ -57,6 +57,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple, TypeVar
@@ -341,8 +342,13 @@ class Hub:
         metrics: Metrics | None = None,
         namespaces: Namespaces | None = None,
         tombstone_ttl: float = 86400.0,
+        origin: str | None = None,
     ) -> None:
         self.broker = broker
+        # This instance, in the events it publishes (``from``): it gives them to its
+        # own subscribers at once (:meth:`local`) and skips them when the broker
+        # brings them back.
+        self.origin = origin if origin is not None else secrets.token_hex(8)
         # Room kinds and their default conflation (NAMESPACES_FILE).
         self.namespaces = namespaces if namespaces is not None else Namespaces()
         self.tombstone_ttl = tombstone_ttl  # seconds a held state room keeps a tombstone
@@ -678,7 +684,18 @@ class Hub:
 
     # -- the live stream ---------------------------------------------------
 
+    def local(self, channel: str, data: bytes) -> None:
+        """A payload this instance is publishing, given to its own subscribers now,
+        not after the broker's round trip (as Socket.IO's adapters broadcast to
+        their local sockets first). Messages and state writes come back from the
+        broker too and are dropped there by their seq, as any repeat is; events
+        come back with this instance's ``origin`` and are skipped."""
+        self._received(channel, data, local=True)
+
     def _on_broker_message(self, channel: str, data: bytes) -> None:
+        self._received(channel, data, local=False)
+
+    def _received(self, channel: str, data: bytes, *, local: bool) -> None:
         r = self._by_channel.get(channel)
         if r is None:
             return
@@ -700,6 +717,8 @@ class Hub:
             if r.state is not None:  # a state room's write, sequenced like a message
                 r.sequencer.live_message(payload.seq, payload.updated_ms, None, payload.body)
         elif isinstance(payload, wire.EventPayload):
+            if not local and payload.origin == self.origin:
+                return  # given to this instance's subscribers when it was published
             if r.groups:  # conflated per event name for the subscribers that asked
                 self._dispatch_event(r, payload, event_frame, only=r.direct)
                 frame_for = OncePerTransport(lambda transport: event_frame(transport, payload))

@@ -73,6 +73,8 @@ class Publisher:
         committed: Callable[[], None],
         refused: Callable[[Restricted], ApiError],
         changed: Callable[[str, Change], Awaitable[None]] | None = None,
+        local: Callable[[str, bytes], None] | None = None,
+        origin: str | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -85,6 +87,10 @@ class Publisher:
         self.refused = refused  # the store's refusal of a banned or muted author
         # Announces a change a post committed (a reply's thread change): Chat.announce.
         self.changed = changed
+        # Gives a payload to this instance's own subscribers before it is published
+        # (Hub.local), and the instance's name in the events it publishes.
+        self.local = local
+        self.origin = origin
 
     async def post(
         self,
@@ -162,7 +168,8 @@ class Publisher:
         return out
 
     async def _announce(self, msgs: list[Message]) -> None:
-        """Raise the cache's seq, then publish, per message in order. Where the broker
+        """Give the messages to this instance's own subscribers, then raise the cache's
+        seq and publish, per message in order. Where the broker
         carries commands for the cache's Redis (they share a healthy client) all go
         in one round trip, with whatever other callers send at the same moment
         (chat_gateway.redisio.pipelined), each command's failure keeping its meaning (an
@@ -176,19 +183,19 @@ class Publisher:
             for msg in msgs:
                 await history.committed(msg)
             return
+        payloads = self._locally(
+            [(self.channel(msg.room), traced(encode_message(msg), trace)) for msg in msgs]
+        )
         if not self.broker.carries(history.redis):
-            for msg in msgs:
+            for msg, (channel, payload) in zip(msgs, payloads, strict=True):
                 await history.committed(msg)
                 try:
-                    await self.broker.publish(
-                        self.channel(msg.room), traced(encode_message(msg), trace)
-                    )
+                    await self.broker.publish(channel, payload)
                 except BrokerUnavailable as exc:
                     log.warning("live publish lost, delivery falls back to the store: %s", exc)
             return
         sent = await self.broker.publish_batch(
-            [(self.channel(msg.room), traced(encode_message(msg), trace)) for msg in msgs],
-            ahead=[history.raise_command(msg) for msg in msgs],
+            payloads, ahead=[history.raise_command(msg) for msg in msgs]
         )
         for msg, (raised, lost) in zip(msgs, sent, strict=True):
             await history.queued_result(msg, raised)
@@ -214,8 +221,9 @@ class Publisher:
         if self.settings.fault_cut_from_redis or self.settings.fault_skip_publish:
             return entries  # test-only: Redis unreachable from here, or killed after commit
         channel = self.channel(room)
+        payloads = self._locally([(channel, encode_state(e)) for e in entries])
         try:
-            sent = await self.broker.publish_batch([(channel, encode_state(e)) for e in entries])
+            sent = await self.broker.publish_batch(payloads)
         except BrokerUnavailable as exc:
             log.warning("live publish lost, delivery falls back to the store: %s", exc)
             return entries
@@ -225,12 +233,25 @@ class Publisher:
                 break
         return entries
 
+    def _locally(self, payloads: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        """Give each ``(channel, payload)`` to this instance's own subscribers now, in
+        order (they need not wait for the broker's round trip); the same list."""
+        if self.local is not None:
+            for channel, payload in payloads:
+                self.local(channel, payload)
+        return payloads
+
     async def publish_event(self, room: str, event: str, data: Any) -> None:
+        """One ephemeral event: to this instance's subscribers at once, then through
+        the broker to the other instances'."""
+        channel = self.channel(room)
+        ((_, payload),) = self._locally([(channel, encode_event(room, event, data, self.origin))])
         try:
-            await self.broker.publish(self.channel(room), encode_event(room, event, data))
+            await self.broker.publish(channel, payload)
         except BrokerUnavailable:
             raise ApiError(
-                "unavailable", "the broker is unavailable; the event was not published"
+                "unavailable",
+                "the broker is unavailable; the event reached this instance's subscribers only",
             ) from None
         self.metrics.events_published.inc()
 
@@ -241,10 +262,11 @@ class Publisher:
         unavailable = ApiError(
             "unavailable", "the broker is unavailable; the event was not published to every room"
         )
+        payloads = self._locally(
+            [(self.channel(room), encode_event(room, event, data, self.origin)) for room in rooms]
+        )
         try:
-            sent = await self.broker.publish_batch(
-                [(self.channel(room), encode_event(room, event, data)) for room in rooms]
-            )
+            sent = await self.broker.publish_batch(payloads)
         except BrokerUnavailable:
             raise unavailable from None
         published = sum(1 for outcome in sent if outcome.lost is None)
