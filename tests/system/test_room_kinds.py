@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.harness import (
+    RedisServer,
     SSEClient,
     WSClient,
     embedded_env,
@@ -145,6 +146,55 @@ async def test_emit_fans_out_over_instances_and_stores_nothing(env, pg_url):
         assert await conn.fetchval("SELECT count(*) FROM rooms WHERE room = $1", room) == 0
     finally:
         await conn.close()
+
+
+async def test_events_reach_the_publishing_instance_first_and_each_subscriber_once(env):
+    """An instance gives what it publishes to its own subscribers at once and skips
+    the broker's copy; the other instance's subscribers get it through Redis. Each
+    has every event once, in order. With Redis gone, a publish still reaches the
+    publishing instance's subscribers, and is answered 503 saying only they got it."""
+    room = "live:once"
+    rs = RedisServer()
+    rs.start()
+    try:
+        async with (
+            instances(2, {**env, "REDIS_URL": rs.url}) as (a, b),
+            httpx.AsyncClient(timeout=10) as http,
+            WSClient.connect(f"{a.ws_url}?token={token('ana')}") as ana,
+            WSClient.connect(f"{b.ws_url}?token={token('bob')}") as bob,
+        ):
+            await ana.subscribe(room)
+            await bob.subscribe(room)
+
+            def got(ws: WSClient) -> list[int]:
+                return [f["data"]["n"] for f in ws.frames if f.get("type") == "event"]
+
+            readers = [asyncio.create_task(ws.read_all()) for ws in (ana, bob)]
+            for n in range(20):
+                await ana.send({"type": "emit", "room": room, "event": "tick", "data": {"n": n}})
+            await eventually(lambda: len(got(bob)) >= 20 and len(got(ana)) >= 20)
+            await asyncio.sleep(0.3)  # time for any second copy to arrive
+            assert got(ana) == got(bob) == list(range(20))
+
+            rs.stop()
+            r = await eventually(
+                lambda: _publish_refused(http, a.url, room), timeout=15, interval=0.2
+            )
+            assert r.json()["error"]["code"] == "unavailable"
+            assert "this instance's subscribers only" in r.json()["error"]["message"]
+            await eventually(lambda: got(ana)[-1] == 99)
+            assert 99 not in got(bob)
+            for reader in readers:
+                reader.cancel()
+    finally:
+        rs.stop()
+
+
+async def _publish_refused(http: httpx.AsyncClient, base: str, room: str) -> httpx.Response | None:
+    r = await http.post(
+        f"{base}/v1/publish", json={"room": room, "event": "tick", "data": {"n": 99}}, headers=API
+    )
+    return r if r.status_code == 503 else None
 
 
 async def test_client_publish_false_takes_api_keys_only(env):

@@ -243,16 +243,21 @@ class Publisher:
 
     async def publish_event(self, room: str, event: str, data: Any) -> None:
         """One ephemeral event: to this instance's subscribers at once, then through
-        the broker to the other instances'."""
-        channel = self.channel(room)
-        ((_, payload),) = self._locally([(channel, encode_event(room, event, data, self.origin))])
+        the broker to the other instances' (over the pipelined connection where the
+        broker has one: a round trip shared with whatever else goes at that moment,
+        no pooled connection taken)."""
+        payloads = self._locally(
+            [(self.channel(room), encode_event(room, event, data, self.origin))]
+        )
         try:
-            await self.broker.publish(channel, payload)
+            (sent,) = await self.broker.publish_batch(payloads)
         except BrokerUnavailable:
+            sent = None
+        if sent is None or sent.lost is not None:
             raise ApiError(
                 "unavailable",
                 "the broker is unavailable; the event reached this instance's subscribers only",
-            ) from None
+            )
         self.metrics.events_published.inc()
 
     async def publish_events(self, rooms: list[str], event: str, data: Any) -> None:
