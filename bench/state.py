@@ -17,8 +17,9 @@ the frames older than a key's last (must be 0), the instances' CPU (per key
 written and in all), staleness: the time from the last write's answer to each
 subscriber's last frame, the one that gave it the store's final values (p50,
 p99, max over subscribers), and ``mismatched``: once the conflation intervals
-passed, the subscribers whose values differ from the store's (``GET`` state,
-compared by digest): must be 0. The CPU share of the writers and of each
+passed and each subscriber process read all it was sent (none of its
+subscribers got a frame for twice ``conflate_ms``), the subscribers whose values
+differ from the store's (``GET`` state, compared by digest): must be 0. The CPU share of the writers and of each
 subscriber process says whether the client kept up: a subscriber process near
 100 % read its frames late, and the staleness it saw is partly its own.
 
@@ -102,6 +103,7 @@ async def _spread(
     conflate: list[int | None],
     client_procs: int,
     spread_s: float,
+    quiet_s: float = 0.0,
 ) -> list[ClientProcess]:
     """``len(conflate)`` subscribers in ``client_procs`` processes of their own
     (:mod:`bench.state_subscribers`), subscriber ``i`` opened ``spread_s * i / n``
@@ -118,6 +120,7 @@ async def _spread(
             "conflate": [conflate[i] for i in indexes],
             "total": total,
             "spread_s": spread_s,
+            "quiet_s": quiet_s,
             "out": str(folder / f"{name}{k}.json"),
         }
         procs.append(await ClientProcess.start(config, "bench.state_subscribers"))
@@ -191,6 +194,7 @@ async def run(
                 conflate=conflate,
                 client_procs=client_procs,
                 spread_s=0.0,
+                quiet_s=max(0.5, 2 * conflate_ms / 1000),
             )
             for p in procs:
                 p.tell(b"mark")

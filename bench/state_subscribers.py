@@ -2,7 +2,7 @@
 
 ``python -m bench.state_subscribers CONFIG`` (JSON: transport ``sse`` or ``ws``,
 ports, room, indexes, conflate (one ``conflate_ms`` per index, ``null``: none
-asked), total, spread_s, out). It says ``up``; on ``connect T`` it opens
+asked), total, spread_s, quiet_s, out). It says ``up``; on ``connect T`` it opens
 subscriber ``i`` at ``T + spread_s * i / total`` (``T`` and every time here a
 ``perf_counter``: the machine's monotonic clock, the same in every process),
 each on ``ports[i % len(ports)]``, subscribes without ``since`` and applies its
@@ -10,7 +10,8 @@ snapshot then its frames. Once all have their snapshot (or a minute passed) it
 says ``ready``; from ``mark`` (if it comes) it counts its own CPU; on ``stop`` it writes, per
 subscriber, the frames received, the frames older than the key's last (must be
 0), when it connected, got its snapshot and its last frame, and a digest of the
-values it holds (compared to the store's by the caller), then says ``done``.
+values it holds (compared to the store's by the caller), then says ``done``;
+before that it waits until none of its subscribers got a frame for ``quiet_s``.
 
 The SSE client is a bare asyncio Protocol (as :mod:`bench.wsclient`): one
 request, the chunked body undone, events cut at blank lines and read with one
@@ -275,6 +276,14 @@ async def main(cfg: dict[str, Any]) -> None:
         cpu0, t0 = time.process_time(), time.perf_counter()
         line = (await stdin.readline()).strip()
     assert line == b"stop"
+    # A busy process may still be reading what came before: it stops once no frame
+    # came for quiet_s (a minute at most), so its last frames are counted as late
+    # as they were read.
+    deadline = time.perf_counter() + 60
+    while time.perf_counter() < deadline and time.perf_counter() - max(
+        (h.last_frame for h in holders), default=0.0
+    ) < cfg.get("quiet_s", 0.0):
+        await asyncio.sleep(0.05)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
     result = {
         "connect_failed": failed,
