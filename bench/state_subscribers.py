@@ -19,7 +19,9 @@ regular expression per chunk (``id:``, ``event:``, ``data:`` and a state
 event's key); a ``state`` event's data is kept as bytes and decoded once at the
 end.
 A thousand streams each flushed ten times a second leave a Python client little
-room: the cheaper the parse, the more of what is measured is the gateway.
+room: the cheaper the parse, the more of what is measured is the gateway (read
+off one chunked stream, this Protocol and asyncio streams cost the same per
+frame; httpx's streaming about 0.4 µs more, over half as much again).
 """
 
 from __future__ import annotations
