@@ -211,6 +211,7 @@ COLUMNS = {
         "staleness_p50_ms",
         "staleness_p99_ms",
         "staleness_max_ms",
+        "server_cpu_s",
         "server_cpu_us_per_write",
         "server_cpu_pct",
         "writer_cpu_pct",
