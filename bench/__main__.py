@@ -4,8 +4,8 @@ Scenarios: ``fanout`` (gateway beside the peers, at each load), ``idle``,
 ``rooms``, ``posts``, ``history``, or ``all`` (those five); ``webhooks``,
 ``search``, ``sql`` (a backend's COMMIT to a subscriber), ``reactions`` (a room of
 200 subscribers and 50 reactions/s), ``state`` (a state room of 1,000 keys written
-5,000 times a second under 100 subscribers, then 1,000 dashboards connecting at
-once) and ``delay`` (the gateway's fan-out at one load
+5,000 times a second under 1,000 SSE subscribers, then 1,000 dashboards
+connecting within a second) and ``delay`` (the gateway's fan-out at one load
 for each ``WS_WRITE_DELAY`` of ``--delays``) on their own. Every run stops by itself;
 servers listen on loopback.
 """
@@ -195,6 +195,7 @@ COLUMNS = {
     ],
     "state": [
         "phase",
+        "transport",
         "instances",
         "keys",
         "subscribers",
@@ -204,11 +205,17 @@ COLUMNS = {
         "frames_per_sub_unconflated",
         "frames_per_sub_conflated",
         "conflate_ms",
+        "older_frames",
         "closed_subscribers",
         "mismatched",
-        "last_frame_p99_ms",
+        "staleness_p50_ms",
+        "staleness_p99_ms",
+        "staleness_max_ms",
+        "server_cpu_s",
         "server_cpu_us_per_write",
-        "client_cpu_s",
+        "server_cpu_pct",
+        "writer_cpu_pct",
+        "subscriber_cpu_pct_max",
     ],
 }
 # A scenario whose rows are of two phases: each phase's rows in a table of its own.
@@ -216,16 +223,21 @@ PHASE_COLUMNS = {
     "state": {
         "dashboards": [
             "phase",
+            "transport",
             "instances",
             "keys",
             "dashboards",
+            "connect_s",
             "connect_failed",
             "snapshots",
             "snapshot_p50_ms",
             "snapshot_p99_ms",
             "snapshot_max_ms",
+            "all_snapshots_ms",
             "store_reads",
             "memory_hits",
+            "postgres_transactions",
+            "postgres_window_s",
         ],
     },
 }
@@ -430,6 +442,8 @@ async def run_scenario(
                 unconflated=args.state_unconflated,
                 conflate_ms=args.state_conflate_ms,
                 dashboards=args.dashboards,
+                transport=args.state_transport,
+                client_procs=2 if args.client_procs == "auto" else int(args.client_procs),
             )
         )
     elif scenario == "webhooks":
@@ -547,8 +561,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--client-procs",
         default="auto",
-        help="fan-out: processes the subscribers are spread over; auto: one, and two "
-        "again if it saturates",
+        help="fan-out, state: processes the subscribers are spread over; auto: one, and two "
+        "again if it saturates (state: auto is two)",
     )
     p.add_argument("--connections", type=int, default=10000, help="idle WebSocket connections")
     p.add_argument(
@@ -617,22 +631,31 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--state-writers", type=int, default=8, help="state: writer tasks (HTTP PATCH)")
     p.add_argument("--state-batch", type=int, default=100, help="state: keys per PATCH (1..100)")
     p.add_argument(
-        "--state-subscribers", type=int, default=100, help="state: WebSocket subscribers"
+        "--state-transport",
+        choices=("sse", "ws"),
+        default="sse",
+        help="state: how subscribers and dashboards connect",
+    )
+    p.add_argument(
+        "--state-subscribers", type=int, default=1000, help="state: subscribers of the writes"
     )
     p.add_argument(
         "--state-unconflated",
         type=int,
-        default=10,
+        default=0,
         help="state: of those, how many take every write (conflate_ms=0)",
     )
     p.add_argument(
         "--state-conflate-ms",
         type=int,
-        default=250,
+        default=100,
         help="state: conflate_ms of the other subscribers",
     )
     p.add_argument(
-        "--dashboards", type=int, default=1000, help="state: subscribers connecting at once"
+        "--dashboards",
+        type=int,
+        default=1000,
+        help="state: subscribers connecting within a second",
     )
     p.add_argument("--hook-rooms", type=int, default=50, help="webhooks: rooms (queues)")
     p.add_argument(

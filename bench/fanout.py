@@ -79,6 +79,7 @@ class ClientProcess:
         self.out = out
         self.count = 0
         self.ready = asyncio.Event()
+        self.up = asyncio.Event()  # bench.state_subscribers: started, awaiting ``connect``
         self.done = asyncio.Event()
         # bench.idle_clients says how many sockets it opened ("connected N FAILED")
         self.connected = asyncio.Event()
@@ -108,6 +109,8 @@ class ClientProcess:
             elif line.startswith(b"connected "):
                 self.sockets, self.failed = map(int, line.split()[1:3])
                 self.connected.set()
+            elif line.strip() == b"up":
+                self.up.set()
             elif line.strip() == b"ready":
                 self.ready.set()
             elif line.strip() == b"done":

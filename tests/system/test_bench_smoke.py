@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import orjson
+import pytest
 
 from bench.procs import NODE_PEER
 from tests import harness
@@ -294,13 +295,17 @@ def test_bench_reactions_on_a_tiny_room(tmp_path) -> None:
     )
 
 
-def test_bench_state_on_a_tiny_room(tmp_path) -> None:
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+def test_bench_state_on_a_tiny_room(tmp_path, transport: str) -> None:
     """``state``: once writes stop every subscriber, conflated or not, holds the
-    store's values, and every dashboard connecting at once gets its snapshot (the
-    store read once per instance, the rest from memory)."""
+    store's values, and every dashboard connecting within the second gets its
+    snapshot (the store read once per instance, the rest from memory; the
+    database counted the transactions)."""
     out = tmp_path / "state.json"
     proc = bench(
         "state",
+        "--state-transport",
+        transport,
         "--state-keys",
         "40",
         "--state-rate",
@@ -323,14 +328,22 @@ def test_bench_state_on_a_tiny_room(tmp_path) -> None:
     assert "== state" in proc.stdout
     writes, dashboards = orjson.loads(out.read_bytes())["results"]["state"]
     assert writes["phase"] == "writes" and writes["subscribers"] == 6
+    assert writes["transport"] == transport and writes["conflate_ms"] == 100
     assert writes["written"] == 200 and writes["errors"] == 0
-    assert writes["closed_subscribers"] == 0 and writes["older_frames"] == 0
-    assert writes["mismatched"] == 0
+    assert writes["connect_failed"] == writes["closed_subscribers"] == 0
+    assert writes["older_frames"] == 0 and writes["mismatched"] == 0
     assert writes["frames_per_sub_unconflated"] == 200
     assert 0 < writes["frames_per_sub_conflated"] <= 200
-    assert writes["server_cpu_us_per_write"] > 0
+    assert 0 <= writes["staleness_p50_ms"] <= writes["staleness_p99_ms"]
+    assert writes["staleness_p99_ms"] <= writes["staleness_max_ms"]
+    assert writes["server_cpu_us_per_write"] > 0 and writes["server_cpu_pct"] > 0
+    assert writes["client_procs"] == 2 and len(writes["subscriber_cpu_pct"]) == 2
     assert dashboards["phase"] == "dashboards" and dashboards["dashboards"] == 20
     assert dashboards["connect_failed"] == 0
     assert dashboards["snapshots"] == dashboards["snapshots_equal_store"] == 20
+    assert dashboards["snapshot_p50_ms"] <= dashboards["snapshot_max_ms"]
+    # spread over the second: the last connects 0.95 s after the first
+    assert dashboards["all_snapshots_ms"] >= 900
     assert dashboards["store_reads"] + dashboards["memory_hits"] == 20
     assert 1 <= dashboards["store_reads"] <= 2
+    assert dashboards["postgres_transactions"] >= dashboards["store_reads"]

@@ -1,12 +1,19 @@
 """The bench tool's judging and options (bench/), on made-up results: each target
 judged against the best peer at the named sizes, paced posts judged on keeping up,
-the load options parsed, repeated runs reduced to each figure's median."""
+the load options parsed, repeated runs reduced to each figure's median, and the
+state bench's SSE client reading the gateway's own frames."""
 
 from __future__ import annotations
 
+import orjson
+
 from bench.__main__ import median_rows, parse
 from bench.fanout import parse_loads
+from bench.state_subscribers import Holder, SSEClient, digest, parse_events
 from bench.verdict import verdicts
+from chat_gateway.core.frames import SSE, snapshot_frame, state_frame
+
+ROOM = orjson.dumps("dash:bench")
 
 
 def _fan(
@@ -239,3 +246,70 @@ def test_the_write_delay_sweep_defaults_to_the_moderate_load():
     assert args.loads == "200x50" and args.delays.split(",")[0] == "0"
     assert parse(["delay", "--loads", "400x100"]).loads == "400x100"
     assert parse(["fanout"]).loads == "200x50,400x100"
+
+
+def _write(seq: int, key: str, value: object = None, deleted: bool = False) -> bytes:
+    body: dict[str, object] = {"key": key}
+    body.update({"deleted": True} if deleted else {"value": value})
+    body["updated_at"] = "2026-12-07T07:00:00.000000Z"
+    return state_frame(SSE, ROOM, seq, orjson.dumps(body))
+
+
+def _snapshot(seq: int, values: dict[str, tuple[int, object]]) -> bytes:
+    body = {k: {"value": v, "seq": s, "updated_at": "x"} for k, (s, v) in values.items()}
+    return snapshot_frame(SSE, ROOM, seq, orjson.dumps(body))
+
+
+def test_the_state_bench_reads_sse_events_cut_anywhere() -> None:
+    stream = _snapshot(3, {"a": (1, 1), "b": (3, {"x": [2]})}) + b": ping\n\n" + _write(4, "a", 5)
+    events, rest = parse_events(stream + _write(5, "b")[:20])
+    assert [(i, n, k) for i, n, _d, k in events] == [
+        (b"3", b"snapshot", b""),
+        (b"4", b"state", b"a"),
+    ]
+    assert orjson.loads(events[1][2])["value"] == 5
+    assert rest == _write(5, "b")[:20]
+    assert parse_events(b"id: 6\nevent: sta") == ([], b"id: 6\nevent: sta")
+
+
+def test_a_state_subscriber_holds_its_snapshot_then_its_frames() -> None:
+    holder = Holder()
+    events, _ = parse_events(
+        _snapshot(3, {"a": (1, 1), "b": (3, 2), "c": (2, 3)})
+        + _write(4, "a", {"v": 4})
+        + _write(5, "c", deleted=True)
+        + _write(6, "d", None)
+        + _write(6, "d", 7)  # as old as the key's last: counted, never expected
+    )
+    holder.on_events(events)
+    assert holder.frames == 4 and holder.older == 1 and holder.snapshot_at is not None
+    assert holder.values() == {"a": {"v": 4}, "b": 2, "d": 7}
+    assert digest(holder.values()) == digest({"d": 7, "b": 2, "a": {"v": 4}})
+    assert digest(holder.values()) != digest({"a": {"v": 4}, "b": 2, "d": None})
+    # a WebSocket frame is read the same way
+    ws = Holder()
+    ws.on_ws_frame(None, b'{"type":"snapshot","room":"dash:bench","seq":1,"values":{}}')  # type: ignore[arg-type]
+    ws.on_ws_frame(None, b'{"type":"state","room":"dash:bench","seq":2,"key":"a","value":1}')  # type: ignore[arg-type]
+    assert ws.values() == {"a": 1} and ws.frames == 1
+
+
+async def test_the_state_bench_sse_client_undoes_a_chunked_body() -> None:
+    holder = Holder()
+    client = SSEClient(holder)
+    events = _snapshot(1, {"a": (1, 0)}) + _write(2, "a", 1) + b": ping\n\n" + _write(3, "b", 2)
+    body = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (events[:50], events[50:]))
+    response = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + body
+    )
+    for i in range(0, len(response), 7):
+        client.data_received(response[i : i + 7])
+    assert holder.values() == {"a": 1, "b": 2} and holder.frames == 2 and holder.older == 0
+
+
+def test_the_state_bench_defaults_are_the_requirements() -> None:
+    args = parse(["state"])
+    assert args.state_transport == "sse" and args.state_subscribers == 1000
+    assert args.state_conflate_ms == 100 and args.state_unconflated == 0
+    assert args.state_keys == 1000 and args.state_rate == 5000 and args.dashboards == 1000
+    assert parse(["state", "--state-transport", "ws"]).state_transport == "ws"
