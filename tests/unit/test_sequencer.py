@@ -14,6 +14,7 @@ before those committed after it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -117,12 +118,14 @@ class World:
         self.delivered: list[tuple[str, int]] = []
         self.expected: list[tuple[str, int]] = []
         self.seq = Sequencer(
-            deliver=self.deliver,
-            deliver_change=self.deliver_change,
-            skip_changes=self.skip_changes,
-            schedule=self.schedule,
-            fill=self.start_fill,
-            fill_changes=self.start_changes_fill,
+            SimpleNamespace(
+                deliver=self.deliver,
+                deliver_change=self.deliver_change,
+                skip_changes=self.skip_changes,
+                schedule=self.schedule,
+                fill=self.start_fill,
+                fill_changes=self.start_changes_fill,
+            ),
             clock=lambda: self.now,
             gap_wait=0.25,
             page_size=page_size,
@@ -427,20 +430,23 @@ def test_merge_interleaves_in_commit_order(
 def plain(out: list[tuple[object, ...]], **given: object) -> Sequencer:
     """A sequencer whose deliveries and skips go to ``out``; what else it calls does
     nothing unless ``given``."""
-    parts: dict[str, object] = {
+    shell: dict[str, object] = {
         "deliver": lambda seq, *_: out.append(("m", seq)),
         "deliver_change": lambda number, *_: out.append(("c", number)),
         "skip_changes": lambda previous, to: out.append(("skip", previous, to)),
         "schedule": lambda timer, delay: None,
         "fill": lambda: None,
         "fill_changes": lambda: None,
+    }
+    options: dict[str, object] = {
         "clock": lambda: 0.0,
         "gap_wait": 0.25,
         "page_size": 10,
         "max_pending": 10,
     }
-    parts.update(given)
-    return Sequencer(**parts)  # type: ignore[arg-type]
+    for name, value in given.items():
+        (shell if name in shell else options)[name] = value
+    return Sequencer(SimpleNamespace(**shell), **options)  # type: ignore[arg-type]
 
 
 def test_change_numbers_removed_from_the_store_are_skipped() -> None:

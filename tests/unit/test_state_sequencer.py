@@ -13,6 +13,7 @@ committed and the timers have run, the values delivered are the store's."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -59,12 +60,14 @@ class World:
         self.state = LiveState(StateSnapshot(ROOM, 0, []))
         self.newest: dict[str, int] = {}
         self.seq = Sequencer(
-            deliver=self.deliver,
-            deliver_change=lambda *_: None,
-            skip_changes=lambda *_: None,
-            schedule=self.schedule,
-            fill=self.fill,
-            fill_changes=lambda: None,
+            SimpleNamespace(
+                deliver=self.deliver,
+                deliver_change=lambda *_: None,
+                skip_changes=lambda *_: None,
+                schedule=self.schedule,
+                fill=self.fill,
+                fill_changes=lambda: None,
+            ),
             clock=lambda: self.now,
             gap_wait=0.25,
             page_size=200,

@@ -76,10 +76,6 @@ class StoredChange(Protocol):
 M = TypeVar("M", bound=StoredMessage)
 C = TypeVar("C", bound=StoredChange)
 
-# The callables a sequencer is given.
-Deliver = Callable[[int, int, int | None, bytes], None]
-DeliverChange = Callable[[int, int, bytes], None]
-SkipChanges = Callable[[int, int], None]
 Clock = Callable[[], float]
 
 
@@ -90,7 +86,28 @@ class Timer(enum.Enum):
     CHANGE = "change"  # changes held behind a missing one, or behind messages
 
 
-Schedule = Callable[[Timer, float | None], None]
+class Shell(Protocol):
+    """What a sequencer asks of the room that holds it (the hub's, in production):
+    one object rather than a callable each, so an idle room costs no closures."""
+
+    def deliver(self, seq: int, created_ms: int, changes: int | None, body: bytes) -> None:
+        """Hand message ``seq`` to the room's subscribers, in its turn."""
+
+    def deliver_change(self, change: int, after_seq: int, body: bytes) -> None:
+        """Hand change ``change`` to the room's subscribers, in its turn."""
+
+    def skip_changes(self, previous: int, to: int) -> None:
+        """Change numbers after ``previous`` up to ``to`` will never be read."""
+
+    def schedule(self, timer: Timer, delay: float | None) -> None:
+        """Arm ``timer`` to fire in ``delay`` seconds (None: disarm it)."""
+
+    def fill(self) -> None:
+        """Start reading messages from the store (``fill_next`` / ``fill_page``)."""
+
+    def fill_changes(self) -> None:
+        """Start reading changes from the store (``changes_next`` / ``changes_page``)."""
+
 
 # How long a fill that left something held waits before the next (seconds, at least).
 REFILL_WAIT = 0.5
@@ -158,12 +175,7 @@ class Sequencer:
         "_fill_again",
         "_changes_again",
         "_due",
-        "_deliver",
-        "_deliver_change",
-        "_skip_changes",
-        "_schedule",
-        "_fill",
-        "_start_changes_fill",
+        "_shell",
         "_clock",
         "_gap_wait",
         "_page_size",
@@ -172,13 +184,8 @@ class Sequencer:
 
     def __init__(
         self,
+        shell: Shell,
         *,
-        deliver: Deliver,
-        deliver_change: DeliverChange,
-        skip_changes: SkipChanges,
-        schedule: Schedule,
-        fill: Callable[[], None],
-        fill_changes: Callable[[], None],
         clock: Clock,
         gap_wait: float,
         page_size: int,
@@ -195,12 +202,7 @@ class Sequencer:
         self._fill_again = False
         self._changes_again = False
         self._due: dict[Timer, float] = {}  # armed timers, by when they are due
-        self._deliver = deliver
-        self._deliver_change = deliver_change
-        self._skip_changes = skip_changes
-        self._schedule = schedule
-        self._fill = fill
-        self._start_changes_fill = fill_changes
+        self._shell = shell
         self._clock = clock
         self._gap_wait = gap_wait
         self._page_size = page_size
@@ -250,7 +252,7 @@ class Sequencer:
             ):
                 # Its turn, and nothing held: no need to hold it first.
                 self.seq = seq
-                self._deliver(seq, created_ms, changes, body)
+                self._shell.deliver(seq, created_ms, changes, body)
                 if self._cpending or self._due:
                     self._drain()
                 return
@@ -304,7 +306,7 @@ class Sequencer:
             self._fill_again = True
             return
         self.filling = True
-        self._fill()
+        self._shell.fill()
 
     def fill_next(self) -> int:
         """A fill reads its next page: the seq to read after."""
@@ -380,7 +382,7 @@ class Sequencer:
             self._changes_again = True
             return
         self.filling_changes = True
-        self._start_changes_fill()
+        self._shell.fill_changes()
 
     def changes_next(self) -> int:
         """A change fill reads its next page: the number to read after."""
@@ -411,7 +413,7 @@ class Sequencer:
             # Numbers commit in order, so a number missing below a stored one is
             # a change whose message retention or a purge removed: skip it.
             to = changes[0].change - 1
-            self._skip_changes(self.change, to)
+            self._shell.skip_changes(self.change, to)
             self.change = to
             for old in [k for k in cpending if k <= to]:
                 del cpending[old]
@@ -429,13 +431,13 @@ class Sequencer:
             if message is not None and (message[1] is None or message[1] <= self.change):
                 del pending[seq + 1]
                 seq = self.seq = seq + 1
-                self._deliver(seq, *message)
+                self._shell.deliver(seq, *message)
                 continue
             change = cpending.get(self.change + 1)
             if change is not None and change[0] <= seq:
                 number = self.change = self.change + 1
                 del cpending[number]
-                self._deliver_change(number, *change)
+                self._shell.deliver_change(number, *change)
                 continue
             break
         due = self._due
@@ -456,8 +458,8 @@ class Sequencer:
 
     def _arm(self, timer: Timer, delay: float) -> None:
         self._due[timer] = self._clock() + delay
-        self._schedule(timer, delay)
+        self._shell.schedule(timer, delay)
 
     def _disarm(self, timer: Timer) -> None:
         del self._due[timer]
-        self._schedule(timer, None)
+        self._shell.schedule(timer, None)

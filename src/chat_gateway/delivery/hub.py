@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import secrets
 import time
@@ -281,6 +280,7 @@ class Room:
     interval in ms (``groups``; ``grouped``: each grouped subscriber's)."""
 
     __slots__ = (
+        "hub",
         "name",
         "channel",
         "name_json",
@@ -296,7 +296,8 @@ class Room:
         "grouped",
     )
 
-    def __init__(self, name: str, channel: str) -> None:
+    def __init__(self, hub: Hub, name: str, channel: str) -> None:
+        self.hub = hub
         self.name = name
         self.channel = channel
         # A copy: orjson's own bytes keep a 4 KiB buffer each, for the room's lifetime.
@@ -311,6 +312,37 @@ class Room:
         self.direct: dict[Subscriber, None] = {}  # (state and ephemeral rooms only)
         self.groups: dict[int, Conflated] = {}
         self.grouped: dict[Subscriber, Conflated] = {}
+
+    # -- the sequencer's shell (chat_gateway.core.sequencer.Shell) ---------------------
+
+    def deliver(self, seq: int, created_ms: int, changes: int | None, body: bytes) -> None:
+        self.hub._dispatch(self, seq, created_ms, changes, body)
+
+    def deliver_change(self, change: int, after_seq: int, body: bytes) -> None:
+        self.hub._dispatch_change(self, change, after_seq, body)
+
+    def skip_changes(self, previous: int, to: int) -> None:
+        """Numbers up to ``to`` will never be read: the subscribers in step with the
+        room move past them too."""
+        name = self.name
+        for sub in self.subs:
+            if sub.ccursors is not None and sub.ccursors.get(name) == previous:
+                sub.ccursors[name] = to
+
+    def schedule(self, timer: Timer, delay: float | None) -> None:
+        handle = self.timers.pop(timer, None)
+        if handle is not None:
+            handle.cancel()
+        if delay is not None:
+            self.timers[timer] = asyncio.get_running_loop().call_later(
+                delay, self.hub._timer_fired, self, timer
+            )
+
+    def fill(self) -> None:
+        self.hub._start_fill(self)
+
+    def fill_changes(self) -> None:
+        self.hub._start_changes_fill(self)
 
 
 def _subscribed(sub: Subscriber, room: str, seq: int, change: int, kind: str) -> None:
@@ -367,10 +399,12 @@ class Hub:
         self._position_task: asyncio.Task[None] | None = None
         self._checks = 0
         self._next_id = 1  # the id register gives the next subscriber
+        self._clock: Callable[[], float] = time.monotonic  # the loop's, once started
 
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
+        self._clock = asyncio.get_running_loop().time  # one for every room's sequencer
         self.broker.on_message(self._on_broker_message)
         self.broker.on_reconnect(self._on_reconnect)
         self._position_task = every(self.position_interval, self.check_positions, "position check")
@@ -599,32 +633,11 @@ class Hub:
                     sub.cursors[room] = seq
 
     async def _open_room(self, room: str) -> Room:
-        r = Room(room, self.channel(room))
+        r = Room(self, room, self.channel(room))
         r.kind = self.namespaces.of(room).kind
-        loop = asyncio.get_running_loop()
-
-        def schedule(timer: Timer, delay: float | None) -> None:
-            handle = r.timers.pop(timer, None)
-            if handle is not None:
-                handle.cancel()
-            if delay is not None:
-                r.timers[timer] = loop.call_later(delay, self._timer_fired, r, timer)
-
-        def skip_changes(previous: int, to: int) -> None:
-            """Numbers up to ``to`` will never be read: the subscribers in step with
-            the room move past them too."""
-            for sub in r.subs:
-                if sub.ccursors is not None and sub.ccursors.get(r.name) == previous:
-                    sub.ccursors[r.name] = to
-
         r.sequencer = Sequencer(
-            deliver=functools.partial(self._dispatch, r),
-            deliver_change=functools.partial(self._dispatch_change, r),
-            skip_changes=skip_changes,
-            schedule=schedule,
-            fill=functools.partial(self._start_fill, r),
-            fill_changes=functools.partial(self._start_changes_fill, r),
-            clock=loop.time,
+            r,
+            clock=self._clock,
             gap_wait=self.gap_wait,
             page_size=MAX_PAGE,
             max_pending=MAX_PENDING,
