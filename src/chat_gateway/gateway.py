@@ -304,7 +304,7 @@ class Gateway:
         running.push_async_callback(retention.close)
         figures = Figures(
             self.metrics,
-            hub.room_stats,
+            hub.positions,
             instance_id=self.instance_id,
             started_at=self.started_at,
             closing=self.shutdown.is_closing,

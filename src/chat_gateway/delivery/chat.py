@@ -292,7 +292,7 @@ class RedisChat(Chat):
 
     async def check_changes(self) -> None:
         """Fill every held room whose last change in Redis is ahead of what was dispatched."""
-        rooms = list(self.hub.room_stats())
+        rooms = list(self.hub.positions())
         if not rooms:
             return
         # One MGET per thousand rooms over one Redis (HistoryCache.get_many).

@@ -17,7 +17,6 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
-from chat_gateway.delivery.hub import RoomStats
 from chat_gateway.metrics import Metrics
 
 MAX_ROOMS = 20  # rooms listed per snapshot, busiest first
@@ -66,14 +65,11 @@ def quantile(buckets: list[tuple[float, float]], count: float, q: float) -> floa
     return buckets[-1][0] if buckets else None
 
 
-def read(metrics: Metrics, rooms: Mapping[str, RoomStats]) -> Reading:
-    """This instance's reading: its registry, and the hub's held ``rooms`` (``Hub.room_stats``)."""
+def read(metrics: Metrics, held: Mapping[str, tuple[int, int]]) -> Reading:
+    """This instance's reading: its registry, and the hub's ``held`` rooms with their
+    seq and subscribers (``Hub.positions``: every room, every second, so nothing
+    more is asked of each)."""
     data = samples(metrics.registry)
-    # Every held room, every second (the shared figures): one comprehension, no
-    # lookups beyond the two the reading needs.
-    held: dict[str, tuple[int, int]] = {
-        name: (room.seq, room.subscribers) for name, room in rooms.items()
-    }
     buckets = sorted(
         (float(labels["le"]), value)
         for labels, value in data.get("chat_delivery_latency_seconds_bucket", [])
@@ -304,20 +300,20 @@ class _Alone:
 
 class Figures:
     """This instance's figures: its reading (the registry and the hub's held rooms,
-    ``room_stats``), who it is, and samplers over it or over every instance once
+    ``positions``), who it is, and samplers over it or over every instance once
     :meth:`share` gave it the figures the others share."""
 
     def __init__(
         self,
         metrics: Metrics,
-        room_stats: Callable[[], Mapping[str, RoomStats]],
+        positions: Callable[[], Mapping[str, tuple[int, int]]],
         *,
         instance_id: str,
         started_at: float,
         closing: Callable[[], bool],
     ) -> None:
         self.metrics = metrics
-        self.room_stats = room_stats
+        self.positions = positions
         self.instance_id = instance_id
         self.started_at = started_at
         self.closing = closing
@@ -328,7 +324,7 @@ class Figures:
 
     def reading(self) -> Reading:
         """This instance's figures now."""
-        return read(self.metrics, self.room_stats())
+        return read(self.metrics, self.positions())
 
     def describe(self) -> dict[str, Any]:
         return describe_instance(self.instance_id, self.started_at, self.closing())
