@@ -1056,6 +1056,8 @@ def chat_paths(open_mode: bool) -> dict[str, Any]:
                         "forbidden",
                         "rate_limited",
                         "unavailable",
+                        # many long room names can pass the request line's limit
+                        "headers_too_large",
                     ),
                 },
             }
