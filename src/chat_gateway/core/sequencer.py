@@ -15,7 +15,8 @@ In, each an event:
   that fill ends, however it ends;
 - ``timer_fired(timer)``: a timer the sequencer armed is due.
 
-Out, through callables handed to the constructor:
+Out, through the ``shell`` handed to the constructor (:class:`Shell`: the hub's
+``Room``, one object for its six methods, so a held room costs no closures):
 
 - ``deliver(seq, created_ms, changes, body)`` and ``deliver_change(number,
   after_seq, body)``: the room's stream, each message and change once, in commit
