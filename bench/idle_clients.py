@@ -16,19 +16,12 @@ import asyncio
 import sys
 from typing import Any
 
-import orjson
-
+from bench.clientproc import finish, run, say
 from bench.fanout import connect
-from bench.procs import raise_open_files
 from bench.targets import TARGETS
 from bench.wsclient import WSClient
 
 MARK = b"bench:"
-
-
-def say(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 def room_of(i: int, rooms: int) -> str:
@@ -80,20 +73,8 @@ async def main(cfg: dict[str, Any]) -> None:
     ticker = asyncio.create_task(tick())
     assert (await stdin.readline()).strip() == b"stop"
     ticker.cancel()
-    with open(cfg["out"], "wb") as f:
-        f.write(orjson.dumps({"connected": len(clients), "latencies": latencies}))
-    say("done")
-    for c in clients:
-        c.close()
-    await asyncio.sleep(0.5)
+    await finish(cfg["out"], {"connected": len(clients), "latencies": latencies}, clients, 0.5)
 
 
 if __name__ == "__main__":
-    raise_open_files()
-    config = orjson.loads(sys.argv[1])
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        asyncio.run(main(config))
-    else:
-        uvloop.run(main(config))
+    run(main)

@@ -35,7 +35,7 @@ from typing import Any
 
 import orjson
 
-from bench.procs import raise_open_files
+from bench.clientproc import finish, run, say
 from bench.wsclient import WSClient
 
 # One event: optional ``id:``, ``event:``, one ``data:`` line (the gateway's form,
@@ -210,11 +210,6 @@ class SSEClient(asyncio.Protocol):
             self.transport.close()
 
 
-def say(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
 async def open_one(
     transport: str, port: int, room: str, conflate_ms: int | None, holder: Holder
 ) -> SSEClient | WSClient:
@@ -305,20 +300,8 @@ async def main(cfg: dict[str, Any]) -> None:
             for c, h in zip(cfg["conflate"], holders, strict=True)
         ],
     }
-    with open(cfg["out"], "wb") as f:
-        f.write(orjson.dumps(result))
-    say("done")
-    for c in clients:
-        c.close()
-    await asyncio.sleep(0.2)
+    await finish(cfg["out"], result, clients, 0.2)
 
 
 if __name__ == "__main__":
-    raise_open_files()
-    config = orjson.loads(sys.argv[1])
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        asyncio.run(main(config))
-    else:
-        uvloop.run(main(config))
+    run(main)

@@ -16,17 +16,10 @@ import sys
 import time
 from typing import Any
 
-import orjson
-
+from bench.clientproc import finish, run, say
 from bench.fanout import Receiver, connect
-from bench.procs import raise_open_files
 from bench.targets import TARGETS
 from bench.wsclient import WSClient
-
-
-def say(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 async def main(cfg: dict[str, Any]) -> None:
@@ -72,20 +65,8 @@ async def main(cfg: dict[str, Any]) -> None:
         "wall_s": wall,
         "latencies": latencies,
     }
-    with open(cfg["out"], "wb") as f:
-        f.write(orjson.dumps(result))
-    say("done")
-    for c, _ in pairs:
-        c.close()
-    await asyncio.sleep(0.2)
+    await finish(cfg["out"], result, (c for c, _ in pairs), 0.2)
 
 
 if __name__ == "__main__":
-    raise_open_files()
-    config = orjson.loads(sys.argv[1])
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        asyncio.run(main(config))
-    else:
-        uvloop.run(main(config))
+    run(main)
