@@ -5,21 +5,12 @@ from __future__ import annotations
 import re
 
 import httpx
-from playwright.async_api import Page, expect
+from playwright.async_api import expect
 
-from tests.harness import eventually, instances, post, t
+from tests.browser.chat_page import connected, item
+from tests.harness import eventually, instances, post
 
 ROOM = "browser.changes"
-
-
-async def connected(page: Page) -> None:
-    await expect(page.locator("#status")).to_have_attribute(
-        "data-state", "connected", timeout=t(30) * 1000
-    )
-
-
-def item(page: Page, seq: int):
-    return page.locator(f'#messages li[data-seq="{seq}"]')
 
 
 async def test_the_page_shows_edits_deletes_typing_and_unread_counts(gateway_env, browser):

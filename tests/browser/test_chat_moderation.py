@@ -10,6 +10,7 @@ import httpx
 import jwt
 from playwright.async_api import Page, expect
 
+from tests.browser.chat_page import connected
 from tests.harness import instances, t
 
 SECRET = "browser-moderation-secret-0123456789abcdef"
@@ -20,12 +21,6 @@ ROOM = "browser.mod"
 def token(sub: str, **claims: object) -> str:
     return jwt.encode(
         {"sub": sub, "exp": int(time.time()) + 600, **claims}, SECRET, algorithm="HS256"
-    )
-
-
-async def connected(page: Page) -> None:
-    await expect(page.locator("#status")).to_have_attribute(
-        "data-state", "connected", timeout=t(30) * 1000
     )
 
 

@@ -7,6 +7,7 @@ import json
 import httpx
 from playwright.async_api import Page, expect
 
+from tests.browser.chat_page import connected, shown_up_to
 from tests.browser.conftest import PHONE
 from tests.harness import ROOT, Instance, instances, post, t
 
@@ -22,18 +23,6 @@ async def seqs(page: Page) -> list[int]:
 async def texts(page: Page) -> list[str]:
     return await page.eval_on_selector_all(
         "#messages li .text", "els => els.map(e => e.textContent)"
-    )
-
-
-async def connected(page: Page) -> None:
-    await expect(page.locator("#status")).to_have_attribute(
-        "data-state", "connected", timeout=t(30) * 1000
-    )
-
-
-async def shown_up_to(page: Page, seq: int) -> None:
-    await expect(page.locator("#messages")).to_have_attribute(
-        "data-last-seq", str(seq), timeout=t(30) * 1000
     )
 
 

@@ -14,28 +14,13 @@ import asyncpg
 import httpx
 from playwright.async_api import Page, expect
 
+from tests.browser.chat_page import connected, item, shown_up_to
 from tests.browser.conftest import PHONE
 from tests.harness import Instance, eventually, instances, post, t
 from tests.system.test_publish_hook import hook_env
 from tests.system.test_webhooks import Answer, Hit, Receiver, new_secret
 
 REASON = "please keep it civil"
-
-
-async def connected(page: Page) -> None:
-    await expect(page.locator("#status")).to_have_attribute(
-        "data-state", "connected", timeout=t(30) * 1000
-    )
-
-
-async def shown_up_to(page: Page, seq: int) -> None:
-    await expect(page.locator("#messages")).to_have_attribute(
-        "data-last-seq", str(seq), timeout=t(30) * 1000
-    )
-
-
-def item(page: Page, seq: int):
-    return page.locator(f'#messages li[data-seq="{seq}"]')
 
 
 def room_button(page: Page, room: str):

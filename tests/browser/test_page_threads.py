@@ -10,25 +10,10 @@ from __future__ import annotations
 import re
 
 import httpx
-from playwright.async_api import Page, expect
+from playwright.async_api import expect
 
-from tests.harness import instances, post, t
-
-
-async def connected(page: Page) -> None:
-    await expect(page.locator("#status")).to_have_attribute(
-        "data-state", "connected", timeout=t(30) * 1000
-    )
-
-
-async def shown_up_to(page: Page, seq: int) -> None:
-    await expect(page.locator("#messages")).to_have_attribute(
-        "data-last-seq", str(seq), timeout=t(30) * 1000
-    )
-
-
-def item(page: Page, seq: int):
-    return page.locator(f'#messages li[data-seq="{seq}"]')
+from tests.browser.chat_page import connected, item, shown_up_to
+from tests.harness import instances, post
 
 
 async def history(http: httpx.AsyncClient, base: str, room: str) -> list[dict]:
