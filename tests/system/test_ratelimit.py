@@ -8,8 +8,10 @@ counts as the client."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import httpx
 import jwt
@@ -145,6 +147,24 @@ def limiters(url: str, n: int, **kwargs: object) -> tuple[list[aioredis.Redis], 
     return clients, made
 
 
+@contextlib.asynccontextmanager
+async def limiters_on_own_redis(
+    n: int, **kwargs: object
+) -> AsyncIterator[tuple[list[aioredis.Redis], list[RateLimiter]]]:
+    """``n`` limiters over a redis-server of the test's own, closed with it."""
+    server = RedisServer()
+    server.start()
+    clients, made = limiters(server.url, n, **kwargs)
+    try:
+        yield clients, made
+    finally:
+        for limiter in made:
+            await limiter.close()
+        for c in clients:
+            await c.aclose()
+        server.stop()
+
+
 async def lease_of(client: aioredis.Redis, identity: str) -> int:
     return int((await client.hget(f"t:rl:post:{{{identity}}}", "l")) or 0)
 
@@ -153,11 +173,11 @@ async def test_leases_over_three_limiters_admit_no_more_than_capacity_plus_refil
     """Three instances' limiters hammer one bucket of 320 refilled at 80/s: each
     leases ahead, yet together they never admit more than 320 + 80/s x elapsed,
     even when they ask more than it holds."""
-    server = RedisServer()
-    server.start()
-    clients, made = limiters(server.url, 3, rates={"post": Rate(320, 4.0)}, lease=16, hold=0.3)
     admitted = 0
-    try:
+    async with limiters_on_own_redis(3, rates={"post": Rate(320, 4.0)}, lease=16, hold=0.3) as (
+        clients,
+        made,
+    ):
         start = time.monotonic()
 
         async def hammer(limiter: RateLimiter) -> None:
@@ -172,21 +192,12 @@ async def test_leases_over_three_limiters_admit_no_more_than_capacity_plus_refil
         assert admitted <= 320 + 80 * elapsed, (admitted, elapsed)
         assert admitted >= 320, "the tokens on lease must not starve the bucket"
         assert not any(limiter.fallback for limiter in made)
-    finally:
-        for limiter in made:
-            await limiter.close()
-        for c in clients:
-            await c.aclose()
-        server.stop()
 
 
 async def test_a_caller_cancelled_during_its_redis_call_leaves_the_bucket_to_the_next():
     """The caller making a bucket's script call is cancelled (its socket closed) while
     the call runs: the callers queued behind it, and later ones, still get decisions."""
-    server = RedisServer()
-    server.start()
-    clients, (limiter,) = limiters(server.url, 1, rates={"post": Rate(20, 60.0)})
-    try:
+    async with limiters_on_own_redis(1, rates={"post": Rate(20, 60.0)}) as (_, (limiter,)):
         for _ in range(5):
             first = asyncio.ensure_future(limiter.hit("post", "ana"))
             await asyncio.sleep(0)  # its script call is under way
@@ -197,18 +208,13 @@ async def test_a_caller_cancelled_during_its_redis_call_leaves_the_bucket_to_the
             assert decision.allowed
             later = await asyncio.wait_for(limiter.hit("post", "ana"), harness.t(5))
             assert later.allowed
-    finally:
-        await limiter.close()
-        for c in clients:
-            await c.aclose()
-        server.stop()
 
 
 async def test_a_large_bucket_asks_redis_once_per_lease_not_per_decision():
-    server = RedisServer()
-    server.start()
-    clients, made = limiters(server.url, 2, rates={"post": Rate(100_000, 1.0)}, lease=16)
-    try:
+    async with limiters_on_own_redis(2, rates={"post": Rate(100_000, 1.0)}, lease=16) as (
+        clients,
+        made,
+    ):
         for _ in range(100):
             for limiter in made:
                 got = await asyncio.gather(*(limiter.hit("post", "api") for _ in range(8)))
@@ -216,12 +222,6 @@ async def test_a_large_bucket_asks_redis_once_per_lease_not_per_decision():
         calls = (await clients[0].info("commandstats"))["cmdstat_evalsha"]["calls"]
         # 1,600 decisions: the first calls grow the lease, then one in 16 or so asks
         assert calls <= 1600 / 8, calls
-    finally:
-        for limiter in made:
-            await limiter.close()
-        for c in clients:
-            await c.aclose()
-        server.stop()
 
 
 async def test_tokens_on_lease_are_reserved_until_spent_given_back_or_lapsed():
