@@ -31,7 +31,15 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -367,10 +375,19 @@ class Client:
             return url + "?" + httpx.QueryParams({"user": self.user}).__str__()
         return url
 
+    def _closed(self) -> bool:
+        """Whether the client is closed for good, read afresh at each call: ``close()``
+        (from another task, during an await) and ``_after_close`` change the state
+        between the checks of one pass of ``_run``, which a comparison of the attribute
+        narrowed by the loop's condition would not show."""
+        return self.state is State.CLOSED
+
     async def _run(self) -> None:
-        while self.state is not State.CLOSED:
+        while not self._closed():
             self._set_state(State.CONNECTING)
-            code, reason, status, opened = CloseCode.ABNORMAL, "", None, False
+            # an int: the close frame's code may be one CloseCode does not name
+            code: int = CloseCode.ABNORMAL
+            reason, status, opened = "", None, False
             error: GatewayError | None = None
             try:
                 token = await self._current_token()
@@ -404,10 +421,10 @@ class Client:
                 reason = f"{type(exc).__name__}: {exc}"
             finally:
                 self._ws = None
-            if self.state is State.CLOSED:
+            if self._closed():
                 return
             self._after_close(code, reason, status, opened, error)
-            if self.state is State.CLOSED:
+            if self._closed():
                 return
             delay = backoff(self._attempt, self.min_delay, self.max_delay)
             self._attempt += 1
@@ -788,7 +805,7 @@ class Client:
             async for item in items:
                 yield item
 
-    async def _drain(self, r: _Room, queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
+    async def _drain(self, r: _Room, queue: asyncio.Queue[Any]) -> AsyncGenerator[Any, None]:
         """What the room puts in ``queue`` (already one of its queues) until its
         subscription ends; leaving the loop unsubscribes when no other loop reads the
         room (closed with its reader, so at once). Serves ``messages`` and
@@ -1210,7 +1227,10 @@ class Client:
 
     async def room_info(self, room: str) -> dict[str, Any]:
         """``GET /v1/server/rooms/{room}``: subscribers, presence, latest seq."""
-        return (await self._request("GET", f"/v1/server/rooms/{room}", auth="api")).json()
+        info: dict[str, Any] = (
+            await self._request("GET", f"/v1/server/rooms/{room}", auth="api")
+        ).json()
+        return info
 
     async def purge(self, room: str) -> int:
         """``DELETE /v1/server/rooms/{room}/messages``; returns how many were removed."""
@@ -1229,11 +1249,15 @@ class Client:
         if duration is not None:
             body["duration"] = duration
         path = f"/v1/rooms/{quote(room, safe='')}/{kind}"
-        return (await self._request("POST", path, auth=self._moderator(), json_body=body)).json()
+        entry: dict[str, Any] = (
+            await self._request("POST", path, auth=self._moderator(), json_body=body)
+        ).json()
+        return entry
 
     async def _lift(self, kind: str, room: str, user: str) -> dict[str, Any]:
         path = f"/v1/rooms/{quote(room, safe='')}/{kind}/{quote(user, safe='')}"
-        return (await self._request("DELETE", path, auth=self._moderator())).json()
+        entry: dict[str, Any] = (await self._request("DELETE", path, auth=self._moderator())).json()
+        return entry
 
     async def _listed(self, kind: str, room: str) -> list[dict[str, Any]]:
         path = f"/v1/rooms/{quote(room, safe='')}/{kind}"

@@ -62,7 +62,7 @@ class GatewayError(Exception):
 
     @classmethod
     def of_http(
-        cls, status: int, body: bytes, retry_after_header: str | None, phrase: str = ""
+        cls, status: int, body: bytes | bytearray, retry_after_header: str | None, phrase: str = ""
     ) -> GatewayError:
         """An HTTP answer with the error body (a request's or a refused upgrade's):
         the code, message and ``retry_after`` as the server sent them, else the
