@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import importlib.metadata
+import signal
 import socket
 import sys
 import tomllib
@@ -67,6 +68,29 @@ async def test_the_seams_hooks_exist_in_the_installed_uvicorn() -> None:
     assert issubclass(uvicorn_internals.DirectProtocol, WebSocketsSansIOProtocol)
     assert issubclass(uvicorn_internals.HttpProtocol, HttpToolsProtocol)
     assert issubclass(uvicorn_internals.Server, uvicorn.Server)
+
+
+async def test_the_main_loop_ticks_whole_seconds_and_a_signal_ends_it_at_once() -> None:
+    """The gateway's server ticks once a second (uvicorn's Date header refresh on every
+    tick) and a stop signal wakes its loop at once: with a tick of an hour, the loop
+    still ends right after the signal."""
+    server = uvicorn_internals.Server(uvicorn.Config(create_app(Settings())))
+    server.tick = 3600.0
+    ticks: list[int] = []
+
+    async def on_tick(counter: int) -> bool:
+        ticks.append(counter)
+        return server.should_exit
+
+    server.on_tick = on_tick  # type: ignore[method-assign]
+    loop = asyncio.create_task(server.main_loop())
+    while not ticks:
+        await asyncio.sleep(0)
+    assert not loop.done()
+    server.handle_exit(signal.SIGTERM, None)
+    await asyncio.wait_for(loop, t(10))
+    # Every tick is one uvicorn reads as a whole second (a multiple of its 10 a second).
+    assert ticks == [0, 10]
 
 
 @pytest.fixture

@@ -83,8 +83,8 @@ HTTP_METHODS = (
     "shutdown",
 )
 HTTP_STATE = ("config", "loop", "parser", "tasks", "transport", "flow", "client", "cycle")
-SERVER_METHODS = ("startup", "shutdown", "handle_exit")
-SERVER_STATE = ("config", "_captured_signals")
+SERVER_METHODS = ("startup", "shutdown", "handle_exit", "main_loop", "on_tick")
+SERVER_STATE = ("config", "_captured_signals", "should_exit")
 SERVER_STARTED_STATE = ("servers",)  # set up by startup()
 
 LINGER = 3.0  # seconds unsent bytes may wait once a response or connection has ended
@@ -238,6 +238,24 @@ class Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)
         self._captured_signals.clear()  # handled: not re-raised after the shutdown
+        if self._exit_asked is not None:  # wake the main loop now (a signal handler: threadsafe)
+            self._exit_asked[0].call_soon_threadsafe(self._exit_asked[1].set)
+
+    _exit_asked: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+    tick = 1.0  # seconds between ticks of the main loop
+
+    async def main_loop(self) -> None:
+        """uvicorn's loop of ticks, once a second instead of ten times: a tick refreshes
+        the Date header (whole seconds) and asks whether to stop, and each wake-up of
+        an idle instance costs CPU. A signal wakes the loop at once, so a stop does
+        not wait for the tick."""
+        exit_asked = asyncio.Event()
+        self._exit_asked = (asyncio.get_running_loop(), exit_asked)
+        counter = 0  # uvicorn's on_tick refreshes the headers when it is a multiple of 10
+        while not await self.on_tick(counter):
+            counter = (counter + 10) % 864000
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(exit_asked.wait(), self.tick)
 
     async def shutdown(self, sockets: Any = None) -> None:
         loop = asyncio.get_running_loop()
