@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import httpx
 import pytest
@@ -296,7 +297,11 @@ async def test_silent_redis_link_is_detected_and_delivery_resumes(gateway_env):
             assert await ws.messages(room, 5) == [1, 2, 3, 4, 5]
             proxy.hold()
             await _post_all(http, [b], room, 5, start=5)  # published while A hears nothing
-            await eventually(lambda: _not_ready(a), timeout=20)  # the probe noticed
+            await eventually(lambda: _not_ready(a), timeout=20)
+            # The probe noticed (readiness may fail first on a ping's own timeout).
+            await eventually(
+                lambda: "broker links lost" in Path(a.log_path).read_text(), timeout=20
+            )
             proxy.restore()
             await eventually(lambda: all_ready(http, [a]), timeout=20)
             await _post_all(http, [b], room, 5, start=10)

@@ -31,9 +31,10 @@ from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import RedisError
 
 from chat_gateway.pubsub.base import BrokerUnavailable
-from chat_gateway.pubsub.link import LinkedBroker, read_link, text
+from chat_gateway.pubsub.link import LinkedBroker
 from chat_gateway.redisio.clients import node_client
 from chat_gateway.redisio.context import RedisContext
+from chat_gateway.redisio.pipelined import Subscription
 from chat_gateway.redisio.urls import parse_cluster_url
 
 
@@ -44,7 +45,7 @@ class _ChannelMoved(RedisError):
 class _ShardSubscription:
     """One subscriber connection to one primary, for the held channels it owns."""
 
-    __slots__ = ("broker", "name", "client", "pubsub", "channels", "task", "dead")
+    __slots__ = ("broker", "name", "client", "link", "channels", "task", "dead")
 
     def __init__(self, broker: ClusterBroker, name: str, host: str, port: int) -> None:
         self.broker = broker
@@ -56,36 +57,40 @@ class _ShardSubscription:
             connect_timeout=broker.connect_timeout,
             command_timeout=broker.command_timeout,
         )
-        self.pubsub: Any = self.client.pubsub()
+        self.link = Subscription(self.client, self._received, timeout=broker.command_timeout)
         self.channels: set[str] = set()
         self.task: asyncio.Task[None] | None = None
         self.dead = False
 
     async def sync(self, channels: set[str]) -> None:
         """Hold exactly ``channels`` on this link: one SSUBSCRIBE per slot (the server
-        wants one slot per command), one SUNSUBSCRIBE for what left."""
+        wants one slot per command), one SUNSUBSCRIBE for what left; returns once the
+        node has them."""
+        await self.link.open()
         gone, new = self.channels - channels, channels - self.channels
         self.channels = channels
         if gone:
-            await self.pubsub.sunsubscribe(*sorted(gone))
+            self.link.send("SUNSUBSCRIBE", *sorted(gone))
         by_slot: dict[int, list[str]] = defaultdict(list)
         for channel in sorted(new):
             by_slot[self.broker._redis.keyslot(channel)].append(channel)
         for group in by_slot.values():
-            await self.pubsub.ssubscribe(*group)
+            self.link.send("SSUBSCRIBE", *group)
+        await self.link.synced()
         self._watch()
 
     async def add(self, channel: str) -> None:
         """Hold one more channel (it lives on this link's node)."""
+        await self.link.open()
         if channel not in self.channels:
             self.channels.add(channel)
-            await self.pubsub.ssubscribe(channel)
+            self.link.send("SSUBSCRIBE", channel)
         self._watch()
 
     async def remove(self, channel: str) -> None:
         if channel in self.channels:
             self.channels.discard(channel)
-            await self.pubsub.sunsubscribe(channel)
+            self.link.send("SUNSUBSCRIBE", channel)
 
     def _watch(self) -> None:
         if self.task is None:
@@ -94,36 +99,34 @@ class _ShardSubscription:
     async def _run(self) -> None:
         broker = self.broker
         try:
-            await read_link(
-                self.pubsub, broker.probe_interval, broker.probe_timeout, self._received
-            )
+            await self.link.hold(broker.probe_interval, broker.probe_timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self.dead = True
             broker._link_failed(self, exc)
 
-    def _received(self, msg: dict[str, Any]) -> None:
-        kind = text(msg["type"])
-        channel = text(msg["channel"])
-        if kind == "smessage":
+    def _received(self, push: list[Any]) -> None:
+        kind = push[0]
+        if kind == b"smessage":
+            channel = push[1].decode()
             if channel in self.broker._control:
-                self.broker._on_control(msg["data"])
+                self.broker._on_control(push[2])
             else:
-                self.broker._on_message(channel, msg["data"])
-        elif kind == "sunsubscribe" and channel in self.channels:
-            raise _ChannelMoved(f"server ended {channel}: its slot moved")
+                self.broker._on_message(channel, push[2])
+        elif kind == b"sunsubscribe" and push[1].decode() in self.channels:
+            raise _ChannelMoved(f"server ended {push[1].decode()}: its slot moved")
 
     async def close(self) -> None:
         self.dead = True
         if self.task is not None and self.task is not asyncio.current_task():
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
-        for closer in (self.pubsub.aclose, self.client.aclose):
-            try:
-                await asyncio.wait_for(closer(), 1.0)
-            except (TimeoutError, RedisError, OSError):
-                pass
+        await self.link.close()
+        try:
+            await asyncio.wait_for(self.client.aclose(), 1.0)
+        except (TimeoutError, RedisError, OSError):
+            pass
 
 
 class ClusterBroker(LinkedBroker):

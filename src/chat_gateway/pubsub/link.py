@@ -8,10 +8,10 @@ when channels were held before the first link), then wait until the links are
 lost (``_hold``). A failure anywhere drops what is left (``_unlink``) and tries
 again with exponential backoff, from ``BACKOFF_MIN`` to ``BACKOFF_MAX`` seconds.
 
-:func:`read_link` reads one subscriber link and probes it: when nothing has
-arrived for ``probe_interval`` seconds a PING goes down the link, and a link
-that answers neither data nor PONG within ``probe_timeout`` is given up as
-dead.
+:class:`chat_gateway.redisio.pipelined.Subscription` is each link: pushes are handed
+to the broker as they are read, and the link is probed: when nothing has
+arrived for ``probe_interval`` seconds a PING goes down it, and a link that
+answers neither data nor PONG within ``probe_timeout`` is given up as dead.
 """
 
 from __future__ import annotations
@@ -19,47 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import abstractmethod
-from collections.abc import Callable
 from typing import Any
-
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from chat_gateway.pubsub.base import Broker, BrokerUnavailable
 from chat_gateway.redisio.context import RedisContext
 
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
-
-
-async def read_link(
-    pubsub: Any,
-    probe_interval: float,
-    probe_timeout: float,
-    handle: Callable[[dict[str, Any]], None],
-) -> None:
-    """Hand every push of ``pubsub`` to ``handle`` until the link fails; raises then
-    (``handle`` may raise too, to give the link up)."""
-    loop = asyncio.get_running_loop()
-    last_seen = loop.time()
-    probe_sent: float | None = None
-    wait = min(0.5, probe_interval)
-    while True:
-        msg = await pubsub.get_message(timeout=wait)
-        now = loop.time()
-        if msg is not None:
-            last_seen = now
-            probe_sent = None
-            handle(msg)
-            continue
-        if probe_sent is None and now - last_seen >= probe_interval:
-            await pubsub.ping()
-            probe_sent = now
-        elif probe_sent is not None and now - probe_sent > probe_timeout:
-            raise RedisConnectionError("subscriber link silent: no PONG to the probe")
-
-
-def text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class LinkedBroker(Broker):

@@ -17,7 +17,6 @@ the link is down; the reconnect subscribes it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -25,9 +24,9 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from chat_gateway.pubsub.base import BrokerUnavailable, Sent
-from chat_gateway.pubsub.link import LinkedBroker, read_link, text
+from chat_gateway.pubsub.link import LinkedBroker
 from chat_gateway.redisio.context import RedisContext
-from chat_gateway.redisio.pipelined import Command
+from chat_gateway.redisio.pipelined import Command, Subscription
 from chat_gateway.redisio.urls import redis_address
 
 
@@ -61,7 +60,7 @@ class RedisBroker(LinkedBroker):
             owns_context=context is None,
         )
         self.url = url
-        self._pubsub: Any = None
+        self._subscriber: Subscription | None = None  # the subscriber link, while there is one
 
     async def start(self) -> None:
         await self._start_context()
@@ -75,36 +74,38 @@ class RedisBroker(LinkedBroker):
     # -- the subscriber link ------------------------------------------------
 
     async def _link(self, first: bool) -> None:
-        pubsub = self._redis.pubsub()
+        link = Subscription(self._redis, self._received, timeout=self.command_timeout)
+        self._subscriber = link
+        await link.open()
         # The control channel keeps the link open (and probed) with no room held.
         held = set(self._channels)
-        await pubsub.subscribe(self.control_channel, *sorted(held))
-        self._pubsub = pubsub
+        link.send("SUBSCRIBE", self.control_channel, *sorted(held))
+        # Every channel is subscribed before the broker says it is linked (and the
+        # gateway fills from the store what it may have missed).
+        await link.synced()
         # Channels added or dropped while that subscribe was in flight.
         if self._channels - held:
-            await pubsub.subscribe(*sorted(self._channels - held))
+            link.send("SUBSCRIBE", *sorted(self._channels - held))
         if held - self._channels:
-            await pubsub.unsubscribe(*sorted(held - self._channels))
+            link.send("UNSUBSCRIBE", *sorted(held - self._channels))
 
     async def _hold(self) -> None:
-        await read_link(self._pubsub, self.probe_interval, self.probe_timeout, self._received)
+        assert self._subscriber is not None
+        await self._subscriber.hold(self.probe_interval, self.probe_timeout)
 
-    def _received(self, msg: dict[str, Any]) -> None:
-        if msg["type"] in ("message", b"message"):
-            channel = text(msg["channel"])
+    def _received(self, push: list[Any]) -> None:
+        if push[0] == b"message":
+            channel = push[1].decode()
             if channel == self.control_channel:
-                self._on_control(msg["data"])
+                self._on_control(push[2])
             else:
-                self._on_message(channel, msg["data"])
+                self._on_message(channel, push[2])
 
     async def _unlink(self) -> None:
         self.connected.clear()
-        pubsub, self._pubsub = self._pubsub, None
-        if pubsub is not None:
-            try:
-                await asyncio.wait_for(pubsub.aclose(), 1.0)
-            except (TimeoutError, RedisError, OSError):
-                pass
+        link, self._subscriber = self._subscriber, None
+        if link is not None:
+            await link.close()
 
     def _address(self) -> str:
         return redis_address(self.url)
@@ -116,21 +117,21 @@ class RedisBroker(LinkedBroker):
         if channel in self._channels:
             return
         self._channels.add(channel)
-        await self._send("subscribe", channel)
+        await self._send("SUBSCRIBE", channel)
 
     async def unsubscribe(self, channel: str) -> None:
         if channel not in self._channels:
             return
         self._channels.discard(channel)
-        await self._send("unsubscribe", channel)
+        await self._send("UNSUBSCRIBE", channel)
 
     async def _send(self, command: str, channel: str) -> None:
-        pubsub = self._pubsub
-        if pubsub is None:
+        link = self._subscriber
+        if link is None:
             return  # the reconnect applies the channel set
         try:
-            await getattr(pubsub, command)(channel)
-        except (RedisError, OSError) as exc:
+            link.send(command, channel)
+        except RedisError as exc:
             # The link is failing; the loop notices, reconnects and resubscribes the set.
             self.log.warning("broker %s %s failed: %r", command, channel, exc)
 

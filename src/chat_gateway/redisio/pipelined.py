@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import hiredis
 from redis import exceptions as rx
@@ -96,19 +97,37 @@ class _PipelineProtocol(asyncio.Protocol):
         self.out: list[bytes] = []
         self.lost: BaseException | None = None
         self.retired = False
+        # A subscriber connection's (Subscription): every array Redis sends goes here.
+        self.on_push: Callable[[list[Any]], None] | None = None
+        self.reads = 0  # data arrivals, which show the link alive
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
 
     def data_received(self, data: bytes) -> None:
+        self.reads += 1
         self.reader.feed(data)
         waiters = self.waiters
+        on_push = self.on_push
         while True:
             reply = self.reader.gets()
             if reply is False:
                 return
+            if on_push is not None and type(reply) is list:
+                try:
+                    on_push(reply)
+                except Exception as exc:  # the handler gives the link up
+                    self.fail(exc)
+                    return
+                continue
             if not waiters:
-                self.fail(InvalidResponse("Redis sent a reply nobody asked for"))
+                # An error nobody asked for (a subscriber's MOVED, say) is the reason itself.
+                self.fail(
+                    reply
+                    if isinstance(reply, rx.RedisError)
+                    else InvalidResponse("Redis sent a reply nobody asked for")
+                )
                 return
             if type(reply) is ReadOnlyError:
                 self.retire()
@@ -154,6 +173,8 @@ class _PipelineProtocol(asyncio.Protocol):
         """Every waiter gets ``exc``; the link is done and the next call opens another."""
         if self.lost is None:
             self.lost = exc
+        if not self.closed.done():
+            self.closed.set_result(None)
         if self.owner.link is self:
             self.owner.link = None
         while self.waiters:
@@ -177,6 +198,7 @@ class PipelinedConnection:
         self._opening: asyncio.Future[_PipelineProtocol] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self.on_push: Callable[[list[Any]], None] | None = None
 
     async def run(self, commands: list[Command]) -> list[Any]:
         if not commands:
@@ -235,6 +257,7 @@ class PipelinedConnection:
         s = self._settings
         loop = asyncio.get_running_loop()
         link = _PipelineProtocol(self)
+        link.on_push = self.on_push
         try:
             async with asyncio.timeout(s.socket_connect_timeout or self.timeout):
                 if getattr(s, "path", None):
@@ -279,6 +302,92 @@ class PipelinedConnection:
             host, port = await primary()
             return host, int(port)
         return self._settings.host, self._settings.port
+
+
+class Subscription(PipelinedConnection):
+    """A subscriber connection (Pub/Sub or sharded Pub/Sub), opened as the pipelined
+    connection is (the client's settings, AUTH and SELECT, TLS; over Sentinel the
+    primary of the moment), once: whoever holds it opens a new one after a loss.
+
+    Every array Redis sends on it (a message, a subscribe confirmation) goes to
+    ``on_push`` from the socket's read callback, as it is parsed: no task, future
+    or timeout stands between the socket and the handler (redis-py's
+    ``PubSub.get_message`` costs several of each per message). A handler that
+    raises gives the link up with that exception; so does an error reply (a
+    cluster node's MOVED). Commands are written at once and answered by pushes,
+    never waited for, but for :meth:`synced`.
+    """
+
+    def __init__(
+        self, redis: Any, on_push: Callable[[list[Any]], None], *, timeout: float | None = None
+    ) -> None:
+        super().__init__(redis, timeout=timeout)
+        self.on_push = self._pushed
+        self._handler = on_push
+        self._pongs: deque[asyncio.Future[None] | None] = deque()  # per PING sent, in order
+        self._used = False  # opened (or opening) once
+
+    async def open(self) -> None:
+        """Connect (and AUTH, SELECT) the first time; raises what the connect raised,
+        and ``RedisConnectionError`` once the link was lost (it is never reopened:
+        a new one must subscribe its channels again)."""
+        if self._used and self._opening is None:
+            if self.link is None:
+                raise RedisConnectionError("the subscriber link is down")
+            return
+        self._used = True
+        await self._open()
+
+    def send(self, *command: Any) -> None:
+        """Write one command now; ``RedisConnectionError`` when the link is down."""
+        link = self.link
+        if link is None or link.lost is not None or link.transport is None:
+            raise RedisConnectionError("the subscriber link is down")
+        if command[0] == "PING":
+            self._pongs.append(None)
+        link.transport.write(hiredis.pack_command(command))
+
+    async def synced(self) -> None:
+        """Return once Redis has run every command written before (one round trip:
+        a PING, answered in order)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.send("PING")
+        self._pongs[-1] = done
+        link = self.link
+        assert link is not None
+        await asyncio.wait([done, link.closed], timeout=self.timeout)
+        if not done.done():
+            raise link.lost or RedisTimeoutError(f"Redis did not answer within {self.timeout} s")
+
+    async def hold(self, probe_interval: float, probe_timeout: float) -> NoReturn:
+        """Wait until the link is lost, and raise why. When nothing has arrived for
+        ``probe_interval`` seconds a PING goes down the link; a link that answers
+        neither data nor PONG within ``probe_timeout`` is given up as dead."""
+        link = self.link
+        if link is None:
+            raise RedisConnectionError("the subscriber link is down")
+        wait, probing = probe_interval, False
+        while True:
+            seen = link.reads
+            await asyncio.wait([link.closed], timeout=wait)
+            if link.lost is not None:
+                raise link.lost
+            if link.reads != seen:
+                wait, probing = probe_interval, False
+            elif probing:
+                raise RedisConnectionError("subscriber link silent: no PONG to the probe")
+            else:
+                self.send("PING")
+                wait, probing = probe_timeout, True
+
+    def _pushed(self, reply: list[Any]) -> None:
+        if reply[0] == b"pong":
+            if self._pongs:
+                waiter = self._pongs.popleft()
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+            return
+        self._handler(reply)
 
 
 # Keys worked on at once over a cluster (each key's commands on their own).
