@@ -203,3 +203,28 @@ async def test_a_kept_answer_is_read_again_past_its_age(parts: Parts) -> None:
     await asyncio.sleep(0.3)
     assert values(await parts.get()) == {"a": 2}
     assert parts.reads("store") == 2
+
+
+async def test_a_write_made_while_the_room_opens_is_held_once_it_has(parts: Parts) -> None:
+    """The room's opening subscribes to its channel, then reads the store: a write
+    committed after that read and given to the hub before the read's answer is
+    used goes in turn after it, into the held values and the subscriber's
+    snapshot, and a GET answers it from them."""
+    await parts.write("a", 1)
+    parts.store.gate = asyncio.Event()
+    sub = Subscriber(SSE)
+    parts.hub.register(sub)
+    joining = asyncio.create_task(parts.hub.subscribe(sub, ROOM))
+    await until(lambda: parts.store.reading == 1)  # its read has the store's values
+    seq = await parts.write("a", 2)
+    parts.store.gate.set()
+    assert await joining == seq
+    batch = await asyncio.wait_for(anext(sub.batches()), t(5))
+    head, data = batch[0].split(b"\ndata: ")
+    assert head == b"id: %d\nevent: snapshot" % seq
+    assert values(orjson.loads(data)) == {"a": 2}
+    parts.store.gate = None
+    answer = await parts.get()
+    assert (answer["seq"], values(answer)) == (seq, {"a": 2})
+    assert parts.reads("store") == 1, "the room's opening only"
+    await parts.hub.unregister(sub)

@@ -776,7 +776,9 @@ class Hub:
             self.history.forget(r.name)  # this instance's window holds the old text
             r.sequencer.live_change(payload.change, payload.after_seq, payload.body)
         elif isinstance(payload, wire.StatePayload):
-            if r.state is not None:  # a state room's write, sequenced like a message
+            # A state room's write, sequenced like a message: while the room opens,
+            # held until its values are read, then given in turn after them.
+            if r.kind is RoomKind.STATE:
                 if payload.seq > r.newest:
                     r.newest = payload.seq
                 r.sequencer.live_message(payload.seq, payload.updated_ms, None, payload.body)
