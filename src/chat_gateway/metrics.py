@@ -63,7 +63,8 @@ class Metrics:
         )
         self.ready = Gauge(
             "chat_ready",
-            "1 when the last readiness check (each /readyz and each scrape) passed, else 0",
+            "1 when the last readiness check passed, else 0 (each /readyz probes; a "
+            "scrape reuses a probe round started at most 1 s before it)",
             registry=r,
         )
         self.rate_limit_fallback = Gauge(
