@@ -63,7 +63,8 @@ class Metrics:
         )
         self.ready = Gauge(
             "chat_ready",
-            "1 when the last readiness check (each /readyz and each scrape) passed, else 0",
+            "1 when the last readiness check passed, else 0 (each /readyz probes; a "
+            "scrape reuses a probe round started at most 1 s before it)",
             registry=r,
         )
         self.rate_limit_fallback = Gauge(
@@ -82,9 +83,11 @@ class Metrics:
         )
         self.state_snapshots = Counter(
             "chat_state_snapshots_total",
-            "State room subscriptions answered (a snapshot, or the writes after since), by "
-            "source: the store (the room opened on this instance: one read) or the room's "
-            "values held in memory",
+            "State room subscriptions (a snapshot, or the writes after since) and GETs of a "
+            "room's state answered, by source: the store (a read of its own: the room opened "
+            "on this instance, or a GET with no current values here) or memory (the room's "
+            "values held here, a read another answer made, or the last GET's read still "
+            "current)",
             ["source"],
             registry=r,
         )

@@ -1,15 +1,19 @@
 """State rooms on real gateway processes sharing one Postgres and one Redis: the
 routes and their refusals, the snapshot then live writes over WebSocket and SSE,
 resume across an overwrite and a delete, two instances converging, conflation,
-the per-instance snapshot read shared by concurrent subscribers, and the SQL
-functions a backend writes with inside its own transaction."""
+the per-instance snapshot read shared by concurrent subscribers, GET's answer
+(one store read for many at once, every write acknowledged before it in it, on
+either instance), and the SQL functions a backend writes with inside its own
+transaction."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,7 @@ from tests.harness import (
     namespaces_env,
     signed,
 )
+from tests.metrics_text import sample
 
 SECRET = "state-rooms-test-secret-0123456789abcdef"
 KEY = "backend-key-1"
@@ -399,6 +404,176 @@ async def test_many_subscribers_share_one_snapshot_read(env):
             assert await store_reads() == before
 
 
+async def snapshot_reads(http: httpx.AsyncClient, url: str) -> dict[str, float]:
+    """An instance's ``chat_state_snapshots_total`` by source: ``store``, its reads of a
+    room's values from the store; ``memory``, answers served without one."""
+    text = (await http.get(f"{url}/metrics", headers=API)).text
+    return {
+        source: sample(text, "chat_state_snapshots_total", source=source)
+        for source in ("store", "memory")
+    }
+
+
+async def get_state(http: httpx.AsyncClient, url: str, room: str) -> dict[str, Any]:
+    r = await http.get(f"{url}/v1/rooms/{room}/state", headers=API)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/json"
+    body: dict[str, Any] = r.json()
+    assert list(body) == ["room", "seq", "values"] and body["room"] == room
+    return body
+
+
+async def writes_then_gets(
+    http: httpx.AsyncClient, writer: str, reader: str, room: str, rounds: int
+) -> None:
+    """``rounds`` times: a PUT on ``writer``, then at once a GET on ``reader``, which
+    holds it; every third round also a DELETE, after which the key is gone."""
+    for i in range(rounds):
+        r = await http.put(f"{writer}/v1/rooms/{room}/state/n", json={"value": i}, headers=API)
+        assert r.status_code == 200, r.text
+        seq = r.json()["seq"]
+        got = await get_state(http, reader, room)
+        assert got["seq"] >= seq and values_of(got)["n"] == i, (i, seq, got)
+        assert got["values"]["n"]["seq"] == seq
+        if i % 3 == 0:
+            r = await http.delete(f"{writer}/v1/rooms/{room}/state/gone", headers=API)
+            got = await get_state(http, reader, room)
+            assert got["seq"] >= r.json()["seq"] and "gone" not in got["values"], got
+            r = await http.put(
+                f"{writer}/v1/rooms/{room}/state/gone", json={"value": i}, headers=API
+            )
+            got = await get_state(http, reader, room)
+            assert values_of(got)["gone"] == i
+
+
+@contextlib.asynccontextmanager
+async def polled(http: httpx.AsyncClient, urls: list[str], room: str) -> AsyncIterator[None]:
+    """GETs of ``room`` on each of ``urls`` all the while (two at a time each), so
+    that reads of the store keep beginning around every write."""
+    stop = asyncio.Event()
+
+    async def poll(url: str) -> None:
+        while not stop.is_set():
+            await get_state(http, url, room)
+
+    tasks = [asyncio.create_task(poll(url)) for url in urls for _ in range(2)]
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+
+
+async def test_concurrent_gets_cost_one_store_read_and_see_every_write_acknowledged(env):
+    """``GET …/state`` answers from the values the instance holds for its subscribers,
+    or from one store read shared by the GETs of the room and kept while nothing is
+    written: fifty at once cost at most one read, none once the room is held; and a
+    GET right after a PUT or DELETE on the same instance has it, while other GETs
+    keep reads of the store beginning all the time."""
+    room = "board:get"
+    limits = httpx.Limits(max_connections=100)
+    async with (
+        instances(1, env) as (a,),
+        httpx.AsyncClient(timeout=10, limits=limits) as http,
+    ):
+        r = await http.patch(
+            f"{a.url}/v1/rooms/{room}/state", json={"set": {"a": 1, "b": [2]}}, headers=API
+        )
+        assert r.status_code == 200
+        before = await snapshot_reads(http, a.url)
+        answers = await asyncio.gather(*(get_state(http, a.url, room) for _ in range(50)))
+        assert all(x == answers[0] for x in answers)
+        assert answers[0]["seq"] == 2 and values_of(answers[0]) == {"a": 1, "b": [2]}
+        after = await snapshot_reads(http, a.url)
+        assert after["store"] - before["store"] == 1, "no answer held: one read for all"
+        assert after["memory"] - before["memory"] == 49
+        await asyncio.gather(*(get_state(http, a.url, room) for _ in range(50)))
+        assert (await snapshot_reads(http, a.url))["store"] == after["store"], "kept"
+        read = (await http.get(f"{a.url}/v1/rooms/{room}/state", headers=API)).content
+
+        async with polled(http, [a.url], room):
+            await writes_then_gets(http, a.url, a.url, room, 20)
+
+        async with WSClient.connect(f"{a.ws_url}?token={token('ana')}") as ws:
+            await ws.subscribe(room)
+            snapshot = await ws.expect("snapshot")
+            held = await snapshot_reads(http, a.url)
+            answers = await asyncio.gather(*(get_state(http, a.url, room) for _ in range(50)))
+            assert all(x == answers[0] for x in answers)
+            assert answers[0]["seq"] == snapshot["seq"]
+            assert answers[0]["values"] == snapshot["values"]
+            assert (await snapshot_reads(http, a.url))["store"] == held["store"], "held values"
+            async with polled(http, [a.url], room):
+                await writes_then_gets(http, a.url, a.url, room, 20)
+
+        # the same bytes from the held values as from the store
+        room = "board:get-bytes"
+        await http.patch(
+            f"{a.url}/v1/rooms/{room}/state",
+            json={"set": {"x": {"deep": [1, "two", None]}, "y": "é", "z": 3.5}, "delete": ["y"]},
+            headers=API,
+        )
+        read = (await http.get(f"{a.url}/v1/rooms/{room}/state", headers=API)).content
+        async with WSClient.connect(f"{a.ws_url}?token={token('ana')}") as ws:
+            await ws.subscribe(room)
+            await ws.expect("snapshot")
+            reads = await snapshot_reads(http, a.url)
+            memory = (await http.get(f"{a.url}/v1/rooms/{room}/state", headers=API)).content
+            assert (await snapshot_reads(http, a.url))["store"] == reads["store"]
+        assert memory == read
+
+
+async def test_a_write_acknowledged_on_one_instance_is_in_a_get_on_the_other_at_once(env):
+    """Instance B answers GETs from a kept read, then from the values it holds for a
+    subscriber; every GET on B right after a PUT or DELETE acknowledged by A has
+    it, whether or not A's publish has reached B yet (B reads the room's seq key
+    first, which A raised before its answer)."""
+    room = "board:across"
+    async with instances(2, env) as (a, b), httpx.AsyncClient(timeout=10) as http:
+        await http.put(f"{a.url}/v1/rooms/{room}/state/n", json={"value": -1}, headers=API)
+        assert values_of(await get_state(http, b.url, room)) == {"n": -1}
+        async with polled(http, [b.url], room):
+            await writes_then_gets(http, a.url, b.url, room, 20)
+        async with WSClient.connect(f"{b.ws_url}?token={token('bob')}") as ws:
+            await ws.subscribe(room)
+            await ws.expect("snapshot")
+            async with polled(http, [b.url], room):
+                await writes_then_gets(http, a.url, b.url, room, 20)
+                await writes_then_gets(http, b.url, a.url, room, 10)
+            # once delivered, B answers from what it holds, without reading the store
+            truth = await get_state(http, a.url, room)
+            await held_by(ws, room, lambda h: h.seq >= truth["seq"])
+            reads = await snapshot_reads(http, b.url)
+            assert await get_state(http, b.url, room) == truth
+            assert (await snapshot_reads(http, b.url))["store"] == reads["store"]
+
+
+async def test_a_get_on_an_instance_the_publish_has_not_reached_reads_the_store(env):
+    """Instance A commits and acknowledges writes but never publishes them (as if
+    killed after each commit): B, holding the room for a subscriber, learns of them
+    only from its position check, up to POSITION_INTERVAL later. Meanwhile a GET on
+    B finds the room's seq key ahead of what it holds and answers from the store;
+    once the fill has come, from what it holds."""
+    room = "board:unpublished"
+    async with (
+        instances(1, {**env, "FAULT_SKIP_PUBLISH": "1"}) as (a,),
+        instances(1, env) as (b,),
+        httpx.AsyncClient(timeout=10) as http,
+        WSClient.connect(f"{b.ws_url}?token={token('bob')}") as ws,
+    ):
+        await ws.subscribe(room)
+        await ws.expect("snapshot")
+        for i in range(5):
+            r = await http.put(f"{a.url}/v1/rooms/{room}/state/n", json={"value": i}, headers=API)
+            got = await get_state(http, b.url, room)
+            assert (got["seq"], values_of(got)) == (r.json()["seq"], {"n": i})
+        held = await held_by(ws, room, lambda h: h.seq >= got["seq"])
+        assert held.values == {"n": 4}
+        reads = await snapshot_reads(http, b.url)
+        assert await get_state(http, b.url, room) == got
+        assert (await snapshot_reads(http, b.url))["store"] == reads["store"]
+
+
 async def test_sql_set_state_is_visible_at_commit_only(env, pg_url):
     room = "board:sql"
     async with instances(1, env) as (a,), httpx.AsyncClient(base_url=a.url, timeout=10) as http:
@@ -437,6 +612,28 @@ async def test_sql_set_state_is_visible_at_commit_only(env, pg_url):
                 assert r.json() == {"room": room, "seq": 2, "values": {}}
             finally:
                 await conn.close()
+
+
+async def test_a_sql_write_reaches_get_once_the_instance_hears_of_it(env, pg_url):
+    """A GET's read is kept while nothing is written; a write committed from SQL
+    ends it as soon as the instance hears of the commit (its NOTIFY)."""
+    room = "board:sql-get"
+    async with instances(1, env) as (a,), httpx.AsyncClient(timeout=10) as http:
+        await http.put(f"{a.url}/v1/rooms/{room}/state/k", json={"value": 1}, headers=API)
+        assert values_of(await get_state(http, a.url, room)) == {"k": 1}
+        conn = await asyncpg.connect(pg_url)
+        try:
+            seq = await conn.fetchval("SELECT chat_set_state($1, 'k', '2'::jsonb)", room)
+        finally:
+            await conn.close()
+
+        async def written() -> dict[str, Any] | None:
+            got = await get_state(http, a.url, room)
+            return got if got["seq"] == seq else None
+
+        got = await eventually(written, timeout=5)
+        assert values_of(got) == {"k": 2}
+        assert values_of(await get_state(http, a.url, room)) == {"k": 2}
 
 
 async def test_subscribers_converge_after_a_redis_restart_while_writing(env):
@@ -513,6 +710,25 @@ async def test_state_rooms_on_the_embedded_defaults(tmp_path):
             assert (frame["key"], frame["seq"]) == ("b", 3), "b's tombstone replaced by its set"
         r = await http.get(f"/v1/rooms/{room}/state")
         assert values_of(r.json()) == {"a": {"x": [1]}, "b": True} and r.json()["seq"] == 3
+
+
+async def test_gets_on_the_embedded_defaults_share_a_read_and_see_their_writes(tmp_path):
+    """SQLite and the in-process broker (one instance, no Redis to hold the room's
+    seq key): fifty GETs at once cost one store read, and a GET after each PUT or
+    DELETE has it while other GETs keep reads beginning."""
+    env = namespaces_env(embedded_env(tmp_path), tmp_path, NAMESPACES, SECRET, KEY)
+    room = "board:embedded-get"
+    async with (
+        instances(1, env) as (a,),
+        httpx.AsyncClient(timeout=10, limits=httpx.Limits(max_connections=100)) as http,
+    ):
+        await http.put(f"{a.url}/v1/rooms/{room}/state/n", json={"value": -1}, headers=API)
+        before = await snapshot_reads(http, a.url)
+        answers = await asyncio.gather(*(get_state(http, a.url, room) for _ in range(50)))
+        assert all(x == answers[0] and values_of(x) == {"n": -1} for x in answers)
+        assert (await snapshot_reads(http, a.url))["store"] - before["store"] == 1
+        async with polled(http, [a.url], room):
+            await writes_then_gets(http, a.url, a.url, room, 15)
 
 
 async def test_ephemeral_events_conflate_per_event_name(env):

@@ -3,7 +3,9 @@
 ``PUT /v1/rooms/{room}/state/{key}`` sets a key, ``DELETE`` the same path deletes
 it (a tombstone, so resuming subscribers learn of it), ``PATCH
 /v1/rooms/{room}/state`` sets and deletes several keys in one transaction with
-contiguous seqs, ``GET /v1/rooms/{room}/state`` reads every live key. Each write
+contiguous seqs, ``GET /v1/rooms/{room}/state`` reads every live key (from the
+values the instance holds for its subscribers when they are current, else one
+store read shared by the GETs of the room: ``Hub.state_document``). Each write
 takes the room's next seq and reaches every subscriber as a ``state`` frame
 (chat_gateway.delivery.hub).
 
@@ -31,7 +33,6 @@ from chat_gateway.api.responses import encoded_json_response
 from chat_gateway.core.namespaces import RoomKind
 from chat_gateway.errors import ApiError, wrong_room_kind
 from chat_gateway.services import Services
-from chat_gateway.storage.records import values_json
 
 
 def state_room(gw: Services, room: str, operation: str) -> None:
@@ -96,15 +97,7 @@ async def state(request: Request) -> Response:
         user = known_user(identity)
     state_room(gw, room, "reading state")
     await gw.moderation.check_read(room, user)
-    snapshot = await gw.store.state(room)
-    body = (
-        b'{"room":'
-        + orjson.dumps(room)
-        + b',"seq":%d,"values":' % snapshot.seq
-        + values_json(snapshot.entries)
-        + b"}"
-    )
-    return encoded_json_response(body)
+    return encoded_json_response(await gw.hub.state_document(room))
 
 
 async def patch_state(request: Request) -> Response:

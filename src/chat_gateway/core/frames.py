@@ -113,11 +113,15 @@ def state_frame(transport: str, room_json: bytes, seq: int, body: bytes) -> byte
 def snapshot_frame(transport: str, room_json: bytes, seq: int, values: bytes) -> bytes:
     """Every live key of a state room at ``seq`` (``values``: ``{"k": {"value", "seq",
     "updated_at"}}``): ``{"type": "snapshot", "room", "seq", "values"}`` on WS,
-    ``event: snapshot`` with ``id:`` the seq on SSE."""
+    ``event: snapshot`` with ``id:`` the seq on SSE (its data: :func:`state_document`)."""
     if transport == WS:
         return (
             b'{"type":"snapshot","room":' + room_json + b',"seq":%d,"values":' % seq + values + b"}"
         )
-    return sse_event(
-        b"snapshot", b'{"room":' + room_json + b',"seq":%d,"values":' % seq + values + b"}", seq
-    )
+    return sse_event(b"snapshot", state_document(room_json, seq, values), seq)
+
+
+def state_document(room_json: bytes, seq: int, values: bytes) -> bytes:
+    """``{"room", "seq", "values"}``: every live key of a state room at ``seq``, as
+    ``GET /v1/rooms/{room}/state`` answers and an SSE ``snapshot`` carries it."""
+    return b'{"room":' + room_json + b',"seq":%d,"values":' % seq + values + b"}"

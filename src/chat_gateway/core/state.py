@@ -4,9 +4,11 @@ When an instance holds a state room (a subscriber is there), the hub keeps every
 key's newest entry in a :class:`LiveState`: read from the store once when the room
 is opened (under the room's lock, so concurrent subscribers share that one read),
 then kept current by each write the room's sequencer delivers. A subscriber's
-snapshot, and a resume's "every key written after ``since``", come from here, so
-a thousand dashboards connecting at once cost one store read per instance; the
-encoded snapshot is kept per transport until the next write.
+snapshot, a resume's "every key written after ``since``" and the answer of a
+``GET`` of the room's state (when the room's position is that of every write
+acknowledged, ``Hub.state_document``) come from here, so a thousand dashboards
+connecting at once cost one store read per instance; the encoded snapshot is kept
+per transport (and for ``GET``) until the next write.
 
 The values are exact at the room's position: the sequencer delivers every write
 in seq order, skipping only writes whose key a later delivered write replaced
@@ -18,6 +20,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from chat_gateway.storage.records import StateEntry, StateSnapshot, values_json
+
+# The snapshot as ``GET /v1/rooms/{room}/state`` answers it (chat_gateway.core.frames,
+# ``state_document``), kept beside each transport's frame.
+DOCUMENT = "document"
 
 
 class LiveState:
@@ -56,14 +62,15 @@ class LiveState:
         """Every key whose newest write is after ``seq``, in seq order, tombstones too."""
         return sorted((e for e in self.entries.values() if e.seq > seq), key=lambda e: e.seq)
 
-    def snapshot(self, transport: str, seq: int, build: Callable[[str, bytes], bytes]) -> bytes:
-        """The snapshot frame at ``seq`` for ``transport``, built by ``build(transport,
-        values JSON)`` once per transport until the next write."""
+    def snapshot(self, form: str, seq: int, build: Callable[[str, bytes], bytes]) -> bytes:
+        """The snapshot at ``seq`` in ``form`` (a transport's frame, or
+        :data:`DOCUMENT`), built by ``build(form, values JSON)`` once per form until
+        the next write."""
         if self._frames_seq != seq:
             self._frames.clear()
             self._frames_seq = seq
-        frame = self._frames.get(transport)
+        frame = self._frames.get(form)
         if frame is None:
             values = values_json(sorted(self.entries.values(), key=lambda e: e.seq))
-            frame = self._frames[transport] = build(transport, values)
+            frame = self._frames[form] = build(form, values)
         return frame

@@ -39,7 +39,10 @@ messages, but a fill reads the current keys after the position and moves past
 seqs whose keys were written again (``Sequencer.state_page``). The room's values
 are held here (``LiveState``), read once when the room opens and kept current by
 each delivered write, and every subscription's snapshot or resume comes from
-them, in the step that sets its cursor. A subscriber of a state or ephemeral room
+them, in the step that sets its cursor; so does a ``GET`` of the room's state
+while the room's position is that of every write acknowledged
+(``state_document``; else a read of the store shared by the GETs waiting,
+chat_gateway.delivery.state_reads). A subscriber of a state or ephemeral room
 with ``conflate_ms`` joins the room's group for that interval: one buffer of each
 key's newest frame and one timer, flushed to the whole group (``_flush``).
 
@@ -75,12 +78,14 @@ from chat_gateway.core.frames import (
     message_frame,
     presence_frame,
     snapshot_frame,
+    state_document,
     state_frame,
 )
 from chat_gateway.core.namespaces import Namespaces, RoomKind
 from chat_gateway.core.sequencer import Sequencer, Timer, merge
-from chat_gateway.core.state import LiveState
+from chat_gateway.core.state import DOCUMENT, LiveState
 from chat_gateway.delivery.primitives import Flag
+from chat_gateway.delivery.state_reads import StateReads
 from chat_gateway.errors import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER
 from chat_gateway.metrics import Metrics
 from chat_gateway.periodic import every
@@ -275,9 +280,11 @@ class Conflated:
 class Room:
     """A room held on this instance: its subscribers, and its sequencer
     (chat_gateway.core.sequencer) with the timers and fill tasks it asked for. A
-    state room also holds its values (``state``); a state or ephemeral room its
-    subscribers without conflation (``direct``) and its conflation groups by
-    interval in ms (``groups``; ``grouped``: each grouped subscriber's)."""
+    state room also holds its values (``state``) and the newest seq of a write
+    this instance knows committed (``newest``: delivered, waiting in a gap, or
+    heard of from SQL); a state or ephemeral room its subscribers without
+    conflation (``direct``) and its conflation groups by interval in ms
+    (``groups``; ``grouped``: each grouped subscriber's)."""
 
     __slots__ = (
         "hub",
@@ -291,6 +298,7 @@ class Room:
         "changes_task",
         "kind",
         "state",
+        "newest",
         "direct",
         "groups",
         "grouped",
@@ -309,6 +317,7 @@ class Room:
         self.changes_task: asyncio.Task[None] | None = None
         self.kind = RoomKind.STORED
         self.state: LiveState | None = None  # a state room's values, once opened
+        self.newest = 0  # (state rooms only)
         self.direct: dict[Subscriber, None] = {}  # (state and ephemeral rooms only)
         self.groups: dict[int, Conflated] = {}
         self.grouped: dict[Subscriber, Conflated] = {}
@@ -400,6 +409,14 @@ class Hub:
         self._checks = 0
         self._next_id = 1  # the id register gives the next subscriber
         self._clock: Callable[[], float] = time.monotonic  # the loop's, once started
+        # GETs of a state room's values this instance holds no current values of.
+        self.state_reads = StateReads(
+            self.store,
+            history,
+            self.metrics,
+            self._spawn,
+            max_age=position_interval * STORE_CHECK_EVERY,
+        )
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -588,6 +605,27 @@ class Hub:
             if not sub.push(state_frame(sub.transport, r.name_json, entry.seq, entry.to_json())):
                 return
 
+    async def state_document(self, room: str) -> bytes:
+        """``GET /v1/rooms/{room}/state``: ``{"room", "seq", "values"}``, never older
+        than a write acknowledged before the call, by this instance or by any other
+        whose seq raise reached Redis (``HistoryCache.acknowledged``, the room's seq
+        key, read first). From the room's held values when their position is at
+        least that and every write this instance knows committed (the subscribers'
+        snapshot, encoded once per write); else from a read of the store shared
+        with the other GETs of the room, or kept from the last one while no
+        write came after it (chat_gateway.delivery.state_reads)."""
+        floor = await self.history.acknowledged(room)
+        r = self.rooms.get(room)
+        if r is not None and r.state is not None:
+            at = r.sequencer.seq
+            if at is not None and at >= max(floor or 0, r.newest):
+                self.metrics.state_snapshots.labels("memory").inc()
+                name = r.name_json
+                return r.state.snapshot(
+                    DOCUMENT, at, lambda _, values: state_document(name, at, values)
+                )
+        return await self.state_reads.read(room, self.channel(room), floor)
+
     def _join(self, r: Room, sub: Subscriber, conflate_ms: int) -> None:
         """Into the room's live stream: directly, or the group of its interval."""
         if conflate_ms <= 0:
@@ -711,7 +749,9 @@ class Hub:
         not after the broker's round trip (as Socket.IO's adapters broadcast to
         their local sockets first). Messages and state writes come back from the
         broker too and are dropped there by their seq, as any repeat is; events
-        come back with this instance's ``origin`` and are skipped."""
+        come back with this instance's ``origin`` and are skipped. A state room's
+        answer to ``GET`` read before it is no longer served (``StateReads.written``)."""
+        self.state_reads.written(channel)
         self._received(channel, data, local=True)
 
     def _on_broker_message(self, channel: str, data: bytes) -> None:
@@ -736,7 +776,11 @@ class Hub:
             self.history.forget(r.name)  # this instance's window holds the old text
             r.sequencer.live_change(payload.change, payload.after_seq, payload.body)
         elif isinstance(payload, wire.StatePayload):
-            if r.state is not None:  # a state room's write, sequenced like a message
+            # A state room's write, sequenced like a message: while the room opens,
+            # held until its values are read, then given in turn after them.
+            if r.kind is RoomKind.STATE:
+                if payload.seq > r.newest:
+                    r.newest = payload.seq
                 r.sequencer.live_message(payload.seq, payload.updated_ms, None, payload.body)
         elif isinstance(payload, wire.EventPayload):
             if not local and payload.origin == self.origin:
@@ -770,9 +814,13 @@ class Hub:
     def committed_elsewhere(self, room: str, seq: int) -> None:
         """A message committed without this gateway's publish (a backend's SQL
         ``chat_post``): the cache's seq key is raised to it, so no instance serves a
-        page without it, and the room, if held here and behind, fills from the store."""
+        page without it, and the room, if held here and behind, fills from the store
+        (a state room's ``GET`` answers from the store until then)."""
         self._spawn(self.history.raise_behind({room: seq}), f"raise-{room}")
+        self.state_reads.written(self.channel(room))
         r = self.rooms.get(room)
+        if r is not None and seq > r.newest:
+            r.newest = seq
         if r is not None and r.sequencer.seq is not None and r.sequencer.seq < seq:
             self.metrics.gap_fills.labels("notified").inc()
             r.sequencer.fill()

@@ -206,11 +206,12 @@ class Publisher:
         self, room: str, writes: list[tuple[str, bytes | None]], *, author: str | None
     ) -> list[StateEntry]:
         """Commit writes to a state room's keys (``(key, value JSON)``, ``(key, None)``
-        to delete) in one transaction, then publish one ``s:`` payload per write in
-        seq order, in one round trip where the broker has a pipelined connection.
-        A lost publish is filled from the store by every instance's position check
-        (which reads the store's positions every few rounds; a state room has no
-        cached history, so no seq key to raise). ``author``: a user, refused when
+        to delete) in one transaction, then, as a post does, raise the room's seq key
+        in the cache (which a ``GET`` of the room's state on any instance reads to
+        know whether the values it holds are current, ``Hub.state_document``) and
+        publish one ``s:`` payload per write in seq order, in one round trip where
+        the broker carries the cache's commands. A lost publish is filled from the
+        store by every instance's position check. ``author``: a user, refused when
         banned or muted."""
         self.ensure_open()
         try:
@@ -218,19 +219,33 @@ class Publisher:
         except Restricted as exc:
             raise self.refused(exc) from None
         self.metrics.state_writes.inc(len(entries))
-        if self.settings.fault_cut_from_redis or self.settings.fault_skip_publish:
-            return entries  # test-only: Redis unreachable from here, or killed after commit
+        history = self.history
+        if self.settings.fault_cut_from_redis:  # test-only: Redis unreachable from here
+            return entries
+        if self.settings.fault_skip_publish:  # test-only: killed after commit
+            await history.committed(entries[-1])
+            return entries
         channel = self.channel(room)
         payloads = self._locally([(channel, encode_state(e)) for e in entries])
+        carried = self.broker.carries(history.redis)
+        if not carried:  # the last seq is the room's: one raise for the whole batch
+            await history.committed(entries[-1])
         try:
-            sent = await self.broker.publish_batch(payloads)
+            sent = await self.broker.publish_batch(
+                payloads, ahead=[history.raise_command(e) for e in entries] if carried else ()
+            )
         except BrokerUnavailable as exc:
             log.warning("live publish lost, delivery falls back to the store: %s", exc)
+            if carried:
+                await history.committed(entries[-1])
             return entries
-        for outcome in sent:
-            if outcome.lost is not None:
-                log.warning("live publish lost, delivery falls back to the store: %r", outcome.lost)
-                break
+        lost = None
+        for entry, outcome in zip(entries, sent, strict=True):
+            if carried:
+                await history.queued_result(entry, outcome.ahead)
+            lost = lost or outcome.lost
+        if lost is not None:
+            log.warning("live publish lost, delivery falls back to the store: %r", lost)
         return entries
 
     def _locally(self, payloads: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:

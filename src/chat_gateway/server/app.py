@@ -235,7 +235,7 @@ async def openapi_json(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     gw = gateway_of(request)
     gw.auth.check_metrics_key(bearer(request.headers))
-    await gw.readiness.check()  # chat_ready as of this scrape
+    await gw.readiness.recent()  # chat_ready: a probe round at most a second old
     body, content_type = gw.metrics.exposition(request.headers.get("accept"))
     return Response(body, headers={"Content-Type": content_type})
 

@@ -39,6 +39,12 @@ only while both match, so no instance serves a window from before a change,
 whether or not the change reached it live, and no load that read the store
 before it can write its page.
 
+State rooms have no pages, but their writes raise the same seq key before they
+are acknowledged, and so does a ``GET`` of a room's state that read the store
+(``loaded``): ``acknowledged`` reads it back, the newest seq any instance has
+acknowledged in the room, which tells an instance whether the values it holds
+are current (chat_gateway.delivery.hub, ``Hub.state_document``).
+
 With no Redis (``memory://``) every read goes to the store: that is
 ``HistoryCache``; ``RedisHistoryCache`` is the cache above.
 """
@@ -59,6 +65,16 @@ from chat_gateway.redisio.guard import RedisGuard
 from chat_gateway.redisio.pipelined import PipelinedConnection, per_key
 from chat_gateway.redisio.script import Script
 from chat_gateway.storage.base import MAX_PAGE, Message, Page, Store, parse_ts
+
+
+class Committed(Protocol):
+    """What a commit's raise needs: a stored message or a state room's write."""
+
+    @property
+    def room(self) -> str: ...
+
+    @property
+    def seq(self) -> int: ...
 
 
 class CacheMetrics(Protocol):
@@ -177,20 +193,31 @@ class HistoryCache:
     def forget(self, room: str) -> None:
         """Drop this instance's decoded window of ``room`` (a purge was announced)."""
 
-    async def committed(self, message: Message) -> None:
+    async def committed(self, message: Committed) -> None:
         """Record a commit; called before the write is acknowledged."""
 
-    def raise_command(self, message: Message) -> tuple[Any, ...]:
+    def raise_command(self, message: Committed) -> tuple[Any, ...]:
         """``committed`` as one Redis command, to send with others
         (chat_gateway.redisio.pipelined): only where there is a Redis."""
         raise RuntimeError("no Redis to send the raise to")
 
-    async def queued_result(self, message: Message, result: Any) -> None:
+    async def queued_result(self, message: Committed, result: Any) -> None:
         """The reply of a queued raise (see :meth:`raise_command`)."""
 
     async def latest_seqs(self, rooms: list[str]) -> dict[str, int]:
         """Latest seqs of many rooms; a room with no message is left out."""
         return await self.store.latest_seqs(rooms) if rooms else {}
+
+    async def acknowledged(self, room: str) -> int | None:
+        """The newest seq of ``room`` whose write some instance may have acknowledged
+        without this one having seen it; None when nothing records it. Without
+        Redis there is one instance (``memory://``), which sees each of its writes
+        as it acknowledges it: 0."""
+        return 0
+
+    async def loaded(self, room: str, seq: int) -> None:
+        """A read of the store found ``room`` at ``seq``: recorded where
+        :meth:`acknowledged` reads (nowhere without Redis)."""
 
     async def raise_behind(self, seqs: dict[str, int]) -> None:
         """Raise each cached seq that is behind ``seqs`` (the store's)."""
@@ -288,7 +315,7 @@ class RedisHistoryCache(HistoryCache):
     def _count(self, outcome: str) -> None:
         self.metrics.cache(outcome)
 
-    async def committed(self, message: Message) -> None:
+    async def committed(self, message: Committed) -> None:
         """Record a commit; called before the write is acknowledged.
 
         If Redis cannot be reached the write is still acknowledged (it is
@@ -308,7 +335,7 @@ class RedisHistoryCache(HistoryCache):
         except Exception as exc:
             self.not_raised(message, exc)
 
-    def not_raised(self, message: Message, exc: BaseException) -> None:
+    def not_raised(self, message: Committed, exc: BaseException) -> None:
         """A commit whose seq could not be raised: retried in the background."""
         self._failed(self._keys(message.room)[0], exc)
         log.warning(
@@ -316,7 +343,7 @@ class RedisHistoryCache(HistoryCache):
         )
         self._retry_later(message)
 
-    def _retry_later(self, message: Message) -> None:
+    def _retry_later(self, message: Committed) -> None:
         self._dirty[message.room] = max(message.seq, self._dirty.get(message.room, 0))
         if self._retry is None or self._retry.done():
             self._retry = asyncio.ensure_future(self._retry_dirty())
@@ -354,12 +381,12 @@ class RedisHistoryCache(HistoryCache):
             self._retry.cancel()
             await asyncio.gather(self._retry, return_exceptions=True)
 
-    def raise_command(self, message: Message) -> tuple[Any, ...]:
+    def raise_command(self, message: Committed) -> tuple[Any, ...]:
         """``committed`` as one Redis command, to send with others (chat_gateway.redisio.pipelined): a
         bare EVALSHA, its reply for :meth:`queued_result`."""
         return self._raise.command(self._keys(message.room), [message.seq, self.ttl])
 
-    async def queued_result(self, message: Message, result: Any) -> None:
+    async def queued_result(self, message: Committed, result: Any) -> None:
         """The reply of a queued raise. A script Redis does not know (restarted,
         flushed) is loaded by raising again now; any other error is retried."""
         if isinstance(result, NoScriptError):
@@ -384,6 +411,29 @@ class RedisHistoryCache(HistoryCache):
         if unread:
             seqs.update(await self.store.latest_seqs(unread))
         return seqs
+
+    async def acknowledged(self, room: str) -> int | None:
+        """The room's seq key: raised before every write is acknowledged, by any
+        instance (None: no key, no write raised it within its TTL). When Redis
+        cannot be read, the store's latest seq, which holds every acknowledged write."""
+        (value,) = await self.get_many([self._keys(room)[0]])
+        if isinstance(value, BaseException):
+            log.debug("cache seq read failed: %r", value)
+            return (await self.store.latest_seqs([room])).get(room, 0)
+        return None if value is None else int(value)
+
+    async def loaded(self, room: str, seq: int) -> None:
+        """Raise the room's seq key to ``seq``, read from the store (never lowered),
+        so that the next reads of :meth:`acknowledged` find a key. A failure is
+        only logged: the key is then missing or behind the store, never ahead."""
+        keys = self._keys(room)
+        if not self._usable(keys[0]):
+            return
+        try:
+            await self._raise(keys=keys, args=[seq, self.ttl])
+        except Exception as exc:
+            self._failed(keys[0], exc)
+            log.debug("cache seq raise after a state read failed: %r", exc)
 
     async def raise_behind(self, seqs: dict[str, int]) -> None:
         """Raise each room's seq key that is behind ``seqs`` (the store's): a commit
