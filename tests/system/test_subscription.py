@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 
 from chat_gateway.redisio.pipelined import Subscription
 from tests import harness
@@ -109,4 +109,30 @@ async def test_a_silent_link_is_probed_and_given_up_and_a_lost_one_at_once() -> 
     finally:
         await link.close()
         await client.aclose()
+        server.stop()
+
+
+async def test_a_subscriber_link_authenticates_as_the_client_does() -> None:
+    """The password of the client's URL opens the link (Pub/Sub ignores the database);
+    a wrong one is refused at open, before anything is subscribed."""
+    server = harness.RedisServer(extra_args=("--requirepass", "s3cret"))
+    server.start()
+    client = aioredis.from_url(f"redis://:s3cret@127.0.0.1:{server.port}/3")
+    got: list[list[Any]] = []
+    link = Subscription(client, got.append, timeout=t(2))
+    wrong = aioredis.from_url(f"redis://:wrong@127.0.0.1:{server.port}/0")
+    refused = Subscription(wrong, got.append, timeout=t(2))
+    try:
+        await link.open()
+        link.send("SUBSCRIBE", "c")
+        await link.synced()
+        assert await client.publish("c", b"hello") == 1
+        await harness.eventually(lambda: [b"message", b"c", b"hello"] in got)
+        with pytest.raises(AuthenticationError):
+            await refused.open()
+    finally:
+        await link.close()
+        await refused.close()
+        await client.aclose()
+        await wrong.aclose()
         server.stop()
