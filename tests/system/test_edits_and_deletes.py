@@ -112,11 +112,13 @@ async def test_edits_and_deletes_racing_posts_reach_every_subscriber_once_in_ord
                     assert r.status_code in (200, 404), r.text  # 404: an edit of a deleted one
 
             resumed: list[dict[str, Any]] = []
+            first_in = asyncio.Event()  # the resumer's first socket holds the room
 
             async def resumer() -> None:
                 # Holds the room from the start, drops off halfway, resumes elsewhere.
                 async with WSClient.connect(gws[1].ws_url) as first:
                     await first.subscribe(room, changes_since=0)
+                    first_in.set()
                     task = asyncio.create_task(first.read_all())
                     await half.wait()
                     task.cancel()
@@ -143,6 +145,10 @@ async def test_edits_and_deletes_racing_posts_reach_every_subscriber_once_in_ord
                 return done.is_set() and view_of(ws_events(frames, room))[0] == final
 
             resume_task = asyncio.create_task(resumer())
+            # It holds the room before the first post: subscribed live after a post, it
+            # would rightly get changes to a message it was never sent.
+            await eventually(lambda: first_in.is_set() or resume_task.done())
+            assert first_in.is_set(), resume_task.result()
             await asyncio.gather(writer(), *(editor(n) for n in range(3)))
             page = (
                 await http.get(f"{gws[0].url}/v1/rooms/{room}/messages", params={"limit": 200})

@@ -472,8 +472,10 @@ async def test_concurrent_gets_cost_one_store_read_and_see_every_write_acknowled
     keep reads of the store beginning all the time."""
     room = "board:get"
     limits = httpx.Limits(max_connections=100)
+    # A kept read lasts 3 x POSITION_INTERVAL at most: long enough here that a slow
+    # machine's hundred GETs and scrapes all fall within it.
     async with (
-        instances(1, env) as (a,),
+        instances(1, {**env, "POSITION_INTERVAL": "30"}) as (a,),
         httpx.AsyncClient(timeout=10, limits=limits) as http,
     ):
         r = await http.patch(
