@@ -107,3 +107,30 @@ async def test_a_redis_user_without_a_guard_tries_redis_on_every_call():
         await pipe.close()
         await client.aclose()
         rs.stop()
+
+
+async def test_a_batch_sends_each_command_ahead_of_its_publish_and_none_where_none():
+    """``publish_batch``'s ``ahead``: an entry per message, a command sent just before
+    that message's publish (its reply in ``Sent.ahead``) or None for none."""
+    rs = RedisServer()
+    rs.start()
+    broker = RedisBroker(rs.url, control_channel="t:control")
+    got: list[tuple[str, bytes]] = []
+    broker.on_message(lambda channel, data: got.append((channel, data)))
+    try:
+        await broker.start()
+        await asyncio.wait_for(broker.connected.wait(), t(10))
+        await broker.subscribe("t:room:{a}")
+        await eventually(lambda: arrives(broker, got, b"ready"))
+        sent = await broker.publish_batch(
+            [("t:room:{a}", b"1"), ("t:room:{a}", b"2"), ("t:room:{a}", b"3")],
+            ahead=[("INCRBY", "k", 5), None, ("GET", "k")],
+        )
+        assert [s.ahead for s in sent] == [5, None, b"5"]
+        assert all(s.lost is None for s in sent)
+        await eventually(lambda: [d for _c, d in got][-3:] == [b"1", b"2", b"3"])
+        with pytest.raises(ValueError):
+            await broker.publish_batch([("t:room:{a}", b"4")], ahead=[None, None])
+    finally:
+        await broker.close()
+        rs.stop()

@@ -11,7 +11,7 @@ published only, never stored.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from chat_gateway import tracing
@@ -28,10 +28,13 @@ from chat_gateway.storage import (
     MessageNotFound,
     Store,
 )
+from chat_gateway.storage.cache import Committed
 from chat_gateway.storage.moderation import Restricted
 from chat_gateway.storage.records import StateEntry
 
 log = logging.getLogger("gateway")
+
+Payload = tuple[str, bytes]  # a broker channel and what is published on it
 
 
 class Poster(Protocol):
@@ -169,36 +172,51 @@ class Publisher:
 
     async def _announce(self, msgs: list[Message]) -> None:
         """Give the messages to this instance's own subscribers, then raise the cache's
-        seq and publish, per message in order. Where the broker
-        carries commands for the cache's Redis (they share a healthy client) all go
-        in one round trip, with whatever other callers send at the same moment
-        (chat_gateway.redisio.pipelined), each command's failure keeping its meaning (an
-        unraised seq is retried by the cache, a lost publish is filled from the
-        store by every position check)."""
-        history = self.history
+        seq and publish them (:meth:`_published`)."""
         trace = tracing.traceparent()  # None unless tracing is on (chat_gateway.tracing)
         if self.settings.fault_cut_from_redis:  # test-only: Redis unreachable from here
             return
         if self.settings.fault_skip_publish:  # test-only: killed after commit
             for msg in msgs:
-                await history.committed(msg)
+                await self.history.committed(msg)
             return
-        payloads = self._locally(
-            [(self.channel(msg.room), traced(encode_message(msg), trace)) for msg in msgs]
+        await self._published(
+            msgs, [(self.channel(msg.room), traced(encode_message(msg), trace)) for msg in msgs]
         )
-        if not self.broker.carries(history.redis):
-            for msg, (channel, payload) in zip(msgs, payloads, strict=True):
-                await history.committed(msg)
-                try:
-                    await self.broker.publish(channel, payload)
-                except BrokerUnavailable as exc:
-                    log.warning("live publish lost, delivery falls back to the store: %s", exc)
+
+    async def _published(self, written: Sequence[Committed], payloads: list[Payload]) -> None:
+        """Give ``payloads`` (one per write of ``written``, in order) to this instance's
+        own subscribers, raise each room's seq key in the cache to its newest write
+        here, then publish them. Where the broker carries commands for the cache's
+        Redis (they share a healthy client) all go in one round trip, with whatever
+        other callers send at the same moment (chat_gateway.redisio.pipelined), a
+        room's raise just ahead of its first publish; else the raises go first. Each
+        command's failure keeps its meaning: an unraised seq is retried by the cache,
+        a lost publish is filled from the store by every position check."""
+        history = self.history
+        payloads = self._locally(payloads)
+        raises = raised_ahead(written)
+        newest = [r for r in raises if r is not None]  # one write per room
+        carried = self.broker.carries(history.redis)
+        if not carried:
+            for w in newest:
+                await history.committed(w)
+        try:
+            sent = await self.broker.publish_batch(
+                payloads,
+                ahead=[None if r is None else history.raise_command(r) for r in raises]
+                if carried
+                else (),
+            )
+        except BrokerUnavailable as exc:  # nothing was sent
+            log.warning("live publish lost, delivery falls back to the store: %s", exc)
+            if carried:
+                for w in newest:
+                    await history.committed(w)
             return
-        sent = await self.broker.publish_batch(
-            payloads, ahead=[history.raise_command(msg) for msg in msgs]
-        )
-        for msg, (raised, lost) in zip(msgs, sent, strict=True):
-            await history.queued_result(msg, raised)
+        for r, (raised, lost) in zip(raises, sent, strict=True):
+            if carried and r is not None:
+                await history.queued_result(r, raised)
             if lost is not None:
                 log.warning("live publish lost, delivery falls back to the store: %r", lost)
 
@@ -226,29 +244,10 @@ class Publisher:
             await history.committed(entries[-1])
             return entries
         channel = self.channel(room)
-        payloads = self._locally([(channel, encode_state(e)) for e in entries])
-        carried = self.broker.carries(history.redis)
-        if not carried:  # the last seq is the room's: one raise for the whole batch
-            await history.committed(entries[-1])
-        try:
-            sent = await self.broker.publish_batch(
-                payloads, ahead=[history.raise_command(e) for e in entries] if carried else ()
-            )
-        except BrokerUnavailable as exc:
-            log.warning("live publish lost, delivery falls back to the store: %s", exc)
-            if carried:
-                await history.committed(entries[-1])
-            return entries
-        lost = None
-        for entry, outcome in zip(entries, sent, strict=True):
-            if carried:
-                await history.queued_result(entry, outcome.ahead)
-            lost = lost or outcome.lost
-        if lost is not None:
-            log.warning("live publish lost, delivery falls back to the store: %r", lost)
+        await self._published(entries, [(channel, encode_state(e)) for e in entries])
         return entries
 
-    def _locally(self, payloads: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    def _locally(self, payloads: list[Payload]) -> list[Payload]:
         """Give each ``(channel, payload)`` to this instance's own subscribers now, in
         order (they need not wait for the broker's round trip); the same list."""
         if self.local is not None:
@@ -297,3 +296,15 @@ class Publisher:
                 next(outcome.lost for outcome in sent if outcome.lost is not None),
             )
             raise unavailable
+
+
+def raised_ahead(written: Sequence[Committed]) -> list[Committed | None]:
+    """Per write, in order: the write whose seq its room's key is raised to just
+    before it is published, which is the room's newest write of ``written`` ahead of
+    the room's first one and nothing ahead of the others. Every write is then in its
+    room's key before any is acknowledged, for one raise per room, not per write."""
+    newest: dict[str, Committed] = {}
+    for w in written:
+        if w.room not in newest or w.seq > newest[w.room].seq:
+            newest[w.room] = w
+    return [newest.pop(w.room, None) for w in written]

@@ -122,13 +122,13 @@ class Broker(ABC):
         return False
 
     async def publish_batch(
-        self, messages: Sequence[tuple[str, bytes]], *, ahead: Sequence[Command] = ()
+        self, messages: Sequence[tuple[str, bytes]], *, ahead: Sequence[Command | None] = ()
     ) -> list[Sent]:
         """Publish each ``(channel, data)`` in order; one :class:`Sent` per message.
 
-        ``ahead`` (only where :meth:`carries` said so) holds one command per
-        message, sent just before that message's publish, its reply returned in
-        ``Sent.ahead``. A lost publish does not stop the others. Raises
+        ``ahead`` (only where :meth:`carries` said so) holds one entry per message:
+        a command sent just before that message's publish, its reply returned in
+        ``Sent.ahead``, or None for none. A lost publish does not stop the others. Raises
         ``BrokerUnavailable`` only when nothing was sent because Redis failed
         moments ago (see :mod:`chat_gateway.redisio.guard`).
 

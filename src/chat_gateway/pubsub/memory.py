@@ -30,7 +30,7 @@ class MemoryBroker(Broker):
             self._loop.call_soon(self._deliver, channel, data)
 
     async def publish_batch(
-        self, messages: Sequence[tuple[str, bytes]], *, ahead: Sequence[Command] = ()
+        self, messages: Sequence[tuple[str, bytes]], *, ahead: Sequence[Command | None] = ()
     ) -> list[Sent]:
         """As many publishes; with no Redis there is nothing to send ahead."""
         if ahead:

@@ -162,35 +162,37 @@ class RedisBroker(LinkedBroker):
         )
 
     async def publish_batch(
-        self, messages: Sequence[tuple[str, bytes]], *, ahead: Sequence[Command] = ()
+        self, messages: Sequence[tuple[str, bytes]], *, ahead: Sequence[Command | None] = ()
     ) -> list[Sent]:
         """Every message, and the commands ahead of them, in one round trip over the
         pipelined connection, shared with whatever other callers send at that
         moment (a post's cache update and publish go together)."""
         if ahead and len(ahead) != len(messages):
-            raise ValueError("publish_batch: one command ahead of each message, or none")
+            raise ValueError("publish_batch: one entry ahead of each message, or none")
         batch, guard = self.context.batch, self.context.guard
         if batch is None:
             raise BrokerUnavailable("the broker is not started")
         if not guard.usable():
             raise BrokerUnavailable("Redis failed moments ago; not waiting on it again yet")
-        step = 2 if ahead else 1  # commands per message
         commands: list[Command] = []
+        places: list[tuple[int | None, int]] = []  # per message: its command ahead, its publish
         for i, (channel, data) in enumerate(messages):
-            if ahead:
-                commands.append(ahead[i])
+            command = ahead[i] if ahead else None
+            if command is not None:
+                commands.append(command)
             commands.append(("PUBLISH", channel, data))
+            places.append((None if command is None else len(commands) - 2, len(commands) - 1))
         try:
             replies = await batch.run(commands)
         except Exception as exc:
             guard.failed(None, exc)
             replies = [exc] * len(commands)
         sent = []
-        for i in range(len(messages)):
-            reply = replies[step * i + step - 1]
+        for before, publish in places:
+            reply = replies[publish]
             sent.append(
                 Sent(
-                    replies[step * i] if ahead else None,
+                    None if before is None else replies[before],
                     reply if isinstance(reply, BaseException) else None,
                 )
             )
