@@ -343,16 +343,18 @@ class Subscription(PipelinedConnection):
         link = self.link
         if link is None or link.lost is not None or link.transport is None:
             raise RedisConnectionError("the subscriber link is down")
-        if command[0] == "PING":
-            self._pongs.append(None)
         link.transport.write(hiredis.pack_command(command))
+
+    def _ping(self, answered: asyncio.Future[None] | None = None) -> None:
+        """Send a PING; its PONG (answered in order) resolves ``answered``."""
+        self.send("PING")
+        self._pongs.append(answered)
 
     async def synced(self) -> None:
         """Return once Redis has run every command written before (one round trip:
         a PING, answered in order)."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.send("PING")
-        self._pongs[-1] = done
+        self._ping(done)
         link = self.link
         assert link is not None
         await asyncio.wait([done, link.closed], timeout=self.timeout)
@@ -377,7 +379,7 @@ class Subscription(PipelinedConnection):
             elif probing:
                 raise RedisConnectionError("subscriber link silent: no PONG to the probe")
             else:
-                self.send("PING")
+                self._ping()
                 wait, probing = probe_timeout, True
 
     def _pushed(self, reply: list[Any]) -> None:

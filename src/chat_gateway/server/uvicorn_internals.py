@@ -218,6 +218,9 @@ class Server(uvicorn.Server):
     """
 
     shutdown_timeout: float = 10.0
+    tick = 1.0  # seconds between ticks of the main loop
+    # The running main loop's event loop and the event a stop signal sets.
+    _exit_asked: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
     log = log  # where the shutdown's own lines go
 
     def startup_app(self, app: Any) -> Any:
@@ -240,9 +243,6 @@ class Server(uvicorn.Server):
         self._captured_signals.clear()  # handled: not re-raised after the shutdown
         if self._exit_asked is not None:  # wake the main loop now (a signal handler: threadsafe)
             self._exit_asked[0].call_soon_threadsafe(self._exit_asked[1].set)
-
-    _exit_asked: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
-    tick = 1.0  # seconds between ticks of the main loop
 
     async def main_loop(self) -> None:
         """uvicorn's loop of ticks, once a second instead of ten times: a tick refreshes
